@@ -1,0 +1,35 @@
+"""fedexec: federated function-as-a-service through a standard Executor.
+
+>>> from fedexec import FederatedExecutor
+>>> with FederatedExecutor() as ex:          # private relay + local endpoint
+...     print(ex.submit(pow, 2, 10).result())
+1024
+"""
+
+from .errors import (
+    DeserializationError,
+    FedexecError,
+    RelayUnavailable,
+    RemoteExecutionError,
+    SerializationError,
+    TaskRejected,
+    UnknownEndpoint,
+    VersionMismatch,
+    WorkerLost,
+)
+from .executor import FederatedExecutor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FederatedExecutor",
+    "FedexecError",
+    "DeserializationError",
+    "RelayUnavailable",
+    "RemoteExecutionError",
+    "SerializationError",
+    "TaskRejected",
+    "UnknownEndpoint",
+    "VersionMismatch",
+    "WorkerLost",
+]

@@ -1,0 +1,131 @@
+"""Where fedexec keeps its files, and the endpoint configuration format.
+
+Everything lives under the fedexec home: ``$FEDEXEC_HOME``, by default
+``~/.fedexec``. An endpoint named NAME keeps ``endpoints/NAME/config.toml``
+(written by ``fedexec endpoint configure``), its pid file and its log there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_RELAY_PORT = 55700
+DEFAULT_RELAY_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_RELAY_PORT}"
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used; the message says which."""
+
+
+def fedexec_home() -> Path:
+    return Path(os.environ.get("FEDEXEC_HOME") or Path.home() / ".fedexec")
+
+
+def relay_dir() -> Path:
+    return fedexec_home() / "relay"
+
+
+def endpoint_dir(name: str) -> Path:
+    check_endpoint_name(name)
+    return fedexec_home() / "endpoints" / name
+
+
+def check_endpoint_name(name: str) -> None:
+    if not ENDPOINT_NAME.match(name):
+        raise ConfigError(
+            f"invalid endpoint name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware), at least 1."""
+    import psutil
+
+    try:
+        return max(1, len(psutil.Process().cpu_affinity()))
+    except (AttributeError, OSError):
+        return max(1, psutil.cpu_count() or 1)
+
+
+@dataclass
+class EndpointConfig:
+    """What an endpoint needs to run: who it is, where its relay is, its pool."""
+
+    name: str
+    endpoint_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    relay: str = DEFAULT_RELAY_ADDRESS
+    max_workers: int = 0            # 0: usable cores
+    prefetch: int = 1               # tasks queued per worker beyond the running one
+    heartbeat_period: float = 2.0   # seconds between heartbeats to the relay
+
+    def workers(self) -> int:
+        return self.max_workers or usable_cores()
+
+    def validate(self) -> None:
+        check_endpoint_name(self.name)
+        try:
+            uuid.UUID(self.endpoint_id)
+        except ValueError:
+            raise ConfigError(f"endpoint_id {self.endpoint_id!r} is not a UUID") from None
+        if not self.relay.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"relay {self.relay!r} must be a tcp:// or ipc:// address")
+        if self.max_workers < 0:
+            raise ConfigError(f"max_workers must be >= 0 (0 means usable cores), not {self.max_workers}")
+        if self.prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0, not {self.prefetch}")
+        if self.heartbeat_period <= 0:
+            raise ConfigError(f"heartbeat_period must be > 0, not {self.heartbeat_period}")
+
+    @property
+    def path(self) -> Path:
+        return endpoint_dir(self.name) / "config.toml"
+
+    def save(self) -> Path:
+        self.validate()
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = (
+            f"# fedexec endpoint {self.name!r}; edit and restart the endpoint to apply.\n"
+            f'endpoint_id = "{self.endpoint_id}"\n'
+            f"# The relay this endpoint connects out to.\n"
+            f'relay = "{self.relay}"\n'
+            f"# Worker processes in the local pool; 0 = usable cores.\n"
+            f"max_workers = {self.max_workers}\n"
+            f"# Extra tasks fetched per worker so workers never wait on the network.\n"
+            f"prefetch = {self.prefetch}\n"
+            f"heartbeat_period = {self.heartbeat_period}\n"
+        )
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, name: str) -> "EndpointConfig":
+        path = endpoint_dir(name) / "config.toml"
+        if not path.exists():
+            raise ConfigError(f"endpoint {name!r} is not configured (no {path}); run 'fedexec endpoint configure {name}'")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        try:
+            config = cls(name=name, **data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        config.validate()
+        return config

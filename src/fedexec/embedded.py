@@ -1,0 +1,62 @@
+"""The embedded default: a private relay and a local endpoint for one executor.
+
+``FederatedExecutor()`` with nothing configured starts both as child
+processes on ipc sockets in a private temporary directory, and stops them
+when the executor shuts down. Each child also watches this process and stops
+by itself if it disappears, so nothing outlives the program.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+
+class EmbeddedFederation:
+    """A relay and an endpoint owned by this process."""
+
+    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1) -> None:
+        self.directory = tempfile.mkdtemp(prefix="fedexec-")
+        os.chmod(self.directory, 0o700)
+        self.relay_address = f"ipc://{self.directory}/relay.sock"
+        self.endpoint_id = str(uuid.uuid4())
+        self.max_workers = max_workers or 0
+        self.prefetch = prefetch
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        common = {"stdin": subprocess.DEVNULL, "start_new_session": True}
+        parent = str(os.getpid())
+        self.processes.append(subprocess.Popen(
+            [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,
+             "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
+             "--log-level", "WARNING"], **common))
+        self.processes.append(subprocess.Popen(
+            [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,
+             "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
+             "--prefetch", str(self.prefetch), "--parent-pid", parent, "--log-level", "WARNING"], **common))
+
+    def failed(self) -> str | None:
+        """Why a child process has already exited, if one has."""
+        for proc, what in zip(self.processes, ("relay", "endpoint")):
+            if proc.poll() is not None:
+                return f"the embedded {what} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the endpoint (and with it its workers), then the relay."""
+        for proc in reversed(self.processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)

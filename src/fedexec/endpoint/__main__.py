@@ -1,0 +1,37 @@
+"""``python -m fedexec.endpoint``: run an endpoint in the foreground.
+
+Either a configured endpoint (``--name NAME``, read from the fedexec home) or
+one described entirely on the command line (the embedded default).
+"""
+
+import argparse
+import logging
+import sys
+
+from ..config import EndpointConfig
+from .agent import EndpointAgent
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedexec.endpoint")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--relay", help="relay address; with it, nothing is read from the fedexec home")
+    parser.add_argument("--endpoint-id")
+    parser.add_argument("--max-workers", type=int, default=0)
+    parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.relay:
+        config = EndpointConfig(name=ns.name, relay=ns.relay, max_workers=ns.max_workers, prefetch=ns.prefetch)
+        if ns.endpoint_id:
+            config.endpoint_id = ns.endpoint_id
+    else:
+        config = EndpointConfig.load(ns.name)
+    EndpointAgent(config, parent_pid=ns.parent_pid).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The endpoint agent: connects out to the relay and feeds a pool of workers.
+
+One poll loop serves two sockets: a DEALER to the relay and a ROUTER the
+workers connect to. The agent asks the relay for as many tasks as it has
+workers plus prefetch (credit), so a worker that finishes finds its next
+task already here; each result it returns gives the relay one more credit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from .. import protocol as P
+from ..config import EndpointConfig
+from .pool import LocalWorkerPool, WorkerSlot, describe_exit
+
+log = logging.getLogger("fedexec.endpoint")
+
+POLL_MS = 100
+MAX_MESSAGES_PER_TURN = 2000
+REAP_INTERVAL = 0.1
+
+
+class QueuedTask:
+    """A task received from the relay, waiting for a worker."""
+
+    __slots__ = ("row", "args", "fn_body")
+
+    def __init__(self, row: list[Any], args: Any, fn_body: Any) -> None:
+        self.row = row
+        self.args = args
+        self.fn_body = fn_body
+
+
+class EndpointAgent:
+    """Runs one configured endpoint until stopped."""
+
+    def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
+                 on_connected: Callable[["EndpointAgent"], None] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.parent_pid = parent_pid
+        self.on_connected = on_connected
+        self.workers = config.workers()
+        self.capacity = self.workers * (1 + config.prefetch)
+        self.ctx = zmq.Context()
+        self.relay = self._relay_socket()
+        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.worker_sock.setsockopt(zmq.LINGER, 0)
+        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
+        self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
+        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.queue: deque[QueuedTask] = deque()
+        self.functions: dict[bytes, Any] = {}
+        self.idle: deque[bytes] = deque()
+        self.running: dict[bytes, WorkerSlot] = {}   # task_id -> slot
+        self.out_rows: list[list[Any]] = []
+        self.out_blobs: list[Any] = []
+        self.started: list[bytes] = []
+        self.stopping = False
+        self.connected = False
+
+    def _relay_socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"E" + uuid.UUID(self.config.endpoint_id).bytes)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.config.relay)
+        return sock
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    # -- main loop -----------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.pool.start()
+        self._hello()
+        poller = zmq.Poller()
+        poller.register(self.relay, zmq.POLLIN)
+        poller.register(self.worker_sock, zmq.POLLIN)
+        next_reap = next_beat = time.monotonic()
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(POLL_MS))
+                if self.worker_sock in events:
+                    self._read_workers()
+                if self.relay in events:
+                    self._read_relay()
+                self._assign()
+                now = time.monotonic()
+                if now >= next_reap:
+                    next_reap = now + REAP_INTERVAL
+                    self._replace_dead_workers()
+                    if self.parent_pid and os.getppid() != self.parent_pid:
+                        log.info("parent process %d is gone; stopping", self.parent_pid)
+                        self.stopping = True
+                if now >= next_beat:
+                    next_beat = now + self.config.heartbeat_period
+                    self.relay.send_multipart(P.encode(P.HEARTBEAT))
+                self._flush()
+        finally:
+            self._shutdown()
+
+    def _hello(self) -> None:
+        self.relay.send_multipart(P.encode(P.HELLO, {
+            "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
+            "py": P.PYTHON_VERSION, "workers": self.workers,
+            "capacity": max(0, self.capacity - len(self.queue) - len(self.running)),
+            "hb": self.config.heartbeat_period,
+        }))
+
+    def _shutdown(self) -> None:
+        log.info("endpoint %s stopping", self.config.name)
+        self._flush()
+        try:
+            self.relay.send_multipart(P.encode(P.BYE), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
+        self.relay.close(linger=500)
+        self.worker_sock.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+    # -- relay side ----------------------------------------------------------
+    def _read_relay(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self.relay.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frames)
+                self._on_relay_message(msg)
+            except (P.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                log.warning("ignored a malformed message from the relay: %s", exc)
+
+    def _on_relay_message(self, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.TASKS:
+            blobs = msg.blobs
+            for row in msg.fields["tasks"]:
+                fn_hash, args_index, fn_index = row[1], row[2], row[3]
+                if fn_index >= 0:
+                    self.functions[fn_hash] = P.blob_at(blobs, fn_index)
+                self.queue.append(QueuedTask(row, P.blob_at(blobs, args_index), None))
+        elif t == P.CANCEL:
+            self._cancel(set(msg.fields["tids"]))
+        elif t == P.HEARTBEAT:
+            if msg.fields.get("unknown"):
+                log.warning("the relay no longer knows this endpoint; introducing it again")
+                self._hello()
+        elif t == P.WELCOME:
+            if not self.connected:
+                self.connected = True
+                if self.on_connected is not None:
+                    self.on_connected(self)
+        elif t == P.ERROR:
+            log.warning("relay reported an error: %s", msg.fields.get("msg"))
+        else:
+            raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
+
+    def _cancel(self, task_ids: set[bytes]) -> None:
+        kept: deque[QueuedTask] = deque()
+        for task in self.queue:
+            if task.row[0] in task_ids:
+                self._result(task.row[0], P.CANCELLED, b"")
+            else:
+                kept.append(task)
+        self.queue = kept
+
+    def _result(self, task_id: bytes, status: int, blob: Any) -> None:
+        self.out_rows.append([task_id, status, len(self.out_blobs)])
+        self.out_blobs.append(blob)
+
+    def _flush(self) -> None:
+        """Send this turn's results (each returns one credit) and start notices."""
+        if self.out_rows:
+            finished = {row[0] for row in self.out_rows}
+            self.started = [t for t in self.started if t not in finished]
+            self.relay.send_multipart(
+                P.encode(P.RESULTS, {"rows": self.out_rows, "credit": len(self.out_rows)}, self.out_blobs),
+                copy=False,
+            )
+            self.out_rows, self.out_blobs = [], []
+        if self.started:
+            self.relay.send_multipart(P.encode(P.STARTED, {"tids": self.started}))
+            self.started = []
+
+    # -- worker side ---------------------------------------------------------
+    def _read_workers(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self.worker_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker_id = frames[0].bytes
+            slot = self.pool.slots.get(worker_id)
+            if slot is None:
+                continue  # a worker we already gave up on
+            try:
+                msg = P.decode(frames[1:])
+            except P.ProtocolError as exc:
+                log.warning("ignored a malformed message from worker %d: %s", slot.pid, exc)
+                continue
+            if msg.type == P.READY:
+                slot.ready = True
+                self.idle.append(worker_id)
+            elif msg.type == P.RESULT:
+                task_id, status, index = msg.fields["row"]
+                self.running.pop(task_id, None)
+                slot.task = None
+                self.idle.append(worker_id)
+                self._result(task_id, status, P.blob_at(msg.blobs, index))
+
+    def _assign(self) -> None:
+        while self.idle and self.queue:
+            worker_id = self.idle.popleft()
+            slot = self.pool.slots.get(worker_id)
+            if slot is None:
+                continue
+            task = self.queue.popleft()
+            row = task.row
+            task_id, fn_hash, python = row[0], row[1], row[5]
+            if python != P.PYTHON_VERSION:
+                self.idle.appendleft(worker_id)
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.VERSION, f"client runs Python {python} but endpoint {self.config.name!r} runs Python "
+                               f"{P.PYTHON_VERSION}; pickled functions need the same minor version"))
+                continue
+            blobs = [task.args]
+            fn_index = -1
+            if fn_hash not in slot.known_functions:
+                body = self.functions.get(fn_hash)
+                if body is None:
+                    self.idle.appendleft(worker_id)
+                    self._result(task_id, P.FAILED, P.pack_failure(
+                        P.REJECTED, "the endpoint was not given this task's function"))
+                    continue
+                fn_index = 1
+                blobs.append(body)
+                slot.known_functions.add(fn_hash)
+            self._send_worker(worker_id, P.encode(P.TASK, {"task": [task_id, fn_hash, 0, fn_index, row[4], python]}, blobs))
+            slot.task = row
+            self.running[task_id] = slot
+            self.started.append(task_id)
+
+    def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:
+        try:
+            self.worker_sock.send_multipart([worker_id, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("could not send to worker %r: %s", worker_id, exc)
+
+    def _replace_dead_workers(self) -> None:
+        for slot in self.pool.reap():
+            how = describe_exit(slot.process.returncode)
+            try:
+                self.idle.remove(slot.worker_id)
+            except ValueError:
+                pass
+            if slot.task is not None:
+                task_id = slot.task[0]
+                self.running.pop(task_id, None)
+                log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.WORKER_LOST,
+                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this task",
+                    pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
+            else:
+                log.warning("worker %d %s while idle", slot.pid, how)
+            if not self.stopping:
+                self.pool.spawn()

@@ -1,0 +1,89 @@
+"""Local worker processes of an endpoint: start, watch, replace, stop."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkerSlot:
+    """One worker process and what it is doing."""
+
+    worker_id: bytes
+    process: subprocess.Popen
+    ready: bool = False
+    task: list[Any] | None = None          # the task row it is running
+    known_functions: set = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+class LocalWorkerPool:
+    """``size`` worker processes on this machine, connected to ``address``."""
+
+    def __init__(self, size: int, address: str, *, env: dict[str, str] | None = None) -> None:
+        self.size = size
+        self.address = address
+        self.env = env
+        self.slots: dict[bytes, WorkerSlot] = {}
+        self._ids = itertools.count(1)
+
+    def start(self) -> None:
+        for _ in range(self.size - len(self.slots)):
+            self.spawn()
+
+    def spawn(self) -> WorkerSlot:
+        worker_id = f"w{os.getpid()}-{next(self._ids)}".encode()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedexec.worker", "--address", self.address, "--worker-id", worker_id.decode()],
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+        )
+        slot = WorkerSlot(worker_id, process)
+        self.slots[worker_id] = slot
+        return slot
+
+    def reap(self) -> list[WorkerSlot]:
+        """Slots whose process has exited, removed from the pool."""
+        dead = [slot for slot in self.slots.values() if slot.process.poll() is not None]
+        for slot in dead:
+            del self.slots[slot.worker_id]
+        return dead
+
+    def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
+        """Ask every worker to stop, then terminate and kill what is left."""
+        for slot in self.slots.values():
+            if slot.process.poll() is None:
+                send_stop(slot.worker_id)
+        deadline = time.monotonic() + timeout
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for slot in self.slots.values():
+                if sig is not None and slot.process.poll() is None:
+                    slot.process.send_signal(sig)
+            for slot in self.slots.values():
+                try:
+                    slot.process.wait(max(0.05, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(slot.process.poll() is not None for slot in self.slots.values()):
+                break
+            deadline = time.monotonic() + 1.0
+        self.slots.clear()

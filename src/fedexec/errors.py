@@ -1,0 +1,78 @@
+"""Exceptions a fedexec user can see, all exported from :mod:`fedexec`.
+
+Exceptions raised *by the user's function* are re-raised in the caller with
+their own type; the classes here describe what went wrong around it.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+
+class FedexecError(Exception):
+    """Base class of the errors fedexec itself raises."""
+
+
+class SerializationError(pickle.PicklingError, FedexecError):
+    """A function, its arguments or its result could not be pickled.
+
+    Subclasses :class:`pickle.PicklingError`, as the standard executors fail
+    such a task with a pickling error; the message names the offending type.
+    """
+
+
+class DeserializationError(FedexecError):
+    """A result or exception arrived but cannot be unpickled in this process
+    (typically a module installed on the endpoint but not here)."""
+
+
+class RemoteExecutionError(FedexecError):
+    """The function raised an exception whose type cannot be rebuilt here.
+
+    ``type_name`` is the remote exception's qualified type name and
+    ``remote_traceback`` its formatted traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}\n\nRemote traceback:\n{remote_traceback}")
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+class WorkerLost(FedexecError):
+    """The worker process running a task died before it returned a result
+    (``os._exit``, a signal such as SIGKILL or SIGSEGV, the OOM killer).
+
+    Only that task fails; the endpoint replaces the worker.
+    """
+
+    def __init__(self, message: str, *, endpoint: str = "", pid: int = 0, exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self):  # keep the keyword fields through pickling
+        return (_rebuild_worker_lost, (str(self), self.endpoint, self.pid, self.exitcode))
+
+
+def _rebuild_worker_lost(message: str, endpoint: str, pid: int, exitcode: int | None) -> WorkerLost:
+    return WorkerLost(message, endpoint=endpoint, pid=pid, exitcode=exitcode)
+
+
+class UnknownEndpoint(FedexecError, LookupError):
+    """The relay has no endpoint with the given id."""
+
+
+class VersionMismatch(FedexecError):
+    """Client and endpoint run different Python minor versions, so pickled
+    functions and data cannot be trusted to load on the other side."""
+
+
+class TaskRejected(FedexecError):
+    """The relay or endpoint refused a task (bad input, unknown endpoint,
+    protocol error); the message says why."""
+
+
+class RelayUnavailable(FedexecError):
+    """The relay could not be reached within the configured time."""

@@ -1,0 +1,479 @@
+"""FederatedExecutor: a concurrent.futures.Executor whose tasks run on an endpoint.
+
+``submit`` pickles the call in the caller's thread (so a bad argument fails
+that future at once, and later mutation of the arguments does not leak into
+the task) and hands it to one background thread, the dispatcher, which owns
+the ZeroMQ socket to the relay: it sends whatever has queued up as one batch,
+registers each function once by content hash, and completes futures as
+results arrive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from concurrent.futures import CancelledError, Executor, Future
+from typing import Any, Callable, Iterable, Iterator
+
+import zmq
+
+from . import protocol as P
+from .config import DEFAULT_RELAY_ADDRESS, relay_dir
+from .embedded import EmbeddedFederation
+from .errors import (
+    DeserializationError,
+    RelayUnavailable,
+    SerializationError,
+    TaskRejected,
+    UnknownEndpoint,
+    VersionMismatch,
+    WorkerLost,
+)
+from .serialize import (
+    deserialize,
+    deserialize_exception,
+    serialize_arguments,
+    serialize_chunk,
+    serialize_function,
+)
+
+log = logging.getLogger("fedexec.executor")
+
+_live_executors: "weakref.WeakSet[FederatedExecutor]" = weakref.WeakSet()
+_global_shutdown = False
+
+
+def _python_exit() -> None:
+    """At interpreter exit, finish what was submitted and stop embedded services,
+    as the standard executors do."""
+    global _global_shutdown
+    _global_shutdown = True
+    for executor in list(_live_executors):
+        executor.shutdown(wait=True)
+
+
+try:  # run before non-daemon threads are joined, like concurrent.futures.thread
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover
+    import atexit
+
+    atexit.register(_python_exit)
+
+
+class _FunctionCache:
+    """Content hash and pickled body per function object, so a function used
+    for many tasks is pickled once. Keyed by identity: a function object is
+    assumed not to change after its first submission."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._entries: dict[int, tuple[Any, bytes, bytes]] = {}
+        self._limit = limit
+
+    def lookup(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+        entry = self._entries.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1], entry[2]
+        fn_hash, body = serialize_function(fn)
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[id(fn)] = (fn, fn_hash, body)
+        return fn_hash, body
+
+
+class _WorkItem:
+    """One submitted task on its way: the future and what travels for it."""
+
+    __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running")
+
+    def __init__(self, future: Future, task_id: bytes, fn_hash: bytes, fn_body: bytes,
+                 payload: bytes, kind: int) -> None:
+        self.future = future
+        self.task_id = task_id
+        self.fn_hash = fn_hash
+        self.fn_body = fn_body
+        self.payload = payload
+        self.kind = kind
+        self.running = False
+
+
+def _failure_exception(blob: Any) -> BaseException:
+    info = P.unpack_failure(blob)
+    kind, msg = info.get("kind"), str(info.get("msg", "task failed"))
+    if kind == P.WORKER_LOST:
+        return WorkerLost(msg, endpoint=str(info.get("endpoint", "")), pid=int(info.get("pid", 0)),
+                          exitcode=info.get("exitcode"))
+    if kind == P.VERSION:
+        return VersionMismatch(msg)
+    if kind == P.SERIALIZATION:
+        return DeserializationError(msg) if info.get("remote") else SerializationError(msg)
+    return TaskRejected(msg)
+
+
+class _Dispatcher(threading.Thread):
+    """The executor's one network thread: batches out, results in."""
+
+    def __init__(self, relay: str, endpoint_id: str, batch_size: int,
+                 services: EmbeddedFederation | None) -> None:
+        super().__init__(name="fedexec-dispatcher", daemon=True)
+        self.relay = relay
+        self.endpoint_id = endpoint_id
+        self.batch_size = batch_size
+        self.services = services
+        self.client_id = uuid.uuid4().bytes
+        self.commands: deque[tuple[str, Any]] = deque()
+        self.pending: dict[bytes, _WorkItem] = {}
+        self.registered: set[bytes] = set()
+        self.lookups: deque[Future] = deque()
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+
+    # -- called from user threads --------------------------------------------
+    def post(self, command: str, value: Any = None) -> None:
+        self.commands.append((command, value))
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.write(self._wake_w, b"x")
+
+    # -- the thread ------------------------------------------------------------
+    def run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"C" + self.client_id)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.relay)
+        self.sock = sock
+        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(1000))
+                if self._wake_r in events:
+                    self._run_commands()
+                if sock in events:
+                    self._read_results()
+                if self.stopping and not self.pending and not self.commands:
+                    break
+        except Exception:  # keep futures from hanging forever on a bug or a dead context
+            log.exception("fedexec dispatcher failed")
+            for item in self.pending.values():
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("the fedexec dispatcher thread failed; see the log"))
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if self.services is not None:
+                self.services.stop()
+
+    def _run_commands(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._wake_pending = False
+        rows: list[list[Any]] = []
+        blobs: list[Any] = []
+        cancels: list[bytes] = []
+        commands = self.commands
+        while commands:
+            command, value = commands.popleft()
+            if command == "submit":
+                item: _WorkItem = value
+                if item.future.cancelled():
+                    continue
+                self.pending[item.task_id] = item
+                fn_index = -1
+                if item.fn_hash not in self.registered:
+                    self.registered.add(item.fn_hash)
+                    fn_index = len(blobs)
+                    blobs.append(item.fn_body)
+                rows.append([item.task_id, item.fn_hash, len(blobs), fn_index, item.kind, P.PYTHON_VERSION])
+                blobs.append(item.payload)
+                if len(rows) >= self.batch_size:
+                    self._send_batch(rows, blobs)
+                    rows, blobs = [], []
+            elif command == "cancel":
+                if value in self.pending:
+                    cancels.append(value)
+            elif command == "lookup":
+                endpoint_id, future = value
+                self.lookups.append(future)
+                self.sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
+            elif command == "stop":
+                self.stopping = True
+        if rows:
+            self._send_batch(rows, blobs)
+        if cancels:
+            self.sock.send_multipart(P.encode(P.CANCEL, {"tids": cancels}))
+
+    def _send_batch(self, rows: list[list[Any]], blobs: list[Any]) -> None:
+        self.sock.send_multipart(P.encode(P.SUBMIT, {"ep": self.endpoint_id, "tasks": rows}, blobs), copy=False)
+
+    def _read_results(self) -> None:
+        sock = self.sock
+        acks: list[bytes] = []
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg = P.decode(frames)
+            except P.ProtocolError as exc:
+                log.warning("ignored a malformed message from the relay: %s", exc)
+                continue
+            if msg.type == P.RESULTS:
+                for task_id, status, index in msg.fields["rows"]:
+                    acks.append(task_id)
+                    item = self.pending.pop(task_id, None)
+                    if item is not None:
+                        self._complete(item, status, msg.blobs[index])
+            elif msg.type == P.STARTED:
+                for task_id in msg.fields["tids"]:
+                    item = self.pending.get(task_id)
+                    if item is not None and not item.running:
+                        item.running = True
+                        item.future.set_running_or_notify_cancel()
+            elif msg.type == P.LOOKUP_REPLY:
+                if self.lookups:
+                    self.lookups.popleft().set_result(msg.fields)
+            elif msg.type == P.ERROR:
+                log.warning("the relay reported an error: %s", msg.fields.get("msg"))
+        if acks:
+            sock.send_multipart(P.encode(P.ACK, {"tids": acks}))
+
+    def _complete(self, item: _WorkItem, status: int, blob: Any) -> None:
+        future = item.future
+        if status == P.CANCELLED:
+            if not future.cancel() and not future.done():
+                future.set_exception(CancelledError("the task was cancelled on the relay or endpoint"))
+            if not item.running:
+                future.set_running_or_notify_cancel()
+            return
+        if not item.running and not future.set_running_or_notify_cancel():
+            return  # cancelled here while its result was on the way
+        item.running = True
+        try:
+            if status == P.OK:
+                try:
+                    value = deserialize(blob)
+                except Exception as exc:
+                    future.set_exception(DeserializationError(
+                        f"the result arrived but cannot be unpickled here: {type(exc).__name__}: {exc}"))
+                    return
+                future.set_result(value)
+            elif status == P.EXCEPTION:
+                future.set_exception(deserialize_exception(blob))
+            else:
+                future.set_exception(_failure_exception(blob))
+        except Exception as exc:  # a malformed result must not take the thread down
+            if not future.done():
+                future.set_exception(DeserializationError(f"malformed result: {exc}"))
+
+
+class FederatedExecutor(Executor):
+    """Run functions on a fedexec endpoint through the standard Executor API.
+
+    ``FederatedExecutor()`` with no endpoint and no relay starts a private
+    relay and a local endpoint with ``max_workers`` workers (default: the
+    usable cores) and stops them on :meth:`shutdown`. With an ``endpoint_id``
+    it sends tasks to that endpoint through ``relay`` (default:
+    ``$FEDEXEC_RELAY``, else the relay started by ``fedexec relay start`` in the
+    fedexec home, else ``tcp://127.0.0.1:55700``).
+
+    Functions are registered once by content hash; each function *object* is
+    pickled once, on its first submission, so later changes to its globals or
+    closure are not seen (as with Globus Compute's executor).
+    """
+
+    def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
+                 max_workers: int | None = None, batch_size: int = 1024,
+                 connect_timeout: float = 30.0) -> None:
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if batch_size <= 0:
+            raise ValueError("batch_size must be greater than 0")
+        services: EmbeddedFederation | None = None
+        if endpoint_id is None:
+            if relay is not None:
+                raise ValueError("an endpoint_id is needed to use a relay; omit both for the embedded default")
+            services = EmbeddedFederation(max_workers)
+            services.start()
+            endpoint_id, relay = services.endpoint_id, services.relay_address
+        else:
+            endpoint_id = str(uuid.UUID(str(endpoint_id))) if _is_uuid(endpoint_id) else str(endpoint_id)
+            if not _is_uuid(endpoint_id):
+                raise ValueError(f"endpoint_id {endpoint_id!r} is not a UUID")
+            if max_workers is not None:
+                raise ValueError("max_workers only applies to the embedded default; "
+                                 "a remote endpoint's pool size is set in its config")
+            relay = relay or _default_relay()
+        self.endpoint_id: str = endpoint_id
+        self.relay: str = relay
+        self._functions = _FunctionCache()
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, services)
+        self._dispatcher.start()
+        try:
+            info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
+        except BaseException:
+            self.shutdown(wait=True)
+            raise
+        #: the endpoint's worker count; Dask reads it to size its concurrency
+        self._max_workers = max(1, int(info.get("workers") or 1))
+        self.endpoint_name: str = str(info.get("name", ""))
+        _live_executors.add(self)
+
+    def _lookup_endpoint(self, timeout: float, *, wait_for_it: bool,
+                         services: EmbeddedFederation | None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            future: Future = Future()
+            self._dispatcher.post("lookup", (self.endpoint_id, future))
+            while not future.done():
+                if services is not None and services.failed():
+                    raise RuntimeError(f"fedexec could not start its embedded default: {services.failed()}")
+                if time.monotonic() > deadline:
+                    raise RelayUnavailable(f"no answer from the relay at {self.relay} within {timeout:g} s")
+                try:
+                    future.result(0.05)
+                except TimeoutError:
+                    pass
+            reply = future.result()
+            if reply.get("found"):
+                info = reply["endpoint"]
+                if info.get("py") and info["py"] != P.PYTHON_VERSION:
+                    raise VersionMismatch(
+                        f"endpoint {info.get('name')!r} runs Python {info['py']} but this client runs Python "
+                        f"{P.PYTHON_VERSION}; pickled functions need the same minor version")
+                if not wait_for_it or info.get("status") == "connected":
+                    return info
+            elif not wait_for_it:
+                raise UnknownEndpoint(f"the relay at {self.relay} knows no endpoint {self.endpoint_id}")
+            if time.monotonic() > deadline:
+                raise RelayUnavailable(f"the embedded endpoint did not connect within {timeout:g} s")
+            time.sleep(0.02)
+
+    # -- the Executor API ----------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
+        return self._submit(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, kwargs))
+
+    def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if _global_shutdown:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        future: Future = Future()
+        task_id = uuid.uuid4().bytes
+        future.task_id = str(uuid.UUID(bytes=task_id))  # type: ignore[attr-defined]
+        try:
+            fn_hash, fn_body = self._functions.lookup(fn)
+            payload = make_payload()
+        except SerializationError as exc:
+            future.set_exception(exc)
+            return future
+        item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
+        future.add_done_callback(self._on_done)
+        self._dispatcher.post("submit", item)
+        return future
+
+    def _on_done(self, future: Future) -> None:
+        if future.cancelled():
+            task_id = uuid.UUID(future.task_id).bytes  # type: ignore[attr-defined]
+            self._dispatcher.post("cancel", task_id)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Like :meth:`Executor.map`; with ``chunksize`` > 1 each chunk of
+        arguments travels and runs as one task, as in ProcessPoolExecutor."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        chunks = _chunked(zip(*iterables), chunksize)
+        end_time = None if timeout is None else timeout + time.monotonic()
+        futures = [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in chunks]
+
+        def result_iterator() -> Iterator[Any]:
+            try:
+                futures.reverse()
+                while futures:
+                    future = futures.pop()
+                    try:
+                        if end_time is None:
+                            values = future.result()
+                        else:
+                            values = future.result(end_time - time.monotonic())
+                    finally:
+                        future.cancel()
+                    yield from values
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        return result_iterator()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; optionally cancel those not yet running; with
+        ``wait``, return once every remaining future is done and embedded
+        services are stopped."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        dispatcher = self._dispatcher
+        if cancel_futures:
+            for command, value in list(dispatcher.commands):
+                if command == "submit":
+                    value.future.cancel()
+            for item in list(dispatcher.pending.values()):
+                item.future.cancel()
+        if dispatcher.is_alive():
+            dispatcher.post("stop")
+            if wait and dispatcher is not threading.current_thread():
+                dispatcher.join()
+        _live_executors.discard(self)
+
+
+def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _default_relay() -> str:
+    env = os.environ.get("FEDEXEC_RELAY")
+    if env:
+        return env
+    info = relay_dir() / "relay.json"
+    try:
+        import json
+
+        return str(json.loads(info.read_text())["address"])
+    except (OSError, ValueError, KeyError):
+        return DEFAULT_RELAY_ADDRESS

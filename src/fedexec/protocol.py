@@ -1,0 +1,129 @@
+"""Wire protocol shared by executor, relay, endpoint and worker.
+
+A message is a ZeroMQ multipart message: one msgpack *header* frame followed
+by zero or more opaque *blob* frames. The header is a map with the protocol
+version ``v``, the message type ``t`` and type-specific fields; rows in it
+refer to blobs by index, so user payloads (pickled functions, arguments,
+results) travel as their own frames and are never copied into msgpack or
+looked into by the relay.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+#: The Python minor version pickles were made with ("3.11").
+PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+# Message types -------------------------------------------------------------
+# client/endpoint -> relay
+HELLO = "hello"          # {role, id, name?, py, capacity?}
+SUBMIT = "submit"        # {ep, tasks: [TaskRow]}
+CANCEL = "cancel"        # {tids}
+ACK = "ack"              # {tids}: results received, relay may forget them
+LOOKUP = "lookup"        # {ep}
+CREDIT = "credit"        # {n}: endpoint can take n more tasks
+HEARTBEAT = "hb"
+BYE = "bye"
+# relay -> client/endpoint
+WELCOME = "welcome"
+RESULTS = "results"      # {rows: [ResultRow], credit?}
+STARTED = "started"      # {tids}
+LOOKUP_REPLY = "lookup_reply"
+TASKS = "tasks"          # {tasks: [TaskRow]}
+ERROR = "error"          # {msg, tids?}
+# endpoint <-> worker
+READY = "ready"          # worker -> endpoint {pid}
+TASK = "task"            # endpoint -> worker, one TaskRow
+RESULT = "result"        # worker -> endpoint, one ResultRow
+STOP = "stop"
+
+# Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python]
+TASK_CALL = 0    # fn(*args, **kwargs)
+TASK_CHUNK = 1   # [fn(*a) for a in chunk]; a map() chunk travels as one task
+
+# Result statuses: [task_id, status, blob]
+OK = 0            # blob: pickled return value
+EXCEPTION = 1     # blob: pickled RemoteException (from the user's function)
+FAILED = 2        # blob: msgpack {kind, msg, ...}: fedexec could not run it
+CANCELLED = 3     # blob: empty; dropped before it ran
+
+# FAILED kinds
+WORKER_LOST = "worker_lost"
+REJECTED = "rejected"
+VERSION = "version"
+SERIALIZATION = "serialization"
+
+
+class ProtocolError(ValueError):
+    """A message that is not a well-formed fedexec message."""
+
+
+@dataclass
+class Message:
+    """A decoded message: its type, header fields and blob frames."""
+
+    type: str
+    fields: dict[str, Any]
+    blobs: list[Any] = field(default_factory=list)
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode(msg_type: str, fields: dict[str, Any] | None = None, blobs: Sequence[Any] = ()) -> list[Any]:
+    """Frames for a message; ``blobs`` are bytes-like objects sent as is."""
+    header = {"v": PROTOCOL_VERSION, "t": msg_type}
+    if fields:
+        header.update(fields)
+    return [_packer.pack(header), *blobs]
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse frames (bytes or zmq.Frame) into a :class:`Message`.
+
+    Raises :class:`ProtocolError` for anything malformed, truncated or of
+    another protocol version, so that a server can log it and go on.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = frames[0]
+    raw = head.buffer if hasattr(head, "buffer") else head
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    version = header.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    msg_type = header.pop("t", None)
+    if not isinstance(msg_type, str):
+        raise ProtocolError("message has no type")
+    return Message(msg_type, header, list(frames[1:]))
+
+
+def pack_failure(kind: str, msg: str, **extra: Any) -> bytes:
+    """Blob of a FAILED result row."""
+    return msgpack.packb({"kind": kind, "msg": msg, **extra}, use_bin_type=True)
+
+
+def unpack_failure(blob: Any) -> dict[str, Any]:
+    data = msgpack.unpackb(bytes(blob), raw=False)
+    if not isinstance(data, dict):
+        raise ProtocolError("failure blob is not a map")
+    return data
+
+
+def blob_at(blobs: Sequence[Any], index: Any) -> Any:
+    """The blob a row refers to, with a ProtocolError for a bad index."""
+    if not isinstance(index, int) or not 0 <= index < len(blobs):
+        raise ProtocolError(f"row refers to blob {index!r} of {len(blobs)}")
+    return blobs[index]

@@ -1,0 +1,25 @@
+"""``python -m fedexec.relay``: run a relay in the foreground (used by the
+CLI's daemon mode and by the embedded default)."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .server import Relay
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedexec.relay")
+    parser.add_argument("--address", required=True, help="tcp://HOST:PORT or ipc://PATH (port * = any free port)")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""In-memory state of the relay: tasks in flight and the endpoints they go to."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+# task states while the relay holds a task
+QUEUED = 0
+DISPATCHED = 1
+
+
+class TaskRecord:
+    """A task the relay accepted and has not yet seen finish.
+
+    ``args`` is the opaque argument blob, kept until the task finishes so that
+    the task can be sent again if its endpoint goes away.
+    """
+
+    __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state")
+
+    def __init__(self, task_id: bytes, client: bytes, endpoint_id: str, fn_hash: bytes,
+                 kind: int, python: str, args: Any) -> None:
+        self.task_id = task_id
+        self.client = client
+        self.endpoint_id = endpoint_id
+        self.fn_hash = fn_hash
+        self.kind = kind
+        self.python = python
+        self.args = args
+        self.state = QUEUED
+
+    def row(self, args_index: int, fn_index: int) -> list[Any]:
+        return [self.task_id, self.fn_hash, args_index, fn_index, self.kind, self.python]
+
+
+@dataclass
+class EndpointState:
+    """One endpoint as the relay sees it: identity, connection and credit."""
+
+    endpoint_id: str
+    name: str
+    python: str
+    workers: int = 0
+    routing_id: bytes | None = None
+    credit: int = 0
+    heartbeat_period: float = 2.0
+    last_seen: float = 0.0
+    queue: deque = field(default_factory=deque)            # TaskRecords waiting for credit
+    dispatched: dict = field(default_factory=dict)          # task_id -> TaskRecord
+    known_functions: set = field(default_factory=set)       # hashes this connection has
+
+    @property
+    def connected(self) -> bool:
+        return self.routing_id is not None
+
+    def expired(self, now: float) -> bool:
+        return self.connected and now - self.last_seen > 3 * self.heartbeat_period + 1.0
+
+    def disconnect(self) -> None:
+        """Forget the connection and put its unfinished tasks back in front of
+        the queue, in their original order, for when it comes back."""
+        self.routing_id = None
+        self.credit = 0
+        self.known_functions.clear()
+        for record in reversed(list(self.dispatched.values())):
+            record.state = QUEUED
+            self.queue.appendleft(record)
+        self.dispatched.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.endpoint_id,
+            "name": self.name,
+            "py": self.python,
+            "workers": self.workers,
+            "status": "connected" if self.connected else "disconnected",
+            "queued": len(self.queue),
+            "running": len(self.dispatched),
+            "last_seen": self.last_seen,
+        }
+
+
+class EndpointRegistry:
+    """Endpoints by id and by the ZeroMQ routing id of their connection."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, EndpointState] = {}
+        self.by_routing: dict[bytes, EndpointState] = {}
+
+    def get(self, endpoint_id: str) -> EndpointState | None:
+        return self.by_id.get(endpoint_id)
+
+    def add(self, state: EndpointState) -> None:
+        self.by_id[state.endpoint_id] = state
+
+    def connect(self, state: EndpointState, routing_id: bytes) -> None:
+        if state.connected:
+            self.disconnect(state)  # a restarted endpoint: its old session is gone
+        other = self.by_routing.pop(routing_id, None)
+        if other is not None and other is not state:
+            other.disconnect()
+        state.routing_id = routing_id
+        state.last_seen = time.monotonic()
+        self.by_routing[routing_id] = state
+
+    def disconnect(self, state: EndpointState) -> None:
+        if state.routing_id is not None:
+            self.by_routing.pop(state.routing_id, None)
+        state.disconnect()
+
+    def connected(self) -> list[EndpointState]:
+        return list(self.by_routing.values())

@@ -1,0 +1,364 @@
+"""The relay server: one ROUTER socket, one poll loop.
+
+Clients and endpoints both connect to the relay's single address with DEALER
+sockets and introduce themselves with HELLO. Each turn of the loop reads
+every message that is waiting, updates the in-memory state, commits the
+turn's writes to the store in one transaction, and only then sends what the
+turn produced (tasks to endpoints, results to clients). User payloads are
+forwarded as the frames they arrived in; the relay never unpickles them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .. import protocol as P
+from ..serialize import content_hash
+from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
+from .store import RelayStore
+
+log = logging.getLogger("fedexec.relay")
+
+MAX_MESSAGES_PER_TURN = 2000
+MAINTENANCE_INTERVAL = 0.5
+TASK_ID_BYTES = 16
+HASH_BYTES = 32
+
+
+class Relay:
+    """A relay bound to ``address`` keeping its record under ``data_dir``."""
+
+    def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.store = RelayStore(self.data_dir)
+        self.parent_pid = parent_pid
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.bind(address)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoints = EndpointRegistry()
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.functions: dict[bytes, bytes] = {}
+        self.stopping = False
+        self.outbox: list[tuple[bytes, list[Any]]] = []
+        self.client_results: dict[bytes, tuple[list, list]] = defaultdict(lambda: ([], []))
+        self.client_started: dict[bytes, list] = defaultdict(list)
+        self.endpoint_cancels: dict[str, list] = defaultdict(list)
+        self._recover()
+
+    # -- lifecycle ---------------------------------------------------------
+    def _recover(self) -> None:
+        """Reload endpoints and unfinished tasks from the store after a restart."""
+        for endpoint_id, name, python, workers, _last in self.store.endpoints():
+            self.endpoints.add(EndpointState(endpoint_id, name, python, workers))
+        count = 0
+        for task_id, client, endpoint_id, fn_hash, kind, python, args in self.store.pending_tasks():
+            state = self.endpoints.get(endpoint_id)
+            if state is None:
+                continue
+            record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args)
+            self.tasks[task_id] = record
+            state.queue.append(record)
+            count += 1
+        if count:
+            log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
+
+    def write_info(self) -> Path:
+        """Record address and pid in ``relay.json`` so the CLI and the embedded
+        default can find a running relay."""
+        info = self.data_dir / "relay.json"
+        tmp = info.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid()}))
+        os.replace(tmp, info)
+        return info
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        info = self.write_info()
+        log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
+        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
+        try:
+            while not self.stopping:
+                if self.sock.poll(int(MAINTENANCE_INTERVAL * 1000)):
+                    self._read_messages()
+                self.store.flush()
+                self._dispatch()
+                self._send_all()
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    next_maintenance = now + MAINTENANCE_INTERVAL
+                    self._maintenance(now)
+        finally:
+            log.info("relay stopping")
+            self.store.close()
+            self.sock.close(linger=500)
+            self.ctx.term()
+            try:
+                if json.loads(info.read_text()).get("pid") == os.getpid():
+                    info.unlink()
+            except (OSError, ValueError):
+                pass
+
+    def _maintenance(self, now: float) -> None:
+        for state in self.endpoints.connected():
+            if state.expired(now):
+                log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "
+                            "%d task(s) re-queued", state.name, state.endpoint_id, len(state.dispatched))
+                self.endpoints.disconnect(state)
+        if self.parent_pid and not _pid_alive(self.parent_pid):
+            log.info("parent process %d is gone; stopping", self.parent_pid)
+            self.stopping = True
+
+    # -- input ---------------------------------------------------------------
+    def _read_messages(self) -> None:
+        sock = self.sock
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            sender = frames[0].bytes
+            try:
+                msg = P.decode(frames[1:])
+                self._handle(sender, msg)
+            except (P.ProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
+                log.warning("rejected a malformed message from %r: %s", sender, exc)
+                self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {exc}"}))
+
+    def _handle(self, sender: bytes, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.SUBMIT:
+            self._on_submit(sender, msg)
+        elif t == P.RESULTS:
+            self._on_results(sender, msg)
+        elif t == P.STARTED:
+            self._on_started(sender, msg)
+        elif t == P.CREDIT:
+            state = self._endpoint_of(sender)
+            state.credit += int(msg.fields["n"])
+        elif t == P.HEARTBEAT:
+            state = self.endpoints.by_routing.get(sender)
+            if state is not None:
+                state.last_seen = time.monotonic()
+                self._send(sender, P.encode(P.HEARTBEAT))
+            else:  # an endpoint we expired, or a client: tell it to introduce itself again
+                self._send(sender, P.encode(P.HEARTBEAT, {"unknown": True}))
+        elif t == P.CANCEL:
+            self._on_cancel(sender, msg)
+        elif t == P.ACK:
+            self.store.acknowledge(_task_ids(msg.fields["tids"]))
+        elif t == P.HELLO:
+            self._on_hello(sender, msg)
+        elif t == P.LOOKUP:
+            state = self.endpoints.get(str(msg.fields["ep"]))
+            reply = state.describe() if state else {}
+            self._send(sender, P.encode(P.LOOKUP_REPLY, {"found": state is not None, "endpoint": reply}))
+        elif t == P.BYE:
+            state = self.endpoints.by_routing.get(sender)
+            if state is not None:
+                log.info("endpoint %s (%s) said goodbye; %d task(s) re-queued",
+                         state.name, state.endpoint_id, len(state.dispatched))
+                self.endpoints.disconnect(state)
+        else:
+            raise P.ProtocolError(f"unknown message type {t!r}")
+
+    def _endpoint_of(self, sender: bytes) -> EndpointState:
+        state = self.endpoints.by_routing.get(sender)
+        if state is None:
+            raise P.ProtocolError("endpoint message from a connection that did not say hello")
+        return state
+
+    def _on_hello(self, sender: bytes, msg: P.Message) -> None:
+        f = msg.fields
+        role = f["role"]
+        if role == "endpoint":
+            endpoint_id = str(f["id"])
+            state = self.endpoints.get(endpoint_id)
+            if state is None:
+                state = EndpointState(endpoint_id, str(f["name"]), str(f["py"]))
+                self.endpoints.add(state)
+            self.endpoints.connect(state, sender)
+            state.name, state.python = str(f["name"]), str(f["py"])
+            state.workers = int(f["workers"])
+            state.heartbeat_period = float(f.get("hb", 2.0))
+            state.credit = int(f["capacity"])
+            self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
+            log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting",
+                     state.name, endpoint_id, state.python, state.workers, len(state.queue))
+            self._send(sender, P.encode(P.WELCOME, {"role": "endpoint"}))
+        elif role == "client":
+            self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION}))
+        else:
+            raise P.ProtocolError(f"unknown role {role!r}")
+
+    def _on_submit(self, sender: bytes, msg: P.Message) -> None:
+        endpoint_id = str(msg.fields["ep"])
+        state = self.endpoints.get(endpoint_id)
+        blobs = msg.blobs
+        for row in msg.fields["tasks"]:
+            task_id, fn_hash, args_index, fn_index, kind, python = row
+            if not (isinstance(task_id, bytes) and len(task_id) == TASK_ID_BYTES):
+                raise P.ProtocolError("task id must be 16 bytes")
+            if not (isinstance(fn_hash, bytes) and len(fn_hash) == HASH_BYTES):
+                raise P.ProtocolError("function hash must be 32 bytes")
+            if kind not in (P.TASK_CALL, P.TASK_CHUNK):
+                raise P.ProtocolError(f"unknown task kind {kind!r}")
+            if fn_index >= 0 and fn_hash not in self.functions:
+                body = P.blob_at(blobs, fn_index).bytes
+                if content_hash(body) != fn_hash:
+                    self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
+                    continue
+                self.functions[fn_hash] = body
+                self.store.add_function(fn_hash, body)
+            if task_id in self.tasks:
+                continue  # a resubmission of a task we hold: idempotent
+            if state is None:
+                self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {endpoint_id}")
+                continue
+            if state.python and python != state.python:
+                self._reject(sender, task_id, P.VERSION,
+                             f"client runs Python {python} but endpoint {state.name!r} runs Python "
+                             f"{state.python}; pickled functions need the same minor version")
+                continue
+            if fn_hash not in self.functions:
+                body = self.store.function_body(fn_hash)
+                if body is None:
+                    self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
+                    continue
+                self.functions[fn_hash] = body
+            args = P.blob_at(blobs, args_index)
+            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args)
+            self.tasks[task_id] = record
+            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, args.buffer)
+            state.queue.append(record)
+
+    def _reject(self, client: bytes, task_id: bytes, kind: str, message: str) -> None:
+        log.info("task %s refused: %s", task_id.hex(), message)
+        rows, blobs = self.client_results[client]
+        rows.append([task_id, P.FAILED, len(blobs)])
+        blobs.append(P.pack_failure(kind, message))
+
+    def _on_results(self, sender: bytes, msg: P.Message) -> None:
+        state = self._endpoint_of(sender)
+        state.last_seen = time.monotonic()
+        state.credit += int(msg.fields.get("credit", 0))
+        blobs = msg.blobs
+        for task_id, status, index in msg.fields["rows"]:
+            record = self.tasks.pop(task_id, None)
+            if record is None:
+                continue  # a late duplicate of a task that already finished
+            state.dispatched.pop(task_id, None)
+            if record.state == QUEUED:  # re-queued meanwhile; it finished after all
+                try:
+                    self.endpoints.get(record.endpoint_id).queue.remove(record)
+                except ValueError:
+                    pass
+            blob = P.blob_at(blobs, index)
+            self.store.add_result(task_id, status, blob.buffer)
+            rows, out = self.client_results[record.client]
+            rows.append([task_id, status, len(out)])
+            out.append(blob)
+
+    def _on_started(self, sender: bytes, msg: P.Message) -> None:
+        self._endpoint_of(sender)
+        for task_id in msg.fields["tids"]:
+            record = self.tasks.get(task_id)
+            if record is not None:
+                self.client_started[record.client].append(task_id)
+
+    def _on_cancel(self, sender: bytes, msg: P.Message) -> None:
+        for task_id in _task_ids(msg.fields["tids"]):
+            record = self.tasks.get(task_id)
+            if record is None or record.client != sender:
+                continue
+            if record.state == QUEUED:
+                del self.tasks[task_id]
+                state = self.endpoints.get(record.endpoint_id)
+                if state is not None:
+                    try:
+                        state.queue.remove(record)
+                    except ValueError:
+                        pass
+                self.store.add_result(task_id, P.CANCELLED, b"")
+                rows, blobs = self.client_results[sender]
+                rows.append([task_id, P.CANCELLED, len(blobs)])
+                blobs.append(b"")
+            elif record.state == DISPATCHED:
+                self.endpoint_cancels[record.endpoint_id].append(task_id)
+
+    # -- output --------------------------------------------------------------
+    def _dispatch(self) -> None:
+        for state in self.endpoints.connected():
+            if state.credit <= 0 or not state.queue:
+                continue
+            rows: list[list[Any]] = []
+            blobs: list[Any] = []
+            queue = state.queue
+            while queue and state.credit > 0:
+                record = queue.popleft()
+                fn_index = -1
+                if record.fn_hash not in state.known_functions:
+                    fn_index = len(blobs)
+                    blobs.append(self.functions[record.fn_hash])
+                    state.known_functions.add(record.fn_hash)
+                rows.append(record.row(len(blobs), fn_index))
+                blobs.append(record.args)
+                record.state = DISPATCHED
+                state.dispatched[record.task_id] = record
+                state.credit -= 1
+            self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs))
+
+    def _send_all(self) -> None:
+        for client, (rows, blobs) in self.client_results.items():
+            self._send(client, P.encode(P.RESULTS, {"rows": rows}, blobs))
+        self.client_results.clear()
+        for client, task_ids in self.client_started.items():
+            self._send(client, P.encode(P.STARTED, {"tids": task_ids}))
+        self.client_started.clear()
+        for endpoint_id, task_ids in self.endpoint_cancels.items():
+            state = self.endpoints.get(endpoint_id)
+            if state is not None and state.connected:
+                self._send(state.routing_id, P.encode(P.CANCEL, {"tids": task_ids}))
+        self.endpoint_cancels.clear()
+
+    def _send(self, peer: bytes, frames: list[Any]) -> None:
+        try:
+            self.sock.send_multipart([peer, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            # The peer is gone (EHOSTUNREACH). Results stay in the store for
+            # when it comes back; tasks stay queued at their endpoint.
+            log.debug("could not send to %r: %s", peer, exc)
+
+
+def _task_ids(values: Any) -> list[bytes]:
+    if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
+        raise P.ProtocolError("task ids must be a list of bytes")
+    return values
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

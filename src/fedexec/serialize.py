@@ -1,0 +1,114 @@
+"""How functions, arguments, results and exceptions become bytes and back.
+
+cloudpickle carries code (lambdas, closures, functions from ``__main__`` by
+value; importable functions by reference); tblib carries tracebacks, so an
+exception raised on an endpoint is re-raised in the caller with its own type
+and its remote frames, the way :class:`~concurrent.futures.ProcessPoolExecutor`
+does it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+from tblib import pickling_support
+
+from .errors import RemoteExecutionError, SerializationError
+
+PICKLE_PROTOCOL = 5
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def serialize_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+    """``(content_hash, body)`` of a function; the hash names it on the relay."""
+    try:
+        body = cloudpickle.dumps(fn, protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(f"cannot serialize function {fn!r} ({_describe(fn)}): {exc}") from exc
+    return hashlib.sha256(body).digest(), body
+
+
+def serialize_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """Pickled ``(args, kwargs)``; errors name the function and the cause."""
+    try:
+        return cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SerializationError(f"cannot serialize the arguments of {name}(): {exc}") from exc
+
+
+def serialize_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> bytes:
+    """Pickled list of argument tuples for one ``map`` chunk."""
+    try:
+        return cloudpickle.dumps(chunk, protocol=PICKLE_PROTOCOL)
+    except Exception as exc:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SerializationError(f"cannot serialize the arguments of {name}(): {exc}") from exc
+
+
+def serialize_value(value: Any) -> bytes:
+    return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+
+
+def deserialize(blob: Any) -> Any:
+    return pickle.loads(blob)
+
+
+def content_hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class RemoteTraceback(Exception):
+    """Carries the remote traceback text as the ``__cause__`` of a re-raised
+    exception, as the standard ProcessPoolExecutor does."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def serialize_exception(exc: BaseException) -> bytes:
+    """Blob describing an exception raised by user code on a worker.
+
+    Holds the pickled exception (with its traceback, through tblib) when it
+    pickles, and always its type name, message and formatted traceback, so
+    the caller gets something meaningful even when the type is unknown there.
+    """
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    info: dict[str, Any] = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "msg": str(exc),
+        "tb": text,
+        "exc": None,
+    }
+    try:
+        pickling_support.install(exc)
+        info["exc"] = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        pass  # the text form above still reaches the caller
+    return pickle.dumps(info, protocol=PICKLE_PROTOCOL)
+
+
+def deserialize_exception(blob: Any) -> BaseException:
+    """The exception to raise in the caller for a remote exception blob."""
+    info = pickle.loads(blob)
+    exc: BaseException | None = None
+    if info.get("exc") is not None:
+        try:
+            exc = pickle.loads(info["exc"])
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteExecutionError(info["type"], info["msg"], info["tb"])
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{info["tb"]}"""')
+    return exc
