@@ -1,14 +1,16 @@
 """``python -m fedexec.endpoint``: run an endpoint in the foreground.
 
-Either a configured endpoint (``--name NAME``, read from the fedexec home) or
-one described entirely on the command line (the embedded default).
+Either a configured endpoint (``--name NAME``, read from the fedexec home,
+with its state in ``endpoint.json`` beside its config) or one described
+entirely on the command line (the embedded default).
 """
 
 import argparse
 import logging
 import sys
 
-from ..config import EndpointConfig
+from ..config import ConfigError, EndpointConfig, endpoint_dir
+from ..pidfile import PidFile
 from .agent import EndpointAgent
 
 
@@ -24,13 +26,35 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if ns.relay:
-        config = EndpointConfig(name=ns.name, relay=ns.relay, max_workers=ns.max_workers, prefetch=ns.prefetch)
-        if ns.endpoint_id:
-            config.endpoint_id = ns.endpoint_id
-    else:
-        config = EndpointConfig.load(ns.name)
-    EndpointAgent(config, parent_pid=ns.parent_pid).run()
+    pidfile = None
+    try:
+        if ns.relay:
+            config = EndpointConfig(name=ns.name, relay=ns.relay, max_workers=ns.max_workers, prefetch=ns.prefetch)
+            if ns.endpoint_id:
+                config.endpoint_id = ns.endpoint_id
+        else:
+            config = EndpointConfig.load(ns.name)
+            pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
+        agent = EndpointAgent(config, parent_pid=ns.parent_pid)
+    except ConfigError as exc:
+        sys.exit(f"fedexec endpoint: {exc}")
+
+    def connected(agent: EndpointAgent) -> None:
+        if pidfile is not None:
+            pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status="connected",
+                          workers=agent.workers)
+        print(f"Endpoint {config.name} ({config.endpoint_id}) connected to relay {config.relay} "
+              f"with {agent.workers} workers", flush=True)
+
+    agent.on_connected = connected
+    if pidfile is not None:
+        pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status="connecting",
+                      workers=agent.workers)
+    try:
+        agent.run()
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ forwarded as the frames they arrived in; the relay never unpickles them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from ..pidfile import PidFile
 from ..serialize import content_hash
 from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
 from .store import RelayStore
@@ -77,14 +77,11 @@ class Relay:
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
-    def write_info(self) -> Path:
-        """Record address and pid in ``relay.json`` so the CLI and the embedded
-        default can find a running relay."""
-        info = self.data_dir / "relay.json"
-        tmp = info.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid()}))
-        os.replace(tmp, info)
-        return info
+    @property
+    def pidfile(self) -> PidFile:
+        """``relay.json``: address and pid, so the CLI and executors can find
+        a running relay."""
+        return PidFile(self.data_dir / "relay.json")
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -92,7 +89,7 @@ class Relay:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        info = self.write_info()
+        self.pidfile.write(address=self.address)
         log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         try:
@@ -111,11 +108,7 @@ class Relay:
             self.store.close()
             self.sock.close(linger=500)
             self.ctx.term()
-            try:
-                if json.loads(info.read_text()).get("pid") == os.getpid():
-                    info.unlink()
-            except (OSError, ValueError):
-                pass
+            self.pidfile.remove()
 
     def _maintenance(self, now: float) -> None:
         for state in self.endpoints.connected():

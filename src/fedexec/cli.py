@@ -1,0 +1,289 @@
+"""The ``fedexec`` command: run and inspect relays and endpoints.
+
+    fedexec relay start [--host H] [--port P] [--data-dir D] [--daemon]
+    fedexec relay stop|status [--data-dir D]
+    fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N]
+    fedexec endpoint start NAME [--daemon]
+    fedexec endpoint stop|status NAME
+    fedexec endpoint list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .config import DEFAULT_RELAY_PORT, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
+from .pidfile import PidFile
+
+START_TIMEOUT = 30.0
+
+
+class CommandError(Exception):
+    """Ends the command with this message and exit status 1."""
+
+
+# -- helpers ------------------------------------------------------------------
+def _spawn_daemon(argv: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+def _wait_for(pidfile: PidFile, proc: subprocess.Popen, log_path: Path, want: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        record = pidfile.read()
+        if record and record.get("pid") == proc.pid and all(record.get(k) == v for k, v in want.items()):
+            return record
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise CommandError(f"it exited with code {proc.returncode}; last lines of {log_path}:\n  "
+                               + "\n  ".join(tail))
+        time.sleep(0.05)
+    raise CommandError(f"it did not report ready within {START_TIMEOUT:g} s; see {log_path}")
+
+
+def _stop_process(record: dict[str, Any], what: str, timeout: float = 15.0) -> None:
+    pid = int(record["pid"])
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        raise CommandError(f"{what} (pid {pid}) did not stop within {timeout:g} s") from None
+
+
+# -- relay ----------------------------------------------------------------------
+def relay_start(ns: argparse.Namespace) -> None:
+    data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
+    pidfile = PidFile(data_dir / "relay.json")
+    running = pidfile.read()
+    if running:
+        raise CommandError(f"a relay is already running at {running['address']} (pid {running['pid']})")
+    address = f"tcp://{ns.host}:{ns.port}"
+    argv = ["-m", "fedexec.relay", "--address", address, "--data-dir", str(data_dir), "--log-level", ns.log_level]
+    if not ns.daemon:
+        print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
+        from .relay.__main__ import main as relay_main
+
+        relay_main(argv[2:])
+        return
+    log_path = data_dir / "relay.log"
+    proc = _spawn_daemon(argv, log_path)
+    try:
+        record = _wait_for(pidfile, proc, log_path, {})
+    except CommandError as exc:
+        raise CommandError(f"the relay did not start: {exc}") from None
+    print(f"relay running at {record['address']} (pid {record['pid']}); log: {log_path}")
+
+
+def relay_stop(ns: argparse.Namespace) -> None:
+    data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
+    record = PidFile(data_dir / "relay.json").read()
+    if not record:
+        print(f"no relay is running for {data_dir}")
+        return
+    _stop_process(record, "the relay")
+    print(f"relay (pid {record['pid']}) stopped")
+
+
+def relay_status(ns: argparse.Namespace) -> None:
+    data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
+    record = PidFile(data_dir / "relay.json").read()
+    if not record:
+        print(f"relay: stopped (data in {data_dir})")
+        raise SystemExit(3)
+    from .relay.query import lookup_endpoint
+
+    try:
+        lookup_endpoint(record["address"], "00000000-0000-0000-0000-000000000000", timeout=2.0)
+        answer = "answering"
+    except TimeoutError:
+        answer = "NOT answering"
+    print(f"relay: running at {record['address']} (pid {record['pid']}), {answer}; data in {data_dir}")
+
+
+# -- endpoint -------------------------------------------------------------------
+def _endpoint_pidfile(name: str) -> PidFile:
+    return PidFile(endpoint_dir(name) / "endpoint.json")
+
+
+def endpoint_configure(ns: argparse.Namespace) -> None:
+    try:
+        config = EndpointConfig.load(ns.name)
+        created = False
+    except ConfigError:
+        if (endpoint_dir(ns.name) / "config.toml").exists():
+            raise
+        config = EndpointConfig(name=ns.name)
+        created = True
+    if ns.relay:
+        config.relay = ns.relay
+    if ns.max_workers is not None:
+        config.max_workers = ns.max_workers
+    if ns.prefetch is not None:
+        config.prefetch = ns.prefetch
+    path = config.save()
+    print(f"{'configured' if created else 'updated'} endpoint {config.name} ({config.endpoint_id}): {path}")
+
+
+def endpoint_start(ns: argparse.Namespace) -> None:
+    config = EndpointConfig.load(ns.name)
+    pidfile = _endpoint_pidfile(ns.name)
+    running = pidfile.read()
+    if running:
+        raise CommandError(f"endpoint {ns.name} is already running (pid {running['pid']})")
+    argv = ["-m", "fedexec.endpoint", "--name", ns.name, "--log-level", ns.log_level]
+    if not ns.daemon:
+        print(f"starting endpoint {ns.name} ({config.endpoint_id}) for relay {config.relay} "
+              "(Ctrl-C stops it)", flush=True)
+        from .endpoint.__main__ import main as endpoint_main
+
+        endpoint_main(argv[2:])
+        return
+    log_path = endpoint_dir(ns.name) / "endpoint.log"
+    proc = _spawn_daemon(argv, log_path)
+    try:
+        _wait_for(pidfile, proc, log_path, {"status": "connected"})
+    except CommandError as exc:
+        if proc.poll() is None:
+            raise CommandError(f"endpoint {ns.name} (pid {proc.pid}) started but has not reached the relay at "
+                               f"{config.relay} yet; it keeps trying. {exc}") from None
+        raise CommandError(f"endpoint {ns.name} did not start: {exc}") from None
+    print(f"endpoint {ns.name} running (pid {proc.pid}), connected to {config.relay}")
+    print(config.endpoint_id)
+
+
+def endpoint_stop(ns: argparse.Namespace) -> None:
+    EndpointConfig.load(ns.name)
+    record = _endpoint_pidfile(ns.name).read()
+    if not record:
+        print(f"endpoint {ns.name} is not running")
+        return
+    _stop_process(record, f"endpoint {ns.name}")
+    print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
+
+
+def _endpoint_names() -> list[str]:
+    root = fedexec_home() / "endpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.toml").exists())
+
+
+def endpoint_list(ns: argparse.Namespace) -> None:
+    names = _endpoint_names()
+    if not names:
+        print(f"no endpoints configured under {fedexec_home()}; try 'fedexec endpoint configure NAME'")
+        return
+    rows = [("NAME", "ENDPOINT ID", "STATE", "PID", "RELAY")]
+    for name in names:
+        try:
+            config = EndpointConfig.load(name)
+        except ConfigError as exc:
+            rows.append((name, "-", "misconfigured", "-", str(exc)))
+            continue
+        record = _endpoint_pidfile(name).read()
+        state = "stopped" if not record else ("running" if record.get("status") == "connected" else "connecting")
+        rows.append((name, config.endpoint_id, state, str(record["pid"]) if record else "-", config.relay))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+
+
+def endpoint_status(ns: argparse.Namespace) -> None:
+    config = EndpointConfig.load(ns.name)
+    record = _endpoint_pidfile(ns.name).read()
+    print(f"endpoint:  {config.name}")
+    print(f"id:        {config.endpoint_id}")
+    print(f"relay:     {config.relay}")
+    print(f"local:     {'running (pid %s)' % record['pid'] if record else 'stopped'}")
+    print(f"workers:   {config.workers()} (prefetch {config.prefetch})")
+    from .relay.query import lookup_endpoint
+
+    try:
+        view = lookup_endpoint(config.relay, config.endpoint_id, timeout=2.0)
+    except TimeoutError:
+        print("relay:     not answering")
+    else:
+        if view is None:
+            print("at relay:  unknown (never connected)")
+        else:
+            print(f"at relay:  {view['status']}, {view['queued']} queued, {view['running']} out at the endpoint")
+    if not record:
+        raise SystemExit(3)
+
+
+# -- parser ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedexec", description="Federated function execution.")
+    parser.add_argument("--version", action="version", version=f"fedexec {_version()}")
+    top = parser.add_subparsers(dest="command", required=True)
+
+    relay = top.add_parser("relay", help="run the relay that clients and endpoints connect to")
+    rsub = relay.add_subparsers(dest="action", required=True)
+    p = rsub.add_parser("start", help="start a relay (foreground unless --daemon)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_RELAY_PORT, help=f"port (default {DEFAULT_RELAY_PORT})")
+    p.add_argument("--data-dir", help="where tasks and results are kept (default $FEDEXEC_HOME/relay)")
+    p.add_argument("--daemon", action="store_true", help="run in the background")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=relay_start)
+    for action, func in (("stop", relay_stop), ("status", relay_status)):
+        p = rsub.add_parser(action, help=f"{action} the relay of a data dir")
+        p.add_argument("--data-dir")
+        p.set_defaults(func=func)
+
+    endpoint = top.add_parser("endpoint", help="configure and run endpoints")
+    esub = endpoint.add_subparsers(dest="action", required=True)
+    p = esub.add_parser("configure", help="create or update an endpoint's config")
+    p.add_argument("name")
+    p.add_argument("--relay", help="relay address, e.g. tcp://127.0.0.1:55700")
+    p.add_argument("--max-workers", type=int, help="worker processes (0 = usable cores)")
+    p.add_argument("--prefetch", type=int, help="extra tasks fetched per worker")
+    p.set_defaults(func=endpoint_configure)
+    p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")
+    p.add_argument("name")
+    p.add_argument("--daemon", action="store_true", help="run in the background")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=endpoint_start)
+    for action, func in (("stop", endpoint_stop), ("status", endpoint_status)):
+        p = esub.add_parser(action, help=f"{action} an endpoint")
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    p = esub.add_parser("list", help="configured endpoints and whether they run")
+    p.set_defaults(func=endpoint_list)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except (CommandError, ConfigError) as exc:
+        print(f"fedexec: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

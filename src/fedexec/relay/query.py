@@ -1,0 +1,33 @@
+"""One-shot questions to a relay, for the CLI and for tools that are not executors."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import zmq
+
+from .. import protocol as P
+
+
+def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The relay's view of an endpoint (``None`` if it does not know it).
+
+    Raises :class:`TimeoutError` when the relay does not answer in time.
+    """
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
+    try:
+        sock.connect(address)
+        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+        sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
+        poller_ms = int(timeout * 1000)
+        while sock.poll(poller_ms):
+            msg = P.decode(sock.recv_multipart())
+            if msg.type == P.LOOKUP_REPLY:
+                return msg.fields["endpoint"] if msg.fields.get("found") else None
+        raise TimeoutError(f"the relay at {address} did not answer within {timeout:g} s")
+    finally:
+        sock.close(linger=0)
