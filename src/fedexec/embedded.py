@@ -30,7 +30,11 @@ class EmbeddedFederation:
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        common = {"stdin": subprocess.DEVNULL, "start_new_session": True}
+        # Like ProcessPoolExecutor's children, ours see the caller's sys.path,
+        # so functions from the user's own (uninstalled) modules load there.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+        common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env}
         parent = str(os.getpid())
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,

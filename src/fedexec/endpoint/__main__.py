@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         if pidfile is not None:
             pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status="connected",
                           workers=agent.workers)
-        print(f"Endpoint {config.name} ({config.endpoint_id}) connected to relay {config.relay} "
-              f"with {agent.workers} workers", flush=True)
+        if ns.parent_pid is None:  # run by a person, not embedded in a program
+            print(f"Endpoint {config.name} ({config.endpoint_id}) connected to relay {config.relay} "
+                  f"with {agent.workers} workers", flush=True)
 
     agent.on_connected = connected
     if pidfile is not None:

@@ -64,7 +64,8 @@ class WorkerProcess:
         except Exception as exc:
             failure = P.pack_failure(
                 P.SERIALIZATION,
-                f"the endpoint could not load the task: {type(exc).__name__}: {exc}",
+                f"the endpoint could not load the task: {type(exc).__name__}: {exc}"
+                + (" (install that module on the endpoint too)" if isinstance(exc, ImportError) else ""),
                 remote=True,
             )
             return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
