@@ -193,7 +193,8 @@ class _Dispatcher(threading.Thread):
             command, value = commands.popleft()
             if command == "submit":
                 item: _WorkItem = value
-                if item.future.cancelled():
+                if item.future.cancelled():  # cancelled before it left: never runs
+                    item.future.set_running_or_notify_cancel()
                     continue
                 self.pending[item.task_id] = item
                 fn_index = -1
@@ -213,6 +214,11 @@ class _Dispatcher(threading.Thread):
                 endpoint_id, future = value
                 self.lookups.append(future)
                 self.sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
+            elif command == "cancel_all":  # shutdown(cancel_futures=True)
+                for item in list(self.pending.values()):
+                    if not item.running:
+                        item.future.cancel()
+                value.set()
             elif command == "stop":
                 self.stopping = True
         if rows:
@@ -439,15 +445,17 @@ class FederatedExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         dispatcher = self._dispatcher
-        if cancel_futures:
-            for command, value in list(dispatcher.commands):
-                if command == "submit":
-                    value.future.cancel()
-            for item in list(dispatcher.pending.values()):
-                item.future.cancel()
+        in_dispatcher = dispatcher is threading.current_thread()
+        if cancel_futures and dispatcher.is_alive():
+            # The dispatcher owns the pending set; it cancels everything that
+            # is not running, in order after every submit made before now.
+            cancelled = threading.Event()
+            dispatcher.post("cancel_all", cancelled)
+            if not in_dispatcher:
+                cancelled.wait(10.0)
         if dispatcher.is_alive():
             dispatcher.post("stop")
-            if wait and dispatcher is not threading.current_thread():
+            if wait and not in_dispatcher:
                 dispatcher.join()
         _live_executors.discard(self)
 
