@@ -70,6 +70,8 @@ class EndpointAgent:
         self.started: list[bytes] = []
         self.stopping = False
         self.connected = False
+        self._early_deaths = 0          # workers that died before saying READY, in a row
+        self._respawn_at: list[float] = []
 
     def _relay_socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -282,5 +284,17 @@ class EndpointAgent:
                     pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
             else:
                 log.warning("worker %d %s while idle", slot.pid, how)
-            if not self.stopping:
+            if slot.ready:
+                self._early_deaths = 0
+                self._respawn_at.append(time.monotonic())
+            else:  # dying at start-up: back off rather than spin (broken env, bad import)
+                self._early_deaths += 1
+                delay = min(30.0, 0.25 * 2 ** self._early_deaths)
+                log.error("worker %d %s before it was ready; next start in %.1f s", slot.pid, how, delay)
+                self._respawn_at.append(time.monotonic() + delay)
+        now = time.monotonic()
+        due = [t for t in self._respawn_at if t <= now]
+        if due and not self.stopping:
+            self._respawn_at = [t for t in self._respawn_at if t > now]
+            for _ in due:
                 self.pool.spawn()
