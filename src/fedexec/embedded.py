@@ -39,6 +39,7 @@ class EmbeddedFederation:
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
+             "--remove-on-exit", self.directory,
              "--log-level", "WARNING"], **common))
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,

@@ -15,7 +15,7 @@ import traceback
 from typing import Any, Callable
 
 import cloudpickle
-from tblib import pickling_support
+from tblib import Traceback
 
 from .errors import RemoteExecutionError, SerializationError
 
@@ -80,9 +80,10 @@ class RemoteTraceback(Exception):
 def serialize_exception(exc: BaseException) -> bytes:
     """Blob describing an exception raised by user code on a worker.
 
-    Holds the pickled exception (with its traceback, through tblib) when it
-    pickles, and always its type name, message and formatted traceback, so
-    the caller gets something meaningful even when the type is unknown there.
+    Holds the exception pickled the ordinary way (which keeps attributes such
+    as ``SystemExit.code``), its traceback as tblib data, and always its type
+    name, message and formatted traceback, so the caller gets something
+    meaningful even when the type cannot be rebuilt there.
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     info: dict[str, Any] = {
@@ -90,10 +91,12 @@ def serialize_exception(exc: BaseException) -> bytes:
         "msg": str(exc),
         "tb": text,
         "exc": None,
+        "frames": None,
     }
     try:
-        pickling_support.install(exc)
-        info["exc"] = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)
+        info["exc"] = cloudpickle.dumps(exc.with_traceback(None), protocol=PICKLE_PROTOCOL)
+        if exc.__traceback__ is not None:
+            info["frames"] = Traceback(exc.__traceback__).as_dict()
     except Exception:
         pass  # the text form above still reaches the caller
     return pickle.dumps(info, protocol=PICKLE_PROTOCOL)
@@ -110,5 +113,10 @@ def deserialize_exception(blob: Any) -> BaseException:
             exc = None
     if not isinstance(exc, BaseException):
         return RemoteExecutionError(info["type"], info["msg"], info["tb"])
+    if info.get("frames"):
+        try:
+            exc = exc.with_traceback(Traceback.from_dict(info["frames"]).as_traceback())
+        except Exception:
+            pass
     exc.__cause__ = RemoteTraceback(f'\n"""\n{info["tb"]}"""')
     return exc

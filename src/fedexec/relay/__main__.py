@@ -14,11 +14,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", required=True, help="tcp://HOST:PORT or ipc://PATH (port * = any free port)")
     parser.add_argument("--data-dir", required=True, type=Path)
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--remove-on-exit", type=Path, default=None,
+                        help="delete this directory when the relay stops (private relays)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid).serve_forever()
+    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit).serve_forever()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -37,8 +38,10 @@ HASH_BYTES = 32
 class Relay:
     """A relay bound to ``address`` keeping its record under ``data_dir``."""
 
-    def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None) -> None:
+    def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
+                 remove_on_exit: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.remove_on_exit = remove_on_exit
         self.store = RelayStore(self.data_dir)
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
@@ -109,6 +112,8 @@ class Relay:
             self.sock.close(linger=500)
             self.ctx.term()
             self.pidfile.remove()
+            if self.remove_on_exit is not None:  # a private relay leaves nothing behind
+                shutil.rmtree(self.remove_on_exit, ignore_errors=True)
 
     def _maintenance(self, now: float) -> None:
         for state in self.endpoints.connected():
@@ -116,7 +121,7 @@ class Relay:
                 log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "
                             "%d task(s) re-queued", state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
-        if self.parent_pid and not _pid_alive(self.parent_pid):
+        if self.parent_pid and os.getppid() != self.parent_pid:
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.stopping = True
 
@@ -346,12 +351,3 @@ def _task_ids(values: Any) -> list[bytes]:
         raise P.ProtocolError("task ids must be a list of bytes")
     return values
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
