@@ -19,6 +19,11 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures._base import CANCELLED as _CANCELLED
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
+from concurrent.futures._base import FINISHED as _FINISHED
+from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures._base import RUNNING as _RUNNING
 from typing import Any, Callable, Iterable, Iterator
 
 import zmq
@@ -86,12 +91,58 @@ class _FunctionCache:
         return fn_hash, body
 
 
+CANCEL_TIMEOUT = 10.0
+
+
+class TaskFuture(Future):
+    """The :class:`concurrent.futures.Future` of a task sent to an endpoint.
+
+    ``cancel()`` keeps the standard promise (True only if the call will not
+    run) for a task that has already left this process: it asks the relay
+    and endpoint to drop the task and returns True once they confirm it, or
+    False when the task turns out to be running or done (or no answer comes
+    within ``CANCEL_TIMEOUT`` seconds). ``task_id`` is the task's durable id.
+    """
+
+    def __init__(self, dispatcher: "_Dispatcher", task_id: bytes) -> None:
+        super().__init__()
+        self._dispatcher = dispatcher
+        self._task_bytes = task_id
+        self._sent = False
+        self._cancel_answer: threading.Event | None = None  # set when the endpoint has answered
+        self.task_id = str(uuid.UUID(bytes=task_id))
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (_RUNNING, _FINISHED):
+                return False
+            if self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED):
+                return True
+            if not self._sent:  # still here: the dispatcher will skip it
+                return super().cancel()
+            dispatcher = self._dispatcher
+            if dispatcher is threading.current_thread() or not dispatcher.is_alive():
+                return False  # cannot wait for the endpoint's answer here
+            if self._cancel_answer is None:
+                self._cancel_answer = threading.Event()
+            answer = self._cancel_answer
+        dispatcher.post("cancel", self._task_bytes)
+        answer.wait(CANCEL_TIMEOUT)
+        with self._condition:
+            return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+
+    def _answered(self) -> None:
+        """The relay/endpoint said what became of the task (dispatcher thread)."""
+        if self._cancel_answer is not None:
+            self._cancel_answer.set()
+
+
 class _WorkItem:
     """One submitted task on its way: the future and what travels for it."""
 
     __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running")
 
-    def __init__(self, future: Future, task_id: bytes, fn_hash: bytes, fn_body: bytes,
+    def __init__(self, future: TaskFuture, task_id: bytes, fn_hash: bytes, fn_body: bytes,
                  payload: bytes, kind: int) -> None:
         self.future = future
         self.task_id = task_id
@@ -131,6 +182,7 @@ class _Dispatcher(threading.Thread):
         self.registered: set[bytes] = set()
         self.lookups: deque[Future] = deque()
         self.stopping = False
+        self.cancel_unsent = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
@@ -193,8 +245,14 @@ class _Dispatcher(threading.Thread):
             command, value = commands.popleft()
             if command == "submit":
                 item: _WorkItem = value
-                if item.future.cancelled():  # cancelled before it left: never runs
-                    item.future.set_running_or_notify_cancel()
+                future = item.future
+                with future._condition:
+                    if self.cancel_unsent and future._state == _PENDING:
+                        Future.cancel(future)  # shutdown(cancel_futures=True)
+                    leaving = future._state == _PENDING
+                    future._sent = leaving
+                if not leaving:  # cancelled before it left: it never runs
+                    future.set_running_or_notify_cancel()
                     continue
                 self.pending[item.task_id] = item
                 fn_index = -1
@@ -208,16 +266,15 @@ class _Dispatcher(threading.Thread):
                     self._send_batch(rows, blobs)
                     rows, blobs = [], []
             elif command == "cancel":
-                if value in self.pending:
+                item = self.pending.get(value)
+                if item is not None and not item.running:
                     cancels.append(value)
             elif command == "lookup":
                 endpoint_id, future = value
                 self.lookups.append(future)
                 self.sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
             elif command == "cancel_all":  # shutdown(cancel_futures=True)
-                for item in list(self.pending.values()):
-                    if not item.running:
-                        item.future.cancel()
+                cancels.extend(tid for tid, item in self.pending.items() if not item.running)
                 value.set()
             elif command == "stop":
                 self.stopping = True
@@ -248,12 +305,15 @@ class _Dispatcher(threading.Thread):
                     item = self.pending.pop(task_id, None)
                     if item is not None:
                         self._complete(item, status, msg.blobs[index])
+                        item.future._answered()
             elif msg.type == P.STARTED:
                 for task_id in msg.fields["tids"]:
                     item = self.pending.get(task_id)
                     if item is not None and not item.running:
                         item.running = True
-                        item.future.set_running_or_notify_cancel()
+                        future = item.future
+                        future.set_running_or_notify_cancel()
+                        future._answered()
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
                     self.lookups.popleft().set_result(msg.fields)
@@ -264,11 +324,11 @@ class _Dispatcher(threading.Thread):
 
     def _complete(self, item: _WorkItem, status: int, blob: Any) -> None:
         future = item.future
-        if status == P.CANCELLED:
-            if not future.cancel() and not future.done():
-                future.set_exception(CancelledError("the task was cancelled on the relay or endpoint"))
-            if not item.running:
+        if status == P.CANCELLED:  # the relay or endpoint dropped it, as asked
+            if Future.cancel(future):
                 future.set_running_or_notify_cancel()
+            elif not future.done():
+                future.set_exception(CancelledError("the task was cancelled on the relay or endpoint"))
             return
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
@@ -388,24 +448,16 @@ class FederatedExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        future: Future = Future()
         task_id = uuid.uuid4().bytes
-        future.task_id = str(uuid.UUID(bytes=task_id))  # type: ignore[attr-defined]
+        future = TaskFuture(self._dispatcher, task_id)
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
         except SerializationError as exc:
             future.set_exception(exc)
             return future
-        item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
-        future.add_done_callback(self._on_done)
-        self._dispatcher.post("submit", item)
+        self._dispatcher.post("submit", _WorkItem(future, task_id, fn_hash, fn_body, payload, kind))
         return future
-
-    def _on_done(self, future: Future) -> None:
-        if future.cancelled():
-            task_id = uuid.UUID(future.task_id).bytes  # type: ignore[attr-defined]
-            self._dispatcher.post("cancel", task_id)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -449,6 +501,7 @@ class FederatedExecutor(Executor):
         if cancel_futures and dispatcher.is_alive():
             # The dispatcher owns the pending set; it cancels everything that
             # is not running, in order after every submit made before now.
+            dispatcher.cancel_unsent = True
             cancelled = threading.Event()
             dispatcher.post("cancel_all", cancelled)
             if not in_dispatcher:

@@ -94,7 +94,7 @@ def serialize_exception(exc: BaseException) -> bytes:
         "frames": None,
     }
     try:
-        info["exc"] = cloudpickle.dumps(exc.with_traceback(None), protocol=PICKLE_PROTOCOL)
+        info["exc"] = cloudpickle.dumps(exc, protocol=PICKLE_PROTOCOL)  # the traceback is not pickled
         if exc.__traceback__ is not None:
             info["frames"] = Traceback(exc.__traceback__).as_dict()
     except Exception:

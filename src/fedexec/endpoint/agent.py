@@ -177,6 +177,9 @@ class EndpointAgent:
             raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
 
     def _cancel(self, task_ids: set[bytes]) -> None:
+        """Drop the queued ones; for those already running, say so again
+        (the client's cancel() waits for one answer or the other)."""
+        self.started.extend(t for t in task_ids if t in self.running)
         kept: deque[QueuedTask] = deque()
         for task in self.queue:
             if task.row[0] in task_ids:

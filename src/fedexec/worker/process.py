@@ -30,6 +30,7 @@ class WorkerProcess:
         self.address = address
         self.worker_id = worker_id
         self.functions: dict[bytes, Callable[..., Any]] = {}
+        self.unloadable: dict[bytes, str] = {}   # hash -> why the function did not load
         self.parent_pid = os.getppid()
 
     def run(self) -> None:
@@ -58,17 +59,17 @@ class WorkerProcess:
         try:
             fn = self.functions.get(fn_hash)
             if fn is None:
-                fn = deserialize(P.blob_at(msg.blobs, fn_index))
+                if fn_hash in self.unloadable:  # the endpoint sends a body once per worker
+                    return self._load_failure(task_id, self.unloadable[fn_hash])
+                try:
+                    fn = deserialize(P.blob_at(msg.blobs, fn_index))
+                except Exception as exc:
+                    self.unloadable[fn_hash] = _why(exc)
+                    raise
                 self.functions[fn_hash] = fn
             payload = deserialize(P.blob_at(msg.blobs, args_index))
         except Exception as exc:
-            failure = P.pack_failure(
-                P.SERIALIZATION,
-                f"the endpoint could not load the task: {type(exc).__name__}: {exc}"
-                + (" (install that module on the endpoint too)" if isinstance(exc, ImportError) else ""),
-                remote=True,
-            )
-            return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
+            return self._load_failure(task_id, _why(exc))
         try:
             if kind == P.TASK_CHUNK:
                 value: Any = [fn(*a) for a in payload]
@@ -87,6 +88,17 @@ class WorkerProcess:
             )
             return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
         return P.encode(P.RESULT, {"row": [task_id, P.OK, 0]}, [blob])
+
+
+    @staticmethod
+    def _load_failure(task_id: bytes, why: str) -> list[Any]:
+        failure = P.pack_failure(P.SERIALIZATION, f"the endpoint could not load the task: {why}", remote=True)
+        return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
+
+
+def _why(exc: BaseException) -> str:
+    hint = " (install that module on the endpoint too)" if isinstance(exc, ImportError) else ""
+    return f"{type(exc).__name__}: {exc}{hint}"
 
 
 def main(argv: list[str] | None = None) -> None:
