@@ -1,0 +1,93 @@
+"""The wire protocol at the relay's edge: versioned msgpack envelopes; anything
+else is refused with an error reply and the relay keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from fedexec import protocol as P
+from fedexec.relay.query import lookup_endpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def relay(tmp_path):
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "fedexec.relay", "--address", address,
+                             "--data-dir", str(tmp_path / "relay"), "--log-level", "WARNING"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                lookup_endpoint(address, "00000000-0000-0000-0000-000000000000", timeout=0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "relay did not come up"
+        yield address, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_roundtrip_and_version_check():
+    frames = P.encode(P.SUBMIT, {"ep": "x", "tasks": []}, [b"blob"])
+    msg = P.decode(frames)
+    assert (msg.type, msg.fields, msg.blobs) == (P.SUBMIT, {"ep": "x", "tasks": []}, [b"blob"])
+    wrong = msgpack.packb({"v": P.PROTOCOL_VERSION + 1, "t": P.SUBMIT})
+    with pytest.raises(P.ProtocolError, match="protocol version"):
+        P.decode([wrong])
+    for bad in ([], [b"\xc1"], [msgpack.packb([1, 2])], [msgpack.packb({"v": P.PROTOCOL_VERSION})]):
+        with pytest.raises(P.ProtocolError):
+            P.decode(bad)
+
+
+BAD_MESSAGES = [
+    [b""],
+    [b"\xc1garbage"],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION + 7, "t": P.HELLO, "role": "client"})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": "no-such-type"})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.SUBMIT})],                                   # no fields
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.SUBMIT, "ep": "e", "tasks": [[1, 2]]})],      # short row
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.SUBMIT, "ep": "e",
+                    "tasks": [[b"x" * 16, b"h" * 32, 5, 9, 0, "3.11"]]})],                          # bad blob index
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.CREDIT, "n": 5})],                           # not an endpoint
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.CANCEL, "tids": "nope"})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.RESULTS, "rows": [[b"t", 0, 0]]})],          # not an endpoint
+]
+
+
+@pytest.mark.timeout(60)
+def test_relay_refuses_malformed_messages_and_keeps_serving(relay):
+    address, proc = relay
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        for frames in BAD_MESSAGES:
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no reply to {frames!r}"
+            reply = P.decode(sock.recv_multipart())
+            assert reply.type == P.ERROR and reply.fields["msg"], frames
+        assert proc.poll() is None
+        # and it still answers a well-formed question
+        assert lookup_endpoint(address, "00000000-0000-0000-0000-000000000000", timeout=5) is None
+    finally:
+        sock.close()
