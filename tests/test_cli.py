@@ -125,3 +125,15 @@ def test_cli_errors_are_clear(fedexec_home):
 def test_relay_refuses_a_second_instance(relay):
     second = fedexec("relay", "start", "--daemon", "--port", str(free_port()), check=False)
     assert second.returncode == 1 and "already running" in second.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bad_config_values_are_named(fedexec_home):
+    fedexec("endpoint", "configure", "good")
+    fedexec("endpoint", "configure", "typo")
+    path = fedexec_home / "endpoints" / "typo" / "config.toml"
+    path.write_text(path.read_text().replace("max_workers = 0", 'max_workers = "4"'))
+    bad = fedexec("endpoint", "start", "typo", check=False)
+    assert bad.returncode == 1 and "max_workers must be an int" in bad.stderr and "Traceback" not in bad.stderr
+    listing = fedexec("endpoint", "list").stdout
+    assert "misconfigured" in listing and "good" in listing

@@ -462,3 +462,42 @@ def test_endpoint_on_other_python_raises_version_mismatch(other_python, tmp_path
             assert endpoint.poll() is None, f"the endpoint died:\n{tail(log)}"
         finally:
             stop_process(endpoint)
+
+
+class _StrFails(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def _raise_str_fails():
+    raise _StrFails("boom")
+
+
+@pytest.mark.timeout(60)
+def test_exception_whose_str_fails_comes_back_as_itself(executor):
+    fut = executor.submit(_raise_str_fails)
+    exc = fut.exception(timeout=30)
+    assert type(exc).__name__ == "_StrFails" and not isinstance(exc, WorkerLost)
+    assert executor.submit(square, 4).result(timeout=30) == 16
+
+
+def _exit_three():
+    sys.exit(3)
+
+
+@pytest.mark.timeout(60)
+def test_done_callback_raising_systemexit_does_not_break_the_executor(executor):
+    """result() of a task that called sys.exit raises SystemExit; a callback
+    doing that runs on fedexec's thread, which must survive it."""
+    seen = []
+
+    def callback(f):
+        seen.append(True)
+        f.result()  # raises SystemExit(3)
+
+    fut = executor.submit(_exit_three)
+    fut.add_done_callback(callback)
+    with pytest.raises(SystemExit):
+        fut.result(timeout=30)
+    assert seen == [True]
+    assert [f.result(timeout=30) for f in [executor.submit(square, i) for i in range(10)]] == [i * i for i in range(10)]

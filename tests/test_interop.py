@@ -300,3 +300,24 @@ def test_sigkilled_program_leaves_no_files(tmp_path):
                 psutil.Process(pid).kill()
             except psutil.Error:
                 pass
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_wait_still_finishes_at_interpreter_exit(tmp_path):
+    """As with the standard executors: the program does not exit until the
+    futures submitted before shutdown(wait=False) are done."""
+    marker = tmp_path / "callback-ran"
+    script = tmp_path / "nowait.py"
+    script.write_text(
+        "import time\n"
+        "from fedexec import FederatedExecutor\n"
+        "ex = FederatedExecutor(max_workers=1)\n"
+        "f = ex.submit(time.sleep, 1.0)\n"
+        f"f.add_done_callback(lambda f: open({str(marker)!r}, 'w').write('done'))\n"
+        "ex.shutdown(wait=False)\n"
+        "print('returned', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "returned" in out.stdout
+    assert marker.read_text() == "done"

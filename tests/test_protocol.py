@@ -70,7 +70,46 @@ BAD_MESSAGES = [
     [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.CREDIT, "n": 5})],                           # not an endpoint
     [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.CANCEL, "tids": "nope"})],
     [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.RESULTS, "rows": [[b"t", 0, 0]]})],          # not an endpoint
+    # valid msgpack, absurd values: must be refused before they reach state or SQLite
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.HELLO, "role": "endpoint", "id": "not-a-uuid",
+                    "name": "x", "py": "3.11", "workers": 2, "capacity": 2})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.HELLO, "role": "endpoint",
+                    "id": "00000000-0000-0000-0000-000000000001", "name": "x", "py": "3.11",
+                    "workers": float("inf"), "capacity": 2})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.HELLO, "role": "nobody"})],
+    [msgpack.packb({"v": P.PROTOCOL_VERSION, "t": P.LOOKUP, "ep": {"a": 1}})],
 ]
+
+
+@pytest.mark.timeout(60)
+def test_relay_refuses_absurd_values_from_an_endpoint(relay):
+    """An endpoint-shaped connection sending out-of-range numbers is refused
+    and the relay keeps its record consistent (flushes still succeed)."""
+    import uuid
+
+    address, proc = relay
+    endpoint_id = str(uuid.uuid4())
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, P.endpoint_routing_id(endpoint_id))
+    sock.connect(address)
+    hello = {"role": "endpoint", "id": endpoint_id, "name": "e", "py": P.PYTHON_VERSION, "capacity": 1}
+    try:
+        for fields in ({**hello, "workers": 2 ** 63}, {**hello, "workers": 1, "hb": float("nan")}):
+            sock.send_multipart(P.encode(P.HELLO, fields))
+            assert sock.poll(5000) and P.decode(sock.recv_multipart()).type == P.ERROR
+        assert lookup_endpoint(address, endpoint_id, timeout=5) is None  # nothing was registered
+        sock.send_multipart(P.encode(P.HELLO, {**hello, "workers": 1}))
+        assert sock.poll(5000) and P.decode(sock.recv_multipart()).type == P.WELCOME
+        for bad in ({"n": float("inf")}, {"n": -1}, {"n": 2 ** 40}):
+            sock.send_multipart(P.encode(P.CREDIT, bad))
+            assert sock.poll(5000) and P.decode(sock.recv_multipart()).type == P.ERROR
+        sock.send_multipart(P.encode(P.RESULTS, {"rows": [[b"t" * 16, {"x": 1}, 0]], "credit": 1}, [b""]))
+        assert sock.poll(5000) and P.decode(sock.recv_multipart()).type == P.ERROR
+        assert proc.poll() is None
+        assert lookup_endpoint(address, endpoint_id, timeout=5)["status"] == "connected"
+    finally:
+        sock.close()
 
 
 @pytest.mark.timeout(60)

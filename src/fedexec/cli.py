@@ -72,7 +72,8 @@ def relay_start(ns: argparse.Namespace) -> None:
     running = pidfile.read()
     if running:
         raise CommandError(f"a relay is already running at {running['address']} (pid {running['pid']})")
-    address = f"tcp://{ns.host}:{ns.port}"
+    host = f"[{ns.host}]" if ":" in ns.host and not ns.host.startswith("[") else ns.host
+    address = f"tcp://{host}:{ns.port}"
     argv = ["-m", "fedexec.relay", "--address", address, "--data-dir", str(data_dir), "--log-level", ns.log_level]
     if not ns.daemon:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
@@ -192,7 +193,7 @@ def endpoint_list(ns: argparse.Namespace) -> None:
     for name in names:
         try:
             config = EndpointConfig.load(name)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             rows.append((name, "-", "misconfigured", "-", str(exc)))
             continue
         record = _endpoint_pidfile(name).read()

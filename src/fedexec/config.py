@@ -75,6 +75,13 @@ class EndpointConfig:
 
     def validate(self) -> None:
         check_endpoint_name(self.name)
+        for key, kind in (("endpoint_id", str), ("relay", str), ("max_workers", int), ("prefetch", int),
+                          ("heartbeat_period", (int, float))):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                want = kind.__name__ if isinstance(kind, type) else "number"
+                article = "an" if want[0] in "aeiou" else "a"
+                raise ConfigError(f"{key} must be {article} {want}, not {value!r}")
         try:
             uuid.UUID(self.endpoint_id)
         except ValueError:

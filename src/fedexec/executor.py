@@ -18,7 +18,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
 from concurrent.futures._base import FINISHED as _FINISHED
@@ -73,21 +73,35 @@ except AttributeError:  # pragma: no cover
 
 class _FunctionCache:
     """Content hash and pickled body per function object, so a function used
-    for many tasks is pickled once. Keyed by identity: a function object is
-    assumed not to change after its first submission."""
+    for many tasks is pickled once. Held weakly, so a function (and whatever
+    it captured) is freed with its last user reference; callables that cannot
+    be weakly referenced (builtins) are kept in a small bounded table.
 
-    def __init__(self, limit: int = 4096) -> None:
-        self._entries: dict[int, tuple[Any, bytes, bytes]] = {}
+    A function object is assumed not to change after its first submission.
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self._weak: "weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]]" = weakref.WeakKeyDictionary()
+        self._strong: dict[int, tuple[Any, bytes, bytes]] = {}
         self._limit = limit
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
-        entry = self._entries.get(id(fn))
-        if entry is not None and entry[0] is fn:
-            return entry[1], entry[2]
+        try:
+            entry = self._weak.get(fn)
+            weak = True
+        except TypeError:  # not weakly referenceable, or unhashable
+            strong = self._strong.get(id(fn))
+            entry = strong[1:] if strong is not None and strong[0] is fn else None
+            weak = False
+        if entry is not None:
+            return entry
         fn_hash, body = serialize_function(fn)
-        if len(self._entries) >= self._limit:
-            self._entries.clear()
-        self._entries[id(fn)] = (fn, fn_hash, body)
+        if weak:
+            self._weak[fn] = (fn_hash, body)
+        else:
+            if len(self._strong) >= self._limit:
+                self._strong.clear()
+            self._strong[id(fn)] = (fn, fn_hash, body)
         return fn_hash, body
 
 
@@ -186,19 +200,27 @@ class _Dispatcher(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
+        self._post_lock = threading.Lock()
+        self.closed = False
+        self.failure: str | None = None
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None) -> None:
-        self.commands.append((command, value))
-        if not self._wake_pending:
-            self._wake_pending = True
-            os.write(self._wake_w, b"x")
+        """Hand a command to the thread; RuntimeError once it has stopped."""
+        with self._post_lock:
+            if self.closed:
+                raise RuntimeError(self.failure or "cannot schedule new futures after shutdown")
+            self.commands.append((command, value))
+            if not self._wake_pending:
+                self._wake_pending = True
+                os.write(self._wake_w, b"x")
 
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"C" + self.client_id)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -217,18 +239,38 @@ class _Dispatcher(threading.Thread):
                     self._read_results()
                 if self.stopping and not self.pending and not self.commands:
                     break
-        except Exception:  # keep futures from hanging forever on a bug or a dead context
+        except BaseException as exc:  # a bug or a dead context: fail futures rather than hang them
             log.exception("fedexec dispatcher failed")
-            for item in self.pending.values():
-                if not item.future.done():
-                    item.future.set_exception(RuntimeError("the fedexec dispatcher thread failed; see the log"))
+            self.failure = f"the fedexec dispatcher thread failed ({type(exc).__name__}: {exc}); see the log"
         finally:
+            with self._post_lock:
+                self.closed = True
+            self._fail_leftovers()
             sock.close(linger=0)
             ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self.services is not None:
                 self.services.stop()
+
+    def _fail_leftovers(self) -> None:
+        """No future may be left pending once this thread is gone."""
+        error = BrokenExecutor(self.failure or "the executor stopped before this task finished")
+        leftovers = [item for _, item in self.commands if isinstance(item, _WorkItem)]
+        leftovers += self.pending.values()
+        for item in leftovers:
+            future = item.future
+            try:
+                if item.running or future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            except (RuntimeError, InvalidStateError):
+                pass  # finished or cancelled meanwhile
+            future._answered()
+        for future in self.lookups:
+            if not future.done():
+                future.set_exception(error)
+        self.commands.clear()
+        self.pending.clear()
 
     def _run_commands(self) -> None:
         try:
@@ -262,6 +304,7 @@ class _Dispatcher(threading.Thread):
                     blobs.append(item.fn_body)
                 rows.append([item.task_id, item.fn_hash, len(blobs), fn_index, item.kind, P.PYTHON_VERSION])
                 blobs.append(item.payload)
+                item.payload = item.fn_body = b""  # the relay has them now; do not hold big arguments
                 if len(rows) >= self.batch_size:
                     self._send_batch(rows, blobs)
                     rows, blobs = [], []
@@ -304,7 +347,10 @@ class _Dispatcher(threading.Thread):
                     acks.append(task_id)
                     item = self.pending.pop(task_id, None)
                     if item is not None:
-                        self._complete(item, status, msg.blobs[index])
+                        try:
+                            self._complete(item, status, msg.blobs[index])
+                        except BaseException:  # e.g. SystemExit from a user's done-callback
+                            log.exception("a callback of task %s raised", item.future.task_id)
                         item.future._answered()
             elif msg.type == P.STARTED:
                 for task_id in msg.fields["tids"]:
@@ -441,11 +487,7 @@ class FederatedExecutor(Executor):
         return self._submit(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, kwargs))
 
     def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
-        with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _global_shutdown:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         task_id = uuid.uuid4().bytes
@@ -456,8 +498,18 @@ class FederatedExecutor(Executor):
         except SerializationError as exc:
             future.set_exception(exc)
             return future
-        self._dispatcher.post("submit", _WorkItem(future, task_id, fn_hash, fn_body, payload, kind))
+        with self._shutdown_lock:  # so no task slips in after shutdown() posted "stop"
+            self._check_open()
+            self._dispatcher.post("submit", _WorkItem(future, task_id, fn_hash, fn_body, payload, kind))
         return future
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._dispatcher.closed:
+            raise BrokenExecutor(self._dispatcher.failure or "the executor's dispatcher has stopped")
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
@@ -494,23 +546,27 @@ class FederatedExecutor(Executor):
         """Stop accepting tasks; optionally cancel those not yet running; with
         ``wait``, return once every remaining future is done and embedded
         services are stopped."""
-        with self._shutdown_lock:
-            self._shutdown = True
         dispatcher = self._dispatcher
         in_dispatcher = dispatcher is threading.current_thread()
-        if cancel_futures and dispatcher.is_alive():
-            # The dispatcher owns the pending set; it cancels everything that
-            # is not running, in order after every submit made before now.
-            dispatcher.cancel_unsent = True
-            cancelled = threading.Event()
-            dispatcher.post("cancel_all", cancelled)
-            if not in_dispatcher:
-                cancelled.wait(10.0)
-        if dispatcher.is_alive():
-            dispatcher.post("stop")
-            if wait and not in_dispatcher:
-                dispatcher.join()
-        _live_executors.discard(self)
+        cancelled = threading.Event()
+        with self._shutdown_lock:
+            self._shutdown = True
+            try:
+                if cancel_futures:
+                    # The dispatcher owns the pending set: it cancels every task
+                    # not running, after every submit made before now.
+                    dispatcher.cancel_unsent = True
+                    dispatcher.post("cancel_all", cancelled)
+                dispatcher.post("stop")
+            except RuntimeError:
+                cancelled.set()  # it has stopped already; nothing is pending
+        if cancel_futures and not in_dispatcher:
+            cancelled.wait(10.0)
+        if wait and not in_dispatcher:
+            dispatcher.join()
+            _live_executors.discard(self)
+        # without wait, interpreter exit still waits for the remaining tasks,
+        # as with the standard executors
 
 
 def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -122,6 +122,62 @@ def unpack_failure(blob: Any) -> dict[str, Any]:
     return data
 
 
+def endpoint_routing_id(endpoint_id: str) -> bytes:
+    """The ZeroMQ identity an endpoint connects to its relay with."""
+    import uuid
+
+    return b"E" + uuid.UUID(endpoint_id).bytes
+
+
+MAX_COUNT = 1 << 31
+
+
+def count(value: Any, name: str) -> int:
+    """A non-negative integer field (credits, worker counts), checked at the edge."""
+    if type(value) is not int or not 0 <= value < MAX_COUNT:
+        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_COUNT - 1}, not {value!r}")
+    return value
+
+
+def text(value: Any, name: str, limit: int = 256) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"{name} must be a string of at most {limit} characters")
+    return value
+
+
+def task_ids(values: Any) -> list[bytes]:
+    if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
+        raise ProtocolError("task ids must be a list of bytes")
+    return values
+
+
+def result_row(row: Any) -> tuple[bytes, int, int]:
+    """``(task_id, status, blob_index)`` of a result row, checked."""
+    if not isinstance(row, list) or len(row) != 3:
+        raise ProtocolError("a result row has 3 fields")
+    task_id, status, index = row
+    if not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED) or type(index) is not int:
+        raise ProtocolError(f"malformed result row {row!r}")
+    return task_id, status, index
+
+
+def task_row(row: Any) -> list[Any]:
+    """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python]``, checked."""
+    if not isinstance(row, list) or len(row) != 6:
+        raise ProtocolError("a task row has 6 fields")
+    task_id, fn_hash, args_index, fn_index, kind, python = row
+    if not (isinstance(task_id, bytes) and len(task_id) == 16):
+        raise ProtocolError("task id must be 16 bytes")
+    if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):
+        raise ProtocolError("function hash must be 32 bytes")
+    if type(args_index) is not int or type(fn_index) is not int:
+        raise ProtocolError("blob indexes must be integers")
+    if kind not in (TASK_CALL, TASK_CHUNK):
+        raise ProtocolError(f"unknown task kind {kind!r}")
+    text(python, "python version", 16)
+    return row
+
+
 def blob_at(blobs: Sequence[Any], index: Any) -> Any:
     """The blob a row refers to, with a ProtocolError for a bad index."""
     if not isinstance(index, int) or not 0 <= index < len(blobs):

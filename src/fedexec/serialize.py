@@ -86,9 +86,13 @@ def serialize_exception(exc: BaseException) -> bytes:
     meaningful even when the type cannot be rebuilt there.
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:  # as the traceback module does, rather than lose the worker
+        message = "<exception str() failed>"
     info: dict[str, Any] = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "msg": str(exc),
+        "msg": message,
         "tb": text,
         "exc": None,
         "frames": None,

@@ -76,6 +76,7 @@ class EndpointAgent:
     def _relay_socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"E" + uuid.UUID(self.config.endpoint_id).bytes)
+        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -121,7 +122,8 @@ class EndpointAgent:
         self.relay.send_multipart(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers,
-            "capacity": max(0, self.capacity - len(self.queue) - len(self.running)),
+            # results not yet flushed return their credit when they are sent
+            "capacity": max(0, self.capacity - len(self.queue) - len(self.running) - len(self.out_rows)),
             "hb": self.config.heartbeat_period,
         }))
 
@@ -148,20 +150,28 @@ class EndpointAgent:
             try:
                 msg = P.decode(frames)
                 self._on_relay_message(msg)
-            except (P.ProtocolError, KeyError, TypeError, ValueError) as exc:
-                log.warning("ignored a malformed message from the relay: %s", exc)
+            except Exception as exc:  # never let one message stop the endpoint
+                log.warning("ignored a malformed message from the relay: %s: %s", type(exc).__name__, exc)
 
     def _on_relay_message(self, msg: P.Message) -> None:
         t = msg.type
         if t == P.TASKS:
             blobs = msg.blobs
-            for row in msg.fields["tasks"]:
+            rows = msg.fields["tasks"]
+            if not isinstance(rows, list):
+                raise P.ProtocolError("tasks must be a list")
+            for row in rows:
+                P.task_row(row)
+                P.blob_at(blobs, row[2])
+                if row[3] >= 0:
+                    P.blob_at(blobs, row[3])
+            for row in rows:
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
                 if fn_index >= 0:
-                    self.functions[fn_hash] = P.blob_at(blobs, fn_index)
-                self.queue.append(QueuedTask(row, P.blob_at(blobs, args_index), None))
+                    self.functions[fn_hash] = blobs[fn_index]
+                self.queue.append(QueuedTask(row, blobs[args_index], None))
         elif t == P.CANCEL:
-            self._cancel(set(msg.fields["tids"]))
+            self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.HEARTBEAT:
             if msg.fields.get("unknown"):
                 log.warning("the relay no longer knows this endpoint; introducing it again")
@@ -219,18 +229,21 @@ class EndpointAgent:
                 continue  # a worker we already gave up on
             try:
                 msg = P.decode(frames[1:])
-            except P.ProtocolError as exc:
-                log.warning("ignored a malformed message from worker %d: %s", slot.pid, exc)
-                continue
-            if msg.type == P.READY:
-                slot.ready = True
-                self.idle.append(worker_id)
-            elif msg.type == P.RESULT:
-                task_id, status, index = msg.fields["row"]
-                self.running.pop(task_id, None)
-                slot.task = None
-                self.idle.append(worker_id)
-                self._result(task_id, status, P.blob_at(msg.blobs, index))
+                if msg.type == P.READY:
+                    if not slot.ready:
+                        slot.ready = True
+                        self.idle.append(worker_id)
+                elif msg.type == P.RESULT:
+                    task_id, status, index = P.result_row(msg.fields["row"])
+                    blob = P.blob_at(msg.blobs, index)
+                    if slot.task is None or slot.task[0] != task_id:
+                        raise P.ProtocolError("result for a task this worker was not running")
+                    self.running.pop(task_id, None)
+                    slot.task = None
+                    self.idle.append(worker_id)
+                    self._result(task_id, status, blob)
+            except Exception as exc:
+                log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
 
     def _assign(self) -> None:
         while self.idle and self.queue:

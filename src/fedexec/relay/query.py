@@ -18,6 +18,7 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0) -> dic
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
     try:
         sock.connect(address)

@@ -31,8 +31,6 @@ log = logging.getLogger("fedexec.relay")
 
 MAX_MESSAGES_PER_TURN = 2000
 MAINTENANCE_INTERVAL = 0.5
-TASK_ID_BYTES = 16
-HASH_BYTES = 32
 
 
 class Relay:
@@ -47,6 +45,7 @@ class Relay:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -137,9 +136,9 @@ class Relay:
             try:
                 msg = P.decode(frames[1:])
                 self._handle(sender, msg)
-            except (P.ProtocolError, KeyError, TypeError, ValueError, IndexError) as exc:
-                log.warning("rejected a malformed message from %r: %s", sender, exc)
-                self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {exc}"}))
+            except Exception as exc:  # one bad message must not stop the relay for everyone
+                log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
+                self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
 
     def _handle(self, sender: bytes, msg: P.Message) -> None:
         t = msg.type
@@ -151,7 +150,7 @@ class Relay:
             self._on_started(sender, msg)
         elif t == P.CREDIT:
             state = self._endpoint_of(sender)
-            state.credit += int(msg.fields["n"])
+            state.credit += P.count(msg.fields["n"], "credit")
         elif t == P.HEARTBEAT:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
@@ -162,11 +161,11 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, msg)
         elif t == P.ACK:
-            self.store.acknowledge(_task_ids(msg.fields["tids"]))
+            self.store.acknowledge(P.task_ids(msg.fields["tids"]))
         elif t == P.HELLO:
             self._on_hello(sender, msg)
         elif t == P.LOOKUP:
-            state = self.endpoints.get(str(msg.fields["ep"]))
+            state = self.endpoints.get(P.text(msg.fields["ep"], "endpoint id"))
             reply = state.describe() if state else {}
             self._send(sender, P.encode(P.LOOKUP_REPLY, {"found": state is not None, "endpoint": reply}))
         elif t == P.BYE:
@@ -188,16 +187,24 @@ class Relay:
         f = msg.fields
         role = f["role"]
         if role == "endpoint":
-            endpoint_id = str(f["id"])
+            # check everything before touching state: a bad HELLO must not
+            # knock a live endpoint off
+            endpoint_id = P.text(f["id"], "endpoint id")
+            if sender != P.endpoint_routing_id(endpoint_id):
+                raise P.ProtocolError("endpoint connection identity does not match its id")
+            name, python = P.text(f["name"], "name"), P.text(f["py"], "python version", 16)
+            workers, capacity = P.count(f["workers"], "workers"), P.count(f["capacity"], "capacity")
+            heartbeat = f.get("hb", 2.0)
+            if not isinstance(heartbeat, (int, float)) or not 0.01 <= heartbeat <= 3600:
+                raise P.ProtocolError(f"heartbeat period {heartbeat!r} out of range")
             state = self.endpoints.get(endpoint_id)
             if state is None:
-                state = EndpointState(endpoint_id, str(f["name"]), str(f["py"]))
+                state = EndpointState(endpoint_id, name, python)
                 self.endpoints.add(state)
             self.endpoints.connect(state, sender)
-            state.name, state.python = str(f["name"]), str(f["py"])
-            state.workers = int(f["workers"])
-            state.heartbeat_period = float(f.get("hb", 2.0))
-            state.credit = int(f["capacity"])
+            state.name, state.python, state.workers = name, python, workers
+            state.heartbeat_period = float(heartbeat)
+            state.credit = capacity
             self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting",
                      state.name, endpoint_id, state.python, state.workers, len(state.queue))
@@ -208,17 +215,18 @@ class Relay:
             raise P.ProtocolError(f"unknown role {role!r}")
 
     def _on_submit(self, sender: bytes, msg: P.Message) -> None:
-        endpoint_id = str(msg.fields["ep"])
+        endpoint_id = P.text(msg.fields["ep"], "endpoint id")
         state = self.endpoints.get(endpoint_id)
         blobs = msg.blobs
-        for row in msg.fields["tasks"]:
-            task_id, fn_hash, args_index, fn_index, kind, python = row
-            if not (isinstance(task_id, bytes) and len(task_id) == TASK_ID_BYTES):
-                raise P.ProtocolError("task id must be 16 bytes")
-            if not (isinstance(fn_hash, bytes) and len(fn_hash) == HASH_BYTES):
-                raise P.ProtocolError("function hash must be 32 bytes")
-            if kind not in (P.TASK_CALL, P.TASK_CHUNK):
-                raise P.ProtocolError(f"unknown task kind {kind!r}")
+        rows = msg.fields["tasks"]
+        if not isinstance(rows, list):
+            raise P.ProtocolError("tasks must be a list")
+        for row in rows:  # all rows are checked before any is accepted
+            P.task_row(row)
+            P.blob_at(blobs, row[2])
+            if row[3] >= 0:
+                P.blob_at(blobs, row[3])
+        for task_id, fn_hash, args_index, fn_index, kind, python in rows:
             if fn_index >= 0 and fn_hash not in self.functions:
                 body = P.blob_at(blobs, fn_index).bytes
                 if content_hash(body) != fn_hash:
@@ -236,12 +244,9 @@ class Relay:
                              f"client runs Python {python} but endpoint {state.name!r} runs Python "
                              f"{state.python}; pickled functions need the same minor version")
                 continue
-            if fn_hash not in self.functions:
-                body = self.store.function_body(fn_hash)
-                if body is None:
-                    self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
-                    continue
-                self.functions[fn_hash] = body
+            if self._function_body(fn_hash) is None:
+                self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
+                continue
             args = P.blob_at(blobs, args_index)
             record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args)
             self.tasks[task_id] = record
@@ -255,35 +260,50 @@ class Relay:
         blobs.append(P.pack_failure(kind, message))
 
     def _on_results(self, sender: bytes, msg: P.Message) -> None:
-        state = self._endpoint_of(sender)
-        state.last_seen = time.monotonic()
-        state.credit += int(msg.fields.get("credit", 0))
+        # Results are taken by task id from the endpoint the task went to,
+        # also when that endpoint was expired meanwhile (it only stalled):
+        # finished work is never thrown away.
+        if not (sender[:1] == b"E" and len(sender) == 17):
+            raise P.ProtocolError("results from a connection that is not an endpoint")
+        credit = P.count(msg.fields.get("credit", 0), "credit")
         blobs = msg.blobs
-        for task_id, status, index in msg.fields["rows"]:
-            record = self.tasks.pop(task_id, None)
+        rows = [P.result_row(row) for row in msg.fields["rows"]]
+        for _, _, index in rows:
+            P.blob_at(blobs, index)
+        state = self.endpoints.by_routing.get(sender)
+        if state is not None:
+            state.last_seen = time.monotonic()
+            state.credit += credit
+        for task_id, status, index in rows:
+            record = self.tasks.get(task_id)
             if record is None:
                 continue  # a late duplicate of a task that already finished
-            state.dispatched.pop(task_id, None)
+            owner = self.endpoints.get(record.endpoint_id)
+            if owner is None or sender != P.endpoint_routing_id(record.endpoint_id):
+                log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
+                continue
+            del self.tasks[task_id]
+            owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
                 try:
-                    self.endpoints.get(record.endpoint_id).queue.remove(record)
+                    owner.queue.remove(record)
                 except ValueError:
                     pass
-            blob = P.blob_at(blobs, index)
+            blob = blobs[index]
             self.store.add_result(task_id, status, blob.buffer)
-            rows, out = self.client_results[record.client]
-            rows.append([task_id, status, len(out)])
-            out.append(blob)
+            client_rows, client_blobs = self.client_results[record.client]
+            client_rows.append([task_id, status, len(client_blobs)])
+            client_blobs.append(blob)
 
     def _on_started(self, sender: bytes, msg: P.Message) -> None:
         self._endpoint_of(sender)
-        for task_id in msg.fields["tids"]:
+        for task_id in P.task_ids(msg.fields["tids"]):
             record = self.tasks.get(task_id)
             if record is not None:
                 self.client_started[record.client].append(task_id)
 
     def _on_cancel(self, sender: bytes, msg: P.Message) -> None:
-        for task_id in _task_ids(msg.fields["tids"]):
+        for task_id in P.task_ids(msg.fields["tids"]):
             record = self.tasks.get(task_id)
             if record is None or record.client != sender:
                 continue
@@ -314,15 +334,34 @@ class Relay:
                 record = queue.popleft()
                 fn_index = -1
                 if record.fn_hash not in state.known_functions:
+                    body = self._function_body(record.fn_hash)
+                    if body is None:
+                        del self.tasks[record.task_id]
+                        self._reject(record.client, record.task_id, P.REJECTED,
+                                     "the relay has lost this task's function")
+                        self.store.add_result(record.task_id, P.FAILED, b"")
+                        continue
                     fn_index = len(blobs)
-                    blobs.append(self.functions[record.fn_hash])
+                    blobs.append(body)
                     state.known_functions.add(record.fn_hash)
                 rows.append(record.row(len(blobs), fn_index))
                 blobs.append(record.args)
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
-            self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs))
+            if rows and not self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs)):
+                log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
+                            state.name, state.endpoint_id, len(state.dispatched))
+                self.endpoints.disconnect(state)
+
+    def _function_body(self, fn_hash: bytes) -> bytes | None:
+        """A function body by hash, from memory or (after a restart) the store."""
+        body = self.functions.get(fn_hash)
+        if body is None:
+            body = self.store.function_body(fn_hash)
+            if body is not None:
+                self.functions[fn_hash] = body
+        return body
 
     def _send_all(self) -> None:
         for client, (rows, blobs) in self.client_results.items():
@@ -337,17 +376,13 @@ class Relay:
                 self._send(state.routing_id, P.encode(P.CANCEL, {"tids": task_ids}))
         self.endpoint_cancels.clear()
 
-    def _send(self, peer: bytes, frames: list[Any]) -> None:
+    def _send(self, peer: bytes, frames: list[Any]) -> bool:
+        """Send; False when the peer is not connected (EHOSTUNREACH). Results
+        stay in the store for it; the caller re-queues tasks."""
         try:
             self.sock.send_multipart([peer, *frames], copy=False)
         except zmq.ZMQError as exc:
-            # The peer is gone (EHOSTUNREACH). Results stay in the store for
-            # when it comes back; tasks stay queued at their endpoint.
             log.debug("could not send to %r: %s", peer, exc)
-
-
-def _task_ids(values: Any) -> list[bytes]:
-    if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
-        raise P.ProtocolError("task ids must be a list of bytes")
-    return values
+            return False
+        return True
 

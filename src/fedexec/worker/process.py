@@ -77,7 +77,12 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
-            return P.encode(P.RESULT, {"row": [task_id, P.EXCEPTION, 0]}, [serialize_exception(exc)])
+            try:
+                return P.encode(P.RESULT, {"row": [task_id, P.EXCEPTION, 0]}, [serialize_exception(exc)])
+            except BaseException as failure:
+                return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [P.pack_failure(
+                    P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
+                                     f"serialized: {type(failure).__name__}")])
         try:
             blob = serialize_value(value)
         except Exception as exc:
