@@ -51,10 +51,11 @@ def pid_of(path: Path) -> int | None:
 def relay(fedexec_home):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    out = fedexec("relay", "start", "--daemon", "--port", str(port)).stdout
-    assert address in out
-    pid = pid_of(fedexec_home / "relay" / "relay.json")
+    pid = None
     try:
+        out = fedexec("relay", "start", "--daemon", "--port", str(port)).stdout
+        pid = pid_of(fedexec_home / "relay" / "relay.json")
+        assert address in out
         yield address
     finally:
         fedexec("relay", "stop", check=False)

@@ -45,7 +45,8 @@ class Relay:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
+        if "[" in address:  # an IPv6 host such as tcp://[::1]:55700
+            self.sock.setsockopt(zmq.IPV6, 1)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
