@@ -343,6 +343,13 @@ class _Dispatcher(threading.Thread):
                 log.warning("ignored a malformed message from the relay: %s", exc)
                 continue
             if msg.type == P.RESULTS:
+                for task_id in msg.fields.get("started", ()):
+                    item = self.pending.get(task_id)
+                    if item is not None and not item.running:
+                        item.running = True
+                        future = item.future
+                        future.set_running_or_notify_cancel()
+                        future._answered()
                 for task_id, status, index in msg.fields["rows"]:
                     acks.append(task_id)
                     item = self.pending.pop(task_id, None)
@@ -352,14 +359,6 @@ class _Dispatcher(threading.Thread):
                         except BaseException:  # e.g. SystemExit from a user's done-callback
                             log.exception("a callback of task %s raised", item.future.task_id)
                         item.future._answered()
-            elif msg.type == P.STARTED:
-                for task_id in msg.fields["tids"]:
-                    item = self.pending.get(task_id)
-                    if item is not None and not item.running:
-                        item.running = True
-                        future = item.future
-                        future.set_running_or_notify_cancel()
-                        future._answered()
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
                     self.lookups.popleft().set_result(msg.fields)

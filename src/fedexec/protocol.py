@@ -33,8 +33,7 @@ HEARTBEAT = "hb"
 BYE = "bye"
 # relay -> client/endpoint
 WELCOME = "welcome"
-RESULTS = "results"      # {rows: [ResultRow], credit?}
-STARTED = "started"      # {tids}
+RESULTS = "results"      # {rows: [ResultRow], credit?, started?: [task ids now running]}
 LOOKUP_REPLY = "lookup_reply"
 TASKS = "tasks"          # {tasks: [TaskRow]}
 ERROR = "error"          # {msg, tids?}

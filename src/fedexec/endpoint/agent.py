@@ -9,6 +9,7 @@ task already here; each result it returns gives the relay one more credit.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -29,6 +30,11 @@ log = logging.getLogger("fedexec.endpoint")
 POLL_MS = 100
 MAX_MESSAGES_PER_TURN = 2000
 REAP_INTERVAL = 0.1
+# Under load, results are sent to the relay in batches: when this many are
+# waiting, or when the oldest has waited this long. An endpoint with nothing
+# else to do sends at once, so a lone task's latency does not pay for it.
+FLUSH_BATCH = 256
+FLUSH_DELAY = 0.001
 
 
 class QueuedTask:
@@ -68,6 +74,7 @@ class EndpointAgent:
         self.out_rows: list[list[Any]] = []
         self.out_blobs: list[Any] = []
         self.started: list[bytes] = []
+        self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
         self._early_deaths = 0          # workers that died before saying READY, in a row
@@ -98,7 +105,11 @@ class EndpointAgent:
         next_reap = next_beat = time.monotonic()
         try:
             while not self.stopping:
-                events = dict(poller.poll(POLL_MS))
+                timeout = POLL_MS
+                if self.out_rows or self.started:
+                    # whole milliseconds, rounded up: a 0 ms poll would spin
+                    timeout = max(0, math.ceil((self._unflushed_since + FLUSH_DELAY - time.monotonic()) * 1000))
+                events = dict(poller.poll(timeout))
                 if self.worker_sock in events:
                     self._read_workers()
                 if self.relay in events:
@@ -114,7 +125,8 @@ class EndpointAgent:
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
                     self.relay.send_multipart(P.encode(P.HEARTBEAT))
-                self._flush()
+                if self._flush_due(now):
+                    self._flush()
         finally:
             self._shutdown()
 
@@ -189,7 +201,10 @@ class EndpointAgent:
     def _cancel(self, task_ids: set[bytes]) -> None:
         """Drop the queued ones; for those already running, say so again
         (the client's cancel() waits for one answer or the other)."""
-        self.started.extend(t for t in task_ids if t in self.running)
+        again = [t for t in task_ids if t in self.running]
+        if again:
+            self._mark_unflushed()
+            self.started.extend(again)
         kept: deque[QueuedTask] = deque()
         for task in self.queue:
             if task.row[0] in task_ids:
@@ -198,23 +213,33 @@ class EndpointAgent:
                 kept.append(task)
         self.queue = kept
 
+    def _mark_unflushed(self) -> None:
+        if not (self.out_rows or self.started):
+            self._unflushed_since = time.monotonic()
+
     def _result(self, task_id: bytes, status: int, blob: Any) -> None:
+        self._mark_unflushed()
         self.out_rows.append([task_id, status, len(self.out_blobs)])
         self.out_blobs.append(blob)
 
+    def _flush_due(self, now: float) -> bool:
+        if not (self.out_rows or self.started):
+            return False
+        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.running)
+                or now - self._unflushed_since >= FLUSH_DELAY)
+
     def _flush(self) -> None:
-        """Send this turn's results (each returns one credit) and start notices."""
-        if self.out_rows:
-            finished = {row[0] for row in self.out_rows}
-            self.started = [t for t in self.started if t not in finished]
-            self.relay.send_multipart(
-                P.encode(P.RESULTS, {"rows": self.out_rows, "credit": len(self.out_rows)}, self.out_blobs),
-                copy=False,
-            )
-            self.out_rows, self.out_blobs = [], []
+        """Send this turn's results (each returns one credit) and, in the same
+        message, start notices for tasks that did not also finish this turn."""
+        if not (self.out_rows or self.started):
+            return
+        fields: dict[str, Any] = {"rows": self.out_rows, "credit": len(self.out_rows)}
         if self.started:
-            self.relay.send_multipart(P.encode(P.STARTED, {"tids": self.started}))
-            self.started = []
+            finished = {row[0] for row in self.out_rows}
+            fields["started"] = [t for t in self.started if t not in finished]
+        self.relay.send_multipart(P.encode(P.RESULTS, fields, self.out_blobs), copy=False)
+        self.out_rows, self.out_blobs, self.started = [], [], []
+        self._unflushed_since = 0.0
 
     # -- worker side ---------------------------------------------------------
     def _read_workers(self) -> None:
@@ -275,6 +300,7 @@ class EndpointAgent:
             self._send_worker(worker_id, P.encode(P.TASK, {"task": [task_id, fn_hash, 0, fn_index, row[4], python]}, blobs))
             slot.task = row
             self.running[task_id] = slot
+            self._mark_unflushed()
             self.started.append(task_id)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:

@@ -147,8 +147,6 @@ class Relay:
             self._on_submit(sender, msg)
         elif t == P.RESULTS:
             self._on_results(sender, msg)
-        elif t == P.STARTED:
-            self._on_started(sender, msg)
         elif t == P.CREDIT:
             state = self._endpoint_of(sender)
             state.credit += P.count(msg.fields["n"], "credit")
@@ -271,6 +269,7 @@ class Relay:
         rows = [P.result_row(row) for row in msg.fields["rows"]]
         for _, _, index in rows:
             P.blob_at(blobs, index)
+        started = P.task_ids(msg.fields.get("started", []))
         state = self.endpoints.by_routing.get(sender)
         if state is not None:
             state.last_seen = time.monotonic()
@@ -295,10 +294,11 @@ class Relay:
             client_rows, client_blobs = self.client_results[record.client]
             client_rows.append([task_id, status, len(client_blobs)])
             client_blobs.append(blob)
+        if started and state is not None:
+            self._on_started(started)
 
-    def _on_started(self, sender: bytes, msg: P.Message) -> None:
-        self._endpoint_of(sender)
-        for task_id in P.task_ids(msg.fields["tids"]):
+    def _on_started(self, task_ids: list[bytes]) -> None:
+        for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None:
                 self.client_started[record.client].append(task_id)
@@ -365,11 +365,14 @@ class Relay:
         return body
 
     def _send_all(self) -> None:
-        for client, (rows, blobs) in self.client_results.items():
-            self._send(client, P.encode(P.RESULTS, {"rows": rows}, blobs))
+        for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
+            rows, blobs = self.client_results.get(client, ([], []))
+            fields: dict[str, Any] = {"rows": rows}
+            started = self.client_started.get(client)
+            if started:
+                fields["started"] = started
+            self._send(client, P.encode(P.RESULTS, fields, blobs))
         self.client_results.clear()
-        for client, task_ids in self.client_started.items():
-            self._send(client, P.encode(P.STARTED, {"tids": task_ids}))
         self.client_started.clear()
         for endpoint_id, task_ids in self.endpoint_cancels.items():
             state = self.endpoints.get(endpoint_id)

@@ -1,14 +1,18 @@
 """The relay's durable record: functions, endpoints, tasks and results in SQLite.
 
-Writes are collected during one turn of the relay's loop and committed
-together by :meth:`RelayStore.flush`, before anything that depends on them is
-sent on, so the hot path pays one transaction per batch, not one per task.
-Blobs are stored as the opaque bytes they arrived as.
+Writes are collected during the relay loop's turns and handed by
+:meth:`RelayStore.flush` to a writer thread, which commits whatever has
+gathered in one transaction (group commit). SQLite releases the GIL while it
+writes, so the loop keeps routing meanwhile and the hot path pays one
+transaction per few milliseconds, not one per task or per turn. Blobs are
+stored as the opaque bytes they arrived as.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,6 +48,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 """
 
+log = logging.getLogger("fedexec.relay.store")
+
+GROUP_COMMIT_WINDOW = 0.002  # seconds the writer waits for more writes to join a transaction
+
 # task states in the store
 PENDING = 0   # accepted, not finished (queued or out at an endpoint)
 FINISHED = 1  # has a result (or failure, or cancellation) not yet acknowledged
@@ -55,15 +63,26 @@ class RelayStore:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "relay.sqlite3"
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
+        self._writer_db = self._connect()   # writes, from the writer thread
         self._new_functions: list[tuple[bytes, bytes, float]] = []
         self._new_tasks: list[tuple[Any, ...]] = []
         self._results: list[tuple[Any, ...]] = []
         self._acked: list[tuple[bytes]] = []
         self._endpoints: dict[str, tuple[Any, ...]] = {}
+        self._handed: list[tuple[list, list, list, list, list]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._writer = threading.Thread(target=self._write_loop, name="relay-store-writer", daemon=True)
+        self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     # -- writes, buffered until flush() ------------------------------------
     def add_function(self, fn_hash: bytes, body: bytes) -> None:
@@ -84,38 +103,59 @@ class RelayStore:
         self._endpoints[endpoint_id] = (endpoint_id, name, python, workers, now, now)
 
     def flush(self) -> None:
-        """Commit everything buffered since the last flush in one transaction."""
+        """Hand everything buffered since the last flush to the writer thread."""
         if not (self._new_functions or self._new_tasks or self._results or self._acked or self._endpoints):
             return
-        db = self.db
+        batch = (self._new_functions, list(self._endpoints.values()), self._new_tasks, self._results, self._acked)
+        self._new_functions, self._new_tasks, self._results, self._acked = [], [], [], []
+        self._endpoints = {}
+        with self._lock:
+            self._handed.append(batch)
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            if not self._closing:
+                time.sleep(GROUP_COMMIT_WINDOW)  # let more writes join this transaction
+            with self._lock:
+                batches, self._handed = self._handed, []
+                self._wake.clear()
+                closing = self._closing
+            if batches:
+                try:
+                    self._commit(batches)
+                except Exception:
+                    log.exception("could not write %d batch(es) to %s", len(batches), self.path)
+            if closing:
+                return
+
+    def _commit(self, batches: list[tuple[list, list, list, list, list]]) -> None:
+        db = self._writer_db
         db.execute("BEGIN")
         try:
-            if self._new_functions:
-                db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", self._new_functions)
-            if self._endpoints:
-                db.executemany(
-                    "INSERT INTO endpoints VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                    "name=excluded.name, python=excluded.python, workers=excluded.workers, "
-                    "last_seen=excluded.last_seen",
-                    self._endpoints.values(),
-                )
-            if self._new_tasks:
-                db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, args, "
-                               "state, submitted) VALUES (?,?,?,?,?,?,?,?,?)", self._new_tasks)
-            if self._results:
-                db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, args=NULL WHERE id=?",
-                               self._results)
-            if self._acked:
-                db.executemany("DELETE FROM tasks WHERE id=?", self._acked)
+            for functions, endpoints, tasks, results, acked in batches:
+                if functions:
+                    db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
+                if endpoints:
+                    db.executemany(
+                        "INSERT INTO endpoints VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                        "name=excluded.name, python=excluded.python, workers=excluded.workers, "
+                        "last_seen=excluded.last_seen",
+                        endpoints,
+                    )
+                if tasks:
+                    db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, "
+                                   "args, state, submitted) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
+                if results:
+                    db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, args=NULL "
+                                   "WHERE id=?", results)
+                if acked:
+                    db.executemany("DELETE FROM tasks WHERE id=?", acked)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._new_functions.clear()
-        self._new_tasks.clear()
-        self._results.clear()
-        self._acked.clear()
-        self._endpoints.clear()
 
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
@@ -133,5 +173,11 @@ class RelayStore:
         )
 
     def close(self) -> None:
+        """Write everything handed over so far, then close."""
         self.flush()
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._writer.join()
+        self._writer_db.close()
         self.db.close()
