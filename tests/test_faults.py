@@ -501,3 +501,24 @@ def test_done_callback_raising_systemexit_does_not_break_the_executor(executor):
         fut.result(timeout=30)
     assert seen == [True]
     assert [f.result(timeout=30) for f in [executor.submit(square, i) for i in range(10)]] == [i * i for i in range(10)]
+
+
+def _die_hard():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_worker_killed_inside_a_batch_loses_nothing_else():
+    """Fast tasks travel to workers in batches. A worker killed mid-batch
+    fails only the task it was running (named by its marker); the others in
+    its batch are re-queued and every one completes exactly once."""
+    with FederatedExecutor(max_workers=2) as ex:
+        list(ex.map(square, range(2000)))  # warm: the endpoint learns the tasks are fast
+        futures = [ex.submit(square, i) for i in range(3000)]
+        killer = ex.submit(_die_hard)
+        futures += [ex.submit(square, i) for i in range(3000, 6000)]
+        with pytest.raises(WorkerLost) as info:
+            killer.result(timeout=60)
+        assert info.value.exitcode == -signal.SIGKILL
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(6000)]
+        assert sum(1 for f in futures if f.exception() is not None) == 0

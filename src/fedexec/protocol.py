@@ -80,6 +80,8 @@ def encode(msg_type: str, fields: dict[str, Any] | None = None, blobs: Sequence[
     """Frames for a message; ``blobs`` are bytes-like objects sent as is."""
     header = {"v": PROTOCOL_VERSION, "t": msg_type}
     if fields:
+        if "v" in fields or "t" in fields:
+            raise ValueError("'v' and 't' are the envelope's own keys")
         header.update(fields)
     return [_packer.pack(header), *blobs]
 

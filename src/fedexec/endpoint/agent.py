@@ -1,9 +1,18 @@
 """The endpoint agent: connects out to the relay and feeds a pool of workers.
 
 One poll loop serves two sockets: a DEALER to the relay and a ROUTER the
-workers connect to. The agent asks the relay for as many tasks as it has
-workers plus prefetch (credit), so a worker that finishes finds its next
-task already here; each result it returns gives the relay one more credit.
+workers connect to.
+
+*Credit.* The agent tells the relay how many more tasks it may send (a grant
+in HELLO, then grants riding on RESULTS or in CREDIT messages), keeping
+``capacity`` tasks here or at workers, so a worker that finishes finds its
+next task already at hand.
+
+*Adaptive batches.* The agent keeps a moving average of how long tasks run.
+Tasks that take half a millisecond or more go to workers one at a time (the
+prefetched ones wait here, for the next free worker). Faster tasks go in
+batches worth about a millisecond of work each, and come back in batches, so
+per-message costs do not dominate tiny tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any, Callable
 
 import zmq
@@ -35,17 +44,22 @@ REAP_INTERVAL = 0.1
 # else to do sends at once, so a lone task's latency does not pay for it.
 FLUSH_BATCH = 256
 FLUSH_DELAY = 0.001
+# Worker batches: tasks shorter than SLOW_TASK go in batches worth about
+# BATCH_WORK seconds, at most MAX_BATCH tasks.
+SLOW_TASK = 0.0005
+BATCH_WORK = 0.001
+MAX_BATCH = 64
+EWMA_WEIGHT = 0.1
 
 
 class QueuedTask:
-    """A task received from the relay, waiting for a worker."""
+    """A task received from the relay: its row and argument blob."""
 
-    __slots__ = ("row", "args", "fn_body")
+    __slots__ = ("row", "args")
 
-    def __init__(self, row: list[Any], args: Any, fn_body: Any) -> None:
+    def __init__(self, row: list[Any], args: Any) -> None:
         self.row = row
         self.args = args
-        self.fn_body = fn_body
 
 
 class EndpointAgent:
@@ -58,7 +72,7 @@ class EndpointAgent:
         self.parent_pid = parent_pid
         self.on_connected = on_connected
         self.workers = config.workers()
-        self.capacity = self.workers * (1 + config.prefetch)
+        self.task_seconds: float | None = None   # moving average of run time
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
@@ -66,11 +80,12 @@ class EndpointAgent:
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
         self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
-        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                    self._sock_dir)
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
-        self.idle: deque[bytes] = deque()
-        self.running: dict[bytes, WorkerSlot] = {}   # task_id -> slot
+        self.at_worker: dict[bytes, WorkerSlot] = {}   # task_id -> the worker holding it
+        self.relay_credit = 0                           # tasks the relay may still send us
         self.out_rows: list[list[Any]] = []
         self.out_blobs: list[Any] = []
         self.started: list[bytes] = []
@@ -127,17 +142,50 @@ class EndpointAgent:
                     self.relay.send_multipart(P.encode(P.HEARTBEAT))
                 if self._flush_due(now):
                     self._flush()
+                elif not (self.out_rows or self.started):
+                    self._offer_spare_credit()
         finally:
             self._shutdown()
 
     def _hello(self) -> None:
         self.relay.send_multipart(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
-            "py": P.PYTHON_VERSION, "workers": self.workers,
-            # results not yet flushed return their credit when they are sent
-            "capacity": max(0, self.capacity - len(self.queue) - len(self.running) - len(self.out_rows)),
+            "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period,
         }))
+
+    # -- credit ----------------------------------------------------------------
+    def batch_size(self) -> int:
+        """Tasks to hand a worker at once, from how long tasks have been taking."""
+        seconds = self.task_seconds
+        if seconds is None or seconds >= SLOW_TASK:
+            return 1
+        return max(1, min(MAX_BATCH, int(BATCH_WORK / max(seconds, 1e-6))))
+
+    def capacity(self) -> int:
+        """Tasks to keep here and at workers: each worker's batch twice over,
+        and at least one running plus ``prefetch`` waiting per worker."""
+        return self.workers * max(1 + self.config.prefetch, 2 * self.batch_size())
+
+    def _reset_credit(self) -> int:
+        """On (re)introduction the relay's credit for us becomes this."""
+        self.relay_credit = max(0, self.capacity() - len(self.queue) - len(self.at_worker))
+        return self.relay_credit
+
+    def _offer_spare_credit(self) -> None:
+        """When capacity grew (tasks turned out fast), say so without waiting
+        for results to carry the grant."""
+        spare = self.capacity() - len(self.queue) - len(self.at_worker) - self.relay_credit
+        if spare >= max(1, self.capacity() // 4):
+            self.relay.send_multipart(P.encode(P.CREDIT, {"n": self._grant()}))
+
+    def _grant(self) -> int:
+        """Credit to give the relay now, and count it as given."""
+        grant = self.capacity() - len(self.queue) - len(self.at_worker) - self.relay_credit
+        if grant <= 0:
+            return 0
+        self.relay_credit += grant
+        return grant
 
     def _shutdown(self) -> None:
         log.info("endpoint %s stopping", self.config.name)
@@ -177,11 +225,12 @@ class EndpointAgent:
                 P.blob_at(blobs, row[2])
                 if row[3] >= 0:
                     P.blob_at(blobs, row[3])
+            self.relay_credit = max(0, self.relay_credit - len(rows))
             for row in rows:
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
                 if fn_index >= 0:
                     self.functions[fn_hash] = blobs[fn_index]
-                self.queue.append(QueuedTask(row, blobs[args_index], None))
+                self.queue.append(QueuedTask(row, blobs[args_index]))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.HEARTBEAT:
@@ -199,12 +248,21 @@ class EndpointAgent:
             raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
 
     def _cancel(self, task_ids: set[bytes]) -> None:
-        """Drop the queued ones; for those already running, say so again
-        (the client's cancel() waits for one answer or the other)."""
-        again = [t for t in task_ids if t in self.running]
-        if again:
-            self._mark_unflushed()
-            self.started.extend(again)
+        """Drop those queued here; ask workers to drop those waiting in their
+        batches; for those running, say so again (the client's cancel()
+        waits for one answer or the other)."""
+        ask: dict[bytes, list[bytes]] = defaultdict(list)
+        for task_id in task_ids:
+            slot = self.at_worker.get(task_id)
+            if slot is None:
+                continue
+            if task_id == slot.head():
+                self._mark_unflushed()
+                self.started.append(task_id)
+            else:
+                ask[slot.worker_id].append(task_id)
+        for worker_id, tids in ask.items():
+            self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": tids}))
         kept: deque[QueuedTask] = deque()
         for task in self.queue:
             if task.row[0] in task_ids:
@@ -225,15 +283,15 @@ class EndpointAgent:
     def _flush_due(self, now: float) -> bool:
         if not (self.out_rows or self.started):
             return False
-        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.running)
+        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_worker)
                 or now - self._unflushed_since >= FLUSH_DELAY)
 
     def _flush(self) -> None:
-        """Send this turn's results (each returns one credit) and, in the same
-        message, start notices for tasks that did not also finish this turn."""
+        """Send the results gathered so far with the credit they free and, in
+        the same message, start notices for tasks that have not finished."""
         if not (self.out_rows or self.started):
             return
-        fields: dict[str, Any] = {"rows": self.out_rows, "credit": len(self.out_rows)}
+        fields: dict[str, Any] = {"rows": self.out_rows, "credit": self._grant()}
         if self.started:
             finished = {row[0] for row in self.out_rows}
             fields["started"] = [t for t in self.started if t not in finished]
@@ -248,60 +306,84 @@ class EndpointAgent:
                 frames = self.worker_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            worker_id = frames[0].bytes
-            slot = self.pool.slots.get(worker_id)
+            slot = self.pool.slots.get(frames[0].bytes)
             if slot is None:
                 continue  # a worker we already gave up on
             try:
                 msg = P.decode(frames[1:])
                 if msg.type == P.READY:
-                    if not slot.ready:
-                        slot.ready = True
-                        self.idle.append(worker_id)
-                elif msg.type == P.RESULT:
-                    task_id, status, index = P.result_row(msg.fields["row"])
-                    blob = P.blob_at(msg.blobs, index)
-                    if slot.task is None or slot.task[0] != task_id:
-                        raise P.ProtocolError("result for a task this worker was not running")
-                    self.running.pop(task_id, None)
-                    slot.task = None
-                    self.idle.append(worker_id)
-                    self._result(task_id, status, blob)
+                    slot.ready = True
+                elif msg.type == P.RESULTS:
+                    self._on_worker_results(slot, msg)
             except Exception as exc:
                 log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
 
-    def _assign(self) -> None:
-        while self.idle and self.queue:
-            worker_id = self.idle.popleft()
-            slot = self.pool.slots.get(worker_id)
-            if slot is None:
+    def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
+        rows = [P.result_row(row) for row in msg.fields["rows"]]
+        times = msg.fields.get("secs") or []
+        for i, (task_id, status, index) in enumerate(rows):
+            blob = P.blob_at(msg.blobs, index)
+            if slot.tasks.pop(task_id, None) is None:
+                log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
                 continue
+            del self.at_worker[task_id]
+            if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):
+                seconds = times[i]
+                average = self.task_seconds
+                self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
+            self._result(task_id, status, blob)
+        self._announce(slot)
+
+    def _announce(self, slot: WorkerSlot) -> None:
+        """Report the start of the task a worker is now running (its first)."""
+        head = slot.head()
+        if head is not None and head != slot.announced:
+            slot.announced = head
+            self._mark_unflushed()
+            self.started.append(head)
+
+    def _assign(self) -> None:
+        """Top up workers with batches from the queue, least loaded first."""
+        if not self.queue:
+            return
+        size = self.batch_size()
+        hungry = [slot for slot in self.pool.slots.values()
+                  if slot.ready and (not slot.tasks or len(slot.tasks) <= size // 2)]
+        hungry.sort(key=lambda slot: len(slot.tasks))
+        for position, slot in enumerate(hungry):
+            if not self.queue:
+                return
+            share = math.ceil(len(self.queue) / (len(hungry) - position))
+            self._send_batch(slot, min(size - len(slot.tasks), share))
+
+    def _send_batch(self, slot: WorkerSlot, count: int) -> None:
+        rows: list[list[Any]] = []
+        blobs: list[Any] = []
+        while self.queue and len(rows) < count:
             task = self.queue.popleft()
-            row = task.row
-            task_id, fn_hash, python = row[0], row[1], row[5]
+            task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
             if python != P.PYTHON_VERSION:
-                self.idle.appendleft(worker_id)
                 self._result(task_id, P.FAILED, P.pack_failure(
                     P.VERSION, f"client runs Python {python} but endpoint {self.config.name!r} runs Python "
                                f"{P.PYTHON_VERSION}; pickled functions need the same minor version"))
                 continue
-            blobs = [task.args]
             fn_index = -1
             if fn_hash not in slot.known_functions:
                 body = self.functions.get(fn_hash)
                 if body is None:
-                    self.idle.appendleft(worker_id)
                     self._result(task_id, P.FAILED, P.pack_failure(
                         P.REJECTED, "the endpoint was not given this task's function"))
                     continue
-                fn_index = 1
+                fn_index = len(blobs)
                 blobs.append(body)
                 slot.known_functions.add(fn_hash)
-            self._send_worker(worker_id, P.encode(P.TASK, {"task": [task_id, fn_hash, 0, fn_index, row[4], python]}, blobs))
-            slot.task = row
-            self.running[task_id] = slot
-            self._mark_unflushed()
-            self.started.append(task_id)
+            rows.append([task_id, fn_hash, len(blobs), fn_index, task.row[4], python])
+            blobs.append(task.args)
+            slot.tasks[task_id] = task
+            self.at_worker[task_id] = slot
+        if rows:
+            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs))
+            self._announce(slot)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:
         try:
@@ -311,21 +393,9 @@ class EndpointAgent:
 
     def _replace_dead_workers(self) -> None:
         for slot in self.pool.reap():
+            self._recover_tasks_of(slot)
+            self.pool.forget(slot)
             how = describe_exit(slot.process.returncode)
-            try:
-                self.idle.remove(slot.worker_id)
-            except ValueError:
-                pass
-            if slot.task is not None:
-                task_id = slot.task[0]
-                self.running.pop(task_id, None)
-                log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
-                self._result(task_id, P.FAILED, P.pack_failure(
-                    P.WORKER_LOST,
-                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this task",
-                    pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
-            else:
-                log.warning("worker %d %s while idle", slot.pid, how)
             if slot.ready:
                 self._early_deaths = 0
                 self._respawn_at.append(time.monotonic())
@@ -340,3 +410,26 @@ class EndpointAgent:
             self._respawn_at = [t for t in self._respawn_at if t > now]
             for _ in due:
                 self.pool.spawn()
+
+    def _recover_tasks_of(self, slot: WorkerSlot) -> None:
+        """A worker died. The task its marker names fails with WorkerLost;
+        every other task it held goes back to the front of the queue: those
+        after it never started, and those before it finished without their
+        results being sent, so they run again."""
+        how = describe_exit(slot.process.returncode)
+        culprit = slot.marker.read()
+        survivors: list[QueuedTask] = []
+        for task_id, task in slot.tasks.items():
+            del self.at_worker[task_id]
+            if task_id == culprit:
+                log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.WORKER_LOST,
+                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this task",
+                    pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
+            else:
+                survivors.append(task)
+        if culprit is None or culprit not in slot.tasks:
+            log.warning("worker %d %s between tasks", slot.pid, how)
+        slot.tasks.clear()
+        self.queue.extendleft(reversed(survivors))

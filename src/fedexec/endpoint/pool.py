@@ -11,20 +11,32 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..worker.process import TaskMarker
+
 
 @dataclass
 class WorkerSlot:
-    """One worker process and what it is doing."""
+    """One worker process and what it holds.
+
+    ``tasks`` are the rows sent to it and not yet answered, in the order it
+    runs them: the first is running (or about to); ``announced`` is the one
+    whose start was reported to the relay.
+    """
 
     worker_id: bytes
     process: subprocess.Popen
+    marker: TaskMarker
     ready: bool = False
-    task: list[Any] | None = None          # the task row it is running
+    tasks: dict = field(default_factory=dict)           # task_id -> row
+    announced: bytes | None = None
     known_functions: set = field(default_factory=set)
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def head(self) -> bytes | None:
+        return next(iter(self.tasks), None)
 
 
 def describe_exit(returncode: int) -> str:
@@ -39,9 +51,10 @@ def describe_exit(returncode: int) -> str:
 class LocalWorkerPool:
     """``size`` worker processes on this machine, connected to ``address``."""
 
-    def __init__(self, size: int, address: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None) -> None:
         self.size = size
         self.address = address
+        self.marker_dir = marker_dir
         self.env = env
         self.slots: dict[bytes, WorkerSlot] = {}
         self._ids = itertools.count(1)
@@ -52,12 +65,14 @@ class LocalWorkerPool:
 
     def spawn(self) -> WorkerSlot:
         worker_id = f"w{os.getpid()}-{next(self._ids)}".encode()
+        marker = TaskMarker(os.path.join(self.marker_dir, worker_id.decode() + ".task"), create=True)
         process = subprocess.Popen(
-            [sys.executable, "-m", "fedexec.worker", "--address", self.address, "--worker-id", worker_id.decode()],
+            [sys.executable, "-m", "fedexec.worker", "--address", self.address, "--worker-id", worker_id.decode(),
+             "--marker", marker.path],
             stdin=subprocess.DEVNULL,
             env=self.env,
         )
-        slot = WorkerSlot(worker_id, process)
+        slot = WorkerSlot(worker_id, process, marker)
         self.slots[worker_id] = slot
         return slot
 
@@ -67,6 +82,15 @@ class LocalWorkerPool:
         for slot in dead:
             del self.slots[slot.worker_id]
         return dead
+
+    @staticmethod
+    def forget(slot: WorkerSlot) -> None:
+        """Release a dead worker's marker file (after it was read)."""
+        slot.marker.close()
+        try:
+            os.unlink(slot.marker.path)
+        except OSError:
+            pass
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""
@@ -86,4 +110,6 @@ class LocalWorkerPool:
             if all(slot.process.poll() is not None for slot in self.slots.values()):
                 break
             deadline = time.monotonic() + 1.0
+        for slot in self.slots.values():
+            self.forget(slot)
         self.slots.clear()

@@ -1,17 +1,29 @@
 """Worker process main loop.
 
 A worker connects to its endpoint's worker socket, says READY, then runs the
-tasks it is given one at a time. Deserialized functions stay cached by hash
-(warm), so a function body reaches a worker once. Whatever the function
-prints goes to the worker's own stdout/stderr, never onto the protocol
-socket.
+tasks it is given, in order, one at a time. The endpoint sends fast tasks in
+batches; the worker answers in batches too: it sends what it has finished
+when its queue is empty, when the oldest unsent result is a millisecond old,
+or when many have gathered. Between tasks it reads new messages, so a CANCEL
+for a task still in its queue is honoured.
+
+Before each task the worker writes that task's id into a small
+memory-mapped *marker* file, so if the function kills the process (os._exit,
+a signal, a segfault) the endpoint knows which task did it.
+
+Deserialized functions stay cached by hash (warm), so a function body
+reaches a worker once. Whatever the function prints goes to the worker's own
+stdout/stderr, never onto the protocol socket.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import sys
+import time
+from collections import deque
 from typing import Any, Callable
 
 import zmq
@@ -20,18 +32,62 @@ from .. import protocol as P
 from ..serialize import deserialize, serialize_exception, serialize_value
 
 PARENT_CHECK_MS = 1000
+FLUSH_DELAY = 0.001
+FLUSH_BATCH = 256
+MARKER_SIZE = 16
+
+
+class TaskMarker:
+    """The id of the task a worker is running, readable by its endpoint after
+    the worker died. All zeros while idle."""
+
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        self.path = path
+        if create:
+            with open(path, "wb") as f:
+                f.write(b"\0" * MARKER_SIZE)
+        with open(path, "r+b") as f:
+            self.map = mmap.mmap(f.fileno(), MARKER_SIZE)
+
+    def set(self, task_id: bytes) -> None:
+        self.map[:MARKER_SIZE] = task_id
+
+    def clear(self) -> None:
+        self.map[:MARKER_SIZE] = b"\0" * MARKER_SIZE
+
+    def read(self) -> bytes | None:
+        value = bytes(self.map[:MARKER_SIZE])
+        return None if value == b"\0" * MARKER_SIZE else value
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class _Queued:
+    __slots__ = ("row", "args")
+
+    def __init__(self, row: list[Any], args: Any) -> None:
+        self.row = row
+        self.args = args
 
 
 class WorkerProcess:
     """Runs tasks received from the endpoint at ``address`` until told to stop
     or until the endpoint process goes away."""
 
-    def __init__(self, address: str, worker_id: bytes) -> None:
+    def __init__(self, address: str, worker_id: bytes, marker: str | None = None) -> None:
         self.address = address
         self.worker_id = worker_id
+        self.marker = TaskMarker(marker) if marker else None
         self.functions: dict[bytes, Callable[..., Any]] = {}
-        self.unloadable: dict[bytes, str] = {}   # hash -> why the function did not load
+        self.bodies: dict[bytes, Any] = {}        # received, not yet loaded
+        self.unloadable: dict[bytes, str] = {}    # hash -> why the function did not load
         self.parent_pid = os.getppid()
+        self.queue: deque[_Queued] = deque()
+        self.out_rows: list[list[Any]] = []
+        self.out_blobs: list[Any] = []
+        self.out_times: list[float] = []
+        self.unsent_since = 0.0
 
     def run(self) -> None:
         ctx = zmq.Context.instance()
@@ -39,37 +95,99 @@ class WorkerProcess:
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.IDENTITY, self.worker_id)
         sock.connect(self.address)
+        self.sock = sock
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         try:
             while True:
-                if not sock.poll(PARENT_CHECK_MS):
-                    if os.getppid() != self.parent_pid:
-                        return  # the endpoint died; nobody will read our results
-                    continue
-                msg = P.decode(sock.recv_multipart(copy=False))
-                if msg.type == P.STOP:
+                if not self.queue:
+                    self.flush()
+                    if not sock.poll(PARENT_CHECK_MS):
+                        if os.getppid() != self.parent_pid:
+                            return  # the endpoint died; nobody will read our results
+                        continue
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and not self.read_messages():
                     return
-                if msg.type == P.TASK:
-                    sock.send_multipart(self.run_task(msg), copy=False)
+                if not self.queue:
+                    continue
+                task = self.queue.popleft()
+                started = time.perf_counter()
+                if self.marker is not None:
+                    self.marker.set(task.row[0])
+                status, blob = self.run_task(task.row, task.args)
+                if self.marker is not None:
+                    self.marker.clear()
+                now = time.perf_counter()
+                self.add_result(task.row[0], status, blob, now - started)
+                if len(self.out_rows) >= FLUSH_BATCH or now - self.unsent_since >= FLUSH_DELAY:
+                    self.flush()
         finally:
+            self.flush()
             sock.close(linger=2000)
 
-    def run_task(self, msg: P.Message) -> list[Any]:
-        task_id, fn_hash, args_index, fn_index, kind, _py = msg.fields["task"]
+    def read_messages(self) -> bool:
+        """Take every waiting message; False on STOP."""
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = P.decode(sock.recv_multipart(copy=False))
+            if msg.type == P.TASKS:
+                blobs = msg.blobs
+                for row in msg.fields["tasks"]:
+                    if row[3] >= 0:
+                        self.bodies.setdefault(row[1], blobs[row[3]])
+                    self.queue.append(_Queued(row, blobs[row[2]]))
+            elif msg.type == P.CANCEL:
+                doomed = set(msg.fields["tids"])
+                kept: deque[_Queued] = deque()
+                for task in self.queue:
+                    if task.row[0] in doomed:
+                        self.add_result(task.row[0], P.CANCELLED, b"", 0.0)
+                    else:
+                        kept.append(task)
+                self.queue = kept
+            elif msg.type == P.STOP:
+                return False
+        return True
+
+    def add_result(self, task_id: bytes, status: int, blob: Any, seconds: float) -> None:
+        if not self.out_rows:
+            self.unsent_since = time.perf_counter()
+        self.out_rows.append([task_id, status, len(self.out_blobs)])
+        self.out_blobs.append(blob)
+        self.out_times.append(seconds)
+
+    def flush(self) -> None:
+        if self.out_rows:
+            self.sock.send_multipart(
+                P.encode(P.RESULTS, {"rows": self.out_rows, "secs": self.out_times}, self.out_blobs), copy=False)
+            self.out_rows, self.out_blobs, self.out_times = [], [], []
+
+    def load_function(self, fn_hash: bytes) -> Callable[..., Any]:
+        fn = self.functions.get(fn_hash)
+        if fn is not None:
+            return fn
+        if fn_hash in self.unloadable:  # the endpoint sends a body once per worker
+            raise _LoadFailure(self.unloadable[fn_hash])
+        body = self.bodies.pop(fn_hash, None)
+        if body is None:
+            raise _LoadFailure("the endpoint did not send this task's function")
         try:
-            fn = self.functions.get(fn_hash)
-            if fn is None:
-                if fn_hash in self.unloadable:  # the endpoint sends a body once per worker
-                    return self._load_failure(task_id, self.unloadable[fn_hash])
-                try:
-                    fn = deserialize(P.blob_at(msg.blobs, fn_index))
-                except Exception as exc:
-                    self.unloadable[fn_hash] = _why(exc)
-                    raise
-                self.functions[fn_hash] = fn
-            payload = deserialize(P.blob_at(msg.blobs, args_index))
+            fn = deserialize(body)
         except Exception as exc:
-            return self._load_failure(task_id, _why(exc))
+            self.unloadable[fn_hash] = _why(exc)
+            raise _LoadFailure(self.unloadable[fn_hash]) from None
+        self.functions[fn_hash] = fn
+        return fn
+
+    def run_task(self, row: list[Any], args_blob: Any) -> tuple[int, Any]:
+        """``(status, blob)`` of one task."""
+        _task_id, fn_hash, _args_index, _fn_index, kind, _py = row
+        try:
+            fn = self.load_function(fn_hash)
+            payload = deserialize(args_blob)
+        except _LoadFailure as exc:
+            return _load_failure(str(exc))
+        except Exception as exc:
+            return _load_failure(_why(exc))
         try:
             if kind == P.TASK_CHUNK:
                 value: Any = [fn(*a) for a in payload]
@@ -78,27 +196,27 @@ class WorkerProcess:
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
             try:
-                return P.encode(P.RESULT, {"row": [task_id, P.EXCEPTION, 0]}, [serialize_exception(exc)])
+                return P.EXCEPTION, serialize_exception(exc)
             except BaseException as failure:
-                return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [P.pack_failure(
+                return P.FAILED, P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
-                                     f"serialized: {type(failure).__name__}")])
+                                     f"serialized: {type(failure).__name__}")
         try:
-            blob = serialize_value(value)
+            return P.OK, serialize_value(value)
         except Exception as exc:
-            failure = P.pack_failure(
+            return P.FAILED, P.pack_failure(
                 P.SERIALIZATION,
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
             )
-            return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
-        return P.encode(P.RESULT, {"row": [task_id, P.OK, 0]}, [blob])
 
 
-    @staticmethod
-    def _load_failure(task_id: bytes, why: str) -> list[Any]:
-        failure = P.pack_failure(P.SERIALIZATION, f"the endpoint could not load the task: {why}", remote=True)
-        return P.encode(P.RESULT, {"row": [task_id, P.FAILED, 0]}, [failure])
+class _LoadFailure(Exception):
+    pass
+
+
+def _load_failure(why: str) -> tuple[int, bytes]:
+    return P.FAILED, P.pack_failure(P.SERIALIZATION, f"the endpoint could not load the task: {why}", remote=True)
 
 
 def _why(exc: BaseException) -> str:
@@ -112,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedexec.worker")
     parser.add_argument("--address", required=True, help="endpoint worker socket")
     parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--marker", help="file to record the running task's id in")
     ns = parser.parse_args(argv)
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WorkerProcess(ns.address, ns.worker_id.encode()).run()
+    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker).run()
     sys.stdout.flush()
