@@ -17,12 +17,14 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
-from .executor import FederatedExecutor
+from .executor import FederatedExecutor, TaskFuture, memoized
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FederatedExecutor",
+    "TaskFuture",
+    "memoized",
     "FedexecError",
     "DeserializationError",
     "RelayUnavailable",

@@ -20,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_RELAY_PORT = 55700
+DEFAULT_WORKER_BATCH = 64
 DEFAULT_RELAY_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_RELAY_PORT}"
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -69,6 +70,7 @@ class EndpointConfig:
     max_workers: int = 0            # 0: usable cores
     prefetch: int = 1               # tasks queued per worker beyond the running one
     heartbeat_period: float = 2.0   # seconds between heartbeats to the relay
+    worker_batch: int = DEFAULT_WORKER_BATCH  # most fast tasks handed a worker at once (1: one at a time)
 
     def workers(self) -> int:
         return self.max_workers or usable_cores()
@@ -76,7 +78,7 @@ class EndpointConfig:
     def validate(self) -> None:
         check_endpoint_name(self.name)
         for key, kind in (("endpoint_id", str), ("relay", str), ("max_workers", int), ("prefetch", int),
-                          ("heartbeat_period", (int, float))):
+                          ("heartbeat_period", (int, float)), ("worker_batch", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -92,6 +94,8 @@ class EndpointConfig:
             raise ConfigError(f"max_workers must be >= 0 (0 means usable cores), not {self.max_workers}")
         if self.prefetch < 0:
             raise ConfigError(f"prefetch must be >= 0, not {self.prefetch}")
+        if self.worker_batch < 1:
+            raise ConfigError(f"worker_batch must be >= 1, not {self.worker_batch}")
         if self.heartbeat_period <= 0:
             raise ConfigError(f"heartbeat_period must be > 0, not {self.heartbeat_period}")
 
@@ -113,6 +117,8 @@ class EndpointConfig:
             f"# Extra tasks fetched per worker so workers never wait on the network.\n"
             f"prefetch = {self.prefetch}\n"
             f"heartbeat_period = {self.heartbeat_period}\n"
+            f"# Most fast tasks (under 0.5 ms) handed a worker at once; 1 turns batching off.\n"
+            f"worker_batch = {self.worker_batch}\n"
         )
         path.write_text(text)
         return path
@@ -126,7 +132,7 @@ class EndpointConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period"}
+        known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

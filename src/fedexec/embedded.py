@@ -20,13 +20,14 @@ import uuid
 class EmbeddedFederation:
     """A relay and an endpoint owned by this process."""
 
-    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1) -> None:
+    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64) -> None:
         self.directory = tempfile.mkdtemp(prefix="fedexec-")
         os.chmod(self.directory, 0o700)
         self.relay_address = f"ipc://{self.directory}/relay.sock"
         self.endpoint_id = str(uuid.uuid4())
         self.max_workers = max_workers or 0
         self.prefetch = prefetch
+        self.worker_batch = worker_batch
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
@@ -44,7 +45,8 @@ class EmbeddedFederation:
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
-             "--prefetch", str(self.prefetch), "--parent-pid", parent, "--log-level", "WARNING"], **common))
+             "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch), "--parent-pid", parent,
+             "--log-level", "WARNING"], **common))
 
     def failed(self) -> str | None:
         """Why a child process has already exited, if one has."""

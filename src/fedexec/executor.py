@@ -10,8 +10,10 @@ results arrive.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -29,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import zmq
 
 from . import protocol as P
-from .config import DEFAULT_RELAY_ADDRESS, relay_dir
+from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
 from .embedded import EmbeddedFederation
 from .errors import (
     DeserializationError,
@@ -41,6 +43,7 @@ from .errors import (
     WorkerLost,
 )
 from .serialize import (
+    content_hash,
     deserialize,
     deserialize_exception,
     serialize_arguments,
@@ -106,6 +109,7 @@ class _FunctionCache:
 
 
 CANCEL_TIMEOUT = 10.0
+MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
 
 class TaskFuture(Future):
@@ -154,7 +158,7 @@ class TaskFuture(Future):
 class _WorkItem:
     """One submitted task on its way: the future and what travels for it."""
 
-    __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running")
+    __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running", "memo_key", "trace")
 
     def __init__(self, future: TaskFuture, task_id: bytes, fn_hash: bytes, fn_body: bytes,
                  payload: bytes, kind: int) -> None:
@@ -165,6 +169,8 @@ class _WorkItem:
         self.payload = payload
         self.kind = kind
         self.running = False
+        self.memo_key: bytes | None = None     # set for memoized calls
+        self.trace: list[float] | None = None  # set when tracing: timestamps so far
 
 
 def _failure_exception(blob: Any) -> BaseException:
@@ -183,18 +189,24 @@ def _failure_exception(blob: Any) -> BaseException:
 class _Dispatcher(threading.Thread):
     """The executor's one network thread: batches out, results in."""
 
-    def __init__(self, relay: str, endpoint_id: str, batch_size: int,
+    def __init__(self, relay: str, endpoint_id: str, batch_size: int, batch_window: float,
                  services: EmbeddedFederation | None) -> None:
         super().__init__(name="fedexec-dispatcher", daemon=True)
         self.relay = relay
         self.endpoint_id = endpoint_id
         self.batch_size = batch_size
+        self.batch_window = batch_window
         self.services = services
         self.client_id = uuid.uuid4().bytes
         self.commands: deque[tuple[str, Any]] = deque()
         self.pending: dict[bytes, _WorkItem] = {}
         self.registered: set[bytes] = set()
         self.lookups: deque[Future] = deque()
+        self.out_rows: list[list[Any]] = []        # a batch being gathered (batch_window)
+        self.out_blobs: list[Any] = []
+        self.out_deadline = 0.0
+        self.memo_results: dict[bytes, bytes] = {}               # memo key -> pickled result
+        self.memo_waiting: dict[bytes, list[_WorkItem]] = {}     # memo key -> identical calls in flight
         self.stopping = False
         self.cancel_unsent = False
         self._wake_r, self._wake_w = os.pipe()
@@ -232,11 +244,16 @@ class _Dispatcher(threading.Thread):
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(1000))
+                timeout = 1000
+                if self.out_rows:
+                    timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
+                events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     self._run_commands()
                 if sock in events:
                     self._read_results()
+                if self.out_rows and time.monotonic() >= self.out_deadline:
+                    self._send_batch()
                 if self.stopping and not self.pending and not self.commands:
                     break
         except BaseException as exc:  # a bug or a dead context: fail futures rather than hang them
@@ -258,6 +275,8 @@ class _Dispatcher(threading.Thread):
         error = BrokenExecutor(self.failure or "the executor stopped before this task finished")
         leftovers = [item for _, item in self.commands if isinstance(item, _WorkItem)]
         leftovers += self.pending.values()
+        for twins in self.memo_waiting.values():
+            leftovers += twins
         for item in leftovers:
             future = item.future
             try:
@@ -271,6 +290,7 @@ class _Dispatcher(threading.Thread):
                 future.set_exception(error)
         self.commands.clear()
         self.pending.clear()
+        self.memo_waiting.clear()
 
     def _run_commands(self) -> None:
         try:
@@ -279,8 +299,7 @@ class _Dispatcher(threading.Thread):
         except BlockingIOError:
             pass
         self._wake_pending = False
-        rows: list[list[Any]] = []
-        blobs: list[Any] = []
+        busy = bool(self.pending)  # an idle executor sends at once, whatever the window
         cancels: list[bytes] = []
         commands = self.commands
         while commands:
@@ -296,18 +315,10 @@ class _Dispatcher(threading.Thread):
                 if not leaving:  # cancelled before it left: it never runs
                     future.set_running_or_notify_cancel()
                     continue
+                if item.memo_key is not None and self._memoized(item):
+                    continue
                 self.pending[item.task_id] = item
-                fn_index = -1
-                if item.fn_hash not in self.registered:
-                    self.registered.add(item.fn_hash)
-                    fn_index = len(blobs)
-                    blobs.append(item.fn_body)
-                rows.append([item.task_id, item.fn_hash, len(blobs), fn_index, item.kind, P.PYTHON_VERSION])
-                blobs.append(item.payload)
-                item.payload = item.fn_body = b""  # the relay has them now; do not hold big arguments
-                if len(rows) >= self.batch_size:
-                    self._send_batch(rows, blobs)
-                    rows, blobs = [], []
+                self._add_to_batch(item)
             elif command == "cancel":
                 item = self.pending.get(value)
                 if item is not None and not item.running:
@@ -321,12 +332,58 @@ class _Dispatcher(threading.Thread):
                 value.set()
             elif command == "stop":
                 self.stopping = True
-        if rows:
-            self._send_batch(rows, blobs)
+        if self.out_rows and not (busy and self.batch_window > 0):
+            self._send_batch()
         if cancels:
             self.sock.send_multipart(P.encode(P.CANCEL, {"tids": cancels}))
 
-    def _send_batch(self, rows: list[list[Any]], blobs: list[Any]) -> None:
+    def _memoized(self, item: _WorkItem) -> bool:
+        """Serve a memoized call from this client's cache, or let it wait for
+        an identical call already in flight; False if it must be sent."""
+        key = item.memo_key
+        blob = self.memo_results.get(key)
+        if blob is not None:
+            self._finish(item, P.OK, blob, None)
+            return True
+        waiting = self.memo_waiting.get(key)
+        if waiting is not None:
+            with item.future._condition:
+                item.future._sent = False  # it stays here: cancel() is local
+            waiting.append(item)
+            return True
+        self.memo_waiting[key] = []
+        return False
+
+    def _add_to_batch(self, item: _WorkItem) -> None:
+        rows, blobs = self.out_rows, self.out_blobs
+        if not rows:
+            self.out_deadline = time.monotonic() + self.batch_window
+        fn_index = -1
+        if item.fn_hash not in self.registered:
+            self.registered.add(item.fn_hash)
+            fn_index = len(blobs)
+            blobs.append(item.fn_body)
+        row: list[Any] = [item.task_id, item.fn_hash, len(blobs), fn_index, item.kind, P.PYTHON_VERSION]
+        if item.memo_key is not None or item.trace is not None:
+            options: dict[str, Any] = {}
+            if item.memo_key is not None:
+                options["m"] = item.memo_key
+            if item.trace is not None:
+                options["tr"] = item.trace  # "sent" is stamped when the batch leaves
+            row.append(options)
+        rows.append(row)
+        blobs.append(item.payload)
+        item.payload = item.fn_body = b""  # the relay has them now; do not hold big arguments
+        if len(rows) >= self.batch_size:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
+        rows, blobs = self.out_rows, self.out_blobs
+        self.out_rows, self.out_blobs = [], []
+        now = time.time()
+        for row in rows:
+            if len(row) == 7 and "tr" in row[6]:
+                row[6]["tr"].append(now)
         self.sock.send_multipart(P.encode(P.SUBMIT, {"ep": self.endpoint_id, "tasks": rows}, blobs), copy=False)
 
     def _read_results(self) -> None:
@@ -350,15 +407,17 @@ class _Dispatcher(threading.Thread):
                         future = item.future
                         future.set_running_or_notify_cancel()
                         future._answered()
-                for task_id, status, index in msg.fields["rows"]:
+                for row in msg.fields["rows"]:
+                    task_id, status, index = row[:3]
                     acks.append(task_id)
                     item = self.pending.pop(task_id, None)
-                    if item is not None:
-                        try:
-                            self._complete(item, status, msg.blobs[index])
-                        except BaseException:  # e.g. SystemExit from a user's done-callback
-                            log.exception("a callback of task %s raised", item.future.task_id)
-                        item.future._answered()
+                    if item is None:
+                        continue
+                    trace = row[3] if len(row) == 4 else None
+                    blob = msg.blobs[index]
+                    self._finish(item, status, blob, trace)
+                    if item.memo_key is not None:
+                        self._settle_twins(item, status, blob)
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
                     self.lookups.popleft().set_result(msg.fields)
@@ -366,6 +425,42 @@ class _Dispatcher(threading.Thread):
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
             sock.send_multipart(P.encode(P.ACK, {"tids": acks}))
+
+    def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
+        """Identical memoized calls share their carrier's outcome; if the
+        carrier was cancelled, the next of them is sent in its place."""
+        twins = self.memo_waiting.pop(item.memo_key, [])
+        if status == P.OK:
+            self._remember(item.memo_key, blob.bytes)
+        if status == P.CANCELLED:
+            twins = [t for t in twins if not t.future.cancelled()]
+            if twins:
+                carrier, *rest = twins
+                self.memo_waiting[item.memo_key] = rest
+                with carrier.future._condition:
+                    carrier.future._sent = True
+                self.pending[carrier.task_id] = carrier
+                self._add_to_batch(carrier)
+                self._send_batch()
+            return
+        for twin in twins:
+            self._finish(twin, status, blob, None)
+
+    def _remember(self, key: bytes, blob: bytes) -> None:
+        if len(self.memo_results) >= MEMO_ENTRIES:
+            for old in list(self.memo_results)[: MEMO_ENTRIES // 2]:  # oldest first
+                del self.memo_results[old]
+        self.memo_results[key] = blob
+
+    def _finish(self, item: _WorkItem, status: int, blob: Any, trace: list[float] | None) -> None:
+        """Complete a future; nothing a callback raises escapes."""
+        if trace is not None:
+            item.future.fedexec_timings = dict(zip(P.TRACE_STAGES, [*trace, time.time()]))  # type: ignore
+        try:
+            self._complete(item, status, blob)
+        except BaseException:  # e.g. SystemExit from a user's done-callback
+            log.exception("a callback of task %s raised", item.future.task_id)
+        item.future._answered()
 
     def _complete(self, item: _WorkItem, status: int, blob: Any) -> None:
         future = item.future
@@ -412,33 +507,45 @@ class FederatedExecutor(Executor):
     """
 
     def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
-                 max_workers: int | None = None, batch_size: int = 1024,
-                 connect_timeout: float = 30.0) -> None:
+                 max_workers: int | None = None, batch_size: int = 1024, batch_window: float = 0.0,
+                 prefetch: int | None = None, worker_batch: int | None = None,
+                 memoize: bool = False, trace: bool = False, connect_timeout: float = 30.0) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
             raise ValueError("batch_size must be greater than 0")
+        if not 0 <= batch_window <= 1:
+            raise ValueError("batch_window must be from 0 to 1 second")
+        if prefetch is not None and prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
+        if worker_batch is not None and worker_batch < 1:
+            raise ValueError("worker_batch must be >= 1")
         services: EmbeddedFederation | None = None
         if endpoint_id is None:
             if relay is not None:
                 raise ValueError("an endpoint_id is needed to use a relay; omit both for the embedded default")
-            services = EmbeddedFederation(max_workers)
+            services = EmbeddedFederation(max_workers, prefetch=1 if prefetch is None else prefetch,
+                                          worker_batch=worker_batch or DEFAULT_WORKER_BATCH)
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
             endpoint_id = str(uuid.UUID(str(endpoint_id))) if _is_uuid(endpoint_id) else str(endpoint_id)
             if not _is_uuid(endpoint_id):
                 raise ValueError(f"endpoint_id {endpoint_id!r} is not a UUID")
-            if max_workers is not None:
-                raise ValueError("max_workers only applies to the embedded default; "
-                                 "a remote endpoint's pool size is set in its config")
+            for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
+                                ("worker_batch", worker_batch)):
+                if value is not None:
+                    raise ValueError(f"{name} only applies to the embedded default; "
+                                     "a remote endpoint sets it in its config")
             relay = relay or _default_relay()
         self.endpoint_id: str = endpoint_id
         self.relay: str = relay
         self._functions = _FunctionCache()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
-        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, services)
+        self._memoize = memoize
+        self._trace = trace
+        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services)
         self._dispatcher.start()
         try:
             info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
@@ -489,6 +596,10 @@ class FederatedExecutor(Executor):
         self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
+        memoize = self._memoize
+        if isinstance(fn, memoized):
+            fn, memoize = fn.fn, True
+        submitted = time.time() if self._trace else 0.0
         task_id = uuid.uuid4().bytes
         future = TaskFuture(self._dispatcher, task_id)
         try:
@@ -497,9 +608,14 @@ class FederatedExecutor(Executor):
         except SerializationError as exc:
             future.set_exception(exc)
             return future
+        item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
+        if memoize:
+            item.memo_key = content_hash(fn_hash + bytes([kind]) + payload)
+        if self._trace:
+            item.trace = [submitted]
         with self._shutdown_lock:  # so no task slips in after shutdown() posted "stop"
             self._check_open()
-            self._dispatcher.post("submit", _WorkItem(future, task_id, fn_hash, fn_body, payload, kind))
+            self._dispatcher.post("submit", item)
         return future
 
     def _check_open(self) -> None:
@@ -566,6 +682,27 @@ class FederatedExecutor(Executor):
             _live_executors.discard(self)
         # without wait, interpreter exit still waits for the remaining tasks,
         # as with the standard executors
+
+
+class memoized:
+    """Mark a function's calls as memoizable: ``ex.submit(memoized(f), x)``
+    returns the earlier result of ``f(x)`` when there is one (from this
+    executor, or from the relay's store), without running it again.
+
+    The key is the hash of the function's pickled code and of the pickled
+    arguments, so use it for pure functions only: side effects are not
+    repeated, and arguments that pickle differently each time (sets of
+    strings across processes, objects with unordered state) miss the cache.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
 
 
 def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

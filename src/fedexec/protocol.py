@@ -43,11 +43,16 @@ TASK = "task"            # endpoint -> worker, one TaskRow
 RESULT = "result"        # worker -> endpoint, one ResultRow
 STOP = "stop"
 
-# Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python]
+# Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
+# options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far]}
 TASK_CALL = 0    # fn(*args, **kwargs)
 TASK_CHUNK = 1   # [fn(*a) for a in chunk]; a map() chunk travels as one task
 
-# Result statuses: [task_id, status, blob]
+# Result rows: [task_id, status, blob, trace?]; trace: the task's timestamps
+# Trace stages, in order (time.time() on each part's clock):
+TRACE_STAGES = ("submit", "sent", "relay_in", "relay_out", "endpoint_in", "worker_in",
+                "start", "end", "endpoint_out", "relay_result", "done")
+# Result statuses
 OK = 0            # blob: pickled return value
 EXCEPTION = 1     # blob: pickled RemoteException (from the user's function)
 FAILED = 2        # blob: msgpack {kind, msg, ...}: fedexec could not run it
@@ -152,21 +157,39 @@ def task_ids(values: Any) -> list[bytes]:
     return values
 
 
+def trace(value: Any) -> list[float]:
+    if (not isinstance(value, list) or len(value) > len(TRACE_STAGES)
+            or not all(isinstance(t, float) for t in value)):
+        raise ProtocolError("a trace is a short list of timestamps")
+    return value
+
+
 def result_row(row: Any) -> tuple[bytes, int, int]:
-    """``(task_id, status, blob_index)`` of a result row, checked."""
-    if not isinstance(row, list) or len(row) != 3:
-        raise ProtocolError("a result row has 3 fields")
-    task_id, status, index = row
+    """``(task_id, status, blob_index)`` of a result row, checked (a 4th
+    field, the trace, is checked too and left in the row)."""
+    if not isinstance(row, list) or len(row) not in (3, 4):
+        raise ProtocolError("a result row has 3 or 4 fields")
+    if len(row) == 4:
+        trace(row[3])
+    task_id, status, index = row[:3]
     if not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED) or type(index) is not int:
         raise ProtocolError(f"malformed result row {row!r}")
     return task_id, status, index
 
 
 def task_row(row: Any) -> list[Any]:
-    """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python]``, checked."""
-    if not isinstance(row, list) or len(row) != 6:
-        raise ProtocolError("a task row has 6 fields")
-    task_id, fn_hash, args_index, fn_index, kind, python = row
+    """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python, options?]``, checked."""
+    if not isinstance(row, list) or len(row) not in (6, 7):
+        raise ProtocolError("a task row has 6 or 7 fields")
+    task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
+    if len(row) == 7:
+        options = row[6]
+        if not isinstance(options, dict) or not set(options) <= {"m", "tr"}:
+            raise ProtocolError("task options must be a map with keys m, tr")
+        if "m" in options and not (isinstance(options["m"], bytes) and len(options["m"]) == 32):
+            raise ProtocolError("a memo key is 32 bytes")
+        if "tr" in options:
+            trace(options["tr"])
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

@@ -45,10 +45,9 @@ REAP_INTERVAL = 0.1
 FLUSH_BATCH = 256
 FLUSH_DELAY = 0.001
 # Worker batches: tasks shorter than SLOW_TASK go in batches worth about
-# BATCH_WORK seconds, at most MAX_BATCH tasks.
+# BATCH_WORK seconds, at most the config's worker_batch tasks.
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
-MAX_BATCH = 64
 EWMA_WEIGHT = 0.1
 
 
@@ -160,7 +159,7 @@ class EndpointAgent:
         seconds = self.task_seconds
         if seconds is None or seconds >= SLOW_TASK:
             return 1
-        return max(1, min(MAX_BATCH, int(BATCH_WORK / max(seconds, 1e-6))))
+        return max(1, min(self.config.worker_batch, int(BATCH_WORK / max(seconds, 1e-6))))
 
     def capacity(self) -> int:
         """Tasks to keep here and at workers: each worker's batch twice over,
@@ -226,7 +225,10 @@ class EndpointAgent:
                 if row[3] >= 0:
                     P.blob_at(blobs, row[3])
             self.relay_credit = max(0, self.relay_credit - len(rows))
+            now = time.time()
             for row in rows:
+                if len(row) == 7 and "tr" in row[6]:
+                    row[6]["tr"].append(now)
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
                 if fn_index >= 0:
                     self.functions[fn_hash] = blobs[fn_index]
@@ -275,9 +277,12 @@ class EndpointAgent:
         if not (self.out_rows or self.started):
             self._unflushed_since = time.monotonic()
 
-    def _result(self, task_id: bytes, status: int, blob: Any) -> None:
+    def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self._mark_unflushed()
-        self.out_rows.append([task_id, status, len(self.out_blobs)])
+        row = [task_id, status, len(self.out_blobs)]
+        if trace is not None:
+            row.append(trace)
+        self.out_rows.append(row)
         self.out_blobs.append(blob)
 
     def _flush_due(self, now: float) -> bool:
@@ -291,6 +296,10 @@ class EndpointAgent:
         the same message, start notices for tasks that have not finished."""
         if not (self.out_rows or self.started):
             return
+        now = time.time()
+        for row in self.out_rows:
+            if len(row) == 4:
+                row[3].append(now)
         fields: dict[str, Any] = {"rows": self.out_rows, "credit": self._grant()}
         if self.started:
             finished = {row[0] for row in self.out_rows}
@@ -321,7 +330,8 @@ class EndpointAgent:
     def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
         rows = [P.result_row(row) for row in msg.fields["rows"]]
         times = msg.fields.get("secs") or []
-        for i, (task_id, status, index) in enumerate(rows):
+        for i, row in enumerate(msg.fields["rows"]):
+            task_id, status, index = rows[i]
             blob = P.blob_at(msg.blobs, index)
             if slot.tasks.pop(task_id, None) is None:
                 log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
@@ -331,7 +341,7 @@ class EndpointAgent:
                 seconds = times[i]
                 average = self.task_seconds
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
-            self._result(task_id, status, blob)
+            self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -377,7 +387,13 @@ class EndpointAgent:
                 fn_index = len(blobs)
                 blobs.append(body)
                 slot.known_functions.add(fn_hash)
-            rows.append([task_id, fn_hash, len(blobs), fn_index, task.row[4], python])
+            row = [task_id, fn_hash, len(blobs), fn_index, task.row[4], python]
+            if len(task.row) == 7:
+                options = task.row[6]
+                if "tr" in options:
+                    options = {**options, "tr": [*options["tr"], time.time()]}
+                row.append(options)
+            rows.append(row)
             blobs.append(task.args)
             slot.tasks[task_id] = task
             self.at_worker[task_id] = slot

@@ -19,10 +19,10 @@ class TaskRecord:
     the task can be sent again if its endpoint goes away.
     """
 
-    __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state")
+    __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state", "options")
 
     def __init__(self, task_id: bytes, client: bytes, endpoint_id: str, fn_hash: bytes,
-                 kind: int, python: str, args: Any) -> None:
+                 kind: int, python: str, args: Any, options: dict | None = None) -> None:
         self.task_id = task_id
         self.client = client
         self.endpoint_id = endpoint_id
@@ -31,9 +31,16 @@ class TaskRecord:
         self.python = python
         self.args = args
         self.state = QUEUED
+        self.options = options   # memo key and/or trace, when the client asked for them
 
     def row(self, args_index: int, fn_index: int) -> list[Any]:
-        return [self.task_id, self.fn_hash, args_index, fn_index, self.kind, self.python]
+        row = [self.task_id, self.fn_hash, args_index, fn_index, self.kind, self.python]
+        if self.options is not None:
+            options = self.options
+            if "tr" in options:  # a copy: a re-dispatch stamps afresh
+                options = {**options, "tr": [*options["tr"], time.time()]}
+            row.append(options)
+        return row
 
 
 @dataclass

@@ -30,6 +30,7 @@ from .store import RelayStore
 log = logging.getLogger("fedexec.relay")
 
 MAX_MESSAGES_PER_TURN = 2000
+MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
 
 
@@ -61,6 +62,8 @@ class Relay:
         self.client_results: dict[bytes, tuple[list, list]] = defaultdict(lambda: ([], []))
         self.client_started: dict[bytes, list] = defaultdict(list)
         self.endpoint_cancels: dict[str, list] = defaultdict(list)
+        self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
+        self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
         self._recover()
 
     # -- lifecycle ---------------------------------------------------------
@@ -225,7 +228,12 @@ class Relay:
             P.blob_at(blobs, row[2])
             if row[3] >= 0:
                 P.blob_at(blobs, row[3])
-        for task_id, fn_hash, args_index, fn_index, kind, python in rows:
+        now = time.time()
+        for row in rows:
+            task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
+            options = row[6] if len(row) == 7 else None
+            if options is not None and "tr" in options:
+                options["tr"].append(now)
             if fn_index >= 0 and fn_hash not in self.functions:
                 body = P.blob_at(blobs, fn_index).bytes
                 if content_hash(body) != fn_hash:
@@ -246,11 +254,40 @@ class Relay:
             if self._function_body(fn_hash) is None:
                 self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
                 continue
+            if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
+                continue
             args = P.blob_at(blobs, args_index)
-            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args)
+            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options)
             self.tasks[task_id] = record
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, args.buffer)
             state.queue.append(record)
+
+    def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
+        """Answer a memoizable task from earlier results, if there is one."""
+        key = options["m"]
+        if key not in self.memo_keys:
+            return False
+        result = self.memo_recent.get(key)
+        if result is None:
+            result = self.store.memo_result(key)
+            if result is None:
+                return False
+            self._remember(key, result)
+        rows, blobs = self.client_results[client]
+        row: list[Any] = [task_id, P.OK, len(blobs)]
+        if "tr" in options:
+            row.append(options["tr"])
+        rows.append(row)
+        blobs.append(result)
+        return True
+
+    def _remember(self, key: bytes, result: bytes) -> None:
+        recent = self.memo_recent
+        if len(recent) >= MEMO_IN_MEMORY:
+            for old in list(recent)[: MEMO_IN_MEMORY // 2]:  # oldest first
+                del recent[old]
+        recent[key] = result
+        self.memo_keys.add(key)
 
     def _reject(self, client: bytes, task_id: bytes, kind: str, message: str) -> None:
         log.info("task %s refused: %s", task_id.hex(), message)
@@ -266,15 +303,19 @@ class Relay:
             raise P.ProtocolError("results from a connection that is not an endpoint")
         credit = P.count(msg.fields.get("credit", 0), "credit")
         blobs = msg.blobs
-        rows = [P.result_row(row) for row in msg.fields["rows"]]
-        for _, _, index in rows:
-            P.blob_at(blobs, index)
+        rows = msg.fields["rows"]
+        if not isinstance(rows, list):
+            raise P.ProtocolError("rows must be a list")
+        for row in rows:
+            P.blob_at(blobs, P.result_row(row)[2])
         started = P.task_ids(msg.fields.get("started", []))
         state = self.endpoints.by_routing.get(sender)
         if state is not None:
             state.last_seen = time.monotonic()
             state.credit += credit
-        for task_id, status, index in rows:
+        now = time.time()
+        for row in rows:
+            task_id, status, index = row[:3]
             record = self.tasks.get(task_id)
             if record is None:
                 continue  # a late duplicate of a task that already finished
@@ -291,8 +332,14 @@ class Relay:
                     pass
             blob = blobs[index]
             self.store.add_result(task_id, status, blob.buffer)
+            if status == P.OK and record.options is not None and "m" in record.options:
+                self._remember(record.options["m"], blob.bytes)
+                self.store.add_memo(record.options["m"], blob.bytes)
             client_rows, client_blobs = self.client_results[record.client]
-            client_rows.append([task_id, status, len(client_blobs)])
+            out = [task_id, status, len(client_blobs)]
+            if len(row) == 4:
+                out.append([*row[3], now])
+            client_rows.append(out)
             client_blobs.append(blob)
         if started and state is not None:
             self._on_started(started)

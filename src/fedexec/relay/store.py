@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE TABLE IF NOT EXISTS memo (
+    key BLOB PRIMARY KEY,
+    result BLOB NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 log = logging.getLogger("fedexec.relay.store")
@@ -71,7 +76,8 @@ class RelayStore:
         self._results: list[tuple[Any, ...]] = []
         self._acked: list[tuple[bytes]] = []
         self._endpoints: dict[str, tuple[Any, ...]] = {}
-        self._handed: list[tuple[list, list, list, list, list]] = []
+        self._memo: list[tuple[bytes, bytes, float]] = []
+        self._handed: list[tuple[list, ...]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -95,6 +101,9 @@ class RelayStore:
     def add_result(self, task_id: bytes, status: int, blob: bytes) -> None:
         self._results.append((FINISHED, status, blob, time.time(), task_id))
 
+    def add_memo(self, key: bytes, result: Any) -> None:
+        self._memo.append((key, result, time.time()))
+
     def acknowledge(self, task_ids: Iterable[bytes]) -> None:
         self._acked.extend((t,) for t in task_ids)
 
@@ -104,10 +113,12 @@ class RelayStore:
 
     def flush(self) -> None:
         """Hand everything buffered since the last flush to the writer thread."""
-        if not (self._new_functions or self._new_tasks or self._results or self._acked or self._endpoints):
+        if not (self._new_functions or self._new_tasks or self._results or self._acked or self._endpoints
+                or self._memo):
             return
-        batch = (self._new_functions, list(self._endpoints.values()), self._new_tasks, self._results, self._acked)
-        self._new_functions, self._new_tasks, self._results, self._acked = [], [], [], []
+        batch = (self._new_functions, list(self._endpoints.values()), self._new_tasks, self._results, self._acked,
+                 self._memo)
+        self._new_functions, self._new_tasks, self._results, self._acked, self._memo = [], [], [], [], []
         self._endpoints = {}
         with self._lock:
             self._handed.append(batch)
@@ -130,11 +141,11 @@ class RelayStore:
             if closing:
                 return
 
-    def _commit(self, batches: list[tuple[list, list, list, list, list]]) -> None:
+    def _commit(self, batches: list[tuple[list, ...]]) -> None:
         db = self._writer_db
         db.execute("BEGIN")
         try:
-            for functions, endpoints, tasks, results, acked in batches:
+            for functions, endpoints, tasks, results, acked, memo in batches:
                 if functions:
                     db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
                 if endpoints:
@@ -152,6 +163,8 @@ class RelayStore:
                                    "WHERE id=?", results)
                 if acked:
                     db.executemany("DELETE FROM tasks WHERE id=?", acked)
+                if memo:
+                    db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -160,6 +173,13 @@ class RelayStore:
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
         row = self.db.execute("SELECT body FROM functions WHERE hash=?", (fn_hash,)).fetchone()
+        return row[0] if row else None
+
+    def memo_keys(self) -> set[bytes]:
+        return {row[0] for row in self.db.execute("SELECT key FROM memo")}
+
+    def memo_result(self, key: bytes) -> bytes | None:
+        row = self.db.execute("SELECT result FROM memo WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
     def endpoints(self) -> Iterator[tuple[str, str, str, int, float]]:

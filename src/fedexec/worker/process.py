@@ -113,11 +113,15 @@ class WorkerProcess:
                 started = time.perf_counter()
                 if self.marker is not None:
                     self.marker.set(task.row[0])
+                wall_start = time.time() if len(task.row) == 7 else 0.0
                 status, blob = self.run_task(task.row, task.args)
                 if self.marker is not None:
                     self.marker.clear()
                 now = time.perf_counter()
-                self.add_result(task.row[0], status, blob, now - started)
+                trace = None
+                if len(task.row) == 7 and "tr" in task.row[6]:
+                    trace = [*task.row[6]["tr"], wall_start, time.time()]
+                self.add_result(task.row[0], status, blob, now - started, trace)
                 if len(self.out_rows) >= FLUSH_BATCH or now - self.unsent_since >= FLUSH_DELAY:
                     self.flush()
         finally:
@@ -148,10 +152,14 @@ class WorkerProcess:
                 return False
         return True
 
-    def add_result(self, task_id: bytes, status: int, blob: Any, seconds: float) -> None:
+    def add_result(self, task_id: bytes, status: int, blob: Any, seconds: float,
+                   trace: list[float] | None = None) -> None:
         if not self.out_rows:
             self.unsent_since = time.perf_counter()
-        self.out_rows.append([task_id, status, len(self.out_blobs)])
+        row = [task_id, status, len(self.out_blobs)]
+        if trace is not None:
+            row.append(trace)
+        self.out_rows.append(row)
         self.out_blobs.append(blob)
         self.out_times.append(seconds)
 
@@ -180,7 +188,7 @@ class WorkerProcess:
 
     def run_task(self, row: list[Any], args_blob: Any) -> tuple[int, Any]:
         """``(status, blob)`` of one task."""
-        _task_id, fn_hash, _args_index, _fn_index, kind, _py = row
+        fn_hash, kind = row[1], row[4]
         try:
             fn = self.load_function(fn_hash)
             payload = deserialize(args_blob)
