@@ -54,7 +54,12 @@ def serialize_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> bytes:
 
 
 def serialize_value(value: Any) -> bytes:
-    return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    """A result: plain pickle where it can (faster, for large data), else
+    cloudpickle (values holding lambdas or classes that exist by value)."""
+    try:
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 
 
 def deserialize(blob: Any) -> Any:

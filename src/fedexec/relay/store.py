@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     submitted REAL NOT NULL,
     status INTEGER,
     result BLOB,
-    finished REAL
+    finished REAL,
+    args_file INTEGER NOT NULL DEFAULT 0,
+    result_file INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
 CREATE TABLE IF NOT EXISTS memo (
@@ -56,6 +58,9 @@ CREATE TABLE IF NOT EXISTS memo (
 log = logging.getLogger("fedexec.relay.store")
 
 GROUP_COMMIT_WINDOW = 0.002  # seconds the writer waits for more writes to join a transaction
+# Blobs this large go to files beside the database (one write, no B-tree
+# pages, the GIL released), with only a flag in SQLite.
+FILE_BLOB = 64 * 1024
 
 # task states in the store
 PENDING = 0   # accepted, not finished (queued or out at an endpoint)
@@ -68,6 +73,8 @@ class RelayStore:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "relay.sqlite3"
+        self.blob_dir = data_dir / "blobs"
+        self.blob_dir.mkdir(exist_ok=True)
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
         self._writer_db = self._connect()   # writes, from the writer thread
@@ -95,11 +102,25 @@ class RelayStore:
         self._new_functions.append((fn_hash, body, time.time()))
 
     def add_task(self, task_id: bytes, client: bytes, endpoint: str, fn_hash: bytes,
-                 kind: int, python: str, args: bytes) -> None:
+                 kind: int, python: str, args: Any) -> None:
         self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time()))
 
-    def add_result(self, task_id: bytes, status: int, blob: bytes) -> None:
+    def add_result(self, task_id: bytes, status: int, blob: Any) -> None:
         self._results.append((FINISHED, status, blob, time.time(), task_id))
+
+    def _blob_path(self, task_id: bytes, what: str) -> Path:
+        return self.blob_dir / f"{task_id.hex()}.{what}"
+
+    def _to_file(self, task_id: bytes, what: str, blob: Any) -> None:
+        path = self._blob_path(task_id, what)
+        with open(path, "wb") as f:
+            f.write(blob)
+
+    def read_blob(self, task_id: bytes, what: str) -> bytes | None:
+        try:
+            return self._blob_path(task_id, what).read_bytes()
+        except OSError:
+            return None
 
     def add_memo(self, key: bytes, result: Any) -> None:
         self._memo.append((key, result, time.time()))
@@ -156,13 +177,30 @@ class RelayStore:
                         endpoints,
                     )
                 if tasks:
+                    rows = []
+                    for row in tasks:
+                        args = row[6]
+                        in_file = len(args) >= FILE_BLOB
+                        if in_file:
+                            self._to_file(row[0], "args", args)
+                        rows.append((*row[:6], None if in_file else args, *row[7:], int(in_file)))
                     db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, "
-                                   "args, state, submitted) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
+                                   "args, state, submitted, args_file) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
                 if results:
-                    db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, args=NULL "
-                                   "WHERE id=?", results)
+                    rows = []
+                    for state, status, blob, finished, task_id in results:
+                        in_file = len(blob) >= FILE_BLOB
+                        if in_file:
+                            self._to_file(task_id, "result", blob)
+                        rows.append((state, status, None if in_file else blob, finished, int(in_file), task_id))
+                    db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
+                                   "args=NULL WHERE id=?", rows)
+                    for row in rows:  # the arguments are no longer needed
+                        self._blob_path(row[-1], "args").unlink(missing_ok=True)
                 if acked:
                     db.executemany("DELETE FROM tasks WHERE id=?", acked)
+                    for (task_id,) in acked:
+                        self._blob_path(task_id, "result").unlink(missing_ok=True)
                 if memo:
                     db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
             db.execute("COMMIT")
@@ -187,10 +225,15 @@ class RelayStore:
 
     def pending_tasks(self) -> Iterator[tuple[Any, ...]]:
         """Tasks accepted but not finished, oldest first (for a restart)."""
-        yield from self.db.execute(
-            "SELECT id, client, endpoint, fn_hash, kind, python, args FROM tasks WHERE state=? ORDER BY rowid",
-            (PENDING,),
-        )
+        for *row, args, args_file in self.db.execute(
+                "SELECT id, client, endpoint, fn_hash, kind, python, args, args_file FROM tasks "
+                "WHERE state=? ORDER BY rowid", (PENDING,)):
+            if args_file:
+                args = self.read_blob(row[0], "args")
+                if args is None:
+                    log.error("the arguments of task %s are missing from %s", row[0].hex(), self.blob_dir)
+                    continue
+            yield (*row, args)
 
     def close(self) -> None:
         """Write everything handed over so far, then close."""
