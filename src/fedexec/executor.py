@@ -203,7 +203,7 @@ class _Dispatcher(threading.Thread):
         self.registered: set[bytes] = set()
         self.lookups: deque[Future] = deque()
         self.out_rows: list[list[Any]] = []        # a batch being gathered (batch_window)
-        self.out_blobs: list[Any] = []
+        self.out_blobs = P.Blobs()
         self.out_deadline = 0.0
         self.memo_results: dict[bytes, bytes] = {}               # memo key -> pickled result
         self.memo_waiting: dict[bytes, list[_WorkItem]] = {}     # memo key -> identical calls in flight
@@ -358,12 +358,12 @@ class _Dispatcher(threading.Thread):
         rows, blobs = self.out_rows, self.out_blobs
         if not rows:
             self.out_deadline = time.monotonic() + self.batch_window
-        fn_index = -1
+        fn_ref: bytes | int = -1
         if item.fn_hash not in self.registered:
             self.registered.add(item.fn_hash)
-            fn_index = len(blobs)
-            blobs.append(item.fn_body)
-        row: list[Any] = [item.task_id, item.fn_hash, len(blobs), fn_index, item.kind, P.PYTHON_VERSION]
+            fn_ref = blobs.ref(item.fn_body)
+        row: list[Any] = [item.task_id, item.fn_hash, blobs.ref(item.payload), fn_ref, item.kind,
+                          P.PYTHON_VERSION]
         if item.memo_key is not None or item.trace is not None:
             options: dict[str, Any] = {}
             if item.memo_key is not None:
@@ -372,19 +372,19 @@ class _Dispatcher(threading.Thread):
                 options["tr"] = item.trace  # "sent" is stamped when the batch leaves
             row.append(options)
         rows.append(row)
-        blobs.append(item.payload)
         item.payload = item.fn_body = b""  # the relay has them now; do not hold big arguments
         if len(rows) >= self.batch_size:
             self._send_batch()
 
     def _send_batch(self) -> None:
         rows, blobs = self.out_rows, self.out_blobs
-        self.out_rows, self.out_blobs = [], []
+        self.out_rows, self.out_blobs = [], P.Blobs()
         now = time.time()
         for row in rows:
             if len(row) == 7 and "tr" in row[6]:
                 row[6]["tr"].append(now)
-        self.sock.send_multipart(P.encode(P.SUBMIT, {"ep": self.endpoint_id, "tasks": rows}, blobs), copy=False)
+        self.sock.send_multipart(P.encode(P.SUBMIT, {"ep": self.endpoint_id, "tasks": rows}, blobs.frames),
+                                 copy=False)
 
     def _read_results(self) -> None:
         sock = self.sock
@@ -414,7 +414,7 @@ class _Dispatcher(threading.Thread):
                     if item is None:
                         continue
                     trace = row[3] if len(row) == 4 else None
-                    blob = msg.blobs[index]
+                    blob = P.blob(msg.blobs, index)
                     self._finish(item, status, blob, trace)
                     if item.memo_key is not None:
                         self._settle_twins(item, status, blob)
@@ -431,7 +431,7 @@ class _Dispatcher(threading.Thread):
         carrier was cancelled, the next of them is sent in its place."""
         twins = self.memo_waiting.pop(item.memo_key, [])
         if status == P.OK:
-            self._remember(item.memo_key, blob.bytes)
+            self._remember(item.memo_key, P.as_bytes(blob))
         if status == P.CANCELLED:
             twins = [t for t in twins if not t.future.cancelled()]
             if twins:

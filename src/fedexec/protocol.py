@@ -2,10 +2,11 @@
 
 A message is a ZeroMQ multipart message: one msgpack *header* frame followed
 by zero or more opaque *blob* frames. The header is a map with the protocol
-version ``v``, the message type ``t`` and type-specific fields; rows in it
-refer to blobs by index, so user payloads (pickled functions, arguments,
-results) travel as their own frames and are never copied into msgpack or
-looked into by the relay.
+version ``v``, the message type ``t`` and type-specific fields. Rows in it
+carry user payloads (pickled functions, arguments, results) by *reference*:
+a small payload (up to ``INLINE_MAX`` bytes) travels inline as msgpack bytes,
+a larger one as its own frame, referred to by index, so it is never copied
+into msgpack. Either way the relay never looks into a payload.
 """
 
 from __future__ import annotations
@@ -63,6 +64,46 @@ WORKER_LOST = "worker_lost"
 REJECTED = "rejected"
 VERSION = "version"
 SERIALIZATION = "serialization"
+
+
+INLINE_MAX = 8 * 1024
+
+
+class Blobs:
+    """The payloads of one outgoing message: :meth:`ref` gives what a row
+    carries for a payload (the bytes themselves, or a frame index)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+
+    def ref(self, blob: Any) -> bytes | int:
+        if len(blob) <= INLINE_MAX:
+            return blob if type(blob) is bytes else as_bytes(blob)
+        self.frames.append(blob)
+        return len(self.frames) - 1
+
+
+def as_bytes(blob: Any) -> bytes:
+    """A payload as bytes (a copy for frames and buffers)."""
+    if type(blob) is bytes:
+        return blob
+    data = getattr(blob, "bytes", None)  # zmq.Frame
+    return data if data is not None else bytes(blob)
+
+
+def as_buffer(blob: Any) -> Any:
+    """A payload as something sqlite3 and file writes take without a copy."""
+    buffer = getattr(blob, "buffer", None)  # zmq.Frame
+    return buffer if buffer is not None else blob
+
+
+def blob(frames: Sequence[Any], ref: Any) -> Any:
+    """The payload a row refers to: inline bytes, or a frame by index."""
+    if type(ref) is bytes:
+        return ref
+    return blob_at(frames, ref)
 
 
 class ProtocolError(ValueError):
@@ -164,7 +205,7 @@ def trace(value: Any) -> list[float]:
     return value
 
 
-def result_row(row: Any) -> tuple[bytes, int, int]:
+def result_row(row: Any) -> tuple[bytes, int, Any]:
     """``(task_id, status, blob_index)`` of a result row, checked (a 4th
     field, the trace, is checked too and left in the row)."""
     if not isinstance(row, list) or len(row) not in (3, 4):
@@ -172,7 +213,8 @@ def result_row(row: Any) -> tuple[bytes, int, int]:
     if len(row) == 4:
         trace(row[3])
     task_id, status, index = row[:3]
-    if not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED) or type(index) is not int:
+    if (not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED)
+            or type(index) not in (int, bytes)):
         raise ProtocolError(f"malformed result row {row!r}")
     return task_id, status, index
 
@@ -194,8 +236,8 @@ def task_row(row: Any) -> list[Any]:
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):
         raise ProtocolError("function hash must be 32 bytes")
-    if type(args_index) is not int or type(fn_index) is not int:
-        raise ProtocolError("blob indexes must be integers")
+    if type(args_index) not in (int, bytes) or type(fn_index) not in (int, bytes):
+        raise ProtocolError("payload references must be inline bytes or frame indexes")
     if kind not in (TASK_CALL, TASK_CHUNK):
         raise ProtocolError(f"unknown task kind {kind!r}")
     text(python, "python version", 16)

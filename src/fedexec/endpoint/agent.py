@@ -86,7 +86,7 @@ class EndpointAgent:
         self.at_worker: dict[bytes, WorkerSlot] = {}   # task_id -> the worker holding it
         self.relay_credit = 0                           # tasks the relay may still send us
         self.out_rows: list[list[Any]] = []
-        self.out_blobs: list[Any] = []
+        self.out_blobs = P.Blobs()
         self.started: list[bytes] = []
         self._unflushed_since = 0.0
         self.stopping = False
@@ -221,18 +221,18 @@ class EndpointAgent:
                 raise P.ProtocolError("tasks must be a list")
             for row in rows:
                 P.task_row(row)
-                P.blob_at(blobs, row[2])
-                if row[3] >= 0:
-                    P.blob_at(blobs, row[3])
+                P.blob(blobs, row[2])
+                if row[3] != -1:
+                    P.blob(blobs, row[3])
             self.relay_credit = max(0, self.relay_credit - len(rows))
             now = time.time()
             for row in rows:
                 if len(row) == 7 and "tr" in row[6]:
                     row[6]["tr"].append(now)
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
-                if fn_index >= 0:
-                    self.functions[fn_hash] = blobs[fn_index]
-                self.queue.append(QueuedTask(row, blobs[args_index]))
+                if fn_index != -1:
+                    self.functions[fn_hash] = P.blob(blobs, fn_index)
+                self.queue.append(QueuedTask(row, P.blob(blobs, args_index)))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.HEARTBEAT:
@@ -279,11 +279,10 @@ class EndpointAgent:
 
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self._mark_unflushed()
-        row = [task_id, status, len(self.out_blobs)]
+        row = [task_id, status, self.out_blobs.ref(blob)]
         if trace is not None:
             row.append(trace)
         self.out_rows.append(row)
-        self.out_blobs.append(blob)
 
     def _flush_due(self, now: float) -> bool:
         if not (self.out_rows or self.started):
@@ -304,8 +303,8 @@ class EndpointAgent:
         if self.started:
             finished = {row[0] for row in self.out_rows}
             fields["started"] = [t for t in self.started if t not in finished]
-        self.relay.send_multipart(P.encode(P.RESULTS, fields, self.out_blobs), copy=False)
-        self.out_rows, self.out_blobs, self.started = [], [], []
+        self.relay.send_multipart(P.encode(P.RESULTS, fields, self.out_blobs.frames), copy=False)
+        self.out_rows, self.out_blobs, self.started = [], P.Blobs(), []
         self._unflushed_since = 0.0
 
     # -- worker side ---------------------------------------------------------
@@ -332,7 +331,7 @@ class EndpointAgent:
         times = msg.fields.get("secs") or []
         for i, row in enumerate(msg.fields["rows"]):
             task_id, status, index = rows[i]
-            blob = P.blob_at(msg.blobs, index)
+            blob = P.blob(msg.blobs, index)
             if slot.tasks.pop(task_id, None) is None:
                 log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
                 continue
@@ -368,7 +367,7 @@ class EndpointAgent:
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
         rows: list[list[Any]] = []
-        blobs: list[Any] = []
+        blobs = P.Blobs()
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
@@ -377,28 +376,26 @@ class EndpointAgent:
                     P.VERSION, f"client runs Python {python} but endpoint {self.config.name!r} runs Python "
                                f"{P.PYTHON_VERSION}; pickled functions need the same minor version"))
                 continue
-            fn_index = -1
+            fn_ref: bytes | int = -1
             if fn_hash not in slot.known_functions:
                 body = self.functions.get(fn_hash)
                 if body is None:
                     self._result(task_id, P.FAILED, P.pack_failure(
                         P.REJECTED, "the endpoint was not given this task's function"))
                     continue
-                fn_index = len(blobs)
-                blobs.append(body)
+                fn_ref = blobs.ref(body)
                 slot.known_functions.add(fn_hash)
-            row = [task_id, fn_hash, len(blobs), fn_index, task.row[4], python]
+            row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], python]
             if len(task.row) == 7:
                 options = task.row[6]
                 if "tr" in options:
                     options = {**options, "tr": [*options["tr"], time.time()]}
                 row.append(options)
             rows.append(row)
-            blobs.append(task.args)
             slot.tasks[task_id] = task
             self.at_worker[task_id] = slot
         if rows:
-            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs))
+            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
             self._announce(slot)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:

@@ -33,8 +33,8 @@ class TaskRecord:
         self.state = QUEUED
         self.options = options   # memo key and/or trace, when the client asked for them
 
-    def row(self, args_index: int, fn_index: int) -> list[Any]:
-        row = [self.task_id, self.fn_hash, args_index, fn_index, self.kind, self.python]
+    def row(self, args_ref: bytes | int, fn_ref: bytes | int) -> list[Any]:
+        row = [self.task_id, self.fn_hash, args_ref, fn_ref, self.kind, self.python]
         if self.options is not None:
             options = self.options
             if "tr" in options:  # a copy: a re-dispatch stamps afresh

@@ -59,7 +59,7 @@ class Relay:
         self.functions: dict[bytes, bytes] = {}
         self.stopping = False
         self.outbox: list[tuple[bytes, list[Any]]] = []
-        self.client_results: dict[bytes, tuple[list, list]] = defaultdict(lambda: ([], []))
+        self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
         self.endpoint_cancels: dict[str, list] = defaultdict(list)
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
@@ -225,17 +225,17 @@ class Relay:
             raise P.ProtocolError("tasks must be a list")
         for row in rows:  # all rows are checked before any is accepted
             P.task_row(row)
-            P.blob_at(blobs, row[2])
-            if row[3] >= 0:
-                P.blob_at(blobs, row[3])
+            P.blob(blobs, row[2])
+            if row[3] != -1:
+                P.blob(blobs, row[3])
         now = time.time()
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
             options = row[6] if len(row) == 7 else None
             if options is not None and "tr" in options:
                 options["tr"].append(now)
-            if fn_index >= 0 and fn_hash not in self.functions:
-                body = P.blob_at(blobs, fn_index).bytes
+            if fn_index != -1 and fn_hash not in self.functions:
+                body = P.as_bytes(P.blob(blobs, fn_index))
                 if content_hash(body) != fn_hash:
                     self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
                     continue
@@ -256,10 +256,10 @@ class Relay:
                 continue
             if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
                 continue
-            args = P.blob_at(blobs, args_index)
+            args = P.blob(blobs, args_index)
             record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options)
             self.tasks[task_id] = record
-            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, args.buffer)
+            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args))
             state.queue.append(record)
 
     def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
@@ -274,11 +274,10 @@ class Relay:
                 return False
             self._remember(key, result)
         rows, blobs = self.client_results[client]
-        row: list[Any] = [task_id, P.OK, len(blobs)]
+        row: list[Any] = [task_id, P.OK, blobs.ref(result)]
         if "tr" in options:
             row.append(options["tr"])
         rows.append(row)
-        blobs.append(result)
         return True
 
     def _remember(self, key: bytes, result: bytes) -> None:
@@ -292,8 +291,7 @@ class Relay:
     def _reject(self, client: bytes, task_id: bytes, kind: str, message: str) -> None:
         log.info("task %s refused: %s", task_id.hex(), message)
         rows, blobs = self.client_results[client]
-        rows.append([task_id, P.FAILED, len(blobs)])
-        blobs.append(P.pack_failure(kind, message))
+        rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(kind, message))])
 
     def _on_results(self, sender: bytes, msg: P.Message) -> None:
         # Results are taken by task id from the endpoint the task went to,
@@ -307,7 +305,7 @@ class Relay:
         if not isinstance(rows, list):
             raise P.ProtocolError("rows must be a list")
         for row in rows:
-            P.blob_at(blobs, P.result_row(row)[2])
+            P.blob(blobs, P.result_row(row)[2])
         started = P.task_ids(msg.fields.get("started", []))
         state = self.endpoints.by_routing.get(sender)
         if state is not None:
@@ -330,17 +328,16 @@ class Relay:
                     owner.queue.remove(record)
                 except ValueError:
                     pass
-            blob = blobs[index]
-            self.store.add_result(task_id, status, blob.buffer)
+            blob = P.blob(blobs, index)
+            self.store.add_result(task_id, status, P.as_buffer(blob))
             if status == P.OK and record.options is not None and "m" in record.options:
-                self._remember(record.options["m"], blob.bytes)
-                self.store.add_memo(record.options["m"], blob.bytes)
+                self._remember(record.options["m"], P.as_bytes(blob))
+                self.store.add_memo(record.options["m"], P.as_bytes(blob))
             client_rows, client_blobs = self.client_results[record.client]
-            out = [task_id, status, len(client_blobs)]
+            out = [task_id, status, client_blobs.ref(blob)]
             if len(row) == 4:
                 out.append([*row[3], now])
             client_rows.append(out)
-            client_blobs.append(blob)
         if started and state is not None:
             self._on_started(started)
 
@@ -365,8 +362,7 @@ class Relay:
                         pass
                 self.store.add_result(task_id, P.CANCELLED, b"")
                 rows, blobs = self.client_results[sender]
-                rows.append([task_id, P.CANCELLED, len(blobs)])
-                blobs.append(b"")
+                rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
                 self.endpoint_cancels[record.endpoint_id].append(task_id)
 
@@ -376,11 +372,11 @@ class Relay:
             if state.credit <= 0 or not state.queue:
                 continue
             rows: list[list[Any]] = []
-            blobs: list[Any] = []
+            blobs = P.Blobs()
             queue = state.queue
             while queue and state.credit > 0:
                 record = queue.popleft()
-                fn_index = -1
+                fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
                     body = self._function_body(record.fn_hash)
                     if body is None:
@@ -389,15 +385,13 @@ class Relay:
                                      "the relay has lost this task's function")
                         self.store.add_result(record.task_id, P.FAILED, b"")
                         continue
-                    fn_index = len(blobs)
-                    blobs.append(body)
+                    fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
-                rows.append(record.row(len(blobs), fn_index))
-                blobs.append(record.args)
+                rows.append(record.row(blobs.ref(record.args), fn_ref))
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
-            if rows and not self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs)):
+            if rows and not self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
                 log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
                             state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
@@ -413,12 +407,12 @@ class Relay:
 
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
-            rows, blobs = self.client_results.get(client, ([], []))
+            rows, blobs = self.client_results.get(client) or ([], P.Blobs())
             fields: dict[str, Any] = {"rows": rows}
             started = self.client_started.get(client)
             if started:
                 fields["started"] = started
-            self._send(client, P.encode(P.RESULTS, fields, blobs))
+            self._send(client, P.encode(P.RESULTS, fields, blobs.frames))
         self.client_results.clear()
         self.client_started.clear()
         for endpoint_id, task_ids in self.endpoint_cancels.items():

@@ -85,7 +85,7 @@ class WorkerProcess:
         self.parent_pid = os.getppid()
         self.queue: deque[_Queued] = deque()
         self.out_rows: list[list[Any]] = []
-        self.out_blobs: list[Any] = []
+        self.out_blobs = P.Blobs()
         self.out_times: list[float] = []
         self.unsent_since = 0.0
 
@@ -136,9 +136,9 @@ class WorkerProcess:
             if msg.type == P.TASKS:
                 blobs = msg.blobs
                 for row in msg.fields["tasks"]:
-                    if row[3] >= 0:
-                        self.bodies.setdefault(row[1], blobs[row[3]])
-                    self.queue.append(_Queued(row, blobs[row[2]]))
+                    if row[3] != -1:
+                        self.bodies.setdefault(row[1], P.blob(blobs, row[3]))
+                    self.queue.append(_Queued(row, P.blob(blobs, row[2])))
             elif msg.type == P.CANCEL:
                 doomed = set(msg.fields["tids"])
                 kept: deque[_Queued] = deque()
@@ -156,18 +156,18 @@ class WorkerProcess:
                    trace: list[float] | None = None) -> None:
         if not self.out_rows:
             self.unsent_since = time.perf_counter()
-        row = [task_id, status, len(self.out_blobs)]
+        row = [task_id, status, self.out_blobs.ref(blob)]
         if trace is not None:
             row.append(trace)
         self.out_rows.append(row)
-        self.out_blobs.append(blob)
         self.out_times.append(seconds)
 
     def flush(self) -> None:
         if self.out_rows:
             self.sock.send_multipart(
-                P.encode(P.RESULTS, {"rows": self.out_rows, "secs": self.out_times}, self.out_blobs), copy=False)
-            self.out_rows, self.out_blobs, self.out_times = [], [], []
+                P.encode(P.RESULTS, {"rows": self.out_rows, "secs": self.out_times}, self.out_blobs.frames),
+                copy=False)
+            self.out_rows, self.out_blobs, self.out_times = [], P.Blobs(), []
 
     def load_function(self, fn_hash: bytes) -> Callable[..., Any]:
         fn = self.functions.get(fn_hash)
