@@ -86,6 +86,13 @@ def wait_for_gate(gate, value=None, limit=15.0):
     return value
 
 
+def touch_after_gate(gate, path, limit=15.0):
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Path(path).touch()
+
+
 def raise_value_error(message):
     raise ValueError(message)
 
@@ -510,6 +517,34 @@ def test_map_over_empty_iterables(executor, chunksize):
     assert list(executor.map(abs, [], chunksize=chunksize)) == []
     assert list(executor.map(pow, [], [1, 2], chunksize=chunksize)) == []
     assert list(executor.map(pow, iter(()), chunksize=chunksize)) == []
+
+
+def test_map_with_an_unpicklable_item_raises_at_that_item_only(executor):
+    items = [1, 2, threading.Lock(), 4]
+    results = executor.map(identity, items)
+    assert next(results) == 1
+    assert next(results) == 2
+    with pytest.raises(fedexec.SerializationError, match="lock"):
+        next(results)
+
+
+@pytest.mark.timeout(60)
+def test_abandoning_a_map_cancels_what_has_not_started_without_waiting(executor, tmp_path):
+    gate, open_gate = tmp_path / "gate", tmp_path / "open"
+    open_gate.touch()
+    marks = [tmp_path / f"late-{i}" for i in range(200)]
+    gates = [str(open_gate)] + [str(gate)] * (len(marks) - 1)
+    results = executor.map(touch_after_gate, gates, [str(m) for m in marks])
+    try:
+        assert next(results) is None  # started: closing it now cancels the rest
+        start = time.monotonic()
+        results.close()
+        assert time.monotonic() - start < 2.0
+    finally:
+        gate.touch()
+    assert executor.submit(abs, -1).result(DEADLINE) == 1  # everything before it is settled
+    ran = sum(m.exists() for m in marks)
+    assert ran < len(marks) // 2, f"{ran} of {len(marks)} tasks ran after the map was abandoned"
 
 
 def test_map_submits_everything_before_the_first_result_is_asked_for(executor, tmp_path):

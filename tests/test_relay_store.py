@@ -34,3 +34,36 @@ def test_large_blobs_live_in_files_and_go_with_their_task(tmp_path):
     store.acknowledge([big, small])
     store.close()
     assert os.listdir(tmp_path / "blobs") == []
+
+
+def _rows(path):
+    import sqlite3
+
+    db = sqlite3.connect(path / "relay.sqlite3")
+    try:
+        return {row[0]: row[1:] for row in db.execute("SELECT id, state, status, result, args FROM tasks")}
+    finally:
+        db.close()
+
+
+def test_writes_that_cancel_out_within_one_commit_are_not_made(tmp_path):
+    store = RelayStore(tmp_path)
+    gone, finished, waiting = (uuid.uuid4().bytes for _ in range(3))
+    store.add_function(b"h" * 32, b"body")
+    for task_id in (gone, finished, waiting):
+        store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args")
+    store.add_result(gone, 0, b"r1")
+    store.add_result(finished, 0, b"r2")
+    store.acknowledge([gone])
+    store.close()  # one commit holds all of it
+    rows = _rows(tmp_path)
+    assert set(rows) == {finished, waiting}
+    assert rows[finished] == (1, 0, b"r2", None)   # inserted finished, arguments dropped
+    assert rows[waiting] == (0, None, None, b"args")
+
+    store = RelayStore(tmp_path)
+    assert [row[0] for row in store.pending_tasks()] == [waiting]
+    store.add_result(waiting, 0, b"r3")
+    store.acknowledge([finished, waiting])   # result and acknowledgement in one commit: a delete
+    store.close()
+    assert _rows(tmp_path) == {}

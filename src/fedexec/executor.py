@@ -128,7 +128,11 @@ class TaskFuture(Future):
         self._task_bytes = task_id
         self._sent = False
         self._cancel_answer: threading.Event | None = None  # set when the endpoint has answered
-        self.task_id = str(uuid.UUID(bytes=task_id))
+
+    @property
+    def task_id(self) -> str:
+        """The task's durable id, as a UUID string."""
+        return str(uuid.UUID(bytes=self._task_bytes))
 
     def cancel(self) -> bool:
         with self._condition:
@@ -305,24 +309,17 @@ class _Dispatcher(threading.Thread):
         while commands:
             command, value = commands.popleft()
             if command == "submit":
-                item: _WorkItem = value
-                future = item.future
-                with future._condition:
-                    if self.cancel_unsent and future._state == _PENDING:
-                        Future.cancel(future)  # shutdown(cancel_futures=True)
-                    leaving = future._state == _PENDING
-                    future._sent = leaving
-                if not leaving:  # cancelled before it left: it never runs
-                    future.set_running_or_notify_cancel()
-                    continue
-                if item.memo_key is not None and self._memoized(item):
-                    continue
-                self.pending[item.task_id] = item
-                self._add_to_batch(item)
+                self._accept(value)
+            elif command == "submit_many":
+                for item in value:
+                    self._accept(item)
             elif command == "cancel":
                 item = self.pending.get(value)
                 if item is not None and not item.running:
                     cancels.append(value)
+            elif command == "cancel_many":  # no one waits for these answers
+                pending = self.pending
+                cancels.extend(tid for tid in value if tid in pending and not pending[tid].running)
             elif command == "lookup":
                 endpoint_id, future = value
                 self.lookups.append(future)
@@ -336,6 +333,23 @@ class _Dispatcher(threading.Thread):
             self._send_batch()
         if cancels:
             self.sock.send_multipart(P.encode(P.CANCEL, {"tids": cancels}))
+
+    def _accept(self, item: _WorkItem) -> None:
+        """Take a submitted task: drop it if cancelled meanwhile, serve it
+        from the memo, or add it to the outgoing batch."""
+        future = item.future
+        with future._condition:
+            if self.cancel_unsent and future._state == _PENDING:
+                Future.cancel(future)  # shutdown(cancel_futures=True)
+            leaving = future._state == _PENDING
+            future._sent = leaving
+        if not leaving:  # cancelled before it left: it never runs
+            future.set_running_or_notify_cancel()
+            return
+        if item.memo_key is not None and self._memoized(item):
+            return
+        self.pending[item.task_id] = item
+        self._add_to_batch(item)
 
     def _memoized(self, item: _WorkItem) -> bool:
         """Serve a memoized call from this client's cache, or let it wait for
@@ -540,6 +554,11 @@ class FederatedExecutor(Executor):
             relay = relay or _default_relay()
         self.endpoint_id: str = endpoint_id
         self.relay: str = relay
+        # task ids: a random prefix per executor and a counter (unique without
+        # a system call per task, and in submission order for the store)
+        self._id_prefix = os.urandom(8)
+        self._id_counter = itertools.count(1)
+        self._batch_size = batch_size
         self._functions = _FunctionCache()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -600,7 +619,7 @@ class FederatedExecutor(Executor):
         if isinstance(fn, memoized):
             fn, memoize = fn.fn, True
         submitted = time.time() if self._trace else 0.0
-        task_id = uuid.uuid4().bytes
+        task_id = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         future = TaskFuture(self._dispatcher, task_id)
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
@@ -618,6 +637,55 @@ class FederatedExecutor(Executor):
             self._dispatcher.post("submit", item)
         return future
 
+    def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
+        """``submit(fn, *args)`` for each args tuple, handed to the dispatcher
+        in groups of ``batch_size`` rather than one by one (``map``'s path)."""
+        self._check_open()
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        memoize = self._memoize
+        if isinstance(fn, memoized):
+            fn, memoize = fn.fn, True
+        futures: list[Future] = []
+        group: list[_WorkItem] = []
+        fn_hash = fn_body = b""
+        prefix, counter, trace, dispatcher = self._id_prefix, self._id_counter, self._trace, self._dispatcher
+        for args in calls:
+            submitted = time.time() if trace else 0.0
+            task_id = prefix + next(counter).to_bytes(8, "big")
+            future = TaskFuture(dispatcher, task_id)
+            futures.append(future)
+            try:
+                if not fn_hash:
+                    fn_hash, fn_body = self._functions.lookup(fn)
+                payload = serialize_arguments(fn, args, {})
+            except SerializationError as exc:
+                future.set_exception(exc)
+                continue
+            item = _WorkItem(future, task_id, fn_hash, fn_body, payload, P.TASK_CALL)
+            if memoize:
+                item.memo_key = content_hash(fn_hash + bytes([P.TASK_CALL]) + payload)
+            if trace:
+                item.trace = [submitted]
+            group.append(item)
+            if len(group) >= self._batch_size:
+                self._post_group(group)
+                group = []
+        if group:
+            self._post_group(group)
+        return futures
+
+    def _post_group(self, group: list[_WorkItem]) -> None:
+        with self._shutdown_lock:
+            try:
+                self._check_open()
+                self._dispatcher.post("submit_many", group)
+            except BaseException as exc:  # nothing of this group left: its futures must not hang
+                for item in group:
+                    if item.future.set_running_or_notify_cancel():
+                        item.future.set_exception(exc if isinstance(exc, Exception) else BrokenExecutor(str(exc)))
+                raise
+
     def _check_open(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -632,11 +700,13 @@ class FederatedExecutor(Executor):
         arguments travels and runs as one task, as in ProcessPoolExecutor."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = _chunked(zip(*iterables), chunksize)
         end_time = None if timeout is None else timeout + time.monotonic()
-        futures = [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in chunks]
+        chunked = chunksize > 1
+        if chunked:
+            chunks = _chunked(zip(*iterables), chunksize)
+            futures = [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in chunks]
+        else:
+            futures = self._submit_calls(fn, zip(*iterables))
 
         def result_iterator() -> Iterator[Any]:
             try:
@@ -645,17 +715,39 @@ class FederatedExecutor(Executor):
                     future = futures.pop()
                     try:
                         if end_time is None:
-                            values = future.result()
+                            value = future.result()
                         else:
-                            values = future.result(end_time - time.monotonic())
+                            value = future.result(end_time - time.monotonic())
                     finally:
                         future.cancel()
-                    yield from values
+                    if chunked:
+                        yield from value
+                    else:
+                        yield value
+                    del value
             finally:
-                for future in futures:
-                    future.cancel()
+                self._cancel_quietly(futures)
 
         return result_iterator()
+
+    def _cancel_quietly(self, futures: list[Future]) -> None:
+        """Cancel what is left of a ``map`` whose iterator was abandoned: like
+        ``cancel()`` on each, but without waiting for the endpoint's answers
+        one by one."""
+        remote: list[bytes] = []
+        for future in futures:
+            with future._condition:
+                if future._state != _PENDING:
+                    continue
+                if not future._sent:  # still here: the dispatcher will skip it
+                    Future.cancel(future)
+                    continue
+            remote.append(future._task_bytes)
+        if remote:
+            try:
+                self._dispatcher.post("cancel_many", remote)
+            except RuntimeError:
+                pass  # the dispatcher has stopped; its leftovers are failed
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; optionally cancel those not yet running; with

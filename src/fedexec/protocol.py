@@ -11,7 +11,9 @@ into msgpack. Either way the relay never looks into a payload.
 
 from __future__ import annotations
 
+import functools
 import sys
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -169,10 +171,10 @@ def unpack_failure(blob: Any) -> dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=4096)
 def endpoint_routing_id(endpoint_id: str) -> bytes:
-    """The ZeroMQ identity an endpoint connects to its relay with."""
-    import uuid
-
+    """The ZeroMQ identity an endpoint connects to its relay with (cached:
+    the relay checks it for every result)."""
     return b"E" + uuid.UUID(endpoint_id).bytes
 
 

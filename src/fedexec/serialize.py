@@ -35,8 +35,16 @@ def serialize_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     return hashlib.sha256(body).digest(), body
 
 
+# Values that plain pickle writes exactly as cloudpickle does, and that can
+# never refer to code in the caller's ``__main__``: the common no-frills call
+# skips cloudpickle's (Python-level) pickler set-up.
+_SIMPLE_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
 def serialize_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     """Pickled ``(args, kwargs)``; errors name the function and the cause."""
+    if not kwargs and all(type(a) in _SIMPLE_TYPES for a in args):
+        return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
     try:
         return cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
     except Exception as exc:

@@ -161,10 +161,15 @@ class EndpointAgent:
             return 1
         return max(1, min(self.config.worker_batch, int(BATCH_WORK / max(seconds, 1e-6))))
 
+    def worker_depth(self) -> int:
+        """Tasks a worker may hold at once (see ``_assign``)."""
+        size = self.batch_size()
+        return 2 * size if size > 1 else 1
+
     def capacity(self) -> int:
-        """Tasks to keep here and at workers: each worker's batch twice over,
-        and at least one running plus ``prefetch`` waiting per worker."""
-        return self.workers * max(1 + self.config.prefetch, 2 * self.batch_size())
+        """Tasks to keep here and at workers: what each worker may hold, plus
+        ``prefetch`` more per worker waiting here."""
+        return self.workers * (self.worker_depth() + self.config.prefetch)
 
     def _reset_credit(self) -> int:
         """On (re)introduction the relay's credit for us becomes this."""
@@ -287,7 +292,10 @@ class EndpointAgent:
     def _flush_due(self, now: float) -> bool:
         if not (self.out_rows or self.started):
             return False
+        # Nothing left here, or (for tasks that go one at a time) nothing
+        # queued: the credit these results carry is what brings more work.
         return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_worker)
+                or (not self.queue and self.batch_size() == 1)
                 or now - self._unflushed_since >= FLUSH_DELAY)
 
     def _flush(self) -> None:
@@ -355,15 +363,19 @@ class EndpointAgent:
         """Top up workers with batches from the queue, least loaded first."""
         if not self.queue:
             return
+        # A task that takes SLOW_TASK or more goes to an idle worker only: one
+        # queued behind it at a busy worker could neither move to a worker that
+        # frees up sooner nor be cancelled before it starts. Quick tasks go in
+        # batches, the next sent when a worker is half way through its batch.
         size = self.batch_size()
-        hungry = [slot for slot in self.pool.slots.values()
-                  if slot.ready and (not slot.tasks or len(slot.tasks) <= size // 2)]
+        limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
+        hungry = [slot for slot in self.pool.slots.values() if slot.ready and len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
         for position, slot in enumerate(hungry):
             if not self.queue:
                 return
             share = math.ceil(len(self.queue) / (len(hungry) - position))
-            self._send_batch(slot, min(size - len(slot.tasks), share))
+            self._send_batch(slot, min(limit - len(slot.tasks), share))
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
         rows: list[list[Any]] = []

@@ -46,8 +46,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished REAL,
     args_file INTEGER NOT NULL DEFAULT 0,
     result_file INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS memo (
     key BLOB PRIMARY KEY,
     result BLOB NOT NULL,
@@ -85,6 +84,15 @@ class RelayStore:
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         self._memo: list[tuple[bytes, bytes, float]] = []
         self._handed: list[tuple[list, ...]] = []
+        # (task id, "args"|"result") of the blobs kept in files, so that only
+        # those are unlinked (writer thread; rebuilt from the directory here)
+        self._files: set[tuple[bytes, str]] = set()
+        for entry in self.blob_dir.iterdir():
+            stem, _, what = entry.name.partition(".")
+            try:
+                self._files.add((bytes.fromhex(stem), what))
+            except ValueError:
+                continue
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -115,6 +123,12 @@ class RelayStore:
         path = self._blob_path(task_id, what)
         with open(path, "wb") as f:
             f.write(blob)
+        self._files.add((task_id, what))
+
+    def _drop_file(self, task_id: bytes, what: str) -> None:
+        if (task_id, what) in self._files:
+            self._files.discard((task_id, what))
+            self._blob_path(task_id, what).unlink(missing_ok=True)
 
     def read_blob(self, task_id: bytes, what: str) -> bytes | None:
         try:
@@ -163,50 +177,88 @@ class RelayStore:
                 return
 
     def _commit(self, batches: list[tuple[list, ...]]) -> None:
+        """Write the batches in one transaction, net of what cancels out: a
+        task submitted, finished and acknowledged within the same commit is
+        never written; one submitted and finished is inserted finished; one
+        finished and acknowledged is only deleted."""
+        functions: list[tuple] = []
+        endpoints: list[tuple] = []
+        memo: list[tuple] = []
+        inserts: dict[bytes, list[Any]] = {}   # new task rows, updated in place by results
+        updates: dict[bytes, tuple] = {}       # results for tasks inserted by earlier commits
+        deletes: list[tuple[bytes]] = []
+        for b_functions, b_endpoints, tasks, results, acked, b_memo in batches:
+            functions += b_functions
+            endpoints += b_endpoints
+            memo += b_memo
+            for row in tasks:
+                inserts[row[0]] = list(row)
+            for state, status, blob, finished, task_id in results:
+                new = inserts.get(task_id)
+                if new is not None:  # its arguments are no longer needed
+                    new[6], new[7] = None, state
+                    new.append((status, blob, finished))
+                else:
+                    updates[task_id] = (state, status, blob, finished)
+            for ack in acked:
+                task_id = ack[0]
+                if inserts.pop(task_id, None) is None:
+                    updates.pop(task_id, None)
+                    deletes.append(ack)
+        task_rows = []
+        for task_id, row in inserts.items():
+            args = row[6]
+            args_file = 0
+            if args is not None and len(args) >= FILE_BLOB:
+                self._to_file(task_id, "args", args)
+                row[6], args_file = None, 1
+            status = result = finished = None
+            result_file = 0
+            if len(row) == 10:  # finished in this same commit
+                status, result, finished = row.pop()
+                if len(result) >= FILE_BLOB:
+                    self._to_file(task_id, "result", result)
+                    result, result_file = None, 1
+            task_rows.append((*row, finished, status, result, args_file, result_file))
+        update_rows = []
+        for task_id, (state, status, blob, finished) in updates.items():
+            result_file = 0
+            if len(blob) >= FILE_BLOB:
+                self._to_file(task_id, "result", blob)
+                blob, result_file = None, 1
+            update_rows.append((state, status, blob, finished, result_file, task_id))
         db = self._writer_db
         db.execute("BEGIN")
         try:
-            for functions, endpoints, tasks, results, acked, memo in batches:
-                if functions:
-                    db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
-                if endpoints:
-                    db.executemany(
-                        "INSERT INTO endpoints VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                        "name=excluded.name, python=excluded.python, workers=excluded.workers, "
-                        "last_seen=excluded.last_seen",
-                        endpoints,
-                    )
-                if tasks:
-                    rows = []
-                    for row in tasks:
-                        args = row[6]
-                        in_file = len(args) >= FILE_BLOB
-                        if in_file:
-                            self._to_file(row[0], "args", args)
-                        rows.append((*row[:6], None if in_file else args, *row[7:], int(in_file)))
-                    db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, "
-                                   "args, state, submitted, args_file) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-                if results:
-                    rows = []
-                    for state, status, blob, finished, task_id in results:
-                        in_file = len(blob) >= FILE_BLOB
-                        if in_file:
-                            self._to_file(task_id, "result", blob)
-                        rows.append((state, status, None if in_file else blob, finished, int(in_file), task_id))
-                    db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
-                                   "args=NULL WHERE id=?", rows)
-                    for row in rows:  # the arguments are no longer needed
-                        self._blob_path(row[-1], "args").unlink(missing_ok=True)
-                if acked:
-                    db.executemany("DELETE FROM tasks WHERE id=?", acked)
-                    for (task_id,) in acked:
-                        self._blob_path(task_id, "result").unlink(missing_ok=True)
-                if memo:
-                    db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
+            if functions:
+                db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
+            if endpoints:
+                db.executemany(
+                    "INSERT INTO endpoints VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                    "name=excluded.name, python=excluded.python, workers=excluded.workers, "
+                    "last_seen=excluded.last_seen",
+                    endpoints,
+                )
+            if task_rows:
+                db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, args, "
+                               "state, submitted, finished, status, result, args_file, result_file) "
+                               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
+            if update_rows:
+                db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
+                               "args=NULL WHERE id=?", update_rows)
+            if deletes:
+                db.executemany("DELETE FROM tasks WHERE id=?", deletes)
+            if memo:
+                db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        for row in update_rows:  # finished: the arguments are no longer needed
+            self._drop_file(row[-1], "args")
+        for (task_id,) in deletes:
+            self._drop_file(task_id, "args")
+            self._drop_file(task_id, "result")
 
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
@@ -227,7 +279,7 @@ class RelayStore:
         """Tasks accepted but not finished, oldest first (for a restart)."""
         for *row, args, args_file in self.db.execute(
                 "SELECT id, client, endpoint, fn_hash, kind, python, args, args_file FROM tasks "
-                "WHERE state=? ORDER BY rowid", (PENDING,)):
+                "WHERE state=? ORDER BY submitted", (PENDING,)):
             if args_file:
                 args = self.read_blob(row[0], "args")
                 if args is None:

@@ -32,8 +32,13 @@ from .. import protocol as P
 from ..serialize import deserialize, serialize_exception, serialize_value
 
 PARENT_CHECK_MS = 1000
+# Results of quick tasks are sent together: when this many wait, when the
+# oldest has waited FLUSH_DELAY, or when the queue is empty. The result of a
+# task that took SLOW_RESULT or more goes at once (a message per task costs
+# little beside it, and the endpoint learns sooner that the worker has room).
 FLUSH_DELAY = 0.001
 FLUSH_BATCH = 256
+SLOW_RESULT = 0.0002
 MARKER_SIZE = 16
 
 
@@ -122,7 +127,8 @@ class WorkerProcess:
                 if len(task.row) == 7 and "tr" in task.row[6]:
                     trace = [*task.row[6]["tr"], wall_start, time.time()]
                 self.add_result(task.row[0], status, blob, now - started, trace)
-                if len(self.out_rows) >= FLUSH_BATCH or now - self.unsent_since >= FLUSH_DELAY:
+                if (len(self.out_rows) >= FLUSH_BATCH or now - self.unsent_since >= FLUSH_DELAY
+                        or now - started >= SLOW_RESULT):
                     self.flush()
         finally:
             self.flush()
