@@ -611,13 +611,18 @@ class FederatedExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
         return self._submit(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, kwargs))
 
-    def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
+    def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool]:
+        """The function to send and whether its calls are memoized; raises
+        if the executor is shut down or ``fn`` is not callable."""
         self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        memoize = self._memoize
         if isinstance(fn, memoized):
-            fn, memoize = fn.fn, True
+            return fn.fn, True
+        return fn, self._memoize
+
+    def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
+        fn, memoize = self._callable(fn)
         submitted = time.time() if self._trace else 0.0
         task_id = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         future = TaskFuture(self._dispatcher, task_id)
@@ -640,12 +645,7 @@ class FederatedExecutor(Executor):
     def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
         """``submit(fn, *args)`` for each args tuple, handed to the dispatcher
         in groups of ``batch_size`` rather than one by one (``map``'s path)."""
-        self._check_open()
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        memoize = self._memoize
-        if isinstance(fn, memoized):
-            fn, memoize = fn.fn, True
+        fn, memoize = self._callable(fn)
         futures: list[Future] = []
         group: list[_WorkItem] = []
         fn_hash = fn_body = b""
