@@ -1,0 +1,1209 @@
+"""The fedexec benchmark suite (issue 3): every comparison, side by side, in one run.
+
+    python benchmarks/run_all.py [--quick] [--runs 3] [--only JOB,...] [--out DIR]
+
+Needs the ``bench`` extra (``pip install -e ".[bench]"``: Parsl, Dask
+distributed, matplotlib). Writes ``benchmarks/results/<date>.md`` (medians of
+``--runs`` runs, ratios fedexec / peer) and PNG plots under
+``benchmarks/results/<date>/``. ``--quick`` is a smoke run with small sizes and
+one run by default; it writes ``<date>-quick.md`` and ``<date>-quick/``.
+
+Peers: ``ProcessPoolExecutor(2)``; Parsl's HighThroughputExecutor
+(LocalProvider, one block, 2 workers) through ``python_app`` calls and through
+the executor's own ``submit``; Dask ``LocalCluster(n_workers=2,
+threads_per_worker=1, processes=True)`` through ``client.get_executor()`` and
+``client.map``. fedexec runs its embedded default (private relay + local
+endpoint, 2 workers).
+
+How it runs: each (run, job) pair is a child process (``--child JOB``) with a
+time limit; the child sets up one system, runs its measurements and appends
+JSON records to a file. Every process a child starts carries a token in its
+environment, so when the child has ended, anything it left behind (a Parsl
+worker pool, a Dask worker, a fedexec relay) is found, killed by pid and
+reported in the results. Everything listens on loopback (fedexec's embedded
+default uses ipc:// sockets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import wait as cf_wait
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_tasks import identity, memo_task, noop, sleep_task  # noqa: E402
+
+TOKEN_VAR = "FEDEXEC_BENCH_TOKEN"
+RESULT_TIMEOUT = 120.0  # no single wait in a child lasts longer than this
+MB = 1_000_000
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "latency_calls": 1000,
+        "warm_calls": 50,
+        "tput_tasks": 100_000,
+        "tput_fallback": 10_000,
+        "cap_seconds": 180.0,  # a path that would take longer runs tput_fallback (sleep_fallback) tasks
+        "sleep_tasks": 20_000,
+        "sleep_fallback": 2_000,
+        "payload_sizes": [1 * MB, 10 * MB],
+        "payload_calls": 10,
+        "batching_tasks": 10_000,
+        "prefetch_values": [0, 1, 2, 4, 8, 16],
+        "prefetch_cells": [(0.0, 400), (0.001, 400), (0.010, 100), (0.100, 20)],
+        "memo_tasks": 2000,
+        "memo_shares": [0, 25, 50, 75, 100],
+        "breakdown_calls": 1000,
+        "peer_job_timeout": 1200.0,
+        "fedexec_job_timeout": 600.0,
+    },
+    "quick": {
+        "latency_calls": 200,
+        "warm_calls": 20,
+        "tput_tasks": 5_000,
+        "tput_fallback": 1_000,
+        "cap_seconds": 20.0,
+        "sleep_tasks": 2_000,
+        "sleep_fallback": 400,
+        "payload_sizes": [1 * MB, 10 * MB],
+        "payload_calls": 3,
+        "batching_tasks": 1_000,
+        "prefetch_values": [0, 1, 2, 4, 8, 16],
+        "prefetch_cells": [(0.0, 100), (0.001, 100), (0.010, 20), (0.100, 4)],
+        "memo_tasks": 400,
+        "memo_shares": [0, 25, 50, 75, 100],
+        "breakdown_calls": 200,
+        "peer_job_timeout": 300.0,
+        "fedexec_job_timeout": 240.0,
+    },
+}
+
+# the order of a run: the four systems side by side, then fedexec's own experiments
+JOBS = ["fedexec", "procpool", "parsl", "dask",
+        "fedexec-batching", "fedexec-prefetch", "fedexec-memo", "fedexec-breakdown"]
+SYSTEM_NAMES = {"fedexec": "fedexec (embedded)", "procpool": "ProcessPoolExecutor(2)",
+                "parsl": "Parsl HTEX", "dask": "Dask LocalCluster"}
+
+
+# =============================================================================
+# The child side: one system, its measurements, JSON records out
+# =============================================================================
+
+class Recorder:
+    """Appends one JSON record per measured row to the child's output file."""
+
+    def __init__(self, path: str, job: str) -> None:
+        self.path = path
+        self.job = job
+
+    def add(self, measure: str, label: str, values: dict[str, Any], **extra: Any) -> None:
+        record = {"job": self.job, "measure": measure, "label": label, "values": values, **extra}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k}={v:,.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                          for k, v in values.items())
+        print(f"    [{self.job}] {measure} | {label}: {shown}", flush=True)
+
+    def error(self, measure: str, label: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"job": self.job, "measure": measure, "label": label, "error": msg}) + "\n")
+        print(f"    [{self.job}] {measure} | {label}: FAILED {msg}", flush=True)
+        traceback.print_exc()
+
+
+def _wait_all(futures: list[Any], timeout: float) -> list[Any]:
+    """Results of concurrent.futures futures, bounded in time; raises the first error."""
+    done, not_done = cf_wait(futures, timeout=timeout)
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {len(futures)} tasks not done within {timeout:g} s")
+    return [f.result() for f in futures]
+
+
+class System:
+    """One system under test: how to make one synchronous call and how to run
+    a function over many arguments, by each of the paths it offers."""
+
+    name = ""
+    #: label -> a function doing one synchronous no-op call
+    roundtrip: dict[str, Callable[[], Any]]
+    #: label -> (kind, run(fn, args) -> results); kind pairs it with fedexec's path of the same kind
+    bulk: dict[str, tuple[str, Callable[[Callable[..., Any], list[Any]], list[Any]]]]
+    #: the bulk path used for the sleep(1 ms) run
+    sleep_path = ""
+    #: one synchronous call of fn(arg): used for payloads
+    call: Callable[[Callable[..., Any], Any], Any]
+
+    def __enter__(self) -> "System":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _executor_bulk(ex: Any, chunk: bool) -> dict[str, tuple[str, Callable]]:
+    def submit_loop(fn: Callable, args: list[Any]) -> list[Any]:
+        return _wait_all([ex.submit(fn, a) for a in args], RESULT_TIMEOUT * 5)
+
+    def mapped(fn: Callable, args: list[Any]) -> list[Any]:
+        return list(ex.map(fn, args, timeout=RESULT_TIMEOUT * 5))
+
+    def chunked(fn: Callable, args: list[Any]) -> list[Any]:
+        return list(ex.map(fn, args, timeout=RESULT_TIMEOUT * 5, chunksize=256))
+
+    paths = {"submit loop": ("submit", submit_loop), "map": ("map", mapped)}
+    if chunk:
+        paths["map(chunksize=256)"] = ("chunk", chunked)
+    return paths
+
+
+class FedexecSystem(System):
+    name = SYSTEM_NAMES["fedexec"]
+    sleep_path = "map"
+
+    def __init__(self, **kwargs: Any) -> None:
+        from fedexec import FederatedExecutor
+
+        self.ex = FederatedExecutor(max_workers=2, **kwargs)
+        ex = self.ex
+        self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
+        self.bulk = _executor_bulk(ex, chunk=True)
+        self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class ProcessPoolSystem(System):
+    name = SYSTEM_NAMES["procpool"]
+    sleep_path = "map"
+
+    def __init__(self) -> None:
+        self.ex = ProcessPoolExecutor(2)
+        ex = self.ex
+        self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
+        self.bulk = _executor_bulk(ex, chunk=True)
+        self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class ParslSystem(System):
+    """Parsl HighThroughputExecutor with a LocalProvider block of 2 workers.
+
+    Loopback only (address and loopback_address 127.0.0.1); the message
+    encryption HTEX turns on by default is off, as fedexec's embedded default
+    does not encrypt either; no scaling strategy (one block for the whole run).
+    Its interchange.py and process_worker_pool.py are found on PATH, which the
+    parent sets to start with this interpreter's bin directory.
+    """
+
+    name = SYSTEM_NAMES["parsl"]
+    sleep_path = "python_app calls"
+
+    def __init__(self) -> None:
+        import parsl
+        from parsl.config import Config
+        from parsl.executors import HighThroughputExecutor
+        from parsl.providers import LocalProvider
+
+        self.run_dir = tempfile.mkdtemp(prefix="fedexec-bench-parsl-")
+        htex = HighThroughputExecutor(
+            label="htex",
+            address="127.0.0.1",
+            loopback_address="127.0.0.1",
+            max_workers_per_node=2,
+            encrypted=False,
+            provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
+        )
+        config = Config(executors=[htex], run_dir=self.run_dir, strategy="none", usage_tracking=0)
+        self.dfk = parsl.load(config)
+        self.htex = self.dfk.executors["htex"]
+        apps = {fn: parsl.python_app(fn, executors=["htex"]) for fn in (noop, identity, sleep_task)}
+        self.apps = apps
+        htex_ = self.htex
+        self.roundtrip = {
+            "python_app": lambda: apps[noop]().result(RESULT_TIMEOUT),
+            "executor.submit": lambda: htex_.submit(noop, {}).result(RESULT_TIMEOUT),
+        }
+
+        def app_calls(fn: Callable, args: list[Any]) -> list[Any]:
+            app = apps[fn]
+            return _wait_all([app(a) for a in args], RESULT_TIMEOUT * 5)
+
+        def executor_submit(fn: Callable, args: list[Any]) -> list[Any]:
+            return _wait_all([htex_.submit(fn, {}, a) for a in args], RESULT_TIMEOUT * 5)
+
+        self.bulk = {"python_app calls": ("submit", app_calls), "executor.submit loop": ("submit", executor_submit)}
+        self.call = lambda fn, arg: apps[fn](arg).result(RESULT_TIMEOUT)
+        # the block's workers take a few seconds to connect: wait for them here
+        apps[noop]().result(RESULT_TIMEOUT)
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        import parsl
+
+        try:
+            self.dfk.cleanup()
+        finally:
+            parsl.clear()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class DaskSystem(System):
+    """Dask distributed LocalCluster: 2 worker processes, 1 thread each, on
+    127.0.0.1, no dashboard. Tasks are submitted with pure=False (Dask would
+    otherwise run identical no-op calls once)."""
+
+    name = SYSTEM_NAMES["dask"]
+    sleep_path = "client.map"
+
+    def __init__(self) -> None:
+        import logging
+        import warnings
+
+        from dask.distributed import Client, LocalCluster
+
+        warnings.filterwarnings("ignore", message=".*Large object.*")  # the 10 MB payload, on purpose
+        warnings.filterwarnings("ignore", message=".*large graph.*")
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                    dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = Client(self.cluster)
+        client = self.client
+        ex = client.get_executor(pure=False)
+        self.ex = ex
+        self.roundtrip = {"get_executor().submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
+
+        def submit_loop(fn: Callable, args: list[Any]) -> list[Any]:
+            return _wait_all([ex.submit(fn, a) for a in args], RESULT_TIMEOUT * 5)
+
+        def client_map(fn: Callable, args: list[Any]) -> list[Any]:
+            futures = client.map(fn, args, pure=False)
+            try:
+                return client.gather(futures)
+            finally:
+                client.cancel(futures)
+                del futures
+
+        self.bulk = {"get_executor().submit loop": ("submit", submit_loop), "client.map": ("map", client_map)}
+        self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.client.close(timeout=30)
+        finally:
+            self.cluster.close(timeout=30)
+
+
+SYSTEMS: dict[str, Callable[[], System]] = {
+    "fedexec": FedexecSystem, "procpool": ProcessPoolSystem, "parsl": ParslSystem, "dask": DaskSystem,
+}
+
+
+# -- measurements on any system -----------------------------------------------
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def measure_latency(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
+    """Warm round trip of a no-op: p50/p90/p99 over sequential calls."""
+    for path, call in system.roundtrip.items():
+        label = f"{system.name} {path}"
+        try:
+            for _ in range(sizes["warm_calls"]):
+                call()
+            lat = []
+            for _ in range(sizes["latency_calls"]):
+                t = time.perf_counter()
+                call()
+                lat.append(time.perf_counter() - t)
+            lat.sort()
+            rec.add("latency", label, {"p50_ms": _percentile(lat, 0.5) * 1e3, "p90_ms": _percentile(lat, 0.9) * 1e3,
+                                       "p99_ms": _percentile(lat, 0.99) * 1e3, "calls": len(lat)},
+                    system=system.name)
+        except Exception as exc:
+            rec.error("latency", label, exc)
+
+
+def _timed_bulk(run: Callable, fn: Callable, args: list[Any]) -> float:
+    t = time.perf_counter()
+    results = run(fn, args)
+    elapsed = time.perf_counter() - t
+    if len(results) != len(args):
+        raise RuntimeError(f"{len(results)} results for {len(args)} tasks")
+    return elapsed
+
+
+def _choose_count(run: Callable, fn: Callable, arg: Any, wanted: int, fallback: int, cap: float) -> tuple[int, str]:
+    """Run a pilot (which also warms the path); fall back to fewer tasks when
+    the wanted count would take longer than cap seconds."""
+    pilot = max(200, min(1000, wanted // 10))
+    elapsed = _timed_bulk(run, fn, [arg] * pilot)
+    estimate = wanted * elapsed / pilot
+    if estimate > cap:
+        return fallback, f"{fallback:,} tasks: {wanted:,} would take ~{estimate:,.0f} s"
+    return wanted, ""
+
+
+def measure_throughput(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
+    """No-op tasks per second through each bulk path."""
+    for path, (kind, run) in system.bulk.items():
+        label = f"{system.name} {path}"
+        try:
+            n, note = _choose_count(run, noop, 0, sizes["tput_tasks"], sizes["tput_fallback"], sizes["cap_seconds"])
+            elapsed = _timed_bulk(run, noop, list(range(n)))
+            rec.add("throughput", label, {"tasks_per_s": n / elapsed, "tasks": n, "seconds": elapsed},
+                    system=system.name, kind=kind, note=note)
+        except Exception as exc:
+            rec.error("throughput", label, exc)
+
+
+def measure_sleep(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
+    """time.sleep(1 ms) tasks through the system's bulk path; ideal = n * 1 ms / 2 workers."""
+    path = system.sleep_path
+    kind, run = system.bulk[path]
+    label = f"{system.name} {path}"
+    try:
+        n, note = _choose_count(run, sleep_task, 0.001, sizes["sleep_tasks"], sizes["sleep_fallback"],
+                                sizes["cap_seconds"])
+        elapsed = _timed_bulk(run, sleep_task, [0.001] * n)
+        ideal = n * 0.001 / 2
+        rec.add("sleep", label, {"tasks_per_s": n / elapsed, "tasks": n, "seconds": elapsed,
+                                 "efficiency": ideal / elapsed}, system=system.name, kind=kind, note=note)
+    except Exception as exc:
+        rec.error("sleep", label, exc)
+
+
+def measure_payload(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
+    """A bytes argument returned by an identity function: median time of sequential calls."""
+    for size in sizes["payload_sizes"]:
+        label = f"{system.name} {size // MB} MB"
+        try:
+            data = os.urandom(size)
+            back = system.call(identity, data)  # warm, and check it came back whole
+            if back != data:
+                raise RuntimeError("the payload came back different")
+            del back
+            times = []
+            for _ in range(sizes["payload_calls"]):
+                t = time.perf_counter()
+                system.call(identity, data)
+                times.append(time.perf_counter() - t)
+            rec.add("payload", label, {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
+                                       "calls": len(times)}, system=system.name, size_mb=size // MB)
+        except Exception as exc:
+            rec.error("payload", label, exc)
+
+
+PEER_MEASURES = [measure_latency, measure_throughput, measure_sleep, measure_payload]
+
+
+def run_system(job: str, rec: Recorder, sizes: dict[str, Any]) -> None:
+    t = time.perf_counter()
+    try:
+        system = SYSTEMS[job]()
+    except Exception as exc:
+        rec.error("setup", SYSTEM_NAMES[job], exc)
+        return
+    rec.add("setup", SYSTEM_NAMES[job], {"start_s": time.perf_counter() - t})
+    with system:
+        for measure in PEER_MEASURES:
+            measure(system, rec, sizes)
+
+
+# -- fedexec's own experiments ------------------------------------------------
+
+def _fedexec(**kwargs: Any) -> Any:
+    from fedexec import FederatedExecutor
+
+    return FederatedExecutor(max_workers=2, **kwargs)
+
+
+def _warm(ex: Any, n: int) -> None:
+    for _ in range(n):
+        ex.submit(noop).result(RESULT_TIMEOUT)
+
+
+def _complete(ex: Any, fn: Callable, args: Iterable[Any], check: bool = False) -> float:
+    """Completion time of a submit loop over args; with check, each result
+    must equal its argument (fn is an identity, e.g. memo_task)."""
+    args = list(args)
+    t = time.perf_counter()
+    futures = [ex.submit(fn, a) for a in args]
+    results = _wait_all(futures, RESULT_TIMEOUT * 5)
+    elapsed = time.perf_counter() - t
+    if check:
+        wrong = sum(1 for a, r in zip(args, results) if tuple(r) != tuple(a))
+        if wrong:
+            raise RuntimeError(f"{wrong} of {len(args)} results differ from what the call should return")
+    return elapsed
+
+
+def measure_batching(rec: Recorder, sizes: dict[str, Any]) -> None:
+    """No-op completion time with the defaults vs batching off everywhere."""
+    n = sizes["batching_tasks"]
+    for label, kwargs in [("batching on (defaults)", {}),
+                          ("batching off (batch_size=1, worker_batch=1)", {"batch_size": 1, "worker_batch": 1})]:
+        try:
+            with _fedexec(**kwargs) as ex:
+                _warm(ex, sizes["warm_calls"])
+                elapsed = _complete(ex, noop, range(n))
+            rec.add("batching", label, {"seconds": elapsed, "tasks_per_s": n / elapsed, "tasks": n})
+        except Exception as exc:
+            rec.error("batching", label, exc)
+
+
+def measure_prefetch(rec: Recorder, sizes: dict[str, Any]) -> None:
+    """Completion time per prefetch count and task duration."""
+    for prefetch in sizes["prefetch_values"]:
+        try:
+            ex = _fedexec(prefetch=prefetch)
+        except Exception as exc:
+            rec.error("prefetch", f"prefetch={prefetch}", exc)
+            continue
+        with ex:
+            _warm(ex, sizes["warm_calls"])
+            for duration, n in sizes["prefetch_cells"]:
+                label = f"prefetch={prefetch} task={duration * 1e3:g}ms"
+                try:
+                    elapsed = _complete(ex, sleep_task, [duration] * n)
+                    rec.add("prefetch", label, {"seconds": elapsed, "tasks": n, "ideal_s": n * duration / 2},
+                            prefetch=prefetch, task_ms=duration * 1e3)
+                except Exception as exc:
+                    rec.error("prefetch", label, exc)
+
+
+def _memo_args(n: int, share: int, seed: int) -> list[Any]:
+    """n calls of which share % repeat an earlier call's arguments, in a seeded
+    random order (a repeat may be submitted before its original has run)."""
+    rng = random.Random(seed)
+    salt = uuid.uuid4().hex
+    unique = max(1, n - round(n * share / 100))
+    keys = list(range(unique)) + [rng.randrange(unique) for _ in range(n - unique)]
+    rng.shuffle(keys)
+    return [(salt, k) for k in keys]
+
+
+def measure_memo(rec: Recorder, sizes: dict[str, Any]) -> None:
+    """Completion time of n calls of a 1 ms function with 0..100 % repeated calls."""
+    n = sizes["memo_tasks"]
+    for share in sizes["memo_shares"]:
+        label = f"memoize=True, {share}% repeated"
+        try:
+            args = _memo_args(n, share, seed=share)
+            with _fedexec(memoize=True) as ex:
+                _warm(ex, sizes["warm_calls"])
+                elapsed = _complete(ex, memo_task, args, check=True)
+            rec.add("memo", label, {"seconds": elapsed, "tasks": n, "unique": len(set(args))}, share=share,
+                    variant="executor")
+        except Exception as exc:
+            rec.error("memo", label, exc)
+    # the per-function way: fedexec.memoized(fn) on an executor without memoize
+    for share in (0, 100):
+        label = f"memoized(fn), {share}% repeated"
+        try:
+            import fedexec
+
+            fn = fedexec.memoized(memo_task)
+            args = _memo_args(n, share, seed=share)
+            with _fedexec() as ex:
+                _warm(ex, sizes["warm_calls"])
+                elapsed = _complete(ex, fn, args, check=True)
+            rec.add("memo", label, {"seconds": elapsed, "tasks": n, "unique": len(set(args))}, share=share,
+                    variant="decorator")
+        except Exception as exc:
+            rec.error("memo", label, exc)
+
+
+STAGES = [  # (name, from key, to key), as in the funcX paper's breakdown
+    ("client->relay", "submit", "relay_in"),
+    ("relay", "relay_in", "relay_out"),
+    ("relay->endpoint", "relay_out", "endpoint_in"),
+    ("endpoint queue", "endpoint_in", "worker_in"),
+    ("endpoint->worker", "worker_in", "start"),
+    ("execution", "start", "end"),
+    ("return", "end", "done"),
+]
+RETURN_SUBSTAGES = [  # where the return leg goes, when the keys are there
+    ("  worker->endpoint", "end", "endpoint_out"),
+    ("  endpoint->relay", "endpoint_out", "relay_result"),
+    ("  relay->client", "relay_result", "done"),
+]
+
+
+def measure_breakdown(rec: Recorder, sizes: dict[str, Any]) -> None:
+    """Median time per stage of sequential no-ops, from fut.fedexec_timings (trace=True)."""
+    label = "trace=True"
+    try:
+        with _fedexec(trace=True) as ex:
+            _warm(ex, sizes["warm_calls"])
+            rows: list[dict[str, float]] = []
+            rtts = []
+            for _ in range(sizes["breakdown_calls"]):
+                t = time.perf_counter()
+                fut = ex.submit(noop)
+                fut.result(RESULT_TIMEOUT)
+                rtts.append(time.perf_counter() - t)
+                rows.append(dict(getattr(fut, "fedexec_timings")))
+    except Exception as exc:
+        rec.error("breakdown", label, exc)
+        return
+    values: dict[str, Any] = {}
+    missing = set()
+    for name, a, b in STAGES + RETURN_SUBSTAGES + [("total (done - submit)", "submit", "done")]:
+        deltas = [(r[b] - r[a]) * 1e3 for r in rows if r.get(a) is not None and r.get(b) is not None]
+        if deltas:
+            values[name] = statistics.median(deltas)
+        else:
+            missing.update(k for k in (a, b) if any(r.get(k) is None for r in rows))
+    values["round trip (perf_counter)"] = statistics.median(rtts) * 1e3
+    rec.add("breakdown", label, values, calls=len(rows), missing=sorted(missing))
+
+
+FEDEXEC_JOBS: dict[str, Callable[[Recorder, dict[str, Any]], None]] = {
+    "fedexec-batching": measure_batching, "fedexec-prefetch": measure_prefetch,
+    "fedexec-memo": measure_memo, "fedexec-breakdown": measure_breakdown,
+}
+
+
+def child_main(job: str, out: str, quick: bool) -> int:
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(f"stopped by signal {signum}")  # so the cleanups in finally/with run
+
+    signal.signal(signal.SIGTERM, on_term)
+    sizes = SIZES["quick" if quick else "full"]
+    rec = Recorder(out, job)
+    if job in SYSTEMS:
+        run_system(job, rec, sizes)
+    else:
+        FEDEXEC_JOBS[job](rec, sizes)
+    return 0
+
+
+# =============================================================================
+# The parent side: runs the children, then writes the tables and plots
+# =============================================================================
+
+def _token_processes(token: str) -> list[Any]:
+    import psutil
+
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(TOKEN_VAR) == token:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def _reap_leftovers(token: str, grace: float = 5.0) -> list[str]:
+    """Kill (by pid) whatever the child's job left running; say what it was."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while True:
+        procs = _token_processes(token)
+        if not procs or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    described = []
+    for proc in procs:
+        try:
+            described.append(f"pid {proc.pid}: {' '.join(proc.cmdline())[:120]}")
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return described
+
+
+def run_job(job: str, run: int, quick: bool, workdir: Path, timeout: float | None = None) -> list[dict[str, Any]]:
+    sizes = SIZES["quick" if quick else "full"]
+    timeout = timeout or (sizes["peer_job_timeout"] if job in SYSTEMS else sizes["fedexec_job_timeout"])
+    out = workdir / f"run{run}-{job}.jsonl"
+    token = uuid.uuid4().hex
+    env = dict(os.environ)
+    env[TOKEN_VAR] = token
+    # Parsl starts interchange.py and process_worker_pool.py by name: this venv's bin first
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", job, "--child-out", str(out)]
+    if quick:
+        cmd.append("--quick")
+    print(f"  run {run + 1}: {job} (limit {timeout:.0f} s)", flush=True)
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    problem = ""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        problem = f"timed out after {timeout:.0f} s"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _reap_leftovers(token)
+        raise
+    if proc.returncode and not problem:
+        problem = f"exited with code {proc.returncode}"
+    leftovers = _reap_leftovers(token)
+    records = []
+    if out.exists():
+        records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    for r in records:
+        r["run"] = run
+    meta = {"job": job, "run": run, "measure": "_job", "seconds": time.perf_counter() - t,
+            "problem": problem, "leftovers": leftovers}
+    print(f"  run {run + 1}: {job} took {meta['seconds']:.1f} s" + (f" -- {problem}" if problem else "") +
+          (f" -- killed {len(leftovers)} leftover processes" if leftovers else ""), flush=True)
+    return records + [meta]
+
+
+# -- aggregation --------------------------------------------------------------
+
+def _median_rows(records: list[dict[str, Any]], measure: str) -> dict[str, dict[str, Any]]:
+    """label -> {values: medians, runs: per-run values, notes, errors, extra fields}"""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.get("measure") != measure:
+            continue
+        row = rows.setdefault(r["label"], {"per_run": [], "notes": [], "errors": [], "extra": {}})
+        if "error" in r:
+            row["errors"].append(r["error"])
+            continue
+        row["per_run"].append(r["values"])
+        if r.get("note"):
+            row["notes"].append(r["note"])
+        for k, v in r.items():
+            if k not in ("job", "measure", "label", "values", "note", "run", "error"):
+                row["extra"][k] = v
+    for row in rows.values():
+        keys = {k for v in row["per_run"] for k, x in v.items() if isinstance(x, (int, float))}
+        row["values"] = {k: statistics.median(v[k] for v in row["per_run"] if k in v) for k in keys}
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}" if digits < 2 else f"{x:.1f}"
+    return f"{x:.{digits}f}"
+
+
+def _cell(row: dict[str, Any] | None, key: str, digits: int = 2) -> str:
+    if row is None:
+        return "–"
+    if key in row.get("values", {}):
+        return _fmt(row["values"][key], digits)
+    if row.get("errors"):
+        return "error"
+    return "–"
+
+
+def _runs_note(row: dict[str, Any]) -> str:
+    parts = []
+    if row["errors"]:
+        parts.append(f"{len(row['errors'])} run(s) failed: {row['errors'][0]}")
+    if row["notes"]:
+        parts.append(sorted(set(row["notes"]))[0])
+    return "; ".join(parts)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    if a is b:
+        return "(ref)"
+    r = a / b
+    return f"{r:.3g}"
+
+
+def _get(rows: dict[str, dict[str, Any]], label: str, key: str) -> float | None:
+    row = rows.get(label)
+    return None if row is None else row.get("values", {}).get(key)
+
+
+def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started: datetime.datetime,
+                 wall: float, plot_dir: Path, md_path: Path) -> tuple[str, dict[str, Any]]:
+    sizes = SIZES["quick" if ns.quick else "full"]
+    F = SYSTEM_NAMES["fedexec"]
+    out: list[str] = []
+    add = out.append
+    title = "fedexec benchmark suite" + (" (quick smoke run: small sizes, not for the record)" if ns.quick else "")
+    add(f"# {title}, {started.date()}")
+    add("")
+    add(f"`python benchmarks/run_all.py{' --quick' if ns.quick else ''} --runs {ns.runs}` — started "
+        f"{started:%Y-%m-%d %H:%M}, took {wall / 60:.1f} min. Every number is the **median of {ns.runs} run(s)**; "
+        "in each run the systems are measured one after the other, each in a fresh process with a fresh "
+        "executor/cluster.")
+    add("")
+    add(_environment())
+    add("")
+    add("Ratios are fedexec / peer: for times and latencies **below 1 means fedexec is faster**, for tasks/s "
+        "**above 1 means fedexec is faster**. Plots: " +
+        ", ".join(f"[{p.name}]({plot_dir.name}/{p.name})" for p in sorted(plot_dir.glob("*.png"))) + ".")
+    add("")
+    summary: dict[str, Any] = {}
+    measured = {r.get("measure") for r in records}
+    sections: list[tuple[int, str]] = []  # (line index, measure): a section without records is left out
+
+    def section(measure: str) -> None:
+        sections.append((len(out), measure))
+
+    # latency
+    section("latency")
+    lat = _median_rows(records, "latency")
+    f_p50 = _get(lat, f"{F} submit", "p50_ms")
+    add(f"## Warm round trip of a no-op ({sizes['latency_calls']:,} sequential calls after "
+        f"{sizes['warm_calls']} warm-up calls)")
+    add("")
+    add("| system, path | p50 ms | p90 ms | p99 ms | fedexec p50 / this p50 | notes |")
+    add("|---|---|---|---|---|---|")
+    for label, row in lat.items():
+        add(f"| {label} | {_cell(row, 'p50_ms', 3)} | {_cell(row, 'p90_ms', 3)} | {_cell(row, 'p99_ms', 3)} | "
+            f"{_ratio(f_p50, row['values'].get('p50_ms'))} | {_runs_note(row)} |")
+    add("")
+    summary["latency"] = lat
+
+    # throughput
+    section("throughput")
+    tput = _median_rows(records, "throughput")
+    fed_kind = {row["extra"].get("kind"): row["values"].get("tasks_per_s")
+                for label, row in tput.items() if label.startswith(F)}
+    add(f"## Throughput: no-op tasks ({sizes['tput_tasks']:,} per path; a path that would take more than "
+        f"{sizes['cap_seconds']:.0f} s runs {sizes['tput_fallback']:,}, see notes)")
+    add("")
+    add("Each path is first warmed by a pilot of up to 1,000 tasks. The ratio pairs each path with fedexec's "
+        "path of the same kind (submit loop / app calls with fedexec's submit loop, `map`/`client.map` with "
+        "fedexec's `map`, chunksize with chunksize).")
+    add("")
+    add("| system, path | tasks | tasks/s | seconds | fedexec / this (tasks/s) | notes |")
+    add("|---|---|---|---|---|---|")
+    for label, row in tput.items():
+        kind = row["extra"].get("kind")
+        add(f"| {label} | {_cell(row, 'tasks', 0)} | {_cell(row, 'tasks_per_s', 0)} | {_cell(row, 'seconds', 2)} | "
+            f"{_ratio(fed_kind.get(kind), row['values'].get('tasks_per_s'))} | {_runs_note(row)} |")
+    add("")
+
+    section("sleep")
+    sleep = _median_rows(records, "sleep")
+    fed_sleep = next((row["values"].get("seconds") for label, row in sleep.items() if label.startswith(F)), None)
+    fed_sleep_rate = next((row["values"].get("tasks_per_s") for label, row in sleep.items()
+                           if label.startswith(F)), None)
+    add(f"## Throughput: `time.sleep(0.001)` tasks ({sizes['sleep_tasks']:,}; ideal with 2 workers = "
+        f"{sizes['sleep_tasks'] * 0.001 / 2:g} s)")
+    add("")
+    add("| system, path | tasks | seconds | tasks/s | efficiency (ideal / actual) | fedexec / this (tasks/s) | notes |")
+    add("|---|---|---|---|---|---|---|")
+    for label, row in sleep.items():
+        add(f"| {label} | {_cell(row, 'tasks', 0)} | {_cell(row, 'seconds')} | {_cell(row, 'tasks_per_s', 0)} | "
+            f"{_cell(row, 'efficiency')} | {_ratio(fed_sleep_rate, row['values'].get('tasks_per_s'))} | "
+            f"{_runs_note(row)} |")
+    add("")
+    del fed_sleep
+
+    # payloads
+    section("payload")
+    pay = _median_rows(records, "payload")
+    add(f"## Payloads: a bytes argument returned by an identity function (median of {sizes['payload_calls']} "
+        "sequential calls, after one warm call)")
+    add("")
+    systems = []
+    for label in pay:
+        name = label.rsplit(" ", 2)[0]
+        if name not in systems:
+            systems.append(name)
+    size_list = [s // MB for s in sizes["payload_sizes"]]
+    add("| system | " + " | ".join(f"{s} MB ms | fedexec / this" for s in size_list) + " | notes |")
+    add("|---|" + "---|---|" * len(size_list) + "---|")
+    for name in systems:
+        cells, notes = [], []
+        for s in size_list:
+            row = pay.get(f"{name} {s} MB")
+            fed = _get(pay, f"{F} {s} MB", "median_ms")
+            cells.append(f"{_cell(row, 'median_ms')} | {_ratio(fed, (row or {}).get('values', {}).get('median_ms'))}")
+            if row and _runs_note(row):
+                notes.append(f"{s} MB: {_runs_note(row)}")
+        add(f"| {name} | " + " | ".join(cells) + f" | {'; '.join(notes)} |")
+    add("")
+
+    # batching
+    section("batching")
+    bat = _median_rows(records, "batching")
+    on = _get(bat, "batching on (defaults)", "seconds")
+    off = _get(bat, "batching off (batch_size=1, worker_batch=1)", "seconds")
+    add(f"## fedexec: batching on vs off ({sizes['batching_tasks']:,} no-ops, submit loop, completion time)")
+    add("")
+    add("| configuration | seconds | tasks/s | notes |")
+    add("|---|---|---|---|")
+    for label, row in bat.items():
+        add(f"| {label} | {_cell(row, 'seconds', 3)} | {_cell(row, 'tasks_per_s', 0)} | {_runs_note(row)} |")
+    add(f"| **off / on** | **{_ratio(off, on)}×** | | |")
+    add("")
+
+    # prefetch
+    section("prefetch")
+    pre = _median_rows(records, "prefetch")
+    cells = sizes["prefetch_cells"]
+    add("## fedexec: prefetch per worker (completion time in seconds; all tasks submitted at once)")
+    add("")
+    add("| prefetch | " + " | ".join(f"{d * 1e3:g} ms × {n}" for d, n in cells) + " |")
+    add("|---|" + "---|" * len(cells))
+    add("| *ideal (2 workers)* | " + " | ".join(f"*{n * d / 2:.3g}*" for d, n in cells) + " |")
+    for p in sizes["prefetch_values"]:
+        add(f"| {p} | " + " | ".join(_cell(pre.get(f"prefetch={p} task={d * 1e3:g}ms"), "seconds", 3)
+                                      for d, _ in cells) + " |")
+    errs = sorted({e for row in pre.values() for e in row["errors"]})
+    if errs:
+        add("")
+        add(f"Errors: {errs[0]}")
+    add("")
+
+    # memoization
+    section("memo")
+    memo = _median_rows(records, "memo")
+    add(f"## fedexec: memoization ({sizes['memo_tasks']:,} calls of a 1 ms function, submitted at once, "
+        "completion time)")
+    add("")
+    add("A repeated call has the same arguments as an earlier one; calls are in a seeded random order, so a "
+        "repeat may be submitted before the call it repeats has finished.")
+    add("")
+    add("| configuration | distinct calls | seconds | time / time at 0 % | notes |")
+    add("|---|---|---|---|---|")
+    zero = _get(memo, "memoize=True, 0% repeated", "seconds")
+    for label, row in memo.items():
+        base = zero if row["extra"].get("variant") == "executor" else _get(memo, "memoized(fn), 0% repeated",
+                                                                           "seconds")
+        add(f"| {label} | {_cell(row, 'unique', 0)} | {_cell(row, 'seconds', 3)} | "
+            f"{_ratio(row['values'].get('seconds'), base)} | {_runs_note(row)} |")
+    hundred = _get(memo, "memoize=True, 100% repeated", "seconds")
+    add(f"| **0 % / 100 % (speed-up)** | | **{_ratio(zero, hundred)}×** | | |")
+    add("")
+
+    # breakdown
+    section("breakdown")
+    brk = _median_rows(records, "breakdown")
+    add(f"## fedexec: latency breakdown per stage (trace=True, {sizes['breakdown_calls']:,} sequential no-ops, "
+        "median per stage, ms)")
+    add("")
+    row = brk.get("trace=True")
+    if row and row["values"]:
+        add("| stage | median ms |")
+        add("|---|---|")
+        for name, _, _ in STAGES + RETURN_SUBSTAGES + [("total (done - submit)", "", ""),
+                                                       ("round trip (perf_counter)", "", "")]:
+            if name in row["values"]:
+                add(f"| {name.strip() if not name.startswith('  ') else '&nbsp;&nbsp;' + name.strip()} | "
+                    f"{row['values'][name]:.3f} |")
+        if row["extra"].get("missing"):
+            add("")
+            add(f"Timestamps missing from `fedexec_timings`: {', '.join(row['extra']['missing'])}.")
+        add("")
+        add("Stages are differences of `time.time()` stamps taken in different processes on one machine. "
+            "The stages sum to the total; the median of each stage is shown, so medians need not add up exactly.")
+    else:
+        add(f"Not measured: {_runs_note(row) if row else 'no records'}")
+    add("")
+
+    # targets
+    section("_targets")
+    add("## Targets of issue 3")
+    add("")
+    add("| target | measured | met |")
+    add("|---|---|---|")
+
+    def target(what: str, measured: str, ok: bool | None) -> None:
+        add(f"| {what} | {measured} | {'–' if ok is None else ('yes' if ok else '**no**')} |")
+
+    target("warm round trip p50 ≤ 1.0 ms", f"{_fmt(f_p50, 3)} ms", None if f_p50 is None else f_p50 <= 1.0)
+    fmap, fsub = fed_kind.get("map"), fed_kind.get("submit")
+    target("≥ 50,000 no-op tasks/s through `map`", f"{_fmt(fmap, 0)}/s", None if fmap is None else fmap >= 50000)
+    target("≥ 20,000 no-op tasks/s through a submit loop", f"{_fmt(fsub, 0)}/s",
+           None if fsub is None else fsub >= 20000)
+    for peer in (SYSTEM_NAMES["parsl"], SYSTEM_NAMES["dask"]):
+        ratios = [fed_kind.get(row["extra"].get("kind"), 0) / row["values"]["tasks_per_s"]
+                  for label, row in tput.items() if label.startswith(peer) and row["values"].get("tasks_per_s")
+                  and fed_kind.get(row["extra"].get("kind"))]
+        worst = min(ratios) if ratios else None
+        target(f"≥ 20× the throughput of {peer} (every path, paired by kind)",
+               f"{_fmt(worst, 1)}× (worst path)" if worst else "–", None if worst is None else worst >= 20)
+        p50s = [row["values"]["p50_ms"] for label, row in lat.items() if label.startswith(peer)
+                and "p50_ms" in row["values"]]
+        best = min(p50s) if p50s else None
+        target(f"lower p50 latency than {peer}", f"{_fmt(f_p50, 3)} vs {_fmt(best, 3)} ms (its best path)",
+               None if best is None or f_p50 is None else f_p50 < best)
+    for s, limit in ((10, 40.0), (1, 5.0)):
+        v = _get(pay, f"{F} {s} MB", "median_ms")
+        target(f"{s} MB argument returned in ≤ {limit:g} ms", f"{_fmt(v)} ms", None if v is None else v <= limit)
+    br = None if on is None or off is None else off / on
+    target("batching ≥ 15× faster than unbatched (10,000 no-ops)", f"{_fmt(br, 1)}×", None if br is None else br >= 15)
+    mr = None if zero is None or hundred is None else zero / hundred
+    target("memoized 100 %-repeat run ≥ 20× faster than 0 %", f"{_fmt(mr, 1)}×", None if mr is None else mr >= 20)
+    add("")
+
+    # housekeeping
+    section("_runs")
+    measured |= {"_targets", "_runs"}
+    kept: list[str] = out[:sections[0][0]] if sections else out
+    for i, (start, measure) in enumerate(sections):
+        end = sections[i + 1][0] if i + 1 < len(sections) else len(out)
+        if measure in measured:
+            kept.extend(out[start:end])
+    out[:] = kept
+    add = out.append
+    jobs = [r for r in records if r.get("measure") == "_job"]
+    add("## Runs")
+    add("")
+    add("| job | seconds per run | problems | leftover processes killed after it |")
+    add("|---|---|---|---|")
+    for job in JOBS:
+        js = [r for r in jobs if r["job"] == job]
+        if not js:
+            continue
+        secs = " / ".join(f"{r['seconds']:.0f}" for r in js)
+        problems = "; ".join(sorted({r["problem"] for r in js if r["problem"]}))
+        left = [x for r in js for x in r["leftovers"]]
+        add(f"| {job} | {secs} | {problems or '–'} | {len(left)}{': ' + left[0] if left else ''} |")
+    setup = _median_rows(records, "setup")
+    if setup:
+        add("")
+        add("Start-up (constructor until ready, median): " +
+            ", ".join(f"{label} {_cell(row, 'start_s')} s" for label, row in setup.items()) + ".")
+    add("")
+    add(f"Raw records (every run): `{plot_dir.name}/raw.json`.")
+    add("")
+    return "\n".join(out), summary
+
+
+def _environment() -> str:
+    versions = []
+    for mod in ("fedexec", "parsl", "distributed", "zmq"):
+        try:
+            m = __import__(mod)
+            versions.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception:
+            versions.append(f"{mod} (not installed)")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "src"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        commit += " (src/ has uncommitted changes)" if dirty else ""
+    except Exception:
+        commit = "?"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"Machine: {platform.node()}, {os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}; {', '.join(versions)}; fedexec commit {commit}; "
+            f"load average at start {load}.")
+
+
+# -- plots --------------------------------------------------------------------
+
+def make_plots(records: list[dict[str, Any]], plot_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig: Any, name: str, tight: bool = True) -> None:
+        if tight:
+            fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    def barh(rows: dict[str, dict[str, Any]], keys: list[tuple[str, str]], xlabel: str, title: str, name: str,
+             log: bool = False) -> None:
+        labels = [label for label, row in rows.items() if row["values"]]
+        if not labels:
+            return
+        fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(labels) * max(1, len(keys) * 0.6)))
+        height = 0.8 / len(keys)
+        for i, (key, legend) in enumerate(keys):
+            vals = [rows[label]["values"].get(key, 0) for label in labels]
+            ys = [j + i * height for j in range(len(labels))]
+            bars = ax.barh(ys, vals, height=height, label=legend)
+            for bar, v in zip(bars, vals):
+                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {_fmt(v)}", va="center", fontsize=7)
+        ax.set_yticks([j + height * (len(keys) - 1) / 2 for j in range(len(labels))])
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        top = max((rows[label]["values"].get(k, 0) for label in labels for k, _ in keys), default=0)
+        if log:
+            ax.set_xscale("log")
+            if top > 0:
+                ax.set_xlim(right=top * 4)
+        elif top > 0:
+            ax.set_xlim(0, top * 1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+        save(fig, name)
+
+    barh(_median_rows(records, "latency"), [("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99")],
+         "ms (log scale)", "Warm round trip of a no-op", "latency.png", log=True)
+    barh(_median_rows(records, "throughput"), [("tasks_per_s", "tasks/s")], "no-op tasks/s (log scale)",
+         "Throughput: no-op tasks", "throughput.png", log=True)
+    barh(_median_rows(records, "sleep"), [("seconds", "seconds")], "seconds (ideal: n × 1 ms / 2)",
+         "Completion time: time.sleep(1 ms) tasks", "sleep.png")
+    barh(_median_rows(records, "payload"), [("median_ms", "median")], "ms (log scale)",
+         "Payload returned (identity)", "payloads.png", log=True)
+    barh(_median_rows(records, "batching"), [("seconds", "seconds")], "seconds", "fedexec: batching on vs off",
+         "batching.png")
+
+    pre = _median_rows(records, "prefetch")
+    if any(row["values"] for row in pre.values()):
+        durations = sorted({row["extra"]["task_ms"] for row in pre.values() if "task_ms" in row["extra"]})
+        fig, axes = plt.subplots(1, len(durations), figsize=(3.2 * len(durations), 3.2))
+        for ax, d in zip(list(axes) if len(durations) > 1 else [axes], durations):
+            pts = sorted((row["extra"]["prefetch"], row["values"]["seconds"]) for row in pre.values()
+                         if row["extra"].get("task_ms") == d and "seconds" in row["values"])
+            if pts:
+                ax.plot([p for p, _ in pts], [s for _, s in pts], marker="o")
+                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xticks([p for p, _ in pts])
+                ax.set_xticklabels([str(p) for p, _ in pts])
+            ax.set_title(f"{d:g} ms tasks", fontsize=9)
+            ax.set_xlabel("prefetch per worker")
+            ax.set_ylim(bottom=0)
+        (list(axes) if len(durations) > 1 else [axes])[0].set_ylabel("completion time, s")
+        fig.suptitle("fedexec: prefetch")
+        save(fig, "prefetch.png")
+
+    memo = _median_rows(records, "memo")
+    pts = sorted((row["extra"]["share"], row["values"]["seconds"]) for row in memo.values()
+                 if row["extra"].get("variant") == "executor" and "seconds" in row["values"])
+    if pts:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([s for s, _ in pts], [t for _, t in pts], marker="o", label="memoize=True")
+        dec = sorted((row["extra"]["share"], row["values"]["seconds"]) for row in memo.values()
+                     if row["extra"].get("variant") == "decorator" and "seconds" in row["values"])
+        if dec:
+            ax.plot([s for s, _ in dec], [t for _, t in dec], marker="s", linestyle="none", label="memoized(fn)")
+        ax.set_xlabel("repeated calls, %")
+        ax.set_ylabel("completion time, s")
+        ax.set_ylim(bottom=0)
+        ax.set_title("fedexec: memoization")
+        ax.legend(fontsize=8)
+        save(fig, "memoization.png")
+
+    brk = _median_rows(records, "breakdown").get("trace=True")
+    if brk and brk["values"]:
+        names = [n for n, _, _ in STAGES if n in brk["values"]]
+        fig, ax = plt.subplots(figsize=(9, 1.8))
+        left = 0.0
+        for n in names:
+            v = brk["values"][n]
+            ax.barh([0], [v], left=left, label=f"{n} {v:.3f} ms")
+            left += v
+        ax.set_yticks([])
+        ax.set_xlabel("ms (median per stage)")
+        ax.set_title("fedexec: where a warm no-op round trip goes")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.55))
+        save(fig, "breakdown.png", tight=False)
+
+
+# -- main ---------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run (one run by default)")
+    parser.add_argument("--runs", type=int, default=None, help="runs to take the median of (default 3; 1 with --quick)")
+    parser.add_argument("--only", default="", help=f"comma-separated jobs to run (default all: {','.join(JOBS)})")
+    parser.add_argument("--out", default=str(HERE / "results"), help="directory for <date>.md and <date>/")
+    parser.add_argument("--job-timeout", type=float, default=None,
+                        help="seconds each job may take (default: 1200 per peer, 600 per fedexec experiment; "
+                             "300/240 with --quick)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.child:
+        return child_main(ns.child, ns.child_out, ns.quick)
+
+    ns.runs = ns.runs or (1 if ns.quick else 3)
+    jobs = [j.strip() for j in ns.only.split(",") if j.strip()] or JOBS
+    unknown = set(jobs) - set(JOBS)
+    if unknown:
+        parser.error(f"unknown job(s) {sorted(unknown)}; jobs are {JOBS}")
+    started = datetime.datetime.now()
+    stem = started.date().isoformat() + ("-quick" if ns.quick else "")
+    out_dir = Path(ns.out)
+    plot_dir = out_dir / stem
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    md_path = out_dir / f"{stem}.md"
+    print(f"fedexec benchmark suite: {ns.runs} run(s) of {', '.join(jobs)}"
+          f"{' (quick sizes)' if ns.quick else ''}", flush=True)
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedexec-bench-") as work:
+        for run in range(ns.runs):
+            for job in jobs:
+                records.extend(run_job(job, run, ns.quick, Path(work), ns.job_timeout))
+    wall = time.perf_counter() - t0
+    (plot_dir / "raw.json").write_text(json.dumps(records, indent=1))
+    try:
+        for old in plot_dir.glob("*.png"):
+            old.unlink()
+        make_plots(records, plot_dir)
+    except Exception:
+        traceback.print_exc()
+        print("plots failed (the table is still written)", flush=True)
+    report, _ = build_report(records, ns, started, wall, plot_dir, md_path)
+    md_path.write_text(report)
+    print("\n" + report)
+    print(f"wrote {md_path} and {plot_dir}/ in {wall / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
