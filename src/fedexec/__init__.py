@@ -12,12 +12,14 @@ from .errors import (
     RelayUnavailable,
     RemoteExecutionError,
     SerializationError,
+    TaskLost,
     TaskRejected,
+    TaskTimeout,
     UnknownEndpoint,
     VersionMismatch,
     WorkerLost,
 )
-from .executor import FederatedExecutor, TaskFuture, memoized
+from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 
 __version__ = "0.1.0"
 
@@ -25,12 +27,15 @@ __all__ = [
     "FederatedExecutor",
     "TaskFuture",
     "memoized",
+    "with_options",
     "FedexecError",
     "DeserializationError",
     "RelayUnavailable",
     "RemoteExecutionError",
     "SerializationError",
+    "TaskLost",
     "TaskRejected",
+    "TaskTimeout",
     "UnknownEndpoint",
     "VersionMismatch",
     "WorkerLost",

@@ -71,6 +71,7 @@ class EndpointConfig:
     prefetch: int = 1               # tasks queued per worker beyond the running one
     heartbeat_period: float = 2.0   # seconds between heartbeats to the relay
     worker_batch: int = DEFAULT_WORKER_BATCH  # most fast tasks handed a worker at once (1: one at a time)
+    worker_lost_retries: int = 2    # times a task whose worker died is run again before it fails
 
     def workers(self) -> int:
         return self.max_workers or usable_cores()
@@ -78,7 +79,8 @@ class EndpointConfig:
     def validate(self) -> None:
         check_endpoint_name(self.name)
         for key, kind in (("endpoint_id", str), ("relay", str), ("max_workers", int), ("prefetch", int),
-                          ("heartbeat_period", (int, float)), ("worker_batch", int)):
+                          ("heartbeat_period", (int, float)), ("worker_batch", int),
+                          ("worker_lost_retries", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -98,6 +100,8 @@ class EndpointConfig:
             raise ConfigError(f"worker_batch must be >= 1, not {self.worker_batch}")
         if self.heartbeat_period <= 0:
             raise ConfigError(f"heartbeat_period must be > 0, not {self.heartbeat_period}")
+        if self.worker_lost_retries < 0:
+            raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
 
     @property
     def path(self) -> Path:
@@ -119,6 +123,9 @@ class EndpointConfig:
             f"heartbeat_period = {self.heartbeat_period}\n"
             f"# Most fast tasks (under 0.5 ms) handed a worker at once; 1 turns batching off.\n"
             f"worker_batch = {self.worker_batch}\n"
+            f"# Times a task is run again when its worker dies under it (not counted\n"
+            f"# against the task's own max_retries) before it fails with WorkerLost.\n"
+            f"worker_lost_retries = {self.worker_lost_retries}\n"
         )
         path.write_text(text)
         return path
@@ -132,7 +139,8 @@ class EndpointConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch"}
+        known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
+                 "worker_lost_retries"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

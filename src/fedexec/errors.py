@@ -76,3 +76,19 @@ class TaskRejected(FedexecError):
 
 class RelayUnavailable(FedexecError):
     """The relay could not be reached within the configured time."""
+
+
+class TaskTimeout(FedexecError):
+    """The task ran past its walltime (``timeout``) on the endpoint and was
+    stopped. Not a :class:`TimeoutError`, so that it is never mistaken for
+    ``Future.result(timeout)`` running out."""
+
+    def __init__(self, message: str, *, timeout: float = 0.0, endpoint: str = "") -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.endpoint = endpoint
+
+
+class TaskLost(FedexecError):
+    """The relay has no record of the task: it was never accepted, its
+    result was already fetched and acknowledged, or it expired."""

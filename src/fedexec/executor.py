@@ -37,7 +37,9 @@ from .errors import (
     DeserializationError,
     RelayUnavailable,
     SerializationError,
+    TaskLost,
     TaskRejected,
+    TaskTimeout,
     UnknownEndpoint,
     VersionMismatch,
     WorkerLost,
@@ -109,6 +111,8 @@ class _FunctionCache:
 
 
 CANCEL_TIMEOUT = 10.0
+HEARTBEAT_PERIOD = 1.0   # seconds between the dispatcher's heartbeats while tasks are out
+RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
 
@@ -162,7 +166,8 @@ class TaskFuture(Future):
 class _WorkItem:
     """One submitted task on its way: the future and what travels for it."""
 
-    __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running", "memo_key", "trace")
+    __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running", "memo_key", "trace",
+                 "extra")
 
     def __init__(self, future: TaskFuture, task_id: bytes, fn_hash: bytes, fn_body: bytes,
                  payload: bytes, kind: int) -> None:
@@ -175,6 +180,7 @@ class _WorkItem:
         self.running = False
         self.memo_key: bytes | None = None     # set for memoized calls
         self.trace: list[float] | None = None  # set when tracing: timestamps so far
+        self.extra: dict[str, Any] | None = None  # walltime and retries, when asked for
 
 
 def _failure_exception(blob: Any) -> BaseException:
@@ -183,6 +189,10 @@ def _failure_exception(blob: Any) -> BaseException:
     if kind == P.WORKER_LOST:
         return WorkerLost(msg, endpoint=str(info.get("endpoint", "")), pid=int(info.get("pid", 0)),
                           exitcode=info.get("exitcode"))
+    if kind == P.TIMEOUT:
+        return TaskTimeout(msg, timeout=float(info.get("timeout", 0.0)), endpoint=str(info.get("endpoint", "")))
+    if kind == P.LOST:
+        return TaskLost(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
     if kind == P.SERIALIZATION:
@@ -204,6 +214,11 @@ class _Dispatcher(threading.Thread):
         self.client_id = uuid.uuid4().bytes
         self.commands: deque[tuple[str, Any]] = deque()
         self.pending: dict[bytes, _WorkItem] = {}
+        # sent, but not yet in the relay's durable record: kept with their
+        # arguments, to send again if the relay restarts
+        self.unaccepted: dict[bytes, _WorkItem] = {}
+        self.relay_incarnation: bytes | None = None
+        self.resending = False   # batches being sent again after a relay restart
         self.registered: set[bytes] = set()
         self.lookups: deque[Future] = deque()
         self.out_rows: list[list[Any]] = []        # a batch being gathered (batch_window)
@@ -246,9 +261,10 @@ class _Dispatcher(threading.Thread):
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = time.monotonic() + HEARTBEAT_PERIOD
         try:
             while True:
-                timeout = 1000
+                timeout = int(HEARTBEAT_PERIOD * 1000)
                 if self.out_rows:
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
                 events = dict(poller.poll(timeout))
@@ -256,8 +272,13 @@ class _Dispatcher(threading.Thread):
                     self._run_commands()
                 if sock in events:
                     self._read_results()
-                if self.out_rows and time.monotonic() >= self.out_deadline:
+                now = time.monotonic()
+                if self.out_rows and now >= self.out_deadline:
                     self._send_batch()
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_PERIOD
+                    if self.pending:  # its answer says whether the relay restarted meanwhile
+                        sock.send_multipart(P.encode(P.HEARTBEAT))
                 if self.stopping and not self.pending and not self.commands:
                     break
         except BaseException as exc:  # a bug or a dead context: fail futures rather than hang them
@@ -378,15 +399,15 @@ class _Dispatcher(threading.Thread):
             fn_ref = blobs.ref(item.fn_body)
         row: list[Any] = [item.task_id, item.fn_hash, blobs.ref(item.payload), fn_ref, item.kind,
                           P.PYTHON_VERSION]
-        if item.memo_key is not None or item.trace is not None:
-            options: dict[str, Any] = {}
+        if item.memo_key is not None or item.trace is not None or item.extra is not None:
+            options: dict[str, Any] = dict(item.extra) if item.extra is not None else {}
             if item.memo_key is not None:
                 options["m"] = item.memo_key
             if item.trace is not None:
                 options["tr"] = item.trace  # "sent" is stamped when the batch leaves
             row.append(options)
         rows.append(row)
-        item.payload = item.fn_body = b""  # the relay has them now; do not hold big arguments
+        self.unaccepted[item.task_id] = item
         if len(rows) >= self.batch_size:
             self._send_batch()
 
@@ -397,8 +418,44 @@ class _Dispatcher(threading.Thread):
         for row in rows:
             if len(row) == 7 and "tr" in row[6]:
                 row[6]["tr"].append(now)
-        self.sock.send_multipart(P.encode(P.SUBMIT, {"ep": self.endpoint_id, "tasks": rows}, blobs.frames),
-                                 copy=False)
+        fields: dict[str, Any] = {"ep": self.endpoint_id, "tasks": rows}
+        if self.resending:
+            fields["resend"] = True
+        self.sock.send_multipart(P.encode(P.SUBMIT, fields, blobs.frames), copy=False)
+
+    def _relay_restarted(self) -> None:
+        """The relay came back from a restart: introduce this client again,
+        send again what it had not recorded, and ask for the results of the
+        rest (they come from its record, or when the tasks finish)."""
+        log.warning("the relay restarted; sending %d unrecorded task(s) again and resuming %d",
+                    len(self.unaccepted), len(self.pending) - len(self.unaccepted))
+        sock = self.sock
+        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))
+        self.registered.clear()
+        if self.out_rows:
+            self._send_batch()
+        again = [item for item in self.unaccepted.values() if item.task_id in self.pending]
+        self.unaccepted.clear()
+        self.resending = True
+        try:
+            for item in again:
+                self._add_to_batch(item)
+            if self.out_rows:
+                self._send_batch()
+        finally:
+            self.resending = False
+        accepted = [tid for tid, item in self.pending.items() if tid not in self.unaccepted]
+        for start in range(0, len(accepted), RESUME_CHUNK):
+            sock.send_multipart(P.encode(P.RESUME, {"tids": accepted[start:start + RESUME_CHUNK]}))
+
+    def _heard_from(self, incarnation: Any) -> None:
+        if not isinstance(incarnation, bytes):
+            return
+        if self.relay_incarnation is None:
+            self.relay_incarnation = incarnation
+        elif incarnation != self.relay_incarnation:
+            self.relay_incarnation = incarnation
+            self._relay_restarted()
 
     def _read_results(self) -> None:
         sock = self.sock
@@ -424,6 +481,7 @@ class _Dispatcher(threading.Thread):
                 for row in msg.fields["rows"]:
                     task_id, status, index = row[:3]
                     acks.append(task_id)
+                    self.unaccepted.pop(task_id, None)
                     item = self.pending.pop(task_id, None)
                     if item is None:
                         continue
@@ -432,6 +490,14 @@ class _Dispatcher(threading.Thread):
                     self._finish(item, status, blob, trace)
                     if item.memo_key is not None:
                         self._settle_twins(item, status, blob)
+            elif msg.type == P.ACCEPTED:
+                unaccepted = self.unaccepted
+                for task_id in msg.fields["tids"]:
+                    item = unaccepted.pop(task_id, None)
+                    if item is not None:
+                        item.payload = b""  # recorded by the relay: the arguments need not stay here
+            elif msg.type in (P.WELCOME, P.HEARTBEAT):
+                self._heard_from(msg.fields.get("inc"))
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
                     self.lookups.popleft().set_result(msg.fields)
@@ -523,7 +589,8 @@ class FederatedExecutor(Executor):
     def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
                  max_workers: int | None = None, batch_size: int = 1024, batch_window: float = 0.0,
                  prefetch: int | None = None, worker_batch: int | None = None,
-                 memoize: bool = False, trace: bool = False, connect_timeout: float = 30.0) -> None:
+                 memoize: bool = False, trace: bool = False, max_retries: int = 0,
+                 task_timeout: float | None = None, connect_timeout: float = 30.0) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -534,6 +601,9 @@ class FederatedExecutor(Executor):
             raise ValueError("prefetch must be >= 0")
         if worker_batch is not None and worker_batch < 1:
             raise ValueError("worker_batch must be >= 1")
+        _check_task_options(task_timeout, max_retries)
+        self._max_retries = max_retries
+        self._task_timeout = task_timeout
         services: EmbeddedFederation | None = None
         if endpoint_id is None:
             if relay is not None:
@@ -611,18 +681,28 @@ class FederatedExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
         return self._submit(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, kwargs))
 
-    def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool]:
-        """The function to send and whether its calls are memoized; raises
-        if the executor is shut down or ``fn`` is not callable."""
+    def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
+        """The function to send, whether its calls are memoized, and the task
+        options that travel with it; raises if the executor is shut down or
+        ``fn`` is not callable."""
         self._check_open()
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        if isinstance(fn, memoized):
-            return fn.fn, True
-        return fn, self._memoize
+        memoize, timeout, retries = self._memoize, self._task_timeout, self._max_retries
+        if isinstance(fn, with_options):
+            memoize = fn.memoize if fn.memoize is not None else memoize
+            timeout = fn.timeout if fn.timeout is not None else timeout
+            retries = fn.max_retries if fn.max_retries is not None else retries
+            fn = fn.fn
+        extra: dict[str, Any] = {}
+        if retries:
+            extra["r"] = retries
+        if timeout is not None:
+            extra["to"] = timeout
+        return fn, memoize, extra or None
 
     def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
-        fn, memoize = self._callable(fn)
+        fn, memoize, extra = self._callable(fn)
         submitted = time.time() if self._trace else 0.0
         task_id = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         future = TaskFuture(self._dispatcher, task_id)
@@ -633,6 +713,7 @@ class FederatedExecutor(Executor):
             future.set_exception(exc)
             return future
         item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
+        item.extra = extra
         if memoize:
             item.memo_key = content_hash(fn_hash + bytes([kind]) + payload)
         if self._trace:
@@ -645,7 +726,7 @@ class FederatedExecutor(Executor):
     def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
         """``submit(fn, *args)`` for each args tuple, handed to the dispatcher
         in groups of ``batch_size`` rather than one by one (``map``'s path)."""
-        fn, memoize = self._callable(fn)
+        fn, memoize, extra = self._callable(fn)
         futures: list[Future] = []
         group: list[_WorkItem] = []
         fn_hash = fn_body = b""
@@ -663,6 +744,7 @@ class FederatedExecutor(Executor):
                 future.set_exception(exc)
                 continue
             item = _WorkItem(future, task_id, fn_hash, fn_body, payload, P.TASK_CALL)
+            item.extra = extra
             if memoize:
                 item.memo_key = content_hash(fn_hash + bytes([P.TASK_CALL]) + payload)
             if trace:
@@ -776,7 +858,48 @@ class FederatedExecutor(Executor):
         # as with the standard executors
 
 
-class memoized:
+def _check_task_options(timeout: float | None, max_retries: int | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= P.MAX_WALLTIME):
+        raise ValueError(f"timeout must be a number of seconds greater than 0 (at most {P.MAX_WALLTIME:g}), "
+                         f"not {timeout!r}")
+    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)
+                                    or not 0 <= max_retries <= P.MAX_RETRIES):
+        raise ValueError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
+
+
+class with_options:
+    """Options for the calls of one function, for ``submit`` and ``map``:
+    ``ex.submit(with_options(f, timeout=60, max_retries=2), x)``.
+
+    ``timeout``: the walltime of each call in seconds, enforced on the
+    endpoint (the worker running a call past it is stopped and the call fails
+    with :class:`~fedexec.TaskTimeout`). ``max_retries``: times a call that
+    raised is run again before its exception is returned. ``memoize``: see
+    :class:`memoized`. Unset options take the executor's.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
+                 memoize: bool | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        _check_task_options(timeout, max_retries)
+        if isinstance(fn, with_options):  # the outer options win
+            timeout = fn.timeout if timeout is None else timeout
+            max_retries = fn.max_retries if max_retries is None else max_retries
+            memoize = fn.memoize if memoize is None else memoize
+            fn = fn.fn
+        self.fn = fn
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.memoize = memoize
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+class memoized(with_options):
     """Mark a function's calls as memoizable: ``ex.submit(memoized(f), x)``
     returns the earlier result of ``f(x)`` when there is one (from this
     executor, or from the relay's store), without running it again.
@@ -788,13 +911,7 @@ class memoized:
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        super().__init__(fn, memoize=True)
 
 
 def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:

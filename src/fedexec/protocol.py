@@ -26,16 +26,19 @@ PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 # Message types -------------------------------------------------------------
 # client/endpoint -> relay
-HELLO = "hello"          # {role, id, name?, py, capacity?}
-SUBMIT = "submit"        # {ep, tasks: [TaskRow]}
+HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds]}
+SUBMIT = "submit"        # {ep, tasks: [TaskRow], resend?: true after a relay restart}
 CANCEL = "cancel"        # {tids}
-ACK = "ack"              # {tids}: results received, relay may forget them
+ACK = "ack"              # {tids}: client -> relay: results received, relay may forget them;
+                         #         relay -> endpoint: results stored, endpoint may forget them
+RESUME = "resume"        # {tids}: a client waits for these accepted tasks: route their results to it
 LOOKUP = "lookup"        # {ep}
 CREDIT = "credit"        # {n}: endpoint can take n more tasks
 HEARTBEAT = "hb"
 BYE = "bye"
 # relay -> client/endpoint
-WELCOME = "welcome"
+WELCOME = "welcome"      # {role, inc: this relay run's id, py?}
+ACCEPTED = "accepted"    # {tids}: these tasks are in the relay's durable record
 RESULTS = "results"      # {rows: [ResultRow], credit?, started?: [task ids now running]}
 LOOKUP_REPLY = "lookup_reply"
 TASKS = "tasks"          # {tasks: [TaskRow]}
@@ -47,7 +50,11 @@ RESULT = "result"        # worker -> endpoint, one ResultRow
 STOP = "stop"
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
-# options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far]}
+# options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
+#   "r": times to run it again after it raised, "to": walltime in seconds}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to"})
+MAX_RETRIES = 100
+MAX_WALLTIME = 366 * 24 * 3600.0
 TASK_CALL = 0    # fn(*args, **kwargs)
 TASK_CHUNK = 1   # [fn(*a) for a in chunk]; a map() chunk travels as one task
 
@@ -66,6 +73,8 @@ WORKER_LOST = "worker_lost"
 REJECTED = "rejected"
 VERSION = "version"
 SERIALIZATION = "serialization"
+LOST = "lost"            # the relay has no record of the task (never accepted, or expired)
+TIMEOUT = "timeout"      # the task ran longer than its walltime and was stopped
 
 
 INLINE_MAX = 8 * 1024
@@ -200,20 +209,28 @@ def task_ids(values: Any) -> list[bytes]:
     return values
 
 
-def trace(value: Any) -> list[float]:
-    if (not isinstance(value, list) or len(value) > len(TRACE_STAGES)
+# The most stamps a trace may carry when it reaches each part (each part
+# adds its own before passing it on, so a longer one is refused at the edge).
+TRACE_AT_RELAY = 2       # submit, sent
+TRACE_AT_ENDPOINT = 4    # ... relay_in, relay_out
+TRACE_FROM_WORKER = 8    # ... endpoint_in, worker_in, start, end
+TRACE_FROM_ENDPOINT = 9  # ... endpoint_out
+
+
+def trace(value: Any, at_most: int = len(TRACE_STAGES)) -> list[float]:
+    if (not isinstance(value, list) or len(value) > at_most
             or not all(isinstance(t, float) for t in value)):
-        raise ProtocolError("a trace is a short list of timestamps")
+        raise ProtocolError(f"a trace here is a list of at most {at_most} timestamps")
     return value
 
 
-def result_row(row: Any) -> tuple[bytes, int, Any]:
+def result_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> tuple[bytes, int, Any]:
     """``(task_id, status, blob_index)`` of a result row, checked (a 4th
     field, the trace, is checked too and left in the row)."""
     if not isinstance(row, list) or len(row) not in (3, 4):
         raise ProtocolError("a result row has 3 or 4 fields")
     if len(row) == 4:
-        trace(row[3])
+        trace(row[3], max_trace)
     task_id, status, index = row[:3]
     if (not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED)
             or type(index) not in (int, bytes)):
@@ -221,19 +238,23 @@ def result_row(row: Any) -> tuple[bytes, int, Any]:
     return task_id, status, index
 
 
-def task_row(row: Any) -> list[Any]:
+def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
     """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python, options?]``, checked."""
     if not isinstance(row, list) or len(row) not in (6, 7):
         raise ProtocolError("a task row has 6 or 7 fields")
     task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
     if len(row) == 7:
         options = row[6]
-        if not isinstance(options, dict) or not set(options) <= {"m", "tr"}:
-            raise ProtocolError("task options must be a map with keys m, tr")
+        if not isinstance(options, dict) or not set(options) <= TASK_OPTIONS:
+            raise ProtocolError(f"task options must be a map with keys among {', '.join(sorted(TASK_OPTIONS))}")
         if "m" in options and not (isinstance(options["m"], bytes) and len(options["m"]) == 32):
             raise ProtocolError("a memo key is 32 bytes")
+        if "r" in options and not (type(options["r"]) is int and 0 <= options["r"] <= MAX_RETRIES):
+            raise ProtocolError(f"max_retries must be an integer from 0 to {MAX_RETRIES}")
+        if "to" in options and not (type(options["to"]) in (int, float) and 0 < options["to"] <= MAX_WALLTIME):
+            raise ProtocolError(f"a task timeout must be a number of seconds from 0 to {MAX_WALLTIME}")
         if "tr" in options:
-            trace(options["tr"])
+            trace(options["tr"], max_trace)
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-workers", type=int, default=0)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--worker-batch", type=int, default=None)
+    parser.add_argument("--heartbeat-period", type=float, default=None,
+                        help="seconds between heartbeats to the relay (default 2)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
             config = EndpointConfig(name=ns.name, relay=ns.relay, max_workers=ns.max_workers, prefetch=ns.prefetch)
             if ns.worker_batch is not None:
                 config.worker_batch = ns.worker_batch
+            if ns.heartbeat_period is not None:
+                config.heartbeat_period = ns.heartbeat_period
             if ns.endpoint_id:
                 config.endpoint_id = ns.endpoint_id
         else:

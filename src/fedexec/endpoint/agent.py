@@ -54,11 +54,16 @@ EWMA_WEIGHT = 0.1
 class QueuedTask:
     """A task received from the relay: its row and argument blob."""
 
-    __slots__ = ("row", "args")
+    __slots__ = ("row", "args", "lost", "retried")
 
     def __init__(self, row: list[Any], args: Any) -> None:
         self.row = row
         self.args = args
+        self.lost = 0      # times its worker died under it
+        self.retried = 0   # times it ran again after raising (its max_retries)
+
+    def option(self, key: str) -> Any:
+        return self.row[6].get(key) if len(self.row) == 7 else None
 
 
 class EndpointAgent:
@@ -88,6 +93,9 @@ class EndpointAgent:
         self.out_rows: list[list[Any]] = []
         self.out_blobs = P.Blobs()
         self.started: list[bytes] = []
+        # results sent to the relay that it has not stored yet: sent again if
+        # the relay restarts before its ACK
+        self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
         self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
@@ -132,6 +140,7 @@ class EndpointAgent:
                 now = time.monotonic()
                 if now >= next_reap:
                     next_reap = now + REAP_INTERVAL
+                    self._enforce_walltimes(now)
                     self._replace_dead_workers()
                     if self.parent_pid and os.getppid() != self.parent_pid:
                         log.info("parent process %d is gone; stopping", self.parent_pid)
@@ -147,10 +156,11 @@ class EndpointAgent:
             self._shutdown()
 
     def _hello(self) -> None:
+        holding = [task.row[0] for task in self.queue] + list(self.at_worker)
         self.relay.send_multipart(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
-            "hb": self.config.heartbeat_period,
+            "hb": self.config.heartbeat_period, "holding": holding,
         }))
 
     # -- credit ----------------------------------------------------------------
@@ -225,7 +235,7 @@ class EndpointAgent:
             if not isinstance(rows, list):
                 raise P.ProtocolError("tasks must be a list")
             for row in rows:
-                P.task_row(row)
+                P.task_row(row, P.TRACE_AT_ENDPOINT)
                 P.blob(blobs, row[2])
                 if row[3] != -1:
                     P.blob(blobs, row[3])
@@ -245,10 +255,14 @@ class EndpointAgent:
                 log.warning("the relay no longer knows this endpoint; introducing it again")
                 self._hello()
         elif t == P.WELCOME:
+            self._resend_unstored()
             if not self.connected:
                 self.connected = True
                 if self.on_connected is not None:
                     self.on_connected(self)
+        elif t == P.ACK:
+            for task_id in P.task_ids(msg.fields["tids"]):
+                self.unstored.pop(task_id, None)
         elif t == P.ERROR:
             log.warning("relay reported an error: %s", msg.fields.get("msg"))
         else:
@@ -278,6 +292,21 @@ class EndpointAgent:
                 kept.append(task)
         self.queue = kept
 
+    def _resend_unstored(self) -> None:
+        """After (re)introduction: results the relay may have lost go again
+        (it ignores those it has, and acknowledges them all)."""
+        if not self.unstored:
+            return
+        blobs = P.Blobs()
+        rows = []
+        for task_id, (status, blob, trace) in self.unstored.items():
+            row = [task_id, status, blobs.ref(blob)]
+            if trace is not None:
+                row.append(trace)
+            rows.append(row)
+        log.info("sending %d result(s) again that the relay had not stored", len(rows))
+        self.relay.send_multipart(P.encode(P.RESULTS, {"rows": rows}, blobs.frames), copy=False)
+
     def _mark_unflushed(self) -> None:
         if not (self.out_rows or self.started):
             self._unflushed_since = time.monotonic()
@@ -288,6 +317,7 @@ class EndpointAgent:
         if trace is not None:
             row.append(trace)
         self.out_rows.append(row)
+        self.unstored[task_id] = (status, blob, trace)
 
     def _flush_due(self, now: float) -> bool:
         if not (self.out_rows or self.started):
@@ -335,15 +365,20 @@ class EndpointAgent:
                 log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
 
     def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
-        rows = [P.result_row(row) for row in msg.fields["rows"]]
+        rows = [P.result_row(row, P.TRACE_FROM_WORKER) for row in msg.fields["rows"]]
         times = msg.fields.get("secs") or []
         for i, row in enumerate(msg.fields["rows"]):
             task_id, status, index = rows[i]
             blob = P.blob(msg.blobs, index)
-            if slot.tasks.pop(task_id, None) is None:
+            task = slot.tasks.pop(task_id, None)
+            if task is None:
                 log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
                 continue
             del self.at_worker[task_id]
+            if status == P.EXCEPTION and task.retried < (task.option("r") or 0):
+                task.retried += 1  # the caller asked for another try after an exception
+                self.queue.append(task)
+                continue
             if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):
                 seconds = times[i]
                 average = self.task_seconds
@@ -416,6 +451,25 @@ class EndpointAgent:
         except zmq.ZMQError as exc:
             log.debug("could not send to worker %r: %s", worker_id, exc)
 
+    def _enforce_walltimes(self, now: float) -> None:
+        """Stop a worker whose running task has passed its ``timeout``; the
+        task fails with a timeout error, the others it held run elsewhere."""
+        for slot in self.pool.slots.values():
+            if not slot.tasks or slot.timed_out is not None:
+                continue
+            running = slot.marker.read()
+            if running != slot.running:
+                slot.running, slot.running_since = running, now
+                continue
+            task = slot.tasks.get(running) if running is not None else None
+            walltime = task.option("to") if task is not None else None
+            if walltime is not None and now - slot.running_since > walltime:
+                slot.timed_out = running
+                try:
+                    slot.process.kill()
+                except OSError:
+                    pass
+
     def _replace_dead_workers(self) -> None:
         for slot in self.pool.reap():
             self._recover_tasks_of(slot)
@@ -446,14 +500,27 @@ class EndpointAgent:
         survivors: list[QueuedTask] = []
         for task_id, task in slot.tasks.items():
             del self.at_worker[task_id]
-            if task_id == culprit:
+            if task_id != culprit:
+                survivors.append(task)
+            elif task_id == slot.timed_out:
+                walltime = task.option("to")
+                log.warning("task %s ran past its walltime of %g s; its worker %d was stopped",
+                            task_id.hex(), walltime, slot.pid)
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.TIMEOUT, f"the task ran longer than its timeout of {walltime:g} s on endpoint "
+                               f"{self.config.name!r} and was stopped", timeout=walltime, endpoint=self.config.name))
+            elif task.lost < self.config.worker_lost_retries:
+                task.lost += 1
+                log.warning("worker %d %s while running task %s; running it again (%d of %d)",
+                            slot.pid, how, task_id.hex(), task.lost, self.config.worker_lost_retries)
+                survivors.append(task)
+            else:
                 log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
+                tries = f" (run {task.lost + 1} times, its worker died each time)" if task.lost else ""
                 self._result(task_id, P.FAILED, P.pack_failure(
                     P.WORKER_LOST,
-                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this task",
-                    pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
-            else:
-                survivors.append(task)
+                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this "
+                    f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
         if culprit is None or culprit not in slot.tasks:
             log.warning("worker %d %s between tasks", slot.pid, how)
         slot.tasks.clear()

@@ -30,6 +30,9 @@ class WorkerSlot:
     tasks: dict = field(default_factory=dict)           # task_id -> row
     announced: bytes | None = None
     known_functions: set = field(default_factory=set)
+    running: bytes | None = None        # the task its marker last showed running, and since when
+    running_since: float = 0.0
+    timed_out: bytes | None = None      # the task it was killed for running past its walltime
 
     @property
     def pid(self) -> int:

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .server import Relay
+from .server import DEFAULT_RESULT_TTL, Relay
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,11 +16,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--remove-on-exit", type=Path, default=None,
                         help="delete this directory when the relay stops (private relays)")
+    parser.add_argument("--result-ttl", type=float, default=DEFAULT_RESULT_TTL,
+                        help="seconds a result nobody fetched is kept (default: 7 days)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit).serve_forever()
+    if ns.result_ttl <= 0:
+        parser.error("--result-ttl must be greater than 0 seconds")
+    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
+          result_ttl=ns.result_ttl).serve_forever()
 
 
 if __name__ == "__main__":

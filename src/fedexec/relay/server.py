@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,26 @@ from .. import protocol as P
 from ..pidfile import PidFile
 from ..serialize import content_hash
 from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
-from .store import RelayStore
+from .store import FINISHED, RelayStore
 
 log = logging.getLogger("fedexec.relay")
 
 MAX_MESSAGES_PER_TURN = 2000
 MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
+EXPIRY_INTERVAL = 60.0
+DEFAULT_RESULT_TTL = 7 * 24 * 3600.0   # results nobody fetched are kept this long
 
 
 class Relay:
     """A relay bound to ``address`` keeping its record under ``data_dir``."""
 
     def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
-                 remove_on_exit: Path | None = None) -> None:
+                 remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL) -> None:
+        if result_ttl <= 0:
+            raise ValueError("result_ttl must be greater than 0 seconds")
+        self.result_ttl = result_ttl
+        self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
         self.data_dir = Path(data_dir)
         self.remove_on_exit = remove_on_exit
         self.store = RelayStore(self.data_dir)
@@ -62,6 +68,11 @@ class Relay:
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
         self.endpoint_cancels: dict[str, list] = defaultdict(list)
+        # Notices that wait for the store: ACCEPTED to clients and ACK (results
+        # stored) to endpoints, sent once the commit holding them is on disk.
+        self.turn_accepted: dict[bytes, list] = defaultdict(list)
+        self.turn_stored: dict[bytes, list] = defaultdict(list)
+        self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list]]] = deque()
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
         self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
         self._recover()
@@ -98,17 +109,31 @@ class Relay:
         self.pidfile.write(address=self.address)
         log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
+        next_expiry = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.store.commit_fd, zmq.POLLIN)
         try:
             while not self.stopping:
-                if self.sock.poll(int(MAINTENANCE_INTERVAL * 1000)):
+                events = dict(poller.poll(int(MAINTENANCE_INTERVAL * 1000)))
+                if self.sock in events:
                     self._read_messages()
-                self.store.flush()
+                if self.store.commit_fd in events:
+                    self.store.drain_commit_notices()
+                seq = self.store.flush()
+                if self.turn_accepted or self.turn_stored:
+                    self.after_commit.append((seq, self.turn_accepted, self.turn_stored))
+                    self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
                 self._dispatch()
                 self._send_all()
+                self._send_committed()
                 now = time.monotonic()
                 if now >= next_maintenance:
                     next_maintenance = now + MAINTENANCE_INTERVAL
                     self._maintenance(now)
+                if now >= next_expiry:
+                    next_expiry = now + EXPIRY_INTERVAL
+                    self.store.expire_results(time.time() - self.result_ttl)
         finally:
             log.info("relay stopping")
             self.store.close()
@@ -157,9 +182,13 @@ class Relay:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
                 state.last_seen = time.monotonic()
-                self._send(sender, P.encode(P.HEARTBEAT))
-            else:  # an endpoint we expired, or a client: tell it to introduce itself again
-                self._send(sender, P.encode(P.HEARTBEAT, {"unknown": True}))
+                self._send(sender, P.encode(P.HEARTBEAT, {"inc": self.incarnation}))
+            elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
+                self._send(sender, P.encode(P.HEARTBEAT, {"unknown": True, "inc": self.incarnation}))
+            else:  # a client: the incarnation tells it whether this relay restarted
+                self._send(sender, P.encode(P.HEARTBEAT, {"inc": self.incarnation}))
+        elif t == P.RESUME:
+            self._on_resume(sender, P.task_ids(msg.fields["tids"]))
         elif t == P.CANCEL:
             self._on_cancel(sender, msg)
         elif t == P.ACK:
@@ -207,14 +236,58 @@ class Relay:
             state.name, state.python, state.workers = name, python, workers
             state.heartbeat_period = float(heartbeat)
             state.credit = capacity
+            self._take_back_held(state, sender, P.task_ids(f.get("holding", [])))
             self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
-            log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting",
-                     state.name, endpoint_id, state.python, state.workers, len(state.queue))
-            self._send(sender, P.encode(P.WELCOME, {"role": "endpoint"}))
+            log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
+                     state.name, endpoint_id, state.python, state.workers, len(state.queue), len(state.dispatched))
+            self._send(sender, P.encode(P.WELCOME, {"role": "endpoint", "inc": self.incarnation}))
         elif role == "client":
-            self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION}))
+            self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION,
+                                                    "inc": self.incarnation}))
         else:
             raise P.ProtocolError(f"unknown role {role!r}")
+
+    def _take_back_held(self, state: EndpointState, sender: bytes, held: list[bytes]) -> None:
+        """An endpoint (re)connecting still holds these tasks (queued or
+        running there): they count as sent to it, not to be sent again. Those
+        this relay has no unfinished record of are cancelled there."""
+        if not held:
+            return
+        held_set = set(held)
+        kept: deque = deque()
+        for record in state.queue:
+            if record.task_id in held_set:
+                record.state = DISPATCHED
+                state.dispatched[record.task_id] = record
+                held_set.discard(record.task_id)
+            else:
+                kept.append(record)
+        state.queue = kept
+        held_set -= state.dispatched.keys()
+        if held_set:
+            self._send(sender, P.encode(P.CANCEL, {"tids": sorted(held_set)}))
+
+    def _on_resume(self, sender: bytes, task_ids: list[bytes]) -> None:
+        """A client (the same after a relay restart, or a new process
+        reattaching) waits for these tasks: their results go to it, and those
+        already finished are sent from the record now."""
+        rows, blobs = self.client_results[sender]
+        for task_id in task_ids:
+            record = self.tasks.get(task_id)
+            if record is not None:
+                record.client = sender
+                continue
+            outcome = self.store.task_outcome(task_id)
+            if outcome is None:
+                rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(
+                    P.LOST, "the relay has no record of this task: it was never accepted, or its result "
+                            "was fetched and acknowledged, or it expired"))])
+            elif outcome[0] == FINISHED:
+                _, status, result = outcome
+                rows.append([task_id, status, blobs.ref(result or b"")])
+            else:  # recorded, but for an endpoint this relay does not know any more
+                rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(
+                    P.LOST, "the relay holds this task for an endpoint it no longer knows"))])
 
     def _on_submit(self, sender: bytes, msg: P.Message) -> None:
         endpoint_id = P.text(msg.fields["ep"], "endpoint id")
@@ -224,10 +297,12 @@ class Relay:
         if not isinstance(rows, list):
             raise P.ProtocolError("tasks must be a list")
         for row in rows:  # all rows are checked before any is accepted
-            P.task_row(row)
+            P.task_row(row, P.TRACE_AT_RELAY)
             P.blob(blobs, row[2])
             if row[3] != -1:
                 P.blob(blobs, row[3])
+        resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
+        accepted = self.turn_accepted[sender]
         now = time.time()
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
@@ -242,7 +317,10 @@ class Relay:
                 self.functions[fn_hash] = body
                 self.store.add_function(fn_hash, body)
             if task_id in self.tasks:
-                continue  # a resubmission of a task we hold: idempotent
+                accepted.append(task_id)  # a resubmission of a task we hold: idempotent
+                continue
+            if resend and self._answer_from_record(sender, task_id):
+                continue
             if state is None:
                 self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {endpoint_id}")
                 continue
@@ -261,6 +339,18 @@ class Relay:
             self.tasks[task_id] = record
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args))
             state.queue.append(record)
+            accepted.append(task_id)
+
+    def _answer_from_record(self, client: bytes, task_id: bytes) -> bool:
+        """A task sent again may have finished before a relay restart: then
+        its stored result answers it and it does not run twice."""
+        outcome = self.store.task_outcome(task_id)
+        if outcome is None or outcome[0] != FINISHED:
+            return False
+        _, status, result = outcome
+        rows, blobs = self.client_results[client]
+        rows.append([task_id, status, blobs.ref(result or b"")])
+        return True
 
     def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
         """Answer a memoizable task from earlier results, if there is one."""
@@ -305,15 +395,17 @@ class Relay:
         if not isinstance(rows, list):
             raise P.ProtocolError("rows must be a list")
         for row in rows:
-            P.blob(blobs, P.result_row(row)[2])
+            P.blob(blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
         started = P.task_ids(msg.fields.get("started", []))
         state = self.endpoints.by_routing.get(sender)
         if state is not None:
             state.last_seen = time.monotonic()
             state.credit += credit
         now = time.time()
+        stored = self.turn_stored[sender]
         for row in rows:
             task_id, status, index = row[:3]
+            stored.append(task_id)  # the endpoint may forget it once this turn is committed
             record = self.tasks.get(task_id)
             if record is None:
                 continue  # a late duplicate of a task that already finished
@@ -420,6 +512,17 @@ class Relay:
             if state is not None and state.connected:
                 self._send(state.routing_id, P.encode(P.CANCEL, {"tids": task_ids}))
         self.endpoint_cancels.clear()
+
+    def _send_committed(self) -> None:
+        """Send the notices whose commit is now on disk."""
+        committed = self.store.committed_seq
+        while self.after_commit and self.after_commit[0][0] <= committed:
+            _, accepted, stored = self.after_commit.popleft()
+            for client, task_ids in accepted.items():
+                if task_ids:
+                    self._send(client, P.encode(P.ACCEPTED, {"tids": task_ids}))
+            for endpoint, task_ids in stored.items():
+                self._send(endpoint, P.encode(P.ACK, {"tids": task_ids}))
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results

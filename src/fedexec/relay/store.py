@@ -11,6 +11,7 @@ stored as the opaque bytes they arrived as.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -96,6 +97,13 @@ class RelayStore:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
+        self._expire_before: float | None = None
+        self._seq = 0                 # numbers the batches handed to the writer
+        self.committed_seq = 0        # the newest batch known to be committed
+        # the writer writes a byte here after each commit, so the relay's
+        # poll loop wakes to send what waited for it
+        self.commit_fd, self._commit_w = os.pipe()
+        os.set_blocking(self.commit_fd, False)
         self._writer = threading.Thread(target=self._write_loop, name="relay-store-writer", daemon=True)
         self._writer.start()
 
@@ -146,18 +154,29 @@ class RelayStore:
         now = time.time()
         self._endpoints[endpoint_id] = (endpoint_id, name, python, workers, now, now)
 
-    def flush(self) -> None:
-        """Hand everything buffered since the last flush to the writer thread."""
+    def flush(self) -> int:
+        """Hand everything buffered since the last flush to the writer thread;
+        the number to compare with :attr:`committed_seq` to know it is on disk."""
         if not (self._new_functions or self._new_tasks or self._results or self._acked or self._endpoints
                 or self._memo):
-            return
+            return self._seq
         batch = (self._new_functions, list(self._endpoints.values()), self._new_tasks, self._results, self._acked,
                  self._memo)
         self._new_functions, self._new_tasks, self._results, self._acked, self._memo = [], [], [], [], []
         self._endpoints = {}
         with self._lock:
-            self._handed.append(batch)
+            self._seq += 1
+            self._handed.append((self._seq, batch))
         self._wake.set()
+        return self._seq
+
+    def drain_commit_notices(self) -> None:
+        """Empty the commit pipe (the relay loop, after it woke on it)."""
+        try:
+            while os.read(self.commit_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _write_loop(self) -> None:
         while True:
@@ -170,11 +189,36 @@ class RelayStore:
                 closing = self._closing
             if batches:
                 try:
-                    self._commit(batches)
+                    self._commit([batch for _, batch in batches])
                 except Exception:
                     log.exception("could not write %d batch(es) to %s", len(batches), self.path)
+                else:
+                    self.committed_seq = batches[-1][0]
+                    try:
+                        os.write(self._commit_w, b"c")
+                    except (BlockingIOError, OSError):
+                        pass  # the pipe is full of notices already, or closed
+            expire, self._expire_before = self._expire_before, None
+            if expire is not None:
+                try:
+                    self._expire(expire)
+                except Exception:
+                    log.exception("could not expire old results in %s", self.path)
             if closing:
                 return
+
+    def _expire(self, before: float) -> None:
+        db = self._writer_db
+        old = db.execute("SELECT id, result_file FROM tasks WHERE state=? AND finished<?",
+                         (FINISHED, before)).fetchall()
+        if not old:
+            return
+        db.execute("BEGIN")
+        db.executemany("DELETE FROM tasks WHERE id=?", [(task_id,) for task_id, _ in old])
+        db.execute("COMMIT")
+        for task_id, _ in old:
+            self._drop_file(task_id, "result")
+        log.info("expired %d result(s) nobody fetched", len(old))
 
     def _commit(self, batches: list[tuple[list, ...]]) -> None:
         """Write the batches in one transaction, net of what cancels out: a
@@ -287,6 +331,25 @@ class RelayStore:
                     continue
             yield (*row, args)
 
+    def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None] | None:
+        """``(state, status, result)`` of a task in the record, None if unknown
+        (a rare path: a client resuming after a restart, or reattaching)."""
+        row = self.db.execute("SELECT state, status, result, result_file FROM tasks WHERE id=?",
+                              (task_id,)).fetchone()
+        if row is None:
+            return None
+        state, status, result, result_file = row
+        if result_file:
+            result = self.read_blob(task_id, "result")
+            if result is None:
+                return None
+        return state, status, result
+
+    def expire_results(self, older_than: float) -> None:
+        """Forget results nobody fetched before ``older_than`` (a time.time())."""
+        self._expire_before = older_than
+        self._wake.set()
+
     def close(self) -> None:
         """Write everything handed over so far, then close."""
         self.flush()
@@ -296,3 +359,5 @@ class RelayStore:
         self._writer.join()
         self._writer_db.close()
         self.db.close()
+        os.close(self.commit_fd)
+        os.close(self._commit_w)
