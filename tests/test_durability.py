@@ -5,6 +5,7 @@ once."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,8 +16,10 @@ from collections import Counter
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 
+import fedexec
 from fedexec import FederatedExecutor
 
 from test_faults import free_port, lookup_endpoint, stop_process, tail
@@ -156,3 +159,132 @@ def test_relay_killed_and_restarted_loses_nothing(federation, tmp_path):
     assert set(runs) == set(range(count)) | {10_000}
     print(f"re-executed after the relay restart: {sum(n - 1 for n in runs.values())} task(s)")
     assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+# -- retries and walltimes -------------------------------------------------------
+
+def sleep_then(delay, value):
+    time.sleep(delay)
+    return value
+
+
+def fail_until(counter_path, failures):
+    """Raises the first ``failures`` times it runs (counted in a file)."""
+    with open(counter_path, "a+") as f:
+        f.seek(0)
+        runs = len(f.read())
+        f.write("x")
+    if runs < failures:
+        raise ValueError(f"run {runs + 1} fails")
+    return runs + 1
+
+
+def kill_own_worker_once(marker_path):
+    """SIGKILLs its own worker the first time it runs; returns its pid after."""
+    if not os.path.exists(marker_path):
+        open(marker_path, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_task_timeout_stops_only_that_task(executor):
+    slow = executor.submit(fedexec.with_options(sleep_then, timeout=0.5), 30, "never")
+    others = [executor.submit(sleep_then, 0.05, i) for i in range(6)]
+    start = time.monotonic()
+    with pytest.raises(fedexec.TaskTimeout, match=r"timeout of 0\.5 s") as raised:
+        slow.result(DEADLINE)
+    assert time.monotonic() - start < 5.0
+    assert raised.value.timeout == 0.5 and raised.value.endpoint == executor.endpoint_name
+    assert [f.result(DEADLINE) for f in others] == list(range(6))
+    assert executor.submit(sleep_then, 0, "after").result(DEADLINE) == "after"
+
+
+@pytest.mark.timeout(60)
+def test_executor_task_timeout_applies_to_every_call():
+    with FederatedExecutor(max_workers=1, task_timeout=0.4) as ex:
+        with pytest.raises(fedexec.TaskTimeout):
+            ex.submit(sleep_then, 30, None).result(DEADLINE)
+        assert ex.submit(sleep_then, 0.01, "quick").result(DEADLINE) == "quick"
+        # a per-function option overrides the executor's
+        assert ex.submit(fedexec.with_options(sleep_then, timeout=5), 0.6, "ok").result(DEADLINE) == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_max_retries_runs_a_raising_task_again(executor, tmp_path):
+    ok = executor.submit(fedexec.with_options(fail_until, max_retries=2), str(tmp_path / "a"), 2)
+    assert ok.result(DEADLINE) == 3  # failed twice, the third run returned
+    failing = executor.submit(fedexec.with_options(fail_until, max_retries=1), str(tmp_path / "b"), 5)
+    with pytest.raises(ValueError, match="run 2 fails"):
+        failing.result(DEADLINE)
+    plain = executor.submit(fail_until, str(tmp_path / "c"), 1)  # default: no retries
+    with pytest.raises(ValueError, match="run 1 fails"):
+        plain.result(DEADLINE)
+
+
+@pytest.mark.timeout(60)
+def test_a_task_whose_worker_dies_once_runs_again_and_succeeds(executor, tmp_path):
+    fut = executor.submit(kill_own_worker_once, str(tmp_path / "killed"))
+    pid = fut.result(DEADLINE)
+    assert (tmp_path / "killed").exists() and pid != 0
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"timeout": 0}, "timeout"), ({"timeout": -1}, "timeout"), ({"timeout": "5"}, "timeout"),
+    ({"max_retries": -1}, "max_retries"), ({"max_retries": 1.5}, "max_retries"),
+    ({"max_retries": 10_000}, "max_retries"),
+])
+def test_bad_task_options_are_refused_with_their_name(bad, words):
+    with pytest.raises(ValueError, match=words):
+        fedexec.with_options(sleep_then, **bad)
+
+
+# -- faults at random points ----------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp_path):
+    """A bounded stream of tasks; the relay, the endpoint and workers are
+    killed with SIGKILL at random moments (seeded); every result arrives,
+    exactly once."""
+    relay, endpoint = federation
+    seed = int(os.environ.get("FEDEXEC_FAULT_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    count = 1500
+    faults: list[str] = []
+    with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+        futures, done_calls = submit_stream(ex, log_dir, count, 0.002)
+        plan = ["relay", "worker", "endpoint", "relay", "worker"]
+        rng.shuffle(plan)
+        for what in plan:
+            target = rng.uniform(0.05, 0.9) * count
+            deadline = time.monotonic() + 60
+            while sum(f.done() for f in futures) < min(target, count - 1) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if all(f.done() for f in futures):
+                break
+            if what == "relay":
+                relay.kill()
+                time.sleep(rng.uniform(0.05, 0.5))
+                relay.start()
+            elif what == "endpoint":
+                endpoint.proc.send_signal(signal.SIGKILL)
+                endpoint.proc.wait(10)
+                time.sleep(rng.uniform(0.05, 0.5))
+                endpoint.start()
+            else:
+                workers = psutil.Process(endpoint.proc.pid).children()
+                if not workers:
+                    continue
+                rng.choice(workers).send_signal(signal.SIGKILL)
+            faults.append(what)
+        try:
+            assert_exactly_once(futures, done_calls, count)
+        except BaseException:
+            print(f"seed {seed}, faults {faults}\nrelay log:\n{tail(relay.log)}\nendpoint log:\n{tail(endpoint.log)}")
+            raise
+    runs = executions(log_dir)
+    assert set(runs) == set(range(count)), f"seed {seed}"
+    print(f"seed {seed}: faults {faults}; {count} tasks, {count} results, 0 lost, "
+          f"{sum(n - 1 for n in runs.values())} re-executed")
