@@ -48,7 +48,8 @@ class Relay:
     """A relay subprocess on a fixed loopback port and data dir, so that it
     can be killed and started again as the same relay."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str) -> None:
+        self.extra = list(extra)
         self.directory = directory
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -59,7 +60,7 @@ class Relay:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fedexec.relay", "--address", self.address,
-                 "--data-dir", str(self.directory / "relay-data"), "--parent-pid", str(os.getpid())],
+                 "--data-dir", str(self.directory / "relay-data"), "--parent-pid", str(os.getpid()), *self.extra],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.directory)
 
     def kill(self) -> None:
@@ -288,3 +289,111 @@ def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp
     assert set(runs) == set(range(count)), f"seed {seed}"
     print(f"seed {seed}: faults {faults}; {count} tasks, {count} results, 0 lost, "
           f"{sum(n - 1 for n in runs.values())} re-executed")
+
+
+# -- shutdown with the relay gone --------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_interpreter_exit_does_not_hang_when_the_relay_is_gone(federation, tmp_path):
+    relay, endpoint = federation
+    report = tmp_path / "report.txt"
+    program = tmp_path / "prog.py"
+    program.write_text(f"""
+import time
+from fedexec import FederatedExecutor
+
+ex = FederatedExecutor({endpoint.endpoint_id!r}, relay={relay.address!r})
+fut = ex.submit(time.sleep, 60)
+fut.add_done_callback(lambda f: open({str(report)!r}, "w").write(type(f.exception()).__name__))
+print("submitted", flush=True)
+""")
+    proc = subprocess.Popen([sys.executable, str(program)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        assert proc.stdout.readline().strip() == "submitted"
+        time.sleep(0.5)
+        relay.kill()
+        start = time.monotonic()
+        proc.wait(40)  # interpreter exit waits for the task only while the relay answers
+        assert proc.returncode == 0, proc.stderr.read()
+        assert time.monotonic() - start < 30
+        assert report.read_text() == "RelayUnavailable"
+    finally:
+        stop_process(proc)
+
+
+# -- reattach ---------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_a_new_process_reattaches_to_tasks_of_one_that_died(federation, tmp_path):
+    relay, endpoint = federation
+    program = tmp_path / "submitter.py"
+    program.write_text(f"""
+import os, time
+from fedexec import FederatedExecutor
+
+ex = FederatedExecutor({endpoint.endpoint_id!r}, relay={relay.address!r})
+futures = [ex.submit(time.sleep, 0.3 * i) for i in range(6)]
+futures.append(ex.submit(divmod, 7, 0))
+while not futures[0].done():
+    time.sleep(0.01)
+time.sleep(0.2)
+print(" ".join(f.task_id for f in futures), flush=True)
+os._exit(0)  # dies without shutdown: nobody waits for the rest
+""")
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    task_ids = out.stdout.split()
+    assert len(task_ids) == 7
+    time.sleep(1.0)  # some finish while nobody is connected to fetch them
+    with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+        futures = ex.reattach(task_ids)
+        assert [f.task_id for f in futures] == task_ids
+        assert [f.result(DEADLINE) for f in futures[1:6]] == [None] * 5
+        with pytest.raises(ZeroDivisionError):
+            futures[6].result(DEADLINE)
+        # the first one was fetched and acknowledged by the submitter: the relay forgot it
+        with pytest.raises(fedexec.TaskLost):
+            futures[0].result(DEADLINE)
+        time.sleep(0.5)  # the acknowledgements reach the store
+        again = ex.reattach(task_ids[1:2])
+        with pytest.raises(fedexec.TaskLost, match="no record"):
+            again[0].result(DEADLINE)
+        with pytest.raises(ValueError, match="not a task id"):
+            ex.reattach(["not-a-uuid"])
+
+
+# -- limits -------------------------------------------------------------------------
+
+def make_bytes(n):
+    return b"x" * n
+
+
+@pytest.mark.timeout(90)
+def test_payload_limit_refuses_large_arguments_and_results_with_size_and_limit(tmp_path):
+    relay = Relay(tmp_path, "--max-payload", "100000")
+    relay.start()
+    endpoint = Endpoint(tmp_path, relay, workers=1)
+    try:
+        endpoint.start()
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            # arguments: refused in the caller, before anything is sent
+            fut = ex.submit(len, b"y" * 200_000)
+            with pytest.raises(fedexec.PayloadTooLarge, match=r"200,0\d\d bytes.*100,000 bytes") as raised:
+                fut.result(0)
+            assert raised.value.limit == 100_000 and raised.value.size > 200_000
+            # the relay refuses them too, for a client that does not check
+            ex._dispatcher.max_payload = None
+            with pytest.raises(fedexec.PayloadTooLarge, match="100,000 bytes"):
+                ex.submit(len, b"y" * 200_000).result(DEADLINE)
+            # results: refused on the endpoint, the task fails, the worker lives on
+            with pytest.raises(fedexec.PayloadTooLarge, match=r"result is 200,0\d\d bytes.*100,000"):
+                ex.submit(make_bytes, 200_000).result(DEADLINE)
+            assert ex.submit(make_bytes, 1000).result(DEADLINE) == b"x" * 1000
+            results = ex.map(len, [b"a" * 10, b"b" * 300_000])
+            assert next(results) == 10
+            with pytest.raises(fedexec.PayloadTooLarge):
+                next(results)
+    finally:
+        endpoint.stop()
+        relay.stop()

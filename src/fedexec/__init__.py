@@ -9,6 +9,7 @@
 from .errors import (
     DeserializationError,
     FedexecError,
+    PayloadTooLarge,
     RelayUnavailable,
     RemoteExecutionError,
     SerializationError,
@@ -30,6 +31,7 @@ __all__ = [
     "with_options",
     "FedexecError",
     "DeserializationError",
+    "PayloadTooLarge",
     "RelayUnavailable",
     "RemoteExecutionError",
     "SerializationError",

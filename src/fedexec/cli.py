@@ -1,6 +1,6 @@
 """The ``fedexec`` command: run and inspect relays and endpoints.
 
-    fedexec relay start [--host H] [--port P] [--data-dir D] [--result-ttl S] [--daemon]
+    fedexec relay start [--host H] [--port P] [--data-dir D] [--result-ttl S] [--max-payload B] [--daemon]
     fedexec relay stop|status [--data-dir D]
     fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N]
     fedexec endpoint start NAME [--daemon]
@@ -79,6 +79,10 @@ def relay_start(ns: argparse.Namespace) -> None:
         if ns.result_ttl <= 0:
             raise SystemExit("fedexec: --result-ttl must be greater than 0 seconds")
         argv += ["--result-ttl", str(ns.result_ttl)]
+    if ns.max_payload is not None:
+        if ns.max_payload <= 0:
+            raise SystemExit("fedexec: --max-payload must be greater than 0 bytes")
+        argv += ["--max-payload", str(ns.max_payload)]
     if not ns.daemon:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
         from .relay.__main__ import main as relay_main
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where tasks and results are kept (default $FEDEXEC_HOME/relay)")
     p.add_argument("--daemon", action="store_true", help="run in the background")
     p.add_argument("--result-ttl", type=float, help="seconds a result nobody fetched is kept (default 7 days)")
+    p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 10 MiB)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=relay_start)
     for action, func in (("stop", relay_stop), ("status", relay_status)):

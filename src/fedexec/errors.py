@@ -92,3 +92,13 @@ class TaskTimeout(FedexecError):
 class TaskLost(FedexecError):
     """The relay has no record of the task: it was never accepted, its
     result was already fetched and acknowledged, or it expired."""
+
+
+class PayloadTooLarge(FedexecError):
+    """The pickled arguments or result are larger than the relay's payload
+    limit (``fedexec relay start --max-payload``, default 10 MiB)."""
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit

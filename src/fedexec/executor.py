@@ -35,6 +35,7 @@ from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
 from .embedded import EmbeddedFederation
 from .errors import (
     DeserializationError,
+    PayloadTooLarge,
     RelayUnavailable,
     SerializationError,
     TaskLost,
@@ -112,6 +113,10 @@ class _FunctionCache:
 
 CANCEL_TIMEOUT = 10.0
 HEARTBEAT_PERIOD = 1.0   # seconds between the dispatcher's heartbeats while tasks are out
+# After shutdown, remaining tasks are waited for as long as the relay answers;
+# once it has been silent this long, they fail instead (so that interpreter
+# exit never hangs on a relay that is gone).
+SHUTDOWN_SILENCE = 10.0
 RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
@@ -189,6 +194,8 @@ def _failure_exception(blob: Any) -> BaseException:
     if kind == P.WORKER_LOST:
         return WorkerLost(msg, endpoint=str(info.get("endpoint", "")), pid=int(info.get("pid", 0)),
                           exitcode=info.get("exitcode"))
+    if kind == P.TOO_LARGE:
+        return PayloadTooLarge(msg, size=int(info.get("size", 0)), limit=int(info.get("limit", 0)))
     if kind == P.TIMEOUT:
         return TaskTimeout(msg, timeout=float(info.get("timeout", 0.0)), endpoint=str(info.get("endpoint", "")))
     if kind == P.LOST:
@@ -217,6 +224,7 @@ class _Dispatcher(threading.Thread):
         # sent, but not yet in the relay's durable record: kept with their
         # arguments, to send again if the relay restarts
         self.unaccepted: dict[bytes, _WorkItem] = {}
+        self.watchers: dict[bytes, list[_WorkItem]] = {}   # more futures of a pending task (reattach)
         self.relay_incarnation: bytes | None = None
         self.resending = False   # batches being sent again after a relay restart
         self.registered: set[bytes] = set()
@@ -234,6 +242,8 @@ class _Dispatcher(threading.Thread):
         self._post_lock = threading.Lock()
         self.closed = False
         self.failure: str | None = None
+        self.relay_silent = False
+        self.max_payload: int | None = None   # the relay's limit, from its WELCOME
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None) -> None:
@@ -262,6 +272,7 @@ class _Dispatcher(threading.Thread):
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
+        self.last_heard = time.monotonic()
         try:
             while True:
                 timeout = int(HEARTBEAT_PERIOD * 1000)
@@ -281,6 +292,12 @@ class _Dispatcher(threading.Thread):
                         sock.send_multipart(P.encode(P.HEARTBEAT))
                 if self.stopping and not self.pending and not self.commands:
                     break
+                if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
+                    self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
+                                    f"for {SHUTDOWN_SILENCE:g} s; this task's outcome is unknown (its id can be "
+                                    "reattached later)")
+                    self.relay_silent = True
+                    break
         except BaseException as exc:  # a bug or a dead context: fail futures rather than hang them
             log.exception("fedexec dispatcher failed")
             self.failure = f"the fedexec dispatcher thread failed ({type(exc).__name__}: {exc}); see the log"
@@ -297,9 +314,12 @@ class _Dispatcher(threading.Thread):
 
     def _fail_leftovers(self) -> None:
         """No future may be left pending once this thread is gone."""
-        error = BrokenExecutor(self.failure or "the executor stopped before this task finished")
+        kind = RelayUnavailable if self.relay_silent else BrokenExecutor
+        error = kind(self.failure or "the executor stopped before this task finished")
         leftovers = [item for _, item in self.commands if isinstance(item, _WorkItem)]
         leftovers += self.pending.values()
+        for more in self.watchers.values():
+            leftovers += more
         for twins in self.memo_waiting.values():
             leftovers += twins
         for item in leftovers:
@@ -334,6 +354,16 @@ class _Dispatcher(threading.Thread):
             elif command == "submit_many":
                 for item in value:
                     self._accept(item)
+            elif command == "reattach":
+                resume = []
+                for item in value:
+                    if item.task_id in self.pending:  # already awaited here: answer both
+                        self.watchers.setdefault(item.task_id, []).append(item)
+                    else:
+                        self.pending[item.task_id] = item
+                        resume.append(item.task_id)
+                for start in range(0, len(resume), RESUME_CHUNK):
+                    self.sock.send_multipart(P.encode(P.RESUME, {"tids": resume[start:start + RESUME_CHUNK]}))
             elif command == "cancel":
                 item = self.pending.get(value)
                 if item is not None and not item.running:
@@ -465,6 +495,7 @@ class _Dispatcher(threading.Thread):
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            self.last_heard = time.monotonic()
             try:
                 msg = P.decode(frames)
             except P.ProtocolError as exc:
@@ -488,6 +519,8 @@ class _Dispatcher(threading.Thread):
                     trace = row[3] if len(row) == 4 else None
                     blob = P.blob(msg.blobs, index)
                     self._finish(item, status, blob, trace)
+                    for watcher in self.watchers.pop(task_id, ()):
+                        self._finish(watcher, status, blob, None)
                     if item.memo_key is not None:
                         self._settle_twins(item, status, blob)
             elif msg.type == P.ACCEPTED:
@@ -497,6 +530,9 @@ class _Dispatcher(threading.Thread):
                     if item is not None:
                         item.payload = b""  # recorded by the relay: the arguments need not stay here
             elif msg.type in (P.WELCOME, P.HEARTBEAT):
+                limit = msg.fields.get("max_payload")
+                if type(limit) is int and limit > 0:
+                    self.max_payload = limit
                 self._heard_from(msg.fields.get("inc"))
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
@@ -709,7 +745,8 @@ class FederatedExecutor(Executor):
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
-        except SerializationError as exc:
+            self._check_size(payload)
+        except (SerializationError, PayloadTooLarge) as exc:
             future.set_exception(exc)
             return future
         item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
@@ -740,7 +777,8 @@ class FederatedExecutor(Executor):
                 if not fn_hash:
                     fn_hash, fn_body = self._functions.lookup(fn)
                 payload = serialize_arguments(fn, args, {})
-            except SerializationError as exc:
+                self._check_size(payload)
+            except (SerializationError, PayloadTooLarge) as exc:
                 future.set_exception(exc)
                 continue
             item = _WorkItem(future, task_id, fn_hash, fn_body, payload, P.TASK_CALL)
@@ -757,6 +795,12 @@ class FederatedExecutor(Executor):
             self._post_group(group)
         return futures
 
+    def _check_size(self, payload: bytes) -> None:
+        limit = self._dispatcher.max_payload
+        if limit is not None and len(payload) > limit:
+            raise PayloadTooLarge(f"the arguments are {len(payload):,} bytes pickled, over the relay's payload "
+                                  f"limit of {limit:,} bytes", size=len(payload), limit=limit)
+
     def _post_group(self, group: list[_WorkItem]) -> None:
         with self._shutdown_lock:
             try:
@@ -767,6 +811,30 @@ class FederatedExecutor(Executor):
                     if item.future.set_running_or_notify_cancel():
                         item.future.set_exception(exc if isinstance(exc, Exception) else BrokenExecutor(str(exc)))
                 raise
+
+    def reattach(self, task_ids: Iterable[str | uuid.UUID]) -> list[TaskFuture]:
+        """Futures for tasks submitted earlier, by this or another process (a
+        program that restarted, say), from their ids (``TaskFuture.task_id``).
+
+        The relay keeps a result until a client has received and acknowledged
+        it, and one nobody fetches until its ``--result-ttl``; a task it has no
+        record of fails with :class:`~fedexec.TaskLost`.
+        """
+        self._check_open()
+        items = []
+        for value in task_ids:
+            try:
+                task_id = value.bytes if isinstance(value, uuid.UUID) else uuid.UUID(str(value)).bytes
+            except ValueError:
+                raise ValueError(f"{value!r} is not a task id (a UUID string, as TaskFuture.task_id)") from None
+            future = TaskFuture(self._dispatcher, task_id)
+            future._sent = True  # it is the relay's: cancel() asks there
+            items.append(_WorkItem(future, task_id, b"", b"", b"", P.TASK_CALL))
+        if items:
+            with self._shutdown_lock:
+                self._check_open()
+                self._dispatcher.post("reattach", items)
+        return [item.future for item in items]
 
     def _check_open(self) -> None:
         if self._shutdown:

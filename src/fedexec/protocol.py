@@ -75,6 +75,9 @@ VERSION = "version"
 SERIALIZATION = "serialization"
 LOST = "lost"            # the relay has no record of the task (never accepted, or expired)
 TIMEOUT = "timeout"      # the task ran longer than its walltime and was stopped
+TOO_LARGE = "too_large"  # arguments or result over the relay's payload limit
+
+DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # bytes of pickled arguments or result, as Globus Compute's 10 MB
 
 
 INLINE_MAX = 8 * 1024

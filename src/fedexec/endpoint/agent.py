@@ -96,6 +96,7 @@ class EndpointAgent:
         # results sent to the relay that it has not stored yet: sent again if
         # the relay restarts before its ACK
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
+        self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
         self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
@@ -255,6 +256,9 @@ class EndpointAgent:
                 log.warning("the relay no longer knows this endpoint; introducing it again")
                 self._hello()
         elif t == P.WELCOME:
+            limit = msg.fields.get("max_payload")
+            if type(limit) is int and limit > 0:
+                self.max_payload = limit
             self._resend_unstored()
             if not self.connected:
                 self.connected = True
@@ -379,6 +383,12 @@ class EndpointAgent:
                 task.retried += 1  # the caller asked for another try after an exception
                 self.queue.append(task)
                 continue
+            size = len(P.as_buffer(blob))
+            if size > self.max_payload:
+                what = "result" if status == P.OK else "exception"
+                status, blob = P.FAILED, P.pack_failure(
+                    P.TOO_LARGE, f"the task's {what} is {size:,} bytes pickled, over the relay's payload limit "
+                                 f"of {self.max_payload:,} bytes", size=size, limit=self.max_payload)
             if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):
                 seconds = times[i]
                 average = self.task_seconds

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .. import protocol as P
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
@@ -18,14 +19,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="delete this directory when the relay stops (private relays)")
     parser.add_argument("--result-ttl", type=float, default=DEFAULT_RESULT_TTL,
                         help="seconds a result nobody fetched is kept (default: 7 days)")
+    parser.add_argument("--max-payload", type=int, default=P.DEFAULT_MAX_PAYLOAD,
+                        help="largest pickled arguments or result accepted, in bytes (default 10 MiB)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.result_ttl <= 0:
         parser.error("--result-ttl must be greater than 0 seconds")
+    if ns.max_payload <= 0:
+        parser.error("--max-payload must be greater than 0 bytes")
     Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-          result_ttl=ns.result_ttl).serve_forever()
+          result_ttl=ns.result_ttl, max_payload=ns.max_payload).serve_forever()
 
 
 if __name__ == "__main__":

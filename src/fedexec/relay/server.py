@@ -40,10 +40,14 @@ class Relay:
     """A relay bound to ``address`` keeping its record under ``data_dir``."""
 
     def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
-                 remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL) -> None:
+                 remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
+                 max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
+        if max_payload <= 0:
+            raise ValueError("max_payload must be greater than 0 bytes")
         self.result_ttl = result_ttl
+        self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
         self.data_dir = Path(data_dir)
         self.remove_on_exit = remove_on_exit
@@ -240,10 +244,11 @@ class Relay:
             self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
                      state.name, endpoint_id, state.python, state.workers, len(state.queue), len(state.dispatched))
-            self._send(sender, P.encode(P.WELCOME, {"role": "endpoint", "inc": self.incarnation}))
+            self._send(sender, P.encode(P.WELCOME, {"role": "endpoint", "inc": self.incarnation,
+                                                    "max_payload": self.max_payload}))
         elif role == "client":
             self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION,
-                                                    "inc": self.incarnation}))
+                                                    "inc": self.incarnation, "max_payload": self.max_payload}))
         else:
             raise P.ProtocolError(f"unknown role {role!r}")
 
@@ -335,6 +340,12 @@ class Relay:
             if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
                 continue
             args = P.blob(blobs, args_index)
+            size = len(P.as_buffer(args))
+            if size > self.max_payload:
+                self._reject(sender, task_id, P.TOO_LARGE,
+                             f"the arguments are {size:,} bytes pickled, over the relay's payload limit of "
+                             f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
+                continue
             record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options)
             self.tasks[task_id] = record
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args))
@@ -378,10 +389,10 @@ class Relay:
         recent[key] = result
         self.memo_keys.add(key)
 
-    def _reject(self, client: bytes, task_id: bytes, kind: str, message: str) -> None:
+    def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, **details: Any) -> None:
         log.info("task %s refused: %s", task_id.hex(), message)
         rows, blobs = self.client_results[client]
-        rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(kind, message))])
+        rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(kind, message, **details))])
 
     def _on_results(self, sender: bytes, msg: P.Message) -> None:
         # Results are taken by task id from the endpoint the task went to,
@@ -421,6 +432,11 @@ class Relay:
                 except ValueError:
                     pass
             blob = P.blob(blobs, index)
+            size = len(P.as_buffer(blob))
+            if size > self.max_payload:  # the endpoint should have refused it; never store or forward it
+                status, blob = P.FAILED, P.pack_failure(
+                    P.TOO_LARGE, f"the result is {size:,} bytes pickled, over the relay's payload limit of "
+                                 f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
             self.store.add_result(task_id, status, P.as_buffer(blob))
             if status == P.OK and record.options is not None and "m" in record.options:
                 self._remember(record.options["m"], P.as_bytes(blob))
