@@ -4,6 +4,7 @@ once."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -254,6 +255,7 @@ def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp
     log_dir.mkdir()
     count = 1500
     faults: list[str] = []
+    orphans: list[psutil.Process] = []   # workers of killed endpoints: they must stop by themselves
     with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
         futures, done_calls = submit_stream(ex, log_dir, count, 0.002)
         plan = ["relay", "worker", "endpoint", "relay", "worker"]
@@ -270,6 +272,7 @@ def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp
                 time.sleep(rng.uniform(0.05, 0.5))
                 relay.start()
             elif what == "endpoint":
+                orphans += psutil.Process(endpoint.proc.pid).children()
                 endpoint.proc.send_signal(signal.SIGKILL)
                 endpoint.proc.wait(10)
                 time.sleep(rng.uniform(0.05, 0.5))
@@ -287,6 +290,10 @@ def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp
             raise
     runs = executions(log_dir)
     assert set(runs) == set(range(count)), f"seed {seed}"
+    gone, alive = psutil.wait_procs(orphans, timeout=10)
+    for proc in alive:
+        proc.kill()
+    assert not alive, f"seed {seed}: workers outlived their killed endpoint: {[p.pid for p in alive]}"
     print(f"seed {seed}: faults {faults}; {count} tasks, {count} results, 0 lost, "
           f"{sum(n - 1 for n in runs.values())} re-executed")
 
@@ -397,3 +404,61 @@ def test_payload_limit_refuses_large_arguments_and_results_with_size_and_limit(t
     finally:
         endpoint.stop()
         relay.stop()
+
+
+# -- backpressure -----------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_submit_blocks_while_max_in_flight_tasks_are_out(tmp_path):
+    gate = tmp_path / "gate"
+    with FederatedExecutor(max_workers=1, max_in_flight=5) as ex:
+        first = [ex.submit(wait_for_file, str(gate)) for _ in range(5)]
+        blocked = threading.Event()
+        sixth: list = []
+
+        def submit_sixth():
+            blocked.set()
+            sixth.append(ex.submit(abs, -6))
+
+        thread = threading.Thread(target=submit_sixth)
+        thread.start()
+        assert blocked.wait(5)
+        time.sleep(0.5)
+        assert not sixth, "submit did not wait for room"
+        gate.touch()
+        thread.join(DEADLINE)
+        assert sixth and sixth[0].result(DEADLINE) == 6
+        assert all(f.result(DEADLINE) for f in first)
+        # a map larger than the limit goes through in turns
+        assert list(ex.map(abs, range(-50, 0))) == list(range(50, 0, -1))
+    with pytest.raises(ValueError, match="max_in_flight"):
+        FederatedExecutor(max_in_flight=0)
+
+
+def wait_for_file(path, limit=30.0):
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_map_buffersize_reads_lazily_and_keeps_order(executor):
+    consumed = []
+
+    def numbers():
+        for i in range(1000):
+            consumed.append(i)
+            yield i
+
+    results = executor.map(abs, numbers(), buffersize=10)
+    assert len(consumed) == 10  # only the first buffer was read
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    assert len(consumed) < 30
+    assert list(results) == list(range(3, 1000))
+    infinite = executor.map(abs, itertools.count(), buffersize=4, chunksize=3)
+    assert [next(infinite) for _ in range(20)] == list(range(20))
+    infinite.close()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="buffersize"):
+            executor.map(abs, [1], buffersize=bad)

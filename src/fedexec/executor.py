@@ -243,18 +243,40 @@ class _Dispatcher(threading.Thread):
         self.closed = False
         self.failure: str | None = None
         self.relay_silent = False
+        self.posted = 0      # futures handed to this thread (user threads, under _post_lock)
+        self.settled = 0     # of those, finished or dropped (this thread)
+        self._room = threading.Condition(threading.Lock())
+        self._room_waiters = 0
         self.max_payload: int | None = None   # the relay's limit, from its WELCOME
 
     # -- called from user threads --------------------------------------------
-    def post(self, command: str, value: Any = None) -> None:
-        """Hand a command to the thread; RuntimeError once it has stopped."""
+    def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
+        """Hand a command to the thread; RuntimeError once it has stopped.
+        ``tasks``: how many futures it brings (counted until they settle)."""
         with self._post_lock:
             if self.closed:
                 raise RuntimeError(self.failure or "cannot schedule new futures after shutdown")
             self.commands.append((command, value))
+            self.posted += tasks
             if not self._wake_pending:
                 self._wake_pending = True
                 os.write(self._wake_w, b"x")
+
+    def wait_for_room(self, limit: int, tasks: int) -> None:
+        """Block the caller while ``tasks`` more would put more than ``limit``
+        unfinished tasks out (backpressure: the relay's queue stays bounded)."""
+        if self.posted - self.settled + tasks <= limit or threading.current_thread() is self:
+            return
+        with self._room:
+            self._room_waiters += 1
+            try:
+                while not self.closed:
+                    out = self.posted - self.settled
+                    if out == 0 or out + tasks <= limit:
+                        return
+                    self._room.wait(0.05)
+            finally:
+                self._room_waiters -= 1
 
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
@@ -317,6 +339,9 @@ class _Dispatcher(threading.Thread):
         kind = RelayUnavailable if self.relay_silent else BrokenExecutor
         error = kind(self.failure or "the executor stopped before this task finished")
         leftovers = [item for _, item in self.commands if isinstance(item, _WorkItem)]
+        for command, value in self.commands:
+            if command in ("submit_many", "reattach"):
+                leftovers += value
         leftovers += self.pending.values()
         for more in self.watchers.values():
             leftovers += more
@@ -395,6 +420,7 @@ class _Dispatcher(threading.Thread):
             leaving = future._state == _PENDING
             future._sent = leaving
         if not leaving:  # cancelled before it left: it never runs
+            self.settled += 1
             future.set_running_or_notify_cancel()
             return
         if item.memo_key is not None and self._memoized(item):
@@ -541,6 +567,9 @@ class _Dispatcher(threading.Thread):
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
             sock.send_multipart(P.encode(P.ACK, {"tids": acks}))
+        if self._room_waiters:
+            with self._room:
+                self._room.notify_all()
 
     def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
         """Identical memoized calls share their carrier's outcome; if the
@@ -570,6 +599,7 @@ class _Dispatcher(threading.Thread):
 
     def _finish(self, item: _WorkItem, status: int, blob: Any, trace: list[float] | None) -> None:
         """Complete a future; nothing a callback raises escapes."""
+        self.settled += 1
         if trace is not None:
             item.future.fedexec_timings = dict(zip(P.TRACE_STAGES, [*trace, time.time()]))  # type: ignore
         try:
@@ -626,7 +656,8 @@ class FederatedExecutor(Executor):
                  max_workers: int | None = None, batch_size: int = 1024, batch_window: float = 0.0,
                  prefetch: int | None = None, worker_batch: int | None = None,
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
-                 task_timeout: float | None = None, connect_timeout: float = 30.0) -> None:
+                 task_timeout: float | None = None, max_in_flight: int | None = 100_000,
+                 connect_timeout: float = 30.0) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -638,6 +669,10 @@ class FederatedExecutor(Executor):
         if worker_batch is not None and worker_batch < 1:
             raise ValueError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
+        if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+                                          or max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
+        self._max_in_flight = max_in_flight
         self._max_retries = max_retries
         self._task_timeout = task_timeout
         services: EmbeddedFederation | None = None
@@ -755,9 +790,11 @@ class FederatedExecutor(Executor):
             item.memo_key = content_hash(fn_hash + bytes([kind]) + payload)
         if self._trace:
             item.trace = [submitted]
+        if self._max_in_flight is not None:
+            self._dispatcher.wait_for_room(self._max_in_flight, 1)
         with self._shutdown_lock:  # so no task slips in after shutdown() posted "stop"
             self._check_open()
-            self._dispatcher.post("submit", item)
+            self._dispatcher.post("submit", item, 1)
         return future
 
     def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
@@ -802,10 +839,12 @@ class FederatedExecutor(Executor):
                                   f"limit of {limit:,} bytes", size=len(payload), limit=limit)
 
     def _post_group(self, group: list[_WorkItem]) -> None:
+        if self._max_in_flight is not None:
+            self._dispatcher.wait_for_room(self._max_in_flight, len(group))
         with self._shutdown_lock:
             try:
                 self._check_open()
-                self._dispatcher.post("submit_many", group)
+                self._dispatcher.post("submit_many", group, len(group))
             except BaseException as exc:  # nothing of this group left: its futures must not hang
                 for item in group:
                     if item.future.set_running_or_notify_cancel():
@@ -833,7 +872,7 @@ class FederatedExecutor(Executor):
         if items:
             with self._shutdown_lock:
                 self._check_open()
-                self._dispatcher.post("reattach", items)
+                self._dispatcher.post("reattach", items, len(items))
         return [item.future for item in items]
 
     def _check_open(self) -> None:
@@ -845,24 +884,40 @@ class FederatedExecutor(Executor):
             raise BrokenExecutor(self._dispatcher.failure or "the executor's dispatcher has stopped")
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
         """Like :meth:`Executor.map`; with ``chunksize`` > 1 each chunk of
-        arguments travels and runs as one task, as in ProcessPoolExecutor."""
+        arguments travels and runs as one task, as in ProcessPoolExecutor.
+        With ``buffersize`` (as in Python 3.14) the iterables are read lazily
+        and at most that many tasks (chunks) are out at once, topped up in
+        groups as results are taken."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (isinstance(buffersize, bool) or not isinstance(buffersize, int)
+                                       or buffersize < 1):
+            raise ValueError("buffersize must be None or > 0.")
         end_time = None if timeout is None else timeout + time.monotonic()
         chunked = chunksize > 1
-        if chunked:
-            chunks = _chunked(zip(*iterables), chunksize)
-            futures = [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in chunks]
-        else:
-            futures = self._submit_calls(fn, zip(*iterables))
+        source: Iterator[Any] = _chunked(zip(*iterables), chunksize) if chunked else zip(*iterables)
+
+        def submit_next(count: int | None) -> list[Future]:
+            items = source if count is None else itertools.islice(source, count)
+            if chunked:
+                return [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in items]
+            return self._submit_calls(fn, items)
+
+        futures: deque[Future] = deque(submit_next(buffersize))
+        exhausted = buffersize is None or len(futures) < buffersize
 
         def result_iterator() -> Iterator[Any]:
+            nonlocal exhausted
             try:
-                futures.reverse()
                 while futures:
-                    future = futures.pop()
+                    future = futures.popleft()
+                    if not exhausted and len(futures) < (buffersize or 0) // 2 + 1:
+                        wanted = buffersize - len(futures) - 1  # type: ignore[operator]
+                        more = submit_next(wanted)
+                        exhausted = len(more) < wanted
+                        futures.extend(more)
                     try:
                         if end_time is None:
                             value = future.result()
@@ -876,7 +931,7 @@ class FederatedExecutor(Executor):
                         yield value
                     del value
             finally:
-                self._cancel_quietly(futures)
+                self._cancel_quietly(list(futures))
 
         return result_iterator()
 

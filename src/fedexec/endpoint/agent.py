@@ -97,6 +97,7 @@ class EndpointAgent:
         # the relay restarts before its ACK
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
+        self.holding: set[bytes] = set()   # ids of the tasks here (queued or at workers) until their outcome
         self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
@@ -157,7 +158,7 @@ class EndpointAgent:
             self._shutdown()
 
     def _hello(self) -> None:
-        holding = [task.row[0] for task in self.queue] + list(self.at_worker)
+        holding = list(self.holding)
         self.relay.send_multipart(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
@@ -248,6 +249,10 @@ class EndpointAgent:
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
                 if fn_index != -1:
                     self.functions[fn_hash] = P.blob(blobs, fn_index)
+                if row[0] in self.holding:  # sent twice (the relay re-sent it): one copy runs
+                    log.info("ignored a second copy of task %s, which is here already", row[0].hex())
+                    continue
+                self.holding.add(row[0])
                 self.queue.append(QueuedTask(row, P.blob(blobs, args_index)))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
@@ -322,6 +327,7 @@ class EndpointAgent:
             row.append(trace)
         self.out_rows.append(row)
         self.unstored[task_id] = (status, blob, trace)
+        self.holding.discard(task_id)
 
     def _flush_due(self, now: float) -> bool:
         if not (self.out_rows or self.started):
@@ -378,7 +384,7 @@ class EndpointAgent:
             if task is None:
                 log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
                 continue
-            del self.at_worker[task_id]
+            self.at_worker.pop(task_id, None)
             if status == P.EXCEPTION and task.retried < (task.option("r") or 0):
                 task.retried += 1  # the caller asked for another try after an exception
                 self.queue.append(task)
@@ -509,7 +515,7 @@ class EndpointAgent:
         culprit = slot.marker.read()
         survivors: list[QueuedTask] = []
         for task_id, task in slot.tasks.items():
-            del self.at_worker[task_id]
+            self.at_worker.pop(task_id, None)
             if task_id != culprit:
                 survivors.append(task)
             elif task_id == slot.timed_out:

@@ -71,7 +71,7 @@ class LocalWorkerPool:
         marker = TaskMarker(os.path.join(self.marker_dir, worker_id.decode() + ".task"), create=True)
         process = subprocess.Popen(
             [sys.executable, "-m", "fedexec.worker", "--address", self.address, "--worker-id", worker_id.decode(),
-             "--marker", marker.path],
+             "--marker", marker.path, "--parent-pid", str(os.getpid())],
             stdin=subprocess.DEVNULL,
             env=self.env,
         )

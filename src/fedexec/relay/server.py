@@ -229,6 +229,7 @@ class Relay:
                 raise P.ProtocolError("endpoint connection identity does not match its id")
             name, python = P.text(f["name"], "name"), P.text(f["py"], "python version", 16)
             workers, capacity = P.count(f["workers"], "workers"), P.count(f["capacity"], "capacity")
+            held = P.task_ids(f.get("holding", []))
             heartbeat = f.get("hb", 2.0)
             if not isinstance(heartbeat, (int, float)) or not 0.01 <= heartbeat <= 3600:
                 raise P.ProtocolError(f"heartbeat period {heartbeat!r} out of range")
@@ -240,7 +241,7 @@ class Relay:
             state.name, state.python, state.workers = name, python, workers
             state.heartbeat_period = float(heartbeat)
             state.credit = capacity
-            self._take_back_held(state, sender, P.task_ids(f.get("holding", [])))
+            self._take_back_held(state, sender, held)
             self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
                      state.name, endpoint_id, state.python, state.workers, len(state.queue), len(state.dispatched))

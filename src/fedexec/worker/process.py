@@ -80,14 +80,17 @@ class WorkerProcess:
     """Runs tasks received from the endpoint at ``address`` until told to stop
     or until the endpoint process goes away."""
 
-    def __init__(self, address: str, worker_id: bytes, marker: str | None = None) -> None:
+    def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
+                 parent_pid: int | None = None) -> None:
         self.address = address
         self.worker_id = worker_id
         self.marker = TaskMarker(marker) if marker else None
         self.functions: dict[bytes, Callable[..., Any]] = {}
         self.bodies: dict[bytes, Any] = {}        # received, not yet loaded
         self.unloadable: dict[bytes, str] = {}    # hash -> why the function did not load
-        self.parent_pid = os.getppid()
+        # the endpoint's pid from its command line: os.getppid() here could
+        # already be 1 if the endpoint died while this process was starting
+        self.parent_pid = parent_pid if parent_pid is not None else os.getppid()
         self.queue: deque[_Queued] = deque()
         self.out_rows: list[list[Any]] = []
         self.out_blobs = P.Blobs()
@@ -245,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", required=True, help="endpoint worker socket")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--marker", help="file to record the running task's id in")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     ns = parser.parse_args(argv)
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker).run()
+    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid).run()
     sys.stdout.flush()
