@@ -462,3 +462,46 @@ def test_map_buffersize_reads_lazily_and_keeps_order(executor):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="buffersize"):
             executor.map(abs, [1], buffersize=bad)
+
+
+# -- endpoint silence, and Ctrl-C ---------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_a_stalled_endpoint_is_marked_disconnected_and_comes_back(federation, tmp_path):
+    """SIGSTOP the endpoint (as when its network goes): the relay marks it
+    disconnected after its heartbeats stop; SIGCONT: its late heartbeat is
+    answered with 'who are you', it says hello again, and every task runs."""
+    from fedexec.relay.query import lookup_endpoint as ask
+
+    relay, endpoint = federation
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+        futures, done_calls = submit_stream(ex, log_dir, 200, 0.01)
+        time.sleep(0.3)
+        endpoint.proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 10
+            while ask(relay.address, endpoint.endpoint_id)["status"] != "disconnected":
+                assert time.monotonic() < deadline, "the relay did not notice the silent endpoint"
+                time.sleep(0.1)
+        finally:
+            endpoint.proc.send_signal(signal.SIGCONT)
+        assert_exactly_once(futures, done_calls, 200)
+        assert ask(relay.address, endpoint.endpoint_id)["status"] == "connected"
+    assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_an_endpoint_and_its_workers(federation):
+    relay, endpoint = federation
+    with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+        assert ex.submit(abs, -1).result(DEADLINE) == 1
+    workers = psutil.Process(endpoint.proc.pid).children()
+    assert len(workers) == 2
+    endpoint.proc.send_signal(signal.SIGINT)
+    assert endpoint.proc.wait(10) == 0, tail(endpoint.log)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    relay.proc.send_signal(signal.SIGINT)
+    assert relay.proc.wait(10) == 0, tail(relay.log)

@@ -197,19 +197,29 @@ def endpoint_list(ns: argparse.Namespace) -> None:
     if not names:
         print(f"no endpoints configured under {fedexec_home()}; try 'fedexec endpoint configure NAME'")
         return
-    rows = [("NAME", "ENDPOINT ID", "STATE", "PID", "RELAY")]
+    from .relay.query import lookup_endpoint
+
+    rows = [("NAME", "ENDPOINT ID", "STATE", "PID", "AT RELAY", "RELAY")]
     for name in names:
         try:
             config = EndpointConfig.load(name)
         except (ConfigError, OSError) as exc:
-            rows.append((name, "-", "misconfigured", "-", str(exc)))
+            rows.append((name, "-", "misconfigured", "-", "-", str(exc)))
             continue
         record = _endpoint_pidfile(name).read()
         state = "stopped" if not record else ("running" if record.get("status") == "connected" else "connecting")
-        rows.append((name, config.endpoint_id, state, str(record["pid"]) if record else "-", config.relay))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        try:  # the relay's own view: "disconnected" once the endpoint's heartbeats stopped
+            seen = lookup_endpoint(config.relay, config.endpoint_id, timeout=0.5)
+            at_relay = seen["status"] if seen else "unknown"
+        except (TimeoutError, OSError, ValueError):
+            at_relay = "relay unreachable"
+        if state == "stopped" and at_relay == "connected":
+            at_relay = "disconnected"  # the process is gone; the relay will see it at the next missed heartbeat
+        rows.append((name, config.endpoint_id, state, str(record["pid"]) if record else "-", at_relay,
+                     config.relay))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5])
 
 
 def endpoint_status(ns: argparse.Namespace) -> None:

@@ -70,6 +70,7 @@ class EndpointConfig:
     max_workers: int = 0            # 0: usable cores
     prefetch: int = 1               # tasks queued per worker beyond the running one
     heartbeat_period: float = 2.0   # seconds between heartbeats to the relay
+    heartbeats_missed: int = 3      # the relay marks it disconnected after this many silent periods (+ 1 s)
     worker_batch: int = DEFAULT_WORKER_BATCH  # most fast tasks handed a worker at once (1: one at a time)
     worker_lost_retries: int = 2    # times a task whose worker died is run again before it fails
 
@@ -80,7 +81,7 @@ class EndpointConfig:
         check_endpoint_name(self.name)
         for key, kind in (("endpoint_id", str), ("relay", str), ("max_workers", int), ("prefetch", int),
                           ("heartbeat_period", (int, float)), ("worker_batch", int),
-                          ("worker_lost_retries", int)):
+                          ("worker_lost_retries", int), ("heartbeats_missed", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -100,6 +101,8 @@ class EndpointConfig:
             raise ConfigError(f"worker_batch must be >= 1, not {self.worker_batch}")
         if self.heartbeat_period <= 0:
             raise ConfigError(f"heartbeat_period must be > 0, not {self.heartbeat_period}")
+        if not 1 <= self.heartbeats_missed <= 100:
+            raise ConfigError(f"heartbeats_missed must be from 1 to 100, not {self.heartbeats_missed}")
         if self.worker_lost_retries < 0:
             raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
 
@@ -120,7 +123,10 @@ class EndpointConfig:
             f"max_workers = {self.max_workers}\n"
             f"# Extra tasks fetched per worker so workers never wait on the network.\n"
             f"prefetch = {self.prefetch}\n"
+            f"# Seconds between heartbeats; the relay marks the endpoint disconnected\n"
+            f"# (and queues its tasks for its return) after heartbeats_missed silent periods + 1 s.\n"
             f"heartbeat_period = {self.heartbeat_period}\n"
+            f"heartbeats_missed = {self.heartbeats_missed}\n"
             f"# Most fast tasks (under 0.5 ms) handed a worker at once; 1 turns batching off.\n"
             f"worker_batch = {self.worker_batch}\n"
             f"# Times a task is run again when its worker dies under it (not counted\n"
@@ -140,7 +146,7 @@ class EndpointConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
-                 "worker_lost_retries"}
+                 "worker_lost_retries", "heartbeats_missed"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

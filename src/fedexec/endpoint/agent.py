@@ -162,7 +162,7 @@ class EndpointAgent:
         self.relay.send_multipart(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
-            "hb": self.config.heartbeat_period, "holding": holding,
+            "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
         }))
 
     # -- credit ----------------------------------------------------------------

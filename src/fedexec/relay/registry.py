@@ -54,6 +54,7 @@ class EndpointState:
     routing_id: bytes | None = None
     credit: int = 0
     heartbeat_period: float = 2.0
+    heartbeats_missed: int = 3        # disconnected after this many periods of silence (+ 1 s)
     last_seen: float = 0.0
     queue: deque = field(default_factory=deque)            # TaskRecords waiting for credit
     dispatched: dict = field(default_factory=dict)          # task_id -> TaskRecord
@@ -64,7 +65,7 @@ class EndpointState:
         return self.routing_id is not None
 
     def expired(self, now: float) -> bool:
-        return self.connected and now - self.last_seen > 3 * self.heartbeat_period + 1.0
+        return self.connected and now - self.last_seen > self.heartbeats_missed * self.heartbeat_period + 1.0
 
     def disconnect(self) -> None:
         """Forget the connection and put its unfinished tasks back in front of

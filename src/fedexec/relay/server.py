@@ -233,6 +233,9 @@ class Relay:
             heartbeat = f.get("hb", 2.0)
             if not isinstance(heartbeat, (int, float)) or not 0.01 <= heartbeat <= 3600:
                 raise P.ProtocolError(f"heartbeat period {heartbeat!r} out of range")
+            missed = f.get("hbm", 3)
+            if type(missed) is not int or not 1 <= missed <= 100:
+                raise P.ProtocolError(f"missed heartbeats {missed!r} out of range")
             state = self.endpoints.get(endpoint_id)
             if state is None:
                 state = EndpointState(endpoint_id, name, python)
@@ -240,6 +243,7 @@ class Relay:
             self.endpoints.connect(state, sender)
             state.name, state.python, state.workers = name, python, workers
             state.heartbeat_period = float(heartbeat)
+            state.heartbeats_missed = missed
             state.credit = capacity
             self._take_back_held(state, sender, held)
             self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
