@@ -505,3 +505,39 @@ def test_ctrl_c_stops_an_endpoint_and_its_workers(federation):
     assert not alive
     relay.proc.send_signal(signal.SIGINT)
     assert relay.proc.wait(10) == 0, tail(relay.log)
+
+
+@pytest.mark.timeout(90)
+def test_results_nobody_fetches_expire_after_the_ttl(tmp_path):
+    relay = Relay(tmp_path, "--result-ttl", "3")
+    relay.start()
+    endpoint = Endpoint(tmp_path, relay, workers=1)
+    try:
+        endpoint.start()
+        program = tmp_path / "leave.py"
+        program.write_text(f"""
+import os
+import time
+from fedexec import FederatedExecutor
+
+def sleep_then(delay, value):
+    time.sleep(delay)
+    return value
+
+ex = FederatedExecutor({endpoint.endpoint_id!r}, relay={relay.address!r})
+a, b = ex.submit(sleep_then, 0.5, 32), ex.submit(sleep_then, 0.5, 64)
+print(a.task_id, b.task_id, flush=True)
+import time; time.sleep(0.2)
+os._exit(0)  # gone before the results: nobody receives or acknowledges them
+""")
+        out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=60)
+        first, second = out.stdout.split()
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            time.sleep(0.8)
+            assert ex.reattach([first])[0].result(DEADLINE) == 32   # within the TTL: still there
+            time.sleep(5.0)                                           # past it: dropped
+            with pytest.raises(fedexec.TaskLost):
+                ex.reattach([second])[0].result(DEADLINE)
+    finally:
+        endpoint.stop()
+        relay.stop()

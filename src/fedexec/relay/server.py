@@ -136,7 +136,7 @@ class Relay:
                     next_maintenance = now + MAINTENANCE_INTERVAL
                     self._maintenance(now)
                 if now >= next_expiry:
-                    next_expiry = now + EXPIRY_INTERVAL
+                    next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
                     self.store.expire_results(time.time() - self.result_ttl)
         finally:
             log.info("relay stopping")
