@@ -4,6 +4,7 @@ once."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -97,17 +98,24 @@ class Endpoint:
             stop_process(self.proc)
 
 
-@pytest.fixture
-def federation(tmp_path):
-    relay = Relay(tmp_path)
+@contextlib.contextmanager
+def started_federation(directory: Path, *relay_args: str, workers: int = 2):
+    """A relay (with extra command-line arguments) and an endpoint, stopped after."""
+    relay = Relay(directory, *relay_args)
     relay.start()
-    endpoint = Endpoint(tmp_path, relay)
+    endpoint = Endpoint(directory, relay, workers)
     try:
         endpoint.start()
         yield relay, endpoint
     finally:
         endpoint.stop()
         relay.stop()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    with started_federation(tmp_path) as (relay, endpoint):
+        yield relay, endpoint
 
 
 def submit_stream(ex, log_dir, count, delay):
@@ -378,11 +386,7 @@ def make_bytes(n):
 
 @pytest.mark.timeout(90)
 def test_payload_limit_refuses_large_arguments_and_results_with_size_and_limit(tmp_path):
-    relay = Relay(tmp_path, "--max-payload", "100000")
-    relay.start()
-    endpoint = Endpoint(tmp_path, relay, workers=1)
-    try:
-        endpoint.start()
+    with started_federation(tmp_path, "--max-payload", "100000", workers=1) as (relay, endpoint):
         with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
             # arguments: refused in the caller, before anything is sent
             fut = ex.submit(len, b"y" * 200_000)
@@ -401,9 +405,6 @@ def test_payload_limit_refuses_large_arguments_and_results_with_size_and_limit(t
             assert next(results) == 10
             with pytest.raises(fedexec.PayloadTooLarge):
                 next(results)
-    finally:
-        endpoint.stop()
-        relay.stop()
 
 
 # -- backpressure -----------------------------------------------------------------
@@ -509,11 +510,7 @@ def test_ctrl_c_stops_an_endpoint_and_its_workers(federation):
 
 @pytest.mark.timeout(90)
 def test_results_nobody_fetches_expire_after_the_ttl(tmp_path):
-    relay = Relay(tmp_path, "--result-ttl", "3")
-    relay.start()
-    endpoint = Endpoint(tmp_path, relay, workers=1)
-    try:
-        endpoint.start()
+    with started_federation(tmp_path, "--result-ttl", "3", workers=1) as (relay, endpoint):
         program = tmp_path / "leave.py"
         program.write_text(f"""
 import os
@@ -538,6 +535,3 @@ os._exit(0)  # gone before the results: nobody receives or acknowledges them
             time.sleep(5.0)                                           # past it: dropped
             with pytest.raises(fedexec.TaskLost):
                 ex.reattach([second])[0].result(DEADLINE)
-    finally:
-        endpoint.stop()
-        relay.stop()

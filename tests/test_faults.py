@@ -130,7 +130,11 @@ def free_port() -> int:
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate a subprocess we started, by its pid, and wait for it."""
+    """Terminate a process we started (and then whatever it left behind), by pid."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -138,6 +142,13 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:  # workers of a killed endpoint: by pid, never by name
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def tail(path: Path, n: int = 3000) -> str:

@@ -37,6 +37,7 @@ from fedexec import FederatedExecutor
 from fedexec import protocol as P
 from fedexec.relay.query import lookup_endpoint
 from fedexec.serialize import deserialize, serialize_arguments, serialize_function
+from test_faults import stop_process
 
 # tests/ is not importable on the workers: this module's functions travel by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -79,28 +80,6 @@ def notable(path: Path, n: int = 30) -> str:
         return "<no log>"
     kept = [line for line in lines if not any(r in line for r in ROUTINE)]
     return f"({len(lines) - len(kept)} routine refusals left out)\n" + "\n".join(kept[-n:])
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate a process we started (and then whatever it left behind), by pid."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:  # workers of a killed endpoint: by pid, never by name
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
 
 
 def start_relay(tmp_path: Path) -> tuple[str, subprocess.Popen, Path]:
