@@ -287,6 +287,8 @@ class _Dispatcher(threading.Thread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
         sock.connect(self.relay)
         self.sock = sock
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))

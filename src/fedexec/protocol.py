@@ -82,6 +82,11 @@ DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # bytes of pickled arguments or result, 
 
 INLINE_MAX = 8 * 1024
 
+# Clients and endpoints reconnect to a relay that went away by themselves,
+# waiting 0.1 s at first and doubling up to 2 s between attempts.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+
 
 class Blobs:
     """The payloads of one outgoing message: :meth:`ref` gives what a row

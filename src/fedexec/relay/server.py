@@ -32,6 +32,10 @@ log = logging.getLogger("fedexec.relay")
 MAX_MESSAGES_PER_TURN = 2000
 MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
+# While this many rows wait for the store's writer, no more tasks go out to
+# endpoints: results then come back no faster than they can be recorded, and
+# the writer's backlog (memory) stays bounded.
+MAX_STORE_BACKLOG = 100_000
 EXPIRY_INTERVAL = 60.0
 DEFAULT_RESULT_TTL = 7 * 24 * 3600.0   # results nobody fetched are kept this long
 
@@ -481,6 +485,8 @@ class Relay:
 
     # -- output --------------------------------------------------------------
     def _dispatch(self) -> None:
+        if self.store.backlog > MAX_STORE_BACKLOG:
+            return  # the commit pipe wakes the loop when the writer has caught up
         for state in self.endpoints.connected():
             if state.credit <= 0 or not state.queue:
                 continue

@@ -67,6 +67,11 @@ PENDING = 0   # accepted, not finished (queued or out at an endpoint)
 FINISHED = 1  # has a result (or failure, or cancellation) not yet acknowledged
 
 
+def _row_count(batch: tuple[list, ...]) -> int:
+    """Task, result and acknowledgement rows in a handed batch."""
+    return len(batch[2]) + len(batch[3]) + len(batch[4])
+
+
 class RelayStore:
     """SQLite-backed record with write batching; one instance per relay process."""
 
@@ -98,6 +103,7 @@ class RelayStore:
         self._wake = threading.Event()
         self._closing = False
         self._expire_before: float | None = None
+        self.backlog = 0              # rows handed to the writer and not yet committed
         self._seq = 0                 # numbers the batches handed to the writer
         self.committed_seq = 0        # the newest batch known to be committed
         # the writer writes a byte here after each commit, so the relay's
@@ -164,9 +170,11 @@ class RelayStore:
                  self._memo)
         self._new_functions, self._new_tasks, self._results, self._acked, self._memo = [], [], [], [], []
         self._endpoints = {}
+        rows = _row_count(batch)
         with self._lock:
             self._seq += 1
             self._handed.append((self._seq, batch))
+            self.backlog += rows
         self._wake.set()
         return self._seq
 
@@ -194,6 +202,9 @@ class RelayStore:
                     log.exception("could not write %d batch(es) to %s", len(batches), self.path)
                 else:
                     self.committed_seq = batches[-1][0]
+                finally:
+                    with self._lock:
+                        self.backlog -= sum(_row_count(batch) for _, batch in batches)
                     try:
                         os.write(self._commit_w, b"c")
                     except (BlockingIOError, OSError):
