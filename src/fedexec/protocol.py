@@ -12,6 +12,7 @@ into msgpack. Either way the relay never looks into a payload.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -186,6 +187,11 @@ def unpack_failure(blob: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProtocolError("failure blob is not a map")
     return data
+
+
+def content_hash(data: Any) -> bytes:
+    """sha256 of a blob: names functions and memoized calls (never unpickles)."""
+    return hashlib.sha256(data).digest()
 
 
 @functools.lru_cache(maxsize=4096)

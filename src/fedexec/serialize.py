@@ -17,6 +17,7 @@ from typing import Any, Callable
 import cloudpickle
 from tblib import Traceback
 
+from . import protocol as P
 from .errors import RemoteExecutionError, SerializationError
 
 PICKLE_PROTOCOL = 5
@@ -74,9 +75,7 @@ def deserialize(blob: Any) -> Any:
     return pickle.loads(blob)
 
 
-def content_hash(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
+content_hash = P.content_hash
 
 class RemoteTraceback(Exception):
     """Carries the remote traceback text as the ``__cause__`` of a re-raised

@@ -23,7 +23,6 @@ import zmq
 
 from .. import protocol as P
 from ..pidfile import PidFile
-from ..serialize import content_hash
 from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
 from .store import FINISHED, RelayStore
 
@@ -325,7 +324,7 @@ class Relay:
                 options["tr"].append(now)
             if fn_index != -1 and fn_hash not in self.functions:
                 body = P.as_bytes(P.blob(blobs, fn_index))
-                if content_hash(body) != fn_hash:
+                if P.content_hash(body) != fn_hash:
                     self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
                     continue
                 self.functions[fn_hash] = body
