@@ -37,6 +37,7 @@ from fedexec import (
     WorkerLost,
 )
 from fedexec import protocol as P
+from fedexec.auth import connect_plainly, find_credentials
 
 # This module is not importable on the workers (tests/ is not on their path),
 # so its functions must travel by value.
@@ -196,7 +197,9 @@ def lookup_endpoint(address: str, endpoint_id: str, proc: subprocess.Popen, log:
     sock.setsockopt(zmq.IDENTITY, b"C" + uuid.uuid4().bytes)
     deadline = time.monotonic() + timeout
     try:
-        sock.connect(address)
+        while find_credentials(address) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the relay writes its secret as it starts
+        connect_plainly(sock, address)
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": uuid.uuid4().bytes,
                                                "py": P.PYTHON_VERSION}))
         while time.monotonic() < deadline:
@@ -451,6 +454,7 @@ def other_python(tmp_path_factory):
 @pytest.mark.timeout(400)
 def test_endpoint_on_other_python_raises_version_mismatch(other_python, tmp_path):
     python, other_version, env = other_python
+    env = {**env, "FEDEXEC_HOME": os.environ["FEDEXEC_HOME"]}  # where this test's relay left its secret
     assert other_version != THIS_PYTHON
     with running_relay(tmp_path) as address:
         endpoint_id = str(uuid.uuid4())

@@ -35,6 +35,7 @@ import zmq
 
 from fedexec import FederatedExecutor
 from fedexec import protocol as P
+from fedexec.auth import connect_plainly
 from fedexec.relay.query import lookup_endpoint
 from fedexec.serialize import deserialize, serialize_arguments, serialize_function
 from test_faults import stop_process
@@ -367,7 +368,7 @@ class RelayFuzzer:
         sock.setsockopt(zmq.LINGER, 0)
         if identity is not None:
             sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(self.address)
+        connect_plainly(sock, self.address)
         self.sockets.append(sock)
         return sock
 

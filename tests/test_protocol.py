@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from fedexec import protocol as P
+from fedexec.auth import connect_plainly
 from fedexec.relay.query import lookup_endpoint
 
 
@@ -92,7 +93,7 @@ def test_relay_refuses_absurd_values_from_an_endpoint(relay):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, P.endpoint_routing_id(endpoint_id))
-    sock.connect(address)
+    connect_plainly(sock, address)
     hello = {"role": "endpoint", "id": endpoint_id, "name": "e", "py": P.PYTHON_VERSION, "capacity": 1}
     try:
         for fields in ({**hello, "workers": 2 ** 63}, {**hello, "workers": 1, "hb": float("nan")}):
@@ -118,7 +119,7 @@ def test_relay_refuses_malformed_messages_and_keeps_serving(relay):
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
+    connect_plainly(sock, address)
     try:
         for frames in BAD_MESSAGES:
             sock.send_multipart(frames)

@@ -12,6 +12,7 @@ import zmq
 
 import fedexec.relay
 from fedexec import protocol as P
+from fedexec.auth import connect_plainly
 
 from test_faults import running_relay
 
@@ -55,7 +56,7 @@ def test_payloads_through_the_relay_are_never_unpickled_there(tmp_path):
         client.setsockopt(zmq.IDENTITY, b"C" + uuid.uuid4().bytes)
         for sock in (endpoint, client):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
+            connect_plainly(sock, address)
         try:
             endpoint.send_multipart(P.encode(P.HELLO, {"role": "endpoint", "id": endpoint_id, "name": "fake",
                                                       "py": P.PYTHON_VERSION, "workers": 1, "capacity": 10}))
@@ -98,3 +99,39 @@ def test_payloads_through_the_relay_are_never_unpickled_there(tmp_path):
     # and the payloads really do leave a mark when unpickled, so the test can fail
     pickle.loads(blobs["result"])
     assert marks["result"].exists()
+
+
+# -- authentication (local mode) ---------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_connections_without_or_with_wrong_credentials_are_refused(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    import fedexec
+    from fedexec.auth import secret_path
+    from fedexec.relay.query import lookup_endpoint
+
+    with running_relay(tmp_path) as address:
+        secret = secret_path(address)
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600  # readable by its user only
+        assert stat.S_IMODE(os.stat(secret.parent).st_mode) == 0o700
+        # the right secret is found by address: the relay answers
+        assert lookup_endpoint(address, str(uuid.uuid4()), timeout=5) is None
+        # a wrong one is refused, with a message that says so
+        with pytest.raises(fedexec.AuthenticationFailed, match="refused the credentials"):
+            lookup_endpoint(address, str(uuid.uuid4()), timeout=3, token="local:not-the-secret")
+        monkeypatch.setenv("FEDEXEC_TOKEN", "local:wrong-again")
+        with pytest.raises(fedexec.AuthenticationFailed, match="refused"):
+            fedexec.FederatedExecutor(str(uuid.uuid4()), relay=address, connect_timeout=5)
+        monkeypatch.delenv("FEDEXEC_TOKEN")
+        # none at all (another user, another machine): refused, and the message says how to fix it
+        hidden = secret.with_name("moved")
+        secret.rename(hidden)
+        try:
+            with pytest.raises(fedexec.AuthenticationFailed, match="requires credentials.*FEDEXEC_TOKEN"):
+                fedexec.FederatedExecutor(str(uuid.uuid4()), relay=address, connect_timeout=5)
+        finally:
+            hidden.rename(secret)
+        # and the relay still serves those who have the secret
+        assert lookup_endpoint(address, str(uuid.uuid4()), timeout=5) is None

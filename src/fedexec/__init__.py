@@ -7,6 +7,7 @@
 """
 
 from .errors import (
+    AuthenticationFailed,
     DeserializationError,
     FedexecError,
     PayloadTooLarge,
@@ -30,6 +31,7 @@ __all__ = [
     "memoized",
     "with_options",
     "FedexecError",
+    "AuthenticationFailed",
     "DeserializationError",
     "PayloadTooLarge",
     "RelayUnavailable",

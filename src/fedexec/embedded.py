@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from pathlib import Path
+
+from .auth import write_secret
 
 
 class EmbeddedFederation:
@@ -24,6 +27,9 @@ class EmbeddedFederation:
         self.directory = tempfile.mkdtemp(prefix="fedexec-")
         os.chmod(self.directory, 0o700)
         self.relay_address = f"ipc://{self.directory}/relay.sock"
+        # the private relay's secret: made here, so it is there before anyone connects
+        self.secret_file = os.path.join(self.directory, "relay.secret")
+        write_secret(Path(self.secret_file))
         self.endpoint_id = str(uuid.uuid4())
         self.max_workers = max_workers or 0
         self.prefetch = prefetch
@@ -40,12 +46,13 @@ class EmbeddedFederation:
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
-             "--remove-on-exit", self.directory,
+             "--remove-on-exit", self.directory, "--secret-file", self.secret_file,
              "--log-level", "WARNING"], **common))
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
              "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch), "--parent-pid", parent,
+             "--secret-file", self.secret_file,
              "--log-level", "WARNING"], **common))
 
     def failed(self) -> str | None:

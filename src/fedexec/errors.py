@@ -102,3 +102,8 @@ class PayloadTooLarge(FedexecError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class AuthenticationFailed(FedexecError, PermissionError):
+    """The relay refused this connection's credentials, or needs some and
+    none were found (see ``token=`` and ``FEDEXEC_TOKEN``)."""

@@ -32,8 +32,10 @@ import zmq
 
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
+from .auth import Credentials, HandshakeWatch, connect_to_relay, find_credentials
 from .embedded import EmbeddedFederation
 from .errors import (
+    AuthenticationFailed,
     DeserializationError,
     PayloadTooLarge,
     RelayUnavailable,
@@ -117,6 +119,9 @@ HEARTBEAT_PERIOD = 1.0   # seconds between the dispatcher's heartbeats while tas
 # once it has been silent this long, they fail instead (so that interpreter
 # exit never hangs on a relay that is gone).
 SHUTDOWN_SILENCE = 10.0
+# A refused handshake fails the constructor only if it lasts this long (a
+# relay started just now writes its secret as it starts).
+AUTH_GRACE = 2.0
 RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
@@ -211,9 +216,13 @@ class _Dispatcher(threading.Thread):
     """The executor's one network thread: batches out, results in."""
 
     def __init__(self, relay: str, endpoint_id: str, batch_size: int, batch_window: float,
-                 services: EmbeddedFederation | None) -> None:
+                 services: EmbeddedFederation | None, credentials: Credentials | None = None) -> None:
         super().__init__(name="fedexec-dispatcher", daemon=True)
         self.relay = relay
+        self.credentials = credentials
+        self.token: str | None = None             # where credentials come from, to look again
+        self.secret_file: str | None = None
+        self.handshake: HandshakeWatch | None = None
         self.endpoint_id = endpoint_id
         self.batch_size = batch_size
         self.batch_window = batch_window
@@ -289,12 +298,14 @@ class _Dispatcher(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
-        sock.connect(self.relay)
+        watch = connect_to_relay(sock, self.relay, self.credentials)
+        self.handshake = watch
         self.sock = sock
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(watch.monitor, zmq.POLLIN)
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
         self.last_heard = time.monotonic()
         try:
@@ -307,6 +318,10 @@ class _Dispatcher(threading.Thread):
                     self._run_commands()
                 if sock in events:
                     self._read_results()
+                if watch.monitor in events:
+                    watch.read()
+                    if watch.failure and not watch.retry_with_new_credentials(self.token, self.secret_file):
+                        log.error("%s", watch.failure)
                 now = time.monotonic()
                 if self.out_rows and now >= self.out_deadline:
                     self._send_batch()
@@ -329,6 +344,7 @@ class _Dispatcher(threading.Thread):
             with self._post_lock:
                 self.closed = True
             self._fail_leftovers()
+            watch.close()
             sock.close(linger=0)
             ctx.term()
             os.close(self._wake_r)
@@ -659,7 +675,7 @@ class FederatedExecutor(Executor):
                  prefetch: int | None = None, worker_batch: int | None = None,
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
-                 connect_timeout: float = 30.0) -> None:
+                 token: str | None = None, connect_timeout: float = 30.0) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -707,7 +723,10 @@ class FederatedExecutor(Executor):
         self._shutdown = False
         self._memoize = memoize
         self._trace = trace
-        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services)
+        secret_file = services.secret_file if services is not None else None
+        credentials = find_credentials(relay, token, secret_file)
+        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, credentials)
+        self._dispatcher.token, self._dispatcher.secret_file = token, secret_file
         self._dispatcher.start()
         try:
             info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
@@ -721,11 +740,16 @@ class FederatedExecutor(Executor):
 
     def _lookup_endpoint(self, timeout: float, *, wait_for_it: bool,
                          services: EmbeddedFederation | None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         while True:
             future: Future = Future()
             self._dispatcher.post("lookup", (self.endpoint_id, future))
             while not future.done():
+                handshake = self._dispatcher.handshake
+                if (handshake is not None and handshake.failure and not handshake.succeeded
+                        and time.monotonic() - started > AUTH_GRACE):
+                    raise AuthenticationFailed(handshake.failure)
                 if services is not None and services.failed():
                     raise RuntimeError(f"fedexec could not start its embedded default: {services.failed()}")
                 if time.monotonic() > deadline:

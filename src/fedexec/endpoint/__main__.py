@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-period", type=float, default=None,
                         help="seconds between heartbeats to the relay (default 2)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
-        agent = EndpointAgent(config, parent_pid=ns.parent_pid)
+        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if pidfile is not None:
             pidfile.remove()
+    if agent.exit_code:
+        sys.exit(agent.exit_code)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import protocol as P
+from ..auth import Credentials, connect_to_relay, find_credentials
 from ..config import EndpointConfig
 from .pool import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -49,6 +50,7 @@ FLUSH_DELAY = 0.001
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
 EWMA_WEIGHT = 0.1
+AUTH_GRACE = 10.0   # seconds an endpoint that never got in keeps retrying a refused handshake
 
 
 class QueuedTask:
@@ -70,9 +72,15 @@ class EndpointAgent:
     """Runs one configured endpoint until stopped."""
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
-                 on_connected: Callable[["EndpointAgent"], None] | None = None) -> None:
+                 on_connected: Callable[["EndpointAgent"], None] | None = None,
+                 credentials: Credentials | None = None, secret_file: str | None = None) -> None:
         config.validate()
         self.config = config
+        self.secret_file = secret_file
+        self.started_at = time.monotonic()
+        self.credentials = credentials if credentials is not None else find_credentials(config.relay,
+                                                                                        secret_file=secret_file)
+        self.exit_code = 0
         self.parent_pid = parent_pid
         self.on_connected = on_connected
         self.workers = config.workers()
@@ -113,8 +121,19 @@ class EndpointAgent:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
-        sock.connect(self.config.relay)
+        self.handshake = connect_to_relay(sock, self.config.relay, self.credentials)
         return sock
+
+    def _check_handshake(self) -> None:
+        self.handshake.read()
+        if not self.handshake.failure or self.handshake.retry_with_new_credentials(secret_file=self.secret_file):
+            return
+        if self.connected or time.monotonic() - self.started_at < AUTH_GRACE:
+            log.warning("%s; trying again", self.handshake.failure)
+            return
+        log.error("%s", self.handshake.failure)  # never got in: retrying will not help
+        self.exit_code = 2
+        self.stopping = True
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -128,6 +147,7 @@ class EndpointAgent:
         poller = zmq.Poller()
         poller.register(self.relay, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
+        poller.register(self.handshake.monitor, zmq.POLLIN)
         next_reap = next_beat = time.monotonic()
         try:
             while not self.stopping:
@@ -140,6 +160,8 @@ class EndpointAgent:
                     self._read_workers()
                 if self.relay in events:
                     self._read_relay()
+                if self.handshake.monitor in events:
+                    self._check_handshake()
                 self._assign()
                 now = time.monotonic()
                 if now >= next_reap:
@@ -213,6 +235,7 @@ class EndpointAgent:
         except zmq.ZMQError:
             pass
         self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
+        self.handshake.close()
         self.relay.close(linger=500)
         self.worker_sock.close(linger=0)
         self.ctx.term()

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a result nobody fetched is kept (default: 7 days)")
     parser.add_argument("--max-payload", type=int, default=P.DEFAULT_MAX_PAYLOAD,
                         help="largest pickled arguments or result accepted, in bytes (default 10 MiB)")
+    parser.add_argument("--secret-file", type=Path, default=None,
+                        help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.max_payload <= 0:
         parser.error("--max-payload must be greater than 0 bytes")
     Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-          result_ttl=ns.result_ttl, max_payload=ns.max_payload).serve_forever()
+          result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file).serve_forever()
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 import zmq
 
 from .. import protocol as P
+from ..auth import connect_to_relay, find_credentials
+from ..errors import AuthenticationFailed
 
 
-def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0) -> dict[str, Any] | None:
+def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0,
+                    token: str | None = None) -> dict[str, Any] | None:
     """The relay's view of an endpoint (``None`` if it does not know it).
 
     Raises :class:`TimeoutError` when the relay does not answer in time.
@@ -20,15 +24,22 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0) -> dic
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
+    watch = connect_to_relay(sock, address, find_credentials(address, token))
     try:
-        sock.connect(address)
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
         sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
-        poller_ms = int(timeout * 1000)
-        while sock.poll(poller_ms):
-            msg = P.decode(sock.recv_multipart())
-            if msg.type == P.LOOKUP_REPLY:
-                return msg.fields["endpoint"] if msg.fields.get("found") else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sock.poll(50):
+                msg = P.decode(sock.recv_multipart())
+                if msg.type == P.LOOKUP_REPLY:
+                    return msg.fields["endpoint"] if msg.fields.get("found") else None
+            watch.read()
+            if watch.failure and not watch.succeeded:
+                watch.retry_with_new_credentials(token)  # a relay starting just now writes its secret
+        if watch.failure and not watch.succeeded:
+            raise AuthenticationFailed(watch.failure)
         raise TimeoutError(f"the relay at {address} did not answer within {timeout:g} s")
     finally:
+        watch.close()
         sock.close(linger=0)

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from ..auth import RelayAuthenticator, load_or_create_secret, secret_path, write_secret_value
 from ..pidfile import PidFile
 from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
 from .store import FINISHED, RelayStore
@@ -44,7 +45,7 @@ class Relay:
 
     def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
                  remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
-                 max_payload: int = P.DEFAULT_MAX_PAYLOAD) -> None:
+                 max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         if max_payload <= 0:
@@ -57,7 +58,16 @@ class Relay:
         self.store = RelayStore(self.data_dir)
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
+        # Every connection authenticates (PLAIN) before a message flows. The
+        # local secret is kept with the record (the same after a restart, so
+        # clients and endpoints reconnect with what they have) in a file only
+        # this user can read.
+        self.secret_file = Path(secret_file) if secret_file else self.data_dir / "relay.secret"
+        self.local_secret = load_or_create_secret(self.secret_file)
+        self.authenticator = RelayAuthenticator(self.ctx, self.local_secret)
+        self.authenticator.start()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.plain_server = True
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if "[" in address:  # an IPv6 host such as tcp://[::1]:55700
             self.sock.setsockopt(zmq.IPV6, 1)
@@ -65,8 +75,18 @@ class Relay:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        # A copy by address, where this user's executors and endpoints look:
+        # written before the relay listens, so no one connects without it
+        # (with a port chosen at bind time, nobody can know the address sooner).
+        self.discovery_file = None
+        if not secret_file and not address.endswith(":*"):
+            self.discovery_file = secret_path(address)
+            write_secret_value(self.discovery_file, self.local_secret)
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not secret_file and self.discovery_file != secret_path(self.address):
+            self.discovery_file = secret_path(self.address)
+            write_secret_value(self.discovery_file, self.local_secret)
         self.endpoints = EndpointRegistry()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
@@ -145,7 +165,13 @@ class Relay:
             log.info("relay stopping")
             self.store.close()
             self.sock.close(linger=500)
+            self.authenticator.stop()
             self.ctx.term()
+            try:  # ours only: a relay started since on this address keeps its own
+                if self.discovery_file is not None and self.discovery_file.read_text() == self.local_secret:
+                    self.discovery_file.unlink()
+            except OSError:
+                pass
             self.pidfile.remove()
             if self.remove_on_exit is not None:  # a private relay leaves nothing behind
                 shutil.rmtree(self.remove_on_exit, ignore_errors=True)
