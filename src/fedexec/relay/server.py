@@ -99,7 +99,10 @@ class Relay:
         # stored) to endpoints, sent once the commit holding them is on disk.
         self.turn_accepted: dict[bytes, list] = defaultdict(list)
         self.turn_stored: dict[bytes, list] = defaultdict(list)
-        self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list]]] = deque()
+        # RESUMEd tasks the record shows unfinished though they are not here:
+        # their result is on its way to disk; answered after that commit
+        self.turn_resumed: dict[bytes, list] = defaultdict(list)
+        self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
         self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
         self._recover()
@@ -148,9 +151,10 @@ class Relay:
                 if self.store.commit_fd in events:
                     self.store.drain_commit_notices()
                 seq = self.store.flush()
-                if self.turn_accepted or self.turn_stored:
-                    self.after_commit.append((seq, self.turn_accepted, self.turn_stored))
+                if self.turn_accepted or self.turn_stored or self.turn_resumed:
+                    self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
                     self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
+                    self.turn_resumed = defaultdict(list)
                 self._dispatch()
                 self._send_all()
                 self._send_committed()
@@ -310,6 +314,9 @@ class Relay:
         """A client (the same after a relay restart, or a new process
         reattaching) waits for these tasks: their results go to it, and those
         already finished are sent from the record now."""
+        self._answer_resumed(sender, task_ids, final=False)
+
+    def _answer_resumed(self, sender: bytes, task_ids: list[bytes], final: bool) -> None:
         rows, blobs = self.client_results[sender]
         for task_id in task_ids:
             record = self.tasks.get(task_id)
@@ -317,6 +324,10 @@ class Relay:
                 record.client = sender
                 continue
             outcome = self.store.task_outcome(task_id)
+            if not final and (outcome is None or outcome[0] != FINISHED):
+                # it may have finished with its result still in the writer's queue
+                self.turn_resumed[sender].append(task_id)
+                continue
             if outcome is None:
                 rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(
                     P.LOST, "the relay has no record of this task: it was never accepted, or its result "
@@ -569,7 +580,9 @@ class Relay:
         """Send the notices whose commit is now on disk."""
         committed = self.store.committed_seq
         while self.after_commit and self.after_commit[0][0] <= committed:
-            _, accepted, stored = self.after_commit.popleft()
+            _, accepted, stored, resumed = self.after_commit.popleft()
+            for client, task_ids in resumed.items():
+                self._answer_resumed(client, task_ids, final=True)
             for client, task_ids in accepted.items():
                 if task_ids:
                     self._send(client, P.encode(P.ACCEPTED, {"tids": task_ids}))
