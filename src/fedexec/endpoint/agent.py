@@ -173,7 +173,10 @@ class EndpointAgent:
                         self.stopping = True
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
-                    self.relay.send_multipart(P.encode(P.HEARTBEAT))
+                    try:  # never block here: with no connection to queue on, a beat is simply skipped
+                        self.relay.send_multipart(P.encode(P.HEARTBEAT), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                 if self._flush_due(now):
                     self._flush()
                 elif not (self.out_rows or self.started):
