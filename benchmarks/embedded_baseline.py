@@ -13,7 +13,7 @@ import datetime
 import platform
 import statistics
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fedexec import FederatedExecutor

@@ -3,11 +3,9 @@ processes, one client sending to each by endpoint id."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil

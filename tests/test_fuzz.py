@@ -29,7 +29,6 @@ from typing import Any
 
 import cloudpickle
 import msgpack
-import psutil
 import pytest
 import zmq
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Iterable
 
 import cloudpickle
 import dask
@@ -225,11 +226,17 @@ def read_script(proc: subprocess.Popen, until: str, tmp_path) -> tuple[int, list
     return result, records
 
 
-def stop_script(proc: subprocess.Popen) -> None:
+def stop_script(proc: subprocess.Popen, records: Iterable[tuple[int, float]] = ()) -> None:
+    """Stop the script and, by pid, whatever of its processes a failed run left."""
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
     proc.stdout.close()
+    for pid in still_running(records):
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.mark.timeout(90)
@@ -268,13 +275,7 @@ def test_sigkilled_program_leaves_no_process(tmp_path):
         alive = wait_gone(records, 15.0)
         assert not alive, f"still running 15 s after the program was SIGKILLed: {describe(alive)}"
     finally:
-        stop_script(proc)
-        # never leave the orphans of a failed run behind: kill them by pid
-        for pid in still_running(records):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        stop_script(proc, records)
 
 
 @pytest.mark.timeout(90)
@@ -294,12 +295,7 @@ def test_sigkilled_program_leaves_no_files(tmp_path):
         left = wait_tmp_empty(tmp_path, 5.0)
         assert not left, f"files left in the program's TMPDIR after it was SIGKILLed: {left}"
     finally:
-        stop_script(proc)
-        for pid in still_running(records):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
+        stop_script(proc, records)
 
 
 @pytest.mark.timeout(60)

@@ -3,7 +3,6 @@ else is refused with an error reply and the relay keeps serving."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ import zmq
 from fedexec import protocol as P
 from fedexec.auth import connect_plainly
 from fedexec.relay.query import lookup_endpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_faults import free_port, stop_process
 
 
 @pytest.fixture
@@ -39,12 +33,7 @@ def relay(tmp_path):
                 assert time.monotonic() < deadline, "relay did not come up"
         yield address, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_roundtrip_and_version_check():

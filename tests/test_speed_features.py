@@ -4,7 +4,6 @@ processes. (How fast they are is measured in benchmarks/, not here.)"""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from fedexec import FederatedExecutor, memoized
 from fedexec import protocol as P
 from fedexec.relay.query import lookup_endpoint
+from test_faults import free_port, stop_process
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -92,12 +92,6 @@ def test_cancelling_a_memo_twin_is_local_and_spares_its_carrier(tmp_path):
     assert runs(log) == [3]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(90)
 def test_memo_results_are_shared_through_the_relay(tmp_path):
     """A second client of the same relay gets the first client's memoized
@@ -129,12 +123,7 @@ def test_memo_results_are_shared_through_the_relay(tmp_path):
         assert runs(log) == [21, 22]
     finally:
         for proc in (endpoint, relay):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 @pytest.mark.timeout(60)

@@ -132,19 +132,28 @@ _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
 
 
 class HandshakeWatch:
-    """Watches a socket's handshakes with the relay, so that a refusal
-    becomes a clear error rather than silence (ZeroMQ retries quietly)."""
+    """Connects a socket to a relay with this user's credentials for it and
+    watches the handshakes, so that a refusal becomes a clear error rather
+    than silence (ZeroMQ retries quietly). Close it before the socket: it
+    holds a monitor socket."""
 
-    def __init__(self, sock: zmq.Socket, address: str, credentials: Credentials | None) -> None:
+    def __init__(self, sock: zmq.Socket, address: str, token: str | None = None,
+                 secret_file: str | Path | None = None) -> None:
         self.sock = sock
         self.address = address
-        self.credentials = credentials
+        self._source = (token, secret_file)   # where the credentials come from, to look again
+        self.credentials = find_credentials(address, token, secret_file)
+        if self.credentials is not None:
+            self.credentials.apply(sock)
         self.monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self.failure: str | None = None
         self.succeeded = False
+        sock.connect(address)
 
     def read(self) -> None:
-        """Take the events waiting on the monitor socket."""
+        """Take the events waiting on the monitor socket. After a refusal,
+        credentials that turned up or changed since (a relay started just now
+        writes its secret as it starts) are tried at once."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self.monitor.poll(0):
@@ -153,15 +162,14 @@ class HandshakeWatch:
                 self.succeeded, self.failure = True, None
             else:
                 self.failure = describe_handshake_failure(event, self.address, self.credentials)
+        if self.failure:
+            self._retry_with_new_credentials()
 
-    def retry_with_new_credentials(self, token: str | None = None, secret_file: str | Path | None = None) -> bool:
-        """After a refusal: if credentials turned up or changed since the
-        connection was made (a relay started just now writes its secret as it
-        starts), connect again with them. True if it did."""
-        found = find_credentials(self.address, token, secret_file)
-        if found is None or (self.credentials is not None and found.secret == self.credentials.secret
-                             and found.user == self.credentials.user):
-            return False
+    def _retry_with_new_credentials(self) -> None:
+        found = find_credentials(self.address, *self._source)
+        if found is None or (self.credentials is not None and (found.user, found.secret)
+                             == (self.credentials.user, self.credentials.secret)):
+            return
         try:
             self.sock.disconnect(self.address)
         except zmq.ZMQError:
@@ -169,7 +177,6 @@ class HandshakeWatch:
         found.apply(self.sock)
         self.credentials, self.failure = found, None
         self.sock.connect(self.address)
-        return True
 
     def close(self) -> None:
         try:
@@ -177,16 +184,6 @@ class HandshakeWatch:
         except zmq.ZMQError:
             pass
         self.monitor.close(linger=0)
-
-
-def connect_to_relay(sock: zmq.Socket, address: str, credentials: Credentials | None) -> HandshakeWatch:
-    """Connect ``sock`` to a relay with ``credentials``; the watch reports
-    refusals (close it before the socket: it holds a monitor socket)."""
-    if credentials is not None:
-        credentials.apply(sock)
-    watch = HandshakeWatch(sock, address, credentials)
-    sock.connect(address)
-    return watch
 
 
 def connect_plainly(sock: zmq.Socket, address: str, token: str | None = None) -> None:

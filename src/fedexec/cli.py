@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -66,9 +65,14 @@ def _stop_process(record: dict[str, Any], what: str, timeout: float = 15.0) -> N
 
 
 # -- relay ----------------------------------------------------------------------
-def relay_start(ns: argparse.Namespace) -> None:
+def _relay_pidfile(ns: argparse.Namespace) -> tuple[Path, PidFile]:
+    """The relay's data dir (``--data-dir``, else the fedexec home's) and its ``relay.json``."""
     data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
-    pidfile = PidFile(data_dir / "relay.json")
+    return data_dir, PidFile(data_dir / "relay.json")
+
+
+def relay_start(ns: argparse.Namespace) -> None:
+    data_dir, pidfile = _relay_pidfile(ns)
     running = pidfile.read()
     if running:
         raise CommandError(f"a relay is already running at {running['address']} (pid {running['pid']})")
@@ -99,8 +103,8 @@ def relay_start(ns: argparse.Namespace) -> None:
 
 
 def relay_stop(ns: argparse.Namespace) -> None:
-    data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
-    record = PidFile(data_dir / "relay.json").read()
+    data_dir, pidfile = _relay_pidfile(ns)
+    record = pidfile.read()
     if not record:
         print(f"no relay is running for {data_dir}")
         return
@@ -109,8 +113,8 @@ def relay_stop(ns: argparse.Namespace) -> None:
 
 
 def relay_status(ns: argparse.Namespace) -> None:
-    data_dir = Path(ns.data_dir) if ns.data_dir else relay_dir()
-    record = PidFile(data_dir / "relay.json").read()
+    data_dir, pidfile = _relay_pidfile(ns)
+    record = pidfile.read()
     if not record:
         print(f"relay: stopped (data in {data_dir})")
         raise SystemExit(3)

@@ -32,7 +32,7 @@ import zmq
 
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
-from .auth import Credentials, HandshakeWatch, connect_to_relay, find_credentials
+from .auth import HandshakeWatch
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
@@ -216,12 +216,10 @@ class _Dispatcher(threading.Thread):
     """The executor's one network thread: batches out, results in."""
 
     def __init__(self, relay: str, endpoint_id: str, batch_size: int, batch_window: float,
-                 services: EmbeddedFederation | None, credentials: Credentials | None = None) -> None:
+                 services: EmbeddedFederation | None, token: str | None = None) -> None:
         super().__init__(name="fedexec-dispatcher", daemon=True)
         self.relay = relay
-        self.credentials = credentials
-        self.token: str | None = None             # where credentials come from, to look again
-        self.secret_file: str | None = None
+        self.token = token
         self.handshake: HandshakeWatch | None = None
         self.endpoint_id = endpoint_id
         self.batch_size = batch_size
@@ -298,10 +296,11 @@ class _Dispatcher(threading.Thread):
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
-        watch = connect_to_relay(sock, self.relay, self.credentials)
+        watch = HandshakeWatch(sock, self.relay, self.token,
+                               self.services.secret_file if self.services is not None else None)
         self.handshake = watch
         self.sock = sock
-        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))
+        self._hello()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -320,7 +319,7 @@ class _Dispatcher(threading.Thread):
                     self._read_results()
                 if watch.monitor in events:
                     watch.read()
-                    if watch.failure and not watch.retry_with_new_credentials(self.token, self.secret_file):
+                    if watch.failure:
                         log.error("%s", watch.failure)
                 now = time.monotonic()
                 if self.out_rows and now >= self.out_deadline:
@@ -356,10 +355,7 @@ class _Dispatcher(threading.Thread):
         """No future may be left pending once this thread is gone."""
         kind = RelayUnavailable if self.relay_silent else BrokenExecutor
         error = kind(self.failure or "the executor stopped before this task finished")
-        leftovers = [item for _, item in self.commands if isinstance(item, _WorkItem)]
-        for command, value in self.commands:
-            if command in ("submit_many", "reattach"):
-                leftovers += value
+        leftovers = [item for command, items in self.commands if command in ("submit", "reattach") for item in items]
         leftovers += self.pending.values()
         for more in self.watchers.values():
             leftovers += more
@@ -393,8 +389,6 @@ class _Dispatcher(threading.Thread):
         while commands:
             command, value = commands.popleft()
             if command == "submit":
-                self._accept(value)
-            elif command == "submit_many":
                 for item in value:
                     self._accept(item)
             elif command == "reattach":
@@ -405,8 +399,7 @@ class _Dispatcher(threading.Thread):
                     else:
                         self.pending[item.task_id] = item
                         resume.append(item.task_id)
-                for start in range(0, len(resume), RESUME_CHUNK):
-                    self.sock.send_multipart(P.encode(P.RESUME, {"tids": resume[start:start + RESUME_CHUNK]}))
+                self._resume(resume)
             elif command == "cancel":
                 item = self.pending.get(value)
                 if item is not None and not item.running:
@@ -503,8 +496,7 @@ class _Dispatcher(threading.Thread):
         rest (they come from its record, or when the tasks finish)."""
         log.warning("the relay restarted; sending %d unrecorded task(s) again and resuming %d",
                     len(self.unaccepted), len(self.pending) - len(self.unaccepted))
-        sock = self.sock
-        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION}))
+        self._hello()
         self.registered.clear()
         if self.out_rows:
             self._send_batch()
@@ -518,9 +510,16 @@ class _Dispatcher(threading.Thread):
                 self._send_batch()
         finally:
             self.resending = False
-        accepted = [tid for tid, item in self.pending.items() if tid not in self.unaccepted]
-        for start in range(0, len(accepted), RESUME_CHUNK):
-            sock.send_multipart(P.encode(P.RESUME, {"tids": accepted[start:start + RESUME_CHUNK]}))
+        self._resume([tid for tid in self.pending if tid not in self.unaccepted])
+
+    def _hello(self) -> None:
+        self.sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id,
+                                                    "py": P.PYTHON_VERSION}))
+
+    def _resume(self, task_ids: list[bytes]) -> None:
+        """Ask the relay for these tasks' results (from its record, or when they finish)."""
+        for start in range(0, len(task_ids), RESUME_CHUNK):
+            self.sock.send_multipart(P.encode(P.RESUME, {"tids": task_ids[start:start + RESUME_CHUNK]}))
 
     def _heard_from(self, incarnation: Any) -> None:
         if not isinstance(incarnation, bytes):
@@ -723,10 +722,7 @@ class FederatedExecutor(Executor):
         self._shutdown = False
         self._memoize = memoize
         self._trace = trace
-        secret_file = services.secret_file if services is not None else None
-        credentials = find_credentials(relay, token, secret_file)
-        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, credentials)
-        self._dispatcher.token, self._dispatcher.secret_file = token, secret_file
+        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token)
         self._dispatcher.start()
         try:
             info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
@@ -800,6 +796,34 @@ class FederatedExecutor(Executor):
 
     def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
         fn, memoize, extra = self._callable(fn)
+        future, item = self._new_task(fn, kind, make_payload, memoize, extra)
+        if item is not None:
+            self._post_group([item])
+        return future
+
+    def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
+        """``submit(fn, *args)`` for each args tuple, handed to the dispatcher
+        in groups of ``batch_size`` rather than one by one (``map``'s path)."""
+        fn, memoize, extra = self._callable(fn)
+        futures: list[Future] = []
+        group: list[_WorkItem] = []
+        for args in calls:
+            future, item = self._new_task(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, {}), memoize, extra)
+            futures.append(future)
+            if item is not None:
+                group.append(item)
+                if len(group) >= self._batch_size:
+                    self._post_group(group)
+                    group = []
+        if group:
+            self._post_group(group)
+        return futures
+
+    def _new_task(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes], memoize: bool,
+                  extra: dict[str, Any] | None) -> tuple[TaskFuture, _WorkItem | None]:
+        """A task's future and what travels for it; when its function or
+        arguments cannot be sent, the future already holds the error and
+        there is nothing to send."""
         submitted = time.time() if self._trace else 0.0
         task_id = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
         future = TaskFuture(self._dispatcher, task_id)
@@ -809,54 +833,14 @@ class FederatedExecutor(Executor):
             self._check_size(payload)
         except (SerializationError, PayloadTooLarge) as exc:
             future.set_exception(exc)
-            return future
+            return future, None
         item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
         item.extra = extra
         if memoize:
             item.memo_key = content_hash(fn_hash + bytes([kind]) + payload)
         if self._trace:
             item.trace = [submitted]
-        if self._max_in_flight is not None:
-            self._dispatcher.wait_for_room(self._max_in_flight, 1)
-        with self._shutdown_lock:  # so no task slips in after shutdown() posted "stop"
-            self._check_open()
-            self._dispatcher.post("submit", item, 1)
-        return future
-
-    def _submit_calls(self, fn: Callable[..., Any], calls: Iterable[tuple]) -> list[Future]:
-        """``submit(fn, *args)`` for each args tuple, handed to the dispatcher
-        in groups of ``batch_size`` rather than one by one (``map``'s path)."""
-        fn, memoize, extra = self._callable(fn)
-        futures: list[Future] = []
-        group: list[_WorkItem] = []
-        fn_hash = fn_body = b""
-        prefix, counter, trace, dispatcher = self._id_prefix, self._id_counter, self._trace, self._dispatcher
-        for args in calls:
-            submitted = time.time() if trace else 0.0
-            task_id = prefix + next(counter).to_bytes(8, "big")
-            future = TaskFuture(dispatcher, task_id)
-            futures.append(future)
-            try:
-                if not fn_hash:
-                    fn_hash, fn_body = self._functions.lookup(fn)
-                payload = serialize_arguments(fn, args, {})
-                self._check_size(payload)
-            except (SerializationError, PayloadTooLarge) as exc:
-                future.set_exception(exc)
-                continue
-            item = _WorkItem(future, task_id, fn_hash, fn_body, payload, P.TASK_CALL)
-            item.extra = extra
-            if memoize:
-                item.memo_key = content_hash(fn_hash + bytes([P.TASK_CALL]) + payload)
-            if trace:
-                item.trace = [submitted]
-            group.append(item)
-            if len(group) >= self._batch_size:
-                self._post_group(group)
-                group = []
-        if group:
-            self._post_group(group)
-        return futures
+        return future, item
 
     def _check_size(self, payload: bytes) -> None:
         limit = self._dispatcher.max_payload
@@ -865,12 +849,14 @@ class FederatedExecutor(Executor):
                                   f"limit of {limit:,} bytes", size=len(payload), limit=limit)
 
     def _post_group(self, group: list[_WorkItem]) -> None:
+        """Hand tasks to the dispatcher, once there is room for them; if the
+        executor is shut down meanwhile, their futures fail and this raises."""
         if self._max_in_flight is not None:
             self._dispatcher.wait_for_room(self._max_in_flight, len(group))
-        with self._shutdown_lock:
+        with self._shutdown_lock:  # so no task slips in after shutdown() posted "stop"
             try:
                 self._check_open()
-                self._dispatcher.post("submit_many", group, len(group))
+                self._dispatcher.post("submit", group, len(group))
             except BaseException as exc:  # nothing of this group left: its futures must not hang
                 for item in group:
                     if item.future.set_running_or_notify_cancel():

@@ -104,6 +104,13 @@ class Blobs:
         self.frames.append(blob)
         return len(self.frames) - 1
 
+    def result_row(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> list[Any]:
+        """An outgoing result row ``[task_id, status, ref, trace?]`` whose payload travels with this message."""
+        row = [task_id, status, self.ref(blob)]
+        if trace is not None:
+            row.append(trace)
+        return row
+
 
 def as_bytes(blob: Any) -> bytes:
     """A payload as bytes (a copy for frames and buffers)."""

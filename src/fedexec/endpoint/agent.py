@@ -31,7 +31,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import protocol as P
-from ..auth import Credentials, connect_to_relay, find_credentials
+from ..auth import HandshakeWatch
 from ..config import EndpointConfig
 from .pool import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -73,13 +73,11 @@ class EndpointAgent:
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
-                 credentials: Credentials | None = None, secret_file: str | None = None) -> None:
+                 secret_file: str | None = None) -> None:
         config.validate()
         self.config = config
         self.secret_file = secret_file
         self.started_at = time.monotonic()
-        self.credentials = credentials if credentials is not None else find_credentials(config.relay,
-                                                                                        secret_file=secret_file)
         self.exit_code = 0
         self.parent_pid = parent_pid
         self.on_connected = on_connected
@@ -121,12 +119,12 @@ class EndpointAgent:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
-        self.handshake = connect_to_relay(sock, self.config.relay, self.credentials)
+        self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file)
         return sock
 
     def _check_handshake(self) -> None:
         self.handshake.read()
-        if not self.handshake.failure or self.handshake.retry_with_new_credentials(secret_file=self.secret_file):
+        if not self.handshake.failure:
             return
         if self.connected or time.monotonic() - self.started_at < AUTH_GRACE:
             log.warning("%s; trying again", self.handshake.failure)
@@ -212,19 +210,19 @@ class EndpointAgent:
 
     def _reset_credit(self) -> int:
         """On (re)introduction the relay's credit for us becomes this."""
-        self.relay_credit = max(0, self.capacity() - len(self.queue) - len(self.at_worker))
+        self.relay_credit = max(0, self.capacity() - len(self.holding))
         return self.relay_credit
 
     def _offer_spare_credit(self) -> None:
         """When capacity grew (tasks turned out fast), say so without waiting
         for results to carry the grant."""
-        spare = self.capacity() - len(self.queue) - len(self.at_worker) - self.relay_credit
+        spare = self.capacity() - len(self.holding) - self.relay_credit
         if spare >= max(1, self.capacity() // 4):
             self.relay.send_multipart(P.encode(P.CREDIT, {"n": self._grant()}))
 
     def _grant(self) -> int:
         """Credit to give the relay now, and count it as given."""
-        grant = self.capacity() - len(self.queue) - len(self.at_worker) - self.relay_credit
+        grant = self.capacity() - len(self.holding) - self.relay_credit
         if grant <= 0:
             return 0
         self.relay_credit += grant
@@ -335,12 +333,7 @@ class EndpointAgent:
         if not self.unstored:
             return
         blobs = P.Blobs()
-        rows = []
-        for task_id, (status, blob, trace) in self.unstored.items():
-            row = [task_id, status, blobs.ref(blob)]
-            if trace is not None:
-                row.append(trace)
-            rows.append(row)
+        rows = [blobs.result_row(task_id, *outcome) for task_id, outcome in self.unstored.items()]
         log.info("sending %d result(s) again that the relay had not stored", len(rows))
         self.relay.send_multipart(P.encode(P.RESULTS, {"rows": rows}, blobs.frames), copy=False)
 
@@ -350,10 +343,7 @@ class EndpointAgent:
 
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self._mark_unflushed()
-        row = [task_id, status, self.out_blobs.ref(blob)]
-        if trace is not None:
-            row.append(trace)
-        self.out_rows.append(row)
+        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
 

@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import connect_to_relay, find_credentials
+from ..auth import HandshakeWatch
 from ..errors import AuthenticationFailed
 
 
@@ -24,7 +24,7 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0,
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
-    watch = connect_to_relay(sock, address, find_credentials(address, token))
+    watch = HandshakeWatch(sock, address, token)
     try:
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
         sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
@@ -35,8 +35,6 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0,
                 if msg.type == P.LOOKUP_REPLY:
                     return msg.fields["endpoint"] if msg.fields.get("found") else None
             watch.read()
-            if watch.failure and not watch.succeeded:
-                watch.retry_with_new_credentials(token)  # a relay starting just now writes its secret
         if watch.failure and not watch.succeeded:
             raise AuthenticationFailed(watch.failure)
         raise TimeoutError(f"the relay at {address} did not answer within {timeout:g} s")

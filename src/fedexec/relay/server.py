@@ -75,23 +75,22 @@ class Relay:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        # A copy by address, where this user's executors and endpoints look:
-        # written before the relay listens, so no one connects without it
-        # (with a port chosen at bind time, nobody can know the address sooner).
-        self.discovery_file = None
+        # Copies by address, where this user's executors and endpoints look
+        # (not for a private relay, whose owner was given secret_file): one
+        # written before the relay listens, so no one connects without it,
+        # and one under the address it reports, if that differs (a port
+        # chosen at bind time, a host name resolved).
+        self.discovery_files: list[Path] = []
         if not secret_file and not address.endswith(":*"):
-            self.discovery_file = secret_path(address)
-            write_secret_value(self.discovery_file, self.local_secret)
+            self._publish_secret(address)
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if not secret_file and self.discovery_file != secret_path(self.address):
-            self.discovery_file = secret_path(self.address)
-            write_secret_value(self.discovery_file, self.local_secret)
+        if not secret_file and secret_path(self.address) not in self.discovery_files:
+            self._publish_secret(self.address)
         self.endpoints = EndpointRegistry()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
         self.stopping = False
-        self.outbox: list[tuple[bytes, list[Any]]] = []
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
         self.endpoint_cancels: dict[str, list] = defaultdict(list)
@@ -106,6 +105,11 @@ class Relay:
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
         self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
         self._recover()
+
+    def _publish_secret(self, address: str) -> None:
+        path = secret_path(address)
+        write_secret_value(path, self.local_secret)
+        self.discovery_files.append(path)
 
     # -- lifecycle ---------------------------------------------------------
     def _recover(self) -> None:
@@ -171,11 +175,12 @@ class Relay:
             self.sock.close(linger=500)
             self.authenticator.stop()
             self.ctx.term()
-            try:  # ours only: a relay started since on this address keeps its own
-                if self.discovery_file is not None and self.discovery_file.read_text() == self.local_secret:
-                    self.discovery_file.unlink()
-            except OSError:
-                pass
+            for path in self.discovery_files:
+                try:  # ours only: a relay started since on this address keeps its own
+                    if path.read_text() == self.local_secret:
+                        path.unlink()
+                except OSError:
+                    pass
             self.pidfile.remove()
             if self.remove_on_exit is not None:  # a private relay leaves nothing behind
                 shutil.rmtree(self.remove_on_exit, ignore_errors=True)
@@ -216,14 +221,14 @@ class Relay:
             state = self._endpoint_of(sender)
             state.credit += P.count(msg.fields["n"], "credit")
         elif t == P.HEARTBEAT:
+            # the incarnation tells the sender whether this relay restarted
+            reply: dict[str, Any] = {"inc": self.incarnation}
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
                 state.last_seen = time.monotonic()
-                self._send(sender, P.encode(P.HEARTBEAT, {"inc": self.incarnation}))
             elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
-                self._send(sender, P.encode(P.HEARTBEAT, {"unknown": True, "inc": self.incarnation}))
-            else:  # a client: the incarnation tells it whether this relay restarted
-                self._send(sender, P.encode(P.HEARTBEAT, {"inc": self.incarnation}))
+                reply["unknown"] = True
+            self._send(sender, P.encode(P.HEARTBEAT, reply))
         elif t == P.RESUME:
             self._on_resume(sender, P.task_ids(msg.fields["tids"]))
         elif t == P.CANCEL:
@@ -317,27 +322,18 @@ class Relay:
         self._answer_resumed(sender, task_ids, final=False)
 
     def _answer_resumed(self, sender: bytes, task_ids: list[bytes], final: bool) -> None:
-        rows, blobs = self.client_results[sender]
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None:
                 record.client = sender
+            elif self._answer_from_record(sender, task_id):
                 continue
-            outcome = self.store.task_outcome(task_id)
-            if not final and (outcome is None or outcome[0] != FINISHED):
-                # it may have finished with its result still in the writer's queue
+            elif not final:  # it may have finished with its result still in the writer's queue
                 self.turn_resumed[sender].append(task_id)
-                continue
-            if outcome is None:
-                rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(
-                    P.LOST, "the relay has no record of this task: it was never accepted, or its result "
-                            "was fetched and acknowledged, or it expired"))])
-            elif outcome[0] == FINISHED:
-                _, status, result = outcome
-                rows.append([task_id, status, blobs.ref(result or b"")])
-            else:  # recorded, but for an endpoint this relay does not know any more
-                rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(
-                    P.LOST, "the relay holds this task for an endpoint it no longer knows"))])
+            else:
+                self._reject(sender, task_id, P.LOST,
+                             "the relay has no record of this task to give: it was never accepted, its result "
+                             "was fetched and acknowledged or expired, or its endpoint is no longer known")
 
     def _on_submit(self, sender: bytes, msg: P.Message) -> None:
         endpoint_id = P.text(msg.fields["ep"], "endpoint id")
@@ -405,7 +401,7 @@ class Relay:
             return False
         _, status, result = outcome
         rows, blobs = self.client_results[client]
-        rows.append([task_id, status, blobs.ref(result or b"")])
+        rows.append(blobs.result_row(task_id, status, result or b""))
         return True
 
     def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
@@ -420,10 +416,7 @@ class Relay:
                 return False
             self._remember(key, result)
         rows, blobs = self.client_results[client]
-        row: list[Any] = [task_id, P.OK, blobs.ref(result)]
-        if "tr" in options:
-            row.append(options["tr"])
-        rows.append(row)
+        rows.append(blobs.result_row(task_id, P.OK, result, options.get("tr")))
         return True
 
     def _remember(self, key: bytes, result: bytes) -> None:
@@ -437,7 +430,7 @@ class Relay:
     def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, **details: Any) -> None:
         log.info("task %s refused: %s", task_id.hex(), message)
         rows, blobs = self.client_results[client]
-        rows.append([task_id, P.FAILED, blobs.ref(P.pack_failure(kind, message, **details))])
+        rows.append(blobs.result_row(task_id, P.FAILED, P.pack_failure(kind, message, **details)))
 
     def _on_results(self, sender: bytes, msg: P.Message) -> None:
         # Results are taken by task id from the endpoint the task went to,
@@ -484,13 +477,12 @@ class Relay:
                                  f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
             self.store.add_result(task_id, status, P.as_buffer(blob))
             if status == P.OK and record.options is not None and "m" in record.options:
-                self._remember(record.options["m"], P.as_bytes(blob))
-                self.store.add_memo(record.options["m"], P.as_bytes(blob))
+                result = P.as_bytes(blob)
+                self._remember(record.options["m"], result)
+                self.store.add_memo(record.options["m"], result)
             client_rows, client_blobs = self.client_results[record.client]
-            out = [task_id, status, client_blobs.ref(blob)]
-            if len(row) == 4:
-                out.append([*row[3], now])
-            client_rows.append(out)
+            client_rows.append(client_blobs.result_row(task_id, status, blob,
+                                                       [*row[3], now] if len(row) == 4 else None))
         if started and state is not None:
             self._on_started(started)
 

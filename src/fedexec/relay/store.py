@@ -139,6 +139,14 @@ class RelayStore:
             f.write(blob)
         self._files.add((task_id, what))
 
+    def _spill(self, task_id: bytes, what: str, blob: Any) -> tuple[Any, int]:
+        """``(blob, 0)`` to keep in the row, or ``(None, 1)`` once a large
+        blob is written to its file instead."""
+        if blob is None or len(blob) < FILE_BLOB:
+            return blob, 0
+        self._to_file(task_id, what, blob)
+        return None, 1
+
     def _drop_file(self, task_id: bytes, what: str) -> None:
         if (task_id, what) in self._files:
             self._files.discard((task_id, what))
@@ -262,25 +270,16 @@ class RelayStore:
                     deletes.append(ack)
         task_rows = []
         for task_id, row in inserts.items():
-            args = row[6]
-            args_file = 0
-            if args is not None and len(args) >= FILE_BLOB:
-                self._to_file(task_id, "args", args)
-                row[6], args_file = None, 1
+            row[6], args_file = self._spill(task_id, "args", row[6])
             status = result = finished = None
             result_file = 0
             if len(row) == 10:  # finished in this same commit
                 status, result, finished = row.pop()
-                if len(result) >= FILE_BLOB:
-                    self._to_file(task_id, "result", result)
-                    result, result_file = None, 1
+                result, result_file = self._spill(task_id, "result", result)
             task_rows.append((*row, finished, status, result, args_file, result_file))
         update_rows = []
         for task_id, (state, status, blob, finished) in updates.items():
-            result_file = 0
-            if len(blob) >= FILE_BLOB:
-                self._to_file(task_id, "result", blob)
-                blob, result_file = None, 1
+            blob, result_file = self._spill(task_id, "result", blob)
             update_rows.append((state, status, blob, finished, result_file, task_id))
         db = self._writer_db
         db.execute("BEGIN")

@@ -165,10 +165,7 @@ class WorkerProcess:
                    trace: list[float] | None = None) -> None:
         if not self.out_rows:
             self.unsent_since = time.perf_counter()
-        row = [task_id, status, self.out_blobs.ref(blob)]
-        if trace is not None:
-            row.append(trace)
-        self.out_rows.append(row)
+        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
         self.out_times.append(seconds)
 
     def flush(self) -> None:
