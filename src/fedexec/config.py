@@ -7,6 +7,7 @@ Everything lives under the fedexec home: ``$FEDEXEC_HOME``, by default
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -22,6 +23,7 @@ else:  # pragma: no cover
 DEFAULT_RELAY_PORT = 55700
 DEFAULT_WORKER_BATCH = 64
 DEFAULT_RELAY_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_RELAY_PORT}"
+SANDBOXES = ("none", "bwrap", "apptainer", "podman")
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -73,6 +75,10 @@ class EndpointConfig:
     heartbeats_missed: int = 3      # the relay marks it disconnected after this many silent periods (+ 1 s)
     worker_batch: int = DEFAULT_WORKER_BATCH  # most fast tasks handed a worker at once (1: one at a time)
     worker_lost_retries: int = 2    # times a task whose worker died is run again before it fails
+    allowed_functions: list[str] = field(default_factory=list)  # hex function hashes; empty: any function
+    sandbox: str = "none"           # none | bwrap | apptainer | podman: what workers run inside
+    sandbox_image: str = ""         # the image (apptainer, podman) the workers run in
+    relay_public_key: str = ""      # the relay's CURVE public key (Z85), pinned; empty: plain connection
 
     def workers(self) -> int:
         return self.max_workers or usable_cores()
@@ -81,7 +87,9 @@ class EndpointConfig:
         check_endpoint_name(self.name)
         for key, kind in (("endpoint_id", str), ("relay", str), ("max_workers", int), ("prefetch", int),
                           ("heartbeat_period", (int, float)), ("worker_batch", int),
-                          ("worker_lost_retries", int), ("heartbeats_missed", int)):
+                          ("worker_lost_retries", int), ("heartbeats_missed", int),
+                          ("allowed_functions", list), ("sandbox", str), ("sandbox_image", str),
+                          ("relay_public_key", str)):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -105,6 +113,17 @@ class EndpointConfig:
             raise ConfigError(f"heartbeats_missed must be from 1 to 100, not {self.heartbeats_missed}")
         if self.worker_lost_retries < 0:
             raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
+        for fn_hash in self.allowed_functions:
+            if not (isinstance(fn_hash, str) and re.fullmatch(r"[0-9a-f]{64}", fn_hash)):
+                raise ConfigError(f"allowed_functions: {fn_hash!r} is not a function hash (64 hex digits, "
+                                  "as printed by 'fedexec function hash')")
+        if self.sandbox not in SANDBOXES:
+            raise ConfigError(f"sandbox must be one of {', '.join(SANDBOXES)}, not {self.sandbox!r}")
+        if self.sandbox in ("apptainer", "podman") and not self.sandbox_image:
+            raise ConfigError(f"sandbox {self.sandbox!r} needs sandbox_image (the image its workers run in)")
+        if self.relay_public_key and len(self.relay_public_key) != 40:
+            raise ConfigError(f"relay_public_key must be the relay's 40-character Z85 public key, "
+                              f"not {self.relay_public_key!r}")
 
     @property
     def path(self) -> Path:
@@ -132,6 +151,14 @@ class EndpointConfig:
             f"# Times a task is run again when its worker dies under it (not counted\n"
             f"# against the task's own max_retries) before it fails with WorkerLost.\n"
             f"worker_lost_retries = {self.worker_lost_retries}\n"
+            f"# Function hashes this endpoint runs ('fedexec function hash'); empty: any.\n"
+            f"allowed_functions = {json.dumps(self.allowed_functions)}\n"
+            f"# Where workers run: none, bwrap (read-only host, a private directory\n"
+            f"# per task), apptainer or podman (with sandbox_image).\n"
+            f'sandbox = "{self.sandbox}"\n'
+            f'sandbox_image = "{self.sandbox_image}"\n'
+            f"# The relay's CURVE public key (fedexec relay key); set: traffic is encrypted.\n"
+            f'relay_public_key = "{self.relay_public_key}"\n'
         )
         path.write_text(text)
         return path
@@ -146,7 +173,8 @@ class EndpointConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
-                 "worker_lost_retries", "heartbeats_missed"}
+                 "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
+                 "relay_public_key"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

@@ -91,7 +91,7 @@ class EndpointAgent:
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
         self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
         self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
-                                    self._sock_dir)
+                                    self._sock_dir, sandbox=config.sandbox, sandbox_image=config.sandbox_image)
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
         self.at_worker: dict[bytes, WorkerSlot] = {}   # task_id -> the worker holding it

@@ -54,7 +54,10 @@ def describe_exit(returncode: int) -> str:
 class LocalWorkerPool:
     """``size`` worker processes on this machine, connected to ``address``."""
 
-    def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None,
+                 sandbox: str = "none", sandbox_image: str = "") -> None:
+        self.sandbox = sandbox            # what the workers run inside (config.SANDBOXES)
+        self.sandbox_image = sandbox_image
         self.size = size
         self.address = address
         self.marker_dir = marker_dir
