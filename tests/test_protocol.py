@@ -81,7 +81,7 @@ def test_relay_refuses_absurd_values_from_an_endpoint(relay):
     endpoint_id = str(uuid.uuid4())
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, P.endpoint_routing_id(endpoint_id))
+    sock.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
     connect_plainly(sock, address)
     hello = {"role": "endpoint", "id": endpoint_id, "name": "e", "py": P.PYTHON_VERSION, "capacity": 1}
     try:

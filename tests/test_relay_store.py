@@ -13,12 +13,12 @@ def test_large_blobs_live_in_files_and_go_with_their_task(tmp_path):
     small, big = uuid.uuid4().bytes, uuid.uuid4().bytes
     big_args = os.urandom(FILE_BLOB * 3)
     store.add_function(b"h" * 32, b"body")
-    store.add_task(small, b"C", "ep", b"h" * 32, 0, "3.11", b"tiny")
-    store.add_task(big, b"C", "ep", b"h" * 32, 0, "3.11", memoryview(big_args))
+    store.add_task(small, b"C", "ep", b"h" * 32, 0, "3.11", b"tiny", "local")
+    store.add_task(big, b"C", "ep", b"h" * 32, 0, "3.11", memoryview(big_args), "local")
     store.close()
 
     store = RelayStore(tmp_path)  # as after a restart: what was accepted is there
-    pending = {row[0]: row[6] for row in store.pending_tasks()}
+    pending = {row[0]: row[7] for row in store.pending_tasks()}
     assert pending == {small: b"tiny", big: big_args}
     assert (tmp_path / "blobs" / f"{big.hex()}.args").exists()
     assert not (tmp_path / "blobs" / f"{small.hex()}.args").exists()
@@ -31,7 +31,7 @@ def test_large_blobs_live_in_files_and_go_with_their_task(tmp_path):
     assert list(store.pending_tasks()) == []
     assert store.read_blob(big, "result") == big_result
     assert not (tmp_path / "blobs" / f"{big.hex()}.args").exists()  # arguments dropped once done
-    store.acknowledge([big, small])
+    store.acknowledge([big, small], "local")
     store.close()
     assert os.listdir(tmp_path / "blobs") == []
 
@@ -51,10 +51,10 @@ def test_writes_that_cancel_out_within_one_commit_are_not_made(tmp_path):
     gone, finished, waiting = (uuid.uuid4().bytes for _ in range(3))
     store.add_function(b"h" * 32, b"body")
     for task_id in (gone, finished, waiting):
-        store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args")
+        store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args", "local")
     store.add_result(gone, 0, b"r1")
     store.add_result(finished, 0, b"r2")
-    store.acknowledge([gone])
+    store.acknowledge([gone], "local")
     store.close()  # one commit holds all of it
     rows = _rows(tmp_path)
     assert set(rows) == {finished, waiting}
@@ -64,6 +64,6 @@ def test_writes_that_cancel_out_within_one_commit_are_not_made(tmp_path):
     store = RelayStore(tmp_path)
     assert [row[0] for row in store.pending_tasks()] == [waiting]
     store.add_result(waiting, 0, b"r3")
-    store.acknowledge([finished, waiting])   # result and acknowledgement in one commit: a delete
+    store.acknowledge([finished, waiting], "local")   # result and acknowledgement in one commit: a delete
     store.close()
     assert _rows(tmp_path) == {}

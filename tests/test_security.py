@@ -51,7 +51,7 @@ def test_payloads_through_the_relay_are_never_unpickled_there(tmp_path):
     ctx = zmq.Context()
     with running_relay(tmp_path) as address:
         endpoint = ctx.socket(zmq.DEALER)
-        endpoint.setsockopt(zmq.IDENTITY, P.endpoint_routing_id(endpoint_id))
+        endpoint.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
         client = ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.IDENTITY, b"C" + uuid.uuid4().bytes)
         for sock in (endpoint, client):

@@ -8,6 +8,7 @@
 
 from .errors import (
     AuthenticationFailed,
+    NotAuthorized,
     DeserializationError,
     FedexecError,
     PayloadTooLarge,
@@ -32,6 +33,7 @@ __all__ = [
     "with_options",
     "FedexecError",
     "AuthenticationFailed",
+    "NotAuthorized",
     "DeserializationError",
     "PayloadTooLarge",
     "RelayUnavailable",

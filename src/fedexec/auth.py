@@ -1,35 +1,39 @@
-"""Who may talk to a relay: credentials, and the relay's check of them.
+"""A program's credentials for a relay, and how its socket presents them.
 
-Every connection to a relay authenticates with ZeroMQ's PLAIN mechanism
-before a single message flows; the relay's ZAP handler (a thread of the
-relay, :class:`RelayAuthenticator`) accepts or refuses the handshake, and
-each accepted message then carries its sender's user name as metadata.
+Every connection to a relay authenticates before its messages are read
+(the relay's side is :mod:`fedexec.relay.access`). Credentials are a user
+name and a secret, found in this order: an explicit token (``user:secret``),
+``$FEDEXEC_TOKEN``, the local relay's secret file (mode ``local``: the relay
+writes it to ``$FEDEXEC_HOME/relays/<address>.secret``, readable by its user
+only), then a Globus token stored by ``fedexec login``.
 
-Mode ``local`` (the default): the relay creates a random secret at start
-and writes it to a file only its user can read (mode 0600), by default
-``$FEDEXEC_HOME/relays/<address>.secret``; executors, endpoints and the CLI
-of the same user on the same machine find it there by the relay's address.
-``FEDEXEC_TOKEN`` or an explicit token take precedence.
+Over a plain connection they travel in ZeroMQ's PLAIN handshake. When the
+relay's CURVE public key is known (given, ``$FEDEXEC_RELAY_KEY``, or
+published by a relay on this machine), the connection is encrypted and
+they travel as connection metadata inside the encrypted handshake.
 """
 
 from __future__ import annotations
 
-import hmac
+import json
 import logging
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from .config import fedexec_home
 
 log = logging.getLogger("fedexec.auth")
 
 LOCAL_USER = "local"
+GLOBUS_USER = "globus"           # the user name presented with a Globus bearer token
 TOKEN_ENV = "FEDEXEC_TOKEN"
+RELAY_KEY_ENV = "FEDEXEC_RELAY_KEY"
+AUTH_PROPERTY = "X-Fedexec-Auth"  # connection metadata carrying credentials over CURVE
 
 
 class Credentials:
@@ -39,10 +43,14 @@ class Credentials:
         self.user = user
         self.secret = secret
 
-    def apply(self, sock: zmq.Socket) -> None:
-        """Make ``sock`` authenticate with these (before it connects)."""
-        sock.plain_username = self.user.encode()
-        sock.plain_password = self.secret.encode()
+    def apply(self, sock: zmq.Socket, relay_key: bytes | None = None) -> None:
+        """Make ``sock`` present these (before it connects): in the PLAIN
+        handshake, or encrypted over CURVE when the relay's key is given."""
+        if relay_key:
+            sock.setsockopt(zmq.METADATA, f"{AUTH_PROPERTY}:{self.user}:{self.secret}".encode())
+        else:
+            sock.plain_username = self.user.encode()
+            sock.plain_password = self.secret.encode()
 
     @classmethod
     def parse(cls, token: str) -> "Credentials":
@@ -51,10 +59,51 @@ class Credentials:
         return cls(user, secret) if sep else cls(LOCAL_USER, user)
 
 
+def _address_key(address: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", address).strip("_")
+
+
 def secret_path(address: str) -> Path:
     """Where a local-mode relay at ``address`` keeps its secret."""
-    key = re.sub(r"[^A-Za-z0-9.\-]+", "_", address).strip("_")
-    return fedexec_home() / "relays" / f"{key}.secret"
+    return fedexec_home() / "relays" / f"{_address_key(address)}.secret"
+
+
+def public_key_path(address: str) -> Path:
+    """Where a relay at ``address`` publishes its CURVE public key to this
+    machine's users."""
+    return fedexec_home() / "relays" / f"{_address_key(address)}.pub"
+
+
+def globus_tokens_path() -> Path:
+    """Where ``fedexec login`` keeps this user's Globus tokens (mode 0600)."""
+    return fedexec_home() / "globus-tokens.json"
+
+
+def find_relay_key(address: str, relay_key: str | bytes | None = None) -> bytes | None:
+    """The relay's CURVE public key (Z85): given, ``$FEDEXEC_RELAY_KEY``, or
+    published by the relay on this machine; None means a plain connection."""
+    key = relay_key or os.environ.get(RELAY_KEY_ENV)
+    if not key:
+        try:
+            key = public_key_path(address).read_text().strip()
+        except OSError:
+            return None
+    key = key.encode() if isinstance(key, str) else key
+    if len(key) != 40:
+        raise ValueError(f"the relay's public key must be 40 characters of Z85, not {key!r}")
+    return key
+
+
+def stored_globus_token() -> str | None:
+    """The access token ``fedexec login`` stored, if it has not expired."""
+    try:
+        data = json.loads(globus_tokens_path().read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("expires_at", 0) <= time.time() + 30:
+        return None
+    token = data.get("access_token")
+    return token if isinstance(token, str) and token else None
 
 
 def write_secret(path: Path) -> str:
@@ -99,8 +148,11 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
     try:
         secret = path.read_text().strip()
     except OSError:
-        return None
-    return Credentials(LOCAL_USER, secret) if secret else None
+        secret = ""
+    if secret:
+        return Credentials(LOCAL_USER, secret)
+    token = stored_globus_token()
+    return Credentials(GLOBUS_USER, token) if token else None
 
 
 def describe_handshake_failure(event: int, address: str, credentials: Credentials | None) -> str:
@@ -110,21 +162,9 @@ def describe_handshake_failure(event: int, address: str, credentials: Credential
                 f"{TOKEN_ENV}, or run on the relay's machine as its user (it writes {secret_path(address)})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the relay at {address} refused the credentials of user {credentials.user!r}"
-    return f"the relay at {address} does not accept this kind of connection (is it a fedexec relay?)"
-
-
-class RelayAuthenticator(ThreadAuthenticator):
-    """The relay's ZAP handler: checks each connection's PLAIN credentials."""
-
-    def __init__(self, context: zmq.Context, local_secret: str) -> None:
-        super().__init__(context)
-        self._local_secret = local_secret
-
-    def _authenticate_plain(self, domain: str, username: str, password: str) -> tuple[bool, bytes]:
-        if username == LOCAL_USER and hmac.compare_digest(password.encode(), self._local_secret.encode()):
-            return True, b"OK"
-        log.warning("refused a connection: wrong credentials for user %r", username)
-        return False, b"wrong credentials"
+    return (f"the relay at {address} does not accept this kind of connection: it may require encryption "
+            f"(give its public key: relay_public_key=, {RELAY_KEY_ENV}, or relay_public_key in the "
+            "endpoint's config), or the key given is not its key, or it is not a fedexec relay")
 
 
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -138,13 +178,14 @@ class HandshakeWatch:
     holds a monitor socket."""
 
     def __init__(self, sock: zmq.Socket, address: str, token: str | None = None,
-                 secret_file: str | Path | None = None) -> None:
+                 secret_file: str | Path | None = None, relay_key: str | bytes | None = None) -> None:
         self.sock = sock
         self.address = address
         self._source = (token, secret_file)   # where the credentials come from, to look again
+        self.relay_key = secure(sock, address, relay_key)
         self.credentials = find_credentials(address, token, secret_file)
         if self.credentials is not None:
-            self.credentials.apply(sock)
+            self.credentials.apply(sock, self.relay_key)
         self.monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self.failure: str | None = None
         self.succeeded = False
@@ -174,7 +215,7 @@ class HandshakeWatch:
             self.sock.disconnect(self.address)
         except zmq.ZMQError:
             pass
-        found.apply(self.sock)
+        found.apply(self.sock, self.relay_key)
         self.credentials, self.failure = found, None
         self.sock.connect(self.address)
 
@@ -186,10 +227,23 @@ class HandshakeWatch:
         self.monitor.close(linger=0)
 
 
-def connect_plainly(sock: zmq.Socket, address: str, token: str | None = None) -> None:
+def secure(sock: zmq.Socket, address: str, relay_key: str | bytes | None = None) -> bytes | None:
+    """Make ``sock`` encrypt its connection to the relay at ``address`` if
+    the relay's public key is known (a fresh key pair for this socket);
+    the key, or None for a plain connection."""
+    key = find_relay_key(address, relay_key)
+    if key is not None:
+        sock.curve_serverkey = key
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    return key
+
+
+def connect_plainly(sock: zmq.Socket, address: str, token: str | None = None,
+                    relay_key: str | bytes | None = None) -> None:
     """Connect ``sock`` to a relay with this user's credentials for it,
     without watching the handshake (tools and tests)."""
+    key = secure(sock, address, relay_key)
     credentials = find_credentials(address, token)
     if credentials is not None:
-        credentials.apply(sock)
+        credentials.apply(sock, key)
     sock.connect(address)

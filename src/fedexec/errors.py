@@ -107,3 +107,9 @@ class PayloadTooLarge(FedexecError):
 class AuthenticationFailed(FedexecError, PermissionError):
     """The relay refused this connection's credentials, or needs some and
     none were found (see ``token=`` and ``FEDEXEC_TOKEN``)."""
+
+
+class NotAuthorized(FedexecError, PermissionError):
+    """The relay (or endpoint) knows who you are but you may not do this:
+    the endpoint is another user's and not shared with you, the function
+    is not on its allow-list, or the task is another user's."""

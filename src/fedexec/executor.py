@@ -37,6 +37,7 @@ from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
     DeserializationError,
+    NotAuthorized,
     PayloadTooLarge,
     RelayUnavailable,
     SerializationError,
@@ -205,6 +206,8 @@ def _failure_exception(blob: Any) -> BaseException:
         return TaskTimeout(msg, timeout=float(info.get("timeout", 0.0)), endpoint=str(info.get("endpoint", "")))
     if kind == P.LOST:
         return TaskLost(msg)
+    if kind == P.NOT_ALLOWED:
+        return NotAuthorized(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
     if kind == P.SERIALIZATION:
@@ -216,10 +219,13 @@ class _Dispatcher(threading.Thread):
     """The executor's one network thread: batches out, results in."""
 
     def __init__(self, relay: str, endpoint_id: str, batch_size: int, batch_window: float,
-                 services: EmbeddedFederation | None, token: str | None = None) -> None:
+                 services: EmbeddedFederation | None, token: str | None = None,
+                 relay_public_key: str | None = None) -> None:
         super().__init__(name="fedexec-dispatcher", daemon=True)
         self.relay = relay
         self.token = token
+        self.relay_public_key = relay_public_key
+        self.auth_refused = False     # the relay refused our credentials (or ended our session)
         self.handshake: HandshakeWatch | None = None
         self.endpoint_id = endpoint_id
         self.batch_size = batch_size
@@ -297,7 +303,8 @@ class _Dispatcher(threading.Thread):
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
         watch = HandshakeWatch(sock, self.relay, self.token,
-                               self.services.secret_file if self.services is not None else None)
+                               self.services.secret_file if self.services is not None else None,
+                               relay_key=self.relay_public_key)
         self.handshake = watch
         self.sock = sock
         self._hello()
@@ -317,6 +324,8 @@ class _Dispatcher(threading.Thread):
                     self._run_commands()
                 if sock in events:
                     self._read_results()
+                    if self.auth_refused:
+                        break
                 if watch.monitor in events:
                     watch.read()
                     if watch.failure:
@@ -353,7 +362,8 @@ class _Dispatcher(threading.Thread):
 
     def _fail_leftovers(self) -> None:
         """No future may be left pending once this thread is gone."""
-        kind = RelayUnavailable if self.relay_silent else BrokenExecutor
+        kind = AuthenticationFailed if self.auth_refused else RelayUnavailable if self.relay_silent \
+            else BrokenExecutor
         error = kind(self.failure or "the executor stopped before this task finished")
         leftovers = [item for command, items in self.commands if command in ("submit", "reattach") for item in items]
         leftovers += self.pending.values()
@@ -581,6 +591,11 @@ class _Dispatcher(threading.Thread):
                 if self.lookups:
                     self.lookups.popleft().set_result(msg.fields)
             elif msg.type == P.ERROR:
+                if msg.fields.get("auth"):  # refused, or our session ended (a token revoked or expired)
+                    self.failure = f"the relay at {self.relay} refused this client: {msg.fields.get('msg')}"
+                    self.auth_refused = True
+                    log.error("%s", self.failure)
+                    break
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
             sock.send_multipart(P.encode(P.ACK, {"tids": acks}))
@@ -674,7 +689,8 @@ class FederatedExecutor(Executor):
                  prefetch: int | None = None, worker_batch: int | None = None,
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
-                 token: str | None = None, connect_timeout: float = 30.0) -> None:
+                 token: str | None = None, relay_public_key: str | None = None,
+                 connect_timeout: float = 30.0) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -722,7 +738,8 @@ class FederatedExecutor(Executor):
         self._shutdown = False
         self._memoize = memoize
         self._trace = trace
-        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token)
+        self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
+                                       relay_public_key)
         self._dispatcher.start()
         try:
             info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
@@ -755,6 +772,8 @@ class FederatedExecutor(Executor):
                 except TimeoutError:
                     pass
             reply = future.result()
+            if reply.get("refused"):
+                raise NotAuthorized(f"the relay at {self.relay} refused: {reply['refused']}")
             if reply.get("found"):
                 info = reply["endpoint"]
                 if info.get("py") and info["py"] != P.PYTHON_VERSION:

@@ -11,8 +11,9 @@ into msgpack. Either way the relay never looks into a payload.
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import ipaddress
+import os
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ ACK = "ack"              # {tids}: client -> relay: results received, relay may 
 RESUME = "resume"        # {tids}: a client waits for these accepted tasks: route their results to it
 LOOKUP = "lookup"        # {ep}
 CREDIT = "credit"        # {n}: endpoint can take n more tasks
+SHARE = "share"          # {ep, public?, add_users?, remove_users?, add_groups?, remove_groups?}: owner only
 HEARTBEAT = "hb"
 BYE = "bye"
 # relay -> client/endpoint
@@ -43,7 +45,8 @@ ACCEPTED = "accepted"    # {tids}: these tasks are in the relay's durable record
 RESULTS = "results"      # {rows: [ResultRow], credit?, started?: [task ids now running]}
 LOOKUP_REPLY = "lookup_reply"
 TASKS = "tasks"          # {tasks: [TaskRow]}
-ERROR = "error"          # {msg, tids?}
+ERROR = "error"          # {msg, auth?: credentials refused, refused?: not allowed}
+SHARED = "shared"        # {endpoint: who may use it}, the answer to SHARE
 # endpoint <-> worker
 READY = "ready"          # worker -> endpoint {pid}
 TASK = "task"            # endpoint -> worker, one TaskRow
@@ -75,6 +78,7 @@ REJECTED = "rejected"
 VERSION = "version"
 SERIALIZATION = "serialization"
 LOST = "lost"            # the relay has no record of the task (never accepted, or expired)
+NOT_ALLOWED = "not_allowed"  # the user may not do this (someone else's endpoint, a function not allowed)
 TIMEOUT = "timeout"      # the task ran longer than its walltime and was stopped
 TOO_LARGE = "too_large"  # arguments or result over the relay's payload limit
 
@@ -201,11 +205,39 @@ def content_hash(data: Any) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-@functools.lru_cache(maxsize=4096)
-def endpoint_routing_id(endpoint_id: str) -> bytes:
-    """The ZeroMQ identity an endpoint connects to its relay with (cached:
-    the relay checks it for every result)."""
-    return b"E" + uuid.UUID(endpoint_id).bytes
+def new_endpoint_routing_id() -> bytes:
+    """The ZeroMQ identity an endpoint process connects to its relay with:
+    random, so that no one can take over a connection by knowing the
+    (public) endpoint id."""
+    return b"E" + os.urandom(16)
+
+
+def is_endpoint_id(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(address: str) -> bool:
+    """Whether only this machine can reach ``address`` (ipc, or a loopback host)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def function_hashes(values: Any) -> list[bytes]:
+    """An allow-list of function hashes (sha256, 32 bytes each)."""
+    if not isinstance(values, list) or not all(isinstance(v, bytes) and len(v) == 32 for v in values):
+        raise ProtocolError("function hashes must be a list of 32-byte sha256 digests")
+    return values
 
 
 MAX_COUNT = 1 << 31

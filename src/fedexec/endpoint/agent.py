@@ -24,7 +24,6 @@ import shutil
 import signal
 import tempfile
 import time
-import uuid
 from collections import defaultdict, deque
 from typing import Any, Callable
 
@@ -103,6 +102,8 @@ class EndpointAgent:
         # the relay restarts before its ACK
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
+        self.allowed_functions: frozenset[bytes] | None = (
+            frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
         self.holding: set[bytes] = set()   # ids of the tasks here (queued or at workers) until their outcome
         self._unflushed_since = 0.0
         self.stopping = False
@@ -112,24 +113,29 @@ class EndpointAgent:
 
     def _relay_socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"E" + uuid.UUID(self.config.endpoint_id).bytes)
+        sock.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
-        self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file)
+        self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file,
+                                        relay_key=self.config.relay_public_key or None)
         return sock
 
     def _check_handshake(self) -> None:
         self.handshake.read()
-        if not self.handshake.failure:
-            return
+        if self.handshake.failure:
+            self._refused(self.handshake.failure)
+
+    def _refused(self, why: str) -> None:
+        """The relay refused our credentials: retried for a while at start
+        (they may be on their way), else the endpoint stops."""
         if self.connected or time.monotonic() - self.started_at < AUTH_GRACE:
-            log.warning("%s; trying again", self.handshake.failure)
+            log.warning("%s; trying again", why)
             return
-        log.error("%s", self.handshake.failure)  # never got in: retrying will not help
+        log.error("%s", why)  # never got in: retrying will not help
         self.exit_code = 2
         self.stopping = True
 
@@ -188,6 +194,7 @@ class EndpointAgent:
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
+            "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
         }))
 
     # -- credit ----------------------------------------------------------------
@@ -278,6 +285,14 @@ class EndpointAgent:
                 if row[0] in self.holding:  # sent twice (the relay re-sent it): one copy runs
                     log.info("ignored a second copy of task %s, which is here already", row[0].hex())
                     continue
+                if self.allowed_functions is not None and fn_hash not in self.allowed_functions:
+                    # the relay checks this too; a relay that did not is not trusted with it
+                    log.warning("refused task %s: function %s is not on this endpoint's allow-list",
+                                row[0].hex(), fn_hash.hex())
+                    self._result(row[0], P.FAILED, P.pack_failure(
+                        P.NOT_ALLOWED, f"function {fn_hash.hex()} is not on the allow-list of endpoint "
+                                       f"{self.config.name!r}"))
+                    continue
                 self.holding.add(row[0])
                 self.queue.append(QueuedTask(row, P.blob(blobs, args_index)))
         elif t == P.CANCEL:
@@ -299,7 +314,10 @@ class EndpointAgent:
             for task_id in P.task_ids(msg.fields["tids"]):
                 self.unstored.pop(task_id, None)
         elif t == P.ERROR:
-            log.warning("relay reported an error: %s", msg.fields.get("msg"))
+            if msg.fields.get("auth") or msg.fields.get("refused"):
+                self._refused(f"the relay at {self.config.relay} refused this endpoint: {msg.fields.get('msg')}")
+            else:
+                log.warning("relay reported an error: %s", msg.fields.get("msg"))
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
 

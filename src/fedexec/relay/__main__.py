@@ -3,10 +3,12 @@ CLI's daemon mode and by the embedded default)."""
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .. import protocol as P
+from .access import MODES, GlobusTokenCheck
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
@@ -23,6 +25,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="largest pickled arguments or result accepted, in bytes (default 10 MiB)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
+    parser.add_argument("--auth", choices=MODES, default="local",
+                        help="local (a secret file, the default), token (per-user API tokens) or globus")
+    parser.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
+                        help="encrypt connections with CURVE (default: when listening on anything but loopback)")
+    parser.add_argument("--globus-client-id", default=os.environ.get("FEDEXEC_GLOBUS_CLIENT_ID"),
+                        help="the relay's Globus app (globus mode); its secret in $FEDEXEC_GLOBUS_CLIENT_SECRET")
+    parser.add_argument("--globus-scope", default=None,
+                        help="a scope every Globus token must carry (globus mode)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -31,8 +41,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--result-ttl must be greater than 0 seconds")
     if ns.max_payload <= 0:
         parser.error("--max-payload must be greater than 0 bytes")
+    globus = None
+    if ns.auth == "globus":
+        secret = os.environ.get("FEDEXEC_GLOBUS_CLIENT_SECRET")
+        if not (ns.globus_client_id and secret):
+            parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
+                         "$FEDEXEC_GLOBUS_CLIENT_ID) and $FEDEXEC_GLOBUS_CLIENT_SECRET")
+        globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
     Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-          result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file).serve_forever()
+          result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
+          auth=ns.auth, curve=ns.curve, globus=globus).serve_forever()
 
 
 if __name__ == "__main__":

@@ -10,30 +10,38 @@ import zmq
 
 from .. import protocol as P
 from ..auth import HandshakeWatch
-from ..errors import AuthenticationFailed
+from ..errors import AuthenticationFailed, NotAuthorized
 
 
-def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0,
-                    token: str | None = None) -> dict[str, Any] | None:
-    """The relay's view of an endpoint (``None`` if it does not know it).
+def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: str, timeout: float = 2.0,
+              token: str | None = None, relay_key: str | None = None) -> dict[str, Any]:
+    """Send one request as a client and return the fields of the answer.
 
-    Raises :class:`TimeoutError` when the relay does not answer in time.
+    Raises :class:`AuthenticationFailed` or :class:`NotAuthorized` when the
+    relay refuses, :class:`TimeoutError` when it does not answer in time.
     """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
-    watch = HandshakeWatch(sock, address, token)
+    watch = HandshakeWatch(sock, address, token, relay_key=relay_key)
     try:
         sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
-        sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
+        sock.send_multipart(P.encode(msg_type, fields))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sock.poll(50):
                 msg = P.decode(sock.recv_multipart())
-                if msg.type == P.LOOKUP_REPLY:
-                    return msg.fields["endpoint"] if msg.fields.get("found") else None
+                if msg.type == answer_type:
+                    return msg.fields
+                if msg.type == P.ERROR:
+                    text = str(msg.fields.get("msg"))
+                    if msg.fields.get("auth"):
+                        raise AuthenticationFailed(f"the relay at {address} refused: {text}")
+                    if msg.fields.get("refused"):
+                        raise NotAuthorized(f"the relay at {address} refused: {text}")
+                    raise RuntimeError(f"the relay at {address} answered: {text}")
             watch.read()
         if watch.failure and not watch.succeeded:
             raise AuthenticationFailed(watch.failure)
@@ -41,3 +49,24 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0,
     finally:
         watch.close()
         sock.close(linger=0)
+
+
+def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0, token: str | None = None,
+                    relay_key: str | None = None) -> dict[str, Any] | None:
+    """The relay's view of an endpoint (``None`` if it does not know it)."""
+    reply = ask_relay(address, P.LOOKUP, {"ep": endpoint_id}, P.LOOKUP_REPLY, timeout, token, relay_key)
+    if reply.get("refused"):
+        raise NotAuthorized(f"the relay at {address} refused: {reply['refused']}")
+    return reply["endpoint"] if reply.get("found") else None
+
+
+def share_endpoint(address: str, endpoint_id: str, *, public: bool | None = None,
+                   add_users: list[str] = (), remove_users: list[str] = (), add_groups: list[str] = (),
+                   remove_groups: list[str] = (), timeout: float = 5.0, token: str | None = None,
+                   relay_key: str | None = None) -> dict[str, Any]:
+    """Change who may use an endpoint (its owner only); who may, afterwards."""
+    fields: dict[str, Any] = {"ep": endpoint_id, "add_users": list(add_users), "remove_users": list(remove_users),
+                              "add_groups": list(add_groups), "remove_groups": list(remove_groups)}
+    if public is not None:
+        fields["public"] = public
+    return ask_relay(address, P.SHARE, fields, P.SHARED, timeout, token, relay_key)["endpoint"]

@@ -7,6 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 # task states while the relay holds a task
 QUEUED = 0
 DISPATCHED = 1
@@ -19,12 +21,14 @@ class TaskRecord:
     the task can be sent again if its endpoint goes away.
     """
 
-    __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state", "options")
+    __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state", "options",
+                 "user")
 
     def __init__(self, task_id: bytes, client: bytes, endpoint_id: str, fn_hash: bytes,
-                 kind: int, python: str, args: Any, options: dict | None = None) -> None:
+                 kind: int, python: str, args: Any, options: dict | None = None, user: str = "local") -> None:
         self.task_id = task_id
         self.client = client
+        self.user = user          # who submitted it: only they may see, cancel or reattach it
         self.endpoint_id = endpoint_id
         self.fn_hash = fn_hash
         self.kind = kind
@@ -44,6 +48,38 @@ class TaskRecord:
 
 
 @dataclass
+class EndpointAccess:
+    """Who may use an endpoint: its owner (the user it first connected as),
+    the users and Globus groups it is shared with, or everyone; and which
+    functions it runs (None: any)."""
+
+    owner: str = ""
+    public: bool = False
+    users: set = field(default_factory=set)
+    groups: set = field(default_factory=set)
+    functions: frozenset | None = None      # function hashes the endpoint allows
+
+    def allows(self, user: str, groups: frozenset = frozenset()) -> bool:
+        return self.public or user == self.owner or user in self.users or bool(self.groups & groups)
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"public": self.public, "users": sorted(self.users), "groups": sorted(self.groups),
+                              "functions": None if self.functions is None else sorted(self.functions)})
+
+    @classmethod
+    def unpack(cls, owner: str | None, blob: bytes | None) -> "EndpointAccess":
+        data = msgpack.unpackb(blob) if blob else {}
+        functions = data.get("functions")
+        return cls(owner or "", bool(data.get("public")), set(data.get("users") or ()),
+                   set(data.get("groups") or ()), None if functions is None else frozenset(functions))
+
+    def describe(self) -> dict[str, Any]:
+        return {"owner": self.owner, "public": self.public, "users": sorted(self.users),
+                "groups": sorted(self.groups),
+                "functions": None if self.functions is None else len(self.functions)}
+
+
+@dataclass
 class EndpointState:
     """One endpoint as the relay sees it: identity, connection and credit."""
 
@@ -59,6 +95,7 @@ class EndpointState:
     queue: deque = field(default_factory=deque)            # TaskRecords waiting for credit
     dispatched: dict = field(default_factory=dict)          # task_id -> TaskRecord
     known_functions: set = field(default_factory=set)       # hashes this connection has
+    access: EndpointAccess = field(default_factory=EndpointAccess)
 
     @property
     def connected(self) -> bool:
@@ -88,6 +125,8 @@ class EndpointState:
             "queued": len(self.queue),
             "running": len(self.dispatched),
             "last_seen": self.last_seen,
+            "owner": self.access.owner,
+            "public": self.access.public,
         }
 
 

@@ -22,12 +22,15 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import RelayAuthenticator, load_or_create_secret, secret_path, write_secret_value
+from ..auth import load_or_create_secret, public_key_path, secret_path, write_secret_value
 from ..pidfile import PidFile
-from .registry import DISPATCHED, QUEUED, EndpointRegistry, EndpointState, TaskRecord
+from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
+    load_or_create_curve_keys
+from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, TaskRecord
 from .store import FINISHED, RelayStore
 
 log = logging.getLogger("fedexec.relay")
+refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
 
 MAX_MESSAGES_PER_TURN = 2000
 MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
@@ -45,7 +48,8 @@ class Relay:
 
     def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
                  remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
-                 max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None) -> None:
+                 max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
+                 auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         if max_payload <= 0:
@@ -58,16 +62,29 @@ class Relay:
         self.store = RelayStore(self.data_dir)
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
-        # Every connection authenticates (PLAIN) before a message flows. The
-        # local secret is kept with the record (the same after a restart, so
-        # clients and endpoints reconnect with what they have) in a file only
-        # this user can read.
+        # Every connection authenticates before its messages are read (see
+        # access.py). The local secret is kept with the record (the same
+        # after a restart, so clients and endpoints reconnect with what they
+        # have) in a file only this user can read.
+        self.auth_mode = auth
         self.secret_file = Path(secret_file) if secret_file else self.data_dir / "relay.secret"
-        self.local_secret = load_or_create_secret(self.secret_file)
-        self.authenticator = RelayAuthenticator(self.ctx, self.local_secret)
-        self.authenticator.start()
+        self.local_secret = load_or_create_secret(self.secret_file) if auth == "local" else ""
+        self.tokens = TokenBook(self.data_dir) if auth == "token" else None
+        self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
+        self.zap = ZapHandler(self.ctx, self.access)
+        self.zap.start()
         self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.plain_server = True
+        # Encrypted (CURVE) unless asked otherwise, when anyone but this
+        # machine could listen in.
+        self.curve = curve if curve is not None else not P.is_loopback(address)
+        self.public_key = b""
+        if self.curve:
+            self.public_key, secret_key = load_or_create_curve_keys(self.data_dir / "relay.curve")
+            self.sock.curve_secretkey = secret_key
+            self.sock.curve_publickey = self.public_key
+            self.sock.curve_server = True
+        else:
+            self.sock.plain_server = True
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if "[" in address:  # an IPv6 host such as tcp://[::1]:55700
             self.sock.setsockopt(zmq.IPV6, 1)
@@ -81,12 +98,17 @@ class Relay:
         # and one under the address it reports, if that differs (a port
         # chosen at bind time, a host name resolved).
         self.discovery_files: list[Path] = []
-        if not secret_file and not address.endswith(":*"):
+        publish = not secret_file and (auth == "local" or self.curve)
+        if publish and not address.endswith(":*"):
             self._publish_secret(address)
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if not secret_file and secret_path(self.address) not in self.discovery_files:
+        if publish and secret_path(self.address) not in self.discovery_files:
             self._publish_secret(self.address)
+        if self.curve and secret_file:  # beside the private secret, for its owner
+            self.discovery_files.append(Path(str(secret_file) + ".pub"))
+            self.discovery_files[-1].write_bytes(self.public_key)
+        self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
@@ -107,21 +129,29 @@ class Relay:
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
-        path = secret_path(address)
-        write_secret_value(path, self.local_secret)
-        self.discovery_files.append(path)
+        """Where this user's programs look for the relay by address: the
+        local secret (local mode) and the public key (CURVE)."""
+        if self.auth_mode == "local":
+            path = secret_path(address)
+            write_secret_value(path, self.local_secret)
+            self.discovery_files.append(path)
+        if self.curve:
+            path = public_key_path(address)
+            write_secret_value(path, self.public_key.decode())
+            self.discovery_files.append(path)
 
     # -- lifecycle ---------------------------------------------------------
     def _recover(self) -> None:
         """Reload endpoints and unfinished tasks from the store after a restart."""
-        for endpoint_id, name, python, workers, _last in self.store.endpoints():
-            self.endpoints.add(EndpointState(endpoint_id, name, python, workers))
+        for endpoint_id, name, python, workers, _last, owner, access in self.store.endpoints():
+            self.endpoints.add(EndpointState(endpoint_id, name, python, workers,
+                                             access=EndpointAccess.unpack(owner, access)))
         count = 0
-        for task_id, client, endpoint_id, fn_hash, kind, python, args in self.store.pending_tasks():
+        for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
             state = self.endpoints.get(endpoint_id)
             if state is None:
                 continue
-            record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args)
+            record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
             self.tasks[task_id] = record
             state.queue.append(record)
             count += 1
@@ -140,7 +170,7 @@ class Relay:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self.pidfile.write(address=self.address)
+        self.pidfile.write(address=self.address, auth=self.auth_mode, public_key=self.public_key.decode())
         log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         next_expiry = time.monotonic()
@@ -173,11 +203,13 @@ class Relay:
             log.info("relay stopping")
             self.store.close()
             self.sock.close(linger=500)
-            self.authenticator.stop()
+            self.zap.stop()
             self.ctx.term()
+            if self.tokens is not None:
+                self.tokens.close()
             for path in self.discovery_files:
                 try:  # ours only: a relay started since on this address keeps its own
-                    if path.read_text() == self.local_secret:
+                    if path.read_text() in (self.local_secret, self.public_key.decode()):
                         path.unlink()
                 except OSError:
                     pass
@@ -186,6 +218,7 @@ class Relay:
                 shutil.rmtree(self.remove_on_exit, ignore_errors=True)
 
     def _maintenance(self, now: float) -> None:
+        self.access.refresh()
         for state in self.endpoints.connected():
             if state.expired(now):
                 log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "
@@ -205,16 +238,22 @@ class Relay:
                 return
             sender = frames[0].bytes
             try:
+                session = self.access.session(frames[-1], time.time())
+            except AccessDenied as exc:
+                refusals.warning("refused a message from an unauthenticated connection: %s", exc)
+                self._send(sender, P.encode(P.ERROR, {"msg": f"authentication failed: {exc}", "auth": True}))
+                continue
+            try:
                 msg = P.decode(frames[1:])
-                self._handle(sender, msg)
+                self._handle(sender, session, msg)
             except Exception as exc:  # one bad message must not stop the relay for everyone
                 log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
                 self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
 
-    def _handle(self, sender: bytes, msg: P.Message) -> None:
+    def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
         if t == P.SUBMIT:
-            self._on_submit(sender, msg)
+            self._on_submit(sender, session, msg)
         elif t == P.RESULTS:
             self._on_results(sender, msg)
         elif t == P.CREDIT:
@@ -230,17 +269,17 @@ class Relay:
                 reply["unknown"] = True
             self._send(sender, P.encode(P.HEARTBEAT, reply))
         elif t == P.RESUME:
-            self._on_resume(sender, P.task_ids(msg.fields["tids"]))
+            self._answer_resumed(sender, session, P.task_ids(msg.fields["tids"]), final=False)
         elif t == P.CANCEL:
-            self._on_cancel(sender, msg)
+            self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            self.store.acknowledge(P.task_ids(msg.fields["tids"]))
+            self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
         elif t == P.HELLO:
-            self._on_hello(sender, msg)
+            self._on_hello(sender, session, msg)
         elif t == P.LOOKUP:
-            state = self.endpoints.get(P.text(msg.fields["ep"], "endpoint id"))
-            reply = state.describe() if state else {}
-            self._send(sender, P.encode(P.LOOKUP_REPLY, {"found": state is not None, "endpoint": reply}))
+            self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
+        elif t == P.SHARE:
+            self._on_share(sender, session, msg.fields)
         elif t == P.BYE:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
@@ -256,15 +295,25 @@ class Relay:
             raise P.ProtocolError("endpoint message from a connection that did not say hello")
         return state
 
-    def _on_hello(self, sender: bytes, msg: P.Message) -> None:
+    def _refuse(self, sender: bytes, session: Session, action: str, why: str) -> None:
+        """Say no to an authenticated user, and log who, what and why."""
+        refusals.warning("refused user %r: %s: %s", session.user, action, why)
+        self._send(sender, P.encode(P.ERROR, {"msg": f"not allowed: {why}", "refused": True}))
+
+    def _on_hello(self, sender: bytes, session: Session, msg: P.Message) -> None:
         f = msg.fields
         role = f["role"]
         if role == "endpoint":
             # check everything before touching state: a bad HELLO must not
             # knock a live endpoint off
             endpoint_id = P.text(f["id"], "endpoint id")
-            if sender != P.endpoint_routing_id(endpoint_id):
-                raise P.ProtocolError("endpoint connection identity does not match its id")
+            if not P.is_endpoint_id(endpoint_id):
+                raise P.ProtocolError(f"endpoint id {endpoint_id!r} is not a UUID")
+            if not (sender[:1] == b"E" and len(sender) == 17):
+                raise P.ProtocolError("an endpoint connects with a routing id of E and 16 random bytes")
+            functions = f.get("functions")
+            if functions is not None:
+                functions = frozenset(P.function_hashes(functions))
             name, python = P.text(f["name"], "name"), P.text(f["py"], "python version", 16)
             workers, capacity = P.count(f["workers"], "workers"), P.count(f["capacity"], "capacity")
             held = P.task_ids(f.get("holding", []))
@@ -275,16 +324,23 @@ class Relay:
             if type(missed) is not int or not 1 <= missed <= 100:
                 raise P.ProtocolError(f"missed heartbeats {missed!r} out of range")
             state = self.endpoints.get(endpoint_id)
+            if state is not None and state.access.owner and state.access.owner != session.user:
+                self._refuse(sender, session, f"connect as endpoint {endpoint_id}",
+                             f"endpoint {endpoint_id} is registered to another user")
+                return
             if state is None:
                 state = EndpointState(endpoint_id, name, python)
                 self.endpoints.add(state)
+            state.access.owner = session.user
+            state.access.functions = functions
             self.endpoints.connect(state, sender)
+            self.endpoint_senders[sender] = endpoint_id
             state.name, state.python, state.workers = name, python, workers
             state.heartbeat_period = float(heartbeat)
             state.heartbeats_missed = missed
             state.credit = capacity
             self._take_back_held(state, sender, held)
-            self.store.save_endpoint(endpoint_id, state.name, state.python, state.workers)
+            self._save_endpoint(state)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
                      state.name, endpoint_id, state.python, state.workers, len(state.queue), len(state.dispatched))
             self._send(sender, P.encode(P.WELCOME, {"role": "endpoint", "inc": self.incarnation,
@@ -294,6 +350,42 @@ class Relay:
                                                     "inc": self.incarnation, "max_payload": self.max_payload}))
         else:
             raise P.ProtocolError(f"unknown role {role!r}")
+
+    def _save_endpoint(self, state: EndpointState) -> None:
+        self.store.save_endpoint(state.endpoint_id, state.name, state.python, state.workers, state.access.owner,
+                                 state.access.pack())
+
+    def _on_lookup(self, sender: bytes, session: Session, endpoint_id: str) -> None:
+        state = self.endpoints.get(endpoint_id)
+        if state is not None and not state.access.allows(session.user, session.groups):
+            refusals.warning("refused user %r: look up endpoint %s: not shared with them", session.user, endpoint_id)
+            reply = {"found": False, "refused": f"endpoint {endpoint_id} is not shared with user {session.user!r}"}
+        else:
+            reply = {"found": state is not None, "endpoint": state.describe() if state else {}}
+        self._send(sender, P.encode(P.LOOKUP_REPLY, reply))
+
+    def _on_share(self, sender: bytes, session: Session, f: dict[str, Any]) -> None:
+        """The owner changes who may use an endpoint."""
+        endpoint_id = P.text(f["ep"], "endpoint id")
+        state = self.endpoints.get(endpoint_id)
+        if state is None:
+            self._send(sender, P.encode(P.ERROR, {"msg": f"the relay knows no endpoint {endpoint_id}"}))
+            return
+        if state.access.owner != session.user:
+            self._refuse(sender, session, f"share endpoint {endpoint_id}", "only its owner may share it")
+            return
+        access = state.access
+        if "public" in f:
+            if type(f["public"]) is not bool:
+                raise P.ProtocolError("public must be true or false")
+            access.public = f["public"]
+        for field_name, names in (("add_users", access.users), ("add_groups", access.groups)):
+            names.update(P.text(name, field_name) for name in f.get(field_name, ()))
+        for field_name, names in (("remove_users", access.users), ("remove_groups", access.groups)):
+            names.difference_update(P.text(name, field_name) for name in f.get(field_name, ()))
+        self._save_endpoint(state)
+        log.info("user %r changed who may use endpoint %s: %s", session.user, endpoint_id, access.describe())
+        self._send(sender, P.encode(P.SHARED, {"endpoint": {"id": endpoint_id, **access.describe()}}))
 
     def _take_back_held(self, state: EndpointState, sender: bytes, held: list[bytes]) -> None:
         """An endpoint (re)connecting still holds these tasks (queued or
@@ -315,27 +407,31 @@ class Relay:
         if held_set:
             self._send(sender, P.encode(P.CANCEL, {"tids": sorted(held_set)}))
 
-    def _on_resume(self, sender: bytes, task_ids: list[bytes]) -> None:
+    def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
-        reattaching) waits for these tasks: their results go to it, and those
-        already finished are sent from the record now."""
-        self._answer_resumed(sender, task_ids, final=False)
-
-    def _answer_resumed(self, sender: bytes, task_ids: list[bytes], final: bool) -> None:
+        reattaching) waits for these tasks of its user: their results go to
+        it, and those already finished are sent from the record now."""
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None:
-                record.client = sender
-            elif self._answer_from_record(sender, task_id):
+                if record.user != session.user:
+                    self._not_theirs(sender, session, task_id, "reattach to")
+                else:
+                    record.client = sender
+            elif self._answer_from_record(sender, session, task_id):
                 continue
             elif not final:  # it may have finished with its result still in the writer's queue
-                self.turn_resumed[sender].append(task_id)
+                self.turn_resumed[sender].append((session, task_id))
             else:
                 self._reject(sender, task_id, P.LOST,
                              "the relay has no record of this task to give: it was never accepted, its result "
                              "was fetched and acknowledged or expired, or its endpoint is no longer known")
 
-    def _on_submit(self, sender: bytes, msg: P.Message) -> None:
+    def _not_theirs(self, sender: bytes, session: Session, task_id: bytes, action: str) -> None:
+        refusals.warning("refused user %r: %s task %s: it is another user's", session.user, action, task_id.hex())
+        self._reject(sender, task_id, P.NOT_ALLOWED, f"task {task_id.hex()} belongs to another user")
+
+    def _on_submit(self, sender: bytes, session: Session, msg: P.Message) -> None:
         endpoint_id = P.text(msg.fields["ep"], "endpoint id")
         state = self.endpoints.get(endpoint_id)
         blobs = msg.blobs
@@ -347,6 +443,15 @@ class Relay:
             P.blob(blobs, row[2])
             if row[3] != -1:
                 P.blob(blobs, row[3])
+        user = session.user
+        if state is not None and not state.access.allows(user, session.groups):
+            why = f"endpoint {state.name!r} ({endpoint_id}) is not shared with user {user!r}"
+            refusals.warning("refused user %r: submit %d task(s) to endpoint %s: not shared with them",
+                             user, len(rows), endpoint_id)
+            for row in rows:
+                self._reject(sender, row[0], P.NOT_ALLOWED, why, quiet=True)
+            return
+        allowed = state.access.functions if state is not None else None
         resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
         accepted = self.turn_accepted[sender]
         now = time.time()
@@ -355,6 +460,13 @@ class Relay:
             options = row[6] if len(row) == 7 else None
             if options is not None and "tr" in options:
                 options["tr"].append(now)
+            if allowed is not None and fn_hash not in allowed:
+                refusals.warning("refused user %r: run function %s on endpoint %s: not on its allow-list",
+                                 user, fn_hash.hex(), endpoint_id)
+                self._reject(sender, task_id, P.NOT_ALLOWED,
+                             f"function {fn_hash.hex()} is not on the allow-list of endpoint {endpoint_id}",
+                             quiet=True)
+                continue
             if fn_index != -1 and fn_hash not in self.functions:
                 body = P.as_bytes(P.blob(blobs, fn_index))
                 if P.content_hash(body) != fn_hash:
@@ -362,10 +474,14 @@ class Relay:
                     continue
                 self.functions[fn_hash] = body
                 self.store.add_function(fn_hash, body)
-            if task_id in self.tasks:
-                accepted.append(task_id)  # a resubmission of a task we hold: idempotent
+            held = self.tasks.get(task_id)
+            if held is not None:
+                if held.user != user:
+                    self._not_theirs(sender, session, task_id, "resubmit")
+                else:
+                    accepted.append(task_id)  # a resubmission of a task we hold: idempotent
                 continue
-            if resend and self._answer_from_record(sender, task_id):
+            if resend and self._answer_from_record(sender, session, task_id):
                 continue
             if state is None:
                 self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {endpoint_id}")
@@ -387,19 +503,22 @@ class Relay:
                              f"the arguments are {size:,} bytes pickled, over the relay's payload limit of "
                              f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
                 continue
-            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options)
+            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
             self.tasks[task_id] = record
-            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args))
+            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             state.queue.append(record)
             accepted.append(task_id)
 
-    def _answer_from_record(self, client: bytes, task_id: bytes) -> bool:
+    def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
         """A task sent again may have finished before a relay restart: then
         its stored result answers it and it does not run twice."""
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[0] != FINISHED:
             return False
-        _, status, result = outcome
+        _, status, result, user = outcome
+        if user != session.user:
+            self._not_theirs(client, session, task_id, "read the result of")
+            return True
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, status, result or b""))
         return True
@@ -427,8 +546,10 @@ class Relay:
         recent[key] = result
         self.memo_keys.add(key)
 
-    def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, **details: Any) -> None:
-        log.info("task %s refused: %s", task_id.hex(), message)
+    def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, quiet: bool = False,
+                **details: Any) -> None:
+        if not quiet:
+            log.info("task %s refused: %s", task_id.hex(), message)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, P.FAILED, P.pack_failure(kind, message, **details)))
 
@@ -436,8 +557,6 @@ class Relay:
         # Results are taken by task id from the endpoint the task went to,
         # also when that endpoint was expired meanwhile (it only stalled):
         # finished work is never thrown away.
-        if not (sender[:1] == b"E" and len(sender) == 17):
-            raise P.ProtocolError("results from a connection that is not an endpoint")
         credit = P.count(msg.fields.get("credit", 0), "credit")
         blobs = msg.blobs
         rows = msg.fields["rows"]
@@ -446,6 +565,12 @@ class Relay:
         for row in rows:
             P.blob(blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
         started = P.task_ids(msg.fields.get("started", []))
+        endpoint_id = self.endpoint_senders.get(sender)
+        if endpoint_id is None:
+            # not (or no longer) known as an endpoint: not stored, nor acknowledged,
+            # so the endpoint sends them again once it has said hello
+            self._send(sender, P.encode(P.HEARTBEAT, {"inc": self.incarnation, "unknown": True}))
+            return
         state = self.endpoints.by_routing.get(sender)
         if state is not None:
             state.last_seen = time.monotonic()
@@ -459,7 +584,7 @@ class Relay:
             if record is None:
                 continue  # a late duplicate of a task that already finished
             owner = self.endpoints.get(record.endpoint_id)
-            if owner is None or sender != P.endpoint_routing_id(record.endpoint_id):
+            if owner is None or endpoint_id != record.endpoint_id:
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
             del self.tasks[task_id]
@@ -492,10 +617,15 @@ class Relay:
             if record is not None:
                 self.client_started[record.client].append(task_id)
 
-    def _on_cancel(self, sender: bytes, msg: P.Message) -> None:
+    def _on_cancel(self, sender: bytes, session: Session, msg: P.Message) -> None:
         for task_id in P.task_ids(msg.fields["tids"]):
             record = self.tasks.get(task_id)
-            if record is None or record.client != sender:
+            if record is None:
+                continue
+            if record.user != session.user:
+                refusals.warning("refused user %r: cancel task %s: it is another user's", session.user, task_id.hex())
+                continue
+            if record.client != sender:
                 continue
             if record.state == QUEUED:
                 del self.tasks[task_id]
@@ -573,8 +703,9 @@ class Relay:
         committed = self.store.committed_seq
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
-            for client, task_ids in resumed.items():
-                self._answer_resumed(client, task_ids, final=True)
+            for client, waiting in resumed.items():
+                for session, task_id in waiting:
+                    self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
                 if task_ids:
                     self._send(client, P.encode(P.ACCEPTED, {"tids": task_ids}))

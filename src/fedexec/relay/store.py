@@ -30,7 +30,9 @@ CREATE TABLE IF NOT EXISTS endpoints (
     python TEXT NOT NULL,
     workers INTEGER NOT NULL,
     first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    owner TEXT,
+    access BLOB
 );
 CREATE TABLE IF NOT EXISTS tasks (
     id BLOB PRIMARY KEY,
@@ -46,7 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     result BLOB,
     finished REAL,
     args_file INTEGER NOT NULL DEFAULT 0,
-    result_file INTEGER NOT NULL DEFAULT 0
+    result_file INTEGER NOT NULL DEFAULT 0,
+    user TEXT NOT NULL DEFAULT 'local'
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS memo (
     key BLOB PRIMARY KEY,
@@ -82,11 +85,12 @@ class RelayStore:
         self.blob_dir.mkdir(exist_ok=True)
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
+        self._upgrade()
         self._writer_db = self._connect()   # writes, from the writer thread
         self._new_functions: list[tuple[bytes, bytes, float]] = []
         self._new_tasks: list[tuple[Any, ...]] = []
         self._results: list[tuple[Any, ...]] = []
-        self._acked: list[tuple[bytes]] = []
+        self._acked: list[tuple[bytes, str]] = []
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         self._memo: list[tuple[bytes, bytes, float]] = []
         self._handed: list[tuple[list, ...]] = []
@@ -113,6 +117,14 @@ class RelayStore:
         self._writer = threading.Thread(target=self._write_loop, name="relay-store-writer", daemon=True)
         self._writer.start()
 
+    def _upgrade(self) -> None:
+        """Add the columns a record written by an older fedexec lacks."""
+        for table, column, kind in (("endpoints", "owner", "TEXT"), ("endpoints", "access", "BLOB"),
+                                    ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'")):
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -124,8 +136,9 @@ class RelayStore:
         self._new_functions.append((fn_hash, body, time.time()))
 
     def add_task(self, task_id: bytes, client: bytes, endpoint: str, fn_hash: bytes,
-                 kind: int, python: str, args: Any) -> None:
-        self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time()))
+                 kind: int, python: str, args: Any, user: str) -> None:
+        self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time(),
+                                user))
 
     def add_result(self, task_id: bytes, status: int, blob: Any) -> None:
         self._results.append((FINISHED, status, blob, time.time(), task_id))
@@ -161,12 +174,14 @@ class RelayStore:
     def add_memo(self, key: bytes, result: Any) -> None:
         self._memo.append((key, result, time.time()))
 
-    def acknowledge(self, task_ids: Iterable[bytes]) -> None:
-        self._acked.extend((t,) for t in task_ids)
+    def acknowledge(self, task_ids: Iterable[bytes], user: str) -> None:
+        """Forget these finished tasks of ``user`` (others' are left alone)."""
+        self._acked.extend((t, user) for t in task_ids)
 
-    def save_endpoint(self, endpoint_id: str, name: str, python: str, workers: int) -> None:
+    def save_endpoint(self, endpoint_id: str, name: str, python: str, workers: int, owner: str,
+                      access: bytes) -> None:
         now = time.time()
-        self._endpoints[endpoint_id] = (endpoint_id, name, python, workers, now, now)
+        self._endpoints[endpoint_id] = (endpoint_id, name, python, workers, now, now, owner, access)
 
     def flush(self) -> int:
         """Hand everything buffered since the last flush to the writer thread;
@@ -249,7 +264,7 @@ class RelayStore:
         memo: list[tuple] = []
         inserts: dict[bytes, list[Any]] = {}   # new task rows, updated in place by results
         updates: dict[bytes, tuple] = {}       # results for tasks inserted by earlier commits
-        deletes: list[tuple[bytes]] = []
+        deletes: list[tuple[bytes, str]] = []
         for b_functions, b_endpoints, tasks, results, acked, b_memo in batches:
             functions += b_functions
             endpoints += b_endpoints
@@ -264,16 +279,19 @@ class RelayStore:
                 else:
                     updates[task_id] = (state, status, blob, finished)
             for ack in acked:
-                task_id = ack[0]
-                if inserts.pop(task_id, None) is None:
-                    updates.pop(task_id, None)
-                    deletes.append(ack)
+                task_id, user = ack
+                new = inserts.get(task_id)
+                if new is not None:
+                    if new[9] == user:
+                        del inserts[task_id]
+                    continue
+                deletes.append(ack)
         task_rows = []
         for task_id, row in inserts.items():
             row[6], args_file = self._spill(task_id, "args", row[6])
             status = result = finished = None
             result_file = 0
-            if len(row) == 10:  # finished in this same commit
+            if len(row) == 11:  # finished in this same commit
                 status, result, finished = row.pop()
                 result, result_file = self._spill(task_id, "result", result)
             task_rows.append((*row, finished, status, result, args_file, result_file))
@@ -288,20 +306,20 @@ class RelayStore:
                 db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
             if endpoints:
                 db.executemany(
-                    "INSERT INTO endpoints VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                    "INSERT INTO endpoints VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                     "name=excluded.name, python=excluded.python, workers=excluded.workers, "
-                    "last_seen=excluded.last_seen",
+                    "last_seen=excluded.last_seen, owner=excluded.owner, access=excluded.access",
                     endpoints,
                 )
             if task_rows:
                 db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, args, "
-                               "state, submitted, finished, status, result, args_file, result_file) "
-                               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
+                               "state, submitted, user, finished, status, result, args_file, result_file) "
+                               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
             if update_rows:
                 db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
                                "args=NULL WHERE id=?", update_rows)
             if deletes:
-                db.executemany("DELETE FROM tasks WHERE id=?", deletes)
+                db.executemany("DELETE FROM tasks WHERE id=? AND user=?", deletes)
             if memo:
                 db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
             db.execute("COMMIT")
@@ -310,9 +328,11 @@ class RelayStore:
             raise
         for row in update_rows:  # finished: the arguments are no longer needed
             self._drop_file(row[-1], "args")
-        for (task_id,) in deletes:
-            self._drop_file(task_id, "args")
-            self._drop_file(task_id, "result")
+        for task_id, _user in deletes:
+            if ((task_id, "args") in self._files or (task_id, "result") in self._files) and db.execute(
+                    "SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is None:  # only if it was deleted
+                self._drop_file(task_id, "args")
+                self._drop_file(task_id, "result")
 
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
@@ -326,13 +346,13 @@ class RelayStore:
         row = self.db.execute("SELECT result FROM memo WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def endpoints(self) -> Iterator[tuple[str, str, str, int, float]]:
-        yield from self.db.execute("SELECT id, name, python, workers, last_seen FROM endpoints")
+    def endpoints(self) -> Iterator[tuple[str, str, str, int, float, str | None, bytes | None]]:
+        yield from self.db.execute("SELECT id, name, python, workers, last_seen, owner, access FROM endpoints")
 
     def pending_tasks(self) -> Iterator[tuple[Any, ...]]:
         """Tasks accepted but not finished, oldest first (for a restart)."""
         for *row, args, args_file in self.db.execute(
-                "SELECT id, client, endpoint, fn_hash, kind, python, args, args_file FROM tasks "
+                "SELECT id, client, endpoint, fn_hash, kind, python, user, args, args_file FROM tasks "
                 "WHERE state=? ORDER BY submitted", (PENDING,)):
             if args_file:
                 args = self.read_blob(row[0], "args")
@@ -341,19 +361,19 @@ class RelayStore:
                     continue
             yield (*row, args)
 
-    def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None] | None:
-        """``(state, status, result)`` of a task in the record, None if unknown
-        (a rare path: a client resuming after a restart, or reattaching)."""
-        row = self.db.execute("SELECT state, status, result, result_file FROM tasks WHERE id=?",
+    def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None, str] | None:
+        """``(state, status, result, user)`` of a task in the record, None if
+        unknown (a rare path: a client resuming after a restart, or reattaching)."""
+        row = self.db.execute("SELECT state, status, result, result_file, user FROM tasks WHERE id=?",
                               (task_id,)).fetchone()
         if row is None:
             return None
-        state, status, result, result_file = row
+        state, status, result, result_file, user = row
         if result_file:
             result = self.read_blob(task_id, "result")
             if result is None:
                 return None
-        return state, status, result
+        return state, status, result, user
 
     def expire_results(self, older_than: float) -> None:
         """Forget results nobody fetched before ``older_than`` (a time.time())."""
