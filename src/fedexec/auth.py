@@ -15,12 +15,10 @@ they travel as connection metadata inside the encrypted handshake.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import secrets
-import time
 from pathlib import Path
 
 import zmq
@@ -94,16 +92,6 @@ def find_relay_key(address: str, relay_key: str | bytes | None = None) -> bytes 
     return key
 
 
-def stored_globus_token() -> str | None:
-    """The access token ``fedexec login`` stored, if it has not expired."""
-    try:
-        data = json.loads(globus_tokens_path().read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("expires_at", 0) <= time.time() + 30:
-        return None
-    token = data.get("access_token")
-    return token if isinstance(token, str) and token else None
 
 
 def write_secret(path: Path) -> str:
@@ -151,7 +139,9 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
         secret = ""
     if secret:
         return Credentials(LOCAL_USER, secret)
-    token = stored_globus_token()
+    from .globus_login import client_credentials_token, stored_token
+
+    token = client_credentials_token() or stored_token()
     return Credentials(GLOBUS_USER, token) if token else None
 
 

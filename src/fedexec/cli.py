@@ -1,11 +1,18 @@
 """The ``fedexec`` command: run and inspect relays and endpoints.
 
-    fedexec relay start [--host H] [--port P] [--data-dir D] [--result-ttl S] [--max-payload B] [--daemon]
-    fedexec relay stop|status [--data-dir D]
-    fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N]
+    fedexec relay start [--host H] [--port P] [--data-dir D] [--auth local|token|globus] [--curve|--no-curve]
+                        [--result-ttl S] [--max-payload B] [--daemon]
+    fedexec relay stop|status|key [--data-dir D]
+    fedexec relay add-user NAME [--data-dir D]              (token mode; prints the user's first token)
+    fedexec token create USER [--expires SECONDS] | revoke ID | list [--data-dir D]
+    fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N] [--relay-key KEY]
+                                    [--allow-function HASH ...] [--sandbox MODE] [--sandbox-image IMAGE]
     fedexec endpoint start NAME [--daemon]
     fedexec endpoint stop|status NAME
+    fedexec endpoint share NAME [--user U ...] [--remove-user U ...] [--group G ...] [--public|--private]
     fedexec endpoint list
+    fedexec function hash MODULE:FUNCTION
+    fedexec login [--client-id ID] [--scope SCOPE]          (globus mode)
 """
 
 from __future__ import annotations
@@ -87,6 +94,13 @@ def relay_start(ns: argparse.Namespace) -> None:
         if ns.max_payload <= 0:
             raise SystemExit("fedexec: --max-payload must be greater than 0 bytes")
         argv += ["--max-payload", str(ns.max_payload)]
+    argv += ["--auth", ns.auth]
+    if ns.curve is not None:
+        argv += ["--curve" if ns.curve else "--no-curve"]
+    if ns.globus_client_id:
+        argv += ["--globus-client-id", ns.globus_client_id]
+    if ns.globus_scope:
+        argv += ["--globus-scope", ns.globus_scope]
     if not ns.daemon:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
         from .relay.__main__ import main as relay_main
@@ -100,6 +114,61 @@ def relay_start(ns: argparse.Namespace) -> None:
     except CommandError as exc:
         raise CommandError(f"the relay did not start: {exc}") from None
     print(f"relay running at {record['address']} (pid {record['pid']}); log: {log_path}")
+    if record.get("public_key"):
+        print(f"connections are encrypted; the relay's public key: {record['public_key']}")
+
+
+def relay_key(ns: argparse.Namespace) -> None:
+    """Print the relay's CURVE public key (made now if it has none yet)."""
+    from .relay.access import load_or_create_curve_keys
+
+    data_dir, _ = _relay_pidfile(ns)
+    print(load_or_create_curve_keys(data_dir / "relay.curve")[0].decode())
+
+
+def _token_book(ns: argparse.Namespace) -> Any:
+    from .relay.access import TokenBook
+
+    data_dir, _ = _relay_pidfile(ns)
+    return TokenBook(data_dir)
+
+
+def relay_add_user(ns: argparse.Namespace) -> None:
+    book = _token_book(ns)
+    try:
+        book.add_user(ns.name)
+        token = book.create_token(ns.name, ns.expires)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"added user {ns.name}; their token (shown once; give it to them, they set FEDEXEC_TOKEN to it):",
+          file=sys.stderr)
+    print(token)
+
+
+def token_create(ns: argparse.Namespace) -> None:
+    try:
+        print(_token_book(ns).create_token(ns.user, ns.expires))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def token_revoke(ns: argparse.Namespace) -> None:
+    try:
+        token_id = _token_book(ns).revoke(ns.token)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"revoked token {token_id}; its sessions end within a second")
+
+
+def token_list(ns: argparse.Namespace) -> None:
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+    rows = [("ID", "USER", "CREATED", "EXPIRES", "REVOKED")]
+    rows += [(tid, user, when(c), when(e), when(r)) for tid, user, c, e, r in _token_book(ns).tokens()]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def relay_stop(ns: argparse.Namespace) -> None:
@@ -148,6 +217,16 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.max_workers = ns.max_workers
     if ns.prefetch is not None:
         config.prefetch = ns.prefetch
+    if ns.relay_key is not None:
+        config.relay_public_key = ns.relay_key
+    if ns.allow_function:
+        config.allowed_functions = sorted(set(config.allowed_functions) | set(ns.allow_function))
+    if ns.allow_any_function:
+        config.allowed_functions = []
+    if ns.sandbox is not None:
+        config.sandbox = ns.sandbox
+    if ns.sandbox_image is not None:
+        config.sandbox_image = ns.sandbox_image
     path = config.save()
     print(f"{'configured' if created else 'updated'} endpoint {config.name} ({config.endpoint_id}): {path}")
 
@@ -177,6 +256,52 @@ def endpoint_start(ns: argparse.Namespace) -> None:
         raise CommandError(f"endpoint {ns.name} did not start: {exc}") from None
     print(f"endpoint {ns.name} running (pid {proc.pid}), connected to {config.relay}")
     print(config.endpoint_id)
+
+
+def endpoint_share(ns: argparse.Namespace) -> None:
+    """The owner changes who may submit to an endpoint (through its relay)."""
+    from .errors import FedexecError
+    from .relay.query import share_endpoint
+
+    config = EndpointConfig.load(ns.name)
+    try:
+        view = share_endpoint(config.relay, config.endpoint_id, public=ns.public, add_users=ns.user,
+                              remove_users=ns.remove_user, add_groups=ns.group, remove_groups=ns.remove_group,
+                              relay_key=config.relay_public_key or None)
+    except (FedexecError, TimeoutError, RuntimeError) as exc:
+        raise CommandError(str(exc)) from None
+    who = "everyone" if view["public"] else ", ".join(
+        [f"user {u}" for u in view["users"]] + [f"group {g}" for g in view["groups"]]) or "its owner only"
+    print(f"endpoint {ns.name} ({config.endpoint_id}), owner {view['owner']}: usable by {who}")
+
+
+def function_hash_command(ns: argparse.Namespace) -> None:
+    import importlib
+
+    from .serialize import function_hash
+
+    module_name, _, attr = ns.function.partition(":")
+    if not attr:
+        raise CommandError(f"give the function as MODULE:FUNCTION, not {ns.function!r}")
+    try:
+        fn = importlib.import_module(module_name)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as exc:
+        raise CommandError(f"cannot find {ns.function}: {exc}") from None
+    print(function_hash(fn))
+
+
+def login(ns: argparse.Namespace) -> None:
+    """Globus Auth's native-app login; the tokens are kept (mode 0600) for
+    executors and the CLI of this user."""
+    from .globus_login import login_interactively
+
+    try:
+        path = login_interactively(ns.client_id, ns.scope)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"logged in; tokens saved in {path}")
 
 
 def endpoint_stop(ns: argparse.Namespace) -> None:
@@ -264,12 +389,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="run in the background")
     p.add_argument("--result-ttl", type=float, help="seconds a result nobody fetched is kept (default 7 days)")
     p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 10 MiB)")
+    p.add_argument("--auth", choices=("local", "token", "globus"), default="local",
+                   help="local: a secret file for this machine's user (default); token: per-user API tokens "
+                        "(relay add-user, token create); globus: Globus Auth tokens")
+    p.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
+                   help="encrypt connections (default: on unless --host is a loopback address)")
+    p.add_argument("--globus-client-id", help="the relay's Globus app (globus mode; its secret in "
+                                              "$FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET)")
+    p.add_argument("--globus-scope", help="a scope every Globus token must carry (globus mode)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=relay_start)
-    for action, func in (("stop", relay_stop), ("status", relay_status)):
-        p = rsub.add_parser(action, help=f"{action} the relay of a data dir")
+    for action, func in (("stop", relay_stop), ("status", relay_status), ("key", relay_key)):
+        p = rsub.add_parser(action, help=f"{action} the relay of a data dir" if action != "key"
+                            else "print the relay's public key (for clients' relay_public_key)")
         p.add_argument("--data-dir")
         p.set_defaults(func=func)
+    p = rsub.add_parser("add-user", help="add a user (token mode) and print their first token")
+    p.add_argument("name")
+    p.add_argument("--expires", type=float, help="the token's lifetime in seconds (default: until revoked)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=relay_add_user)
+
+    token = top.add_parser("token", help="API tokens of a token-mode relay (run where the relay keeps its data)")
+    tsub = token.add_subparsers(dest="action", required=True)
+    p = tsub.add_parser("create", help="a new token for a user, printed once")
+    p.add_argument("user")
+    p.add_argument("--expires", type=float, help="lifetime in seconds (default: until revoked)")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=token_create)
+    p = tsub.add_parser("revoke", help="revoke a token (its id, or the whole token); its sessions end")
+    p.add_argument("token")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=token_revoke)
+    p = tsub.add_parser("list", help="tokens and their state")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=token_list)
+
+    p = top.add_parser("login", help="log in with Globus Auth (globus mode)")
+    p.add_argument("--client-id", default=None, help="the native app to log in with "
+                                                     "(default $FEDEXEC_GLOBUS_NATIVE_CLIENT_ID)")
+    p.add_argument("--scope", default=None, help="the relay's scope (default $FEDEXEC_GLOBUS_SCOPE)")
+    p.set_defaults(func=login)
+
+    function = top.add_parser("function", help="functions as relays and endpoints know them")
+    fsub = function.add_subparsers(dest="action", required=True)
+    p = fsub.add_parser("hash", help="the hash for an endpoint's allowed_functions")
+    p.add_argument("function", help="MODULE:FUNCTION")
+    p.set_defaults(func=function_hash_command)
 
     endpoint = top.add_parser("endpoint", help="configure and run endpoints")
     esub = endpoint.add_subparsers(dest="action", required=True)
@@ -278,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", help="relay address, e.g. tcp://127.0.0.1:55700")
     p.add_argument("--max-workers", type=int, help="worker processes (0 = usable cores)")
     p.add_argument("--prefetch", type=int, help="extra tasks fetched per worker")
+    p.add_argument("--relay-key", help="the relay's public key (fedexec relay key): encrypt and pin it")
+    p.add_argument("--allow-function", action="append", default=[], metavar="HASH",
+                   help="run only these functions (fedexec function hash); repeat for more")
+    p.add_argument("--allow-any-function", action="store_true", help="clear the allow-list")
+    p.add_argument("--sandbox", choices=("none", "bwrap", "apptainer", "podman"), help="what workers run in")
+    p.add_argument("--sandbox-image", help="image for apptainer or podman")
     p.set_defaults(func=endpoint_configure)
     p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")
     p.add_argument("name")
@@ -288,6 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = esub.add_parser(action, help=f"{action} an endpoint")
         p.add_argument("name")
         p.set_defaults(func=func)
+    p = esub.add_parser("share", help="change who may use an endpoint (its owner only)")
+    p.add_argument("name")
+    p.add_argument("--user", action="append", default=[], help="share with this user (repeat for more)")
+    p.add_argument("--remove-user", action="append", default=[], help="stop sharing with this user")
+    p.add_argument("--group", action="append", default=[], help="share with this Globus group id (globus mode)")
+    p.add_argument("--remove-group", action="append", default=[], help="stop sharing with this group")
+    p.add_argument("--public", dest="public", action="store_const", const=True, default=None,
+                   help="anyone the relay authenticates may use it")
+    p.add_argument("--private", dest="public", action="store_const", const=False,
+                   help="only its owner and those it is shared with")
+    p.set_defaults(func=endpoint_share)
     p = esub.add_parser("list", help="configured endpoints and whether they run")
     p.set_defaults(func=endpoint_list)
     return parser

@@ -36,6 +36,14 @@ def serialize_function(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
     return hashlib.sha256(body).digest(), body
 
 
+def function_hash(fn: Callable[..., Any]) -> str:
+    """The hex hash a relay and endpoint know ``fn`` by, for an endpoint's
+    ``allowed_functions``. Stable across runs for functions pickled by
+    reference (importable from a module); a lambda or a function of
+    ``__main__`` is pickled by value and may hash differently elsewhere."""
+    return serialize_function(fn)[0].hex()
+
+
 # Values that plain pickle writes exactly as cloudpickle does, and that can
 # never refer to code in the caller's ``__main__``: the common no-frills call
 # skips cloudpickle's (Python-level) pickler set-up.

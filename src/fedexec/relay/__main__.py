@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="local (a secret file, the default), token (per-user API tokens) or globus")
     parser.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
                         help="encrypt connections with CURVE (default: when listening on anything but loopback)")
-    parser.add_argument("--globus-client-id", default=os.environ.get("FEDEXEC_GLOBUS_CLIENT_ID"),
-                        help="the relay's Globus app (globus mode); its secret in $FEDEXEC_GLOBUS_CLIENT_SECRET")
+    parser.add_argument("--globus-client-id", default=os.environ.get("FEDEXEC_RELAY_GLOBUS_CLIENT_ID"),
+                        help="the relay's Globus app (globus mode); its secret in "
+                             "$FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
     parser.add_argument("--globus-scope", default=None,
                         help="a scope every Globus token must carry (globus mode)")
     parser.add_argument("--log-level", default="INFO")
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--max-payload must be greater than 0 bytes")
     globus = None
     if ns.auth == "globus":
-        secret = os.environ.get("FEDEXEC_GLOBUS_CLIENT_SECRET")
+        secret = os.environ.get("FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         if not (ns.globus_client_id and secret):
             parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
-                         "$FEDEXEC_GLOBUS_CLIENT_ID) and $FEDEXEC_GLOBUS_CLIENT_SECRET")
+                         "$FEDEXEC_RELAY_GLOBUS_CLIENT_ID) and $FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
     Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
           result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
