@@ -160,16 +160,17 @@ def tail(path: Path, n: int = 3000) -> str:
 
 
 @contextlib.contextmanager
-def running_relay(directory: Path):
-    """A relay subprocess on a free loopback port; yields its address."""
+def running_relay(directory: Path, *options: str, env: dict[str, str] | None = None):
+    """A relay subprocess on a free loopback port (with more command-line
+    ``options``); yields its address."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     log = directory / "relay.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", address,
-             "--data-dir", str(directory / "relay-data"), "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+             "--data-dir", str(directory / "relay-data"), "--parent-pid", str(os.getpid()), *options],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=directory, env=env)
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds between heartbeats to the relay (default 2)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
+    parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                 config.heartbeat_period = ns.heartbeat_period
             if ns.endpoint_id:
                 config.endpoint_id = ns.endpoint_id
+            config.relay_public_key = ns.relay_key
+            config.validate()
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
