@@ -149,7 +149,8 @@ def describe_handshake_failure(event: int, address: str, credentials: Credential
     """A sentence for a refused handshake (a socket monitor's event)."""
     if credentials is None:
         return (f"the relay at {address} requires credentials and none were found: pass token=, set "
-                f"{TOKEN_ENV}, or run on the relay's machine as its user (it writes {secret_path(address)})")
+                f"{TOKEN_ENV}, run 'fedexec login' (a globus-mode relay), or run on the relay's machine as "
+                f"its user (a local-mode relay writes {secret_path(address)})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return f"the relay at {address} refused the credentials of user {credentials.user!r}"
     return (f"the relay at {address} does not accept this kind of connection: it may require encryption "
