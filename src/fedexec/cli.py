@@ -189,11 +189,16 @@ def relay_status(ns: argparse.Namespace) -> None:
         raise SystemExit(3)
     from .relay.query import lookup_endpoint
 
+    from .errors import FedexecError
+
     try:
-        lookup_endpoint(record["address"], "00000000-0000-0000-0000-000000000000", timeout=2.0)
+        lookup_endpoint(record["address"], "00000000-0000-0000-0000-000000000000", timeout=2.0,
+                        relay_key=record.get("public_key") or None)
         answer = "answering"
     except TimeoutError:
         answer = "NOT answering"
+    except FedexecError as exc:  # it answered, with a refusal (token or globus mode, no credentials here)
+        answer = f"answering (and refusing us: {exc})"
     print(f"relay: running at {record['address']} (pid {record['pid']}), {answer}; data in {data_dir}")
 
 
