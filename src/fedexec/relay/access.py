@@ -219,6 +219,8 @@ class GlobusTokenCheck:
         if audience and self.client_id not in audience:
             return "the Globus token was not issued for this relay", now + self.recheck
         user = str(info.get("username") or info.get("sub") or "")
+        if not user:
+            return "the Globus token names no identity", now + self.recheck
         expires = float(info.get("exp") or now + self.recheck)
         session = Session(user, expires=expires, groups=self._groups(token))
         return session, min(expires, now + self.recheck)

@@ -255,7 +255,7 @@ class Relay:
         if t == P.SUBMIT:
             self._on_submit(sender, session, msg)
         elif t == P.RESULTS:
-            self._on_results(sender, msg)
+            self._on_results(sender, session, msg)
         elif t == P.CREDIT:
             state = self._endpoint_of(sender)
             state.credit += P.count(msg.fields["n"], "credit")
@@ -553,7 +553,7 @@ class Relay:
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, P.FAILED, P.pack_failure(kind, message, **details)))
 
-    def _on_results(self, sender: bytes, msg: P.Message) -> None:
+    def _on_results(self, sender: bytes, session: Session, msg: P.Message) -> None:
         # Results are taken by task id from the endpoint the task went to,
         # also when that endpoint was expired meanwhile (it only stalled):
         # finished work is never thrown away.
@@ -566,6 +566,11 @@ class Relay:
             P.blob(blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
         started = P.task_ids(msg.fields.get("started", []))
         endpoint_id = self.endpoint_senders.get(sender)
+        known = self.endpoints.get(endpoint_id) if endpoint_id is not None else None
+        if known is not None and known.access.owner != session.user:
+            refusals.warning("refused user %r: send results as endpoint %s: it is another user's",
+                             session.user, endpoint_id)
+            return
         if endpoint_id is None:
             # not (or no longer) known as an endpoint: not stored, nor acknowledged,
             # so the endpoint sends them again once it has said hello
