@@ -89,8 +89,12 @@ class EndpointAgent:
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
         self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
-        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
-                                    self._sock_dir, sandbox=config.sandbox, sandbox_image=config.sandbox_image)
+        try:
+            self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                        self._sock_dir, sandbox=config.sandbox, sandbox_image=config.sandbox_image)
+        except Exception:  # a sandbox that cannot run here: leave nothing behind
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            raise
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
         self.at_worker: dict[bytes, WorkerSlot] = {}   # task_id -> the worker holding it

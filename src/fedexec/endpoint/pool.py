@@ -1,4 +1,9 @@
-"""Local worker processes of an endpoint: start, watch, replace, stop."""
+"""Local worker processes of an endpoint: start, watch, replace, stop.
+
+Workers run directly, or inside the endpoint's sandbox (``worker/sandbox.py``):
+then each worker also gets a task root of its own on the host, next to its
+marker file, removed with it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..worker.process import TaskMarker
+from ..worker import sandbox as sandboxes
+from ..worker.process import TaskMarker, remove_tree
 
 
 @dataclass
@@ -42,6 +48,25 @@ class WorkerSlot:
         return next(iter(self.tasks), None)
 
 
+class ContainerProcess(subprocess.Popen):
+    """A ``podman run`` client whose signals go to its container too: killed
+    alone, the client would leave the container (and its task) running."""
+
+    def __init__(self, args: list[str], *, container: str, **kwargs: Any) -> None:
+        self.kill_command = [args[0], "kill", "--signal"]   # args[0]: the podman found on PATH
+        self.container = container
+        super().__init__(args, **kwargs)
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                subprocess.run([*self.kill_command, str(int(sig)), self.container],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        super().send_signal(sig)
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -56,6 +81,10 @@ class LocalWorkerPool:
 
     def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None,
                  sandbox: str = "none", sandbox_image: str = "") -> None:
+        sandboxes.check(sandbox, sandbox_image)  # a missing tool fails the endpoint's start, by name
+        if sandbox != "none" and not address.startswith("ipc://"):
+            raise sandboxes.SandboxUnavailable(f"sandboxed workers have no network: their endpoint must "
+                                               f"listen on an ipc:// address, not {address!r}")
         self.sandbox = sandbox            # what the workers run inside (config.SANDBOXES)
         self.sandbox_image = sandbox_image
         self.size = size
@@ -72,31 +101,51 @@ class LocalWorkerPool:
     def spawn(self) -> WorkerSlot:
         worker_id = f"w{os.getpid()}-{next(self._ids)}".encode()
         marker = TaskMarker(os.path.join(self.marker_dir, worker_id.decode() + ".task"), create=True)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedexec.worker", "--address", self.address, "--worker-id", worker_id.decode(),
-             "--marker", marker.path, "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-        )
+        args = ["--address", self.address, "--worker-id", worker_id.decode(), "--marker", marker.path]
+        process: subprocess.Popen
+        if self.sandbox == "none":
+            process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
+                                        str(os.getpid())], stdin=subprocess.DEVNULL, env=self.env)
+        else:
+            task_dir = self.task_dir(worker_id)
+            os.makedirs(task_dir, mode=0o700, exist_ok=True)
+            name = f"fedexec-{worker_id.decode()}"
+            command = sandboxes.worker_command(
+                self.sandbox, args, socket_path=self.address[len("ipc://"):], marker_path=marker.path,
+                task_dir=task_dir, image=self.sandbox_image, name=name)
+            if self.sandbox == "podman":
+                process = ContainerProcess(command, container=name, stdin=subprocess.DEVNULL, env=self.env)
+            else:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)
         slot = WorkerSlot(worker_id, process, marker)
         self.slots[worker_id] = slot
         return slot
+
+    def task_dir(self, worker_id: bytes) -> str:
+        """The host directory a sandboxed worker sees as its task root."""
+        return os.path.join(self.marker_dir, worker_id.decode() + ".tasks")
 
     def reap(self) -> list[WorkerSlot]:
         """Slots whose process has exited, removed from the pool."""
         dead = [slot for slot in self.slots.values() if slot.process.poll() is not None]
         for slot in dead:
             del self.slots[slot.worker_id]
+            code = slot.process.returncode
+            if self.sandbox != "none" and code > 128:
+                # bwrap and podman exit with 128 + N when their worker was
+                # killed by signal N; say so as Popen would for the worker
+                slot.process.returncode = -(code - 128)
         return dead
 
-    @staticmethod
-    def forget(slot: WorkerSlot) -> None:
-        """Release a dead worker's marker file (after it was read)."""
+    def forget(self, slot: WorkerSlot) -> None:
+        """Release a dead worker's marker file (after it was read) and task root."""
         slot.marker.close()
         try:
             os.unlink(slot.marker.path)
         except OSError:
             pass
+        if self.sandbox != "none":
+            remove_tree(self.task_dir(slot.worker_id))
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""

@@ -14,17 +14,24 @@ a signal, a segfault) the endpoint knows which task did it.
 Deserialized functions stay cached by hash (warm), so a function body
 reaches a worker once. Whatever the function prints goes to the worker's own
 stdout/stderr, never onto the protocol socket.
+
+With a *task root* (sandboxed workers, see ``sandbox.py``), each task runs
+in a fresh directory of its own under it, removed when the task ends, so
+tasks leave nothing behind for the next one to find.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -81,10 +88,15 @@ class WorkerProcess:
     or until the endpoint process goes away."""
 
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, *, task_root: str | None = None,
+                 exit_on_disconnect: bool = False) -> None:
         self.address = address
         self.worker_id = worker_id
         self.marker = TaskMarker(marker) if marker else None
+        self.task_root = task_root
+        # In a container the endpoint is not our parent (nor visible): its
+        # socket closing is how we learn it is gone.
+        self.exit_on_disconnect = exit_on_disconnect
         self.functions: dict[bytes, Callable[..., Any]] = {}
         self.bodies: dict[bytes, Any] = {}        # received, not yet loaded
         self.unloadable: dict[bytes, str] = {}    # hash -> why the function did not load
@@ -102,9 +114,12 @@ class WorkerProcess:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.IDENTITY, self.worker_id)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
         sock.connect(self.address)
         self.sock = sock
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
+        if self.task_root is not None:
+            os.chdir(self.task_root)
         try:
             while True:
                 if not self.queue:
@@ -112,6 +127,8 @@ class WorkerProcess:
                     if not sock.poll(PARENT_CHECK_MS):
                         if os.getppid() != self.parent_pid:
                             return  # the endpoint died; nobody will read our results
+                        if monitor is not None and monitor.poll(0):
+                            return  # the endpoint closed its socket (it stopped or died)
                         continue
                 if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and not self.read_messages():
                     return
@@ -122,7 +139,8 @@ class WorkerProcess:
                 if self.marker is not None:
                     self.marker.set(task.row[0])
                 wall_start = time.time() if len(task.row) == 7 else 0.0
-                status, blob = self.run_task(task.row, task.args)
+                with self.task_directory(task.row[0]):
+                    status, blob = self.run_task(task.row, task.args)
                 if self.marker is not None:
                     self.marker.clear()
                 now = time.perf_counter()
@@ -135,7 +153,27 @@ class WorkerProcess:
                     self.flush()
         finally:
             self.flush()
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=2000)
+
+    @contextlib.contextmanager
+    def task_directory(self, task_id: bytes) -> Iterator[None]:
+        """With a task root: run the task in a fresh directory under it, then
+        go back to the root and empty it (the directory, and whatever the task
+        put beside it: the root is this worker's alone)."""
+        if self.task_root is None:
+            yield
+            return
+        path = tempfile.mkdtemp(prefix=task_id.hex()[:16] + "-", dir=self.task_root)
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            os.chdir(self.task_root)
+            for name in os.listdir(self.task_root):
+                remove_tree(os.path.join(self.task_root, name))
 
     def read_messages(self) -> bool:
         """Take every waiting message; False on STOP."""
@@ -225,6 +263,23 @@ class WorkerProcess:
             )
 
 
+def remove_tree(path: str) -> None:
+    """Remove ``path`` (a file, or a directory and everything under it), even
+    what a task made read-only (the owner may always make it writable again)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    for directory, subdirs, _ in os.walk(path):
+        for name in [".", *subdirs]:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(directory, name), 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class _LoadFailure(Exception):
     pass
 
@@ -246,8 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--marker", help="file to record the running task's id in")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--task-root", default=None,
+                        help="run each task in a fresh directory under this one, removed after it")
+    parser.add_argument("--exit-on-disconnect", action="store_true",
+                        help="stop when the endpoint's socket closes (for workers the endpoint is not the "
+                             "parent of, as in a container)")
     ns = parser.parse_args(argv)
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid).run()
+    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid, task_root=ns.task_root,
+                  exit_on_disconnect=ns.exit_on_disconnect).run()
     sys.stdout.flush()

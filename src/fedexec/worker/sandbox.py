@@ -1,0 +1,168 @@
+"""Sandboxed workers: the command line that starts a worker inside a sandbox.
+
+An endpoint runs functions sent by whoever may use it. With the endpoint
+setting ``sandbox`` other than ``none``, each worker runs inside a sandbox
+that sees the host read-only (or not at all), has no network, and writes
+only to a task root of its own: the worker gives each task a fresh directory
+under it and removes it afterwards. The worker still talks to its endpoint
+over the endpoint's ipc socket, the one path (with the worker's marker file)
+bound into the sandbox besides the task root.
+
+- ``bwrap`` (bubblewrap): the worker runs with the endpoint's own Python.
+  The system directories, Python's prefixes and ``sys.path`` are bound
+  read-only (not the rest of the host: home directories, the fedexec home
+  and its secrets, /tmp stay out of sight), in new namespaces of every kind
+  with all capabilities dropped (as root, bwrap otherwise keeps them, and
+  one could remount the host writable). In a pid namespace the worker's
+  parent is bwrap's init, not the endpoint; ``--die-with-parent`` ties that
+  init to the bwrap process the endpoint started, so killing that process
+  (a walltime, a stop) ends the whole namespace: the worker and anything the
+  task started.
+- ``podman`` and ``apptainer``: the worker runs with ``python3`` from
+  ``sandbox_image`` (an image name, or for podman a root filesystem
+  directory: an absolute path), which must have the endpoint's Python minor
+  version and fedexec installed. Host settings (runtime, cgroup manager,
+  ulimits) belong in the tool's own configuration (containers.conf,
+  apptainer.conf). Neither parent check works across a container's pid
+  namespace, so these workers stop when the endpoint's socket closes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+from ..config import ConfigError
+
+TASK_ROOT = "/task"             # where a sandboxed worker's task root appears
+TOOLS = {"bwrap": "bwrap", "podman": "podman", "apptainer": "apptainer"}
+INSTALL_HINT = {
+    "bwrap": "Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install bubblewrap",
+    "podman": "Debian/Ubuntu: apt-get install podman runc",
+    "apptainer": "see https://apptainer.org/docs/admin/main/installation.html",
+}
+# Host directories every bwrap sandbox sees read-only (those that exist; a
+# symlink, as /lib -> usr/lib on merged-/usr systems, stays a symlink).
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+class SandboxUnavailable(ConfigError):
+    """The configured sandbox cannot run on this machine; the message says why."""
+
+
+def tool(kind: str) -> str:
+    """The path of ``kind``'s command, or SandboxUnavailable naming it."""
+    found = shutil.which(TOOLS[kind])
+    if found is None:
+        raise SandboxUnavailable(
+            f"sandbox {kind!r} needs the {TOOLS[kind]!r} command, which is not on PATH "
+            f"({INSTALL_HINT[kind]}), or set sandbox = \"none\"")
+    return found
+
+
+def check(kind: str, image: str = "") -> None:
+    """Fail at endpoint start, with a clear message, when ``kind`` cannot run
+    workers here. bwrap is tried once (namespaces may be forbidden, e.g. in an
+    unprivileged container); the container tools only need to exist, since
+    starting an image can take long."""
+    if kind == "none":
+        return
+    if kind not in TOOLS:
+        raise SandboxUnavailable(f"unknown sandbox {kind!r}")
+    tool(kind)
+    if kind == "bwrap":
+        probe = bwrap_command([sys.executable, "-c", "import fedexec.worker"], [])
+        try:
+            result = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise SandboxUnavailable("bwrap did not start Python within 60 s") from None
+        if result.returncode != 0:
+            why = result.stderr.decode(errors="replace").strip()[-800:]
+            raise SandboxUnavailable(f"bwrap cannot run a worker here (exit code {result.returncode}): {why}")
+
+
+def worker_command(kind: str, worker_args: list[str], *, socket_path: str, marker_path: str,
+                   task_dir: str, image: str = "", name: str = "") -> list[str]:
+    """The command that runs ``python -m fedexec.worker WORKER_ARGS`` inside
+    sandbox ``kind``, seeing ``socket_path`` and ``marker_path`` at their own
+    paths and ``task_dir`` (on the host) as its task root, TASK_ROOT.
+    ``name`` names the container (podman)."""
+    binds = [(socket_path, socket_path), (marker_path, marker_path), (task_dir, TASK_ROOT)]
+    args = [*worker_args, "--task-root", TASK_ROOT]
+    if kind == "bwrap":
+        return bwrap_command([sys.executable, "-m", "fedexec.worker", *args], binds)
+    program = ["python3", "-m", "fedexec.worker", *args, "--exit-on-disconnect"]
+    if kind == "podman":
+        return podman_command(program, binds, image, name)
+    if kind == "apptainer":
+        return apptainer_command(program, binds, image)
+    raise SandboxUnavailable(f"unknown sandbox {kind!r}")
+
+
+def bwrap_command(program: list[str], binds: list[tuple[str, str]]) -> list[str]:
+    """bubblewrap: the host view read-only, a private /tmp, /dev and /proc,
+    ``binds`` (host, inside) read-write, everything else read-only; no
+    network, no capabilities; dies with the process that started it."""
+    view = host_view()
+    under_tmp = [path for path, _ in view if path.startswith("/tmp/")]
+    cmd = [tool("bwrap"), "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session"]
+    for path, link in view:
+        if path not in under_tmp:
+            cmd += ["--symlink", link, path] if link else ["--ro-bind", path, path]
+    cmd += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in under_tmp:  # after the private /tmp, or it would hide them
+        cmd += ["--ro-bind", path, path]
+    for source, dest in binds:
+        cmd += ["--bind", source, dest]
+    cwd = TASK_ROOT if any(dest == TASK_ROOT for _, dest in binds) else "/"
+    return [*cmd, "--remount-ro", "/", "--chdir", cwd, "--", *program]
+
+
+def podman_command(program: list[str], binds: list[tuple[str, str]], image: str, name: str) -> list[str]:
+    """podman: a read-only container without network or capabilities,
+    removed when it exits; ``image`` is an image, or a root filesystem
+    directory when it is an absolute path."""
+    cmd = [tool("podman"), "run", "--rm", "--replace", "--name", name, "--network=none", "--read-only",
+           "--cap-drop=all", "--security-opt=no-new-privileges", "--workdir", TASK_ROOT]
+    for source, dest in binds:
+        cmd += ["--volume", f"{source}:{dest}:rw"]
+    cmd += ["--rootfs", image] if image.startswith("/") else [image]
+    return [*cmd, *program]
+
+
+def apptainer_command(program: list[str], binds: list[tuple[str, str]], image: str) -> list[str]:
+    """apptainer (untested): ``--containall`` (private /tmp, home, pid and
+    ipc namespaces, a clean environment) and no network."""
+    cmd = [tool("apptainer"), "exec", "--containall", "--net", "--network", "none", "--pwd", TASK_ROOT]
+    for source, dest in binds:
+        cmd += ["--bind", f"{source}:{dest}:rw"]
+    return [*cmd, image, *program]
+
+
+@functools.lru_cache(maxsize=1)
+def host_view() -> tuple[tuple[str, str | None], ...]:
+    """The host paths a bwrap worker sees, read-only, as ``(path, symlink
+    target or None)``: SYSTEM_DIRS, this Python's prefixes (a venv and the
+    Python it was made from, wherever they live), every ``sys.path``
+    directory but the current one (with ``-m``, the endpoint's working
+    directory), and the directory fedexec is imported from (an editable
+    install). Paths under one already listed are left out."""
+    import fedexec
+
+    wanted = [sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.dirname(os.path.abspath(fedexec.__file__)))]
+    cwd = os.getcwd()
+    wanted += [p for p in sys.path if p and os.path.abspath(p) != cwd]
+    wanted += [os.path.realpath(p) for p in wanted]
+    paths = {os.path.abspath(p) for p in wanted if os.path.isdir(p)}
+    system = [p for p in SYSTEM_DIRS if os.path.lexists(p)]
+    view: list[tuple[str, str | None]] = []
+    for path in system + sorted(paths - set(system)):
+        if any(path == seen or path.startswith(seen.rstrip("/") + "/") for seen, _ in view):
+            continue
+        link = os.readlink(path) if path in SYSTEM_DIRS and os.path.islink(path) else None
+        view.append((path, link))
+    return tuple(view)
