@@ -197,11 +197,13 @@ class HandshakeWatch:
         if self.failure:
             self._retry_with_new_credentials()
 
-    def _retry_with_new_credentials(self) -> None:
+    def _retry_with_new_credentials(self) -> bool:
+        """Reconnect with credentials that differ from those refused (a
+        secret written since, a token renewed); whether there were any."""
         found = find_credentials(self.address, *self._source)
         if found is None or (self.credentials is not None and (found.user, found.secret)
                              == (self.credentials.user, self.credentials.secret)):
-            return
+            return False
         try:
             self.sock.disconnect(self.address)
         except zmq.ZMQError:
@@ -209,6 +211,13 @@ class HandshakeWatch:
         found.apply(self.sock, self.relay_key)
         self.credentials, self.failure = found, None
         self.sock.connect(self.address)
+        return True
+
+    def renew(self) -> bool:
+        """The relay ended our session (a token expired or was revoked):
+        reconnect if there are other credentials to present now (a renewed
+        Globus token, a new token in the environment)."""
+        return self._retry_with_new_credentials()
 
     def close(self) -> None:
         try:

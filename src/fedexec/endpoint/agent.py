@@ -318,7 +318,11 @@ class EndpointAgent:
             for task_id in P.task_ids(msg.fields["tids"]):
                 self.unstored.pop(task_id, None)
         elif t == P.ERROR:
-            if msg.fields.get("auth") or msg.fields.get("refused"):
+            if msg.fields.get("auth") and self.connected and self.handshake.renew():
+                log.warning("the relay ended this endpoint's session (%s); reconnected with renewed credentials",
+                            msg.fields.get("msg"))
+                self._hello()
+            elif msg.fields.get("auth") or msg.fields.get("refused"):
                 self._refused(f"the relay at {self.config.relay} refused this endpoint: {msg.fields.get('msg')}")
             else:
                 log.warning("relay reported an error: %s", msg.fields.get("msg"))
