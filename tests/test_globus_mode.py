@@ -17,9 +17,9 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,6 +161,32 @@ def executor(g, token: str | None, endpoint_id: str | None = None, connect_timeo
                              connect_timeout=connect_timeout)
 
 
+def refused_outcome(g, token: str | None, limit: float = 15) -> BaseException | None:
+    """What ``FederatedExecutor(...)`` with ``token`` raises (None if it
+    connects), on a daemon thread so that a constructor that never returns
+    fails the test instead of hanging it.
+
+    One at a time: run concurrently, some of these constructions never
+    return (the dispatcher blocks for good in a send on a socket whose
+    handshake was refused, and __init__'s cleanup joins it; see the report
+    on src/fedexec/executor.py)."""
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            executor(g, token).shutdown(wait=True)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, name="refused-attempt", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if not outcome:
+        pytest.fail(f"FederatedExecutor(token={token!r:.30}) did not return within {limit} s (blocked dispatcher)")
+    return outcome[0]
+
+
 # -- 1. a valid user token --------------------------------------------------------
 
 def test_valid_user_token_runs_a_task(globus, no_credentials):
@@ -190,16 +216,7 @@ def test_bad_tokens_are_refused_and_nothing_else_is_affected(globus, no_credenti
     with executor(globus, globus.alice) as alice:
         before = [alice.submit(slow_mul, i, 3) for i in range(20)]
 
-        def attempt(token):
-            try:
-                ex = executor(globus, token)
-            except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
-                return exc
-            ex.shutdown(wait=True)
-            return None
-
-        with ThreadPoolExecutor(len(cases)) as pool:  # concurrently: each refusal takes ~2 s
-            outcomes = dict(zip(cases, pool.map(attempt, cases.values())))
+        outcomes = {case: refused_outcome(globus, token) for case, token in cases.items()}
         for case, outcome in outcomes.items():
             assert isinstance(outcome, AuthenticationFailed), f"{case}: {outcome!r}"
         assert "requires credentials" in str(outcomes["no token"])
@@ -353,7 +370,7 @@ def test_endpoint_with_client_credentials(globus, no_credentials, tmp_path):
 @pytest.mark.timeout(60)
 def test_endpoint_renews_an_expired_client_credentials_token(globus, no_credentials, tmp_path):
     fake = globus.fake
-    fake.client_token_lifetime = 3
+    fake.client_token_lifetime = 2
     endpoint = start_endpoint(tmp_path, "short-ep", globus.address, clean_env(
         fake, tmp_path / "home-short-ep", FEDEXEC_GLOBUS_CLIENT_ID=EP_APP_ID,
         FEDEXEC_GLOBUS_CLIENT_SECRET=EP_APP_SECRET, FEDEXEC_GLOBUS_SCOPE=SCOPE))
@@ -364,10 +381,30 @@ def test_endpoint_renews_an_expired_client_credentials_token(globus, no_credenti
         ex = executor(globus, globus.alice, endpoint.id)
         try:
             assert ex.submit(operator.mul, 6, 7).result(timeout=30) == 42
-            time.sleep(4)  # the endpoint's token has expired: the relay ends its session
-            assert ex.submit(operator.mul, 7, 6).result(timeout=10) == 42, tail(endpoint.log)
+            time.sleep(3)  # the endpoint's token has expired: the relay ends its session
+            assert ex.submit(operator.mul, 7, 6).result(timeout=6) == 42, tail(endpoint.log)
         finally:
             ex.shutdown(wait=False, cancel_futures=True)
     finally:
         fake.client_token_lifetime = None
+        stop_process(endpoint.proc)
+
+
+# -- an endpoint whose token is refused stops --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="src/fedexec/endpoint/agent.py: libzmq does not reconnect after a refused "
+                   "handshake, so no further handshake event comes and the endpoint never exits (or it blocks "
+                   "for good in _hello()'s send)")
+@pytest.mark.timeout(60)
+def test_endpoint_with_a_refused_token_exits(globus, tmp_path):
+    endpoint = start_endpoint(tmp_path, "refused-ep", globus.address, clean_env(
+        globus.fake, tmp_path / "home-refused-ep", FEDEXEC_TOKEN="globus:not-a-globus-token"))
+    try:
+        try:
+            code = endpoint.proc.wait(8)  # AUTH_GRACE (2 s) and then some
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 2, f"exit code {code}:\n{tail(endpoint.log)}"
+        assert "refused the credentials of user 'globus'" in tail(endpoint.log)
+    finally:
         stop_process(endpoint.proc)
