@@ -464,8 +464,8 @@ def run_captured(tmp_path: Path, curve: bool) -> tuple[bytes, int]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(os.geteuid() != 0, reason="capturing loopback traffic needs root (AF_PACKET)")
 def test_curve_traffic_is_unreadable_on_the_wire(tmp_path):
+    assert os.geteuid() == 0, "capturing loopback traffic needs root (an AF_PACKET socket); run the suite as root"
     plain, plain_packets = run_captured(tmp_path, curve=False)
     # the control: without CURVE the capture sees the payload, so it would see a leak
     assert MARKER.encode() in plain and b"echo_marker" in plain and plain_packets > 0

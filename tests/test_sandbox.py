@@ -85,32 +85,33 @@ def identity(x):
 
 # -- fixtures ----------------------------------------------------------------------------
 
-def apt_install(*packages: str) -> None:
-    """Install Debian packages when we are root and any command is missing
-    (the tests' own set-up, as CI runs it on a fresh machine)."""
+def apt_install(*packages: str) -> str:
+    """Install Debian packages (the tests' own set-up, as CI runs it on a
+    fresh machine, as root); what went wrong, or "" if it worked."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return
+        return f"installing {' '.join(packages)} needs root and apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", *packages]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        subprocess.run(install, env=env, capture_output=True, timeout=600)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    return "" if done.returncode == 0 else f"apt-get install {' '.join(packages)} failed: {done.stderr[-500:]}"
 
 
 @pytest.fixture(scope="session")
 def bwrap() -> str:
-    """bubblewrap's path; installed with apt-get when missing and we are
-    root; the tests skip, saying why, when it is missing or cannot run here."""
-    if shutil.which("bwrap") is None:
-        apt_install("bubblewrap")
+    """bubblewrap's path, installed with apt-get when missing. The sandbox is
+    a requirement, not an option: a machine where it cannot be installed or
+    cannot run fails these tests, saying why."""
+    problem = apt_install("bubblewrap") if shutil.which("bwrap") is None else ""
     path = shutil.which("bwrap")
     if path is None:
-        pytest.skip("bubblewrap (bwrap) is not installed, and it is installed here only as root with "
-                    "apt-get (apt-get install bubblewrap)")
+        pytest.fail(f"bubblewrap (bwrap) is needed and could not be installed: {problem}")
     try:
         sandbox.check("bwrap")
     except sandbox.SandboxUnavailable as exc:
-        pytest.skip(f"bwrap is installed but cannot sandbox here: {exc}")
+        pytest.fail(f"bwrap is installed but cannot sandbox here: {exc}")
     return path
 
 
@@ -265,13 +266,14 @@ def test_walltime_kills_the_whole_sandbox_and_the_worker_is_replaced(bwrap_feder
 
 @pytest.mark.timeout(60)
 def test_a_missing_sandbox_tool_fails_the_endpoint_start_by_name(tmp_path):
-    if shutil.which("apptainer"):
-        pytest.skip("apptainer is installed here")
     config = EndpointConfig(name="needs-apptainer", relay="tcp://127.0.0.1:9", sandbox="apptainer",
                             sandbox_image="/images/python.sif")
     config.save()
+    empty = tmp_path / "empty-path"   # a PATH with no apptainer on it, whatever this machine has
+    empty.mkdir()
     done = subprocess.run([sys.executable, "-m", "fedexec.endpoint", "--name", config.name], cwd=tmp_path,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PATH": str(empty)})
     assert done.returncode != 0
     assert "'apptainer' command" in done.stderr and "not on PATH" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -299,12 +301,12 @@ def podman_site(tmp_path_factory):
     """A root filesystem directory for ``sandbox_image`` and a containers.conf
     (CONTAINERS_CONF) for this host: runc with cgroupfs, ulimits the host
     allows, and the host's Python (this venv, fedexec) mounted read-only into
-    every container, with ``python3`` first on PATH. Skips, saying why,
-    unless podman and runc are installed and we are root."""
-    if not (shutil.which("podman") and shutil.which("runc")):
-        apt_install("podman", "runc")
+    every container, with ``python3`` first on PATH. Podman and runc are
+    installed with apt-get when missing; where that, or running a
+    container, is impossible, the test fails saying why."""
+    problem = apt_install("podman", "runc") if not (shutil.which("podman") and shutil.which("runc")) else ""
     if os.geteuid() != 0 or not (shutil.which("podman") and shutil.which("runc")):
-        pytest.skip("podman tests need root, podman and runc (apt-get install podman runc)")
+        pytest.fail(f"the podman test needs root, podman and runc: {problem or 'not root'}")
     import resource
 
     directory = tmp_path_factory.mktemp("podman")
@@ -335,7 +337,7 @@ def podman_site(tmp_path_factory):
                             "python3", "-c", "import fedexec.worker"], env={**os.environ, **env},
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
-        pytest.skip(f"podman cannot run this host's Python in a container here: {probe.stderr.strip()[-500:]}")
+        pytest.fail(f"podman cannot run this host's Python in a container here: {probe.stderr.strip()[-500:]}")
     return str(rootfs), env
 
 
