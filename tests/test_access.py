@@ -66,13 +66,10 @@ def running_endpoint(directory: Path, name: str, env: dict[str, str], **config):
     """A configured endpoint (own fedexec home) run as ``python -m fedexec.endpoint``."""
     home = directory / f"home-{name}"
     env = {**os.environ, "FEDEXEC_HOME": str(home), "PYTHONPATH": str(Path(__file__).parent), **env}
-    saved = os.environ.get("FEDEXEC_HOME")
-    os.environ["FEDEXEC_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as patch:   # saved in the endpoint's own home
+        patch.setenv("FEDEXEC_HOME", str(home))
         cfg = EndpointConfig(name=name, max_workers=1, **config)
         cfg.save()
-    finally:
-        os.environ["FEDEXEC_HOME"] = saved or ""
     log = directory / f"endpoint-{name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name], env=env,
@@ -493,10 +490,9 @@ def test_curve_relay_refuses_clients_without_its_key_or_with_wrong_credentials(t
                            log)
             with FederatedExecutor(endpoint_id, relay=address) as ex:
                 assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
-                other_home = tmp_path / "elsewhere"
-                os.environ["FEDEXEC_HOME"], home = str(other_home), os.environ["FEDEXEC_HOME"]
-                try:
-                    secret = (Path(home) / "relays").glob("*.secret").__next__().read_text()
+                secret = (tmp_path / "relay-data" / "relay.secret").read_text()
+                with pytest.MonkeyPatch.context() as patch:   # another home: nothing published there
+                    patch.setenv("FEDEXEC_HOME", str(tmp_path / "elsewhere"))
                     with pytest.raises(AuthenticationFailed, match="encryption"):   # no key: plain handshake
                         FederatedExecutor(endpoint_id, relay=address, token=secret, connect_timeout=10)
                     wrong_key = zmq.curve_keypair()[0].decode()
@@ -510,8 +506,6 @@ def test_curve_relay_refuses_clients_without_its_key_or_with_wrong_credentials(t
                         FederatedExecutor(endpoint_id, relay=address, relay_public_key=key, connect_timeout=10)
                     with FederatedExecutor(endpoint_id, relay=address, token=secret, relay_public_key=key) as other:
                         assert other.submit(operator.add, 2, 2).result(DEADLINE) == 4
-                finally:
-                    os.environ["FEDEXEC_HOME"] = home
                 assert ex.submit(operator.add, 3, 3).result(DEADLINE) == 6   # unaffected
         finally:
             stop_process(endpoint)

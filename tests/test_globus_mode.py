@@ -30,6 +30,7 @@ from fedexec import AuthenticationFailed, FederatedExecutor, NotAuthorized
 from fedexec.relay.query import lookup_endpoint, share_endpoint
 
 from fake_globus import CLIENT_DOMAIN, GROUPS_SCOPE, FakeGlobusAuth
+from test_access import wait_connected as wait_until_connected
 from test_faults import running_relay, stop_process, tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
@@ -75,18 +76,7 @@ def start_endpoint(directory: Path, name: str, address: str, env: dict[str, str]
 
 def wait_connected(address: str, endpoint: SimpleNamespace, token: str, timeout: float = 20) -> dict:
     """Ask the relay (as ``token``'s user) until it reports the endpoint connected."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if endpoint.proc.poll() is not None:
-            pytest.fail(f"the endpoint exited with code {endpoint.proc.returncode}:\n{tail(endpoint.log)}")
-        try:
-            view = lookup_endpoint(address, endpoint.id, timeout=2, token=token)
-            if view and view["status"] == "connected":
-                return view
-        except TimeoutError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"endpoint {endpoint.id} did not connect within {timeout} s:\n{tail(endpoint.log)}")
+    return wait_until_connected(address, endpoint.id, token, endpoint.proc, endpoint.log, timeout=timeout)
 
 
 def wait_for_log(path: Path, text: str, timeout: float = 5) -> str:
