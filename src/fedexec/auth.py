@@ -27,6 +27,7 @@ from .config import fedexec_home
 
 log = logging.getLogger("fedexec.auth")
 
+AUTH_MODES = ("local", "token", "globus")   # how a relay authenticates (relay/access.py)
 LOCAL_USER = "local"
 GLOBUS_USER = "globus"           # the user name presented with a Globus bearer token
 TOKEN_ENV = "FEDEXEC_TOKEN"
@@ -195,11 +196,12 @@ class HandshakeWatch:
             else:
                 self.failure = describe_handshake_failure(event, self.address, self.credentials)
         if self.failure:
-            self._retry_with_new_credentials()
+            self.renew()
 
-    def _retry_with_new_credentials(self) -> bool:
-        """Reconnect with credentials that differ from those refused (a
-        secret written since, a token renewed); whether there were any."""
+    def renew(self) -> bool:
+        """Reconnect with credentials that differ from those refused or whose
+        session the relay ended (a secret written since, a token renewed);
+        whether there were any."""
         found = find_credentials(self.address, *self._source)
         if found is None or (self.credentials is not None and (found.user, found.secret)
                              == (self.credentials.user, self.credentials.secret)):
@@ -212,12 +214,6 @@ class HandshakeWatch:
         self.credentials, self.failure = found, None
         self.sock.connect(self.address)
         return True
-
-    def renew(self) -> bool:
-        """The relay ended our session (a token expired or was revoked):
-        reconnect if there are other credentials to present now (a renewed
-        Globus token, a new token in the environment)."""
-        return self._retry_with_new_credentials()
 
     def close(self) -> None:
         try:

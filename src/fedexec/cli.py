@@ -27,7 +27,8 @@ from typing import Any
 
 import psutil
 
-from .config import DEFAULT_RELAY_PORT, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
+from .auth import AUTH_MODES
+from .config import DEFAULT_RELAY_PORT, SANDBOXES, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
 
 START_TIMEOUT = 30.0
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="run in the background")
     p.add_argument("--result-ttl", type=float, help="seconds a result nobody fetched is kept (default 7 days)")
     p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 10 MiB)")
-    p.add_argument("--auth", choices=("local", "token", "globus"), default="local",
+    p.add_argument("--auth", choices=AUTH_MODES, default="local",
                    help="local: a secret file for this machine's user (default); token: per-user API tokens "
                         "(relay add-user, token create); globus: Globus Auth tokens")
     p.add_argument("--curve", action=argparse.BooleanOptionalAction, default=None,
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-function", action="append", default=[], metavar="HASH",
                    help="run only these functions (fedexec function hash); repeat for more")
     p.add_argument("--allow-any-function", action="store_true", help="clear the allow-list")
-    p.add_argument("--sandbox", choices=("none", "bwrap", "apptainer", "podman"), help="what workers run in")
+    p.add_argument("--sandbox", choices=SANDBOXES, help="what workers run in")
     p.add_argument("--sandbox-image", help="image for apptainer or podman")
     p.set_defaults(func=endpoint_configure)
     p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")

@@ -717,8 +717,9 @@ class FederatedExecutor(Executor):
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
-            endpoint_id = str(uuid.UUID(str(endpoint_id))) if _is_uuid(endpoint_id) else str(endpoint_id)
-            if not _is_uuid(endpoint_id):
+            endpoint_id = str(uuid.UUID(str(endpoint_id))) if P.is_endpoint_id(str(endpoint_id)) \
+                else str(endpoint_id)
+            if not P.is_endpoint_id(endpoint_id):
                 raise ValueError(f"endpoint_id {endpoint_id!r} is not a UUID")
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
                                 ("worker_batch", worker_batch)):
@@ -1072,14 +1073,6 @@ def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(iterable)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
-
-
-def _is_uuid(value: Any) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True
 
 
 def _default_relay() -> str:

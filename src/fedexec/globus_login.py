@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .auth import globus_tokens_path
+from .auth import globus_tokens_path, write_secret_value
 
 NATIVE_CLIENT_ENV = "FEDEXEC_GLOBUS_NATIVE_CLIENT_ID"
 SCOPE_ENV = "FEDEXEC_GLOBUS_SCOPE"
@@ -27,12 +27,7 @@ EARLY = 60.0   # seconds before expiry a token is renewed
 
 
 def _save(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_secret_value(path, json.dumps(data))
 
 
 def _record(client_id: str, scope: str, token: dict[str, Any]) -> dict[str, Any]:

@@ -81,7 +81,7 @@ class LocalWorkerPool:
 
     def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None,
                  sandbox: str = "none", sandbox_image: str = "") -> None:
-        sandboxes.check(sandbox, sandbox_image)  # a missing tool fails the endpoint's start, by name
+        sandboxes.check(sandbox)  # a missing tool fails the endpoint's start, by name
         if sandbox != "none" and not address.startswith("ipc://"):
             raise sandboxes.SandboxUnavailable(f"sandboxed workers have no network: their endpoint must "
                                                f"listen on an ipc:// address, not {address!r}")

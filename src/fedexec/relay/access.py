@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import sqlite3
@@ -34,14 +33,15 @@ import time
 from pathlib import Path
 import zmq
 
-from ..auth import AUTH_PROPERTY, LOCAL_USER
+from ..auth import AUTH_MODES as MODES
+from ..auth import AUTH_PROPERTY, LOCAL_USER, write_secret_value
 
 log = logging.getLogger("fedexec.relay.access")
 
-MODES = ("local", "token", "globus")
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 GLOBUS_RECHECK = 600.0               # seconds a Globus introspection answer is trusted at most
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
+CURVE_IDLE = 3600.0                  # seconds after which a silent CURVE connection's session is forgotten
 
 
 class AccessDenied(Exception):
@@ -51,7 +51,7 @@ class AccessDenied(Exception):
 class Session:
     """One authenticated identity: a user, and until when it holds."""
 
-    __slots__ = ("user", "token_id", "expires", "groups", "ended")
+    __slots__ = ("user", "token_id", "expires", "groups", "ended", "seen")
 
     def __init__(self, user: str, *, token_id: str | None = None, expires: float | None = None,
                  groups: frozenset[str] = frozenset()) -> None:
@@ -60,8 +60,10 @@ class Session:
         self.expires = expires       # time.time() after which it no longer holds
         self.groups = groups         # Globus group ids the user belongs to
         self.ended: str | None = None
+        self.seen = 0.0              # time.time() of its latest message
 
     def problem(self, now: float) -> str | None:
+        self.seen = now
         if self.ended:
             return self.ended
         if self.expires is not None and now >= self.expires:
@@ -158,9 +160,10 @@ class TokenBook:
             return f"the token {token_id} of user {user!r} expired"
         return Session(user, token_id=token_id, expires=row[2])
 
-    def revoked(self) -> set[str]:
+    def revoked_since(self, since: float) -> set[str]:
+        """Ids of the tokens revoked at or after ``since`` (a time.time())."""
         with self._lock:
-            return {row[0] for row in self.db.execute("SELECT id FROM tokens WHERE revoked IS NOT NULL")}
+            return {row[0] for row in self.db.execute("SELECT id FROM tokens WHERE revoked >= ?", (since,))}
 
     def close(self) -> None:
         self.db.close()
@@ -262,6 +265,7 @@ class AccessControl:
         self.globus = globus
         self.sessions: dict[str, Session] = {}
         self.refused: dict[str, str] = {}      # CURVE connections whose credentials failed
+        self._revocations_read = 0.0           # revocations before this time were acted on
 
     def check(self, user: str, password: str) -> Session | str:
         """The session these credentials open, or why they open none."""
@@ -327,15 +331,22 @@ class AccessControl:
         self.sessions[key] = answer
         return answer
 
-    def refresh(self) -> None:
-        """End the sessions of tokens revoked since (token mode)."""
-        if self.tokens is None:
-            return
-        revoked = self.tokens.revoked()
-        for session in self.sessions.values():
-            if session.token_id in revoked and not session.ended:
-                session.ended = f"the token {session.token_id} of user {session.user!r} was revoked"
-                log.warning("ended the sessions of revoked token %s (user %r)", session.token_id, session.user)
+    def refresh(self, now: float) -> None:
+        """End the sessions of tokens revoked since the last call (token
+        mode), and forget CURVE sessions idle for CURVE_IDLE seconds (each
+        connection has its own key; one that speaks again is checked
+        again from its metadata)."""
+        sessions = list(self.sessions.items())   # the ZAP thread adds to it meanwhile
+        if self.tokens is not None:
+            revoked = self.tokens.revoked_since(self._revocations_read - 1.0)   # (a second of clock slack)
+            self._revocations_read = now
+            for _key, session in sessions:
+                if session.token_id in revoked and not session.ended:
+                    session.ended = f"the token {session.token_id} of user {session.user!r} was revoked"
+                    log.warning("ended the sessions of revoked token %s (user %r)", session.token_id, session.user)
+        for key, session in sessions:
+            if key.startswith("curve:") and now - session.seen > CURVE_IDLE:
+                self.sessions.pop(key, None)
 
 
 class ZapHandler(threading.Thread):
@@ -397,10 +408,5 @@ def load_or_create_curve_keys(path: Path) -> tuple[bytes, bytes]:
     except (OSError, ValueError):
         pass
     public, secret = zmq.curve_keypair()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(public + b"\n" + secret + b"\n")
-    os.replace(tmp, path)
+    write_secret_value(path, f"{public.decode()}\n{secret.decode()}\n")
     return public, secret

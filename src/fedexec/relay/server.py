@@ -218,7 +218,7 @@ class Relay:
                 shutil.rmtree(self.remove_on_exit, ignore_errors=True)
 
     def _maintenance(self, now: float) -> None:
-        self.access.refresh()
+        self.access.refresh(time.time())
         for state in self.endpoints.connected():
             if state.expired(now):
                 log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "
@@ -588,7 +588,7 @@ class Relay:
             record = self.tasks.get(task_id)
             if record is None:
                 continue  # a late duplicate of a task that already finished
-            owner = self.endpoints.get(record.endpoint_id)
+            owner = known   # the endpoint this routing id said hello as
             if owner is None or endpoint_id != record.endpoint_id:
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
@@ -600,12 +600,13 @@ class Relay:
                 except ValueError:
                     pass
             blob = P.blob(blobs, index)
-            size = len(P.as_buffer(blob))
-            if size > self.max_payload:  # the endpoint should have refused it; never store or forward it
+            buffer = P.as_buffer(blob)
+            if len(buffer) > self.max_payload:  # the endpoint should have refused it; never store or forward it
                 status, blob = P.FAILED, P.pack_failure(
-                    P.TOO_LARGE, f"the result is {size:,} bytes pickled, over the relay's payload limit of "
-                                 f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
-            self.store.add_result(task_id, status, P.as_buffer(blob))
+                    P.TOO_LARGE, f"the result is {len(buffer):,} bytes pickled, over the relay's payload limit "
+                                 f"of {self.max_payload:,} bytes", size=len(buffer), limit=self.max_payload)
+                buffer = blob
+            self.store.add_result(task_id, status, buffer)
             if status == P.OK and record.options is not None and "m" in record.options:
                 result = P.as_bytes(blob)
                 self._remember(record.options["m"], result)

@@ -243,14 +243,13 @@ class RelayStore:
 
     def _expire(self, before: float) -> None:
         db = self._writer_db
-        old = db.execute("SELECT id, result_file FROM tasks WHERE state=? AND finished<?",
-                         (FINISHED, before)).fetchall()
+        old = db.execute("SELECT id FROM tasks WHERE state=? AND finished<?", (FINISHED, before)).fetchall()
         if not old:
             return
         db.execute("BEGIN")
-        db.executemany("DELETE FROM tasks WHERE id=?", [(task_id,) for task_id, _ in old])
+        db.executemany("DELETE FROM tasks WHERE id=?", old)
         db.execute("COMMIT")
-        for task_id, _ in old:
+        for (task_id,) in old:
             self._drop_file(task_id, "result")
         log.info("expired %d result(s) nobody fetched", len(old))
 

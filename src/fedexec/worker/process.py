@@ -139,8 +139,11 @@ class WorkerProcess:
                 if self.marker is not None:
                     self.marker.set(task.row[0])
                 wall_start = time.time() if len(task.row) == 7 else 0.0
-                with self.task_directory(task.row[0]):
+                if self.task_root is None:
                     status, blob = self.run_task(task.row, task.args)
+                else:
+                    with self.task_directory(task.row[0]):
+                        status, blob = self.run_task(task.row, task.args)
                 if self.marker is not None:
                     self.marker.clear()
                 now = time.perf_counter()
@@ -163,9 +166,7 @@ class WorkerProcess:
         """With a task root: run the task in a fresh directory under it, then
         go back to the root and empty it (the directory, and whatever the task
         put beside it: the root is this worker's alone)."""
-        if self.task_root is None:
-            yield
-            return
+        assert self.task_root is not None
         path = tempfile.mkdtemp(prefix=task_id.hex()[:16] + "-", dir=self.task_root)
         os.chdir(path)
         try:

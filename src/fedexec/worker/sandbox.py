@@ -63,7 +63,7 @@ def tool(kind: str) -> str:
     return found
 
 
-def check(kind: str, image: str = "") -> None:
+def check(kind: str) -> None:
     """Fail at endpoint start, with a clear message, when ``kind`` cannot run
     workers here. bwrap is tried once (namespaces may be forbidden, e.g. in an
     unprivileged container); the container tools only need to exist, since
