@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
 import zmq
@@ -33,6 +34,19 @@ GLOBUS_USER = "globus"           # the user name presented with a Globus bearer 
 TOKEN_ENV = "FEDEXEC_TOKEN"
 RELAY_KEY_ENV = "FEDEXEC_RELAY_KEY"
 AUTH_PROPERTY = "X-Fedexec-Auth"  # connection metadata carrying credentials over CURVE
+
+#: Seconds a refused handshake is tolerated before a program gives up on the
+#: relay (:meth:`HandshakeWatch.refused_for`): the endpoint agent exits,
+#: one-shot queries raise; the executor's constructor uses a shorter value
+#: (``executor.AUTH_GRACE``). Counted from the first refusal, not from the
+#: start, so a relay still starting or a slow Globus Auth introspection does
+#: not use it up. Meanwhile the caller looks for other credentials about once
+#: a second (:meth:`HandshakeWatch.read`): a relay started at the same moment
+#: publishes its secret, ``fedexec login`` finishes, a token is renewed.
+#: Waiting is only for such credentials on their way (libzmq does not retry a
+#: refused handshake with the same ones), so a few of those tries are enough;
+#: longer would only delay reporting credentials that are simply wrong.
+REFUSED_GRACE = 5.0
 
 
 class Credentials:
@@ -167,7 +181,14 @@ class HandshakeWatch:
     """Connects a socket to a relay with this user's credentials for it and
     watches the handshakes, so that a refusal becomes a clear error rather
     than silence (ZeroMQ retries quietly). Close it before the socket: it
-    holds a monitor socket."""
+    holds a monitor socket.
+
+    ``failure`` is the latest refusal (None once a handshake succeeds or
+    other credentials are tried), ``succeeded`` whether any handshake ever
+    did, ``failing_since`` the ``time.monotonic()`` of the first refusal
+    since the last success (None while none): see :meth:`refused_for`. The
+    socket's owner thread calls :meth:`read`; other threads may call
+    :meth:`refused_for`."""
 
     def __init__(self, sock: zmq.Socket, address: str, token: str | None = None,
                  secret_file: str | Path | None = None, relay_key: str | bytes | None = None) -> None:
@@ -181,27 +202,58 @@ class HandshakeWatch:
         self.monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self.failure: str | None = None
         self.succeeded = False
+        self.failing_since: float | None = None
         sock.connect(address)
 
-    def read(self) -> None:
+    def read(self) -> bool:
         """Take the events waiting on the monitor socket. After a refusal,
         credentials that turned up or changed since (a relay started just now
-        writes its secret as it starts) are tried at once."""
+        writes its secret as it starts) are tried at once: whether the socket
+        reconnected with them (what was sent before went with the refused
+        connection and is lost; send it again).
+
+        libzmq does not retry a refused handshake, so no event follows a
+        refusal: while ``failure`` is set, call this now and then (about once
+        a second) even without events, for credentials that arrive later."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.succeeded, self.failure = True, None
+                self.failing_since = None
             else:
+                if self.failing_since is None:  # set before failure: refused_for reads them in the other order
+                    self.failing_since = time.monotonic()
                 self.failure = describe_handshake_failure(event, self.address, self.credentials)
         if self.failure:
-            self.renew()
+            return self.renew()
+        return False
+
+    def refused_for(self, grace: float, now: float | None = None) -> str | None:
+        """The refusal, once handshakes have been failing for ``grace``
+        seconds or more with no success in between; None otherwise (no
+        refusal, a success since, other credentials being tried, or not for
+        that long yet).
+
+        ``now`` is a ``time.monotonic()`` reading (default: the time now).
+        Cheap and without side effects: call it every loop turn, since no
+        monitor event comes after a refusal. Other credentials tried
+        (:meth:`renew`) do not restart the count; only a success does.
+        Events are taken by :meth:`read`, not here."""
+        failure = self.failure
+        since = self.failing_since
+        if failure is None or since is None:
+            return None
+        if (time.monotonic() if now is None else now) - since >= grace:
+            return failure
+        return None
 
     def renew(self) -> bool:
         """Reconnect with credentials that differ from those refused or whose
         session the relay ended (a secret written since, a token renewed);
-        whether there were any."""
+        whether there were any. ``failing_since`` is kept: until a handshake
+        succeeds, the refusal goes on counting (see :meth:`refused_for`)."""
         found = find_credentials(self.address, *self._source)
         if found is None or (self.credentials is not None and (found.user, found.secret)
                              == (self.credentials.user, self.credentials.secret)):

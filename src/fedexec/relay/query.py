@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import HandshakeWatch
+from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..errors import AuthenticationFailed, NotAuthorized
 
 
@@ -18,7 +18,10 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
     """Send one request as a client and return the fields of the answer.
 
     Raises :class:`AuthenticationFailed` or :class:`NotAuthorized` when the
-    relay refuses, :class:`TimeoutError` when it does not answer in time.
+    relay refuses, :class:`TimeoutError` when it does not answer in time. A
+    refused handshake is an :class:`AuthenticationFailed` once it has lasted
+    ``auth.REFUSED_GRACE`` seconds (other credentials may turn up meanwhile),
+    or at ``timeout`` if that comes first.
     """
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -26,9 +29,19 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
     watch = HandshakeWatch(sock, address, token, relay_key=relay_key)
+    request = [P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}), P.encode(msg_type, fields)]
+
+    def send_request() -> None:
+        # never blocking: with no connection (a refused handshake, which
+        # libzmq does not retry) a send would wait forever
+        for frames in request:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
     try:
-        sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
-        sock.send_multipart(P.encode(msg_type, fields))
+        send_request()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sock.poll(50):
@@ -42,9 +55,14 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
                     if msg.fields.get("refused"):
                         raise NotAuthorized(f"the relay at {address} refused: {text}")
                     raise RuntimeError(f"the relay at {address} answered: {text}")
-            watch.read()
-        if watch.failure and not watch.succeeded:
-            raise AuthenticationFailed(watch.failure)
+            if watch.read():  # other credentials: the request went with the refused connection
+                send_request()
+            refused = watch.refused_for(REFUSED_GRACE)
+            if refused:
+                raise AuthenticationFailed(refused)
+        refused = watch.refused_for(0.0)  # refused for less than the grace when the time was up
+        if refused:
+            raise AuthenticationFailed(refused)
         raise TimeoutError(f"the relay at {address} did not answer within {timeout:g} s")
     finally:
         watch.close()
