@@ -36,3 +36,15 @@ def wait_no_children(timeout: float = 10.0) -> list[psutil.Process]:
     """Children still alive after waiting up to ``timeout`` seconds."""
     gone, alive = psutil.wait_procs(child_processes(), timeout=timeout)
     return alive
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """The worker processes under an endpoint (they run in its pools)."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if "fedexec.worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found

@@ -24,6 +24,7 @@ import pytest
 import fedexec
 from fedexec import FederatedExecutor
 
+from conftest import workers_of
 from test_faults import free_port, lookup_endpoint, stop_process, tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -280,13 +281,13 @@ def test_random_kills_of_relay_endpoint_and_workers_lose_nothing(federation, tmp
                 time.sleep(rng.uniform(0.05, 0.5))
                 relay.start()
             elif what == "endpoint":
-                orphans += psutil.Process(endpoint.proc.pid).children()
+                orphans += psutil.Process(endpoint.proc.pid).children(recursive=True)
                 endpoint.proc.send_signal(signal.SIGKILL)
                 endpoint.proc.wait(10)
                 time.sleep(rng.uniform(0.05, 0.5))
                 endpoint.start()
             else:
-                workers = psutil.Process(endpoint.proc.pid).children()
+                workers = workers_of(endpoint.proc.pid)
                 if not workers:
                     continue
                 rng.choice(workers).send_signal(signal.SIGKILL)
@@ -498,7 +499,7 @@ def test_ctrl_c_stops_an_endpoint_and_its_workers(federation):
     relay, endpoint = federation
     with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
         assert ex.submit(abs, -1).result(DEADLINE) == 1
-    workers = psutil.Process(endpoint.proc.pid).children()
+    workers = workers_of(endpoint.proc.pid)
     assert len(workers) == 2
     endpoint.proc.send_signal(signal.SIGINT)
     assert endpoint.proc.wait(10) == 0, tail(endpoint.log)

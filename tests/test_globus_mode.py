@@ -25,8 +25,10 @@ from types import SimpleNamespace
 
 import cloudpickle
 import pytest
+import zmq
 
 from fedexec import AuthenticationFailed, FederatedExecutor, NotAuthorized
+from fedexec.auth import REFUSED_GRACE, HandshakeWatch
 from fedexec.relay.query import lookup_endpoint, share_endpoint
 
 from fake_globus import CLIENT_DOMAIN, GROUPS_SCOPE, FakeGlobusAuth
@@ -154,12 +156,9 @@ def executor(g, token: str | None, endpoint_id: str | None = None, connect_timeo
 def refused_outcome(g, token: str | None, limit: float = 15) -> BaseException | None:
     """What ``FederatedExecutor(...)`` with ``token`` raises (None if it
     connects), on a daemon thread so that a constructor that never returns
-    fails the test instead of hanging it.
-
-    One at a time: run concurrently, some of these constructions never
-    return (the dispatcher blocks for good in a send on a socket whose
-    handshake was refused, and __init__'s cleanup joins it; see the report
-    on src/fedexec/executor.py)."""
+    fails the test instead of hanging it (as some did, once: the dispatcher
+    blocked for good in a send on a socket whose handshake was refused, and
+    __init__'s cleanup joined it; see test_concurrent_refused_constructions_all_raise)."""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -225,6 +224,68 @@ def test_bad_tokens_are_refused_and_nothing_else_is_affected(globus, no_credenti
         if token:
             assert token.partition(":")[2] not in log
     assert globus.alice.partition(":")[2] not in log
+
+
+def test_concurrent_refused_constructions_all_raise(globus, no_credentials):
+    """Refused at once, none blocks: after a refused handshake libzmq does not
+    reconnect, so the dispatcher's sends must never wait for a connection."""
+    outcomes: list[BaseException | None] = []
+    took: list[float] = []
+
+    def attempt() -> None:
+        start = time.monotonic()
+        try:
+            executor(globus, "globus:not-a-globus-token").shutdown(wait=True)
+            outcomes.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what is checked
+            outcomes.append(exc)
+        took.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=attempt, name=f"refused-{i}", daemon=True) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    blocked = sum(thread.is_alive() for thread in threads)
+    assert not blocked, f"{blocked} of 24 refused constructions did not return within 20 s"
+    assert all(isinstance(outcome, AuthenticationFailed) for outcome in outcomes), outcomes
+    assert max(took) < 10, f"slowest refused construction: {max(took):.1f} s"
+
+
+def test_handshake_watch_tells_how_long_handshakes_have_been_refused(globus, no_credentials):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    watch = HandshakeWatch(sock, globus.address, "globus:not-a-globus-token")
+    try:
+        assert watch.refused_for(0.0) is None and watch.failing_since is None
+        deadline = time.monotonic() + 10
+        while watch.failure is None and time.monotonic() < deadline:
+            watch.monitor.poll(100)
+            assert watch.read() is False  # the same credentials again: nothing else to try
+        assert "refused the credentials of user 'globus'" in str(watch.failure)
+        since = watch.failing_since
+        assert since is not None and not watch.succeeded
+        assert watch.refused_for(3.0, now=since + 2.9) is None          # not for long enough yet
+        assert watch.refused_for(3.0, now=since + 3.1) == watch.failure
+        assert watch.refused_for(0.0) == watch.failure
+        assert watch.refused_for(REFUSED_GRACE) is None                 # it has only just begun
+        # libzmq does not retry a refused handshake: no event follows, so the
+        # caller must ask (every loop turn), not wait for one
+        assert not watch.monitor.poll(500)
+        watch.read()
+        assert watch.failing_since == since                              # counted from the first refusal
+        # no connection is left: sends are refused (a blocking one would wait
+        # forever); the first may still go into the connection being dropped
+        with pytest.raises(zmq.Again):
+            for _ in range(3):
+                sock.send(b"x", zmq.NOBLOCK)
+                time.sleep(0.1)
+    finally:
+        watch.close()
+        sock.close(linger=0)
+        ctx.term()
 
 
 # -- 3. introspection is cached ------------------------------------------------------
@@ -382,16 +443,13 @@ def test_endpoint_renews_an_expired_client_credentials_token(globus, no_credenti
 
 # -- an endpoint whose token is refused stops --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="src/fedexec/endpoint/agent.py: libzmq does not reconnect after a refused "
-                   "handshake, so no further handshake event comes and the endpoint never exits (or it blocks "
-                   "for good in _hello()'s send)")
 @pytest.mark.timeout(60)
 def test_endpoint_with_a_refused_token_exits(globus, tmp_path):
     endpoint = start_endpoint(tmp_path, "refused-ep", globus.address, clean_env(
         globus.fake, tmp_path / "home-refused-ep", FEDEXEC_TOKEN="globus:not-a-globus-token"))
     try:
         try:
-            code = endpoint.proc.wait(8)  # AUTH_GRACE (2 s) and then some
+            code = endpoint.proc.wait(REFUSED_GRACE + 10)  # the grace, counted from the refusal, and then some
         except subprocess.TimeoutExpired:
             code = None
         assert code == 2, f"exit code {code}:\n{tail(endpoint.log)}"

@@ -139,7 +139,8 @@ class Federation:
     def task_roots(self) -> list[Path]:
         """The host directories the workers see as their task root."""
         roots = []
-        for proc in psutil.Process(self.endpoint.pid).children():
+        pools = [p for p in psutil.Process(self.endpoint.pid).children() if "fedexec.pool" in p.cmdline()]
+        for proc in (child for pool in pools for child in pool.children()):   # bwrap or podman
             with contextlib.suppress(psutil.Error, ValueError):
                 cmdline = proc.cmdline()
                 roots.append(Path(cmdline[cmdline.index(sandbox.TASK_ROOT) - 1]))
@@ -341,11 +342,16 @@ def podman_site(tmp_path_factory):
     return str(rootfs), env
 
 
-def containers_of(endpoint_pid: int, env: dict[str, str]) -> list[str]:
-    """Names of the running containers of the endpoint with this pid."""
+def pools_of(endpoint_pid: int) -> list[int]:
+    """Pids of the pool processes of the endpoint with this pid."""
+    return [p.pid for p in psutil.Process(endpoint_pid).children() if "fedexec.pool" in p.cmdline()]
+
+
+def containers_of(pool_pids: list[int], env: dict[str, str]) -> list[str]:
+    """Names of the running containers of these pools (workers are named after their pool's pid)."""
     done = subprocess.run(["podman", "ps", "--format", "{{.Names}}"], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=30)
-    return [name for name in done.stdout.split() if name.startswith(f"fedexec-w{endpoint_pid}-")]
+    return [name for name in done.stdout.split() if name.startswith(tuple(f"fedexec-w{p}-" for p in pool_pids))]
 
 
 @pytest.mark.timeout(120)
@@ -372,6 +378,7 @@ def test_podman_sandbox(podman_site, tmp_path):
                 with pytest.raises(BlockingIOError):
                     server.accept()
 
+                pid = pools_of(fed.endpoint.pid)
                 [before] = containers_of(pid, env)
                 with pytest.raises(fedexec.TaskTimeout):
                     ex.submit(fedexec.with_options(identity_after, timeout=1.0), 120, 0).result(DEADLINE)

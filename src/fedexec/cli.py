@@ -7,10 +7,13 @@
     fedexec token create USER [--expires SECONDS] | revoke ID | list [--data-dir D]
     fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N] [--relay-key KEY]
                                     [--allow-function HASH ...] [--sandbox MODE] [--sandbox-image IMAGE]
+                                    [--provider local|slurm|parsl|manual] [--min-blocks N] [--max-blocks N]
+                                    [--walltime HH:MM:SS] [--partition P] ...  (see --help)
     fedexec endpoint start NAME [--daemon]
-    fedexec endpoint stop|status NAME
+    fedexec endpoint stop|status NAME                       (status: blocks, pools, workers, idle, queued)
     fedexec endpoint share NAME [--user U ...] [--remove-user U ...] [--group G ...] [--public|--private]
     fedexec endpoint list
+    fedexec group set NAME ENDPOINT [ENDPOINT ...] | list | remove NAME   (FederatedExecutor("NAME"))
     fedexec function hash MODULE:FUNCTION
     fedexec login [--client-id ID] [--scope SCOPE]          (globus mode)
 """
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -28,7 +32,7 @@ from typing import Any
 import psutil
 
 from .auth import AUTH_MODES
-from .config import DEFAULT_RELAY_PORT, SANDBOXES, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
+from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
 
 START_TIMEOUT = 30.0
@@ -204,6 +208,11 @@ def relay_status(ns: argparse.Namespace) -> None:
 
 
 # -- endpoint -------------------------------------------------------------------
+# provider settings `endpoint configure` takes as options (ProviderConfig fields)
+PROVIDER_OPTIONS = ("init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime", "walltime",
+                    "drain", "partition", "account", "scheduler_options", "worker_init", "address", "port",
+                    "parsl_class")
+
 def _endpoint_pidfile(name: str) -> PidFile:
     return PidFile(endpoint_dir(name) / "endpoint.json")
 
@@ -233,6 +242,14 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.sandbox = ns.sandbox
     if ns.sandbox_image is not None:
         config.sandbox_image = ns.sandbox_image
+    provider = config.provider
+    if ns.provider is not None and ns.provider != provider.type:
+        provider = ProviderConfig.from_dict({"type": ns.provider})   # that provider's defaults
+    for key in PROVIDER_OPTIONS:
+        value = getattr(ns, key)
+        if value is not None:
+            setattr(provider, key, value)
+    config.provider = provider
     path = config.save()
     print(f"{'configured' if created else 'updated'} endpoint {config.name} ({config.endpoint_id}): {path}")
 
@@ -360,11 +377,27 @@ def endpoint_list(ns: argparse.Namespace) -> None:
 def endpoint_status(ns: argparse.Namespace) -> None:
     config = EndpointConfig.load(ns.name)
     record = _endpoint_pidfile(ns.name).read()
+    provider = config.provider
     print(f"endpoint:  {config.name}")
     print(f"id:        {config.endpoint_id}")
     print(f"relay:     {config.relay}")
     print(f"local:     {'running (pid %s)' % record['pid'] if record else 'stopped'}")
-    print(f"workers:   {config.workers()} (prefetch {config.prefetch})")
+    print(f"provider:  {provider.type}, blocks {provider.min_blocks}..{provider.max_blocks} "
+          f"(init {provider.init_blocks}), {provider.nodes_per_block} node(s) per block, "
+          f"{config.max_workers or 'all cores'} worker(s) per node, prefetch {config.prefetch}")
+    status = _read_status(ns.name) if record else None
+    if status is not None:
+        blocks, pools = status["blocks"], status["pools"]
+        print(f"blocks:    {len(blocks)}" + "".join(f"\n  {b['id']}  job {b['job']}  {b['state']}, "
+                                                 f"{b['pools']} pool(s)" for b in blocks))
+        print(f"pools:     {len(pools)}" + "".join(
+            f"\n  {p['id']}  {p['host']}  block {p['block'] or '-'}  {p['workers']} workers, "
+            f"{p['idle_workers']} idle, {p['tasks']} task(s)" + (", draining" if p["draining"] else "")
+            for p in pools))
+        print(f"workers:   {status['workers']} ({status['idle_workers']} idle)")
+        print(f"queued:    {status['queued']} (at the relay and here), {status['at_pools']} at pools")
+        if status.get("provider_error"):
+            print(f"provider:  last error: {status['provider_error']}")
     from .relay.query import lookup_endpoint
 
     try:
@@ -378,6 +411,50 @@ def endpoint_status(ns: argparse.Namespace) -> None:
             print(f"at relay:  {view['status']}, {view['queued']} queued, {view['running']} out at the endpoint")
     if not record:
         raise SystemExit(3)
+
+
+def _read_status(name: str) -> dict | None:
+    """The running endpoint's own view (it rewrites status.json each second)."""
+    try:
+        return json.loads((endpoint_dir(name) / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- endpoint groups --------------------------------------------------------------
+def group_set(ns: argparse.Namespace) -> None:
+    from .config import set_group
+
+    members = set_group(ns.name, ns.endpoints)
+    print(f"group {ns.name}: {len(members)} endpoint(s): {', '.join(members)}")
+
+
+def group_list(ns: argparse.Namespace) -> None:
+    from .config import groups_path, load_groups
+
+    groups = load_groups()
+    if not groups:
+        print(f"no endpoint groups in {groups_path()}; try 'fedexec group set NAME ENDPOINT_ID ENDPOINT_ID'")
+        return
+    names: dict[str, str] = {}   # endpoint id -> the name it is configured under here
+    for name in _endpoint_names():
+        try:
+            names[EndpointConfig.load(name).endpoint_id] = name
+        except (ConfigError, OSError):
+            pass
+    rows = [("GROUP", "ENDPOINTS")]
+    for group, members in sorted(groups.items()):
+        rows.append((group, ", ".join(f"{m} ({names[m]})" if m in names else m for m in members)))
+    width = max(len(row[0]) for row in rows)
+    for row in rows:
+        print(f"{row[0].ljust(width)}  {row[1]}")
+
+
+def group_remove(ns: argparse.Namespace) -> None:
+    from .config import remove_group
+
+    remove_group(ns.name)
+    print(f"group {ns.name} removed")
 
 
 # -- parser ---------------------------------------------------------------------
@@ -456,6 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-any-function", action="store_true", help="clear the allow-list")
     p.add_argument("--sandbox", choices=SANDBOXES, help="what workers run in")
     p.add_argument("--sandbox-image", help="image for apptainer or podman")
+    p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
+    p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
+    p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")
+    p.add_argument("--max-blocks", type=int, help="most blocks at once")
+    p.add_argument("--nodes-per-block", type=int, help="nodes in each block (one pool per node)")
+    p.add_argument("--max-idletime", type=float, help="seconds a block may idle before it is let go")
+    p.add_argument("--walltime", help="a block's time limit, HH:MM:SS (slurm, parsl)")
+    p.add_argument("--drain", type=float, help="seconds before the walltime pools stop taking tasks")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--account", help="slurm account")
+    p.add_argument("--scheduler-options", help="extra batch script lines, e.g. '#SBATCH --gres=gpu:1'")
+    p.add_argument("--worker-init", help="shell commands run before pools start (module load ...)")
+    p.add_argument("--pool-address", dest="address", help="the address pools on other nodes connect to")
+    p.add_argument("--pool-port", dest="port", type=int, help="the pool socket's TCP port (0: any)")
+    p.add_argument("--parsl-class", help="a Parsl provider class, e.g. parsl.providers.PBSProProvider")
     p.set_defaults(func=endpoint_configure)
     p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")
     p.add_argument("name")
@@ -479,6 +571,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=endpoint_share)
     p = esub.add_parser("list", help="configured endpoints and whether they run")
     p.set_defaults(func=endpoint_list)
+
+    group = top.add_parser("group", help="named groups of endpoints: FederatedExecutor(\"NAME\") runs each "
+                                         "task on one of them")
+    gsub = group.add_subparsers(dest="action", required=True)
+    p = gsub.add_parser("set", help="make or replace a group")
+    p.add_argument("name")
+    p.add_argument("endpoints", nargs="+", metavar="ENDPOINT",
+                   help="an endpoint id, or the name of an endpoint configured here")
+    p.set_defaults(func=group_set)
+    p = gsub.add_parser("list", help="the groups and their endpoints")
+    p.set_defaults(func=group_list)
+    p = gsub.add_parser("remove", help="forget a group")
+    p.add_argument("name")
+    p.set_defaults(func=group_remove)
     return parser
 
 

@@ -24,6 +24,7 @@ DEFAULT_RELAY_PORT = 55700
 DEFAULT_WORKER_BATCH = 64
 DEFAULT_RELAY_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_RELAY_PORT}"
 SANDBOXES = ("none", "bwrap", "apptainer", "podman")
+PROVIDERS = ("local", "slurm", "parsl", "manual")
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -62,6 +63,134 @@ def usable_cores() -> int:
         return max(1, psutil.cpu_count() or 1)
 
 
+def parse_walltime(value: str) -> float:
+    """Seconds in a Slurm-style time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``
+    or ``D-HH:MM:SS``."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not match:
+        raise ConfigError(f"walltime {value!r} is not a time limit (HH:MM:SS, D-HH:MM:SS or minutes)")
+    days, a, b, c = match.groups()
+    if c is not None:
+        hours, minutes, seconds = int(a), int(b), int(c)
+    elif b is not None:
+        hours, minutes, seconds = (int(a), int(b), 0) if days else (0, int(a), int(b))
+    else:
+        hours, minutes, seconds = (int(a), 0, 0) if days else (0, int(a), 0)
+    total = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"walltime {value!r} must be longer than zero")
+    return float(total)
+
+
+@dataclass
+class ProviderConfig:
+    """How an endpoint gets its worker pools, and how many: the ``[provider]``
+    table of its config.
+
+    A *block* is one provisioning request (a local process, a batch job) that
+    runs one pool per node. The endpoint keeps between ``min_blocks`` and
+    ``max_blocks`` of them, starting with ``init_blocks``: more when tasks wait
+    beyond its workers, fewer when a block's pools have been idle for
+    ``max_idletime`` seconds.
+    """
+
+    type: str = "local"             # local | slurm | parsl | manual (pools started by hand: fedexec pool)
+    init_blocks: int = 1
+    min_blocks: int = 0             # local: 1 unless set
+    max_blocks: int = 1
+    nodes_per_block: int = 1
+    max_idletime: float = 120.0     # seconds a block's pools sit idle before it is let go (above min_blocks)
+    walltime: str = ""              # a block's time limit (HH:MM:SS); its pools drain `drain` seconds before
+    drain: float = 60.0
+    partition: str = ""             # slurm
+    account: str = ""               # slurm
+    scheduler_options: str = ""     # slurm: extra lines for the batch script ("#SBATCH --gres=gpu:1")
+    worker_init: str = ""           # shell commands run before the pools start (module load, source venv)
+    address: str = ""               # where pools connect; "": 127.0.0.1 (local), else this host's address
+    port: int = 0                   # the pool socket's TCP port; 0: any free port
+    python: str = ""                # the Python on the nodes; "": the endpoint's own
+    parsl_class: str = ""           # parsl: the provider class, e.g. "parsl.providers.SlurmProvider"
+    parsl_options: dict = field(default_factory=dict)   # parsl: keyword arguments for it
+    parsl_launcher: str = ""        # parsl: a launcher class, e.g. "parsl.launchers.SrunLauncher"
+
+    NUMBERS = {"init_blocks": int, "min_blocks": int, "max_blocks": int, "nodes_per_block": int,
+               "max_idletime": (int, float), "drain": (int, float), "port": int}
+    TEXTS = ("type", "walltime", "partition", "account", "scheduler_options", "worker_init", "address",
+             "python", "parsl_class", "parsl_launcher")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProviderConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"[provider] must be a table, not {data!r}")
+        known = set(cls.NUMBERS) | set(cls.TEXTS) | {"parsl_options"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"[provider]: unknown setting(s) {', '.join(sorted(unknown))}")
+        config = cls(**data)
+        if data.get("type", "local") == "local" and "min_blocks" not in data:
+            config.min_blocks = 1   # a local endpoint keeps its pool (and its warm workers)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for key, kind in self.NUMBERS.items():
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ConfigError(f"[provider] {key} must be a {'number' if isinstance(kind, tuple) else 'whole number'}, "
+                                  f"not {value!r}")
+        for key in self.TEXTS:
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"[provider] {key} must be a string, not {getattr(self, key)!r}")
+        if not isinstance(self.parsl_options, dict):
+            raise ConfigError(f"[provider] parsl_options must be a table, not {self.parsl_options!r}")
+        if self.type not in PROVIDERS:
+            raise ConfigError(f"[provider] type must be one of {', '.join(PROVIDERS)}, not {self.type!r}")
+        if not 0 <= self.min_blocks <= self.max_blocks:
+            raise ConfigError(f"[provider] needs 0 <= min_blocks <= max_blocks, not min_blocks={self.min_blocks}, "
+                              f"max_blocks={self.max_blocks}")
+        if not 0 <= self.init_blocks <= self.max_blocks:
+            raise ConfigError(f"[provider] needs 0 <= init_blocks <= max_blocks, not init_blocks={self.init_blocks}, "
+                              f"max_blocks={self.max_blocks}")
+        if self.nodes_per_block < 1:
+            raise ConfigError(f"[provider] nodes_per_block must be >= 1, not {self.nodes_per_block}")
+        if self.type == "local" and self.nodes_per_block != 1:
+            raise ConfigError("[provider] nodes_per_block must be 1 for the local provider (one machine)")
+        if self.max_idletime < 0 or self.drain < 0:
+            raise ConfigError("[provider] max_idletime and drain must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"[provider] port {self.port} is not a TCP port")
+        if self.walltime:
+            seconds = parse_walltime(self.walltime)
+            if self.drain >= seconds:
+                raise ConfigError(f"[provider] drain ({self.drain:g} s) must be shorter than the walltime "
+                                  f"({self.walltime} = {seconds:g} s)")
+        if self.type == "parsl" and not self.parsl_class:
+            raise ConfigError("[provider] type 'parsl' needs parsl_class, e.g. \"parsl.providers.SlurmProvider\"")
+
+    def walltime_seconds(self) -> float | None:
+        return parse_walltime(self.walltime) if self.walltime else None
+
+    def to_toml(self) -> str:
+        lines = ["[provider]",
+                 "# How pools are started: local (processes here), slurm (sbatch), parsl (any",
+                 "# Parsl execution provider) or manual ('python -m fedexec.pool' run by hand on each node)."]
+        defaults = ProviderConfig(type=self.type)
+        if self.type == "local":
+            defaults.min_blocks = 1
+        for key in ("type", "init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime",
+                    "walltime", "drain", "partition", "account", "scheduler_options", "worker_init", "address",
+                    "port", "python", "parsl_class", "parsl_launcher"):
+            value = getattr(self, key)
+            if key != "type" and value == getattr(defaults, key) and key not in ("init_blocks", "min_blocks",
+                                                                               "max_blocks", "max_idletime"):
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+        if self.parsl_options:
+            lines.append("[provider.parsl_options]")
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in self.parsl_options.items())
+        return "\n".join(lines) + "\n"
+
+
 @dataclass
 class EndpointConfig:
     """What an endpoint needs to run: who it is, where its relay is, its pool."""
@@ -79,8 +208,10 @@ class EndpointConfig:
     sandbox: str = "none"           # none | bwrap | apptainer | podman: what workers run inside
     sandbox_image: str = ""         # the image (apptainer, podman) the workers run in
     relay_public_key: str = ""      # the relay's CURVE public key (Z85), pinned; empty: plain connection
+    provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
+        """Workers per pool (per node): max_workers, or the node's usable cores."""
         return self.max_workers or usable_cores()
 
     def validate(self) -> None:
@@ -121,6 +252,12 @@ class EndpointConfig:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOXES)}, not {self.sandbox!r}")
         if self.sandbox in ("apptainer", "podman") and not self.sandbox_image:
             raise ConfigError(f"sandbox {self.sandbox!r} needs sandbox_image (the image its workers run in)")
+        if not isinstance(self.provider, ProviderConfig):
+            raise ConfigError(f"provider must be a [provider] table, not {self.provider!r}")
+        self.provider.validate()
+        if self.sandbox != "none" and self.provider.type != "local":
+            raise ConfigError(f"sandbox {self.sandbox!r} works with the local provider only (sandboxed workers "
+                              "reach their pool over an ipc socket on one machine)")
         if self.relay_public_key and len(self.relay_public_key) != 40:
             raise ConfigError(f"relay_public_key must be the relay's 40-character Z85 public key, "
                               f"not {self.relay_public_key!r}")
@@ -159,6 +296,7 @@ class EndpointConfig:
             f'sandbox_image = "{self.sandbox_image}"\n'
             f"# The relay's CURVE public key (fedexec relay key); set: traffic is encrypted.\n"
             f'relay_public_key = "{self.relay_public_key}"\n'
+            f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
         return path
@@ -174,13 +312,151 @@ class EndpointConfig:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
-                 "relay_public_key"}
+                 "relay_public_key", "provider"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
         try:
+            if "provider" in data:
+                data["provider"] = ProviderConfig.from_dict(data["provider"])
             config = cls(name=name, **data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         config.validate()
         return config
+
+
+# -- named endpoint groups ------------------------------------------------------
+# ``FederatedExecutor("NAME")`` sends each task to one endpoint of group NAME,
+# kept client-side in $FEDEXEC_HOME/groups.toml ('fedexec group set|list|remove').
+# The rule for a string: an endpoint id (a UUID) means that endpoint; any other
+# string is the name of a group.
+
+def groups_path() -> Path:
+    return fedexec_home() / "groups.toml"
+
+
+def check_group_name(name: str) -> None:
+    if not isinstance(name, str) or not ENDPOINT_NAME.match(name):
+        raise ConfigError(f"invalid group name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return
+    raise ConfigError(f"invalid group name {name!r}: a UUID means an endpoint id, not a group")
+
+
+def _endpoint_id(value: object) -> str | None:
+    """``value`` as a canonical endpoint id, or None if it is not a UUID."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str):
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def load_groups() -> dict[str, list[str]]:
+    """The named groups: name -> endpoint ids ({} when there is no groups.toml)."""
+    path = groups_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    groups = data.get("groups", {})
+    if set(data) - {"groups"} or not isinstance(groups, dict):
+        raise ConfigError(f"{path}: expected only a [groups] table of NAME = [ENDPOINT_ID, ...]")
+    for name, members in groups.items():
+        if (not isinstance(members, list) or not members
+                or not all(_endpoint_id(m) == m for m in members)):
+            raise ConfigError(f"{path}: group {name!r} must be a non-empty list of endpoint ids (UUIDs)")
+    return groups
+
+
+def save_groups(groups: dict[str, list[str]]) -> Path:
+    path = groups_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# fedexec endpoint groups: FederatedExecutor(\"NAME\") sends each task to one of",
+             "# the group's endpoints (fedexec group set NAME ENDPOINT... | list | remove NAME).",
+             "[groups]"]
+    lines += [f"{json.dumps(name)} = {json.dumps(members)}" for name, members in sorted(groups.items())]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def set_group(name: str, endpoints: list[str]) -> list[str]:
+    """Make or replace group ``name``; an endpoint is given by its id or by
+    the name of an endpoint configured in this fedexec home. Returns the ids."""
+    check_group_name(name)
+    members: list[str] = []
+    for value in endpoints:
+        endpoint_id = _endpoint_id(value)
+        if endpoint_id is None:
+            if not (ENDPOINT_NAME.match(value) and (endpoint_dir(value) / "config.toml").exists()):
+                raise ConfigError(f"{value!r} is neither an endpoint id (a UUID) nor an endpoint configured "
+                                  f"under {fedexec_home() / 'endpoints'}")
+            endpoint_id = EndpointConfig.load(value).endpoint_id
+        if endpoint_id not in members:
+            members.append(endpoint_id)
+    if not members:
+        raise ConfigError(f"group {name!r} needs at least one endpoint")
+    groups = load_groups()
+    groups[name] = members
+    save_groups(groups)
+    return members
+
+
+def remove_group(name: str) -> list[str]:
+    """Forget group ``name``; returns its endpoint ids."""
+    groups = load_groups()
+    if name not in groups:
+        raise ConfigError(f"there is no endpoint group named {name!r} (in {groups_path()})")
+    members = groups.pop(name)
+    save_groups(groups)
+    return members
+
+
+def group_members(name: str) -> list[str]:
+    groups = load_groups()
+    if name not in groups:
+        raise ConfigError(
+            f"there is no endpoint group named {name!r} in {groups_path()}: 'fedexec group list' shows the "
+            f"groups and 'fedexec group set {name} ENDPOINT_ID...' makes one (an endpoint is given by its id, "
+            "a UUID)")
+    return list(groups[name])
+
+
+def endpoint_targets(value: object) -> list[str]:
+    """The endpoint ids ``FederatedExecutor(value)`` sends to: an endpoint id
+    (a UUID string), a list or tuple of them (a group), or the name of a group
+    in groups.toml. Raises ValueError (ConfigError) naming what is wrong."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError("the list of endpoints is empty; give at least one endpoint id")
+        members: list[str] = []
+        for member in value:
+            endpoint_id = _endpoint_id(member)
+            if endpoint_id is None:
+                raise ConfigError(f"{member!r} in the list of endpoints is not an endpoint id (a UUID)")
+            if endpoint_id not in members:
+                members.append(endpoint_id)
+        return members
+    endpoint_id = _endpoint_id(value)
+    if endpoint_id is not None:
+        return [endpoint_id]
+    if not isinstance(value, str):
+        raise ConfigError(f"endpoint_id must be an endpoint id, a list of them or a group name, not {value!r}")
+    if not ENDPOINT_NAME.match(value):
+        raise ConfigError(f"endpoint_id {value!r} is neither an endpoint id (a UUID) nor a group name")
+    return group_members(value)

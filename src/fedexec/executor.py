@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Iterator
 import zmq
 
 from . import protocol as P
-from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
-from .auth import HandshakeWatch
+from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
+from .auth import REFUSED_GRACE, HandshakeWatch
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
@@ -120,9 +120,13 @@ HEARTBEAT_PERIOD = 1.0   # seconds between the dispatcher's heartbeats while tas
 # once it has been silent this long, they fail instead (so that interpreter
 # exit never hangs on a relay that is gone).
 SHUTDOWN_SILENCE = 10.0
-# A refused handshake fails the constructor only if it lasts this long (a
-# relay started just now writes its secret as it starts).
-AUTH_GRACE = 2.0
+# A refused handshake fails the constructor once it has lasted this long
+# (HandshakeWatch.refused_for; meanwhile the dispatcher looks for other
+# credentials once a second). Shorter than auth.REFUSED_GRACE, the endpoint
+# agent's: a constructor is a call someone waits on, and giving up costs them
+# only an exception they can retry, whereas an endpoint that gives up exits
+# for good and must be restarted by hand.
+AUTH_GRACE = min(2.0, REFUSED_GRACE)
 RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
@@ -241,7 +245,11 @@ class _Dispatcher(threading.Thread):
         self.relay_incarnation: bytes | None = None
         self.resending = False   # batches being sent again after a relay restart
         self.registered: set[bytes] = set()
-        self.lookups: deque[Future] = deque()
+        self.lookups: deque[tuple[str, Future]] = deque()   # LOOKUPs not answered yet, in order
+        # something could not be sent (no connection: the relay refused the
+        # handshake): everything is sent again once there is one (_send_again)
+        self.unsent = False
+        self.unsent_acks: list[bytes] = []
         self.out_rows: list[list[Any]] = []        # a batch being gathered (batch_window)
         self.out_blobs = P.Blobs()
         self.out_deadline = 0.0
@@ -327,7 +335,8 @@ class _Dispatcher(threading.Thread):
                     if self.auth_refused:
                         break
                 if watch.monitor in events:
-                    watch.read()
+                    if watch.read():  # reconnected with other credentials
+                        self._send_again()
                     if watch.failure:
                         log.error("%s", watch.failure)
                 now = time.monotonic()
@@ -335,8 +344,11 @@ class _Dispatcher(threading.Thread):
                     self._send_batch()
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_PERIOD
+                    # no event follows a refusal: look for other credentials now and then
+                    if (watch.failure and watch.read()) or self.unsent:
+                        self._send_again()
                     if self.pending:  # its answer says whether the relay restarted meanwhile
-                        sock.send_multipart(P.encode(P.HEARTBEAT))
+                        self._send(P.encode(P.HEARTBEAT))
                 if self.stopping and not self.pending and not self.commands:
                     break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
@@ -379,7 +391,7 @@ class _Dispatcher(threading.Thread):
             except (RuntimeError, InvalidStateError):
                 pass  # finished or cancelled meanwhile
             future._answered()
-        for future in self.lookups:
+        for _, future in self.lookups:
             if not future.done():
                 future.set_exception(error)
         self.commands.clear()
@@ -417,10 +429,10 @@ class _Dispatcher(threading.Thread):
             elif command == "cancel_many":  # no one waits for these answers
                 pending = self.pending
                 cancels.extend(tid for tid in value if tid in pending and not pending[tid].running)
-            elif command == "lookup":
-                endpoint_id, future = value
-                self.lookups.append(future)
-                self.sock.send_multipart(P.encode(P.LOOKUP, {"ep": endpoint_id}))
+            elif command == "lookup":  # not sent: it stays unanswered until _send_again sends it
+                self.lookups.append(value)
+                if not self._send(P.encode(P.LOOKUP, {"ep": value[0]})):
+                    self.unsent = True
             elif command == "cancel_all":  # shutdown(cancel_futures=True)
                 cancels.extend(tid for tid, item in self.pending.items() if not item.running)
                 value.set()
@@ -428,8 +440,9 @@ class _Dispatcher(threading.Thread):
                 self.stopping = True
         if self.out_rows and not (busy and self.batch_window > 0):
             self._send_batch()
-        if cancels:
-            self.sock.send_multipart(P.encode(P.CANCEL, {"tids": cancels}))
+        if cancels and not self._send(P.encode(P.CANCEL, {"tids": cancels})):
+            # no connection: the tasks stay; cancel() says False once no answer came
+            log.warning("could not ask the relay to cancel %d task(s): no connection", len(cancels))
 
     def _accept(self, item: _WorkItem) -> None:
         """Take a submitted task: drop it if cancelled meanwhile, serve it
@@ -481,12 +494,38 @@ class _Dispatcher(threading.Thread):
             if item.memo_key is not None:
                 options["m"] = item.memo_key
             if item.trace is not None:
-                options["tr"] = item.trace  # "sent" is stamped when the batch leaves
+                options["tr"] = list(item.trace)  # "sent" is stamped (on this copy) when the batch leaves
             row.append(options)
         rows.append(row)
         self.unaccepted[item.task_id] = item
         if len(rows) >= self.batch_size:
             self._send_batch()
+
+    def _send(self, frames: list[Any], copy: bool = True) -> bool:
+        """Send one message without blocking; False if it could not leave.
+
+        With SNDHWM=0 a send is refused (zmq.Again) only when the socket has
+        no connection at all: the relay refused the handshake (bad
+        credentials, ZAP failure) and libzmq does not reconnect after that, so
+        a blocking send would wait forever. Callers keep what was not sent
+        (``unsent``) for :meth:`_send_again`."""
+        sock = self.sock
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            try:
+                sock.send(frame, zmq.NOBLOCK | (zmq.SNDMORE if i < last else 0), copy=copy)
+            except zmq.Again:
+                if i:
+                    # the connection went mid-message: libzmq dropped its first
+                    # frames and now drops the rest of it until its last frame;
+                    # hand them over, or it would drop the next message instead
+                    for rest in range(i + 1, len(frames)):
+                        try:
+                            sock.send(frames[rest], zmq.NOBLOCK | (zmq.SNDMORE if rest < last else 0), copy=copy)
+                        except zmq.Again:
+                            break
+                return False
+        return True
 
     def _send_batch(self) -> None:
         rows, blobs = self.out_rows, self.out_blobs
@@ -498,7 +537,14 @@ class _Dispatcher(threading.Thread):
         fields: dict[str, Any] = {"ep": self.endpoint_id, "tasks": rows}
         if self.resending:
             fields["resend"] = True
-        self.sock.send_multipart(P.encode(P.SUBMIT, fields, blobs.frames), copy=False)
+        if not self._send(P.encode(P.SUBMIT, fields, blobs.frames), copy=False):
+            # No connection. Its tasks stay pending and unaccepted, as when
+            # the relay is down: _send_again sends them with the next batch
+            # to go out. The functions registered by this batch were not.
+            for row in rows:
+                if row[3] != -1:
+                    self.registered.discard(row[1])
+            self.unsent = True
 
     def _relay_restarted(self) -> None:
         """The relay came back from a restart: introduce this client again,
@@ -506,10 +552,23 @@ class _Dispatcher(threading.Thread):
         rest (they come from its record, or when the tasks finish)."""
         log.warning("the relay restarted; sending %d unrecorded task(s) again and resuming %d",
                     len(self.unaccepted), len(self.pending) - len(self.unaccepted))
-        self._hello()
+        self._send_again()
+
+    def _send_again(self) -> None:
+        """Introduce this client again, send again the tasks the relay has
+        not recorded (marked as a resend: it may have some already), ask for
+        the results of the rest, and repeat unanswered lookups and
+        acknowledgements. After a relay restart, and once a connection is back
+        after messages that could not leave or went with a refused connection
+        (the relay refused a handshake and there are other credentials now).
+        With still no connection, everything stays as it is for the next try
+        (at the next heartbeat)."""
+        self.unsent = False
+        if not self._hello():
+            return
         self.registered.clear()
-        if self.out_rows:
-            self._send_batch()
+        # a batch being gathered is in `unaccepted` too: it goes with the others
+        self.out_rows, self.out_blobs = [], P.Blobs()
         again = [item for item in self.unaccepted.values() if item.task_id in self.pending]
         self.unaccepted.clear()
         self.resending = True
@@ -521,15 +580,32 @@ class _Dispatcher(threading.Thread):
         finally:
             self.resending = False
         self._resume([tid for tid in self.pending if tid not in self.unaccepted])
+        for endpoint_id, _ in self.lookups:
+            if not self._send(P.encode(P.LOOKUP, {"ep": endpoint_id})):
+                self.unsent = True
+                break
+        if self.unsent_acks:
+            acks, self.unsent_acks = self.unsent_acks, []
+            self._ack(acks)
 
-    def _hello(self) -> None:
-        self.sock.send_multipart(P.encode(P.HELLO, {"role": "client", "id": self.client_id,
-                                                    "py": P.PYTHON_VERSION}))
+    def _hello(self) -> bool:
+        if self._send(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION})):
+            return True
+        self.unsent = True
+        return False
 
     def _resume(self, task_ids: list[bytes]) -> None:
         """Ask the relay for these tasks' results (from its record, or when they finish)."""
         for start in range(0, len(task_ids), RESUME_CHUNK):
-            self.sock.send_multipart(P.encode(P.RESUME, {"tids": task_ids[start:start + RESUME_CHUNK]}))
+            if not self._send(P.encode(P.RESUME, {"tids": task_ids[start:start + RESUME_CHUNK]})):
+                self.unsent = True  # _send_again resumes every pending task the relay has recorded
+                return
+
+    def _ack(self, task_ids: list[bytes]) -> None:
+        """Tell the relay these results arrived (it keeps them until then)."""
+        if not self._send(P.encode(P.ACK, {"tids": task_ids})):
+            self.unsent_acks.extend(task_ids)
+            self.unsent = True
 
     def _heard_from(self, incarnation: Any) -> None:
         if not isinstance(incarnation, bytes):
@@ -589,7 +665,9 @@ class _Dispatcher(threading.Thread):
                 self._heard_from(msg.fields.get("inc"))
             elif msg.type == P.LOOKUP_REPLY:
                 if self.lookups:
-                    self.lookups.popleft().set_result(msg.fields)
+                    future = self.lookups.popleft()[1]
+                    if not future.done():
+                        future.set_result(msg.fields)
             elif msg.type == P.ERROR:
                 if msg.fields.get("auth"):  # refused, or our session ended (a token revoked or expired)
                     self.failure = f"the relay at {self.relay} refused this client: {msg.fields.get('msg')}"
@@ -598,7 +676,7 @@ class _Dispatcher(threading.Thread):
                     break
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
-            sock.send_multipart(P.encode(P.ACK, {"tids": acks}))
+            self._ack(acks)
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
@@ -677,7 +755,11 @@ class FederatedExecutor(Executor):
     usable cores) and stops them on :meth:`shutdown`. With an ``endpoint_id``
     it sends tasks to that endpoint through ``relay`` (default:
     ``$FEDEXEC_RELAY``, else the relay started by ``fedexec relay start`` in the
-    fedexec home, else ``tcp://127.0.0.1:55700``).
+    fedexec home, else ``tcp://127.0.0.1:55700``). A list of endpoint ids, or
+    the name of a group made with ``fedexec group set`` (any string that is not
+    a UUID names a group), is a group: the relay runs each task on one member
+    with free capacity, preferring one the function is warm on, and moves a
+    task to a live member when the one it went to is lost.
 
     Functions are registered once by content hash; each function *object* is
     pickled once, on its first submission, so later changes to its globals or
@@ -717,17 +799,18 @@ class FederatedExecutor(Executor):
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
-            endpoint_id = str(uuid.UUID(str(endpoint_id))) if P.is_endpoint_id(str(endpoint_id)) \
-                else str(endpoint_id)
-            if not P.is_endpoint_id(endpoint_id):
-                raise ValueError(f"endpoint_id {endpoint_id!r} is not a UUID")
+            # an endpoint id, a list of them (a group: each task runs on one) or a group's name (groups.toml)
+            members = endpoint_targets(endpoint_id)
+            endpoint_id = members[0] if len(members) == 1 else members
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
                                 ("worker_batch", worker_batch)):
                 if value is not None:
                     raise ValueError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
             relay = relay or _default_relay()
-        self.endpoint_id: str = endpoint_id
+        #: the endpoint id, or for a group the list of its members' ids (SUBMIT's ``ep``)
+        self.endpoint_id: str | list[str] = endpoint_id
+        self.endpoint_ids: list[str] = endpoint_id if isinstance(endpoint_id, list) else [endpoint_id]
         self.relay: str = relay
         # task ids: a random prefix per executor and a counter (unique without
         # a system call per task, and in submission order for the store)
@@ -743,27 +826,27 @@ class FederatedExecutor(Executor):
                                        relay_public_key)
         self._dispatcher.start()
         try:
-            info = self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services)
+            infos = [self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services,
+                                           endpoint_id=member) for member in self.endpoint_ids]
         except BaseException:
             self.shutdown(wait=True)
             raise
-        #: the endpoint's worker count; Dask reads it to size its concurrency
-        self._max_workers = max(1, int(info.get("workers") or 1))
-        self.endpoint_name: str = str(info.get("name", ""))
+        #: the endpoints' worker count; Dask reads it to size its concurrency
+        self._max_workers = max(1, sum(int(info.get("workers") or 0) for info in infos))
+        self.endpoint_name: str = ",".join(str(info.get("name", "")) for info in infos)
         _live_executors.add(self)
 
     def _lookup_endpoint(self, timeout: float, *, wait_for_it: bool,
-                         services: EmbeddedFederation | None) -> dict[str, Any]:
-        started = time.monotonic()
-        deadline = started + timeout
+                         services: EmbeddedFederation | None, endpoint_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
         while True:
             future: Future = Future()
-            self._dispatcher.post("lookup", (self.endpoint_id, future))
+            self._dispatcher.post("lookup", (endpoint_id, future))
             while not future.done():
                 handshake = self._dispatcher.handshake
-                if (handshake is not None and handshake.failure and not handshake.succeeded
-                        and time.monotonic() - started > AUTH_GRACE):
-                    raise AuthenticationFailed(handshake.failure)
+                refused = handshake.refused_for(AUTH_GRACE) if handshake is not None else None
+                if refused:
+                    raise AuthenticationFailed(refused)
                 if services is not None and services.failed():
                     raise RuntimeError(f"fedexec could not start its embedded default: {services.failed()}")
                 if time.monotonic() > deadline:
@@ -784,7 +867,7 @@ class FederatedExecutor(Executor):
                 if not wait_for_it or info.get("status") == "connected":
                     return info
             elif not wait_for_it:
-                raise UnknownEndpoint(f"the relay at {self.relay} knows no endpoint {self.endpoint_id}")
+                raise UnknownEndpoint(f"the relay at {self.relay} knows no endpoint {endpoint_id}")
             if time.monotonic() > deadline:
                 raise RelayUnavailable(f"the embedded endpoint did not connect within {timeout:g} s")
             time.sleep(0.02)

@@ -30,6 +30,8 @@ PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
 # client/endpoint -> relay
 HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds]}
 SUBMIT = "submit"        # {ep, tasks: [TaskRow], resend?: true after a relay restart}
+                         #   ep: an endpoint id, or a list of them (a group: the relay routes each task
+                         #   to one member with capacity, preferring one the function is warm on)
 CANCEL = "cancel"        # {tids}
 ACK = "ack"              # {tids}: client -> relay: results received, relay may forget them;
                          #         relay -> endpoint: results stored, endpoint may forget them
@@ -256,6 +258,20 @@ def text(value: Any, name: str, limit: int = 256) -> str:
     return value
 
 
+MAX_GROUP = 256   # endpoints in one group
+
+
+def endpoint_group(value: Any) -> tuple[str, ...]:
+    """The members of an endpoint group (SUBMIT's ``ep`` as a list): endpoint
+    ids, sorted and without repeats, so one set of endpoints is one group."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_GROUP:
+        raise ProtocolError(f"an endpoint group is a list of 1 to {MAX_GROUP} endpoint ids")
+    members = {text(member, "endpoint id") for member in value}
+    if not all(is_endpoint_id(member) for member in members):
+        raise ProtocolError("an endpoint group's members must be endpoint ids (UUIDs)")
+    return tuple(sorted(members))
+
+
 def task_ids(values: Any) -> list[bytes]:
     if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
         raise ProtocolError("task ids must be a list of bytes")
@@ -266,6 +282,7 @@ def task_ids(values: Any) -> list[bytes]:
 # adds its own before passing it on, so a longer one is refused at the edge).
 TRACE_AT_RELAY = 2       # submit, sent
 TRACE_AT_ENDPOINT = 4    # ... relay_in, relay_out
+TRACE_AT_POOL = 5        # ... endpoint_in
 TRACE_FROM_WORKER = 8    # ... endpoint_in, worker_in, start, end
 TRACE_FROM_ENDPOINT = 9  # ... endpoint_out
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     pidfile = None
+    state_dir = None
     try:
         if ns.relay:
             config = EndpointConfig(name=ns.name, relay=ns.relay, max_workers=ns.max_workers, prefetch=ns.prefetch)
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
-        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file)
+            state_dir = endpoint_dir(ns.name)
+        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
 

@@ -1,70 +1,70 @@
-"""The endpoint agent: connects out to the relay and feeds a pool of workers.
+"""The endpoint agent: connects out to the relay and feeds its worker pools.
 
-One poll loop serves two sockets: a DEALER to the relay and a ROUTER the
-workers connect to.
+One poll loop serves two sockets: a DEALER to the relay and a ROUTER its
+pools connect to. A pool (``fedexec.pool``, one process per node) runs the
+workers; the agent does not care whether it runs beside it or on a cluster
+node in a batch job: blocks of pools are started by the endpoint's provider
+(``providers.py``) and their number follows the load (``scaling.py``).
 
 *Credit.* The agent tells the relay how many more tasks it may send (a grant
-in HELLO, then grants riding on RESULTS or in CREDIT messages), keeping
-``capacity`` tasks here or at workers, so a worker that finishes finds its
-next task already at hand.
+in HELLO, then grants riding on RESULTS or in CREDIT messages), keeping as
+many tasks here and at pools as its pools' workers can hold plus
+``prefetch`` per worker, so a worker that finishes finds its next task
+already at hand.
 
-*Adaptive batches.* The agent keeps a moving average of how long tasks run.
-Tasks that take half a millisecond or more go to workers one at a time (the
-prefetched ones wait here, for the next free worker). Faster tasks go in
-batches worth about a millisecond of work each, and come back in batches, so
-per-message costs do not dominate tiny tasks.
+*Pools.* Tasks go to the pools with room, least loaded first. A pool that
+goes quiet for ``heartbeats_missed`` heartbeat periods, whose job ended, or
+that said BYE, is gone: the tasks it held go to other pools (those it had
+started count as lost once, and fail with WorkerLost past
+``worker_lost_retries``). A draining pool (its job's walltime is near) gets
+no more tasks and gives back those it had not started.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import deque
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 
 from .. import protocol as P
-from ..auth import HandshakeWatch
+from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import EndpointConfig
-from .pool import LocalWorkerPool, WorkerSlot, describe_exit
+from ..worker import sandbox as sandboxes
+from .pools import PoolLink, QueuedTask
+from .providers import make_provider, pool_command
+from .scaling import BlockScaler
 
 log = logging.getLogger("fedexec.endpoint")
 
 POLL_MS = 100
 MAX_MESSAGES_PER_TURN = 2000
-REAP_INTERVAL = 0.1
+TICK_INTERVAL = 0.1
+SCALE_INTERVAL = 0.25
+STATUS_INTERVAL = 1.0
+HANDSHAKE_CHECK = 1.0
 # Under load, results are sent to the relay in batches: when this many are
 # waiting, or when the oldest has waited this long. An endpoint with nothing
 # else to do sends at once, so a lone task's latency does not pay for it.
 FLUSH_BATCH = 256
 FLUSH_DELAY = 0.001
-# Worker batches: tasks shorter than SLOW_TASK go in batches worth about
-# BATCH_WORK seconds, at most the config's worker_batch tasks.
+# Worker batches (made by the pools): tasks shorter than SLOW_TASK go in
+# batches worth about BATCH_WORK seconds, at most the config's worker_batch.
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
-EWMA_WEIGHT = 0.1
-AUTH_GRACE = 10.0   # seconds an endpoint that never got in keeps retrying a refused handshake
-
-
-class QueuedTask:
-    """A task received from the relay: its row and argument blob."""
-
-    __slots__ = ("row", "args", "lost", "retried")
-
-    def __init__(self, row: list[Any], args: Any) -> None:
-        self.row = row
-        self.args = args
-        self.lost = 0      # times its worker died under it
-        self.retried = 0   # times it ran again after raising (its max_retries)
-
-    def option(self, key: str) -> Any:
-        return self.row[6].get(key) if len(self.row) == 7 else None
+POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
 
 
 class EndpointAgent:
@@ -72,33 +72,40 @@ class EndpointAgent:
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
-                 secret_file: str | None = None) -> None:
+                 secret_file: str | None = None, state_dir: Path | None = None) -> None:
         config.validate()
+        sandboxes.check(config.sandbox)  # a missing tool fails the endpoint's start, by name
         self.config = config
         self.secret_file = secret_file
+        self.state_dir = state_dir          # where status.json (and block scripts) go; None: embedded
         self.started_at = time.monotonic()
         self.exit_code = 0
         self.parent_pid = parent_pid
         self.on_connected = on_connected
-        self.workers = config.workers()
-        self.task_seconds: float | None = None   # moving average of run time
+        self.workers_per_pool = config.max_workers or None   # None: each pool's cores
+        self.task_seconds: float | None = None   # moving average of run time, from the pools
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
-        self.worker_sock = self.ctx.socket(zmq.ROUTER)
-        self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.worker_sock.setsockopt(zmq.LINGER, 0)
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
-        self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
+        self.pool_sock = self.ctx.socket(zmq.ROUTER)
+        self.pool_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.pool_sock.setsockopt(zmq.LINGER, 0)
+        self.pool_sock.setsockopt(zmq.SNDHWM, 0)
+        self.pool_sock.setsockopt(zmq.RCVHWM, 0)
+        self.pool_secret = secrets.token_urlsafe(24)
         try:
-            self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
-                                        self._sock_dir, sandbox=config.sandbox, sandbox_image=config.sandbox_image)
-        except Exception:  # a sandbox that cannot run here: leave nothing behind
+            self.pool_address = self._bind_pool_socket()
+            self.scaler = self._make_scaler()
+        except Exception:  # leave nothing behind
+            self.pool_sock.close(linger=0)
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             raise
+        self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
-        self.at_worker: dict[bytes, WorkerSlot] = {}   # task_id -> the worker holding it
+        self.at_pool: dict[bytes, PoolLink] = {}        # task_id -> the pool holding it
         self.relay_credit = 0                           # tasks the relay may still send us
+        self.relay_backlog = 0                          # tasks waiting at the relay for us, as it last said
         self.out_rows: list[list[Any]] = []
         self.out_blobs = P.Blobs()
         self.started: list[bytes] = []
@@ -108,12 +115,22 @@ class EndpointAgent:
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
         self.allowed_functions: frozenset[bytes] | None = (
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
-        self.holding: set[bytes] = set()   # ids of the tasks here (queued or at workers) until their outcome
+        self.holding: set[bytes] = set()   # ids of the tasks here (queued or at pools) until their outcome
         self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
-        self._early_deaths = 0          # workers that died before saying READY, in a row
-        self._respawn_at: list[float] = []
+
+    @property
+    def workers(self) -> int:
+        """Workers this endpoint may run at once: those of its pools now, or
+        if more, those of ``max_blocks`` full blocks (what clients size their
+        concurrency by; Dask reads it)."""
+        from ..config import usable_cores
+
+        provider = self.config.provider
+        per_node = self.config.max_workers or usable_cores()
+        most = provider.max_blocks * provider.nodes_per_block * per_node if provider.type != "manual" else 0
+        return max(most, sum(pool.workers for pool in self.pools.values()))
 
     def _relay_socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -128,20 +145,54 @@ class EndpointAgent:
                                         relay_key=self.config.relay_public_key or None)
         return sock
 
-    def _check_handshake(self) -> None:
-        self.handshake.read()
-        if self.handshake.failure:
-            self._refused(self.handshake.failure)
+    def _bind_pool_socket(self) -> str:
+        """Local pools reach the agent over ipc; pools on other nodes over TCP
+        at the provider's ``address`` (default: this host's address)."""
+        provider = self.config.provider
+        if provider.type == "local" and not provider.address:
+            self.pool_sock.bind(f"ipc://{self._sock_dir}/pools")
+        else:
+            host = provider.address or socket.gethostbyname(socket.gethostname())
+            self.pool_sock.setsockopt(zmq.IPV6, 1)
+            bracketed = f"[{host}]" if ":" in host else host
+            self.pool_sock.bind(f"tcp://{bracketed}:{provider.port or '*'}")
+        return self.pool_sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _refused(self, why: str) -> None:
-        """The relay refused our credentials: retried for a while at start
-        (they may be on their way), else the endpoint stops."""
-        if self.connected or time.monotonic() - self.started_at < AUTH_GRACE:
-            log.warning("%s; trying again", why)
+    def _make_scaler(self) -> BlockScaler | None:
+        provider_config = self.config.provider
+        script_dir = (self.state_dir / "blocks") if self.state_dir is not None else Path(self._sock_dir)
+        script_dir.mkdir(parents=True, exist_ok=True)
+        if provider_config.type == "manual":
+            self._publish_pool_address()
+        provider = make_provider(provider_config, script_dir, self.config.name)
+        if provider is None:
+            return None
+        parent = os.getpid() if provider_config.type == "local" else None
+        return BlockScaler(
+            provider_config, provider,
+            lambda block_id: pool_command(provider_config.python, self.pool_address, block_id,
+                                          self.config.max_workers, provider_config.drain, parent,
+                                          logging.getLevelName(logging.getLogger().getEffectiveLevel())),
+            {POOL_SECRET_ENV: self.pool_secret}, self.workers_per_pool)
+
+    def _publish_pool_address(self) -> None:
+        """For pools started by hand (provider ``manual``): where to connect
+        and the secret to show, readable by this user only."""
+        if self.state_dir is None:
             return
-        log.error("%s", why)  # never got in: retrying will not help
-        self.exit_code = 2
-        self.stopping = True
+        path = self.state_dir / "pools.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"address": self.pool_address, "secret": self.pool_secret}, f)
+
+    def _check_handshake(self) -> None:
+        if self.handshake.read():   # reconnected with other credentials: what was sent went with the old
+            self._hello()
+        refusal = self.handshake.refused_for(REFUSED_GRACE)
+        if refusal and not self.connected:
+            log.error("%s", refusal)  # never got in: retrying will not help
+            self.exit_code = 2
+            self.stopping = True
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -150,13 +201,14 @@ class EndpointAgent:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self.pool.start()
+        if self.scaler is not None:
+            self.scaler.start()
         self._hello()
         poller = zmq.Poller()
         poller.register(self.relay, zmq.POLLIN)
-        poller.register(self.worker_sock, zmq.POLLIN)
+        poller.register(self.pool_sock, zmq.POLLIN)
         poller.register(self.handshake.monitor, zmq.POLLIN)
-        next_reap = next_beat = time.monotonic()
+        next_tick = next_beat = next_scale = next_status = next_handshake = time.monotonic()
         try:
             while not self.stopping:
                 timeout = POLL_MS
@@ -164,27 +216,33 @@ class EndpointAgent:
                     # whole milliseconds, rounded up: a 0 ms poll would spin
                     timeout = max(0, math.ceil((self._unflushed_since + FLUSH_DELAY - time.monotonic()) * 1000))
                 events = dict(poller.poll(timeout))
-                if self.worker_sock in events:
-                    self._read_workers()
+                if self.pool_sock in events:
+                    self._read_pools()
                 if self.relay in events:
                     self._read_relay()
-                if self.handshake.monitor in events:
+                now = time.monotonic()
+                if self.handshake.monitor in events or now >= next_handshake:
+                    next_handshake = now + HANDSHAKE_CHECK
                     self._check_handshake()
                 self._assign()
-                now = time.monotonic()
-                if now >= next_reap:
-                    next_reap = now + REAP_INTERVAL
-                    self._enforce_walltimes(now)
-                    self._replace_dead_workers()
+                if now >= next_tick:
+                    next_tick = now + TICK_INTERVAL
+                    self._drop_silent_pools(now)
                     if self.parent_pid and os.getppid() != self.parent_pid:
                         log.info("parent process %d is gone; stopping", self.parent_pid)
                         self.stopping = True
+                if now >= next_scale and self.scaler is not None:
+                    next_scale = now + SCALE_INTERVAL
+                    self._scale(now)
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
-                    try:  # never block here: with no connection to queue on, a beat is simply skipped
-                        self.relay.send_multipart(P.encode(P.HEARTBEAT), zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
+                    self._send_relay(P.encode(P.HEARTBEAT))
+                    beat = P.encode(P.HEARTBEAT)
+                    for pool_id in self.pools:
+                        self._send_pool(pool_id, beat)
+                if now >= next_status:
+                    next_status = now + STATUS_INTERVAL
+                    self._write_status(now)
                 if self._flush_due(now):
                     self._flush()
                 elif not (self.out_rows or self.started):
@@ -194,12 +252,24 @@ class EndpointAgent:
 
     def _hello(self) -> None:
         holding = list(self.holding)
-        self.relay.send_multipart(P.encode(P.HELLO, {
+        self._send_relay(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
         }))
+
+    def _send_relay(self, frames: list[Any]) -> bool:
+        """Send to the relay without ever blocking the loop: with no
+        connection to queue on (the relay is down, or refused our handshake,
+        which libzmq does not retry), the message is not sent. Nothing is
+        lost by that: results wait in ``unstored`` and go again after the
+        next WELCOME, HELLO resets the credit, and beats are just skipped."""
+        try:
+            self.relay.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
 
     # -- credit ----------------------------------------------------------------
     def batch_size(self) -> int:
@@ -215,9 +285,12 @@ class EndpointAgent:
         return 2 * size if size > 1 else 1
 
     def capacity(self) -> int:
-        """Tasks to keep here and at workers: what each worker may hold, plus
-        ``prefetch`` more per worker waiting here."""
-        return self.workers * (self.worker_depth() + self.config.prefetch)
+        """Tasks to keep here and at pools: what each worker may hold, plus
+        ``prefetch`` more per worker waiting at its pool."""
+        return self.open_workers() * (self.worker_depth() + self.config.prefetch)
+
+    def open_workers(self) -> int:
+        return sum(pool.workers for pool in self.pools.values() if not pool.draining)
 
     def _reset_credit(self) -> int:
         """On (re)introduction the relay's credit for us becomes this."""
@@ -229,7 +302,7 @@ class EndpointAgent:
         for results to carry the grant."""
         spare = self.capacity() - len(self.holding) - self.relay_credit
         if spare >= max(1, self.capacity() // 4):
-            self.relay.send_multipart(P.encode(P.CREDIT, {"n": self._grant()}))
+            self._send_relay(P.encode(P.CREDIT, {"n": self._grant()}))
 
     def _grant(self) -> int:
         """Credit to give the relay now, and count it as given."""
@@ -242,14 +315,17 @@ class EndpointAgent:
     def _shutdown(self) -> None:
         log.info("endpoint %s stopping", self.config.name)
         self._flush()
-        try:
-            self.relay.send_multipart(P.encode(P.BYE), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
+        self._send_relay(P.encode(P.BYE))
+        stop = P.encode(P.STOP)
+        for pool_id in self.pools:
+            self._send_pool(pool_id, stop)
+        if self.scaler is not None:
+            self.scaler.shutdown()
+        self.pools.clear()
+        self._write_status(time.monotonic(), final=True)
         self.handshake.close()
         self.relay.close(linger=500)
-        self.worker_sock.close(linger=0)
+        self.pool_sock.close(linger=1000)
         self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
@@ -279,6 +355,7 @@ class EndpointAgent:
                 if row[3] != -1:
                     P.blob(blobs, row[3])
             self.relay_credit = max(0, self.relay_credit - len(rows))
+            self._note_backlog(msg.fields)
             now = time.time()
             for row in rows:
                 if len(row) == 7 and "tr" in row[6]:
@@ -302,6 +379,7 @@ class EndpointAgent:
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.HEARTBEAT:
+            self._note_backlog(msg.fields)
             if msg.fields.get("unknown"):
                 log.warning("the relay no longer knows this endpoint; introducing it again")
                 self._hello()
@@ -323,28 +401,29 @@ class EndpointAgent:
                             msg.fields.get("msg"))
                 self._hello()
             elif msg.fields.get("auth") or msg.fields.get("refused"):
-                self._refused(f"the relay at {self.config.relay} refused this endpoint: {msg.fields.get('msg')}")
+                why = f"the relay at {self.config.relay} refused this endpoint: {msg.fields.get('msg')}"
+                if self.connected:
+                    log.warning("%s; trying again", why)
+                else:  # never got in: retrying will not help
+                    log.error("%s", why)
+                    self.exit_code = 2
+                    self.stopping = True
             else:
                 log.warning("relay reported an error: %s", msg.fields.get("msg"))
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
 
     def _cancel(self, task_ids: set[bytes]) -> None:
-        """Drop those queued here; ask workers to drop those waiting in their
-        batches; for those running, say so again (the client's cancel()
-        waits for one answer or the other)."""
-        ask: dict[bytes, list[bytes]] = defaultdict(list)
+        """Drop those queued here; pass the rest on to the pools holding them
+        (which drop them, or say again that they are running: the client's
+        cancel() waits for one answer or the other)."""
+        ask: dict[bytes, list[bytes]] = {}
         for task_id in task_ids:
-            slot = self.at_worker.get(task_id)
-            if slot is None:
-                continue
-            if task_id == slot.head():
-                self._mark_unflushed()
-                self.started.append(task_id)
-            else:
-                ask[slot.worker_id].append(task_id)
-        for worker_id, tids in ask.items():
-            self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": tids}))
+            pool = self.at_pool.get(task_id)
+            if pool is not None:
+                ask.setdefault(pool.pool_id, []).append(task_id)
+        for pool_id, tids in ask.items():
+            self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": tids}))
         kept: deque[QueuedTask] = deque()
         for task in self.queue:
             if task.row[0] in task_ids:
@@ -352,6 +431,11 @@ class EndpointAgent:
             else:
                 kept.append(task)
         self.queue = kept
+
+    def _note_backlog(self, fields: dict[str, Any]) -> None:
+        backlog = fields.get("backlog")
+        if type(backlog) is int and backlog >= 0:
+            self.relay_backlog = backlog
 
     def _resend_unstored(self) -> None:
         """After (re)introduction: results the relay may have lost go again
@@ -361,7 +445,7 @@ class EndpointAgent:
         blobs = P.Blobs()
         rows = [blobs.result_row(task_id, *outcome) for task_id, outcome in self.unstored.items()]
         log.info("sending %d result(s) again that the relay had not stored", len(rows))
-        self.relay.send_multipart(P.encode(P.RESULTS, {"rows": rows}, blobs.frames), copy=False)
+        self._send_relay(P.encode(P.RESULTS, {"rows": rows}, blobs.frames))
 
     def _mark_unflushed(self) -> None:
         if not (self.out_rows or self.started):
@@ -378,7 +462,7 @@ class EndpointAgent:
             return False
         # Nothing left here, or (for tasks that go one at a time) nothing
         # queued: the credit these results carry is what brings more work.
-        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_worker)
+        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_pool)
                 or (not self.queue and self.batch_size() == 1)
                 or now - self._unflushed_since >= FLUSH_DELAY)
 
@@ -395,193 +479,218 @@ class EndpointAgent:
         if self.started:
             finished = {row[0] for row in self.out_rows}
             fields["started"] = [t for t in self.started if t not in finished]
-        self.relay.send_multipart(P.encode(P.RESULTS, fields, self.out_blobs.frames), copy=False)
+        self._send_relay(P.encode(P.RESULTS, fields, self.out_blobs.frames))
         self.out_rows, self.out_blobs, self.started = [], P.Blobs(), []
         self._unflushed_since = 0.0
 
-    # -- worker side ---------------------------------------------------------
-    def _read_workers(self) -> None:
+    # -- pool side -------------------------------------------------------------
+    def _read_pools(self) -> None:
         for _ in range(MAX_MESSAGES_PER_TURN):
             try:
-                frames = self.worker_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.pool_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            slot = self.pool.slots.get(frames[0].bytes)
-            if slot is None:
-                continue  # a worker we already gave up on
+            pool_id = frames[0].bytes
             try:
                 msg = P.decode(frames[1:])
-                if msg.type == P.READY:
-                    slot.ready = True
-                elif msg.type == P.RESULTS:
-                    self._on_worker_results(slot, msg)
+                pool = self.pools.get(pool_id)
+                if msg.type == P.HELLO:
+                    self._on_pool_hello(pool_id, msg.fields)
+                elif pool is None:
+                    if msg.type != P.BYE:  # a pool we gave up on, or from before a restart: introduce yourself
+                        self._send_pool(pool_id, P.encode(P.HEARTBEAT, {"unknown": True}))
+                else:
+                    pool.last_seen = time.monotonic()
+                    if msg.type == P.RESULTS:
+                        self._on_pool_results(pool, msg)
+                    elif msg.type == P.HEARTBEAT:
+                        self._on_pool_load(pool, msg.fields)
+                    elif msg.type == P.BYE:
+                        self._pool_gone(pool, "stopped")
             except Exception as exc:
-                log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
+                log.warning("ignored a malformed message from pool %r: %s: %s", pool_id, type(exc).__name__, exc)
 
-    def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
-        rows = [P.result_row(row, P.TRACE_FROM_WORKER) for row in msg.fields["rows"]]
-        times = msg.fields.get("secs") or []
-        for i, row in enumerate(msg.fields["rows"]):
-            task_id, status, index = rows[i]
-            blob = P.blob(msg.blobs, index)
-            task = slot.tasks.pop(task_id, None)
+    def _on_pool_hello(self, pool_id: bytes, fields: dict[str, Any]) -> None:
+        secret = fields.get("secret")
+        if not (isinstance(secret, str) and hmac.compare_digest(secret.encode(), self.pool_secret.encode())):
+            log.warning("refused a pool from %s: wrong or missing pool secret", P.text(fields.get("host", "?"), "host"))
+            self._send_pool(pool_id, P.encode(P.ERROR, {"msg": "wrong pool secret"}))
+            return
+        P.count(fields["workers"], "workers")
+        if pool_id in self.pools:  # it restarted its introduction: what it held comes back in "holding"
+            self._pool_gone(self.pools[pool_id], "reintroduced itself")
+        pool = PoolLink(pool_id, fields)
+        if self.scaler is not None and not self.scaler.pool_connected(pool):
+            log.info("pool %s from %s belongs to no live block (%r); told to stop", pool_id.decode(),
+                     pool.host, pool.block_id)
+            self._send_pool(pool_id, P.encode(P.STOP))
+            return
+        self.pools[pool_id] = pool
+        stale = P.task_ids(fields.get("holding", []))
+        if stale:  # from before this agent: not ours to run
+            self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": stale}))
+        c = self.config
+        self._send_pool(pool_id, P.encode(P.WELCOME, {"settings": {
+            "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
+            "worker_lost_retries": c.worker_lost_retries, "sandbox": c.sandbox, "sandbox_image": c.sandbox_image,
+            "endpoint": c.name}}))
+        log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
+                 pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)
+
+    def _on_pool_load(self, pool: PoolLink, fields: dict[str, Any]) -> None:
+        idle = fields.get("idle")
+        if type(idle) is int:
+            pool.idle_workers = idle
+        if fields.get("draining") is True and not pool.draining:
+            pool.draining = True
+            log.info("pool %s (block %s) is draining: its job ends soon", pool.pool_id.decode(), pool.block_id)
+
+    def _on_pool_results(self, pool: PoolLink, msg: P.Message) -> None:
+        fields = msg.fields
+        average = fields.get("avg")
+        if isinstance(average, float):
+            self.task_seconds = average
+        for row in fields["rows"]:
+            task_id, status, index = P.result_row(row, P.TRACE_FROM_WORKER)
+            task = pool.tasks.pop(task_id, None)
             if task is None:
-                log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
-                continue
-            self.at_worker.pop(task_id, None)
-            if status == P.EXCEPTION and task.retried < (task.option("r") or 0):
-                task.retried += 1  # the caller asked for another try after an exception
-                self.queue.append(task)
-                continue
+                continue  # a task taken back from it meanwhile (it was lost, then came back)
+            self.at_pool.pop(task_id, None)
+            pool.started.discard(task_id)
+            blob = P.blob(msg.blobs, index)
             size = len(P.as_buffer(blob))
             if size > self.max_payload:
                 what = "result" if status == P.OK else "exception"
                 status, blob = P.FAILED, P.pack_failure(
                     P.TOO_LARGE, f"the task's {what} is {size:,} bytes pickled, over the relay's payload limit "
                                  f"of {self.max_payload:,} bytes", size=size, limit=self.max_payload)
-            if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):
-                seconds = times[i]
-                average = self.task_seconds
-                self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
-        self._announce(slot)
+        for task_id in P.task_ids(fields.get("started", [])):
+            if task_id in pool.tasks:
+                pool.started.add(task_id)
+                self._mark_unflushed()
+                self.started.append(task_id)
+        returned = [pool.tasks.pop(t) for t in P.task_ids(fields.get("returned", [])) if t in pool.tasks]
+        for task in returned:
+            self.at_pool.pop(task.row[0], None)
+            pool.started.discard(task.row[0])
+        self.queue.extendleft(reversed(returned))
+        pool.note_load()
 
-    def _announce(self, slot: WorkerSlot) -> None:
-        """Report the start of the task a worker is now running (its first)."""
-        head = slot.head()
-        if head is not None and head != slot.announced:
-            slot.announced = head
-            self._mark_unflushed()
-            self.started.append(head)
+    def _pool_gone(self, pool: PoolLink, why: str) -> None:
+        """A pool left (said BYE, went silent, its job ended): the tasks it
+        held run elsewhere; one it had started counts as lost once."""
+        self.pools.pop(pool.pool_id, None)
+        again: list[QueuedTask] = []
+        retries = self.config.worker_lost_retries
+        for task_id, task in pool.tasks.items():
+            self.at_pool.pop(task_id, None)
+            if task_id in pool.started:
+                task.lost += 1
+                if task.lost > retries:
+                    self._result(task_id, P.FAILED, P.pack_failure(
+                        P.WORKER_LOST, f"the pool on {pool.host} (pid {pool.pid}) of endpoint {self.config.name!r} "
+                                       f"was lost ({why}) while running this task, {task.lost} time(s)",
+                        endpoint=self.config.name, host=pool.host))
+                    continue
+            again.append(task)
+        pool.tasks.clear()
+        self.queue.extendleft(reversed(again))
+        level = logging.INFO if why == "stopped" and not again else logging.WARNING
+        log.log(level, "pool %s on %s (block %s) %s; %d task(s) it held go to other pools",
+                pool.pool_id.decode(), pool.host, pool.block_id or "-", why, len(again))
+
+    def _drop_silent_pools(self, now: float) -> None:
+        limit = self.config.heartbeats_missed * self.config.heartbeat_period + 1.0
+        for pool in [p for p in self.pools.values() if now - p.last_seen > limit]:
+            self._pool_gone(pool, f"sent nothing for {now - pool.last_seen:.1f} s")
+
+    def _scale(self, now: float) -> None:
+        assert self.scaler is not None
+        demand = len(self.holding) + self.relay_backlog
+        ended, to_stop = self.scaler.tick(now, demand, self.pools)
+        ended_set, stop_set = set(ended), set(to_stop)
+        stop = P.encode(P.STOP)
+        for pool in list(self.pools.values()):
+            if pool.block_id in ended_set:
+                self._pool_gone(pool, "ended with its job")
+            elif pool.block_id in stop_set:
+                pool.draining = True   # no more tasks; it leaves with BYE
+                self._send_pool(pool.pool_id, stop)
 
     def _assign(self) -> None:
-        """Top up workers with batches from the queue, least loaded first."""
-        if not self.queue:
+        """Send queued tasks to the pools with room, least loaded first."""
+        if not self.queue or not self.pools:
             return
-        # A task that takes SLOW_TASK or more goes to an idle worker only: one
-        # queued behind it at a busy worker could neither move to a worker that
-        # frees up sooner nor be cancelled before it starts. Quick tasks go in
-        # batches, the next sent when a worker is half way through its batch.
-        size = self.batch_size()
-        limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
-        hungry = [slot for slot in self.pool.slots.values() if slot.ready and len(slot.tasks) < hungry_below]
-        hungry.sort(key=lambda slot: len(slot.tasks))
-        for position, slot in enumerate(hungry):
+        per_worker = self.worker_depth() + self.config.prefetch
+        open_pools = [pool for pool in self.pools.values() if pool.room(per_worker) > 0]
+        if not open_pools:
+            return
+        if len(open_pools) > 1:
+            open_pools.sort(key=lambda pool: len(pool.tasks) / pool.workers)
+        for position, pool in enumerate(open_pools):
             if not self.queue:
                 return
-            share = math.ceil(len(self.queue) / (len(hungry) - position))
-            self._send_batch(slot, min(limit - len(slot.tasks), share))
+            share = math.ceil(len(self.queue) / (len(open_pools) - position))
+            self._send_to_pool(pool, min(pool.room(per_worker), share))
 
-    def _send_batch(self, slot: WorkerSlot, count: int) -> None:
+    def _send_to_pool(self, pool: PoolLink, count: int) -> None:
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
-            task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
-            if python != P.PYTHON_VERSION:
-                self._result(task_id, P.FAILED, P.pack_failure(
-                    P.VERSION, f"client runs Python {python} but endpoint {self.config.name!r} runs Python "
-                               f"{P.PYTHON_VERSION}; pickled functions need the same minor version"))
-                continue
+            task_id, fn_hash = task.row[0], task.row[1]
             fn_ref: bytes | int = -1
-            if fn_hash not in slot.known_functions:
+            if fn_hash not in pool.known_functions:
                 body = self.functions.get(fn_hash)
                 if body is None:
                     self._result(task_id, P.FAILED, P.pack_failure(
                         P.REJECTED, "the endpoint was not given this task's function"))
                     continue
                 fn_ref = blobs.ref(body)
-                slot.known_functions.add(fn_hash)
-            row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], python]
+                pool.known_functions.add(fn_hash)
+            row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], task.row[5]]
             if len(task.row) == 7:
-                options = task.row[6]
-                if "tr" in options:
-                    options = {**options, "tr": [*options["tr"], time.time()]}
-                row.append(options)
+                row.append(task.row[6])
             rows.append(row)
-            slot.tasks[task_id] = task
-            self.at_worker[task_id] = slot
+            pool.tasks[task_id] = task
+            self.at_pool[task_id] = pool
         if rows:
-            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
-            self._announce(slot)
+            pool.note_load()
+            self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
 
-    def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:
+    def _send_pool(self, pool_id: bytes, frames: list[Any]) -> None:
         try:
-            self.worker_sock.send_multipart([worker_id, *frames], copy=False)
+            self.pool_sock.send_multipart([pool_id, *frames], copy=False)
         except zmq.ZMQError as exc:
-            log.debug("could not send to worker %r: %s", worker_id, exc)
+            log.debug("could not send to pool %r: %s", pool_id, exc)
 
-    def _enforce_walltimes(self, now: float) -> None:
-        """Stop a worker whose running task has passed its ``timeout``; the
-        task fails with a timeout error, the others it held run elsewhere."""
-        for slot in self.pool.slots.values():
-            if not slot.tasks or slot.timed_out is not None:
-                continue
-            running = slot.marker.read()
-            if running != slot.running:
-                slot.running, slot.running_since = running, now
-                continue
-            task = slot.tasks.get(running) if running is not None else None
-            walltime = task.option("to") if task is not None else None
-            if walltime is not None and now - slot.running_since > walltime:
-                slot.timed_out = running
-                try:
-                    slot.process.kill()
-                except OSError:
-                    pass
+    # -- status ----------------------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        """What ``fedexec endpoint status`` shows."""
+        pools = [pool.describe(now) for pool in self.pools.values()]
+        return {
+            "endpoint": self.config.name, "id": self.config.endpoint_id, "pid": os.getpid(),
+            "time": time.time(), "connected": self.connected, "provider": self.config.provider.type,
+            "pool_address": self.pool_address,
+            "blocks": self.scaler.describe() if self.scaler is not None else [],
+            "provider_error": self.scaler.error if self.scaler is not None else None,
+            "pools": pools, "workers": sum(p["workers"] for p in pools),
+            "idle_workers": sum(p["idle_workers"] for p in pools),
+            "queued": len(self.queue) + self.relay_backlog, "held": len(self.holding),
+            "at_pools": len(self.at_pool),
+        }
 
-    def _replace_dead_workers(self) -> None:
-        for slot in self.pool.reap():
-            self._recover_tasks_of(slot)
-            self.pool.forget(slot)
-            how = describe_exit(slot.process.returncode)
-            if slot.ready:
-                self._early_deaths = 0
-                self._respawn_at.append(time.monotonic())
-            else:  # dying at start-up: back off rather than spin (broken env, bad import)
-                self._early_deaths += 1
-                delay = min(30.0, 0.25 * 2 ** self._early_deaths)
-                log.error("worker %d %s before it was ready; next start in %.1f s", slot.pid, how, delay)
-                self._respawn_at.append(time.monotonic() + delay)
-        now = time.monotonic()
-        due = [t for t in self._respawn_at if t <= now]
-        if due and not self.stopping:
-            self._respawn_at = [t for t in self._respawn_at if t > now]
-            for _ in due:
-                self.pool.spawn()
-
-    def _recover_tasks_of(self, slot: WorkerSlot) -> None:
-        """A worker died. The task its marker names fails with WorkerLost;
-        every other task it held goes back to the front of the queue: those
-        after it never started, and those before it finished without their
-        results being sent, so they run again."""
-        how = describe_exit(slot.process.returncode)
-        culprit = slot.marker.read()
-        survivors: list[QueuedTask] = []
-        for task_id, task in slot.tasks.items():
-            self.at_worker.pop(task_id, None)
-            if task_id != culprit:
-                survivors.append(task)
-            elif task_id == slot.timed_out:
-                walltime = task.option("to")
-                log.warning("task %s ran past its walltime of %g s; its worker %d was stopped",
-                            task_id.hex(), walltime, slot.pid)
-                self._result(task_id, P.FAILED, P.pack_failure(
-                    P.TIMEOUT, f"the task ran longer than its timeout of {walltime:g} s on endpoint "
-                               f"{self.config.name!r} and was stopped", timeout=walltime, endpoint=self.config.name))
-            elif task.lost < self.config.worker_lost_retries:
-                task.lost += 1
-                log.warning("worker %d %s while running task %s; running it again (%d of %d)",
-                            slot.pid, how, task_id.hex(), task.lost, self.config.worker_lost_retries)
-                survivors.append(task)
-            else:
-                log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
-                tries = f" (run {task.lost + 1} times, its worker died each time)" if task.lost else ""
-                self._result(task_id, P.FAILED, P.pack_failure(
-                    P.WORKER_LOST,
-                    f"worker process {slot.pid} on endpoint {self.config.name!r} {how} while running this "
-                    f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=self.config.name))
-        if culprit is None or culprit not in slot.tasks:
-            log.warning("worker %d %s between tasks", slot.pid, how)
-        slot.tasks.clear()
-        self.queue.extendleft(reversed(survivors))
+    def _write_status(self, now: float, final: bool = False) -> None:
+        if self.state_dir is None:
+            return
+        path = self.state_dir / "status.json"
+        try:
+            if final:
+                path.unlink(missing_ok=True)
+                return
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.status(now)))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("could not write %s: %s", path, exc)

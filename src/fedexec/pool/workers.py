@@ -1,4 +1,4 @@
-"""Local worker processes of an endpoint: start, watch, replace, stop.
+"""The worker processes of a pool: start, watch, replace, stop.
 
 Workers run directly, or inside the endpoint's sandbox (``worker/sandbox.py``):
 then each worker also gets a task root of its own on the host, next to its

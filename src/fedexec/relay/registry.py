@@ -19,17 +19,23 @@ class TaskRecord:
 
     ``args`` is the opaque argument blob, kept until the task finishes so that
     the task can be sent again if its endpoint goes away.
+
+    A task submitted to a group of endpoints has ``group`` (the members' ids,
+    sorted); its ``endpoint_id`` is the member it was last routed to ("" until
+    then, or after a relay restart), whose results alone are taken for it.
     """
 
     __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state", "options",
-                 "user")
+                 "user", "group")
 
     def __init__(self, task_id: bytes, client: bytes, endpoint_id: str, fn_hash: bytes,
-                 kind: int, python: str, args: Any, options: dict | None = None, user: str = "local") -> None:
+                 kind: int, python: str, args: Any, options: dict | None = None, user: str = "local",
+                 group: tuple[str, ...] | None = None) -> None:
         self.task_id = task_id
         self.client = client
         self.user = user          # who submitted it: only they may see, cancel or reattach it
         self.endpoint_id = endpoint_id
+        self.group = group
         self.fn_hash = fn_hash
         self.kind = kind
         self.python = python
@@ -96,6 +102,7 @@ class EndpointState:
     dispatched: dict = field(default_factory=dict)          # task_id -> TaskRecord
     known_functions: set = field(default_factory=set)       # hashes this connection has
     access: EndpointAccess = field(default_factory=EndpointAccess)
+    reported_backlog: int = -1                              # queue length last told the endpoint
 
     @property
     def connected(self) -> bool:
@@ -104,16 +111,28 @@ class EndpointState:
     def expired(self, now: float) -> bool:
         return self.connected and now - self.last_seen > self.heartbeats_missed * self.heartbeat_period + 1.0
 
-    def disconnect(self) -> None:
+    def disconnect(self) -> list[TaskRecord]:
         """Forget the connection and put its unfinished tasks back in front of
-        the queue, in their original order, for when it comes back."""
+        the queue, in their original order, for when it comes back. Tasks
+        routed here from a group are not kept for this endpoint: they are
+        returned (in order), for their group's queue."""
         self.routing_id = None
         self.credit = 0
+        self.reported_backlog = -1
         self.known_functions.clear()
+        grouped: list[TaskRecord] = []
         for record in reversed(list(self.dispatched.values())):
             record.state = QUEUED
-            self.queue.appendleft(record)
+            if record.group is None:
+                self.queue.appendleft(record)
+            else:
+                grouped.append(record)
         self.dispatched.clear()
+        grouped.reverse()
+        if any(record.group is not None for record in self.queue):  # routed, not yet sent (rare)
+            grouped += [record for record in self.queue if record.group is not None]
+            self.queue = deque(record for record in self.queue if record.group is None)
+        return grouped
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -130,12 +149,39 @@ class EndpointState:
         }
 
 
+@dataclass
+class GroupQueue:
+    """Tasks submitted to a group of endpoints, waiting to be routed to one
+    member (see ``Relay._route_group``)."""
+
+    members: tuple[str, ...]                          # endpoint ids, sorted
+    queue: deque = field(default_factory=deque)       # TaskRecords, oldest first
+    hold_until: float = 0.0                           # time.monotonic() before which none is routed
+
+
 class EndpointRegistry:
-    """Endpoints by id and by the ZeroMQ routing id of their connection."""
+    """Endpoints by id and by the ZeroMQ routing id of their connection, and
+    the queues of endpoint groups (by their sorted member ids)."""
 
     def __init__(self) -> None:
         self.by_id: dict[str, EndpointState] = {}
         self.by_routing: dict[bytes, EndpointState] = {}
+        self.groups: dict[tuple[str, ...], GroupQueue] = {}
+
+    def group(self, members: tuple[str, ...]) -> GroupQueue:
+        queue = self.groups.get(members)
+        if queue is None:
+            queue = self.groups[members] = GroupQueue(members)
+        return queue
+
+    def requeue(self, records: list[TaskRecord]) -> None:
+        """Group tasks a member lost (it disconnected) go back to the front of
+        their group's queue, in order, for a live member to run. Their
+        ``endpoint_id`` still names that member: its result, should it come
+        after all before the task is routed again, is taken."""
+        for record in reversed(records):
+            record.state = QUEUED
+            self.group(record.group).queue.appendleft(record)
 
     def get(self, endpoint_id: str) -> EndpointState | None:
         return self.by_id.get(endpoint_id)
@@ -148,7 +194,7 @@ class EndpointRegistry:
             self.disconnect(state)  # a restarted endpoint: its old session is gone
         other = self.by_routing.pop(routing_id, None)
         if other is not None and other is not state:
-            other.disconnect()
+            self.requeue(other.disconnect())
         state.routing_id = routing_id
         state.last_seen = time.monotonic()
         self.by_routing[routing_id] = state
@@ -156,7 +202,7 @@ class EndpointRegistry:
     def disconnect(self, state: EndpointState) -> None:
         if state.routing_id is not None:
             self.by_routing.pop(state.routing_id, None)
-        state.disconnect()
+        self.requeue(state.disconnect())
 
     def connected(self) -> list[EndpointState]:
         return list(self.by_routing.values())

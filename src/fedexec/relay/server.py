@@ -26,7 +26,7 @@ from ..auth import load_or_create_secret, public_key_path, secret_path, write_se
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
-from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, TaskRecord
+from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
 
 log = logging.getLogger("fedexec.relay")
@@ -41,6 +41,18 @@ MAINTENANCE_INTERVAL = 0.5
 MAX_STORE_BACKLOG = 100_000
 EXPIRY_INTERVAL = 60.0
 DEFAULT_RESULT_TTL = 7 * 24 * 3600.0   # results nobody fetched are kept this long
+# How tasks submitted to a group of endpoints pick a member ($FEDEXEC_ROUTING):
+# "warm" prefers members the function is warm on, then the most free capacity;
+# "capacity" ignores warmth (a baseline, for benchmarks/routing.py).
+ROUTINGS = ("warm", "capacity")
+# Most group tasks passed over in one turn because no member with capacity
+# may run their function (allow-lists); the rest wait for the next turn.
+MAX_PASSED_OVER = 10_000
+# After a restart, group tasks from the record wait this long before they are
+# routed: members reconnect meanwhile (within the 2 s reconnect interval), say
+# which of them they hold and send the results the record lacks, so that a task
+# one member has is not routed to another and run twice.
+RECOVERY_GRACE = 3.0
 
 
 class Relay:
@@ -49,9 +61,13 @@ class Relay:
     def __init__(self, address: str, data_dir: Path, *, parent_pid: int | None = None,
                  remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
                  max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
-                 auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None) -> None:
+                 auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None,
+                 routing: str | None = None) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
+        self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         if max_payload <= 0:
             raise ValueError("max_payload must be greater than 0 bytes")
         self.result_ttl = result_ttl
@@ -110,6 +126,7 @@ class Relay:
             self.discovery_files[-1].write_bytes(self.public_key)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
+        self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
         self.stopping = False
@@ -148,12 +165,19 @@ class Relay:
                                              access=EndpointAccess.unpack(owner, access)))
         count = 0
         for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
-            state = self.endpoints.get(endpoint_id)
-            if state is None:
-                continue
-            record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
+            if "," in endpoint_id:  # submitted to a group: it waits for any member again
+                group = tuple(endpoint_id.split(","))
+                record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, user=user, group=group)
+                queue = self.endpoints.group(group)
+                queue.queue.append(record)
+                queue.hold_until = time.monotonic() + RECOVERY_GRACE
+            else:
+                state = self.endpoints.get(endpoint_id)
+                if state is None:
+                    continue
+                record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
+                state.queue.append(record)
             self.tasks[task_id] = record
-            state.queue.append(record)
             count += 1
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
@@ -224,9 +248,26 @@ class Relay:
                 log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "
                             "%d task(s) re-queued", state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
+        self._report_backlogs()
         if self.parent_pid and os.getppid() != self.parent_pid:
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.stopping = True
+
+    def _report_backlogs(self) -> None:
+        """Tell each endpoint how many tasks wait here for it, when that
+        changed: what its scaler asks for blocks by (an endpoint with no
+        pools has no credit, so no task would tell it)."""
+        shares: dict[str, int] = defaultdict(int)   # group tasks waiting, shared among connected members
+        for group in self.endpoints.groups.values():
+            if group.queue:
+                live = [m for m in group.members if (known := self.endpoints.get(m)) is not None and known.connected]
+                for member in live:
+                    shares[member] += -(-len(group.queue) // len(live))
+        for state in self.endpoints.connected():
+            backlog = len(state.queue) + shares.get(state.endpoint_id, 0)
+            if backlog != state.reported_backlog:
+                state.reported_backlog = backlog
+                self._send(state.routing_id, P.encode(P.HEARTBEAT, {"backlog": backlog}))
 
     # -- input ---------------------------------------------------------------
     def _read_messages(self) -> None:
@@ -405,7 +446,28 @@ class Relay:
         state.queue = kept
         held_set -= state.dispatched.keys()
         if held_set:
+            self._take_back_grouped(state, held_set)
+        if held_set:
             self._send(sender, P.encode(P.CANCEL, {"tids": sorted(held_set)}))
+
+    def _take_back_grouped(self, state: EndpointState, held: set[bytes]) -> None:
+        """Group tasks this endpoint holds that wait in their group's queue
+        (it lost its connection, or the relay restarted) count as sent to it
+        again; they leave ``held``. One it holds that went to another member
+        meanwhile stays in ``held``, to be cancelled here."""
+        taken: dict[tuple[str, ...], set[bytes]] = defaultdict(set)
+        for task_id in held:
+            record = self.tasks.get(task_id)
+            if (record is not None and record.group is not None and record.state == QUEUED
+                    and state.endpoint_id in record.group and record.endpoint_id in ("", state.endpoint_id)):
+                record.state = DISPATCHED
+                record.endpoint_id = state.endpoint_id
+                state.dispatched[task_id] = record
+                taken[record.group].add(task_id)
+        for group, task_ids in taken.items():
+            held -= task_ids
+            queue = self.endpoints.group(group)
+            queue.queue = deque(record for record in queue.queue if record.task_id not in task_ids)
 
     def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
@@ -432,8 +494,19 @@ class Relay:
         self._reject(sender, task_id, P.NOT_ALLOWED, f"task {task_id.hex()} belongs to another user")
 
     def _on_submit(self, sender: bytes, session: Session, msg: P.Message) -> None:
-        endpoint_id = P.text(msg.fields["ep"], "endpoint id")
-        state = self.endpoints.get(endpoint_id)
+        ep = msg.fields["ep"]
+        # one endpoint (an id), or a group (a list of ids: each task goes to one member)
+        group = P.endpoint_group(ep) if isinstance(ep, list) else None
+        if group is not None and len(group) == 1:
+            group, ep = None, group[0]
+        if group is None:
+            endpoint_id = P.text(ep, "endpoint id")
+            members = (endpoint_id,)
+        else:
+            endpoint_id = ",".join(group)   # as the record keeps it
+            members = group
+        states = [self.endpoints.get(member) for member in members]
+        state = states[0] if group is None else None
         blobs = msg.blobs
         rows = msg.fields["tasks"]
         if not isinstance(rows, list):
@@ -444,14 +517,20 @@ class Relay:
             if row[3] != -1:
                 P.blob(blobs, row[3])
         user = session.user
-        if state is not None and not state.access.allows(user, session.groups):
-            why = f"endpoint {state.name!r} ({endpoint_id}) is not shared with user {user!r}"
-            refusals.warning("refused user %r: submit %d task(s) to endpoint %s: not shared with them",
-                             user, len(rows), endpoint_id)
-            for row in rows:
-                self._reject(sender, row[0], P.NOT_ALLOWED, why, quiet=True)
-            return
-        allowed = state.access.functions if state is not None else None
+        for member in states:  # a group: the user must be allowed on every member
+            if member is not None and not member.access.allows(user, session.groups):
+                why = f"endpoint {member.name!r} ({member.endpoint_id}) is not shared with user {user!r}"
+                refusals.warning("refused user %r: submit %d task(s) to endpoint %s: not shared with them",
+                                 user, len(rows), member.endpoint_id)
+                for row in rows:
+                    self._reject(sender, row[0], P.NOT_ALLOWED, why, quiet=True)
+                return
+        unknown = next((member for member, known in zip(members, states) if known is None), None)
+        # allow-lists: one endpoint's; for a group, a function any member allows may go to those members
+        lists = [known.access.functions for known in states if known is not None]
+        allowed = None if unknown is not None or any(functions is None for functions in lists) \
+            else frozenset().union(*lists)
+        where = f"endpoint {endpoint_id}" if group is None else f"any endpoint of the group {list(group)}"
         resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
         accepted = self.turn_accepted[sender]
         now = time.time()
@@ -461,11 +540,10 @@ class Relay:
             if options is not None and "tr" in options:
                 options["tr"].append(now)
             if allowed is not None and fn_hash not in allowed:
-                refusals.warning("refused user %r: run function %s on endpoint %s: not on its allow-list",
-                                 user, fn_hash.hex(), endpoint_id)
+                refusals.warning("refused user %r: run function %s on %s: not on its allow-list",
+                                 user, fn_hash.hex(), where)
                 self._reject(sender, task_id, P.NOT_ALLOWED,
-                             f"function {fn_hash.hex()} is not on the allow-list of endpoint {endpoint_id}",
-                             quiet=True)
+                             f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                 continue
             if fn_index != -1 and fn_hash not in self.functions:
                 body = P.as_bytes(P.blob(blobs, fn_index))
@@ -483,13 +561,15 @@ class Relay:
                 continue
             if resend and self._answer_from_record(sender, session, task_id):
                 continue
-            if state is None:
-                self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {endpoint_id}")
+            if unknown is not None:
+                self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {unknown}" if group is None
+                             else f"unknown endpoint {unknown} (in the group {list(group)})")
                 continue
-            if state.python and python != state.python:
+            other = next((known for known in states if known.python and python != known.python), None)
+            if other is not None:
                 self._reject(sender, task_id, P.VERSION,
-                             f"client runs Python {python} but endpoint {state.name!r} runs Python "
-                             f"{state.python}; pickled functions need the same minor version")
+                             f"client runs Python {python} but endpoint {other.name!r} runs Python "
+                             f"{other.python}; pickled functions need the same minor version")
                 continue
             if self._function_body(fn_hash) is None:
                 self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
@@ -503,10 +583,14 @@ class Relay:
                              f"the arguments are {size:,} bytes pickled, over the relay's payload limit of "
                              f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
                 continue
-            record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
-            self.tasks[task_id] = record
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
-            state.queue.append(record)
+            if group is None:
+                record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
+                state.queue.append(record)
+            else:  # routed to a member by _route_group
+                record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
+                self.endpoints.group(group).queue.append(record)
+            self.tasks[task_id] = record
             accepted.append(task_id)
 
     def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
@@ -556,7 +640,10 @@ class Relay:
     def _on_results(self, sender: bytes, session: Session, msg: P.Message) -> None:
         # Results are taken by task id from the endpoint the task went to,
         # also when that endpoint was expired meanwhile (it only stalled):
-        # finished work is never thrown away.
+        # finished work is never thrown away. A group task re-queued from a
+        # member that went silent is the exception once it has been routed to
+        # another member: then only that member's result counts, and the
+        # first one's late result is ignored (at-least-once for group tasks).
         credit = P.count(msg.fields.get("credit", 0), "credit")
         blobs = msg.blobs
         rows = msg.fields["rows"]
@@ -589,16 +676,17 @@ class Relay:
             if record is None:
                 continue  # a late duplicate of a task that already finished
             owner = known   # the endpoint this routing id said hello as
-            if owner is None or endpoint_id != record.endpoint_id:
+            if owner is None or (endpoint_id != record.endpoint_id and not (
+                    # a group task not routed since a relay restart: it ran on one of its members
+                    record.endpoint_id == "" and record.group is not None and endpoint_id in record.group)):
+                # (also a group task's result from a member that stalled, once the task
+                # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
             del self.tasks[task_id]
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
-                try:
-                    owner.queue.remove(record)
-                except ValueError:
-                    pass
+                self._unqueue(record)
             blob = P.blob(blobs, index)
             buffer = P.as_buffer(blob)
             if len(buffer) > self.max_payload:  # the endpoint should have refused it; never store or forward it
@@ -616,6 +704,24 @@ class Relay:
                                                        [*row[3], now] if len(row) == 4 else None))
         if started and state is not None:
             self._on_started(started)
+
+    def _unqueue(self, record: TaskRecord) -> None:
+        """Take a queued task out of its queue (it finished or was cancelled
+        before it went out): its endpoint's, or its group's."""
+        queues = []
+        if record.group is not None:
+            group = self.endpoints.groups.get(record.group)
+            if group is not None:
+                queues.append(group.queue)
+        state = self.endpoints.get(record.endpoint_id) if record.endpoint_id else None
+        if state is not None:
+            queues.append(state.queue)
+        for queue in queues:
+            try:
+                queue.remove(record)
+                return
+            except ValueError:
+                pass
 
     def _on_started(self, task_ids: list[bytes]) -> None:
         for task_id in task_ids:
@@ -635,12 +741,7 @@ class Relay:
                 continue
             if record.state == QUEUED:
                 del self.tasks[task_id]
-                state = self.endpoints.get(record.endpoint_id)
-                if state is not None:
-                    try:
-                        state.queue.remove(record)
-                    except ValueError:
-                        pass
+                self._unqueue(record)
                 self.store.add_result(task_id, P.CANCELLED, b"")
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
@@ -651,6 +752,8 @@ class Relay:
     def _dispatch(self) -> None:
         if self.store.backlog > MAX_STORE_BACKLOG:
             return  # the commit pipe wakes the loop when the writer has caught up
+        if self.endpoints.groups:
+            self._route_groups()
         for state in self.endpoints.connected():
             if state.credit <= 0 or not state.queue:
                 continue
@@ -678,6 +781,80 @@ class Relay:
                 log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
                             state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
+
+    def _route_groups(self) -> None:
+        groups = self.endpoints.groups
+        for key in [key for key, group in groups.items() if not group.queue]:
+            del groups[key]   # made again by the next task for it
+        for group in groups.values():
+            self._route_group(group)
+
+    def _route_group(self, group: GroupQueue) -> None:
+        """Move tasks from a group's queue to members' queues, as many as the
+        connected members have free capacity for (credit not yet spoken for
+        by their own queues), in the group's order.
+
+        For each function, the members that may run it (allow-lists) are
+        split into those it is warm on (this connection was sent it, so a
+        worker there has loaded it or is loading it) and the others; its tasks
+        fill the warm ones first, then the others, each tier *water-filled*:
+        every task goes to the member with the most free capacity left (ties
+        rotate from turn to turn). With routing "capacity" there is one tier.
+        Cost: O(tasks routed + functions x members) per turn.
+        """
+        if group.hold_until and time.monotonic() < group.hold_until:
+            return   # just after a restart: members are still claiming what they hold
+        free: dict[str, int] = {}
+        live: list[EndpointState] = []
+        for member in group.members:
+            state = self.endpoints.get(member)
+            if state is not None and state.connected and state.credit > len(state.queue):
+                free[member] = state.credit - len(state.queue)
+                live.append(state)
+        if not live:
+            return   # the common case while every member is busy: O(members)
+        self.route_turn += 1
+        shift = self.route_turn % len(live)
+        live = live[shift:] + live[:shift]
+        room = sum(free.values())
+        tiers: dict[bytes, list[list[EndpointState]]] = {}     # per function: members that may run it, by tier
+        batches: dict[bytes, list[TaskRecord]] = {}
+        taken: list[TaskRecord] = []      # in the group's order
+        passed = 0
+        queue = group.queue
+        wanted = 0
+        while queue and wanted < room and passed < MAX_PASSED_OVER:
+            record = queue.popleft()
+            if self.tasks.get(record.task_id) is not record:
+                continue  # finished or cancelled meanwhile (not expected: they are taken out)
+            taken.append(record)
+            fn_hash = record.fn_hash
+            batch = batches.get(fn_hash)
+            if batch is None:
+                able = [s for s in live if s.access.functions is None or fn_hash in s.access.functions]
+                if self.routing == "warm":
+                    warm = [s for s in able if fn_hash in s.known_functions]
+                    tiers[fn_hash] = [warm, [s for s in able if fn_hash not in s.known_functions]]
+                else:
+                    tiers[fn_hash] = [able]
+                batch = batches[fn_hash] = []
+            if any(tiers[fn_hash]):
+                batch.append(record)
+                wanted += 1
+            else:
+                passed += 1   # no live member may run it: it waits (kept in place below)
+        routed: set[bytes] = set()
+        for fn_hash, batch in batches.items():
+            start = 0
+            for tier in tiers[fn_hash]:
+                for state, count in _water_fill(len(batch) - start, tier, free):
+                    for record in batch[start:start + count]:
+                        record.endpoint_id = state.endpoint_id
+                        state.queue.append(record)
+                        routed.add(record.task_id)
+                    start += count
+        if len(routed) < len(taken):   # the rest go back in front, in their order
+            queue.extendleft(reversed([record for record in taken if record.task_id not in routed]))
 
     def _function_body(self, fn_hash: bytes) -> bytes | None:
         """A function body by hash, from memory or (after a restart) the store."""
@@ -728,3 +905,40 @@ class Relay:
             return False
         return True
 
+
+def _water_fill(n: int, members: list[EndpointState], free: dict[str, int]) -> list[tuple[EndpointState, int]]:
+    """Share ``n`` tasks among ``members`` as if each, in turn, went to the
+    one with the most free capacity left (the earlier in ``members`` on a
+    tie): the free capacities left are levelled. Takes what it gives from
+    ``free``; gives at most their sum. O(members x log(capacity))."""
+    have = [(state, free[state.endpoint_id]) for state in members if free[state.endpoint_id] > 0]
+    if n <= 0 or not have:
+        return []
+    total = sum(f for _, f in have)
+    if n >= total:
+        level = 0
+        counts = [f for _, f in have]
+    else:
+        # the highest level L whose excess sum(max(0, f - L)) still covers n
+        low, high = 0, max(f for _, f in have)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if sum(max(0, f - middle) for _, f in have) >= n:
+                low = middle
+            else:
+                high = middle
+        level = low
+        counts = [max(0, f - level) for _, f in have]
+        extra = sum(counts) - n   # fewer than the members above the level: one back from the last of them
+        for i in range(len(have) - 1, -1, -1):
+            if extra == 0:
+                break
+            if have[i][1] > level:
+                counts[i] -= 1
+                extra -= 1
+    shares = []
+    for (state, _), count in zip(have, counts):
+        if count > 0:
+            free[state.endpoint_id] -= count
+            shares.append((state, count))
+    return shares

@@ -1,0 +1,1 @@
+"""Worker pools: one pool manager process per node, and the workers it runs."""

@@ -1,0 +1,3 @@
+from .manager import main
+
+main()

@@ -1,0 +1,564 @@
+"""The pool manager: one process per node, between an endpoint and its workers.
+
+A pool connects to its endpoint (over ipc on the endpoint's own machine, over
+TCP from a batch job on a cluster node), says HELLO with what its node has
+(cores, memory, GPUs, and the workers it will run), and once WELCOMEd starts
+its workers. From then on it holds the tasks the endpoint sends it and hands
+them to its workers:
+
+*Adaptive batches.* The pool keeps a moving average of how long tasks run.
+Tasks that take half a millisecond or more go to workers one at a time (the
+others wait here, for the next free worker). Faster tasks go in batches worth
+about a millisecond of work each, and come back in batches, so per-message
+costs do not dominate tiny tasks.
+
+*Crashes and walltimes.* Each worker writes the id of the task it runs into a
+marker file; when a worker dies, that task is the culprit (run again up to
+``worker_lost_retries`` times, then failed with WorkerLost) and the others it
+held run elsewhere. A task past its ``timeout`` has its worker killed.
+
+*Draining.* A pool whose batch job has a walltime (``--ends-at``) stops
+taking tasks ``--drain`` seconds before it: it tells the endpoint, gives back
+the tasks no worker has started, lets its workers finish what they hold, and
+exits. Stopped (by its endpoint, or by SIGTERM from the scheduler) it gives
+back everything it holds; killed outright, its endpoint notices the silence
+and runs its tasks elsewhere. Either way no task is lost with the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from .. import protocol as P
+from .resources import NodeResources
+from .workers import LocalWorkerPool, WorkerSlot, describe_exit
+
+log = logging.getLogger("fedexec.pool")
+
+POLL_MS = 100
+MAX_MESSAGES_PER_TURN = 2000
+REAP_INTERVAL = 0.1
+FLUSH_BATCH = 256
+FLUSH_DELAY = 0.001
+SLOW_TASK = 0.0005
+BATCH_WORK = 0.001
+EWMA_WEIGHT = 0.1
+DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking tasks
+WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
+
+
+class PoolTask:
+    """A task this pool holds: its row, argument blob and how it has fared."""
+
+    __slots__ = ("row", "args", "lost", "retried")
+
+    def __init__(self, row: list[Any], args: Any) -> None:
+        self.row = row
+        self.args = args
+        self.lost = 0      # times its worker died under it
+        self.retried = 0   # times it ran again after raising (its max_retries)
+
+    def option(self, key: str) -> Any:
+        return self.row[6].get(key) if len(self.row) == 7 else None
+
+
+class PoolManager:
+    """Runs one pool of workers for the endpoint at ``address`` until stopped."""
+
+    def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
+                 secret: str = "", ends_at: float | None = None, drain: float = DEFAULT_DRAIN,
+                 parent_pid: int | None = None) -> None:
+        self.address = address
+        self.pool_id = pool_id
+        self.block_id = block_id
+        self.secret = secret
+        self.resources = NodeResources.detect()
+        self.workers = workers or self.resources.cores
+        self.ends_at = ends_at
+        self.drain_at = None if ends_at is None else ends_at - drain
+        self.parent_pid = parent_pid
+        self.ctx = zmq.Context()
+        self.endpoint = self.ctx.socket(zmq.DEALER)
+        self.endpoint.setsockopt(zmq.IDENTITY, pool_id)
+        self.endpoint.setsockopt(zmq.LINGER, 2000)
+        self.endpoint.setsockopt(zmq.SNDHWM, 0)
+        self.endpoint.setsockopt(zmq.RCVHWM, 0)
+        self.endpoint.setsockopt(zmq.IPV6, 1)
+        self.endpoint.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
+        self.endpoint.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
+        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.worker_sock.setsockopt(zmq.LINGER, 0)
+        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")
+        self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
+        self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
+        self.settings: dict[str, Any] = {}
+        self.queue: deque[PoolTask] = deque()
+        self.functions: dict[bytes, Any] = {}
+        self.at_worker: dict[bytes, WorkerSlot] = {}
+        self.held: set[bytes] = set()               # every task here, queued or at a worker
+        self.task_seconds: float | None = None
+        self.out_rows: list[list[Any]] = []
+        self.out_blobs = P.Blobs()
+        self.started: list[bytes] = []
+        self._unflushed_since = 0.0
+        self.heard_at = time.monotonic()            # last message from the endpoint
+        self.welcomed = False
+        self.draining = False
+        self.stopping = False
+        self._early_deaths = 0
+        self._respawn_at: list[float] = []
+
+    # -- settings the endpoint sent -------------------------------------------
+    def _setting(self, key: str, default: Any) -> Any:
+        value = self.settings.get(key, default)
+        return value if type(value) is type(default) else default
+
+    @property
+    def heartbeat_period(self) -> float:
+        return float(self._setting("hb", 2.0))
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    # -- main loop -----------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.endpoint.connect(self.address)
+        self._hello()
+        poller = zmq.Poller()
+        poller.register(self.endpoint, zmq.POLLIN)
+        poller.register(self.worker_sock, zmq.POLLIN)
+        next_reap = next_beat = time.monotonic()
+        try:
+            while not self.stopping:
+                timeout = POLL_MS
+                if self.out_rows or self.started:
+                    timeout = max(0, math.ceil((self._unflushed_since + FLUSH_DELAY - time.monotonic()) * 1000))
+                events = dict(poller.poll(timeout))
+                if self.worker_sock in events:
+                    self._read_workers()
+                if self.endpoint in events:
+                    self._read_endpoint()
+                if not self.draining:
+                    self._assign()
+                now = time.monotonic()
+                if now >= next_reap:
+                    next_reap = now + REAP_INTERVAL
+                    self._check_lifetime(now)
+                    if self.pool is not None:
+                        self._enforce_walltimes(now)
+                        self._replace_dead_workers()
+                if now >= next_beat:
+                    next_beat = now + self.heartbeat_period
+                    self._send(P.encode(P.HEARTBEAT, self._load()))
+                if self._flush_due(now):
+                    self._flush()
+                if self.draining and not self.held:
+                    log.info("pool %s drained; exiting", self.pool_id.decode())
+                    break
+        finally:
+            self._shutdown()
+
+    def _hello(self) -> None:
+        r = self.resources
+        self._send(P.encode(P.HELLO, {
+            "role": "pool", "secret": self.secret, "block": self.block_id, "host": socket.gethostname(),
+            "pid": os.getpid(), "py": P.PYTHON_VERSION, "workers": self.workers, "cores": r.cores,
+            "mem": r.memory, "gpus": r.gpus, "ends": self.ends_at, "holding": sorted(self.held),
+        }))
+
+    def _load(self) -> dict[str, Any]:
+        """What the endpoint's status shows of this pool."""
+        busy = sum(1 for slot in self.pool.slots.values() if slot.tasks) if self.pool is not None else 0
+        return {"idle": max(0, self.workers - busy), "held": len(self.held), "draining": self.draining}
+
+    def _send(self, frames: list[Any]) -> None:
+        try:  # never block: with no connection to queue on, the message is dropped (heartbeats, hello)
+            self.endpoint.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
+
+    def _check_lifetime(self, now: float) -> None:
+        if self.parent_pid and os.getppid() != self.parent_pid:
+            log.info("endpoint process %d is gone; stopping", self.parent_pid)
+            self.stopping = True
+        silence = now - self.heard_at
+        limit = (self._setting("hbm", 3) * self.heartbeat_period + 1.0) * 2 if self.welcomed else WELCOME_TIMEOUT
+        if silence > limit:
+            log.error("no word from the endpoint at %s for %.0f s; stopping", self.address, silence)
+            self.stopping = True
+        if self.drain_at is not None and not self.draining and time.time() >= self.drain_at:
+            log.info("pool %s: its job ends at %s; draining", self.pool_id.decode(), time.ctime(self.ends_at))
+            self._start_draining()
+
+    def _start_draining(self) -> None:
+        """Take no more tasks; give back those no worker holds."""
+        self.draining = True
+        self._flush()
+        self._give_back(list(self.queue))
+        self.queue.clear()
+        self._send(P.encode(P.HEARTBEAT, self._load()))
+
+    def _give_back(self, tasks: list[PoolTask]) -> None:
+        if not tasks:
+            return
+        for task in tasks:
+            self.held.discard(task.row[0])
+        self._send(P.encode(P.RESULTS, {"rows": [], "returned": [t.row[0] for t in tasks]}))
+
+    def _shutdown(self) -> None:
+        self._flush()
+        # everything still here goes back: queued tasks, and those at workers
+        # (stopped below; any that finish first were flushed above)
+        returned = list(self.queue) + [task for slot in (self.pool.slots.values() if self.pool else ())
+                                       for task in slot.tasks.values()]
+        self._give_back(returned)
+        if self.pool is not None:
+            self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
+        self._send(P.encode(P.BYE))
+        self.endpoint.close(linger=2000)
+        self.worker_sock.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+    # -- endpoint side ---------------------------------------------------------
+    def _read_endpoint(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self.endpoint.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.heard_at = time.monotonic()
+            try:
+                self._on_endpoint_message(P.decode(frames))
+            except Exception as exc:  # never let one message stop the pool
+                log.warning("ignored a malformed message from the endpoint: %s: %s", type(exc).__name__, exc)
+
+    def _on_endpoint_message(self, msg: P.Message) -> None:
+        t = msg.type
+        if t == P.TASKS:
+            blobs = msg.blobs
+            for row in msg.fields["tasks"]:
+                P.task_row(row, P.TRACE_AT_POOL)
+                if row[3] != -1:
+                    self.functions[row[1]] = P.blob(blobs, row[3])
+                if row[0] in self.held:
+                    continue
+                if self.draining:  # crossed on the way: back it goes
+                    self._give_back([PoolTask(row, None)])
+                    continue
+                self.held.add(row[0])
+                self.queue.append(PoolTask(row, P.blob(blobs, row[2])))
+        elif t == P.CANCEL:
+            self._cancel(set(P.task_ids(msg.fields["tids"])))
+        elif t == P.WELCOME:
+            self.settings = msg.fields.get("settings") or {}
+            if not self.welcomed:
+                self.welcomed = True
+                self._start_workers()
+        elif t == P.STOP:
+            log.info("pool %s: stop asked by the endpoint", self.pool_id.decode())
+            self.stopping = True
+        elif t == P.HEARTBEAT:
+            if msg.fields.get("unknown"):  # the endpoint restarted: introduce ourselves again
+                self._hello()
+        elif t == P.ERROR:
+            log.error("the endpoint refused this pool: %s", msg.fields.get("msg"))
+            self.stopping = True
+        else:
+            raise P.ProtocolError(f"unexpected message type {t!r} from the endpoint")
+
+    def _start_workers(self) -> None:
+        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                    self._sock_dir, sandbox=self._setting("sandbox", "none"),
+                                    sandbox_image=self._setting("sandbox_image", ""))
+        self.pool.start()
+        log.info("pool %s started %d workers", self.pool_id.decode(), self.workers)
+
+    def _cancel(self, task_ids: set[bytes]) -> None:
+        """Drop those queued here; ask workers to drop those waiting in their
+        batches; for those running, say so again (the client's cancel()
+        waits for one answer or the other)."""
+        ask: dict[bytes, list[bytes]] = {}
+        for task_id in task_ids:
+            slot = self.at_worker.get(task_id)
+            if slot is None:
+                continue
+            if task_id == slot.head():
+                self._mark_unflushed()
+                self.started.append(task_id)
+            else:
+                ask.setdefault(slot.worker_id, []).append(task_id)
+        for worker_id, tids in ask.items():
+            self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": tids}))
+        kept: deque[PoolTask] = deque()
+        for task in self.queue:
+            if task.row[0] in task_ids:
+                self._result(task.row[0], P.CANCELLED, b"")
+            else:
+                kept.append(task)
+        self.queue = kept
+
+    def _mark_unflushed(self) -> None:
+        if not (self.out_rows or self.started):
+            self._unflushed_since = time.monotonic()
+
+    def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
+        self._mark_unflushed()
+        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
+        self.held.discard(task_id)
+
+    def _flush_due(self, now: float) -> bool:
+        if not (self.out_rows or self.started):
+            return False
+        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_worker)
+                or (not self.queue and self.batch_size() == 1)
+                or now - self._unflushed_since >= FLUSH_DELAY)
+
+    def _flush(self) -> None:
+        if not (self.out_rows or self.started):
+            return
+        fields: dict[str, Any] = {"rows": self.out_rows}
+        if self.task_seconds is not None:
+            fields["avg"] = self.task_seconds
+        if self.started:
+            finished = {row[0] for row in self.out_rows}
+            fields["started"] = [t for t in self.started if t not in finished]
+        self._send(P.encode(P.RESULTS, fields, self.out_blobs.frames))
+        self.out_rows, self.out_blobs, self.started = [], P.Blobs(), []
+        self._unflushed_since = 0.0
+
+    # -- worker side ---------------------------------------------------------
+    def batch_size(self) -> int:
+        """Tasks to hand a worker at once, from how long tasks have been taking."""
+        seconds = self.task_seconds
+        if seconds is None or seconds >= SLOW_TASK:
+            return 1
+        return max(1, min(self._setting("worker_batch", 64), int(BATCH_WORK / max(seconds, 1e-6))))
+
+    def _read_workers(self) -> None:
+        for _ in range(MAX_MESSAGES_PER_TURN):
+            try:
+                frames = self.worker_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            slot = self.pool.slots.get(frames[0].bytes) if self.pool is not None else None
+            if slot is None:
+                continue  # a worker we already gave up on
+            try:
+                msg = P.decode(frames[1:])
+                if msg.type == P.READY:
+                    slot.ready = True
+                elif msg.type == P.RESULTS:
+                    self._on_worker_results(slot, msg)
+            except Exception as exc:
+                log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
+
+    def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
+        rows = [P.result_row(row, P.TRACE_FROM_WORKER) for row in msg.fields["rows"]]
+        times = msg.fields.get("secs") or []
+        for i, row in enumerate(msg.fields["rows"]):
+            task_id, status, index = rows[i]
+            task = slot.tasks.pop(task_id, None)
+            if task is None:
+                log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
+                continue
+            self.at_worker.pop(task_id, None)
+            if status == P.EXCEPTION and task.retried < (task.option("r") or 0) and not self.draining:
+                task.retried += 1  # the caller asked for another try after an exception
+                self.queue.append(task)
+                continue
+            if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):
+                seconds = times[i]
+                average = self.task_seconds
+                self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
+            self._result(task_id, status, P.blob(msg.blobs, index), row[3] if len(row) == 4 else None)
+        self._announce(slot)
+
+    def _announce(self, slot: WorkerSlot) -> None:
+        """Report the start of the task a worker is now running (its first)."""
+        head = slot.head()
+        if head is not None and head != slot.announced:
+            slot.announced = head
+            self._mark_unflushed()
+            self.started.append(head)
+
+    def _assign(self) -> None:
+        """Top up workers with batches from the queue, least loaded first."""
+        if not self.queue or self.pool is None:
+            return
+        # A task that takes SLOW_TASK or more goes to an idle worker only: one
+        # queued behind it at a busy worker could neither move to a worker that
+        # frees up sooner nor be cancelled before it starts. Quick tasks go in
+        # batches, the next sent when a worker is half way through its batch.
+        size = self.batch_size()
+        limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
+        hungry = [slot for slot in self.pool.slots.values() if slot.ready and len(slot.tasks) < hungry_below]
+        hungry.sort(key=lambda slot: len(slot.tasks))
+        for position, slot in enumerate(hungry):
+            if not self.queue:
+                return
+            share = math.ceil(len(self.queue) / (len(hungry) - position))
+            self._send_batch(slot, min(limit - len(slot.tasks), share))
+
+    def _send_batch(self, slot: WorkerSlot, count: int) -> None:
+        rows: list[list[Any]] = []
+        blobs = P.Blobs()
+        while self.queue and len(rows) < count:
+            task = self.queue.popleft()
+            task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
+            if python != P.PYTHON_VERSION:
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.VERSION, f"client runs Python {python} but the workers on {socket.gethostname()} run "
+                               f"Python {P.PYTHON_VERSION}; pickled functions need the same minor version"))
+                continue
+            fn_ref: bytes | int = -1
+            if fn_hash not in slot.known_functions:
+                body = self.functions.get(fn_hash)
+                if body is None:
+                    self._result(task_id, P.FAILED, P.pack_failure(
+                        P.REJECTED, "the pool was not given this task's function"))
+                    continue
+                fn_ref = blobs.ref(body)
+                slot.known_functions.add(fn_hash)
+            row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], python]
+            if len(task.row) == 7:
+                options = task.row[6]
+                if "tr" in options:
+                    options = {**options, "tr": [*options["tr"], time.time()]}
+                row.append(options)
+            rows.append(row)
+            slot.tasks[task_id] = task
+            self.at_worker[task_id] = slot
+        if rows:
+            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
+            self._announce(slot)
+
+    def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:
+        try:
+            self.worker_sock.send_multipart([worker_id, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("could not send to worker %r: %s", worker_id, exc)
+
+    def _enforce_walltimes(self, now: float) -> None:
+        """Stop a worker whose running task has passed its ``timeout``; the
+        task fails with a timeout error, the others it held run elsewhere."""
+        assert self.pool is not None
+        for slot in self.pool.slots.values():
+            if not slot.tasks or slot.timed_out is not None:
+                continue
+            running = slot.marker.read()
+            if running != slot.running:
+                slot.running, slot.running_since = running, now
+                continue
+            task = slot.tasks.get(running) if running is not None else None
+            walltime = task.option("to") if task is not None else None
+            if walltime is not None and now - slot.running_since > walltime:
+                slot.timed_out = running
+                try:
+                    slot.process.kill()
+                except OSError:
+                    pass
+
+    def _replace_dead_workers(self) -> None:
+        assert self.pool is not None
+        for slot in self.pool.reap():
+            self._recover_tasks_of(slot)
+            self.pool.forget(slot)
+            how = describe_exit(slot.process.returncode)
+            if slot.ready:
+                self._early_deaths = 0
+                self._respawn_at.append(time.monotonic())
+            else:  # dying at start-up: back off rather than spin (broken env, bad import)
+                self._early_deaths += 1
+                delay = min(30.0, 0.25 * 2 ** self._early_deaths)
+                log.error("worker %d %s before it was ready; next start in %.1f s", slot.pid, how, delay)
+                self._respawn_at.append(time.monotonic() + delay)
+        now = time.monotonic()
+        due = [t for t in self._respawn_at if t <= now]
+        if due and not self.stopping:
+            self._respawn_at = [t for t in self._respawn_at if t > now]
+            for _ in due:
+                self.pool.spawn()
+
+    def _recover_tasks_of(self, slot: WorkerSlot) -> None:
+        """A worker died. The task its marker names fails with WorkerLost (or
+        runs again, up to ``worker_lost_retries`` times); every other task it
+        held goes back to the front of the queue: those after it never
+        started, and those before it finished without their results being
+        sent, so they run again."""
+        how = describe_exit(slot.process.returncode)
+        culprit = slot.marker.read()
+        retries = self._setting("worker_lost_retries", 2)
+        name = self._setting("endpoint", "")
+        survivors: list[PoolTask] = []
+        for task_id, task in slot.tasks.items():
+            self.at_worker.pop(task_id, None)
+            if task_id != culprit:
+                survivors.append(task)
+            elif task_id == slot.timed_out:
+                walltime = task.option("to")
+                log.warning("task %s ran past its walltime of %g s; its worker %d was stopped",
+                            task_id.hex(), walltime, slot.pid)
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.TIMEOUT, f"the task ran longer than its timeout of {walltime:g} s on endpoint "
+                               f"{name!r} and was stopped", timeout=walltime, endpoint=name))
+            elif task.lost < retries:
+                task.lost += 1
+                log.warning("worker %d %s while running task %s; running it again (%d of %d)",
+                            slot.pid, how, task_id.hex(), task.lost, retries)
+                survivors.append(task)
+            else:
+                log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
+                tries = f" (run {task.lost + 1} times, its worker died each time)" if task.lost else ""
+                self._result(task_id, P.FAILED, P.pack_failure(
+                    P.WORKER_LOST,
+                    f"worker process {slot.pid} on endpoint {name!r} {how} while running this "
+                    f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name))
+        if culprit is None or culprit not in slot.tasks:
+            log.warning("worker %d %s between tasks", slot.pid, how)
+        slot.tasks.clear()
+        if self.draining:
+            self._give_back(survivors)
+        else:
+            self.queue.extendleft(reversed(survivors))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+    import uuid
+
+    parser = argparse.ArgumentParser(prog="python -m fedexec.pool",
+                                     description="Run a pool of workers for an endpoint (one per node).")
+    parser.add_argument("--address", required=True, help="the endpoint's pool socket (tcp:// or ipc://)")
+    parser.add_argument("--block-id", default="", help="the block (batch job) this pool belongs to")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes; 0: this node's usable cores")
+    parser.add_argument("--ends-at", type=float, default=None,
+                        help="unix time this pool's batch job ends (its walltime)")
+    parser.add_argument("--drain", type=float, default=DEFAULT_DRAIN,
+                        help="seconds before --ends-at to stop taking tasks")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if ns.workers < 0:
+        sys.exit(f"fedexec pool: --workers must be >= 0, not {ns.workers}")
+    secret = os.environ.pop("FEDEXEC_POOL_SECRET", "")  # not handed down to the workers
+    pool_id = b"P" + uuid.uuid4().bytes[:8].hex().encode()
+    PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
+                ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid).run()

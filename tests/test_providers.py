@@ -1,0 +1,301 @@
+"""Providers and elastic scaling, end to end: endpoints whose pools are local
+processes, Slurm batch jobs on a real single-node cluster on loopback
+(``slurm_cluster.py``), or Parsl providers; blocks that scale out with the
+load and in when idle; pools that drain before their job's walltime, and
+jobs that end under running tasks, losing none."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+from fedexec import FederatedExecutor
+from fedexec import protocol as P
+from fedexec.config import ConfigError, EndpointConfig, ProviderConfig, endpoint_dir
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
+from test_faults import lookup_endpoint, running_relay, stop_process, tail
+
+DEADLINE = 90
+HERE = Path(__file__).parent
+
+
+def pool_pid_after(seconds):
+    time.sleep(seconds)
+    return os.getppid()   # the worker's parent: its pool
+
+
+def slurm_job_after(seconds):
+    time.sleep(seconds)
+    return os.environ.get("SLURM_JOB_ID")
+
+
+@contextlib.contextmanager
+def configured_endpoint(tmp_path: Path, relay: str, env: dict[str, str] | None = None, *, name: str = "ep",
+                        max_workers: int = 1, **provider):
+    """An endpoint configured in this test's fedexec home and run as
+    ``python -m fedexec.endpoint --name``, connected to ``relay``."""
+    config = EndpointConfig(name=name, relay=relay, max_workers=max_workers, heartbeat_period=0.5,
+                            provider=ProviderConfig.from_dict(provider))
+    config.save()
+    log = tmp_path / f"endpoint-{name}.log"
+    env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name], env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        lookup_endpoint(relay, config.endpoint_id, proc, log)
+        yield config, proc, log
+    finally:
+        stop_process(proc)
+
+
+def status_of(name: str) -> dict:
+    """The endpoint's own view (status.json, rewritten each second)."""
+    try:
+        return json.loads((endpoint_dir(name) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {"blocks": [], "pools": [], "workers": 0}
+
+
+def wait_for(condition, timeout: float, what: str, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"{what} within {timeout} s" + (f":\n{tail(log)}" if log else ""))
+
+
+# -- local provider: scaling ---------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_local_blocks_scale_out_on_a_load_step_and_in_when_idle(tmp_path):
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, type="local", init_blocks=0, min_blocks=0, max_blocks=3, max_idletime=2.0))
+        assert status_of("ep")["blocks"] == []           # nothing asked for yet: no pools
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            peak, shown = 0, ""
+            futures = [ex.submit(pool_pid_after, 0.4) for _ in range(24)]
+            while not all(f.done() for f in futures):
+                peak = max(peak, len(status_of("ep")["pools"]))
+                if peak == 3 and not shown:   # what a person sees meanwhile
+                    shown = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "status", "ep"],
+                                           capture_output=True, text=True, timeout=30).stdout
+                time.sleep(0.1)
+            pools = {f.result() for f in futures}
+            assert len(pools) == 3, f"24 tasks of 0.4 s ran on {len(pools)} pool(s), not 3 blocks:\n{tail(log)}"
+            assert "blocks:    3" in shown and "workers:   3" in shown and "pools:     3" in shown, shown
+            # idle for max_idletime: every block is let go, its pool processes end
+            wait_for(lambda: status_of("ep")["blocks"] == [] and not status_of("ep")["pools"], 20,
+                     "the idle blocks were not let go", log)
+            assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                           for pid in pools)
+            # and the next load step starts from zero again
+            assert ex.submit(pool_pid_after, 0).result(DEADLINE) not in pools
+    assert "letting it go" in log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_local_pool_killed_under_its_tasks_loses_none(tmp_path):
+    """SIGKILL a pool (as a node failure would): its endpoint sees it gone,
+    its block ended, and runs what it held in a new block."""
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, max_workers=2, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            futures = [ex.submit(pool_pid_after, 0.5) for _ in range(8)]
+            wait_for(lambda: any(f.running() for f in futures), 30, "no task started", log)
+            [pool] = [p for p in psutil.Process(proc.pid).children() if "fedexec.pool" in p.cmdline()]
+            pool.send_signal(signal.SIGKILL)
+            pids = [f.result(DEADLINE) for f in futures]
+        assert pool.pid not in pids or pids.count(pool.pid) < len(pids)
+        assert len(set(pids) - {pool.pid}) == 1, pids    # the rest ran on the one new pool
+    assert "ended with its job" in log.read_text() or "sent nothing" in log.read_text()
+
+
+# -- Slurm -----------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_slurm_provider_runs_tasks_in_a_job_and_scales_in_to_none(tmp_path, slurm_cluster):  # noqa: F811
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=2, type="slurm", partition=cluster.partition,
+            init_blocks=0, min_blocks=0, max_blocks=1, max_idletime=3.0, address="127.0.0.1",
+            walltime="00:10:00"))
+        assert cluster.jobs() == []
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            futures = [ex.submit(slurm_job_after, 1.0) for _ in range(4)]
+            seen = wait_for(cluster.jobs, 60, "no block appeared in squeue", log)
+            jobs = {f.result(DEADLINE) for f in futures}
+            assert jobs == set(seen) and len(jobs) == 1, (jobs, seen)   # inside the Slurm job squeue showed
+            status = status_of("ep")
+            assert [b["job"] for b in status["blocks"]] == seen and status["workers"] == 2, status
+        # idle: the block is let go and its job leaves squeue; none is left
+        wait_for(lambda: cluster.jobs() == [], 60, "the idle block stayed in squeue", log)
+        wait_for(lambda: status_of("ep")["blocks"] == [], 10, "the endpoint still lists a block", log)
+    assert cluster.jobs() == []
+
+
+@pytest.mark.timeout(300)
+def test_slurm_walltime_drain_loses_no_task(tmp_path, slurm_cluster):  # noqa: F811
+    """A one-minute job whose pool drains 45 s before the end: it takes no
+    task after 15 s, gives back what no worker started, finishes what its
+    workers hold and exits; a second block, started as the first began to
+    drain, runs the rest. None lost, none failed."""
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=2, type="slurm", partition=cluster.partition,
+            init_blocks=1, min_blocks=0, max_blocks=1, max_idletime=2.0, address="127.0.0.1",
+            walltime="00:01:00", drain=45.0))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            futures = [ex.submit(slurm_job_after, 1.0) for _ in range(40)]
+            jobs = [f.result(150) for f in futures]
+        assert all(jobs), jobs
+        assert len(set(jobs)) >= 2, f"all ran in job {set(jobs)}: the first block did not drain:\n{tail(log)}"
+        first = jobs[0]
+        assert jobs.count(first) < len(jobs)
+        text = log.read_text()
+        assert "draining" in text, tail(log)
+        wait_for(lambda: cluster.jobs() == [], 90, "blocks stayed in squeue", log)
+
+
+@pytest.mark.timeout(300)
+def test_a_slurm_job_cancelled_under_a_running_task_loses_it_not(tmp_path, slurm_cluster):  # noqa: F811
+    """The scheduler ends a block's job while a task runs in it (scancel, as
+    a preemption or a walltime kill would): the pool gives the task back as
+    it stops; it runs again in a new block."""
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=1, type="slurm", partition=cluster.partition,
+            init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1"))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            future = ex.submit(slurm_job_after, 4.0)
+            wait_for(future.running, 60, "the task did not start", log)
+            [first] = cluster.jobs()
+            subprocess.run(["scancel", first], env=cluster.env, check=True, timeout=30)
+            job = future.result(DEADLINE)
+        assert job is not None and job != first, (job, first)
+    wait_for(lambda: cluster.jobs() == [], 60, "blocks stayed in squeue")
+
+
+# -- Parsl ------------------------------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_parsl_local_provider(tmp_path):
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, max_workers=2, type="parsl", parsl_class="parsl.providers.LocalProvider",
+            init_blocks=1, min_blocks=0, max_blocks=1, max_idletime=2.0))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            assert ex.submit(pow, 2, 10).result(DEADLINE) == 1024
+            assert sorted(ex.map(abs, range(-20, 0))) == list(range(1, 21))
+        wait_for(lambda: status_of("ep")["blocks"] == [], 30, "the Parsl block was not let go", log)
+
+
+@pytest.mark.timeout(300)
+def test_parsl_slurm_provider(tmp_path, slurm_cluster):  # noqa: F811
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=1, type="parsl", parsl_class="parsl.providers.SlurmProvider",
+            parsl_options={"partition": cluster.partition, "exclusive": False}, walltime="00:10:00",
+            init_blocks=0, min_blocks=0, max_blocks=1, max_idletime=2.0, address="127.0.0.1"))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            future = ex.submit(slurm_job_after, 0.5)
+            seen = wait_for(cluster.jobs, 60, "no Parsl block appeared in squeue", log)
+            assert future.result(DEADLINE) in seen
+        wait_for(lambda: cluster.jobs() == [], 60, "the Parsl block stayed in squeue", log)
+
+
+# -- pools started by hand, and who may be one ---------------------------------------------
+@pytest.mark.timeout(120)
+def test_manual_pools_connect_with_the_secret_and_others_are_refused(tmp_path):
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, type="manual", address="127.0.0.1", min_blocks=0, init_blocks=0))
+        pools = json.loads((endpoint_dir("ep") / "pools.json").read_text())
+        assert oct((endpoint_dir("ep") / "pools.json").stat().st_mode & 0o777) == "0o600"
+        # a stranger without the secret gets no tasks
+        ctx = zmq.Context()
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.connect(pools["address"])
+        stranger.send_multipart(P.encode(P.HELLO, {"role": "pool", "secret": "guess", "workers": 1000}))
+        assert stranger.poll(10_000)
+        assert P.decode(stranger.recv_multipart()).type == P.ERROR
+        stranger.close()
+        ctx.term()
+        pool = subprocess.Popen([sys.executable, "-m", "fedexec.pool", "--address", pools["address"],
+                                 "--workers", "2"], env={**os.environ, "FEDEXEC_POOL_SECRET": pools["secret"],
+                                                         "PYTHONPATH": str(HERE)},
+                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(stop_process, pool)
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            assert ex.submit(pool_pid_after, 0).result(DEADLINE) == pool.pid
+            wait_for(lambda: status_of("ep")["workers"] == 2, 5, "the status does not show the pool's workers")
+        assert "wrong or missing pool secret" in log.read_text()
+
+
+# -- bad configuration -----------------------------------------------------------------------
+@pytest.mark.parametrize("provider, message", [
+    ({"type": "pbs"}, "type must be one of local, slurm, parsl, manual"),
+    ({"type": "slurm", "min_blocks": 3, "max_blocks": 2}, "min_blocks <= max_blocks"),
+    ({"type": "slurm", "walltime": "ten minutes"}, "is not a time limit"),
+    ({"type": "slurm", "walltime": "00:01:00", "drain": 60}, "drain (60 s) must be shorter than the walltime"),
+    ({"type": "parsl"}, "needs parsl_class"),
+    ({"type": "slurm", "max_blocks": "2"}, "max_blocks must be a whole number"),
+    ({"type": "slurm", "partiton": "debug"}, "unknown setting(s) partiton"),
+    ({"type": "local", "nodes_per_block": 2}, "nodes_per_block must be 1 for the local provider"),
+])
+def test_bad_provider_settings_are_named(provider, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        ProviderConfig.from_dict(provider)
+    assert message in str(info.value)
+
+
+def test_a_parsl_class_that_does_not_exist_fails_the_endpoint_start(tmp_path):
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config = EndpointConfig(name="bad", relay=relay, provider=ProviderConfig.from_dict(
+            {"type": "parsl", "parsl_class": "parsl.providers.NoSuchProvider"}))
+        config.save()
+        done = subprocess.run([sys.executable, "-m", "fedexec.endpoint", "--name", "bad"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode != 0
+        assert "cannot load 'parsl.providers.NoSuchProvider'" in done.stderr, done.stderr
+
+
+def test_configure_writes_a_slurm_provider_that_loads_back():
+    done = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "hpc", "--provider", "slurm",
+                           "--partition", "debug", "--account", "proj1", "--walltime", "01:00:00",
+                           "--max-blocks", "4", "--nodes-per-block", "2", "--worker-init", "module load python"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    provider = EndpointConfig.load("hpc").provider
+    assert (provider.type, provider.partition, provider.account, provider.walltime, provider.max_blocks,
+            provider.nodes_per_block, provider.worker_init, provider.min_blocks) == \
+        ("slurm", "debug", "proj1", "01:00:00", 4, 2, "module load python", 0)
+    done = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "hpc", "--min-blocks", "9"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "min_blocks <= max_blocks" in done.stderr
+    assert EndpointConfig.load("hpc").provider.min_blocks == 0   # the bad change was not saved
