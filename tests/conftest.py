@@ -9,6 +9,9 @@ import pytest
 
 from fedexec import FederatedExecutor
 
+# the `slurm_cluster` fixture: a real single-node Slurm on loopback, one per session
+pytest_plugins = ["slurm_cluster"]
+
 
 @pytest.fixture(autouse=True)
 def fedexec_home(tmp_path, monkeypatch):

@@ -22,7 +22,6 @@ import zmq
 from fedexec import FederatedExecutor
 from fedexec import protocol as P
 from fedexec.config import ConfigError, EndpointConfig, ProviderConfig, endpoint_dir
-from slurm_cluster import slurm_cluster  # noqa: F401  (the session's cluster)
 from test_faults import lookup_endpoint, running_relay, stop_process, tail
 
 DEADLINE = 90
@@ -128,7 +127,7 @@ def test_a_local_pool_killed_under_its_tasks_loses_none(tmp_path):
 
 # -- Slurm -----------------------------------------------------------------------------
 @pytest.mark.timeout(300)
-def test_slurm_provider_runs_tasks_in_a_job_and_scales_in_to_none(tmp_path, slurm_cluster):  # noqa: F811
+def test_slurm_provider_runs_tasks_in_a_job_and_scales_in_to_none(tmp_path, slurm_cluster):
     cluster = slurm_cluster
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))
@@ -151,7 +150,7 @@ def test_slurm_provider_runs_tasks_in_a_job_and_scales_in_to_none(tmp_path, slur
 
 
 @pytest.mark.timeout(300)
-def test_slurm_walltime_drain_loses_no_task(tmp_path, slurm_cluster):  # noqa: F811
+def test_slurm_walltime_drain_loses_no_task(tmp_path, slurm_cluster):
     """A one-minute job whose pool drains 45 s before the end: it takes no
     task after 15 s, gives back what no worker started, finishes what its
     workers hold and exits; a second block, started as the first began to
@@ -176,7 +175,7 @@ def test_slurm_walltime_drain_loses_no_task(tmp_path, slurm_cluster):  # noqa: F
 
 
 @pytest.mark.timeout(300)
-def test_a_slurm_job_cancelled_under_a_running_task_loses_it_not(tmp_path, slurm_cluster):  # noqa: F811
+def test_a_slurm_job_cancelled_under_a_running_task_loses_it_not(tmp_path, slurm_cluster):
     """The scheduler ends a block's job while a task runs in it (scancel, as
     a preemption or a walltime kill would): the pool gives the task back as
     it stops; it runs again in a new block."""
@@ -211,7 +210,7 @@ def test_parsl_local_provider(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_parsl_slurm_provider(tmp_path, slurm_cluster):  # noqa: F811
+def test_parsl_slurm_provider(tmp_path, slurm_cluster):
     cluster = slurm_cluster
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster: the fixture)
+from slurm_cluster import SlurmCluster
 
 # The first test to use the session fixture pays for installing Slurm (apt) too.
 pytestmark = pytest.mark.timeout(600)
