@@ -40,6 +40,7 @@ from typing import Any, Callable
 import zmq
 
 from .. import protocol as P
+from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import EndpointConfig
 from ..worker import sandbox as sandboxes
@@ -55,11 +56,6 @@ TICK_INTERVAL = 0.1
 SCALE_INTERVAL = 0.25
 STATUS_INTERVAL = 1.0
 HANDSHAKE_CHECK = 1.0
-# Under load, results are sent to the relay in batches: when this many are
-# waiting, or when the oldest has waited this long. An endpoint with nothing
-# else to do sends at once, so a lone task's latency does not pay for it.
-FLUSH_BATCH = 256
-FLUSH_DELAY = 0.001
 # Worker batches (made by the pools): tasks shorter than SLOW_TASK go in
 # batches worth about BATCH_WORK seconds, at most the config's worker_batch.
 SLOW_TASK = 0.0005
@@ -106,9 +102,7 @@ class EndpointAgent:
         self.at_pool: dict[bytes, PoolLink] = {}        # task_id -> the pool holding it
         self.relay_credit = 0                           # tasks the relay may still send us
         self.relay_backlog = 0                          # tasks waiting at the relay for us, as it last said
-        self.out_rows: list[list[Any]] = []
-        self.out_blobs = P.Blobs()
-        self.started: list[bytes] = []
+        self.outbox = ResultOutbox()   # results and start notices for the relay
         # results sent to the relay that it has not stored yet: sent again if
         # the relay restarts before its ACK
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
@@ -116,7 +110,6 @@ class EndpointAgent:
         self.allowed_functions: frozenset[bytes] | None = (
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
         self.holding: set[bytes] = set()   # ids of the tasks here (queued or at pools) until their outcome
-        self._unflushed_since = 0.0
         self.stopping = False
         self.connected = False
 
@@ -211,11 +204,7 @@ class EndpointAgent:
         next_tick = next_beat = next_scale = next_status = next_handshake = time.monotonic()
         try:
             while not self.stopping:
-                timeout = POLL_MS
-                if self.out_rows or self.started:
-                    # whole milliseconds, rounded up: a 0 ms poll would spin
-                    timeout = max(0, math.ceil((self._unflushed_since + FLUSH_DELAY - time.monotonic()) * 1000))
-                events = dict(poller.poll(timeout))
+                events = dict(poller.poll(self.outbox.wait_ms(time.monotonic(), POLL_MS)))
                 if self.pool_sock in events:
                     self._read_pools()
                 if self.relay in events:
@@ -245,7 +234,7 @@ class EndpointAgent:
                     self._write_status(now)
                 if self._flush_due(now):
                     self._flush()
-                elif not (self.out_rows or self.started):
+                elif not self.outbox:
                     self._offer_spare_credit()
         finally:
             self._shutdown()
@@ -447,41 +436,27 @@ class EndpointAgent:
         log.info("sending %d result(s) again that the relay had not stored", len(rows))
         self._send_relay(P.encode(P.RESULTS, {"rows": rows}, blobs.frames))
 
-    def _mark_unflushed(self) -> None:
-        if not (self.out_rows or self.started):
-            self._unflushed_since = time.monotonic()
-
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
-        self._mark_unflushed()
-        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
+        self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
 
     def _flush_due(self, now: float) -> bool:
-        if not (self.out_rows or self.started):
-            return False
         # Nothing left here, or (for tasks that go one at a time) nothing
         # queued: the credit these results carry is what brings more work.
-        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_pool)
-                or (not self.queue and self.batch_size() == 1)
-                or now - self._unflushed_since >= FLUSH_DELAY)
+        return self.outbox.due(now, nothing_else=not (self.queue or self.at_pool)
+                               or (not self.queue and self.batch_size() == 1))
 
     def _flush(self) -> None:
         """Send the results gathered so far with the credit they free and, in
         the same message, start notices for tasks that have not finished."""
-        if not (self.out_rows or self.started):
+        if not self.outbox:
             return
         now = time.time()
-        for row in self.out_rows:
+        for row in self.outbox.rows:
             if len(row) == 4:
                 row[3].append(now)
-        fields: dict[str, Any] = {"rows": self.out_rows, "credit": self._grant()}
-        if self.started:
-            finished = {row[0] for row in self.out_rows}
-            fields["started"] = [t for t in self.started if t not in finished]
-        self._send_relay(P.encode(P.RESULTS, fields, self.out_blobs.frames))
-        self.out_rows, self.out_blobs, self.started = [], P.Blobs(), []
-        self._unflushed_since = 0.0
+        self._send_relay(self.outbox.take(credit=self._grant()))
 
     # -- pool side -------------------------------------------------------------
     def _read_pools(self) -> None:
@@ -568,8 +543,7 @@ class EndpointAgent:
         for task_id in P.task_ids(fields.get("started", [])):
             if task_id in pool.tasks:
                 pool.started.add(task_id)
-                self._mark_unflushed()
-                self.started.append(task_id)
+                self.outbox.start(task_id)
         returned = [pool.tasks.pop(t) for t in P.task_ids(fields.get("returned", [])) if t in pool.tasks]
         for task in returned:
             self.at_pool.pop(task.row[0], None)

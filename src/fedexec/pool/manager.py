@@ -41,6 +41,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from ..outbox import ResultOutbox
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -49,8 +50,6 @@ log = logging.getLogger("fedexec.pool")
 POLL_MS = 100
 MAX_MESSAGES_PER_TURN = 2000
 REAP_INTERVAL = 0.1
-FLUSH_BATCH = 256
-FLUSH_DELAY = 0.001
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
 EWMA_WEIGHT = 0.1
@@ -109,10 +108,7 @@ class PoolManager:
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
         self.task_seconds: float | None = None
-        self.out_rows: list[list[Any]] = []
-        self.out_blobs = P.Blobs()
-        self.started: list[bytes] = []
-        self._unflushed_since = 0.0
+        self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
         self.welcomed = False
         self.draining = False
@@ -144,10 +140,7 @@ class PoolManager:
         next_reap = next_beat = time.monotonic()
         try:
             while not self.stopping:
-                timeout = POLL_MS
-                if self.out_rows or self.started:
-                    timeout = max(0, math.ceil((self._unflushed_since + FLUSH_DELAY - time.monotonic()) * 1000))
-                events = dict(poller.poll(timeout))
+                events = dict(poller.poll(self.outbox.wait_ms(time.monotonic(), POLL_MS)))
                 if self.worker_sock in events:
                     self._read_workers()
                 if self.endpoint in events:
@@ -298,8 +291,7 @@ class PoolManager:
             if slot is None:
                 continue
             if task_id == slot.head():
-                self._mark_unflushed()
-                self.started.append(task_id)
+                self.outbox.start(task_id)
             else:
                 ask.setdefault(slot.worker_id, []).append(task_id)
         for worker_id, tids in ask.items():
@@ -312,34 +304,17 @@ class PoolManager:
                 kept.append(task)
         self.queue = kept
 
-    def _mark_unflushed(self) -> None:
-        if not (self.out_rows or self.started):
-            self._unflushed_since = time.monotonic()
-
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
-        self._mark_unflushed()
-        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
+        self.outbox.add(task_id, status, blob, trace)
         self.held.discard(task_id)
 
     def _flush_due(self, now: float) -> bool:
-        if not (self.out_rows or self.started):
-            return False
-        return (len(self.out_rows) >= FLUSH_BATCH or not (self.queue or self.at_worker)
-                or (not self.queue and self.batch_size() == 1)
-                or now - self._unflushed_since >= FLUSH_DELAY)
+        return self.outbox.due(now, nothing_else=not (self.queue or self.at_worker)
+                               or (not self.queue and self.batch_size() == 1))
 
     def _flush(self) -> None:
-        if not (self.out_rows or self.started):
-            return
-        fields: dict[str, Any] = {"rows": self.out_rows}
-        if self.task_seconds is not None:
-            fields["avg"] = self.task_seconds
-        if self.started:
-            finished = {row[0] for row in self.out_rows}
-            fields["started"] = [t for t in self.started if t not in finished]
-        self._send(P.encode(P.RESULTS, fields, self.out_blobs.frames))
-        self.out_rows, self.out_blobs, self.started = [], P.Blobs(), []
-        self._unflushed_since = 0.0
+        if self.outbox:
+            self._send(self.outbox.take(**({} if self.task_seconds is None else {"avg": self.task_seconds})))
 
     # -- worker side ---------------------------------------------------------
     def batch_size(self) -> int:
@@ -393,8 +368,7 @@ class PoolManager:
         head = slot.head()
         if head is not None and head != slot.announced:
             slot.announced = head
-            self._mark_unflushed()
-            self.started.append(head)
+            self.outbox.start(head)
 
     def _assign(self) -> None:
         """Top up workers with batches from the queue, least loaded first."""
