@@ -242,14 +242,12 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.sandbox = ns.sandbox
     if ns.sandbox_image is not None:
         config.sandbox_image = ns.sandbox_image
-    provider = config.provider
-    if ns.provider is not None and ns.provider != provider.type:
-        provider = ProviderConfig.from_dict({"type": ns.provider})   # that provider's defaults
-    for key in PROVIDER_OPTIONS:
-        value = getattr(ns, key)
-        if value is not None:
-            setattr(provider, key, value)
-    config.provider = provider
+    given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
+    if ns.provider is not None and ns.provider != config.provider.type:
+        settings = {"type": ns.provider}     # another provider: its defaults, then what was given
+    else:
+        settings = {k: v for k, v in vars(config.provider).items() if k in config.provider.__dataclass_fields__}
+    config.provider = ProviderConfig.from_dict({**settings, **given})
     path = config.save()
     print(f"{'configured' if created else 'updated'} endpoint {config.name} ({config.endpoint_id}): {path}")
 

@@ -104,9 +104,10 @@ class ProviderConfig:
     drain: float = 60.0
     partition: str = ""             # slurm
     account: str = ""               # slurm
+    exclusive: bool = True          # slurm: whole nodes (else --cpus-per-task=max_workers)
     scheduler_options: str = ""     # slurm: extra lines for the batch script ("#SBATCH --gres=gpu:1")
     worker_init: str = ""           # shell commands run before the pools start (module load, source venv)
-    address: str = ""               # where pools connect; "": 127.0.0.1 (local), else this host's address
+    address: str = ""               # where pools connect; "": an ipc socket (local), else this host's address
     port: int = 0                   # the pool socket's TCP port; 0: any free port
     python: str = ""                # the Python on the nodes; "": the endpoint's own
     parsl_class: str = ""           # parsl: the provider class, e.g. "parsl.providers.SlurmProvider"
@@ -122,7 +123,7 @@ class ProviderConfig:
     def from_dict(cls, data: dict) -> "ProviderConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"[provider] must be a table, not {data!r}")
-        known = set(cls.NUMBERS) | set(cls.TEXTS) | {"parsl_options"}
+        known = set(cls.NUMBERS) | set(cls.TEXTS) | {"parsl_options", "exclusive"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"[provider]: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -141,6 +142,8 @@ class ProviderConfig:
         for key in self.TEXTS:
             if not isinstance(getattr(self, key), str):
                 raise ConfigError(f"[provider] {key} must be a string, not {getattr(self, key)!r}")
+        if not isinstance(self.exclusive, bool):
+            raise ConfigError(f"[provider] exclusive must be true or false, not {self.exclusive!r}")
         if not isinstance(self.parsl_options, dict):
             raise ConfigError(f"[provider] parsl_options must be a table, not {self.parsl_options!r}")
         if self.type not in PROVIDERS:
@@ -178,17 +181,33 @@ class ProviderConfig:
         if self.type == "local":
             defaults.min_blocks = 1
         for key in ("type", "init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime",
-                    "walltime", "drain", "partition", "account", "scheduler_options", "worker_init", "address",
-                    "port", "python", "parsl_class", "parsl_launcher"):
+                    "walltime", "drain", "partition", "account", "exclusive", "scheduler_options", "worker_init",
+                    "address", "port", "python", "parsl_class", "parsl_launcher"):
             value = getattr(self, key)
             if key != "type" and value == getattr(defaults, key) and key not in ("init_blocks", "min_blocks",
                                                                                "max_blocks", "max_idletime"):
                 continue
-            lines.append(f"{key} = {json.dumps(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         if self.parsl_options:
             lines.append("[provider.parsl_options]")
-            lines.extend(f"{key} = {json.dumps(value)}" for key, value in self.parsl_options.items())
+            lines.extend(f"{toml_key(key)} = {toml_value(value)}" for key, value in self.parsl_options.items())
         return "\n".join(lines) + "\n"
+
+
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def toml_value(value: object) -> str:
+    """A TOML value for what a config holds: strings, numbers, booleans, and
+    lists and tables of them (JSON's string escapes are TOML's too)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (bool, int, float, str)):
+        return json.dumps(value)
+    raise ConfigError(f"cannot write {value!r} to a config file")
 
 
 @dataclass

@@ -42,7 +42,7 @@ import zmq
 from .. import protocol as P
 from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
-from ..config import EndpointConfig
+from ..config import ConfigError, EndpointConfig
 from ..worker import sandbox as sandboxes
 from .pools import PoolLink, QueuedTask
 from .providers import make_provider, pool_command
@@ -61,6 +61,7 @@ HANDSHAKE_CHECK = 1.0
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
 POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
+UNREACHABLE_PAUSE = 0.5   # seconds a pool we could not send to gets no tasks
 
 
 class EndpointAgent:
@@ -146,18 +147,28 @@ class EndpointAgent:
             self.pool_sock.bind(f"ipc://{self._sock_dir}/pools")
         else:
             host = provider.address or socket.gethostbyname(socket.gethostname())
+            if not provider.address and provider.type in ("slurm", "parsl") and host.startswith("127."):
+                log.warning("pools will be told to connect to %s, a loopback address: pools on other nodes "
+                            "cannot reach it; set [provider] address (--pool-address) to this host's address "
+                            "on the cluster network", host)
             self.pool_sock.setsockopt(zmq.IPV6, 1)
             bracketed = f"[{host}]" if ":" in host else host
-            self.pool_sock.bind(f"tcp://{bracketed}:{provider.port or '*'}")
+            address = f"tcp://{bracketed}:{provider.port or '*'}"
+            try:
+                self.pool_sock.bind(address)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot listen for pools on {address}: {exc}; check [provider] address and "
+                                  "port") from None
         return self.pool_sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _make_scaler(self) -> BlockScaler | None:
         provider_config = self.config.provider
         script_dir = (self.state_dir / "blocks") if self.state_dir is not None else Path(self._sock_dir)
         script_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = make_provider(provider_config, script_dir, self.config.name)
+        provider = make_provider(provider_config, script_dir, self.config.name, self.config.max_workers)
         if provider is None:
             return None
         parent = os.getpid() if provider_config.type == "local" else None
@@ -269,7 +280,7 @@ class EndpointAgent:
         return max(1, min(self.config.worker_batch, int(BATCH_WORK / max(seconds, 1e-6))))
 
     def worker_depth(self) -> int:
-        """Tasks a worker may hold at once (see ``_assign``)."""
+        """Tasks a worker may hold at once (see ``PoolManager._assign``)."""
         size = self.batch_size()
         return 2 * size if size > 1 else 1
 
@@ -501,9 +512,7 @@ class EndpointAgent:
             self._send_pool(pool_id, P.encode(P.STOP))
             return
         self.pools[pool_id] = pool
-        stale = P.task_ids(fields.get("holding", []))
-        if stale:  # from before this agent: not ours to run
-            self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": stale}))
+        self._take_back_held(pool, P.task_ids(fields.get("holding", [])))
         c = self.config
         self._send_pool(pool_id, P.encode(P.WELCOME, {"settings": {
             "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
@@ -511,6 +520,29 @@ class EndpointAgent:
             "endpoint": c.name}}))
         log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
                  pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)
+
+    def _take_back_held(self, pool: PoolLink, held: list[bytes]) -> None:
+        """A pool (re)introducing itself still holds these tasks. Those waiting
+        here again (it was given up on, then came back) stay with it, as
+        started: they are not sent anywhere else. The rest (another pool has
+        them, or they are not this agent's: it restarted) it must drop."""
+        if not held:
+            return
+        held_set = set(held)
+        kept: deque[QueuedTask] = deque()
+        for task in self.queue:
+            if task.row[0] in held_set:
+                pool.tasks[task.row[0]] = task
+                pool.started.add(task.row[0])
+                self.at_pool[task.row[0]] = pool
+                pool.known_functions.add(task.row[1])
+            else:
+                kept.append(task)
+        self.queue = kept
+        foreign = [t for t in held if t not in pool.tasks]
+        if foreign:
+            self._send_pool(pool.pool_id, P.encode(P.CANCEL, {"tids": foreign}))
+        pool.note_load()
 
     def _on_pool_load(self, pool: PoolLink, fields: dict[str, Any]) -> None:
         idle = fields.get("idle")
@@ -544,35 +576,45 @@ class EndpointAgent:
             if task_id in pool.tasks:
                 pool.started.add(task_id)
                 self.outbox.start(task_id)
-        returned = [pool.tasks.pop(t) for t in P.task_ids(fields.get("returned", [])) if t in pool.tasks]
-        for task in returned:
-            self.at_pool.pop(task.row[0], None)
-            pool.started.discard(task.row[0])
-        self.queue.extendleft(reversed(returned))
+        if fields.get("draining") is True:
+            self._on_pool_load(pool, fields)
+        returned = [t for t in P.task_ids(fields.get("returned", [])) if t in pool.tasks]
+        if returned:
+            self._take_back(pool, returned, "stopped with its job")
         pool.note_load()
 
     def _pool_gone(self, pool: PoolLink, why: str) -> None:
         """A pool left (said BYE, went silent, its job ended): the tasks it
-        held run elsewhere; one it had started counts as lost once."""
+        held run elsewhere."""
         self.pools.pop(pool.pool_id, None)
+        count = self._take_back(pool, list(pool.tasks), why)
+        level = logging.INFO if why == "stopped" and not count else logging.WARNING
+        log.log(level, "pool %s on %s (block %s) %s; %d task(s) it held go to other pools",
+                pool.pool_id.decode(), pool.host, pool.block_id or "-", why, count)
+
+    def _take_back(self, pool: PoolLink, task_ids: list[bytes], why: str) -> int:
+        """Put these tasks of a pool back in front of the queue. One it had
+        started counts as lost once: past ``worker_lost_retries`` it fails
+        with WorkerLost (a task longer than its blocks' walltime does not
+        start over on block after block). How many went back."""
         again: list[QueuedTask] = []
         retries = self.config.worker_lost_retries
-        for task_id, task in pool.tasks.items():
+        for task_id in task_ids:
+            task = pool.tasks.pop(task_id)
             self.at_pool.pop(task_id, None)
             if task_id in pool.started:
+                pool.started.discard(task_id)
                 task.lost += 1
                 if task.lost > retries:
                     self._result(task_id, P.FAILED, P.pack_failure(
                         P.WORKER_LOST, f"the pool on {pool.host} (pid {pool.pid}) of endpoint {self.config.name!r} "
-                                       f"was lost ({why}) while running this task, {task.lost} time(s)",
-                        endpoint=self.config.name, host=pool.host))
+                                       f"{why} while running this task, {task.lost} time(s) (a task longer than "
+                                       f"its blocks' walltime never finishes)", endpoint=self.config.name,
+                        host=pool.host))
                     continue
             again.append(task)
-        pool.tasks.clear()
         self.queue.extendleft(reversed(again))
-        level = logging.INFO if why == "stopped" and not again else logging.WARNING
-        log.log(level, "pool %s on %s (block %s) %s; %d task(s) it held go to other pools",
-                pool.pool_id.decode(), pool.host, pool.block_id or "-", why, len(again))
+        return len(again)
 
     def _drop_silent_pools(self, now: float) -> None:
         limit = self.config.heartbeats_missed * self.config.heartbeat_period + 1.0
@@ -597,7 +639,9 @@ class EndpointAgent:
         if not self.queue or not self.pools:
             return
         per_worker = self.worker_depth() + self.config.prefetch
-        open_pools = [pool for pool in self.pools.values() if pool.room(per_worker) > 0]
+        now = time.monotonic()
+        open_pools = [pool for pool in self.pools.values()
+                      if pool.room(per_worker) > 0 and pool.unreachable_until <= now]
         if not open_pools:
             return
         if len(open_pools) > 1:
@@ -611,6 +655,7 @@ class EndpointAgent:
     def _send_to_pool(self, pool: PoolLink, count: int) -> None:
         rows: list[list[Any]] = []
         blobs = P.Blobs()
+        bodies_sent: list[bytes] = []
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             task_id, fn_hash = task.row[0], task.row[1]
@@ -623,21 +668,30 @@ class EndpointAgent:
                     continue
                 fn_ref = blobs.ref(body)
                 pool.known_functions.add(fn_hash)
+                bodies_sent.append(fn_hash)
             row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], task.row[5]]
             if len(task.row) == 7:
                 row.append(task.row[6])
             rows.append(row)
             pool.tasks[task_id] = task
             self.at_pool[task_id] = pool
-        if rows:
-            pool.note_load()
-            self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
+        if rows and not self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
+            # no connection to it right now: they go to other pools, or to it
+            # again once it is back (or is given up on)
+            pool.known_functions.difference_update(bodies_sent)
+            pool.unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
+            self._take_back(pool, [row[0] for row in rows], "could not be reached")
+        pool.note_load()
 
-    def _send_pool(self, pool_id: bytes, frames: list[Any]) -> None:
+    def _send_pool(self, pool_id: bytes, frames: list[Any]) -> bool:
+        """Send to a pool; False when it has no connection now (its tasks are
+        the caller's to place again)."""
         try:
             self.pool_sock.send_multipart([pool_id, *frames], copy=False)
         except zmq.ZMQError as exc:
             log.debug("could not send to pool %r: %s", pool_id, exc)
+            return False
+        return True
 
     # -- status ----------------------------------------------------------------
     def status(self, now: float) -> dict[str, Any]:

@@ -35,6 +35,7 @@ class PoolLink:
         self.started: set[bytes] = set()          # tasks it said are running
         self.known_functions: set[bytes] = set()
         self.draining = False
+        self.unreachable_until = 0.0              # time.monotonic() before which it gets no tasks
         self.idle_workers = self.workers
         self.last_seen = time.monotonic()
         self.idle_since: float | None = self.last_seen

@@ -49,12 +49,13 @@ class Provider(Protocol):
         """Let go of what the provider holds (not the blocks: the endpoint cancels them first)."""
 
 
-def make_provider(config: ProviderConfig, script_dir: Path, name: str) -> Provider | None:
+def make_provider(config: ProviderConfig, script_dir: Path, name: str,
+                  workers_per_node: int = 0) -> Provider | None:
     """The provider a config names; None for ``manual`` (pools come by themselves)."""
     if config.type == "local":
         return LocalProvider(config)
     if config.type == "slurm":
-        return SlurmProvider(config, script_dir, name)
+        return SlurmProvider(config, script_dir, name, workers_per_node)
     if config.type == "parsl":
         return ParslProvider(config, script_dir, name)
     return None
@@ -64,14 +65,15 @@ def block_script(config: ProviderConfig, command: str, env: dict[str, str]) -> s
     """The shell lines that start one pool: worker_init, the environment, the
     pool command (with its job's end time when there is a walltime)."""
     lines = []
+    walltime = config.walltime_seconds()
+    if walltime is not None:
+        # the job's end, from its start (the scheduler counts from there too),
+        # before worker_init, however long that takes
+        lines.append(f"FEDEXEC_ENDS_AT=$(( $(date +%s) + {int(walltime)} ))")
+        command += " --ends-at $FEDEXEC_ENDS_AT"
     if config.worker_init:
         lines.append(config.worker_init)
     lines.extend(f"export {key}={shlex.quote(value)}" for key, value in env.items())
-    walltime = config.walltime_seconds()
-    if walltime is not None:
-        # the job's end, as seen from its start (the scheduler counts from there too)
-        lines.append(f"FEDEXEC_ENDS_AT=$(( $(date +%s) + {int(walltime)} ))")
-        command += " --ends-at $FEDEXEC_ENDS_AT"
     lines.append(command)
     return "\n".join(lines) + "\n"
 
@@ -146,10 +148,11 @@ class SlurmProvider:
 
     label = "slurm"
 
-    def __init__(self, config: ProviderConfig, script_dir: Path, name: str) -> None:
+    def __init__(self, config: ProviderConfig, script_dir: Path, name: str, workers_per_node: int = 0) -> None:
         self.config = config
         self.script_dir = script_dir
         self.name = name
+        self.workers_per_node = workers_per_node
 
     def script(self, block_id: str, command: str, env: dict[str, str]) -> str:
         c = self.config
@@ -162,9 +165,15 @@ class SlurmProvider:
             header.append(f"#SBATCH --partition={c.partition}")
         if c.account:
             header.append(f"#SBATCH --account={c.account}")
+        if c.exclusive:   # whole nodes: a pool's workers are its node's cores
+            header.append("#SBATCH --exclusive")
+        elif self.workers_per_node:
+            header.append(f"#SBATCH --cpus-per-task={self.workers_per_node}")
         header.extend(line.strip() for line in c.scheduler_options.splitlines() if line.strip())
-        # one pool per node; the step may end with pools drained or stopped
-        pool = f"srun --ntasks-per-node=1 --nodes={c.nodes_per_block} --kill-on-bad-exit=0 {command}"
+        # one pool per node, with every CPU the job has there (srun does not
+        # inherit sbatch's CPUs per task); the step may end with pools drained
+        pool = (f"srun --ntasks-per-node=1 --nodes={c.nodes_per_block} --cpus-per-task=$SLURM_CPUS_ON_NODE "
+                f"--kill-on-bad-exit=0 {command}")
         return "\n".join(header) + "\n" + block_script(c, pool, env)
 
     def submit(self, block_id: str, command: str, env: dict[str, str]) -> str:
@@ -181,8 +190,9 @@ class SlurmProvider:
     def status(self, job_ids: list[str]) -> dict[str, str]:
         if not job_ids:
             return {}
-        out = _run(["squeue", "--noheader", "--states=all", "--format=%i %T", "--jobs=" + ",".join(job_ids)],
-                   "reading block states")
+        # all of this user's jobs, not --jobs=...: squeue fails outright when
+        # one of the ids asked for has been purged already
+        out = _run(["squeue", "--noheader", "--states=all", "--format=%i %T", "--me"], "reading block states")
         seen = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
         states = {}
         for job_id in job_ids:

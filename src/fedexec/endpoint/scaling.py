@@ -39,6 +39,7 @@ class Block:
     pools: set = field(default_factory=set)    # pool ids connected from it
     ever_connected: bool = False
     stopping_since: float | None = None        # when it was let go
+    cancelled: bool = False                    # its job was cancelled (once is enough)
 
     def describe(self) -> dict:
         return {"id": self.block_id, "job": self.job_id, "state": "stopping" if self.stopping_since else self.state,
@@ -73,7 +74,7 @@ class BlockScaler:
         ended = self._poll_states(now)
         for block in self.blocks.values():
             block.pools = {pid for pid in block.pools if pid in pools}
-        to_stop = self._scale_in(now, pools)
+        to_stop = self._scale_in(now, demand, pools)
         self._scale_out(now, demand, pools)
         self._cancel_stopped(now)
         for block_id in ended:
@@ -129,6 +130,7 @@ class BlockScaler:
         except ProviderError as exc:
             self._provider_failed(exc)
             return []
+        self.error = None
         ended = []
         for job_id, state in states.items():
             block = jobs[job_id]
@@ -148,17 +150,27 @@ class BlockScaler:
                 block.state = RUNNING
         return ended
 
-    def _scale_in(self, now: float, pools: dict[bytes, PoolLink]) -> list[str]:
+    def _scale_in(self, now: float, demand: int, pools: dict[bytes, PoolLink]) -> list[str]:
+        """Let go of blocks beyond ``min_blocks``: first blocks still waiting
+        in the scheduler's queue that the work no longer needs (the running
+        ones cover it), then blocks whose pools have all idled ``max_idletime``."""
         active = self._active(pools)
         spare = len(active) - self.config.min_blocks
         to_stop = []
+        running = [b for b in active if b.ever_connected]
+        covered = sum(self._workers_of(b, pools) for b in running) >= demand
         for block in sorted(active, key=lambda b: b.submitted, reverse=True):   # newest first
             if spare <= 0:
                 break
-            members = [pools[p] for p in block.pools if p in pools]
-            if not block.ever_connected or not members:
+            if not block.ever_connected:
+                if covered and running and now - block.submitted >= self.config.max_idletime:
+                    block.stopping_since = now
+                    spare -= 1
+                    log.info("block %s not needed any more: cancelling it before it starts", block.block_id)
                 continue
-            if all(p.idle_since is not None and now - p.idle_since >= self.config.max_idletime for p in members):
+            members = [pools[p] for p in block.pools if p in pools]
+            if members and all(p.idle_since is not None and now - p.idle_since >= self.config.max_idletime
+                               for p in members):
                 block.stopping_since = now
                 spare -= 1
                 to_stop.append(block.block_id)
@@ -170,20 +182,28 @@ class BlockScaler:
         missing = self.config.min_blocks - len(active)
         supply = sum(self._workers_of(b, pools) for b in active)
         if demand > supply:
-            per_block = self.config.nodes_per_block * (self.workers_per_node or 1)
-            missing = max(missing, math.ceil((demand - supply) / per_block))
+            if self.workers_per_node is None:
+                # how many workers a block brings is known once a pool says:
+                # until then one block at a time, not max_blocks for a burst
+                missing = max(missing, 0 if any(not b.ever_connected for b in active) else 1)
+            else:
+                per_block = self.config.nodes_per_block * self.workers_per_node
+                missing = max(missing, math.ceil((demand - supply) / per_block))
         missing = min(missing, self.config.max_blocks - len(active))
         if missing > 0 and now >= self._next_submit:
             self._submit(missing, f"{demand} task(s) for {supply} worker(s)")
 
     def _cancel_stopped(self, now: float) -> None:
         due = [b for b in self.blocks.values() if b.stopping_since is not None and b.state != DONE
-               and (not b.pools or now - b.stopping_since > STOP_GRACE)]
+               and not b.cancelled and (not b.pools or now - b.stopping_since > STOP_GRACE)]
         if due:
             try:
                 self.provider.cancel([b.job_id for b in due])
             except ProviderError as exc:
                 self._provider_failed(exc)
+                return
+            for block in due:
+                block.cancelled = True
 
     def _submit(self, count: int, why: str) -> None:
         for _ in range(count):

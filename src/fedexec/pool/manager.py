@@ -55,6 +55,7 @@ BATCH_WORK = 0.001
 EWMA_WEIGHT = 0.1
 DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking tasks
 WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
+ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
 
 
 class PoolTask:
@@ -132,13 +133,13 @@ class PoolManager:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self.endpoint.connect(self.address)
-        self._hello()
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         next_reap = next_beat = time.monotonic()
         try:
+            self.endpoint.connect(self.address)   # a bad address raises; the finally cleans up
+            self._hello()
             while not self.stopping:
                 events = dict(poller.poll(self.outbox.wait_ms(time.monotonic(), POLL_MS)))
                 if self.worker_sock in events:
@@ -189,7 +190,9 @@ class PoolManager:
             log.info("endpoint process %d is gone; stopping", self.parent_pid)
             self.stopping = True
         silence = now - self.heard_at
-        limit = (self._setting("hbm", 3) * self.heartbeat_period + 1.0) * 2 if self.welcomed else WELCOME_TIMEOUT
+        # generous: an endpoint busy with a slow scheduler command is not gone
+        limit = (max(ENDPOINT_SILENCE, (self._setting("hbm", 3) * self.heartbeat_period + 1.0) * 2)
+                 if self.welcomed else WELCOME_TIMEOUT)
         if silence > limit:
             log.error("no word from the endpoint at %s for %.0f s; stopping", self.address, silence)
             self.stopping = True
@@ -210,7 +213,8 @@ class PoolManager:
             return
         for task in tasks:
             self.held.discard(task.row[0])
-        self._send(P.encode(P.RESULTS, {"rows": [], "returned": [t.row[0] for t in tasks]}))
+        self._send(P.encode(P.RESULTS, {"rows": [], "returned": [t.row[0] for t in tasks],
+                                        "draining": self.draining}))
 
     def _shutdown(self) -> None:
         self._flush()
@@ -275,10 +279,15 @@ class PoolManager:
             raise P.ProtocolError(f"unexpected message type {t!r} from the endpoint")
 
     def _start_workers(self) -> None:
-        self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
-                                    self._sock_dir, sandbox=self._setting("sandbox", "none"),
-                                    sandbox_image=self._setting("sandbox_image", ""))
-        self.pool.start()
+        try:
+            self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+                                        self._sock_dir, sandbox=self._setting("sandbox", "none"),
+                                        sandbox_image=self._setting("sandbox_image", ""))
+            self.pool.start()
+        except Exception as exc:  # no workers: stop, giving back what came meanwhile
+            log.error("pool %s could not start its workers: %s: %s", self.pool_id.decode(), type(exc).__name__, exc)
+            self.stopping = True
+            return
         log.info("pool %s started %d workers", self.pool_id.decode(), self.workers)
 
     def _cancel(self, task_ids: set[bytes]) -> None:
