@@ -298,3 +298,32 @@ def test_configure_writes_a_slurm_provider_that_loads_back():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "min_blocks <= max_blocks" in done.stderr
     assert EndpointConfig.load("hpc").provider.min_blocks == 0   # the bad change was not saved
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_scheduler_does_not_stall_the_endpoint(tmp_path, slurm_cluster):
+    """sbatch that takes 12 s (a busy slurmctld): the endpoint keeps its
+    heartbeats and its status going meanwhile (the relay would otherwise
+    drop it after 3 missed beats), shows the block as submitting, and runs
+    the task once the job exists."""
+    cluster = slurm_cluster
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    real = subprocess.run(["which", "sbatch"], capture_output=True, text=True, env=cluster.env).stdout.strip()
+    (slow / "sbatch").write_text(f"#!/bin/sh\nsleep 12\nexec {real} \"$@\"\n")
+    (slow / "sbatch").chmod(0o755)
+    env = {**cluster.env, "PATH": f"{slow}:{cluster.env['PATH']}"}
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, env, max_workers=1, type="slurm", partition=cluster.partition,
+            init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1"))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            future = ex.submit(slurm_job_after, 0)
+            wait_for(lambda: [b["state"] for b in status_of("ep")["blocks"]] == ["submitting"], 10,
+                     "the block was not shown as submitting", log)
+            time.sleep(8)   # past the relay's limit for a silent endpoint (3 beats of 0.5 s + 1 s)
+            assert status_of("ep")["time"] > time.time() - 3, "the endpoint stopped writing its status"
+            assert future.result(DEADLINE) is not None   # it ran inside the Slurm job
+        assert "missed its heartbeats" not in (tmp_path / "relay.log").read_text()
+    wait_for(lambda: cluster.jobs() == [], 60, "blocks stayed in squeue")

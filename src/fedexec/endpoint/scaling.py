@@ -10,6 +10,11 @@ is cancelled. Blocks that end without a pool ever connecting (a broken
 worker_init, a node that cannot reach the endpoint) make the scaler wait
 longer before each next attempt, so a broken setup does not flood the
 scheduler with jobs.
+
+Scheduler commands can take seconds (a busy slurmctld), so the provider is
+called from a thread of its own, one call at a time; the agent's loop only
+starts calls and picks up their answers, and never waits for one (its
+heartbeats and tasks keep flowing).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import ProviderConfig
 from .pools import PoolLink
@@ -40,10 +46,11 @@ class Block:
     ever_connected: bool = False
     stopping_since: float | None = None        # when it was let go
     cancelled: bool = False                    # its job was cancelled (once is enough)
+    submission: Future | None = None           # the provider call submitting it, until it answers
 
     def describe(self) -> dict:
-        return {"id": self.block_id, "job": self.job_id, "state": "stopping" if self.stopping_since else self.state,
-                "pools": len(self.pools)}
+        state = "submitting" if self.submission else "stopping" if self.stopping_since else self.state
+        return {"id": self.block_id, "job": self.job_id, "state": state, "pools": len(self.pools)}
 
 
 class BlockScaler:
@@ -63,6 +70,9 @@ class BlockScaler:
         self._next_status = 0.0
         self.status_interval = 0.5 if config.type == "local" else 2.0
         self.error: str | None = None           # the last provider error, for status
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="fedexec-provider")
+        self._status_call: Future | None = None
+        self._status_jobs: dict[str, Block] = {}
 
     # -- what the agent calls --------------------------------------------------
     def start(self) -> None:
@@ -71,6 +81,7 @@ class BlockScaler:
     def tick(self, now: float, demand: int, pools: dict[bytes, PoolLink]) -> tuple[list[str], list[str]]:
         """Scale; returns ``(ended, to_stop)``: blocks whose job is over (their
         pools are gone) and blocks whose pools the agent should tell to stop."""
+        self._collect_submissions(now)
         ended = self._poll_states(now)
         for block in self.blocks.values():
             block.pools = {pid for pid in block.pools if pid in pools}
@@ -95,7 +106,12 @@ class BlockScaler:
         return True
 
     def shutdown(self) -> None:
-        live = [b.job_id for b in self.blocks.values() if b.state != DONE]
+        """Cancel every block (after the calls under way, submissions too)."""
+        self._calls.shutdown(wait=True)
+        for block in self.blocks.values():
+            if block.submission is not None and block.submission.exception() is None:
+                block.job_id = block.submission.result()
+        live = [b.job_id for b in self.blocks.values() if b.state != DONE and b.job_id]
         try:
             self.provider.cancel(live)
         except ProviderError as exc:
@@ -120,13 +136,37 @@ class BlockScaler:
             return sum(pools[p].workers for p in block.pools if p in pools and not pools[p].draining)
         return self.config.nodes_per_block * (self.workers_per_node or 1)
 
+    def _call(self, method: Callable[..., Any], *args: Any) -> Future:
+        return self._calls.submit(method, *args)
+
+    def _collect_submissions(self, now: float) -> None:
+        for block in list(self.blocks.values()):
+            call = block.submission
+            if call is None or not call.done():
+                continue
+            block.submission = None
+            try:
+                block.job_id = call.result()
+            except ProviderError as exc:
+                del self.blocks[block.block_id]
+                self._provider_failed(exc)
+                continue
+            log.info("started block %s (%s job %s)", block.block_id, self.provider.label, block.job_id)
+
     def _poll_states(self, now: float) -> list[str]:
-        if now < self._next_status:
+        """Start a status call when one is due; take its answer when it came."""
+        if self._status_call is None:
+            if now >= self._next_status:
+                self._status_jobs = {b.job_id: b for b in self.blocks.values() if b.state != DONE and b.job_id}
+                self._status_call = self._call(self.provider.status, list(self._status_jobs))
             return []
+        if not self._status_call.done():
+            return []
+        call, jobs = self._status_call, self._status_jobs
+        self._status_call = None
         self._next_status = now + self.status_interval
-        jobs = {b.job_id: b for b in self.blocks.values() if b.state != DONE}
         try:
-            states = self.provider.status(list(jobs))
+            states = call.result()
         except ProviderError as exc:
             self._provider_failed(exc)
             return []
@@ -134,6 +174,8 @@ class BlockScaler:
         ended = []
         for job_id, state in states.items():
             block = jobs[job_id]
+            if block.block_id not in self.blocks or block.state == DONE:
+                continue
             if state == DONE:
                 block.state = DONE
                 ended.append(block.block_id)
@@ -194,28 +236,30 @@ class BlockScaler:
             self._submit(missing, f"{demand} task(s) for {supply} worker(s)")
 
     def _cancel_stopped(self, now: float) -> None:
-        due = [b for b in self.blocks.values() if b.stopping_since is not None and b.state != DONE
+        due = [b for b in self.blocks.values() if b.stopping_since is not None and b.state != DONE and b.job_id
                and not b.cancelled and (not b.pools or now - b.stopping_since > STOP_GRACE)]
         if due:
-            try:
-                self.provider.cancel([b.job_id for b in due])
-            except ProviderError as exc:
-                self._provider_failed(exc)
-                return
             for block in due:
                 block.cancelled = True
+            self._call(self._cancel, [b.job_id for b in due])
+
+    def _cancel(self, job_ids: list[str]) -> None:
+        """In the provider's thread: a failed cancel is logged and shown in
+        the status (the job ends with its walltime at the latest)."""
+        try:
+            self.provider.cancel(job_ids)
+        except ProviderError as exc:
+            self.error = str(exc)
+            log.error("%s", exc)
 
     def _submit(self, count: int, why: str) -> None:
         for _ in range(count):
             self._serial += 1
             block_id = f"b{int(time.time())}-{self._serial}"
-            try:
-                job_id = self.provider.submit(block_id, self.command_for(block_id), self.env)
-            except ProviderError as exc:
-                self._provider_failed(exc)
-                return
-            self.blocks[block_id] = Block(block_id, job_id, time.monotonic())
-            log.info("started block %s (%s job %s): %s", block_id, self.provider.label, job_id, why)
+            block = Block(block_id, "", time.monotonic())
+            block.submission = self._call(self.provider.submit, block_id, self.command_for(block_id), self.env)
+            self.blocks[block_id] = block
+            log.info("asking for block %s: %s", block_id, why)
 
     def _provider_failed(self, exc: ProviderError) -> None:
         self.error = str(exc)
