@@ -17,9 +17,10 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import msgpack
+import zmq
 
 PROTOCOL_VERSION = 1
 
@@ -137,6 +138,16 @@ def blob(frames: Sequence[Any], ref: Any) -> Any:
     if type(ref) is bytes:
         return ref
     return blob_at(frames, ref)
+
+
+def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
+    """The messages already waiting on ``sock``, as frames, at most ``limit``
+    (so one busy socket cannot starve a loop's others); never blocks."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
 
 
 class ProtocolError(ValueError):

@@ -331,11 +331,7 @@ class EndpointAgent:
 
     # -- relay side ----------------------------------------------------------
     def _read_relay(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = self.relay.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in P.waiting_messages(self.relay, MAX_MESSAGES_PER_TURN):
             try:
                 msg = P.decode(frames)
                 self._on_relay_message(msg)
@@ -471,11 +467,7 @@ class EndpointAgent:
 
     # -- pool side -------------------------------------------------------------
     def _read_pools(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = self.pool_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in P.waiting_messages(self.pool_sock, MAX_MESSAGES_PER_TURN):
             pool_id = frames[0].bytes
             try:
                 msg = P.decode(frames[1:])

@@ -233,11 +233,7 @@ class PoolManager:
 
     # -- endpoint side ---------------------------------------------------------
     def _read_endpoint(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = self.endpoint.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in P.waiting_messages(self.endpoint, MAX_MESSAGES_PER_TURN):
             self.heard_at = time.monotonic()
             try:
                 self._on_endpoint_message(P.decode(frames))
@@ -334,11 +330,7 @@ class PoolManager:
         return max(1, min(self._setting("worker_batch", 64), int(BATCH_WORK / max(seconds, 1e-6))))
 
     def _read_workers(self) -> None:
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = self.worker_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in P.waiting_messages(self.worker_sock, MAX_MESSAGES_PER_TURN):
             slot = self.pool.slots.get(frames[0].bytes) if self.pool is not None else None
             if slot is None:
                 continue  # a worker we already gave up on

@@ -272,11 +272,7 @@ class Relay:
     # -- input ---------------------------------------------------------------
     def _read_messages(self) -> None:
         sock = self.sock
-        for _ in range(MAX_MESSAGES_PER_TURN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in P.waiting_messages(sock, MAX_MESSAGES_PER_TURN):
             sender = frames[0].bytes
             try:
                 session = self.access.session(frames[-1], time.time())
