@@ -114,6 +114,7 @@ def simulate(address: str, pools: int, workers: int, report: Path, parent_pid: i
     from fedexec.serialize import serialize_value
 
     secret = os.environ.pop(SECRET_ENV, "")
+    endpoint_key = os.environ.pop("FEDEXEC_SIM_ENDPOINT_KEY", "")
     none_blob = serialize_value(None)
     stopping = False
 
@@ -134,6 +135,9 @@ def simulate(address: str, pools: int, workers: int, report: Path, parent_pid: i
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 2000)
+        if endpoint_key:   # the endpoint's pool socket speaks CURVE over TCP
+            public, secret_key = zmq.curve_keypair()
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = endpoint_key.encode(), public, secret_key
         sock.connect(address)
         socks.append(sock)
         hello_fields[pool_id] = {
@@ -391,7 +395,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
                                        "--sim-workers", str(pool_workers), "--sim-report", str(report),
                                        "--parent-pid", me]
                           + (["--sim-avg", str(args.sim_avg)] if args.sim_avg is not None else []),
-                          log, {**env, SECRET_ENV: pool_info["secret"]})
+                          log, {**env, SECRET_ENV: pool_info["secret"],
+                                "FEDEXEC_SIM_ENDPOINT_KEY": pool_info.get("key", "")})
         status_path = endpoint_dir("sim") / "status.json"
 
         def all_pools_in() -> bool:

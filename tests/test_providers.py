@@ -234,19 +234,32 @@ def test_manual_pools_connect_with_the_secret_and_others_are_refused(tmp_path):
             tmp_path, relay, type="manual", address="127.0.0.1", min_blocks=0, init_blocks=0))
         pools = json.loads((endpoint_dir("ep") / "pools.json").read_text())
         assert oct((endpoint_dir("ep") / "pools.json").stat().st_mode & 0o777) == "0o600"
-        # a stranger without the secret gets no tasks
         ctx = zmq.Context()
+        # without the endpoint's key: no handshake, no answer at all
+        plain = ctx.socket(zmq.DEALER)
+        plain.setsockopt(zmq.LINGER, 0)
+        plain.connect(pools["address"])
+        plain.send_multipart(P.encode(P.HELLO, {"role": "pool", "secret": pools["secret"], "workers": 1000}))
+        assert not plain.poll(3000)
+        # with the key (it is public) but not the secret: refused
         stranger = ctx.socket(zmq.DEALER)
         stranger.setsockopt(zmq.LINGER, 0)
+        public, secret_key = zmq.curve_keypair()
+        stranger.curve_serverkey, stranger.curve_publickey, stranger.curve_secretkey = \
+            pools["key"].encode(), public, secret_key
         stranger.connect(pools["address"])
         stranger.send_multipart(P.encode(P.HELLO, {"role": "pool", "secret": "guess", "workers": 1000}))
         assert stranger.poll(10_000)
         assert P.decode(stranger.recv_multipart()).type == P.ERROR
+        plain.close()
         stranger.close()
         ctx.term()
+        missing_key = subprocess.run([sys.executable, "-m", "fedexec.pool", "--address", pools["address"]],
+                                     capture_output=True, text=True, timeout=60)
+        assert missing_key.returncode != 0 and "needs --endpoint-key" in missing_key.stderr
         pool = subprocess.Popen([sys.executable, "-m", "fedexec.pool", "--address", pools["address"],
-                                 "--workers", "2"], env={**os.environ, "FEDEXEC_POOL_SECRET": pools["secret"],
-                                                         "PYTHONPATH": str(HERE)},
+                                 "--endpoint-key", pools["key"], "--workers", "2"],
+                                env={**os.environ, "FEDEXEC_POOL_SECRET": pools["secret"], "PYTHONPATH": str(HERE)},
                                 stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(stop_process, pool)
         with FederatedExecutor(config.endpoint_id, relay=relay) as ex:

@@ -90,6 +90,7 @@ class EndpointAgent:
         self.pool_sock.setsockopt(zmq.SNDHWM, 0)
         self.pool_sock.setsockopt(zmq.RCVHWM, 0)
         self.pool_secret = secrets.token_urlsafe(24)
+        self.pool_key = ""   # the pool socket's CURVE public key (Z85); "" over ipc
         try:
             self.pool_address = self._bind_pool_socket()
             self.scaler = self._make_scaler()
@@ -152,6 +153,13 @@ class EndpointAgent:
                             "cannot reach it; set [provider] address (--pool-address) to this host's address "
                             "on the cluster network", host)
             self.pool_sock.setsockopt(zmq.IPV6, 1)
+            # over the network pools get the endpoint's public key: they talk
+            # only to it, and nothing (tasks, results, the pool secret) is in
+            # clear text on the wire
+            public, secret = zmq.curve_keypair()
+            self.pool_key = public.decode()
+            self.pool_sock.curve_server = True
+            self.pool_sock.curve_secretkey = secret
             bracketed = f"[{host}]" if ":" in host else host
             address = f"tcp://{bracketed}:{provider.port or '*'}"
             try:
@@ -174,7 +182,7 @@ class EndpointAgent:
         parent = os.getpid() if provider_config.type == "local" else None
         return BlockScaler(
             provider_config, provider,
-            lambda block_id: pool_command(provider_config.python, self.pool_address, block_id,
+            lambda block_id: pool_command(provider_config.python, self.pool_address, self.pool_key, block_id,
                                           self.config.max_workers, provider_config.drain, parent,
                                           logging.getLevelName(logging.getLogger().getEffectiveLevel())),
             {POOL_SECRET_ENV: self.pool_secret}, self.workers_per_pool)
@@ -187,7 +195,7 @@ class EndpointAgent:
         path = self.state_dir / "pools.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"address": self.pool_address, "secret": self.pool_secret}, f)
+            json.dump({"address": self.pool_address, "key": self.pool_key, "secret": self.pool_secret}, f)
 
     def _check_handshake(self) -> None:
         if self.handshake.read():   # reconnected with other credentials: what was sent went with the old

@@ -296,11 +296,14 @@ def _load_class(path: str) -> Any:
         raise ConfigError(f"[provider] cannot load {path!r}: {exc}") from None
 
 
-def pool_command(python: str, address: str, block_id: str, workers: int, drain: float,
+def pool_command(python: str, address: str, key: str, block_id: str, workers: int, drain: float,
                  parent_pid: int | None = None, log_level: str = "INFO") -> str:
-    """The shell command that starts one pool."""
+    """The shell command that starts one pool (``key``: the endpoint's CURVE
+    public key, for a TCP address; public, so the command line may show it)."""
     args = [python or sys.executable, "-m", "fedexec.pool", "--address", address, "--block-id", block_id,
             "--workers", str(workers), "--drain", f"{drain:g}", "--log-level", log_level]
+    if key:
+        args += ["--endpoint-key", key]
     if parent_pid is not None:
         args += ["--parent-pid", str(parent_pid)]
     return " ".join(shlex.quote(a) for a in args)

@@ -77,8 +77,8 @@ class PoolManager:
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
-                 secret: str = "", ends_at: float | None = None, drain: float = DEFAULT_DRAIN,
-                 parent_pid: int | None = None) -> None:
+                 secret: str = "", endpoint_key: str = "", ends_at: float | None = None,
+                 drain: float = DEFAULT_DRAIN, parent_pid: int | None = None) -> None:
         self.address = address
         self.pool_id = pool_id
         self.block_id = block_id
@@ -97,6 +97,11 @@ class PoolManager:
         self.endpoint.setsockopt(zmq.IPV6, 1)
         self.endpoint.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         self.endpoint.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
+        if endpoint_key:   # CURVE: only the endpoint holding that key can answer; traffic is encrypted
+            public, secret_key = zmq.curve_keypair()
+            self.endpoint.curve_serverkey = endpoint_key.encode()
+            self.endpoint.curve_publickey = public
+            self.endpoint.curve_secretkey = secret_key
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
@@ -527,13 +532,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain", type=float, default=DEFAULT_DRAIN,
                         help="seconds before --ends-at to stop taking tasks")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--endpoint-key", default="",
+                        help="the endpoint's CURVE public key (pools.json 'key'), for a tcp:// address")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.workers < 0:
         sys.exit(f"fedexec pool: --workers must be >= 0, not {ns.workers}")
+    if ns.endpoint_key and len(ns.endpoint_key) != 40:
+        sys.exit(f"fedexec pool: --endpoint-key must be a 40-character Z85 key, not {ns.endpoint_key!r}")
+    if ns.address.startswith("tcp://") and not ns.endpoint_key:
+        sys.exit("fedexec pool: a tcp:// endpoint needs --endpoint-key (the 'key' in the endpoint's pools.json)")
     secret = os.environ.pop("FEDEXEC_POOL_SECRET", "")  # not handed down to the workers
     pool_id = b"P" + uuid.uuid4().bytes[:8].hex().encode()
     PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
-                ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid).run()
+                endpoint_key=ns.endpoint_key, ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid).run()
