@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from fedexec import FederatedExecutor
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_tasks import noop  # noqa: E402
+from processes import free_port  # noqa: E402
 
 
 class PeakRSS:
@@ -121,11 +121,6 @@ def record(log_dir: str, value: int) -> int:
         f.write(f"{value}\n")
     return value
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def soak(tasks: int, faults: int, seed: int, work: Path) -> list[list[str]]:

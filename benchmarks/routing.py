@@ -32,8 +32,6 @@ import argparse
 import datetime
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,10 +41,9 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
-
 from fedexec import FederatedExecutor
 from fedexec.relay.query import lookup_endpoint
+from processes import free_port, stop
 
 HERE = Path(__file__).resolve().parent
 EP_VAR = "FEDEXEC_BENCH_ENDPOINT"
@@ -67,32 +64,6 @@ def model_call(x, cold, work):
     _time.sleep(work)
     return os.environ.get(EP_VAR, "?"), os.getpid(), first, x
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started and whatever it started, by pid."""
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
 
 
 class Federation:

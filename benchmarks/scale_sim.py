@@ -69,6 +69,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from processes import free_port
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -82,11 +84,6 @@ QUICK = {"workers": "1000,10000,30000", "runs": 1, "sweep": "30000:30"}
 SECRET_ENV = "FEDEXEC_POOL_SECRET"
 FLUSH_BATCH = 256   # most result rows a real pool sends in one RESULTS (fedexec.outbox.FLUSH_BATCH)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss(pid: int) -> int:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import subprocess
@@ -246,7 +247,7 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
     else:
-        settings = {k: v for k, v in vars(config.provider).items() if k in config.provider.__dataclass_fields__}
+        settings = dataclasses.asdict(config.provider)
     config.provider = ProviderConfig.from_dict({**settings, **given})
     path = config.save()
     print(f"{'configured' if created else 'updated'} endpoint {config.name} ({config.endpoint_id}): {path}")

@@ -206,6 +206,14 @@ def pack_failure(kind: str, msg: str, **extra: Any) -> bytes:
     return msgpack.packb({"kind": kind, "msg": msg, **extra}, use_bin_type=True)
 
 
+def too_large(what: str, size: int, limit: int) -> tuple[str, dict[str, int]]:
+    """The message and details of a TOO_LARGE failure: ``what`` (the
+    arguments, the result, ...) is ``size`` bytes pickled, over ``limit``."""
+    verb = "are" if what.endswith("s") else "is"
+    return (f"{what} {verb} {size:,} bytes pickled, over the relay's payload limit of {limit:,} bytes",
+            {"size": size, "limit": limit})
+
+
 def unpack_failure(blob: Any) -> dict[str, Any]:
     data = msgpack.unpackb(bytes(blob), raw=False)
     if not isinstance(data, dict):

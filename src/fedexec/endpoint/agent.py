@@ -43,8 +43,9 @@ from .. import protocol as P
 from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
+from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..worker import sandbox as sandboxes
-from .pools import PoolLink, QueuedTask
+from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 
@@ -56,10 +57,6 @@ TICK_INTERVAL = 0.1
 SCALE_INTERVAL = 0.25
 STATUS_INTERVAL = 1.0
 HANDSHAKE_CHECK = 1.0
-# Worker batches (made by the pools): tasks shorter than SLOW_TASK go in
-# batches worth about BATCH_WORK seconds, at most the config's worker_batch.
-SLOW_TASK = 0.0005
-BATCH_WORK = 0.001
 POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
 UNREACHABLE_PAUSE = 0.5   # seconds a pool we could not send to gets no tasks
 
@@ -120,11 +117,9 @@ class EndpointAgent:
         """Workers this endpoint may run at once: those of its pools now, or
         if more, those of ``max_blocks`` full blocks (what clients size their
         concurrency by; Dask reads it)."""
-        from ..config import usable_cores
-
         provider = self.config.provider
-        per_node = self.config.max_workers or usable_cores()
-        most = provider.max_blocks * provider.nodes_per_block * per_node if provider.type != "manual" else 0
+        most = provider.max_blocks * provider.nodes_per_block * self.config.workers() \
+            if provider.type != "manual" else 0
         return max(most, sum(pool.workers for pool in self.pools.values()))
 
     def _relay_socket(self) -> zmq.Socket:
@@ -281,11 +276,8 @@ class EndpointAgent:
 
     # -- credit ----------------------------------------------------------------
     def batch_size(self) -> int:
-        """Tasks to hand a worker at once, from how long tasks have been taking."""
-        seconds = self.task_seconds
-        if seconds is None or seconds >= SLOW_TASK:
-            return 1
-        return max(1, min(self.config.worker_batch, int(BATCH_WORK / max(seconds, 1e-6))))
+        """Tasks a pool hands a worker at once now (``dispatch.worker_batch_size``)."""
+        return worker_batch_size(self.task_seconds, self.config.worker_batch)
 
     def worker_depth(self) -> int:
         """Tasks a worker may hold at once (see ``PoolManager._assign``)."""
@@ -428,13 +420,8 @@ class EndpointAgent:
                 ask.setdefault(pool.pool_id, []).append(task_id)
         for pool_id, tids in ask.items():
             self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": tids}))
-        kept: deque[QueuedTask] = deque()
-        for task in self.queue:
-            if task.row[0] in task_ids:
-                self._result(task.row[0], P.CANCELLED, b"")
-            else:
-                kept.append(task)
-        self.queue = kept
+        for task in take_out(self.queue, task_ids):
+            self._result(task.row[0], P.CANCELLED, b"")
 
     def _note_backlog(self, fields: dict[str, Any]) -> None:
         backlog = fields.get("backlog")
@@ -528,17 +515,11 @@ class EndpointAgent:
         them, or they are not this agent's: it restarted) it must drop."""
         if not held:
             return
-        held_set = set(held)
-        kept: deque[QueuedTask] = deque()
-        for task in self.queue:
-            if task.row[0] in held_set:
-                pool.tasks[task.row[0]] = task
-                pool.started.add(task.row[0])
-                self.at_pool[task.row[0]] = pool
-                pool.known_functions.add(task.row[1])
-            else:
-                kept.append(task)
-        self.queue = kept
+        for task in take_out(self.queue, set(held)):
+            pool.tasks[task.row[0]] = task
+            pool.started.add(task.row[0])
+            self.at_pool[task.row[0]] = pool
+            pool.known_functions.add(task.row[1])
         foreign = [t for t in held if t not in pool.tasks]
         if foreign:
             self._send_pool(pool.pool_id, P.encode(P.CANCEL, {"tids": foreign}))
@@ -567,10 +548,9 @@ class EndpointAgent:
             blob = P.blob(msg.blobs, index)
             size = len(P.as_buffer(blob))
             if size > self.max_payload:
-                what = "result" if status == P.OK else "exception"
-                status, blob = P.FAILED, P.pack_failure(
-                    P.TOO_LARGE, f"the task's {what} is {size:,} bytes pickled, over the relay's payload limit "
-                                 f"of {self.max_payload:,} bytes", size=size, limit=self.max_payload)
+                message, details = P.too_large(f"the task's {'result' if status == P.OK else 'exception'}", size,
+                                               self.max_payload)
+                status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
         for task_id in P.task_ids(fields.get("started", [])):
             if task_id in pool.tasks:

@@ -5,16 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-
-class QueuedTask:
-    """A task received from the relay: its row and argument blob."""
-
-    __slots__ = ("row", "args", "lost")
-
-    def __init__(self, row: list[Any], args: Any) -> None:
-        self.row = row
-        self.args = args
-        self.lost = 0      # times the pool holding it while it ran was lost
+from ..dispatch import QueuedTask
 
 
 class PoolLink:

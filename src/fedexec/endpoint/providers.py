@@ -9,6 +9,7 @@ provider (PBS Pro, LSF, Torque, Condor, Kubernetes, clouds).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -249,8 +250,7 @@ class ParslProvider:
 
     def submit(self, block_id: str, command: str, env: dict[str, str]) -> str:
         # worker_init is the Parsl provider's own; the rest goes in the command
-        config = ProviderConfig(**{**self.config.__dict__, "worker_init": ""})
-        script = block_script(config, command, env)
+        script = block_script(dataclasses.replace(self.config, worker_init=""), command, env)
         try:
             job_id = self.provider.submit(script, 1, job_name=f"fedexec-{self.name}-{block_id}")
         except Exception as exc:

@@ -41,6 +41,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..outbox import ResultOutbox
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
@@ -50,27 +51,10 @@ log = logging.getLogger("fedexec.pool")
 POLL_MS = 100
 MAX_MESSAGES_PER_TURN = 2000
 REAP_INTERVAL = 0.1
-SLOW_TASK = 0.0005
-BATCH_WORK = 0.001
 EWMA_WEIGHT = 0.1
 DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking tasks
 WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
 ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
-
-
-class PoolTask:
-    """A task this pool holds: its row, argument blob and how it has fared."""
-
-    __slots__ = ("row", "args", "lost", "retried")
-
-    def __init__(self, row: list[Any], args: Any) -> None:
-        self.row = row
-        self.args = args
-        self.lost = 0      # times its worker died under it
-        self.retried = 0   # times it ran again after raising (its max_retries)
-
-    def option(self, key: str) -> Any:
-        return self.row[6].get(key) if len(self.row) == 7 else None
 
 
 class PoolManager:
@@ -109,7 +93,7 @@ class PoolManager:
         self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
         self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
         self.settings: dict[str, Any] = {}
-        self.queue: deque[PoolTask] = deque()
+        self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
@@ -213,7 +197,7 @@ class PoolManager:
         self.queue.clear()
         self._send(P.encode(P.HEARTBEAT, self._load()))
 
-    def _give_back(self, tasks: list[PoolTask]) -> None:
+    def _give_back(self, tasks: list[QueuedTask]) -> None:
         if not tasks:
             return
         for task in tasks:
@@ -256,10 +240,10 @@ class PoolManager:
                 if row[0] in self.held:
                     continue
                 if self.draining:  # crossed on the way: back it goes
-                    self._give_back([PoolTask(row, None)])
+                    self._give_back([QueuedTask(row, None)])
                     continue
                 self.held.add(row[0])
-                self.queue.append(PoolTask(row, P.blob(blobs, row[2])))
+                self.queue.append(QueuedTask(row, P.blob(blobs, row[2])))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.WELCOME:
@@ -306,13 +290,8 @@ class PoolManager:
                 ask.setdefault(slot.worker_id, []).append(task_id)
         for worker_id, tids in ask.items():
             self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": tids}))
-        kept: deque[PoolTask] = deque()
-        for task in self.queue:
-            if task.row[0] in task_ids:
-                self._result(task.row[0], P.CANCELLED, b"")
-            else:
-                kept.append(task)
-        self.queue = kept
+        for task in take_out(self.queue, task_ids):
+            self._result(task.row[0], P.CANCELLED, b"")
 
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self.outbox.add(task_id, status, blob, trace)
@@ -328,11 +307,8 @@ class PoolManager:
 
     # -- worker side ---------------------------------------------------------
     def batch_size(self) -> int:
-        """Tasks to hand a worker at once, from how long tasks have been taking."""
-        seconds = self.task_seconds
-        if seconds is None or seconds >= SLOW_TASK:
-            return 1
-        return max(1, min(self._setting("worker_batch", 64), int(BATCH_WORK / max(seconds, 1e-6))))
+        """Tasks to hand a worker at once now (``dispatch.worker_batch_size``)."""
+        return worker_batch_size(self.task_seconds, self._setting("worker_batch", 64))
 
     def _read_workers(self) -> None:
         for frames in P.waiting_messages(self.worker_sock, MAX_MESSAGES_PER_TURN):
@@ -484,7 +460,7 @@ class PoolManager:
         culprit = slot.marker.read()
         retries = self._setting("worker_lost_retries", 2)
         name = self._setting("endpoint", "")
-        survivors: list[PoolTask] = []
+        survivors: list[QueuedTask] = []
         for task_id, task in slot.tasks.items():
             self.at_worker.pop(task_id, None)
             if task_id != culprit:

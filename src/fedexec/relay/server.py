@@ -575,9 +575,8 @@ class Relay:
             args = P.blob(blobs, args_index)
             size = len(P.as_buffer(args))
             if size > self.max_payload:
-                self._reject(sender, task_id, P.TOO_LARGE,
-                             f"the arguments are {size:,} bytes pickled, over the relay's payload limit of "
-                             f"{self.max_payload:,} bytes", size=size, limit=self.max_payload)
+                message, details = P.too_large("the arguments", size, self.max_payload)
+                self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
@@ -686,9 +685,8 @@ class Relay:
             blob = P.blob(blobs, index)
             buffer = P.as_buffer(blob)
             if len(buffer) > self.max_payload:  # the endpoint should have refused it; never store or forward it
-                status, blob = P.FAILED, P.pack_failure(
-                    P.TOO_LARGE, f"the result is {len(buffer):,} bytes pickled, over the relay's payload limit "
-                                 f"of {self.max_payload:,} bytes", size=len(buffer), limit=self.max_payload)
+                message, details = P.too_large("the result", len(buffer), self.max_payload)
+                status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             self.store.add_result(task_id, status, buffer)
             if status == P.OK and record.options is not None and "m" in record.options:

@@ -1,0 +1,46 @@
+"""What the endpoint agent and its pools share about the tasks they hold and
+hand on: the queued task, taking tasks out of a queue, and how many quick
+tasks go to a worker at once."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Collection
+
+# Tasks shorter than SLOW_TASK go to workers in batches worth about
+# BATCH_WORK seconds each; slower ones one at a time.
+SLOW_TASK = 0.0005
+BATCH_WORK = 0.001
+
+
+class QueuedTask:
+    """A task held here: its row, its argument blob, and how it has fared."""
+
+    __slots__ = ("row", "args", "lost", "retried")
+
+    def __init__(self, row: list[Any], args: Any) -> None:
+        self.row = row
+        self.args = args
+        self.lost = 0      # times the worker or pool running it was lost
+        self.retried = 0   # times it ran again after raising (its max_retries)
+
+    def option(self, key: str) -> Any:
+        return self.row[6].get(key) if len(self.row) == 7 else None
+
+
+def take_out(queue: deque[QueuedTask], task_ids: Collection[bytes]) -> list[QueuedTask]:
+    """Remove the tasks with these ids from ``queue`` (in place); them, in order."""
+    taken = [task for task in queue if task.row[0] in task_ids]
+    if taken:
+        kept = [task for task in queue if task.row[0] not in task_ids]
+        queue.clear()
+        queue.extend(kept)
+    return taken
+
+
+def worker_batch_size(task_seconds: float | None, most: int) -> int:
+    """Tasks to hand a worker at once, from how long tasks have been taking
+    (a moving average; None before any finished), at most ``most``."""
+    if task_seconds is None or task_seconds >= SLOW_TASK:
+        return 1
+    return max(1, min(most, int(BATCH_WORK / max(task_seconds, 1e-6))))
