@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from . import protocol as P
 from .auth import AUTH_MODES
 from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
@@ -97,8 +98,10 @@ def relay_start(ns: argparse.Namespace) -> None:
             raise SystemExit("fedexec: --result-ttl must be greater than 0 seconds")
         argv += ["--result-ttl", str(ns.result_ttl)]
     if ns.max_payload is not None:
-        if ns.max_payload <= 0:
-            raise SystemExit("fedexec: --max-payload must be greater than 0 bytes")
+        try:
+            P.check_payload_limit(ns.max_payload)
+        except ValueError as exc:
+            raise SystemExit(f"fedexec: --max-payload: {exc}") from None
         argv += ["--max-payload", str(ns.max_payload)]
     argv += ["--auth", ns.auth]
     if ns.curve is not None:

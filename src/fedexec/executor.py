@@ -127,7 +127,7 @@ SHUTDOWN_SILENCE = 10.0
 # only an exception they can retry, whereas an endpoint that gives up exits
 # for good and must be restarted by hand.
 AUTH_GRACE = min(2.0, REFUSED_GRACE)
-RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
+RESUME_CHUNK = P.MAX_ITEMS   # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
 
@@ -232,7 +232,7 @@ class _Dispatcher(threading.Thread):
         self.auth_refused = False     # the relay refused our credentials (or ended our session)
         self.handshake: HandshakeWatch | None = None
         self.endpoint_id = endpoint_id
-        self.batch_size = batch_size
+        self.batch_size = min(batch_size, P.MAX_ITEMS)   # rows per SUBMIT: at most a message's limit
         self.batch_window = batch_window
         self.services = services
         self.client_id = uuid.uuid4().bytes
@@ -302,7 +302,7 @@ class _Dispatcher(threading.Thread):
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
+        sock = P.limit_frames(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.IDENTITY, b"C" + self.client_id)
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 0)
@@ -440,9 +440,10 @@ class _Dispatcher(threading.Thread):
                 self.stopping = True
         if self.out_rows and not (busy and self.batch_window > 0):
             self._send_batch()
-        if cancels and not self._send(P.encode(P.CANCEL, {"tids": cancels})):
-            # no connection: the tasks stay; cancel() says False once no answer came
-            log.warning("could not ask the relay to cancel %d task(s): no connection", len(cancels))
+        for part in P.chunks(cancels):
+            if not self._send(P.encode(P.CANCEL, {"tids": part})):
+                # no connection: the tasks stay; cancel() says False once no answer came
+                log.warning("could not ask the relay to cancel %d task(s): no connection", len(part))
 
     def _accept(self, item: _WorkItem) -> None:
         """Take a submitted task: drop it if cancelled meanwhile, serve it
@@ -603,9 +604,10 @@ class _Dispatcher(threading.Thread):
 
     def _ack(self, task_ids: list[bytes]) -> None:
         """Tell the relay these results arrived (it keeps them until then)."""
-        if not self._send(P.encode(P.ACK, {"tids": task_ids})):
-            self.unsent_acks.extend(task_ids)
-            self.unsent = True
+        for part in P.chunks(task_ids):
+            if not self._send(P.encode(P.ACK, {"tids": part})):
+                self.unsent_acks.extend(part)
+                self.unsent = True
 
     def _heard_from(self, incarnation: Any) -> None:
         if not isinstance(incarnation, bytes):

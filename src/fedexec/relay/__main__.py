@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.result_ttl <= 0:
         parser.error("--result-ttl must be greater than 0 seconds")
-    if ns.max_payload <= 0:
-        parser.error("--max-payload must be greater than 0 bytes")
+    try:
+        P.check_payload_limit(ns.max_payload)
+    except ValueError as exc:
+        parser.error(f"--max-payload: {exc}")
     globus = None
     if ns.auth == "globus":
         secret = os.environ.get("FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")

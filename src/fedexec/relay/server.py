@@ -68,8 +68,7 @@ class Relay:
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
-        if max_payload <= 0:
-            raise ValueError("max_payload must be greater than 0 bytes")
+        P.check_payload_limit(max_payload)
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
@@ -89,7 +88,7 @@ class Relay:
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
         self.zap = ZapHandler(self.ctx, self.access)
         self.zap.start()
-        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         # Encrypted (CURVE) unless asked otherwise, when anyone but this
         # machine could listen in.
         self.curve = curve if curve is not None else not P.is_loopback(address)
@@ -313,6 +312,8 @@ class Relay:
             self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
+        elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
+            self._take_back_held(self._endpoint_of(sender), sender, P.task_ids(msg.fields["tids"]))
         elif t == P.LOOKUP:
             self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
         elif t == P.SHARE:
@@ -443,8 +444,8 @@ class Relay:
         held_set -= state.dispatched.keys()
         if held_set:
             self._take_back_grouped(state, held_set)
-        if held_set:
-            self._send(sender, P.encode(P.CANCEL, {"tids": sorted(held_set)}))
+        for part in P.chunks(sorted(held_set)):
+            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
     def _take_back_grouped(self, state: EndpointState, held: set[bytes]) -> None:
         """Group tasks this endpoint holds that wait in their group's queue
@@ -755,6 +756,10 @@ class Relay:
             blobs = P.Blobs()
             queue = state.queue
             while queue and state.credit > 0:
+                if len(rows) >= P.MAX_ITEMS:   # a message's limit: this one goes, the next begins
+                    if not self._send_tasks(state, rows, blobs):
+                        break
+                    rows, blobs = [], P.Blobs()
                 record = queue.popleft()
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
@@ -771,10 +776,18 @@ class Relay:
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
-            if rows and not self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
-                log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
-                            state.name, state.endpoint_id, len(state.dispatched))
-                self.endpoints.disconnect(state)
+            if rows:
+                self._send_tasks(state, rows, blobs)
+
+    def _send_tasks(self, state: EndpointState, rows: list[list[Any]], blobs: P.Blobs) -> bool:
+        """One TASKS message to an endpoint; False (and it is marked
+        disconnected, its tasks re-queued) when it is unreachable."""
+        if self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
+            return True
+        log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
+                    state.name, state.endpoint_id, len(state.dispatched))
+        self.endpoints.disconnect(state)
+        return False
 
     def _route_groups(self) -> None:
         groups = self.endpoints.groups
@@ -862,17 +875,15 @@ class Relay:
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
             rows, blobs = self.client_results.get(client) or ([], P.Blobs())
-            fields: dict[str, Any] = {"rows": rows}
-            started = self.client_started.get(client)
-            if started:
-                fields["started"] = started
-            self._send(client, P.encode(P.RESULTS, fields, blobs.frames))
+            for frames in P.results_messages(rows, blobs.frames, self.client_started.get(client, ())):
+                self._send(client, frames)
         self.client_results.clear()
         self.client_started.clear()
         for endpoint_id, task_ids in self.endpoint_cancels.items():
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.connected:
-                self._send(state.routing_id, P.encode(P.CANCEL, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(state.routing_id, P.encode(P.CANCEL, {"tids": part}))
         self.endpoint_cancels.clear()
 
     def _send_committed(self) -> None:
@@ -884,10 +895,11 @@ class Relay:
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
-                if task_ids:
-                    self._send(client, P.encode(P.ACCEPTED, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
             for endpoint, task_ids in stored.items():
-                self._send(endpoint, P.encode(P.ACK, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(endpoint, P.encode(P.ACK, {"tids": part}))
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
