@@ -39,6 +39,7 @@ from .errors import (
     DeserializationError,
     NotAuthorized,
     PayloadTooLarge,
+    QuotaExceeded,
     RelayUnavailable,
     SerializationError,
     TaskLost,
@@ -206,6 +207,9 @@ def _failure_exception(blob: Any) -> BaseException:
                           exitcode=info.get("exitcode"))
     if kind == P.TOO_LARGE:
         return PayloadTooLarge(msg, size=int(info.get("size", 0)), limit=int(info.get("limit", 0)))
+    if kind == P.QUOTA:
+        return QuotaExceeded(msg, quota=str(info.get("quota", "")), usage=int(info.get("usage", 0)),
+                             limit=int(info.get("limit", 0)))
     if kind == P.TIMEOUT:
         return TaskTimeout(msg, timeout=float(info.get("timeout", 0.0)), endpoint=str(info.get("endpoint", "")))
     if kind == P.LOST:
@@ -642,6 +646,8 @@ class _Dispatcher(threading.Thread):
                         future._answered()
                 for row in msg.fields["rows"]:
                     task_id, status, index = row[:3]
+                    if status == P.FAILED and self._needs_function(task_id, P.blob(msg.blobs, index)):
+                        continue   # sent again with its function; not an outcome, not acknowledged
                     acks.append(task_id)
                     self.unaccepted.pop(task_id, None)
                     item = self.pending.pop(task_id, None)
@@ -682,6 +688,24 @@ class _Dispatcher(threading.Thread):
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
+
+    def _needs_function(self, task_id: bytes, blob: Any) -> bool:
+        """A task the relay refused because it came without its function body
+        (sent once per connection, see ``registered``) and the relay no longer
+        has it (a body goes with the last task using it): it goes again at
+        once, with its body. Whether the failure was that."""
+        item = self.pending.get(task_id)
+        if item is None:
+            return False
+        try:
+            if P.unpack_failure(blob).get("kind") != P.NEED_FUNCTION:
+                return False
+        except Exception:
+            return False
+        self.registered.discard(item.fn_hash)
+        self.unaccepted.pop(task_id, None)
+        self._add_to_batch(item)
+        return True
 
     def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
         """Identical memoized calls share their carrier's outcome; if the
@@ -936,6 +960,7 @@ class FederatedExecutor(Executor):
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
             self._check_size(payload)
+            self._check_size(fn_body, "the function")
         except (SerializationError, PayloadTooLarge) as exc:
             future.set_exception(exc)
             return future, None
@@ -947,11 +972,11 @@ class FederatedExecutor(Executor):
             item.trace = [submitted]
         return future, item
 
-    def _check_size(self, payload: bytes) -> None:
+    def _check_size(self, payload: bytes, what: str = "the arguments") -> None:
         limit = self._dispatcher.max_payload
         if limit is not None and len(payload) > limit:
-            raise PayloadTooLarge(f"the arguments are {len(payload):,} bytes pickled, over the relay's payload "
-                                  f"limit of {limit:,} bytes", size=len(payload), limit=limit)
+            message, details = P.too_large(what, len(payload), limit)
+            raise PayloadTooLarge(message, **details)
 
     def _post_group(self, group: list[_WorkItem]) -> None:
         """Hand tasks to the dispatcher, once there is room for them; if the

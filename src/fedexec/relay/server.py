@@ -26,6 +26,7 @@ from ..auth import load_or_create_secret, public_key_path, secret_path, write_se
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
 
@@ -62,13 +63,15 @@ class Relay:
                  remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
                  max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
                  auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None,
-                 routing: str | None = None) -> None:
+                 routing: str | None = None, max_tasks_per_user: int = DEFAULT_MAX_TASKS_PER_USER,
+                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         P.check_payload_limit(max_payload)
+        self.quotas = Quotas(max_tasks_per_user, max_bytes_per_user)
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
@@ -127,7 +130,7 @@ class Relay:
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.functions: dict[bytes, bytes] = {}
+        self.functions = FunctionBodies(self.store, self.quotas)
         self.stopping = False
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
@@ -163,6 +166,7 @@ class Relay:
             self.endpoints.add(EndpointState(endpoint_id, name, python, workers,
                                              access=EndpointAccess.unpack(owner, access)))
         count = 0
+        users_by_function: dict[bytes, list[str]] = defaultdict(list)
         for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
@@ -177,7 +181,12 @@ class Relay:
                 record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
                 state.queue.append(record)
             self.tasks[task_id] = record
+            users_by_function[fn_hash].append(user)
+            self.quotas.charge(user, 1, len(args))
             count += 1
+        self.functions.recover(users_by_function)
+        for task_id, user, size, finished in self.store.unacknowledged_results():
+            self.quotas.result_stored(task_id, user, size, finished)
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
@@ -222,6 +231,7 @@ class Relay:
                 if now >= next_expiry:
                     next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
                     self.store.expire_results(time.time() - self.result_ttl)
+                    self.quotas.expire(time.time() - self.result_ttl)
         finally:
             log.info("relay stopping")
             self.store.close()
@@ -309,7 +319,9 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
+            task_ids = P.task_ids(msg.fields["tids"])
+            self.store.acknowledge(task_ids, session.user)
+            self.quotas.acknowledged(task_ids, session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
         elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
@@ -531,6 +543,7 @@ class Relay:
         resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
         accepted = self.turn_accepted[sender]
         now = time.time()
+        quota_logged = False
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
             options = row[6] if len(row) == 7 else None
@@ -542,13 +555,17 @@ class Relay:
                 self._reject(sender, task_id, P.NOT_ALLOWED,
                              f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                 continue
+            body = None   # a body the relay does not have: stored once a task using it is accepted
             if fn_index != -1 and fn_hash not in self.functions:
+                size = len(P.as_buffer(P.blob(blobs, fn_index)))
+                if size > self.max_payload:
+                    message, details = P.too_large("the function", size, self.max_payload)
+                    self._reject(sender, task_id, P.TOO_LARGE, message, **details)
+                    continue
                 body = P.as_bytes(P.blob(blobs, fn_index))
                 if P.content_hash(body) != fn_hash:
                     self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
                     continue
-                self.functions[fn_hash] = body
-                self.store.add_function(fn_hash, body)
             held = self.tasks.get(task_id)
             if held is not None:
                 if held.user != user:
@@ -568,8 +585,12 @@ class Relay:
                              f"client runs Python {python} but endpoint {other.name!r} runs Python "
                              f"{other.python}; pickled functions need the same minor version")
                 continue
-            if self._function_body(fn_hash) is None:
-                self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
+            if body is None and fn_hash not in self.functions:
+                # sent without its body (the client sent it before), which went
+                # with the last task using it: the client sends this one again with it
+                self._reject(sender, task_id, P.NEED_FUNCTION,
+                             f"the relay no longer has function {fn_hash.hex()}: send it with the task",
+                             quiet=True)
                 continue
             if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
                 continue
@@ -579,6 +600,15 @@ class Relay:
                 message, details = P.too_large("the arguments", size, self.max_payload)
                 self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
+            over = self.quotas.refusal(user, 1, size + (len(body) if body is not None else 0))
+            if over is not None:
+                if not quota_logged:
+                    refusals.warning("refused user %r: submit tasks: %s", user, over[0])
+                    quota_logged = True
+                self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
+                continue
+            self.quotas.charge(user, 1, size)
+            self.functions.use(fn_hash, body, user)
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
                 record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
@@ -680,6 +710,7 @@ class Relay:
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
             del self.tasks[task_id]
+            self._finished(record)
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
                 self._unqueue(record)
@@ -690,6 +721,7 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             self.store.add_result(task_id, status, buffer)
+            self.quotas.result_stored(task_id, record.user, len(buffer), now)
             if status == P.OK and record.options is not None and "m" in record.options:
                 result = P.as_bytes(blob)
                 self._remember(record.options["m"], result)
@@ -736,6 +768,7 @@ class Relay:
                 continue
             if record.state == QUEUED:
                 del self.tasks[task_id]
+                self._finished(record)
                 self._unqueue(record)
                 self.store.add_result(task_id, P.CANCELLED, b"")
                 rows, blobs = self.client_results[sender]
@@ -763,9 +796,10 @@ class Relay:
                 record = queue.popleft()
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
-                    body = self._function_body(record.fn_hash)
+                    body = self.functions.get(record.fn_hash)
                     if body is None:
                         del self.tasks[record.task_id]
+                        self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
                         self.store.add_result(record.task_id, P.FAILED, b"")
@@ -863,14 +897,11 @@ class Relay:
         if len(routed) < len(taken):   # the rest go back in front, in their order
             queue.extendleft(reversed([record for record in taken if record.task_id not in routed]))
 
-    def _function_body(self, fn_hash: bytes) -> bytes | None:
-        """A function body by hash, from memory or (after a restart) the store."""
-        body = self.functions.get(fn_hash)
-        if body is None:
-            body = self.store.function_body(fn_hash)
-            if body is not None:
-                self.functions[fn_hash] = body
-        return body
+    def _finished(self, record: TaskRecord) -> None:
+        """A task left ``self.tasks`` (finished, cancelled or refused): its
+        user's quota and its function's count go down."""
+        self.quotas.release(record.user, 1, len(P.as_buffer(record.args)))
+        self.functions.release(record.fn_hash)
 
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
