@@ -27,7 +27,7 @@ from fedexec.serialize import serialize_arguments, serialize_function
 from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
 from test_faults import running_relay
 
-# Measured on a shared 2-core VM: the relay idles at ~45 MiB and peaks at
+# Measured on a shared 2-core VM: the relay idles at ~30 MiB and peaks at
 # ~160 MiB under this test's abuse (the largest shares: bob's bulky bodies, up
 # to his byte quota, and one 29 MiB frame read before its header is refused).
 RSS_BOUND = 300 * 1024 * 1024
