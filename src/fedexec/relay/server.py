@@ -34,6 +34,10 @@ log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
 
 MAX_MESSAGES_PER_TURN = 2000
+# A turn reads messages for at most this long before it commits and sends what
+# it has: a stream of costly messages (one user's large headers) delays the
+# others' results by one turn's worth, not by all of them.
+TURN_READ_BUDGET = 0.05
 MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
 # While this many rows wait for the store's writer, no more tasks go out to
@@ -281,6 +285,7 @@ class Relay:
     # -- input ---------------------------------------------------------------
     def _read_messages(self) -> None:
         sock = self.sock
+        deadline = time.monotonic() + TURN_READ_BUDGET
         for frames in P.waiting_messages(sock, MAX_MESSAGES_PER_TURN):
             sender = frames[0].bytes
             try:
@@ -295,6 +300,8 @@ class Relay:
             except Exception as exc:  # one bad message must not stop the relay for everyone
                 log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
                 self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
+            if time.monotonic() > deadline:
+                break   # the rest wait for the next turn, after this one's results have gone
 
     def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
@@ -482,6 +489,7 @@ class Relay:
         """A client (the same after a relay restart, or a new process
         reattaching) waits for these tasks of its user: their results go to
         it, and those already finished are sent from the record now."""
+        in_record = self.store.known_tasks([task_id for task_id in task_ids if task_id not in self.tasks])
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None:
@@ -489,7 +497,7 @@ class Relay:
                     self._not_theirs(sender, session, task_id, "reattach to")
                 else:
                     record.client = sender
-            elif self._answer_from_record(sender, session, task_id):
+            elif task_id in in_record and self._answer_from_record(sender, session, task_id):
                 continue
             elif not final:  # it may have finished with its result still in the writer's queue
                 self.turn_resumed[sender].append((session, task_id))

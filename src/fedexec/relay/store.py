@@ -387,6 +387,14 @@ class RelayStore:
                     continue
             yield (*row, args)
 
+    def known_tasks(self, task_ids: list[bytes]) -> set[bytes]:
+        """Which of these task ids (at most protocol.MAX_ITEMS) the record
+        holds, in one query: a flood of unknown ids costs one lookup, not one each."""
+        if not task_ids:
+            return set()
+        marks = ",".join("?" * len(task_ids))
+        return {row[0] for row in self.db.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", task_ids)}
+
     def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None, str] | None:
         """``(state, status, result, user)`` of a task in the record, None if
         unknown (a rare path: a client resuming after a restart, or reattaching)."""
