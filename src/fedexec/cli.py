@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from . import protocol as P
 from .auth import AUTH_MODES
 from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
@@ -97,9 +98,17 @@ def relay_start(ns: argparse.Namespace) -> None:
             raise SystemExit("fedexec: --result-ttl must be greater than 0 seconds")
         argv += ["--result-ttl", str(ns.result_ttl)]
     if ns.max_payload is not None:
-        if ns.max_payload <= 0:
-            raise SystemExit("fedexec: --max-payload must be greater than 0 bytes")
+        try:
+            P.check_payload_limit(ns.max_payload)
+        except ValueError as exc:
+            raise SystemExit(f"fedexec: --max-payload: {exc}") from None
         argv += ["--max-payload", str(ns.max_payload)]
+    for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
+                                                                          ns.max_bytes_per_user)):
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"fedexec: {flag} must be greater than 0")
+            argv += [flag, str(value)]
     argv += ["--auth", ns.auth]
     if ns.curve is not None:
         argv += ["--curve" if ns.curve else "--no-curve"]
@@ -471,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true", help="run in the background")
     p.add_argument("--result-ttl", type=float, help="seconds a result nobody fetched is kept (default 7 days)")
     p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 10 MiB)")
+    p.add_argument("--max-tasks-per-user", type=int,
+                   help="tasks one user may have in flight at the relay (default 1,000,000)")
+    p.add_argument("--max-bytes-per-user", type=int,
+                   help="bytes one user may have stored at the relay: arguments, results not yet fetched, "
+                        "function bodies (default 4 GiB)")
     p.add_argument("--auth", choices=AUTH_MODES, default="local",
                    help="local: a secret file for this machine's user (default); token: per-user API tokens "
                         "(relay add-user, token create); globus: Globus Auth tokens")

@@ -104,6 +104,19 @@ class PayloadTooLarge(FedexecError):
         self.limit = limit
 
 
+class QuotaExceeded(FedexecError):
+    """The relay refused the task: its user is at a quota (tasks in flight,
+    ``fedexec relay start --max-tasks-per-user``, or bytes stored,
+    ``--max-bytes-per-user``). The message names the quota, the usage and
+    the limit; ``.quota`` is "tasks" or "bytes"."""
+
+    def __init__(self, message: str, *, quota: str = "", usage: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.quota = quota
+        self.usage = usage
+        self.limit = limit
+
+
 class AuthenticationFailed(FedexecError, PermissionError):
     """The relay refused this connection's credentials, or needs some and
     none were found (see ``token=`` and ``FEDEXEC_TOKEN``)."""

@@ -39,6 +39,7 @@ from .errors import (
     DeserializationError,
     NotAuthorized,
     PayloadTooLarge,
+    QuotaExceeded,
     RelayUnavailable,
     SerializationError,
     TaskLost,
@@ -127,7 +128,7 @@ SHUTDOWN_SILENCE = 10.0
 # only an exception they can retry, whereas an endpoint that gives up exits
 # for good and must be restarted by hand.
 AUTH_GRACE = min(2.0, REFUSED_GRACE)
-RESUME_CHUNK = 10_000    # task ids per RESUME message after a relay restart
+RESUME_CHUNK = P.MAX_ITEMS   # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
 
@@ -206,6 +207,9 @@ def _failure_exception(blob: Any) -> BaseException:
                           exitcode=info.get("exitcode"))
     if kind == P.TOO_LARGE:
         return PayloadTooLarge(msg, size=int(info.get("size", 0)), limit=int(info.get("limit", 0)))
+    if kind == P.QUOTA:
+        return QuotaExceeded(msg, quota=str(info.get("quota", "")), usage=int(info.get("usage", 0)),
+                             limit=int(info.get("limit", 0)))
     if kind == P.TIMEOUT:
         return TaskTimeout(msg, timeout=float(info.get("timeout", 0.0)), endpoint=str(info.get("endpoint", "")))
     if kind == P.LOST:
@@ -232,7 +236,7 @@ class _Dispatcher(threading.Thread):
         self.auth_refused = False     # the relay refused our credentials (or ended our session)
         self.handshake: HandshakeWatch | None = None
         self.endpoint_id = endpoint_id
-        self.batch_size = batch_size
+        self.batch_size = min(batch_size, P.MAX_ITEMS)   # rows per SUBMIT: at most a message's limit
         self.batch_window = batch_window
         self.services = services
         self.client_id = uuid.uuid4().bytes
@@ -302,7 +306,7 @@ class _Dispatcher(threading.Thread):
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
+        sock = P.limit_frames(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.IDENTITY, b"C" + self.client_id)
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 0)
@@ -440,9 +444,10 @@ class _Dispatcher(threading.Thread):
                 self.stopping = True
         if self.out_rows and not (busy and self.batch_window > 0):
             self._send_batch()
-        if cancels and not self._send(P.encode(P.CANCEL, {"tids": cancels})):
-            # no connection: the tasks stay; cancel() says False once no answer came
-            log.warning("could not ask the relay to cancel %d task(s): no connection", len(cancels))
+        for part in P.chunks(cancels):
+            if not self._send(P.encode(P.CANCEL, {"tids": part})):
+                # no connection: the tasks stay; cancel() says False once no answer came
+                log.warning("could not ask the relay to cancel %d task(s): no connection", len(part))
 
     def _accept(self, item: _WorkItem) -> None:
         """Take a submitted task: drop it if cancelled meanwhile, serve it
@@ -603,9 +608,10 @@ class _Dispatcher(threading.Thread):
 
     def _ack(self, task_ids: list[bytes]) -> None:
         """Tell the relay these results arrived (it keeps them until then)."""
-        if not self._send(P.encode(P.ACK, {"tids": task_ids})):
-            self.unsent_acks.extend(task_ids)
-            self.unsent = True
+        for part in P.chunks(task_ids):
+            if not self._send(P.encode(P.ACK, {"tids": part})):
+                self.unsent_acks.extend(part)
+                self.unsent = True
 
     def _heard_from(self, incarnation: Any) -> None:
         if not isinstance(incarnation, bytes):
@@ -640,6 +646,8 @@ class _Dispatcher(threading.Thread):
                         future._answered()
                 for row in msg.fields["rows"]:
                     task_id, status, index = row[:3]
+                    if status == P.FAILED and self._needs_function(task_id, P.blob(msg.blobs, index)):
+                        continue   # sent again with its function; not an outcome, not acknowledged
                     acks.append(task_id)
                     self.unaccepted.pop(task_id, None)
                     item = self.pending.pop(task_id, None)
@@ -680,6 +688,24 @@ class _Dispatcher(threading.Thread):
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
+
+    def _needs_function(self, task_id: bytes, blob: Any) -> bool:
+        """A task the relay refused because it came without its function body
+        (sent once per connection, see ``registered``) and the relay no longer
+        has it (a body goes with the last task using it): it goes again at
+        once, with its body. Whether the failure was that."""
+        item = self.pending.get(task_id)
+        if item is None:
+            return False
+        try:
+            if P.unpack_failure(blob).get("kind") != P.NEED_FUNCTION:
+                return False
+        except Exception:
+            return False
+        self.registered.discard(item.fn_hash)
+        self.unaccepted.pop(task_id, None)
+        self._add_to_batch(item)
+        return True
 
     def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
         """Identical memoized calls share their carrier's outcome; if the
@@ -934,6 +960,7 @@ class FederatedExecutor(Executor):
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
             self._check_size(payload)
+            self._check_size(fn_body, "the function")
         except (SerializationError, PayloadTooLarge) as exc:
             future.set_exception(exc)
             return future, None
@@ -945,11 +972,11 @@ class FederatedExecutor(Executor):
             item.trace = [submitted]
         return future, item
 
-    def _check_size(self, payload: bytes) -> None:
+    def _check_size(self, payload: bytes, what: str = "the arguments") -> None:
         limit = self._dispatcher.max_payload
         if limit is not None and len(payload) > limit:
-            raise PayloadTooLarge(f"the arguments are {len(payload):,} bytes pickled, over the relay's payload "
-                                  f"limit of {limit:,} bytes", size=len(payload), limit=limit)
+            message, details = P.too_large(what, len(payload), limit)
+            raise PayloadTooLarge(message, **details)
 
     def _post_group(self, group: list[_WorkItem]) -> None:
         """Hand tasks to the dispatcher, once there is room for them; if the

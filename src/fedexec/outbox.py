@@ -59,13 +59,14 @@ class ResultOutbox:
             return default
         return max(0, math.ceil((self.since + FLUSH_DELAY - now) * 1000))
 
-    def take(self, **fields: Any) -> list[Any]:
-        """The RESULTS message of everything here (with ``fields``), emptied.
+    def take(self, **fields: Any) -> list[list[Any]]:
+        """The RESULTS messages of everything here (``fields`` with the first;
+        more than one when more than MAX_ITEMS rows or notices wait), emptied.
         A task that finished is not also announced as started."""
-        fields["rows"] = self.rows
-        if self.started:
+        started = self.started
+        if started:
             finished = {row[0] for row in self.rows}
-            fields["started"] = [t for t in self.started if t not in finished]
-        frames = P.encode(P.RESULTS, fields, self.blobs.frames)
+            started = [t for t in started if t not in finished]
+        messages = P.results_messages(self.rows, self.blobs.frames, started, **fields)
         self.rows, self.blobs, self.started = [], P.Blobs(), []
-        return frames
+        return messages

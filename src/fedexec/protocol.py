@@ -37,6 +37,8 @@ CANCEL = "cancel"        # {tids}
 ACK = "ack"              # {tids}: client -> relay: results received, relay may forget them;
                          #         relay -> endpoint: results stored, endpoint may forget them
 RESUME = "resume"        # {tids}: a client waits for these accepted tasks: route their results to it
+HOLDING = "holding"      # {tids}: endpoint -> relay, pool -> endpoint, right after HELLO: more task ids it
+                         #   holds than one HELLO's "holding" list carries (MAX_ITEMS each)
 LOOKUP = "lookup"        # {ep}
 CREDIT = "credit"        # {n}: endpoint can take n more tasks
 SHARE = "share"          # {ep, public?, add_users?, remove_users?, add_groups?, remove_groups?}: owner only
@@ -84,9 +86,39 @@ LOST = "lost"            # the relay has no record of the task (never accepted, 
 NOT_ALLOWED = "not_allowed"  # the user may not do this (someone else's endpoint, a function not allowed)
 TIMEOUT = "timeout"      # the task ran longer than its walltime and was stopped
 TOO_LARGE = "too_large"  # arguments or result over the relay's payload limit
+QUOTA = "quota"          # the user's tasks in flight or bytes stored at the relay are at its quota
+                         #   (details: quota = "tasks" | "bytes", usage, limit)
+NEED_FUNCTION = "need_function"  # the task came without its function body (fn_index -1) and the relay no
+                                 #   longer has it (it expired with the last task using it): send it again
+                                 #   with the body. Not a final outcome: the client neither acknowledges it
+                                 #   nor shows it to the user.
 
 DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # bytes of pickled arguments or result, as Globus Compute's 10 MB
 
+# Limits every part holds to, so that no message can make a receiver buffer,
+# decode or loop over much (issue 12).
+# MAX_FRAME: zmq.MAXMSGSIZE on every socket that reads from another program
+# (see limit_frames). libzmq applies it to each frame, not to a multipart
+# message as a whole (checked with libzmq 4.3.5: two 600-byte frames pass a
+# 1000-byte limit, one frame of 1001 bytes drops the sender's connection), so
+# a payload travels in a frame of its own and must fit one: the relay's
+# max_payload is at most MAX_FRAME minus a little room (MAX_PAYLOAD_LIMIT).
+MAX_FRAME = 32 * 1024 * 1024
+MAX_PAYLOAD_LIMIT = MAX_FRAME - 64 * 1024
+# MAX_HEADER: bytes of a header frame. A header holds rows and small inline
+# payloads only; decoding one is bounded by its size (msgpack makes at most
+# ~72 bytes of Python objects per byte: one empty map per byte), so a larger
+# header is refused before it is decoded.
+MAX_HEADER = 512 * 1024
+# MAX_ITEMS: items of any list in a header (task rows, result rows, task ids of
+# RESUME, CANCEL, ACK, ACCEPTED, started, holding), checked while decoding.
+# Senders split longer lists over several messages (chunks()).
+MAX_ITEMS = 1024
+# Inline payload bytes in one message (Blobs); payloads beyond this go as
+# frames, so MAX_ITEMS rows of at most ~240 bytes each and the inline
+# payloads fit MAX_HEADER.
+INLINE_BUDGET = 128 * 1024
+MAX_MAP = 256        # keys of any map in a header
 
 INLINE_MAX = 8 * 1024
 
@@ -100,13 +132,16 @@ class Blobs:
     """The payloads of one outgoing message: :meth:`ref` gives what a row
     carries for a payload (the bytes themselves, or a frame index)."""
 
-    __slots__ = ("frames",)
+    __slots__ = ("frames", "inline")
 
     def __init__(self) -> None:
         self.frames: list[Any] = []
+        self.inline = 0   # bytes inline so far (at most INLINE_BUDGET)
 
     def ref(self, blob: Any) -> bytes | int:
-        if len(blob) <= INLINE_MAX:
+        size = len(blob)
+        if size <= INLINE_MAX and self.inline + size <= INLINE_BUDGET:
+            self.inline += size
             return blob if type(blob) is bytes else as_bytes(blob)
         self.frames.append(blob)
         return len(self.frames) - 1
@@ -117,6 +152,43 @@ class Blobs:
         if trace is not None:
             row.append(trace)
         return row
+
+
+def split_rows(rows: list[list[Any]], frames: list[Any]) -> Iterator[tuple[list[list[Any]], list[Any]]]:
+    """Result rows (their payload reference in field 2) and the frames they
+    refer to, as the ``(rows, frames)`` of messages of at most MAX_ITEMS rows,
+    each with its frames renumbered. The inline payloads of all of them were
+    within one INLINE_BUDGET, so each part is too."""
+    if len(rows) <= MAX_ITEMS:
+        yield rows, frames
+        return
+    for part in chunks(rows):
+        own: list[Any] = []
+        out = []
+        for row in part:
+            ref = row[2]
+            if type(ref) is int:
+                own.append(frames[ref])
+                row = [row[0], row[1], len(own) - 1, *row[3:]]
+            out.append(row)
+        yield out, own
+
+
+def results_messages(rows: list[list[Any]], frames: list[Any], started: Sequence[bytes] = (),
+                     **fields: Any) -> list[list[Any]]:
+    """RESULTS messages for result rows (referring to ``frames``) and start
+    notices, each within MAX_ITEMS; ``fields`` (credit, ...) go with the first."""
+    parts = list(split_rows(rows, frames))
+    notices = list(chunks(started))
+    messages = []
+    for i in range(max(len(parts), len(notices))):
+        part_rows, part_frames = parts[i] if i < len(parts) else ([], [])
+        header: dict[str, Any] = dict(fields) if i == 0 else {}
+        header["rows"] = part_rows
+        if i < len(notices):
+            header["started"] = notices[i]
+        messages.append(encode(RESULTS, header, part_frames))
+    return messages
 
 
 def as_bytes(blob: Any) -> bytes:
@@ -148,6 +220,29 @@ def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
             yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
+
+
+def limit_frames(sock: zmq.Socket) -> zmq.Socket:
+    """Refuse frames over MAX_FRAME on ``sock`` (libzmq drops the connection
+    of a peer that sends one, before buffering it)."""
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    return sock
+
+
+def chunks(items: Sequence[Any], size: int = MAX_ITEMS) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of at most ``size``: the lists of the messages that
+    carry them (none for no items)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def check_payload_limit(max_payload: int) -> int:
+    """A relay's max_payload, checked: every payload travels in one frame."""
+    if type(max_payload) is not int or not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
+        raise ValueError(f"max_payload must be from 1 to {MAX_PAYLOAD_LIMIT:,} bytes (a payload travels in one "
+                         f"frame of at most {MAX_FRAME:,} bytes; larger payloads are not supported yet), "
+                         f"not {max_payload!r}")
+    return max_payload
 
 
 class ProtocolError(ValueError):
@@ -186,8 +281,19 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("empty message")
     head = frames[0]
     raw = head.buffer if hasattr(head, "buffer") else head
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(raw):,} bytes, over the limit of {MAX_HEADER:,} bytes (MAX_HEADER)")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_array_len=MAX_ITEMS,
+                                 max_map_len=MAX_MAP, max_str_len=MAX_HEADER, max_bin_len=MAX_HEADER,
+                                 max_ext_len=0)
+    except ValueError as exc:
+        if "exceeds max_array_len" in str(exc):
+            raise ProtocolError(f"a list in the header has more than {MAX_ITEMS} items, the limit per message "
+                                "(MAX_ITEMS)") from None
+        if "exceeds max_map_len" in str(exc):
+            raise ProtocolError(f"a map in the header has more than {MAX_MAP} keys (MAX_MAP)") from None
+        raise ProtocolError(f"undecodable header: {exc}") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"undecodable header: {exc}") from None
     if not isinstance(header, dict):
@@ -294,6 +400,8 @@ def endpoint_group(value: Any) -> tuple[str, ...]:
 def task_ids(values: Any) -> list[bytes]:
     if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
         raise ProtocolError("task ids must be a list of bytes")
+    if len(values) > MAX_ITEMS:  # decode() refuses longer lists; this is for lists made here
+        raise ProtocolError(f"{len(values)} task ids in one message, over the limit of {MAX_ITEMS} (MAX_ITEMS)")
     return values
 
 

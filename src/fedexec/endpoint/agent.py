@@ -81,7 +81,7 @@ class EndpointAgent:
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
-        self.pool_sock = self.ctx.socket(zmq.ROUTER)
+        self.pool_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         self.pool_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pool_sock.setsockopt(zmq.LINGER, 0)
         self.pool_sock.setsockopt(zmq.SNDHWM, 0)
@@ -123,7 +123,7 @@ class EndpointAgent:
         return max(most, sum(pool.workers for pool in self.pools.values()))
 
     def _relay_socket(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
+        sock = P.limit_frames(self.ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
         sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
         sock.setsockopt(zmq.LINGER, 1000)
@@ -255,12 +255,16 @@ class EndpointAgent:
 
     def _hello(self) -> None:
         holding = list(self.holding)
+        more = holding[P.MAX_ITEMS:]   # a message's limit: the rest follow in HOLDING messages
+        holding = holding[:P.MAX_ITEMS]
         self._send_relay(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
         }))
+        for part in P.chunks(more):
+            self._send_relay(P.encode(P.HOLDING, {"tids": part}))
 
     def _send_relay(self, frames: list[Any]) -> bool:
         """Send to the relay without ever blocking the loop: with no
@@ -419,7 +423,8 @@ class EndpointAgent:
             if pool is not None:
                 ask.setdefault(pool.pool_id, []).append(task_id)
         for pool_id, tids in ask.items():
-            self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": tids}))
+            for part in P.chunks(tids):
+                self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": part}))
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
 
@@ -436,7 +441,8 @@ class EndpointAgent:
         blobs = P.Blobs()
         rows = [blobs.result_row(task_id, *outcome) for task_id, outcome in self.unstored.items()]
         log.info("sending %d result(s) again that the relay had not stored", len(rows))
-        self._send_relay(P.encode(P.RESULTS, {"rows": rows}, blobs.frames))
+        for frames in P.results_messages(rows, blobs.frames):
+            self._send_relay(frames)
 
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self.outbox.add(task_id, status, blob, trace)
@@ -458,7 +464,8 @@ class EndpointAgent:
         for row in self.outbox.rows:
             if len(row) == 4:
                 row[3].append(now)
-        self._send_relay(self.outbox.take(credit=self._grant()))
+        for frames in self.outbox.take(credit=self._grant()):
+            self._send_relay(frames)
 
     # -- pool side -------------------------------------------------------------
     def _read_pools(self) -> None:
@@ -478,6 +485,8 @@ class EndpointAgent:
                         self._on_pool_results(pool, msg)
                     elif msg.type == P.HEARTBEAT:
                         self._on_pool_load(pool, msg.fields)
+                    elif msg.type == P.HOLDING:   # more of what its HELLO said it holds
+                        self._take_back_held(pool, P.task_ids(msg.fields["tids"]))
                     elif msg.type == P.BYE:
                         self._pool_gone(pool, "stopped")
             except Exception as exc:
@@ -521,8 +530,8 @@ class EndpointAgent:
             self.at_pool[task.row[0]] = pool
             pool.known_functions.add(task.row[1])
         foreign = [t for t in held if t not in pool.tasks]
-        if foreign:
-            self._send_pool(pool.pool_id, P.encode(P.CANCEL, {"tids": foreign}))
+        for part in P.chunks(foreign):
+            self._send_pool(pool.pool_id, P.encode(P.CANCEL, {"tids": part}))
         pool.note_load()
 
     def _on_pool_load(self, pool: PoolLink, fields: dict[str, Any]) -> None:
@@ -633,6 +642,9 @@ class EndpointAgent:
             self._send_to_pool(pool, min(pool.room(per_worker), share))
 
     def _send_to_pool(self, pool: PoolLink, count: int) -> None:
+        while count > P.MAX_ITEMS:   # a message's limit: more go in more messages
+            self._send_to_pool(pool, P.MAX_ITEMS)
+            count -= P.MAX_ITEMS
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         bodies_sent: list[bytes] = []

@@ -73,7 +73,7 @@ class PoolManager:
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
-        self.endpoint = self.ctx.socket(zmq.DEALER)
+        self.endpoint = P.limit_frames(self.ctx.socket(zmq.DEALER))
         self.endpoint.setsockopt(zmq.IDENTITY, pool_id)
         self.endpoint.setsockopt(zmq.LINGER, 2000)
         self.endpoint.setsockopt(zmq.SNDHWM, 0)
@@ -86,7 +86,7 @@ class PoolManager:
             self.endpoint.curve_serverkey = endpoint_key.encode()
             self.endpoint.curve_publickey = public
             self.endpoint.curve_secretkey = secret_key
-        self.worker_sock = self.ctx.socket(zmq.ROUTER)
+        self.worker_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")
@@ -157,11 +157,14 @@ class PoolManager:
 
     def _hello(self) -> None:
         r = self.resources
+        held = sorted(self.held)
         self._send(P.encode(P.HELLO, {
             "role": "pool", "secret": self.secret, "block": self.block_id, "host": socket.gethostname(),
             "pid": os.getpid(), "py": P.PYTHON_VERSION, "workers": self.workers, "cores": r.cores,
-            "mem": r.memory, "gpus": r.gpus, "ends": self.ends_at, "holding": sorted(self.held),
+            "mem": r.memory, "gpus": r.gpus, "ends": self.ends_at, "holding": held[:P.MAX_ITEMS],
         }))
+        for part in P.chunks(held[P.MAX_ITEMS:]):   # a message's limit: the rest follow
+            self._send(P.encode(P.HOLDING, {"tids": part}))
 
     def _load(self) -> dict[str, Any]:
         """What the endpoint's status shows of this pool."""
@@ -202,8 +205,8 @@ class PoolManager:
             return
         for task in tasks:
             self.held.discard(task.row[0])
-        self._send(P.encode(P.RESULTS, {"rows": [], "returned": [t.row[0] for t in tasks],
-                                        "draining": self.draining}))
+        for part in P.chunks([t.row[0] for t in tasks]):
+            self._send(P.encode(P.RESULTS, {"rows": [], "returned": part, "draining": self.draining}))
 
     def _shutdown(self) -> None:
         self._flush()
@@ -289,7 +292,8 @@ class PoolManager:
             else:
                 ask.setdefault(slot.worker_id, []).append(task_id)
         for worker_id, tids in ask.items():
-            self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": tids}))
+            for part in P.chunks(tids):
+                self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": part}))
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
 
@@ -303,7 +307,8 @@ class PoolManager:
 
     def _flush(self) -> None:
         if self.outbox:
-            self._send(self.outbox.take(**({} if self.task_seconds is None else {"avg": self.task_seconds})))
+            for frames in self.outbox.take(**({} if self.task_seconds is None else {"avg": self.task_seconds})):
+                self._send(frames)
 
     # -- worker side ---------------------------------------------------------
     def batch_size(self) -> int:
@@ -371,6 +376,7 @@ class PoolManager:
             self._send_batch(slot, min(limit - len(slot.tasks), share))
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
+        count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         while self.queue and len(rows) < count:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import protocol as P
 from .access import MODES, GlobusTokenCheck
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a result nobody fetched is kept (default: 7 days)")
     parser.add_argument("--max-payload", type=int, default=P.DEFAULT_MAX_PAYLOAD,
                         help="largest pickled arguments or result accepted, in bytes (default 10 MiB)")
+    parser.add_argument("--max-tasks-per-user", type=int, default=DEFAULT_MAX_TASKS_PER_USER,
+                        help="tasks one user may have in flight (accepted, not finished)")
+    parser.add_argument("--max-bytes-per-user", type=int, default=DEFAULT_MAX_BYTES_PER_USER,
+                        help="bytes one user may have stored (arguments, unacknowledged results, functions)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--auth", choices=MODES, default="local",
@@ -40,8 +45,14 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if ns.result_ttl <= 0:
         parser.error("--result-ttl must be greater than 0 seconds")
-    if ns.max_payload <= 0:
-        parser.error("--max-payload must be greater than 0 bytes")
+    try:
+        P.check_payload_limit(ns.max_payload)
+    except ValueError as exc:
+        parser.error(f"--max-payload: {exc}")
+    for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
+                                                                          ns.max_bytes_per_user)):
+        if value <= 0:
+            parser.error(f"{flag} must be greater than 0")
     globus = None
     if ns.auth == "globus":
         secret = os.environ.get("FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
@@ -51,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
     Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
           result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
-          auth=ns.auth, curve=ns.curve, globus=globus).serve_forever()
+          auth=ns.auth, curve=ns.curve, globus=globus, max_tasks_per_user=ns.max_tasks_per_user,
+          max_bytes_per_user=ns.max_bytes_per_user).serve_forever()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
     or at ``timeout`` if that comes first.
     """
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock = P.limit_frames(ctx.socket(zmq.DEALER))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)

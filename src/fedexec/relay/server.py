@@ -26,6 +26,7 @@ from ..auth import load_or_create_secret, public_key_path, secret_path, write_se
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
 
@@ -33,6 +34,10 @@ log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
 
 MAX_MESSAGES_PER_TURN = 2000
+# A turn reads messages for at most this long before it commits and sends what
+# it has: a stream of costly messages (one user's large headers) delays the
+# others' results by one turn's worth, not by all of them.
+TURN_READ_BUDGET = 0.05
 MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
 # While this many rows wait for the store's writer, no more tasks go out to
@@ -62,14 +67,15 @@ class Relay:
                  remove_on_exit: Path | None = None, result_ttl: float = DEFAULT_RESULT_TTL,
                  max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
                  auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None,
-                 routing: str | None = None) -> None:
+                 routing: str | None = None, max_tasks_per_user: int = DEFAULT_MAX_TASKS_PER_USER,
+                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
-        if max_payload <= 0:
-            raise ValueError("max_payload must be greater than 0 bytes")
+        P.check_payload_limit(max_payload)
+        self.quotas = Quotas(max_tasks_per_user, max_bytes_per_user)
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
@@ -89,7 +95,7 @@ class Relay:
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
         self.zap = ZapHandler(self.ctx, self.access)
         self.zap.start()
-        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         # Encrypted (CURVE) unless asked otherwise, when anyone but this
         # machine could listen in.
         self.curve = curve if curve is not None else not P.is_loopback(address)
@@ -128,7 +134,7 @@ class Relay:
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.functions: dict[bytes, bytes] = {}
+        self.functions = FunctionBodies(self.store, self.quotas)
         self.stopping = False
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
@@ -164,6 +170,7 @@ class Relay:
             self.endpoints.add(EndpointState(endpoint_id, name, python, workers,
                                              access=EndpointAccess.unpack(owner, access)))
         count = 0
+        users_by_function: dict[bytes, list[str]] = defaultdict(list)
         for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
@@ -178,7 +185,12 @@ class Relay:
                 record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
                 state.queue.append(record)
             self.tasks[task_id] = record
+            users_by_function[fn_hash].append(user)
+            self.quotas.charge(user, 1, len(args))
             count += 1
+        self.functions.recover(users_by_function)
+        for task_id, user, size, finished in self.store.unacknowledged_results():
+            self.quotas.result_stored(task_id, user, size, finished)
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
@@ -223,6 +235,7 @@ class Relay:
                 if now >= next_expiry:
                     next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
                     self.store.expire_results(time.time() - self.result_ttl)
+                    self.quotas.expire(time.time() - self.result_ttl)
         finally:
             log.info("relay stopping")
             self.store.close()
@@ -272,6 +285,7 @@ class Relay:
     # -- input ---------------------------------------------------------------
     def _read_messages(self) -> None:
         sock = self.sock
+        deadline = time.monotonic() + TURN_READ_BUDGET
         for frames in P.waiting_messages(sock, MAX_MESSAGES_PER_TURN):
             sender = frames[0].bytes
             try:
@@ -286,6 +300,8 @@ class Relay:
             except Exception as exc:  # one bad message must not stop the relay for everyone
                 log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
                 self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
+            if time.monotonic() > deadline:
+                break   # the rest wait for the next turn, after this one's results have gone
 
     def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
@@ -310,9 +326,13 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
+            task_ids = P.task_ids(msg.fields["tids"])
+            self.store.acknowledge(task_ids, session.user)
+            self.quotas.acknowledged(task_ids, session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
+        elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
+            self._take_back_held(self._endpoint_of(sender), sender, P.task_ids(msg.fields["tids"]))
         elif t == P.LOOKUP:
             self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
         elif t == P.SHARE:
@@ -443,8 +463,8 @@ class Relay:
         held_set -= state.dispatched.keys()
         if held_set:
             self._take_back_grouped(state, held_set)
-        if held_set:
-            self._send(sender, P.encode(P.CANCEL, {"tids": sorted(held_set)}))
+        for part in P.chunks(sorted(held_set)):
+            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
     def _take_back_grouped(self, state: EndpointState, held: set[bytes]) -> None:
         """Group tasks this endpoint holds that wait in their group's queue
@@ -469,6 +489,7 @@ class Relay:
         """A client (the same after a relay restart, or a new process
         reattaching) waits for these tasks of its user: their results go to
         it, and those already finished are sent from the record now."""
+        in_record = self.store.known_tasks([task_id for task_id in task_ids if task_id not in self.tasks])
         for task_id in task_ids:
             record = self.tasks.get(task_id)
             if record is not None:
@@ -476,7 +497,7 @@ class Relay:
                     self._not_theirs(sender, session, task_id, "reattach to")
                 else:
                     record.client = sender
-            elif self._answer_from_record(sender, session, task_id):
+            elif task_id in in_record and self._answer_from_record(sender, session, task_id):
                 continue
             elif not final:  # it may have finished with its result still in the writer's queue
                 self.turn_resumed[sender].append((session, task_id))
@@ -530,6 +551,7 @@ class Relay:
         resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
         accepted = self.turn_accepted[sender]
         now = time.time()
+        quota_logged = False
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
             options = row[6] if len(row) == 7 else None
@@ -541,13 +563,17 @@ class Relay:
                 self._reject(sender, task_id, P.NOT_ALLOWED,
                              f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                 continue
+            body = None   # a body the relay does not have: stored once a task using it is accepted
             if fn_index != -1 and fn_hash not in self.functions:
+                size = len(P.as_buffer(P.blob(blobs, fn_index)))
+                if size > self.max_payload:
+                    message, details = P.too_large("the function", size, self.max_payload)
+                    self._reject(sender, task_id, P.TOO_LARGE, message, **details)
+                    continue
                 body = P.as_bytes(P.blob(blobs, fn_index))
                 if P.content_hash(body) != fn_hash:
                     self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
                     continue
-                self.functions[fn_hash] = body
-                self.store.add_function(fn_hash, body)
             held = self.tasks.get(task_id)
             if held is not None:
                 if held.user != user:
@@ -567,8 +593,12 @@ class Relay:
                              f"client runs Python {python} but endpoint {other.name!r} runs Python "
                              f"{other.python}; pickled functions need the same minor version")
                 continue
-            if self._function_body(fn_hash) is None:
-                self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
+            if body is None and fn_hash not in self.functions:
+                # sent without its body (the client sent it before), which went
+                # with the last task using it: the client sends this one again with it
+                self._reject(sender, task_id, P.NEED_FUNCTION,
+                             f"the relay no longer has function {fn_hash.hex()}: send it with the task",
+                             quiet=True)
                 continue
             if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
                 continue
@@ -578,6 +608,15 @@ class Relay:
                 message, details = P.too_large("the arguments", size, self.max_payload)
                 self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
+            over = self.quotas.refusal(user, 1, size + (len(body) if body is not None else 0))
+            if over is not None:
+                if not quota_logged:
+                    refusals.warning("refused user %r: submit tasks: %s", user, over[0])
+                    quota_logged = True
+                self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
+                continue
+            self.quotas.charge(user, 1, size)
+            self.functions.use(fn_hash, body, user)
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
                 record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
@@ -679,6 +718,7 @@ class Relay:
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
             del self.tasks[task_id]
+            self._finished(record)
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
                 self._unqueue(record)
@@ -689,6 +729,7 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             self.store.add_result(task_id, status, buffer)
+            self.quotas.result_stored(task_id, record.user, len(buffer), now)
             if status == P.OK and record.options is not None and "m" in record.options:
                 result = P.as_bytes(blob)
                 self._remember(record.options["m"], result)
@@ -735,6 +776,7 @@ class Relay:
                 continue
             if record.state == QUEUED:
                 del self.tasks[task_id]
+                self._finished(record)
                 self._unqueue(record)
                 self.store.add_result(task_id, P.CANCELLED, b"")
                 rows, blobs = self.client_results[sender]
@@ -755,12 +797,17 @@ class Relay:
             blobs = P.Blobs()
             queue = state.queue
             while queue and state.credit > 0:
+                if len(rows) >= P.MAX_ITEMS:   # a message's limit: this one goes, the next begins
+                    if not self._send_tasks(state, rows, blobs):
+                        break
+                    rows, blobs = [], P.Blobs()
                 record = queue.popleft()
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
-                    body = self._function_body(record.fn_hash)
+                    body = self.functions.get(record.fn_hash)
                     if body is None:
                         del self.tasks[record.task_id]
+                        self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
                         self.store.add_result(record.task_id, P.FAILED, b"")
@@ -771,10 +818,18 @@ class Relay:
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
-            if rows and not self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
-                log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
-                            state.name, state.endpoint_id, len(state.dispatched))
-                self.endpoints.disconnect(state)
+            if rows:
+                self._send_tasks(state, rows, blobs)
+
+    def _send_tasks(self, state: EndpointState, rows: list[list[Any]], blobs: P.Blobs) -> bool:
+        """One TASKS message to an endpoint; False (and it is marked
+        disconnected, its tasks re-queued) when it is unreachable."""
+        if self._send(state.routing_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
+            return True
+        log.warning("endpoint %s (%s) is unreachable; marked disconnected, %d task(s) re-queued",
+                    state.name, state.endpoint_id, len(state.dispatched))
+        self.endpoints.disconnect(state)
+        return False
 
     def _route_groups(self) -> None:
         groups = self.endpoints.groups
@@ -850,29 +905,24 @@ class Relay:
         if len(routed) < len(taken):   # the rest go back in front, in their order
             queue.extendleft(reversed([record for record in taken if record.task_id not in routed]))
 
-    def _function_body(self, fn_hash: bytes) -> bytes | None:
-        """A function body by hash, from memory or (after a restart) the store."""
-        body = self.functions.get(fn_hash)
-        if body is None:
-            body = self.store.function_body(fn_hash)
-            if body is not None:
-                self.functions[fn_hash] = body
-        return body
+    def _finished(self, record: TaskRecord) -> None:
+        """A task left ``self.tasks`` (finished, cancelled or refused): its
+        user's quota and its function's count go down."""
+        self.quotas.release(record.user, 1, len(P.as_buffer(record.args)))
+        self.functions.release(record.fn_hash)
 
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
             rows, blobs = self.client_results.get(client) or ([], P.Blobs())
-            fields: dict[str, Any] = {"rows": rows}
-            started = self.client_started.get(client)
-            if started:
-                fields["started"] = started
-            self._send(client, P.encode(P.RESULTS, fields, blobs.frames))
+            for frames in P.results_messages(rows, blobs.frames, self.client_started.get(client, ())):
+                self._send(client, frames)
         self.client_results.clear()
         self.client_started.clear()
         for endpoint_id, task_ids in self.endpoint_cancels.items():
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.connected:
-                self._send(state.routing_id, P.encode(P.CANCEL, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(state.routing_id, P.encode(P.CANCEL, {"tids": part}))
         self.endpoint_cancels.clear()
 
     def _send_committed(self) -> None:
@@ -884,10 +934,11 @@ class Relay:
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
-                if task_ids:
-                    self._send(client, P.encode(P.ACCEPTED, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
             for endpoint, task_ids in stored.items():
-                self._send(endpoint, P.encode(P.ACK, {"tids": task_ids}))
+                for part in P.chunks(task_ids):
+                    self._send(endpoint, P.encode(P.ACK, {"tids": part}))
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results

@@ -135,6 +135,10 @@ class RelayStore:
     def add_function(self, fn_hash: bytes, body: bytes) -> None:
         self._new_functions.append((fn_hash, body, time.time()))
 
+    def delete_function(self, fn_hash: bytes) -> None:
+        """Forget a function body (no unfinished task uses it any more)."""
+        self._new_functions.append((fn_hash, None, 0.0))
+
     def add_task(self, task_id: bytes, client: bytes, endpoint: str, fn_hash: bytes,
                  kind: int, python: str, args: Any, user: str) -> None:
         self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time(),
@@ -258,14 +262,16 @@ class RelayStore:
         task submitted, finished and acknowledged within the same commit is
         never written; one submitted and finished is inserted finished; one
         finished and acknowledged is only deleted."""
-        functions: list[tuple] = []
         endpoints: list[tuple] = []
         memo: list[tuple] = []
         inserts: dict[bytes, list[Any]] = {}   # new task rows, updated in place by results
         updates: dict[bytes, tuple] = {}       # results for tasks inserted by earlier commits
         deletes: list[tuple[bytes, str]] = []
+        function_ops: dict[bytes, tuple] = {}   # the last of each function's adds and deletes, in order
         for b_functions, b_endpoints, tasks, results, acked, b_memo in batches:
-            functions += b_functions
+            for op in b_functions:
+                function_ops.pop(op[0], None)
+                function_ops[op[0]] = op
             endpoints += b_endpoints
             memo += b_memo
             for row in tasks:
@@ -285,6 +291,8 @@ class RelayStore:
                         del inserts[task_id]
                     continue
                 deletes.append(ack)
+        functions = [op for op in function_ops.values() if op[1] is not None]
+        dropped_functions = [(op[0],) for op in function_ops.values() if op[1] is None]
         task_rows = []
         for task_id, row in inserts.items():
             row[6], args_file = self._spill(task_id, "args", row[6])
@@ -303,6 +311,8 @@ class RelayStore:
         try:
             if functions:
                 db.executemany("INSERT OR IGNORE INTO functions VALUES (?,?,?)", functions)
+            if dropped_functions:
+                db.executemany("DELETE FROM functions WHERE hash=?", dropped_functions)
             if endpoints:
                 db.executemany(
                     "INSERT INTO endpoints VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
@@ -338,6 +348,23 @@ class RelayStore:
         row = self.db.execute("SELECT body FROM functions WHERE hash=?", (fn_hash,)).fetchone()
         return row[0] if row else None
 
+    def function_sizes(self) -> dict[bytes, int]:
+        """The size of every stored function body, by hash (for a restart)."""
+        return dict(self.db.execute("SELECT hash, length(body) FROM functions"))
+
+    def unacknowledged_results(self) -> Iterator[tuple[bytes, str, int, float]]:
+        """``(task id, user, bytes, finished)`` of every result not yet
+        acknowledged (for a restart: they count against their user's quota)."""
+        for task_id, user, size, result_file, finished in self.db.execute(
+                "SELECT id, user, COALESCE(length(result), 0), result_file, finished FROM tasks WHERE state=? "
+                "ORDER BY finished", (FINISHED,)):
+            if result_file:
+                try:
+                    size = self._blob_path(task_id, "result").stat().st_size
+                except OSError:
+                    continue
+            yield task_id, user, size, finished or 0.0
+
     def memo_keys(self) -> set[bytes]:
         return {row[0] for row in self.db.execute("SELECT key FROM memo")}
 
@@ -359,6 +386,14 @@ class RelayStore:
                     log.error("the arguments of task %s are missing from %s", row[0].hex(), self.blob_dir)
                     continue
             yield (*row, args)
+
+    def known_tasks(self, task_ids: list[bytes]) -> set[bytes]:
+        """Which of these task ids (at most protocol.MAX_ITEMS) the record
+        holds, in one query: a flood of unknown ids costs one lookup, not one each."""
+        if not task_ids:
+            return set()
+        marks = ",".join("?" * len(task_ids))
+        return {row[0] for row in self.db.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", task_ids)}
 
     def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None, str] | None:
         """``(state, status, result, user)`` of a task in the record, None if

@@ -111,7 +111,7 @@ class WorkerProcess:
 
     def run(self) -> None:
         ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock = P.limit_frames(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.IDENTITY, self.worker_id)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
@@ -202,6 +202,12 @@ class WorkerProcess:
 
     def add_result(self, task_id: bytes, status: int, blob: Any, seconds: float,
                    trace: list[float] | None = None) -> None:
+        if len(blob) > P.MAX_PAYLOAD_LIMIT:  # it would not pass the pool's socket (MAX_FRAME): say so instead
+            message, details = P.too_large("the task's result" if status == P.OK else "the task's exception",
+                                           len(blob), P.MAX_PAYLOAD_LIMIT)
+            status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
+        if len(self.out_rows) >= P.MAX_ITEMS:  # (FLUSH_BATCH sends sooner; a message's limit all the same)
+            self.flush()
         if not self.out_rows:
             self.unsent_since = time.perf_counter()
         self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))

@@ -1,0 +1,169 @@
+"""Per-user quotas at the relay, and the function bodies tasks share.
+
+Each user may have at most ``max_tasks`` tasks in flight (accepted, not
+finished) and ``max_bytes`` bytes stored at the relay: the arguments of their
+unfinished tasks, their results not yet acknowledged, and the function bodies
+stored for their tasks. Usage is counted in memory (per task, no SQL) and
+rebuilt from the record after a restart; a task over a quota is refused with
+a FAILED result of kind ``quota`` naming the quota, the usage and the limit,
+and nobody else is affected.
+
+A function body is stored only once a task using it is accepted, is charged
+to the user whose task brought it, and is deleted (from memory and the
+record) when the last unfinished task using it finishes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterable
+
+from .store import RelayStore
+
+DEFAULT_MAX_TASKS_PER_USER = 1_000_000
+DEFAULT_MAX_BYTES_PER_USER = 4 * 1024 ** 3
+
+
+class Quotas:
+    """Tasks in flight and bytes stored, per user, against two limits."""
+
+    def __init__(self, max_tasks: int = DEFAULT_MAX_TASKS_PER_USER,
+                 max_bytes: int = DEFAULT_MAX_BYTES_PER_USER) -> None:
+        for name, value in (("max_tasks_per_user", max_tasks), ("max_bytes_per_user", max_bytes)):
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be an integer greater than 0, not {value!r}")
+        self.max_tasks = max_tasks
+        self.max_bytes = max_bytes
+        self.usage: dict[str, list[int]] = {}          # user -> [tasks in flight, bytes stored]
+        # results stored and not yet acknowledged: task id -> (user, bytes),
+        # and (time.time() stored, task id) oldest first, to release what expires
+        self.unacked: dict[bytes, tuple[str, int]] = {}
+        self.unacked_order: deque[tuple[float, bytes]] = deque()
+
+    def refusal(self, user: str, tasks: int, nbytes: int) -> tuple[str, dict[str, Any]] | None:
+        """Why ``user`` may not take ``tasks`` more tasks and ``nbytes`` more
+        bytes (the message and details of a QUOTA failure), or None."""
+        used = self.usage.get(user)
+        in_flight, stored = used if used is not None else (0, 0)
+        if in_flight + tasks > self.max_tasks:
+            return (f"user {user!r} has {in_flight:,} task(s) in flight at the relay, at its quota of "
+                    f"{self.max_tasks:,} tasks per user (--max-tasks-per-user); wait for some to finish",
+                    {"quota": "tasks", "usage": in_flight, "limit": self.max_tasks})
+        if stored + nbytes > self.max_bytes:
+            return (f"user {user!r} has {stored:,} bytes stored at the relay (arguments, unacknowledged results, "
+                    f"function bodies); this task's {nbytes:,} more would go over its quota of "
+                    f"{self.max_bytes:,} bytes per user (--max-bytes-per-user)",
+                    {"quota": "bytes", "usage": stored, "limit": self.max_bytes, "size": nbytes})
+        return None
+
+    def charge(self, user: str, tasks: int, nbytes: int) -> None:
+        used = self.usage.get(user)
+        if used is None:
+            self.usage[user] = [tasks, nbytes]
+        else:
+            used[0] += tasks
+            used[1] += nbytes
+
+    def release(self, user: str, tasks: int, nbytes: int) -> None:
+        used = self.usage.get(user)
+        if used is None:
+            return
+        used[0] -= tasks
+        used[1] -= nbytes
+        if used[0] <= 0 and used[1] <= 0:
+            del self.usage[user]
+
+    def result_stored(self, task_id: bytes, user: str, nbytes: int, now: float) -> None:
+        """A result is kept for ``user`` until they acknowledge it (or it expires)."""
+        if nbytes <= 0 or task_id in self.unacked:
+            return
+        self.unacked[task_id] = (user, nbytes)
+        self.unacked_order.append((now, task_id))
+        self.charge(user, 0, nbytes)
+
+    def acknowledged(self, task_ids: Iterable[bytes], user: str) -> None:
+        """``user`` fetched these results (others' ids are ignored)."""
+        unacked = self.unacked
+        for task_id in task_ids:
+            entry = unacked.get(task_id)
+            if entry is not None and entry[0] == user:
+                del unacked[task_id]
+                self.release(user, 0, entry[1])
+
+    def expire(self, before: float) -> None:
+        """Results stored before ``before`` (a time.time()) are forgotten by the record."""
+        order = self.unacked_order
+        while order and order[0][0] < before:
+            _, task_id = order.popleft()
+            entry = self.unacked.pop(task_id, None)
+            if entry is not None:
+                self.release(entry[0], 0, entry[1])
+        if len(order) > 2 * len(self.unacked) + 1024:   # mostly acknowledged: drop their entries
+            self.unacked_order = deque(item for item in order if item[1] in self.unacked)
+
+
+class FunctionBodies:
+    """Function bodies by hash, each kept while an unfinished task uses it
+    (a count per body), charged to the user whose task brought it."""
+
+    def __init__(self, store: RelayStore, quotas: Quotas) -> None:
+        self.store = store
+        self.quotas = quotas
+        self.bodies: dict[bytes, bytes] = {}              # loaded (from a submission, or the record)
+        self.refs: dict[bytes, int] = {}                  # hash -> unfinished tasks using it
+        self.charged: dict[bytes, tuple[str, int]] = {}   # hash -> (user charged, bytes)
+
+    def __contains__(self, fn_hash: bytes) -> bool:
+        return fn_hash in self.refs
+
+    def get(self, fn_hash: bytes) -> bytes | None:
+        """A body by hash while a task uses it: from memory or (after a restart) the record."""
+        body = self.bodies.get(fn_hash)
+        if body is None and fn_hash in self.refs:
+            body = self.store.function_body(fn_hash)
+            if body is not None:
+                self.bodies[fn_hash] = body
+        return body
+
+    def use(self, fn_hash: bytes, body: bytes | None, user: str) -> None:
+        """A task using this function was accepted; ``body`` is stored (and
+        charged to ``user``) if the relay did not have it."""
+        count = self.refs.get(fn_hash)
+        if count is not None:
+            self.refs[fn_hash] = count + 1
+            return
+        assert body is not None, "a new function comes with its body"
+        self.refs[fn_hash] = 1
+        self.bodies[fn_hash] = body
+        self.charged[fn_hash] = (user, len(body))
+        self.quotas.charge(user, 0, len(body))
+        self.store.add_function(fn_hash, body)
+
+    def release(self, fn_hash: bytes) -> None:
+        """A task using it finished: the body goes with the last one."""
+        count = self.refs.get(fn_hash)
+        if count is None:
+            return
+        if count > 1:
+            self.refs[fn_hash] = count - 1
+            return
+        del self.refs[fn_hash]
+        self.bodies.pop(fn_hash, None)
+        user, size = self.charged.pop(fn_hash, ("", 0))
+        self.quotas.release(user, 0, size)
+        self.store.delete_function(fn_hash)
+
+    def recover(self, users_by_function: dict[bytes, list[str]]) -> None:
+        """After a restart: counts from the unfinished tasks (the users of
+        each function, oldest first: the first is charged), sizes from the
+        record, and bodies no task uses any more deleted."""
+        sizes = self.store.function_sizes()
+        for fn_hash, users in users_by_function.items():
+            size = sizes.get(fn_hash)
+            if size is None:
+                continue   # lost from the record: its tasks are refused when dispatched
+            self.refs[fn_hash] = len(users)
+            self.charged[fn_hash] = (users[0], size)
+            self.quotas.charge(users[0], 0, size)
+        for fn_hash in sizes.keys() - self.refs.keys():
+            self.store.delete_function(fn_hash)

@@ -1,0 +1,256 @@
+"""Limits that hold under abuse (issue 12): frame and header caps, items per
+message, per-user quotas, and function bodies that expire with their tasks.
+Real relays, endpoints and sockets on loopback; see test_abuse.py for all
+of it at once against a second user's work."""
+
+from __future__ import annotations
+
+import operator
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+
+import msgpack
+import pytest
+import zmq
+
+from fedexec import FederatedExecutor, PayloadTooLarge, QuotaExceeded
+from fedexec import protocol as P
+from fedexec.relay.query import share_endpoint
+from fedexec.relay.server import Relay
+from fedexec.serialize import serialize_arguments, serialize_function
+
+from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
+from test_faults import running_relay
+
+
+# -- the wire -----------------------------------------------------------------------
+
+def test_libzmq_applies_maxmsgsize_per_frame():
+    """What the design rests on: a message of frames each within the limit
+    passes whatever its total, one frame over it never arrives (its sender's
+    connection is dropped), and the socket goes on for others."""
+    ctx = zmq.Context()
+    try:
+        router = P.limit_frames(ctx.socket(zmq.ROUTER))
+        router.setsockopt(zmq.MAXMSGSIZE, 1000)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send_multipart([b"a" * 1000] * 5)
+        assert router.poll(5000) and len(router.recv_multipart()) == 6
+        dealer.send(b"b" * 1001)
+        assert not router.poll(500)
+        other = ctx.socket(zmq.DEALER)
+        other.connect(f"tcp://127.0.0.1:{port}")
+        other.send(b"still here")
+        assert router.poll(5000) and router.recv_multipart()[-1] == b"still here"
+        for sock in (router, dealer, other):
+            sock.close(linger=0)
+    finally:
+        ctx.term()
+
+
+def test_max_payload_must_fit_a_frame(tmp_path):
+    with pytest.raises(ValueError, match="max_payload must be from 1 to"):
+        Relay("tcp://127.0.0.1:*", tmp_path / "r", max_payload=P.MAX_FRAME)
+    out = subprocess.run([sys.executable, "-m", "fedexec.relay", "--address", "tcp://127.0.0.1:*",
+                          "--data-dir", str(tmp_path / "r2"), "--max-payload", str(40 * 1024 * 1024)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--max-payload" in out.stderr and f"{P.MAX_FRAME:,}" in out.stderr
+    out = fedexec_cli("relay", "start", "--data-dir", tmp_path / "r3", "--max-payload", 40 * 1024 * 1024,
+                      check=False)
+    assert out.returncode != 0 and "larger payloads are not supported yet" in out.stderr
+    assert not (tmp_path / "r3").exists() or not any((tmp_path / "r3").iterdir())
+
+
+def test_headers_are_refused_before_they_amplify():
+    big = [P.encode(P.ACK, {"tids": [b"x" * 16] * 10})[0] + b"\x00" * P.MAX_HEADER]
+    with pytest.raises(P.ProtocolError, match="over the limit of .* bytes \\(MAX_HEADER\\)"):
+        P.decode(big)
+    n = P.MAX_HEADER - 64   # within the size limit: one huge list of empty maps
+    empty_maps = msgpack.packb({"v": 1, "t": "ack", "tids": [{}] * n})
+    assert len(empty_maps) <= P.MAX_HEADER
+    started = time.perf_counter()
+    with pytest.raises(P.ProtocolError, match=f"more than {P.MAX_ITEMS} items.*MAX_ITEMS"):
+        P.decode([empty_maps])
+    assert time.perf_counter() - started < 0.05
+    with pytest.raises(P.ProtocolError, match="MAX_MAP"):
+        P.decode([msgpack.packb({"v": 1, "t": "ack", "m": {str(i): 0 for i in range(P.MAX_MAP + 1)}})])
+    with pytest.raises(P.ProtocolError, match="MAX_ITEMS"):
+        P.task_ids([b"x" * 16] * (P.MAX_ITEMS + 1))
+
+
+def test_full_messages_stay_within_the_header_cap():
+    """The largest rows senders make, MAX_ITEMS of them with inline payloads
+    as large as allowed, fit MAX_HEADER: the inline budget sends the rest
+    as frames."""
+    blobs = P.Blobs()
+    rows = []
+    for _ in range(P.MAX_ITEMS):
+        options = {"m": b"k" * 32, "tr": [time.time()] * len(P.TRACE_STAGES), "r": P.MAX_RETRIES,
+                   "to": 1.5}
+        rows.append([uuid.uuid4().bytes, b"h" * 32, blobs.ref(b"a" * P.INLINE_MAX), blobs.ref(b"f" * P.INLINE_MAX),
+                     P.TASK_CALL, P.PYTHON_VERSION, options])
+    frames = P.encode(P.SUBMIT, {"ep": str(uuid.uuid4()), "tasks": rows}, blobs.frames)
+    assert len(frames[0]) <= P.MAX_HEADER and blobs.inline <= P.INLINE_BUDGET and len(frames) > P.MAX_ITEMS
+    assert len(P.decode(frames).fields["tasks"]) == P.MAX_ITEMS
+
+
+def test_results_are_split_into_messages_of_max_items():
+    blobs = P.Blobs()
+    rows = [blobs.result_row(i.to_bytes(16, "big"), P.OK, bytes([i % 256]) * (100 if i % 3 else 20_000))
+            for i in range(2 * P.MAX_ITEMS + 5)]
+    started = [b"s" * 16] * (P.MAX_ITEMS + 1)
+    messages = P.results_messages(rows, blobs.frames, started, credit=7)
+    assert len(messages) == 3
+    seen = {}
+    for i, frames in enumerate(messages):
+        msg = P.decode(frames)
+        assert len(msg.fields["rows"]) <= P.MAX_ITEMS and len(msg.fields.get("started", ())) <= P.MAX_ITEMS
+        assert ("credit" in msg.fields) == (i == 0)
+        for row in msg.fields["rows"]:
+            seen[row[0]] = P.as_bytes(P.blob(msg.blobs, row[2]))
+    assert len(seen) == len(rows)
+    for i in range(len(rows)):
+        assert seen[i.to_bytes(16, "big")] == bytes([i % 256]) * (100 if i % 3 else 20_000)
+
+
+# -- quotas and function bodies at a relay ------------------------------------------------
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def stored_functions(data_dir) -> list[bytes]:
+    db = sqlite3.connect(f"file:{data_dir / 'relay.sqlite3'}?mode=ro", uri=True)
+    try:
+        return [row[0] for row in db.execute("SELECT hash FROM functions")]
+    finally:
+        db.close()
+
+
+def double(x):
+    return 2 * x
+
+
+@pytest.mark.timeout(180)
+def test_quotas_refuse_one_user_and_leave_the_other_alone(tmp_path):
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token", "--max-tasks-per-user", "3",
+                       "--max-bytes-per-user", "200000") as address:
+        with running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["bob"], token=tokens["alice"])
+            with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob, \
+                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                slow = [bob.submit(slow_value, 3.0, i) for i in range(3)]
+                over = bob.submit(slow_value, 0, "over")
+                with pytest.raises(QuotaExceeded) as info:
+                    over.result(30)
+                assert info.value.quota == "tasks" and info.value.usage == 3 and info.value.limit == 3
+                assert "3 task(s) in flight" in str(info.value) and "--max-tasks-per-user" in str(info.value)
+                # alice has her own quota: three of hers run meanwhile
+                assert [f.result(30) for f in [alice.submit(operator.add, i, 1) for i in range(3)]] == [1, 2, 3]
+                assert [f.result(30) for f in slow] == [0, 1, 2]
+                # bytes: arguments over what is left of bob's 200,000 bytes
+                with pytest.raises(QuotaExceeded, match="over its quota of 200,000 bytes") as info:
+                    bob.submit(len, b"x" * 250_000).result(30)
+                assert info.value.quota == "bytes" and info.value.limit == 200_000
+                # finished and acknowledged: the quota is free again
+                assert wait_for(lambda: bob.submit(len, b"x" * 150_000).result(30) == 150_000, 30, "room again")
+                assert alice.submit(len, b"y" * 150_000).result(30) == 150_000
+
+
+@pytest.mark.timeout(180)
+def test_function_bodies_expire_with_their_last_task_and_are_sent_again(tmp_path):
+    data = tmp_path / "relay-data"
+    tokens = {"alice": fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "ep2", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+                fn_hash = serialize_function(double)[0]
+                assert ex.submit(double, 21).result(30) == 42
+                # its last task finished: the body is gone from the record
+                wait_for(lambda: fn_hash not in stored_functions(data), 20, "the body to expire")
+                # the executor sends later tasks of it without the body; the relay asks for
+                # it again and the task runs, transparently
+                assert ex.submit(double, 5).result(30) == 10
+                assert [f.result(30) for f in [ex.submit(double, i) for i in range(50)]] == \
+                    [2 * i for i in range(50)]
+            wait_for(lambda: not stored_functions(data), 20, "every body to expire")
+            # a refused task (unknown endpoint) stores no body; an oversized one is refused by name
+            raw = RawClient(address, tokens["alice"])
+            try:
+                failure = raw.failure_of(raw.submit(str(uuid.uuid4()), double, 1))
+                assert failure["kind"] == P.REJECTED and "unknown endpoint" in failure["msg"]
+                time.sleep(0.5)
+                assert not stored_functions(data)
+                huge = b"\x80\x04" + b"x" * (P.DEFAULT_MAX_PAYLOAD + 10)
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                row = [task_id, P.content_hash(huge), blobs.ref(serialize_arguments(double, (1,), {})),
+                       blobs.ref(huge), P.TASK_CALL, P.PYTHON_VERSION]
+                raw.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
+                failure = raw.failure_of(task_id)
+                assert failure["kind"] == P.TOO_LARGE and "the function is" in failure["msg"]
+                assert not stored_functions(data)
+            finally:
+                raw.close()
+
+
+def test_executor_refuses_an_oversized_function_before_sending(executor):
+    blob = b"z" * (P.DEFAULT_MAX_PAYLOAD + 1)
+
+    def closure():
+        return len(blob)
+    with pytest.raises(PayloadTooLarge, match="the function is"):
+        executor.submit(closure).result(30)
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
+    data = tmp_path / "relay-data"
+    tokens = {"alice": fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+                assert ex.submit(len, b"r" * 5000).result(30) == 5000   # a result, acknowledged
+        # the endpoint is gone: these wait at the relay
+        raw = RawClient(address, tokens["alice"])
+        try:
+            ids = {raw.submit(ep.id, operator.add, i, 1) for i in range(4)}
+            while ids:
+                accepted = raw.expect(P.ACCEPTED)
+                assert accepted, f"{len(ids)} task(s) not accepted"
+                ids -= set(accepted.fields["tids"])
+        finally:
+            raw.close()
+        time.sleep(0.3)
+    relay = Relay("tcp://127.0.0.1:*", data, auth="token")
+    try:
+        tasks, stored = relay.quotas.usage["alice"]
+        args = sum(len(serialize_arguments(operator.add, (i, 1), {})) for i in range(4))
+        body = len(serialize_function(operator.add)[1])
+        assert tasks == 4 and stored == args + body
+        assert relay.functions.refs == {serialize_function(operator.add)[0]: 4}
+        assert stored_functions(data) and serialize_function(len)[0] not in stored_functions(data)
+    finally:
+        relay.store.close()
+        relay.sock.close(linger=0)
+        relay.zap.stop()
+        relay.ctx.term()
+        if relay.tokens is not None:
+            relay.tokens.close()
