@@ -10,14 +10,24 @@ A relay runs in one of three modes (``fedexec relay start --auth MODE``):
 - ``globus``: Globus Auth bearer tokens, checked by token introspection
   (globus-sdk) and cached until they expire (or ``recheck`` seconds).
 
-Credentials arrive in one of two ways. Over a plain connection, in the
-ZeroMQ PLAIN handshake, checked here by the relay's ZAP handler thread
-before any message flows. Over a CURVE (encrypted) connection, where the
-handshake carries only the client's public key, as connection metadata
-(``X-Fedexec-Auth``, sent encrypted) checked at the connection's first
-message. Either way the check makes a :class:`Session`, found again for
-every message by the ``User-Id`` ZeroMQ attaches to it, so that a
-session revoked or expired mid-way is refused at its next message.
+Credentials are checked in the handshake, by the relay's ZAP handler
+thread, before any message of the connection is accepted. Over a plain
+connection they are the user and secret of ZeroMQ's PLAIN handshake. Over a
+CURVE (encrypted) connection the handshake carries only the client's public
+key, which the client derives from its credentials
+(:func:`fedexec.auth.client_curve_keypair`): in local mode the relay knows
+the key its own secret yields, in token mode the key of each token (computed
+when the token is created and kept with it), and it lets only those keys
+through. A client holding just the relay's public key is refused before it
+can send anything, so nothing of its is buffered.
+
+In globus mode a bearer token yields a key the relay cannot know
+beforehand, so over CURVE every handshake passes and the token, sent as
+connection metadata (``X-Fedexec-Auth``, encrypted), is checked at the
+connection's first message (see :meth:`AccessControl.session`). Either way
+the check makes a :class:`Session`, found again for every message by the
+``User-Id`` ZeroMQ attaches to it, so that a session revoked or expired
+mid-way is refused at its next message.
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+
 import zmq
+from zmq.utils import z85
 
 from ..auth import AUTH_MODES as MODES
-from ..auth import AUTH_PROPERTY, LOCAL_USER, write_secret_value
+from ..auth import AUTH_PROPERTY, LOCAL_USER, client_curve_keypair, write_secret_value
 
 log = logging.getLogger("fedexec.relay.access")
 
@@ -83,6 +95,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked REAL
 );
 """
+# The public CURVE key each token yields (client_curve_keypair, raw 32 bytes),
+# so that the ZAP handler finds a token by the key of a CURVE handshake.
+# Tokens made before this column existed have none: PLAIN only.
+TOKEN_CURVE_KEY = "curve_key"
+OLD_TOKEN_OVER_CURVE = ("an unknown CURVE key: wrong credentials, or a token made before encrypted connections "
+                        "checked tokens in their handshake (it still works over a plain connection; its user "
+                        "needs a new token for an encrypted one: 'fedexec token create USER')")
+
+
+def curve_key_of(user: str, secret: str) -> bytes:
+    """The public CURVE key (raw 32 bytes, as the ZAP handler sees it) that
+    a client presenting ``user``'s ``secret`` connects with."""
+    return z85.decode(client_curve_keypair(user, secret)[0])
 
 
 def check_user_name(name: str) -> None:
@@ -100,6 +125,10 @@ class TokenBook:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(TOKEN_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(tokens)")}
+        if TOKEN_CURVE_KEY not in columns:   # a book made before: its tokens stay PLAIN only
+            self.db.execute(f"ALTER TABLE tokens ADD COLUMN {TOKEN_CURVE_KEY} BLOB")
+        self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_curve_key ON tokens({TOKEN_CURVE_KEY})")
         self.path.chmod(0o600)
         self._lock = threading.Lock()   # the ZAP thread and the relay loop share the connection
 
@@ -120,15 +149,18 @@ class TokenBook:
 
     def create_token(self, user: str, lifetime: float | None = None) -> str:
         """A new token for ``user``, as it is to be presented:
-        ``user:ID.SECRET``. Only its hash is kept."""
+        ``user:ID.SECRET``. Only its hash is kept, and the public CURVE
+        key it yields (one way: it reveals nothing of the secret)."""
         with self._lock:
             if not self.db.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
                 raise ValueError(f"no user {user!r}: add it first with 'fedexec relay add-user {user}'")
             token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
             expires = time.time() + lifetime if lifetime else None
-            self.db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,NULL)",
-                            (token_id, user, self._hash(secret), time.time(), expires))
-        return f"{user}:{token_id}.{secret}"
+            presented = f"{token_id}.{secret}"
+            self.db.execute(f"INSERT INTO tokens (id, user, hash, created, expires, revoked, {TOKEN_CURVE_KEY}) "
+                            "VALUES (?,?,?,?,?,NULL,?)", (token_id, user, self._hash(secret), time.time(),
+                                                          expires, curve_key_of(user, presented)))
+        return f"{user}:{presented}"
 
     def revoke(self, token: str) -> str:
         """Revoke a token given by its id or in full; returns its id."""
@@ -154,11 +186,25 @@ class TokenBook:
                                   (token_id,)).fetchone()
         if row is None or row[0] != user or not hmac.compare_digest(row[1], self._hash(secret)):
             return f"wrong token for user {user!r}"
-        if row[3] is not None:
+        return self._session(token_id, row[0], row[2], row[3])
+
+    def check_curve_key(self, public: bytes) -> Session | str:
+        """The session a CURVE handshake proving ``public`` opens (the key
+        of a token, see :func:`curve_key_of`), or why it opens none."""
+        with self._lock:
+            row = self.db.execute(f"SELECT id, user, expires, revoked FROM tokens WHERE {TOKEN_CURVE_KEY}=?",
+                                  (public,)).fetchone()
+        if row is None:
+            return OLD_TOKEN_OVER_CURVE
+        return self._session(*row)
+
+    @staticmethod
+    def _session(token_id: str, user: str, expires: float | None, revoked: float | None) -> Session | str:
+        if revoked is not None:
             return f"the token {token_id} of user {user!r} was revoked"
-        if row[2] is not None and row[2] <= time.time():
+        if expires is not None and expires <= time.time():
             return f"the token {token_id} of user {user!r} expired"
-        return Session(user, token_id=token_id, expires=row[2])
+        return Session(user, token_id=token_id, expires=expires)
 
     def revoked_since(self, since: float) -> set[str]:
         """Ids of the tokens revoked at or after ``since`` (a time.time())."""
@@ -261,6 +307,8 @@ class AccessControl:
             raise ValueError("globus mode needs the relay's Globus app credentials")
         self.mode = mode
         self.local_secret = local_secret
+        # the CURVE key a holder of the local secret connects with (local mode)
+        self.local_curve_key = curve_key_of(LOCAL_USER, local_secret) if mode == "local" else b""
         self.tokens = tokens
         self.globus = globus
         self.sessions: dict[str, Session] = {}
@@ -285,6 +333,28 @@ class AccessControl:
         answer = self.check(user, password)
         if isinstance(answer, str):
             return None, answer
+        return self._keep(answer, password), "OK"
+
+    def open_curve(self, public: bytes) -> tuple[str | None, str]:
+        """Check the client key of a CURVE handshake: the new session's key,
+        or None and why. In local and token mode only the key that valid
+        credentials yield passes; in globus mode every key does, its
+        session being opened at the connection's first message."""
+        if self.mode == "globus":
+            return "curve:" + public.hex(), "OK"
+        if self.mode == "local":
+            answer: Session | str = Session(LOCAL_USER) if hmac.compare_digest(public, self.local_curve_key) \
+                else "an unknown CURVE key: wrong credentials for this relay"
+        else:
+            assert self.tokens is not None
+            answer = self.tokens.check_curve_key(public)
+        if isinstance(answer, str):
+            return None, answer
+        return self._keep(answer, ""), "OK"
+
+    def _keep(self, answer: Session, password: str) -> str:
+        """Keep a session opened in a handshake; its key (the User-Id of its
+        messages)."""
         if answer.token_id:
             key = f"{answer.user}/{answer.token_id}"
         elif self.mode == "globus":
@@ -292,7 +362,7 @@ class AccessControl:
         else:
             key = answer.user
         self.sessions[key] = answer
-        return key, "OK"
+        return key
 
     def session(self, frame: zmq.Frame, now: float) -> Session:
         """The live session a received message belongs to; AccessDenied if
@@ -307,8 +377,11 @@ class AccessControl:
         return session
 
     def _open_curve(self, key: str, frame: zmq.Frame) -> Session:
-        """A CURVE connection's first message: its credentials are in its
-        metadata (encrypted on the wire)."""
+        """A CURVE connection's first message (globus mode only: the ZAP
+        handler lets no unknown key through in the other modes): its
+        credentials are in its metadata (encrypted on the wire). The relay
+        holds this one message while checking them, and drops it if they
+        fail, as it does every later message of a refused connection."""
         if not key.startswith("curve:"):
             raise AccessDenied("this connection has no session")
         if key in self.refused:
@@ -352,8 +425,8 @@ class AccessControl:
 class ZapHandler(threading.Thread):
     """The relay's ZAP handler (ZeroMQ's authentication hook, RFC 27): a
     thread answering each new connection's handshake. PLAIN credentials are
-    checked here; CURVE handshakes only prove the client's key (encryption),
-    their credentials being checked at the first message."""
+    checked here, and so are CURVE keys (derived from the credentials) but
+    in globus mode, whose tokens are checked at the first message."""
 
     def __init__(self, ctx: zmq.Context, access: AccessControl) -> None:
         super().__init__(name="relay-zap", daemon=True)
@@ -389,7 +462,11 @@ class ZapHandler(threading.Thread):
                 return [version, request_id, b"400", reason.encode()[:255], b"", b""]
             return [version, request_id, b"200", b"OK", key.encode(), b""]
         if mechanism == b"CURVE" and len(credentials) == 1:
-            return [version, request_id, b"200", b"OK", b"curve:" + credentials[0].hex().encode(), b""]
+            key, reason = self.access.open_curve(credentials[0])
+            if key is None:
+                log.warning("refused a CURVE connection from %s: %s", request[3].decode(errors="replace"), reason)
+                return [version, request_id, b"400", reason.encode()[:255], b"", b""]
+            return [version, request_id, b"200", b"OK", key.encode(), b""]
         return [version, request_id, b"400", b"unsupported security mechanism", b"", b""]
 
     def stop(self) -> None:
