@@ -205,6 +205,11 @@ def test_a_token_made_before_curve_keys_is_refused_over_curve_with_advice(curve_
     with pytest.raises(AuthenticationFailed, match="fedexec token create"):
         FederatedExecutor(r.endpoint.id, relay=r.address, token=token, relay_public_key=r.key, connect_timeout=10)
     assert "a token made before encrypted connections" in tail(r.log, 100_000)
+    listing = fedexec_cli("token", "list", "--data-dir", r.data).stdout
+    row = next(line for line in listing.splitlines() if line.startswith(token.split(":")[1].split(".")[0]))
+    assert "plain only, create a new token" in row, listing
+    assert "plain only" not in next(line for line in listing.splitlines()
+                                    if line.startswith(r.tokens["alice"].split(":")[1].split(".")[0]))
 
 
 def test_an_older_token_book_is_upgraded_and_its_tokens_still_work_over_plain(tmp_path):

@@ -207,10 +207,13 @@ class TokenBook:
                 raise ValueError(f"token {token_id!r} was already revoked" if known else f"no token {token_id!r}")
         return token_id
 
-    def tokens(self) -> list[tuple[str, str, float, float | None, float | None]]:
-        """(id, user, created, expires, revoked) of every token."""
+    def tokens(self) -> list[tuple[str, str, float, float | None, float | None, bool]]:
+        """(id, user, created, expires, revoked, whether it works over CURVE)
+        of every token (those made before CURVE keys were kept do not)."""
         with self._lock:
-            return list(self.db.execute("SELECT id, user, created, expires, revoked FROM tokens ORDER BY created"))
+            return [row[:5] + (bool(row[5]),) for row in self.db.execute(
+                f"SELECT id, user, created, expires, revoked, {TOKEN_CURVE_KEY} IS NOT NULL FROM tokens "
+                "ORDER BY created")]
 
     def check(self, user: str, presented: str) -> Session | str:
         """The session ``user:presented`` opens, or why it opens none."""
