@@ -77,6 +77,8 @@ class FakeGlobusAuth:
         self.codes: dict[str, dict] = {}  # authorization code -> grant
         self.calls: collections.Counter[str] = collections.Counter()
         self.failures: dict[str, list[int]] = {}  # path -> statuses to answer next
+        self.delays: dict[str, float] = {}  # token -> seconds its requests wait before an answer
+        self.released = threading.Event()  # set: delayed requests are answered at once
         self.login_as: str | None = None  # user who "consents" at /v2/oauth2/authorize
         self.lock = threading.RLock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -93,6 +95,7 @@ class FakeGlobusAuth:
                 "GLOBUS_SDK_SERVICE_URL_GROUPS": self.url + "/"}
 
     def close(self) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 
@@ -175,6 +178,16 @@ class FakeGlobusAuth:
         """Answer the next ``times`` requests to ``path`` with ``status``.
         (globus-sdk retries 429/500/502/503/504 itself, with backoff.)"""
         self.failures.setdefault(path, []).extend([status] * times)
+
+    def slow(self, token: str, seconds: float) -> None:
+        """Answer the introspection of ``token`` only after
+        ``seconds``, as a slow or hung Globus Auth would; other requests are
+        served meanwhile. :meth:`release` answers them at once."""
+        self.delays[token] = seconds
+
+    def release(self) -> None:
+        self.delays.clear()
+        self.released.set()
 
     def active_record(self, token: str) -> dict | None:
         rec = self.tokens.get(token)
@@ -311,6 +324,9 @@ def _make_handler(fake: FakeGlobusAuth):
             n = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(n).decode() if n else ""
             form = {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+            delay = fake.delays.get(form.get("token", "")) if path.endswith("/introspect") else None
+            if delay:
+                fake.released.wait(delay)
             with fake.lock:
                 fake.calls[path] += 1
                 pending = fake.failures.get(path)

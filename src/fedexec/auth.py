@@ -9,12 +9,18 @@ only), then a Globus token stored by ``fedexec login``.
 
 Over a plain connection they travel in ZeroMQ's PLAIN handshake. When the
 relay's CURVE public key is known (given, ``$FEDEXEC_RELAY_KEY``, or
-published by a relay on this machine), the connection is encrypted and
-they travel as connection metadata inside the encrypted handshake.
+published by a relay on this machine), the connection is encrypted and the
+client's CURVE key pair is derived from them (:func:`client_curve_keypair`):
+proving that key in the handshake proves the credentials, so a local- or
+token-mode relay refuses a wrong one before any message flows. They also
+travel as connection metadata inside the encrypted handshake, for a
+globus-mode relay (it cannot derive keys from Globus bearer tokens and
+checks them at the connection's first message).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 
 from .config import fedexec_home
 
@@ -34,6 +41,7 @@ GLOBUS_USER = "globus"           # the user name presented with a Globus bearer 
 TOKEN_ENV = "FEDEXEC_TOKEN"
 RELAY_KEY_ENV = "FEDEXEC_RELAY_KEY"
 AUTH_PROPERTY = "X-Fedexec-Auth"  # connection metadata carrying credentials over CURVE
+CURVE_KEY_LABEL = b"fedexec client CURVE key v1\0"   # domain separation of client_curve_keypair
 
 #: Seconds a refused handshake is tolerated before a program gives up on the
 #: relay (:meth:`HandshakeWatch.refused_for`): the endpoint agent exits,
@@ -58,8 +66,11 @@ class Credentials:
 
     def apply(self, sock: zmq.Socket, relay_key: bytes | None = None) -> None:
         """Make ``sock`` present these (before it connects): in the PLAIN
-        handshake, or encrypted over CURVE when the relay's key is given."""
+        handshake, or over CURVE when the relay's key is given, as the key
+        pair derived from them (and, encrypted, as metadata for a
+        globus-mode relay)."""
         if relay_key:
+            sock.curve_publickey, sock.curve_secretkey = client_curve_keypair(self.user, self.secret)
             sock.setsockopt(zmq.METADATA, f"{AUTH_PROPERTY}:{self.user}:{self.secret}".encode())
         else:
             sock.plain_username = self.user.encode()
@@ -70,6 +81,19 @@ class Credentials:
         """``user:secret`` as printed by the CLI, or a bare local secret."""
         user, sep, secret = token.strip().partition(":")
         return cls(user, secret) if sep else cls(LOCAL_USER, user)
+
+
+def client_curve_keypair(user: str, secret: str) -> tuple[bytes, bytes]:
+    """The CURVE key pair (public, secret; Z85) a client holding ``user``'s
+    ``secret`` connects with. Deterministic, so that a relay knowing the
+    credentials (its local secret; a token when it is created) knows the
+    public key they yield and lets only that key through its handshake; one
+    way, so the public key (kept by the relay) reveals nothing of the
+    secret. The secret key is a hash of a fixed label and the credentials
+    (Curve25519 takes any 32 bytes)."""
+    digest = hashlib.sha256(CURVE_KEY_LABEL + user.encode() + b"\0" + secret.encode()).digest()
+    secret_key = z85.encode(digest)
+    return zmq.curve_public(secret_key), secret_key
 
 
 def _address_key(address: str) -> str:
@@ -160,14 +184,21 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
     return Credentials(GLOBUS_USER, token) if token else None
 
 
-def describe_handshake_failure(event: int, address: str, credentials: Credentials | None) -> str:
-    """A sentence for a refused handshake (a socket monitor's event)."""
+def describe_handshake_failure(event: int, address: str, credentials: Credentials | None,
+                               encrypted: bool = False) -> str:
+    """A sentence for a refused handshake (a socket monitor's event);
+    ``encrypted``: over CURVE."""
     if credentials is None:
         return (f"the relay at {address} requires credentials and none were found: pass token=, set "
                 f"{TOKEN_ENV}, run 'fedexec login' (a globus-mode relay), or run on the relay's machine as "
                 f"its user (a local-mode relay writes {secret_path(address)})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return f"the relay at {address} refused the credentials of user {credentials.user!r}"
+        refused = f"the relay at {address} refused the credentials of user {credentials.user!r}"
+        if encrypted:   # the relay's reason does not reach the client; say what it can be
+            return (f"{refused}: wrong credentials, a revoked or expired token, or a token made before "
+                    "encrypted connections checked tokens in their handshake (such a token still works "
+                    "over a plain connection; create a new one: 'fedexec token create USER')")
+        return refused
     return (f"the relay at {address} does not accept this kind of connection: it may require encryption "
             f"(give its public key: relay_public_key=, {RELAY_KEY_ENV}, or relay_public_key in the "
             "endpoint's config), or the key given is not its key, or it is not a fedexec relay")
@@ -225,7 +256,8 @@ class HandshakeWatch:
             else:
                 if self.failing_since is None:  # set before failure: refused_for reads them in the other order
                     self.failing_since = time.monotonic()
-                self.failure = describe_handshake_failure(event, self.address, self.credentials)
+                self.failure = describe_handshake_failure(event, self.address, self.credentials,
+                                                          self.relay_key is not None)
         if self.failure:
             return self.renew()
         return False
@@ -277,8 +309,9 @@ class HandshakeWatch:
 
 def secure(sock: zmq.Socket, address: str, relay_key: str | bytes | None = None) -> bytes | None:
     """Make ``sock`` encrypt its connection to the relay at ``address`` if
-    the relay's public key is known (a fresh key pair for this socket);
-    the key, or None for a plain connection."""
+    the relay's public key is known (a fresh key pair for this socket,
+    replaced by the credentials' own when they are applied); the key, or
+    None for a plain connection."""
     key = find_relay_key(address, relay_key)
     if key is not None:
         sock.curve_serverkey = key

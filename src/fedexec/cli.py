@@ -179,9 +179,11 @@ def token_list(ns: argparse.Namespace) -> None:
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
 
-    rows = [("ID", "USER", "CREATED", "EXPIRES", "REVOKED")]
-    rows += [(tid, user, when(c), when(e), when(r)) for tid, user, c, e, r in _token_book(ns).tokens()]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    # a token made by an older relay has no CURVE key: plain connections only (create a new one)
+    rows = [("ID", "USER", "CREATED", "EXPIRES", "REVOKED", "ENCRYPTED")]
+    rows += [(tid, user, when(c), when(e), when(r), "yes" if curve else "no: plain only, create a new token")
+             for tid, user, c, e, r, curve in _token_book(ns).tokens()]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 

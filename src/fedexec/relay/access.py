@@ -10,14 +10,30 @@ A relay runs in one of three modes (``fedexec relay start --auth MODE``):
 - ``globus``: Globus Auth bearer tokens, checked by token introspection
   (globus-sdk) and cached until they expire (or ``recheck`` seconds).
 
-Credentials arrive in one of two ways. Over a plain connection, in the
-ZeroMQ PLAIN handshake, checked here by the relay's ZAP handler thread
-before any message flows. Over a CURVE (encrypted) connection, where the
-handshake carries only the client's public key, as connection metadata
-(``X-Fedexec-Auth``, sent encrypted) checked at the connection's first
-message. Either way the check makes a :class:`Session`, found again for
-every message by the ``User-Id`` ZeroMQ attaches to it, so that a
-session revoked or expired mid-way is refused at its next message.
+Credentials are checked in the handshake, by the relay's ZAP handler
+thread, before any message of the connection is accepted. Over a plain
+connection they are the user and secret of ZeroMQ's PLAIN handshake. Over a
+CURVE (encrypted) connection the handshake carries only the client's public
+key, which the client derives from its credentials
+(:func:`fedexec.auth.client_curve_keypair`): in local mode the relay knows
+the key its own secret yields, in token mode the key of each token (computed
+when the token is created and kept with it), and it lets only those keys
+through. A client holding just the relay's public key is refused before it
+can send anything, so nothing of its is buffered.
+
+In globus mode a bearer token yields a key the relay cannot know
+beforehand, so over CURVE every handshake passes and the token, sent as
+connection metadata (``X-Fedexec-Auth``, encrypted), is checked at the
+connection's first message (see :meth:`AccessControl.session`).
+
+Checking a Globus token is an HTTP call to Globus Auth, which may be slow or
+hang. It never runs in the ZAP thread nor in the relay's loop: it runs on a
+small bounded pool of threads (:class:`BackgroundChecks`), the answer
+coming back through a :class:`Mailbox`, so that only the connection being
+checked waits; answers already cached are served at once. Either way
+the check makes a :class:`Session`, found again for every message by the
+``User-Id`` ZeroMQ attaches to it, so that a session revoked or expired
+mid-way is refused at its next message.
 """
 
 from __future__ import annotations
@@ -25,16 +41,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
+
 import zmq
+from zmq.utils import z85
 
 from ..auth import AUTH_MODES as MODES
-from ..auth import AUTH_PROPERTY, LOCAL_USER, write_secret_value
+from ..auth import AUTH_PROPERTY, LOCAL_USER, client_curve_keypair, write_secret_value
 
 log = logging.getLogger("fedexec.relay.access")
 
@@ -42,10 +64,30 @@ USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 GLOBUS_RECHECK = 600.0               # seconds a Globus introspection answer is trusted at most
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 CURVE_IDLE = 3600.0                  # seconds after which a silent CURVE connection's session is forgotten
+GLOBUS_CHECK_THREADS = 4             # Globus introspections at once (threads of BackgroundChecks)
+GLOBUS_CHECKS_WAITING = 64           # distinct tokens waiting for or in an introspection, at most
+PENDING_CONNECTIONS = 32             # CURVE connections (globus mode) whose first message waits for its check
+PENDING_BYTES_EACH = 1 << 20         # what such a connection may have held meanwhile: bytes...
+PENDING_MESSAGES_EACH = 16           # ... and messages (HELLO, LOOKUP...); the rest is dropped, to send again
+CHECKS_BUSY = (f"the relay is checking too many Globus tokens at once (at most {GLOBUS_CHECKS_WAITING}); "
+               "try again shortly")
 
 
 class AccessDenied(Exception):
     """A connection or message the relay refuses; the message says why."""
+
+    def reply(self) -> dict[str, Any]:
+        """The fields of the ERROR answering it (``auth``: the session is refused)."""
+        return {"msg": f"authentication failed: {self}", "auth": True}
+
+
+class NotYetChecked(AccessDenied):
+    """A message of a connection whose credentials are still being checked,
+    beyond what the relay holds for it meanwhile: dropped, to be sent again
+    once the connection is answered (the session is not refused)."""
+
+    def reply(self) -> dict[str, Any]:
+        return {"msg": str(self), "unchecked": True}
 
 
 class Session:
@@ -61,6 +103,10 @@ class Session:
         self.groups = groups         # Globus group ids the user belongs to
         self.ended: str | None = None
         self.seen = 0.0              # time.time() of its latest message
+
+    def copy(self) -> "Session":
+        """The same identity, as a session of its own (another connection's)."""
+        return Session(self.user, token_id=self.token_id, expires=self.expires, groups=self.groups)
 
     def problem(self, now: float) -> str | None:
         self.seen = now
@@ -83,6 +129,19 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked REAL
 );
 """
+# The public CURVE key each token yields (client_curve_keypair, raw 32 bytes),
+# so that the ZAP handler finds a token by the key of a CURVE handshake.
+# Tokens made before this column existed have none: PLAIN only.
+TOKEN_CURVE_KEY = "curve_key"
+OLD_TOKEN_OVER_CURVE = ("an unknown CURVE key: wrong credentials, or a token made before encrypted connections "
+                        "checked tokens in their handshake (it still works over a plain connection; its user "
+                        "needs a new token for an encrypted one: 'fedexec token create USER')")
+
+
+def curve_key_of(user: str, secret: str) -> bytes:
+    """The public CURVE key (raw 32 bytes, as the ZAP handler sees it) that
+    a client presenting ``user``'s ``secret`` connects with."""
+    return z85.decode(client_curve_keypair(user, secret)[0])
 
 
 def check_user_name(name: str) -> None:
@@ -100,6 +159,10 @@ class TokenBook:
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(TOKEN_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(tokens)")}
+        if TOKEN_CURVE_KEY not in columns:   # a book made before: its tokens stay PLAIN only
+            self.db.execute(f"ALTER TABLE tokens ADD COLUMN {TOKEN_CURVE_KEY} BLOB")
+        self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_curve_key ON tokens({TOKEN_CURVE_KEY})")
         self.path.chmod(0o600)
         self._lock = threading.Lock()   # the ZAP thread and the relay loop share the connection
 
@@ -120,15 +183,18 @@ class TokenBook:
 
     def create_token(self, user: str, lifetime: float | None = None) -> str:
         """A new token for ``user``, as it is to be presented:
-        ``user:ID.SECRET``. Only its hash is kept."""
+        ``user:ID.SECRET``. Only its hash is kept, and the public CURVE
+        key it yields (one way: it reveals nothing of the secret)."""
         with self._lock:
             if not self.db.execute("SELECT 1 FROM users WHERE name=?", (user,)).fetchone():
                 raise ValueError(f"no user {user!r}: add it first with 'fedexec relay add-user {user}'")
             token_id, secret = secrets.token_hex(4), secrets.token_urlsafe(32)
             expires = time.time() + lifetime if lifetime else None
-            self.db.execute("INSERT INTO tokens VALUES (?,?,?,?,?,NULL)",
-                            (token_id, user, self._hash(secret), time.time(), expires))
-        return f"{user}:{token_id}.{secret}"
+            presented = f"{token_id}.{secret}"
+            self.db.execute(f"INSERT INTO tokens (id, user, hash, created, expires, revoked, {TOKEN_CURVE_KEY}) "
+                            "VALUES (?,?,?,?,?,NULL,?)", (token_id, user, self._hash(secret), time.time(),
+                                                          expires, curve_key_of(user, presented)))
+        return f"{user}:{presented}"
 
     def revoke(self, token: str) -> str:
         """Revoke a token given by its id or in full; returns its id."""
@@ -141,10 +207,13 @@ class TokenBook:
                 raise ValueError(f"token {token_id!r} was already revoked" if known else f"no token {token_id!r}")
         return token_id
 
-    def tokens(self) -> list[tuple[str, str, float, float | None, float | None]]:
-        """(id, user, created, expires, revoked) of every token."""
+    def tokens(self) -> list[tuple[str, str, float, float | None, float | None, bool]]:
+        """(id, user, created, expires, revoked, whether it works over CURVE)
+        of every token (those made before CURVE keys were kept do not)."""
         with self._lock:
-            return list(self.db.execute("SELECT id, user, created, expires, revoked FROM tokens ORDER BY created"))
+            return [row[:5] + (bool(row[5]),) for row in self.db.execute(
+                f"SELECT id, user, created, expires, revoked, {TOKEN_CURVE_KEY} IS NOT NULL FROM tokens "
+                "ORDER BY created")]
 
     def check(self, user: str, presented: str) -> Session | str:
         """The session ``user:presented`` opens, or why it opens none."""
@@ -154,11 +223,25 @@ class TokenBook:
                                   (token_id,)).fetchone()
         if row is None or row[0] != user or not hmac.compare_digest(row[1], self._hash(secret)):
             return f"wrong token for user {user!r}"
-        if row[3] is not None:
+        return self._session(token_id, row[0], row[2], row[3])
+
+    def check_curve_key(self, public: bytes) -> Session | str:
+        """The session a CURVE handshake proving ``public`` opens (the key
+        of a token, see :func:`curve_key_of`), or why it opens none."""
+        with self._lock:
+            row = self.db.execute(f"SELECT id, user, expires, revoked FROM tokens WHERE {TOKEN_CURVE_KEY}=?",
+                                  (public,)).fetchone()
+        if row is None:
+            return OLD_TOKEN_OVER_CURVE
+        return self._session(*row)
+
+    @staticmethod
+    def _session(token_id: str, user: str, expires: float | None, revoked: float | None) -> Session | str:
+        if revoked is not None:
             return f"the token {token_id} of user {user!r} was revoked"
-        if row[2] is not None and row[2] <= time.time():
+        if expires is not None and expires <= time.time():
             return f"the token {token_id} of user {user!r} expired"
-        return Session(user, token_id=token_id, expires=row[2])
+        return Session(user, token_id=token_id, expires=expires)
 
     def revoked_since(self, since: float) -> set[str]:
         """Ids of the tokens revoked at or after ``since`` (a time.time())."""
@@ -186,21 +269,33 @@ class GlobusTokenCheck:
         self._cache: dict[bytes, tuple[float, Session | str]] = {}
         self._lock = threading.Lock()
 
-    def check(self, token: str) -> Session | str:
-        key = hashlib.sha256(token.encode()).digest()
-        now = time.time()
+    @staticmethod
+    def key(token: str) -> bytes:
+        """What the cache knows a token by (not the token itself)."""
+        return hashlib.sha256(token.encode()).digest()
+
+    def cached(self, token: str) -> Session | str | None:
+        """The answer for ``token`` if one is cached and still holds (a
+        session of its own), None if it needs an introspection."""
         with self._lock:
-            cached = self._cache.get(key)
-        if cached is not None and now < cached[0]:
-            answer = cached[1]
-            return Session(answer.user, expires=answer.expires, groups=answer.groups) \
-                if isinstance(answer, Session) else answer
-        answer, until = self._introspect(token, now)
+            cached = self._cache.get(self.key(token))
+        if cached is None or time.time() >= cached[0]:
+            return None
+        return cached[1].copy() if isinstance(cached[1], Session) else cached[1]
+
+    def check(self, token: str) -> Session | str:
+        """The session ``token`` opens, or why it opens none: cached, or by
+        introspection (an HTTP call to Globus Auth: it may take long; see
+        :class:`BackgroundChecks`)."""
+        answer = self.cached(token)
+        if answer is not None:
+            return answer
+        answer, until = self._introspect(token, time.time())
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key] = (until, answer)
-        return answer
+            self._cache[self.key(token)] = (until, answer)
+        return answer.copy() if isinstance(answer, Session) else answer
 
     def _introspect(self, token: str, now: float) -> tuple[Session | str, float]:
         import globus_sdk
@@ -246,6 +341,109 @@ class GlobusTokenCheck:
             return frozenset()
 
 
+class Mailbox:
+    """Answers handed from the check threads to one thread that polls
+    :attr:`fd` (readable when there are some) and takes them."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._items: deque[Any] = deque()
+        self._closed = False
+        self._lock = threading.Lock()   # put vs close: never write to a closed (maybe reused) fd
+        self.fd = self._read
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._write, b"\0")
+            except BlockingIOError:   # the pipe is full of wake-ups already
+                pass
+
+    def take(self) -> list[Any]:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read)
+                os.close(self._write)
+
+
+class BackgroundChecks:
+    """Globus token checks off the caller's thread: a cached answer comes at
+    once; otherwise the introspection runs on one of a few threads
+    (``threads``) and its answer is handed to ``done``, called from that
+    thread. Connections presenting the same token share one introspection.
+    At most ``waiting`` tokens wait for or are in an introspection; beyond,
+    a token is refused at once (:data:`CHECKS_BUSY`), so a slow Globus Auth
+    piles up neither threads nor connections."""
+
+    def __init__(self, globus: GlobusTokenCheck, threads: int = GLOBUS_CHECK_THREADS,
+                 waiting: int = GLOBUS_CHECKS_WAITING) -> None:
+        self.globus = globus
+        self.limit = waiting
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-globus-check")
+        self._waiting: dict[bytes, list[Callable[[Session | str], None]]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, token: str, done: Callable[[Session | str], None]) -> Session | str | None:
+        """The answer now (cached, or refused as too many are waiting), or
+        None: ``done`` gets it later."""
+        answer = self.globus.cached(token)
+        if answer is not None:
+            return answer
+        key = self.globus.key(token)
+        with self._lock:
+            if key in self._waiting:
+                self._waiting[key].append(done)
+                return None
+            if len(self._waiting) >= self.limit:
+                log.warning("refused a Globus token unchecked: %d are being checked already", len(self._waiting))
+                return CHECKS_BUSY
+            self._waiting[key] = [done]
+        self._pool.submit(self._run, token, key)
+        return None
+
+    def _run(self, token: str, key: bytes) -> None:
+        try:
+            answer: Session | str = self.globus.check(token)
+        except Exception as exc:  # a bug must still answer the connections waiting
+            log.exception("checking a Globus token failed")
+            answer = f"the relay could not check the Globus token ({type(exc).__name__})"
+        with self._lock:
+            waiters = self._waiting.pop(key, [])
+        for i, done in enumerate(waiters):
+            done(answer.copy() if isinstance(answer, Session) and i else answer)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Pending:
+    """A CURVE connection (globus mode) whose token is being checked: the
+    messages it sent meanwhile, held up to a bound."""
+
+    __slots__ = ("messages", "size")
+
+    def __init__(self, frames: list[zmq.Frame]) -> None:
+        self.messages = [frames]
+        self.size = sum(len(frame) for frame in frames)
+
+
 # -- the relay's view ---------------------------------------------------------
 class AccessControl:
     """Checks credentials in the relay's mode and keeps the sessions they
@@ -261,14 +459,23 @@ class AccessControl:
             raise ValueError("globus mode needs the relay's Globus app credentials")
         self.mode = mode
         self.local_secret = local_secret
+        # the CURVE key a holder of the local secret connects with (local mode)
+        self.local_curve_key = curve_key_of(LOCAL_USER, local_secret) if mode == "local" else b""
         self.tokens = tokens
         self.globus = globus
         self.sessions: dict[str, Session] = {}
         self.refused: dict[str, str] = {}      # CURVE connections whose credentials failed
         self._revocations_read = 0.0           # revocations before this time were acted on
+        self.checks = BackgroundChecks(globus) if globus is not None else None
+        self.pending: dict[str, _Pending] = {}   # CURVE connections whose token is being checked (globus)
+        self.answers = Mailbox()                 # their checks' answers, for the relay's loop
+        self.wake_fd = self.answers.fd           # readable when answers wait: call settled()
 
-    def check(self, user: str, password: str) -> Session | str:
-        """The session these credentials open, or why they open none."""
+    def check(self, user: str, password: str,
+              done: Callable[[Session | str], None] | None = None) -> Session | str | None:
+        """The session these credentials open, or why they open none. With
+        ``done``, a Globus token not cached yet is checked on another
+        thread: None now, and ``done`` gets the answer (from that thread)."""
         if self.mode == "local":
             if user == LOCAL_USER and hmac.compare_digest(password.encode(), self.local_secret.encode()):
                 return Session(LOCAL_USER)
@@ -276,15 +483,45 @@ class AccessControl:
         if self.mode == "token":
             assert self.tokens is not None
             return self.tokens.check(user, password)
-        assert self.globus is not None
-        return self.globus.check(password)
+        assert self.globus is not None and self.checks is not None
+        if done is None:
+            return self.globus.check(password)
+        return self.checks.check(password, done)
 
-    def open(self, user: str, password: str) -> tuple[str | None, str]:
+    def open(self, user: str, password: str,
+             done: Callable[[tuple[str | None, str]], None] | None = None) -> tuple[str | None, str] | None:
         """Check credentials presented in a handshake: the new session's key
-        (the User-Id of its messages), or None and why."""
-        answer = self.check(user, password)
+        (the User-Id of its messages), or None and why. With ``done``, a
+        Globus token not cached yet gives None now, and ``done`` that pair
+        later, from another thread."""
+        def opened(answer: Session | str) -> tuple[str | None, str]:
+            if isinstance(answer, str):
+                return None, answer
+            return self._keep(answer, password), "OK"
+
+        answer = self.check(user, password, None if done is None else (lambda later: done(opened(later))))
+        return None if answer is None else opened(answer)
+
+    def open_curve(self, public: bytes) -> tuple[str | None, str]:
+        """Check the client key of a CURVE handshake: the new session's key,
+        or None and why. In local and token mode only the key that valid
+        credentials yield passes; in globus mode every key does, its
+        session being opened at the connection's first message."""
+        if self.mode == "globus":
+            return "curve:" + public.hex(), "OK"
+        if self.mode == "local":
+            answer: Session | str = Session(LOCAL_USER) if hmac.compare_digest(public, self.local_curve_key) \
+                else "an unknown CURVE key: wrong credentials for this relay"
+        else:
+            assert self.tokens is not None
+            answer = self.tokens.check_curve_key(public)
         if isinstance(answer, str):
             return None, answer
+        return self._keep(answer, ""), "OK"
+
+    def _keep(self, answer: Session, password: str) -> str:
+        """Keep a session opened in a handshake; its key (the User-Id of its
+        messages)."""
         if answer.token_id:
             key = f"{answer.user}/{answer.token_id}"
         elif self.mode == "globus":
@@ -292,36 +529,74 @@ class AccessControl:
         else:
             key = answer.user
         self.sessions[key] = answer
-        return key, "OK"
+        return key
 
-    def session(self, frame: zmq.Frame, now: float) -> Session:
-        """The live session a received message belongs to; AccessDenied if
-        it has none (any more)."""
+    def session(self, frames: list[zmq.Frame], now: float) -> Session | None:
+        """The live session a received message (its frames, the sender's
+        routing id first) belongs to; AccessDenied if it has none (any
+        more); None if its connection's token is being checked: the message
+        is held meanwhile, and :meth:`settled` gives it back."""
+        frame = frames[-1]
         key = frame.get("User-Id")
         session = self.sessions.get(key)
         if session is None:
-            session = self._open_curve(key, frame)
+            session = self._open_curve(key, frames)
+            if session is None:
+                return None
         problem = session.problem(now)
         if problem:
             raise AccessDenied(problem)
         return session
 
-    def _open_curve(self, key: str, frame: zmq.Frame) -> Session:
-        """A CURVE connection's first message: its credentials are in its
-        metadata (encrypted on the wire)."""
+    def _open_curve(self, key: str, frames: list[zmq.Frame]) -> Session | None:
+        """A CURVE connection's first message (globus mode only: the ZAP
+        handler lets no unknown key through in the other modes): its
+        token is in its metadata (encrypted on the wire). A cached answer
+        holds at once; otherwise the token is checked on another thread
+        while the relay holds this message, and a few small ones after it
+        (HELLO, LOOKUP: see PENDING_BYTES_EACH), dropping (freeing) the
+        rest with a NotYetChecked refusal, to be sent again. If the token
+        fails, what was held is dropped, as is every later message of the
+        refused connection. So a connection not yet authenticated has at
+        most its first message (whatever size the socket lets in) or
+        PENDING_BYTES_EACH held, whichever is more, and at most
+        PENDING_CONNECTIONS such connections are held at once."""
         if not key.startswith("curve:"):
             raise AccessDenied("this connection has no session")
         if key in self.refused:
             raise AccessDenied(self.refused[key])
+        pending = self.pending.get(key)
+        if pending is not None:
+            size = sum(len(frame) for frame in frames)
+            if len(pending.messages) >= PENDING_MESSAGES_EACH or pending.size + size > PENDING_BYTES_EACH:
+                raise NotYetChecked("not read: this connection's credentials are still being checked; send it "
+                                    f"again once the relay answers (it holds at most {PENDING_MESSAGES_EACH} "
+                                    f"messages and {PENDING_BYTES_EACH} bytes of a connection meanwhile)")
+            pending.messages.append(frames)
+            pending.size += size
+            return None
         try:
-            presented = frame.get(AUTH_PROPERTY)
+            presented = frames[-1].get(AUTH_PROPERTY)
         except zmq.ZMQError:
             presented = ""
         if not presented:
-            answer: Session | str = "no credentials were presented"
+            answer: Session | str | None = "no credentials were presented"
+        elif len(self.pending) >= PENDING_CONNECTIONS:
+            raise AccessDenied(f"the relay is checking the credentials of too many connections at once "
+                               f"(at most {PENDING_CONNECTIONS}); try again shortly")
         else:
             user, _, password = presented.partition(":")
-            answer = self.check(user, password)
+            answer = self.check(user, password, lambda later: self.answers.put((key, later)))
+            if answer is None:
+                self.pending[key] = _Pending(frames)
+                return None
+            if answer == CHECKS_BUSY:   # not this connection's fault: it may try again
+                raise AccessDenied(answer)
+        return self._settle(key, answer)
+
+    def _settle(self, key: str, answer: Session | str) -> Session:
+        """Keep the answer for a CURVE connection's token: its session, or
+        AccessDenied (remembered: its later messages are refused too)."""
         if isinstance(answer, str):
             if len(self.refused) > 10_000:
                 self.refused.clear()
@@ -330,6 +605,32 @@ class AccessControl:
             raise AccessDenied(answer)
         self.sessions[key] = answer
         return answer
+
+    def settled(self) -> list[tuple[list[zmq.Frame], Session | AccessDenied]]:
+        """The messages held while their connection's token was being
+        checked, whose check has answered (call it when :attr:`wake_fd` is
+        readable): each with its session, in the order they came, or, for
+        a refused connection, its first message with the refusal (the rest
+        is dropped)."""
+        out: list[tuple[list[zmq.Frame], Session | AccessDenied]] = []
+        for key, answer in self.answers.take():
+            pending = self.pending.pop(key, None)
+            if pending is None:
+                continue
+            try:
+                session = self._settle(key, answer)
+            except AccessDenied as exc:
+                out.append((pending.messages[0], exc))
+                continue
+            session.seen = time.time()
+            out.extend((frames, session) for frames in pending.messages)
+        return out
+
+    def close(self) -> None:
+        """Stop the check threads (their answers are no longer wanted)."""
+        if self.checks is not None:
+            self.checks.close()
+        self.answers.close()
 
     def refresh(self, now: float) -> None:
         """End the sessions of tokens revoked since the last call (token
@@ -352,28 +653,47 @@ class AccessControl:
 class ZapHandler(threading.Thread):
     """The relay's ZAP handler (ZeroMQ's authentication hook, RFC 27): a
     thread answering each new connection's handshake. PLAIN credentials are
-    checked here; CURVE handshakes only prove the client's key (encryption),
-    their credentials being checked at the first message."""
+    checked here, and so are CURVE keys (derived from the credentials) but
+    in globus mode, whose tokens are checked at the first message.
+
+    It answers out of order: its socket is a ROUTER, and each handshake
+    waiting in libzmq has a pipe of its own to it, so a Globus token that
+    needs an introspection is answered when that ends (on another thread,
+    see :class:`BackgroundChecks`) while other handshakes are answered at
+    once."""
 
     def __init__(self, ctx: zmq.Context, access: AccessControl) -> None:
         super().__init__(name="relay-zap", daemon=True)
         self.access = access
-        self.sock = ctx.socket(zmq.REP)
+        self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
         self.sock.bind("inproc://zeromq.zap.01")
+        self.later = Mailbox()   # answers of checks that ran on other threads
         self._stopping = threading.Event()
 
     def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.later.fd, zmq.POLLIN)
         try:
             while not self._stopping.is_set():
-                if not self.sock.poll(200):
-                    continue
-                request = self.sock.recv_multipart()
-                self.sock.send_multipart(self._answer(request))
+                events = dict(poller.poll(200))
+                if self.later.fd in events:
+                    for reply in self.later.take():
+                        self.sock.send_multipart(reply)
+                if self.sock in events:
+                    # [the handshake's pipe id, b"", ZAP frames...]; the reply goes back the same way
+                    request = self.sock.recv_multipart()
+                    envelope = request[:2]
+                    reply = self._answer(request[2:], lambda later, to=envelope: self.later.put(to + later))
+                    if reply is not None:
+                        self.sock.send_multipart(envelope + reply)
         finally:
             self.sock.close(linger=0)
+            self.later.close()
 
-    def _answer(self, request: list[bytes]) -> list[bytes]:
+    def _answer(self, request: list[bytes], done: Callable[[list[bytes]], None]) -> list[bytes] | None:
+        """The reply to a ZAP request, or None: ``done`` gets it later."""
         version, request_id = (request + [b"", b""])[:2]
         if version != b"1.0" or len(request) < 6:
             return [b"1.0", request_id, b"400", b"malformed ZAP request", b"", b""]
@@ -383,13 +703,23 @@ class ZapHandler(threading.Thread):
                 user, password = credentials[0].decode(), credentials[1].decode()
             except UnicodeDecodeError:
                 return [version, request_id, b"400", b"credentials are not text", b"", b""]
-            key, reason = self.access.open(user, password)
+            peer = request[3].decode(errors="replace")
+
+            def reply(opened: tuple[str | None, str]) -> list[bytes]:
+                key, reason = opened
+                if key is None:
+                    log.warning("refused a connection from %s: %s", peer, reason)
+                    return [version, request_id, b"400", reason.encode()[:255], b"", b""]
+                return [version, request_id, b"200", b"OK", key.encode(), b""]
+
+            opened = self.access.open(user, password, lambda later: done(reply(later)))
+            return None if opened is None else reply(opened)
+        if mechanism == b"CURVE" and len(credentials) == 1:
+            key, reason = self.access.open_curve(credentials[0])
             if key is None:
-                log.warning("refused a connection from %s: %s", request[3].decode(errors="replace"), reason)
+                log.warning("refused a CURVE connection from %s: %s", request[3].decode(errors="replace"), reason)
                 return [version, request_id, b"400", reason.encode()[:255], b"", b""]
             return [version, request_id, b"200", b"OK", key.encode(), b""]
-        if mechanism == b"CURVE" and len(credentials) == 1:
-            return [version, request_id, b"200", b"OK", b"curve:" + credentials[0].hex().encode(), b""]
         return [version, request_id, b"400", b"unsupported security mechanism", b"", b""]
 
     def stop(self) -> None:

@@ -213,9 +213,12 @@ class Relay:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
+        poller.register(self.access.wake_fd, zmq.POLLIN)
         try:
             while not self.stopping:
                 events = dict(poller.poll(int(MAINTENANCE_INTERVAL * 1000)))
+                if self.access.wake_fd in events:
+                    self._read_checked()
                 if self.sock in events:
                     self._read_messages()
                 if self.store.commit_fd in events:
@@ -241,6 +244,7 @@ class Relay:
             self.store.close()
             self.sock.close(linger=500)
             self.zap.stop()
+            self.access.close()
             self.ctx.term()
             if self.tokens is not None:
                 self.tokens.close()
@@ -287,21 +291,38 @@ class Relay:
         sock = self.sock
         deadline = time.monotonic() + TURN_READ_BUDGET
         for frames in P.waiting_messages(sock, MAX_MESSAGES_PER_TURN):
-            sender = frames[0].bytes
             try:
-                session = self.access.session(frames[-1], time.time())
+                session = self.access.session(frames, time.time())
             except AccessDenied as exc:
-                refusals.warning("refused a message from an unauthenticated connection: %s", exc)
-                self._send(sender, P.encode(P.ERROR, {"msg": f"authentication failed: {exc}", "auth": True}))
+                self._refuse_unauthenticated(frames[0].bytes, exc)
                 continue
-            try:
-                msg = P.decode(frames[1:])
-                self._handle(sender, session, msg)
-            except Exception as exc:  # one bad message must not stop the relay for everyone
-                log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
-                self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
+            if session is not None:   # None: held while its connection's token is checked (_read_checked)
+                self._take(frames, session)
             if time.monotonic() > deadline:
                 break   # the rest wait for the next turn, after this one's results have gone
+
+    def _read_checked(self) -> None:
+        """Messages held while their connection's Globus token was checked
+        on another thread, now that it has been: handled in the order they
+        came, or the connection refused."""
+        for frames, outcome in self.access.settled():
+            if isinstance(outcome, AccessDenied):
+                self._refuse_unauthenticated(frames[0].bytes, outcome)
+            else:
+                self._take(frames, outcome)
+
+    def _refuse_unauthenticated(self, sender: bytes, exc: AccessDenied) -> None:
+        refusals.warning("refused a message from an unauthenticated connection: %s", exc)
+        self._send(sender, P.encode(P.ERROR, exc.reply()))
+
+    def _take(self, frames: list[Any], session: Session) -> None:
+        sender = frames[0].bytes
+        try:
+            msg = P.decode(frames[1:])
+            self._handle(sender, session, msg)
+        except Exception as exc:  # one bad message must not stop the relay for everyone
+            log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
+            self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
 
     def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
