@@ -12,6 +12,7 @@
     fedexec endpoint start NAME [--daemon]
     fedexec endpoint stop|status NAME                       (status: blocks, pools, workers, idle, queued)
     fedexec endpoint share NAME [--user U ...] [--remove-user U ...] [--group G ...] [--public|--private]
+                               [--share-memo|--no-share-memo]
     fedexec endpoint list
     fedexec group set NAME ENDPOINT [ENDPOINT ...] | list | remove NAME   (FederatedExecutor("NAME"))
     fedexec function hash MODULE:FUNCTION
@@ -289,12 +290,14 @@ def endpoint_share(ns: argparse.Namespace) -> None:
     try:
         view = share_endpoint(config.relay, config.endpoint_id, public=ns.public, add_users=ns.user,
                               remove_users=ns.remove_user, add_groups=ns.group, remove_groups=ns.remove_group,
-                              relay_key=config.relay_public_key or None)
+                              share_memo=ns.share_memo, relay_key=config.relay_public_key or None)
     except (FedexecError, TimeoutError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     who = "everyone" if view["public"] else ", ".join(
         [f"user {u}" for u in view["users"]] + [f"group {g}" for g in view["groups"]]) or "its owner only"
-    print(f"endpoint {ns.name} ({config.endpoint_id}), owner {view['owner']}: usable by {who}")
+    memo = "shared among its users" if view.get("share_memo") else "each user's own"
+    print(f"endpoint {ns.name} ({config.endpoint_id}), owner {view['owner']}: usable by {who}; "
+          f"memoized results: {memo}")
 
 
 def function_hash_command(ns: argparse.Namespace) -> None:
@@ -567,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anyone the relay authenticates may use it")
     p.add_argument("--private", dest="public", action="store_const", const=False,
                    help="only its owner and those it is shared with")
+    p.add_argument("--share-memo", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve a result memoized on it for one user to every user of it (default: off, each "
+                        "user gets only their own memoized results)")
     p.set_defaults(func=endpoint_share)
     p = esub.add_parser("list", help="configured endpoints and whether they run")
     p.set_defaults(func=endpoint_list)

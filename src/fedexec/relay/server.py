@@ -10,6 +10,7 @@ forwarded as the frames they arrived in; the relay never unpickles them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -416,6 +417,10 @@ class Relay:
             if type(f["public"]) is not bool:
                 raise P.ProtocolError("public must be true or false")
             access.public = f["public"]
+        if "share_memo" in f:
+            if type(f["share_memo"]) is not bool:
+                raise P.ProtocolError("share_memo must be true or false")
+            access.share_memo = f["share_memo"]
         for field_name, names in (("add_users", access.users), ("add_groups", access.groups)):
             names.update(P.text(name, field_name) for name in f.get(field_name, ()))
         for field_name, names in (("remove_users", access.users), ("remove_groups", access.groups)):
@@ -530,6 +535,7 @@ class Relay:
         resend = msg.fields.get("resend") is True   # after a relay restart: some may be done already
         accepted = self.turn_accepted[sender]
         now = time.time()
+        memo_scope: bytes | None = None   # made for the first memoized task of the batch
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
             options = row[6] if len(row) == 7 else None
@@ -570,9 +576,13 @@ class Relay:
             if self._function_body(fn_hash) is None:
                 self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
                 continue
-            if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
-                continue
             args = P.blob(blobs, args_index)
+            if options is not None and "m" in options:
+                if memo_scope is None:
+                    memo_scope = self._memo_scope(user, endpoint_id, states)
+                options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
+                if self._serve_memoized(sender, task_id, options):
+                    continue
             size = len(P.as_buffer(args))
             if size > self.max_payload:
                 message, details = P.too_large("the arguments", size, self.max_payload)
@@ -602,8 +612,19 @@ class Relay:
         rows.append(blobs.result_row(task_id, status, result or b""))
         return True
 
+    @staticmethod
+    def _memo_scope(user: str, endpoint_id: str, states: list[EndpointState | None]) -> bytes:
+        """Whose memoized results a task may be answered with: those of the
+        same user on the same endpoint (or group, ``endpoint_id`` as the
+        record keeps it); of every user of it when its owner (every member's
+        owner, for a group) opted in with ``share_memo``."""
+        if states and all(state is not None and state.access.share_memo for state in states):
+            return b"shared\0" + endpoint_id.encode()
+        return b"user\0" + user.encode() + b"\0" + endpoint_id.encode()
+
     def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
-        """Answer a memoizable task from earlier results, if there is one."""
+        """Answer a memoizable task from earlier results in its scope (its
+        ``options["m"]``, made by :func:`_memo_key`), if there is one."""
         key = options["m"]
         if key not in self.memo_keys:
             return False
@@ -618,6 +639,8 @@ class Relay:
         return True
 
     def _remember(self, key: bytes, result: bytes) -> None:
+        """Keep a memoized result in memory (the newest few); the first one
+        stored under a key stays (see ``_on_results``)."""
         recent = self.memo_recent
         if len(recent) >= MEMO_IN_MEMORY:
             for old in list(recent)[: MEMO_IN_MEMORY // 2]:  # oldest first
@@ -689,7 +712,8 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             self.store.add_result(task_id, status, buffer)
-            if status == P.OK and record.options is not None and "m" in record.options:
+            if status == P.OK and record.options is not None and "m" in record.options \
+                    and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
                 result = P.as_bytes(blob)
                 self._remember(record.options["m"], result)
                 self.store.add_memo(record.options["m"], result)
@@ -898,6 +922,19 @@ class Relay:
             log.debug("could not send to %r: %s", peer, exc)
             return False
         return True
+
+
+def _memo_key(scope: bytes, fn_hash: bytes, kind: int, args: Any) -> bytes:
+    """The relay's key for a memoized call: its scope (``Relay._memo_scope``),
+    function, kind and pickled arguments, hashed here from what the task
+    carries: a client's own key is not trusted, so no one can store a result
+    under the key of another call."""
+    digest = hashlib.sha256(scope)
+    digest.update(b"\0")
+    digest.update(fn_hash)
+    digest.update(bytes((kind,)))
+    digest.update(args)
+    return digest.digest()
 
 
 def _water_fill(n: int, members: list[EndpointState], free: dict[str, int]) -> list[tuple[EndpointState, int]]:

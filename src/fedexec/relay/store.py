@@ -118,12 +118,20 @@ class RelayStore:
         self._writer.start()
 
     def _upgrade(self) -> None:
-        """Add the columns a record written by an older fedexec lacks."""
+        """Bring a record written by an older fedexec up to date: add the
+        columns it lacks, and (``PRAGMA user_version``) drop what the newer
+        rules make unreachable."""
         for table, column, kind in (("endpoints", "owner", "TEXT"), ("endpoints", "access", "BLOB"),
                                     ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'")):
             columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
+            # memo keys were the client's (function and arguments only), for
+            # any user: the relay now keys them by scope (user and endpoint)
+            self.db.execute("DELETE FROM memo")
+            self.db.execute("PRAGMA user_version=1")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -320,7 +328,7 @@ class RelayStore:
             if deletes:
                 db.executemany("DELETE FROM tasks WHERE id=? AND user=?", deletes)
             if memo:
-                db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
+                db.executemany("INSERT OR IGNORE INTO memo VALUES (?,?,?)", memo)   # the first stays
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

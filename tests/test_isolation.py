@@ -1,0 +1,168 @@
+"""One user of a shared relay cannot reach another's results, tasks or files:
+memoization scoped per user and endpoint, task ids owned by their user,
+private files, a second relay on a busy address, malformed credentials.
+Attacked as a user with an account of their own would, with real
+processes and raw sockets on loopback."""
+
+from __future__ import annotations
+
+import operator
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedexec import FederatedExecutor
+from fedexec import protocol as P
+from fedexec.relay.query import lookup_endpoint, share_endpoint
+from fedexec.serialize import content_hash, serialize_arguments, serialize_function
+
+from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
+from test_faults import running_relay, tail
+
+DEADLINE = 30
+
+
+def counted(path: str, x: int) -> tuple[int, str]:
+    """Appends one line per run (so a test counts runs) and says which
+    endpoint ran it (each test endpoint has its own fedexec home)."""
+    with open(path, "a") as f:
+        f.write(f"{x}\n")
+    return 2 * x, os.environ.get("FEDEXEC_HOME", "")
+
+
+def runs(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+class Planted:
+    """A result whose unpickling writes a file (what a hostile endpoint would return)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def plant(marker: str, path: str, x: int) -> Planted:
+    return Planted(marker)
+
+
+@pytest.fixture(scope="module")
+def two_users(tmp_path_factory):
+    """A token-mode relay with users alice and bob, each with an endpoint of
+    their own (set up with the CLI, as its admin and users would)."""
+    directory = tmp_path_factory.mktemp("isolation")
+    data = directory / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(directory, "--auth", "token") as address:
+        with running_endpoint(directory, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as a_ep, \
+                running_endpoint(directory, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as b_ep:
+            wait_connected(address, a_ep.id, tokens["alice"], a_ep.proc, a_ep.log)
+            wait_connected(address, b_ep.id, tokens["bob"], b_ep.proc, b_ep.log)
+            yield SimpleNamespace(address=address, data=data, tokens=tokens, alice_ep=a_ep, bob_ep=b_ep,
+                                  dir=directory, log=directory / "relay.log")
+
+
+def memoized_call(r, user: str, endpoint, *args):
+    """``counted(*args)`` memoized, from a fresh executor of ``user`` (so
+    only the relay can answer it from memory)."""
+    with FederatedExecutor(endpoint.id, relay=r.address, token=r.tokens[user], memoize=True) as ex:
+        return ex.submit(counted, *args).result(DEADLINE)
+
+
+# -- memoization ------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_memoized_results_stay_with_their_user_and_endpoint(two_users, tmp_path):
+    r = two_users
+    log = str(tmp_path / "runs")
+    alice_home, bob_home = str(r.alice_ep.home), str(r.bob_ep.home)
+    assert memoized_call(r, "alice", r.alice_ep, log, 21) == (42, alice_home)
+    assert memoized_call(r, "alice", r.alice_ep, log, 21) == (42, alice_home)   # her own hit
+    assert runs(Path(log)) == [21]
+    # bob, the same call on his own endpoint: computed there, not alice's result
+    assert memoized_call(r, "bob", r.bob_ep, log, 21) == (42, bob_home)
+    assert runs(Path(log)) == [21, 21]
+    # bob on alice's endpoint, shared with him but not its memoized results: computed again
+    share_endpoint(r.address, r.alice_ep.id, add_users=["bob"], token=r.tokens["alice"])
+    try:
+        assert memoized_call(r, "bob", r.alice_ep, log, 21) == (42, alice_home)
+        assert runs(Path(log)) == [21, 21, 21]
+        # ...and his result there does not replace alice's, nor reach her
+        assert memoized_call(r, "alice", r.alice_ep, log, 21) == (42, alice_home)
+        assert runs(Path(log)) == [21, 21, 21]
+    finally:
+        share_endpoint(r.address, r.alice_ep.id, remove_users=["bob"], token=r.tokens["alice"])
+
+
+@pytest.mark.timeout(180)
+def test_another_users_endpoint_cannot_plant_a_memoized_result(two_users, tmp_path):
+    """Bob's endpoint returns, for a call that claims the memo key of
+    alice's ``counted(log, 7)``, a result whose unpickling writes a file;
+    alice's memoized ``counted(log, 7)`` must not receive it."""
+    r = two_users
+    log, marker = str(tmp_path / "runs"), tmp_path / "planted"
+    fn_hash, _ = serialize_function(counted)
+    payload = serialize_arguments(counted, (log, 7), {})
+    alice_key = content_hash(fn_hash + bytes([P.TASK_CALL]) + payload)   # what alice's executor sends
+    share_endpoint(r.address, r.bob_ep.id, public=True, share_memo=True, token=r.tokens["bob"])
+    bob = RawClient(r.address, r.tokens["bob"])
+    try:
+        evil_hash, evil_body = serialize_function(plant)
+        for endpoint in (r.bob_ep.id, r.alice_ep.id):   # his own endpoint; alice's (not shared: refused)
+            blobs = P.Blobs()
+            task_id = os.urandom(16)
+            row = [task_id, evil_hash, blobs.ref(serialize_arguments(plant, (str(marker), log, 7), {})),
+                   blobs.ref(evil_body), P.TASK_CALL, P.PYTHON_VERSION, {"m": alice_key}]
+            bob.send(P.SUBMIT, {"ep": endpoint, "tasks": [row]}, blobs.frames)
+            deadline = time.monotonic() + DEADLINE
+            while task_id not in bob.outcomes and time.monotonic() < deadline:
+                msg = bob.expect(P.RESULTS, 1.0)
+                for got in msg.fields["rows"] if msg else ():
+                    bob.outcomes[got[0]] = (got[1], P.as_bytes(P.blob(msg.blobs, got[2])))
+            status, blob = bob.outcomes[task_id]
+            if endpoint == r.bob_ep.id:
+                assert status == P.OK and b"Planted" not in blob and b"open" in blob   # stored by the relay
+            else:
+                assert status == P.FAILED and P.unpack_failure(blob)["kind"] == P.NOT_ALLOWED
+        assert not marker.exists()   # nothing unpickled it yet
+        # alice, on her endpoint and on bob's (public, memoized results shared): the real result
+        assert memoized_call(r, "alice", r.alice_ep, log, 7) == (14, str(r.alice_ep.home))
+        assert memoized_call(r, "alice", r.bob_ep, log, 7) == (14, str(r.bob_ep.home))
+        assert not marker.exists()
+        assert runs(Path(log)) == [7, 7]
+    finally:
+        bob.close()
+        share_endpoint(r.address, r.bob_ep.id, public=False, share_memo=False, token=r.tokens["bob"])
+
+
+@pytest.mark.timeout(180)
+def test_the_owner_may_share_memoized_results_with_every_user_of_an_endpoint(two_users, tmp_path):
+    r = two_users
+    log = str(tmp_path / "runs")
+    alice_env = {"FEDEXEC_HOME": str(r.alice_ep.home), "FEDEXEC_TOKEN": r.tokens["alice"]}
+    bob_env = {"FEDEXEC_HOME": str(r.alice_ep.home), "FEDEXEC_TOKEN": r.tokens["bob"]}
+    assert memoized_call(r, "alice", r.alice_ep, log, 5) == (10, str(r.alice_ep.home))   # before the opt-in
+    refused = fedexec_cli("endpoint", "share", r.alice_ep.name, "--share-memo", env=bob_env, check=False)
+    assert refused.returncode == 1 and "only its owner may share it" in refused.stderr
+    out = fedexec_cli("endpoint", "share", r.alice_ep.name, "--user", "bob", "--share-memo", env=alice_env).stdout
+    assert "user bob" in out and "memoized results: shared among its users" in out
+    try:
+        assert lookup_endpoint(r.address, r.alice_ep.id, token=r.tokens["bob"])["share_memo"] is True
+        assert memoized_call(r, "alice", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))
+        assert memoized_call(r, "bob", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))   # alice's result
+        assert runs(Path(log)) == [5, 6]
+        # results memoized before the opt-in stay their user's
+        assert memoized_call(r, "bob", r.alice_ep, log, 5) == (10, str(r.alice_ep.home))
+        assert runs(Path(log)) == [5, 6, 5]
+    finally:
+        out = fedexec_cli("endpoint", "share", r.alice_ep.name, "--remove-user", "bob", "--no-share-memo",
+                          env=alice_env).stdout
+    assert "memoized results: each user's own" in out
+    assert memoized_call(r, "alice", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))   # her own again: runs
+    assert runs(Path(log)) == [5, 6, 5, 6]
