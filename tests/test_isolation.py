@@ -6,15 +6,16 @@ processes and raw sockets on loopback."""
 
 from __future__ import annotations
 
-import operator
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from fedexec import FederatedExecutor
+from fedexec import AuthenticationFailed, FederatedExecutor
 from fedexec import protocol as P
 from fedexec.relay.query import lookup_endpoint, share_endpoint
 from fedexec.serialize import content_hash, serialize_arguments, serialize_function
@@ -166,3 +167,53 @@ def test_the_owner_may_share_memoized_results_with_every_user_of_an_endpoint(two
     assert "memoized results: each user's own" in out
     assert memoized_call(r, "alice", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))   # her own again: runs
     assert runs(Path(log)) == [5, 6, 5, 6]
+
+
+# -- malformed credentials ----------------------------------------------------------
+
+MALFORMED = {
+    "alice:": "the secret after 'alice:' is empty",
+    ":s3cr3t-value": "the user name before ':' is empty",
+    "al ice:s3cr3t-value": "is not one a relay accepts",
+    "alice/../x:s3cr3t-value": "is not one a relay accepts",
+    "alice:s3cr3t\x00value": "control characters",
+    "alice:s3cr3t\nvalue": "control characters",
+    "alice:" + "s3cr3t" * 1000: "over the 4,096 a token may have",
+    "alice:" + "s3cr3t" * 50: "over the 255 an unencrypted connection carries",
+    "": None,   # no token given: not malformed (the relay refuses the missing credentials instead)
+}
+
+
+@pytest.mark.timeout(120)
+def test_malformed_credentials_fail_at_once(two_users, monkeypatch):
+    r = two_users
+    monkeypatch.delenv("FEDEXEC_TOKEN", raising=False)
+    for token, problem in MALFORMED.items():
+        if problem is None:
+            continue
+        for how in ("token=", "$FEDEXEC_TOKEN"):
+            if how == "token=":
+                kwargs = {"token": token}
+            elif "\x00" in token:
+                continue   # no environment variable holds one
+            else:
+                kwargs = {}
+                monkeypatch.setenv("FEDEXEC_TOKEN", token)
+            started = time.monotonic()
+            with pytest.raises(AuthenticationFailed) as err:
+                FederatedExecutor(r.alice_ep.id, relay=r.address, connect_timeout=20, **kwargs)
+            assert time.monotonic() - started < 1.0, (token[:20], how)
+            assert problem in str(err.value) and "s3cr3t" not in str(err.value), str(err.value)
+            assert ("$FEDEXEC_TOKEN" in str(err.value)) == (how != "token="), str(err.value)
+            monkeypatch.delenv("FEDEXEC_TOKEN", raising=False)
+    # the CLI and an endpoint say so cleanly, and exit
+    env = {"FEDEXEC_HOME": str(r.alice_ep.home), "FEDEXEC_TOKEN": "alice:"}
+    out = fedexec_cli("endpoint", "share", r.alice_ep.name, "--public", env=env, check=False)
+    assert out.returncode == 1 and "the secret after 'alice:' is empty" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "fedexec.endpoint", "--name", "bad", "--relay", r.address,
+                          "--max-workers", "1"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "FEDEXEC_TOKEN": "bob:x\x1by"})
+    assert out.returncode == 2 and "control characters" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # and alice's endpoint was not made public by the refused command
+    assert lookup_endpoint(r.address, r.alice_ep.id, token=r.tokens["alice"])["public"] is False

@@ -47,6 +47,8 @@ AUTH_PROPERTY = "X-Fedexec-Auth"  # connection metadata carrying credentials ove
 #: refused handshake with the same ones), so a few of those tries are enough;
 #: longer would only delay reporting credentials that are simply wrong.
 REFUSED_GRACE = 5.0
+MAX_PLAIN_SECRET = 255   # bytes of secret a ZeroMQ PLAIN handshake carries (a one-byte length)
+MAX_TOKEN_BYTES = 4096   # a longer token is a mistake (a file's contents, a pasted log)
 
 
 class Credentials:
@@ -62,14 +64,73 @@ class Credentials:
         if relay_key:
             sock.setsockopt(zmq.METADATA, f"{AUTH_PROPERTY}:{self.user}:{self.secret}".encode())
         else:
+            self.check_plain()
             sock.plain_username = self.user.encode()
             sock.plain_password = self.secret.encode()
 
+    def check_plain(self, source: str = "the credentials") -> None:
+        """AuthenticationFailed if the secret is too long for a PLAIN
+        (unencrypted) handshake; over CURVE longer ones travel."""
+        from .errors import AuthenticationFailed
+
+        if len(self.secret.encode()) > MAX_PLAIN_SECRET:
+            raise AuthenticationFailed(
+                f"{source} will not do: the secret of user {self.user!r} is {len(self.secret.encode())} "
+                f"bytes long, over the "
+                f"{MAX_PLAIN_SECRET} an unencrypted connection carries: give the relay's public key "
+                f"(relay_public_key=, ${RELAY_KEY_ENV}) to connect over CURVE")
+
     @classmethod
-    def parse(cls, token: str) -> "Credentials":
-        """``user:secret`` as printed by the CLI, or a bare local secret."""
+    def parse(cls, token: str, source: str = "the token given") -> "Credentials":
+        """``user:secret`` as printed by the CLI, or a bare local secret.
+
+        Raises :class:`~fedexec.errors.AuthenticationFailed` at once, naming
+        what is wrong (never the secret), for a token no relay would accept:
+        an empty user or secret, a user name the relay never accepts,
+        control characters, or one too long for the handshake. ``source``
+        says where it came from, for the message."""
+        from .errors import AuthenticationFailed
+        from .relay.access import USER_NAME   # here: relay.access imports this module
+
+        if not isinstance(token, str):
+            raise AuthenticationFailed(f"{source} must be a string 'user:secret', not {type(token).__name__}")
         user, sep, secret = token.strip().partition(":")
-        return cls(user, secret) if sep else cls(LOCAL_USER, user)
+        if not sep:
+            user, secret = LOCAL_USER, user
+        problem = None
+        if any(ord(c) < 32 or ord(c) == 127 for c in user + secret):
+            problem = "it contains control characters"
+        elif not user:
+            problem = "the user name before ':' is empty"
+        elif not USER_NAME.match(user):
+            problem = (f"the user name {user!r} is not one a relay accepts (1-128 letters, digits, '.', '_', "
+                       "'@', '+' or '-', starting with a letter or digit)")
+        elif not secret:
+            problem = f"the secret after '{user}:' is empty"
+        elif len(secret.encode()) > MAX_TOKEN_BYTES:
+            problem = f"it is {len(secret.encode()):,} bytes long, over the {MAX_TOKEN_BYTES:,} a token may have"
+        if problem:
+            raise AuthenticationFailed(f"{source} is malformed: {problem}; expected 'user:secret' as printed by "
+                                       "'fedexec relay add-user' or 'fedexec token create'")
+        return cls(user, secret)
+
+
+def check_token(address: str, token: str | None = None, relay_key: str | bytes | None = None) -> None:
+    """Raise :class:`~fedexec.errors.AuthenticationFailed` now, in the
+    caller's thread, if the explicit token or ``$FEDEXEC_TOKEN`` is
+    malformed (see :meth:`Credentials.parse`) or too long for the kind of
+    connection ``address`` gets; other credentials are found and checked
+    where they are used."""
+    if token is not None and token != "":
+        source = "the token given"
+        credentials = Credentials.parse(token, source)
+    elif os.environ.get(TOKEN_ENV):
+        source = f"${TOKEN_ENV}"
+        credentials = Credentials.parse(os.environ[TOKEN_ENV], source)
+    else:
+        return
+    if find_relay_key(address, relay_key) is None:
+        credentials.check_plain(source)
 
 
 def _address_key(address: str) -> str:
@@ -143,10 +204,10 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
     """The credentials to present to the relay at ``address``: an explicit
     token, else ``$FEDEXEC_TOKEN``, else a secret file (given, or the local
     relay's by address); None if there are none."""
-    if token:
+    if token is not None and token != "":
         return Credentials.parse(token)
     if os.environ.get(TOKEN_ENV):
-        return Credentials.parse(os.environ[TOKEN_ENV])
+        return Credentials.parse(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
     path = Path(secret_file) if secret_file else secret_path(address)
     try:
         secret = path.read_text().strip()

@@ -34,6 +34,7 @@ from typing import Any
 import psutil
 
 from .auth import AUTH_MODES
+from .errors import AuthenticationFailed
 from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
 
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)
-    except (CommandError, ConfigError) as exc:
+    except (CommandError, ConfigError, AuthenticationFailed) as exc:
         print(f"fedexec: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ import zmq
 
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
-from .auth import REFUSED_GRACE, HandshakeWatch
+from .auth import REFUSED_GRACE, HandshakeWatch, check_token
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
@@ -808,6 +808,12 @@ class FederatedExecutor(Executor):
                     raise ValueError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
             relay = relay or _default_relay()
+        try:
+            check_token(relay, token, relay_public_key)   # here, not in the dispatcher thread
+        except BaseException:
+            if services is not None:
+                services.stop()
+            raise
         #: the endpoint id, or for a group the list of its members' ids (SUBMIT's ``ep``)
         self.endpoint_id: str | list[str] = endpoint_id
         self.endpoint_ids: list[str] = endpoint_id if isinstance(endpoint_id, list) else [endpoint_id]

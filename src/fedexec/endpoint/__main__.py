@@ -9,7 +9,9 @@ import argparse
 import logging
 import sys
 
+from ..auth import check_token
 from ..config import ConfigError, EndpointConfig, endpoint_dir
+from ..errors import AuthenticationFailed
 from ..pidfile import PidFile
 from .agent import EndpointAgent
 
@@ -48,9 +50,13 @@ def main(argv: list[str] | None = None) -> None:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
             state_dir = endpoint_dir(ns.name)
+        check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts
         agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
+    except AuthenticationFailed as exc:   # as when the relay refuses the credentials (the agent's code 2)
+        print(f"fedexec endpoint: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     def connected(agent: EndpointAgent) -> None:
         if pidfile is not None:
