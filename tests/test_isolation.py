@@ -21,7 +21,7 @@ from fedexec.relay.query import lookup_endpoint, share_endpoint
 from fedexec.serialize import content_hash, serialize_arguments, serialize_function
 
 from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
-from test_faults import running_relay, tail
+from test_faults import free_port, running_relay, stop_process, tail
 
 DEADLINE = 30
 
@@ -217,3 +217,84 @@ def test_malformed_credentials_fail_at_once(two_users, monkeypatch):
     assert out.returncode == 2 and "control characters" in out.stderr and "Traceback" not in out.stderr, out.stderr
     # and alice's endpoint was not made public by the refused command
     assert lookup_endpoint(r.address, r.alice_ep.id, token=r.tokens["alice"])["public"] is False
+
+
+# -- private files ---------------------------------------------------------------------
+
+def big_len(blob: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(blob)
+
+
+def file_mode(path: str) -> int:
+    with open(path, "w") as f:
+        f.write("a task's output")
+    return os.stat(path).st_mode & 0o777
+
+
+def loose_modes(*roots: Path) -> list[str]:
+    """Every file or directory under ``roots`` that someone else could read:
+    a directory not 0700, a file with any group or other bit."""
+    found = []
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:   # gone meanwhile (a temporary file)
+                continue
+            if path.is_symlink():
+                continue
+            if (path.is_dir() and mode & 0o777 != 0o700) or (not path.is_dir() and mode & 0o077):
+                found.append(f"{oct(mode & 0o777)} {path}")
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_everything_written_is_private_whatever_the_umask(tmp_path):
+    """A relay, an endpoint and its pool started with the CLI under umask
+    000, as a careless user would: every directory they make is 0700, every
+    file (database, WAL, SHM, blobs, logs, pidfiles, config, status, secrets,
+    sockets, task markers) has no group or other bit; a data dir made
+    earlier 0755 is made 0700."""
+    home, data, temp = tmp_path / "home", tmp_path / "relay-data", tmp_path / "tmp"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    temp.mkdir()
+    env = {**os.environ, "FEDEXEC_HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop("FEDEXEC_TOKEN", None)
+    port = free_port()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "fedexec.cli", *args], capture_output=True, text=True,
+                             timeout=60, env=env, preexec_fn=lambda: os.umask(0))
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+
+    cli("relay", "start", "--port", str(port), "--data-dir", str(data), "--daemon")
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        cli("endpoint", "configure", "private-ep", "--relay", address, "--max-workers", "1")
+        cli("endpoint", "start", "private-ep", "--daemon")
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("FEDEXEC_HOME", str(home))
+                endpoint_id = (home / "endpoints" / "private-ep" / "config.toml").read_text()
+                endpoint_id = endpoint_id.split("endpoint_id = ")[1].split()[0].strip('"')
+                with FederatedExecutor(endpoint_id, relay=address) as ex:
+                    assert ex.submit(big_len, b"x" * 100_000, 0).result(DEADLINE) == 100_000
+                    running = ex.submit(big_len, b"y" * 200_000, 3)   # its arguments wait in a blob file
+                    time.sleep(1.5)
+                    blobs = list((data / "blobs").iterdir())
+                    assert blobs, "no blob file was written"
+                    assert (data / "relay.sqlite3-wal").exists() and (data / "relay.sqlite3-shm").exists()
+                    loose = loose_modes(data, home, *temp.iterdir())
+                    assert running.result(DEADLINE) == 200_000
+                    # the files users' tasks write follow the user's umask (000 here), not fedexec's
+                    assert ex.submit(file_mode, str(tmp_path / "task-output")).result(DEADLINE) == 0o666
+            assert loose == [], "\n".join(loose)
+            assert any(temp.iterdir()), "the endpoint and pool made no temporary directories here"
+        finally:
+            cli("endpoint", "stop", "private-ep")
+    finally:
+        cli("relay", "stop", "--data-dir", str(data))
+    assert loose_modes(data, home, *temp.iterdir()) == []

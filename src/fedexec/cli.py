@@ -37,6 +37,7 @@ from .auth import AUTH_MODES
 from .errors import AuthenticationFailed
 from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
+from .private import make_private
 
 START_TIMEOUT = 30.0
 
@@ -601,6 +602,7 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # configs, logs, relay data and the daemons it starts
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)

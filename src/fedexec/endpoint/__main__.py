@@ -13,10 +13,12 @@ from ..auth import check_token
 from ..config import ConfigError, EndpointConfig, endpoint_dir
 from ..errors import AuthenticationFailed
 from ..pidfile import PidFile
+from ..private import make_private, private_dir
 from .agent import EndpointAgent
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # its directory holds the pool secret, batch scripts, logs
     parser = argparse.ArgumentParser(prog="python -m fedexec.endpoint")
     parser.add_argument("--name", required=True)
     parser.add_argument("--relay", help="relay address; with it, nothing is read from the fedexec home")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
-            state_dir = endpoint_dir(ns.name)
+            state_dir = private_dir(endpoint_dir(ns.name))   # also when made earlier with looser bits
         check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts
         agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
     except ConfigError as exc:

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 from .. import protocol as P
+from ..private import make_private
 from .access import MODES, GlobusTokenCheck
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # the record holds every user's arguments and results
     parser = argparse.ArgumentParser(prog="python -m fedexec.relay")
     parser.add_argument("--address", required=True, help="tcp://HOST:PORT or ipc://PATH (port * = any free port)")
     parser.add_argument("--data-dir", required=True, type=Path)

@@ -35,6 +35,7 @@ import zmq
 
 from ..auth import AUTH_MODES as MODES
 from ..auth import AUTH_PROPERTY, LOCAL_USER, write_secret_value
+from ..private import create_private_file, private_dir
 
 log = logging.getLogger("fedexec.relay.access")
 
@@ -95,12 +96,11 @@ class TokenBook:
     token is kept, so a copy of the file grants nothing."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "access.sqlite3"
+        private_dir(data_dir)
+        self.path = create_private_file(data_dir / "access.sqlite3")   # before SQLite makes its WAL and SHM
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(TOKEN_SCHEMA)
-        self.path.chmod(0o600)
         self._lock = threading.Lock()   # the ZAP thread and the relay loop share the connection
 
     @staticmethod

@@ -124,7 +124,7 @@ class Relay:
             self._publish_secret(self.address)
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
-            self.discovery_files[-1].write_bytes(self.public_key)
+            write_secret_value(self.discovery_files[-1], self.public_key.decode())
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)

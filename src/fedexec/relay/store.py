@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..private import create_private_file, private_dir
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     hash BLOB PRIMARY KEY,
@@ -79,10 +81,14 @@ class RelayStore:
     """SQLite-backed record with write batching; one instance per relay process."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # private whatever the umask (also when used as a library): the
+        # record holds every user's arguments and results
+        private_dir(data_dir)
         self.path = data_dir / "relay.sqlite3"
-        self.blob_dir = data_dir / "blobs"
-        self.blob_dir.mkdir(exist_ok=True)
+        self.blob_dir = private_dir(data_dir / "blobs")
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if path == self.path or path.exists():   # SQLite makes the WAL and SHM with the db file's mode
+                create_private_file(path)
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
         self._upgrade()
@@ -156,7 +162,8 @@ class RelayStore:
 
     def _to_file(self, task_id: bytes, what: str, blob: Any) -> None:
         path = self._blob_path(task_id, what)
-        with open(path, "wb") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(blob)
         self._files.add((task_id, what))
 
