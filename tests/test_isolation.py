@@ -6,6 +6,7 @@ processes and raw sockets on loopback."""
 
 from __future__ import annotations
 
+import operator
 import os
 import subprocess
 import sys
@@ -298,3 +299,69 @@ def test_everything_written_is_private_whatever_the_umask(tmp_path):
     finally:
         cli("relay", "stop", "--data-dir", str(data))
     assert loose_modes(data, home, *temp.iterdir()) == []
+
+
+# -- a second relay on a busy address ----------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_a_relay_started_on_a_busy_address_fails_without_touching_a_file(tmp_path, fedexec_home):
+    from fedexec.auth import public_key_path, secret_path
+    from fedexec.relay.listening import AddressInUse
+    from fedexec.relay.server import Relay
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    first = tmp_path / "first"
+    fedexec_cli("relay", "start", "--port", port, "--data-dir", first, "--daemon")
+    try:
+        published = {path: path.read_bytes() for path in (fedexec_home / "relays").iterdir()}
+        assert secret_path(address) in published
+        log = tmp_path / "endpoint.log"
+        with open(log, "wb") as out:
+            endpoint = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", "busy", "--relay",
+                                         address, "--max-workers", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+        try:
+            deadline = time.monotonic() + DEADLINE
+            endpoint_id = None
+            while endpoint_id is None and time.monotonic() < deadline:
+                for line in tail(log).splitlines():
+                    if line.startswith("Endpoint busy (") and "connected to relay" in line:
+                        endpoint_id = line.split("Endpoint busy (")[1].split(")")[0]
+                time.sleep(0.1)
+            assert endpoint_id, tail(log)
+            with FederatedExecutor(endpoint_id, relay=address) as ex:
+                assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
+                others = []
+                for how in (("--daemon",), ()):   # as a daemon, and in the foreground
+                    other = tmp_path / f"other{len(others)}"
+                    others.append(other)
+                    out = fedexec_cli("relay", "start", "--port", port, "--data-dir", other, *how, check=False)
+                    assert out.returncode != 0, out.stdout
+                    assert f"the address {address} is already in use by the relay at" in out.stderr, out.stderr
+                    assert f"data in {first}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+                # the relay itself, started directly, and as a library
+                other = tmp_path / "other-direct"
+                others.append(other)
+                out = subprocess.run([sys.executable, "-m", "fedexec.relay", "--address", address, "--data-dir",
+                                      str(other)], capture_output=True, text=True, timeout=60)
+                assert out.returncode == 1 and f"the address {address} is already in use" in out.stderr
+                assert "Traceback" not in out.stderr, out.stderr
+                other = tmp_path / "other-library"
+                others.append(other)
+                with pytest.raises(AddressInUse, match="already in use by the relay at"):
+                    Relay(address, other, auth="local")
+                with pytest.raises(AddressInUse):
+                    Relay(address, other, auth="token")
+                for other in others:
+                    assert not other.exists(), other
+                assert {path: path.read_bytes() for path in (fedexec_home / "relays").iterdir()} == published
+                assert not public_key_path(address).exists()
+                # the first relay's clients are still served, new ones too
+                assert ex.submit(operator.mul, 6, 7).result(DEADLINE) == 42
+            with FederatedExecutor(endpoint_id, relay=address) as ex:
+                assert ex.submit(operator.add, 2, 2).result(DEADLINE) == 4
+        finally:
+            stop_process(endpoint)
+    finally:
+        fedexec_cli("relay", "stop", "--data-dir", first)

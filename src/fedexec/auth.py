@@ -175,15 +175,17 @@ def write_secret(path: Path) -> str:
     return write_secret_value(path, secrets.token_urlsafe(32))
 
 
+def read_secret(path: Path) -> str:
+    """The secret kept in ``path``; "" if there is none."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def load_or_create_secret(path: Path) -> str:
     """The secret kept in ``path``, made (mode 0600) if there is none yet."""
-    try:
-        secret = path.read_text().strip()
-        if secret:
-            return secret
-    except OSError:
-        pass
-    return write_secret(path)
+    return read_secret(path) or write_secret(path)
 
 
 def write_secret_value(path: Path, secret: str) -> str:

@@ -110,6 +110,12 @@ def relay_start(ns: argparse.Namespace) -> None:
         argv += ["--globus-client-id", ns.globus_client_id]
     if ns.globus_scope:
         argv += ["--globus-scope", ns.globus_scope]
+    from .relay.listening import AddressInUse, check_address_free
+
+    try:   # before the log (in the data dir) is made: a busy address leaves no trace
+        check_address_free(address, data_dir)
+    except AddressInUse as exc:
+        raise CommandError(str(exc)) from None
     if not ns.daemon:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
         from .relay.__main__ import main as relay_main

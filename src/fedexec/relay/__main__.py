@@ -51,9 +51,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
                          "$FEDEXEC_RELAY_GLOBUS_CLIENT_ID) and $FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
-    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-          result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
-          auth=ns.auth, curve=ns.curve, globus=globus).serve_forever()
+    try:
+        relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
+                      result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
+                      auth=ns.auth, curve=ns.curve, globus=globus)
+    except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
+        sys.exit(f"fedexec relay: {exc.strerror or exc}")
+    relay.serve_forever()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -23,10 +24,11 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import load_or_create_secret, public_key_path, secret_path, write_secret_value
+from ..auth import public_key_path, read_secret, secret_path, write_secret_value
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
+from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
 
@@ -76,8 +78,14 @@ class Relay:
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
         self.data_dir = Path(data_dir)
         self.remove_on_exit = remove_on_exit
-        self.store = RelayStore(self.data_dir)
         self.parent_pid = parent_pid
+        # On an address in use, fail before any file is touched: the
+        # discovery files of the relay already there above all (its clients
+        # would be refused). So: ask now; then make the access control (a
+        # new secret or key pair kept in memory), start the ZAP handler
+        # before the socket binds (a PLAIN or CURVE server without one
+        # accepts anyone), bind, and only then write files.
+        check_address_free(address, self.data_dir)
         self.ctx = zmq.Context()
         # Every connection authenticates before its messages are read (see
         # access.py). The local secret is kept with the record (the same
@@ -85,7 +93,10 @@ class Relay:
         # have) in a file only this user can read.
         self.auth_mode = auth
         self.secret_file = Path(secret_file) if secret_file else self.data_dir / "relay.secret"
-        self.local_secret = load_or_create_secret(self.secret_file) if auth == "local" else ""
+        self.local_secret = read_secret(self.secret_file) if auth == "local" else ""
+        new_secret = auth == "local" and not self.local_secret
+        if new_secret:
+            self.local_secret = secrets.token_urlsafe(32)
         self.tokens = TokenBook(self.data_dir) if auth == "token" else None
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
         self.zap = ZapHandler(self.ctx, self.access)
@@ -95,8 +106,13 @@ class Relay:
         # machine could listen in.
         self.curve = curve if curve is not None else not P.is_loopback(address)
         self.public_key = b""
+        curve_file = self.data_dir / "relay.curve"
+        new_keys = self.curve and not curve_file.exists()
+        if new_keys:
+            self.public_key, secret_key = zmq.curve_keypair()
+        elif self.curve:
+            self.public_key, secret_key = load_or_create_curve_keys(curve_file)
         if self.curve:
-            self.public_key, secret_key = load_or_create_curve_keys(self.data_dir / "relay.curve")
             self.sock.curve_secretkey = secret_key
             self.sock.curve_publickey = self.public_key
             self.sock.curve_server = True
@@ -109,22 +125,37 @@ class Relay:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self.sock.bind(address)
+        except zmq.ZMQError as exc:   # taken since check_address_free asked, or a host not this machine's
+            self.sock.close(linger=0)
+            self.zap.stop()
+            self.ctx.term()
+            if self.tokens is not None:
+                self.tokens.close()
+            if exc.errno == zmq.EADDRINUSE:
+                raise AddressInUse(in_use_message(address, self.data_dir)) from None
+            raise OSError(exc.errno, f"the relay cannot listen on {address}: {exc}") from None
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if new_secret:
+            write_secret_value(self.secret_file, self.local_secret)
+        if new_keys:
+            write_secret_value(curve_file, f"{self.public_key.decode()}\n{secret_key.decode()}\n")
         # Copies by address, where this user's executors and endpoints look
-        # (not for a private relay, whose owner was given secret_file): one
-        # written before the relay listens, so no one connects without it,
-        # and one under the address it reports, if that differs (a port
-        # chosen at bind time, a host name resolved).
+        # (not for a private relay, whose owner was given secret_file): under
+        # the address asked for and the one it reports, if that differs (a
+        # port chosen at bind time, a host name resolved). A client that
+        # connected meanwhile finds them when it looks again after the refusal.
         self.discovery_files: list[Path] = []
         publish = not secret_file and (auth == "local" or self.curve)
         if publish and not address.endswith(":*"):
             self._publish_secret(address)
-        self.sock.bind(address)
-        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if publish and secret_path(self.address) not in self.discovery_files:
             self._publish_secret(self.address)
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
+        self.store = RelayStore(self.data_dir)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
