@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -365,3 +366,90 @@ def test_a_relay_started_on_a_busy_address_fails_without_touching_a_file(tmp_pat
             stop_process(endpoint)
     finally:
         fedexec_cli("relay", "stop", "--data-dir", first)
+
+
+# -- task ids ---------------------------------------------------------------------------------
+
+def slow_value(seconds: float, value):
+    time.sleep(seconds)
+    return value
+
+
+@pytest.mark.timeout(180)
+def test_task_ids_are_random_and_another_user_cannot_claim_them(two_users, tmp_path):
+    r = two_users
+    program = tmp_path / "alice.py"
+    big = 100_000   # a result kept in a blob file
+    program.write_text(f"""
+import os, time
+from fedexec import FederatedExecutor
+from test_isolation import slow_value
+ex = FederatedExecutor({r.alice_ep.id!r}, relay={r.address!r}, token={r.tokens['alice']!r})
+done = ex.submit(slow_value, 0.5, "alice's secret result " + "x" * {big})
+running = ex.submit(slow_value, 5, "alice's later result")
+more = [ex.submit(int, i) for i in range(200)]
+print(done.task_id, running.task_id, *[f.task_id for f in more], flush=True)
+time.sleep(0.3)
+os._exit(0)
+""")
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert out.returncode == 0, out.stderr
+    ids = [uuid.UUID(text).bytes for text in out.stdout.split()]
+    done_id, running_id = out.stdout.split()[:2]
+    done, running = ids[:2]
+    # each id random: no shared prefix, nothing to count on
+    assert len({task_id[:4] for task_id in ids}) == len(ids)
+    assert len({task_id[-4:] for task_id in ids}) == len(ids)
+    time.sleep(2.0)   # the first one finished and is stored, unfetched
+    bob = RawClient(r.address, r.tokens["bob"])
+    try:
+        fn_hash, body = serialize_function(slow_value)
+        for task_id in (done, running):   # on his own endpoint: the relay holds these ids for alice
+            blobs = P.Blobs()
+            row = [task_id, fn_hash, blobs.ref(serialize_arguments(slow_value, (0, "bob's forgery"), {})),
+                   blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION]
+            bob.send(P.SUBMIT, {"ep": r.bob_ep.id, "tasks": [row]}, blobs.frames)
+            failure = bob.failure_of(task_id)
+            assert failure["kind"] == P.NOT_ALLOWED and "belongs to another user" in failure["msg"], failure
+        bob.send(P.ACK, {"tids": [done]})   # and cannot make the relay forget alice's result
+        time.sleep(1.0)
+    finally:
+        bob.close()
+    with FederatedExecutor(r.alice_ep.id, relay=r.address, token=r.tokens["alice"]) as alice:
+        got_done, got_running = alice.reattach([done_id, running_id])
+        assert got_done.result(DEADLINE) == "alice's secret result " + "x" * big
+        assert got_running.result(DEADLINE) == "alice's later result"
+    assert "refused user 'bob': resubmit task" in tail(r.log, 400_000)
+
+
+@pytest.mark.timeout(60)
+def test_the_record_binds_a_finished_tasks_id_to_its_user_across_restarts(tmp_path):
+    """The relay's record (real SQLite, reopened as after a restart): a
+    finished task's id stays its user's until they acknowledge it; another
+    user's result or acknowledgement of that id touches nothing; blob files
+    are per user."""
+    from fedexec.relay.store import FILE_BLOB, RelayStore
+
+    task_id, big = os.urandom(16), b"r" * (FILE_BLOB + 1)
+    store = RelayStore(tmp_path)
+    store.add_task(task_id, b"C1", "ep", b"f" * 32, P.TASK_CALL, P.PYTHON_VERSION, b"a" * (FILE_BLOB + 1), "alice")
+    store.add_result(task_id, P.OK, big, "alice")
+    store.close()
+    store = RelayStore(tmp_path)
+    try:
+        assert store.owner_of(task_id) == "alice"
+        store.add_result(task_id, P.OK, b"bob's forgery" * 10_000, "bob")   # as if bob's task had that id
+        store.acknowledge([task_id], "bob")
+        store.close()
+        store = RelayStore(tmp_path)
+        assert store.owner_of(task_id) == "alice"
+        assert store.task_outcome(task_id) == (1, P.OK, big, "alice")
+        store.acknowledge([task_id], "alice")
+        assert store.owner_of(task_id) is None
+        store.close()
+        store = RelayStore(tmp_path)
+        assert store.task_outcome(task_id) is None and store.owner_of(task_id) is None
+        assert list((tmp_path / "blobs").iterdir()) == []
+    finally:
+        store.close()

@@ -592,6 +592,10 @@ class Relay:
                 else:
                     accepted.append(task_id)  # a resubmission of a task we hold: idempotent
                 continue
+            owner = self.store.owner_of(task_id)   # finished, its result not yet acknowledged
+            if owner is not None and owner != user:
+                self._not_theirs(sender, session, task_id, "resubmit")
+                continue
             if resend and self._answer_from_record(sender, session, task_id):
                 continue
             if unknown is not None:
@@ -742,7 +746,7 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self.store.add_result(task_id, status, buffer)
+            self.store.add_result(task_id, status, buffer, record.user)
             if status == P.OK and record.options is not None and "m" in record.options \
                     and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
                 result = P.as_bytes(blob)
@@ -791,7 +795,7 @@ class Relay:
             if record.state == QUEUED:
                 del self.tasks[task_id]
                 self._unqueue(record)
-                self.store.add_result(task_id, P.CANCELLED, b"")
+                self.store.add_result(task_id, P.CANCELLED, b"", record.user)
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
@@ -818,7 +822,7 @@ class Relay:
                         del self.tasks[record.task_id]
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
-                        self.store.add_result(record.task_id, P.FAILED, b"")
+                        self.store.add_result(record.task_id, P.FAILED, b"", record.user)
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
