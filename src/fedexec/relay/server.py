@@ -612,17 +612,17 @@ class Relay:
                 self._reject(sender, task_id, P.REJECTED, "function is not registered with this relay")
                 continue
             args = P.blob(blobs, args_index)
+            size = len(P.as_buffer(args))
+            if size > self.max_payload:
+                message, details = P.too_large("the arguments", size, self.max_payload)
+                self._reject(sender, task_id, P.TOO_LARGE, message, **details)
+                continue
             if options is not None and "m" in options:
                 if memo_scope is None:
                     memo_scope = self._memo_scope(user, endpoint_id, states)
                 options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
                 if self._serve_memoized(sender, task_id, options):
                     continue
-            size = len(P.as_buffer(args))
-            if size > self.max_payload:
-                message, details = P.too_large("the arguments", size, self.max_payload)
-                self._reject(sender, task_id, P.TOO_LARGE, message, **details)
-                continue
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
                 record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
