@@ -170,9 +170,14 @@ def find_relay_key(address: str, relay_key: str | bytes | None = None) -> bytes 
 
 
 
+def new_secret() -> str:
+    """A new random local secret."""
+    return secrets.token_urlsafe(32)
+
+
 def write_secret(path: Path) -> str:
     """A new random secret in ``path``, readable by this user only."""
-    return write_secret_value(path, secrets.token_urlsafe(32))
+    return write_secret_value(path, new_secret())
 
 
 def read_secret(path: Path) -> str:
@@ -181,11 +186,6 @@ def read_secret(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
-
-
-def load_or_create_secret(path: Path) -> str:
-    """The secret kept in ``path``, made (mode 0600) if there is none yet."""
-    return read_secret(path) or write_secret(path)
 
 
 def write_secret_value(path: Path, secret: str) -> str:
@@ -210,11 +210,7 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
         return Credentials.parse(token)
     if os.environ.get(TOKEN_ENV):
         return Credentials.parse(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
-    path = Path(secret_file) if secret_file else secret_path(address)
-    try:
-        secret = path.read_text().strip()
-    except OSError:
-        secret = ""
+    secret = read_secret(Path(secret_file) if secret_file else secret_path(address))
     if secret:
         return Credentials(LOCAL_USER, secret)
     from .globus_login import client_credentials_token, stored_token

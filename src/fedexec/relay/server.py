@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import shutil
 import signal
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import public_key_path, read_secret, secret_path, write_secret_value
+from ..auth import new_secret, public_key_path, read_secret, secret_path, write_secret_value
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
@@ -94,9 +93,9 @@ class Relay:
         self.auth_mode = auth
         self.secret_file = Path(secret_file) if secret_file else self.data_dir / "relay.secret"
         self.local_secret = read_secret(self.secret_file) if auth == "local" else ""
-        new_secret = auth == "local" and not self.local_secret
-        if new_secret:
-            self.local_secret = secrets.token_urlsafe(32)
+        secret_is_new = auth == "local" and not self.local_secret
+        if secret_is_new:
+            self.local_secret = new_secret()
         self.tokens = TokenBook(self.data_dir) if auth == "token" else None
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
         self.zap = ZapHandler(self.ctx, self.access)
@@ -137,7 +136,7 @@ class Relay:
                 raise AddressInUse(in_use_message(address, self.data_dir)) from None
             raise OSError(exc.errno, f"the relay cannot listen on {address}: {exc}") from None
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if new_secret:
+        if secret_is_new:
             write_secret_value(self.secret_file, self.local_secret)
         if new_keys:
             write_secret_value(curve_file, f"{self.public_key.decode()}\n{secret_key.decode()}\n")
