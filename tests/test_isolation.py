@@ -262,7 +262,8 @@ def test_everything_written_is_private_whatever_the_umask(tmp_path):
     data.mkdir(mode=0o755)
     os.chmod(data, 0o755)
     temp.mkdir()
-    env = {**os.environ, "FEDEXEC_HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).parent)}
+    path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(Path(__file__).parent)]))
+    env = {**os.environ, "FEDEXEC_HOME": str(home), "TMPDIR": str(temp), "PYTHONPATH": path}
     env.pop("FEDEXEC_TOKEN", None)
     port = free_port()
 
@@ -272,6 +273,7 @@ def test_everything_written_is_private_whatever_the_umask(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out
 
+    cli("relay", "add-user", "alice", "--data-dir", str(data))   # the token book (unused by a local relay)
     cli("relay", "start", "--port", str(port), "--data-dir", str(data), "--daemon")
     address = f"tcp://127.0.0.1:{port}"
     try:
