@@ -178,7 +178,10 @@ def running_relay(directory: Path, *options: str, env: dict[str, str] | None = N
                 pytest.fail(f"the relay exited with code {proc.returncode}:\n{tail(log)}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
+                # listening; its files (secret, keys) are written once it is, then relay.json
+                if (directory / "relay-data" / "relay.json").exists():
+                    break
+                raise OSError("relay.json not written yet")
             except OSError:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the relay did not listen on {address} within 20 s:\n{tail(log)}")

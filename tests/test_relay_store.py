@@ -20,17 +20,16 @@ def test_large_blobs_live_in_files_and_go_with_their_task(tmp_path):
     store = RelayStore(tmp_path)  # as after a restart: what was accepted is there
     pending = {row[0]: row[7] for row in store.pending_tasks()}
     assert pending == {small: b"tiny", big: big_args}
-    assert (tmp_path / "blobs" / f"{big.hex()}.args").exists()
-    assert not (tmp_path / "blobs" / f"{small.hex()}.args").exists()
+    assert [name.split("-")[1] for name in os.listdir(tmp_path / "blobs")] == [f"{big.hex()}.args"]
 
     big_result = os.urandom(FILE_BLOB * 2)
-    store.add_result(big, 0, big_result)
-    store.add_result(small, 0, b"r")
+    store.add_result(big, 0, big_result, "local")
+    store.add_result(small, 0, b"r", "local")
     store.close()
     store = RelayStore(tmp_path)
     assert list(store.pending_tasks()) == []
-    assert store.read_blob(big, "result") == big_result
-    assert not (tmp_path / "blobs" / f"{big.hex()}.args").exists()  # arguments dropped once done
+    assert store.read_blob(big, "result", "local") == big_result
+    assert [name.split("-")[1] for name in os.listdir(tmp_path / "blobs")] == [f"{big.hex()}.result"]  # arguments dropped once done
     store.acknowledge([big, small], "local")
     store.close()
     assert os.listdir(tmp_path / "blobs") == []
@@ -52,8 +51,8 @@ def test_writes_that_cancel_out_within_one_commit_are_not_made(tmp_path):
     store.add_function(b"h" * 32, b"body")
     for task_id in (gone, finished, waiting):
         store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args", "local")
-    store.add_result(gone, 0, b"r1")
-    store.add_result(finished, 0, b"r2")
+    store.add_result(gone, 0, b"r1", "local")
+    store.add_result(finished, 0, b"r2", "local")
     store.acknowledge([gone], "local")
     store.close()  # one commit holds all of it
     rows = _rows(tmp_path)
@@ -63,7 +62,32 @@ def test_writes_that_cancel_out_within_one_commit_are_not_made(tmp_path):
 
     store = RelayStore(tmp_path)
     assert [row[0] for row in store.pending_tasks()] == [waiting]
-    store.add_result(waiting, 0, b"r3")
+    store.add_result(waiting, 0, b"r3", "local")
     store.acknowledge([finished, waiting], "local")   # result and acknowledgement in one commit: a delete
     store.close()
     assert _rows(tmp_path) == {}
+
+
+def test_an_older_record_is_upgraded_blob_files_renamed_and_memo_dropped(tmp_path):
+    import sqlite3
+
+    store = RelayStore(tmp_path)
+    task_id, args = uuid.uuid4().bytes, os.urandom(FILE_BLOB * 2)
+    store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", args, "alice")
+    store.add_memo(b"k" * 32, b"an unscoped result")
+    store.close()
+    # as an older fedexec left it: blob files named by task id alone, memo keys unscoped
+    (name,) = os.listdir(tmp_path / "blobs")
+    os.rename(tmp_path / "blobs" / name, tmp_path / "blobs" / f"{task_id.hex()}.args")
+    (tmp_path / "blobs" / f"{uuid.uuid4().hex}.result").write_bytes(b"an orphan")
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    db.execute("PRAGMA user_version=0")
+    db.commit()
+    db.close()
+    store = RelayStore(tmp_path)
+    try:
+        assert [(row[0], row[6], row[7]) for row in store.pending_tasks()] == [(task_id, "alice", args)]
+        assert os.listdir(tmp_path / "blobs") == [name]
+        assert store.memo_keys() == set()
+    finally:
+        store.close()

@@ -55,6 +55,8 @@ CURVE_KEY_LABEL = b"fedexec client CURVE key v1\0"   # domain separation of clie
 #: refused handshake with the same ones), so a few of those tries are enough;
 #: longer would only delay reporting credentials that are simply wrong.
 REFUSED_GRACE = 5.0
+MAX_PLAIN_SECRET = 255   # bytes of secret a ZeroMQ PLAIN handshake carries (a one-byte length)
+MAX_TOKEN_BYTES = 4096   # a longer token is a mistake (a file's contents, a pasted log)
 
 
 class Credentials:
@@ -73,14 +75,73 @@ class Credentials:
             sock.curve_publickey, sock.curve_secretkey = client_curve_keypair(self.user, self.secret)
             sock.setsockopt(zmq.METADATA, f"{AUTH_PROPERTY}:{self.user}:{self.secret}".encode())
         else:
+            self.check_plain()
             sock.plain_username = self.user.encode()
             sock.plain_password = self.secret.encode()
 
+    def check_plain(self, source: str = "the credentials") -> None:
+        """AuthenticationFailed if the secret is too long for a PLAIN
+        (unencrypted) handshake; over CURVE longer ones travel."""
+        from .errors import AuthenticationFailed
+
+        if len(self.secret.encode()) > MAX_PLAIN_SECRET:
+            raise AuthenticationFailed(
+                f"{source} will not do: the secret of user {self.user!r} is {len(self.secret.encode())} "
+                f"bytes long, over the "
+                f"{MAX_PLAIN_SECRET} an unencrypted connection carries: give the relay's public key "
+                f"(relay_public_key=, ${RELAY_KEY_ENV}) to connect over CURVE")
+
     @classmethod
-    def parse(cls, token: str) -> "Credentials":
-        """``user:secret`` as printed by the CLI, or a bare local secret."""
+    def parse(cls, token: str, source: str = "the token given") -> "Credentials":
+        """``user:secret`` as printed by the CLI, or a bare local secret.
+
+        Raises :class:`~fedexec.errors.AuthenticationFailed` at once, naming
+        what is wrong (never the secret), for a token no relay would accept:
+        an empty user or secret, a user name the relay never accepts,
+        control characters, or one too long for the handshake. ``source``
+        says where it came from, for the message."""
+        from .errors import AuthenticationFailed
+        from .relay.access import USER_NAME   # here: relay.access imports this module
+
+        if not isinstance(token, str):
+            raise AuthenticationFailed(f"{source} must be a string 'user:secret', not {type(token).__name__}")
         user, sep, secret = token.strip().partition(":")
-        return cls(user, secret) if sep else cls(LOCAL_USER, user)
+        if not sep:
+            user, secret = LOCAL_USER, user
+        problem = None
+        if any(ord(c) < 32 or ord(c) == 127 for c in user + secret):
+            problem = "it contains control characters"
+        elif not user:
+            problem = "the user name before ':' is empty"
+        elif not USER_NAME.match(user):
+            problem = (f"the user name {user!r} is not one a relay accepts (1-128 letters, digits, '.', '_', "
+                       "'@', '+' or '-', starting with a letter or digit)")
+        elif not secret:
+            problem = f"the secret after '{user}:' is empty"
+        elif len(secret.encode()) > MAX_TOKEN_BYTES:
+            problem = f"it is {len(secret.encode()):,} bytes long, over the {MAX_TOKEN_BYTES:,} a token may have"
+        if problem:
+            raise AuthenticationFailed(f"{source} is malformed: {problem}; expected 'user:secret' as printed by "
+                                       "'fedexec relay add-user' or 'fedexec token create'")
+        return cls(user, secret)
+
+
+def check_token(address: str, token: str | None = None, relay_key: str | bytes | None = None) -> None:
+    """Raise :class:`~fedexec.errors.AuthenticationFailed` now, in the
+    caller's thread, if the explicit token or ``$FEDEXEC_TOKEN`` is
+    malformed (see :meth:`Credentials.parse`) or too long for the kind of
+    connection ``address`` gets; other credentials are found and checked
+    where they are used."""
+    if token is not None and token != "":
+        source = "the token given"
+        credentials = Credentials.parse(token, source)
+    elif os.environ.get(TOKEN_ENV):
+        source = f"${TOKEN_ENV}"
+        credentials = Credentials.parse(os.environ[TOKEN_ENV], source)
+    else:
+        return
+    if find_relay_key(address, relay_key) is None:
+        credentials.check_plain(source)
 
 
 def client_curve_keypair(user: str, secret: str) -> tuple[bytes, bytes]:
@@ -133,20 +194,22 @@ def find_relay_key(address: str, relay_key: str | bytes | None = None) -> bytes 
 
 
 
+def new_secret() -> str:
+    """A new random local secret."""
+    return secrets.token_urlsafe(32)
+
+
 def write_secret(path: Path) -> str:
     """A new random secret in ``path``, readable by this user only."""
-    return write_secret_value(path, secrets.token_urlsafe(32))
+    return write_secret_value(path, new_secret())
 
 
-def load_or_create_secret(path: Path) -> str:
-    """The secret kept in ``path``, made (mode 0600) if there is none yet."""
+def read_secret(path: Path) -> str:
+    """The secret kept in ``path``; "" if there is none."""
     try:
-        secret = path.read_text().strip()
-        if secret:
-            return secret
+        return path.read_text().strip()
     except OSError:
-        pass
-    return write_secret(path)
+        return ""
 
 
 def write_secret_value(path: Path, secret: str) -> str:
@@ -167,15 +230,11 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
     """The credentials to present to the relay at ``address``: an explicit
     token, else ``$FEDEXEC_TOKEN``, else a secret file (given, or the local
     relay's by address); None if there are none."""
-    if token:
+    if token is not None and token != "":
         return Credentials.parse(token)
     if os.environ.get(TOKEN_ENV):
-        return Credentials.parse(os.environ[TOKEN_ENV])
-    path = Path(secret_file) if secret_file else secret_path(address)
-    try:
-        secret = path.read_text().strip()
-    except OSError:
-        secret = ""
+        return Credentials.parse(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    secret = read_secret(Path(secret_file) if secret_file else secret_path(address))
     if secret:
         return Credentials(LOCAL_USER, secret)
     from .globus_login import client_credentials_token, stored_token

@@ -12,6 +12,7 @@
     fedexec endpoint start NAME [--daemon]
     fedexec endpoint stop|status NAME                       (status: blocks, pools, workers, idle, queued)
     fedexec endpoint share NAME [--user U ...] [--remove-user U ...] [--group G ...] [--public|--private]
+                               [--share-memo|--no-share-memo]
     fedexec endpoint list
     fedexec group set NAME ENDPOINT [ENDPOINT ...] | list | remove NAME   (FederatedExecutor("NAME"))
     fedexec function hash MODULE:FUNCTION
@@ -34,8 +35,10 @@ import psutil
 
 from . import protocol as P
 from .auth import AUTH_MODES
+from .errors import AuthenticationFailed
 from .config import DEFAULT_RELAY_PORT, PROVIDERS, SANDBOXES, ProviderConfig, ConfigError, EndpointConfig, endpoint_dir, fedexec_home, relay_dir
 from .pidfile import PidFile
+from .private import make_private
 
 START_TIMEOUT = 30.0
 
@@ -116,6 +119,12 @@ def relay_start(ns: argparse.Namespace) -> None:
         argv += ["--globus-client-id", ns.globus_client_id]
     if ns.globus_scope:
         argv += ["--globus-scope", ns.globus_scope]
+    from .relay.listening import AddressInUse, check_address_free
+
+    try:   # before the log (in the data dir) is made: a busy address leaves no trace
+        check_address_free(address, data_dir)
+    except AddressInUse as exc:
+        raise CommandError(str(exc)) from None
     if not ns.daemon:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
         from .relay.__main__ import main as relay_main
@@ -300,12 +309,14 @@ def endpoint_share(ns: argparse.Namespace) -> None:
     try:
         view = share_endpoint(config.relay, config.endpoint_id, public=ns.public, add_users=ns.user,
                               remove_users=ns.remove_user, add_groups=ns.group, remove_groups=ns.remove_group,
-                              relay_key=config.relay_public_key or None)
+                              share_memo=ns.share_memo, relay_key=config.relay_public_key or None)
     except (FedexecError, TimeoutError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
     who = "everyone" if view["public"] else ", ".join(
         [f"user {u}" for u in view["users"]] + [f"group {g}" for g in view["groups"]]) or "its owner only"
-    print(f"endpoint {ns.name} ({config.endpoint_id}), owner {view['owner']}: usable by {who}")
+    memo = "shared among its users" if view.get("share_memo") else "each user's own"
+    print(f"endpoint {ns.name} ({config.endpoint_id}), owner {view['owner']}: usable by {who}; "
+          f"memoized results: {memo}")
 
 
 def function_hash_command(ns: argparse.Namespace) -> None:
@@ -583,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anyone the relay authenticates may use it")
     p.add_argument("--private", dest="public", action="store_const", const=False,
                    help="only its owner and those it is shared with")
+    p.add_argument("--share-memo", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve a result memoized on it for one user to every user of it (default: off, each "
+                        "user gets only their own memoized results)")
     p.set_defaults(func=endpoint_share)
     p = esub.add_parser("list", help="configured endpoints and whether they run")
     p.set_defaults(func=endpoint_list)
@@ -610,10 +624,11 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # configs, logs, relay data and the daemons it starts
     ns = build_parser().parse_args(argv)
     try:
         ns.func(ns)
-    except (CommandError, ConfigError) as exc:
+    except (CommandError, ConfigError, AuthenticationFailed) as exc:
         print(f"fedexec: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

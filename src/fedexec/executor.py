@@ -32,7 +32,7 @@ import zmq
 
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
-from .auth import REFUSED_GRACE, HandshakeWatch
+from .auth import REFUSED_GRACE, HandshakeWatch, check_token
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
@@ -113,6 +113,27 @@ class _FunctionCache:
                 self._strong.clear()
             self._strong[id(fn)] = (fn, fn_hash, body)
         return fn_hash, body
+
+
+class _TaskIds:
+    """Task ids: 16 random bytes each, so that no one can guess another
+    user's next ids (the relay binds an id to its user, first come). Taken
+    from a buffer filled by one ``os.urandom`` call per ``batch`` ids, not
+    one system call per task; safe to call from any thread."""
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._size = 16 * batch
+        self._buffer = b""
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> bytes:
+        with self._lock:
+            if self._next >= len(self._buffer):
+                self._buffer, self._next = os.urandom(self._size), 0
+            start, buffer = self._next, self._buffer
+            self._next = start + 16
+        return buffer[start:start + 16]
 
 
 CANCEL_TIMEOUT = 10.0
@@ -834,14 +855,17 @@ class FederatedExecutor(Executor):
                     raise ValueError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
             relay = relay or _default_relay()
+        try:
+            check_token(relay, token, relay_public_key)   # here, not in the dispatcher thread
+        except BaseException:
+            if services is not None:
+                services.stop()
+            raise
         #: the endpoint id, or for a group the list of its members' ids (SUBMIT's ``ep``)
         self.endpoint_id: str | list[str] = endpoint_id
         self.endpoint_ids: list[str] = endpoint_id if isinstance(endpoint_id, list) else [endpoint_id]
         self.relay: str = relay
-        # task ids: a random prefix per executor and a counter (unique without
-        # a system call per task, and in submission order for the store)
-        self._id_prefix = os.urandom(8)
-        self._id_counter = itertools.count(1)
+        self._task_ids = _TaskIds()
         self._batch_size = batch_size
         self._functions = _FunctionCache()
         self._shutdown_lock = threading.Lock()
@@ -954,7 +978,7 @@ class FederatedExecutor(Executor):
         arguments cannot be sent, the future already holds the error and
         there is nothing to send."""
         submitted = time.time() if self._trace else 0.0
-        task_id = self._id_prefix + next(self._id_counter).to_bytes(8, "big")
+        task_id = self._task_ids.next()
         future = TaskFuture(self._dispatcher, task_id)
         try:
             fn_hash, fn_body = self._functions.lookup(fn)

@@ -30,9 +30,11 @@ class PidFile:
     def write(self, **info: Any) -> None:
         pid = os.getpid()
         record = {"pid": pid, "started": _start_time(pid), **info}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # private, whatever the umask
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
         os.replace(tmp, self.path)
 
     def read(self) -> dict[str, Any] | None:

@@ -9,12 +9,16 @@ import argparse
 import logging
 import sys
 
+from ..auth import check_token
 from ..config import ConfigError, EndpointConfig, endpoint_dir
+from ..errors import AuthenticationFailed
 from ..pidfile import PidFile
+from ..private import make_private, private_dir
 from .agent import EndpointAgent
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # its directory holds the pool secret, batch scripts, logs
     parser = argparse.ArgumentParser(prog="python -m fedexec.endpoint")
     parser.add_argument("--name", required=True)
     parser.add_argument("--relay", help="relay address; with it, nothing is read from the fedexec home")
@@ -47,10 +51,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
-            state_dir = endpoint_dir(ns.name)
+            state_dir = private_dir(endpoint_dir(ns.name))   # also when made earlier with looser bits
+        check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts
         agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
+    except AuthenticationFailed as exc:   # as when the relay refuses the credentials (the agent's code 2)
+        print(f"fedexec endpoint: {exc}", file=sys.stderr)
+        sys.exit(2)
 
     def connected(agent: EndpointAgent) -> None:
         if pidfile is not None:

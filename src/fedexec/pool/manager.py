@@ -504,6 +504,10 @@ def main(argv: list[str] | None = None) -> None:
     import sys
     import uuid
 
+    from ..private import make_private
+
+    make_private()   # its socket directory and the workers' task markers
+
     parser = argparse.ArgumentParser(prog="python -m fedexec.pool",
                                      description="Run a pool of workers for an endpoint (one per node).")
     parser.add_argument("--address", required=True, help="the endpoint's pool socket (tcp:// or ipc://)")

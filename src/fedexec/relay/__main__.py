@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 from .. import protocol as P
+from ..private import make_private
 from .access import MODES, GlobusTokenCheck
 from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
 def main(argv: list[str] | None = None) -> None:
+    make_private()   # the record holds every user's arguments and results
     parser = argparse.ArgumentParser(prog="python -m fedexec.relay")
     parser.add_argument("--address", required=True, help="tcp://HOST:PORT or ipc://PATH (port * = any free port)")
     parser.add_argument("--data-dir", required=True, type=Path)
@@ -60,10 +62,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
                          "$FEDEXEC_RELAY_GLOBUS_CLIENT_ID) and $FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
-    Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-          result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
-          auth=ns.auth, curve=ns.curve, globus=globus, max_tasks_per_user=ns.max_tasks_per_user,
-          max_bytes_per_user=ns.max_bytes_per_user).serve_forever()
+    try:
+        relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
+                      result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
+                      auth=ns.auth, curve=ns.curve, globus=globus,
+                      max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user)
+    except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
+        sys.exit(f"fedexec relay: {exc.strerror or exc}")
+    relay.serve_forever()
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from zmq.utils import z85
 
 from ..auth import AUTH_MODES as MODES
 from ..auth import AUTH_PROPERTY, LOCAL_USER, client_curve_keypair, write_secret_value
+from ..private import create_private_file, private_dir
 
 log = logging.getLogger("fedexec.relay.access")
 
@@ -154,8 +155,8 @@ class TokenBook:
     token is kept, so a copy of the file grants nothing."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "access.sqlite3"
+        private_dir(data_dir)
+        self.path = create_private_file(data_dir / "access.sqlite3")   # before SQLite makes its WAL and SHM
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(TOKEN_SCHEMA)
@@ -163,7 +164,6 @@ class TokenBook:
         if TOKEN_CURVE_KEY not in columns:   # a book made before: its tokens stay PLAIN only
             self.db.execute(f"ALTER TABLE tokens ADD COLUMN {TOKEN_CURVE_KEY} BLOB")
         self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS tokens_by_curve_key ON tokens({TOKEN_CURVE_KEY})")
-        self.path.chmod(0o600)
         self._lock = threading.Lock()   # the ZAP thread and the relay loop share the connection
 
     @staticmethod

@@ -80,11 +80,17 @@ def lookup_endpoint(address: str, endpoint_id: str, timeout: float = 2.0, token:
 
 def share_endpoint(address: str, endpoint_id: str, *, public: bool | None = None,
                    add_users: list[str] = (), remove_users: list[str] = (), add_groups: list[str] = (),
-                   remove_groups: list[str] = (), timeout: float = 5.0, token: str | None = None,
-                   relay_key: str | None = None) -> dict[str, Any]:
-    """Change who may use an endpoint (its owner only); who may, afterwards."""
+                   remove_groups: list[str] = (), share_memo: bool | None = None, timeout: float = 5.0,
+                   token: str | None = None, relay_key: str | None = None) -> dict[str, Any]:
+    """Change who may use an endpoint (its owner only); who may, afterwards.
+
+    ``share_memo``: whether a memoized result computed on it for one user
+    answers the same call of any other user of it (off by default: each
+    user's memoized results are their own)."""
     fields: dict[str, Any] = {"ep": endpoint_id, "add_users": list(add_users), "remove_users": list(remove_users),
                               "add_groups": list(add_groups), "remove_groups": list(remove_groups)}
     if public is not None:
         fields["public"] = public
+    if share_memo is not None:
+        fields["share_memo"] = share_memo
     return ask_relay(address, P.SHARE, fields, P.SHARED, timeout, token, relay_key)["endpoint"]

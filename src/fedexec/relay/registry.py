@@ -56,33 +56,40 @@ class TaskRecord:
 @dataclass
 class EndpointAccess:
     """Who may use an endpoint: its owner (the user it first connected as),
-    the users and Globus groups it is shared with, or everyone; and which
-    functions it runs (None: any)."""
+    the users and Globus groups it is shared with, or everyone; which
+    functions it runs (None: any); and whether its memoized results are
+    shared among all its users (``share_memo``, the owner's opt-in: by
+    default a memoized result is served only to the user it was computed for).
+    """
 
     owner: str = ""
     public: bool = False
     users: set = field(default_factory=set)
     groups: set = field(default_factory=set)
     functions: frozenset | None = None      # function hashes the endpoint allows
+    share_memo: bool = False
 
     def allows(self, user: str, groups: frozenset = frozenset()) -> bool:
         return self.public or user == self.owner or user in self.users or bool(self.groups & groups)
 
     def pack(self) -> bytes:
         return msgpack.packb({"public": self.public, "users": sorted(self.users), "groups": sorted(self.groups),
-                              "functions": None if self.functions is None else sorted(self.functions)})
+                              "functions": None if self.functions is None else sorted(self.functions),
+                              "share_memo": self.share_memo})
 
     @classmethod
     def unpack(cls, owner: str | None, blob: bytes | None) -> "EndpointAccess":
         data = msgpack.unpackb(blob) if blob else {}
         functions = data.get("functions")
         return cls(owner or "", bool(data.get("public")), set(data.get("users") or ()),
-                   set(data.get("groups") or ()), None if functions is None else frozenset(functions))
+                   set(data.get("groups") or ()), None if functions is None else frozenset(functions),
+                   data.get("share_memo") is True)
 
     def describe(self) -> dict[str, Any]:
         return {"owner": self.owner, "public": self.public, "users": sorted(self.users),
                 "groups": sorted(self.groups),
-                "functions": None if self.functions is None else len(self.functions)}
+                "functions": None if self.functions is None else len(self.functions),
+                "share_memo": self.share_memo}
 
 
 @dataclass
@@ -146,6 +153,7 @@ class EndpointState:
             "last_seen": self.last_seen,
             "owner": self.access.owner,
             "public": self.access.public,
+            "share_memo": self.access.share_memo,
         }
 
 

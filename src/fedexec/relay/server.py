@@ -10,6 +10,7 @@ forwarded as the frames they arrived in; the relay never unpickles them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -22,11 +23,12 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
-from ..auth import load_or_create_secret, public_key_path, secret_path, write_secret_value
+from ..auth import new_secret, public_key_path, read_secret, secret_path, write_secret_value
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
 from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas
+from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
 
@@ -81,8 +83,14 @@ class Relay:
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
         self.data_dir = Path(data_dir)
         self.remove_on_exit = remove_on_exit
-        self.store = RelayStore(self.data_dir)
         self.parent_pid = parent_pid
+        # On an address in use, fail before any file is touched: the
+        # discovery files of the relay already there above all (its clients
+        # would be refused). So: ask now; then make the access control (a
+        # new secret or key pair kept in memory), start the ZAP handler
+        # before the socket binds (a PLAIN or CURVE server without one
+        # accepts anyone), bind, and only then write files.
+        check_address_free(address, self.data_dir)
         self.ctx = zmq.Context()
         # Every connection authenticates before its messages are read (see
         # access.py). The local secret is kept with the record (the same
@@ -90,7 +98,10 @@ class Relay:
         # have) in a file only this user can read.
         self.auth_mode = auth
         self.secret_file = Path(secret_file) if secret_file else self.data_dir / "relay.secret"
-        self.local_secret = load_or_create_secret(self.secret_file) if auth == "local" else ""
+        self.local_secret = read_secret(self.secret_file) if auth == "local" else ""
+        secret_is_new = auth == "local" and not self.local_secret
+        if secret_is_new:
+            self.local_secret = new_secret()
         self.tokens = TokenBook(self.data_dir) if auth == "token" else None
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
         self.zap = ZapHandler(self.ctx, self.access)
@@ -100,8 +111,13 @@ class Relay:
         # machine could listen in.
         self.curve = curve if curve is not None else not P.is_loopback(address)
         self.public_key = b""
+        curve_file = self.data_dir / "relay.curve"
+        new_keys = self.curve and not curve_file.exists()
+        if new_keys:
+            self.public_key, secret_key = zmq.curve_keypair()
+        elif self.curve:
+            self.public_key, secret_key = load_or_create_curve_keys(curve_file)
         if self.curve:
-            self.public_key, secret_key = load_or_create_curve_keys(self.data_dir / "relay.curve")
             self.sock.curve_secretkey = secret_key
             self.sock.curve_publickey = self.public_key
             self.sock.curve_server = True
@@ -114,22 +130,37 @@ class Relay:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self.sock.bind(address)
+        except zmq.ZMQError as exc:   # taken since check_address_free asked, or a host not this machine's
+            self.sock.close(linger=0)
+            self.zap.stop()
+            self.ctx.term()
+            if self.tokens is not None:
+                self.tokens.close()
+            if exc.errno == zmq.EADDRINUSE:
+                raise AddressInUse(in_use_message(address, self.data_dir)) from None
+            raise OSError(exc.errno, f"the relay cannot listen on {address}: {exc}") from None
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if secret_is_new:
+            write_secret_value(self.secret_file, self.local_secret)
+        if new_keys:
+            write_secret_value(curve_file, f"{self.public_key.decode()}\n{secret_key.decode()}\n")
         # Copies by address, where this user's executors and endpoints look
-        # (not for a private relay, whose owner was given secret_file): one
-        # written before the relay listens, so no one connects without it,
-        # and one under the address it reports, if that differs (a port
-        # chosen at bind time, a host name resolved).
+        # (not for a private relay, whose owner was given secret_file): under
+        # the address asked for and the one it reports, if that differs (a
+        # port chosen at bind time, a host name resolved). A client that
+        # connected meanwhile finds them when it looks again after the refusal.
         self.discovery_files: list[Path] = []
         publish = not secret_file and (auth == "local" or self.curve)
         if publish and not address.endswith(":*"):
             self._publish_secret(address)
-        self.sock.bind(address)
-        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if publish and secret_path(self.address) not in self.discovery_files:
             self._publish_secret(self.address)
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
-            self.discovery_files[-1].write_bytes(self.public_key)
+            write_secret_value(self.discovery_files[-1], self.public_key.decode())
+        self.store = RelayStore(self.data_dir)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
@@ -457,6 +488,10 @@ class Relay:
             if type(f["public"]) is not bool:
                 raise P.ProtocolError("public must be true or false")
             access.public = f["public"]
+        if "share_memo" in f:
+            if type(f["share_memo"]) is not bool:
+                raise P.ProtocolError("share_memo must be true or false")
+            access.share_memo = f["share_memo"]
         for field_name, names in (("add_users", access.users), ("add_groups", access.groups)):
             names.update(P.text(name, field_name) for name in f.get(field_name, ()))
         for field_name, names in (("remove_users", access.users), ("remove_groups", access.groups)):
@@ -573,6 +608,7 @@ class Relay:
         accepted = self.turn_accepted[sender]
         now = time.time()
         quota_logged = False
+        memo_scope: bytes | None = None   # made for the first memoized task of the batch
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
             options = row[6] if len(row) == 7 else None
@@ -602,6 +638,10 @@ class Relay:
                 else:
                     accepted.append(task_id)  # a resubmission of a task we hold: idempotent
                 continue
+            owner = self.store.owner_of(task_id)   # finished, its result not yet acknowledged
+            if owner is not None and owner != user:
+                self._not_theirs(sender, session, task_id, "resubmit")
+                continue
             if resend and self._answer_from_record(sender, session, task_id):
                 continue
             if unknown is not None:
@@ -621,14 +661,18 @@ class Relay:
                              f"the relay no longer has function {fn_hash.hex()}: send it with the task",
                              quiet=True)
                 continue
-            if options is not None and "m" in options and self._serve_memoized(sender, task_id, options):
-                continue
             args = P.blob(blobs, args_index)
             size = len(P.as_buffer(args))
             if size > self.max_payload:
                 message, details = P.too_large("the arguments", size, self.max_payload)
                 self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
+            if options is not None and "m" in options:
+                if memo_scope is None:
+                    memo_scope = self._memo_scope(user, endpoint_id, states)
+                options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
+                if self._serve_memoized(sender, task_id, options):
+                    continue
             over = self.quotas.refusal(user, 1, size + (len(body) if body is not None else 0))
             if over is not None:
                 if not quota_logged:
@@ -662,8 +706,19 @@ class Relay:
         rows.append(blobs.result_row(task_id, status, result or b""))
         return True
 
+    @staticmethod
+    def _memo_scope(user: str, endpoint_id: str, states: list[EndpointState | None]) -> bytes:
+        """Whose memoized results a task may be answered with: those of the
+        same user on the same endpoint (or group, ``endpoint_id`` as the
+        record keeps it); of every user of it when its owner (every member's
+        owner, for a group) opted in with ``share_memo``."""
+        if states and all(state is not None and state.access.share_memo for state in states):
+            return b"shared\0" + endpoint_id.encode()
+        return b"user\0" + user.encode() + b"\0" + endpoint_id.encode()
+
     def _serve_memoized(self, client: bytes, task_id: bytes, options: dict) -> bool:
-        """Answer a memoizable task from earlier results, if there is one."""
+        """Answer a memoizable task from earlier results in its scope (its
+        ``options["m"]``, made by :func:`_memo_key`), if there is one."""
         key = options["m"]
         if key not in self.memo_keys:
             return False
@@ -678,6 +733,8 @@ class Relay:
         return True
 
     def _remember(self, key: bytes, result: bytes) -> None:
+        """Keep a memoized result in memory (the newest few); the first one
+        stored under a key stays (see ``_on_results``)."""
         recent = self.memo_recent
         if len(recent) >= MEMO_IN_MEMORY:
             for old in list(recent)[: MEMO_IN_MEMORY // 2]:  # oldest first
@@ -749,9 +806,10 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self.store.add_result(task_id, status, buffer)
+            self.store.add_result(task_id, status, buffer, record.user)
             self.quotas.result_stored(task_id, record.user, len(buffer), now)
-            if status == P.OK and record.options is not None and "m" in record.options:
+            if status == P.OK and record.options is not None and "m" in record.options \
+                    and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
                 result = P.as_bytes(blob)
                 self._remember(record.options["m"], result)
                 self.store.add_memo(record.options["m"], result)
@@ -799,7 +857,7 @@ class Relay:
                 del self.tasks[task_id]
                 self._finished(record)
                 self._unqueue(record)
-                self.store.add_result(task_id, P.CANCELLED, b"")
+                self.store.add_result(task_id, P.CANCELLED, b"", record.user)
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
@@ -831,7 +889,7 @@ class Relay:
                         self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
-                        self.store.add_result(record.task_id, P.FAILED, b"")
+                        self.store.add_result(record.task_id, P.FAILED, b"", record.user)
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
@@ -970,6 +1028,19 @@ class Relay:
             log.debug("could not send to %r: %s", peer, exc)
             return False
         return True
+
+
+def _memo_key(scope: bytes, fn_hash: bytes, kind: int, args: Any) -> bytes:
+    """The relay's key for a memoized call: its scope (``Relay._memo_scope``),
+    function, kind and pickled arguments, hashed here from what the task
+    carries: a client's own key is not trusted, so no one can store a result
+    under the key of another call."""
+    digest = hashlib.sha256(scope)
+    digest.update(b"\0")
+    digest.update(fn_hash)
+    digest.update(bytes((kind,)))
+    digest.update(args)
+    return digest.digest()
 
 
 def _water_fill(n: int, members: list[EndpointState], free: dict[str, int]) -> list[tuple[EndpointState, int]]:

@@ -10,6 +10,7 @@ stored as the opaque bytes they arrived as.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from ..private import create_private_file, private_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
@@ -79,10 +82,14 @@ class RelayStore:
     """SQLite-backed record with write batching; one instance per relay process."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # private whatever the umask (also when used as a library): the
+        # record holds every user's arguments and results
+        private_dir(data_dir)
         self.path = data_dir / "relay.sqlite3"
-        self.blob_dir = data_dir / "blobs"
-        self.blob_dir.mkdir(exist_ok=True)
+        self.blob_dir = private_dir(data_dir / "blobs")
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if path == self.path or path.exists():   # SQLite makes the WAL and SHM with the db file's mode
+                create_private_file(path)
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
         self._upgrade()
@@ -94,15 +101,15 @@ class RelayStore:
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         self._memo: list[tuple[bytes, bytes, float]] = []
         self._handed: list[tuple[list, ...]] = []
-        # (task id, "args"|"result") of the blobs kept in files, so that only
-        # those are unlinked (writer thread; rebuilt from the directory here)
-        self._files: set[tuple[bytes, str]] = set()
-        for entry in self.blob_dir.iterdir():
-            stem, _, what = entry.name.partition(".")
-            try:
-                self._files.add((bytes.fromhex(stem), what))
-            except ValueError:
-                continue
+        # names of the blobs kept in files, so that only those are unlinked
+        # (writer thread; read from the directory here)
+        self._files: set[str] = {entry.name for entry in self.blob_dir.iterdir()}
+        # Whose each finished, unacknowledged task is (its id is bound to its
+        # user until then): so that the relay refuses another user's
+        # submission of that id without asking SQLite. Kept by add_result and
+        # acknowledge (the relay's loop) and expiry (the writer).
+        self.finished_owners: dict[bytes, str] = dict(
+            self.db.execute("SELECT id, user FROM tasks WHERE state=?", (FINISHED,)))
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
@@ -118,12 +125,34 @@ class RelayStore:
         self._writer.start()
 
     def _upgrade(self) -> None:
-        """Add the columns a record written by an older fedexec lacks."""
+        """Bring a record written by an older fedexec up to date: add the
+        columns it lacks, and (``PRAGMA user_version``) drop what the newer
+        rules make unreachable."""
         for table, column, kind in (("endpoints", "owner", "TEXT"), ("endpoints", "access", "BLOB"),
                                     ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'")):
             columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
+            # memo keys were the client's (function and arguments only), for
+            # any user: the relay now keys them by scope (user and endpoint)
+            self.db.execute("DELETE FROM memo")
+            self.db.execute("PRAGMA user_version=1")
+        if version < 2:
+            # blob files were named by task id alone: now by user and id
+            users = dict(self.db.execute("SELECT id, user FROM tasks"))
+            for entry in self.blob_dir.iterdir():
+                stem, _, what = entry.name.partition(".")
+                try:
+                    task_id = bytes.fromhex(stem)
+                except ValueError:
+                    continue   # named the new way already
+                if task_id in users:
+                    entry.rename(self._blob_path(task_id, what, users[task_id]))
+                else:
+                    entry.unlink()   # no task of the record's
+            self.db.execute("PRAGMA user_version=2")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -144,34 +173,41 @@ class RelayStore:
         self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time(),
                                 user))
 
-    def add_result(self, task_id: bytes, status: int, blob: Any) -> None:
-        self._results.append((FINISHED, status, blob, time.time(), task_id))
+    def add_result(self, task_id: bytes, status: int, blob: Any, user: str) -> None:
+        """``user``'s task finished (its id stays theirs until acknowledged)."""
+        self._results.append((FINISHED, status, blob, time.time(), task_id, user))
+        self.finished_owners[task_id] = user
 
-    def _blob_path(self, task_id: bytes, what: str) -> Path:
-        return self.blob_dir / f"{task_id.hex()}.{what}"
+    def _blob_path(self, task_id: bytes, what: str, user: str) -> Path:
+        """A blob's file, named by its user (a hash: any name is safe) and
+        task id, so that no task's file is ever another user's."""
+        tag = hashlib.sha256(user.encode()).hexdigest()[:16]
+        return self.blob_dir / f"{tag}-{task_id.hex()}.{what}"
 
-    def _to_file(self, task_id: bytes, what: str, blob: Any) -> None:
-        path = self._blob_path(task_id, what)
-        with open(path, "wb") as f:
+    def _to_file(self, task_id: bytes, what: str, blob: Any, user: str) -> None:
+        path = self._blob_path(task_id, what, user)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(blob)
-        self._files.add((task_id, what))
+        self._files.add(path.name)
 
-    def _spill(self, task_id: bytes, what: str, blob: Any) -> tuple[Any, int]:
+    def _spill(self, task_id: bytes, what: str, blob: Any, user: str) -> tuple[Any, int]:
         """``(blob, 0)`` to keep in the row, or ``(None, 1)`` once a large
         blob is written to its file instead."""
         if blob is None or len(blob) < FILE_BLOB:
             return blob, 0
-        self._to_file(task_id, what, blob)
+        self._to_file(task_id, what, blob, user)
         return None, 1
 
-    def _drop_file(self, task_id: bytes, what: str) -> None:
-        if (task_id, what) in self._files:
-            self._files.discard((task_id, what))
-            self._blob_path(task_id, what).unlink(missing_ok=True)
+    def _drop_file(self, task_id: bytes, what: str, user: str) -> None:
+        path = self._blob_path(task_id, what, user)
+        if path.name in self._files:
+            self._files.discard(path.name)
+            path.unlink(missing_ok=True)
 
-    def read_blob(self, task_id: bytes, what: str) -> bytes | None:
+    def read_blob(self, task_id: bytes, what: str, user: str) -> bytes | None:
         try:
-            return self._blob_path(task_id, what).read_bytes()
+            return self._blob_path(task_id, what, user).read_bytes()
         except OSError:
             return None
 
@@ -180,7 +216,15 @@ class RelayStore:
 
     def acknowledge(self, task_ids: Iterable[bytes], user: str) -> None:
         """Forget these finished tasks of ``user`` (others' are left alone)."""
+        owners = self.finished_owners
+        for task_id in task_ids:
+            if owners.get(task_id) == user:
+                del owners[task_id]
         self._acked.extend((t, user) for t in task_ids)
+
+    def owner_of(self, task_id: bytes) -> str | None:
+        """The user a finished, unacknowledged task of the record belongs to."""
+        return self.finished_owners.get(task_id)
 
     def save_endpoint(self, endpoint_id: str, name: str, python: str, workers: int, owner: str,
                       access: bytes) -> None:
@@ -247,14 +291,16 @@ class RelayStore:
 
     def _expire(self, before: float) -> None:
         db = self._writer_db
-        old = db.execute("SELECT id FROM tasks WHERE state=? AND finished<?", (FINISHED, before)).fetchall()
+        old = db.execute("SELECT id, user FROM tasks WHERE state=? AND finished<?", (FINISHED, before)).fetchall()
         if not old:
             return
         db.execute("BEGIN")
-        db.executemany("DELETE FROM tasks WHERE id=?", old)
+        db.executemany("DELETE FROM tasks WHERE id=? AND user=?", old)
         db.execute("COMMIT")
-        for (task_id,) in old:
-            self._drop_file(task_id, "result")
+        for task_id, user in old:
+            self._drop_file(task_id, "result", user)
+            if self.finished_owners.get(task_id) == user:   # (dict operations are atomic)
+                self.finished_owners.pop(task_id, None)
         log.info("expired %d result(s) nobody fetched", len(old))
 
     def _commit(self, batches: list[tuple[list, ...]]) -> None:
@@ -276,36 +322,36 @@ class RelayStore:
             memo += b_memo
             for row in tasks:
                 inserts[row[0]] = list(row)
-            for state, status, blob, finished, task_id in results:
+            for state, status, blob, finished, task_id, user in results:
                 new = inserts.get(task_id)
-                if new is not None:  # its arguments are no longer needed
+                if new is not None and new[9] == user:  # its arguments are no longer needed
                     new[6], new[7] = None, state
                     new.append((status, blob, finished))
                 else:
-                    updates[task_id] = (state, status, blob, finished)
+                    updates[task_id] = (state, status, blob, finished, user)
             for ack in acked:
                 task_id, user = ack
                 new = inserts.get(task_id)
-                if new is not None:
-                    if new[9] == user:
-                        del inserts[task_id]
+                if new is not None and new[9] == user:
+                    del inserts[task_id]
                     continue
                 deletes.append(ack)
         functions = [op for op in function_ops.values() if op[1] is not None]
         dropped_functions = [(op[0],) for op in function_ops.values() if op[1] is None]
         task_rows = []
         for task_id, row in inserts.items():
-            row[6], args_file = self._spill(task_id, "args", row[6])
+            user = row[9]
+            row[6], args_file = self._spill(task_id, "args", row[6], user)
             status = result = finished = None
             result_file = 0
             if len(row) == 11:  # finished in this same commit
                 status, result, finished = row.pop()
-                result, result_file = self._spill(task_id, "result", result)
+                result, result_file = self._spill(task_id, "result", result, user)
             task_rows.append((*row, finished, status, result, args_file, result_file))
         update_rows = []
-        for task_id, (state, status, blob, finished) in updates.items():
-            blob, result_file = self._spill(task_id, "result", blob)
-            update_rows.append((state, status, blob, finished, result_file, task_id))
+        for task_id, (state, status, blob, finished, user) in updates.items():
+            blob, result_file = self._spill(task_id, "result", blob, user)
+            update_rows.append((state, status, blob, finished, result_file, task_id, user))
         db = self._writer_db
         db.execute("BEGIN")
         try:
@@ -320,28 +366,26 @@ class RelayStore:
                     "last_seen=excluded.last_seen, owner=excluded.owner, access=excluded.access",
                     endpoints,
                 )
-            if task_rows:
+            if deletes:   # first: an id acknowledged by its user may be another user's new task
+                db.executemany("DELETE FROM tasks WHERE id=? AND user=?", deletes)
+            if task_rows:   # an id the record holds stays its user's (the relay refuses it before)
                 db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, args, "
                                "state, submitted, user, finished, status, result, args_file, result_file) "
                                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
-            if update_rows:
+            if update_rows:   # only the row of the result's user: never another user's task
                 db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
-                               "args=NULL WHERE id=?", update_rows)
-            if deletes:
-                db.executemany("DELETE FROM tasks WHERE id=? AND user=?", deletes)
+                               "args=NULL WHERE id=? AND user=?", update_rows)
             if memo:
-                db.executemany("INSERT OR REPLACE INTO memo VALUES (?,?,?)", memo)
+                db.executemany("INSERT OR IGNORE INTO memo VALUES (?,?,?)", memo)   # the first stays
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         for row in update_rows:  # finished: the arguments are no longer needed
-            self._drop_file(row[-1], "args")
-        for task_id, _user in deletes:
-            if ((task_id, "args") in self._files or (task_id, "result") in self._files) and db.execute(
-                    "SELECT 1 FROM tasks WHERE id=?", (task_id,)).fetchone() is None:  # only if it was deleted
-                self._drop_file(task_id, "args")
-                self._drop_file(task_id, "result")
+            self._drop_file(row[-2], "args", row[-1])
+        for task_id, user in deletes:
+            self._drop_file(task_id, "args", user)
+            self._drop_file(task_id, "result", user)
 
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
@@ -360,7 +404,7 @@ class RelayStore:
                 "ORDER BY finished", (FINISHED,)):
             if result_file:
                 try:
-                    size = self._blob_path(task_id, "result").stat().st_size
+                    size = self._blob_path(task_id, "result", user).stat().st_size
                 except OSError:
                     continue
             yield task_id, user, size, finished or 0.0
@@ -381,7 +425,7 @@ class RelayStore:
                 "SELECT id, client, endpoint, fn_hash, kind, python, user, args, args_file FROM tasks "
                 "WHERE state=? ORDER BY submitted", (PENDING,)):
             if args_file:
-                args = self.read_blob(row[0], "args")
+                args = self.read_blob(row[0], "args", row[6])
                 if args is None:
                     log.error("the arguments of task %s are missing from %s", row[0].hex(), self.blob_dir)
                     continue
@@ -397,14 +441,15 @@ class RelayStore:
 
     def task_outcome(self, task_id: bytes) -> tuple[int, int | None, bytes | None, str] | None:
         """``(state, status, result, user)`` of a task in the record, None if
-        unknown (a rare path: a client resuming after a restart, or reattaching)."""
+        unknown (a rare path: a client resuming after a restart, or
+        reattaching). The caller checks ``user``."""
         row = self.db.execute("SELECT state, status, result, result_file, user FROM tasks WHERE id=?",
                               (task_id,)).fetchone()
         if row is None:
             return None
         state, status, result, result_file, user = row
         if result_file:
-            result = self.read_blob(task_id, "result")
+            result = self.read_blob(task_id, "result", user)
             if result is None:
                 return None
         return state, status, result, user

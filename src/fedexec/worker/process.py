@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="stop when the endpoint's socket closes (for workers the endpoint is not the "
                              "parent of, as in a container)")
     ns = parser.parse_args(argv)
+    from ..private import restore_user_umask
+
+    restore_user_umask()   # the files a task writes follow the user's umask, not the pool's private one
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid, task_root=ns.task_root,
