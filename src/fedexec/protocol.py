@@ -12,6 +12,7 @@ into msgpack. Either way the relay never looks into a payload.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import os
 import sys
@@ -224,6 +225,17 @@ def unpack_failure(blob: Any) -> dict[str, Any]:
 def content_hash(data: Any) -> bytes:
     """sha256 of a blob: names functions and memoized calls (never unpickles)."""
     return hashlib.sha256(data).digest()
+
+
+def body_mismatch(fn_hash: bytes, body: Any) -> str:
+    """Why a function body may not be loaded as ``fn_hash`` ("" when its
+    sha256 is that hash): an endpoint checks every body it is sent, so a
+    relay (or anyone between) cannot swap the code a hash stands for."""
+    actual = hashlib.sha256(body).digest()
+    if hmac.compare_digest(actual, fn_hash):
+        return ""
+    return (f"the function body sent for {fn_hash.hex()} does not match that hash (its sha256 is "
+            f"{actual.hex()}); it was not loaded")
 
 
 def new_endpoint_routing_id() -> bytes:

@@ -357,10 +357,19 @@ class EndpointAgent:
                 if len(row) == 7 and "tr" in row[6]:
                     row[6]["tr"].append(now)
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
-                if fn_index != -1:
-                    self.functions[fn_hash] = P.blob(blobs, fn_index)
+                mismatch = ""
+                if fn_index != -1:   # a body that is not what its hash names is never stored, forwarded or run
+                    body = P.blob(blobs, fn_index)
+                    mismatch = P.body_mismatch(fn_hash, body)
+                    if not mismatch:
+                        self.functions[fn_hash] = body
                 if row[0] in self.holding:  # sent twice (the relay re-sent it): one copy runs
                     log.info("ignored a second copy of task %s, which is here already", row[0].hex())
+                    continue
+                if mismatch:
+                    log.warning("refused task %s: %s", row[0].hex(), mismatch)
+                    self._result(row[0], P.FAILED, P.pack_failure(
+                        P.REJECTED, f"endpoint {self.config.name!r} refused the task: {mismatch}"))
                     continue
                 if self.allowed_functions is not None and fn_hash not in self.allowed_functions:
                     # the relay checks this too; a relay that did not is not trusted with it

@@ -223,6 +223,10 @@ class WorkerProcess:
         body = self.bodies.pop(fn_hash, None)
         if body is None:
             raise _LoadFailure("the endpoint did not send this task's function")
+        mismatch = P.body_mismatch(fn_hash, body)   # checked at the endpoint too; here once per function
+        if mismatch:
+            self.unloadable[fn_hash] = mismatch
+            raise _LoadFailure(mismatch)
         try:
             fn = deserialize(body)
         except Exception as exc:
