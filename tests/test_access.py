@@ -68,7 +68,7 @@ def running_endpoint(directory: Path, name: str, env: dict[str, str], **config):
     env = {**os.environ, "FEDEXEC_HOME": str(home), "PYTHONPATH": str(Path(__file__).parent), **env}
     with pytest.MonkeyPatch.context() as patch:   # saved in the endpoint's own home
         patch.setenv("FEDEXEC_HOME", str(home))
-        cfg = EndpointConfig(name=name, max_workers=1, **config)
+        cfg = EndpointConfig(name=name, **{"max_workers": 1, **config})
         cfg.save()
     log = directory / f"endpoint-{name}.log"
     with open(log, "wb") as out:

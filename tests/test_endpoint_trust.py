@@ -6,6 +6,7 @@ argument that could run code. Real processes, raw sockets on loopback."""
 from __future__ import annotations
 
 import contextlib
+import json
 import operator
 import os
 import sys
@@ -15,14 +16,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import cloudpickle
+import psutil
 import pytest
 import zmq
 
+from fedexec import FederatedExecutor, WorkerLost
 from fedexec import protocol as P
+from fedexec.relay.query import share_endpoint
 from fedexec.serialize import serialize_arguments, serialize_function
 
-from test_access import running_endpoint
-from test_faults import tail
+from test_access import fedexec_cli, running_endpoint, wait_connected
+from test_faults import running_relay, tail
+from test_sandbox import bwrap  # noqa: F401  (the fixture: bubblewrap, installed if missing)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -137,3 +142,127 @@ def test_a_body_that_does_not_match_its_hash_is_refused_and_never_runs(tmp_path)
         assert status == P.OK and cloudpickle.loads(blob) == 5
         time.sleep(0.5)   # anything that ran would have written by now
         assert not mark.exists(), "the swapped function body ran"
+
+
+# -- item 2: a sandboxed task cannot pose as a worker of its pool ---------------------------
+
+def pose_as_worker(pool_pid, endpoint_pool_socket, listen_seconds):
+    """An attacker's task, run in a sandboxed worker: dials every worker
+    channel it can find under guessed ids (the old scheme's ``w<pool pid>-<n>``,
+    random ones, and its own worker's), says READY again and again so that a
+    replacement worker's slot would take it, and answers any task it receives
+    with a forged result. Returns what it saw and how many tasks reached it."""
+    import gc
+    import glob
+    import os
+    import secrets
+    import sys
+    import time
+
+    import zmq
+
+    from fedexec import protocol as P
+
+    own = [o for o in gc.get_objects() if type(o).__name__ == "WorkerProcess"]
+    own_id = own[0].worker_id if own else b""
+    address = sys.argv[sys.argv.index("--address") + 1]
+    directory = os.path.dirname(address[len("ipc://"):])
+    seen = sorted(os.listdir(directory))
+    paths = {address[len("ipc://"):], *glob.glob(os.path.join(directory, "*"))}
+    paths |= {os.path.join(directory, name) for name in ["workers", *(f"w{n}.sock" for n in range(1, 20))]}
+    ids = [f"w{pool_pid}-{n}".encode() for n in range(1, 20)] + [secrets.token_bytes(16) for _ in range(10)]
+    ids.append(own_id)
+    ctx = zmq.Context()
+    socks = []
+    for path in sorted(paths):
+        if path.endswith(".task"):
+            continue
+        for identity in ids:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"ipc://{path}")
+            socks.append(sock)
+    received = forged = 0
+    poller = zmq.Poller()
+    for sock in socks:
+        poller.register(sock, zmq.POLLIN)
+    deadline = time.monotonic() + listen_seconds
+    next_ready = 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_ready:
+            next_ready = time.monotonic() + 0.2
+            for sock in socks:
+                sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}), zmq.NOBLOCK)
+        for sock, _ in poller.poll(100):
+            msg = P.decode(sock.recv_multipart())
+            if msg.type == P.TASKS:
+                received += len(msg.fields["tasks"])
+                blobs = P.Blobs()
+                rows = [blobs.result_row(row[0], P.OK, b"\x80\x05K\x00.") for row in msg.fields["tasks"]]
+                sock.send_multipart(P.encode(P.RESULTS, {"rows": rows}, blobs.frames))
+                forged += len(rows)
+    for sock in socks:
+        sock.close(linger=0)
+    ctx.term()
+    return {
+        "received": received, "forged": forged, "dialled": len(socks), "own_id": len(own_id), "seen": seen,
+        "argv": sys.argv, "env_secret": "FEDEXEC_POOL_SECRET" in os.environ,
+        "pool_socket_visible": os.path.exists(endpoint_pool_socket), "procs": sorted(
+            name for name in os.listdir("/proc") if name.isdigit()),
+    }
+
+
+def die_now():
+    os._exit(3)
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.timeout(180)
+def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
+    """Mallory, who may use Alice's shared, sandboxed endpoint, runs a task
+    that dials its pool's worker channels under guessed, random and its own
+    worker's ids, while another of her tasks kills its worker to force a
+    replacement: no task reaches her dialler, and Alice's tasks, run by the
+    replacement meanwhile, all come back right."""
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "mallory")}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "shared-sandboxed", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              sandbox="bwrap", max_workers=2, heartbeat_period=0.5) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["mallory"], token=tokens["alice"])
+            pools = [p for p in psutil.Process(ep.proc.pid).children() if "fedexec.pool" in p.cmdline()]
+            assert len(pools) == 1, pools
+            pool_pid = pools[0].pid
+            for proc in pools[0].children(recursive=True):   # no worker id on any command line
+                with contextlib.suppress(psutil.Error):
+                    assert "--worker-id" not in proc.cmdline(), proc.cmdline()
+            status = json.loads((ep.home / "endpoints" / ep.name / "status.json").read_text()) \
+                if (ep.home / "endpoints" / ep.name / "status.json").exists() else {}
+            pool_socket = status.get("pool_address", "ipc:///nonexistent")[len("ipc://"):]
+            with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
+                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                assert alice.submit(square, 3).result(DEADLINE) == 9   # both workers warm and ready
+                dialler = mallory.submit(pose_as_worker, pool_pid, pool_socket, 12.0)
+                deadline = time.monotonic() + DEADLINE
+                while not dialler.running() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert dialler.running(), "the attacker's task did not start"
+                time.sleep(1.0)   # its sockets are up
+                with pytest.raises(WorkerLost):
+                    mallory.submit(die_now).result(DEADLINE)   # on the other worker: replaced
+                victims = [alice.submit(square, n) for n in range(40)]
+                assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(40)]
+                seen = dialler.result(DEADLINE)
+    assert seen["dialled"] > 30 and seen["own_id"] == 16, seen
+    assert seen["received"] == 0 and seen["forged"] == 0, seen
+    assert not seen["env_secret"] and not seen["pool_socket_visible"], seen
+    assert not any(arg == "--worker-id" for arg in seen["argv"]), seen["argv"]
+    assert [name for name in seen["seen"] if name.endswith(".sock")] == [
+        os.path.basename(seen["argv"][seen["argv"].index("--address") + 1])], seen["seen"]
+    assert len(seen["procs"]) <= 3, f"the sandbox sees other processes: {seen['procs']}"

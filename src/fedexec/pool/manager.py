@@ -89,8 +89,8 @@ class PoolManager:
         self.worker_sock = self.ctx.socket(zmq.ROUTER)
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
-        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")
-        self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
+        self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)   # an id in use cannot be taken by a second connection
+        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")   # each worker's channel is bound here (workers.py)
         self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
         self.settings: dict[str, Any] = {}
         self.queue: deque[QueuedTask] = deque()
@@ -265,7 +265,7 @@ class PoolManager:
 
     def _start_workers(self) -> None:
         try:
-            self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+            self.pool = LocalWorkerPool(self.workers, self.worker_sock,
                                         self._sock_dir, sandbox=self._setting("sandbox", "none"),
                                         sandbox_image=self._setting("sandbox_image", ""))
             self.pool.start()

@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m fedexec.worker")
     parser.add_argument("--address", required=True, help="endpoint worker socket")
-    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--worker-id", default=None,
+                        help="this worker's routing id, in hex; by default read from the first line of stdin, "
+                             "so that no other process can read it on this one's command line")
     parser.add_argument("--marker", help="file to record the running task's id in")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--task-root", default=None,
@@ -314,6 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid, task_root=ns.task_root,
+    worker_id = bytes.fromhex(ns.worker_id if ns.worker_id is not None else sys.stdin.readline().strip())
+    if not worker_id:
+        sys.exit("fedexec worker: no worker id (--worker-id, or a line of hex on stdin)")
+    # stdin has done its job: tasks get /dev/null there
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
                   exit_on_disconnect=ns.exit_on_disconnect).run()
     sys.stdout.flush()
