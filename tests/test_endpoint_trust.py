@@ -9,10 +9,12 @@ import contextlib
 import json
 import operator
 import os
+import pickle
 import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import cloudpickle
@@ -20,12 +22,15 @@ import psutil
 import pytest
 import zmq
 
-from fedexec import FederatedExecutor, WorkerLost
+from fedexec import (DeserializationError, FederatedExecutor, RemoteExecutionError, SerializationError,
+                     WorkerLost)
 from fedexec import protocol as P
+from fedexec.auth import connect_plainly
+from fedexec.config import ConfigError, EndpointConfig
 from fedexec.relay.query import share_endpoint
-from fedexec.serialize import serialize_arguments, serialize_function
+from fedexec.serialize import function_hash, serialize_arguments, serialize_function
 
-from test_access import fedexec_cli, running_endpoint, wait_connected
+from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
 from test_faults import running_relay, tail
 from test_sandbox import bwrap  # noqa: F401  (the fixture: bubblewrap, installed if missing)
 
@@ -266,3 +271,194 @@ def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
     assert [name for name in seen["seen"] if name.endswith(".sock")] == [
         os.path.basename(seen["argv"][seen["argv"].index("--address") + 1])], seen["seen"]
     assert len(seen["procs"]) <= 3, f"the sandbox sees other processes: {seen['procs']}"
+
+
+# -- item 4: data-only endpoints ------------------------------------------------------------
+
+class LeavesAFile:
+    """An argument whose *unpickling* creates a file (code riding in the data)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def identity(value):
+    return value
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+def return_an_object():
+    return object()
+
+
+def same(a, b) -> bool:
+    """Equal, and of the same types all the way down (numpy arrays: dtype, shape and bytes)."""
+    import numpy
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, numpy.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and a != a:
+        return b != b
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def data_relay(tmp_path_factory):
+    """A token-mode relay with users alice and mallory, and three of alice's
+    endpoints: data-only, with an allow-list (data-only by default), and plain."""
+    directory = tmp_path_factory.mktemp("data-only")
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", directory / "relay-data").stdout.strip()
+              for name in ("alice", "mallory")}
+    env = {"FEDEXEC_TOKEN": tokens["alice"]}
+    with running_relay(directory, "--auth", "token") as address, \
+            running_endpoint(directory, "data-only", env, relay=address, data_only=True) as data_ep, \
+            running_endpoint(directory, "allow-list", env, relay=address,
+                             allowed_functions=[function_hash(operator.add)]) as listed_ep, \
+            running_endpoint(directory, "plain", env, relay=address) as plain_ep:
+        views = {ep.name: wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+                 for ep in (data_ep, listed_ep, plain_ep)}
+        yield SimpleNamespace(address=address, tokens=tokens, dir=directory, views=views,
+                              data=data_ep, listed=listed_ep, plain=plain_ep)
+
+
+@pytest.mark.timeout(90)
+def test_a_data_only_endpoint_refuses_pickled_arguments_before_loading_them(data_relay, tmp_path):
+    r = data_relay
+    assert r.views["data-only"]["data_only"] is True and r.views["allow-list"]["data_only"] is True
+    assert r.views["plain"]["data_only"] is False
+    client = RawClient(r.address, r.tokens["alice"])
+    try:
+        for endpoint, fn in ((r.data, identity), (r.listed, operator.add)):
+            mark = tmp_path / f"unpickled-on-{endpoint.name}"
+            task_id = client.submit(endpoint.id, fn, LeavesAFile(str(mark)), 1)
+            failure = client.failure_of(task_id, DEADLINE)
+            assert failure["kind"] == P.NOT_ALLOWED and "data-only format" in failure["msg"], failure
+            time.sleep(0.3)
+            assert not mark.exists(), f"an argument was unpickled on {endpoint.name}"
+    finally:
+        client.close()
+
+
+ROUND_TRIP = [
+    0, -1, 2 ** 63 - 1, -(2 ** 100), 3.25, float("inf"), float("nan"), 1e-300, "text", "", "ünïcode", b"\x00bytes",
+    b"", True, False, None, 1 + 2j, [1, "a", b"b", [2.5]], (1, (2, 3), ()), {"k": [1, 2], "n": {"deep": (1, b"x")}},
+    {1: "int key", (1, 2): "tuple key"}, {1, 2, 3}, frozenset({"a"}),
+]
+
+
+@pytest.mark.timeout(120)
+def test_plain_data_round_trips_exactly_through_a_data_only_endpoint(data_relay):
+    import numpy   # a test dependency (pyproject.toml's test extra)
+    arrays = [numpy.arange(12, dtype=numpy.int32).reshape(3, 4), numpy.linspace(0, 1, 7),
+              numpy.array([[1 + 1j]], dtype=numpy.complex64), numpy.zeros((0, 5), dtype=">f8"),
+              numpy.arange(10)[::3], numpy.array(["ab", "c"]), numpy.array([True, False]),
+              numpy.float32(2.5), numpy.int64(-7), numpy.arange(6, dtype=numpy.uint8)[numpy.newaxis]]
+    r = data_relay
+    with FederatedExecutor(r.data.id, relay=r.address, token=r.tokens["alice"]) as ex:
+        assert ex.data_only
+        values = ROUND_TRIP + arrays
+        for value, back in zip(values, [ex.submit(identity, v).result(DEADLINE) for v in values]):
+            assert same(value, back), (value, back)
+        assert same(list(ex.map(identity, values[:12], chunksize=3)), values[:12])
+        assert ex.submit(lambda a, b=0: (a, b), (1,), b={"x": 2}).result(DEADLINE) == ((1,), {"x": 2})
+        with pytest.raises(SerializationError, match=r"data-only endpoint.*builtins\.object"):
+            ex.submit(identity, [1, object()]).result(DEADLINE)
+        with pytest.raises(SerializationError, match="dtype object"):
+            ex.submit(identity, numpy.array([1, "a"], dtype=object)).result(DEADLINE)
+        with pytest.raises(RemoteExecutionError, match="boom") as raised:
+            ex.submit(raise_value_error, "boom").result(DEADLINE)
+        assert raised.value.type_name == "builtins.ValueError" and "raise_value_error" in raised.value.remote_traceback
+        with pytest.raises(SerializationError, match="not plain data"):
+            ex.submit(return_an_object).result(DEADLINE)
+
+
+@pytest.mark.timeout(90)
+def test_an_allow_list_endpoint_is_data_only_by_default_and_a_plain_one_is_not(data_relay):
+    r = data_relay
+    with FederatedExecutor(r.listed.id, relay=r.address, token=r.tokens["alice"]) as ex:
+        assert ex.data_only and ex.submit(operator.add, (1, 2), (3,)).result(DEADLINE) == (1, 2, 3)
+        with pytest.raises(SerializationError, match="data-only"):
+            ex.submit(operator.add, LeavesAFile("/nonexistent/x"), 1).result(DEADLINE)
+    with FederatedExecutor(r.plain.id, relay=r.address, token=r.tokens["alice"]) as ex:   # as before: pickles
+        assert not ex.data_only
+        mark = r.dir / "plain-endpoint-unpickled"
+        assert ex.submit(lambda f: type(f).__name__, LeavesAFile(str(mark))).result(DEADLINE) == "TextIOWrapper"
+        assert mark.exists()   # a pickle runs code as it loads: what data_only is for
+        assert ex.submit(lambda: ValueError("a pickled value")).result(DEADLINE).args == ("a pickled value",)
+
+
+@pytest.mark.timeout(90)
+def test_a_client_never_unpickles_what_a_data_only_endpoint_returns(data_relay, tmp_path):
+    """Mallory's endpoint says it is data-only and is shared with Alice, then
+    answers Alice's task with a pickle that would create a file as it loads:
+    Alice's executor does not load it."""
+    r = data_relay
+    mark = tmp_path / "unpickled-by-the-client"
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.DEALER)
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
+    endpoint_id = str(uuid.uuid4())
+    try:
+        connect_plainly(fake, r.address, r.tokens["mallory"])
+        fake.send_multipart(P.encode(P.HELLO, {
+            "role": "endpoint", "id": endpoint_id, "name": "mallorys", "py": P.PYTHON_VERSION, "workers": 1,
+            "capacity": 10, "holding": [], "data_only": True}))
+        assert fake.poll(10000) and P.decode(fake.recv_multipart()).type == P.WELCOME
+        share_endpoint(r.address, endpoint_id, add_users=["alice"], token=r.tokens["mallory"])
+        with FederatedExecutor(endpoint_id, relay=r.address, token=r.tokens["alice"]) as ex:
+            assert ex.data_only
+            futures = [ex.submit(identity, n) for n in range(2)]
+            answered = 0
+            deadline = time.monotonic() + DEADLINE
+            while answered < 2 and time.monotonic() < deadline:
+                if not fake.poll(200):
+                    continue
+                msg = P.decode(fake.recv_multipart())
+                if msg.type != P.TASKS:
+                    continue
+                blobs = P.Blobs()
+                rows = []
+                for row in msg.fields["tasks"]:
+                    status = P.OK if answered == 0 else P.EXCEPTION
+                    rows.append(blobs.result_row(row[0], status, pickle.dumps(LeavesAFile(str(mark)))))
+                    answered += 1
+                fake.send_multipart(P.encode(P.RESULTS, {"rows": rows}, blobs.frames))
+            with pytest.raises(DeserializationError, match="data-only"):
+                futures[0].result(DEADLINE)
+            with pytest.raises(DeserializationError):
+                futures[1].result(DEADLINE)
+        assert not mark.exists(), "the client unpickled a data-only endpoint's result"
+    finally:
+        fake.close(linger=0)
+        ctx.term()
+
+
+def test_data_only_is_an_endpoint_setting_saved_validated_and_set_by_the_cli(tmp_path):
+    env = {"FEDEXEC_HOME": str(tmp_path / "home")}
+    add = function_hash(operator.add)
+    fedexec_cli("endpoint", "configure", "listed", "--allow-function", add, env=env)
+    fedexec_cli("endpoint", "configure", "anything", env=env)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDEXEC_HOME", env["FEDEXEC_HOME"])
+        assert EndpointConfig.load("listed").data_only is None and EndpointConfig.load("listed").takes_data_only()
+        assert not EndpointConfig.load("anything").takes_data_only()
+        fedexec_cli("endpoint", "configure", "listed", "--no-data-only", env=env)
+        fedexec_cli("endpoint", "configure", "anything", "--data-only", env=env)
+        assert EndpointConfig.load("listed").data_only is False and not EndpointConfig.load("listed").takes_data_only()
+        assert EndpointConfig.load("anything").takes_data_only()
+        path = EndpointConfig.load("anything").path
+        path.write_text(path.read_text().replace("data_only = true", 'data_only = "yes"'))
+        with pytest.raises(ConfigError, match="data_only must be true or false"):
+            EndpointConfig.load("anything")

@@ -30,7 +30,7 @@ PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 # Message types -------------------------------------------------------------
 # client/endpoint -> relay
-HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds]}
+HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds], data_only?}
 SUBMIT = "submit"        # {ep, tasks: [TaskRow], resend?: true after a relay restart}
                          #   ep: an endpoint id, or a list of them (a group: the relay routes each task
                          #   to one member with capacity, preferring one the function is warm on)

@@ -10,11 +10,15 @@ does it.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
+import struct
+import sys
 import traceback
 from typing import Any, Callable
 
 import cloudpickle
+import msgpack
 from tblib import Traceback
 
 from . import protocol as P
@@ -144,3 +148,180 @@ def deserialize_exception(blob: Any) -> BaseException:
             pass
     exc.__cause__ = RemoteTraceback(f'\n"""\n{info["tb"]}"""')
     return exc
+
+
+# -- data-only format ----------------------------------------------------------------
+# An endpoint with ``data_only`` set takes arguments and gives results only in
+# this format, which runs no code when loaded (as Globus Compute's allowed
+# serializers): msgpack, with extension types for the plain values msgpack
+# has no type of its own for. A leading marker (never the start of a pickle)
+# tells it apart from a pickle at a glance, so an endpoint refuses anything
+# else before any worker loads it, and a client never unpickles what a
+# data-only endpoint sends back.
+
+DATA_MARKER = b"\xfeFXD\x01"
+_EXT_TUPLE, _EXT_COMPLEX, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_NDARRAY, _EXT_NPSCALAR = range(1, 8)
+_COMPLEX = struct.Struct("<dd")
+# numpy dtype kinds that hold plain numbers, text or times (no objects, no records)
+_ARRAY_KINDS = frozenset("biufcSUMm")
+DATA_TYPES = ("None, bool, int, float, complex, str, bytes, and lists, tuples, dicts, sets and frozensets of "
+              "them, and numpy arrays and scalars of numbers, text or times")
+
+
+class NotData(ValueError):
+    """A value that the data-only format cannot carry, or bytes that are not
+    in that format; the message names the type or the fault."""
+
+
+def is_data(blob: Any) -> bool:
+    """Whether ``blob`` (bytes, or a zmq.Frame) is in the data-only format;
+    looks at its first bytes only."""
+    return bytes(P.as_buffer(blob)[:len(DATA_MARKER)]) == DATA_MARKER
+
+
+def encode_data(value: Any) -> bytes:
+    """``value`` in the data-only format; NotData naming the first value
+    that is not plain data."""
+    try:
+        return DATA_MARKER + _pack_data(value)
+    except NotData:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise NotData(f"cannot encode as plain data: {exc}") from None
+
+
+def _pack_data(value: Any) -> bytes:
+    return msgpack.packb(value, default=_data_ext, strict_types=True, use_bin_type=True)
+
+
+def _data_ext(value: Any) -> msgpack.ExtType:
+    kind = type(value)
+    if kind is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, _pack_data(list(value)))
+    if kind is complex:
+        return msgpack.ExtType(_EXT_COMPLEX, _COMPLEX.pack(value.real, value.imag))
+    if kind is set or kind is frozenset:
+        return msgpack.ExtType(_EXT_SET if kind is set else _EXT_FROZENSET, _pack_data(list(value)))
+    if kind is int:   # beyond 64 bits
+        size = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(size, "little", signed=True))
+    numpy = sys.modules.get("numpy")   # a numpy value means numpy is imported
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
+        dtype = value.dtype
+        if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+            raise NotData(f"a numpy {'array' if kind is numpy.ndarray else 'scalar'} of dtype {dtype} is not "
+                          f"plain data (only numbers, text and times are)")
+        if kind is numpy.ndarray:
+            raw = numpy.ascontiguousarray(value).tobytes()
+            return msgpack.ExtType(_EXT_NDARRAY, _pack_data([dtype.str, list(value.shape), raw]))
+        return msgpack.ExtType(_EXT_NPSCALAR, _pack_data([dtype.str, value.tobytes()]))
+    raise NotData(f"a value of type {_describe(value)} is not plain data")
+
+
+def decode_data(blob: Any) -> Any:
+    """The value a data-only blob holds; NotData if it is not one (it is
+    never unpickled, nor is anything in it)."""
+    data = P.as_buffer(blob)
+    if bytes(data[:len(DATA_MARKER)]) != DATA_MARKER:
+        raise NotData("not in the data-only format (a pickle, or something else)")
+    try:
+        return _unpack_data(data[len(DATA_MARKER):])
+    except NotData:
+        raise
+    except Exception as exc:   # msgpack raises several unrelated types; deep nesting: RecursionError
+        raise NotData(f"malformed data-only value: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack_data(data: Any) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_data_from_ext)
+
+
+def _data_from_ext(code: int, data: bytes) -> Any:
+    if code == _EXT_TUPLE:
+        return tuple(_unpack_list(data))
+    if code == _EXT_COMPLEX:
+        real, imag = _COMPLEX.unpack(data)
+        return complex(real, imag)
+    if code == _EXT_SET:
+        return set(_unpack_list(data))
+    if code == _EXT_FROZENSET:
+        return frozenset(_unpack_list(data))
+    if code == _EXT_BIGINT:
+        return int.from_bytes(data, "little", signed=True)
+    if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
+        return _numpy_from_ext(code, _unpack_list(data))
+    raise NotData(f"unknown data-only extension type {code}")
+
+
+def _unpack_list(data: bytes) -> list:
+    items = _unpack_data(data)
+    if type(items) is not list:
+        raise NotData("malformed data-only value: an extension that should hold a list does not")
+    return items
+
+
+def _numpy_from_ext(code: int, fields: list) -> Any:
+    try:
+        import numpy
+    except ImportError:
+        raise NotData("the value holds a numpy array, and numpy is not installed here") from None
+    if code == _EXT_NDARRAY:
+        if len(fields) != 3:
+            raise NotData("malformed data-only numpy array")
+        dtype_str, shape, raw = fields
+    else:
+        if len(fields) != 2:
+            raise NotData("malformed data-only numpy scalar")
+        (dtype_str, raw), shape = fields, []
+    if not (type(dtype_str) is str and len(dtype_str) <= 16 and type(raw) is bytes and type(shape) is list
+            and all(type(n) is int and n >= 0 for n in shape)):
+        raise NotData("malformed data-only numpy value")
+    dtype = numpy.dtype(dtype_str)
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise NotData(f"a numpy value of dtype {dtype} is not plain data")
+    if math.prod(shape) * dtype.itemsize != len(raw):
+        raise NotData(f"a numpy value of dtype {dtype} and shape {tuple(shape)} cannot be {len(raw)} bytes")
+    if code == _EXT_NPSCALAR:
+        return numpy.frombuffer(raw, dtype)[0]
+    return numpy.frombuffer(raw, dtype).reshape(shape).copy()   # writable, as an unpickled array is
+
+
+def _not_data_error(fn: Callable[..., Any], exc: NotData) -> SerializationError:
+    name = getattr(fn, "__qualname__", repr(fn))
+    return SerializationError(f"cannot send the arguments of {name}() to a data-only endpoint: {exc}; a data-only "
+                              f"endpoint takes {DATA_TYPES}")
+
+
+def serialize_data_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """``(args, kwargs)`` in the data-only format, for a data-only endpoint."""
+    try:
+        return encode_data((args, kwargs))
+    except NotData as exc:
+        raise _not_data_error(fn, exc) from None
+
+
+def serialize_data_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> bytes:
+    """One ``map`` chunk's argument tuples in the data-only format."""
+    try:
+        return encode_data(chunk)
+    except NotData as exc:
+        raise _not_data_error(fn, exc) from None
+
+
+def serialize_data_exception(exc: BaseException) -> bytes:
+    """An exception from a data-only endpoint's worker: only its type name,
+    message and traceback text (the caller raises RemoteExecutionError)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"
+    return encode_data({"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "msg": message, "tb": text})
+
+
+def deserialize_data_exception(blob: Any) -> BaseException:
+    """The RemoteExecutionError for an exception blob of a data-only endpoint."""
+    info = decode_data(blob)
+    if not (isinstance(info, dict) and all(isinstance(info.get(key), str) for key in ("type", "msg", "tb"))):
+        raise NotData("malformed data-only exception")
+    return RemoteExecutionError(info["type"], info["msg"], info["tb"])

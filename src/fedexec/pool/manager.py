@@ -267,7 +267,8 @@ class PoolManager:
         try:
             self.pool = LocalWorkerPool(self.workers, self.worker_sock,
                                         self._sock_dir, sandbox=self._setting("sandbox", "none"),
-                                        sandbox_image=self._setting("sandbox_image", ""))
+                                        sandbox_image=self._setting("sandbox_image", ""),
+                                        data_only=self._setting("data_only", False))
             self.pool.start()
         except Exception as exc:  # no workers: stop, giving back what came meanwhile
             log.error("pool %s could not start its workers: %s: %s", self.pool_id.decode(), type(exc).__name__, exc)

@@ -98,10 +98,11 @@ class LocalWorkerPool:
     own that ``sock`` (the pool's ROUTER) listens on, in ``marker_dir``."""
 
     def __init__(self, size: int, sock: zmq.Socket, marker_dir: str, *, env: dict[str, str] | None = None,
-                 sandbox: str = "none", sandbox_image: str = "") -> None:
+                 sandbox: str = "none", sandbox_image: str = "", data_only: bool = False) -> None:
         sandboxes.check(sandbox)  # a missing tool fails the endpoint's start, by name
         self.sandbox = sandbox            # what the workers run inside (config.SANDBOXES)
         self.sandbox_image = sandbox_image
+        self.data_only = data_only        # the endpoint takes and gives only plain data
         self.size = size
         self.sock = sock
         self.marker_dir = marker_dir
@@ -121,6 +122,8 @@ class LocalWorkerPool:
         address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         marker = TaskMarker(os.path.join(self.marker_dir, name + ".task"), create=True)
         args = ["--address", address, "--marker", marker.path]   # the id comes on stdin
+        if self.data_only:
+            args.append("--data-only")
         process: subprocess.Popen
         try:
             if self.sandbox == "none":

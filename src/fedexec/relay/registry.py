@@ -64,20 +64,23 @@ class EndpointAccess:
     users: set = field(default_factory=set)
     groups: set = field(default_factory=set)
     functions: frozenset | None = None      # function hashes the endpoint allows
+    data_only: bool = False                 # it takes and gives plain data only (clients must not pickle)
 
     def allows(self, user: str, groups: frozenset = frozenset()) -> bool:
         return self.public or user == self.owner or user in self.users or bool(self.groups & groups)
 
     def pack(self) -> bytes:
         return msgpack.packb({"public": self.public, "users": sorted(self.users), "groups": sorted(self.groups),
-                              "functions": None if self.functions is None else sorted(self.functions)})
+                              "functions": None if self.functions is None else sorted(self.functions),
+                              "data_only": self.data_only})
 
     @classmethod
     def unpack(cls, owner: str | None, blob: bytes | None) -> "EndpointAccess":
         data = msgpack.unpackb(blob) if blob else {}
         functions = data.get("functions")
         return cls(owner or "", bool(data.get("public")), set(data.get("users") or ()),
-                   set(data.get("groups") or ()), None if functions is None else frozenset(functions))
+                   set(data.get("groups") or ()), None if functions is None else frozenset(functions),
+                   data.get("data_only") is True)
 
     def describe(self) -> dict[str, Any]:
         return {"owner": self.owner, "public": self.public, "users": sorted(self.users),
@@ -146,6 +149,7 @@ class EndpointState:
             "last_seen": self.last_seen,
             "owner": self.access.owner,
             "public": self.access.public,
+            "data_only": self.access.data_only,
         }
 
 
