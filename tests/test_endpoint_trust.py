@@ -462,3 +462,56 @@ def test_data_only_is_an_endpoint_setting_saved_validated_and_set_by_the_cli(tmp
         path.write_text(path.read_text().replace("data_only = true", 'data_only = "yes"'))
         with pytest.raises(ConfigError, match="data_only must be true or false"):
             EndpointConfig.load("anything")
+
+
+def poison_the_worker(tag):
+    """Leaves something behind in its worker process, for the next task there to find."""
+    import sys
+    import types
+    sys.modules["left_by_another_user"] = types.ModuleType(tag)
+    return os.getpid()
+
+
+def look_for_poison(n):
+    import sys
+    return "left_by_another_user" in sys.modules, os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_serves_the_tasks_of_one_user_only(tmp_path):
+    """Mallory's tasks on Alice's shared endpoint leave a module behind in
+    their worker; none of Alice's tasks, interleaved with them, ever runs in
+    a process Mallory's tasks ran in."""
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "mallory")}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              max_workers=2, heartbeat_period=0.5) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["mallory"], token=tokens["alice"])
+            with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
+                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                mine, theirs = [], []
+                for round_ in range(6):
+                    theirs += [mallory.submit(poison_the_worker, f"round {round_}") for _ in range(3)]
+                    mine += [alice.submit(look_for_poison, n) for n in range(3)]
+                    time.sleep(0.1)
+                poisoned = {f.result(DEADLINE) for f in theirs}
+                seen = [f.result(DEADLINE) for f in mine]
+    assert not any(found for found, _ in seen), "a task of Alice's ran where Mallory's had"
+    assert not poisoned & {pid for _, pid in seen}, "a worker process served both users"
+
+
+def test_the_relay_names_the_user_of_a_task_to_a_shared_endpoint_and_never_passes_a_clients_own():
+    from fedexec.relay.registry import TaskRecord
+    spoofed = {"u": "alice", "tr": [1.0]}
+    record = TaskRecord(uuid.uuid4().bytes, b"C", str(uuid.uuid4()), b"h" * 32, P.TASK_CALL, P.PYTHON_VERSION,
+                        b"", spoofed, user="mallory")
+    row = record.row(b"", -1, owner="alice")
+    assert row[6]["u"] == "mallory" and len(row[6]["tr"]) == 2 and spoofed == {"u": "alice", "tr": [1.0]}
+    record.user = "alice"   # the owner's own tasks carry no user, whatever the client put there
+    assert "u" not in record.row(b"", -1, owner="alice")[6]
+    assert len(TaskRecord(b"t" * 16, b"C", "", b"h" * 32, P.TASK_CALL, "3.11", b"", None, "alice")
+               .row(b"", -1, owner="alice")) == 6
+    P.task_row(row)   # endpoints and pools take it

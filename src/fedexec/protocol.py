@@ -59,8 +59,10 @@ STOP = "stop"
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
-#   "r": times to run it again after it raised, "to": walltime in seconds}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to"})
+#   "r": times to run it again after it raised, "to": walltime in seconds,
+#   "u": relay -> endpoint only: the user who submitted it, when not the endpoint's owner
+#        (a pool runs each user's tasks in workers of their own)}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u"})
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
 TASK_CALL = 0    # fn(*args, **kwargs)
@@ -356,6 +358,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
             raise ProtocolError(f"a task timeout must be a number of seconds from 0 to {MAX_WALLTIME}")
         if "tr" in options:
             trace(options["tr"], max_trace)
+        if "u" in options:
+            text(options["u"], "user")
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

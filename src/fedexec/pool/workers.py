@@ -56,6 +56,8 @@ class WorkerSlot:
     running: bytes | None = None        # the task its marker last showed running, and since when
     running_since: float = 0.0
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
+    user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
+    retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
 
     @property
     def pid(self) -> int:
@@ -115,7 +117,8 @@ class LocalWorkerPool:
             self.spawn()
 
     def spawn(self) -> WorkerSlot:
-        name = f"w{next(self._numbers)}"
+        number = next(self._numbers)
+        name = f"w{number}"
         worker_id = secrets.token_bytes(16)
         path = os.path.join(self.marker_dir, name + ".sock")
         self.sock.bind(f"ipc://{path}")
@@ -132,7 +135,7 @@ class LocalWorkerPool:
             else:
                 task_dir = self.task_dir(name)
                 os.makedirs(task_dir, mode=0o700, exist_ok=True)
-                container = f"fedexec-{os.getpid()}-{name}"
+                container = f"fedexec-w{os.getpid()}-{number}"
                 command = sandboxes.worker_command(
                     self.sandbox, args, socket_path=path, marker_path=marker.path,
                     task_dir=task_dir, image=self.sandbox_image, name=container)

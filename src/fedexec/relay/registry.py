@@ -43,12 +43,19 @@ class TaskRecord:
         self.state = QUEUED
         self.options = options   # memo key and/or trace, when the client asked for them
 
-    def row(self, args_ref: bytes | int, fn_ref: bytes | int) -> list[Any]:
+    def row(self, args_ref: bytes | int, fn_ref: bytes | int, owner: str = "") -> list[Any]:
+        """The row sent to an endpoint owned by ``owner``: a task of another
+        user says whose it is ("u"), so that its pool runs it in a worker
+        serving that user only (a client's own "u" is never passed on)."""
         row = [self.task_id, self.fn_hash, args_ref, fn_ref, self.kind, self.python]
-        if self.options is not None:
-            options = self.options
-            if "tr" in options:  # a copy: a re-dispatch stamps afresh
-                options = {**options, "tr": [*options["tr"], time.time()]}
+        options = self.options
+        if options is not None and ("tr" in options or "u" in options):  # a copy: a re-dispatch stamps afresh
+            options = {key: value for key, value in options.items() if key != "u"}
+            if "tr" in options:
+                options["tr"] = [*options["tr"], time.time()]
+        if self.user != owner:
+            options = {**(options or {}), "u": self.user}
+        if options:
             row.append(options)
         return row
 

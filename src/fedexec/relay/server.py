@@ -771,7 +771,7 @@ class Relay:
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
-                rows.append(record.row(blobs.ref(record.args), fn_ref))
+                rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
