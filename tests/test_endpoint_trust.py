@@ -10,6 +10,7 @@ import json
 import operator
 import os
 import pickle
+import subprocess
 import sys
 import time
 import uuid
@@ -515,3 +516,59 @@ def test_the_relay_names_the_user_of_a_task_to_a_shared_endpoint_and_never_passe
     assert len(TaskRecord(b"t" * 16, b"C", "", b"h" * 32, P.TASK_CALL, "3.11", b"", None, "alice")
                .row(b"", -1, owner="alice")) == 6
     P.task_row(row)   # endpoints and pools take it
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_checks_a_body_against_its_hash_before_loading_it(tmp_path):
+    """Defence in depth: a worker process (started as a pool starts it, its
+    id on stdin) that is handed a body not matching its hash fails the task
+    and never runs it; a matching body runs."""
+    mark = tmp_path / "worker-ran-swapped-body"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"ipc://{tmp_path}/w1.sock")
+    worker_id = os.urandom(16)
+    proc = subprocess.Popen([sys.executable, "-m", "fedexec.worker", "--address", f"ipc://{tmp_path}/w1.sock",
+                             "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE)
+    try:
+        proc.stdin.write(worker_id.hex().encode() + b"\n")
+        proc.stdin.close()
+        assert sock.poll(20000), "the worker did not say READY"
+        peer, *frames = sock.recv_multipart()
+        assert peer == worker_id and P.decode(frames).type == P.READY
+        honest_hash, honest_body = serialize_function(operator.add)
+        _, evil_body = serialize_function(write_marker)
+        blobs = P.Blobs()
+        rows = [task_row(blobs, honest_hash, evil_body, serialize_arguments(write_marker, (str(mark),), {})),
+                task_row(blobs, honest_hash, None, serialize_arguments(operator.add, (1, 2), {}))]
+        sock.send_multipart([worker_id, *P.encode(P.TASKS, {"tasks": rows}, blobs.frames)])
+        outcomes = {}
+        deadline = time.monotonic() + DEADLINE
+        while len(outcomes) < 2 and time.monotonic() < deadline:
+            if sock.poll(200):
+                _, *frames = sock.recv_multipart()
+                msg = P.decode(frames)
+                for row in msg.fields.get("rows", []):
+                    outcomes[row[0]] = (row[1], bytes(P.blob(msg.blobs, row[2])))
+        for row in rows:   # the second task names the same hash: the swapped body is not loaded for it either
+            status, blob = outcomes[row[0]]
+            assert status == P.FAILED and "does not match" in P.unpack_failure(blob)["msg"], (status, blob)
+        assert not mark.exists()
+        other_hash, other_body = serialize_function(operator.mul)
+        blobs = P.Blobs()
+        honest = task_row(blobs, other_hash, other_body, serialize_arguments(operator.mul, (6, 7), {}))
+        sock.send_multipart([worker_id, *P.encode(P.TASKS, {"tasks": [honest]}, blobs.frames)])
+        assert sock.poll(DEADLINE * 1000)
+        _, *frames = sock.recv_multipart()
+        msg = P.decode(frames)
+        assert msg.fields["rows"][0][1] == P.OK and pickle.loads(P.blob(msg.blobs, msg.fields["rows"][0][2])) == 42
+    finally:
+        sock.send_multipart([worker_id, *P.encode(P.STOP)])
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        sock.close(linger=0)
+        ctx.term()

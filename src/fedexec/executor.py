@@ -845,9 +845,10 @@ class FederatedExecutor(Executor):
         except BaseException:
             self.shutdown(wait=True)
             raise
-        # a data-only endpoint (any member of a group) takes arguments as plain
-        # data, and what it returns is never unpickled here
-        self.data_only = any(info.get("data_only") is True for info in infos)
+        #: the endpoint (or a member of the group) is data-only: arguments go as
+        #: plain data (others fail with SerializationError), and what it returns
+        #: is never unpickled here
+        self.data_only: bool = any(info.get("data_only") is True for info in infos)
         if self.data_only:
             self._serialize_arguments, self._serialize_chunk = serialize_data_arguments, serialize_data_chunk
             self._dispatcher.data_only = True
