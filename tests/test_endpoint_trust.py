@@ -572,3 +572,35 @@ def test_a_worker_checks_a_body_against_its_hash_before_loading_it(tmp_path):
             proc.wait(10)
         sock.close(linger=0)
         ctx.term()
+
+
+def test_the_data_only_decoder_refuses_forged_and_truncated_input():
+    """What a hostile endpoint or client could send instead of plain data:
+    an object dtype, sizes that do not add up, truncation, unknown
+    extensions, a pickle. Each is NotData, and nothing is loaded."""
+    import struct
+
+    import msgpack
+
+    from fedexec.serialize import DATA_MARKER, NotData, decode_data, encode_data
+
+    def forged(ext_code: int, fields: Any, tail: bytes = b"") -> bytes:
+        head = msgpack.packb(msgpack.ExtType(ext_code, msgpack.packb(fields)))
+        return DATA_MARKER + struct.pack("<I", len(head)) + head + tail
+
+    cases = {
+        "object dtype": forged(6, ["|O", [1], 0, 8], b"\0" * 8),
+        "record dtype": forged(6, ["|V8", [1], 0, 8], b"\0" * 8),
+        "size mismatch": forged(6, ["<f8", [1000], 0, 8], b"\0" * 8),
+        "bytes past the end": forged(6, ["<f8", [1], 4, 8], b"\0" * 8),
+        "negative shape": forged(6, ["<f8", [-1], 0, 0]),
+        "unknown extension": forged(42, []),
+        "tuple not a list": forged(1, 5),
+        "truncated": encode_data([1, 2, 3])[:-1],
+        "a pickle": pickle.dumps(LeavesAFile("/nonexistent/never")),
+        "nothing": b"",
+    }
+    for name, blob in cases.items():
+        with pytest.raises(NotData):
+            decode_data(blob)
+            pytest.fail(f"{name} was accepted")

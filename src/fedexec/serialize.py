@@ -14,6 +14,7 @@ import math
 import pickle
 import struct
 import sys
+import threading
 import traceback
 from typing import Any, Callable
 
@@ -160,8 +161,9 @@ def deserialize_exception(blob: Any) -> BaseException:
 # data-only endpoint sends back.
 
 DATA_MARKER = b"\xfeFXD\x01"
-_EXT_TUPLE, _EXT_COMPLEX, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_NDARRAY, _EXT_NPSCALAR = range(1, 8)
+_EXT_TUPLE, _EXT_COMPLEX, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_NDARRAY = range(1, 7)
 _COMPLEX = struct.Struct("<dd")
+_HEAD_LENGTH = struct.Struct("<I")
 # numpy dtype kinds that hold plain numbers, text or times (no objects, no records)
 _ARRAY_KINDS = frozenset("biufcSUMm")
 DATA_TYPES = ("None, bool, int, float, complex, str, bytes, and lists, tuples, dicts, sets and frozensets of "
@@ -181,17 +183,44 @@ def is_data(blob: Any) -> bool:
 
 def encode_data(value: Any) -> bytes:
     """``value`` in the data-only format; NotData naming the first value
-    that is not plain data."""
+    that is not plain data.
+
+    Layout: the marker, the length of the msgpack part (4 bytes), the msgpack
+    part, then the raw bytes of the numpy arrays in it, which the msgpack part
+    refers to by offset (so an array is copied once, not once per layer)."""
+    state = _state
+    state.buffers, state.tail_size = [], 0
     try:
-        return DATA_MARKER + _pack_data(value)
+        head = _pack_data(value)
+        return b"".join((DATA_MARKER, _HEAD_LENGTH.pack(len(head)), head, *state.buffers))
     except NotData:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise NotData(f"cannot encode as plain data: {exc}") from None
+    finally:
+        state.buffers = None
+
+
+# Per thread: a Packer per nesting depth (one is costly to make, and an
+# extension packs its contents while the outer Packer is busy); while
+# encoding, the array bytes gathered; while decoding, the array bytes part.
+_state = threading.local()
 
 
 def _pack_data(value: Any) -> bytes:
-    return msgpack.packb(value, default=_data_ext, strict_types=True, use_bin_type=True)
+    state = _state
+    stack: list[msgpack.Packer] | None = getattr(state, "packers", None)
+    if stack is None:
+        stack = state.packers = []
+        state.depth = 0
+    depth = state.depth
+    if depth == len(stack):
+        stack.append(msgpack.Packer(default=_data_ext, strict_types=True, use_bin_type=True))
+    state.depth = depth + 1
+    try:
+        return stack[depth].pack(value)   # the Packer resets itself, also when packing fails
+    finally:
+        state.depth = depth
 
 
 def _data_ext(value: Any) -> msgpack.ExtType:
@@ -211,25 +240,37 @@ def _data_ext(value: Any) -> msgpack.ExtType:
         if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
             raise NotData(f"a numpy {'array' if kind is numpy.ndarray else 'scalar'} of dtype {dtype} is not "
                           f"plain data (only numbers, text and times are)")
-        if kind is numpy.ndarray:
-            raw = numpy.ascontiguousarray(value).tobytes()
-            return msgpack.ExtType(_EXT_NDARRAY, _pack_data([dtype.str, list(value.shape), raw]))
-        return msgpack.ExtType(_EXT_NPSCALAR, _pack_data([dtype.str, value.tobytes()]))
+        raw = numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8)   # no copy when contiguous
+        state = _state
+        offset = state.tail_size
+        state.buffers.append(raw)
+        state.tail_size += raw.nbytes
+        shape = list(value.shape) if kind is numpy.ndarray else None   # None: a numpy scalar
+        return msgpack.ExtType(_EXT_NDARRAY, _pack_data([dtype.str, shape, offset, raw.nbytes]))
     raise NotData(f"a value of type {_describe(value)} is not plain data")
 
 
 def decode_data(blob: Any) -> Any:
     """The value a data-only blob holds; NotData if it is not one (it is
     never unpickled, nor is anything in it)."""
-    data = P.as_buffer(blob)
-    if bytes(data[:len(DATA_MARKER)]) != DATA_MARKER:
+    data = memoryview(P.as_buffer(blob)).cast("B")   # slices of it are not copies
+    marker = len(DATA_MARKER)
+    if bytes(data[:marker]) != DATA_MARKER:
         raise NotData("not in the data-only format (a pickle, or something else)")
+    state = _state
     try:
-        return _unpack_data(data[len(DATA_MARKER):])
+        (length,) = _HEAD_LENGTH.unpack_from(data, marker)
+        start = marker + _HEAD_LENGTH.size
+        if start + length > len(data):
+            raise NotData("malformed data-only value: truncated")
+        state.tail = data[start + length:]
+        return _unpack_data(data[start:start + length])
     except NotData:
         raise
     except Exception as exc:   # msgpack raises several unrelated types; deep nesting: RecursionError
         raise NotData(f"malformed data-only value: {type(exc).__name__}: {exc}") from None
+    finally:
+        state.tail = None
 
 
 def _unpack_data(data: Any) -> Any:
@@ -248,8 +289,8 @@ def _data_from_ext(code: int, data: bytes) -> Any:
         return frozenset(_unpack_list(data))
     if code == _EXT_BIGINT:
         return int.from_bytes(data, "little", signed=True)
-    if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
-        return _numpy_from_ext(code, _unpack_list(data))
+    if code == _EXT_NDARRAY:
+        return _numpy_from_ext(_unpack_list(data))
     raise NotData(f"unknown data-only extension type {code}")
 
 
@@ -260,28 +301,28 @@ def _unpack_list(data: bytes) -> list:
     return items
 
 
-def _numpy_from_ext(code: int, fields: list) -> Any:
+def _numpy_from_ext(fields: list) -> Any:
+    """A numpy array (or scalar: shape None) from its dtype, shape and where
+    its bytes are; only plain dtypes, and the sizes must match."""
     try:
         import numpy
     except ImportError:
         raise NotData("the value holds a numpy array, and numpy is not installed here") from None
-    if code == _EXT_NDARRAY:
-        if len(fields) != 3:
-            raise NotData("malformed data-only numpy array")
-        dtype_str, shape, raw = fields
-    else:
-        if len(fields) != 2:
-            raise NotData("malformed data-only numpy scalar")
-        (dtype_str, raw), shape = fields, []
-    if not (type(dtype_str) is str and len(dtype_str) <= 16 and type(raw) is bytes and type(shape) is list
-            and all(type(n) is int and n >= 0 for n in shape)):
+    if len(fields) != 4:
+        raise NotData("malformed data-only numpy value")
+    dtype_str, shape, offset, size = fields
+    tail = _state.tail
+    if not (type(dtype_str) is str and len(dtype_str) <= 16 and (shape is None or (
+            type(shape) is list and all(type(n) is int and n >= 0 for n in shape)))
+            and type(offset) is int and type(size) is int and 0 <= offset <= offset + size <= len(tail)):
         raise NotData("malformed data-only numpy value")
     dtype = numpy.dtype(dtype_str)
     if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
         raise NotData(f"a numpy value of dtype {dtype} is not plain data")
-    if math.prod(shape) * dtype.itemsize != len(raw):
-        raise NotData(f"a numpy value of dtype {dtype} and shape {tuple(shape)} cannot be {len(raw)} bytes")
-    if code == _EXT_NPSCALAR:
+    if math.prod(shape or ()) * dtype.itemsize != size:
+        raise NotData(f"a numpy value of dtype {dtype} and shape {shape} cannot be {size} bytes")
+    raw = tail[offset:offset + size]
+    if shape is None:
         return numpy.frombuffer(raw, dtype)[0]
     return numpy.frombuffer(raw, dtype).reshape(shape).copy()   # writable, as an unpickled array is
 
