@@ -147,11 +147,9 @@ class LocalWorkerPool:
             self._release(address, marker, name)
             raise
         assert process.stdin is not None
-        try:
-            process.stdin.write(worker_id.hex().encode() + b"\n")
-            process.stdin.close()
-        except OSError:
-            pass   # it died at once: reaped and replaced as any other
+        with contextlib.suppress(OSError):   # it died at once: reaped and replaced as any other
+            with process.stdin:
+                process.stdin.write(worker_id.hex().encode() + b"\n")
         slot = WorkerSlot(worker_id, name, address, process, marker)
         self.slots[worker_id] = slot
         return slot
