@@ -25,7 +25,7 @@ from fedexec import protocol as P
 from fedexec.auth import connect_plainly
 from fedexec.config import EndpointConfig
 from fedexec.relay.query import lookup_endpoint, share_endpoint
-from fedexec.serialize import function_hash, serialize_arguments, serialize_function
+from fedexec.serialize import function_hash, serialize_arguments, serialize_data_arguments, serialize_function
 
 from test_faults import free_port, running_relay, stop_process, tail
 
@@ -68,7 +68,7 @@ def running_endpoint(directory: Path, name: str, env: dict[str, str], **config):
     env = {**os.environ, "FEDEXEC_HOME": str(home), "PYTHONPATH": str(Path(__file__).parent), **env}
     with pytest.MonkeyPatch.context() as patch:   # saved in the endpoint's own home
         patch.setenv("FEDEXEC_HOME", str(home))
-        cfg = EndpointConfig(name=name, max_workers=1, **config)
+        cfg = EndpointConfig(name=name, **{"max_workers": 1, **config})
         cfg.save()
     log = directory / f"endpoint-{name}.log"
     with open(log, "wb") as out:
@@ -355,8 +355,9 @@ def test_allow_list_is_enforced_again_at_the_endpoint(tmp_path):
             rows = []
             for fn, args in ((operator.add, (1, 2)), (open, (str(mark), "w"))):
                 fn_hash, body = serialize_function(fn)
-                rows.append([uuid.uuid4().bytes, fn_hash, blobs.ref(serialize_arguments(fn, args, {})), blobs.ref(body),
-                             P.TASK_CALL, P.PYTHON_VERSION])
+                # plain-data arguments: an endpoint with an allow-list is data-only by default
+                rows.append([uuid.uuid4().bytes, fn_hash, blobs.ref(serialize_data_arguments(fn, args, {})),
+                             blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION])
             relay.send_multipart([peer, *P.encode(P.TASKS, {"tasks": rows}, blobs.frames)])
             outcomes = {}
             deadline = time.monotonic() + 20

@@ -7,6 +7,7 @@
     fedexec token create USER [--expires SECONDS] | revoke ID | list [--data-dir D]
     fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N] [--relay-key KEY]
                                     [--allow-function HASH ...] [--sandbox MODE] [--sandbox-image IMAGE]
+                                    [--data-only | --no-data-only]
                                     [--provider local|slurm|parsl|manual] [--min-blocks N] [--max-blocks N]
                                     [--walltime HH:MM:SS] [--partition P] ...  (see --help)
     fedexec endpoint start NAME [--daemon]
@@ -263,6 +264,8 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.sandbox = ns.sandbox
     if ns.sandbox_image is not None:
         config.sandbox_image = ns.sandbox_image
+    if ns.data_only is not None:
+        config.data_only = ns.data_only
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
@@ -559,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-any-function", action="store_true", help="clear the allow-list")
     p.add_argument("--sandbox", choices=SANDBOXES, help="what workers run in")
     p.add_argument("--sandbox-image", help="image for apptainer or podman")
+    p.add_argument("--data-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="take and give only plain data (numbers, text, bytes, lists, dicts, numpy arrays), never "
+                        "pickles; default: on with an allow-list")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")

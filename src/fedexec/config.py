@@ -226,12 +226,21 @@ class EndpointConfig:
     allowed_functions: list[str] = field(default_factory=list)  # hex function hashes; empty: any function
     sandbox: str = "none"           # none | bwrap | apptainer | podman: what workers run inside
     sandbox_image: str = ""         # the image (apptainer, podman) the workers run in
+    # arguments and results in the data-only format only (serialize.py), never
+    # pickles; None: on when allowed_functions is set (see takes_data_only)
+    data_only: bool | None = None
     relay_public_key: str = ""      # the relay's CURVE public key (Z85), pinned; empty: plain connection
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
         """Workers per pool (per node): max_workers, or the node's usable cores."""
         return self.max_workers or usable_cores()
+
+    def takes_data_only(self) -> bool:
+        """Whether the endpoint takes and gives only plain data: ``data_only``,
+        or by default, whether it has a function allow-list (whose functions
+        must not be reached by code riding in their arguments)."""
+        return self.data_only if self.data_only is not None else bool(self.allowed_functions)
 
     def validate(self) -> None:
         check_endpoint_name(self.name)
@@ -267,6 +276,8 @@ class EndpointConfig:
             if not (isinstance(fn_hash, str) and re.fullmatch(r"[0-9a-f]{64}", fn_hash)):
                 raise ConfigError(f"allowed_functions: {fn_hash!r} is not a function hash (64 hex digits, "
                                   "as printed by 'fedexec function hash')")
+        if self.data_only is not None and not isinstance(self.data_only, bool):
+            raise ConfigError(f"data_only must be true or false, not {self.data_only!r}")
         if self.sandbox not in SANDBOXES:
             raise ConfigError(f"sandbox must be one of {', '.join(SANDBOXES)}, not {self.sandbox!r}")
         if self.sandbox in ("apptainer", "podman") and not self.sandbox_image:
@@ -313,6 +324,11 @@ class EndpointConfig:
             f"# per task), apptainer or podman (with sandbox_image).\n"
             f'sandbox = "{self.sandbox}"\n'
             f'sandbox_image = "{self.sandbox_image}"\n'
+            f"# Arguments and results as plain data only (numbers, text, bytes, lists,\n"
+            f"# dicts, numpy arrays...), never pickles, which can run code as they load;\n"
+            f"# when not set: on with allowed_functions, off without.\n"
+            + (f"data_only = {'true' if self.data_only else 'false'}\n" if self.data_only is not None
+               else "# data_only = true\n") +
             f"# The relay's CURVE public key (fedexec relay key); set: traffic is encrypted.\n"
             f'relay_public_key = "{self.relay_public_key}"\n'
             f"\n{self.provider.to_toml()}"
@@ -331,7 +347,7 @@ class EndpointConfig:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
-                 "relay_public_key", "provider"}
+                 "data_only", "relay_public_key", "provider"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

@@ -50,11 +50,16 @@ from .errors import (
     WorkerLost,
 )
 from .serialize import (
+    NotData,
     content_hash,
+    decode_data,
     deserialize,
+    deserialize_data_exception,
     deserialize_exception,
     serialize_arguments,
     serialize_chunk,
+    serialize_data_arguments,
+    serialize_data_chunk,
     serialize_function,
 )
 
@@ -294,6 +299,9 @@ class _Dispatcher(threading.Thread):
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
         self.max_payload: int | None = None   # the relay's limit, from its WELCOME
+        # the endpoint (or a member of the group) is data-only: its results are
+        # decoded as plain data only, never unpickled
+        self.data_only = False
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -779,14 +787,19 @@ class _Dispatcher(threading.Thread):
         try:
             if status == P.OK:
                 try:
-                    value = deserialize(blob)
+                    value = decode_data(blob) if self.data_only else deserialize(blob)
+                except NotData as exc:
+                    future.set_exception(DeserializationError(
+                        f"the endpoint is data-only and the result is not plain data, so it was not loaded: {exc}"))
+                    return
                 except Exception as exc:
                     future.set_exception(DeserializationError(
                         f"the result arrived but cannot be unpickled here: {type(exc).__name__}: {exc}"))
                     return
                 future.set_result(value)
             elif status == P.EXCEPTION:
-                future.set_exception(deserialize_exception(blob))
+                future.set_exception(deserialize_data_exception(blob) if self.data_only
+                                     else deserialize_exception(blob))
             else:
                 future.set_exception(_failure_exception(blob))
         except Exception as exc:  # a malformed result must not take the thread down
@@ -874,6 +887,7 @@ class FederatedExecutor(Executor):
         self._trace = trace
         self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
+        self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
         self._dispatcher.start()
         try:
             infos = [self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services,
@@ -881,6 +895,13 @@ class FederatedExecutor(Executor):
         except BaseException:
             self.shutdown(wait=True)
             raise
+        #: the endpoint (or a member of the group) is data-only: arguments go as
+        #: plain data (others fail with SerializationError), and what it returns
+        #: is never unpickled here
+        self.data_only: bool = any(info.get("data_only") is True for info in infos)
+        if self.data_only:
+            self._serialize_arguments, self._serialize_chunk = serialize_data_arguments, serialize_data_chunk
+            self._dispatcher.data_only = True
         #: the endpoints' worker count; Dask reads it to size its concurrency
         self._max_workers = max(1, sum(int(info.get("workers") or 0) for info in infos))
         self.endpoint_name: str = ",".join(str(info.get("name", "")) for info in infos)
@@ -925,7 +946,7 @@ class FederatedExecutor(Executor):
     # -- the Executor API ----------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
-        return self._submit(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, kwargs))
+        return self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
 
     def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
         """The function to send, whether its calls are memoized, and the task
@@ -961,7 +982,8 @@ class FederatedExecutor(Executor):
         futures: list[Future] = []
         group: list[_WorkItem] = []
         for args in calls:
-            future, item = self._new_task(fn, P.TASK_CALL, lambda: serialize_arguments(fn, args, {}), memoize, extra)
+            future, item = self._new_task(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, {}), memoize,
+                                          extra)
             futures.append(future)
             if item is not None:
                 group.append(item)
@@ -1068,7 +1090,7 @@ class FederatedExecutor(Executor):
         def submit_next(count: int | None) -> list[Future]:
             items = source if count is None else itertools.islice(source, count)
             if chunked:
-                return [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: serialize_chunk(fn, c)) for chunk in items]
+                return [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: self._serialize_chunk(fn, c)) for chunk in items]
             return self._submit_calls(fn, items)
 
         futures: deque[Future] = deque(submit_next(buffersize))

@@ -12,6 +12,7 @@ into msgpack. Either way the relay never looks into a payload.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import os
 import sys
@@ -29,7 +30,7 @@ PYTHON_VERSION = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 # Message types -------------------------------------------------------------
 # client/endpoint -> relay
-HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds]}
+HELLO = "hello"          # {role, id, name?, py, capacity?, holding?: [task ids an endpoint holds], data_only?}
 SUBMIT = "submit"        # {ep, tasks: [TaskRow], resend?: true after a relay restart}
                          #   ep: an endpoint id, or a list of them (a group: the relay routes each task
                          #   to one member with capacity, preferring one the function is warm on)
@@ -60,8 +61,10 @@ STOP = "stop"
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
-#   "r": times to run it again after it raised, "to": walltime in seconds}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to"})
+#   "r": times to run it again after it raised, "to": walltime in seconds,
+#   "u": relay -> endpoint only: the user who submitted it, when not the endpoint's owner
+#        (a pool runs each user's tasks in workers of their own)}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u"})
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
 TASK_CALL = 0    # fn(*args, **kwargs)
@@ -332,6 +335,17 @@ def content_hash(data: Any) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def body_mismatch(fn_hash: bytes, body: Any) -> str:
+    """Why a function body may not be loaded as ``fn_hash`` ("" when its
+    sha256 is that hash): an endpoint checks every body it is sent, so a
+    relay (or anyone between) cannot swap the code a hash stands for."""
+    actual = hashlib.sha256(body).digest()
+    if hmac.compare_digest(actual, fn_hash):
+        return ""
+    return (f"the function body sent for {fn_hash.hex()} does not match that hash (its sha256 is "
+            f"{actual.hex()}); it was not loaded")
+
+
 def new_endpoint_routing_id() -> bytes:
     """The ZeroMQ identity an endpoint process connects to its relay with:
     random, so that no one can take over a connection by knowing the
@@ -452,6 +466,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
             raise ProtocolError(f"a task timeout must be a number of seconds from 0 to {MAX_WALLTIME}")
         if "tr" in options:
             trace(options["tr"], max_trace)
+        if "u" in options:
+            text(options["u"], "user")
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

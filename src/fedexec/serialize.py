@@ -10,11 +10,16 @@ does it.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
+import struct
+import sys
+import threading
 import traceback
 from typing import Any, Callable
 
 import cloudpickle
+import msgpack
 from tblib import Traceback
 
 from . import protocol as P
@@ -144,3 +149,220 @@ def deserialize_exception(blob: Any) -> BaseException:
             pass
     exc.__cause__ = RemoteTraceback(f'\n"""\n{info["tb"]}"""')
     return exc
+
+
+# -- data-only format ----------------------------------------------------------------
+# An endpoint with ``data_only`` set takes arguments and gives results only in
+# this format, which runs no code when loaded (as Globus Compute's allowed
+# serializers): msgpack, with extension types for the plain values msgpack
+# has no type of its own for. A leading marker (never the start of a pickle)
+# tells it apart from a pickle at a glance, so an endpoint refuses anything
+# else before any worker loads it, and a client never unpickles what a
+# data-only endpoint sends back.
+
+DATA_MARKER = b"\xfeFXD\x01"
+_EXT_TUPLE, _EXT_COMPLEX, _EXT_SET, _EXT_FROZENSET, _EXT_BIGINT, _EXT_NDARRAY = range(1, 7)
+_COMPLEX = struct.Struct("<dd")
+_HEAD_LENGTH = struct.Struct("<I")
+# numpy dtype kinds that hold plain numbers, text or times (no objects, no records)
+_ARRAY_KINDS = frozenset("biufcSUMm")
+DATA_TYPES = ("None, bool, int, float, complex, str, bytes, and lists, tuples, dicts, sets and frozensets of "
+              "them, and numpy arrays and scalars of numbers, text or times")
+
+
+class NotData(ValueError):
+    """A value that the data-only format cannot carry, or bytes that are not
+    in that format; the message names the type or the fault."""
+
+
+def is_data(blob: Any) -> bool:
+    """Whether ``blob`` (bytes, or a zmq.Frame) is in the data-only format;
+    looks at its first bytes only."""
+    return bytes(P.as_buffer(blob)[:len(DATA_MARKER)]) == DATA_MARKER
+
+
+def encode_data(value: Any) -> bytes:
+    """``value`` in the data-only format; NotData naming the first value
+    that is not plain data.
+
+    Layout: the marker, the length of the msgpack part (4 bytes), the msgpack
+    part, then the raw bytes of the numpy arrays in it, which the msgpack part
+    refers to by offset (so an array is copied once, not once per layer)."""
+    state = _state
+    state.buffers, state.tail_size = [], 0
+    try:
+        head = _pack_data(value)
+        return b"".join((DATA_MARKER, _HEAD_LENGTH.pack(len(head)), head, *state.buffers))
+    except NotData:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise NotData(f"cannot encode as plain data: {exc}") from None
+    finally:
+        state.buffers = None
+
+
+# Per thread: a Packer per nesting depth (one is costly to make, and an
+# extension packs its contents while the outer Packer is busy); while
+# encoding, the array bytes gathered; while decoding, the array bytes part.
+_state = threading.local()
+
+
+def _pack_data(value: Any) -> bytes:
+    state = _state
+    stack: list[msgpack.Packer] | None = getattr(state, "packers", None)
+    if stack is None:
+        stack = state.packers = []
+        state.depth = 0
+    depth = state.depth
+    if depth == len(stack):
+        stack.append(msgpack.Packer(default=_data_ext, strict_types=True, use_bin_type=True))
+    state.depth = depth + 1
+    try:
+        return stack[depth].pack(value)   # the Packer resets itself, also when packing fails
+    finally:
+        state.depth = depth
+
+
+def _data_ext(value: Any) -> msgpack.ExtType:
+    kind = type(value)
+    if kind is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, _pack_data(list(value)))
+    if kind is complex:
+        return msgpack.ExtType(_EXT_COMPLEX, _COMPLEX.pack(value.real, value.imag))
+    if kind is set or kind is frozenset:
+        return msgpack.ExtType(_EXT_SET if kind is set else _EXT_FROZENSET, _pack_data(list(value)))
+    if kind is int:   # beyond 64 bits
+        size = (value.bit_length() + 8) // 8
+        return msgpack.ExtType(_EXT_BIGINT, value.to_bytes(size, "little", signed=True))
+    numpy = sys.modules.get("numpy")   # a numpy value means numpy is imported
+    if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
+        dtype = value.dtype
+        if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+            raise NotData(f"a numpy {'array' if kind is numpy.ndarray else 'scalar'} of dtype {dtype} is not "
+                          f"plain data (only numbers, text and times are)")
+        raw = numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8)   # no copy when contiguous
+        state = _state
+        offset = state.tail_size
+        state.buffers.append(raw)
+        state.tail_size += raw.nbytes
+        shape = list(value.shape) if kind is numpy.ndarray else None   # None: a numpy scalar
+        return msgpack.ExtType(_EXT_NDARRAY, _pack_data([dtype.str, shape, offset, raw.nbytes]))
+    raise NotData(f"a value of type {_describe(value)} is not plain data")
+
+
+def decode_data(blob: Any) -> Any:
+    """The value a data-only blob holds; NotData if it is not one (it is
+    never unpickled, nor is anything in it)."""
+    data = memoryview(P.as_buffer(blob)).cast("B")   # slices of it are not copies
+    marker = len(DATA_MARKER)
+    if bytes(data[:marker]) != DATA_MARKER:
+        raise NotData("not in the data-only format (a pickle, or something else)")
+    state = _state
+    try:
+        (length,) = _HEAD_LENGTH.unpack_from(data, marker)
+        start = marker + _HEAD_LENGTH.size
+        if start + length > len(data):
+            raise NotData("malformed data-only value: truncated")
+        state.tail = data[start + length:]
+        return _unpack_data(data[start:start + length])
+    except NotData:
+        raise
+    except Exception as exc:   # msgpack raises several unrelated types; deep nesting: RecursionError
+        raise NotData(f"malformed data-only value: {type(exc).__name__}: {exc}") from None
+    finally:
+        state.tail = None
+
+
+def _unpack_data(data: Any) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_data_from_ext)
+
+
+def _data_from_ext(code: int, data: bytes) -> Any:
+    if code == _EXT_TUPLE:
+        return tuple(_unpack_list(data))
+    if code == _EXT_COMPLEX:
+        real, imag = _COMPLEX.unpack(data)
+        return complex(real, imag)
+    if code == _EXT_SET:
+        return set(_unpack_list(data))
+    if code == _EXT_FROZENSET:
+        return frozenset(_unpack_list(data))
+    if code == _EXT_BIGINT:
+        return int.from_bytes(data, "little", signed=True)
+    if code == _EXT_NDARRAY:
+        return _numpy_from_ext(_unpack_list(data))
+    raise NotData(f"unknown data-only extension type {code}")
+
+
+def _unpack_list(data: bytes) -> list:
+    items = _unpack_data(data)
+    if type(items) is not list:
+        raise NotData("malformed data-only value: an extension that should hold a list does not")
+    return items
+
+
+def _numpy_from_ext(fields: list) -> Any:
+    """A numpy array (or scalar: shape None) from its dtype, shape and where
+    its bytes are; only plain dtypes, and the sizes must match."""
+    try:
+        import numpy
+    except ImportError:
+        raise NotData("the value holds a numpy array, and numpy is not installed here") from None
+    if len(fields) != 4:
+        raise NotData("malformed data-only numpy value")
+    dtype_str, shape, offset, size = fields
+    tail = _state.tail
+    if not (type(dtype_str) is str and len(dtype_str) <= 16 and (shape is None or (
+            type(shape) is list and all(type(n) is int and n >= 0 for n in shape)))
+            and type(offset) is int and type(size) is int and 0 <= offset <= offset + size <= len(tail)):
+        raise NotData("malformed data-only numpy value")
+    dtype = numpy.dtype(dtype_str)
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise NotData(f"a numpy value of dtype {dtype} is not plain data")
+    if math.prod(shape or ()) * dtype.itemsize != size:
+        raise NotData(f"a numpy value of dtype {dtype} and shape {shape} cannot be {size} bytes")
+    raw = tail[offset:offset + size]
+    if shape is None:
+        return numpy.frombuffer(raw, dtype)[0]
+    return numpy.frombuffer(raw, dtype).reshape(shape).copy()   # writable, as an unpickled array is
+
+
+def _not_data_error(fn: Callable[..., Any], exc: NotData) -> SerializationError:
+    name = getattr(fn, "__qualname__", repr(fn))
+    return SerializationError(f"cannot send the arguments of {name}() to a data-only endpoint: {exc}; a data-only "
+                              f"endpoint takes {DATA_TYPES}")
+
+
+def serialize_data_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """``(args, kwargs)`` in the data-only format, for a data-only endpoint."""
+    try:
+        return encode_data((args, kwargs))
+    except NotData as exc:
+        raise _not_data_error(fn, exc) from None
+
+
+def serialize_data_chunk(fn: Callable[..., Any], chunk: list[tuple]) -> bytes:
+    """One ``map`` chunk's argument tuples in the data-only format."""
+    try:
+        return encode_data(chunk)
+    except NotData as exc:
+        raise _not_data_error(fn, exc) from None
+
+
+def serialize_data_exception(exc: BaseException) -> bytes:
+    """An exception from a data-only endpoint's worker: only its type name,
+    message and traceback text (the caller raises RemoteExecutionError)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<exception str() failed>"
+    return encode_data({"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "msg": message, "tb": text})
+
+
+def deserialize_data_exception(blob: Any) -> BaseException:
+    """The RemoteExecutionError for an exception blob of a data-only endpoint."""
+    info = decode_data(blob)
+    if not (isinstance(info, dict) and all(isinstance(info.get(key), str) for key in ("type", "msg", "tb"))):
+        raise NotData("malformed data-only exception")
+    return RemoteExecutionError(info["type"], info["msg"], info["tb"])

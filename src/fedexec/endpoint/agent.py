@@ -44,6 +44,7 @@ from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
 from ..dispatch import QueuedTask, take_out, worker_batch_size
+from ..serialize import is_data
 from ..worker import sandbox as sandboxes
 from .pools import PoolLink
 from .providers import make_provider, pool_command
@@ -108,6 +109,7 @@ class EndpointAgent:
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
         self.allowed_functions: frozenset[bytes] | None = (
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
+        self.data_only = config.takes_data_only()   # arguments and results as plain data, never pickles
         self.holding: set[bytes] = set()   # ids of the tasks here (queued or at pools) until their outcome
         self.stopping = False
         self.connected = False
@@ -262,6 +264,7 @@ class EndpointAgent:
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
+            "data_only": self.data_only,
         }))
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
@@ -361,10 +364,19 @@ class EndpointAgent:
                 if len(row) == 7 and "tr" in row[6]:
                     row[6]["tr"].append(now)
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
-                if fn_index != -1:
-                    self.functions[fn_hash] = P.blob(blobs, fn_index)
+                mismatch = ""
+                if fn_index != -1:   # a body that is not what its hash names is never stored, forwarded or run
+                    body = P.blob(blobs, fn_index)
+                    mismatch = P.body_mismatch(fn_hash, body)
+                    if not mismatch:
+                        self.functions[fn_hash] = body
                 if row[0] in self.holding:  # sent twice (the relay re-sent it): one copy runs
                     log.info("ignored a second copy of task %s, which is here already", row[0].hex())
+                    continue
+                if mismatch:
+                    log.warning("refused task %s: %s", row[0].hex(), mismatch)
+                    self._result(row[0], P.FAILED, P.pack_failure(
+                        P.REJECTED, f"endpoint {self.config.name!r} refused the task: {mismatch}"))
                     continue
                 if self.allowed_functions is not None and fn_hash not in self.allowed_functions:
                     # the relay checks this too; a relay that did not is not trusted with it
@@ -373,6 +385,14 @@ class EndpointAgent:
                     self._result(row[0], P.FAILED, P.pack_failure(
                         P.NOT_ALLOWED, f"function {fn_hash.hex()} is not on the allow-list of endpoint "
                                        f"{self.config.name!r}"))
+                    continue
+                if self.data_only and not is_data(P.blob(blobs, args_index)):
+                    # refused before any worker could load it: a pickle can run code as it loads
+                    log.warning("refused task %s: its arguments are not plain data", row[0].hex())
+                    self._result(row[0], P.FAILED, P.pack_failure(
+                        P.NOT_ALLOWED, f"endpoint {self.config.name!r} takes only plain data (data_only), and this "
+                                       f"task's arguments are not in the data-only format (a pickle?); they "
+                                       f"were not loaded"))
                     continue
                 self.holding.add(row[0])
                 self.queue.append(QueuedTask(row, P.blob(blobs, args_index)))
@@ -513,7 +533,7 @@ class EndpointAgent:
         self._send_pool(pool_id, P.encode(P.WELCOME, {"settings": {
             "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
             "worker_lost_retries": c.worker_lost_retries, "sandbox": c.sandbox, "sandbox_image": c.sandbox_image,
-            "endpoint": c.name}}))
+            "endpoint": c.name, "data_only": self.data_only}}))
         log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
                  pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)
 

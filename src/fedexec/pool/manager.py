@@ -89,8 +89,8 @@ class PoolManager:
         self.worker_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
-        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")
-        self.worker_sock.bind(f"ipc://{self._sock_dir}/workers")
+        self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)   # an id in use cannot be taken by a second connection
+        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")   # each worker's channel is bound here (workers.py)
         self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
         self.settings: dict[str, Any] = {}
         self.queue: deque[QueuedTask] = deque()
@@ -268,9 +268,10 @@ class PoolManager:
 
     def _start_workers(self) -> None:
         try:
-            self.pool = LocalWorkerPool(self.workers, self.worker_sock.getsockopt_string(zmq.LAST_ENDPOINT),
+            self.pool = LocalWorkerPool(self.workers, self.worker_sock,
                                         self._sock_dir, sandbox=self._setting("sandbox", "none"),
-                                        sandbox_image=self._setting("sandbox_image", ""))
+                                        sandbox_image=self._setting("sandbox_image", ""),
+                                        data_only=self._setting("data_only", False))
             self.pool.start()
         except Exception as exc:  # no workers: stop, giving back what came meanwhile
             log.error("pool %s could not start its workers: %s: %s", self.pool_id.decode(), type(exc).__name__, exc)
@@ -367,20 +368,45 @@ class PoolManager:
         # batches, the next sent when a worker is half way through its batch.
         size = self.batch_size()
         limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
-        hungry = [slot for slot in self.pool.slots.values() if slot.ready and len(slot.tasks) < hungry_below]
+        hungry = [slot for slot in self.pool.slots.values()
+                  if slot.ready and not slot.retiring and len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
         for position, slot in enumerate(hungry):
             if not self.queue:
                 return
             share = math.ceil(len(self.queue) / (len(hungry) - position))
             self._send_batch(slot, min(limit - len(slot.tasks), share))
+        if self.queue:
+            self._retire_idle_workers()
+
+    def _retire_idle_workers(self) -> None:
+        """A worker serves the tasks of one user only (``WorkerSlot.user``):
+        one user's task could otherwise read or change what another's left
+        in the process (functions, modules, queued arguments). Tasks still
+        queued after assigning are of users with no worker free: idle workers
+        of users with nothing queued stop, and fresh ones take their place."""
+        assert self.pool is not None
+        waiting = {task.option("u") or "" for task in self.queue}
+        stop = P.encode(P.STOP)
+        for slot in self.pool.slots.values():
+            if slot.ready and not slot.retiring and not slot.tasks and slot.user is not None \
+                    and slot.user not in waiting:
+                slot.retiring = True
+                self._send_worker(slot.worker_id, stop)
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
         count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)
         rows: list[list[Any]] = []
         blobs = P.Blobs()
+        others: list[QueuedTask] = []   # tasks of users this worker does not serve: they stay queued, in order
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
+            user = task.option("u") or ""   # the relay names the user when not the endpoint's owner
+            if slot.user is None:
+                slot.user = user
+            elif user != slot.user:
+                others.append(task)
+                continue
             task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
             if python != P.PYTHON_VERSION:
                 self._result(task_id, P.FAILED, P.pack_failure(
@@ -405,6 +431,8 @@ class PoolManager:
             rows.append(row)
             slot.tasks[task_id] = task
             self.at_worker[task_id] = slot
+        if others:
+            self.queue.extendleft(reversed(others))
         if rows:
             self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
             self._announce(slot)
@@ -490,7 +518,9 @@ class PoolManager:
                     P.WORKER_LOST,
                     f"worker process {slot.pid} on endpoint {name!r} {how} while running this "
                     f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name))
-        if culprit is None or culprit not in slot.tasks:
+        if slot.retiring:
+            log.debug("worker %d of user %r stopped to make room for another user's", slot.pid, slot.user)
+        elif culprit is None or culprit not in slot.tasks:
             log.warning("worker %d %s between tasks", slot.pid, how)
         slot.tasks.clear()
         if self.draining:

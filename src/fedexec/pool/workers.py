@@ -3,18 +3,33 @@
 Workers run directly, or inside the endpoint's sandbox (``worker/sandbox.py``):
 then each worker also gets a task root of its own on the host, next to its
 marker file, removed with it.
+
+*Worker identity.* A task must not be able to pose as a worker of its pool
+(and so receive other tasks, other users' among them, and answer them).
+Each worker has a channel of its own: the pool's worker socket listens on
+one ipc path per worker, and a sandbox sees only its own worker's path, so a
+task cannot even reach its neighbours' channels. On it the worker presents a
+routing id of 16 random bytes that the pool hands it on its stdin (never on
+a command line, which /proc shows to every local account); the pool takes
+messages only from the ids it handed out, and a second connection under an
+id in use is refused (no ROUTER handover). Files, container names and logs
+use the worker's public ``name`` (``w<n>``), never its id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import zmq
 
 from ..worker import sandbox as sandboxes
 from ..worker.process import TaskMarker, remove_tree
@@ -29,7 +44,9 @@ class WorkerSlot:
     whose start was reported to the relay.
     """
 
-    worker_id: bytes
+    worker_id: bytes                    # its routing id: secret, random
+    name: str                           # public, for files and logs
+    address: str                        # the ipc channel of its own
     process: subprocess.Popen
     marker: TaskMarker
     ready: bool = False
@@ -39,6 +56,8 @@ class WorkerSlot:
     running: bytes | None = None        # the task its marker last showed running, and since when
     running_since: float = 0.0
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
+    user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
+    retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
 
     @property
     def pid(self) -> int:
@@ -77,53 +96,67 @@ def describe_exit(returncode: int) -> str:
 
 
 class LocalWorkerPool:
-    """``size`` worker processes on this machine, connected to ``address``."""
+    """``size`` worker processes on this machine, each on a channel of its
+    own that ``sock`` (the pool's ROUTER) listens on, in ``marker_dir``."""
 
-    def __init__(self, size: int, address: str, marker_dir: str, *, env: dict[str, str] | None = None,
-                 sandbox: str = "none", sandbox_image: str = "") -> None:
+    def __init__(self, size: int, sock: zmq.Socket, marker_dir: str, *, env: dict[str, str] | None = None,
+                 sandbox: str = "none", sandbox_image: str = "", data_only: bool = False) -> None:
         sandboxes.check(sandbox)  # a missing tool fails the endpoint's start, by name
-        if sandbox != "none" and not address.startswith("ipc://"):
-            raise sandboxes.SandboxUnavailable(f"sandboxed workers have no network: their endpoint must "
-                                               f"listen on an ipc:// address, not {address!r}")
         self.sandbox = sandbox            # what the workers run inside (config.SANDBOXES)
         self.sandbox_image = sandbox_image
+        self.data_only = data_only        # the endpoint takes and gives only plain data
         self.size = size
-        self.address = address
+        self.sock = sock
         self.marker_dir = marker_dir
         self.env = env
         self.slots: dict[bytes, WorkerSlot] = {}
-        self._ids = itertools.count(1)
+        self._numbers = itertools.count(1)
 
     def start(self) -> None:
         for _ in range(self.size - len(self.slots)):
             self.spawn()
 
     def spawn(self) -> WorkerSlot:
-        worker_id = f"w{os.getpid()}-{next(self._ids)}".encode()
-        marker = TaskMarker(os.path.join(self.marker_dir, worker_id.decode() + ".task"), create=True)
-        args = ["--address", self.address, "--worker-id", worker_id.decode(), "--marker", marker.path]
+        number = next(self._numbers)
+        name = f"w{number}"
+        worker_id = secrets.token_bytes(16)
+        path = os.path.join(self.marker_dir, name + ".sock")
+        self.sock.bind(f"ipc://{path}")
+        address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        marker = TaskMarker(os.path.join(self.marker_dir, name + ".task"), create=True)
+        args = ["--address", address, "--marker", marker.path]   # the id comes on stdin
+        if self.data_only:
+            args.append("--data-only")
         process: subprocess.Popen
-        if self.sandbox == "none":
-            process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
-                                        str(os.getpid())], stdin=subprocess.DEVNULL, env=self.env)
-        else:
-            task_dir = self.task_dir(worker_id)
-            os.makedirs(task_dir, mode=0o700, exist_ok=True)
-            name = f"fedexec-{worker_id.decode()}"
-            command = sandboxes.worker_command(
-                self.sandbox, args, socket_path=self.address[len("ipc://"):], marker_path=marker.path,
-                task_dir=task_dir, image=self.sandbox_image, name=name)
-            if self.sandbox == "podman":
-                process = ContainerProcess(command, container=name, stdin=subprocess.DEVNULL, env=self.env)
+        try:
+            if self.sandbox == "none":
+                process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
+                                            str(os.getpid())], stdin=subprocess.PIPE, env=self.env)
             else:
-                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=self.env)
-        slot = WorkerSlot(worker_id, process, marker)
+                task_dir = self.task_dir(name)
+                os.makedirs(task_dir, mode=0o700, exist_ok=True)
+                container = f"fedexec-w{os.getpid()}-{number}"
+                command = sandboxes.worker_command(
+                    self.sandbox, args, socket_path=path, marker_path=marker.path,
+                    task_dir=task_dir, image=self.sandbox_image, name=container)
+                if self.sandbox == "podman":
+                    process = ContainerProcess(command, container=container, stdin=subprocess.PIPE, env=self.env)
+                else:
+                    process = subprocess.Popen(command, stdin=subprocess.PIPE, env=self.env)
+        except BaseException:
+            self._release(address, marker, name)
+            raise
+        assert process.stdin is not None
+        with contextlib.suppress(OSError):   # it died at once: reaped and replaced as any other
+            with process.stdin:
+                process.stdin.write(worker_id.hex().encode() + b"\n")
+        slot = WorkerSlot(worker_id, name, address, process, marker)
         self.slots[worker_id] = slot
         return slot
 
-    def task_dir(self, worker_id: bytes) -> str:
+    def task_dir(self, name: str) -> str:
         """The host directory a sandboxed worker sees as its task root."""
-        return os.path.join(self.marker_dir, worker_id.decode() + ".tasks")
+        return os.path.join(self.marker_dir, name + ".tasks")
 
     def reap(self) -> list[WorkerSlot]:
         """Slots whose process has exited, removed from the pool."""
@@ -138,14 +171,21 @@ class LocalWorkerPool:
         return dead
 
     def forget(self, slot: WorkerSlot) -> None:
-        """Release a dead worker's marker file (after it was read) and task root."""
-        slot.marker.close()
+        """Release a dead worker's channel, marker file (after it was read) and task root."""
+        self._release(slot.address, slot.marker, slot.name)
+
+    def _release(self, address: str, marker: TaskMarker, name: str) -> None:
         try:
-            os.unlink(slot.marker.path)
-        except OSError:
+            self.sock.unbind(address)
+        except zmq.ZMQError:
             pass
+        with contextlib.suppress(OSError):
+            os.unlink(address[len("ipc://"):])
+        marker.close()
+        with contextlib.suppress(OSError):
+            os.unlink(marker.path)
         if self.sandbox != "none":
-            remove_tree(self.task_dir(slot.worker_id))
+            remove_tree(self.task_dir(name))
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""

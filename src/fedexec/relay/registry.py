@@ -43,12 +43,19 @@ class TaskRecord:
         self.state = QUEUED
         self.options = options   # memo key and/or trace, when the client asked for them
 
-    def row(self, args_ref: bytes | int, fn_ref: bytes | int) -> list[Any]:
+    def row(self, args_ref: bytes | int, fn_ref: bytes | int, owner: str = "") -> list[Any]:
+        """The row sent to an endpoint owned by ``owner``: a task of another
+        user says whose it is ("u"), so that its pool runs it in a worker
+        serving that user only (a client's own "u" is never passed on)."""
         row = [self.task_id, self.fn_hash, args_ref, fn_ref, self.kind, self.python]
-        if self.options is not None:
-            options = self.options
-            if "tr" in options:  # a copy: a re-dispatch stamps afresh
-                options = {**options, "tr": [*options["tr"], time.time()]}
+        options = self.options
+        if options is not None and ("tr" in options or "u" in options):  # a copy: a re-dispatch stamps afresh
+            options = {key: value for key, value in options.items() if key != "u"}
+            if "tr" in options:
+                options["tr"] = [*options["tr"], time.time()]
+        if self.user != owner:
+            options = {**(options or {}), "u": self.user}
+        if options:
             row.append(options)
         return row
 
@@ -68,6 +75,7 @@ class EndpointAccess:
     groups: set = field(default_factory=set)
     functions: frozenset | None = None      # function hashes the endpoint allows
     share_memo: bool = False
+    data_only: bool = False                 # it takes and gives plain data only (clients must not pickle)
 
     def allows(self, user: str, groups: frozenset = frozenset()) -> bool:
         return self.public or user == self.owner or user in self.users or bool(self.groups & groups)
@@ -75,7 +83,7 @@ class EndpointAccess:
     def pack(self) -> bytes:
         return msgpack.packb({"public": self.public, "users": sorted(self.users), "groups": sorted(self.groups),
                               "functions": None if self.functions is None else sorted(self.functions),
-                              "share_memo": self.share_memo})
+                              "share_memo": self.share_memo, "data_only": self.data_only})
 
     @classmethod
     def unpack(cls, owner: str | None, blob: bytes | None) -> "EndpointAccess":
@@ -83,7 +91,7 @@ class EndpointAccess:
         functions = data.get("functions")
         return cls(owner or "", bool(data.get("public")), set(data.get("users") or ()),
                    set(data.get("groups") or ()), None if functions is None else frozenset(functions),
-                   data.get("share_memo") is True)
+                   data.get("share_memo") is True, data.get("data_only") is True)
 
     def describe(self) -> dict[str, Any]:
         return {"owner": self.owner, "public": self.public, "users": sorted(self.users),
@@ -154,6 +162,7 @@ class EndpointState:
             "owner": self.access.owner,
             "public": self.access.public,
             "share_memo": self.access.share_memo,
+            "data_only": self.access.data_only,
         }
 
 

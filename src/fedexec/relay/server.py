@@ -423,6 +423,9 @@ class Relay:
             functions = f.get("functions")
             if functions is not None:
                 functions = frozenset(P.function_hashes(functions))
+            data_only = f.get("data_only", False)
+            if type(data_only) is not bool:
+                raise P.ProtocolError("data_only must be true or false")
             name, python = P.text(f["name"], "name"), P.text(f["py"], "python version", 16)
             workers, capacity = P.count(f["workers"], "workers"), P.count(f["capacity"], "capacity")
             held = P.task_ids(f.get("holding", []))
@@ -442,6 +445,7 @@ class Relay:
                 self.endpoints.add(state)
             state.access.owner = session.user
             state.access.functions = functions
+            state.access.data_only = data_only
             self.endpoints.connect(state, sender)
             self.endpoint_senders[sender] = endpoint_id
             state.name, state.python, state.workers = name, python, workers
@@ -893,7 +897,7 @@ class Relay:
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
-                rows.append(record.row(blobs.ref(record.args), fn_ref))
+                rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1

@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from .. import protocol as P
-from ..serialize import deserialize, serialize_exception, serialize_value
+from ..serialize import (NotData, decode_data, deserialize, encode_data, is_data, serialize_data_exception,
+                         serialize_exception, serialize_value)
 
 PARENT_CHECK_MS = 1000
 # Results of quick tasks are sent together: when this many wait, when the
@@ -89,8 +90,13 @@ class WorkerProcess:
 
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
                  parent_pid: int | None = None, *, task_root: str | None = None,
-                 exit_on_disconnect: bool = False) -> None:
+                 exit_on_disconnect: bool = False, data_only: bool = False) -> None:
         self.address = address
+        # a data-only endpoint's worker never unpickles arguments (serialize.py's
+        # data-only format); any worker answers in the format the arguments
+        # came in, so a client that sent plain data (to a data-only endpoint, or
+        # a group with one) gets plain data back, never a pickle
+        self.data_only = data_only
         self.worker_id = worker_id
         self.marker = TaskMarker(marker) if marker else None
         self.task_root = task_root
@@ -229,6 +235,10 @@ class WorkerProcess:
         body = self.bodies.pop(fn_hash, None)
         if body is None:
             raise _LoadFailure("the endpoint did not send this task's function")
+        mismatch = P.body_mismatch(fn_hash, body)   # checked at the endpoint too; here once per function
+        if mismatch:
+            self.unloadable[fn_hash] = mismatch
+            raise _LoadFailure(mismatch)
         try:
             fn = deserialize(body)
         except Exception as exc:
@@ -240,9 +250,10 @@ class WorkerProcess:
     def run_task(self, row: list[Any], args_blob: Any) -> tuple[int, Any]:
         """``(status, blob)`` of one task."""
         fn_hash, kind = row[1], row[4]
+        data = self.data_only or is_data(args_blob)
         try:
             fn = self.load_function(fn_hash)
-            payload = deserialize(args_blob)
+            payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
             return _load_failure(str(exc))
         except Exception as exc:
@@ -255,13 +266,17 @@ class WorkerProcess:
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
             try:
-                return P.EXCEPTION, serialize_exception(exc)
+                return P.EXCEPTION, serialize_data_exception(exc) if data else serialize_exception(exc)
             except BaseException as failure:
                 return P.FAILED, P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
         try:
-            return P.OK, serialize_value(value)
+            return P.OK, encode_data(value) if data else serialize_value(value)
+        except NotData as exc:
+            return P.FAILED, P.pack_failure(
+                P.SERIALIZATION, f"the task's arguments came as plain data (for a data-only endpoint), so its "
+                                 f"result must be plain data too, and it is not: {exc}")
         except Exception as exc:
             return P.FAILED, P.pack_failure(
                 P.SERIALIZATION,
@@ -305,11 +320,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m fedexec.worker")
     parser.add_argument("--address", required=True, help="endpoint worker socket")
-    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--worker-id", default=None,
+                        help="this worker's routing id, in hex; by default read from the first line of stdin, "
+                             "so that no other process can read it on this one's command line")
     parser.add_argument("--marker", help="file to record the running task's id in")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--task-root", default=None,
                         help="run each task in a fresh directory under this one, removed after it")
+    parser.add_argument("--data-only", action="store_true",
+                        help="load arguments and give results in the data-only format only, never pickles")
     parser.add_argument("--exit-on-disconnect", action="store_true",
                         help="stop when the endpoint's socket closes (for workers the endpoint is not the "
                              "parent of, as in a container)")
@@ -319,6 +338,13 @@ def main(argv: list[str] | None = None) -> None:
     restore_user_umask()   # the files a task writes follow the user's umask, not the pool's private one
     # Ctrl-C in the user's terminal is for the endpoint to handle; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WorkerProcess(ns.address, ns.worker_id.encode(), ns.marker, ns.parent_pid, task_root=ns.task_root,
-                  exit_on_disconnect=ns.exit_on_disconnect).run()
+    worker_id = bytes.fromhex(ns.worker_id if ns.worker_id is not None else sys.stdin.readline().strip())
+    if not worker_id:
+        sys.exit("fedexec worker: no worker id (--worker-id, or a line of hex on stdin)")
+    # stdin has done its job: tasks get /dev/null there
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
+                  exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
     sys.stdout.flush()

@@ -4,9 +4,10 @@ An endpoint runs functions sent by whoever may use it. With the endpoint
 setting ``sandbox`` other than ``none``, each worker runs inside a sandbox
 that sees the host read-only (or not at all), has no network, and writes
 only to a task root of its own: the worker gives each task a fresh directory
-under it and removes it afterwards. The worker still talks to its endpoint
-over the endpoint's ipc socket, the one path (with the worker's marker file)
-bound into the sandbox besides the task root.
+under it and removes it afterwards. The worker still talks to its pool over
+an ipc channel of its own (``pool/workers.py``), the one path (with the
+worker's marker file) bound into the sandbox besides the task root: no
+other worker's channel, nor the endpoint's socket for its pools, is in view.
 
 - ``bwrap`` (bubblewrap): the worker runs with the endpoint's own Python.
   The system directories, Python's prefixes and ``sys.path`` are bound
@@ -125,8 +126,8 @@ def podman_command(program: list[str], binds: list[tuple[str, str]], image: str,
     """podman: a read-only container without network or capabilities,
     removed when it exits; ``image`` is an image, or a root filesystem
     directory when it is an absolute path."""
-    cmd = [tool("podman"), "run", "--rm", "--replace", "--name", name, "--network=none", "--read-only",
-           "--cap-drop=all", "--security-opt=no-new-privileges", "--workdir", TASK_ROOT]
+    cmd = [tool("podman"), "run", "--rm", "--replace", "--interactive", "--name", name, "--network=none",
+           "--read-only", "--cap-drop=all", "--security-opt=no-new-privileges", "--workdir", TASK_ROOT]
     for source, dest in binds:
         cmd += ["--volume", f"{source}:{dest}:rw"]
     cmd += ["--rootfs", image] if image.startswith("/") else [image]
