@@ -1111,28 +1111,35 @@ def test_program_exit_without_shutdown_finishes_submitted_tasks(tmp_path):
 # registration, threads, output
 # ---------------------------------------------------------------------------
 
-def test_a_function_is_registered_once(executor):
+def test_a_function_is_registered_once_and_expires_with_its_last_task(executor, tmp_path):
+    """A body is stored once however many tasks use it, while any of them is
+    unfinished, and is forgotten with the last one (issue 12: bodies do not
+    outlive their tasks); identical pickles are one function."""
     def make_adder(n):
         def add(x):
             return x + n
         return add
 
-    before = relay_function_count(executor)
-    add_one = make_adder(1)
-    futures = [executor.submit(add_one, i) for i in range(50)]
-    assert [f.result(DEADLINE) for f in futures] == [i + 1 for i in range(50)]
-    assert relay_function_count(executor) == before + 1
-
-    add_two = make_adder(2)
-    triple = lambda x: 3 * x  # noqa: E731
-    assert [executor.submit(add_two, 1).result(DEADLINE) for _ in range(10)] == [3] * 10
-    assert [executor.submit(triple, 2).result(DEADLINE) for _ in range(10)] == [6] * 10
-    assert relay_function_count(executor) == before + 3
-
-    # registered by content: another object with the same pickled form is the same function
-    same_as_add_one = make_adder(1)
-    assert executor.submit(same_as_add_one, 5).result(DEADLINE) == 6
-    assert relay_function_count(executor) == before + 3
+    gate = tmp_path / "gate"
+    base = relay_function_count(executor)
+    try:
+        blockers = occupy_both_workers(executor, gate)   # the tasks below wait while these run
+        with_blockers = relay_function_count(executor)
+        add_one, add_two, same_as_add_one = make_adder(1), make_adder(2), make_adder(1)
+        triple = lambda x: 3 * x  # noqa: E731
+        futures = [executor.submit(add_one, i) for i in range(50)]
+        futures += [executor.submit(add_two, 1) for _ in range(10)] + [executor.submit(triple, 2) for _ in range(10)]
+        futures.append(executor.submit(same_as_add_one, 5))   # registered by content: the same as add_one
+        assert poll_until(lambda: relay_function_count(executor) == with_blockers + 3), \
+            f"{relay_function_count(executor)} bodies stored, expected {with_blockers + 3}"
+        assert not any(f.done() for f in futures)
+    finally:
+        gate.touch()
+    assert [f.result(DEADLINE) for f in futures] == [i + 1 for i in range(50)] + [3] * 10 + [6] * 10 + [6]
+    assert [b.result(DEADLINE) for b in blockers] == ["blocker-0", "blocker-1"]
+    assert poll_until(lambda: relay_function_count(executor) <= base), \
+        f"{relay_function_count(executor)} bodies still stored after their tasks finished (had {base})"
+    assert executor.submit(add_one, 1).result(DEADLINE) == 2   # sent again when it is needed again
 
 
 @pytest.mark.timeout(90)
