@@ -450,7 +450,7 @@ class PoolManager:
         for slot in self.pool.slots.values():
             if not slot.tasks or slot.timed_out is not None:
                 continue
-            running = slot.marker.read()
+            running = self._running_task(slot)
             if running != slot.running:
                 slot.running, slot.running_since = running, now
                 continue
@@ -462,6 +462,15 @@ class PoolManager:
                     slot.process.kill()
                 except OSError:
                     pass
+
+    @staticmethod
+    def _running_task(slot: WorkerSlot) -> bytes | None:
+        """The task a worker's marker names, if it is one the worker holds;
+        None when idle or unknown. The task running there may have written
+        anything into its marker: another task's id must not put the blame
+        (for a crash, or a walltime) on that task."""
+        running = slot.marker.read()
+        return running if running in slot.tasks else None
 
     def _replace_dead_workers(self) -> None:
         assert self.pool is not None
@@ -485,13 +494,24 @@ class PoolManager:
                 self.pool.spawn()
 
     def _recover_tasks_of(self, slot: WorkerSlot) -> None:
-        """A worker died. The task its marker names fails with WorkerLost (or
-        runs again, up to ``worker_lost_retries`` times); every other task it
+        """A worker died. The task its marker names (else the first it held)
+        fails with WorkerLost (or runs again, up to ``worker_lost_retries``
+        times); every other task it
         held goes back to the front of the queue: those after it never
         started, and those before it finished without their results being
         sent, so they run again."""
         how = describe_exit(slot.process.returncode)
-        culprit = slot.marker.read()
+        culprit = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
+        if culprit is None and not slot.retiring and slot.tasks:
+            # its marker was idle or spoiled (a task can truncate it or write
+            # junk): the blame goes to the first task it held, the one running
+            # or about to, so a task that spoils its marker and kills its
+            # worker still ends with WorkerLost rather than being run again
+            # and again; every task here is the same user's (one per worker)
+            culprit = slot.head()
+            unmarked = True
+        else:
+            unmarked = False
         retries = self._setting("worker_lost_retries", 2)
         name = self._setting("endpoint", "")
         survivors: list[QueuedTask] = []
@@ -520,8 +540,10 @@ class PoolManager:
                     f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name))
         if slot.retiring:
             log.debug("worker %d of user %r stopped to make room for another user's", slot.pid, slot.user)
-        elif culprit is None or culprit not in slot.tasks:
+        elif culprit is None:
             log.warning("worker %d %s between tasks", slot.pid, how)
+        elif unmarked:
+            log.warning("worker %d %s holding tasks, its marker naming none of them", slot.pid, how)
         slot.tasks.clear()
         if self.draining:
             self._give_back(survivors)
