@@ -55,6 +55,7 @@ EWMA_WEIGHT = 0.1
 DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking tasks
 WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
 ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
+RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
 
 
 class PoolManager:
@@ -143,6 +144,7 @@ class PoolManager:
                     self._check_lifetime(now)
                     if self.pool is not None:
                         self._enforce_walltimes(now)
+                        self._kill_lingering_workers(now)
                         self._replace_dead_workers()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_period
@@ -387,12 +389,31 @@ class PoolManager:
         of users with nothing queued stop, and fresh ones take their place."""
         assert self.pool is not None
         waiting = {task.option("u") or "" for task in self.queue}
-        stop = P.encode(P.STOP)
         for slot in self.pool.slots.values():
             if slot.ready and not slot.retiring and not slot.tasks and slot.user is not None \
                     and slot.user not in waiting:
-                slot.retiring = True
-                self._send_worker(slot.worker_id, stop)
+                self._retire(slot)
+
+    def _retire(self, slot: WorkerSlot) -> None:
+        """Tell an idle worker to stop; when it has, a fresh one takes its
+        place (``_replace_dead_workers``)."""
+        slot.retiring = True
+        slot.retired_at = time.monotonic()
+        self._send_worker(slot.worker_id, P.encode(P.STOP))
+
+    def _kill_lingering_workers(self, now: float) -> None:
+        """Kill a worker still running RETIRE_GRACE after it was told to
+        stop: something a task left in it (a thread, a patched exit) keeps
+        it alive, and until it is gone no fresh worker takes its place."""
+        assert self.pool is not None
+        for slot in self.pool.slots.values():
+            if slot.retiring and now - slot.retired_at > RETIRE_GRACE and slot.process.poll() is None:
+                log.warning("worker %d did not stop within %g s of being told to; killing it", slot.pid, RETIRE_GRACE)
+                slot.retired_at = now   # not again before another grace period (a container's kill is slow)
+                try:
+                    slot.process.kill()
+                except OSError:
+                    pass
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
         count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)

@@ -58,6 +58,7 @@ class WorkerSlot:
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
+    retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
 
     @property
     def pid(self) -> int:

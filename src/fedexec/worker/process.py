@@ -31,6 +31,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -142,7 +143,9 @@ class WorkerProcess:
         self.unsent_since = 0.0
 
     def run(self) -> None:
-        ctx = zmq.Context.instance()
+        # a context of its own: a task's sockets (on zmq.Context.instance())
+        # cannot hold up the term() that sends our last results
+        ctx = zmq.Context()
         sock = P.limit_frames(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.IDENTITY, self.worker_id)
@@ -192,6 +195,7 @@ class WorkerProcess:
                 sock.disable_monitor()
                 monitor.close(linger=0)
             sock.close(linger=2000)
+            ctx.term()   # our last results are out (or 2 s passed)
 
     @contextlib.contextmanager
     def task_directory(self, task_id: bytes) -> Iterator[None]:
@@ -371,6 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
-                  exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
-    sys.stdout.flush()
+    code = 0
+    try:
+        WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
+                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        # os._exit, not a return: a thread a task left running (not a
+        # daemon) would keep this process alive after its results went out
+        # and its pool let it go; the pool kills a worker that lingers anyway
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
