@@ -101,3 +101,39 @@ def test_a_retired_worker_ends_whatever_its_task_left_running(shared_pool, disab
         assert waited > 4.0 and "did not stop within" in log, (waited, log[-3000:])
     else:              # they ended by themselves, at once
         assert waited < 4.0 and "did not stop within" not in log, (waited, log[-3000:])
+
+
+def nap(seconds, value):
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+FLOOD = 60          # Alice's tasks of 0.2 s: 6 s on 2 workers
+BOB_BOUND = 4.0     # Bob's 4 tasks: a worker yields (<= 1 s bound + 0.2 s), restarts, runs them (0.8 s)
+
+
+@pytest.mark.timeout(120)
+def test_one_user_flooding_a_shared_pool_does_not_starve_another(shared_pool):
+    """Alice keeps more tasks queued at the pool than it has workers; Bob
+    submits a few after: one of Alice's workers yields to him, so his tasks
+    finish long before her flood drains, and everyone's results are right."""
+    s = shared_pool
+    wait_for_workers(s.ep, WORKERS)
+    flood = [s.alice.submit(nap, 0.2, n) for n in range(FLOOD)]
+    deadline = time.monotonic() + DEADLINE
+    while not any(f.running() or f.done() for f in flood) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)   # her workers busy, the rest of her flood at the pool
+    started = time.monotonic()
+    bobs = [s.bob.submit(nap, 0.2, -n) for n in range(4)]
+    assert [f.result(DEADLINE) for f in bobs] == [0, -1, -2, -3]
+    bob_took = time.monotonic() - started
+    flood_left = sum(not f.done() for f in flood)
+    assert [f.result(DEADLINE) for f in flood] == list(range(FLOOD))
+    flood_took = time.monotonic() - started
+    print(f"Bob's 4 tasks: {bob_took:.2f} s; Alice's flood drained {flood_took:.2f} s after he submitted; "
+          f"{flood_left} of hers still to finish when his were done")
+    assert bob_took < BOB_BOUND and flood_left >= FLOOD // 4, (bob_took, flood_took, flood_left, tail(s.ep.log))
+    wait_for_workers(s.ep, WORKERS)

@@ -17,6 +17,13 @@ marker file; when a worker dies, that task is the culprit (run again up to
 ``worker_lost_retries`` times, then failed with WorkerLost) and the others it
 held run elsewhere. A task past its ``timeout`` has its worker killed.
 
+*Users.* A worker runs the tasks of one user only; workers change hands
+between users (retired, and replaced by fresh ones) when one has tasks
+waiting and no worker: idle workers at once, and, so that no user keeps the
+others waiting by keeping many tasks queued, a worker of the user holding
+the most, once it has finished what it holds (``_share_workers``). A worker
+told to stop that does not is killed after ``RETIRE_GRACE``.
+
 *Draining.* A pool whose batch job has a walltime (``--ends-at``) stops
 taking tasks ``--drain`` seconds before it: it tells the endpoint, gives back
 the tasks no worker has started, lets its workers finish what they hold, and
@@ -35,7 +42,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import zmq
@@ -56,6 +63,7 @@ DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking t
 WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
 ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
 RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
+SHARE_AFTER = 1.0           # a worker serves its user this long at least before it may yield to another
 
 
 class PoolManager:
@@ -371,7 +379,7 @@ class PoolManager:
         size = self.batch_size()
         limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
         hungry = [slot for slot in self.pool.slots.values()
-                  if slot.ready and not slot.retiring and len(slot.tasks) < hungry_below]
+                  if slot.ready and not slot.retiring and not slot.yielding and len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
         for position, slot in enumerate(hungry):
             if not self.queue:
@@ -379,20 +387,60 @@ class PoolManager:
             share = math.ceil(len(self.queue) / (len(hungry) - position))
             self._send_batch(slot, min(limit - len(slot.tasks), share))
         if self.queue:
-            self._retire_idle_workers()
+            self._share_workers()
 
-    def _retire_idle_workers(self) -> None:
+    def _serving(self) -> list[WorkerSlot]:
+        """Workers bound to a user that still take that user's tasks."""
+        assert self.pool is not None
+        return [slot for slot in self.pool.slots.values()
+                if slot.user is not None and not slot.retiring and not slot.yielding]
+
+    def _share_workers(self) -> None:
         """A worker serves the tasks of one user only (``WorkerSlot.user``):
         one user's task could otherwise read or change what another's left
         in the process (functions, modules, queued arguments). Tasks still
-        queued after assigning are of users with no worker free: idle workers
-        of users with nothing queued stop, and fresh ones take their place."""
+        queued after assigning are of users with no worker free, and workers
+        change hands for them:
+
+        - an idle worker of a user with nothing queued retires at once;
+        - fair share: for each user with tasks queued and no worker (beyond
+          the fresh and retiring workers already on their way), one worker of
+          the user holding the most, and bound to that user for SHARE_AFTER
+          at least, is given no more tasks; once idle it retires as well.
+
+        A fresh worker goes to the first user queued who has none
+        (``_user_for_fresh_worker``). With one user, nothing changes hands."""
         assert self.pool is not None
         waiting = {task.option("u") or "" for task in self.queue}
         for slot in self.pool.slots.values():
             if slot.ready and not slot.retiring and not slot.tasks and slot.user is not None \
-                    and slot.user not in waiting:
+                    and (slot.yielding or slot.user not in waiting):
                 self._retire(slot)
+        serving = self._serving()
+        holding = Counter(slot.user for slot in serving)
+        starved = sum(1 for user in waiting if user not in holding)
+        coming = len(self.pool.slots) - len(serving) + len(self._respawn_at)   # fresh, retiring, yielding, dead
+        now = time.monotonic()
+        for _ in range(starved - coming):
+            richest = max(holding, key=holding.__getitem__, default=None)
+            candidates = [slot for slot in serving if slot.user == richest and not slot.yielding
+                          and now - slot.bound_at >= SHARE_AFTER]
+            if not candidates:
+                return
+            slot = min(candidates, key=lambda slot: len(slot.tasks))
+            slot.yielding = True
+            holding[richest] -= 1
+            if not holding[richest]:
+                del holding[richest]
+            if not slot.tasks:
+                self._retire(slot)
+
+    def _user_for_fresh_worker(self) -> str:
+        """The first user in the queue with no worker serving them; else the
+        user of the first task queued."""
+        served = {slot.user for slot in self._serving()}
+        users = (task.option("u") or "" for task in self.queue)
+        return next((user for user in users if user not in served), self.queue[0].option("u") or "")
 
     def _retire(self, slot: WorkerSlot) -> None:
         """Tell an idle worker to stop; when it has, a fresh one takes its
@@ -420,12 +468,12 @@ class PoolManager:
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         others: list[QueuedTask] = []   # tasks of users this worker does not serve: they stay queued, in order
+        if slot.user is None and self.queue:
+            slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             user = task.option("u") or ""   # the relay names the user when not the endpoint's owner
-            if slot.user is None:
-                slot.user = user
-            elif user != slot.user:
+            if user != slot.user:
                 others.append(task)
                 continue
             task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]

@@ -59,6 +59,8 @@ class WorkerSlot:
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
     retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
+    bound_at: float = 0.0               # when it took its user (monotonic)
+    yielding: bool = False              # given no more tasks: once idle it retires, for a user waiting
 
     @property
     def pid(self) -> int:
