@@ -274,6 +274,65 @@ def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
     assert len(seen["procs"]) <= 3, f"the sandbox sees other processes: {seen['procs']}"
 
 
+def spoil_marker_then(how, value=b""):
+    """Truncate this worker's marker file (its path is on the worker's
+    command line), write ``value`` into it, then return or kill the worker."""
+    path = sys.argv[sys.argv.index("--marker") + 1]
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(value)
+    if how == "exit":
+        os._exit(5)
+    return "returned"
+
+
+def square_after(seconds, x):
+    time.sleep(seconds)
+    return x * x
+
+
+@pytest.mark.timeout(180)
+def test_a_task_that_spoils_its_marker_file_harms_no_one_else(bwrap, tmp_path):
+    """Mallory's sandboxed tasks truncate their worker's marker file (then
+    return, or kill the worker), or write the id of Alice's running task into
+    it and kill the worker: the pool, which reads markers, survives; Mallory's
+    tasks fail with WorkerLost; Alice's tasks, running beside them, all come
+    back right, run once."""
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "mallory")}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "shared-sandboxed", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              sandbox="bwrap", max_workers=2, heartbeat_period=0.5) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["mallory"], token=tokens["alice"])
+            pools = [p for p in psutil.Process(ep.proc.pid).children() if "fedexec.pool" in p.cmdline()]
+            assert len(pools) == 1, pools
+            with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
+                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                assert alice.submit(square, 3).result(DEADLINE) == 9
+                for how in ("return", "exit"):
+                    running = alice.submit(square_after, 1.0, 7)
+                    with pytest.raises(WorkerLost):
+                        mallory.submit(spoil_marker_then, how).result(DEADLINE)
+                    assert running.result(DEADLINE) == 49
+                    assert pools[0].is_running(), tail(ep.log)
+                # Alice's task is running when Mallory's names it in her marker and dies
+                running = alice.submit(square_after, 3.0, 5)
+                deadline = time.monotonic() + DEADLINE
+                while not running.running() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                with pytest.raises(WorkerLost):
+                    mallory.submit(spoil_marker_then, "exit", running._task_bytes).result(DEADLINE)
+                assert running.result(DEADLINE) == 25
+                victims = [alice.submit(square, n) for n in range(20)]
+                assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(20)]
+                assert pools[0].is_running(), tail(ep.log)
+            log = ep.log.read_text()
+    assert "SIGBUS" in log and log.count("running it again") >= 6, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
 # -- item 4: data-only endpoints ------------------------------------------------------------
 
 class LeavesAFile:

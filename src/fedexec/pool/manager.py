@@ -17,6 +17,13 @@ marker file; when a worker dies, that task is the culprit (run again up to
 ``worker_lost_retries`` times, then failed with WorkerLost) and the others it
 held run elsewhere. A task past its ``timeout`` has its worker killed.
 
+*Users.* A worker runs the tasks of one user only; workers change hands
+between users (retired, and replaced by fresh ones) when one has tasks
+waiting and no worker: idle workers at once, and, so that no user keeps the
+others waiting by keeping many tasks queued, a worker of the user holding
+the most, once it has finished what it holds (``_share_workers``). A worker
+told to stop that does not is killed after ``RETIRE_GRACE``.
+
 *Draining.* A pool whose batch job has a walltime (``--ends-at``) stops
 taking tasks ``--drain`` seconds before it: it tells the endpoint, gives back
 the tasks no worker has started, lets its workers finish what they hold, and
@@ -35,7 +42,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import zmq
@@ -55,6 +62,8 @@ EWMA_WEIGHT = 0.1
 DEFAULT_DRAIN = 60.0        # seconds before its job's end a pool stops taking tasks
 WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
 ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
+RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
+SHARE_AFTER = 1.0           # a worker serves its user this long at least before it may yield to another
 
 
 class PoolManager:
@@ -143,6 +152,7 @@ class PoolManager:
                     self._check_lifetime(now)
                     if self.pool is not None:
                         self._enforce_walltimes(now)
+                        self._kill_lingering_workers(now)
                         self._replace_dead_workers()
                 if now >= next_beat:
                     next_beat = now + self.heartbeat_period
@@ -369,7 +379,7 @@ class PoolManager:
         size = self.batch_size()
         limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
         hungry = [slot for slot in self.pool.slots.values()
-                  if slot.ready and not slot.retiring and len(slot.tasks) < hungry_below]
+                  if slot.ready and not slot.retiring and not slot.yielding and len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
         for position, slot in enumerate(hungry):
             if not self.queue:
@@ -377,34 +387,93 @@ class PoolManager:
             share = math.ceil(len(self.queue) / (len(hungry) - position))
             self._send_batch(slot, min(limit - len(slot.tasks), share))
         if self.queue:
-            self._retire_idle_workers()
+            self._share_workers()
 
-    def _retire_idle_workers(self) -> None:
+    def _serving(self) -> list[WorkerSlot]:
+        """Workers bound to a user that still take that user's tasks."""
+        assert self.pool is not None
+        return [slot for slot in self.pool.slots.values()
+                if slot.user is not None and not slot.retiring and not slot.yielding]
+
+    def _share_workers(self) -> None:
         """A worker serves the tasks of one user only (``WorkerSlot.user``):
         one user's task could otherwise read or change what another's left
         in the process (functions, modules, queued arguments). Tasks still
-        queued after assigning are of users with no worker free: idle workers
-        of users with nothing queued stop, and fresh ones take their place."""
+        queued after assigning are of users with no worker free, and workers
+        change hands for them:
+
+        - an idle worker of a user with nothing queued retires at once;
+        - fair share: for each user with tasks queued and no worker (beyond
+          the fresh and retiring workers already on their way), one worker of
+          the user holding the most, and bound to that user for SHARE_AFTER
+          at least, is given no more tasks; once idle it retires as well.
+
+        A fresh worker goes to the first user queued who has none
+        (``_user_for_fresh_worker``). With one user, nothing changes hands."""
         assert self.pool is not None
         waiting = {task.option("u") or "" for task in self.queue}
-        stop = P.encode(P.STOP)
         for slot in self.pool.slots.values():
             if slot.ready and not slot.retiring and not slot.tasks and slot.user is not None \
-                    and slot.user not in waiting:
-                slot.retiring = True
-                self._send_worker(slot.worker_id, stop)
+                    and (slot.yielding or slot.user not in waiting):
+                self._retire(slot)
+        serving = self._serving()
+        holding = Counter(slot.user for slot in serving)
+        starved = sum(1 for user in waiting if user not in holding)
+        coming = len(self.pool.slots) - len(serving) + len(self._respawn_at)   # fresh, retiring, yielding, dead
+        now = time.monotonic()
+        for _ in range(starved - coming):
+            richest = max(holding, key=holding.__getitem__, default=None)
+            candidates = [slot for slot in serving if slot.user == richest and not slot.yielding
+                          and now - slot.bound_at >= SHARE_AFTER]
+            if not candidates:
+                return
+            slot = min(candidates, key=lambda slot: len(slot.tasks))
+            slot.yielding = True
+            holding[richest] -= 1
+            if not holding[richest]:
+                del holding[richest]
+            if not slot.tasks:
+                self._retire(slot)
+
+    def _user_for_fresh_worker(self) -> str:
+        """The first user in the queue with no worker serving them; else the
+        user of the first task queued."""
+        served = {slot.user for slot in self._serving()}
+        users = (task.option("u") or "" for task in self.queue)
+        return next((user for user in users if user not in served), self.queue[0].option("u") or "")
+
+    def _retire(self, slot: WorkerSlot) -> None:
+        """Tell an idle worker to stop; when it has, a fresh one takes its
+        place (``_replace_dead_workers``)."""
+        slot.retiring = True
+        slot.retired_at = time.monotonic()
+        self._send_worker(slot.worker_id, P.encode(P.STOP))
+
+    def _kill_lingering_workers(self, now: float) -> None:
+        """Kill a worker still running RETIRE_GRACE after it was told to
+        stop: something a task left in it (a thread, a patched exit) keeps
+        it alive, and until it is gone no fresh worker takes its place."""
+        assert self.pool is not None
+        for slot in self.pool.slots.values():
+            if slot.retiring and now - slot.retired_at > RETIRE_GRACE and slot.process.poll() is None:
+                log.warning("worker %d did not stop within %g s of being told to; killing it", slot.pid, RETIRE_GRACE)
+                slot.retired_at = now   # not again before another grace period (a container's kill is slow)
+                try:
+                    slot.process.kill()
+                except OSError:
+                    pass
 
     def _send_batch(self, slot: WorkerSlot, count: int) -> None:
         count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         others: list[QueuedTask] = []   # tasks of users this worker does not serve: they stay queued, in order
+        if slot.user is None and self.queue:
+            slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             user = task.option("u") or ""   # the relay names the user when not the endpoint's owner
-            if slot.user is None:
-                slot.user = user
-            elif user != slot.user:
+            if user != slot.user:
                 others.append(task)
                 continue
             task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
@@ -450,7 +519,7 @@ class PoolManager:
         for slot in self.pool.slots.values():
             if not slot.tasks or slot.timed_out is not None:
                 continue
-            running = slot.marker.read()
+            running = self._running_task(slot)
             if running != slot.running:
                 slot.running, slot.running_since = running, now
                 continue
@@ -462,6 +531,15 @@ class PoolManager:
                     slot.process.kill()
                 except OSError:
                     pass
+
+    @staticmethod
+    def _running_task(slot: WorkerSlot) -> bytes | None:
+        """The task a worker's marker names, if it is one the worker holds;
+        None when idle or unknown. The task running there may have written
+        anything into its marker: another task's id must not put the blame
+        (for a crash, or a walltime) on that task."""
+        running = slot.marker.read()
+        return running if running in slot.tasks else None
 
     def _replace_dead_workers(self) -> None:
         assert self.pool is not None
@@ -485,13 +563,24 @@ class PoolManager:
                 self.pool.spawn()
 
     def _recover_tasks_of(self, slot: WorkerSlot) -> None:
-        """A worker died. The task its marker names fails with WorkerLost (or
-        runs again, up to ``worker_lost_retries`` times); every other task it
+        """A worker died. The task its marker names (else the first it held)
+        fails with WorkerLost (or runs again, up to ``worker_lost_retries``
+        times); every other task it
         held goes back to the front of the queue: those after it never
         started, and those before it finished without their results being
         sent, so they run again."""
         how = describe_exit(slot.process.returncode)
-        culprit = slot.marker.read()
+        culprit = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
+        if culprit is None and not slot.retiring and slot.tasks:
+            # its marker was idle or spoiled (a task can truncate it or write
+            # junk): the blame goes to the first task it held, the one running
+            # or about to, so a task that spoils its marker and kills its
+            # worker still ends with WorkerLost rather than being run again
+            # and again; every task here is the same user's (one per worker)
+            culprit = slot.head()
+            unmarked = True
+        else:
+            unmarked = False
         retries = self._setting("worker_lost_retries", 2)
         name = self._setting("endpoint", "")
         survivors: list[QueuedTask] = []
@@ -520,8 +609,10 @@ class PoolManager:
                     f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name))
         if slot.retiring:
             log.debug("worker %d of user %r stopped to make room for another user's", slot.pid, slot.user)
-        elif culprit is None or culprit not in slot.tasks:
+        elif culprit is None:
             log.warning("worker %d %s between tasks", slot.pid, how)
+        elif unmarked:
+            log.warning("worker %d %s holding tasks, its marker naming none of them", slot.pid, how)
         slot.tasks.clear()
         if self.draining:
             self._give_back(survivors)

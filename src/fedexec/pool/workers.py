@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 from ..worker import sandbox as sandboxes
-from ..worker.process import TaskMarker, remove_tree
+from ..worker.process import MarkerFile, remove_tree
 
 
 @dataclass
@@ -48,7 +48,7 @@ class WorkerSlot:
     name: str                           # public, for files and logs
     address: str                        # the ipc channel of its own
     process: subprocess.Popen
-    marker: TaskMarker
+    marker: MarkerFile
     ready: bool = False
     tasks: dict = field(default_factory=dict)           # task_id -> row
     announced: bytes | None = None
@@ -58,6 +58,9 @@ class WorkerSlot:
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
+    retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
+    bound_at: float = 0.0               # when it took its user (monotonic)
+    yielding: bool = False              # given no more tasks: once idle it retires, for a user waiting
 
     @property
     def pid(self) -> int:
@@ -123,7 +126,7 @@ class LocalWorkerPool:
         path = os.path.join(self.marker_dir, name + ".sock")
         self.sock.bind(f"ipc://{path}")
         address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        marker = TaskMarker(os.path.join(self.marker_dir, name + ".task"), create=True)
+        marker = MarkerFile(os.path.join(self.marker_dir, name + ".task"))
         args = ["--address", address, "--marker", marker.path]   # the id comes on stdin
         if self.data_only:
             args.append("--data-only")
@@ -174,7 +177,7 @@ class LocalWorkerPool:
         """Release a dead worker's channel, marker file (after it was read) and task root."""
         self._release(slot.address, slot.marker, slot.name)
 
-    def _release(self, address: str, marker: TaskMarker, name: str) -> None:
+    def _release(self, address: str, marker: MarkerFile, name: str) -> None:
         try:
             self.sock.unbind(address)
         except zmq.ZMQError:

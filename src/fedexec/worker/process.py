@@ -9,7 +9,8 @@ for a task still in its queue is honoured.
 
 Before each task the worker writes that task's id into a small
 memory-mapped *marker* file, so if the function kills the process (os._exit,
-a signal, a segfault) the endpoint knows which task did it.
+a signal, a segfault) the pool knows which task did it (the pool reads the
+file without mapping it: ``MarkerFile``).
 
 Deserialized functions stay cached by hash (warm), so a function body
 reaches a worker once. Whatever the function prints goes to the worker's own
@@ -30,6 +31,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -50,15 +52,19 @@ SLOW_RESULT = 0.0002
 MARKER_SIZE = 16
 
 
-class TaskMarker:
-    """The id of the task a worker is running, readable by its endpoint after
-    the worker died. All zeros while idle."""
+IDLE = b"\0" * MARKER_SIZE
 
-    def __init__(self, path: str, *, create: bool = False) -> None:
+
+class TaskMarker:
+    """The worker's side of its marker file: the id of the task it is
+    running, all zeros while idle. Written through a memory map, so marking a
+    task costs no system call. The task runs in this process and may truncate
+    the file under the map: the next write then faults (SIGBUS) and this
+    worker dies, which only the task's own user pays for (a worker serves one
+    user). The pool never maps the file: it reads it with ``MarkerFile``."""
+
+    def __init__(self, path: str) -> None:
         self.path = path
-        if create:
-            with open(path, "wb") as f:
-                f.write(b"\0" * MARKER_SIZE)
         with open(path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), MARKER_SIZE)
 
@@ -66,14 +72,35 @@ class TaskMarker:
         self.map[:MARKER_SIZE] = task_id
 
     def clear(self) -> None:
-        self.map[:MARKER_SIZE] = b"\0" * MARKER_SIZE
-
-    def read(self) -> bytes | None:
-        value = bytes(self.map[:MARKER_SIZE])
-        return None if value == b"\0" * MARKER_SIZE else value
+        self.map[:MARKER_SIZE] = IDLE
 
     def close(self) -> None:
         self.map.close()
+
+
+class MarkerFile:
+    """The pool's side of a worker's marker file: made here (idle), read
+    with ``pread`` on a descriptor, never through a map, so nothing a task
+    does to the file (truncate it, grow it, fill it with junk) can fault the
+    pool; anything but exactly one non-zero id reads as unknown (None)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.pwrite(self.fd, IDLE, 0)
+
+    def read(self) -> bytes | None:
+        """The id the worker last marked, or None: idle, or unknown."""
+        try:
+            value = os.pread(self.fd, MARKER_SIZE + 1, 0)
+        except OSError:
+            return None
+        return value if len(value) == MARKER_SIZE and value != IDLE else None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Queued:
@@ -116,7 +143,9 @@ class WorkerProcess:
         self.unsent_since = 0.0
 
     def run(self) -> None:
-        ctx = zmq.Context.instance()
+        # a context of its own: a task's sockets (on zmq.Context.instance())
+        # cannot hold up the term() that sends our last results
+        ctx = zmq.Context()
         sock = P.limit_frames(ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 2000)
         sock.setsockopt(zmq.IDENTITY, self.worker_id)
@@ -166,6 +195,7 @@ class WorkerProcess:
                 sock.disable_monitor()
                 monitor.close(linger=0)
             sock.close(linger=2000)
+            ctx.term()   # our last results are out (or 2 s passed)
 
     @contextlib.contextmanager
     def task_directory(self, task_id: bytes) -> Iterator[None]:
@@ -345,6 +375,18 @@ def main(argv: list[str] | None = None) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
-                  exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
-    sys.stdout.flush()
+    code = 0
+    try:
+        WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
+                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        # os._exit, not a return: a thread a task left running (not a
+        # daemon) would keep this process alive after its results went out
+        # and its pool let it go; the pool kills a worker that lingers anyway
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,139 @@
+"""A pool shared by two users: workers a task leaves alive are ended, and no
+user keeps the others from the workers.
+
+Alice's endpoint (2 workers) is shared with Bob; a worker serves one user
+at a time (pool/manager.py), so the pool retires workers of one user for
+another's: these tests check that retiring ends the worker whatever its
+tasks left running in it, and that one user's flood of tasks does not keep
+the other's waiting until it drains.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import SimpleNamespace
+
+import cloudpickle
+import psutil
+import pytest
+
+from fedexec import FederatedExecutor
+from fedexec.relay.query import share_endpoint
+
+from conftest import workers_of
+from test_access import fedexec_cli, running_endpoint, wait_connected
+from test_faults import running_relay, tail
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DEADLINE = 30.0
+WORKERS = 2
+
+
+def square(x):
+    return x * x
+
+
+def leave_a_thread(seconds, disable_exit=False):
+    """Start a thread (not a daemon) that sleeps for an hour, optionally make
+    ``os._exit`` do nothing, then return this worker's pid."""
+    import os
+    import threading
+    import time
+
+    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+    if disable_exit:
+        os._exit = lambda code: None
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def shared_pool(tmp_path_factory):
+    """A token-mode relay; Alice's endpoint of WORKERS workers in one pool,
+    shared with Bob; an executor for each."""
+    directory = tmp_path_factory.mktemp("shared-pool")
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", directory / "relay-data").stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(directory, "--auth", "token") as address:
+        # a deep prefetch: a flood of tasks waits at the pool, where the share is decided
+        with running_endpoint(directory, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              max_workers=WORKERS, prefetch=100, heartbeat_period=0.5) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["bob"], token=tokens["alice"])
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice, \
+                    FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob:
+                yield SimpleNamespace(ep=ep, alice=alice, bob=bob)
+
+
+def wait_for_workers(ep, count: int, timeout: float = DEADLINE) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = workers_of(ep.proc.pid)
+        if len(found) == count:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"the pool has {len(workers_of(ep.proc.pid))} workers, not {count}:\n{tail(ep.log)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("disable_exit", [False, True], ids=["thread-left", "exit-disabled-too"])
+def test_a_retired_worker_ends_whatever_its_task_left_running(shared_pool, disable_exit):
+    """Alice's tasks leave a thread (not a daemon) sleeping in each worker
+    (and, the second time, make os._exit do nothing); Bob's tasks then need
+    the workers: Alice's are retired for him and must end (by themselves,
+    or killed after a grace period), fresh ones take their place, and both
+    users' later tasks run."""
+    s = shared_pool
+    wait_for_workers(s.ep, WORKERS)
+    lingering = [s.alice.submit(leave_a_thread, 1.0, disable_exit) for _ in range(WORKERS)]
+    pids = {f.result(DEADLINE) for f in lingering}
+    started = time.monotonic()
+    assert [f.result(DEADLINE) for f in [s.bob.submit(square, n) for n in range(6)]] == [n * n for n in range(6)]
+    waited = time.monotonic() - started
+    gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10)
+    assert not alive, f"retired workers still running: {alive}\n{tail(s.ep.log)}"
+    wait_for_workers(s.ep, WORKERS)
+    assert [f.result(DEADLINE) for f in [s.alice.submit(square, n) for n in range(4)]] == [0, 1, 4, 9]
+    log = s.ep.log.read_text()
+    if disable_exit:   # only the pool's kill after its grace period (5 s) ended them
+        assert waited > 4.0 and "did not stop within" in log, (waited, log[-3000:])
+    else:              # they ended by themselves, at once
+        assert waited < 4.0 and "did not stop within" not in log, (waited, log[-3000:])
+
+
+def nap(seconds, value):
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+FLOOD = 60          # Alice's tasks of 0.2 s: 6 s on 2 workers
+BOB_BOUND = 4.0     # Bob's 4 tasks: a worker yields (<= 1 s bound + 0.2 s), restarts, runs them (0.8 s)
+
+
+@pytest.mark.timeout(120)
+def test_one_user_flooding_a_shared_pool_does_not_starve_another(shared_pool):
+    """Alice keeps more tasks queued at the pool than it has workers; Bob
+    submits a few after: one of Alice's workers yields to him, so his tasks
+    finish long before her flood drains, and everyone's results are right."""
+    s = shared_pool
+    wait_for_workers(s.ep, WORKERS)
+    flood = [s.alice.submit(nap, 0.2, n) for n in range(FLOOD)]
+    deadline = time.monotonic() + DEADLINE
+    while not any(f.running() or f.done() for f in flood) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)   # her workers busy, the rest of her flood at the pool
+    started = time.monotonic()
+    bobs = [s.bob.submit(nap, 0.2, -n) for n in range(4)]
+    assert [f.result(DEADLINE) for f in bobs] == [0, -1, -2, -3]
+    bob_took = time.monotonic() - started
+    flood_left = sum(not f.done() for f in flood)
+    assert [f.result(DEADLINE) for f in flood] == list(range(FLOOD))
+    flood_took = time.monotonic() - started
+    print(f"Bob's 4 tasks: {bob_took:.2f} s; Alice's flood drained {flood_took:.2f} s after he submitted; "
+          f"{flood_left} of hers still to finish when his were done")
+    assert bob_took < BOB_BOUND and flood_left >= FLOOD // 4, (bob_took, flood_took, flood_left, tail(s.ep.log))
+    wait_for_workers(s.ep, WORKERS)
