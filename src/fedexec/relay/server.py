@@ -474,7 +474,10 @@ class Relay:
             refusals.warning("refused user %r: look up endpoint %s: not shared with them", session.user, endpoint_id)
             reply = {"found": False, "refused": f"endpoint {endpoint_id} is not shared with user {session.user!r}"}
         else:
-            reply = {"found": state is not None, "endpoint": state.describe() if state else {}}
+            # "yours": whether the asker owns it (a client does not trust another
+            # user's endpoint with its process: it asks for data only)
+            reply = {"found": state is not None,
+                     "endpoint": {**state.describe(), "yours": state.access.owner == session.user} if state else {}}
         self._send(sender, P.encode(P.LOOKUP_REPLY, reply))
 
     def _on_share(self, sender: bytes, session: Session, f: dict[str, Any]) -> None:
