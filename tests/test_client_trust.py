@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from fedexec import DeserializationError, FederatedExecutor, RemoteExecutionError, SerializationError
+from fedexec import (DeserializationError, FederatedExecutor, RemoteExecutionError, SerializationError,
+                     TaskRejected)
 from fedexec import protocol as P
 from fedexec.auth import connect_plainly
 from fedexec.relay.query import share_endpoint
@@ -164,3 +165,87 @@ def test_data_only_on_an_endpoint_that_takes_pickles(two_users):
         assert ex.data_only is False
         with pytest.raises(ValueError, match="no luck"):
             ex.submit(fail, "no luck").result(DEADLINE)
+
+
+# -- 2. a relay that keeps asking for a function body ------------------------------
+
+class FakeRelay(threading.Thread):
+    """A relay that speaks just enough protocol to a client (WELCOME, a
+    LOOKUP_REPLY for any endpoint, HEARTBEAT) and answers every submitted
+    task with FAILED{kind: need_function}; with ``accept`` it first says it
+    recorded the task (as an endpoint forging that answer as a result
+    would make it look). ``submissions``: task id -> the function reference
+    of each time it came (-1: without its body)."""
+
+    def __init__(self, accept: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.accept = accept
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.submissions: dict[bytes, list] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        sock, inc = self.sock, os.urandom(8)
+        try:
+            while not self.stopping.is_set():
+                if not sock.poll(100):
+                    continue
+                sender, *frames = sock.recv_multipart()
+                msg = P.decode(frames)
+                if msg.type == P.HELLO:
+                    reply = P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION, "inc": inc})
+                elif msg.type == P.HEARTBEAT:
+                    reply = P.encode(P.HEARTBEAT, {"inc": inc})
+                elif msg.type == P.LOOKUP:
+                    reply = P.encode(P.LOOKUP_REPLY, {"found": True, "endpoint": {
+                        "id": msg.fields["ep"], "name": "fake", "py": P.PYTHON_VERSION, "workers": 1,
+                        "status": "connected", "data_only": False, "yours": True}})
+                elif msg.type == P.SUBMIT:
+                    tids = [row[0] for row in msg.fields["tasks"]]
+                    for row in msg.fields["tasks"]:
+                        self.submissions.setdefault(row[0], []).append(row[3])
+                    if self.accept:
+                        sock.send_multipart([sender, *P.encode(P.ACCEPTED, {"tids": tids})])
+                    failure = P.pack_failure(P.NEED_FUNCTION, "the relay no longer has this function")
+                    reply = P.encode(P.RESULTS, {"rows": [[tid, P.FAILED, failure] for tid in tids]})
+                else:
+                    continue
+                sock.send_multipart([sender, *reply])
+        finally:
+            self.sock.close(linger=0)
+            self.ctx.term()
+
+    def __enter__(self) -> "FakeRelay":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("accept", [False, True], ids=["unaccepted", "accepted"])
+def test_a_relay_that_keeps_asking_for_the_function_fails_the_task(fedexec_home, accept):
+    """Asked for the body of an unaccepted task, the client sends it once
+    more, with its body; asked again (or asked at all once the task was
+    accepted), the task fails with a clear error instead of going round for
+    ever."""
+    with FakeRelay(accept) as relay:
+        with FederatedExecutor(str(uuid.uuid4()), relay=relay.address, connect_timeout=10) as ex:
+            started = time.monotonic()
+            future = ex.submit(divmod, 7, 2)
+            with pytest.raises(TaskRejected, match="asked for its function body again"):
+                future.result(10)
+            assert time.monotonic() - started < 5
+            # the endpoint is the client's own and says it takes pickles: nothing here is about data_only
+            assert ex.data_only is False
+        (sent,) = relay.submissions.values()
+        if accept:
+            assert len(sent) == 1   # an accepted task is not sent again
+        else:
+            assert len(sent) == 2 and sent[1] != -1   # once more, with its body

@@ -209,7 +209,7 @@ class _WorkItem:
     """One submitted task on its way: the future and what travels for it."""
 
     __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running", "memo_key", "trace",
-                 "extra")
+                 "extra", "body_resent")
 
     def __init__(self, future: TaskFuture, task_id: bytes, fn_hash: bytes, fn_body: bytes,
                  payload: bytes, kind: int) -> None:
@@ -223,6 +223,7 @@ class _WorkItem:
         self.memo_key: bytes | None = None     # set for memoized calls
         self.trace: list[float] | None = None  # set when tracing: timestamps so far
         self.extra: dict[str, Any] | None = None  # walltime and retries, when asked for
+        self.body_resent = False   # sent again with its function body, as the relay asked (NEED_FUNCTION)
 
 
 def _failure_exception(blob: Any) -> BaseException:
@@ -244,6 +245,9 @@ def _failure_exception(blob: Any) -> BaseException:
         return NotAuthorized(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
+    if kind == P.NEED_FUNCTION:   # not honoured (see _Dispatcher._needs_function): an outcome
+        return TaskRejected(f"the task was not run: the relay asked for its function body again after it was "
+                            f"sent with it, or after the task was accepted ({msg})")
     if kind == P.SERIALIZATION:
         return DeserializationError(msg) if info.get("remote") else SerializationError(msg)
     return TaskRejected(msg)
@@ -723,9 +727,15 @@ class _Dispatcher(threading.Thread):
         """A task the relay refused because it came without its function body
         (sent once per connection, see ``registered``) and the relay no longer
         has it (a body goes with the last task using it): it goes again at
-        once, with its body. Whether the failure was that."""
-        item = self.pending.get(task_id)
-        if item is None:
+        once, with its body. Whether the failure was that, and honoured.
+
+        The relay refuses so only a submission it has not accepted, so it is
+        honoured once per task and only while the task is unaccepted; any
+        other such answer (asked again after the body went, or sent as a
+        task's result, which an endpoint could forge) is the task's outcome,
+        a TaskRejected, never a loop of resends."""
+        item = self.unaccepted.get(task_id)
+        if item is None or item.body_resent or task_id not in self.pending:
             return False
         try:
             if P.unpack_failure(blob).get("kind") != P.NEED_FUNCTION:
@@ -734,6 +744,7 @@ class _Dispatcher(threading.Thread):
             return False
         self.registered.discard(item.fn_hash)
         self.unaccepted.pop(task_id, None)
+        item.body_resent = True
         self._add_to_batch(item)
         return True
 
