@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from fedexec import (DeserializationError, FederatedExecutor, RemoteExecutionError, SerializationError,
-                     TaskRejected)
+from fedexec import (AuthenticationFailed, DeserializationError, FederatedExecutor, RemoteExecutionError,
+                     SerializationError, TaskRejected)
 from fedexec import protocol as P
-from fedexec.auth import connect_plainly
-from fedexec.relay.query import share_endpoint
+from fedexec.auth import connect_plainly, public_key_path
+from fedexec.relay.query import lookup_endpoint, share_endpoint
 
 from test_access import fedexec_cli, running_endpoint, wait_connected
 from test_faults import running_relay
@@ -249,3 +249,39 @@ def test_a_relay_that_keeps_asking_for_the_function_fails_the_task(fedexec_home,
             assert len(sent) == 1   # an accepted task is not sent again
         else:
             assert len(sent) == 2 and sent[1] != -1   # once more, with its body
+
+
+# -- 3. a squatter on the address of a relay that stopped --------------------------
+
+@pytest.mark.timeout(120)
+def test_a_squatter_on_a_stopped_relays_address_cannot_pass_for_it(tmp_path, fedexec_home):
+    """The relay's public key stays published after it stops, so this
+    user's clients keep requiring it: a plain listener that took the
+    address (NULL or PLAIN, which would read PLAIN credentials) gets no
+    handshake through, and the client fails with an error that says so
+    instead of connecting plainly."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token", "--curve") as address:
+        pinned = public_key_path(address)
+        key = pinned.read_text()
+        assert key == (data / "relay.curve").read_text().split()[0]   # the key kept in the data dir
+        assert lookup_endpoint(address, str(uuid.uuid4()), token=token, timeout=10) is None   # served, over CURVE
+    assert pinned.read_text() == key   # kept after the relay stopped
+    for plain in (False, True):
+        ctx = zmq.Context()
+        squatter = ctx.socket(zmq.ROUTER)
+        squatter.setsockopt(zmq.LINGER, 0)
+        squatter.plain_server = plain   # no ZAP handler: a PLAIN server takes any credentials
+        squatter.bind(address)
+        try:
+            started = time.monotonic()
+            with pytest.raises(AuthenticationFailed, match=f"did not complete an encrypted handshake.*published by the relay in {pinned}"):
+                FederatedExecutor(str(uuid.uuid4()), relay=address, token=token, connect_timeout=20)
+            assert time.monotonic() - started < 10
+            with pytest.raises(AuthenticationFailed, match="did not complete an encrypted handshake"):
+                lookup_endpoint(address, str(uuid.uuid4()), token=token, timeout=10)
+            assert squatter.poll(200) == 0   # not a message got through
+        finally:
+            squatter.close(linger=0)
+            ctx.term()
