@@ -71,10 +71,11 @@ def two_users(tmp_path_factory):
                                   dir=directory, log=directory / "relay.log")
 
 
-def memoized_call(r, user: str, endpoint, *args):
+def memoized_call(r, user: str, endpoint, *args, data_only: bool | None = None):
     """``counted(*args)`` memoized, from a fresh executor of ``user`` (so
     only the relay can answer it from memory)."""
-    with FederatedExecutor(endpoint.id, relay=r.address, token=r.tokens[user], memoize=True) as ex:
+    with FederatedExecutor(endpoint.id, relay=r.address, token=r.tokens[user], memoize=True,
+                           data_only=data_only) as ex:
         return ex.submit(counted, *args).result(DEADLINE)
 
 
@@ -136,7 +137,8 @@ def test_another_users_endpoint_cannot_plant_a_memoized_result(two_users, tmp_pa
         assert not marker.exists()   # nothing unpickled it yet
         # alice, on her endpoint and on bob's (public, memoized results shared): the real result
         assert memoized_call(r, "alice", r.alice_ep, log, 7) == (14, str(r.alice_ep.home))
-        assert memoized_call(r, "alice", r.bob_ep, log, 7) == (14, str(r.bob_ep.home))
+        # (taking pickles from bob's endpoint, so the relay alone keeps his planted result from her)
+        assert memoized_call(r, "alice", r.bob_ep, log, 7, data_only=False) == (14, str(r.bob_ep.home))
         assert not marker.exists()
         assert runs(Path(log)) == [7, 7]
     finally:
@@ -158,10 +160,12 @@ def test_the_owner_may_share_memoized_results_with_every_user_of_an_endpoint(two
     try:
         assert lookup_endpoint(r.address, r.alice_ep.id, token=r.tokens["bob"])["share_memo"] is True
         assert memoized_call(r, "alice", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))
-        assert memoized_call(r, "bob", r.alice_ep, log, 6) == (12, str(r.alice_ep.home))   # alice's result
+        # alice's result; bob takes pickles from her endpoint, as she does (by default he would send
+        # plain data, another call than hers)
+        assert memoized_call(r, "bob", r.alice_ep, log, 6, data_only=False) == (12, str(r.alice_ep.home))
         assert runs(Path(log)) == [5, 6]
         # results memoized before the opt-in stay their user's
-        assert memoized_call(r, "bob", r.alice_ep, log, 5) == (10, str(r.alice_ep.home))
+        assert memoized_call(r, "bob", r.alice_ep, log, 5, data_only=False) == (10, str(r.alice_ep.home))
         assert runs(Path(log)) == [5, 6, 5]
     finally:
         out = fedexec_cli("endpoint", "share", r.alice_ep.name, "--remove-user", "bob", "--no-share-memo",

@@ -177,6 +177,15 @@ def globus_tokens_path() -> Path:
     return fedexec_home() / "globus-tokens.json"
 
 
+def relay_key_source(address: str, relay_key: str | bytes | None = None) -> str:
+    """Where :func:`find_relay_key` finds the key, for messages."""
+    if relay_key:
+        return "given as relay_public_key"
+    if os.environ.get(RELAY_KEY_ENV):
+        return f"from ${RELAY_KEY_ENV}"
+    return f"published by the relay in {public_key_path(address)}"
+
+
 def find_relay_key(address: str, relay_key: str | bytes | None = None) -> bytes | None:
     """The relay's CURVE public key (Z85): given, ``$FEDEXEC_RELAY_KEY``, or
     published by the relay on this machine; None means a plain connection."""
@@ -244,9 +253,18 @@ def find_credentials(address: str, token: str | None = None, secret_file: str | 
 
 
 def describe_handshake_failure(event: int, address: str, credentials: Credentials | None,
-                               encrypted: bool = False) -> str:
+                               encrypted: bool = False, key_source: str = "") -> str:
     """A sentence for a refused handshake (a socket monitor's event);
-    ``encrypted``: over CURVE."""
+    ``encrypted``: over CURVE, with the relay's public key from
+    ``key_source`` (see :func:`relay_key_source`)."""
+    if encrypted and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        # what listens there does not hold the key (or speaks no CURVE at all):
+        # never fall back to a plain connection, which would hand it the credentials
+        return (f"the relay at {address} did not complete an encrypted handshake with the public key this client "
+                f"has for it ({key_source or 'given'}), so nothing was sent: what listens there is not the relay "
+                "that key belongs to (another program took the address while the relay is down, or the relay "
+                "was started again with another key or without encryption). If the relay's key really changed, "
+                "give the new one or remove the old one's file")
     if credentials is None:
         return (f"the relay at {address} requires credentials and none were found: pass token=, set "
                 f"{TOKEN_ENV}, run 'fedexec login' (a globus-mode relay), or run on the relay's machine as "
@@ -286,6 +304,7 @@ class HandshakeWatch:
         self.address = address
         self._source = (token, secret_file)   # where the credentials come from, to look again
         self.relay_key = secure(sock, address, relay_key)
+        self.key_source = relay_key_source(address, relay_key) if self.relay_key is not None else ""
         self.credentials = find_credentials(address, token, secret_file)
         if self.credentials is not None:
             self.credentials.apply(sock, self.relay_key)
@@ -316,7 +335,7 @@ class HandshakeWatch:
                 if self.failing_since is None:  # set before failure: refused_for reads them in the other order
                     self.failing_since = time.monotonic()
                 self.failure = describe_handshake_failure(event, self.address, self.credentials,
-                                                          self.relay_key is not None)
+                                                          self.relay_key is not None, self.key_source)
         if self.failure:
             return self.renew()
         return False

@@ -209,7 +209,7 @@ class _WorkItem:
     """One submitted task on its way: the future and what travels for it."""
 
     __slots__ = ("future", "task_id", "fn_hash", "fn_body", "payload", "kind", "running", "memo_key", "trace",
-                 "extra")
+                 "extra", "body_resent")
 
     def __init__(self, future: TaskFuture, task_id: bytes, fn_hash: bytes, fn_body: bytes,
                  payload: bytes, kind: int) -> None:
@@ -223,6 +223,7 @@ class _WorkItem:
         self.memo_key: bytes | None = None     # set for memoized calls
         self.trace: list[float] | None = None  # set when tracing: timestamps so far
         self.extra: dict[str, Any] | None = None  # walltime and retries, when asked for
+        self.body_resent = False   # sent again with its function body, as the relay asked (NEED_FUNCTION)
 
 
 def _failure_exception(blob: Any) -> BaseException:
@@ -244,6 +245,9 @@ def _failure_exception(blob: Any) -> BaseException:
         return NotAuthorized(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
+    if kind == P.NEED_FUNCTION:   # not honoured (see _Dispatcher._needs_function): an outcome
+        return TaskRejected(f"the task was not run: the relay asked for its function body again after it was "
+                            f"sent with it, or after the task was accepted ({msg})")
     if kind == P.SERIALIZATION:
         return DeserializationError(msg) if info.get("remote") else SerializationError(msg)
     return TaskRejected(msg)
@@ -299,9 +303,10 @@ class _Dispatcher(threading.Thread):
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
         self.max_payload: int | None = None   # the relay's limit, from its WELCOME
-        # the endpoint (or a member of the group) is data-only: its results are
-        # decoded as plain data only, never unpickled
+        # results are decoded as plain data only, never unpickled (the
+        # executor's data_only); data_only_why says why, for its errors
         self.data_only = False
+        self.data_only_why = ""
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -722,9 +727,15 @@ class _Dispatcher(threading.Thread):
         """A task the relay refused because it came without its function body
         (sent once per connection, see ``registered``) and the relay no longer
         has it (a body goes with the last task using it): it goes again at
-        once, with its body. Whether the failure was that."""
-        item = self.pending.get(task_id)
-        if item is None:
+        once, with its body. Whether the failure was that, and honoured.
+
+        The relay refuses so only a submission it has not accepted, so it is
+        honoured once per task and only while the task is unaccepted; any
+        other such answer (asked again after the body went, or sent as a
+        task's result, which an endpoint could forge) is the task's outcome,
+        a TaskRejected, never a loop of resends."""
+        item = self.unaccepted.get(task_id)
+        if item is None or item.body_resent or task_id not in self.pending:
             return False
         try:
             if P.unpack_failure(blob).get("kind") != P.NEED_FUNCTION:
@@ -733,6 +744,7 @@ class _Dispatcher(threading.Thread):
             return False
         self.registered.discard(item.fn_hash)
         self.unaccepted.pop(task_id, None)
+        item.body_resent = True
         self._add_to_batch(item)
         return True
 
@@ -790,7 +802,8 @@ class _Dispatcher(threading.Thread):
                     value = decode_data(blob) if self.data_only else deserialize(blob)
                 except NotData as exc:
                     future.set_exception(DeserializationError(
-                        f"the endpoint is data-only and the result is not plain data, so it was not loaded: {exc}"))
+                        f"the result is not plain data, so it was not loaded ({exc}); this executor takes only "
+                        f"plain data because {self.data_only_why}"))
                     return
                 except Exception as exc:
                     future.set_exception(DeserializationError(
@@ -798,8 +811,13 @@ class _Dispatcher(threading.Thread):
                     return
                 future.set_result(value)
             elif status == P.EXCEPTION:
-                future.set_exception(deserialize_data_exception(blob) if self.data_only
-                                     else deserialize_exception(blob))
+                try:
+                    error = deserialize_data_exception(blob) if self.data_only else deserialize_exception(blob)
+                except NotData as exc:
+                    error = DeserializationError(
+                        f"the task raised, and its exception is not plain data, so it was not loaded ({exc}); "
+                        f"this executor takes only plain data because {self.data_only_why}")
+                future.set_exception(error)
             else:
                 future.set_exception(_failure_exception(blob))
         except Exception as exc:  # a malformed result must not take the thread down
@@ -824,6 +842,18 @@ class FederatedExecutor(Executor):
     Functions are registered once by content hash; each function *object* is
     pickled once, on its first submission, so later changes to its globals or
     closure are not seen (as with Globus Compute's executor).
+
+    ``data_only``: whether arguments travel and results are loaded as plain
+    data only (see ``serialize.DATA_TYPES``), never as pickles. Unpickling a
+    result runs whatever code the pickle names, so it trusts the endpoint's
+    owner with this process. True: always (arguments that are not plain data
+    fail with :class:`~fedexec.SerializationError`; a result or exception
+    that is not plain data fails with :class:`~fedexec.DeserializationError`
+    and is never loaded), whatever the endpoint says; its workers answer in
+    the format the arguments came in. False: pickles, for an endpoint you
+    trust (ValueError if the endpoint is data-only). None (the default):
+    data only when the endpoint (or a member of the group) is data-only, or
+    belongs to another user; pickles on your own endpoints.
     """
 
     def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
@@ -832,7 +862,7 @@ class FederatedExecutor(Executor):
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
                  token: str | None = None, relay_public_key: str | None = None,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 30.0, data_only: bool | None = None) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -844,6 +874,8 @@ class FederatedExecutor(Executor):
         if worker_batch is not None and worker_batch < 1:
             raise ValueError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
+        if data_only is not None and not isinstance(data_only, bool):
+            raise ValueError(f"data_only must be None, True or False, not {data_only!r}")
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
                                           or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
@@ -895,12 +927,17 @@ class FederatedExecutor(Executor):
         except BaseException:
             self.shutdown(wait=True)
             raise
-        #: the endpoint (or a member of the group) is data-only: arguments go as
-        #: plain data (others fail with SerializationError), and what it returns
-        #: is never unpickled here
-        self.data_only: bool = any(info.get("data_only") is True for info in infos)
-        if self.data_only:
+        try:
+            why = _data_only_reason(data_only, infos)
+        except BaseException:
+            self.shutdown(wait=True)
+            raise
+        #: arguments go as plain data (others fail with SerializationError), and
+        #: what the endpoint returns is never unpickled here (see ``data_only``)
+        self.data_only: bool = why is not None
+        if why is not None:
             self._serialize_arguments, self._serialize_chunk = serialize_data_arguments, serialize_data_chunk
+            self._dispatcher.data_only_why = why
             self._dispatcher.data_only = True
         #: the endpoints' worker count; Dask reads it to size its concurrency
         self._max_workers = max(1, sum(int(info.get("workers") or 0) for info in infos))
@@ -1167,6 +1204,30 @@ class FederatedExecutor(Executor):
             _live_executors.discard(self)
         # without wait, interpreter exit still waits for the remaining tasks,
         # as with the standard executors
+
+
+def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> str | None:
+    """Why an executor takes only plain data (None: it takes pickles), from
+    its ``data_only`` and what the relay said of each endpoint: whether it is
+    data-only, and whether it is the asker's own (``yours``; a relay that
+    does not say is taken to mean not). ValueError for data_only=False with
+    a data-only endpoint."""
+    says = [info for info in infos if info.get("data_only") is True]
+    if data_only is False:
+        if says:
+            raise ValueError(f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only: it takes and "
+                             "gives plain data only, never pickles, so data_only=False cannot be used with it")
+        return None
+    if data_only is True:
+        return "it was made with data_only=True"
+    if says:
+        return f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only"
+    foreign = [info for info in infos if info.get("yours") is not True]
+    if foreign:
+        return (f"endpoint {foreign[0].get('name')!r} ({foreign[0].get('id')}) belongs to another user "
+                f"({foreign[0].get('owner')!r}), whose results are not unpickled here unless you pass "
+                "data_only=False (which trusts its owner with this process)")
+    return None
 
 
 def _check_task_options(timeout: float | None, max_retries: int | None) -> None:

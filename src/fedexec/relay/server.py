@@ -157,6 +157,10 @@ class Relay:
             self._publish_secret(address)
         if publish and secret_path(self.address) not in self.discovery_files:
             self._publish_secret(self.address)
+        if not secret_file and not self.curve:
+            # a public key kept by an earlier, encrypted relay on this address (see stop) is stale
+            for stale in {address, self.address}:
+                public_key_path(stale).unlink(missing_ok=True)
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
@@ -280,6 +284,12 @@ class Relay:
             if self.tokens is not None:
                 self.tokens.close()
             for path in self.discovery_files:
+                if path.suffix == ".pub" and self.remove_on_exit is None:
+                    # the public key stays (the same after a restart: it is kept in the
+                    # data dir), so this user's programs keep requiring it while the relay
+                    # is down, and whatever else listens on the address cannot pass for
+                    # it (without the key they would connect plainly, credentials and all)
+                    continue
                 try:  # ours only: a relay started since on this address keeps its own
                     if path.read_text() in (self.local_secret, self.public_key.decode()):
                         path.unlink()
@@ -474,7 +484,10 @@ class Relay:
             refusals.warning("refused user %r: look up endpoint %s: not shared with them", session.user, endpoint_id)
             reply = {"found": False, "refused": f"endpoint {endpoint_id} is not shared with user {session.user!r}"}
         else:
-            reply = {"found": state is not None, "endpoint": state.describe() if state else {}}
+            # "yours": whether the asker owns it (a client does not trust another
+            # user's endpoint with its process: it asks for data only)
+            reply = {"found": state is not None,
+                     "endpoint": {**state.describe(), "yours": state.access.owner == session.user} if state else {}}
         self._send(sender, P.encode(P.LOOKUP_REPLY, reply))
 
     def _on_share(self, sender: bytes, session: Session, f: dict[str, Any]) -> None:
