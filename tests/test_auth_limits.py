@@ -396,3 +396,38 @@ def test_connections_waiting_for_their_check_are_bounded(tmp_path):
         finally:
             for sock in clients:
                 sock.close(linger=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_large_first_message_is_not_held_while_its_check_runs(tmp_path):
+    """Over CURVE (globus mode) a first message over PENDING_BYTES_EACH is
+    refused at once, not held; its check still runs, and once it answers
+    the connection is served."""
+    from fedexec.relay.access import PENDING_BYTES_EACH
+
+    with globus_relay(tmp_path, curve=True) as g:
+        token = "globus:" + g.fake.issue_token("mallory@example.org", scope=g.scope)
+        g.fake.slow(token.partition(":")[2], HANG)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            connect_plainly(sock, g.address, token, g.key)
+            started = time.monotonic()
+            sock.send_multipart(P.encode(P.SUBMIT, {"ep": str(uuid.uuid4()), "tasks": []},
+                                         [b"\0" * (PENDING_BYTES_EACH + 1)]))
+            assert sock.poll(5000), "a large first message got no answer while its check ran"
+            reply = P.decode(sock.recv_multipart())
+            assert time.monotonic() - started < HANG / 2
+            assert reply.type == P.ERROR and reply.fields.get("unchecked") and not reply.fields.get("auth"), reply
+            assert f"at most {PENDING_BYTES_EACH} bytes" in reply.fields["msg"]
+            g.fake.release()
+            deadline = time.monotonic() + HANG + 15
+            welcome = None
+            while welcome is None and time.monotonic() < deadline:   # the check ends; then it is served
+                sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+                if sock.poll(1000):
+                    msg = P.decode(sock.recv_multipart())
+                    welcome = msg if msg.type == P.WELCOME else None
+            assert welcome is not None, "the connection was not served after its check"
+        finally:
+            sock.close(linger=0)

@@ -122,6 +122,19 @@ MAX_ITEMS = 1024
 # payloads fit MAX_HEADER.
 INLINE_BUDGET = 128 * 1024
 MAX_MAP = 256        # keys of any map in a header
+# MAX_FRAMES: frames of one message, the header included. Every row refers to
+# at most two frames (a task's arguments and function body; a result's
+# payload), each frame at most once (see distinct_frames), so a message of
+# MAX_ITEMS rows needs at most this many. libzmq has no option that caps a
+# whole multipart message (MAXMSGSIZE is per frame, RCVHWM counts messages):
+# it assembles every frame of a message before the receiver sees any, so a
+# message of millions of 1-byte frames costs ~90x its size in libzmq's and
+# Python's frame objects. waiting_messages keeps at most MAX_FRAMES (+ the
+# routing id) of a message as Python objects, dropping the rest as it reads
+# them, and decode refuses a message over MAX_FRAMES.
+MAX_FRAMES = 1 + 2 * MAX_ITEMS
+# How much of a value an error message or log line quotes (shorten()).
+MAX_QUOTED = 200
 
 INLINE_MAX = 8 * 1024
 
@@ -217,12 +230,26 @@ def blob(frames: Sequence[Any], ref: Any) -> Any:
 
 def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
     """The messages already waiting on ``sock``, as frames, at most ``limit``
-    (so one busy socket cannot starve a loop's others); never blocks."""
+    (so one busy socket cannot starve a loop's others); never blocks.
+
+    A message of more than MAX_FRAMES frames (after a ROUTER's routing id)
+    is cut to MAX_FRAMES + 1 of them (the rest are read and dropped at
+    once, never kept), so that :func:`decode` refuses it without it costing
+    a Python object per frame."""
+    keep = MAX_FRAMES + (2 if sock.type == zmq.ROUTER else 1)
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = [sock.recv(zmq.NOBLOCK, copy=False)]
         except zmq.Again:
             return
+        # the rest of a message is already here (libzmq delivers whole messages)
+        while frames[-1].more:
+            frame = sock.recv(copy=False)
+            if len(frames) < keep:
+                frames.append(frame)
+            elif not frame.more:
+                break
+        yield frames
 
 
 def limit_frames(sock: zmq.Socket) -> zmq.Socket:
@@ -282,6 +309,9 @@ def decode(frames: Sequence[Any]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"more than {MAX_FRAMES:,} frames in one message, the limit (MAX_FRAMES: a header "
+                            f"and two payload frames for each of at most {MAX_ITEMS} rows)")
     head = frames[0]
     raw = head.buffer if hasattr(head, "buffer") else head
     if len(raw) > MAX_HEADER:

@@ -437,11 +437,12 @@ class _Pending:
     """A CURVE connection (globus mode) whose token is being checked: the
     messages it sent meanwhile, held up to a bound."""
 
-    __slots__ = ("messages", "size")
+    __slots__ = ("sender", "messages", "size")
 
-    def __init__(self, frames: list[zmq.Frame]) -> None:
-        self.messages = [frames]
-        self.size = sum(len(frame) for frame in frames)
+    def __init__(self, sender: zmq.Frame) -> None:
+        self.sender = sender          # its routing id frame
+        self.messages: list[list[zmq.Frame]] = []
+        self.size = 0                 # bytes of the messages held
 
 
 # -- the relay's view ---------------------------------------------------------
@@ -557,10 +558,11 @@ class AccessControl:
         (HELLO, LOOKUP: see PENDING_BYTES_EACH), dropping (freeing) the
         rest with a NotYetChecked refusal, to be sent again. If the token
         fails, what was held is dropped, as is every later message of the
-        refused connection. So a connection not yet authenticated has at
-        most its first message (whatever size the socket lets in) or
-        PENDING_BYTES_EACH held, whichever is more, and at most
-        PENDING_CONNECTIONS such connections are held at once."""
+        refused connection. A first message over PENDING_BYTES_EACH is
+        not held (its check starts, it is refused as NotYetChecked, to be
+        sent again). So a connection not yet authenticated has at most
+        PENDING_BYTES_EACH bytes held, its first message included, and at
+        most PENDING_CONNECTIONS such connections are held at once."""
         if not key.startswith("curve:"):
             raise AccessDenied("this connection has no session")
         if key in self.refused:
@@ -588,7 +590,15 @@ class AccessControl:
             user, _, password = presented.partition(":")
             answer = self.check(user, password, lambda later: self.answers.put((key, later)))
             if answer is None:
-                self.pending[key] = _Pending(frames)
+                pending = self.pending[key] = _Pending(frames[0])
+                size = sum(len(frame) for frame in frames)
+                if size > PENDING_BYTES_EACH:   # not held: sent again once the check has answered
+                    raise NotYetChecked(f"not read: this connection's credentials are being checked, and the "
+                                        f"relay holds at most {PENDING_BYTES_EACH} bytes of a connection "
+                                        f"meanwhile (this message has {size:,}); send it again once the relay "
+                                        "answers")
+                pending.messages.append(frames)
+                pending.size = size
                 return None
             if answer == CHECKS_BUSY:   # not this connection's fault: it may try again
                 raise AccessDenied(answer)
@@ -620,7 +630,7 @@ class AccessControl:
             try:
                 session = self._settle(key, answer)
             except AccessDenied as exc:
-                out.append((pending.messages[0], exc))
+                out.append(([pending.sender], exc))   # (the refusal goes to its routing id)
                 continue
             session.seen = time.time()
             out.extend((frames, session) for frames in pending.messages)
