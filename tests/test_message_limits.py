@@ -76,3 +76,88 @@ def test_a_message_of_many_tiny_frames_is_refused_and_others_are_served(two_user
     finally:
         bob.close()
         alice.close()
+
+
+BIG_RESULT = 10 * 1024 * 1024 - 1024
+
+
+def big_result(n):
+    return b"r" * n
+
+
+def results_for(client: RawClient, task_id: bytes, seconds: float) -> list[tuple[int, int]]:
+    """(status, payload size) of every result row for ``task_id`` that arrives within ``seconds``."""
+    found = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        msg = client.expect(P.RESULTS, max(0.1, deadline - time.monotonic()))
+        for row in msg.fields["rows"] if msg else ():
+            if row[0] == task_id:
+                blob = P.blob(msg.blobs, row[2])
+                found.append((row[1], P.unpack_failure(blob)["msg"] if row[1] == P.FAILED else len(P.as_buffer(blob))))
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_a_resume_repeating_a_large_result_reads_it_once(two_users):
+    from test_abuse import RssWatch, relay_process
+
+    address, tokens, bob_ep, _log = two_users
+    bob = RawClient(address, tokens["bob"])
+    try:
+        task_id = bob.submit(bob_ep.id, big_result, BIG_RESULT)
+        deadline = time.monotonic() + 60
+        got: list = []
+        while not got and time.monotonic() < deadline:
+            got = results_for(bob, task_id, 1.0)
+        assert got and got[0][0] == P.OK, (got, bob.outcomes)   # finished, in the record, not acknowledged
+        relay = relay_process(address)
+        before = relay.memory_info().rss
+        watch = RssWatch(relay)
+        watch.start()
+        try:
+            for _ in range(3):   # 3 x 1,024 copies of one 10 MiB id: 30 GiB to read without de-duplication
+                bob.send(P.RESUME, {"tids": [task_id] * P.MAX_ITEMS})
+            answers = results_for(bob, task_id, 8.0)
+        finally:
+            watch.stopped.set()
+            watch.join(5)
+        assert [a[0] for a in answers] == [P.OK] * 3 and len({a[1] for a in answers}) == 1, answers   # once per RESUME
+        growth = watch.peak - before
+        print(f"\nrelay RSS grew by {growth / 2**20:.0f} MiB answering 3 RESUMEs of one 10 MiB result x 1,024")
+        assert growth < 150 * 1024 * 1024, f"the relay grew by {growth / 2**20:.0f} MiB"
+        bob.send(P.ACK, {"tids": [task_id]})
+    finally:
+        bob.close()
+
+
+@pytest.mark.timeout(180)
+def test_results_over_a_turns_record_budget_come_in_later_turns(two_users):
+    """More finished results than RECORD_BYTES_PER_TURN in one RESUME: all
+    of them arrive, each once (the rest in later turns)."""
+    from fedexec.relay.server import RECORD_BYTES_PER_TURN
+
+    address, tokens, bob_ep, _log = two_users
+    bob = RawClient(address, tokens["bob"])
+    try:
+        count = RECORD_BYTES_PER_TURN // BIG_RESULT + 2
+        task_ids = [bob.submit(bob_ep.id, big_result, BIG_RESULT) for _ in range(count)]
+        done: set[bytes] = set()
+        deadline = time.monotonic() + 120
+        while len(done) < count and time.monotonic() < deadline:
+            msg = bob.expect(P.RESULTS, 1.0)
+            done.update(row[0] for row in msg.fields["rows"] if row[1] == P.OK) if msg else None
+        assert done == set(task_ids)
+        bob.send(P.RESUME, {"tids": task_ids + task_ids})
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < count and time.monotonic() < deadline:
+            msg = bob.expect(P.RESULTS, 1.0)
+            seen.extend(row[0] for row in msg.fields["rows"] if row[1] == P.OK and len(row) >= 3) if msg else None
+        time.sleep(1.0)
+        while (msg := bob.expect(P.RESULTS, 0.5)) is not None:
+            seen.extend(row[0] for row in msg.fields["rows"])
+        assert sorted(seen) == sorted(task_ids), (len(seen), count)
+        bob.send(P.ACK, {"tids": task_ids})
+    finally:
+        bob.close()

@@ -60,6 +60,10 @@ MAX_PASSED_OVER = 10_000
 # which of them they hold and send the results the record lacks, so that a task
 # one member has is not routed to another and run twice.
 RECOVERY_GRACE = 3.0
+# Result bytes read from the record in one turn to answer RESUMEs and resent
+# tasks (at most this plus one result): the rest wait for the next turns, so
+# a few small messages cannot make the relay read gigabytes at once.
+RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
 
 
 class Relay:
@@ -180,6 +184,9 @@ class Relay:
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
         self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
+        # finished tasks to answer from the record, over a turn's RECORD_BYTES_PER_TURN: per client, in order
+        self.record_waiting: dict[bytes, dict[bytes, Session]] = {}
+        self.record_budget = RECORD_BYTES_PER_TURN
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
@@ -247,7 +254,10 @@ class Relay:
         poller.register(self.access.wake_fd, zmq.POLLIN)
         try:
             while not self.stopping:
-                events = dict(poller.poll(int(MAINTENANCE_INTERVAL * 1000)))
+                events = dict(poller.poll(0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)))
+                self.record_budget = RECORD_BYTES_PER_TURN
+                if self.record_waiting:
+                    self._answer_waiting()
                 if self.access.wake_fd in events:
                     self._read_checked()
                 if self.sock in events:
@@ -548,7 +558,10 @@ class Relay:
     def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
         reattaching) waits for these tasks of its user: their results go to
-        it, and those already finished are sent from the record now."""
+        it, and those already finished are sent from the record (within
+        the turn's budget, see :meth:`_answer_from_record`). An id repeated
+        in one message counts once."""
+        task_ids = list(dict.fromkeys(task_ids))
         in_record = self.store.known_tasks([task_id for task_id in task_ids if task_id not in self.tasks])
         for task_id in task_ids:
             record = self.tasks.get(task_id)
@@ -613,8 +626,12 @@ class Relay:
         now = time.time()
         quota_logged = False
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
+        seen: set[bytes] = set()
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
+            if task_id in seen:   # a task id repeated in one message: its first row answers it
+                continue
+            seen.add(task_id)
             options = row[6] if len(row) == 7 else None
             if options is not None and "tr" in options:
                 options["tr"].append(now)
@@ -698,7 +715,16 @@ class Relay:
 
     def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
         """A task sent again may have finished before a relay restart: then
-        its stored result answers it and it does not run twice."""
+        its stored result answers it and it does not run twice. Once this
+        turn has read RECORD_BYTES_PER_TURN from the record, a finished
+        task of the user waits for a later turn (:meth:`_answer_waiting`)."""
+        owner = self.store.owner_of(task_id)   # finished, not acknowledged
+        if owner is not None and owner != session.user:
+            self._not_theirs(client, session, task_id, "read the result of")
+            return True
+        if owner is not None and self.record_budget <= 0:
+            self.record_waiting.setdefault(client, {})[task_id] = session
+            return True
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[0] != FINISHED:
             return False
@@ -706,9 +732,24 @@ class Relay:
         if user != session.user:
             self._not_theirs(client, session, task_id, "read the result of")
             return True
+        result = result or b""
+        self.record_budget -= len(result)
         rows, blobs = self.client_results[client]
-        rows.append(blobs.result_row(task_id, status, result or b""))
+        rows.append(blobs.result_row(task_id, status, result))
         return True
+
+    def _answer_waiting(self) -> None:
+        """Answer from the record what earlier turns had no budget left for,
+        oldest first, within this turn's budget."""
+        while self.record_waiting and self.record_budget > 0:
+            client, waiting = next(iter(self.record_waiting.items()))
+            task_id, session = next(iter(waiting.items()))
+            del waiting[task_id]
+            if not waiting:
+                del self.record_waiting[client]
+            if not self._answer_from_record(client, session, task_id):
+                self._reject(client, task_id, P.LOST, "the relay no longer has this task's result: it was "
+                             "acknowledged or expired meanwhile", quiet=True)
 
     @staticmethod
     def _memo_scope(user: str, endpoint_id: str, states: list[EndpointState | None]) -> bytes:
