@@ -161,3 +161,39 @@ def test_results_over_a_turns_record_budget_come_in_later_turns(two_users):
         bob.send(P.ACK, {"tids": task_ids})
     finally:
         bob.close()
+
+
+@pytest.mark.timeout(120)
+def test_rows_referring_to_one_frame_are_refused_before_any_work(two_users):
+    from fedexec.serialize import serialize_arguments, serialize_function
+
+    address, tokens, bob_ep, _log = two_users
+    bob = RawClient(address, tokens["bob"])
+    try:
+        body = b"\x80\x04N." + os.urandom(8) + b"b" * (8 * 1024 * 1024)   # its hash is wrong below
+        args = serialize_arguments(big_result, (1,), {})
+        rows = [[uuid.uuid4().bytes, b"h" * 32, args, 0, P.TASK_CALL, P.PYTHON_VERSION] for _ in range(P.MAX_ITEMS)]
+        started = time.monotonic()
+        bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": rows}, [body])
+        error = bob.expect(P.ERROR, 20)
+        took = time.monotonic() - started
+        assert error is not None and "blob frame 0 is referred to twice" in error.fields["msg"], error
+        assert took < 2.0, f"refused after {took:.1f} s"
+        # the same for arguments: two rows, one frame; nothing of the message is accepted
+        fn_hash, fn_body = serialize_function(big_result)
+        ids = [uuid.uuid4().bytes, uuid.uuid4().bytes]
+        rows = [[task_id, fn_hash, 0, fn_body, P.TASK_CALL, P.PYTHON_VERSION] for task_id in ids]
+        bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": rows}, [b"a" * (P.INLINE_MAX + 1)])
+        error = bob.expect(P.ERROR, 20)
+        assert error is not None and "referred to twice" in error.fields["msg"], error
+        assert bob.expect(P.ACCEPTED, 1.0) is None and bob.expect(P.RESULTS, 1.0) is None
+        # a well-formed submission (each payload its own frame) is served
+        task_id = bob.submit(bob_ep.id, big_result, 3)
+        deadline = time.monotonic() + 30
+        got: list = []
+        while not got and time.monotonic() < deadline:
+            got = results_for(bob, task_id, 1.0)
+        assert len(got) == 1 and got[0][0] == P.OK, got
+        bob.send(P.ACK, {"tids": [task_id]})
+    finally:
+        bob.close()

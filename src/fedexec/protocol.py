@@ -124,7 +124,7 @@ INLINE_BUDGET = 128 * 1024
 MAX_MAP = 256        # keys of any map in a header
 # MAX_FRAMES: frames of one message, the header included. Every row refers to
 # at most two frames (a task's arguments and function body; a result's
-# payload), each frame at most once (see distinct_frames), so a message of
+# payload), each frame at most once (see claim_frame), so a message of
 # MAX_ITEMS rows needs at most this many. libzmq has no option that caps a
 # whole multipart message (MAXMSGSIZE is per frame, RCVHWM counts messages):
 # it assembles every frame of a message before the receiver sees any, so a
@@ -508,6 +508,21 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
         raise ProtocolError(f"unknown task kind {kind!r}")
     text(python, "python version", 16)
     return row
+
+
+def claim_frame(used: set[int], blobs: Sequence[Any], ref: Any) -> None:
+    """Check a row's payload reference (inline bytes, or a frame index)
+    and mark its frame used: a frame referred to twice in one message is a
+    ProtocolError, so that one large frame cannot be hashed, stored or
+    forwarded once per row (every sender gives each payload its own frame,
+    see :class:`Blobs`)."""
+    if type(ref) is bytes:
+        return
+    blob_at(blobs, ref)
+    if ref in used:
+        raise ProtocolError(f"blob frame {ref} is referred to twice in one message; each payload travels in a "
+                            "frame of its own")
+    used.add(ref)
 
 
 def blob_at(blobs: Sequence[Any], index: Any) -> Any:

@@ -601,11 +601,12 @@ class Relay:
         rows = msg.fields["tasks"]
         if not isinstance(rows, list):
             raise P.ProtocolError("tasks must be a list")
+        used: set[int] = set()   # frames referred to (each at most once)
         for row in rows:  # all rows are checked before any is accepted
             P.task_row(row, P.TRACE_AT_RELAY)
-            P.blob(blobs, row[2])
+            P.claim_frame(used, blobs, row[2])
             if row[3] != -1:
-                P.blob(blobs, row[3])
+                P.claim_frame(used, blobs, row[3])
         user = session.user
         for member in states:  # a group: the user must be allowed on every member
             if member is not None and not member.access.allows(user, session.groups):
@@ -806,8 +807,9 @@ class Relay:
         rows = msg.fields["rows"]
         if not isinstance(rows, list):
             raise P.ProtocolError("rows must be a list")
+        used: set[int] = set()
         for row in rows:
-            P.blob(blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
+            P.claim_frame(used, blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
         started = P.task_ids(msg.fields.get("started", []))
         endpoint_id = self.endpoint_senders.get(sender)
         known = self.endpoints.get(endpoint_id) if endpoint_id is not None else None
