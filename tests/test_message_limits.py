@@ -20,15 +20,39 @@ from test_faults import running_relay
 
 @pytest.fixture(scope="module")
 def two_users(tmp_path_factory):
-    """A token-mode relay with users alice and bob, and bob's endpoint."""
+    """A token-mode relay with users alice and bob, and an endpoint of each."""
     directory = tmp_path_factory.mktemp("message-limits")
     data = directory / "relay-data"
     tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
               for name in ("alice", "bob")}
     with running_relay(directory, "--auth", "token") as address, \
-            running_endpoint(directory, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bob_ep:
+            running_endpoint(directory, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bob_ep, \
+            running_endpoint(directory, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as alice_ep:
         wait_connected(address, bob_ep.id, tokens["bob"], bob_ep.proc, bob_ep.log)
-        yield address, tokens, bob_ep, directory / "relay.log"
+        wait_connected(address, alice_ep.id, tokens["alice"], alice_ep.proc, alice_ep.log)
+        yield address, tokens, bob_ep, directory / "relay.log", alice_ep
+
+
+def test_junk_acks_never_reach_the_store_writer(tmp_path):
+    """Only the ids the record holds as the user's finished tasks are
+    queued for the writer: a flood of others leaves its backlog at 0."""
+    from fedexec.relay.store import RelayStore
+
+    store = RelayStore(tmp_path / "record")
+    try:
+        seq = store.flush()
+        for _ in range(200):   # 204,800 ids: over MAX_STORE_BACKLOG, which pauses dispatch for everyone
+            assert store.acknowledge([uuid.uuid4().bytes for _ in range(P.MAX_ITEMS)], "bob") == []
+        assert store.flush() == seq and store.backlog == 0    # nothing was handed to the writer
+        mine = uuid.uuid4().bytes
+        store.add_result(mine, P.OK, b"done", "alice")
+        seq = store.flush()
+        assert store.acknowledge([mine] * 3, "bob") == []        # another user's: dropped
+        assert store.flush() == seq
+        assert store.acknowledge([mine, mine], "alice") == [mine]   # hers: handed over, once
+        assert store.flush() == seq + 1
+    finally:
+        store.close()
 
 
 def test_decode_refuses_more_frames_than_rows_can_use():
@@ -60,7 +84,7 @@ def test_waiting_messages_keeps_no_more_than_a_message_may_have():
 
 @pytest.mark.timeout(120)
 def test_a_message_of_many_tiny_frames_is_refused_and_others_are_served(two_users):
-    address, tokens, bob_ep, _log = two_users
+    address, tokens, bob_ep, _log, _alice_ep = two_users
     bob = RawClient(address, tokens["bob"])
     alice = RawClient(address, tokens["alice"])
     try:
@@ -102,7 +126,7 @@ def results_for(client: RawClient, task_id: bytes, seconds: float) -> list[tuple
 def test_a_resume_repeating_a_large_result_reads_it_once(two_users):
     from test_abuse import RssWatch, relay_process
 
-    address, tokens, bob_ep, _log = two_users
+    address, tokens, bob_ep, _log, _alice_ep = two_users
     bob = RawClient(address, tokens["bob"])
     try:
         task_id = bob.submit(bob_ep.id, big_result, BIG_RESULT)
@@ -137,7 +161,7 @@ def test_results_over_a_turns_record_budget_come_in_later_turns(two_users):
     of them arrive, each once (the rest in later turns)."""
     from fedexec.relay.server import RECORD_BYTES_PER_TURN
 
-    address, tokens, bob_ep, _log = two_users
+    address, tokens, bob_ep, _log, _alice_ep = two_users
     bob = RawClient(address, tokens["bob"])
     try:
         count = RECORD_BYTES_PER_TURN // BIG_RESULT + 2
@@ -167,7 +191,7 @@ def test_results_over_a_turns_record_budget_come_in_later_turns(two_users):
 def test_rows_referring_to_one_frame_are_refused_before_any_work(two_users):
     from fedexec.serialize import serialize_arguments, serialize_function
 
-    address, tokens, bob_ep, _log = two_users
+    address, tokens, bob_ep, _log, _alice_ep = two_users
     bob = RawClient(address, tokens["bob"])
     try:
         body = b"\x80\x04N." + os.urandom(8) + b"b" * (8 * 1024 * 1024)   # its hash is wrong below
@@ -197,3 +221,28 @@ def test_rows_referring_to_one_frame_are_refused_before_any_work(two_users):
         bob.send(P.ACK, {"tids": [task_id]})
     finally:
         bob.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_junk_ack_flood_does_not_delay_another_users_tasks(two_users):
+    address, tokens, _bob_ep, _log, alice_ep = two_users
+    bob = RawClient(address, tokens["bob"])
+    alice = RawClient(address, tokens["alice"])
+    try:
+        for _ in range(200):   # 204,800 unknown ids, twice MAX_STORE_BACKLOG
+            bob.send(P.ACK, {"tids": [uuid.uuid4().bytes for _ in range(P.MAX_ITEMS)]})
+        started = time.monotonic()
+        task_id = alice.submit(alice_ep.id, big_result, 5)
+        got: list = []
+        while not got and time.monotonic() - started < 30:
+            got = results_for(alice, task_id, 0.5)
+        took = time.monotonic() - started
+        assert len(got) == 1 and got[0][0] == P.OK, got
+        print(f"\nalice's task took {took * 1000:.0f} ms right after 200 x 1,024 junk ACK ids")
+        assert took < 10.0
+        bob.send(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION})
+        assert bob.expect(P.WELCOME, 20)   # all of bob's ACKs were read by now
+        alice.send(P.ACK, {"tids": [task_id]})
+    finally:
+        bob.close()
+        alice.close()

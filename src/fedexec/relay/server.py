@@ -388,9 +388,8 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            task_ids = P.task_ids(msg.fields["tids"])
-            self.store.acknowledge(task_ids, session.user)
-            self.quotas.acknowledged(task_ids, session.user)
+            known = self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
+            self.quotas.acknowledged(known, session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
         elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
