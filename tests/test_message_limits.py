@@ -246,3 +246,46 @@ def test_a_junk_ack_flood_does_not_delay_another_users_tasks(two_users):
     finally:
         bob.close()
         alice.close()
+
+
+@pytest.mark.timeout(120)
+def test_refusals_and_malformed_messages_make_short_log_lines(two_users):
+    address, tokens, _bob_ep, log, alice_ep = two_users
+    bob = RawClient(address, tokens["bob"])
+    alice = RawClient(address, tokens["alice"])
+    try:
+        huge = "x" * 300_000
+        bob.send(P.HELLO, {"role": huge, "py": P.PYTHON_VERSION})
+        error = bob.expect(P.ERROR, 20)
+        assert error is not None and "unknown role" in error.fields["msg"] and len(error.fields["msg"]) < 500, \
+            len(error.fields["msg"]) if error else None
+        bob.send(huge, {})
+        error = bob.expect(P.ERROR, 20)
+        assert error is not None and "unknown message type" in error.fields["msg"]
+        assert len(error.fields["msg"]) < 500
+        # alice's finished tasks, read by bob many times in one message: one log line, with the count
+        ids = [alice.submit(alice_ep.id, big_result, 1) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        done: set[bytes] = set()
+        while len(done) < 3 and time.monotonic() < deadline:
+            msg = alice.expect(P.RESULTS, 1.0)
+            done.update(row[0] for row in msg.fields["rows"]) if msg else None
+        assert done == set(ids)
+        time.sleep(0.5)   # their results are on disk
+        bob.send(P.RESUME, {"tids": (ids * 400)[:P.MAX_ITEMS]})
+        refused: set[bytes] = set()
+        while len(refused) < 3 and time.monotonic() < deadline:
+            msg = bob.expect(P.RESULTS, 1.0)
+            refused.update(row[0] for row in msg.fields["rows"] if row[1] == P.FAILED) if msg else None
+        assert refused == set(ids)
+        time.sleep(1.0)
+        lines = log.read_text(errors="replace").splitlines()
+        malformed = [line for line in lines if "rejected a malformed message" in line]
+        assert len(malformed) == 2 and all("from user 'bob'" in line and len(line) < 600 for line in malformed), \
+            [line[:300] for line in malformed]
+        read = [line for line in lines if "refused user 'bob': read the result of task(s) of another user" in line]
+        assert len(read) == 1 and ": 3 task(s)" in read[0], read
+        alice.send(P.ACK, {"tids": ids})
+    finally:
+        bob.close()
+        alice.close()

@@ -275,6 +275,20 @@ def check_payload_limit(max_payload: int) -> int:
     return max_payload
 
 
+def shorten(value: Any, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages
+    and log lines that quote what a peer sent: a large value makes neither
+    a large reply nor a large log line."""
+    if isinstance(value, (bytes, bytearray, str)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} in all)"
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters (saying how long it was)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class ProtocolError(ValueError):
     """A message that is not a well-formed fedexec message."""
 
@@ -333,7 +347,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("header is not a map")
     version = header.pop("v", None)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(f"protocol version {shorten(version)}, expected {PROTOCOL_VERSION}")
     msg_type = header.pop("t", None)
     if not isinstance(msg_type, str):
         raise ProtocolError("message has no type")
@@ -417,7 +431,7 @@ MAX_COUNT = 1 << 31
 def count(value: Any, name: str) -> int:
     """A non-negative integer field (credits, worker counts), checked at the edge."""
     if type(value) is not int or not 0 <= value < MAX_COUNT:
-        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_COUNT - 1}, not {value!r}")
+        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_COUNT - 1}, not {shorten(value)}")
     return value
 
 
@@ -475,7 +489,7 @@ def result_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> tuple[bytes, int
     task_id, status, index = row[:3]
     if (not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED)
             or type(index) not in (int, bytes)):
-        raise ProtocolError(f"malformed result row {row!r}")
+        raise ProtocolError(f"malformed result row {shorten(row)}")
     return task_id, status, index
 
 
@@ -505,7 +519,7 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
     if type(args_index) not in (int, bytes) or type(fn_index) not in (int, bytes):
         raise ProtocolError("payload references must be inline bytes or frame indexes")
     if kind not in (TASK_CALL, TASK_CHUNK):
-        raise ProtocolError(f"unknown task kind {kind!r}")
+        raise ProtocolError(f"unknown task kind {shorten(kind)}")
     text(python, "python version", 16)
     return row
 
@@ -528,5 +542,5 @@ def claim_frame(used: set[int], blobs: Sequence[Any], ref: Any) -> None:
 def blob_at(blobs: Sequence[Any], index: Any) -> Any:
     """The blob a row refers to, with a ProtocolError for a bad index."""
     if not isinstance(index, int) or not 0 <= index < len(blobs):
-        raise ProtocolError(f"row refers to blob {index!r} of {len(blobs)}")
+        raise ProtocolError(f"row refers to blob {shorten(index)} of {len(blobs)}")
     return blobs[index]

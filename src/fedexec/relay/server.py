@@ -187,6 +187,8 @@ class Relay:
         # finished tasks to answer from the record, over a turn's RECORD_BYTES_PER_TURN: per client, in order
         self.record_waiting: dict[bytes, dict[bytes, Session]] = {}
         self.record_budget = RECORD_BYTES_PER_TURN
+        # refusals of single tasks this turn, logged once per user and action: (user, action) -> [count, first id]
+        self.refused_tasks: dict[tuple[str, str], list] = {}
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
@@ -272,6 +274,8 @@ class Relay:
                 self._dispatch()
                 self._send_all()
                 self._send_committed()
+                if self.refused_tasks:
+                    self._log_refused_tasks()
                 now = time.monotonic()
                 if now >= next_maintenance:
                     next_maintenance = now + MAINTENANCE_INTERVAL
@@ -362,8 +366,10 @@ class Relay:
             msg = P.decode(frames[1:])
             self._handle(sender, session, msg)
         except Exception as exc:  # one bad message must not stop the relay for everyone
-            log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
-            self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
+            why = f"{type(exc).__name__}: {P.clip(str(exc))}"
+            log.warning("rejected a malformed message from user %r (connection %s): %s", session.user,
+                        sender.hex()[:64], why)
+            self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {why}"}))
 
     def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
@@ -405,7 +411,7 @@ class Relay:
                          state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
         else:
-            raise P.ProtocolError(f"unknown message type {t!r}")
+            raise P.ProtocolError(f"unknown message type {P.shorten(t)}")
 
     def _endpoint_of(self, sender: bytes) -> EndpointState:
         state = self.endpoints.by_routing.get(sender)
@@ -418,6 +424,21 @@ class Relay:
         refusals.warning("refused user %r: %s: %s", session.user, action, why)
         self._send(sender, P.encode(P.ERROR, {"msg": f"not allowed: {why}", "refused": True}))
 
+    def _refused_task(self, user: str, action: str, task_id: bytes) -> None:
+        """Count a refusal of one task, logged with the others of the turn
+        (:meth:`_log_refused_tasks`): a message of many such rows makes one
+        log line, not one per row."""
+        entry = self.refused_tasks.get((user, action))
+        if entry is None:
+            self.refused_tasks[(user, action)] = [1, task_id]
+        else:
+            entry[0] += 1
+
+    def _log_refused_tasks(self) -> None:
+        for (user, action), (count, first) in self.refused_tasks.items():
+            refusals.warning("refused user %r: %s: %d task(s) (the first: %s)", user, action, count, first.hex())
+        self.refused_tasks.clear()
+
     def _on_hello(self, sender: bytes, session: Session, msg: P.Message) -> None:
         f = msg.fields
         role = f["role"]
@@ -426,7 +447,7 @@ class Relay:
             # knock a live endpoint off
             endpoint_id = P.text(f["id"], "endpoint id")
             if not P.is_endpoint_id(endpoint_id):
-                raise P.ProtocolError(f"endpoint id {endpoint_id!r} is not a UUID")
+                raise P.ProtocolError(f"endpoint id {P.shorten(endpoint_id)} is not a UUID")
             if not (sender[:1] == b"E" and len(sender) == 17):
                 raise P.ProtocolError("an endpoint connects with a routing id of E and 16 random bytes")
             functions = f.get("functions")
@@ -440,10 +461,10 @@ class Relay:
             held = P.task_ids(f.get("holding", []))
             heartbeat = f.get("hb", 2.0)
             if not isinstance(heartbeat, (int, float)) or not 0.01 <= heartbeat <= 3600:
-                raise P.ProtocolError(f"heartbeat period {heartbeat!r} out of range")
+                raise P.ProtocolError(f"heartbeat period {P.shorten(heartbeat)} out of range")
             missed = f.get("hbm", 3)
             if type(missed) is not int or not 1 <= missed <= 100:
-                raise P.ProtocolError(f"missed heartbeats {missed!r} out of range")
+                raise P.ProtocolError(f"missed heartbeats {P.shorten(missed)} out of range")
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.access.owner and state.access.owner != session.user:
                 self._refuse(sender, session, f"connect as endpoint {endpoint_id}",
@@ -471,7 +492,7 @@ class Relay:
             self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION,
                                                     "inc": self.incarnation, "max_payload": self.max_payload}))
         else:
-            raise P.ProtocolError(f"unknown role {role!r}")
+            raise P.ProtocolError(f"unknown role {P.shorten(role)}")
 
     def _save_endpoint(self, state: EndpointState) -> None:
         self.store.save_endpoint(state.endpoint_id, state.name, state.python, state.workers, state.access.owner,
@@ -579,7 +600,7 @@ class Relay:
                              "was fetched and acknowledged or expired, or its endpoint is no longer known")
 
     def _not_theirs(self, sender: bytes, session: Session, task_id: bytes, action: str) -> None:
-        refusals.warning("refused user %r: %s task %s: it is another user's", session.user, action, task_id.hex())
+        self._refused_task(session.user, f"{action} task(s) of another user", task_id)
         self._reject(sender, task_id, P.NOT_ALLOWED, f"task {task_id.hex()} belongs to another user")
 
     def _on_submit(self, sender: bytes, session: Session, msg: P.Message) -> None:
@@ -636,8 +657,7 @@ class Relay:
             if options is not None and "tr" in options:
                 options["tr"].append(now)
             if allowed is not None and fn_hash not in allowed:
-                refusals.warning("refused user %r: run function %s on %s: not on its allow-list",
-                                 user, fn_hash.hex(), where)
+                self._refused_task(user, f"run function(s) not on the allow-list of {where}", task_id)
                 self._reject(sender, task_id, P.NOT_ALLOWED,
                              f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                 continue
@@ -895,7 +915,7 @@ class Relay:
             if record is None:
                 continue
             if record.user != session.user:
-                refusals.warning("refused user %r: cancel task %s: it is another user's", session.user, task_id.hex())
+                self._refused_task(session.user, "cancel task(s) of another user", task_id)
                 continue
             if record.client != sender:
                 continue
