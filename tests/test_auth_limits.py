@@ -479,8 +479,10 @@ def test_one_address_cannot_take_every_globus_check(tmp_path):
             socks.append(hello_from(g.address, g.alice, "127.0.0.1"))
             assert welcomed(socks[-1], HANG / 2), "a cached token was not served"
             assert time.monotonic() - started < HANG / 2
-            refused = tail(g.log, 400_000).count("from this network address at once")
-            assert refused == GLOBUS_CHECKS_WAITING - GLOBUS_CHECKS_PER_PEER, refused
+            log = tail(g.log, 400_000)
+            refused = log.count("from this network address at once")   # (a refused client may try again)
+            assert refused >= GLOBUS_CHECKS_WAITING - GLOBUS_CHECKS_PER_PEER, refused
+            assert "Globus tokens at once" not in log   # the relay's own limit was never reached
             g.fake.release()
             assert sum(welcomed(sock, HANG + 10) for sock in socks[:GLOBUS_CHECKS_PER_PEER]) \
                 == GLOBUS_CHECKS_PER_PEER

@@ -189,6 +189,7 @@ class Relay:
         self.record_budget = RECORD_BYTES_PER_TURN
         # refusals of single tasks this turn, logged once per user and action: (user, action) -> [count, first id]
         self.refused_tasks: dict[tuple[str, str], list] = {}
+        self.refused_unauthenticated: dict[str, int] = {}   # messages refused this turn, by why
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
@@ -274,7 +275,7 @@ class Relay:
                 self._dispatch()
                 self._send_all()
                 self._send_committed()
-                if self.refused_tasks:
+                if self.refused_tasks or self.refused_unauthenticated:
                     self._log_refused_tasks()
                 now = time.monotonic()
                 if now >= next_maintenance:
@@ -357,7 +358,8 @@ class Relay:
                 self._take(frames, outcome)
 
     def _refuse_unauthenticated(self, sender: bytes, exc: AccessDenied) -> None:
-        refusals.warning("refused a message from an unauthenticated connection: %s", exc)
+        why = str(exc)   # logged once per turn and reason (:meth:`_log_refused_tasks`)
+        self.refused_unauthenticated[why] = self.refused_unauthenticated.get(why, 0) + 1
         self._send(sender, P.encode(P.ERROR, exc.reply()))
 
     def _take(self, frames: list[Any], session: Session) -> None:
@@ -438,6 +440,9 @@ class Relay:
         for (user, action), (count, first) in self.refused_tasks.items():
             refusals.warning("refused user %r: %s: %d task(s) (the first: %s)", user, action, count, first.hex())
         self.refused_tasks.clear()
+        for why, count in self.refused_unauthenticated.items():
+            refusals.warning("refused %d message(s) from unauthenticated connections: %s", count, why)
+        self.refused_unauthenticated.clear()
 
     def _on_hello(self, sender: bytes, session: Session, msg: P.Message) -> None:
         f = msg.fields
