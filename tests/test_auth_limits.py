@@ -29,7 +29,7 @@ from zmq.utils.monitor import recv_monitor_message
 from fedexec import AuthenticationFailed, FederatedExecutor
 from fedexec import protocol as P
 from fedexec.auth import connect_plainly
-from fedexec.relay.access import GLOBUS_CHECK_THREADS, OLD_TOKEN_OVER_CURVE, PENDING_CONNECTIONS, TokenBook
+from fedexec.relay.access import GLOBUS_CHECKS_PER_PEER, OLD_TOKEN_OVER_CURVE, PENDING_CONNECTIONS, TokenBook
 from fedexec.relay.query import lookup_endpoint
 
 from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
@@ -38,6 +38,16 @@ from test_faults import running_relay, stop_process, tail
 DEADLINE = 30
 BIG = 20 * 1024 * 1024          # each of the intruder's messages
 INTRUDER_MESSAGES = 3
+
+
+def connect_from(sock: zmq.Socket, address: str, token: str, source: str, relay_key: str | None = None) -> None:
+    """connect_plainly, from the loopback address ``source`` (127.0.0.x):
+    as a client on another machine would, for per-address limits."""
+    from fedexec.auth import find_credentials, secure
+
+    key = secure(sock, address, relay_key)
+    find_credentials(address, token).apply(sock, key)
+    sock.connect(f"tcp://{source}:0;{address.split('://', 1)[1]}")
 
 
 def relay_process(data: Path) -> psutil.Process:
@@ -310,8 +320,9 @@ def slow_lookups(g, tokens: list[str]) -> list[dict]:
 @pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
 def test_a_hung_globus_introspection_delays_only_its_connection(tmp_path, curve):
     with globus_relay(tmp_path, curve) as g:
-        # more slow tokens than there are check threads: every one of them is busy with a hung call
-        slow = [g.fake.issue_token("mallory@example.org", scope=g.scope) for _ in range(GLOBUS_CHECK_THREADS + 2)]
+        # as many slow tokens as one address may have checked at once (GLOBUS_CHECKS_PER_PEER, half
+        # the check threads; see test_one_address_cannot_take_every_globus_check for more)
+        slow = [g.fake.issue_token("mallory@example.org", scope=g.scope) for _ in range(GLOBUS_CHECKS_PER_PEER)]
         for token in slow:
             g.fake.slow(token, HANG)
         with FederatedExecutor(g.endpoint.id, relay=g.address, token=g.alice, relay_public_key=g.key) as ex:
@@ -356,11 +367,11 @@ def test_connections_waiting_for_their_check_are_bounded(tmp_path):
             g.fake.slow(token.partition(":")[2], HANG)
         clients = []
         try:
-            for token in slow[:-1]:
+            for i, token in enumerate(slow[:-1]):   # from several addresses: each has GLOBUS_CHECKS_PER_PEER
                 ctx = zmq.Context.instance()
                 sock = ctx.socket(zmq.DEALER)
                 sock.linger = 0
-                connect_plainly(sock, g.address, token, g.key)
+                connect_from(sock, g.address, token, f"127.0.0.{2 + i // GLOBUS_CHECKS_PER_PEER}", g.key)
                 sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
                 clients.append(sock)
             time.sleep(1.0)   # all of them are held
@@ -396,3 +407,116 @@ def test_connections_waiting_for_their_check_are_bounded(tmp_path):
         finally:
             for sock in clients:
                 sock.close(linger=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_large_first_message_is_not_held_while_its_check_runs(tmp_path):
+    """Over CURVE (globus mode) a first message over PENDING_BYTES_EACH is
+    refused at once, not held; its check still runs, and once it answers
+    the connection is served."""
+    from fedexec.relay.access import PENDING_BYTES_EACH
+
+    with globus_relay(tmp_path, curve=True) as g:
+        token = "globus:" + g.fake.issue_token("mallory@example.org", scope=g.scope)
+        g.fake.slow(token.partition(":")[2], HANG)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            connect_plainly(sock, g.address, token, g.key)
+            started = time.monotonic()
+            sock.send_multipart(P.encode(P.SUBMIT, {"ep": str(uuid.uuid4()), "tasks": []},
+                                         [b"\0" * (PENDING_BYTES_EACH + 1)]))
+            assert sock.poll(5000), "a large first message got no answer while its check ran"
+            reply = P.decode(sock.recv_multipart())
+            assert time.monotonic() - started < HANG / 2
+            assert reply.type == P.ERROR and reply.fields.get("unchecked") and not reply.fields.get("auth"), reply
+            assert f"at most {PENDING_BYTES_EACH} bytes" in reply.fields["msg"]
+            g.fake.release()
+            deadline = time.monotonic() + HANG + 15
+            welcome = None
+            while welcome is None and time.monotonic() < deadline:   # the check ends; then it is served
+                sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+                if sock.poll(1000):
+                    msg = P.decode(sock.recv_multipart())
+                    welcome = msg if msg.type == P.WELCOME else None
+            assert welcome is not None, "the connection was not served after its check"
+        finally:
+            sock.close(linger=0)
+
+
+def hello_from(address: str, token: str, source: str) -> zmq.Socket:
+    """A raw PLAIN connection from the loopback address ``source`` that says HELLO."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    connect_from(sock, address, token, source)
+    sock.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+    return sock
+
+
+def welcomed(sock: zmq.Socket, timeout: float) -> bool:
+    return bool(sock.poll(int(timeout * 1000))) and P.decode(sock.recv_multipart()).type == P.WELCOME
+
+
+@pytest.mark.timeout(120)
+def test_one_address_cannot_take_every_globus_check(tmp_path):
+    """Tokens whose check hangs, from one address, as many as the relay
+    checks at once in all: that address gets GLOBUS_CHECKS_PER_PEER of the
+    places, the rest are refused at once; a new token from another address
+    is checked and served meanwhile, and so is a cached one from the same."""
+    from fedexec.relay.access import GLOBUS_CHECKS_WAITING
+
+    with globus_relay(tmp_path, curve=False) as g:
+        slow = [g.fake.issue_token("mallory@example.org", scope=g.scope) for _ in range(GLOBUS_CHECKS_WAITING)]
+        for token in slow:
+            g.fake.slow(token, HANG)
+        socks = [hello_from(g.address, "globus:" + token, "127.0.0.1") for token in slow]
+        try:
+            time.sleep(2.0)
+            fresh = "globus:" + g.fake.issue_token("mallory@example.org", scope=g.scope)
+            started = time.monotonic()
+            socks.append(hello_from(g.address, fresh, "127.0.0.2"))
+            assert welcomed(socks[-1], HANG / 2), "a new token from another address was not served"
+            socks.append(hello_from(g.address, g.alice, "127.0.0.1"))
+            assert welcomed(socks[-1], HANG / 2), "a cached token was not served"
+            assert time.monotonic() - started < HANG / 2
+            log = tail(g.log, 400_000)
+            refused = log.count("from this network address at once")   # (a refused client may try again)
+            assert refused >= GLOBUS_CHECKS_WAITING - GLOBUS_CHECKS_PER_PEER, refused
+            assert "Globus tokens at once" not in log   # the relay's own limit was never reached
+            g.fake.release()
+            assert sum(welcomed(sock, HANG + 10) for sock in socks[:GLOBUS_CHECKS_PER_PEER]) \
+                == GLOBUS_CHECKS_PER_PEER
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+
+
+def test_refused_globus_tokens_never_evict_valid_ones(tmp_path, monkeypatch):
+    """Random tokens fill only the (bounded) cache of refused ones; a valid
+    token's session stays cached: checked again with Globus Auth hanging,
+    it is answered at once."""
+    from fake_globus import FakeGlobusAuth
+    from fedexec.relay.access import GlobusTokenCheck, Session
+    from test_globus_mode import ALICE, RELAY_ID, RELAY_SECRET, SCOPE
+
+    fake = FakeGlobusAuth()
+    try:
+        for k, v in fake.env().items():
+            monkeypatch.setenv(k, v)
+        fake.add_client(RELAY_ID, RELAY_SECRET)
+        fake.add_user(ALICE)
+        check = GlobusTokenCheck(RELAY_ID, RELAY_SECRET, scope=SCOPE, refused_cached=20)
+        alice = fake.issue_token(ALICE, scope=SCOPE)
+        assert isinstance(check.check(alice), Session)
+        junk = [f"junk-{i}" for i in range(60)]
+        for token in junk:
+            assert "not active" in check.check(token)
+        assert check.cached(junk[0]) is None and check.cached(junk[-1]) is not None   # the oldest went
+        fake.slow(alice, HANG)
+        started = time.monotonic()
+        session = check.check(alice)
+        assert isinstance(session, Session) and session.user == ALICE
+        assert time.monotonic() - started < 1.0, "a valid token's session was forgotten"
+    finally:
+        fake.release()
+        fake.close()

@@ -122,6 +122,19 @@ MAX_ITEMS = 1024
 # payloads fit MAX_HEADER.
 INLINE_BUDGET = 128 * 1024
 MAX_MAP = 256        # keys of any map in a header
+# MAX_FRAMES: frames of one message, the header included. Every row refers to
+# at most two frames (a task's arguments and function body; a result's
+# payload), each frame at most once (see claim_frame), so a message of
+# MAX_ITEMS rows needs at most this many. libzmq has no option that caps a
+# whole multipart message (MAXMSGSIZE is per frame, RCVHWM counts messages):
+# it assembles every frame of a message before the receiver sees any, so a
+# message of millions of 1-byte frames costs ~90x its size in libzmq's and
+# Python's frame objects. waiting_messages keeps at most MAX_FRAMES (+ the
+# routing id) of a message as Python objects, dropping the rest as it reads
+# them, and decode refuses a message over MAX_FRAMES.
+MAX_FRAMES = 1 + 2 * MAX_ITEMS
+# How much of a value an error message or log line quotes (shorten()).
+MAX_QUOTED = 200
 
 INLINE_MAX = 8 * 1024
 
@@ -217,12 +230,26 @@ def blob(frames: Sequence[Any], ref: Any) -> Any:
 
 def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
     """The messages already waiting on ``sock``, as frames, at most ``limit``
-    (so one busy socket cannot starve a loop's others); never blocks."""
+    (so one busy socket cannot starve a loop's others); never blocks.
+
+    A message of more than MAX_FRAMES frames (after a ROUTER's routing id)
+    is cut to MAX_FRAMES + 1 of them (the rest are read and dropped at
+    once, never kept), so that :func:`decode` refuses it without it costing
+    a Python object per frame."""
+    keep = MAX_FRAMES + (2 if sock.type == zmq.ROUTER else 1)
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = [sock.recv(zmq.NOBLOCK, copy=False)]
         except zmq.Again:
             return
+        # the rest of a message is already here (libzmq delivers whole messages)
+        while frames[-1].more:
+            frame = sock.recv(copy=False)
+            if len(frames) < keep:
+                frames.append(frame)
+            elif not frame.more:
+                break
+        yield frames
 
 
 def limit_frames(sock: zmq.Socket) -> zmq.Socket:
@@ -246,6 +273,20 @@ def check_payload_limit(max_payload: int) -> int:
                          f"frame of at most {MAX_FRAME:,} bytes; larger payloads are not supported yet), "
                          f"not {max_payload!r}")
     return max_payload
+
+
+def shorten(value: Any, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages
+    and log lines that quote what a peer sent: a large value makes neither
+    a large reply nor a large log line."""
+    if isinstance(value, (bytes, bytearray, str)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} in all)"
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters (saying how long it was)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 class ProtocolError(ValueError):
@@ -282,6 +323,9 @@ def decode(frames: Sequence[Any]) -> Message:
     """
     if not frames:
         raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"more than {MAX_FRAMES:,} frames in one message, the limit (MAX_FRAMES: a header "
+                            f"and two payload frames for each of at most {MAX_ITEMS} rows)")
     head = frames[0]
     raw = head.buffer if hasattr(head, "buffer") else head
     if len(raw) > MAX_HEADER:
@@ -303,7 +347,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("header is not a map")
     version = header.pop("v", None)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(f"protocol version {shorten(version)}, expected {PROTOCOL_VERSION}")
     msg_type = header.pop("t", None)
     if not isinstance(msg_type, str):
         raise ProtocolError("message has no type")
@@ -387,7 +431,7 @@ MAX_COUNT = 1 << 31
 def count(value: Any, name: str) -> int:
     """A non-negative integer field (credits, worker counts), checked at the edge."""
     if type(value) is not int or not 0 <= value < MAX_COUNT:
-        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_COUNT - 1}, not {value!r}")
+        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_COUNT - 1}, not {shorten(value)}")
     return value
 
 
@@ -445,7 +489,7 @@ def result_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> tuple[bytes, int
     task_id, status, index = row[:3]
     if (not isinstance(task_id, bytes) or status not in (OK, EXCEPTION, FAILED, CANCELLED)
             or type(index) not in (int, bytes)):
-        raise ProtocolError(f"malformed result row {row!r}")
+        raise ProtocolError(f"malformed result row {shorten(row)}")
     return task_id, status, index
 
 
@@ -475,13 +519,28 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
     if type(args_index) not in (int, bytes) or type(fn_index) not in (int, bytes):
         raise ProtocolError("payload references must be inline bytes or frame indexes")
     if kind not in (TASK_CALL, TASK_CHUNK):
-        raise ProtocolError(f"unknown task kind {kind!r}")
+        raise ProtocolError(f"unknown task kind {shorten(kind)}")
     text(python, "python version", 16)
     return row
+
+
+def claim_frame(used: set[int], blobs: Sequence[Any], ref: Any) -> None:
+    """Check a row's payload reference (inline bytes, or a frame index)
+    and mark its frame used: a frame referred to twice in one message is a
+    ProtocolError, so that one large frame cannot be hashed, stored or
+    forwarded once per row (every sender gives each payload its own frame,
+    see :class:`Blobs`)."""
+    if type(ref) is bytes:
+        return
+    blob_at(blobs, ref)
+    if ref in used:
+        raise ProtocolError(f"blob frame {ref} is referred to twice in one message; each payload travels in a "
+                            "frame of its own")
+    used.add(ref)
 
 
 def blob_at(blobs: Sequence[Any], index: Any) -> Any:
     """The blob a row refers to, with a ProtocolError for a bad index."""
     if not isinstance(index, int) or not 0 <= index < len(blobs):
-        raise ProtocolError(f"row refers to blob {index!r} of {len(blobs)}")
+        raise ProtocolError(f"row refers to blob {shorten(index)} of {len(blobs)}")
     return blobs[index]

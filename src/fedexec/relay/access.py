@@ -65,13 +65,21 @@ USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 GLOBUS_RECHECK = 600.0               # seconds a Globus introspection answer is trusted at most
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 CURVE_IDLE = 3600.0                  # seconds after which a silent CURVE connection's session is forgotten
-GLOBUS_CHECK_THREADS = 4             # Globus introspections at once (threads of BackgroundChecks)
+GLOBUS_CHECK_THREADS = 8             # Globus introspections at once (threads of BackgroundChecks)
 GLOBUS_CHECKS_WAITING = 64           # distinct tokens waiting for or in an introspection, at most
+# ... of them brought by connections from one network address: fewer than the
+# threads, so that one address whose tokens hang never holds every thread
+GLOBUS_CHECKS_PER_PEER = GLOBUS_CHECK_THREADS // 2
+GLOBUS_REFUSED_CACHED = 10_000       # refused tokens remembered (the oldest forgotten first)
+GLOBUS_SESSIONS_CACHED = 100_000     # valid tokens remembered (expired ones forgotten first)
 PENDING_CONNECTIONS = 32             # CURVE connections (globus mode) whose first message waits for its check
 PENDING_BYTES_EACH = 1 << 20         # what such a connection may have held meanwhile: bytes...
 PENDING_MESSAGES_EACH = 16           # ... and messages (HELLO, LOOKUP...); the rest is dropped, to send again
 CHECKS_BUSY = (f"the relay is checking too many Globus tokens at once (at most {GLOBUS_CHECKS_WAITING}); "
                "try again shortly")
+PEER_BUSY = (f"the relay is checking too many Globus tokens from this network address at once (at most "
+             f"{GLOBUS_CHECKS_PER_PEER}); try again shortly")
+BUSY = (CHECKS_BUSY, PEER_BUSY)   # refusals that are not the token's fault: not remembered
 
 
 class AccessDenied(Exception):
@@ -256,17 +264,26 @@ class TokenBook:
 class GlobusTokenCheck:
     """Checks Globus Auth bearer tokens by introspection, as the relay's own
     (confidential) Globus app; answers are cached until the token expires or
-    ``recheck`` seconds pass, whichever is first."""
+    ``recheck`` seconds pass, whichever is first.
+
+    Valid and refused tokens are cached apart: anyone can present refused
+    tokens (random ones) by the thousand, so their cache is bounded
+    (``refused_cached``, the oldest forgotten first) and filling it never
+    forgets a valid token's session."""
 
     def __init__(self, client_id: str, client_secret: str, *, scope: str | None = None,
-                 recheck: float = GLOBUS_RECHECK) -> None:
+                 recheck: float = GLOBUS_RECHECK, refused_cached: int = GLOBUS_REFUSED_CACHED,
+                 sessions_cached: int = GLOBUS_SESSIONS_CACHED) -> None:
         import globus_sdk
 
         self.client_id = client_id
         self.client = globus_sdk.ConfidentialAppAuthClient(client_id, client_secret)
         self.scope = scope
         self.recheck = recheck
-        self._cache: dict[bytes, tuple[float, Session | str]] = {}
+        self.refused_cached = refused_cached
+        self.sessions_cached = sessions_cached
+        self._cache: dict[bytes, tuple[float, Session]] = {}      # valid tokens
+        self._refused: dict[bytes, tuple[float, str]] = {}       # refused ones, oldest first
         self._lock = threading.Lock()
 
     @staticmethod
@@ -277,8 +294,9 @@ class GlobusTokenCheck:
     def cached(self, token: str) -> Session | str | None:
         """The answer for ``token`` if one is cached and still holds (a
         session of its own), None if it needs an introspection."""
+        key = self.key(token)
         with self._lock:
-            cached = self._cache.get(self.key(token))
+            cached: tuple[float, Session | str] | None = self._cache.get(key) or self._refused.get(key)
         if cached is None or time.time() >= cached[0]:
             return None
         return cached[1].copy() if isinstance(cached[1], Session) else cached[1]
@@ -290,11 +308,21 @@ class GlobusTokenCheck:
         answer = self.cached(token)
         if answer is not None:
             return answer
-        answer, until = self._introspect(token, time.time())
+        now = time.time()
+        answer, until = self._introspect(token, now)
+        key = self.key(token)
         with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[self.key(token)] = (until, answer)
+            if isinstance(answer, Session):
+                self._refused.pop(key, None)
+                if len(self._cache) >= self.sessions_cached:   # forget the expired ones (valid tokens are few)
+                    self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+                self._cache[key] = (until, answer)
+            else:
+                self._cache.pop(key, None)
+                self._refused.pop(key, None)   # (at the end again: the newest)
+                while len(self._refused) >= self.refused_cached:
+                    del self._refused[next(iter(self._refused))]
+                self._refused[key] = (until, answer)
         return answer.copy() if isinstance(answer, Session) else answer
 
     def _introspect(self, token: str, now: float) -> tuple[Session | str, float]:
@@ -390,31 +418,42 @@ class BackgroundChecks:
     thread. Connections presenting the same token share one introspection.
     At most ``waiting`` tokens wait for or are in an introspection; beyond,
     a token is refused at once (:data:`CHECKS_BUSY`), so a slow Globus Auth
-    piles up neither threads nor connections."""
+    piles up neither threads nor connections. At most ``per_peer`` of them
+    were brought by connections from one network address (beyond:
+    :data:`PEER_BUSY`), so that one address cannot take every place."""
 
     def __init__(self, globus: GlobusTokenCheck, threads: int = GLOBUS_CHECK_THREADS,
-                 waiting: int = GLOBUS_CHECKS_WAITING) -> None:
+                 waiting: int = GLOBUS_CHECKS_WAITING, per_peer: int = GLOBUS_CHECKS_PER_PEER) -> None:
         self.globus = globus
         self.limit = waiting
+        self.per_peer = per_peer
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="relay-globus-check")
-        self._waiting: dict[bytes, list[Callable[[Session | str], None]]] = {}
+        # token key -> (the address that brought it, who waits for its answer)
+        self._waiting: dict[bytes, tuple[str, list[Callable[[Session | str], None]]]] = {}
+        self._by_peer: dict[str, int] = {}   # tokens in _waiting per address
         self._lock = threading.Lock()
 
-    def check(self, token: str, done: Callable[[Session | str], None]) -> Session | str | None:
-        """The answer now (cached, or refused as too many are waiting), or
-        None: ``done`` gets it later."""
+    def check(self, token: str, done: Callable[[Session | str], None], peer: str = "") -> Session | str | None:
+        """The answer now (cached, or refused as too many are waiting, from
+        everywhere or from ``peer``, the connection's address), or None:
+        ``done`` gets it later."""
         answer = self.globus.cached(token)
         if answer is not None:
             return answer
         key = self.globus.key(token)
         with self._lock:
             if key in self._waiting:
-                self._waiting[key].append(done)
+                self._waiting[key][1].append(done)
                 return None
             if len(self._waiting) >= self.limit:
                 log.warning("refused a Globus token unchecked: %d are being checked already", len(self._waiting))
                 return CHECKS_BUSY
-            self._waiting[key] = [done]
+            if self._by_peer.get(peer, 0) >= self.per_peer:
+                log.warning("refused a Globus token from %s unchecked: %d of its are being checked already",
+                            peer or "an unknown address", self.per_peer)
+                return PEER_BUSY
+            self._waiting[key] = (peer, [done])
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         self._pool.submit(self._run, token, key)
         return None
 
@@ -425,7 +464,12 @@ class BackgroundChecks:
             log.exception("checking a Globus token failed")
             answer = f"the relay could not check the Globus token ({type(exc).__name__})"
         with self._lock:
-            waiters = self._waiting.pop(key, [])
+            peer, waiters = self._waiting.pop(key, ("", []))
+            left = self._by_peer.get(peer, 1) - 1
+            if left > 0:
+                self._by_peer[peer] = left
+            else:
+                self._by_peer.pop(peer, None)
         for i, done in enumerate(waiters):
             done(answer.copy() if isinstance(answer, Session) and i else answer)
 
@@ -437,11 +481,12 @@ class _Pending:
     """A CURVE connection (globus mode) whose token is being checked: the
     messages it sent meanwhile, held up to a bound."""
 
-    __slots__ = ("messages", "size")
+    __slots__ = ("sender", "messages", "size")
 
-    def __init__(self, frames: list[zmq.Frame]) -> None:
-        self.messages = [frames]
-        self.size = sum(len(frame) for frame in frames)
+    def __init__(self, sender: zmq.Frame) -> None:
+        self.sender = sender          # its routing id frame
+        self.messages: list[list[zmq.Frame]] = []
+        self.size = 0                 # bytes of the messages held
 
 
 # -- the relay's view ---------------------------------------------------------
@@ -471,11 +516,13 @@ class AccessControl:
         self.answers = Mailbox()                 # their checks' answers, for the relay's loop
         self.wake_fd = self.answers.fd           # readable when answers wait: call settled()
 
-    def check(self, user: str, password: str,
-              done: Callable[[Session | str], None] | None = None) -> Session | str | None:
+    def check(self, user: str, password: str, done: Callable[[Session | str], None] | None = None,
+              peer: str = "") -> Session | str | None:
         """The session these credentials open, or why they open none. With
         ``done``, a Globus token not cached yet is checked on another
-        thread: None now, and ``done`` gets the answer (from that thread)."""
+        thread: None now, and ``done`` gets the answer (from that thread);
+        ``peer``, the connection's address, limits the checks one address
+        may have running (see :class:`BackgroundChecks`)."""
         if self.mode == "local":
             if user == LOCAL_USER and hmac.compare_digest(password.encode(), self.local_secret.encode()):
                 return Session(LOCAL_USER)
@@ -486,10 +533,10 @@ class AccessControl:
         assert self.globus is not None and self.checks is not None
         if done is None:
             return self.globus.check(password)
-        return self.checks.check(password, done)
+        return self.checks.check(password, done, peer)
 
-    def open(self, user: str, password: str,
-             done: Callable[[tuple[str | None, str]], None] | None = None) -> tuple[str | None, str] | None:
+    def open(self, user: str, password: str, done: Callable[[tuple[str | None, str]], None] | None = None,
+             peer: str = "") -> tuple[str | None, str] | None:
         """Check credentials presented in a handshake: the new session's key
         (the User-Id of its messages), or None and why. With ``done``, a
         Globus token not cached yet gives None now, and ``done`` that pair
@@ -499,7 +546,7 @@ class AccessControl:
                 return None, answer
             return self._keep(answer, password), "OK"
 
-        answer = self.check(user, password, None if done is None else (lambda later: done(opened(later))))
+        answer = self.check(user, password, None if done is None else (lambda later: done(opened(later))), peer)
         return None if answer is None else opened(answer)
 
     def open_curve(self, public: bytes) -> tuple[str | None, str]:
@@ -557,10 +604,11 @@ class AccessControl:
         (HELLO, LOOKUP: see PENDING_BYTES_EACH), dropping (freeing) the
         rest with a NotYetChecked refusal, to be sent again. If the token
         fails, what was held is dropped, as is every later message of the
-        refused connection. So a connection not yet authenticated has at
-        most its first message (whatever size the socket lets in) or
-        PENDING_BYTES_EACH held, whichever is more, and at most
-        PENDING_CONNECTIONS such connections are held at once."""
+        refused connection. A first message over PENDING_BYTES_EACH is
+        not held (its check starts, it is refused as NotYetChecked, to be
+        sent again). So a connection not yet authenticated has at most
+        PENDING_BYTES_EACH bytes held, its first message included, and at
+        most PENDING_CONNECTIONS such connections are held at once."""
         if not key.startswith("curve:"):
             raise AccessDenied("this connection has no session")
         if key in self.refused:
@@ -586,11 +634,23 @@ class AccessControl:
                                f"(at most {PENDING_CONNECTIONS}); try again shortly")
         else:
             user, _, password = presented.partition(":")
-            answer = self.check(user, password, lambda later: self.answers.put((key, later)))
+            try:
+                peer = frames[-1].get("Peer-Address")
+            except zmq.ZMQError:
+                peer = ""
+            answer = self.check(user, password, lambda later: self.answers.put((key, later)), peer)
             if answer is None:
-                self.pending[key] = _Pending(frames)
+                pending = self.pending[key] = _Pending(frames[0])
+                size = sum(len(frame) for frame in frames)
+                if size > PENDING_BYTES_EACH:   # not held: sent again once the check has answered
+                    raise NotYetChecked(f"not read: this connection's credentials are being checked, and the "
+                                        f"relay holds at most {PENDING_BYTES_EACH} bytes of a connection "
+                                        f"meanwhile (this message has {size:,}); send it again once the relay "
+                                        "answers")
+                pending.messages.append(frames)
+                pending.size = size
                 return None
-            if answer == CHECKS_BUSY:   # not this connection's fault: it may try again
+            if answer in BUSY:   # not this connection's fault: it may try again
                 raise AccessDenied(answer)
         return self._settle(key, answer)
 
@@ -620,7 +680,7 @@ class AccessControl:
             try:
                 session = self._settle(key, answer)
             except AccessDenied as exc:
-                out.append((pending.messages[0], exc))
+                out.append(([pending.sender], exc))   # (the refusal goes to its routing id)
                 continue
             session.seen = time.time()
             out.extend((frames, session) for frames in pending.messages)
@@ -712,7 +772,7 @@ class ZapHandler(threading.Thread):
                     return [version, request_id, b"400", reason.encode()[:255], b"", b""]
                 return [version, request_id, b"200", b"OK", key.encode(), b""]
 
-            opened = self.access.open(user, password, lambda later: done(reply(later)))
+            opened = self.access.open(user, password, lambda later: done(reply(later)), peer)
             return None if opened is None else reply(opened)
         if mechanism == b"CURVE" and len(credentials) == 1:
             key, reason = self.access.open_curve(credentials[0])

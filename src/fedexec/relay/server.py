@@ -60,6 +60,10 @@ MAX_PASSED_OVER = 10_000
 # which of them they hold and send the results the record lacks, so that a task
 # one member has is not routed to another and run twice.
 RECOVERY_GRACE = 3.0
+# Result bytes read from the record in one turn to answer RESUMEs and resent
+# tasks (at most this plus one result): the rest wait for the next turns, so
+# a few small messages cannot make the relay read gigabytes at once.
+RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
 
 
 class Relay:
@@ -184,6 +188,12 @@ class Relay:
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
         self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
         self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
+        # finished tasks to answer from the record, over a turn's RECORD_BYTES_PER_TURN: per client, in order
+        self.record_waiting: dict[bytes, dict[bytes, Session]] = {}
+        self.record_budget = RECORD_BYTES_PER_TURN
+        # refusals of single tasks this turn, logged once per user and action: (user, action) -> [count, first id]
+        self.refused_tasks: dict[tuple[str, str], list] = {}
+        self.refused_unauthenticated: dict[str, int] = {}   # messages refused this turn, by why
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
@@ -251,7 +261,10 @@ class Relay:
         poller.register(self.access.wake_fd, zmq.POLLIN)
         try:
             while not self.stopping:
-                events = dict(poller.poll(int(MAINTENANCE_INTERVAL * 1000)))
+                events = dict(poller.poll(0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)))
+                self.record_budget = RECORD_BYTES_PER_TURN
+                if self.record_waiting:
+                    self._answer_waiting()
                 if self.access.wake_fd in events:
                     self._read_checked()
                 if self.sock in events:
@@ -266,6 +279,8 @@ class Relay:
                 self._dispatch()
                 self._send_all()
                 self._send_committed()
+                if self.refused_tasks or self.refused_unauthenticated:
+                    self._log_refused_tasks()
                 now = time.monotonic()
                 if now >= next_maintenance:
                     next_maintenance = now + MAINTENANCE_INTERVAL
@@ -353,7 +368,8 @@ class Relay:
                 self._take(frames, outcome)
 
     def _refuse_unauthenticated(self, sender: bytes, exc: AccessDenied) -> None:
-        refusals.warning("refused a message from an unauthenticated connection: %s", exc)
+        why = str(exc)   # logged once per turn and reason (:meth:`_log_refused_tasks`)
+        self.refused_unauthenticated[why] = self.refused_unauthenticated.get(why, 0) + 1
         self._send(sender, P.encode(P.ERROR, exc.reply()))
 
     def _take(self, frames: list[Any], session: Session) -> None:
@@ -362,8 +378,10 @@ class Relay:
             msg = P.decode(frames[1:])
             self._handle(sender, session, msg)
         except Exception as exc:  # one bad message must not stop the relay for everyone
-            log.warning("rejected a malformed message from %r: %s: %s", sender, type(exc).__name__, exc)
-            self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {type(exc).__name__}: {exc}"}))
+            why = f"{type(exc).__name__}: {P.clip(str(exc))}"
+            log.warning("rejected a malformed message from user %r (connection %s): %s", session.user,
+                        sender.hex()[:64], why)
+            self._send(sender, P.encode(P.ERROR, {"msg": f"malformed message: {why}"}))
 
     def _handle(self, sender: bytes, session: Session, msg: P.Message) -> None:
         t = msg.type
@@ -388,9 +406,8 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            task_ids = P.task_ids(msg.fields["tids"])
-            self.store.acknowledge(task_ids, session.user)
-            self.quotas.acknowledged(task_ids, session.user)
+            known = self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
+            self.quotas.acknowledged(known, session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
         elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
@@ -406,7 +423,7 @@ class Relay:
                          state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
         else:
-            raise P.ProtocolError(f"unknown message type {t!r}")
+            raise P.ProtocolError(f"unknown message type {P.shorten(t)}")
 
     def _endpoint_of(self, sender: bytes) -> EndpointState:
         state = self.endpoints.by_routing.get(sender)
@@ -419,6 +436,24 @@ class Relay:
         refusals.warning("refused user %r: %s: %s", session.user, action, why)
         self._send(sender, P.encode(P.ERROR, {"msg": f"not allowed: {why}", "refused": True}))
 
+    def _refused_task(self, user: str, action: str, task_id: bytes) -> None:
+        """Count a refusal of one task, logged with the others of the turn
+        (:meth:`_log_refused_tasks`): a message of many such rows makes one
+        log line, not one per row."""
+        entry = self.refused_tasks.get((user, action))
+        if entry is None:
+            self.refused_tasks[(user, action)] = [1, task_id]
+        else:
+            entry[0] += 1
+
+    def _log_refused_tasks(self) -> None:
+        for (user, action), (count, first) in self.refused_tasks.items():
+            refusals.warning("refused user %r: %s: %d task(s) (the first: %s)", user, action, count, first.hex())
+        self.refused_tasks.clear()
+        for why, count in self.refused_unauthenticated.items():
+            refusals.warning("refused %d message(s) from unauthenticated connections: %s", count, why)
+        self.refused_unauthenticated.clear()
+
     def _on_hello(self, sender: bytes, session: Session, msg: P.Message) -> None:
         f = msg.fields
         role = f["role"]
@@ -427,7 +462,7 @@ class Relay:
             # knock a live endpoint off
             endpoint_id = P.text(f["id"], "endpoint id")
             if not P.is_endpoint_id(endpoint_id):
-                raise P.ProtocolError(f"endpoint id {endpoint_id!r} is not a UUID")
+                raise P.ProtocolError(f"endpoint id {P.shorten(endpoint_id)} is not a UUID")
             if not (sender[:1] == b"E" and len(sender) == 17):
                 raise P.ProtocolError("an endpoint connects with a routing id of E and 16 random bytes")
             functions = f.get("functions")
@@ -441,10 +476,10 @@ class Relay:
             held = P.task_ids(f.get("holding", []))
             heartbeat = f.get("hb", 2.0)
             if not isinstance(heartbeat, (int, float)) or not 0.01 <= heartbeat <= 3600:
-                raise P.ProtocolError(f"heartbeat period {heartbeat!r} out of range")
+                raise P.ProtocolError(f"heartbeat period {P.shorten(heartbeat)} out of range")
             missed = f.get("hbm", 3)
             if type(missed) is not int or not 1 <= missed <= 100:
-                raise P.ProtocolError(f"missed heartbeats {missed!r} out of range")
+                raise P.ProtocolError(f"missed heartbeats {P.shorten(missed)} out of range")
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.access.owner and state.access.owner != session.user:
                 self._refuse(sender, session, f"connect as endpoint {endpoint_id}",
@@ -472,7 +507,7 @@ class Relay:
             self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION,
                                                     "inc": self.incarnation, "max_payload": self.max_payload}))
         else:
-            raise P.ProtocolError(f"unknown role {role!r}")
+            raise P.ProtocolError(f"unknown role {P.shorten(role)}")
 
     def _save_endpoint(self, state: EndpointState) -> None:
         self.store.save_endpoint(state.endpoint_id, state.name, state.python, state.workers, state.access.owner,
@@ -561,7 +596,10 @@ class Relay:
     def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
         reattaching) waits for these tasks of its user: their results go to
-        it, and those already finished are sent from the record now."""
+        it, and those already finished are sent from the record (within
+        the turn's budget, see :meth:`_answer_from_record`). An id repeated
+        in one message counts once."""
+        task_ids = list(dict.fromkeys(task_ids))
         in_record = self.store.known_tasks([task_id for task_id in task_ids if task_id not in self.tasks])
         for task_id in task_ids:
             record = self.tasks.get(task_id)
@@ -580,7 +618,7 @@ class Relay:
                              "was fetched and acknowledged or expired, or its endpoint is no longer known")
 
     def _not_theirs(self, sender: bytes, session: Session, task_id: bytes, action: str) -> None:
-        refusals.warning("refused user %r: %s task %s: it is another user's", session.user, action, task_id.hex())
+        self._refused_task(session.user, f"{action} task(s) of another user", task_id)
         self._reject(sender, task_id, P.NOT_ALLOWED, f"task {task_id.hex()} belongs to another user")
 
     def _on_submit(self, sender: bytes, session: Session, msg: P.Message) -> None:
@@ -601,11 +639,12 @@ class Relay:
         rows = msg.fields["tasks"]
         if not isinstance(rows, list):
             raise P.ProtocolError("tasks must be a list")
+        used: set[int] = set()   # frames referred to (each at most once)
         for row in rows:  # all rows are checked before any is accepted
             P.task_row(row, P.TRACE_AT_RELAY)
-            P.blob(blobs, row[2])
+            P.claim_frame(used, blobs, row[2])
             if row[3] != -1:
-                P.blob(blobs, row[3])
+                P.claim_frame(used, blobs, row[3])
         user = session.user
         for member in states:  # a group: the user must be allowed on every member
             if member is not None and not member.access.allows(user, session.groups):
@@ -626,14 +665,17 @@ class Relay:
         now = time.time()
         quota_logged = False
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
+        seen: set[bytes] = set()
         for row in rows:
             task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
+            if task_id in seen:   # a task id repeated in one message: its first row answers it
+                continue
+            seen.add(task_id)
             options = row[6] if len(row) == 7 else None
             if options is not None and "tr" in options:
                 options["tr"].append(now)
             if allowed is not None and fn_hash not in allowed:
-                refusals.warning("refused user %r: run function %s on %s: not on its allow-list",
-                                 user, fn_hash.hex(), where)
+                self._refused_task(user, f"run function(s) not on the allow-list of {where}", task_id)
                 self._reject(sender, task_id, P.NOT_ALLOWED,
                              f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                 continue
@@ -711,7 +753,16 @@ class Relay:
 
     def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
         """A task sent again may have finished before a relay restart: then
-        its stored result answers it and it does not run twice."""
+        its stored result answers it and it does not run twice. Once this
+        turn has read RECORD_BYTES_PER_TURN from the record, a finished
+        task of the user waits for a later turn (:meth:`_answer_waiting`)."""
+        owner = self.store.owner_of(task_id)   # finished, not acknowledged
+        if owner is not None and owner != session.user:
+            self._not_theirs(client, session, task_id, "read the result of")
+            return True
+        if owner is not None and self.record_budget <= 0:
+            self.record_waiting.setdefault(client, {})[task_id] = session
+            return True
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[0] != FINISHED:
             return False
@@ -719,9 +770,24 @@ class Relay:
         if user != session.user:
             self._not_theirs(client, session, task_id, "read the result of")
             return True
+        result = result or b""
+        self.record_budget -= len(result)
         rows, blobs = self.client_results[client]
-        rows.append(blobs.result_row(task_id, status, result or b""))
+        rows.append(blobs.result_row(task_id, status, result))
         return True
+
+    def _answer_waiting(self) -> None:
+        """Answer from the record what earlier turns had no budget left for,
+        oldest first, within this turn's budget."""
+        while self.record_waiting and self.record_budget > 0:
+            client, waiting = next(iter(self.record_waiting.items()))
+            task_id, session = next(iter(waiting.items()))
+            del waiting[task_id]
+            if not waiting:
+                del self.record_waiting[client]
+            if not self._answer_from_record(client, session, task_id):
+                self._reject(client, task_id, P.LOST, "the relay no longer has this task's result: it was "
+                             "acknowledged or expired meanwhile", quiet=True)
 
     @staticmethod
     def _memo_scope(user: str, endpoint_id: str, states: list[EndpointState | None]) -> bytes:
@@ -778,8 +844,9 @@ class Relay:
         rows = msg.fields["rows"]
         if not isinstance(rows, list):
             raise P.ProtocolError("rows must be a list")
+        used: set[int] = set()
         for row in rows:
-            P.blob(blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
+            P.claim_frame(used, blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
         started = P.task_ids(msg.fields.get("started", []))
         endpoint_id = self.endpoint_senders.get(sender)
         known = self.endpoints.get(endpoint_id) if endpoint_id is not None else None
@@ -866,7 +933,7 @@ class Relay:
             if record is None:
                 continue
             if record.user != session.user:
-                refusals.warning("refused user %r: cancel task %s: it is another user's", session.user, task_id.hex())
+                self._refused_task(session.user, "cancel task(s) of another user", task_id)
                 continue
             if record.client != sender:
                 continue

@@ -214,13 +214,19 @@ class RelayStore:
     def add_memo(self, key: bytes, result: Any) -> None:
         self._memo.append((key, result, time.time()))
 
-    def acknowledge(self, task_ids: Iterable[bytes], user: str) -> None:
-        """Forget these finished tasks of ``user`` (others' are left alone)."""
+    def acknowledge(self, task_ids: Iterable[bytes], user: str) -> list[bytes]:
+        """Forget these finished tasks of ``user``; the ids it did forget.
+        Others' ids and ids it does not know as ``user``'s finished tasks
+        are dropped here, never queued for the writer: a flood of junk ACKs
+        cannot fill the writer's backlog (which pauses dispatch for all)."""
         owners = self.finished_owners
+        known = []
         for task_id in task_ids:
             if owners.get(task_id) == user:
                 del owners[task_id]
-        self._acked.extend((t, user) for t in task_ids)
+                known.append(task_id)
+        self._acked.extend((t, user) for t in known)
+        return known
 
     def owner_of(self, task_id: bytes) -> str | None:
         """The user a finished, unacknowledged task of the record belongs to."""
