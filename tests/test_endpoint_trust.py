@@ -227,13 +227,10 @@ def square(x):
     return x * x
 
 
-@pytest.mark.timeout(180)
-def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
-    """Mallory, who may use Alice's shared, sandboxed endpoint, runs a task
-    that dials its pool's worker channels under guessed, random and its own
-    worker's ids, while another of her tasks kills its worker to force a
-    replacement: no task reaches her dialler, and Alice's tasks, run by the
-    replacement meanwhile, all come back right."""
+@contextlib.contextmanager
+def shared_sandboxed_endpoint(tmp_path):
+    """A token relay; Alice's bwrap-sandboxed endpoint of 2 workers, shared
+    with Mallory; yields (address, tokens, endpoint, its one pool process)."""
     data = tmp_path / "relay-data"
     tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
               for name in ("alice", "mallory")}
@@ -244,27 +241,38 @@ def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
             share_endpoint(address, ep.id, add_users=["mallory"], token=tokens["alice"])
             pools = [p for p in psutil.Process(ep.proc.pid).children() if "fedexec.pool" in p.cmdline()]
             assert len(pools) == 1, pools
-            pool_pid = pools[0].pid
-            for proc in pools[0].children(recursive=True):   # no worker id on any command line
-                with contextlib.suppress(psutil.Error):
-                    assert "--worker-id" not in proc.cmdline(), proc.cmdline()
-            status = json.loads((ep.home / "endpoints" / ep.name / "status.json").read_text()) \
-                if (ep.home / "endpoints" / ep.name / "status.json").exists() else {}
-            pool_socket = status.get("pool_address", "ipc:///nonexistent")[len("ipc://"):]
-            with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
-                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
-                assert alice.submit(square, 3).result(DEADLINE) == 9   # both workers warm and ready
-                dialler = mallory.submit(pose_as_worker, pool_pid, pool_socket, 12.0)
-                deadline = time.monotonic() + DEADLINE
-                while not dialler.running() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                assert dialler.running(), "the attacker's task did not start"
-                time.sleep(1.0)   # its sockets are up
-                with pytest.raises(WorkerLost):
-                    mallory.submit(die_now).result(DEADLINE)   # on the other worker: replaced
-                victims = [alice.submit(square, n) for n in range(40)]
-                assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(40)]
-                seen = dialler.result(DEADLINE)
+            yield address, tokens, ep, pools[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_sandboxed_task_cannot_pose_as_a_worker_of_its_pool(bwrap, tmp_path):
+    """Mallory, who may use Alice's shared, sandboxed endpoint, runs a task
+    that dials its pool's worker channels under guessed, random and its own
+    worker's ids, while another of her tasks kills its worker to force a
+    replacement: no task reaches her dialler, and Alice's tasks, run by the
+    replacement meanwhile, all come back right."""
+    with shared_sandboxed_endpoint(tmp_path) as (address, tokens, ep, pool):
+        pool_pid = pool.pid
+        for proc in pool.children(recursive=True):   # no worker id on any command line
+            with contextlib.suppress(psutil.Error):
+                assert "--worker-id" not in proc.cmdline(), proc.cmdline()
+        status = json.loads((ep.home / "endpoints" / ep.name / "status.json").read_text()) \
+            if (ep.home / "endpoints" / ep.name / "status.json").exists() else {}
+        pool_socket = status.get("pool_address", "ipc:///nonexistent")[len("ipc://"):]
+        with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
+                FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+            assert alice.submit(square, 3).result(DEADLINE) == 9   # both workers warm and ready
+            dialler = mallory.submit(pose_as_worker, pool_pid, pool_socket, 12.0)
+            deadline = time.monotonic() + DEADLINE
+            while not dialler.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert dialler.running(), "the attacker's task did not start"
+            time.sleep(1.0)   # its sockets are up
+            with pytest.raises(WorkerLost):
+                mallory.submit(die_now).result(DEADLINE)   # on the other worker: replaced
+            victims = [alice.submit(square, n) for n in range(40)]
+            assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(40)]
+            seen = dialler.result(DEADLINE)
     assert seen["dialled"] > 30 and seen["own_id"] == 16, seen
     assert seen["received"] == 0 and seen["forged"] == 0, seen
     assert not seen["env_secret"] and not seen["pool_socket_visible"], seen
@@ -298,37 +306,28 @@ def test_a_task_that_spoils_its_marker_file_harms_no_one_else(bwrap, tmp_path):
     it and kill the worker: the pool, which reads markers, survives; Mallory's
     tasks fail with WorkerLost; Alice's tasks, running beside them, all come
     back right, run once."""
-    data = tmp_path / "relay-data"
-    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
-              for name in ("alice", "mallory")}
-    with running_relay(tmp_path, "--auth", "token") as address:
-        with running_endpoint(tmp_path, "shared-sandboxed", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
-                              sandbox="bwrap", max_workers=2, heartbeat_period=0.5) as ep:
-            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
-            share_endpoint(address, ep.id, add_users=["mallory"], token=tokens["alice"])
-            pools = [p for p in psutil.Process(ep.proc.pid).children() if "fedexec.pool" in p.cmdline()]
-            assert len(pools) == 1, pools
-            with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
-                    FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
-                assert alice.submit(square, 3).result(DEADLINE) == 9
-                for how in ("return", "exit"):
-                    running = alice.submit(square_after, 1.0, 7)
-                    with pytest.raises(WorkerLost):
-                        mallory.submit(spoil_marker_then, how).result(DEADLINE)
-                    assert running.result(DEADLINE) == 49
-                    assert pools[0].is_running(), tail(ep.log)
-                # Alice's task is running when Mallory's names it in her marker and dies
-                running = alice.submit(square_after, 3.0, 5)
-                deadline = time.monotonic() + DEADLINE
-                while not running.running() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+    with shared_sandboxed_endpoint(tmp_path) as (address, tokens, ep, pool):
+        with FederatedExecutor(ep.id, relay=address, token=tokens["mallory"]) as mallory, \
+                FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+            assert alice.submit(square, 3).result(DEADLINE) == 9
+            for how in ("return", "exit"):
+                running = alice.submit(square_after, 1.0, 7)
                 with pytest.raises(WorkerLost):
-                    mallory.submit(spoil_marker_then, "exit", running._task_bytes).result(DEADLINE)
-                assert running.result(DEADLINE) == 25
-                victims = [alice.submit(square, n) for n in range(20)]
-                assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(20)]
-                assert pools[0].is_running(), tail(ep.log)
-            log = ep.log.read_text()
+                    mallory.submit(spoil_marker_then, how).result(DEADLINE)
+                assert running.result(DEADLINE) == 49
+                assert pool.is_running(), tail(ep.log)
+            # Alice's task is running when Mallory's names it in her marker and dies
+            running = alice.submit(square_after, 3.0, 5)
+            deadline = time.monotonic() + DEADLINE
+            while not running.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(WorkerLost):
+                mallory.submit(spoil_marker_then, "exit", running._task_bytes).result(DEADLINE)
+            assert running.result(DEADLINE) == 25
+            victims = [alice.submit(square, n) for n in range(20)]
+            assert [f.result(DEADLINE) for f in victims] == [n * n for n in range(20)]
+            assert pool.is_running(), tail(ep.log)
+        log = ep.log.read_text()
     assert "SIGBUS" in log and log.count("running it again") >= 6, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
 

@@ -519,8 +519,12 @@ class EndpointAgent:
             self._send_pool(pool_id, P.encode(P.ERROR, {"msg": "wrong pool secret"}))
             return
         P.count(fields["workers"], "workers")
-        if pool_id in self.pools:  # it restarted its introduction: what it held comes back in "holding"
-            self._pool_gone(self.pools[pool_id], "reintroduced itself")
+        if pool_id in self.pools:
+            # the same pool process introducing itself again (it was told it is
+            # unknown: replies to heartbeats it sent while this agent was
+            # stalled): what it still holds comes back in "holding" and stays
+            # with it; nothing it held was lost, so nothing counts as lost
+            self._pool_gone(self.pools[pool_id], "reintroduced itself", lost=False)
         pool = PoolLink(pool_id, fields)
         if self.scaler is not None and not self.scaler.pool_connected(pool):
             log.info("pool %s from %s belongs to no live block (%r); told to stop", pool_id.decode(),
@@ -592,16 +596,17 @@ class EndpointAgent:
             self._take_back(pool, returned, "stopped with its job")
         pool.note_load()
 
-    def _pool_gone(self, pool: PoolLink, why: str) -> None:
+    def _pool_gone(self, pool: PoolLink, why: str, lost: bool = True) -> None:
         """A pool left (said BYE, went silent, its job ended): the tasks it
-        held run elsewhere."""
+        held run elsewhere; those it had started count as lost unless ``lost``
+        is False."""
         self.pools.pop(pool.pool_id, None)
-        count = self._take_back(pool, list(pool.tasks), why)
+        count = self._take_back(pool, list(pool.tasks), why, lost)
         level = logging.INFO if why == "stopped" and not count else logging.WARNING
         log.log(level, "pool %s on %s (block %s) %s; %d task(s) it held go to other pools",
                 pool.pool_id.decode(), pool.host, pool.block_id or "-", why, count)
 
-    def _take_back(self, pool: PoolLink, task_ids: list[bytes], why: str) -> int:
+    def _take_back(self, pool: PoolLink, task_ids: list[bytes], why: str, lost: bool = True) -> int:
         """Put these tasks of a pool back in front of the queue. One it had
         started counts as lost once: past ``worker_lost_retries`` it fails
         with WorkerLost (a task longer than its blocks' walltime does not
@@ -611,7 +616,7 @@ class EndpointAgent:
         for task_id in task_ids:
             task = pool.tasks.pop(task_id)
             self.at_pool.pop(task_id, None)
-            if task_id in pool.started:
+            if task_id in pool.started and lost:
                 pool.started.discard(task_id)
                 task.lost += 1
                 if task.lost > retries:

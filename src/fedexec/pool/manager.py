@@ -110,6 +110,7 @@ class PoolManager:
         self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
         self.welcomed = False
+        self.hello_at = 0.0   # time.monotonic() of the latest HELLO sent
         self.draining = False
         self.stopping = False
         self._early_deaths = 0
@@ -166,6 +167,7 @@ class PoolManager:
             self._shutdown()
 
     def _hello(self) -> None:
+        self.hello_at = time.monotonic()
         r = self.resources
         held = sorted(self.held)
         self._send(P.encode(P.HELLO, {
@@ -268,7 +270,9 @@ class PoolManager:
             log.info("pool %s: stop asked by the endpoint", self.pool_id.decode())
             self.stopping = True
         elif t == P.HEARTBEAT:
-            if msg.fields.get("unknown"):  # the endpoint restarted: introduce ourselves again
+            # the endpoint restarted or gave up on us: introduce ourselves again,
+            # once for a burst of such replies (one per heartbeat it had queued)
+            if msg.fields.get("unknown") and time.monotonic() - self.hello_at > self.heartbeat_period:
                 self._hello()
         elif t == P.ERROR:
             log.error("the endpoint refused this pool: %s", msg.fields.get("msg"))
