@@ -242,7 +242,8 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
     relay = Relay("tcp://127.0.0.1:*", data, auth="token")
     try:
         tasks, stored = relay.quotas.usage["alice"]
-        args = sum(len(serialize_arguments(operator.add, (i, 1), {})) for i in range(4))
+        from fedexec.relay.quota import row_bytes   # a stored row costs at least MIN_ROW_BYTES
+        args = sum(row_bytes(len(serialize_arguments(operator.add, (i, 1), {}))) for i in range(4))
         body = len(serialize_function(operator.add)[1])
         assert tasks == 4 and stored == args + body
         assert relay.functions.refs == {serialize_function(operator.add)[0]: 4}
@@ -254,3 +255,77 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
         relay.ctx.term()
         if relay.tokens is not None:
             relay.tokens.close()
+
+
+def closed(relay: Relay) -> None:
+    """Close a relay made in this process (that never served)."""
+    relay.store.close()
+    relay.sock.close(linger=0)
+    relay.zap.stop()
+    relay.ctx.term()
+    if relay.tokens is not None:
+        relay.tokens.close()
+
+
+@pytest.mark.timeout(180)
+def test_results_count_against_the_task_quota_until_acknowledged(tmp_path):
+    """Bob's finished tasks whose results he never acknowledges (each a row
+    and an id at the relay) count against his task quota and at least
+    MIN_ROW_BYTES each: he is refused by name, alice is not; his ACK frees
+    the quota; a restarted relay counts them again."""
+    from fedexec.relay.quota import MIN_ROW_BYTES
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token", "--max-tasks-per-user", "3") as address:
+        with running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["bob"], token=tokens["alice"])
+            bob = RawClient(address, tokens["bob"])
+            try:
+                ids = [bob.submit(ep.id, operator.add, i, 1) for i in range(3)]
+                got: dict[bytes, int] = {}
+                deadline = time.monotonic() + 30
+                while len(got) < 3 and time.monotonic() < deadline:
+                    msg = bob.expect(P.RESULTS, 1.0)
+                    for row in msg.fields["rows"] if msg else ():
+                        got[row[0]] = row[1]
+                assert got == {task_id: P.OK for task_id in ids}   # finished, never acknowledged
+                failure = bob.failure_of(bob.submit(ep.id, operator.add, 9, 1))
+                assert failure["kind"] == P.QUOTA and failure["quota"] == "tasks", failure
+                assert "3 task(s) in flight or finished with results not yet acknowledged" in failure["msg"]
+                with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                    # alice acknowledges hers: more than 3 in turn, one after the other
+                    assert [alice.submit(operator.add, i, 2).result(30) for i in range(6)] == [i + 2 for i in range(6)]
+                    with pytest.raises(QuotaExceeded, match="--max-tasks-per-user"):
+                        # bob through the executor, which acknowledges what it gets: refused too
+                        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob_ex:
+                            bob_ex.submit(operator.add, 1, 1).result(30)
+                bob.send(P.ACK, {"tids": ids[:1]})
+                # one acknowledged: one more task fits, and its result comes back
+                task_id = wait_for(lambda: _ok_or_none(bob, bob.submit(ep.id, operator.add, 40, 2)), 20,
+                                   "room after the acknowledgement")
+                assert task_id
+            finally:
+                bob.close()
+    relay = Relay("tcp://127.0.0.1:*", data, auth="token")
+    try:   # three of bob's results are still unacknowledged (two of the first and the last)
+        tasks, stored = relay.quotas.usage["bob"]
+        assert tasks == 3 and stored >= 3 * MIN_ROW_BYTES
+        assert "alice" not in relay.quotas.usage
+    finally:
+        closed(relay)
+
+
+def _ok_or_none(raw: RawClient, task_id: bytes) -> bytes | None:
+    """The task's id if it ran, None if it was refused for a quota."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msg = raw.expect(P.RESULTS, 1.0)
+        for row in msg.fields["rows"] if msg else ():
+            if row[0] == task_id:
+                if row[1] == P.OK:
+                    return task_id
+                assert P.unpack_failure(P.blob(msg.blobs, row[2]))["kind"] == P.QUOTA
+                return None
+    return None

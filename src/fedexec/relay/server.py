@@ -27,7 +27,7 @@ from ..auth import new_secret, public_key_path, read_secret, secret_path, write_
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
@@ -217,7 +217,7 @@ class Relay:
                 state.queue.append(record)
             self.tasks[task_id] = record
             users_by_function[fn_hash].append(user)
-            self.quotas.charge(user, 1, len(args))
+            self.quotas.charge(user, 1, row_bytes(len(args)))
             count += 1
         self.functions.recover(users_by_function)
         for task_id, user, size, finished in self.store.unacknowledged_results():
@@ -677,14 +677,14 @@ class Relay:
                 options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
                 if self._serve_memoized(sender, task_id, options):
                     continue
-            over = self.quotas.refusal(user, 1, size + (len(body) if body is not None else 0))
+            over = self.quotas.refusal(user, 1, row_bytes(size) + (len(body) if body is not None else 0))
             if over is not None:
                 if not quota_logged:
                     refusals.warning("refused user %r: submit tasks: %s", user, over[0])
                     quota_logged = True
                 self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
                 continue
-            self.quotas.charge(user, 1, size)
+            self.quotas.charge(user, 1, row_bytes(size))
             self.functions.use(fn_hash, body, user)
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
@@ -810,8 +810,7 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self.store.add_result(task_id, status, buffer, record.user)
-            self.quotas.result_stored(task_id, record.user, len(buffer), now)
+            self._store_result(record, status, buffer, now)
             if status == P.OK and record.options is not None and "m" in record.options \
                     and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
                 result = P.as_bytes(blob)
@@ -822,6 +821,13 @@ class Relay:
                                                        [*row[3], now] if len(row) == 4 else None))
         if started and state is not None:
             self._on_started(started)
+
+    def _store_result(self, record: TaskRecord, status: int, blob: Any, now: float) -> None:
+        """A task's outcome goes to the record, and counts against its user's
+        quotas (a task, at least MIN_ROW_BYTES) until they acknowledge it or
+        it expires: finished, unfetched tasks cannot pile up for free."""
+        self.store.add_result(record.task_id, status, blob, record.user)
+        self.quotas.result_stored(record.task_id, record.user, len(blob), now)
 
     def _unqueue(self, record: TaskRecord) -> None:
         """Take a queued task out of its queue (it finished or was cancelled
@@ -861,7 +867,7 @@ class Relay:
                 del self.tasks[task_id]
                 self._finished(record)
                 self._unqueue(record)
-                self.store.add_result(task_id, P.CANCELLED, b"", record.user)
+                self._store_result(record, P.CANCELLED, b"", time.time())
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
@@ -893,7 +899,7 @@ class Relay:
                         self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
-                        self.store.add_result(record.task_id, P.FAILED, b"", record.user)
+                        self._store_result(record, P.FAILED, b"", time.time())
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
@@ -991,7 +997,7 @@ class Relay:
     def _finished(self, record: TaskRecord) -> None:
         """A task left ``self.tasks`` (finished, cancelled or refused): its
         user's quota and its function's count go down."""
-        self.quotas.release(record.user, 1, len(P.as_buffer(record.args)))
+        self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
         self.functions.release(record.fn_hash)
 
     def _send_all(self) -> None:
