@@ -5,7 +5,8 @@ not finished, or finished with a result not yet acknowledged: a task counts
 until its user has fetched its outcome or it expired) and ``max_bytes``
 bytes stored at the relay: the arguments of their unfinished tasks, their
 results not yet acknowledged, and the function bodies stored for their
-tasks. Every stored task row costs at least ``MIN_ROW_BYTES`` (an empty
+tasks, and the memoized results their tasks produced (until they expire,
+after ``result_ttl`` as unfetched results do). Every stored task row costs at least ``MIN_ROW_BYTES`` (an empty
 result or a cancellation still takes a row and an id's worth of memory). Usage is counted in memory (per task, no SQL) and
 rebuilt from the record after a restart; a task over a quota is refused with
 a FAILED result of kind ``quota`` naming the quota, the usage and the limit,
@@ -50,6 +51,10 @@ class Quotas:
         # and (time.time() stored, task id) oldest first, to release what expires
         self.unacked: dict[bytes, tuple[str, int]] = {}
         self.unacked_order: deque[tuple[float, bytes]] = deque()
+        # memoized results in the record: key -> (user charged, bytes), and
+        # (time.time() stored, key) oldest first (a key is never stored twice)
+        self.memo: dict[bytes, tuple[str, int]] = {}
+        self.memo_order: deque[tuple[float, bytes]] = deque()
 
     def refusal(self, user: str, tasks: int, nbytes: int) -> tuple[str, dict[str, Any]] | None:
         """Why ``user`` may not take ``tasks`` more tasks and ``nbytes`` more
@@ -105,8 +110,27 @@ class Quotas:
                 del unacked[task_id]
                 self.release(user, 1, entry[1])
 
-    def expire(self, before: float) -> None:
-        """Results stored before ``before`` (a time.time()) are forgotten by the record."""
+    def memo_stored(self, key: bytes, user: str, nbytes: int, now: float) -> None:
+        """A memoized result produced by a task of ``user`` is kept in the
+        record (until it expires), charged to them."""
+        if key in self.memo:
+            return
+        nbytes = row_bytes(nbytes)
+        self.memo[key] = (user, nbytes)
+        self.memo_order.append((now, key))
+        self.charge(user, 0, nbytes)
+
+    def expire(self, before: float) -> list[bytes]:
+        """Results and memoized results stored before ``before`` (a
+        time.time()) are forgotten by the record: their quota is released.
+        The keys of the memoized results that expired."""
+        memo_order, expired = self.memo_order, []
+        while memo_order and memo_order[0][0] < before:
+            key = memo_order.popleft()[1]
+            memo = self.memo.pop(key, None)
+            if memo is not None:
+                self.release(memo[0], 0, memo[1])
+                expired.append(key)
         order = self.unacked_order
         while order and order[0][0] < before:
             _, task_id = order.popleft()
@@ -115,6 +139,7 @@ class Quotas:
                 self.release(entry[0], 1, entry[1])
         if len(order) > 2 * len(self.unacked) + 1024:   # mostly acknowledged: drop their entries
             self.unacked_order = deque(item for item in order if item[1] in self.unacked)
+        return expired
 
 
 class FunctionBodies:

@@ -28,6 +28,7 @@ from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
 from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
+from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
@@ -40,7 +41,6 @@ MAX_MESSAGES_PER_TURN = 2000
 # it has: a stream of costly messages (one user's large headers) delays the
 # others' results by one turn's worth, not by all of them.
 TURN_READ_BUDGET = 0.05
-MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
 # While this many rows wait for the store's writer, no more tasks go out to
 # endpoints: results then come back no faster than they can be recorded, and
@@ -178,8 +178,8 @@ class Relay:
         # their result is on its way to disk; answered after that commit
         self.turn_resumed: dict[bytes, list] = defaultdict(list)
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
-        self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
-        self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
+        self.memo_keys: set[bytes] = set()          # results memoized in the store (until they expire)
+        self.memo_recent = RecentResults()          # the newest small ones, in memory
         self._recover()
 
     def _publish_secret(self, address: str) -> None:
@@ -222,6 +222,9 @@ class Relay:
         self.functions.recover(users_by_function)
         for task_id, user, size, finished in self.store.unacknowledged_results():
             self.quotas.result_stored(task_id, user, size, finished)
+        for key, user, size, created in self.store.memo_entries():
+            self.memo_keys.add(key)
+            self.quotas.memo_stored(key, user, size, created)
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
@@ -268,8 +271,11 @@ class Relay:
                     self._maintenance(now)
                 if now >= next_expiry:
                     next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
-                    self.store.expire_results(time.time() - self.result_ttl)
-                    self.quotas.expire(time.time() - self.result_ttl)
+                    cutoff = time.time() - self.result_ttl
+                    self.store.expire_results(cutoff)
+                    for key in self.quotas.expire(cutoff):   # memoized results gone from the record
+                        self.memo_keys.discard(key)
+                        self.memo_recent.discard(key)
         finally:
             log.info("relay stopping")
             self.store.close()
@@ -731,20 +737,23 @@ class Relay:
             result = self.store.memo_result(key)
             if result is None:
                 return False
-            self._remember(key, result)
+            self.memo_recent.put(key, result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, P.OK, result, options.get("tr")))
         return True
 
-    def _remember(self, key: bytes, result: bytes) -> None:
-        """Keep a memoized result in memory (the newest few); the first one
-        stored under a key stays (see ``_on_results``)."""
-        recent = self.memo_recent
-        if len(recent) >= MEMO_IN_MEMORY:
-            for old in list(recent)[: MEMO_IN_MEMORY // 2]:  # oldest first
-                del recent[old]
-        recent[key] = result
+    def _memoize(self, record: TaskRecord, result: bytes, now: float) -> None:
+        """Keep a memoized result in the record (charged to the user whose
+        task produced it, until it expires) and, if small, in memory. The
+        first one stored under a key stays; one its user has no room for is
+        not kept (the result itself is delivered all the same)."""
+        key = record.options["m"]
+        if key in self.memo_keys or self.quotas.refusal(record.user, 0, len(result)) is not None:
+            return
         self.memo_keys.add(key)
+        self.memo_recent.put(key, result)
+        self.quotas.memo_stored(key, record.user, len(result), now)
+        self.store.add_memo(key, result, record.user, now)
 
     def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, quiet: bool = False,
                 **details: Any) -> None:
@@ -811,11 +820,8 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             self._store_result(record, status, buffer, now)
-            if status == P.OK and record.options is not None and "m" in record.options \
-                    and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
-                result = P.as_bytes(blob)
-                self._remember(record.options["m"], result)
-                self.store.add_memo(record.options["m"], result)
+            if status == P.OK and record.options is not None and "m" in record.options:
+                self._memoize(record, P.as_bytes(blob), now)
             client_rows, client_blobs = self.client_results[record.client]
             client_rows.append(client_blobs.result_row(task_id, status, blob,
                                                        [*row[3], now] if len(row) == 4 else None))
