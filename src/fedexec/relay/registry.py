@@ -118,6 +118,8 @@ class EndpointState:
     known_functions: set = field(default_factory=set)       # hashes this connection has
     access: EndpointAccess = field(default_factory=EndpointAccess)
     reported_backlog: int = -1                              # queue length last told the endpoint
+    hello_at: float = 0.0                                   # time.monotonic() of this connection's HELLO
+    stale: int = 0          # entries of `queue` taken back by a HOLDING (skipped when met; see Relay)
 
     @property
     def connected(self) -> bool:
@@ -174,6 +176,7 @@ class GroupQueue:
     members: tuple[str, ...]                          # endpoint ids, sorted
     queue: deque = field(default_factory=deque)       # TaskRecords, oldest first
     hold_until: float = 0.0                           # time.monotonic() before which none is routed
+    stale: int = 0                                    # entries taken back by a HOLDING (skipped when met)
 
 
 class EndpointRegistry:

@@ -60,6 +60,9 @@ MAX_PASSED_OVER = 10_000
 # which of them they hold and send the results the record lacks, so that a task
 # one member has is not routed to another and run twice.
 RECOVERY_GRACE = 3.0
+# An endpoint names the tasks it still holds in its HELLO and in HOLDING
+# messages right after it, on the same connection, within this many seconds.
+HOLDING_WINDOW = 30.0
 
 
 class Relay:
@@ -390,7 +393,11 @@ class Relay:
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
         elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
-            self._take_back_held(self._endpoint_of(sender), sender, P.task_ids(msg.fields["tids"]))
+            state = self._endpoint_of(sender)
+            if time.monotonic() - state.hello_at > HOLDING_WINDOW:
+                raise P.ProtocolError(f"HOLDING is taken only within {HOLDING_WINDOW:.0f} s of the HELLO of "
+                                      f"the same connection")
+            self._take_back_held(state, sender, P.task_ids(msg.fields["tids"]))
         elif t == P.LOOKUP:
             self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
         elif t == P.SHARE:
@@ -458,6 +465,7 @@ class Relay:
             state.heartbeat_period = float(heartbeat)
             state.heartbeats_missed = missed
             state.credit = capacity
+            state.hello_at = time.monotonic()
             self._take_back_held(state, sender, held)
             self._save_endpoint(state)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
@@ -513,43 +521,40 @@ class Relay:
     def _take_back_held(self, state: EndpointState, sender: bytes, held: list[bytes]) -> None:
         """An endpoint (re)connecting still holds these tasks (queued or
         running there): they count as sent to it, not to be sent again. Those
-        this relay has no unfinished record of are cancelled there."""
+        this relay has no unfinished record of, or that went to another
+        member of their group meanwhile, are cancelled there.
+
+        Looked up by id (cost: the ids held, not the queue): a task taken
+        back stays in its queue, marked DISPATCHED, and is skipped when the
+        dispatcher or router meets it; a queue is compacted once half of it
+        is such entries."""
         if not held:
             return
-        held_set = set(held)
-        kept: deque = deque()
-        for record in state.queue:
-            if record.task_id in held_set:
-                record.state = DISPATCHED
-                state.dispatched[record.task_id] = record
-                held_set.discard(record.task_id)
-            else:
-                kept.append(record)
-        state.queue = kept
-        held_set -= state.dispatched.keys()
-        if held_set:
-            self._take_back_grouped(state, held_set)
-        for part in P.chunks(sorted(held_set)):
-            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
-
-    def _take_back_grouped(self, state: EndpointState, held: set[bytes]) -> None:
-        """Group tasks this endpoint holds that wait in their group's queue
-        (it lost its connection, or the relay restarted) count as sent to it
-        again; they leave ``held``. One it holds that went to another member
-        meanwhile stays in ``held``, to be cancelled here."""
-        taken: dict[tuple[str, ...], set[bytes]] = defaultdict(set)
+        endpoint_id = state.endpoint_id
+        cancel = []
+        groups: set[tuple[str, ...]] = set()
         for task_id in held:
+            if task_id in state.dispatched:
+                continue
             record = self.tasks.get(task_id)
-            if (record is not None and record.group is not None and record.state == QUEUED
-                    and state.endpoint_id in record.group and record.endpoint_id in ("", state.endpoint_id)):
-                record.state = DISPATCHED
-                record.endpoint_id = state.endpoint_id
-                state.dispatched[task_id] = record
-                taken[record.group].add(task_id)
-        for group, task_ids in taken.items():
-            held -= task_ids
-            queue = self.endpoints.group(group)
-            queue.queue = deque(record for record in queue.queue if record.task_id not in task_ids)
+            if record is None or record.state != QUEUED or (
+                    record.endpoint_id != endpoint_id if record.group is None
+                    else endpoint_id not in record.group or record.endpoint_id not in ("", endpoint_id)):
+                cancel.append(task_id)
+                continue
+            if record.group is not None:   # in its group's queue (or, rarely, routed to this one's)
+                groups.add(record.group)
+                self.endpoints.group(record.group).stale += 1
+            else:
+                state.stale += 1
+            record.state = DISPATCHED
+            record.endpoint_id = endpoint_id
+            state.dispatched[task_id] = record
+        _compact(state)
+        for group in groups:
+            _compact(self.endpoints.group(group))
+        for part in P.chunks(sorted(cancel)):
+            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
     def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
@@ -897,6 +902,9 @@ class Relay:
                         break
                     rows, blobs = [], P.Blobs()
                 record = queue.popleft()
+                if record.state != QUEUED or record.endpoint_id != state.endpoint_id:
+                    state.stale -= state.stale > 0   # taken back by a HOLDING, or routed elsewhere since
+                    continue
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
                     body = self.functions.get(record.fn_hash)
@@ -969,8 +977,9 @@ class Relay:
         wanted = 0
         while queue and wanted < room and passed < MAX_PASSED_OVER:
             record = queue.popleft()
-            if self.tasks.get(record.task_id) is not record:
-                continue  # finished or cancelled meanwhile (not expected: they are taken out)
+            if self.tasks.get(record.task_id) is not record or record.state != QUEUED:
+                group.stale -= group.stale > 0   # taken back by a HOLDING
+                continue  # (or finished or cancelled meanwhile: not expected, they are taken out)
             taken.append(record)
             fn_hash = record.fn_hash
             batch = batches.get(fn_hash)
@@ -1044,6 +1053,14 @@ class Relay:
             log.debug("could not send to %r: %s", peer, exc)
             return False
         return True
+
+
+def _compact(holder: EndpointState | GroupQueue) -> None:
+    """Drop from an endpoint's or group's queue the entries of tasks taken
+    back by HOLDINGs once they are half of it (so each costs O(1), amortized)."""
+    if holder.stale and 2 * holder.stale >= len(holder.queue):
+        holder.queue = deque(record for record in holder.queue if record.state == QUEUED)
+        holder.stale = 0
 
 
 def _memo_key(scope: bytes, fn_hash: bytes, kind: int, args: Any) -> bytes:
