@@ -450,3 +450,96 @@ def test_holding_costs_the_ids_held_not_the_queue(tmp_path):
         assert all(relay.tasks[t].state == QUEUED for t in ids[-10:])
     finally:
         closed(relay)
+
+
+# -- endpoints and groups per user ------------------------------------------------------------
+
+def endpoint_hello(address: str, token: str, endpoint_id: str) -> P.Message | None:
+    """A HELLO as an endpoint from a raw socket (an attacker's): the relay's answer."""
+    from fedexec.auth import connect_plainly
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"E" + uuid.uuid4().bytes)
+    try:
+        connect_plainly(sock, address, token)
+        sock.send_multipart(P.encode(P.HELLO, {"role": "endpoint", "id": endpoint_id, "name": "raw",
+                                               "py": P.PYTHON_VERSION, "workers": 1, "capacity": 0}))
+        if sock.poll(10_000):
+            return P.decode(sock.recv_multipart())
+        return None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_endpoints_per_user_are_capped(tmp_path):
+    """A user may register at most --max-endpoints-per-user endpoints: a new
+    id beyond that is refused by name; their registered ids still connect;
+    another user registers theirs."""
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token", "--max-endpoints-per-user", "2") as address:
+        mine = [str(uuid.uuid4()) for _ in range(2)]
+        for endpoint_id in mine:
+            assert endpoint_hello(address, tokens["alice"], endpoint_id).type == P.WELCOME
+        refused = endpoint_hello(address, tokens["alice"], str(uuid.uuid4()))
+        assert refused.type == P.ERROR and refused.fields["refused"], refused.fields
+        assert "2 endpoints registered" in refused.fields["msg"] and "--max-endpoints-per-user" in refused.fields["msg"]
+        assert endpoint_hello(address, tokens["alice"], mine[0]).type == P.WELCOME   # hers, again
+        assert endpoint_hello(address, tokens["bob"], str(uuid.uuid4())).type == P.WELCOME
+
+
+@pytest.mark.timeout(120)
+def test_distinct_groups_with_tasks_per_user_are_capped(tmp_path):
+    """Tasks for a group of endpoints beyond a user's max_groups_per_user
+    distinct groups with unfinished tasks fail with a QUOTA naming it;
+    more tasks for groups they use are taken; other users are unaffected;
+    once a group's tasks finish, another group is taken."""
+    from fedexec.relay.access import Session
+    relay = Relay("tcp://127.0.0.1:*", tmp_path / "r", max_groups_per_user=2)
+    try:
+        alice, bob = Session("alice"), Session("bob")
+        members = [str(uuid.uuid4()) for _ in range(4)]
+        for endpoint_id in members:
+            hello = {"role": "endpoint", "id": endpoint_id, "name": "ep", "py": P.PYTHON_VERSION, "workers": 1,
+                     "capacity": 0}
+            relay._handle(b"E" + uuid.uuid4().bytes, alice, P.decode(P.encode(P.HELLO, hello)))
+            relay._on_share(b"E", alice, {"ep": endpoint_id, "public": True})
+        groups = [[members[0], members[1]], [members[1], members[2]], [members[2], members[3]]]
+
+        def submit(session, group) -> tuple[bytes, int, dict | None]:
+            """One task of ``session``'s user for ``group``: (id, status, failure or None if taken)."""
+            client = b"C" + session.user.encode().ljust(16, b".")
+            fn_hash, body = serialize_function(double)
+            blobs = P.Blobs()
+            task_id = uuid.uuid4().bytes
+            row = [task_id, fn_hash, blobs.ref(serialize_arguments(double, (1,), {})), blobs.ref(body),
+                   P.TASK_CALL, P.PYTHON_VERSION]
+            relay._handle(client, session, P.decode(P.encode(P.SUBMIT, {"ep": group, "tasks": [row]}, blobs.frames)))
+            rows, blobs = relay.client_results.pop(client, ([], P.Blobs()))
+            if not rows:
+                return task_id, P.OK, None
+            msg = P.decode(next(iter(P.results_messages(rows, blobs.frames, ()))))
+            row = msg.fields["rows"][0]
+            return task_id, row[1], P.unpack_failure(P.blob(msg.blobs, row[2]))
+
+        first = [submit(alice, groups[0]), submit(alice, groups[1]), submit(alice, groups[0])]
+        assert all(failure is None for _, _, failure in first)   # taken (queued)
+        task_id, status, failure = submit(alice, groups[2])
+        assert status == P.FAILED and failure["kind"] == P.QUOTA and failure["quota"] == "groups", failure
+        assert "2 different groups of endpoints" in failure["msg"] and failure["limit"] == 2
+        more = submit(alice, groups[1])   # more for a group she has tasks for: taken
+        assert more[2] is None
+        assert submit(bob, groups[2])[2] is None     # bob has his own count
+        assert relay.user_groups["alice"] == {tuple(sorted(groups[0])): 2, tuple(sorted(groups[1])): 2}
+        # alice's tasks for the second group finish (cancelled): a third group is taken
+        cancel = {"tids": [first[1][0], more[0]]}
+        relay._on_cancel(b"C" + b"alice".ljust(16, b"."), alice, P.decode(P.encode(P.CANCEL, cancel)))
+        assert relay.user_groups["alice"] == {tuple(sorted(groups[0])): 2}
+        relay.client_results.clear()   # (the cancellations)
+        assert submit(alice, groups[2])[2] is None
+    finally:
+        closed(relay)

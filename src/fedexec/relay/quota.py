@@ -26,6 +26,11 @@ from .store import RelayStore
 
 DEFAULT_MAX_TASKS_PER_USER = 1_000_000
 DEFAULT_MAX_BYTES_PER_USER = 4 * 1024 ** 3
+# Endpoints one user may register (each is kept in the record and its state
+# in memory for good), and distinct endpoint groups one user may have tasks
+# waiting for (the router visits every group with tasks each turn).
+DEFAULT_MAX_ENDPOINTS_PER_USER = 1_000
+DEFAULT_MAX_GROUPS_PER_USER = 100
 # What a stored task row (arguments or result) costs at least against the
 # byte quota: what the row, its index and the relay's bookkeeping take.
 MIN_ROW_BYTES = 256

@@ -187,6 +187,7 @@ class EndpointRegistry:
         self.by_id: dict[str, EndpointState] = {}
         self.by_routing: dict[bytes, EndpointState] = {}
         self.groups: dict[tuple[str, ...], GroupQueue] = {}
+        self.owned: dict[str, int] = {}   # user -> endpoints registered to them
 
     def group(self, members: tuple[str, ...]) -> GroupQueue:
         queue = self.groups.get(members)
@@ -207,7 +208,10 @@ class EndpointRegistry:
         return self.by_id.get(endpoint_id)
 
     def add(self, state: EndpointState) -> None:
+        """A new endpoint (its owner set): counted as theirs."""
         self.by_id[state.endpoint_id] = state
+        owner = state.access.owner
+        self.owned[owner] = self.owned.get(owner, 0) + 1
 
     def connect(self, state: EndpointState, routing_id: bytes) -> None:
         if state.connected:

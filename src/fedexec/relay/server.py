@@ -27,7 +27,8 @@ from ..auth import new_secret, public_key_path, read_secret, secret_path, write_
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, DEFAULT_MAX_GROUPS_PER_USER, \
+    DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
 from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
@@ -73,7 +74,9 @@ class Relay:
                  max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
                  auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None,
                  routing: str | None = None, max_tasks_per_user: int = DEFAULT_MAX_TASKS_PER_USER,
-                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER) -> None:
+                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER,
+                 max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
+                 max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -81,6 +84,14 @@ class Relay:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         P.check_payload_limit(max_payload)
         self.quotas = Quotas(max_tasks_per_user, max_bytes_per_user)
+        for name, value in (("max_endpoints_per_user", max_endpoints_per_user),
+                            ("max_groups_per_user", max_groups_per_user)):
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be an integer greater than 0, not {value!r}")
+        self.max_endpoints_per_user = max_endpoints_per_user
+        self.max_groups_per_user = max_groups_per_user
+        # user -> {group: their unfinished tasks submitted to it}
+        self.user_groups: dict[str, dict[tuple[str, ...], int]] = {}
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
@@ -209,6 +220,8 @@ class Relay:
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
                 record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, user=user, group=group)
+                mine = self.user_groups.setdefault(user, {})
+                mine[group] = mine.get(group, 0) + 1
                 queue = self.endpoints.group(group)
                 queue.queue.append(record)
                 queue.hold_until = time.monotonic() + RECOVERY_GRACE
@@ -454,7 +467,15 @@ class Relay:
                              f"endpoint {endpoint_id} is registered to another user")
                 return
             if state is None:
+                owned = self.endpoints.owned.get(session.user, 0)
+                if owned >= self.max_endpoints_per_user:
+                    self._refuse(sender, session, f"register endpoint {endpoint_id}",
+                                 f"user {session.user!r} has {owned:,} endpoints registered at the relay, its limit "
+                                 f"of {self.max_endpoints_per_user:,} endpoints per user (--max-endpoints-per-user)"
+                                 f"; connect with the id of one of them")
+                    return
                 state = EndpointState(endpoint_id, name, python)
+                state.access.owner = session.user
                 self.endpoints.add(state)
             state.access.owner = session.user
             state.access.functions = functions
@@ -682,6 +703,8 @@ class Relay:
                 message, details = P.too_large("the arguments", size, self.max_payload)
                 self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
+            if group is not None and self._too_many_groups(sender, user, group, task_id):
+                continue
             if options is not None and "m" in options:
                 if memo_scope is None:
                     memo_scope = self._memo_scope(user, endpoint_id, states)
@@ -704,8 +727,24 @@ class Relay:
             else:  # routed to a member by _route_group
                 record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
                 self.endpoints.group(group).queue.append(record)
+                mine = self.user_groups.setdefault(user, {})
+                mine[group] = mine.get(group, 0) + 1
             self.tasks[task_id] = record
             accepted.append(task_id)
+
+    def _too_many_groups(self, client: bytes, user: str, group: tuple[str, ...], task_id: bytes) -> bool:
+        """Refuse (a QUOTA failure naming it) a task for a group of endpoints
+        when its user already has unfinished tasks for as many other groups
+        as they may: routing visits every group with tasks each turn."""
+        mine = self.user_groups.get(user)
+        if mine is None or group in mine or len(mine) < self.max_groups_per_user:
+            return False
+        self._reject(client, task_id, P.QUOTA,
+                     f"user {user!r} has unfinished tasks for {len(mine):,} different groups of endpoints at the "
+                     f"relay, its limit of {self.max_groups_per_user:,} groups per user; wait for those to finish "
+                     f"or submit to fewer groups", quiet=True, quota="groups", usage=len(mine),
+                     limit=self.max_groups_per_user)
+        return True
 
     def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
         """A task sent again may have finished before a relay restart: then
@@ -1014,6 +1053,13 @@ class Relay:
         user's quota and its function's count go down."""
         self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
         self.functions.release(record.fn_hash)
+        mine = self.user_groups.get(record.user) if record.group is not None else None
+        if mine is not None and record.group in mine:
+            count = mine.pop(record.group) - 1
+            if count:
+                mine[record.group] = count
+            elif not mine:
+                del self.user_groups[record.user]
 
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
