@@ -6,6 +6,7 @@ of it at once against a second user's work."""
 from __future__ import annotations
 
 import operator
+import os
 import sqlite3
 import subprocess
 import sys
@@ -242,7 +243,8 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
     relay = Relay("tcp://127.0.0.1:*", data, auth="token")
     try:
         tasks, stored = relay.quotas.usage["alice"]
-        args = sum(len(serialize_arguments(operator.add, (i, 1), {})) for i in range(4))
+        from fedexec.relay.quota import row_bytes   # a stored row costs at least MIN_ROW_BYTES
+        args = sum(row_bytes(len(serialize_arguments(operator.add, (i, 1), {}))) for i in range(4))
         body = len(serialize_function(operator.add)[1])
         assert tasks == 4 and stored == args + body
         assert relay.functions.refs == {serialize_function(operator.add)[0]: 4}
@@ -254,3 +256,290 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
         relay.ctx.term()
         if relay.tokens is not None:
             relay.tokens.close()
+
+
+def closed(relay: Relay) -> None:
+    """Close a relay made in this process (that never served)."""
+    relay.store.close()
+    relay.sock.close(linger=0)
+    relay.zap.stop()
+    relay.ctx.term()
+    if relay.tokens is not None:
+        relay.tokens.close()
+
+
+@pytest.mark.timeout(180)
+def test_results_count_against_the_task_quota_until_acknowledged(tmp_path):
+    """Bob's finished tasks whose results he never acknowledges (each a row
+    and an id at the relay) count against his task quota and at least
+    MIN_ROW_BYTES each: he is refused by name, alice is not; his ACK frees
+    the quota; a restarted relay counts them again."""
+    from fedexec.relay.quota import MIN_ROW_BYTES
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token", "--max-tasks-per-user", "3") as address:
+        with running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["bob"], token=tokens["alice"])
+            bob = RawClient(address, tokens["bob"])
+            try:
+                ids = [bob.submit(ep.id, operator.add, i, 1) for i in range(3)]
+                got: dict[bytes, int] = {}
+                deadline = time.monotonic() + 30
+                while len(got) < 3 and time.monotonic() < deadline:
+                    msg = bob.expect(P.RESULTS, 1.0)
+                    for row in msg.fields["rows"] if msg else ():
+                        got[row[0]] = row[1]
+                assert got == {task_id: P.OK for task_id in ids}   # finished, never acknowledged
+                failure = bob.failure_of(bob.submit(ep.id, operator.add, 9, 1))
+                assert failure["kind"] == P.QUOTA and failure["quota"] == "tasks", failure
+                assert "3 task(s) in flight or finished with results not yet acknowledged" in failure["msg"]
+                with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+                    # alice acknowledges hers: more than 3 in turn, one after the other
+                    assert [alice.submit(operator.add, i, 2).result(30) for i in range(6)] == [i + 2 for i in range(6)]
+                    with pytest.raises(QuotaExceeded, match="--max-tasks-per-user"):
+                        # bob through the executor, which acknowledges what it gets: refused too
+                        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob_ex:
+                            bob_ex.submit(operator.add, 1, 1).result(30)
+                bob.send(P.ACK, {"tids": ids[:1]})
+                # one acknowledged: one more task fits, and its result comes back
+                task_id = wait_for(lambda: _ok_or_none(bob, bob.submit(ep.id, operator.add, 40, 2)), 20,
+                                   "room after the acknowledgement")
+                assert task_id
+            finally:
+                bob.close()
+    relay = Relay("tcp://127.0.0.1:*", data, auth="token")
+    try:   # three of bob's results are still unacknowledged (two of the first and the last)
+        tasks, stored = relay.quotas.usage["bob"]
+        assert tasks == 3 and stored >= 3 * MIN_ROW_BYTES
+        assert "alice" not in relay.quotas.usage
+    finally:
+        closed(relay)
+
+
+def _ok_or_none(raw: RawClient, task_id: bytes) -> bytes | None:
+    """The task's id if it ran, None if it was refused for a quota."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        msg = raw.expect(P.RESULTS, 1.0)
+        for row in msg.fields["rows"] if msg else ():
+            if row[0] == task_id:
+                if row[1] == P.OK:
+                    return task_id
+                assert P.unpack_failure(P.blob(msg.blobs, row[2]))["kind"] == P.QUOTA
+                return None
+    return None
+
+
+def sized_result(log: str, size: int, tag: int) -> bytes:
+    """``size`` bytes, noting in ``log`` that it ran (memoized: once per tag)."""
+    with open(log, "a") as out:
+        out.write(f"{tag}\n")
+    return bytes([tag % 256]) * size
+
+
+def rss_of(pid: int) -> int:
+    """A process's resident memory, in bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    pytest.fail(f"no VmRSS for process {pid}")
+
+
+def memo_rows(data_dir) -> tuple[int, int]:
+    db = sqlite3.connect(f"file:{data_dir / 'relay.sqlite3'}?mode=ro", uri=True)
+    try:
+        count, size = db.execute("SELECT count(*), COALESCE(sum(length(result)), 0) FROM memo").fetchone()
+        return count, size
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(240)
+def test_memoized_results_are_bounded_in_memory_charged_and_expire(tmp_path):
+    """70 memoized results of 2 MiB: none is pinned in the relay's memory
+    (RSS, once transient buffers are released, grows by less than 64 MiB: 2 MiB
+    measured; 164 MiB when it kept them all, as before), a hit
+    on one is read from the record, they count against their user's byte
+    quota (memoizing stops at it, and a task that does not fit is refused),
+    and after result_ttl they are gone from the record, the quota free."""
+    import json
+    data = tmp_path / "relay-data"
+    tokens = {"alice": fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()}
+    size, limit, ttl = 2 * 1024 * 1024, 130_000_000, 30
+    log = str(tmp_path / "runs")
+    # large blocks mmapped (a fixed threshold): freed ones go back to the system, so the
+    # RSS shows what the relay holds, not what the allocator kept of its transient buffers
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    with running_relay(tmp_path, "--auth", "token", "--max-bytes-per-user", str(limit),
+                       "--result-ttl", str(ttl), env=env) as address:
+        pid = json.loads((data / "relay.json").read_text())["pid"]
+        with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+                assert ex.submit(sized_result, log, size, 255).result(30) == b"\xff" * size   # warm
+            before = rss_of(pid)
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"], memoize=True) as ex:
+                for tag in range(70):
+                    assert len(ex.submit(sized_result, log, size, tag).result(60)) == size
+            # transient buffers (results on their way to the store's writer and to the client)
+            # are released within seconds; memoized results kept in memory would stay
+            deadline = time.monotonic() + 30
+            while (grown := rss_of(pid) - before) >= 64 * 2 ** 20:
+                assert time.monotonic() < deadline, f"the relay's RSS grew by {grown / 2 ** 20:.0f} MiB"
+                time.sleep(0.1)
+            count, stored = memo_rows(data)
+            assert 50 <= count < 70 and stored <= limit, (count, stored)   # memoizing stopped at the quota
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"], memoize=True) as ex:
+                assert ex.submit(sized_result, log, size, 0).result(30) == b"\x00" * size   # a hit
+                assert open(log).read().split().count("0") == 1, "the hit ran the function again"
+                with pytest.raises(QuotaExceeded, match="bytes stored") as info:
+                    ex.submit(len, b"z" * 8_000_000).result(30)
+                assert info.value.quota == "bytes" and info.value.usage >= stored
+                wait_for(lambda: memo_rows(data)[0] == 0, ttl + 30, "the memoized results to expire")
+                assert ex.submit(len, b"z" * 8_000_000).result(30) == 8_000_000   # the quota is free again
+
+
+# -- HOLDING: cost by the ids held, only right after the connection's HELLO --------------
+
+@pytest.mark.timeout(120)
+def test_holding_costs_the_ids_held_not_the_queue(tmp_path):
+    """A HOLDING of 1024 ids against an endpoint with 200,000 queued tasks
+    takes what the ids take (~1 ms measured; 24 ms when each scanned the
+    queue); the tasks it names count as sent and are not sent again; a
+    HOLDING is refused from a connection that did not say HELLO, or later
+    than HOLDING_WINDOW after it."""
+    from fedexec.relay.access import Session
+    from fedexec.relay.registry import DISPATCHED, QUEUED, TaskRecord
+    from fedexec.relay.server import HOLDING_WINDOW
+
+    relay = Relay("tcp://127.0.0.1:*", tmp_path / "r")
+    try:
+        session = Session("local")
+        sender, endpoint_id = b"E" + uuid.uuid4().bytes, str(uuid.uuid4())
+        hello = {"role": "endpoint", "id": endpoint_id, "name": "ep", "py": P.PYTHON_VERSION, "workers": 1,
+                 "capacity": 0}
+        relay._handle(sender, session, P.decode(P.encode(P.HELLO, hello)))
+        state = relay.endpoints.get(endpoint_id)
+        ids = [uuid.uuid4().bytes for _ in range(200_000)]
+        for task_id in ids:   # queued as accepted tasks are (200,000 SUBMITs would take a while)
+            record = TaskRecord(task_id, b"C", endpoint_id, b"h" * 32, 0, P.PYTHON_VERSION, b"a", user="local")
+            state.queue.append(record)
+            relay.tasks[task_id] = record
+        times = []
+        for n in range(5):
+            msg = P.decode(P.encode(P.HOLDING, {"tids": ids[n * 1024:(n + 1) * 1024]}))
+            start = time.perf_counter()
+            relay._handle(sender, session, msg)
+            times.append(time.perf_counter() - start)
+        assert sorted(times)[2] < 0.008, f"a HOLDING of 1024 ids took {sorted(times)[2] * 1000:.1f} ms"
+        held = ids[:5 * 1024]
+        assert set(state.dispatched) == set(held) and all(relay.tasks[t].state == DISPATCHED for t in held)
+        # the dispatcher skips them: what it would send next is the first task not held
+        assert next(r for r in state.queue if r.state == QUEUED).task_id == ids[5 * 1024]
+        # half the queue held: it is compacted once, not scanned per HOLDING
+        for start in range(5 * 1024, 100_000, P.MAX_ITEMS):
+            relay._handle(sender, session, P.decode(P.encode(P.HOLDING, {"tids": ids[start:min(start + P.MAX_ITEMS, 100_000)]})))
+        assert len(state.queue) == 100_000 and state.stale == 0
+        state.hello_at -= HOLDING_WINDOW + 1
+        with pytest.raises(P.ProtocolError, match="within 30 s of the HELLO"):
+            relay._handle(sender, session, P.decode(P.encode(P.HOLDING, {"tids": ids[-10:]})))
+        with pytest.raises(P.ProtocolError, match="did not say hello"):
+            relay._handle(b"E" + uuid.uuid4().bytes, session, P.decode(P.encode(P.HOLDING, {"tids": ids[-10:]})))
+        assert all(relay.tasks[t].state == QUEUED for t in ids[-10:])
+    finally:
+        closed(relay)
+
+
+# -- endpoints and groups per user ------------------------------------------------------------
+
+def endpoint_hello(address: str, token: str, endpoint_id: str) -> P.Message | None:
+    """A HELLO as an endpoint from a raw socket (an attacker's): the relay's answer."""
+    from fedexec.auth import connect_plainly
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"E" + uuid.uuid4().bytes)
+    try:
+        connect_plainly(sock, address, token)
+        sock.send_multipart(P.encode(P.HELLO, {"role": "endpoint", "id": endpoint_id, "name": "raw",
+                                               "py": P.PYTHON_VERSION, "workers": 1, "capacity": 0}))
+        if sock.poll(10_000):
+            return P.decode(sock.recv_multipart())
+        return None
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_endpoints_per_user_are_capped(tmp_path):
+    """A user may register at most --max-endpoints-per-user endpoints: a new
+    id beyond that is refused by name; their registered ids still connect;
+    another user registers theirs."""
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token", "--max-endpoints-per-user", "2") as address:
+        mine = [str(uuid.uuid4()) for _ in range(2)]
+        for endpoint_id in mine:
+            assert endpoint_hello(address, tokens["alice"], endpoint_id).type == P.WELCOME
+        refused = endpoint_hello(address, tokens["alice"], str(uuid.uuid4()))
+        assert refused.type == P.ERROR and refused.fields["refused"], refused.fields
+        assert "2 endpoints registered" in refused.fields["msg"] and "--max-endpoints-per-user" in refused.fields["msg"]
+        assert endpoint_hello(address, tokens["alice"], mine[0]).type == P.WELCOME   # hers, again
+        assert endpoint_hello(address, tokens["bob"], str(uuid.uuid4())).type == P.WELCOME
+
+
+@pytest.mark.timeout(120)
+def test_distinct_groups_with_tasks_per_user_are_capped(tmp_path):
+    """Tasks for a group of endpoints beyond a user's max_groups_per_user
+    distinct groups with unfinished tasks fail with a QUOTA naming it;
+    more tasks for groups they use are taken; other users are unaffected;
+    once a group's tasks finish, another group is taken."""
+    from fedexec.relay.access import Session
+    relay = Relay("tcp://127.0.0.1:*", tmp_path / "r", max_groups_per_user=2)
+    try:
+        alice, bob = Session("alice"), Session("bob")
+        members = [str(uuid.uuid4()) for _ in range(4)]
+        for endpoint_id in members:
+            hello = {"role": "endpoint", "id": endpoint_id, "name": "ep", "py": P.PYTHON_VERSION, "workers": 1,
+                     "capacity": 0}
+            relay._handle(b"E" + uuid.uuid4().bytes, alice, P.decode(P.encode(P.HELLO, hello)))
+            relay._on_share(b"E", alice, {"ep": endpoint_id, "public": True})
+        groups = [[members[0], members[1]], [members[1], members[2]], [members[2], members[3]]]
+
+        def submit(session, group) -> tuple[bytes, int, dict | None]:
+            """One task of ``session``'s user for ``group``: (id, status, failure or None if taken)."""
+            client = b"C" + session.user.encode().ljust(16, b".")
+            fn_hash, body = serialize_function(double)
+            blobs = P.Blobs()
+            task_id = uuid.uuid4().bytes
+            row = [task_id, fn_hash, blobs.ref(serialize_arguments(double, (1,), {})), blobs.ref(body),
+                   P.TASK_CALL, P.PYTHON_VERSION]
+            relay._handle(client, session, P.decode(P.encode(P.SUBMIT, {"ep": group, "tasks": [row]}, blobs.frames)))
+            rows, blobs = relay.client_results.pop(client, ([], P.Blobs()))
+            if not rows:
+                return task_id, P.OK, None
+            msg = P.decode(next(iter(P.results_messages(rows, blobs.frames, ()))))
+            row = msg.fields["rows"][0]
+            return task_id, row[1], P.unpack_failure(P.blob(msg.blobs, row[2]))
+
+        first = [submit(alice, groups[0]), submit(alice, groups[1]), submit(alice, groups[0])]
+        assert all(failure is None for _, _, failure in first)   # taken (queued)
+        task_id, status, failure = submit(alice, groups[2])
+        assert status == P.FAILED and failure["kind"] == P.QUOTA and failure["quota"] == "groups", failure
+        assert "2 different groups of endpoints" in failure["msg"] and failure["limit"] == 2
+        more = submit(alice, groups[1])   # more for a group she has tasks for: taken
+        assert more[2] is None
+        assert submit(bob, groups[2])[2] is None     # bob has his own count
+        assert relay.user_groups["alice"] == {tuple(sorted(groups[0])): 2, tuple(sorted(groups[1])): 2}
+        # alice's tasks for the second group finish (cancelled): a third group is taken
+        cancel = {"tids": [first[1][0], more[0]]}
+        relay._on_cancel(b"C" + b"alice".ljust(16, b"."), alice, P.decode(P.encode(P.CANCEL, cancel)))
+        assert relay.user_groups["alice"] == {tuple(sorted(groups[0])): 2}
+        relay.client_results.clear()   # (the cancellations)
+        assert submit(alice, groups[2])[2] is None
+    finally:
+        closed(relay)

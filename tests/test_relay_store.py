@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 from fedexec.relay.store import FILE_BLOB, RelayStore
@@ -74,7 +75,7 @@ def test_an_older_record_is_upgraded_blob_files_renamed_and_memo_dropped(tmp_pat
     store = RelayStore(tmp_path)
     task_id, args = uuid.uuid4().bytes, os.urandom(FILE_BLOB * 2)
     store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", args, "alice")
-    store.add_memo(b"k" * 32, b"an unscoped result")
+    store.add_memo(b"k" * 32, b"an unscoped result", "alice", time.time())
     store.close()
     # as an older fedexec left it: blob files named by task id alone, memo keys unscoped
     (name,) = os.listdir(tmp_path / "blobs")
@@ -89,5 +90,36 @@ def test_an_older_record_is_upgraded_blob_files_renamed_and_memo_dropped(tmp_pat
         assert [(row[0], row[6], row[7]) for row in store.pending_tasks()] == [(task_id, "alice", args)]
         assert os.listdir(tmp_path / "blobs") == [name]
         assert store.memo_keys() == set()
+    finally:
+        store.close()
+
+
+def test_memoized_results_expire_and_an_older_memo_table_gains_its_user(tmp_path):
+    """Memo rows older than the expiry cutoff are deleted with the results
+    nobody fetched; each row says whose task produced it (for the quota),
+    also in a record written before memo rows had a user."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    db.execute("CREATE TABLE memo (key BLOB PRIMARY KEY, result BLOB NOT NULL, created REAL NOT NULL)")
+    db.execute("PRAGMA user_version=2")
+    db.execute("INSERT INTO memo VALUES (?,?,?)", (b"o" * 32, b"older", 1.0))
+    db.commit()
+    db.close()
+    store = RelayStore(tmp_path)
+    now = time.time()
+    store.add_memo(b"a" * 32, b"x" * 1000, "alice", now - 100)
+    store.add_memo(b"b" * 32, b"y" * 10, "bob", now)
+    store.close()
+    store = RelayStore(tmp_path)
+    try:
+        assert list(store.memo_entries()) == [(b"o" * 32, "", 5, 1.0), (b"a" * 32, "alice", 1000, now - 100),
+                                              (b"b" * 32, "bob", 10, now)]
+        store.expire_results(now - 50)
+    finally:
+        store.close()
+    store = RelayStore(tmp_path)
+    try:
+        assert list(store.memo_entries()) == [(b"b" * 32, "bob", 10, now)]
     finally:
         store.close()

@@ -108,7 +108,8 @@ def relay_start(ns: argparse.Namespace) -> None:
             raise SystemExit(f"fedexec: --max-payload: {exc}") from None
         argv += ["--max-payload", str(ns.max_payload)]
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
-                                                                          ns.max_bytes_per_user)):
+                                                                          ns.max_bytes_per_user),
+                        ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
         if value is not None:
             if value <= 0:
                 raise SystemExit(f"fedexec: {flag} must be greater than 0")
@@ -501,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes-per-user", type=int,
                    help="bytes one user may have stored at the relay: arguments, results not yet fetched, "
                         "function bodies (default 4 GiB)")
+    p.add_argument("--max-endpoints-per-user", type=int,
+                   help="endpoints one user may register at the relay (default 1,000)")
     p.add_argument("--auth", choices=AUTH_MODES, default="local",
                    help="local: a secret file for this machine's user (default); token: per-user API tokens "
                         "(relay add-user, token create); globus: Globus Auth tokens")

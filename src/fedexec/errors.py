@@ -105,10 +105,11 @@ class PayloadTooLarge(FedexecError):
 
 
 class QuotaExceeded(FedexecError):
-    """The relay refused the task: its user is at a quota (tasks in flight,
-    ``fedexec relay start --max-tasks-per-user``, or bytes stored,
-    ``--max-bytes-per-user``). The message names the quota, the usage and
-    the limit; ``.quota`` is "tasks" or "bytes"."""
+    """The relay refused the task: its user is at a quota (tasks in flight
+    or with results not yet acknowledged, ``fedexec relay start
+    --max-tasks-per-user``; bytes stored, ``--max-bytes-per-user``; distinct
+    groups of endpoints with unfinished tasks). The message names the quota,
+    the usage and the limit; ``.quota`` is "tasks", "bytes" or "groups"."""
 
     def __init__(self, message: str, *, quota: str = "", usage: int = 0, limit: int = 0) -> None:
         super().__init__(message)

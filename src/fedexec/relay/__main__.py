@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import protocol as P
 from ..private import make_private
 from .access import MODES, GlobusTokenCheck
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, DEFAULT_MAX_TASKS_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tasks one user may have in flight (accepted, not finished)")
     parser.add_argument("--max-bytes-per-user", type=int, default=DEFAULT_MAX_BYTES_PER_USER,
                         help="bytes one user may have stored (arguments, unacknowledged results, functions)")
+    parser.add_argument("--max-endpoints-per-user", type=int, default=DEFAULT_MAX_ENDPOINTS_PER_USER,
+                        help="endpoints one user may register (default 1,000)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--auth", choices=MODES, default="local",
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(f"--max-payload: {exc}")
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
-                                                                          ns.max_bytes_per_user)):
+                                                                          ns.max_bytes_per_user),
+                        ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
         if value <= 0:
             parser.error(f"{flag} must be greater than 0")
     globus = None
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
                       result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
                       auth=ns.auth, curve=ns.curve, globus=globus,
-                      max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user)
+                      max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user,
+                      max_endpoints_per_user=ns.max_endpoints_per_user)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     relay.serve_forever()

@@ -1,9 +1,13 @@
 """Per-user quotas at the relay, and the function bodies tasks share.
 
-Each user may have at most ``max_tasks`` tasks in flight (accepted, not
-finished) and ``max_bytes`` bytes stored at the relay: the arguments of their
-unfinished tasks, their results not yet acknowledged, and the function bodies
-stored for their tasks. Usage is counted in memory (per task, no SQL) and
+Each user may have at most ``max_tasks`` tasks at the relay (accepted and
+not finished, or finished with a result not yet acknowledged: a task counts
+until its user has fetched its outcome or it expired) and ``max_bytes``
+bytes stored at the relay: the arguments of their unfinished tasks, their
+results not yet acknowledged, and the function bodies stored for their
+tasks, and the memoized results their tasks produced (until they expire,
+after ``result_ttl`` as unfetched results do). Every stored task row costs at least ``MIN_ROW_BYTES`` (an empty
+result or a cancellation still takes a row and an id's worth of memory). Usage is counted in memory (per task, no SQL) and
 rebuilt from the record after a restart; a task over a quota is refused with
 a FAILED result of kind ``quota`` naming the quota, the usage and the limit,
 and nobody else is affected.
@@ -22,6 +26,19 @@ from .store import RelayStore
 
 DEFAULT_MAX_TASKS_PER_USER = 1_000_000
 DEFAULT_MAX_BYTES_PER_USER = 4 * 1024 ** 3
+# Endpoints one user may register (each is kept in the record and its state
+# in memory for good), and distinct endpoint groups one user may have tasks
+# waiting for (the router visits every group with tasks each turn).
+DEFAULT_MAX_ENDPOINTS_PER_USER = 1_000
+DEFAULT_MAX_GROUPS_PER_USER = 100
+# What a stored task row (arguments or result) costs at least against the
+# byte quota: what the row, its index and the relay's bookkeeping take.
+MIN_ROW_BYTES = 256
+
+
+def row_bytes(size: int) -> int:
+    """What a stored blob of ``size`` bytes is charged against the byte quota."""
+    return size if size > MIN_ROW_BYTES else MIN_ROW_BYTES
 
 
 class Quotas:
@@ -34,11 +51,15 @@ class Quotas:
                 raise ValueError(f"{name} must be an integer greater than 0, not {value!r}")
         self.max_tasks = max_tasks
         self.max_bytes = max_bytes
-        self.usage: dict[str, list[int]] = {}          # user -> [tasks in flight, bytes stored]
+        self.usage: dict[str, list[int]] = {}          # user -> [tasks held, bytes stored]
         # results stored and not yet acknowledged: task id -> (user, bytes),
         # and (time.time() stored, task id) oldest first, to release what expires
         self.unacked: dict[bytes, tuple[str, int]] = {}
         self.unacked_order: deque[tuple[float, bytes]] = deque()
+        # memoized results in the record: key -> (user charged, bytes), and
+        # (time.time() stored, key) oldest first (a key is never stored twice)
+        self.memo: dict[bytes, tuple[str, int]] = {}
+        self.memo_order: deque[tuple[float, bytes]] = deque()
 
     def refusal(self, user: str, tasks: int, nbytes: int) -> tuple[str, dict[str, Any]] | None:
         """Why ``user`` may not take ``tasks`` more tasks and ``nbytes`` more
@@ -46,8 +67,9 @@ class Quotas:
         used = self.usage.get(user)
         in_flight, stored = used if used is not None else (0, 0)
         if in_flight + tasks > self.max_tasks:
-            return (f"user {user!r} has {in_flight:,} task(s) in flight at the relay, at its quota of "
-                    f"{self.max_tasks:,} tasks per user (--max-tasks-per-user); wait for some to finish",
+            return (f"user {user!r} has {in_flight:,} task(s) in flight or finished with results not yet "
+                    f"acknowledged at the relay, at its quota of {self.max_tasks:,} tasks per user "
+                    f"(--max-tasks-per-user); wait for some to finish and fetch their results",
                     {"quota": "tasks", "usage": in_flight, "limit": self.max_tasks})
         if stored + nbytes > self.max_bytes:
             return (f"user {user!r} has {stored:,} bytes stored at the relay (arguments, unacknowledged results, "
@@ -74,12 +96,15 @@ class Quotas:
             del self.usage[user]
 
     def result_stored(self, task_id: bytes, user: str, nbytes: int, now: float) -> None:
-        """A result is kept for ``user`` until they acknowledge it (or it expires)."""
-        if nbytes <= 0 or task_id in self.unacked:
+        """A result (or a failure, or a cancellation) is kept for ``user``
+        until they acknowledge it or it expires: until then it counts as one
+        of their tasks and at least ``MIN_ROW_BYTES`` bytes."""
+        if task_id in self.unacked:
             return
+        nbytes = row_bytes(nbytes)
         self.unacked[task_id] = (user, nbytes)
         self.unacked_order.append((now, task_id))
-        self.charge(user, 0, nbytes)
+        self.charge(user, 1, nbytes)
 
     def acknowledged(self, task_ids: Iterable[bytes], user: str) -> None:
         """``user`` fetched these results (others' ids are ignored)."""
@@ -88,18 +113,38 @@ class Quotas:
             entry = unacked.get(task_id)
             if entry is not None and entry[0] == user:
                 del unacked[task_id]
-                self.release(user, 0, entry[1])
+                self.release(user, 1, entry[1])
 
-    def expire(self, before: float) -> None:
-        """Results stored before ``before`` (a time.time()) are forgotten by the record."""
+    def memo_stored(self, key: bytes, user: str, nbytes: int, now: float) -> None:
+        """A memoized result produced by a task of ``user`` is kept in the
+        record (until it expires), charged to them."""
+        if key in self.memo:
+            return
+        nbytes = row_bytes(nbytes)
+        self.memo[key] = (user, nbytes)
+        self.memo_order.append((now, key))
+        self.charge(user, 0, nbytes)
+
+    def expire(self, before: float) -> list[bytes]:
+        """Results and memoized results stored before ``before`` (a
+        time.time()) are forgotten by the record: their quota is released.
+        The keys of the memoized results that expired."""
+        memo_order, expired = self.memo_order, []
+        while memo_order and memo_order[0][0] < before:
+            key = memo_order.popleft()[1]
+            memo = self.memo.pop(key, None)
+            if memo is not None:
+                self.release(memo[0], 0, memo[1])
+                expired.append(key)
         order = self.unacked_order
         while order and order[0][0] < before:
             _, task_id = order.popleft()
             entry = self.unacked.pop(task_id, None)
             if entry is not None:
-                self.release(entry[0], 0, entry[1])
+                self.release(entry[0], 1, entry[1])
         if len(order) > 2 * len(self.unacked) + 1024:   # mostly acknowledged: drop their entries
             self.unacked_order = deque(item for item in order if item[1] in self.unacked)
+        return expired
 
 
 class FunctionBodies:

@@ -118,6 +118,8 @@ class EndpointState:
     known_functions: set = field(default_factory=set)       # hashes this connection has
     access: EndpointAccess = field(default_factory=EndpointAccess)
     reported_backlog: int = -1                              # queue length last told the endpoint
+    hello_at: float = 0.0                                   # time.monotonic() of this connection's HELLO
+    stale: int = 0          # entries of `queue` taken back by a HOLDING (skipped when met; see Relay)
 
     @property
     def connected(self) -> bool:
@@ -174,6 +176,7 @@ class GroupQueue:
     members: tuple[str, ...]                          # endpoint ids, sorted
     queue: deque = field(default_factory=deque)       # TaskRecords, oldest first
     hold_until: float = 0.0                           # time.monotonic() before which none is routed
+    stale: int = 0                                    # entries taken back by a HOLDING (skipped when met)
 
 
 class EndpointRegistry:
@@ -184,6 +187,7 @@ class EndpointRegistry:
         self.by_id: dict[str, EndpointState] = {}
         self.by_routing: dict[bytes, EndpointState] = {}
         self.groups: dict[tuple[str, ...], GroupQueue] = {}
+        self.owned: dict[str, int] = {}   # user -> endpoints registered to them
 
     def group(self, members: tuple[str, ...]) -> GroupQueue:
         queue = self.groups.get(members)
@@ -204,7 +208,10 @@ class EndpointRegistry:
         return self.by_id.get(endpoint_id)
 
     def add(self, state: EndpointState) -> None:
+        """A new endpoint (its owner set): counted as theirs."""
         self.by_id[state.endpoint_id] = state
+        owner = state.access.owner
+        self.owned[owner] = self.owned.get(owner, 0) + 1
 
     def connect(self, state: EndpointState, routing_id: bytes) -> None:
         if state.connected:

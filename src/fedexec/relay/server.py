@@ -27,7 +27,9 @@ from ..auth import new_secret, public_key_path, read_secret, secret_path, write_
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas
+from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, DEFAULT_MAX_GROUPS_PER_USER, \
+    DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
+from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
@@ -40,7 +42,6 @@ MAX_MESSAGES_PER_TURN = 2000
 # it has: a stream of costly messages (one user's large headers) delays the
 # others' results by one turn's worth, not by all of them.
 TURN_READ_BUDGET = 0.05
-MEMO_IN_MEMORY = 4096    # memoized results the relay keeps in memory (the store keeps all)
 MAINTENANCE_INTERVAL = 0.5
 # While this many rows wait for the store's writer, no more tasks go out to
 # endpoints: results then come back no faster than they can be recorded, and
@@ -64,6 +65,9 @@ RECOVERY_GRACE = 3.0
 # tasks (at most this plus one result): the rest wait for the next turns, so
 # a few small messages cannot make the relay read gigabytes at once.
 RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
+# An endpoint names the tasks it still holds in its HELLO and in HOLDING
+# messages right after it, on the same connection, within this many seconds.
+HOLDING_WINDOW = 30.0
 
 
 class Relay:
@@ -74,7 +78,9 @@ class Relay:
                  max_payload: int = P.DEFAULT_MAX_PAYLOAD, secret_file: Path | None = None,
                  auth: str = "local", curve: bool | None = None, globus: GlobusTokenCheck | None = None,
                  routing: str | None = None, max_tasks_per_user: int = DEFAULT_MAX_TASKS_PER_USER,
-                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER) -> None:
+                 max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER,
+                 max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
+                 max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -82,6 +88,14 @@ class Relay:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         P.check_payload_limit(max_payload)
         self.quotas = Quotas(max_tasks_per_user, max_bytes_per_user)
+        for name, value in (("max_endpoints_per_user", max_endpoints_per_user),
+                            ("max_groups_per_user", max_groups_per_user)):
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be an integer greater than 0, not {value!r}")
+        self.max_endpoints_per_user = max_endpoints_per_user
+        self.max_groups_per_user = max_groups_per_user
+        # user -> {group: their unfinished tasks submitted to it}
+        self.user_groups: dict[str, dict[tuple[str, ...], int]] = {}
         self.result_ttl = result_ttl
         self.max_payload = max_payload
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
@@ -186,8 +200,8 @@ class Relay:
         # their result is on its way to disk; answered after that commit
         self.turn_resumed: dict[bytes, list] = defaultdict(list)
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
-        self.memo_keys: set[bytes] = self.store.memo_keys()   # results memoized in the store
-        self.memo_recent: dict[bytes, bytes] = {}             # the newest of them, in memory
+        self.memo_keys: set[bytes] = set()          # results memoized in the store (until they expire)
+        self.memo_recent = RecentResults()          # the newest small ones, in memory
         # finished tasks to answer from the record, over a turn's RECORD_BYTES_PER_TURN: per client, in order
         self.record_waiting: dict[bytes, dict[bytes, Session]] = {}
         self.record_budget = RECORD_BYTES_PER_TURN
@@ -220,6 +234,8 @@ class Relay:
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
                 record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, user=user, group=group)
+                mine = self.user_groups.setdefault(user, {})
+                mine[group] = mine.get(group, 0) + 1
                 queue = self.endpoints.group(group)
                 queue.queue.append(record)
                 queue.hold_until = time.monotonic() + RECOVERY_GRACE
@@ -231,11 +247,14 @@ class Relay:
                 state.queue.append(record)
             self.tasks[task_id] = record
             users_by_function[fn_hash].append(user)
-            self.quotas.charge(user, 1, len(args))
+            self.quotas.charge(user, 1, row_bytes(len(args)))
             count += 1
         self.functions.recover(users_by_function)
         for task_id, user, size, finished in self.store.unacknowledged_results():
             self.quotas.result_stored(task_id, user, size, finished)
+        for key, user, size, created in self.store.memo_entries():
+            self.memo_keys.add(key)
+            self.quotas.memo_stored(key, user, size, created)
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
@@ -287,8 +306,11 @@ class Relay:
                     self._maintenance(now)
                 if now >= next_expiry:
                     next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
-                    self.store.expire_results(time.time() - self.result_ttl)
-                    self.quotas.expire(time.time() - self.result_ttl)
+                    cutoff = time.time() - self.result_ttl
+                    self.store.expire_results(cutoff)
+                    for key in self.quotas.expire(cutoff):   # memoized results gone from the record
+                        self.memo_keys.discard(key)
+                        self.memo_recent.discard(key)
         finally:
             log.info("relay stopping")
             self.store.close()
@@ -411,7 +433,11 @@ class Relay:
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
         elif t == P.HOLDING:   # more of what an endpoint's HELLO said it holds
-            self._take_back_held(self._endpoint_of(sender), sender, P.task_ids(msg.fields["tids"]))
+            state = self._endpoint_of(sender)
+            if time.monotonic() - state.hello_at > HOLDING_WINDOW:
+                raise P.ProtocolError(f"HOLDING is taken only within {HOLDING_WINDOW:.0f} s of the HELLO of "
+                                      f"the same connection")
+            self._take_back_held(state, sender, P.task_ids(msg.fields["tids"]))
         elif t == P.LOOKUP:
             self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
         elif t == P.SHARE:
@@ -486,7 +512,15 @@ class Relay:
                              f"endpoint {endpoint_id} is registered to another user")
                 return
             if state is None:
+                owned = self.endpoints.owned.get(session.user, 0)
+                if owned >= self.max_endpoints_per_user:
+                    self._refuse(sender, session, f"register endpoint {endpoint_id}",
+                                 f"user {session.user!r} has {owned:,} endpoints registered at the relay, its limit "
+                                 f"of {self.max_endpoints_per_user:,} endpoints per user (--max-endpoints-per-user)"
+                                 f"; connect with the id of one of them")
+                    return
                 state = EndpointState(endpoint_id, name, python)
+                state.access.owner = session.user
                 self.endpoints.add(state)
             state.access.owner = session.user
             state.access.functions = functions
@@ -497,6 +531,7 @@ class Relay:
             state.heartbeat_period = float(heartbeat)
             state.heartbeats_missed = missed
             state.credit = capacity
+            state.hello_at = time.monotonic()
             self._take_back_held(state, sender, held)
             self._save_endpoint(state)
             log.info("endpoint %s (%s) connected: python %s, %d workers, %d task(s) waiting, %d held there",
@@ -555,43 +590,40 @@ class Relay:
     def _take_back_held(self, state: EndpointState, sender: bytes, held: list[bytes]) -> None:
         """An endpoint (re)connecting still holds these tasks (queued or
         running there): they count as sent to it, not to be sent again. Those
-        this relay has no unfinished record of are cancelled there."""
+        this relay has no unfinished record of, or that went to another
+        member of their group meanwhile, are cancelled there.
+
+        Looked up by id (cost: the ids held, not the queue): a task taken
+        back stays in its queue, marked DISPATCHED, and is skipped when the
+        dispatcher or router meets it; a queue is compacted once half of it
+        is such entries."""
         if not held:
             return
-        held_set = set(held)
-        kept: deque = deque()
-        for record in state.queue:
-            if record.task_id in held_set:
-                record.state = DISPATCHED
-                state.dispatched[record.task_id] = record
-                held_set.discard(record.task_id)
-            else:
-                kept.append(record)
-        state.queue = kept
-        held_set -= state.dispatched.keys()
-        if held_set:
-            self._take_back_grouped(state, held_set)
-        for part in P.chunks(sorted(held_set)):
-            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
-
-    def _take_back_grouped(self, state: EndpointState, held: set[bytes]) -> None:
-        """Group tasks this endpoint holds that wait in their group's queue
-        (it lost its connection, or the relay restarted) count as sent to it
-        again; they leave ``held``. One it holds that went to another member
-        meanwhile stays in ``held``, to be cancelled here."""
-        taken: dict[tuple[str, ...], set[bytes]] = defaultdict(set)
+        endpoint_id = state.endpoint_id
+        cancel = []
+        groups: set[tuple[str, ...]] = set()
         for task_id in held:
+            if task_id in state.dispatched:
+                continue
             record = self.tasks.get(task_id)
-            if (record is not None and record.group is not None and record.state == QUEUED
-                    and state.endpoint_id in record.group and record.endpoint_id in ("", state.endpoint_id)):
-                record.state = DISPATCHED
-                record.endpoint_id = state.endpoint_id
-                state.dispatched[task_id] = record
-                taken[record.group].add(task_id)
-        for group, task_ids in taken.items():
-            held -= task_ids
-            queue = self.endpoints.group(group)
-            queue.queue = deque(record for record in queue.queue if record.task_id not in task_ids)
+            if record is None or record.state != QUEUED or (
+                    record.endpoint_id != endpoint_id if record.group is None
+                    else endpoint_id not in record.group or record.endpoint_id not in ("", endpoint_id)):
+                cancel.append(task_id)
+                continue
+            if record.group is not None:   # in its group's queue (or, rarely, routed to this one's)
+                groups.add(record.group)
+                self.endpoints.group(record.group).stale += 1
+            else:
+                state.stale += 1
+            record.state = DISPATCHED
+            record.endpoint_id = endpoint_id
+            state.dispatched[task_id] = record
+        _compact(state)
+        for group in groups:
+            _compact(self.endpoints.group(group))
+        for part in P.chunks(sorted(cancel)):
+            self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
     def _answer_resumed(self, sender: bytes, session: Session, task_ids: list[bytes], final: bool) -> None:
         """A client (the same after a relay restart, or a new process
@@ -726,20 +758,22 @@ class Relay:
                 message, details = P.too_large("the arguments", size, self.max_payload)
                 self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                 continue
+            if group is not None and self._too_many_groups(sender, user, group, task_id):
+                continue
             if options is not None and "m" in options:
                 if memo_scope is None:
                     memo_scope = self._memo_scope(user, endpoint_id, states)
                 options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
                 if self._serve_memoized(sender, task_id, options):
                     continue
-            over = self.quotas.refusal(user, 1, size + (len(body) if body is not None else 0))
+            over = self.quotas.refusal(user, 1, row_bytes(size) + (len(body) if body is not None else 0))
             if over is not None:
                 if not quota_logged:
                     refusals.warning("refused user %r: submit tasks: %s", user, over[0])
                     quota_logged = True
                 self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
                 continue
-            self.quotas.charge(user, 1, size)
+            self.quotas.charge(user, 1, row_bytes(size))
             self.functions.use(fn_hash, body, user)
             self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
             if group is None:
@@ -748,8 +782,24 @@ class Relay:
             else:  # routed to a member by _route_group
                 record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
                 self.endpoints.group(group).queue.append(record)
+                mine = self.user_groups.setdefault(user, {})
+                mine[group] = mine.get(group, 0) + 1
             self.tasks[task_id] = record
             accepted.append(task_id)
+
+    def _too_many_groups(self, client: bytes, user: str, group: tuple[str, ...], task_id: bytes) -> bool:
+        """Refuse (a QUOTA failure naming it) a task for a group of endpoints
+        when its user already has unfinished tasks for as many other groups
+        as they may: routing visits every group with tasks each turn."""
+        mine = self.user_groups.get(user)
+        if mine is None or group in mine or len(mine) < self.max_groups_per_user:
+            return False
+        self._reject(client, task_id, P.QUOTA,
+                     f"user {user!r} has unfinished tasks for {len(mine):,} different groups of endpoints at the "
+                     f"relay, its limit of {self.max_groups_per_user:,} groups per user; wait for those to finish "
+                     f"or submit to fewer groups", quiet=True, quota="groups", usage=len(mine),
+                     limit=self.max_groups_per_user)
+        return True
 
     def _answer_from_record(self, client: bytes, session: Session, task_id: bytes) -> bool:
         """A task sent again may have finished before a relay restart: then
@@ -810,20 +860,23 @@ class Relay:
             result = self.store.memo_result(key)
             if result is None:
                 return False
-            self._remember(key, result)
+            self.memo_recent.put(key, result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, P.OK, result, options.get("tr")))
         return True
 
-    def _remember(self, key: bytes, result: bytes) -> None:
-        """Keep a memoized result in memory (the newest few); the first one
-        stored under a key stays (see ``_on_results``)."""
-        recent = self.memo_recent
-        if len(recent) >= MEMO_IN_MEMORY:
-            for old in list(recent)[: MEMO_IN_MEMORY // 2]:  # oldest first
-                del recent[old]
-        recent[key] = result
+    def _memoize(self, record: TaskRecord, result: bytes, now: float) -> None:
+        """Keep a memoized result in the record (charged to the user whose
+        task produced it, until it expires) and, if small, in memory. The
+        first one stored under a key stays; one its user has no room for is
+        not kept (the result itself is delivered all the same)."""
+        key = record.options["m"]
+        if key in self.memo_keys or self.quotas.refusal(record.user, 0, len(result)) is not None:
+            return
         self.memo_keys.add(key)
+        self.memo_recent.put(key, result)
+        self.quotas.memo_stored(key, record.user, len(result), now)
+        self.store.add_memo(key, result, record.user, now)
 
     def _reject(self, client: bytes, task_id: bytes, kind: str, message: str, quiet: bool = False,
                 **details: Any) -> None:
@@ -890,18 +943,21 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self.store.add_result(task_id, status, buffer, record.user)
-            self.quotas.result_stored(task_id, record.user, len(buffer), now)
-            if status == P.OK and record.options is not None and "m" in record.options \
-                    and record.options["m"] not in self.memo_keys:   # a stored result is never replaced
-                result = P.as_bytes(blob)
-                self._remember(record.options["m"], result)
-                self.store.add_memo(record.options["m"], result)
+            self._store_result(record, status, buffer, now)
+            if status == P.OK and record.options is not None and "m" in record.options:
+                self._memoize(record, P.as_bytes(blob), now)
             client_rows, client_blobs = self.client_results[record.client]
             client_rows.append(client_blobs.result_row(task_id, status, blob,
                                                        [*row[3], now] if len(row) == 4 else None))
         if started and state is not None:
             self._on_started(started)
+
+    def _store_result(self, record: TaskRecord, status: int, blob: Any, now: float) -> None:
+        """A task's outcome goes to the record, and counts against its user's
+        quotas (a task, at least MIN_ROW_BYTES) until they acknowledge it or
+        it expires: finished, unfetched tasks cannot pile up for free."""
+        self.store.add_result(record.task_id, status, blob, record.user)
+        self.quotas.result_stored(record.task_id, record.user, len(blob), now)
 
     def _unqueue(self, record: TaskRecord) -> None:
         """Take a queued task out of its queue (it finished or was cancelled
@@ -941,7 +997,7 @@ class Relay:
                 del self.tasks[task_id]
                 self._finished(record)
                 self._unqueue(record)
-                self.store.add_result(task_id, P.CANCELLED, b"", record.user)
+                self._store_result(record, P.CANCELLED, b"", time.time())
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
@@ -965,6 +1021,9 @@ class Relay:
                         break
                     rows, blobs = [], P.Blobs()
                 record = queue.popleft()
+                if record.state != QUEUED or record.endpoint_id != state.endpoint_id:
+                    state.stale -= state.stale > 0   # taken back by a HOLDING, or routed elsewhere since
+                    continue
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
                     body = self.functions.get(record.fn_hash)
@@ -973,7 +1032,7 @@ class Relay:
                         self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
-                        self.store.add_result(record.task_id, P.FAILED, b"", record.user)
+                        self._store_result(record, P.FAILED, b"", time.time())
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
@@ -1037,8 +1096,9 @@ class Relay:
         wanted = 0
         while queue and wanted < room and passed < MAX_PASSED_OVER:
             record = queue.popleft()
-            if self.tasks.get(record.task_id) is not record:
-                continue  # finished or cancelled meanwhile (not expected: they are taken out)
+            if self.tasks.get(record.task_id) is not record or record.state != QUEUED:
+                group.stale -= group.stale > 0   # taken back by a HOLDING
+                continue  # (or finished or cancelled meanwhile: not expected, they are taken out)
             taken.append(record)
             fn_hash = record.fn_hash
             batch = batches.get(fn_hash)
@@ -1071,8 +1131,15 @@ class Relay:
     def _finished(self, record: TaskRecord) -> None:
         """A task left ``self.tasks`` (finished, cancelled or refused): its
         user's quota and its function's count go down."""
-        self.quotas.release(record.user, 1, len(P.as_buffer(record.args)))
+        self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
         self.functions.release(record.fn_hash)
+        mine = self.user_groups.get(record.user) if record.group is not None else None
+        if mine is not None and record.group in mine:
+            count = mine.pop(record.group) - 1
+            if count:
+                mine[record.group] = count
+            elif not mine:
+                del self.user_groups[record.user]
 
     def _send_all(self) -> None:
         for client in self.client_results.keys() | self.client_started.keys():  # notices ride with results
@@ -1112,6 +1179,14 @@ class Relay:
             log.debug("could not send to %r: %s", peer, exc)
             return False
         return True
+
+
+def _compact(holder: EndpointState | GroupQueue) -> None:
+    """Drop from an endpoint's or group's queue the entries of tasks taken
+    back by HOLDINGs once they are half of it (so each costs O(1), amortized)."""
+    if holder.stale and 2 * holder.stale >= len(holder.queue):
+        holder.queue = deque(record for record in holder.queue if record.state == QUEUED)
+        holder.stale = 0
 
 
 def _memo_key(scope: bytes, fn_hash: bytes, kind: int, args: Any) -> bytes:

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE TABLE IF NOT EXISTS memo (
     key BLOB PRIMARY KEY,
     result BLOB NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    user TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -99,7 +100,7 @@ class RelayStore:
         self._results: list[tuple[Any, ...]] = []
         self._acked: list[tuple[bytes, str]] = []
         self._endpoints: dict[str, tuple[Any, ...]] = {}
-        self._memo: list[tuple[bytes, bytes, float]] = []
+        self._memo: list[tuple[bytes, bytes, float, str]] = []
         self._handed: list[tuple[list, ...]] = []
         # names of the blobs kept in files, so that only those are unlinked
         # (writer thread; read from the directory here)
@@ -129,7 +130,8 @@ class RelayStore:
         columns it lacks, and (``PRAGMA user_version``) drop what the newer
         rules make unreachable."""
         for table, column, kind in (("endpoints", "owner", "TEXT"), ("endpoints", "access", "BLOB"),
-                                    ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'")):
+                                    ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'"),
+                                    ("memo", "user", "TEXT NOT NULL DEFAULT ''")):
             columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -211,8 +213,12 @@ class RelayStore:
         except OSError:
             return None
 
-    def add_memo(self, key: bytes, result: Any) -> None:
-        self._memo.append((key, result, time.time()))
+    def add_memo(self, key: bytes, result: Any, user: str, created: float) -> None:
+        """Keep a memoized result produced by a task of ``user`` (charged to
+        them) until it expires with the results nobody fetched. The relay
+        stores a key only when it holds none under it (an expired one may
+        still be here: it is replaced)."""
+        self._memo.append((key, result, created, user))
 
     def acknowledge(self, task_ids: Iterable[bytes], user: str) -> list[bytes]:
         """Forget these finished tasks of ``user``; the ids it did forget.
@@ -297,6 +303,9 @@ class RelayStore:
 
     def _expire(self, before: float) -> None:
         db = self._writer_db
+        memo = db.execute("DELETE FROM memo WHERE created<?", (before,)).rowcount
+        if memo > 0:
+            log.info("expired %d memoized result(s)", memo)
         old = db.execute("SELECT id, user FROM tasks WHERE state=? AND finished<?", (FINISHED, before)).fetchall()
         if not old:
             return
@@ -382,7 +391,8 @@ class RelayStore:
                 db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
                                "args=NULL WHERE id=? AND user=?", update_rows)
             if memo:
-                db.executemany("INSERT OR IGNORE INTO memo VALUES (?,?,?)", memo)   # the first stays
+                # the relay stores a key only when it holds none: an older row left is an expired one
+                db.executemany("INSERT OR REPLACE INTO memo (key, result, created, user) VALUES (?,?,?,?)", memo)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -417,6 +427,11 @@ class RelayStore:
 
     def memo_keys(self) -> set[bytes]:
         return {row[0] for row in self.db.execute("SELECT key FROM memo")}
+
+    def memo_entries(self) -> Iterator[tuple[bytes, str, int, float]]:
+        """``(key, user, bytes, created)`` of every memoized result, oldest
+        first (for a restart: they count against their user's quota)."""
+        yield from self.db.execute("SELECT key, user, length(result), created FROM memo ORDER BY created")
 
     def memo_result(self, key: bytes) -> bytes | None:
         row = self.db.execute("SELECT result FROM memo WHERE key=?", (key,)).fetchone()
