@@ -197,7 +197,7 @@ def run_once(scenario: str, seconds: float, workdir: Path) -> dict[str, float]:
         ep_env = {**env, "FEDEXEC_TOKEN": alice}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "alice-ep", "--relay", address, "--endpoint-id",
-             endpoint_id, "--max-workers", "2", "--relay-key", relay_key, "--log-level", "ERROR"],
+             endpoint_id, "--max-workers", "2", f"--relay-key={relay_key}", "--log-level", "ERROR"],
             env=ep_env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 30
         while True:   # until Alice's endpoint has connected

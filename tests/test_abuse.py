@@ -217,7 +217,10 @@ def test_one_user_cannot_exhaust_the_relay_for_another(tmp_path):
             refused = failures_of(bob, set(ids[quota:]))
             assert len(refused) == 5 and all(f["kind"] == P.QUOTA and f["quota"] == "tasks" for f in refused.values())
             assert f"at its quota of {quota:,} tasks per user" in next(iter(refused.values()))["msg"]
-            bob.send(P.CANCEL, {"tids": ids[:P.MAX_ITEMS]})   # his own: cancelled, the quota frees up
+            # his own: cancelled, and once he acknowledges the outcomes the quota frees up (a task
+            # counts until its result is acknowledged)
+            bob.send(P.CANCEL, {"tids": ids[:P.MAX_ITEMS]})
+            bob.send(P.ACK, {"tids": ids[:P.MAX_ITEMS]})
 
             # 5. bulky function bodies (each under max_payload, distinct): charged to his byte quota,
             # refused past it, and kept only while their tasks are unfinished

@@ -444,7 +444,7 @@ def run_captured(tmp_path: Path, curve: bool) -> tuple[bytes, int]:
             args = [sys.executable, "-m", "fedexec.endpoint", "--name", "ep", "--relay", address, "--endpoint-id",
                     endpoint_id, "--max-workers", "1", "--secret-file", str(secret)]
             if relay_key:
-                args += ["--relay-key", relay_key]
+                args += [f"--relay-key={relay_key}"]   # (a Z85 key may start with "-")
             # its own home: the endpoint finds no published key, it uses the pinned one
             with open(log, "wb") as out:
                 endpoint = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,

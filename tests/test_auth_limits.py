@@ -484,8 +484,14 @@ def test_one_address_cannot_take_every_globus_check(tmp_path):
             assert refused >= GLOBUS_CHECKS_WAITING - GLOBUS_CHECKS_PER_PEER, refused
             assert "Globus tokens at once" not in log   # the relay's own limit was never reached
             g.fake.release()
-            assert sum(welcomed(sock, HANG + 10) for sock in socks[:GLOBUS_CHECKS_PER_PEER]) \
-                == GLOBUS_CHECKS_PER_PEER
+            # which of the connections from one address got its places depends on the order of
+            # their handshakes: count those served once the checks are answered
+            deadline = time.monotonic() + HANG + 10
+            served = 0
+            waiting = socks[:GLOBUS_CHECKS_WAITING]
+            while served < GLOBUS_CHECKS_PER_PEER and waiting and time.monotonic() < deadline:
+                waiting = [sock for sock in waiting if not (welcomed(sock, 0.05) and (served := served + 1))]
+            assert served >= GLOBUS_CHECKS_PER_PEER, served
         finally:
             for sock in socks:
                 sock.close(linger=0)
