@@ -175,9 +175,12 @@ def test_quotas_refuse_one_user_and_leave_the_other_alone(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_function_bodies_expire_with_their_last_task_and_are_sent_again(tmp_path):
+    """A body is kept for --function-grace seconds after its last task (1 s
+    here; 300 by default, so a warm function's next call needs no resend),
+    then dropped; a later call sends it again, transparently."""
     data = tmp_path / "relay-data"
     tokens = {"alice": fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()}
-    with running_relay(tmp_path, "--auth", "token") as address:
+    with running_relay(tmp_path, "--auth", "token", "--function-grace", "1") as address:
         with running_endpoint(tmp_path, "ep2", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
             wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
             with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
@@ -224,7 +227,8 @@ def test_executor_refuses_an_oversized_function_before_sending(executor):
 def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
     data = tmp_path / "relay-data"
     tokens = {"alice": fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()}
-    with running_relay(tmp_path, "--auth", "token") as address:
+    # (no grace: the body of len goes with its task, as the record shows below)
+    with running_relay(tmp_path, "--auth", "token", "--function-grace", "0") as address:
         with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
             wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
             with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:

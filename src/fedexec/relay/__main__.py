@@ -10,7 +10,8 @@ from pathlib import Path
 from .. import protocol as P
 from ..private import make_private
 from .access import MODES, GlobusTokenCheck
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, DEFAULT_MAX_TASKS_PER_USER
+from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
+    DEFAULT_MAX_TASKS_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
 
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bytes one user may have stored (arguments, unacknowledged results, functions)")
     parser.add_argument("--max-endpoints-per-user", type=int, default=DEFAULT_MAX_ENDPOINTS_PER_USER,
                         help="endpoints one user may register (default 1,000)")
+    parser.add_argument("--function-grace", type=float, default=DEFAULT_FUNCTION_GRACE,
+                        help="seconds a function body is kept after its last task finished (default 300)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--auth", choices=MODES, default="local",
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         P.check_payload_limit(ns.max_payload)
     except ValueError as exc:
         parser.error(f"--max-payload: {exc}")
+    if ns.function_grace < 0:
+        parser.error("--function-grace must be 0 seconds or more")
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
                                                                           ns.max_bytes_per_user),
                         ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                       result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
                       auth=ns.auth, curve=ns.curve, globus=globus,
                       max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user,
-                      max_endpoints_per_user=ns.max_endpoints_per_user)
+                      max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     relay.serve_forever()

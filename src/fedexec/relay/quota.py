@@ -19,6 +19,7 @@ record) when the last unfinished task using it finishes.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Iterable
 
@@ -34,6 +35,11 @@ DEFAULT_MAX_GROUPS_PER_USER = 100
 # What a stored task row (arguments or result) costs at least against the
 # byte quota: what the row, its index and the relay's bookkeeping take.
 MIN_ROW_BYTES = 256
+# Seconds a function body is kept after the last task using it finished:
+# clients send a body once, so dropping it at once would cost every next call
+# of a warm function a round trip to send it again (NEED_FUNCTION). It stays
+# charged to its user meanwhile.
+DEFAULT_FUNCTION_GRACE = 300.0
 
 
 def row_bytes(size: int) -> int:
@@ -149,14 +155,18 @@ class Quotas:
 
 class FunctionBodies:
     """Function bodies by hash, each kept while an unfinished task uses it
-    (a count per body), charged to the user whose task brought it."""
+    (a count per body) and for ``grace`` seconds after the last one (so the
+    next call of a warm function needs no resend: clients send a body once),
+    charged to the user whose task brought it until it is dropped."""
 
-    def __init__(self, store: RelayStore, quotas: Quotas) -> None:
+    def __init__(self, store: RelayStore, quotas: Quotas, grace: float = DEFAULT_FUNCTION_GRACE) -> None:
         self.store = store
         self.quotas = quotas
+        self.grace = grace
         self.bodies: dict[bytes, bytes] = {}              # loaded (from a submission, or the record)
-        self.refs: dict[bytes, int] = {}                  # hash -> unfinished tasks using it
+        self.refs: dict[bytes, int] = {}                  # hash -> unfinished tasks using it (0: in its grace)
         self.charged: dict[bytes, tuple[str, int]] = {}   # hash -> (user charged, bytes)
+        self.idle: dict[bytes, float] = {}                # hash -> time.monotonic() its last task finished
 
     def __contains__(self, fn_hash: bytes) -> bool:
         return fn_hash in self.refs
@@ -176,6 +186,8 @@ class FunctionBodies:
         count = self.refs.get(fn_hash)
         if count is not None:
             self.refs[fn_hash] = count + 1
+            if count == 0:
+                del self.idle[fn_hash]
             return
         assert body is not None, "a new function comes with its body"
         self.refs[fn_hash] = 1
@@ -185,13 +197,26 @@ class FunctionBodies:
         self.store.add_function(fn_hash, body)
 
     def release(self, fn_hash: bytes) -> None:
-        """A task using it finished: the body goes with the last one."""
+        """A task using it finished: after the last one the body is kept for
+        ``grace`` seconds (:meth:`expire_idle` drops it then)."""
         count = self.refs.get(fn_hash)
-        if count is None:
+        if not count:
             return
-        if count > 1:
-            self.refs[fn_hash] = count - 1
-            return
+        self.refs[fn_hash] = count - 1
+        if count == 1:
+            self.idle[fn_hash] = time.monotonic()
+            if self.grace <= 0:
+                self.expire_idle(self.idle[fn_hash])
+
+    def expire_idle(self, now: float) -> None:
+        """Drop the bodies whose last task finished ``grace`` seconds before
+        ``now`` (a time.monotonic()); the relay calls this now and then."""
+        due = [fn_hash for fn_hash, since in self.idle.items() if now - since >= self.grace]
+        for fn_hash in due:
+            self._drop(fn_hash)
+
+    def _drop(self, fn_hash: bytes) -> None:
+        del self.idle[fn_hash]
         del self.refs[fn_hash]
         self.bodies.pop(fn_hash, None)
         user, size = self.charged.pop(fn_hash, ("", 0))

@@ -27,8 +27,8 @@ from ..auth import new_secret, public_key_path, read_secret, secret_path, write_
 from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
-from .quota import DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, DEFAULT_MAX_GROUPS_PER_USER, \
-    DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
+from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
+    DEFAULT_MAX_GROUPS_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
 from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
@@ -80,7 +80,8 @@ class Relay:
                  routing: str | None = None, max_tasks_per_user: int = DEFAULT_MAX_TASKS_PER_USER,
                  max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER,
                  max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
-                 max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER) -> None:
+                 max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER,
+                 function_grace: float = DEFAULT_FUNCTION_GRACE) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -187,7 +188,9 @@ class Relay:
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.functions = FunctionBodies(self.store, self.quotas)
+        if function_grace < 0:
+            raise ValueError("function_grace must be 0 seconds or more")
+        self.functions = FunctionBodies(self.store, self.quotas, function_grace)
         self.stopping = False
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
@@ -338,6 +341,7 @@ class Relay:
 
     def _maintenance(self, now: float) -> None:
         self.access.refresh(time.time())
+        self.functions.expire_idle(now)
         for state in self.endpoints.connected():
             if state.expired(now):
                 log.warning("endpoint %s (%s) missed its heartbeats; marked disconnected, "

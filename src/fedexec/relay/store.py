@@ -102,9 +102,16 @@ class RelayStore:
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         self._memo: list[tuple[bytes, bytes, float, str]] = []
         self._handed: list[tuple[list, ...]] = []
-        # names of the blobs kept in files, so that only those are unlinked
-        # (writer thread; read from the directory here)
-        self._files: set[str] = {entry.name for entry in self.blob_dir.iterdir()}
+        # the blobs kept in files, (task id, "args"|"result") -> file name, so
+        # that only those are unlinked and most rows (no file) cost a set
+        # look-up, not a path (writer thread; read from the directory here)
+        self._files: dict[tuple[bytes, str], str] = {}
+        for entry in self.blob_dir.iterdir():
+            stem, _, what = entry.name.partition(".")
+            try:
+                self._files[(bytes.fromhex(stem.rpartition("-")[2]), what)] = entry.name
+            except ValueError:
+                continue
         # Whose each finished, unacknowledged task is (its id is bound to its
         # user until then): so that the relay refuses another user's
         # submission of that id without asking SQLite. Kept by add_result and
@@ -191,7 +198,7 @@ class RelayStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
-        self._files.add(path.name)
+        self._files[(task_id, what)] = path.name
 
     def _spill(self, task_id: bytes, what: str, blob: Any, user: str) -> tuple[Any, int]:
         """``(blob, 0)`` to keep in the row, or ``(None, 1)`` once a large
@@ -202,9 +209,11 @@ class RelayStore:
         return None, 1
 
     def _drop_file(self, task_id: bytes, what: str, user: str) -> None:
+        if (task_id, what) not in self._files:
+            return   # the common case: the blob was kept in its row
         path = self._blob_path(task_id, what, user)
-        if path.name in self._files:
-            self._files.discard(path.name)
+        if self._files.get((task_id, what)) == path.name:
+            del self._files[(task_id, what)]
             path.unlink(missing_ok=True)
 
     def read_blob(self, task_id: bytes, what: str, user: str) -> bytes | None:
