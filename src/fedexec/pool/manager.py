@@ -64,6 +64,7 @@ WELCOME_TIMEOUT = 120.0     # a pool that never hears from its endpoint gives up
 ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long stops
 RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
 SHARE_AFTER = 1.0           # a worker serves its user this long at least before it may yield to another
+SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
 
 
 class PoolManager:
@@ -111,6 +112,7 @@ class PoolManager:
         self.heard_at = time.monotonic()            # last message from the endpoint
         self.welcomed = False
         self.hello_at = 0.0   # time.monotonic() of the latest HELLO sent
+        self._next_share = 0.0   # time.monotonic() of the next look at who the workers serve (_assign)
         self.draining = False
         self.stopping = False
         self._early_deaths = 0
@@ -391,7 +393,13 @@ class PoolManager:
             share = math.ceil(len(self.queue) / (len(hungry) - position))
             self._send_batch(slot, min(limit - len(slot.tasks), share))
         if self.queue:
-            self._share_workers()
+            # at once when a worker was left idle (the tasks queued are
+            # another user's); else now and then: workers busy with one
+            # user's tasks change hands after SHARE_AFTER at the soonest
+            now = time.monotonic()
+            if now >= self._next_share or any(not slot.tasks for slot in hungry):
+                self._next_share = now + SHARE_CHECK
+                self._share_workers()
 
     def _serving(self) -> list[WorkerSlot]:
         """Workers bound to a user that still take that user's tasks."""

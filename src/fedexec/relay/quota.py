@@ -84,6 +84,13 @@ class Quotas:
                     {"quota": "bytes", "usage": stored, "limit": self.max_bytes, "size": nbytes})
         return None
 
+    def room(self, user: str) -> tuple[int, int]:
+        """The tasks and bytes ``user`` may still take (may be negative)."""
+        used = self.usage.get(user)
+        if used is None:
+            return self.max_tasks, self.max_bytes
+        return self.max_tasks - used[0], self.max_bytes - used[1]
+
     def charge(self, user: str, tasks: int, nbytes: int) -> None:
         used = self.usage.get(user)
         if used is None:
@@ -111,6 +118,19 @@ class Quotas:
         self.unacked[task_id] = (user, nbytes)
         self.unacked_order.append((now, task_id))
         self.charge(user, 1, nbytes)
+
+    def result_replaces(self, task_id: bytes, user: str, args_size: int, result_size: int, now: float) -> None:
+        """A task of ``user`` finished: its result (``result_stored``) takes
+        the place of its arguments (``release``) in their quotas, in one step."""
+        used = self.usage.get(user)
+        if task_id in self.unacked or used is None:
+            self.release(user, 1, row_bytes(args_size))
+            self.result_stored(task_id, user, result_size, now)
+            return
+        cost = row_bytes(result_size)
+        self.unacked[task_id] = (user, cost)
+        self.unacked_order.append((now, task_id))
+        used[1] += cost - row_bytes(args_size)
 
     def acknowledged(self, task_ids: Iterable[bytes], user: str) -> None:
         """``user`` fetched these results (others' ids are ignored)."""

@@ -28,7 +28,7 @@ from ..pidfile import PidFile
 from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, TokenBook, ZapHandler, \
     load_or_create_curve_keys
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
-    DEFAULT_MAX_GROUPS_PER_USER, DEFAULT_MAX_TASKS_PER_USER, FunctionBodies, Quotas, row_bytes
+    DEFAULT_MAX_GROUPS_PER_USER, DEFAULT_MAX_TASKS_PER_USER, MIN_ROW_BYTES, FunctionBodies, Quotas, row_bytes
 from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
@@ -702,94 +702,113 @@ class Relay:
         quota_logged = False
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
         seen: set[bytes] = set()
-        for row in rows:
-            task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
-            if task_id in seen:   # a task id repeated in one message: its first row answers it
-                continue
-            seen.add(task_id)
-            options = row[6] if len(row) == 7 else None
-            if options is not None and "tr" in options:
-                options["tr"].append(now)
-            if allowed is not None and fn_hash not in allowed:
-                self._refused_task(user, f"run function(s) not on the allow-list of {where}", task_id)
-                self._reject(sender, task_id, P.NOT_ALLOWED,
-                             f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
-                continue
-            body = None   # a body the relay does not have: stored once a task using it is accepted
-            if fn_index != -1 and fn_hash not in self.functions:
-                size = len(P.as_buffer(P.blob(blobs, fn_index)))
+        tasks, functions, finished_owners, quotas = self.tasks, self.functions, self.store.finished_owners, self.quotas
+        # What is left of the user's quotas is looked up once per message, and
+        # what its accepted tasks take is charged once, at the end (or before
+        # a refusal, so that the refusal names the usage as it is).
+        room_tasks, room_bytes = quotas.room(user)
+        taken_tasks = taken_bytes = 0
+        try:
+            for row in rows:
+                task_id, fn_hash, args_index, fn_index, kind, python = row[:6]
+                if task_id in seen:   # a task id repeated in one message: its first row answers it
+                    continue
+                seen.add(task_id)
+                options = row[6] if len(row) == 7 else None
+                if options is not None and "tr" in options:
+                    options["tr"].append(now)
+                if allowed is not None and fn_hash not in allowed:
+                    self._refused_task(user, f"run function(s) not on the allow-list of {where}", task_id)
+                    self._reject(sender, task_id, P.NOT_ALLOWED,
+                                 f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
+                    continue
+                body = None   # a body the relay does not have: stored once a task using it is accepted
+                if fn_index != -1 and fn_hash not in functions:
+                    size = len(P.as_buffer(P.blob(blobs, fn_index)))
+                    if size > self.max_payload:
+                        message, details = P.too_large("the function", size, self.max_payload)
+                        self._reject(sender, task_id, P.TOO_LARGE, message, **details)
+                        continue
+                    body = P.as_bytes(P.blob(blobs, fn_index))
+                    if P.content_hash(body) != fn_hash:
+                        self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
+                        continue
+                held = tasks.get(task_id)
+                if held is not None:
+                    if held.user != user:
+                        self._not_theirs(sender, session, task_id, "resubmit")
+                    else:
+                        accepted.append(task_id)  # a resubmission of a task we hold: idempotent
+                    continue
+                owner = finished_owners.get(task_id)   # finished, its result not yet acknowledged
+                if owner is not None and owner != user:
+                    self._not_theirs(sender, session, task_id, "resubmit")
+                    continue
+                if resend and self._answer_from_record(sender, session, task_id):
+                    continue
+                if unknown is not None:
+                    self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {unknown}" if group is None
+                                 else f"unknown endpoint {unknown} (in the group {list(group)})")
+                    continue
+                other = next((known for known in states if known.python and python != known.python), None)
+                if other is not None:
+                    self._reject(sender, task_id, P.VERSION,
+                                 f"client runs Python {python} but endpoint {other.name!r} runs Python "
+                                 f"{other.python}; pickled functions need the same minor version")
+                    continue
+                if body is None and fn_hash not in functions:
+                    # sent without its body (the client sent it before), which went
+                    # with the last task using it: the client sends this one again with it
+                    self._reject(sender, task_id, P.NEED_FUNCTION,
+                                 f"the relay no longer has function {fn_hash.hex()}: send it with the task",
+                                 quiet=True)
+                    continue
+                args = P.blob(blobs, args_index)
+                buffer = P.as_buffer(args)
+                size = len(buffer)
                 if size > self.max_payload:
-                    message, details = P.too_large("the function", size, self.max_payload)
+                    message, details = P.too_large("the arguments", size, self.max_payload)
                     self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                     continue
-                body = P.as_bytes(P.blob(blobs, fn_index))
-                if P.content_hash(body) != fn_hash:
-                    self._reject(sender, task_id, P.REJECTED, "function body does not match its hash")
+                if group is not None and self._too_many_groups(sender, user, group, task_id):
                     continue
-            held = self.tasks.get(task_id)
-            if held is not None:
-                if held.user != user:
-                    self._not_theirs(sender, session, task_id, "resubmit")
-                else:
-                    accepted.append(task_id)  # a resubmission of a task we hold: idempotent
-                continue
-            owner = self.store.owner_of(task_id)   # finished, its result not yet acknowledged
-            if owner is not None and owner != user:
-                self._not_theirs(sender, session, task_id, "resubmit")
-                continue
-            if resend and self._answer_from_record(sender, session, task_id):
-                continue
-            if unknown is not None:
-                self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {unknown}" if group is None
-                             else f"unknown endpoint {unknown} (in the group {list(group)})")
-                continue
-            other = next((known for known in states if known.python and python != known.python), None)
-            if other is not None:
-                self._reject(sender, task_id, P.VERSION,
-                             f"client runs Python {python} but endpoint {other.name!r} runs Python "
-                             f"{other.python}; pickled functions need the same minor version")
-                continue
-            if body is None and fn_hash not in self.functions:
-                # sent without its body (the client sent it before), which went
-                # with the last task using it: the client sends this one again with it
-                self._reject(sender, task_id, P.NEED_FUNCTION,
-                             f"the relay no longer has function {fn_hash.hex()}: send it with the task",
-                             quiet=True)
-                continue
-            args = P.blob(blobs, args_index)
-            size = len(P.as_buffer(args))
-            if size > self.max_payload:
-                message, details = P.too_large("the arguments", size, self.max_payload)
-                self._reject(sender, task_id, P.TOO_LARGE, message, **details)
-                continue
-            if group is not None and self._too_many_groups(sender, user, group, task_id):
-                continue
-            if options is not None and "m" in options:
-                if memo_scope is None:
-                    memo_scope = self._memo_scope(user, endpoint_id, states)
-                options["m"] = _memo_key(memo_scope, fn_hash, kind, P.as_buffer(args))
-                if self._serve_memoized(sender, task_id, options):
-                    continue
-            over = self.quotas.refusal(user, 1, row_bytes(size) + (len(body) if body is not None else 0))
-            if over is not None:
-                if not quota_logged:
-                    refusals.warning("refused user %r: submit tasks: %s", user, over[0])
-                    quota_logged = True
-                self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
-                continue
-            self.quotas.charge(user, 1, row_bytes(size))
-            self.functions.use(fn_hash, body, user)
-            self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, P.as_buffer(args), user)
-            if group is None:
-                record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
-                state.queue.append(record)
-            else:  # routed to a member by _route_group
-                record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
-                self.endpoints.group(group).queue.append(record)
-                mine = self.user_groups.setdefault(user, {})
-                mine[group] = mine.get(group, 0) + 1
-            self.tasks[task_id] = record
-            accepted.append(task_id)
+                if options is not None and "m" in options:
+                    if memo_scope is None:
+                        memo_scope = self._memo_scope(user, endpoint_id, states)
+                    options["m"] = _memo_key(memo_scope, fn_hash, kind, buffer)
+                    if self._serve_memoized(sender, task_id, options):
+                        continue
+                cost = size if size > MIN_ROW_BYTES else MIN_ROW_BYTES   # row_bytes(size)
+                need = cost if body is None else cost + len(body)
+                if room_tasks < 1 or room_bytes < need:
+                    quotas.charge(user, taken_tasks, taken_bytes)
+                    taken_tasks = taken_bytes = 0
+                    over = quotas.refusal(user, 1, need)
+                    if over is not None:
+                        if not quota_logged:
+                            refusals.warning("refused user %r: submit tasks: %s", user, over[0])
+                            quota_logged = True
+                        self._reject(sender, task_id, P.QUOTA, over[0], quiet=True, **over[1])
+                        continue
+                room_tasks -= 1
+                room_bytes -= need
+                taken_tasks += 1
+                taken_bytes += cost   # (a new body is charged by functions.use)
+                functions.use(fn_hash, body, user)
+                self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, buffer, user)
+                if group is None:
+                    record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
+                    state.queue.append(record)
+                else:  # routed to a member by _route_group
+                    record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
+                    self.endpoints.group(group).queue.append(record)
+                    mine = self.user_groups.setdefault(user, {})
+                    mine[group] = mine.get(group, 0) + 1
+                tasks[task_id] = record
+                accepted.append(task_id)
+        finally:
+            if taken_tasks:
+                quotas.charge(user, taken_tasks, taken_bytes)
 
     def _too_many_groups(self, client: bytes, user: str, group: tuple[str, ...], task_id: bytes) -> bool:
         """Refuse (a QUOTA failure naming it) a task for a group of endpoints
@@ -922,10 +941,11 @@ class Relay:
             state.credit += credit
         now = time.time()
         stored = self.turn_stored[sender]
+        tasks = self.tasks
         for row in rows:
             task_id, status, index = row[:3]
             stored.append(task_id)  # the endpoint may forget it once this turn is committed
-            record = self.tasks.get(task_id)
+            record = tasks.get(task_id)
             if record is None:
                 continue  # a late duplicate of a task that already finished
             owner = known   # the endpoint this routing id said hello as
@@ -936,8 +956,7 @@ class Relay:
                 # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
-            del self.tasks[task_id]
-            self._finished(record)
+            del tasks[task_id]
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
                 self._unqueue(record)
@@ -947,7 +966,7 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self._store_result(record, status, buffer, now)
+            self._finished(record, status, buffer, now)
             if status == P.OK and record.options is not None and "m" in record.options:
                 self._memoize(record, P.as_bytes(blob), now)
             client_rows, client_blobs = self.client_results[record.client]
@@ -955,13 +974,6 @@ class Relay:
                                                        [*row[3], now] if len(row) == 4 else None))
         if started and state is not None:
             self._on_started(started)
-
-    def _store_result(self, record: TaskRecord, status: int, blob: Any, now: float) -> None:
-        """A task's outcome goes to the record, and counts against its user's
-        quotas (a task, at least MIN_ROW_BYTES) until they acknowledge it or
-        it expires: finished, unfetched tasks cannot pile up for free."""
-        self.store.add_result(record.task_id, status, blob, record.user)
-        self.quotas.result_stored(record.task_id, record.user, len(blob), now)
 
     def _unqueue(self, record: TaskRecord) -> None:
         """Take a queued task out of its queue (it finished or was cancelled
@@ -999,9 +1011,8 @@ class Relay:
                 continue
             if record.state == QUEUED:
                 del self.tasks[task_id]
-                self._finished(record)
                 self._unqueue(record)
-                self._store_result(record, P.CANCELLED, b"", time.time())
+                self._finished(record, P.CANCELLED, b"", time.time())
                 rows, blobs = self.client_results[sender]
                 rows.append([task_id, P.CANCELLED, b""])
             elif record.state == DISPATCHED:
@@ -1033,10 +1044,9 @@ class Relay:
                     body = self.functions.get(record.fn_hash)
                     if body is None:
                         del self.tasks[record.task_id]
-                        self._finished(record)
                         self._reject(record.client, record.task_id, P.REJECTED,
                                      "the relay has lost this task's function")
-                        self._store_result(record, P.FAILED, b"", time.time())
+                        self._finished(record, P.FAILED, b"", time.time())
                         continue
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
@@ -1132,10 +1142,20 @@ class Relay:
         if len(routed) < len(taken):   # the rest go back in front, in their order
             queue.extendleft(reversed([record for record in taken if record.task_id not in routed]))
 
-    def _finished(self, record: TaskRecord) -> None:
+    def _finished(self, record: TaskRecord, status: int | None = None, result: Any = None,
+                  now: float = 0.0) -> None:
         """A task left ``self.tasks`` (finished, cancelled or refused): its
-        user's quota and its function's count go down."""
-        self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
+        user's quota and its function's count go down. With a ``status``,
+        its outcome (``result``, bytes or a buffer) goes to the record and
+        counts against its user's quotas (a task, at least MIN_ROW_BYTES)
+        instead of its arguments, until they acknowledge it or it expires:
+        finished, unfetched tasks cannot pile up for free."""
+        args_size = len(P.as_buffer(record.args))
+        if status is None:
+            self.quotas.release(record.user, 1, row_bytes(args_size))
+        else:
+            self.store.add_result(record.task_id, status, result, record.user)
+            self.quotas.result_replaces(record.task_id, record.user, args_size, len(result), now)
         self.functions.release(record.fn_hash)
         mine = self.user_groups.get(record.user) if record.group is not None else None
         if mine is not None and record.group in mine:

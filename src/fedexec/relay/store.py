@@ -363,18 +363,24 @@ class RelayStore:
         functions = [op for op in function_ops.values() if op[1] is not None]
         dropped_functions = [(op[0],) for op in function_ops.values() if op[1] is None]
         task_rows = []
+        spill = self._spill
         for task_id, row in inserts.items():
-            user = row[9]
-            row[6], args_file = self._spill(task_id, "args", row[6], user)
+            args = row[6]
+            args_file = 0
+            if args is not None and len(args) >= FILE_BLOB:
+                row[6], args_file = spill(task_id, "args", args, row[9])
             status = result = finished = None
             result_file = 0
             if len(row) == 11:  # finished in this same commit
                 status, result, finished = row.pop()
-                result, result_file = self._spill(task_id, "result", result, user)
+                if result is not None and len(result) >= FILE_BLOB:
+                    result, result_file = spill(task_id, "result", result, row[9])
             task_rows.append((*row, finished, status, result, args_file, result_file))
         update_rows = []
         for task_id, (state, status, blob, finished, user) in updates.items():
-            blob, result_file = self._spill(task_id, "result", blob, user)
+            result_file = 0
+            if blob is not None and len(blob) >= FILE_BLOB:
+                blob, result_file = spill(task_id, "result", blob, user)
             update_rows.append((state, status, blob, finished, result_file, task_id, user))
         db = self._writer_db
         db.execute("BEGIN")
@@ -406,11 +412,12 @@ class RelayStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        for row in update_rows:  # finished: the arguments are no longer needed
-            self._drop_file(row[-2], "args", row[-1])
-        for task_id, user in deletes:
-            self._drop_file(task_id, "args", user)
-            self._drop_file(task_id, "result", user)
+        if self._files:   # (most blobs are kept in their rows: then there is no file to drop)
+            for row in update_rows:  # finished: the arguments are no longer needed
+                self._drop_file(row[-2], "args", row[-1])
+            for task_id, user in deletes:
+                self._drop_file(task_id, "args", user)
+                self._drop_file(task_id, "result", user)
 
     # -- reads (startup and rare paths) ------------------------------------
     def function_body(self, fn_hash: bytes) -> bytes | None:
