@@ -404,9 +404,13 @@ os._exit(0)
     ids = [uuid.UUID(text).bytes for text in out.stdout.split()]
     done_id, running_id = out.stdout.split()[:2]
     done, running = ids[:2]
-    # each id random: no shared prefix, nothing to count on
-    assert len({task_id[:4] for task_id in ids}) == len(ids)
-    assert len({task_id[-4:] for task_id in ids}) == len(ids)
+    # each id has 8 random bytes (its last 8: no two share even 4 of them, and
+    # consecutive ids do not differ by a constant), after an 8-byte ordered part
+    randoms = [int.from_bytes(task_id[8:], "big") for task_id in ids]
+    assert len({task_id[8:12] for task_id in ids}) == len(ids)
+    assert len({task_id[12:] for task_id in ids}) == len(ids)
+    assert len({b - a for a, b in zip(randoms, randoms[1:])}) == len(ids) - 1
+    assert [task_id[:8] for task_id in ids] == sorted(task_id[:8] for task_id in ids)
     time.sleep(2.0)   # the first one finished and is stored, unfetched
     bob = RawClient(r.address, r.tokens["bob"])
     try:

@@ -1061,8 +1061,10 @@ class FederatedExecutor(Executor):
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
-            self._check_size(payload)
-            self._check_size(fn_body, "the function")
+            limit = self._dispatcher.max_payload
+            if limit is not None and (len(payload) > limit or len(fn_body) > limit):
+                self._check_size(payload)
+                self._check_size(fn_body, "the function")
         except (SerializationError, PayloadTooLarge) as exc:
             future.set_exception(exc)
             return future, None

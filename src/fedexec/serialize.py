@@ -178,6 +178,8 @@ class NotData(ValueError):
 def is_data(blob: Any) -> bool:
     """Whether ``blob`` (bytes, or a zmq.Frame) is in the data-only format;
     looks at its first bytes only."""
+    if type(blob) is bytes:
+        return blob.startswith(DATA_MARKER)
     return bytes(P.as_buffer(blob)[:len(DATA_MARKER)]) == DATA_MARKER
 
 

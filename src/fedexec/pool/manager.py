@@ -484,11 +484,13 @@ class PoolManager:
             slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
-            user = task.option("u") or ""   # the relay names the user when not the endpoint's owner
+            task_row = task.row
+            # the relay names the user ("u") when not the endpoint's owner
+            user = (task_row[6].get("u") or "") if len(task_row) == 7 else ""
             if user != slot.user:
                 others.append(task)
                 continue
-            task_id, fn_hash, python = task.row[0], task.row[1], task.row[5]
+            task_id, fn_hash, python = task_row[0], task_row[1], task_row[5]
             if python != P.PYTHON_VERSION:
                 self._result(task_id, P.FAILED, P.pack_failure(
                     P.VERSION, f"client runs Python {python} but the workers on {socket.gethostname()} run "

@@ -119,27 +119,35 @@ class Quotas:
         self.unacked_order.append((now, task_id))
         self.charge(user, 1, nbytes)
 
-    def result_replaces(self, task_id: bytes, user: str, args_size: int, result_size: int, now: float) -> None:
-        """A task of ``user`` finished: its result (``result_stored``) takes
-        the place of its arguments (``release``) in their quotas, in one step."""
-        used = self.usage.get(user)
-        if task_id in self.unacked or used is None:
-            self.release(user, 1, row_bytes(args_size))
-            self.result_stored(task_id, user, result_size, now)
-            return
-        cost = row_bytes(result_size)
-        self.unacked[task_id] = (user, cost)
-        self.unacked_order.append((now, task_id))
-        used[1] += cost - row_bytes(args_size)
+    def results_replace(self, changes: Iterable[tuple[bytes, str, int, int]], now: float) -> None:
+        """Tasks finished, each ``(task id, user, bytes of its arguments,
+        bytes of its result)``: each result (as :meth:`result_stored`) takes
+        the place of the task's arguments (as :meth:`release`) in its user's
+        quotas; the task count is unchanged (a task counts until acknowledged)."""
+        unacked, order, usage = self.unacked, self.unacked_order, self.usage
+        for task_id, user, args_size, result_size in changes:
+            used = usage.get(user)
+            if used is None or task_id in unacked:   # (not charged, or stored already): the long way
+                self.release(user, 1, row_bytes(args_size))
+                self.result_stored(task_id, user, result_size, now)
+                continue
+            cost = result_size if result_size > MIN_ROW_BYTES else MIN_ROW_BYTES
+            unacked[task_id] = (user, cost)
+            order.append((now, task_id))
+            used[1] += cost - (args_size if args_size > MIN_ROW_BYTES else MIN_ROW_BYTES)
 
     def acknowledged(self, task_ids: Iterable[bytes], user: str) -> None:
         """``user`` fetched these results (others' ids are ignored)."""
         unacked = self.unacked
+        tasks = nbytes = 0
         for task_id in task_ids:
             entry = unacked.get(task_id)
             if entry is not None and entry[0] == user:
                 del unacked[task_id]
-                self.release(user, 1, entry[1])
+                tasks += 1
+                nbytes += entry[1]
+        if tasks:
+            self.release(user, tasks, nbytes)
 
     def memo_stored(self, key: bytes, user: str, nbytes: int, now: float) -> None:
         """A memoized result produced by a task of ``user`` is kept in the
@@ -227,6 +235,16 @@ class FunctionBodies:
             self.idle[fn_hash] = time.monotonic()
             if self.grace <= 0:
                 self.expire_idle(self.idle[fn_hash])
+
+    def release_all(self, fn_hashes: Iterable[bytes]) -> None:
+        """:meth:`release` for each of these (a function once per task)."""
+        refs = self.refs
+        for fn_hash in fn_hashes:
+            count = refs.get(fn_hash)
+            if count is not None and count > 1:
+                refs[fn_hash] = count - 1
+            else:
+                self.release(fn_hash)
 
     def expire_idle(self, now: float) -> None:
         """Drop the bodies whose last task finished ``grace`` seconds before

@@ -678,7 +678,8 @@ class Relay:
         used: set[int] = set()   # frames referred to (each at most once)
         for row in rows:  # all rows are checked before any is accepted
             P.task_row(row, P.TRACE_AT_RELAY)
-            P.claim_frame(used, blobs, row[2])
+            if type(row[2]) is not bytes:   # (inline arguments refer to no frame)
+                P.claim_frame(used, blobs, row[2])
             if row[3] != -1:
                 P.claim_frame(used, blobs, row[3])
         user = session.user
@@ -703,6 +704,7 @@ class Relay:
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
         seen: set[bytes] = set()
         tasks, functions, finished_owners, quotas = self.tasks, self.functions, self.store.finished_owners, self.quotas
+        function_refs = functions.refs   # (``in functions``, and the common case of ``functions.use``, inline)
         # What is left of the user's quotas is looked up once per message, and
         # what its accepted tasks take is charged once, at the end (or before
         # a refusal, so that the refusal names the usage as it is).
@@ -723,7 +725,7 @@ class Relay:
                                  f"function {fn_hash.hex()} is not on the allow-list of {where}", quiet=True)
                     continue
                 body = None   # a body the relay does not have: stored once a task using it is accepted
-                if fn_index != -1 and fn_hash not in functions:
+                if fn_index != -1 and fn_hash not in function_refs:
                     size = len(P.as_buffer(P.blob(blobs, fn_index)))
                     if size > self.max_payload:
                         message, details = P.too_large("the function", size, self.max_payload)
@@ -756,7 +758,7 @@ class Relay:
                                  f"client runs Python {python} but endpoint {other.name!r} runs Python "
                                  f"{other.python}; pickled functions need the same minor version")
                     continue
-                if body is None and fn_hash not in functions:
+                if body is None and fn_hash not in function_refs:
                     # sent without its body (the client sent it before), which went
                     # with the last task using it: the client sends this one again with it
                     self._reject(sender, task_id, P.NEED_FUNCTION,
@@ -794,7 +796,11 @@ class Relay:
                 room_bytes -= need
                 taken_tasks += 1
                 taken_bytes += cost   # (a new body is charged by functions.use)
-                functions.use(fn_hash, body, user)
+                count = function_refs.get(fn_hash)
+                if count:   # a function other unfinished tasks use
+                    function_refs[fn_hash] = count + 1
+                else:
+                    functions.use(fn_hash, body, user)
                 self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, buffer, user)
                 if group is None:
                     record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
@@ -922,7 +928,9 @@ class Relay:
             raise P.ProtocolError("rows must be a list")
         used: set[int] = set()
         for row in rows:
-            P.claim_frame(used, blobs, P.result_row(row, P.TRACE_FROM_ENDPOINT)[2])
+            ref = P.result_row(row, P.TRACE_FROM_ENDPOINT)[2]
+            if type(ref) is not bytes:   # (an inline result refers to no frame)
+                P.claim_frame(used, blobs, ref)
         started = P.task_ids(msg.fields.get("started", []))
         endpoint_id = self.endpoint_senders.get(sender)
         known = self.endpoints.get(endpoint_id) if endpoint_id is not None else None
@@ -942,6 +950,7 @@ class Relay:
         now = time.time()
         stored = self.turn_stored[sender]
         tasks = self.tasks
+        finished: list[tuple[TaskRecord, int, Any]] = []   # records done here, their status and result
         for row in rows:
             task_id, status, index = row[:3]
             stored.append(task_id)  # the endpoint may forget it once this turn is committed
@@ -966,12 +975,14 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            self._finished(record, status, buffer, now)
+            finished.append((record, status, buffer))
             if status == P.OK and record.options is not None and "m" in record.options:
                 self._memoize(record, P.as_bytes(blob), now)
             client_rows, client_blobs = self.client_results[record.client]
             client_rows.append(client_blobs.result_row(task_id, status, blob,
                                                        [*row[3], now] if len(row) == 4 else None))
+        if finished:
+            self._finished_all(finished, now)
         if started and state is not None:
             self._on_started(started)
 
@@ -1146,17 +1157,36 @@ class Relay:
                   now: float = 0.0) -> None:
         """A task left ``self.tasks`` (finished, cancelled or refused): its
         user's quota and its function's count go down. With a ``status``,
-        its outcome (``result``, bytes or a buffer) goes to the record and
-        counts against its user's quotas (a task, at least MIN_ROW_BYTES)
-        instead of its arguments, until they acknowledge it or it expires:
-        finished, unfetched tasks cannot pile up for free."""
-        args_size = len(P.as_buffer(record.args))
+        its outcome (``result``, bytes or a buffer) is stored as
+        :meth:`_finished_all` does."""
         if status is None:
-            self.quotas.release(record.user, 1, row_bytes(args_size))
+            self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
+            self.functions.release(record.fn_hash)
+            self._left_group(record)
         else:
-            self.store.add_result(record.task_id, status, result, record.user)
-            self.quotas.result_replaces(record.task_id, record.user, args_size, len(result), now)
-        self.functions.release(record.fn_hash)
+            self._finished_all([(record, status, result)], now)
+
+    def _finished_all(self, finished: list[tuple[TaskRecord, int, Any]], now: float) -> None:
+        """Tasks left ``self.tasks`` with an outcome (a status, and a result:
+        bytes or a buffer), all at ``now``: each outcome goes to the record
+        and counts against its user's quotas (a task, at least MIN_ROW_BYTES)
+        in place of its arguments, until they acknowledge it or it expires
+        (finished, unfetched tasks cannot pile up for free), and each
+        function's count goes down. One call for a message's results: the
+        quotas and counts are kept in one pass each."""
+        add_result = self.store.add_result
+        as_buffer = P.as_buffer
+        changes = []
+        for record, status, result in finished:
+            add_result(record.task_id, status, result, record.user)
+            changes.append((record.task_id, record.user, len(as_buffer(record.args)), len(result)))
+            if record.group is not None:
+                self._left_group(record)
+        self.quotas.results_replace(changes, now)
+        self.functions.release_all([record.fn_hash for record, _, _ in finished])
+
+    def _left_group(self, record: TaskRecord) -> None:
+        """A task for a group of endpoints finished: one fewer of its user's."""
         mine = self.user_groups.get(record.user) if record.group is not None else None
         if mine is not None and record.group in mine:
             count = mine.pop(record.group) - 1
