@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where tasks and results are kept (default $FEDEXEC_HOME/relay)")
     p.add_argument("--daemon", action="store_true", help="run in the background")
     p.add_argument("--result-ttl", type=float, help="seconds a result nobody fetched is kept (default 7 days)")
-    p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 10 MiB)")
+    p.add_argument("--max-payload", type=int, help="largest pickled arguments or result in bytes (default 4 GiB; over 16 MiB they travel in chunks)")
     p.add_argument("--max-tasks-per-user", type=int,
                    help="tasks one user may have in flight at the relay (default 1,000,000)")
     p.add_argument("--max-bytes-per-user", type=int,

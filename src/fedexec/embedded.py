@@ -23,7 +23,8 @@ from .auth import write_secret
 class EmbeddedFederation:
     """A relay and an endpoint owned by this process."""
 
-    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64) -> None:
+    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64,
+                 max_payload: int | None = None) -> None:
         self.directory = tempfile.mkdtemp(prefix="fedexec-")
         os.chmod(self.directory, 0o700)
         self.relay_address = f"ipc://{self.directory}/relay.sock"
@@ -34,6 +35,7 @@ class EmbeddedFederation:
         self.max_workers = max_workers or 0
         self.prefetch = prefetch
         self.worker_batch = worker_batch
+        self.max_payload = max_payload   # the relay's limit (None: its default)
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
@@ -47,7 +49,8 @@ class EmbeddedFederation:
             [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
              "--remove-on-exit", self.directory, "--secret-file", self.secret_file,
-             "--log-level", "WARNING"], **common))
+             "--log-level", "WARNING",
+             *(["--max-payload", str(self.max_payload)] if self.max_payload is not None else [])], **common))
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),

@@ -96,7 +96,7 @@ class TaskLost(FedexecError):
 
 class PayloadTooLarge(FedexecError):
     """The pickled arguments or result are larger than the relay's payload
-    limit (``fedexec relay start --max-payload``, default 10 MiB)."""
+    limit (``fedexec relay start --max-payload``, default 4 GiB)."""
 
     def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
         super().__init__(message)

@@ -35,6 +35,7 @@ from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
 from .auth import REFUSED_GRACE, HandshakeWatch, check_token
 from .embedded import EmbeddedFederation
+from .transfer import BIG_THRESHOLD, LinkPool, TransferError, is_big
 from .errors import (
     AuthenticationFailed,
     DeserializationError,
@@ -322,6 +323,9 @@ class _Dispatcher(threading.Thread):
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
         self.max_payload: int | None = None   # the relay's limit, from its WELCOME
+        # large payloads go in chunks on connections of their own (transfer.py)
+        self.transfers = LinkPool(relay, token, services.secret_file if services is not None else None,
+                                  relay_public_key)
         # results are decoded as plain data only, never unpickled (the
         # executor's data_only); data_only_why says why, for its errors
         self.data_only = False
@@ -424,6 +428,7 @@ class _Dispatcher(threading.Thread):
             watch.close()
             sock.close(linger=0)
             ctx.term()
+            self.transfers.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self.services is not None:
@@ -708,6 +713,8 @@ class _Dispatcher(threading.Thread):
                         continue
                     trace = row[3] if len(row) == 4 else None
                     blob = P.blob(msg.blobs, index)
+                    if status == P.OK and is_big(blob):   # a large result: fetched in chunks
+                        status, blob = self._fetch_big(blob)
                     self._finish(item, status, blob, trace)
                     for watcher in self.watchers.pop(task_id, ()):
                         self._finish(watcher, status, blob, None)
@@ -741,6 +748,15 @@ class _Dispatcher(threading.Thread):
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
+
+    def _fetch_big(self, ref: Any) -> tuple[int, Any]:
+        """A large result's ``(status, blob)``: fetched from the relay (which
+        then deletes it), or a failure saying why it could not be."""
+        try:
+            return P.OK, self.transfers.fetch(P.as_bytes(ref))
+        except Exception as exc:
+            return P.FAILED, P.pack_failure(P.LOST, f"the task's large result could not be fetched from the "
+                                                    f"relay: {type(exc).__name__}: {exc}")
 
     def _needs_function(self, task_id: bytes, blob: Any) -> bool:
         """A task the relay refused because it came without its function body
@@ -881,7 +897,8 @@ class FederatedExecutor(Executor):
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
                  token: str | None = None, relay_public_key: str | None = None,
-                 connect_timeout: float = 30.0, data_only: bool | None = None) -> None:
+                 connect_timeout: float = 30.0, data_only: bool | None = None,
+                 max_payload: int | None = None) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -906,7 +923,9 @@ class FederatedExecutor(Executor):
             if relay is not None:
                 raise ValueError("an endpoint_id is needed to use a relay; omit both for the embedded default")
             services = EmbeddedFederation(max_workers, prefetch=1 if prefetch is None else prefetch,
-                                          worker_batch=worker_batch or DEFAULT_WORKER_BATCH)
+                                          worker_batch=worker_batch or DEFAULT_WORKER_BATCH,
+                                          max_payload=None if max_payload is None
+                                          else P.check_payload_limit(max_payload))
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
@@ -914,7 +933,7 @@ class FederatedExecutor(Executor):
             members = endpoint_targets(endpoint_id)
             endpoint_id = members[0] if len(members) == 1 else members
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
-                                ("worker_batch", worker_batch)):
+                                ("worker_batch", worker_batch), ("max_payload", max_payload)):
                 if value is not None:
                     raise ValueError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
@@ -1065,7 +1084,9 @@ class FederatedExecutor(Executor):
             if limit is not None and (len(payload) > limit or len(fn_body) > limit):
                 self._check_size(payload)
                 self._check_size(fn_body, "the function")
-        except (SerializationError, PayloadTooLarge) as exc:
+            if len(payload) > BIG_THRESHOLD:   # uploaded in chunks first; the task carries its reference
+                payload = self._dispatcher.transfers.upload(payload)
+        except (SerializationError, PayloadTooLarge, TransferError) as exc:
             future.set_exception(exc)
             return future, None
         item = _WorkItem(future, task_id, fn_hash, fn_body, payload, kind)

@@ -58,6 +58,12 @@ READY = "ready"          # worker -> endpoint {pid}
 TASK = "task"            # endpoint -> worker, one TaskRow
 RESULT = "result"        # worker -> endpoint, one ResultRow
 STOP = "stop"
+# large payloads, in chunks (transfer.py), on a connection of their own to the relay
+UPLOAD = "upload"        # client/endpoint -> relay {b, o, n, h, tid?} + one chunk frame
+UPLOADED = "uploaded"    # relay -> sender {b, have, done?, err?}
+FETCH = "fetch"          # client/endpoint -> relay {b, o, tid?}
+CHUNK_MSG = "chunk"      # relay -> receiver {b, o, n} + one chunk frame, or {b, o, err}
+DROP = "drop"            # client -> relay {b}: a large result was received; the relay deletes it
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
@@ -96,7 +102,8 @@ NEED_FUNCTION = "need_function"  # the task came without its function body (fn_i
                                  #   with the body. Not a final outcome: the client neither acknowledges it
                                  #   nor shows it to the user.
 
-DEFAULT_MAX_PAYLOAD = 10 * 1024 * 1024  # bytes of pickled arguments or result, as Globus Compute's 10 MB
+DEFAULT_MAX_PAYLOAD = 4 * 1024 ** 3  # bytes of pickled arguments or result (over 16 MiB: in chunks, transfer.py)
+MAX_PAYLOAD_SETTING = 1 << 40       # the largest max_payload a relay takes
 
 # Limits every part holds to, so that no message can make a receiver buffer,
 # decode or loop over much (issue 12).
@@ -267,11 +274,10 @@ def chunks(items: Sequence[Any], size: int = MAX_ITEMS) -> Iterator[Sequence[Any
 
 
 def check_payload_limit(max_payload: int) -> int:
-    """A relay's max_payload, checked: every payload travels in one frame."""
-    if type(max_payload) is not int or not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
-        raise ValueError(f"max_payload must be from 1 to {MAX_PAYLOAD_LIMIT:,} bytes (a payload travels in one "
-                         f"frame of at most {MAX_FRAME:,} bytes; larger payloads are not supported yet), "
-                         f"not {max_payload!r}")
+    """A relay's max_payload, checked (payloads over transfer.BIG_THRESHOLD
+    travel in chunks, so the limit is not bound by a frame's)."""
+    if type(max_payload) is not int or not 0 < max_payload <= MAX_PAYLOAD_SETTING:
+        raise ValueError(f"max_payload must be from 1 to {MAX_PAYLOAD_SETTING:,} bytes, not {max_payload!r}")
     return max_payload
 
 

@@ -46,6 +46,8 @@ from ..config import ConfigError, EndpointConfig
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..serialize import is_data
 from ..worker import sandbox as sandboxes
+from ..transfer import is_big, is_local
+from .bulk import EndpointTransfers
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
@@ -96,6 +98,7 @@ class EndpointAgent:
             self.pool_sock.close(linger=0)
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             raise
+        self.bulk = EndpointTransfers(config.relay, secret_file, config.relay_public_key or None, self._sock_dir)
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
@@ -333,6 +336,7 @@ class EndpointAgent:
         self.handshake.close()
         self.relay.close(linger=500)
         self.pool_sock.close(linger=1000)
+        self.bulk.close()
         self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
@@ -394,8 +398,15 @@ class EndpointAgent:
                                        f"task's arguments are not in the data-only format (a pickle?); they "
                                        f"were not loaded"))
                     continue
+                args = P.blob(blobs, args_index)
+                if is_big(args):   # uploaded to the relay: fetched into a file here, read by the worker
+                    args, why = self.bulk.fetch_arguments(row[0], args)
+                    if args is None:
+                        log.warning("task %s failed: %s", row[0].hex(), why)
+                        self._result(row[0], P.FAILED, P.pack_failure(P.LOST, why))
+                        continue
                 self.holding.add(row[0])
-                self.queue.append(QueuedTask(row, P.blob(blobs, args_index)))
+                self.queue.append(QueuedTask(row, args))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.HEARTBEAT:
@@ -579,6 +590,10 @@ class EndpointAgent:
             self.at_pool.pop(task_id, None)
             pool.started.discard(task_id)
             blob = P.blob(msg.blobs, index)
+            if self.bulk.argument_files:
+                self.bulk.done(task_id)
+            if is_local(blob):   # a large result in a file: uploaded in chunks, its reference goes on
+                status, blob = self.bulk.result(task_id, status, blob, self.max_payload)
             size = len(P.as_buffer(blob))
             if size > self.max_payload:
                 message, details = P.too_large(f"the task's {'result' if status == P.OK else 'exception'}", size,

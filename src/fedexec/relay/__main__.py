@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result-ttl", type=float, default=DEFAULT_RESULT_TTL,
                         help="seconds a result nobody fetched is kept (default: 7 days)")
     parser.add_argument("--max-payload", type=int, default=P.DEFAULT_MAX_PAYLOAD,
-                        help="largest pickled arguments or result accepted, in bytes (default 10 MiB)")
+                        help="largest pickled arguments or result accepted, in bytes (default 4 GiB; over 16 MiB they travel in chunks)")
     parser.add_argument("--max-tasks-per-user", type=int, default=DEFAULT_MAX_TASKS_PER_USER,
                         help="tasks one user may have in flight (accepted, not finished)")
     parser.add_argument("--max-bytes-per-user", type=int, default=DEFAULT_MAX_BYTES_PER_USER,

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from .store import RelayStore
 
 DEFAULT_MAX_TASKS_PER_USER = 1_000_000
-DEFAULT_MAX_BYTES_PER_USER = 4 * 1024 ** 3
+DEFAULT_MAX_BYTES_PER_USER = 16 * 1024 ** 3   # room for large payloads (transfer.py) in and out
 # Endpoints one user may register (each is kept in the record and its state
 # in memory for good), and distinct endpoint groups one user may have tasks
 # waiting for (the router visits every group with tasks each turn).

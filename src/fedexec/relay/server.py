@@ -33,6 +33,8 @@ from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore
+from ..transfer import MAX_REF, is_big
+from .bulk import TYPES as BULK_TYPES, BulkTransfers
 
 log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
@@ -211,7 +213,9 @@ class Relay:
         # refusals of single tasks this turn, logged once per user and action: (user, action) -> [count, first id]
         self.refused_tasks: dict[tuple[str, str], list] = {}
         self.refused_unauthenticated: dict[str, int] = {}   # messages refused this turn, by why
+        self.bulk = BulkTransfers(self)   # large payloads, in chunks
         self._recover()
+        self.bulk.recover()
 
     def _publish_secret(self, address: str) -> None:
         """Where this user's programs look for the relay by address: the
@@ -348,6 +352,7 @@ class Relay:
                             "%d task(s) re-queued", state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
         self._report_backlogs()
+        self.bulk.maintenance(now)
         if self.parent_pid and os.getppid() != self.parent_pid:
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.stopping = True
@@ -452,6 +457,8 @@ class Relay:
                 log.info("endpoint %s (%s) said goodbye; %d task(s) re-queued",
                          state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
+        elif t in BULK_TYPES:
+            self.bulk.handle(sender, session, msg)
         else:
             raise P.ProtocolError(f"unknown message type {P.shorten(t)}")
 
@@ -768,6 +775,12 @@ class Relay:
                 args = P.blob(blobs, args_index)
                 buffer = P.as_buffer(args)
                 size = len(buffer)
+                if size <= MAX_REF and is_big(args):   # a large payload, uploaded before (bulk.py)
+                    refused = self.bulk.check_arguments(user, P.as_bytes(args))
+                    if refused is not None:
+                        self._reject(sender, task_id, refused[0], refused[1], **refused[2])
+                        continue
+                    args = buffer = P.as_bytes(args)
                 if size > self.max_payload:
                     message, details = P.too_large("the arguments", size, self.max_payload)
                     self._reject(sender, task_id, P.TOO_LARGE, message, **details)
@@ -975,6 +988,11 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
+            elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
+                status, blob = self.bulk.check_result(record, status, blob)
+                buffer = blob
+                record.options = None if record.options is None else {k: v for k, v in record.options.items()
+                                                                      if k != "m"}   # never memoized
             finished.append((record, status, buffer))
             if status == P.OK and record.options is not None and "m" in record.options:
                 self._memoize(record, P.as_bytes(blob), now)
@@ -1160,6 +1178,8 @@ class Relay:
         its outcome (``result``, bytes or a buffer) is stored as
         :meth:`_finished_all` does."""
         if status is None:
+            if is_big(record.args):
+                self.bulk.finished(record)
             self.quotas.release(record.user, 1, row_bytes(len(P.as_buffer(record.args))))
             self.functions.release(record.fn_hash)
             self._left_group(record)
@@ -1179,6 +1199,8 @@ class Relay:
         changes = []
         for record, status, result in finished:
             add_result(record.task_id, status, result, record.user)
+            if is_big(record.args):
+                self.bulk.finished(record)
             changes.append((record.task_id, record.user, len(as_buffer(record.args)), len(result)))
             if record.group is not None:
                 self._left_group(record)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from .. import protocol as P
+from ..transfer import is_local, load_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, encode_data, is_data, serialize_data_exception,
                          serialize_exception, serialize_value)
 
@@ -297,7 +298,10 @@ class WorkerProcess:
         data = self.data_only or is_data(args_blob)
         try:
             fn = self.load_function(fn_hash)
-            payload = decode_data(args_blob) if data else deserialize(args_blob)
+            if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py)
+                payload = load_local(P.as_bytes(args_blob), decode_data if data else deserialize)
+            else:
+                payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
             return _load_failure(str(exc))
         except Exception as exc:
@@ -316,7 +320,7 @@ class WorkerProcess:
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
         try:
-            return P.OK, encode_data(value) if data else serialize_value(value)
+            return P.OK, spill_result(encode_data(value) if data else serialize_value(value), row[0])
         except NotData as exc:
             return P.FAILED, P.pack_failure(
                 P.SERIALIZATION, f"the task's arguments came as plain data (for a data-only endpoint), so its "

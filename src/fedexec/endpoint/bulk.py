@@ -1,0 +1,93 @@
+"""An endpoint agent's part of large payloads (see fedexec/transfer.py): it
+fetches a task's uploaded arguments into a file in its private spool
+directory, which the worker maps (the row carries a local reference), and
+uploads a worker's large result (a file the worker wrote into that spool) to
+the relay, handing on the reference in its place. The agent never holds a
+whole payload: chunks go between the socket and the file.
+
+Transfers run on the agent's thread, one at a time (a 1 GiB payload takes
+seconds on one machine); the relay's heartbeat timeout is far longer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import protocol as P
+from ..transfer import SPOOL_ENV, TransferLink, local_ref, parse_local
+
+log = logging.getLogger("fedexec.endpoint")
+
+
+class EndpointTransfers:
+    """Large payloads of one endpoint agent, spooled under ``directory``
+    (private: the agent's own temporary directory)."""
+
+    def __init__(self, relay: str, secret_file: str | None, relay_key: str | None, directory: str) -> None:
+        self.relay, self.secret_file, self.relay_key = relay, secret_file, relay_key
+        self.spool = os.path.join(directory, "spool")
+        os.makedirs(self.spool, mode=0o700, exist_ok=True)
+        os.environ[SPOOL_ENV] = self.spool   # the pools and workers started from here write results there
+        self.link: TransferLink | None = None
+        self.argument_files: dict[bytes, str] = {}   # task id -> its arguments' file, until its result
+
+    def _link(self) -> TransferLink:
+        if self.link is None:
+            self.link = TransferLink(self.relay, secret_file=self.secret_file, relay_key=self.relay_key)
+        return self.link
+
+    def fetch_arguments(self, task_id: bytes, ref: Any) -> tuple[bytes | None, str]:
+        """A local reference to the task's arguments, fetched into the spool;
+        or None and why it could not be."""
+        path = os.path.join(self.spool, task_id.hex() + ".args")
+        try:
+            size = self._link().fetch_file(P.as_bytes(ref), path, task_id)
+        except Exception as exc:
+            _unlink(path)
+            return None, f"the endpoint could not fetch the task's arguments from the relay: {exc}"
+        self.argument_files[task_id] = path
+        return local_ref(path, size), ""
+
+    def result(self, task_id: bytes, status: int, blob: Any, max_payload: int) -> tuple[int, Any]:
+        """A worker's large result (a local reference) as the result row's
+        ``(status, blob)``: uploaded for the task (its reference), or a
+        failure. Only a file of this task in the spool is taken."""
+        self.done(task_id)
+        try:
+            path, size = parse_local(P.as_bytes(blob))
+        except Exception:
+            return P.FAILED, P.pack_failure(P.REJECTED, "the worker sent a malformed large-result reference")
+        real = os.path.realpath(path)
+        if (os.path.dirname(real) != os.path.realpath(self.spool)
+                or not os.path.basename(real).startswith(task_id.hex() + ".")):
+            return P.FAILED, P.pack_failure(P.REJECTED, "the worker's large result is not a file of this task in "
+                                                        "the endpoint's spool; it was not sent")
+        try:
+            if size > max_payload:
+                message, details = P.too_large("the task's result", size, max_payload)
+                return P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
+            return status, self._link().upload(real, task_id)
+        except Exception as exc:
+            return P.FAILED, P.pack_failure(P.LOST, f"the endpoint could not upload the task's large result to "
+                                                    f"the relay: {type(exc).__name__}: {exc}")
+        finally:
+            _unlink(real)
+
+    def done(self, task_id: bytes) -> None:
+        """The task has an outcome: its arguments' file goes."""
+        path = self.argument_files.pop(task_id, None)
+        if path is not None:
+            _unlink(path)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,133 @@
+"""The relay's part of large payloads (see fedexec/transfer.py): UPLOAD,
+FETCH and DROP messages, checks of the references tasks and results carry,
+and the lifetime of the spool files (charged to their user's byte quota)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol as P
+from ..transfer import Spool, is_big, parse_big
+from .registry import DISPATCHED
+
+if TYPE_CHECKING:
+    from .access import Session
+    from .registry import TaskRecord
+    from .server import Relay
+
+log = logging.getLogger("fedexec.relay")
+
+TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP})
+EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
+
+
+class BulkTransfers:
+    """Chunked uploads and fetches at a relay, one message at a time, each
+    answered at once (the sender paces itself by the answers: the relay
+    never queues more than a few chunks per transfer)."""
+
+    def __init__(self, relay: "Relay") -> None:
+        self.relay = relay
+        quotas = relay.quotas
+
+        def charge(user: str, nbytes: int) -> None:
+            if nbytes >= 0:
+                quotas.charge(user, 0, nbytes)
+            else:
+                quotas.release(user, 0, -nbytes)
+
+        def refusal(user: str, nbytes: int) -> str | None:
+            over = quotas.refusal(user, 0, nbytes)
+            return None if over is None else over[0]
+
+        self.spool = Spool(relay.data_dir, charge, refusal, relay.max_payload)
+        self.next_expiry = time.monotonic() + EXPIRY_PERIOD
+
+    def recover(self) -> None:
+        self.spool.recover()
+
+    # -- messages ---------------------------------------------------------------
+    def handle(self, sender: bytes, session: "Session", msg: P.Message) -> None:
+        fields = msg.fields
+        if msg.type == P.UPLOAD:
+            if len(msg.blobs) != 1:
+                raise P.ProtocolError("an UPLOAD carries one chunk frame")
+            user, why = self._whose(session, fields, "upload a result for")
+            reply = {"b": fields.get("b"), "err": why} if why else self.spool.upload(user, fields, msg.blobs[0])
+            self.relay._send(sender, P.encode(P.UPLOADED, reply))
+        elif msg.type == P.FETCH:
+            user, why = self._whose(session, fields, "fetch the arguments of")
+            if why:
+                self.relay._send(sender, P.encode(P.CHUNK_MSG, {"b": fields.get("b"), "o": fields.get("o"),
+                                                                "err": why}))
+                return
+            reply, frames = self.spool.read(user, fields)
+            self.relay._send(sender, P.encode(P.CHUNK_MSG, reply, frames))
+        elif msg.type == P.DROP:
+            bid = fields.get("b")
+            if not (isinstance(bid, bytes) and len(bid) == 16):
+                raise P.ProtocolError("malformed DROP")
+            self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
+
+    def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
+        """The user whose spool a transfer uses: the connection's own, or with
+        ``tid`` (an endpoint's transfer for a task), the task's user, once the
+        task is one dispatched to an endpoint of the connection's user."""
+        task_id = fields.get("tid")
+        if task_id is None:
+            return session.user, ""
+        record = self.relay.tasks.get(task_id) if isinstance(task_id, bytes) else None
+        state = self.relay.endpoints.get(record.endpoint_id) if record is not None and record.endpoint_id else None
+        if record is None or record.state != DISPATCHED or state is None or state.access.owner != session.user:
+            return "", (f"user {session.user!r} may not {action} task {P.shorten(task_id)}: it is not a task "
+                        "running on one of their endpoints")
+        return record.user, ""
+
+    # -- references in rows -------------------------------------------------------
+    def check_arguments(self, user: str, blob: bytes) -> tuple[str, str, dict[str, int]] | None:
+        """Why a task's arguments reference may not be accepted, as
+        ``(kind, message, details)``; None when it names a complete upload
+        of ``user`` within the limit."""
+        try:
+            bid, total, _ = parse_big(blob)
+        except P.ProtocolError as exc:
+            return P.REJECTED, str(exc), {}
+        if total > self.relay.max_payload:
+            message, details = P.too_large("the arguments", total, self.relay.max_payload)
+            return P.TOO_LARGE, message, details
+        if self.spool.complete(user, bid) is None:
+            return (P.REJECTED, f"the task's arguments name upload {bid.hex()}, which user {user!r} has not "
+                                "uploaded (unknown, incomplete, another user's, or expired)", {})
+        return None
+
+    def check_result(self, record: "TaskRecord", status: int, blob: Any) -> tuple[int, Any]:
+        """A result row's status and blob: a reference to a complete upload
+        of the task's user stands; any other becomes a FAILED result."""
+        try:
+            bid, total, _ = parse_big(blob)
+        except P.ProtocolError as exc:
+            return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint sent a malformed result: {exc}")
+        if total > self.relay.max_payload:
+            message, details = P.too_large("the result", total, self.relay.max_payload)
+            self.spool.drop(record.user, bid)
+            return P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
+        if self.spool.complete(record.user, bid) is None:
+            return P.FAILED, P.pack_failure(P.LOST, f"the endpoint's result names upload {bid.hex()}, which the "
+                                                    "relay does not have for this task's user")
+        return status, P.as_bytes(blob)
+
+    def finished(self, record: "TaskRecord") -> None:
+        """A task with a large argument left the relay: its upload goes too."""
+        self.spool.drop(record.user, parse_big(record.args)[0])
+
+    def _in_use(self) -> set[Path]:
+        return {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
+
+    def maintenance(self, now: float) -> None:
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + EXPIRY_PERIOD
+        self.spool.expire(time.time(), self.relay.result_ttl, self._in_use())
