@@ -1084,8 +1084,10 @@ class FederatedExecutor(Executor):
             if limit is not None and (len(payload) > limit or len(fn_body) > limit):
                 self._check_size(payload)
                 self._check_size(fn_body, "the function")
-            if len(payload) > BIG_THRESHOLD:   # uploaded in chunks first; the task carries its reference
-                payload = self._dispatcher.transfers.upload(payload)
+            if len(payload) > BIG_THRESHOLD or len(fn_body) > BIG_THRESHOLD:
+                self._check_size(fn_body, "the function", P.MAX_PAYLOAD_LIMIT)   # a body travels in one frame
+                if len(payload) > BIG_THRESHOLD:   # uploaded in chunks first; the task carries its reference
+                    payload = self._dispatcher.transfers.upload(payload)
         except (SerializationError, PayloadTooLarge, TransferError) as exc:
             future.set_exception(exc)
             return future, None
@@ -1097,8 +1099,8 @@ class FederatedExecutor(Executor):
             item.trace = [submitted]
         return future, item
 
-    def _check_size(self, payload: bytes, what: str = "the arguments") -> None:
-        limit = self._dispatcher.max_payload
+    def _check_size(self, payload: bytes, what: str = "the arguments", limit: int | None = None) -> None:
+        limit = limit or self._dispatcher.max_payload
         if limit is not None and len(payload) > limit:
             message, details = P.too_large(what, len(payload), limit)
             raise PayloadTooLarge(message, **details)

@@ -101,6 +101,7 @@ class Relay:
         self.user_groups: dict[str, dict[tuple[str, ...], int]] = {}
         self.result_ttl = result_ttl
         self.max_payload = max_payload
+        self.max_function = min(max_payload, P.MAX_PAYLOAD_LIMIT)   # a function body travels in one frame
         self.incarnation = os.urandom(8)   # tells clients and endpoints that the relay restarted
         self.data_dir = Path(data_dir)
         self.remove_on_exit = remove_on_exit
@@ -734,8 +735,8 @@ class Relay:
                 body = None   # a body the relay does not have: stored once a task using it is accepted
                 if fn_index != -1 and fn_hash not in function_refs:
                     size = len(P.as_buffer(P.blob(blobs, fn_index)))
-                    if size > self.max_payload:
-                        message, details = P.too_large("the function", size, self.max_payload)
+                    if size > self.max_function:
+                        message, details = P.too_large("the function", size, self.max_function)
                         self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                         continue
                     body = P.as_bytes(P.blob(blobs, fn_index))
