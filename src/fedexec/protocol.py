@@ -59,10 +59,10 @@ TASK = "task"            # endpoint -> worker, one TaskRow
 RESULT = "result"        # worker -> endpoint, one ResultRow
 STOP = "stop"
 # large payloads, in chunks (transfer.py), on a connection of their own to the relay
-UPLOAD = "upload"        # client/endpoint -> relay {b, o, n, h, tid?} + one chunk frame
-UPLOADED = "uploaded"    # relay -> sender {b, have, done?, err?}
-FETCH = "fetch"          # client/endpoint -> relay {b, o, tid?}
-CHUNK_MSG = "chunk"      # relay -> receiver {b, o, n} + one chunk frame, or {b, o, err}
+UPLOAD = "upload"        # client/endpoint -> relay {b, o, n, h, q, tid?} + one chunk frame
+UPLOADED = "uploaded"    # relay -> sender {b, q, have, done?, err?}
+FETCH = "fetch"          # client/endpoint -> relay {b, o, q, tid?}
+CHUNK_MSG = "chunk"      # relay -> receiver {b, o, q, n} + one chunk frame, or {b, o, q, err}
 DROP = "drop"            # client -> relay {b}: a large result was received; the relay deletes it
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]

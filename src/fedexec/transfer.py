@@ -329,59 +329,67 @@ class TransferLink:
         return msg if msg.type == expected else None
 
     def upload(self, data: Any, task_id: bytes | None = None) -> bytes:
-        """Upload ``data`` (bytes-like, or a path: read chunk by chunk); its
-        reference. Resumes from what the relay has after lost messages."""
+        """Upload ``data`` (bytes-like, or the path of a file: read chunk by
+        chunk, never mapped or read whole, so that the uploader's memory
+        stays small); its reference. Resumes from what the relay has after
+        lost messages (a relay restart)."""
         if isinstance(data, (str, Path)):
-            with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return self._upload(memoryview(view), task_id)
-        return self._upload(memoryview(data).cast("B"), task_id)
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                total = os.fstat(fd).st_size
+                hasher = hashlib.sha256()
+                for off in range(0, total, CHUNK):
+                    hasher.update(os.pread(fd, CHUNK, off))
+                return self._upload(lambda off, end: os.pread(fd, end - off, off), total, hasher.digest(), task_id)
+            finally:
+                os.close(fd)
+        view = memoryview(data).cast("B")
+        try:
+            return self._upload(lambda off, end: view[off:end], len(view), hashlib.sha256(view).digest(), task_id)
+        finally:
+            view.release()
 
-    def _upload(self, view: memoryview, task_id: bytes | None) -> bytes:
-        total = len(view)
-        digest = hashlib.sha256(view).digest()
+    def _upload(self, read: Callable[[int, int], Any], total: int, digest: bytes, task_id: bytes | None) -> bytes:
         bid = os.urandom(16)
-        head = {"b": bid, "n": total, "h": digest}
+        head = {"b": bid, "n": total, "h": digest, "q": os.urandom(8)}
         if task_id is not None:
             head["tid"] = task_id
         have = sent = 0
         progress = asked = time.monotonic()
-        try:
-            while True:
-                while sent < total and sent - have < WINDOW * CHUNK:
-                    end = min(total, sent + CHUNK)
-                    self.sock.send_multipart(P.encode(P.UPLOAD, {**head, "o": sent}, [view[sent:end]]), copy=False)
-                    sent = end
-                    asked = time.monotonic()
-                msg = self._answer(P.UPLOADED, 1.0)
-                now = time.monotonic()
-                if msg is None or msg.fields.get("b") != bid:
-                    if now - progress > GIVE_UP_AFTER:
-                        raise TransferError(f"the relay took no part of the upload for {GIVE_UP_AFTER:g} s")
-                    if now - asked > RESEND_AFTER:
-                        sent = have   # lost on the way (the relay restarted?): from what it has
-                        if sent >= total:
-                            sent = max(0, total - 1 - (total - 1) % CHUNK)   # ask again: it finishes it
-                    continue
-                fields = msg.fields
-                if "err" in fields:
-                    raise TransferError(str(fields["err"]), **{k: fields[k] for k in ("size", "limit")
-                                                               if k in fields}, too_large=bool(fields.get("too_large")))
-                if fields.get("done"):
-                    return big_ref(bid, total, digest)
-                new = fields.get("have", 0)
-                if new > have:
-                    progress = now
-                have = new
-                if sent > have + WINDOW * CHUNK or (sent > have and now - asked > RESEND_AFTER):
-                    sent = have
-        finally:
-            view.release()
+        while True:
+            while sent < total and sent - have < WINDOW * CHUNK:
+                end = min(total, sent + CHUNK)
+                self.sock.send_multipart(P.encode(P.UPLOAD, {**head, "o": sent}, [read(sent, end)]), copy=False)
+                sent = end
+                asked = time.monotonic()
+            msg = self._answer(P.UPLOADED, 1.0)
+            now = time.monotonic()
+            if msg is None or msg.fields.get("q") != head["q"]:
+                if now - progress > GIVE_UP_AFTER:
+                    raise TransferError(f"the relay took no part of the upload for {GIVE_UP_AFTER:g} s")
+                if now - asked > RESEND_AFTER:
+                    # lost on the way (the relay restarted?): again from what it has; all of it
+                    # written, the last chunk goes again, and its answer says the upload is done
+                    sent = have if have < total else max(0, total - 1 - (total - 1) % CHUNK)
+                continue
+            fields = msg.fields
+            if "err" in fields:
+                raise TransferError(str(fields["err"]), too_large=bool(fields.get("too_large")),
+                                    **{k: fields[k] for k in ("size", "limit") if k in fields})
+            if fields.get("done"):
+                return big_ref(bid, total, digest)
+            new = fields.get("have", 0)
+            if new > have:
+                progress = now
+            have = new
+            if sent > have and now - asked > RESEND_AFTER:
+                sent = have
 
     def fetch(self, ref: bytes, sink: Callable[[int, Any], None], task_id: bytes | None = None) -> int:
         """Fetch the upload ``ref`` names, handing each chunk to
         ``sink(offset, data)`` (in order); checks its sha256; its size."""
         bid, total, digest = parse_big(ref)
-        head: dict[str, Any] = {"b": bid}
+        head: dict[str, Any] = {"b": bid, "q": os.urandom(8)}
         if task_id is not None:
             head["tid"] = task_id
         hasher = hashlib.sha256()
@@ -394,7 +402,7 @@ class TransferLink:
                 asked = time.monotonic()
             msg = self._answer(P.CHUNK_MSG, 1.0)
             now = time.monotonic()
-            if msg is None or msg.fields.get("b") != bid:
+            if msg is None or msg.fields.get("q") != head["q"]:
                 if now - progress > GIVE_UP_AFTER:
                     raise TransferError(f"the relay sent no part of the payload for {GIVE_UP_AFTER:g} s")
                 if now - asked > RESEND_AFTER:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
 from ..transfer import Spool, is_big, parse_big
-from .registry import DISPATCHED
 
 if TYPE_CHECKING:
     from .access import Session
@@ -52,19 +51,24 @@ class BulkTransfers:
     # -- messages ---------------------------------------------------------------
     def handle(self, sender: bytes, session: "Session", msg: P.Message) -> None:
         fields = msg.fields
+        echo = fields.get("q")   # the transfer's own id: answers to an earlier transfer are told apart
+        if echo is not None and not (isinstance(echo, bytes) and len(echo) <= 16):
+            raise P.ProtocolError("a transfer id (q) is at most 16 bytes")
         if msg.type == P.UPLOAD:
             if len(msg.blobs) != 1:
                 raise P.ProtocolError("an UPLOAD carries one chunk frame")
             user, why = self._whose(session, fields, "upload a result for")
             reply = {"b": fields.get("b"), "err": why} if why else self.spool.upload(user, fields, msg.blobs[0])
+            reply["q"] = echo
             self.relay._send(sender, P.encode(P.UPLOADED, reply))
         elif msg.type == P.FETCH:
             user, why = self._whose(session, fields, "fetch the arguments of")
             if why:
                 self.relay._send(sender, P.encode(P.CHUNK_MSG, {"b": fields.get("b"), "o": fields.get("o"),
-                                                                "err": why}))
+                                                                "err": why, "q": echo}))
                 return
             reply, frames = self.spool.read(user, fields)
+            reply["q"] = echo
             self.relay._send(sender, P.encode(P.CHUNK_MSG, reply, frames))
         elif msg.type == P.DROP:
             bid = fields.get("b")
@@ -75,16 +79,22 @@ class BulkTransfers:
     def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
         """The user whose spool a transfer uses: the connection's own, or with
         ``tid`` (an endpoint's transfer for a task), the task's user, once the
-        task is one dispatched to an endpoint of the connection's user."""
+        task is one submitted to an endpoint of the connection's user (a
+        member's, for a group). Its state does not matter: after a relay
+        restart an endpoint goes on with the tasks it holds before it has
+        said hello again."""
         task_id = fields.get("tid")
         if task_id is None:
             return session.user, ""
         record = self.relay.tasks.get(task_id) if isinstance(task_id, bytes) else None
-        state = self.relay.endpoints.get(record.endpoint_id) if record is not None and record.endpoint_id else None
-        if record is None or record.state != DISPATCHED or state is None or state.access.owner != session.user:
-            return "", (f"user {session.user!r} may not {action} task {P.shorten(task_id)}: it is not a task "
-                        "running on one of their endpoints")
-        return record.user, ""
+        if record is not None:
+            members = (record.endpoint_id,) if record.endpoint_id else record.group or ()
+            for member in members:
+                state = self.relay.endpoints.get(member)
+                if state is not None and state.access.owner == session.user:
+                    return record.user, ""
+        return "", (f"user {session.user!r} may not {action} task {P.shorten(task_id)}: it is not a task "
+                    "submitted to one of their endpoints")
 
     # -- references in rows -------------------------------------------------------
     def check_arguments(self, user: str, blob: bytes) -> tuple[str, str, dict[str, int]] | None:

@@ -1,0 +1,205 @@
+"""Large arguments and results (transfer.py): they travel in chunks through
+real relays, endpoints and workers, are stored on disk, never whole in the
+relay's or agent's memory, are refused over the limit by name, belong to
+their user alone, and survive a kill -9 of the relay mid-upload."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+
+import cloudpickle
+import psutil
+import pytest
+
+from fedexec import FederatedExecutor, PayloadTooLarge
+from fedexec import protocol as P
+from fedexec.serialize import serialize_arguments, serialize_function
+from fedexec.transfer import BIG_THRESHOLD, TransferError, TransferLink, big_ref, is_big, parse_big
+
+from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
+from test_durability import started_federation
+from test_faults import running_relay, tail
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+RSS_BOUND = 200 * 1000 * 1000
+
+
+def rotate(data):
+    """The argument rotated by one byte: as large as it, and checkable."""
+    return data[1:] + data[:1]
+
+
+def make_bytes(n):
+    return b"r" * n
+
+
+def echo_small(x):
+    return x
+
+
+def pattern(size: int) -> bytes:
+    block = os.urandom(MiB)
+    return block * (size // MiB)
+
+
+class PeakRss:
+    """Samples the RSS of some processes every 20 ms until stopped; their peaks."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = {name: 0 for name in pids}
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            for name, proc in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.02)
+
+    def stop(self) -> dict[str, int]:
+        self.running = False
+        self.thread.join(5)
+        return self.peak
+
+
+@pytest.mark.timeout(240)
+def test_a_1_gib_argument_and_result_round_trip_with_bounded_relay_and_agent_memory():
+    with FederatedExecutor(max_workers=1) as ex:
+        services = ex._dispatcher.services
+        relay_pid, agent_pid = services.processes[0].pid, services.processes[1].pid
+        assert ex.submit(echo_small, 1).result(60) == 1   # workers up: what follows is the transfer alone
+        data = pattern(GiB)
+        rss = PeakRss({"relay": relay_pid, "agent": agent_pid})
+        started = time.monotonic()
+        try:
+            result = ex.submit(rotate, data).result(180)
+        finally:
+            peak = rss.stop()
+        seconds = time.monotonic() - started
+        assert len(result) == len(data)
+        assert memoryview(result)[:-1] == memoryview(data)[1:] and result[-1] == data[0]
+        del result
+        print(f"1 GiB argument and result round trip: {seconds:.1f} s; peak RSS relay "
+              f"{peak['relay'] / 1e6:.0f} MB, agent {peak['agent'] / 1e6:.0f} MB")
+        assert peak["relay"] < RSS_BOUND and peak["agent"] < RSS_BOUND, peak
+        # everything transferred was deleted: the relay's spool holds nothing, nor the agent's
+        relay_spool = os.path.join(services.directory, "relay", "spool")
+        deadline = time.monotonic() + 10
+        while True:
+            left = [f for d, _, files in os.walk(relay_spool) for f in files if f != "user"]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert not left, left
+        # and small tasks go on as before
+        assert ex.submit(echo_small, b"small").result(30) == b"small"
+
+
+@pytest.mark.timeout(120)
+def test_over_a_configured_limit_an_argument_is_refused_and_a_result_fails_only_its_task():
+    limit = 20 * MiB
+    with FederatedExecutor(max_workers=1, max_payload=limit) as ex:
+        assert ex.submit(echo_small, 1).result(60) == 1
+        fine = pattern(18 * MiB)   # over the chunking threshold, within the limit
+        assert ex.submit(echo_small, fine).result(60) == fine
+        with pytest.raises(PayloadTooLarge) as refused:
+            ex.submit(echo_small, pattern(30 * MiB)).result(60)
+        message = str(refused.value)
+        assert "the arguments are" in message and f"{limit:,}" in message and refused.value.limit == limit
+        assert refused.value.size > 30 * MiB and f"{refused.value.size:,}" in message
+        others = [ex.submit(echo_small, i) for i in range(20)]
+        too_big = ex.submit(make_bytes, 25 * MiB)
+        chunked_fine = ex.submit(make_bytes, 17 * MiB)
+        with pytest.raises(PayloadTooLarge) as failed:
+            too_big.result(60)
+        assert "result" in str(failed.value) and f"{limit:,}" in str(failed.value)
+        assert failed.value.size > 25 * MiB
+        assert [f.result(30) for f in others] == list(range(20))
+        assert chunked_fine.result(60) == b"r" * (17 * MiB)
+
+
+@pytest.mark.timeout(180)
+def test_another_user_can_neither_fetch_nor_use_an_upload(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    tokens = {user: fedexec_cli("relay", "add-user", user, "--data-dir", data_dir).stdout.strip()
+              for user in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            payload = serialize_arguments(echo_small, (pattern(BIG_THRESHOLD + MiB),), {})
+            alice_link = TransferLink(address, token=tokens["alice"])
+            bob_link = TransferLink(address, token=tokens["bob"])
+            alice = RawClient(address, tokens["alice"])
+            bob = RawClient(address, tokens["bob"])
+            try:
+                ref = alice_link.upload(payload)
+                assert is_big(ref)
+                # alice gets her own upload back; bob cannot, even knowing its reference
+                assert alice_link.fetch_bytes(ref) == payload
+                with pytest.raises(TransferError, match="no upload .* of user 'bob'"):
+                    bob_link.fetch_bytes(ref)
+                # nor as an endpoint would, naming a task that is not on an endpoint of his
+                with pytest.raises(TransferError, match="may not fetch the arguments of task"):
+                    bob_link.fetch_bytes(ref, task_id=uuid.uuid4().bytes)
+                # nor by naming it in a task of his (on an endpoint shared with him)
+                alice.send(P.SHARE, {"ep": ep.id, "add_users": ["bob"]})
+                assert alice.expect(P.SHARED)
+                fn_hash, body = serialize_function(echo_small)
+                for client, user in ((bob, "bob"),):
+                    blobs = P.Blobs()
+                    task_id = uuid.uuid4().bytes
+                    row = [task_id, fn_hash, blobs.ref(ref), blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION]
+                    client.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
+                    failure = client.failure_of(task_id, 20)
+                    assert failure["kind"] == P.REJECTED and "has not uploaded" in failure["msg"], failure
+                    assert f"user {user!r}" in failure["msg"]
+                # an unknown upload is refused the same way
+                _, size, digest = parse_big(ref)
+                bogus = big_ref(os.urandom(16), size, digest)
+                with pytest.raises(TransferError, match="no upload"):
+                    alice_link.fetch_bytes(bogus)
+            finally:
+                for closeable in (alice_link, bob_link, alice, bob):
+                    closeable.close()
+            # and alice's own task with a large argument runs (her executor uploads it)
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+                big = pattern(BIG_THRESHOLD + 2 * MiB)
+                assert ex.submit(len, big).result(60) == len(big)
+            assert ep.proc.poll() is None, tail(ep.log)
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_killed_during_a_large_upload_loses_nothing(tmp_path):
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            assert ex.submit(echo_small, 1).result(60) == 1
+            data = pattern(600 * MiB)
+            outcome: list = []
+            submitter = threading.Thread(target=lambda: outcome.append(ex.submit(rotate, data)))
+            submitter.start()
+            spool = tmp_path / "relay-data" / "spool"
+            deadline = time.monotonic() + 60
+            while not any(f.suffix == ".part" and f.stat().st_size > 0 for f in spool.glob("*/*")):
+                assert time.monotonic() < deadline, "the upload did not start"
+                time.sleep(0.005)
+            relay.kill()   # mid-upload
+            time.sleep(0.5)
+            relay.start()
+            submitter.join(120)
+            assert outcome, "submit did not return"
+            result = outcome[0].result(120)
+            assert len(result) == len(data) and memoryview(result)[:-1] == memoryview(data)[1:]
+            assert ex.submit(echo_small, 2).result(60) == 2
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
