@@ -172,7 +172,7 @@ class Spool:
         path = self.root / name
         if name not in self.users:
             path.mkdir(mode=0o700, exist_ok=True)
-            (path / "user").write_text(user)
+            write_private(str(path / "user"), user.encode())
             self.users[name] = user
         return path
 

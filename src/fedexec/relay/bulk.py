@@ -92,6 +92,11 @@ class BulkTransfers:
             for member in members:
                 state = self.relay.endpoints.get(member)
                 if state is not None and state.access.owner == session.user:
+                    if fields.get("b") is not None and action.startswith("fetch") and not (
+                            is_big(record.args) and parse_big(record.args)[0] == fields["b"]):
+                        break   # an endpoint fetches a task's own arguments, nothing else of its user
+                    # a transfer for a task is a sign of life: its agent is busy with it, not gone
+                    state.last_seen = time.monotonic()
                     return record.user, ""
         return "", (f"user {session.user!r} may not {action} task {P.shorten(task_id)}: it is not a task "
                     "submitted to one of their endpoints")
