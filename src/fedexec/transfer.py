@@ -102,8 +102,9 @@ def parse_big(blob: bytes) -> tuple[bytes, int, bytes]:
     return bid, total, digest
 
 
-def local_ref(path: str, total: int) -> bytes:
-    return LOCAL_MAGIC + msgpack.packb({"p": path, "n": total}, use_bin_type=True)
+def local_ref(path: str, total: int, digest: bytes = b"") -> bytes:
+    """A file on this machine: its path, size and (for a result) sha256."""
+    return LOCAL_MAGIC + msgpack.packb({"p": path, "n": total, "h": digest}, use_bin_type=True)
 
 
 def is_local(blob: Any) -> bool:
@@ -113,15 +114,18 @@ def is_local(blob: Any) -> bool:
     return len(blob) <= MAX_REF and bytes(P.as_buffer(blob)[:len(LOCAL_MAGIC)]) == LOCAL_MAGIC
 
 
-def parse_local(blob: bytes) -> tuple[str, int]:
+def parse_local(blob: bytes) -> tuple[str, int, bytes]:
     fields = msgpack.unpackb(P.as_bytes(blob)[len(LOCAL_MAGIC):], raw=False)
-    return fields["p"], fields["n"]
+    path, total, digest = fields["p"], fields["n"], fields.get("h", b"")
+    if not (isinstance(path, str) and type(total) is int and total >= 0 and isinstance(digest, bytes)):
+        raise ValueError("malformed local reference")
+    return path, total, digest
 
 
 def load_local(blob: bytes, loads: Callable[[Any], Any]) -> Any:
     """The value a local reference names, loaded from its file mapped into
     memory (read once, by ``loads``; the mapping is closed after)."""
-    path, total = parse_local(blob)
+    path, total, _ = parse_local(blob)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ) as view:
         return loads(view)
 
@@ -146,7 +150,7 @@ def spill_result(blob: Any, task_id: bytes) -> Any:
         return blob
     path = os.path.join(spool, f"{task_id.hex()}.{os.getpid()}.result")
     write_private(path, blob)
-    return local_ref(path, len(blob))
+    return local_ref(path, len(blob), hashlib.sha256(blob).digest())
 
 
 # -- the relay's side -----------------------------------------------------------
@@ -164,7 +168,6 @@ class Spool:
         self.charge = charge
         self.refusal = refusal
         self.max_payload = max_payload
-        self.hashers: dict[Path, Any] = {}   # partial uploads written in order: their running sha256
         self.users: dict[str, str] = {}      # directory name -> user
 
     def directory(self, user: str) -> Path:
@@ -215,9 +218,6 @@ class Spool:
             why = self.refusal(user, size)
             if why is not None:
                 return {"b": bid, "err": why, "quota": True}
-            hasher = self.hashers.get(part)
-            if hasher is None:
-                hasher = self.hashers[part] = _hash_file(part, have)
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 view = memoryview(data).cast("B")
@@ -226,15 +226,9 @@ class Spool:
                     written += os.write(fd, view[written:])
             finally:
                 os.close(fd)
-            hasher.update(data)
             self.charge(user, size)
             have += size
-        if have == total:
-            hasher = self.hashers.pop(part, None) or _hash_file(part, have)
-            if hasher.digest() != digest:
-                self._remove(user, part)
-                return {"b": bid, "err": "the upload's sha256 does not match the one its sender named; it was "
-                                         "deleted"}
+        if have == total:   # (its sha256 is checked by whoever fetches it, not here: the relay never reads it)
             fd = os.open(part, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -264,7 +258,6 @@ class Spool:
                 self._remove(user, path)
 
     def _remove(self, user: str, path: Path) -> None:
-        self.hashers.pop(path, None)
         try:
             size = path.stat().st_size
             path.unlink()
@@ -285,15 +278,6 @@ class Spool:
                     continue
                 if age > (PARTIAL_TTL if path.suffix == ".part" else complete_ttl):
                     self._remove(user, path)
-
-
-def _hash_file(path: Path, size: int) -> Any:
-    hasher = hashlib.sha256()
-    if size:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                hasher.update(chunk)
-    return hasher
 
 
 # -- a client's or endpoint's side ------------------------------------------------
@@ -328,19 +312,22 @@ class TransferLink:
             raise TransferError(f"the relay refused the transfer: {msg.fields.get('msg')}")
         return msg if msg.type == expected else None
 
-    def upload(self, data: Any, task_id: bytes | None = None) -> bytes:
+    def upload(self, data: Any, task_id: bytes | None = None, digest: bytes = b"") -> bytes:
         """Upload ``data`` (bytes-like, or the path of a file: read chunk by
         chunk, never mapped or read whole, so that the uploader's memory
-        stays small); its reference. Resumes from what the relay has after
-        lost messages (a relay restart)."""
+        stays small; ``digest``, its sha256 if known); its reference.
+        Resumes from what the relay has after lost messages (a relay
+        restart)."""
         if isinstance(data, (str, Path)):
             fd = os.open(data, os.O_RDONLY)
             try:
                 total = os.fstat(fd).st_size
-                hasher = hashlib.sha256()
-                for off in range(0, total, CHUNK):
-                    hasher.update(os.pread(fd, CHUNK, off))
-                return self._upload(lambda off, end: os.pread(fd, end - off, off), total, hasher.digest(), task_id)
+                if len(digest) != 32:
+                    hasher = hashlib.sha256()
+                    for off in range(0, total, CHUNK):
+                        hasher.update(os.pread(fd, CHUNK, off))
+                    digest = hasher.digest()
+                return self._upload(lambda off, end: os.pread(fd, end - off, off), total, digest, task_id)
             finally:
                 os.close(fd)
         view = memoryview(data).cast("B")

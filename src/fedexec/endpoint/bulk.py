@@ -55,7 +55,7 @@ class EndpointTransfers:
         failure. Only a file of this task in the spool is taken."""
         self.done(task_id)
         try:
-            path, size = parse_local(P.as_bytes(blob))
+            path, size, digest = parse_local(P.as_bytes(blob))
         except Exception:
             return P.FAILED, P.pack_failure(P.REJECTED, "the worker sent a malformed large-result reference")
         real = os.path.realpath(path)
@@ -67,7 +67,7 @@ class EndpointTransfers:
             if size > max_payload:
                 message, details = P.too_large("the task's result", size, max_payload)
                 return P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
-            return status, self._link().upload(real, task_id)
+            return status, self._link().upload(real, task_id, digest)
         except Exception as exc:
             return P.FAILED, P.pack_failure(P.LOST, f"the endpoint could not upload the task's large result to "
                                                     f"the relay: {type(exc).__name__}: {exc}")

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from .. import protocol as P
-from ..transfer import is_local, load_local, spill_result
+from ..transfer import BIG_THRESHOLD, is_local, load_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, encode_data, is_data, serialize_data_exception,
                          serialize_exception, serialize_value)
 
@@ -320,7 +320,10 @@ class WorkerProcess:
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
         try:
-            return P.OK, spill_result(encode_data(value) if data else serialize_value(value), row[0])
+            blob = encode_data(value) if data else serialize_value(value)
+            if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
+                blob = spill_result(blob, row[0])
+            return P.OK, blob
         except NotData as exc:
             return P.FAILED, P.pack_failure(
                 P.SERIALIZATION, f"the task's arguments came as plain data (for a data-only endpoint), so its "
