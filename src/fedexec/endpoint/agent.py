@@ -479,6 +479,8 @@ class EndpointAgent:
         self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
+        if self.bulk.argument_files:   # its large arguments' file, if it had one, goes
+            self.bulk.done(task_id)
 
     def _flush_due(self, now: float) -> bool:
         # Nothing left here, or (for tasks that go one at a time) nothing
@@ -590,8 +592,6 @@ class EndpointAgent:
             self.at_pool.pop(task_id, None)
             pool.started.discard(task_id)
             blob = P.blob(msg.blobs, index)
-            if self.bulk.argument_files:
-                self.bulk.done(task_id)
             if is_local(blob):   # a large result in a file: uploaded in chunks, its reference goes on
                 status, blob = self.bulk.result(task_id, status, blob, self.max_payload)
             size = len(P.as_buffer(blob))
