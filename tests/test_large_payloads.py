@@ -6,6 +6,7 @@ their user alone, and survive a kill -9 of the relay mid-upload."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -200,6 +201,23 @@ def test_a_relay_killed_during_a_large_upload_loses_nothing(tmp_path):
             submitter.join(120)
             assert outcome, "submit did not return"
             result = outcome[0].result(120)
+            assert len(result) == len(data) and memoryview(result)[:-1] == memoryview(data)[1:]
+            assert ex.submit(echo_small, 2).result(60) == 2
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(180)
+def test_an_endpoint_killed_while_fetching_large_arguments_loses_nothing(tmp_path):
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            assert ex.submit(echo_small, 1).result(60) == 1
+            data = pattern(600 * MiB)
+            future = ex.submit(rotate, data)   # returns once the upload is complete at the relay
+            time.sleep(0.3)                    # the endpoint is fetching it
+            endpoint.proc.send_signal(signal.SIGKILL)
+            endpoint.proc.wait(10)
+            endpoint.start()                   # the same endpoint id, again
+            result = future.result(150)
             assert len(result) == len(data) and memoryview(result)[:-1] == memoryview(data)[1:]
             assert ex.submit(echo_small, 2).result(60) == 2
         assert endpoint.proc.poll() is None, tail(endpoint.log)

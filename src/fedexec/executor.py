@@ -711,6 +711,8 @@ class _Dispatcher(threading.Thread):
                     item = self.pending.pop(task_id, None)
                     if item is None:
                         continue
+                    if status == P.FAILED and is_big(item.payload):   # refused before it was accepted
+                        self._drop_upload(item.payload)
                     trace = row[3] if len(row) == 4 else None
                     blob = P.blob(msg.blobs, index)
                     if status == P.OK and is_big(blob):   # a large result: fetched in chunks
@@ -748,6 +750,13 @@ class _Dispatcher(threading.Thread):
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
+
+    def _drop_upload(self, ref: bytes) -> None:
+        """The relay may delete the upload of a task it refused."""
+        try:
+            self.transfers.get().drop(ref)
+        except Exception as exc:   # it expires there by itself
+            log.debug("could not drop an upload: %s", exc)
 
     def _fetch_big(self, ref: Any) -> tuple[int, Any]:
         """A large result's ``(status, blob)``: fetched from the relay (which

@@ -353,6 +353,7 @@ class TransferLink:
             now = time.monotonic()
             if msg is None or msg.fields.get("q") != head["q"]:
                 if now - progress > GIVE_UP_AFTER:
+                    self.sock.send_multipart(P.encode(P.DROP, {"b": bid}))
                     raise TransferError(f"the relay took no part of the upload for {GIVE_UP_AFTER:g} s")
                 if now - asked > RESEND_AFTER:
                     # lost on the way (the relay restarted?): again from what it has; all of it
@@ -360,7 +361,8 @@ class TransferLink:
                     sent = have if have < total else max(0, total - 1 - (total - 1) % CHUNK)
                 continue
             fields = msg.fields
-            if "err" in fields:
+            if "err" in fields:   # what reached the relay of it goes at once
+                self.sock.send_multipart(P.encode(P.DROP, {"b": bid}))
                 raise TransferError(str(fields["err"]), too_large=bool(fields.get("too_large")),
                                     **{k: fields[k] for k in ("size", "limit") if k in fields})
             if fields.get("done"):
