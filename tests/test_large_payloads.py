@@ -221,3 +221,26 @@ def test_an_endpoint_killed_while_fetching_large_arguments_loses_nothing(tmp_pat
             assert len(result) == len(data) and memoryview(result)[:-1] == memoryview(data)[1:]
             assert ex.submit(echo_small, 2).result(60) == 2
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_over_the_users_byte_quota_is_refused_and_leaves_nothing(tmp_path):
+    with running_relay(tmp_path, "--max-bytes-per-user", str(40 * MiB)) as address:
+        link = TransferLink(address)
+        try:
+            with pytest.raises(TransferError, match="quota of 41,943,040 bytes per user"):
+                link.upload(pattern(60 * MiB))
+            spool = tmp_path / "relay-data" / "spool"
+            deadline = time.monotonic() + 10
+            while [f for f in spool.glob("*/*") if f.name != "user"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not [f for f in spool.glob("*/*") if f.name != "user"]
+            # the quota is free again: an upload within it goes through, and back
+            data = pattern(30 * MiB)
+            ref = link.upload(data)
+            assert link.fetch_bytes(ref) == data
+            for f in spool.glob("*/*"):
+                assert f.stat().st_mode & 0o777 == 0o600, f
+            assert spool.stat().st_mode & 0o777 == 0o700
+        finally:
+            link.close()
