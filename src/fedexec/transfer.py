@@ -157,8 +157,9 @@ def spill_result(blob: Any, task_id: bytes) -> Any:
 class Spool:
     """The relay's uploads: ``<data_dir>/spool/<user hash>/<upload id>`` (a
     ``.part`` suffix until complete and verified), directories 0700, files
-    0600. Charges ``charge(user, +-bytes)`` as files grow and go; it refuses
-    (returns an error) what ``room(user, bytes)`` says does not fit."""
+    0600. Charges ``charge(user, +-bytes)`` as files grow and go; refuses a
+    chunk ``refusal(user, bytes)`` gives a reason for (the byte quota). It
+    never reads what it stores: whoever fetches an upload checks its sha256."""
 
     def __init__(self, data_dir: Path, charge: Callable[[str, int], None],
                  refusal: Callable[[str, int], str | None], max_payload: int) -> None:

@@ -10,14 +10,12 @@ seconds on one machine); the relay's heartbeat timeout is far longer."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from .. import protocol as P
 from ..transfer import SPOOL_ENV, TransferLink, local_ref, parse_local
 
-log = logging.getLogger("fedexec.endpoint")
 
 
 class EndpointTransfers:

@@ -4,7 +4,6 @@ and the lifetime of the spool files (charged to their user's byte quota)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
     from .registry import TaskRecord
     from .server import Relay
 
-log = logging.getLogger("fedexec.relay")
 
 TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP})
 EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
