@@ -34,6 +34,7 @@ import zmq
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
 from .auth import REFUSED_GRACE, HandshakeWatch, check_token
+from .dependencies import DependentCall, dependency_error, rebuild, snapshot
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
@@ -318,6 +319,9 @@ class _Dispatcher(threading.Thread):
         self.failure: str | None = None
         self.relay_silent = False
         self.posted = 0      # futures handed to this thread (user threads, under _post_lock)
+        # tasks held in the client until the futures among their arguments
+        # are done (under _post_lock): this thread does not stop before they go
+        self.held = 0
         self.settled = 0     # of those, finished or dropped (this thread)
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
@@ -404,9 +408,9 @@ class _Dispatcher(threading.Thread):
                     # no event follows a refusal: look for other credentials now and then
                     if (watch.failure and watch.read()) or self.unsent:
                         self._send_again()
-                    if self.pending:  # its answer says whether the relay restarted meanwhile
+                    if self.pending or self.held:  # its answer says whether the relay restarted meanwhile
                         self._send(P.encode(P.HEARTBEAT))
-                if self.stopping and not self.pending and not self.commands:
+                if self.stopping and not self.pending and not self.commands and not self.held:
                     break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
                     self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
@@ -1001,8 +1005,15 @@ class FederatedExecutor(Executor):
 
     # -- the Executor API ----------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
-        return self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
+        """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future.
+
+        Futures among the arguments (at any depth) are dependencies: the task
+        runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
+        future = self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
+        if future._state == _FINISHED and isinstance(future._exception, SerializationError):
+            fn, memoize, extra = self._callable(fn)
+            return self._submit_dependent(fn, memoize, extra, args, kwargs, future)
+        return future
 
     def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
         """The function to send, whether its calls are memoized, and the task
@@ -1040,6 +1051,8 @@ class FederatedExecutor(Executor):
         for args in calls:
             future, item = self._new_task(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, {}), memoize,
                                           extra)
+            if item is None and isinstance(future._exception, SerializationError):
+                future = self._submit_dependent(fn, memoize, extra, args, {}, future)
             futures.append(future)
             if item is not None:
                 group.append(item)
@@ -1051,13 +1064,17 @@ class FederatedExecutor(Executor):
         return futures
 
     def _new_task(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes], memoize: bool,
-                  extra: dict[str, Any] | None) -> tuple[TaskFuture, _WorkItem | None]:
-        """A task's future and what travels for it; when its function or
-        arguments cannot be sent, the future already holds the error and
-        there is nothing to send."""
+                  extra: dict[str, Any] | None,
+                  future: TaskFuture | None = None) -> tuple[TaskFuture, _WorkItem | None]:
+        """A task's future (``future``, or a new one) and what travels for
+        it; when its function or arguments cannot be sent, the future already
+        holds the error and there is nothing to send."""
         submitted = time.time() if self._trace else 0.0
-        task_id = self._task_ids.next()
-        future = TaskFuture(self._dispatcher, task_id)
+        if future is None:
+            task_id = self._task_ids.next()
+            future = TaskFuture(self._dispatcher, task_id)
+        else:
+            task_id = future._task_bytes
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
@@ -1075,6 +1092,57 @@ class FederatedExecutor(Executor):
         if self._trace:
             item.trace = [submitted]
         return future, item
+
+    def _submit_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None,
+                          args: tuple, kwargs: dict[str, Any], failed: TaskFuture) -> TaskFuture:
+        """A call whose arguments could not be pickled: if that is because
+        they hold futures, a new future for the call, held here until those
+        futures are done and then sent with their values in their place (or
+        failed with a DependencyError); otherwise ``failed``, which holds
+        the pickling error."""
+        try:
+            blob, futures = snapshot((args, kwargs))
+        except Exception:
+            return failed   # something else cannot be pickled: the original error stands
+        if not futures:
+            return failed
+        dispatcher = self._dispatcher
+        dependent = TaskFuture(dispatcher, self._task_ids.next())
+        with dispatcher._post_lock:
+            dispatcher.held += 1
+
+        def ready(failed_dependency: Future | None) -> None:
+            try:
+                if dependent.cancelled():
+                    dependent.set_running_or_notify_cancel()
+                elif failed_dependency is not None:
+                    _fail(dependent, dependency_error(failed_dependency))
+                else:
+                    try:
+                        values = rebuild(blob, futures)
+                    except Exception as exc:
+                        _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
+                                                            f"{getattr(fn, '__qualname__', repr(fn))}() with their "
+                                                            f"dependencies' values: {exc}"))
+                        return
+                    _, item = self._new_task(fn, P.TASK_CALL,
+                                             lambda: self._serialize_arguments(fn, values[0], values[1]),
+                                             memoize, extra, future=dependent)
+                    if item is not None:
+                        try:
+                            dispatcher.post("submit", [item], 1)
+                        except RuntimeError as exc:   # the dispatcher has stopped
+                            _fail(dependent, BrokenExecutor(str(exc)))
+            finally:
+                with dispatcher._post_lock:
+                    dispatcher.held -= 1
+                try:
+                    dispatcher.post("wake")   # it may be waiting to stop
+                except RuntimeError:
+                    pass
+
+        DependentCall(futures, ready)
+        return dependent
 
     def _check_size(self, payload: bytes, what: str = "the arguments") -> None:
         limit = self._dispatcher.max_payload
@@ -1225,6 +1293,15 @@ class FederatedExecutor(Executor):
             _live_executors.discard(self)
         # without wait, interpreter exit still waits for the remaining tasks,
         # as with the standard executors
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Fail a future not yet running (unless it was cancelled meanwhile)."""
+    try:
+        if future.set_running_or_notify_cancel():
+            future.set_exception(error)
+    except (RuntimeError, InvalidStateError):
+        pass   # finished meanwhile
 
 
 def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> str | None:

@@ -1,0 +1,189 @@
+"""Futures as arguments: a task passed other tasks' futures runs on their values,
+once they are done; a failed or cancelled one fails it with DependencyError."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+
+import cloudpickle
+import pytest
+
+import fedexec
+from fedexec import DependencyError, FederatedExecutor, memoized, with_options
+
+from test_durability import started_federation
+from test_faults import tail
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DEADLINE = 60.0
+
+
+def inc(x):
+    return x + 1
+
+
+def total(values):
+    return sum(values)
+
+
+def describe(*args, **kwargs):
+    return args, kwargs
+
+
+def boom(x):
+    raise ValueError(f"bad input {x}")
+
+
+def wait_for(path, limit=30.0):
+    """Blocks a worker until ``path`` exists (bounded), then returns its name."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.basename(path)
+
+
+def sleep_then(delay, value):
+    time.sleep(delay)
+    return value
+
+
+def test_a_chain_of_100_dependent_tasks(executor):
+    future = executor.submit(inc, 0)
+    for _ in range(99):
+        future = executor.submit(inc, future)
+    assert future.result(DEADLINE) == 100
+
+
+def test_a_fan_out_fan_in_graph_of_1000(executor):
+    started = time.monotonic()
+    root = executor.submit(inc, 0)
+    leaves = [executor.submit(inc, root) for _ in range(999)]
+    joined = executor.submit(total, leaves)
+    assert joined.result(DEADLINE) == 2 * 999
+    assert all(leaf.result() == 2 for leaf in leaves)
+    print(f"fan-out/fan-in of 1,000 tasks: {time.monotonic() - started:.2f} s")
+
+
+def test_futures_inside_lists_tuples_dicts_and_keywords_take_their_values(executor):
+    a, b = executor.submit(inc, 1), executor.submit(inc, 10)
+    future = executor.submit(describe, [a, (b, a)], {"k": {"deep": [b]}}, key=a)
+    assert future.result(DEADLINE) == (([2, (11, 2)], {"k": {"deep": [11]}}), {"key": 2})
+
+
+def test_with_options_memoized_and_map_take_futures(executor):
+    a = executor.submit(inc, 41)
+    assert executor.submit(with_options(inc, timeout=30, max_retries=1), a).result(DEADLINE) == 43
+    first = executor.submit(memoized(inc), a)
+    assert first.result(DEADLINE) == 43
+    assert executor.submit(memoized(inc), executor.submit(inc, 41)).result(DEADLINE) == 43
+    assert list(executor.map(inc, [a, 5, executor.submit(inc, a)], timeout=DEADLINE)) == [43, 6, 44]
+
+
+def test_arguments_are_taken_at_submit_time(executor):
+    gate = executor.submit(sleep_then, 0.3, 1)
+    values = [gate, "before"]
+    future = executor.submit(describe, values)
+    values[1] = "after"   # mutated while the task waits for its dependency
+    assert future.result(DEADLINE) == (([1, "before"],), {})
+
+
+def test_a_failing_dependency_fails_its_dependents_naming_it(executor):
+    bad = executor.submit(boom, 7)
+    dependent = executor.submit(describe, {"x": [bad]})
+    downstream = executor.submit(inc, dependent)
+    with pytest.raises(DependencyError) as info:
+        dependent.result(DEADLINE)
+    assert bad.task_id in str(info.value) and info.value.dependency == bad.task_id
+    assert "bad input 7" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError) and str(info.value.__cause__) == "bad input 7"
+    assert isinstance(info.value, fedexec.FedexecError)
+    # a task two steps down names its own dependency, whose error chains the first
+    with pytest.raises(DependencyError) as info2:
+        downstream.result(DEADLINE)
+    assert info2.value.dependency == dependent.task_id
+    assert isinstance(info2.value.__cause__, DependencyError)
+    # the executor goes on working
+    assert executor.submit(inc, executor.submit(inc, 1)).result(DEADLINE) == 3
+
+
+def test_cancelling_a_depended_on_task_fails_its_dependents(executor, tmp_path):
+    gate = tmp_path / "open"
+    blockers = [executor.submit(wait_for, str(gate)) for _ in range(8)]   # every worker busy, more queued
+    try:
+        queued = executor.submit(inc, 1)
+        dependents = [executor.submit(inc, queued), executor.submit(total, [queued, queued])]
+        time.sleep(0.3)   # it has left for the relay and endpoint
+        assert queued.cancel() is True
+        for dependent in dependents:
+            with pytest.raises(DependencyError) as info:
+                dependent.result(DEADLINE)
+            assert info.value.dependency == queued.task_id and "cancelled" in str(info.value)
+            assert isinstance(info.value.__cause__, CancelledError)
+    finally:
+        gate.touch()
+    assert [b.result(DEADLINE) for b in blockers] == ["open"] * 8
+
+
+def test_cancelling_a_dependent_while_it_waits(executor):
+    slow = executor.submit(sleep_then, 0.5, 1)
+    dependent = executor.submit(inc, slow)
+    assert dependent.cancel() is True
+    assert slow.result(DEADLINE) == 1
+    time.sleep(0.2)
+    assert dependent.cancelled()
+
+
+def test_plain_futures_and_other_executors_futures_are_waited_for_without_blocking_submit(executor):
+    plain: Future = Future()
+    started = time.monotonic()
+    dependent = executor.submit(inc, plain)
+    assert time.monotonic() - started < 1.0 and not dependent.done()
+    threading.Timer(0.3, plain.set_result, (9,)).start()
+    assert dependent.result(DEADLINE) == 10
+    with ThreadPoolExecutor(1) as threads:
+        other = threads.submit(sleep_then, 0.2, 20)
+        assert executor.submit(total, [other, executor.submit(inc, other)]).result(DEADLINE) == 41
+        failing = threads.submit(boom, 3)
+        with pytest.raises(DependencyError) as info:
+            executor.submit(inc, failing).result(DEADLINE)
+        assert isinstance(info.value.__cause__, ValueError) and info.value.dependency == ""
+
+
+def test_an_argument_that_cannot_be_pickled_still_fails_at_once(executor):
+    future = executor.submit(describe, executor.submit(inc, 1), threading.Lock())
+    with pytest.raises(fedexec.SerializationError):
+        future.result(5)
+
+
+def test_shutdown_waits_for_tasks_held_for_their_dependencies():
+    with FederatedExecutor(max_workers=1) as ex:
+        plain: Future = Future()
+        dependent = ex.submit(inc, ex.submit(sleep_then, 0.2, plain))   # waits for a task that waits for `plain`
+        late = ex.submit(inc, plain)
+        threading.Timer(0.3, plain.set_result, (5,)).start()
+    # leaving the block (shutdown(wait=True)) waited for both, held in the client meanwhile
+    assert dependent.result(0) == 6 and late.result(0) == 6
+
+
+@pytest.mark.timeout(120)
+def test_a_graph_in_flight_survives_a_relay_kill_and_restart(tmp_path):
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            root = ex.submit(sleep_then, 1.0, 1)
+            chain = root
+            for _ in range(20):
+                chain = ex.submit(inc, chain)
+            leaves = [ex.submit(inc, root) for _ in range(200)]
+            joined = ex.submit(total, [chain, *leaves])
+            time.sleep(0.3)
+            relay.kill()   # the root is running; everything else waits on it
+            time.sleep(0.5)
+            relay.start()
+            assert joined.result(DEADLINE) == 21 + 200 * 2
+            assert chain.result() == 21
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
