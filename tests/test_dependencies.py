@@ -7,7 +7,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 
 import cloudpickle
 import pytest
@@ -187,3 +187,28 @@ def test_a_graph_in_flight_survives_a_relay_kill_and_restart(tmp_path):
             assert joined.result(DEADLINE) == 21 + 200 * 2
             assert chain.result() == 21
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def test_a_task_waiting_on_a_future_that_never_finishes_can_be_cancelled_and_shut_down(tmp_path):
+    never: Future = Future()
+    ex = FederatedExecutor(max_workers=1)
+    try:
+        dependent = ex.submit(inc, never)
+        also = ex.submit(inc, dependent)
+        assert dependent.cancel() is True
+        done, _ = wait([dependent], timeout=5)
+        assert done == {dependent}
+        with pytest.raises(DependencyError) as info:
+            also.result(10)
+        assert isinstance(info.value.__cause__, CancelledError)
+        left = ex.submit(inc, never)
+    finally:
+        started = time.monotonic()
+        ex.shutdown(wait=True, cancel_futures=True)
+    assert left.cancelled() and time.monotonic() - started < 10
+
+
+def test_data_only_executors_take_futures_as_values(tmp_path):
+    with FederatedExecutor(max_workers=1, data_only=True) as ex:
+        a = ex.submit(inc, 1)
+        assert ex.submit(total, [a, ex.submit(inc, a)]).result(DEADLINE) == 5

@@ -319,9 +319,10 @@ class _Dispatcher(threading.Thread):
         self.failure: str | None = None
         self.relay_silent = False
         self.posted = 0      # futures handed to this thread (user threads, under _post_lock)
-        # tasks held in the client until the futures among their arguments
-        # are done (under _post_lock): this thread does not stop before they go
-        self.held = 0
+        # futures of tasks held in the client until the futures among their
+        # arguments are done (under _post_lock): this thread does not stop
+        # before they have gone or failed, or were cancelled
+        self.held: set[TaskFuture] = set()
         self.settled = 0     # of those, finished or dropped (this thread)
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
@@ -496,6 +497,10 @@ class _Dispatcher(threading.Thread):
                     self.unsent = True
             elif command == "cancel_all":  # shutdown(cancel_futures=True)
                 cancels.extend(tid for tid, item in self.pending.items() if not item.running)
+                with self._post_lock:
+                    held = list(self.held)
+                for future in held:   # not sent yet: cancelled here (which releases them)
+                    future.cancel()
                 value.set()
             elif command == "stop":
                 self.stopping = True
@@ -1108,39 +1113,61 @@ class FederatedExecutor(Executor):
             return failed
         dispatcher = self._dispatcher
         dependent = TaskFuture(dispatcher, self._task_ids.next())
-        with dispatcher._post_lock:
-            dispatcher.held += 1
+        held = dispatcher.held
+        lock = dispatcher._post_lock
+        claimed = [False]   # ready() has taken it: from then on, a cancel is handled where it goes
+        with lock:
+            held.add(dependent)
+
+        def wake() -> None:
+            try:
+                dispatcher.post("wake")   # it may be waiting to stop
+            except RuntimeError:
+                pass
+
+        def on_cancel(future: Future) -> None:
+            """Cancelled while it waits: it is dropped at once (for wait()
+            and as_completed(), and so that shutdown does not wait for it)."""
+            with lock:
+                if not future.cancelled() or claimed[0]:
+                    return   # ready() has it: failed there, or the dispatcher drops it
+                held.discard(future)
+            future.set_running_or_notify_cancel()
+            wake()
 
         def ready(failed_dependency: Future | None) -> None:
+            with lock:
+                if dependent not in held:
+                    return   # cancelled meanwhile: on_cancel dropped it
+                claimed[0] = True   # it stays in `held` until it is posted
             try:
-                if dependent.cancelled():
-                    dependent.set_running_or_notify_cancel()
-                elif failed_dependency is not None:
+                if failed_dependency is not None:
                     _fail(dependent, dependency_error(failed_dependency))
-                else:
-                    try:
-                        values = rebuild(blob, futures)
-                    except Exception as exc:
-                        _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
-                                                            f"{getattr(fn, '__qualname__', repr(fn))}() with their "
-                                                            f"dependencies' values: {exc}"))
-                        return
+                    return
+                try:
+                    values = rebuild(blob, futures)
+                except Exception as exc:
+                    _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
+                                                        f"{getattr(fn, '__qualname__', repr(fn))}() with their "
+                                                        f"dependencies' values: {exc}"))
+                    return
+                try:
                     _, item = self._new_task(fn, P.TASK_CALL,
                                              lambda: self._serialize_arguments(fn, values[0], values[1]),
                                              memoize, extra, future=dependent)
-                    if item is not None:
-                        try:
-                            dispatcher.post("submit", [item], 1)
-                        except RuntimeError as exc:   # the dispatcher has stopped
-                            _fail(dependent, BrokenExecutor(str(exc)))
+                except InvalidStateError:
+                    return   # could not be sent, and was cancelled meanwhile
+                if item is not None:
+                    try:
+                        dispatcher.post("submit", [item], 1)
+                    except RuntimeError as exc:   # the dispatcher has stopped
+                        _fail(dependent, BrokenExecutor(str(exc)))
             finally:
-                with dispatcher._post_lock:
-                    dispatcher.held -= 1
-                try:
-                    dispatcher.post("wake")   # it may be waiting to stop
-                except RuntimeError:
-                    pass
+                with lock:
+                    held.discard(dependent)
+                wake()
 
+        dependent.add_done_callback(on_cancel)
         DependentCall(futures, ready)
         return dependent
 
