@@ -133,3 +133,41 @@ class DependentCall:
                 return
             self._fired = True
         self._ready(failed)
+
+
+# -- held at the relay -------------------------------------------------------------
+# A task whose dependencies are all tasks of the same executor goes to the relay
+# at once, its arguments pickled as by snapshot() with option "d" naming the
+# tasks whose futures the persistent ids 0, 1, ... stand for. The relay holds it
+# until they have finished (relay/graph.py) and then sends it with their results
+# wrapped around its arguments (wrap_arguments): loading that in the worker
+# (an ordinary pickle.loads there) calls load_with_results, which puts each
+# result's value in its place. The relay never unpickles either.
+
+
+def load_with_results(args: bytes, results: list[bytes]) -> Any:
+    """(In the worker) a task's ``(args, kwargs)`` with its dependencies'
+    results (pickled, or plain data) in place of their persistent ids."""
+    from .serialize import decode_data, is_data
+
+    values = [decode_data(blob) if is_data(blob) else pickle.loads(blob) for blob in results]
+    return _ValueLoader(args, values).load()
+
+
+class _WithResults:
+    """Pickles as a call of :func:`load_with_results` (what the relay sends)."""
+
+    __slots__ = ("args", "results")
+
+    def __init__(self, args: bytes, results: list[bytes]) -> None:
+        self.args = args
+        self.results = results
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (load_with_results, (self.args, self.results))
+
+
+def wrap_arguments(args: bytes, results: list[bytes]) -> bytes:
+    """(At the relay) a dependent task's arguments with its dependencies'
+    results around them, as one pickle whose loading substitutes them."""
+    return pickle.dumps(_WithResults(args, results), protocol=PICKLE_PROTOCOL)

@@ -38,6 +38,7 @@ from .dependencies import DependentCall, dependency_error, rebuild, snapshot
 from .embedded import EmbeddedFederation
 from .errors import (
     AuthenticationFailed,
+    DependencyError,
     DeserializationError,
     NotAuthorized,
     PayloadTooLarge,
@@ -265,6 +266,10 @@ def _failure_exception(blob: Any) -> BaseException:
         return NotAuthorized(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
+    if kind == P.DEPENDENCY:
+        dep = info.get("dep")
+        return DependencyError(msg, dependency=str(uuid.UUID(bytes=dep)) if isinstance(dep, bytes) and len(dep) == 16
+                               else "")
     if kind == P.NEED_FUNCTION:   # not honoured (see _Dispatcher._needs_function): an outcome
         return TaskRejected(f"the task was not run: the relay asked for its function body again after it was "
                             f"sent with it, or after the task was accepted ({msg})")
@@ -323,6 +328,10 @@ class _Dispatcher(threading.Thread):
         # arguments are done (under _post_lock): this thread does not stop
         # before they have gone or failed, or were cancelled
         self.held: set[TaskFuture] = set()
+        # tasks sent for the relay to hold until their dependencies (same-executor
+        # futures) finish: task id -> (those futures, how to hold it here instead)
+        self.relayed: dict[bytes, tuple[list[TaskFuture], Callable[[], None]]] = {}
+        self.relay_deps = False   # the relay holds tasks for their dependencies (its WELCOME says)
         self.settled = 0     # of those, finished or dropped (this thread)
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
@@ -526,8 +535,27 @@ class _Dispatcher(threading.Thread):
             return
         if item.memo_key is not None and self._memoized(item):
             return
+        if self.relayed and item.task_id in self.relayed and self._hold_here(item):
+            return
         self.pending[item.task_id] = item
         self._add_to_batch(item)
+
+    def _hold_here(self, item: _WorkItem) -> bool:
+        """A task meant for the relay to hold until its dependencies finish
+        is held here instead when one of them is done in this process
+        already (its result may be acknowledged, so gone from the relay, and
+        its value is here), or is not out at the relay (held here itself, or
+        answered from the memo). Whether it was."""
+        futures, hold = self.relayed[item.task_id]
+        pending = self.pending
+        if not any(future.done() or future._task_bytes not in pending for future in futures):
+            return False
+        del self.relayed[item.task_id]
+        with item.future._condition:
+            item.future._sent = False
+        self.settled += 1
+        hold()
+        return True
 
     def _memoized(self, item: _WorkItem) -> bool:
         """Serve a memoized call from this client's cache, or let it wait for
@@ -638,6 +666,14 @@ class _Dispatcher(threading.Thread):
         self.out_rows, self.out_blobs = [], P.Blobs()
         again = [item for item in self.unaccepted.values() if item.task_id in self.pending]
         self.unaccepted.clear()
+        if self.relayed:   # those whose dependencies are done here are held here (see _hold_here)
+            kept = []
+            for item in again:
+                if item.task_id in self.relayed and self._hold_here(item):
+                    del self.pending[item.task_id]
+                else:
+                    kept.append(item)
+            again = kept
         self.resending = True
         try:
             for item in again:
@@ -708,8 +744,9 @@ class _Dispatcher(threading.Thread):
                         future._answered()
                 for row in msg.fields["rows"]:
                     task_id, status, index = row[:3]
-                    if status == P.FAILED and self._needs_function(task_id, P.blob(msg.blobs, index)):
-                        continue   # sent again with its function; not an outcome, not acknowledged
+                    if status == P.FAILED and (self._needs_function(task_id, P.blob(msg.blobs, index))
+                                               or self._dependency_done(task_id, P.blob(msg.blobs, index))):
+                        continue   # sent again (with its function, or its dependencies' values): not an outcome
                     acks.append(task_id)
                     self.unaccepted.pop(task_id, None)
                     item = self.pending.pop(task_id, None)
@@ -729,6 +766,8 @@ class _Dispatcher(threading.Thread):
                     if item is not None:
                         item.payload = b""  # recorded by the relay: the arguments need not stay here
             elif msg.type in (P.WELCOME, P.HEARTBEAT):
+                if msg.type == P.WELCOME:
+                    self.relay_deps = msg.fields.get("deps") is True
                 limit = msg.fields.get("max_payload")
                 if type(limit) is int and limit > 0:
                     self.max_payload = limit
@@ -746,6 +785,8 @@ class _Dispatcher(threading.Thread):
                     break
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
+            if self.out_rows:   # a task in them may depend on one acknowledged here: it goes first
+                self._send_batch()
             self._ack(acks)
         if self._room_waiters:
             with self._room:
@@ -774,6 +815,28 @@ class _Dispatcher(threading.Thread):
         self.unaccepted.pop(task_id, None)
         item.body_resent = True
         self._add_to_batch(item)
+        return True
+
+    def _dependency_done(self, task_id: bytes, blob: Any) -> bool:
+        """The relay did not take a task to hold for its dependencies because
+        one of them has finished (its result is on its way here), or is not
+        there (yet: sent again after it, as NEED_FUNCTION asked; they are all
+        this executor's own tasks): the task is held here instead, until the
+        values are. Whether it was."""
+        if task_id not in self.relayed or task_id not in self.unaccepted:
+            return False
+        try:
+            if P.unpack_failure(blob).get("kind") not in (P.DEPENDENCY_DONE, P.NOT_ALLOWED):
+                return False
+        except Exception:
+            return False
+        item = self.pending.pop(task_id)
+        self.unaccepted.pop(task_id, None)
+        _, hold = self.relayed.pop(task_id)
+        with item.future._condition:
+            item.future._sent = False
+        self.settled += 1
+        hold()
         return True
 
     def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
@@ -811,6 +874,8 @@ class _Dispatcher(threading.Thread):
             self._complete(item, status, blob)
         except BaseException:  # e.g. SystemExit from a user's done-callback
             log.exception("a callback of task %s raised", item.future.task_id)
+        if self.relayed:
+            self.relayed.pop(item.task_id, None)
         item.future._answered()
 
     def _complete(self, item: _WorkItem, status: int, blob: Any) -> None:
@@ -847,7 +912,10 @@ class _Dispatcher(threading.Thread):
                         f"this executor takes only plain data because {self.data_only_why}")
                 future.set_exception(error)
             else:
-                future.set_exception(_failure_exception(blob))
+                error = _failure_exception(blob)
+                if isinstance(error, DependencyError) and item.task_id in self.relayed:
+                    _chain_dependency(error, self.relayed[item.task_id][0])
+                future.set_exception(error)
         except Exception as exc:  # a malformed result must not take the thread down
             if not future.done():
                 future.set_exception(DeserializationError(f"malformed result: {exc}"))
@@ -1113,6 +1181,27 @@ class FederatedExecutor(Executor):
             return failed
         dispatcher = self._dispatcher
         dependent = TaskFuture(dispatcher, self._task_ids.next())
+        hold = functools.partial(self._hold_dependent, fn, memoize, extra, blob, futures, dependent)
+        if (memoize or self.data_only or not dispatcher.relay_deps or len(futures) > P.MAX_ITEMS
+                or not all(type(f) is TaskFuture and f._dispatcher is dispatcher for f in futures)):
+            hold()   # held here until they are done, then sent with their values
+            return dependent
+        # all are this executor's tasks: the relay holds it, and their values never come here
+        options = dict(extra or {})
+        options["d"] = [f._task_bytes for f in futures]
+        _, item = self._new_task(fn, P.TASK_CALL, lambda: blob, False, options, future=dependent)
+        if item is not None:
+            with dispatcher._post_lock:   # (before the dispatcher can see it)
+                dispatcher.relayed[item.task_id] = (futures, hold)
+            self._post_group([item])
+        return dependent
+
+    def _hold_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None, blob: bytes,
+                        futures: list[Future], dependent: TaskFuture) -> None:
+        """Hold a task here until ``futures`` are done, then send it with
+        their values in the arguments (``blob``, from ``snapshot``), or fail
+        it with a DependencyError."""
+        dispatcher = self._dispatcher
         held = dispatcher.held
         lock = dispatcher._post_lock
         claimed = [False]   # ready() has taken it: from then on, a cancel is handled where it goes
@@ -1169,7 +1258,6 @@ class FederatedExecutor(Executor):
 
         dependent.add_done_callback(on_cancel)
         DependentCall(futures, ready)
-        return dependent
 
     def _check_size(self, payload: bytes, what: str = "the arguments") -> None:
         limit = self._dispatcher.max_payload
@@ -1329,6 +1417,19 @@ def _fail(future: Future, error: BaseException) -> None:
             future.set_exception(error)
     except (RuntimeError, InvalidStateError):
         pass   # finished meanwhile
+
+
+def _chain_dependency(error: DependencyError, futures: list[TaskFuture]) -> None:
+    """Chain the exception of the dependency ``error`` names, when this
+    process has it (its future is among ``futures`` and done)."""
+    for future in futures:
+        if future.task_id == error.dependency and future.done():
+            if future.cancelled():
+                error.__cause__ = CancelledError(f"task {future.task_id} was cancelled")
+            else:
+                cause = error.__cause__ = future.exception()
+                error.args = (f"{error}: {type(cause).__name__}: {cause}",)
+            return
 
 
 def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> str | None:
