@@ -4,6 +4,7 @@ once they are done; a failed or cancelled one fails it with DependencyError."""
 from __future__ import annotations
 
 import os
+import uuid
 import sys
 import threading
 import time
@@ -212,3 +213,90 @@ def test_data_only_executors_take_futures_as_values(tmp_path):
     with FederatedExecutor(max_workers=1, data_only=True) as ex:
         a = ex.submit(inc, 1)
         assert ex.submit(total, [a, ex.submit(inc, a)]).result(DEADLINE) == 5
+
+
+WORKER_ONLY_MODULE = '''
+class Box:
+    def __init__(self, value):
+        self.value = value
+'''
+
+
+def worker_only_value(directory, value):
+    """Returns an object of a module that exists only in this worker's
+    sys.path: the client cannot unpickle it, a task in this worker can."""
+    import importlib
+
+    path = os.path.join(directory, "fedexec_worker_only_box.py")
+    with open(path, "w") as f:
+        f.write(WORKER_ONLY_MODULE)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    return importlib.import_module("fedexec_worker_only_box").Box(value)
+
+
+def unbox(*boxes):
+    return sum(box.value for box in boxes)
+
+
+def test_a_dependencys_value_goes_from_the_relay_not_through_the_client(tmp_path):
+    with FederatedExecutor(max_workers=1) as ex:   # one worker: both tasks run in it
+        gate = ex.submit(sleep_then, 0.5, 0)          # so that the dependents leave before their dependencies end
+        boxes = [ex.submit(worker_only_value, str(tmp_path), gate) for _ in range(2)]
+        total_value = ex.submit(unbox, *boxes)
+        assert total_value.result(DEADLINE) == 0
+        boxes = [ex.submit(worker_only_value, str(tmp_path), ex.submit(sleep_then, 0.3, v)) for v in (20, 22)]
+        assert ex.submit(unbox, *boxes).result(DEADLINE) == 42
+        for box in boxes:   # the client itself cannot load them
+            with pytest.raises(fedexec.DeserializationError):
+                box.result(DEADLINE)
+        assert "fedexec_worker_only_box" not in sys.modules
+
+
+@pytest.mark.timeout(120)
+def test_another_user_cannot_depend_on_your_task(tmp_path):
+    from fedexec import protocol as P
+    from fedexec.serialize import serialize_arguments, serialize_function
+
+    from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
+    from test_faults import running_relay
+
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as alice_ep, \
+            running_endpoint(tmp_path, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bob_ep:
+        wait_connected(address, alice_ep.id, tokens["alice"], alice_ep.proc, alice_ep.log)
+        wait_connected(address, bob_ep.id, tokens["bob"], bob_ep.proc, bob_ep.log)
+        with FederatedExecutor(alice_ep.id, relay=address, token=tokens["alice"]) as alice:
+            secret = alice.submit(slow_value, 3.0, "alice's secret")
+            time.sleep(0.5)
+            bob = RawClient(address, tokens["bob"])
+            try:
+                fn_hash, body = serialize_function(describe)
+                for dependency in (uuid.UUID(secret.task_id).bytes, uuid.uuid4().bytes):
+                    blobs = P.Blobs()
+                    task_id = uuid.uuid4().bytes
+                    args = serialize_arguments(describe, (1,), {})
+                    row = [task_id, fn_hash, blobs.ref(args), blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION,
+                           {"d": [dependency]}]
+                    bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": [row]}, blobs.frames)
+                    failure = bob.failure_of(task_id)
+                    assert failure["kind"] == P.NOT_ALLOWED, failure
+                    assert uuid.UUID(bytes=dependency).hex[:8] in failure["msg"].replace("-", "")
+                    assert "not an unfinished task of user 'bob'" in failure["msg"]
+                    assert "alice" not in failure["msg"]
+                # a malformed dependency list is refused as such
+                blobs = P.Blobs()
+                row = [uuid.uuid4().bytes, fn_hash, blobs.ref(serialize_arguments(describe, (1,), {})),
+                       blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION, {"d": [b"short"]}]
+                bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": [row]}, blobs.frames)
+                error = bob.expect(P.ERROR)
+                assert error is not None and "dependencies" in error.fields["msg"]
+                bob.send(P.ACK, {"tids": [uuid.UUID(secret.task_id).bytes]})   # cannot make the relay forget it
+            finally:
+                bob.close()
+            assert secret.result(DEADLINE) == "alice's secret"   # untouched
+            assert alice.submit(describe, secret).result(DEADLINE) == (("alice's secret",), {})
+    assert "refused user 'bob': depend on task(s)" in tail(tmp_path / "relay.log", 200_000)
