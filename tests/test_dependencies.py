@@ -300,3 +300,19 @@ def test_another_user_cannot_depend_on_your_task(tmp_path):
             assert secret.result(DEADLINE) == "alice's secret"   # untouched
             assert alice.submit(describe, secret).result(DEADLINE) == (("alice's secret",), {})
     assert "refused user 'bob': depend on task(s)" in tail(tmp_path / "relay.log", 200_000)
+
+
+@pytest.mark.timeout(120)
+def test_a_dependency_acknowledged_before_a_relay_restart_still_feeds_its_dependent(tmp_path):
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            quick = ex.submit(sleep_then, 0.5, 1)
+            slow = ex.submit(sleep_then, 4.0, 10)
+            joined = ex.submit(total, [quick, slow])   # held at the relay for both
+            assert quick.result(DEADLINE) == 1         # received and acknowledged here
+            time.sleep(0.5)
+            relay.kill()   # the acknowledgement was put off: the record still has quick's result
+            time.sleep(0.5)
+            relay.start()
+            assert joined.result(DEADLINE) == 11
+        assert endpoint.proc.poll() is None, tail(endpoint.log)

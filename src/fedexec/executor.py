@@ -1426,7 +1426,7 @@ def _chain_dependency(error: DependencyError, futures: list[TaskFuture]) -> None
         if future.task_id == error.dependency and future.done():
             if future.cancelled():
                 error.__cause__ = CancelledError(f"task {future.task_id} was cancelled")
-            else:
+            elif future.exception() is not None:
                 cause = error.__cause__ = future.exception()
                 error.args = (f"{error}: {type(cause).__name__}: {cause}",)
             return
