@@ -220,6 +220,12 @@ class TaskFuture(Future):
         with self._condition:
             return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # at once, rather than after pickling part of its lock: submit takes
+        # this failure as the sign to look for futures in the arguments
+        raise TypeError("a TaskFuture cannot be pickled; pass it as an argument of a task of its executor, "
+                        "where it stands for its value")
+
     def _answered(self) -> None:
         """The relay/endpoint said what became of the task (dispatcher thread)."""
         if self._cancel_answer is not None:

@@ -919,8 +919,11 @@ class Relay:
             while queue:
                 record, status, result = queue.pop()
                 if record.task_id in graph.dependencies_of:
+                    due: dict[str, list[bytes]] = {}
                     for dependency, user in graph.release(record.task_id).items():
-                        self.quotas.acknowledged(self.store.acknowledge([dependency], user), user)
+                        due.setdefault(user, []).append(dependency)
+                    for user, acknowledged in due.items():   # the acknowledgements put off for it
+                        self.quotas.acknowledged(self.store.acknowledge(acknowledged, user), user)
                 ready, failed = graph.finished(record.task_id, status == P.OK, result)
                 for waiting in ready:
                     if self.tasks.get(waiting.task_id) is waiting:
