@@ -889,6 +889,10 @@ class Relay:
         self.quotas.charge(record.user, 0, row_bytes(len(args)) - row_bytes(len(P.as_buffer(record.args))))
         record.args = args
         record.state = QUEUED
+        if record.options is not None and "d" in record.options:   # for the relay only: not sent on
+            del record.options["d"]
+            if not record.options:
+                record.options = None
         if record.group is not None:
             self.endpoints.group(record.group).queue.append(record)
             return
