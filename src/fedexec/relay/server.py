@@ -1121,6 +1121,10 @@ class Relay:
                 # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
+            if record.state == WAITING:
+                # held here for its dependencies, so not sent in this run of the relay: the endpoint's
+                # answer to being told to drop a copy from before a restart (it goes again when ready)
+                continue
             del tasks[task_id]
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
