@@ -27,3 +27,8 @@ def memo_task(key: Any) -> Any:
     """The 1 ms function of the memoization benchmark."""
     time.sleep(0.001)
     return key
+
+
+def gather(*values: Any) -> int:
+    """The fan-in of the graphs benchmark: how many values it was given."""
+    return len(values)

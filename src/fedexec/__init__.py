@@ -8,6 +8,7 @@
 
 from .errors import (
     AuthenticationFailed,
+    DependencyError,
     NotAuthorized,
     DeserializationError,
     FedexecError,
@@ -34,6 +35,7 @@ __all__ = [
     "with_options",
     "FedexecError",
     "AuthenticationFailed",
+    "DependencyError",
     "NotAuthorized",
     "DeserializationError",
     "PayloadTooLarge",

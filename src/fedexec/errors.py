@@ -127,3 +127,21 @@ class NotAuthorized(FedexecError, PermissionError):
     """The relay (or endpoint) knows who you are but you may not do this:
     the endpoint is another user's and not shared with you, the function
     is not on its allow-list, or the task is another user's."""
+
+
+class DependencyError(FedexecError):
+    """A task was not run because a future passed as one of its arguments
+    (a dependency) failed or was cancelled. ``dependency`` is that task's id
+    (empty for a future that is not a task's), also named in the message;
+    ``__cause__`` is the dependency's exception when this process has it."""
+
+    def __init__(self, message: str, *, dependency: str = "") -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+    def __reduce__(self):  # keep the keyword field through pickling
+        return (_rebuild_dependency_error, (str(self), self.dependency))
+
+
+def _rebuild_dependency_error(message: str, dependency: str) -> DependencyError:
+    return DependencyError(message, dependency=dependency)

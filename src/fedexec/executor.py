@@ -34,10 +34,12 @@ import zmq
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
 from .auth import REFUSED_GRACE, HandshakeWatch, check_token
+from .dependencies import DependentCall, dependency_error, rebuild, snapshot
 from .embedded import EmbeddedFederation
 from .transfer import BIG_THRESHOLD, LinkPool, TransferError, is_big
 from .errors import (
     AuthenticationFailed,
+    DependencyError,
     DeserializationError,
     NotAuthorized,
     PayloadTooLarge,
@@ -219,6 +221,12 @@ class TaskFuture(Future):
         with self._condition:
             return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # at once, rather than after pickling part of its lock: submit takes
+        # this failure as the sign to look for futures in the arguments
+        raise TypeError("a TaskFuture cannot be pickled; pass it as an argument of a task of its executor, "
+                        "where it stands for its value")
+
     def _answered(self) -> None:
         """The relay/endpoint said what became of the task (dispatcher thread)."""
         if self._cancel_answer is not None:
@@ -265,6 +273,10 @@ def _failure_exception(blob: Any) -> BaseException:
         return NotAuthorized(msg)
     if kind == P.VERSION:
         return VersionMismatch(msg)
+    if kind == P.DEPENDENCY:
+        dep = info.get("dep")
+        return DependencyError(msg, dependency=str(uuid.UUID(bytes=dep)) if isinstance(dep, bytes) and len(dep) == 16
+                               else "")
     if kind == P.NEED_FUNCTION:   # not honoured (see _Dispatcher._needs_function): an outcome
         return TaskRejected(f"the task was not run: the relay asked for its function body again after it was "
                             f"sent with it, or after the task was accepted ({msg})")
@@ -319,6 +331,14 @@ class _Dispatcher(threading.Thread):
         self.failure: str | None = None
         self.relay_silent = False
         self.posted = 0      # futures handed to this thread (user threads, under _post_lock)
+        # futures of tasks held in the client until the futures among their
+        # arguments are done (under _post_lock): this thread does not stop
+        # before they have gone or failed, or were cancelled
+        self.held: set[TaskFuture] = set()
+        # tasks sent for the relay to hold until their dependencies (same-executor
+        # futures) finish: task id -> (those futures, how to hold it here instead)
+        self.relayed: dict[bytes, tuple[list[TaskFuture], Callable[[], None]]] = {}
+        self.relay_deps = False   # the relay holds tasks for their dependencies (its WELCOME says)
         self.settled = 0     # of those, finished or dropped (this thread)
         self._room = threading.Condition(threading.Lock())
         self._room_waiters = 0
@@ -408,9 +428,9 @@ class _Dispatcher(threading.Thread):
                     # no event follows a refusal: look for other credentials now and then
                     if (watch.failure and watch.read()) or self.unsent:
                         self._send_again()
-                    if self.pending:  # its answer says whether the relay restarted meanwhile
+                    if self.pending or self.held:  # its answer says whether the relay restarted meanwhile
                         self._send(P.encode(P.HEARTBEAT))
-                if self.stopping and not self.pending and not self.commands:
+                if self.stopping and not self.pending and not self.commands and not self.held:
                     break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
                     self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
@@ -497,6 +517,10 @@ class _Dispatcher(threading.Thread):
                     self.unsent = True
             elif command == "cancel_all":  # shutdown(cancel_futures=True)
                 cancels.extend(tid for tid, item in self.pending.items() if not item.running)
+                with self._post_lock:
+                    held = list(self.held)
+                for future in held:   # not sent yet: cancelled here (which releases them)
+                    future.cancel()
                 value.set()
             elif command == "stop":
                 self.stopping = True
@@ -522,8 +546,27 @@ class _Dispatcher(threading.Thread):
             return
         if item.memo_key is not None and self._memoized(item):
             return
+        if self.relayed and item.task_id in self.relayed and self._hold_here(item):
+            return
         self.pending[item.task_id] = item
         self._add_to_batch(item)
+
+    def _hold_here(self, item: _WorkItem) -> bool:
+        """A task meant for the relay to hold until its dependencies finish
+        is held here instead when one of them is done in this process
+        already (its result may be acknowledged, so gone from the relay, and
+        its value is here), or is not out at the relay (held here itself, or
+        answered from the memo). Whether it was."""
+        futures, hold = self.relayed[item.task_id]
+        pending = self.pending
+        if not any(future.done() or future._task_bytes not in pending for future in futures):
+            return False
+        del self.relayed[item.task_id]
+        with item.future._condition:
+            item.future._sent = False
+        self.settled += 1
+        hold()
+        return True
 
     def _memoized(self, item: _WorkItem) -> bool:
         """Serve a memoized call from this client's cache, or let it wait for
@@ -634,6 +677,14 @@ class _Dispatcher(threading.Thread):
         self.out_rows, self.out_blobs = [], P.Blobs()
         again = [item for item in self.unaccepted.values() if item.task_id in self.pending]
         self.unaccepted.clear()
+        if self.relayed:   # those whose dependencies are done here are held here (see _hold_here)
+            kept = []
+            for item in again:
+                if item.task_id in self.relayed and self._hold_here(item):
+                    del self.pending[item.task_id]
+                else:
+                    kept.append(item)
+            again = kept
         self.resending = True
         try:
             for item in again:
@@ -704,8 +755,9 @@ class _Dispatcher(threading.Thread):
                         future._answered()
                 for row in msg.fields["rows"]:
                     task_id, status, index = row[:3]
-                    if status == P.FAILED and self._needs_function(task_id, P.blob(msg.blobs, index)):
-                        continue   # sent again with its function; not an outcome, not acknowledged
+                    if status == P.FAILED and (self._needs_function(task_id, P.blob(msg.blobs, index))
+                                               or self._dependency_done(task_id, P.blob(msg.blobs, index))):
+                        continue   # sent again (with its function, or its dependencies' values): not an outcome
                     acks.append(task_id)
                     self.unaccepted.pop(task_id, None)
                     item = self.pending.pop(task_id, None)
@@ -729,6 +781,8 @@ class _Dispatcher(threading.Thread):
                     if item is not None:
                         item.payload = b""  # recorded by the relay: the arguments need not stay here
             elif msg.type in (P.WELCOME, P.HEARTBEAT):
+                if msg.type == P.WELCOME:
+                    self.relay_deps = msg.fields.get("deps") is True
                 limit = msg.fields.get("max_payload")
                 if type(limit) is int and limit > 0:
                     self.max_payload = limit
@@ -746,6 +800,8 @@ class _Dispatcher(threading.Thread):
                     break
                 log.warning("the relay reported an error: %s", msg.fields.get("msg"))
         if acks:
+            if self.out_rows:   # a task in them may depend on one acknowledged here: it goes first
+                self._send_batch()
             self._ack(acks)
         if self._room_waiters:
             with self._room:
@@ -792,6 +848,28 @@ class _Dispatcher(threading.Thread):
         self._add_to_batch(item)
         return True
 
+    def _dependency_done(self, task_id: bytes, blob: Any) -> bool:
+        """The relay did not take a task to hold for its dependencies because
+        one of them has finished (its result is on its way here), or is not
+        there (yet: sent again after it, as NEED_FUNCTION asked; they are all
+        this executor's own tasks): the task is held here instead, until the
+        values are. Whether it was."""
+        if task_id not in self.relayed or task_id not in self.unaccepted:
+            return False
+        try:
+            if P.unpack_failure(blob).get("kind") not in (P.DEPENDENCY_DONE, P.NOT_ALLOWED):
+                return False
+        except Exception:
+            return False
+        item = self.pending.pop(task_id)
+        self.unaccepted.pop(task_id, None)
+        _, hold = self.relayed.pop(task_id)
+        with item.future._condition:
+            item.future._sent = False
+        self.settled += 1
+        hold()
+        return True
+
     def _settle_twins(self, item: _WorkItem, status: int, blob: Any) -> None:
         """Identical memoized calls share their carrier's outcome; if the
         carrier was cancelled, the next of them is sent in its place."""
@@ -827,6 +905,8 @@ class _Dispatcher(threading.Thread):
             self._complete(item, status, blob)
         except BaseException:  # e.g. SystemExit from a user's done-callback
             log.exception("a callback of task %s raised", item.future.task_id)
+        if self.relayed:
+            self.relayed.pop(item.task_id, None)
         item.future._answered()
 
     def _complete(self, item: _WorkItem, status: int, blob: Any) -> None:
@@ -863,7 +943,10 @@ class _Dispatcher(threading.Thread):
                         f"this executor takes only plain data because {self.data_only_why}")
                 future.set_exception(error)
             else:
-                future.set_exception(_failure_exception(blob))
+                error = _failure_exception(blob)
+                if isinstance(error, DependencyError) and item.task_id in self.relayed:
+                    _chain_dependency(error, self.relayed[item.task_id][0])
+                future.set_exception(error)
         except Exception as exc:  # a malformed result must not take the thread down
             if not future.done():
                 future.set_exception(DeserializationError(f"malformed result: {exc}"))
@@ -1029,8 +1112,15 @@ class FederatedExecutor(Executor):
 
     # -- the Executor API ----------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future."""
-        return self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
+        """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future.
+
+        Futures among the arguments (at any depth) are dependencies: the task
+        runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
+        future = self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
+        if future._state == _FINISHED and isinstance(future._exception, SerializationError):
+            fn, memoize, extra = self._callable(fn)
+            return self._submit_dependent(fn, memoize, extra, args, kwargs, future)
+        return future
 
     def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
         """The function to send, whether its calls are memoized, and the task
@@ -1068,6 +1158,8 @@ class FederatedExecutor(Executor):
         for args in calls:
             future, item = self._new_task(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, {}), memoize,
                                           extra)
+            if item is None and isinstance(future._exception, SerializationError):
+                future = self._submit_dependent(fn, memoize, extra, args, {}, future)
             futures.append(future)
             if item is not None:
                 group.append(item)
@@ -1079,13 +1171,17 @@ class FederatedExecutor(Executor):
         return futures
 
     def _new_task(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes], memoize: bool,
-                  extra: dict[str, Any] | None) -> tuple[TaskFuture, _WorkItem | None]:
-        """A task's future and what travels for it; when its function or
-        arguments cannot be sent, the future already holds the error and
-        there is nothing to send."""
+                  extra: dict[str, Any] | None,
+                  future: TaskFuture | None = None) -> tuple[TaskFuture, _WorkItem | None]:
+        """A task's future (``future``, or a new one) and what travels for
+        it; when its function or arguments cannot be sent, the future already
+        holds the error and there is nothing to send."""
         submitted = time.time() if self._trace else 0.0
-        task_id = self._task_ids.next()
-        future = TaskFuture(self._dispatcher, task_id)
+        if future is None:
+            task_id = self._task_ids.next()
+            future = TaskFuture(self._dispatcher, task_id)
+        else:
+            task_id = future._task_bytes
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
@@ -1107,6 +1203,100 @@ class FederatedExecutor(Executor):
         if self._trace:
             item.trace = [submitted]
         return future, item
+
+    def _submit_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None,
+                          args: tuple, kwargs: dict[str, Any], failed: TaskFuture) -> TaskFuture:
+        """A call whose arguments could not be pickled: if that is because
+        they hold futures, a new future for the call, held here until those
+        futures are done and then sent with their values in their place (or
+        failed with a DependencyError); otherwise ``failed``, which holds
+        the pickling error."""
+        try:
+            blob, futures = snapshot((args, kwargs))
+        except Exception:
+            return failed   # something else cannot be pickled: the original error stands
+        if not futures:
+            return failed
+        dispatcher = self._dispatcher
+        dependent = TaskFuture(dispatcher, self._task_ids.next())
+        hold = functools.partial(self._hold_dependent, fn, memoize, extra, blob, futures, dependent)
+        if (memoize or self.data_only or not dispatcher.relay_deps or len(futures) > P.MAX_ITEMS
+                or len(blob) > BIG_THRESHOLD   # (the relay cannot wrap results around an upload)
+                or not all(type(f) is TaskFuture and f._dispatcher is dispatcher for f in futures)):
+            hold()   # held here until they are done, then sent with their values
+            return dependent
+        # all are this executor's tasks: the relay holds it, and their values never come here
+        options = dict(extra or {})
+        options["d"] = [f._task_bytes for f in futures]
+        _, item = self._new_task(fn, P.TASK_CALL, lambda: blob, False, options, future=dependent)
+        if item is not None:
+            with dispatcher._post_lock:   # (before the dispatcher can see it)
+                dispatcher.relayed[item.task_id] = (futures, hold)
+            self._post_group([item])
+        return dependent
+
+    def _hold_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None, blob: bytes,
+                        futures: list[Future], dependent: TaskFuture) -> None:
+        """Hold a task here until ``futures`` are done, then send it with
+        their values in the arguments (``blob``, from ``snapshot``), or fail
+        it with a DependencyError."""
+        dispatcher = self._dispatcher
+        held = dispatcher.held
+        lock = dispatcher._post_lock
+        claimed = [False]   # ready() has taken it: from then on, a cancel is handled where it goes
+        with lock:
+            held.add(dependent)
+
+        def wake() -> None:
+            try:
+                dispatcher.post("wake")   # it may be waiting to stop
+            except RuntimeError:
+                pass
+
+        def on_cancel(future: Future) -> None:
+            """Cancelled while it waits: it is dropped at once (for wait()
+            and as_completed(), and so that shutdown does not wait for it)."""
+            with lock:
+                if not future.cancelled() or claimed[0]:
+                    return   # ready() has it: failed there, or the dispatcher drops it
+                held.discard(future)
+            future.set_running_or_notify_cancel()
+            wake()
+
+        def ready(failed_dependency: Future | None) -> None:
+            with lock:
+                if dependent not in held:
+                    return   # cancelled meanwhile: on_cancel dropped it
+                claimed[0] = True   # it stays in `held` until it is posted
+            try:
+                if failed_dependency is not None:
+                    _fail(dependent, dependency_error(failed_dependency))
+                    return
+                try:
+                    values = rebuild(blob, futures)
+                except Exception as exc:
+                    _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
+                                                        f"{getattr(fn, '__qualname__', repr(fn))}() with their "
+                                                        f"dependencies' values: {exc}"))
+                    return
+                try:
+                    _, item = self._new_task(fn, P.TASK_CALL,
+                                             lambda: self._serialize_arguments(fn, values[0], values[1]),
+                                             memoize, extra, future=dependent)
+                except InvalidStateError:
+                    return   # could not be sent, and was cancelled meanwhile
+                if item is not None:
+                    try:
+                        dispatcher.post("submit", [item], 1)
+                    except RuntimeError as exc:   # the dispatcher has stopped
+                        _fail(dependent, BrokenExecutor(str(exc)))
+            finally:
+                with lock:
+                    held.discard(dependent)
+                wake()
+
+        dependent.add_done_callback(on_cancel)
+        DependentCall(futures, ready)
 
     def _check_size(self, payload: bytes, what: str = "the arguments", limit: int | None = None) -> None:
         limit = limit or self._dispatcher.max_payload
@@ -1257,6 +1447,28 @@ class FederatedExecutor(Executor):
             _live_executors.discard(self)
         # without wait, interpreter exit still waits for the remaining tasks,
         # as with the standard executors
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Fail a future not yet running (unless it was cancelled meanwhile)."""
+    try:
+        if future.set_running_or_notify_cancel():
+            future.set_exception(error)
+    except (RuntimeError, InvalidStateError):
+        pass   # finished meanwhile
+
+
+def _chain_dependency(error: DependencyError, futures: list[TaskFuture]) -> None:
+    """Chain the exception of the dependency ``error`` names, when this
+    process has it (its future is among ``futures`` and done)."""
+    for future in futures:
+        if future.task_id == error.dependency and future.done():
+            if future.cancelled():
+                error.__cause__ = CancelledError(f"task {future.task_id} was cancelled")
+            elif future.exception() is not None:
+                cause = error.__cause__ = future.exception()
+                error.args = (f"{error}: {type(cause).__name__}: {cause}",)
+            return
 
 
 def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> str | None:

@@ -69,8 +69,10 @@ DROP = "drop"            # client -> relay {b}: a large result was received; the
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
 #   "r": times to run it again after it raised, "to": walltime in seconds,
 #   "u": relay -> endpoint only: the user who submitted it, when not the endpoint's owner
-#        (a pool runs each user's tasks in workers of their own)}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u"})
+#        (a pool runs each user's tasks in workers of their own),
+#   "d": client -> relay only: the ids of the sender's unfinished tasks whose results the arguments
+#        name (persistent ids 0, 1, ... in their pickle): the relay holds the task until those are done}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d"})
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
 TASK_CALL = 0    # fn(*args, **kwargs)
@@ -97,6 +99,9 @@ TIMEOUT = "timeout"      # the task ran longer than its walltime and was stopped
 TOO_LARGE = "too_large"  # arguments or result over the relay's payload limit
 QUOTA = "quota"          # the user's tasks in flight or bytes stored at the relay are at its quota
                          #   (details: quota = "tasks" | "bytes", usage, limit)
+DEPENDENCY = "dependency"  # a task it depended on ("d") failed or was cancelled (details: dep = its id)
+DEPENDENCY_DONE = "dependency_done"  # a task named in "d" has finished already: the client sends the
+                                     #   values itself (it has them, or they are on their way to it)
 NEED_FUNCTION = "need_function"  # the task came without its function body (fn_index -1) and the relay no
                                  #   longer has it (it expired with the last task using it): send it again
                                  #   with the body. Not a final outcome: the client neither acknowledges it
@@ -518,6 +523,11 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
             trace(options["tr"], max_trace)
         if "u" in options:
             text(options["u"], "user")
+        if "d" in options:
+            deps = options["d"]
+            if not (isinstance(deps, list) and 0 < len(deps) <= MAX_ITEMS
+                    and all(isinstance(d, bytes) and len(d) == 16 for d in deps) and len(set(deps)) == len(deps)):
+                raise ProtocolError(f"dependencies must be a list of 1 to {MAX_ITEMS} distinct 16-byte task ids")
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

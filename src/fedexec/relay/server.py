@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, Endp
 from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
+from .graph import WAITING, DependencyGraph, envelope, open_envelope
+from ..dependencies import wrap_arguments
 
 log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
@@ -191,6 +194,8 @@ class Relay:
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
+        self.graph = DependencyGraph()   # tasks held until the tasks they depend on finish
+        self._cascade: list[tuple[TaskRecord, int, Any]] | None = None   # see _dependencies_finished
         if function_grace < 0:
             raise ValueError("function_grace must be 0 seconds or more")
         self.functions = FunctionBodies(self.store, self.quotas, function_grace)
@@ -238,22 +243,30 @@ class Relay:
                                              access=EndpointAccess.unpack(owner, access)))
         count = 0
         users_by_function: dict[bytes, list[str]] = defaultdict(list)
+        held: list[tuple[TaskRecord, list[bytes]]] = []   # tasks with dependencies: held again below
         for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
+            opened = open_envelope(args) if args[:1] == b"\x00" else None
+            if opened is not None:
+                args = opened[1]
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
                 record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, user=user, group=group)
                 mine = self.user_groups.setdefault(user, {})
                 mine[group] = mine.get(group, 0) + 1
                 queue = self.endpoints.group(group)
-                queue.queue.append(record)
+                if opened is None:
+                    queue.queue.append(record)
                 queue.hold_until = time.monotonic() + RECOVERY_GRACE
             else:
                 state = self.endpoints.get(endpoint_id)
                 if state is None:
                     continue
                 record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
-                state.queue.append(record)
+                if opened is None:
+                    state.queue.append(record)
             self.tasks[task_id] = record
+            if opened is not None:
+                held.append((record, opened[0]))
             users_by_function[fn_hash].append(user)
             self.quotas.charge(user, 1, row_bytes(len(args)))
             count += 1
@@ -263,6 +276,7 @@ class Relay:
         for key, user, size, created in self.store.memo_entries():
             self.memo_keys.add(key)
             self.quotas.memo_stored(key, user, size, created)
+        self._hold_recovered(held)
         if count:
             log.info("recovered %d unfinished task(s) from %s", count, self.store.path)
 
@@ -438,7 +452,10 @@ class Relay:
         elif t == P.CANCEL:
             self._on_cancel(sender, session, msg)
         elif t == P.ACK:
-            known = self.store.acknowledge(P.task_ids(msg.fields["tids"]), session.user)
+            acknowledged = P.task_ids(msg.fields["tids"])
+            if self.graph.refs:   # results that tasks held here still need stay until then
+                acknowledged = self.graph.put_off(acknowledged, session.user, self.store.finished_owners)
+            known = self.store.acknowledge(acknowledged, session.user)
             self.quotas.acknowledged(known, session.user)
         elif t == P.HELLO:
             self._on_hello(sender, session, msg)
@@ -552,7 +569,8 @@ class Relay:
                                                     "max_payload": self.max_payload}))
         elif role == "client":
             self._send(sender, P.encode(P.WELCOME, {"role": "client", "py": P.PYTHON_VERSION,
-                                                    "inc": self.incarnation, "max_payload": self.max_payload}))
+                                                    "inc": self.incarnation, "max_payload": self.max_payload,
+                                                    "deps": True}))
         else:
             raise P.ProtocolError(f"unknown role {P.shorten(role)}")
 
@@ -788,6 +806,14 @@ class Relay:
                     continue
                 if group is not None and self._too_many_groups(sender, user, group, task_id):
                     continue
+                dependencies = options.get("d") if options is not None else None
+                unfinished: set[bytes] = set()
+                if dependencies is not None:
+                    options.pop("m", None)   # its arguments name other tasks: never memoized
+                    found = self._open_dependencies(sender, user, task_id, dependencies)
+                    if found is None:
+                        continue
+                    unfinished = found
                 if options is not None and "m" in options:
                     if memo_scope is None:
                         memo_scope = self._memo_scope(user, endpoint_id, states)
@@ -815,20 +841,159 @@ class Relay:
                     function_refs[fn_hash] = count + 1
                 else:
                     functions.use(fn_hash, body, user)
-                self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python, buffer, user)
+                self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python,
+                                    buffer if dependencies is None else envelope(dependencies, buffer), user)
                 if group is None:
                     record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
-                    state.queue.append(record)
+                    if dependencies is None:
+                        state.queue.append(record)
                 else:  # routed to a member by _route_group
                     record = TaskRecord(task_id, sender, "", fn_hash, kind, python, args, options, user, group)
-                    self.endpoints.group(group).queue.append(record)
+                    if dependencies is None:
+                        self.endpoints.group(group).queue.append(record)
                     mine = self.user_groups.setdefault(user, {})
                     mine[group] = mine.get(group, 0) + 1
                 tasks[task_id] = record
                 accepted.append(task_id)
+                if dependencies is not None:
+                    self._hold(record, dependencies, unfinished, {}, now)
         finally:
             if taken_tasks:
                 quotas.charge(user, taken_tasks, taken_bytes)
+
+    # -- tasks held for their dependencies (see graph.py) ----------------------------
+    def _open_dependencies(self, client: bytes, user: str, task_id: bytes,
+                           dependencies: list[bytes]) -> set[bytes] | None:
+        """The dependencies a task waits for (all of them: each must be an
+        unfinished task of the same user); None if it is refused (answered)."""
+        for dependency in dependencies:
+            record = self.tasks.get(dependency)
+            if record is not None and record.user == user:
+                continue
+            if record is None and self.store.finished_owners.get(dependency) == user:
+                # finished: its result is on its way to the client, which sends the value itself
+                self._reject(client, task_id, P.DEPENDENCY_DONE, f"task {_uuid(dependency)} has finished",
+                             quiet=True)
+                return None
+            self._refused_task(user, "depend on task(s) that are not theirs or unknown", task_id)
+            self._reject(client, task_id, P.NOT_ALLOWED,
+                         f"task {_uuid(task_id)} depends on task {_uuid(dependency)}, which is not an unfinished "
+                         f"task of user {user!r} at the relay (it is unknown, finished and acknowledged, or "
+                         f"another user's)", quiet=True)
+            return None
+        return set(dependencies)
+
+    def _hold(self, record: TaskRecord, dependencies: list[bytes], unfinished: set[bytes],
+              results: dict[bytes, bytes], now: float) -> None:
+        """Keep a task out of the queues until ``unfinished`` have finished."""
+        record.state = WAITING
+        if self.graph.hold(record, dependencies, unfinished, results):
+            self._release_ready(record, now)
+
+    def _release_ready(self, record: TaskRecord, now: float) -> None:
+        """Every dependency of a held task has finished: it is queued with
+        their results around its arguments (or fails, if that is too large)."""
+        results = self.graph.ready_results(record.task_id)
+        if is_big(record.args) or any(is_big(result) for result in results):
+            # (a large payload is a reference to an upload: the worker needs the value itself)
+            del self.tasks[record.task_id]
+            self._fail_held(record, P.pack_failure(
+                P.REJECTED, "a task whose arguments hold other tasks' futures cannot yet have arguments, or "
+                            "depend on results, that travel in chunks (over 16 MiB pickled): pass the "
+                            "futures' values yourself (future.result())"), now)
+            return
+        args = wrap_arguments(bytes(record.args), results)
+        if len(args) > self.max_payload:
+            del self.tasks[record.task_id]
+            message, details = P.too_large("the arguments with the results of the tasks they depend on",
+                                           len(args), self.max_payload)
+            self._fail_held(record, P.pack_failure(P.TOO_LARGE, message, **details), now)
+            return
+        self.quotas.charge(record.user, 0, row_bytes(len(args)) - row_bytes(len(P.as_buffer(record.args))))
+        record.args = args
+        record.state = QUEUED
+        if record.options is not None and "d" in record.options:   # for the relay only: not sent on
+            del record.options["d"]
+            if not record.options:
+                record.options = None
+        if record.group is not None:
+            self.endpoints.group(record.group).queue.append(record)
+            return
+        state = self.endpoints.get(record.endpoint_id)
+        if state is None:
+            del self.tasks[record.task_id]
+            self._fail_held(record, P.pack_failure(P.REJECTED, f"unknown endpoint {record.endpoint_id}"), now)
+            return
+        state.queue.append(record)
+
+    def _fail_held(self, record: TaskRecord, failure: bytes, now: float) -> None:
+        """A held task (already out of ``self.tasks``) fails with ``failure``."""
+        rows, blobs = self.client_results[record.client]
+        rows.append(blobs.result_row(record.task_id, P.FAILED, failure))
+        self._finished_all([(record, P.FAILED, failure)], now)
+
+    def _dependencies_finished(self, finished: list[tuple[TaskRecord, int, Any]], now: float) -> None:
+        """Tasks finished: the tasks held for them go (or fail, if one did
+        not succeed, and so on down the graph: a loop, not a recursion, so
+        that a long chain cannot exhaust the stack); a finished task's own
+        dependencies' results may go once nothing else needs them."""
+        if self._cascade is not None:   # called from within the loop below: it takes these too
+            self._cascade.extend(finished)
+            return
+        self._cascade = queue = list(finished)
+        graph = self.graph
+        try:
+            while queue:
+                record, status, result = queue.pop()
+                if record.task_id in graph.dependencies_of:
+                    due: dict[str, list[bytes]] = {}
+                    for dependency, user in graph.release(record.task_id).items():
+                        due.setdefault(user, []).append(dependency)
+                    for user, acknowledged in due.items():   # the acknowledgements put off for it
+                        self.quotas.acknowledged(self.store.acknowledge(acknowledged, user), user)
+                ready, failed = graph.finished(record.task_id, status == P.OK, result)
+                for waiting in ready:
+                    if self.tasks.get(waiting.task_id) is waiting:
+                        self._release_ready(waiting, now)
+                if failed:
+                    what = "was cancelled" if status == P.CANCELLED else "failed"
+                    failure = P.pack_failure(P.DEPENDENCY, f"task {_uuid(record.task_id)}, which this task depends "
+                                             f"on, {what}, so this task was not run", dep=record.task_id)
+                    for waiting in failed:
+                        if self.tasks.get(waiting.task_id) is waiting:
+                            del self.tasks[waiting.task_id]
+                            self._fail_held(waiting, failure, now)
+        finally:
+            self._cascade = None
+
+    def _hold_recovered(self, held: list[tuple[TaskRecord, list[bytes]]]) -> None:
+        """After a restart: hold again the recorded tasks that wait for
+        others, with the results of those that finished from the record."""
+        now = time.time()
+        for record, dependencies in held:
+            unfinished: set[bytes] = set()
+            results: dict[bytes, bytes] = {}
+            failure = None
+            for dependency in dependencies:
+                other = self.tasks.get(dependency)
+                if other is not None and other.user == record.user:
+                    unfinished.add(dependency)
+                    continue
+                outcome = self.store.task_outcome(dependency)
+                if outcome is not None and outcome[0] == FINISHED and outcome[3] == record.user \
+                        and outcome[1] == P.OK:
+                    results[dependency] = outcome[2] or b""
+                    continue
+                why = "failed or was cancelled" if outcome is not None and outcome[3] == record.user \
+                    else "is no longer in the record"
+                failure = P.pack_failure(P.DEPENDENCY, f"task {_uuid(dependency)}, which this task depends on, "
+                                         f"{why}, so this task was not run", dep=dependency)
+                break
+            if failure is not None:
+                del self.tasks[record.task_id]
+                self._fail_held(record, failure, now)
+            else:
+                self._hold(record, dependencies, unfinished, results, now)
 
     def _too_many_groups(self, client: bytes, user: str, group: tuple[str, ...], task_id: bytes) -> bool:
         """Refuse (a QUOTA failure naming it) a task for a group of endpoints
@@ -979,6 +1144,10 @@ class Relay:
                 # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
+            if record.state == WAITING:
+                # held here for its dependencies, so not sent in this run of the relay: the endpoint's
+                # answer to being told to drop a copy from before a restart (it goes again when ready)
+                continue
             del tasks[task_id]
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
@@ -1039,12 +1208,15 @@ class Relay:
                 continue
             if record.client != sender:
                 continue
-            if record.state == QUEUED:
+            if record.state == QUEUED or record.state == WAITING:
                 del self.tasks[task_id]
-                self._unqueue(record)
-                self._finished(record, P.CANCELLED, b"", time.time())
+                if record.state == QUEUED:
+                    self._unqueue(record)
+                else:
+                    self.graph.drop(task_id)
                 rows, blobs = self.client_results[sender]
-                rows.append([task_id, P.CANCELLED, b""])
+                rows.append([task_id, P.CANCELLED, b""])   # before the failures of tasks that depend on it
+                self._finished(record, P.CANCELLED, b"", time.time())
             elif record.state == DISPATCHED:
                 self.endpoint_cancels[record.endpoint_id].append(task_id)
 
@@ -1207,6 +1379,8 @@ class Relay:
                 self._left_group(record)
         self.quotas.results_replace(changes, now)
         self.functions.release_all([record.fn_hash for record, _, _ in finished])
+        if self.graph:
+            self._dependencies_finished(finished, now)
 
     def _left_group(self, record: TaskRecord) -> None:
         """A task for a group of endpoints finished: one fewer of its user's."""
@@ -1256,6 +1430,10 @@ class Relay:
             log.debug("could not send to %r: %s", peer, exc)
             return False
         return True
+
+
+def _uuid(task_id: bytes) -> str:
+    return str(uuid.UUID(bytes=task_id))
 
 
 def _compact(holder: EndpointState | GroupQueue) -> None:

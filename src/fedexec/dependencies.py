@@ -1,0 +1,173 @@
+"""Futures as task arguments: a task that names other tasks' futures waits for them.
+
+``ex.submit(f, ex.submit(g, 1))`` runs ``f`` on ``g``'s value. The call's
+arguments are pickled at ``submit`` (so later changes to them do not leak
+into the task, as for any task) with every :class:`~concurrent.futures.Future`
+in them, at any depth, replaced by a persistent id (:func:`snapshot`). The
+task is held in the client until all of those futures are done
+(:class:`DependentCall`), and then its arguments are rebuilt with each
+future's value in its place (:func:`rebuild`) and sent like any task. A
+dependency that failed or was cancelled fails the task with
+:class:`~fedexec.DependencyError`, which names it and chains its exception.
+
+This costs nothing to calls without futures: the executor tries this path
+only when the ordinary pickling of the arguments failed.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+from concurrent.futures import CancelledError, Future
+from typing import Any, Callable
+
+import cloudpickle
+
+from .errors import DependencyError
+from .serialize import PICKLE_PROTOCOL
+
+
+class _FutureFinder(cloudpickle.Pickler):
+    """Pickles a value with each distinct Future in it written as its index
+    in ``found`` (a persistent id), wherever it is nested."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self.found: list[Future] = []
+        self._index: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102 - pickle's hook
+        if not isinstance(obj, Future):
+            return None
+        index = self._index.get(id(obj))
+        if index is None:
+            index = self._index[id(obj)] = len(self.found)
+            self.found.append(obj)
+        return index
+
+
+class _ValueLoader(pickle.Unpickler):
+    """Unpickles a :func:`snapshot`, giving each persistent id its future's value."""
+
+    def __init__(self, blob: bytes, values: list[Any]) -> None:
+        super().__init__(io.BytesIO(blob))
+        self._values = values
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle's hook
+        if type(pid) is not int or not 0 <= pid < len(self._values):
+            raise pickle.UnpicklingError(f"unknown dependency id {pid!r}")
+        return self._values[pid]
+
+
+def snapshot(value: Any) -> tuple[bytes, list[Future]]:
+    """``value`` pickled with its futures left out, and those futures (each
+    once, in order of first appearance); no futures: an empty list.
+
+    Raises what pickling raises for anything else that cannot be pickled."""
+    buffer = io.BytesIO()
+    finder = _FutureFinder(buffer)
+    finder.dump(value)
+    return buffer.getvalue(), finder.found
+
+
+def rebuild(blob: bytes, futures: list[Future]) -> Any:
+    """The value of a :func:`snapshot` with each future's result in its place
+    (all of them must have succeeded)."""
+    return _ValueLoader(blob, [future.result() for future in futures]).load()
+
+
+def dependency_name(future: Future) -> str:
+    """How an error names a dependency: its task id, or the future itself."""
+    task_id = getattr(future, "task_id", None)
+    return str(task_id) if task_id else repr(future)
+
+
+def dependency_error(future: Future) -> DependencyError:
+    """The error of a task whose dependency ``future`` failed or was cancelled,
+    chaining that future's exception."""
+    name = dependency_name(future)
+    task_id = str(getattr(future, "task_id", "") or "")
+    if future.cancelled():
+        error = DependencyError(f"dependency {name} was cancelled, so this task was not run", dependency=task_id)
+        error.__cause__ = CancelledError(f"task {name} was cancelled")
+        return error
+    cause = future.exception()
+    error = DependencyError(f"dependency {name} failed, so this task was not run: {type(cause).__name__}: {cause}",
+                            dependency=task_id)
+    error.__cause__ = cause
+    return error
+
+
+class DependentCall:
+    """Calls ``ready(None)`` once every one of ``futures`` has succeeded, or
+    ``ready(failed_future)`` as soon as one fails or is cancelled; exactly
+    once, in the thread that completed the last (or failing) future, or in
+    the caller's if they are all done already."""
+
+    def __init__(self, futures: list[Future], ready: Callable[[Future | None], None]) -> None:
+        self._ready = ready
+        self._remaining = len(futures)
+        self._fired = False
+        self._lock = threading.Lock()
+        if not futures:
+            self._fire(None)
+            return
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    def _one_done(self, future: Future) -> None:
+        failed = future.cancelled() or future.exception() is not None
+        with self._lock:
+            if self._fired:
+                return
+            self._remaining -= 1
+            if not failed and self._remaining:
+                return
+            self._fired = True
+        self._ready(future if failed else None)
+
+    def _fire(self, failed: Future | None) -> None:
+        with self._lock:
+            if self._fired:
+                return
+            self._fired = True
+        self._ready(failed)
+
+
+# -- held at the relay -------------------------------------------------------------
+# A task whose dependencies are all tasks of the same executor goes to the relay
+# at once, its arguments pickled as by snapshot() with option "d" naming the
+# tasks whose futures the persistent ids 0, 1, ... stand for. The relay holds it
+# until they have finished (relay/graph.py) and then sends it with their results
+# wrapped around its arguments (wrap_arguments): loading that in the worker
+# (an ordinary pickle.loads there) calls load_with_results, which puts each
+# result's value in its place. The relay never unpickles either.
+
+
+def load_with_results(args: bytes, results: list[bytes]) -> Any:
+    """(In the worker) a task's ``(args, kwargs)`` with its dependencies'
+    results (pickled, or plain data) in place of their persistent ids."""
+    from .serialize import decode_data, is_data
+
+    values = [decode_data(blob) if is_data(blob) else pickle.loads(blob) for blob in results]
+    return _ValueLoader(args, values).load()
+
+
+class _WithResults:
+    """Pickles as a call of :func:`load_with_results` (what the relay sends)."""
+
+    __slots__ = ("args", "results")
+
+    def __init__(self, args: bytes, results: list[bytes]) -> None:
+        self.args = args
+        self.results = results
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (load_with_results, (self.args, self.results))
+
+
+def wrap_arguments(args: bytes, results: list[bytes]) -> bytes:
+    """(At the relay) a dependent task's arguments with its dependencies'
+    results around them, as one pickle whose loading substitutes them."""
+    return pickle.dumps(_WithResults(args, results), protocol=PICKLE_PROTOCOL)

@@ -1,0 +1,157 @@
+"""Tasks the relay holds until the tasks they depend on have finished.
+
+A client sends a task whose arguments name other tasks' futures with option
+``"d"``: the ids of those tasks (its dependencies, all of the same user and
+unfinished when it arrives). The relay records it like any task (its stored
+arguments are an envelope that also names its dependencies, so that a
+restarted relay holds it again) and keeps it out of every queue, in the
+index here, until each dependency has finished: then it is queued with the
+dependencies' results wrapped around its arguments
+(:func:`fedexec.dependencies.wrap_arguments`); if one fails or is cancelled,
+it fails too (and so do the tasks waiting on it).
+
+A dependency's result stays in the record until every task that depends on
+it has finished (an acknowledgement of it meanwhile is put off), so that a
+relay restarted meanwhile can send them again. The relay never unpickles
+any of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .registry import TaskRecord
+
+WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
+ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
+
+
+def envelope(dependencies: list[bytes], args: Any) -> bytes:
+    """What the record stores as a dependent task's arguments."""
+    return ENVELOPE + msgpack.packb([dependencies, bytes(args)], use_bin_type=True)
+
+
+def open_envelope(stored: Any) -> tuple[list[bytes], bytes] | None:
+    """``(dependencies, arguments)`` of stored arguments made by
+    :func:`envelope`; None for any other task's."""
+    if bytes(stored[:len(ENVELOPE)]) != ENVELOPE:
+        return None
+    try:
+        dependencies, args = msgpack.unpackb(bytes(stored[len(ENVELOPE):]), raw=False)
+    except Exception:
+        return None
+    if not (isinstance(dependencies, list) and dependencies and isinstance(args, bytes)
+            and all(isinstance(d, bytes) and len(d) == 16 for d in dependencies)):
+        return None
+    return dependencies, args
+
+
+class _Waiting:
+    __slots__ = ("record", "dependencies", "results")
+
+    def __init__(self, record: TaskRecord, dependencies: list[bytes]) -> None:
+        self.record = record
+        self.dependencies = dependencies
+        self.results: dict[bytes, bytes] = {}   # of the dependencies finished so far
+
+
+class DependencyGraph:
+    """The relay's in-memory index of held tasks (rebuilt from the record
+    after a restart): dependency -> tasks waiting on it, and the results in
+    hand for each waiting task."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[bytes, _Waiting] = {}          # task id -> a task held for its dependencies
+        self.dependents: dict[bytes, list[bytes]] = {}    # unfinished dependency -> ids of tasks waiting on it
+        self.dependencies_of: dict[bytes, list[bytes]] = {}   # a dependent task, until it finishes
+        self.refs: dict[bytes, int] = {}     # dependency -> its unfinished dependents (its result stays)
+        self.deferred: dict[bytes, str] = {}   # acknowledgements put off meanwhile: task id -> user
+        self._ready: dict[bytes, dict[bytes, bytes]] = {}   # results of tasks ready, until taken
+
+    def __bool__(self) -> bool:
+        return bool(self.dependencies_of or self.dependents)
+
+    def hold(self, record: TaskRecord, dependencies: list[bytes], unfinished: set[bytes],
+             results: dict[bytes, bytes]) -> bool:
+        """Hold ``record`` until its ``unfinished`` dependencies finish (the
+        others' ``results`` are given); True if it is ready already."""
+        task_id = record.task_id
+        self.dependencies_of[task_id] = dependencies
+        for dependency in dependencies:
+            self.refs[dependency] = self.refs.get(dependency, 0) + 1
+        waiting = _Waiting(record, dependencies)
+        waiting.results.update(results)
+        if not unfinished:
+            self._ready[task_id] = waiting.results
+            return True
+        self.waiting[task_id] = waiting
+        for dependency in unfinished:
+            self.dependents.setdefault(dependency, []).append(task_id)
+        return False
+
+    def ready_results(self, task_id: bytes) -> list[bytes]:
+        """The results of a ready task's dependencies, in their order (its persistent ids)."""
+        results = self._ready.pop(task_id)
+        return [results[d] for d in self.dependencies_of[task_id]]
+
+    def finished(self, task_id: bytes, ok: bool, result: Any) -> tuple[list[TaskRecord], list[TaskRecord]]:
+        """A task finished (``ok``: with a value): the tasks now ready, and
+        those that fail because it did not succeed."""
+        waiting_ids = self.dependents.pop(task_id, None)
+        if waiting_ids is None:
+            return [], []
+        ready: list[TaskRecord] = []
+        failed: list[TaskRecord] = []
+        value = bytes(result) if ok else b""
+        for waiting_id in waiting_ids:
+            waiting = self.waiting.get(waiting_id)
+            if waiting is None:
+                continue   # cancelled or failed meanwhile
+            if not ok:
+                del self.waiting[waiting_id]
+                failed.append(waiting.record)
+                continue
+            waiting.results[task_id] = value
+            if len(waiting.results) == len(waiting.dependencies):
+                self._ready[waiting_id] = waiting.results
+                del self.waiting[waiting_id]
+                ready.append(waiting.record)
+        return ready, failed
+
+    def drop(self, task_id: bytes) -> None:
+        """A held task leaves (cancelled): it waits no more."""
+        self.waiting.pop(task_id, None)
+
+    def release(self, task_id: bytes) -> dict[bytes, str]:
+        """A task with dependencies finished: the acknowledgements of
+        dependency results that were put off for it and are now due."""
+        dependencies = self.dependencies_of.pop(task_id, None)
+        self.waiting.pop(task_id, None)
+        self._ready.pop(task_id, None)
+        due: dict[bytes, str] = {}
+        for dependency in dependencies or ():
+            count = self.refs.get(dependency, 0) - 1
+            if count > 0:
+                self.refs[dependency] = count
+                continue
+            self.refs.pop(dependency, None)
+            user = self.deferred.pop(dependency, None)
+            if user is not None:
+                due[dependency] = user
+        return due
+
+    def put_off(self, task_ids: list[bytes], user: str, owners: dict[bytes, str]) -> list[bytes]:
+        """Of an acknowledgement's task ids, those that may be forgotten now;
+        the results of ``user``'s tasks others still depend on are kept until
+        then (``owners``: who each finished task belongs to; another user's
+        id is passed through, for the record to ignore)."""
+        refs = self.refs
+        now = []
+        for task_id in task_ids:
+            if task_id in refs and owners.get(task_id) == user:
+                self.deferred[task_id] = user
+            else:
+                now.append(task_id)
+        return now

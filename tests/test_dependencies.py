@@ -1,0 +1,318 @@
+"""Futures as arguments: a task passed other tasks' futures runs on their values,
+once they are done; a failed or cancelled one fails it with DependencyError."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+
+import cloudpickle
+import pytest
+
+import fedexec
+from fedexec import DependencyError, FederatedExecutor, memoized, with_options
+
+from test_durability import started_federation
+from test_faults import tail
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DEADLINE = 60.0
+
+
+def inc(x):
+    return x + 1
+
+
+def total(values):
+    return sum(values)
+
+
+def describe(*args, **kwargs):
+    return args, kwargs
+
+
+def boom(x):
+    raise ValueError(f"bad input {x}")
+
+
+def wait_for(path, limit=30.0):
+    """Blocks a worker until ``path`` exists (bounded), then returns its name."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.basename(path)
+
+
+def sleep_then(delay, value):
+    time.sleep(delay)
+    return value
+
+
+def test_a_chain_of_100_dependent_tasks(executor):
+    future = executor.submit(inc, 0)
+    for _ in range(99):
+        future = executor.submit(inc, future)
+    assert future.result(DEADLINE) == 100
+
+
+def test_a_fan_out_fan_in_graph_of_1000(executor):
+    started = time.monotonic()
+    root = executor.submit(inc, 0)
+    leaves = [executor.submit(inc, root) for _ in range(999)]
+    joined = executor.submit(total, leaves)
+    assert joined.result(DEADLINE) == 2 * 999
+    assert all(leaf.result() == 2 for leaf in leaves)
+    print(f"fan-out/fan-in of 1,000 tasks: {time.monotonic() - started:.2f} s")
+
+
+def test_futures_inside_lists_tuples_dicts_and_keywords_take_their_values(executor):
+    a, b = executor.submit(inc, 1), executor.submit(inc, 10)
+    future = executor.submit(describe, [a, (b, a)], {"k": {"deep": [b]}}, key=a)
+    assert future.result(DEADLINE) == (([2, (11, 2)], {"k": {"deep": [11]}}), {"key": 2})
+
+
+def test_with_options_memoized_and_map_take_futures(executor):
+    a = executor.submit(inc, 41)
+    assert executor.submit(with_options(inc, timeout=30, max_retries=1), a).result(DEADLINE) == 43
+    first = executor.submit(memoized(inc), a)
+    assert first.result(DEADLINE) == 43
+    assert executor.submit(memoized(inc), executor.submit(inc, 41)).result(DEADLINE) == 43
+    assert list(executor.map(inc, [a, 5, executor.submit(inc, a)], timeout=DEADLINE)) == [43, 6, 44]
+
+
+def test_arguments_are_taken_at_submit_time(executor):
+    gate = executor.submit(sleep_then, 0.3, 1)
+    values = [gate, "before"]
+    future = executor.submit(describe, values)
+    values[1] = "after"   # mutated while the task waits for its dependency
+    assert future.result(DEADLINE) == (([1, "before"],), {})
+
+
+def test_a_failing_dependency_fails_its_dependents_naming_it(executor):
+    bad = executor.submit(boom, 7)
+    dependent = executor.submit(describe, {"x": [bad]})
+    downstream = executor.submit(inc, dependent)
+    with pytest.raises(DependencyError) as info:
+        dependent.result(DEADLINE)
+    assert bad.task_id in str(info.value) and info.value.dependency == bad.task_id
+    assert "bad input 7" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError) and str(info.value.__cause__) == "bad input 7"
+    assert isinstance(info.value, fedexec.FedexecError)
+    # a task two steps down names its own dependency, whose error chains the first
+    with pytest.raises(DependencyError) as info2:
+        downstream.result(DEADLINE)
+    assert info2.value.dependency == dependent.task_id
+    assert isinstance(info2.value.__cause__, DependencyError)
+    # the executor goes on working
+    assert executor.submit(inc, executor.submit(inc, 1)).result(DEADLINE) == 3
+
+
+def test_cancelling_a_depended_on_task_fails_its_dependents(executor, tmp_path):
+    gate = tmp_path / "open"
+    blockers = [executor.submit(wait_for, str(gate)) for _ in range(8)]   # every worker busy, more queued
+    try:
+        queued = executor.submit(inc, 1)
+        dependents = [executor.submit(inc, queued), executor.submit(total, [queued, queued])]
+        time.sleep(0.3)   # it has left for the relay and endpoint
+        assert queued.cancel() is True
+        for dependent in dependents:
+            with pytest.raises(DependencyError) as info:
+                dependent.result(DEADLINE)
+            assert info.value.dependency == queued.task_id and "cancelled" in str(info.value)
+            assert isinstance(info.value.__cause__, CancelledError)
+    finally:
+        gate.touch()
+    assert [b.result(DEADLINE) for b in blockers] == ["open"] * 8
+
+
+def test_cancelling_a_dependent_while_it_waits(executor):
+    slow = executor.submit(sleep_then, 0.5, 1)
+    dependent = executor.submit(inc, slow)
+    assert dependent.cancel() is True
+    assert slow.result(DEADLINE) == 1
+    time.sleep(0.2)
+    assert dependent.cancelled()
+
+
+def test_plain_futures_and_other_executors_futures_are_waited_for_without_blocking_submit(executor):
+    plain: Future = Future()
+    started = time.monotonic()
+    dependent = executor.submit(inc, plain)
+    assert time.monotonic() - started < 1.0 and not dependent.done()
+    threading.Timer(0.3, plain.set_result, (9,)).start()
+    assert dependent.result(DEADLINE) == 10
+    with ThreadPoolExecutor(1) as threads:
+        other = threads.submit(sleep_then, 0.2, 20)
+        assert executor.submit(total, [other, executor.submit(inc, other)]).result(DEADLINE) == 41
+        failing = threads.submit(boom, 3)
+        with pytest.raises(DependencyError) as info:
+            executor.submit(inc, failing).result(DEADLINE)
+        assert isinstance(info.value.__cause__, ValueError) and info.value.dependency == ""
+
+
+def test_an_argument_that_cannot_be_pickled_still_fails_at_once(executor):
+    future = executor.submit(describe, executor.submit(inc, 1), threading.Lock())
+    with pytest.raises(fedexec.SerializationError):
+        future.result(5)
+
+
+def test_shutdown_waits_for_tasks_held_for_their_dependencies():
+    with FederatedExecutor(max_workers=1) as ex:
+        plain: Future = Future()
+        dependent = ex.submit(inc, ex.submit(sleep_then, 0.2, plain))   # waits for a task that waits for `plain`
+        late = ex.submit(inc, plain)
+        threading.Timer(0.3, plain.set_result, (5,)).start()
+    # leaving the block (shutdown(wait=True)) waited for both, held in the client meanwhile
+    assert dependent.result(0) == 6 and late.result(0) == 6
+
+
+@pytest.mark.timeout(120)
+def test_a_graph_in_flight_survives_a_relay_kill_and_restart(tmp_path):
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            root = ex.submit(sleep_then, 1.0, 1)
+            chain = root
+            for _ in range(20):
+                chain = ex.submit(inc, chain)
+            leaves = [ex.submit(inc, root) for _ in range(200)]
+            joined = ex.submit(total, [chain, *leaves])
+            time.sleep(0.3)
+            relay.kill()   # the root is running; everything else waits on it
+            time.sleep(0.5)
+            relay.start()
+            assert joined.result(DEADLINE) == 21 + 200 * 2
+            assert chain.result() == 21
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def test_a_task_waiting_on_a_future_that_never_finishes_can_be_cancelled_and_shut_down(tmp_path):
+    never: Future = Future()
+    ex = FederatedExecutor(max_workers=1)
+    try:
+        dependent = ex.submit(inc, never)
+        also = ex.submit(inc, dependent)
+        assert dependent.cancel() is True
+        done, _ = wait([dependent], timeout=5)
+        assert done == {dependent}
+        with pytest.raises(DependencyError) as info:
+            also.result(10)
+        assert isinstance(info.value.__cause__, CancelledError)
+        left = ex.submit(inc, never)
+    finally:
+        started = time.monotonic()
+        ex.shutdown(wait=True, cancel_futures=True)
+    assert left.cancelled() and time.monotonic() - started < 10
+
+
+def test_data_only_executors_take_futures_as_values(tmp_path):
+    with FederatedExecutor(max_workers=1, data_only=True) as ex:
+        a = ex.submit(inc, 1)
+        assert ex.submit(total, [a, ex.submit(inc, a)]).result(DEADLINE) == 5
+
+
+WORKER_ONLY_MODULE = '''
+class Box:
+    def __init__(self, value):
+        self.value = value
+'''
+
+
+def worker_only_value(directory, value):
+    """Returns an object of a module that exists only in this worker's
+    sys.path: the client cannot unpickle it, a task in this worker can."""
+    import importlib
+
+    path = os.path.join(directory, "fedexec_worker_only_box.py")
+    with open(path, "w") as f:
+        f.write(WORKER_ONLY_MODULE)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    return importlib.import_module("fedexec_worker_only_box").Box(value)
+
+
+def unbox(*boxes):
+    return sum(box.value for box in boxes)
+
+
+def test_a_dependencys_value_goes_from_the_relay_not_through_the_client(tmp_path):
+    with FederatedExecutor(max_workers=1) as ex:   # one worker: both tasks run in it
+        gate = ex.submit(sleep_then, 0.5, 0)          # so that the dependents leave before their dependencies end
+        boxes = [ex.submit(worker_only_value, str(tmp_path), gate) for _ in range(2)]
+        total_value = ex.submit(unbox, *boxes)
+        assert total_value.result(DEADLINE) == 0
+        boxes = [ex.submit(worker_only_value, str(tmp_path), ex.submit(sleep_then, 0.3, v)) for v in (20, 22)]
+        assert ex.submit(unbox, *boxes).result(DEADLINE) == 42
+        for box in boxes:   # the client itself cannot load them
+            with pytest.raises(fedexec.DeserializationError):
+                box.result(DEADLINE)
+        assert "fedexec_worker_only_box" not in sys.modules
+
+
+@pytest.mark.timeout(120)
+def test_another_user_cannot_depend_on_your_task(tmp_path):
+    from fedexec import protocol as P
+    from fedexec.serialize import serialize_arguments, serialize_function
+
+    from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
+    from test_faults import running_relay
+
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as alice_ep, \
+            running_endpoint(tmp_path, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bob_ep:
+        wait_connected(address, alice_ep.id, tokens["alice"], alice_ep.proc, alice_ep.log)
+        wait_connected(address, bob_ep.id, tokens["bob"], bob_ep.proc, bob_ep.log)
+        with FederatedExecutor(alice_ep.id, relay=address, token=tokens["alice"]) as alice:
+            secret = alice.submit(slow_value, 3.0, "alice's secret")
+            time.sleep(0.5)
+            bob = RawClient(address, tokens["bob"])
+            try:
+                fn_hash, body = serialize_function(describe)
+                for dependency in (uuid.UUID(secret.task_id).bytes, uuid.uuid4().bytes):
+                    blobs = P.Blobs()
+                    task_id = uuid.uuid4().bytes
+                    args = serialize_arguments(describe, (1,), {})
+                    row = [task_id, fn_hash, blobs.ref(args), blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION,
+                           {"d": [dependency]}]
+                    bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": [row]}, blobs.frames)
+                    failure = bob.failure_of(task_id)
+                    assert failure["kind"] == P.NOT_ALLOWED, failure
+                    assert uuid.UUID(bytes=dependency).hex[:8] in failure["msg"].replace("-", "")
+                    assert "not an unfinished task of user 'bob'" in failure["msg"]
+                    assert "alice" not in failure["msg"]
+                # a malformed dependency list is refused as such
+                blobs = P.Blobs()
+                row = [uuid.uuid4().bytes, fn_hash, blobs.ref(serialize_arguments(describe, (1,), {})),
+                       blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION, {"d": [b"short"]}]
+                bob.send(P.SUBMIT, {"ep": bob_ep.id, "tasks": [row]}, blobs.frames)
+                error = bob.expect(P.ERROR)
+                assert error is not None and "dependencies" in error.fields["msg"]
+                bob.send(P.ACK, {"tids": [uuid.UUID(secret.task_id).bytes]})   # cannot make the relay forget it
+            finally:
+                bob.close()
+            assert secret.result(DEADLINE) == "alice's secret"   # untouched
+            assert alice.submit(describe, secret).result(DEADLINE) == (("alice's secret",), {})
+    assert "refused user 'bob': depend on task(s)" in tail(tmp_path / "relay.log", 200_000)
+
+
+@pytest.mark.timeout(120)
+def test_a_dependency_acknowledged_before_a_relay_restart_still_feeds_its_dependent(tmp_path):
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            quick = ex.submit(sleep_then, 0.5, 1)
+            slow = ex.submit(sleep_then, 4.0, 10)
+            joined = ex.submit(total, [quick, slow])   # held at the relay for both
+            assert quick.result(DEADLINE) == 1         # received and acknowledged here
+            time.sleep(0.5)
+            relay.kill()   # the acknowledgement was put off: the record still has quick's result
+            time.sleep(0.5)
+            relay.start()
+            assert joined.result(DEADLINE) == 11
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
