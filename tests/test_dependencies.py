@@ -316,3 +316,17 @@ def test_a_dependency_acknowledged_before_a_relay_restart_still_feeds_its_depend
             relay.start()
             assert joined.result(DEADLINE) == 11
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def size_plus(data, extra):
+    return len(data) + extra
+
+
+def test_a_dependent_task_with_a_large_argument_waits_in_the_client_and_runs(executor):
+    """Arguments over the chunking threshold travel as an upload, which the
+    relay cannot wrap dependencies' results around: such a task waits in the
+    client for its futures and is sent with their values (and still runs)."""
+    big = b"\x07" * (20 * 1024 * 1024)   # over transfer.BIG_THRESHOLD (16 MiB) once pickled
+    first = executor.submit(sleep_then, 0.3, 5)
+    dependent = executor.submit(size_plus, big, first)
+    assert dependent.result(DEADLINE) == len(big) + 5
