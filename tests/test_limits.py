@@ -254,12 +254,7 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
         assert relay.functions.refs == {serialize_function(operator.add)[0]: 4}
         assert stored_functions(data) and serialize_function(len)[0] not in stored_functions(data)
     finally:
-        relay.store.close()
-        relay.sock.close(linger=0)
-        relay.zap.stop()
-        relay.ctx.term()
-        if relay.tokens is not None:
-            relay.tokens.close()
+        closed(relay)
 
 
 def closed(relay: Relay) -> None:

@@ -64,6 +64,10 @@ REF_MAGIC = b"\x00fedexec-big\x00"      # + msgpack {b, n, h}: an upload at the 
 LOCAL_MAGIC = b"\x00fedexec-file\x00"   # + msgpack {p, n}: a file on this machine
 
 MAX_REF = 4096   # bytes of a reference at most
+# What a spool file costs its user's byte quota beyond its bytes (a disk
+# block and an inode): so that many tiny uploads cannot pile up files (and
+# exhaust the relay's inodes) within a byte quota meant for a few large ones.
+FILE_COST = 4096
 
 SPOOL_ENV = "FEDEXEC_SPOOL"   # where a worker writes large results (the agent's private spool)
 
@@ -190,7 +194,7 @@ class Spool:
             self.users[sub.name] = user
             for f in sub.iterdir():
                 if f.name != "user":
-                    self.charge(user, f.stat().st_size)
+                    self.charge(user, f.stat().st_size + FILE_COST)
 
     def path(self, user: str, bid: bytes) -> Path:
         return self.directory(user) / bid.hex()
@@ -216,7 +220,8 @@ class Spool:
         data = P.as_buffer(chunk)
         size = len(data)
         if off == have and size and off + size <= total:
-            why = self.refusal(user, size)
+            cost = size if have or part.exists() else size + FILE_COST   # (a new file: its FILE_COST too)
+            why = self.refusal(user, cost)
             if why is not None:
                 return {"b": bid, "err": why, "quota": True}
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -227,7 +232,7 @@ class Spool:
                     written += os.write(fd, view[written:])
             finally:
                 os.close(fd)
-            self.charge(user, size)
+            self.charge(user, cost)
             have += size
         if have == total:   # (its sha256 is checked by whoever fetches it, not here: the relay never reads it)
             fd = os.open(part, os.O_RDONLY)
@@ -264,21 +269,26 @@ class Spool:
             path.unlink()
         except OSError:
             return
-        self.charge(user, -size)
+        self.charge(user, -(size + FILE_COST))
 
-    def expire(self, now: float, complete_ttl: float, in_use: set[Path]) -> None:
+    def expire(self, now: float, complete_ttl: float, in_use: Callable[[], set[Path]]) -> None:
         """Delete partial uploads not written to for PARTIAL_TTL, and complete
-        ones older than ``complete_ttl`` that no task refers to."""
+        ones older than ``complete_ttl`` that no task refers to (``in_use()``,
+        asked only once a file is old enough: it looks at every task)."""
+        used: set[Path] | None = None
         for name, user in list(self.users.items()):
             for path in (self.root / name).iterdir():
-                if path.name == "user" or path in in_use:
+                if path.name == "user":
                     continue
                 try:
                     age = now - path.stat().st_mtime
                 except OSError:
                     continue
                 if age > (PARTIAL_TTL if path.suffix == ".part" else complete_ttl):
-                    self._remove(user, path)
+                    if used is None:
+                        used = in_use()
+                    if path not in used:
+                        self._remove(user, path)
 
 
 # -- a client's or endpoint's side ------------------------------------------------

@@ -143,4 +143,4 @@ class BulkTransfers:
         if now < self.next_expiry:
             return
         self.next_expiry = now + EXPIRY_PERIOD
-        self.spool.expire(time.time(), self.relay.result_ttl, self._in_use())
+        self.spool.expire(time.time(), self.relay.result_ttl, self._in_use)
