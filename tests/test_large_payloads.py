@@ -19,7 +19,7 @@ import pytest
 from fedexec import FederatedExecutor, PayloadTooLarge
 from fedexec import protocol as P
 from fedexec.serialize import serialize_arguments, serialize_function
-from fedexec.transfer import BIG_THRESHOLD, TransferError, TransferLink, big_ref, is_big, parse_big
+from fedexec.transfer import BIG_THRESHOLD, TransferError, TransferLink, big_ref, is_big, local_ref, parse_big
 
 from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
 from test_durability import started_federation
@@ -171,6 +171,17 @@ def test_another_user_can_neither_fetch_nor_use_an_upload(tmp_path):
                 bogus = big_ref(os.urandom(16), size, digest)
                 with pytest.raises(TransferError, match="no upload"):
                     alice_link.fetch_bytes(bogus)
+                # nor can bob name a file on the endpoint (as alice's spooled arguments are)
+                # for its worker to load as his task's arguments
+                secret = tmp_path / "alice-args"
+                secret.write_bytes(serialize_arguments(echo_small, ("alice's secret",), {}))
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                row = [task_id, fn_hash, blobs.ref(local_ref(str(secret), secret.stat().st_size)), blobs.ref(body),
+                       P.TASK_CALL, P.PYTHON_VERSION]
+                bob.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
+                failure = bob.failure_of(task_id, 20)
+                assert failure["kind"] == P.REJECTED and "reference to a file" in failure["msg"], failure
             finally:
                 for closeable in (alice_link, bob_link, alice, bob):
                     closeable.close()

@@ -399,6 +399,14 @@ class EndpointAgent:
                                        f"were not loaded"))
                     continue
                 args = P.blob(blobs, args_index)
+                if is_local(args):
+                    # only this agent makes local references (to files it fetched): one from
+                    # the relay would have a worker load a file of the client's choosing
+                    log.warning("refused task %s: its arguments name a local file", row[0].hex())
+                    self._result(row[0], P.FAILED, P.pack_failure(
+                        P.REJECTED, f"endpoint {self.config.name!r} refused the task: its arguments are a "
+                                    "reference to a file on the endpoint, which only the endpoint makes"))
+                    continue
                 if is_big(args):   # uploaded to the relay: fetched into a file here, read by the worker
                     args, why = self.bulk.fetch_arguments(row[0], args)
                     if args is None:
