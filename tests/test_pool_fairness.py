@@ -35,9 +35,11 @@ def square(x):
     return x * x
 
 
-def leave_a_thread(seconds, disable_exit=False):
+def leave_a_thread(meeting, disable_exit=False):
     """Start a thread (not a daemon) that sleeps for an hour, optionally make
-    ``os._exit`` do nothing, then return this worker's pid."""
+    ``os._exit`` do nothing, wait (at most 30 s) until WORKERS tasks have
+    come to the ``meeting`` directory (so each runs in a worker of its own),
+    then return this worker's pid."""
     import os
     import threading
     import time
@@ -45,7 +47,10 @@ def leave_a_thread(seconds, disable_exit=False):
     threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
     if disable_exit:
         os._exit = lambda code: None
-    time.sleep(seconds)
+    open(os.path.join(meeting, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(meeting)) < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.02)
     return os.getpid()
 
 
@@ -79,7 +84,7 @@ def wait_for_workers(ep, count: int, timeout: float = DEADLINE) -> list[psutil.P
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("disable_exit", [False, True], ids=["thread-left", "exit-disabled-too"])
-def test_a_retired_worker_ends_whatever_its_task_left_running(shared_pool, disable_exit):
+def test_a_retired_worker_ends_whatever_its_task_left_running(shared_pool, disable_exit, tmp_path):
     """Alice's tasks leave a thread (not a daemon) sleeping in each worker
     (and, the second time, make os._exit do nothing); Bob's tasks then need
     the workers: Alice's are retired for him and must end (by themselves,
@@ -87,8 +92,9 @@ def test_a_retired_worker_ends_whatever_its_task_left_running(shared_pool, disab
     users' later tasks run."""
     s = shared_pool
     wait_for_workers(s.ep, WORKERS)
-    lingering = [s.alice.submit(leave_a_thread, 1.0, disable_exit) for _ in range(WORKERS)]
+    lingering = [s.alice.submit(leave_a_thread, str(tmp_path), disable_exit) for _ in range(WORKERS)]
     pids = {f.result(DEADLINE) for f in lingering}
+    assert len(pids) == WORKERS, f"Alice's tasks met in {len(pids)} of {WORKERS} workers"
     started = time.monotonic()
     assert [f.result(DEADLINE) for f in [s.bob.submit(square, n) for n in range(6)]] == [n * n for n in range(6)]
     waited = time.monotonic() - started
