@@ -129,7 +129,9 @@ def ensure_installed(timeout: float = 900) -> bool:
     if apt is None:
         raise SlurmSetupError(f"{why}, and apt-get is not available to install {' '.join(PACKAGES)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = [apt, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    # test processes running side by side (pytest -n) may install at once: apt waits for dpkg's lock
+    wait = ["-o", "DPkg::Lock::Timeout=600"]
+    install = [apt, *wait, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess:
         try:
@@ -140,7 +142,7 @@ def ensure_installed(timeout: float = 900) -> bool:
 
     proc = run(install)
     if proc.returncode != 0:  # stale or missing package lists: update once, retry
-        upd = run([apt, "update", "-q"])
+        upd = run([apt, *wait, "update", "-q"])
         if upd.returncode != 0:
             raise SlurmSetupError(f"{why}; `apt-get update` exited {upd.returncode}:\n{upd.stderr[-3000:]}\n"
                                   f"(first install try exited {proc.returncode}:\n{proc.stderr[-2000:]})")

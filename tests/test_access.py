@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -192,12 +193,12 @@ def test_revoking_a_token_ends_its_live_session(token_relay):
     try:
         ex = FederatedExecutor(r.endpoint.id, relay=r.address, token=dave_token)
         assert ex.submit(operator.add, 2, 2).result(DEADLINE) == 4
-        running = ex.submit(slow_value, 3, "late")
+        running = ex.submit(slow_value, 12, "late")
         started = time.monotonic()
         fedexec_cli("token", "revoke", dave_token.split(":")[1].split(".")[0], "--data-dir", r.data)
         with pytest.raises(AuthenticationFailed, match="revoked"):
             running.result(DEADLINE)
-        assert time.monotonic() - started < 3.0   # ended at the next message, not when the task finished
+        assert time.monotonic() - started < 8.0   # ended at the next message, not when the task finished (12 s)
         ex.shutdown(wait=False)
         with pytest.raises(AuthenticationFailed):
             FederatedExecutor(r.endpoint.id, relay=r.address, token=dave_token, connect_timeout=10)
@@ -260,9 +261,13 @@ os._exit(0)
         assert got_done.result(DEADLINE) == "alice's secret result"
         assert got_running.result(DEADLINE) == "alice's later result"   # bob's cancel did nothing
     log = tail(r.log, 200_000)
-    for action in ("submit 1 task(s) to endpoint", "reattach to task", "read the result of task",
-                   "cancel task"):
+    for action in ("submit 1 task(s) to endpoint", "reattach to task", "cancel task"):
         assert f"refused user 'bob': {action}" in log, action
+    # the finished task is refused as a read of its stored result, or (while the relay still holds it in
+    # memory, as on a loaded machine) as a reattach like the running one
+    reattaches = sum(int(n) for n in re.findall(r"refused user 'bob': reattach to task\(s\) of another user: (\d+)", log))
+    assert "refused user 'bob': read the result of task" in log or reattaches >= 2, log[-3000:]
+
 
 
 @pytest.mark.timeout(120)

@@ -504,6 +504,7 @@ def test_exception_whose_str_fails_comes_back_as_itself(executor):
 
 
 def _exit_three():
+    time.sleep(1.0)   # done after the test adds its callback, so the callback runs on fedexec's thread
     sys.exit(3)
 
 

@@ -91,11 +91,12 @@ def apt_install(*packages: str) -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return f"installing {' '.join(packages)} needs root and apt-get"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", *packages]
-    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    wait = ["-o", "DPkg::Lock::Timeout=600"]   # test processes side by side (pytest -n) may install at once
+    install = ["apt-get", *wait, "install", "-y", "-q", *packages]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+        subprocess.run(["apt-get", *wait, "update", "-q"], env=env, capture_output=True, timeout=900)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
     return "" if done.returncode == 0 else f"apt-get install {' '.join(packages)} failed: {done.stderr[-500:]}"
 
 
