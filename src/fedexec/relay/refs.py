@@ -108,6 +108,8 @@ class DataRefs:
         reply: dict[str, Any] = {"b": ref_id, "q": echo}
         if op == "put":
             reply.update(self._put(user, ref_id, fields.get("ttl")))
+            if "err" in reply:   # refused: the upload made for it goes at once (its bytes leave the quota)
+                self.spool.drop(user, ref_id)
         else:
             entry = self.lookup(user, ref_id)
             if entry is None:
