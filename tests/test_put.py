@@ -207,6 +207,9 @@ def test_a_large_put_streams_in_chunks_and_is_used(tmp_path):
         assert ref.size > P.MAX_FRAME
         assert ex.submit(np.sum, ref).result(120) == array.sum()
         assert ex.submit(lambda a, b: a.shape == b.shape, ref, b=ref).result(120) is True
+        # a worker gets the array as a read-only view of the endpoint's copy: no task changes it for the next
+        assert ex.submit(lambda a: a.flags.writeable, ref).result(60) is False
+        assert ex.submit(lambda a: (a + 1)[-1], ref).result(60) == array[-1] + 1
 
 
 @pytest.mark.timeout(180)

@@ -146,8 +146,90 @@ def _resolve(ref_id: bytes, size: int, digest: bytes) -> Any:
                            "fetch it for this task", ref=ref_id.hex())
     if size == 0:
         raise DataRefError(f"DataRef {ref_id.hex()} is empty", ref=ref_id.hex())
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as view:
+    return loads_put(_mapped(path, size))
+
+
+# -- the stored form --------------------------------------------------------------------
+# A put object is pickled with protocol 5, its out-of-band buffers (numpy arrays'
+# data, PickleBuffers) laid out after the pickle, each at an offset aligned to
+# ALIGN: OOB_MAGIC, a 4-byte header length, msgpack {p: [offset, length] of the
+# pickle, b: [[offset, length], ...] of the buffers}, then those. Where the task
+# runs, the file is mapped and those buffers are views of the mapping: a large
+# array is not copied or read until the task touches it, and it is read-only (a
+# task cannot change what the next one sees). An object without such buffers is
+# an ordinary pickle.
+OOB_MAGIC = b"\x00fedexec-put5\x00"
+ALIGN = 64
+MAPPED = 16          # mappings of refs a worker keeps open
+_mappings: "dict[tuple[str, int], mmap.mmap]" = {}
+
+
+def dumps_put(obj: Any) -> Any:
+    """``obj`` in the stored form (bytes-like); raises what pickling raises."""
+    import cloudpickle
+
+    from .serialize import PICKLE_PROTOCOL
+
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except Exception:
+        buffers = []
+        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    try:
+        views = [b.raw() for b in buffers]
+    except BufferError:   # a non-contiguous buffer: all in band
+        return cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+    if not views:
+        return data
+    header_room = len(OOB_MAGIC) + 4 + 32 + 24 * len(views)   # (the msgpack of the layout fits in this)
+    offset = _aligned(header_room)
+    layout = {"p": [offset, len(data)], "b": []}
+    offset = _aligned(offset + len(data))
+    for view in views:
+        layout["b"].append([offset, view.nbytes])
+        offset = _aligned(offset + view.nbytes)
+    header = msgpack.packb(layout)
+    assert len(OOB_MAGIC) + 4 + len(header) <= layout["p"][0]
+    out = bytearray(offset)
+    out[:len(OOB_MAGIC)] = OOB_MAGIC
+    out[len(OOB_MAGIC):len(OOB_MAGIC) + 4] = len(header).to_bytes(4, "little")
+    out[len(OOB_MAGIC) + 4:len(OOB_MAGIC) + 4 + len(header)] = header
+    start, length = layout["p"]
+    out[start:start + length] = data
+    for (start, length), view in zip(layout["b"], views):
+        out[start:start + length] = view.cast("B")
+    return out
+
+
+def loads_put(view: Any) -> Any:
+    """The object in the stored form ``view`` (buffers are views of it)."""
+    view = memoryview(view)
+    if view[:len(OOB_MAGIC)] != OOB_MAGIC:
         return pickle.loads(view)
+    at = len(OOB_MAGIC)
+    length = int.from_bytes(view[at:at + 4], "little")
+    layout = msgpack.unpackb(view[at + 4:at + 4 + length])
+    start, size = layout["p"]
+    return pickle.loads(view[start:start + size], buffers=[view[o:o + n] for o, n in layout["b"]])
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _mapped(path: str, size: int) -> mmap.mmap:
+    """A read-only mapping of a ref's file, kept open for later tasks of this
+    worker (a mapping a loaded object still uses stays until it is freed)."""
+    key = (path, size)
+    mapping = _mappings.get(key)
+    if mapping is None:
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        if len(_mappings) >= MAPPED:
+            _mappings.pop(next(iter(_mappings)))
+        _mappings[key] = mapping
+    return mapping
 
 
 def wrap_arguments(args: bytes, files: dict[bytes, str]) -> bytes:

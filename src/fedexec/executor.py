@@ -64,7 +64,6 @@ from .serialize import (
     deserialize_exception,
     serialize_arguments,
     serialize_chunk,
-    serialize_value,
     serialize_data_arguments,
     serialize_data_chunk,
     serialize_function,
@@ -1421,7 +1420,7 @@ class FederatedExecutor(Executor):
         if not (isinstance(ttl, (int, float)) and ttl > 0):
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
         try:
-            blob = serialize_value(obj)
+            blob = dataref.dumps_put(obj)
         except Exception as exc:
             raise SerializationError(f"cannot serialize the object to put ({type(obj).__qualname__}): {exc}") from exc
         limit = self._dispatcher.max_payload
