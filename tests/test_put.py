@@ -232,3 +232,20 @@ def test_a_put_survives_a_relay_kill_9(tmp_path):
             for meta in refs_dir.glob("*/*"):
                 assert meta.stat().st_mode & 0o777 == 0o600, meta
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def add(a, b):
+    return a + b
+
+
+def test_a_ref_beside_futures_and_in_copies_works():
+    import copy
+
+    with FederatedExecutor(max_workers=1) as ex:
+        ref = ex.put(10, ttl=600)
+        assert copy.deepcopy([ref])[0] is ref and copy.copy(ref) is ref
+        first = ex.submit(add, 1, 2)
+        held_at_relay = ex.submit(add, first, ref)                 # a task future of this executor
+        held_here = ex.submit(memoized(add), first, b=ref)         # memoized: waits in the client
+        assert held_at_relay.result(60) == 13 and held_here.result(60) == 13
+        assert sum(ref.info()["fetches"].values()) == 1

@@ -103,6 +103,12 @@ class DataRef:
         found.append(self)
         return (_resolve, (self._id, self.size, self.digest))
 
+    def __copy__(self) -> "DataRef":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "DataRef":
+        return self
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DataRef) and other._id == self._id
 
@@ -140,6 +146,8 @@ def _resolve(ref_id: bytes, size: int, digest: bytes) -> Any:
     """(In the worker, while its arguments load) the object a DataRef names,
     from the file the endpoint fetched it into."""
     files = getattr(_local, "files", None)
+    if files is _HANDLES:   # (in the client, rebuilding arguments: the handle again)
+        return DataRef(None, ref_id, size, digest, 0.0)
     path = files.get(ref_id) if files is not None else None
     if path is None:
         raise DataRefError(f"DataRef {ref_id.hex()} is not available where this task runs: the endpoint did not "
@@ -230,6 +238,21 @@ def _mapped(path: str, size: int) -> mmap.mmap:
             _mappings.pop(next(iter(_mappings)))
         _mappings[key] = mapping
     return mapping
+
+
+_HANDLES: dict = {}
+
+
+@contextlib.contextmanager
+def as_handles() -> Iterator[None]:
+    """While in it, unpickling a DataRef gives a DataRef (in the client, for
+    arguments pickled while collecting and rebuilt there: dependencies.py)."""
+    outer = getattr(_local, "files", None)
+    _local.files = _HANDLES
+    try:
+        yield
+    finally:
+        _local.files = outer
 
 
 def wrap_arguments(args: bytes, files: dict[bytes, str]) -> bytes:

@@ -1328,7 +1328,11 @@ class FederatedExecutor(Executor):
                     _fail(dependent, dependency_error(failed_dependency))
                     return
                 try:
-                    values = rebuild(blob, futures)
+                    if extra is not None and "rf" in extra:   # its DataRefs stay handles here (dataref.py)
+                        with dataref.as_handles():
+                            values = rebuild(blob, futures)
+                    else:
+                        values = rebuild(blob, futures)
                 except Exception as exc:
                     _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
                                                         f"{getattr(fn, '__qualname__', repr(fn))}() with their "
@@ -1430,7 +1434,8 @@ class FederatedExecutor(Executor):
         reference = transfers.upload(blob)
         del blob
         ref_id, size, digest = parse_big(reference)
-        answer = dataref.request(transfers.get(), {"op": "put", "b": ref_id, "ttl": float(ttl)})
+        answer = dataref.request(transfers.get(), {"op": "put", "b": ref_id, "n": size, "h": digest,
+                                                   "ttl": float(ttl)})
         return dataref.DataRef(self, ref_id, size, digest, float(answer.get("e", 0.0)))
 
     def _ref_request(self, ref: dataref.DataRef, op: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ FETCH = "fetch"          # client/endpoint -> relay {b, o, q, tid?}
 CHUNK_MSG = "chunk"      # relay -> receiver {b, o, q, n} + one chunk frame, or {b, o, q, err}
 DROP = "drop"            # client -> relay {b}: a large result was received; the relay deletes it
 # data sent once (dataref.py, relay/refs.py): a complete upload kept under a name, with a TTL
-REF = "ref"              # client -> relay {op: "put" | "del" | "info", b, q, ttl?}
+REF = "ref"              # client -> relay {op: "put" | "del" | "info", b, q, put: ttl, n, h}
 REF_ANSWER = "ref_answer"  # relay -> client {b, q, err?, e?: expiry (epoch s), n?, fetches?}
 REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, ref id]]}: drop cached copies
 

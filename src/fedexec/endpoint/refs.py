@@ -89,7 +89,8 @@ class RefCache:
             self.link().fetch_file(big_ref(ref_id, size, digest), path, task_id)
         except Exception as exc:
             _unlink(path)
-            return None, f"the endpoint could not fetch DataRef {ref_id.hex()} for this task: {exc}"
+            return None, (f"the endpoint could not fetch DataRef {ref_id.hex()} for this task (deleted or expired "
+                          f"since the task was accepted?): {exc}")
         self.fetches += 1
         copy = self.copies[key] = _Copy(path, size)
         self.bytes += size
