@@ -249,3 +249,19 @@ def test_a_ref_beside_futures_and_in_copies_works():
         held_here = ex.submit(memoized(add), first, b=ref)         # memoized: waits in the client
         assert held_at_relay.result(60) == 13 and held_here.result(60) == 13
         assert sum(ref.info()["fetches"].values()) == 1
+
+
+@pytest.mark.timeout(180)
+def test_puts_count_against_the_users_byte_quota_until_deleted(tmp_path):
+    with started_federation(tmp_path, "--max-bytes-per-user", str(40 * MiB), workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            first = ex.put(os.urandom(25 * MiB))
+            with pytest.raises(TransferError, match="quota of 41,943,040 bytes per user"):
+                ex.put(os.urandom(25 * MiB))
+            assert ex.submit(len, first).result(60) == 25 * MiB   # the first is untouched, and usable
+            first.delete()
+            second = ex.put(os.urandom(25 * MiB))                 # its room is free again
+            assert ex.submit(len, second).result(60) == 25 * MiB
+            spool = tmp_path / "relay-data" / "spool"
+            assert len([f for f in spool.glob("*/*") if f.name != "user"]) == 1
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
