@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .. import protocol as P
-from ..transfer import write_private
 
 if TYPE_CHECKING:
     from .access import Session
@@ -145,10 +144,10 @@ class DataRefs:
         meta = self._meta(user, ref_id)
         meta.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = meta.with_suffix(".tmp")
-        write_private(str(tmp), msgpack.packb({"u": user, "n": size, "h": digest, "e": entry.expires},
-                                              use_bin_type=True))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
+        record = msgpack.packb({"u": user, "n": size, "h": digest, "e": entry.expires}, use_bin_type=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:   # (small: one write; on disk before the put is answered)
+            os.write(fd, record)
             os.fsync(fd)
         finally:
             os.close(fd)
