@@ -299,7 +299,8 @@ class WorkerProcess:
         data = self.data_only or is_data(args_blob)
         try:
             fn = self.load_function(fn_hash)
-            if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py)
+            if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py),
+                #                       or arguments with the files of the DataRefs they name (dataref.py)
                 payload = load_arguments(P.as_bytes(args_blob), decode_data if data else deserialize)
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
