@@ -8,6 +8,7 @@
 
 from .errors import (
     AuthenticationFailed,
+    DataRefError,
     DependencyError,
     NotAuthorized,
     DeserializationError,
@@ -24,6 +25,7 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
+from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __all__ = [
     "TaskFuture",
     "memoized",
     "with_options",
+    "DataRef",
+    "DataRefError",
     "FedexecError",
     "AuthenticationFailed",
     "DependencyError",

@@ -11,7 +11,7 @@
                                     [--provider local|slurm|parsl|manual] [--min-blocks N] [--max-blocks N]
                                     [--walltime HH:MM:SS] [--partition P] ...  (see --help)
     fedexec endpoint start NAME [--daemon]
-    fedexec endpoint stop|status NAME                       (status: blocks, pools, workers, idle, queued)
+    fedexec endpoint stop|status NAME                       (status: blocks, pools, workers, idle, queued, data refs)
     fedexec endpoint share NAME [--user U ...] [--remove-user U ...] [--group G ...] [--public|--private]
                                [--share-memo|--no-share-memo]
     fedexec endpoint list
@@ -421,6 +421,9 @@ def endpoint_status(ns: argparse.Namespace) -> None:
             for p in pools))
         print(f"workers:   {status['workers']} ({status['idle_workers']} idle)")
         print(f"queued:    {status['queued']} (at the relay and here), {status['at_pools']} at pools")
+        if "cached_refs" in status:
+            print(f"data refs: {status['cached_refs']} cached ({status['cached_ref_bytes']:,} bytes), "
+                  f"{status['ref_fetches']} fetched from the relay")
         if status.get("provider_error"):
             print(f"provider:  last error: {status['provider_error']}")
     from .relay.query import lookup_endpoint

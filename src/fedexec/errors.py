@@ -145,3 +145,22 @@ class DependencyError(FedexecError):
 
 def _rebuild_dependency_error(message: str, dependency: str) -> DependencyError:
     return DependencyError(message, dependency=dependency)
+
+
+class DataRefError(FedexecError):
+    """A task was not run because a :class:`~fedexec.DataRef` it names is not
+    usable: unknown, deleted, expired, or put by another user (the relay does
+    not say which of these, so as not to tell anyone whether another user's
+    ref exists); or ``put``/``delete`` was refused. ``ref`` is the ref's id
+    (hex), also named in the message."""
+
+    def __init__(self, message: str, *, ref: str = "") -> None:
+        super().__init__(message)
+        self.ref = ref
+
+    def __reduce__(self):  # keep the keyword field through pickling
+        return (_rebuild_data_ref_error, (str(self), self.ref))
+
+
+def _rebuild_data_ref_error(message: str, ref: str) -> DataRefError:
+    return DataRefError(message, ref=ref)

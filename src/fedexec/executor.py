@@ -35,9 +35,11 @@ from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
 from .auth import REFUSED_GRACE, HandshakeWatch, check_token
 from .dependencies import DependentCall, dependency_error, rebuild, snapshot
+from . import dataref
 from .embedded import EmbeddedFederation
-from .transfer import BIG_THRESHOLD, LinkPool, TransferError, is_big
+from .transfer import BIG_THRESHOLD, LinkPool, TransferError, is_big, parse_big
 from .errors import (
+    DataRefError,
     AuthenticationFailed,
     DependencyError,
     DeserializationError,
@@ -277,6 +279,9 @@ def _failure_exception(blob: Any) -> BaseException:
         dep = info.get("dep")
         return DependencyError(msg, dependency=str(uuid.UUID(bytes=dep)) if isinstance(dep, bytes) and len(dep) == 16
                                else "")
+    if kind == P.REF_MISSING:
+        ref = info.get("ref")
+        return DataRefError(msg, ref=ref.hex() if isinstance(ref, bytes) else "")
     if kind == P.NEED_FUNCTION:   # not honoured (see _Dispatcher._needs_function): an outcome
         return TaskRejected(f"the task was not run: the relay asked for its function body again after it was "
                             f"sent with it, or after the task was accepted ({msg})")
@@ -1212,9 +1217,16 @@ class FederatedExecutor(Executor):
         failed with a DependencyError); otherwise ``failed``, which holds
         the pickling error."""
         try:
-            blob, futures = snapshot((args, kwargs))
+            with dataref.collecting() as refs:   # (DataRefs pickle only while collecting: dataref.py)
+                blob, futures = snapshot((args, kwargs))
         except Exception:
             return failed   # something else cannot be pickled: the original error stands
+        if refs:
+            extra = self._with_refs(extra, refs)
+            if extra is None:
+                return failed
+            if not futures:
+                return self._submit_with_refs(fn, memoize, extra, blob)
         if not futures:
             return failed
         dispatcher = self._dispatcher
@@ -1234,6 +1246,49 @@ class FederatedExecutor(Executor):
                 dispatcher.relayed[item.task_id] = (futures, hold)
             self._post_group([item])
         return dependent
+
+    def _with_refs(self, extra: dict[str, Any] | None, refs: list[dataref.DataRef]) -> dict[str, Any] | None:
+        """The task options ``extra`` plus the DataRefs the arguments name
+        (``rf``); None (the call fails with its pickling error) for a data-only
+        executor, which sends no pickles, or too many refs."""
+        wire = dataref.wire_refs(refs)
+        if self.data_only or len(wire) > P.MAX_REFS:
+            return None
+        return {**(extra or {}), "rf": wire}
+
+    def _submit_with_refs(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any],
+                          blob: bytes) -> TaskFuture:
+        """A call whose arguments name DataRefs (``blob``, pickled while
+        collecting them): sent with their ids in ``extra`` (``rf``)."""
+        future, item = self._new_task(fn, P.TASK_CALL, lambda: blob, memoize, extra)
+        if item is not None:
+            self._post_group([item])
+        return future
+
+    def _submit_chunk(self, fn: Callable[..., Any], chunk: list[tuple]) -> Future:
+        """One ``map`` chunk as a task; if its arguments name DataRefs, with
+        them (pickled again while collecting, only after the ordinary
+        pickling failed)."""
+        future = self._submit(fn, P.TASK_CHUNK, lambda: self._serialize_chunk(fn, chunk))
+        if not (future._state == _FINISHED and isinstance(future._exception, SerializationError)):
+            return future
+        try:
+            with dataref.collecting() as refs:
+                blob = self._serialize_chunk(fn, chunk)
+        except Exception:
+            return future
+        target, memoize, extra = self._callable(fn)
+        extra = self._with_refs(extra, refs) if refs else None
+        if extra is None:
+            return future
+        chunk_future, item = self._new_task(target, P.TASK_CHUNK, lambda: blob, memoize, extra)
+        if item is not None:
+            self._post_group([item])
+        return chunk_future
+
+    def _serialize_with_refs(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> bytes:
+        with dataref.collecting():
+            return self._serialize_arguments(fn, args, kwargs)
 
     def _hold_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None, blob: bytes,
                         futures: list[Future], dependent: TaskFuture) -> None:
@@ -1273,15 +1328,21 @@ class FederatedExecutor(Executor):
                     _fail(dependent, dependency_error(failed_dependency))
                     return
                 try:
-                    values = rebuild(blob, futures)
+                    if extra is not None and "rf" in extra:   # its DataRefs stay handles here (dataref.py)
+                        with dataref.as_handles():
+                            values = rebuild(blob, futures)
+                    else:
+                        values = rebuild(blob, futures)
                 except Exception as exc:
                     _fail(dependent, SerializationError(f"cannot rebuild the arguments of "
                                                         f"{getattr(fn, '__qualname__', repr(fn))}() with their "
                                                         f"dependencies' values: {exc}"))
                     return
                 try:
-                    _, item = self._new_task(fn, P.TASK_CALL,
-                                             lambda: self._serialize_arguments(fn, values[0], values[1]),
+                    serialize = self._serialize_arguments
+                    if extra is not None and "rf" in extra:   # (its DataRefs pickle only while collecting)
+                        serialize = self._serialize_with_refs
+                    _, item = self._new_task(fn, P.TASK_CALL, lambda: serialize(fn, values[0], values[1]),
                                              memoize, extra, future=dependent)
                 except InvalidStateError:
                     return   # could not be sent, and was cancelled meanwhile
@@ -1351,6 +1412,37 @@ class FederatedExecutor(Executor):
         if self._dispatcher.closed:
             raise BrokenExecutor(self._dispatcher.failure or "the executor's dispatcher has stopped")
 
+    def put(self, obj: Any, ttl: float = dataref.DEFAULT_TTL) -> dataref.DataRef:
+        """Store ``obj`` at the relay once, for ``ttl`` seconds (at most the
+        relay's maximum), and return a small handle to pass to any number of
+        tasks instead of the object: see :class:`fedexec.DataRef`. It counts
+        against your byte quota at the relay until it is deleted or expires.
+        A large object streams in chunks like any large payload."""
+        self._check_open()
+        if self.data_only:
+            raise DataRefError("put() needs pickled tasks; this executor sends plain data only (data_only)")
+        if not (isinstance(ttl, (int, float)) and ttl > 0):
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        try:
+            blob = dataref.dumps_put(obj)
+        except Exception as exc:
+            raise SerializationError(f"cannot serialize the object to put ({type(obj).__qualname__}): {exc}") from exc
+        limit = self._dispatcher.max_payload
+        if limit is not None and len(blob) > limit:
+            self._check_size(blob, "the object to put")
+        transfers = self._dispatcher.transfers
+        reference = transfers.upload(blob)
+        del blob
+        ref_id, size, digest = parse_big(reference)
+        answer = dataref.request(transfers.get(), {"op": "put", "b": ref_id, "n": size, "h": digest,
+                                                   "ttl": float(ttl)})
+        return dataref.DataRef(self, ref_id, size, digest, float(answer.get("e", 0.0)))
+
+    def _ref_request(self, ref: dataref.DataRef, op: str) -> dict[str, Any]:
+        """Ask the relay about one of this executor's DataRefs (``del``, ``info``)."""
+        self._check_open()
+        return dataref.request(self._dispatcher.transfers.get(), {"op": op, "b": ref._id})
+
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
         """Like :meth:`Executor.map`; with ``chunksize`` > 1 each chunk of
@@ -1370,7 +1462,7 @@ class FederatedExecutor(Executor):
         def submit_next(count: int | None) -> list[Future]:
             items = source if count is None else itertools.islice(source, count)
             if chunked:
-                return [self._submit(fn, P.TASK_CHUNK, lambda c=chunk: self._serialize_chunk(fn, c)) for chunk in items]
+                return [self._submit_chunk(fn, chunk) for chunk in items]
             return self._submit_calls(fn, items)
 
         futures: deque[Future] = deque(submit_next(buffersize))

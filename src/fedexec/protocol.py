@@ -64,6 +64,10 @@ UPLOADED = "uploaded"    # relay -> sender {b, q, have, done?, err?}
 FETCH = "fetch"          # client/endpoint -> relay {b, o, q, tid?}
 CHUNK_MSG = "chunk"      # relay -> receiver {b, o, q, n} + one chunk frame, or {b, o, q, err}
 DROP = "drop"            # client -> relay {b}: a large result was received; the relay deletes it
+# data sent once (dataref.py, relay/refs.py): a complete upload kept under a name, with a TTL
+REF = "ref"              # client -> relay {op: "put" | "del" | "info", b, q, put: ttl, n, h}
+REF_ANSWER = "ref_answer"  # relay -> client {b, q, err?, e?: expiry (epoch s), n?, fetches?}
+REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, ref id]]}: drop cached copies
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],
@@ -71,8 +75,11 @@ DROP = "drop"            # client -> relay {b}: a large result was received; the
 #   "u": relay -> endpoint only: the user who submitted it, when not the endpoint's owner
 #        (a pool runs each user's tasks in workers of their own),
 #   "d": client -> relay only: the ids of the sender's unfinished tasks whose results the arguments
-#        name (persistent ids 0, 1, ... in their pickle): the relay holds the task until those are done}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d"})
+#        name (persistent ids 0, 1, ... in their pickle): the relay holds the task until those are done,
+#   "rf": the DataRefs its arguments name, [[ref id, size, sha256]]: the relay checks they are the
+#        user's; the endpoint fetches each once and hands the worker their files (dataref.py)}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf"})
+MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
 TASK_CALL = 0    # fn(*args, **kwargs)
@@ -102,6 +109,8 @@ QUOTA = "quota"          # the user's tasks in flight or bytes stored at the rel
 DEPENDENCY = "dependency"  # a task it depended on ("d") failed or was cancelled (details: dep = its id)
 DEPENDENCY_DONE = "dependency_done"  # a task named in "d" has finished already: the client sends the
                                      #   values itself (it has them, or they are on their way to it)
+REF_MISSING = "ref_missing"  # a DataRef the task names is not the user's (unknown, deleted, expired,
+                             #   or another user's) (details: ref = its id)
 NEED_FUNCTION = "need_function"  # the task came without its function body (fn_index -1) and the relay no
                                  #   longer has it (it expired with the last task using it): send it again
                                  #   with the body. Not a final outcome: the client neither acknowledges it
@@ -504,6 +513,18 @@ def result_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> tuple[bytes, int
     return task_id, status, index
 
 
+def data_refs(refs: Any) -> list[Any]:
+    """A task's ``rf`` option, checked: 1 to MAX_REFS distinct ``[ref id (16
+    bytes), size, sha256 (32 bytes)]``."""
+    if not (isinstance(refs, list) and 0 < len(refs) <= MAX_REFS and all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], bytes) and len(r[0]) == 16
+            and type(r[1]) is int and r[1] >= 0 and isinstance(r[2], bytes) and len(r[2]) == 32 for r in refs)
+            and len({r[0] for r in refs}) == len(refs)):
+        raise ProtocolError(f"DataRefs (rf) must be a list of 1 to {MAX_REFS} distinct [16-byte id, size, "
+                            "32-byte sha256]")
+    return refs
+
+
 def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
     """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python, options?]``, checked."""
     if not isinstance(row, list) or len(row) not in (6, 7):
@@ -528,6 +549,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
             if not (isinstance(deps, list) and 0 < len(deps) <= MAX_ITEMS
                     and all(isinstance(d, bytes) and len(d) == 16 for d in deps) and len(set(deps)) == len(deps)):
                 raise ProtocolError(f"dependencies must be a list of 1 to {MAX_ITEMS} distinct 16-byte task ids")
+        if "rf" in options:
+            data_refs(options["rf"])
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

@@ -48,6 +48,7 @@ from ..serialize import is_data
 from ..worker import sandbox as sandboxes
 from ..transfer import is_big, is_local
 from .bulk import EndpointTransfers
+from .refs import RefCache
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
@@ -99,6 +100,7 @@ class EndpointAgent:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             raise
         self.bulk = EndpointTransfers(config.relay, secret_file, config.relay_public_key or None, self._sock_dir)
+        self.refs = RefCache(self.bulk._link, self.bulk.spool)   # DataRefs, fetched once per user (refs.py)
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}
@@ -336,6 +338,7 @@ class EndpointAgent:
         self.handshake.close()
         self.relay.close(linger=500)
         self.pool_sock.close(linger=1000)
+        self.refs.close()
         self.bulk.close()
         self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
@@ -413,10 +416,19 @@ class EndpointAgent:
                         log.warning("task %s failed: %s", row[0].hex(), why)
                         self._result(row[0], P.FAILED, P.pack_failure(P.LOST, why))
                         continue
+                if len(row) == 7 and "rf" in row[6]:   # it names DataRefs: their files go with it (refs.py)
+                    args, why, ref_id = self.refs.prepare(row[0], row[6].get("u") or "", row[6]["rf"],
+                                                          P.as_bytes(args))
+                    if args is None:
+                        log.warning("task %s failed: %s", row[0].hex(), why)
+                        self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
+                        continue
                 self.holding.add(row[0])
                 self.queue.append(QueuedTask(row, args))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
+        elif t == P.REFS_GONE:
+            self.refs.gone(msg.fields.get("refs"))
         elif t == P.HEARTBEAT:
             self._note_backlog(msg.fields)
             if msg.fields.get("unknown"):
@@ -489,6 +501,8 @@ class EndpointAgent:
         self.holding.discard(task_id)
         if self.bulk.argument_files:   # its large arguments' file, if it had one, goes
             self.bulk.done(task_id)
+        if self.refs.by_task:   # the DataRefs it used may go again
+            self.refs.done(task_id)
 
     def _flush_due(self, now: float) -> bool:
         # Nothing left here, or (for tasks that go one at a time) nothing
@@ -746,7 +760,7 @@ class EndpointAgent:
             "pools": pools, "workers": sum(p["workers"] for p in pools),
             "idle_workers": sum(p["idle_workers"] for p in pools),
             "queued": len(self.queue) + self.relay_backlog, "held": len(self.holding),
-            "at_pools": len(self.at_pool),
+            "at_pools": len(self.at_pool), **self.refs.describe(),
         }
 
     def _write_status(self, now: float, final: bool = False) -> None:

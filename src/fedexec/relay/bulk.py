@@ -91,8 +91,9 @@ class BulkTransfers:
                 state = self.relay.endpoints.get(member)
                 if state is not None and state.access.owner == session.user:
                     if fields.get("b") is not None and action.startswith("fetch") and not (
-                            is_big(record.args) and parse_big(record.args)[0] == fields["b"]):
-                        break   # an endpoint fetches a task's own arguments, nothing else of its user
+                            is_big(record.args) and parse_big(record.args)[0] == fields["b"]
+                            or self.relay.refs.fetchable(record, fields)):
+                        break   # an endpoint fetches a task's own arguments (or DataRefs), nothing else of its user
                     # a transfer for a task is a sign of life: its agent is busy with it, not gone
                     state.last_seen = time.monotonic()
                     return record.user, ""
@@ -137,7 +138,8 @@ class BulkTransfers:
         self.spool.drop(record.user, parse_big(record.args)[0])
 
     def _in_use(self) -> set[Path]:
-        return {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
+        used = {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
+        return used | self.relay.refs.in_use()   # (and the uploads DataRefs keep, refs.py)
 
     def maintenance(self, now: float) -> None:
         if now < self.next_expiry:

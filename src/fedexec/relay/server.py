@@ -36,6 +36,7 @@ from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, Endp
 from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
+from .refs import TYPES as REF_TYPES, DataRefs
 from .graph import WAITING, DependencyGraph, envelope, open_envelope
 from ..dependencies import wrap_arguments
 
@@ -222,6 +223,8 @@ class Relay:
         self.bulk = BulkTransfers(self)   # large payloads, in chunks
         self._recover()
         self.bulk.recover()
+        self.refs = DataRefs(self)        # data sent once: named uploads (put)
+        self.refs.recover()
 
     def _publish_secret(self, address: str) -> None:
         """Where this user's programs look for the relay by address: the
@@ -368,6 +371,7 @@ class Relay:
                 self.endpoints.disconnect(state)
         self._report_backlogs()
         self.bulk.maintenance(now)
+        self.refs.maintenance(now)
         if self.parent_pid and os.getppid() != self.parent_pid:
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.stopping = True
@@ -477,6 +481,8 @@ class Relay:
                 self.endpoints.disconnect(state)
         elif t in BULK_TYPES:
             self.bulk.handle(sender, session, msg)
+        elif t in REF_TYPES:
+            self.refs.handle(sender, session, msg)
         else:
             raise P.ProtocolError(f"unknown message type {P.shorten(t)}")
 
@@ -806,6 +812,11 @@ class Relay:
                     continue
                 if group is not None and self._too_many_groups(sender, user, group, task_id):
                     continue
+                if options is not None and "rf" in options:   # DataRefs (refs.py): the user's own, live
+                    missing = self.refs.check_task(user, options["rf"])
+                    if missing is not None:
+                        self._reject(sender, task_id, P.REF_MISSING, missing[0], ref=missing[1])
+                        continue
                 dependencies = options.get("d") if options is not None else None
                 unfinished: set[bytes] = set()
                 if dependencies is not None:

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from .. import protocol as P
-from ..transfer import BIG_THRESHOLD, is_local, load_local, spill_result
+from ..dataref import load_arguments
+from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, encode_data, is_data, serialize_data_exception,
                          serialize_exception, serialize_value)
 
@@ -298,8 +299,9 @@ class WorkerProcess:
         data = self.data_only or is_data(args_blob)
         try:
             fn = self.load_function(fn_hash)
-            if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py)
-                payload = load_local(P.as_bytes(args_blob), decode_data if data else deserialize)
+            if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py),
+                #                       or arguments with the files of the DataRefs they name (dataref.py)
+                payload = load_arguments(P.as_bytes(args_blob), decode_data if data else deserialize)
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:

@@ -1,0 +1,267 @@
+"""Data sent once (dataref.py, relay/refs.py, endpoint/refs.py): ``ref =
+ex.put(obj)`` stores an object at the relay once; tasks name it (also inside
+containers and keyword arguments) and their workers get the object; each
+endpoint fetches it once (counted by the relay) and caches it per user;
+``ref.delete()`` and the TTL remove it; only its user can use or delete it;
+large puts stream in chunks; puts survive a relay kill -9."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import uuid
+
+import cloudpickle
+import pytest
+
+from fedexec import DataRef, DataRefError, FederatedExecutor, with_options, memoized
+from fedexec import protocol as P
+from fedexec.serialize import serialize_arguments, serialize_function
+from fedexec.transfer import BIG_THRESHOLD, TransferError, TransferLink, big_ref
+
+from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
+from test_durability import started_federation
+from test_faults import running_relay, tail
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MiB = 1024 * 1024
+
+
+def total(data, more=(), table=None, scale=1):
+    """What the tests' tasks compute from a put object and its copies."""
+    out = len(data) * scale
+    for item in more:
+        out += len(item)
+    for value in (table or {}).values():
+        out += len(value[0])
+    return out
+
+
+def head(data):
+    return bytes(data[:8]), len(data)
+
+
+def status_of(endpoint, token: str) -> str:
+    """``fedexec endpoint status`` of a configured endpoint: its output."""
+    return fedexec_cli("endpoint", "status", endpoint.name,
+                       env={"FEDEXEC_HOME": str(endpoint.home), "FEDEXEC_TOKEN": token}, check=False).stdout
+
+
+def cached_refs(endpoint, token: str, want: int, timeout: float = 15.0) -> int:
+    """The count of cached refs the endpoint's status shows, once it is
+    ``want`` (it rewrites its status each second), or the last one seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(r"data refs: (\d+) cached", status_of(endpoint, token))
+        count = int(found.group(1)) if found else -1
+        if count == want or time.monotonic() > deadline:
+            return count
+        time.sleep(0.3)
+
+
+def two_users(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    return {user: fedexec_cli("relay", "add-user", user, "--data-dir", data_dir).stdout.strip()
+            for user in ("alice", "bob")}
+
+
+@pytest.mark.timeout(240)
+def test_a_put_used_by_1000_tasks_on_two_endpoints_is_fetched_once_per_endpoint(tmp_path):
+    tokens = two_users(tmp_path)
+    alice = {"FEDEXEC_TOKEN": tokens["alice"]}
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "one", alice, relay=address, max_workers=2) as one, \
+            running_endpoint(tmp_path, "two", alice, relay=address, max_workers=2) as two:
+        for ep in (one, two):
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        with FederatedExecutor(one.id, relay=address, token=tokens["alice"]) as ex1, \
+                FederatedExecutor(two.id, relay=address, token=tokens["alice"]) as ex2:
+            data = os.urandom(3 * MiB)
+            ref = ex1.put(data, ttl=600)
+            assert isinstance(ref, DataRef) and ref.size > len(data) and len(ref.id) == 32
+            assert ref.expires == pytest.approx(time.time() + 600, abs=30)
+            futures = []
+            for i in range(250):   # 1,000 tasks: at top level, in containers, as keywords, through map
+                ex = ex1 if i % 2 else ex2
+                futures.append(ex.submit(total, ref))
+                futures.append(ex.submit(total, ref, more=(ref, ref), table={"k": [ref]}))
+                futures.append(ex.submit(with_options(total, max_retries=1), ref, scale=2))
+            expected = [len(data), 4 * len(data), 2 * len(data)] * 250
+            mapped = list(ex1.map(total, [ref] * 125)) + list(ex2.map(total, [ref] * 125, chunksize=25))
+            assert [f.result(120) for f in futures] == expected
+            assert mapped == [len(data)] * 250
+            assert ex1.submit(memoized(head), ref).result(60) == (data[:8], len(data))
+            fetches = ref.info()["fetches"]
+            assert fetches == {one.id: 1, two.id: 1}, fetches   # counted by the relay, per endpoint
+            assert cached_refs(one, tokens["alice"], 1) == 1
+            assert cached_refs(two, tokens["alice"], 1) == 1
+            # deleted: a task naming it fails with an error that names it, others go on
+            ref.delete()
+            with pytest.raises(DataRefError, match=ref.id) as failed:
+                ex1.submit(total, [ref]).result(60)
+            assert failed.value.ref == ref.id and "deleted" in str(failed.value)
+            assert ex1.submit(len, b"abc").result(60) == 3
+            with pytest.raises(DataRefError, match=ref.id):
+                ref.info()
+            # and the endpoints drop their copies (the relay tells those that fetched it)
+            assert cached_refs(one, tokens["alice"], 0) == 0
+            assert cached_refs(two, tokens["alice"], 0) == 0
+        spool = tmp_path / "relay-data" / "spool"
+        assert not [f for f in spool.glob("*/*") if f.name != "user"]   # its bytes left the quota too
+        for ep in (one, two):
+            assert ep.proc.poll() is None, tail(ep.log)
+
+
+@pytest.mark.timeout(180)
+def test_another_user_can_neither_use_nor_delete_your_ref(tmp_path):
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+        wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        owner = RawClient(address, tokens["alice"])
+        owner.send(P.SHARE, {"ep": ep.id, "add_users": ["bob"]})   # bob's tasks run on alice's endpoint
+        assert owner.expect(P.SHARED)
+        owner.close()
+        with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice, \
+                FederatedExecutor(ep.id, relay=address, token=tokens["bob"], data_only=False) as bob:
+            ref = alice.put(b"alice's data", ttl=600)
+            assert alice.submit(head, ref).result(60) == (b"alice's ", 12)   # cached at the endpoint now
+            # bob holding her ref (its id, size and sha256: all a pickled DataRef carries) cannot use it
+            forged = DataRef(bob, ref._id, ref.size, ref.digest, ref.expires)
+            with pytest.raises(DataRefError, match=f"{ref.id} is not a DataRef of user 'bob'"):
+                bob.submit(head, forged).result(60)
+            with pytest.raises(DataRefError, match=ref.id):
+                forged.delete()
+            with pytest.raises(DataRefError):
+                forged.info()
+            # nor by raw messages naming its id: a task, a delete, a fetch as an endpoint would
+            raw = RawClient(address, tokens["bob"])
+            link = TransferLink(address, token=tokens["bob"])
+            try:
+                fn_hash, body = serialize_function(head)
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                args = serialize_arguments(head, (b"x",), {})
+                row = [task_id, fn_hash, blobs.ref(args), blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION,
+                       {"rf": [ref.wire()]}]
+                raw.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
+                failure = raw.failure_of(task_id, 20)
+                assert failure["kind"] == P.REF_MISSING and ref.id in failure["msg"], failure
+                raw.send(P.REF, {"op": "del", "b": ref._id, "q": b"q1"})
+                answer = raw.expect(P.REF_ANSWER)
+                assert answer is not None and "not a DataRef of user 'bob'" in answer.fields["err"]
+                with pytest.raises(TransferError, match="no upload|may not fetch"):
+                    link.fetch_bytes(big_ref(ref._id, ref.size, ref.digest))
+                with pytest.raises(TransferError, match="may not fetch"):
+                    link.fetch_bytes(big_ref(ref._id, ref.size, ref.digest), task_id=task_id)
+                guessed = os.urandom(16)   # a guessed id is as unknown as another user's
+                raw.send(P.REF, {"op": "info", "b": guessed, "q": b"q2"})
+                answer = raw.expect(P.REF_ANSWER)
+                assert answer is not None and "not a DataRef of user 'bob'" in answer.fields["err"]
+            finally:
+                raw.close()
+                link.close()
+            # bob's own put of the same bytes is his: fetched for him, not served from her copy
+            own = bob.put(b"alice's data", ttl=600)
+            assert own.id != ref.id
+            assert bob.submit(head, own).result(60) == (b"alice's ", 12)
+            assert own.info()["fetches"] == {ep.id: 1}
+            # alice's ref is untouched by all that, and still fetched only once
+            assert alice.submit(head, ref).result(60) == (b"alice's ", 12)
+            assert ref.info()["fetches"] == {ep.id: 1}
+        assert ep.proc.poll() is None, tail(ep.log)
+
+
+def test_a_ref_expires_with_its_ttl_in_the_embedded_default():
+    with FederatedExecutor(max_workers=1) as ex:
+        ref = ex.put([1, 2, 3], ttl=1.5)
+        assert ex.submit(sum, ref).result(60) == 6
+        assert ex.submit(len, {"a": ref}).result(60) == 1
+        time.sleep(2.0)
+        with pytest.raises(DataRefError, match=f"{ref.id} .*expired"):
+            ex.submit(sum, ref).result(60)
+        with pytest.raises(DataRefError, match="ttl is at most"):
+            ex.put(b"x", ttl=10 * 365 * 24 * 3600.0)
+        with pytest.raises(ValueError, match="ttl"):
+            ex.put(b"x", ttl=0)
+        # a DataRef travels only as a task's argument
+        import pickle
+        with pytest.raises(pickle.PicklingError, match="only as an argument of a task"):
+            pickle.dumps(ref)
+        services = ex._dispatcher.services
+        spool = os.path.join(services.directory, "relay", "spool")
+        left = [f for d, _, files in os.walk(spool) for f in files if f != "user"]
+        assert not left, left
+
+
+@pytest.mark.timeout(180)
+def test_a_large_put_streams_in_chunks_and_is_used(tmp_path):
+    import numpy as np
+
+    with FederatedExecutor(max_workers=1) as ex:
+        array = np.arange((BIG_THRESHOLD + 24 * MiB) // 8, dtype=np.int64)   # 40 MiB: over one frame's limit
+        ref = ex.put(array)
+        assert ref.size > P.MAX_FRAME
+        assert ex.submit(np.sum, ref).result(120) == array.sum()
+        assert ex.submit(lambda a, b: a.shape == b.shape, ref, b=ref).result(120) is True
+        # a worker gets the array as a read-only view of the endpoint's copy: no task changes it for the next
+        assert ex.submit(lambda a: a.flags.writeable, ref).result(60) is False
+        assert ex.submit(lambda a: (a + 1)[-1], ref).result(60) == array[-1] + 1
+
+
+@pytest.mark.timeout(180)
+def test_a_put_survives_a_relay_kill_9(tmp_path):
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            ref = ex.put(b"durable", ttl=600)
+            short = ex.put(b"short", ttl=2)
+            assert ex.submit(head, ref).result(60) == (b"durable", 7)
+            relay.kill()
+            time.sleep(0.5)
+            relay.start()
+            assert ex.submit(head, ref).result(60) == (b"durable", 7)
+            assert ref.info()["expires"] == pytest.approx(ref.expires, abs=1e-3)   # its TTL kept
+            time.sleep(2.0)
+            with pytest.raises(DataRefError, match=short.id):
+                ex.submit(head, short).result(60)
+            refs_dir = tmp_path / "relay-data" / "refs"
+            assert refs_dir.stat().st_mode & 0o777 == 0o700
+            for meta in refs_dir.glob("*/*"):
+                assert meta.stat().st_mode & 0o777 == 0o600, meta
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def add(a, b):
+    return a + b
+
+
+def test_a_ref_beside_futures_and_in_copies_works():
+    import copy
+
+    with FederatedExecutor(max_workers=1) as ex:
+        ref = ex.put(10, ttl=600)
+        assert copy.deepcopy([ref])[0] is ref and copy.copy(ref) is ref
+        first = ex.submit(add, 1, 2)
+        held_at_relay = ex.submit(add, first, ref)                 # a task future of this executor
+        held_here = ex.submit(memoized(add), first, b=ref)         # memoized: waits in the client
+        assert held_at_relay.result(60) == 13 and held_here.result(60) == 13
+        assert sum(ref.info()["fetches"].values()) == 1
+
+
+@pytest.mark.timeout(180)
+def test_puts_count_against_the_users_byte_quota_until_deleted(tmp_path):
+    with started_federation(tmp_path, "--max-bytes-per-user", str(40 * MiB), workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            first = ex.put(os.urandom(25 * MiB))
+            with pytest.raises(TransferError, match="quota of 41,943,040 bytes per user"):
+                ex.put(os.urandom(25 * MiB))
+            assert ex.submit(len, first).result(60) == 25 * MiB   # the first is untouched, and usable
+            first.delete()
+            second = ex.put(os.urandom(25 * MiB))                 # its room is free again
+            assert ex.submit(len, second).result(60) == 25 * MiB
+            spool = tmp_path / "relay-data" / "spool"
+            assert len([f for f in spool.glob("*/*") if f.name != "user"]) == 1
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
