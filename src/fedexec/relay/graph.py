@@ -69,6 +69,11 @@ class DependencyGraph:
         self.refs: dict[bytes, int] = {}     # dependency -> its unfinished dependents (its result stays)
         self.deferred: dict[bytes, str] = {}   # acknowledgements put off meanwhile: task id -> user
         self._ready: dict[bytes, dict[bytes, bytes]] = {}   # results of tasks ready, until taken
+        # forwarded: tasks sent on to their endpoint with their dependencies' ids, to wait
+        # there (all their dependencies went there before them); failed_there: those of
+        # them that fail there with a dependency (the failure, should they come back here)
+        self.forwarded: set[bytes] = set()
+        self.failed_there: dict[bytes, bytes] = {}
 
     def __bool__(self) -> bool:
         return bool(self.dependencies_of or self.dependents)
@@ -120,6 +125,18 @@ class DependencyGraph:
                 ready.append(waiting.record)
         return ready, failed
 
+    def is_ready(self, task_id: bytes) -> bool:
+        """Whether every dependency of this task has succeeded (its results are in hand)."""
+        return task_id in self._ready
+
+    def may_go_on(self, task_id: bytes, sent_there: dict[bytes, Any]) -> bool:
+        """Whether a forwarded task may go to its endpoint with its
+        dependencies' ids: none of them has finished, and each went there
+        (is in ``sent_there``, the endpoint's tasks) before it."""
+        waiting = self.waiting.get(task_id)
+        return (waiting is not None and not waiting.results
+                and all(d in sent_there for d in waiting.dependencies))
+
     def drop(self, task_id: bytes) -> None:
         """A held task leaves (cancelled): it waits no more."""
         self.waiting.pop(task_id, None)
@@ -130,6 +147,9 @@ class DependencyGraph:
         dependencies = self.dependencies_of.pop(task_id, None)
         self.waiting.pop(task_id, None)
         self._ready.pop(task_id, None)
+        if self.forwarded:
+            self.forwarded.discard(task_id)
+            self.failed_there.pop(task_id, None)
         due: dict[bytes, str] = {}
         for dependency in dependencies or ():
             count = self.refs.get(dependency, 0) - 1
