@@ -97,7 +97,7 @@ class DependencyGraph:
         return False
 
     def ready_results(self, task_id: bytes) -> list[bytes]:
-        """The results of a ready task's dependencies, in their order (its persistent ids)."""
+        """The results of a ready task's dependencies, in their order (its placeholders 0, 1, ...)."""
         results = self._ready.pop(task_id)
         return [results[d] for d in self.dependencies_of[task_id]]
 
