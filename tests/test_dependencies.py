@@ -48,6 +48,10 @@ def wait_for(path, limit=30.0):
     return os.path.basename(path)
 
 
+def zeros(size, _):
+    return bytes(size)
+
+
 def sleep_then(delay, value):
     time.sleep(delay)
     return value
@@ -406,9 +410,14 @@ def test_a_graph_on_a_group_of_endpoints(tmp_path):
                 joined = ex.submit(describe, chain, *spread)   # fan-in over both endpoints
                 bad = ex.submit(boom, root)
                 after_bad = ex.submit(inc, bad)
+                # held at the relay (a group's task), on a result it does not keep in memory
+                # (over relay.graph.KEPT_IN_MEMORY): read back from its record when the task goes
+                large = ex.submit(zeros, 1_000_000, root)
+                sized = ex.submit(size_plus, large, 1)
                 args, _ = joined.result(DEADLINE)
                 assert args[0] == 11 and [value for _, value in args[1:]] == [1] * 8
                 assert chain.result() == 11
+                assert sized.result(DEADLINE) == 1_000_001
                 with pytest.raises(DependencyError) as info:
                     after_bad.result(DEADLINE)
                 assert info.value.dependency == bad.task_id

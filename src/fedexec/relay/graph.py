@@ -12,8 +12,11 @@ it fails too (and so do the tasks waiting on it).
 
 A dependency's result stays in the record until every task that depends on
 it has finished (an acknowledgement of it meanwhile is put off), so that a
-relay restarted meanwhile can send them again. The relay never unpickles
-any of it.
+relay restarted meanwhile can send them again. Only results up to
+``KEPT_IN_MEMORY`` bytes are also kept here, in memory, for the tasks
+waiting on them; a larger one is read back from the record when such a task
+goes (so the memory this index takes does not grow with result sizes). The
+relay never unpickles any of it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import msgpack
 
 from .registry import TaskRecord
 
+KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
 ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
 
@@ -48,13 +52,19 @@ def open_envelope(stored: Any) -> tuple[list[bytes], bytes] | None:
     return dependencies, args
 
 
+def in_memory(result: Any) -> bytes | None:
+    """What the index keeps of a dependency's result: the bytes, or None
+    (read from the record when needed) for one over ``KEPT_IN_MEMORY``."""
+    return bytes(result) if len(result) <= KEPT_IN_MEMORY else None
+
+
 class _Waiting:
     __slots__ = ("record", "dependencies", "results")
 
     def __init__(self, record: TaskRecord, dependencies: list[bytes]) -> None:
         self.record = record
         self.dependencies = dependencies
-        self.results: dict[bytes, bytes] = {}   # of the dependencies finished so far
+        self.results: dict[bytes, bytes | None] = {}   # of the dependencies finished so far (None: in the record)
 
 
 class DependencyGraph:
@@ -96,8 +106,9 @@ class DependencyGraph:
             self.dependents.setdefault(dependency, []).append(task_id)
         return False
 
-    def ready_results(self, task_id: bytes) -> list[bytes]:
-        """The results of a ready task's dependencies, in their order (its placeholders 0, 1, ...)."""
+    def ready_results(self, task_id: bytes) -> list[bytes | None]:
+        """The results of a ready task's dependencies, in their order (its
+        placeholders 0, 1, ...); None for one to read from the record."""
         results = self._ready.pop(task_id)
         return [results[d] for d in self.dependencies_of[task_id]]
 
@@ -109,7 +120,7 @@ class DependencyGraph:
             return [], []
         ready: list[TaskRecord] = []
         failed: list[TaskRecord] = []
-        value = bytes(result) if ok else b""
+        value = in_memory(result) if ok else b""
         for waiting_id in waiting_ids:
             waiting = self.waiting.get(waiting_id)
             if waiting is None:

@@ -36,7 +36,7 @@ from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, Endp
 from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
-from .graph import WAITING, DependencyGraph, envelope, open_envelope
+from .graph import WAITING, DependencyGraph, envelope, in_memory, open_envelope
 from ..dependencies import wrap_arguments
 
 log = logging.getLogger("fedexec.relay")
@@ -935,6 +935,12 @@ class Relay:
         results = self.graph.ready_results(record.task_id)
         if queued:
             record.state = WAITING   # (skipped by the dispatcher, should it fail below)
+        if None in results:   # large results: read from the record
+            failure = self._results_from_record(record, results)
+            if failure is not None:
+                del self.tasks[record.task_id]
+                self._fail_held(record, failure, now)
+                return False
         if is_big(record.args) or any(is_big(result) for result in results):
             # (a large payload is a reference to an upload: the worker needs the value itself)
             del self.tasks[record.task_id]
@@ -969,6 +975,25 @@ class Relay:
             return False
         state.queue.append(record)
         return True
+
+    def _results_from_record(self, record: TaskRecord, results: list[Any]) -> bytes | None:
+        """Fill in (in place) the results of a ready task's dependencies that
+        were not kept in memory (graph.KEPT_IN_MEMORY), from the record
+        (written first, if it is not yet: a wait of one group commit); a
+        failure if one is gone."""
+        seq = self.store.flush()
+        deadline = time.monotonic() + 30.0
+        while self.store.committed_seq < seq and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for position, dependency in enumerate(self.graph.dependencies_of[record.task_id]):
+            if results[position] is not None:
+                continue
+            outcome = self.store.task_outcome(dependency)
+            if outcome is None or outcome[1] != P.OK or outcome[3] != record.user:
+                return P.pack_failure(P.LOST, f"the result of task {_uuid(dependency)}, which this task depends on, "
+                                              f"could not be read from the relay's record")
+            results[position] = outcome[2] or b""
+        return None
 
     def _fail_held(self, record: TaskRecord, failure: bytes, now: float) -> None:
         """A held task (already out of ``self.tasks``) fails with ``failure``."""
@@ -1032,7 +1057,7 @@ class Relay:
                 outcome = self.store.task_outcome(dependency)
                 if outcome is not None and outcome[0] == FINISHED and outcome[3] == record.user \
                         and outcome[1] == P.OK:
-                    results[dependency] = outcome[2] or b""
+                    results[dependency] = in_memory(outcome[2] or b"")
                     continue
                 why = "failed or was cancelled" if outcome is not None and outcome[3] == record.user \
                     else "is no longer in the record"
