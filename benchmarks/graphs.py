@@ -1,14 +1,16 @@
 """Task graphs (issue 13): futures passed as arguments, timed side by side.
 
-    python benchmarks/graphs.py [--chain 1000] [--fan 10000] [--runs 3] [--only fedexec,parsl]
+    python benchmarks/graphs.py [--chain 1000] [--fan 10000] [--runs 3] [--only fedexec,dask,parsl]
 
 Two graphs of no-op tasks: a chain (each task takes the previous one's
 future) and a fan-out/fan-in (``fan - 1`` tasks each take one root task's
 future, then one task takes all of them). fedexec runs its embedded default
 (2 workers); Parsl its HighThroughputExecutor (one local block of 2 workers,
 as in run_all.py) through ``python_app`` calls, which resolve futures passed
-as arguments the same way. Prints the median seconds per graph and system.
-Dask distributed is not in this environment, so it is not measured here.
+as arguments the same way; Dask distributed a LocalCluster of 2 worker
+processes with 1 thread each, through ``client.submit`` (which also takes
+futures as arguments; ``pure=False`` so that equal calls are not merged).
+Prints the median seconds per graph and system.
 """
 
 from __future__ import annotations
@@ -79,7 +81,21 @@ def run_parsl(args: argparse.Namespace) -> dict[str, list[float]]:
     return times
 
 
-SYSTEMS = {"fedexec": run_fedexec, "parsl": run_parsl}
+def run_dask(args: argparse.Namespace) -> dict[str, list[float]]:
+    from dask.distributed import Client, LocalCluster
+
+    times: dict[str, list[float]] = {"chain": [], "fan": []}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        submit = lambda fn, *a: client.submit(fn, *a, pure=False)   # noqa: E731
+        submit(identity, 0).result(RESULT_TIMEOUT)   # warm
+        for _ in range(args.runs):
+            times["chain"].append(chain(submit, args.chain))
+            times["fan"].append(fan(submit, args.fan))
+    return times
+
+
+SYSTEMS = {"fedexec": run_fedexec, "dask": run_dask, "parsl": run_parsl}
 
 
 def main() -> int:

@@ -48,6 +48,10 @@ def wait_for(path, limit=30.0):
     return os.path.basename(path)
 
 
+def zeros(size, _):
+    return bytes(size)
+
+
 def sleep_then(delay, value):
     time.sleep(delay)
     return value
@@ -330,3 +334,92 @@ def test_a_dependent_task_with_a_large_argument_waits_in_the_client_and_runs(exe
     first = executor.submit(sleep_then, 0.3, 5)
     dependent = executor.submit(size_plus, big, first)
     assert dependent.result(DEADLINE) == len(big) + 5
+
+
+# -- held at the endpoint: dependencies that run on the same endpoint ------------------
+
+def test_a_chain_on_one_endpoint_waits_there_not_for_the_relay():
+    """Each link of a chain is sent to the endpoint before the result of the
+    link before it reaches the relay: it waited at the endpoint, which gave it
+    that result itself (held at the relay, it would leave only after)."""
+    with FederatedExecutor(max_workers=2, trace=True) as ex:
+        chain = [ex.submit(sleep_then, 1.0, 0)]   # the others reach the relay while it runs
+        for _ in range(10):
+            chain.append(ex.submit(inc, chain[-1]))
+        assert chain[-1].result(DEADLINE) == 10
+        timings = [future.fedexec_timings for future in chain]
+    for before, after in zip(timings[1:], timings[2:]):
+        assert after["relay_out"] < before["relay_result"], (before, after)
+        assert after["start"] >= before["end"]
+
+
+def test_a_dependency_failing_at_the_endpoint_fails_the_tasks_held_there():
+    with FederatedExecutor(max_workers=2) as ex:
+        bad = ex.submit(boom, ex.submit(sleep_then, 0.5, 7))
+        dependent = ex.submit(inc, bad)
+        downstream = ex.submit(inc, dependent)
+        with pytest.raises(DependencyError) as info:
+            dependent.result(DEADLINE)
+        assert bad.task_id in str(info.value) and info.value.dependency == bad.task_id
+        assert isinstance(info.value.__cause__, ValueError) and "bad input 7" in str(info.value.__cause__)
+        with pytest.raises(DependencyError) as info:
+            downstream.result(DEADLINE)
+        assert info.value.dependency == dependent.task_id
+        assert ex.submit(inc, 1).result(DEADLINE) == 2   # the endpoint goes on
+
+
+@pytest.mark.timeout(120)
+def test_an_endpoint_killed_with_tasks_held_there_loses_nothing(tmp_path):
+    import psutil
+    import signal
+
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            root = ex.submit(sleep_then, 1.5, 1)
+            chain = root
+            for _ in range(20):
+                chain = ex.submit(inc, chain)
+            leaves = [ex.submit(inc, root) for _ in range(100)]
+            joined = ex.submit(total, [chain, *leaves])
+            time.sleep(0.7)   # the root runs; the rest wait at the endpoint
+            procs = [psutil.Process(endpoint.proc.pid), *psutil.Process(endpoint.proc.pid).children(recursive=True)]
+            for proc in procs:
+                proc.send_signal(signal.SIGKILL)
+            psutil.wait_procs(procs, timeout=10)
+            endpoint.proc.wait(10)
+            endpoint.start()   # the relay sends them all again
+            assert joined.result(DEADLINE) == 21 + 100 * 2
+            assert chain.result() == 21 and all(leaf.result() == 2 for leaf in leaves)
+
+
+@pytest.mark.timeout(120)
+def test_a_graph_on_a_group_of_endpoints(tmp_path):
+    from test_faults import running_relay
+    from test_routing import Endpoints, where
+
+    with running_relay(tmp_path) as address:
+        endpoints = Endpoints(tmp_path, address)
+        try:
+            a, b = endpoints("a"), endpoints("b")
+            with FederatedExecutor([a.id, b.id], relay=address) as ex:
+                root = ex.submit(sleep_then, 0.5, 1)
+                chain = root
+                for _ in range(10):
+                    chain = ex.submit(inc, chain)
+                spread = [ex.submit(where, 0.2, root) for _ in range(8)]   # a, b or both run them
+                joined = ex.submit(describe, chain, *spread)   # fan-in over both endpoints
+                bad = ex.submit(boom, root)
+                after_bad = ex.submit(inc, bad)
+                # held at the relay (a group's task), on a result it does not keep in memory
+                # (over relay.graph.KEPT_IN_MEMORY): read back from its record when the task goes
+                large = ex.submit(zeros, 1_000_000, root)
+                sized = ex.submit(size_plus, large, 1)
+                args, _ = joined.result(DEADLINE)
+                assert args[0] == 11 and [value for _, value in args[1:]] == [1] * 8
+                assert chain.result() == 11
+                assert sized.result(DEADLINE) == 1_000_001
+                with pytest.raises(DependencyError) as info:
+                    after_bad.result(DEADLINE)
+                assert info.value.dependency == bad.task_id
+        finally:
+            endpoints.stop()

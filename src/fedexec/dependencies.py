@@ -3,15 +3,16 @@
 ``ex.submit(f, ex.submit(g, 1))`` runs ``f`` on ``g``'s value. The call's
 arguments are pickled at ``submit`` (so later changes to them do not leak
 into the task, as for any task) with every :class:`~concurrent.futures.Future`
-in them, at any depth, replaced by a persistent id (:func:`snapshot`). The
+in them, at any depth, replaced by a placeholder (:func:`snapshot`). The
 task is held in the client until all of those futures are done
 (:class:`DependentCall`), and then its arguments are rebuilt with each
 future's value in its place (:func:`rebuild`) and sent like any task. A
 dependency that failed or was cancelled fails the task with
 :class:`~fedexec.DependencyError`, which names it and chains its exception.
 
-This costs nothing to calls without futures: the executor tries this path
-only when the ordinary pickling of the arguments failed.
+This costs nothing to calls without futures: plain arguments take the
+usual path, and others are pickled once, finding futures on the way
+(:func:`arguments_or_futures`).
 """
 
 from __future__ import annotations
@@ -25,44 +26,59 @@ from typing import Any, Callable
 import cloudpickle
 
 from .errors import DependencyError
-from .serialize import PICKLE_PROTOCOL
+from .serialize import _SIMPLE_TYPES, PICKLE_PROTOCOL, serialize_arguments
 
 
 class _FutureFinder(cloudpickle.Pickler):
-    """Pickles a value with each distinct Future in it written as its index
-    in ``found`` (a persistent id), wherever it is nested."""
+    """Pickles a value with each distinct Future in it written as a call of
+    :func:`_dependency` with its index in ``found``, wherever it is nested.
+
+    It hooks ``reducer_override``, which pickle calls only for objects that
+    are not plain data (never for ints, strings, lists, dicts...) and which
+    cloudpickle's own pickler calls anyway: finding the futures costs the
+    pickling of a value without futures one isinstance test per such object."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=PICKLE_PROTOCOL)
         self.found: list[Future] = []
         self._index: dict[int, int] = {}
 
-    def persistent_id(self, obj: Any) -> int | None:  # noqa: D102 - pickle's hook
+    def reducer_override(self, obj: Any) -> Any:  # noqa: D102 - pickle's hook
         if not isinstance(obj, Future):
-            return None
+            return super().reducer_override(obj)
         index = self._index.get(id(obj))
         if index is None:
             index = self._index[id(obj)] = len(self.found)
             self.found.append(obj)
-        return index
+        return _dependency, (index,)
 
 
-class _ValueLoader(pickle.Unpickler):
-    """Unpickles a :func:`snapshot`, giving each persistent id its future's value."""
+_loading = threading.local()   # .values: the dependencies' values, while a snapshot loads in this thread
 
-    def __init__(self, blob: bytes, values: list[Any]) -> None:
-        super().__init__(io.BytesIO(blob))
-        self._values = values
 
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle's hook
-        if type(pid) is not int or not 0 <= pid < len(self._values):
-            raise pickle.UnpicklingError(f"unknown dependency id {pid!r}")
-        return self._values[pid]
+def _dependency(index: int) -> Any:
+    """(Called as a snapshot loads) the value of dependency ``index``."""
+    values = getattr(_loading, "values", None)
+    if values is None or type(index) is not int or not 0 <= index < len(values):
+        raise pickle.UnpicklingError(f"unknown dependency {index!r} (a task's arguments that name other tasks' "
+                                     f"futures load only with their values)")
+    return values[index]
+
+
+def _load(blob: Any, values: list[Any]) -> Any:
+    """Unpickle a :func:`snapshot` with ``values`` for its futures."""
+    previous = getattr(_loading, "values", None)
+    _loading.values = values
+    try:
+        return pickle.loads(blob)
+    finally:
+        _loading.values = previous
 
 
 def snapshot(value: Any) -> tuple[bytes, list[Future]]:
     """``value`` pickled with its futures left out, and those futures (each
-    once, in order of first appearance); no futures: an empty list.
+    once, in order of first appearance); no futures: an empty list (and the
+    bytes are what cloudpickle makes of ``value``).
 
     Raises what pickling raises for anything else that cannot be pickled."""
     buffer = io.BytesIO()
@@ -71,10 +87,36 @@ def snapshot(value: Any) -> tuple[bytes, list[Future]]:
     return buffer.getvalue(), finder.found
 
 
+class FuturesFound(Exception):
+    """(Internal) raised by :func:`arguments_or_futures` for arguments that
+    hold futures, with their :func:`snapshot`."""
+
+    def __init__(self, blob: bytes, futures: list[Future]) -> None:
+        super().__init__("the arguments hold futures")
+        self.blob = blob
+        self.futures = futures
+
+
+def arguments_or_futures(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """:func:`~fedexec.serialize.serialize_arguments` (the same bytes, at the
+    same cost for plain arguments) in one pickling pass that also finds any
+    futures in them: then it raises :class:`FuturesFound` with the snapshot,
+    rather than failing on the first future and pickling again."""
+    if not kwargs and all(type(a) in _SIMPLE_TYPES for a in args):
+        return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+    try:
+        blob, futures = snapshot((args, kwargs))
+    except Exception:
+        return serialize_arguments(fn, args, kwargs)   # raises the error that names the call
+    if futures:
+        raise FuturesFound(blob, futures)
+    return blob
+
+
 def rebuild(blob: bytes, futures: list[Future]) -> Any:
     """The value of a :func:`snapshot` with each future's result in its place
     (all of them must have succeeded)."""
-    return _ValueLoader(blob, [future.result() for future in futures]).load()
+    return _load(blob, [future.result() for future in futures])
 
 
 def dependency_name(future: Future) -> str:
@@ -138,7 +180,7 @@ class DependentCall:
 # -- held at the relay -------------------------------------------------------------
 # A task whose dependencies are all tasks of the same executor goes to the relay
 # at once, its arguments pickled as by snapshot() with option "d" naming the
-# tasks whose futures the persistent ids 0, 1, ... stand for. The relay holds it
+# tasks whose futures the placeholders 0, 1, ... stand for. The relay holds it
 # until they have finished (relay/graph.py) and then sends it with their results
 # wrapped around its arguments (wrap_arguments): loading that in the worker
 # (an ordinary pickle.loads there) calls load_with_results, which puts each
@@ -147,11 +189,11 @@ class DependentCall:
 
 def load_with_results(args: bytes, results: list[bytes]) -> Any:
     """(In the worker) a task's ``(args, kwargs)`` with its dependencies'
-    results (pickled, or plain data) in place of their persistent ids."""
+    results (pickled, or plain data) in place of their placeholders."""
     from .serialize import decode_data, is_data
 
     values = [decode_data(blob) if is_data(blob) else pickle.loads(blob) for blob in results]
-    return _ValueLoader(args, values).load()
+    return _load(args, values)
 
 
 class _WithResults:

@@ -34,7 +34,7 @@ import zmq
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
 from .auth import REFUSED_GRACE, HandshakeWatch, check_token
-from .dependencies import DependentCall, dependency_error, rebuild, snapshot
+from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dependency_error, rebuild, snapshot
 from . import dataref
 from .embedded import EmbeddedFederation
 from .transfer import BIG_THRESHOLD, LinkPool, TransferError, is_big, parse_big
@@ -1055,6 +1055,8 @@ class FederatedExecutor(Executor):
         self._dispatcher = _Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
         self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
+        # a call's arguments as submit pickles them: finding futures in the same pass
+        self._submit_arguments: Callable[[Callable[..., Any], tuple, dict], bytes] = arguments_or_futures
         self._dispatcher.start()
         try:
             infos = [self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services,
@@ -1072,6 +1074,7 @@ class FederatedExecutor(Executor):
         self.data_only: bool = why is not None
         if why is not None:
             self._serialize_arguments, self._serialize_chunk = serialize_data_arguments, serialize_data_chunk
+            self._submit_arguments = serialize_data_arguments
             self._dispatcher.data_only_why = why
             self._dispatcher.data_only = True
         #: the endpoints' worker count; Dask reads it to size its concurrency
@@ -1121,7 +1124,11 @@ class FederatedExecutor(Executor):
 
         Futures among the arguments (at any depth) are dependencies: the task
         runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
-        future = self._submit(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, kwargs))
+        try:
+            future = self._submit(fn, P.TASK_CALL, lambda: self._submit_arguments(fn, args, kwargs))
+        except FuturesFound as found:
+            fn, memoize, extra = self._callable(fn)
+            return self._submit_dependent(fn, memoize, extra, args, kwargs, None, found)
         if future._state == _FINISHED and isinstance(future._exception, SerializationError):
             fn, memoize, extra = self._callable(fn)
             return self._submit_dependent(fn, memoize, extra, args, kwargs, future)
@@ -1161,8 +1168,11 @@ class FederatedExecutor(Executor):
         futures: list[Future] = []
         group: list[_WorkItem] = []
         for args in calls:
-            future, item = self._new_task(fn, P.TASK_CALL, lambda: self._serialize_arguments(fn, args, {}), memoize,
-                                          extra)
+            try:
+                future, item = self._new_task(fn, P.TASK_CALL, lambda: self._submit_arguments(fn, args, {}), memoize,
+                                              extra)
+            except FuturesFound as found:
+                future, item = self._submit_dependent(fn, memoize, extra, args, {}, None, found), None
             if item is None and isinstance(future._exception, SerializationError):
                 future = self._submit_dependent(fn, memoize, extra, args, {}, future)
             futures.append(future)
@@ -1210,25 +1220,31 @@ class FederatedExecutor(Executor):
         return future, item
 
     def _submit_dependent(self, fn: Callable[..., Any], memoize: bool, extra: dict[str, Any] | None,
-                          args: tuple, kwargs: dict[str, Any], failed: TaskFuture) -> TaskFuture:
-        """A call whose arguments could not be pickled: if that is because
-        they hold futures, a new future for the call, held here until those
-        futures are done and then sent with their values in their place (or
-        failed with a DependencyError); otherwise ``failed``, which holds
-        the pickling error."""
-        try:
-            with dataref.collecting() as refs:   # (DataRefs pickle only while collecting: dataref.py)
-                blob, futures = snapshot((args, kwargs))
-        except Exception:
-            return failed   # something else cannot be pickled: the original error stands
-        if refs:
-            extra = self._with_refs(extra, refs)
-            if extra is None:
-                return failed
+                          args: tuple, kwargs: dict[str, Any], failed: TaskFuture | None,
+                          found: FuturesFound | None = None) -> TaskFuture:
+        """A call whose arguments hold futures (``found``: their snapshot
+        already made), or could not be pickled (``failed``: its future, which
+        holds the error): if that is because they hold futures or DataRefs,
+        a new future for the call (held here until those futures are done
+        and then sent with their values in their place, or failed with a
+        DependencyError); otherwise ``failed``."""
+        if found is not None:   # (no DataRefs: those pickle only while collecting, dataref.py)
+            blob, futures = found.blob, found.futures
+        else:
+            assert failed is not None
+            try:
+                with dataref.collecting() as refs:
+                    blob, futures = snapshot((args, kwargs))
+            except Exception:
+                return failed   # something else cannot be pickled: the original error stands
+            if refs:
+                extra = self._with_refs(extra, refs)
+                if extra is None:
+                    return failed
+                if not futures:
+                    return self._submit_with_refs(fn, memoize, extra, blob)
             if not futures:
-                return self._submit_with_refs(fn, memoize, extra, blob)
-        if not futures:
-            return failed
+                return failed
         dispatcher = self._dispatcher
         dependent = TaskFuture(dispatcher, self._task_ids.next())
         hold = functools.partial(self._hold_dependent, fn, memoize, extra, blob, futures, dependent)

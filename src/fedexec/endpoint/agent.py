@@ -48,6 +48,7 @@ from ..serialize import is_data
 from ..worker import sandbox as sandboxes
 from ..transfer import is_big, is_local
 from .bulk import EndpointTransfers
+from .graph import HeldTasks
 from .refs import RefCache
 from .pools import PoolLink
 from .providers import make_provider, pool_command
@@ -112,6 +113,8 @@ class EndpointAgent:
         # the relay restarts before its ACK
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
+        self.graph = HeldTasks()   # tasks held for dependencies running here (graph.py)
+        self._cascade: list[tuple[bytes, int, Any]] | None = None   # see _dependency_finished
         self.allowed_functions: frozenset[bytes] | None = (
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
         self.data_only = config.takes_data_only()   # arguments and results as plain data, never pickles
@@ -306,19 +309,26 @@ class EndpointAgent:
 
     def _reset_credit(self) -> int:
         """On (re)introduction the relay's credit for us becomes this."""
-        self.relay_credit = max(0, self.capacity() - len(self.holding))
+        self.relay_credit = max(0, self.capacity() - self._occupied())
         return self.relay_credit
+
+    def _occupied(self) -> int:
+        """Tasks here that take up capacity: those held for dependencies
+        (graph.py), up to ``graph.extra(capacity)`` of them, do not, so that
+        the tasks after them in a chain can be here before they are due."""
+        held = len(self.graph.held)
+        return len(self.holding) - (min(held, self.graph.extra(self.capacity())) if held else 0)
 
     def _offer_spare_credit(self) -> None:
         """When capacity grew (tasks turned out fast), say so without waiting
         for results to carry the grant."""
-        spare = self.capacity() - len(self.holding) - self.relay_credit
+        spare = self.capacity() - self._occupied() - self.relay_credit
         if spare >= max(1, self.capacity() // 4):
             self._send_relay(P.encode(P.CREDIT, {"n": self._grant()}))
 
     def _grant(self) -> int:
         """Credit to give the relay now, and count it as given."""
-        grant = self.capacity() - len(self.holding) - self.relay_credit
+        grant = self.capacity() - self._occupied() - self.relay_credit
         if grant <= 0:
             return 0
         self.relay_credit += grant
@@ -416,15 +426,10 @@ class EndpointAgent:
                         log.warning("task %s failed: %s", row[0].hex(), why)
                         self._result(row[0], P.FAILED, P.pack_failure(P.LOST, why))
                         continue
-                if len(row) == 7 and "rf" in row[6]:   # it names DataRefs: their files go with it (refs.py)
-                    args, why, ref_id = self.refs.prepare(row[0], row[6].get("u") or "", row[6]["rf"],
-                                                          P.as_bytes(args))
-                    if args is None:
-                        log.warning("task %s failed: %s", row[0].hex(), why)
-                        self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
-                        continue
-                self.holding.add(row[0])
-                self.queue.append(QueuedTask(row, args))
+                if len(row) == 7 and "d" in row[6]:   # waits here for tasks sent before it
+                    self._hold_dependent(QueuedTask(row, args))
+                    continue
+                self._admit(QueuedTask(row, args))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.REFS_GONE:
@@ -478,6 +483,9 @@ class EndpointAgent:
                 self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": part}))
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
+        if self.graph:
+            for task_id in self.graph.cancel(task_ids):
+                self._result(task_id, P.CANCELLED, b"")
 
     def _note_backlog(self, fields: dict[str, Any]) -> None:
         backlog = fields.get("backlog")
@@ -499,10 +507,56 @@ class EndpointAgent:
         self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
+        if self.graph.waiting_on:   # tasks held here may wait for it
+            self._dependency_finished(task_id, status, blob)
         if self.bulk.argument_files:   # its large arguments' file, if it had one, goes
             self.bulk.done(task_id)
         if self.refs.by_task:   # the DataRefs it used may go again
             self.refs.done(task_id)
+
+    def _hold_dependent(self, task: QueuedTask) -> None:
+        """A task whose dependencies were sent here before it: queued once
+        their results are here (at once, if they are), held until then."""
+        task_id = task.row[0]
+        ready, failure = self.graph.hold(task, task.row[6]["d"], self.holding, self.unstored)
+        if failure is not None:
+            self._result(task_id, P.FAILED, failure)
+            return
+        self.holding.add(task_id)
+        if ready is not None:
+            self._admit(ready)
+
+    def _admit(self, task: QueuedTask) -> None:
+        """Queue a task whose arguments are complete (its dependencies'
+        results wrapped in, if it had any); one naming DataRefs gets their
+        files first (refs.py), or fails if they cannot be had."""
+        row = task.row
+        if len(row) == 7 and "rf" in row[6]:
+            args, why, ref_id = self.refs.prepare(row[0], row[6].get("u") or "", row[6]["rf"], P.as_bytes(task.args))
+            if args is None:
+                log.warning("task %s failed: %s", row[0].hex(), why)
+                self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
+                return
+            task = QueuedTask(row, args)
+        self.holding.add(row[0])
+        self.queue.append(task)
+
+    def _dependency_finished(self, task_id: bytes, status: int, blob: Any) -> None:
+        """A task finished: the tasks held here for it go, or fail (and so
+        on down the graph: a loop, not a recursion)."""
+        if self._cascade is not None:   # within the loop below: it takes this too
+            self._cascade.append((task_id, status, blob))
+            return
+        self._cascade = work = [(task_id, status, blob)]
+        try:
+            while work:
+                ready, failed = self.graph.finished(*work.pop())
+                for task in ready:
+                    self._admit(task)
+                for failed_id, failure in failed:
+                    self._result(failed_id, P.FAILED, failure)
+        finally:
+            self._cascade = None
 
     def _flush_due(self, now: float) -> bool:
         # Nothing left here, or (for tasks that go one at a time) nothing

@@ -12,8 +12,11 @@ it fails too (and so do the tasks waiting on it).
 
 A dependency's result stays in the record until every task that depends on
 it has finished (an acknowledgement of it meanwhile is put off), so that a
-relay restarted meanwhile can send them again. The relay never unpickles
-any of it.
+relay restarted meanwhile can send them again. Only results up to
+``KEPT_IN_MEMORY`` bytes are also kept here, in memory, for the tasks
+waiting on them; a larger one is read back from the record when such a task
+goes (so the memory this index takes does not grow with result sizes). The
+relay never unpickles any of it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import msgpack
 
 from .registry import TaskRecord
 
+KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
 ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
 
@@ -48,13 +52,19 @@ def open_envelope(stored: Any) -> tuple[list[bytes], bytes] | None:
     return dependencies, args
 
 
+def in_memory(result: Any) -> bytes | None:
+    """What the index keeps of a dependency's result: the bytes, or None
+    (read from the record when needed) for one over ``KEPT_IN_MEMORY``."""
+    return bytes(result) if len(result) <= KEPT_IN_MEMORY else None
+
+
 class _Waiting:
     __slots__ = ("record", "dependencies", "results")
 
     def __init__(self, record: TaskRecord, dependencies: list[bytes]) -> None:
         self.record = record
         self.dependencies = dependencies
-        self.results: dict[bytes, bytes] = {}   # of the dependencies finished so far
+        self.results: dict[bytes, bytes | None] = {}   # of the dependencies finished so far (None: in the record)
 
 
 class DependencyGraph:
@@ -69,6 +79,11 @@ class DependencyGraph:
         self.refs: dict[bytes, int] = {}     # dependency -> its unfinished dependents (its result stays)
         self.deferred: dict[bytes, str] = {}   # acknowledgements put off meanwhile: task id -> user
         self._ready: dict[bytes, dict[bytes, bytes]] = {}   # results of tasks ready, until taken
+        # forwarded: tasks sent on to their endpoint with their dependencies' ids, to wait
+        # there (all their dependencies went there before them); failed_there: those of
+        # them that fail there with a dependency (the failure, should they come back here)
+        self.forwarded: set[bytes] = set()
+        self.failed_there: dict[bytes, bytes] = {}
 
     def __bool__(self) -> bool:
         return bool(self.dependencies_of or self.dependents)
@@ -91,8 +106,9 @@ class DependencyGraph:
             self.dependents.setdefault(dependency, []).append(task_id)
         return False
 
-    def ready_results(self, task_id: bytes) -> list[bytes]:
-        """The results of a ready task's dependencies, in their order (its persistent ids)."""
+    def ready_results(self, task_id: bytes) -> list[bytes | None]:
+        """The results of a ready task's dependencies, in their order (its
+        placeholders 0, 1, ...); None for one to read from the record."""
         results = self._ready.pop(task_id)
         return [results[d] for d in self.dependencies_of[task_id]]
 
@@ -104,7 +120,7 @@ class DependencyGraph:
             return [], []
         ready: list[TaskRecord] = []
         failed: list[TaskRecord] = []
-        value = bytes(result) if ok else b""
+        value = in_memory(result) if ok else b""
         for waiting_id in waiting_ids:
             waiting = self.waiting.get(waiting_id)
             if waiting is None:
@@ -120,6 +136,18 @@ class DependencyGraph:
                 ready.append(waiting.record)
         return ready, failed
 
+    def is_ready(self, task_id: bytes) -> bool:
+        """Whether every dependency of this task has succeeded (its results are in hand)."""
+        return task_id in self._ready
+
+    def may_go_on(self, task_id: bytes, sent_there: dict[bytes, Any]) -> bool:
+        """Whether a forwarded task may go to its endpoint with its
+        dependencies' ids: none of them has finished, and each went there
+        (is in ``sent_there``, the endpoint's tasks) before it."""
+        waiting = self.waiting.get(task_id)
+        return (waiting is not None and not waiting.results
+                and all(d in sent_there for d in waiting.dependencies))
+
     def drop(self, task_id: bytes) -> None:
         """A held task leaves (cancelled): it waits no more."""
         self.waiting.pop(task_id, None)
@@ -130,6 +158,9 @@ class DependencyGraph:
         dependencies = self.dependencies_of.pop(task_id, None)
         self.waiting.pop(task_id, None)
         self._ready.pop(task_id, None)
+        if self.forwarded:
+            self.forwarded.discard(task_id)
+            self.failed_there.pop(task_id, None)
         due: dict[bytes, str] = {}
         for dependency in dependencies or ():
             count = self.refs.get(dependency, 0) - 1

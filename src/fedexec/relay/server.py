@@ -37,7 +37,7 @@ from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
-from .graph import WAITING, DependencyGraph, envelope, open_envelope
+from .graph import WAITING, DependencyGraph, envelope, in_memory, open_envelope
 from ..dependencies import wrap_arguments
 
 log = logging.getLogger("fedexec.relay")
@@ -867,7 +867,7 @@ class Relay:
                 tasks[task_id] = record
                 accepted.append(task_id)
                 if dependencies is not None:
-                    self._hold(record, dependencies, unfinished, {}, now)
+                    self._hold_or_forward(record, dependencies, unfinished, state if group is None else None, now)
         finally:
             if taken_tasks:
                 quotas.charge(user, taken_tasks, taken_bytes)
@@ -901,10 +901,57 @@ class Relay:
         if self.graph.hold(record, dependencies, unfinished, results):
             self._release_ready(record, now)
 
-    def _release_ready(self, record: TaskRecord, now: float) -> None:
-        """Every dependency of a held task has finished: it is queued with
-        their results around its arguments (or fails, if that is too large)."""
+    def _hold_or_forward(self, record: TaskRecord, dependencies: list[bytes], unfinished: set[bytes],
+                         state: EndpointState | None, now: float) -> None:
+        """A new task with dependencies: if they all go to its own endpoint
+        (``state``; not a group's) and are queued or sent there, it is queued
+        for it too and sent with their ids (option "d"), to wait there for
+        their results (endpoint/graph.py); else it is held here."""
+        tasks = self.tasks
+        endpoint_id = record.endpoint_id
+        if state is not None and len(unfinished) == len(dependencies) and all(
+                (other := tasks.get(d)) is not None and other.group is None and other.endpoint_id == endpoint_id
+                and other.state != WAITING for d in dependencies):
+            self.graph.hold(record, dependencies, unfinished, {})
+            self.graph.forwarded.add(record.task_id)
+            state.queue.append(record)
+            return
+        self._hold(record, dependencies, unfinished, {}, now)
+
+    def _forward_now(self, state: EndpointState, record: TaskRecord, now: float) -> bool:
+        """(Dispatching) a queued task with dependencies: True to send it
+        now, with their ids if they all went to ``state`` before it and none
+        finished yet, else with their results if all are in hand; False if
+        it is held here after all, or failed."""
+        graph = self.graph
+        task_id = record.task_id
+        if graph.is_ready(task_id):   # (it came back from an endpoint that left)
+            return self._release_ready(record, now, queued=True)
+        failure = graph.failed_there.pop(task_id, None)
+        if failure is not None:
+            record.state = WAITING   # (out of the queue)
+            del self.tasks[task_id]
+            self._fail_held(record, failure, now)
+            return False
+        if task_id in graph.forwarded and graph.may_go_on(task_id, state.dispatched):
+            return True
+        graph.forwarded.discard(task_id)   # held here until its dependencies finish
+        record.state = WAITING
+        return False
+
+    def _release_ready(self, record: TaskRecord, now: float, queued: bool = False) -> bool:
+        """Every dependency of a held task has finished: it is queued (if
+        not ``queued`` already) with their results around its arguments (or
+        fails, if that is too large); whether it stays."""
         results = self.graph.ready_results(record.task_id)
+        if queued:
+            record.state = WAITING   # (skipped by the dispatcher, should it fail below)
+        if None in results:   # large results: read from the record
+            failure = self._results_from_record(record, results)
+            if failure is not None:
+                del self.tasks[record.task_id]
+                self._fail_held(record, failure, now)
+                return False
         if is_big(record.args) or any(is_big(result) for result in results):
             # (a large payload is a reference to an upload: the worker needs the value itself)
             del self.tasks[record.task_id]
@@ -912,14 +959,14 @@ class Relay:
                 P.REJECTED, "a task whose arguments hold other tasks' futures cannot yet have arguments, or "
                             "depend on results, that travel in chunks (over 16 MiB pickled): pass the "
                             "futures' values yourself (future.result())"), now)
-            return
+            return False
         args = wrap_arguments(bytes(record.args), results)
         if len(args) > self.max_payload:
             del self.tasks[record.task_id]
             message, details = P.too_large("the arguments with the results of the tasks they depend on",
                                            len(args), self.max_payload)
             self._fail_held(record, P.pack_failure(P.TOO_LARGE, message, **details), now)
-            return
+            return False
         self.quotas.charge(record.user, 0, row_bytes(len(args)) - row_bytes(len(P.as_buffer(record.args))))
         record.args = args
         record.state = QUEUED
@@ -927,15 +974,37 @@ class Relay:
             del record.options["d"]
             if not record.options:
                 record.options = None
+        if queued:   # in its queue already
+            return True
         if record.group is not None:
             self.endpoints.group(record.group).queue.append(record)
-            return
+            return True
         state = self.endpoints.get(record.endpoint_id)
         if state is None:
             del self.tasks[record.task_id]
             self._fail_held(record, P.pack_failure(P.REJECTED, f"unknown endpoint {record.endpoint_id}"), now)
-            return
+            return False
         state.queue.append(record)
+        return True
+
+    def _results_from_record(self, record: TaskRecord, results: list[Any]) -> bytes | None:
+        """Fill in (in place) the results of a ready task's dependencies that
+        were not kept in memory (graph.KEPT_IN_MEMORY), from the record
+        (written first, if it is not yet: a wait of one group commit); a
+        failure if one is gone."""
+        seq = self.store.flush()
+        deadline = time.monotonic() + 30.0
+        while self.store.committed_seq < seq and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for position, dependency in enumerate(self.graph.dependencies_of[record.task_id]):
+            if results[position] is not None:
+                continue
+            outcome = self.store.task_outcome(dependency)
+            if outcome is None or outcome[1] != P.OK or outcome[3] != record.user:
+                return P.pack_failure(P.LOST, f"the result of task {_uuid(dependency)}, which this task depends on, "
+                                              f"could not be read from the relay's record")
+            results[position] = outcome[2] or b""
+        return None
 
     def _fail_held(self, record: TaskRecord, failure: bytes, now: float) -> None:
         """A held task (already out of ``self.tasks``) fails with ``failure``."""
@@ -964,14 +1033,20 @@ class Relay:
                         self.quotas.acknowledged(self.store.acknowledge(acknowledged, user), user)
                 ready, failed = graph.finished(record.task_id, status == P.OK, result)
                 for waiting in ready:
-                    if self.tasks.get(waiting.task_id) is waiting:
-                        self._release_ready(waiting, now)
+                    if self.tasks.get(waiting.task_id) is waiting and waiting.state != DISPATCHED:
+                        # (one forwarded to its endpoint takes the results there; they are kept
+                        # here only in case it comes back)
+                        self._release_ready(waiting, now, queued=waiting.state == QUEUED)
                 if failed:
                     what = "was cancelled" if status == P.CANCELLED else "failed"
                     failure = P.pack_failure(P.DEPENDENCY, f"task {_uuid(record.task_id)}, which this task depends "
                                              f"on, {what}, so this task was not run", dep=record.task_id)
                     for waiting in failed:
                         if self.tasks.get(waiting.task_id) is waiting:
+                            if waiting.state == DISPATCHED:   # forwarded: its endpoint fails it
+                                graph.failed_there[waiting.task_id] = failure
+                                continue
+                            waiting.state = WAITING   # (a forwarded one still queued is skipped there)
                             del self.tasks[waiting.task_id]
                             self._fail_held(waiting, failure, now)
         finally:
@@ -993,7 +1068,7 @@ class Relay:
                 outcome = self.store.task_outcome(dependency)
                 if outcome is not None and outcome[0] == FINISHED and outcome[3] == record.user \
                         and outcome[1] == P.OK:
-                    results[dependency] = outcome[2] or b""
+                    results[dependency] = in_memory(outcome[2] or b"")
                     continue
                 why = "failed or was cancelled" if outcome is not None and outcome[3] == record.user \
                     else "is no longer in the record"
@@ -1251,6 +1326,9 @@ class Relay:
                 record = queue.popleft()
                 if record.state != QUEUED or record.endpoint_id != state.endpoint_id:
                     state.stale -= state.stale > 0   # taken back by a HOLDING, or routed elsewhere since
+                    continue
+                if record.options is not None and "d" in record.options \
+                        and not self._forward_now(state, record, time.time()):
                     continue
                 fn_ref: bytes | int = -1
                 if record.fn_hash not in state.known_functions:
