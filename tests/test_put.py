@@ -265,3 +265,43 @@ def test_puts_count_against_the_users_byte_quota_until_deleted(tmp_path):
             spool = tmp_path / "relay-data" / "spool"
             assert len([f for f in spool.glob("*/*") if f.name != "user"]) == 1
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(180)
+def test_an_endpoint_owner_cannot_destroy_a_users_ref_with_a_forged_result(tmp_path):
+    """Alice shares an endpoint of her own making with bob; bob's task names
+    his ref, so her endpoint learns its id, size and sha256. Her answer, a
+    large result naming that upload of bob's (once of its size, which bob's
+    client would fetch and then tell the relay to drop; once over the
+    relay's limit, which the relay drops at once), must not delete his ref:
+    his own endpoint still fetches it afterwards."""
+    from test_client_trust import FakeEndpoint
+
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "bobs", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bobs:
+        wait_connected(address, bobs.id, tokens["bob"], bobs.proc, bobs.log)
+
+        answered = []
+
+        def naming_the_ref(row):   # first of its size, then over the relay's limit
+            ref_id, size, digest = row[6]["rf"][0]
+            answered.append(row[0])
+            return P.OK, big_ref(ref_id, size if len(answered) == 1 else P.MAX_FRAME * 64, digest)
+
+        with FakeEndpoint(address, tokens["alice"], naming_the_ref) as fake:
+            owner = RawClient(address, tokens["alice"])
+            owner.send(P.SHARE, {"ep": fake.id, "add_users": ["bob"]})
+            assert owner.expect(P.SHARED)
+            owner.close()
+            with FederatedExecutor(bobs.id, relay=address, token=tokens["bob"]) as bob, \
+                    FederatedExecutor(fake.id, relay=address, token=tokens["bob"], data_only=False) as via_alice:
+                ref = bob.put(b"bob's data", ttl=600)
+                for _ in range(2):   # (what her endpoint answers is hers to choose; his ref is not)
+                    with pytest.raises(Exception, match="names a DataRef"):
+                        via_alice.submit(head, ref).result(60)
+                assert len(answered) == 2
+                time.sleep(1.0)   # (a client's DROP of a result it fetched is a message of its own)
+                assert ref.info()["size"] == ref.size
+                assert bob.submit(head, ref).result(60) == (b"bob's da", 10)   # fetched now, intact
+        assert bobs.proc.poll() is None, tail(bobs.log)

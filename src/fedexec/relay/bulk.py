@@ -124,6 +124,9 @@ class BulkTransfers:
             bid, total, _ = parse_big(blob)
         except P.ProtocolError as exc:
             return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint sent a malformed result: {exc}")
+        if self.relay.refs.holds(record.user, bid):   # (its user's fetch, then DROP, would delete the ref)
+            return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint's result names a DataRef of the task's user "
+                                                        f"({bid.hex()}), not an upload of its own; it was not taken")
         if total > self.relay.max_payload:
             message, details = P.too_large("the result", total, self.relay.max_payload)
             self.spool.drop(record.user, bid)

@@ -164,6 +164,12 @@ class DataRefs:
             return None
         return entry
 
+    def holds(self, user: str, upload_id: bytes) -> bool:
+        """Whether ``user``'s upload ``upload_id`` is one of their refs (live
+        or not yet expired away): a result must not name it, or the drop of
+        that result (relay or client) would delete the ref."""
+        return upload_id in self.refs.get(user, ())
+
     @staticmethod
     def unknown(user: str, ref_id: bytes) -> str:
         return (f"DataRef {ref_id.hex()} is not a DataRef of user {user!r} at this relay (unknown, deleted, "
