@@ -305,3 +305,30 @@ def test_an_endpoint_owner_cannot_destroy_a_users_ref_with_a_forged_result(tmp_p
                 assert ref.info()["size"] == ref.size
                 assert bob.submit(head, ref).result(60) == (b"bob's da", 10)   # fetched now, intact
         assert bobs.proc.poll() is None, tail(bobs.log)
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_restarts_past_corrupt_ref_metadata_and_keeps_the_good_refs(tmp_path):
+    """Metadata files spoiled on disk (a user that is not a name, an expiry
+    that is not a number, a stray file where a user's directory goes, a
+    leftover temporary file) are removed with a warning at the restart; the
+    relay starts, and the sound refs beside them still work."""
+    import msgpack
+
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            ref = ex.put(b"sound", ttl=600)
+            relay.kill()
+            refs_dir = tmp_path / "relay-data" / "refs"
+            (meta,) = refs_dir.glob("*/*")
+            spoiled = {"u": 5, "n": 5, "h": b"\0" * 32, "e": time.time() + 600}
+            for i, fields in enumerate([spoiled, {**spoiled, "u": ["x"]}, {**spoiled, "u": "a", "e": float("nan")},
+                                        {**spoiled, "u": "a", "h": "text"}]):
+                (meta.parent / f"{i:032x}").write_bytes(msgpack.packb(fields, use_bin_type=True))
+            (meta.parent / (meta.name + ".tmp")).write_bytes(b"\x81")
+            (refs_dir / "stray-file").write_bytes(b"not a directory")
+            relay.start()
+            assert ex.submit(head, ref).result(60) == (b"sound", 5)
+            assert ref.info()["size"] == ref.size
+            assert sorted(p.name for p in meta.parent.iterdir()) == [meta.name]
+        assert endpoint.proc.poll() is None, tail(endpoint.log)

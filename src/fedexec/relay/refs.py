@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -82,12 +83,21 @@ class DataRefs:
         (a ref whose upload is gone, or that expired meanwhile, goes)."""
         now = time.time()
         for sub in self.root.iterdir():
+            if not sub.is_dir():   # (nothing of ours: a user's directory goes here)
+                log.warning("removed %s, not a directory of DataRef metadata", sub)
+                sub.unlink(missing_ok=True)
+                continue
             for path in sub.iterdir():
                 try:
                     fields = msgpack.unpackb(path.read_bytes(), raw=False)
                     user, ref_id = fields["u"], bytes.fromhex(path.name)
-                    entry = RefEntry(int(fields["n"]), bytes(fields["h"]), float(fields["e"]))
-                except Exception:
+                    entry = RefEntry(fields["n"], fields["h"], fields["e"])
+                    if not (isinstance(user, str) and len(ref_id) == 16 and self._meta(user, ref_id) == path
+                            and type(entry.size) is int
+                            and isinstance(entry.digest, bytes) and len(entry.digest) == 32
+                            and type(entry.expires) is float and math.isfinite(entry.expires)):
+                        raise ValueError("fields of the wrong kind")
+                except Exception:   # (spoiled on disk: its upload goes with the spool's expiry)
                     log.warning("removed unreadable DataRef metadata %s", path)
                     path.unlink(missing_ok=True)
                     continue
