@@ -327,8 +327,9 @@ def test_a_relay_restarts_past_corrupt_ref_metadata_and_keeps_the_good_refs(tmp_
                 (meta.parent / f"{i:032x}").write_bytes(msgpack.packb(fields, use_bin_type=True))
             (meta.parent / (meta.name + ".tmp")).write_bytes(b"\x81")
             (refs_dir / "stray-file").write_bytes(b"not a directory")
+            (meta.parent / ("f" * 32)).mkdir()
             relay.start()
             assert ex.submit(head, ref).result(60) == (b"sound", 5)
             assert ref.info()["size"] == ref.size
-            assert sorted(p.name for p in meta.parent.iterdir()) == [meta.name]
+            assert sorted(p.name for p in meta.parent.iterdir()) == [meta.name, "f" * 32]
         assert endpoint.proc.poll() is None, tail(endpoint.log)

@@ -99,7 +99,8 @@ class DataRefs:
                         raise ValueError("fields of the wrong kind")
                 except Exception:   # (spoiled on disk: its upload goes with the spool's expiry)
                     log.warning("removed unreadable DataRef metadata %s", path)
-                    path.unlink(missing_ok=True)
+                    if not path.is_dir():
+                        path.unlink(missing_ok=True)
                     continue
                 if entry.expires <= now or self.spool.complete(user, ref_id) is None:
                     self._remove(user, ref_id)
