@@ -333,3 +333,37 @@ def test_a_relay_restarts_past_corrupt_ref_metadata_and_keeps_the_good_refs(tmp_
             assert ref.info()["size"] == ref.size
             assert sorted(p.name for p in meta.parent.iterdir()) == [meta.name, "f" * 32]
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def hold(data, seconds):
+    time.sleep(seconds)
+    return len(data)
+
+
+@pytest.mark.timeout(180)
+def test_a_user_cannot_fill_a_shared_endpoints_disk_past_its_ref_cache(tmp_path):
+    """Bob, on alice's shared endpoint, keeps one ref's copy in use with a
+    long task and names another ref: the two do not fit the endpoint's
+    ref_cache_bytes, so the second task fails saying so (the copy in use is
+    not evicted, and no more is fetched); once the first ends, it fits."""
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                             max_workers=2, ref_cache_bytes=2 * MiB) as ep:
+        wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        owner = RawClient(address, tokens["alice"])
+        owner.send(P.SHARE, {"ep": ep.id, "add_users": ["bob"]})
+        assert owner.expect(P.SHARED)
+        owner.close()
+        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"], data_only=False) as bob:
+            first, second = bob.put(os.urandom(3 * MiB // 2), ttl=600), bob.put(os.urandom(3 * MiB // 2), ttl=600)
+            holding = bob.submit(hold, first, 8.0)
+            deadline = time.monotonic() + 30
+            while not first.info()["fetches"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with pytest.raises(DataRefError, match=f"no room for DataRef {second.id}"):
+                bob.submit(hold, second, 0).result(60)
+            assert cached_refs(ep, tokens["alice"], 1) == 1   # (status rewritten each second)
+            assert holding.result(60) == 3 * MiB // 2
+            assert bob.submit(hold, second, 0).result(60) == 3 * MiB // 2   # the unused copy made room
+        assert ep.proc.poll() is None, tail(ep.log)
