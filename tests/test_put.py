@@ -367,3 +367,43 @@ def test_a_user_cannot_fill_a_shared_endpoints_disk_past_its_ref_cache(tmp_path)
             assert holding.result(60) == 3 * MiB // 2
             assert bob.submit(hold, second, 0).result(60) == 3 * MiB // 2   # the unused copy made room
         assert ep.proc.poll() is None, tail(ep.log)
+
+
+
+def worker_pid(data):
+    return os.getpid(), len(data)
+
+
+def mapped_copies(pid: int) -> list[str]:
+    """The ref copies worker ``pid`` maps, a deleted one with " (deleted)"
+    (its disk space is taken until the worker lets go of it)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sorted({line.split(None, 5)[-1].strip() for line in maps if "/refs/" in line})
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_lets_go_of_the_copies_of_deleted_refs(tmp_path):
+    """Refs used one after another and deleted: their copies go at the
+    endpoint, and the worker that mapped them lets go of them by its next
+    task with a ref, so their disk space is free again (it kept up to 16
+    mappings of deleted files, space the endpoint's count no longer saw)."""
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            pids = set()
+            for _ in range(4):
+                ref = ex.put(os.urandom(MiB), ttl=600)
+                pid, size = ex.submit(worker_pid, ref).result(60)
+                assert size == MiB
+                pids.add(pid)
+                copy = next(path for path in mapped_copies(pid) if ref.id in path)
+                ref.delete()
+                deadline = time.monotonic() + 15
+                while os.path.exists(copy) and time.monotonic() < deadline:   # (the endpoint drops it)
+                    time.sleep(0.1)
+                assert not os.path.exists(copy)
+            (pid,) = pids
+            last = ex.put(os.urandom(MiB), ttl=600)
+            assert ex.submit(worker_pid, last).result(60) == (pid, MiB)
+            mapped = mapped_copies(pid)
+            assert len(mapped) == 1 and last.id in mapped[0] and "(deleted)" not in mapped[0], mapped
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
