@@ -407,3 +407,21 @@ def test_a_worker_lets_go_of_the_copies_of_deleted_refs(tmp_path):
             mapped = mapped_copies(pid)
             assert len(mapped) == 1 and last.id in mapped[0] and "(deleted)" not in mapped[0], mapped
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(180)
+def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
+    """Each cached copy costs the endpoint's ref_cache_bytes 64 KiB beyond
+    its bytes (a file, an inode), so a user's many tiny refs are bounded in
+    count too: with a 256 KiB cache, 12 one-byte refs used in turn leave at
+    most 4 copies (the older unused ones evicted), and all run."""
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "small", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                             ref_cache_bytes=256 * 1024) as ep:
+        wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+            refs = [ex.put(i, ttl=600) for i in range(12)]
+            assert [ex.submit(lambda x: x + 1, ref).result(60) for ref in refs] == list(range(1, 13))
+            assert 1 <= cached_refs(ep, tokens["alice"], 4) <= 4
+        assert ep.proc.poll() is None, tail(ep.log)

@@ -12,7 +12,8 @@ the ref was a live ref of its user; a fetch checks the sha256.
 The task's arguments then go to the worker wrapped with the files' paths
 (dataref.wrap_arguments). Copies go when the relay says their ref is gone
 (REFS_GONE), and, least recently used first, when the cache is over
-``max_bytes`` or the disk is short of room; never while a queued or running
+``max_bytes`` (each copy counted COPY_COST beyond its bytes, so that tiny
+refs cannot pile up files) or the disk is short of room; never while a queued or running
 task uses them: a task whose refs do not fit beside those fails instead
 (so that one user's tasks cannot fill a shared endpoint's disk).
 """
@@ -35,6 +36,7 @@ log = logging.getLogger("fedexec.endpoint")
 
 CACHE_BYTES = 16 * 1024 ** 3      # bytes of cached refs kept at most
 MIN_FREE_BYTES = 1024 ** 3        # below this much free disk, unused copies go first
+COPY_COST = 64 * 1024             # what a copy costs against max_bytes beyond its bytes: a file, an inode
 
 
 class _Copy:
@@ -139,7 +141,7 @@ class RefCache:
         more bytes fit within max_bytes and the disk keeps MIN_FREE_BYTES;
         what is still short when they are all gone ("" when nothing)."""
         def short() -> str:
-            if self.bytes + size > self.max_bytes:
+            if self.bytes + size + COPY_COST * (len(self.copies) + 1) > self.max_bytes:   # (tiny ones too)
                 return f"the endpoint keeps at most {self.max_bytes:,} bytes of DataRefs (ref_cache_bytes)"
             try:
                 free = shutil.disk_usage(self.directory).free
