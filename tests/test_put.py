@@ -425,3 +425,23 @@ def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
             assert [ex.submit(lambda x: x + 1, ref).result(60) for ref in refs] == list(range(1, 13))
             assert 1 <= cached_refs(ep, tokens["alice"], 4) <= 4
         assert ep.proc.poll() is None, tail(ep.log)
+
+
+@pytest.mark.timeout(180)
+def test_a_refused_put_again_does_not_remove_the_ref_it_names(tmp_path):
+    """A put naming an existing ref again, but refused (a bad TTL, no size),
+    is answered with its error and leaves the ref alone: before, the
+    refusal dropped the upload it named, the ref's own."""
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            ref = ex.put(b"kept", ttl=600)
+            raw = RawClient(relay.address, None)
+            try:
+                for i, fields in enumerate([{"ttl": -1, "n": ref.size, "h": ref.digest}, {"ttl": 60}]):
+                    raw.send(P.REF, {"op": "put", "b": ref._id, "q": b"again%d" % i, **fields})
+                    answer = raw.expect(P.REF_ANSWER)
+                    assert answer is not None and "err" in answer.fields, answer
+            finally:
+                raw.close()
+            assert ex.submit(head, ref).result(60) == (b"kept", 4)   # its first use: fetched now
+        assert endpoint.proc.poll() is None, tail(endpoint.log)

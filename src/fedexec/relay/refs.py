@@ -118,8 +118,8 @@ class DataRefs:
         reply: dict[str, Any] = {"b": ref_id, "q": echo}
         if op == "put":
             reply.update(self._put(user, ref_id, fields.get("ttl"), fields.get("n"), fields.get("h")))
-            if "err" in reply:   # refused: the upload made for it goes at once (its bytes leave the quota)
-                self.spool.drop(user, ref_id)
+            if "err" in reply and not self.holds(user, ref_id):
+                self.spool.drop(user, ref_id)   # refused: the upload made for it goes at once (not a ref's own)
         else:
             entry = self.lookup(user, ref_id)
             if entry is None:
