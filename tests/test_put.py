@@ -431,7 +431,8 @@ def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
 def test_a_refused_put_again_does_not_remove_the_ref_it_names(tmp_path):
     """A put naming an existing ref again, but refused (a bad TTL, no size),
     is answered with its error and leaves the ref alone: before, the
-    refusal dropped the upload it named, the ref's own."""
+    refusal dropped the upload it named, the ref's own. So do a DROP naming
+    it and a task naming it as its large arguments."""
     with started_federation(tmp_path, workers=1) as (relay, endpoint):
         with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
             ref = ex.put(b"kept", ttl=600)
@@ -441,6 +442,17 @@ def test_a_refused_put_again_does_not_remove_the_ref_it_names(tmp_path):
                     raw.send(P.REF, {"op": "put", "b": ref._id, "q": b"again%d" % i, **fields})
                     answer = raw.expect(P.REF_ANSWER)
                     assert answer is not None and "err" in answer.fields, answer
+                # nor does a DROP of it (meant for a large result received), nor a task taking it as its
+                # large arguments (whose upload goes when the task ends): a ref goes by ref.delete() only
+                raw.send(P.DROP, {"b": ref._id})
+                fn_hash, body = serialize_function(head)
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                row = [task_id, fn_hash, blobs.ref(big_ref(ref._id, ref.size, ref.digest)), blobs.ref(body),
+                       P.TASK_CALL, P.PYTHON_VERSION]
+                raw.send(P.SUBMIT, {"ep": endpoint.endpoint_id, "tasks": [row]}, blobs.frames)
+                failure = raw.failure_of(task_id, 20)
+                assert failure["kind"] == P.REJECTED and "is a DataRef" in failure["msg"], failure
             finally:
                 raw.close()
             assert ex.submit(head, ref).result(60) == (b"kept", 4)   # its first use: fetched now

@@ -72,7 +72,8 @@ class BulkTransfers:
             bid = fields.get("b")
             if not (isinstance(bid, bytes) and len(bid) == 16):
                 raise P.ProtocolError("malformed DROP")
-            self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
+            if not self.relay.refs.holds(session.user, bid):   # (a ref goes by its REF del only)
+                self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
 
     def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
         """The user whose spool a transfer uses: the connection's own, or with
@@ -112,6 +113,9 @@ class BulkTransfers:
         if total > self.relay.max_payload:
             message, details = P.too_large("the arguments", total, self.relay.max_payload)
             return P.TOO_LARGE, message, details
+        if self.relay.refs.holds(user, bid):   # (its upload would go when the task ends)
+            return (P.REJECTED, f"the task's arguments name upload {bid.hex()}, which is a DataRef: pass the "
+                                "DataRef itself as an argument", {})
         if self.spool.complete(user, bid) is None:
             return (P.REJECTED, f"the task's arguments name upload {bid.hex()}, which user {user!r} has not "
                                 "uploaded (unknown, incomplete, another user's, or expired)", {})
