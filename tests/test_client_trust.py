@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import zmq
@@ -35,9 +36,10 @@ def fail(message: str) -> None:
 class FakeEndpoint(threading.Thread):
     """An endpoint that speaks the wire protocol itself, as a hostile owner's
     could: it claims in its HELLO what it likes (``data_only``) and answers
-    every task with ``answer`` (status, blob), whatever the task was."""
+    every task with ``answer`` (status, blob), whatever the task was (or
+    with what ``answer(row)`` gives for the task row, when it is callable)."""
 
-    def __init__(self, address: str, token: str, answer: tuple[int, bytes], data_only: bool = False) -> None:
+    def __init__(self, address: str, token: str, answer: Any, data_only: bool = False) -> None:
         super().__init__(daemon=True)
         self.address, self.token, self.answer, self.data_only = address, token, answer, data_only
         self.id = str(uuid.uuid4())
@@ -63,8 +65,8 @@ class FakeEndpoint(threading.Thread):
                     self.welcomed.set()
                 elif msg.type == P.TASKS:
                     blobs = P.Blobs()
-                    status, blob = self.answer
-                    rows = [blobs.result_row(row[0], status, blob) for row in msg.fields["tasks"]]
+                    rows = [blobs.result_row(row[0], *(self.answer(row) if callable(self.answer) else self.answer))
+                            for row in msg.fields["tasks"]]
                     self.tasks += len(rows)
                     sock.send_multipart(P.encode(P.RESULTS, {"rows": rows, "credit": len(rows)}, blobs.frames))
         finally:

@@ -265,3 +265,195 @@ def test_puts_count_against_the_users_byte_quota_until_deleted(tmp_path):
             spool = tmp_path / "relay-data" / "spool"
             assert len([f for f in spool.glob("*/*") if f.name != "user"]) == 1
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(180)
+def test_an_endpoint_owner_cannot_destroy_a_users_ref_with_a_forged_result(tmp_path):
+    """Alice shares an endpoint of her own making with bob; bob's task names
+    his ref, so her endpoint learns its id, size and sha256. Her answer, a
+    large result naming that upload of bob's (once of its size, which bob's
+    client would fetch and then tell the relay to drop; once over the
+    relay's limit, which the relay drops at once), must not delete his ref:
+    his own endpoint still fetches it afterwards."""
+    from test_client_trust import FakeEndpoint
+
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "bobs", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bobs:
+        wait_connected(address, bobs.id, tokens["bob"], bobs.proc, bobs.log)
+
+        answered = []
+
+        def naming_the_ref(row):   # first of its size, then over the relay's limit
+            ref_id, size, digest = row[6]["rf"][0]
+            answered.append(row[0])
+            return P.OK, big_ref(ref_id, size if len(answered) == 1 else P.MAX_FRAME * 64, digest)
+
+        with FakeEndpoint(address, tokens["alice"], naming_the_ref) as fake:
+            owner = RawClient(address, tokens["alice"])
+            owner.send(P.SHARE, {"ep": fake.id, "add_users": ["bob"]})
+            assert owner.expect(P.SHARED)
+            owner.close()
+            with FederatedExecutor(bobs.id, relay=address, token=tokens["bob"]) as bob, \
+                    FederatedExecutor(fake.id, relay=address, token=tokens["bob"], data_only=False) as via_alice:
+                ref = bob.put(b"bob's data", ttl=600)
+                for _ in range(2):   # (what her endpoint answers is hers to choose; his ref is not)
+                    with pytest.raises(Exception, match="names a DataRef"):
+                        via_alice.submit(head, ref).result(60)
+                assert len(answered) == 2
+                time.sleep(1.0)   # (a client's DROP of a result it fetched is a message of its own)
+                assert ref.info()["size"] == ref.size
+                assert bob.submit(head, ref).result(60) == (b"bob's da", 10)   # fetched now, intact
+        assert bobs.proc.poll() is None, tail(bobs.log)
+
+
+@pytest.mark.timeout(180)
+def test_a_relay_restarts_past_corrupt_ref_metadata_and_keeps_the_good_refs(tmp_path):
+    """Metadata files spoiled on disk (a user that is not a name, an expiry
+    that is not a number, a stray file where a user's directory goes, a
+    leftover temporary file) are removed with a warning at the restart; the
+    relay starts, and the sound refs beside them still work."""
+    import msgpack
+
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            ref = ex.put(b"sound", ttl=600)
+            relay.kill()
+            refs_dir = tmp_path / "relay-data" / "refs"
+            (meta,) = refs_dir.glob("*/*")
+            spoiled = {"u": 5, "n": 5, "h": b"\0" * 32, "e": time.time() + 600}
+            for i, fields in enumerate([spoiled, {**spoiled, "u": ["x"]}, {**spoiled, "u": "a", "e": float("nan")},
+                                        {**spoiled, "u": "a", "h": "text"}]):
+                (meta.parent / f"{i:032x}").write_bytes(msgpack.packb(fields, use_bin_type=True))
+            (meta.parent / (meta.name + ".tmp")).write_bytes(b"\x81")
+            (refs_dir / "stray-file").write_bytes(b"not a directory")
+            (meta.parent / ("f" * 32)).mkdir()
+            relay.start()
+            assert ex.submit(head, ref).result(60) == (b"sound", 5)
+            assert ref.info()["size"] == ref.size
+            assert sorted(p.name for p in meta.parent.iterdir()) == [meta.name, "f" * 32]
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def hold(data, seconds):
+    time.sleep(seconds)
+    return len(data)
+
+
+@pytest.mark.timeout(180)
+def test_a_user_cannot_fill_a_shared_endpoints_disk_past_its_ref_cache(tmp_path):
+    """Bob, on alice's shared endpoint, keeps one ref's copy in use with a
+    long task and names another ref: the two do not fit the endpoint's
+    ref_cache_bytes, so the second task fails saying so (the copy in use is
+    not evicted, and no more is fetched); once the first ends, it fits."""
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                             max_workers=2, ref_cache_bytes=2 * MiB) as ep:
+        wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        owner = RawClient(address, tokens["alice"])
+        owner.send(P.SHARE, {"ep": ep.id, "add_users": ["bob"]})
+        assert owner.expect(P.SHARED)
+        owner.close()
+        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"], data_only=False) as bob:
+            first, second = bob.put(os.urandom(3 * MiB // 2), ttl=600), bob.put(os.urandom(3 * MiB // 2), ttl=600)
+            holding = bob.submit(hold, first, 8.0)
+            deadline = time.monotonic() + 30
+            while not first.info()["fetches"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with pytest.raises(DataRefError, match=f"no room for DataRef {second.id}"):
+                bob.submit(hold, second, 0).result(60)
+            assert cached_refs(ep, tokens["alice"], 1) == 1   # (status rewritten each second)
+            assert holding.result(60) == 3 * MiB // 2
+            assert bob.submit(hold, second, 0).result(60) == 3 * MiB // 2   # the unused copy made room
+        assert ep.proc.poll() is None, tail(ep.log)
+
+
+
+def worker_pid(data):
+    return os.getpid(), len(data)
+
+
+def mapped_copies(pid: int) -> list[str]:
+    """The ref copies worker ``pid`` maps, a deleted one with " (deleted)"
+    (its disk space is taken until the worker lets go of it)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sorted({line.split(None, 5)[-1].strip() for line in maps if "/refs/" in line})
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_lets_go_of_the_copies_of_deleted_refs(tmp_path):
+    """Refs used one after another and deleted: their copies go at the
+    endpoint, and the worker that mapped them lets go of them by its next
+    task with a ref, so their disk space is free again (it kept up to 16
+    mappings of deleted files, space the endpoint's count no longer saw)."""
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            pids = set()
+            for _ in range(4):
+                ref = ex.put(os.urandom(MiB), ttl=600)
+                pid, size = ex.submit(worker_pid, ref).result(60)
+                assert size == MiB
+                pids.add(pid)
+                copy = next(path for path in mapped_copies(pid) if ref.id in path)
+                ref.delete()
+                deadline = time.monotonic() + 15
+                while os.path.exists(copy) and time.monotonic() < deadline:   # (the endpoint drops it)
+                    time.sleep(0.1)
+                assert not os.path.exists(copy)
+            (pid,) = pids
+            last = ex.put(os.urandom(MiB), ttl=600)
+            assert ex.submit(worker_pid, last).result(60) == (pid, MiB)
+            mapped = mapped_copies(pid)
+            assert len(mapped) == 1 and last.id in mapped[0] and "(deleted)" not in mapped[0], mapped
+        assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+@pytest.mark.timeout(180)
+def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
+    """Each cached copy costs the endpoint's ref_cache_bytes 64 KiB beyond
+    its bytes (a file, an inode), so a user's many tiny refs are bounded in
+    count too: with a 256 KiB cache, 12 one-byte refs used in turn leave at
+    most 4 copies (the older unused ones evicted), and all run."""
+    tokens = two_users(tmp_path)
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "small", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                             ref_cache_bytes=256 * 1024) as ep:
+        wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+        with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
+            refs = [ex.put(i, ttl=600) for i in range(12)]
+            assert [ex.submit(lambda x: x + 1, ref).result(60) for ref in refs] == list(range(1, 13))
+            assert 1 <= cached_refs(ep, tokens["alice"], 4) <= 4
+        assert ep.proc.poll() is None, tail(ep.log)
+
+
+@pytest.mark.timeout(180)
+def test_a_refused_put_again_does_not_remove_the_ref_it_names(tmp_path):
+    """A put naming an existing ref again, but refused (a bad TTL, no size),
+    is answered with its error and leaves the ref alone: before, the
+    refusal dropped the upload it named, the ref's own. So do a DROP naming
+    it and a task naming it as its large arguments."""
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            ref = ex.put(b"kept", ttl=600)
+            raw = RawClient(relay.address, None)
+            try:
+                for i, fields in enumerate([{"ttl": -1, "n": ref.size, "h": ref.digest}, {"ttl": 60}]):
+                    raw.send(P.REF, {"op": "put", "b": ref._id, "q": b"again%d" % i, **fields})
+                    answer = raw.expect(P.REF_ANSWER)
+                    assert answer is not None and "err" in answer.fields, answer
+                # nor does a DROP of it (meant for a large result received), nor a task taking it as its
+                # large arguments (whose upload goes when the task ends): a ref goes by ref.delete() only
+                raw.send(P.DROP, {"b": ref._id})
+                fn_hash, body = serialize_function(head)
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                row = [task_id, fn_hash, blobs.ref(big_ref(ref._id, ref.size, ref.digest)), blobs.ref(body),
+                       P.TASK_CALL, P.PYTHON_VERSION]
+                raw.send(P.SUBMIT, {"ep": endpoint.endpoint_id, "tasks": [row]}, blobs.frames)
+                failure = raw.failure_of(task_id, 20)
+                assert failure["kind"] == P.REJECTED and "is a DataRef" in failure["msg"], failure
+            finally:
+                raw.close()
+            assert ex.submit(head, ref).result(60) == (b"kept", 4)   # its first use: fetched now
+        assert endpoint.proc.poll() is None, tail(endpoint.log)

@@ -230,6 +230,7 @@ class EndpointConfig:
     # pickles; None: on when allowed_functions is set (see takes_data_only)
     data_only: bool | None = None
     relay_public_key: str = ""      # the relay's CURVE public key (Z85), pinned; empty: plain connection
+    ref_cache_bytes: int = 16 * 1024 ** 3   # bytes of DataRef copies kept at most (endpoint/refs.py)
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
@@ -248,7 +249,7 @@ class EndpointConfig:
                           ("heartbeat_period", (int, float)), ("worker_batch", int),
                           ("worker_lost_retries", int), ("heartbeats_missed", int),
                           ("allowed_functions", list), ("sandbox", str), ("sandbox_image", str),
-                          ("relay_public_key", str)):
+                          ("relay_public_key", str), ("ref_cache_bytes", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -270,6 +271,8 @@ class EndpointConfig:
             raise ConfigError(f"heartbeat_period must be > 0, not {self.heartbeat_period}")
         if not 1 <= self.heartbeats_missed <= 100:
             raise ConfigError(f"heartbeats_missed must be from 1 to 100, not {self.heartbeats_missed}")
+        if self.ref_cache_bytes < 1:
+            raise ConfigError(f"ref_cache_bytes must be >= 1, not {self.ref_cache_bytes}")
         if self.worker_lost_retries < 0:
             raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
         for fn_hash in self.allowed_functions:
@@ -331,6 +334,9 @@ class EndpointConfig:
                else "# data_only = true\n") +
             f"# The relay's CURVE public key (fedexec relay key); set: traffic is encrypted.\n"
             f'relay_public_key = "{self.relay_public_key}"\n'
+            f"# Bytes of DataRefs (ex.put) kept here at most, for all users together; a task\n"
+            f"# whose refs do not fit beside the copies other tasks here use fails.\n"
+            f"ref_cache_bytes = {self.ref_cache_bytes}\n"
             f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
@@ -347,7 +353,7 @@ class EndpointConfig:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
-                 "data_only", "relay_public_key", "provider"}
+                 "data_only", "relay_public_key", "ref_cache_bytes", "provider"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

@@ -169,7 +169,7 @@ def _resolve(ref_id: bytes, size: int, digest: bytes) -> Any:
 OOB_MAGIC = b"\x00fedexec-put5\x00"
 ALIGN = 64
 MAPPED = 16          # mappings of refs a worker keeps open
-_mappings: "dict[tuple[str, int], mmap.mmap]" = {}
+_mappings: "dict[tuple[str, int], tuple[mmap.mmap, int]]" = {}   # (path, size) -> its mapping, the file's inode
 
 
 def dumps_put(obj: Any) -> Any:
@@ -229,15 +229,39 @@ def _aligned(offset: int) -> int:
 def _mapped(path: str, size: int) -> mmap.mmap:
     """A read-only mapping of a ref's file, kept open for later tasks of this
     worker (a mapping a loaded object still uses stays until it is freed)."""
+    _forget_gone()
     key = (path, size)
-    mapping = _mappings.get(key)
-    if mapping is None:
-        with open(path, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-        if len(_mappings) >= MAPPED:
-            _mappings.pop(next(iter(_mappings)))
-        _mappings[key] = mapping
+    found = _mappings.get(key)
+    if found is not None:
+        return found[0]
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        inode = os.fstat(f.fileno()).st_ino
+    if len(_mappings) >= MAPPED:
+        _close(_mappings.pop(next(iter(_mappings)))[0])
+    _mappings[key] = (mapping, inode)
     return mapping
+
+
+def _forget_gone() -> None:
+    """Let go of the mappings of copies the endpoint has deleted (their ref
+    went) or replaced: a mapping keeps its file's disk space taken, unseen
+    by the endpoint's count, until it is closed."""
+    for key, (mapping, inode) in list(_mappings.items()):
+        try:
+            same = os.stat(key[0]).st_ino == inode
+        except OSError:
+            same = False
+        if not same:
+            del _mappings[key]
+            _close(mapping)
+
+
+def _close(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:   # an object the task kept still uses it: it goes with that object
+        pass
 
 
 _HANDLES: dict = {}

@@ -101,7 +101,8 @@ class EndpointAgent:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             raise
         self.bulk = EndpointTransfers(config.relay, secret_file, config.relay_public_key or None, self._sock_dir)
-        self.refs = RefCache(self.bulk._link, self.bulk.spool)   # DataRefs, fetched once per user (refs.py)
+        self.refs = RefCache(self.bulk._link, self.bulk.spool,   # DataRefs, fetched once per user (refs.py)
+                             config.ref_cache_bytes)
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.functions: dict[bytes, Any] = {}

@@ -12,8 +12,10 @@ the ref was a live ref of its user; a fetch checks the sha256.
 The task's arguments then go to the worker wrapped with the files' paths
 (dataref.wrap_arguments). Copies go when the relay says their ref is gone
 (REFS_GONE), and, least recently used first, when the cache is over
-``max_bytes`` or the disk is short of room; never while a queued or running
-task uses them.
+``max_bytes`` (each copy counted COPY_COST beyond its bytes, so that tiny
+refs cannot pile up files) or the disk is short of room; never while a queued or running
+task uses them: a task whose refs do not fit beside those fails instead
+(so that one user's tasks cannot fill a shared endpoint's disk).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger("fedexec.endpoint")
 
 CACHE_BYTES = 16 * 1024 ** 3      # bytes of cached refs kept at most
 MIN_FREE_BYTES = 1024 ** 3        # below this much free disk, unused copies go first
+COPY_COST = 64 * 1024             # what a copy costs against max_bytes beyond its bytes: a file, an inode
 
 
 class _Copy:
@@ -85,7 +88,10 @@ class RefCache:
 
     def _fetch(self, task_id: bytes, key: tuple[str, bytes, bytes], size: int) -> tuple[_Copy | None, str]:
         user, ref_id, digest = key
-        self._make_room(size)
+        short = self._make_room(size)
+        if short:   # (the copies left are in use: fetching more would pass the limit, or fill the disk)
+            return None, (f"the endpoint has no room for DataRef {ref_id.hex()} ({size:,} bytes) beside the "
+                          f"{self.bytes:,} bytes of copies its tasks use now: {short}; try again later")
         name = f"{hashlib.sha256(user.encode()).hexdigest()[:16]}-{ref_id.hex()}-{digest[:8].hex()}"
         path = os.path.join(self.directory, name)
         try:
@@ -130,21 +136,24 @@ class RefCache:
             if not copy.tasks:
                 self._drop(key)
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int) -> str:
         """Drop unused copies, least recently used first, until ``size``
-        more bytes fit within max_bytes and the disk keeps MIN_FREE_BYTES."""
-        def short() -> bool:
-            if self.bytes + size > self.max_bytes:
-                return True
+        more bytes fit within max_bytes and the disk keeps MIN_FREE_BYTES;
+        what is still short when they are all gone ("" when nothing)."""
+        def short() -> str:
+            if self.bytes + size + COPY_COST * (len(self.copies) + 1) > self.max_bytes:   # (tiny ones too)
+                return f"the endpoint keeps at most {self.max_bytes:,} bytes of DataRefs (ref_cache_bytes)"
             try:
-                return shutil.disk_usage(self.directory).free < size + MIN_FREE_BYTES
+                free = shutil.disk_usage(self.directory).free
             except OSError:
-                return False
+                return ""
+            return f"its disk has {free:,} bytes free" if free < size + MIN_FREE_BYTES else ""
 
         for key in [k for k, c in self.copies.items() if not c.tasks]:
             if not short():
-                return
+                return ""
             self._drop(key)
+        return short()
 
     def _drop(self, key: tuple[str, bytes, bytes]) -> None:
         copy = self.copies.pop(key)

@@ -72,7 +72,8 @@ class BulkTransfers:
             bid = fields.get("b")
             if not (isinstance(bid, bytes) and len(bid) == 16):
                 raise P.ProtocolError("malformed DROP")
-            self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
+            if not self.relay.refs.holds(session.user, bid):   # (a ref goes by its REF del only)
+                self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
 
     def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
         """The user whose spool a transfer uses: the connection's own, or with
@@ -112,6 +113,9 @@ class BulkTransfers:
         if total > self.relay.max_payload:
             message, details = P.too_large("the arguments", total, self.relay.max_payload)
             return P.TOO_LARGE, message, details
+        if self.relay.refs.holds(user, bid):   # (its upload would go when the task ends)
+            return (P.REJECTED, f"the task's arguments name upload {bid.hex()}, which is a DataRef: pass the "
+                                "DataRef itself as an argument", {})
         if self.spool.complete(user, bid) is None:
             return (P.REJECTED, f"the task's arguments name upload {bid.hex()}, which user {user!r} has not "
                                 "uploaded (unknown, incomplete, another user's, or expired)", {})
@@ -124,6 +128,9 @@ class BulkTransfers:
             bid, total, _ = parse_big(blob)
         except P.ProtocolError as exc:
             return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint sent a malformed result: {exc}")
+        if self.relay.refs.holds(record.user, bid):   # (its user's fetch, then DROP, would delete the ref)
+            return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint's result names a DataRef of the task's user "
+                                                        f"({bid.hex()}), not an upload of its own; it was not taken")
         if total > self.relay.max_payload:
             message, details = P.too_large("the result", total, self.relay.max_payload)
             self.spool.drop(record.user, bid)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -82,14 +83,24 @@ class DataRefs:
         (a ref whose upload is gone, or that expired meanwhile, goes)."""
         now = time.time()
         for sub in self.root.iterdir():
+            if not sub.is_dir():   # (nothing of ours: a user's directory goes here)
+                log.warning("removed %s, not a directory of DataRef metadata", sub)
+                sub.unlink(missing_ok=True)
+                continue
             for path in sub.iterdir():
                 try:
                     fields = msgpack.unpackb(path.read_bytes(), raw=False)
                     user, ref_id = fields["u"], bytes.fromhex(path.name)
-                    entry = RefEntry(int(fields["n"]), bytes(fields["h"]), float(fields["e"]))
-                except Exception:
+                    entry = RefEntry(fields["n"], fields["h"], fields["e"])
+                    if not (isinstance(user, str) and len(ref_id) == 16 and self._meta(user, ref_id) == path
+                            and type(entry.size) is int
+                            and isinstance(entry.digest, bytes) and len(entry.digest) == 32
+                            and type(entry.expires) is float and math.isfinite(entry.expires)):
+                        raise ValueError("fields of the wrong kind")
+                except Exception:   # (spoiled on disk: its upload goes with the spool's expiry)
                     log.warning("removed unreadable DataRef metadata %s", path)
-                    path.unlink(missing_ok=True)
+                    if not path.is_dir():
+                        path.unlink(missing_ok=True)
                     continue
                 if entry.expires <= now or self.spool.complete(user, ref_id) is None:
                     self._remove(user, ref_id)
@@ -107,8 +118,8 @@ class DataRefs:
         reply: dict[str, Any] = {"b": ref_id, "q": echo}
         if op == "put":
             reply.update(self._put(user, ref_id, fields.get("ttl"), fields.get("n"), fields.get("h")))
-            if "err" in reply:   # refused: the upload made for it goes at once (its bytes leave the quota)
-                self.spool.drop(user, ref_id)
+            if "err" in reply and not self.holds(user, ref_id):
+                self.spool.drop(user, ref_id)   # refused: the upload made for it goes at once (not a ref's own)
         else:
             entry = self.lookup(user, ref_id)
             if entry is None:
@@ -163,6 +174,12 @@ class DataRefs:
             self.delete(user, ref_id)
             return None
         return entry
+
+    def holds(self, user: str, upload_id: bytes) -> bool:
+        """Whether ``user``'s upload ``upload_id`` is one of their refs (live
+        or not yet expired away): a result must not name it, or the drop of
+        that result (relay or client) would delete the ref."""
+        return upload_id in self.refs.get(user, ())
 
     @staticmethod
     def unknown(user: str, ref_id: bytes) -> str:
