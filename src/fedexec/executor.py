@@ -767,13 +767,18 @@ class _Dispatcher(threading.Thread):
                         self._drop_upload(item.payload)
                     trace = row[3] if len(row) == 4 else None
                     blob = P.blob(msg.blobs, index)
+                    shared = blob
                     if status == P.OK and is_big(blob):   # a large result: fetched in chunks
                         status, blob = self._fetch_big(blob)
+                        if type(blob) is bytearray and (task_id in self.watchers or item.memo_key is not None):
+                            shared = bytes(blob)   # the others' (item's value may be views of blob)
+                        else:
+                            shared = blob
                     self._finish(item, status, blob, trace)
                     for watcher in self.watchers.pop(task_id, ()):
-                        self._finish(watcher, status, blob, None)
+                        self._finish(watcher, status, shared, None)
                     if item.memo_key is not None:
-                        self._settle_twins(item, status, blob)
+                        self._settle_twins(item, status, shared)
             elif msg.type == P.ACCEPTED:
                 unaccepted = self.unaccepted
                 for task_id in msg.fields["tids"]:
