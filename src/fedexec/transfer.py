@@ -49,7 +49,7 @@ import msgpack
 import zmq
 
 from . import protocol as P
-from .auth import find_credentials, secure
+from .auth import Credentials, find_credentials, find_relay_key, secure
 from .errors import FedexecError, PayloadTooLarge
 
 BIG_THRESHOLD = 16 * 1024 * 1024   # payloads larger than this travel in chunks
@@ -362,15 +362,20 @@ class TransferLink:
     synchronously by one thread at a time."""
 
     def __init__(self, address: str, *, token: str | None = None, secret_file: str | Path | None = None,
-                 relay_key: str | bytes | None = None) -> None:
+                 relay_key: str | bytes | None = None, credentials: Credentials | None = None) -> None:
+        """``credentials``: those to present (else found from ``token`` and
+        ``secret_file`` as the executor finds them)."""
         self.ctx = zmq.Context()
         sock = P.limit_frames(self.ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 0)
+        # never blocked for good on a connection that does not come up (refused credentials)
+        sock.setsockopt(zmq.SNDTIMEO, int(GIVE_UP_AFTER * 1000))
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
         key = secure(sock, address, relay_key)
-        credentials = find_credentials(address, token, secret_file)
+        if credentials is None:
+            credentials = find_credentials(address, token, secret_file)
         if credentials is not None:
             credentials.apply(sock, key)
         sock.connect(address)
@@ -379,6 +384,13 @@ class TransferLink:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TransferError(f"could not send to the relay for {GIVE_UP_AFTER:g} s (no connection: is it "
+                                "running, and does it accept these credentials?)") from None
 
     def _answer(self, expected: str, timeout: float) -> P.Message | None:
         if not self.sock.poll(int(timeout * 1000)):
@@ -424,7 +436,7 @@ class TransferLink:
         while True:
             while sent < total and sent - have < WINDOW * CHUNK:
                 end = min(total, sent + CHUNK)
-                self.sock.send_multipart(P.encode(P.UPLOAD, {**head, "o": sent}, [read(sent, end)]), copy=False)
+                self._send(P.encode(P.UPLOAD, {**head, "o": sent}, [read(sent, end)]))
                 sent = end
                 asked = time.monotonic()
             msg = self._answer(P.UPLOADED, 1.0)
@@ -464,7 +476,7 @@ class TransferLink:
         progress = asked = time.monotonic()
         while have < total:
             while asked_upto < total and asked_upto - have < WINDOW * CHUNK:
-                self.sock.send_multipart(P.encode(P.FETCH, {**head, "o": asked_upto}))
+                self._send(P.encode(P.FETCH, {**head, "o": asked_upto}))
                 asked_upto += CHUNK
                 asked = time.monotonic()
             msg = self._answer(P.CHUNK_MSG, 1.0)
@@ -530,7 +542,11 @@ class LinkPool:
 
     def __init__(self, address: str, token: str | None = None, secret_file: str | Path | None = None,
                  relay_key: str | bytes | None = None) -> None:
-        self.args = (address, token, secret_file, relay_key)
+        # found now, as the executor's own connection found them: not when a first transfer comes,
+        # by then $FEDEXEC_HOME or the environment may say something else
+        self.address = address
+        self.relay_key = find_relay_key(address, relay_key)
+        self.credentials = find_credentials(address, token, secret_file)
         self.local = threading.local()
         self.links: list[TransferLink] = []
         self.lock = threading.Lock()
@@ -538,9 +554,8 @@ class LinkPool:
     def get(self) -> TransferLink:
         link = getattr(self.local, "link", None)
         if link is None:
-            address, token, secret_file, relay_key = self.args
-            link = self.local.link = TransferLink(address, token=token, secret_file=secret_file,
-                                                  relay_key=relay_key)
+            link = self.local.link = TransferLink(self.address, relay_key=self.relay_key,
+                                                  credentials=self.credentials)
             with self.lock:
                 self.links.append(link)
         return link
