@@ -292,3 +292,26 @@ def test_large_numpy_buffers_travel_out_of_band_and_load_as_ordinary_arrays():
         assert np.array_equal(changed, array + 1) and np.array_equal(doubled, (array + 1) * 2)
         assert changed.flags.writeable and not np.shares_memory(changed, doubled)
     assert array[0] == 0.0   # the caller's own array was never changed
+
+
+@pytest.mark.timeout(180)
+def test_small_tasks_keep_completing_while_a_large_result_is_fetched():
+    with FederatedExecutor(max_workers=2) as ex:
+        assert ex.submit(echo_small, 0).result(30) == 0   # workers up
+        big = ex.submit(make_bytes, 768 * MiB)
+        during = 0
+        deadline = time.monotonic() + 150
+        while not big.done():
+            assert time.monotonic() < deadline, "the large result never came"
+            if ex._dispatcher.fetching:   # its result is being fetched from the relay now
+                started = time.monotonic()
+                assert ex.submit(echo_small, during).result(30) == during
+                if ex._dispatcher.fetching:   # and still was once the small task came back
+                    during += 1
+                    assert time.monotonic() - started < 5
+            else:
+                time.sleep(0.005)
+        data = big.result()
+        assert len(data) == 768 * MiB and data[:1] == data[-1:] == b"r"
+        assert during >= 1, "no small task completed while the large result was fetched"
+        assert not ex._dispatcher.fetching
