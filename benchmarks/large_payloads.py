@@ -12,7 +12,7 @@ RSS of each process of that system (the client, and every process it
 started, sampled every 20 ms), by role.
 
     python benchmarks/large_payloads.py [--mb 100 1000] [--runs 5]
-        [--systems fedexec ppe dask ray] [--out results.md]
+        [--systems ppe fedexec dask ray fedexec-base] [--base-src OLD/src] [--rounds 2] [--out results.md]
 
 Every system's run is bounded (``--timeout`` seconds); one that fails or
 times out is reported as such, the others still run.
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 SYSTEMS = ("ppe", "fedexec", "dask", "ray")
 NAMES = {"ppe": "ProcessPoolExecutor(2)", "fedexec": "fedexec (embedded)", "dask": "Dask LocalCluster(2)",
-         "ray": "Ray (num_cpus=2)"}
+         "ray": "Ray (num_cpus=2)", "fedexec-base": "fedexec, --base-src checkout"}
 
 
 def plus_one(array):
@@ -49,7 +49,10 @@ def role(proc: Any) -> str:
         return "?"
     if proc.pid == os.getpid():
         return "client"
-    for needle, label in (("fedexec.relay", "relay"), ("relay", "relay"), ("endpoint", "agent"),
+    if proc.cmdline() == psutil_self_cmdline():
+        return "worker"   # forked from the client (ProcessPoolExecutor)
+    for needle, label in (("resource_tracker", "resource tracker"), ("fedexec.endpoint", "agent"),
+                          ("fedexec.relay", "relay"), ("dask worker", "worker"),
                           ("fedexec.pool", "pool"), ("pool.manager", "pool"), ("fedexec.worker", "worker"),
                           ("worker.process", "worker"), ("gcs_server", "ray gcs"), ("raylet", "raylet"),
                           ("dashboard", "ray dashboard"), ("log_monitor", "ray log monitor"),
@@ -60,6 +63,11 @@ def role(proc: Any) -> str:
         if needle in cmd or needle in name:
             return label
     return name
+
+
+def psutil_self_cmdline() -> list[str]:
+    import psutil
+    return psutil.Process().cmdline()
 
 
 class PeakRSS:
@@ -151,11 +159,17 @@ def run_system(system: str, mb: int, runs: int) -> dict[str, Any]:
 
 
 # -- the table -------------------------------------------------------------------------
-def child(system: str, mb: int, runs: int, timeout: float) -> dict[str, Any]:
-    """One system's run in a process of its own, bounded by ``timeout``."""
+def child(system: str, mb: int, runs: int, timeout: float, base_src: str = "") -> dict[str, Any]:
+    """One system's run in a process of its own, bounded by ``timeout``
+    ("fedexec-base": fedexec imported from ``base_src``, an older checkout's
+    src directory)."""
+    env = None
+    if system == "fedexec-base":
+        system, env = "fedexec", {**os.environ, "PYTHONPATH": base_src}
     cmd = [sys.executable, __file__, "--one", system, "--mb", str(mb), "--runs", str(runs)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                             env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     for line in out.stdout.splitlines():
@@ -177,13 +191,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, nargs="+", default=[100], help="megabytes of the array (default 100)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=[*SYSTEMS, "fedexec-base"])
+    parser.add_argument("--base-src", default="",
+                        help="for system fedexec-base: the src directory of an older fedexec checkout")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds over all systems, alternating (the runs of all rounds are pooled)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one system's run may take")
     parser.add_argument("--out", help="also append the table (markdown) to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if "fedexec-base" in ns.systems and not ns.base_src:
+        parser.error("system fedexec-base needs --base-src")
     if ns.one:
         print("RESULT " + json.dumps(run_system(ns.one, ns.mb[0], ns.runs)), flush=True)
         return
@@ -192,7 +210,7 @@ def main() -> None:
         results: dict[str, dict[str, Any]] = {s: {"times": [], "rss": {}} for s in ns.systems}
         for _ in range(ns.rounds):
             for system in ns.systems:
-                got = child(system, mb, ns.runs, ns.timeout)
+                got = child(system, mb, ns.runs, ns.timeout, ns.base_src)
                 if "error" in got:
                     results[system]["error"] = got["error"]
                     continue
