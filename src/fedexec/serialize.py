@@ -91,6 +91,8 @@ def serialize_result(value: Any) -> bytes | Pieces:
     """A worker's result as :func:`serialize_value` makes it, except that a
     large one keeps its big buffers out of band (Pieces, see
     :func:`dumps_large`): written to its file without a joined copy."""
+    if type(value) in _SIMPLE_TYPES:   # (no buffers to take out: the common small result goes at once)
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
     try:
         return dumps_large(pickle.dumps, value)
     except Exception:
