@@ -255,3 +255,63 @@ def test_an_upload_over_the_users_byte_quota_is_refused_and_leaves_nothing(tmp_p
             assert spool.stat().st_mode & 0o777 == 0o700
         finally:
             link.close()
+
+
+def add_one_in_place(array):
+    """Changes its argument in place (it must be an ordinary, writable array),
+    and returns it and a new array beside it: two large buffers."""
+    array += 1
+    return array, array * 2
+
+
+@pytest.mark.timeout(120)
+def test_large_numpy_buffers_travel_out_of_band_and_load_as_ordinary_arrays():
+    import numpy as np
+    from fedexec.serialize import OOB_MAGIC, dumps_large, deserialize
+    from fedexec.transfer import Pieces
+    array = np.arange(3 * MiB, dtype=np.float64)   # 24 MiB
+    # the pickle leaves the array's buffer out of band, in place: no joined copy of it is made
+    payload = serialize_arguments(add_one_in_place, (array,), {})
+    assert isinstance(payload, Pieces) and bytes(payload.parts[0][:len(OOB_MAGIC)]) == OOB_MAGIC
+    assert any(len(part) == array.nbytes and np.shares_memory(np.frombuffer(part, dtype=np.uint8), array)
+               for part in payload.parts)
+    # loaded from a writable buffer: views of it; from a read-only one: copies (a value may change them)
+    import pickle
+    flat = bytearray(b"".join(bytes(p) for p in payload.parts))
+    (args, _), = [deserialize(flat)]
+    assert np.shares_memory(args[0], np.frombuffer(flat, dtype=np.uint8)) and args[0].flags.writeable
+    (args, _), = [deserialize(bytes(flat))]
+    assert args[0].flags.writeable and np.array_equal(args[0], array)
+    # small payloads with a numpy array stay plain pickles, byte for byte
+    small = np.arange(10)
+    assert serialize_arguments(add_one_in_place, (small,), {}) == cloudpickle.dumps(((small,), {}), protocol=5)
+    assert dumps_large(pickle.dumps, np.zeros(MiB)) == pickle.dumps(np.zeros(MiB), protocol=5)   # 8 MiB
+    with FederatedExecutor(max_workers=1) as ex:
+        # through relay, agent and worker: the worker's argument is writable, both results come back right
+        changed, doubled = ex.submit(add_one_in_place, array).result(60)
+        assert np.array_equal(changed, array + 1) and np.array_equal(doubled, (array + 1) * 2)
+        assert changed.flags.writeable and not np.shares_memory(changed, doubled)
+    assert array[0] == 0.0   # the caller's own array was never changed
+
+
+@pytest.mark.timeout(180)
+def test_small_tasks_keep_completing_while_a_large_result_is_fetched():
+    with FederatedExecutor(max_workers=2) as ex:
+        assert ex.submit(echo_small, 0).result(30) == 0   # workers up
+        big = ex.submit(make_bytes, 768 * MiB)
+        during = 0
+        deadline = time.monotonic() + 150
+        while not big.done():
+            assert time.monotonic() < deadline, "the large result never came"
+            if ex._dispatcher.fetching:   # its result is being fetched from the relay now
+                started = time.monotonic()
+                assert ex.submit(echo_small, during).result(30) == during
+                if ex._dispatcher.fetching:   # and still was once the small task came back
+                    during += 1
+                    assert time.monotonic() - started < 5
+            else:
+                time.sleep(0.005)
+        data = big.result()
+        assert len(data) == 768 * MiB and data[:1] == data[-1:] == b"r"
+        assert during >= 1, "no small task completed while the large result was fetched"
+        assert not ex._dispatcher.fetching

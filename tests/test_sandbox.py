@@ -83,6 +83,28 @@ def identity(x):
     return x
 
 
+def large_in_sandbox(array):
+    """Runs on a large argument in the sandbox: returns ``array + 1`` (a
+    large result), what its inbox and outbox held, whether it could write
+    its arguments' file, and whether its arguments are writable in memory."""
+    inbox = sorted(os.listdir(sandbox.TASK_IN))
+    outbox = sorted(os.listdir(sandbox.TASK_OUT))
+    try:
+        with open(os.path.join(sandbox.TASK_IN, inbox[0]), "r+b") as f:
+            f.write(b"changed")
+        write = "written"
+    except OSError as exc:
+        write = errno.errorcode.get(exc.errno, str(exc.errno))
+    array[0] += 0   # the argument is an ordinary, writable array
+    return array + 1, inbox, outbox, write
+
+
+def ref_in_sandbox(values, scale):
+    """Runs on a DataRef's array (inside a list) in the sandbox: its sum
+    times ``scale``, and what the inbox held."""
+    return float(values[0].sum()) * scale, sorted(os.listdir(sandbox.TASK_IN))
+
+
 # -- fixtures ----------------------------------------------------------------------------
 
 def apt_install(*packages: str) -> str:
@@ -220,6 +242,47 @@ def test_a_sandboxed_task_cannot_write_to_the_host(bwrap_federation, tmp_path):
     assert os.path.isdir(os.path.join(home, "relays"))
     seen = ex.submit(can_see, [str(tmp_path), home, os.path.expanduser("~/.bashrc")]).result(DEADLINE)
     assert seen == dict.fromkeys(seen, False), f"the sandbox sees host files: {seen}"
+
+
+@pytest.mark.timeout(120)
+def test_a_sandboxed_task_gets_its_large_arguments_read_only_and_returns_a_large_result(bwrap_federation):
+    import numpy as np
+    ex = bwrap_federation.executor
+    array = np.arange(3 * 1024 * 1024, dtype=np.float64)   # 24 MiB: over the 16 MiB of the large path
+    futures = [ex.submit(large_in_sandbox, array) for _ in range(3)]
+    for future in futures:
+        out, inbox, outbox, write = future.result(DEADLINE)
+        assert out.shape == array.shape and out[0] == 1.0 and out[-1] == array[-1] + 1
+        # its own arguments' file alone, read-only; nothing else of the agent's spool in view
+        assert inbox == [future._task_bytes.hex() + ".args"], inbox
+        assert outbox == [], outbox
+        assert write == "EROFS", write
+    roots = bwrap_federation.task_roots()
+    for root in roots:   # on the host: the inboxes and outboxes are empty once the tasks are done
+        for box in (root.with_suffix(".in"), root.with_suffix(".out")):
+            assert box.is_dir() and list(box.iterdir()) == [], f"{box} holds {list(box.iterdir())}"
+            assert box.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.timeout(120)
+def test_a_sandboxed_task_reads_a_dataref(bwrap_federation):
+    """A DataRef's file (the agent's cached copy) is shared into the task's
+    inbox like large arguments, and leaves it with the task."""
+    import numpy as np
+    ex = bwrap_federation.executor
+    array = np.arange(1024 * 1024, dtype=np.float64)
+    ref = ex.put(array)
+    try:
+        futures = [ex.submit(ref_in_sandbox, [ref], n) for n in range(4)]
+        for n, future in enumerate(futures):
+            total, inbox = future.result(DEADLINE)
+            assert total == float(array.sum()) * n
+            assert inbox == [f"{future._task_bytes.hex()}.{ref.id}.ref"], inbox
+    finally:
+        ref.delete()
+    for root in bwrap_federation.task_roots():
+        box = root.with_suffix(".in")
+        assert list(box.iterdir()) == [], f"{box} holds {list(box.iterdir())}"
 
 
 @pytest.mark.timeout(60)

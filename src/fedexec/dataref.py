@@ -286,14 +286,25 @@ def wrap_arguments(args: bytes, files: dict[bytes, str]) -> bytes:
     return LOCAL_MAGIC + msgpack.packb({"a": args, "r": files}, use_bin_type=True)
 
 
-def load_arguments(blob: bytes, loads: Callable[[Any], Any]) -> Any:
-    """(The worker) the value of a local reference: a file the endpoint
-    fetched, or arguments naming DataRefs (:func:`wrap_arguments`)."""
+def named_refs(blob: bytes) -> tuple[bytes, dict[bytes, str]] | None:
+    """A local reference made by :func:`wrap_arguments`: its arguments and
+    the files of the DataRefs they name; None for any other local reference."""
     fields = msgpack.unpackb(blob[len(LOCAL_MAGIC):], raw=False)
     files = fields.get("r") if isinstance(fields, dict) else None
     if files is None:
+        return None
+    if not (isinstance(files, dict) and isinstance(fields.get("a"), bytes)):
+        raise ValueError("malformed local reference to DataRef files")
+    return fields["a"], files
+
+
+def load_arguments(blob: bytes, loads: Callable[[Any], Any]) -> Any:
+    """(The worker) the value of a local reference: a file the endpoint
+    fetched, or arguments naming DataRefs (:func:`wrap_arguments`)."""
+    refs = named_refs(blob)
+    if refs is None:
         return load_local(blob, loads)
-    args = fields["a"]
+    args, files = refs
     outer = getattr(_local, "files", None)
     _local.files = files
     try:

@@ -22,6 +22,7 @@ import uuid
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future, InvalidStateError
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
 from concurrent.futures._base import FINISHED as _FINISHED
@@ -351,6 +352,8 @@ class _Dispatcher(threading.Thread):
         # large payloads go in chunks on connections of their own (transfer.py)
         self.transfers = LinkPool(relay, token, services.secret_file if services is not None else None,
                                   relay_public_key)
+        self.fetching: dict[bytes, tuple[_WorkItem, list[float] | None]] = {}   # large results being fetched
+        self.fetcher: ThreadPoolExecutor | None = None   # the thread that fetches them (made when needed)
         # results are decoded as plain data only, never unpickled (the
         # executor's data_only); data_only_why says why, for its errors
         self.data_only = False
@@ -435,7 +438,7 @@ class _Dispatcher(threading.Thread):
                         self._send_again()
                     if self.pending or self.held:  # its answer says whether the relay restarted meanwhile
                         self._send(P.encode(P.HEARTBEAT))
-                if self.stopping and not self.pending and not self.commands and not self.held:
+                if self.stopping and not self.pending and not self.commands and not self.held and not self.fetching:
                     break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
                     self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
@@ -450,6 +453,8 @@ class _Dispatcher(threading.Thread):
             with self._post_lock:
                 self.closed = True
             self._fail_leftovers()
+            if self.fetcher is not None:
+                self.fetcher.shutdown(wait=False, cancel_futures=True)
             watch.close()
             sock.close(linger=0)
             ctx.term()
@@ -466,6 +471,7 @@ class _Dispatcher(threading.Thread):
         error = kind(self.failure or "the executor stopped before this task finished")
         leftovers = [item for command, items in self.commands if command in ("submit", "reattach") for item in items]
         leftovers += self.pending.values()
+        leftovers += [item for item, _ in self.fetching.values()]
         for more in self.watchers.values():
             leftovers += more
         for twins in self.memo_waiting.values():
@@ -509,6 +515,8 @@ class _Dispatcher(threading.Thread):
                         self.pending[item.task_id] = item
                         resume.append(item.task_id)
                 self._resume(resume)
+            elif command == "fetched":   # a large result, fetched by the fetch thread
+                self._fetched(*value)
             elif command == "cancel":
                 item = self.pending.get(value)
                 if item is not None and not item.running:
@@ -772,13 +780,10 @@ class _Dispatcher(threading.Thread):
                         self._drop_upload(item.payload)
                     trace = row[3] if len(row) == 4 else None
                     blob = P.blob(msg.blobs, index)
-                    if status == P.OK and is_big(blob):   # a large result: fetched in chunks
-                        status, blob = self._fetch_big(blob)
-                    self._finish(item, status, blob, trace)
-                    for watcher in self.watchers.pop(task_id, ()):
-                        self._finish(watcher, status, blob, None)
-                    if item.memo_key is not None:
-                        self._settle_twins(item, status, blob)
+                    if status == P.OK and is_big(blob):   # a large result: fetched in chunks, by another thread
+                        self._fetch_later(item, blob, trace)
+                        continue
+                    self._settle(item, status, blob, trace)
             elif msg.type == P.ACCEPTED:
                 unaccepted = self.unaccepted
                 for task_id in msg.fields["tids"]:
@@ -811,6 +816,40 @@ class _Dispatcher(threading.Thread):
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
+
+    def _settle(self, item: _WorkItem, status: int, blob: Any, trace: list[float] | None) -> None:
+        """A task's outcome: its future, and those of its watchers and memoized twins."""
+        shared = blob
+        if type(blob) is bytearray and (item.task_id in self.watchers or item.memo_key is not None):
+            shared = bytes(blob)   # the others' (the item's value may be views of its fetched bytearray)
+        self._finish(item, status, blob, trace)
+        for watcher in self.watchers.pop(item.task_id, ()):
+            self._finish(watcher, status, shared, None)
+        if item.memo_key is not None:
+            self._settle_twins(item, status, shared)
+
+    def _fetch_later(self, item: _WorkItem, ref: Any, trace: list[float] | None) -> None:
+        """Fetch a large result on the fetch thread (its own transfer link),
+        so that this thread goes on with other tasks meanwhile; it comes
+        back as a "fetched" command, settled then (``_fetched``)."""
+        self.fetching[item.task_id] = (item, trace)
+        if self.fetcher is None:
+            self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="fedexec-fetch")
+        ref = P.as_bytes(ref)
+
+        def fetch() -> None:
+            outcome = self._fetch_big(ref)
+            try:
+                self.post("fetched", (item.task_id, *outcome))
+            except RuntimeError:   # stopped meanwhile: its future already failed
+                pass
+
+        self.fetcher.submit(fetch)
+
+    def _fetched(self, task_id: bytes, status: int, blob: Any) -> None:
+        entry = self.fetching.pop(task_id, None)
+        if entry is not None:
+            self._settle(entry[0], status, blob, entry[1])
 
     def _drop_upload(self, ref: bytes) -> None:
         """The relay may delete the upload of a task it refused."""

@@ -24,6 +24,7 @@ from tblib import Traceback
 
 from . import protocol as P
 from .errors import RemoteExecutionError, SerializationError
+from .transfer import BIG_THRESHOLD, Pieces
 
 PICKLE_PROTOCOL = 5
 
@@ -55,12 +56,14 @@ def function_hash(fn: Callable[..., Any]) -> str:
 _SIMPLE_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
-def serialize_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
-    """Pickled ``(args, kwargs)``; errors name the function and the cause."""
+def serialize_arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes | Pieces:
+    """Pickled ``(args, kwargs)`` (large ones with their big buffers out of
+    band, as Pieces: see :func:`dumps_large`); errors name the function and
+    the cause."""
     if not kwargs and all(type(a) in _SIMPLE_TYPES for a in args):
         return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
     try:
-        return cloudpickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+        return dumps_large(cloudpickle.dumps, (args, kwargs))
     except Exception as exc:
         name = getattr(fn, "__qualname__", repr(fn))
         raise SerializationError(f"cannot serialize the arguments of {name}(): {exc}") from exc
@@ -84,8 +87,108 @@ def serialize_value(value: Any) -> bytes:
         return cloudpickle.dumps(value, protocol=PICKLE_PROTOCOL)
 
 
+def serialize_result(value: Any) -> bytes | Pieces:
+    """A worker's result as :func:`serialize_value` makes it, except that a
+    large one keeps its big buffers out of band (Pieces, see
+    :func:`dumps_large`): written to its file without a joined copy."""
+    if type(value) in _SIMPLE_TYPES:   # (no buffers to take out: the common small result goes at once)
+        return pickle.dumps(value, protocol=PICKLE_PROTOCOL)
+    try:
+        return dumps_large(pickle.dumps, value)
+    except Exception:
+        return dumps_large(cloudpickle.dumps, value)
+
+
 def deserialize(blob: Any) -> Any:
-    return pickle.loads(blob)
+    try:
+        return pickle.loads(blob)
+    except pickle.UnpicklingError:
+        if bytes(memoryview(blob)[:len(OOB_MAGIC)]) != OOB_MAGIC:
+            raise
+    return deserialize_large(blob)   # a large payload with out-of-band buffers (fetched in chunks)
+
+
+# -- large pickles: out-of-band buffers ------------------------------------------
+# A large pickle whose big buffers (numpy arrays, bytearrays, PickleBuffers of
+# at least OOB_MIN bytes, contiguous) were taken out of band (pickle protocol
+# 5's buffer_callback) travels as: OOB_MAGIC, "<IQ" (buffer count, pickle
+# length), "<Q" per buffer (its length), zeros up to a multiple of OOB_ALIGN,
+# the pickle, then each buffer, each starting at a multiple of OOB_ALIGN. Its
+# producer never joins them into one bytes object (Pieces: written or sent
+# part by part), and its consumer loads the buffers as views of what it
+# received (a copy-on-write mapping of the file, or the fetched bytearray):
+# the data is not copied to pickle or unpickle it. Small payloads, and large
+# ones without big buffers, stay plain pickles.
+OOB_MAGIC = b"\x00fedexec-oob\x00"
+OOB_MIN = 1 << 20
+OOB_ALIGN = 64
+_OOB_FIXED = struct.Struct("<IQ")
+
+
+def _aligned(n: int) -> int:
+    return n + (-n % OOB_ALIGN)
+
+
+def dumps_large(dumps: Callable[..., bytes], obj: Any) -> bytes | Pieces:
+    """``dumps(obj)`` (pickle's or cloudpickle's), or, when that is over
+    BIG_THRESHOLD bytes mostly because of big buffers, the same pickle with
+    those buffers out of band, as Pieces (see above)."""
+    buffers: list[memoryview] = []
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:   # not contiguous: in the pickle
+            return True
+        if raw.nbytes < OOB_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    head = dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=out_of_band)
+    if not buffers:
+        return head
+    fixed = OOB_MAGIC + _OOB_FIXED.pack(len(buffers), len(head)) + struct.pack(f"<{len(buffers)}Q",
+                                                                               *(b.nbytes for b in buffers))
+    parts: list[Any] = [fixed + bytes(_aligned(len(fixed)) - len(fixed)), head]
+    pos = _aligned(len(fixed)) + len(head)
+    for buf in buffers:
+        gap = -pos % OOB_ALIGN
+        if gap:
+            parts.append(bytes(gap))
+        parts.append(buf)
+        pos += gap + buf.nbytes
+    pieces = Pieces(parts, lambda: dumps(obj, protocol=PICKLE_PROTOCOL))
+    return pieces if len(pieces) > BIG_THRESHOLD else pieces.fallback()
+
+
+def deserialize_large(blob: Any) -> Any:
+    """A large payload (a plain pickle, or one made by :func:`dumps_large`),
+    loaded from ``blob`` (a bytearray, or a mapping of its file); out-of-band
+    buffers become views of ``blob`` when it is writable (the values may
+    change them, as values unpickled the usual way may), else copies."""
+    view = memoryview(blob)
+    if bytes(view[:len(OOB_MAGIC)]) != OOB_MAGIC:
+        return pickle.loads(view)
+    try:
+        count, head_len = _OOB_FIXED.unpack_from(view, len(OOB_MAGIC))
+        start = len(OOB_MAGIC) + _OOB_FIXED.size
+        if count > len(view) // OOB_MIN:
+            raise ValueError(f"{count} buffers")
+        lengths = struct.unpack_from(f"<{count}Q", view, start)
+        pos = _aligned(start + 8 * count)
+        head = view[pos:pos + head_len]
+        pos += head_len
+        buffers = []
+        for n in lengths:
+            pos += -pos % OOB_ALIGN
+            buffers.append(view[pos:pos + n] if not view.readonly else bytearray(view[pos:pos + n]))
+            pos += n
+        if pos != len(view) or len(head) != head_len:
+            raise ValueError(f"its parts end at byte {pos} of {len(view)}")
+    except (struct.error, ValueError) as exc:
+        raise SerializationError(f"a malformed large payload (pickle with out-of-band buffers): {exc}") from None
+    return pickle.loads(head, buffers=buffers)
 
 
 content_hash = P.content_hash

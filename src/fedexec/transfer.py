@@ -36,6 +36,7 @@ user, once it checked the task went to an endpoint of the connection's user.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import mmap
 import os
@@ -48,7 +49,7 @@ import msgpack
 import zmq
 
 from . import protocol as P
-from .auth import find_credentials, secure
+from .auth import Credentials, find_credentials, find_relay_key, secure
 from .errors import FedexecError, PayloadTooLarge
 
 BIG_THRESHOLD = 16 * 1024 * 1024   # payloads larger than this travel in chunks
@@ -127,34 +128,99 @@ def parse_local(blob: bytes) -> tuple[str, int, bytes]:
 
 
 def load_local(blob: bytes, loads: Callable[[Any], Any]) -> Any:
-    """The value a local reference names, loaded from its file mapped into
-    memory (read once, by ``loads``; the mapping is closed after)."""
+    """The value a local reference names, loaded by ``loads`` from its file
+    mapped into memory, copy-on-write: a value that keeps parts of the
+    mapping (pickle-5 out-of-band buffers, see serialize.py) uses the file's
+    pages without copying them and may still change them (privately); the
+    mapping stays while such a value lives, else it is closed at once."""
     path, total, _ = parse_local(blob)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), total, access=mmap.ACCESS_READ) as view:
-        return loads(view)
-
-
-def write_private(path: str, data: Any) -> None:
-    """``data`` into a new file only this user can read."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(path, "rb") as f:
+        view = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_COPY)
     try:
-        view = memoryview(data).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:written + CHUNK])
+        return loads(view)
+    finally:
+        try:
+            view.close()
+        except BufferError:   # the value holds parts of it: unmapped when they go
+            pass
+
+
+class Pieces:
+    """A large payload as the buffers it is made of, not joined into one
+    (a pickle and its out-of-band buffers, see serialize.py): sent and
+    written piece by piece, so that the producer never copies the data into
+    one bytes object. ``len()`` is its size in bytes; ``fallback()`` makes
+    it one bytes object (for where no large-payload path exists)."""
+
+    __slots__ = ("parts", "starts", "nbytes", "fallback")
+
+    def __init__(self, parts: list[Any], fallback: Callable[[], bytes]) -> None:
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.starts: list[int] = []
+        total = 0
+        for part in self.parts:
+            self.starts.append(total)
+            total += len(part)
+        self.nbytes = total
+        self.fallback = fallback
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def read(self, off: int, end: int) -> Any:
+        """Bytes ``off:end``: a view of one part, or (across parts) a copy."""
+        i = bisect.bisect_right(self.starts, off) - 1
+        start = self.starts[i]
+        if end - start <= len(self.parts[i]):
+            return self.parts[i][off - start:end - start]
+        out = bytearray()
+        while off < end:
+            part, start = self.parts[i], self.starts[i]
+            take = part[off - start:min(end, start + len(part)) - start]
+            out += take
+            off += len(take)
+            i += 1
+        return out
+
+    def sha256(self) -> bytes:
+        hasher = hashlib.sha256()
+        for part in self.parts:
+            hasher.update(part)
+        return hasher.digest()
+
+
+def write_private(path: str, data: Any) -> bytes:
+    """``data`` (bytes-like, or Pieces) into a new file only this user can
+    read; its sha256, computed chunk by chunk as it is written (one pass over
+    the data, each chunk hashed while it is in the CPU's cache)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    hasher = hashlib.sha256()
+    try:
+        for part in (data.parts if isinstance(data, Pieces) else [data]):
+            view = memoryview(part).cast("B")
+            for off in range(0, len(view), CHUNK):
+                piece = view[off:off + CHUNK]
+                hasher.update(piece)
+                written = 0
+                while written < len(piece):
+                    written += os.write(fd, piece[written:])
     finally:
         os.close(fd)
+    return hasher.digest()
 
 
 def spill_result(blob: Any, task_id: bytes) -> Any:
-    """A worker's large result as a local reference to a file in the agent's
-    spool (SPOOL_ENV); small ones, or without a spool, as they are."""
+    """A worker's large result (bytes, or Pieces) as a local reference to a
+    file in the agent's spool (SPOOL_ENV); small ones as they are; without a
+    spool, as one bytes object."""
     spool = os.environ.get(SPOOL_ENV)
-    if spool is None or len(blob) <= BIG_THRESHOLD:
+    if len(blob) <= BIG_THRESHOLD:
         return blob
+    if spool is None:
+        return blob.fallback() if isinstance(blob, Pieces) else blob
     path = os.path.join(spool, f"{task_id.hex()}.{os.getpid()}.result")
-    write_private(path, blob)
-    return local_ref(path, len(blob), hashlib.sha256(blob).digest())
+    digest = write_private(path, blob)
+    return local_ref(path, len(blob), digest)
 
 
 # -- the relay's side -----------------------------------------------------------
@@ -235,11 +301,10 @@ class Spool:
             self.charge(user, cost)
             have += size
         if have == total:   # (its sha256 is checked by whoever fetches it, not here: the relay never reads it)
-            fd = os.open(part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            # Not fsynced: the relay's record (SQLite, WAL, synchronous=NORMAL) survives a kill -9 of the
+            # relay, not a power cut, and so does this file (a page-cache write is kept when the process
+            # dies). An fsync here cost 0.2 s per 100 MB; a file cut by a power cut fails its sha256
+            # check where it is fetched, so its task fails saying so instead of running on bad data.
             os.rename(part, final)
             return {"b": bid, "have": have, "done": True}
         return {"b": bid, "have": have}
@@ -297,15 +362,20 @@ class TransferLink:
     synchronously by one thread at a time."""
 
     def __init__(self, address: str, *, token: str | None = None, secret_file: str | Path | None = None,
-                 relay_key: str | bytes | None = None) -> None:
+                 relay_key: str | bytes | None = None, credentials: Credentials | None = None) -> None:
+        """``credentials``: those to present (else found from ``token`` and
+        ``secret_file`` as the executor finds them)."""
         self.ctx = zmq.Context()
         sock = P.limit_frames(self.ctx.socket(zmq.DEALER))
         sock.setsockopt(zmq.LINGER, 0)
+        # never blocked for good on a connection that does not come up (refused credentials)
+        sock.setsockopt(zmq.SNDTIMEO, int(GIVE_UP_AFTER * 1000))
         sock.setsockopt(zmq.IPV6, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
         key = secure(sock, address, relay_key)
-        credentials = find_credentials(address, token, secret_file)
+        if credentials is None:
+            credentials = find_credentials(address, token, secret_file)
         if credentials is not None:
             credentials.apply(sock, key)
         sock.connect(address)
@@ -314,6 +384,13 @@ class TransferLink:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+    def _send(self, frames: list[Any]) -> None:
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TransferError(f"could not send to the relay for {GIVE_UP_AFTER:g} s (no connection: is it "
+                                "running, and does it accept these credentials?)") from None
 
     def _answer(self, expected: str, timeout: float) -> P.Message | None:
         if not self.sock.poll(int(timeout * 1000)):
@@ -324,7 +401,7 @@ class TransferLink:
         return msg if msg.type == expected else None
 
     def upload(self, data: Any, task_id: bytes | None = None, digest: bytes = b"") -> bytes:
-        """Upload ``data`` (bytes-like, or the path of a file: read chunk by
+        """Upload ``data`` (bytes-like, Pieces, or the path of a file: read chunk by
         chunk, never mapped or read whole, so that the uploader's memory
         stays small; ``digest``, its sha256 if known); its reference.
         Resumes from what the relay has after lost messages (a relay
@@ -341,6 +418,8 @@ class TransferLink:
                 return self._upload(lambda off, end: os.pread(fd, end - off, off), total, digest, task_id)
             finally:
                 os.close(fd)
+        if isinstance(data, Pieces):
+            return self._upload(data.read, len(data), data.sha256(), task_id)
         view = memoryview(data).cast("B")
         try:
             return self._upload(lambda off, end: view[off:end], len(view), hashlib.sha256(view).digest(), task_id)
@@ -357,7 +436,7 @@ class TransferLink:
         while True:
             while sent < total and sent - have < WINDOW * CHUNK:
                 end = min(total, sent + CHUNK)
-                self.sock.send_multipart(P.encode(P.UPLOAD, {**head, "o": sent}, [read(sent, end)]), copy=False)
+                self._send(P.encode(P.UPLOAD, {**head, "o": sent}, [read(sent, end)]))
                 sent = end
                 asked = time.monotonic()
             msg = self._answer(P.UPLOADED, 1.0)
@@ -397,7 +476,7 @@ class TransferLink:
         progress = asked = time.monotonic()
         while have < total:
             while asked_upto < total and asked_upto - have < WINDOW * CHUNK:
-                self.sock.send_multipart(P.encode(P.FETCH, {**head, "o": asked_upto}))
+                self._send(P.encode(P.FETCH, {**head, "o": asked_upto}))
                 asked_upto += CHUNK
                 asked = time.monotonic()
             msg = self._answer(P.CHUNK_MSG, 1.0)
@@ -463,7 +542,11 @@ class LinkPool:
 
     def __init__(self, address: str, token: str | None = None, secret_file: str | Path | None = None,
                  relay_key: str | bytes | None = None) -> None:
-        self.args = (address, token, secret_file, relay_key)
+        # found now, as the executor's own connection found them: not when a first transfer comes,
+        # by then $FEDEXEC_HOME or the environment may say something else
+        self.address = address
+        self.relay_key = find_relay_key(address, relay_key)
+        self.credentials = find_credentials(address, token, secret_file)
         self.local = threading.local()
         self.links: list[TransferLink] = []
         self.lock = threading.Lock()
@@ -471,9 +554,8 @@ class LinkPool:
     def get(self) -> TransferLink:
         link = getattr(self.local, "link", None)
         if link is None:
-            address, token, secret_file, relay_key = self.args
-            link = self.local.link = TransferLink(address, token=token, secret_file=secret_file,
-                                                  relay_key=relay_key)
+            link = self.local.link = TransferLink(self.address, relay_key=self.relay_key,
+                                                  credentials=self.credentials)
             with self.lock:
                 self.links.append(link)
         return link

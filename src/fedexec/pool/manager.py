@@ -356,6 +356,9 @@ class PoolManager:
                 log.warning("worker %d answered for task %s it did not hold", slot.pid, task_id.hex())
                 continue
             self.at_worker.pop(task_id, None)
+            blob = P.blob(msg.blobs, index)
+            if self.pool is not None and self.pool.sandbox != "none":   # large payloads cross its wall
+                status, blob = self.pool.task_result(slot, task_id, status, blob)
             if status == P.EXCEPTION and task.retried < (task.option("r") or 0) and not self.draining:
                 task.retried += 1  # the caller asked for another try after an exception
                 self.queue.append(task)
@@ -364,7 +367,7 @@ class PoolManager:
                 seconds = times[i]
                 average = self.task_seconds
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
-            self._result(task_id, status, P.blob(msg.blobs, index), row[3] if len(row) == 4 else None)
+            self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -482,6 +485,8 @@ class PoolManager:
         others: list[QueuedTask] = []   # tasks of users this worker does not serve: they stay queued, in order
         if slot.user is None and self.queue:
             slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
+        pool = self.pool
+        assert pool is not None
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             task_row = task.row
@@ -505,7 +510,8 @@ class PoolManager:
                     continue
                 fn_ref = blobs.ref(body)
                 slot.known_functions.add(fn_hash)
-            row = [task_id, fn_hash, blobs.ref(task.args), fn_ref, task.row[4], python]
+            args = task.args if pool.sandbox == "none" else pool.task_arguments(slot, task_id, task.args)
+            row = [task_id, fn_hash, blobs.ref(args), fn_ref, task.row[4], python]
             if len(task.row) == 7:
                 options = task.row[6]
                 if "tr" in options:

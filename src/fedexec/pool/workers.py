@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import secrets
 import signal
@@ -33,6 +34,8 @@ import zmq
 
 from ..worker import sandbox as sandboxes
 from ..worker.process import MarkerFile, remove_tree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,11 +140,13 @@ class LocalWorkerPool:
                                             str(os.getpid())], stdin=subprocess.PIPE, env=self.env)
             else:
                 task_dir = self.task_dir(name)
-                os.makedirs(task_dir, mode=0o700, exist_ok=True)
+                for directory in (task_dir, self.inbox(name), self.outbox(name)):
+                    os.makedirs(directory, mode=0o700, exist_ok=True)
                 container = f"fedexec-w{os.getpid()}-{number}"
                 command = sandboxes.worker_command(
                     self.sandbox, args, socket_path=path, marker_path=marker.path,
-                    task_dir=task_dir, image=self.sandbox_image, name=container)
+                    task_dir=task_dir, image=self.sandbox_image, name=container,
+                    inbox=self.inbox(name), outbox=self.outbox(name))
                 if self.sandbox == "podman":
                     process = ContainerProcess(command, container=container, stdin=subprocess.PIPE, env=self.env)
                 else:
@@ -160,6 +165,36 @@ class LocalWorkerPool:
     def task_dir(self, name: str) -> str:
         """The host directory a sandboxed worker sees as its task root."""
         return os.path.join(self.marker_dir, name + ".tasks")
+
+    def inbox(self, name: str) -> str:
+        """The host directory a sandboxed worker sees, read-only, as
+        sandbox.TASK_IN: its tasks' large arguments."""
+        return os.path.join(self.marker_dir, name + ".in")
+
+    def outbox(self, name: str) -> str:
+        """The host directory a sandboxed worker sees as sandbox.TASK_OUT,
+        where it writes large results."""
+        return os.path.join(self.marker_dir, name + ".out")
+
+    def task_arguments(self, slot: WorkerSlot, task_id: bytes, blob: Any) -> Any:
+        """A task's arguments as ``slot``'s worker is sent them: large ones
+        (a local file) put where its sandbox sees them (sandbox.py)."""
+        if self.sandbox == "none":
+            return blob
+        try:
+            return sandboxes.share_arguments(self.inbox(slot.name), task_id, blob)
+        except (OSError, ValueError) as exc:   # the worker then fails the task, naming the file it could not read
+            log.warning("could not share the large arguments of task %s with its worker: %s", task_id.hex(), exc)
+            return blob
+
+    def task_result(self, slot: WorkerSlot, task_id: bytes, status: int, blob: Any) -> tuple[int, Any]:
+        """A task's outcome from ``slot``'s worker: its arguments leave the
+        worker's inbox, and a large result leaves its outbox for the agent's
+        spool (sandbox.py)."""
+        if self.sandbox == "none":
+            return status, blob
+        sandboxes.unshare_arguments(self.inbox(slot.name), task_id)
+        return sandboxes.take_result(self.outbox(slot.name), task_id, status, blob)
 
     def reap(self) -> list[WorkerSlot]:
         """Slots whose process has exited, removed from the pool."""
@@ -188,7 +223,8 @@ class LocalWorkerPool:
         with contextlib.suppress(OSError):
             os.unlink(marker.path)
         if self.sandbox != "none":
-            remove_tree(self.task_dir(name))
+            for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
+                remove_tree(directory)
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""

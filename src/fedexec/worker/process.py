@@ -40,8 +40,8 @@ import zmq
 from .. import protocol as P
 from ..dataref import load_arguments
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
-from ..serialize import (NotData, decode_data, deserialize, encode_data, is_data, serialize_data_exception,
-                         serialize_exception, serialize_value)
+from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
+                         serialize_data_exception, serialize_exception, serialize_result)
 
 PARENT_CHECK_MS = 1000
 # Results of quick tasks are sent together: when this many wait, when the
@@ -301,7 +301,7 @@ class WorkerProcess:
             fn = self.load_function(fn_hash)
             if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py),
                 #                       or arguments with the files of the DataRefs they name (dataref.py)
-                payload = load_arguments(P.as_bytes(args_blob), decode_data if data else deserialize)
+                payload = load_arguments(P.as_bytes(args_blob), decode_data if data else deserialize_large)
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
@@ -322,7 +322,7 @@ class WorkerProcess:
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
         try:
-            blob = encode_data(value) if data else serialize_value(value)
+            blob = encode_data(value) if data else serialize_result(value)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
                 blob = spill_result(blob, row[0])
             return P.OK, blob

@@ -26,6 +26,17 @@ other worker's channel, nor the endpoint's socket for its pools, is in view.
   ulimits) belong in the tool's own configuration (containers.conf,
   apptainer.conf). Neither parent check works across a container's pid
   namespace, so these workers stop when the endpoint's socket closes.
+
+Large payloads (``transfer.py``): a task's large arguments are a file in the
+endpoint agent's private spool, which no sandbox sees. Each sandboxed worker
+has two more directories of its own: an inbox, bound read-only at TASK_IN,
+where its pool hard-links the arguments' file of each task it sends that
+worker (and removes it when the task is done), and an outbox, bound
+writable at TASK_OUT, where the worker writes a large result (SPOOL_ENV
+points there inside), which the pool moves into the agent's spool once it
+checked it is a plain file of that task (:func:`share_arguments`,
+:func:`take_result`). So a worker sees its own tasks' large arguments, only
+those, and cannot change them; nothing else of the spool is in view.
 """
 
 from __future__ import annotations
@@ -33,12 +44,19 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import stat
 import subprocess
 import sys
+from typing import Any
 
+from .. import protocol as P
 from ..config import ConfigError
+from ..dataref import named_refs, wrap_arguments
+from ..transfer import SPOOL_ENV, is_local, local_ref, parse_local
 
 TASK_ROOT = "/task"             # where a sandboxed worker's task root appears
+TASK_IN = "/task-in"            # its inbox: its tasks' large arguments, read-only
+TASK_OUT = "/task-out"          # its outbox: where it writes large results
 TOOLS = {"bwrap": "bwrap", "podman": "podman", "apptainer": "apptainer"}
 INSTALL_HINT = {
     "bwrap": "Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install bubblewrap",
@@ -86,27 +104,36 @@ def check(kind: str) -> None:
 
 
 def worker_command(kind: str, worker_args: list[str], *, socket_path: str, marker_path: str,
-                   task_dir: str, image: str = "", name: str = "") -> list[str]:
+                   task_dir: str, image: str = "", name: str = "", inbox: str = "",
+                   outbox: str = "") -> list[str]:
     """The command that runs ``python -m fedexec.worker WORKER_ARGS`` inside
     sandbox ``kind``, seeing ``socket_path`` and ``marker_path`` at their own
-    paths and ``task_dir`` (on the host) as its task root, TASK_ROOT.
-    ``name`` names the container (podman)."""
+    paths, ``task_dir`` (on the host) as its task root, TASK_ROOT, and (if
+    given) ``inbox`` read-only at TASK_IN and ``outbox`` at TASK_OUT, where
+    it writes large results. ``name`` names the container (podman)."""
     binds = [(socket_path, socket_path), (marker_path, marker_path), (task_dir, TASK_ROOT)]
+    read_only = [(inbox, TASK_IN)] if inbox else []
+    env = {}
+    if outbox:
+        binds.append((outbox, TASK_OUT))
+        env[SPOOL_ENV] = TASK_OUT
     args = [*worker_args, "--task-root", TASK_ROOT]
     if kind == "bwrap":
-        return bwrap_command([sys.executable, "-m", "fedexec.worker", *args], binds)
+        return bwrap_command([sys.executable, "-m", "fedexec.worker", *args], binds, read_only, env)
     program = ["python3", "-m", "fedexec.worker", *args, "--exit-on-disconnect"]
     if kind == "podman":
-        return podman_command(program, binds, image, name)
+        return podman_command(program, binds, image, name, read_only, env)
     if kind == "apptainer":
-        return apptainer_command(program, binds, image)
+        return apptainer_command(program, binds, image, read_only, env)
     raise SandboxUnavailable(f"unknown sandbox {kind!r}")
 
 
-def bwrap_command(program: list[str], binds: list[tuple[str, str]]) -> list[str]:
+def bwrap_command(program: list[str], binds: list[tuple[str, str]], read_only: list[tuple[str, str]] = (),
+                  env: dict[str, str] | None = None) -> list[str]:
     """bubblewrap: the host view read-only, a private /tmp, /dev and /proc,
-    ``binds`` (host, inside) read-write, everything else read-only; no
-    network, no capabilities; dies with the process that started it."""
+    ``binds`` (host, inside) read-write, ``read_only`` ones read-only,
+    everything else read-only too; ``env`` set inside; no network, no
+    capabilities; dies with the process that started it."""
     view = host_view()
     under_tmp = [path for path, _ in view if path.startswith("/tmp/")]
     cmd = [tool("bwrap"), "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session"]
@@ -118,11 +145,16 @@ def bwrap_command(program: list[str], binds: list[tuple[str, str]]) -> list[str]
         cmd += ["--ro-bind", path, path]
     for source, dest in binds:
         cmd += ["--bind", source, dest]
+    for source, dest in read_only:
+        cmd += ["--ro-bind", source, dest]
+    for key, value in (env or {}).items():
+        cmd += ["--setenv", key, value]
     cwd = TASK_ROOT if any(dest == TASK_ROOT for _, dest in binds) else "/"
     return [*cmd, "--remount-ro", "/", "--chdir", cwd, "--", *program]
 
 
-def podman_command(program: list[str], binds: list[tuple[str, str]], image: str, name: str) -> list[str]:
+def podman_command(program: list[str], binds: list[tuple[str, str]], image: str, name: str,
+                   read_only: list[tuple[str, str]] = (), env: dict[str, str] | None = None) -> list[str]:
     """podman: a read-only container without network or capabilities,
     removed when it exits; ``image`` is an image, or a root filesystem
     directory when it is an absolute path."""
@@ -130,17 +162,110 @@ def podman_command(program: list[str], binds: list[tuple[str, str]], image: str,
            "--read-only", "--cap-drop=all", "--security-opt=no-new-privileges", "--workdir", TASK_ROOT]
     for source, dest in binds:
         cmd += ["--volume", f"{source}:{dest}:rw"]
+    for source, dest in read_only:
+        cmd += ["--volume", f"{source}:{dest}:ro"]
+    for key, value in (env or {}).items():
+        cmd += ["--env", f"{key}={value}"]
     cmd += ["--rootfs", image] if image.startswith("/") else [image]
     return [*cmd, *program]
 
 
-def apptainer_command(program: list[str], binds: list[tuple[str, str]], image: str) -> list[str]:
+def apptainer_command(program: list[str], binds: list[tuple[str, str]], image: str,
+                      read_only: list[tuple[str, str]] = (), env: dict[str, str] | None = None) -> list[str]:
     """apptainer (untested): ``--containall`` (private /tmp, home, pid and
     ipc namespaces, a clean environment) and no network."""
     cmd = [tool("apptainer"), "exec", "--containall", "--net", "--network", "none", "--pwd", TASK_ROOT]
     for source, dest in binds:
         cmd += ["--bind", f"{source}:{dest}:rw"]
+    for source, dest in read_only:
+        cmd += ["--bind", f"{source}:{dest}:ro"]
+    for key, value in (env or {}).items():
+        cmd += ["--env", f"{key}={value}"]
     return [*cmd, image, *program]
+
+
+# -- large payloads across the sandbox's wall ------------------------------------------------
+def share_arguments(inbox: str, task_id: bytes, blob: Any) -> Any:
+    """A task's arguments as its sandboxed worker sees them: a local
+    reference (a file in the agent's spool: the agent makes these, and
+    refuses them from anyone else) becomes its file hard-linked (copied,
+    across filesystems) into the worker's inbox, named as its reference
+    inside; arguments naming DataRefs (dataref.wrap_arguments) have each
+    ref's file shared so too; anything else stays as it is."""
+    if not is_local(blob):
+        return blob
+    raw = P.as_bytes(blob)
+    unshare_arguments(inbox, task_id)   # (a task tried again by the same worker)
+    refs = named_refs(raw)
+    if refs is None:
+        path, size, digest = parse_local(raw)
+        return local_ref(_share(inbox, f"{task_id.hex()}.args", path), size, digest)
+    args, files = refs
+    shared = {ref_id: _share(inbox, f"{task_id.hex()}.{ref_id.hex()}.ref", path) for ref_id, path in files.items()}
+    if is_local(args):
+        path, size, digest = parse_local(P.as_bytes(args))
+        args = local_ref(_share(inbox, f"{task_id.hex()}.args", path), size, digest)
+    return wrap_arguments(args, shared)
+
+
+def _share(inbox: str, name: str, path: str) -> str:
+    """``path`` linked (or copied) into ``inbox`` as ``name``: its path inside the sandbox."""
+    target = os.path.join(inbox, name)
+    try:
+        os.link(path, target)
+    except OSError:
+        shutil.copyfile(path, target)
+        os.chmod(target, 0o600)
+    return os.path.join(TASK_IN, name)
+
+
+def unshare_arguments(inbox: str, task_id: bytes) -> None:
+    """The task is done (or goes elsewhere): its files leave the inbox."""
+    prefix = task_id.hex() + "."
+    try:
+        names = [name for name in os.listdir(inbox) if name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(inbox, name))
+        except OSError:
+            pass
+
+
+def take_result(outbox: str, task_id: bytes, status: int, blob: Any) -> tuple[int, Any]:
+    """A sandboxed worker's result as the agent takes it: a local reference
+    naming a file in its outbox (TASK_OUT inside) is moved to the agent's
+    spool (SPOOL_ENV) and named there, once it is a plain file of this task
+    (not a link: the worker chose what is there) of the size it says; a
+    reference to anything else fails the task. Other results as they are."""
+    if not is_local(blob):
+        return status, blob
+    try:
+        path, size, digest = parse_local(P.as_bytes(blob))
+    except Exception:
+        return P.FAILED, P.pack_failure(P.REJECTED, "the worker sent a malformed large-result reference")
+    name = os.path.basename(path)
+    if os.path.dirname(path) != TASK_OUT or not name.startswith(task_id.hex() + "."):
+        return P.FAILED, P.pack_failure(P.REJECTED, f"the sandboxed worker's large result is not a file of "
+                                                    f"this task in {TASK_OUT}; it was not sent")
+    host = os.path.join(outbox, name)
+    spool = os.environ.get(SPOOL_ENV, "")
+    try:
+        info = os.lstat(host)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size != size:
+            raise ValueError("not a plain file of the size its reference says")
+        if not spool:
+            raise ValueError("the pool has no spool to move it to")
+        os.rename(host, os.path.join(spool, name))
+    except (OSError, ValueError) as exc:
+        try:
+            os.unlink(host)
+        except OSError:
+            pass
+        return P.FAILED, P.pack_failure(P.REJECTED, f"the sandboxed worker's large result could not be taken: "
+                                                    f"{exc}")
+    return status, local_ref(os.path.join(spool, name), size, digest)
 
 
 @functools.lru_cache(maxsize=1)
