@@ -46,7 +46,7 @@ CURVE_KEY_LABEL = b"fedexec client CURVE key v1\0"   # domain separation of clie
 #: Seconds a refused handshake is tolerated before a program gives up on the
 #: relay (:meth:`HandshakeWatch.refused_for`): the endpoint agent exits,
 #: one-shot queries raise; the executor's constructor uses a shorter value
-#: (``executor.AUTH_GRACE``). Counted from the first refusal, not from the
+#: (``dispatcher.AUTH_GRACE``). Counted from the first refusal, not from the
 #: start, so a relay still starting or a slow Globus Auth introspection does
 #: not use it up. Meanwhile the caller looks for other credentials about once
 #: a second (:meth:`HandshakeWatch.read`): a relay started at the same moment
