@@ -27,6 +27,7 @@ import msgpack
 
 from .registry import TaskRecord
 
+SENT_AGAIN_MAX = 65536   # ids remembered as being sent again (then forgotten at once, all of them)
 KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
 ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
@@ -84,6 +85,7 @@ class DependencyGraph:
         # them that fail there with a dependency (the failure, should they come back here)
         self.forwarded: set[bytes] = set()
         self.failed_there: dict[bytes, bytes] = {}
+        self._sent_again: dict[bytes, str] = {}   # task id -> user: refused, to be sent again (NEED_FUNCTION)
 
     def __bool__(self) -> bool:
         return bool(self.dependencies_of or self.dependents)
@@ -172,6 +174,22 @@ class DependencyGraph:
             if user is not None:
                 due[dependency] = user
         return due
+
+    def sent_again(self, task_id: bytes, user: str) -> None:
+        """A task of ``user`` was refused for the client to send it again
+        (its function's body, or a dependency's, was missing): a task that
+        depends on it and arrives before it does is refused the same way
+        (its client sends it again, after), not as a task naming an unknown
+        or another user's id. Bounded: past ``SENT_AGAIN_MAX`` ids they are
+        all forgotten (then such a task is refused as unknown, and its
+        client holds it until it has the values)."""
+        if len(self._sent_again) >= SENT_AGAIN_MAX:
+            self._sent_again.clear()
+        self._sent_again[task_id] = user
+
+    def is_sent_again(self, task_id: bytes, user: str) -> bool:
+        """Whether ``user``'s task ``task_id`` is being sent again (see :meth:`sent_again`)."""
+        return self._sent_again.get(task_id) == user
 
     def put_off(self, task_ids: list[bytes], user: str, owners: dict[bytes, str]) -> list[bytes]:
         """Of an acknowledgement's task ids, those that may be forgotten now;
