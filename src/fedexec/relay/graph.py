@@ -85,7 +85,7 @@ class DependencyGraph:
         # them that fail there with a dependency (the failure, should they come back here)
         self.forwarded: set[bytes] = set()
         self.failed_there: dict[bytes, bytes] = {}
-        self._sent_again: dict[bytes, str] = {}   # task id -> user: refused, to be sent again (NEED_FUNCTION)
+        self._sent_again: dict[bytes, tuple[str, str]] = {}   # task id -> (user, kind): refused, to come again
 
     def __bool__(self) -> bool:
         return bool(self.dependencies_of or self.dependents)
@@ -175,21 +175,25 @@ class DependencyGraph:
                 due[dependency] = user
         return due
 
-    def sent_again(self, task_id: bytes, user: str) -> None:
-        """A task of ``user`` was refused for the client to send it again
-        (its function's body, or a dependency's, was missing): a task that
-        depends on it and arrives before it does is refused the same way
-        (its client sends it again, after), not as a task naming an unknown
-        or another user's id. Bounded: past ``SENT_AGAIN_MAX`` ids they are
-        all forgotten (then such a task is refused as unknown, and its
-        client holds it until it has the values)."""
+    def sent_again(self, task_id: bytes, user: str, kind: str) -> None:
+        """A task of ``user`` was refused (failure ``kind``) for its client
+        to send it again: with its function's body (NEED_FUNCTION), or with
+        its dependencies' values once it has them (DEPENDENCY_DONE). A task
+        that depends on it and arrives before it does is refused the same
+        way (its client, this user's, sends it again after it), not as a
+        task naming an unknown or another user's id. Bounded: past
+        ``SENT_AGAIN_MAX`` ids they are all forgotten (then such a task is
+        refused as naming an unknown id, and its client holds it until it
+        has the values)."""
         if len(self._sent_again) >= SENT_AGAIN_MAX:
             self._sent_again.clear()
-        self._sent_again[task_id] = user
+        self._sent_again[task_id] = (user, kind)
 
-    def is_sent_again(self, task_id: bytes, user: str) -> bool:
-        """Whether ``user``'s task ``task_id`` is being sent again (see :meth:`sent_again`)."""
-        return self._sent_again.get(task_id) == user
+    def sent_again_as(self, task_id: bytes, user: str) -> str | None:
+        """How ``user``'s task ``task_id`` was refused to be sent again
+        (see :meth:`sent_again`); None if it was not (or is another user's)."""
+        entry = self._sent_again.get(task_id)
+        return entry[1] if entry is not None and entry[0] == user else None
 
     def put_off(self, task_ids: list[bytes], user: str, owners: dict[bytes, str]) -> list[bytes]:
         """Of an acknowledgement's task ids, those that may be forgotten now;

@@ -796,7 +796,7 @@ class Relay:
                     self._reject(sender, task_id, P.NEED_FUNCTION,
                                  f"the relay no longer has function {fn_hash.hex()}: send it with the task",
                                  quiet=True)
-                    self.graph.sent_again(task_id, user)   # (its dependents, if any, follow it again)
+                    self.graph.sent_again(task_id, user, P.NEED_FUNCTION)   # (its dependents follow it)
                     continue
                 args = P.blob(blobs, args_index)
                 buffer = P.as_buffer(args)
@@ -886,14 +886,17 @@ class Relay:
                 # finished: its result is on its way to the client, which sends the value itself
                 self._reject(client, task_id, P.DEPENDENCY_DONE, f"task {_uuid(dependency)} has finished",
                              quiet=True)
+                self.graph.sent_again(task_id, user, P.DEPENDENCY_DONE)
                 return None
-            if record is None and self.graph.is_sent_again(dependency, user):
-                # refused for its function's body, which the client sends again with it: this
-                # task follows it again (in order), and so do the tasks that depend on this one
-                self.graph.sent_again(task_id, user)
-                self._reject(client, task_id, P.NEED_FUNCTION,
-                             f"task {_uuid(dependency)}, which this task depends on, is being sent again with "
-                             f"its function: send this task again after it", quiet=True)
+            again = self.graph.sent_again_as(dependency, user) if record is None else None
+            if again is not None:
+                # refused a moment ago for the client to send it again (with its function's
+                # body, or later with its dependencies' values): this task, sent before the
+                # client knew, is refused the same way, and so are the tasks depending on it
+                self.graph.sent_again(task_id, user, again)
+                self._reject(client, task_id, again,
+                             f"task {_uuid(dependency)}, which this task depends on, is to be sent again: "
+                             f"send this task again after it", quiet=True)
                 return None
             self._refused_task(user, "depend on task(s) that are not theirs or unknown", task_id)
             self._reject(client, task_id, P.NOT_ALLOWED,
