@@ -27,6 +27,7 @@ import msgpack
 
 from .registry import TaskRecord
 
+RECENT_MAX = 4096   # results of finished dependent tasks kept for tasks naming them that come after
 SENT_AGAIN_MAX = 65536   # ids remembered as being sent again (then forgotten at once, all of them)
 KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
@@ -85,6 +86,7 @@ class DependencyGraph:
         # them that fail there with a dependency (the failure, should they come back here)
         self.forwarded: set[bytes] = set()
         self.failed_there: dict[bytes, bytes] = {}
+        self._recent: dict[bytes, bytes] = {}   # finished dependent task -> its (small) result
         self._sent_again: dict[bytes, tuple[str, str]] = {}   # task id -> (user, kind): refused, to come again
 
     def __bool__(self) -> bool:
@@ -174,6 +176,27 @@ class DependencyGraph:
             if user is not None:
                 due[dependency] = user
         return due
+
+    def remember(self, task_id: bytes, result: Any) -> None:
+        """A task that had dependencies succeeded: its result, if small, is
+        kept a while (the latest ``RECENT_MAX``), so that a task naming it
+        that reaches the relay after it finished (its client had not seen
+        that yet: a chain running faster than it is submitted) is held here
+        and sent with it, rather than refused for its client to hold it
+        (one round trip through the client per link from then on). Only
+        tasks with dependencies: others pay nothing."""
+        kept = in_memory(result)
+        if kept is None:
+            return
+        recent = self._recent
+        if len(recent) >= RECENT_MAX:
+            del recent[next(iter(recent))]
+        recent[task_id] = kept
+
+    def recent_result(self, task_id: bytes) -> bytes | None:
+        """The result :meth:`remember` kept of this task, or None (the caller
+        checks that the task is the user's, finished and unacknowledged)."""
+        return self._recent.get(task_id)
 
     def sent_again(self, task_id: bytes, user: str, kind: str) -> None:
         """A task of ``user`` was refused (failure ``kind``) for its client
