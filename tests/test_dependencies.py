@@ -498,12 +498,13 @@ def test_a_pool_killed_with_tasks_waiting_there_loses_nothing(tmp_path):
             assert chain.result() == 21 and all(leaf.result() == 2 for leaf in leaves)
 
 
-def test_a_chain_whose_first_task_must_be_sent_again_with_its_function_is_not_refused(tmp_path):
+def test_chains_whose_links_arrive_after_the_link_before_them_finished_are_not_refused(tmp_path):
     """The relay lets a function's body go with the last task using it; the
     next chain's first task then comes without it and is sent again with it
     (NEED_FUNCTION), and the links sent after it, naming it, follow it again
-    the same way: the relay does not refuse them as naming unknown tasks
-    (nor log that), and they still wait at the relay or endpoint."""
+    the same way; a link that reaches the relay after the link before it
+    finished there is held with its result. The relay does not refuse any
+    of them as naming unknown tasks (nor log that)."""
     with started_federation(tmp_path) as (relay, endpoint):
         with FederatedExecutor(endpoint.endpoint_id, relay=relay.address, trace=True) as ex:
             for _ in range(3):
@@ -516,5 +517,12 @@ def test_a_chain_whose_first_task_must_be_sent_again_with_its_function_is_not_re
                 timings = [future.fedexec_timings for future in chain]
                 early = sum(after["sent"] < before["done"] for before, after in zip(timings, timings[1:]))
                 assert early >= 100, f"only {early} of 200 links left before the link before them finished"
+            # a chain submitted about as fast as it runs: links reach the relay just after the
+            # link before them finished there (before the client saw that): held there too
+            chain = [ex.submit(inc, 0)]
+            for _ in range(300):
+                time.sleep(0.0005)
+                chain.append(ex.submit(inc, chain[-1]))
+            assert chain[-1].result(DEADLINE) == 301
         time.sleep(0.5)
         assert "refused user" not in relay.log.read_text(), tail(relay.log)
