@@ -28,6 +28,7 @@ import msgpack
 from .registry import TaskRecord
 
 RECENT_MAX = 4096   # results of finished dependent tasks kept for tasks naming them that come after
+RECENT_BYTES = 16 * 1024 * 1024   # ... and their bytes, at most
 SENT_AGAIN_MAX = 65536   # ids remembered as being sent again (then forgotten at once, all of them)
 KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
@@ -87,6 +88,7 @@ class DependencyGraph:
         self.forwarded: set[bytes] = set()
         self.failed_there: dict[bytes, bytes] = {}
         self._recent: dict[bytes, bytes] = {}   # finished dependent task -> its (small) result
+        self._recent_bytes = 0
         self._sent_again: dict[bytes, tuple[str, str]] = {}   # task id -> (user, kind): refused, to come again
 
     def __bool__(self) -> bool:
@@ -179,7 +181,7 @@ class DependencyGraph:
 
     def remember(self, task_id: bytes, result: Any) -> None:
         """A task that had dependencies succeeded: its result, if small, is
-        kept a while (the latest ``RECENT_MAX``), so that a task naming it
+        kept a while (the latest ``RECENT_MAX``, ``RECENT_BYTES`` in all), so that a task naming it
         that reaches the relay after it finished (its client had not seen
         that yet: a chain running faster than it is submitted) is held here
         and sent with it, rather than refused for its client to hold it
@@ -189,9 +191,13 @@ class DependencyGraph:
         if kept is None:
             return
         recent = self._recent
-        if len(recent) >= RECENT_MAX:
-            del recent[next(iter(recent))]
+        while recent and (len(recent) >= RECENT_MAX or self._recent_bytes + len(kept) > RECENT_BYTES):
+            self._recent_bytes -= len(recent.pop(next(iter(recent))))
+        old = recent.pop(task_id, None)
+        if old is not None:
+            self._recent_bytes -= len(old)
         recent[task_id] = kept
+        self._recent_bytes += len(kept)
 
     def recent_result(self, task_id: bytes) -> bytes | None:
         """The result :meth:`remember` kept of this task, or None (the caller
