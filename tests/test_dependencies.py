@@ -423,3 +423,106 @@ def test_a_graph_on_a_group_of_endpoints(tmp_path):
                 assert info.value.dependency == bad.task_id
         finally:
             endpoints.stop()
+
+
+# -- held at the pool: dependencies that went to the same pool --------------------------
+
+def mark_then_inc(directory, index, value):
+    """Leaves a file named ``index`` in ``directory``, then returns ``value + 1``."""
+    with open(os.path.join(directory, str(index)), "w"):
+        pass
+    return value + 1
+
+
+@pytest.mark.timeout(120)
+def test_a_chain_waits_at_its_pool_and_goes_on_while_the_endpoint_agent_is_stopped(tmp_path):
+    """The links of a chain wait at the pool their dependencies went to: a
+    result releases the next link there. With the endpoint agent stopped
+    (SIGSTOP) the whole chain still runs, which it could not if each link
+    waited at the agent; the results reach the client once it goes on."""
+    import psutil
+    import signal
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            assert ex.submit(inc, 1).result(DEADLINE) == 2   # the pool is up and knows the function
+            root = ex.submit(sleep_then, 1.5, 0)
+            chain = root
+            for index in range(20):
+                chain = ex.submit(mark_then_inc, str(marks), index, chain)
+            time.sleep(1.0)   # the root runs; the chain has reached the pool
+            agent = psutil.Process(endpoint.proc.pid)
+            agent.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 20
+                while len(os.listdir(marks)) < 20 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                ran = sorted(int(name) for name in os.listdir(marks))
+            finally:
+                agent.send_signal(signal.SIGCONT)
+            assert ran == list(range(20)), f"with the agent stopped, only links {ran} ran\n{tail(endpoint.log)}"
+            assert chain.result(DEADLINE) == 20 and root.result() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_killed_with_tasks_waiting_there_loses_nothing(tmp_path):
+    """SIGKILL the pool while a chain and a fan-out wait there for a running
+    root: the endpoint sees the pool gone and runs everything on a new one,
+    each task once, with the right values."""
+    import contextlib
+    import signal
+
+    import psutil
+    from test_faults import running_relay
+    from test_providers import configured_endpoint, wait_for as wait_until
+
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, address, max_workers=2, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
+        with FederatedExecutor(config.endpoint_id, relay=address) as ex:
+            assert ex.submit(inc, 1).result(DEADLINE) == 2
+            root = ex.submit(sleep_then, 1.5, 1)
+            chain = root
+            for _ in range(20):
+                chain = ex.submit(inc, chain)
+            leaves = [ex.submit(inc, root) for _ in range(50)]
+            joined = ex.submit(total, [chain, *leaves])
+            wait_until(root.running, 30, "the root did not start", log)
+            time.sleep(0.3)   # the rest reach the pool
+            [pool] = [p for p in psutil.Process(proc.pid).children() if "fedexec.pool" in p.cmdline()]
+            pool.send_signal(signal.SIGKILL)
+            assert joined.result(DEADLINE) == 21 + 50 * 2
+            assert chain.result() == 21 and all(leaf.result() == 2 for leaf in leaves)
+
+
+def test_chains_whose_links_arrive_after_the_link_before_them_finished_are_not_refused(tmp_path):
+    """The relay lets a function's body go with the last task using it; the
+    next chain's first task then comes without it and is sent again with it
+    (NEED_FUNCTION), and the links sent after it, naming it, follow it again
+    the same way; a link that reaches the relay after the link before it
+    finished there is held with its result. The relay does not refuse any
+    of them as naming unknown tasks (nor log that)."""
+    with started_federation(tmp_path) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address, trace=True) as ex:
+            for _ in range(3):
+                assert ex.submit(inc, 0).result(DEADLINE) == 1   # its body leaves the relay with it
+                chain = [ex.submit(inc, 0)]
+                for _ in range(200):
+                    chain.append(ex.submit(inc, chain[-1]))
+                assert chain[-1].result(DEADLINE) == 201
+                # sent with their dependencies' ids, before those finished (not held here for values)
+                timings = [future.fedexec_timings for future in chain]
+                early = sum(after["sent"] < before["done"] for before, after in zip(timings, timings[1:]))
+                assert early >= 100, f"only {early} of 200 links left before the link before them finished"
+            # a chain submitted about as fast as it runs: links reach the relay just after the
+            # link before them finished there (before the client saw that): held there too
+            chain = [ex.submit(inc, 0)]
+            for _ in range(300):
+                time.sleep(0.0005)
+                chain.append(ex.submit(inc, chain[-1]))
+            assert chain[-1].result(DEADLINE) == 301
+        time.sleep(0.5)
+        assert "refused user" not in relay.log.read_text(), tail(relay.log)

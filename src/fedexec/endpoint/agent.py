@@ -115,7 +115,6 @@ class EndpointAgent:
         self.unstored: dict[bytes, tuple[int, Any, list[float] | None]] = {}
         self.max_payload = P.DEFAULT_MAX_PAYLOAD   # the relay's, from its WELCOME
         self.graph = HeldTasks()   # tasks held for dependencies running here (graph.py)
-        self._cascade: list[tuple[bytes, int, Any]] | None = None   # see _dependency_finished
         self.allowed_functions: frozenset[bytes] | None = (
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
         self.data_only = config.takes_data_only()   # arguments and results as plain data, never pickles
@@ -476,7 +475,7 @@ class EndpointAgent:
         cancel() waits for one answer or the other)."""
         ask: dict[bytes, list[bytes]] = {}
         for task_id in task_ids:
-            pool = self.at_pool.get(task_id)
+            pool = self.at_pool.get(task_id) or (self.graph.pool_of(task_id) if self.graph else None)
             if pool is not None:
                 ask.setdefault(pool.pool_id, []).append(task_id)
         for pool_id, tids in ask.items():
@@ -526,6 +525,8 @@ class EndpointAgent:
         self.holding.add(task_id)
         if ready is not None:
             self._admit(ready)
+        else:
+            self._to_pool_held(task)
 
     def _admit(self, task: QueuedTask) -> None:
         """Queue a task whose arguments are complete (its dependencies'
@@ -545,19 +546,67 @@ class EndpointAgent:
     def _dependency_finished(self, task_id: bytes, status: int, blob: Any) -> None:
         """A task finished: the tasks held here for it go, or fail (and so
         on down the graph: a loop, not a recursion)."""
-        if self._cascade is not None:   # within the loop below: it takes this too
-            self._cascade.append((task_id, status, blob))
-            return
-        self._cascade = work = [(task_id, status, blob)]
-        try:
-            while work:
-                ready, failed = self.graph.finished(*work.pop())
-                for task in ready:
-                    self._admit(task)
-                for failed_id, failure in failed:
-                    self._result(failed_id, P.FAILED, failure)
-        finally:
-            self._cascade = None
+        self.graph.settle(task_id, status, blob, self._admit, self._failed_held)
+
+    def _failed_held(self, task_id: bytes, failure: bytes) -> None:
+        self._result(task_id, P.FAILED, failure)
+
+    def _to_pool_held(self, task: QueuedTask) -> None:
+        """A task just held here whose dependencies all went to one pool
+        (or wait there) goes to that pool to wait there instead (see
+        graph.py), so that their results release it without a trip here."""
+        pool = self.graph.send_to_pool(task.row[0], self.at_pool)
+        if pool is not None:
+            self._held_to_pool(pool, [task])
+
+    def _follow_to_pool(self, pool: PoolLink, task_ids: list[bytes]) -> None:
+        """Tasks just sent to ``pool``: the tasks held here for them whose
+        dependencies are now all there follow them (and theirs, and so on)."""
+        graph = self.graph
+        while task_ids:
+            follow = []
+            for task_id in task_ids:
+                for waiting_id in graph.waiting_on.get(task_id, ()):
+                    if graph.pool_of(waiting_id) is None and graph.send_to_pool(waiting_id, self.at_pool) is pool:
+                        follow.append(graph.held[waiting_id].task)
+            task_ids = self._held_to_pool(pool, follow)
+
+    def _held_to_pool(self, pool: PoolLink, tasks: list[QueuedTask]) -> list[bytes]:
+        """Send held tasks to wait at ``pool``; the ids of those sent."""
+        if not tasks or pool.draining or self.pools.get(pool.pool_id) is not pool:
+            return []
+        sent: list[bytes] = []
+        for part in range(0, len(tasks), P.MAX_ITEMS):
+            blobs = P.Blobs()
+            rows = []
+            bodies: list[bytes] = []
+            for task in tasks[part:part + P.MAX_ITEMS]:
+                fn_hash = task.row[1]
+                fn_ref: bytes | int = -1
+                if fn_hash not in pool.known_functions:
+                    body = self.functions.get(fn_hash)
+                    if body is None:
+                        continue
+                    fn_ref = blobs.ref(body)
+                    pool.known_functions.add(fn_hash)
+                    bodies.append(fn_hash)
+                rows.append([task.row[0], fn_hash, blobs.ref(task.args), fn_ref, *task.row[4:]])
+            if rows and not self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
+                pool.known_functions.difference_update(bodies)
+                break
+            for row in rows:
+                self.graph.waits_at(row[0], pool)
+                sent.append(row[0])
+        return sent
+
+    def _back_from_pool(self, pool: PoolLink, task_ids: list[bytes] | None) -> None:
+        """Tasks that waited at a pool (``task_ids``, or all: it is gone)
+        wait here again, or go now."""
+        ready, failed = self.graph.back_from(pool, task_ids)
+        for task in ready:
+            self._admit(task)
+        for failed_id, failure in failed:
+            self._result(failed_id, P.FAILED, failure)
 
     def _flush_due(self, now: float) -> bool:
         # Nothing left here, or (for tasks that go one at a time) nothing
@@ -664,7 +713,7 @@ class EndpointAgent:
         for row in fields["rows"]:
             task_id, status, index = P.result_row(row, P.TRACE_FROM_WORKER)
             task = pool.tasks.pop(task_id, None)
-            if task is None:
+            if task is None and not (self.graph and self.graph.from_pool(task_id, pool)):
                 continue  # a task taken back from it meanwhile (it was lost, then came back)
             self.at_pool.pop(task_id, None)
             pool.started.discard(task_id)
@@ -683,7 +732,10 @@ class EndpointAgent:
                 self.outbox.start(task_id)
         if fields.get("draining") is True:
             self._on_pool_load(pool, fields)
-        returned = [t for t in P.task_ids(fields.get("returned", [])) if t in pool.tasks]
+        returned = P.task_ids(fields.get("returned", []))
+        if returned and self.graph:   # tasks that waited there, given back (draining, or too late)
+            self._back_from_pool(pool, returned)
+        returned = [t for t in returned if t in pool.tasks]
         if returned:
             self._take_back(pool, returned, "stopped with its job")
         pool.note_load()
@@ -693,6 +745,8 @@ class EndpointAgent:
         held run elsewhere; those it had started count as lost unless ``lost``
         is False."""
         self.pools.pop(pool.pool_id, None)
+        if self.graph:
+            self._back_from_pool(pool, None)
         count = self._take_back(pool, list(pool.tasks), why, lost)
         level = logging.INFO if why == "stopped" and not count else logging.WARNING
         log.log(level, "pool %s on %s (block %s) %s; %d task(s) it held go to other pools",
@@ -790,6 +844,8 @@ class EndpointAgent:
             pool.known_functions.difference_update(bodies_sent)
             pool.unreachable_until = time.monotonic() + UNREACHABLE_PAUSE
             self._take_back(pool, [row[0] for row in rows], "could not be reached")
+        elif rows and self.graph.waiting_on:   # tasks held here for these may follow them
+            self._follow_to_pool(pool, [row[0] for row in rows])
         pool.note_load()
 
     def _send_pool(self, pool_id: bytes, frames: list[Any]) -> bool:

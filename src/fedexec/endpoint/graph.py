@@ -10,6 +10,14 @@ results wrapped around its arguments, exactly as the relay would have
 So a dependency's value never leaves the endpoint for its dependent, and a
 chain's links do not wait for the relay.
 
+One step further, a held task whose dependencies all went to the same pool
+(or wait there themselves) goes to that pool with their ids, and waits
+there (the pool keeps its own :class:`HeldTasks`): a finished result then
+releases the next task within the pool (worker -> pool -> worker). The
+agent keeps its entry meanwhile, marked with that pool, and stores the
+dependencies' results in it as they pass by (without queueing it): should
+the pool go away or give the task back, the agent queues it itself.
+
 The relay stays the authority: it checked that every dependency is a task of
 the same user before sending, it still records every result, and it sends
 the task again (or holds it itself) if this agent goes away. A dependency
@@ -32,12 +40,14 @@ HELD_EXTRA = 1024   # held tasks an agent takes beyond its capacity, at least
 
 
 class _Held:
-    __slots__ = ("task", "dependencies", "results")
+    __slots__ = ("task", "dependencies", "results", "pool", "failure")
 
     def __init__(self, task: QueuedTask, dependencies: list[bytes]) -> None:
         self.task = task
         self.dependencies = dependencies
         self.results: dict[bytes, bytes] = {}
+        self.pool: Any = None   # (agent) the pool it waits at instead, if any
+        self.failure: bytes | None = None   # (waiting at a pool) its failure, should it come back
 
 
 def dependency_failure(dependency: bytes, what: str) -> bytes:
@@ -52,6 +62,7 @@ class HeldTasks:
     def __init__(self) -> None:
         self.held: dict[bytes, _Held] = {}
         self.waiting_on: dict[bytes, list[bytes]] = {}   # unfinished dependency -> tasks held for it
+        self._cascade: list[tuple[bytes, int, Any]] | None = None   # (settle) results still to go through
 
     @staticmethod
     def extra(capacity: int) -> int:
@@ -103,6 +114,13 @@ class HeldTasks:
             entry = self.held.get(waiting_id)
             if entry is None:
                 continue
+            if entry.pool is not None:   # the pool it waits at releases (or fails) it: noted only
+                if status != P.OK:
+                    entry.failure = entry.failure or dependency_failure(
+                        task_id, "was cancelled" if status == P.CANCELLED else "failed")
+                else:
+                    entry.results[task_id] = blob
+                continue
             if status != P.OK:
                 del self.held[waiting_id]
                 failed.append((waiting_id, dependency_failure(
@@ -120,8 +138,96 @@ class HeldTasks:
 
     def cancel(self, task_ids: set[bytes]) -> list[bytes]:
         """Of these, the held tasks, taken out (their dependents fail when
-        their cancellation is reported through :meth:`finished`)."""
-        return [task_id for task_id in task_ids if self.held.pop(task_id, None) is not None]
+        their cancellation is reported through :meth:`finished`); those
+        waiting at a pool stay (the pool answers for them: :meth:`pool_of`)."""
+        held = self.held
+        return [task_id for task_id in task_ids
+                if (entry := held.get(task_id)) is not None and entry.pool is None and held.pop(task_id)]
+
+    def take_all(self) -> list[QueuedTask]:
+        """(Pool) every held task, as it came, taken out (to give back)."""
+        tasks = [entry.task for entry in self.held.values()]
+        self.held.clear()
+        self.waiting_on.clear()
+        return tasks
+
+    # -- (agent) tasks that wait at a pool ---------------------------------------
+    def pool_of(self, task_id: bytes) -> Any:
+        """The pool a held task waits at, or None."""
+        entry = self.held.get(task_id)
+        return None if entry is None else entry.pool
+
+    def send_to_pool(self, task_id: bytes, where: dict[bytes, Any]) -> Any:
+        """The pool a task just held may wait at instead: the one every
+        dependency of it went to (``where``: task id -> pool) or waits at,
+        if none of them has finished; else None."""
+        entry = self.held.get(task_id)
+        if entry is None or entry.results:
+            return None
+        pool = None
+        for dependency in entry.dependencies:
+            there = where.get(dependency) or self.pool_of(dependency)
+            if there is None or (pool is not None and there is not pool):
+                return None
+            pool = there
+        return pool
+
+    def waits_at(self, task_id: bytes, pool: Any) -> None:
+        """A held task went to ``pool`` to wait there."""
+        self.held[task_id].pool = pool
+
+    def from_pool(self, task_id: bytes, pool: Any) -> bool:
+        """A result came from ``pool`` for this task: whether it was one
+        waiting there (its entry goes)."""
+        entry = self.held.get(task_id)
+        if entry is None or entry.pool is not pool:
+            return False
+        del self.held[task_id]
+        return True
+
+    def back_from(self, pool: Any, task_ids: list[bytes] | None = None
+                  ) -> tuple[list[QueuedTask], list[tuple[bytes, bytes]]]:
+        """Tasks that waited at ``pool`` (those of ``task_ids``, or all: it
+        is gone) wait here again: those ready now (arguments wrapped), and
+        ``(task id, failure)`` of those that fail; the rest stay held."""
+        ready: list[QueuedTask] = []
+        failed: list[tuple[bytes, bytes]] = []
+        ids = [t for t, e in self.held.items() if e.pool is pool] if task_ids is None else task_ids
+        for task_id in ids:
+            entry = self.held.get(task_id)
+            if entry is None or entry.pool is not pool:
+                continue
+            entry.pool = None
+            if entry.failure is not None:
+                del self.held[task_id]
+                failed.append((task_id, entry.failure))
+            elif len(entry.results) == len(entry.dependencies):
+                del self.held[task_id]
+                task, failure = self._wrapped(entry)
+                if task is not None:
+                    ready.append(task)
+                else:
+                    failed.append((task_id, failure or b""))
+        return ready, failed
+
+    def settle(self, task_id: bytes, status: int, blob: Any, admit: Any, fail: Any) -> None:
+        """A task finished: :meth:`finished`, then ``admit(task)`` each one
+        ready and ``fail(task_id, failure)`` each one failing, down the
+        graph (``fail`` reports a result, which calls this again: such calls
+        within it are taken by its loop, not a recursion)."""
+        if self._cascade is not None:
+            self._cascade.append((task_id, status, blob))
+            return
+        self._cascade = work = [(task_id, status, blob)]
+        try:
+            while work:
+                ready, failed = self.finished(*work.pop())
+                for task in ready:
+                    admit(task)
+                for failed_id, failure in failed:
+                    fail(failed_id, failure)
+        finally:
+            self._cascade = None
 
     @staticmethod
     def _wrapped(entry: _Held) -> tuple[QueuedTask | None, bytes | None]:

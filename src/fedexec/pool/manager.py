@@ -49,6 +49,7 @@ import zmq
 
 from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
+from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
@@ -107,6 +108,7 @@ class PoolManager:
         self.functions: dict[bytes, Any] = {}
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
+        self.graph = HeldTasks()   # tasks waiting here for tasks they depend on (endpoint/graph.py)
         self.task_seconds: float | None = None
         self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
@@ -210,7 +212,7 @@ class PoolManager:
         """Take no more tasks; give back those no worker holds."""
         self.draining = True
         self._flush()
-        self._give_back(list(self.queue))
+        self._give_back(list(self.queue) + self.graph.take_all())
         self.queue.clear()
         self._send(P.encode(P.HEARTBEAT, self._load()))
 
@@ -227,7 +229,7 @@ class PoolManager:
         # everything still here goes back: queued tasks, and those at workers
         # (stopped below; any that finish first were flushed above)
         returned = list(self.queue) + [task for slot in (self.pool.slots.values() if self.pool else ())
-                                       for task in slot.tasks.values()]
+                                       for task in slot.tasks.values()] + self.graph.take_all()
         self._give_back(returned)
         if self.pool is not None:
             self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
@@ -260,6 +262,9 @@ class PoolManager:
                     self._give_back([QueuedTask(row, None)])
                     continue
                 self.held.add(row[0])
+                if len(row) == 7 and "d" in row[6]:   # waits here for tasks sent here before it
+                    self._hold_dependent(QueuedTask(row, P.blob(blobs, row[2])))
+                    continue
                 self.queue.append(QueuedTask(row, P.blob(blobs, row[2])))
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
@@ -281,6 +286,32 @@ class PoolManager:
             self.stopping = True
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the endpoint")
+
+    def _hold_dependent(self, task: QueuedTask) -> None:
+        """A task the endpoint sent to wait here until the tasks it depends
+        on, all here, finish; one of them finished already (the result is on
+        its way to the endpoint): it goes back, to wait at the endpoint."""
+        dependencies = task.row[6]["d"]
+        held = self.held
+        if not all(dependency in held for dependency in dependencies):
+            self._give_back([task])
+            return
+        ready, failure = self.graph.hold(task, dependencies, held, {})
+        if failure is not None:
+            self._result(task.row[0], P.FAILED, failure)
+        elif ready is not None:
+            self._release_held(ready)
+
+    def _release_held(self, task: QueuedTask) -> None:
+        """A task held here whose dependencies succeeded (their results
+        wrapped in) is queued; when draining, it goes back."""
+        if self.draining:
+            self._give_back([task])
+        else:
+            self.queue.append(task)
+
+    def _failed_held(self, task_id: bytes, failure: bytes) -> None:
+        self._result(task_id, P.FAILED, failure)
 
     def _start_workers(self) -> None:
         try:
@@ -313,10 +344,15 @@ class PoolManager:
                 self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": part}))
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
+        if self.graph:
+            for task_id in self.graph.cancel(task_ids):
+                self._result(task_id, P.CANCELLED, b"")
 
     def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
         self.outbox.add(task_id, status, blob, trace)
         self.held.discard(task_id)
+        if self.graph.waiting_on:   # tasks held here may wait for it
+            self.graph.settle(task_id, status, blob, self._release_held, self._failed_held)
 
     def _flush_due(self, now: float) -> bool:
         return self.outbox.due(now, nothing_else=not (self.queue or self.at_worker)

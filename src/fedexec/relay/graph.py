@@ -27,6 +27,9 @@ import msgpack
 
 from .registry import TaskRecord
 
+RECENT_MAX = 4096   # results of finished dependent tasks kept for tasks naming them that come after
+RECENT_BYTES = 16 * 1024 * 1024   # ... and their bytes, at most
+SENT_AGAIN_MAX = 65536   # ids remembered as being sent again (then forgotten at once, all of them)
 KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
 ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
@@ -84,6 +87,9 @@ class DependencyGraph:
         # them that fail there with a dependency (the failure, should they come back here)
         self.forwarded: set[bytes] = set()
         self.failed_there: dict[bytes, bytes] = {}
+        self._recent: dict[bytes, bytes] = {}   # finished dependent task -> its (small) result
+        self._recent_bytes = 0
+        self._sent_again: dict[bytes, tuple[str, str]] = {}   # task id -> (user, kind): refused, to come again
 
     def __bool__(self) -> bool:
         return bool(self.dependencies_of or self.dependents)
@@ -172,6 +178,51 @@ class DependencyGraph:
             if user is not None:
                 due[dependency] = user
         return due
+
+    def remember(self, task_id: bytes, result: Any) -> None:
+        """A task that had dependencies succeeded: its result, if small, is
+        kept a while (the latest ``RECENT_MAX``, ``RECENT_BYTES`` in all), so that a task naming it
+        that reaches the relay after it finished (its client had not seen
+        that yet: a chain running faster than it is submitted) is held here
+        and sent with it, rather than refused for its client to hold it
+        (one round trip through the client per link from then on). Only
+        tasks with dependencies: others pay nothing."""
+        kept = in_memory(result)
+        if kept is None:
+            return
+        recent = self._recent
+        while recent and (len(recent) >= RECENT_MAX or self._recent_bytes + len(kept) > RECENT_BYTES):
+            self._recent_bytes -= len(recent.pop(next(iter(recent))))
+        old = recent.pop(task_id, None)
+        if old is not None:
+            self._recent_bytes -= len(old)
+        recent[task_id] = kept
+        self._recent_bytes += len(kept)
+
+    def recent_result(self, task_id: bytes) -> bytes | None:
+        """The result :meth:`remember` kept of this task, or None (the caller
+        checks that the task is the user's, finished and unacknowledged)."""
+        return self._recent.get(task_id)
+
+    def sent_again(self, task_id: bytes, user: str, kind: str) -> None:
+        """A task of ``user`` was refused (failure ``kind``) for its client
+        to send it again: with its function's body (NEED_FUNCTION), or with
+        its dependencies' values once it has them (DEPENDENCY_DONE). A task
+        that depends on it and arrives before it does is refused the same
+        way (its client, this user's, sends it again after it), not as a
+        task naming an unknown or another user's id. Bounded: past
+        ``SENT_AGAIN_MAX`` ids they are all forgotten (then such a task is
+        refused as naming an unknown id, and its client holds it until it
+        has the values)."""
+        if len(self._sent_again) >= SENT_AGAIN_MAX:
+            self._sent_again.clear()
+        self._sent_again[task_id] = (user, kind)
+
+    def sent_again_as(self, task_id: bytes, user: str) -> str | None:
+        """How ``user``'s task ``task_id`` was refused to be sent again
+        (see :meth:`sent_again`); None if it was not (or is another user's)."""
+        entry = self._sent_again.get(task_id)
+        return entry[1] if entry is not None and entry[0] == user else None
 
     def put_off(self, task_ids: list[bytes], user: str, owners: dict[bytes, str]) -> list[bytes]:
         """Of an acknowledgement's task ids, those that may be forgotten now;

@@ -796,6 +796,7 @@ class Relay:
                     self._reject(sender, task_id, P.NEED_FUNCTION,
                                  f"the relay no longer has function {fn_hash.hex()}: send it with the task",
                                  quiet=True)
+                    self.graph.sent_again(task_id, user, P.NEED_FUNCTION)   # (its dependents follow it)
                     continue
                 args = P.blob(blobs, args_index)
                 buffer = P.as_buffer(args)
@@ -875,16 +876,32 @@ class Relay:
     # -- tasks held for their dependencies (see graph.py) ----------------------------
     def _open_dependencies(self, client: bytes, user: str, task_id: bytes,
                            dependencies: list[bytes]) -> set[bytes] | None:
-        """The dependencies a task waits for (all of them: each must be an
-        unfinished task of the same user); None if it is refused (answered)."""
+        """The dependencies a task waits for: each must be an unfinished task
+        of the same user, or one that finished a moment ago whose result is
+        still here (``graph.recent_result``); None if it is refused (answered)."""
+        finished: set[bytes] = set()
         for dependency in dependencies:
             record = self.tasks.get(dependency)
             if record is not None and record.user == user:
                 continue
             if record is None and self.store.finished_owners.get(dependency) == user:
+                if self.graph.recent_result(dependency) is not None:   # (unacknowledged: it stays)
+                    finished.add(dependency)
+                    continue
                 # finished: its result is on its way to the client, which sends the value itself
                 self._reject(client, task_id, P.DEPENDENCY_DONE, f"task {_uuid(dependency)} has finished",
                              quiet=True)
+                self.graph.sent_again(task_id, user, P.DEPENDENCY_DONE)
+                return None
+            again = self.graph.sent_again_as(dependency, user) if record is None else None
+            if again is not None:
+                # refused a moment ago for the client to send it again (with its function's
+                # body, or later with its dependencies' values): this task, sent before the
+                # client knew, is refused the same way, and so are the tasks depending on it
+                self.graph.sent_again(task_id, user, again)
+                self._reject(client, task_id, again,
+                             f"task {_uuid(dependency)}, which this task depends on, is to be sent again: "
+                             f"send this task again after it", quiet=True)
                 return None
             self._refused_task(user, "depend on task(s) that are not theirs or unknown", task_id)
             self._reject(client, task_id, P.NOT_ALLOWED,
@@ -892,7 +909,7 @@ class Relay:
                          f"task of user {user!r} at the relay (it is unknown, finished and acknowledged, or "
                          f"another user's)", quiet=True)
             return None
-        return set(dependencies)
+        return set(dependencies) - finished if finished else set(dependencies)
 
     def _hold(self, record: TaskRecord, dependencies: list[bytes], unfinished: set[bytes],
               results: dict[bytes, bytes], now: float) -> None:
@@ -916,7 +933,10 @@ class Relay:
             self.graph.forwarded.add(record.task_id)
             state.queue.append(record)
             return
-        self._hold(record, dependencies, unfinished, {}, now)
+        results = {} if len(unfinished) == len(dependencies) else {
+            dependency: self.graph.recent_result(dependency) for dependency in dependencies
+            if dependency not in unfinished}
+        self._hold(record, dependencies, unfinished, results, now)
 
     def _forward_now(self, state: EndpointState, record: TaskRecord, now: float) -> bool:
         """(Dispatching) a queued task with dependencies: True to send it
@@ -1026,6 +1046,8 @@ class Relay:
             while queue:
                 record, status, result = queue.pop()
                 if record.task_id in graph.dependencies_of:
+                    if status == P.OK:   # a task naming it may be on its way (see recent_result)
+                        graph.remember(record.task_id, result)
                     due: dict[str, list[bytes]] = {}
                     for dependency, user in graph.release(record.task_id).items():
                         due.setdefault(user, []).append(dependency)
