@@ -47,7 +47,7 @@ ALICE_PROGRAM = """
 import json, os, sys, time
 from fedexec import FederatedExecutor
 from test_abuse import square
-endpoint, address, token, stop_file, out_file, deadline, least = sys.argv[1:]
+endpoint, address, token, stop_file, out_file, deadline, least, ready_file = sys.argv[1:]
 rounds = []
 with FederatedExecutor(endpoint, relay=address, token=token) as ex:
     i = 0
@@ -57,6 +57,8 @@ with FederatedExecutor(endpoint, relay=address, token=token) as ex:
         assert value == i * i, (i, value)
         rounds.append((time.time(), time.perf_counter() - started))
         i += 1
+        if i == 20:   # her round trips alone are measured: the abuse may begin
+            open(ready_file, "w").close()
 with open(out_file, "w") as out:
     json.dump({"tasks": i, "rounds": rounds}, out)
 """
@@ -145,15 +147,21 @@ def test_one_user_cannot_exhaust_the_relay_for_another(tmp_path):
         watch.start()
 
         # alice works throughout, alone at first (her round trips without abuse)
-        stop_file, out_file = tmp_path / "stop-alice", tmp_path / "alice.json"
+        stop_file, out_file, ready_file = tmp_path / "stop-alice", tmp_path / "alice.json", tmp_path / "alice-ready"
         program = tmp_path / "alice.py"
         program.write_text(ALICE_PROGRAM)
         alice = subprocess.Popen(
             [sys.executable, str(program), alice_ep.id, address, tokens["alice"], str(stop_file), str(out_file),
-             str(ALICE_DEADLINE), str(ALICE_MIN_TASKS)], cwd=tmp_path,
+             str(ALICE_DEADLINE), str(ALICE_MIN_TASKS), str(ready_file)], cwd=tmp_path,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
-        time.sleep(5.0)
+        ready_by = time.monotonic() + 60
+        while not ready_file.exists():   # 20 of her round trips done alone (however loaded the machine)
+            if alice.poll() is not None or time.monotonic() > ready_by:
+                alice.kill()
+                pytest.fail(f"alice's program did not finish 20 tasks within 60 s:\n{alice.communicate()[0][-3000:]}")
+            time.sleep(0.1)
+        time.sleep(1.0)
         abuse_started = time.time()
         bob = RawClient(address, tokens["bob"])
         try:

@@ -188,6 +188,8 @@ def test_a_member_the_function_is_warm_on_is_preferred(tmp_path, routing):
             # both have the same free capacity whenever a task is routed
             with FederatedExecutor(a.id, relay=address) as ex:
                 assert ex.submit(where, 0.05, "warm-up").result(DEADLINE) == ("a", "warm-up")
+            with FederatedExecutor(b.id, relay=address) as ex:   # b's worker up too (another function: not warm)
+                assert ex.submit(abs, -1).result(DEADLINE) == 1
             with FederatedExecutor([a.id, b.id], relay=address) as ex:
                 ran = Counter(ex.submit(where, 0.05, i).result(DEADLINE)[0] for i in range(10))
         finally:

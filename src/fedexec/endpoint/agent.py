@@ -555,6 +555,8 @@ class EndpointAgent:
         """A task just held here whose dependencies all went to one pool
         (or wait there) goes to that pool to wait there instead (see
         graph.py), so that their results release it without a trip here."""
+        if _names_refs(task):
+            return
         pool = self.graph.send_to_pool(task.row[0], self.at_pool)
         if pool is not None:
             self._held_to_pool(pool, [task])
@@ -567,7 +569,8 @@ class EndpointAgent:
             follow = []
             for task_id in task_ids:
                 for waiting_id in graph.waiting_on.get(task_id, ()):
-                    if graph.pool_of(waiting_id) is None and graph.send_to_pool(waiting_id, self.at_pool) is pool:
+                    if (graph.pool_of(waiting_id) is None and not _names_refs(graph.held[waiting_id].task)
+                            and graph.send_to_pool(waiting_id, self.at_pool) is pool):
                         follow.append(graph.held[waiting_id].task)
             task_ids = self._held_to_pool(pool, follow)
 
@@ -887,3 +890,11 @@ class EndpointAgent:
             os.replace(tmp, path)
         except OSError as exc:
             log.debug("could not write %s: %s", path, exc)
+
+
+def _names_refs(task: QueuedTask) -> bool:
+    """Whether a task names DataRefs: then it waits for its dependencies
+    here, not at a pool, since the agent fetches its refs' files when it is
+    released (:meth:`EndpointAgent._admit`)."""
+    row = task.row
+    return len(row) == 7 and "rf" in row[6]
