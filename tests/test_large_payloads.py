@@ -5,8 +5,10 @@ their user alone, and survive a kill -9 of the relay mid-upload."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 from fedexec import FederatedExecutor, PayloadTooLarge
 from fedexec import protocol as P
 from fedexec.serialize import serialize_arguments, serialize_function
-from fedexec.transfer import BIG_THRESHOLD, TransferError, TransferLink, big_ref, is_big, local_ref, parse_big
+from fedexec.transfer import BIG_THRESHOLD, SAME_HOST_USES, TransferError, TransferLink, big_ref, is_big, local_ref, parse_big
 
 from test_access import RawClient, fedexec_cli, running_endpoint, wait_connected
 from test_durability import started_federation
@@ -315,3 +317,105 @@ def test_small_tasks_keep_completing_while_a_large_result_is_fetched():
         assert len(data) == 768 * MiB and data[:1] == data[-1:] == b"r"
         assert during >= 1, "no small task completed while the large result was fetched"
         assert not ex._dispatcher.fetching
+
+
+# -- the same-host fast path (transfer.py TransferLink._same_host, relay/bulk.py SameHost) ----------------------
+def test_the_embedded_default_hands_large_payloads_over_as_files():
+    before = dict(SAME_HOST_USES)
+    data = pattern(BIG_THRESHOLD + 4 * MiB)
+    with FederatedExecutor(max_workers=1) as ex:
+        result = ex.submit(rotate, data).result(120)
+        assert result == rotate(data)
+        assert ex.submit(echo_small, 3).result(60) == 3
+    # this process (the client) wrote its argument into the relay's file and read the result from another,
+    # with no chunk over the socket
+    assert SAME_HOST_USES["upload"] == before["upload"] + 1
+    assert SAME_HOST_USES["fetch"] == before["fetch"] + 1
+
+
+OTHER_USER_CLIENT = r"""
+import os, sys, json
+import fedexec.relay   # (every module loaded while root: the interpreter's own files are not readable to nobody)
+from fedexec.auth import find_credentials
+from fedexec.transfer import SAME_HOST_USES, TransferLink
+address, token, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+credentials = find_credentials(address, token)
+os.setgroups([]); os.setgid(65534); os.setuid(65534)   # from here on: nobody, who cannot read the relay's files
+payload = os.urandom(1 << 20) * (size >> 20)
+link = TransferLink(address, credentials=credentials)
+try:
+    proven = link._same_host()
+    ref = link.upload(payload)
+    back = link.fetch_bytes(ref)
+    print(json.dumps({"uid": os.getuid(), "proven": proven, "same": back == payload, "uses": SAME_HOST_USES}))
+finally:
+    link.close()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_client_of_another_os_user_cannot_prove_it_and_keeps_to_chunks(tmp_path):
+    assert os.geteuid() == 0, "this test runs a client as user nobody: it must start as root"
+    data_dir = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data_dir).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address:
+        out = subprocess.run([sys.executable, "-c", OTHER_USER_CLIENT, address, token, str(BIG_THRESHOLD + 2 * MiB)],
+                             capture_output=True, text=True, timeout=90, cwd="/",
+                             env={**os.environ, "HOME": "/nonexistent"})
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        assert seen["uid"] == 65534
+        assert seen["proven"] is False and seen["same"] is True
+        assert seen["uses"] == {"upload": 0, "fetch": 0, "link": 0}
+        # a wrong secret is refused, and the connection's hand-over requests with it
+        link = TransferLink(address, token=token)
+        try:
+            assert "p" in link._local_request({"op": "hello"})
+            assert "wrong same-host secret" in link._local_request({"op": "prove", "s": b"0" * 64})["err"]
+            refused = link._local_request({"op": "place", "b": os.urandom(16), "n": 5})
+            assert "has not shown" in refused["err"]
+            link.same_host = False   # (as after that refusal) everything goes in chunks, and works
+            payload = pattern(BIG_THRESHOLD + MiB)
+            ref = link.upload(payload)
+            assert link.fetch_bytes(ref) == payload
+        finally:
+            link.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_relay_never_takes_a_path_from_a_message_nor_follows_a_link(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    tokens = {user: fedexec_cli("relay", "add-user", user, "--data-dir", data_dir).stdout.strip()
+              for user in ("alice", "bob")}
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v" * 100)
+    with running_relay(tmp_path, "--auth", "token") as address:
+        alice, bob = TransferLink(address, token=tokens["alice"]), TransferLink(address, token=tokens["bob"])
+        try:
+            assert alice._same_host() and bob._same_host()
+            # a 'placed' naming a file of the sender's choosing: the relay looks only at its own names
+            bid = os.urandom(16)
+            answer = alice._local_request({"op": "placed", "b": bid, "n": 100, "p": str(victim)})
+            assert "no same-host upload" in answer["err"]
+            # the relay's placeholder swapped for a symlink to another file: refused, that file untouched
+            answer = alice._local_request({"op": "place", "b": bid, "n": 100})
+            placeholder = answer["p"]
+            assert os.stat(placeholder).st_mode & 0o777 == 0o600 and os.path.getsize(placeholder) == 100
+            os.unlink(placeholder)
+            os.symlink(victim, placeholder)
+            answer = alice._local_request({"op": "placed", "b": bid, "n": 100})
+            assert "err" in answer and victim.read_bytes() == b"v" * 100
+            # bob, proven too, gets no path of alice's upload (ownership as for chunks)
+            payload = pattern(BIG_THRESHOLD + MiB)
+            before = dict(SAME_HOST_USES)
+            ref = alice.upload(payload)
+            assert SAME_HOST_USES["upload"] == before["upload"] + 1
+            answer = bob._local_request({"op": "where", "b": parse_big(ref)[0]})
+            assert "no upload" in answer["err"] and "p" not in answer
+            with pytest.raises(TransferError, match="no upload .* of user 'bob'"):
+                bob.fetch_bytes(ref)
+            assert alice.fetch_bytes(ref) == payload
+            assert SAME_HOST_USES["fetch"] == before["fetch"] + 1
+        finally:
+            alice.close()
+            bob.close()

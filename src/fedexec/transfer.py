@@ -40,6 +40,7 @@ import bisect
 import hashlib
 import mmap
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -71,6 +72,14 @@ MAX_REF = 4096   # bytes of a reference at most
 FILE_COST = 4096
 
 SPOOL_ENV = "FEDEXEC_SPOOL"   # where a worker writes large results (the agent's private spool)
+
+# The same-host fast path (see SameHost): a sender that shows it runs as the relay's OS user on the relay's
+# machine hands large payloads over as files in the relay's spool instead of chunks over the socket.
+LOCAL = "local"          # client/endpoint -> relay {q, op, ...}; op: hello, prove, place, placed, where
+LOCAL_OK = "local-ok"    # relay -> sender {q, ...}, or {q, err}
+SECRET_NAME = "secret"   # in <relay data dir>/same-host/ (0700)
+LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its answer; then chunks
+SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
 
 
 class TransferError(FedexecError):
@@ -194,19 +203,10 @@ def write_private(path: str, data: Any) -> bytes:
     read; its sha256, computed chunk by chunk as it is written (one pass over
     the data, each chunk hashed while it is in the CPU's cache)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    hasher = hashlib.sha256()
     try:
-        for part in (data.parts if isinstance(data, Pieces) else [data]):
-            view = memoryview(part).cast("B")
-            for off in range(0, len(view), CHUNK):
-                piece = view[off:off + CHUNK]
-                hasher.update(piece)
-                written = 0
-                while written < len(piece):
-                    written += os.write(fd, piece[written:])
+        return _write_hashing(fd, data)
     finally:
         os.close(fd)
-    return hasher.digest()
 
 
 def spill_result(blob: Any, task_id: bytes) -> Any:
@@ -309,6 +309,52 @@ class Spool:
             return {"b": bid, "have": have, "done": True}
         return {"b": bid, "have": have}
 
+    def place(self, user: str, bid: bytes, total: int) -> dict[str, Any]:
+        """Same-host upload, first step: a new ``.part`` file of ``total``
+        bytes (holes) made here (O_EXCL, 0600, in the user's directory) and
+        charged in full now, for a proven same-user sender to fill; the
+        answer's fields (its path, or why not)."""
+        if total > self.max_payload:
+            message, details = P.too_large("the payload", total, self.max_payload)
+            return {"err": message, "too_large": True, **details}
+        part = self.path(user, bid).with_suffix(".part")
+        why = self.refusal(user, total + FILE_COST)
+        if why is not None:
+            return {"err": why, "quota": True}
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+        self.charge(user, total + FILE_COST)
+        return {"p": str(part)}
+
+    def placed(self, user: str, bid: bytes, total: int) -> dict[str, Any]:
+        """Same-host upload, last step: the ``.part`` file (opened here by
+        the relay's own path, never a symlink) must be a regular file of
+        ``total`` bytes; then it is complete (as a chunked
+        upload's last chunk makes it). Its sha256 is checked by whoever
+        fetches it, as for chunks."""
+        final = self.path(user, bid)
+        if final.exists():
+            return {"done": True}
+        part = final.with_suffix(".part")
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                self.drop(user, bid)   # (not a file: a symlink put in its place, say)
+            return {"err": f"no same-host upload {bid.hex()} of user {user!r} in progress here"}
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not (stat.S_ISREG(st.st_mode) and st.st_size == total):
+            self.drop(user, bid)
+            return {"err": f"the same-host upload {bid.hex()} is not a regular file of {total} bytes; dropped"}
+        os.rename(part, final)
+        return {"done": True}
+
     def read(self, user: str, fields: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         """Answer one FETCH: a CHUNK's fields and frames."""
         bid, off = fields["b"], fields["o"]
@@ -380,6 +426,7 @@ class TransferLink:
             credentials.apply(sock, key)
         sock.connect(address)
         self.sock = sock
+        self.same_host: bool | None = None   # None: not asked yet (see _same_host)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -405,7 +452,12 @@ class TransferLink:
         chunk, never mapped or read whole, so that the uploader's memory
         stays small; ``digest``, its sha256 if known); its reference.
         Resumes from what the relay has after lost messages (a relay
-        restart)."""
+        restart). On the relay's machine as its OS user, the payload goes
+        as a file instead (:meth:`_upload_local`), else in chunks."""
+        if len(digest) == 32 or not isinstance(data, (str, Path)):
+            ref = self._upload_local(data, task_id, digest)
+            if ref is not None:
+                return ref
         if isinstance(data, (str, Path)):
             fd = os.open(data, os.O_RDONLY)
             try:
@@ -508,6 +560,15 @@ class TransferLink:
         _, total, _ = parse_big(ref)
         out = bytearray(total)
         view = memoryview(out)
+        fd = self._open_local(ref, task_id)
+        if fd is not None:
+            try:
+                _read_checked(fd, ref, view)
+            finally:
+                os.close(fd)
+                view.release()
+            SAME_HOST_USES["fetch"] += 1
+            return out
 
         def put(off: int, data: Any) -> None:
             view[off:off + len(data)] = data
@@ -517,7 +578,27 @@ class TransferLink:
         return out
 
     def fetch_file(self, ref: bytes, path: str, task_id: bytes | None = None) -> int:
-        """The payload into a new private file at ``path``; its size."""
+        """The payload into a new private file at ``path``; its size. On the
+        relay's machine as its OS user, a hard link to the relay's own file
+        (checked: its sha256, read once), not a copy."""
+        local = self._open_local(ref, task_id, with_path=True)
+        if local is not None:
+            fd, source = local
+            try:
+                os.link(source, path, follow_symlinks=False)
+                opened, linked = os.fstat(fd), os.stat(path, follow_symlinks=False)
+                if (linked.st_dev, linked.st_ino) != (opened.st_dev, opened.st_ino):
+                    raise OSError("the relay's file changed between its check and its link")
+                _read_checked(fd, ref, None)
+                SAME_HOST_USES["link"] += 1
+                return parse_big(ref)[1]
+            except OSError:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            finally:
+                os.close(fd)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             def put(off: int, data: Any) -> None:
@@ -530,9 +611,155 @@ class TransferLink:
         finally:
             os.close(fd)
 
+    # -- the same-host fast path (see relay/bulk.py SameHost) ------------------------
+    def _local_request(self, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """A same-host request's answer fields; None without one in time."""
+        q = os.urandom(8)
+        self._send(P.encode(LOCAL, {**fields, "q": q}))
+        deadline = time.monotonic() + LOCAL_ANSWER_WAIT
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self._answer(LOCAL_OK, left)
+            if msg is not None and msg.fields.get("q") == q:
+                return msg.fields
+        return None
+
+    def _same_host(self) -> bool:
+        """Whether this connection has shown the relay it runs as the
+        relay's OS user on its machine (asked once per link: the relay
+        names a private file, this link sends back what it holds)."""
+        if self.same_host is None:
+            self.same_host = False
+            try:
+                where = self._local_request({"op": "hello"})
+                if where is None:   # no answer (the relay is down?): asked again next time
+                    self.same_host = None
+                    return False
+                if not isinstance(where.get("p"), str):
+                    return False
+                fd = os.open(where["p"], os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    secret = os.read(fd, 128)
+                finally:
+                    os.close(fd)
+                answer = self._local_request({"op": "prove", "s": secret})
+                self.same_host = bool(answer and answer.get("ok"))
+            except (OSError, TransferError):   # another user or machine, or a relay without it: chunks
+                pass
+        return self.same_host
+
+    def _upload_local(self, data: Any, task_id: bytes | None, digest: bytes) -> bytes | None:
+        """``data`` (bytes-like, Pieces, or a file with its known ``digest``:
+        then moved, not copied) written straight into a spool file the relay
+        made; its reference, or None when the fast path is not open (then
+        chunks go). A quota or size refusal is final, as for chunks."""
+        if not self._same_host():
+            return None
+        total = os.stat(data).st_size if isinstance(data, (str, Path)) else len(data)
+        bid = os.urandom(16)
+        head: dict[str, Any] = {"b": bid, "n": total}
+        if task_id is not None:
+            head["tid"] = task_id
+        try:
+            answer = self._local_request({**head, "op": "place"})
+        except TransferError:
+            answer = None
+        if answer is None or not isinstance(answer.get("p"), str):
+            if answer is not None and (answer.get("too_large") or answer.get("quota")):
+                raise TransferError(str(answer["err"]), too_large=bool(answer.get("too_large")),
+                                    **{k: answer[k] for k in ("size", "limit") if k in answer})
+            self.same_host = None   # (a restarted relay forgot the proof: asked again next time)
+            return None
+        target = answer["p"]
+        try:
+            if isinstance(data, (str, Path)):
+                # the agent's own file of a worker's result (same filesystem): a second name of it
+                # replaces the relay's placeholder, the first stays for chunks should this fail
+                spare = f"{data}.{bid.hex()}"
+                os.link(data, spare)
+                try:
+                    os.rename(spare, target)
+                except OSError:
+                    os.unlink(spare)
+                    raise
+            else:
+                fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    digest = _write_hashing(fd, data)
+                finally:
+                    os.close(fd)
+            answer = self._local_request({**head, "op": "placed"})
+        except (OSError, TransferError):
+            answer = None
+        if not (answer and answer.get("done")):
+            self.sock.send_multipart(P.encode(P.DROP, {"b": bid}))
+            self.same_host = None
+            return None
+        SAME_HOST_USES["upload"] += 1
+        return big_ref(bid, total, digest)
+
+    def _open_local(self, ref: bytes, task_id: bytes | None, with_path: bool = False) -> Any:
+        """The relay's own file of the upload ``ref`` names, opened (never
+        through a symlink) and checked to be a regular file of its size: its
+        fd (and with ``with_path``, ``(fd, path)``); None when the fast path
+        is not open (then chunks go)."""
+        if not self._same_host():
+            return None
+        bid, total, _ = parse_big(ref)
+        fields: dict[str, Any] = {"op": "where", "b": bid}
+        if task_id is not None:
+            fields["tid"] = task_id
+        try:
+            answer = self._local_request(fields)
+            if answer is None or not isinstance(answer.get("p"), str):
+                return None
+            fd = os.open(answer["p"], os.O_RDONLY | os.O_NOFOLLOW)
+        except (OSError, TransferError):
+            return None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size == total:
+            return (fd, answer["p"]) if with_path else fd
+        os.close(fd)
+        return None
+
     def drop(self, ref: bytes) -> None:
         """Tell the relay the upload may go (a result received)."""
         self.sock.send_multipart(P.encode(P.DROP, {"b": parse_big(ref)[0]}))
+
+
+def _write_hashing(fd: int, data: Any) -> bytes:
+    """``data`` (bytes-like, or Pieces) written to ``fd`` from its start;
+    its sha256, each chunk hashed while it is in the CPU's cache."""
+    hasher = hashlib.sha256()
+    off = 0
+    for part in (data.parts if isinstance(data, Pieces) else [data]):
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), CHUNK):
+            piece = view[start:start + CHUNK]
+            hasher.update(piece)
+            done = 0
+            while done < len(piece):
+                done += os.pwrite(fd, piece[done:], off + done)
+            off += len(piece)
+    return hasher.digest()
+
+
+def _read_checked(fd: int, ref: bytes, into: memoryview | None) -> None:
+    """Read the file ``fd`` (of the size ``ref`` says), into ``into`` if
+    given, checking its sha256: TransferError if it does not match."""
+    _, total, digest = parse_big(ref)
+    hasher = hashlib.sha256()
+    scratch = None if into is not None else bytearray(CHUNK)
+    off = 0
+    while off < total:
+        end = min(total, off + CHUNK)
+        piece = into[off:end] if into is not None else memoryview(scratch)[:end - off]
+        got = os.preadv(fd, [piece], off)
+        if got <= 0:
+            raise TransferError("the payload's file is shorter than its reference says")
+        hasher.update(piece[:got])
+        off += got
+    if hasher.digest() != digest:
+        raise TransferError("the payload read does not match its sha256")
 
 
 class LinkPool:

@@ -4,12 +4,14 @@ and the lifetime of the spool files (charged to their user's byte quota)."""
 
 from __future__ import annotations
 
+import hmac
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..transfer import Spool, is_big, parse_big
+from ..transfer import LOCAL, LOCAL_OK, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, is_big, parse_big
 
 if TYPE_CHECKING:
     from .access import Session
@@ -17,7 +19,8 @@ if TYPE_CHECKING:
     from .server import Relay
 
 
-TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP})
+TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP, LOCAL})
+MAX_PROVEN = 4096      # connections remembered as proven same-host (the oldest forgotten first)
 EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
 
 
@@ -42,6 +45,7 @@ class BulkTransfers:
 
         self.spool = Spool(relay.data_dir, charge, refusal, relay.max_payload)
         self.next_expiry = time.monotonic() + EXPIRY_PERIOD
+        self.same_host = SameHost(self)
 
     def recover(self) -> None:
         self.spool.recover()
@@ -68,6 +72,8 @@ class BulkTransfers:
             reply, frames = self.spool.read(user, fields)
             reply["q"] = echo
             self.relay._send(sender, P.encode(P.CHUNK_MSG, reply, frames))
+        elif msg.type == LOCAL:
+            self.same_host.handle(sender, session, fields, echo)
         elif msg.type == P.DROP:
             bid = fields.get("b")
             if not (isinstance(bid, bytes) and len(bid) == 16):
@@ -153,3 +159,78 @@ class BulkTransfers:
             return
         self.next_expiry = now + EXPIRY_PERIOD
         self.spool.expire(time.time(), self.relay.result_ttl, self._in_use)
+
+
+class SameHost:
+    """The same-host fast path at the relay (a client or endpoint agent on
+    this machine, running as this relay's OS user): large payloads handed
+    over as files in the spool instead of chunks.
+
+    The proof: at start the relay writes a random secret into a 0600 file in
+    its private (0700) directory. ``hello`` answers that file's path;
+    ``prove {s}`` with its content shows the connection can read the relay's
+    private files, i.e. runs as its OS user (or root) on a machine that sees
+    its files. The proof holds for that connection and its session only
+    (remembered by routing id with the session's user and token), never
+    for a claim in a message. Unproven, ``place``/``placed``/``where`` are refused (the
+    sender then uses chunks). Even a proven peer gets only paths of its own
+    user's uploads (the same checks as FETCH: ``_whose``), and the relay
+    never opens, reads or deletes a path a peer sent: it names files by
+    user and upload id as for chunks, and opens them with O_NOFOLLOW."""
+
+    def __init__(self, bulk: BulkTransfers) -> None:
+        self.bulk = bulk
+        self.secret = os.urandom(32).hex().encode()
+        private = bulk.spool.root.parent / "same-host"
+        private.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(private, 0o700)
+        self.secret_path = private / SECRET_NAME
+        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, self.secret)
+        finally:
+            os.close(fd)
+        self.proven: dict[bytes, tuple[str, str | None]] = {}   # routing id -> (user, token id)
+
+    def handle(self, sender: bytes, session: "Session", fields: dict[str, Any], echo: Any) -> None:
+        op = fields.get("op")
+        reply: dict[str, Any]
+        if op == "hello":
+            reply = {"p": str(self.secret_path)}
+        elif op == "prove":
+            given = fields.get("s")
+            if isinstance(given, bytes) and hmac.compare_digest(given, self.secret):
+                self.proven.pop(sender, None)
+                self.proven[sender] = (session.user, session.token_id)
+                while len(self.proven) > MAX_PROVEN:
+                    del self.proven[next(iter(self.proven))]
+                reply = {"ok": True}
+            else:
+                reply = {"err": "wrong same-host secret: this connection keeps to chunks"}
+        elif op in ("place", "placed", "where"):
+            if self.proven.get(sender) != (session.user, session.token_id):
+                reply = {"err": "this connection has not shown it runs as the relay's OS user on its machine"}
+            else:
+                reply = self._transfer(op, session, fields)
+        else:
+            raise P.ProtocolError("malformed same-host request")
+        reply["q"] = echo
+        self.bulk.relay._send(sender, P.encode(LOCAL_OK, reply))
+
+    def _transfer(self, op: str, session: "Session", fields: dict[str, Any]) -> dict[str, Any]:
+        bid, total = fields.get("b"), fields.get("n", 0)
+        if not (isinstance(bid, bytes) and len(bid) == 16 and type(total) is int and 0 <= total <= MAX_LARGE_PAYLOAD):
+            raise P.ProtocolError("malformed same-host request")
+        spool = self.bulk.spool
+        if op == "where":
+            # (a hand-over is a fetch from the start: a DataRef's counts it, as refs.fetchable does for chunks)
+            user, why = self.bulk._whose(session, {**fields, "o": 0}, "fetch the arguments of")
+            path = None if why else spool.complete(user, bid)
+            if path is None:
+                return {"err": why or f"no upload {bid.hex()} of user {user!r} here"}
+            return {"p": str(path)}
+        user, why = self.bulk._whose(session, fields, "upload a result for")
+        if why:
+            return {"err": why}
+        return spool.place(user, bid, total) if op == "place" else spool.placed(user, bid, total)
