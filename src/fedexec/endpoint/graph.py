@@ -128,12 +128,7 @@ class HeldTasks:
                 continue
             entry.results[task_id] = blob
             if len(entry.results) == len(entry.dependencies):
-                del self.held[waiting_id]
-                task, failure = self._wrapped(entry)
-                if task is not None:
-                    ready.append(task)
-                else:
-                    failed.append((waiting_id, failure or b""))
+                self._release(waiting_id, entry, ready, failed)
         return ready, failed
 
     def cancel(self, task_ids: set[bytes]) -> list[bytes]:
@@ -202,13 +197,19 @@ class HeldTasks:
                 del self.held[task_id]
                 failed.append((task_id, entry.failure))
             elif len(entry.results) == len(entry.dependencies):
-                del self.held[task_id]
-                task, failure = self._wrapped(entry)
-                if task is not None:
-                    ready.append(task)
-                else:
-                    failed.append((task_id, failure or b""))
+                self._release(task_id, entry, ready, failed)
         return ready, failed
+
+    def _release(self, task_id: bytes, entry: "_Held", ready: list[QueuedTask],
+                 failed: list[tuple[bytes, bytes]]) -> None:
+        """A held task whose dependencies' results are all here leaves: to
+        ``ready`` with them wrapped in, or to ``failed`` if they cannot be."""
+        del self.held[task_id]
+        task, failure = self._wrapped(entry)
+        if task is not None:
+            ready.append(task)
+        else:
+            failed.append((task_id, failure or b""))
 
     def settle(self, task_id: bytes, status: int, blob: Any, admit: Any, fail: Any) -> None:
         """A task finished: :meth:`finished`, then ``admit(task)`` each one
