@@ -188,16 +188,21 @@ def test_a_member_the_function_is_warm_on_is_preferred(tmp_path, routing):
             # both have the same free capacity whenever a task is routed
             with FederatedExecutor(a.id, relay=address) as ex:
                 assert ex.submit(where, 0.05, "warm-up").result(DEADLINE) == ("a", "warm-up")
-            with FederatedExecutor(b.id, relay=address) as ex:   # b's worker up too (another function: not warm)
-                assert ex.submit(abs, -1).result(DEADLINE) == 1
             with FederatedExecutor([a.id, b.id], relay=address) as ex:
                 ran = Counter(ex.submit(where, 0.05, i).result(DEADLINE)[0] for i in range(10))
+                for _ in range(2):
+                    if routing == "warm" or (ran["a"] >= 3 and ran["b"] >= 3):
+                        break
+                    # The baseline picks by free capacity at each instant, which depends on when each
+                    # member's credit comes back: on a loaded machine (the suite runs 3 test processes)
+                    # one run can go mostly to one member. Warm routing gets no second chance.
+                    ran = Counter(ex.submit(where, 0.05, i).result(DEADLINE)[0] for i in range(10))
         finally:
             endpoints.stop()
     if routing == "warm":
         assert ran == {"a": 10}, ran
     else:
-        assert ran["a"] >= 1 and ran["b"] >= 1, ran   # in turn (5 and 5) when the machine is idle
+        assert ran["a"] >= 3 and ran["b"] >= 3, ran
 
 
 @pytest.mark.timeout(60)
