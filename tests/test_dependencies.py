@@ -526,3 +526,57 @@ def test_chains_whose_links_arrive_after_the_link_before_them_finished_are_not_r
             assert chain[-1].result(DEADLINE) == 301
         time.sleep(0.5)
         assert "refused user" not in relay.log.read_text(), tail(relay.log)
+
+
+# -- dependencies whose results travel in chunks (over 16 MiB pickled) ----------------
+
+def big_ones(scale):
+    import numpy as np
+    return np.ones(20 * 2**17) * scale   # 20 MiB of float64: its result is uploaded, not sent in one frame
+
+
+def big_sum(array, plus=0):
+    return float(array.sum()) + plus
+
+
+def big_next(array):
+    return array + 1
+
+
+def spool_files():
+    """The files left in the spools of this test's endpoints (none once every task is done)."""
+    import glob
+    import tempfile
+    return sorted(glob.glob(os.path.join(tempfile.gettempdir(), "*", "spool", "*")))
+
+
+def _big_results_feed_their_dependents(ex):
+    first = ex.submit(big_ones, 2.0)
+    dependent = ex.submit(big_sum, first, 1)
+    assert dependent.result(DEADLINE) == 2.0 * 20 * 2**17 + 1
+    assert first.result(DEADLINE).shape == (20 * 2**17,)   # the client still gets the large result
+    chain = [ex.submit(big_ones, 1.0)]
+    for _ in range(2):   # a chain of three large results
+        chain.append(ex.submit(big_next, chain[-1]))
+    tail_sum = ex.submit(big_sum, chain[-1])
+    assert tail_sum.result(DEADLINE) == 3.0 * 20 * 2**17
+    for link, value in zip(chain, (1.0, 2.0, 3.0)):
+        array = link.result(DEADLINE)
+        assert array.shape == (20 * 2**17,) and array[0] == value and array[-1] == value
+
+
+@pytest.mark.timeout(180)
+def test_a_dependency_with_a_result_over_16_mib_feeds_its_dependent_on_the_embedded_default():
+    with FederatedExecutor(max_workers=2) as ex:
+        _big_results_feed_their_dependents(ex)
+
+
+@pytest.mark.timeout(180)
+def test_a_dependency_with_a_result_over_16_mib_feeds_its_dependent_on_a_relay_and_endpoint(tmp_path):
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            _big_results_feed_their_dependents(ex)
+            # dependents that wait at the endpoint's agent (more than one pool worker busy)
+            gate = ex.submit(sleep_then, 0.3, 1.0)
+            firsts = [ex.submit(big_ones, gate) for _ in range(2)]
+            assert ex.submit(big_sum, firsts[0], ex.submit(big_sum, firsts[1])).result(DEADLINE) == 2 * 20 * 2**17

@@ -285,6 +285,33 @@ def test_a_sandboxed_task_reads_a_dataref(bwrap_federation):
         assert list(box.iterdir()) == [], f"{box} holds {list(box.iterdir())}"
 
 
+def big_result_in_sandbox(scale):
+    import numpy as np
+    return np.ones(20 * 2**17) * scale   # 20 MiB: a result that travels in chunks
+
+
+def big_dependency_in_sandbox(array, plus):
+    """Runs on a dependency's large result in the sandbox: its sum plus ``plus``, and what the inbox held."""
+    return float(array.sum()) + plus, sorted(os.listdir(sandbox.TASK_IN))
+
+
+@pytest.mark.timeout(120)
+def test_a_sandboxed_task_reads_a_dependencys_large_result(bwrap_federation):
+    """A dependency's result over 16 MiB (its file in the agent's spool) is
+    shared into its dependent's inbox like a DataRef's file, and leaves it
+    with the task."""
+    ex = bwrap_federation.executor
+    first = ex.submit(big_result_in_sandbox, 3.0)
+    dependent = ex.submit(big_dependency_in_sandbox, first, 1)
+    total, inbox = dependent.result(DEADLINE)
+    assert total == 3.0 * 20 * 2**17 + 1
+    assert inbox == [f"{dependent._task_bytes.hex()}.{first._task_bytes.hex()}.ref"], inbox
+    assert first.result(DEADLINE)[0] == 3.0
+    for root in bwrap_federation.task_roots():
+        box = root.with_suffix(".in")
+        assert list(box.iterdir()) == [], f"{box} holds {list(box.iterdir())}"
+
+
 @pytest.mark.timeout(60)
 def test_a_sandboxed_task_cannot_reach_a_server_on_loopback(bwrap_federation):
     with running_server() as (server, port):

@@ -192,8 +192,38 @@ def load_with_results(args: bytes, results: list[bytes]) -> Any:
     results (pickled, or plain data) in place of their placeholders."""
     from .serialize import decode_data, is_data
 
-    values = [decode_data(blob) if is_data(blob) else pickle.loads(blob) for blob in results]
+    values = [_result_in_file(blob) if blob.startswith(IN_FILE) else decode_data(blob) if is_data(blob)
+              else pickle.loads(blob) for blob in results]
     return _load(args, values)
+
+
+# A dependency's result too large to wrap in (one that travels in chunks: a file
+# its worker wrote into the endpoint's spool) stands in the results as IN_FILE,
+# the dependency's id and the file's size; the file itself is named, under that
+# id, by the DataRef-style wrapper around the arguments (dataref.wrap_arguments:
+# a local reference only the endpoint agent makes, whose files a sandbox
+# shares), so the worker maps it as it maps a DataRef's file.
+IN_FILE = b"\x00fedexec-dep-file\x00"
+
+
+def result_in_file(dependency: bytes, size: int) -> bytes:
+    """(The endpoint) what stands for a dependency's result kept in a file."""
+    return IN_FILE + dependency + size.to_bytes(8, "little")
+
+
+def _result_in_file(blob: bytes) -> Any:
+    from . import dataref
+    from .serialize import deserialize_large
+    from .transfer import load_local, local_ref
+
+    at = len(IN_FILE)
+    dependency, size = blob[at:at + 16], int.from_bytes(blob[at + 16:at + 24], "little")
+    files = getattr(dataref._local, "files", None)
+    path = files.get(dependency) if isinstance(files, dict) else None
+    if path is None:
+        raise pickle.UnpicklingError(f"the result of task {dependency.hex()}, which this task depends on, is not "
+                                     f"available where it runs")
+    return load_local(local_ref(path, size), deserialize_large)
 
 
 class _WithResults:

@@ -451,6 +451,8 @@ class EndpointAgent:
         elif t == P.ACK:
             for task_id in P.task_ids(msg.fields["tids"]):
                 self.unstored.pop(task_id, None)
+                if self.bulk.kept:
+                    self.bulk.acknowledged(task_id)
         elif t == P.ERROR:
             if msg.fields.get("auth") and self.connected and self.handshake.renew():
                 log.warning("the relay ended this endpoint's session (%s); reconnected with renewed credentials",
@@ -503,13 +505,15 @@ class EndpointAgent:
         for frames in P.results_messages(rows, blobs.frames):
             self._send_relay(frames)
 
-    def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
+    def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None,
+                local: bytes | None = None) -> None:
+        """(``local``: a large result's file, kept for the tasks held here for it, bulk.py)"""
         self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
         if self.graph.waiting_on:   # tasks held here may wait for it
-            self._dependency_finished(task_id, status, blob)
-        if self.bulk.argument_files:   # its large arguments' file, if it had one, goes
+            self._dependency_finished(task_id, status, blob if local is None else local)
+        if self.bulk.argument_files or self.bulk.keeping:   # its large arguments' file, if it had one, goes
             self.bulk.done(task_id)
         if self.refs.by_task:   # the DataRefs it used may go again
             self.refs.done(task_id)
@@ -518,7 +522,16 @@ class EndpointAgent:
         """A task whose dependencies were sent here before it: queued once
         their results are here (at once, if they are), held until then."""
         task_id = task.row[0]
-        ready, failure = self.graph.hold(task, task.row[6]["d"], self.holding, self.unstored)
+        dependencies = task.row[6]["d"]
+        finished: Any = self.unstored
+        kept = [d for d in dependencies if d in self.bulk.kept] if self.bulk.kept else None
+        if kept:   # large results kept in their files here: this task takes those too (bulk.py)
+            finished = {d: self.unstored[d] for d in dependencies if d in self.unstored}
+            for dependency in kept:
+                if dependency in finished:
+                    finished[dependency] = (P.OK, self.bulk.kept_result(dependency), None)
+                self.bulk.keep(dependency, self.bulk.kept_result(dependency), [task_id])
+        ready, failure = self.graph.hold(task, dependencies, self.holding, finished)
         if failure is not None:
             self._result(task_id, P.FAILED, failure)
             return
@@ -721,14 +734,17 @@ class EndpointAgent:
             self.at_pool.pop(task_id, None)
             pool.started.discard(task_id)
             blob = P.blob(msg.blobs, index)
+            local = None
             if is_local(blob):   # a large result in a file: uploaded in chunks, its reference goes on
-                status, blob = self.bulk.result(task_id, status, blob, self.max_payload)
+                dependents = [d for d in self.graph.waiting_on.get(task_id, ()) if d in self.graph.held]
+                status, blob = self.bulk.result(task_id, status, blob, self.max_payload, dependents)
+                local = self.bulk.kept_result(task_id)   # (the file, for tasks that depend on it: bulk.py)
             size = len(P.as_buffer(blob))
             if size > self.max_payload:
                 message, details = P.too_large(f"the task's {'result' if status == P.OK else 'exception'}", size,
                                                self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
-            self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
+            self._result(task_id, status, blob, row[3] if len(row) == 4 else None, local)
         for task_id in P.task_ids(fields.get("started", [])):
             if task_id in pool.tasks:
                 pool.started.add(task_id)

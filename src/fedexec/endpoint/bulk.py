@@ -29,6 +29,13 @@ class EndpointTransfers:
         os.environ[SPOOL_ENV] = self.spool   # the pools and workers started from here write results there
         self.link: TransferLink | None = None
         self.argument_files: dict[bytes, str] = {}   # task id -> its arguments' file, until its result
+        # large results kept in their files after their upload, for tasks here that depend on
+        # them (graph.py): until the relay has the result (it sends a dependent that reaches
+        # it before then here, ahead of its acknowledgement) and each such task has a result:
+        # task id -> [local reference, the tasks still needing it, acknowledged yet]; and each
+        # such task -> the results it holds so
+        self.kept: dict[bytes, list[Any]] = {}
+        self.keeping: dict[bytes, list[bytes]] = {}
 
     def _link(self) -> TransferLink:
         if self.link is None:
@@ -47,11 +54,16 @@ class EndpointTransfers:
         self.argument_files[task_id] = path
         return local_ref(path, size), ""
 
-    def result(self, task_id: bytes, status: int, blob: Any, max_payload: int) -> tuple[int, Any]:
+    def result(self, task_id: bytes, status: int, blob: Any, max_payload: int,
+               keep_for: "list[bytes] | tuple[()]" = ()) -> tuple[int, Any]:
         """A worker's large result (a local reference) as the result row's
         ``(status, blob)``: uploaded for the task (its reference), or a
-        failure. Only a file of this task in the spool is taken."""
+        failure. Only a file of this task in the spool is taken. A result
+        uploaded stays in its file (:meth:`kept_result`) for ``keep_for``
+        (tasks here that depend on it) and those that come until the relay
+        acknowledges it, until each is done."""
         self.done(task_id)
+        kept = False
         try:
             path, size, digest = parse_local(P.as_bytes(blob))
         except Exception:
@@ -65,18 +77,53 @@ class EndpointTransfers:
             if size > max_payload:
                 message, details = P.too_large("the task's result", size, max_payload)
                 return P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
-            return status, self._link().upload(real, task_id, digest)
+            uploaded = self._link().upload(real, task_id, digest)
+            if status == P.OK:
+                self.keep(task_id, local_ref(real, size, digest), keep_for)
+                kept = True
+            return status, uploaded
         except Exception as exc:
             return P.FAILED, P.pack_failure(P.LOST, f"the endpoint could not upload the task's large result to "
                                                     f"the relay: {type(exc).__name__}: {exc}")
         finally:
-            _unlink(real)
+            if not kept:
+                _unlink(real)
+
+    def keep(self, task_id: bytes, ref: bytes, dependents: list[bytes]) -> None:
+        """Task ``task_id``'s result file (``ref``) stays for ``dependents`` too."""
+        entry = self.kept.setdefault(task_id, [ref, set(), False])
+        for dependent in dependents:
+            if dependent not in entry[1]:
+                entry[1].add(dependent)
+                self.keeping.setdefault(dependent, []).append(task_id)
+
+    def kept_result(self, task_id: bytes) -> bytes | None:
+        """The local reference to a task's result kept by :meth:`keep`, or None."""
+        entry = self.kept.get(task_id)
+        return None if entry is None else entry[0]
 
     def done(self, task_id: bytes) -> None:
         """The task has an outcome: its arguments' file goes."""
         path = self.argument_files.pop(task_id, None)
         if path is not None:
             _unlink(path)
+        for dependency in self.keeping.pop(task_id, ()) if self.keeping else ():
+            entry = self.kept.get(dependency)
+            if entry is not None:
+                entry[1].discard(task_id)
+                self._release(dependency, entry)
+
+    def acknowledged(self, task_id: bytes) -> None:
+        """The relay has this task's result: no dependent of it comes here after."""
+        entry = self.kept.get(task_id)
+        if entry is not None:
+            entry[2] = True
+            self._release(task_id, entry)
+
+    def _release(self, task_id: bytes, entry: list[Any]) -> None:
+        if entry[2] and not entry[1]:   # every task that needed it is done
+            del self.kept[task_id]
+            _unlink(parse_local(entry[0])[0])
 
     def close(self) -> None:
         if self.link is not None:

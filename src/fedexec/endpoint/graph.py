@@ -27,13 +27,15 @@ relay, with failure kind ``dependency``.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
 from .. import protocol as P
-from ..dependencies import wrap_arguments
+from ..dataref import wrap_arguments as wrap_with_files
+from ..dependencies import result_in_file, wrap_arguments
 from ..dispatch import QueuedTask
-from ..transfer import is_big, is_local
+from ..transfer import SPOOL_ENV, is_big, is_local, parse_local
 
 
 HELD_EXTRA = 1024   # held tasks an agent takes beyond its capacity, at least
@@ -233,13 +235,42 @@ class HeldTasks:
     @staticmethod
     def _wrapped(entry: _Held) -> tuple[QueuedTask | None, bytes | None]:
         results = [entry.results[d] for d in entry.dependencies]
-        if any(is_big(r) or is_local(r) for r in results):
-            return None, P.pack_failure(
-                P.REJECTED, "a task whose arguments hold other tasks' futures cannot yet depend on results that "
-                            "travel in chunks (over 16 MiB pickled): pass the futures' values yourself "
-                            "(future.result())")
         task = entry.task
         row = task.row
+        files: dict[bytes, str] = {}
+        if any(is_big(r) or is_local(r) for r in results):
+            # results that travel in chunks: the files their workers wrote here (kept by the
+            # agent until this task is done), named by a DataRef-style wrapper (see
+            # dependencies.result_in_file); one already uploaded is not at hand here
+            why = ("its arguments travel in chunks too" if is_local(task.args) or is_big(task.args)
+                   else "it also names DataRefs" if "rf" in row[6] else "")
+            for position, (dependency, result) in enumerate(zip(entry.dependencies, results)):
+                if why:
+                    break
+                if is_big(result):
+                    why = "its result is no longer at this endpoint"
+                elif is_local(result):
+                    path, size, _ = parse_local(P.as_bytes(result))
+                    if not _in_spool(path, dependency):
+                        why = "its result is not a file of that task in the endpoint's spool"
+                        break
+                    files[dependency] = path
+                    results[position] = result_in_file(dependency, size)
+            if why:
+                return None, P.pack_failure(
+                    P.REJECTED, f"this task depends on a result that travels in chunks (over 16 MiB pickled), "
+                                f"and {why}: pass the futures' values yourself (future.result())")
         options = {k: v for k, v in row[6].items() if k != "d"}
         row = row[:6] + [options] if options else row[:6]
-        return QueuedTask(row, wrap_arguments(bytes(task.args), [bytes(r) for r in results])), None
+        args = wrap_arguments(bytes(task.args), [bytes(r) for r in results])
+        return QueuedTask(row, wrap_with_files(args, files) if files else args), None
+
+
+def _in_spool(path: str, task_id: bytes) -> bool:
+    """Whether ``path`` is a file of task ``task_id`` in the endpoint's spool
+    (where its workers write large results; a worker's reference to any
+    other file is not shared with a dependent, as the agent uploads none)."""
+    spool = os.environ.get(SPOOL_ENV)
+    real = os.path.realpath(path)
+    return (spool is not None and os.path.dirname(real) == os.path.realpath(spool)
+            and os.path.basename(real).startswith(task_id.hex() + "."))
