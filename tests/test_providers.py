@@ -22,7 +22,7 @@ import zmq
 from fedexec import FederatedExecutor
 from fedexec import protocol as P
 from fedexec.config import ConfigError, EndpointConfig, ProviderConfig, endpoint_dir
-from test_faults import lookup_endpoint, running_relay, stop_process, tail
+from test_faults import free_port, lookup_endpoint, running_relay, stop_process, tail
 
 DEADLINE = 90
 HERE = Path(__file__).parent
@@ -258,7 +258,7 @@ def test_manual_pools_connect_with_the_secret_and_others_are_refused(tmp_path):
                                      capture_output=True, text=True, timeout=60)
         assert missing_key.returncode != 0 and "needs --endpoint-key" in missing_key.stderr
         pool = subprocess.Popen([sys.executable, "-m", "fedexec.pool", "--address", pools["address"],
-                                 "--endpoint-key", pools["key"], "--workers", "2"],
+                                 f"--endpoint-key={pools['key']}", "--workers", "2"],
                                 env={**os.environ, "FEDEXEC_POOL_SECRET": pools["secret"], "PYTHONPATH": str(HERE)},
                                 stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(stop_process, pool)
@@ -340,3 +340,26 @@ def test_a_slow_scheduler_does_not_stall_the_endpoint(tmp_path, slurm_cluster):
             assert future.result(DEADLINE) is not None   # it ran inside the Slurm job
         assert "missed its heartbeats" not in (tmp_path / "relay.log").read_text()
     wait_for(lambda: cluster.jobs() == [], 60, "blocks stayed in squeue")
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_command_takes_an_endpoint_key_that_begins_with_a_dash(tmp_path):
+    """Z85 keys may begin with "-" (1 in 85): the command a provider runs must
+    still hand the key to the pool, not leave argparse to read it as an
+    option (a CI run saw every block of the Parsl provider exit that way)."""
+    from fedexec.endpoint.providers import pool_command
+
+    key = "-" + "a" * 39
+    command = pool_command(sys.executable, f"tcp://127.0.0.1:{free_port()}", key, "b-test", 1, 1.0,
+                           parent_pid=os.getpid(), log_level="INFO")
+    proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        proc.wait(3)   # a refused command line exits at once; a pool waits for its endpoint
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert "expected one argument" not in err and "--endpoint-key must be" not in err, err

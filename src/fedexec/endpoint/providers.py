@@ -302,8 +302,8 @@ def pool_command(python: str, address: str, key: str, block_id: str, workers: in
     public key, for a TCP address; public, so the command line may show it)."""
     args = [python or sys.executable, "-m", "fedexec.pool", "--address", address, "--block-id", block_id,
             "--workers", str(workers), "--drain", f"{drain:g}", "--log-level", log_level]
-    if key:
-        args += ["--endpoint-key", key]
+    if key:   # as one word: a Z85 key may begin with "-", which argparse would take for an option
+        args.append(f"--endpoint-key={key}")
     if parent_pid is not None:
         args += ["--parent-pid", str(parent_pid)]
     return " ".join(shlex.quote(a) for a in args)
