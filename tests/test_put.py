@@ -413,8 +413,8 @@ def test_a_worker_lets_go_of_the_copies_of_deleted_refs(tmp_path):
 def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
     """Each cached copy costs the endpoint's ref_cache_bytes 64 KiB beyond
     its bytes (a file, an inode), so a user's many tiny refs are bounded in
-    count too: with a 256 KiB cache, 12 one-byte refs used in turn leave at
-    most 4 copies (the older unused ones evicted), and all run."""
+    count too: with a 256 KiB cache, 12 one-byte refs used in turn leave
+    exactly 3 copies (the older unused ones evicted), and all run."""
     tokens = two_users(tmp_path)
     with running_relay(tmp_path, "--auth", "token") as address, \
             running_endpoint(tmp_path, "small", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
@@ -423,7 +423,8 @@ def test_tiny_refs_cannot_pile_up_files_at_an_endpoint(tmp_path):
         with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as ex:
             refs = [ex.put(i, ttl=600) for i in range(12)]
             assert [ex.submit(lambda x: x + 1, ref).result(60) for ref in refs] == list(range(1, 13))
-            assert 1 <= cached_refs(ep, tokens["alice"], 4) <= 4
+            # a copy costs its bytes + 64 KiB: three fit in 256 KiB, a fourth would not (twelve before the cost)
+            assert cached_refs(ep, tokens["alice"], 3) == 3
         assert ep.proc.poll() is None, tail(ep.log)
 
 
