@@ -158,72 +158,34 @@ def _resolve(ref_id: bytes, size: int, digest: bytes) -> Any:
 
 
 # -- the stored form --------------------------------------------------------------------
-# A put object is pickled with protocol 5, its out-of-band buffers (numpy arrays'
-# data, PickleBuffers) laid out after the pickle, each at an offset aligned to
-# ALIGN: OOB_MAGIC, a 4-byte header length, msgpack {p: [offset, length] of the
-# pickle, b: [[offset, length], ...] of the buffers}, then those. Where the task
-# runs, the file is mapped and those buffers are views of the mapping: a large
-# array is not copied or read until the task touches it, and it is read-only (a
-# task cannot change what the next one sees). An object without such buffers is
-# an ordinary pickle.
-OOB_MAGIC = b"\x00fedexec-put5\x00"
-ALIGN = 64
+# A put object is stored as serialize.dumps_large makes a large payload, with
+# every contiguous buffer (numpy arrays' data, PickleBuffers) out of band. Where
+# the task runs, the file is mapped and those buffers are views of the mapping
+# (deserialize_large, shared): a large array is not copied or read until the
+# task touches it, and it is read-only (a task cannot change what the next one
+# sees). An object without such buffers is an ordinary pickle.
 MAPPED = 16          # mappings of refs a worker keeps open
 _mappings: "dict[tuple[str, int], tuple[mmap.mmap, int]]" = {}   # (path, size) -> its mapping, the file's inode
 
 
 def dumps_put(obj: Any) -> Any:
-    """``obj`` in the stored form (bytes-like); raises what pickling raises."""
+    """``obj`` in the stored form (bytes, or Pieces to upload without
+    joining them); raises what pickling raises."""
     import cloudpickle
 
-    from .serialize import PICKLE_PROTOCOL
+    from .serialize import dumps_large
 
-    buffers: list[pickle.PickleBuffer] = []
     try:
-        data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
+        return dumps_large(pickle.dumps, obj, every_buffer=True)
     except Exception:
-        buffers = []
-        data = cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL, buffer_callback=buffers.append)
-    try:
-        views = [b.raw() for b in buffers]
-    except BufferError:   # a non-contiguous buffer: all in band
-        return cloudpickle.dumps(obj, protocol=PICKLE_PROTOCOL)
-    if not views:
-        return data
-    header_room = len(OOB_MAGIC) + 4 + 32 + 24 * len(views)   # (the msgpack of the layout fits in this)
-    offset = _aligned(header_room)
-    layout = {"p": [offset, len(data)], "b": []}
-    offset = _aligned(offset + len(data))
-    for view in views:
-        layout["b"].append([offset, view.nbytes])
-        offset = _aligned(offset + view.nbytes)
-    header = msgpack.packb(layout)
-    assert len(OOB_MAGIC) + 4 + len(header) <= layout["p"][0]
-    out = bytearray(offset)
-    out[:len(OOB_MAGIC)] = OOB_MAGIC
-    out[len(OOB_MAGIC):len(OOB_MAGIC) + 4] = len(header).to_bytes(4, "little")
-    out[len(OOB_MAGIC) + 4:len(OOB_MAGIC) + 4 + len(header)] = header
-    start, length = layout["p"]
-    out[start:start + length] = data
-    for (start, length), view in zip(layout["b"], views):
-        out[start:start + length] = view.cast("B")
-    return out
+        return dumps_large(cloudpickle.dumps, obj, every_buffer=True)
 
 
 def loads_put(view: Any) -> Any:
     """The object in the stored form ``view`` (buffers are views of it)."""
-    view = memoryview(view)
-    if view[:len(OOB_MAGIC)] != OOB_MAGIC:
-        return pickle.loads(view)
-    at = len(OOB_MAGIC)
-    length = int.from_bytes(view[at:at + 4], "little")
-    layout = msgpack.unpackb(view[at + 4:at + 4 + length])
-    start, size = layout["p"]
-    return pickle.loads(view[start:start + size], buffers=[view[o:o + n] for o, n in layout["b"]])
+    from .serialize import deserialize_large
 
-
-def _aligned(offset: int) -> int:
-    return (offset + ALIGN - 1) // ALIGN * ALIGN
+    return deserialize_large(view, shared=True)
 
 
 def _mapped(path: str, size: int) -> mmap.mmap:

@@ -129,18 +129,21 @@ def _aligned(n: int) -> int:
     return n + (-n % OOB_ALIGN)
 
 
-def dumps_large(dumps: Callable[..., bytes], obj: Any) -> bytes | Pieces:
+def dumps_large(dumps: Callable[..., bytes], obj: Any, every_buffer: bool = False) -> bytes | Pieces:
     """``dumps(obj)`` (pickle's or cloudpickle's), or, when that is over
     BIG_THRESHOLD bytes mostly because of big buffers, the same pickle with
-    those buffers out of band, as Pieces (see above)."""
+    those buffers out of band, as Pieces (see above). ``every_buffer``
+    (a DataRef's stored form, dataref.py): every contiguous buffer goes out
+    of band, whatever the sizes."""
     buffers: list[memoryview] = []
+    least = 0 if every_buffer else OOB_MIN
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
         try:
             raw = buf.raw()
         except BufferError:   # not contiguous: in the pickle
             return True
-        if raw.nbytes < OOB_MIN:
+        if raw.nbytes < least:
             return True
         buffers.append(raw)
         return False
@@ -159,14 +162,16 @@ def dumps_large(dumps: Callable[..., bytes], obj: Any) -> bytes | Pieces:
         parts.append(buf)
         pos += gap + buf.nbytes
     pieces = Pieces(parts, lambda: dumps(obj, protocol=PICKLE_PROTOCOL))
-    return pieces if len(pieces) > BIG_THRESHOLD else pieces.fallback()
+    return pieces if every_buffer or len(pieces) > BIG_THRESHOLD else pieces.fallback()
 
 
-def deserialize_large(blob: Any) -> Any:
+def deserialize_large(blob: Any, shared: bool = False) -> Any:
     """A large payload (a plain pickle, or one made by :func:`dumps_large`),
     loaded from ``blob`` (a bytearray, or a mapping of its file); out-of-band
     buffers become views of ``blob`` when it is writable (the values may
-    change them, as values unpickled the usual way may), else copies."""
+    change them, as values unpickled the usual way may), else copies; with
+    ``shared`` (a DataRef's copy, which many tasks map) views of a read-only
+    ``blob`` too, so the values are read-only and nothing is copied."""
     view = memoryview(blob)
     if bytes(view[:len(OOB_MAGIC)]) != OOB_MAGIC:
         return pickle.loads(view)
@@ -182,7 +187,7 @@ def deserialize_large(blob: Any) -> Any:
         buffers = []
         for n in lengths:
             pos += -pos % OOB_ALIGN
-            buffers.append(view[pos:pos + n] if not view.readonly else bytearray(view[pos:pos + n]))
+            buffers.append(view[pos:pos + n] if shared or not view.readonly else bytearray(view[pos:pos + n]))
             pos += n
         if pos != len(view) or len(head) != head_len:
             raise ValueError(f"its parts end at byte {pos} of {len(view)}")
