@@ -17,13 +17,16 @@ Limits: MAX_REFS_PER_USER refs each, a TTL of at most ``max_ttl``; their
 bytes (and a FILE_COST each) count against the byte quota.
 
 Each ref's fetches are counted per endpoint (``REF {op: "info"}`` answers
-them), and when a ref goes, the connected endpoints that fetched it are told
-(REFS_GONE) so that they drop their cached copies.
+them; kept in its metadata file, so a restart forgets neither the counts
+nor whom to tell), and when a ref goes, the connected endpoints that fetched
+it are told (REFS_GONE) so that they drop their cached copies. Expiry looks
+only at the refs that are due (a heap by expiry time), never at them all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import os
@@ -46,6 +49,7 @@ TYPES = frozenset({P.REF})
 MAX_REFS_PER_USER = 10_000
 DEFAULT_MAX_TTL = 30 * 24 * 3600.0   # seconds a ref may live at most
 EXPIRY_PERIOD = 5.0                  # seconds between looks for expired refs (a lookup checks too)
+MAX_COUNTED_ENDPOINTS = 1024         # endpoints whose fetches of one ref are counted (and told when it goes)
 
 
 class RefEntry:
@@ -55,7 +59,7 @@ class RefEntry:
         self.size = size
         self.digest = digest
         self.expires = expires
-        self.fetches: dict[str, int] = {}   # endpoint id -> fetches (since this relay started)
+        self.fetches: dict[str, int] = {}   # endpoint id -> fetches (kept across restarts)
 
 
 class DataRefs:
@@ -68,6 +72,9 @@ class DataRefs:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.refs: dict[str, dict[bytes, RefEntry]] = {}   # user -> ref id -> entry
+        # (expires, user, ref id) of every ref put, gone or not: expiry pops what is due and skips
+        # entries whose ref went already or lives on under a later expiry
+        self.expiries: list[tuple[float, str, bytes]] = []
         self.next_expiry = time.monotonic() + EXPIRY_PERIOD
 
     @property
@@ -92,11 +99,15 @@ class DataRefs:
                     fields = msgpack.unpackb(path.read_bytes(), raw=False)
                     user, ref_id = fields["u"], bytes.fromhex(path.name)
                     entry = RefEntry(fields["n"], fields["h"], fields["e"])
+                    fetches = fields.get("f", {})
                     if not (isinstance(user, str) and len(ref_id) == 16 and self._meta(user, ref_id) == path
                             and type(entry.size) is int
                             and isinstance(entry.digest, bytes) and len(entry.digest) == 32
-                            and type(entry.expires) is float and math.isfinite(entry.expires)):
+                            and type(entry.expires) is float and math.isfinite(entry.expires)
+                            and isinstance(fetches, dict) and len(fetches) <= MAX_COUNTED_ENDPOINTS
+                            and all(isinstance(k, str) and type(v) is int for k, v in fetches.items())):
                         raise ValueError("fields of the wrong kind")
+                    entry.fetches = fetches
                 except Exception:   # (spoiled on disk: its upload goes with the spool's expiry)
                     log.warning("removed unreadable DataRef metadata %s", path)
                     if not path.is_dir():
@@ -105,7 +116,7 @@ class DataRefs:
                 if entry.expires <= now or self.spool.complete(user, ref_id) is None:
                     self._remove(user, ref_id)
                     continue
-                self.refs.setdefault(user, {})[ref_id] = entry
+                self._keep(user, ref_id, entry)
 
     # -- messages ------------------------------------------------------------------------
     def handle(self, sender: bytes, session: "Session", msg: P.Message) -> None:
@@ -152,19 +163,38 @@ class DataRefs:
         # (its sha256 is the uploader's word: the relay never reads an upload; an endpoint checks
         # what it fetches against the sha256 a task names, so a wrong one fails only its user's tasks)
         entry = RefEntry(size, digest, time.time() + float(ttl))
+        self._write_meta(user, ref_id, entry, durable=True)   # (on disk before the put is answered)
+        self._keep(user, ref_id, entry)
+        return {"e": entry.expires, "n": size}
+
+    def _keep(self, user: str, ref_id: bytes, entry: RefEntry) -> None:
+        self.refs.setdefault(user, {})[ref_id] = entry
+        live = sum(len(mine) for mine in self.refs.values()) if len(self.expiries) > 4096 else 0
+        if len(self.expiries) > 2 * live + 4096:
+            # (refs deleted before their expiry leave entries behind: put and delete in a loop must
+            # not grow the heap without bound, so it is rebuilt from the live refs now and then)
+            self.expiries = [(e.expires, u, r) for u, mine in self.refs.items() for r, e in mine.items()]
+            heapq.heapify(self.expiries)
+        else:
+            heapq.heappush(self.expiries, (entry.expires, user, ref_id))
+
+    def _write_meta(self, user: str, ref_id: bytes, entry: RefEntry, durable: bool) -> None:
+        """A ref's metadata file (0600, replaced whole): with ``durable``, on
+        disk before this returns (a put); else left to the page cache (fetch
+        counts: a power cut may lose a few, a kill -9 of the relay loses none)."""
         meta = self._meta(user, ref_id)
         meta.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = meta.with_suffix(".tmp")
-        record = msgpack.packb({"u": user, "n": size, "h": digest, "e": entry.expires}, use_bin_type=True)
+        record = msgpack.packb({"u": user, "n": entry.size, "h": entry.digest, "e": entry.expires,
+                                "f": entry.fetches}, use_bin_type=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:   # (small: one write; on disk before the put is answered)
+        try:   # (small: one write)
             os.write(fd, record)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, meta)
-        self.refs.setdefault(user, {})[ref_id] = entry
-        return {"e": entry.expires, "n": size}
 
     # -- lookups -------------------------------------------------------------------------
     def lookup(self, user: str, ref_id: bytes) -> RefEntry | None:
@@ -212,7 +242,10 @@ class DataRefs:
             return False
         if fields.get("o") == 0:
             endpoint = record.endpoint_id or ""
-            entry.fetches[endpoint] = entry.fetches.get(endpoint, 0) + 1
+            if endpoint in entry.fetches or len(entry.fetches) < MAX_COUNTED_ENDPOINTS:
+                entry.fetches[endpoint] = entry.fetches.get(endpoint, 0) + 1
+                # (one small write per fetch of a whole ref, not per chunk: kept for info and REFS_GONE)
+                self._write_meta(record.user, ref_id, entry, durable=False)
         return True
 
     def in_use(self) -> set[Path]:
@@ -248,7 +281,8 @@ class DataRefs:
             return
         self.next_expiry = now + EXPIRY_PERIOD
         wall = time.time()
-        for user, mine in list(self.refs.items()):
-            for ref_id, entry in list(mine.items()):
-                if entry.expires <= wall:
-                    self.delete(user, ref_id)
+        while self.expiries and self.expiries[0][0] <= wall:
+            expires, user, ref_id = heapq.heappop(self.expiries)
+            entry = self.refs.get(user, {}).get(ref_id)
+            if entry is not None and entry.expires == expires:   # (else gone already)
+                self.delete(user, ref_id)
