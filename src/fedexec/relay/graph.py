@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from ..transfer import is_big
 from .registry import TaskRecord
 
 RECENT_MAX = 4096   # results of finished dependent tasks kept for tasks naming them that come after
@@ -186,9 +187,11 @@ class DependencyGraph:
         that yet: a chain running faster than it is submitted) is held here
         and sent with it, rather than refused for its client to hold it
         (one round trip through the client per link from then on). Only
-        tasks with dependencies: others pay nothing."""
+        tasks with dependencies: others pay nothing. Not a reference to an
+        upload (a result over 16 MiB): its client may have dropped that by
+        then (kept.py keeps it only for tasks held before it finished)."""
         kept = in_memory(result)
-        if kept is None:
+        if kept is None or is_big(kept):
             return
         recent = self._recent
         while recent and (len(recent) >= RECENT_MAX or self._recent_bytes + len(kept) > RECENT_BYTES):
