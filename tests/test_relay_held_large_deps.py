@@ -11,6 +11,7 @@ dependent's endpoint fetch it. Real relay and endpoint processes.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +23,7 @@ import pytest
 
 from fedexec import FederatedExecutor
 from fedexec import protocol as P
+from fedexec.config import EndpointConfig
 from fedexec.dependencies import snapshot
 from fedexec.serialize import deserialize, deserialize_large, serialize_function
 from fedexec.transfer import TransferError, TransferLink, big_ref, is_big, parse_big
@@ -29,8 +31,9 @@ from fedexec.transfer import TransferError, TransferLink, big_ref, is_big, parse
 from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
 from test_dependencies import _big_results_feed_their_dependents, big_ones, big_sum, sleep_then
 from test_durability import Relay
-from test_faults import running_relay, tail
+from test_faults import lookup_endpoint, running_relay, stop_process, tail
 from test_routing import Endpoints
+from test_sandbox import big_dependency_in_sandbox, big_result_in_sandbox, bwrap, sandboxed_federation  # noqa: F401
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -241,3 +244,65 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
     finally:
         endpoints.stop()
         relay.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_dependent_whose_endpoint_went_away_is_held_at_the_relay_and_gets_a_large_result(tmp_path):
+    """D waits at its endpoint for A (20 MiB result, done) and a slow task
+    when the endpoint is killed -9 with its workers; started again, it gets
+    D back from the relay, which now holds D (A's result is in, so it is not
+    forwarded again) and sends it with A's upload to fetch."""
+    data_dir = tmp_path / "relay-data"
+    with running_relay(tmp_path) as address:
+        endpoints = Endpoints(tmp_path, address)
+        try:
+            endpoint = endpoints("e", workers=2)
+            with FederatedExecutor(endpoint.id, relay=address) as ex:
+                large = ex.submit(big_ones, 2.0)
+                slow = ex.submit(sleep_then, 8.0, 1.0)
+                dependent = ex.submit(big_sum, large, slow)   # forwarded to the endpoint, to wait there
+                assert large.result(DEADLINE)[0] == 2.0
+                wait_until(lambda: len(markers_at(data_dir)) == 1, "the put-off DROP noted on disk")
+                if slow.done():
+                    pytest.fail("the slow task finished before the endpoint was killed: this machine is too "
+                                "loaded for the test to show what it means to")
+                endpoint.kill()
+                endpoint.start()
+                assert dependent.result(DEADLINE) == 2.0 * N + 1.0
+                wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
+                           f"A's upload deleted after D finished: {uploads_at(data_dir)} {markers_at(data_dir)}")
+            assert endpoint.proc.poll() is None, tail(endpoint.log)
+        finally:
+            endpoints.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_sandboxed_dependent_held_at_the_relay_reads_a_large_result_from_its_inbox(bwrap, tmp_path, monkeypatch):
+    """A group of two bwrap-sandboxed endpoints: the dependent, held at the
+    relay, gets its dependency's 20 MiB upload (fetched by its agent) as a
+    read-only file in its inbox, which leaves the inbox with the task."""
+    monkeypatch.setenv("FEDEXEC_HOME", str(tmp_path / "fedexec-home"))   # the executor finds the relay's secret
+    monkeypatch.delenv("FEDEXEC_RELAY", raising=False)
+    with sandboxed_federation(tmp_path, "bwrap") as one:
+        config = EndpointConfig(name="sandboxed-two", relay=one.address, max_workers=2, sandbox="bwrap",
+                                heartbeat_period=0.5)
+        config.save()
+        log = tmp_path / "endpoint-two.log"
+        with open(log, "wb") as out:
+            two = subprocess.Popen(
+                [sys.executable, "-m", "fedexec.endpoint", "--name", config.name, "--parent-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            lookup_endpoint(one.address, config.endpoint_id, two, log)
+            with FederatedExecutor([one.config.endpoint_id, config.endpoint_id], relay=one.address) as ex:
+                first = ex.submit(big_result_in_sandbox, 3.0)
+                dependent = ex.submit(big_dependency_in_sandbox, first, 1)
+                total, inbox = dependent.result(DEADLINE)
+                assert total == 3.0 * N + 1
+                assert inbox == [f"{dependent._task_bytes.hex()}.{first._task_bytes.hex()}.ref"], inbox
+                assert first.result(DEADLINE)[0] == 3.0
+            wait_until(lambda: not uploads_at(tmp_path / "relay-data"),
+                       f"uploads deleted: {uploads_at(tmp_path / 'relay-data')}")
+            assert two.poll() is None, tail(log)
+        finally:
+            stop_process(two)
