@@ -306,3 +306,57 @@ def test_a_sandboxed_dependent_held_at_the_relay_reads_a_large_result_from_its_i
             assert two.poll() is None, tail(log)
         finally:
             stop_process(two)
+
+
+def count_sizes(*arrays):
+    return [len(a) for a in arrays]
+
+
+@pytest.mark.timeout(300)
+def test_a_thousand_dependents_of_seven_large_results_go_out_within_the_header_limit(tmp_path):
+    """1,024 dependents of the same 7 uploads (20 MiB results), released at once to an
+    endpoint with credit for them all: their rows (each naming 7 uploads,
+    ~700 bytes) would make one TASKS header of ~720 KB, over MAX_HEADER,
+    which the endpoint would refuse whole; the relay splits them."""
+    with running_relay(tmp_path) as address:
+        endpoints = Endpoints(tmp_path, address)
+        log = tmp_path / "endpoint-wide.log"
+        wide_id = str(uuid.uuid4())
+        with open(log, "wb") as out:
+            wide = subprocess.Popen(
+                [sys.executable, "-m", "fedexec.endpoint", "--name", "wide", "--relay", address, "--endpoint-id",
+                 wide_id, "--max-workers", "1", "--prefetch", "1100", "--heartbeat-period", "0.2",
+                 "--parent-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        client = None
+        try:
+            producer = endpoints("producer", workers=2)
+            lookup_endpoint(address, wide_id, wide, log)
+            client = RawClient(address, None)
+            sources = [submit_raw(client, producer.id, big_ones_after, cloudpickle.dumps(((3.0, float(i)), {})))
+                       for i in range(7)]   # (each waits 3 s: the dependents reach the relay before)
+            args, found = snapshot(((*[Future() for _ in sources],), {}))
+            assert len(found) == 7
+            fn_hash, body = serialize_function(count_sizes)
+            dependents = []
+            for start in range(0, 1024, 128):
+                blobs = P.Blobs()
+                rows = []
+                for i in range(start, start + 128):
+                    dependents.append(uuid.uuid4().bytes)
+                    rows.append([dependents[-1], fn_hash, blobs.ref(args), blobs.ref(body) if i == 0 else -1,
+                                 P.TASK_CALL, P.PYTHON_VERSION, {"d": sources}])
+                client.send(P.SUBMIT, {"ep": wide_id, "tasks": rows}, blobs.frames)
+            for source in sources:
+                status, ref = outcome_of(client, source)
+                assert status == P.OK and is_big(ref)
+            for task_id in dependents:
+                status, value = outcome_of(client, task_id)
+                assert status == P.OK, P.unpack_failure(value) if status == P.FAILED else value
+                assert deserialize(value) == [N] * 7
+            assert "malformed message" not in log.read_text(), tail(log)
+        finally:
+            if client is not None:
+                client.close()
+            stop_process(wide)
+            endpoints.stop()

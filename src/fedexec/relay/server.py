@@ -37,7 +37,8 @@ from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
-from .graph import WAITING, DependencyGraph, envelope, in_memory, open_envelope
+from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
+    option_bytes
 from .kept import KeptResults
 from ..dependencies import wrap_arguments
 
@@ -1069,7 +1070,7 @@ class Relay:
                         due.setdefault(user, []).append(dependency)
                     for user, acknowledged in due.items():   # the acknowledgements put off for it
                         self.quotas.acknowledged(self.store.acknowledge(acknowledged, user), user)
-                    if self.kept:   # large results no unfinished task needs now may go (kept.py)
+                    if self.kept.uploads:   # large results no unfinished task needs now may go (kept.py)
                         for dependency in dependencies:
                             if dependency not in graph.refs:
                                 self.kept.released(dependency)
@@ -1367,11 +1368,13 @@ class Relay:
             rows: list[list[Any]] = []
             blobs = P.Blobs()
             queue = state.queue
+            spare = OPTION_BYTES_PER_MESSAGE   # header room left for the rows' dependency options
             while queue and state.credit > 0:
-                if len(rows) >= P.MAX_ITEMS:   # a message's limit: this one goes, the next begins
+                if len(rows) >= P.MAX_ITEMS or spare < 0:   # a message's limit: this one goes, the next begins
                     if not self._send_tasks(state, rows, blobs):
                         break
                     rows, blobs = [], P.Blobs()
+                    spare = OPTION_BYTES_PER_MESSAGE
                 record = queue.popleft()
                 if record.state != QUEUED or record.endpoint_id != state.endpoint_id:
                     state.stale -= state.stale > 0   # taken back by a HOLDING, or routed elsewhere since
@@ -1391,6 +1394,8 @@ class Relay:
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
                 rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
+                if record.options is not None and ("d" in record.options or "dr" in record.options):
+                    spare -= option_bytes(record.options)
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
