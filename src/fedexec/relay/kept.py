@@ -68,9 +68,6 @@ class KeptResults:
         self.owners: dict[tuple[str, bytes], bytes] = {}    # (user, upload id) -> dependency id
         self.dropped: set[tuple[str, bytes]] = set()        # of those, the ones their client dropped
 
-    def __bool__(self) -> bool:
-        return bool(self.uploads)
-
     @property
     def spool(self):  # the upload store (bulk.py)
         return self.relay.bulk.spool
