@@ -216,7 +216,7 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
     """The client has A's 20 MiB result and dropped it; D waits at the relay
     for a slow task too when the relay is killed -9 and started again: D
     still gets A's value (the put-off DROP was noted on disk), and A's upload
-    goes once D is done."""
+    goes once D is done, its result acknowledged."""
     data_dir = tmp_path / "relay-data"
     relay = Relay(tmp_path)
     relay.start()
@@ -239,6 +239,14 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
             assert dependent.result(DEADLINE) == 2.0 * N + 1.0
             wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
                        f"A's upload deleted after D finished: {uploads_at(data_dir)} {markers_at(data_dir)}")
+            # and A's result left the record: its acknowledgement, put off for D, outlived the restart
+            client = RawClient(relay.address, None)
+            try:
+                client.send(P.RESUME, {"tids": [large._task_bytes]})
+                failure = client.failure_of(large._task_bytes, 20)
+                assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
+            finally:
+                client.close()
         for endpoint in (a, b):
             assert endpoint.proc.poll() is None, tail(endpoint.log)
     finally:

@@ -130,7 +130,7 @@ class KeptResults:
             try:   # (small, one write; like an upload, kept across a kill -9, not fsynced)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                 try:
-                    os.write(fd, msgpack.packb({"u": user, "b": bid}, use_bin_type=True))
+                    os.write(fd, msgpack.packb({"u": user, "b": bid, "t": self.owners[key]}, use_bin_type=True))
                 finally:
                     os.close(fd)
             except OSError as exc:   # (it then goes with the spool's expiry, after a restart)
@@ -156,24 +156,31 @@ class KeptResults:
     def recover(self) -> None:
         """After a restart (once the held tasks are held again, and the
         spool charged): each DROP put off before is put off again if tasks
-        still need its upload, else the upload goes now."""
+        still need its upload, else the upload goes now. Its client had the
+        result (it fetched it whole before dropping it), so the result's
+        acknowledgement, put off too and forgotten by the restart, is put
+        off again or made now: the record does not keep it until it expires."""
+        relay = self.relay
         for path in self.root.iterdir():
             try:
                 fields = msgpack.unpackb(path.read_bytes(), raw=False)
-                user, bid = fields["u"], fields["b"]
+                user, bid, task_id = fields["u"], fields["b"], fields["t"]
                 if not (isinstance(user, str) and isinstance(bid, bytes) and len(bid) == 16
-                        and self._marker(user, bid) == path):
+                        and isinstance(task_id, bytes) and len(task_id) == 16 and self._marker(user, bid) == path):
                     raise ValueError("fields of the wrong kind")
             except Exception:   # (spoiled: its upload goes with the spool's expiry)
                 log.warning("removed unreadable marker %s", path)
                 if not path.is_dir():
                     path.unlink(missing_ok=True)
                 continue
-            if (user, bid) in self.owners:
+            if self.owners.get((user, bid)) == task_id:
                 self.dropped.add((user, bid))
+                if task_id in relay.graph.refs:
+                    relay.graph.deferred[task_id] = user
             else:
                 self.spool.drop(user, bid)
                 path.unlink(missing_ok=True)
+                relay.quotas.acknowledged(relay.store.acknowledge([task_id], user), user)
 
     def _marker(self, user: str, bid: bytes) -> Path:
         return self.root / f"{hashlib.sha256(user.encode()).hexdigest()[:32]}-{bid.hex()}"
