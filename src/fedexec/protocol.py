@@ -77,8 +77,11 @@ REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, 
 #   "d": client -> relay only: the ids of the sender's unfinished tasks whose results the arguments
 #        name (persistent ids 0, 1, ... in their pickle): the relay holds the task until those are done,
 #   "rf": the DataRefs its arguments name, [[ref id, size, sha256]]: the relay checks they are the
-#        user's; the endpoint fetches each once and hands the worker their files (dataref.py)}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf"})
+#        user's; the endpoint fetches each once and hands the worker their files (dataref.py),
+#   "dr": relay -> endpoint only: the results over 16 MiB (uploads at the relay) of the tasks a task
+#        held at the relay depended on, [[dependency id, upload id, size, sha256]]: the endpoint
+#        fetches each (for this task) and hands the worker their files (relay/kept.py)}
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "dr"})
 MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
@@ -525,6 +528,19 @@ def data_refs(refs: Any) -> list[Any]:
     return refs
 
 
+def dependency_results(wire: Any) -> list[Any]:
+    """A task's ``dr`` option, checked: 1 to MAX_ITEMS ``[dependency id (16
+    bytes), upload id (16 bytes), size, sha256 (32 bytes)]``, distinct dependencies."""
+    if not (isinstance(wire, list) and 0 < len(wire) <= MAX_ITEMS and all(
+            isinstance(r, list) and len(r) == 4 and isinstance(r[0], bytes) and len(r[0]) == 16
+            and isinstance(r[1], bytes) and len(r[1]) == 16 and type(r[2]) is int and r[2] >= 0
+            and isinstance(r[3], bytes) and len(r[3]) == 32 for r in wire)
+            and len({r[0] for r in wire}) == len(wire)):
+        raise ProtocolError(f"dependency results (dr) must be a list of 1 to {MAX_ITEMS} [16-byte task id, "
+                            "16-byte upload id, size, 32-byte sha256] of distinct tasks")
+    return wire
+
+
 def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
     """A task row ``[task_id, fn_hash, args_index, fn_index, kind, python, options?]``, checked."""
     if not isinstance(row, list) or len(row) not in (6, 7):
@@ -551,6 +567,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
                 raise ProtocolError(f"dependencies must be a list of 1 to {MAX_ITEMS} distinct 16-byte task ids")
         if "rf" in options:
             data_refs(options["rf"])
+        if "dr" in options:
+            dependency_results(options["dr"])
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

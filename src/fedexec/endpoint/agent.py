@@ -43,6 +43,7 @@ from .. import protocol as P
 from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
+from ..dataref import wrap_arguments as wrap_with_files
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..serialize import is_data
 from ..worker import sandbox as sandboxes
@@ -513,7 +514,7 @@ class EndpointAgent:
         self.holding.discard(task_id)
         if self.graph.waiting_on:   # tasks held here may wait for it
             self._dependency_finished(task_id, status, blob if local is None else local)
-        if self.bulk.argument_files or self.bulk.keeping:   # its large arguments' file, if it had one, goes
+        if self.bulk.argument_files or self.bulk.keeping or self.bulk.fetched_for:   # its large files go
             self.bulk.done(task_id)
         if self.refs.by_task:   # the DataRefs it used may go again
             self.refs.done(task_id)
@@ -546,15 +547,39 @@ class EndpointAgent:
         results wrapped in, if it had any); one naming DataRefs gets their
         files first (refs.py), or fails if they cannot be had."""
         row = task.row
-        if len(row) == 7 and "rf" in row[6]:
-            args, why, ref_id = self.refs.prepare(row[0], row[6].get("u") or "", row[6]["rf"], P.as_bytes(task.args))
+        if len(row) == 7 and ("rf" in row[6] or "dr" in row[6]):
+            task = self._with_files(task)
+            if task is None:
+                return
+        self.holding.add(row[0])
+        self.queue.append(task)
+
+    def _with_files(self, task: QueuedTask) -> QueuedTask | None:
+        """A task naming DataRefs (``rf``) or its dependencies' large results
+        held at the relay (``dr``, relay/kept.py) with their files (fetched
+        now, if not here yet) wrapped around its arguments; None if it
+        failed because one could not be had."""
+        row = task.row
+        options = row[6]
+        user = options.get("u") or ""
+        files = None
+        if "dr" in options:
+            files, why = self.bulk.fetch_results(row[0], user, options["dr"])
+            if files is None:
+                log.warning("task %s failed: %s", row[0].hex(), why)
+                self._result(row[0], P.FAILED, P.pack_failure(P.LOST, why))
+                return None
+            rest = {key: value for key, value in options.items() if key != "dr"}   # (the agent's alone)
+            row = row[:6] + [rest] if rest else row[:6]
+        if "rf" in options:
+            args, why, ref_id = self.refs.prepare(row[0], user, options["rf"], P.as_bytes(task.args), files)
             if args is None:
                 log.warning("task %s failed: %s", row[0].hex(), why)
                 self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
-                return
-            task = QueuedTask(row, args)
-        self.holding.add(row[0])
-        self.queue.append(task)
+                return None
+        else:
+            args = wrap_with_files(P.as_bytes(task.args), files or {})
+        return QueuedTask(row, args)
 
     def _dependency_finished(self, task_id: bytes, status: int, blob: Any) -> None:
         """A task finished: the tasks held here for it go, or fail (and so

@@ -10,11 +10,13 @@ seconds on one machine); the relay's heartbeat timeout is far longer."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from typing import Any
 
 from .. import protocol as P
-from ..transfer import SPOOL_ENV, TransferLink, local_ref, parse_local
+from ..transfer import SPOOL_ENV, TransferLink, big_ref, local_ref, parse_local
 
 
 
@@ -36,6 +38,11 @@ class EndpointTransfers:
         # such task -> the results it holds so
         self.kept: dict[bytes, list[Any]] = {}
         self.keeping: dict[bytes, list[bytes]] = {}
+        # large results of tasks that ran elsewhere, fetched from the relay for tasks here that
+        # depend on them (their "dr" option, relay/kept.py), while such tasks are here:
+        # (user, upload id, sha256) -> [its file, the tasks using it]; and each task -> its keys
+        self.fetched: dict[tuple[str, bytes, bytes], list[Any]] = {}
+        self.fetched_for: dict[bytes, list[tuple[str, bytes, bytes]]] = {}
 
     def _link(self) -> TransferLink:
         if self.link is None:
@@ -53,6 +60,35 @@ class EndpointTransfers:
             return None, f"the endpoint could not fetch the task's arguments from the relay: {exc}"
         self.argument_files[task_id] = path
         return local_ref(path, size), ""
+
+    def fetch_results(self, task_id: bytes, user: str, wire: list[Any]) -> tuple[dict[bytes, str] | None, str]:
+        """The files of the dependencies' results a task's ``dr`` option
+        names, ``{dependency id: path}`` (for dataref.wrap_arguments), each
+        fetched from the relay for this task unless a task of the same user
+        here has it already; or None and why one could not be had. They go
+        when the last task using them is done (:meth:`done`). Named apart
+        from any task's files, so that no worker can send one as its result."""
+        files: dict[bytes, str] = {}
+        keys: list[tuple[str, bytes, bytes]] = []
+        self.fetched_for[task_id] = keys
+        for dependency, bid, size, digest in wire:
+            key = (user, bid, digest)
+            entry = self.fetched.get(key)
+            if entry is None:
+                name = f"dep-{hashlib.sha256(user.encode()).hexdigest()[:16]}-{bid.hex()}-{digest[:8].hex()}"
+                path = os.path.join(self.spool, name)
+                try:
+                    self._link().fetch_file(big_ref(bid, size, digest), path, task_id)
+                except Exception as exc:
+                    _unlink(path)
+                    self.done(task_id)
+                    return None, (f"the endpoint could not fetch the result of task {uuid.UUID(bytes=dependency)}, "
+                                  f"which this task depends on, from the relay: {exc}")
+                entry = self.fetched[key] = [path, set()]
+            entry[1].add(task_id)
+            keys.append(key)
+            files[dependency] = entry[0]
+        return files, ""
 
     def result(self, task_id: bytes, status: int, blob: Any, max_payload: int,
                keep_for: "list[bytes] | tuple[()]" = ()) -> tuple[int, Any]:
@@ -112,6 +148,13 @@ class EndpointTransfers:
             if entry is not None:
                 entry[1].discard(task_id)
                 self._release(dependency, entry)
+        for key in self.fetched_for.pop(task_id, ()) if self.fetched_for else ():
+            entry = self.fetched.get(key)
+            if entry is not None:
+                entry[1].discard(task_id)
+                if not entry[1]:
+                    del self.fetched[key]
+                    _unlink(entry[0])
 
     def acknowledged(self, task_id: bytes) -> None:
         """The relay has this task's result: no dependent of it comes here after."""

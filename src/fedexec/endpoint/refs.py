@@ -64,10 +64,13 @@ class RefCache:
         self.by_task: dict[bytes, list[tuple[str, bytes, bytes]]] = {}   # task id -> the copies it holds
         self.fetches = 0   # refs fetched from the relay since the agent started
 
-    def prepare(self, task_id: bytes, user: str, wire: list[Any], args: bytes) -> tuple[bytes | None, str, bytes]:
+    def prepare(self, task_id: bytes, user: str, wire: list[Any], args: bytes,
+                files: dict[bytes, str] | None = None) -> tuple[bytes | None, str, bytes]:
         """The task's arguments wrapped with the files of the refs it names
-        (fetched now if not here yet); or None, why not, and the ref at fault."""
-        files: dict[bytes, str] = {}
+        (fetched now if not here yet), and ``files`` (other files of the
+        task: its dependencies' results, bulk.py); or None, why not, and the
+        ref at fault."""
+        files = dict(files or {})
         held: list[tuple[str, bytes, bytes]] = []
         for ref_id, size, digest in wire:
             key = (user, ref_id, digest)

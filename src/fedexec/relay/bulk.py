@@ -78,8 +78,9 @@ class BulkTransfers:
             bid = fields.get("b")
             if not (isinstance(bid, bytes) and len(bid) == 16):
                 raise P.ProtocolError("malformed DROP")
-            if not self.relay.refs.holds(session.user, bid):   # (a ref goes by its REF del only)
-                self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it)
+            if not self.relay.refs.holds(session.user, bid) \
+                    and not self.relay.kept.put_off_drop(session.user, bid):   # (held tasks need it: kept.py)
+                self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it; a ref goes by REF del)
 
     def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
         """The user whose spool a transfer uses: the connection's own, or with
@@ -99,8 +100,10 @@ class BulkTransfers:
                 if state is not None and state.access.owner == session.user:
                     if fields.get("b") is not None and action.startswith("fetch") and not (
                             is_big(record.args) and parse_big(record.args)[0] == fields["b"]
-                            or self.relay.refs.fetchable(record, fields)):
-                        break   # an endpoint fetches a task's own arguments (or DataRefs), nothing else of its user
+                            or self.relay.refs.fetchable(record, fields)
+                            or self.relay.kept.fetchable(record, fields["b"])):
+                        break   # an endpoint fetches a task's own arguments (or DataRefs, or the large
+                        # results it depends on: kept.py), nothing else of its user
                     # a transfer for a task is a sign of life: its agent is busy with it, not gone
                     state.last_seen = time.monotonic()
                     return record.user, ""
@@ -137,6 +140,9 @@ class BulkTransfers:
         if self.relay.refs.holds(record.user, bid):   # (its user's fetch, then DROP, would delete the ref)
             return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint's result names a DataRef of the task's user "
                                                         f"({bid.hex()}), not an upload of its own; it was not taken")
+        if (record.user, bid) in self.relay.kept.owners:   # (its client's DROP would delete it too)
+            return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint's result names the result of another task "
+                                                        f"({bid.hex()}), not an upload of its own; it was not taken")
         if total > self.relay.max_payload:
             message, details = P.too_large("the result", total, self.relay.max_payload)
             self.spool.drop(record.user, bid)
@@ -152,7 +158,8 @@ class BulkTransfers:
 
     def _in_use(self) -> set[Path]:
         used = {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
-        return used | self.relay.refs.in_use()   # (and the uploads DataRefs keep, refs.py)
+        # (and the uploads DataRefs keep, refs.py, and those of results held tasks need, kept.py)
+        return used | self.relay.refs.in_use() | self.relay.kept.in_use()
 
     def maintenance(self, now: float) -> None:
         if now < self.next_expiry:

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from ..transfer import is_big
 from .registry import TaskRecord
 
 RECENT_MAX = 4096   # results of finished dependent tasks kept for tasks naming them that come after
@@ -33,6 +34,10 @@ SENT_AGAIN_MAX = 65536   # ids remembered as being sent again (then forgotten at
 KEPT_IN_MEMORY = 64 * 1024   # larger results of dependencies are read from the record when needed
 WAITING = 2   # a TaskRecord's state while it is held here (registry.QUEUED is 0, DISPATCHED 1)
 ENVELOPE = b"\x00fedexec-dependent\x00"   # stored arguments of a task with dependencies begin so
+# Header bytes the dependency options of the rows of one TASKS message may take,
+# about (see option_bytes), beyond what ordinary rows take: a message's rows then
+# fit MAX_HEADER whatever their dependencies (one row's options can take ~82 KiB).
+OPTION_BYTES_PER_MESSAGE = 48 * 1024
 
 
 def envelope(dependencies: list[bytes], args: Any) -> bytes:
@@ -53,6 +58,12 @@ def open_envelope(stored: Any) -> tuple[list[bytes], bytes] | None:
             and all(isinstance(d, bytes) and len(d) == 16 for d in dependencies)):
         return None
     return dependencies, args
+
+
+def option_bytes(options: dict) -> int:
+    """About the header bytes a task row's dependency options take: the ids
+    of the tasks it waits for (``d``) or of its dependencies' uploads (``dr``)."""
+    return 18 * len(options.get("d", ())) + 78 * len(options.get("dr", ()))
 
 
 def in_memory(result: Any) -> bytes | None:
@@ -186,9 +197,11 @@ class DependencyGraph:
         that yet: a chain running faster than it is submitted) is held here
         and sent with it, rather than refused for its client to hold it
         (one round trip through the client per link from then on). Only
-        tasks with dependencies: others pay nothing."""
+        tasks with dependencies: others pay nothing. Not a reference to an
+        upload (a result over 16 MiB): its client may have dropped that by
+        then (kept.py keeps it only for tasks held before it finished)."""
         kept = in_memory(result)
-        if kept is None:
+        if kept is None or is_big(kept):
             return
         recent = self._recent
         while recent and (len(recent) >= RECENT_MAX or self._recent_bytes + len(kept) > RECENT_BYTES):

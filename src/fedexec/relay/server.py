@@ -37,7 +37,9 @@ from .store import FINISHED, RelayStore
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
-from .graph import WAITING, DependencyGraph, envelope, in_memory, open_envelope
+from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
+    option_bytes
+from .kept import KeptResults
 from ..dependencies import wrap_arguments
 
 log = logging.getLogger("fedexec.relay")
@@ -221,8 +223,10 @@ class Relay:
         self.refused_tasks: dict[tuple[str, str], list] = {}
         self.refused_unauthenticated: dict[str, int] = {}   # messages refused this turn, by why
         self.bulk = BulkTransfers(self)   # large payloads, in chunks
+        self.kept = KeptResults(self)     # uploads of large results that held tasks depend on
         self._recover()
         self.bulk.recover()
+        self.kept.recover()
         self.refs = DataRefs(self)        # data sent once: named uploads (put)
         self.refs.recover()
 
@@ -813,6 +817,9 @@ class Relay:
                     continue
                 if group is not None and self._too_many_groups(sender, user, group, task_id):
                     continue
+                if options is not None and "dr" in options:   # (the relay's own, for endpoints: kept.py)
+                    self._reject(sender, task_id, P.REJECTED, "task option dr is the relay's to set, not a client's")
+                    continue
                 if options is not None and "rf" in options:   # DataRefs (refs.py): the user's own, live
                     missing = self.refs.check_task(user, options["rf"])
                     if missing is not None:
@@ -972,14 +979,21 @@ class Relay:
                 del self.tasks[record.task_id]
                 self._fail_held(record, failure, now)
                 return False
-        if is_big(record.args) or any(is_big(result) for result in results):
-            # (a large payload is a reference to an upload: the worker needs the value itself)
+        if is_big(record.args):
+            # (a large payload is a reference to an upload: the relay cannot wrap results around it)
             del self.tasks[record.task_id]
             self._fail_held(record, P.pack_failure(
-                P.REJECTED, "a task whose arguments hold other tasks' futures cannot yet have arguments, or "
-                            "depend on results, that travel in chunks (over 16 MiB pickled): pass the "
-                            "futures' values yourself (future.result())"), now)
+                P.REJECTED, "a task whose arguments hold other tasks' futures cannot yet have arguments that "
+                            "travel in chunks (over 16 MiB pickled): pass the futures' values yourself "
+                            "(future.result())"), now)
             return False
+        uploads = None
+        if any(is_big(result) for result in results):   # large results: the endpoint fetches them (kept.py)
+            uploads, failure = self.kept.substitute(record, self.graph.dependencies_of[record.task_id], results)
+            if failure is not None:
+                del self.tasks[record.task_id]
+                self._fail_held(record, failure, now)
+                return False
         args = wrap_arguments(bytes(record.args), results)
         if len(args) > self.max_payload:
             del self.tasks[record.task_id]
@@ -994,6 +1008,8 @@ class Relay:
             del record.options["d"]
             if not record.options:
                 record.options = None
+        if uploads:
+            record.options = {**(record.options or {}), "dr": uploads}
         if queued:   # in its queue already
             return True
         if record.group is not None:
@@ -1048,11 +1064,18 @@ class Relay:
                 if record.task_id in graph.dependencies_of:
                     if status == P.OK:   # a task naming it may be on its way (see recent_result)
                         graph.remember(record.task_id, result)
+                    dependencies = graph.dependencies_of[record.task_id]
                     due: dict[str, list[bytes]] = {}
                     for dependency, user in graph.release(record.task_id).items():
                         due.setdefault(user, []).append(dependency)
                     for user, acknowledged in due.items():   # the acknowledgements put off for it
                         self.quotas.acknowledged(self.store.acknowledge(acknowledged, user), user)
+                    if self.kept.uploads:   # large results no unfinished task needs now may go (kept.py)
+                        for dependency in dependencies:
+                            if dependency not in graph.refs:
+                                self.kept.released(dependency)
+                if status == P.OK and record.task_id in graph.refs and is_big(result):
+                    self.kept.keep(record.task_id, record.user, result)   # (until its dependents are done)
                 ready, failed = graph.finished(record.task_id, status == P.OK, result)
                 for waiting in ready:
                     if self.tasks.get(waiting.task_id) is waiting and waiting.state != DISPATCHED:
@@ -1082,6 +1105,7 @@ class Relay:
             unfinished: set[bytes] = set()
             results: dict[bytes, bytes] = {}
             failure = None
+            uploads: list[tuple[bytes, bytes]] = []   # finished dependencies whose results are uploads
             for dependency in dependencies:
                 other = self.tasks.get(dependency)
                 if other is not None and other.user == record.user:
@@ -1091,6 +1115,8 @@ class Relay:
                 if outcome is not None and outcome[0] == FINISHED and outcome[3] == record.user \
                         and outcome[1] == P.OK:
                     results[dependency] = in_memory(outcome[2] or b"")
+                    if is_big(results[dependency] or b""):
+                        uploads.append((dependency, results[dependency]))
                     continue
                 why = "failed or was cancelled" if outcome is not None and outcome[3] == record.user \
                     else "is no longer in the record"
@@ -1101,6 +1127,8 @@ class Relay:
                 del self.tasks[record.task_id]
                 self._fail_held(record, failure, now)
             else:
+                for dependency, result in uploads:   # (before the client's DROP of it, resumed, can come)
+                    self.kept.keep(dependency, record.user, result)
                 self._hold(record, dependencies, unfinished, results, now)
 
     def _too_many_groups(self, client: bytes, user: str, group: tuple[str, ...], task_id: bytes) -> bool:
@@ -1340,11 +1368,13 @@ class Relay:
             rows: list[list[Any]] = []
             blobs = P.Blobs()
             queue = state.queue
+            spare = OPTION_BYTES_PER_MESSAGE   # header room left for the rows' dependency options
             while queue and state.credit > 0:
-                if len(rows) >= P.MAX_ITEMS:   # a message's limit: this one goes, the next begins
+                if len(rows) >= P.MAX_ITEMS or spare < 0:   # a message's limit: this one goes, the next begins
                     if not self._send_tasks(state, rows, blobs):
                         break
                     rows, blobs = [], P.Blobs()
+                    spare = OPTION_BYTES_PER_MESSAGE
                 record = queue.popleft()
                 if record.state != QUEUED or record.endpoint_id != state.endpoint_id:
                     state.stale -= state.stale > 0   # taken back by a HOLDING, or routed elsewhere since
@@ -1364,6 +1394,8 @@ class Relay:
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
                 rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
+                if record.options is not None and ("d" in record.options or "dr" in record.options):
+                    spare -= option_bytes(record.options)
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
                 state.credit -= 1
