@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 import msgpack
 import zmq
 
+from . import resources as _resources
+
 PROTOCOL_VERSION = 1
 
 #: The Python minor version pickles were made with ("3.11").
@@ -77,8 +79,11 @@ REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, 
 #   "d": client -> relay only: the ids of the sender's unfinished tasks whose results the arguments
 #        name (persistent ids 0, 1, ... in their pickle): the relay holds the task until those are done,
 #   "rf": the DataRefs its arguments name, [[ref id, size, sha256]]: the relay checks they are the
-#        user's; the endpoint fetches each once and hands the worker their files (dataref.py)}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf"})
+#        user's; the endpoint fetches each once and hands the worker their files (dataref.py),
+#   "rs": the resources it asks (resources.py: {"c": cores, "m": memory, "g": GPUs, "n": nodes, "r": ranks});
+#        the endpoint places it where they are free (endpoint/placement.py)}
+# pool -> worker only (refused from anyone else by task_row): "env": {name: value} set while it runs
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "rs"})
 MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
@@ -551,6 +556,11 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
                 raise ProtocolError(f"dependencies must be a list of 1 to {MAX_ITEMS} distinct 16-byte task ids")
         if "rf" in options:
             data_refs(options["rf"])
+        if "rs" in options:
+            try:
+                _resources.check_wire(options["rs"])
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

@@ -50,6 +50,7 @@ from ..transfer import is_big, is_local
 from .bulk import EndpointTransfers
 from .graph import HeldTasks
 from .refs import RefCache
+from . import placement
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
@@ -553,8 +554,21 @@ class EndpointAgent:
                 self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
                 return
             task = QueuedTask(row, args)
+        if len(row) == 7 and "rs" in row[6] and self._never_fits(row):
+            return
         self.holding.add(row[0])
         self.queue.append(task)
+
+    def _never_fits(self, row: list[Any]) -> bool:
+        """A task asking for resources no node here could ever hold fails
+        at once, saying why (placement.py); True if it did."""
+        why = placement.why_never(row[6]["rs"], self.pools.values(), self.config.provider.nodes_per_block,
+                                  self.config.name)
+        if why is None:
+            return False
+        log.warning("refused task %s: %s", row[0].hex(), why)
+        self._result(row[0], P.FAILED, P.pack_failure(P.REJECTED, why))
+        return True
 
     def _dependency_finished(self, task_id: bytes, status: int, blob: Any) -> None:
         """A task finished: the tasks held here for it go, or fail (and so
@@ -681,6 +695,8 @@ class EndpointAgent:
             # with it; nothing it held was lost, so nothing counts as lost
             self._pool_gone(self.pools[pool_id], "reintroduced itself", lost=False)
         pool = PoolLink(pool_id, fields)
+        if self.config.available_accelerators:   # the config's, not what the node found (placement.py)
+            pool.gpus = len(self.config.available_accelerators)
         if self.scaler is not None and not self.scaler.pool_connected(pool):
             log.info("pool %s from %s belongs to no live block (%r); told to stop", pool_id.decode(),
                      pool.host, pool.block_id)
@@ -692,7 +708,8 @@ class EndpointAgent:
         self._send_pool(pool_id, P.encode(P.WELCOME, {"settings": {
             "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
             "worker_lost_retries": c.worker_lost_retries, "sandbox": c.sandbox, "sandbox_image": c.sandbox_image,
-            "endpoint": c.name, "data_only": self.data_only}}))
+            "endpoint": c.name, "data_only": self.data_only, "accel": c.available_accelerators,
+            "accel_shared": c.accelerators_shared}}))
         log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
                  pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)
 
@@ -838,9 +855,14 @@ class EndpointAgent:
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         bodies_sent: list[bytes] = []
+        elsewhere: list[QueuedTask] = []   # tasks asking for more than this pool's node has
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             task_id, fn_hash = task.row[0], task.row[1]
+            if len(task.row) == 7 and "rs" in task.row[6] and not placement.fits(task.row[6]["rs"], pool):
+                if not self._never_fits(task.row):
+                    elsewhere.append(task)
+                continue
             fn_ref: bytes | int = -1
             if fn_hash not in pool.known_functions:
                 body = self.functions.get(fn_hash)
@@ -857,6 +879,8 @@ class EndpointAgent:
             rows.append(row)
             pool.tasks[task_id] = task
             self.at_pool[task_id] = pool
+        if elsewhere:
+            self.queue.extendleft(reversed(elsewhere))
         if rows and not self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
             # no connection to it right now: they go to other pools, or to it
             # again once it is back (or is given up on)

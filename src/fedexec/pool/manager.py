@@ -51,7 +51,8 @@ from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
-from .resources import NodeResources
+from .placement import NodeBudget, has_resources
+from .resources import NodeResources, find_accelerators
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
 log = logging.getLogger("fedexec.pool")
@@ -80,6 +81,12 @@ class PoolManager:
         self.secret = secret
         self.resources = NodeResources.detect()
         self.workers = workers or self.resources.cores
+        # what tasks asking for resources may use here (placement.py); the endpoint's
+        # available_accelerators, in its WELCOME, replace the accelerators found
+        accelerators = find_accelerators()
+        self.budget = NodeBudget(self.resources.cores, self.resources.memory, accelerators)
+        self.resources = NodeResources(self.resources.cores, self.resources.memory,
+                                       len(accelerators) or self.resources.gpus)
         self.ends_at = ends_at
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
@@ -119,6 +126,7 @@ class PoolManager:
         self.stopping = False
         self._early_deaths = 0
         self._respawn_at: list[float] = []
+        self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -262,6 +270,8 @@ class PoolManager:
                     self._give_back([QueuedTask(row, None)])
                     continue
                 self.held.add(row[0])
+                if len(row) == 7 and "rs" in row[6]:   # placed by what it asks (placement.py)
+                    self.budget.active = True
                 if len(row) == 7 and "d" in row[6]:   # waits here for tasks sent here before it
                     self._hold_dependent(QueuedTask(row, P.blob(blobs, row[2])))
                     continue
@@ -270,6 +280,9 @@ class PoolManager:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.WELCOME:
             self.settings = msg.fields.get("settings") or {}
+            accelerators = self.settings.get("accel")
+            if isinstance(accelerators, list) and accelerators and all(isinstance(a, str) for a in accelerators):
+                self.budget.use_accelerators(accelerators, self._setting("accel_shared", False))
             if not self.welcomed:
                 self.welcomed = True
                 self._start_workers()
@@ -417,6 +430,9 @@ class PoolManager:
         """Top up workers with batches from the queue, least loaded first."""
         if not self.queue or self.pool is None:
             return
+        if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
+            self._assign_by_resources()
+            return
         # A task that takes SLOW_TASK or more goes to an idle worker only: one
         # queued behind it at a busy worker could neither move to a worker that
         # frees up sooner nor be cancelled before it starts. Quick tasks go in
@@ -439,6 +455,56 @@ class PoolManager:
             if now >= self._next_share or any(not slot.tasks for slot in hungry):
                 self._next_share = now + SHARE_CHECK
                 self._share_workers()
+
+    def _assign_by_resources(self) -> None:
+        """Start the queued tasks whose resources are free, each alone at an
+        idle worker of its user (``NodeBudget.plan``); a worker that ran a
+        task given accelerators is replaced by a fresh one (a process that
+        loaded a GPU library keeps the devices it saw first)."""
+        assert self.pool is not None
+        slots = self.pool.slots.values()
+        if not any(has_resources(task.row) for task in self.queue) and not any(
+                has_resources(task.row) for slot in slots for task in slot.tasks.values()):
+            self.budget.active = False   # none left: batches again
+            return
+        idle = []
+        for slot in slots:
+            if slot.ready and not slot.retiring and not slot.yielding and not slot.tasks:
+                if slot.worker_id in self._gpu_workers:
+                    self._gpu_workers.discard(slot.worker_id)
+                    self._retire(slot)
+                else:
+                    idle.append(slot)
+        if idle:
+            plan = self.budget.plan(self.queue, [slot.tasks.values() for slot in slots if slot.tasks], len(idle))
+            for task, env in plan:
+                user = task.option("u") or ""
+                slot = next((s for s in idle if s.user == user), None) or next((s for s in idle if s.user is None),
+                                                                               None)
+                if slot is None:
+                    continue   # no worker of theirs free: one changes hands (_share_workers)
+                idle.remove(slot)
+                if env is not None:
+                    task.row = [*task.row[:6], {**task.row[6], "env": env}]
+                    if "CUDA_VISIBLE_DEVICES" in env:
+                        self._gpu_workers.add(slot.worker_id)
+                self._send_placed(slot, task)
+        if self.queue:
+            now = time.monotonic()
+            if now >= self._next_share or idle:
+                self._next_share = now + SHARE_CHECK
+                self._share_workers()
+
+    def _send_placed(self, slot: WorkerSlot, task: QueuedTask) -> None:
+        """Send one queued task to ``slot`` (``_send_batch`` on it alone)."""
+        self.queue.remove(task)
+        if slot.user is None:
+            slot.user, slot.bound_at = task.option("u") or "", time.monotonic()
+        queue, self.queue = self.queue, deque([task])
+        try:
+            self._send_batch(slot, 1)
+        finally:
+            self.queue = queue
 
     def _serving(self) -> list[WorkerSlot]:
         """Workers bound to a user that still take that user's tasks."""

@@ -295,6 +295,9 @@ class WorkerProcess:
 
     def run_task(self, row: list[Any], args_blob: Any) -> tuple[int, Any]:
         """``(status, blob)`` of one task."""
+        if len(row) == 7 and "env" in row[6]:   # what its pool gave it (accelerators, MPI launcher: placement.py)
+            with task_environment(row[6]["env"]):
+                return self.run_task(row[:6], args_blob)
         fn_hash, kind = row[1], row[4]
         data = self.data_only or is_data(args_blob)
         try:
@@ -336,6 +339,26 @@ class WorkerProcess:
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
             )
+
+
+@contextlib.contextmanager
+def task_environment(env: Any) -> Iterator[None]:
+    """Environment variables set for one task (its accelerators, its MPI
+    launcher), as they were again after it; the subprocesses it starts see
+    them too."""
+    if not isinstance(env, dict):
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update({str(name): str(value) for name, value in env.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def remove_tree(path: str) -> None:

@@ -1,0 +1,209 @@
+"""Per-task resources and GPUs (issue 14, items 3 and 4), with real processes:
+a relay and configured endpoints on loopback, tasks that record when they
+ran and what they were given.
+
+There are no GPUs on the machines these tests run on: the GPU path is
+exercised through the endpoint's ``available_accelerators`` setting, which
+stands for what ``nvidia-smi -L`` would list, and the tasks check the
+CUDA_VISIBLE_DEVICES (ROCR_VISIBLE_DEVICES, ZE_AFFINITY_MASK) they see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedexec import FederatedExecutor, TaskRejected, with_options
+from fedexec import protocol as P
+from fedexec.config import EndpointConfig, usable_cores
+from fedexec.resources import resource_option
+
+from test_faults import lookup_endpoint, running_relay, stop_process, tail
+
+CORES = usable_cores()
+
+
+def ran(seconds: float) -> tuple[float, float, str, str, str, str, int]:
+    """Sleep; when it ran, what accelerators it was given, and its pid."""
+    start = time.time()
+    time.sleep(seconds)
+    env = os.environ
+    return (start, time.time(), env.get("CUDA_VISIBLE_DEVICES", "-"), env.get("ROCR_VISIBLE_DEVICES", "-"),
+            env.get("ZE_AFFINITY_MASK", "-"), env.get("FEDEXEC_CORES", "-"), os.getpid())
+
+
+@contextlib.contextmanager
+def configured_endpoint(directory: Path, address: str, name: str, **settings):
+    """An endpoint configured in the shared home, run as ``python -m
+    fedexec.endpoint --name``; waits until the relay says it is connected."""
+    cfg = EndpointConfig(name=name, relay=address, **settings)
+    cfg.save()
+    log = directory / f"endpoint-{name}.log"
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")}
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name, "--log-level", "INFO"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        lookup_endpoint(address, cfg.endpoint_id, proc, log)
+        yield SimpleNamespace(id=cfg.endpoint_id, proc=proc, log=log)
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A relay and two endpoints sharing one fedexec home: "cpu" (4 workers,
+    more than this machine's cores) and "gpu" (3 workers, accelerators 0 and 1)."""
+    directory = tmp_path_factory.mktemp("resources")
+    home = directory / "home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDEXEC_HOME", str(home))
+        with running_relay(directory, env={**os.environ, "FEDEXEC_HOME": str(home)}) as address, \
+                configured_endpoint(directory, address, "cpu", max_workers=4) as cpu, \
+                configured_endpoint(directory, address, "gpu", max_workers=3,
+                                    available_accelerators=["0", "1"]) as gpu:
+            yield SimpleNamespace(address=address, home=home, cpu=cpu, gpu=gpu, dir=directory)
+
+
+@pytest.fixture
+def on(federation, monkeypatch):
+    monkeypatch.setenv("FEDEXEC_HOME", str(federation.home))
+    return federation
+
+
+def all_workers_up(ex: FederatedExecutor, count: int, timeout: float = 60) -> None:
+    """Wait until ``count`` plain tasks run at once in distinct workers (a
+    worker that ran a task given accelerators is replaced by a fresh one, which
+    takes a moment to start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [f.result(timeout=timeout) for f in [ex.submit(ran, 0.3) for _ in range(count)]]
+        if len({r[6] for r in runs}) == count and most_at_once([(r[0], r[1], 1) for r in runs]) == count:
+            return
+    pytest.fail(f"{count} workers did not run tasks at once within {timeout} s")
+
+
+def most_at_once(intervals: list[tuple[float, float, int]]) -> int:
+    """The most cores in use at any instant, from (start, end, cores)."""
+    events = sorted([(start, cores) for start, _, cores in intervals]
+                    + [(end, -cores) for _, end, cores in intervals], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+# -- refused in submit ----------------------------------------------------------
+
+def test_unknown_keys_and_bad_values_are_refused_in_submit(executor):
+    with pytest.raises(ValueError, match="unknown key.*'cpus'"):
+        executor.submit(with_options(ran, resources={"cpus": 2}), 0)
+    with pytest.raises(ValueError, match="memory.*'4X'"):
+        executor.submit(with_options(ran, resources={"memory": "4X"}), 0)
+    with pytest.raises(ValueError, match="cores must be a whole number"):
+        executor.submit(with_options(ran, resources={"cores": 0}), 0)
+    with pytest.raises(ValueError, match="num_ranks=5 does not match ranks_per_node=2"):
+        executor.submit(with_options(ran, resources={"num_nodes": 2, "ranks_per_node": 2, "num_ranks": 5}), 0)
+    with pytest.raises(ValueError, match="unknown key"):
+        executor.resource_specification = {"gpu": 1}
+    with pytest.raises(ValueError, match="unknown key.*'bogus'"):
+        FederatedExecutor(resource_specification={"bogus": 1})   # before anything is started
+    # the executor still works, and the default spec asks for nothing extra
+    assert executor.submit(pow, 2, 5).result(timeout=30) == 32
+    assert resource_option({"cores": 1}) is None
+    assert resource_option({"num_nodes": 2, "ranks_per_node": 3, "memory": "1.5G"}) == {
+        "n": 2, "r": 6, "m": 3 * 1024 ** 3 // 2}
+
+
+def test_a_forged_option_is_refused_on_the_wire():
+    row = [b"t" * 16, b"h" * 32, b"", -1, P.TASK_CALL, P.PYTHON_VERSION]
+    for options, words in (({"rs": {"c": 0}}, "c must be an integer"), ({"rs": {"x": 1}}, "keys among"),
+                           ({"rs": {"n": 3, "r": 2}}, "fewer ranks than nodes"),
+                           ({"env": {"CUDA_VISIBLE_DEVICES": "1"}}, "keys among")):
+        with pytest.raises(P.ProtocolError, match=words):
+            P.task_row([*row, options])
+    P.task_row([*row, {"rs": {"c": 2, "g": 1, "m": 10}}])
+
+
+# -- placement ----------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_placement_by_cores_never_oversubscribes(on):
+    """4 workers on a node of CORES cores: tasks asking 1 core and all of
+    them, and plain tasks, never use more than CORES cores at once."""
+    with FederatedExecutor(on.cpu.id, relay=on.address) as ex:
+        ones = [ex.submit(with_options(ran, resources={"cores": 1}), 0.4) for _ in range(4)]
+        alls = [ex.submit(with_options(ran, resources={"cores": CORES}), 0.4) for _ in range(2)]
+        plain = [ex.submit(ran, 0.4) for _ in range(2)]
+        results = {"ones": [f.result(timeout=120) for f in ones], "alls": [f.result(timeout=120) for f in alls],
+                   "plain": [f.result(timeout=120) for f in plain]}
+    intervals = ([(r[0], r[1], 1) for r in results["ones"] + results["plain"]]
+                 + [(r[0], r[1], CORES) for r in results["alls"]])
+    assert most_at_once(intervals) <= CORES, intervals
+    assert {r[5] for r in results["alls"]} == {str(CORES)}
+    if CORES >= 2:   # not just one at a time: 1-core tasks did share the node
+        assert most_at_once([(r[0], r[1], 1) for r in results["ones"]]) >= 2, results["ones"]
+
+
+@pytest.mark.timeout(120)
+def test_an_impossible_request_fails_at_once_naming_it(on):
+    with FederatedExecutor(on.gpu.id, relay=on.address) as ex:
+        started = time.monotonic()
+        cases = [({"cores": CORES + 1}, [f"{CORES + 1} cores", f"the largest has {CORES} core"]),
+                 ({"gpus": 3}, ["3 GPUs", "2 GPUs"]),
+                 ({"memory": "64T"}, ["64 TiB of memory", "of memory"]),
+                 ({"nodes": 2}, ["2 nodes", "has 1 node"])]
+        futures = [ex.submit(with_options(ran, resources=spec), 0) for spec, _ in cases]
+        for future, (spec, words) in zip(futures, cases):
+            with pytest.raises(TaskRejected) as caught:
+                future.result(timeout=20)
+            for word in words:
+                assert word in str(caught.value), (spec, str(caught.value))
+        assert time.monotonic() - started < 10
+        # what fits still runs there
+        assert ex.submit(with_options(ran, resources={"gpus": 2}), 0).result(timeout=30)[2] == "0,1"
+
+
+# -- GPUs ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_concurrent_gpu_tasks_get_their_own_accelerator_and_a_third_waits(on):
+    with FederatedExecutor(on.gpu.id, relay=on.address) as ex:
+        gpu = with_options(ran, resources={"gpus": 1})
+        futures = [ex.submit(gpu, 1.5) for _ in range(3)]
+        plain = ex.submit(ran, 0.2).result(timeout=60)
+        results = sorted((f.result(timeout=60) for f in futures), key=lambda r: r[0])
+    for start, end, cuda, rocr, ze, cores, _ in results:
+        assert cuda in ("0", "1") and rocr == cuda and ze == cuda, results
+    first, second, third = results
+    assert first[0] < second[1] and second[0] < first[1], "the first two ran at once"
+    assert first[2] != second[2], "two GPU tasks running at once were given the same accelerator"
+    assert third[0] >= min(first[1], second[1]) - 0.05, "the third started before an accelerator was free"
+    assert plain[2] == "-", "a task that asked for no GPU was given one"
+
+
+@pytest.mark.timeout(120)
+def test_a_task_waits_for_an_accelerator_even_with_cores_free(on):
+    """Two GPUs: a task asking both, then one asking one GPU (a core is
+    free for it): the second starts only once the first has ended."""
+    with FederatedExecutor(on.gpu.id, relay=on.address) as ex:
+        all_workers_up(ex, 2)
+        both = ex.submit(with_options(ran, resources={"gpus": 2}), 2.5)
+        time.sleep(0.3)
+        one = ex.submit(with_options(ran, resources={"gpus": 1}), 0)
+        plain = ex.submit(ran, 0)
+        first, second, other = both.result(timeout=60), one.result(timeout=60), plain.result(timeout=60)
+    assert first[2] == "0,1" and second[2] in ("0", "1")
+    assert second[0] >= first[1] - 0.05, (first, second)
+    if CORES >= 2:
+        assert other[0] < first[1], "a plain task waited though a core was free"
