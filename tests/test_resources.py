@@ -11,6 +11,7 @@ CUDA_VISIBLE_DEVICES (ROCR_VISIBLE_DEVICES, ZE_AFFINITY_MASK) they see.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,63 @@ def test_a_task_waits_for_an_accelerator_even_with_cores_free(on):
     assert second[0] >= first[1] - 0.05, (first, second)
     if CORES >= 2:
         assert other[0] < first[1], "a plain task waited though a core was free"
+
+
+# -- several nodes (MPI) -------------------------------------------------------------
+
+def mpi_task(seconds: float) -> dict:
+    start = time.time()
+    time.sleep(seconds)
+    keys = ("FEDEXEC_MPI_LAUNCHER", "FEDEXEC_NODELIST", "FEDEXEC_NUM_NODES", "FEDEXEC_NUM_RANKS", "SLURMD_NODENAME")
+    return {"start": start, "end": time.time(), **{key: os.environ.get(key) for key in keys}}
+
+
+@pytest.mark.timeout(180)
+def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
+    """A block of 4 nodes (4 pools started by hand, provider manual, each
+    named as Slurm names a node): a task asking for 2 nodes and 4 ranks
+    gets 2 of them to itself, with the launcher and node list in its
+    environment; single-node tasks run on the other 2 meanwhile."""
+    from fedexec.config import ProviderConfig
+
+    provider = ProviderConfig(type="manual", nodes_per_block=4, address="127.0.0.1", min_blocks=0, init_blocks=0)
+    pools = []
+    with configured_endpoint(on.dir, on.address, "mpi", max_workers=1, provider=provider) as ep:
+        info = json.loads((on.home / "endpoints" / "mpi" / "pools.json").read_text())
+        try:
+            for k in range(1, 5):
+                log = open(on.dir / f"pool-node{k}.log", "wb")
+                pools.append(subprocess.Popen(
+                    [sys.executable, "-m", "fedexec.pool", "--address", info["address"], "--block-id", "block-1",
+                     "--workers", "1", f"--endpoint-key={info['key']}"], stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env={**os.environ, "FEDEXEC_POOL_SECRET": info["secret"],
+                                                   "SLURMD_NODENAME": f"node{k}",
+                                                   "PYTHONPATH": str(Path(__file__).parent)}))
+            status = on.home / "endpoints" / "mpi" / "status.json"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError, ValueError):
+                    if len(json.loads(status.read_text())["pools"]) == 4:
+                        break
+                time.sleep(0.2)
+            else:
+                pytest.fail(f"4 pools did not connect within 60 s:\n{tail(ep.log)}")
+            with FederatedExecutor(ep.id, relay=on.address) as ex:
+                big = ex.submit(with_options(mpi_task, resources={"num_nodes": 2, "ranks_per_node": 2}), 3.0)
+                time.sleep(0.5)
+                singles = [ex.submit(mpi_task, 0.5) for _ in range(4)]
+                mpi = big.result(timeout=60)
+                others = [f.result(timeout=60) for f in singles]
+        finally:
+            for proc in pools:
+                stop_process(proc)
+    nodes = mpi["FEDEXEC_NODELIST"].split(",")
+    assert len(nodes) == 2 and set(nodes) <= {"node1", "node2", "node3", "node4"}, mpi
+    assert mpi["SLURMD_NODENAME"] == nodes[0]
+    assert mpi["FEDEXEC_MPI_LAUNCHER"] == f"mpiexec -n 4 -ppn 2 -hosts {mpi['FEDEXEC_NODELIST']}", mpi
+    assert (mpi["FEDEXEC_NUM_NODES"], mpi["FEDEXEC_NUM_RANKS"]) == ("2", "4")
+    beside = [o for o in others if o["start"] < mpi["end"] and o["end"] > mpi["start"]]
+    assert beside, "no single-node task ran while the 2-node task did"
+    for other in beside:
+        assert other["SLURMD_NODENAME"] not in nodes, (other, nodes)
+    assert {o["FEDEXEC_MPI_LAUNCHER"] for o in others} == {None}

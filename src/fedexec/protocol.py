@@ -81,9 +81,10 @@ REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, 
 #   "rf": the DataRefs its arguments name, [[ref id, size, sha256]]: the relay checks they are the
 #        user's; the endpoint fetches each once and hands the worker their files (dataref.py),
 #   "rs": the resources it asks (resources.py: {"c": cores, "m": memory, "g": GPUs, "n": nodes, "r": ranks});
-#        the endpoint places it where they are free (endpoint/placement.py)}
+#        the endpoint places it where they are free (endpoint/placement.py),
+#   "nl": endpoint -> pool only (the agent drops one from the relay): the nodes of a multi-node task}
 # pool -> worker only (refused from anyone else by task_row): "env": {name: value} set while it runs
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "rs"})
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "rs", "nl"})
 MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
@@ -556,6 +557,9 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
                 raise ProtocolError(f"dependencies must be a list of 1 to {MAX_ITEMS} distinct 16-byte task ids")
         if "rf" in options:
             data_refs(options["rf"])
+        if "nl" in options and not (isinstance(options["nl"], list) and 0 < len(options["nl"]) <= MAX_ITEMS
+                                    and all(isinstance(n, str) and 0 < len(n) <= 256 for n in options["nl"])):
+            raise ProtocolError(f"a node list (nl) is a list of 1 to {MAX_ITEMS} node names")
         if "rs" in options:
             try:
                 _resources.check_wire(options["rs"])

@@ -185,6 +185,7 @@ class PoolManager:
         self._send(P.encode(P.HELLO, {
             "role": "pool", "secret": self.secret, "block": self.block_id, "host": socket.gethostname(),
             "pid": os.getpid(), "py": P.PYTHON_VERSION, "workers": self.workers, "cores": r.cores,
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             "mem": r.memory, "gpus": r.gpus, "ends": self.ends_at, "holding": held[:P.MAX_ITEMS],
         }))
         for part in P.chunks(held[P.MAX_ITEMS:]):   # a message's limit: the rest follow
@@ -283,6 +284,7 @@ class PoolManager:
             accelerators = self.settings.get("accel")
             if isinstance(accelerators, list) and accelerators and all(isinstance(a, str) for a in accelerators):
                 self.budget.use_accelerators(accelerators, self._setting("accel_shared", False))
+            self.budget.launcher = self._setting("mpi", self.budget.launcher)
             if not self.welcomed:
                 self.welcomed = True
                 self._start_workers()

@@ -21,6 +21,9 @@ a task waiting for a GPU does not hold up tasks that need only a free core.
 
 from __future__ import annotations
 
+import math
+import os
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -58,6 +61,7 @@ class NodeBudget:
         self.memory = memory
         self.accelerators = list(accelerators)
         self.shared = shared
+        self.launcher = "mpiexec"               # the endpoint's MPI launcher (its mpi_launcher)
         self.active = False                     # a task with resources is here: place every task by them
         self.devices: dict[bytes, tuple[str, ...]] = {}   # task id -> accelerators it was given
 
@@ -105,6 +109,8 @@ class NodeBudget:
             if len(chosen) >= idle_workers or free_cores <= 0:
                 break
             need = need_of(task)
+            if R.NODES in (task.option("rs") or ()):   # several nodes: this one (and the others) to itself
+                need = Need(self.cores, need.memory, need.gpus)
             gpus_ok = need.gpus == 0 or (self.shared and need.gpus <= len(self.accelerators)) \
                 or need.gpus <= len(free_gpus) - reserved_gpus
             if need.cores <= free_cores and need.memory <= free_memory and gpus_ok:
@@ -124,9 +130,13 @@ class NodeBudget:
 
     def _environment(self, task: QueuedTask, need: Need, free_gpus: list[str],
                      in_use: Counter[str]) -> dict[str, str] | None:
-        if not need.gpus and need.cores == 1:
+        option = task.option("rs") or {}
+        if not need.gpus and need.cores == 1 and R.RANKS not in option and R.NODES not in option:
             return None
         env = {"FEDEXEC_CORES": str(need.cores)}
+        if R.RANKS in option or R.NODES in option:
+            env.update(mpi_environment(self.launcher, task.option("nl") or [node_name()],
+                                       option.get(R.RANKS, option.get(R.NODES, 1))))
         if need.gpus:
             if self.shared:   # the least used ones
                 devices = sorted(self.accelerators, key=lambda d: in_use[d])[:need.gpus]
@@ -139,6 +149,34 @@ class NodeBudget:
             env.update({name: listed for name in ACCELERATOR_VARIABLES})
             env["FEDEXEC_GPUS"] = listed
         return env
+
+
+def node_name() -> str:
+    """This node's name as the scheduler knows it (Slurm's, in a job)."""
+    return os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+
+
+def mpi_environment(launcher: str, nodes: list[str], ranks: int) -> dict[str, str]:
+    """What an MPI task finds in its environment: ``$FEDEXEC_MPI_LAUNCHER``,
+    the command prefix that starts ``ranks`` ranks over ``nodes`` with the
+    endpoint's launcher (``srun -N 2 -n 4 --nodelist=a,b``, ``mpiexec -n 4
+    -ppn 2 -hosts a,b``, ``mpirun -np 4 --host a:2,b:2``; extra words of the
+    configured launcher, e.g. ``srun --mpi=pmi2``, are kept), the node list
+    and counts."""
+    words = shlex.split(launcher) or ["mpiexec"]
+    kind = os.path.basename(words[0])
+    count = len(nodes)
+    per_node = math.ceil(ranks / count)
+    listed = ",".join(nodes)
+    if kind.startswith("srun"):
+        words += ["-N", str(count), "-n", str(ranks), f"--nodelist={listed}"]
+    elif kind.startswith("mpirun"):
+        words += ["-np", str(ranks), "--host", ",".join(f"{node}:{per_node}" for node in nodes)]
+    else:   # mpiexec (MPICH's hydra, Intel MPI), or a command taking its options
+        words += ["-n", str(ranks), "-ppn", str(per_node), "-hosts", listed]
+    return {"FEDEXEC_MPI_LAUNCHER": " ".join(shlex.quote(w) for w in words), "FEDEXEC_NODELIST": listed,
+            "FEDEXEC_NUM_NODES": str(count), "FEDEXEC_NUM_RANKS": str(ranks),
+            "FEDEXEC_RANKS_PER_NODE": str(per_node)}
 
 
 def has_resources(row: list[Any]) -> bool:
