@@ -41,15 +41,18 @@ def ran(seconds: float) -> tuple[float, float, str, str, str, str, int]:
 
 
 @contextlib.contextmanager
-def configured_endpoint(directory: Path, address: str, name: str, **settings):
+def configured_endpoint(directory: Path, address: str, name: str, base_env: dict[str, str] | None = None,
+                        **settings):
     """An endpoint configured in the shared home, run as ``python -m
-    fedexec.endpoint --name``; waits until the relay says it is connected."""
+    fedexec.endpoint --name`` (in ``base_env``, default ours); waits until
+    the relay says it is connected."""
     cfg = EndpointConfig(name=name, relay=address, **settings)
     cfg.save()
     log = directory / f"endpoint-{name}.log"
-    env = {key: value for key, value in os.environ.items()
+    env = {key: value for key, value in (base_env or os.environ).items()
            if key not in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")}
     env["PYTHONPATH"] = str(Path(__file__).parent)
+    env["FEDEXEC_HOME"] = os.environ["FEDEXEC_HOME"]   # where its config was just saved
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name, "--log-level", "INFO"],
                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)

@@ -28,6 +28,7 @@ from .errors import (
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 from .shell import ShellFunction, ShellResult
+from .mpi import MPIFunction
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "DataRef",
     "ShellFunction",
     "ShellResult",
+    "MPIFunction",
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",

@@ -35,6 +35,7 @@ from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dep
 from . import dataref
 from .dispatcher import AUTH_GRACE, Dispatcher, TaskFuture, WorkItem
 from .embedded import EmbeddedFederation
+from .mpi import check_resources as check_mpi_resources
 from .resources import resource_option
 from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
@@ -341,6 +342,7 @@ class FederatedExecutor(Executor):
         runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
         if isinstance(fn, (ShellFunction, with_options)):
             _check_shell_call(fn, args, kwargs)
+            self._check_mpi_call(fn)
         try:
             future = self._submit(fn, P.TASK_CALL, lambda: self._submit_arguments(fn, args, kwargs))
         except FuturesFound as found:
@@ -350,6 +352,13 @@ class FederatedExecutor(Executor):
             fn, memoize, extra = self._callable(fn)
             return self._submit_dependent(fn, memoize, extra, args, kwargs, future)
         return future
+
+    def _check_mpi_call(self, fn: Callable[..., Any]) -> None:
+        """An MPIFunction must ask for nodes or ranks (mpi.py)."""
+        if isinstance(fn, with_options):
+            check_mpi_resources(fn.fn, fn.resources if fn.resources is not _UNSET else self._resources)
+        else:
+            check_mpi_resources(fn, self._resources)
 
     def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
         """The function to send, whether its calls are memoized, and the task

@@ -109,7 +109,8 @@ class NodeBudget:
             if len(chosen) >= idle_workers or free_cores <= 0:
                 break
             need = need_of(task)
-            if R.NODES in (task.option("rs") or ()):   # several nodes: this one (and the others) to itself
+            option = task.option("rs") or ()
+            if R.NODES in option or R.RANKS in option:   # MPI: this node (and its others) to itself
                 need = Need(self.cores, need.memory, need.gpus)
             gpus_ok = need.gpus == 0 or (self.shared and need.gpus <= len(self.accelerators)) \
                 or need.gpus <= len(free_gpus) - reserved_gpus
@@ -159,7 +160,7 @@ def node_name() -> str:
 def mpi_environment(launcher: str, nodes: list[str], ranks: int) -> dict[str, str]:
     """What an MPI task finds in its environment: ``$FEDEXEC_MPI_LAUNCHER``,
     the command prefix that starts ``ranks`` ranks over ``nodes`` with the
-    endpoint's launcher (``srun -N 2 -n 4 --nodelist=a,b``, ``mpiexec -n 4
+    endpoint's launcher (``srun --overlap -N 2 -n 4 --nodelist=a,b``, ``mpiexec -n 4
     -ppn 2 -hosts a,b``, ``mpirun -np 4 --host a:2,b:2``; extra words of the
     configured launcher, e.g. ``srun --mpi=pmi2``, are kept), the node list
     and counts."""
@@ -169,7 +170,10 @@ def mpi_environment(launcher: str, nodes: list[str], ranks: int) -> dict[str, st
     per_node = math.ceil(ranks / count)
     listed = ",".join(nodes)
     if kind.startswith("srun"):
-        words += ["-N", str(count), "-n", str(ranks), f"--nodelist={listed}"]
+        # --overlap: the pools' own step holds every CPU of the job's nodes
+        words += ["--overlap", "-N", str(count), "-n", str(ranks), f"--nodelist={listed}"]
+        if ranks == per_node * count:   # (else srun warns about the pools' step's --ntasks-per-node=1)
+            words.append(f"--ntasks-per-node={per_node}")
     elif kind.startswith("mpirun"):
         words += ["-np", str(ranks), "--host", ",".join(f"{node}:{per_node}" for node in nodes)]
     else:   # mpiexec (MPICH's hydra, Intel MPI), or a command taking its options
