@@ -65,8 +65,9 @@ def configured_endpoint(directory: Path, address: str, name: str, base_env: dict
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """A relay and two endpoints sharing one fedexec home: "cpu" (4 workers,
-    more than this machine's cores) and "gpu" (3 workers, accelerators 0 and 1)."""
+    """A relay and endpoints sharing one fedexec home: "cpu" (4 workers,
+    more than this machine's cores), "gpu" (3 workers, accelerators 0 and 1)
+    and "shared" (2 workers, accelerator 7, accelerators_shared = true)."""
     directory = tmp_path_factory.mktemp("resources")
     home = directory / "home"
     with pytest.MonkeyPatch.context() as patch:
@@ -74,8 +75,10 @@ def federation(tmp_path_factory):
         with running_relay(directory, env={**os.environ, "FEDEXEC_HOME": str(home)}) as address, \
                 configured_endpoint(directory, address, "cpu", max_workers=4) as cpu, \
                 configured_endpoint(directory, address, "gpu", max_workers=3,
-                                    available_accelerators=["0", "1"]) as gpu:
-            yield SimpleNamespace(address=address, home=home, cpu=cpu, gpu=gpu, dir=directory)
+                                    available_accelerators=["0", "1"]) as gpu, \
+                configured_endpoint(directory, address, "shared", max_workers=2, available_accelerators=["7"],
+                                    accelerators_shared=True) as shared:
+            yield SimpleNamespace(address=address, home=home, cpu=cpu, gpu=gpu, shared=shared, dir=directory)
 
 
 @pytest.fixture
@@ -271,3 +274,26 @@ def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
     for other in beside:
         assert other["SLURMD_NODENAME"] not in nodes, (other, nodes)
     assert {o["FEDEXEC_MPI_LAUNCHER"] for o in others} == {None}
+
+
+@pytest.mark.timeout(120)
+def test_with_accelerators_shared_concurrent_tasks_may_be_given_the_same_one(on):
+    with FederatedExecutor(on.shared.id, relay=on.address) as ex:
+        gpu = with_options(ran, resources={"gpus": 1})
+        first, second = [f.result(timeout=60) for f in [ex.submit(gpu, 1.5), ex.submit(gpu, 1.5)]]
+    assert first[2] == second[2] == "7"
+    if CORES >= 2:
+        assert first[0] < second[1] and second[0] < first[1], "they did not run at once"
+
+
+def test_configure_takes_available_accelerators_and_they_load_back(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "g", "--available-accelerators",
+                           "0,1, 2", "--accelerators-shared", "--mpi-launcher", "srun --mpi=pmi2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    config = EndpointConfig.load("g")
+    assert (config.available_accelerators, config.accelerators_shared, config.mpi_launcher) == (
+        ["0", "1", "2"], True, "srun --mpi=pmi2")
+    bad = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "g",
+                          "--available-accelerators", "0,0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "names a device twice" in bad.stderr, bad.stderr
