@@ -297,3 +297,34 @@ def test_configure_takes_available_accelerators_and_they_load_back(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "g",
                           "--available-accelerators", "0,0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "names a device twice" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_relay_sends_tasks_on_with_their_resources_and_walltime(tmp_path, monkeypatch):
+    """Tasks accepted while their endpoint is away; the relay is killed
+    (SIGKILL) and started again from its record: the tasks still carry the
+    resources (the pool gives the task its cores: FEDEXEC_CORES) and the
+    walltime (it is stopped) they were submitted with."""
+    from fedexec import TaskTimeout
+    from test_durability import Endpoint, Relay
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))   # (the endpoint loads ran() from here)
+    relay = Relay(tmp_path)
+    relay.start()
+    endpoint = Endpoint(tmp_path, relay)
+    try:
+        endpoint.start()
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            endpoint.stop()
+            sized = ex.submit(with_options(ran, resources={"cores": CORES, "memory": "1M"}), 0)
+            walled = ex.submit(with_options(ran, timeout=1.0), 30)
+            time.sleep(1.5)   # accepted: in the relay's record
+            relay.kill()
+            relay.start()
+            endpoint.start()
+            assert sized.result(timeout=90)[5] == str(CORES), tail(relay.log)
+            with pytest.raises(TaskTimeout):
+                walled.result(timeout=90)
+    finally:
+        endpoint.stop()
+        relay.stop()
