@@ -18,6 +18,11 @@ that said BYE, is gone: the tasks it held go to other pools (those it had
 started count as lost once, and fail with WorkerLost past
 ``worker_lost_retries``). A draining pool (its job's walltime is near) gets
 no more tasks and gives back those it had not started.
+
+*Resources.* A task asking for cores, memory or GPUs goes only to a pool
+whose node could hold it (one no node could ever hold fails at once); one
+asking for several nodes waits for that many pools of one block, kept for
+it (``placement.py``).
 """
 
 from __future__ import annotations

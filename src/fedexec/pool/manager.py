@@ -24,6 +24,10 @@ others waiting by keeping many tasks queued, a worker of the user holding
 the most, once it has finished what it holds (``_share_workers``). A worker
 told to stop that does not is killed after ``RETIRE_GRACE``.
 
+*Resources.* While it holds tasks that ask for cores, memory, GPUs or MPI
+ranks, each task starts alone at an idle worker once what it asks is free
+on the node, GPU tasks with accelerators of their own (``placement.py``).
+
 *Draining.* A pool whose batch job has a walltime (``--ends-at``) stops
 taking tasks ``--drain`` seconds before it: it tells the endpoint, gives back
 the tasks no worker has started, lets its workers finish what they hold, and
@@ -52,7 +56,7 @@ from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
 from .placement import NodeBudget, has_resources
-from .resources import NodeResources, find_accelerators
+from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
 log = logging.getLogger("fedexec.pool")
@@ -83,10 +87,7 @@ class PoolManager:
         self.workers = workers or self.resources.cores
         # what tasks asking for resources may use here (placement.py); the endpoint's
         # available_accelerators, in its WELCOME, replace the accelerators found
-        accelerators = find_accelerators()
-        self.budget = NodeBudget(self.resources.cores, self.resources.memory, accelerators)
-        self.resources = NodeResources(self.resources.cores, self.resources.memory,
-                                       len(accelerators) or self.resources.gpus)
+        self.budget = NodeBudget(self.resources.cores, self.resources.memory, list(self.resources.accelerators))
         self.ends_at = ends_at
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
