@@ -328,3 +328,19 @@ def test_a_restarted_relay_sends_tasks_on_with_their_resources_and_walltime(tmp_
     finally:
         endpoint.stop()
         relay.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_worker_that_ran_a_gpu_task_is_replaced_before_other_tasks(on):
+    """A process that loaded a GPU library keeps the devices it saw first:
+    the worker that ran a task given accelerators runs nothing after it."""
+    import psutil
+
+    with FederatedExecutor(on.gpu.id, relay=on.address) as ex:
+        gpu_pid = ex.submit(with_options(ran, resources={"gpus": 1}), 0).result(timeout=60)[6]
+        later = [ex.submit(ran, 0.05).result(timeout=60)[6] for _ in range(6)]
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(gpu_pid) and psutil.Process(gpu_pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the GPU task's worker is still running"
+            time.sleep(0.1)
+    assert gpu_pid not in later

@@ -436,6 +436,11 @@ class PoolManager:
         if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
             self._assign_by_resources()
             return
+        self._assign_batches()
+
+    def _assign_batches(self) -> None:
+        """Top up workers with batches from the queue (no task here asks for resources)."""
+        assert self.pool is not None
         # A task that takes SLOW_TASK or more goes to an idle worker only: one
         # queued behind it at a busy worker could neither move to a worker that
         # frees up sooner nor be cancelled before it starts. Quick tasks go in
@@ -466,18 +471,22 @@ class PoolManager:
         loaded a GPU library keeps the devices it saw first)."""
         assert self.pool is not None
         slots = self.pool.slots.values()
-        if not any(has_resources(task.row) for task in self.queue) and not any(
-                has_resources(task.row) for slot in slots for task in slot.tasks.values()):
-            self.budget.active = False   # none left: batches again
-            return
+        if self._gpu_workers:
+            self._gpu_workers &= self.pool.slots.keys()   # (those that died are gone)
         idle = []
         for slot in slots:
             if slot.ready and not slot.retiring and not slot.yielding and not slot.tasks:
-                if slot.worker_id in self._gpu_workers:
+                if slot.worker_id in self._gpu_workers:   # (before any other task, with resources or not)
                     self._gpu_workers.discard(slot.worker_id)
                     self._retire(slot)
                 else:
                     idle.append(slot)
+        if not any(has_resources(task.row) for task in self.queue) and not any(
+                has_resources(task.row) for slot in slots for task in slot.tasks.values()):
+            if not self._gpu_workers:
+                self.budget.active = False   # none left: batches again
+            self._assign_batches()
+            return
         if idle:
             plan = self.budget.plan(self.queue, [slot.tasks.values() for slot in slots if slot.tasks], len(idle))
             for task, env in plan:
