@@ -567,15 +567,23 @@ class EndpointAgent:
                 self._result(row[0], P.FAILED, P.pack_failure(P.REF_MISSING, why, ref=ref_id))
                 return
             task = QueuedTask(row, args)
-        if len(row) == 7 and "rs" in row[6]:
-            if self._never_fits(row):
-                return
-            if placement.several_nodes(row):
-                self.holding.add(row[0])
-                self.multi.waiting.append(task)
-                return
+        if len(row) == 7 and "rs" in row[6] and self._placed_apart(task):
+            return
         self.holding.add(row[0])
         self.queue.append(task)
+
+    def _placed_apart(self, task: QueuedTask) -> bool:
+        """A task asking for resources: True if it was dealt with here
+        (failed: no node could ever hold it; or waiting for several nodes),
+        False if it goes to the queue as any task."""
+        row = task.row
+        if self._never_fits(row):
+            return True
+        if placement.several_nodes(row):
+            self.holding.add(row[0])
+            self.multi.waiting.append(task)
+            return True
+        return False
 
     def _never_fits(self, row: list[Any]) -> bool:
         """A task asking for resources no node here could ever hold fails
