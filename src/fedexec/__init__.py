@@ -27,6 +27,7 @@ from .errors import (
 )
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
+from .shell import ShellFunction, ShellResult
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "memoized",
     "with_options",
     "DataRef",
+    "ShellFunction",
+    "ShellResult",
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",

@@ -35,6 +35,7 @@ from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dep
 from . import dataref
 from .dispatcher import AUTH_GRACE, Dispatcher, TaskFuture, WorkItem
 from .embedded import EmbeddedFederation
+from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
 from .errors import (
     DataRefError,
@@ -318,6 +319,8 @@ class FederatedExecutor(Executor):
 
         Futures among the arguments (at any depth) are dependencies: the task
         runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
+        if isinstance(fn, (ShellFunction, with_options)):
+            _check_shell_call(fn, args, kwargs)
         try:
             future = self._submit(fn, P.TASK_CALL, lambda: self._submit_arguments(fn, args, kwargs))
         except FuturesFound as found:
@@ -662,6 +665,10 @@ class FederatedExecutor(Executor):
         groups as results are taken."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        shell = fn.fn if isinstance(fn, with_options) else fn
+        if isinstance(shell, ShellFunction):
+            raise TypeError(f"{shell!r} takes keyword arguments (its command's fields), which map cannot "
+                            f"pass: submit each call")
         if buffersize is not None and (isinstance(buffersize, bool) or not isinstance(buffersize, int)
                                        or buffersize < 1):
             raise ValueError("buffersize must be None or > 0.")
@@ -782,6 +789,14 @@ def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> st
                 f"({foreign[0].get('owner')!r}), whose results are not unpickled here unless you pass "
                 "data_only=False (which trusts its owner with this process)")
     return None
+
+
+def _check_shell_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+    """A ShellFunction's call (``fn`` itself or inside ``with_options``) is
+    checked in submit: its command must fill from ``kwargs``."""
+    shell = fn.fn if isinstance(fn, with_options) else fn
+    if isinstance(shell, ShellFunction):
+        shell.check_call(args, kwargs)
 
 
 def _check_task_options(timeout: float | None, max_retries: int | None) -> None:

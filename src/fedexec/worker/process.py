@@ -64,6 +64,13 @@ _POLLIN = int(zmq.POLLIN)
 
 IDLE = b"\0" * MARKER_SIZE
 
+# What a task running in this worker may ask about itself (shell.py does):
+# the id of the task running now, and, in a sandbox, the fresh directory it
+# runs in (removed after it). Module globals: setting one costs no more than
+# a local, and a task's code finds them without a handle on the worker.
+current_task_id: bytes | None = None
+sandboxed_task_dir: str | None = None
+
 
 class TaskMarker:
     """The worker's side of its marker file: the id of the task it is
@@ -153,6 +160,7 @@ class WorkerProcess:
         self.unsent_since = 0.0
 
     def run(self) -> None:
+        global current_task_id
         # a context of its own: a task's sockets (on zmq.Context.instance())
         # cannot hold up the term() that sends our last results
         ctx = zmq.Context()
@@ -189,6 +197,7 @@ class WorkerProcess:
                 task = self.queue.popleft()
                 if self.marker is not None:
                     self.marker.set(task.row[0])
+                current_task_id = task.row[0]
                 wall_start = time.time() if len(task.row) == 7 else 0.0
                 if self.task_root is None:
                     status, blob = self.run_task(task.row, task.args)
@@ -219,11 +228,14 @@ class WorkerProcess:
         go back to the root and empty it (the directory, and whatever the task
         put beside it: the root is this worker's alone)."""
         assert self.task_root is not None
+        global sandboxed_task_dir
         path = tempfile.mkdtemp(prefix=task_id.hex()[:16] + "-", dir=self.task_root)
         os.chdir(path)
+        sandboxed_task_dir = path
         try:
             yield
         finally:
+            sandboxed_task_dir = None
             os.chdir(self.task_root)
             for name in os.listdir(self.task_root):
                 remove_tree(os.path.join(self.task_root, name))
