@@ -181,6 +181,12 @@ class FederatedExecutor(Executor):
     trust (ValueError if the endpoint is data-only). None (the default):
     data only when the endpoint (or a member of the group) is data-only, or
     belongs to another user; pickles on your own endpoints.
+
+    What a task writes to stdout and stderr on its worker comes back on its
+    future (``future.stdout``, ``future.stderr``: see :mod:`fedexec.output`);
+    ``echo_output``: also write it to this process's ``sys.stdout`` and
+    ``sys.stderr`` as each task finishes, every line prefixed with
+    ``[<last 8 hex digits of the task id>]`` (the end of ``future.task_id``).
     """
 
     def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
@@ -190,7 +196,7 @@ class FederatedExecutor(Executor):
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
-                 max_payload: int | None = None) -> None:
+                 max_payload: int | None = None, echo_output: bool = False) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -249,6 +255,7 @@ class FederatedExecutor(Executor):
         self._trace = trace
         self._dispatcher = Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
+        self._dispatcher.echo_output = bool(echo_output)
         self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
         # a call's arguments as submit pickles them: finding futures in the same pass
         self._submit_arguments: Callable[[Callable[..., Any], tuple, dict], bytes] = arguments_or_futures

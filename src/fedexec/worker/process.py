@@ -39,6 +39,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
+from ..output import OutputCapture, attach
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -134,8 +135,11 @@ class WorkerProcess:
 
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
                  parent_pid: int | None = None, *, task_root: str | None = None,
-                 exit_on_disconnect: bool = False, data_only: bool = False) -> None:
+                 exit_on_disconnect: bool = False, data_only: bool = False, capture: bool = True) -> None:
         self.address = address
+        # what tasks write to fd 1 and 2 goes back with their results (output.py)
+        self.capture = capture
+        self.output: OutputCapture | None = None
         # a data-only endpoint's worker never unpickles arguments (serialize.py's
         # data-only format); any worker answers in the format the arguments
         # came in, so a client that sent plain data (to a data-only endpoint, or
@@ -173,6 +177,7 @@ class WorkerProcess:
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         if self.task_root is not None:
             os.chdir(self.task_root)
+        self.output = OutputCapture(self.task_root) if self.capture else None
         looked = 0.0   # time.perf_counter() of the last look for messages
         try:
             while True:
@@ -216,6 +221,8 @@ class WorkerProcess:
                     self.flush()
         finally:
             self.flush()
+            if self.output is not None:
+                self.output.close()
             if monitor is not None:
                 sock.disable_monitor()
                 monitor.close(linger=0)
@@ -317,8 +324,12 @@ class WorkerProcess:
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
+            if self.output is not None:
+                self.output.discard()
             return _load_failure(str(exc))
         except Exception as exc:
+            if self.output is not None:
+                self.output.discard()
             return _load_failure(_why(exc))
         try:
             if kind == P.TASK_CHUNK:
@@ -327,14 +338,17 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
+            captured = self.output.take() if self.output is not None else None
             try:
-                return P.EXCEPTION, serialize_data_exception(exc) if data else serialize_exception(exc)
+                return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
+                                           captured)
             except BaseException as failure:
                 return P.FAILED, P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
+        captured = self.output.take() if self.output is not None else None
         try:
-            blob = encode_data(value) if data else serialize_result(value)
+            blob = attach(encode_data(value) if data else serialize_result(value), captured)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
                 blob = spill_result(blob, row[0])
             return P.OK, blob
