@@ -163,6 +163,27 @@ def test_data_only_results_carry_output_too():
         assert future.stdout == "print d\nfd d\nchild d\n"
 
 
+@pytest.mark.timeout(120)
+def test_the_endpoint_sets_the_limit_or_turns_the_capture_off(monkeypatch):
+    monkeypatch.setenv("FEDEXEC_OUTPUT_LIMIT", "6")   # the embedded endpoint's workers inherit it
+    with FederatedExecutor(max_workers=1) as ex:
+        future = ex.submit(talk, "limit")
+        assert future.result(DEADLINE) == "limit"
+        whole = "print limit\nfd limit\nchild limit\n"
+        assert future.stdout == (f"[fedexec: the first {len(whole) - 6} bytes of the task's stdout were cut; "
+                                 f"the last 6 follow]\n" + whole[-6:])
+    monkeypatch.setenv("FEDEXEC_OUTPUT_LIMIT", "0")
+    with FederatedExecutor(max_workers=1) as ex:
+        future = ex.submit(talk, "off")
+        assert future.result(DEADLINE) == "off"
+        assert (future.stdout, future.stderr) == ("", "")
+    monkeypatch.setenv("FEDEXEC_OUTPUT_LIMIT", "lots")   # ignored (said in the endpoint's log): the default
+    with FederatedExecutor(max_workers=1) as ex:
+        future = ex.submit(talk, "bad")
+        assert future.result(DEADLINE) == "bad"
+        assert future.stdout == "print bad\nfd bad\nchild bad\n"
+
+
 # -- the capture and the trailer, in a worker-like process of their own ------------------
 
 CAPTURE_SCRIPT = textwrap.dedent("""

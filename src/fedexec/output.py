@@ -18,7 +18,10 @@ long log is where the error is) and empties the files for the next task.
 The worker's own memory never holds more than that, whatever a task writes
 (the files are on disk). Output written after a task returned (by a thread
 or a background process it left running) is seen with the next task of the
-same worker, which runs the same user's tasks only.
+same worker, which runs the same user's tasks only. A memoized call's result
+(kept by the client or the relay) brings the output of the run that made it.
+The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
+(0: no capture at all), else OUTPUT_LIMIT.
 
 *Carried (the trailer).* The output travels inside the result's (or the
 exception's) payload, as a trailer after it: the relay only forwards those
@@ -54,6 +57,8 @@ import msgpack
 from .transfer import Pieces
 
 OUTPUT_LIMIT = 1 << 20          # bytes of each stream a task's result carries at most (the last ones)
+LIMIT_ENV = "FEDEXEC_OUTPUT_LIMIT"   # the workers' environment may set another (0: no capture)
+MAX_LIMIT = 16 * OUTPUT_LIMIT   # (two streams of it must fit in a result's frame with the value)
 MAGIC = b"\x00fedexec-output\x01"   # ends the trailer; never the end of a pickle (those end with ".")
 _LENGTH = struct.Struct("<I")
 _TAIL = _LENGTH.size + len(MAGIC)
@@ -114,6 +119,27 @@ class OutputCapture:
                 os.close(saved)
         for f in self.files:
             f.close()
+
+
+def configured_limit() -> int:
+    """The bytes of each stream a worker sends back at most: ``$FEDEXEC_OUTPUT_LIMIT``
+    (set in the endpoint's worker environment) or OUTPUT_LIMIT. 0 turns the
+    capture off: tasks then write to the worker's own streams (the endpoint's
+    log), as before there was a capture. A bad value is said in that log
+    and the default used (a worker that refused to start would only be
+    started again, and again)."""
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return OUTPUT_LIMIT
+    try:
+        limit = int(raw)
+        if not 0 <= limit <= MAX_LIMIT:
+            raise ValueError
+    except ValueError:
+        sys.stderr.write(f"fedexec worker: ignored {LIMIT_ENV}={raw!r} (give 0, no capture, to {MAX_LIMIT} "
+                         f"bytes); using {OUTPUT_LIMIT}\n")
+        return OUTPUT_LIMIT
+    return limit
 
 
 def _flush() -> None:

@@ -13,8 +13,9 @@ a signal, a segfault) the pool knows which task did it (the pool reads the
 file without mapping it: ``MarkerFile``).
 
 Deserialized functions stay cached by hash (warm), so a function body
-reaches a worker once. Whatever the function prints goes to the worker's own
-stdout/stderr, never onto the protocol socket.
+reaches a worker once. Whatever the task writes to stdout/stderr (fd 1 and
+2) is captured per task and goes back after its result's bytes
+(``output.py``), never onto the protocol socket as a message of its own.
 
 With a *task root* (sandboxed workers, see ``sandbox.py``), each task runs
 in a fresh directory of its own under it, removed when the task ends, so
@@ -39,7 +40,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
-from ..output import OutputCapture, attach
+from ..output import OutputCapture, attach, configured_limit
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -177,7 +178,8 @@ class WorkerProcess:
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         if self.task_root is not None:
             os.chdir(self.task_root)
-        self.output = OutputCapture(self.task_root) if self.capture else None
+        limit = configured_limit() if self.capture else 0
+        self.output = OutputCapture(self.task_root, limit) if limit else None
         looked = 0.0   # time.perf_counter() of the last look for messages
         try:
             while True:
