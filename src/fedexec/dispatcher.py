@@ -50,7 +50,7 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
-from .output import echo as echo_output, split as split_output, text as output_text
+from .output import MAGIC as OUTPUT_MAGIC, echo as echo_output, split as split_output, text as output_text
 from .serialize import NotData, decode_data, deserialize, deserialize_data_exception, deserialize_exception
 
 log = logging.getLogger("fedexec.executor")
@@ -862,7 +862,7 @@ class Dispatcher(threading.Thread):
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
         item.running = True
-        if status != P.FAILED:
+        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):   # (no call: common case)
             blob, output = split_output(blob)
             if output is not None:
                 self._show_output(item, output)
