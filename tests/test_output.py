@@ -67,6 +67,11 @@ def total(array):
     return float(array.sum())
 
 
+def paint():
+    print("\x1b]0;owned\x07\x1b[2Jred")
+    return 0
+
+
 def add_one(x):
     print(f"adding to {x}")
     return x + 1
@@ -146,13 +151,21 @@ def test_echo_output_writes_each_line_prefixed_with_the_task(capsys):
             future.result(DEADLINE)
         quiet = ex.submit(silent, 1)
         quiet.result(DEADLINE)
+        painted = ex.submit(paint)
+        painted.result(DEADLINE)
     captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    # terminal control sequences are shown, not sent to the caller's terminal; the future keeps them
+    assert painted.stdout == "\x1b]0;owned\x07\x1b[2Jred\n"
+    shown = f"[{painted.task_id[-8:]}] \\x1b]0;owned\\x07\\x1b[2Jred\n"
+    assert shown in out and "\x1b" not in out, out
+    out = out.replace(shown, "")
     for i, future in enumerate(futures):
         prefix = f"[{future.task_id.replace('-', '')[-8:]}] "
-        assert f"{prefix}print e{i}\n{prefix}fd e{i}\n{prefix}child e{i}\n" in captured.out, captured.out
-        assert f"{prefix}stderr e{i}\n{prefix}child-err e{i}\n" in captured.err, captured.err
+        assert f"{prefix}print e{i}\n{prefix}fd e{i}\n{prefix}child e{i}\n" in out, out
+        assert f"{prefix}stderr e{i}\n{prefix}child-err e{i}\n" in err, err
         assert future.task_id.endswith(prefix[1:9])
-    assert captured.out.count("\n") == 9 and captured.err.count("\n") == 6   # nothing from the quiet task
+    assert out.count("\n") == 9 and err.count("\n") == 6   # nothing from the quiet task
 
 
 @pytest.mark.timeout(120)

@@ -862,7 +862,8 @@ class Dispatcher(threading.Thread):
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
         item.running = True
-        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):   # (no call: common case)
+        # a task's output after its result (output.py); the common result, bytes without it, costs no call
+        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):
             blob, output = split_output(blob)
             if output is not None:
                 self._show_output(item, output)
@@ -896,7 +897,6 @@ class Dispatcher(threading.Thread):
         except Exception as exc:  # a malformed result must not take the thread down
             if not future.done():
                 future.set_exception(DeserializationError(f"malformed result: {exc}"))
-
 
     def _show_output(self, item: WorkItem, output: tuple[bytes, bytes, int, int]) -> None:
         """A task's captured output onto its future, and (``echo_output``)

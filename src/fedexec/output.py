@@ -219,14 +219,21 @@ def text(data: bytes, cut: int, stream: str) -> str:
     return shown
 
 
+# Control characters (but tab) shown as escapes when echoed: a task's output
+# (or an endpoint's forgery of it) must not drive the caller's terminal
+# (move the cursor, retitle the window, hide text). future.stdout keeps them.
+_SHOWN = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if code != 0x09}
+
+
 def echo(prefix: str, stdout: str, stderr: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
     """Write a task's output to the caller's streams (``sys.stdout`` and
-    ``sys.stderr`` by default), each line after ``prefix``; errors of the
-    streams are ignored (a closed console must not stop results)."""
+    ``sys.stderr`` by default), each line after ``prefix``, control
+    characters escaped; errors of the streams are ignored (a closed console
+    must not stop results)."""
     for content, stream in ((stdout, out or sys.stdout), (stderr, err or sys.stderr)):
         if not content or stream is None:
             continue
-        lines = content.splitlines()
+        lines = [line.translate(_SHOWN) for line in content.splitlines()]
         with contextlib.suppress(Exception):
             stream.write("".join(f"{prefix}{line}\n" for line in lines))
             stream.flush()
