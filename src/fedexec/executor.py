@@ -184,6 +184,12 @@ class FederatedExecutor(Executor):
     data only when the endpoint (or a member of the group) is data-only, or
     belongs to another user; pickles on your own endpoints.
 
+    What a task writes to stdout and stderr on its worker comes back on its
+    future (``future.stdout``, ``future.stderr``: see :mod:`fedexec.output`);
+    ``echo_output``: also write it to this process's ``sys.stdout`` and
+    ``sys.stderr`` as each task finishes, every line prefixed with
+    ``[<last 8 hex digits of the task id>]`` (the end of ``future.task_id``).
+
     ``resource_specification``: what each task needs of its node(s), e.g.
     ``{"cores": 2, "memory": "4G", "gpus": 1}`` (see :mod:`fedexec.resources`
     and :class:`with_options`); the endpoint runs a task only where that is
@@ -197,7 +203,8 @@ class FederatedExecutor(Executor):
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
-                 max_payload: int | None = None, resource_specification: dict[str, Any] | None = None) -> None:
+                 max_payload: int | None = None, echo_output: bool = False,
+                 resource_specification: dict[str, Any] | None = None) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -258,6 +265,7 @@ class FederatedExecutor(Executor):
         self._trace = trace
         self._dispatcher = Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
+        self._dispatcher.echo_output = bool(echo_output)
         self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
         # a call's arguments as submit pickles them: finding futures in the same pass
         self._submit_arguments: Callable[[Callable[..., Any], tuple, dict], bytes] = arguments_or_futures

@@ -22,7 +22,10 @@ processes that left the group (``setsid``) but are still descendants of the
 shell, found through ``/proc``; the return code is then 124, as
 ``timeout(1)`` gives. Without a walltime, processes the command leaves
 running in the background (``cmd &``) are left alone, as ``subprocess.run``
-leaves them.
+leaves them. A task timeout (``with_options(..., timeout=)``) is not a
+walltime: the pool then kills the worker, and on an unsandboxed endpoint the
+command, in a session of its own, can outlive it (in a sandbox the whole
+namespace goes); give commands a walltime.
 
 *Subclasses* (MPI): :meth:`ShellFunction.command` is the one place that
 turns the call's keyword arguments into the command line; override it to
@@ -224,10 +227,13 @@ def _task_directory() -> tuple[str, bool]:
     if process.sandboxed_task_dir is not None:
         return process.sandboxed_task_dir, False
     base = os.environ.get(TASK_DIR_ENV) or str(fedexec_home() / "tasks")
-    os.makedirs(base, mode=0o700, exist_ok=True)
     task = process.current_task_id
     prefix = (task.hex() if task else "task") + "-"
-    return tempfile.mkdtemp(prefix=prefix, dir=base), True
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=base), True
+    except FileNotFoundError:   # the first task here (or the base was removed): make it, once
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=prefix, dir=base), True
 
 
 def kill_tree(process: subprocess.Popen) -> None:
