@@ -45,15 +45,16 @@ def parse_memory(value: Any) -> int:
     """Bytes from an int, or a string like ``"4G"``, ``"512M"``, ``"1.5GiB"``
     (K/M/G/T: powers of 1024); ValueError naming the value otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"memory must be a number of bytes or a string such as '4G', not {value!r}")
+        raise ValueError(f"resources: memory must be a number of bytes or a string such as '4G', not {value!r}")
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and (match := _MEMORY.fullmatch(value)):
         number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     else:
-        raise ValueError(f"memory must be a number of bytes or a string such as '4G' (K, M, G, T), not {value!r}")
+        raise ValueError(f"resources: memory must be a number of bytes or a string such as '4G' (K, M, G, T), "
+                         f"not {value!r}")
     if not 0 <= number <= MAX_MEMORY:
-        raise ValueError(f"memory must be from 0 to {MAX_MEMORY:,} bytes, not {value!r}")
+        raise ValueError(f"resources: memory must be from 0 to {MAX_MEMORY:,} bytes, not {value!r}")
     return number
 
 
