@@ -118,20 +118,37 @@ def ensure_installed(timeout: float = 900) -> bool:
 
     Returns True when it installed something, False when all was there.
     Raises SlurmSetupError (saying why) when not root or apt-get fails."""
-    missing = [p for p in PROGRAMS if which(p) is None]
+    return ensure_programs(PROGRAMS, PACKAGES, "Slurm", timeout)
+
+
+MPI_PACKAGES = ("mpich", "libmpich-dev")
+MPI_PROGRAMS = ("mpicc.mpich", "mpiexec.mpich")
+
+
+def ensure_mpich(timeout: float = 900) -> bool:
+    """Install Debian's MPICH (``mpicc.mpich``, ``mpiexec.mpich``, PMI-2 for
+    ``srun --mpi=pmi2``) when missing, as ensure_installed does Slurm."""
+    return ensure_programs(MPI_PROGRAMS, MPI_PACKAGES, "MPICH", timeout)
+
+
+def ensure_programs(programs: tuple[str, ...], packages: tuple[str, ...], what: str, timeout: float = 900) -> bool:
+    """Install ``packages`` with apt-get when one of ``programs`` is missing;
+    True when it installed something. SlurmSetupError (saying why) when not
+    root or apt-get fails."""
+    missing = [p for p in programs if which(p) is None]
     if not missing:
         return False
-    why = f"Slurm is not installed ({', '.join(missing)} not found)"
+    why = f"{what} is not installed ({', '.join(missing)} not found)"
     if os.geteuid() != 0:
-        raise SlurmSetupError(f"{why}, and installing {' '.join(PACKAGES)} with apt-get needs root "
+        raise SlurmSetupError(f"{why}, and installing {' '.join(packages)} with apt-get needs root "
                               f"(running as uid {os.geteuid()})")
     apt = which("apt-get")
     if apt is None:
-        raise SlurmSetupError(f"{why}, and apt-get is not available to install {' '.join(PACKAGES)}")
+        raise SlurmSetupError(f"{why}, and apt-get is not available to install {' '.join(packages)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     # test processes running side by side (pytest -n) may install at once: apt waits for dpkg's lock
     wait = ["-o", "DPkg::Lock::Timeout=600"]
-    install = [apt, *wait, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    install = [apt, *wait, "install", "-y", "-q", "--no-install-recommends", *packages]
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess:
         try:
@@ -150,9 +167,9 @@ def ensure_installed(timeout: float = 900) -> bool:
     if proc.returncode != 0:
         raise SlurmSetupError(f"{why}; `{' '.join(install)}` exited {proc.returncode}:\n"
                               f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    still = [p for p in PROGRAMS if which(p) is None]
+    still = [p for p in programs if which(p) is None]
     if still:
-        raise SlurmSetupError(f"installed {' '.join(PACKAGES)}, but {', '.join(still)} still not found")
+        raise SlurmSetupError(f"installed {' '.join(packages)}, but {', '.join(still)} still not found")
     return True
 
 
@@ -180,11 +197,16 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 class SlurmCluster:
-    """One private single-node Slurm cluster; see the module docstring."""
+    """One private Slurm cluster; see the module docstring. With ``nodes`` >
+    1, that many nodes ``node1``... on this one machine, each its own
+    ``slurmd -N nodeK`` on a port of its own (Debian's Slurm is built with
+    multiple-slurmd support; each node claims the host's real CPUs)."""
 
     partition = "debug"
 
-    def __init__(self, base_dir: str | os.PathLike | None = None):
+    def __init__(self, base_dir: str | os.PathLike | None = None, nodes: int = 1):
+        self.nodes = nodes
+        self._slurmds: list[subprocess.Popen] = []
         self.hostname = socket.gethostname().split(".")[0]
         self.name = "fx" + uuid.uuid4().hex[:10]
         self._base_dir = base_dir
@@ -217,9 +239,16 @@ class SlurmCluster:
             self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0
                        and "UP" in self._run(["scontrol", "ping"], check=False).stdout,
                        timeout, "slurmctld to answer `scontrol ping`", self._slurmctld)
-            self._slurmd = self._spawn([_need("slurmd"), "-D"], "slurmd")
-            self.started = True
-            self._wait(lambda: self.node_state() == "idle", timeout, "the node to be idle", self._slurmd)
+            if self.nodes == 1:
+                self._slurmd = self._spawn([_need("slurmd"), "-D"], "slurmd")
+                self.started = True
+                self._wait(lambda: self.node_state() == "idle", timeout, "the node to be idle", self._slurmd)
+            else:
+                self._slurmds = [self._spawn([_need("slurmd"), "-D", "-N", name], f"slurmd-{name}")
+                                 for name in self.node_names]
+                self.started = True
+                self._wait(lambda: self.node_states() == ["idle"] * self.nodes, timeout,
+                           f"the {self.nodes} nodes to be idle", self._slurmds[0])
         except BaseException:
             self.stop()
             raise
@@ -281,9 +310,26 @@ class SlurmCluster:
         rest = " ".join(f"{k}={v}" for k, v in fields.items())
         return f"NodeName={self.hostname} NodeAddr=127.0.0.1 NodeHostname={self.hostname} {rest} State=UNKNOWN"
 
+    @property
+    def node_names(self) -> list[str]:
+        return [self.hostname] if self.nodes == 1 else [f"node{k}" for k in range(1, self.nodes + 1)]
+
+    def _node_lines(self, ports: list[int]) -> str:
+        """One node (this host), or ``nodes`` nodes node1... at 127.0.0.1 on
+        ports of their own, with per-node spool, pid, log and TmpFS paths."""
+        if self.nodes == 1:
+            return self._node_line()
+        rest = self._node_line().split(f"NodeHostname={self.hostname} ", 1)[1]
+        return "\n".join(f"NodeName={name} NodeAddr=127.0.0.1 Port={port} {rest}"
+                         for name, port in zip(self.node_names, ports))
+
     def _write_conf(self) -> Path:
         d = self.dir
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port, *node_ports = _free_ports(2 + (self.nodes if self.nodes > 1 else 0))
+        per_node = "/%n" if self.nodes > 1 else ""
+        for name in self.node_names if self.nodes > 1 else ():
+            for sub in ("spool", "tmp"):
+                (d / sub / name).mkdir(parents=True, exist_ok=True)
         auth_info = f"AuthInfo=socket={self.munge_socket}\n" if self.munge_socket else ""
         plugstack = d / "plugstack.conf"
         plugstack.write_text("")  # no SPANK plugins, whatever /etc/slurm holds
@@ -298,11 +344,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 {auth_info}StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
+SlurmdSpoolDir={d / 'spool'}{per_node}
 SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
+SlurmdPidFile={d / 'slurmd'}{'.%n' if per_node else ''}.pid
 SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
-SlurmdLogFile={d / 'log' / 'slurmd.log'}
+SlurmdLogFile={d / 'log' / 'slurmd'}{'.%n' if per_node else ''}.log
+{f"TmpFS={d / 'tmp'}/%n" if per_node else ""}
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={plugstack}
@@ -325,7 +372,7 @@ InactiveLimit=0
 KillWait=5
 OverTimeLimit=0
 MinJobAge=300
-{self._node_line()}
+{self._node_lines(node_ports)}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         conf = d / "slurm.conf"
@@ -368,6 +415,12 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """The node's state as sinfo says it ('idle', 'alloc', 'mix', 'down*', ...)."""
         proc = self._run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
         return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
+
+    def node_states(self) -> list[str]:
+        """Each node's state, as sinfo says it, in node order."""
+        proc = self._run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        states = dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+        return [states.get(name, "") for name in self.node_names]
 
     def jobs(self) -> list[str]:
         """Ids of the jobs squeue shows (pending, running, completing...)."""
@@ -467,6 +520,8 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if self._slurmctld is not None and self._slurmctld.poll() is None:
             self.cancel_all()
         self._terminate(self._slurmd)
+        for slurmd in self._slurmds:
+            self._terminate(slurmd)
         self._terminate(self._slurmctld)
         leftovers = self._own_processes()
         for p in leftovers:
@@ -486,6 +541,27 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster4():
+    """A started 4-node SlurmCluster (node1..node4 on this machine) with
+    Debian's MPICH installed, shared by the session. Fails (never skips)
+    when either cannot be installed or the cluster cannot start."""
+    try:
+        ensure_installed()
+        ensure_mpich()
+    except SlurmSetupError as e:
+        pytest.fail(f"cannot install Slurm and MPICH for the tests: {e}", pytrace=False)
+    cluster = SlurmCluster(nodes=4)
+    try:
+        cluster.start()
+    except SlurmSetupError as e:
+        pytest.fail(f"cannot start the 4-node test Slurm cluster: {e}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,8 @@ from .errors import (
 )
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
+from .shell import ShellFunction, ShellResult
+from .mpi import MPIFunction
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,9 @@ __all__ = [
     "memoized",
     "with_options",
     "DataRef",
+    "ShellFunction",
+    "ShellResult",
+    "MPIFunction",
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",

@@ -267,6 +267,12 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.sandbox_image = ns.sandbox_image
     if ns.data_only is not None:
         config.data_only = ns.data_only
+    if ns.available_accelerators is not None:
+        config.available_accelerators = [i.strip() for i in ns.available_accelerators.split(",") if i.strip()]
+    if ns.accelerators_shared is not None:
+        config.accelerators_shared = ns.accelerators_shared
+    if ns.mpi_launcher is not None:
+        config.mpi_launcher = ns.mpi_launcher
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
@@ -571,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-only", action=argparse.BooleanOptionalAction, default=None,
                    help="take and give only plain data (numbers, text, bytes, lists, dicts, numpy arrays), never "
                         "pickles; default: on with an allow-list")
+    p.add_argument("--available-accelerators", metavar="IDS",
+                   help="accelerator (GPU) ids of each node, comma-separated, e.g. 0,1 ('' : find them)")
+    p.add_argument("--accelerators-shared", action=argparse.BooleanOptionalAction, default=None,
+                   help="let concurrent tasks be given the same accelerator")
+    p.add_argument("--mpi-launcher", help="srun, mpiexec, mpirun or a command such as mpiexec.mpich")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")

@@ -231,6 +231,13 @@ class EndpointConfig:
     data_only: bool | None = None
     relay_public_key: str = ""      # the relay's CURVE public key (Z85), pinned; empty: plain connection
     ref_cache_bytes: int = 16 * 1024 ** 3   # bytes of DataRef copies kept at most (endpoint/refs.py)
+    # the accelerators (GPU ids) of each node, as in Parsl; empty: found on the node (nvidia-smi -L,
+    # rocm-smi, CUDA_VISIBLE_DEVICES); a task asking for GPUs gets its own (CUDA_VISIBLE_DEVICES ...)
+    available_accelerators: list[str] = field(default_factory=list)
+    accelerators_shared: bool = False   # true: concurrent tasks may be given the same accelerator
+    # how a task asking for several nodes or MPI ranks is launched: srun, mpiexec, mpirun or a
+    # command (e.g. "mpiexec.mpich"); "": srun with the slurm provider, else mpiexec
+    mpi_launcher: str = ""
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
@@ -249,9 +256,10 @@ class EndpointConfig:
                           ("heartbeat_period", (int, float)), ("worker_batch", int),
                           ("worker_lost_retries", int), ("heartbeats_missed", int),
                           ("allowed_functions", list), ("sandbox", str), ("sandbox_image", str),
-                          ("relay_public_key", str), ("ref_cache_bytes", int)):
+                          ("relay_public_key", str), ("ref_cache_bytes", int),
+                          ("available_accelerators", list), ("accelerators_shared", bool), ("mpi_launcher", str)):
             value = getattr(self, key)
-            if not isinstance(value, kind) or isinstance(value, bool):
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
                 article = "an" if want[0] in "aeiou" else "a"
                 raise ConfigError(f"{key} must be {article} {want}, not {value!r}")
@@ -279,6 +287,10 @@ class EndpointConfig:
             if not (isinstance(fn_hash, str) and re.fullmatch(r"[0-9a-f]{64}", fn_hash)):
                 raise ConfigError(f"allowed_functions: {fn_hash!r} is not a function hash (64 hex digits, "
                                   "as printed by 'fedexec function hash')")
+        check_accelerators(self.available_accelerators)
+        if self.mpi_launcher and not re.fullmatch(r"[A-Za-z0-9_./+-][A-Za-z0-9_./+= -]*", self.mpi_launcher):
+            raise ConfigError(f"mpi_launcher must be srun, mpiexec, mpirun or a plain command, not "
+                              f"{self.mpi_launcher!r}")
         if self.data_only is not None and not isinstance(self.data_only, bool):
             raise ConfigError(f"data_only must be true or false, not {self.data_only!r}")
         if self.sandbox not in SANDBOXES:
@@ -337,6 +349,14 @@ class EndpointConfig:
             f"# Bytes of DataRefs (ex.put) kept here at most, for all users together; a task\n"
             f"# whose refs do not fit beside the copies other tasks here use fails.\n"
             f"ref_cache_bytes = {self.ref_cache_bytes}\n"
+            f"# Accelerator (GPU) ids of each node; empty: found there (nvidia-smi, rocm-smi).\n"
+            f"# A task asking for gpus gets its own through CUDA_VISIBLE_DEVICES and the\n"
+            f"# ROCm/oneAPI equivalents, unless accelerators_shared = true.\n"
+            f"available_accelerators = {json.dumps(self.available_accelerators)}\n"
+            f"accelerators_shared = {'true' if self.accelerators_shared else 'false'}\n"
+            f"# Launcher of tasks asking for several nodes or MPI ranks (srun, mpiexec, mpirun,\n"
+            f"# or a command such as mpiexec.mpich); empty: srun on Slurm, else mpiexec.\n"
+            f"mpi_launcher = {json.dumps(self.mpi_launcher)}\n"
             f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
@@ -353,7 +373,8 @@ class EndpointConfig:
             raise ConfigError(f"{path}: {exc}") from None
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
-                 "data_only", "relay_public_key", "ref_cache_bytes", "provider"}
+                 "data_only", "relay_public_key", "ref_cache_bytes", "provider", "available_accelerators",
+                 "accelerators_shared", "mpi_launcher"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -367,6 +388,21 @@ class EndpointConfig:
             raise ConfigError(f"{path}: {exc}") from None
         config.validate()
         return config
+
+
+MAX_ACCELERATORS = 1024
+
+
+def check_accelerators(ids: object) -> list[str]:
+    """``available_accelerators``: distinct device ids (digits, or a UUID
+    such as GPU-8f0c...), at most MAX_ACCELERATORS; ConfigError otherwise."""
+    if not isinstance(ids, list) or len(ids) > MAX_ACCELERATORS or not all(
+            isinstance(i, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", i) for i in ids):
+        raise ConfigError(f"available_accelerators must be a list of at most {MAX_ACCELERATORS} device ids "
+                          f"such as [\"0\", \"1\"], not {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"available_accelerators names a device twice: {ids!r}")
+    return ids
 
 
 # -- named endpoint groups ------------------------------------------------------

@@ -50,6 +50,7 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
+from .output import MAGIC as OUTPUT_MAGIC, echo as echo_output, split as split_output, text as output_text
 from .serialize import NotData, decode_data, deserialize, deserialize_data_exception, deserialize_exception
 
 log = logging.getLogger("fedexec.executor")
@@ -80,7 +81,14 @@ class TaskFuture(Future):
     and endpoint to drop the task and returns True once they confirm it, or
     False when the task turns out to be running or done (or no answer comes
     within ``CANCEL_TIMEOUT`` seconds). ``task_id`` is the task's durable id.
+
+    ``stdout`` and ``stderr``: what the task wrote to them on its worker
+    (output.py), as str, once it is done: at most 1 MiB each (the last),
+    after a note saying how many bytes were cut; ``""`` when it wrote nothing.
     """
+
+    stdout: str = ""   # (set on the future only when the task wrote something: output.py)
+    stderr: str = ""
 
     def __init__(self, dispatcher: "Dispatcher", task_id: bytes) -> None:
         super().__init__()
@@ -247,6 +255,7 @@ class Dispatcher(threading.Thread):
         # executor's data_only); data_only_why says why, for its errors
         self.data_only = False
         self.data_only_why = ""
+        self.echo_output = False   # tasks' output also to this process's streams (FederatedExecutor's echo_output)
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -853,6 +862,11 @@ class Dispatcher(threading.Thread):
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
         item.running = True
+        # a task's output after its result (output.py); the common result, bytes without it, costs no call
+        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):
+            blob, output = split_output(blob)
+            if output is not None:
+                self._show_output(item, output)
         try:
             if status == P.OK:
                 try:
@@ -883,6 +897,16 @@ class Dispatcher(threading.Thread):
         except Exception as exc:  # a malformed result must not take the thread down
             if not future.done():
                 future.set_exception(DeserializationError(f"malformed result: {exc}"))
+
+    def _show_output(self, item: WorkItem, output: tuple[bytes, bytes, int, int]) -> None:
+        """A task's captured output onto its future, and (``echo_output``)
+        onto this process's streams, each line prefixed with the task."""
+        future = item.future
+        stdout, stderr, stdout_cut, stderr_cut = output
+        future.stdout = output_text(stdout, stdout_cut, "stdout")
+        future.stderr = output_text(stderr, stderr_cut, "stderr")
+        if self.echo_output:
+            echo_output(f"[{item.task_id.hex()[-8:]}] ", future.stdout, future.stderr)
 
 
 def _chain_dependency(error: DependencyError, futures: list[TaskFuture]) -> None:

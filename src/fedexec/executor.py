@@ -35,6 +35,9 @@ from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dep
 from . import dataref
 from .dispatcher import AUTH_GRACE, Dispatcher, TaskFuture, WorkItem
 from .embedded import EmbeddedFederation
+from .mpi import check_resources as check_mpi_resources
+from .resources import resource_option
+from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
 from .errors import (
     DataRefError,
@@ -180,6 +183,17 @@ class FederatedExecutor(Executor):
     trust (ValueError if the endpoint is data-only). None (the default):
     data only when the endpoint (or a member of the group) is data-only, or
     belongs to another user; pickles on your own endpoints.
+
+    What a task writes to stdout and stderr on its worker comes back on its
+    future (``future.stdout``, ``future.stderr``: see :mod:`fedexec.output`);
+    ``echo_output``: also write it to this process's ``sys.stdout`` and
+    ``sys.stderr`` as each task finishes, every line prefixed with
+    ``[<last 8 hex digits of the task id>]`` (the end of ``future.task_id``).
+
+    ``resource_specification``: what each task needs of its node(s), e.g.
+    ``{"cores": 2, "memory": "4G", "gpus": 1}`` (see :mod:`fedexec.resources`
+    and :class:`with_options`); the endpoint runs a task only where that is
+    free. Unknown keys and bad values raise ValueError.
     """
 
     def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
@@ -189,7 +203,8 @@ class FederatedExecutor(Executor):
                  task_timeout: float | None = None, max_in_flight: int | None = 100_000,
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
-                 max_payload: int | None = None) -> None:
+                 max_payload: int | None = None, echo_output: bool = False,
+                 resource_specification: dict[str, Any] | None = None) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -201,6 +216,8 @@ class FederatedExecutor(Executor):
         if worker_batch is not None and worker_batch < 1:
             raise ValueError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
+        #: the resources every task asks unless with_options says otherwise (the ``rs`` option, resources.py)
+        self._resources = resource_option(resource_specification)
         if data_only is not None and not isinstance(data_only, bool):
             raise ValueError(f"data_only must be None, True or False, not {data_only!r}")
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
@@ -248,6 +265,7 @@ class FederatedExecutor(Executor):
         self._trace = trace
         self._dispatcher = Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
+        self._dispatcher.echo_output = bool(echo_output)
         self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
         # a call's arguments as submit pickles them: finding futures in the same pass
         self._submit_arguments: Callable[[Callable[..., Any], tuple, dict], bytes] = arguments_or_futures
@@ -312,12 +330,27 @@ class FederatedExecutor(Executor):
                 raise RelayUnavailable(f"the embedded endpoint did not connect within {timeout:g} s")
             time.sleep(0.02)
 
+    @property
+    def resource_specification(self) -> dict[str, int] | None:
+        """The resources every task of this executor asks (as Globus Compute's
+        executor attribute; ``with_options(f, resources=...)`` overrides it
+        per function), in the checked wire form (:mod:`fedexec.resources`);
+        set it to a spec such as ``{"cores": 2, "gpus": 1}``, or None."""
+        return self._resources
+
+    @resource_specification.setter
+    def resource_specification(self, spec: dict[str, Any] | None) -> None:
+        self._resources = resource_option(spec)
+
     # -- the Executor API ----------------------------------------------------
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule ``fn(*args, **kwargs)`` on the endpoint; return its Future.
 
         Futures among the arguments (at any depth) are dependencies: the task
         runs once they are all done, on their values (see :mod:`fedexec.dependencies`)."""
+        if isinstance(fn, (ShellFunction, with_options)):
+            _check_shell_call(fn, args, kwargs)
+            self._check_mpi_call(fn)
         try:
             future = self._submit(fn, P.TASK_CALL, lambda: self._submit_arguments(fn, args, kwargs))
         except FuturesFound as found:
@@ -328,6 +361,13 @@ class FederatedExecutor(Executor):
             return self._submit_dependent(fn, memoize, extra, args, kwargs, future)
         return future
 
+    def _check_mpi_call(self, fn: Callable[..., Any]) -> None:
+        """An MPIFunction must ask for nodes or ranks (mpi.py)."""
+        if isinstance(fn, with_options):
+            check_mpi_resources(fn.fn, fn.resources if fn.resources is not _UNSET else self._resources)
+        else:
+            check_mpi_resources(fn, self._resources)
+
     def _callable(self, fn: Callable[..., Any]) -> tuple[Callable[..., Any], bool, dict[str, Any] | None]:
         """The function to send, whether its calls are memoized, and the task
         options that travel with it; raises if the executor is shut down or
@@ -336,16 +376,20 @@ class FederatedExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         memoize, timeout, retries = self._memoize, self._task_timeout, self._max_retries
+        resources = self._resources
         if isinstance(fn, with_options):
             memoize = fn.memoize if fn.memoize is not None else memoize
             timeout = fn.timeout if fn.timeout is not None else timeout
             retries = fn.max_retries if fn.max_retries is not None else retries
+            resources = fn.resources if fn.resources is not _UNSET else resources
             fn = fn.fn
         extra: dict[str, Any] = {}
         if retries:
             extra["r"] = retries
         if timeout is not None:
             extra["to"] = timeout
+        if resources is not None:
+            extra["rs"] = resources
         return fn, memoize, extra or None
 
     def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:
@@ -662,6 +706,10 @@ class FederatedExecutor(Executor):
         groups as results are taken."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        shell = fn.fn if isinstance(fn, with_options) else fn
+        if isinstance(shell, ShellFunction):
+            raise TypeError(f"{shell!r} takes keyword arguments (its command's fields), which map cannot "
+                            f"pass: submit each call")
         if buffersize is not None and (isinstance(buffersize, bool) or not isinstance(buffersize, int)
                                        or buffersize < 1):
             raise ValueError("buffersize must be None or > 0.")
@@ -784,6 +832,14 @@ def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> st
     return None
 
 
+def _check_shell_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> None:
+    """A ShellFunction's call (``fn`` itself or inside ``with_options``) is
+    checked in submit: its command must fill from ``kwargs``."""
+    shell = fn.fn if isinstance(fn, with_options) else fn
+    if isinstance(shell, ShellFunction):
+        shell.check_call(args, kwargs)
+
+
 def _check_task_options(timeout: float | None, max_retries: int | None) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= P.MAX_WALLTIME):
@@ -794,6 +850,9 @@ def _check_task_options(timeout: float | None, max_retries: int | None) -> None:
         raise ValueError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
 
 
+_UNSET = object()   # with_options(resources=...) not given: the executor's resource_specification
+
+
 class with_options:
     """Options for the calls of one function, for ``submit`` and ``map``:
     ``ex.submit(with_options(f, timeout=60, max_retries=2), x)``.
@@ -802,23 +861,32 @@ class with_options:
     endpoint (the worker running a call past it is stopped and the call fails
     with :class:`~fedexec.TaskTimeout`). ``max_retries``: times a call that
     raised is run again before its exception is returned. ``memoize``: see
-    :class:`memoized`. Unset options take the executor's.
+    :class:`memoized`. ``resources``: what each call needs of its node(s),
+    e.g. ``{"cores": 4, "memory": "8G", "gpus": 1}`` or for MPI
+    ``{"nodes": 2, "ranks_per_node": 4}`` (see :mod:`fedexec.resources`;
+    it replaces the executor's ``resource_specification``, ``None`` asks
+    for nothing beyond one core). Unknown keys and bad values raise
+    ValueError here. Unset options take the executor's.
     """
 
     def __init__(self, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
-                 memoize: bool | None = None) -> None:
+                 memoize: bool | None = None, resources: dict[str, Any] | None | object = _UNSET) -> None:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         _check_task_options(timeout, max_retries)
+        option = resources if resources is _UNSET else resource_option(resources)  # type: ignore[arg-type]
         if isinstance(fn, with_options):  # the outer options win
             timeout = fn.timeout if timeout is None else timeout
             max_retries = fn.max_retries if max_retries is None else max_retries
             memoize = fn.memoize if memoize is None else memoize
+            option = fn.resources if option is _UNSET else option
             fn = fn.fn
         self.fn = fn
         self.timeout = timeout
         self.max_retries = max_retries
         self.memoize = memoize
+        #: the ``rs`` option (resources.py) its calls carry; _UNSET: the executor's
+        self.resources: dict[str, int] | None | object = option
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 import msgpack
 import zmq
 
+from . import resources as _resources
+
 PROTOCOL_VERSION = 1
 
 #: The Python minor version pickles were made with ("3.11").
@@ -80,8 +82,12 @@ REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, 
 #        user's; the endpoint fetches each once and hands the worker their files (dataref.py),
 #   "dr": relay -> endpoint only: the results over 16 MiB (uploads at the relay) of the tasks a task
 #        held at the relay depended on, [[dependency id, upload id, size, sha256]]: the endpoint
-#        fetches each (for this task) and hands the worker their files (relay/kept.py)}
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "dr"})
+#        fetches each (for this task) and hands the worker their files (relay/kept.py),
+#   "rs": the resources it asks (resources.py: {"c": cores, "m": memory, "g": GPUs, "n": nodes, "r": ranks});
+#        the endpoint places it where they are free (endpoint/placement.py),
+#   "nl": endpoint -> pool only (the agent drops one from the relay): the nodes of a multi-node task}
+# pool -> worker only (refused from anyone else by task_row): "env": {name: value} set while it runs
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "dr", "rs", "nl"})
 MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
@@ -569,6 +575,14 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
             data_refs(options["rf"])
         if "dr" in options:
             dependency_results(options["dr"])
+        if "nl" in options and not (isinstance(options["nl"], list) and 0 < len(options["nl"]) <= MAX_ITEMS
+                                    and all(isinstance(n, str) and 0 < len(n) <= 256 for n in options["nl"])):
+            raise ProtocolError(f"a node list (nl) is a list of 1 to {MAX_ITEMS} node names")
+        if "rs" in options:
+            try:
+                _resources.check_wire(options["rs"])
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
     if not (isinstance(task_id, bytes) and len(task_id) == 16):
         raise ProtocolError("task id must be 16 bytes")
     if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):

@@ -24,6 +24,7 @@ from tblib import Traceback
 
 from . import protocol as P
 from .errors import RemoteExecutionError, SerializationError
+from .output import strip as strip_output
 from .transfer import BIG_THRESHOLD, Pieces
 
 PICKLE_PROTOCOL = 5
@@ -175,6 +176,7 @@ def deserialize_large(blob: Any, shared: bool = False) -> Any:
     view = memoryview(blob)
     if bytes(view[:len(OOB_MAGIC)]) != OOB_MAGIC:
         return pickle.loads(view)
+    view = strip_output(view)   # (a task's output after it: output.py)
     try:
         count, head_len = _OOB_FIXED.unpack_from(view, len(OOB_MAGIC))
         start = len(OOB_MAGIC) + _OOB_FIXED.size

@@ -18,6 +18,11 @@ that said BYE, is gone: the tasks it held go to other pools (those it had
 started count as lost once, and fail with WorkerLost past
 ``worker_lost_retries``). A draining pool (its job's walltime is near) gets
 no more tasks and gives back those it had not started.
+
+*Resources.* A task asking for cores, memory or GPUs goes only to a pool
+whose node could hold it (one no node could ever hold fails at once); one
+asking for several nodes waits for that many pools of one block, kept for
+it (``placement.py``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ..transfer import is_big, is_local
 from .bulk import EndpointTransfers
 from .graph import HeldTasks
 from .refs import RefCache
+from . import placement
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
@@ -106,6 +112,7 @@ class EndpointAgent:
                              config.ref_cache_bytes)
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
+        self.multi = placement.MultiNode()   # tasks asking for several nodes of a block (placement.py)
         self.functions: dict[bytes, Any] = {}
         self.at_pool: dict[bytes, PoolLink] = {}        # task_id -> the pool holding it
         self.relay_credit = 0                           # tasks the relay may still send us
@@ -381,6 +388,8 @@ class EndpointAgent:
             for row in rows:
                 if len(row) == 7 and "tr" in row[6]:
                     row[6]["tr"].append(now)
+                if len(row) == 7 and "nl" in row[6]:   # a node list is the endpoint's to give
+                    del row[6]["nl"]
                 fn_hash, args_index, fn_index = row[1], row[2], row[3]
                 mismatch = ""
                 if fn_index != -1:   # a body that is not what its hash names is never stored, forwarded or run
@@ -486,6 +495,9 @@ class EndpointAgent:
                 self._send_pool(pool_id, P.encode(P.CANCEL, {"tids": part}))
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
+        if self.multi.waiting:
+            for task in take_out(self.multi.waiting, task_ids):
+                self._result(task.row[0], P.CANCELLED, b"")
         if self.graph:
             for task_id in self.graph.cancel(task_ids):
                 self._result(task_id, P.CANCELLED, b"")
@@ -512,6 +524,8 @@ class EndpointAgent:
         self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
+        if self.multi.running:   # a multi-node task's nodes take other tasks again
+            self.multi.release(task_id)
         if self.graph.waiting_on:   # tasks held here may wait for it
             self._dependency_finished(task_id, status, blob if local is None else local)
         if self.bulk.argument_files or self.bulk.keeping or self.bulk.fetched_for:   # its large files go
@@ -551,6 +565,8 @@ class EndpointAgent:
             task = self._with_files(task)
             if task is None:
                 return
+        if len(row) == 7 and "rs" in row[6] and self._placed_apart(task):
+            return
         self.holding.add(row[0])
         self.queue.append(task)
 
@@ -580,6 +596,30 @@ class EndpointAgent:
         else:
             args = wrap_with_files(P.as_bytes(task.args), files or {})
         return QueuedTask(row, args)
+
+    def _placed_apart(self, task: QueuedTask) -> bool:
+        """A task asking for resources: True if it was dealt with here
+        (failed: no node could ever hold it; or waiting for several nodes),
+        False if it goes to the queue as any task."""
+        row = task.row
+        if self._never_fits(row):
+            return True
+        if placement.several_nodes(row):
+            self.holding.add(row[0])
+            self.multi.waiting.append(task)
+            return True
+        return False
+
+    def _never_fits(self, row: list[Any]) -> bool:
+        """A task asking for resources no node here could ever hold fails
+        at once, saying why (placement.py); True if it did."""
+        why = placement.why_never(row[6]["rs"], self.pools.values(), self.config.provider.nodes_per_block,
+                                  self.config.name)
+        if why is None:
+            return False
+        log.warning("refused task %s: %s", row[0].hex(), why)
+        self._result(row[0], P.FAILED, P.pack_failure(P.REJECTED, why))
+        return True
 
     def _dependency_finished(self, task_id: bytes, status: int, blob: Any) -> None:
         """A task finished: the tasks held here for it go, or fail (and so
@@ -706,6 +746,8 @@ class EndpointAgent:
             # with it; nothing it held was lost, so nothing counts as lost
             self._pool_gone(self.pools[pool_id], "reintroduced itself", lost=False)
         pool = PoolLink(pool_id, fields)
+        if self.config.available_accelerators:   # the config's, not what the node found (placement.py)
+            pool.gpus = len(self.config.available_accelerators)
         if self.scaler is not None and not self.scaler.pool_connected(pool):
             log.info("pool %s from %s belongs to no live block (%r); told to stop", pool_id.decode(),
                      pool.host, pool.block_id)
@@ -717,7 +759,9 @@ class EndpointAgent:
         self._send_pool(pool_id, P.encode(P.WELCOME, {"settings": {
             "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
             "worker_lost_retries": c.worker_lost_retries, "sandbox": c.sandbox, "sandbox_image": c.sandbox_image,
-            "endpoint": c.name, "data_only": self.data_only}}))
+            "endpoint": c.name, "data_only": self.data_only, "accel": c.available_accelerators,
+            "accel_shared": c.accelerators_shared,
+            "mpi": c.mpi_launcher or ("srun" if c.provider.type == "slurm" else "mpiexec")}}))
         log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
                  pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)
 
@@ -840,12 +884,16 @@ class EndpointAgent:
 
     def _assign(self) -> None:
         """Send queued tasks to the pools with room, least loaded first."""
+        if self.multi.waiting and self.pools:
+            self._place_multi_node()
         if not self.queue or not self.pools:
             return
         per_worker = self.worker_depth() + self.config.prefetch
         now = time.monotonic()
+        taken = self.multi.pools
         open_pools = [pool for pool in self.pools.values()
-                      if pool.room(per_worker) > 0 and pool.unreachable_until <= now]
+                      if pool.room(per_worker) > 0 and pool.unreachable_until <= now
+                      and (not taken or pool.pool_id not in taken)]
         if not open_pools:
             return
         if len(open_pools) > 1:
@@ -863,9 +911,18 @@ class EndpointAgent:
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         bodies_sent: list[bytes] = []
+        elsewhere: list[QueuedTask] = []   # tasks asking for more than this pool's node has
         while self.queue and len(rows) < count:
             task = self.queue.popleft()
             task_id, fn_hash = task.row[0], task.row[1]
+            if len(task.row) == 7 and "rs" in task.row[6]:
+                if placement.several_nodes(task.row) and self.multi.placing is not task:
+                    self.multi.waiting.appendleft(task)   # back from a pool that was lost: placed afresh
+                    continue
+                if not placement.fits(task.row[6]["rs"], pool):
+                    if not self._never_fits(task.row):
+                        elsewhere.append(task)
+                    continue
             fn_ref: bytes | int = -1
             if fn_hash not in pool.known_functions:
                 body = self.functions.get(fn_hash)
@@ -882,6 +939,8 @@ class EndpointAgent:
             rows.append(row)
             pool.tasks[task_id] = task
             self.at_pool[task_id] = pool
+        if elsewhere:
+            self.queue.extendleft(reversed(elsewhere))
         if rows and not self._send_pool(pool.pool_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames)):
             # no connection to it right now: they go to other pools, or to it
             # again once it is back (or is given up on)
@@ -891,6 +950,28 @@ class EndpointAgent:
         elif rows and self.graph.waiting_on:   # tasks held here for these may follow them
             self._follow_to_pool(pool, [row[0] for row in rows])
         pool.note_load()
+
+    def _place_multi_node(self) -> None:
+        """The first task waiting for several nodes: its nodes (pools of one
+        block) are kept for it, taking no more tasks, and once they have
+        finished what they held it goes to the first of them with the node
+        list; other tasks use the block's other nodes meanwhile."""
+        task, pools = self.multi.ready(self.pools)
+        if task is None:
+            return
+        row = task.row
+        task.row = [*row[:6], {**row[6], "nl": [pool.node for pool in pools]}]
+        self.multi.placing = task
+        queue, self.queue = self.queue, deque([task])
+        try:
+            self._send_to_pool(pools[0], 1)
+        finally:
+            self.multi.placing = None
+            self.queue = queue
+        if task.row[0] in pools[0].tasks:
+            self.multi.started(task.row[0], pools)
+        else:   # not sent (the pool could not be reached): it waits again
+            self.multi.waiting.appendleft(task)
 
     def _send_pool(self, pool_id: bytes, frames: list[Any]) -> bool:
         """Send to a pool; False when it has no connection now (its tasks are

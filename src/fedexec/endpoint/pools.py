@@ -15,6 +15,7 @@ class PoolLink:
         self.pool_id = pool_id
         self.block_id: str = fields.get("block") or ""
         self.host: str = fields.get("host") or "?"
+        self.node: str = fields.get("node") or self.host   # its node's name (Slurm's, in a job): for MPI
         self.pid: int = fields.get("pid") or 0
         self.workers: int = fields["workers"]
         self.cores: int = fields.get("cores") or 0

@@ -24,6 +24,10 @@ others waiting by keeping many tasks queued, a worker of the user holding
 the most, once it has finished what it holds (``_share_workers``). A worker
 told to stop that does not is killed after ``RETIRE_GRACE``.
 
+*Resources.* While it holds tasks that ask for cores, memory, GPUs or MPI
+ranks, each task starts alone at an idle worker once what it asks is free
+on the node, GPU tasks with accelerators of their own (``placement.py``).
+
 *Draining.* A pool whose batch job has a walltime (``--ends-at``) stops
 taking tasks ``--drain`` seconds before it: it tells the endpoint, gives back
 the tasks no worker has started, lets its workers finish what they hold, and
@@ -51,6 +55,7 @@ from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
+from .placement import NodeBudget, has_resources
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -80,6 +85,9 @@ class PoolManager:
         self.secret = secret
         self.resources = NodeResources.detect()
         self.workers = workers or self.resources.cores
+        # what tasks asking for resources may use here (placement.py); the endpoint's
+        # available_accelerators, in its WELCOME, replace the accelerators found
+        self.budget = NodeBudget(self.resources.cores, self.resources.memory, list(self.resources.accelerators))
         self.ends_at = ends_at
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
@@ -119,6 +127,7 @@ class PoolManager:
         self.stopping = False
         self._early_deaths = 0
         self._respawn_at: list[float] = []
+        self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -177,6 +186,7 @@ class PoolManager:
         self._send(P.encode(P.HELLO, {
             "role": "pool", "secret": self.secret, "block": self.block_id, "host": socket.gethostname(),
             "pid": os.getpid(), "py": P.PYTHON_VERSION, "workers": self.workers, "cores": r.cores,
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             "mem": r.memory, "gpus": r.gpus, "ends": self.ends_at, "holding": held[:P.MAX_ITEMS],
         }))
         for part in P.chunks(held[P.MAX_ITEMS:]):   # a message's limit: the rest follow
@@ -262,6 +272,8 @@ class PoolManager:
                     self._give_back([QueuedTask(row, None)])
                     continue
                 self.held.add(row[0])
+                if len(row) == 7 and "rs" in row[6]:   # placed by what it asks (placement.py)
+                    self.budget.active = True
                 if len(row) == 7 and "d" in row[6]:   # waits here for tasks sent here before it
                     self._hold_dependent(QueuedTask(row, P.blob(blobs, row[2])))
                     continue
@@ -270,6 +282,10 @@ class PoolManager:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.WELCOME:
             self.settings = msg.fields.get("settings") or {}
+            accelerators = self.settings.get("accel")
+            if isinstance(accelerators, list) and accelerators and all(isinstance(a, str) for a in accelerators):
+                self.budget.use_accelerators(accelerators, self._setting("accel_shared", False))
+            self.budget.launcher = self._setting("mpi", self.budget.launcher)
             if not self.welcomed:
                 self.welcomed = True
                 self._start_workers()
@@ -417,6 +433,14 @@ class PoolManager:
         """Top up workers with batches from the queue, least loaded first."""
         if not self.queue or self.pool is None:
             return
+        if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
+            self._assign_by_resources()
+            return
+        self._assign_batches()
+
+    def _assign_batches(self) -> None:
+        """Top up workers with batches from the queue (no task here asks for resources)."""
+        assert self.pool is not None
         # A task that takes SLOW_TASK or more goes to an idle worker only: one
         # queued behind it at a busy worker could neither move to a worker that
         # frees up sooner nor be cancelled before it starts. Quick tasks go in
@@ -439,6 +463,60 @@ class PoolManager:
             if now >= self._next_share or any(not slot.tasks for slot in hungry):
                 self._next_share = now + SHARE_CHECK
                 self._share_workers()
+
+    def _assign_by_resources(self) -> None:
+        """Start the queued tasks whose resources are free, each alone at an
+        idle worker of its user (``NodeBudget.plan``); a worker that ran a
+        task given accelerators is replaced by a fresh one (a process that
+        loaded a GPU library keeps the devices it saw first)."""
+        assert self.pool is not None
+        slots = self.pool.slots.values()
+        if self._gpu_workers:
+            self._gpu_workers &= self.pool.slots.keys()   # (those that died are gone)
+        idle = []
+        for slot in slots:
+            if slot.ready and not slot.retiring and not slot.yielding and not slot.tasks:
+                if slot.worker_id in self._gpu_workers:   # (before any other task, with resources or not)
+                    self._gpu_workers.discard(slot.worker_id)
+                    self._retire(slot)
+                else:
+                    idle.append(slot)
+        if not any(has_resources(task.row) for task in self.queue) and not any(
+                has_resources(task.row) for slot in slots for task in slot.tasks.values()):
+            if not self._gpu_workers:
+                self.budget.active = False   # none left: batches again
+            self._assign_batches()
+            return
+        if idle:
+            plan = self.budget.plan(self.queue, [slot.tasks.values() for slot in slots if slot.tasks], len(idle))
+            for task, env in plan:
+                user = task.option("u") or ""
+                slot = next((s for s in idle if s.user == user), None) or next((s for s in idle if s.user is None),
+                                                                               None)
+                if slot is None:
+                    continue   # no worker of theirs free: one changes hands (_share_workers)
+                idle.remove(slot)
+                if env is not None:
+                    task.row = [*task.row[:6], {**task.row[6], "env": env}]
+                    if "CUDA_VISIBLE_DEVICES" in env:
+                        self._gpu_workers.add(slot.worker_id)
+                self._send_placed(slot, task)
+        if self.queue:
+            now = time.monotonic()
+            if now >= self._next_share or idle:
+                self._next_share = now + SHARE_CHECK
+                self._share_workers()
+
+    def _send_placed(self, slot: WorkerSlot, task: QueuedTask) -> None:
+        """Send one queued task to ``slot`` (``_send_batch`` on it alone)."""
+        self.queue.remove(task)
+        if slot.user is None:
+            slot.user, slot.bound_at = task.option("u") or "", time.monotonic()
+        queue, self.queue = self.queue, deque([task])
+        try:
+            self._send_batch(slot, 1)
+        finally:
+            self.queue = queue
 
     def _serving(self) -> list[WorkerSlot]:
         """Workers bound to a user that still take that user's tasks."""

@@ -33,7 +33,7 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
-from .store import FINISHED, RelayStore
+from .store import FINISHED, RelayStore, durable_options
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
@@ -251,13 +251,13 @@ class Relay:
         count = 0
         users_by_function: dict[bytes, list[str]] = defaultdict(list)
         held: list[tuple[TaskRecord, list[bytes]]] = []   # tasks with dependencies: held again below
-        for task_id, client, endpoint_id, fn_hash, kind, python, user, args in self.store.pending_tasks():
+        for task_id, client, endpoint_id, fn_hash, kind, python, user, args, options in self.store.pending_tasks():
             opened = open_envelope(args) if args[:1] == b"\x00" else None
             if opened is not None:
                 args = opened[1]
             if "," in endpoint_id:  # submitted to a group: it waits for any member again
                 group = tuple(endpoint_id.split(","))
-                record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, user=user, group=group)
+                record = TaskRecord(task_id, client, "", fn_hash, kind, python, args, options, user=user, group=group)
                 mine = self.user_groups.setdefault(user, {})
                 mine[group] = mine.get(group, 0) + 1
                 queue = self.endpoints.group(group)
@@ -268,7 +268,7 @@ class Relay:
                 state = self.endpoints.get(endpoint_id)
                 if state is None:
                     continue
-                record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, user=user)
+                record = TaskRecord(task_id, client, endpoint_id, fn_hash, kind, python, args, options, user=user)
                 if opened is None:
                     state.queue.append(record)
             self.tasks[task_id] = record
@@ -861,7 +861,8 @@ class Relay:
                 else:
                     functions.use(fn_hash, body, user)
                 self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python,
-                                    buffer if dependencies is None else envelope(dependencies, buffer), user)
+                                    buffer if dependencies is None else envelope(dependencies, buffer), user,
+                                    options and durable_options(options))
                 if group is None:
                     record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
                     if dependencies is None:

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import msgpack
+
+from .. import protocol as P
 from ..private import create_private_file, private_dir
 
 SCHEMA = """
@@ -138,6 +141,7 @@ class RelayStore:
         rules make unreachable."""
         for table, column, kind in (("endpoints", "owner", "TEXT"), ("endpoints", "access", "BLOB"),
                                     ("tasks", "user", "TEXT NOT NULL DEFAULT 'local'"),
+                                    ("tasks", "options", "BLOB"),
                                     ("memo", "user", "TEXT NOT NULL DEFAULT ''")):
             columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in columns:
@@ -178,9 +182,10 @@ class RelayStore:
         self._new_functions.append((fn_hash, None, 0.0))
 
     def add_task(self, task_id: bytes, client: bytes, endpoint: str, fn_hash: bytes,
-                 kind: int, python: str, args: Any, user: str) -> None:
+                 kind: int, python: str, args: Any, user: str, options: bytes | None = None) -> None:
+        """(``options``: the task options that shape its run, :func:`durable_options`)"""
         self._new_tasks.append((task_id, client, endpoint, fn_hash, kind, python, args, PENDING, time.time(),
-                                user))
+                                user, options))
 
     def add_result(self, task_id: bytes, status: int, blob: Any, user: str) -> None:
         """``user``'s task finished (its id stays theirs until acknowledged)."""
@@ -371,7 +376,7 @@ class RelayStore:
                 row[6], args_file = spill(task_id, "args", args, row[9])
             status = result = finished = None
             result_file = 0
-            if len(row) == 11:  # finished in this same commit
+            if len(row) == 12:  # finished in this same commit
                 status, result, finished = row.pop()
                 if result is not None and len(result) >= FILE_BLOB:
                     result, result_file = spill(task_id, "result", result, row[9])
@@ -400,8 +405,8 @@ class RelayStore:
                 db.executemany("DELETE FROM tasks WHERE id=? AND user=?", deletes)
             if task_rows:   # an id the record holds stays its user's (the relay refuses it before)
                 db.executemany("INSERT OR IGNORE INTO tasks (id, client, endpoint, fn_hash, kind, python, args, "
-                               "state, submitted, user, finished, status, result, args_file, result_file) "
-                               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
+                               "state, submitted, user, options, finished, status, result, args_file, result_file) "
+                               "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", task_rows)
             if update_rows:   # only the row of the result's user: never another user's task
                 db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
                                "args=NULL WHERE id=? AND user=?", update_rows)
@@ -457,16 +462,17 @@ class RelayStore:
         yield from self.db.execute("SELECT id, name, python, workers, last_seen, owner, access FROM endpoints")
 
     def pending_tasks(self) -> Iterator[tuple[Any, ...]]:
-        """Tasks accepted but not finished, oldest first (for a restart)."""
-        for *row, args, args_file in self.db.execute(
-                "SELECT id, client, endpoint, fn_hash, kind, python, user, args, args_file FROM tasks "
+        """Tasks accepted but not finished, oldest first (for a restart):
+        (id, client, endpoint, fn_hash, kind, python, user, args, options)."""
+        for *row, args, args_file, options in self.db.execute(
+                "SELECT id, client, endpoint, fn_hash, kind, python, user, args, args_file, options FROM tasks "
                 "WHERE state=? ORDER BY submitted", (PENDING,)):
             if args_file:
                 args = self.read_blob(row[0], "args", row[6])
                 if args is None:
                     log.error("the arguments of task %s are missing from %s", row[0].hex(), self.blob_dir)
                     continue
-            yield (*row, args)
+            yield (*row, args, restored_options(options))
 
     def known_tasks(self, task_ids: list[bytes]) -> set[bytes]:
         """Which of these task ids (at most protocol.MAX_ITEMS) the record
@@ -507,3 +513,32 @@ class RelayStore:
         self.db.close()
         os.close(self.commit_fd)
         os.close(self._commit_w)
+
+
+#: the task options that shape how a task runs, kept with it in the record so
+#: that a restarted relay sends it on as it was submitted: its walltime,
+#: retries and resources (protocol.TASK_OPTIONS; the others are rebuilt or
+#: are for one run of the relay only)
+DURABLE_OPTIONS = ("to", "r", "rs")
+
+
+def durable_options(options: dict[str, Any] | None) -> bytes | None:
+    """What of a task's options the record keeps (None: nothing)."""
+    if not options:
+        return None
+    kept = {key: options[key] for key in DURABLE_OPTIONS if key in options}
+    return msgpack.packb(kept, use_bin_type=True) if kept else None
+
+
+def restored_options(blob: bytes | None) -> dict[str, Any] | None:
+    """The options :func:`durable_options` kept, or None (checked as a task
+    row's are: a record edited by hand cannot give a task what no client could)."""
+    if not blob:
+        return None
+    try:
+        options = msgpack.unpackb(blob, raw=False)
+        P.task_row([b"\0" * 16, b"\0" * 32, b"", -1, P.TASK_CALL, "", options])
+    except Exception as exc:
+        log.error("ignored a task's unreadable options in the record: %s", exc)
+        return None
+    return {key: options[key] for key in DURABLE_OPTIONS if key in options} or None

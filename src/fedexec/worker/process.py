@@ -13,8 +13,9 @@ a signal, a segfault) the pool knows which task did it (the pool reads the
 file without mapping it: ``MarkerFile``).
 
 Deserialized functions stay cached by hash (warm), so a function body
-reaches a worker once. Whatever the function prints goes to the worker's own
-stdout/stderr, never onto the protocol socket.
+reaches a worker once. Whatever the task writes to stdout/stderr (fd 1 and
+2) is captured per task and goes back after its result's bytes
+(``output.py``), never onto the protocol socket as a message of its own.
 
 With a *task root* (sandboxed workers, see ``sandbox.py``), each task runs
 in a fresh directory of its own under it, removed when the task ends, so
@@ -39,6 +40,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
+from ..output import OutputCapture, attach, configured_limit
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -63,6 +65,13 @@ _POLLIN = int(zmq.POLLIN)
 
 
 IDLE = b"\0" * MARKER_SIZE
+
+# What a task running in this worker may ask about itself (shell.py does):
+# the id of the task running now, and, in a sandbox, the fresh directory it
+# runs in (removed after it). Module globals: setting one costs no more than
+# a local, and a task's code finds them without a handle on the worker.
+current_task_id: bytes | None = None
+sandboxed_task_dir: str | None = None
 
 
 class TaskMarker:
@@ -127,8 +136,11 @@ class WorkerProcess:
 
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
                  parent_pid: int | None = None, *, task_root: str | None = None,
-                 exit_on_disconnect: bool = False, data_only: bool = False) -> None:
+                 exit_on_disconnect: bool = False, data_only: bool = False, capture: bool = True) -> None:
         self.address = address
+        # what tasks write to fd 1 and 2 goes back with their results (output.py)
+        self.capture = capture
+        self.output: OutputCapture | None = None
         # a data-only endpoint's worker never unpickles arguments (serialize.py's
         # data-only format); any worker answers in the format the arguments
         # came in, so a client that sent plain data (to a data-only endpoint, or
@@ -153,6 +165,7 @@ class WorkerProcess:
         self.unsent_since = 0.0
 
     def run(self) -> None:
+        global current_task_id
         # a context of its own: a task's sockets (on zmq.Context.instance())
         # cannot hold up the term() that sends our last results
         ctx = zmq.Context()
@@ -165,6 +178,8 @@ class WorkerProcess:
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         if self.task_root is not None:
             os.chdir(self.task_root)
+        limit = configured_limit() if self.capture else 0
+        self.output = OutputCapture(self.task_root, limit) if limit else None
         looked = 0.0   # time.perf_counter() of the last look for messages
         try:
             while True:
@@ -189,6 +204,7 @@ class WorkerProcess:
                 task = self.queue.popleft()
                 if self.marker is not None:
                     self.marker.set(task.row[0])
+                current_task_id = task.row[0]
                 wall_start = time.time() if len(task.row) == 7 else 0.0
                 if self.task_root is None:
                     status, blob = self.run_task(task.row, task.args)
@@ -207,6 +223,8 @@ class WorkerProcess:
                     self.flush()
         finally:
             self.flush()
+            if self.output is not None:
+                self.output.close()
             if monitor is not None:
                 sock.disable_monitor()
                 monitor.close(linger=0)
@@ -219,11 +237,14 @@ class WorkerProcess:
         go back to the root and empty it (the directory, and whatever the task
         put beside it: the root is this worker's alone)."""
         assert self.task_root is not None
+        global sandboxed_task_dir
         path = tempfile.mkdtemp(prefix=task_id.hex()[:16] + "-", dir=self.task_root)
         os.chdir(path)
+        sandboxed_task_dir = path
         try:
             yield
         finally:
+            sandboxed_task_dir = None
             os.chdir(self.task_root)
             for name in os.listdir(self.task_root):
                 remove_tree(os.path.join(self.task_root, name))
@@ -295,6 +316,9 @@ class WorkerProcess:
 
     def run_task(self, row: list[Any], args_blob: Any) -> tuple[int, Any]:
         """``(status, blob)`` of one task."""
+        if len(row) == 7 and "env" in row[6]:   # what its pool gave it (accelerators, MPI launcher: placement.py)
+            with task_environment(row[6]["env"]):
+                return self.run_task(row[:6], args_blob)
         fn_hash, kind = row[1], row[4]
         data = self.data_only or is_data(args_blob)
         try:
@@ -305,8 +329,12 @@ class WorkerProcess:
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
+            if self.output is not None:
+                self.output.discard()
             return _load_failure(str(exc))
         except Exception as exc:
+            if self.output is not None:
+                self.output.discard()
             return _load_failure(_why(exc))
         try:
             if kind == P.TASK_CHUNK:
@@ -315,14 +343,17 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
+            captured = self.output.take() if self.output is not None else None
             try:
-                return P.EXCEPTION, serialize_data_exception(exc) if data else serialize_exception(exc)
+                return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
+                                           captured)
             except BaseException as failure:
                 return P.FAILED, P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}")
+        captured = self.output.take() if self.output is not None else None
         try:
-            blob = encode_data(value) if data else serialize_result(value)
+            blob = attach(encode_data(value) if data else serialize_result(value), captured)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
                 blob = spill_result(blob, row[0])
             return P.OK, blob
@@ -336,6 +367,26 @@ class WorkerProcess:
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
             )
+
+
+@contextlib.contextmanager
+def task_environment(env: Any) -> Iterator[None]:
+    """Environment variables set for one task (its accelerators, its MPI
+    launcher), as they were again after it; the subprocesses it starts see
+    them too."""
+    if not isinstance(env, dict):
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update({str(name): str(value) for name, value in env.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def remove_tree(path: str) -> None:

@@ -1,0 +1,239 @@
+"""What a Python task writes to stdout and stderr: captured in the worker,
+carried with the task's result, and given to the caller on its future.
+
+*Capture (worker side, :class:`OutputCapture`).* At start a worker points
+its file descriptors 1 and 2 at two private, nameless files of its own
+(``O_TMPFILE``: in ``$TMPDIR``, or in a sandboxed worker's task root, on
+disk rather than in the sandbox's memory-backed /tmp). So the capture is at
+the descriptor level: ``print``, ``sys.stderr.write``, C code writing to fd
+1/2 and subprocesses that inherit them all land there, in the order they
+were written. A worker runs one task at a time; after each task it flushes
+``sys.stdout``/``sys.stderr`` (no system call when nothing is buffered) and
+asks each file's size (one ``lseek(fd, 0, SEEK_END)`` each: the whole cost
+for a task that prints nothing, which adds no bytes to its result). The
+files are in append mode, so writes through any descriptor of them (a
+child reopening /dev/stdout) land at their end and are counted. When there is output it
+reads at most ``limit`` bytes of each stream (the *last* ones: the end of a
+long log is where the error is) and empties the files for the next task.
+The worker's own memory never holds more than that, whatever a task writes
+(the files are on disk). Output written after a task returned (by a thread
+or a background process it left running) is seen with the next task of the
+same worker, which runs the same user's tasks only. A memoized call's result
+(kept by the client or the relay) brings the output of the run that made it.
+The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
+(0: no capture at all), else OUTPUT_LIMIT.
+
+*Carried (the trailer).* The output travels inside the result's (or the
+exception's) payload, as a trailer after it: the relay only forwards those
+bytes, counts them toward the user's limits like the rest of the result,
+and never looks inside. Every loader of a result ignores a trailer: pickle
+stops at its STOP opcode, the data-only format has its own length, and
+:func:`strip` is applied where a layout is checked to the last byte (a large
+pickle with out-of-band buffers). Layout: msgpack ``[stdout, stderr,
+stdout_cut, stderr_cut]`` (bytes, bytes, int, int), its length (4 bytes,
+little-endian), then MAGIC. A pickle never ends with MAGIC (it ends with
+STOP, ``.``).
+
+*Given (client side).* :func:`split` takes the trailer off before the value
+is loaded; the dispatcher sets ``future.stdout`` / ``future.stderr``
+(str, decoded as UTF-8 with replacement; ``""`` when nothing was written),
+with a note in front saying how many bytes were cut, and, with
+``echo_output``, writes each line to the caller's own streams prefixed with
+the task's short id (:func:`echo`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import sys
+import tempfile
+from typing import Any, TextIO
+
+import msgpack
+
+from .transfer import Pieces
+
+OUTPUT_LIMIT = 1 << 20          # bytes of each stream a task's result carries at most (the last ones)
+LIMIT_ENV = "FEDEXEC_OUTPUT_LIMIT"   # the workers' environment may set another (0: no capture)
+MAX_LIMIT = 16 * OUTPUT_LIMIT   # (two streams of it must fit in a result's frame with the value)
+MAGIC = b"\x00fedexec-output\x01"   # ends the trailer; never the end of a pickle (those end with ".")
+_LENGTH = struct.Struct("<I")
+_TAIL = _LENGTH.size + len(MAGIC)
+
+
+class OutputCapture:
+    """A worker's capture of fd 1 and 2 (see the module's docstring).
+    ``directory``: where the nameless files are made (None: ``$TMPDIR``)."""
+
+    def __init__(self, directory: str | None = None, limit: int = OUTPUT_LIMIT) -> None:
+        self.limit = limit
+        self.files = [tempfile.TemporaryFile(dir=directory, buffering=0) for _ in range(2)]
+        self.fds = [f.fileno() for f in self.files]
+        for fd in self.fds:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        _flush()
+        # the worker's own messages (a crash's traceback) still go where fd 2 went: restored by close()
+        self.saved = [os.dup(1), os.dup(2)]
+        for fd, target in zip(self.fds, (1, 2)):
+            os.dup2(fd, target)
+
+    def take(self) -> bytes | None:
+        """The trailer of what was written since the last call, or None
+        when nothing was (then it has cost two lseeks)."""
+        _flush()
+        out_fd, err_fd = self.fds
+        out_end = os.lseek(out_fd, 0, os.SEEK_END)
+        err_end = os.lseek(err_fd, 0, os.SEEK_END)
+        if not out_end and not err_end:
+            return None
+        out, out_cut = self._read(out_fd, out_end)
+        err, err_cut = self._read(err_fd, err_end)
+        return trailer(out, err, out_cut, err_cut)
+
+    def discard(self) -> None:
+        """Forget what was written since the last call (a task that failed
+        to load: its output has no result to travel with)."""
+        self.take()
+
+    def _read(self, fd: int, end: int) -> tuple[bytes, int]:
+        """The last ``limit`` bytes written to ``fd`` (up to ``end``) and how
+        many before them were cut; the file is emptied."""
+        if not end:
+            return b"", 0
+        keep = min(end, self.limit)
+        data = b""
+        with contextlib.suppress(OSError):
+            data = os.pread(fd, keep, end - keep)
+        os.ftruncate(fd, 0)   # (append mode: the next write lands at 0)
+        return data, end - len(data)
+
+    def close(self) -> None:
+        """Point fd 1 and 2 back where they were, and drop the files."""
+        _flush()
+        for saved, target in zip(self.saved, (1, 2)):
+            with contextlib.suppress(OSError):
+                os.dup2(saved, target)
+                os.close(saved)
+        for f in self.files:
+            f.close()
+
+
+def configured_limit() -> int:
+    """The bytes of each stream a worker sends back at most: ``$FEDEXEC_OUTPUT_LIMIT``
+    (set in the endpoint's worker environment) or OUTPUT_LIMIT. 0 turns the
+    capture off: tasks then write to the worker's own streams (the endpoint's
+    log), as before there was a capture. A bad value is said in that log
+    and the default used (a worker that refused to start would only be
+    started again, and again)."""
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return OUTPUT_LIMIT
+    try:
+        limit = int(raw)
+        if not 0 <= limit <= MAX_LIMIT:
+            raise ValueError
+    except ValueError:
+        sys.stderr.write(f"fedexec worker: ignored {LIMIT_ENV}={raw!r} (give 0, no capture, to {MAX_LIMIT} "
+                         f"bytes); using {OUTPUT_LIMIT}\n")
+        return OUTPUT_LIMIT
+    return limit
+
+
+def _flush() -> None:
+    """Python's buffered output onto the descriptors (the task may have
+    replaced or closed the streams: whatever they are, errors ignored).
+    Plain try blocks: this runs after every task, and a context manager
+    would cost more than the flushes (which make no system call when
+    nothing is buffered)."""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+def trailer(stdout: bytes, stderr: bytes, stdout_cut: int = 0, stderr_cut: int = 0) -> bytes:
+    """The bytes that carry a task's output after its payload."""
+    body = msgpack.packb([stdout, stderr, stdout_cut, stderr_cut], use_bin_type=True)
+    return body + _LENGTH.pack(len(body)) + MAGIC
+
+
+def attach(blob: Any, extra: bytes | None) -> Any:
+    """``blob`` (bytes, or Pieces) with the trailer ``extra`` after it."""
+    if extra is None:
+        return blob
+    if isinstance(blob, Pieces):
+        fallback = blob.fallback
+        return Pieces([*blob.parts, extra], lambda: fallback() + extra)
+    return bytes(blob) + extra
+
+
+def split(blob: Any) -> tuple[Any, tuple[bytes, bytes, int, int] | None]:
+    """``(payload, output)``: the payload without its trailer (a view, not
+    a copy), and ``(stdout, stderr, stdout_cut, stderr_cut)``; or
+    ``(blob, None)`` when there is no well-formed trailer."""
+    if type(blob) is bytes:
+        if not blob.endswith(MAGIC):
+            return blob, None
+        view = memoryview(blob)
+    else:
+        view = memoryview(getattr(blob, "buffer", blob)).cast("B")   # (a zmq.Frame, a bytearray, a mapping)
+        if len(view) < _TAIL or view[len(view) - len(MAGIC):] != MAGIC:
+            return blob, None
+    end = len(view) - _TAIL
+    if end < 0:
+        return blob, None
+    (length,) = _LENGTH.unpack_from(view, end)
+    start = end - length
+    if start < 0:
+        return blob, None
+    try:
+        fields = msgpack.unpackb(view[start:end], raw=True, use_list=True)
+        stdout, stderr, stdout_cut, stderr_cut = fields
+        if not (type(stdout) is bytes and type(stderr) is bytes and type(stdout_cut) is int
+                and type(stderr_cut) is int):
+            raise ValueError("fields of the wrong types")
+    except Exception:
+        return blob, None
+    return view[:start], (stdout, stderr, max(0, stdout_cut), max(0, stderr_cut))
+
+
+def strip(blob: Any) -> Any:
+    """``blob`` without its output trailer, if it has one."""
+    return split(blob)[0]
+
+
+def text(data: bytes, cut: int, stream: str) -> str:
+    """What ``future.stdout`` / ``future.stderr`` shows: the bytes kept,
+    decoded, after a note of how many were cut before them."""
+    shown = data.decode("utf-8", errors="replace")
+    if cut:
+        return f"[fedexec: the first {cut} bytes of the task's {stream} were cut; the last {len(data)} follow]\n" \
+               + shown
+    return shown
+
+
+# Control characters (but tab) shown as escapes when echoed: a task's output
+# (or an endpoint's forgery of it) must not drive the caller's terminal
+# (move the cursor, retitle the window, hide text). future.stdout keeps them.
+_SHOWN = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if code != 0x09}
+
+
+def echo(prefix: str, stdout: str, stderr: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Write a task's output to the caller's streams (``sys.stdout`` and
+    ``sys.stderr`` by default), each line after ``prefix``, control
+    characters escaped; errors of the streams are ignored (a closed console
+    must not stop results)."""
+    for content, stream in ((stdout, out or sys.stdout), (stderr, err or sys.stderr)):
+        if not content or stream is None:
+            continue
+        lines = [line.translate(_SHOWN) for line in content.splitlines()]
+        with contextlib.suppress(Exception):
+            stream.write("".join(f"{prefix}{line}\n" for line in lines))
+            stream.flush()

@@ -1,0 +1,311 @@
+"""Shell commands as tasks: :class:`ShellFunction` and its :class:`ShellResult`.
+
+``ex.submit(ShellFunction("wc -l {path}"), path="/data/x")`` runs ``wc -l
+/data/x`` with ``/bin/sh`` on the endpoint, in a fresh directory of the
+task's own, and its future's value is a :class:`ShellResult`: the return
+code and the last lines of stdout and stderr; the whole output stays in two
+files in that directory.
+
+*Where the task directory is.* On an unsandboxed endpoint:
+``$FEDEXEC_TASK_DIR`` if the worker's environment sets it (an endpoint's
+``worker_init`` or environment can), else ``tasks`` under the fedexec home
+(``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account the endpoint
+runs as; each task gets ``<that>/<task id>-<random>`` (mode 0700), which
+fedexec leaves in place for the user (it is the task's output) and never
+deletes. In a sandbox (``worker/sandbox.py``) the task runs in the fresh
+directory its worker gives every task, which is removed when the task ends:
+the snippets come back, the files do not (the ShellResult's paths are None).
+
+*Walltime.* The command runs in a new session (its own process group); past
+``walltime`` seconds the whole group is killed (SIGKILL), and so are the
+processes that left the group (``setsid``) but are still descendants of the
+shell, found through ``/proc``; the return code is then 124, as
+``timeout(1)`` gives. Without a walltime, processes the command leaves
+running in the background (``cmd &``) are left alone, as ``subprocess.run``
+leaves them. A task timeout (``with_options(..., timeout=)``) is not a
+walltime: the pool then kills the worker, and on an unsandboxed endpoint the
+command, in a session of its own, can outlive it (in a sandbox the whole
+namespace goes); give commands a walltime.
+
+*Subclasses* (MPI): :meth:`ShellFunction.command` is the one place that
+turns the call's keyword arguments into the command line; override it to
+prefix a launcher.
+
+The values are put into the command as they are (``str.format``), not
+quoted, as Globus Compute and Parsl do: quote untrusted values yourself
+(``shlex.quote``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import string
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+from .config import fedexec_home
+
+TASK_DIR_ENV = "FEDEXEC_TASK_DIR"
+TIMEOUT_CODE = 124                     # what timeout(1) returns for a command it killed
+SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet
+SHELL = "/bin/sh"
+_READ_BLOCK = 64 * 1024
+
+
+class ShellResult:
+    """What a shell command did: ``returncode`` (124 if it ran past its
+    walltime), the last lines of ``stdout`` and ``stderr`` (str, decoded as
+    UTF-8 with replacement), the command as it ran (``cmd``), and where the
+    whole output is (``stdout_file``, ``stderr_file`` in ``task_dir``: paths
+    on the endpoint, None where the files are not kept, in a sandbox)."""
+
+    __slots__ = ("cmd", "returncode", "stdout", "stderr", "stdout_file", "stderr_file", "task_dir", "timed_out")
+
+    def __init__(self, cmd: str, returncode: int, stdout: str, stderr: str, *, stdout_file: str | None = None,
+                 stderr_file: str | None = None, task_dir: str | None = None, timed_out: bool = False) -> None:
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.stdout_file = stdout_file
+        self.stderr_file = stderr_file
+        self.task_dir = task_dir
+        self.timed_out = timed_out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in self.__slots__:
+            setattr(self, name, state.get(name))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShellResult) and self.__getstate__() == other.__getstate__()
+
+    def __repr__(self) -> str:
+        return (f"ShellResult(cmd={self.cmd!r}, returncode={self.returncode}, "
+                f"stdout={_short(self.stdout)!r}, stderr={_short(self.stderr)!r})")
+
+
+class ShellFunction:
+    """A shell command to run as a task; submit it with the values of its
+    format fields as keyword arguments.
+
+    ``cmd``: a ``str.format`` template with named fields only
+    (``"wc -l {path}"``). ``walltime``: seconds the command may run (None:
+    no limit); past it the command's process tree is killed and the return
+    code is 124. ``snippet_lines``: how many last lines of stdout and stderr
+    the ShellResult carries (each at most 1 MiB; 0: none). ``check``: a
+    non-zero return code raises :class:`subprocess.CalledProcessError` (with
+    ``output`` and ``stderr``: the snippets), as ``subprocess.run(check=True)``
+    does; otherwise it is part of the value.
+
+    Bad input fails here or in ``submit`` (a missing field, a positional
+    argument), with an error that names it, before anything is sent.
+    """
+
+    def __init__(self, cmd: str, walltime: float | None = None, snippet_lines: int = 1000,
+                 check: bool = False) -> None:
+        if not isinstance(cmd, str):
+            raise TypeError(f"ShellFunction's cmd must be a str (a format string), not {type(cmd).__name__}")
+        if not cmd.strip():
+            raise ValueError("ShellFunction's cmd is empty")
+        if walltime is not None:
+            if isinstance(walltime, bool) or not isinstance(walltime, (int, float)):
+                raise TypeError(f"ShellFunction's walltime must be a number of seconds or None, not {walltime!r}")
+            if not walltime > 0:   # (NaN too)
+                raise ValueError(f"ShellFunction's walltime must be > 0 seconds, not {walltime!r}")
+        if isinstance(snippet_lines, bool) or not isinstance(snippet_lines, int) or snippet_lines < 0:
+            raise ValueError(f"ShellFunction's snippet_lines must be an integer >= 0, not {snippet_lines!r}")
+        if not isinstance(check, bool):
+            raise TypeError(f"ShellFunction's check must be True or False, not {check!r}")
+        self.cmd = cmd
+        self.walltime = walltime
+        self.snippet_lines = snippet_lines
+        self.check = check
+        self.fields = _fields(cmd)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cmd!r}, walltime={self.walltime!r})"
+
+    # -- in the caller (submit) -------------------------------------------------------
+    def check_call(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Raise (TypeError, naming the problem) unless a call with ``args``
+        and ``kwargs`` can fill the command: keyword arguments only, one for
+        each field. ``submit`` calls this before it sends anything."""
+        if args:
+            raise TypeError(f"{self!r} takes keyword arguments only (the command's fields), "
+                            f"not {len(args)} positional")
+        missing = [name for name in self.fields if name not in kwargs]
+        if missing:
+            raise TypeError(f"{self!r} needs a value for " + ", ".join(f"{{{name}}}" for name in missing)
+                            + ": pass " + ", ".join(f"{name}=..." for name in missing) + " to submit")
+        self.command(kwargs)   # (an index or attribute the value lacks, a bad format spec)
+
+    def command(self, kwargs: dict[str, Any]) -> str:
+        """The command line this call runs: ``cmd`` filled from ``kwargs``.
+        The hook for subclasses that prefix a launcher (MPI); errors are
+        TypeErrors naming the field."""
+        try:
+            return self.cmd.format(**kwargs)
+        except (KeyError, IndexError, AttributeError, ValueError) as exc:
+            raise TypeError(f"cannot fill {self!r} from {sorted(kwargs)}: {type(exc).__name__}: {exc}") from None
+
+    # -- on the endpoint ----------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> ShellResult:
+        self.check_call(args, kwargs)
+        cmd = self.command(kwargs)
+        directory, keep = _task_directory()
+        out_path = os.path.join(directory, "stdout")
+        err_path = os.path.join(directory, "stderr")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out_fd = os.open(out_path, flags, 0o600)
+        try:
+            err_fd = os.open(err_path, flags, 0o600)
+        except BaseException:
+            os.close(out_fd)
+            raise
+        try:
+            process = subprocess.Popen([SHELL, "-c", cmd], cwd=directory, stdin=subprocess.DEVNULL,
+                                       stdout=out_fd, stderr=err_fd, start_new_session=True)
+        finally:
+            os.close(out_fd)
+            os.close(err_fd)
+        timed_out = False
+        try:
+            returncode = process.wait(self.walltime)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_tree(process)
+            returncode = TIMEOUT_CODE
+        except BaseException:   # (the task cancelled or the worker stopping: take the command with it)
+            kill_tree(process)
+            raise
+        stdout = tail_lines(out_path, self.snippet_lines)
+        stderr = tail_lines(err_path, self.snippet_lines)
+        if not keep:
+            out_path = err_path = directory = None   # type: ignore[assignment]
+        if self.check and returncode != 0:
+            raise subprocess.CalledProcessError(returncode, cmd, output=stdout, stderr=stderr)
+        return ShellResult(cmd, returncode, stdout, stderr, stdout_file=out_path, stderr_file=err_path,
+                           task_dir=directory, timed_out=timed_out)
+
+
+def _fields(cmd: str) -> tuple[str, ...]:
+    """The named fields of ``cmd`` (each once, in order); ValueError for a
+    malformed template or a positional field."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(cmd))
+    except ValueError as exc:
+        raise ValueError(f"ShellFunction's cmd {cmd!r} is not a valid format string: {exc} "
+                         f"(write a literal brace as {{{{ or }}}})") from None
+    for _, field, spec, _ in parsed:
+        if field is None:
+            continue
+        name = field.split(".", 1)[0].split("[", 1)[0]
+        if not name or name.isdigit():
+            raise ValueError(f"ShellFunction's cmd {cmd!r} has a positional field {{{field}}}: name every field "
+                             f"(as in {{path}}) and pass its value as a keyword argument")
+        for inner in string.Formatter().parse(spec or ""):   # nested fields in a format spec
+            if inner[1] is not None:
+                raise ValueError(f"ShellFunction's cmd {cmd!r}: fields inside a format spec are not supported")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def _task_directory() -> tuple[str, bool]:
+    """A fresh private directory for this task, and whether it is kept
+    after the task (see the module's docstring)."""
+    from .worker import process   # the worker running this task (imported there already)
+
+    if process.sandboxed_task_dir is not None:
+        return process.sandboxed_task_dir, False
+    base = os.environ.get(TASK_DIR_ENV) or str(fedexec_home() / "tasks")
+    task = process.current_task_id
+    prefix = (task.hex() if task else "task") + "-"
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=base), True
+    except FileNotFoundError:   # the first task here (or the base was removed): make it, once
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=prefix, dir=base), True
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL ``process``'s process group (it leads one: a new session) and
+    the descendants that left it, then reap ``process``."""
+    strays = _descendants(process.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    # a descendant forked meanwhile by one not yet dead: one more look
+    for pid in _descendants(process.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def _descendants(root: int) -> list[int]:
+    """The pids of ``root``'s living descendants, from /proc (empty where
+    there is no /proc). Processes whose parent has died are reparented
+    away and are not found: the group kill covers those still in it."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def tail_lines(path: str, lines: int, limit: int = SNIPPET_BYTES) -> str:
+    """The last ``lines`` lines of the file at ``path`` (at most ``limit``
+    bytes of them), read from its end, decoded as UTF-8 with replacement."""
+    if lines <= 0:
+        return ""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        data = b""
+        pos = end
+        while pos > 0 and len(data) < limit:
+            step = min(_READ_BLOCK, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+            # lines + 1 newlines seen (the last line may end with one): enough
+            if data.count(b"\n", 0, len(data) - 1) >= lines:
+                break
+    body = data[:-1] if data.endswith(b"\n") else data
+    kept = body.split(b"\n")[-lines:]
+    text = b"\n".join(kept) + (b"\n" if data.endswith(b"\n") else b"")
+    if len(text) > limit:
+        text = text[-limit:]
+    return text.decode("utf-8", errors="replace")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
