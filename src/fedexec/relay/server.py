@@ -885,7 +885,8 @@ class Relay:
             if record is not None and record.user == user:
                 continue
             if record is None and self.store.finished_owners.get(dependency) == user:
-                if self.graph.recent_result(dependency) is not None:   # (unacknowledged: it stays)
+                if (self.graph.recent_result(dependency) is not None   # (unacknowledged: it stays)
+                        or self._recorded_result(dependency, user) is not None):
                     finished.add(dependency)
                     continue
                 # finished: its result is on its way to the client, which sends the value itself
@@ -1012,10 +1013,7 @@ class Relay:
         were not kept in memory (graph.KEPT_IN_MEMORY), from the record
         (written first, if it is not yet: a wait of one group commit); a
         failure if one is gone."""
-        seq = self.store.flush()
-        deadline = time.monotonic() + 30.0
-        while self.store.committed_seq < seq and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self._wait_for_record()
         for position, dependency in enumerate(self.graph.dependencies_of[record.task_id]):
             if results[position] is not None:
                 continue
@@ -1025,6 +1023,33 @@ class Relay:
                                               f"could not be read from the relay's record")
             results[position] = outcome[2] or b""
         return None
+
+    def _wait_for_record(self) -> None:
+        """(Rare paths) wait until everything recorded so far is written."""
+        seq = self.store.flush()
+        deadline = time.monotonic() + 30.0
+        while self.store.committed_seq < seq and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _recorded_result(self, task_id: bytes, user: str) -> bytes | None:
+        """The result of ``user``'s task that finished and is not yet
+        acknowledged (a task naming it reached the relay just after it
+        finished: its client sent the two apart, as a chain's first links
+        often are), read back from the record if it is small and succeeded,
+        and kept with the recent results (``graph.remember``); else None
+        (the task naming it is refused, for its client to send it with the
+        value). Without it, that refusal is followed by the same for every
+        later link already sent (``graph.sent_again``): the whole chain
+        through the client. A rare path: it waits for one group commit."""
+        self._wait_for_record()
+        outcome = self.store.task_outcome(task_id)
+        if outcome is None or outcome[1] != P.OK or outcome[3] != user or outcome[2] is None:
+            return None
+        result = outcome[2]
+        if is_big(result) or in_memory(result) is None:
+            return None
+        self.graph.remember(task_id, result)
+        return self.graph.recent_result(task_id)
 
     def _fail_held(self, record: TaskRecord, failure: bytes, now: float) -> None:
         """A held task (already out of ``self.tasks``) fails with ``failure``."""
