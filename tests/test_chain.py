@@ -112,3 +112,92 @@ def test_links_posted_behind_a_link_the_client_held_still_go_to_the_relay(tmp_pa
             timings = [future.fedexec_timings for future in chain[1:]]
             early = sum(after["sent"] < before["done"] for before, after in zip(timings, timings[1:]))
             assert early >= 150, f"only {early} of 199 links left before the link before them finished"
+
+
+# -- links sent on to the worker that runs the link before them (worker/chain.py) --------
+
+def sleep_then(delay, value):
+    time.sleep(delay)
+    return value
+
+
+def once_then(directory, name, how, value):
+    """Fails the first time it runs for ``name`` (``how``: "raise", or
+    "exit": its worker dies), then returns ``value + 1``."""
+    import os
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        open(path, "w").close()
+        if how == "exit":
+            os._exit(3)
+        raise ValueError("first try fails")
+    return value + 1
+
+
+def boom_at(index, at, value):
+    if index == at:
+        raise ValueError(f"link {index} fails")
+    return value + 1
+
+
+def grow(value):
+    """A result over the worker's keep limit (64 KiB) when value is bytes."""
+    return value + b"x" * 70_000
+
+
+@pytest.mark.timeout(120)
+def test_a_chain_runs_in_one_worker_each_link_sent_there_before_the_link_before_it_ends():
+    """Links that wait at the pool go on to the worker running the link
+    before them, and run there with its value: each reaches that worker
+    (trace: worker_in) before the link before it ended, so the value did not
+    come back through the pool to be sent with it."""
+    with FederatedExecutor(max_workers=2, trace=True) as ex:
+        assert ex.submit(inc, 0).result(DEADLINE) == 1
+        chain = [ex.submit(sleep_then, 1.0, 0)]   # the links reach the pool while it runs
+        for _ in range(100):
+            chain.append(ex.submit(inc, chain[-1]))
+        assert chain[-1].result(DEADLINE) == 100
+        assert [f.result() for f in chain] == list(range(101))
+        timings = [future.fedexec_timings for future in chain]
+        ahead = sum(after["worker_in"] < before["end"] for before, after in zip(timings, timings[1:]))
+        assert ahead >= 90, f"only {ahead} of 100 links were at their worker before the link before them ended"
+
+
+@pytest.mark.timeout(120)
+def test_links_after_a_failing_link_fail_naming_it_and_a_retried_link_feeds_the_next(tmp_path):
+    from fedexec import DependencyError, with_options
+
+    with FederatedExecutor(max_workers=2) as ex:
+        assert ex.submit(inc, 0).result(DEADLINE) == 1
+        chain = [ex.submit(sleep_then, 0.5, 0)]
+        for index in range(20):
+            chain.append(ex.submit(boom_at, index, 10, chain[-1]))
+        with pytest.raises(ValueError, match="link 10 fails"):
+            chain[11].result(DEADLINE)
+        assert [f.result(DEADLINE) for f in chain[:11]] == list(range(11))
+        for future in chain[12:]:
+            with pytest.raises(DependencyError):
+                future.result(DEADLINE)
+        # a link that raises once and is tried again (max_retries) feeds its next links its value
+        retried = with_options(once_then, max_retries=1)
+        chain = [ex.submit(sleep_then, 0.5, 0)]
+        for index in range(20):
+            chain.append(ex.submit(retried, str(tmp_path), f"r{index}", "raise", chain[-1]) if index == 7
+                         else ex.submit(inc, chain[-1]))
+        assert chain[-1].result(DEADLINE) == 20
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_dying_mid_chain_and_results_too_large_to_keep_lose_no_link(tmp_path):
+    with FederatedExecutor(max_workers=2) as ex:
+        assert ex.submit(inc, 0).result(DEADLINE) == 1
+        chain = [ex.submit(sleep_then, 0.5, 0)]
+        for index in range(30):   # link 10 kills its worker the first time (WorkerLost: run again)
+            chain.append(ex.submit(once_then, str(tmp_path), "exit", "exit", chain[-1]) if index == 10
+                         else ex.submit(inc, chain[-1]))
+        assert chain[-1].result(DEADLINE) == 30
+        assert [f.result() for f in chain] == list(range(31))
+        chain = [ex.submit(sleep_then, 0.5, b"")]
+        for _ in range(5):
+            chain.append(ex.submit(grow, chain[-1]))
+        assert chain[-1].result(DEADLINE) == b"x" * 350_000

@@ -51,6 +51,7 @@ from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
+from ..worker.chain import is_not_kept
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -66,6 +67,7 @@ ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long
 RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
 SHARE_AFTER = 1.0           # a worker serves its user this long at least before it may yield to another
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
+CHAIN_AHEAD = 256           # tasks a worker may hold at most for a dependent to be sent on to it (_chain_to_worker)
 
 
 class PoolManager:
@@ -296,6 +298,8 @@ class PoolManager:
         if not all(dependency in held for dependency in dependencies):
             self._give_back([task])
             return
+        if self._chain_to_worker(task):
+            return
         ready, failure = self.graph.hold(task, dependencies, held, {})
         if failure is not None:
             self._result(task.row[0], P.FAILED, failure)
@@ -312,6 +316,61 @@ class PoolManager:
 
     def _failed_held(self, task_id: bytes, failure: bytes) -> None:
         self._result(task_id, P.FAILED, failure)
+
+    # -- dependents sent on to the worker running their dependencies (worker/chain.py) --
+    def _chainable(self, task: QueuedTask, slot: WorkerSlot | None) -> bool:
+        """Whether a task held here for its dependencies may go on to
+        ``slot`` now: they all went there, unfinished, the newest of them is
+        the last task sent there (so the worker still has it queued, or as
+        the task it ran last), and it is a plain pool (no sandbox, pickles)."""
+        pool = self.pool
+        if (slot is None or pool is None or pool.sandbox != "none" or pool.data_only or self.draining
+                or slot.retiring or slot.yielding or not slot.tasks or len(slot.tasks) >= CHAIN_AHEAD):
+            return False
+        row = task.row
+        dependencies = row[6]["d"]
+        at_worker = self.at_worker
+        return (next(reversed(slot.tasks)) in dependencies and all(at_worker.get(d) is slot for d in dependencies)
+                and (row[6].get("u") or "") == slot.user and row[5] == P.PYTHON_VERSION
+                and (row[1] in slot.known_functions or row[1] in self.functions))
+
+    def _chain_to_worker(self, task: QueuedTask) -> bool:
+        """Send a task that came to wait here for its dependencies on to the
+        worker they went to, if it may go (:meth:`_chainable`): it runs there
+        right after them, with their values, which need not come here and go
+        back first; a chain's links follow one another in that worker.
+        Whether it went."""
+        slot = self.at_worker.get(task.row[6]["d"][0])
+        if not self._chainable(task, slot):
+            return False
+        self.queue.appendleft(task)
+        self._send_batch(slot, 1)   # (that one: _chainable checked what would make it pass it by)
+        return True
+
+    def _chain_held(self) -> None:
+        """Tasks held here that may now go on to a worker (their newest
+        dependency was sent there since they came: a chain that reached the
+        pool ahead of its first link)."""
+        assert self.pool is not None
+        waiting_on, graph = self.graph.waiting_on, self.graph
+        for slot in self.pool.slots.values():
+            while slot.tasks:
+                waiting = waiting_on.get(next(reversed(slot.tasks)))
+                entry = graph.held.get(waiting[0]) if waiting else None
+                if entry is None or entry.results or not self._chainable(entry.task, slot):
+                    break
+                graph.take(waiting[0])
+                self.queue.appendleft(entry.task)
+                self._send_batch(slot, 1)
+
+    def _unchained(self, task: QueuedTask) -> None:
+        """A task sent on to a worker came back unrun (its worker did not
+        keep a dependency's value, or died): it waits here again, or goes
+        back to the endpoint, which has its dependencies' results."""
+        if self.draining:
+            self._give_back([task])
+        else:
+            self._hold_dependent(task)
 
     def _start_workers(self) -> None:
         try:
@@ -393,6 +452,9 @@ class PoolManager:
                 continue
             self.at_worker.pop(task_id, None)
             blob = P.blob(msg.blobs, index)
+            if status == P.FAILED and len(task.row) == 7 and "d" in task.row[6] and is_not_kept(blob):
+                self._unchained(task)   # sent on to this worker, which did not keep a dependency's value
+                continue
             if self.pool is not None and self.pool.sandbox != "none":   # large payloads cross its wall
                 status, blob = self.pool.task_result(slot, task_id, status, blob)
             if status == P.EXCEPTION and task.retried < (task.option("r") or 0) and not self.draining:
@@ -415,6 +477,8 @@ class PoolManager:
 
     def _assign(self) -> None:
         """Top up workers with batches from the queue, least loaded first."""
+        if self.graph.waiting_on and self.pool is not None:
+            self._chain_held()
         if not self.queue or self.pool is None:
             return
         # A task that takes SLOW_TASK or more goes to an idle worker only: one
@@ -670,10 +734,15 @@ class PoolManager:
         elif unmarked:
             log.warning("worker %d %s holding tasks, its marker naming none of them", slot.pid, how)
         slot.tasks.clear()
+        chained = [task for task in survivors if len(task.row) == 7 and "d" in task.row[6]]
+        if chained:   # sent on to it for their dependencies' values there: they wait again
+            survivors = [task for task in survivors if not (len(task.row) == 7 and "d" in task.row[6])]
         if self.draining:
             self._give_back(survivors)
         else:
             self.queue.extendleft(reversed(survivors))
+        for task in chained:
+            self._unchained(task)
 
 
 def main(argv: list[str] | None = None) -> None:
