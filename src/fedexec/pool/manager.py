@@ -111,6 +111,7 @@ class PoolManager:
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
         self.graph = HeldTasks()   # tasks waiting here for tasks they depend on (endpoint/graph.py)
+        self._ran_last: dict[bytes, bytes] = {}   # worker id -> the task it answered for last (_chain_after_last)
         self.task_seconds: float | None = None
         self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
@@ -289,16 +290,19 @@ class PoolManager:
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the endpoint")
 
-    def _hold_dependent(self, task: QueuedTask) -> None:
+    def _hold_dependent(self, task: QueuedTask, chain: bool = True) -> None:
         """A task the endpoint sent to wait here until the tasks it depends
         on, all here, finish; one of them finished already (the result is on
-        its way to the endpoint): it goes back, to wait at the endpoint."""
+        its way to the endpoint): it goes back, to wait at the endpoint.
+        With ``chain``, it may go on to a worker instead (``_chain_to_worker``,
+        ``_chain_after_last``)."""
         dependencies = task.row[6]["d"]
         held = self.held
         if not all(dependency in held for dependency in dependencies):
-            self._give_back([task])
+            if not (chain and self._chain_after_last(task)):
+                self._give_back([task])
             return
-        if self._chain_to_worker(task):
+        if chain and self._chain_to_worker(task):
             return
         ready, failure = self.graph.hold(task, dependencies, held, {})
         if failure is not None:
@@ -318,20 +322,25 @@ class PoolManager:
         self._result(task_id, P.FAILED, failure)
 
     # -- dependents sent on to the worker running their dependencies (worker/chain.py) --
-    def _chainable(self, task: QueuedTask, slot: WorkerSlot | None) -> bool:
+    def _chainable(self, task: QueuedTask, slot: WorkerSlot | None, after: bytes | None = None) -> bool:
         """Whether a task held here for its dependencies may go on to
         ``slot`` now: they all went there, unfinished, the newest of them is
         the last task sent there (so the worker still has it queued, or as
-        the task it ran last), and it is a plain pool (no sandbox, pickles)."""
+        the task it ran last), and it is a plain pool (no sandbox, pickles).
+        ``after``: its one dependency, which finished as the last task
+        ``slot`` ran (``_chain_after_last``)."""
         pool = self.pool
         if (slot is None or pool is None or pool.sandbox != "none" or pool.data_only or self.draining
-                or slot.retiring or slot.yielding or not slot.tasks or len(slot.tasks) >= CHAIN_AHEAD):
+                or slot.retiring or slot.yielding or len(slot.tasks) >= CHAIN_AHEAD):
             return False
         row = task.row
-        dependencies = row[6]["d"]
-        at_worker = self.at_worker
-        return (next(reversed(slot.tasks)) in dependencies and all(at_worker.get(d) is slot for d in dependencies)
-                and (row[6].get("u") or "") == slot.user and row[5] == P.PYTHON_VERSION
+        if after is None:
+            dependencies = row[6]["d"]
+            at_worker = self.at_worker
+            if not (slot.tasks and next(reversed(slot.tasks)) in dependencies
+                    and all(at_worker.get(d) is slot for d in dependencies)):
+                return False
+        return ((row[6].get("u") or "") == slot.user and row[5] == P.PYTHON_VERSION
                 and (row[1] in slot.known_functions or row[1] in self.functions))
 
     def _chain_to_worker(self, task: QueuedTask) -> bool:
@@ -342,6 +351,27 @@ class PoolManager:
         Whether it went."""
         slot = self.at_worker.get(task.row[6]["d"][0])
         if not self._chainable(task, slot):
+            return False
+        self.queue.appendleft(task)
+        self._send_batch(slot, 1)   # (that one: _chainable checked what would make it pass it by)
+        return True
+
+    def _chain_after_last(self, task: QueuedTask) -> bool:
+        """A task that came to wait here for one dependency which has
+        finished already goes on to the worker that ran it, if that was the
+        last task this worker ran and nothing was sent to it since: the
+        worker still has the value at hand (``KeptResults.last``), so a chain
+        whose links come here just after the link before them ended (it runs
+        as fast as they come) does not send each back to the endpoint to
+        wait there. Whether it went (if the worker has not the value after
+        all, it comes back: ``_unchained``)."""
+        dependencies = task.row[6]["d"]
+        if len(dependencies) != 1 or self.pool is None:
+            return False
+        ran_last = self._ran_last
+        slot = next((slot for slot in self.pool.slots.values()
+                     if ran_last.get(slot.worker_id) == dependencies[0] and not slot.tasks), None)
+        if slot is None or not self._chainable(task, slot, after=dependencies[0]):
             return False
         self.queue.appendleft(task)
         self._send_batch(slot, 1)   # (that one: _chainable checked what would make it pass it by)
@@ -370,7 +400,7 @@ class PoolManager:
         if self.draining:
             self._give_back([task])
         else:
-            self._hold_dependent(task)
+            self._hold_dependent(task, chain=False)
 
     def _start_workers(self) -> None:
         try:
@@ -466,6 +496,8 @@ class PoolManager:
                 average = self.task_seconds
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
+        if rows:   # (the task it ran last, as far as we know: _chain_after_last)
+            self._ran_last[slot.worker_id] = rows[-1][0]
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -734,6 +766,7 @@ class PoolManager:
         elif unmarked:
             log.warning("worker %d %s holding tasks, its marker naming none of them", slot.pid, how)
         slot.tasks.clear()
+        self._ran_last.pop(slot.worker_id, None)
         chained = [task for task in survivors if len(task.row) == 7 and "d" in task.row[6]]
         if chained:   # sent on to it for their dependencies' values there: they wait again
             survivors = [task for task in survivors if not (len(task.row) == 7 and "d" in task.row[6])]
