@@ -52,6 +52,7 @@ from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
 from ..worker.chain import is_not_kept
+from .chaining import WorkerChains
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -67,10 +68,9 @@ ENDPOINT_SILENCE = 60.0     # a welcomed pool whose endpoint is silent this long
 RETIRE_GRACE = 5.0          # a worker told to stop that still runs this much later is killed
 SHARE_AFTER = 1.0           # a worker serves its user this long at least before it may yield to another
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
-CHAIN_AHEAD = 256           # tasks a worker may hold at most for a dependent to be sent on to it (_chain_to_worker)
 
 
-class PoolManager:
+class PoolManager(WorkerChains):
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
@@ -111,7 +111,9 @@ class PoolManager:
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
         self.graph = HeldTasks()   # tasks waiting here for tasks they depend on (endpoint/graph.py)
-        self._ran_last: dict[bytes, bytes] = {}   # worker id -> the task it answered for last (_chain_after_last)
+        self._ran_last: dict[bytes, bytes] = {}   # worker id -> the task it answered for last (chaining.py)
+        self._chaining: dict[bytes, list[QueuedTask]] = {}   # worker id -> tasks going on to it (chaining.py)
+        self._going: dict[bytes, WorkerSlot] = {}   # ... and where each of them goes
         self.task_seconds: float | None = None
         self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
@@ -269,6 +271,8 @@ class PoolManager:
                     self._hold_dependent(QueuedTask(row, P.blob(blobs, row[2])))
                     continue
                 self.queue.append(QueuedTask(row, P.blob(blobs, row[2])))
+            if self._chaining:   # (tasks that go on to the worker running their dependencies, together)
+                self._send_chained()
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.WELCOME:
@@ -320,87 +324,6 @@ class PoolManager:
 
     def _failed_held(self, task_id: bytes, failure: bytes) -> None:
         self._result(task_id, P.FAILED, failure)
-
-    # -- dependents sent on to the worker running their dependencies (worker/chain.py) --
-    def _chainable(self, task: QueuedTask, slot: WorkerSlot | None, after: bytes | None = None) -> bool:
-        """Whether a task held here for its dependencies may go on to
-        ``slot`` now: they all went there, unfinished, the newest of them is
-        the last task sent there (so the worker still has it queued, or as
-        the task it ran last), and it is a plain pool (no sandbox, pickles).
-        ``after``: its one dependency, which finished as the last task
-        ``slot`` ran (``_chain_after_last``)."""
-        pool = self.pool
-        if (slot is None or pool is None or pool.sandbox != "none" or pool.data_only or self.draining
-                or slot.retiring or slot.yielding or len(slot.tasks) >= CHAIN_AHEAD):
-            return False
-        row = task.row
-        if after is None:
-            dependencies = row[6]["d"]
-            at_worker = self.at_worker
-            if not (slot.tasks and next(reversed(slot.tasks)) in dependencies
-                    and all(at_worker.get(d) is slot for d in dependencies)):
-                return False
-        return ((row[6].get("u") or "") == slot.user and row[5] == P.PYTHON_VERSION
-                and (row[1] in slot.known_functions or row[1] in self.functions))
-
-    def _chain_to_worker(self, task: QueuedTask) -> bool:
-        """Send a task that came to wait here for its dependencies on to the
-        worker they went to, if it may go (:meth:`_chainable`): it runs there
-        right after them, with their values, which need not come here and go
-        back first; a chain's links follow one another in that worker.
-        Whether it went."""
-        slot = self.at_worker.get(task.row[6]["d"][0])
-        if not self._chainable(task, slot):
-            return False
-        self.queue.appendleft(task)
-        self._send_batch(slot, 1)   # (that one: _chainable checked what would make it pass it by)
-        return True
-
-    def _chain_after_last(self, task: QueuedTask) -> bool:
-        """A task that came to wait here for one dependency which has
-        finished already goes on to the worker that ran it, if that was the
-        last task this worker ran and nothing was sent to it since: the
-        worker still has the value at hand (``KeptResults.last``), so a chain
-        whose links come here just after the link before them ended (it runs
-        as fast as they come) does not send each back to the endpoint to
-        wait there. Whether it went (if the worker has not the value after
-        all, it comes back: ``_unchained``)."""
-        dependencies = task.row[6]["d"]
-        if len(dependencies) != 1 or self.pool is None:
-            return False
-        ran_last = self._ran_last
-        slot = next((slot for slot in self.pool.slots.values()
-                     if ran_last.get(slot.worker_id) == dependencies[0] and not slot.tasks), None)
-        if slot is None or not self._chainable(task, slot, after=dependencies[0]):
-            return False
-        self.queue.appendleft(task)
-        self._send_batch(slot, 1)   # (that one: _chainable checked what would make it pass it by)
-        return True
-
-    def _chain_held(self) -> None:
-        """Tasks held here that may now go on to a worker (their newest
-        dependency was sent there since they came: a chain that reached the
-        pool ahead of its first link)."""
-        assert self.pool is not None
-        waiting_on, graph = self.graph.waiting_on, self.graph
-        for slot in self.pool.slots.values():
-            while slot.tasks:
-                waiting = waiting_on.get(next(reversed(slot.tasks)))
-                entry = graph.held.get(waiting[0]) if waiting else None
-                if entry is None or entry.results or not self._chainable(entry.task, slot):
-                    break
-                graph.take(waiting[0])
-                self.queue.appendleft(entry.task)
-                self._send_batch(slot, 1)
-
-    def _unchained(self, task: QueuedTask) -> None:
-        """A task sent on to a worker came back unrun (its worker did not
-        keep a dependency's value, or died): it waits here again, or goes
-        back to the endpoint, which has its dependencies' results."""
-        if self.draining:
-            self._give_back([task])
-        else:
-            self._hold_dependent(task, chain=False)
 
     def _start_workers(self) -> None:
         try:
@@ -496,8 +419,7 @@ class PoolManager:
                 average = self.task_seconds
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
-        if rows:   # (the task it ran last, as far as we know: _chain_after_last)
-            self._ran_last[slot.worker_id] = rows[-1][0]
+        self._ran(slot, rows)
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -509,7 +431,7 @@ class PoolManager:
 
     def _assign(self) -> None:
         """Top up workers with batches from the queue, least loaded first."""
-        if self.graph.waiting_on and self.pool is not None:
+        if (self.graph.waiting_on or self._chaining) and self.pool is not None:
             self._chain_held()
         if not self.queue or self.pool is None:
             return
