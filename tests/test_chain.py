@@ -201,3 +201,28 @@ def test_a_worker_dying_mid_chain_and_results_too_large_to_keep_lose_no_link(tmp
         for _ in range(5):
             chain.append(ex.submit(grow, chain[-1]))
         assert chain[-1].result(DEADLINE) == b"x" * 350_000
+
+
+def pair(a, b, c):
+    return (a, b, c)
+
+
+def test_arguments_that_are_plain_values_and_futures_are_snapshot_as_the_general_pickler_does():
+    """submit(f, future, ...) takes a fast path (the standard pickler, no
+    cloudpickle pickler per call): the same values in the same places."""
+    from concurrent.futures import Future
+
+    from fedexec.dependencies import _load, _plain_snapshot, snapshot
+
+    first, second = Future(), Future()
+    args = (first, 1, "x", second, first, None, 2.5, b"b", True)
+    fast, found = _plain_snapshot(args)
+    general, found_too = snapshot((args, {}))
+    assert found == found_too == [first, second]
+    expected = ((10, 1, "x", 20, 10, None, 2.5, b"b", True), {})
+    assert _load(fast, [10, 20]) == _load(general, [10, 20]) == expected
+    assert _plain_snapshot(([first],)) is None and _plain_snapshot((first, object())) is None
+    with FederatedExecutor(max_workers=1) as ex:
+        one = ex.submit(inc, 0)
+        assert ex.submit(pair, one, one, 5).result(DEADLINE) == (1, 1, 5)
+        assert ex.submit(pair, one, [one], {"k": one}).result(DEADLINE) == (1, [1], {"k": 1})
