@@ -79,6 +79,42 @@ def test_a_link_reaching_the_relay_after_its_unacknowledged_dependency_finished_
         assert "Traceback" not in relay.log.read_text(), tail(relay.log)
 
 
+@pytest.mark.timeout(120)
+def test_reading_finished_results_back_from_the_record_is_bounded(tmp_path):
+    """Each read may wait for a group commit on the relay's loop: at most
+    RECORD_READS_PER_SECOND a second, for all users. Past that, a task naming
+    a finished task is refused as before (DEPENDENCY_DONE: its client sends
+    it with the value); those held run with the right values."""
+    from fedexec.relay.server import RECORD_READS_PER_SECOND
+
+    with started_federation(tmp_path) as (relay, endpoint):
+        client = RawClient(relay.address, None)
+        try:
+            fn_hash, body = serialize_function(inc)
+            firsts = [uuid.uuid4().bytes for _ in range(30)]
+            blobs = P.Blobs()
+            rows = [[task_id, fn_hash, blobs.ref(serialize_arguments(inc, (value,), {})),
+                     blobs.ref(body) if value == 0 else -1, P.TASK_CALL, P.PYTHON_VERSION]
+                    for value, task_id in enumerate(firsts)]
+            client.send(P.SUBMIT, {"ep": endpoint.endpoint_id, "tasks": rows}, blobs.frames)
+            results_of(client, firsts)   # all finished; none acknowledged
+            dependents = [uuid.uuid4().bytes for _ in firsts]
+            blobs = P.Blobs()
+            args = blobs.ref(pickle.dumps(((_placeholder(0),), {})))
+            rows = [[task_id, fn_hash, args, -1, P.TASK_CALL, P.PYTHON_VERSION, {"d": [first]}]
+                    for task_id, first in zip(dependents, firsts)]
+            client.send(P.SUBMIT, {"ep": endpoint.endpoint_id, "tasks": rows}, blobs.frames)
+            outcomes = results_of(client, dependents)
+        finally:
+            client.close()
+        held = [value for value, task_id in enumerate(dependents) if outcomes[task_id][0] == P.OK]
+        refused = [task_id for task_id in dependents if outcomes[task_id][0] == P.FAILED
+                   and P.unpack_failure(outcomes[task_id][1])["kind"] == P.DEPENDENCY_DONE]
+        assert len(held) + len(refused) == 30, outcomes
+        assert 1 <= len(held) <= 2 * RECORD_READS_PER_SECOND, held   # (the reads may span two seconds)
+        assert all(pickle.loads(outcomes[dependents[value]][1]) == value + 2 for value in held)
+
+
 class _placeholder:
     """Pickles as the placeholder of dependency ``index`` (as the client's
     snapshot writes a future: dependencies._dependency)."""

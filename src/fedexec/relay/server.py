@@ -74,6 +74,12 @@ RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
 # An endpoint names the tasks it still holds in its HELLO and in HOLDING
 # messages right after it, on the same connection, within this many seconds.
 HOLDING_WINDOW = 30.0
+# Results of finished, unacknowledged tasks read back from the record for a
+# task naming them that came just after they finished (_recorded_result), at
+# most this many a second for all users: each read may wait for a group
+# commit on the loop, and a chain needs one when it starts; past it, such a
+# task is refused for its client to send it with the values, as before.
+RECORD_READS_PER_SECOND = 8
 
 
 class Relay:
@@ -196,6 +202,7 @@ class Relay:
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
         self.graph = DependencyGraph()   # tasks held until the tasks they depend on finish
+        self._record_reads = [0, 0]   # (second, reads in it): _recorded_result's budget
         self._cascade: list[tuple[TaskRecord, int, Any]] | None = None   # see _dependencies_finished
         if function_grace < 0:
             raise ValueError("function_grace must be 0 seconds or more")
@@ -1040,7 +1047,15 @@ class Relay:
         (the task naming it is refused, for its client to send it with the
         value). Without it, that refusal is followed by the same for every
         later link already sent (``graph.sent_again``): the whole chain
-        through the client. A rare path: it waits for one group commit."""
+        through the client. A rare path: it waits for one group commit, at
+        most RECORD_READS_PER_SECOND times a second."""
+        second = int(time.monotonic())
+        reads = self._record_reads
+        if reads[0] != second:
+            reads[0], reads[1] = second, 0
+        if reads[1] >= RECORD_READS_PER_SECOND:
+            return None
+        reads[1] += 1
         self._wait_for_record()
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[1] != P.OK or outcome[3] != user or outcome[2] is None:
