@@ -87,6 +87,42 @@ def snapshot(value: Any) -> tuple[bytes, list[Future]]:
     return buffer.getvalue(), finder.found
 
 
+class _Placeholder:
+    """Pickles as the call of :func:`_dependency` that stands for a future
+    (what :class:`_FutureFinder` writes)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _dependency, (self.index,)
+
+
+def _plain_snapshot(args: tuple) -> tuple[bytes, list[Future]] | None:
+    """:func:`snapshot` of ``(args, {})`` when each argument is plain data
+    (``_SIMPLE_TYPES``) or a future, the usual shape of a graph's task
+    (``submit(f, previous)``, ``submit(gather, *futures)``): pickled by the
+    standard pickler, without making a cloudpickle pickler for each call;
+    None for any other arguments."""
+    found: list[Future] = []
+    index: dict[int, int] = {}
+    parts: list[Any] = []
+    for arg in args:
+        if type(arg) in _SIMPLE_TYPES:
+            parts.append(arg)
+        elif isinstance(arg, Future):
+            position = index.get(id(arg))
+            if position is None:
+                position = index[id(arg)] = len(found)
+                found.append(arg)
+            parts.append(_Placeholder(position))
+        else:
+            return None
+    return pickle.dumps((tuple(parts), {}), protocol=PICKLE_PROTOCOL), found
+
+
 class FuturesFound(Exception):
     """(Internal) raised by :func:`arguments_or_futures` for arguments that
     hold futures, with their :func:`snapshot`."""
@@ -102,8 +138,12 @@ def arguments_or_futures(fn: Callable[..., Any], args: tuple, kwargs: dict) -> b
     same cost for plain arguments) in one pickling pass that also finds any
     futures in them: then it raises :class:`FuturesFound` with the snapshot,
     rather than failing on the first future and pickling again."""
-    if not kwargs and all(type(a) in _SIMPLE_TYPES for a in args):
-        return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+    if not kwargs:
+        if all(type(a) in _SIMPLE_TYPES for a in args):
+            return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+        plain = _plain_snapshot(args)
+        if plain is not None:   # (some are futures: else the line above took them)
+            raise FuturesFound(*plain)
     try:
         blob, futures = snapshot((args, kwargs))
     except Exception:

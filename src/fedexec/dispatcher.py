@@ -261,14 +261,28 @@ class Dispatcher(threading.Thread):
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
         """Hand a command to the thread; RuntimeError once it has stopped.
         ``tasks``: how many futures it brings (counted until they settle)."""
+        inline = command == "submit" and threading.current_thread() is self
         with self._post_lock:
             if self.closed:
                 raise RuntimeError(self.failure or "cannot schedule new futures after shutdown")
-            self.commands.append((command, value))
             self.posted += tasks
-            if not self._wake_pending:
-                self._wake_pending = True
-                os.write(self._wake_w, b"x")
+            if not inline:
+                self.commands.append((command, value))
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    os.write(self._wake_w, b"x")
+        if inline:
+            self._accept_now(value)
+
+    def _accept_now(self, items: list[WorkItem]) -> None:
+        """Tasks submitted from this thread itself (a task held here for its
+        dependencies, sent once their values arrived) are taken at once, not
+        queued behind tasks posted meanwhile: those may depend on them, and
+        go to the relay to be held there only if these are out already
+        (``_hold_here``); queued behind them, each would be held here in turn,
+        a round trip through this client per link of a chain."""
+        for item in items:
+            self._accept(item)
 
     def wait_for_room(self, limit: int, tasks: int) -> None:
         """Block the caller while ``tasks`` more would put more than ``limit``
@@ -473,6 +487,7 @@ class Dispatcher(threading.Thread):
         if not any(future.done() or future._task_bytes not in pending for future in futures):
             return False
         del self.relayed[item.task_id]
+        pending.pop(item.task_id, None)   # (it may be sent again at once, in hold: _accept_now)
         with item.future._condition:
             item.future._sent = False
         self.settled += 1
@@ -591,9 +606,7 @@ class Dispatcher(threading.Thread):
         if self.relayed:   # those whose dependencies are done here are held here (see _hold_here)
             kept = []
             for item in again:
-                if item.task_id in self.relayed and self._hold_here(item):
-                    del self.pending[item.task_id]
-                else:
+                if item.task_id not in self.relayed or not self._hold_here(item):
                     kept.append(item)
             again = kept
         self.resending = True

@@ -430,14 +430,11 @@ class FederatedExecutor(Executor):
         it; when its function or arguments cannot be sent, the future already
         holds the error and there is nothing to send."""
         submitted = time.time() if self._trace else 0.0
-        if future is None:
-            task_id = self._task_ids.next()
-            future = TaskFuture(self._dispatcher, task_id)
-        else:
-            task_id = future._task_bytes
         try:
             fn_hash, fn_body = self._functions.lookup(fn)
             payload = make_payload()
+            if future is None:   # (made after the payload: a FuturesFound leaves no future behind)
+                future = TaskFuture(self._dispatcher, self._task_ids.next())
             limit = self._dispatcher.max_payload
             if limit is not None and (len(payload) > limit or len(fn_body) > limit):
                 self._check_size(payload)
@@ -447,8 +444,10 @@ class FederatedExecutor(Executor):
                 if len(payload) > BIG_THRESHOLD:   # uploaded in chunks first; the task carries its reference
                     payload = self._dispatcher.transfers.upload(payload)
         except (SerializationError, PayloadTooLarge, TransferError) as exc:
+            future = future or TaskFuture(self._dispatcher, self._task_ids.next())
             future.set_exception(exc)
             return future, None
+        task_id = future._task_bytes
         item = WorkItem(future, task_id, fn_hash, fn_body, payload, kind)
         item.extra = extra
         if memoize:

@@ -141,6 +141,20 @@ class HeldTasks:
         return [task_id for task_id in task_ids
                 if (entry := held.get(task_id)) is not None and entry.pool is None and held.pop(task_id)]
 
+    def take(self, task_id: bytes) -> QueuedTask | None:
+        """(Pool) a held task, taken out to go on elsewhere (to the worker
+        its dependencies went to: ``pool/manager.py``), or None."""
+        entry = self.held.pop(task_id, None)
+        if entry is None:
+            return None
+        for dependency in entry.dependencies:
+            waiting = self.waiting_on.get(dependency)
+            if waiting is not None and task_id in waiting:
+                waiting.remove(task_id)
+                if not waiting:
+                    del self.waiting_on[dependency]
+        return entry.task
+
     def take_all(self) -> list[QueuedTask]:
         """(Pool) every held task, as it came, taken out (to give back)."""
         tasks = [entry.task for entry in self.held.values()]

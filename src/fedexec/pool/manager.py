@@ -56,6 +56,8 @@ from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
 from .placement import NodeBudget, has_resources
+from ..worker.chain import is_not_kept
+from .chaining import WorkerChains
 from .resources import NodeResources
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
@@ -73,7 +75,7 @@ SHARE_AFTER = 1.0           # a worker serves its user this long at least before
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
 
 
-class PoolManager:
+class PoolManager(WorkerChains):
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
@@ -117,6 +119,9 @@ class PoolManager:
         self.at_worker: dict[bytes, WorkerSlot] = {}
         self.held: set[bytes] = set()               # every task here, queued or at a worker
         self.graph = HeldTasks()   # tasks waiting here for tasks they depend on (endpoint/graph.py)
+        self._ran_last: dict[bytes, bytes] = {}   # worker id -> the task it answered for last (chaining.py)
+        self._chaining: dict[bytes, list[QueuedTask]] = {}   # worker id -> tasks going on to it (chaining.py)
+        self._going: dict[bytes, WorkerSlot] = {}   # ... and where each of them goes
         self.task_seconds: float | None = None
         self.outbox = ResultOutbox()   # results and start notices for the endpoint
         self.heard_at = time.monotonic()            # last message from the endpoint
@@ -278,6 +283,8 @@ class PoolManager:
                     self._hold_dependent(QueuedTask(row, P.blob(blobs, row[2])))
                     continue
                 self.queue.append(QueuedTask(row, P.blob(blobs, row[2])))
+            if self._chaining:   # (tasks that go on to the worker running their dependencies, together)
+                self._send_chained()
         elif t == P.CANCEL:
             self._cancel(set(P.task_ids(msg.fields["tids"])))
         elif t == P.WELCOME:
@@ -303,14 +310,19 @@ class PoolManager:
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the endpoint")
 
-    def _hold_dependent(self, task: QueuedTask) -> None:
+    def _hold_dependent(self, task: QueuedTask, chain: bool = True) -> None:
         """A task the endpoint sent to wait here until the tasks it depends
         on, all here, finish; one of them finished already (the result is on
-        its way to the endpoint): it goes back, to wait at the endpoint."""
+        its way to the endpoint): it goes back, to wait at the endpoint.
+        With ``chain``, it may go on to a worker instead (``_chain_to_worker``,
+        ``_chain_after_last``)."""
         dependencies = task.row[6]["d"]
         held = self.held
         if not all(dependency in held for dependency in dependencies):
-            self._give_back([task])
+            if not (chain and self._chain_after_last(task)):
+                self._give_back([task])
+            return
+        if chain and self._chain_to_worker(task):
             return
         ready, failure = self.graph.hold(task, dependencies, held, {})
         if failure is not None:
@@ -409,6 +421,9 @@ class PoolManager:
                 continue
             self.at_worker.pop(task_id, None)
             blob = P.blob(msg.blobs, index)
+            if status == P.FAILED and len(task.row) == 7 and "d" in task.row[6] and is_not_kept(blob):
+                self._unchained(task)   # sent on to this worker, which did not keep a dependency's value
+                continue
             if self.pool is not None and self.pool.sandbox != "none":   # large payloads cross its wall
                 status, blob = self.pool.task_result(slot, task_id, status, blob)
             if status == P.EXCEPTION and task.retried < (task.option("r") or 0) and not self.draining:
@@ -420,6 +435,7 @@ class PoolManager:
                 average = self.task_seconds
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
+        self._ran(slot, rows)
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -431,6 +447,8 @@ class PoolManager:
 
     def _assign(self) -> None:
         """Top up workers with batches from the queue, least loaded first."""
+        if (self.graph.waiting_on or self._chaining) and self.pool is not None:
+            self._chain_held()
         if not self.queue or self.pool is None:
             return
         if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
@@ -748,10 +766,16 @@ class PoolManager:
         elif unmarked:
             log.warning("worker %d %s holding tasks, its marker naming none of them", slot.pid, how)
         slot.tasks.clear()
+        self._ran_last.pop(slot.worker_id, None)
+        chained = [task for task in survivors if len(task.row) == 7 and "d" in task.row[6]]
+        if chained:   # sent on to it for their dependencies' values there: they wait again
+            survivors = [task for task in survivors if not (len(task.row) == 7 and "d" in task.row[6])]
         if self.draining:
             self._give_back(survivors)
         else:
             self.queue.extendleft(reversed(survivors))
+        for task in chained:
+            self._unchained(task)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,6 +76,12 @@ RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
 # An endpoint names the tasks it still holds in its HELLO and in HOLDING
 # messages right after it, on the same connection, within this many seconds.
 HOLDING_WINDOW = 30.0
+# Results of finished, unacknowledged tasks read back from the record for a
+# task naming them that came just after they finished (_recorded_result), at
+# most this many a second for all users: each read may wait for a group
+# commit on the loop, and a chain needs one when it starts; past it, such a
+# task is refused for its client to send it with the values, as before.
+RECORD_READS_PER_SECOND = 8
 
 
 class Relay:
@@ -198,6 +204,7 @@ class Relay:
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
         self.graph = DependencyGraph()   # tasks held until the tasks they depend on finish
+        self._record_reads = [0, 0]   # (second, reads in it): _recorded_result's budget
         self._cascade: list[tuple[TaskRecord, int, Any]] | None = None   # see _dependencies_finished
         if function_grace < 0:
             raise ValueError("function_grace must be 0 seconds or more")
@@ -893,7 +900,8 @@ class Relay:
             if record is not None and record.user == user:
                 continue
             if record is None and self.store.finished_owners.get(dependency) == user:
-                if self.graph.recent_result(dependency) is not None:   # (unacknowledged: it stays)
+                if (self.graph.recent_result(dependency) is not None   # (unacknowledged: it stays)
+                        or self._recorded_result(dependency, user) is not None):
                     finished.add(dependency)
                     continue
                 # finished: its result is on its way to the client, which sends the value itself
@@ -1029,10 +1037,7 @@ class Relay:
         were not kept in memory (graph.KEPT_IN_MEMORY), from the record
         (written first, if it is not yet: a wait of one group commit); a
         failure if one is gone."""
-        seq = self.store.flush()
-        deadline = time.monotonic() + 30.0
-        while self.store.committed_seq < seq and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self._wait_for_record()
         for position, dependency in enumerate(self.graph.dependencies_of[record.task_id]):
             if results[position] is not None:
                 continue
@@ -1042,6 +1047,41 @@ class Relay:
                                               f"could not be read from the relay's record")
             results[position] = outcome[2] or b""
         return None
+
+    def _wait_for_record(self) -> None:
+        """(Rare paths) wait until everything recorded so far is written."""
+        seq = self.store.flush()
+        deadline = time.monotonic() + 30.0
+        while self.store.committed_seq < seq and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def _recorded_result(self, task_id: bytes, user: str) -> bytes | None:
+        """The result of ``user``'s task that finished and is not yet
+        acknowledged (a task naming it reached the relay just after it
+        finished: its client sent the two apart, as a chain's first links
+        often are), read back from the record if it is small and succeeded,
+        and kept with the recent results (``graph.remember``); else None
+        (the task naming it is refused, for its client to send it with the
+        value). Without it, that refusal is followed by the same for every
+        later link already sent (``graph.sent_again``): the whole chain
+        through the client. A rare path: it waits for one group commit, at
+        most RECORD_READS_PER_SECOND times a second."""
+        second = int(time.monotonic())
+        reads = self._record_reads
+        if reads[0] != second:
+            reads[0], reads[1] = second, 0
+        if reads[1] >= RECORD_READS_PER_SECOND:
+            return None
+        reads[1] += 1
+        self._wait_for_record()
+        outcome = self.store.task_outcome(task_id)
+        if outcome is None or outcome[1] != P.OK or outcome[3] != user or outcome[2] is None:
+            return None
+        result = outcome[2]
+        if is_big(result) or in_memory(result) is None:
+            return None
+        self.graph.remember(task_id, result)
+        return self.graph.recent_result(task_id)
 
     def _fail_held(self, record: TaskRecord, failure: bytes, now: float) -> None:
         """A held task (already out of ``self.tasks``) fails with ``failure``."""

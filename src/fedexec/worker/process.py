@@ -41,6 +41,7 @@ import zmq
 from .. import protocol as P
 from ..dataref import load_arguments
 from ..output import OutputCapture, attach, configured_limit
+from .chain import KeptResults, not_kept
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -163,6 +164,7 @@ class WorkerProcess:
         self.out_blobs = P.Blobs()
         self.out_times: list[float] = []
         self.unsent_since = 0.0
+        self.chain = KeptResults()   # results that tasks queued here depend on (chain.py)
 
     def run(self) -> None:
         global current_task_id
@@ -206,13 +208,19 @@ class WorkerProcess:
                     self.marker.set(task.row[0])
                 current_task_id = task.row[0]
                 wall_start = time.time() if len(task.row) == 7 else 0.0
-                if self.task_root is None:
-                    status, blob = self.run_task(task.row, task.args)
+                args = task.args
+                if len(task.row) == 7 and "d" in task.row[6]:   # after tasks run here, with their values
+                    args, missing = self.chain.arguments(task.row[6]["d"], args)
+                if args is None:
+                    status, blob = P.FAILED, not_kept(missing)
+                elif self.task_root is None:
+                    status, blob = self.run_task(task.row, args)
                 else:
                     with self.task_directory(task.row[0]):
-                        status, blob = self.run_task(task.row, task.args)
+                        status, blob = self.run_task(task.row, args)
                 if self.marker is not None:
                     self.marker.clear()
+                self.chain.ran(task.row[0], status, blob)
                 now = time.perf_counter()
                 trace = None
                 if len(task.row) == 7 and "tr" in task.row[6]:
@@ -259,12 +267,16 @@ class WorkerProcess:
                 for row in msg.fields["tasks"]:
                     if row[3] != -1:
                         self.bodies.setdefault(row[1], P.blob(blobs, row[3]))
+                    if len(row) == 7 and "d" in row[6]:
+                        self.chain.want(row[6]["d"])
                     self.queue.append(_Queued(row, P.blob(blobs, row[2])))
             elif msg.type == P.CANCEL:
                 doomed = set(msg.fields["tids"])
                 kept: deque[_Queued] = deque()
                 for task in self.queue:
                     if task.row[0] in doomed:
+                        if len(task.row) == 7 and "d" in task.row[6]:
+                            self.chain.unwant(task.row[6]["d"])
                         self.add_result(task.row[0], P.CANCELLED, b"", 0.0)
                     else:
                         kept.append(task)
