@@ -144,20 +144,28 @@ class ShellFunction:
         if missing:
             raise TypeError(f"{self!r} needs a value for " + ", ".join(f"{{{name}}}" for name in missing)
                             + ": pass " + ", ".join(f"{name}=..." for name in missing) + " to submit")
-        self.command(kwargs)   # (an index or attribute the value lacks, a bad format spec)
+        self.fill(kwargs)   # (an index or attribute the value lacks, a bad format spec)
 
-    def command(self, kwargs: dict[str, Any]) -> str:
-        """The command line this call runs: ``cmd`` filled from ``kwargs``.
-        The hook for subclasses that prefix a launcher (MPI); errors are
-        TypeErrors naming the field."""
+    def fill(self, kwargs: dict[str, Any]) -> str:
+        """``cmd`` filled from ``kwargs``; errors are TypeErrors naming the field."""
         try:
             return self.cmd.format(**kwargs)
         except (KeyError, IndexError, AttributeError, ValueError) as exc:
             raise TypeError(f"cannot fill {self!r} from {sorted(kwargs)}: {type(exc).__name__}: {exc}") from None
 
+    def command(self, kwargs: dict[str, Any]) -> str:
+        """The command line this call runs, made on the endpoint (in the
+        worker, just before it starts; ``submit`` checks only the template,
+        with :meth:`fill`): here ``cmd`` filled from ``kwargs``. The hook for
+        subclasses that prefix a launcher (MPI), which may read the task's
+        environment there."""
+        return self.fill(kwargs)
+
     # -- on the endpoint ----------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> ShellResult:
-        self.check_call(args, kwargs)
+        if args:
+            raise TypeError(f"{self!r} takes keyword arguments only (the command's fields), "
+                            f"not {len(args)} positional")
         cmd = self.command(kwargs)
         directory, keep = _task_directory()
         out_path = os.path.join(directory, "stdout")
