@@ -16,15 +16,15 @@ deletes. In a sandbox (``worker/sandbox.py``) the task runs in the fresh
 directory its worker gives every task, which is removed when the task ends:
 the snippets come back, the files do not (the ShellResult's paths are None).
 
-*Walltime.* The command runs in a new session (its own process group); past
-``walltime`` seconds the whole group is killed (SIGKILL), and so are the
+*Walltime.* The command leads a process group of its own; past ``walltime``
+seconds the whole group is killed (SIGKILL), and so are the
 processes that left the group (``setsid``) but are still descendants of the
 shell, found through ``/proc``; the return code is then 124, as
 ``timeout(1)`` gives. Without a walltime, processes the command leaves
 running in the background (``cmd &``) are left alone, as ``subprocess.run``
 leaves them. A task timeout (``with_options(..., timeout=)``) is not a
 walltime: the pool then kills the worker, and on an unsandboxed endpoint the
-command, in a session of its own, can outlive it (in a sandbox the whole
+command, in a process group of its own, can outlive it (in a sandbox the whole
 namespace goes); give commands a walltime.
 
 *Subclasses* (MPI): :meth:`ShellFunction.command` is the one place that
@@ -43,8 +43,8 @@ import os
 import signal
 import string
 import subprocess
+import sys
 import tempfile
-import time
 from typing import Any
 
 from .config import fedexec_home
@@ -54,6 +54,11 @@ TIMEOUT_CODE = 124                     # what timeout(1) returns for a command i
 SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet
 SHELL = "/bin/sh"
 _READ_BLOCK = 64 * 1024
+# The command leads a process group of its own, which a walltime kills whole.
+# process_group (Python 3.11+: setpgid in the child) rather than a new
+# session (setsid), which costs a millisecond or more per command on some
+# kernels (measured: 5.3 ms against 1.8 ms for a plain `true`).
+OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 
 
 class ShellResult:
@@ -179,7 +184,7 @@ class ShellFunction:
             raise
         try:
             process = subprocess.Popen([SHELL, "-c", cmd], cwd=directory, stdin=subprocess.DEVNULL,
-                                       stdout=out_fd, stderr=err_fd, start_new_session=True)
+                                       stdout=out_fd, stderr=err_fd, **OWN_GROUP)
         finally:
             os.close(out_fd)
             os.close(err_fd)
@@ -245,8 +250,8 @@ def _task_directory() -> tuple[str, bool]:
 
 
 def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL ``process``'s process group (it leads one: a new session) and
-    the descendants that left it, then reap ``process``."""
+    """SIGKILL ``process``'s process group (it leads one) and the
+    descendants that left it, then reap ``process``."""
     strays = _descendants(process.pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
