@@ -175,31 +175,31 @@ class ShellFunction:
         directory, keep = _task_directory()
         out_path = os.path.join(directory, "stdout")
         err_path = os.path.join(directory, "stderr")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         out_fd = os.open(out_path, flags, 0o600)
         try:
             err_fd = os.open(err_path, flags, 0o600)
         except BaseException:
             os.close(out_fd)
             raise
-        try:
+        try:   # (the files stay open here, to read the snippets back without opening them again)
             process = subprocess.Popen([SHELL, "-c", cmd], cwd=directory, stdin=subprocess.DEVNULL,
                                        stdout=out_fd, stderr=err_fd, **OWN_GROUP)
+            timed_out = False
+            try:
+                returncode = process.wait(self.walltime)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                kill_tree(process)
+                returncode = TIMEOUT_CODE
+            except BaseException:   # (the task cancelled or the worker stopping: take the command with it)
+                kill_tree(process)
+                raise
+            stdout = tail_lines(out_fd, self.snippet_lines)
+            stderr = tail_lines(err_fd, self.snippet_lines)
         finally:
             os.close(out_fd)
             os.close(err_fd)
-        timed_out = False
-        try:
-            returncode = process.wait(self.walltime)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            kill_tree(process)
-            returncode = TIMEOUT_CODE
-        except BaseException:   # (the task cancelled or the worker stopping: take the command with it)
-            kill_tree(process)
-            raise
-        stdout = tail_lines(out_path, self.snippet_lines)
-        stderr = tail_lines(err_path, self.snippet_lines)
         if not keep:
             out_path = err_path = directory = None   # type: ignore[assignment]
         if self.check and returncode != 0:
@@ -295,23 +295,21 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def tail_lines(path: str, lines: int, limit: int = SNIPPET_BYTES) -> str:
-    """The last ``lines`` lines of the file at ``path`` (at most ``limit``
-    bytes of them), read from its end, decoded as UTF-8 with replacement."""
+def tail_lines(fd: int, lines: int, limit: int = SNIPPET_BYTES) -> str:
+    """The last ``lines`` lines of the file open on ``fd`` (at most
+    ``limit`` bytes of them), read from its end (``pread``: the descriptor's
+    offset is left alone), decoded as UTF-8 with replacement."""
     if lines <= 0:
         return ""
-    with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        data = b""
-        pos = end
-        while pos > 0 and len(data) < limit:
-            step = min(_READ_BLOCK, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-            # lines + 1 newlines seen (the last line may end with one): enough
-            if data.count(b"\n", 0, len(data) - 1) >= lines:
-                break
+    pos = os.fstat(fd).st_size
+    data = b""
+    while pos > 0 and len(data) < limit:
+        step = min(_READ_BLOCK, pos)
+        pos -= step
+        data = os.pread(fd, step, pos) + data
+        # lines + 1 newlines seen (the last line may end with one): enough
+        if data.count(b"\n", 0, len(data) - 1) >= lines:
+            break
     body = data[:-1] if data.endswith(b"\n") else data
     kept = body.split(b"\n")[-lines:]
     text = b"\n".join(kept) + (b"\n" if data.endswith(b"\n") else b"")
