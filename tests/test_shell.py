@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import time
 
+import cloudpickle
 import psutil
 import pytest
 
@@ -18,7 +20,20 @@ from fedexec.shell import TASK_DIR_ENV
 
 from test_sandbox import bwrap, bwrap_federation, sandboxed_federation  # noqa: F401  (fixtures)
 
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
 DEADLINE = 60.0
+
+
+class Launched(ShellFunction):
+    """A subclass that prefixes a launcher, as MPIFunction does; its command
+    is made in the worker only (it refuses to be made anywhere else)."""
+
+    def command(self, kwargs):
+        from fedexec.worker import process
+        if process.current_task_id is None:
+            raise RuntimeError("command() was called outside a worker")
+        return "echo launcher: && " + super().command(kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +166,15 @@ def test_bad_input_fails_in_submit_naming_the_problem(executor):
     # a literal brace is fine, and with_options passes a good call through
     assert executor.submit(with_options(ShellFunction("echo {{x}} {y}"), timeout=30),
                            y=1).result(DEADLINE).stdout == "{x} 1\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_subclass_prefixes_the_command_in_the_worker(executor):
+    result = executor.submit(Launched("echo {what}"), what="ran").result(DEADLINE)
+    assert result.cmd == "echo launcher: && echo ran"
+    assert result.stdout == "launcher:\nran\n"
+    with pytest.raises(TypeError, match=r"needs a value for \{what\}"):   # submit checks the template alone
+        executor.submit(Launched("echo {what}"))
 
 
 @pytest.mark.timeout(120)
