@@ -257,3 +257,30 @@ def test_output_of_a_sandboxed_task(bwrap_federation):
     assert future.stderr == "stderr s\nchild-err s\n"
     for root in bwrap_federation.task_roots():   # the capture files have no name in the task root
         assert list(root.iterdir()) == [], list(root.iterdir())
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import ctypes
+    from fedexec import FederatedExecutor, WorkerLost
+    def crash():
+        print("before the crash")   # (captured: goes with the worker)
+        ctypes.string_at(0)
+    with FederatedExecutor(max_workers=1) as ex:
+        try:
+            ex.submit(crash).result(60)
+        except WorkerLost as exc:
+            print("lost", exc.exitcode)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_crashing_workers_traceback_reaches_the_endpoints_log_not_the_capture(tmp_path):
+    """A segfault in a task: Python's fatal-error traceback is written to the
+    worker's own stderr (the embedded endpoint's, the caller's here), not
+    into the nameless capture file that dies with the worker."""
+    done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT], capture_output=True, text=True, timeout=100,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lost -11" in done.stdout, (done.stdout, done.stderr[-3000:])
+    assert "Fatal Python error: Segmentation fault" in done.stderr, done.stderr[-3000:]
+    assert "in crash" in done.stderr, done.stderr[-3000:]   # the task's frame, named

@@ -45,6 +45,7 @@ the task's short id (:func:`echo`).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import os
 import struct
@@ -79,6 +80,9 @@ class OutputCapture:
         self.saved = [os.dup(1), os.dup(2)]
         for fd, target in zip(self.fds, (1, 2)):
             os.dup2(fd, target)
+        # and a hard crash's (a segfault's) Python traceback too: written at once to the worker's own
+        # stderr (the endpoint's log), not into a nameless capture file that goes with the process
+        faulthandler.enable(file=self.saved[1], all_threads=True)
 
     def take(self) -> bytes | None:
         """The trailer of what was written since the last call, or None
@@ -113,6 +117,7 @@ class OutputCapture:
     def close(self) -> None:
         """Point fd 1 and 2 back where they were, and drop the files."""
         _flush()
+        faulthandler.disable()
         for saved, target in zip(self.saved, (1, 2)):
             with contextlib.suppress(OSError):
                 os.dup2(saved, target)
