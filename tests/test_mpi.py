@@ -10,10 +10,8 @@ launcher is ``srun --mpi=pmi2`` (MPICH's PMI-2, as NOTES.md found works)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from fedexec import FederatedExecutor, MPIFunction, with_options
 from fedexec.config import ProviderConfig
 
 from test_faults import running_relay, tail
-from test_resources import configured_endpoint
+from test_resources import configured_endpoint, wait_for_pools
 
 pytestmark = pytest.mark.timeout(600)   # the first test to use the fixture may install Slurm and MPICH
 
@@ -95,15 +93,7 @@ def mpi_block(tmp_path: Path, cluster):
         with running_relay(tmp_path, env={**os.environ, "FEDEXEC_HOME": str(home)}) as relay, \
                 configured_endpoint(tmp_path, relay, "mpi", cluster.env, max_workers=1, heartbeat_period=0.5,
                                     mpi_launcher="srun --mpi=pmi2", provider=provider) as ep:
-            status = home / "endpoints" / "mpi" / "status.json"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError, ValueError):
-                    if len(json.loads(status.read_text())["pools"]) == 4:
-                        break
-                time.sleep(0.2)
-            else:
-                pytest.fail(f"the 4 pools of the block did not connect within 120 s:\n{tail(ep.log)}")
+            wait_for_pools(home / "endpoints" / "mpi" / "status.json", 4, 120, ep.log)
             yield ep.id, relay, ep.log
 
 

@@ -112,6 +112,18 @@ def most_at_once(intervals: list[tuple[float, float, int]]) -> int:
 
 # -- refused in submit ----------------------------------------------------------
 
+
+def wait_for_pools(status: Path, count: int, timeout: float, log: Path) -> None:
+    """Wait until the endpoint's status file lists ``count`` pools; fail
+    the test, with the endpoint's log, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if len(json.loads(status.read_text())["pools"]) == count:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"{count} pools did not connect within {timeout:g} s:\n{tail(log)}")
+
 def test_unknown_keys_and_bad_values_are_refused_in_submit(executor):
     with pytest.raises(ValueError, match="unknown key.*'cpus'"):
         executor.submit(with_options(ran, resources={"cpus": 2}), 0)
@@ -247,15 +259,7 @@ def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
                     stdin=subprocess.DEVNULL, env={**os.environ, "FEDEXEC_POOL_SECRET": info["secret"],
                                                    "SLURMD_NODENAME": f"node{k}",
                                                    "PYTHONPATH": str(Path(__file__).parent)}))
-            status = on.home / "endpoints" / "mpi" / "status.json"
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError, ValueError):
-                    if len(json.loads(status.read_text())["pools"]) == 4:
-                        break
-                time.sleep(0.2)
-            else:
-                pytest.fail(f"4 pools did not connect within 60 s:\n{tail(ep.log)}")
+            wait_for_pools(on.home / "endpoints" / "mpi" / "status.json", 4, 60, ep.log)
             with FederatedExecutor(ep.id, relay=on.address) as ex:
                 big = ex.submit(with_options(mpi_task, resources={"num_nodes": 2, "ranks_per_node": 2}), 3.0)
                 time.sleep(0.5)
