@@ -80,6 +80,8 @@ LOCAL_OK = "local-ok"    # relay -> sender {q, ...}, or {q, err}
 SECRET_NAME = "secret"   # in <relay data dir>/same-host/ (0700)
 LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its answer; then chunks
 SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
+HASHED = {"bytes": 0}   # bytes this process ran through sha256 for transfers (tests: none on the same-host path)
+DIGESTS_KEPT = 1024     # the relay's sha256s of unhashed uploads, computed for chunked fetchers (Spool.read)
 
 
 class TransferError(FedexecError):
@@ -90,8 +92,31 @@ class TransferError(FedexecError):
         self.details = details
 
 
+class Sha256:
+    """hashlib's sha256 of a payload's bytes, counted in HASHED (so that a
+    test can see which transfers hash and which do not)."""
+
+    __slots__ = ("hasher",)
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+
+    def update(self, data: Any) -> None:
+        self.hasher.update(data)
+        HASHED["bytes"] += memoryview(data).nbytes
+
+    def digest(self) -> bytes:
+        return self.hasher.digest()
+
+
 # -- references ---------------------------------------------------------------
 def big_ref(bid: bytes, total: int, digest: bytes) -> bytes:
+    """A reference to upload ``bid`` of ``total`` bytes. ``digest``: its
+    sha256, or b"" for an *unhashed* upload (handed over on the same-host
+    path, where sender, relay and receivers are one OS user and the file
+    never leaves that user's 0700 directories: a hash there guards nothing,
+    and cost a pass over the data at each end). A receiver that fetches an
+    unhashed upload in chunks gets its sha256 from the relay (Spool.read)."""
     return REF_MAGIC + msgpack.packb({"b": bid, "n": total, "h": digest}, use_bin_type=True)
 
 
@@ -104,14 +129,14 @@ def is_big(blob: Any) -> bool:
 
 
 def parse_big(blob: bytes) -> tuple[bytes, int, bytes]:
-    """``(upload id, size, sha256)`` of a reference, checked."""
+    """``(upload id, size, sha256 or b"" when unhashed)`` of a reference, checked."""
     try:
         fields = msgpack.unpackb(P.as_bytes(blob)[len(REF_MAGIC):], raw=False, max_map_len=8, max_bin_len=64, max_str_len=64)
         bid, total, digest = fields["b"], fields["n"], fields["h"]
     except Exception:
         raise P.ProtocolError("malformed large-payload reference") from None
     if not (isinstance(bid, bytes) and len(bid) == 16 and type(total) is int and 0 <= total <= MAX_LARGE_PAYLOAD
-            and isinstance(digest, bytes) and len(digest) == 32):
+            and isinstance(digest, bytes) and len(digest) in (0, 32)):
         raise P.ProtocolError("malformed large-payload reference")
     return bid, total, digest
 
@@ -192,19 +217,20 @@ class Pieces:
         return out
 
     def sha256(self) -> bytes:
-        hasher = hashlib.sha256()
+        hasher = Sha256()
         for part in self.parts:
             hasher.update(part)
         return hasher.digest()
 
 
-def write_private(path: str, data: Any) -> bytes:
+def write_private(path: str, data: Any, hashed: bool = True) -> bytes:
     """``data`` (bytes-like, or Pieces) into a new file only this user can
     read; its sha256, computed chunk by chunk as it is written (one pass over
-    the data, each chunk hashed while it is in the CPU's cache)."""
+    the data, each chunk hashed while it is in the CPU's cache); without
+    ``hashed``, b"" (not computed)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        return _write_hashing(fd, data)
+        return _write_hashing(fd, data, hashed)
     finally:
         os.close(fd)
 
@@ -212,15 +238,17 @@ def write_private(path: str, data: Any) -> bytes:
 def spill_result(blob: Any, task_id: bytes) -> Any:
     """A worker's large result (bytes, or Pieces) as a local reference to a
     file in the agent's spool (SPOOL_ENV); small ones as they are; without a
-    spool, as one bytes object."""
+    spool, as one bytes object. Not hashed here: the agent hands the file
+    to a relay on its machine as it is (TransferLink.upload), and hashes it
+    only when it must send it in chunks."""
     spool = os.environ.get(SPOOL_ENV)
     if len(blob) <= BIG_THRESHOLD:
         return blob
     if spool is None:
         return blob.fallback() if isinstance(blob, Pieces) else blob
     path = os.path.join(spool, f"{task_id.hex()}.{os.getpid()}.result")
-    digest = write_private(path, blob)
-    return local_ref(path, len(blob), digest)
+    write_private(path, blob, hashed=False)
+    return local_ref(path, len(blob))
 
 
 # -- the relay's side -----------------------------------------------------------
@@ -240,6 +268,7 @@ class Spool:
         self.refusal = refusal
         self.max_payload = max_payload
         self.users: dict[str, str] = {}      # directory name -> user
+        self.digests = UploadDigests()
 
     def directory(self, user: str) -> Path:
         name = hashlib.sha256(user.encode()).hexdigest()[:32]
@@ -365,9 +394,14 @@ class Spool:
             return {"b": bid, "o": off, "err": f"no upload {bid.hex()} of user {user!r} here (unknown, "
                                                  "another user's, or expired)"}, []
         with open(path, "rb") as f:
-            f.seek(off)
-            data = f.read(CHUNK)
-        return {"b": bid, "o": off, "n": path.stat().st_size}, [data]
+            data = os.pread(f.fileno(), CHUNK, off)
+            info = os.fstat(f.fileno())
+            reply = {"b": bid, "o": off, "n": info.st_size}
+            if fields.get("d") is True:   # the fetcher of an unhashed upload: the last chunk brings its sha256
+                digest = self.digests.advance((info.st_dev, info.st_ino), f.fileno(), off, data, info.st_size)
+                if digest is not None:
+                    reply["h"] = digest
+        return reply, [data]
 
     def drop(self, user: str, bid: bytes) -> None:
         for path in (self.path(user, bid), self.path(user, bid).with_suffix(".part")):
@@ -400,6 +434,52 @@ class Spool:
                         used = in_use()
                     if path not in used:
                         self._remove(user, path)
+
+
+class UploadDigests:
+    """The relay's sha256s of unhashed uploads (see :func:`big_ref`), for
+    receivers that fetch them in chunks (another OS user's, or another
+    machine's). Computed lazily, as such a fetch reads the file in order:
+    each chunk read for the fetcher is hashed too, so no extra pass over the
+    data (a gap, as after a restart mid-fetch, is read to be hashed); kept
+    once complete (the last DIGESTS_KEPT), so a later fetch of the same file
+    (a DataRef's, a retry's) is checked against what the first saw: a file
+    changed since is refused by its fetcher."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[int, int], list[Any]] = {}   # file -> [Sha256, bytes hashed so far]
+        self.done: dict[tuple[int, int], bytes] = {}          # file -> its sha256
+
+    def advance(self, key: tuple[int, int], fd: int, off: int, data: bytes, total: int) -> bytes | None:
+        """Chunk ``data`` at ``off`` of the file ``fd`` (``total`` bytes,
+        ``key``: its device and inode) was read for a fetcher; the file's
+        sha256 when this chunk is its last, else None."""
+        end = off + len(data)
+        digest = self.done.get(key)
+        if digest is None:
+            state = self.partial.pop(key, None) or [Sha256(), 0]
+            self.partial[key] = state   # (the most recent last: the oldest goes first)
+            while len(self.partial) > DIGESTS_KEPT:
+                del self.partial[next(iter(self.partial))]
+            hasher, upto = state
+            while upto < min(off, total):   # bytes before this chunk not hashed yet: read for it
+                piece = os.pread(fd, min(CHUNK, off - upto), upto)
+                if not piece:
+                    break
+                hasher.update(piece)
+                upto += len(piece)
+            if off <= upto < end:
+                hasher.update(memoryview(data)[upto - off:])
+                upto = end
+            state[1] = upto
+            if upto < total:
+                return None
+            digest = hasher.digest()
+            del self.partial[key]
+            self.done[key] = digest
+            while len(self.done) > DIGESTS_KEPT:
+                del self.done[next(iter(self.done))]
+        return digest if end >= total else None
 
 
 # -- a client's or endpoint's side ------------------------------------------------
@@ -447,23 +527,26 @@ class TransferLink:
             raise TransferError(f"the relay refused the transfer: {msg.fields.get('msg')}")
         return msg if msg.type == expected else None
 
-    def upload(self, data: Any, task_id: bytes | None = None, digest: bytes = b"") -> bytes:
+    def upload(self, data: Any, task_id: bytes | None = None, digest: bytes = b"", hashed: bool = True) -> bytes:
         """Upload ``data`` (bytes-like, Pieces, or the path of a file: read chunk by
         chunk, never mapped or read whole, so that the uploader's memory
         stays small; ``digest``, its sha256 if known); its reference.
         Resumes from what the relay has after lost messages (a relay
         restart). On the relay's machine as its OS user, the payload goes
-        as a file instead (:meth:`_upload_local`), else in chunks."""
-        if len(digest) == 32 or not isinstance(data, (str, Path)):
-            ref = self._upload_local(data, task_id, digest)
-            if ref is not None:
-                return ref
+        as a file instead (:meth:`_upload_local`), else in chunks. A file
+        handed over so keeps the ``digest`` it came with (b"": unhashed,
+        see :func:`big_ref`); bytes handed over so are hashed only with
+        ``hashed`` (a DataRef's are: its sha256 names its copies). Chunks
+        always carry a sha256."""
+        ref = self._upload_local(data, task_id, digest, hashed)
+        if ref is not None:
+            return ref
         if isinstance(data, (str, Path)):
             fd = os.open(data, os.O_RDONLY)
             try:
                 total = os.fstat(fd).st_size
                 if len(digest) != 32:
-                    hasher = hashlib.sha256()
+                    hasher = Sha256()   # (a worker's result file: hashed only now that chunks need it)
                     for off in range(0, total, CHUNK):
                         hasher.update(os.pread(fd, CHUNK, off))
                     digest = hasher.digest()
@@ -518,12 +601,15 @@ class TransferLink:
 
     def fetch(self, ref: bytes, sink: Callable[[int, Any], None], task_id: bytes | None = None) -> int:
         """Fetch the upload ``ref`` names, handing each chunk to
-        ``sink(offset, data)`` (in order); checks its sha256; its size."""
+        ``sink(offset, data)`` (in order); checks its sha256 (an unhashed
+        upload's, the relay sends with the last chunk); its size."""
         bid, total, digest = parse_big(ref)
         head: dict[str, Any] = {"b": bid, "q": os.urandom(8)}
         if task_id is not None:
             head["tid"] = task_id
-        hasher = hashlib.sha256()
+        if not digest:
+            head["d"] = True
+        hasher = Sha256()
         have = asked_upto = 0
         progress = asked = time.monotonic()
         while have < total:
@@ -551,6 +637,10 @@ class TransferLink:
             sink(have, data)
             have += len(data)
             progress = now
+            if have == total and not digest:
+                digest = fields.get("h", b"")
+                if not (isinstance(digest, bytes) and len(digest) == 32):
+                    raise TransferError("the relay sent no sha256 with the last chunk of an unhashed upload")
         if hasher.digest() != digest:
             raise TransferError("the payload fetched does not match its sha256")
         return total
@@ -563,7 +653,7 @@ class TransferLink:
         fd = self._open_local(ref, task_id)
         if fd is not None:
             try:
-                _read_checked(fd, ref, view)
+                _read_checked(fd, ref, view, always=True)
             finally:
                 os.close(fd)
                 view.release()
@@ -577,6 +667,25 @@ class TransferLink:
         view.release()
         return out
 
+    def fetch_mapped(self, ref: bytes, task_id: bytes | None = None) -> Any:
+        """The whole payload for its consumer: on the relay's machine as its
+        OS user, the relay's own file mapped copy-on-write (an mmap: no
+        copy, and no read until its pages are used; values loaded from it
+        may keep views of it, and may change them privately; the file may
+        be deleted meanwhile); its sha256 is checked only if the reference
+        has one (a hashed upload). Elsewhere fetched in chunks into a
+        bytearray (:meth:`fetch_bytes`)."""
+        fd = self._open_local(ref, task_id)
+        if fd is None:
+            return self.fetch_bytes(ref, task_id)
+        try:
+            mapped = mmap.mmap(fd, parse_big(ref)[1], access=mmap.ACCESS_COPY)
+            _read_checked(fd, ref, None)
+        finally:
+            os.close(fd)
+        SAME_HOST_USES["fetch"] += 1
+        return mapped
+
     def fetch_file(self, ref: bytes, path: str, task_id: bytes | None = None) -> int:
         """The payload into a new private file at ``path``; its size. On the
         relay's machine as its OS user, a hard link to the relay's own file
@@ -589,7 +698,7 @@ class TransferLink:
                 opened, linked = os.fstat(fd), os.stat(path, follow_symlinks=False)
                 if (linked.st_dev, linked.st_ino) != (opened.st_dev, opened.st_ino):
                     raise OSError("the relay's file changed between its check and its link")
-                _read_checked(fd, ref, None)
+                _read_checked(fd, ref, None)   # (nothing to read for an unhashed upload)
                 SAME_HOST_USES["link"] += 1
                 return parse_big(ref)[1]
             except OSError:
@@ -647,9 +756,10 @@ class TransferLink:
                 pass
         return self.same_host
 
-    def _upload_local(self, data: Any, task_id: bytes | None, digest: bytes) -> bytes | None:
-        """``data`` (bytes-like, Pieces, or a file with its known ``digest``:
-        then moved, not copied) written straight into a spool file the relay
+    def _upload_local(self, data: Any, task_id: bytes | None, digest: bytes, hashed: bool) -> bytes | None:
+        """``data`` (bytes-like or Pieces, hashed while written if
+        ``hashed``; or a file with its known ``digest``, b"" if none: then
+        moved, not copied) written straight into a spool file the relay
         made; its reference, or None when the fast path is not open (then
         chunks go). A quota or size refusal is final, as for chunks."""
         if not self._same_host():
@@ -684,7 +794,7 @@ class TransferLink:
             else:
                 fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
                 try:
-                    digest = _write_hashing(fd, data)
+                    digest = _write_hashing(fd, data, hashed)
                 finally:
                     os.close(fd)
             answer = self._local_request({**head, "op": "placed"})
@@ -726,28 +836,33 @@ class TransferLink:
         self.sock.send_multipart(P.encode(P.DROP, {"b": parse_big(ref)[0]}))
 
 
-def _write_hashing(fd: int, data: Any) -> bytes:
+def _write_hashing(fd: int, data: Any, hashed: bool = True) -> bytes:
     """``data`` (bytes-like, or Pieces) written to ``fd`` from its start;
-    its sha256, each chunk hashed while it is in the CPU's cache."""
-    hasher = hashlib.sha256()
+    its sha256, each chunk hashed while it is in the CPU's cache (without
+    ``hashed``: not computed, b"")."""
+    hasher = Sha256() if hashed else None
     off = 0
     for part in (data.parts if isinstance(data, Pieces) else [data]):
         view = memoryview(part).cast("B")
         for start in range(0, len(view), CHUNK):
             piece = view[start:start + CHUNK]
-            hasher.update(piece)
+            if hasher is not None:
+                hasher.update(piece)
             done = 0
             while done < len(piece):
                 done += os.pwrite(fd, piece[done:], off + done)
             off += len(piece)
-    return hasher.digest()
+    return b"" if hasher is None else hasher.digest()
 
 
-def _read_checked(fd: int, ref: bytes, into: memoryview | None) -> None:
+def _read_checked(fd: int, ref: bytes, into: memoryview | None, always: bool = False) -> None:
     """Read the file ``fd`` (of the size ``ref`` says), into ``into`` if
-    given, checking its sha256: TransferError if it does not match."""
+    given, checking its sha256 if ``ref`` has one: TransferError if it does
+    not match. An unhashed upload's file is not read (unless ``always``)."""
     _, total, digest = parse_big(ref)
-    hasher = hashlib.sha256()
+    if not (digest or always):
+        return
+    hasher = Sha256() if digest else None
     scratch = None if into is not None else bytearray(CHUNK)
     off = 0
     while off < total:
@@ -756,9 +871,10 @@ def _read_checked(fd: int, ref: bytes, into: memoryview | None) -> None:
         got = os.preadv(fd, [piece], off)
         if got <= 0:
             raise TransferError("the payload's file is shorter than its reference says")
-        hasher.update(piece[:got])
+        if hasher is not None:
+            hasher.update(piece[:got])
         off += got
-    if hasher.digest() != digest:
+    if hasher is not None and hasher.digest() != digest:
         raise TransferError("the payload read does not match its sha256")
 
 
@@ -787,21 +903,24 @@ class LinkPool:
                 self.links.append(link)
         return link
 
-    def upload(self, data: Any) -> bytes:
-        """Upload a large payload; its reference. PayloadTooLarge when the
-        relay refuses its size, TransferError for other failures."""
+    def upload(self, data: Any, hashed: bool = True) -> bytes:
+        """Upload a large payload; its reference (``hashed``: see
+        :meth:`TransferLink.upload`). PayloadTooLarge when the relay refuses
+        its size, TransferError for other failures."""
         try:
-            return self.get().upload(data)
+            return self.get().upload(data, hashed=hashed)
         except TransferError as exc:
             if exc.details.get("too_large"):
                 raise PayloadTooLarge(str(exc), size=int(exc.details.get("size", 0)),
                                       limit=int(exc.details.get("limit", 0))) from None
             raise
 
-    def fetch(self, ref: bytes) -> bytearray:
-        """A large payload fetched into memory; the relay then deletes it."""
+    def fetch(self, ref: bytes) -> Any:
+        """A large payload fetched for its consumer (mapped on the same
+        host, else in memory: :meth:`TransferLink.fetch_mapped`); the relay
+        then deletes it."""
         link = self.get()
-        data = link.fetch_bytes(ref)
+        data = link.fetch_mapped(ref)
         link.drop(ref)
         return data
 
