@@ -157,3 +157,38 @@ def test_the_relay_hashes_an_unhashed_upload_right_whatever_order_its_chunks_are
         assert len(many.partial) == transfer.DIGESTS_KEPT and (2, 0) not in many.partial
     finally:
         os.close(fd)
+
+
+def test_unhashed_uploads_survive_a_relay_restart_but_not_a_machine_restart(tmp_path):
+    data_dir = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data_dir).stdout.strip()
+    payload = os.urandom(MiB) * (BIG_THRESHOLD // MiB + 1)
+
+    def fetch_in_chunks(address, ref):
+        link = TransferLink(address, token=token)
+        link.same_host = False
+        try:
+            return link.fetch_bytes(ref)
+        finally:
+            link.close()
+
+    with running_relay(tmp_path, "--auth", "token") as address:
+        link = TransferLink(address, token=token)
+        try:
+            unhashed, hashed = link.upload(payload, hashed=False), link.upload(payload)
+            modes = {name: os.stat(link._local_request({"op": "where", "b": parse_big(ref)[0]})["p"]).st_mode & 0o777
+                     for name, ref in (("unhashed", unhashed), ("hashed", hashed))}
+        finally:
+            link.close()
+    assert modes == {"unhashed": 0o400, "hashed": 0o600}
+    # the relay restarted (a kill -9, an upgrade): both are still there, whole
+    with running_relay(tmp_path, "--auth", "token") as address:
+        assert fetch_in_chunks(address, unhashed) == payload and fetch_in_chunks(address, hashed) == payload
+    # the machine restarted (its boot id is another): a power cut may have cut the unhashed one, which nothing
+    # could tell, so it is gone, saying why; the hashed one stays (its fetcher checks it)
+    (data_dir / "boot-id").write_text("another boot")
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with pytest.raises(TransferError, match="without a sha256, and the machine restarted since"):
+            fetch_in_chunks(address, unhashed)
+        assert fetch_in_chunks(address, hashed) == payload
+    assert (data_dir / "boot-id").read_text() == open(transfer.BOOT_ID_FILE).read().strip()

@@ -37,6 +37,7 @@ user, once it checked the task went to an endpoint of the connection's user.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import mmap
 import os
@@ -82,6 +83,11 @@ LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its 
 SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
 HASHED = {"bytes": 0}   # bytes this process ran through sha256 for transfers (tests: none on the same-host path)
 DIGESTS_KEPT = 1024     # the relay's sha256s of unhashed uploads, computed for chunked fetchers (Spool.read)
+# A complete same-host upload without a sha256 is marked by this mode (0600 otherwise): after the machine
+# restarted (its boot id changed), such files are deleted as the relay starts (Spool.recover), since
+# nothing could tell one a power cut left cut or zeroed (none is fsynced) from a whole one.
+UNHASHED_MODE = 0o400
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
 class TransferError(FedexecError):
@@ -269,6 +275,7 @@ class Spool:
         self.max_payload = max_payload
         self.users: dict[str, str] = {}      # directory name -> user
         self.digests = UploadDigests()
+        self.lost: set[bytes] = set()        # unhashed uploads deleted as the relay started after a reboot
 
     def directory(self, user: str) -> Path:
         name = hashlib.sha256(user.encode()).hexdigest()[:32]
@@ -280,7 +287,10 @@ class Spool:
         return path
 
     def recover(self) -> None:
-        """After a restart: charge each user for what is on disk."""
+        """After a restart: charge each user for what is on disk; after a
+        restart of the machine, first delete the unhashed uploads (see
+        UNHASHED_MODE): their tasks fail saying why, not run on bad data."""
+        rebooted = self._rebooted()
         for sub in self.root.iterdir():
             try:
                 user = (sub / "user").read_text()
@@ -288,8 +298,31 @@ class Spool:
                 continue
             self.users[sub.name] = user
             for f in sub.iterdir():
-                if f.name != "user":
-                    self.charge(user, f.stat().st_size + FILE_COST)
+                if f.name == "user":
+                    continue
+                info = f.stat()
+                if rebooted and f.suffix != ".part" and stat.S_IMODE(info.st_mode) == UNHASHED_MODE:
+                    f.unlink()
+                    with contextlib.suppress(ValueError):
+                        self.lost.add(bytes.fromhex(f.name))
+                    continue
+                self.charge(user, info.st_size + FILE_COST)
+
+    def _rebooted(self) -> bool:
+        """Whether the machine restarted since this data directory's relay
+        last started (its boot id, kept beside the spool, changed)."""
+        try:
+            with open(BOOT_ID_FILE) as f:
+                now = f.read().strip()
+        except OSError:   # (not Linux: no boot id; then every start counts as after a reboot)
+            now = os.urandom(16).hex()
+        kept = self.root.parent / "boot-id"
+        try:
+            before = kept.read_text().strip()
+        except OSError:
+            before = now   # (a new data directory, or one of a version before unhashed uploads)
+        write_private(str(kept), now.encode(), hashed=False)
+        return before != now
 
     def path(self, user: str, bid: bytes) -> Path:
         return self.directory(user) / bid.hex()
@@ -358,12 +391,13 @@ class Spool:
         self.charge(user, total + FILE_COST)
         return {"p": str(part)}
 
-    def placed(self, user: str, bid: bytes, total: int) -> dict[str, Any]:
+    def placed(self, user: str, bid: bytes, total: int, unhashed: bool = False) -> dict[str, Any]:
         """Same-host upload, last step: the ``.part`` file (opened here by
         the relay's own path, never a symlink) must be a regular file of
         ``total`` bytes; then it is complete (as a chunked
         upload's last chunk makes it). Its sha256 is checked by whoever
-        fetches it, as for chunks."""
+        fetches it, as for chunks; an ``unhashed`` one (its reference has
+        none) is marked so (UNHASHED_MODE)."""
         final = self.path(user, bid)
         if final.exists():
             return {"done": True}
@@ -376,9 +410,12 @@ class Spool:
             return {"err": f"no same-host upload {bid.hex()} of user {user!r} in progress here"}
         try:
             st = os.fstat(fd)
+            regular = stat.S_ISREG(st.st_mode) and st.st_size == total
+            if regular and unhashed:
+                os.fchmod(fd, UNHASHED_MODE)
         finally:
             os.close(fd)
-        if not (stat.S_ISREG(st.st_mode) and st.st_size == total):
+        if not regular:
             self.drop(user, bid)
             return {"err": f"the same-host upload {bid.hex()} is not a regular file of {total} bytes; dropped"}
         os.rename(part, final)
@@ -391,6 +428,10 @@ class Spool:
             raise P.ProtocolError("malformed FETCH")
         path = self.complete(user, bid)
         if path is None:
+            if bid in self.lost:
+                return {"b": bid, "o": off, "err": f"upload {bid.hex()} was handed over on the relay's machine "
+                                                     "without a sha256, and the machine restarted since: it was "
+                                                     "deleted, as a power cut may have cut it; submit again"}, []
             return {"b": bid, "o": off, "err": f"no upload {bid.hex()} of user {user!r} here (unknown, "
                                                  "another user's, or expired)"}, []
         with open(path, "rb") as f:
@@ -797,7 +838,7 @@ class TransferLink:
                     digest = _write_hashing(fd, data, hashed)
                 finally:
                     os.close(fd)
-            answer = self._local_request({**head, "op": "placed"})
+            answer = self._local_request({**head, "op": "placed", **({} if digest else {"u": True})})
         except (OSError, TransferError):
             answer = None
         if not (answer and answer.get("done")):
