@@ -176,11 +176,11 @@ def test_unhashed_uploads_survive_a_relay_restart_but_not_a_machine_restart(tmp_
         link = TransferLink(address, token=token)
         try:
             unhashed, hashed = link.upload(payload, hashed=False), link.upload(payload)
-            modes = {name: os.stat(link._local_request({"op": "where", "b": parse_big(ref)[0]})["p"]).st_mode & 0o777
+            modes = {name: os.stat(link._local_request({"op": "where", "b": parse_big(ref)[0]})["p"]).st_mode & 0o7777
                      for name, ref in (("unhashed", unhashed), ("hashed", hashed))}
         finally:
             link.close()
-    assert modes == {"unhashed": 0o400, "hashed": 0o600}
+    assert modes == {"unhashed": transfer.UNHASHED_MODE, "hashed": 0o600}
     # the relay restarted (a kill -9, an upgrade): both are still there, whole
     with running_relay(tmp_path, "--auth", "token") as address:
         assert fetch_in_chunks(address, unhashed) == payload and fetch_in_chunks(address, hashed) == payload

@@ -79,14 +79,16 @@ SPOOL_ENV = "FEDEXEC_SPOOL"   # where a worker writes large results (the agent's
 LOCAL = "local"          # client/endpoint -> relay {q, op, ...}; op: hello, prove, place, placed, where
 LOCAL_OK = "local-ok"    # relay -> sender {q, ...}, or {q, err}
 SECRET_NAME = "secret"   # in <relay data dir>/same-host/ (0700)
+CHUNKS_ONLY_ENV = "FEDEXEC_CHUNKS_ONLY"   # set (to anything): transfers keep to chunks on the relay's machine too
 LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its answer; then chunks
 SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
 HASHED = {"bytes": 0}   # bytes this process ran through sha256 for transfers (tests: none on the same-host path)
 DIGESTS_KEPT = 1024     # the relay's sha256s of unhashed uploads, computed for chunked fetchers (Spool.read)
-# A complete same-host upload without a sha256 is marked by this mode (0600 otherwise): after the machine
-# restarted (its boot id changed), such files are deleted as the relay starts (Spool.recover), since
-# nothing could tell one a power cut left cut or zeroed (none is fsynced) from a whole one.
-UNHASHED_MODE = 0o400
+# A complete same-host upload without a sha256 is marked by this mode (0600 otherwise; the sticky bit,
+# which Linux ignores on a file: no one's access changes): after the machine restarted (its boot id
+# changed), such files are deleted as the relay starts (Spool.recover), since nothing could tell one a
+# power cut left cut or zeroed (none is fsynced) from a whole one.
+UNHASHED_MODE = stat.S_ISVTX | 0o600
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
@@ -547,7 +549,9 @@ class TransferLink:
             credentials.apply(sock, key)
         sock.connect(address)
         self.sock = sock
-        self.same_host: bool | None = None   # None: not asked yet (see _same_host)
+        # None: not asked yet (see _same_host); False: chunks only (so with CHUNKS_ONLY_ENV set, for tests and
+        # benchmarks of the chunked path on one machine)
+        self.same_host: bool | None = False if os.environ.get(CHUNKS_ONLY_ENV) else None
 
     def close(self) -> None:
         self.sock.close(linger=0)
