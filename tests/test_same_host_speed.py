@@ -131,30 +131,32 @@ def test_a_chunked_fetch_of_an_unhashed_upload_is_verified_and_a_file_changed_si
 
 def test_the_relay_hashes_an_unhashed_upload_right_whatever_order_its_chunks_are_read_in(tmp_path):
     path = tmp_path / "upload"
-    data = os.urandom(3 * CHUNK + 1234)
+    data = os.urandom(5 * CHUNK + 1234)
     path.write_bytes(data)
-    expected = hashlib.sha256(data).digest()
+    expected, total, key = hashlib.sha256(data).digest(), len(data), str(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         def read(off):
             return os.pread(fd, CHUNK, off)
 
-        total = len(data)
         in_order = UploadDigests()
-        answers = [in_order.advance((1, 1), fd, off, read(off), total) for off in range(0, total, CHUNK)]
+        answers = [in_order.advance(key, fd, off, read(off), total) for off in range(0, total, CHUNK)]
         assert answers[:-1] == [None] * (len(answers) - 1) and answers[-1] == expected
-        # a fetch resumed mid-file (the relay restarted): the gap is read to be hashed
+        # a fetch resumed mid-file (the relay restarted): the part before is read to be hashed, at most
+        # GAP_PER_FETCH bytes per message, and the fetcher asks past the end until the sha256 comes
         resumed = UploadDigests()
-        assert resumed.advance((1, 1), fd, 2 * CHUNK, read(2 * CHUNK), total) is None
-        assert resumed.advance((1, 1), fd, 3 * CHUNK, read(3 * CHUNK), total) == expected
+        assert resumed.advance(key, fd, 4 * CHUNK, read(4 * CHUNK), total) is None
+        assert resumed.partial[key][1] == transfer.GAP_PER_FETCH
+        assert resumed.advance(key, fd, 5 * CHUNK, read(5 * CHUNK), total) is None
+        assert resumed.advance(key, fd, total, b"", total) == expected
         # a chunk asked again, and a second fetcher from the start: the same sha256, kept
-        assert resumed.advance((1, 1), fd, 3 * CHUNK, read(3 * CHUNK), total) == expected
-        assert resumed.advance((1, 1), fd, 0, read(0), total) is None
+        assert resumed.advance(key, fd, 5 * CHUNK, read(5 * CHUNK), total) == expected
+        assert resumed.advance(key, fd, 0, read(0), total) is None
         # at most DIGESTS_KEPT files are remembered, the oldest forgotten first
         many = UploadDigests()
-        for ino in range(transfer.DIGESTS_KEPT + 5):
-            many.advance((2, ino), fd, 0, read(0), total)
-        assert len(many.partial) == transfer.DIGESTS_KEPT and (2, 0) not in many.partial
+        for n in range(transfer.DIGESTS_KEPT + 5):
+            many.advance(f"{key}.{n}", fd, 0, read(0), total)
+        assert len(many.partial) == transfer.DIGESTS_KEPT and f"{key}.0" not in many.partial
     finally:
         os.close(fd)
 
@@ -181,8 +183,17 @@ def test_unhashed_uploads_survive_a_relay_restart_but_not_a_machine_restart(tmp_
         finally:
             link.close()
     assert modes == {"unhashed": transfer.UNHASHED_MODE, "hashed": 0o600}
-    # the relay restarted (a kill -9, an upgrade): both are still there, whole
+    # the relay restarted (a kill -9, an upgrade): both are still there, whole; a fetcher that resumes at the end
+    # (after a restart mid-fetch) asks until the relay, reading GAP_PER_FETCH bytes per ask, has its sha256
     with running_relay(tmp_path, "--auth", "token") as address:
+        link = TransferLink(address, token=token)
+        link.same_host = False
+        try:
+            head = {"b": parse_big(unhashed)[0], "q": os.urandom(8), "d": True}
+            assert len(payload) > transfer.GAP_PER_FETCH
+            assert link._relay_digest(head, len(payload), {}) == hashlib.sha256(payload).digest()
+        finally:
+            link.close()
         assert fetch_in_chunks(address, unhashed) == payload and fetch_in_chunks(address, hashed) == payload
     # the machine restarted (its boot id is another): a power cut may have cut the unhashed one, which nothing
     # could tell, so it is gone, saying why; the hashed one stays (its fetcher checks it)

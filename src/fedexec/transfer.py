@@ -84,6 +84,7 @@ LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its 
 SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
 HASHED = {"bytes": 0}   # bytes this process ran through sha256 for transfers (tests: none on the same-host path)
 DIGESTS_KEPT = 1024     # the relay's sha256s of unhashed uploads, computed for chunked fetchers (Spool.read)
+GAP_PER_FETCH = 2 * CHUNK   # bytes the relay reads at most per FETCH to hash a part no fetcher read in order
 # A complete same-host upload without a sha256 is marked by this mode (0600 otherwise; the sticky bit,
 # which Linux ignores on a file: no one's access changes): after the machine restarted (its boot id
 # changed), such files are deleted as the relay starts (Spool.recover), since nothing could tell one a
@@ -441,7 +442,7 @@ class Spool:
             info = os.fstat(f.fileno())
             reply = {"b": bid, "o": off, "n": info.st_size}
             if fields.get("d") is True:   # the fetcher of an unhashed upload: the last chunk brings its sha256
-                digest = self.digests.advance((info.st_dev, info.st_ino), f.fileno(), off, data, info.st_size)
+                digest = self.digests.advance(str(path), f.fileno(), off, data, info.st_size)
                 if digest is not None:
                     reply["h"] = digest
         return reply, [data]
@@ -484,19 +485,23 @@ class UploadDigests:
     receivers that fetch them in chunks (another OS user's, or another
     machine's). Computed lazily, as such a fetch reads the file in order:
     each chunk read for the fetcher is hashed too, so no extra pass over the
-    data (a gap, as after a restart mid-fetch, is read to be hashed); kept
-    once complete (the last DIGESTS_KEPT), so a later fetch of the same file
-    (a DataRef's, a retry's) is checked against what the first saw: a file
-    changed since is refused by its fetcher."""
+    data; a part before the chunk asked that was not (as after a restart
+    mid-fetch) is read to be hashed, at most GAP_PER_FETCH bytes per FETCH
+    (so that no message holds the relay's loop long: the fetcher asks
+    again, at the end, until the sha256 comes). Kept once complete (the
+    last DIGESTS_KEPT), so a later fetch of the same file (a DataRef's, a
+    retry's) is checked against what the first saw: a file changed since
+    is refused by its fetcher."""
 
     def __init__(self) -> None:
-        self.partial: dict[tuple[int, int], list[Any]] = {}   # file -> [Sha256, bytes hashed so far]
-        self.done: dict[tuple[int, int], bytes] = {}          # file -> its sha256
+        self.partial: dict[str, list[Any]] = {}   # upload's path -> [Sha256, bytes hashed so far]
+        self.done: dict[str, bytes] = {}          # upload's path -> its sha256
 
-    def advance(self, key: tuple[int, int], fd: int, off: int, data: bytes, total: int) -> bytes | None:
+    def advance(self, key: str, fd: int, off: int, data: bytes, total: int) -> bytes | None:
         """Chunk ``data`` at ``off`` of the file ``fd`` (``total`` bytes,
-        ``key``: its device and inode) was read for a fetcher; the file's
-        sha256 when this chunk is its last, else None."""
+        ``key``: its path, which names one upload only) was read for a
+        fetcher; the file's sha256 when this chunk is its last (or past it)
+        and all of it has been hashed, else None."""
         end = off + len(data)
         digest = self.done.get(key)
         if digest is None:
@@ -505,12 +510,14 @@ class UploadDigests:
             while len(self.partial) > DIGESTS_KEPT:
                 del self.partial[next(iter(self.partial))]
             hasher, upto = state
-            while upto < min(off, total):   # bytes before this chunk not hashed yet: read for it
-                piece = os.pread(fd, min(CHUNK, off - upto), upto)
+            budget = GAP_PER_FETCH
+            while upto < min(off, total) and budget > 0:   # bytes before this chunk not hashed yet: read for it
+                piece = os.pread(fd, min(CHUNK, off - upto, budget), upto)
                 if not piece:
                     break
                 hasher.update(piece)
                 upto += len(piece)
+                budget -= len(piece)
             if off <= upto < end:
                 hasher.update(memoryview(data)[upto - off:])
                 upto = end
@@ -683,12 +690,30 @@ class TransferLink:
             have += len(data)
             progress = now
             if have == total and not digest:
-                digest = fields.get("h", b"")
-                if not (isinstance(digest, bytes) and len(digest) == 32):
-                    raise TransferError("the relay sent no sha256 with the last chunk of an unhashed upload")
+                digest = self._relay_digest(head, total, fields)
         if hasher.digest() != digest:
             raise TransferError("the payload fetched does not match its sha256")
         return total
+
+    def _relay_digest(self, head: dict[str, Any], total: int, last: dict[str, Any]) -> bytes:
+        """An unhashed upload's sha256 from the relay: with its last chunk
+        (``last``: that answer's fields), or, when the relay had not hashed
+        all of it yet (it restarted mid-fetch), asked for past its end until
+        it has (see UploadDigests)."""
+        digest, started = last.get("h"), time.monotonic()
+        answers = total // GAP_PER_FETCH + 2   # (each answer without it hashed GAP_PER_FETCH bytes more)
+        while not (isinstance(digest, bytes) and len(digest) == 32):
+            if answers <= 0 or time.monotonic() - started > GIVE_UP_AFTER:
+                raise TransferError("the relay sent no sha256 of the unhashed upload fetched")
+            self._send(P.encode(P.FETCH, {**head, "o": total}))
+            msg = self._answer(P.CHUNK_MSG, RESEND_AFTER)
+            if msg is None or msg.fields.get("q") != head["q"] or msg.fields.get("o") != total:
+                continue
+            if "err" in msg.fields:
+                raise TransferError(str(msg.fields["err"]))
+            digest = msg.fields.get("h")
+            answers -= 1
+        return digest
 
     def fetch_bytes(self, ref: bytes, task_id: bytes | None = None) -> bytearray:
         """The whole payload in memory (the consumer's copy)."""
