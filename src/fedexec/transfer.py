@@ -853,14 +853,11 @@ class TransferLink:
         try:
             if isinstance(data, (str, Path)):
                 # the agent's own file of a worker's result (same filesystem): a second name of it
-                # replaces the relay's placeholder, the first stays for chunks should this fail
-                spare = f"{data}.{bid.hex()}"
-                os.link(data, spare)
-                try:
-                    os.rename(spare, target)
-                except OSError:
-                    os.unlink(spare)
-                    raise
+                # takes the relay's placeholder's place, the first stays for chunks should this fail.
+                # Not renamed over the placeholder: ext4 (auto_da_alloc) then starts writing the whole
+                # file to disk at once, which held a 1 GB result here for 0.4-2.3 s
+                os.unlink(target)
+                os.link(data, target, follow_symlinks=False)
             else:
                 fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
                 try:
