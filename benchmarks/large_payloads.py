@@ -12,7 +12,7 @@ RSS of each process of that system (the client, and every process it
 started, sampled every 20 ms), by role.
 
     python benchmarks/large_payloads.py [--mb 100 1000] [--runs 5]
-        [--systems ppe fedexec dask ray fedexec-base] [--base-src OLD/src] [--rounds 2] [--out results.md]
+        [--systems ppe fedexec dask ray fedexec-base fedexec-chunks] [--base-src OLD/src] [--rounds 2] [--out results.md]
 
 Every system's run is bounded (``--timeout`` seconds); one that fails or
 times out is reported as such, the others still run.
@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 SYSTEMS = ("ppe", "fedexec", "dask", "ray")
 NAMES = {"ppe": "ProcessPoolExecutor(2)", "fedexec": "fedexec (embedded)", "dask": "Dask LocalCluster(2)",
-         "ray": "Ray (num_cpus=2)", "fedexec-base": "fedexec, --base-src checkout"}
+         "ray": "Ray (num_cpus=2)", "fedexec-base": "fedexec, --base-src checkout",
+         "fedexec-chunks": "fedexec, chunks only (FEDEXEC_CHUNKS_ONLY)"}
 
 
 def plus_one(array):
@@ -162,10 +163,13 @@ def run_system(system: str, mb: int, runs: int) -> dict[str, Any]:
 def child(system: str, mb: int, runs: int, timeout: float, base_src: str = "") -> dict[str, Any]:
     """One system's run in a process of its own, bounded by ``timeout``
     ("fedexec-base": fedexec imported from ``base_src``, an older checkout's
-    src directory)."""
+    src directory; "fedexec-chunks": without the same-host path, every
+    transfer in chunks as from another machine)."""
     env = None
     if system == "fedexec-base":
         system, env = "fedexec", {**os.environ, "PYTHONPATH": base_src}
+    elif system == "fedexec-chunks":
+        system, env = "fedexec", {**os.environ, "FEDEXEC_CHUNKS_ONLY": "1"}
     cmd = [sys.executable, __file__, "--one", system, "--mb", str(mb), "--runs", str(runs)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
@@ -191,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, nargs="+", default=[100], help="megabytes of the array (default 100)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=[*SYSTEMS, "fedexec-base"])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=[*SYSTEMS, "fedexec-base", "fedexec-chunks"])
     parser.add_argument("--base-src", default="",
                         help="for system fedexec-base: the src directory of an older fedexec checkout")
     parser.add_argument("--rounds", type=int, default=1,

@@ -26,7 +26,8 @@ from typing import Any, Callable
 import cloudpickle
 
 from .errors import DependencyError
-from .serialize import _SIMPLE_TYPES, PICKLE_PROTOCOL, serialize_arguments
+from .serialize import _SIMPLE_TYPES, PICKLE_PROTOCOL, dumps_large, serialize_arguments
+from .transfer import Pieces
 
 
 class _FutureFinder(cloudpickle.Pickler):
@@ -38,8 +39,8 @@ class _FutureFinder(cloudpickle.Pickler):
     cloudpickle's own pickler calls anyway: finding the futures costs the
     pickling of a value without futures one isinstance test per such object."""
 
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=PICKLE_PROTOCOL)
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL, buffer_callback=buffer_callback)
         self.found: list[Future] = []
         self._index: dict[int, int] = {}
 
@@ -133,23 +134,37 @@ class FuturesFound(Exception):
         self.futures = futures
 
 
-def arguments_or_futures(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+def arguments_or_futures(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes | Pieces:
     """:func:`~fedexec.serialize.serialize_arguments` (the same bytes, at the
-    same cost for plain arguments) in one pickling pass that also finds any
-    futures in them: then it raises :class:`FuturesFound` with the snapshot,
-    rather than failing on the first future and pickling again."""
+    same cost for plain arguments; large ones with their big buffers out of
+    band, as Pieces: not copied into the pickle) in one pickling pass that
+    also finds any futures in them: then it raises :class:`FuturesFound`
+    with the snapshot, rather than failing on the first future and pickling
+    again (a snapshot keeps every buffer in band: it loads with plain
+    pickle once its futures are done)."""
     if not kwargs:
         if all(type(a) in _SIMPLE_TYPES for a in args):
             return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
         plain = _plain_snapshot(args)
         if plain is not None:   # (some are futures: else the line above took them)
             raise FuturesFound(*plain)
+    futures: list[Future] = []
+
+    def dumps(value: Any, protocol: int, buffer_callback: Any = None) -> bytes:
+        buffer = io.BytesIO()
+        finder = _FutureFinder(buffer, buffer_callback)
+        finder.dump(value)
+        futures[:] = finder.found
+        return buffer.getvalue()
+
     try:
-        blob, futures = snapshot((args, kwargs))
+        blob = dumps_large(dumps, (args, kwargs))
+        if futures:
+            raise FuturesFound(blob.fallback() if isinstance(blob, Pieces) else blob, futures)
+    except FuturesFound:
+        raise
     except Exception:
         return serialize_arguments(fn, args, kwargs)   # raises the error that names the call
-    if futures:
-        raise FuturesFound(blob, futures)
     return blob
 
 

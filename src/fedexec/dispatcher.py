@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import threading
 import time
@@ -731,7 +732,7 @@ class Dispatcher(threading.Thread):
     def _settle(self, item: WorkItem, status: int, blob: Any, trace: list[float] | None) -> None:
         """A task's outcome: its future, and those of its watchers and memoized twins."""
         shared = blob
-        if type(blob) is bytearray and (item.task_id in self.watchers or item.memo_key is not None):
+        if type(blob) in (bytearray, mmap.mmap) and (item.task_id in self.watchers or item.memo_key is not None):
             shared = bytes(blob)   # the others' (the item's value may be views of its fetched bytearray)
         self._finish(item, status, blob, trace)
         for watcher in self.watchers.pop(item.task_id, ()):

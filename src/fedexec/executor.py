@@ -442,7 +442,8 @@ class FederatedExecutor(Executor):
             if len(payload) > BIG_THRESHOLD or len(fn_body) > BIG_THRESHOLD:
                 self._check_size(fn_body, "the function", P.MAX_PAYLOAD_LIMIT)   # a body travels in one frame
                 if len(payload) > BIG_THRESHOLD:   # uploaded in chunks first; the task carries its reference
-                    payload = self._dispatcher.transfers.upload(payload)
+                    # (on the same host handed over as a file and not hashed: see transfer.big_ref)
+                    payload = self._dispatcher.transfers.upload(payload, hashed=False)
         except (SerializationError, PayloadTooLarge, TransferError) as exc:
             future = future or TaskFuture(self._dispatcher, self._task_ids.next())
             future.set_exception(exc)

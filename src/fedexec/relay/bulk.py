@@ -240,4 +240,6 @@ class SameHost:
         user, why = self.bulk._whose(session, fields, "upload a result for")
         if why:
             return {"err": why}
-        return spool.place(user, bid, total) if op == "place" else spool.placed(user, bid, total)
+        if op == "place":
+            return spool.place(user, bid, total)
+        return spool.placed(user, bid, total, unhashed=fields.get("u") is True)
