@@ -69,7 +69,8 @@ def tail(path: Path, n: int = 4000) -> str:
         return "<no log>"
 
 
-ROUTINE = ("ignored a malformed message from the relay", "rejected a malformed message from")
+ROUTINE = ("ignored a malformed message from the relay", "rejected a malformed message from",
+           "refused a malformed task row from the relay")
 
 
 def notable(path: Path, n: int = 30) -> str:

@@ -156,6 +156,10 @@ def test_a_large_result_feeds_a_dependent_on_another_endpoint_and_only_that_depe
             forged = submit_raw(alice, ep2.id, big_sum_after, d_args, {"dr": [[a_id, bid, size, digest]]})
             failure = alice.failure_of(forged, 20)
             assert failure["kind"] == P.REJECTED and "dr" in failure["msg"], failure
+            # nor choose the nodes of a multi-node task (an endpoint's "nl", for its pools)
+            forged = submit_raw(alice, ep2.id, big_sum_after, d_args, {"nl": ["node1", "node2"]})
+            failure = alice.failure_of(forged, 20)
+            assert failure["kind"] == P.REJECTED and "option nl" in failure["msg"], failure
 
             status, value = outcome_of(alice, d_id)
             assert status == P.OK, P.unpack_failure(value) if status == P.FAILED else value

@@ -261,6 +261,18 @@ def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
                                                    "PYTHONPATH": str(Path(__file__).parent)}))
             wait_for_pools(on.home / "endpoints" / "mpi" / "status.json", 4, 60, ep.log)
             with FederatedExecutor(ep.id, relay=on.address) as ex:
+                # a task asking for all 4 nodes waits (one is busy), keeping the other 3 for itself; once it
+                # is cancelled those 3 take other tasks again at once, not only after the busy one ends
+                blocker = ex.submit(mpi_task, 6.0)
+                time.sleep(0.5)
+                whole = ex.submit(with_options(mpi_task, resources={"num_nodes": 4}), 0.1)
+                time.sleep(1.0)
+                assert whole.cancel() and whole.cancelled()
+                after = [ex.submit(mpi_task, 0.2) for _ in range(3)]
+                done = [f.result(timeout=60) for f in after]
+                assert len(done) == 3 and not blocker.done(), \
+                    "the nodes kept for a cancelled multi-node task took no other task until the busy one ended"
+                blocker.result(timeout=60)
                 big = ex.submit(with_options(mpi_task, resources={"num_nodes": 2, "ranks_per_node": 2}), 3.0)
                 time.sleep(0.5)
                 singles = [ex.submit(mpi_task, 0.5) for _ in range(4)]

@@ -540,10 +540,10 @@ def dependency_results(wire: Any) -> list[Any]:
     if not (isinstance(wire, list) and 0 < len(wire) <= MAX_ITEMS and all(
             isinstance(r, list) and len(r) == 4 and isinstance(r[0], bytes) and len(r[0]) == 16
             and isinstance(r[1], bytes) and len(r[1]) == 16 and type(r[2]) is int and r[2] >= 0
-            and isinstance(r[3], bytes) and len(r[3]) == 32 for r in wire)
+            and isinstance(r[3], bytes) and len(r[3]) in (0, 32) for r in wire)
             and len({r[0] for r in wire}) == len(wire)):
         raise ProtocolError(f"dependency results (dr) must be a list of 1 to {MAX_ITEMS} [16-byte task id, "
-                            "16-byte upload id, size, 32-byte sha256] of distinct tasks")
+                            "16-byte upload id, size, 32-byte sha256 or empty: unhashed] of distinct tasks")
     return wire
 
 

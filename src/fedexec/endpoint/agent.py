@@ -370,6 +370,29 @@ class EndpointAgent:
             except Exception as exc:  # never let one message stop the endpoint
                 log.warning("ignored a malformed message from the relay: %s: %s", type(exc).__name__, exc)
 
+    def _well_formed(self, rows: list[Any], blobs: Any) -> list[Any]:
+        """The rows of a TASKS message that are well formed; each other one
+        with a task id fails alone, saying why, so that one malformed row (a
+        user's odd option, a relay of another version) never holds up the
+        other tasks of its message, other users' among them."""
+        good = []
+        for row in rows:
+            try:
+                P.task_row(row, P.TRACE_AT_ENDPOINT)
+                P.blob(blobs, row[2])
+                if row[3] != -1:
+                    P.blob(blobs, row[3])
+            except P.ProtocolError as exc:
+                task_id = row[0] if isinstance(row, list) and row and isinstance(row[0], bytes) else None
+                log.warning("refused a malformed task row from the relay (%s): %s",
+                            task_id.hex() if task_id else "no task id", exc)
+                if task_id is not None and len(task_id) == 16 and task_id not in self.holding:
+                    self._result(task_id, P.FAILED,
+                                 P.pack_failure(P.REJECTED, f"the endpoint refused the task as malformed: {exc}"))
+                continue
+            good.append(row)
+        return good
+
     def _on_relay_message(self, msg: P.Message) -> None:
         t = msg.type
         if t == P.TASKS:
@@ -377,12 +400,8 @@ class EndpointAgent:
             rows = msg.fields["tasks"]
             if not isinstance(rows, list):
                 raise P.ProtocolError("tasks must be a list")
-            for row in rows:
-                P.task_row(row, P.TRACE_AT_ENDPOINT)
-                P.blob(blobs, row[2])
-                if row[3] != -1:
-                    P.blob(blobs, row[3])
             self.relay_credit = max(0, self.relay_credit - len(rows))
+            rows = self._well_formed(rows, blobs)
             self._note_backlog(msg.fields)
             now = time.time()
             for row in rows:
@@ -524,7 +543,7 @@ class EndpointAgent:
         self.outbox.add(task_id, status, blob, trace)
         self.unstored[task_id] = (status, blob, trace)
         self.holding.discard(task_id)
-        if self.multi.running:   # a multi-node task's nodes take other tasks again
+        if self.multi.pools:   # the nodes kept for a multi-node task (running or waiting) take others again
             self.multi.release(task_id)
         if self.graph.waiting_on:   # tasks held here may wait for it
             self._dependency_finished(task_id, status, blob if local is None else local)

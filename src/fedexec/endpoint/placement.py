@@ -91,7 +91,8 @@ class MultiNode:
         self.running[task_id] = [pool.pool_id for pool in pools]
 
     def release(self, task_id: bytes) -> None:
-        """A multi-node task ended: its nodes take other tasks again."""
-        for pool_id in self.running.pop(task_id, ()):
-            if self.pools.get(pool_id) == task_id:
-                del self.pools[pool_id]
+        """A task ended (ran, or was cancelled or failed while it waited):
+        the nodes kept for it take other tasks again."""
+        self.running.pop(task_id, None)
+        for pool_id in [pool_id for pool_id, kept_for in self.pools.items() if kept_for == task_id]:
+            del self.pools[pool_id]

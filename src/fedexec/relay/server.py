@@ -824,8 +824,12 @@ class Relay:
                     continue
                 if group is not None and self._too_many_groups(sender, user, group, task_id):
                     continue
-                if options is not None and "dr" in options:   # (the relay's own, for endpoints: kept.py)
-                    self._reject(sender, task_id, P.REJECTED, "task option dr is the relay's to set, not a client's")
+                if options is not None and ("dr" in options or "nl" in options):
+                    # (dr: the relay's own, for endpoints, kept.py; nl: an endpoint's, for its pools)
+                    which = "dr" if "dr" in options else "nl"
+                    self._reject(sender, task_id, P.REJECTED,
+                                 f"task option {which} is the {'relay' if which == 'dr' else 'endpoint'}'s to set, "
+                                 "not a client's")
                     continue
                 if options is not None and "rf" in options:   # DataRefs (refs.py): the user's own, live
                     missing = self.refs.check_task(user, options["rf"])
@@ -869,7 +873,7 @@ class Relay:
                     functions.use(fn_hash, body, user)
                 self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python,
                                     buffer if dependencies is None else envelope(dependencies, buffer), user,
-                                    options and durable_options(options))
+                                    durable_options(options))
                 if group is None:
                     record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
                     if dependencies is None:
