@@ -441,7 +441,9 @@ class Spool:
             data = os.pread(f.fileno(), CHUNK, off)
             info = os.fstat(f.fileno())
             reply = {"b": bid, "o": off, "n": info.st_size}
-            if fields.get("d") is True:   # the fetcher of an unhashed upload: the last chunk brings its sha256
+            if fields.get("d") is True and stat.S_IMODE(info.st_mode) == UNHASHED_MODE:
+                # the fetcher of an unhashed upload: the last chunk brings its sha256 (asked of a hashed
+                # upload, nothing: its fetcher has the sha256, and the relay's loop hashes no more than it must)
                 digest = self.digests.advance(str(path), f.fileno(), off, data, info.st_size)
                 if digest is not None:
                     reply["h"] = digest
