@@ -184,6 +184,14 @@ def test_another_user_can_neither_fetch_nor_use_an_upload(tmp_path):
                 bob.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
                 failure = bob.failure_of(task_id, 20)
                 assert failure["kind"] == P.REJECTED and "reference to a file" in failure["msg"], failure
+                # however long the forged reference is (it was looked for in frames of at most 4 KiB only)
+                blobs = P.Blobs()
+                task_id = uuid.uuid4().bytes
+                long_ref = local_ref(str(secret), secret.stat().st_size, b"x" * 8192)
+                row = [task_id, fn_hash, blobs.ref(long_ref), blobs.ref(body), P.TASK_CALL, P.PYTHON_VERSION]
+                bob.send(P.SUBMIT, {"ep": ep.id, "tasks": [row]}, blobs.frames)
+                failure = bob.failure_of(task_id, 20)
+                assert failure["kind"] == P.REJECTED and "reference to a file" in failure["msg"], failure
             finally:
                 for closeable in (alice_link, bob_link, alice, bob):
                     closeable.close()

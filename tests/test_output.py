@@ -68,7 +68,7 @@ def total(array):
 
 
 def paint():
-    print("\x1b]0;owned\x07\x1b[2Jred")
+    print("\x1b]0;owned\x07\x1b[2Jred\u202etxt.exe")
     return 0
 
 
@@ -156,9 +156,9 @@ def test_echo_output_writes_each_line_prefixed_with_the_task(capsys):
     captured = capsys.readouterr()
     out, err = captured.out, captured.err
     # terminal control sequences are shown, not sent to the caller's terminal; the future keeps them
-    assert painted.stdout == "\x1b]0;owned\x07\x1b[2Jred\n"
-    shown = f"[{painted.task_id[-8:]}] \\x1b]0;owned\\x07\\x1b[2Jred\n"
-    assert shown in out and "\x1b" not in out, out
+    assert painted.stdout == "\x1b]0;owned\x07\x1b[2Jred\u202etxt.exe\n"
+    shown = f"[{painted.task_id[-8:]}] \\x1b]0;owned\\x07\\x1b[2Jred\\u202etxt.exe\n"
+    assert shown in out and "\x1b" not in out and "\u202e" not in out, out   # (bidi controls too)
     out = out.replace(shown, "")
     for i, future in enumerate(futures):
         prefix = f"[{future.task_id.replace('-', '')[-8:]}] "

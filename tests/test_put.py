@@ -465,3 +465,17 @@ def test_a_refused_put_again_does_not_remove_the_ref_it_names(tmp_path):
                 raw.close()
             assert ex.submit(head, ref).result(60) == (b"kept", 4)   # its first use: fetched now
         assert endpoint.proc.poll() is None, tail(endpoint.log)
+
+
+def count_and_size(*refs, extra=b""):
+    return len(refs), sum(refs), len(extra)
+
+
+def test_a_task_naming_many_refs_or_with_long_inline_arguments_runs():
+    """The agent wraps a task's arguments with the files of its DataRefs (a
+    local reference); past 4 KiB (about 45 refs, or inline arguments of
+    that size beside one ref) the worker took the wrapper for a pickle."""
+    with FederatedExecutor(max_workers=1) as ex:
+        refs = [ex.put(i) for i in range(100)]
+        assert ex.submit(count_and_size, *refs).result(60) == (100, sum(range(100)), 0)
+        assert ex.submit(count_and_size, refs[0], refs[1], extra=b"x" * 20000).result(60) == (2, 1, 20000)

@@ -227,7 +227,10 @@ def text(data: bytes, cut: int, stream: str) -> str:
 # Control characters (but tab) shown as escapes when echoed: a task's output
 # (or an endpoint's forgery of it) must not drive the caller's terminal
 # (move the cursor, retitle the window, hide text). future.stdout keeps them.
+# And the bidirectional-text controls, which can make a line read as something it is not.
 _SHOWN = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if code != 0x09}
+_SHOWN.update({code: f"\\u{code:04x}" for code in [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                                                    *range(0x2066, 0x206A)]})
 
 
 def echo(prefix: str, stdout: str, stderr: str, out: TextIO | None = None, err: TextIO | None = None) -> None:

@@ -156,10 +156,13 @@ def local_ref(path: str, total: int, digest: bytes = b"") -> bytes:
 
 
 def is_local(blob: Any) -> bool:
-    """Whether a payload (bytes, or a zmq.Frame) is a local reference."""
+    """Whether a payload (bytes, or a zmq.Frame) is a local reference. Any
+    size: a task's arguments wrapped with the files of the DataRefs they
+    name (dataref.wrap_arguments) are one, inline arguments and all; and
+    the agent must see a client's forged one however long it is."""
     if type(blob) is bytes:
         return blob.startswith(LOCAL_MAGIC)
-    return len(blob) <= MAX_REF and bytes(P.as_buffer(blob)[:len(LOCAL_MAGIC)]) == LOCAL_MAGIC
+    return bytes(P.as_buffer(blob)[:len(LOCAL_MAGIC)]) == LOCAL_MAGIC
 
 
 def parse_local(blob: bytes) -> tuple[str, int, bytes]:

@@ -61,9 +61,10 @@ def open_envelope(stored: Any) -> tuple[list[bytes], bytes] | None:
 
 
 def option_bytes(options: dict) -> int:
-    """About the header bytes a task row's dependency options take: the ids
-    of the tasks it waits for (``d``) or of its dependencies' uploads (``dr``)."""
-    return 18 * len(options.get("d", ())) + 78 * len(options.get("dr", ()))
+    """About the header bytes a task row's long options take: the ids of the
+    tasks it waits for (``d``), of its dependencies' uploads (``dr``) and of
+    the DataRefs it names (``rf``, up to MAX_REFS of about 64 bytes each)."""
+    return 18 * len(options.get("d", ())) + 78 * len(options.get("dr", ())) + 64 * len(options.get("rf", ()))
 
 
 def in_memory(result: Any) -> bytes | None:

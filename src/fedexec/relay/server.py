@@ -1439,7 +1439,8 @@ class Relay:
                     fn_ref = blobs.ref(body)
                     state.known_functions.add(record.fn_hash)
                 rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
-                if record.options is not None and ("d" in record.options or "dr" in record.options):
+                if record.options is not None and ("d" in record.options or "dr" in record.options
+                                                   or "rf" in record.options):
                     spare -= option_bytes(record.options)
                 record.state = DISPATCHED
                 state.dispatched[record.task_id] = record
