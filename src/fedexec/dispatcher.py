@@ -304,14 +304,7 @@ class Dispatcher(threading.Thread):
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
-        sock = P.limit_frames(ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.IDENTITY, b"C" + self.client_id)
-        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
+        sock = P.dealer(ctx, 0, b"C" + self.client_id)
         watch = HandshakeWatch(sock, self.relay, self.token,
                                self.services.secret_file if self.services is not None else None,
                                relay_key=self.relay_public_key)

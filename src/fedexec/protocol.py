@@ -289,6 +289,24 @@ def limit_frames(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
+def dealer(ctx: zmq.Context, linger_ms: int, identity: bytes | None = None, queues: bool = True) -> zmq.Socket:
+    """A DEALER socket as every connection toward a relay or endpoint has
+    it: frames limited (limit_frames), IPv6 addresses too, reconnecting at
+    RECONNECT_IVL_MS backing off to RECONNECT_IVL_MAX_MS; ``queues``: no
+    high-water mark (messages queue, they are never dropped or blocked)."""
+    sock = limit_frames(ctx.socket(zmq.DEALER))
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if queues:
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    return sock
+
+
 def chunks(items: Sequence[Any], size: int = MAX_ITEMS) -> Iterator[Sequence[Any]]:
     """``items`` in slices of at most ``size``: the lists of the messages that
     carry them (none for no items)."""

@@ -547,13 +547,9 @@ class TransferLink:
         """``credentials``: those to present (else found from ``token`` and
         ``secret_file`` as the executor finds them)."""
         self.ctx = zmq.Context()
-        sock = P.limit_frames(self.ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = P.dealer(self.ctx, 0, queues=False)
         # never blocked for good on a connection that does not come up (refused credentials)
         sock.setsockopt(zmq.SNDTIMEO, int(GIVE_UP_AFTER * 1000))
-        sock.setsockopt(zmq.IPV6, 1)
-        sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
         key = secure(sock, address, relay_key)
         if credentials is None:
             credentials = find_credentials(address, token, secret_file)

@@ -141,14 +141,7 @@ class EndpointAgent:
         return max(most, sum(pool.workers for pool in self.pools.values()))
 
     def _relay_socket(self) -> zmq.Socket:
-        sock = P.limit_frames(self.ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.IDENTITY, P.new_endpoint_routing_id())
-        sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
+        sock = P.dealer(self.ctx, 1000, P.new_endpoint_routing_id())
         self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file,
                                         relay_key=self.config.relay_public_key or None)
         return sock

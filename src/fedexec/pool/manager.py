@@ -94,14 +94,7 @@ class PoolManager(WorkerChains):
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
         self.ctx = zmq.Context()
-        self.endpoint = P.limit_frames(self.ctx.socket(zmq.DEALER))
-        self.endpoint.setsockopt(zmq.IDENTITY, pool_id)
-        self.endpoint.setsockopt(zmq.LINGER, 2000)
-        self.endpoint.setsockopt(zmq.SNDHWM, 0)
-        self.endpoint.setsockopt(zmq.RCVHWM, 0)
-        self.endpoint.setsockopt(zmq.IPV6, 1)
-        self.endpoint.setsockopt(zmq.RECONNECT_IVL, P.RECONNECT_IVL_MS)
-        self.endpoint.setsockopt(zmq.RECONNECT_IVL_MAX, P.RECONNECT_IVL_MAX_MS)
+        self.endpoint = P.dealer(self.ctx, 2000, pool_id)
         if endpoint_key:   # CURVE: only the endpoint holding that key can answer; traffic is encrypted
             public, secret_key = zmq.curve_keypair()
             self.endpoint.curve_serverkey = endpoint_key.encode()
