@@ -10,7 +10,9 @@ dependent's endpoint fetch it. Real relay and endpoint processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -244,6 +246,66 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
             wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
                        f"A's upload deleted after D finished: {uploads_at(data_dir)} {markers_at(data_dir)}")
             # and A's result left the record: its acknowledgement, put off for D, outlived the restart
+            client = RawClient(relay.address, None)
+            try:
+                client.send(P.RESUME, {"tids": [large._task_bytes]})
+                failure = client.failure_of(large._task_bytes, 20)
+                assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
+            finally:
+                client.close()
+        for endpoint in (a, b):
+            assert endpoint.proc.poll() is None, tail(endpoint.log)
+    finally:
+        endpoints.stop()
+        relay.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_large_result_dropped_before_its_commit_is_made_again_after_a_restart_and_goes_with_its_dependent(tmp_path):
+    """The relay is killed -9 after the client fetched and dropped A's 20 MiB
+    result but before the record had it (the record is set back to that
+    state: A's row as it was while A ran; a kill cannot be timed into those
+    milliseconds). Started again, the relay runs A again: its new upload
+    serves D, which the restart held again, and goes once D is done, with
+    the one dropped before; A's result, which no client will fetch again,
+    is acknowledged (the relay's record forgets it)."""
+    data_dir = tmp_path / "relay-data"
+    database = data_dir / "relay.sqlite3"
+    relay = Relay(tmp_path)
+    relay.start()
+    endpoints = Endpoints(tmp_path, relay.address)
+    try:
+        a, b = endpoints("a", workers=2), endpoints("b", workers=2)
+        with FederatedExecutor([a.id, b.id], relay=relay.address) as ex:
+            large = ex.submit(big_ones_after, 1.0, 2.0)
+            slow = ex.submit(sleep_then, 15.0, 1.0)
+            dependent = ex.submit(big_sum, large, slow)
+            row = None
+            deadline = time.monotonic() + DEADLINE
+            while row is None or row[0] is None:   # A's row as it is while A runs: accepted, with its arguments
+                if time.monotonic() > deadline:
+                    pytest.fail(f"A's row was not in the record: {row}")
+                with contextlib.closing(sqlite3.connect(database)) as db:
+                    row = db.execute("SELECT args, args_file, state FROM tasks WHERE id=?",
+                                     (large._task_bytes,)).fetchone()
+                time.sleep(0.05)
+            assert row[1] == 0 and row[2] == 0, row   # (small arguments, in the row; not finished)
+            assert large.result(DEADLINE)[0] == 2.0
+            wait_until(lambda: len(markers_at(data_dir)) == 1, "the put-off DROP noted on disk")
+            dropped_before = uploads_at(data_dir)
+            if slow.done():
+                pytest.fail("the slow task finished before the relay was killed: this machine is too loaded "
+                            "for the test to show what it means to")
+            relay.kill()
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
+                changed = db.execute("UPDATE tasks SET state=0, status=NULL, result=NULL, finished=NULL, "
+                                     "result_file=0, args=? WHERE id=?", (row[0], large._task_bytes)).rowcount
+            assert changed == 1
+            relay.start()
+            assert dependent.result(DEADLINE) == 2.0 * N + 1.0
+            wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
+                       f"A's uploads deleted after D finished: before the kill {dropped_before}, "
+                       f"now {uploads_at(data_dir)} {markers_at(data_dir)}")
             client = RawClient(relay.address, None)
             try:
                 client.send(P.RESUME, {"tids": [large._task_bytes]})

@@ -35,6 +35,7 @@ upload exists or not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -67,6 +68,9 @@ class KeptResults:
         self.uploads: dict[bytes, tuple[str, bytes]] = {}   # dependency id -> (user, upload id)
         self.owners: dict[tuple[str, bytes], bytes] = {}    # (user, upload id) -> dependency id
         self.dropped: set[tuple[str, bytes]] = set()        # of those, the ones their client dropped
+        # after a restart: tasks whose client dropped their result (a marker says so) though the record
+        # has them unfinished (killed before their result's commit): task id -> (user, upload id)
+        self.again: dict[bytes, tuple[str, bytes]] = {}
 
     @property
     def spool(self):  # the upload store (bulk.py)
@@ -151,7 +155,7 @@ class KeptResults:
 
     def in_use(self) -> set[Path]:
         """The uploads kept (the spool's expiry leaves them alone)."""
-        return {self.spool.path(user, bid) for user, bid in self.owners}
+        return {self.spool.path(user, bid) for user, bid in (*self.owners, *self.again.values())}
 
     def recover(self) -> None:
         """After a restart (once the held tasks are held again, and the
@@ -177,10 +181,47 @@ class KeptResults:
                 self.dropped.add((user, bid))
                 if task_id in relay.graph.refs:
                     relay.graph.deferred[task_id] = user
+            elif task_id in relay.tasks and relay.tasks[task_id].user == user:
+                # killed after its client had the result but before the result's commit: the task's
+                # result comes again (the same upload, sent again, or a new one, run again): finished_again
+                self.again[task_id] = (user, bid)
             else:
                 self.spool.drop(user, bid)
                 path.unlink(missing_ok=True)
                 relay.quotas.acknowledged(relay.store.acknowledge([task_id], user), user)
+
+    def finished_again(self, finished: list[tuple["TaskRecord", int, Any]]) -> None:
+        """Tasks of :attr:`again` finished again after a restart. Their
+        clients had their results and dropped them, so none will fetch,
+        drop or acknowledge the result now: a result that is an upload
+        tasks depend on is kept for them as a dropped one (it goes when they
+        are done), any other goes now, and so does the upload dropped
+        before if this result is not it; the result is acknowledged now, or
+        with the tasks that depend on it."""
+        relay = self.relay
+        for record, status, result in finished:
+            entry = self.again.pop(record.task_id, None)
+            if entry is None:
+                continue
+            user, before = entry
+            now_bid = None
+            if status == P.OK and is_big(result):
+                with contextlib.suppress(P.ProtocolError):
+                    now_bid = parse_big(result)[0]
+            if now_bid != before:
+                self.spool.drop(user, before)
+                self._marker(user, before).unlink(missing_ok=True)
+            if now_bid is not None and (user, now_bid) in self.owners:   # kept for tasks that depend on it
+                if now_bid != before:
+                    self.put_off_drop(user, now_bid)
+                self.dropped.add((user, now_bid))
+                if record.task_id in relay.graph.refs:
+                    relay.graph.deferred[record.task_id] = user
+                    continue
+            elif now_bid is not None:
+                self.spool.drop(user, now_bid)
+                self._marker(user, now_bid).unlink(missing_ok=True)
+            relay.quotas.acknowledged(relay.store.acknowledge([record.task_id], user), user)
 
     def _marker(self, user: str, bid: bytes) -> Path:
         return self.root / f"{hashlib.sha256(user.encode()).hexdigest()[:32]}-{bid.hex()}"

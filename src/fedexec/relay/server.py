@@ -1570,6 +1570,8 @@ class Relay:
         self.functions.release_all([record.fn_hash for record, _, _ in finished])
         if self.graph:
             self._dependencies_finished(finished, now)
+        if self.kept.again:   # tasks whose client dropped their result before a restart (kept.py)
+            self.kept.finished_again(finished)
 
     def _left_group(self, record: TaskRecord) -> None:
         """A task for a group of endpoints finished: one fewer of its user's."""
