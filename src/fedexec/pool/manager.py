@@ -59,6 +59,7 @@ from .placement import NodeBudget, has_resources
 from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
 from .resources import NodeResources
+from ..taskdirs import TaskDirCleaner, start_cleaner
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
 log = logging.getLogger("fedexec.pool")
@@ -126,6 +127,7 @@ class PoolManager(WorkerChains):
         self._early_deaths = 0
         self._respawn_at: list[float] = []
         self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
+        self.cleaner: TaskDirCleaner | None = None   # removes expired shell task directories (taskdirs.py)
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -242,6 +244,8 @@ class PoolManager(WorkerChains):
         if self.pool is not None:
             self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
         self._send(P.encode(P.BYE))
+        if self.cleaner is not None:
+            self.cleaner.stop()
         self.endpoint.close(linger=2000)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -289,6 +293,8 @@ class PoolManager(WorkerChains):
             if not self.welcomed:
                 self.welcomed = True
                 self._start_workers()
+                self.cleaner = start_cleaner(self.settings.get("task_ttl"),
+                                             lambda: self.pool.kept_names() if self.pool is not None else set())
         elif t == P.STOP:
             log.info("pool %s: stop asked by the endpoint", self.pool_id.decode())
             self.stopping = True

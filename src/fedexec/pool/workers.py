@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from .. import taskdirs
 from ..worker import sandbox as sandboxes
 from ..worker.process import MarkerFile, remove_tree
 
@@ -117,6 +118,7 @@ class LocalWorkerPool:
         self.env = env
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
+        self.kept: dict[str, str] = {}   # sandboxed worker's name -> its directory of kept task dirs (taskdirs.py)
 
     def start(self) -> None:
         for _ in range(self.size - len(self.slots)):
@@ -146,7 +148,7 @@ class LocalWorkerPool:
                 command = sandboxes.worker_command(
                     self.sandbox, args, socket_path=path, marker_path=marker.path,
                     task_dir=task_dir, image=self.sandbox_image, name=container,
-                    inbox=self.inbox(name), outbox=self.outbox(name))
+                    inbox=self.inbox(name), outbox=self.outbox(name), kept=self._kept_dir(name))
                 if self.sandbox == "podman":
                     process = ContainerProcess(command, container=container, stdin=subprocess.PIPE, env=self.env)
                 else:
@@ -161,6 +163,32 @@ class LocalWorkerPool:
         slot = WorkerSlot(worker_id, name, address, process, marker)
         self.slots[worker_id] = slot
         return slot
+
+    def _kept_dir(self, name: str) -> str:
+        """A fresh directory under the task directories' base for sandboxed
+        worker ``name``'s shell tasks to leave their output in, bound into
+        its sandbox alone (taskdirs.py); "" (their output then goes with
+        the sandbox's task directory) when the base cannot be used, said in
+        the log."""
+        try:
+            base = taskdirs.base_path(self.env)
+            base_fd = taskdirs.open_base(base)
+            try:
+                kept, fd = taskdirs.make_dir(base_fd, taskdirs.SANDBOX_PREFIX)
+                os.close(fd)
+            finally:
+                os.close(base_fd)
+        except OSError as exc:
+            log.warning("shell tasks of sandboxed worker %s keep no output files: %s", name, exc)
+            return ""
+        self.kept[name] = kept
+        return os.path.join(base, kept)
+
+    def kept_names(self) -> set[str]:
+        """The names (in the base) of the live sandboxed workers' directories
+        of kept task dirs: never removed whole while in use. (Called from the
+        cleaner's thread: a copy of the dict, taken at once.)"""
+        return set(self.kept.copy().values())
 
     def task_dir(self, name: str) -> str:
         """The host directory a sandboxed worker sees as its task root."""
@@ -225,6 +253,7 @@ class LocalWorkerPool:
         if self.sandbox != "none":
             for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
                 remove_tree(directory)
+            self.kept.pop(name, None)   # (the directory stays: its tasks' output, until it expires)
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""
