@@ -10,12 +10,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import cloudpickle
 import pytest
 
-from fedexec import FederatedExecutor
+from fedexec import FederatedExecutor, TaskTimeout, with_options
 from fedexec.output import MAGIC, OUTPUT_LIMIT, split, trailer
 
 from test_sandbox import bwrap, bwrap_federation  # noqa: F401  (fixtures)
@@ -48,6 +49,31 @@ def shout(n):
 def fail_loudly():
     print("about to fail")
     raise ValueError("failed on purpose")
+
+
+class Unpicklable(Exception):
+    """An exception that cannot travel: it holds a lock."""
+
+    def __init__(self):
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+
+def fail_unpicklably():
+    print("before the odd exception")
+    sys.stderr.write("err before\n")
+    raise Unpicklable()
+
+
+def return_unpicklable():
+    print("before the odd result")
+    return threading.Lock()
+
+
+def loud_then_hang():
+    print("started, then hung", flush=True)
+    os.write(2, b"on stderr too\n")
+    time.sleep(120)
 
 
 def repeat(tag, times, pause):
@@ -97,6 +123,28 @@ def test_output_of_a_task_that_raised(executor):
     with pytest.raises(ValueError, match="failed on purpose"):
         future.result(DEADLINE)
     assert future.stdout == "about to fail\n"
+
+
+@pytest.mark.timeout(120)
+def test_output_of_failed_tasks_reaches_the_future(executor):
+    """FAILED results, not only values and exceptions, carry what the task
+    printed: a result that cannot be sent back, and a task stopped past its
+    timeout (its worker killed: its output read just before)."""
+    bad_exception = executor.submit(fail_unpicklably)
+    with pytest.raises(Exception, match="cannot travel"):   # (sent as a stand-in, with its traceback)
+        bad_exception.result(DEADLINE)
+    assert (bad_exception.stdout, bad_exception.stderr) == ("before the odd exception\n", "err before\n")
+    bad_result = executor.submit(return_unpicklable)
+    with pytest.raises(Exception, match="cannot serialize the result"):
+        bad_result.result(DEADLINE)
+    assert bad_result.stdout == "before the odd result\n"
+    hung = executor.submit(with_options(loud_then_hang, timeout=2.0))
+    with pytest.raises(TaskTimeout):
+        hung.result(DEADLINE)
+    assert (hung.stdout, hung.stderr) == ("started, then hung\n", "on stderr too\n")
+    # the next task of that user gets a fresh worker, with nothing of the hung one's output
+    follow = executor.submit(talk, "after")
+    assert follow.result(DEADLINE) == "after" and "hung" not in follow.stdout
 
 
 @pytest.mark.timeout(120)

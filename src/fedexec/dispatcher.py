@@ -869,8 +869,9 @@ class Dispatcher(threading.Thread):
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
         item.running = True
-        # a task's output after its result (output.py); the common result, bytes without it, costs no call
-        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):
+        # a task's output after its result, exception or failure (output.py); the common result,
+        # bytes without it, costs no call
+        if type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC):
             blob, output = split_output(blob)
             if output is not None:
                 self._show_output(item, output)

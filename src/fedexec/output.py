@@ -20,11 +20,17 @@ The worker's own memory never holds more than that, whatever a task writes
 or a background process it left running) is seen with the next task of the
 same worker, which runs the same user's tasks only. A memoized call's result
 (kept by the client or the relay) brings the output of the run that made it.
-The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
+A task that fails carries its output too: an exception, a result that cannot
+be serialized or is too large (the trailer after the failure's fields), and a
+task stopped past its timeout, whose output its pool reads from the worker
+just before it kills it (:func:`salvage`; unsandboxed workers only: a
+sandboxed worker's files are out of the pool's reach). A worker that dies
+(a crash, ``os._exit``) takes its capture files with it: that task's output
+is lost, and its WorkerLost failure carries none. The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
 (0: no capture at all), else OUTPUT_LIMIT.
 
 *Carried (the trailer).* The output travels inside the result's (or the
-exception's) payload, as a trailer after it: the relay only forwards those
+exception's, or the failure's) payload, as a trailer after it: the relay only forwards those
 bytes, counts them toward the user's limits like the rest of the result,
 and never looks inside. Every loader of a result ignores a trailer: pickle
 stops at its STOP opcode, the data-only format has its own length, and
@@ -48,6 +54,7 @@ import contextlib
 import faulthandler
 import fcntl
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -124,6 +131,42 @@ class OutputCapture:
                 os.close(saved)
         for f in self.files:
             f.close()
+
+
+def salvage(pid: int, limit: int) -> bytes | None:
+    """The trailer of what worker ``pid`` (alive: its pool is about to kill
+    it for running past a task's timeout) has captured of that task: the
+    last ``limit`` bytes of each stream, read through ``/proc/<pid>/fd/1``
+    and ``2``; None when there is nothing (or no /proc, or ``limit`` 0). A
+    stream is read only if it is still a nameless regular file (no link
+    left: the capture's, or one the task made itself), never a file with a
+    name (say, the endpoint's log, put back on fd 1 by the task) nor a pipe
+    or device, opened without blocking."""
+    if not limit:
+        return None
+    streams: list[tuple[bytes, int]] = []
+    for fd_number in (1, 2):
+        data, cut = b"", 0
+        try:
+            fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and info.st_nlink == 0:
+                    keep = min(info.st_size, limit)
+                    data = os.pread(fd, keep, info.st_size - keep)
+                    cut = info.st_size - len(data)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        streams.append((data, cut))
+    (out, out_cut), (err, err_cut) = streams
+    if not (out or err or out_cut or err_cut):
+        return None
+    return trailer(out, err, out_cut, err_cut)
 
 
 def configured_limit() -> int:
@@ -207,6 +250,13 @@ def split(blob: Any) -> tuple[Any, tuple[bytes, bytes, int, int] | None]:
     except Exception:
         return blob, None
     return view[:start], (stdout, stderr, max(0, stdout_cut), max(0, stderr_cut))
+
+
+def output_of(blob: Any) -> bytes | None:
+    """The trailer of ``blob`` (bytes), to carry it on after another
+    payload; None when it has none."""
+    _, output = split(blob)
+    return None if output is None else trailer(*output)
 
 
 def strip(blob: Any) -> Any:

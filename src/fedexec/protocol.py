@@ -415,7 +415,12 @@ def too_large(what: str, size: int, limit: int) -> tuple[str, dict[str, int]]:
 
 
 def unpack_failure(blob: Any) -> dict[str, Any]:
-    data = msgpack.unpackb(bytes(blob), raw=False)
+    """The fields of a FAILED result's blob, whatever follows them (the
+    output trailer of a task that ran: output.py)."""
+    try:
+        data = msgpack.unpackb(bytes(blob), raw=False)
+    except msgpack.ExtraData as extra:
+        data = extra.unpacked
     if not isinstance(data, dict):
         raise ProtocolError("failure blob is not a map")
     return data

@@ -55,6 +55,7 @@ from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
+from ..output import attach as attach_output, configured_limit as configured_output_limit, salvage as salvage_output
 from .placement import NodeBudget, has_resources
 from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
@@ -678,6 +679,8 @@ class PoolManager(WorkerChains):
             walltime = task.option("to") if task is not None else None
             if walltime is not None and now - slot.running_since > walltime:
                 slot.timed_out = running
+                if self.pool.sandbox == "none":   # (in a sandbox, slot.pid is the sandbox's, not the worker's)
+                    slot.timed_out_output = salvage_output(slot.pid, configured_output_limit())
                 try:
                     slot.process.kill()
                 except OSError:
@@ -743,9 +746,9 @@ class PoolManager(WorkerChains):
                 walltime = task.option("to")
                 log.warning("task %s ran past its walltime of %g s; its worker %d was stopped",
                             task_id.hex(), walltime, slot.pid)
-                self._result(task_id, P.FAILED, P.pack_failure(
+                self._result(task_id, P.FAILED, attach_output(P.pack_failure(
                     P.TIMEOUT, f"the task ran longer than its timeout of {walltime:g} s on endpoint "
-                               f"{name!r} and was stopped", timeout=walltime, endpoint=name))
+                               f"{name!r} and was stopped", timeout=walltime, endpoint=name), slot.timed_out_output))
             elif task.lost < retries:
                 task.lost += 1
                 log.warning("worker %d %s while running task %s; running it again (%d of %d)",

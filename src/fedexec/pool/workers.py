@@ -60,6 +60,7 @@ class WorkerSlot:
     running: bytes | None = None        # the task its marker last showed running, and since when
     running_since: float = 0.0
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
+    timed_out_output: bytes | None = None   # ... and that task's output, read just before (output.salvage)
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
     retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed

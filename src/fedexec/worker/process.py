@@ -40,7 +40,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
-from ..output import OutputCapture, attach, configured_limit
+from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
@@ -290,7 +290,7 @@ class WorkerProcess:
         if len(blob) > P.MAX_PAYLOAD_LIMIT:  # it would not pass the pool's socket (MAX_FRAME): say so instead
             message, details = P.too_large("the task's result" if status == P.OK else "the task's exception",
                                            len(blob), P.MAX_PAYLOAD_LIMIT)
-            status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
+            status, blob = P.FAILED, attach(P.pack_failure(P.TOO_LARGE, message, **details), output_of(blob))
         if len(self.out_rows) >= P.MAX_ITEMS:  # (FLUSH_BATCH sends sooner; a message's limit all the same)
             self.flush()
         if not self.out_rows:
@@ -360,9 +360,9 @@ class WorkerProcess:
                 return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
                                            captured)
             except BaseException as failure:
-                return P.FAILED, P.pack_failure(
+                return P.FAILED, attach(P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
-                                     f"serialized: {type(failure).__name__}")
+                                     f"serialized: {type(failure).__name__}"), captured)
         captured = self.output.take() if self.output is not None else None
         try:
             blob = attach(encode_data(value) if data else serialize_result(value), captured)
@@ -370,15 +370,15 @@ class WorkerProcess:
                 blob = spill_result(blob, row[0])
             return P.OK, blob
         except NotData as exc:
-            return P.FAILED, P.pack_failure(
+            return P.FAILED, attach(P.pack_failure(
                 P.SERIALIZATION, f"the task's arguments came as plain data (for a data-only endpoint), so its "
-                                 f"result must be plain data too, and it is not: {exc}")
+                                 f"result must be plain data too, and it is not: {exc}"), captured)
         except Exception as exc:
-            return P.FAILED, P.pack_failure(
+            return P.FAILED, attach(P.pack_failure(
                 P.SERIALIZATION,
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
-            )
+            ), captured)
 
 
 @contextlib.contextmanager
