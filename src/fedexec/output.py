@@ -18,8 +18,11 @@ long log is where the error is) and empties the files for the next task.
 The worker's own memory never holds more than that, whatever a task writes
 (the files are on disk). Output written after a task returned (by a thread
 or a background process it left running) is seen with the next task of the
-same worker, which runs the same user's tasks only. A memoized call's result
-(kept by the client or the relay) brings the output of the run that made it.
+same worker, which runs the same user's tasks only. A memoized hit (a result
+kept by the client or the relay, or a twin call that waited for it) carries
+no output: only the call that ran the task gets what it printed (so neither
+another user's output nor a leftover thread's reaches anyone through a shared
+memoized result).
 A task that fails carries its output too: an exception, a result that cannot
 be serialized or is too large (the trailer after the failure's fields), and a
 task stopped past its timeout, whose output its pool reads from the worker
