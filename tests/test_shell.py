@@ -225,9 +225,9 @@ def test_shell_task_in_the_bwrap_sandbox(bwrap_federation):
     assert "made" in listing and "stdout" in listing, result.stdout
     assert result.stderr == "to-err\n"
     # the whole output is kept on the host, where the endpoint says: in the directory of that
-    # sandboxed worker's own under the endpoint's task base, bound into its sandbox at the same path
+    # sandboxed worker's own under the endpoint's task base, bound into its sandbox (at /task-kept)
     base = str(bwrap_federation.directory / "fedexec-home" / "tasks")
-    assert cwd == result.task_dir, result.stdout
+    assert cwd.startswith("/task-kept/") and os.path.basename(cwd) == os.path.basename(result.task_dir), cwd
     worker_dir = os.path.dirname(result.task_dir)
     assert os.path.dirname(worker_dir) == base and os.path.basename(worker_dir).startswith("sandbox-")
     with open(result.stdout_file) as out, open(result.stderr_file) as err:
@@ -238,9 +238,12 @@ def test_shell_task_in_the_bwrap_sandbox(bwrap_federation):
         == [0o700, 0o700, 0o600]
     # a sandboxed task sees its own worker's directory of the base, no other worker's
     for _ in range(6):
-        look = ex.submit(ShellFunction("ls -a {base}; ls {dir}"), base=base, dir=worker_dir).result(DEADLINE)
-        names = [n for n in look.stdout.split() if n.startswith("sandbox-")]
-        assert names == [os.path.basename(os.path.dirname(look.task_dir))], look
+        look = ex.submit(ShellFunction("ls -d {base} {dir}; ls /task-kept"), base=base,
+                         dir=worker_dir).result(DEADLINE)
+        # the base (the fedexec home) is not in view at all, nor another worker's directory
+        assert "No such file" in look.stderr and base not in look.stdout, look
+        assert os.path.basename(look.task_dir) in look.stdout.split(), look
+        assert set(look.stdout.split()) <= set(os.listdir(os.path.dirname(look.task_dir))), look
     others = {n for n in os.listdir(base) if n.startswith("sandbox-")}
     assert len(others) >= 2, others   # (the two workers' directories, of which each sees one)
     # the sandbox has no network and a read-only host, as for Python tasks

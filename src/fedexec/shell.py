@@ -16,7 +16,7 @@ left for the user (it is the task's output) until the endpoint's
 ``task_dir_ttl`` (7 days by default) expires it. In a sandbox
 (``worker/sandbox.py``) the directory is made in the directory of that
 worker's own under the same base (``<base>/sandbox-<random>``), the one
-part of the base bound into its sandbox at its host path, so the
+part of the base bound into its sandbox (at ``/task-kept``), and the
 ShellResult's paths are the host's (a sandbox without one, as a pool of an
 older version starts: the task's fresh sandbox directory, removed after
 it, and the ShellResult's paths are None).
@@ -51,7 +51,7 @@ import subprocess
 import sys
 from typing import Any, Iterator
 
-from .taskdirs import SANDBOX_DIR_ENV, TASK_DIR_ENV, base_path, create_file, make_task_dir
+from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, TASK_DIR_ENV, base_path, create_file, make_task_dir
 
 TIMEOUT_CODE = 124                     # what timeout(1) returns for a command it killed
 SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet
@@ -175,7 +175,7 @@ class ShellFunction:
             raise TypeError(f"{self!r} takes keyword arguments only (the command's fields), "
                             f"not {len(args)} positional")
         cmd = self.command(kwargs)
-        directory, dir_fd, keep = _task_directory()
+        directory, dir_fd, keep = _task_directory()   # (directory: as the caller may find it: the host's)
         try:
             out_fd = create_file(dir_fd, "stdout")
             try:
@@ -253,7 +253,8 @@ def _task_directory() -> tuple[str, int, bool]:
             return process.sandboxed_task_dir, os.open(process.sandboxed_task_dir, os.O_RDONLY | os.O_DIRECTORY
                                                         | os.O_NOFOLLOW | os.O_CLOEXEC), False
         path, fd = make_task_dir(kept, process.current_task_id)
-        return path, fd, True
+        host = os.environ.get(SANDBOX_HOST_DIR_ENV)   # where it is on the host, which results name
+        return (os.path.join(host, os.path.basename(path)) if host else path), fd, True
     path, fd = make_task_dir(base_path(), process.current_task_id)
     return path, fd, True
 

@@ -5,8 +5,10 @@ removed again once they expire.
 it, else ``tasks`` under the fedexec home (:func:`base_path`). Each shell
 task gets ``<base>/<task id>-<random>`` (mode 0700) holding its ``stdout``
 and ``stderr`` files (0600). A sandboxed worker gets a directory of its own,
-``<base>/sandbox-<random>``, bound into its sandbox (and nothing else of the
-base), and makes its tasks' directories in there (``pool/workers.py``).
+``<base>/sandbox-<random>``, bound into its sandbox at ``/task-kept`` (and
+nothing else of the base, whose path stays out of its view), and makes its
+tasks' directories in there; their results name them by their host paths
+(``pool/workers.py``).
 
 *Safely* (:func:`open_base`, :func:`make_task_dir`, :func:`create_file`).
 Everything under the base is made with calls relative to a descriptor of the
@@ -56,8 +58,10 @@ from .config import TASK_DIR_TTL, fedexec_home
 log = logging.getLogger(__name__)
 
 TASK_DIR_ENV = "FEDEXEC_TASK_DIR"
-# set by the pool inside a sandbox: the directory of that worker's own (bound in) its tasks' directories go to
+# set by the pool inside a sandbox: the directory of that worker's own (bound in) its tasks' directories go
+# to, and its path on the host (what results name)
 SANDBOX_DIR_ENV = "FEDEXEC_SANDBOX_TASK_DIR"
+SANDBOX_HOST_DIR_ENV = "FEDEXEC_SANDBOX_TASK_DIR_ON_HOST"
 PASS_BUDGET = 2000               # removals (unlink, rmdir) one cleaning pass makes at most
 MAX_INTERVAL = 3600.0            # seconds between passes at most
 MIN_INTERVAL = 0.2               # ... and at least
