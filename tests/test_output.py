@@ -245,6 +245,29 @@ def test_the_endpoint_sets_the_limit_or_turns_the_capture_off(monkeypatch):
         assert future.stdout == "print bad\nfd bad\nchild bad\n"
 
 
+@pytest.mark.timeout(180)
+def test_an_executors_output_limit_caps_its_tasks_under_the_endpoints(monkeypatch):
+    monkeypatch.setenv("FEDEXEC_OUTPUT_LIMIT", "20")   # the endpoint's limit (its workers inherit it)
+    whole = "print lim\nfd lim\nchild lim\n"
+    for asked, kept in ((6, 6), (1000, 20)):   # the executor's, capped by the endpoint's
+        with FederatedExecutor(max_workers=1, output_limit=asked) as ex:
+            future = ex.submit(talk, "lim")
+            assert future.result(DEADLINE) == "lim"
+            assert future.stdout == (f"[fedexec: the first {len(whole) - kept} bytes of the task's stdout were cut; "
+                                     f"the last {kept} follow]\n" + whole[-kept:]), asked
+    with FederatedExecutor(max_workers=1, output_limit=0) as ex:   # none at all
+        future = ex.submit(talk, "none")
+        assert future.result(DEADLINE) == "none" and (future.stdout, future.stderr) == ("", "")
+        assert ex.submit(talk, "again").result(DEADLINE) == "again"   # (nothing left over for the next)
+    for bad in (-1, True, 1 << 30, "1M", 1.5):
+        with pytest.raises(ValueError, match="output_limit must be None or a number of bytes"):
+            FederatedExecutor(max_workers=1, output_limit=bad)
+    from fedexec import protocol as P
+    for bad in (-1, 1 << 30, "1M"):   # on the wire too: the relay refuses such a task
+        with pytest.raises(P.ProtocolError, match="output limit"):
+            P.task_row([b"\0" * 16, b"\0" * 32, 0, -1, P.TASK_CALL, "3.11", {"ol": bad}])
+
+
 # -- the capture and the trailer, in a worker-like process of their own ------------------
 
 CAPTURE_SCRIPT = textwrap.dedent("""

@@ -65,11 +65,13 @@ from typing import Any, TextIO
 
 import msgpack
 
+from . import protocol as P
 from .transfer import Pieces
 
 OUTPUT_LIMIT = 1 << 20          # bytes of each stream a task's result carries at most (the last ones)
 LIMIT_ENV = "FEDEXEC_OUTPUT_LIMIT"   # the workers' environment may set another (0: no capture)
 MAX_LIMIT = 16 * OUTPUT_LIMIT   # (two streams of it must fit in a result's frame with the value)
+assert MAX_LIMIT == P.MAX_OUTPUT_LIMIT   # (what a task's "ol" option may ask, checked on the wire)
 MAGIC = b"\x00fedexec-output\x01"   # ends the trailer; never the end of a pickle (those end with ".")
 _LENGTH = struct.Struct("<I")
 _TAIL = _LENGTH.size + len(MAGIC)
@@ -94,33 +96,38 @@ class OutputCapture:
         # stderr (the endpoint's log), not into a nameless capture file that goes with the process
         faulthandler.enable(file=self.saved[1], all_threads=True)
 
-    def take(self) -> bytes | None:
+    def take(self, limit: int | None = None) -> bytes | None:
         """The trailer of what was written since the last call, or None
-        when nothing was (then it has cost two lseeks)."""
+        when nothing was (then it has cost two lseeks). ``limit``: the
+        task's own (its executor's ``output_limit``), capped by the
+        worker's; 0: the output is dropped."""
         _flush()
         out_fd, err_fd = self.fds
         out_end = os.lseek(out_fd, 0, os.SEEK_END)
         err_end = os.lseek(err_fd, 0, os.SEEK_END)
         if not out_end and not err_end:
             return None
-        out, out_cut = self._read(out_fd, out_end)
-        err, err_cut = self._read(err_fd, err_end)
-        return trailer(out, err, out_cut, err_cut)
+        keep = self.limit if limit is None or limit > self.limit else limit
+        out, out_cut = self._read(out_fd, out_end, keep)
+        err, err_cut = self._read(err_fd, err_end, keep)
+        return trailer(out, err, out_cut, err_cut) if keep else None
 
     def discard(self) -> None:
         """Forget what was written since the last call (a task that failed
         to load: its output has no result to travel with)."""
         self.take()
 
-    def _read(self, fd: int, end: int) -> tuple[bytes, int]:
+    @staticmethod
+    def _read(fd: int, end: int, limit: int) -> tuple[bytes, int]:
         """The last ``limit`` bytes written to ``fd`` (up to ``end``) and how
         many before them were cut; the file is emptied."""
         if not end:
             return b"", 0
-        keep = min(end, self.limit)
+        keep = min(end, limit)
         data = b""
         with contextlib.suppress(OSError):
-            data = os.pread(fd, keep, end - keep)
+            if keep:
+                data = os.pread(fd, keep, end - keep)
         os.ftruncate(fd, 0)   # (append mode: the next write lands at 0)
         return data, end - len(data)
 
@@ -134,6 +141,17 @@ class OutputCapture:
                 os.close(saved)
         for f in self.files:
             f.close()
+
+
+def check_output_limit(limit: object) -> int | None:
+    """An executor's ``output_limit``: None, or bytes from 0 to MAX_LIMIT;
+    ValueError naming it otherwise."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
+        raise ValueError(f"output_limit must be None or a number of bytes from 0 to {MAX_LIMIT} "
+                         f"(0: no output), not {limit!r}")
+    return limit
 
 
 def salvage(pid: int, limit: int) -> bytes | None:

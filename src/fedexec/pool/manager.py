@@ -680,7 +680,8 @@ class PoolManager(WorkerChains):
             if walltime is not None and now - slot.running_since > walltime:
                 slot.timed_out = running
                 if self.pool.sandbox == "none":   # (in a sandbox, slot.pid is the sandbox's, not the worker's)
-                    slot.timed_out_output = salvage_output(slot.pid, configured_output_limit())
+                    limit, asked = configured_output_limit(), task.option("ol")
+                    slot.timed_out_output = salvage_output(slot.pid, limit if asked is None else min(limit, asked))
                 try:
                     slot.process.kill()
                 except OSError:

@@ -330,7 +330,7 @@ class WorkerProcess:
         """``(status, blob)`` of one task."""
         if len(row) == 7 and "env" in row[6]:   # what its pool gave it (accelerators, MPI launcher: placement.py)
             with task_environment(row[6]["env"]):
-                return self.run_task(row[:6], args_blob)
+                return self.run_task([*row[:6], {k: v for k, v in row[6].items() if k != "env"}], args_blob)
         fn_hash, kind = row[1], row[4]
         data = self.data_only or is_data(args_blob)
         try:
@@ -355,7 +355,8 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
-            captured = self.output.take() if self.output is not None else None
+            captured = self.output.take(row[6].get("ol") if len(row) == 7 else None) \
+                if self.output is not None else None
             try:
                 return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
                                            captured)
@@ -363,7 +364,8 @@ class WorkerProcess:
                 return P.FAILED, attach(P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}"), captured)
-        captured = self.output.take() if self.output is not None else None
+        captured = self.output.take(row[6].get("ol") if len(row) == 7 else None) \
+            if self.output is not None else None
         try:
             blob = attach(encode_data(value) if data else serialize_result(value), captured)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
