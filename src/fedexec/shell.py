@@ -51,7 +51,8 @@ import subprocess
 import sys
 from typing import Any, Iterator
 
-from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, TASK_DIR_ENV, base_path, create_file, make_task_dir
+from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, base_path, create_file, make_task_dir
+from .taskdirs import TASK_DIR_ENV  # noqa: F401  (the setting's name, as callers and tests import it from here)
 
 TIMEOUT_CODE = 124                     # what timeout(1) returns for a command it killed
 SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet

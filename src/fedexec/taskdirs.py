@@ -25,8 +25,10 @@ under its base once they are ``ttl`` seconds old (the endpoint setting
 old meaning that neither the directory nor its ``stdout``/``stderr`` changed
 for that long (a command still writing its output keeps its directory). It
 runs in a thread of the pool, off the path of tasks, and does at most
-PASS_BUDGET removals per pass (a pass every ``ttl / 4``, at most hourly); a
-large tree goes over several passes. Only entries named as fedexec names
+PASS_BUDGET removals per pass (a pass every ``ttl / 4``, at most hourly,
+the first one FIRST_PASS seconds after the pool starts, the next one after
+BACKLOG_INTERVAL when a pass spent its budget); a large tree goes over
+several passes. Only entries named as fedexec names
 them are looked at (the base may be a scratch directory that holds other
 things too). Removal never follows a symlink: a link (to anywhere) is
 unlinked itself, and a directory is entered only through a descriptor
@@ -65,6 +67,9 @@ SANDBOX_HOST_DIR_ENV = "FEDEXEC_SANDBOX_TASK_DIR_ON_HOST"
 PASS_BUDGET = 2000               # removals (unlink, rmdir) one cleaning pass makes at most
 MAX_INTERVAL = 3600.0            # seconds between passes at most
 MIN_INTERVAL = 0.2               # ... and at least
+BACKLOG_INTERVAL = 1.0           # ... after a pass that spent its whole budget
+FIRST_PASS = 10.0                # seconds after a pool starts its first pass comes, at most (short-lived
+#                                  pools, as the embedded default's, clean too)
 MAX_DEPTH = 64                   # directories held open at once while removing a tree (deeper: moved up)
 OUTPUT_FILES = ("stdout", "stderr")
 SANDBOX_PREFIX = "sandbox-"
@@ -195,11 +200,14 @@ class TaskDirCleaner:
             self._thread.join(5.0)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = min(self.interval, FIRST_PASS)
+        while not self._stop.wait(wait):
+            wait = self.interval
             try:
-                self.clean_once()
-            except Exception as exc:   # (the base missing, unreadable: said, tried again next pass)
-                log.debug("task directories under %s not cleaned: %s", self.base, exc)
+                if self.clean_once() >= self.budget:   # more to do: the next pass soon
+                    wait = min(self.interval, BACKLOG_INTERVAL)
+            except Exception as exc:   # (the base unusable: said, tried again next pass)
+                log.warning("task directories under %s not cleaned: %s", self.base, exc)
 
     def clean_once(self, now: float | None = None) -> int:
         """One pass: remove what expired, at most ``budget`` removals; the
