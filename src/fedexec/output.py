@@ -29,8 +29,10 @@ task stopped past its timeout, whose output its pool reads from the worker
 just before it kills it (:func:`salvage`; unsandboxed workers only: a
 sandboxed worker's files are out of the pool's reach). A worker that dies
 (a crash, ``os._exit``) takes its capture files with it: that task's output
-is lost, and its WorkerLost failure carries none. The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
-(0: no capture at all), else OUTPUT_LIMIT.
+is lost, and its WorkerLost failure carries none. The limit is the workers'
+environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set (0: no capture at all), else
+OUTPUT_LIMIT; an executor's ``output_limit`` (the task option ``ol``) lowers
+it for that executor's tasks, never raises it (0: their output is dropped).
 
 *Carried (the trailer).* The output travels inside the result's (or the
 exception's, or the failure's) payload, as a trailer after it: the relay only forwards those
