@@ -355,8 +355,7 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
-            captured = self.output.take(row[6].get("ol") if len(row) == 7 else None) \
-                if self.output is not None else None
+            captured = self.output.take(_output_limit(row)) if self.output is not None else None
             try:
                 return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
                                            captured)
@@ -364,8 +363,7 @@ class WorkerProcess:
                 return P.FAILED, attach(P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
                                      f"serialized: {type(failure).__name__}"), captured)
-        captured = self.output.take(row[6].get("ol") if len(row) == 7 else None) \
-            if self.output is not None else None
+        captured = self.output.take(_output_limit(row)) if self.output is not None else None
         try:
             blob = attach(encode_data(value) if data else serialize_result(value), captured)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
@@ -418,6 +416,11 @@ def remove_tree(path: str) -> None:
             with contextlib.suppress(OSError):
                 os.chmod(os.path.join(directory, name), 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _output_limit(row: list[Any]) -> int | None:
+    """The output limit a task asks (its executor's ``output_limit``: option ``ol``), or None."""
+    return row[6].get("ol") if len(row) == 7 else None
 
 
 class _LoadFailure(Exception):
