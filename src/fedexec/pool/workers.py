@@ -119,7 +119,7 @@ class LocalWorkerPool:
         self.env = env
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
-        self.kept: dict[str, str] = {}   # sandboxed worker's name -> its directory of kept task dirs (taskdirs.py)
+        self.kept: dict[str, str] = {}   # sandboxed worker's name -> the path of its directory for shell tasks' output
 
     def start(self) -> None:
         for _ in range(self.size - len(self.slots)):
@@ -182,14 +182,14 @@ class LocalWorkerPool:
         except OSError as exc:
             log.warning("shell tasks of sandboxed worker %s keep no output files: %s", name, exc)
             return ""
-        self.kept[name] = kept
-        return os.path.join(base, kept)
+        self.kept[name] = os.path.join(base, kept)
+        return self.kept[name]
 
     def kept_names(self) -> set[str]:
         """The names (in the base) of the live sandboxed workers' directories
         of kept task dirs: never removed whole while in use. (Called from the
         cleaner's thread: a copy of the dict, taken at once.)"""
-        return set(self.kept.copy().values())
+        return {os.path.basename(path) for path in self.kept.copy().values()}
 
     def task_dir(self, name: str) -> str:
         """The host directory a sandboxed worker sees as its task root."""
@@ -254,7 +254,10 @@ class LocalWorkerPool:
         if self.sandbox != "none":
             for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
                 remove_tree(directory)
-            self.kept.pop(name, None)   # (the directory stays: its tasks' output, until it expires)
+            kept = self.kept.pop(name, None)
+            if kept is not None:   # it stays, with its tasks' output, until it expires; gone at once if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(kept)
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""
