@@ -16,7 +16,7 @@ import time
 import cloudpickle
 import pytest
 
-from fedexec import FederatedExecutor, TaskTimeout, with_options
+from fedexec import FederatedExecutor, TaskTimeout, WorkerLost, with_options
 from fedexec.output import MAGIC, OUTPUT_LIMIT, split, trailer
 
 from test_sandbox import bwrap, bwrap_federation  # noqa: F401  (fixtures)
@@ -76,6 +76,12 @@ def loud_then_hang():
     time.sleep(120)
 
 
+def loud_then_crash():
+    print("about to crash", flush=True)
+    os.write(2, b"and on stderr\n")
+    os._exit(3)
+
+
 def repeat(tag, times, pause):
     for i in range(times):
         print(f"{tag} {i}", flush=True)
@@ -128,8 +134,9 @@ def test_output_of_a_task_that_raised(executor):
 @pytest.mark.timeout(120)
 def test_output_of_failed_tasks_reaches_the_future(executor):
     """FAILED results, not only values and exceptions, carry what the task
-    printed: a result that cannot be sent back, and a task stopped past its
-    timeout (its worker killed: its output read just before)."""
+    printed: a result that cannot be sent back, a task stopped past its
+    timeout (its worker killed: its output read just before), and one whose
+    worker died under it (its capture files held by the pool)."""
     bad_exception = executor.submit(fail_unpicklably)
     with pytest.raises(Exception, match="cannot travel"):   # (sent as a stand-in, with its traceback)
         bad_exception.result(DEADLINE)
@@ -142,9 +149,14 @@ def test_output_of_failed_tasks_reaches_the_future(executor):
     with pytest.raises(TaskTimeout):
         hung.result(DEADLINE)
     assert (hung.stdout, hung.stderr) == ("started, then hung\n", "on stderr too\n")
-    # the next task of that user gets a fresh worker, with nothing of the hung one's output
+    # a task whose worker dies under it (run again, and again, then WorkerLost): what it printed
+    crashed = executor.submit(loud_then_crash)
+    with pytest.raises(WorkerLost, match="exited with code 3"):
+        crashed.result(DEADLINE)
+    assert (crashed.stdout, crashed.stderr) == ("about to crash\n", "and on stderr\n")
+    # the next task of that user gets a fresh worker, with nothing of the others' output
     follow = executor.submit(talk, "after")
-    assert follow.result(DEADLINE) == "after" and "hung" not in follow.stdout
+    assert follow.result(DEADLINE) == "after" and "hung" not in follow.stdout and "crash" not in follow.stdout
 
 
 @pytest.mark.timeout(120)

@@ -25,11 +25,11 @@ another user's output nor a leftover thread's reaches anyone through a shared
 memoized result).
 A task that fails carries its output too: an exception, a result that cannot
 be serialized or is too large (the trailer after the failure's fields), and a
-task stopped past its timeout, whose output its pool reads from the worker
-just before it kills it (:func:`salvage`; unsandboxed workers only: a
-sandboxed worker's files are out of the pool's reach). A worker that dies
-(a crash, ``os._exit``) takes its capture files with it: that task's output
-is lost, and its WorkerLost failure carries none. The limit is the workers'
+task stopped past its timeout or whose worker died under it (a crash,
+``os._exit``: WorkerLost), whose output its pool reads from the worker's
+capture files (:class:`HeldOutput`: unsandboxed workers only, a sandboxed
+worker's files are out of the pool's reach; the pool holds them from the
+moment the worker says it is ready). The limit is the workers'
 environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set (0: no capture at all), else
 OUTPUT_LIMIT; an executor's ``output_limit`` (the task option ``ol``) lowers
 it for that executor's tasks, never raises it (0: their output is dropped).
@@ -58,7 +58,9 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fcntl
+import functools
 import os
+import resource
 import stat
 import struct
 import sys
@@ -156,40 +158,100 @@ def check_output_limit(limit: object) -> int | None:
     return limit
 
 
-def salvage(pid: int, limit: int) -> bytes | None:
-    """The trailer of what worker ``pid`` (alive: its pool is about to kill
-    it for running past a task's timeout) has captured of that task: the
-    last ``limit`` bytes of each stream, read through ``/proc/<pid>/fd/1``
-    and ``2``; None when there is nothing (or no /proc, or ``limit`` 0). A
-    stream is read only if it is still a nameless regular file (no link
-    left: the capture's, or one the task made itself), never a file with a
-    name (say, the endpoint's log, put back on fd 1 by the task) nor a pipe
-    or device, opened without blocking."""
-    if not limit:
-        return None
-    streams: list[tuple[bytes, int]] = []
-    for fd_number in (1, 2):
-        data, cut = b"", 0
-        try:
-            fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError:
-            fd = -1
-        if fd >= 0:
+class HeldOutput:
+    """A pool's hold on an unsandboxed worker's capture files, so that the
+    output of a task that never sent a result (its worker killed past its
+    timeout, or dead: a crash, ``os._exit``) still reaches its caller: the
+    files live on while the pool holds them, whatever became of the worker.
+
+    Opened through ``/proc/<pid>/fd/1`` and ``2`` (:meth:`open`) when the
+    worker says it is ready (it sets its capture up first). A stream is
+    held only if it is a nameless regular file (no link left: the capture's,
+    or one the task made itself), never a file with a name (say, the
+    endpoint's log, put back on fd 1 by the task) nor a pipe or device; it
+    is opened without blocking. What the files hold is what the worker's
+    tasks wrote since its last task's result was sent (``OutputCapture.take``
+    empties them): the output of the task running when it died."""
+
+    __slots__ = ("fds",)
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    @classmethod
+    def open(cls, pid: int) -> "HeldOutput | None":
+        """The capture files of live process ``pid``, or None (no /proc,
+        gone, or neither stream is a capture file)."""
+        fds = []
+        for fd_number in (1, 2):
+            try:
+                fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                fds.append(-1)
+                continue
+            if fd >= _most_descriptors():   # (descriptors go lowest first: about this many are open)
+                os.close(fd)
+                fds.append(-1)
+                continue
             try:
                 info = os.fstat(fd)
-                if stat.S_ISREG(info.st_mode) and info.st_nlink == 0:
-                    keep = min(info.st_size, limit)
-                    data = os.pread(fd, keep, info.st_size - keep)
-                    cut = info.st_size - len(data)
             except OSError:
-                pass
-            finally:
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 0:
                 os.close(fd)
-        streams.append((data, cut))
-    (out, out_cut), (err, err_cut) = streams
-    if not (out or err or out_cut or err_cut):
+                fd = -1
+            fds.append(fd)
+        if fds == [-1, -1]:
+            return None
+        return cls(fds)
+
+    def read(self, limit: int) -> bytes | None:
+        """The trailer of the last ``limit`` bytes of each stream, or None
+        when there is nothing (or ``limit`` is 0)."""
+        if not limit:
+            return None
+        streams: list[tuple[bytes, int]] = []
+        for fd in self.fds:
+            data, cut = b"", 0
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    size = os.fstat(fd).st_size
+                    keep = min(size, limit)
+                    data = os.pread(fd, keep, size - keep)
+                    cut = size - len(data)
+            streams.append((data, cut))
+        (out, out_cut), (err, err_cut) = streams
+        if not (out or err or out_cut or err_cut):
+            return None
+        return trailer(out, err, out_cut, err_cut)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds = [-1, -1]
+
+
+@functools.lru_cache(maxsize=1)
+def _most_descriptors() -> int:
+    """The descriptors a pool may have open before it stops holding its
+    workers' capture files: three quarters of its limit (the rest stays for
+    its sockets, workers and files)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (soft if soft != resource.RLIM_INFINITY else 1 << 20) * 3 // 4
+
+
+def salvage(pid: int, limit: int) -> bytes | None:
+    """The trailer of what live worker ``pid`` has captured of the task it
+    runs (:class:`HeldOutput`, opened and read at once), or None."""
+    held = HeldOutput.open(pid) if limit else None
+    if held is None:
         return None
-    return trailer(out, err, out_cut, err_cut)
+    try:
+        return held.read(limit)
+    finally:
+        held.close()
 
 
 def configured_limit() -> int:

@@ -60,7 +60,8 @@ class WorkerSlot:
     running: bytes | None = None        # the task its marker last showed running, and since when
     running_since: float = 0.0
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
-    timed_out_output: bytes | None = None   # ... and that task's output, read just before (output.salvage)
+    timed_out_output: bytes | None = None   # ... and that task's output, read just before
+    held_output: Any = None             # its capture files, held from its READY on (output.HeldOutput)
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
     retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
@@ -238,8 +239,12 @@ class LocalWorkerPool:
         return dead
 
     def forget(self, slot: WorkerSlot) -> None:
-        """Release a dead worker's channel, marker file (after it was read) and task root."""
+        """Release a dead worker's channel, marker file (after it was read),
+        task root and capture files held."""
         self._release(slot.address, slot.marker, slot.name)
+        if slot.held_output is not None:
+            slot.held_output.close()
+            slot.held_output = None
 
     def _release(self, address: str, marker: MarkerFile, name: str) -> None:
         try:

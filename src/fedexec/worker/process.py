@@ -177,11 +177,12 @@ class WorkerProcess:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
         sock.connect(self.address)
         self.sock = sock
-        sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         if self.task_root is not None:
             os.chdir(self.task_root)
         limit = configured_limit() if self.capture else 0
         self.output = OutputCapture(self.task_root, limit) if limit else None
+        # ready once the capture is in place: its pool holds the files from then on (output.HeldOutput)
+        sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         looked = 0.0   # time.perf_counter() of the last look for messages
         try:
             while True:
