@@ -175,6 +175,39 @@ def test_the_owner_may_share_memoized_results_with_every_user_of_an_endpoint(two
     assert runs(Path(log)) == [5, 6, 5, 6]
 
 
+def loud_double(secret: str, x: int) -> int:
+    """Prints something only its caller should see."""
+    print(f"{secret} computed {x}")
+    return 2 * x
+
+
+@pytest.mark.timeout(180)
+def test_a_memoized_hit_carries_no_output_of_the_run_that_made_it(two_users):
+    """The output a task printed reaches the call that ran it, never a
+    memoized hit: not another user's through a shared memoized result (nor,
+    so, what a thread an earlier task left running printed into it), and
+    not a hit of the same user's (at the relay, in the client, or a twin
+    waiting for the same call)."""
+    r = two_users
+    secret = f"alice-secret-{uuid.uuid4().hex[:8]}"
+    share_endpoint(r.address, r.alice_ep.id, add_users=["bob"], share_memo=True, token=r.tokens["alice"])
+    try:
+        with FederatedExecutor(r.alice_ep.id, relay=r.address, token=r.tokens["alice"], memoize=True) as ex:
+            ran, twin = ex.submit(loud_double, secret, 8), ex.submit(loud_double, secret, 8)
+            assert (ran.result(DEADLINE), twin.result(DEADLINE)) == (16, 16)
+            assert ran.stdout == f"{secret} computed 8\n" and twin.stdout == ""
+            again = ex.submit(loud_double, secret, 8)   # this client's own memo
+            assert again.result(DEADLINE) == 16 and again.stdout == ""
+        for user in ("alice", "bob"):   # fresh clients: the relay's memoized result
+            with FederatedExecutor(r.alice_ep.id, relay=r.address, token=r.tokens[user], memoize=True,
+                                   data_only=False) as ex:
+                hit = ex.submit(loud_double, secret, 8)
+                assert hit.result(DEADLINE) == 16
+                assert (hit.stdout, hit.stderr) == ("", ""), (user, hit.stdout)
+    finally:
+        share_endpoint(r.address, r.alice_ep.id, remove_users=["bob"], share_memo=False, token=r.tokens["alice"])
+
+
 # -- malformed credentials ----------------------------------------------------------
 
 MALFORMED = {

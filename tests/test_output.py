@@ -10,12 +10,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import cloudpickle
 import pytest
 
-from fedexec import FederatedExecutor
+from fedexec import FederatedExecutor, TaskTimeout, WorkerLost, with_options
 from fedexec.output import MAGIC, OUTPUT_LIMIT, split, trailer
 
 from test_sandbox import bwrap, bwrap_federation  # noqa: F401  (fixtures)
@@ -48,6 +49,37 @@ def shout(n):
 def fail_loudly():
     print("about to fail")
     raise ValueError("failed on purpose")
+
+
+class Unpicklable(Exception):
+    """An exception that cannot travel: it holds a lock."""
+
+    def __init__(self):
+        super().__init__("cannot travel")
+        self.lock = threading.Lock()
+
+
+def fail_unpicklably():
+    print("before the odd exception")
+    sys.stderr.write("err before\n")
+    raise Unpicklable()
+
+
+def return_unpicklable():
+    print("before the odd result")
+    return threading.Lock()
+
+
+def loud_then_hang():
+    print("started, then hung", flush=True)
+    os.write(2, b"on stderr too\n")
+    time.sleep(120)
+
+
+def loud_then_crash():
+    print("about to crash", flush=True)
+    os.write(2, b"and on stderr\n")
+    os._exit(3)
 
 
 def repeat(tag, times, pause):
@@ -97,6 +129,34 @@ def test_output_of_a_task_that_raised(executor):
     with pytest.raises(ValueError, match="failed on purpose"):
         future.result(DEADLINE)
     assert future.stdout == "about to fail\n"
+
+
+@pytest.mark.timeout(120)
+def test_output_of_failed_tasks_reaches_the_future(executor):
+    """FAILED results, not only values and exceptions, carry what the task
+    printed: a result that cannot be sent back, a task stopped past its
+    timeout (its worker killed: its output read just before), and one whose
+    worker died under it (its capture files held by the pool)."""
+    bad_exception = executor.submit(fail_unpicklably)
+    with pytest.raises(Exception, match="cannot travel"):   # (sent as a stand-in, with its traceback)
+        bad_exception.result(DEADLINE)
+    assert (bad_exception.stdout, bad_exception.stderr) == ("before the odd exception\n", "err before\n")
+    bad_result = executor.submit(return_unpicklable)
+    with pytest.raises(Exception, match="cannot serialize the result"):
+        bad_result.result(DEADLINE)
+    assert bad_result.stdout == "before the odd result\n"
+    hung = executor.submit(with_options(loud_then_hang, timeout=2.0))
+    with pytest.raises(TaskTimeout):
+        hung.result(DEADLINE)
+    assert (hung.stdout, hung.stderr) == ("started, then hung\n", "on stderr too\n")
+    # a task whose worker dies under it (run again, and again, then WorkerLost): what it printed
+    crashed = executor.submit(loud_then_crash)
+    with pytest.raises(WorkerLost, match="exited with code 3"):
+        crashed.result(DEADLINE)
+    assert (crashed.stdout, crashed.stderr) == ("about to crash\n", "and on stderr\n")
+    # the next task of that user gets a fresh worker, with nothing of the others' output
+    follow = executor.submit(talk, "after")
+    assert follow.result(DEADLINE) == "after" and "hung" not in follow.stdout and "crash" not in follow.stdout
 
 
 @pytest.mark.timeout(120)
@@ -195,6 +255,29 @@ def test_the_endpoint_sets_the_limit_or_turns_the_capture_off(monkeypatch):
         future = ex.submit(talk, "bad")
         assert future.result(DEADLINE) == "bad"
         assert future.stdout == "print bad\nfd bad\nchild bad\n"
+
+
+@pytest.mark.timeout(180)
+def test_an_executors_output_limit_caps_its_tasks_under_the_endpoints(monkeypatch):
+    monkeypatch.setenv("FEDEXEC_OUTPUT_LIMIT", "20")   # the endpoint's limit (its workers inherit it)
+    whole = "print lim\nfd lim\nchild lim\n"
+    for asked, kept in ((6, 6), (1000, 20)):   # the executor's, capped by the endpoint's
+        with FederatedExecutor(max_workers=1, output_limit=asked) as ex:
+            future = ex.submit(talk, "lim")
+            assert future.result(DEADLINE) == "lim"
+            assert future.stdout == (f"[fedexec: the first {len(whole) - kept} bytes of the task's stdout were cut; "
+                                     f"the last {kept} follow]\n" + whole[-kept:]), asked
+    with FederatedExecutor(max_workers=1, output_limit=0) as ex:   # none at all
+        future = ex.submit(talk, "none")
+        assert future.result(DEADLINE) == "none" and (future.stdout, future.stderr) == ("", "")
+        assert ex.submit(talk, "again").result(DEADLINE) == "again"   # (nothing left over for the next)
+    for bad in (-1, True, 1 << 30, "1M", 1.5):
+        with pytest.raises(ValueError, match="output_limit must be None or a number of bytes"):
+            FederatedExecutor(max_workers=1, output_limit=bad)
+    from fedexec import protocol as P
+    for bad in (-1, 1 << 30, "1M"):   # on the wire too: the relay refuses such a task
+        with pytest.raises(P.ProtocolError, match="output limit"):
+            P.task_row([b"\0" * 16, b"\0" * 32, 0, -1, P.TASK_CALL, "3.11", {"ol": bad}])
 
 
 # -- the capture and the trailer, in a worker-like process of their own ------------------

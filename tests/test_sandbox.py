@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import psutil
@@ -172,12 +173,13 @@ class Federation:
 
 @contextlib.contextmanager
 def sandboxed_federation(directory: Path, kind: str, image: str = "", workers: int = 2,
-                         env: dict[str, str] | None = None):
-    """A relay and an endpoint with ``sandbox = kind``, its config written to
-    the fedexec home (the endpoint's command line has no sandbox flag)."""
+                         env: dict[str, str] | None = None, **settings: Any):
+    """A relay and an endpoint with ``sandbox = kind`` (and other config
+    ``settings``), its config written to the fedexec home (the endpoint's
+    command line has no sandbox flag)."""
     with running_relay(directory) as address:
         config = EndpointConfig(name=f"sandboxed-{kind}", relay=address, max_workers=workers, sandbox=kind,
-                                sandbox_image=image, heartbeat_period=0.5)
+                                sandbox_image=image, heartbeat_period=0.5, **settings)
         config.save()
         log = directory / "endpoint.log"
         with open(log, "wb") as out:

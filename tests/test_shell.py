@@ -222,16 +222,35 @@ def test_shell_task_in_the_bwrap_sandbox(bwrap_federation):
     result = ex.submit(ShellFunction("pwd; echo hi > made; ls; echo to-err >&2; exit 4")).result(DEADLINE)
     assert result.returncode == 4
     cwd, listing = result.stdout.splitlines()[0], result.stdout.splitlines()[1:]
-    assert cwd.startswith("/task/"), result.stdout
     assert "made" in listing and "stdout" in listing, result.stdout
     assert result.stderr == "to-err\n"
-    # the task directory is removed with the task: no paths that would not exist
-    assert (result.stdout_file, result.stderr_file, result.task_dir) == (None, None, None)
+    # the whole output is kept on the host, where the endpoint says: in the directory of that
+    # sandboxed worker's own under the endpoint's task base, bound into its sandbox (at /task-kept)
+    base = str(bwrap_federation.directory / "fedexec-home" / "tasks")
+    assert cwd.startswith("/task-kept/") and os.path.basename(cwd) == os.path.basename(result.task_dir), cwd
+    worker_dir = os.path.dirname(result.task_dir)
+    assert os.path.dirname(worker_dir) == base and os.path.basename(worker_dir).startswith("sandbox-")
+    with open(result.stdout_file) as out, open(result.stderr_file) as err:
+        assert out.read() == result.stdout and err.read() == "to-err\n"
+    with open(os.path.join(result.task_dir, "made")) as made:
+        assert made.read() == "hi\n"
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in (worker_dir, result.task_dir, result.stdout_file)] \
+        == [0o700, 0o700, 0o600]
+    # a sandboxed task sees its own worker's directory of the base, no other worker's
+    for _ in range(6):
+        look = ex.submit(ShellFunction("ls -d {base} {dir}; ls /task-kept"), base=base,
+                         dir=worker_dir).result(DEADLINE)
+        # the base (the fedexec home) is not in view at all, nor another worker's directory
+        assert "No such file" in look.stderr and base not in look.stdout, look
+        assert os.path.basename(look.task_dir) in look.stdout.split(), look
+        assert set(look.stdout.split()) <= set(os.listdir(os.path.dirname(look.task_dir))), look
+    others = {n for n in os.listdir(base) if n.startswith("sandbox-")}
+    assert len(others) >= 2, others   # (the two workers' directories, of which each sees one)
     # the sandbox has no network and a read-only host, as for Python tasks
     denied = ex.submit(ShellFunction("echo x > /usr/fedexec-shell-escape")).result(DEADLINE)
     assert denied.returncode != 0 and "Read-only" in denied.stderr, denied
     started = time.monotonic()
     slow = ex.submit(ShellFunction("sleep 100 & sleep 100", walltime=1.0)).result(DEADLINE)
     assert slow.returncode == 124 and time.monotonic() - started < 20
-    for root in bwrap_federation.task_roots():   # nothing left on the host
+    for root in bwrap_federation.task_roots():   # nothing left in the sandboxes' task roots
         assert list(root.iterdir()) == [], list(root.iterdir())

@@ -273,6 +273,8 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.accelerators_shared = ns.accelerators_shared
     if ns.mpi_launcher is not None:
         config.mpi_launcher = ns.mpi_launcher
+    if ns.task_dir_ttl is not None:
+        config.task_dir_ttl = ns.task_dir_ttl
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
@@ -582,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerators-shared", action=argparse.BooleanOptionalAction, default=None,
                    help="let concurrent tasks be given the same accelerator")
     p.add_argument("--mpi-launcher", help="srun, mpiexec, mpirun or a command such as mpiexec.mpich")
+    p.add_argument("--task-dir-ttl", type=float, metavar="SECONDS",
+                   help="seconds a shell task's directory (its whole output) is kept after its last change, "
+                        "then removed (default 604800: 7 days; 0: kept for ever)")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")

@@ -22,6 +22,7 @@ else:  # pragma: no cover
 
 DEFAULT_RELAY_PORT = 55700
 DEFAULT_WORKER_BATCH = 64
+TASK_DIR_TTL = 7 * 24 * 3600.0   # seconds a shell task's directory is kept after its last change (taskdirs.py)
 DEFAULT_RELAY_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_RELAY_PORT}"
 SANDBOXES = ("none", "bwrap", "apptainer", "podman")
 PROVIDERS = ("local", "slurm", "parsl", "manual")
@@ -238,6 +239,8 @@ class EndpointConfig:
     # how a task asking for several nodes or MPI ranks is launched: srun, mpiexec, mpirun or a
     # command (e.g. "mpiexec.mpich"); "": srun with the slurm provider, else mpiexec
     mpi_launcher: str = ""
+    # seconds a shell task's directory (its whole output) is kept after its last change; 0: for ever
+    task_dir_ttl: float = TASK_DIR_TTL
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
@@ -257,7 +260,8 @@ class EndpointConfig:
                           ("worker_lost_retries", int), ("heartbeats_missed", int),
                           ("allowed_functions", list), ("sandbox", str), ("sandbox_image", str),
                           ("relay_public_key", str), ("ref_cache_bytes", int),
-                          ("available_accelerators", list), ("accelerators_shared", bool), ("mpi_launcher", str)):
+                          ("available_accelerators", list), ("accelerators_shared", bool), ("mpi_launcher", str),
+                          ("task_dir_ttl", (int, float))):
             value = getattr(self, key)
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -281,6 +285,9 @@ class EndpointConfig:
             raise ConfigError(f"heartbeats_missed must be from 1 to 100, not {self.heartbeats_missed}")
         if self.ref_cache_bytes < 1:
             raise ConfigError(f"ref_cache_bytes must be >= 1, not {self.ref_cache_bytes}")
+        if not 0 <= self.task_dir_ttl < float("inf"):
+            raise ConfigError(f"task_dir_ttl must be a number of seconds >= 0 (0: keep task directories for "
+                              f"ever), not {self.task_dir_ttl!r}")
         if self.worker_lost_retries < 0:
             raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
         for fn_hash in self.allowed_functions:
@@ -357,6 +364,9 @@ class EndpointConfig:
             f"# Launcher of tasks asking for several nodes or MPI ranks (srun, mpiexec, mpirun,\n"
             f"# or a command such as mpiexec.mpich); empty: srun on Slurm, else mpiexec.\n"
             f"mpi_launcher = {json.dumps(self.mpi_launcher)}\n"
+            f"# Seconds a shell task's directory (its whole output) is kept after its last\n"
+            f"# change, then removed; 0: kept for ever. Default 604800 (7 days).\n"
+            f"task_dir_ttl = {self.task_dir_ttl!r}\n"
             f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
@@ -374,7 +384,7 @@ class EndpointConfig:
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
                  "data_only", "relay_public_key", "ref_cache_bytes", "provider", "available_accelerators",
-                 "accelerators_shared", "mpi_launcher"}
+                 "accelerators_shared", "mpi_launcher", "task_dir_ttl"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

@@ -51,7 +51,8 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
-from .output import MAGIC as OUTPUT_MAGIC, echo as echo_output, split as split_output, text as output_text
+from .output import MAGIC as OUTPUT_MAGIC, echo as echo_output, split as split_output, strip as strip_output, \
+    text as output_text
 from .serialize import NotData, decode_data, deserialize, deserialize_data_exception, deserialize_exception
 
 log = logging.getLogger("fedexec.executor")
@@ -823,6 +824,7 @@ class Dispatcher(threading.Thread):
         """Identical memoized calls share their carrier's outcome; if the
         carrier was cancelled, the next of them is sent in its place."""
         twins = self.memo_waiting.pop(item.memo_key, [])
+        blob = strip_output(blob)   # the twins and later hits did not run: no output of the carrier's (memo.py)
         if status == P.OK:
             self._remember(item.memo_key, P.as_bytes(blob))
         if status == P.CANCELLED:
@@ -869,8 +871,9 @@ class Dispatcher(threading.Thread):
         if not item.running and not future.set_running_or_notify_cancel():
             return  # cancelled here while its result was on the way
         item.running = True
-        # a task's output after its result (output.py); the common result, bytes without it, costs no call
-        if status != P.FAILED and (type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC)):
+        # a task's output after its result, exception or failure (output.py); the common result,
+        # bytes without it, costs no call
+        if type(blob) is not bytes or blob.endswith(OUTPUT_MAGIC):
             blob, output = split_output(blob)
             if output is not None:
                 self._show_output(item, output)

@@ -37,6 +37,7 @@ from .dispatcher import AUTH_GRACE, Dispatcher, TaskFuture, WorkItem
 from .embedded import EmbeddedFederation
 from .mpi import check_resources as check_mpi_resources
 from .resources import resource_option
+from .output import check_output_limit
 from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
 from .errors import (
@@ -189,6 +190,9 @@ class FederatedExecutor(Executor):
     ``echo_output``: also write it to this process's ``sys.stdout`` and
     ``sys.stderr`` as each task finishes, every line prefixed with
     ``[<last 8 hex digits of the task id>]`` (the end of ``future.task_id``).
+    ``output_limit``: the bytes of each stream a task's result carries at
+    most (the last ones; 0: none), for this executor's tasks; the endpoint's
+    own limit (1 MiB by default) still caps it. None: the endpoint's.
 
     ``resource_specification``: what each task needs of its node(s), e.g.
     ``{"cores": 2, "memory": "4G", "gpus": 1}`` (see :mod:`fedexec.resources`
@@ -204,7 +208,7 @@ class FederatedExecutor(Executor):
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
                  max_payload: int | None = None, echo_output: bool = False,
-                 resource_specification: dict[str, Any] | None = None) -> None:
+                 resource_specification: dict[str, Any] | None = None, output_limit: int | None = None) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -224,6 +228,8 @@ class FederatedExecutor(Executor):
                                           or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
         self._max_in_flight = max_in_flight
+        #: the bytes of each output stream a task's result carries at most (the "ol" option; None: the endpoint's)
+        self._output_limit = check_output_limit(output_limit)
         self._max_retries = max_retries
         self._task_timeout = task_timeout
         services: EmbeddedFederation | None = None
@@ -390,6 +396,8 @@ class FederatedExecutor(Executor):
             extra["to"] = timeout
         if resources is not None:
             extra["rs"] = resources
+        if self._output_limit is not None:
+            extra["ol"] = self._output_limit
         return fn, memoize, extra or None
 
     def _submit(self, fn: Callable[..., Any], kind: int, make_payload: Callable[[], bytes]) -> Future:

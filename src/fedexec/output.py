@@ -18,13 +18,24 @@ long log is where the error is) and empties the files for the next task.
 The worker's own memory never holds more than that, whatever a task writes
 (the files are on disk). Output written after a task returned (by a thread
 or a background process it left running) is seen with the next task of the
-same worker, which runs the same user's tasks only. A memoized call's result
-(kept by the client or the relay) brings the output of the run that made it.
-The limit is the workers' environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set
-(0: no capture at all), else OUTPUT_LIMIT.
+same worker, which runs the same user's tasks only. A memoized hit (a result
+kept by the client or the relay, or a twin call that waited for it) carries
+no output: only the call that ran the task gets what it printed (so neither
+another user's output nor a leftover thread's reaches anyone through a shared
+memoized result).
+A task that fails carries its output too: an exception, a result that cannot
+be serialized or is too large (the trailer after the failure's fields), and a
+task stopped past its timeout or whose worker died under it (a crash,
+``os._exit``: WorkerLost), whose output its pool reads from the worker's
+capture files (:class:`HeldOutput`: unsandboxed workers only, a sandboxed
+worker's files are out of the pool's reach; the pool holds them from the
+moment the worker says it is ready). The limit is the workers'
+environment's ``$FEDEXEC_OUTPUT_LIMIT`` if set (0: no capture at all), else
+OUTPUT_LIMIT; an executor's ``output_limit`` (the task option ``ol``) lowers
+it for that executor's tasks, never raises it (0: their output is dropped).
 
 *Carried (the trailer).* The output travels inside the result's (or the
-exception's) payload, as a trailer after it: the relay only forwards those
+exception's, or the failure's) payload, as a trailer after it: the relay only forwards those
 bytes, counts them toward the user's limits like the rest of the result,
 and never looks inside. Every loader of a result ignores a trailer: pickle
 stops at its STOP opcode, the data-only format has its own length, and
@@ -47,7 +58,10 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import fcntl
+import functools
 import os
+import resource
+import stat
 import struct
 import sys
 import tempfile
@@ -55,11 +69,13 @@ from typing import Any, TextIO
 
 import msgpack
 
+from . import protocol as P
 from .transfer import Pieces
 
 OUTPUT_LIMIT = 1 << 20          # bytes of each stream a task's result carries at most (the last ones)
 LIMIT_ENV = "FEDEXEC_OUTPUT_LIMIT"   # the workers' environment may set another (0: no capture)
 MAX_LIMIT = 16 * OUTPUT_LIMIT   # (two streams of it must fit in a result's frame with the value)
+assert MAX_LIMIT == P.MAX_OUTPUT_LIMIT   # (what a task's "ol" option may ask, checked on the wire)
 MAGIC = b"\x00fedexec-output\x01"   # ends the trailer; never the end of a pickle (those end with ".")
 _LENGTH = struct.Struct("<I")
 _TAIL = _LENGTH.size + len(MAGIC)
@@ -84,33 +100,38 @@ class OutputCapture:
         # stderr (the endpoint's log), not into a nameless capture file that goes with the process
         faulthandler.enable(file=self.saved[1], all_threads=True)
 
-    def take(self) -> bytes | None:
+    def take(self, limit: int | None = None) -> bytes | None:
         """The trailer of what was written since the last call, or None
-        when nothing was (then it has cost two lseeks)."""
+        when nothing was (then it has cost two lseeks). ``limit``: the
+        task's own (its executor's ``output_limit``), capped by the
+        worker's; 0: the output is dropped."""
         _flush()
         out_fd, err_fd = self.fds
         out_end = os.lseek(out_fd, 0, os.SEEK_END)
         err_end = os.lseek(err_fd, 0, os.SEEK_END)
         if not out_end and not err_end:
             return None
-        out, out_cut = self._read(out_fd, out_end)
-        err, err_cut = self._read(err_fd, err_end)
-        return trailer(out, err, out_cut, err_cut)
+        keep = self.limit if limit is None or limit > self.limit else limit
+        out, out_cut = self._read(out_fd, out_end, keep)
+        err, err_cut = self._read(err_fd, err_end, keep)
+        return trailer(out, err, out_cut, err_cut) if keep else None
 
     def discard(self) -> None:
         """Forget what was written since the last call (a task that failed
         to load: its output has no result to travel with)."""
         self.take()
 
-    def _read(self, fd: int, end: int) -> tuple[bytes, int]:
+    @staticmethod
+    def _read(fd: int, end: int, limit: int) -> tuple[bytes, int]:
         """The last ``limit`` bytes written to ``fd`` (up to ``end``) and how
         many before them were cut; the file is emptied."""
         if not end:
             return b"", 0
-        keep = min(end, self.limit)
+        keep = min(end, limit)
         data = b""
         with contextlib.suppress(OSError):
-            data = os.pread(fd, keep, end - keep)
+            if keep:
+                data = os.pread(fd, keep, end - keep)
         os.ftruncate(fd, 0)   # (append mode: the next write lands at 0)
         return data, end - len(data)
 
@@ -124,6 +145,113 @@ class OutputCapture:
                 os.close(saved)
         for f in self.files:
             f.close()
+
+
+def check_output_limit(limit: object) -> int | None:
+    """An executor's ``output_limit``: None, or bytes from 0 to MAX_LIMIT;
+    ValueError naming it otherwise."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
+        raise ValueError(f"output_limit must be None or a number of bytes from 0 to {MAX_LIMIT} "
+                         f"(0: no output), not {limit!r}")
+    return limit
+
+
+class HeldOutput:
+    """A pool's hold on an unsandboxed worker's capture files, so that the
+    output of a task that never sent a result (its worker killed past its
+    timeout, or dead: a crash, ``os._exit``) still reaches its caller: the
+    files live on while the pool holds them, whatever became of the worker.
+
+    Opened through ``/proc/<pid>/fd/1`` and ``2`` (:meth:`open`) when the
+    worker says it is ready (it sets its capture up first). A stream is
+    held only if it is a nameless regular file (no link left: the capture's,
+    or one the task made itself), never a file with a name (say, the
+    endpoint's log, put back on fd 1 by the task) nor a pipe or device; it
+    is opened without blocking. What the files hold is what the worker's
+    tasks wrote since its last task's result was sent (``OutputCapture.take``
+    empties them): the output of the task running when it died."""
+
+    __slots__ = ("fds",)
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    @classmethod
+    def open(cls, pid: int) -> "HeldOutput | None":
+        """The capture files of live process ``pid``, or None (no /proc,
+        gone, or neither stream is a capture file)."""
+        fds = []
+        for fd_number in (1, 2):
+            try:
+                fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                fds.append(-1)
+                continue
+            if fd >= _most_descriptors():   # (descriptors go lowest first: about this many are open)
+                os.close(fd)
+                fds.append(-1)
+                continue
+            try:
+                info = os.fstat(fd)
+            except OSError:
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 0:
+                os.close(fd)
+                fd = -1
+            fds.append(fd)
+        if fds == [-1, -1]:
+            return None
+        return cls(fds)
+
+    def read(self, limit: int) -> bytes | None:
+        """The trailer of the last ``limit`` bytes of each stream, or None
+        when there is nothing (or ``limit`` is 0)."""
+        if not limit:
+            return None
+        streams: list[tuple[bytes, int]] = []
+        for fd in self.fds:
+            data, cut = b"", 0
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    size = os.fstat(fd).st_size
+                    keep = min(size, limit)
+                    data = os.pread(fd, keep, size - keep)
+                    cut = size - len(data)
+            streams.append((data, cut))
+        (out, out_cut), (err, err_cut) = streams
+        if not (out or err or out_cut or err_cut):
+            return None
+        return trailer(out, err, out_cut, err_cut)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds = [-1, -1]
+
+
+@functools.lru_cache(maxsize=1)
+def _most_descriptors() -> int:
+    """The descriptors a pool may have open before it stops holding its
+    workers' capture files: three quarters of its limit (the rest stays for
+    its sockets, workers and files)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (soft if soft != resource.RLIM_INFINITY else 1 << 20) * 3 // 4
+
+
+def salvage(pid: int, limit: int) -> bytes | None:
+    """The trailer of what live worker ``pid`` has captured of the task it
+    runs (:class:`HeldOutput`, opened and read at once), or None."""
+    held = HeldOutput.open(pid) if limit else None
+    if held is None:
+        return None
+    try:
+        return held.read(limit)
+    finally:
+        held.close()
 
 
 def configured_limit() -> int:
@@ -207,6 +335,13 @@ def split(blob: Any) -> tuple[Any, tuple[bytes, bytes, int, int] | None]:
     except Exception:
         return blob, None
     return view[:start], (stdout, stderr, max(0, stdout_cut), max(0, stderr_cut))
+
+
+def output_of(blob: Any) -> bytes | None:
+    """The trailer of ``blob`` (bytes), to carry it on after another
+    payload; None when it has none."""
+    _, output = split(blob)
+    return None if output is None else trailer(*output)
 
 
 def strip(blob: Any) -> Any:

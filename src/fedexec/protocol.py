@@ -85,9 +85,12 @@ REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, 
 #        fetches each (for this task) and hands the worker their files (relay/kept.py),
 #   "rs": the resources it asks (resources.py: {"c": cores, "m": memory, "g": GPUs, "n": nodes, "r": ranks});
 #        the endpoint places it where they are free (endpoint/placement.py),
-#   "nl": endpoint -> pool only (the agent drops one from the relay): the nodes of a multi-node task}
+#   "nl": endpoint -> pool only (the agent drops one from the relay): the nodes of a multi-node task,
+#   "ol": the bytes of each output stream the task's result carries at most (the executor's output_limit;
+#        the endpoint's own limit caps it: output.py)}
 # pool -> worker only (refused from anyone else by task_row): "env": {name: value} set while it runs
-TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "dr", "rs", "nl"})
+TASK_OPTIONS = frozenset({"m", "tr", "r", "to", "u", "d", "rf", "dr", "rs", "nl", "ol"})
+MAX_OUTPUT_LIMIT = 16 << 20   # the most an "ol" may ask (output.MAX_LIMIT)
 MAX_REFS = 256   # DataRefs one task may name
 MAX_RETRIES = 100
 MAX_WALLTIME = 366 * 24 * 3600.0
@@ -415,7 +418,12 @@ def too_large(what: str, size: int, limit: int) -> tuple[str, dict[str, int]]:
 
 
 def unpack_failure(blob: Any) -> dict[str, Any]:
-    data = msgpack.unpackb(bytes(blob), raw=False)
+    """The fields of a FAILED result's blob, whatever follows them (the
+    output trailer of a task that ran: output.py)."""
+    try:
+        data = msgpack.unpackb(bytes(blob), raw=False)
+    except msgpack.ExtraData as extra:
+        data = extra.unpacked
     if not isinstance(data, dict):
         raise ProtocolError("failure blob is not a map")
     return data
@@ -596,6 +604,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
         if "nl" in options and not (isinstance(options["nl"], list) and 0 < len(options["nl"]) <= MAX_ITEMS
                                     and all(isinstance(n, str) and 0 < len(n) <= 256 for n in options["nl"])):
             raise ProtocolError(f"a node list (nl) is a list of 1 to {MAX_ITEMS} node names")
+        if "ol" in options and not (type(options["ol"]) is int and 0 <= options["ol"] <= MAX_OUTPUT_LIMIT):
+            raise ProtocolError(f"an output limit (ol) must be an integer from 0 to {MAX_OUTPUT_LIMIT} bytes")
         if "rs" in options:
             try:
                 _resources.check_wire(options["rs"])

@@ -6,15 +6,20 @@ task's own, and its future's value is a :class:`ShellResult`: the return
 code and the last lines of stdout and stderr; the whole output stays in two
 files in that directory.
 
-*Where the task directory is.* On an unsandboxed endpoint:
-``$FEDEXEC_TASK_DIR`` if the worker's environment sets it (an endpoint's
-``worker_init`` or environment can), else ``tasks`` under the fedexec home
-(``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account the endpoint
-runs as; each task gets ``<that>/<task id>-<random>`` (mode 0700), which
-fedexec leaves in place for the user (it is the task's output) and never
-deletes. In a sandbox (``worker/sandbox.py``) the task runs in the fresh
-directory its worker gives every task, which is removed when the task ends:
-the snippets come back, the files do not (the ShellResult's paths are None).
+*Where the task directory is* (``taskdirs.py``). On an unsandboxed
+endpoint: ``$FEDEXEC_TASK_DIR`` if the worker's environment sets it (an
+endpoint's ``worker_init`` or environment can), else ``tasks`` under the
+fedexec home (``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account
+the endpoint runs as; each task gets ``<that>/<task id>-<random>`` (mode
+0700, its files 0600), made with ``*at`` calls that follow no symlink, and
+left for the user (it is the task's output) until the endpoint's
+``task_dir_ttl`` (7 days by default) expires it. In a sandbox
+(``worker/sandbox.py``) the directory is made in the directory of that
+worker's own under the same base (``<base>/sandbox-<random>``), the one
+part of the base bound into its sandbox (at ``/task-kept``), and the
+ShellResult's paths are the host's (a sandbox without one, as a pool of an
+older version starts: the task's fresh sandbox directory, removed after
+it, and the ShellResult's paths are None).
 
 *Walltime.* The command leads a process group of its own; past ``walltime``
 seconds the whole group is killed (SIGKILL), and so are the
@@ -44,12 +49,11 @@ import signal
 import string
 import subprocess
 import sys
-import tempfile
-from typing import Any
+from typing import Any, Iterator
 
-from .config import fedexec_home
+from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, base_path, create_file, make_task_dir
+from .taskdirs import TASK_DIR_ENV  # noqa: F401  (the setting's name, as callers and tests import it from here)
 
-TASK_DIR_ENV = "FEDEXEC_TASK_DIR"
 TIMEOUT_CODE = 124                     # what timeout(1) returns for a command it killed
 SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet
 SHELL = "/bin/sh"
@@ -172,19 +176,25 @@ class ShellFunction:
             raise TypeError(f"{self!r} takes keyword arguments only (the command's fields), "
                             f"not {len(args)} positional")
         cmd = self.command(kwargs)
-        directory, keep = _task_directory()
+        directory, dir_fd, keep = _task_directory()   # (directory: as the caller may find it: the host's)
+        try:
+            out_fd = create_file(dir_fd, "stdout")
+            try:
+                err_fd = create_file(dir_fd, "stderr")
+            except BaseException:
+                os.close(out_fd)
+                raise
+        except BaseException:
+            os.close(dir_fd)
+            raise
         out_path = os.path.join(directory, "stdout")
         err_path = os.path.join(directory, "stderr")
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        out_fd = os.open(out_path, flags, 0o600)
-        try:
-            err_fd = os.open(err_path, flags, 0o600)
-        except BaseException:
-            os.close(out_fd)
-            raise
         try:   # (the files stay open here, to read the snippets back without opening them again)
-            process = subprocess.Popen([SHELL, "-c", cmd], cwd=directory, stdin=subprocess.DEVNULL,
-                                       stdout=out_fd, stderr=err_fd, **OWN_GROUP)
+            # the command starts in the directory as opened (fchdir: no path is looked up again,
+            # so nothing put in its place since is followed), and the worker goes back after
+            with _working_directory(dir_fd):
+                process = subprocess.Popen([SHELL, "-c", cmd], stdin=subprocess.DEVNULL,
+                                           stdout=out_fd, stderr=err_fd, **OWN_GROUP)
             timed_out = False
             try:
                 returncode = process.wait(self.walltime)
@@ -200,6 +210,7 @@ class ShellFunction:
         finally:
             os.close(out_fd)
             os.close(err_fd)
+            os.close(dir_fd)
         if not keep:
             out_path = err_path = directory = None   # type: ignore[assignment]
         if self.check and returncode != 0:
@@ -232,21 +243,41 @@ def _fields(cmd: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _task_directory() -> tuple[str, bool]:
-    """A fresh private directory for this task, and whether it is kept
-    after the task (see the module's docstring)."""
+def _task_directory() -> tuple[str, int, bool]:
+    """A fresh private directory for this task: its path, a descriptor of
+    it, and whether it is kept after the task (see the module's docstring)."""
     from .worker import process   # the worker running this task (imported there already)
 
     if process.sandboxed_task_dir is not None:
-        return process.sandboxed_task_dir, False
-    base = os.environ.get(TASK_DIR_ENV) or str(fedexec_home() / "tasks")
-    task = process.current_task_id
-    prefix = (task.hex() if task else "task") + "-"
+        kept = os.environ.get(SANDBOX_DIR_ENV)
+        if not kept:   # (a sandbox without a directory kept for it: the task's own, removed after it)
+            return process.sandboxed_task_dir, os.open(process.sandboxed_task_dir, os.O_RDONLY | os.O_DIRECTORY
+                                                        | os.O_NOFOLLOW | os.O_CLOEXEC), False
+        path, fd = make_task_dir(kept, process.current_task_id)
+        host = os.environ.get(SANDBOX_HOST_DIR_ENV)   # where it is on the host, which results name
+        return (os.path.join(host, os.path.basename(path)) if host else path), fd, True
+    path, fd = make_task_dir(base_path(), process.current_task_id)
+    return path, fd, True
+
+
+@contextlib.contextmanager
+def _working_directory(dir_fd: int) -> Iterator[None]:
+    """This process's working directory is the one open on ``dir_fd``
+    meanwhile (a child started here starts there), then back where it was
+    (or at / if that cannot be opened: it was removed)."""
     try:
-        return tempfile.mkdtemp(prefix=prefix, dir=base), True
-    except FileNotFoundError:   # the first task here (or the base was removed): make it, once
-        os.makedirs(base, mode=0o700, exist_ok=True)
-        return tempfile.mkdtemp(prefix=prefix, dir=base), True
+        saved: int | None = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        saved = None
+    try:
+        os.fchdir(dir_fd)
+        yield
+    finally:
+        if saved is not None:
+            os.fchdir(saved)
+            os.close(saved)
+        else:
+            os.chdir("/")
 
 
 def kill_tree(process: subprocess.Popen) -> None:

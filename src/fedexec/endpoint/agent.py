@@ -772,7 +772,7 @@ class EndpointAgent:
             "hb": c.heartbeat_period, "hbm": c.heartbeats_missed, "worker_batch": c.worker_batch,
             "worker_lost_retries": c.worker_lost_retries, "sandbox": c.sandbox, "sandbox_image": c.sandbox_image,
             "endpoint": c.name, "data_only": self.data_only, "accel": c.available_accelerators,
-            "accel_shared": c.accelerators_shared,
+            "accel_shared": c.accelerators_shared, "task_ttl": c.task_dir_ttl,
             "mpi": c.mpi_launcher or ("srun" if c.provider.type == "slurm" else "mpiexec")}}))
         log.info("pool %s connected from %s (block %s): %d workers, %d cores, %d GPUs", pool_id.decode(),
                  pool.host, pool.block_id or "-", pool.workers, pool.cores, pool.gpus)

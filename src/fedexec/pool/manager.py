@@ -55,10 +55,13 @@ from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..outbox import ResultOutbox
+from ..output import HeldOutput, attach as attach_output, configured_limit as configured_output_limit, \
+    salvage as salvage_output
 from .placement import NodeBudget, has_resources
 from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
 from .resources import NodeResources
+from ..taskdirs import TaskDirCleaner, start_cleaner
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
 
 log = logging.getLogger("fedexec.pool")
@@ -126,6 +129,7 @@ class PoolManager(WorkerChains):
         self._early_deaths = 0
         self._respawn_at: list[float] = []
         self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
+        self.cleaner: TaskDirCleaner | None = None   # removes expired shell task directories (taskdirs.py)
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -242,6 +246,8 @@ class PoolManager(WorkerChains):
         if self.pool is not None:
             self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
         self._send(P.encode(P.BYE))
+        if self.cleaner is not None:
+            self.cleaner.stop()
         self.endpoint.close(linger=2000)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -289,6 +295,8 @@ class PoolManager(WorkerChains):
             if not self.welcomed:
                 self.welcomed = True
                 self._start_workers()
+                self.cleaner = start_cleaner(self.settings.get("task_ttl"),
+                                             lambda: self.pool.kept_names() if self.pool is not None else set())
         elif t == P.STOP:
             log.info("pool %s: stop asked by the endpoint", self.pool_id.decode())
             self.stopping = True
@@ -398,6 +406,10 @@ class PoolManager(WorkerChains):
                 msg = P.decode(frames[1:])
                 if msg.type == P.READY:
                     slot.ready = True
+                    if self.pool is not None and self.pool.sandbox == "none" and slot.process.returncode is None:
+                        # its capture files, held so that what a task it dies in printed still reaches its
+                        # caller (not reaped: the pid is still the worker's)
+                        slot.held_output = HeldOutput.open(slot.pid)
                 elif msg.type == P.RESULTS:
                     self._on_worker_results(slot, msg)
             except Exception as exc:
@@ -672,10 +684,27 @@ class PoolManager(WorkerChains):
             walltime = task.option("to") if task is not None else None
             if walltime is not None and now - slot.running_since > walltime:
                 slot.timed_out = running
+                slot.timed_out_output = self._last_output(slot, task)
                 try:
                     slot.process.kill()
                 except OSError:
                     pass
+
+    def _last_output(self, slot: WorkerSlot, task: QueuedTask) -> bytes | None:
+        """The output trailer of ``task``, which ``slot``'s worker was running
+        and will never answer for (it is about to be killed, or died): read
+        from the capture files held since the worker said it was ready, else
+        (a live worker) through /proc now; None in a sandbox (``slot.pid`` is
+        the sandbox's, and its files out of reach) or when there is none."""
+        if self.pool is None or self.pool.sandbox != "none":
+            return None
+        limit, asked = configured_output_limit(), task.option("ol")
+        limit = limit if asked is None else min(limit, asked)
+        if slot.held_output is not None:
+            return slot.held_output.read(limit)
+        if slot.process.returncode is not None:   # reaped: its pid may be another process's by now
+            return None
+        return salvage_output(slot.pid, limit)
 
     @staticmethod
     def _running_task(slot: WorkerSlot) -> bytes | None:
@@ -737,9 +766,9 @@ class PoolManager(WorkerChains):
                 walltime = task.option("to")
                 log.warning("task %s ran past its walltime of %g s; its worker %d was stopped",
                             task_id.hex(), walltime, slot.pid)
-                self._result(task_id, P.FAILED, P.pack_failure(
+                self._result(task_id, P.FAILED, attach_output(P.pack_failure(
                     P.TIMEOUT, f"the task ran longer than its timeout of {walltime:g} s on endpoint "
-                               f"{name!r} and was stopped", timeout=walltime, endpoint=name))
+                               f"{name!r} and was stopped", timeout=walltime, endpoint=name), slot.timed_out_output))
             elif task.lost < retries:
                 task.lost += 1
                 log.warning("worker %d %s while running task %s; running it again (%d of %d)",
@@ -748,10 +777,11 @@ class PoolManager(WorkerChains):
             else:
                 log.warning("worker %d %s while running task %s", slot.pid, how, task_id.hex())
                 tries = f" (run {task.lost + 1} times, its worker died each time)" if task.lost else ""
-                self._result(task_id, P.FAILED, P.pack_failure(
+                self._result(task_id, P.FAILED, attach_output(P.pack_failure(
                     P.WORKER_LOST,
                     f"worker process {slot.pid} on endpoint {name!r} {how} while running this "
-                    f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name))
+                    f"task{tries}", pid=slot.pid, exitcode=slot.process.returncode, endpoint=name),
+                    self._last_output(slot, task)))
         if slot.retiring:
             log.debug("worker %d of user %r stopped to make room for another user's", slot.pid, slot.user)
         elif culprit is None:

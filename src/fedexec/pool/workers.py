@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from .. import taskdirs
 from ..worker import sandbox as sandboxes
 from ..worker.process import MarkerFile, remove_tree
 
@@ -59,6 +60,8 @@ class WorkerSlot:
     running: bytes | None = None        # the task its marker last showed running, and since when
     running_since: float = 0.0
     timed_out: bytes | None = None      # the task it was killed for running past its walltime
+    timed_out_output: bytes | None = None   # ... and that task's output, read just before
+    held_output: Any = None             # its capture files, held from its READY on (output.HeldOutput)
     user: str | None = None             # the one user whose tasks it runs ("": the endpoint's owner); None: fresh
     retiring: bool = False              # told to stop: a fresh worker takes its place, for another user
     retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
@@ -117,6 +120,7 @@ class LocalWorkerPool:
         self.env = env
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
+        self.kept: dict[str, str] = {}   # sandboxed worker's name -> the path of its directory for shell tasks' output
 
     def start(self) -> None:
         for _ in range(self.size - len(self.slots)):
@@ -146,7 +150,7 @@ class LocalWorkerPool:
                 command = sandboxes.worker_command(
                     self.sandbox, args, socket_path=path, marker_path=marker.path,
                     task_dir=task_dir, image=self.sandbox_image, name=container,
-                    inbox=self.inbox(name), outbox=self.outbox(name))
+                    inbox=self.inbox(name), outbox=self.outbox(name), kept=self._kept_dir(name))
                 if self.sandbox == "podman":
                     process = ContainerProcess(command, container=container, stdin=subprocess.PIPE, env=self.env)
                 else:
@@ -161,6 +165,32 @@ class LocalWorkerPool:
         slot = WorkerSlot(worker_id, name, address, process, marker)
         self.slots[worker_id] = slot
         return slot
+
+    def _kept_dir(self, name: str) -> str:
+        """A fresh directory under the task directories' base for sandboxed
+        worker ``name``'s shell tasks to leave their output in, bound into
+        its sandbox alone (taskdirs.py); "" (their output then goes with
+        the sandbox's task directory) when the base cannot be used, said in
+        the log."""
+        try:
+            base = taskdirs.base_path(self.env)
+            base_fd = taskdirs.open_base(base)
+            try:
+                kept, fd = taskdirs.make_dir(base_fd, taskdirs.SANDBOX_PREFIX)
+                os.close(fd)
+            finally:
+                os.close(base_fd)
+        except OSError as exc:
+            log.warning("shell tasks of sandboxed worker %s keep no output files: %s", name, exc)
+            return ""
+        self.kept[name] = os.path.join(base, kept)
+        return self.kept[name]
+
+    def kept_names(self) -> set[str]:
+        """The names (in the base) of the live sandboxed workers' directories
+        of kept task dirs: never removed whole while in use. (Called from the
+        cleaner's thread: a copy of the dict, taken at once.)"""
+        return {os.path.basename(path) for path in self.kept.copy().values()}
 
     def task_dir(self, name: str) -> str:
         """The host directory a sandboxed worker sees as its task root."""
@@ -209,8 +239,12 @@ class LocalWorkerPool:
         return dead
 
     def forget(self, slot: WorkerSlot) -> None:
-        """Release a dead worker's channel, marker file (after it was read) and task root."""
+        """Release a dead worker's channel, marker file (after it was read),
+        task root and capture files held."""
         self._release(slot.address, slot.marker, slot.name)
+        if slot.held_output is not None:
+            slot.held_output.close()
+            slot.held_output = None
 
     def _release(self, address: str, marker: MarkerFile, name: str) -> None:
         try:
@@ -225,6 +259,10 @@ class LocalWorkerPool:
         if self.sandbox != "none":
             for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
                 remove_tree(directory)
+            kept = self.kept.pop(name, None)
+            if kept is not None:   # it stays, with its tasks' output, until it expires; gone at once if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(kept)
 
     def stop(self, send_stop: Any, timeout: float = 3.0) -> None:
         """Ask every worker to stop, then terminate and kill what is left."""

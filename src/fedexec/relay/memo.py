@@ -6,9 +6,17 @@ SQL. A result larger than ``MEMO_ENTRY_IN_MEMORY`` is never kept here (a hit
 on it reads it from the record), and the total stays under
 ``MEMO_IN_MEMORY_BYTES``: many large memoized results cannot pin the relay's
 memory.
+
+A memoized result is kept without the output its task printed (the
+trailer, ``output.py``): a hit did not run the task for its caller, so its
+future has no output (another user's printout, or what a thread left
+running by an earlier task printed meanwhile, must not reach a user
+through a shared memoized result; :func:`without_output`).
 """
 
 from __future__ import annotations
+
+from ..output import strip
 
 MEMO_ENTRY_IN_MEMORY = 64 * 1024          # larger results are read from the record on a hit
 MEMO_IN_MEMORY_BYTES = 64 * 1024 * 1024   # all the results kept in memory together
@@ -44,3 +52,9 @@ class RecentResults:
         result = self.results.pop(key, None)
         if result is not None:
             self.nbytes -= len(result)
+
+
+def without_output(result: bytes) -> bytes:
+    """``result`` without the output trailer of the run that made it."""
+    bare = strip(result)
+    return result if bare is result else bytes(bare)

@@ -30,7 +30,7 @@ from .access import AccessControl, AccessDenied, GlobusTokenCheck, Session, Toke
     load_or_create_curve_keys
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
     DEFAULT_MAX_GROUPS_PER_USER, DEFAULT_MAX_TASKS_PER_USER, MIN_ROW_BYTES, FunctionBodies, Quotas, row_bytes
-from .memo import RecentResults
+from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, RelayStore, durable_options
@@ -1249,6 +1249,7 @@ class Relay:
             result = self.store.memo_result(key)
             if result is None:
                 return False
+            result = without_output(result)   # (one kept before memoized results were kept without it)
             self.memo_recent.put(key, result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, P.OK, result, options.get("tr")))
@@ -1260,7 +1261,10 @@ class Relay:
         first one stored under a key stays; one its user has no room for is
         not kept (the result itself is delivered all the same)."""
         key = record.options["m"]
-        if key in self.memo_keys or self.quotas.refusal(record.user, 0, len(result)) is not None:
+        if key in self.memo_keys:
+            return
+        result = without_output(result)   # a hit carries no output (memo.py)
+        if self.quotas.refusal(record.user, 0, len(result)) is not None:
             return
         self.memo_keys.add(key)
         self.memo_recent.put(key, result)

@@ -517,9 +517,9 @@ class RelayStore:
 
 #: the task options that shape how a task runs, kept with it in the record so
 #: that a restarted relay sends it on as it was submitted: its walltime,
-#: retries and resources (protocol.TASK_OPTIONS; the others are rebuilt or
-#: are for one run of the relay only)
-DURABLE_OPTIONS = ("to", "r", "rs")
+#: retries, resources and output limit (protocol.TASK_OPTIONS; the others are
+#: rebuilt or are for one run of the relay only)
+DURABLE_OPTIONS = ("to", "r", "rs", "ol")
 
 
 def durable_options(options: dict[str, Any] | None) -> bytes | None:

@@ -40,7 +40,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
-from ..output import OutputCapture, attach, configured_limit
+from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
@@ -177,11 +177,12 @@ class WorkerProcess:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
         sock.connect(self.address)
         self.sock = sock
-        sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         if self.task_root is not None:
             os.chdir(self.task_root)
         limit = configured_limit() if self.capture else 0
         self.output = OutputCapture(self.task_root, limit) if limit else None
+        # ready once the capture is in place: its pool holds the files from then on (output.HeldOutput)
+        sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         looked = 0.0   # time.perf_counter() of the last look for messages
         try:
             while True:
@@ -290,7 +291,7 @@ class WorkerProcess:
         if len(blob) > P.MAX_PAYLOAD_LIMIT:  # it would not pass the pool's socket (MAX_FRAME): say so instead
             message, details = P.too_large("the task's result" if status == P.OK else "the task's exception",
                                            len(blob), P.MAX_PAYLOAD_LIMIT)
-            status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
+            status, blob = P.FAILED, attach(P.pack_failure(P.TOO_LARGE, message, **details), output_of(blob))
         if len(self.out_rows) >= P.MAX_ITEMS:  # (FLUSH_BATCH sends sooner; a message's limit all the same)
             self.flush()
         if not self.out_rows:
@@ -330,7 +331,7 @@ class WorkerProcess:
         """``(status, blob)`` of one task."""
         if len(row) == 7 and "env" in row[6]:   # what its pool gave it (accelerators, MPI launcher: placement.py)
             with task_environment(row[6]["env"]):
-                return self.run_task(row[:6], args_blob)
+                return self.run_task([*row[:6], {k: v for k, v in row[6].items() if k != "env"}], args_blob)
         fn_hash, kind = row[1], row[4]
         data = self.data_only or is_data(args_blob)
         try:
@@ -355,30 +356,30 @@ class WorkerProcess:
                 args, kwargs = payload
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
-            captured = self.output.take() if self.output is not None else None
+            captured = self.output.take(_output_limit(row)) if self.output is not None else None
             try:
                 return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
                                            captured)
             except BaseException as failure:
-                return P.FAILED, P.pack_failure(
+                return P.FAILED, attach(P.pack_failure(
                     P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
-                                     f"serialized: {type(failure).__name__}")
-        captured = self.output.take() if self.output is not None else None
+                                     f"serialized: {type(failure).__name__}"), captured)
+        captured = self.output.take(_output_limit(row)) if self.output is not None else None
         try:
             blob = attach(encode_data(value) if data else serialize_result(value), captured)
             if len(blob) > BIG_THRESHOLD:   # a large result goes to the endpoint as a file (transfer.py)
                 blob = spill_result(blob, row[0])
             return P.OK, blob
         except NotData as exc:
-            return P.FAILED, P.pack_failure(
+            return P.FAILED, attach(P.pack_failure(
                 P.SERIALIZATION, f"the task's arguments came as plain data (for a data-only endpoint), so its "
-                                 f"result must be plain data too, and it is not: {exc}")
+                                 f"result must be plain data too, and it is not: {exc}"), captured)
         except Exception as exc:
-            return P.FAILED, P.pack_failure(
+            return P.FAILED, attach(P.pack_failure(
                 P.SERIALIZATION,
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
-            )
+            ), captured)
 
 
 @contextlib.contextmanager
@@ -416,6 +417,11 @@ def remove_tree(path: str) -> None:
             with contextlib.suppress(OSError):
                 os.chmod(os.path.join(directory, name), 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _output_limit(row: list[Any]) -> int | None:
+    """The output limit a task asks (its executor's ``output_limit``: option ``ol``), or None."""
+    return row[6].get("ol") if len(row) == 7 else None
 
 
 class _LoadFailure(Exception):

@@ -52,11 +52,13 @@ from typing import Any
 from .. import protocol as P
 from ..config import ConfigError
 from ..dataref import named_refs, wrap_arguments
+from ..taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV
 from ..transfer import SPOOL_ENV, is_local, local_ref, parse_local
 
 TASK_ROOT = "/task"             # where a sandboxed worker's task root appears
 TASK_IN = "/task-in"            # its inbox: its tasks' large arguments, read-only
 TASK_OUT = "/task-out"          # its outbox: where it writes large results
+TASK_KEPT = "/task-kept"        # where its shell tasks keep their output (taskdirs.py)
 TOOLS = {"bwrap": "bwrap", "podman": "podman", "apptainer": "apptainer"}
 INSTALL_HINT = {
     "bwrap": "Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install bubblewrap",
@@ -105,18 +107,24 @@ def check(kind: str) -> None:
 
 def worker_command(kind: str, worker_args: list[str], *, socket_path: str, marker_path: str,
                    task_dir: str, image: str = "", name: str = "", inbox: str = "",
-                   outbox: str = "") -> list[str]:
+                   outbox: str = "", kept: str = "") -> list[str]:
     """The command that runs ``python -m fedexec.worker WORKER_ARGS`` inside
     sandbox ``kind``, seeing ``socket_path`` and ``marker_path`` at their own
     paths, ``task_dir`` (on the host) as its task root, TASK_ROOT, and (if
     given) ``inbox`` read-only at TASK_IN and ``outbox`` at TASK_OUT, where
-    it writes large results. ``name`` names the container (podman)."""
+    it writes large results, and ``kept`` (a host directory; if given) at
+    TASK_KEPT, where its shell tasks leave their output (``taskdirs.py``;
+    told its host path, to name it in their results). ``name`` names the container (podman)."""
     binds = [(socket_path, socket_path), (marker_path, marker_path), (task_dir, TASK_ROOT)]
     read_only = [(inbox, TASK_IN)] if inbox else []
     env = {}
     if outbox:
         binds.append((outbox, TASK_OUT))
         env[SPOOL_ENV] = TASK_OUT
+    if kept:
+        binds.append((kept, TASK_KEPT))
+        env[SANDBOX_DIR_ENV] = TASK_KEPT
+        env[SANDBOX_HOST_DIR_ENV] = kept
     args = [*worker_args, "--task-root", TASK_ROOT]
     if kind == "bwrap":
         return bwrap_command([sys.executable, "-m", "fedexec.worker", *args], binds, read_only, env)

@@ -1,0 +1,391 @@
+"""Task directories of shell tasks: made safely under a checked base, and
+removed again once they expire.
+
+*Where.* The base is ``$FEDEXEC_TASK_DIR`` if the workers' environment sets
+it, else ``tasks`` under the fedexec home (:func:`base_path`). Each shell
+task gets ``<base>/<task id>-<random>`` (mode 0700) holding its ``stdout``
+and ``stderr`` files (0600). A sandboxed worker gets a directory of its own,
+``<base>/sandbox-<random>``, bound into its sandbox at ``/task-kept`` (and
+nothing else of the base, whose path stays out of its view), and makes its
+tasks' directories in there; their results name them by their host paths
+(``pool/workers.py``).
+
+*Safely* (:func:`open_base`, :func:`make_task_dir`, :func:`create_file`).
+Everything under the base is made with calls relative to a descriptor of the
+base (``mkdirat``, ``openat``) with ``O_NOFOLLOW``: a symlink planted where
+the base, a task directory or an output file is expected (by an earlier task,
+or another one running as the same OS user) makes the call fail, it is never
+followed. The base itself must be a real directory (not a symlink) owned by
+the endpoint's OS user and writable by no one else (it is made 0700 when
+missing); otherwise shell tasks fail, saying why.
+
+*Expiry* (:class:`TaskDirCleaner`). A pool removes the task directories
+under its base once they are ``ttl`` seconds old (the endpoint setting
+``task_dir_ttl``, by default TASK_DIR_TTL, 7 days; 0 keeps them for ever):
+old meaning that neither the directory nor its ``stdout``/``stderr`` changed
+for that long (a command still writing its output keeps its directory). It
+runs in a thread of the pool, off the path of tasks, and does at most
+PASS_BUDGET removals per pass (a pass every ``ttl / 4``, at most hourly,
+the first one FIRST_PASS seconds after the pool starts, the next one after
+BACKLOG_INTERVAL when a pass spent its budget); a large tree goes over
+several passes. Only entries named as fedexec names
+them are looked at (the base may be a scratch directory that holds other
+things too). Removal never follows a symlink: a link (to anywhere) is
+unlinked itself, and a directory is entered only through a descriptor
+opened with ``O_NOFOLLOW`` from its parent's, so it stays inside the base
+whatever a task replaced by links.
+
+*Who can read them.* The directories are 0700, their files 0600, so other
+OS users cannot read them. Tasks on an unsandboxed endpoint all run as the
+endpoint's OS user, so one user's task can read (or remove) another user's
+task directories there: the endpoint cannot prevent that; use a sandbox
+(``sandbox = "bwrap"``) on an endpoint shared between users, where each
+worker (which serves one user) sees only its own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import stat
+import threading
+import time
+from typing import Callable, Iterator
+
+from .config import TASK_DIR_TTL, fedexec_home
+
+log = logging.getLogger(__name__)
+
+TASK_DIR_ENV = "FEDEXEC_TASK_DIR"
+# set by the pool inside a sandbox: the directory of that worker's own (bound in) its tasks' directories go
+# to, and its path on the host (what results name)
+SANDBOX_DIR_ENV = "FEDEXEC_SANDBOX_TASK_DIR"
+SANDBOX_HOST_DIR_ENV = "FEDEXEC_SANDBOX_TASK_DIR_ON_HOST"
+PASS_BUDGET = 2000               # removals (unlink, rmdir) one cleaning pass makes at most
+MAX_INTERVAL = 3600.0            # seconds between passes at most
+MIN_INTERVAL = 0.2               # ... and at least
+BACKLOG_INTERVAL = 1.0           # ... after a pass that spent its whole budget
+FIRST_PASS = 10.0                # seconds after a pool starts its first pass comes, at most (short-lived
+#                                  pools, as the embedded default's, clean too)
+MAX_DEPTH = 64                   # directories held open at once while removing a tree (deeper: moved up)
+OUTPUT_FILES = ("stdout", "stderr")
+SANDBOX_PREFIX = "sandbox-"
+REMOVING_PREFIX = ".removing-"
+# what fedexec names entries of the base: task directories (the older ones were made by
+# tempfile.mkdtemp: 8 of [a-z0-9_]), sandboxed workers' directories, and subtrees being removed
+TASK_NAME = re.compile(r"(?:[0-9a-f]{32}|task)-[a-z0-9_]{8}")
+SANDBOX_NAME = re.compile(re.escape(SANDBOX_PREFIX) + r"[0-9a-f]{16}")
+REMOVING_NAME = re.compile(re.escape(REMOVING_PREFIX) + r"[0-9a-f]{16}")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TaskDirError(OSError):
+    """The task directories' base cannot be used safely; the message says why."""
+
+
+def base_path(environ: "os._Environ[str] | dict[str, str] | None" = None) -> str:
+    """The base of task directories: ``$FEDEXEC_TASK_DIR`` or ``<fedexec home>/tasks``."""
+    env = os.environ if environ is None else environ
+    return env.get(TASK_DIR_ENV) or str(fedexec_home() / "tasks")
+
+
+def open_base(path: str) -> int:
+    """A descriptor of the base directory ``path``, made (0700, with its
+    parents) when missing; TaskDirError unless it is a real directory (its
+    last component not a symlink) owned by this OS user and writable by it
+    alone."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(path, mode=0o700)
+        fd = _open_dir(path)
+    except OSError as exc:
+        raise _not_usable(path, exc) from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise TaskDirError(f"the task directory base {path} belongs to uid {info.st_uid}, not to the "
+                               f"endpoint's user (uid {os.geteuid()}): shell tasks do not write there "
+                               f"(set {TASK_DIR_ENV} to a directory of its own)")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise TaskDirError(f"the task directory base {path} is writable by others (mode "
+                               f"{stat.S_IMODE(info.st_mode):o}): shell tasks do not write there (chmod go-w it, "
+                               f"or set {TASK_DIR_ENV} to a private directory)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_dir(path: str) -> int:
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise _not_usable(path, exc) from None
+
+
+def _not_usable(path: str, exc: OSError) -> TaskDirError:
+    if os.path.islink(path):
+        return TaskDirError(f"the task directory base {path} is a symlink: shell tasks do not follow it "
+                            f"(remove it, or set {TASK_DIR_ENV} to the directory it points to)")
+    return TaskDirError(f"the task directory base {path} cannot be opened: {exc.strerror or exc}")
+
+
+def make_dir(base_fd: int, prefix: str) -> tuple[str, int]:
+    """A fresh directory ``<prefix><random>`` (0700) in the directory open on
+    ``base_fd``: its name and a descriptor of it (opened without following
+    a link, checked to be a directory of this OS user)."""
+    while True:
+        name = prefix + secrets.token_hex(4 if prefix != SANDBOX_PREFIX else 8)
+        try:
+            os.mkdir(name, 0o700, dir_fd=base_fd)
+            break
+        except FileExistsError:
+            continue
+    fd = os.open(name, _DIR_FLAGS, dir_fd=base_fd)
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:   # swapped under us for another directory
+        os.close(fd)
+        raise TaskDirError(f"the task directory {name} just made was replaced by one that is not private")
+    return name, fd
+
+
+def make_task_dir(base: str, task_id: bytes | None) -> tuple[str, int]:
+    """A fresh private directory for task ``task_id`` under ``base``
+    (``<base>/<task id hex>-<8 hex>``): its path and a descriptor of it."""
+    base_fd = open_base(base)
+    try:
+        name, fd = make_dir(base_fd, (task_id.hex() if task_id else "task") + "-")
+    finally:
+        os.close(base_fd)
+    return os.path.join(base, name), fd
+
+
+def create_file(dir_fd: int, name: str) -> int:
+    """A new file ``name`` (0600, read-write) in the directory open on
+    ``dir_fd``; it must not exist (nor be a link)."""
+    return os.open(name, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+
+
+# -- expiry ----------------------------------------------------------------------------------------
+class TaskDirCleaner:
+    """Removes expired task directories under ``base`` in a daemon thread
+    (see the module's docstring); ``ttl`` seconds, > 0. ``live``: the names
+    of the sandboxed workers' directories in use (by this pool), never
+    removed whole (only their expired tasks), however long idle."""
+
+    def __init__(self, base: str, ttl: float, budget: int = PASS_BUDGET,
+                 live: Callable[[], set[str]] | None = None) -> None:
+        self.base = base
+        self.ttl = ttl
+        self.budget = budget
+        self.live = live or set
+        self.interval = min(MAX_INTERVAL, max(MIN_INTERVAL, ttl / 4))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fedexec-task-dir-cleaner", daemon=True)
+
+    def start(self) -> "TaskDirCleaner":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        wait = min(self.interval, FIRST_PASS)
+        while not self._stop.wait(wait):
+            wait = self.interval
+            try:
+                if self.clean_once() >= self.budget:   # more to do: the next pass soon
+                    wait = min(self.interval, BACKLOG_INTERVAL)
+            except Exception as exc:   # (the base unusable: said, tried again next pass)
+                log.warning("task directories under %s not cleaned: %s", self.base, exc)
+
+    def clean_once(self, now: float | None = None) -> int:
+        """One pass: remove what expired, at most ``budget`` removals; the
+        removals made. Nothing to do when the base does not exist."""
+        if not os.path.isdir(self.base):
+            return 0
+        cutoff = (time.time() if now is None else now) - self.ttl
+        budget = _Budget(self.budget)
+        live = self.live()
+        base_fd = open_base(self.base)
+        try:
+            for name in _names(base_fd):
+                if budget.spent():
+                    break
+                if REMOVING_NAME.fullmatch(name):
+                    remove_at(base_fd, name, budget, base_fd)
+                elif TASK_NAME.fullmatch(name):
+                    if _expired(base_fd, name, cutoff):
+                        _take_away(base_fd, base_fd, name, budget)
+                elif SANDBOX_NAME.fullmatch(name):
+                    self._clean_sandbox_dir(base_fd, name, cutoff, budget, name in live)
+        finally:
+            os.close(base_fd)
+        return budget.used
+
+    def _clean_sandbox_dir(self, base_fd: int, name: str, cutoff: float, budget: "_Budget", live: bool) -> None:
+        """A sandboxed worker's directory: the whole of it once it expired
+        (no task directory was made in it since) and its worker is gone,
+        else its expired tasks."""
+        if not live and _expired(base_fd, name, cutoff, files=()):
+            _take_away(base_fd, base_fd, name, budget)
+            return
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=base_fd)
+        except OSError:
+            return
+        try:
+            for child in _names(fd):
+                if budget.spent():
+                    return
+                if TASK_NAME.fullmatch(child) and _expired(fd, child, cutoff):
+                    _take_away(fd, base_fd, child, budget)
+        finally:
+            os.close(fd)
+
+
+def start_cleaner(ttl: object, live: Callable[[], set[str]] | None = None,
+                  environ: "dict[str, str] | None" = None) -> TaskDirCleaner | None:
+    """The cleaner of the task directories under this environment's base
+    (:func:`base_path`), started, for ``ttl`` (the endpoint's
+    ``task_dir_ttl`` as a pool gets it: TASK_DIR_TTL when it is missing or
+    not a number); None when ``ttl`` is 0 (kept for ever)."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < float("inf"):
+        ttl = TASK_DIR_TTL
+    if not ttl:
+        return None
+    return TaskDirCleaner(base_path(environ), float(ttl), live=live).start()
+
+
+class _Budget:
+    __slots__ = ("left", "used")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.used = 0
+
+    def spend(self) -> None:
+        self.left -= 1
+        self.used += 1
+
+    def spent(self) -> bool:
+        return self.left <= 0
+
+
+def _names(dir_fd: int) -> list[str]:
+    try:
+        return os.listdir(dir_fd)
+    except OSError:
+        return []
+
+
+def _mtime(dir_fd: int, name: str) -> float | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
+    except OSError:
+        return None
+
+
+def _expired(dir_fd: int, name: str, cutoff: float, files: tuple[str, ...] = OUTPUT_FILES) -> bool:
+    """Whether entry ``name`` and its output ``files`` (if a directory) last
+    changed before ``cutoff``; never following links."""
+    mtime = _mtime(dir_fd, name)
+    if mtime is None or mtime >= cutoff:
+        return False
+    if not files:
+        return True
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return True   # not a directory (or not one any more): nothing in it to keep it
+    try:
+        return all((_mtime(fd, f) or 0.0) < cutoff for f in files)
+    finally:
+        os.close(fd)
+
+
+def _take_away(dir_fd: int, base_fd: int, name: str, budget: _Budget) -> None:
+    """Remove entry ``name`` of ``dir_fd``: renamed first to a REMOVING_NAME
+    in the base (at once out of sight; what one pass does not finish, the
+    next one goes on with), then removed."""
+    hidden = REMOVING_PREFIX + secrets.token_hex(8)
+    try:
+        os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=base_fd)
+    except OSError:
+        return
+    remove_at(base_fd, hidden, budget, base_fd)
+
+
+def remove_at(dir_fd: int, name: str, budget: _Budget, base_fd: int) -> bool:
+    """Remove entry ``name`` of the directory open on ``dir_fd``, and all
+    under it, spending ``budget`` (one per unlink or rmdir); True when it is
+    gone. Links are unlinked, never followed; directories are opened from
+    their parent's descriptor with O_NOFOLLOW and made writable (0700) when a
+    task had taken that away. A tree deeper than MAX_DEPTH has its deep part
+    moved up into the base (``base_fd``) as a REMOVING_NAME of its own, so
+    few descriptors are open at once."""
+    stack: list[tuple[int, str, int, Iterator[str]]] = []   # (parent fd, name, fd, names left)
+
+    def enter(parent: int, entry: str) -> bool:
+        """Unlink ``entry`` if it is not a directory (True: done with it);
+        else open it onto the stack (False)."""
+        try:
+            info = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        if not stat.S_ISDIR(info.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry, dir_fd=parent)
+            budget.spend()
+            return True
+        if len(stack) >= MAX_DEPTH:
+            with contextlib.suppress(OSError):
+                os.rename(entry, REMOVING_PREFIX + secrets.token_hex(8), src_dir_fd=parent, dst_dir_fd=base_fd)
+            return True
+        try:
+            fd = os.open(entry, _DIR_FLAGS, dir_fd=parent)
+        except OSError:   # it became a link (or went) since the stat: unlink that
+            with contextlib.suppress(OSError):
+                os.unlink(entry, dir_fd=parent)
+            budget.spend()
+            return True
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o700)
+        stack.append((parent, entry, fd, iter(_names(fd))))
+        return False
+
+    try:
+        if enter(dir_fd, name):
+            return True
+        while stack:
+            if budget.spent():
+                return False
+            parent, entry, fd, names = stack[-1]
+            child = next(names, None)
+            if child is not None:
+                enter(fd, child)
+                continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(entry, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            except OSError:   # (something was added meanwhile: the next pass)
+                budget.spend()
+                return False
+            budget.spend()
+        return True
+    finally:
+        for _, _, fd, _ in stack:
+            os.close(fd)
