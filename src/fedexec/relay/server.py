@@ -1340,7 +1340,7 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
-                status, blob = self.bulk.check_result(record, status, blob)
+                status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
                 record.options = None if record.options is None else {k: v for k, v in record.options.items()
                                                                       if k != "m"}   # never memoized
