@@ -82,7 +82,7 @@ def test_a_link_reaching_the_relay_after_its_unacknowledged_dependency_finished_
 @pytest.mark.timeout(120)
 def test_reading_finished_results_back_from_the_record_is_bounded(tmp_path):
     """Each read may wait for a group commit on the relay's loop: at most
-    RECORD_READS_PER_SECOND a second, for all users. Past that, a task naming
+    RECORD_READS_PER_SECOND a second per user. Past that, a task naming
     a finished task is refused as before (DEPENDENCY_DONE: its client sends
     it with the value); those held run with the right values."""
     from fedexec.relay.server import RECORD_READS_PER_SECOND

@@ -273,6 +273,9 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.accelerators_shared = ns.accelerators_shared
     if ns.mpi_launcher is not None:
         config.mpi_launcher = ns.mpi_launcher
+    for key in ("multi_node_for_others", "max_nodes_per_user", "max_cores_per_user"):
+        if getattr(ns, key) is not None:
+            setattr(config, key, getattr(ns, key))
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
@@ -582,6 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerators-shared", action=argparse.BooleanOptionalAction, default=None,
                    help="let concurrent tasks be given the same accelerator")
     p.add_argument("--mpi-launcher", help="srun, mpiexec, mpirun or a command such as mpiexec.mpich")
+    p.add_argument("--multi-node-for-others", action=argparse.BooleanOptionalAction, default=None,
+                   help="let users other than the owner run tasks asking for several nodes (default: no)")
+    p.add_argument("--max-nodes-per-user", type=int, metavar="N",
+                   help="nodes one other user's multi-node tasks hold at once (0: no cap)")
+    p.add_argument("--max-cores-per-user", type=int, metavar="N",
+                   help="cores one other user's tasks asking for resources hold at once (0: no cap)")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")
