@@ -10,15 +10,19 @@ users), a configured endpoint and pools on loopback."""
 from __future__ import annotations
 
 import os
+import pickle
 import time
+import uuid
 
 import pytest
 
 from fedexec import FederatedExecutor, TaskRejected, with_options
 from fedexec import protocol as P
 from fedexec.config import EndpointConfig, ProviderConfig
+from fedexec.serialize import serialize_arguments, serialize_function
 
 from test_access import RawClient, fedexec_cli
+from test_chain import _placeholder, results_of
 from test_faults import running_relay
 from test_resources import block_of_pools, configured_endpoint, mpi_task
 
@@ -68,6 +72,24 @@ def test_other_users_may_ask_for_several_nodes_only_once_the_owner_allows_it(sha
             with pytest.raises(TaskRejected, match="multi_node_for_others") as refused:
                 bob.submit(two_nodes, 0.1).result(DEADLINE)
             assert "its owner only" in str(refused.value) and "'bob'" in str(refused.value)
+            # also when it waits at the endpoint for a task still running there (it is not sent on to
+            # wait at that task's pool, where it would start without its nodes or the owner's say)
+            client = RawClient(address, tokens["bob"])
+            try:
+                fn_hash, body = serialize_function(mpi_task)
+                running, dependent = uuid.uuid4().bytes, uuid.uuid4().bytes
+                blobs = P.Blobs()
+                rows = [[running, fn_hash, blobs.ref(serialize_arguments(mpi_task, (2.0,), {})), blobs.ref(body),
+                         P.TASK_CALL, P.PYTHON_VERSION],
+                        [dependent, fn_hash, blobs.ref(pickle.dumps(((_placeholder(0),), {}))), -1, P.TASK_CALL,
+                         P.PYTHON_VERSION, {"d": [running], "rs": {"n": 2}}]]
+                client.send(P.SUBMIT, {"ep": ep.id, "tasks": rows}, blobs.frames)
+                outcomes = results_of(client, [running, dependent], DEADLINE)
+            finally:
+                client.close()
+            assert outcomes[running][0] == P.OK
+            status, blob = outcomes[dependent]
+            assert status == P.FAILED and "multi_node_for_others" in P.unpack_failure(blob)["msg"], (status, blob)
             assert bob.submit(mpi_task, 0.0).result(DEADLINE)["end"] > 0   # (his plain tasks run)
         with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
             with pytest.raises(TaskRejected, match="nodes_per_block"):

@@ -661,7 +661,7 @@ class EndpointAgent:
         """A task just held here whose dependencies all went to one pool
         (or wait there) goes to that pool to wait there instead (see
         graph.py), so that their results release it without a trip here."""
-        if _names_refs(task):
+        if _released_here(task):
             return
         pool = self.graph.send_to_pool(task.row[0], self.at_pool)
         if pool is not None:
@@ -675,7 +675,7 @@ class EndpointAgent:
             follow = []
             for task_id in task_ids:
                 for waiting_id in graph.waiting_on.get(task_id, ()):
-                    if (graph.pool_of(waiting_id) is None and not _names_refs(graph.held[waiting_id].task)
+                    if (graph.pool_of(waiting_id) is None and not _released_here(graph.held[waiting_id].task)
                             and graph.send_to_pool(waiting_id, self.at_pool) is pool):
                         follow.append(graph.held[waiting_id].task)
             task_ids = self._held_to_pool(pool, follow)
@@ -1058,9 +1058,10 @@ class EndpointAgent:
             log.debug("could not write %s: %s", path, exc)
 
 
-def _names_refs(task: QueuedTask) -> bool:
-    """Whether a task names DataRefs: then it waits for its dependencies
-    here, not at a pool, since the agent fetches its refs' files when it is
-    released (:meth:`EndpointAgent._admit`)."""
+def _released_here(task: QueuedTask) -> bool:
+    """Whether a task waits for its dependencies here, not at a pool: one
+    naming DataRefs (the agent fetches its refs' files when it is released,
+    :meth:`EndpointAgent._admit`), or asking for resources (placed when it
+    is released: on nodes that can hold it, within its user's caps)."""
     row = task.row
-    return len(row) == 7 and "rf" in row[6]
+    return len(row) == 7 and ("rf" in row[6] or "rs" in row[6])

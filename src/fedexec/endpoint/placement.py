@@ -147,6 +147,8 @@ class UserCaps:
     def allows(self, row: list[Any]) -> bool:
         """Whether a task may be placed now: within its user's caps beside
         what their placed tasks hold."""
+        if not (self.max_cores or self.max_nodes):
+            return True
         user, cores, nodes = self._ask(row)
         if not user:
             return True
@@ -158,6 +160,8 @@ class UserCaps:
 
     def hold(self, row: list[Any]) -> None:
         """A task was placed (sent to a pool, or its nodes given it): it holds its share until :meth:`release`."""
+        if not (self.max_cores or self.max_nodes):   # (no caps: nothing to count)
+            return
         user, cores, nodes = self._ask(row)
         if user and row[0] not in self.held:
             self.held[row[0]] = (user, cores, nodes)
