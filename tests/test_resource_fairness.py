@@ -2,7 +2,7 @@
 from session 21's review): an endpoint owner decides whether other users
 may ask for several nodes (``multi_node_for_others``) and caps what one
 user's tasks asking for resources hold at once (``max_nodes_per_user``,
-``max_cores_per_user``). Over a cap a task waits, without holding up
+``max_cores_per_user``, ``max_gpus_per_user``). Over a cap a task waits, without holding up
 another user's; a task asking more than a cap alone fails at once, naming
 it; the owner's own tasks are not capped. Real relay (token mode, three
 users), a configured endpoint and pools on loopback."""
@@ -140,12 +140,43 @@ def test_a_user_over_a_cap_waits_without_holding_up_another_and_a_request_over_i
             assert overlap(first, hers), "carol's task waited behind bob's, with nodes free"
 
 
+@pytest.mark.timeout(180)
+def test_a_user_over_the_gpu_cap_waits_while_another_gets_the_other_gpu(shared_relay, tmp_path):
+    """Two accelerators, at most 1 per other user: bob's second GPU task waits
+    for his first, carol's runs beside it on the other one, and bob's task
+    asking for 2 fails at once naming max_gpus_per_user. The owner is not
+    capped: alice's task asking for both runs."""
+    from test_resources import ran
+
+    address, tokens, _ = shared_relay
+    with configured_endpoint(tmp_path, address, "gpus", base_env={**os.environ, "FEDEXEC_TOKEN": tokens["alice"]},
+                             max_workers=3, available_accelerators=["0", "1"], max_gpus_per_user=1) as ep:
+        share(address, tokens["alice"], ep.id, "bob", "carol")
+        one, two = with_options(ran, resources={"gpus": 1}), with_options(ran, resources={"gpus": 2})
+        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob, \
+                FederatedExecutor(ep.id, relay=address, token=tokens["carol"]) as carol, \
+                FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice:
+            with pytest.raises(TaskRejected, match="max_gpus_per_user"):
+                bob.submit(two, 0.1).result(DEADLINE)
+            assert sorted(alice.submit(two, 0.1).result(DEADLINE)[2].split(",")) == ["0", "1"]
+            first, second = bob.submit(one, 6.0), bob.submit(one, 0.5)
+            time.sleep(0.5)
+            hers = carol.submit(one, 1.0)
+            first, second, hers = (f.result(DEADLINE) for f in (first, second, hers))
+    as_interval = {"start": 0, "end": 1}
+    first, second, hers = ({**as_interval, "start": r[0], "end": r[1], "gpu": r[2]} for r in (first, second, hers))
+    assert not overlap(first, second), "bob's second GPU task ran while his first held his one GPU"
+    assert overlap(first, hers), "carol's GPU task waited behind bob's, with a GPU free"
+    assert first["gpu"] != hers["gpu"], (first, hers)
+
+
 def test_configure_takes_the_caps_and_refuses_a_negative_one(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDEXEC_HOME", str(tmp_path / "home"))
     fedexec_cli("endpoint", "configure", "c", "--multi-node-for-others", "--max-nodes-per-user", "2",
-                "--max-cores-per-user", "8")
+                "--max-cores-per-user", "8", "--max-gpus-per-user", "1")
     config = EndpointConfig.load("c")
-    assert (config.multi_node_for_others, config.max_nodes_per_user, config.max_cores_per_user) == (True, 2, 8)
+    assert (config.multi_node_for_others, config.max_nodes_per_user, config.max_cores_per_user,
+            config.max_gpus_per_user) == (True, 2, 8, 1)
     bad = fedexec_cli("endpoint", "configure", "c", "--max-cores-per-user", "-1", check=False)
     assert bad.returncode != 0 and "max_cores_per_user must be >= 0" in bad.stderr, bad.stderr
     assert EndpointConfig.load("c").max_cores_per_user == 8

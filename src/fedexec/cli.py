@@ -273,7 +273,7 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.accelerators_shared = ns.accelerators_shared
     if ns.mpi_launcher is not None:
         config.mpi_launcher = ns.mpi_launcher
-    for key in ("multi_node_for_others", "max_nodes_per_user", "max_cores_per_user"):
+    for key in ("multi_node_for_others", "max_nodes_per_user", "max_cores_per_user", "max_gpus_per_user"):
         if getattr(ns, key) is not None:
             setattr(config, key, getattr(ns, key))
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
@@ -591,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes one other user's multi-node tasks hold at once (0: no cap)")
     p.add_argument("--max-cores-per-user", type=int, metavar="N",
                    help="cores one other user's tasks asking for resources hold at once (0: no cap)")
+    p.add_argument("--max-gpus-per-user", type=int, metavar="N",
+                   help="GPUs one other user's tasks hold at once (0: no cap)")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")

@@ -240,11 +240,13 @@ class EndpointConfig:
     mpi_launcher: str = ""
     # Fairness on an endpoint shared with other users (tasks of users other than its owner; the
     # owner's own tasks are never capped): whether they may ask for several nodes (MPI), the nodes
-    # such tasks of one user hold at once, and the cores one user's tasks asking for resources hold
-    # at once (0: no cap). Over a cap a task waits here; a task asking more than a cap alone fails.
+    # such tasks of one user hold at once, and the cores and GPUs one user's single-node tasks
+    # asking for resources hold at once (0: no cap). Over a cap a task waits here; a task asking
+    # more than a cap alone fails.
     multi_node_for_others: bool = False
     max_nodes_per_user: int = 0
     max_cores_per_user: int = 0
+    max_gpus_per_user: int = 0
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
@@ -266,7 +268,7 @@ class EndpointConfig:
                           ("relay_public_key", str), ("ref_cache_bytes", int),
                           ("available_accelerators", list), ("accelerators_shared", bool), ("mpi_launcher", str),
                           ("multi_node_for_others", bool), ("max_nodes_per_user", int),
-                          ("max_cores_per_user", int)):
+                          ("max_cores_per_user", int), ("max_gpus_per_user", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -290,7 +292,7 @@ class EndpointConfig:
             raise ConfigError(f"heartbeats_missed must be from 1 to 100, not {self.heartbeats_missed}")
         if self.ref_cache_bytes < 1:
             raise ConfigError(f"ref_cache_bytes must be >= 1, not {self.ref_cache_bytes}")
-        for key in ("max_nodes_per_user", "max_cores_per_user"):
+        for key in ("max_nodes_per_user", "max_cores_per_user", "max_gpus_per_user"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (0 means no cap), not {getattr(self, key)}")
         if self.worker_lost_retries < 0:
@@ -370,11 +372,12 @@ class EndpointConfig:
             f"# or a command such as mpiexec.mpich); empty: srun on Slurm, else mpiexec.\n"
             f"mpi_launcher = {json.dumps(self.mpi_launcher)}\n"
             f"# Shared with other users (their tasks; never the owner's): whether they may ask\n"
-            f"# for several nodes, and the nodes and cores one user's tasks asking for resources\n"
-            f"# hold at once (0: no cap). Over a cap a task waits; one asking more fails at once.\n"
+            f"# for several nodes, and the nodes, cores and GPUs one user's tasks asking for\n"
+            f"# resources hold at once (0: no cap). Over a cap a task waits; one asking more fails.\n"
             f"multi_node_for_others = {'true' if self.multi_node_for_others else 'false'}\n"
             f"max_nodes_per_user = {self.max_nodes_per_user}\n"
             f"max_cores_per_user = {self.max_cores_per_user}\n"
+            f"max_gpus_per_user = {self.max_gpus_per_user}\n"
             f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
@@ -393,7 +396,7 @@ class EndpointConfig:
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
                  "data_only", "relay_public_key", "ref_cache_bytes", "provider", "available_accelerators",
                  "accelerators_shared", "mpi_launcher", "multi_node_for_others", "max_nodes_per_user",
-                 "max_cores_per_user"}
+                 "max_cores_per_user", "max_gpus_per_user"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

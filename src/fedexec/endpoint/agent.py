@@ -113,8 +113,8 @@ class EndpointAgent:
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.multi = placement.MultiNode()   # tasks asking for several nodes of a block (placement.py)
-        self.caps = placement.UserCaps(config.max_cores_per_user, config.max_nodes_per_user,   # (other users')
-                                       config.multi_node_for_others, config.name)
+        self.caps = placement.UserCaps(config.max_cores_per_user, config.max_gpus_per_user,   # (other users')
+                                       config.max_nodes_per_user, config.multi_node_for_others, config.name)
         self.functions: dict[bytes, Any] = {}
         self.at_pool: dict[bytes, PoolLink] = {}        # task_id -> the pool holding it
         self.relay_credit = 0                           # tasks the relay may still send us

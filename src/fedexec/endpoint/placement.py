@@ -98,11 +98,16 @@ class MultiNode:
             del self.pools[pool_id]
 
 
+#: what the caps count, in the order of UserCaps' vectors, with their settings
+CAPPED = (("cores", "max_cores_per_user"), ("GPUs", "max_gpus_per_user"), ("nodes", "max_nodes_per_user"))
+
+
 class UserCaps:
     """Fairness on an endpoint shared with other users: what one user's tasks
-    asking for resources may hold at once (``max_cores_per_user``: cores of
-    single-node tasks; ``max_nodes_per_user``: nodes of multi-node tasks),
-    and whether users other than the owner may ask for several nodes at all
+    asking for resources may hold at once (``max_cores_per_user`` and
+    ``max_gpus_per_user``: cores and GPUs of single-node tasks;
+    ``max_nodes_per_user``: nodes of multi-node tasks; 0: no cap), and
+    whether users other than the owner may ask for several nodes at all
     (``multi_node_for_others``). The owner's tasks (no ``u`` option) are
     never capped, nor are tasks asking for no resources (they never come here).
 
@@ -111,62 +116,64 @@ class UserCaps:
     every pass), until that user's tasks release enough; a task asking more
     than a cap alone fails at once (:meth:`refusal`)."""
 
-    def __init__(self, max_cores: int, max_nodes: int, multi_node_for_others: bool, endpoint: str) -> None:
-        self.max_cores, self.max_nodes = max_cores, max_nodes
+    def __init__(self, max_cores: int, max_gpus: int, max_nodes: int, multi_node_for_others: bool,
+                 endpoint: str) -> None:
+        self.limits = (max_cores, max_gpus, max_nodes)
+        self.capped = any(self.limits)
         self.multi_node_for_others = multi_node_for_others
         self.endpoint = endpoint
-        self.held: dict[bytes, tuple[str, int, int]] = {}   # task id -> (user, cores, nodes) it holds
-        self.cores: dict[str, int] = {}                     # user -> cores their placed tasks hold
-        self.nodes: dict[str, int] = {}                     # user -> nodes their multi-node tasks hold
+        self.held: dict[bytes, tuple[str, tuple[int, int, int]]] = {}   # task id -> (user, what it holds)
+        self.use: dict[str, list[int]] = {}                 # user -> what their placed tasks hold (as limits)
         self.parked: dict[str, deque[QueuedTask]] = {}      # user -> their tasks waiting for room, in order
         self.ready: list[QueuedTask] = []                   # parked tasks that fit again, to be queued again
 
     @staticmethod
-    def _ask(row: list[Any]) -> tuple[str, int, int]:
-        """(user, cores, nodes) a task counts for; user "" is the owner's."""
+    def _ask(row: list[Any]) -> tuple[str, tuple[int, int, int]]:
+        """(user, (cores, GPUs, nodes)) a task counts for; user "" is the owner's."""
         option = row[6]["rs"]
         nodes = R.nodes_of(option)
-        return row[6].get("u") or "", (0 if nodes > 1 else option.get(R.CORES, 1)), (nodes if nodes > 1 else 0)
+        want = (0, 0, nodes) if nodes > 1 else (option.get(R.CORES, 1), option.get(R.GPUS, 0), 0)
+        return row[6].get("u") or "", want
 
     def refusal(self, row: list[Any]) -> str | None:
         """Why a task may never run here under these caps (None: it may)."""
-        user, cores, nodes = self._ask(row)
+        user, want = self._ask(row)
         if not user:
             return None
-        if nodes and not self.multi_node_for_others:
+        if want[2] and not self.multi_node_for_others:
             return (f"endpoint {self.endpoint!r} runs tasks asking for several nodes for its owner only; the task "
-                    f"of user {user!r} asks for {nodes} nodes (its owner may allow them: multi_node_for_others)")
-        if self.max_nodes and nodes > self.max_nodes:
-            return (f"the task asks for {nodes} nodes, more than the {self.max_nodes} one user may hold at once "
-                    f"on endpoint {self.endpoint!r} (max_nodes_per_user)")
-        if self.max_cores and cores > self.max_cores:
-            return (f"the task asks for {cores} cores, more than the {self.max_cores} one user's tasks may hold "
-                    f"at once on endpoint {self.endpoint!r} (max_cores_per_user)")
+                    f"of user {user!r} asks for {want[2]} nodes (its owner may allow them: multi_node_for_others)")
+        for asked, limit, (what, setting) in zip(want, self.limits, CAPPED):
+            if limit and asked > limit:
+                return (f"the task asks for {asked} {what}, more than the {limit} one user's tasks may hold at "
+                        f"once on endpoint {self.endpoint!r} ({setting})")
         return None
+
+    def _fits(self, user: str, want: tuple[int, int, int]) -> bool:
+        use = self.use.get(user, (0, 0, 0))
+        return all(not limit or used + asked <= limit for used, asked, limit in zip(use, want, self.limits))
 
     def allows(self, row: list[Any]) -> bool:
         """Whether a task may be placed now: within its user's caps beside
         what their placed tasks hold."""
-        if not (self.max_cores or self.max_nodes):
+        if not self.capped:
             return True
-        user, cores, nodes = self._ask(row)
-        if not user:
-            return True
-        return not (self.max_cores and self.cores.get(user, 0) + cores > self.max_cores
-                    or self.max_nodes and self.nodes.get(user, 0) + nodes > self.max_nodes)
+        user, want = self._ask(row)
+        return not user or self._fits(user, want)
 
     def park(self, task: QueuedTask) -> None:
         self.parked.setdefault(self._ask(task.row)[0], deque()).append(task)
 
     def hold(self, row: list[Any]) -> None:
         """A task was placed (sent to a pool, or its nodes given it): it holds its share until :meth:`release`."""
-        if not (self.max_cores or self.max_nodes):   # (no caps: nothing to count)
+        if not self.capped:   # (no caps: nothing to count)
             return
-        user, cores, nodes = self._ask(row)
+        user, want = self._ask(row)
         if user and row[0] not in self.held:
-            self.held[row[0]] = (user, cores, nodes)
-            self.cores[user] = self.cores.get(user, 0) + cores
-            self.nodes[user] = self.nodes.get(user, 0) + nodes
+            self.held[row[0]] = (user, want)
+            use = self.use.setdefault(user, [0, 0, 0])
+            for k, asked in enumerate(want):
+                use[k] += asked
 
     def release(self, task_id: bytes) -> None:
         """A task ended, or went back to the queue: its share is free again.
@@ -175,27 +182,23 @@ class UserCaps:
         entry = self.held.pop(task_id, None)
         if entry is None:
             return
-        user, cores, nodes = entry
-        self.cores[user] -= cores
-        self.nodes[user] -= nodes
-        free_cores = self.max_cores - self.cores[user] if self.max_cores else None
-        free_nodes = self.max_nodes - self.nodes[user] if self.max_nodes else None
-        if not self.cores[user] and not self.nodes[user]:
-            del self.cores[user], self.nodes[user]
+        user, want = entry
+        use = self.use[user]
+        for k, asked in enumerate(want):
+            use[k] -= asked
         parked = self.parked.get(user)
-        back = self.ready
+        promised = list(use)   # (with the parked tasks let go so far)
         while parked:
-            _, want_cores, want_nodes = self._ask(parked[0].row)
-            if (free_cores is not None and want_cores > free_cores
-                    or free_nodes is not None and want_nodes > free_nodes):
+            asked = self._ask(parked[0].row)[1]
+            if not all(not limit or used + more <= limit for used, more, limit in zip(promised, asked, self.limits)):
                 break
-            back.append(parked.popleft())
-            if free_cores is not None:
-                free_cores -= want_cores
-            if free_nodes is not None:
-                free_nodes -= want_nodes
+            self.ready.append(parked.popleft())
+            for k, more in enumerate(asked):
+                promised[k] += more
         if not parked:
             self.parked.pop(user, None)
+        if not any(use):
+            del self.use[user]
 
     def take_out(self, task_ids: set[bytes]) -> list[QueuedTask]:
         """Parked (or ready) tasks among ``task_ids`` (cancelled), taken out."""
