@@ -149,8 +149,8 @@ class UserCaps:
                         f"once on endpoint {self.endpoint!r} ({setting})")
         return None
 
-    def _fits(self, user: str, want: tuple[int, int, int]) -> bool:
-        use = self.use.get(user, (0, 0, 0))
+    def _within(self, use: Iterable[int], want: Iterable[int]) -> bool:
+        """Whether ``want`` beside ``use`` (cores, GPUs, nodes) is within every cap."""
         return all(not limit or used + asked <= limit for used, asked, limit in zip(use, want, self.limits))
 
     def allows(self, row: list[Any]) -> bool:
@@ -159,7 +159,7 @@ class UserCaps:
         if not self.capped:
             return True
         user, want = self._ask(row)
-        return not user or self._fits(user, want)
+        return not user or self._within(self.use.get(user, (0, 0, 0)), want)
 
     def park(self, task: QueuedTask) -> None:
         self.parked.setdefault(self._ask(task.row)[0], deque()).append(task)
@@ -190,7 +190,7 @@ class UserCaps:
         promised = list(use)   # (with the parked tasks let go so far)
         while parked:
             asked = self._ask(parked[0].row)[1]
-            if not all(not limit or used + more <= limit for used, more, limit in zip(promised, asked, self.limits)):
+            if not self._within(promised, asked):
                 break
             self.ready.append(parked.popleft())
             for k, more in enumerate(asked):
