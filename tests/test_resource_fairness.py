@@ -9,6 +9,7 @@ users), a configured endpoint and pools on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -24,7 +25,7 @@ from fedexec.serialize import serialize_arguments, serialize_function
 from test_access import RawClient, fedexec_cli
 from test_chain import _placeholder, results_of
 from test_faults import running_relay
-from test_resources import block_of_pools, configured_endpoint, mpi_task
+from test_resources import block_of_pools, configured_endpoint, mpi_task, wait_for_pools
 
 DEADLINE = 60
 
@@ -168,6 +169,27 @@ def test_a_user_over_the_gpu_cap_waits_while_another_gets_the_other_gpu(shared_r
     assert not overlap(first, second), "bob's second GPU task ran while his first held his one GPU"
     assert overlap(first, hers), "carol's GPU task waited behind bob's, with a GPU free"
     assert first["gpu"] != hers["gpu"], (first, hers)
+
+
+@pytest.mark.timeout(180)
+def test_tasks_waiting_over_their_users_cap_do_not_make_the_endpoint_start_blocks(shared_relay, tmp_path):
+    """Blocks of one worker, up to 3: bob's 4 tasks asking for a core each,
+    with a cap of 1 core per user, run one after another on the first block;
+    the 3 waiting for his share start no block (more blocks would not run
+    them sooner, and would cost the endpoint's owner)."""
+    address, tokens, home = shared_relay
+    provider = ProviderConfig(type="local", init_blocks=1, min_blocks=1, max_blocks=3)
+    with configured_endpoint(tmp_path, address, "scaling", base_env={**os.environ, "FEDEXEC_TOKEN": tokens["alice"]},
+                             max_workers=1, provider=provider, max_cores_per_user=1) as ep:
+        share(address, tokens["alice"], ep.id, "bob")
+        one_core = with_options(mpi_task, resources={"memory": "1M"})
+        status = home / "endpoints" / "scaling" / "status.json"
+        wait_for_pools(status, 1, 60, ep.log)   # (tasks that came before any pool did would start blocks)
+        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob:
+            runs = [f.result(DEADLINE) for f in [bob.submit(one_core, 1.5) for _ in range(4)]]
+            blocks = json.loads(status.read_text())["blocks"]
+    assert all(not overlap(a, b) for k, a in enumerate(runs) for b in runs[k + 1:]), runs
+    assert len(blocks) == 1, blocks
 
 
 def test_configure_takes_the_caps_and_refuses_a_negative_one(tmp_path, monkeypatch):

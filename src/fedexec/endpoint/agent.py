@@ -902,6 +902,8 @@ class EndpointAgent:
     def _scale(self, now: float) -> None:
         assert self.scaler is not None
         demand = len(self.holding) + self.relay_backlog
+        if self.caps.parked or self.caps.ready:   # (over their user's cap: more blocks would not run them sooner)
+            demand -= self.caps.parked_count()
         ended, to_stop = self.scaler.tick(now, demand, self.pools)
         ended_set, stop_set = set(ended), set(to_stop)
         stop = P.encode(P.STOP)
