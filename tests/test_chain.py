@@ -82,7 +82,7 @@ def test_a_link_reaching_the_relay_after_its_unacknowledged_dependency_finished_
 @pytest.mark.timeout(120)
 def test_reading_finished_results_back_from_the_record_is_bounded(tmp_path):
     """Each read may wait for a group commit on the relay's loop: at most
-    RECORD_READS_PER_SECOND a second, for all users. Past that, a task naming
+    RECORD_READS_PER_SECOND a second per user. Past that, a task naming
     a finished task is refused as before (DEPENDENCY_DONE: its client sends
     it with the value); those held run with the right values."""
     from fedexec.relay.server import RECORD_READS_PER_SECOND
@@ -114,6 +114,80 @@ def test_reading_finished_results_back_from_the_record_is_bounded(tmp_path):
         # a fresh budget: the first RECORD_READS_PER_SECOND reads are held (more only if they span two seconds)
         assert RECORD_READS_PER_SECOND <= len(held) <= 2 * RECORD_READS_PER_SECOND, held
         assert all(pickle.loads(outcomes[dependents[value]][1]) == value + 2 for value in held)
+
+
+def fail_with(x):
+    raise ValueError(f"task {x} fails")
+
+
+def _finished_unacknowledged(client: RawClient, endpoint_id: str, fn, count: int) -> list[bytes]:
+    """``count`` tasks ``fn(i)`` of this client, finished and not acknowledged."""
+    fn_hash, body = serialize_function(fn)
+    ids = [uuid.uuid4().bytes for _ in range(count)]
+    blobs = P.Blobs()
+    rows = [[task_id, fn_hash, blobs.ref(serialize_arguments(fn, (value,), {})), blobs.ref(body) if value == 0
+             else -1, P.TASK_CALL, P.PYTHON_VERSION] for value, task_id in enumerate(ids)]
+    client.send(P.SUBMIT, {"ep": endpoint_id, "tasks": rows}, blobs.frames)
+    results_of(client, ids)
+    return ids
+
+
+def _dependents(dependencies: list[bytes]) -> tuple[list[bytes], list[list], P.Blobs]:
+    """Rows of tasks ``inc(dependency)``, one per dependency: their ids, rows, blobs."""
+    fn_hash, _ = serialize_function(inc)
+    ids = [uuid.uuid4().bytes for _ in dependencies]
+    blobs = P.Blobs()
+    args = blobs.ref(pickle.dumps(((_placeholder(0),), {})))
+    return ids, [[task_id, fn_hash, args, -1, P.TASK_CALL, P.PYTHON_VERSION, {"d": [dependency]}]
+                 for task_id, dependency in zip(ids, dependencies)], blobs
+
+
+@pytest.mark.timeout(180)
+def test_one_users_record_reads_spend_neither_their_own_budget_on_hopeless_reads_nor_anothers(tmp_path):
+    """Mallory (who owns an endpoint shared with bob) sends 30 tasks naming
+    her own finished tasks that failed (their results cannot feed a
+    dependent: reading them back from the record is hopeless), then 8
+    naming tasks of hers that succeeded; bob, in the same second, sends 8
+    naming his own. Hopeless reads are skipped without a wait for the
+    record or a share of the budget, and each user's reads come from a
+    budget of their own: all 16 good ones are held at the relay and run."""
+    from fedexec.relay.server import RECORD_READS_PER_SECOND
+    from test_access import running_endpoint, wait_connected
+    from test_faults import running_relay
+    from test_put import two_users
+
+    tokens = two_users(tmp_path)
+    mallory_token, bob_token = tokens["alice"], tokens["bob"]
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "mallorys", {"FEDEXEC_TOKEN": mallory_token}, relay=address,
+                             max_workers=2) as endpoint:
+        wait_connected(address, endpoint.id, mallory_token, endpoint.proc, endpoint.log)
+        mallory, bob = RawClient(address, mallory_token), RawClient(address, bob_token)
+        try:
+            mallory.send(P.SHARE, {"ep": endpoint.id, "add_users": ["bob"]})
+            assert mallory.expect(P.SHARED)
+            failed = _finished_unacknowledged(mallory, endpoint.id, fail_with, 30)
+            good = _finished_unacknowledged(mallory, endpoint.id, inc, RECORD_READS_PER_SECOND)
+            bobs = _finished_unacknowledged(bob, endpoint.id, inc, RECORD_READS_PER_SECOND)
+            time.sleep(0.5)   # (all of them written to the record)
+            while time.monotonic() % 1.0 > 0.2:   # early in a second (the relay's budget is per second of
+                time.sleep(0.01)                  # CLOCK_MONOTONIC, which this process shares)
+            hers, rows, blobs = _dependents(failed + good)
+            mallory.send(P.SUBMIT, {"ep": endpoint.id, "tasks": rows}, blobs.frames)
+            his, rows, blobs = _dependents(bobs)
+            bob.send(P.SUBMIT, {"ep": endpoint.id, "tasks": rows}, blobs.frames)
+            outcomes = {**results_of(mallory, hers), **results_of(bob, his)}
+        finally:
+            mallory.close()
+            bob.close()
+        for task_id in hers[:30]:   # refused as before: her client would send them with the values
+            status, blob = outcomes[task_id]
+            assert status == P.FAILED and P.unpack_failure(blob)["kind"] == P.DEPENDENCY_DONE, outcomes[task_id]
+        held = hers[30:] + his
+        assert all(outcomes[task_id][0] == P.OK for task_id in held), \
+            [P.unpack_failure(outcomes[t][1]) for t in held if outcomes[t][0] != P.OK]
+        assert all(pickle.loads(outcomes[task_id][1]) == value + 2
+                   for task_id, value in zip(held, [*range(RECORD_READS_PER_SECOND)] * 2))
 
 
 class _placeholder:

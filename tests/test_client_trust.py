@@ -37,7 +37,8 @@ class FakeEndpoint(threading.Thread):
     """An endpoint that speaks the wire protocol itself, as a hostile owner's
     could: it claims in its HELLO what it likes (``data_only``) and answers
     every task with ``answer`` (status, blob), whatever the task was (or
-    with what ``answer(row)`` gives for the task row, when it is callable)."""
+    with what ``answer(row)`` gives for the task row, when it is callable;
+    a task it gives None for is held, never answered)."""
 
     def __init__(self, address: str, token: str, answer: Any, data_only: bool = False) -> None:
         super().__init__(daemon=True)
@@ -65,10 +66,12 @@ class FakeEndpoint(threading.Thread):
                     self.welcomed.set()
                 elif msg.type == P.TASKS:
                     blobs = P.Blobs()
-                    rows = [blobs.result_row(row[0], *(self.answer(row) if callable(self.answer) else self.answer))
-                            for row in msg.fields["tasks"]]
+                    answers = [(row[0], self.answer(row) if callable(self.answer) else self.answer)
+                               for row in msg.fields["tasks"]]
+                    rows = [blobs.result_row(task_id, *answer) for task_id, answer in answers
+                            if answer is not None]   # (None: the task is held, never answered)
                     self.tasks += len(rows)
-                    sock.send_multipart(P.encode(P.RESULTS, {"rows": rows, "credit": len(rows)}, blobs.frames))
+                    sock.send_multipart(P.encode(P.RESULTS, {"rows": rows, "credit": len(answers)}, blobs.frames))
         finally:
             sock.close(linger=0)
             ctx.term()

@@ -124,6 +124,30 @@ def wait_for_pools(status: Path, count: int, timeout: float, log: Path) -> None:
         time.sleep(0.2)
     pytest.fail(f"{count} pools did not connect within {timeout:g} s:\n{tail(log)}")
 
+
+@contextlib.contextmanager
+def block_of_pools(directory: Path, home: Path, endpoint: str, log: Path, nodes: int = 4):
+    """``nodes`` pools of one block ("block-1") of endpoint ``endpoint``
+    (provider manual), started by hand, one worker each, each named as
+    Slurm names a node (node1, node2, ...); waits until all are connected,
+    and stops them after."""
+    info = json.loads((home / "endpoints" / endpoint / "pools.json").read_text())
+    pools = []
+    try:
+        for k in range(1, nodes + 1):
+            with open(directory / f"pool-{endpoint}-node{k}.log", "wb") as out:
+                pools.append(subprocess.Popen(
+                    [sys.executable, "-m", "fedexec.pool", "--address", info["address"], "--block-id", "block-1",
+                     "--workers", "1", f"--endpoint-key={info['key']}"], stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env={**os.environ, "FEDEXEC_POOL_SECRET": info["secret"],
+                                                   "SLURMD_NODENAME": f"node{k}",
+                                                   "PYTHONPATH": str(Path(__file__).parent)}))
+        wait_for_pools(home / "endpoints" / endpoint / "status.json", nodes, 60, log)
+        yield
+    finally:
+        for proc in pools:
+            stop_process(proc)
+
 def test_unknown_keys_and_bad_values_are_refused_in_submit(executor):
     with pytest.raises(ValueError, match="unknown key.*'cpus'"):
         executor.submit(with_options(ran, resources={"cpus": 2}), 0)
@@ -247,19 +271,8 @@ def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
     from fedexec.config import ProviderConfig
 
     provider = ProviderConfig(type="manual", nodes_per_block=4, address="127.0.0.1", min_blocks=0, init_blocks=0)
-    pools = []
     with configured_endpoint(on.dir, on.address, "mpi", max_workers=1, provider=provider) as ep:
-        info = json.loads((on.home / "endpoints" / "mpi" / "pools.json").read_text())
-        try:
-            for k in range(1, 5):
-                log = open(on.dir / f"pool-node{k}.log", "wb")
-                pools.append(subprocess.Popen(
-                    [sys.executable, "-m", "fedexec.pool", "--address", info["address"], "--block-id", "block-1",
-                     "--workers", "1", f"--endpoint-key={info['key']}"], stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env={**os.environ, "FEDEXEC_POOL_SECRET": info["secret"],
-                                                   "SLURMD_NODENAME": f"node{k}",
-                                                   "PYTHONPATH": str(Path(__file__).parent)}))
-            wait_for_pools(on.home / "endpoints" / "mpi" / "status.json", 4, 60, ep.log)
+        with block_of_pools(on.dir, on.home, "mpi", ep.log):
             with FederatedExecutor(ep.id, relay=on.address) as ex:
                 # a task asking for all 4 nodes waits (one is busy), keeping the other 3 for itself; once it
                 # is cancelled those 3 take other tasks again at once, not only after the busy one ends
@@ -278,9 +291,6 @@ def test_a_two_node_task_gets_two_nodes_of_a_block_and_others_use_the_rest(on):
                 singles = [ex.submit(mpi_task, 0.5) for _ in range(4)]
                 mpi = big.result(timeout=60)
                 others = [f.result(timeout=60) for f in singles]
-        finally:
-            for proc in pools:
-                stop_process(proc)
     nodes = mpi["FEDEXEC_NODELIST"].split(",")
     assert len(nodes) == 2 and set(nodes) <= {"node1", "node2", "node3", "node4"}, mpi
     assert mpi["SLURMD_NODENAME"] == nodes[0]

@@ -275,6 +275,9 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         config.mpi_launcher = ns.mpi_launcher
     if ns.task_dir_ttl is not None:
         config.task_dir_ttl = ns.task_dir_ttl
+    for key in ("multi_node_for_others", "max_nodes_per_user", "max_cores_per_user", "max_gpus_per_user"):
+        if getattr(ns, key) is not None:
+            setattr(config, key, getattr(ns, key))
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
     if ns.provider is not None and ns.provider != config.provider.type:
         settings = {"type": ns.provider}     # another provider: its defaults, then what was given
@@ -587,6 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir-ttl", type=float, metavar="SECONDS",
                    help="seconds a shell task's directory (its whole output) is kept after its last change, "
                         "then removed (default 604800: 7 days; 0: kept for ever)")
+    p.add_argument("--multi-node-for-others", action=argparse.BooleanOptionalAction, default=None,
+                   help="let users other than the owner run tasks asking for several nodes (default: no)")
+    p.add_argument("--max-nodes-per-user", type=int, metavar="N",
+                   help="nodes one other user's multi-node tasks hold at once (0: no cap)")
+    p.add_argument("--max-cores-per-user", type=int, metavar="N",
+                   help="cores one other user's tasks asking for resources hold at once (0: no cap)")
+    p.add_argument("--max-gpus-per-user", type=int, metavar="N",
+                   help="GPUs one other user's tasks hold at once (0: no cap)")
     p.add_argument("--provider", choices=PROVIDERS, help="how pools are started (default local)")
     p.add_argument("--init-blocks", type=int, help="blocks started with the endpoint")
     p.add_argument("--min-blocks", type=int, help="blocks kept even when idle")

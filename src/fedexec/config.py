@@ -241,6 +241,15 @@ class EndpointConfig:
     mpi_launcher: str = ""
     # seconds a shell task's directory (its whole output) is kept after its last change; 0: for ever
     task_dir_ttl: float = TASK_DIR_TTL
+    # Fairness on an endpoint shared with other users (tasks of users other than its owner; the
+    # owner's own tasks are never capped): whether they may ask for several nodes (MPI), the nodes
+    # such tasks of one user hold at once, and the cores and GPUs one user's single-node tasks
+    # asking for resources hold at once (0: no cap). Over a cap a task waits here; a task asking
+    # more than a cap alone fails.
+    multi_node_for_others: bool = False
+    max_nodes_per_user: int = 0
+    max_cores_per_user: int = 0
+    max_gpus_per_user: int = 0
     provider: ProviderConfig = field(default_factory=lambda: ProviderConfig(min_blocks=1))
 
     def workers(self) -> int:
@@ -261,7 +270,9 @@ class EndpointConfig:
                           ("allowed_functions", list), ("sandbox", str), ("sandbox_image", str),
                           ("relay_public_key", str), ("ref_cache_bytes", int),
                           ("available_accelerators", list), ("accelerators_shared", bool), ("mpi_launcher", str),
-                          ("task_dir_ttl", (int, float))):
+                          ("task_dir_ttl", (int, float)),
+                          ("multi_node_for_others", bool), ("max_nodes_per_user", int),
+                          ("max_cores_per_user", int), ("max_gpus_per_user", int)):
             value = getattr(self, key)
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 want = kind.__name__ if isinstance(kind, type) else "number"
@@ -288,6 +299,9 @@ class EndpointConfig:
         if not 0 <= self.task_dir_ttl < float("inf"):
             raise ConfigError(f"task_dir_ttl must be a number of seconds >= 0 (0: keep task directories for "
                               f"ever), not {self.task_dir_ttl!r}")
+        for key in ("max_nodes_per_user", "max_cores_per_user", "max_gpus_per_user"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 means no cap), not {getattr(self, key)}")
         if self.worker_lost_retries < 0:
             raise ConfigError(f"worker_lost_retries must be >= 0, not {self.worker_lost_retries}")
         for fn_hash in self.allowed_functions:
@@ -367,6 +381,13 @@ class EndpointConfig:
             f"# Seconds a shell task's directory (its whole output) is kept after its last\n"
             f"# change, then removed; 0: kept for ever. Default 604800 (7 days).\n"
             f"task_dir_ttl = {self.task_dir_ttl!r}\n"
+            f"# Shared with other users (their tasks; never the owner's): whether they may ask\n"
+            f"# for several nodes, and the nodes, cores and GPUs one user's tasks asking for\n"
+            f"# resources hold at once (0: no cap). Over a cap a task waits; one asking more fails.\n"
+            f"multi_node_for_others = {'true' if self.multi_node_for_others else 'false'}\n"
+            f"max_nodes_per_user = {self.max_nodes_per_user}\n"
+            f"max_cores_per_user = {self.max_cores_per_user}\n"
+            f"max_gpus_per_user = {self.max_gpus_per_user}\n"
             f"\n{self.provider.to_toml()}"
         )
         path.write_text(text)
@@ -384,7 +405,8 @@ class EndpointConfig:
         known = {"endpoint_id", "relay", "max_workers", "prefetch", "heartbeat_period", "worker_batch",
                  "worker_lost_retries", "heartbeats_missed", "allowed_functions", "sandbox", "sandbox_image",
                  "data_only", "relay_public_key", "ref_cache_bytes", "provider", "available_accelerators",
-                 "accelerators_shared", "mpi_launcher", "task_dir_ttl"}
+                 "accelerators_shared", "mpi_launcher", "task_dir_ttl", "multi_node_for_others", "max_nodes_per_user",
+                 "max_cores_per_user", "max_gpus_per_user"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")

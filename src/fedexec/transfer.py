@@ -119,6 +119,28 @@ class Sha256:
 
 
 # -- references ---------------------------------------------------------------
+def task_upload_id(task_id: bytes | None) -> bytes:
+    """A new upload id: for an upload made for a task (an endpoint's result),
+    bound to that task (its first 8 bytes derived from the task id, see
+    :func:`bound_to`), else random. The relay takes an upload for a task, and
+    a task's large result, only under an id bound to it: so an endpoint
+    running several tasks of a user cannot name another upload of that user
+    (a big argument, a DataRef, another task's result) as a task's result,
+    which the user's client would read as the value and then drop."""
+    if task_id is None:
+        return os.urandom(16)
+    return _task_prefix(task_id) + os.urandom(8)
+
+
+def bound_to(bid: bytes, task_id: Any) -> bool:
+    """Whether upload id ``bid`` was made for task ``task_id`` (:func:`task_upload_id`)."""
+    return isinstance(task_id, bytes) and bid[:8] == _task_prefix(task_id)
+
+
+def _task_prefix(task_id: bytes) -> bytes:
+    return hashlib.sha256(b"fedexec upload for task " + task_id).digest()[:8]
+
+
 def big_ref(bid: bytes, total: int, digest: bytes) -> bytes:
     """A reference to upload ``bid`` of ``total`` bytes. ``digest``: its
     sha256, or b"" for an *unhashed* upload (handed over on the same-host
@@ -615,7 +637,7 @@ class TransferLink:
             view.release()
 
     def _upload(self, read: Callable[[int, int], Any], total: int, digest: bytes, task_id: bytes | None) -> bytes:
-        bid = os.urandom(16)
+        bid = task_upload_id(task_id)
         head = {"b": bid, "n": total, "h": digest, "q": os.urandom(8)}
         if task_id is not None:
             head["tid"] = task_id
@@ -836,7 +858,7 @@ class TransferLink:
         if not self._same_host():
             return None
         total = os.stat(data).st_size if isinstance(data, (str, Path)) else len(data)
-        bid = os.urandom(16)
+        bid = task_upload_id(task_id)
         head: dict[str, Any] = {"b": bid, "n": total}
         if task_id is not None:
             head["tid"] = task_id

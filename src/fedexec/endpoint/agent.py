@@ -113,6 +113,8 @@ class EndpointAgent:
         self.pools: dict[bytes, PoolLink] = {}
         self.queue: deque[QueuedTask] = deque()
         self.multi = placement.MultiNode()   # tasks asking for several nodes of a block (placement.py)
+        self.caps = placement.UserCaps(config.max_cores_per_user, config.max_gpus_per_user,   # (other users')
+                                       config.max_nodes_per_user, config.multi_node_for_others, config.name)
         self.functions: dict[bytes, Any] = {}
         self.at_pool: dict[bytes, PoolLink] = {}        # task_id -> the pool holding it
         self.relay_credit = 0                           # tasks the relay may still send us
@@ -318,7 +320,10 @@ class EndpointAgent:
         (graph.py), up to ``graph.extra(capacity)`` of them, do not, so that
         the tasks after them in a chain can be here before they are due."""
         held = len(self.graph.held)
-        return len(self.holding) - (min(held, self.graph.extra(self.capacity())) if held else 0)
+        occupied = len(self.holding) - (min(held, self.graph.extra(self.capacity())) if held else 0)
+        if self.caps.parked or self.caps.ready:   # over their user's cap, up to a capacity of them do not either,
+            occupied -= min(self.caps.parked_count(), self.capacity())   # so they hold up no other user's tasks
+        return occupied
 
     def _offer_spare_credit(self) -> None:
         """When capacity grew (tasks turned out fast), say so without waiting
@@ -510,6 +515,9 @@ class EndpointAgent:
         if self.multi.waiting:
             for task in take_out(self.multi.waiting, task_ids):
                 self._result(task.row[0], P.CANCELLED, b"")
+        if self.caps.parked or self.caps.ready:   # waiting for their user's share (placement.UserCaps)
+            for task in self.caps.take_out(task_ids):
+                self._result(task.row[0], P.CANCELLED, b"")
         if self.graph:
             for task_id in self.graph.cancel(task_ids):
                 self._result(task_id, P.CANCELLED, b"")
@@ -538,6 +546,8 @@ class EndpointAgent:
         self.holding.discard(task_id)
         if self.multi.pools:   # the nodes kept for a multi-node task (running or waiting) take others again
             self.multi.release(task_id)
+        if self.caps.held:   # its user's share of the endpoint (placement.UserCaps)
+            self.caps.release(task_id)
         if self.graph.waiting_on:   # tasks held here may wait for it
             self._dependency_finished(task_id, status, blob if local is None else local)
         if self.bulk.argument_files or self.bulk.keeping or self.bulk.fetched_for:   # its large files go
@@ -611,9 +621,15 @@ class EndpointAgent:
 
     def _placed_apart(self, task: QueuedTask) -> bool:
         """A task asking for resources: True if it was dealt with here
-        (failed: no node could ever hold it; or waiting for several nodes),
-        False if it goes to the queue as any task."""
+        (failed: no node could ever hold it, or it asks more than the
+        owner allows another user; or waiting for several nodes), False if
+        it goes to the queue as any task."""
         row = task.row
+        refused = self.caps.refusal(row)   # (another user's task asking more than the owner allows them)
+        if refused is not None:
+            log.warning("refused task %s: %s", row[0].hex(), refused)
+            self._result(row[0], P.FAILED, P.pack_failure(P.REJECTED, refused))
+            return True
         if self._never_fits(row):
             return True
         if placement.several_nodes(row):
@@ -645,7 +661,7 @@ class EndpointAgent:
         """A task just held here whose dependencies all went to one pool
         (or wait there) goes to that pool to wait there instead (see
         graph.py), so that their results release it without a trip here."""
-        if _names_refs(task):
+        if _released_here(task):
             return
         pool = self.graph.send_to_pool(task.row[0], self.at_pool)
         if pool is not None:
@@ -659,7 +675,7 @@ class EndpointAgent:
             follow = []
             for task_id in task_ids:
                 for waiting_id in graph.waiting_on.get(task_id, ()):
-                    if (graph.pool_of(waiting_id) is None and not _names_refs(graph.held[waiting_id].task)
+                    if (graph.pool_of(waiting_id) is None and not _released_here(graph.held[waiting_id].task)
                             and graph.send_to_pool(waiting_id, self.at_pool) is pool):
                         follow.append(graph.held[waiting_id].task)
             task_ids = self._held_to_pool(pool, follow)
@@ -862,6 +878,8 @@ class EndpointAgent:
         for task_id in task_ids:
             task = pool.tasks.pop(task_id)
             self.at_pool.pop(task_id, None)
+            if self.caps.held:   # (counted again once placed again)
+                self.caps.release(task_id)
             if task_id in pool.started and lost:
                 pool.started.discard(task_id)
                 task.lost += 1
@@ -884,6 +902,8 @@ class EndpointAgent:
     def _scale(self, now: float) -> None:
         assert self.scaler is not None
         demand = len(self.holding) + self.relay_backlog
+        if self.caps.parked or self.caps.ready:   # (over their user's cap: more blocks would not run them sooner)
+            demand -= self.caps.parked_count()
         ended, to_stop = self.scaler.tick(now, demand, self.pools)
         ended_set, stop_set = set(ended), set(to_stop)
         stop = P.encode(P.STOP)
@@ -896,6 +916,10 @@ class EndpointAgent:
 
     def _assign(self) -> None:
         """Send queued tasks to the pools with room, least loaded first."""
+        if self.caps.ready:   # parked over their user's cap, they fit again (placement.UserCaps)
+            for task in reversed(self.caps.ready):
+                (self.multi.waiting if placement.several_nodes(task.row) else self.queue).appendleft(task)
+            self.caps.ready = []
         if self.multi.waiting and self.pools:
             self._place_multi_node()
         if not self.queue or not self.pools:
@@ -935,6 +959,10 @@ class EndpointAgent:
                     if not self._never_fits(task.row):
                         elsewhere.append(task)
                     continue
+                if self.multi.placing is not task and not self.caps.allows(task.row):
+                    self.caps.park(task)   # over its user's cap: waits apart until their tasks free some
+                    continue
+                self.caps.hold(task.row)
             fn_ref: bytes | int = -1
             if fn_hash not in pool.known_functions:
                 body = self.functions.get(fn_hash)
@@ -968,6 +996,12 @@ class EndpointAgent:
         block) are kept for it, taking no more tasks, and once they have
         finished what they held it goes to the first of them with the node
         list; other tasks use the block's other nodes meanwhile."""
+        while self.multi.waiting and not self.caps.allows(self.multi.waiting[0].row):
+            task = self.multi.waiting.popleft()   # over its user's cap: waits apart, keeping no nodes
+            self.multi.release(task.row[0])
+            self.caps.park(task)
+        if not self.multi.waiting:
+            return
         task, pools = self.multi.ready(self.pools)
         if task is None:
             return
@@ -1026,9 +1060,10 @@ class EndpointAgent:
             log.debug("could not write %s: %s", path, exc)
 
 
-def _names_refs(task: QueuedTask) -> bool:
-    """Whether a task names DataRefs: then it waits for its dependencies
-    here, not at a pool, since the agent fetches its refs' files when it is
-    released (:meth:`EndpointAgent._admit`)."""
+def _released_here(task: QueuedTask) -> bool:
+    """Whether a task waits for its dependencies here, not at a pool: one
+    naming DataRefs (the agent fetches its refs' files when it is released,
+    :meth:`EndpointAgent._admit`), or asking for resources (placed when it
+    is released: on nodes that can hold it, within its user's caps)."""
     row = task.row
-    return len(row) == 7 and "rf" in row[6]
+    return len(row) == 7 and ("rf" in row[6] or "rs" in row[6])

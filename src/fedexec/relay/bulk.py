@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..transfer import LOCAL, LOCAL_OK, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, is_big, parse_big
+from ..transfer import LOCAL, LOCAL_OK, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, bound_to, is_big, parse_big
 
 if TYPE_CHECKING:
     from .access import Session
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP, LOCAL})
 MAX_PROVEN = 4096      # connections remembered as proven same-host (the oldest forgotten first)
 EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
+NOT_BOUND = "not an upload the endpoint made for this task"   # (said to the task's user and the endpoint)
 
 
 class BulkTransfers:
@@ -60,6 +61,7 @@ class BulkTransfers:
             if len(msg.blobs) != 1:
                 raise P.ProtocolError("an UPLOAD carries one chunk frame")
             user, why = self._whose(session, fields, "upload a result for")
+            why = why or unbound(fields)
             reply = {"b": fields.get("b"), "err": why} if why else self.spool.upload(user, fields, msg.blobs[0])
             reply["q"] = echo
             self.relay._send(sender, P.encode(P.UPLOADED, reply))
@@ -130,9 +132,13 @@ class BulkTransfers:
                                 "uploaded (unknown, incomplete, another user's, or expired)", {})
         return None
 
-    def check_result(self, record: "TaskRecord", status: int, blob: Any) -> tuple[int, Any]:
+    def check_result(self, record: "TaskRecord", status: int, blob: Any, sender: bytes = b"",
+                     endpoint_user: str = "") -> tuple[int, Any]:
         """A result row's status and blob: a reference to a complete upload
-        of the task's user stands; any other becomes a FAILED result."""
+        of the task's user, made for this task (its id bound to the task:
+        transfer.task_upload_id), stands; any other becomes a FAILED result.
+        An endpoint that names an upload not made for the task is told so
+        (an ERROR to ``sender``) and logged as refused (``endpoint_user``)."""
         try:
             bid, total, _ = parse_big(blob)
         except P.ProtocolError as exc:
@@ -143,6 +149,14 @@ class BulkTransfers:
         if (record.user, bid) in self.relay.kept.owners:   # (its client's DROP would delete it too)
             return P.FAILED, P.pack_failure(P.REJECTED, f"the endpoint's result names the result of another task "
                                                         f"({bid.hex()}), not an upload of its own; it was not taken")
+        if not bound_to(bid, record.task_id):   # (another upload of its user: its DROP would delete that)
+            message = (f"the endpoint's result names upload {bid.hex()}, {NOT_BOUND} "
+                       f"({record.task_id.hex()}); it was not taken")
+            self.relay._refused_task(endpoint_user, f"name as a task's result an upload that is {NOT_BOUND}",
+                                     record.task_id)
+            if sender:
+                self.relay._send(sender, P.encode(P.ERROR, {"msg": message}))
+            return P.FAILED, P.pack_failure(P.REJECTED, message)
         if total > self.relay.max_payload:
             message, details = P.too_large("the result", total, self.relay.max_payload)
             self.spool.drop(record.user, bid)
@@ -238,8 +252,22 @@ class SameHost:
                 return {"err": why or f"no upload {bid.hex()} of user {user!r} here"}
             return {"p": str(path)}
         user, why = self.bulk._whose(session, fields, "upload a result for")
+        why = why or unbound(fields)
         if why:
             return {"err": why}
         if op == "place":
             return spool.place(user, bid, total)
         return spool.placed(user, bid, total, unhashed=fields.get("u") is True)
+
+
+def unbound(fields: dict[str, Any]) -> str:
+    """Why an upload for a task (``tid``) may not go under the id it names:
+    not an id made for that task (transfer.task_upload_id), as then an
+    endpoint could write into another upload of the task's user still in
+    progress, or name it as the task's result; "" when it may."""
+    task_id, bid = fields.get("tid"), fields.get("b")
+    if task_id is None or not isinstance(bid, bytes) or bound_to(bid, task_id):
+        return ""
+    named = task_id.hex() if isinstance(task_id, bytes) else P.shorten(task_id)
+    return (f"upload id {bid.hex()} is not an id made for task {named}: an upload for a task "
+            "goes under an id bound to it (fedexec.transfer.task_upload_id)")

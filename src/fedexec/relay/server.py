@@ -40,6 +40,8 @@ from .refs import TYPES as REF_TYPES, DataRefs
 from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
     option_bytes
 from .kept import KeptResults
+from .reads import RecordReads
+from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
 
 log = logging.getLogger("fedexec.relay")
@@ -78,7 +80,7 @@ RECORD_BYTES_PER_TURN = 64 * 1024 * 1024
 HOLDING_WINDOW = 30.0
 # Results of finished, unacknowledged tasks read back from the record for a
 # task naming them that came just after they finished (_recorded_result), at
-# most this many a second for all users: each read may wait for a group
+# most this many a second per user (reads.py): each read may wait for a group
 # commit on the loop, and a chain needs one when it starts; past it, such a
 # task is refused for its client to send it with the values, as before.
 RECORD_READS_PER_SECOND = 8
@@ -204,7 +206,7 @@ class Relay:
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
         self.tasks: dict[bytes, TaskRecord] = {}
         self.graph = DependencyGraph()   # tasks held until the tasks they depend on finish
-        self._record_reads = [0, 0]   # (second, reads in it): _recorded_result's budget
+        self._record_reads = RecordReads(RECORD_READS_PER_SECOND)   # _recorded_result's budget
         self._cascade: list[tuple[TaskRecord, int, Any]] | None = None   # see _dependencies_finished
         if function_grace < 0:
             raise ValueError("function_grace must be 0 seconds or more")
@@ -1069,14 +1071,11 @@ class Relay:
         value). Without it, that refusal is followed by the same for every
         later link already sent (``graph.sent_again``): the whole chain
         through the client. A rare path: it waits for one group commit, at
-        most RECORD_READS_PER_SECOND times a second."""
-        second = int(time.monotonic())
-        reads = self._record_reads
-        if reads[0] != second:
-            reads[0], reads[1] = second, 0
-        if reads[1] >= RECORD_READS_PER_SECOND:
+        most RECORD_READS_PER_SECOND times a second per user, and never for
+        a task known not to have a result that could feed a dependent
+        (reads.py)."""
+        if not self._record_reads.take(task_id, user):
             return None
-        reads[1] += 1
         self._wait_for_record()
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[1] != P.OK or outcome[3] != user or outcome[2] is None:
@@ -1344,8 +1343,9 @@ class Relay:
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
             elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
-                status, blob = self.bulk.check_result(record, status, blob)
+                status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
+                self._record_reads.hopeless_task(task_id)   # (an upload: not read back for a dependent)
                 record.options = None if record.options is None else {k: v for k, v in record.options.items()
                                                                       if k != "m"}   # never memoized
             finished.append((record, status, buffer))
@@ -1567,7 +1567,10 @@ class Relay:
             add_result(record.task_id, status, result, record.user)
             if is_big(record.args):
                 self.bulk.finished(record)
-            changes.append((record.task_id, record.user, len(as_buffer(record.args)), len(result)))
+            size = len(result)
+            changes.append((record.task_id, record.user, len(as_buffer(record.args)), size))
+            if status != P.OK or size > KEPT_IN_MEMORY:   # (no use reading it back for a dependent: reads.py)
+                self._record_reads.hopeless_task(record.task_id)
             if record.group is not None:
                 self._left_group(record)
         self.quotas.results_replace(changes, now)

@@ -1,0 +1,54 @@
+"""The relay's budget for reading finished tasks' results back from its
+record (server.Relay._recorded_result): a task naming a finished,
+unacknowledged task whose result the relay no longer keeps in memory is
+held only after such a read, and each read may wait on the relay's loop for
+one group commit. So the reads are few, and fair: skipped at once when they
+cannot help (the dependency failed, or its result is too large to feed a
+dependent from the record), and counted per user and second, so that one
+user's graph cannot spend the reads of another's."""
+
+from __future__ import annotations
+
+import time
+
+# Finished tasks remembered as hopeless to read back (the oldest forgotten
+# first: one then costs a read again, still within its user's budget).
+MAX_HOPELESS = 65536
+
+
+class RecordReads:
+    """Per-user, per-second budget of record reads, and the finished tasks
+    not worth one."""
+
+    def __init__(self, per_second: int) -> None:
+        """``per_second``: reads a second per user (server.RECORD_READS_PER_SECOND)."""
+        self.per_second = per_second
+        self.second = 0
+        self.spent: dict[str, int] = {}      # user -> reads in ``second``
+        self.hopeless: dict[bytes, None] = {}  # task ids, oldest first
+
+    def hopeless_task(self, task_id: bytes) -> None:
+        """Task ``task_id`` finished with a result that could never feed a
+        dependent from the record (it failed, or its result is over
+        graph.KEPT_IN_MEMORY, or an upload: the caller knows, at no cost on
+        the hot path of small successful results, which are not remembered)."""
+        hopeless = self.hopeless
+        hopeless[task_id] = None
+        if len(hopeless) > MAX_HOPELESS:
+            del hopeless[next(iter(hopeless))]
+
+    def take(self, task_id: bytes, user: str) -> bool:
+        """Whether ``user`` may read task ``task_id``'s result back now: not
+        when it is known to be hopeless (no budget spent), nor when the
+        user's reads this second are spent."""
+        if task_id in self.hopeless:
+            return False
+        second = int(time.monotonic())
+        if second != self.second:
+            self.second = second
+            self.spent = {}
+        count = self.spent.get(user, 0)
+        if count >= self.per_second:
+            return False
+        self.spent[user] = count + 1
+        return True
