@@ -74,6 +74,38 @@ def test_a_fan_out_fan_in_graph_of_1000(executor):
     print(f"fan-out/fan-in of 1,000 tasks: {time.monotonic() - started:.2f} s")
 
 
+def test_a_task_whose_futures_are_done_already_goes_as_an_ordinary_task(executor):
+    """The leaves of a fan-out submitted after its root finished take its
+    value at once, in submit: neither held in the client nor sent for the
+    relay to hold (so each costs what a plain task costs). A failed or
+    cancelled one still fails its dependents with a DependencyError."""
+    from fedexec.dependencies import arguments_or_futures
+    import pickle
+
+    root = executor.submit(inc, 0)
+    assert root.result(DEADLINE) == 1
+    done = Future()
+    done.set_result([1, 2])
+    assert pickle.loads(arguments_or_futures(inc, (root, 3, done), {})) == ((1, 3, [1, 2]), {})
+    dispatcher = executor._dispatcher
+    leaves, seen = [], 0
+    for _ in range(200):
+        leaves.append(executor.submit(inc, root))
+        with dispatcher._post_lock:
+            seen += len(dispatcher.relayed) + len(dispatcher.held)
+    assert seen == 0, "tasks whose futures were done were held for them"
+    assert [leaf.result(DEADLINE) for leaf in leaves] == [2] * 200
+    failed = executor.submit(boom, 1)
+    with pytest.raises(ValueError):
+        failed.result(DEADLINE)
+    with pytest.raises(DependencyError, match=failed.task_id):
+        executor.submit(inc, failed).result(DEADLINE)
+    cancelled = Future()
+    cancelled.cancel()
+    with pytest.raises(DependencyError):
+        executor.submit(inc, cancelled).result(DEADLINE)
+
+
 def test_futures_inside_lists_tuples_dicts_and_keywords_take_their_values(executor):
     a, b = executor.submit(inc, 1), executor.submit(inc, 10)
     future = executor.submit(describe, [a, (b, a)], {"k": {"deep": [b]}}, key=a)

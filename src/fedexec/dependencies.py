@@ -21,6 +21,7 @@ import io
 import pickle
 import threading
 from concurrent.futures import CancelledError, Future
+from concurrent.futures._base import FINISHED as _FINISHED
 from typing import Any, Callable
 
 import cloudpickle
@@ -124,6 +125,28 @@ def _plain_snapshot(args: tuple) -> tuple[bytes, list[Future]] | None:
     return pickle.dumps((tuple(parts), {}), protocol=PICKLE_PROTOCOL), found
 
 
+def _values_in_hand(args: tuple) -> tuple | None:
+    """``args`` with each future in them replaced by its value, when they
+    are plain data (``_SIMPLE_TYPES``) and futures that have all succeeded
+    already (their values are in this process): the call is then sent as
+    an ordinary task, as a task held here for its futures would be once
+    they are done, without holding it (the leaves of a fan-out submitted
+    after its root finished). None for any other arguments (also when a
+    future is not done, or failed: that takes the path that waits for it
+    or fails the task with a DependencyError)."""
+    values: list[Any] = []
+    any_future = False
+    for arg in args:
+        if type(arg) in _SIMPLE_TYPES:
+            values.append(arg)
+        elif isinstance(arg, Future) and arg._state == _FINISHED and arg._exception is None:  # type: ignore[attr-defined]
+            values.append(arg._result)  # type: ignore[attr-defined]
+            any_future = True
+        else:
+            return None
+    return tuple(values) if any_future else None
+
+
 class FuturesFound(Exception):
     """(Internal) raised by :func:`arguments_or_futures` for arguments that
     hold futures, with their :func:`snapshot`."""
@@ -145,6 +168,9 @@ def arguments_or_futures(fn: Callable[..., Any], args: tuple, kwargs: dict) -> b
     if not kwargs:
         if all(type(a) in _SIMPLE_TYPES for a in args):
             return pickle.dumps((args, kwargs), protocol=PICKLE_PROTOCOL)
+        values = _values_in_hand(args)
+        if values is not None:   # its futures have their values here already: an ordinary task
+            return serialize_arguments(fn, values, kwargs)
         plain = _plain_snapshot(args)
         if plain is not None:   # (some are futures: else the line above took them)
             raise FuturesFound(*plain)

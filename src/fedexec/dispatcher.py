@@ -75,6 +75,35 @@ RESUME_CHUNK = P.MAX_ITEMS   # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 
 
+class _FutureCondition(threading.Condition):
+    """A future's condition (on a re-entrant lock, as the standard one) whose
+    lock's methods are looked up on the class rather than bound and stored
+    in each instance, as ``threading.Condition.__init__`` does: a program
+    holding 10,000 futures then holds 50,000 fewer objects for the garbage
+    collector to walk, and each future is made faster (a fan-out's futures
+    are made and kept by the thousand). The same behaviour: waiting
+    releases and restores the lock through the RLock's own methods."""
+
+    def __init__(self) -> None:   # (threading.Condition.__init__'s state, without the bound methods)
+        self._lock = threading.RLock()
+        self._waiters: deque = deque()
+
+    def acquire(self, *args: Any, **kwargs: Any) -> bool:  # noqa: D102 - threading.Condition's
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:  # noqa: D102
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()   # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)   # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()   # type: ignore[attr-defined]
+
+
 class TaskFuture(Future):
     """The :class:`concurrent.futures.Future` of a task sent to an endpoint.
 
@@ -93,7 +122,13 @@ class TaskFuture(Future):
     stderr: str = ""
 
     def __init__(self, dispatcher: "Dispatcher", task_id: bytes) -> None:
-        super().__init__()
+        # Future.__init__'s state (the same attributes: a test checks it), with a lighter condition
+        self._condition = _FutureCondition()
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self._dispatcher = dispatcher
         self._task_bytes = task_id
         self._sent = False

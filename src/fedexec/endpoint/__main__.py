@@ -12,6 +12,7 @@ import sys
 from ..auth import check_token
 from ..config import ConfigError, EndpointConfig, endpoint_dir
 from ..errors import AuthenticationFailed
+from ..gcpolicy import for_service
 from ..pidfile import PidFile
 from ..private import make_private, private_dir
 from .agent import EndpointAgent
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if pidfile is not None:
         pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status="connecting",
                       workers=agent.workers)
+    for_service()
     try:
         agent.run()
     finally:

@@ -54,6 +54,7 @@ import zmq
 from .. import protocol as P
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
+from ..gcpolicy import for_service
 from ..outbox import ResultOutbox
 from ..output import HeldOutput, attach as attach_output, configured_limit as configured_output_limit, \
     salvage as salvage_output
@@ -834,5 +835,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("fedexec pool: a tcp:// endpoint needs --endpoint-key (the 'key' in the endpoint's pools.json)")
     secret = os.environ.pop("FEDEXEC_POOL_SECRET", "")  # not handed down to the workers
     pool_id = b"P" + uuid.uuid4().bytes[:8].hex().encode()
-    PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
-                endpoint_key=ns.endpoint_key, ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid).run()
+    manager = PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
+                          endpoint_key=ns.endpoint_key, ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid)
+    for_service()
+    manager.run()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .. import protocol as P
+from ..gcpolicy import for_service
 from ..private import make_private
 from .access import MODES, GlobusTokenCheck
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                       max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
+    for_service()
     relay.serve_forever()
 
 
