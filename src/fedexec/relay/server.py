@@ -33,7 +33,7 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
-from .store import FINISHED, RelayStore, durable_options
+from .store import FINISHED, GROUP_COMMIT_WINDOW, RelayStore, durable_options
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
@@ -95,7 +95,8 @@ class Relay:
                  max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER,
                  max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
                  max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER,
-                 function_grace: float = DEFAULT_FUNCTION_GRACE) -> None:
+                 function_grace: float = DEFAULT_FUNCTION_GRACE,
+                 commit_window: float = GROUP_COMMIT_WINDOW) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -198,7 +199,7 @@ class Relay:
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
-        self.store = RelayStore(self.data_dir)
+        self.store = RelayStore(self.data_dir, commit_window)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
@@ -1054,10 +1055,7 @@ class Relay:
 
     def _wait_for_record(self) -> None:
         """(Rare paths) wait until everything recorded so far is written."""
-        seq = self.store.flush()
-        deadline = time.monotonic() + 30.0
-        while self.store.committed_seq < seq and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self.store.sync()
 
     def _recorded_result(self, task_id: bytes, user: str) -> bytes | None:
         """The result of ``user``'s task that finished and is not yet
