@@ -1596,17 +1596,27 @@ class Relay:
     def _send_committed(self) -> None:
         """Send the notices whose commit is now on disk."""
         committed = self.store.committed_seq
+        if not (self.after_commit and self.after_commit[0][0] <= committed):
+            return
+        # the turns one commit covers (many, with a long commit window) are
+        # answered together: one ACCEPTED per client and one ACK per endpoint
+        all_accepted: defaultdict[bytes, list[bytes]] = defaultdict(list)
+        all_stored: defaultdict[bytes, list[bytes]] = defaultdict(list)
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
             for client, waiting in resumed.items():
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
-                for part in P.chunks(task_ids):
-                    self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
+                all_accepted[client] += task_ids
             for endpoint, task_ids in stored.items():
-                for part in P.chunks(task_ids):
-                    self._send(endpoint, P.encode(P.ACK, {"tids": part}))
+                all_stored[endpoint] += task_ids
+        for client, task_ids in all_accepted.items():
+            for part in P.chunks(task_ids):
+                self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
+        for endpoint, task_ids in all_stored.items():
+            for part in P.chunks(task_ids):
+                self._send(endpoint, P.encode(P.ACK, {"tids": part}))
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
