@@ -73,9 +73,10 @@ AUTH_GRACE = min(2.0, REFUSED_GRACE)
 RESUME_CHUNK = P.MAX_ITEMS   # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
 # An acknowledgement of results waits this long at most for a batch of tasks
-# to go with (the next submit, usually at once in a loop of calls): the relay
-# then reads both in one wake-up, and one ACK covers the results of several
-# messages. Until it goes, the relay only keeps those results a little longer.
+# to go with (just before the next submit, usually at once in a loop of
+# calls): the relay then reads both in one wake-up, and one ACK covers the
+# results of several messages. Meanwhile the relay keeps those results (and
+# counts them against the user's quotas) a little longer.
 ACK_DELAY = 0.005
 
 
@@ -566,6 +567,11 @@ class Dispatcher(threading.Thread):
         return True
 
     def _send_batch(self) -> None:
+        # Acknowledgements waiting go first: the relay counts an unacknowledged
+        # result against its user's task quota, and this batch may need the room.
+        # (Results arrived before they were queued; a task in the batch that
+        # depends on one is held here, its value at hand: _hold_here.)
+        self._flush_acks()
         rows, blobs = self.out_rows, self.out_blobs
         self.out_rows, self.out_blobs = [], P.Blobs()
         now = time.time()
@@ -583,8 +589,6 @@ class Dispatcher(threading.Thread):
                 if row[3] != -1:
                     self.registered.discard(row[1])
             self.unsent = True
-        if self.acks_due:   # (after the batch: a task in it may depend on a result acknowledged here)
-            self._flush_acks()
 
     def _relay_restarted(self) -> None:
         """The relay came back from a restart: introduce this client again,
