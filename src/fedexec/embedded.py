@@ -24,7 +24,7 @@ from .auth import write_secret
 # than a relay's default (relay/store.py) nets out, unwritten, nearly every
 # quick task (its row, result and acknowledgement cancel within one commit),
 # and sends ACCEPTED and the endpoint's ACKs once per window, not per task.
-EMBEDDED_COMMIT_WINDOW = 0.05
+EMBEDDED_COMMIT_WINDOW = 0.01
 
 
 class EmbeddedFederation:
