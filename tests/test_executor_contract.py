@@ -41,6 +41,7 @@ import pytest
 
 import fedexec
 from fedexec import FederatedExecutor
+from fedexec.embedded import EMBEDDED_COMMIT_WINDOW
 
 DEADLINE = 20.0  # upper bound for any single wait in this module
 
@@ -1122,6 +1123,7 @@ def test_a_function_is_registered_once_and_kept_while_its_tasks_run(executor, tm
     gate = tmp_path / "gate"
     try:
         blockers = occupy_both_workers(executor, gate)   # the tasks below wait while these run
+        time.sleep(2 * EMBEDDED_COMMIT_WINDOW)   # (the embedded relay's record is written that late at most)
         with_blockers = relay_function_count(executor)
         add_one, add_two, same_as_add_one = make_adder(1), make_adder(2), make_adder(1)
         triple = lambda x: 3 * x  # noqa: E731

@@ -73,6 +73,12 @@ SHUTDOWN_SILENCE = 10.0
 AUTH_GRACE = min(2.0, REFUSED_GRACE)
 RESUME_CHUNK = P.MAX_ITEMS   # task ids per RESUME message after a relay restart
 MEMO_ENTRIES = 100_000   # memoized results kept per executor
+# An acknowledgement of results waits this long at most for a batch of tasks
+# to go with (just before the next submit, usually at once in a loop of
+# calls): the relay then reads both in one wake-up, and one ACK covers the
+# results of several messages. Meanwhile the relay keeps those results (and
+# counts them against the user's quotas) a little longer.
+ACK_DELAY = 0.005
 
 
 class _FutureCondition(threading.Condition):
@@ -256,6 +262,8 @@ class Dispatcher(threading.Thread):
         # handshake): everything is sent again once there is one (_send_again)
         self.unsent = False
         self.unsent_acks: list[bytes] = []
+        self.acks_due: list[bytes] = []   # results to acknowledge with the next batch (ACK_DELAY)
+        self.acks_deadline = 0.0
         self.out_rows: list[list[Any]] = []        # a batch being gathered (batch_window)
         self.out_blobs = P.Blobs()
         self.out_deadline = 0.0
@@ -358,6 +366,8 @@ class Dispatcher(threading.Thread):
                 timeout = int(HEARTBEAT_PERIOD * 1000)
                 if self.out_rows:
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
+                if self.acks_due:
+                    timeout = min(timeout, max(0, math.ceil((self.acks_deadline - time.monotonic()) * 1000)))
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     self._run_commands()
@@ -373,6 +383,8 @@ class Dispatcher(threading.Thread):
                 now = time.monotonic()
                 if self.out_rows and now >= self.out_deadline:
                     self._send_batch()
+                if self.acks_due and now >= self.acks_deadline:
+                    self._flush_acks()
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_PERIOD
                     # no event follows a refusal: look for other credentials now and then
@@ -381,6 +393,7 @@ class Dispatcher(threading.Thread):
                     if self.pending or self.held:  # its answer says whether the relay restarted meanwhile
                         self._send(P.encode(P.HEARTBEAT))
                 if self.stopping and not self.pending and not self.commands and not self.held and not self.fetching:
+                    self._flush_acks()
                     break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
                     self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
@@ -590,6 +603,11 @@ class Dispatcher(threading.Thread):
         return True
 
     def _send_batch(self) -> None:
+        # Acknowledgements waiting go first: the relay counts an unacknowledged
+        # result against its user's task quota, and this batch may need the room.
+        # (Results arrived before they were queued; a task in the batch that
+        # depends on one is held here, its value at hand: _hold_here.)
+        self._flush_acks()
         rows, blobs = self.out_rows, self.out_blobs
         self.out_rows, self.out_blobs = [], P.Blobs()
         now = time.time()
@@ -668,6 +686,20 @@ class Dispatcher(threading.Thread):
             if not self._send(P.encode(P.RESUME, {"tids": task_ids[start:start + RESUME_CHUNK]})):
                 self.unsent = True  # _send_again resumes every pending task the relay has recorded
                 return
+
+    def _ack_later(self, task_ids: list[bytes]) -> None:
+        """Acknowledge these results with the next batch this thread sends,
+        or ACK_DELAY from now, whichever comes first (a message's worth at once)."""
+        if not self.acks_due:
+            self.acks_deadline = time.monotonic() + ACK_DELAY
+        self.acks_due += task_ids
+        if len(self.acks_due) >= P.MAX_ITEMS:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if self.acks_due:
+            acks, self.acks_due = self.acks_due, []
+            self._ack(acks)
 
     def _ack(self, task_ids: list[bytes]) -> None:
         """Tell the relay these results arrived (it keeps them until then)."""
@@ -753,7 +785,7 @@ class Dispatcher(threading.Thread):
         if acks:
             if self.out_rows:   # a task in them may depend on one acknowledged here: it goes first
                 self._send_batch()
-            self._ack(acks)
+            self._ack_later(acks)
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()

@@ -17,47 +17,58 @@ from . import protocol as P
 
 FLUSH_BATCH = 256
 FLUSH_DELAY = 0.001
+# Start notices alone (no result to ride with) wait this long: a quick task's
+# result comes first and the notice is dropped (``take``), so it costs no
+# message at each hop to the client (three of them) and no timer wake-up
+# here; a task running longer shows as running this much later.
+START_DELAY = 0.01
 
 
 class ResultOutbox:
     """Result rows (with their payloads) and start notices not yet sent."""
 
-    __slots__ = ("rows", "blobs", "started", "since")
+    __slots__ = ("rows", "blobs", "started", "since", "started_since")
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] = []
         self.blobs = P.Blobs()
         self.started: list[bytes] = []
-        self.since = 0.0          # time.monotonic() when the oldest entry came
+        self.since = 0.0          # time.monotonic() when the oldest result row came
+        self.started_since = 0.0  # time.monotonic() when the oldest start notice came
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.started)
 
-    def _note(self) -> None:
-        if not (self.rows or self.started):
-            self.since = time.monotonic()
-
     def add(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None:
-        self._note()
+        if not self.rows:
+            self.since = time.monotonic()
         self.rows.append(self.blobs.result_row(task_id, status, blob, trace))
 
     def start(self, task_id: bytes) -> None:
         """The task is running now (the client's future shows it)."""
-        self._note()
+        if not self.started:
+            self.started_since = time.monotonic()
         self.started.append(task_id)
 
     def due(self, now: float, *, nothing_else: bool) -> bool:
         """Whether to send now: ``nothing_else`` when no other work would
         join the batch soon (the sender holds nothing more, or only tasks
-        that go one at a time, whose results bring the next ones)."""
-        return bool(self) and (nothing_else or len(self.rows) >= FLUSH_BATCH or now - self.since >= FLUSH_DELAY)
+        that go one at a time, whose results bring the next ones). Start
+        notices alone wait START_DELAY unless ``nothing_else``."""
+        if self.rows:
+            return nothing_else or len(self.rows) >= FLUSH_BATCH or now - self.since >= FLUSH_DELAY
+        return bool(self.started) and (nothing_else or now - self.started_since >= START_DELAY)
 
     def wait_ms(self, now: float, default: int) -> int:
         """How long the sender's poll may wait before this is due, in whole
         milliseconds rounded up (a 0 ms poll would spin)."""
-        if not self:
+        if self.rows:
+            due = self.since + FLUSH_DELAY
+        elif self.started:
+            due = self.started_since + START_DELAY
+        else:
             return default
-        return max(0, math.ceil((self.since + FLUSH_DELAY - now) * 1000))
+        return max(0, math.ceil((due - now) * 1000))
 
     def take(self, **fields: Any) -> list[list[Any]]:
         """The RESULTS messages of everything here (``fields`` with the first;

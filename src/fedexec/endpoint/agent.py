@@ -261,7 +261,7 @@ class EndpointAgent:
                     self._write_status(now)
                 if self._flush_due(now):
                     self._flush()
-                elif not self.outbox:
+                elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
                     self._offer_spare_credit()
         finally:
             self._shutdown()

@@ -14,6 +14,7 @@ from .access import MODES, GlobusTokenCheck
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
     DEFAULT_MAX_TASKS_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
+from .store import GROUP_COMMIT_WINDOW
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="endpoints one user may register (default 1,000)")
     parser.add_argument("--function-grace", type=float, default=DEFAULT_FUNCTION_GRACE,
                         help="seconds a function body is kept after its last task finished (default 300)")
+    parser.add_argument("--commit-window", type=float, default=GROUP_COMMIT_WINDOW,
+                        help="seconds the record's writer waits for more writes to join a transaction (default "
+                             f"{GROUP_COMMIT_WINDOW:g}; a private relay that dies with its program, as the embedded "
+                             "default's, gains nothing from committing sooner)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--auth", choices=MODES, default="local",
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max-payload: {exc}")
     if ns.function_grace < 0:
         parser.error("--function-grace must be 0 seconds or more")
+    if not 0 <= ns.commit_window <= 1:
+        parser.error("--commit-window must be between 0 and 1 second")
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
                                                                           ns.max_bytes_per_user),
                         ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                       result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
                       auth=ns.auth, curve=ns.curve, globus=globus,
                       max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user,
-                      max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace)
+                      max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace,
+                      commit_window=ns.commit_window)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     for_service()

@@ -33,7 +33,7 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
-from .store import FINISHED, RelayStore, durable_options
+from .store import FINISHED, GROUP_COMMIT_WINDOW, RelayStore, durable_options
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
@@ -97,7 +97,8 @@ class Relay:
                  max_bytes_per_user: int = DEFAULT_MAX_BYTES_PER_USER,
                  max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
                  max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER,
-                 function_grace: float = DEFAULT_FUNCTION_GRACE) -> None:
+                 function_grace: float = DEFAULT_FUNCTION_GRACE,
+                 commit_window: float = GROUP_COMMIT_WINDOW) -> None:
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -200,7 +201,7 @@ class Relay:
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
-        self.store = RelayStore(self.data_dir)
+        self.store = RelayStore(self.data_dir, commit_window)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
@@ -1056,10 +1057,7 @@ class Relay:
 
     def _wait_for_record(self) -> None:
         """(Rare paths) wait until everything recorded so far is written."""
-        seq = self.store.flush()
-        deadline = time.monotonic() + 30.0
-        while self.store.committed_seq < seq and time.monotonic() < deadline:
-            time.sleep(0.001)
+        self.store.sync()
 
     def _recorded_result(self, task_id: bytes, user: str) -> bytes | None:
         """The result of ``user``'s task that finished and is not yet
@@ -1607,17 +1605,27 @@ class Relay:
     def _send_committed(self) -> None:
         """Send the notices whose commit is now on disk."""
         committed = self.store.committed_seq
+        if not (self.after_commit and self.after_commit[0][0] <= committed):
+            return
+        # the turns one commit covers (many, with a long commit window) are
+        # answered together: one ACCEPTED per client and one ACK per endpoint
+        all_accepted: defaultdict[bytes, list[bytes]] = defaultdict(list)
+        all_stored: defaultdict[bytes, list[bytes]] = defaultdict(list)
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
             for client, waiting in resumed.items():
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
-                for part in P.chunks(task_ids):
-                    self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
+                all_accepted[client] += task_ids
             for endpoint, task_ids in stored.items():
-                for part in P.chunks(task_ids):
-                    self._send(endpoint, P.encode(P.ACK, {"tids": part}))
+                all_stored[endpoint] += task_ids
+        for client, task_ids in all_accepted.items():
+            for part in P.chunks(task_ids):
+                self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
+        for endpoint, task_ids in all_stored.items():
+            for part in P.chunks(task_ids):
+                self._send(endpoint, P.encode(P.ACK, {"tids": part}))
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results

@@ -85,7 +85,12 @@ def _row_count(batch: tuple[list, ...]) -> int:
 class RelayStore:
     """SQLite-backed record with write batching; one instance per relay process."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, commit_window: float = GROUP_COMMIT_WINDOW) -> None:
+        """``commit_window``: the seconds the writer waits, once woken, for
+        more writes to join its transaction (embedded.py's is longer)."""
+        if not 0 <= commit_window <= 1:
+            raise ValueError(f"commit_window must be between 0 and 1 second, not {commit_window!r}")
+        self.commit_window = commit_window
         # private whatever the umask (also when used as a library): the
         # record holds every user's arguments and results
         private_dir(data_dir)
@@ -123,6 +128,7 @@ class RelayStore:
             self.db.execute("SELECT id, user FROM tasks WHERE state=?", (FINISHED,)))
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._urgent = threading.Event()   # cuts the writer's window short (sync)
         self._closing = False
         self._expire_before: float | None = None
         self.backlog = 0              # rows handed to the writer and not yet committed
@@ -275,6 +281,21 @@ class RelayStore:
         self._wake.set()
         return self._seq
 
+    def sync(self, timeout: float = 30.0) -> bool:
+        """(Rare paths: a read of what was just recorded) flush, have the
+        writer commit at once rather than at the end of its window, and wait
+        until it has; whether it did within ``timeout`` seconds."""
+        seq = self.flush()
+        if self.committed_seq >= seq:
+            return True
+        self._urgent.set()
+        deadline = time.monotonic() + timeout
+        while self.committed_seq < seq:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.0005)
+        return True
+
     def drain_commit_notices(self) -> None:
         """Empty the commit pipe (the relay loop, after it woke on it)."""
         try:
@@ -286,11 +307,12 @@ class RelayStore:
     def _write_loop(self) -> None:
         while True:
             self._wake.wait()
-            if not self._closing:
-                time.sleep(GROUP_COMMIT_WINDOW)  # let more writes join this transaction
+            if not self._closing and self.commit_window:
+                self._urgent.wait(self.commit_window)  # let more writes join this transaction
             with self._lock:
                 batches, self._handed = self._handed, []
                 self._wake.clear()
+                self._urgent.clear()
                 closing = self._closing
             if batches:
                 try:
@@ -507,6 +529,7 @@ class RelayStore:
         self.flush()
         with self._lock:
             self._closing = True
+        self._urgent.set()
         self._wake.set()
         self._writer.join()
         self._writer_db.close()
