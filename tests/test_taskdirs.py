@@ -212,3 +212,41 @@ def test_configure_takes_task_dir_ttl_and_refuses_a_bad_one(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "t", "--task-dir-ttl", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "task_dir_ttl must be a number of seconds >= 0" in bad.stderr, bad.stderr
+
+
+def test_a_running_quiet_task_and_a_held_directory_are_kept_however_old(tmp_path):
+    """A shell task that writes nothing for longer than the TTL keeps its
+    directory while it runs (it holds it: taskdirs.hold), as does a pool its
+    live sandboxed workers' directories, whichever cleaner sharing the base
+    looks; once the task is done and the hold gone, the same pass removes it."""
+    import fcntl
+    place = tmp_path / "endpoint-tasks"
+    with sandboxed_federation(tmp_path, "none", env={TASK_DIR_ENV: str(place)}) as federation:
+        with FederatedExecutor(federation.config.endpoint_id, relay=federation.address) as ex:
+            quiet = ex.submit(ShellFunction("sleep 4; echo done > result.dat; cat result.dat"))
+            deadline = time.monotonic() + DEADLINE
+            while not (place.is_dir() and any(p.is_dir() for p in place.iterdir())):
+                assert time.monotonic() < deadline, "the task made no directory"
+                time.sleep(0.05)
+            # another cleaner (another pool or endpoint sharing the base) sees it as long expired
+            assert TaskDirCleaner(str(place), ttl=HOUR).clean_once(now=time.time() + 30 * HOUR) == 0
+            result = quiet.result(DEADLINE)
+            assert result.returncode == 0 and result.stdout.strip() == "done", result
+            assert Path(result.stdout_file).parent.is_dir()
+            assert TaskDirCleaner(str(place), ttl=HOUR).clean_once(now=time.time() + 30 * HOUR) > 0
+            assert not Path(result.stdout_file).parent.exists()
+    # a sandboxed worker's directory its pool holds open (a descriptor with the shared lock) stays whole
+    base = tmp_path / "base"
+    base.mkdir(mode=0o700)
+    held = base / f"{SANDBOX_PREFIX}{'0' * 16}"
+    held.mkdir(mode=0o700)
+    _age(held, 30 * HOUR)
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        TaskDirCleaner(str(base), ttl=HOUR).clean_once()
+        assert held.is_dir()
+    finally:
+        os.close(fd)
+    TaskDirCleaner(str(base), ttl=HOUR).clean_once()
+    assert not held.exists()

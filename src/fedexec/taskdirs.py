@@ -23,7 +23,10 @@ missing); otherwise shell tasks fail, saying why.
 under its base once they are ``ttl`` seconds old (the endpoint setting
 ``task_dir_ttl``, by default TASK_DIR_TTL, 7 days; 0 keeps them for ever):
 old meaning that neither the directory nor its ``stdout``/``stderr`` changed
-for that long (a command still writing its output keeps its directory). It
+for that long (a command still writing its output keeps its directory), and
+never while it is in use: a running shell task holds a shared flock on its
+directory, and a pool on each of its live sandboxed workers' directories
+(:func:`hold`), which every cleaner sharing the base respects. It
 runs in a thread of the pool, off the path of tasks, and does at most
 PASS_BUDGET removals per pass (a pass every ``ttl / 4``, at most hourly,
 the first one FIRST_PASS seconds after the pool starts, the next one after
@@ -46,6 +49,7 @@ worker (which serves one user) sees only its own directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -153,7 +157,31 @@ def make_dir(base_fd: int, prefix: str) -> tuple[str, int]:
     if info.st_uid != os.geteuid() or info.st_mode & 0o077:   # swapped under us for another directory
         os.close(fd)
         raise TaskDirError(f"the task directory {name} just made was replaced by one that is not private")
+    hold(fd)
     return name, fd
+
+
+def hold(fd: int) -> None:
+    """Mark the directory open on ``fd`` in use for as long as ``fd`` stays
+    open (a shared flock): no cleaner, of this pool or any other sharing
+    the base, removes it meanwhile, however long it stays unchanged (a
+    quiet command running for weeks, an idle sandboxed worker's directory).
+    Where the filesystem has no locks, nothing is held (said in the log)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        log.warning("task directory not marked in use (no flock here: %s); the TTL alone protects it", exc)
+
+
+def _in_use(fd: int) -> bool:
+    """Whether some process holds the directory open on ``fd`` (:func:`hold`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:   # (no locks on this filesystem: the TTL decides)
+        return False
+    return False
 
 
 def make_task_dir(base: str, task_id: bytes | None) -> tuple[str, int]:
@@ -302,14 +330,12 @@ def _expired(dir_fd: int, name: str, cutoff: float, files: tuple[str, ...] = OUT
     mtime = _mtime(dir_fd, name)
     if mtime is None or mtime >= cutoff:
         return False
-    if not files:
-        return True
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError:
         return True   # not a directory (or not one any more): nothing in it to keep it
-    try:
-        return all((_mtime(fd, f) or 0.0) < cutoff for f in files)
+    try:   # (held by a running task or a live sandboxed worker's pool: kept, however old)
+        return not _in_use(fd) and all((_mtime(fd, f) or 0.0) < cutoff for f in files)
     finally:
         os.close(fd)
 

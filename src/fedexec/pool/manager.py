@@ -407,7 +407,8 @@ class PoolManager(WorkerChains):
                 msg = P.decode(frames[1:])
                 if msg.type == P.READY:
                     slot.ready = True
-                    if self.pool is not None and self.pool.sandbox == "none" and slot.process.returncode is None:
+                    if self.pool is not None and self.pool.sandbox == "none" and slot.process.returncode is None \
+                            and slot.held_output is None:   # (once: a task may send READY again on its socket)
                         # its capture files, held so that what a task it dies in printed still reaches its
                         # caller (not reaped: the pid is still the worker's)
                         slot.held_output = HeldOutput.open(slot.pid)

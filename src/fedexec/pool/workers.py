@@ -121,6 +121,7 @@ class LocalWorkerPool:
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
         self.kept: dict[str, str] = {}   # sandboxed worker's name -> the path of its directory for shell tasks' output
+        self.kept_fds: dict[str, int] = {}   # ... and a descriptor of it, held open (in use) until the worker goes
 
     def start(self) -> None:
         for _ in range(self.size - len(self.slots)):
@@ -177,7 +178,7 @@ class LocalWorkerPool:
             base_fd = taskdirs.open_base(base)
             try:
                 kept, fd = taskdirs.make_dir(base_fd, taskdirs.SANDBOX_PREFIX)
-                os.close(fd)
+                self.kept_fds[name] = fd   # (open, so held in use, while the worker lives: taskdirs.hold)
             finally:
                 os.close(base_fd)
         except OSError as exc:
@@ -260,6 +261,9 @@ class LocalWorkerPool:
             for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
                 remove_tree(directory)
             kept = self.kept.pop(name, None)
+            kept_fd = self.kept_fds.pop(name, None)
+            if kept_fd is not None:
+                os.close(kept_fd)
             if kept is not None:   # it stays, with its tasks' output, until it expires; gone at once if empty
                 with contextlib.suppress(OSError):
                     os.rmdir(kept)
