@@ -202,3 +202,29 @@ def test_configure_takes_the_caps_and_refuses_a_negative_one(tmp_path, monkeypat
     bad = fedexec_cli("endpoint", "configure", "c", "--max-cores-per-user", "-1", check=False)
     assert bad.returncode != 0 and "max_cores_per_user must be >= 0" in bad.stderr, bad.stderr
     assert EndpointConfig.load("c").max_cores_per_user == 8
+
+
+@pytest.mark.timeout(150)
+def test_many_tasks_parked_over_one_users_cap_do_not_lock_another_user_out(shared_relay, tmp_path):
+    """Bob floods a shared endpoint (3 workers, max_cores_per_user = 1) with
+    40 one-core tasks: those over his cap wait at the endpoint, and none of
+    them stops the credit that brings carol's task from the relay's queue
+    behind his, so hers starts while his still wait (before, parked tasks past
+    the endpoint's capacity counted as occupying it: she waited ~15 s with 2
+    of 3 workers idle). From session 22's review."""
+    address, tokens, home = shared_relay
+    with configured_endpoint(tmp_path, address, "flooded", base_env={**os.environ, "FEDEXEC_TOKEN": tokens["alice"]},
+                             max_workers=3, max_cores_per_user=1) as endpoint:
+        share(address, tokens["alice"], endpoint.id, "bob", "carol")
+        one_core = with_options(mpi_task, resources={"memory": "1M"})
+        with FederatedExecutor(endpoint.id, relay=address, token=tokens["bob"]) as bob, \
+                FederatedExecutor(endpoint.id, relay=address, token=tokens["carol"]) as carol:
+            bobs = [bob.submit(one_core, 0.5) for _ in range(40)]
+            time.sleep(1.5)
+            submitted = time.time()
+            hers = carol.submit(one_core, 0.1).result(120)
+            waited = hers["start"] - submitted
+            left = sum(1 for future in bobs if not future.done())
+            assert waited < 5.0 and left > 0, f"carol's task started {waited:.1f} s after it was submitted, " \
+                                             f"with {left} of bob's still to run"
+            assert all(future.result(120)["start"] for future in bobs)

@@ -321,8 +321,11 @@ class EndpointAgent:
         the tasks after them in a chain can be here before they are due."""
         held = len(self.graph.held)
         occupied = len(self.holding) - (min(held, self.graph.extra(self.capacity())) if held else 0)
-        if self.caps.parked or self.caps.ready:   # over their user's cap, up to a capacity of them do not either,
-            occupied -= min(self.caps.parked_count(), self.capacity())   # so they hold up no other user's tasks
+        if self.caps.parked or self.caps.ready:   # over their user's cap: none of them do either, so that they
+            # hold up no other user's tasks (the relay's queue for this endpoint is first come, first served:
+            # counted, they would stop the credit that brings the next user's task); how many one user can
+            # have parked here is bounded by what their quota lets them have waiting at the relay
+            occupied -= self.caps.parked_count()
         return occupied
 
     def _offer_spare_credit(self) -> None:
