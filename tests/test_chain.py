@@ -337,3 +337,20 @@ def test_arguments_that_are_plain_values_and_futures_are_snapshot_as_the_general
         one = ex.submit(inc, 0)
         assert ex.submit(pair, one, one, 5).result(DEADLINE) == (1, 1, 5)
         assert ex.submit(pair, one, [one], {"k": one}).result(DEADLINE) == (1, [1], {"k": 1})
+
+
+def test_record_reads_are_capped_for_the_whole_relay_as_well_as_per_user():
+    """Ten users with reads to make in one second get USERS_PER_SECOND
+    users' budgets between them, no more, each at most their own (from
+    session 22's review: per-user budgets alone let many accounts make the
+    relay's loop wait for a commit as often as they liked)."""
+    from fedexec.relay.reads import USERS_PER_SECOND, RecordReads
+    from fedexec.relay.server import RECORD_READS_PER_SECOND
+    for _ in range(5):   # (within one second of the clock; tried again if the loop crossed into the next)
+        reads = RecordReads(RECORD_READS_PER_SECOND)
+        second = int(time.monotonic())
+        granted = {f"user{i}": sum(reads.take(uuid.uuid4().bytes, f"user{i}") for _ in range(20)) for i in range(10)}
+        if int(time.monotonic()) == second:
+            break
+    assert sum(granted.values()) == USERS_PER_SECOND * RECORD_READS_PER_SECOND, granted
+    assert max(granted.values()) == RECORD_READS_PER_SECOND, granted

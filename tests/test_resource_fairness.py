@@ -228,3 +228,19 @@ def test_many_tasks_parked_over_one_users_cap_do_not_lock_another_user_out(share
             assert waited < 5.0 and left > 0, f"carol's task started {waited:.1f} s after it was submitted, " \
                                              f"with {left} of bob's still to run"
             assert all(future.result(120)["start"] for future in bobs)
+
+
+@pytest.mark.timeout(120)
+def test_a_multi_node_task_counts_its_gpus_on_every_node_against_the_cap(shared_relay, tmp_path):
+    """With multi-node tasks allowed to others and max_gpus_per_user = 1, a
+    2-node task asking for 1 GPU per node asks for 2 GPUs, and fails at once
+    naming the cap (before, a multi-node task counted only as nodes: its GPUs
+    and cores went past the caps; from session 22's review)."""
+    address, tokens, _ = shared_relay
+    with configured_endpoint(tmp_path, address, "gpus", base_env={**os.environ, "FEDEXEC_TOKEN": tokens["alice"]},
+                             max_workers=1, multi_node_for_others=True, max_gpus_per_user=1) as ep:
+        share(address, tokens["alice"], ep.id, "bob")
+        with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob:
+            with pytest.raises(TaskRejected, match="max_gpus_per_user") as refused:
+                bob.submit(with_options(mpi_task, resources={"num_nodes": 2, "gpus": 1}), 0.1).result(DEADLINE)
+            assert "asks for 2 GPUs" in str(refused.value), refused.value

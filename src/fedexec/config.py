@@ -243,8 +243,8 @@ class EndpointConfig:
     task_dir_ttl: float = TASK_DIR_TTL
     # Fairness on an endpoint shared with other users (tasks of users other than its owner; the
     # owner's own tasks are never capped): whether they may ask for several nodes (MPI), the nodes
-    # such tasks of one user hold at once, and the cores and GPUs one user's single-node tasks
-    # asking for resources hold at once (0: no cap). Over a cap a task waits here; a task asking
+    # such tasks of one user hold at once, and the cores and GPUs one user's tasks asking for
+    # resources hold at once (a multi-node task's per node times its nodes; 0: no cap). Over a cap a task waits here; a task asking
     # more than a cap alone fails.
     multi_node_for_others: bool = False
     max_nodes_per_user: int = 0

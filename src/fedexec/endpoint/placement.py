@@ -105,7 +105,8 @@ CAPPED = (("cores", "max_cores_per_user"), ("GPUs", "max_gpus_per_user"), ("node
 class UserCaps:
     """Fairness on an endpoint shared with other users: what one user's tasks
     asking for resources may hold at once (``max_cores_per_user`` and
-    ``max_gpus_per_user``: cores and GPUs of single-node tasks;
+    ``max_gpus_per_user``: cores and GPUs, those a multi-node task asks
+    for on each node times its nodes;
     ``max_nodes_per_user``: nodes of multi-node tasks; 0: no cap), and
     whether users other than the owner may ask for several nodes at all
     (``multi_node_for_others``). The owner's tasks (no ``u`` option) are
@@ -132,7 +133,10 @@ class UserCaps:
         """(user, (cores, GPUs, nodes)) a task counts for; user "" is the owner's."""
         option = row[6]["rs"]
         nodes = R.nodes_of(option)
-        want = (0, 0, nodes) if nodes > 1 else (option.get(R.CORES, 1), option.get(R.GPUS, 0), 0)
+        if nodes > 1:   # (whole nodes; the cores and GPUs it asks for on each count too, so caps on those hold)
+            want = (option.get(R.CORES, 0) * nodes, option.get(R.GPUS, 0) * nodes, nodes)
+        else:
+            want = (option.get(R.CORES, 1), option.get(R.GPUS, 0), 0)
         return row[6].get("u") or "", want
 
     def refusal(self, row: list[Any]) -> str | None:

@@ -5,7 +5,9 @@ held only after such a read, and each read may wait on the relay's loop for
 one group commit. So the reads are few, and fair: skipped at once when they
 cannot help (the dependency failed, or its result is too large to feed a
 dependent from the record), and counted per user and second, so that one
-user's graph cannot spend the reads of another's."""
+user's graph cannot spend the reads of another's, and for the whole relay
+(USERS_PER_SECOND users' worth), so that many accounts together cannot make
+the loop wait for a commit more often than that."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import time
 # Finished tasks remembered as hopeless to read back (the oldest forgotten
 # first: one then costs a read again, still within its user's budget).
 MAX_HOPELESS = 65536
+# The relay's reads a second, all users together, in per-user budgets: one user spends at most one of them.
+USERS_PER_SECOND = 4
 
 
 class RecordReads:
@@ -25,6 +29,7 @@ class RecordReads:
         self.per_second = per_second
         self.second = 0
         self.spent: dict[str, int] = {}      # user -> reads in ``second``
+        self.total = 0                       # reads in ``second``, all users
         self.hopeless: dict[bytes, None] = {}  # task ids, oldest first
 
     def hopeless_task(self, task_id: bytes) -> None:
@@ -47,8 +52,10 @@ class RecordReads:
         if second != self.second:
             self.second = second
             self.spent = {}
+            self.total = 0
         count = self.spent.get(user, 0)
-        if count >= self.per_second:
+        if count >= self.per_second or self.total >= USERS_PER_SECOND * self.per_second:
             return False
         self.spent[user] = count + 1
+        self.total += 1
         return True
