@@ -63,6 +63,18 @@ def markers_at(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "kept").glob("*"))
 
 
+def assert_acknowledged(address: str, task_id: bytes) -> None:
+    """The relay's record no longer has task ``task_id``'s result: it was
+    acknowledged (RESUME answers that it is lost, saying so)."""
+    client = RawClient(address, None)
+    try:
+        client.send(P.RESUME, {"tids": [task_id]})
+        failure = client.failure_of(task_id, 20)
+        assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
+    finally:
+        client.close()
+
+
 def wait_until(predicate, what: str, limit: float = 20.0) -> None:
     deadline = time.monotonic() + limit
     while not predicate():
@@ -246,13 +258,7 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
             wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
                        f"A's upload deleted after D finished: {uploads_at(data_dir)} {markers_at(data_dir)}")
             # and A's result left the record: its acknowledgement, put off for D, outlived the restart
-            client = RawClient(relay.address, None)
-            try:
-                client.send(P.RESUME, {"tids": [large._task_bytes]})
-                failure = client.failure_of(large._task_bytes, 20)
-                assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
-            finally:
-                client.close()
+            assert_acknowledged(relay.address, large._task_bytes)
         for endpoint in (a, b):
             assert endpoint.proc.poll() is None, tail(endpoint.log)
     finally:
@@ -306,13 +312,7 @@ def test_a_large_result_dropped_before_its_commit_is_made_again_after_a_restart_
             wait_until(lambda: not uploads_at(data_dir) and not markers_at(data_dir),
                        f"A's uploads deleted after D finished: before the kill {dropped_before}, "
                        f"now {uploads_at(data_dir)} {markers_at(data_dir)}")
-            client = RawClient(relay.address, None)
-            try:
-                client.send(P.RESUME, {"tids": [large._task_bytes]})
-                failure = client.failure_of(large._task_bytes, 20)
-                assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
-            finally:
-                client.close()
+            assert_acknowledged(relay.address, large._task_bytes)
         for endpoint in (a, b):
             assert endpoint.proc.poll() is None, tail(endpoint.log)
     finally:
