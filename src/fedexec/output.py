@@ -184,8 +184,15 @@ class HeldOutput:
         gone, or neither stream is a capture file)."""
         fds = []
         for fd_number in (1, 2):
+            path = f"/proc/{pid}/fd/{fd_number}"
             try:
-                fd = os.open(f"/proc/{pid}/fd/{fd_number}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+                # only a file with no name left is opened: never one a task put on fd 1 or 2 that could block
+                # the pool's loop in open() (a FIFO, a FUSE or hung-NFS file; those rename an unlinked open
+                # file rather than delete it)
+                if not os.readlink(path).endswith(" (deleted)"):
+                    fds.append(-1)
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
             except OSError:
                 fds.append(-1)
                 continue
