@@ -152,6 +152,12 @@ class KeptResults:
             self.dropped.discard(key)
             self.spool.drop(*key)
             self._marker(*key).unlink(missing_ok=True)
+            # its client fetched the result whole before dropping it, so the result goes from the record too
+            # (as its acknowledgement, put off for the dependents, would have done: also when a restart lost
+            # that put-off acknowledgement; one made already makes this a no-op)
+            relay, user = self.relay, key[0]
+            relay.graph.deferred.pop(dependency, None)
+            relay.quotas.acknowledged(relay.store.acknowledge([dependency], user), user)
 
     def in_use(self) -> set[Path]:
         """The uploads kept (the spool's expiry leaves them alone)."""
