@@ -240,6 +240,12 @@ def _endpoint_pidfile(name: str) -> PidFile:
     return PidFile(endpoint_dir(name) / "endpoint.json")
 
 
+# `endpoint configure` options copied into the endpoint's config as given (same names)
+SETTINGS_AS_GIVEN = ("max_workers", "prefetch", "sandbox", "sandbox_image", "data_only", "accelerators_shared",
+                     "mpi_launcher", "task_dir_ttl", "multi_node_for_others", "max_nodes_per_user",
+                     "max_cores_per_user", "max_gpus_per_user")
+
+
 def endpoint_configure(ns: argparse.Namespace) -> None:
     try:
         config = EndpointConfig.load(ns.name)
@@ -251,31 +257,15 @@ def endpoint_configure(ns: argparse.Namespace) -> None:
         created = True
     if ns.relay:
         config.relay = ns.relay
-    if ns.max_workers is not None:
-        config.max_workers = ns.max_workers
-    if ns.prefetch is not None:
-        config.prefetch = ns.prefetch
     if ns.relay_key is not None:
         config.relay_public_key = ns.relay_key
     if ns.allow_function:
         config.allowed_functions = sorted(set(config.allowed_functions) | set(ns.allow_function))
     if ns.allow_any_function:
         config.allowed_functions = []
-    if ns.sandbox is not None:
-        config.sandbox = ns.sandbox
-    if ns.sandbox_image is not None:
-        config.sandbox_image = ns.sandbox_image
-    if ns.data_only is not None:
-        config.data_only = ns.data_only
     if ns.available_accelerators is not None:
         config.available_accelerators = [i.strip() for i in ns.available_accelerators.split(",") if i.strip()]
-    if ns.accelerators_shared is not None:
-        config.accelerators_shared = ns.accelerators_shared
-    if ns.mpi_launcher is not None:
-        config.mpi_launcher = ns.mpi_launcher
-    if ns.task_dir_ttl is not None:
-        config.task_dir_ttl = ns.task_dir_ttl
-    for key in ("multi_node_for_others", "max_nodes_per_user", "max_cores_per_user", "max_gpus_per_user"):
+    for key in SETTINGS_AS_GIVEN:
         if getattr(ns, key) is not None:
             setattr(config, key, getattr(ns, key))
     given = {key: getattr(ns, key) for key in PROVIDER_OPTIONS if getattr(ns, key) is not None}
