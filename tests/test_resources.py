@@ -163,7 +163,8 @@ def test_unknown_keys_and_bad_values_are_refused_in_submit(executor):
         FederatedExecutor(resource_specification={"bogus": 1})   # before anything is started
     # the executor still works, and the default spec asks for nothing extra
     assert executor.submit(pow, 2, 5).result(timeout=30) == 32
-    assert resource_option({"cores": 1}) is None
+    assert resource_option({}) is None and resource_option(None) is None
+    assert resource_option({"cores": 1}) == {"c": 1}   # asked for: placed by it
     assert resource_option({"num_nodes": 2, "ranks_per_node": 3, "memory": "1.5G"}) == {
         "n": 2, "r": 6, "m": 3 * 1024 ** 3 // 2}
 

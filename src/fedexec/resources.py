@@ -66,7 +66,10 @@ def _whole(key: str, value: Any, least: int, most: int) -> int:
 
 def resource_option(spec: Mapping[str, Any] | None) -> dict[str, int] | None:
     """The ``rs`` task option for a resource spec, checked; None when the
-    spec asks for nothing beyond one core (no option: the plain path).
+    spec asks for nothing (no option: the plain path, where a pool may run
+    more tasks at once than its node has cores when it has more workers).
+    A spec that names ``cores``, even 1, is placed by it: such a task starts
+    only on a core no other placed task holds.
 
     Keys: ``cores`` (default 1), ``memory`` (bytes, or "4G"-style), ``gpus``,
     ``nodes`` (or ``num_nodes``), ``ranks_per_node``, ``num_ranks`` (or
@@ -86,7 +89,7 @@ def resource_option(spec: Mapping[str, Any] | None) -> dict[str, int] | None:
         raise ValueError("resources: give num_ranks or ranks, not both")
     option: dict[str, int] = {}
     cores = _whole("cores", spec.get("cores", 1), 1, MAX_CORES)
-    if cores != 1:
+    if "cores" in spec:
         option[CORES] = cores
     if "memory" in spec:
         memory = parse_memory(spec["memory"])
