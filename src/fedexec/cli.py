@@ -131,7 +131,7 @@ def relay_start(ns: argparse.Namespace) -> None:
         print(f"fedexec relay on {address}, data in {data_dir} (Ctrl-C stops it)", flush=True)
         from .relay.__main__ import main as relay_main
 
-        relay_main(argv[2:])
+        relay_main([*argv[2:], "--log-file", str(data_dir / "relay.log")])   # the same log as a daemon's
         return
     log_path = data_dir / "relay.log"
     proc = _spawn_daemon(argv, log_path)
@@ -290,7 +290,7 @@ def endpoint_start(ns: argparse.Namespace) -> None:
               "(Ctrl-C stops it)", flush=True)
         from .endpoint.__main__ import main as endpoint_main
 
-        endpoint_main(argv[2:])
+        endpoint_main([*argv[2:], "--log-file", str(endpoint_dir(ns.name) / "endpoint.log")])
         return
     log_path = endpoint_dir(ns.name) / "endpoint.log"
     proc = _spawn_daemon(argv, log_path)

@@ -6,13 +6,14 @@ entirely on the command line (the embedded default).
 """
 
 import argparse
-import logging
 import sys
+from pathlib import Path
 
 from ..auth import check_token
 from ..config import ConfigError, EndpointConfig, endpoint_dir
 from ..errors import AuthenticationFailed
 from ..gcpolicy import for_service
+from ..logs import configure as configure_logging
 from ..pidfile import PidFile
 from ..private import make_private, private_dir
 from .agent import EndpointAgent
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="also log to this file (appended, private); a daemon's stderr already goes to its log")
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(ns.log_level, ns.log_file)
     pidfile = None
     state_dir = None
     try:

@@ -52,6 +52,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from ..logs import configure as configure_logging
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..gcpolicy import for_service
@@ -826,8 +827,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the endpoint's CURVE public key (pools.json 'key'), for a tcp:// address")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(ns.log_level)
     if ns.workers < 0:
         sys.exit(f"fedexec pool: --workers must be >= 0, not {ns.workers}")
     if ns.endpoint_key and len(ns.endpoint_key) != 40:

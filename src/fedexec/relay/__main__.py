@@ -2,13 +2,13 @@
 CLI's daemon mode and by the embedded default)."""
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from .. import protocol as P
 from ..gcpolicy import for_service
+from ..logs import configure as configure_logging
 from ..private import make_private
 from .access import MODES, GlobusTokenCheck
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--globus-scope", default=None,
                         help="a scope every Globus token must carry (globus mode)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-file", type=Path, default=None,
+                        help="also log to this file (appended, private); a daemon's stderr already goes to its log")
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(ns.log_level, ns.log_file)
     if ns.result_ttl <= 0:
         parser.error("--result-ttl must be greater than 0 seconds")
     try:
