@@ -29,6 +29,7 @@ from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 from .shell import ShellFunction, ShellResult
 from .mpi import MPIFunction
+from .progressbar import ProgressBar, progress
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,8 @@ __all__ = [
     "ShellFunction",
     "ShellResult",
     "MPIFunction",
+    "ProgressBar",
+    "progress",
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",
