@@ -30,6 +30,9 @@ from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 from .shell import ShellFunction, ShellResult
 from .mpi import MPIFunction
 from .progressbar import ProgressBar, progress
+from .joblib_backend import install_hook as _install_joblib_hook
+
+_install_joblib_hook()   # "fedexec" becomes a joblib backend once joblib is imported (joblib_backend.py)
 
 __version__ = "0.1.0"
 
