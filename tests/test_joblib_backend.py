@@ -108,8 +108,8 @@ def test_parallel_runs_on_fedexec_workers_with_auto_batching(config, capfd):
     assert os.getpid() not in pids and pids <= fedexec_workers(), pids
     backend, n_jobs = joblib.parallel.get_active_backend()
     assert type(backend).__name__ == "FedexecBackend" and n_jobs is None
-    assert backend.effective_n_jobs(-1) == 2 and backend.effective_n_jobs(-2) == 1
-    assert backend.effective_n_jobs(5) == 5
+    assert backend.effective_n_jobs(-1) == 2 and backend.effective_n_jobs(-3) == 2   # (never 1: that runs here)
+    assert backend.effective_n_jobs(5) == 5 and backend.effective_n_jobs(None) == 2
     # joblib sized the batches up from how fast they came back (its auto-batching)
     err = capfd.readouterr().err
     assert "Setting batch_size=" in err, err[-2000:]

@@ -12,7 +12,8 @@ and ``options`` are :class:`~fedexec.FederatedExecutor`'s (``relay``,
 ``max_workers`` for the embedded default, ``resource_specification``, ...).
 Each batch of calls joblib makes (joblib's auto-batching sizes them from how
 long batches take) is one fedexec task. ``n_jobs=-1`` (the default under
-this backend) means every worker of the endpoint(s), ``-2`` all but one, a
+this backend) means every worker of the endpoint(s), ``-2`` all but one
+(at least 2 in any case: joblib runs ``n_jobs=1`` in this process), a
 positive number that many batches in flight.
 
 The backend makes its executor on first use and keeps it for the Parallel
@@ -76,13 +77,15 @@ def _joblib_backend_class() -> type:
 
         def effective_n_jobs(self, n_jobs: int | None) -> int:
             """Batches in flight: ``n_jobs`` if positive, else the endpoints'
-            workers counted from the end (-1: all of them)."""
+            workers counted from the end (-1: all of them), but at least 2:
+            joblib runs a call of one job in this process, and a negative
+            ``n_jobs`` asks for the endpoint's workers, not for that."""
             if n_jobs == 0:
                 raise ValueError("n_jobs == 0 in Parallel has no meaning")
             if n_jobs is None:
                 n_jobs = self.default_n_jobs
             if n_jobs < 0:
-                return max(self.executor()._max_workers + 1 + n_jobs, 1)
+                return max(self.executor()._max_workers + 1 + n_jobs, 2)
             return n_jobs
 
         def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: str | None = None,
