@@ -69,24 +69,25 @@ def fedexec_workers() -> set[int]:
     return found
 
 
-def test_import_registers_lazily_without_importing_joblib(tmp_path):
+def test_import_registers_without_importing_joblib(tmp_path):
     code = textwrap.dedent('''
         import sys
         import fedexec
         print("joblib imported by fedexec:", "joblib" in sys.modules)
         import joblib
-        from joblib.parallel import BACKENDS, EXTERNAL_BACKENDS
-        print("offered:", "fedexec" in EXTERNAL_BACKENDS, "registered:", "fedexec" in BACKENDS)
-        with joblib.parallel_config("fedexec", max_workers=1):
-            print("registered after use:", "fedexec" in BACKENDS)
+        from joblib.parallel import BACKENDS
+        print("registered:", "fedexec" in BACKENDS)
+        print("loader:", type(sys.modules["joblib.parallel"].__loader__).__name__)
+        print("runs:", joblib.Parallel(backend="fedexec", max_workers=2)(joblib.delayed(abs)(-i) for i in range(4)))
     ''')
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "joblib imported by fedexec: False" in out.stdout
-    assert "offered: True registered: False" in out.stdout
-    assert "registered after use: True" in out.stdout
-    # joblib imported first, fedexec second: registered (offered) at once
-    code = "import joblib, fedexec; from joblib.parallel import EXTERNAL_BACKENDS; print('fedexec' in EXTERNAL_BACKENDS)"
+    assert "registered: True" in out.stdout
+    assert "loader: SourceFileLoader" in out.stdout   # joblib's own module is left as it was
+    assert "runs: [0, 1, 2, 3]" in out.stdout
+    # joblib imported first, fedexec second: registered at once
+    code = "import joblib, fedexec; from joblib.parallel import BACKENDS; print('fedexec' in BACKENDS)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
 

@@ -23,8 +23,10 @@ referenced, at interpreter exit in any case, or at once by the backend's
 ``close()`` (``with parallel_config("fedexec") as config: ...;
 config["backend"].close()``).
 
-Importing ``fedexec`` makes "fedexec" a joblib backend name without importing
-joblib: see :func:`install_hook`. This module itself imports joblib.
+Importing ``fedexec`` registers the backend without importing joblib: if
+joblib is not imported yet, an import hook registers it when joblib is
+(:func:`install_hook`); then ``Parallel(backend="fedexec")`` works too. This
+module imports joblib only then.
 """
 
 from __future__ import annotations
@@ -89,14 +91,32 @@ def _joblib_backend_class() -> type:
             return n_jobs
 
         def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: str | None = None,
-                      require: str | None = None, **joblib_options: Any) -> int:
-            """Ready for a Parallel call (joblib's own options, such as
-            ``max_nbytes`` and ``temp_folder``, are for its local pools and
-            mean nothing here); returns the number of batches in flight.
-            (Work that needs shared memory, ``require="sharedmem"``, joblib
-            itself runs in threads here: this backend says it has none.)"""
+                      require: str | None = None, **options: Any) -> int:
+            """Ready for a Parallel call; returns the number of batches in
+            flight. ``options``: joblib's own (``max_nbytes``, ``temp_folder``,
+            ...: for its local pools, they mean nothing here), and those given
+            to ``Parallel(backend="fedexec", endpoint_id=..., **options)``,
+            which are the executor's. (Work that needs shared memory,
+            ``require="sharedmem"``, joblib itself runs in threads here: this
+            backend says it has none.)"""
+            given = {key: value for key, value in options.items() if key not in _JOBLIB_OWN}
+            if given:
+                self._take_options(given)
             self.parallel = parallel
             return self.effective_n_jobs(n_jobs)
+
+        def _take_options(self, given: dict[str, Any]) -> None:
+            """Executor options given to Parallel rather than to parallel_config."""
+            wanted = {"endpoint_id": self._endpoint_id, **self._executor_options}
+            with self._executor_lock:
+                if self._executor is not None:
+                    changed = [key for key, value in given.items() if wanted.get(key, _MISSING) != value]
+                    if changed:
+                        raise ValueError(f"this fedexec joblib backend's executor is already made; it cannot "
+                                         f"take {', '.join(changed)} now (give them to parallel_config)")
+                    return
+                self._endpoint_id = given.pop("endpoint_id", self._endpoint_id)
+                self._executor_options.update(given)
 
         def submit(self, func: Callable[[], Any], callback: Callable[[Future], Any] | None = None) -> Future:
             """Run one batch of calls (``func``, joblib's BatchedCalls) as a task."""
@@ -143,30 +163,23 @@ def _joblib_backend_class() -> type:
 
 
 _BACKEND_CLASS: type | None = None
+#: the options joblib's Parallel hands every backend's configure (for its local pools)
+_JOBLIB_OWN = frozenset({"max_nbytes", "temp_folder", "mmap_mode", "verbose", "context", "idle_worker_timeout"})
+_MISSING = object()
 
 
-def register() -> None:
-    """Register the "fedexec" backend with joblib (imports joblib)."""
-    import joblib
-
-    joblib.register_parallel_backend(BACKEND_NAME, _joblib_backend_class())
-
-
-def _offer(joblib_parallel: ModuleType) -> None:
-    """Name the backend in joblib's table of backends registered on first use
-    (``EXTERNAL_BACKENDS``, as joblib does for "dask"): nothing of this
-    module's joblib classes is made until a ``parallel_config("fedexec")``."""
-    external = getattr(joblib_parallel, "EXTERNAL_BACKENDS", None)
-    if isinstance(external, dict):
-        external.setdefault(BACKEND_NAME, register)
-    else:   # a joblib without that table: register now
-        joblib_parallel.register_parallel_backend(BACKEND_NAME, _joblib_backend_class())
+def register(joblib_parallel: ModuleType | None = None) -> None:
+    """Register the "fedexec" backend with joblib (``joblib_parallel``: the
+    ``joblib.parallel`` module, by default imported here)."""
+    if joblib_parallel is None:
+        import joblib.parallel as joblib_parallel
+    joblib_parallel.register_parallel_backend(BACKEND_NAME, _joblib_backend_class())
 
 
 class _JoblibImportHook:
-    """Waits for ``joblib.parallel`` to be imported and then offers the
-    backend to it; finds nothing itself, and costs one string comparison per
-    import elsewhere."""
+    """Waits for ``joblib.parallel`` to be imported and then registers the
+    backend with it; finds nothing itself, and costs one string comparison
+    per import elsewhere."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != "joblib.parallel":
@@ -177,13 +190,14 @@ class _JoblibImportHook:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _OfferingLoader(spec.loader)
+                    spec.loader = _RegisteringLoader(spec.loader)
                 return spec
         return None
 
 
-class _OfferingLoader:
-    """A module loader that runs the real one, then offers the backend."""
+class _RegisteringLoader:
+    """Runs the real loader of ``joblib.parallel``, puts it back in its place
+    on the module, and registers the backend."""
 
     def __init__(self, loader: Any) -> None:
         self._loader = loader
@@ -192,27 +206,28 @@ class _OfferingLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
         self._loader.exec_module(module)
         if _HOOK in sys.meta_path:   # its work is done
             sys.meta_path.remove(_HOOK)
         try:
-            _offer(module)
+            register(module)
         except Exception:   # never let fedexec break an import of joblib
             pass
-
-    def __getattr__(self, name: str) -> Any:   # get_source, get_filename, ...: the real loader's
-        return getattr(self._loader, name)
 
 
 _HOOK = _JoblibImportHook()
 
 
 def install_hook() -> None:
-    """Make "fedexec" a joblib backend name: at once when joblib is already
-    imported, else when it is (an import hook; joblib is never imported for
-    it). Idempotent."""
+    """Make "fedexec" a joblib backend: at once when joblib is already
+    imported, else as soon as it is (an import hook; joblib is never imported
+    for it). Idempotent."""
     parallel = sys.modules.get("joblib.parallel")
     if parallel is not None:
-        _offer(parallel)
+        if BACKEND_NAME not in getattr(parallel, "BACKENDS", {}):
+            register(parallel)
     elif _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)
