@@ -21,9 +21,11 @@ import termios
 import textwrap
 import time
 
+import cloudpickle
 import pytest
 
-from fedexec import FederatedExecutor
+# tests/ is not importable on the workers: send this module's functions by value
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CHILD_TIMEOUT = 120.0
 
@@ -157,3 +159,56 @@ def test_progress_argument_is_checked(executor):
         executor.map(abs, [1, 2], progress=1)
     # without a terminal (pytest captures stderr), progress=True draws nothing and changes nothing
     assert list(executor.map(abs, [-1, -2], progress=True)) == [1, 2]
+
+
+def slow_then(x):
+    import time
+    time.sleep(0.05)
+    if x == 3:
+        raise ValueError(x)
+    return x
+
+
+def test_progress_on_a_given_file(executor):
+    import io
+
+    import fedexec
+
+    quiet = io.StringIO()   # not a terminal: nothing unless forced
+    futures = [executor.submit(slow_then, i) for i in range(6)]
+    assert fedexec.progress(futures, file=quiet) == futures
+    assert quiet.getvalue() == ""
+    assert all(f.done() for f in futures)
+    forced = io.StringIO()
+    futures = [executor.submit(slow_then, i) for i in range(6)]
+    assert fedexec.progress(iter(futures), file=forced, force=True, desc="six") == futures
+    final = last_line(forced.getvalue())   # (tqdm's format: the test extra installs it)
+    assert final.startswith("six: 100%") and "6/6" in final and "1 failed" in final, final
+    assert forced.getvalue().endswith("\n")
+
+
+def test_progress_bar_counts_as_futures_come(executor):
+    from concurrent.futures import Future
+
+    from fedexec import ProgressBar
+
+    import io
+
+    out = io.StringIO()
+    with ProgressBar(file=out, force=True, use_tqdm=False) as bar:
+        for i in range(4):
+            bar.expect(executor.submit(slow_then, i))
+        cancelled: Future = Future()
+        bar.expect(cancelled)
+        assert cancelled.cancel()
+        # a chunk of three calls counts as three
+        bar.expect(executor.submit(slow_then, 0), weight=3)
+        deadline = time.monotonic() + 60
+        while bar.done < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert (bar.done, bar.failed, bar.total) == (8, 2, 8)   # 3 raised once, one cancelled
+    assert last_line(out.getvalue()).startswith("100% |########################| 8/8 done, 2 failed")
+    bar.close()   # again: nothing more drawn
+    assert out.getvalue().count("\n") == 1
+    with pytest.raises(ValueError, match="total"):
+        ProgressBar(-1)
