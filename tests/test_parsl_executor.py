@@ -21,6 +21,9 @@ except ImportError as exc:   # a test that cannot run here fails saying why
 
 from fedexec.parsl import FederatedParslExecutor, task_options
 
+from test_access import fedexec_cli, running_endpoint, wait_connected
+from test_faults import running_relay
+
 # tests/ is not importable on the workers: send this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -74,6 +77,17 @@ def exit_code(code):
 def cores_seen(parsl_resource_specification=None):
     import os
     return os.getpid()
+
+
+@python_app(executors=["remote"])
+def where(x):
+    import os
+    return x * 2, os.environ.get("FEDEXEC_HOME", "")
+
+
+@bash_app(executors=["remote"])
+def remote_echo(word, stdout=None):
+    return f"echo {word} from $FEDEXEC_HOME"
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +180,25 @@ def test_executor_without_start_says_so():
         executor.submit(abs, {}, -1)
     with pytest.raises(ValueError, match="label"):
         FederatedParslExecutor(label="")
+
+
+@pytest.mark.timeout(180)
+def test_apps_on_an_endpoint_through_its_relay(dfk, tmp_path):
+    """An endpoint process of its own behind a token relay: FederatedParslExecutor(endpoint_id, relay=, token=)."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "parsl-ep", {"FEDEXEC_TOKEN": token}, relay=address) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            remote = FederatedParslExecutor(ep.id, label="remote", relay=address, token=token)
+            dfk.add_executors([remote])
+            try:
+                doubled = [where(i) for i in range(4)]
+                assert [d.result(timeout=60)[0] for d in doubled] == [0, 2, 4, 6]
+                # they ran under the endpoint's own home, not this test's
+                assert {d.result()[1] for d in doubled} == {str(ep.home)}
+                out = tmp_path / "echo.out"
+                assert remote_echo("hi", stdout=str(out)).result(timeout=60) == 0
+                assert out.read_text().strip() == f"hi from {ep.home}"
+            finally:
+                remote.shutdown()   # before its relay stops (Parsl's cleanup calls it again: a no-op)
