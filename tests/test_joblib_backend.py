@@ -11,8 +11,9 @@ import sys
 import textwrap
 
 import cloudpickle
-import psutil
 import pytest
+
+from conftest import workers_of
 
 try:
     import joblib
@@ -59,14 +60,8 @@ class PidLoggingClassifier(ClassifierMixin, BaseEstimator):
 
 
 def fedexec_workers() -> set[int]:
-    found = set()
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "fedexec.worker" in " ".join(proc.cmdline()):
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
-    return found
+    """The pids of the embedded endpoint's workers (children of this process)."""
+    return {proc.pid for proc in workers_of(os.getpid())}
 
 
 def test_import_registers_without_importing_joblib(tmp_path):

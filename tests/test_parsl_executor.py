@@ -9,8 +9,9 @@ import os
 import sys
 
 import cloudpickle
-import psutil
 import pytest
+
+from conftest import workers_of
 
 try:
     import parsl
@@ -104,14 +105,8 @@ def dfk(tmp_path_factory):
 
 
 def fedexec_workers() -> set[int]:
-    found = set()
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "fedexec.worker" in " ".join(proc.cmdline()):
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
-    return found
+    """The pids of the embedded endpoint's workers (children of this process)."""
+    return {proc.pid for proc in workers_of(os.getpid())}
 
 
 def test_workflow_with_dependencies_runs_on_fedexec_workers(dfk):
