@@ -212,3 +212,11 @@ def test_progress_bar_counts_as_futures_come(executor):
     assert out.getvalue().count("\n") == 1
     with pytest.raises(ValueError, match="total"):
         ProgressBar(-1)
+
+
+def test_map_with_buffersize_grows_its_total(executor, capsys):
+    assert list(executor.map(abs, range(-10, 0), buffersize=3, progress="force")) == list(range(10, 0, -1))
+    drawn = capsys.readouterr().err
+    # read lazily, 3 at a time at first: the total grows as tasks go out, to all of them
+    totals = {int(total) for total in re.findall(r"\d+/(\d+)", drawn)}
+    assert max(totals) == 10 and "10/10" in last_line(drawn), drawn
