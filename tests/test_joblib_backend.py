@@ -27,12 +27,19 @@ except ImportError as exc:   # a test that cannot run here fails saying why
 
 import fedexec  # noqa: F401  (registers the backend)
 
+from test_access import fedexec_cli, running_endpoint, wait_connected
+from test_faults import running_relay
+
 # tests/ is not importable on the workers: send this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def square_and_pid(x):
     return x * x, os.getpid()
+
+
+def home_of(x):
+    return x, os.environ.get("FEDEXEC_HOME", "")
 
 
 def fails_on(x, bad):
@@ -142,3 +149,21 @@ def test_grid_search_runs_its_fits_on_fedexec(config, tmp_path):
     # and a real estimator, as a user would write it
     search = GridSearchCV(KNeighborsClassifier(), {"n_neighbors": [1, 5, 15]}, cv=3, n_jobs=-1).fit(X, y)
     assert search.best_score_ > 0.9
+
+
+@pytest.mark.timeout(180)
+def test_parallel_on_an_endpoint_through_its_relay(tmp_path):
+    """parallel_config("fedexec", endpoint_id=..., relay=..., token=...): an endpoint process of its own."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "joblib-ep", {"FEDEXEC_TOKEN": token}, relay=address, max_workers=2) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            with parallel_config("fedexec", endpoint_id=ep.id, relay=address, token=token) as remote:
+                try:
+                    results = Parallel(n_jobs=-1)(delayed(home_of)(i) for i in range(50))
+                    assert remote["backend"].effective_n_jobs(-1) == 2   # the endpoint's workers
+                finally:
+                    remote["backend"].close()
+    assert [x for x, _ in results] == list(range(50))
+    assert {home for _, home in results} == {str(ep.home)}   # they ran under the endpoint, not here
