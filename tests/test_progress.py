@@ -136,7 +136,8 @@ def test_tqdm_bar_on_a_terminal(tmp_path):
     final = last_line(section(drawn, "progress"))
     # tqdm's own format: "work: 100%|██████| 12/12 [00:00<00:00, 35.2task/s, 3 failed]"
     assert final.startswith("work: 100%|"), final
-    assert "12/12" in final and "task/s" in final and "3 failed" in final, final
+    # (the rate: tqdm writes s/task when slower than one a second, as on a loaded machine)
+    assert "12/12" in final and re.search(r"(task/s|s/task)", final) and "3 failed" in final, final
     final = last_line(section(drawn, "map"))
     assert "20/20" in final and "0 failed" in final, final
     final = last_line(section(drawn, "chunked"))
