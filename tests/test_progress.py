@@ -27,7 +27,7 @@ import pytest
 # tests/ is not importable on the workers: send this module's functions by value
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-CHILD_TIMEOUT = 120.0
+CHILD_TIMEOUT = 240.0   # a program with its own embedded default: slow on a loaded machine
 
 # The program under test: tasks 0..11, of which those divisible by 4 raise
 # (3 failures); markers on stderr separate what each step drew.
@@ -111,6 +111,7 @@ def last_line(drawn: str) -> str:
     return re.split(r"[\r\n]", drawn.strip())[-1].strip()
 
 
+@pytest.mark.timeout(300)
 def test_plain_bar_on_a_terminal(tmp_path):
     stdout, drawn = run_program(tmp_path, "plain", tty=True)
     assert "failed 3" in stdout and "map 210" in stdout and "chunked 55" in stdout
@@ -126,6 +127,7 @@ def test_plain_bar_on_a_terminal(tmp_path):
     assert re.fullmatch(r"100% \|#{24}\| 10/10 done, 0 failed, [0-9.]+ tasks/s, 0:\d\d", final), final
 
 
+@pytest.mark.timeout(300)
 def test_tqdm_bar_on_a_terminal(tmp_path):
     try:
         import tqdm  # noqa: F401
@@ -144,6 +146,7 @@ def test_tqdm_bar_on_a_terminal(tmp_path):
     assert "10/10" in final, final
 
 
+@pytest.mark.timeout(300)
 def test_nothing_drawn_without_a_terminal_unless_forced(tmp_path):
     stdout, stderr = run_program(tmp_path, "plain", tty=False)
     assert "failed 3" in stdout and "map 210" in stdout and "chunked 55" in stdout
