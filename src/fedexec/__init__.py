@@ -29,8 +29,23 @@ from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 from .shell import ShellFunction, ShellResult
 from .mpi import MPIFunction
+from .joblib_backend import install_hook as _install_joblib_hook
+
+_install_joblib_hook()   # "fedexec" becomes a joblib backend once joblib is imported (joblib_backend.py)
 
 __version__ = "0.1.0"
+
+_LAZY = {"progress": "progressbar", "ProgressBar": "progressbar"}   # loaded on first use, not by `import fedexec`
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "FederatedExecutor",
@@ -41,6 +56,8 @@ __all__ = [
     "ShellFunction",
     "ShellResult",
     "MPIFunction",
+    "ProgressBar",
+    "progress",
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",

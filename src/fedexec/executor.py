@@ -706,12 +706,14 @@ class FederatedExecutor(Executor):
         return dataref.request(self._dispatcher.transfers.get(), {"op": op, "b": ref._id})
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+            chunksize: int = 1, buffersize: int | None = None, progress: bool | str = False) -> Iterator[Any]:
         """Like :meth:`Executor.map`; with ``chunksize`` > 1 each chunk of
         arguments travels and runs as one task, as in ProcessPoolExecutor.
         With ``buffersize`` (as in Python 3.14) the iterables are read lazily
         and at most that many tasks (chunks) are out at once, topped up in
-        groups as results are taken."""
+        groups as results are taken. ``progress``: True draws a progress bar
+        of the calls on standard error when it is a terminal, "force" draws
+        it there in any case (see :mod:`fedexec.progressbar`)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         shell = fn.fn if isinstance(fn, with_options) else fn
@@ -721,6 +723,11 @@ class FederatedExecutor(Executor):
         if buffersize is not None and (isinstance(buffersize, bool) or not isinstance(buffersize, int)
                                        or buffersize < 1):
             raise ValueError("buffersize must be None or > 0.")
+        bar = None
+        if progress is not False:
+            from .progressbar import progress_option
+
+            bar = progress_option(progress)
         end_time = None if timeout is None else timeout + time.monotonic()
         chunked = chunksize > 1
         source: Iterator[Any] = _chunked(zip(*iterables), chunksize) if chunked else zip(*iterables)
@@ -728,10 +735,22 @@ class FederatedExecutor(Executor):
         def submit_next(count: int | None) -> list[Future]:
             items = source if count is None else itertools.islice(source, count)
             if chunked:
+                if bar is not None:
+                    return [bar.expect(self._submit_chunk(fn, chunk), len(chunk)) for chunk in items]
                 return [self._submit_chunk(fn, chunk) for chunk in items]
-            return self._submit_calls(fn, items)
+            submitted = self._submit_calls(fn, items)
+            if bar is not None:
+                bar.add_total(len(submitted))
+                for future in submitted:
+                    bar.track(future)
+            return submitted
 
-        futures: deque[Future] = deque(submit_next(buffersize))
+        try:
+            futures: deque[Future] = deque(submit_next(buffersize))
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
         exhausted = buffersize is None or len(futures) < buffersize
 
         def result_iterator() -> Iterator[Any]:
@@ -758,6 +777,8 @@ class FederatedExecutor(Executor):
                     del value
             finally:
                 self._cancel_quietly(list(futures))
+                if bar is not None:
+                    bar.close()
 
         return result_iterator()
 
