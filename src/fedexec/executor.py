@@ -22,14 +22,14 @@ import time
 import uuid
 import weakref
 from collections import deque
-from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
 from typing import Any, Callable, Iterable, Iterator
 
 
 from . import protocol as P
-from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
+from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
 from .auth import check_token
 from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dependency_error, rebuild, snapshot
 from . import dataref
@@ -41,8 +41,11 @@ from .output import check_output_limit
 from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
 from .errors import (
+    BrokenExecutor,
     DataRefError,
     AuthenticationFailed,
+    EndpointNotConnected,
+    ExecutorShutDown,
     NotAuthorized,
     PayloadTooLarge,
     RelayUnavailable,
@@ -50,6 +53,9 @@ from .errors import (
     UnknownEndpoint,
     VersionMismatch,
 )
+from .first_contact import (check_listening, check_relay_address, disconnected_message, resolve_endpoints,
+                            unknown_endpoint_message, warn_disconnected)
+from .worker.initializer import Setup, wrapper
 from .serialize import (
     content_hash,
     serialize_arguments,
@@ -89,12 +95,17 @@ class _FunctionCache:
     be weakly referenced (builtins) are kept in a small bounded table.
 
     A function object is assumed not to change after its first submission.
+
+    ``wrap``: what each function is wrapped in before it is pickled (an
+    executor's initializer, worker/initializer.py); the cache stays keyed by
+    the function itself.
     """
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = 256, wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> None:
         self._weak: "weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]]" = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, bytes, bytes]] = {}
         self._limit = limit
+        self._wrap = wrap
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         try:
@@ -106,7 +117,7 @@ class _FunctionCache:
             weak = False
         if entry is not None:
             return entry
-        fn_hash, body = serialize_function(fn)
+        fn_hash, body = serialize_function(fn if self._wrap is None else self._wrap(fn))
         if weak:
             self._weak[fn] = (fn_hash, body)
         else:
@@ -198,9 +209,27 @@ class FederatedExecutor(Executor):
     ``{"cores": 2, "memory": "4G", "gpus": 1}`` (see :mod:`fedexec.resources`
     and :class:`with_options`); the endpoint runs a task only where that is
     free. Unknown keys and bad values raise ValueError.
+
+    As with ProcessPoolExecutor: an int first argument is ``max_workers``
+    (``FederatedExecutor(4)``: four workers on the embedded default), and
+    ``initializer(*initargs)`` runs once in each worker before the first of
+    this executor's tasks there; if it raises, the tasks sent to that worker
+    fail with :class:`~fedexec.InitializerFailed` (a ``BrokenExecutor``)
+    naming it. The initializer and its initargs are pickled once, here.
+
+    First contact (first_contact.py): a relay address not of the form
+    ``tcp://HOST:PORT`` (or ``ipc://PATH``) is a ValueError here; nothing
+    listening there is :class:`~fedexec.RelayUnavailable` within seconds;
+    an id or name no endpoint goes by is :class:`~fedexec.UnknownEndpoint`
+    (the name of an endpoint configured on this machine, ``fedexec endpoint
+    configure NAME``, is accepted where an id is). An endpoint the relay
+    knows but that is not connected is warned about
+    (:class:`~fedexec.EndpointNotConnectedWarning`: tasks wait for it);
+    ``wait_for_endpoint``: wait that many seconds for it to connect instead,
+    then raise :class:`~fedexec.EndpointNotConnected`.
     """
 
-    def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
+    def __init__(self, endpoint_id: str | list[str] | int | None = None, *, relay: str | None = None,
                  max_workers: int | None = None, batch_size: int = 1024, batch_window: float = 0.0,
                  prefetch: int | None = None, worker_batch: int | None = None,
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
@@ -208,7 +237,13 @@ class FederatedExecutor(Executor):
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
                  max_payload: int | None = None, echo_output: bool = False,
-                 resource_specification: dict[str, Any] | None = None, output_limit: int | None = None) -> None:
+                 resource_specification: dict[str, Any] | None = None, output_limit: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 wait_for_endpoint: float | None = None) -> None:
+        if isinstance(endpoint_id, int) and not isinstance(endpoint_id, bool):   # FederatedExecutor(4)
+            if max_workers is not None:
+                raise ValueError("max_workers is given twice: as the first argument and as max_workers=")
+            endpoint_id, max_workers = None, endpoint_id
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if batch_size <= 0:
@@ -220,6 +255,12 @@ class FederatedExecutor(Executor):
         if worker_batch is not None and worker_batch < 1:
             raise ValueError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
+        if wait_for_endpoint is not None and (isinstance(wait_for_endpoint, bool)
+                                              or not isinstance(wait_for_endpoint, (int, float))
+                                              or not 0 <= wait_for_endpoint < float("inf")):
+            raise ValueError(f"wait_for_endpoint must be None or a number of seconds >= 0, not {wait_for_endpoint!r}")
+        # (first: a bad initializer or initargs fails here, before anything starts)
+        setup = Setup(initializer, initargs) if initializer is not None else None
         #: the resources every task asks unless with_options says otherwise (the ``rs`` option, resources.py)
         self._resources = resource_option(resource_specification)
         if data_only is not None and not isinstance(data_only, bool):
@@ -243,15 +284,17 @@ class FederatedExecutor(Executor):
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
-            # an endpoint id, a list of them (a group: each task runs on one) or a group's name (groups.toml)
-            members = endpoint_targets(endpoint_id)
+            # an endpoint id, a list of them (a group: each task runs on one), a group's name
+            # (groups.toml) or the name of an endpoint configured here
+            members, configured_relay = resolve_endpoints(endpoint_id)
             endpoint_id = members[0] if len(members) == 1 else members
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
                                 ("worker_batch", worker_batch), ("max_payload", max_payload)):
                 if value is not None:
                     raise ValueError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
-            relay = relay or _default_relay()
+            relay = check_relay_address(*_relay_and_source(relay, configured_relay))
+            check_listening(relay)
         try:
             check_token(relay, token, relay_public_key)   # here, not in the dispatcher thread
         except BaseException:
@@ -264,7 +307,7 @@ class FederatedExecutor(Executor):
         self.relay: str = relay
         self._task_ids = _TaskIds()
         self._batch_size = batch_size
-        self._functions = _FunctionCache()
+        self._functions = _FunctionCache(wrap=wrapper(setup))
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._memoize = memoize
@@ -279,6 +322,8 @@ class FederatedExecutor(Executor):
         try:
             infos = [self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services,
                                            endpoint_id=member) for member in self.endpoint_ids]
+            if services is None:
+                infos = self._await_connected(infos, wait_for_endpoint, connect_timeout)
         except BaseException:
             self.shutdown(wait=True)
             raise
@@ -312,9 +357,12 @@ class FederatedExecutor(Executor):
                 if refused:
                     raise AuthenticationFailed(refused)
                 if services is not None and services.failed():
-                    raise RuntimeError(f"fedexec could not start its embedded default: {services.failed()}")
+                    raise BrokenExecutor(f"fedexec could not start its embedded default: {services.failed()}")
                 if time.monotonic() > deadline:
-                    raise RelayUnavailable(f"no answer from the relay at {self.relay} within {timeout:g} s")
+                    raise RelayUnavailable(f"no answer from the relay at {self.relay} within {timeout:g} s: "
+                                           "something listens there but did not answer as a fedexec relay "
+                                           "(another program, or a relay too busy to answer; see "
+                                           "connect_timeout)")
                 try:
                     future.result(0.05)
                 except TimeoutError:
@@ -331,10 +379,33 @@ class FederatedExecutor(Executor):
                 if not wait_for_it or info.get("status") == "connected":
                     return info
             elif not wait_for_it:
-                raise UnknownEndpoint(f"the relay at {self.relay} knows no endpoint {endpoint_id}")
+                raise UnknownEndpoint(unknown_endpoint_message(self.relay, endpoint_id))
             if time.monotonic() > deadline:
                 raise RelayUnavailable(f"the embedded endpoint did not connect within {timeout:g} s")
             time.sleep(0.02)
+
+    def _await_connected(self, infos: list[dict[str, Any]], wait_for: float | None,
+                         timeout: float) -> list[dict[str, Any]]:
+        """The endpoints' descriptions once one of them is connected. With
+        none connected: without ``wait_for``, a warning that tasks will wait
+        for them; with it, asked again until one connects, or
+        EndpointNotConnected after ``wait_for`` seconds."""
+        if any(info.get("status") == "connected" for info in infos):
+            return infos
+        if wait_for is None:
+            for info in infos:
+                warn_disconnected(info, self.relay)
+            return infos
+        deadline = time.monotonic() + wait_for
+        while time.monotonic() < deadline:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            infos = [self._lookup_endpoint(timeout, wait_for_it=False, services=None, endpoint_id=member)
+                     for member in self.endpoint_ids]
+            if any(info.get("status") == "connected" for info in infos):
+                return infos
+        raise EndpointNotConnected(f"{disconnected_message(infos[0], self.relay)}, and did not connect within "
+                                   f"wait_for_endpoint={wait_for:g} s: start it ('fedexec endpoint start NAME' on "
+                                   "its machine; 'fedexec endpoint status NAME' says why it is not running)")
 
     @property
     def resource_specification(self) -> dict[str, int] | None:
@@ -668,9 +739,9 @@ class FederatedExecutor(Executor):
 
     def _check_open(self) -> None:
         if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            raise ExecutorShutDown("cannot schedule new futures after shutdown")
         if _global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            raise ExecutorShutDown("cannot schedule new futures after interpreter shutdown")
         if self._dispatcher.closed:
             raise BrokenExecutor(self._dispatcher.failure or "the executor's dispatcher has stopped")
 
@@ -751,8 +822,11 @@ class FederatedExecutor(Executor):
                             value = future.result(end_time - time.monotonic())
                     finally:
                         future.cancel()
+                    del future   # (it holds the value: nothing here may keep a yielded value alive)
                     if chunked:
-                        yield from value
+                        value.reverse()
+                        while value:
+                            yield value.pop()
                     else:
                         yield value
                     del value
@@ -922,14 +996,23 @@ def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _default_relay() -> str:
+def _relay_and_source(relay: str | None, configured: str | None) -> tuple[str, str]:
+    """The relay address to use and where it came from (for errors): the
+    ``relay`` argument, else ``$FEDEXEC_RELAY``, else the relay in the config
+    of the endpoint named (``configured``), else the one ``fedexec relay
+    start`` runs (its relay.json), else the default."""
+    if relay is not None:
+        return relay, "relay"
     env = os.environ.get("FEDEXEC_RELAY")
     if env:
-        return env
+        return env, "$FEDEXEC_RELAY"
+    if configured:
+        return configured, "the relay in the endpoint's config.toml"
     info = relay_dir() / "relay.json"
     try:
         import json
 
-        return str(json.loads(info.read_text())["address"])
+        return str(json.loads(info.read_text())["address"]), f"the relay address in {info}"
     except (OSError, ValueError, KeyError):
-        return DEFAULT_RELAY_ADDRESS
+        return DEFAULT_RELAY_ADDRESS, "relay"
+
