@@ -354,13 +354,20 @@ def login(ns: argparse.Namespace) -> None:
 
 
 def endpoint_stop(ns: argparse.Namespace) -> None:
+    from .endpoint.sockdir import remove_stale_socket_dirs
+
     EndpointConfig.load(ns.name)
     record = _endpoint_pidfile(ns.name).read()
     if not record:
         print(f"endpoint {ns.name} is not running")
-        return
-    _stop_process(record, f"endpoint {ns.name}")
-    print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
+    else:
+        _stop_process(record, f"endpoint {ns.name}")
+        print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
+    # what endpoints killed with SIGKILL left behind (theirs, or any other of this user's)
+    removed = remove_stale_socket_dirs()
+    if removed:
+        print(f"removed {len(removed)} socket director{'y' if len(removed) == 1 else 'ies'} left by endpoints that "
+              f"did not exit cleanly: {', '.join(removed)}")
 
 
 def _endpoint_names() -> list[str]:

@@ -36,7 +36,6 @@ import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -60,6 +59,7 @@ from . import placement
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
+from .sockdir import make_socket_dir, remove_stale_socket_dirs
 
 log = logging.getLogger("fedexec.endpoint")
 
@@ -92,7 +92,8 @@ class EndpointAgent:
         self.task_seconds: float | None = None   # moving average of run time, from the pools
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
-        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
+        remove_stale_socket_dirs()   # those of agents killed before they could remove theirs
+        self._sock_dir = make_socket_dir()
         self.pool_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         self.pool_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pool_sock.setsockopt(zmq.LINGER, 0)
