@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 
 from . import protocol as P
-from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, relay_dir
+from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, ConfigError, relay_dir
 from .auth import check_token
 from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dependency_error, rebuild, snapshot
 from . import dataref
@@ -242,32 +242,32 @@ class FederatedExecutor(Executor):
                  wait_for_endpoint: float | None = None) -> None:
         if isinstance(endpoint_id, int) and not isinstance(endpoint_id, bool):   # FederatedExecutor(4)
             if max_workers is not None:
-                raise ValueError("max_workers is given twice: as the first argument and as max_workers=")
+                raise ConfigError("max_workers is given twice: as the first argument and as max_workers=")
             endpoint_id, max_workers = None, endpoint_id
         if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+            raise ConfigError("max_workers must be greater than 0")
         if batch_size <= 0:
-            raise ValueError("batch_size must be greater than 0")
+            raise ConfigError("batch_size must be greater than 0")
         if not 0 <= batch_window <= 1:
-            raise ValueError("batch_window must be from 0 to 1 second")
+            raise ConfigError("batch_window must be from 0 to 1 second")
         if prefetch is not None and prefetch < 0:
-            raise ValueError("prefetch must be >= 0")
+            raise ConfigError("prefetch must be >= 0")
         if worker_batch is not None and worker_batch < 1:
-            raise ValueError("worker_batch must be >= 1")
+            raise ConfigError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
         if wait_for_endpoint is not None and (isinstance(wait_for_endpoint, bool)
                                               or not isinstance(wait_for_endpoint, (int, float))
                                               or not 0 <= wait_for_endpoint < float("inf")):
-            raise ValueError(f"wait_for_endpoint must be None or a number of seconds >= 0, not {wait_for_endpoint!r}")
+            raise ConfigError(f"wait_for_endpoint must be None or a number of seconds >= 0, not {wait_for_endpoint!r}")
         # (first: a bad initializer or initargs fails here, before anything starts)
         setup = Setup(initializer, initargs) if initializer is not None else None
         #: the resources every task asks unless with_options says otherwise (the ``rs`` option, resources.py)
         self._resources = resource_option(resource_specification)
         if data_only is not None and not isinstance(data_only, bool):
-            raise ValueError(f"data_only must be None, True or False, not {data_only!r}")
+            raise ConfigError(f"data_only must be None, True or False, not {data_only!r}")
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
                                           or max_in_flight < 1):
-            raise ValueError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
+            raise ConfigError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
         self._max_in_flight = max_in_flight
         #: the bytes of each output stream a task's result carries at most (the "ol" option; None: the endpoint's)
         self._output_limit = check_output_limit(output_limit)
@@ -276,7 +276,7 @@ class FederatedExecutor(Executor):
         services: EmbeddedFederation | None = None
         if endpoint_id is None:
             if relay is not None:
-                raise ValueError("an endpoint_id is needed to use a relay; omit both for the embedded default")
+                raise ConfigError("an endpoint_id is needed to use a relay; omit both for the embedded default")
             services = EmbeddedFederation(max_workers, prefetch=1 if prefetch is None else prefetch,
                                           worker_batch=worker_batch or DEFAULT_WORKER_BATCH,
                                           max_payload=None if max_payload is None
@@ -291,7 +291,7 @@ class FederatedExecutor(Executor):
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
                                 ("worker_batch", worker_batch), ("max_payload", max_payload)):
                 if value is not None:
-                    raise ValueError(f"{name} only applies to the embedded default; "
+                    raise ConfigError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
             relay = check_relay_address(*_relay_and_source(relay, configured_relay))
             check_listening(relay)
@@ -727,7 +727,7 @@ class FederatedExecutor(Executor):
             try:
                 task_id = value.bytes if isinstance(value, uuid.UUID) else uuid.UUID(str(value)).bytes
             except ValueError:
-                raise ValueError(f"{value!r} is not a task id (a UUID string, as TaskFuture.task_id)") from None
+                raise ConfigError(f"{value!r} is not a task id (a UUID string, as TaskFuture.task_id)") from None
             future = TaskFuture(self._dispatcher, task_id)
             future._sent = True  # it is the relay's: cancel() asks there
             items.append(WorkItem(future, task_id, b"", b"", b"", P.TASK_CALL))
@@ -755,7 +755,7 @@ class FederatedExecutor(Executor):
         if self.data_only:
             raise DataRefError("put() needs pickled tasks; this executor sends plain data only (data_only)")
         if not (isinstance(ttl, (int, float)) and ttl > 0):
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+            raise ConfigError(f"ttl must be a positive number of seconds, not {ttl!r}")
         try:
             blob = dataref.dumps_put(obj)
         except Exception as exc:
@@ -808,28 +808,20 @@ class FederatedExecutor(Executor):
         def result_iterator() -> Iterator[Any]:
             nonlocal exhausted
             try:
+                # (no local names a value while it is yielded: the caller's dropping it frees it)
                 while futures:
-                    future = futures.popleft()
-                    if not exhausted and len(futures) < (buffersize or 0) // 2 + 1:
-                        wanted = buffersize - len(futures) - 1  # type: ignore[operator]
+                    if not exhausted and len(futures) - 1 < (buffersize or 0) // 2 + 1:
+                        wanted = buffersize - len(futures)  # type: ignore[operator]
                         more = submit_next(wanted)
                         exhausted = len(more) < wanted
                         futures.extend(more)
-                    try:
-                        if end_time is None:
-                            value = future.result()
-                        else:
-                            value = future.result(end_time - time.monotonic())
-                    finally:
-                        future.cancel()
-                    del future   # (it holds the value: nothing here may keep a yielded value alive)
                     if chunked:
-                        value.reverse()
-                        while value:
-                            yield value.pop()
+                        values = _result_or_cancel(futures.popleft(), end_time)
+                        values.reverse()
+                        while values:
+                            yield values.pop()
                     else:
-                        yield value
-                    del value
+                        yield _result_or_cancel(futures.popleft(), end_time)
             finally:
                 self._cancel_quietly(list(futures))
 
@@ -881,6 +873,15 @@ class FederatedExecutor(Executor):
         # as with the standard executors
 
 
+def _result_or_cancel(future: Future, end_time: float | None) -> Any:
+    """``future``'s result, waiting until ``end_time`` at most; cancelled if
+    it is not done by then (``map``)."""
+    try:
+        return future.result() if end_time is None else future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()
+
+
 def _fail(future: Future, error: BaseException) -> None:
     """Fail a future not yet running (unless it was cancelled meanwhile)."""
     try:
@@ -899,7 +900,7 @@ def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> st
     says = [info for info in infos if info.get("data_only") is True]
     if data_only is False:
         if says:
-            raise ValueError(f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only: it takes and "
+            raise ConfigError(f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only: it takes and "
                              "gives plain data only, never pickles, so data_only=False cannot be used with it")
         return None
     if data_only is True:
@@ -925,11 +926,11 @@ def _check_shell_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any
 def _check_task_options(timeout: float | None, max_retries: int | None) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= P.MAX_WALLTIME):
-        raise ValueError(f"timeout must be a number of seconds greater than 0 (at most {P.MAX_WALLTIME:g}), "
+        raise ConfigError(f"timeout must be a number of seconds greater than 0 (at most {P.MAX_WALLTIME:g}), "
                          f"not {timeout!r}")
     if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)
                                     or not 0 <= max_retries <= P.MAX_RETRIES):
-        raise ValueError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
+        raise ConfigError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
 
 
 _UNSET = object()   # with_options(resources=...) not given: the executor's resource_specification
