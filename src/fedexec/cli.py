@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def relay_status(ns: argparse.Namespace) -> None:
 # provider settings `endpoint configure` takes as options (ProviderConfig fields)
 PROVIDER_OPTIONS = ("init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime", "walltime",
                     "drain", "partition", "account", "scheduler_options", "worker_init", "address", "port",
-                    "parsl_class")
+                    "parsl_class", "exclusive")
 
 def _endpoint_pidfile(name: str) -> PidFile:
     return PidFile(endpoint_dir(name) / "endpoint.json")
@@ -368,6 +369,31 @@ def endpoint_stop(ns: argparse.Namespace) -> None:
     if removed:
         print(f"removed {len(removed)} socket director{'y' if len(removed) == 1 else 'ies'} left by endpoints that "
               f"did not exit cleanly: {', '.join(removed)}")
+
+
+def endpoint_restart(ns: argparse.Namespace) -> None:
+    """Stop the endpoint if it runs, then start it in the background (with
+    its config file as it is now)."""
+    endpoint_stop(ns)
+    endpoint_start(argparse.Namespace(name=ns.name, daemon=True, log_level=ns.log_level))
+
+
+def endpoint_delete(ns: argparse.Namespace) -> None:
+    """Stop the endpoint if it runs and remove its directory (config, keys,
+    logs, block scripts), after asking unless ``--yes``."""
+    config = EndpointConfig.load(ns.name)
+    directory = endpoint_dir(ns.name)
+    if not ns.yes:
+        if not sys.stdin.isatty():
+            raise CommandError(f"not deleting endpoint {ns.name}: confirm with --yes (no terminal to ask on)")
+        answer = input(f"delete endpoint {ns.name} ({config.endpoint_id}): stop it and remove {directory}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return
+    endpoint_stop(ns)
+    shutil.rmtree(directory)
+    print(f"deleted endpoint {ns.name} ({config.endpoint_id}); the relay at {config.relay} still lists its id as "
+          "disconnected, and tasks sent to it wait there until they expire")
 
 
 def _endpoint_names() -> list[str]:
@@ -610,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-address", dest="address", help="the address pools on other nodes connect to")
     p.add_argument("--pool-port", dest="port", type=int, help="the pool socket's TCP port (0: any)")
     p.add_argument("--parsl-class", help="a Parsl provider class, e.g. parsl.providers.PBSProProvider")
+    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="slurm: whole nodes for each block (default); --no-exclusive: --cpus-per-task=max_workers")
     p.set_defaults(func=endpoint_configure)
     p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")
     p.add_argument("name")
@@ -620,6 +648,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = esub.add_parser(action, help=f"{action} an endpoint")
         p.add_argument("name")
         p.set_defaults(func=func)
+    p = esub.add_parser("restart", help="stop an endpoint if it runs, then start it in the background")
+    p.add_argument("name")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=endpoint_restart)
+    p = esub.add_parser("delete", help="stop an endpoint and remove its config, keys and logs")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask first")
+    p.set_defaults(func=endpoint_delete)
     p = esub.add_parser("share", help="change who may use an endpoint (its owner only)")
     p.add_argument("name")
     p.add_argument("--user", action="append", default=[], help="share with this user (repeat for more)")
