@@ -391,3 +391,27 @@ def test_a_pool_command_takes_an_endpoint_key_that_begins_with_a_dash(tmp_path):
             os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "expected one argument" not in err and "--endpoint-key must be" not in err, err
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_submission_stays_in_the_status_until_one_succeeds(tmp_path, slurm_cluster):
+    """sbatch refuses every block (no such partition): the endpoint's status
+    shows the error at every read, not only for the moment between its
+    submission and its next status poll."""
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=1, type="slurm", partition="no-such-partition",
+            init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1", walltime="00:05:00"))
+        first = wait_for(lambda: status_of("ep").get("provider_error"), 60, "no provider error in the status", log)
+        assert "no-such-partition" in first or "partition" in first.lower(), first
+        seen = []
+        deadline = time.monotonic() + 8   # several status polls (each second) and submission retries
+        while time.monotonic() < deadline:
+            status = status_of("ep")
+            if "provider_error" in status:   # (not a read that failed: status_of's default has no such key)
+                seen.append(status["provider_error"])
+            time.sleep(0.25)
+        assert len(seen) > 10
+        assert all(seen), f"the error left the status between submissions: {seen}"
