@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -78,3 +79,29 @@ def test_restart_then_delete_an_endpoint(tmp_path):
         psutil.wait_procs([psutil.Process(second)] if psutil.pid_exists(second) else [], timeout=10)
         assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
         assert "not configured" in cli("endpoint", "status", "ep", check=False).stderr
+
+
+@pytest.mark.timeout(240)
+def test_status_says_when_the_config_file_differs_from_the_running_endpoint(tmp_path):
+    started: list[int] = []
+    with running_relay(tmp_path) as relay, daemons_stopped(started):
+        cli("endpoint", "configure", "ep", "--relay", relay, "--max-workers", "1")
+        cli("endpoint", "start", "ep", "--daemon")
+        started.append(running_pid("ep"))
+        deadline = time.monotonic() + 30
+        while "workers:" not in (out := cli("endpoint", "status", "ep").stdout):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.5)
+        assert "settings:" not in out, out
+        cli("endpoint", "configure", "ep", "--max-workers", "2", "--max-blocks", "3")
+        out = cli("endpoint", "status", "ep").stdout
+        assert "its config file changed since it started (max_workers, provider.max_blocks differ)" in out, out
+        assert "fedexec endpoint restart ep" in out
+        cli("endpoint", "restart", "ep")
+        started.append(running_pid("ep"))
+        deadline = time.monotonic() + 30
+        while "workers:" not in (out := cli("endpoint", "status", "ep").stdout):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.5)
+        assert "settings:" not in out, out
+        cli("endpoint", "stop", "ep")

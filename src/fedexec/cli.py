@@ -460,6 +460,10 @@ def endpoint_status(ns: argparse.Namespace) -> None:
                   f"{status['ref_fetches']} fetched from the relay")
         if status.get("provider_error"):
             print(f"provider:  last error: {status['provider_error']}")
+        changed = _settings_changed(config, status.get("settings"))
+        if changed:
+            print(f"settings:  its config file changed since it started ({', '.join(changed)} differ); "
+                  f"'fedexec endpoint restart {ns.name}' applies it")
     from .relay.query import lookup_endpoint
 
     try:
@@ -473,6 +477,17 @@ def endpoint_status(ns: argparse.Namespace) -> None:
             print(f"at relay:  {view['status']}, {view['queued']} queued, {view['running']} out at the endpoint")
     if not record:
         raise SystemExit(3)
+
+
+def _settings_changed(config: EndpointConfig, running: Any) -> list[str]:
+    """The settings (``provider.`` ones so named) in which the config file
+    ``config`` differs from those the endpoint runs with (its status's)."""
+    if not isinstance(running, dict):
+        return []   # an endpoint of an older release does not say
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [key for key in now if key != "provider" and now[key] != running.get(key)]
+    provider, was = now.get("provider", {}), running.get("provider") or {}
+    return changed + [f"provider.{key}" for key in provider if provider[key] != was.get(key)]
 
 
 def _read_status(name: str) -> dict | None:

@@ -27,6 +27,7 @@ it (``placement.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -1047,6 +1048,7 @@ class EndpointAgent:
             "idle_workers": sum(p["idle_workers"] for p in pools),
             "queued": len(self.queue) + self.relay_backlog, "held": len(self.holding),
             "at_pools": len(self.at_pool), **self.refs.describe(),
+            "settings": dataclasses.asdict(self.config),   # as it runs: 'endpoint status' compares the file's
         }
 
     def _write_status(self, now: float, final: bool = False) -> None:
