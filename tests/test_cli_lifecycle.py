@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,4 +105,36 @@ def test_status_says_when_the_config_file_differs_from_the_running_endpoint(tmp_
             assert time.monotonic() < deadline, out
             time.sleep(0.5)
         assert "settings:" not in out, out
+        cli("endpoint", "stop", "ep")
+
+
+@pytest.mark.timeout(240)
+def test_logs_prints_the_endpoints_log_and_follows_it(tmp_path):
+    started: list[int] = []
+    with running_relay(tmp_path) as relay, daemons_stopped(started):
+        cli("endpoint", "configure", "ep", "--relay", relay, "--max-workers", "1")
+        assert "has no log yet" in cli("endpoint", "logs", "ep", check=False).stderr
+        cli("endpoint", "start", "ep", "--daemon")
+        started.append(running_pid("ep"))
+        out = cli("endpoint", "logs", "ep").stdout
+        assert "connected to relay" in out, out
+        assert len(cli("endpoint", "logs", "ep", "-n", "1").stdout.splitlines()) == 1
+        follower = subprocess.Popen([sys.executable, "-m", "fedexec.cli", "endpoint", "logs", "ep", "-f", "-n", "0"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)   # (it is following)
+            cli("endpoint", "stop", "ep")
+            cli("endpoint", "start", "ep", "--daemon")
+            started.append(running_pid("ep"))
+            deadline = time.monotonic() + 30
+            seen = b""
+            os.set_blocking(follower.stdout.fileno(), False)
+            while b"connected to relay" not in seen:
+                assert time.monotonic() < deadline, f"-f did not show the restarted endpoint's lines: {seen!r}"
+                seen += follower.stdout.read() or b""
+                time.sleep(0.2)
+        finally:
+            follower.send_signal(signal.SIGINT)   # our own child, by pid
+            follower.wait(10)
+        assert follower.returncode == 0
         cli("endpoint", "stop", "ep")

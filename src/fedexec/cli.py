@@ -396,6 +396,52 @@ def endpoint_delete(ns: argparse.Namespace) -> None:
           "disconnected, and tasks sent to it wait there until they expire")
 
 
+def endpoint_logs(ns: argparse.Namespace) -> None:
+    """Print the end of the endpoint's log (``endpoint.log`` in its
+    directory); with ``--follow``, then what is added to it, until Ctrl-C
+    (a log started anew, as by a restart, is followed from its start)."""
+    EndpointConfig.load(ns.name)
+    path = endpoint_dir(ns.name) / "endpoint.log"
+    if not path.exists() and not ns.follow:
+        raise CommandError(f"endpoint {ns.name} has no log yet ({path}): it writes one once started")
+    offset = 0
+    if path.exists():
+        with open(path, "rb") as log:
+            lines = log.read().splitlines(keepends=True)
+            offset = log.tell()
+        sys.stdout.write(b"".join(lines[-ns.lines:] if ns.lines > 0 else []).decode(errors="replace"))
+        sys.stdout.flush()
+    if not ns.follow:
+        return
+    identity = _file_identity(path)
+    try:
+        while True:
+            time.sleep(0.2)
+            now = _file_identity(path)
+            if now is None:
+                continue
+            if now != identity or now[2] < offset:   # replaced or truncated: from its start
+                identity, offset = now, 0
+            if now[2] > offset:
+                with open(path, "rb") as log:
+                    log.seek(offset)
+                    chunk = log.read()
+                    offset = log.tell()
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, size) of ``path``, or None if it does not exist."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size
+
+
 def _endpoint_names() -> list[str]:
     root = fedexec_home() / "endpoints"
     if not root.is_dir():
@@ -667,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=endpoint_restart)
+    p = esub.add_parser("logs", help="the end of an endpoint's log; -f: and what it writes next")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is added (Ctrl-C ends)")
+    p.add_argument("-n", "--lines", type=int, default=100, help="how many of its last lines first (default 100)")
+    p.set_defaults(func=endpoint_logs)
     p = esub.add_parser("delete", help="stop an endpoint and remove its config, keys and logs")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask first")
