@@ -150,13 +150,9 @@ def unknown_endpoint_message(relay: str, endpoint_id: str) -> str:
 
 def disconnected_message(info: dict[str, Any], relay: str) -> str:
     """A sentence saying the endpoint ``info`` (a LOOKUP reply's) is known to
-    the relay but not connected, since when, and what happens to tasks."""
-    seen = info.get("last_seen")
-    since = ""
-    if isinstance(seen, (int, float)) and seen > 0:
-        since = f", last seen {max(0.0, time.time() - seen):.0f} s ago"
-    return (f"endpoint {info.get('name')!r} ({info.get('id')}) is known to the relay at {relay} but not connected"
-            f"{since}")
+    the relay but not connected. (Not since when: the relay's ``last_seen``
+    is a reading of its own monotonic clock, meaningless here.)"""
+    return f"endpoint {info.get('name')!r} ({info.get('id')}) is known to the relay at {relay} but not connected"
 
 
 def warn_disconnected(info: dict[str, Any], relay: str) -> None:
