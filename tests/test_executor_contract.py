@@ -1183,3 +1183,192 @@ def test_function_output_does_not_corrupt_the_protocol(executor):
     futures = [executor.submit(noisy, 3000) for _ in range(4)]  # on both workers
     assert [f.result(DEADLINE) for f in futures] == [expected] * 4
     assert list(executor.map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
+
+
+# ---------------------------------------------------------------------------
+# The rest of the contract (issue 16, item 1): FederatedExecutor(4),
+# initializer/initargs, map holding no yielded result, BaseExceptions around
+# a result's pickling on either side.
+# ---------------------------------------------------------------------------
+
+_initialized_with = None   # set in a worker by record_initializer
+
+
+def record_initializer(path, value):
+    """An initializer: note this worker's pid in ``path`` and keep ``value``."""
+    global _initialized_with
+    with open(path, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    _initialized_with = value
+
+
+def initialized_value(delay=0.0):
+    time.sleep(delay)
+    return _initialized_with, os.getpid()
+
+
+def failing_initializer():
+    raise ValueError("no database at /nowhere")
+
+
+class ProgressBar:
+    """Stands in for tqdm in tqdm.contrib.concurrent's process_map: its
+    executor is built with max_workers, initializer=ProgressBar.set_lock
+    and initargs=(a multiprocessing lock,), then map with a chunksize."""
+
+    lock = None
+
+    @classmethod
+    def set_lock(cls, lock):
+        cls.lock = lock
+
+
+def uses_the_lock(x):
+    with ProgressBar.lock:
+        return x * x
+
+
+def process_map_style(fn, items, *, max_workers, executor_class, chunksize=1):
+    import multiprocessing
+
+    lock = multiprocessing.RLock()
+    with executor_class(max_workers=max_workers, initializer=ProgressBar.set_lock, initargs=(lock,)) as ex:
+        return list(ex.map(fn, items, chunksize=chunksize))
+
+
+class Dummy:
+    """A result whose liveness a weak reference can watch."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def make_dummy(value):
+    return Dummy(value)
+
+
+class ExitWhilePickled:
+    """A result whose pickling raises SystemExit (on the worker)."""
+
+    def __reduce__(self):
+        raise SystemExit(3)
+
+
+def exit_while_pickled():
+    return ExitWhilePickled()
+
+
+def _raise_base_exception(kind):
+    raise {"exit": SystemExit, "interrupt": KeyboardInterrupt}[kind]("raised while unpickled")
+
+
+class RaisesWhenUnpickled:
+    """A result that pickles fine on the worker but raises a BaseException
+    while it is unpickled in the client."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return _raise_base_exception, (self.kind,)
+
+
+def raises_when_unpickled(kind):
+    return RaisesWhenUnpickled(kind)
+
+
+@pytest.mark.timeout(120)
+def test_an_int_first_argument_is_max_workers_as_in_process_pool_executor():
+    with FederatedExecutor(3) as ex:
+        assert ex._max_workers == 3
+        assert ex.submit(pow, 2, 5).result(DEADLINE) == 32
+    with pytest.raises(ValueError, match="given twice"):
+        FederatedExecutor(2, max_workers=2)
+    with pytest.raises(ValueError, match="greater than 0"):
+        FederatedExecutor(0)
+
+
+@pytest.mark.timeout(120)
+def test_initializer_runs_once_in_each_worker_before_its_first_task(tmp_path):
+    ran = tmp_path / "initialized"
+    with FederatedExecutor(max_workers=2, initializer=record_initializer, initargs=(str(ran), "ready")) as ex:
+        # two slow tasks at once: both workers take one
+        results = [f.result(DEADLINE) for f in [ex.submit(initialized_value, 0.5) for _ in range(2)]]
+        results += list(ex.map(initialized_value, [0.0] * 20))
+        results += list(ex.map(initialized_value, [0.0] * 20, chunksize=5))
+    assert {value for value, _ in results} == {"ready"}, "a task ran before its worker's initializer"
+    initialized = ran.read_text().split()
+    assert sorted(initialized) == sorted(set(initialized)), f"an initializer ran twice in a worker: {initialized}"
+    assert {str(pid) for _, pid in results} == set(initialized)
+    assert len(initialized) == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_initializer_fails_the_tasks_with_a_broken_executor_naming_it():
+    with FederatedExecutor(max_workers=1, initializer=failing_initializer) as ex:
+        futures = [ex.submit(pow, 2, i) for i in range(3)] + [ex.submit(initialized_value)]
+        for future in futures:
+            error = future.exception(DEADLINE)
+            assert isinstance(error, fedexec.InitializerFailed) and isinstance(error, cf.BrokenExecutor)
+            assert isinstance(error, fedexec.FedexecError)
+            assert "failing_initializer()" in str(error) and "no database at /nowhere" in str(error)
+            assert error.initializer == "failing_initializer"
+        with pytest.raises(cf.BrokenExecutor):
+            list(ex.map(abs, [-1, -2], chunksize=2))
+
+
+@pytest.mark.timeout(60)
+def test_an_initializer_or_initargs_that_cannot_travel_fail_at_construction():
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        FederatedExecutor(max_workers=1, initializer="not callable")
+    generator = (i for i in range(3))
+    with pytest.raises(fedexec.SerializationError, match="initializer record_initializer"):
+        FederatedExecutor(max_workers=1, initializer=record_initializer, initargs=(generator, 1))
+
+
+@pytest.mark.timeout(120)
+def test_process_map_style_code_with_max_workers_initializer_and_a_lock_runs():
+    """tqdm.contrib.concurrent.process_map's way of using its executor class;
+    the lock among the initargs arrives in each worker as a lock of its own."""
+    for chunksize in (1, 4):
+        assert process_map_style(uses_the_lock, range(10), max_workers=2, executor_class=FederatedExecutor,
+                                 chunksize=chunksize) == [x * x for x in range(10)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_the_map_iterator_keeps_no_reference_to_a_yielded_result(executor, chunksize):
+    """CPython's test_free_reference: once the caller drops a result the
+    iterator has yielded, nothing of the iterator keeps it alive."""
+    import gc
+    import weakref
+
+    for obj in executor.map(make_dummy, range(9), chunksize=chunksize):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert ref() is None, "the map iterator still holds a result it yielded"
+
+
+@pytest.mark.timeout(60)
+def test_a_system_exit_while_a_result_is_pickled_fails_its_future_and_the_worker_lives_on():
+    with FederatedExecutor(max_workers=1) as ex:
+        before = ex.submit(os.getpid).result(DEADLINE)
+        future = ex.submit(exit_while_pickled)
+        error = future.exception(DEADLINE)
+        assert type(error) is SystemExit and error.code == 3
+        assert ex.submit(os.getpid).result(DEADLINE) == before, "the worker did not live on"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_a_base_exception_while_a_result_is_unpickled_here_fails_only_that_future(executor, kind):
+    others = [executor.submit(pow, 2, i) for i in range(5)]
+    future = executor.submit(raises_when_unpickled, kind)
+    error = future.exception(DEADLINE)
+    assert isinstance(error, fedexec.DeserializationError), f"got {error!r}"
+    assert type(error.__cause__) is {"exit": SystemExit, "interrupt": KeyboardInterrupt}[kind]
+    assert "raised while unpickled" in str(error)
+    assert [f.result(DEADLINE) for f in others] == [2 ** i for i in range(5)]
+    assert executor._dispatcher.is_alive(), "the background thread stopped"
+    assert executor.submit(pow, 3, 2).result(DEADLINE) == 9

@@ -379,14 +379,18 @@ def test_unknown_endpoint_raises_unknown_endpoint(tmp_path):
 
 
 @pytest.mark.timeout(30)
-def test_non_uuid_endpoint_id_raises_value_error():
+def test_non_uuid_endpoint_id_raises_unknown_endpoint_or_value_error():
+    """A string that is not a UUID is a name (of a group or of an endpoint
+    configured here): one nothing goes by is an UnknownEndpoint naming it;
+    one that cannot be a name at all is a ValueError (first_contact.py)."""
     threads_before = dispatcher_threads()
-    for bad in ["not-a-uuid", "1234", ""]:
+    for bad in ["not-a-uuid", "1234", "my-endpoint"]:
+        with pytest.raises(UnknownEndpoint) as info:
+            FederatedExecutor(bad, relay=f"tcp://127.0.0.1:{free_port()}", connect_timeout=1.0)
+        assert repr(bad) in str(info.value)
+    for bad in ["", "no spaces please", ["not-a-uuid"]]:
         with pytest.raises(ValueError):
             FederatedExecutor(bad, relay=f"tcp://127.0.0.1:{free_port()}", connect_timeout=1.0)
-    with pytest.raises(ValueError) as info:
-        FederatedExecutor("my-endpoint", relay=f"tcp://127.0.0.1:{free_port()}", connect_timeout=1.0)
-    assert "my-endpoint" in str(info.value)
     assert dispatcher_threads() == threads_before
 
 

@@ -58,6 +58,34 @@ def configured_endpoint(tmp_path: Path, relay: str, env: dict[str, str] | None =
         stop_process(proc)
 
 
+@contextlib.contextmanager
+def executor_for(config: EndpointConfig, relay: str):
+    """A FederatedExecutor for the test's endpoint that, when the test
+    fails, does not wait at its exit for tasks that will not finish:
+    ``shutdown(wait=True)`` waits for them as long as the relay answers, so
+    a test whose task never ran (a block that never came) hung there until
+    its pytest timeout, hiding the real failure."""
+    ex = FederatedExecutor(config.endpoint_id, relay=relay)
+    try:
+        yield ex
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
+
+
+def result_within(future, timeout: float, what: str, log: Path, cluster=None):
+    """``future.result(timeout)``, or a failure saying what was waited for:
+    the endpoint's blocks and pools as it shows them, the scheduler's jobs,
+    and the end of the endpoint's log."""
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        jobs = cluster.jobs() if cluster is not None else "-"
+        pytest.fail(f"{what}: no result within {timeout} s; endpoint status {status_of('ep')}; "
+                    f"scheduler jobs {jobs}:\n{tail(log)}")
+
+
 def status_of(name: str) -> dict:
     """The endpoint's own view (status.json, rewritten each second)."""
     try:
@@ -84,7 +112,7 @@ def test_local_blocks_scale_out_on_a_load_step_and_in_when_idle(tmp_path):
         config, proc, log = stack.enter_context(configured_endpoint(
             tmp_path, relay, type="local", init_blocks=0, min_blocks=0, max_blocks=3, max_idletime=2.0))
         assert status_of("ep")["blocks"] == []           # nothing asked for yet: no pools
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             peak, shown = 0, ""
             futures = [ex.submit(pool_pid_after, 0.4) for _ in range(24)]
             while not all(f.done() for f in futures):
@@ -114,7 +142,7 @@ def test_a_local_pool_killed_under_its_tasks_loses_none(tmp_path):
         relay = stack.enter_context(running_relay(tmp_path))
         config, proc, log = stack.enter_context(configured_endpoint(
             tmp_path, relay, max_workers=2, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             futures = [ex.submit(pool_pid_after, 0.5) for _ in range(8)]
             wait_for(lambda: any(f.running() for f in futures), 30, "no task started", log)
             [pool] = [p for p in psutil.Process(proc.pid).children() if "fedexec.pool" in p.cmdline()]
@@ -136,7 +164,7 @@ def test_slurm_provider_runs_tasks_in_a_job_and_scales_in_to_none(tmp_path, slur
             init_blocks=0, min_blocks=0, max_blocks=1, max_idletime=3.0, address="127.0.0.1",
             walltime="00:10:00"))
         assert cluster.jobs() == []
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             futures = [ex.submit(slurm_job_after, 1.0) for _ in range(4)]
             seen = wait_for(cluster.jobs, 60, "no block appeared in squeue", log)
             jobs = {f.result(DEADLINE) for f in futures}
@@ -162,7 +190,7 @@ def test_slurm_walltime_drain_loses_no_task(tmp_path, slurm_cluster):
             tmp_path, relay, cluster.env, max_workers=2, type="slurm", partition=cluster.partition,
             init_blocks=1, min_blocks=0, max_blocks=1, max_idletime=2.0, address="127.0.0.1",
             walltime="00:01:00", drain=45.0))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             futures = [ex.submit(slurm_job_after, 1.0) for _ in range(40)]
             jobs = [f.result(150) for f in futures]
         assert all(jobs), jobs
@@ -185,7 +213,7 @@ def test_a_slurm_job_cancelled_under_a_running_task_loses_it_not(tmp_path, slurm
         config, proc, log = stack.enter_context(configured_endpoint(
             tmp_path, relay, cluster.env, max_workers=1, type="slurm", partition=cluster.partition,
             init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1"))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             future = ex.submit(slurm_job_after, 4.0)
             wait_for(future.running, 60, "the task did not start", log)
             [first] = cluster.jobs()
@@ -203,7 +231,7 @@ def test_parsl_local_provider(tmp_path):
         config, proc, log = stack.enter_context(configured_endpoint(
             tmp_path, relay, max_workers=2, type="parsl", parsl_class="parsl.providers.LocalProvider",
             init_blocks=1, min_blocks=0, max_blocks=1, max_idletime=2.0))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             assert ex.submit(pow, 2, 10).result(DEADLINE) == 1024
             assert sorted(ex.map(abs, range(-20, 0))) == list(range(1, 21))
         wait_for(lambda: status_of("ep")["blocks"] == [], 30, "the Parsl block was not let go", log)
@@ -218,10 +246,10 @@ def test_parsl_slurm_provider(tmp_path, slurm_cluster):
             tmp_path, relay, cluster.env, max_workers=1, type="parsl", parsl_class="parsl.providers.SlurmProvider",
             parsl_options={"partition": cluster.partition, "exclusive": False}, walltime="00:10:00",
             init_blocks=0, min_blocks=0, max_blocks=1, max_idletime=2.0, address="127.0.0.1"))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             future = ex.submit(slurm_job_after, 0.5)
             seen = wait_for(cluster.jobs, 60, "no Parsl block appeared in squeue", log)
-            assert future.result(DEADLINE) in seen
+            assert result_within(future, DEADLINE, "the task in the Parsl block", log, cluster) in seen
         wait_for(lambda: cluster.jobs() == [], 60, "the Parsl block stayed in squeue", log)
 
 
@@ -262,7 +290,7 @@ def test_manual_pools_connect_with_the_secret_and_others_are_refused(tmp_path):
                                 env={**os.environ, "FEDEXEC_POOL_SECRET": pools["secret"], "PYTHONPATH": str(HERE)},
                                 stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(stop_process, pool)
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             assert ex.submit(pool_pid_after, 0).result(DEADLINE) == pool.pid
             wait_for(lambda: status_of("ep")["workers"] == 2, 5, "the status does not show the pool's workers")
         assert "wrong or missing pool secret" in log.read_text()
@@ -331,7 +359,7 @@ def test_a_slow_scheduler_does_not_stall_the_endpoint(tmp_path, slurm_cluster):
         config, proc, log = stack.enter_context(configured_endpoint(
             tmp_path, relay, env, max_workers=1, type="slurm", partition=cluster.partition,
             init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1"))
-        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+        with executor_for(config, relay) as ex:
             future = ex.submit(slurm_job_after, 0)
             wait_for(lambda: [b["state"] for b in status_of("ep")["blocks"]] == ["submitting"], 10,
                      "the block was not shown as submitting", log)
@@ -363,3 +391,27 @@ def test_a_pool_command_takes_an_endpoint_key_that_begins_with_a_dash(tmp_path):
             os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "expected one argument" not in err and "--endpoint-key must be" not in err, err
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_submission_stays_in_the_status_until_one_succeeds(tmp_path, slurm_cluster):
+    """sbatch refuses every block (no such partition): the endpoint's status
+    shows the error at every read, not only for the moment between its
+    submission and its next status poll."""
+    cluster = slurm_cluster
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, cluster.env, max_workers=1, type="slurm", partition="no-such-partition",
+            init_blocks=1, min_blocks=1, max_blocks=1, address="127.0.0.1", walltime="00:05:00"))
+        first = wait_for(lambda: status_of("ep").get("provider_error"), 60, "no provider error in the status", log)
+        assert "no-such-partition" in first or "partition" in first.lower(), first
+        seen = []
+        deadline = time.monotonic() + 8   # several status polls (each second) and submission retries
+        while time.monotonic() < deadline:
+            status = status_of("ep")
+            if "provider_error" in status:   # (not a read that failed: status_of's default has no such key)
+                seen.append(status["provider_error"])
+            time.sleep(0.25)
+        assert len(seen) > 10
+        assert all(seen), f"the error left the status between submissions: {seen}"

@@ -227,7 +227,7 @@ def test_a_named_group_made_with_the_cli(federation, fedexec_home):
         assert ex.endpoint_id == b.id and ex.submit(where, 0, 1).result(DEADLINE) == ("b", 1)
     fedexec_cli("group", "remove", "pair")
     assert "pair" not in fedexec_cli("group", "list").stdout
-    with pytest.raises(ValueError, match="no endpoint group named 'pair'"):
+    with pytest.raises(UnknownEndpoint, match="no endpoint or group is named 'pair'"):
         FederatedExecutor("pair", relay=address)
     failed = fedexec_cli("group", "remove", "pair", check=False)
     assert failed.returncode == 1 and "no endpoint group named 'pair'" in failed.stderr
@@ -244,7 +244,7 @@ def test_bad_groups_get_clear_errors_naming_the_problem(federation):
     threads_before = dispatcher_threads()
     with pytest.raises(ValueError, match="empty"):
         FederatedExecutor([], relay=address)
-    with pytest.raises(ValueError, match="no endpoint group named 'nosuchgroup'") as info:
+    with pytest.raises(UnknownEndpoint, match="no endpoint or group is named 'nosuchgroup'") as info:
         FederatedExecutor("nosuchgroup", relay=address, connect_timeout=5)
     assert "fedexec group" in str(info.value)
     with pytest.raises(ValueError, match="'not-a-uuid'"):

@@ -8,6 +8,11 @@
 
 from .errors import (
     AuthenticationFailed,
+    BrokenExecutor,
+    EndpointNotConnected,
+    EndpointNotConnectedWarning,
+    ExecutorShutDown,
+    InitializerFailed,
     DataRefError,
     DependencyError,
     NotAuthorized,
@@ -25,6 +30,8 @@ from .errors import (
     VersionMismatch,
     WorkerLost,
 )
+from .config import ConfigError
+from .transfer import TransferError
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
 from .shell import ShellFunction, ShellResult
@@ -61,6 +68,13 @@ __all__ = [
     "DataRefError",
     "FedexecError",
     "AuthenticationFailed",
+    "BrokenExecutor",
+    "ConfigError",
+    "EndpointNotConnected",
+    "EndpointNotConnectedWarning",
+    "ExecutorShutDown",
+    "InitializerFailed",
+    "TransferError",
     "DependencyError",
     "NotAuthorized",
     "DeserializationError",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,7 +235,7 @@ def relay_status(ns: argparse.Namespace) -> None:
 # provider settings `endpoint configure` takes as options (ProviderConfig fields)
 PROVIDER_OPTIONS = ("init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime", "walltime",
                     "drain", "partition", "account", "scheduler_options", "worker_init", "address", "port",
-                    "parsl_class")
+                    "parsl_class", "exclusive")
 
 def _endpoint_pidfile(name: str) -> PidFile:
     return PidFile(endpoint_dir(name) / "endpoint.json")
@@ -354,13 +355,91 @@ def login(ns: argparse.Namespace) -> None:
 
 
 def endpoint_stop(ns: argparse.Namespace) -> None:
+    from .endpoint.sockdir import remove_stale_socket_dirs
+
     EndpointConfig.load(ns.name)
     record = _endpoint_pidfile(ns.name).read()
     if not record:
         print(f"endpoint {ns.name} is not running")
+    else:
+        _stop_process(record, f"endpoint {ns.name}")
+        print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
+    # what endpoints killed with SIGKILL left behind (theirs, or any other of this user's)
+    removed = remove_stale_socket_dirs()
+    if removed:
+        print(f"removed {len(removed)} socket director{'y' if len(removed) == 1 else 'ies'} left by endpoints that "
+              f"did not exit cleanly: {', '.join(removed)}")
+
+
+def endpoint_restart(ns: argparse.Namespace) -> None:
+    """Stop the endpoint if it runs, then start it in the background (with
+    its config file as it is now)."""
+    endpoint_stop(ns)
+    endpoint_start(argparse.Namespace(name=ns.name, daemon=True, log_level=ns.log_level))
+
+
+def endpoint_delete(ns: argparse.Namespace) -> None:
+    """Stop the endpoint if it runs and remove its directory (config, keys,
+    logs, block scripts), after asking unless ``--yes``."""
+    config = EndpointConfig.load(ns.name)
+    directory = endpoint_dir(ns.name)
+    if not ns.yes:
+        if not sys.stdin.isatty():
+            raise CommandError(f"not deleting endpoint {ns.name}: confirm with --yes (no terminal to ask on)")
+        answer = input(f"delete endpoint {ns.name} ({config.endpoint_id}): stop it and remove {directory}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return
+    endpoint_stop(ns)
+    shutil.rmtree(directory)
+    print(f"deleted endpoint {ns.name} ({config.endpoint_id}); the relay at {config.relay} still lists its id as "
+          "disconnected, and tasks sent to it wait there until they expire")
+
+
+def endpoint_logs(ns: argparse.Namespace) -> None:
+    """Print the end of the endpoint's log (``endpoint.log`` in its
+    directory); with ``--follow``, then what is added to it, until Ctrl-C
+    (a log started anew, as by a restart, is followed from its start)."""
+    EndpointConfig.load(ns.name)
+    path = endpoint_dir(ns.name) / "endpoint.log"
+    if not path.exists() and not ns.follow:
+        raise CommandError(f"endpoint {ns.name} has no log yet ({path}): it writes one once started")
+    offset = 0
+    if path.exists():
+        with open(path, "rb") as log:
+            lines = log.read().splitlines(keepends=True)
+            offset = log.tell()
+        sys.stdout.write(b"".join(lines[-ns.lines:] if ns.lines > 0 else []).decode(errors="replace"))
+        sys.stdout.flush()
+    if not ns.follow:
         return
-    _stop_process(record, f"endpoint {ns.name}")
-    print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
+    identity = _file_identity(path)
+    try:
+        while True:
+            time.sleep(0.2)
+            now = _file_identity(path)
+            if now is None:
+                continue
+            if now != identity or now[2] < offset:   # replaced or truncated: from its start
+                identity, offset = now, 0
+            if now[2] > offset:
+                with open(path, "rb") as log:
+                    log.seek(offset)
+                    chunk = log.read()
+                    offset = log.tell()
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, size) of ``path``, or None if it does not exist."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size
 
 
 def _endpoint_names() -> list[str]:
@@ -427,6 +506,10 @@ def endpoint_status(ns: argparse.Namespace) -> None:
                   f"{status['ref_fetches']} fetched from the relay")
         if status.get("provider_error"):
             print(f"provider:  last error: {status['provider_error']}")
+        changed = _settings_changed(config, status.get("settings"))
+        if changed:
+            print(f"settings:  its config file changed since it started ({', '.join(changed)} differ); "
+                  f"'fedexec endpoint restart {ns.name}' applies it")
     from .relay.query import lookup_endpoint
 
     try:
@@ -440,6 +523,17 @@ def endpoint_status(ns: argparse.Namespace) -> None:
             print(f"at relay:  {view['status']}, {view['queued']} queued, {view['running']} out at the endpoint")
     if not record:
         raise SystemExit(3)
+
+
+def _settings_changed(config: EndpointConfig, running: Any) -> list[str]:
+    """The settings (``provider.`` ones so named) in which the config file
+    ``config`` differs from those the endpoint runs with (its status's)."""
+    if not isinstance(running, dict):
+        return []   # an endpoint of an older release does not say
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [key for key in now if key != "provider" and now[key] != running.get(key)]
+    provider, was = now.get("provider", {}), running.get("provider") or {}
+    return changed + [f"provider.{key}" for key in provider if provider[key] != was.get(key)]
 
 
 def _read_status(name: str) -> dict | None:
@@ -603,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-address", dest="address", help="the address pools on other nodes connect to")
     p.add_argument("--pool-port", dest="port", type=int, help="the pool socket's TCP port (0: any)")
     p.add_argument("--parsl-class", help="a Parsl provider class, e.g. parsl.providers.PBSProProvider")
+    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="slurm: whole nodes for each block (default); --no-exclusive: --cpus-per-task=max_workers")
     p.set_defaults(func=endpoint_configure)
     p = esub.add_parser("start", help="start an endpoint (foreground unless --daemon)")
     p.add_argument("name")
@@ -613,6 +709,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = esub.add_parser(action, help=f"{action} an endpoint")
         p.add_argument("name")
         p.set_defaults(func=func)
+    p = esub.add_parser("restart", help="stop an endpoint if it runs, then start it in the background")
+    p.add_argument("name")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=endpoint_restart)
+    p = esub.add_parser("logs", help="the end of an endpoint's log; -f: and what it writes next")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what is added (Ctrl-C ends)")
+    p.add_argument("-n", "--lines", type=int, default=100, help="how many of its last lines first (default 100)")
+    p.set_defaults(func=endpoint_logs)
+    p = esub.add_parser("delete", help="stop an endpoint and remove its config, keys and logs")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask first")
+    p.set_defaults(func=endpoint_delete)
     p = esub.add_parser("share", help="change who may use an endpoint (its owner only)")
     p.add_argument("name")
     p.add_argument("--user", action="append", default=[], help="share with this user (repeat for more)")

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import FedexecError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -29,8 +31,9 @@ PROVIDERS = ("local", "slurm", "parsl", "manual")
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used; the message says which."""
+class ConfigError(FedexecError, ValueError):
+    """A configuration file or value that cannot be used; the message says
+    which. A :class:`ValueError` too, as a bad argument is."""
 
 
 def fedexec_home() -> Path:

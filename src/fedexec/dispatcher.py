@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import BrokenExecutor, CancelledError, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NOTIFIED
@@ -36,6 +36,7 @@ from .auth import REFUSED_GRACE, HandshakeWatch
 from .embedded import EmbeddedFederation
 from .transfer import LinkPool, is_big
 from .errors import (
+    BrokenExecutor,
     DataRefError,
     AuthenticationFailed,
     DependencyError,
@@ -953,9 +954,11 @@ class Dispatcher(threading.Thread):
                         f"the result is not plain data, so it was not loaded ({exc}); this executor takes only "
                         f"plain data because {self.data_only_why}"))
                     return
-                except Exception as exc:
-                    future.set_exception(DeserializationError(
-                        f"the result arrived but cannot be unpickled here: {type(exc).__name__}: {exc}"))
+                except BaseException as exc:   # SystemExit too: it fails this future, not this thread
+                    error = DeserializationError(
+                        f"the result arrived but cannot be unpickled here: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
+                    future.set_exception(error)
                     return
                 future.set_result(value)
             elif status == P.EXCEPTION:
@@ -971,9 +974,9 @@ class Dispatcher(threading.Thread):
                 if isinstance(error, DependencyError) and item.task_id in self.relayed:
                     _chain_dependency(error, self.relayed[item.task_id][0])
                 future.set_exception(error)
-        except Exception as exc:  # a malformed result must not take the thread down
+        except BaseException as exc:  # a malformed result (or a BaseException loading one) must not take the thread down
             if not future.done():
-                future.set_exception(DeserializationError(f"malformed result: {exc}"))
+                future.set_exception(DeserializationError(f"malformed result: {type(exc).__name__}: {exc}"))
 
     def _show_output(self, item: WorkItem, output: tuple[bytes, bytes, int, int]) -> None:
         """A task's captured output onto its future, and (``echo_output``)

@@ -6,6 +6,7 @@ their own type; the classes here describe what went wrong around it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
 
 
@@ -61,7 +62,50 @@ def _rebuild_worker_lost(message: str, endpoint: str, pid: int, exitcode: int | 
 
 
 class UnknownEndpoint(FedexecError, LookupError):
-    """The relay has no endpoint with the given id."""
+    """No endpoint goes by the given id or name: the relay has none with
+    that id, or a name is neither a locally configured endpoint's nor a
+    group's. The message says which, and where to look."""
+
+
+class EndpointNotConnected(FedexecError):
+    """The relay knows the endpoint, but it did not connect within
+    ``wait_for_endpoint`` seconds (without that option, tasks wait for it
+    and a :class:`EndpointNotConnectedWarning` says so)."""
+
+
+class EndpointNotConnectedWarning(UserWarning):
+    """Warned at construction when the relay knows the endpoint but it is
+    not connected: tasks wait at the relay until it connects."""
+
+
+class BrokenExecutor(FedexecError, concurrent.futures.BrokenExecutor):
+    """The executor cannot run tasks any more (its background thread
+    stopped, or its embedded default could not start); the message says why.
+    A :class:`concurrent.futures.BrokenExecutor`, as the standard executors
+    raise."""
+
+
+class InitializerFailed(BrokenExecutor):
+    """The executor's ``initializer`` raised in a worker, so the tasks sent
+    to that worker fail with this (as ``BrokenProcessPool`` does in
+    ProcessPoolExecutor); the message names the initializer and its error.
+    ``initializer`` is its qualified name."""
+
+    def __init__(self, message: str, *, initializer: str = "") -> None:
+        super().__init__(message)
+        self.initializer = initializer
+
+    def __reduce__(self):  # keep the keyword field through pickling (it travels from the worker)
+        return (_rebuild_initializer_failed, (str(self), self.initializer))
+
+
+def _rebuild_initializer_failed(message: str, initializer: str) -> InitializerFailed:
+    return InitializerFailed(message, initializer=initializer)
+
+
+class ExecutorShutDown(FedexecError, RuntimeError):
+    """A task was submitted after ``shutdown()`` (a :class:`RuntimeError`,
+    as with the standard executors)."""
 
 
 class VersionMismatch(FedexecError):

@@ -22,14 +22,14 @@ import time
 import uuid
 import weakref
 from collections import deque
-from concurrent.futures import BrokenExecutor, Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
 from typing import Any, Callable, Iterable, Iterator
 
 
 from . import protocol as P
-from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, endpoint_targets, relay_dir
+from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, ConfigError, relay_dir
 from .auth import check_token
 from .dependencies import DependentCall, FuturesFound, arguments_or_futures, dependency_error, rebuild, snapshot
 from . import dataref
@@ -41,8 +41,11 @@ from .output import check_output_limit
 from .shell import ShellFunction
 from .transfer import BIG_THRESHOLD, TransferError, parse_big
 from .errors import (
+    BrokenExecutor,
     DataRefError,
     AuthenticationFailed,
+    EndpointNotConnected,
+    ExecutorShutDown,
     NotAuthorized,
     PayloadTooLarge,
     RelayUnavailable,
@@ -50,6 +53,9 @@ from .errors import (
     UnknownEndpoint,
     VersionMismatch,
 )
+from .first_contact import (check_listening, check_relay_address, disconnected_message, resolve_endpoints,
+                            unknown_endpoint_message, warn_disconnected)
+from .worker.initializer import Setup, wrapper
 from .serialize import (
     content_hash,
     serialize_arguments,
@@ -89,12 +95,17 @@ class _FunctionCache:
     be weakly referenced (builtins) are kept in a small bounded table.
 
     A function object is assumed not to change after its first submission.
+
+    ``wrap``: what each function is wrapped in before it is pickled (an
+    executor's initializer, worker/initializer.py); the cache stays keyed by
+    the function itself.
     """
 
-    def __init__(self, limit: int = 256) -> None:
+    def __init__(self, limit: int = 256, wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> None:
         self._weak: "weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]]" = weakref.WeakKeyDictionary()
         self._strong: dict[int, tuple[Any, bytes, bytes]] = {}
         self._limit = limit
+        self._wrap = wrap
 
     def lookup(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
         try:
@@ -106,7 +117,7 @@ class _FunctionCache:
             weak = False
         if entry is not None:
             return entry
-        fn_hash, body = serialize_function(fn)
+        fn_hash, body = serialize_function(fn if self._wrap is None else self._wrap(fn))
         if weak:
             self._weak[fn] = (fn_hash, body)
         else:
@@ -198,9 +209,27 @@ class FederatedExecutor(Executor):
     ``{"cores": 2, "memory": "4G", "gpus": 1}`` (see :mod:`fedexec.resources`
     and :class:`with_options`); the endpoint runs a task only where that is
     free. Unknown keys and bad values raise ValueError.
+
+    As with ProcessPoolExecutor: an int first argument is ``max_workers``
+    (``FederatedExecutor(4)``: four workers on the embedded default), and
+    ``initializer(*initargs)`` runs once in each worker before the first of
+    this executor's tasks there; if it raises, the tasks sent to that worker
+    fail with :class:`~fedexec.InitializerFailed` (a ``BrokenExecutor``)
+    naming it. The initializer and its initargs are pickled once, here.
+
+    First contact (first_contact.py): a relay address not of the form
+    ``tcp://HOST:PORT`` (or ``ipc://PATH``) is a ValueError here; nothing
+    listening there is :class:`~fedexec.RelayUnavailable` within seconds;
+    an id or name no endpoint goes by is :class:`~fedexec.UnknownEndpoint`
+    (the name of an endpoint configured on this machine, ``fedexec endpoint
+    configure NAME``, is accepted where an id is). An endpoint the relay
+    knows but that is not connected is warned about
+    (:class:`~fedexec.EndpointNotConnectedWarning`: tasks wait for it);
+    ``wait_for_endpoint``: wait that many seconds for it to connect instead,
+    then raise :class:`~fedexec.EndpointNotConnected`.
     """
 
-    def __init__(self, endpoint_id: str | None = None, *, relay: str | None = None,
+    def __init__(self, endpoint_id: str | list[str] | int | None = None, *, relay: str | None = None,
                  max_workers: int | None = None, batch_size: int = 1024, batch_window: float = 0.0,
                  prefetch: int | None = None, worker_batch: int | None = None,
                  memoize: bool = False, trace: bool = False, max_retries: int = 0,
@@ -208,25 +237,37 @@ class FederatedExecutor(Executor):
                  token: str | None = None, relay_public_key: str | None = None,
                  connect_timeout: float = 30.0, data_only: bool | None = None,
                  max_payload: int | None = None, echo_output: bool = False,
-                 resource_specification: dict[str, Any] | None = None, output_limit: int | None = None) -> None:
+                 resource_specification: dict[str, Any] | None = None, output_limit: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 wait_for_endpoint: float | None = None) -> None:
+        if isinstance(endpoint_id, int) and not isinstance(endpoint_id, bool):   # FederatedExecutor(4)
+            if max_workers is not None:
+                raise ConfigError("max_workers is given twice: as the first argument and as max_workers=")
+            endpoint_id, max_workers = None, endpoint_id
         if max_workers is not None and max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+            raise ConfigError("max_workers must be greater than 0")
         if batch_size <= 0:
-            raise ValueError("batch_size must be greater than 0")
+            raise ConfigError("batch_size must be greater than 0")
         if not 0 <= batch_window <= 1:
-            raise ValueError("batch_window must be from 0 to 1 second")
+            raise ConfigError("batch_window must be from 0 to 1 second")
         if prefetch is not None and prefetch < 0:
-            raise ValueError("prefetch must be >= 0")
+            raise ConfigError("prefetch must be >= 0")
         if worker_batch is not None and worker_batch < 1:
-            raise ValueError("worker_batch must be >= 1")
+            raise ConfigError("worker_batch must be >= 1")
         _check_task_options(task_timeout, max_retries)
+        if wait_for_endpoint is not None and (isinstance(wait_for_endpoint, bool)
+                                              or not isinstance(wait_for_endpoint, (int, float))
+                                              or not 0 <= wait_for_endpoint < float("inf")):
+            raise ConfigError(f"wait_for_endpoint must be None or a number of seconds >= 0, not {wait_for_endpoint!r}")
+        # (first: a bad initializer or initargs fails here, before anything starts)
+        setup = Setup(initializer, initargs) if initializer is not None else None
         #: the resources every task asks unless with_options says otherwise (the ``rs`` option, resources.py)
         self._resources = resource_option(resource_specification)
         if data_only is not None and not isinstance(data_only, bool):
-            raise ValueError(f"data_only must be None, True or False, not {data_only!r}")
+            raise ConfigError(f"data_only must be None, True or False, not {data_only!r}")
         if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
                                           or max_in_flight < 1):
-            raise ValueError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
+            raise ConfigError(f"max_in_flight must be None or an integer > 0, not {max_in_flight!r}")
         self._max_in_flight = max_in_flight
         #: the bytes of each output stream a task's result carries at most (the "ol" option; None: the endpoint's)
         self._output_limit = check_output_limit(output_limit)
@@ -235,7 +276,7 @@ class FederatedExecutor(Executor):
         services: EmbeddedFederation | None = None
         if endpoint_id is None:
             if relay is not None:
-                raise ValueError("an endpoint_id is needed to use a relay; omit both for the embedded default")
+                raise ConfigError("an endpoint_id is needed to use a relay; omit both for the embedded default")
             services = EmbeddedFederation(max_workers, prefetch=1 if prefetch is None else prefetch,
                                           worker_batch=worker_batch or DEFAULT_WORKER_BATCH,
                                           max_payload=None if max_payload is None
@@ -243,15 +284,17 @@ class FederatedExecutor(Executor):
             services.start()
             endpoint_id, relay = services.endpoint_id, services.relay_address
         else:
-            # an endpoint id, a list of them (a group: each task runs on one) or a group's name (groups.toml)
-            members = endpoint_targets(endpoint_id)
+            # an endpoint id, a list of them (a group: each task runs on one), a group's name
+            # (groups.toml) or the name of an endpoint configured here
+            members, configured_relay = resolve_endpoints(endpoint_id)
             endpoint_id = members[0] if len(members) == 1 else members
             for name, value in (("max_workers", max_workers), ("prefetch", prefetch),
                                 ("worker_batch", worker_batch), ("max_payload", max_payload)):
                 if value is not None:
-                    raise ValueError(f"{name} only applies to the embedded default; "
+                    raise ConfigError(f"{name} only applies to the embedded default; "
                                      "a remote endpoint sets it in its config")
-            relay = relay or _default_relay()
+            relay = check_relay_address(*_relay_and_source(relay, configured_relay))
+            check_listening(relay)
         try:
             check_token(relay, token, relay_public_key)   # here, not in the dispatcher thread
         except BaseException:
@@ -264,7 +307,7 @@ class FederatedExecutor(Executor):
         self.relay: str = relay
         self._task_ids = _TaskIds()
         self._batch_size = batch_size
-        self._functions = _FunctionCache()
+        self._functions = _FunctionCache(wrap=wrapper(setup))
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._memoize = memoize
@@ -279,6 +322,8 @@ class FederatedExecutor(Executor):
         try:
             infos = [self._lookup_endpoint(connect_timeout, wait_for_it=services is not None, services=services,
                                            endpoint_id=member) for member in self.endpoint_ids]
+            if services is None:
+                infos = self._await_connected(infos, wait_for_endpoint, connect_timeout)
         except BaseException:
             self.shutdown(wait=True)
             raise
@@ -312,9 +357,12 @@ class FederatedExecutor(Executor):
                 if refused:
                     raise AuthenticationFailed(refused)
                 if services is not None and services.failed():
-                    raise RuntimeError(f"fedexec could not start its embedded default: {services.failed()}")
+                    raise BrokenExecutor(f"fedexec could not start its embedded default: {services.failed()}")
                 if time.monotonic() > deadline:
-                    raise RelayUnavailable(f"no answer from the relay at {self.relay} within {timeout:g} s")
+                    raise RelayUnavailable(f"no answer from the relay at {self.relay} within {timeout:g} s: "
+                                           "something listens there but did not answer as a fedexec relay "
+                                           "(another program, or a relay too busy to answer; see "
+                                           "connect_timeout)")
                 try:
                     future.result(0.05)
                 except TimeoutError:
@@ -331,10 +379,33 @@ class FederatedExecutor(Executor):
                 if not wait_for_it or info.get("status") == "connected":
                     return info
             elif not wait_for_it:
-                raise UnknownEndpoint(f"the relay at {self.relay} knows no endpoint {endpoint_id}")
+                raise UnknownEndpoint(unknown_endpoint_message(self.relay, endpoint_id))
             if time.monotonic() > deadline:
                 raise RelayUnavailable(f"the embedded endpoint did not connect within {timeout:g} s")
             time.sleep(0.02)
+
+    def _await_connected(self, infos: list[dict[str, Any]], wait_for: float | None,
+                         timeout: float) -> list[dict[str, Any]]:
+        """The endpoints' descriptions once one of them is connected. With
+        none connected: without ``wait_for``, a warning that tasks will wait
+        for them; with it, asked again until one connects, or
+        EndpointNotConnected after ``wait_for`` seconds."""
+        if any(info.get("status") == "connected" for info in infos):
+            return infos
+        if wait_for is None:
+            for info in infos:
+                warn_disconnected(info, self.relay)
+            return infos
+        deadline = time.monotonic() + wait_for
+        while time.monotonic() < deadline:
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            infos = [self._lookup_endpoint(timeout, wait_for_it=False, services=None, endpoint_id=member)
+                     for member in self.endpoint_ids]
+            if any(info.get("status") == "connected" for info in infos):
+                return infos
+        raise EndpointNotConnected(f"{disconnected_message(infos[0], self.relay)}, and did not connect within "
+                                   f"wait_for_endpoint={wait_for:g} s: start it ('fedexec endpoint start NAME' on "
+                                   "its machine; 'fedexec endpoint status NAME' says why it is not running)")
 
     @property
     def resource_specification(self) -> dict[str, int] | None:
@@ -656,7 +727,7 @@ class FederatedExecutor(Executor):
             try:
                 task_id = value.bytes if isinstance(value, uuid.UUID) else uuid.UUID(str(value)).bytes
             except ValueError:
-                raise ValueError(f"{value!r} is not a task id (a UUID string, as TaskFuture.task_id)") from None
+                raise ConfigError(f"{value!r} is not a task id (a UUID string, as TaskFuture.task_id)") from None
             future = TaskFuture(self._dispatcher, task_id)
             future._sent = True  # it is the relay's: cancel() asks there
             items.append(WorkItem(future, task_id, b"", b"", b"", P.TASK_CALL))
@@ -668,9 +739,9 @@ class FederatedExecutor(Executor):
 
     def _check_open(self) -> None:
         if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
+            raise ExecutorShutDown("cannot schedule new futures after shutdown")
         if _global_shutdown:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            raise ExecutorShutDown("cannot schedule new futures after interpreter shutdown")
         if self._dispatcher.closed:
             raise BrokenExecutor(self._dispatcher.failure or "the executor's dispatcher has stopped")
 
@@ -684,7 +755,7 @@ class FederatedExecutor(Executor):
         if self.data_only:
             raise DataRefError("put() needs pickled tasks; this executor sends plain data only (data_only)")
         if not (isinstance(ttl, (int, float)) and ttl > 0):
-            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+            raise ConfigError(f"ttl must be a positive number of seconds, not {ttl!r}")
         try:
             blob = dataref.dumps_put(obj)
         except Exception as exc:
@@ -756,25 +827,20 @@ class FederatedExecutor(Executor):
         def result_iterator() -> Iterator[Any]:
             nonlocal exhausted
             try:
+                # (no local names a value while it is yielded: the caller's dropping it frees it)
                 while futures:
-                    future = futures.popleft()
-                    if not exhausted and len(futures) < (buffersize or 0) // 2 + 1:
-                        wanted = buffersize - len(futures) - 1  # type: ignore[operator]
+                    if not exhausted and len(futures) - 1 < (buffersize or 0) // 2 + 1:
+                        wanted = buffersize - len(futures)  # type: ignore[operator]
                         more = submit_next(wanted)
                         exhausted = len(more) < wanted
                         futures.extend(more)
-                    try:
-                        if end_time is None:
-                            value = future.result()
-                        else:
-                            value = future.result(end_time - time.monotonic())
-                    finally:
-                        future.cancel()
                     if chunked:
-                        yield from value
+                        values = _result_or_cancel(futures.popleft(), end_time)
+                        values.reverse()
+                        while values:
+                            yield values.pop()
                     else:
-                        yield value
-                    del value
+                        yield _result_or_cancel(futures.popleft(), end_time)
             finally:
                 self._cancel_quietly(list(futures))
                 if bar is not None:
@@ -828,6 +894,15 @@ class FederatedExecutor(Executor):
         # as with the standard executors
 
 
+def _result_or_cancel(future: Future, end_time: float | None) -> Any:
+    """``future``'s result, waiting until ``end_time`` at most; cancelled if
+    it is not done by then (``map``)."""
+    try:
+        return future.result() if end_time is None else future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()
+
+
 def _fail(future: Future, error: BaseException) -> None:
     """Fail a future not yet running (unless it was cancelled meanwhile)."""
     try:
@@ -846,7 +921,7 @@ def _data_only_reason(data_only: bool | None, infos: list[dict[str, Any]]) -> st
     says = [info for info in infos if info.get("data_only") is True]
     if data_only is False:
         if says:
-            raise ValueError(f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only: it takes and "
+            raise ConfigError(f"endpoint {says[0].get('name')!r} ({says[0].get('id')}) is data-only: it takes and "
                              "gives plain data only, never pickles, so data_only=False cannot be used with it")
         return None
     if data_only is True:
@@ -872,11 +947,11 @@ def _check_shell_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any
 def _check_task_options(timeout: float | None, max_retries: int | None) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= P.MAX_WALLTIME):
-        raise ValueError(f"timeout must be a number of seconds greater than 0 (at most {P.MAX_WALLTIME:g}), "
+        raise ConfigError(f"timeout must be a number of seconds greater than 0 (at most {P.MAX_WALLTIME:g}), "
                          f"not {timeout!r}")
     if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)
                                     or not 0 <= max_retries <= P.MAX_RETRIES):
-        raise ValueError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
+        raise ConfigError(f"max_retries must be an integer from 0 to {P.MAX_RETRIES}, not {max_retries!r}")
 
 
 _UNSET = object()   # with_options(resources=...) not given: the executor's resource_specification
@@ -943,14 +1018,23 @@ def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _default_relay() -> str:
+def _relay_and_source(relay: str | None, configured: str | None) -> tuple[str, str]:
+    """The relay address to use and where it came from (for errors): the
+    ``relay`` argument, else ``$FEDEXEC_RELAY``, else the relay in the config
+    of the endpoint named (``configured``), else the one ``fedexec relay
+    start`` runs (its relay.json), else the default."""
+    if relay is not None:
+        return relay, "relay"
     env = os.environ.get("FEDEXEC_RELAY")
     if env:
-        return env
+        return env, "$FEDEXEC_RELAY"
+    if configured:
+        return configured, "the relay in the endpoint's config.toml"
     info = relay_dir() / "relay.json"
     try:
         import json
 
-        return str(json.loads(info.read_text())["address"])
+        return str(json.loads(info.read_text())["address"]), f"the relay address in {info}"
     except (OSError, ValueError, KeyError):
-        return DEFAULT_RELAY_ADDRESS
+        return DEFAULT_RELAY_ADDRESS, "relay"
+

@@ -25,6 +25,7 @@ import os
 from typing import Any, Mapping
 
 from . import resources as R
+from .config import ConfigError
 from .shell import ShellFunction, ShellResult
 
 LAUNCHER_ENV = "FEDEXEC_MPI_LAUNCHER"
@@ -48,6 +49,6 @@ def check_resources(fn: Any, option: Mapping[str, int] | None) -> None:
     """ValueError unless an MPIFunction's call asks for nodes or ranks
     (``option``: the ``rs`` option it will carry)."""
     if isinstance(fn, MPIFunction) and not (option and (R.NODES in option or R.RANKS in option)):
-        raise ValueError(f"{fn!r} needs resources that say how many nodes or ranks it runs on, e.g. "
+        raise ConfigError(f"{fn!r} needs resources that say how many nodes or ranks it runs on, e.g. "
                          "with_options(fn, resources={'num_nodes': 2, 'ranks_per_node': 4}) or the executor's "
                          "resource_specification")

@@ -70,6 +70,7 @@ from typing import Any, TextIO
 import msgpack
 
 from . import protocol as P
+from .config import ConfigError
 from .transfer import Pieces
 
 OUTPUT_LIMIT = 1 << 20          # bytes of each stream a task's result carries at most (the last ones)
@@ -153,7 +154,7 @@ def check_output_limit(limit: object) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
-        raise ValueError(f"output_limit must be None or a number of bytes from 0 to {MAX_LIMIT} "
+        raise ConfigError(f"output_limit must be None or a number of bytes from 0 to {MAX_LIMIT} "
                          f"(0: no output), not {limit!r}")
     return limit
 

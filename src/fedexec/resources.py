@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+from .config import ConfigError
+
 # The wire form ("rs"): short keys, integers, defaults left out.
 CORES = "c"      # cores on the node (default 1)
 MEMORY = "m"     # bytes of memory
@@ -45,22 +47,22 @@ def parse_memory(value: Any) -> int:
     """Bytes from an int, or a string like ``"4G"``, ``"512M"``, ``"1.5GiB"``
     (K/M/G/T: powers of 1024); ValueError naming the value otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"resources: memory must be a number of bytes or a string such as '4G', not {value!r}")
+        raise ConfigError(f"resources: memory must be a number of bytes or a string such as '4G', not {value!r}")
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and (match := _MEMORY.fullmatch(value)):
         number = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
     else:
-        raise ValueError(f"resources: memory must be a number of bytes or a string such as '4G' (K, M, G, T), "
+        raise ConfigError(f"resources: memory must be a number of bytes or a string such as '4G' (K, M, G, T), "
                          f"not {value!r}")
     if not 0 <= number <= MAX_MEMORY:
-        raise ValueError(f"resources: memory must be from 0 to {MAX_MEMORY:,} bytes, not {value!r}")
+        raise ConfigError(f"resources: memory must be from 0 to {MAX_MEMORY:,} bytes, not {value!r}")
     return number
 
 
 def _whole(key: str, value: Any, least: int, most: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
-        raise ValueError(f"resources: {key} must be a whole number from {least} to {most:,}, not {value!r}")
+        raise ConfigError(f"resources: {key} must be a whole number from {least} to {most:,}, not {value!r}")
     return value
 
 
@@ -78,15 +80,15 @@ def resource_option(spec: Mapping[str, Any] | None) -> dict[str, int] | None:
     if spec is None:
         return None
     if not isinstance(spec, Mapping):
-        raise ValueError(f"resources must be a dict such as {{'cores': 2, 'memory': '4G'}}, not {spec!r}")
+        raise ConfigError(f"resources must be a dict such as {{'cores': 2, 'memory': '4G'}}, not {spec!r}")
     unknown = [key for key in spec if key not in SPEC_KEYS]
     if unknown:
-        raise ValueError(f"resources: unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
+        raise ConfigError(f"resources: unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
                          f"{', '.join(SPEC_KEYS)}")
     if "nodes" in spec and "num_nodes" in spec:
-        raise ValueError("resources: give nodes or num_nodes, not both")
+        raise ConfigError("resources: give nodes or num_nodes, not both")
     if "num_ranks" in spec and "ranks" in spec:
-        raise ValueError("resources: give num_ranks or ranks, not both")
+        raise ConfigError("resources: give num_ranks or ranks, not both")
     option: dict[str, int] = {}
     cores = _whole("cores", spec.get("cores", 1), 1, MAX_CORES)
     if "cores" in spec:
@@ -105,16 +107,16 @@ def resource_option(spec: Mapping[str, Any] | None) -> dict[str, int] | None:
     if "ranks_per_node" in spec:
         per_node = _whole("ranks_per_node", spec["ranks_per_node"], 1, MAX_RANKS)
         if ranks is not None and ranks != per_node * nodes:
-            raise ValueError(f"resources: {rank_key}={ranks} does not match ranks_per_node={per_node} on "
+            raise ConfigError(f"resources: {rank_key}={ranks} does not match ranks_per_node={per_node} on "
                              f"{nodes} node(s) ({per_node * nodes} ranks)")
         ranks = per_node * nodes
     if ranks is not None and ranks < nodes:
-        raise ValueError(f"resources: {ranks} rank(s) cannot span {nodes} nodes (at least one rank per node)")
+        raise ConfigError(f"resources: {ranks} rank(s) cannot span {nodes} nodes (at least one rank per node)")
     if nodes != 1:
         option[NODES] = nodes
     if ranks is not None:
         if ranks > MAX_RANKS:
-            raise ValueError(f"resources: at most {MAX_RANKS:,} ranks, not {ranks:,}")
+            raise ConfigError(f"resources: at most {MAX_RANKS:,} ranks, not {ranks:,}")
         option[RANKS] = ranks
     return option or None
 
@@ -126,13 +128,13 @@ def check_wire(value: Any) -> dict[str, int]:
     limits = {CORES: (1, MAX_CORES), MEMORY: (1, MAX_MEMORY), GPUS: (1, MAX_GPUS), NODES: (2, MAX_NODES),
               RANKS: (1, MAX_RANKS)}
     if not isinstance(value, dict) or not value or not set(value) <= WIRE_KEYS:
-        raise ValueError(f"resources (rs) must be a non-empty map with keys among {', '.join(sorted(WIRE_KEYS))}")
+        raise ConfigError(f"resources (rs) must be a non-empty map with keys among {', '.join(sorted(WIRE_KEYS))}")
     for key, number in value.items():
         least, most = limits[key]
         if type(number) is not int or not least <= number <= most:
-            raise ValueError(f"resources (rs): {key} must be an integer from {least} to {most}")
+            raise ConfigError(f"resources (rs): {key} must be an integer from {least} to {most}")
     if value.get(RANKS, MAX_RANKS) < value.get(NODES, 1):
-        raise ValueError("resources (rs): fewer ranks than nodes")
+        raise ConfigError("resources (rs): fewer ranks than nodes")
     return value
 
 

@@ -248,7 +248,7 @@ def deserialize_exception(blob: Any) -> BaseException:
     if info.get("exc") is not None:
         try:
             exc = pickle.loads(info["exc"])
-        except Exception:
+        except BaseException:   # (SystemExit from a __setstate__ too: the type's name and message stand in)
             exc = None
     if not isinstance(exc, BaseException):
         return RemoteExecutionError(info["type"], info["msg"], info["tb"])

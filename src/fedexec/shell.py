@@ -51,6 +51,7 @@ import subprocess
 import sys
 from typing import Any, Iterator
 
+from .config import ConfigError
 from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, base_path, create_file, make_task_dir
 from .taskdirs import TASK_DIR_ENV  # noqa: F401  (the setting's name, as callers and tests import it from here)
 
@@ -122,14 +123,14 @@ class ShellFunction:
         if not isinstance(cmd, str):
             raise TypeError(f"ShellFunction's cmd must be a str (a format string), not {type(cmd).__name__}")
         if not cmd.strip():
-            raise ValueError("ShellFunction's cmd is empty")
+            raise ConfigError("ShellFunction's cmd is empty")
         if walltime is not None:
             if isinstance(walltime, bool) or not isinstance(walltime, (int, float)):
                 raise TypeError(f"ShellFunction's walltime must be a number of seconds or None, not {walltime!r}")
             if not walltime > 0:   # (NaN too)
-                raise ValueError(f"ShellFunction's walltime must be > 0 seconds, not {walltime!r}")
+                raise ConfigError(f"ShellFunction's walltime must be > 0 seconds, not {walltime!r}")
         if isinstance(snippet_lines, bool) or not isinstance(snippet_lines, int) or snippet_lines < 0:
-            raise ValueError(f"ShellFunction's snippet_lines must be an integer >= 0, not {snippet_lines!r}")
+            raise ConfigError(f"ShellFunction's snippet_lines must be an integer >= 0, not {snippet_lines!r}")
         if not isinstance(check, bool):
             raise TypeError(f"ShellFunction's check must be True or False, not {check!r}")
         self.cmd = cmd
@@ -226,18 +227,18 @@ def _fields(cmd: str) -> tuple[str, ...]:
     try:
         parsed = list(string.Formatter().parse(cmd))
     except ValueError as exc:
-        raise ValueError(f"ShellFunction's cmd {cmd!r} is not a valid format string: {exc} "
+        raise ConfigError(f"ShellFunction's cmd {cmd!r} is not a valid format string: {exc} "
                          f"(write a literal brace as {{{{ or }}}})") from None
     for _, field, spec, _ in parsed:
         if field is None:
             continue
         name = field.split(".", 1)[0].split("[", 1)[0]
         if not name or name.isdigit():
-            raise ValueError(f"ShellFunction's cmd {cmd!r} has a positional field {{{field}}}: name every field "
+            raise ConfigError(f"ShellFunction's cmd {cmd!r} has a positional field {{{field}}}: name every field "
                              f"(as in {{path}}) and pass its value as a keyword argument")
         for inner in string.Formatter().parse(spec or ""):   # nested fields in a format spec
             if inner[1] is not None:
-                raise ValueError(f"ShellFunction's cmd {cmd!r}: fields inside a format spec are not supported")
+                raise ConfigError(f"ShellFunction's cmd {cmd!r}: fields inside a format spec are not supported")
         if name not in names:
             names.append(name)
     return tuple(names)

@@ -27,6 +27,7 @@ it (``placement.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -36,7 +37,6 @@ import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -60,6 +60,7 @@ from . import placement
 from .pools import PoolLink
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
+from .sockdir import make_socket_dir, remove_stale_socket_dirs
 
 log = logging.getLogger("fedexec.endpoint")
 
@@ -92,7 +93,8 @@ class EndpointAgent:
         self.task_seconds: float | None = None   # moving average of run time, from the pools
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
-        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-ep-")
+        remove_stale_socket_dirs()   # those of agents killed before they could remove theirs
+        self._sock_dir = make_socket_dir()
         self.pool_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
         self.pool_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pool_sock.setsockopt(zmq.LINGER, 0)
@@ -1046,6 +1048,7 @@ class EndpointAgent:
             "idle_workers": sum(p["idle_workers"] for p in pools),
             "queued": len(self.queue) + self.relay_backlog, "held": len(self.holding),
             "at_pools": len(self.at_pool), **self.refs.describe(),
+            "settings": dataclasses.asdict(self.config),   # as it runs: 'endpoint status' compares the file's
         }
 
     def _write_status(self, now: float, final: bool = False) -> None:

@@ -70,6 +70,8 @@ class BlockScaler:
         self._next_status = 0.0
         self.status_interval = 0.5 if config.type == "local" else 2.0
         self.error: str | None = None           # the last provider error, for status
+        # the last failed submission's error, shown (as ``error``) until a submission succeeds
+        self._submit_error: str | None = None
         self._calls = ThreadPoolExecutor(1, thread_name_prefix="fedexec-provider")
         self._status_call: Future | None = None
         self._status_jobs: dict[str, Block] = {}
@@ -150,7 +152,11 @@ class BlockScaler:
             except ProviderError as exc:
                 del self.blocks[block.block_id]
                 self._provider_failed(exc)
+                self._submit_error = self.error
                 continue
+            if self._submit_error is not None and self.error == self._submit_error:
+                self.error = None
+            self._submit_error = None
             log.info("started block %s (%s job %s)", block.block_id, self.provider.label, block.job_id)
 
     def _poll_states(self, now: float) -> list[str]:
@@ -170,7 +176,7 @@ class BlockScaler:
         except ProviderError as exc:
             self._provider_failed(exc)
             return []
-        self.error = None
+        self.error = self._submit_error   # (a status call that works says nothing of submissions)
         ended = []
         for job_id, state in states.items():
             block = jobs[job_id]

@@ -357,13 +357,7 @@ class WorkerProcess:
                 value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit too, as the standard executors do
             captured = self.output.take(_output_limit(row)) if self.output is not None else None
-            try:
-                return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc),
-                                           captured)
-            except BaseException as failure:
-                return P.FAILED, attach(P.pack_failure(
-                    P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
-                                     f"serialized: {type(failure).__name__}"), captured)
+            return self.raised(exc, data, captured)
         captured = self.output.take(_output_limit(row)) if self.output is not None else None
         try:
             blob = attach(encode_data(value) if data else serialize_result(value), captured)
@@ -380,6 +374,19 @@ class WorkerProcess:
                 f"cannot serialize the result of type {type(value).__module__}."
                 f"{type(value).__qualname__}: {exc}",
             ), captured)
+        except BaseException as exc:   # SystemExit from a __reduce__: the task's exception, as in ProcessPoolExecutor
+            return self.raised(exc, data, captured)
+
+    @staticmethod
+    def raised(exc: BaseException, data: bool, captured: Any) -> tuple[int, Any]:
+        """``(status, blob)`` of a task that raised ``exc`` (while it ran, or
+        while its result was pickled), with its output ``captured``."""
+        try:
+            return P.EXCEPTION, attach(serialize_data_exception(exc) if data else serialize_exception(exc), captured)
+        except BaseException as failure:
+            return P.FAILED, attach(P.pack_failure(
+                P.SERIALIZATION, f"the task raised {type(exc).__qualname__}, which could not be "
+                                 f"serialized: {type(failure).__name__}"), captured)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,121 @@
+"""An endpoint agent's private socket directory (``$TMPDIR/fedexec-ep-*``),
+and the removal of those left behind by agents that did not exit cleanly.
+
+An agent removes its directory when it stops; one killed with SIGKILL (or
+by the OOM killer, or a lost node) cannot. So each directory holds a
+marker, ``agent.pid``, naming the agent's pid and that process's start
+time, and the next agent to start on the machine, or ``fedexec endpoint
+stop``, removes every such directory of this user whose agent is gone (a
+pid that no longer runs, or runs a process started at another time: the
+pid was reused). A directory with no marker (made by an older release, or
+by an agent killed between making it and writing the marker) is removed
+once it is older than :data:`UNMARKED_AGE` and no socket in it accepts a
+connection.
+
+Only directories are touched that are this user's own, are not symbolic
+links, and sit directly in the temporary directory; removal never follows
+links (``shutil.rmtree`` works on file descriptors).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+PREFIX = "fedexec-ep-"
+MARKER = "agent.pid"
+UNMARKED_AGE = 600.0   # seconds an unmarked directory is left alone, in case its agent is starting
+
+
+def make_socket_dir() -> str:
+    """A new private (0700) socket directory for this process's agent, marked
+    with its pid and start time."""
+    directory = tempfile.mkdtemp(prefix=PREFIX)
+    fd = os.open(os.path.join(directory, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as marker:
+        marker.write(f"{os.getpid()} {_start_time(os.getpid())!r}\n")
+    return directory
+
+
+def remove_stale_socket_dirs(base: str | None = None) -> list[str]:
+    """Remove this user's agent socket directories in ``base`` (default: the
+    temporary directory) whose agent is gone; the ones removed."""
+    base = base or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.name.startswith(PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            continue
+        if _is_stale(Path(entry.path), info.st_mtime):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.lexists(entry.path):
+                removed.append(entry.path)
+    return removed
+
+
+def _is_stale(directory: Path, mtime: float) -> bool:
+    """Whether the agent that made ``directory`` is gone."""
+    try:
+        fd = os.open(directory / MARKER, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return time.time() - mtime > UNMARKED_AGE and not _anything_listens(directory)
+    except OSError:
+        return False
+    with os.fdopen(fd) as marker:
+        text = marker.read(200)
+    try:
+        pid_text, started_text = text.split()
+        pid, started = int(pid_text), float(started_text)
+    except ValueError:
+        return time.time() - mtime > UNMARKED_AGE and not _anything_listens(directory)
+    if pid == os.getpid():
+        return False
+    now_started = _start_time(pid)
+    return now_started is None or abs(now_started - started) > 1.0
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started (None: no such process)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _anything_listens(directory: Path) -> bool:
+    """Whether a Unix socket in ``directory`` accepts a connection."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return True   # cannot tell: keep it
+    for entry in entries:
+        try:
+            if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                continue
+        except OSError:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(entry.path)
+                return True
+            except OSError:
+                pass
+    return False

@@ -1,0 +1,130 @@
+"""An endpoint killed with SIGKILL leaves its socket directory
+(``$TMPDIR/fedexec-ep-*``) behind; the next endpoint started on the machine,
+or ``fedexec endpoint stop``, removes it (issue 16, item 8). Nothing of a
+live endpoint's, nor anything not this user's own directory, is touched.
+
+Endpoints are real processes with their own ``TMPDIR`` (a directory of the
+test's), so the test sees exactly what they make.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedexec.config import EndpointConfig
+from fedexec.endpoint.sockdir import MARKER, UNMARKED_AGE, remove_stale_socket_dirs
+from test_faults import lookup_endpoint, running_relay, stop_process, tail
+
+
+def socket_dirs(tmpdir: Path) -> set[str]:
+    return {p.name for p in tmpdir.glob("fedexec-ep-*") if p.is_dir() and not p.is_symlink()}
+
+
+def start_endpoint(tmp_path: Path, relay: str, tmpdir: Path, endpoint_id: str | None = None):
+    config = EndpointConfig(name="ep", relay=relay, max_workers=1, heartbeat_period=0.5,
+                            **({"endpoint_id": endpoint_id} if endpoint_id else {}))
+    config.save()
+    log = tmp_path / "endpoint.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", "ep"],
+                                env={**os.environ, "TMPDIR": str(tmpdir)}, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT)
+    lookup_endpoint(relay, config.endpoint_id, proc, log)
+    return config, proc, log
+
+
+def wait_disconnected(relay: str, endpoint_id: str, timeout: float = 30.0) -> None:
+    from fedexec.relay.query import lookup_endpoint as query
+
+    deadline = time.monotonic() + timeout
+    while (query(relay, endpoint_id, timeout=5) or {}).get("status") != "disconnected":
+        assert time.monotonic() < deadline, f"the relay still says the killed endpoint is connected after {timeout} s"
+        time.sleep(0.2)
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    stop_process(proc)   # its pools and workers, by pid
+
+
+@pytest.mark.timeout(180)
+def test_a_restart_or_endpoint_stop_clears_what_a_killed_endpoint_left(tmp_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    with running_relay(tmp_path) as relay:
+        config, proc, log = start_endpoint(tmp_path, relay, tmpdir)
+        first = socket_dirs(tmpdir)
+        assert len(first) == 1, f"expected one socket directory, found {first}"
+        (marker,) = [tmpdir / name / MARKER for name in first]
+        assert oct(marker.stat().st_mode & 0o777) == "0o600"
+        assert marker.read_text().split()[0] == str(proc.pid)
+        kill_9(proc)
+        assert socket_dirs(tmpdir) == first, "SIGKILL should leave the directory behind (the case tested)"
+        wait_disconnected(relay, config.endpoint_id)   # (so that the restart's connection is the one waited for)
+
+        # a restart removes it, and keeps its own
+        config, proc, log = start_endpoint(tmp_path, relay, tmpdir, config.endpoint_id)
+        try:
+            second = socket_dirs(tmpdir)
+            assert len(second) == 1 and not second & first, f"before: {first}, now: {second}:\n{tail(log)}"
+            # `fedexec endpoint stop` while it runs removes nothing of a live endpoint's
+            assert remove_stale_socket_dirs(str(tmpdir)) == []
+        finally:
+            kill_9(proc)
+        assert socket_dirs(tmpdir) == second
+
+        # `fedexec endpoint stop` after a SIGKILL removes it, and says so
+        out = subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "stop", "ep"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "TMPDIR": str(tmpdir)})
+        assert out.returncode == 0, out.stderr
+        assert "removed 1 socket directory left by endpoints that did not exit cleanly" in out.stdout
+        assert socket_dirs(tmpdir) == set()
+
+
+def test_only_this_users_dead_endpoints_directories_are_removed(tmp_path):
+    base = tmp_path / "tmp"
+    base.mkdir()
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    # a link named like a socket directory, pointing elsewhere: never followed
+    (base / "fedexec-ep-link").symlink_to(target, target_is_directory=True)
+    # a directory without a marker, young: an agent may be starting in it
+    (base / "fedexec-ep-young").mkdir()
+    # one without a marker, old, with nothing listening: left by an older release
+    old = base / "fedexec-ep-old"
+    old.mkdir()
+    past = time.time() - UNMARKED_AGE - 10
+    os.utime(old, (past, past))
+    # one whose marker names a live process started at another time (a reused pid)
+    reused = base / "fedexec-ep-reused"
+    reused.mkdir()
+    (reused / MARKER).write_text(f"{os.getppid()} 12345.0\n")
+    # one whose marker names a pid that does not run
+    dead = base / "fedexec-ep-dead"
+    dead.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(10)
+    (dead / MARKER).write_text(f"{gone.pid} 12345.0\n")
+    # a file, not a directory
+    (base / "fedexec-ep-file").write_text("x")
+    # this process's own (alive, right start time)
+    import psutil
+
+    own = base / "fedexec-ep-own"
+    own.mkdir()
+    (own / MARKER).write_text(f"{os.getppid()} {psutil.Process(os.getppid()).create_time()!r}\n")
+
+    removed = sorted(Path(p).name for p in remove_stale_socket_dirs(str(base)))
+    assert removed == ["fedexec-ep-dead", "fedexec-ep-old", "fedexec-ep-reused"], removed
+    assert (target / "keep").exists() and (base / "fedexec-ep-link").is_symlink()
+    assert (base / "fedexec-ep-young").is_dir() and (base / "fedexec-ep-file").exists()
+    assert (base / "fedexec-ep-own").is_dir()
