@@ -19,6 +19,7 @@ from .errors import (
     RemoteExecutionError,
     SerializationError,
     TaskLost,
+    TaskPending,
     TaskRejected,
     TaskTimeout,
     UnknownEndpoint,
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
+from .client import Batch, Client
 from .shell import ShellFunction, ShellResult
 from .mpi import MPIFunction
 
@@ -53,6 +55,9 @@ __all__ = [
     "RemoteExecutionError",
     "SerializationError",
     "TaskLost",
+    "TaskPending",
+    "Client",
+    "Batch",
     "TaskRejected",
     "TaskTimeout",
     "UnknownEndpoint",

@@ -3,6 +3,7 @@
     fedexec relay start [--host H] [--port P] [--data-dir D] [--auth local|token|globus] [--curve|--no-curve]
                         [--result-ttl S] [--max-payload B] [--daemon]
     fedexec relay stop|status|key [--data-dir D]
+    fedexec task list|status|result|cancel ...               (your tasks at a relay: fedexec.Client)
     fedexec relay add-user NAME [--data-dir D]              (token mode; prints the user's first token)
     fedexec token create USER [--expires SECONDS] | revoke ID | list [--data-dir D]
     fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N] [--relay-key KEY]
@@ -643,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = gsub.add_parser("remove", help="forget a group")
     p.add_argument("name")
     p.set_defaults(func=group_remove)
+
+    from .cli_tasks import add_task_parser
+
+    add_task_parser(top)
     return parser
 
 

@@ -275,10 +275,16 @@ class EndpointAgent:
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
-            "data_only": self.data_only,
+            "data_only": self.data_only, "meta": self._meta(),
         }))
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
+
+    def _meta(self) -> dict[str, str]:
+        """Where this endpoint runs, for its users (Client.get_endpoint_metadata)."""
+        from .. import __version__
+        return {"host": socket.gethostname()[:256], "fx": str(__version__)[:64],
+                "provider": str(self.config.provider.type)[:64]}
 
     def _send_relay(self, frames: list[Any]) -> bool:
         """Send to the relay without ever blocking the loop: with no

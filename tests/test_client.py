@@ -1,0 +1,271 @@
+"""fedexec.Client (the Globus Compute-shaped API) and task listing, through a
+token-mode relay started from the CLI with two users (alice and bob), each
+with an endpoint of their own, as real processes on loopback."""
+
+from __future__ import annotations
+
+import operator
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fedexec import Client, FederatedExecutor, TaskLost, TaskPending
+from fedexec import protocol as P
+from fedexec.relay import inspect as relay_inspect
+
+from test_access import RawClient, fedexec_cli, running_endpoint, slow_value, wait_connected
+from test_faults import running_relay, stop_process, tail
+
+DEADLINE = 30
+
+
+def double(x):
+    return 2 * x
+
+
+def fails(message):
+    raise ValueError(message)
+
+
+def wait_done(client: Client, task_id: str, timeout: float = DEADLINE) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.get_task(task_id)
+        if not info["pending"]:
+            return info
+        time.sleep(0.1)
+    pytest.fail(f"task {task_id} not done within {timeout} s: {info}")
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """A token-mode relay (users alice and bob, added with the CLI) with an
+    endpoint of each user's."""
+    directory = tmp_path_factory.mktemp("client-relay")
+    data = directory / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(directory, "--auth", "token") as address:
+        with running_endpoint(directory, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              max_workers=2) as alice_ep, \
+                running_endpoint(directory, "bob-ep", {"FEDEXEC_TOKEN": tokens["bob"]}, relay=address) as bob_ep:
+            wait_connected(address, alice_ep.id, tokens["alice"], alice_ep.proc, alice_ep.log)
+            wait_connected(address, bob_ep.id, tokens["bob"], bob_ep.proc, bob_ep.log)
+            yield SimpleNamespace(address=address, data=data, tokens=tokens, alice_ep=alice_ep, bob_ep=bob_ep,
+                                  dir=directory, log=directory / "relay.log")
+
+
+@pytest.fixture
+def alice(relay):
+    with Client(relay=relay.address, token=relay.tokens["alice"]) as client:
+        yield client
+
+
+@pytest.fixture
+def bob(relay):
+    with Client(relay=relay.address, token=relay.tokens["bob"]) as client:
+        yield client
+
+
+@pytest.mark.timeout(120)
+def test_register_run_get_result_read_twice(relay, alice):
+    func_id = alice.register_function(double, description="doubles")
+    assert func_id == alice.register_function(double, description="doubles")   # a content hash: the same again
+    info = alice.get_function(func_id)
+    assert info["function_name"] == "double" and info["description"] == "doubles" and info["yours"]
+    assert info["function"](4) == 8
+    task_id = alice.run(21, endpoint_id=relay.alice_ep.id, function_id=func_id)
+    uuid.UUID(task_id)
+    done = wait_done(alice, task_id)
+    assert done["status"] == "success" and done["result"] == 42 and done["endpoint_id"] == relay.alice_ep.id
+    assert done["completed"] >= done["submitted"] > 0
+    time.sleep(0.5)   # its executor has acknowledged it by now: still readable, as often as asked
+    for _ in range(3):
+        assert alice.get_result(task_id) == 42
+
+
+@pytest.mark.timeout(120)
+def test_pending_failed_batch_and_delete(relay, alice):
+    slow = alice.register_function(slow_value)
+    bad = alice.register_function(fails)
+    task_id = alice.run(3.0, "late", endpoint_id=relay.alice_ep.id, function_id=slow)
+    with pytest.raises(TaskPending) as pending:
+        alice.get_result(task_id)
+    assert pending.value.status in relay_inspect.PENDING_STATUSES
+    failed = alice.run("boom", endpoint_id=relay.alice_ep.id, function_id=bad)
+    info = wait_done(alice, failed)
+    assert info["status"] == "failed" and isinstance(info["exception"], Exception)
+    with pytest.raises(Exception, match="boom"):
+        alice.get_result(failed)
+    batch = alice.create_batch()
+    for i in range(5):
+        batch.add(0.0, i, endpoint_id=relay.alice_ep.id, function_id=slow)
+    ids = alice.batch_run(batch)
+    assert len(ids) == 5
+    for task_id_ in ids:
+        wait_done(alice, task_id_)
+    results = alice.get_batch_result(ids)
+    assert [results[t]["result"] for t in ids] == list(range(5))
+    assert alice.delete_result(ids[0]) is True
+    assert alice.delete_result(ids[0]) is False
+    with pytest.raises(TaskLost):
+        alice.get_task(ids[0])
+    assert wait_done(alice, task_id)["result"] == "late"
+
+
+@pytest.mark.timeout(120)
+def test_a_result_survives_a_client_restart(relay, tmp_path):
+    program = tmp_path / "first.py"
+    program.write_text(f"""
+from fedexec import Client
+from test_client import double
+with Client(relay={relay.address!r}, token={relay.tokens['alice']!r}) as c:
+    fid = c.register_function(double)
+    tid = c.run(50, endpoint_id={relay.alice_ep.id!r}, function_id=fid)
+    print(tid, fid, flush=True)
+""")
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert out.returncode == 0, out.stderr
+    task_id, func_id = out.stdout.split()
+    with Client(relay=relay.address, token=relay.tokens["alice"]) as again:
+        assert again.get_result(task_id) == 100
+        assert again.get_result(task_id) == 100
+        # the function registered by the other process runs from here by its id alone
+        assert again.get_result(wait_done(again, again.run(1, endpoint_id=relay.alice_ep.id,
+                                                          function_id=func_id))["task_id"]) == 2
+    # reattach reads it too, and does not consume it
+    with FederatedExecutor(relay.alice_ep.id, relay=relay.address, token=relay.tokens["alice"]) as ex:
+        assert ex.reattach([task_id])[0].result(DEADLINE) == 100
+        assert ex.reattach([task_id])[0].result(DEADLINE) == 100
+    with Client(relay=relay.address, token=relay.tokens["alice"]) as again:
+        assert again.get_result(task_id) == 100
+
+
+@pytest.mark.timeout(120)
+def test_another_users_ids_are_as_unknown(relay, alice, bob):
+    func_id = alice.register_function(double)
+    private = alice.run(7, endpoint_id=relay.alice_ep.id, function_id=func_id)
+    wait_done(alice, private)
+    unknown = str(uuid.uuid4())
+    for task_id in (private, unknown):
+        with pytest.raises(TaskLost) as lost:
+            bob.get_task(task_id)
+        assert "alice" not in str(lost.value) and "14" not in str(lost.value)
+        with pytest.raises(TaskLost):
+            bob.get_result(task_id)
+        assert bob.delete_result(task_id) is False
+    # the relay's answers to bob are the same for alice's id and an unknown one
+    rows = bob.questions.task_rows([private, unknown], results=True)
+    assert rows[private][1:] == rows[unknown][1:]
+    assert all(t["task_id"] != private for t in bob.list_tasks(limit=1000))
+    with pytest.raises(LookupError):   # alice's private function
+        bob.get_function(func_id)
+    assert alice.get_result(private) == 14   # bob's delete did nothing
+    # a public one bob may read (not unpickled for him) and run on his own endpoint
+    public = alice.register_function(operator.mul, public=True)
+    info = bob.get_function(public)
+    assert info["public"] and not info["yours"] and "function" not in info
+    assert bob.get_result(wait_done(bob, bob.run(6, 7, endpoint_id=relay.bob_ep.id,
+                                                 function_id=public))["task_id"]) == 42
+    # endpoints: each sees their own
+    assert {e["id"] for e in bob.list_endpoints()} == {relay.bob_ep.id}
+    with pytest.raises(LookupError):
+        bob.get_endpoint_status(relay.alice_ep.id)
+
+
+@pytest.mark.timeout(120)
+def test_endpoint_status_and_metadata(relay, alice):
+    status = alice.get_endpoint_status(relay.alice_ep.id)
+    assert status["status"] == "online" and status["workers"] == 2 and status["queued"] == 0
+    assert 0 <= status["idle_workers"] <= 2
+    meta = alice.get_endpoint_metadata(relay.alice_ep.id)
+    import fedexec
+    import socket
+    assert meta["hostname"] == socket.gethostname() and meta["fedexec_version"] == fedexec.__version__
+    assert meta["python_version"] == P.PYTHON_VERSION and meta["provider"] == "local"
+    assert relay.alice_ep.id in {e["id"] for e in alice.list_endpoints()}
+
+
+@pytest.mark.timeout(120)
+def test_list_tasks_filters_and_pages(relay, tmp_path):
+    data = relay.data   # a user of their own, so the listing holds only this test's tasks
+    token = fedexec_cli("relay", "add-user", "carol", "--data-dir", data).stdout.strip()
+    with running_endpoint(tmp_path, "carol-ep", {"FEDEXEC_TOKEN": token}, relay=relay.address) as ep:
+        wait_connected(relay.address, ep.id, token, ep.proc, ep.log)
+        with Client(relay=relay.address, token=token) as carol:
+            start = time.time()
+            ok = carol.register_function(double)
+            bad = carol.register_function(fails)
+            good_ids = [carol.run(i, endpoint_id=ep.id, function_id=ok) for i in range(25)]
+            bad_ids = [carol.run("x", endpoint_id=ep.id, function_id=bad) for _ in range(3)]
+            for task_id in good_ids + bad_ids:
+                wait_done(carol, task_id)
+            everything = carol.list_tasks(limit=1000)
+            assert {t["task_id"] for t in everything} == set(good_ids + bad_ids)
+            submitted = [t["submitted"] for t in everything]
+            assert submitted == sorted(submitted, reverse=True)
+            assert {t["task_id"] for t in carol.list_tasks(status="failed", limit=1000)} == set(bad_ids)
+            assert {t["task_id"] for t in carol.list_tasks(status="success", limit=1000)} == set(good_ids)
+            assert carol.list_tasks(status="pending") == []
+            assert len(carol.list_tasks(limit=7)) == 7
+            assert carol.list_tasks(endpoint_id=relay.alice_ep.id) == []
+            assert carol.list_tasks(since=time.time() + 60) == []
+            assert len(carol.list_tasks(since=start - 1, limit=1000)) == 28
+            # pages of at most 10 through the raw question: each page's cursor gives the next
+            pages = list(carol.questions.list_tasks(limit=28))
+            assert [str(uuid.UUID(bytes=row[0])) for row in pages] == [t["task_id"] for t in everything]
+            answer = carol.questions.ask("list", limit=10).fields
+            assert len(answer["tasks"]) == 10 and answer["next"] is not None
+            second = carol.questions.ask("list", limit=10, before=answer["next"]).fields
+            assert not {row[0] for row in answer["tasks"]} & {row[0] for row in second["tasks"]}
+            with pytest.raises(RuntimeError, match="limit must be"):
+                carol.questions.ask("list", limit=relay_inspect.MAX_LIST + 1)
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_of_questions_is_rate_limited_per_user(relay):
+    raw = RawClient(relay.address, relay.tokens["bob"])
+    try:
+        for q in range(3 * relay_inspect.QUERIES_PER_SECOND):
+            raw.send(P.INSPECT, {"op": "tasks", "q": q, "tids": [uuid.uuid4().bytes]})
+        answers = [raw.expect(P.INSPECTED) for _ in range(3 * relay_inspect.QUERIES_PER_SECOND)]
+        busy = sum(1 for a in answers if a is not None and a.fields.get("busy"))
+        assert busy >= relay_inspect.QUERIES_PER_SECOND - 5, busy
+    finally:
+        raw.close()
+    # alice is not slowed by bob's flood beyond the relay's total
+    with Client(relay=relay.address, token=relay.tokens["alice"]) as alice:
+        assert isinstance(alice.list_endpoints(), list)
+
+
+@pytest.mark.timeout(120)
+def test_cli_task_commands(relay, alice):
+    func_id = alice.register_function(double)
+    task_id = alice.run(8, endpoint_id=relay.alice_ep.id, function_id=func_id)
+    wait_done(alice, task_id)
+    env = {"FEDEXEC_TOKEN": relay.tokens["alice"]}
+    listed = fedexec_cli("task", "list", "--relay", relay.address, "--status", "success", env=env).stdout
+    assert task_id in listed
+    status = fedexec_cli("task", "status", task_id, "--relay", relay.address, env=env).stdout
+    assert "success" in status
+    result = fedexec_cli("task", "result", task_id, "--relay", relay.address, env=env).stdout
+    assert result.strip() == "16"
+    slow = alice.register_function(slow_value)
+    blocker = [alice.run(5.0, "x", endpoint_id=relay.alice_ep.id, function_id=slow) for _ in range(2)]
+    queued = alice.run(0, "never", endpoint_id=relay.alice_ep.id, function_id=slow)
+    time.sleep(0.5)
+    out = fedexec_cli("task", "cancel", queued, "--relay", relay.address, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert wait_done(alice, queued)["status"] == "cancelled"
+    bob_env = {"FEDEXEC_TOKEN": relay.tokens["bob"]}
+    out = fedexec_cli("task", "result", task_id, "--relay", relay.address, env=bob_env, check=False)
+    assert out.returncode != 0 and "no task" in out.stderr
+    for task_id_ in blocker:
+        wait_done(alice, task_id_)
