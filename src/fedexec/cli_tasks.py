@@ -22,15 +22,14 @@ def _when(t: float | None) -> str:
 
 
 def _failing(action: Any) -> Any:
-    """Run a command, its expected errors as CommandError (one line, exit 1)."""
+    """Run a command; its expected errors end it with one line on stderr and exit status 1."""
     def run(ns: argparse.Namespace) -> None:
-        from .cli import CommandError
         from .errors import FedexecError
 
         try:
             action(ns)
         except (FedexecError, LookupError, ValueError, TimeoutError, RuntimeError) as exc:
-            raise CommandError(str(exc) or type(exc).__name__) from None
+            raise SystemExit(f"fedexec: {exc or type(exc).__name__}") from None
     return run
 
 
@@ -66,8 +65,6 @@ def task_result(ns: argparse.Namespace) -> None:
 
 @_failing
 def task_cancel(ns: argparse.Namespace) -> None:
-    from .cli import CommandError
-
     with _client(ns) as client:
         failed = []
         for task_id in ns.task_ids:
@@ -77,7 +74,7 @@ def task_cancel(ns: argparse.Namespace) -> None:
                 failed.append(task_id)
                 print(f"{task_id}  not cancelled: {client.get_task(task_id)['status']}")
         if failed:
-            raise CommandError(f"{len(failed)} task(s) could not be cancelled (running or done)")
+            raise RuntimeError(f"{len(failed)} task(s) could not be cancelled (running or done)")
 
 
 def add_task_parser(top: Any) -> None:

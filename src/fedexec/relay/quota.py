@@ -150,20 +150,22 @@ class Quotas:
         relay keeps acknowledged results (:attr:`retained`) and ``keep``,
         their bytes stay charged until they go (retained.py)."""
         unacked = self.unacked
+        if self.retained is not None and keep:
+            kept = [(task_id, unacked.pop(task_id)[1]) for task_id in task_ids
+                    if unacked.get(task_id, ("",))[0] == user]
+            if kept:
+                self.release(user, len(kept), 0)
+                self.retained.keep(kept, user)
+            return
         tasks = nbytes = 0
-        kept = [] if self.retained is not None and keep else None
         for task_id in task_ids:
             entry = unacked.get(task_id)
             if entry is not None and entry[0] == user:
                 del unacked[task_id]
                 tasks += 1
                 nbytes += entry[1]
-                if kept is not None:
-                    kept.append((task_id, entry[1]))
         if tasks:
-            self.release(user, tasks, nbytes if kept is None else 0)
-            if kept:
-                self.retained.keep(kept, user)
+            self.release(user, tasks, nbytes)
 
     def memo_stored(self, key: bytes, user: str, nbytes: int, now: float) -> None:
         """A memoized result produced by a task of ``user`` is kept in the

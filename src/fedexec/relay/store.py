@@ -67,8 +67,8 @@ CREATE TABLE IF NOT EXISTS memo (
 # The Client API (relay/inspect.py): a user's tasks by submission time, for
 # listing them; functions registered by a user (register_function), kept
 # until deleted, bodies as the opaque bytes they came as.
-INSPECT_SCHEMA = """
-CREATE INDEX IF NOT EXISTS tasks_by_user ON tasks (user, submitted);
+TASKS_BY_USER = "CREATE INDEX IF NOT EXISTS tasks_by_user ON tasks (user, submitted)"
+REGISTERED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS registered (
     user TEXT NOT NULL,
     hash BLOB NOT NULL,
@@ -123,7 +123,9 @@ class RelayStore:
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
         self._upgrade()
-        self.db.executescript(INSPECT_SCHEMA)
+        self.db.executescript(REGISTERED_SCHEMA)
+        if keep_acknowledged:   # a relay for many clients, which list their tasks (the embedded one's
+            self.db.execute(TASKS_BY_USER)   # writer is spared the index: its one client lists none)
         self.keep_acknowledged = keep_acknowledged
         self._writer_db = self._connect()   # writes, from the writer thread
         self._new_functions: list[tuple[bytes, bytes, float]] = []
@@ -443,7 +445,8 @@ class RelayStore:
                 if new is not None and new[9] == user:
                     del inserts[task_id]
                     continue
-                kept.pop(ack, None)
+                if kept:
+                    kept.pop(ack, None)
                 deletes.append(ack)
             for entry in b_kept:
                 new = inserts.get(entry[0])
