@@ -280,3 +280,31 @@ def test_cli_task_commands(relay, alice, tmp_path):
     assert alice.get_task(queued)["status"] == "cancelled"
     out = fedexec_cli("task", "cancel", task_id, "--relay", relay.address, env=env, check=False)
     assert out.returncode == 1 and "could not be cancelled" in out.stderr
+
+
+def readme_section(title: str) -> list[str]:
+    """The Python code blocks of a README section."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.index("\n## ", start + 1)
+    blocks = text[start:end].split("```python\n")[1:]
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+@pytest.mark.timeout(180)
+def test_the_readme_funcx_snippets_run_as_written(relay, tmp_path):
+    blocks = readme_section("Coming from funcX / Globus Compute")
+    assert len(blocks) == 2 and "from fedexec import Client" in blocks[0]
+    program = tmp_path / "funcx_snippets.py"
+    program.write_text("\n".join(blocks).replace("'ENDPOINT_ID'", repr(relay.alice_ep.id)))
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=150, cwd=tmp_path,
+                         env={**os.environ, "FEDEXEC_RELAY": relay.address, "FEDEXEC_TOKEN": relay.tokens["alice"]})
+    assert out.returncode == 0, out.stderr
+    import platform
+    lines = out.stdout.splitlines()
+    assert lines == [platform.platform(), "Hello Bob Smith", repr([f"Hello {x} Smith" for x in range(5)])], out.stdout
+    # the Client API section's CLI lines name commands that exist
+    for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines():
+        if line.startswith("fedexec task "):
+            action = line.split()[2]
+            assert fedexec_cli("task", action, "--help").returncode == 0

@@ -110,11 +110,14 @@ def relay_start(ns: argparse.Namespace) -> None:
         argv += ["--max-payload", str(ns.max_payload)]
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
                                                                           ns.max_bytes_per_user),
-                        ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
+                        ("--max-endpoints-per-user", ns.max_endpoints_per_user),
+                        ("--max-kept-per-user", ns.max_kept_per_user)):
         if value is not None:
             if value <= 0:
                 raise SystemExit(f"fedexec: {flag} must be greater than 0")
             argv += [flag, str(value)]
+    if ns.keep_results is not None:
+        argv += ["--keep-results" if ns.keep_results else "--no-keep-results"]
     argv += ["--auth", ns.auth]
     if ns.curve is not None:
         argv += ["--curve" if ns.curve else "--no-curve"]
@@ -509,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "function bodies (default 4 GiB)")
     p.add_argument("--max-endpoints-per-user", type=int,
                    help="endpoints one user may register at the relay (default 1,000)")
+    p.add_argument("--keep-results", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep results readable after their client received them, until --result-ttl or "
+                        "Client.delete_result (default: on)")
+    p.add_argument("--max-kept-per-user", type=int,
+                   help="received results kept per user, the oldest going first (default 100,000)")
     p.add_argument("--auth", choices=AUTH_MODES, default="local",
                    help="local: a secret file for this machine's user (default); token: per-user API tokens "
                         "(relay add-user, token create); globus: Globus Auth tokens")

@@ -291,6 +291,7 @@ class Client:
                                     "endpoint_id": row[2] or None, "submitted": row[3] or None,
                                     "completed": row[4] or None}
             if not info["pending"]:
+                info["completion_t"] = info["completed"]   # (Globus Compute's name for it)
                 _set_outcome(info, row[5], row[6])
             answer[task_id] = info
         return answer
