@@ -308,3 +308,41 @@ def test_the_readme_funcx_snippets_run_as_written(relay, tmp_path):
         if line.startswith("fedexec task "):
             action = line.split()[2]
             assert fedexec_cli("task", action, "--help").returncode == 0
+
+
+@pytest.mark.timeout(180)
+def test_kept_results_are_bounded_per_user_and_survive_a_relay_kill(tmp_path):
+    """--max-kept-per-user 3: of five received results the two received first
+    go; the kept ones survive a kill -9 of the relay (they are in its record)."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "dave", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token", "--max-kept-per-user", "3") as address:
+        with running_endpoint(tmp_path, "dave-ep", {"FEDEXEC_TOKEN": token}, relay=address) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            with FederatedExecutor(ep.id, relay=address, token=token) as ex:
+                ids = []
+                for i in range(5):   # one after the other: received (acknowledged) in this order
+                    future = ex.submit(double, i)
+                    assert future.result(DEADLINE) == 2 * i
+                    ids.append(future.task_id)
+            time.sleep(0.5)   # the acknowledgements reach the relay
+            with Client(relay=address, token=token) as dave:
+                for task_id in ids[:2]:
+                    with pytest.raises(TaskLost):
+                        dave.get_task(task_id)
+                assert [dave.get_result(t) for t in ids[2:]] == [4, 6, 8]
+                assert {t["task_id"] for t in dave.list_tasks()} == set(ids[2:])
+    # (running_relay stops its relay; a kill -9 of the next one below)
+    import signal
+    with running_relay(tmp_path, "--auth", "token", "--max-kept-per-user", "3") as address:
+        with Client(relay=address, token=token) as dave:
+            assert [dave.get_result(t) for t in ids[2:]] == [4, 6, 8]
+        pid = __import__("json").loads((data / "relay.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+    with running_relay(tmp_path, "--auth", "token", "--max-kept-per-user", "3") as address:
+        with Client(relay=address, token=token) as dave:
+            assert [dave.get_result(t) for t in ids[2:]] == [4, 6, 8]
+            assert dave.delete_result(ids[2]) is True
+            with pytest.raises(TaskLost):
+                dave.get_result(ids[2])
