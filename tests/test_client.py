@@ -346,3 +346,28 @@ def test_kept_results_are_bounded_per_user_and_survive_a_relay_kill(tmp_path):
             assert dave.delete_result(ids[2]) is True
             with pytest.raises(TaskLost):
                 dave.get_result(ids[2])
+
+
+@pytest.mark.timeout(120)
+def test_malformed_questions_are_refused_by_name(relay):
+    raw = RawClient(relay.address, relay.tokens["bob"])
+    try:
+        for fields, why in (({"op": "drop-tables"}, "unknown inspect op"),
+                            ({"op": "tasks", "tids": "x"}, "task ids must be a list"),
+                            ({"op": "tasks", "tids": [], "results": "yes"}, "results must be true or false"),
+                            ({"op": "list", "limit": 0}, "limit must be"),
+                            ({"op": "list", "status": "done"}, "status must be one of"),
+                            ({"op": "list", "before": [1.0, b"short"]}, "before must be a cursor"),
+                            ({"op": "fn_get", "h": b"x"}, "a function id (h) is 32 bytes"),
+                            ({"op": "fn_put", "h": b"x" * 32, "public": True}, "one frame")):
+            raw.send(P.INSPECT, fields)
+            error = raw.expect(P.ERROR)
+            assert error is not None and why in error.fields["msg"], (fields, error and error.fields)
+        # a body that is not what its id says is not registered
+        raw.send(P.INSPECT, {"op": "fn_put", "h": b"\0" * 32, "name": "f", "public": False}, [b"not a pickle"])
+        answer = raw.expect(P.INSPECTED)
+        assert "does not match its id" in answer.fields["err"]
+        raw.send(P.INSPECT, {"op": "fn_get", "h": b"\0" * 32})
+        assert raw.expect(P.INSPECTED).fields["found"] is False
+    finally:
+        raw.close()

@@ -107,6 +107,7 @@ class RelayQuestions:
         wanted = {task_id_bytes(task_id): str(task_id) for task_id in task_ids}
         rows: dict[str, list[Any]] = {}
         todo = list(wanted)
+        deadline = time.monotonic() + self.timeout
         while todo:
             part, todo = todo[:P.MAX_ITEMS], todo[P.MAX_ITEMS:]
             answer = self.ask("tasks", tids=part, results=results)
@@ -118,9 +119,11 @@ class RelayQuestions:
                 if row[6] is not None:
                     row[6] = P.as_bytes(P.blob(answer.blobs, row[6]))
                 rows[wanted[row[0]]] = row
-            if len(again) == len(part):
-                raise TaskLost(f"the relay could not give the results of {len(again)} task(s) (the first: "
-                               f"{uuid.UUID(bytes=again[0])}): too large for one answer, or deleted meanwhile")
+            if len(again) == len(part):   # the relay's reading budget for now is spent: a moment later
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the relay at {self.relay} did not give the results of {len(again)} "
+                                       f"task(s) within {self.timeout:g} s")
+                time.sleep(0.05)
             todo = again + todo
         return rows
 

@@ -37,7 +37,7 @@ log = logging.getLogger("fedexec.relay")
 
 QUERIES_PER_SECOND = 50          # per user (and USERS_PER_SECOND users' worth for the whole relay)
 MAX_LIST = 1000                  # tasks in one page of a listing
-ANSWER_BYTES = 64 * 1024 * 1024  # result bytes in one answer (the rest: ask again)
+ANSWER_BYTES = 16 * 1024 * 1024  # result bytes in one answer, within the relay's turn budget (the rest: ask again)
 HEADER_BUDGET = 384 * 1024       # header bytes an answer's rows may take (MAX_HEADER is 512 KiB)
 MAX_REGISTERED_PER_USER = 1000   # functions one user may keep registered
 MAX_DESCRIPTION = 1024
@@ -133,7 +133,8 @@ class Inspector:
         summaries = store.task_summaries(task_ids, user)
         blobs = P.Blobs()
         rows: list[list[Any]] = []
-        budget, header = ANSWER_BYTES, 0
+        # result bytes read from the record: this answer's, and the turn's (shared with RESUMEs, server.py)
+        budget, header = min(ANSWER_BYTES, relay.record_budget), 0
         for task_id in task_ids:
             summary = summaries.get(task_id)
             pending = self.pending_status(task_id, user)
@@ -149,14 +150,19 @@ class Inspector:
                    finished or 0.0, None if state == PENDING else status, None]
             header += 96 + len(endpoint)
             if results and state != PENDING:
-                outcome = store.task_outcome(task_id) if budget > 0 and header < HEADER_BUDGET else None
-                if outcome is None or outcome[3] != user or outcome[0] == PENDING:
-                    row.append(True)   # more: ask again (or it is gone meanwhile)
-                else:
-                    result = outcome[2] or b""
-                    budget -= len(result)
-                    header += min(len(result), P.INLINE_MAX)
-                    row[6] = blobs.ref(result)
+                if budget <= 0 or header >= HEADER_BUDGET:
+                    row.append(True)   # more: ask again
+                    rows.append(row)
+                    continue
+                outcome = store.task_outcome(task_id)
+                if outcome is None or outcome[3] != user or outcome[0] == PENDING:   # gone meanwhile
+                    rows.append([task_id, UNKNOWN, "", 0.0, 0.0, None, None])
+                    continue
+                result = outcome[2] or b""
+                budget -= len(result)
+                relay.record_budget -= len(result)
+                header += min(len(result), P.INLINE_MAX)
+                row[6] = blobs.ref(result)
             rows.append(row)
         return rows, blobs.frames
 
