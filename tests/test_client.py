@@ -182,8 +182,11 @@ def test_another_users_ids_are_as_unknown(relay, alice, bob):
 
 @pytest.mark.timeout(120)
 def test_endpoint_status_and_metadata(relay, alice):
-    status = alice.get_endpoint_status(relay.alice_ep.id)
-    assert status["status"] == "online" and status["workers"] == 2 and status["queued"] == 0
+    deadline = time.monotonic() + DEADLINE   # (as the endpoint counts them: once its pool has started)
+    while (status := alice.get_endpoint_status(relay.alice_ep.id))["workers"] != 2:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert status["status"] == "online" and status["queued"] == 0 and status["blocks"] == 1
     assert 0 <= status["idle_workers"] <= 2
     meta = alice.get_endpoint_metadata(relay.alice_ep.id)
     import fedexec

@@ -358,8 +358,9 @@ class Client:
 
     def get_endpoint_status(self, endpoint_id: str) -> dict[str, Any]:
         """``status`` (online/offline), ``workers``, ``idle_workers``,
-        ``queued`` (tasks waiting at the relay), ``blocks`` (None: the relay
-        does not know them), and ``id``, ``name``, ``running``."""
+        ``queued`` (tasks waiting at the relay), ``blocks`` (as the endpoint
+        counts them at its last heartbeat; None while it is offline), and
+        ``id``, ``name``, ``running`` (tasks sent to it and not finished)."""
         info = self.questions.endpoint(endpoint_id)
         return {key: info.get(key) for key in ("id", "name", "status", "workers", "idle_workers", "running",
                                                 "queued", "blocks")}

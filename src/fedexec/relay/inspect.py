@@ -72,6 +72,14 @@ def endpoint_meta(value: Any) -> dict[str, str]:
     return {key: P.text(text, f"meta {key}", META_KEYS[key]) for key, text in value.items()}
 
 
+def endpoint_load(value: Any) -> tuple[int, int, int]:
+    """An endpoint heartbeat's ``ld`` (its workers, idle workers and
+    blocks, as it counts them), checked."""
+    if not isinstance(value, dict) or set(value) != {"w", "i", "b"}:
+        raise P.ProtocolError("an endpoint's load (ld) is a map of w, i and b")
+    return P.count(value["w"], "workers"), P.count(value["i"], "idle workers"), P.count(value["b"], "blocks")
+
+
 class Inspector:
     """Answers INSPECT messages for one relay."""
 
@@ -285,10 +293,15 @@ class Inspector:
     def describe_endpoint(self, state: EndpointState) -> dict[str, Any]:
         """An endpoint's status and metadata, as the Client API gives them."""
         running = len(state.dispatched)
-        return {"id": state.endpoint_id, "name": state.name, "status": "online" if state.connected else "offline",
-                "workers": state.workers, "idle_workers": max(0, state.workers - running) if state.connected else 0,
-                "running": running, "queued": len(state.queue), "python_version": state.python,
-                "owner": state.access.owner, "public": state.access.public, **state.meta}
+        online = state.connected
+        if state.load is not None and online:   # as the endpoint counts them, at its last heartbeat
+            workers, idle, blocks = state.load
+        else:   # (an endpoint of an older fedexec, or offline)
+            workers, idle, blocks = state.workers, max(0, state.workers - running) if online else 0, None
+        return {"id": state.endpoint_id, "name": state.name, "status": "online" if online else "offline",
+                "workers": workers, "idle_workers": idle, "blocks": blocks, "running": running,
+                "queued": len(state.queue), "python_version": state.python, "owner": state.access.owner,
+                "public": state.access.public, **state.meta}
 
     def endpoints(self, session: "Session") -> list[dict[str, Any]]:
         """The endpoints ``session``'s user may use (at most MAX_ITEMS)."""

@@ -34,7 +34,7 @@ from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
-from .inspect import Inspector, endpoint_meta
+from .inspect import Inspector, endpoint_load, endpoint_meta
 from .retained import DEFAULT_MAX_KEPT_PER_USER, RetainedResults
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
@@ -476,6 +476,8 @@ class Relay:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
                 state.last_seen = time.monotonic()
+                if "ld" in msg.fields:   # an endpoint's load, for the Client API (inspect.py)
+                    state.load = endpoint_load(msg.fields["ld"])
             elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
                 reply["unknown"] = True
             self._send(sender, P.encode(P.HEARTBEAT, reply))
