@@ -374,3 +374,54 @@ def test_malformed_questions_are_refused_by_name(relay):
         assert raw.expect(P.INSPECTED).fields["found"] is False
     finally:
         raw.close()
+
+
+def blob_of(n):
+    return b"k" * n
+
+
+@pytest.mark.timeout(180)
+def test_kept_results_yield_their_bytes_to_new_work_oldest_first(tmp_path):
+    """Kept results count against their user's byte quota; a task needing the
+    bytes is not refused: the oldest received results go to make room."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "erin", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token", "--max-bytes-per-user", "200000") as address:
+        with running_endpoint(tmp_path, "erin-ep", {"FEDEXEC_TOKEN": token}, relay=address) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            with FederatedExecutor(ep.id, relay=address, token=token) as ex:
+                first = ex.submit(blob_of, 70_000)
+                assert len(first.result(DEADLINE)) == 70_000
+                second = ex.submit(blob_of, 70_000)
+                assert len(second.result(DEADLINE)) == 70_000
+                time.sleep(0.5)   # both received and kept: 140,000 of erin's 200,000 bytes
+                with Client(relay=address, token=token) as erin:
+                    assert len(erin.get_result(first.task_id)) == 70_000
+                    # 100,000 bytes of arguments: room is made by dropping the oldest kept result
+                    assert ex.submit(len, b"a" * 100_000).result(DEADLINE) == 100_000
+                    with pytest.raises(TaskLost):
+                        erin.get_result(first.task_id)
+                    assert len(erin.get_result(second.task_id)) == 70_000
+
+
+@pytest.mark.timeout(120)
+def test_executor_registry_and_the_embedded_relay_keeps_nothing_received(relay):
+    with FederatedExecutor(relay.alice_ep.id, relay=relay.address, token=relay.tokens["alice"]) as ex:
+        function_id = ex.register_function(double)
+        assert ex.submit_to_registered_function(function_id, (3,)).result(DEADLINE) == 6
+        assert ex.submit_to_registered_function(function_id, kwargs={"x": 4}).result(DEADLINE) == 8
+        with pytest.raises(LookupError):
+            ex.submit_to_registered_function("0" * 64, (1,))
+        with pytest.raises(ValueError, match="not a function id"):
+            ex.submit_to_registered_function("nope", (1,))
+        with pytest.raises(TypeError, match="runs on endpoints only"):
+            ex._registered[function_id](1)
+    # the embedded default's relay dies with its program: it keeps no received result
+    with FederatedExecutor(max_workers=1) as ex:
+        future = ex.submit(double, 5)
+        assert future.result(DEADLINE) == 10
+        questions = ex._questions()
+        deadline = time.monotonic() + DEADLINE
+        while questions.task_rows([future.task_id], results=False)[future.task_id][1] != "unknown":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
