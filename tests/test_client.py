@@ -183,7 +183,7 @@ def test_another_users_ids_are_as_unknown(relay, alice, bob):
 @pytest.mark.timeout(120)
 def test_endpoint_status_and_metadata(relay, alice):
     deadline = time.monotonic() + DEADLINE   # (as the endpoint counts them: once its pool has started)
-    while (status := alice.get_endpoint_status(relay.alice_ep.id))["workers"] != 2:
+    while (status := alice.get_endpoint_status(relay.alice_ep.id))["workers"] != 2 or status["blocks"] is None:
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
     assert status["status"] == "online" and status["queued"] == 0 and status["blocks"] == 1

@@ -294,8 +294,8 @@ class Inspector:
         """An endpoint's status and metadata, as the Client API gives them."""
         running = len(state.dispatched)
         online = state.connected
-        if state.load is not None and online:   # as the endpoint counts them, at its last heartbeat
-            workers, idle, blocks = state.load
+        if state.workload is not None and online:   # as the endpoint counts them, at its last heartbeat
+            workers, idle, blocks = state.workload
         else:   # (an endpoint of an older fedexec, or offline)
             workers, idle, blocks = state.workers, max(0, state.workers - running) if online else 0, None
         return {"id": state.endpoint_id, "name": state.name, "status": "online" if online else "offline",

@@ -477,7 +477,7 @@ class Relay:
             if state is not None:
                 state.last_seen = time.monotonic()
                 if "ld" in msg.fields:   # an endpoint's load, for the Client API (inspect.py)
-                    state.load = endpoint_load(msg.fields["ld"])
+                    state.workload = endpoint_load(msg.fields["ld"])
             elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
                 reply["unknown"] = True
             self._send(sender, P.encode(P.HEARTBEAT, reply))
