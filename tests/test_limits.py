@@ -250,7 +250,10 @@ def test_a_restarted_relay_rebuilds_usage_and_function_counts(tmp_path):
         from fedexec.relay.quota import row_bytes   # a stored row costs at least MIN_ROW_BYTES
         args = sum(row_bytes(len(serialize_arguments(operator.add, (i, 1), {}))) for i in range(4))
         body = len(serialize_function(operator.add)[1])
-        assert tasks == 4 and stored == args + body
+        # (the result it received stays, kept at the relay: charged to alice's bytes, issue 15)
+        kept = sum(relay.quotas.retained.by_user["alice"].values())
+        assert kept == row_bytes(0)   # (a small result costs MIN_ROW_BYTES)
+        assert tasks == 4 and stored == args + body + kept
         assert relay.functions.refs == {serialize_function(operator.add)[0]: 4}
         assert stored_functions(data) and serialize_function(len)[0] not in stored_functions(data)
     finally:
@@ -312,7 +315,9 @@ def test_results_count_against_the_task_quota_until_acknowledged(tmp_path):
     try:   # three of bob's results are still unacknowledged (two of the first and the last)
         tasks, stored = relay.quotas.usage["bob"]
         assert tasks == 3 and stored >= 3 * MIN_ROW_BYTES
-        assert "alice" not in relay.quotas.usage
+        # alice has no task in flight; her six received results are kept (issue 15), charged to her bytes
+        tasks, stored = relay.quotas.usage["alice"]
+        assert tasks == 0 and stored == sum(relay.quotas.retained.by_user["alice"].values()) == 6 * MIN_ROW_BYTES
     finally:
         closed(relay)
 

@@ -24,6 +24,7 @@ from .errors import (
     RemoteExecutionError,
     SerializationError,
     TaskLost,
+    TaskPending,
     TaskRejected,
     TaskTimeout,
     UnknownEndpoint,
@@ -34,6 +35,7 @@ from .config import ConfigError
 from .transfer import TransferError
 from .dataref import DataRef
 from .executor import FederatedExecutor, TaskFuture, memoized, with_options
+from .client import Batch, Client
 from .shell import ShellFunction, ShellResult
 from .mpi import MPIFunction
 from .joblib_backend import install_hook as _install_joblib_hook
@@ -84,6 +86,9 @@ __all__ = [
     "RemoteExecutionError",
     "SerializationError",
     "TaskLost",
+    "TaskPending",
+    "Client",
+    "Batch",
     "TaskRejected",
     "TaskTimeout",
     "UnknownEndpoint",

@@ -3,6 +3,7 @@
     fedexec relay start [--host H] [--port P] [--data-dir D] [--auth local|token|globus] [--curve|--no-curve]
                         [--result-ttl S] [--max-payload B] [--daemon]
     fedexec relay stop|status|key [--data-dir D]
+    fedexec task list|status|result|cancel ...               (your tasks at a relay: fedexec.Client)
     fedexec relay add-user NAME [--data-dir D]              (token mode; prints the user's first token)
     fedexec token create USER [--expires SECONDS] | revoke ID | list [--data-dir D]
     fedexec endpoint configure NAME [--relay ADDR] [--max-workers N] [--prefetch N] [--relay-key KEY]
@@ -110,11 +111,14 @@ def relay_start(ns: argparse.Namespace) -> None:
         argv += ["--max-payload", str(ns.max_payload)]
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
                                                                           ns.max_bytes_per_user),
-                        ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
+                        ("--max-endpoints-per-user", ns.max_endpoints_per_user),
+                        ("--max-kept-per-user", ns.max_kept_per_user)):
         if value is not None:
             if value <= 0:
                 raise SystemExit(f"fedexec: {flag} must be greater than 0")
             argv += [flag, str(value)]
+    if ns.keep_results is not None:
+        argv += ["--keep-results" if ns.keep_results else "--no-keep-results"]
     argv += ["--auth", ns.auth]
     if ns.curve is not None:
         argv += ["--curve" if ns.curve else "--no-curve"]
@@ -602,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "function bodies (default 4 GiB)")
     p.add_argument("--max-endpoints-per-user", type=int,
                    help="endpoints one user may register at the relay (default 1,000)")
+    p.add_argument("--keep-results", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep results readable after their client received them, until --result-ttl or "
+                        "Client.delete_result (default: on)")
+    p.add_argument("--max-kept-per-user", type=int,
+                   help="received results kept per user, the oldest going first (default 100,000)")
     p.add_argument("--auth", choices=AUTH_MODES, default="local",
                    help="local: a secret file for this machine's user (default); token: per-user API tokens "
                         "(relay add-user, token create); globus: Globus Auth tokens")
@@ -752,6 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = gsub.add_parser("remove", help="forget a group")
     p.add_argument("name")
     p.set_defaults(func=group_remove)
+
+    from .cli_tasks import add_task_parser
+
+    add_task_parser(top)
     return parser
 
 

@@ -271,6 +271,7 @@ class Dispatcher(threading.Thread):
         self.memo_results: dict[bytes, bytes] = {}               # memo key -> pickled result
         self.memo_waiting: dict[bytes, list[WorkItem]] = {}     # memo key -> identical calls in flight
         self.stopping = False
+        self.detaching = False   # stopping once every task is in the relay's record, not done (detach)
         self.cancel_unsent = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -396,6 +397,11 @@ class Dispatcher(threading.Thread):
                 if self.stopping and not self.pending and not self.commands and not self.held and not self.fetching:
                     self._flush_acks()
                     break
+                if self.detaching and not self.unaccepted and not self.commands and not self.held:
+                    self._flush_acks()
+                    self.failure = ("the fedexec.Client that submitted this task was closed before it finished; "
+                                    "its result stays at the relay: read it with Client.get_result(task_id)")
+                    break
                 if self.stopping and now - self.last_heard > SHUTDOWN_SILENCE:
                     self.failure = (f"the executor was shut down and the relay at {self.relay} has not answered "
                                     f"for {SHUTDOWN_SILENCE:g} s; this task's outcome is unknown (its id can be "
@@ -493,6 +499,8 @@ class Dispatcher(threading.Thread):
                 value.set()
             elif command == "stop":
                 self.stopping = True
+            elif command == "detach":   # (fedexec.Client.close) stop once the relay has every task
+                self.stopping = self.detaching = True
         if self.out_rows and not (busy and self.batch_window > 0):
             self._send_batch()
         for part in P.chunks(cancels):

@@ -208,3 +208,19 @@ class DataRefError(FedexecError):
 
 def _rebuild_data_ref_error(message: str, ref: str) -> DataRefError:
     return DataRefError(message, ref=ref)
+
+
+class TaskPending(FedexecError):
+    """``Client.get_result`` of a task that has not finished yet (its
+    ``status`` says where it is: waiting-for-ep, waiting-for-launch, running)."""
+
+    def __init__(self, message: str, *, status: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # keep the keyword field through pickling
+        return (_rebuild_task_pending, (str(self), self.status))
+
+
+def _rebuild_task_pending(message: str, status: str) -> TaskPending:
+    return TaskPending(message, status=status)

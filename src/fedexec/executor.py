@@ -25,8 +25,7 @@ from collections import deque
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
-from typing import Any, Callable, Iterable, Iterator
-
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import protocol as P
 from .config import DEFAULT_RELAY_ADDRESS, DEFAULT_WORKER_BATCH, ConfigError, relay_dir
@@ -64,6 +63,9 @@ from .serialize import (
     serialize_data_chunk,
     serialize_function,
 )
+
+if TYPE_CHECKING:
+    from .client import RelayQuestions
 
 log = logging.getLogger("fedexec.executor")
 
@@ -125,6 +127,27 @@ class _FunctionCache:
                 self._strong.clear()
             self._strong[id(fn)] = (fn, fn_hash, body)
         return fn_hash, body
+
+    def add(self, fn: Any, fn_hash: bytes, body: bytes) -> None:
+        """Know ``fn`` (a :class:`RegisteredFunction`) by this hash and body."""
+        self._weak[fn] = (fn_hash, body)
+
+
+class RegisteredFunction:
+    """A function registered at the relay, as an executor submits it: by
+    its id, with the body the relay keeps (fetched once per executor).
+    Calling it here is an error: it runs on endpoints."""
+
+    def __init__(self, function_id: str, name: str) -> None:
+        self.function_id = function_id
+        self.__name__ = self.__qualname__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"registered function {self.__name__} ({self.function_id}) runs on endpoints only: "
+                        "submit it with submit_to_registered_function")
+
+    def __repr__(self) -> str:
+        return f"<registered function {self.__name__} {self.function_id}>"
 
 
 class _TaskIds:
@@ -308,6 +331,7 @@ class FederatedExecutor(Executor):
         self._task_ids = _TaskIds()
         self._batch_size = batch_size
         self._functions = _FunctionCache(wrap=wrapper(setup))
+        self._registered: dict[str, RegisteredFunction] = {}   # function id -> its stand-in (submit_to_registered_function)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._memoize = memoize
@@ -736,6 +760,51 @@ class FederatedExecutor(Executor):
                 self._check_open()
                 self._dispatcher.post("reattach", items, len(items))
         return [item.future for item in items]
+
+    def _questions(self) -> "RelayQuestions":
+        """Questions to this executor's relay (the Client API, client.py), with its credentials."""
+        from .client import RelayQuestions
+
+        dispatcher = self._dispatcher
+        services = dispatcher.services
+        return RelayQuestions(self.relay, dispatcher.token, dispatcher.relay_public_key,
+                              services.secret_file if services is not None else None)
+
+    def register_function(self, fn: Callable[..., Any], description: str | None = None,
+                          public: bool = False) -> str:
+        """Keep ``fn`` at the relay (as ``fedexec.Client.register_function``);
+        its function id, for :meth:`submit_to_registered_function` here or in
+        any other process of the same user (or any user's, if ``public``)."""
+        self._check_open()
+        return self._questions().register_function(fn, description, public)
+
+    def submit_to_registered_function(self, function_id: str, args: tuple = (),
+                                      kwargs: dict[str, Any] | None = None) -> Future:
+        """``submit`` of the function registered as ``function_id`` (by
+        :meth:`register_function` or ``Client.register_function``), which
+        this process need not have: its body comes from the relay, once."""
+        self._check_open()
+        fn = self._registered.get(function_id)
+        if fn is None:
+            info = self._questions().get_function(function_id)
+            fn = RegisteredFunction(function_id, info["function_name"])
+            self._functions.add(fn, bytes.fromhex(function_id), info["function_code"])
+            self._registered[function_id] = fn
+        return self.submit(fn, *args, **(kwargs or {}))
+
+    def _detach(self) -> None:
+        """Shut down once the relay has every task submitted here in its
+        record, not waiting for their results (fedexec.Client.close: they
+        stay at the relay); futures still pending then fail, saying so."""
+        with self._shutdown_lock:
+            self._shutdown = True
+            try:
+                self._dispatcher.post("detach")
+            except RuntimeError:
+                pass   # stopped already
+        if self._dispatcher is not threading.current_thread():
+            self._dispatcher.join()
+            _live_executors.discard(self)
 
     def _check_open(self) -> None:
         if self._shutdown:

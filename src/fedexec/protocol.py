@@ -70,6 +70,9 @@ DROP = "drop"            # client -> relay {b}: a large result was received; the
 REF = "ref"              # client -> relay {op: "put" | "del" | "info", b, q, put: ttl, n, h}
 REF_ANSWER = "ref_answer"  # relay -> client {b, q, err?, e?: expiry (epoch s), n?, fetches?}
 REFS_GONE = "refs_gone"  # relay -> endpoint {refs: [[user or "" for the owner, ref id]]}: drop cached copies
+# the Client API (relay/inspect.py): a user's own tasks, registered functions and usable endpoints
+INSPECT = "inspect"      # client -> relay {op, q, ...op's fields} (+ a function body frame for op "fn_put")
+INSPECTED = "inspected"  # relay -> client {op, q, ...} (+ result or body frames), or {q, busy: true}: ask later
 
 # Task rows: [task_id, fn_hash, args_blob, fn_blob_or_-1, kind, client_python, options?]
 # options (only when used): {"m": memo key (32 bytes), "tr": [timestamps so far],

@@ -254,7 +254,7 @@ class EndpointAgent:
                     self._scale(now)
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
-                    self._send_relay(P.encode(P.HEARTBEAT))
+                    self._send_relay(P.encode(P.HEARTBEAT, self._load()))
                     beat = P.encode(P.HEARTBEAT)
                     for pool_id in self.pools:
                         self._send_pool(pool_id, beat)
@@ -277,10 +277,23 @@ class EndpointAgent:
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
-            "data_only": self.data_only,
+            "data_only": self.data_only, "meta": self._meta(),
         }))
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
+
+    def _meta(self) -> dict[str, str]:
+        """Where this endpoint runs, for its users (Client.get_endpoint_metadata)."""
+        from .. import __version__
+        return {"host": socket.gethostname()[:256], "fx": str(__version__)[:64],
+                "provider": str(self.config.provider.type)[:64]}
+
+    def _load(self) -> dict[str, Any]:
+        """What a heartbeat tells the relay of this endpoint's load, for its
+        users (Client.get_endpoint_status): workers, idle ones, blocks."""
+        pools = self.pools.values()
+        return {"ld": {"w": sum(p.workers for p in pools), "i": sum(p.idle_workers for p in pools),
+                       "b": len(self.scaler.blocks) if self.scaler is not None else 0}}
 
     def _send_relay(self, frames: list[Any]) -> bool:
         """Send to the relay without ever blocking the loop: with no

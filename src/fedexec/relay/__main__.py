@@ -13,6 +13,7 @@ from ..private import make_private
 from .access import MODES, GlobusTokenCheck
 from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_MAX_ENDPOINTS_PER_USER, \
     DEFAULT_MAX_TASKS_PER_USER
+from .retained import DEFAULT_MAX_KEPT_PER_USER
 from .server import DEFAULT_RESULT_TTL, Relay
 from .store import GROUP_COMMIT_WINDOW
 
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds the record's writer waits for more writes to join a transaction (default "
                              f"{GROUP_COMMIT_WINDOW:g}; a private relay that dies with its program, as the embedded "
                              "default's, gains nothing from committing sooner)")
+    parser.add_argument("--keep-results", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep results readable after their client received them, until --result-ttl or "
+                             "Client.delete_result (default: yes, unless --remove-on-exit)")
+    parser.add_argument("--max-kept-per-user", type=int, default=DEFAULT_MAX_KEPT_PER_USER,
+                        help="received results kept per user, the oldest received going first (default 100,000)")
     parser.add_argument("--secret-file", type=Path, default=None,
                         help="where to write the local secret (default $FEDEXEC_HOME/relays/<address>.secret)")
     parser.add_argument("--auth", choices=MODES, default="local",
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--commit-window must be between 0 and 1 second")
     for flag, value in (("--max-tasks-per-user", ns.max_tasks_per_user), ("--max-bytes-per-user",
                                                                           ns.max_bytes_per_user),
-                        ("--max-endpoints-per-user", ns.max_endpoints_per_user)):
+                        ("--max-endpoints-per-user", ns.max_endpoints_per_user),
+                        ("--max-kept-per-user", ns.max_kept_per_user)):
         if value <= 0:
             parser.error(f"{flag} must be greater than 0")
     globus = None
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                       auth=ns.auth, curve=ns.curve, globus=globus,
                       max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user,
                       max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace,
-                      commit_window=ns.commit_window)
+                      commit_window=ns.commit_window, keep_acknowledged=ns.keep_results,
+                      max_kept_per_user=ns.max_kept_per_user)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     for_service()

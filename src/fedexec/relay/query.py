@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 import zmq
 
@@ -15,7 +16,17 @@ from ..errors import AuthenticationFailed, NotAuthorized
 
 def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: str, timeout: float = 2.0,
               token: str | None = None, relay_key: str | None = None) -> dict[str, Any]:
-    """Send one request as a client and return the fields of the answer.
+    """Send one request as a client and return the fields of the answer
+    (:func:`ask_relay_message` gives its frames too)."""
+    return ask_relay_message(address, msg_type, fields, answer_type, timeout, token, relay_key).fields
+
+
+def ask_relay_message(address: str, msg_type: str, fields: dict[str, Any], answer_type: str, timeout: float = 2.0,
+                      token: str | None = None, relay_key: str | None = None, *, blobs: Sequence[Any] = (),
+                      secret_file: str | Path | None = None) -> P.Message:
+    """Send one request as a client (with ``blobs`` as its frames) and
+    return the answer, header and frames. ``secret_file``: a private
+    relay's secret (the embedded default's).
 
     Raises :class:`AuthenticationFailed` or :class:`NotAuthorized` when the
     relay refuses, :class:`TimeoutError` when it does not answer in time. A
@@ -28,8 +39,8 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:port as well as IPv4
     sock.setsockopt(zmq.IDENTITY, b"Q" + uuid.uuid4().bytes)
-    watch = HandshakeWatch(sock, address, token, relay_key=relay_key)
-    request = [P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}), P.encode(msg_type, fields)]
+    watch = HandshakeWatch(sock, address, token, secret_file, relay_key=relay_key)
+    request = [P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}), P.encode(msg_type, fields, blobs)]
 
     def send_request() -> None:
         # never blocking: with no connection (a refused handshake, which
@@ -45,9 +56,9 @@ def ask_relay(address: str, msg_type: str, fields: dict[str, Any], answer_type: 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sock.poll(50):
-                msg = P.decode(sock.recv_multipart())
+                msg = P.decode(sock.recv_multipart(copy=False))
                 if msg.type == answer_type:
-                    return msg.fields
+                    return msg
                 if msg.type == P.ERROR:
                     text = str(msg.fields.get("msg"))
                     if msg.fields.get("auth"):

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .store import RelayStore
+
+if TYPE_CHECKING:
+    from .retained import RetainedResults
 
 DEFAULT_MAX_TASKS_PER_USER = 1_000_000
 DEFAULT_MAX_BYTES_PER_USER = 16 * 1024 ** 3   # room for large payloads (transfer.py) in and out
@@ -66,12 +69,18 @@ class Quotas:
         # (time.time() stored, key) oldest first (a key is never stored twice)
         self.memo: dict[bytes, tuple[str, int]] = {}
         self.memo_order: deque[tuple[float, bytes]] = deque()
+        # results kept after their acknowledgement (retained.py), when the relay keeps them
+        self.retained: "RetainedResults | None" = None
 
     def refusal(self, user: str, tasks: int, nbytes: int) -> tuple[str, dict[str, Any]] | None:
         """Why ``user`` may not take ``tasks`` more tasks and ``nbytes`` more
         bytes (the message and details of a QUOTA failure), or None."""
         used = self.usage.get(user)
         in_flight, stored = used if used is not None else (0, 0)
+        if stored + nbytes > self.max_bytes and self.retained is not None \
+                and self.retained.free(user, stored + nbytes - self.max_bytes):   # kept results yield to new work
+            used = self.usage.get(user)
+            in_flight, stored = used if used is not None else (0, 0)
         if in_flight + tasks > self.max_tasks:
             return (f"user {user!r} has {in_flight:,} task(s) in flight or finished with results not yet "
                     f"acknowledged at the relay, at its quota of {self.max_tasks:,} tasks per user "
@@ -136,9 +145,18 @@ class Quotas:
             order.append((now, task_id))
             used[1] += cost - (args_size if args_size > MIN_ROW_BYTES else MIN_ROW_BYTES)
 
-    def acknowledged(self, task_ids: Iterable[bytes], user: str) -> None:
-        """``user`` fetched these results (others' ids are ignored)."""
+    def acknowledged(self, task_ids: Iterable[bytes], user: str, keep: bool = True) -> None:
+        """``user`` fetched these results (others' ids are ignored). When the
+        relay keeps acknowledged results (:attr:`retained`) and ``keep``,
+        their bytes stay charged until they go (retained.py)."""
         unacked = self.unacked
+        if self.retained is not None and keep:
+            kept = [(task_id, unacked.pop(task_id)[1]) for task_id in task_ids
+                    if unacked.get(task_id, ("",))[0] == user]
+            if kept:
+                self.release(user, len(kept), 0)
+                self.retained.keep(kept, user)
+            return
         tasks = nbytes = 0
         for task_id in task_ids:
             entry = unacked.get(task_id)
@@ -178,6 +196,8 @@ class Quotas:
                 self.release(entry[0], 1, entry[1])
         if len(order) > 2 * len(self.unacked) + 1024:   # mostly acknowledged: drop their entries
             self.unacked_order = deque(item for item in order if item[1] in self.unacked)
+        if self.retained is not None:
+            self.retained.expire(before)
         return expired
 
 

@@ -48,6 +48,11 @@ class RecordReads:
         user's reads this second are spent."""
         if task_id in self.hopeless:
             return False
+        return self.spend(user)
+
+    def spend(self, user: str) -> bool:
+        """Whether ``user`` may spend one of this second's reads (theirs,
+        and the relay's): also the Client API's budget of queries (inspect.py)."""
         second = int(time.monotonic())
         if second != self.second:
             self.second = second

@@ -26,7 +26,7 @@ class TaskRecord:
     """
 
     __slots__ = ("task_id", "client", "endpoint_id", "fn_hash", "kind", "python", "args", "state", "options",
-                 "user", "group")
+                 "user", "group", "started")   # started: set once a worker started it (never read before)
 
     def __init__(self, task_id: bytes, client: bytes, endpoint_id: str, fn_hash: bytes,
                  kind: int, python: str, args: Any, options: dict | None = None, user: str = "local",
@@ -120,6 +120,8 @@ class EndpointState:
     reported_backlog: int = -1                              # queue length last told the endpoint
     hello_at: float = 0.0                                   # time.monotonic() of this connection's HELLO
     stale: int = 0          # entries of `queue` taken back by a HOLDING (skipped when met; see Relay)
+    meta: dict = field(default_factory=dict)   # where it runs, from its HELLO (inspect.endpoint_meta)
+    workload: tuple | None = None   # (workers, idle workers, blocks) from its last heartbeat (inspect.endpoint_load)
 
     @property
     def connected(self) -> bool:

@@ -33,7 +33,9 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
-from .store import FINISHED, GROUP_COMMIT_WINDOW, RelayStore, durable_options
+from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
+from .inspect import Inspector, endpoint_load, endpoint_meta
+from .retained import DEFAULT_MAX_KEPT_PER_USER, RetainedResults
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
@@ -98,7 +100,12 @@ class Relay:
                  max_endpoints_per_user: int = DEFAULT_MAX_ENDPOINTS_PER_USER,
                  max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER,
                  function_grace: float = DEFAULT_FUNCTION_GRACE,
-                 commit_window: float = GROUP_COMMIT_WINDOW) -> None:
+                 commit_window: float = GROUP_COMMIT_WINDOW, keep_acknowledged: bool | None = None,
+                 max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER) -> None:
+        """``keep_acknowledged``: results stay readable after their client
+        acknowledged them, until ``result_ttl`` or their user deletes them
+        (retained.py); by default, unless the relay removes its data when it
+        stops (the embedded default's, whose program is its only client)."""
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -201,7 +208,11 @@ class Relay:
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
-        self.store = RelayStore(self.data_dir, commit_window)
+        if keep_acknowledged is None:
+            keep_acknowledged = remove_on_exit is None
+        self.store = RelayStore(self.data_dir, commit_window, keep_acknowledged=keep_acknowledged)
+        if keep_acknowledged:
+            self.quotas.retained = RetainedResults(self.store, self.quotas, max_kept_per_user)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
         self.endpoints = EndpointRegistry()
         self.route_turn = 0   # rotates which group member wins a tie (see _route_group)
@@ -239,6 +250,9 @@ class Relay:
         self.kept.recover()
         self.refs = DataRefs(self)        # data sent once: named uploads (put)
         self.refs.recover()
+        if self.quotas.retained is not None:
+            self.quotas.retained.recover()
+        self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
 
     def _publish_secret(self, address: str) -> None:
         """Where this user's programs look for the relay by address: the
@@ -462,6 +476,8 @@ class Relay:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
                 state.last_seen = time.monotonic()
+                if "ld" in msg.fields:   # an endpoint's load, for the Client API (inspect.py)
+                    state.workload = endpoint_load(msg.fields["ld"])
             elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
                 reply["unknown"] = True
             self._send(sender, P.encode(P.HEARTBEAT, reply))
@@ -497,6 +513,8 @@ class Relay:
             self.bulk.handle(sender, session, msg)
         elif t in REF_TYPES:
             self.refs.handle(sender, session, msg)
+        elif t == P.INSPECT:
+            self.inspector.handle(sender, session, msg)
         else:
             raise P.ProtocolError(f"unknown message type {P.shorten(t)}")
 
@@ -555,6 +573,7 @@ class Relay:
             missed = f.get("hbm", 3)
             if type(missed) is not int or not 1 <= missed <= 100:
                 raise P.ProtocolError(f"missed heartbeats {P.shorten(missed)} out of range")
+            meta = endpoint_meta(f.get("meta"))
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.access.owner and state.access.owner != session.user:
                 self._refuse(sender, session, f"connect as endpoint {endpoint_id}",
@@ -579,6 +598,7 @@ class Relay:
             state.name, state.python, state.workers = name, python, workers
             state.heartbeat_period = float(heartbeat)
             state.heartbeats_missed = missed
+            state.meta = meta
             state.credit = capacity
             state.hello_at = time.monotonic()
             self._take_back_held(state, sender, held)
@@ -750,6 +770,7 @@ class Relay:
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
         seen: set[bytes] = set()
         tasks, functions, finished_owners, quotas = self.tasks, self.functions, self.store.finished_owners, self.quotas
+        kept_owners = self.store.kept_owners
         function_refs = functions.refs   # (``in functions``, and the common case of ``functions.use``, inline)
         # What is left of the user's quotas is looked up once per message, and
         # what its accepted tasks take is charged once, at the end (or before
@@ -789,6 +810,8 @@ class Relay:
                         accepted.append(task_id)  # a resubmission of a task we hold: idempotent
                     continue
                 owner = finished_owners.get(task_id)   # finished, its result not yet acknowledged
+                if owner is None and kept_owners:
+                    owner = kept_owners.get(task_id)   # acknowledged, kept (retained.py): still theirs
                 if owner is not None and owner != user:
                     self._not_theirs(sender, session, task_id, "resubmit")
                     continue
@@ -1200,7 +1223,7 @@ class Relay:
             self.record_waiting.setdefault(client, {})[task_id] = session
             return True
         outcome = self.store.task_outcome(task_id)
-        if outcome is None or outcome[0] != FINISHED:
+        if outcome is None or outcome[0] not in (FINISHED, KEPT):
             return False
         _, status, result, user = outcome
         if user != session.user:
@@ -1380,6 +1403,7 @@ class Relay:
             record = self.tasks.get(task_id)
             if record is not None:
                 self.client_started[record.client].append(task_id)
+                record.started = True   # (a task's status: relay/inspect.py)
 
     def _on_cancel(self, sender: bytes, session: Session, msg: P.Message) -> None:
         for task_id in P.task_ids(msg.fields["tids"]):

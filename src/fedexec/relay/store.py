@@ -64,6 +64,22 @@ CREATE TABLE IF NOT EXISTS memo (
     user TEXT NOT NULL DEFAULT ''
 );
 """
+# The Client API (relay/inspect.py): a user's tasks by submission time, for
+# listing them; functions registered by a user (register_function), kept
+# until deleted, bodies as the opaque bytes they came as.
+TASKS_BY_USER = "CREATE INDEX IF NOT EXISTS tasks_by_user ON tasks (user, submitted)"
+REGISTERED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS registered (
+    user TEXT NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    public INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (user, hash)
+);
+"""
 
 log = logging.getLogger("fedexec.relay.store")
 
@@ -75,19 +91,24 @@ FILE_BLOB = 64 * 1024
 # task states in the store
 PENDING = 0   # accepted, not finished (queued or out at an endpoint)
 FINISHED = 1  # has a result (or failure, or cancellation) not yet acknowledged
+KEPT = 2      # acknowledged by its client, kept readable until it expires or its user deletes it
+              # (a relay started with keep_acknowledged: relay/retained.py)
 
 
 def _row_count(batch: tuple[list, ...]) -> int:
-    """Task, result and acknowledgement rows in a handed batch."""
-    return len(batch[2]) + len(batch[3]) + len(batch[4])
+    """Task, result, acknowledgement and kept rows in a handed batch."""
+    return len(batch[2]) + len(batch[3]) + len(batch[4]) + len(batch[6])
 
 
 class RelayStore:
     """SQLite-backed record with write batching; one instance per relay process."""
 
-    def __init__(self, data_dir: Path, commit_window: float = GROUP_COMMIT_WINDOW) -> None:
+    def __init__(self, data_dir: Path, commit_window: float = GROUP_COMMIT_WINDOW,
+                 keep_acknowledged: bool = False) -> None:
         """``commit_window``: the seconds the writer waits, once woken, for
-        more writes to join its transaction (embedded.py's is longer)."""
+        more writes to join its transaction (embedded.py's is longer).
+        ``keep_acknowledged``: an acknowledged result stays (state KEPT) until
+        it expires or :meth:`delete_results` (relay/retained.py bounds them)."""
         if not 0 <= commit_window <= 1:
             raise ValueError(f"commit_window must be between 0 and 1 second, not {commit_window!r}")
         self.commit_window = commit_window
@@ -102,11 +123,16 @@ class RelayStore:
         self.db = self._connect()           # reads, from the relay's loop
         self.db.executescript(SCHEMA)
         self._upgrade()
+        self.db.executescript(REGISTERED_SCHEMA)
+        if keep_acknowledged:   # a relay for many clients, which list their tasks (the embedded one's
+            self.db.execute(TASKS_BY_USER)   # writer is spared the index: its one client lists none)
+        self.keep_acknowledged = keep_acknowledged
         self._writer_db = self._connect()   # writes, from the writer thread
         self._new_functions: list[tuple[bytes, bytes, float]] = []
         self._new_tasks: list[tuple[Any, ...]] = []
         self._results: list[tuple[Any, ...]] = []
         self._acked: list[tuple[bytes, str]] = []
+        self._kept: list[tuple[bytes, str]] = []   # acknowledged, kept (keep_acknowledged)
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         self._memo: list[tuple[bytes, bytes, float, str]] = []
         self._handed: list[tuple[list, ...]] = []
@@ -126,6 +152,10 @@ class RelayStore:
         # acknowledge (the relay's loop) and expiry (the writer).
         self.finished_owners: dict[bytes, str] = dict(
             self.db.execute("SELECT id, user FROM tasks WHERE state=?", (FINISHED,)))
+        # Whose each KEPT task is, oldest acknowledged first (the same for ids
+        # as finished_owners; the writer's expiry removes entries too).
+        self.kept_owners: dict[bytes, str] = dict(
+            self.db.execute("SELECT id, user FROM tasks WHERE state=? ORDER BY finished", (KEPT,)))
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._urgent = threading.Event()   # cuts the writer's window short (sync)
@@ -241,7 +271,8 @@ class RelayStore:
         self._memo.append((key, result, created, user))
 
     def acknowledge(self, task_ids: Iterable[bytes], user: str) -> list[bytes]:
-        """Forget these finished tasks of ``user``; the ids it did forget.
+        """Forget these finished tasks of ``user`` (with keep_acknowledged:
+        keep them, as KEPT); the ids it did forget.
         Others' ids and ids it does not know as ``user``'s finished tasks
         are dropped here, never queued for the writer: a flood of junk ACKs
         cannot fill the writer's backlog (which pauses dispatch for all)."""
@@ -251,12 +282,35 @@ class RelayStore:
             if owners.get(task_id) == user:
                 del owners[task_id]
                 known.append(task_id)
-        self._acked.extend((t, user) for t in known)
+        if self.keep_acknowledged:
+            kept = self.kept_owners
+            for task_id in known:
+                kept[task_id] = user
+            self._kept.extend((t, user) for t in known)
+        else:
+            self._acked.extend((t, user) for t in known)
         return known
 
+    def delete_results(self, task_ids: Iterable[bytes], user: str) -> tuple[list[bytes], list[bytes]]:
+        """Forget these results of ``user`` for good, acknowledged (KEPT) or
+        not: the ids of the unacknowledged ones and of the kept ones it
+        forgot (others' and unknown ids are ignored, as :meth:`acknowledge` does)."""
+        finished, kept = self.finished_owners, self.kept_owners
+        unacked, was_kept = [], []
+        for task_id in task_ids:
+            if finished.get(task_id) == user:
+                del finished[task_id]
+                unacked.append(task_id)
+            elif kept.get(task_id) == user:
+                del kept[task_id]
+                was_kept.append(task_id)
+        self._acked.extend((t, user) for t in (*unacked, *was_kept))
+        return unacked, was_kept
+
     def owner_of(self, task_id: bytes) -> str | None:
-        """The user a finished, unacknowledged task of the record belongs to."""
-        return self.finished_owners.get(task_id)
+        """The user a finished task of the record (unacknowledged, or kept) belongs to."""
+        owner = self.finished_owners.get(task_id)
+        return owner if owner is not None else self.kept_owners.get(task_id)
 
     def save_endpoint(self, endpoint_id: str, name: str, python: str, workers: int, owner: str,
                       access: bytes) -> None:
@@ -267,11 +321,12 @@ class RelayStore:
         """Hand everything buffered since the last flush to the writer thread;
         the number to compare with :attr:`committed_seq` to know it is on disk."""
         if not (self._new_functions or self._new_tasks or self._results or self._acked or self._endpoints
-                or self._memo):
+                or self._memo or self._kept):
             return self._seq
         batch = (self._new_functions, list(self._endpoints.values()), self._new_tasks, self._results, self._acked,
-                 self._memo)
+                 self._memo, self._kept)
         self._new_functions, self._new_tasks, self._results, self._acked, self._memo = [], [], [], [], []
+        self._kept = []
         self._endpoints = {}
         rows = _row_count(batch)
         with self._lock:
@@ -342,7 +397,8 @@ class RelayStore:
         memo = db.execute("DELETE FROM memo WHERE created<?", (before,)).rowcount
         if memo > 0:
             log.info("expired %d memoized result(s)", memo)
-        old = db.execute("SELECT id, user FROM tasks WHERE state=? AND finished<?", (FINISHED, before)).fetchall()
+        old = db.execute("SELECT id, user FROM tasks WHERE state IN (?,?) AND finished<?",
+                         (FINISHED, KEPT, before)).fetchall()
         if not old:
             return
         db.execute("BEGIN")
@@ -352,6 +408,8 @@ class RelayStore:
             self._drop_file(task_id, "result", user)
             if self.finished_owners.get(task_id) == user:   # (dict operations are atomic)
                 self.finished_owners.pop(task_id, None)
+            if self.kept_owners.get(task_id) == user:
+                self.kept_owners.pop(task_id, None)
         log.info("expired %d result(s) nobody fetched", len(old))
 
     def _commit(self, batches: list[tuple[list, ...]]) -> None:
@@ -364,8 +422,9 @@ class RelayStore:
         inserts: dict[bytes, list[Any]] = {}   # new task rows, updated in place by results
         updates: dict[bytes, tuple] = {}       # results for tasks inserted by earlier commits
         deletes: list[tuple[bytes, str]] = []
+        kept: dict[tuple[bytes, str], None] = {}   # acknowledged, kept: rows of earlier commits set KEPT
         function_ops: dict[bytes, tuple] = {}   # the last of each function's adds and deletes, in order
-        for b_functions, b_endpoints, tasks, results, acked, b_memo in batches:
+        for b_functions, b_endpoints, tasks, results, acked, b_memo, b_kept in batches:
             for op in b_functions:
                 function_ops.pop(op[0], None)
                 function_ops[op[0]] = op
@@ -386,7 +445,15 @@ class RelayStore:
                 if new is not None and new[9] == user:
                     del inserts[task_id]
                     continue
+                if kept:
+                    kept.pop(ack, None)
                 deletes.append(ack)
+            for entry in b_kept:
+                new = inserts.get(entry[0])
+                if new is not None and new[9] == entry[1]:
+                    new[7] = KEPT   # inserted finished (its result is appended) and kept at once
+                else:
+                    kept[entry] = None
         functions = [op for op in function_ops.values() if op[1] is not None]
         dropped_functions = [(op[0],) for op in function_ops.values() if op[1] is None]
         task_rows = []
@@ -432,6 +499,8 @@ class RelayStore:
             if update_rows:   # only the row of the result's user: never another user's task
                 db.executemany("UPDATE tasks SET state=?, status=?, result=?, finished=?, result_file=?, "
                                "args=NULL WHERE id=? AND user=?", update_rows)
+            if kept:   # (after the results they follow)
+                db.executemany(f"UPDATE tasks SET state={KEPT} WHERE id=? AND user=? AND state={FINISHED}", kept)
             if memo:
                 # the relay stores a key only when it holds none: an older row left is an expired one
                 db.executemany("INSERT OR REPLACE INTO memo (key, result, created, user) VALUES (?,?,?,?)", memo)
@@ -518,6 +587,77 @@ class RelayStore:
             if result is None:
                 return None
         return state, status, result, user
+
+    def kept_results(self) -> Iterator[tuple[bytes, str, int, float]]:
+        """``(task id, user, bytes, finished)`` of every KEPT result, oldest
+        first (for a restart: they count against their user's byte quota)."""
+        for task_id, user, size, result_file, finished in self.db.execute(
+                "SELECT id, user, COALESCE(length(result), 0), result_file, finished FROM tasks WHERE state=? "
+                "ORDER BY finished", (KEPT,)):
+            if result_file:
+                try:
+                    size = self._blob_path(task_id, "result", user).stat().st_size
+                except OSError:
+                    size = 0
+            yield task_id, user, size, finished or 0.0
+
+    # -- the Client API's reads (relay/inspect.py; rare, rate-limited paths) --
+    def task_summaries(self, task_ids: list[bytes], user: str) -> dict[bytes, tuple[Any, ...]]:
+        """``{task id: (endpoint, state, status, submitted, finished)}`` of
+        these tasks of ``user`` in the record (at most protocol.MAX_ITEMS
+        ids, one query); others' ids are not among them."""
+        if not task_ids:
+            return {}
+        marks = ",".join("?" * len(task_ids))
+        return {row[0]: row[1:] for row in self.db.execute(
+            f"SELECT id, endpoint, state, status, submitted, finished FROM tasks WHERE user=? AND id IN ({marks})",
+            (user, *task_ids))}
+
+    def list_tasks(self, user: str, *, endpoint: str | None, since: float | None, states: tuple[int, ...] | None,
+                   statuses: tuple[int, ...] | None, before: tuple[float, bytes] | None,
+                   limit: int) -> list[tuple[Any, ...]]:
+        """``(id, endpoint, state, status, submitted, finished)`` of at most
+        ``limit`` tasks of ``user``, newest first, submitted before the
+        cursor ``before`` (``(submitted, id)`` of the last row of the page
+        before), on ``endpoint``, since ``since``, in ``states`` with
+        ``statuses`` (None: any); one query on the (user, submitted) index."""
+        where, params = ["user=?"], [user]
+        if endpoint is not None:
+            where.append("endpoint=?")
+            params.append(endpoint)
+        if since is not None:
+            where.append("submitted>=?")
+            params.append(since)
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params += states
+        if statuses is not None:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params += statuses
+        if before is not None:
+            where.append("(submitted<? OR (submitted=? AND id<?))")
+            params += [before[0], before[0], before[1]]
+        return self.db.execute(f"SELECT id, endpoint, state, status, submitted, finished FROM tasks WHERE "
+                               f"{' AND '.join(where)} ORDER BY submitted DESC, id DESC LIMIT ?",
+                               (*params, limit)).fetchall()
+
+    def register_function(self, user: str, fn_hash: bytes, body: bytes, name: str, description: str,
+                          public: bool) -> None:
+        """Keep a function ``user`` registered (written at once: a rare path)."""
+        self.db.execute("INSERT OR REPLACE INTO registered VALUES (?,?,?,?,?,?,?)",
+                        (user, fn_hash, body, name, description, int(public), time.time()))
+
+    def registered_function(self, fn_hash: bytes, user: str) -> tuple[Any, ...] | None:
+        """``(owner, body, name, description, public, created)`` of a function
+        ``user`` registered, or another user registered as public; else None."""
+        row = self.db.execute("SELECT user, body, name, description, public, created FROM registered WHERE hash=? "
+                              "AND (user=? OR public=1) ORDER BY user=? DESC LIMIT 1",
+                              (fn_hash, user, user)).fetchone()
+        return tuple(row) if row else None
+
+    def registered_sizes(self) -> Iterator[tuple[str, bytes, int]]:
+        """``(user, hash, bytes)`` of every registered function (for a restart: charged to their user)."""
+        yield from self.db.execute("SELECT user, hash, length(body) FROM registered")
 
     def expire_results(self, older_than: float) -> None:
         """Forget results nobody fetched before ``older_than`` (a time.time())."""
