@@ -58,6 +58,7 @@ from .graph import HeldTasks
 from .refs import RefCache
 from . import placement
 from .pools import PoolLink
+from ..relay.dashboard import report_of
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 
@@ -252,7 +253,7 @@ class EndpointAgent:
                     self._scale(now)
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
-                    self._send_relay(P.encode(P.HEARTBEAT))
+                    self._send_relay(P.encode(P.HEARTBEAT, {"st": self._beat_status()}))
                     beat = P.encode(P.HEARTBEAT)
                     for pool_id in self.pools:
                         self._send_pool(pool_id, beat)
@@ -279,6 +280,16 @@ class EndpointAgent:
         }))
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
+
+    def _beat_status(self) -> dict[str, Any]:
+        """What a heartbeat tells the relay of this endpoint, for its
+        dashboard: workers, idle workers, tasks queued here, blocks and
+        their scheduler job ids (bounded: dashboard.parse_report)."""
+        pools = self.pools.values()
+        blocks = self.scaler.describe() if self.scaler is not None else []
+        return report_of({"workers": sum(pool.workers for pool in pools),
+                          "idle_workers": sum(pool.idle_workers for pool in pools),
+                          "queued": len(self.queue), "blocks": blocks})
 
     def _send_relay(self, frames: list[Any]) -> bool:
         """Send to the relay without ever blocking the loop: with no
