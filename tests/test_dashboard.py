@@ -152,6 +152,9 @@ def test_page_in_chromium_signs_in_and_updates_live(relay, tmp_path):
         browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []   # script errors and refusals by the page's CSP
+            page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
             started = time.monotonic()
             response = page.goto(f"{r.url}?token={r.tokens['alice']}")
             assert response is not None and response.ok
@@ -163,6 +166,8 @@ def test_page_in_chromium_signs_in_and_updates_live(relay, tmp_path):
             row.wait_for(timeout=15_000)
             load_seconds = time.monotonic() - started
             assert "online" in row.inner_text()
+            # its style applied (a separate file: the CSP allows nothing inline)
+            assert page.locator("header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(29, 43, 79)"
             assert page.locator("#endpoints tbody tr", has_text=r.bob_ep.id).count() == 0   # bob's: not hers
             # (the page's CSP allows no eval: Playwright's wait_for_function cannot run there, so we poll)
             success = page.locator("#count-success")
@@ -181,6 +186,7 @@ def test_page_in_chromium_signs_in_and_updates_live(relay, tmp_path):
             page.locator("#failures tbody tr", has_text="dashboard boom").first.wait_for(timeout=15_000)
             assert "ValueError: dashboard boom" in page.locator("#failures").inner_text()
             assert page.locator("#latency tbody tr", has_text="run").count() >= 1
+            assert problems == [], problems
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
@@ -196,9 +202,12 @@ def test_api_and_metrics_show_a_users_own_tasks_and_endpoints(relay):
     from prometheus_client.parser import text_string_to_metric_families
 
     r = relay
+    before = api(r.url, r.tokens["alice"])["tasks"]["counts"]   # (the module's other tests ran hers too)
     alice_ids = run_tasks(r, "alice", r.alice_ep, 12, 0.01, failures=1)
     bob_ids = run_tasks(r, "bob", r.bob_ep, 3, 0.01)
-    alice = wait_for("alice's 12 successes in /api/snapshot", lambda: successes(r.url, r.tokens["alice"], 12))
+    alice = wait_for("alice's 12 successes and 1 exception in /api/snapshot",
+                     lambda: (view := successes(r.url, r.tokens["alice"], before["success"] + 12))
+                     and view["tasks"]["counts"]["exception"] > before["exception"] and view)
     assert [e["id"] for e in alice["endpoints"]] == [r.alice_ep.id]
     endpoint = alice["endpoints"][0]
     assert endpoint["status"] == "online" and endpoint["workers"] == 2
@@ -226,7 +235,7 @@ def test_api_and_metrics_show_a_users_own_tasks_and_endpoints(relay):
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert families["fedexec_tasks"].type == "counter"
-    assert samples[("fedexec_tasks_total", (("state", "success"),))] >= 12
+    assert samples[("fedexec_tasks_total", (("state", "success"),))] >= before["success"] + 12
     assert samples[("fedexec_tasks_total", (("state", "exception"),))] >= 1
     assert families["fedexec_task_duration_seconds"].type == "histogram"
     assert samples[("fedexec_task_duration_seconds_count", ())] >= 12
@@ -308,3 +317,82 @@ def test_local_mode_takes_the_relays_secret_and_refuses_other_hosts(tmp_path):
     assert out.returncode != 0
     assert "only with real authentication" in out.stderr and "--auth token" in out.stderr
     assert not (tmp_path / "other" / "relay.json").exists()
+
+
+def test_error_text_is_read_without_unpickling(tmp_path):
+    """A failure's text comes from its blob's opcodes: a worker's real
+    exception blob gives its type and message; a pickle that would run code
+    when loaded runs nothing."""
+    import pickle
+
+    from fedexec import protocol as P
+    from fedexec.relay.dashboard import error_text
+    from fedexec.serialize import serialize_data_exception, serialize_exception
+
+    try:
+        raise KeyError("the missing key")
+    except KeyError as exc:
+        assert error_text(P.EXCEPTION, serialize_exception(exc)) == "builtins.KeyError: 'the missing key'"
+        assert error_text(P.EXCEPTION, serialize_data_exception(exc)) == "builtins.KeyError: 'the missing key'"
+    assert error_text(P.FAILED, P.pack_failure(P.WORKER_LOST, "the worker died")) == "worker_lost: the worker died"
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = pickle.dumps({"type": Evil(), "msg": "x"}, protocol=5)
+    text = error_text(P.EXCEPTION, evil)
+    assert not marker.exists() and "cannot read" in text
+    assert "cannot read" in error_text(P.EXCEPTION, b"\x80\x05garbage")
+
+
+@pytest.mark.timeout(120)
+def test_heartbeat_reports_are_checked_and_bounded(relay):
+    """An endpoint's status in its heartbeats ("st") is checked at the relay:
+    too many blocks is refused as malformed, a good one shows on its
+    owner's dashboard."""
+    import uuid
+
+    import zmq
+
+    from fedexec import protocol as P
+    from fedexec.auth import connect_plainly
+
+    r = relay
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"E" + uuid.uuid4().bytes)
+    endpoint_id = str(uuid.uuid4())
+    try:
+        connect_plainly(sock, r.address, r.tokens["bob"])
+        sock.send_multipart(P.encode(P.HELLO, {"role": "endpoint", "id": endpoint_id, "name": "bob-raw",
+                                               "py": P.PYTHON_VERSION, "workers": 8, "capacity": 0, "hb": 60.0}))
+
+        def answer(kind: str) -> P.Message:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if sock.poll(200):
+                    msg = P.decode(sock.recv_multipart())
+                    if msg.type == kind:
+                        return msg
+            pytest.fail(f"no {kind} from the relay")
+
+        answer(P.WELCOME)
+        blocks = [[f"b{i}", str(i), "running"] for i in range(65)]
+        sock.send_multipart(P.encode(P.HEARTBEAT, {"st": {"w": 8, "iw": 2, "q": 0, "b": blocks}}))
+        assert "at most 64" in answer(P.ERROR).fields["msg"]
+        sock.send_multipart(P.encode(P.HEARTBEAT, {"st": {"w": 8, "iw": 2, "q": 5, "b": blocks[:2]}}))
+        answer(P.HEARTBEAT)
+
+        def shown():
+            found = [e for e in api(r.url, r.tokens["bob"], "endpoints")["endpoints"] if e["id"] == endpoint_id]
+            return found[0] if found and found[0]["busy_workers"] == 6 else None
+
+        endpoint = wait_for("bob's raw endpoint's report", shown)
+        assert endpoint["queued_at_endpoint"] == 5 and [b["job"] for b in endpoint["blocks"]] == ["0", "1"]
+        assert endpoint_id not in json.dumps(api(r.url, r.tokens["alice"], "endpoints"))
+    finally:
+        sock.close(linger=0)
+        ctx.term()

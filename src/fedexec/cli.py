@@ -245,6 +245,8 @@ def relay_status(ns: argparse.Namespace) -> None:
     except FedexecError as exc:  # it answered, with a refusal (token or globus mode, no credentials here)
         answer = f"answering (and refusing us: {exc})"
     print(f"relay: running at {record['address']} (pid {record['pid']}), {answer}; data in {data_dir}")
+    if record.get("http"):
+        print(f"dashboard: {record['http']}")
 
 
 # -- endpoint -------------------------------------------------------------------

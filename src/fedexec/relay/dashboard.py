@@ -68,6 +68,8 @@ STAGE_SPANS = (
 _STAGE_INDEX = {name: i for i, name in enumerate(P.TRACE_STAGES)}
 _SPAN_INDICES = tuple((_STAGE_INDEX[a], _STAGE_INDEX[b]) for _, a, b in STAGE_SPANS)
 _RELAY_IN, _RELAY_RESULT = _STAGE_INDEX["relay_in"], _STAGE_INDEX["relay_result"]
+# the opcodes a pickled dict of strings starts with, between its strings
+_DICT_OPENING = frozenset({"PROTO", "FRAME", "EMPTY_DICT", "MEMOIZE", "MARK"})
 # what an endpoint reports in its heartbeats ("st"), at most
 MAX_REPORTED_BLOCKS = 64
 MAX_REPORTED_TEXT = 128
@@ -119,16 +121,17 @@ def error_text(status: int, blob: bytes) -> str:
             info = msgpack.unpackb(blob, raw=False, strict_map_key=False, max_bin_len=0, max_ext_len=0)
             if isinstance(info, dict):
                 return f"{info.get('kind', 'failed')}: {info.get('msg', '')}"[:ERROR_TEXT]
-        elif blob[:1] == b"\x80":   # a pickle: its strings, in order, name the keys and values
+        elif blob[:1] == b"\x80":   # a pickled dict (serialize_exception): "type", its name, "msg", its text
             strings: list[str] = []
             for opcode, arg, _ in pickletools.genops(io.BytesIO(blob)):
-                if isinstance(arg, str) and "UNICODE" in opcode.name:
+                if "UNICODE" in opcode.name and isinstance(arg, str):
                     strings.append(arg)
-                    if len(strings) >= 4:
+                    if len(strings) == 4:
                         break
-            found = dict(zip(strings[::2], strings[1::2]))
-            if "type" in found:
-                return f"{found['type']}: {found.get('msg', '')}"[:ERROR_TEXT]
+                elif opcode.name not in _DICT_OPENING:   # not the shape serialize_exception makes
+                    break
+            if len(strings) == 4 and strings[0] == "type" and strings[2] == "msg":
+                return f"{strings[1]}: {strings[3]}"[:ERROR_TEXT]
         else:
             from ..serialize import decode_data   # plain data, never unpickled
             info = decode_data(blob)
@@ -273,10 +276,10 @@ class DashboardFeed:
             users[name] = self.user_view(stats, usage.get(name, (0, 0))[0])
         for name in usage.keys() - users.keys():   # tasks in flight, none finished yet
             users[name] = self.user_view(_UserStats(), usage[name][0])
+        # (relay-wide: nothing that counts other users' tasks or endpoints, but the record's backlog,
+        # which every user's tasks wait behind)
         snapshot = Snapshot(wall, {"address": relay.address, "auth": relay.auth_mode,
-                                   "store_backlog": relay.store.backlog, "tasks_in_memory": len(relay.tasks),
-                                   "endpoints": len(known), "connected": len(relay.endpoints.by_routing)},
-                            tuple(endpoints), users)
+                                   "store_backlog": relay.store.backlog}, tuple(endpoints), users)
         self.latest = snapshot
         return snapshot
 

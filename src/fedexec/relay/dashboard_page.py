@@ -1,23 +1,12 @@
-"""The dashboard's page and script (served by web.py): plain HTML and JS,
+"""The dashboard's page, style and script (served by web.py; separate files, as its
+Content-Security-Policy allows no inline style or script): plain HTML and JS,
 no build step. The script polls ``/api/snapshot`` every second and fills
 the page with ``textContent`` only (no data ever becomes markup)."""
 
 PAGE_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedexec relay</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px system-ui,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
-header{background:#1d2b4f;color:#fff;padding:10px 20px;display:flex;gap:24px;align-items:baseline}
-header h1{font-size:18px;margin:0}header span{opacity:.8}
-main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:1fr 1fr}
-section{background:#fff;border-radius:6px;padding:12px 16px;box-shadow:0 1px 2px #0002}
-section.wide{grid-column:1/3}h2{font-size:15px;margin:0 0 8px}
-table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #e5e7eb}
-th{font-weight:600;color:#4b5563}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.counters{display:flex;gap:12px;flex-wrap:wrap}.counter{padding:6px 12px;border-radius:4px;background:#eef2ff}
-.counter b{display:block;font-size:22px}.online{color:#047857}.offline{color:#b91c1c}
-.err{font-family:monospace;white-space:pre-wrap;word-break:break-all}svg{width:100%;height:90px}
-</style></head>
+<link rel="stylesheet" href="/dashboard.css"></head>
 <body>
 <header><h1>fedexec relay</h1><span id="relay"></span><span id="user"></span><span id="updated"></span></header>
 <main>
@@ -31,7 +20,7 @@ th{font-weight:600;color:#4b5563}td.n{text-align:right;font-variant-numeric:tabu
 <div class="counter">failed<b id="count-failed">-</b></div>
 <div class="counter">cancelled<b id="count-cancelled">-</b></div>
 <div class="counter">in flight<b id="count-in-flight">-</b></div></div>
-<h2 style="margin-top:12px">Finished per second (last 5 minutes)</h2>
+<h2 class="below">Finished per second (last 5 minutes)</h2>
 <svg id="rates" viewBox="0 0 300 90" preserveAspectRatio="none"><polyline id="rate-done" fill="none"
 stroke="#2563eb" stroke-width="1.5"/><polyline id="rate-failed" fill="none" stroke="#dc2626" stroke-width="1.5"/></svg>
 <div><span id="rate-now"></span></div></section>
@@ -114,4 +103,18 @@ async function poll() {
   setTimeout(poll, 1000);
 }
 poll();
+"""
+
+PAGE_CSS = """body{font:14px system-ui,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
+header{background:#1d2b4f;color:#fff;padding:10px 20px;display:flex;gap:24px;align-items:baseline}
+header h1{font-size:18px;margin:0}header span{opacity:.8}
+main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:1fr 1fr}
+section{background:#fff;border-radius:6px;padding:12px 16px;box-shadow:0 1px 2px #0002}
+section.wide{grid-column:1/3}h2{font-size:15px;margin:0 0 8px}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #e5e7eb}
+th{font-weight:600;color:#4b5563}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.counters{display:flex;gap:12px;flex-wrap:wrap}.counter{padding:6px 12px;border-radius:4px;background:#eef2ff}
+.counter b{display:block;font-size:22px}.online{color:#047857}.offline{color:#b91c1c}
+.err{font-family:monospace;white-space:pre-wrap;word-break:break-all}svg{width:100%;height:90px}
+h2.below{margin-top:12px}
 """

@@ -8,7 +8,8 @@ published, filtered for the user who asks (:meth:`Snapshot.view`).
 Routes, all GET and read-only (so no CSRF to guard against), all behind
 the relay's own credentials:
 
-- ``/`` the page (``/dashboard.js`` its script: plain JS polling the API);
+- ``/`` the page (``/dashboard.js`` and ``/dashboard.css`` its script and style:
+  plain JS polling the API);
   opening ``/?token=TOKEN`` once signs a browser in: a random session id
   goes in a cookie (HttpOnly, SameSite=Strict, expiring; never the token)
   and the browser is sent back to ``/`` without the token in its address;
@@ -43,7 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 from .. import protocol as P
 from .access import LOCAL_USER, AccessControl, Session
 from .dashboard import DashboardFeed, Snapshot
-from .dashboard_page import PAGE_HTML, PAGE_JS
+from .dashboard_page import PAGE_CSS, PAGE_HTML, PAGE_JS
 
 log = logging.getLogger("fedexec.relay.web")
 
@@ -274,6 +275,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         query = parse_qs(parts.query, max_num_fields=8)
+        if path == "/favicon.ico":   # (browsers ask for it; there is none)
+            self._reply(204, b"", "image/x-icon")
+            return
         if path == "/" and "token" in query:
             self._sign_in(query["token"][0])
             return
@@ -285,6 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, PAGE_HTML.encode(), "text/html; charset=utf-8")
         elif path == "/dashboard.js":
             self._reply(200, PAGE_JS.encode(), "text/javascript; charset=utf-8")
+        elif path == "/dashboard.css":
+            self._reply(200, PAGE_CSS.encode(), "text/css; charset=utf-8")
         elif path == "/metrics":
             self._metrics(session)
         elif path.startswith("/api/"):
@@ -361,7 +367,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
 
     def _reply(self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        # one request per connection: an idle keep-alive connection a browser keeps open
+        # would hold one of the MAX_CONNECTIONS slots until its timeout
+        self.close_connection = True
         self.send_response(code)
+        self.send_header("Connection", "close")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
