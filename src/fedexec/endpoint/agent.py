@@ -50,6 +50,7 @@ from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
 from ..dataref import wrap_arguments as wrap_with_files
 from ..dispatch import QueuedTask, take_out, worker_batch_size
+from ..endpoint_status import report_of
 from ..serialize import is_data
 from ..worker import sandbox as sandboxes
 from ..transfer import is_big, is_local
@@ -58,7 +59,6 @@ from .graph import HeldTasks
 from .refs import RefCache
 from . import placement
 from .pools import PoolLink
-from ..relay.dashboard import report_of
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 
@@ -284,7 +284,7 @@ class EndpointAgent:
     def _beat_status(self) -> dict[str, Any]:
         """What a heartbeat tells the relay of this endpoint, for its
         dashboard: workers, idle workers, tasks queued here, blocks and
-        their scheduler job ids (bounded: dashboard.parse_report)."""
+        their scheduler job ids (endpoint_status.py)."""
         pools = self.pools.values()
         blocks = self.scaler.describe() if self.scaler is not None else []
         return report_of({"workers": sum(pool.workers for pool in pools),

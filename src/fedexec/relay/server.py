@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -39,11 +39,13 @@ from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
 from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
     option_bytes
-from .dashboard import DashboardFeed
 from .kept import KeptResults
 from .reads import RecordReads
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
+
+if TYPE_CHECKING:
+    from .dashboard import DashboardFeed   # (imported with --http only: relays without it stay as light)
 
 log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
@@ -253,6 +255,7 @@ class Relay:
         self.web: Any = None
         if http is None:
             return
+        from .dashboard import DashboardFeed
         from .web import DashboardServer
         host, port = http
         self.dashboard = DashboardFeed()
