@@ -396,3 +396,23 @@ def test_heartbeat_reports_are_checked_and_bounded(relay):
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.timeout(120)
+def test_a_users_sign_ins_never_sign_another_out(relay):
+    """Sessions are bounded per user: signing in again and again ends only
+    the signer's own oldest sessions."""
+    from fedexec.relay.web import SESSIONS_PER_USER
+
+    r = relay
+
+    def sign_in(user: str) -> str:
+        status, headers, _ = get(r.url, f"/?token={r.tokens[user]}")
+        assert status == 303
+        return headers["Set-Cookie"].split(";")[0]
+
+    bob = sign_in("bob")
+    alice = [sign_in("alice") for _ in range(SESSIONS_PER_USER + 3)]
+    assert get(r.url, "/api/tasks", headers={"Cookie": bob})[0] == 200
+    assert get(r.url, "/api/tasks", headers={"Cookie": alice[0]})[0] == 401      # her oldest went
+    assert get(r.url, "/api/tasks", headers={"Cookie": alice[-1]})[0] == 200

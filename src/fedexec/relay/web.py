@@ -24,8 +24,8 @@ as ``Authorization: Bearer ...`` by scripts. Anything else: 401, no data.
 
 Bounded: at most MAX_CONNECTIONS requests at once (more get 503), a
 request's line and headers together at most MAX_REQUEST_BYTES, a socket
-idle for SOCKET_TIMEOUT seconds is closed, at most MAX_SESSIONS signed-in
-browsers (the oldest session goes first).
+idle for SOCKET_TIMEOUT seconds is closed, at most SESSIONS_PER_USER
+signed-in browsers per user and MAX_SESSIONS in all (the oldest go first).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ MAX_CONNECTIONS = 16
 MAX_REQUEST_BYTES = 16 * 1024
 SOCKET_TIMEOUT = 10.0
 MAX_SESSIONS = 1024
+SESSIONS_PER_USER = 16       # a user's own oldest session goes first: nobody signs another out
 SESSION_LIFETIME = 12 * 3600.0
 RECHECK_INTERVAL = 60.0      # a session's credentials are checked again this often (revoked tokens)
 REFUSAL_DELAY = 0.2          # a wrong token's answer waits this long (guessing is slow)
@@ -93,8 +94,11 @@ class Sessions:
         session_id = secrets.token_urlsafe(32)
         now = time.time()
         with self._lock:
+            mine = [key for key, entry in self._by_id.items() if entry[0].user == session.user]
+            if len(mine) >= SESSIONS_PER_USER:
+                del self._by_id[mine[0]]                   # their oldest (dicts keep insertion order)
             while len(self._by_id) >= MAX_SESSIONS:
-                del self._by_id[next(iter(self._by_id))]   # the oldest (dicts keep insertion order)
+                del self._by_id[next(iter(self._by_id))]   # the oldest of all
             self._by_id[session_id] = [session, credential, now + SESSION_LIFETIME, now]
         return session_id
 
