@@ -1,7 +1,7 @@
 """The ``fedexec`` command: run and inspect relays and endpoints.
 
     fedexec relay start [--host H] [--port P] [--data-dir D] [--auth local|token|globus] [--curve|--no-curve]
-                        [--result-ttl S] [--max-payload B] [--daemon]
+                        [--result-ttl S] [--max-payload B] [--http PORT [--http-host H]] [--daemon]
     fedexec relay stop|status|key [--data-dir D]
     fedexec task list|status|result|cancel ...               (your tasks at a relay: fedexec.Client)
     fedexec relay add-user NAME [--data-dir D]              (token mode; prints the user's first token)
@@ -91,6 +91,20 @@ def _relay_pidfile(ns: argparse.Namespace) -> tuple[Path, PidFile]:
     return data_dir, PidFile(data_dir / "relay.json")
 
 
+def _dashboard_argv(ns: argparse.Namespace) -> list[str]:
+    """The relay's --http options, checked here so that a daemon refused
+    them says why at once (not only in its log)."""
+    if ns.http is None:
+        return []
+    from .relay.web import check_http_host, require_prometheus
+    try:
+        check_http_host(ns.http_host, ns.auth)
+        require_prometheus()
+    except (ValueError, ImportError) as exc:
+        raise CommandError(f"--http: {exc}") from None
+    return ["--http", str(ns.http), "--http-host", ns.http_host]
+
+
 def relay_start(ns: argparse.Namespace) -> None:
     data_dir, pidfile = _relay_pidfile(ns)
     running = pidfile.read()
@@ -126,6 +140,7 @@ def relay_start(ns: argparse.Namespace) -> None:
         argv += ["--globus-client-id", ns.globus_client_id]
     if ns.globus_scope:
         argv += ["--globus-scope", ns.globus_scope]
+    argv += _dashboard_argv(ns)
     from .relay.listening import AddressInUse, check_address_free
 
     try:   # before the log (in the data dir) is made: a busy address leaves no trace
@@ -145,6 +160,8 @@ def relay_start(ns: argparse.Namespace) -> None:
     except CommandError as exc:
         raise CommandError(f"the relay did not start: {exc}") from None
     print(f"relay running at {record['address']} (pid {record['pid']}); log: {log_path}")
+    if record.get("http"):
+        print(f"dashboard: {record['http']} (sign in once with {record['http']}?token=TOKEN)")
     if record.get("public_key"):
         print(f"connections are encrypted; the relay's public key: {record['public_key']}")
 
@@ -233,6 +250,8 @@ def relay_status(ns: argparse.Namespace) -> None:
     except FedexecError as exc:  # it answered, with a refusal (token or globus mode, no credentials here)
         answer = f"answering (and refusing us: {exc})"
     print(f"relay: running at {record['address']} (pid {record['pid']}), {answer}; data in {data_dir}")
+    if record.get("http"):
+        print(f"dashboard: {record['http']}")
 
 
 # -- endpoint -------------------------------------------------------------------
@@ -619,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--globus-client-id", help="the relay's Globus app (globus mode; its secret in "
                                               "$FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET)")
     p.add_argument("--globus-scope", help="a scope every Globus token must carry (globus mode)")
+    p.add_argument("--http", type=int, metavar="PORT",
+                   help="serve the web dashboard, /api/ and /metrics on this port (pip install 'fedexec[dashboard]')")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="the dashboard's host (default 127.0.0.1; another than loopback in token or globus mode only)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=relay_start)
     for action, func in (("stop", relay_stop), ("status", relay_status), ("key", relay_key)):

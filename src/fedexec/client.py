@@ -195,9 +195,11 @@ class Client:
 
     def __init__(self, relay: str | None = None, token: str | None = None, *,
                  relay_public_key: str | None = None, timeout: float = 30.0) -> None:
-        from .executor import _default_relay
+        from .executor import _relay_and_source
+        from .first_contact import check_relay_address
 
-        self.relay: str = relay or _default_relay()
+        # (as the executor finds its relay; a malformed address is a ConfigError at once)
+        self.relay: str = check_relay_address(*_relay_and_source(relay, None))
         self.token = token
         self.relay_public_key = relay_public_key
         self.questions = RelayQuestions(self.relay, token, relay_public_key, timeout=timeout)

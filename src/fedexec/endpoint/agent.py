@@ -50,6 +50,7 @@ from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
 from ..dataref import wrap_arguments as wrap_with_files
 from ..dispatch import QueuedTask, take_out, worker_batch_size
+from ..endpoint_status import report_of
 from ..serialize import is_data
 from ..worker import sandbox as sandboxes
 from ..transfer import is_big, is_local
@@ -254,7 +255,7 @@ class EndpointAgent:
                     self._scale(now)
                 if now >= next_beat:
                     next_beat = now + self.config.heartbeat_period
-                    self._send_relay(P.encode(P.HEARTBEAT, self._load()))
+                    self._send_relay(P.encode(P.HEARTBEAT, {"st": self._beat_status()}))
                     beat = P.encode(P.HEARTBEAT)
                     for pool_id in self.pools:
                         self._send_pool(pool_id, beat)
@@ -288,12 +289,16 @@ class EndpointAgent:
         return {"host": socket.gethostname()[:256], "fx": str(__version__)[:64],
                 "provider": str(self.config.provider.type)[:64]}
 
-    def _load(self) -> dict[str, Any]:
-        """What a heartbeat tells the relay of this endpoint's load, for its
-        users (Client.get_endpoint_status): workers, idle ones, blocks."""
+    def _beat_status(self) -> dict[str, Any]:
+        """What a heartbeat tells the relay of this endpoint, for its users
+        (Client.get_endpoint_status) and the dashboard: workers, idle
+        workers, tasks queued here, blocks and their scheduler job ids
+        (endpoint_status.py)."""
         pools = self.pools.values()
-        return {"ld": {"w": sum(p.workers for p in pools), "i": sum(p.idle_workers for p in pools),
-                       "b": len(self.scaler.blocks) if self.scaler is not None else 0}}
+        blocks = self.scaler.describe() if self.scaler is not None else []
+        return report_of({"workers": sum(pool.workers for pool in pools),
+                          "idle_workers": sum(pool.idle_workers for pool in pools),
+                          "queued": len(self.queue), "blocks": blocks})
 
     def _send_relay(self, frames: list[Any]) -> bool:
         """Send to the relay without ever blocking the loop: with no

@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
                              "$FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
     parser.add_argument("--globus-scope", default=None,
                         help="a scope every Globus token must carry (globus mode)")
+    parser.add_argument("--http", type=int, default=None, metavar="PORT",
+                        help="serve the web dashboard, /api/ and /metrics on this port (0: any free port)")
+    parser.add_argument("--http-host", default="127.0.0.1",
+                        help="the dashboard's host (default 127.0.0.1; another than loopback only in token or "
+                             "globus mode)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                         ("--max-kept-per-user", ns.max_kept_per_user)):
         if value <= 0:
             parser.error(f"{flag} must be greater than 0")
+    http = _dashboard_address(parser, ns)
     globus = None
     if ns.auth == "globus":
         secret = os.environ.get("FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
@@ -93,11 +99,26 @@ def main(argv: list[str] | None = None) -> None:
                       max_tasks_per_user=ns.max_tasks_per_user, max_bytes_per_user=ns.max_bytes_per_user,
                       max_endpoints_per_user=ns.max_endpoints_per_user, function_grace=ns.function_grace,
                       commit_window=ns.commit_window, keep_acknowledged=ns.keep_results,
-                      max_kept_per_user=ns.max_kept_per_user)
+                      max_kept_per_user=ns.max_kept_per_user, http=http)
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     for_service()
     relay.serve_forever()
+
+
+def _dashboard_address(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> tuple[str, int] | None:
+    """(host, port) of the dashboard asked for with --http, checked; None without it."""
+    if ns.http is None:
+        return None
+    if not 0 <= ns.http <= 65535:
+        parser.error(f"--http: {ns.http} is not a port (0-65535)")
+    from .web import check_http_host, require_prometheus
+    try:
+        check_http_host(ns.http_host, ns.auth)
+        require_prometheus()
+    except (ValueError, ImportError) as exc:
+        parser.error(f"--http: {exc}")
+    return ns.http_host, ns.http
 
 
 if __name__ == "__main__":

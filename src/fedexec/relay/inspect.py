@@ -72,14 +72,6 @@ def endpoint_meta(value: Any) -> dict[str, str]:
     return {key: P.text(text, f"meta {key}", META_KEYS[key]) for key, text in value.items()}
 
 
-def endpoint_load(value: Any) -> tuple[int, int, int]:
-    """An endpoint heartbeat's ``ld`` (its workers, idle workers and
-    blocks, as it counts them), checked."""
-    if not isinstance(value, dict) or set(value) != {"w", "i", "b"}:
-        raise P.ProtocolError("an endpoint's load (ld) is a map of w, i and b")
-    return P.count(value["w"], "workers"), P.count(value["i"], "idle workers"), P.count(value["b"], "blocks")
-
-
 class Inspector:
     """Answers INSPECT messages for one relay."""
 
@@ -294,8 +286,8 @@ class Inspector:
         """An endpoint's status and metadata, as the Client API gives them."""
         running = len(state.dispatched)
         online = state.connected
-        if state.workload is not None and online:   # as the endpoint counts them, at its last heartbeat
-            workers, idle, blocks = state.workload
+        if state.report is not None and online:   # as the endpoint counts them, at its last heartbeat
+            workers, idle, blocks = state.report.workers, state.report.idle, len(state.report.blocks)
         else:   # (an endpoint of an older fedexec, or offline)
             workers, idle, blocks = state.workers, max(0, state.workers - running) if online else 0, None
         return {"id": state.endpoint_id, "name": state.name, "status": "online" if online else "offline",

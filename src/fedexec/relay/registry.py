@@ -121,7 +121,7 @@ class EndpointState:
     hello_at: float = 0.0                                   # time.monotonic() of this connection's HELLO
     stale: int = 0          # entries of `queue` taken back by a HOLDING (skipped when met; see Relay)
     meta: dict = field(default_factory=dict)   # where it runs, from its HELLO (inspect.endpoint_meta)
-    workload: tuple | None = None   # (workers, idle workers, blocks) from its last heartbeat (inspect.endpoint_load)
+    report: Any = None   # what its last heartbeat said of it (endpoint_status.EndpointReport)
 
     @property
     def connected(self) -> bool:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -34,7 +34,8 @@ from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
 from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
-from .inspect import Inspector, endpoint_load, endpoint_meta
+from .inspect import Inspector, endpoint_meta
+from ..endpoint_status import parse_report
 from .retained import DEFAULT_MAX_KEPT_PER_USER, RetainedResults
 from ..transfer import MAX_REF, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
@@ -45,6 +46,9 @@ from .kept import KeptResults
 from .reads import RecordReads
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
+
+if TYPE_CHECKING:
+    from .dashboard import DashboardFeed   # (imported with --http only: relays without it stay as light)
 
 log = logging.getLogger("fedexec.relay")
 refusals = logging.getLogger("fedexec.relay.refused")   # who was refused what, and when (the log's time)
@@ -101,11 +105,14 @@ class Relay:
                  max_groups_per_user: int = DEFAULT_MAX_GROUPS_PER_USER,
                  function_grace: float = DEFAULT_FUNCTION_GRACE,
                  commit_window: float = GROUP_COMMIT_WINDOW, keep_acknowledged: bool | None = None,
-                 max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER) -> None:
+                 max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER,
+                 http: tuple[str, int] | None = None) -> None:
         """``keep_acknowledged``: results stay readable after their client
         acknowledged them, until ``result_ttl`` or their user deletes them
         (retained.py); by default, unless the relay removes its data when it
-        stops (the embedded default's, whose program is its only client)."""
+        stops (the embedded default's, whose program is its only client).
+        ``http``: (host, port) to serve the dashboard, /api/ and /metrics on
+        (web.py), or None."""
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -148,6 +155,7 @@ class Relay:
             self.local_secret = new_secret()
         self.tokens = TokenBook(self.data_dir) if auth == "token" else None
         self.access = AccessControl(auth, local_secret=self.local_secret, tokens=self.tokens, globus=globus)
+        self._bind_dashboard(http)
         self.zap = ZapHandler(self.ctx, self.access)
         self.zap.start()
         self.sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
@@ -180,6 +188,8 @@ class Relay:
             self.sock.close(linger=0)
             self.zap.stop()
             self.ctx.term()
+            if self.web is not None:
+                self.web.server_close()
             if self.tokens is not None:
                 self.tokens.close()
             if exc.errno == zmq.EADDRINUSE:
@@ -254,6 +264,27 @@ class Relay:
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
 
+    def _bind_dashboard(self, http: tuple[str, int] | None) -> None:
+        """With ``http`` (host, port): bind the dashboard's port (web.py;
+        served from serve_forever) and make the feed the loop publishes
+        snapshots through. Before anything else binds: a port in use or a
+        refused host leaves nothing behind."""
+        self.dashboard: DashboardFeed | None = None
+        self.web: Any = None
+        if http is None:
+            return
+        from .dashboard import DashboardFeed
+        from .web import DashboardServer
+        host, port = http
+        self.dashboard = DashboardFeed()
+        try:
+            self.web = DashboardServer(self.dashboard, self.access, host, port)
+        except OSError as exc:
+            self.ctx.term()
+            if self.tokens is not None:
+                self.tokens.close()
+            raise OSError(exc.errno, f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
     def _publish_secret(self, address: str) -> None:
         """Where this user's programs look for the relay by address: the
         local secret (local mode) and the public key (CURVE)."""
@@ -323,7 +354,11 @@ class Relay:
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self.pidfile.write(address=self.address, auth=self.auth_mode, public_key=self.public_key.decode())
+        self.pidfile.write(address=self.address, auth=self.auth_mode, public_key=self.public_key.decode(),
+                           **({"http": self.web.url} if self.web is not None else {}))
+        if self.web is not None:
+            self.dashboard.publish(self, time.monotonic())
+            self.web.start()
         log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         next_expiry = time.monotonic()
@@ -364,8 +399,12 @@ class Relay:
                     for key in self.quotas.expire(cutoff):   # memoized results gone from the record
                         self.memo_keys.discard(key)
                         self.memo_recent.discard(key)
+                if self.dashboard is not None and self.dashboard.due(now):
+                    self.dashboard.publish(self, now)
         finally:
             log.info("relay stopping")
+            if self.web is not None:
+                self.web.stop()
             self.store.close()
             self.sock.close(linger=500)
             self.zap.stop()
@@ -476,8 +515,10 @@ class Relay:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
                 state.last_seen = time.monotonic()
-                if "ld" in msg.fields:   # an endpoint's load, for the Client API (inspect.py)
-                    state.workload = endpoint_load(msg.fields["ld"])
+                if "st" in msg.fields:   # its workers, queue and blocks: for the Client API and the dashboard
+                    state.report = parse_report(msg.fields["st"])
+                    if self.dashboard is not None:
+                        self.dashboard.endpoint_report(state.endpoint_id, state.report)
             elif sender[:1] == b"E":  # an endpoint we expired or never met: it must introduce itself again
                 reply["unknown"] = True
             self._send(sender, P.encode(P.HEARTBEAT, reply))
@@ -1377,8 +1418,16 @@ class Relay:
                                                        [*row[3], now] if len(row) == 4 else None))
         if finished:
             self._finished_all(finished, now)
+            if self.dashboard is not None:
+                self._trace_to_dashboard(rows, finished, now)
         if started and state is not None:
             self._on_started(started)
+
+    def _trace_to_dashboard(self, rows: list[Any], finished: list[tuple[TaskRecord, int, Any]], now: float) -> None:
+        """The stage times of traced tasks in a RESULTS message, for the dashboard."""
+        traces = {row[0]: [*row[3], now] for row in rows if len(row) == 4}
+        if traces:
+            self.dashboard.traces(finished, traces)
 
     def _unqueue(self, record: TaskRecord) -> None:
         """Take a queued task out of its queue (it finished or was cancelled
@@ -1597,6 +1646,8 @@ class Relay:
                 self._left_group(record)
         self.quotas.results_replace(changes, now)
         self.functions.release_all([record.fn_hash for record, _, _ in finished])
+        if self.dashboard is not None:
+            self.dashboard.finished(finished, now)
         if self.graph:
             self._dependencies_finished(finished, now)
         if self.kept.again:   # tasks whose client dropped their result before a restart (kept.py)
