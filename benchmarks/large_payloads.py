@@ -115,16 +115,48 @@ class PeakRSS:
 
 
 # -- one system ----------------------------------------------------------------------
+def cpu_times() -> dict[int, tuple[str, float, float]]:
+    """``{pid: (role, user s, system s)}`` of this process and all its descendants now."""
+    import psutil
+    me = psutil.Process()
+    out = {}
+    for proc in [me] + me.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (role(proc), t.user, t.system)
+        except Exception:
+            continue
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]],
+                runs: int) -> dict[str, list[float]]:
+    """CPU seconds per round trip between two :func:`cpu_times`, ``{role: [user, system]}``
+    summed over the processes of each role (a process that started meanwhile counts whole)."""
+    out: dict[str, list[float]] = {}
+    for pid, (name, user, system) in after.items():
+        _, user0, system0 = before.get(pid, (name, 0.0, 0.0))
+        acc = out.setdefault(name, [0.0, 0.0])
+        acc[0] += (user - user0) / runs
+        acc[1] += (system - system0) / runs
+    return {name: v for name, v in out.items() if v[0] + v[1] >= 0.005}
+
+
+CPU: dict[str, list[float]] = {}
+
+
 def timed(submit: Callable[[Any], Any], array: Any, runs: int) -> list[float]:
     submit(array[:10])   # workers started
     submit(array)        # warm-up
     times = []
+    before = cpu_times()
     for _ in range(runs):
         started = time.perf_counter()
         out = submit(array)
         times.append(time.perf_counter() - started)
         assert out.shape == array.shape and out[0] == array[0] + 1 and out[-1] == array[-1] + 1
         del out
+    CPU.update(cpu_by_role(before, cpu_times(), runs))
     return times
 
 
@@ -156,7 +188,7 @@ def run_system(system: str, mb: int, runs: int) -> dict[str, Any]:
                 ray.shutdown()
         else:
             raise SystemExit(f"unknown system {system!r}")
-    return {"times": times, "rss": rss.by_role()}
+    return {"times": times, "rss": rss.by_role(), "cpu": CPU}
 
 
 # -- the table -------------------------------------------------------------------------
@@ -191,6 +223,21 @@ def fmt_rss(rss: dict[str, list[int]]) -> str:
     return ", ".join(parts)
 
 
+def fmt_cpu(rounds: list[dict[str, list[float]]]) -> str:
+    """Mean CPU per round trip over the rounds, by role, and the total."""
+    if not rounds:
+        return ""
+    summed: dict[str, list[float]] = {}
+    for cpu in rounds:
+        for name, (user, system) in cpu.items():
+            acc = summed.setdefault(name, [0.0, 0.0])
+            acc[0] += user / len(rounds)
+            acc[1] += system / len(rounds)
+    total = sum(u + s for u, s in summed.values())
+    parts = [f"{name} {u:.2f}/{s:.2f}" for name, (u, s) in sorted(summed.items(), key=lambda kv: -sum(kv[1]))]
+    return f"total {total:.2f}: " + ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, nargs="+", default=[100], help="megabytes of the array (default 100)")
@@ -211,7 +258,7 @@ def main() -> None:
         return
     lines = []
     for mb in ns.mb:
-        results: dict[str, dict[str, Any]] = {s: {"times": [], "rss": {}} for s in ns.systems}
+        results: dict[str, dict[str, Any]] = {s: {"times": [], "rss": {}, "cpu": []} for s in ns.systems}
         for _ in range(ns.rounds):
             for system in ns.systems:
                 got = child(system, mb, ns.runs, ns.timeout, ns.base_src)
@@ -219,23 +266,25 @@ def main() -> None:
                     results[system]["error"] = got["error"]
                     continue
                 results[system]["times"] += got["times"]
+                results[system]["cpu"].append(got.get("cpu", {}))
                 for r, peaks in got["rss"].items():
                     old = results[system]["rss"].get(r, [])
                     results[system]["rss"][r] = peaks if not old or peaks[0] > old[0] else old
         base = statistics.median(results["ppe"]["times"]) if results.get("ppe", {}).get("times") else None
         lines.append(f"\n### {mb} MB float64 array, argument and result (`array + 1`), "
                      f"{ns.rounds} round(s) × {ns.runs} runs\n")
-        lines.append("| system | median s | vs PPE | runs (s) | peak RSS by process (MB) |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| system | median s | vs PPE | runs (s) | CPU s per trip, user/sys by process | peak RSS by process (MB) |")
+        lines.append("|---|---|---|---|---|---|")
         for system in ns.systems:
             res = results[system]
             if not res["times"]:
-                lines.append(f"| {NAMES[system]} | — | — | {res.get('error', 'no result')} | |")
+                lines.append(f"| {NAMES[system]} | — | — | {res.get('error', 'no result')} | | |")
                 continue
             median = statistics.median(res["times"])
             ratio = f"{median / base:.2f}×" if base else "—"
             runs = " ".join(f"{t:.2f}" for t in res["times"])
-            lines.append(f"| {NAMES[system]} | {median:.3f} | {ratio} | {runs} | {fmt_rss(res['rss'])} |")
+            lines.append(f"| {NAMES[system]} | {median:.3f} | {ratio} | {runs} | {fmt_cpu(res['cpu'])} | "
+                         f"{fmt_rss(res['rss'])} |")
         print("\n".join(lines[-(len(ns.systems) + 3):]), flush=True)
     if ns.out:
         with open(ns.out, "a") as f:
