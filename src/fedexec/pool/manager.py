@@ -488,7 +488,10 @@ class PoolManager(WorkerChains, WorkStealing):
         limit, hungry_below = (size, size // 2 + 1) if size > 1 else self._single_depth(slots)
         hungry = [slot for slot in slots if len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
-        for position, slot in enumerate(hungry):
+        rounds = size == 1 and limit > 1   # every worker's next task before any worker's second (stealing.py)
+        if rounds:
+            self._send_in_rounds(hungry, limit)
+        for position, slot in enumerate(() if rounds else hungry):
             if not self.queue:
                 return
             share = math.ceil(len(self.queue) / (len(hungry) - position))

@@ -61,6 +61,7 @@ class WorkStealing:
         def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None: ...
         def _give_back(self, tasks: list[QueuedTask]) -> None: ...
         def _announce(self, slot: WorkerSlot) -> None: ...
+        def _send_batch(self, slot: WorkerSlot, count: int) -> None: ...
 
     def _init_stealing(self) -> None:
         self._steal_at = 0.0          # time.monotonic() of the next look for a worker to take tasks from
@@ -78,6 +79,17 @@ class WorkStealing:
                 and all(slot.control for slot in slots):
             return 2, 2
         return 1, 1
+
+    def _send_in_rounds(self, hungry: list[WorkerSlot], limit: int) -> None:
+        """Tasks that go one at a time, up to ``limit`` per worker: a first
+        to each worker holding none, then a second to each, and so on, so
+        that a task never waits behind another while a worker has none."""
+        for depth in range(1, limit + 1):
+            for slot in hungry:
+                if not self.queue:
+                    return
+                if len(slot.tasks) < depth:
+                    self._send_batch(slot, depth - len(slot.tasks))
 
     def _ask_cancel(self, slot: WorkerSlot, task_ids: list[bytes]) -> None:
         """Ask ``slot``'s worker to drop these queued tasks: at once through
