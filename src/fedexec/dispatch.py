@@ -11,6 +11,11 @@ from typing import Any, Collection
 # BATCH_WORK seconds each; slower ones one at a time.
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
+# Those slower ones that take less than DEEP_TASK: a worker holds a second
+# one queued, which starts without waiting for a round trip to its pool (a
+# second one stuck behind a task that turns out long is taken back for an
+# idle worker: pool/stealing.py).
+DEEP_TASK = 0.1
 
 
 class QueuedTask:
@@ -36,6 +41,12 @@ def take_out(queue: deque[QueuedTask], task_ids: Collection[bytes]) -> list[Queu
         queue.clear()
         queue.extend(kept)
     return taken
+
+
+def single_depth(task_seconds: float | None) -> int:
+    """Tasks a worker holds at once (running and queued) when they go one at
+    a time, from how long tasks have been taking."""
+    return 2 if task_seconds is not None and task_seconds < DEEP_TASK else 1
 
 
 def worker_batch_size(task_seconds: float | None, most: int) -> int:

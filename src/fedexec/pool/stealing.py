@@ -15,7 +15,7 @@ runs; the pool uses it to:
 - *cancel* at once a task queued at a worker, not started (before, a cancel
   waited for the task running ahead of it);
 - hold one task more: tasks that take SLOW_TASK or more (one at a time)
-  and less than DEEP_LIMIT get a second one queued at their worker, so that
+  and less than DEEP_TASK (dispatch.py) get a second one queued at their worker, so that
   it starts without waiting for the round trip of the result to the pool
   and of the next task back (the sleep(1 ms) case); a second task stuck
   behind a long one is recalled as above, and can be cancelled at once.
@@ -34,14 +34,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..dispatch import QueuedTask
+from ..dispatch import QueuedTask, single_depth
 from ..worker.control import SUFFIX, control_id
 from ..outbox import ResultOutbox
 from .workers import LocalWorkerPool, WorkerSlot
 
 STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
 STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
-DEEP_LIMIT = 0.1      # one-at-a-time tasks faster than this on average: each worker holds one more, queued
 RECALL_AGAIN = 1.0    # a recall not answered this long (a task holding the GIL) may be asked again
 
 
@@ -73,11 +72,10 @@ class WorkStealing:
         """``(limit, hungry_below)`` for tasks that go one at a time: a
         second one queued per worker when they are short and every worker
         has its control thread (so it can be recalled and cancelled)."""
-        seconds = self.task_seconds
         assert self.pool is not None
-        if seconds is not None and seconds < DEEP_LIMIT and self.pool.sandbox == "none" \
-                and all(slot.control for slot in slots):
-            return 2, 2
+        depth = single_depth(self.task_seconds)
+        if depth > 1 and self.pool.sandbox == "none" and all(slot.control for slot in slots):
+            return depth, depth
         return 1, 1
 
     def _send_in_rounds(self, hungry: list[WorkerSlot], limit: int) -> None:
