@@ -30,8 +30,6 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-# the workers load bench_tasks by reference, as run_all.py's do
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
 
 from bench_tasks import noop, sleep_task  # noqa: E402
 from processes import free_port, stop  # noqa: E402
@@ -139,6 +137,8 @@ def main() -> None:
     parser.add_argument("--sleep-tasks", type=int, default=20000)
     parser.add_argument("--only", default="embedded,cli,procpool")
     ns = parser.parse_args()
+    # the workers load bench_tasks by reference, as run_all.py's do
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     systems = ns.only.split(",")
     rows: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     for run in range(ns.runs):
