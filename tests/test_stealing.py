@@ -199,6 +199,10 @@ def test_task_queue_gives_back_exactly_what_will_not_run():
     queue.add([_Task(b"d"), _Task(b"e"), _Task(b"f")], 2)   # message 2, read after the recall
     assert [queue.next().row[0] for _ in range(2)] == [b"c", b"f"]
     assert queue.next() is None and not queue.revoked
+    queue.give_back([(b"g", 3)])   # revoked in message 3 only: the same task in message 4 runs
+    queue.add([_Task(b"g")], 3)
+    queue.add([_Task(b"g")], 4)
+    assert queue.next().row[0] == b"g" and queue.next() is None
 
 
 def test_task_queue_under_two_threads_hands_each_task_out_once():

@@ -41,7 +41,6 @@ from .workers import LocalWorkerPool, WorkerSlot
 
 STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
 STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
-RECALL_AGAIN = 1.0    # a recall not answered this long (a task holding the GIL) may be asked again
 
 
 class WorkStealing:
@@ -110,6 +109,8 @@ class WorkStealing:
                 rest.append(task_id)
             else:
                 asked.append([task_id, number])
+        if cancel and len(self._cancel_asked) > P.MAX_ITEMS:   # (those of workers that died before answering)
+            self._cancel_asked.intersection_update(self.at_worker)
         for part in P.chunks(asked):
             if cancel:
                 self._cancel_asked.update(task_id for task_id, _ in part)
@@ -142,8 +143,8 @@ class WorkStealing:
         for slot in slots:
             if len(slot.tasks) < 2 or not slot.control or (slot.user not in idle_users and None not in idle_users):
                 continue
-            if slot.recalled_at and now - slot.recalled_at < RECALL_AGAIN:
-                continue
+            if slot.recalled_at:   # not answered yet (a task holding the GIL): never asked twice, as the
+                continue           # same task may by then be on its way to this worker again
             self._steal_pending = True
             running = slot.marker.read()
             if running is None or running not in slot.tasks:

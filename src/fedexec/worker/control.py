@@ -6,17 +6,18 @@ messages only between them; a task that runs for seconds would hold up
 everything queued behind it. This thread owns a second connection to the
 pool (routing id: the worker's id + :data:`SUFFIX`) and answers at once:
 
-- ``RECALL``: give back every queued task not started yet (its pool runs
-  them on a worker that is idle): work stealing;
-- ``CANCEL``: drop these queued tasks, if not started yet.
+- ``RECALL`` (``tids``: pairs of a task id and the number of the TASKS
+  message it came in): give back those not started, even those still
+  unread in the main connection (work stealing: its pool runs them on a
+  worker that is idle); with ``c``, to cancel them.
 
-Both answer ``RECALLED`` with the ids given back, those cancelled, and those
-asked about that the worker no longer holds queued ("absent": running, or
-done already, their results going back the usual way). The main thread
-takes a task out of the queue under the same lock (``TaskQueue.next``), so
-each queued task either runs here or goes back, never both and never
-neither: ``cancel()`` stays truthful (cancelled only if it will never run
-here), and nothing is lost.
+It answers ``RECALLED`` with the ids given back (they will never run here)
+and those it had taken to run already ("absent": running, or done, their
+results going back the usual way). The main thread takes a task out of the
+queue under the same lock (``TaskQueue.next``) and drops the unread ones
+given back when it reads them, so each task either runs here or goes back,
+never both and never neither: ``cancel()`` stays truthful (cancelled only
+if it will never run here), and nothing is lost.
 
 Tasks sent on to run after a task they depend on (option ``"d"``,
 ``chain.py``) stay with the main thread: their bookkeeping is not shared.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Iterable
+from typing import Any
 
 import zmq
 
@@ -51,8 +52,9 @@ class TaskQueue:
     ``read`` is the number of the last TASKS message the main thread has
     read (its pool numbers them, per worker, option ``q``): a task of a later
     one is still in the socket, unread, and the control thread can give it
-    back all the same by naming it in ``revoked``: the main thread drops it
-    when it reads it."""
+    back all the same by naming it in ``revoked`` with that message's
+    number: the main thread drops it when it reads it (only there: the same
+    task may come again, in a later message, once its pool has it back)."""
 
     __slots__ = ("tasks", "lock", "read", "revoked")
 
@@ -60,7 +62,7 @@ class TaskQueue:
         self.tasks: deque[Any] = deque()
         self.lock = threading.Lock()
         self.read = 0
-        self.revoked: set[bytes] = set()
+        self.revoked: set[tuple[bytes, int]] = set()   # (task id, number of the message it comes in)
 
     def __bool__(self) -> bool:
         return bool(self.tasks)
@@ -84,8 +86,8 @@ class TaskQueue:
         with self.lock:
             revoked = self.revoked
             if revoked:
-                kept = [task for task in tasks if task.row[0] not in revoked]
-                revoked.difference_update(task.row[0] for task in tasks)
+                kept = [task for task in tasks if (task.row[0], number) not in revoked]
+                revoked.difference_update((task.row[0], number) for task in tasks)
                 tasks = kept
             self.tasks.extend(tasks)
             if type(number) is int and number > self.read:
@@ -104,7 +106,7 @@ class TaskQueue:
         Chained tasks are never taken out."""
         with self.lock:
             unread = [task_id for task_id, number in asked if number > self.read]
-            self.revoked.update(unread)
+            self.revoked.update((task_id, number) for task_id, number in asked if number > self.read)
             taken = self._take({task_id for task_id, number in asked if number <= self.read}, chained=False)
             given = unread + [task.row[0] for task in taken]
             handed = set(given)
