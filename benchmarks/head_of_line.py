@@ -85,10 +85,11 @@ class CliFederation:
         self.log = open(workdir / "processes.log", "ab")
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.address, "--data-dir", str(workdir / "relay"),
-             "--log-level", "WARNING"], stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)]
+             "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)]
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "hol", "--relay", self.address, "--endpoint-id",
-             self.endpoint_id, "--max-workers", "2", "--log-level", "WARNING"],
+             self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
         while True:
