@@ -152,9 +152,10 @@ class WorkStealing:
             elif running != slot.seen_running:
                 slot.seen_running, slot.seen_since = running, now
             elif now - slot.seen_since >= STEAL_AFTER:
-                slot.recalled_at = now
-                slot.stuck = running
-                self._recall(slot, [task_id for task_id in slot.tasks if task_id != running], cancel=False)
+                behind = [task_id for task_id in slot.tasks if task_id != running]
+                if len(self._recall(slot, behind, cancel=False)) < len(behind):   # asked for some: answered
+                    slot.recalled_at = now
+                    slot.stuck = running
         self._steal_at = now + STEAL_CHECK
 
     # -- what the control threads say ---------------------------------------
