@@ -63,6 +63,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "cap_seconds": 180.0,  # a path that would take longer runs tput_fallback (sleep_fallback) tasks
         "sleep_tasks": 20_000,
         "sleep_fallback": 2_000,
+        "hol_long": 5.0,   # head of line: one task this long, then hol_tiny no-ops beside it
+        "hol_tiny": 200,
         "payload_sizes": [1 * MB, 10 * MB],
         "payload_calls": 10,
         "batching_tasks": 10_000,
@@ -82,6 +84,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "cap_seconds": 20.0,
         "sleep_tasks": 2_000,
         "sleep_fallback": 400,
+        "hol_long": 2.0,
+        "hol_tiny": 200,
         "payload_sizes": [1 * MB, 10 * MB],
         "payload_calls": 3,
         "batching_tasks": 1_000,
@@ -150,6 +154,8 @@ class System:
     sleep_path = ""
     #: one synchronous call of fn(arg): used for payloads
     call: Callable[[Callable[..., Any], Any], Any]
+    #: submit(fn, arg) -> a concurrent.futures-like future: used for the head-of-line case
+    submit: Callable[[Callable[..., Any], Any], Any]
 
     def __enter__(self) -> "System":
         return self
@@ -186,6 +192,7 @@ class FedexecSystem(System):
         self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
         self.bulk = _executor_bulk(ex, chunk=True)
         self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+        self.submit = ex.submit
 
     def __exit__(self, *exc: Any) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
@@ -201,6 +208,7 @@ class ProcessPoolSystem(System):
         self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
         self.bulk = _executor_bulk(ex, chunk=True)
         self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+        self.submit = ex.submit
 
     def __exit__(self, *exc: Any) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
@@ -254,6 +262,7 @@ class ParslSystem(System):
 
         self.bulk = {"python_app calls": ("submit", app_calls), "executor.submit loop": ("submit", executor_submit)}
         self.call = lambda fn, arg: apps[fn](arg).result(RESULT_TIMEOUT)
+        self.submit = lambda fn, arg: apps[fn](arg)
         # the block's workers take a few seconds to connect: wait for them here
         apps[noop]().result(RESULT_TIMEOUT)
 
@@ -306,6 +315,7 @@ class DaskSystem(System):
 
         self.bulk = {"get_executor().submit loop": ("submit", submit_loop), "client.map": ("map", client_map)}
         self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+        self.submit = ex.submit
 
     def __exit__(self, *exc: Any) -> None:
         try:
@@ -394,6 +404,20 @@ def measure_sleep(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
         rec.error("sleep", label, exc)
 
 
+def measure_head_of_line(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
+    """One long task, then (once it runs) tiny no-ops beside it, 2 workers:
+    when is the last tiny one done (issue 17: < 0.5 s; they must not wait
+    behind the long one while the other worker is free)."""
+    from head_of_line import head_of_line
+
+    label = f"{system.name} submit"
+    try:
+        values = head_of_line(system.submit, sizes["hol_long"], sizes["hol_tiny"])
+        rec.add("hol", label, values, system=system.name)
+    except Exception as exc:
+        rec.error("hol", label, exc)
+
+
 def measure_payload(system: System, rec: Recorder, sizes: dict[str, Any]) -> None:
     """A bytes argument returned by an identity function: median time of sequential calls."""
     for size in sizes["payload_sizes"]:
@@ -415,7 +439,7 @@ def measure_payload(system: System, rec: Recorder, sizes: dict[str, Any]) -> Non
             rec.error("payload", label, exc)
 
 
-PEER_MEASURES = [measure_latency, measure_throughput, measure_sleep, measure_payload]
+PEER_MEASURES = [measure_latency, measure_throughput, measure_sleep, measure_head_of_line, measure_payload]
 
 
 def run_system(job: str, rec: Recorder, sizes: dict[str, Any]) -> None:
@@ -842,6 +866,17 @@ def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started:
             f"{_runs_note(row)} |")
     add("")
     del fed_sleep
+
+    section("hol")
+    hol = _median_rows(records, "hol")
+    add(f"## Head of line: one {sizes['hol_long']:g} s task, then {sizes['hol_tiny']} no-ops beside it "
+        "(2 workers; seconds from the first no-op's submit)")
+    add("")
+    add("| system, path | last no-op done (s) | no-ops done after 1 s | notes |")
+    add("|---|---|---|---|")
+    for label, row in hol.items():
+        add(f"| {label} | {_cell(row, 'last_tiny_s', 3)} | {_cell(row, 'tiny_over_1s', 0)} | {_runs_note(row)} |")
+    add("")
 
     # payloads
     section("payload")

@@ -4,6 +4,7 @@ tasks go to a worker at once."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Collection
 
@@ -11,6 +12,17 @@ from typing import Any, Collection
 # BATCH_WORK seconds each; slower ones one at a time.
 SLOW_TASK = 0.0005
 BATCH_WORK = 0.001
+# Those slower ones that take less than DEEP_TASK: a worker holds a second
+# one queued, which starts without waiting for a round trip to its pool (a
+# second one stuck behind a task that turns out long is taken back for an
+# idle worker: pool/stealing.py).
+DEEP_TASK = 0.1
+# ... and their endpoint keeps about HELD_WORK seconds of them per worker at
+# its pools (the next ones at hand there when a worker's queued one starts),
+# so that a late answer from the relay to a result (a loaded machine) does
+# not leave a worker waiting.
+HELD_WORK = 0.005
+MOST_HELD = 16
 
 
 class QueuedTask:
@@ -36,6 +48,21 @@ def take_out(queue: deque[QueuedTask], task_ids: Collection[bytes]) -> list[Queu
         queue.clear()
         queue.extend(kept)
     return taken
+
+
+def single_depth(task_seconds: float | None) -> int:
+    """Tasks a worker holds at once (running and queued) when they go one at
+    a time, from how long tasks have been taking."""
+    return 2 if task_seconds is not None and task_seconds < DEEP_TASK else 1
+
+
+def held_per_worker(task_seconds: float | None) -> int:
+    """Tasks an endpoint keeps per worker at its pools (beyond its prefetch)
+    when they go one at a time, from how long tasks have been taking."""
+    if single_depth(task_seconds) == 1:
+        return 1
+    assert task_seconds is not None
+    return max(2, min(MOST_HELD, math.ceil(HELD_WORK / max(task_seconds, 1e-6))))
 
 
 def worker_batch_size(task_seconds: float | None, most: int) -> int:

@@ -60,6 +60,9 @@ READY = "ready"          # worker -> endpoint {pid}
 TASK = "task"            # endpoint -> worker, one TaskRow
 RESULT = "result"        # worker -> endpoint, one ResultRow
 STOP = "stop"
+RECALL = "recall"        # pool -> worker's control thread {tids: [[task id, q of its TASKS]], c?: to cancel}: give
+                         #   back (or cancel) these if not started (worker/control.py)
+RECALLED = "recalled"    # worker's control thread -> pool {given: task ids given back, absent: taken to run, c}
 # large payloads, in chunks (transfer.py), on a connection of their own to the relay
 UPLOAD = "upload"        # client/endpoint -> relay {b, o, n, h, q, tid?} + one chunk frame
 UPLOADED = "uploaded"    # relay -> sender {b, q, have, done?, err?}

@@ -49,7 +49,7 @@ from ..outbox import ResultOutbox
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
 from ..dataref import wrap_arguments as wrap_with_files
-from ..dispatch import QueuedTask, take_out, worker_batch_size
+from ..dispatch import QueuedTask, held_per_worker, take_out, worker_batch_size
 from ..endpoint_status import report_of
 from ..serialize import is_data
 from ..worker import sandbox as sandboxes
@@ -318,9 +318,11 @@ class EndpointAgent:
         return worker_batch_size(self.task_seconds, self.config.worker_batch)
 
     def worker_depth(self) -> int:
-        """Tasks a worker may hold at once (see ``PoolManager._assign``)."""
+        """Tasks to keep per worker at the pools: what a worker may hold at
+        once in batches (see ``PoolManager._assign``), or, for tasks going one
+        at a time, a few milliseconds of them (``dispatch.held_per_worker``)."""
         size = self.batch_size()
-        return 2 * size if size > 1 else 1
+        return 2 * size if size > 1 else held_per_worker(self.task_seconds)
 
     def capacity(self) -> int:
         """Tasks to keep here and at pools: what each worker may hold, plus

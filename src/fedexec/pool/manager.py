@@ -62,6 +62,7 @@ from ..output import HeldOutput, attach as attach_output, configured_limit as co
 from .placement import NodeBudget, has_resources
 from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
+from .stealing import WorkStealing
 from .resources import NodeResources
 from ..taskdirs import TaskDirCleaner, start_cleaner
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
@@ -80,7 +81,7 @@ SHARE_AFTER = 1.0           # a worker serves its user this long at least before
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
 
 
-class PoolManager(WorkerChains):
+class PoolManager(WorkerChains, WorkStealing):
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
@@ -132,6 +133,7 @@ class PoolManager(WorkerChains):
         self._respawn_at: list[float] = []
         self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
         self.cleaner: TaskDirCleaner | None = None   # removes expired shell task directories (taskdirs.py)
+        self._init_stealing()
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -157,7 +159,7 @@ class PoolManager(WorkerChains):
             self.endpoint.connect(self.address)   # a bad address raises; the finally cleans up
             self._hello()
             while not self.stopping:
-                events = dict(poller.poll(self.outbox.wait_ms(time.monotonic(), POLL_MS)))
+                events = dict(poller.poll(self._steal_wait_ms(self.outbox.wait_ms(time.monotonic(), POLL_MS))))
                 if self.worker_sock in events:
                     self._read_workers()
                 if self.endpoint in events:
@@ -361,7 +363,7 @@ class PoolManager(WorkerChains):
         """Drop those queued here; ask workers to drop those waiting in their
         batches; for those running, say so again (the client's cancel()
         waits for one answer or the other)."""
-        ask: dict[bytes, list[bytes]] = {}
+        ask: dict[bytes, tuple[WorkerSlot, list[bytes]]] = {}
         for task_id in task_ids:
             slot = self.at_worker.get(task_id)
             if slot is None:
@@ -369,10 +371,9 @@ class PoolManager(WorkerChains):
             if task_id == slot.head():
                 self.outbox.start(task_id)
             else:
-                ask.setdefault(slot.worker_id, []).append(task_id)
-        for worker_id, tids in ask.items():
-            for part in P.chunks(tids):
-                self._send_worker(worker_id, P.encode(P.CANCEL, {"tids": part}))
+                ask.setdefault(slot.worker_id, (slot, []))[1].append(task_id)
+        for slot, tids in ask.values():
+            self._ask_cancel(slot, tids)
         for task in take_out(self.queue, task_ids):
             self._result(task.row[0], P.CANCELLED, b"")
         if self.graph:
@@ -402,8 +403,12 @@ class PoolManager(WorkerChains):
     def _read_workers(self) -> None:
         for frames in P.waiting_messages(self.worker_sock, MAX_MESSAGES_PER_TURN):
             slot = self.pool.slots.get(frames[0].bytes) if self.pool is not None else None
-            if slot is None:
-                continue  # a worker we already gave up on
+            if slot is None:   # a worker's control thread (stealing.py), or a worker we already gave up on
+                try:
+                    self._on_control(frames)
+                except Exception as exc:
+                    log.warning("ignored a malformed control message: %s: %s", type(exc).__name__, exc)
+                continue
             try:
                 msg = P.decode(frames[1:])
                 if msg.type == P.READY:
@@ -444,6 +449,8 @@ class PoolManager(WorkerChains):
                 self.task_seconds = seconds if average is None else average + EWMA_WEIGHT * (seconds - average)
             self._result(task_id, status, blob, row[3] if len(row) == 4 else None)
         self._ran(slot, rows)
+        if slot.stuck is not None and slot.stuck not in slot.tasks:   # its long task is done (stealing.py)
+            slot.stuck = None
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
@@ -457,26 +464,35 @@ class PoolManager(WorkerChains):
         """Top up workers with batches from the queue, least loaded first."""
         if (self.graph.waiting_on or self._chaining) and self.pool is not None:
             self._chain_held()
-        if not self.queue or self.pool is None:
+        if self.pool is None:
             return
-        if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
-            self._assign_by_resources()
-            return
-        self._assign_batches()
+        if self.queue:
+            if self.budget.active:   # tasks asking for resources are here: placed by them (placement.py)
+                self._assign_by_resources()
+            else:
+                self._assign_batches()
+        if not self.queue:   # a worker idle while another holds tasks behind a long one? (stealing.py)
+            self._steal_for_idle()
 
     def _assign_batches(self) -> None:
         """Top up workers with batches from the queue (no task here asks for resources)."""
         assert self.pool is not None
-        # A task that takes SLOW_TASK or more goes to an idle worker only: one
-        # queued behind it at a busy worker could neither move to a worker that
-        # frees up sooner nor be cancelled before it starts. Quick tasks go in
-        # batches, the next sent when a worker is half way through its batch.
+        # A task that takes SLOW_TASK or more goes to a worker one at a time:
+        # to an idle worker, or, when such tasks are short, to one running its
+        # last (stealing.py: one queued behind a task that turns out long is
+        # recalled for a worker that frees up sooner, and is cancelled at once).
+        # Quick tasks go in batches, the next sent when a worker is half way
+        # through its batch. A worker recalled from (``stuck``) gets none.
         size = self.batch_size()
-        limit, hungry_below = (size, size // 2 + 1) if size > 1 else (1, 1)
-        hungry = [slot for slot in self.pool.slots.values()
-                  if slot.ready and not slot.retiring and not slot.yielding and len(slot.tasks) < hungry_below]
+        slots = [slot for slot in self.pool.slots.values()
+                 if slot.ready and not slot.retiring and not slot.yielding and slot.stuck is None]
+        limit, hungry_below = (size, size // 2 + 1) if size > 1 else self._single_depth(slots)
+        hungry = [slot for slot in slots if len(slot.tasks) < hungry_below]
         hungry.sort(key=lambda slot: len(slot.tasks))
-        for position, slot in enumerate(hungry):
+        rounds = size == 1 and limit > 1   # every worker's next task before any worker's second (stealing.py)
+        if rounds:
+            self._send_in_rounds(hungry, limit)
+        for position, slot in enumerate(() if rounds else hungry):
             if not self.queue:
                 return
             share = math.ceil(len(self.queue) / (len(hungry) - position))
@@ -663,7 +679,9 @@ class PoolManager(WorkerChains):
         if others:
             self.queue.extendleft(reversed(others))
         if rows:
-            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows}, blobs.frames))
+            slot.sent += 1   # numbered, so that its control thread can give back tasks not read yet (stealing.py)
+            slot.batches.append((slot.sent, rows))
+            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows, "q": slot.sent}, blobs.frames))
             self._announce(slot)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:

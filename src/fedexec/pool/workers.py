@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ from ..worker import sandbox as sandboxes
 from ..worker.process import MarkerFile, remove_tree
 
 log = logging.getLogger(__name__)
+
+RECALLABLE_BATCHES = 32   # a worker's latest batches whose tasks may be recalled (stealing.py)
 
 
 @dataclass
@@ -67,6 +70,14 @@ class WorkerSlot:
     retired_at: float = 0.0             # when it was told (monotonic): past a grace period, it is killed
     bound_at: float = 0.0               # when it took its user (monotonic)
     yielding: bool = False              # given no more tasks: once idle it retires, for a user waiting
+    # work stealing (stealing.py)
+    control: bool = False               # its control thread is connected (it answers while a task runs)
+    seen_running: bytes | None = None   # the task its marker showed running when last looked at, and since when
+    seen_since: float = 0.0
+    recalled_at: float = 0.0            # when it was asked for the tasks it has not started (unanswered)
+    stuck: bytes | None = None          # the long task it runs, tasks recalled from behind it: it gets no more
+    sent: int = 0                       # TASKS messages sent to it; the latest ones' (number, rows):
+    batches: deque = field(default_factory=lambda: deque(maxlen=RECALLABLE_BATCHES))
 
     @property
     def pid(self) -> int:

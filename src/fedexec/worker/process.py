@@ -5,7 +5,10 @@ tasks it is given, in order, one at a time. The endpoint sends fast tasks in
 batches; the worker answers in batches too: it sends what it has finished
 when its queue is empty, when the oldest unsent result is a millisecond old,
 or when many have gathered. Between tasks it reads new messages, so a CANCEL
-for a task still in its queue is honoured.
+for a task still in its queue is honoured; while a task runs, a second
+thread answers its pool on a connection of its own (``control.py``): it
+gives back the tasks queued here not started yet (for a worker that is
+idle) and cancels queued ones at once.
 
 Before each task the worker writes that task's id into a small
 memory-mapped *marker* file, so if the function kills the process (os._exit,
@@ -33,7 +36,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import deque
 from typing import Any, Callable, Iterator
 
 import zmq
@@ -42,6 +44,7 @@ from .. import protocol as P
 from ..dataref import load_arguments
 from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
+from .control import ControlThread, TaskQueue
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -159,7 +162,9 @@ class WorkerProcess:
         # the endpoint's pid from its command line: os.getppid() here could
         # already be 1 if the endpoint died while this process was starting
         self.parent_pid = parent_pid if parent_pid is not None else os.getppid()
-        self.queue: deque[_Queued] = deque()
+        # tasks not started; a second thread may give them back or cancel them (control.py)
+        self.queue = TaskQueue()
+        self.control: ControlThread | None = None
         self.out_rows: list[list[Any]] = []
         self.out_blobs = P.Blobs()
         self.out_times: list[float] = []
@@ -177,6 +182,8 @@ class WorkerProcess:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
         sock.connect(self.address)
         self.sock = sock
+        self.control = ControlThread(ctx, self.address, self.worker_id, self.queue)
+        self.control.start()
         if self.task_root is not None:
             os.chdir(self.task_root)
         limit = configured_limit() if self.capture else 0
@@ -202,9 +209,9 @@ class WorkerProcess:
                         if not self.read_messages():
                             return
                         started = time.perf_counter()
-                if not self.queue:
+                task = self.queue.next()
+                if task is None:
                     continue
-                task = self.queue.popleft()
                 if self.marker is not None:
                     self.marker.set(task.row[0])
                 current_task_id = task.row[0]
@@ -232,6 +239,8 @@ class WorkerProcess:
                     self.flush()
         finally:
             self.flush()
+            if self.control is not None:
+                self.control.close()
             if self.output is not None:
                 self.output.close()
             if monitor is not None:
@@ -265,23 +274,19 @@ class WorkerProcess:
             msg = P.decode(sock.recv_multipart(copy=False))
             if msg.type == P.TASKS:
                 blobs = msg.blobs
+                came = []
                 for row in msg.fields["tasks"]:
                     if row[3] != -1:
                         self.bodies.setdefault(row[1], P.blob(blobs, row[3]))
                     if len(row) == 7 and "d" in row[6]:
                         self.chain.want(row[6]["d"])
-                    self.queue.append(_Queued(row, P.blob(blobs, row[2])))
+                    came.append(_Queued(row, P.blob(blobs, row[2])))
+                self.queue.add(came, msg.fields.get("q"))
             elif msg.type == P.CANCEL:
-                doomed = set(msg.fields["tids"])
-                kept: deque[_Queued] = deque()
-                for task in self.queue:
-                    if task.row[0] in doomed:
-                        if len(task.row) == 7 and "d" in task.row[6]:
-                            self.chain.unwant(task.row[6]["d"])
-                        self.add_result(task.row[0], P.CANCELLED, b"", 0.0)
-                    else:
-                        kept.append(task)
-                self.queue = kept
+                for task in self.queue.remove_where(set(msg.fields["tids"]), chained=True):
+                    if len(task.row) == 7 and "d" in task.row[6]:
+                        self.chain.unwant(task.row[6]["d"])
+                    self.add_result(task.row[0], P.CANCELLED, b"", 0.0)
             elif msg.type == P.STOP:
                 return False
         return True

@@ -1,0 +1,219 @@
+"""No head-of-line blocking at a pool's workers: work stealing, and a second
+task queued at each worker for tasks that go one at a time.
+
+A worker runs what its pool sent it in order. Quick tasks go to it in
+batches (``PoolManager._assign_batches``), so when one of them turns out
+long, those behind it wait, though another worker may be idle. Each worker
+has a control thread (``worker/control.py``) that answers while a task
+runs; the pool uses it to:
+
+- *recall*: when a worker is idle and another's running task has been
+  running for STEAL_AFTER with tasks queued behind it, the pool asks that
+  worker for the tasks it has not started; they come back (RECALLED) and go
+  to the front of the pool's queue, for the idle worker. The worker stays
+  out of the assignment (``WorkerSlot.stuck``) until that long task is done;
+- *cancel* at once a task queued at a worker, not started (before, a cancel
+  waited for the task running ahead of it);
+- hold one task more: tasks that take SLOW_TASK or more (one at a time)
+  and less than DEEP_TASK (dispatch.py) get a second one queued at their worker, so that
+  it starts without waiting for the round trip of the result to the pool
+  and of the next task back (the sleep(1 ms) case); a second task stuck
+  behind a long one is recalled as above, and can be cancelled at once.
+
+The worker takes each task to run and the control thread takes those it
+gives back out of one queue under one lock, so a task runs at most once,
+and a task named CANCELLED never runs. Nothing here costs a message or a
+system call per task: the markers are read only while a worker is idle
+beside another holding several tasks, at most every STEAL_CHECK.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol as P
+from ..dispatch import QueuedTask, single_depth
+from ..worker.control import SUFFIX, control_id
+from ..outbox import ResultOutbox
+from .workers import LocalWorkerPool, WorkerSlot
+
+STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
+STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
+
+
+class WorkStealing:
+    """Mixed into ``PoolManager``: what the pool does over its workers'
+    control connections."""
+
+    pool: LocalWorkerPool | None
+    queue: deque[QueuedTask]
+    at_worker: dict[bytes, WorkerSlot]
+    outbox: ResultOutbox
+    draining: bool
+    task_seconds: float | None
+
+    if TYPE_CHECKING:   # (the pool manager's)
+        def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None: ...
+        def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None: ...
+        def _give_back(self, tasks: list[QueuedTask]) -> None: ...
+        def _announce(self, slot: WorkerSlot) -> None: ...
+        def _send_batch(self, slot: WorkerSlot, count: int) -> None: ...
+
+    def _init_stealing(self) -> None:
+        self._steal_at = 0.0          # time.monotonic() of the next look for a worker to take tasks from
+        self._steal_pending = False   # a worker is idle beside one holding several: look again soon
+        self._cancel_asked: set[bytes] = set()   # cancels sent to control threads, not answered
+
+    # -- what the rest of the pool asks ---------------------------------------
+    def _single_depth(self, slots: list[WorkerSlot]) -> tuple[int, int]:
+        """``(limit, hungry_below)`` for tasks that go one at a time: a
+        second one queued per worker when they are short and every worker
+        has its control thread (so it can be recalled and cancelled)."""
+        assert self.pool is not None
+        depth = single_depth(self.task_seconds)
+        if depth > 1 and self.pool.sandbox == "none" and all(slot.control for slot in slots):
+            return depth, depth
+        return 1, 1
+
+    def _send_in_rounds(self, hungry: list[WorkerSlot], limit: int) -> None:
+        """Tasks that go one at a time, up to ``limit`` per worker: a first
+        to each worker holding none, then a second to each, and so on, so
+        that a task never waits behind another while a worker has none."""
+        for depth in range(1, limit + 1):
+            for slot in hungry:
+                if not self.queue:
+                    return
+                if len(slot.tasks) < depth:
+                    self._send_batch(slot, depth - len(slot.tasks))
+
+    def _ask_cancel(self, slot: WorkerSlot, task_ids: list[bytes]) -> None:
+        """Ask ``slot``'s worker to drop these queued tasks: at once through
+        its control thread (chained ones, whose bookkeeping the main thread
+        keeps, and any sent too long ago to be recalled: between tasks,
+        through its main connection)."""
+        rest = self._recall(slot, task_ids, cancel=True) if slot.control else task_ids
+        for part in P.chunks(rest):
+            self._send_worker(slot.worker_id, P.encode(P.CANCEL, {"tids": list(part)}))
+
+    def _recall(self, slot: WorkerSlot, task_ids: Any, cancel: bool) -> list[bytes]:
+        """Ask ``slot``'s control thread for these tasks back (to cancel
+        them, with ``cancel``); the ones it cannot be asked for (chained, or
+        of a batch no longer in ``slot.batches``)."""
+        numbers = {row[0]: number for number, rows in slot.batches for row in rows}
+        asked, rest = [], []
+        for task_id in task_ids:
+            number = numbers.get(task_id)
+            if number is None or _chained(slot.tasks.get(task_id)):
+                rest.append(task_id)
+            else:
+                asked.append([task_id, number])
+        if cancel and len(self._cancel_asked) > P.MAX_ITEMS:   # (those of workers that died before answering)
+            self._cancel_asked.intersection_update(self.at_worker)
+        for part in P.chunks(asked):
+            if cancel:
+                self._cancel_asked.update(task_id for task_id, _ in part)
+            self._send_worker(control_id(slot.worker_id), P.encode(P.RECALL, {"tids": list(part), "c": cancel}))
+        return rest
+
+    def _steal_wait_ms(self, default: int) -> int:
+        """How long the pool's poll may wait, for the next look (_steal_for_idle)."""
+        if not self._steal_pending:
+            return default
+        return max(1, min(default, int((self._steal_at - time.monotonic()) * 1000) + 1))
+
+    def _steal_for_idle(self) -> None:
+        """With the pool's queue empty: if a worker is idle while another's
+        task has been running STEAL_AFTER with tasks queued behind it, recall
+        those (for the idle worker, of the same user or fresh)."""
+        now = time.monotonic()
+        if now < self._steal_at:
+            return
+        self._steal_pending = False
+        pool = self.pool
+        assert pool is not None
+        if pool.sandbox != "none":   # (arguments are placed in a sandboxed worker's own task root)
+            return
+        slots = pool.slots.values()
+        idle_users = {slot.user for slot in slots if slot.ready and not slot.tasks and not slot.retiring
+                      and not slot.yielding}
+        if not idle_users:
+            return
+        for slot in slots:
+            if len(slot.tasks) < 2 or not slot.control or (slot.user not in idle_users and None not in idle_users):
+                continue
+            if slot.recalled_at:   # not answered yet (a task holding the GIL): never asked twice, as the
+                continue           # same task may by then be on its way to this worker again
+            self._steal_pending = True
+            running = slot.marker.read()
+            if running is None or running not in slot.tasks:
+                slot.seen_running = None
+            elif running != slot.seen_running:
+                slot.seen_running, slot.seen_since = running, now
+            elif now - slot.seen_since >= STEAL_AFTER:
+                behind = [task_id for task_id in slot.tasks if task_id != running]
+                if len(self._recall(slot, behind, cancel=False)) < len(behind):   # asked for some: answered
+                    slot.recalled_at = now
+                    slot.stuck = running
+        self._steal_at = now + STEAL_CHECK
+
+    # -- what the control threads say ---------------------------------------
+    def _on_control(self, frames: list[Any]) -> None:
+        """A message on a worker's control connection (``frames[0]`` its id)."""
+        ident = frames[0].bytes
+        slot = None
+        if ident.endswith(SUFFIX) and self.pool is not None:
+            slot = self.pool.slots.get(ident[:-len(SUFFIX)])
+        if slot is None:
+            return   # a worker gone already, or no worker of ours
+        msg = P.decode(frames[1:])
+        if msg.type == P.READY:
+            slot.control = True
+        elif msg.type == P.RECALLED:
+            self._on_recalled(slot, msg.fields)
+
+    def _on_recalled(self, slot: WorkerSlot, fields: dict[str, Any]) -> None:
+        """Tasks a worker gave back (they will never run there), and those
+        it had taken to run already (``absent``): for a cancel, the first
+        are cancelled and the others announced as running; for a recall,
+        the first go to the front of the queue."""
+        given, absent = _ids(fields.get("given")), _ids(fields.get("absent"))
+        cancel = fields.get("c") is True
+        if not cancel:
+            slot.recalled_at = 0.0
+        back: list[QueuedTask] = []
+        for task_id in given:
+            task = slot.tasks.pop(task_id, None)   # only tasks it holds: none of another worker's
+            if task is None:
+                continue
+            self.at_worker.pop(task_id, None)
+            if cancel or task_id in self._cancel_asked:   # (a cancel that crossed the recall: it never ran)
+                self._cancel_asked.discard(task_id)
+                self._result(task_id, P.CANCELLED, b"")
+            else:
+                back.append(task)
+        if back:
+            if self.draining:
+                self._give_back(back)
+            else:
+                self.queue.extendleft(reversed(back))
+        if cancel:
+            for task_id in absent:
+                self._cancel_asked.discard(task_id)
+                if task_id in slot.tasks:   # taken to run: its result follows
+                    self.outbox.start(task_id)
+        if slot.stuck not in slot.tasks:
+            slot.stuck = None
+        self._announce(slot)
+
+
+def _chained(task: QueuedTask | None) -> bool:
+    return task is not None and len(task.row) == 7 and "d" in task.row[6]
+
+
+def _ids(value: Any) -> list[bytes]:
+    """Task ids from a control thread's answer (anything else: none)."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value[:P.MAX_ITEMS] if isinstance(item, bytes)]
