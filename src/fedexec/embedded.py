@@ -63,6 +63,7 @@ class EmbeddedFederation:
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
              "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch), "--parent-pid", parent,
              "--secret-file", self.secret_file,
+             "--pools-in-process",   # its pool on a thread of the endpoint: no hop of its own (inprocess.py)
              "--log-level", "WARNING"], **common))
 
     def failed(self) -> str | None:

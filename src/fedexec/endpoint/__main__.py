@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
+    parser.add_argument("--pools-in-process", action="store_true",
+                        help="run the local pool on a thread of this process (the embedded default)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
             state_dir = private_dir(endpoint_dir(ns.name))   # also when made earlier with looser bits
         check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts
-        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
+        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir,
+                              pools_in_process=ns.pools_in_process)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
     except AuthenticationFailed as exc:   # as when the relay refuses the credentials (the agent's code 2)

@@ -58,6 +58,7 @@ from .graph import HeldTasks
 from .refs import RefCache
 from . import placement
 from .pools import PoolLink
+from .inprocess import InProcessProvider
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 
@@ -78,7 +79,8 @@ class EndpointAgent:
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
-                 secret_file: str | None = None, state_dir: Path | None = None) -> None:
+                 secret_file: str | None = None, state_dir: Path | None = None,
+                 pools_in_process: bool = False) -> None:
         config.validate()
         sandboxes.check(config.sandbox)  # a missing tool fails the endpoint's start, by name
         self.config = config
@@ -89,6 +91,7 @@ class EndpointAgent:
         self.parent_pid = parent_pid
         self.on_connected = on_connected
         self.workers_per_pool = config.max_workers or None   # None: each pool's cores
+        self.pools_in_process = pools_in_process   # local pools as threads of this process (inprocess.py)
         self.task_seconds: float | None = None   # moving average of run time, from the pools
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
@@ -184,7 +187,8 @@ class EndpointAgent:
         os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = make_provider(provider_config, script_dir, self.config.name, self.config.max_workers)
+        provider = (self._in_process_provider() if self.pools_in_process
+                    else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         if provider is None:
             return None
         parent = os.getpid() if provider_config.type == "local" else None
@@ -194,6 +198,15 @@ class EndpointAgent:
                                           self.config.max_workers, provider_config.drain, parent,
                                           logging.getLevelName(logging.getLogger().getEffectiveLevel())),
             {POOL_SECRET_ENV: self.pool_secret}, self.workers_per_pool)
+
+    def _in_process_provider(self) -> InProcessProvider:
+        """Local pools on threads of this process, on the pool socket's
+        ``inproc://`` address too (the ipc one stays for nothing else)."""
+        if self.config.provider.type != "local" or self.config.provider.address:
+            raise ConfigError("pools run in the endpoint's process only with the local provider and no address")
+        address = f"inproc://fedexec-pools-{secrets.token_hex(8)}"
+        self.pool_sock.bind(address)
+        return InProcessProvider(self.ctx, address, self.pool_secret, self.config.max_workers)
 
     def _publish_pool_address(self) -> None:
         """For pools started by hand (provider ``manual``): where to connect

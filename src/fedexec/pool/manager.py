@@ -45,6 +45,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from typing import Any
@@ -84,7 +85,8 @@ class PoolManager(WorkerChains):
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
                  secret: str = "", endpoint_key: str = "", ends_at: float | None = None,
-                 drain: float = DEFAULT_DRAIN, parent_pid: int | None = None) -> None:
+                 drain: float = DEFAULT_DRAIN, parent_pid: int | None = None,
+                 context: zmq.Context | None = None) -> None:
         self.address = address
         self.pool_id = pool_id
         self.block_id = block_id
@@ -97,7 +99,8 @@ class PoolManager(WorkerChains):
         self.ends_at = ends_at
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
-        self.ctx = zmq.Context()
+        self._own_context = context is None
+        self.ctx = context or zmq.Context()   # the agent's, for a pool inside it (endpoint/inprocess.py)
         self.endpoint = P.dealer(self.ctx, 2000, pool_id)
         if endpoint_key:   # CURVE: only the endpoint holding that key can answer; traffic is encrypted
             public, secret_key = zmq.curve_keypair()
@@ -146,8 +149,9 @@ class PoolManager(WorkerChains):
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        if threading.current_thread() is threading.main_thread():   # (a pool inside its agent: the agent's)
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -251,7 +255,8 @@ class PoolManager(WorkerChains):
             self.cleaner.stop()
         self.endpoint.close(linger=2000)
         self.worker_sock.close(linger=0)
-        self.ctx.term()
+        if self._own_context:
+            self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     # -- endpoint side ---------------------------------------------------------
