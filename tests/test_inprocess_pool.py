@@ -1,0 +1,115 @@
+"""The embedded default's pool runs on a thread of its endpoint agent
+(endpoint/inprocess.py): no pool process, no ipc hop to one, and the
+guarantees a pool process gave still hold."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from fedexec import FederatedExecutor, ShellFunction
+from fedexec.errors import WorkerLost
+
+DEADLINE = 60
+
+
+def parent_and_environment() -> tuple[int, list[str]]:
+    """Run in a worker: its parent's pid and the names in its environment."""
+    return os.getppid(), sorted(os.environ)
+
+
+def die_hard() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_then(seconds: float, value: int) -> int:
+    time.sleep(seconds)
+    return value
+
+
+def endpoint_process(ex: FederatedExecutor) -> psutil.Process:
+    relay, endpoint = ex._dispatcher.services.processes
+    return psutil.Process(endpoint.pid)
+
+
+def cmdlines(procs: list[psutil.Process]) -> list[str]:
+    lines = []
+    for proc in procs:
+        try:
+            lines.append(" ".join(proc.cmdline()))
+        except psutil.Error:
+            pass
+    return lines
+
+
+@pytest.mark.timeout(90)
+def test_the_embedded_pool_is_a_thread_of_its_endpoint_and_keeps_its_secret_from_workers():
+    with FederatedExecutor(max_workers=2) as ex:
+        endpoint = endpoint_process(ex)
+        parent, names = ex.submit(parent_and_environment).result(DEADLINE)
+        # the workers are the endpoint's own children: there is no pool process between them
+        assert parent == endpoint.pid
+        below = endpoint.children(recursive=True)
+        assert not [line for line in cmdlines(below) if "fedexec.pool" in line], cmdlines(below)
+        assert any("fedexec.worker" in line for line in cmdlines(below)), cmdlines(below)
+        # the pool secret never was in any environment a task can read
+        assert "FEDEXEC_POOL_SECRET" not in names
+        # tasks, a shell task and a map all go through it
+        assert list(ex.map(abs, range(-300, 0))) == list(range(300, 0, -1))
+        assert ex.submit(ShellFunction("echo {word}"), word="hop").result(DEADLINE).stdout.strip() == "hop"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_under_the_in_process_pool_is_replaced_and_loses_nothing_else():
+    with FederatedExecutor(max_workers=2) as ex:
+        before = {p.pid for p in endpoint_process(ex).children()}
+        futures = [ex.submit(sleep_then, 0.01, i) for i in range(200)]
+        killer = ex.submit(die_hard)
+        futures += [ex.submit(sleep_then, 0.01, i) for i in range(200, 400)]
+        with pytest.raises(WorkerLost):
+            killer.result(DEADLINE)
+        assert [f.result(DEADLINE) for f in futures] == list(range(400))
+        # a fresh worker took the dead one's place, under the same endpoint process
+        parent, _names = ex.submit(parent_and_environment).result(DEADLINE)
+        assert parent == endpoint_process(ex).pid
+        assert {p.pid for p in endpoint_process(ex).children()} - before
+
+
+@pytest.mark.timeout(90)
+def test_cancel_stays_truthful_with_the_in_process_pool():
+    """One worker: a long task runs, the queued ones behind it can be
+    cancelled; every True means the call never ran."""
+    with FederatedExecutor(max_workers=1) as ex:
+        running = ex.submit(sleep_then, 1.0, -1)
+        queued = [ex.submit(sleep_then, 0, i) for i in range(20)]
+        deadline = time.monotonic() + DEADLINE
+        while not running.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.running()
+        cancelled = [f.cancel() for f in queued]
+        assert running.result(DEADLINE) == -1
+        for fut, said in zip(queued, cancelled):
+            if said:
+                assert fut.cancelled()
+            else:
+                assert fut.result(DEADLINE) in range(20)
+        assert any(cancelled)
+
+
+@pytest.mark.timeout(90)
+def test_the_endpoint_killed_takes_its_in_process_pool_and_workers_with_it():
+    ex = FederatedExecutor(max_workers=2)
+    try:
+        assert ex.submit(abs, -1).result(DEADLINE) == 1
+        endpoint = endpoint_process(ex)
+        workers = [p for p in endpoint.children(recursive=True)]
+        assert len(workers) >= 2
+        endpoint.send_signal(signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers outlived their endpoint: {cmdlines(alive)}"
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
