@@ -3,7 +3,9 @@
 ``FederatedExecutor()`` with nothing configured starts both as child
 processes on ipc sockets in a private temporary directory, and stops them
 when the executor shuts down. Each child also watches this process and stops
-by itself if it disappears, so nothing outlives the program.
+by itself if it disappears, so nothing outlives the program. The endpoint
+runs its pool on a thread of its own (``--pools-in-process``,
+endpoint/inprocess.py): a task crosses no hop to a pool process.
 """
 
 from __future__ import annotations
