@@ -113,3 +113,69 @@ def test_the_endpoint_killed_takes_its_in_process_pool_and_workers_with_it():
         assert not alive, f"workers outlived their endpoint: {cmdlines(alive)}"
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
+
+
+# -- an endpoint run from the CLI with [provider] in_process = true ----------------------
+def endpoint_pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getppid()   # the worker's parent: the endpoint itself, its pool being a thread
+
+
+@pytest.mark.timeout(150)
+def test_cli_endpoint_pools_in_process_scale_as_threads_and_a_killed_endpoint_loses_no_task(tmp_path):
+    import contextlib
+    import subprocess
+    import sys
+
+    from test_faults import lookup_endpoint, running_relay, stop_process, tail
+    from test_providers import configured_endpoint, status_of, wait_for
+
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(
+            tmp_path, relay, max_workers=1, type="local", in_process=True, init_blocks=0, min_blocks=0,
+            max_blocks=2, max_idletime=2.0))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            futures = [ex.submit(endpoint_pid_after, 0.4) for _ in range(10)]
+            peak = 0
+            while not all(f.done() for f in futures):
+                peak = max(peak, len(status_of("ep")["pools"]))
+                time.sleep(0.1)
+            assert {f.result() for f in futures} == {proc.pid}, tail(log)
+            assert peak == 2, f"10 tasks of 0.4 s on 1-worker blocks reached {peak} pool(s), not 2:\n{tail(log)}"
+            below = psutil.Process(proc.pid).children(recursive=True)
+            assert not [line for line in cmdlines(below) if "fedexec.pool" in line], cmdlines(below)
+            # idle for max_idletime: both blocks (threads) are let go, and their workers end
+            wait_for(lambda: status_of("ep")["blocks"] == [] and not status_of("ep")["pools"], 20,
+                     "the idle in-process blocks were not let go", log)
+            wait_for(lambda: not [line for line in cmdlines(psutil.Process(proc.pid).children(recursive=True))
+                                  if "fedexec.worker" in line], 15, "the idle blocks' workers did not end", log)
+
+            # kill -9 the endpoint (pool threads and all) under running tasks: a new
+            # endpoint process with the same config runs every one of them
+            futures = [ex.submit(endpoint_pid_after, 0.5) for _ in range(6)]
+            wait_for(lambda: any(f.running() for f in futures), 30, "no task started", log)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            with open(tmp_path / "endpoint-again.log", "wb") as out:
+                again = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", "ep"],
+                                         env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)}, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+            try:
+                lookup_endpoint(relay, config.endpoint_id, again, tmp_path / "endpoint-again.log")
+                pids = [f.result(DEADLINE) for f in futures]
+                assert set(pids) <= {proc.pid, again.pid} and again.pid in pids, pids
+            finally:
+                stop_process(again)
+
+
+def test_in_process_pools_are_refused_where_a_pool_needs_its_own_process():
+    from fedexec.config import ConfigError, ProviderConfig
+
+    assert ProviderConfig.from_dict({"in_process": True}).in_process is True
+    for settings in ({"type": "slurm"}, {"worker_init": "module load python"}, {"python": "/opt/py/bin/python"},
+                     {"address": "10.0.0.1"}):
+        with pytest.raises(ConfigError, match="in_process"):
+            ProviderConfig.from_dict({"in_process": True, **settings})
+    with pytest.raises(ConfigError, match="in_process must be true or false"):
+        ProviderConfig.from_dict({"in_process": "yes"})

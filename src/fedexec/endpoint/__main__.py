@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
     parser.add_argument("--pools-in-process", action="store_true",
-                        help="run the local pool on a thread of this process (the embedded default)")
+                        help="with --relay: run the local pool on a thread of this process (the embedded default)")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, stream=sys.stderr,
@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> None:
             if ns.endpoint_id:
                 config.endpoint_id = ns.endpoint_id
             config.relay_public_key = ns.relay_key
+            config.provider.in_process = ns.pools_in_process
             config.validate()
         else:
             config = EndpointConfig.load(ns.name)
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
             state_dir = private_dir(endpoint_dir(ns.name))   # also when made earlier with looser bits
         check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts
-        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir,
-                              pools_in_process=ns.pools_in_process)
+        agent = EndpointAgent(config, parent_pid=ns.parent_pid, secret_file=ns.secret_file, state_dir=state_dir)
     except ConfigError as exc:
         sys.exit(f"fedexec endpoint: {exc}")
     except AuthenticationFailed as exc:   # as when the relay refuses the credentials (the agent's code 2)

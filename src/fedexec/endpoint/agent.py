@@ -79,8 +79,7 @@ class EndpointAgent:
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
-                 secret_file: str | None = None, state_dir: Path | None = None,
-                 pools_in_process: bool = False) -> None:
+                 secret_file: str | None = None, state_dir: Path | None = None) -> None:
         config.validate()
         sandboxes.check(config.sandbox)  # a missing tool fails the endpoint's start, by name
         self.config = config
@@ -91,7 +90,6 @@ class EndpointAgent:
         self.parent_pid = parent_pid
         self.on_connected = on_connected
         self.workers_per_pool = config.max_workers or None   # None: each pool's cores
-        self.pools_in_process = pools_in_process   # local pools as threads of this process (inprocess.py)
         self.task_seconds: float | None = None   # moving average of run time, from the pools
         self.ctx = zmq.Context()
         self.relay = self._relay_socket()
@@ -187,7 +185,7 @@ class EndpointAgent:
         os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = (self._in_process_provider() if self.pools_in_process
+        provider = (self._in_process_provider() if provider_config.in_process
                     else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         if provider is None:
             return None
@@ -200,10 +198,9 @@ class EndpointAgent:
             {POOL_SECRET_ENV: self.pool_secret}, self.workers_per_pool)
 
     def _in_process_provider(self) -> InProcessProvider:
-        """Local pools on threads of this process, on the pool socket's
-        ``inproc://`` address too (the ipc one stays for nothing else)."""
-        if self.config.provider.type != "local" or self.config.provider.address:
-            raise ConfigError("pools run in the endpoint's process only with the local provider and no address")
+        """Local pools on threads of this process (``[provider] in_process``),
+        on the pool socket's ``inproc://`` address too (the ipc one stays, for
+        nothing else)."""
         address = f"inproc://fedexec-pools-{secrets.token_hex(8)}"
         self.pool_sock.bind(address)
         return InProcessProvider(self.ctx, address, self.pool_secret, self.config.max_workers)
