@@ -179,3 +179,23 @@ def test_in_process_pools_are_refused_where_a_pool_needs_its_own_process():
             ProviderConfig.from_dict({"in_process": True, **settings})
     with pytest.raises(ConfigError, match="in_process must be true or false"):
         ProviderConfig.from_dict({"in_process": "yes"})
+
+
+def test_endpoint_configure_sets_pools_in_process_and_refuses_it_for_slurm(tmp_path):
+    import subprocess
+    import sys
+
+    from fedexec.config import EndpointConfig
+
+    def configure(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "ep", *args],
+                              capture_output=True, text=True, timeout=60)
+
+    done = configure("--relay", "tcp://127.0.0.1:5999", "--pools-in-process")
+    assert done.returncode == 0, done.stderr
+    assert EndpointConfig.load("ep").provider.in_process is True
+    switched = configure("--provider", "slurm")   # another provider: its defaults, so in_process is off again
+    assert switched.returncode == 0 and EndpointConfig.load("ep").provider.in_process is False, switched.stderr
+    refused = configure("--pools-in-process")
+    assert refused.returncode != 0 and "in_process" in refused.stderr, refused.stderr
+    assert EndpointConfig.load("ep").provider.type == "slurm"
