@@ -3,8 +3,9 @@
 A local pool is otherwise a process of its own between the agent and its
 workers, so every task crosses two more ZeroMQ ipc hops (agent -> pool and
 back), each about three thread wake-ups through the two processes' I/O
-threads. For the embedded default, whose pool runs on the agent's machine
-and dies with it anyway, the pool runs here instead: the same
+threads. With ``[provider] in_process`` (the embedded default sets it:
+its pool runs on the agent's machine and dies with it anyway), each pool
+runs here instead: the same
 ``PoolManager``, on a thread of the agent's process, connected to the
 agent's pool socket over ``inproc://`` (no I/O thread, no syscall beyond
 the peer's wake-up). Nothing else changes: the pool says HELLO with the
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
+from typing import TYPE_CHECKING
 
 import zmq
 
 from .providers import DONE, RUNNING
+
+if TYPE_CHECKING:
+    from ..pool.manager import PoolManager
 
 log = logging.getLogger("fedexec.endpoint")
 
@@ -37,14 +41,14 @@ class InProcessProvider:
         self.address = address    # the agent's inproc:// pool address
         self.secret = secret
         self.workers = workers    # 0: the node's cores
-        self.pools: dict[str, tuple[threading.Thread, object]] = {}
+        self.pools: dict[str, tuple[threading.Thread, "PoolManager"]] = {}
         self._serial = 0
 
     def submit(self, block_id: str, command: str, env: dict[str, str]) -> str:
         """Start a pool thread (``command`` and ``env``, for a process, are not used)."""
-        from ..pool.manager import PoolManager   # (the pool's modules load only when one runs here)
+        from ..pool.manager import PoolManager, new_pool_id   # (loaded only when a pool runs here)
 
-        manager = PoolManager(self.address, pool_id=b"P" + uuid.uuid4().bytes[:8].hex().encode(),
+        manager = PoolManager(self.address, pool_id=new_pool_id(),
                               block_id=block_id, workers=self.workers, secret=self.secret, context=self.context)
         self._serial += 1
         job_id = f"thread-{self._serial}"
@@ -54,9 +58,9 @@ class InProcessProvider:
         return job_id
 
     @staticmethod
-    def _run(manager: object) -> None:
+    def _run(manager: "PoolManager") -> None:
         try:
-            manager.run()   # type: ignore[attr-defined]
+            manager.run()
         except Exception:   # a pool that fails ends its block, as a pool process exiting would
             log.exception("the in-process pool failed")
 
@@ -75,11 +79,11 @@ class InProcessProvider:
         for job_id in job_ids:
             entry = self.pools.get(job_id)
             if entry is not None:
-                entry[1].stop()   # type: ignore[attr-defined]
+                entry[1].stop()
 
     def close(self) -> None:
         """Wait for the pool threads (told to stop already), then tell them again."""
         for thread, manager in self.pools.values():
-            manager.stop()   # type: ignore[attr-defined]
+            manager.stop()
             thread.join(JOIN_TIMEOUT)
         self.pools.clear()

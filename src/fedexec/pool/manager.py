@@ -47,6 +47,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from typing import Any
 
@@ -808,10 +809,14 @@ class PoolManager(WorkerChains):
             self._unchained(task)
 
 
+def new_pool_id() -> bytes:
+    """A fresh pool's id (its routing id at the endpoint)."""
+    return b"P" + uuid.uuid4().bytes[:8].hex().encode()
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
-    import uuid
 
     from ..private import make_private
 
@@ -840,8 +845,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.address.startswith("tcp://") and not ns.endpoint_key:
         sys.exit("fedexec pool: a tcp:// endpoint needs --endpoint-key (the 'key' in the endpoint's pools.json)")
     secret = os.environ.pop("FEDEXEC_POOL_SECRET", "")  # not handed down to the workers
-    pool_id = b"P" + uuid.uuid4().bytes[:8].hex().encode()
-    manager = PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
+    manager = PoolManager(ns.address, pool_id=new_pool_id(), block_id=ns.block_id, workers=ns.workers, secret=secret,
                           endpoint_key=ns.endpoint_key, ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid)
     for_service()
     manager.run()
