@@ -142,6 +142,8 @@ def test_cli_endpoint_pools_in_process_scale_as_threads_and_a_killed_endpoint_lo
                 peak = max(peak, len(status_of("ep")["pools"]))
                 time.sleep(0.1)
             assert {f.result() for f in futures} == {proc.pid}, tail(log)
+            # its pool socket listens on no ipc or TCP address: only this process can reach it
+            assert status_of("ep")["pool_address"].startswith("inproc://"), status_of("ep")
             assert peak == 2, f"10 tasks of 0.4 s on 1-worker blocks reached {peak} pool(s), not 2:\n{tail(log)}"
             below = psutil.Process(proc.pid).children(recursive=True)
             assert not [line for line in cmdlines(below) if "fedexec.pool" in line], cmdlines(below)

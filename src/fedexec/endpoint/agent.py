@@ -150,10 +150,13 @@ class EndpointAgent:
         return sock
 
     def _bind_pool_socket(self) -> str:
-        """Local pools reach the agent over ipc; pools on other nodes over TCP
+        """Pools on threads of this process reach the agent over inproc, other
+        local pools over ipc, pools on other nodes over TCP
         at the provider's ``address`` (default: this host's address)."""
         provider = self.config.provider
-        if provider.type == "local" and not provider.address:
+        if provider.in_process:   # pools on threads of this process (inprocess.py): reachable from nowhere else
+            self.pool_sock.bind(f"inproc://fedexec-pools-{secrets.token_hex(8)}")
+        elif provider.type == "local" and not provider.address:
             self.pool_sock.bind(f"ipc://{self._sock_dir}/pools")
         else:
             host = provider.address or socket.gethostbyname(socket.gethostname())
@@ -185,7 +188,8 @@ class EndpointAgent:
         os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = (self._in_process_provider() if provider_config.in_process
+        provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers)
+                    if provider_config.in_process
                     else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         if provider is None:
             return None
@@ -196,14 +200,6 @@ class EndpointAgent:
                                           self.config.max_workers, provider_config.drain, parent,
                                           logging.getLevelName(logging.getLogger().getEffectiveLevel())),
             {POOL_SECRET_ENV: self.pool_secret}, self.workers_per_pool)
-
-    def _in_process_provider(self) -> InProcessProvider:
-        """Local pools on threads of this process (``[provider] in_process``),
-        on the pool socket's ``inproc://`` address too (the ipc one stays, for
-        nothing else)."""
-        address = f"inproc://fedexec-pools-{secrets.token_hex(8)}"
-        self.pool_sock.bind(address)
-        return InProcessProvider(self.ctx, address, self.pool_secret, self.config.max_workers)
 
     def _publish_pool_address(self) -> None:
         """For pools started by hand (provider ``manual``): where to connect
