@@ -258,7 +258,7 @@ def relay_status(ns: argparse.Namespace) -> None:
 # provider settings `endpoint configure` takes as options (ProviderConfig fields)
 PROVIDER_OPTIONS = ("init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime", "walltime",
                     "drain", "partition", "account", "scheduler_options", "worker_init", "address", "port",
-                    "parsl_class", "exclusive")
+                    "parsl_class", "exclusive", "in_process")
 
 def _endpoint_pidfile(name: str) -> PidFile:
     return PidFile(endpoint_dir(name) / "endpoint.json")
@@ -726,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="slurm account")
     p.add_argument("--scheduler-options", help="extra batch script lines, e.g. '#SBATCH --gres=gpu:1'")
     p.add_argument("--worker-init", help="shell commands run before pools start (module load ...)")
+    p.add_argument("--pools-in-process", dest="in_process", action="store_const", const=True,
+                   help="local: run pools on threads of the endpoint's process (no hop to a pool process)")
     p.add_argument("--pool-address", dest="address", help="the address pools on other nodes connect to")
     p.add_argument("--pool-port", dest="port", type=int, help="the pool socket's TCP port (0: any)")
     p.add_argument("--parsl-class", help="a Parsl provider class, e.g. parsl.providers.PBSProProvider")

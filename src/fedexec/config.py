@@ -109,6 +109,7 @@ class ProviderConfig:
     partition: str = ""             # slurm
     account: str = ""               # slurm
     exclusive: bool = True          # slurm: whole nodes (else --cpus-per-task=max_workers)
+    in_process: bool = False        # local: each pool on a thread of the endpoint's process (no hop to it)
     scheduler_options: str = ""     # slurm: extra lines for the batch script ("#SBATCH --gres=gpu:1")
     worker_init: str = ""           # shell commands run before the pools start (module load, source venv)
     address: str = ""               # where pools connect; "": an ipc socket (local), else this host's address
@@ -127,7 +128,7 @@ class ProviderConfig:
     def from_dict(cls, data: dict) -> "ProviderConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"[provider] must be a table, not {data!r}")
-        known = set(cls.NUMBERS) | set(cls.TEXTS) | {"parsl_options", "exclusive"}
+        known = set(cls.NUMBERS) | set(cls.TEXTS) | {"parsl_options", "exclusive", "in_process"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"[provider]: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -171,6 +172,11 @@ class ProviderConfig:
             if self.drain >= seconds:
                 raise ConfigError(f"[provider] drain ({self.drain:g} s) must be shorter than the walltime "
                                   f"({self.walltime} = {seconds:g} s)")
+        if not isinstance(self.in_process, bool):
+            raise ConfigError(f"[provider] in_process must be true or false, not {self.in_process!r}")
+        if self.in_process and (self.type != "local" or self.address or self.worker_init or self.python):
+            raise ConfigError("[provider] in_process runs pools in the endpoint's own process and Python: only with "
+                              "type 'local' and no address, worker_init or python")
         if self.type == "parsl" and not self.parsl_class:
             raise ConfigError("[provider] type 'parsl' needs parsl_class, e.g. \"parsl.providers.SlurmProvider\"")
 
@@ -185,8 +191,8 @@ class ProviderConfig:
         if self.type == "local":
             defaults.min_blocks = 1
         for key in ("type", "init_blocks", "min_blocks", "max_blocks", "nodes_per_block", "max_idletime",
-                    "walltime", "drain", "partition", "account", "exclusive", "scheduler_options", "worker_init",
-                    "address", "port", "python", "parsl_class", "parsl_launcher"):
+                    "walltime", "drain", "partition", "account", "exclusive", "in_process", "scheduler_options",
+                    "worker_init", "address", "port", "python", "parsl_class", "parsl_launcher"):
             value = getattr(self, key)
             if key != "type" and value == getattr(defaults, key) and key not in ("init_blocks", "min_blocks",
                                                                                "max_blocks", "max_idletime"):

@@ -3,7 +3,9 @@
 ``FederatedExecutor()`` with nothing configured starts both as child
 processes on ipc sockets in a private temporary directory, and stops them
 when the executor shuts down. Each child also watches this process and stops
-by itself if it disappears, so nothing outlives the program.
+by itself if it disappears, so nothing outlives the program. The endpoint
+runs its pool on a thread of its own (``--pools-in-process``,
+endpoint/inprocess.py): a task crosses no hop to a pool process.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class EmbeddedFederation:
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
              "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch), "--parent-pid", parent,
              "--secret-file", self.secret_file,
+             "--pools-in-process",   # its pool on a thread of the endpoint: no hop of its own (inprocess.py)
              "--log-level", "WARNING"], **common))
 
     def failed(self) -> str | None:

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
+    parser.add_argument("--pools-in-process", action="store_true",
+                        help="with --relay: run the local pool on a thread of this process (the embedded default)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             if ns.endpoint_id:
                 config.endpoint_id = ns.endpoint_id
             config.relay_public_key = ns.relay_key
+            config.provider.in_process = ns.pools_in_process
             config.validate()
         else:
             config = EndpointConfig.load(ns.name)

@@ -59,6 +59,7 @@ from .graph import HeldTasks
 from .refs import RefCache
 from . import placement
 from .pools import PoolLink
+from .inprocess import InProcessProvider
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 from .sockdir import make_socket_dir, remove_stale_socket_dirs
@@ -152,10 +153,13 @@ class EndpointAgent:
         return sock
 
     def _bind_pool_socket(self) -> str:
-        """Local pools reach the agent over ipc; pools on other nodes over TCP
+        """Pools on threads of this process reach the agent over inproc, other
+        local pools over ipc, pools on other nodes over TCP
         at the provider's ``address`` (default: this host's address)."""
         provider = self.config.provider
-        if provider.type == "local" and not provider.address:
+        if provider.in_process:   # pools on threads of this process (inprocess.py): reachable from nowhere else
+            self.pool_sock.bind(f"inproc://fedexec-pools-{secrets.token_hex(8)}")
+        elif provider.type == "local" and not provider.address:
             self.pool_sock.bind(f"ipc://{self._sock_dir}/pools")
         else:
             host = provider.address or socket.gethostbyname(socket.gethostname())
@@ -187,7 +191,9 @@ class EndpointAgent:
         os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = make_provider(provider_config, script_dir, self.config.name, self.config.max_workers)
+        provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers)
+                    if provider_config.in_process
+                    else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         if provider is None:
             return None
         parent = os.getpid() if provider_config.type == "local" else None

@@ -45,7 +45,9 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
+import uuid
 from collections import Counter, deque
 from typing import Any
 
@@ -86,7 +88,8 @@ class PoolManager(WorkerChains, WorkStealing):
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
                  secret: str = "", endpoint_key: str = "", ends_at: float | None = None,
-                 drain: float = DEFAULT_DRAIN, parent_pid: int | None = None) -> None:
+                 drain: float = DEFAULT_DRAIN, parent_pid: int | None = None,
+                 context: zmq.Context | None = None) -> None:
         self.address = address
         self.pool_id = pool_id
         self.block_id = block_id
@@ -99,7 +102,8 @@ class PoolManager(WorkerChains, WorkStealing):
         self.ends_at = ends_at
         self.drain_at = None if ends_at is None else ends_at - drain
         self.parent_pid = parent_pid
-        self.ctx = zmq.Context()
+        self._own_context = context is None
+        self.ctx = context or zmq.Context()   # the agent's, for a pool inside it (endpoint/inprocess.py)
         self.endpoint = P.dealer(self.ctx, 2000, pool_id)
         if endpoint_key:   # CURVE: only the endpoint holding that key can answer; traffic is encrypted
             public, secret_key = zmq.curve_keypair()
@@ -149,8 +153,9 @@ class PoolManager(WorkerChains, WorkStealing):
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        if threading.current_thread() is threading.main_thread():   # (a pool inside its agent: the agent's)
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -254,7 +259,8 @@ class PoolManager(WorkerChains, WorkStealing):
             self.cleaner.stop()
         self.endpoint.close(linger=2000)
         self.worker_sock.close(linger=0)
-        self.ctx.term()
+        if self._own_context:
+            self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     # -- endpoint side ---------------------------------------------------------
@@ -822,10 +828,14 @@ class PoolManager(WorkerChains, WorkStealing):
             self._unchained(task)
 
 
+def new_pool_id() -> bytes:
+    """A fresh pool's id (its routing id at the endpoint)."""
+    return b"P" + uuid.uuid4().bytes[:8].hex().encode()
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
-    import uuid
 
     from ..private import make_private
 
@@ -853,8 +863,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.address.startswith("tcp://") and not ns.endpoint_key:
         sys.exit("fedexec pool: a tcp:// endpoint needs --endpoint-key (the 'key' in the endpoint's pools.json)")
     secret = os.environ.pop("FEDEXEC_POOL_SECRET", "")  # not handed down to the workers
-    pool_id = b"P" + uuid.uuid4().bytes[:8].hex().encode()
-    manager = PoolManager(ns.address, pool_id=pool_id, block_id=ns.block_id, workers=ns.workers, secret=secret,
+    manager = PoolManager(ns.address, pool_id=new_pool_id(), block_id=ns.block_id, workers=ns.workers, secret=secret,
                           endpoint_key=ns.endpoint_key, ends_at=ns.ends_at, drain=ns.drain, parent_pid=ns.parent_pid)
     for_service()
     manager.run()
