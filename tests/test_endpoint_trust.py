@@ -592,9 +592,18 @@ def test_a_worker_checks_a_body_against_its_hash_before_loading_it(tmp_path):
     try:
         proc.stdin.write(worker_id.hex().encode() + b"\n")
         proc.stdin.close()
-        assert sock.poll(20000), "the worker did not say READY"
-        peer, *frames = sock.recv_multipart()
-        assert peer == worker_id and P.decode(frames).type == P.READY
+        def from_worker(timeout_ms: int) -> list:
+            """The next message of the worker's main channel (its control
+            thread connects too, as worker id + b"c": worker/control.py)."""
+            deadline = time.monotonic() + timeout_ms / 1000
+            while sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                peer, *frames = sock.recv_multipart()
+                if peer == worker_id:
+                    return frames
+                assert peer == worker_id + b"c", peer
+            raise AssertionError(f"nothing from the worker within {timeout_ms} ms")
+
+        assert P.decode(from_worker(20000)).type == P.READY
         honest_hash, honest_body = serialize_function(operator.add)
         _, evil_body = serialize_function(write_marker)
         blobs = P.Blobs()
@@ -605,8 +614,7 @@ def test_a_worker_checks_a_body_against_its_hash_before_loading_it(tmp_path):
         deadline = time.monotonic() + DEADLINE
         while len(outcomes) < 2 and time.monotonic() < deadline:
             if sock.poll(200):
-                _, *frames = sock.recv_multipart()
-                msg = P.decode(frames)
+                msg = P.decode(from_worker(1000))
                 for row in msg.fields.get("rows", []):
                     outcomes[row[0]] = (row[1], bytes(P.blob(msg.blobs, row[2])))
         for row in rows:   # the second task names the same hash: the swapped body is not loaded for it either
@@ -617,9 +625,7 @@ def test_a_worker_checks_a_body_against_its_hash_before_loading_it(tmp_path):
         blobs = P.Blobs()
         honest = task_row(blobs, other_hash, other_body, serialize_arguments(operator.mul, (6, 7), {}))
         sock.send_multipart([worker_id, *P.encode(P.TASKS, {"tasks": [honest]}, blobs.frames)])
-        assert sock.poll(DEADLINE * 1000)
-        _, *frames = sock.recv_multipart()
-        msg = P.decode(frames)
+        msg = P.decode(from_worker(DEADLINE * 1000))
         assert msg.fields["rows"][0][1] == P.OK and pickle.loads(P.blob(msg.blobs, msg.fields["rows"][0][2])) == 42
     finally:
         sock.send_multipart([worker_id, *P.encode(P.STOP)])

@@ -1266,11 +1266,15 @@ class Relay:
         outcome = self.store.task_outcome(task_id)
         if outcome is None or outcome[0] not in (FINISHED, KEPT):
             return False
-        _, status, result, user = outcome
+        state, status, result, user = outcome
         if user != session.user:
             self._not_theirs(client, session, task_id, "read the result of")
             return True
         result = result or b""
+        if state == KEPT and is_big(result):   # its upload went once its client had it: nothing to read again
+            self._reject(client, task_id, P.LOST, "this task's result was over 16 MiB: its client received and "
+                         "acknowledged it once, and the relay keeps no copy of a result that large", quiet=True)
+            return True
         self.record_budget -= len(result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, status, result))
