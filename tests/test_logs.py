@@ -98,3 +98,31 @@ def test_the_embedded_default_writes_no_log_file(fedexec_home):
     with FederatedExecutor(max_workers=1) as ex:
         assert ex.submit(pow, 2, 3).result(timeout=60) == 8
     assert not (fedexec_home / "relay" / "relay.log").exists()
+
+
+def test_a_log_file_leaves_an_existing_directory_alone_and_refuses_a_symlink(tmp_path):
+    """--log-file in a shared directory (/tmp-like) does not change that
+    directory's mode; a symlink planted where the log goes is not followed."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "victim"
+    target.write_text("untouched\n")
+    (shared / "planted.log").symlink_to(target)
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from pathlib import Path
+        from fedexec.logs import configure
+        configure("INFO", Path({str(shared / 'relay.log')!r}))
+        logging.getLogger("fedexec.relay").info("hello")
+        try:
+            configure("INFO", Path({str(shared / 'planted.log')!r}))
+        except OSError as exc:
+            print("refused", exc.errno)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert "hello" in (shared / "relay.log").read_text()
+    assert (shared / "relay.log").stat().st_mode & 0o777 == 0o600
+    assert "refused" in done.stdout and target.read_text() == "untouched\n"

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from .private import create_private_file, private_dir
 
 FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 REPEAT_WINDOW = 60.0   # seconds a repeated line stays collapsed before it is written again
@@ -65,15 +65,28 @@ def configure(level: str | int = "INFO", log_file: Path | None = None) -> None:
     (appended; made private first), collapsing repeated lines in each."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
-        private_dir(log_file.parent)
-        create_private_file(log_file)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        handlers.append(logging.StreamHandler(_open_private_log(log_file)))
     formatter = logging.Formatter(FORMAT)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(RepeatCollapser(handler))
     logging.basicConfig(level=level, handlers=handlers, force=True)
     atexit.register(flush_repeats)   # (runs before logging's own shutdown, registered earlier)
+
+
+def _open_private_log(path: Path):
+    """``path`` opened to append, private (0600): missing parent directories
+    are made 0700, an existing one is left as it is (a log may go in a
+    shared directory such as /tmp, whose mode is not ours to change), and a
+    symlink in the file's place is refused, not followed."""
+    path = Path(path)
+    missing = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
+    for parent in reversed(missing):
+        parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 def flush_repeats() -> None:

@@ -23,7 +23,7 @@ API token (``USER:ID.SECRET``); in globus mode a Globus bearer token; sent
 as ``Authorization: Bearer ...`` by scripts. Anything else: 401, no data.
 
 Bounded: at most MAX_CONNECTIONS requests at once (more get 503), a
-request's line and headers together at most MAX_REQUEST_BYTES, a socket
+request's line and headers together at most MAX_REQUEST_BYTES, sent within REQUEST_DEADLINE seconds, a socket
 idle for SOCKET_TIMEOUT seconds is closed, at most SESSIONS_PER_USER
 signed-in browsers per user and MAX_SESSIONS in all (the oldest go first).
 """
@@ -31,8 +31,10 @@ signed-in browsers per user and MAX_SESSIONS in all (the oldest go first).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -55,7 +57,8 @@ MAX_SESSIONS = 1024
 SESSIONS_PER_USER = 16       # a user's own oldest session goes first: nobody signs another out
 SESSION_LIFETIME = 12 * 3600.0
 RECHECK_INTERVAL = 60.0      # a session's credentials are checked again this often (revoked tokens)
-REFUSAL_DELAY = 0.2          # a wrong token's answer waits this long (guessing is slow)
+REQUEST_DEADLINE = 10.0      # seconds a connection has to send its whole request line and headers
+_SECRET_IN_QUERY = re.compile(r"token=[^ &]*")   # what a log line never shows
 EXTRA = "pip install 'fedexec[dashboard]'"
 
 
@@ -205,16 +208,22 @@ class _LimitedReader:
     """A request's input, cut off (as if the peer closed) past MAX_REQUEST_BYTES:
     a GET has no body, so its line and headers are all there is to read."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, connection: socket.socket) -> None:
         self.raw = raw
+        self.connection = connection
         self.left = MAX_REQUEST_BYTES
         self.exceeded = False
+        # one deadline for the whole request, not one per read: a client sending a header
+        # line now and then cannot hold a connection slot for ever
+        self.deadline = time.monotonic() + REQUEST_DEADLINE
 
     def readline(self, size: int = -1) -> bytes:
         limit = self.left if size is None or size < 0 else min(size, self.left)
-        if limit <= 0:
+        remaining = self.deadline - time.monotonic()
+        if limit <= 0 or remaining <= 0:
             self.exceeded = True
             return b""
+        self.connection.settimeout(remaining)
         line = self.raw.readline(limit)
         self.left -= len(line)
         if self.left <= 0 and not line.endswith(b"\n"):
@@ -243,10 +252,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile = _LimitedReader(self.rfile)  # type: ignore[assignment]
+        self.rfile = _LimitedReader(self.rfile, self.connection)  # type: ignore[assignment]
 
     def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 (the base class's name)
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), _SECRET_IN_QUERY.sub("token=...", format % args))
 
     # -- methods -------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -278,7 +287,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         parts = urlsplit(self.path)
         path = parts.path
-        query = parse_qs(parts.query, max_num_fields=8)
+        try:
+            query = parse_qs(parts.query, max_num_fields=8)
+        except ValueError:
+            self._reply(400, b"at most 8 query fields\n", "text/plain")
+            return
         if path == "/favicon.ico":   # (browsers ask for it; there is none)
             self._reply(204, b"", "image/x-icon")
             return
@@ -305,7 +318,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _host_is_loopback(self) -> bool:
         host = self.headers.get("Host", "")
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        return name.strip("[]") in ("localhost", "127.0.0.1", "::1") or name.startswith("127.")
+        name = name.strip("[]")
+        if name == "localhost":
+            return True
+        try:   # an address, not a name that merely starts like one (127.attacker.example)
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
 
     def _session(self) -> Session | None:
         auth = self.headers.get("Authorization", "")
@@ -317,12 +336,12 @@ class _Handler(BaseHTTPRequestHandler):
             return None if isinstance(answer, str) or answer.problem(time.time()) else answer
         for part in self.headers.get("Cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
-            if hmac.compare_digest(name, self.server.cookie):
+            if hmac.compare_digest(name.encode("utf-8", "surrogateescape"), self.server.cookie.encode()):
                 return self.server.sessions.get(value)
         return None
 
     def _refuse(self) -> None:
-        time.sleep(REFUSAL_DELAY)
+        # (no delay: tokens are 256-bit, and sleeping would hold a connection slot)
         self._reply(401, b"sign in: open /?token=TOKEN once in a browser, or send 'Authorization: Bearer TOKEN' "
                          b"(the relay's local secret in local mode, an API token in token mode, a Globus token "
                          b"in globus mode)\n", "text/plain", extra={"WWW-Authenticate": 'Bearer realm="fedexec"'})
