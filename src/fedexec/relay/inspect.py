@@ -22,6 +22,7 @@ here unpickles: results and function bodies are the opaque bytes stored.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
@@ -40,6 +41,7 @@ MAX_LIST = 1000                  # tasks in one page of a listing
 ANSWER_BYTES = 16 * 1024 * 1024  # result bytes in one answer, within the relay's turn budget (the rest: ask again)
 HEADER_BUDGET = 384 * 1024       # header bytes an answer's rows may take (MAX_HEADER is 512 KiB)
 MAX_REGISTERED_PER_USER = 1000   # functions one user may keep registered
+FUNCTION_BYTES_PER_SECOND = 64 << 20   # function bodies one user may register or read a second (then: busy)
 MAX_DESCRIPTION = 1024
 
 # Task statuses, as Globus Compute names them
@@ -78,6 +80,10 @@ class Inspector:
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
         self.budget = RecordReads(QUERIES_PER_SECOND)
+        # bytes of function bodies read (fn_get) or written (fn_put) this second, per user: a body
+        # can be 32 MiB, and an answer nobody reads stays queued at the relay
+        self.body_second = 0
+        self.body_bytes: dict[str, int] = {}
         self.registered: dict[str, dict[bytes, int]] = {}   # user -> {function hash: bytes charged}
         for user, fn_hash, size in relay.store.registered_sizes():
             self.registered.setdefault(user, {})[fn_hash] = size
@@ -95,8 +101,24 @@ class Inspector:
         if not self.budget.spend(session.user):
             self._answer(sender, {"op": op, "q": q, "busy": True})
             return
+        if op in ("fn_get", "fn_put") and not self._body_budget(session.user):
+            self._answer(sender, {"op": op, "q": q, "busy": True})
+            return
         answer, frames = handler(self, session, fields, msg.blobs)
+        if frames:
+            self._spend_body(session.user, sum(len(P.as_buffer(frame)) for frame in frames))
         self._answer(sender, {"op": op, "q": q, **answer}, frames)
+
+    def _body_budget(self, user: str) -> bool:
+        """Whether ``user`` may move another function body this second
+        (FUNCTION_BYTES_PER_SECOND each)."""
+        second = int(time.monotonic())
+        if second != self.body_second:
+            self.body_second, self.body_bytes = second, {}
+        return self.body_bytes.get(user, 0) < FUNCTION_BYTES_PER_SECOND
+
+    def _spend_body(self, user: str, nbytes: int) -> None:
+        self.body_bytes[user] = self.body_bytes.get(user, 0) + nbytes
 
     def _answer(self, sender: bytes, fields: dict[str, Any], frames: list[Any] = ()) -> None:
         self.relay._send(sender, P.encode(P.INSPECTED, fields, frames))
@@ -259,6 +281,9 @@ class Inspector:
             return {"err": "the function body does not match its id (its sha256)"}, []
         mine = self.registered.setdefault(user, {})
         before = mine.get(fn_hash, 0)
+        self._spend_body(user, len(body))
+        if before:   # registered already: the same id is the same body (its first description stays)
+            return {"h": fn_hash}, []
         if not before and len(mine) >= MAX_REGISTERED_PER_USER:
             return {"err": f"user {user!r} has {len(mine):,} functions registered, the most one user may "
                            f"({MAX_REGISTERED_PER_USER:,})"}, []
