@@ -29,6 +29,7 @@ beside another holding several tasks, at most every STEAL_CHECK.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ from .workers import LocalWorkerPool, WorkerSlot
 
 STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
 STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
+
+log = logging.getLogger("fedexec.pool")
 
 
 class WorkStealing:
@@ -111,6 +114,7 @@ class WorkStealing:
                 asked.append([task_id, number])
         if cancel and len(self._cancel_asked) > P.MAX_ITEMS:   # (those of workers that died before answering)
             self._cancel_asked.intersection_update(self.at_worker)
+        slot.recalling.update((task_id, cancel) for task_id, _ in asked)
         for part in P.chunks(asked):
             if cancel:
                 self._cancel_asked.update(task_id for task_id, _ in part)
@@ -183,7 +187,16 @@ class WorkStealing:
         if not cancel:
             slot.recalled_at = 0.0
         back: list[QueuedTask] = []
+        for task_id in absent:
+            slot.recalling.pop(task_id, None)
         for task_id in given:
+            # only what was asked back and is not the task its marker shows running: a task in the
+            # worker could forge an answer (it shares the process), which must not make a running
+            # task look cancelled, nor send it to run a second time
+            if slot.recalling.pop(task_id, None) is None or task_id == slot.seen_running:
+                log.warning("worker %s gave back task %s, which it was not asked for or is running: ignored",
+                            slot.worker_id.hex(), task_id.hex())
+                continue
             task = slot.tasks.pop(task_id, None)   # only tasks it holds: none of another worker's
             if task is None:
                 continue

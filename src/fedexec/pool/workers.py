@@ -75,6 +75,7 @@ class WorkerSlot:
     seen_running: bytes | None = None   # the task its marker showed running when last looked at, and since when
     seen_since: float = 0.0
     recalled_at: float = 0.0            # when it was asked for the tasks it has not started (unanswered)
+    recalling: dict = field(default_factory=dict)   # task id -> to cancel: asked back, not answered yet
     stuck: bytes | None = None          # the long task it runs, tasks recalled from behind it: it gets no more
     sent: int = 0                       # TASKS messages sent to it; the latest ones' (number, rows):
     batches: deque = field(default_factory=lambda: deque(maxlen=RECALLABLE_BATCHES))
