@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import protocol as P
-from .errors import DeserializationError, FedexecError, TaskLost, TaskPending, TaskRejected
+from .errors import DeserializationError, EndpointNotConnectedWarning, FedexecError, TaskLost, TaskPending, TaskRejected
 from .output import MAGIC as OUTPUT_MAGIC, split as split_output
 from .relay.query import ask_relay_message
 from .serialize import deserialize, deserialize_exception, serialize_function
@@ -233,8 +234,12 @@ class Client:
 
         executor = self._executors.get(endpoint_id)
         if executor is None:
-            executor = self._executors[endpoint_id] = FederatedExecutor(
-                endpoint_id, relay=self.relay, token=self.token, relay_public_key=self.relay_public_key)
+            # a task for an endpoint that is not connected waits for it ("waiting-for-ep", as in
+            # Globus Compute): that is what get_task says, so the executor's warning would only repeat it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EndpointNotConnectedWarning)
+                executor = self._executors[endpoint_id] = FederatedExecutor(
+                    endpoint_id, relay=self.relay, token=self.token, relay_public_key=self.relay_public_key)
         return executor
 
     def run(self, *args: Any, endpoint_id: str, function_id: str, **kwargs: Any) -> str:
