@@ -68,9 +68,20 @@ def assert_acknowledged(address: str, task_id: bytes) -> None:
     acknowledged (RESUME answers that it is lost, saying so)."""
     client = RawClient(address, None)
     try:
-        client.send(P.RESUME, {"tids": [task_id]})
-        failure = client.failure_of(task_id, 20)
-        assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
+        # the acknowledgement is written by the relay's writer thread: until its commit the record
+        # may still answer with the result itself, so ask again for a while
+        deadline = time.monotonic() + 20
+        while True:
+            client.send(P.RESUME, {"tids": [task_id]})
+            msg = client.expect(P.RESULTS, 20)
+            rows = {row[0]: (row[1], P.blob(msg.blobs, row[2])) for row in (msg.fields["rows"] if msg else ())}
+            status, blob = rows.get(task_id, (None, b""))
+            if status == P.FAILED:
+                failure = P.unpack_failure(blob)
+                assert failure["kind"] == P.LOST and "acknowledged" in failure["msg"], failure
+                return
+            assert time.monotonic() < deadline, ("the result stayed unacknowledged", status, bytes(blob)[:64])
+            time.sleep(0.2)
     finally:
         client.close()
 
