@@ -1425,7 +1425,7 @@ class Relay:
             if self.dashboard is not None:
                 self._trace_to_dashboard(rows, finished, now)
         if started and state is not None:
-            self._on_started(started)
+            self._on_started(state, started)
 
     def _trace_to_dashboard(self, rows: list[Any], finished: list[tuple[TaskRecord, int, Any]], now: float) -> None:
         """The stage times of traced tasks in a RESULTS message, for the dashboard."""
@@ -1451,9 +1451,12 @@ class Relay:
             except ValueError:
                 pass
 
-    def _on_started(self, task_ids: list[bytes]) -> None:
+    def _on_started(self, state: EndpointState, task_ids: list[bytes]) -> None:
+        """Tasks ``state``'s endpoint started: only those sent to it (an
+        endpoint cannot mark another's tasks, another user's, as running)."""
+        dispatched = state.dispatched
         for task_id in task_ids:
-            record = self.tasks.get(task_id)
+            record = dispatched.get(task_id)
             if record is not None:
                 self.client_started[record.client].append(task_id)
                 record.started = True   # (a task's status: relay/inspect.py)
