@@ -26,30 +26,17 @@ import pytest
 import fedexec
 from fedexec import (ConfigError, EndpointNotConnected, EndpointNotConnectedWarning, FederatedExecutor,
                      FedexecError, RelayUnavailable, UnknownEndpoint)
-from fedexec.config import EndpointConfig
-from test_faults import dispatcher_threads, free_port, lookup_endpoint, running_relay, stop_process, tail
+from test_faults import dispatcher_threads, free_port, running_relay, stop_process
+from test_providers import configured_endpoint
 
 
 def pid_of_worker():
     return os.getpid()
 
 
-@contextlib.contextmanager
 def endpoint_process(tmp_path: Path, name: str, relay: str, endpoint_id: str | None = None):
     """``fedexec endpoint`` configured as ``name`` in this test's fedexec home, run as a subprocess."""
-    config = EndpointConfig(name=name, relay=relay, max_workers=1, heartbeat_period=0.5,
-                            **({"endpoint_id": endpoint_id} if endpoint_id else {}))
-    config.save()
-    log = tmp_path / f"endpoint-{name}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name],
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        lookup_endpoint(relay, config.endpoint_id, proc, log)
-        yield config, proc, log
-    finally:
-        stop_process(proc)
+    return configured_endpoint(tmp_path, relay, name=name, endpoint_id=endpoint_id)
 
 
 @contextlib.contextmanager

@@ -40,11 +40,13 @@ def slurm_job_after(seconds):
 
 @contextlib.contextmanager
 def configured_endpoint(tmp_path: Path, relay: str, env: dict[str, str] | None = None, *, name: str = "ep",
-                        max_workers: int = 1, **provider):
+                        max_workers: int = 1, endpoint_id: str | None = None, **provider):
     """An endpoint configured in this test's fedexec home and run as
-    ``python -m fedexec.endpoint --name``, connected to ``relay``."""
+    ``python -m fedexec.endpoint --name``, connected to ``relay`` (as
+    ``endpoint_id``, if given: the same endpoint started again)."""
     config = EndpointConfig(name=name, relay=relay, max_workers=max_workers, heartbeat_period=0.5,
-                            provider=ProviderConfig.from_dict(provider))
+                            provider=ProviderConfig.from_dict(provider),
+                            **({"endpoint_id": endpoint_id} if endpoint_id else {}))
     config.save()
     log = tmp_path / f"endpoint-{name}.log"
     env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
