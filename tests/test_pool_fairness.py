@@ -118,6 +118,8 @@ def nap(seconds, value):
 
 FLOOD = 60          # Alice's tasks of 0.2 s: 6 s on 2 workers
 BOB_BOUND = 4.0     # Bob's 4 tasks: a worker yields (<= 1 s bound + 0.2 s), restarts, runs them (0.8 s)
+# On a loaded machine a worker's restart alone can take seconds (12.7 s once in CI at load 20), and
+# Alice's flood slows as much: then fairness shows as her flood still far from drained when Bob is done.
 
 
 @pytest.mark.timeout(120)
@@ -141,5 +143,7 @@ def test_one_user_flooding_a_shared_pool_does_not_starve_another(shared_pool):
     flood_took = time.monotonic() - started
     print(f"Bob's 4 tasks: {bob_took:.2f} s; Alice's flood drained {flood_took:.2f} s after he submitted; "
           f"{flood_left} of hers still to finish when his were done")
-    assert bob_took < BOB_BOUND and flood_left >= FLOOD // 4, (bob_took, flood_took, flood_left, tail(s.ep.log))
+    assert flood_left >= FLOOD // 4, (bob_took, flood_took, flood_left, tail(s.ep.log))
+    # the time bound, unless the whole machine was slow: Bob waited less than half the flood's drain
+    assert bob_took < max(BOB_BOUND, flood_took / 2), (bob_took, flood_took, flood_left, tail(s.ep.log))
     wait_for_workers(s.ep, WORKERS)
