@@ -44,15 +44,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite leaves the real fedexec home as it found it: anything that
     appeared there came from a process of the tests that used the default
-    home (a fixture or subprocess without the private one below)."""
+    home (a fixture or subprocess without the private one below), unless
+    another fedexec program of the same user (a benchmark, a real endpoint)
+    wrote there at the same time, which the message says too."""
     before = getattr(session.config, "_real_home_before", None)
     if before is None:
         return
     new = sorted(_home_entries(REAL_HOME) - before)
     if new:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        message = (f"the tests wrote {len(new)} entr{'y' if len(new) == 1 else 'ies'} into the real fedexec home "
-                   f"{REAL_HOME} (every test must use a private one: see tests/conftest.py): "
+        message = (f"{len(new)} entr{'y' if len(new) == 1 else 'ies'} appeared in the real fedexec home {REAL_HOME} "
+                   f"while the tests ran: a test used it (every test must use a private one: see tests/conftest.py), "
+                   f"or another fedexec program of this user ran meanwhile (run the tests alone to tell): "
                    f"{', '.join(new[:20])}{' ...' if len(new) > 20 else ''}")
         if reporter is not None:
             reporter.write_line(f"FAILED (real fedexec home): {message}", red=True)

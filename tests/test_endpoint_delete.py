@@ -168,3 +168,39 @@ def test_delete_with_the_relay_unreachable_says_so_and_how_to_tell_it_later(tmp_
     with running_relay(tmp_path) as address:
         again = fedexec_cli(*retry.replace(nowhere, address).split()[1:])
         assert f"knows no endpoint {endpoint_id} of yours" in again.stdout
+
+
+@pytest.mark.timeout(120)
+def test_deregister_messages_are_checked_and_rate_limited(tmp_path):
+    """Malformed DEREGISTERs get an error naming the problem (the relay goes
+    on); a burst is cut at DELETIONS_PER_SECOND a second per user."""
+    from fedexec import protocol as P
+    from fedexec.relay.deregister import DELETIONS_PER_SECOND
+
+    from test_access import RawClient
+
+    with running_relay(tmp_path) as address:
+        client = RawClient(address, None)
+        try:
+            for fields, why in (({}, "endpoint id must be a string"), ({"ep": "x" * 10_000}, "at most 256"),
+                                ({"ep": "not-a-uuid"}, "is not a UUID"), ({"ep": 7}, "must be a string")):
+                client.send(P.DEREGISTER, fields)
+                error = client.expect(P.ERROR)
+                assert error is not None and why in error.fields["msg"], (fields, error and error.fields)
+            burst = DELETIONS_PER_SECOND * 2 + 1   # (a second may turn within the burst: at most twice the budget)
+            for _ in range(burst):
+                client.send(P.DEREGISTER, {"ep": str(uuid.uuid4())})
+            answers: list = []
+            deadline = time.monotonic() + 10
+            while len(answers) < burst and time.monotonic() < deadline:
+                if client.sock.poll(100):
+                    answers.append(P.decode(client.sock.recv_multipart()))
+            done = [a for a in answers if a.type == P.DEREGISTERED]
+            cut = [a for a in answers if a.type == P.ERROR and "too many endpoint deletions" in a.fields["msg"]]
+            assert len(done) + len(cut) == burst, [(a.type, a.fields) for a in answers]
+            assert DELETIONS_PER_SECOND <= len(done) <= 2 * DELETIONS_PER_SECOND and cut
+            assert all(a.fields["known"] is False for a in done)
+            client.send(P.LOOKUP, {"ep": str(uuid.uuid4())})   # still serving
+            assert client.expect(P.LOOKUP_REPLY) is not None
+        finally:
+            client.close()
