@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedexec import FederatedExecutor, TaskRejected, UnknownEndpoint
+from fedexec import Client, FederatedExecutor, TaskRejected, UnknownEndpoint
 from fedexec.config import EndpointConfig
 from fedexec.relay.query import deregister_endpoint, lookup_endpoint, share_endpoint
 
@@ -92,6 +92,9 @@ def test_delete_tells_the_relay_fails_its_tasks_and_only_the_owner_may(tmp_path)
             for future in mine:
                 with pytest.raises(TaskRejected, match=f"endpoint 'ep-a' \\({a.id}\\) was deleted by its owner"):
                     future.result(DEADLINE)
+            with Client(relay=address, token=alice) as client:   # what the Client API shows of them
+                info = client.get_task(mine[0].task_id)
+            assert info["status"] == "failed" and "was deleted by its owner" in str(info["exception"]), info
             assert lookup_endpoint(address, a.id, token=alice) is None
             assert lookup_endpoint(address, a.id, token=bob) is None
             with pytest.raises(UnknownEndpoint):
@@ -127,6 +130,9 @@ def test_delete_tells_the_relay_fails_its_tasks_and_only_the_owner_may(tmp_path)
     # a restarted relay still does not know them, and still refuses the old copy
     with running_relay(tmp_path, "--auth", "token") as address:
         assert lookup_endpoint(address, a.id, token=alice) is None
+        with Client(relay=address, token=alice) as client:   # the failures are in the record
+            info = client.get_task(mine[1].task_id)
+        assert info["status"] == "failed" and "was deleted by its owner" in str(info["exception"]), info
         assert lookup_endpoint(address, c.id, token=alice) is None
         with pytest.raises(UnknownEndpoint):
             FederatedExecutor(a.id, relay=address, token=alice)
