@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedexec import Client, FederatedExecutor, TaskRejected, UnknownEndpoint
+from fedexec import Client, DependencyError, FederatedExecutor, TaskRejected, UnknownEndpoint
 from fedexec.config import EndpointConfig
 from fedexec.relay.query import deregister_endpoint, lookup_endpoint, share_endpoint
 
@@ -74,6 +74,7 @@ def test_delete_tells_the_relay_fails_its_tasks_and_only_the_owner_may(tmp_path)
         try:
             mine = [ex.submit(pow, 2, i) for i in range(3)]
             grouped = [group.submit(pow, 3, i) for i in range(2)]
+            dependent = ex.submit(pow, mine[0], 2)   # fails with the task it depends on
             time.sleep(1.5)   # accepted by the relay before the deletion below (another connection)
 
             # bob (ep-a is shared with him) and an unknown id get the same answer; ep-a stays
@@ -89,6 +90,8 @@ def test_delete_tells_the_relay_fails_its_tasks_and_only_the_owner_may(tmp_path)
                               env={"FEDEXEC_HOME": str(a.home), "FEDEXEC_TOKEN": alice})
             assert f"forgot endpoint {a.id}; 3 task(s) waiting for it failed" in out.stdout, out.stdout
             assert not (a.home / "endpoints" / "ep-a").exists()
+            with pytest.raises(DependencyError, match=mine[0].task_id):
+                dependent.result(DEADLINE)
             for future in mine:
                 with pytest.raises(TaskRejected, match=f"endpoint 'ep-a' \\({a.id}\\) was deleted by its owner"):
                     future.result(DEADLINE)
