@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,12 @@ def run_fedexec(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
 
     functions = {cmd: ShellFunction(cmd) for cmd in COMMANDS}
     out: dict[str, tuple[float, float]] = {}
-    with FederatedExecutor(max_workers=2) as ex:
+    # the tasks' directories in a fresh base of this run's, removed after it: thousands a run
+    # would pile up in ~/.fedexec/tasks, which each pool's first cleaning pass then stats
+    tasks_base = tempfile.mkdtemp(prefix="fedexec-bench-tasks-")
+    os.environ["FEDEXEC_TASK_DIR"] = tasks_base
+    with contextlib.ExitStack() as cleanup, FederatedExecutor(max_workers=2) as ex:
+        cleanup.callback(shutil.rmtree, tasks_base, True)
         def check(future: Any) -> Any:
             value = future.result()
             assert value.returncode == 0, value

@@ -76,6 +76,7 @@ def test_restart_then_delete_an_endpoint(tmp_path):
         assert running_pid("ep") == second and (endpoint_dir("ep") / "config.toml").exists()
         out = cli("endpoint", "delete", "ep", "--yes")
         assert "deleted endpoint ep" in out.stdout
+        assert f"the relay at {relay} forgot endpoint" in out.stdout, out.stdout   # (local mode: told too)
         assert not endpoint_dir("ep").exists()
         psutil.wait_procs([psutil.Process(second)] if psutil.pid_exists(second) else [], timeout=10)
         assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE

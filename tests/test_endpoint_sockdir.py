@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,10 @@ import pytest
 from fedexec.config import EndpointConfig
 from fedexec.endpoint.sockdir import MARKER, UNMARKED_AGE, remove_stale_socket_dirs
 from test_faults import lookup_endpoint, running_relay, stop_process, tail
+
+
+HOST = socket.gethostname()
+BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def socket_dirs(tmpdir: Path) -> set[str]:
@@ -107,13 +112,20 @@ def test_only_this_users_dead_endpoints_directories_are_removed(tmp_path):
     # one whose marker names a live process started at another time (a reused pid)
     reused = base / "fedexec-ep-reused"
     reused.mkdir()
-    (reused / MARKER).write_text(f"{os.getppid()} 12345.0\n")
+    (reused / MARKER).write_text(f"{os.getppid()} 12345.0 {HOST} {BOOT}\n")
     # one whose marker names a pid that does not run
     dead = base / "fedexec-ep-dead"
     dead.mkdir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait(10)
-    (dead / MARKER).write_text(f"{gone.pid} 12345.0\n")
+    (dead / MARKER).write_text(f"{gone.pid} 12345.0 {HOST} {BOOT}\n")
+    # the same pid on another node sharing this temporary directory, or before a reboot: not judged here
+    for name, host, boot in (("other-host", "node-b", BOOT), ("other-boot", HOST, "0" * 8 + BOOT[8:])):
+        (base / f"fedexec-ep-{name}").mkdir()
+        (base / f"fedexec-ep-{name}" / MARKER).write_text(f"{gone.pid} 12345.0 {host} {boot}\n")
+    # an older release's marker (no host and boot), young: as if unmarked, left alone
+    (base / "fedexec-ep-old-format").mkdir()
+    (base / "fedexec-ep-old-format" / MARKER).write_text(f"{gone.pid} 12345.0\n")
     # a file, not a directory
     (base / "fedexec-ep-file").write_text("x")
     # this process's own (alive, right start time)
@@ -121,10 +133,28 @@ def test_only_this_users_dead_endpoints_directories_are_removed(tmp_path):
 
     own = base / "fedexec-ep-own"
     own.mkdir()
-    (own / MARKER).write_text(f"{os.getppid()} {psutil.Process(os.getppid()).create_time()!r}\n")
+    (own / MARKER).write_text(f"{os.getppid()} {psutil.Process(os.getppid()).create_time()!r} {HOST} {BOOT}\n")
 
     removed = sorted(Path(p).name for p in remove_stale_socket_dirs(str(base)))
     assert removed == ["fedexec-ep-dead", "fedexec-ep-old", "fedexec-ep-reused"], removed
     assert (target / "keep").exists() and (base / "fedexec-ep-link").is_symlink()
     assert (base / "fedexec-ep-young").is_dir() and (base / "fedexec-ep-file").exists()
     assert (base / "fedexec-ep-own").is_dir()
+    for name in ("other-host", "other-boot", "old-format"):
+        assert (base / f"fedexec-ep-{name}" / MARKER).exists(), name
+
+
+def test_an_agents_marker_names_its_pid_start_host_and_boot(tmp_path, monkeypatch):
+    """What a shared temporary directory's other nodes go by (review finding 10)."""
+    import psutil
+
+    from fedexec.endpoint.sockdir import make_socket_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)   # (the standard library's cache of TMPDIR)
+    directory = make_socket_dir()
+    pid, started, host, boot = (Path(directory) / MARKER).read_text().split()
+    assert Path(directory).parent == tmp_path
+    assert int(pid) == os.getpid() and float(started) == psutil.Process().create_time()
+    assert (host, boot) == (HOST, BOOT)
+    assert remove_stale_socket_dirs(str(tmp_path)) == [] and Path(directory).is_dir()

@@ -402,21 +402,70 @@ def endpoint_restart(ns: argparse.Namespace) -> None:
 
 
 def endpoint_delete(ns: argparse.Namespace) -> None:
-    """Stop the endpoint if it runs and remove its directory (config, keys,
-    logs, block scripts), after asking unless ``--yes``."""
+    """Stop the endpoint if it runs, tell its relay (which forgets it and
+    fails its tasks: relay/deregister.py), remove its directory (config,
+    keys, logs, block scripts) and take it out of this machine's named
+    groups, after asking unless ``--yes``. With ``--relay-only ID``: only
+    tell the relay (when it could not be told at the time)."""
+    if ns.relay_only:
+        if ns.name or not ns.relay:
+            raise CommandError("--relay-only ENDPOINT_ID takes the relay's address (--relay tcp://HOST:PORT) and no "
+                               "endpoint name")
+        if not P.is_endpoint_id(ns.relay_only):
+            raise CommandError(f"--relay-only takes the endpoint's id (a UUID), not {ns.relay_only!r}")
+        if not _tell_relay_deleted(ns.relay, ns.relay_only, ns.relay_key or None):
+            raise SystemExit(1)
+        return
+    if not ns.name:
+        raise CommandError("give the name of the endpoint to delete ('fedexec endpoint list' shows them)")
     config = EndpointConfig.load(ns.name)
     directory = endpoint_dir(ns.name)
     if not ns.yes:
         if not sys.stdin.isatty():
             raise CommandError(f"not deleting endpoint {ns.name}: confirm with --yes (no terminal to ask on)")
-        answer = input(f"delete endpoint {ns.name} ({config.endpoint_id}): stop it and remove {directory}? [y/N] ")
+        answer = input(f"delete endpoint {ns.name} ({config.endpoint_id}): stop it, tell the relay at {config.relay} "
+                       f"(its queued tasks fail) and remove {directory}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return
     endpoint_stop(ns)
+    told = _tell_relay_deleted(config.relay, config.endpoint_id, config.relay_public_key or None, ns.name)
     shutil.rmtree(directory)
-    print(f"deleted endpoint {ns.name} ({config.endpoint_id}); the relay at {config.relay} still lists its id as "
-          "disconnected, and tasks sent to it wait there until they expire")
+    print(f"deleted endpoint {ns.name} ({config.endpoint_id}): its config, keys and logs are removed")
+    from .config import leave_groups
+
+    left, emptied = leave_groups(config.endpoint_id)
+    if left:
+        print(f"it left the endpoint group(s) {', '.join(left)}")
+    if emptied:
+        print(f"the endpoint group(s) {', '.join(emptied)} had no other endpoint and were removed")
+    if not told:
+        raise SystemExit(1)
+
+
+def _tell_relay_deleted(relay: str, endpoint_id: str, relay_key: str | None, name: str = "") -> bool:
+    """Ask the relay to forget an endpoint; print what it said, or that it
+    was not told and the command that tells it later. Whether it was told."""
+    from .errors import FedexecError
+    from .relay.query import deregister_endpoint
+
+    try:
+        answer = deregister_endpoint(relay, endpoint_id, relay_key=relay_key)
+    except (FedexecError, TimeoutError, RuntimeError, ValueError) as exc:
+        key = f" --relay-key {relay_key}" if relay_key else ""
+        what = f"{name} ({endpoint_id})" if name else endpoint_id
+        print(f"fedexec: the relay at {relay} was NOT told that endpoint {what} is deleted: {exc}\n"
+              f"  it still lists the endpoint, and tasks sent to it wait there; once the relay is reachable, run:\n"
+              f"  fedexec endpoint delete --relay-only {endpoint_id} --relay {relay}{key}", file=sys.stderr)
+        return False
+    if answer.get("known"):
+        failed = answer.get("failed", 0)
+        print(f"the relay at {relay} forgot endpoint {endpoint_id}"
+              + (f"; {failed} task(s) waiting for it failed, saying it was deleted" if failed else ""))
+    else:
+        print(f"the relay at {relay} knows no endpoint {endpoint_id} of yours (it never connected there, or "
+              f"was deleted already)")
+    return True
 
 
 def endpoint_logs(ns: argparse.Namespace) -> None:
@@ -752,9 +801,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what is added (Ctrl-C ends)")
     p.add_argument("-n", "--lines", type=int, default=100, help="how many of its last lines first (default 100)")
     p.set_defaults(func=endpoint_logs)
-    p = esub.add_parser("delete", help="stop an endpoint and remove its config, keys and logs")
-    p.add_argument("name")
+    p = esub.add_parser("delete", help="stop an endpoint, tell its relay (its queued tasks fail) and remove its "
+                                       "config, keys and logs")
+    p.add_argument("name", nargs="?")
     p.add_argument("--yes", action="store_true", help="do not ask first")
+    p.add_argument("--relay-only", metavar="ENDPOINT_ID",
+                   help="only tell the relay (--relay) that this endpoint is deleted: when it could not be told "
+                        "at the time")
+    p.add_argument("--relay", help="the relay's address, with --relay-only")
+    p.add_argument("--relay-key", help="the relay's public key (CURVE), with --relay-only, if not kept here")
     p.set_defaults(func=endpoint_delete)
     p = esub.add_parser("share", help="change who may use an endpoint (its owner only)")
     p.add_argument("name")

@@ -545,6 +545,25 @@ def remove_group(name: str) -> list[str]:
     return members
 
 
+def leave_groups(endpoint_id: str) -> tuple[list[str], list[str]]:
+    """Take a deleted endpoint out of every named group (``endpoint
+    delete``): the names of the groups it left, and of those it was the last
+    member of, which are removed (a group of no endpoints could run nothing)."""
+    groups = load_groups()
+    left, emptied = [], []
+    for name, members in list(groups.items()):
+        if endpoint_id in members:
+            members.remove(endpoint_id)
+            if members:
+                left.append(name)
+            else:
+                emptied.append(name)
+                del groups[name]
+    if left or emptied:
+        save_groups(groups)
+    return left, emptied
+
+
 def group_members(name: str) -> list[str]:
     groups = load_groups()
     if name not in groups:

@@ -45,6 +45,7 @@ HOLDING = "holding"      # {tids}: endpoint -> relay, pool -> endpoint, right af
 LOOKUP = "lookup"        # {ep}
 CREDIT = "credit"        # {n}: endpoint can take n more tasks
 SHARE = "share"          # {ep, public?, add_users?, remove_users?, add_groups?, remove_groups?}: owner only
+DEREGISTER = "deregister"  # {ep}: the owner deletes an endpoint at the relay (relay/deregister.py)
 HEARTBEAT = "hb"
 BYE = "bye"
 # relay -> client/endpoint
@@ -53,8 +54,11 @@ ACCEPTED = "accepted"    # {tids}: these tasks are in the relay's durable record
 RESULTS = "results"      # {rows: [ResultRow], credit?, started?: [task ids now running]}
 LOOKUP_REPLY = "lookup_reply"
 TASKS = "tasks"          # {tasks: [TaskRow]}
-ERROR = "error"          # {msg, auth?: credentials refused, refused?: not allowed}
+ERROR = "error"          # {msg, auth?: credentials refused, refused?: not allowed, deleted?: to an endpoint: it
+                         #   was deleted by its owner (relay/deregister.py): it stops}
 SHARED = "shared"        # {endpoint: who may use it}, the answer to SHARE
+DEREGISTERED = "deregistered"  # {ep, known, failed?: its tasks failed}, the answer to DEREGISTER (the same
+                               #   "known": false for an unknown id and for another user's endpoint)
 # endpoint <-> worker
 READY = "ready"          # worker -> endpoint {pid}
 TASK = "task"            # endpoint -> worker, one TaskRow

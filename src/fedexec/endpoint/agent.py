@@ -512,7 +512,12 @@ class EndpointAgent:
                 if self.bulk.kept:
                     self.bulk.acknowledged(task_id)
         elif t == P.ERROR:
-            if msg.fields.get("auth") and self.connected and self.handshake.renew():
+            if msg.fields.get("deleted"):   # its owner deleted it at the relay: retrying will never help
+                log.error("the relay at %s refused this endpoint: %s; stopping", self.config.relay,
+                          P.clip(str(msg.fields.get("msg")), 500))
+                self.exit_code = 2
+                self.stopping = True
+            elif msg.fields.get("auth") and self.connected and self.handshake.renew():
                 log.warning("the relay ended this endpoint's session (%s); reconnected with renewed credentials",
                             msg.fields.get("msg"))
                 self._hello()

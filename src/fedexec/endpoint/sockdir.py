@@ -3,14 +3,18 @@ and the removal of those left behind by agents that did not exit cleanly.
 
 An agent removes its directory when it stops; one killed with SIGKILL (or
 by the OOM killer, or a lost node) cannot. So each directory holds a
-marker, ``agent.pid``, naming the agent's pid and that process's start
-time, and the next agent to start on the machine, or ``fedexec endpoint
-stop``, removes every such directory of this user whose agent is gone (a
-pid that no longer runs, or runs a process started at another time: the
-pid was reused). A directory with no marker (made by an older release, or
-by an agent killed between making it and writing the marker) is removed
-once it is older than :data:`UNMARKED_AGE` and no socket in it accepts a
-connection.
+marker, ``agent.pid``, naming the agent's pid, that process's start time,
+and the host and boot (``/proc/sys/kernel/random/boot_id``) it runs on; the
+next agent to start on the machine, or ``fedexec endpoint stop``, removes
+every such directory of this user whose agent is gone (a pid that no longer
+runs, or runs a process started at another time: the pid was reused).
+Only a marker naming this host and this boot is judged so: with a
+temporary directory shared by several nodes (a network file system), a pid
+says nothing of another node's processes, whose live agents' directories
+must stay. A directory with no marker, or a marker without host and boot
+(made by an older release, or by an agent killed between making it and
+writing the marker) is removed once it is older than :data:`UNMARKED_AGE`
+and no socket in it accepts a connection.
 
 Only directories are touched that are this user's own, are not symbolic
 links, and sit directly in the temporary directory; removal never follows
@@ -40,8 +44,22 @@ def make_socket_dir() -> str:
     directory = tempfile.mkdtemp(prefix=PREFIX)
     fd = os.open(os.path.join(directory, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as marker:
-        marker.write(f"{os.getpid()} {_start_time(os.getpid())!r}\n")
+        marker.write(f"{os.getpid()} {_start_time(os.getpid())!r} {_this_host()} {_this_boot()}\n")
     return directory
+
+
+def _this_host() -> str:
+    """This machine's host name, as a marker names it (no white space)."""
+    return "".join(socket.gethostname().split()) or "-"
+
+
+def _this_boot() -> str:
+    """This boot's id (Linux: a random UUID made at boot), or "-" where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return "".join(f.read(100).split()) or "-"
+    except OSError:
+        return "-"
 
 
 def remove_stale_socket_dirs(base: str | None = None) -> list[str]:
@@ -81,10 +99,12 @@ def _is_stale(directory: Path, mtime: float) -> bool:
     with os.fdopen(fd) as marker:
         text = marker.read(200)
     try:
-        pid_text, started_text = text.split()
+        pid_text, started_text, host, boot = text.split()
         pid, started = int(pid_text), float(started_text)
-    except ValueError:
+    except ValueError:   # unreadable, or an older release's (no host and boot)
         return time.time() - mtime > UNMARKED_AGE and not _anything_listens(directory)
+    if host != _this_host() or boot != _this_boot():
+        return False   # another node's (a shared temporary directory), or this one's before a reboot
     if pid == os.getpid():
         return False
     now_started = _start_time(pid)

@@ -105,3 +105,11 @@ def share_endpoint(address: str, endpoint_id: str, *, public: bool | None = None
     if share_memo is not None:
         fields["share_memo"] = share_memo
     return ask_relay(address, P.SHARE, fields, P.SHARED, timeout, token, relay_key)["endpoint"]
+
+
+def deregister_endpoint(address: str, endpoint_id: str, *, timeout: float = 5.0, token: str | None = None,
+                        relay_key: str | None = None) -> dict[str, Any]:
+    """Delete an endpoint at its relay (its owner only: relay/deregister.py).
+    The answer: ``known`` (False for an id the relay does not know, and for
+    another user's endpoint alike) and ``failed``, its tasks failed."""
+    return ask_relay(address, P.DEREGISTER, {"ep": endpoint_id}, P.DEREGISTERED, timeout, token, relay_key)

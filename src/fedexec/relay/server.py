@@ -43,6 +43,7 @@ from .refs import TYPES as REF_TYPES, DataRefs
 from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
     option_bytes
 from .kept import KeptResults
+from .deregister import EndpointDeletions
 from .reads import RecordReads
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
@@ -263,6 +264,7 @@ class Relay:
         if self.quotas.retained is not None:
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
+        self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
 
     def _bind_dashboard(self, http: tuple[str, int] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -544,6 +546,8 @@ class Relay:
             self._on_lookup(sender, session, P.text(msg.fields["ep"], "endpoint id"))
         elif t == P.SHARE:
             self._on_share(sender, session, msg.fields)
+        elif t == P.DEREGISTER:
+            self.deletions.handle(sender, session, msg)
         elif t == P.BYE:
             state = self.endpoints.by_routing.get(sender)
             if state is not None:
@@ -615,6 +619,8 @@ class Relay:
             if type(missed) is not int or not 1 <= missed <= 100:
                 raise P.ProtocolError(f"missed heartbeats {P.shorten(missed)} out of range")
             meta = endpoint_meta(f.get("meta"))
+            if self.deletions.refuse_hello(sender, session, endpoint_id):
+                return
             state = self.endpoints.get(endpoint_id)
             if state is not None and state.access.owner and state.access.owner != session.user:
                 self._refuse(sender, session, f"connect as endpoint {endpoint_id}",

@@ -81,6 +81,16 @@ CREATE TABLE IF NOT EXISTS registered (
 );
 """
 
+# Endpoints their owners deleted (relay/deregister.py): their ids are never
+# registered again, by anyone.
+DELETED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deleted_endpoints (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    deleted REAL NOT NULL
+);
+"""
+
 log = logging.getLogger("fedexec.relay.store")
 
 GROUP_COMMIT_WINDOW = 0.002  # seconds the writer waits for more writes to join a transaction
@@ -124,6 +134,7 @@ class RelayStore:
         self.db.executescript(SCHEMA)
         self._upgrade()
         self.db.executescript(REGISTERED_SCHEMA)
+        self.db.executescript(DELETED_SCHEMA)
         if keep_acknowledged:   # a relay for many clients, which list their tasks (the embedded one's
             self.db.execute(TASKS_BY_USER)   # writer is spared the index: its one client lists none)
         self.keep_acknowledged = keep_acknowledged
@@ -658,6 +669,26 @@ class RelayStore:
     def registered_sizes(self) -> Iterator[tuple[str, bytes, int]]:
         """``(user, hash, bytes)`` of every registered function (for a restart: charged to their user)."""
         yield from self.db.execute("SELECT user, hash, length(body) FROM registered")
+
+    def delete_endpoint(self, endpoint_id: str, owner: str) -> None:
+        """Forget an endpoint for good (its owner deleted it): its row goes
+        and its id is kept as deleted. Everything recorded before (its
+        tasks' failures above all) is committed first, then this, at once
+        (a rare path), so a relay restarted after the answer no longer knows it."""
+        self.sync()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM endpoints WHERE id=?", (endpoint_id,))
+            self.db.execute("INSERT OR REPLACE INTO deleted_endpoints VALUES (?,?,?)",
+                            (endpoint_id, owner, time.time()))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def deleted_endpoints(self) -> Iterator[tuple[str, str]]:
+        """``(id, owner)`` of every deleted endpoint, oldest first (for a restart)."""
+        yield from self.db.execute("SELECT id, owner FROM deleted_endpoints ORDER BY deleted")
 
     def expire_results(self, older_than: float) -> None:
         """Forget results nobody fetched before ``older_than`` (a time.time())."""
