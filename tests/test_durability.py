@@ -202,6 +202,10 @@ def kill_own_worker_once(marker_path):
 def test_task_timeout_stops_only_that_task(executor):
     slow = executor.submit(fedexec.with_options(sleep_then, timeout=0.5), 30, "never")
     others = [executor.submit(sleep_then, 0.05, i) for i in range(6)]
+    # timed from the moment the task runs: on a loaded machine the worker may take seconds to start
+    deadline = time.monotonic() + DEADLINE
+    while not (slow.running() or slow.done()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     start = time.monotonic()
     with pytest.raises(fedexec.TaskTimeout, match=r"timeout of 0\.5 s") as raised:
         slow.result(DEADLINE)
