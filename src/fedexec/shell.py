@@ -44,11 +44,15 @@ quoted, as Globus Compute and Parsl do: quote untrusted values yourself
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
+import select
 import signal
 import string
 import subprocess
 import sys
+import time
 from typing import Any, Iterator
 
 from .config import ConfigError
@@ -59,6 +63,7 @@ TIMEOUT_CODE = 124                     # what timeout(1) returns for a command i
 SNIPPET_BYTES = 1 << 20                # at most this much of each stream comes back in a snippet
 SHELL = "/bin/sh"
 _READ_BLOCK = 64 * 1024
+_MAX_POLL_MS = 86_400_000              # a walltime is waited for a day at a time at most (poll takes an int)
 # The command leads a process group of its own, which a walltime kills whole.
 # process_group (Python 3.11+: setpgid in the child) rather than a new
 # session (setsid), which costs a millisecond or more per command on some
@@ -191,14 +196,10 @@ class ShellFunction:
         out_path = os.path.join(directory, "stdout")
         err_path = os.path.join(directory, "stderr")
         try:   # (the files stay open here, to read the snippets back without opening them again)
-            # the command starts in the directory as opened (fchdir: no path is looked up again,
-            # so nothing put in its place since is followed), and the worker goes back after
-            with _working_directory(dir_fd):
-                process = subprocess.Popen([SHELL, "-c", cmd], stdin=subprocess.DEVNULL,
-                                           stdout=out_fd, stderr=err_fd, **OWN_GROUP)
+            process = start(cmd, dir_fd, out_fd, err_fd)
             timed_out = False
             try:
-                returncode = process.wait(self.walltime)
+                returncode = wait(process, self.walltime)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 kill_tree(process)
@@ -259,6 +260,77 @@ def _task_directory() -> tuple[str, int, bool]:
         return (os.path.join(host, os.path.basename(path)) if host else path), fd, True
     path, fd = make_task_dir(base_path(), process.current_task_id)
     return path, fd, True
+
+
+def start(cmd: str, dir_fd: int, out_fd: int, err_fd: int) -> subprocess.Popen:
+    """``cmd`` started by SHELL in the directory open on ``dir_fd`` (as
+    opened: no path is looked up again, so nothing put in its place since
+    is followed), its stdin /dev/null, its stdout and stderr onto
+    ``out_fd`` and ``err_fd``, leading a process group of its own.
+
+    Where ``/proc/self/fd`` exists the child changes into the directory
+    itself, through its descriptor's magic link (which names the directory
+    open on it, not a path), so the worker's own working directory is never
+    touched and no descriptor of it is opened and closed per command;
+    elsewhere the worker changes in with ``fchdir`` and back (the child
+    starts where its parent is). The child is started with vfork (no
+    ``preexec_fn``, no ``start_new_session``: see OWN_GROUP), so its cost
+    does not grow with the worker's memory."""
+    argv = [SHELL, "-c", cmd]
+    if _proc_fd_links():
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
+                                cwd=f"/proc/self/fd/{dir_fd}", **OWN_GROUP)
+    with _working_directory(dir_fd):
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd, **OWN_GROUP)
+
+
+@functools.lru_cache(maxsize=1)
+def _proc_fd_links() -> bool:
+    """Whether this process sees its descriptors in ``/proc/self/fd`` (not
+    in every container or on every OS); asked once per process."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return os.path.samefile(f"/proc/self/fd/{fd}", "/")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait(process: subprocess.Popen, walltime: float | None) -> int:
+    """``process``'s return code once it ends; past ``walltime`` seconds
+    (None: no limit) :class:`subprocess.TimeoutExpired`, the process left
+    running.
+
+    With a walltime the end is noticed at once, through a pidfd polled
+    until the deadline (Linux 5.3+): ``Popen.wait(timeout)`` instead looks
+    at the process at doubling intervals of up to 50 ms, which added tens of
+    milliseconds to every command that ran longer than a few. Without
+    pidfds (older kernels, a seccomp filter refusing the call) it falls back
+    to ``Popen.wait(timeout)``. No thread is started either way."""
+    if walltime is None:
+        return process.wait()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):   # (no pidfd_open here: Python or kernel too old, or refused)
+        return process.wait(walltime)
+    try:
+        deadline = time.monotonic() + walltime
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # (poll's timeout is an int of milliseconds: at most a day at a time)
+            if poller.poll(min(math.ceil(left * 1000), _MAX_POLL_MS)):
+                return process.wait()   # (it ended: reaped at once)
+    finally:
+        os.close(pidfd)
+    returncode = process.poll()   # (it may have ended just as the time ran out)
+    if returncode is not None:
+        return returncode
+    raise subprocess.TimeoutExpired(process.args, walltime)
 
 
 @contextlib.contextmanager
