@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
         P.check_payload_limit(ns.max_payload)
     except ValueError as exc:
         parser.error(f"--max-payload: {exc}")
-    relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-                  max_payload=ns.max_payload, secret_file=ns.secret_file, commit_window=ns.commit_window)
+    try:
+        relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
+                      max_payload=ns.max_payload, secret_file=ns.secret_file, commit_window=ns.commit_window)
+    except OSError as exc:   # the address is in use, or not this machine's (as relay/__main__.py says it)
+        sys.exit(f"fedexec colocated relay: {exc.strerror or exc}")
     config = EndpointConfig(name="local", relay=relay.address, max_workers=ns.max_workers, prefetch=ns.prefetch)
     if ns.worker_batch is not None:
         config.worker_batch = ns.worker_batch
