@@ -32,8 +32,8 @@ def sleep_then(seconds: float, value: int) -> int:
 
 
 def endpoint_process(ex: FederatedExecutor) -> psutil.Process:
-    relay, endpoint = ex._dispatcher.services.processes
-    return psutil.Process(endpoint.pid)
+    (colocated,) = ex._dispatcher.services.processes   # the relay and the endpoint are one process
+    return psutil.Process(colocated.pid)
 
 
 def cmdlines(procs: list[psutil.Process]) -> list[str]:

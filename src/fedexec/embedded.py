@@ -1,11 +1,12 @@
 """The embedded default: a private relay and a local endpoint for one executor.
 
-``FederatedExecutor()`` with nothing configured starts both as child
-processes on ipc sockets in a private temporary directory, and stops them
-when the executor shuts down. Each child also watches this process and stops
-by itself if it disappears, so nothing outlives the program. The endpoint
-runs its pool on a thread of its own (``--pools-in-process``,
-endpoint/inprocess.py): a task crosses no hop to a pool process.
+``FederatedExecutor()`` with nothing configured starts both in one child
+process (``fedexec.colocated``: the relay's loop, the endpoint agent's on a
+thread linked to it over inproc, and its pool on another, endpoint/
+inprocess.py), listening on an ipc socket in a private temporary directory,
+and stops it when the executor shuts down. The child also watches this
+process and stops by itself if it disappears, so nothing outlives the
+program. A task crosses no hop between relay, agent and pool.
 """
 
 from __future__ import annotations
@@ -54,29 +55,26 @@ class EmbeddedFederation:
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env}
         parent = str(os.getpid())
+        # one process: the relay's loop and the agent's (its pool on a thread
+        # of it too), linked over inproc (colocated.py, relay/locallink.py)
         self.processes.append(subprocess.Popen(
-            [sys.executable, "-m", "fedexec.relay", "--address", self.relay_address,
+            [sys.executable, "-m", "fedexec.colocated", "--address", self.relay_address,
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
              "--remove-on-exit", self.directory, "--secret-file", self.secret_file,
              "--log-level", "WARNING", "--commit-window", str(EMBEDDED_COMMIT_WINDOW),
-             *(["--max-payload", str(self.max_payload)] if self.max_payload is not None else [])], **common))
-        self.processes.append(subprocess.Popen(
-            [sys.executable, "-m", "fedexec.endpoint", "--name", "local", "--relay", self.relay_address,
+             *(["--max-payload", str(self.max_payload)] if self.max_payload is not None else []),
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
-             "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch), "--parent-pid", parent,
-             "--secret-file", self.secret_file,
-             "--pools-in-process",   # its pool on a thread of the endpoint: no hop of its own (inprocess.py)
-             "--log-level", "WARNING"], **common))
+             "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch)], **common))
 
     def failed(self) -> str | None:
-        """Why a child process has already exited, if one has."""
-        for proc, what in zip(self.processes, ("relay", "endpoint")):
+        """Why the child process has already exited, if it has."""
+        for proc in self.processes:
             if proc.poll() is not None:
-                return f"the embedded {what} exited with code {proc.returncode}"
+                return f"the embedded relay and endpoint exited with code {proc.returncode}"
         return None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the endpoint (and with it its workers), then the relay."""
+        """Stop the child (its endpoint, and with it the workers, then its relay)."""
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

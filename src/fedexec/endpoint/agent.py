@@ -36,6 +36,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 import socket
 import time
 from collections import deque
@@ -81,7 +82,13 @@ class EndpointAgent:
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
-                 secret_file: str | None = None, state_dir: Path | None = None) -> None:
+                 secret_file: str | None = None, state_dir: Path | None = None,
+                 relay_link: tuple[zmq.Context, str] | None = None) -> None:
+        """``relay_link``: (context, ``inproc://`` address) of a relay in
+        this process (``Relay.open_local_link``, the embedded default's
+        ``fedexec.colocated``): the agent talks to it there, in its
+        context, instead of at ``config.relay`` (still where large
+        payloads travel, relay/bulk.py)."""
         config.validate()
         sandboxes.check(config.sandbox)  # a missing tool fails the endpoint's start, by name
         self.config = config
@@ -93,7 +100,8 @@ class EndpointAgent:
         self.on_connected = on_connected
         self.workers_per_pool = config.max_workers or None   # None: each pool's cores
         self.task_seconds: float | None = None   # moving average of run time, from the pools
-        self.ctx = zmq.Context()
+        self.relay_link = relay_link
+        self.ctx = relay_link[0] if relay_link is not None else zmq.Context()   # (the relay's ends with it)
         self.relay = self._relay_socket()
         remove_stale_socket_dirs()   # those of agents killed before they could remove theirs
         self._sock_dir = make_socket_dir()
@@ -148,6 +156,9 @@ class EndpointAgent:
 
     def _relay_socket(self) -> zmq.Socket:
         sock = P.dealer(self.ctx, 1000, P.new_endpoint_routing_id())
+        if self.relay_link is not None:   # inproc: no handshake to watch, nothing to encrypt (locallink.py)
+            self.handshake = HandshakeWatch(sock, self.relay_link[1], secret_file=self.secret_file, relay_key=None)
+            return sock
         self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file,
                                         relay_key=self.config.relay_public_key or None)
         return sock
@@ -228,8 +239,9 @@ class EndpointAgent:
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        if threading.current_thread() is threading.main_thread():   # (colocated: the relay's thread has them)
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
         if self.scaler is not None:
             self.scaler.start()
         self._hello()
@@ -387,7 +399,8 @@ class EndpointAgent:
         self.pool_sock.close(linger=1000)
         self.refs.close()
         self.bulk.close()
-        self.ctx.term()
+        if self.relay_link is None:   # (a relay's context is the relay's to end)
+            self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     # -- relay side ----------------------------------------------------------

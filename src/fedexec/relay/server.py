@@ -45,6 +45,7 @@ from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope,
 from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
+from .locallink import LocalLink
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
 
@@ -265,6 +266,7 @@ class Relay:
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
         self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
+        self.local_link: LocalLink | None = None   # a colocated endpoint agent's inproc link (open_local_link)
 
     def _bind_dashboard(self, http: tuple[str, int] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -353,6 +355,15 @@ class Relay:
     def stop(self, *_: Any) -> None:
         self.stopping = True
 
+    def open_local_link(self) -> tuple[zmq.Context, str]:
+        """Open the link for an endpoint agent running in this process (the
+        embedded default's, ``fedexec.colocated``): the context to make its
+        relay socket in and the ``inproc://`` address to connect it to. Its
+        peer is trusted as this relay's owner (locallink.py)."""
+        if self.local_link is None:
+            self.local_link = LocalLink(self.ctx, self.auth_mode)
+        return self.ctx, self.local_link.address
+
     def serve_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
@@ -368,6 +379,9 @@ class Relay:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
+        link = self.local_link.sock if self.local_link is not None else None
+        if link is not None:
+            poller.register(link, zmq.POLLIN)
         try:
             while not self.stopping:
                 events = dict(poller.poll(0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)))
@@ -378,6 +392,8 @@ class Relay:
                     self._read_checked()
                 if self.sock in events:
                     self._read_messages()
+                if link is not None and link in events:
+                    self._read_local()
                 if self.store.commit_fd in events:
                     self.store.drain_commit_notices()
                 seq = self.store.flush()
@@ -407,6 +423,8 @@ class Relay:
             log.info("relay stopping")
             if self.web is not None:
                 self.web.stop()
+            if self.local_link is not None:   # (stops the colocated agent first: its sockets share the context)
+                self.local_link.close()
             self.store.close()
             self.sock.close(linger=500)
             self.zap.stop()
@@ -475,6 +493,16 @@ class Relay:
                 self._take(frames, session)
             if time.monotonic() > deadline:
                 break   # the rest wait for the next turn, after this one's results have gone
+
+    def _read_local(self) -> None:
+        """Messages on the local link: its peer has the owner's session (locallink.py)."""
+        assert self.local_link is not None
+        session = self.local_link.session
+        deadline = time.monotonic() + TURN_READ_BUDGET
+        for frames in self.local_link.messages(MAX_MESSAGES_PER_TURN):
+            self._take(frames, session)
+            if time.monotonic() > deadline:
+                break
 
     def _read_checked(self) -> None:
         """Messages held while their connection's Globus token was checked
@@ -1719,7 +1747,10 @@ class Relay:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
         stay in the store for it; the caller re-queues tasks."""
         try:
-            self.sock.send_multipart([peer, *frames], copy=False)
+            if self.local_link is not None and peer in self.local_link.peers:
+                self.local_link.send(peer, frames)
+            else:
+                self.sock.send_multipart([peer, *frames], copy=False)
         except zmq.ZMQError as exc:
             log.debug("could not send to %r: %s", peer, exc)
             return False

@@ -1,0 +1,132 @@
+"""The embedded default's relay and endpoint agent in one process
+(fedexec.colocated), linked over an inproc ROUTER of their own
+(relay/locallink.py). Real executors, processes and sockets on loopback/ipc."""
+
+from __future__ import annotations
+
+import operator
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import zmq
+
+from fedexec import FederatedExecutor, ShellFunction
+from fedexec.errors import AuthenticationFailed
+from fedexec.relay.locallink import LocalLink
+
+DEADLINE = 60
+
+
+def parent_pid() -> int:
+    return os.getppid()
+
+
+def fails(message: str) -> None:
+    raise ValueError(message)
+
+
+def the_one_process(ex: FederatedExecutor) -> psutil.Process:
+    (child,) = ex._dispatcher.services.processes
+    return psutil.Process(child.pid)
+
+
+@pytest.mark.timeout(90)
+def test_the_embedded_relay_endpoint_and_pool_are_one_process_and_run_everything():
+    with FederatedExecutor(max_workers=2) as ex:
+        host = the_one_process(ex)
+        assert "fedexec.colocated" in host.cmdline(), host.cmdline()
+        # the workers are its children: no relay, endpoint or pool process besides it
+        assert ex.submit(parent_pid).result(DEADLINE) == host.pid
+        assert list(ex.map(abs, range(-500, 0))) == list(range(500, 0, -1))
+        assert ex.submit(ShellFunction("echo {word}"), word="one").result(DEADLINE).stdout.strip() == "one"
+        with pytest.raises(ValueError, match="as it should"):
+            ex.submit(fails, "as it should").result(DEADLINE)
+        futures = [ex.submit(operator.mul, i, 2) for i in range(2000)]
+        assert [f.result(DEADLINE) for f in futures] == [2 * i for i in range(2000)]
+        # the link's inproc name is nowhere another process could read it
+        cmdlines = [" ".join(p.cmdline()) for p in [host, *host.children(recursive=True)]]
+        assert not [line for line in cmdlines if "inproc" in line], cmdlines
+        for directory, _dirs, files in os.walk(ex._dispatcher.services.directory):
+            for name in files:
+                path = os.path.join(directory, name)
+                try:
+                    with open(path, "rb") as f:
+                        assert b"inproc://fedexec-relay-local" not in f.read(), path
+                except OSError:   # a socket, or gone meanwhile
+                    pass
+
+
+@pytest.mark.timeout(90)
+def test_the_embedded_relays_listening_socket_still_checks_credentials():
+    with FederatedExecutor(max_workers=1) as ex:
+        services = ex._dispatcher.services
+        assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
+        address, endpoint_id = services.relay_address, services.endpoint_id
+        with pytest.raises(AuthenticationFailed, match="refused the credentials"):
+            FederatedExecutor(endpoint_id, relay=address, token="local:guess", connect_timeout=10)
+        with pytest.raises(AuthenticationFailed, match="none were found"):   # a private relay publishes nothing
+            FederatedExecutor(endpoint_id, relay=address, connect_timeout=10)
+        # with the secret, another client reaches the colocated endpoint through the real socket
+        with open(services.secret_file) as f:
+            secret = f.read().strip()
+        with FederatedExecutor(endpoint_id, relay=address, token=secret) as other:
+            assert other.submit(operator.add, 2, 2).result(DEADLINE) == 4
+        assert ex.submit(operator.add, 3, 3).result(DEADLINE) == 6   # unaffected
+
+
+def test_a_local_link_exists_only_on_a_relay_whose_every_session_is_its_owners():
+    ctx = zmq.Context()
+    try:
+        for mode in ("token", "globus"):
+            with pytest.raises(ValueError, match="local authentication mode"):
+                LocalLink(ctx, mode)
+        link = LocalLink(ctx, "local")
+        try:
+            assert link.address.startswith("inproc://") and len(link.address) > len("inproc://") + 32
+            assert link.session.user == "local"
+            other = LocalLink(ctx, "local")   # a name of its own: nobody finds one by counting
+            assert other.address != link.address
+            other.close()
+        finally:
+            link.close()
+    finally:
+        ctx.term()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_stops_the_agent_its_workers_then_the_relay_and_leaves_nothing():
+    ex = FederatedExecutor(max_workers=2)
+    try:
+        assert ex.submit(abs, -1).result(DEADLINE) == 1
+        host = the_one_process(ex)
+        workers = host.children(recursive=True)
+        assert len(workers) >= 2
+        directory = ex._dispatcher.services.directory
+        host.send_signal(signal.SIGTERM)
+        assert host.wait(15) == 0
+        _gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, [p.pid for p in alive]
+        deadline = time.monotonic() + 5
+        while os.path.exists(directory) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(directory), os.listdir(directory)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_of_the_one_process_takes_its_workers_with_it():
+    ex = FederatedExecutor(max_workers=2)
+    try:
+        assert ex.submit(abs, -1).result(DEADLINE) == 1
+        host = the_one_process(ex)
+        workers = host.children(recursive=True)
+        assert len(workers) >= 2
+        host.send_signal(signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
