@@ -12,8 +12,10 @@ user's is answered exactly as an unknown id (``"unknown"``), so no answer
 tells whether an id exists. An endpoint is listed to those who may use it.
 
 Limits: each question counts against its user's budget of queries a second
-(reads.py: QUERIES_PER_SECOND per user, and the relay's total), past which
-the answer is ``{busy: true}`` (ask again a moment later); at most MAX_ITEMS
+(reads.QueryBudget: QUERIES_PER_SECOND per user, the first QUERY_FLOOR of
+them theirs whatever others ask, the rest from SHARED_QUERIES_PER_SECOND
+all users share, and QUERY_CEILING for the whole relay as the last bound),
+past which the answer is ``{busy: true}`` (ask again a moment later); at most MAX_ITEMS
 ids a question, MAX_LIST tasks a page, ANSWER_BYTES of results and
 HEADER_BUDGET of header an answer (the rest: ``more``, ask again). Nothing
 here unpickles: results and function bodies are the opaque bytes stored.
@@ -26,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from .reads import RecordReads
+from .reads import QueryBudget
 from .registry import DISPATCHED, QUEUED, EndpointState
 from .store import FINISHED, KEPT, PENDING
 
@@ -36,7 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedexec.relay")
 
-QUERIES_PER_SECOND = 50          # per user (and USERS_PER_SECOND users' worth for the whole relay)
+QUERIES_PER_SECOND = 50          # per user
+QUERY_FLOOR = 10                 # of those, a user's whatever other users ask
+SHARED_QUERIES_PER_SECOND = 200  # questions past their askers' floors, all users together
+QUERY_CEILING = 2000             # all questions, the relay's last bound (200 users at their floor)
 MAX_LIST = 1000                  # tasks in one page of a listing
 ANSWER_BYTES = 16 * 1024 * 1024  # result bytes in one answer, within the relay's turn budget (the rest: ask again)
 HEADER_BUDGET = 384 * 1024       # header bytes an answer's rows may take (MAX_HEADER is 512 KiB)
@@ -79,7 +84,7 @@ class Inspector:
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
-        self.budget = RecordReads(QUERIES_PER_SECOND)
+        self.budget = QueryBudget(QUERIES_PER_SECOND, QUERY_FLOOR, SHARED_QUERIES_PER_SECOND, QUERY_CEILING)
         # bytes of function bodies read (fn_get) or written (fn_put) this second, per user: a body
         # can be 32 MiB, and an answer nobody reads stays queued at the relay
         self.body_second = 0
@@ -256,8 +261,10 @@ class Inspector:
             task_ids = [task_id for task_id in task_ids if task_id not in relay.graph.refs]
         unacked, kept = relay.store.delete_results(task_ids, user)
         relay.quotas.acknowledged(unacked, user, keep=False)
-        if kept and relay.quotas.retained is not None:
-            relay.quotas.retained.forget(kept, user)
+        if relay.quotas.retained is not None:
+            relay.quotas.retained.results_gone(unacked, user)   # (their uploads, results over 16 MiB)
+            if kept:
+                relay.quotas.retained.forget(kept, user)
         return len(unacked) + len(kept)
 
     def _op_delete(self, session: "Session", f: dict[str, Any], _blobs: list[Any]) -> tuple[dict, list]:

@@ -261,6 +261,7 @@ class Relay:
         self.refs = DataRefs(self)        # data sent once: named uploads (put)
         self.refs.recover()
         if self.quotas.retained is not None:
+            self.bulk.attach_retained(self.quotas.retained)   # (results over 16 MiB kept too)
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
 
@@ -1271,10 +1272,6 @@ class Relay:
             self._not_theirs(client, session, task_id, "read the result of")
             return True
         result = result or b""
-        if state == KEPT and is_big(result):   # its upload went once its client had it: nothing to read again
-            self._reject(client, task_id, P.LOST, "this task's result was over 16 MiB: its client received and "
-                         "acknowledged it once, and the relay keeps no copy of a result that large", quiet=True)
-            return True
         self.record_budget -= len(result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, status, result))
@@ -1411,6 +1408,8 @@ class Relay:
             elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
                 status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
+                if status == P.OK and self.quotas.retained is not None:   # read again until it goes (retained.py)
+                    self.quotas.retained.hold_upload(task_id, record.user, blob)
                 self._record_reads.hopeless_task(task_id)   # (an upload: not read back for a dependent)
                 record.options = None if record.options is None else {k: v for k, v in record.options.items()
                                                                       if k != "m"}   # never memoized
