@@ -67,3 +67,69 @@ def test_flooding_users_never_slow_another_users_questions(tmp_path):
         busy = [answer.fields for answer in answers if answer.fields.get("busy")]
         assert busy == [], f"{len(busy)} of alice's {len(answers)} questions were answered busy"
         assert all(count > 0 for count in busy_seen.values()), busy_seen   # the flooders were held back
+
+
+def wait_for(what: str, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last!r})")
+
+
+@pytest.mark.timeout(180)
+def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
+    """Review finding 11, first part: alice shares her endpoint with bob and
+    runs tasks on it; bob's endpoint rows (Client API, dashboard API,
+    /metrics) count none of them and show no numbers that add up every
+    user's work there; his own task on it he sees; alice, the owner, sees all."""
+    from fedexec import Client, FederatedExecutor
+    from fedexec.relay.query import share_endpoint
+
+    from test_access import running_endpoint, slow_value, wait_connected
+    from test_dashboard import api, cli_relay, get
+
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with cli_relay(tmp_path, "--auth", "token") as (address, url, _):
+        with running_endpoint(tmp_path, "alice-shared", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address,
+                              max_workers=1) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            share_endpoint(address, ep.id, add_users=["bob"], token=tokens["alice"])
+            with FederatedExecutor(ep.id, relay=address, token=tokens["alice"]) as alice_ex, \
+                    Client(relay=address, token=tokens["alice"]) as alice, \
+                    Client(relay=address, token=tokens["bob"]) as bob:
+                futures = [alice_ex.submit(slow_value, 4.0, i) for i in range(3)]
+                owner = wait_for("alice's tasks counted for her",
+                                 lambda: (s := alice.get_endpoint_status(ep.id))["running"] >= 1 and s)
+                assert owner["workers"] is not None and owner["idle_workers"] is not None   # (hers: all of it)
+                assert owner["running"] + owner["queued"] == 3
+                mine = bob.get_endpoint_status(ep.id)
+                assert mine["status"] == "online" and mine["running"] == 0 and mine["queued"] == 0, mine
+                assert mine["workers"] is None and mine["idle_workers"] is None and mine["blocks"] is None, mine
+                assert [e for e in bob.list_endpoints() if e["id"] == ep.id][0]["running"] == 0
+                # the dashboard's rows and /metrics, as each of them sees them
+                row = wait_for("alice's dashboard row counting her tasks",
+                               lambda: [e for e in api(url, tokens["alice"], "endpoints")["endpoints"]
+                                        if e["id"] == ep.id and e["at_endpoint"] >= 1])[0]
+                assert row["busy_workers"] is not None and row["queued_at_endpoint"] is not None
+                bobs = [e for e in api(url, tokens["bob"], "endpoints")["endpoints"] if e["id"] == ep.id]
+                assert len(bobs) == 1 and bobs[0]["status"] == "online"
+                assert bobs[0]["at_endpoint"] == 0 and bobs[0]["queued_at_relay"] == 0, bobs[0]
+                assert bobs[0]["busy_workers"] is None and bobs[0]["idle_workers"] is None
+                assert bobs[0]["queued_at_endpoint"] is None and bobs[0]["blocks"] == []
+                status, _, metrics = get(url, "/metrics", tokens["bob"])
+                assert status == 200 and b"fedexec_workers{" not in metrics
+                assert f'fedexec_endpoint_tasks{{endpoint="{ep.id}"'.encode() in metrics
+                # bob's own task there: he sees it counted (queued or sent), alice's still not
+                with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob_ex:
+                    his = bob_ex.submit(slow_value, 0.1, "bob's")
+                    seen = wait_for("bob's own task counted for him",
+                                    lambda: (s := bob.get_endpoint_status(ep.id))["running"] + s["queued"] >= 1 and s)
+                    assert seen["running"] + seen["queued"] == 1, seen
+                    assert his.result(60) == "bob's"
+                assert [f.result(60) for f in futures] == [0, 1, 2]

@@ -70,8 +70,10 @@ function render(s) {
   document.getElementById("relay").textContent = s.relay.address + " (" + s.relay.auth + " mode)";
   document.getElementById("user").textContent = "signed in as " + s.user;
   document.getElementById("updated").textContent = "updated " + new Date(s.time * 1000).toLocaleTimeString();
+  // (null: a shared endpoint's numbers that count every user's work, shown to its owner only)
   fill("endpoints", s.endpoints.map(e => row([
-    e.name, e.id, e.status, e.busy_workers + " / " + e.idle_workers, e.queued_at_relay, e.queued_at_endpoint,
+    e.name, e.id, e.status, e.busy_workers === null ? "-" : e.busy_workers + " / " + e.idle_workers,
+    e.queued_at_relay, e.queued_at_endpoint === null ? "-" : e.queued_at_endpoint,
     e.at_endpoint, e.blocks.map(b => b.id + (b.job ? " (" + b.job + ")" : "") + " " + b.state).join(", ") || "-"],
     [null, null, e.status, "n", "n", "n", "n", null])));
   for (const [state, count] of Object.entries(s.tasks.counts)) {

@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
+from .endpoint_view import OwnCounts, for_non_owner, is_shared
 from .reads import QueryBudget
 from .registry import DISPATCHED, QUEUED, EndpointState
 from .store import FINISHED, KEPT, PENDING
@@ -84,6 +85,7 @@ class Inspector:
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
+        self.own_counts = OwnCounts()   # a shared endpoint's counts per user (endpoint_view.py)
         self.budget = QueryBudget(QUERIES_PER_SECOND, QUERY_FLOOR, SHARED_QUERIES_PER_SECOND, QUERY_CEILING)
         # bytes of function bodies read (fn_get) or written (fn_put) this second, per user: a body
         # can be 32 MiB, and an answer nobody reads stays queued at the relay
@@ -314,8 +316,17 @@ class Inspector:
                 "yours": owner == session.user, "created": created}, [body]
 
     # -- endpoints -------------------------------------------------------------
-    def describe_endpoint(self, state: EndpointState) -> dict[str, Any]:
-        """An endpoint's status and metadata, as the Client API gives them."""
+    def describe_endpoint(self, state: EndpointState, user: str | None = None) -> dict[str, Any]:
+        """An endpoint's status and metadata, as the Client API gives them
+        (to ``user``: on an endpoint shared with them and not theirs, their
+        own tasks' counts only, endpoint_view.py)."""
+        row = self._describe_endpoint(state)
+        if user is not None and user != state.access.owner and is_shared(state.access):
+            own = self.own_counts.of(state, time.monotonic()).get(user, (0, 0))
+            row = for_non_owner(row, own, "queued", "running")
+        return row
+
+    def _describe_endpoint(self, state: EndpointState) -> dict[str, Any]:
         running = len(state.dispatched)
         online = state.connected
         if state.report is not None and online:   # as the endpoint counts them, at its last heartbeat
@@ -332,7 +343,7 @@ class Inspector:
         found = []
         for state in self.relay.endpoints.by_id.values():
             if state.access.allows(session.user, session.groups):
-                found.append(self.describe_endpoint(state))
+                found.append(self.describe_endpoint(state, session.user))
                 if len(found) >= P.MAX_ITEMS:
                     break
         return found
@@ -344,7 +355,7 @@ class Inspector:
         state = self.relay.endpoints.get(P.text(f.get("ep"), "endpoint id"))
         if state is None or not state.access.allows(session.user, session.groups):
             return {"found": False}, []   # (one not shared with the asker is as unknown)
-        return {"found": True, "endpoint": self.describe_endpoint(state)}, []
+        return {"found": True, "endpoint": self.describe_endpoint(state, session.user)}, []
 
 
 _OPS = {"tasks": Inspector._op_tasks, "list": Inspector._op_list, "delete": Inspector._op_delete,

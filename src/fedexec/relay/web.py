@@ -394,9 +394,10 @@ class _ViewCollector:
         for e in view["endpoints"]:
             key = [e["id"], e["name"]]
             up.add_metric(key, 1 if e["status"] == "online" else 0)
-            depth.add_metric(key, e["queued_at_relay"] + e["queued_at_endpoint"])
-            workers.add_metric([*key, "busy"], e["busy_workers"])
-            workers.add_metric([*key, "idle"], e["idle_workers"])
+            depth.add_metric(key, e["queued_at_relay"] + (e["queued_at_endpoint"] or 0))
+            if e["busy_workers"] is not None:   # (None: a shared endpoint's, its owner's only: endpoint_view.py)
+                workers.add_metric([*key, "busy"], e["busy_workers"])
+                workers.add_metric([*key, "idle"], e["idle_workers"])
             running.add_metric(key, e["at_endpoint"])
         yield from (up, depth, workers, running)
         yield GaugeMetricFamily("fedexec_relay_store_backlog", "Rows waiting for the relay's record writer",
