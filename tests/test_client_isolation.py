@@ -133,3 +133,45 @@ def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
                     assert seen["running"] + seen["queued"] == 1, seen
                     assert his.result(60) == "bob's"
                 assert [f.result(60) for f in futures] == [0, 1, 2]
+
+
+def double(x):
+    return 2 * x
+
+
+@pytest.mark.timeout(180)
+def test_delete_function_by_its_owner_only_and_submitted_tasks_run_on(tmp_path):
+    from fedexec import Client
+
+    from test_access import running_endpoint, slow_value, wait_connected
+
+    data = tmp_path / "relay-data"
+    tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()
+              for name in ("alice", "bob")}
+    with running_relay(tmp_path, "--auth", "token") as address:
+        with running_endpoint(tmp_path, "alice-ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
+            wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
+            with Client(relay=address, token=tokens["alice"]) as alice, \
+                    Client(relay=address, token=tokens["bob"]) as bob:
+                slow = alice.register_function(slow_value, public=True)
+                mine = alice.register_function(double)
+                running = alice.run(2.0, "ran on", endpoint_id=ep.id, function_id=slow)
+                # not bob's to delete, public or not: answered as an unknown id, and both stay
+                assert bob.delete_function(slow) is False and bob.delete_function(mine) is False
+                assert bob.get_function(slow)["function_name"] == "slow_value"
+                assert alice.get_function(mine)["function_name"] == "double"
+                assert alice.delete_function(slow) is True
+                assert alice.delete_function(slow) is False
+                for who in (alice, bob):
+                    with pytest.raises(LookupError):
+                        who.get_function(slow)
+                with pytest.raises(LookupError):   # new tasks with it are refused, from this client too
+                    alice.run(0.0, "again", endpoint_id=ep.id, function_id=slow)
+                # the task submitted before runs on
+                deadline = time.monotonic() + 60
+                while (info := alice.get_task(running))["pending"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert info["status"] == "success" and info["result"] == "ran on"
+                assert alice.get_function(mine)["function_name"] == "double"   # her other one stays
+                with pytest.raises(ValueError, match="not a function id"):
+                    alice.delete_function("nope")

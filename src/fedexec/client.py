@@ -101,6 +101,10 @@ class RelayQuestions:
                 "public": f["public"], "yours": f["yours"], "created": f["created"],
                 "function_code": P.as_bytes(answer.blobs[0])}
 
+    def delete_function(self, function_id: str) -> bool:
+        """Forget a function you registered; whether there was one of yours by that id."""
+        return self.ask("fn_del", h=function_hash_bytes(function_id)).fields["deleted"] is True
+
     # -- tasks -------------------------------------------------------------------
     def task_rows(self, task_ids: list[str], results: bool) -> dict[str, list[Any]]:
         """The relay's rows for these tasks (relay/inspect.py, task_info), by
@@ -228,6 +232,15 @@ class Client:
         if info["yours"]:
             info["function"] = deserialize(info["function_code"])
         return info
+
+    def delete_function(self, function_id: str) -> bool:
+        """Forget a function you registered (its owner only); whether there
+        was one of yours by that id. Tasks already submitted with it run on;
+        new ones with it (from here or any process) raise LookupError."""
+        deleted = self.questions.delete_function(function_id)
+        for executor in self._executors.values():   # (their stand-in would submit its body still)
+            executor._registered.pop(str(function_id), None)
+        return deleted
 
     # -- running -----------------------------------------------------------------
     def _executor(self, endpoint_id: str) -> "FederatedExecutor":

@@ -315,6 +315,23 @@ class Inspector:
         return {"found": True, "h": fn_hash, "name": name, "desc": description, "public": bool(public),
                 "yours": owner == session.user, "created": created}, [body]
 
+    def _op_fn_del(self, session: "Session", f: dict[str, Any], _blobs: list[Any]) -> tuple[dict, list]:
+        """Forget a function the asker registered (its owner only: another
+        user's id, public or not, is answered as an unknown one). Tasks
+        submitted with it keep running: each carried its body to the relay."""
+        fn_hash = f.get("h")
+        if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):
+            raise P.ProtocolError("a function id (h) is 32 bytes")
+        mine = self.registered.get(session.user)
+        size = mine.pop(fn_hash, None) if mine else None
+        if size is None:
+            return {"deleted": False}, []
+        if not mine:
+            del self.registered[session.user]
+        self.relay.store.unregister_function(session.user, fn_hash)
+        self.relay.quotas.release(session.user, 0, size)
+        return {"deleted": True}, []
+
     # -- endpoints -------------------------------------------------------------
     def describe_endpoint(self, state: EndpointState, user: str | None = None) -> dict[str, Any]:
         """An endpoint's status and metadata, as the Client API gives them
@@ -359,5 +376,6 @@ class Inspector:
 
 
 _OPS = {"tasks": Inspector._op_tasks, "list": Inspector._op_list, "delete": Inspector._op_delete,
-        "fn_put": Inspector._op_fn_put, "fn_get": Inspector._op_fn_get, "endpoints": Inspector._op_endpoints,
+        "fn_put": Inspector._op_fn_put, "fn_get": Inspector._op_fn_get, "fn_del": Inspector._op_fn_del,
+        "endpoints": Inspector._op_endpoints,
         "endpoint": Inspector._op_endpoint}

@@ -658,6 +658,10 @@ class RelayStore:
         self.db.execute("INSERT OR REPLACE INTO registered VALUES (?,?,?,?,?,?,?)",
                         (user, fn_hash, body, name, description, int(public), time.time()))
 
+    def unregister_function(self, user: str, fn_hash: bytes) -> None:
+        """Forget a function ``user`` registered (written at once: a rare path)."""
+        self.db.execute("DELETE FROM registered WHERE user=? AND hash=?", (user, fn_hash))
+
     def registered_function(self, fn_hash: bytes, user: str) -> tuple[Any, ...] | None:
         """``(owner, body, name, description, public, created)`` of a function
         ``user`` registered, or another user registered as public; else None."""
