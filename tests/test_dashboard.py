@@ -513,3 +513,70 @@ def test_another_port_on_the_host_never_gets_the_sign_in(relay):
     finally:
         other.shutdown()
         other.server_close()
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here with the openssl CLI."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                        "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.fail(f"the TLS test needs the openssl command to make a self-signed certificate: {exc}")
+    return cert, key
+
+
+@pytest.mark.timeout(120)
+def test_a_dashboard_off_loopback_needs_tls(tmp_path):
+    """Review finding 5: a --http-host other than loopback is refused without
+    --http-cert/--http-key, saying so, before anything starts; with them the
+    dashboard speaks HTTPS only (checked here on 127.0.0.1: the test listens
+    on nothing but loopback)."""
+    import ssl
+
+    from fedexec.relay.web import check_http_host
+
+    cert, key = self_signed(tmp_path)
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data).stdout.strip()
+    for extra, why in (((), "only over TLS"), (("--http-cert", cert), "go together"),
+                       (("--http-cert", key, "--http-key", cert), "not a PEM certificate"),
+                       (("--http-cert", tmp_path / "none.pem", "--http-key", key), "no such file")):
+        out = fedexec_cli("relay", "start", "--auth", "token", "--port", str(free_port()), "--data-dir", data,
+                          "--http", "0", "--http-host", "0.0.0.0", *extra, check=False)
+        assert out.returncode != 0 and why in out.stderr, (extra, out.stderr)
+        assert not (data / "relay.json").exists()
+        if not extra:   # the refusal says what to give
+            assert "--http-cert CERT.pem" in out.stderr and "--http-key KEY.pem" in out.stderr
+    with pytest.raises(ValueError, match="only over TLS"):
+        check_http_host("0.0.0.0", "token")
+    check_http_host("0.0.0.0", "token", tls=True)   # (allowed, with TLS)
+    with cli_relay(tmp_path, "--auth", "token", "--http-cert", str(cert), "--http-key", str(key)) as (_, url, _):
+        assert url.startswith("https://127.0.0.1:"), url
+        parts = urlsplit(url)
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/api/tasks", headers={"Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            assert response.status == 200 and "counts" in json.loads(response.read())["tasks"]
+        finally:
+            conn.close()
+        # plain HTTP gets no answer; an unverified peer's handshake fails (its certificate is checked)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            get(url.replace("https://", "http://"), "/api/tasks", token)
+        with pytest.raises(ssl.SSLError):
+            strict = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10,
+                                                 context=ssl.create_default_context())
+            try:
+                strict.request("GET", "/")
+            finally:
+                strict.close()
+        # the dashboard still answers after those
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()

@@ -106,13 +106,13 @@ class Relay:
                  function_grace: float = DEFAULT_FUNCTION_GRACE,
                  commit_window: float = GROUP_COMMIT_WINDOW, keep_acknowledged: bool | None = None,
                  max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER,
-                 http: tuple[str, int] | None = None) -> None:
+                 http: tuple[Any, ...] | None = None) -> None:
         """``keep_acknowledged``: results stay readable after their client
         acknowledged them, until ``result_ttl`` or their user deletes them
         (retained.py); by default, unless the relay removes its data when it
         stops (the embedded default's, whose program is its only client).
         ``http``: (host, port) to serve the dashboard, /api/ and /metrics on
-        (web.py), or None."""
+        (web.py), and its ssl.SSLContext (web.tls_context) for HTTPS, or None."""
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -265,7 +265,7 @@ class Relay:
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
 
-    def _bind_dashboard(self, http: tuple[str, int] | None) -> None:
+    def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
         served from serve_forever) and make the feed the loop publishes
         snapshots through. Before anything else binds: a port in use or a
@@ -276,10 +276,10 @@ class Relay:
             return
         from .dashboard import DashboardFeed
         from .web import DashboardServer
-        host, port = http
+        host, port, *tls = http   # (and the TLS context, web.tls_context, when given)
         self.dashboard = DashboardFeed()
         try:
-            self.web = DashboardServer(self.dashboard, self.access, host, port)
+            self.web = DashboardServer(self.dashboard, self.access, host, port, *tls)
         except OSError as exc:
             self.ctx.term()
             if self.tokens is not None:

@@ -45,6 +45,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,17 +67,44 @@ _SECRET_IN_QUERY = re.compile(r"token=[^ &]*")   # what a log line never shows
 EXTRA = "pip install 'fedexec[dashboard]'"
 
 
-def check_http_host(host: str, auth: str) -> None:
+def check_http_host(host: str, auth: str, tls: bool = False) -> None:
     """ValueError unless the dashboard may listen on ``host``: loopback
     always; another host only with real per-user authentication (token or
     globus mode), since in local mode the only credential is the relay's
-    local secret, meant for its owner's processes on this machine."""
+    local secret, meant for its owner's processes on this machine, and only
+    over TLS (``tls``: --http-cert and --http-key given), since every
+    request carries its user's token."""
     if P.is_loopback(f"tcp://{host}:0"):
         return
     if auth == "local":
         raise ValueError(f"the dashboard listens on {host!r}, not loopback, only with real authentication "
                          f"(--auth token or --auth globus): this relay runs in local mode, whose only credential "
                          f"is its local secret (use --http-host 127.0.0.1, or --auth token)")
+    if not tls:
+        raise ValueError(f"the dashboard listens on {host!r}, not loopback, only over TLS: every request carries "
+                         f"its user's token, which would cross the network in clear. Give --http-cert CERT.pem and "
+                         f"--http-key KEY.pem (or use --http-host 127.0.0.1)")
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The dashboard's TLS settings from --http-cert and --http-key (PEM
+    files: the certificate chain, its private key), or None without them;
+    ValueError naming the problem (one without the other, unreadable, not a
+    certificate and its key)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--http-cert and --http-key go together: the certificate (PEM) and its private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--http-cert/--http-key: no such file: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--http-cert {cert} and --http-key {key} are not a PEM certificate and its private "
+                         f"key: {exc}") from None
+    return context
 
 
 def require_prometheus() -> None:
@@ -93,9 +121,11 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, feed: DashboardFeed, access: AccessControl, host: str, port: int) -> None:
-        check_http_host(host, access.mode)
+    def __init__(self, feed: DashboardFeed, access: AccessControl, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
+        check_http_host(host, access.mode, tls is not None)
         require_prometheus()
+        self.tls = tls
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.feed = feed
         self.access = access
@@ -103,9 +133,11 @@ class DashboardServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
+        if tls is not None:   # the handshake happens in the request's thread, bounded by its socket timeout
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.server_address[1]
         bracket = f"[{host}]" if ":" in host else host
-        self.url = f"http://{bracket}:{self.port}/"
+        self.url = f"{'https' if tls is not None else 'http'}://{bracket}:{self.port}/"
 
     # -- credentials -------------------------------------------------------------
     def check_credential(self, credential: str) -> Session | str:
@@ -127,6 +159,8 @@ class DashboardServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             try:
+                if self.tls is not None:   # (no answer without a handshake, which this thread must not wait for)
+                    raise OSError("busy")
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
                                 b"Retry-After: 1\r\n\r\n")
             except OSError:
