@@ -68,3 +68,32 @@ def test_a_20_mib_result_is_read_twice_until_deleted(tmp_path):
             with pytest.raises(TaskLost):
                 gina.get_result(task_id)
         wait_until("the deleted result's upload removed from the spool", lambda: spool_files(data) == [])
+
+
+@pytest.mark.timeout(240)
+def test_kept_large_results_count_against_the_byte_quota_and_yield_to_new_work(tmp_path):
+    """A kept 20 MiB result's upload counts against its user's byte quota
+    (50 MiB here): two fit; the third result needs the room, and the oldest
+    kept one goes (its row and its upload) rather than the new work failing."""
+    data = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "hal", "--data-dir", data).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token", "--max-bytes-per-user", str(50 * 1024 * 1024)) as address:
+        with running_endpoint(tmp_path, "hal-ep", {"FEDEXEC_TOKEN": token}, relay=address) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            ids = []
+            with FederatedExecutor(ep.id, relay=address, token=token) as ex:
+                for _ in range(2):
+                    future = ex.submit(big_result, SIZE)
+                    assert len(future.result(DEADLINE)) == SIZE
+                    ids.append(future.task_id)
+                time.sleep(0.5)
+                assert len(spool_files(data)) == 2
+                third = ex.submit(big_result, SIZE)
+                assert len(third.result(DEADLINE)) == SIZE
+                ids.append(third.task_id)
+            time.sleep(0.5)
+            with Client(relay=address, token=token) as hal:
+                with pytest.raises(TaskLost):
+                    hal.get_result(ids[0])
+                assert [len(hal.get_result(t)) for t in ids[1:]] == [SIZE, SIZE]
+            assert len(spool_files(data)) == 2
