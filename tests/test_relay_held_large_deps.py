@@ -5,7 +5,11 @@ endpoints, or across a relay restart is held at the relay; when a
 dependency's result is an upload (over transfer.BIG_THRESHOLD), the relay
 keeps that upload while the dependent needs it (a client's DROP is put off),
 sends the dependent with its id (option "dr"), and lets only that
-dependent's endpoint fetch it. Real relay and endpoint processes.
+dependent's endpoint fetch it. Real relay and endpoint processes. The
+relays here keep no received result (--no-keep-results), so that the
+uploads' lifetime is kept.py's alone; a relay that keeps results keeps a
+result's upload until the result goes (relay/retained.py; the sandbox test
+below deletes it).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from fedexec import FederatedExecutor
+from fedexec import Client, FederatedExecutor
 from fedexec import protocol as P
 from fedexec.config import EndpointConfig
 from fedexec.dependencies import snapshot
@@ -131,7 +135,7 @@ def test_a_large_result_feeds_a_dependent_on_another_endpoint_and_only_that_depe
     tokens = {user: fedexec_cli("relay", "add-user", user, "--data-dir", data_dir).stdout.strip()
               for user in ("alice", "bob")}
     alice_env, bob_env = {"FEDEXEC_TOKEN": tokens["alice"]}, {"FEDEXEC_TOKEN": tokens["bob"]}
-    with running_relay(tmp_path, "--auth", "token") as address, \
+    with running_relay(tmp_path, "--auth", "token", "--no-keep-results") as address, \
             running_endpoint(tmp_path, "alice-1", alice_env, relay=address) as ep1, \
             running_endpoint(tmp_path, "alice-2", alice_env, relay=address) as ep2, \
             running_endpoint(tmp_path, "bob-ep", bob_env, relay=address) as bob_ep:
@@ -215,7 +219,7 @@ def test_large_results_feed_dependents_on_a_group_of_two_endpoints_and_their_upl
     large result; a dependent cancelled while held lets its upload go. No
     upload is left once all are done."""
     data_dir = tmp_path / "relay-data"
-    with running_relay(tmp_path) as address:
+    with running_relay(tmp_path, "--no-keep-results") as address:
         endpoints = Endpoints(tmp_path, address)
         try:
             a, b = endpoints("a", workers=2), endpoints("b", workers=2)
@@ -247,7 +251,7 @@ def test_a_dependent_held_at_the_relay_across_a_kill_and_restart_gets_a_large_re
     still gets A's value (the put-off DROP was noted on disk), and A's upload
     goes once D is done, its result acknowledged."""
     data_dir = tmp_path / "relay-data"
-    relay = Relay(tmp_path)
+    relay = Relay(tmp_path, "--no-keep-results")
     relay.start()
     endpoints = Endpoints(tmp_path, relay.address)
     try:
@@ -288,7 +292,7 @@ def test_a_large_result_dropped_before_its_commit_is_made_again_after_a_restart_
     is acknowledged (the relay's record forgets it)."""
     data_dir = tmp_path / "relay-data"
     database = data_dir / "relay.sqlite3"
-    relay = Relay(tmp_path)
+    relay = Relay(tmp_path, "--no-keep-results")
     relay.start()
     endpoints = Endpoints(tmp_path, relay.address)
     try:
@@ -338,7 +342,7 @@ def test_a_dependent_whose_endpoint_went_away_is_held_at_the_relay_and_gets_a_la
     D back from the relay, which now holds D (A's result is in, so it is not
     forwarded again) and sends it with A's upload to fetch."""
     data_dir = tmp_path / "relay-data"
-    with running_relay(tmp_path) as address:
+    with running_relay(tmp_path, "--no-keep-results") as address:
         endpoints = Endpoints(tmp_path, address)
         try:
             endpoint = endpoints("e", workers=2)
@@ -386,6 +390,10 @@ def test_a_sandboxed_dependent_held_at_the_relay_reads_a_large_result_from_its_i
                 assert total == 3.0 * N + 1
                 assert inbox == [f"{dependent._task_bytes.hex()}.{first._task_bytes.hex()}.ref"], inbox
                 assert first.result(DEADLINE)[0] == 3.0
+            # (this relay keeps received results, those over 16 MiB too: relay/retained.py) deleted, it goes
+            with Client(relay=one.address) as client:
+                assert client.get_result(first.task_id)[0] == 3.0
+                assert client.delete_result(first.task_id) is True
             wait_until(lambda: not uploads_at(tmp_path / "relay-data"),
                        f"uploads deleted: {uploads_at(tmp_path / 'relay-data')}")
             assert two.poll() is None, tail(log)
@@ -403,7 +411,7 @@ def test_a_thousand_dependents_of_seven_large_results_go_out_within_the_header_l
     endpoint with credit for them all: their rows (each naming 7 uploads,
     ~700 bytes) would make one TASKS header of ~720 KB, over MAX_HEADER,
     which the endpoint would refuse whole; the relay splits them."""
-    with running_relay(tmp_path) as address:
+    with running_relay(tmp_path, "--no-keep-results") as address:
         endpoints = Endpoints(tmp_path, address)
         log = tmp_path / "endpoint-wide.log"
         wide_id = str(uuid.uuid4())

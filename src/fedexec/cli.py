@@ -1,7 +1,8 @@
 """The ``fedexec`` command: run and inspect relays and endpoints.
 
     fedexec relay start [--host H] [--port P] [--data-dir D] [--auth local|token|globus] [--curve|--no-curve]
-                        [--result-ttl S] [--max-payload B] [--http PORT [--http-host H]] [--daemon]
+                        [--result-ttl S] [--max-payload B] [--http PORT [--http-host H] [--http-cert PEM --http-key PEM]]
+                        [--daemon]
     fedexec relay stop|status|key [--data-dir D]
     fedexec task list|status|result|cancel ...               (your tasks at a relay: fedexec.Client)
     fedexec relay add-user NAME [--data-dir D]              (token mode; prints the user's first token)
@@ -96,13 +97,16 @@ def _dashboard_argv(ns: argparse.Namespace) -> list[str]:
     them says why at once (not only in its log)."""
     if ns.http is None:
         return []
-    from .relay.web import check_http_host, require_prometheus
+    from .relay.web import check_http_host, require_prometheus, tls_context
     try:
-        check_http_host(ns.http_host, ns.auth)
+        tls = tls_context(ns.http_cert, ns.http_key)
+        check_http_host(ns.http_host, ns.auth, tls is not None)
         require_prometheus()
     except (ValueError, ImportError) as exc:
         raise CommandError(f"--http: {exc}") from None
-    return ["--http", str(ns.http), "--http-host", ns.http_host]
+    files = ["--http-cert", str(Path(ns.http_cert).resolve()), "--http-key", str(Path(ns.http_key).resolve())] \
+        if tls is not None else []
+    return ["--http", str(ns.http), "--http-host", ns.http_host, *files]
 
 
 def relay_start(ns: argparse.Namespace) -> None:
@@ -690,7 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", type=int, metavar="PORT",
                    help="serve the web dashboard, /api/ and /metrics on this port (pip install 'fedexec[dashboard]')")
     p.add_argument("--http-host", default="127.0.0.1",
-                   help="the dashboard's host (default 127.0.0.1; another than loopback in token or globus mode only)")
+                   help="the dashboard's host (default 127.0.0.1; another than loopback in token or globus mode "
+                        "only, and over TLS: --http-cert, --http-key)")
+    p.add_argument("--http-cert", metavar="PEM", help="serve the dashboard over HTTPS with this certificate (chain)")
+    p.add_argument("--http-key", metavar="PEM", help="the private key of --http-cert")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=relay_start)
     for action, func in (("stop", relay_stop), ("status", relay_status), ("key", relay_key)):

@@ -101,6 +101,10 @@ class RelayQuestions:
                 "public": f["public"], "yours": f["yours"], "created": f["created"],
                 "function_code": P.as_bytes(answer.blobs[0])}
 
+    def delete_function(self, function_id: str) -> bool:
+        """Forget a function you registered; whether there was one of yours by that id."""
+        return self.ask("fn_del", h=function_hash_bytes(function_id)).fields["deleted"] is True
+
     # -- tasks -------------------------------------------------------------------
     def task_rows(self, task_ids: list[str], results: bool) -> dict[str, list[Any]]:
         """The relay's rows for these tasks (relay/inspect.py, task_info), by
@@ -208,6 +212,7 @@ class Client:
         # this client's own submissions, until the relay has them: a task asked for before its
         # SUBMIT reached the relay is pending, and one the relay refused is failed, not unknown
         self._futures: dict[str, Future] = {}
+        self._links: Any = None   # transfer links (fedexec.transfer.LinkPool) for results over 16 MiB, made on first use
 
     # -- functions ---------------------------------------------------------------
     def register_function(self, function: Callable[..., Any], description: str | None = None,
@@ -227,6 +232,15 @@ class Client:
         if info["yours"]:
             info["function"] = deserialize(info["function_code"])
         return info
+
+    def delete_function(self, function_id: str) -> bool:
+        """Forget a function you registered (its owner only); whether there
+        was one of yours by that id. Tasks already submitted with it run on;
+        new ones with it (from here or any process) raise LookupError."""
+        deleted = self.questions.delete_function(function_id)
+        for executor in self._executors.values():   # (their stand-in would submit its body still)
+            executor._registered.pop(str(function_id), None)
+        return deleted
 
     # -- running -----------------------------------------------------------------
     def _executor(self, endpoint_id: str) -> "FederatedExecutor":
@@ -302,9 +316,19 @@ class Client:
                                     "completed": row[4] or None}
             if not info["pending"]:
                 info["completion_t"] = info["completed"]   # (Globus Compute's name for it)
-                _set_outcome(info, row[5], row[6])
+                _set_outcome(info, row[5], row[6], self._fetch_large)
             answer[task_id] = info
         return answer
+
+    def _fetch_large(self, ref: bytes) -> Any:
+        """A result over 16 MiB, which the relay keeps as an upload: fetched
+        (on the relay's machine, its file mapped), never dropped, so that it
+        is read again as often as asked until it expires or is deleted."""
+        if self._links is None:
+            from .transfer import LinkPool
+
+            self._links = LinkPool(self.relay, self.token, relay_key=self.relay_public_key)
+        return self._links.get().fetch_mapped(ref)
 
     def _local(self, task_id: str) -> dict[str, Any]:
         """A task the relay has no record of: this client's own on its way
@@ -388,6 +412,9 @@ class Client:
         executors, self._executors = self._executors, {}
         for executor in executors.values():
             executor._detach()
+        links, self._links = self._links, None
+        if links is not None:
+            links.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -396,8 +423,10 @@ class Client:
         self.close()
 
 
-def _set_outcome(info: dict[str, Any], status: int | None, blob: bytes | None) -> None:
-    """A finished task's ``result`` or ``exception`` from its stored outcome."""
+def _set_outcome(info: dict[str, Any], status: int | None, blob: bytes | None,
+                 fetch_large: Callable[[bytes], Any]) -> None:
+    """A finished task's ``result`` or ``exception`` from its stored outcome
+    (a result over 16 MiB, a reference to an upload, fetched with ``fetch_large``)."""
     blob = blob or b""
     if blob.endswith(OUTPUT_MAGIC):   # (its captured output: output.py)
         blob, output = split_output(blob)
@@ -405,11 +434,13 @@ def _set_outcome(info: dict[str, Any], status: int | None, blob: bytes | None) -
     try:
         if status == P.OK:
             if is_big(blob):
-                info["exception"] = TaskLost(
-                    "this result is over 16 MiB: it travels once, to the future of the executor that submitted "
-                    "it (or one that reattaches to it first), and cannot be read again here")
-            else:
-                info["result"] = deserialize(blob)
+                try:
+                    blob = fetch_large(blob)
+                except Exception as exc:   # (its upload went meanwhile: expired or deleted)
+                    info["exception"] = TaskLost(f"the result of task {info['task_id']} (over 16 MiB) could not be "
+                                                 f"fetched from the relay: {type(exc).__name__}: {exc}")
+                    return
+            info["result"] = deserialize(blob)
         elif status == P.EXCEPTION:
             info["exception"] = deserialize_exception(blob)
         elif status == P.CANCELLED:

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .. import protocol as P
 from ..gcpolicy import for_service
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-host", default="127.0.0.1",
                         help="the dashboard's host (default 127.0.0.1; another than loopback only in token or "
                              "globus mode)")
+    parser.add_argument("--http-cert", default=None, metavar="PEM",
+                        help="serve the dashboard over HTTPS with this certificate (chain); needed for a --http-host "
+                             "other than loopback")
+    parser.add_argument("--http-key", default=None, metavar="PEM", help="the private key of --http-cert")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
@@ -106,19 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     relay.serve_forever()
 
 
-def _dashboard_address(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> tuple[str, int] | None:
-    """(host, port) of the dashboard asked for with --http, checked; None without it."""
+def _dashboard_address(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> tuple[Any, ...] | None:
+    """(host, port, TLS context or None) of the dashboard asked for with --http, checked; None without it."""
     if ns.http is None:
         return None
     if not 0 <= ns.http <= 65535:
         parser.error(f"--http: {ns.http} is not a port (0-65535)")
-    from .web import check_http_host, require_prometheus
+    from .web import check_http_host, require_prometheus, tls_context
     try:
-        check_http_host(ns.http_host, ns.auth)
+        tls = tls_context(ns.http_cert, ns.http_key)
+        check_http_host(ns.http_host, ns.auth, tls is not None)
         require_prometheus()
     except (ValueError, ImportError) as exc:
         parser.error(f"--http: {exc}")
-    return ns.http_host, ns.http
+    return ns.http_host, ns.http, tls
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ..transfer import LOCAL, LOCAL_OK, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, b
 if TYPE_CHECKING:
     from .access import Session
     from .registry import TaskRecord
+    from .retained import RetainedResults
     from .server import Relay
 
 
@@ -80,9 +81,25 @@ class BulkTransfers:
             bid = fields.get("b")
             if not (isinstance(bid, bytes) and len(bid) == 16):
                 raise P.ProtocolError("malformed DROP")
+            retained = self.relay.quotas.retained
+            if retained is not None and retained.holds_upload(session.user, bid):
+                return   # a stored result's: it goes with the result (retained.py), read again until then
             if not self.relay.refs.holds(session.user, bid) \
                     and not self.relay.kept.put_off_drop(session.user, bid):   # (held tasks need it: kept.py)
                 self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it; a ref goes by REF del)
+
+    def attach_retained(self, retained: "RetainedResults") -> None:
+        """The relay keeps results (retained.py): the uploads of results over
+        16 MiB go with their rows, through here; one that tasks held at the
+        relay still depend on waits for them (kept.py)."""
+        spool, kept = self.spool, self.relay.kept
+
+        def drop(user: str, bid: bytes) -> None:
+            if not kept.put_off_drop(user, bid):
+                spool.drop(user, bid)
+
+        retained.drop_upload = drop
+        retained.upload_exists = lambda user, bid: spool.complete(user, bid) is not None
 
     def _whose(self, session: "Session", fields: dict[str, Any], action: str) -> tuple[str, str]:
         """The user whose spool a transfer uses: the connection's own, or with
@@ -173,7 +190,11 @@ class BulkTransfers:
     def _in_use(self) -> set[Path]:
         used = {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
         # (and the uploads DataRefs keep, refs.py, and those of results held tasks need, kept.py)
-        return used | self.relay.refs.in_use() | self.relay.kept.in_use()
+        used |= self.relay.refs.in_use() | self.relay.kept.in_use()
+        retained = self.relay.quotas.retained
+        if retained is not None:   # (the uploads of stored results go with their rows: retained.py)
+            used.update(self.spool.path(user, bid) for user, bid in retained.held_uploads())
+        return used
 
     def maintenance(self, now: float) -> None:
         if now < self.next_expiry:

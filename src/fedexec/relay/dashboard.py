@@ -35,6 +35,7 @@ import msgpack
 
 from .. import protocol as P
 from ..endpoint_status import EndpointReport
+from .endpoint_view import OwnCounts, for_non_owner, is_shared
 
 # statuses as the dashboard and /metrics name them (fedexec_tasks_total{state=...})
 STATE_NAMES = {P.OK: "success", P.EXCEPTION: "exception", P.FAILED: "failed", P.CANCELLED: "cancelled"}
@@ -141,8 +142,14 @@ class Snapshot:
         """What ``user`` may see: endpoints they own or may use, and their
         own tasks' numbers (on a local-mode relay everything is its one
         user's)."""
-        endpoints = [{key: value for key, value in e.items() if key != "_access"}
-                     for e in self.endpoints if e["_access"].allows(user, groups)]
+        endpoints = []
+        for e in self.endpoints:
+            if not e["_access"].allows(user, groups):
+                continue
+            row = {key: value for key, value in e.items() if not key.startswith("_")}
+            if e["_own"] is not None and user != e["owner"]:   # shared, not theirs: endpoint_view.py
+                row = for_non_owner(row, e["_own"].get(user, (0, 0)), "queued_at_relay", "at_endpoint")
+            endpoints.append(row)
         mine = self.users.get(user) or DashboardFeed.user_view(_UserStats(), 0)
         return {"time": self.time, "user": user, "relay": self.relay, "endpoints": endpoints, **mine}
 
@@ -155,6 +162,7 @@ class DashboardFeed:
         self.reports: dict[str, EndpointReport] = {}    # endpoint id -> its latest heartbeat's status
         self.latest: Snapshot | None = None
         self.next_publish = 0.0
+        self.own_counts = OwnCounts()
 
     def _user(self, user: str) -> _UserStats:
         stats = self.users.get(user)
@@ -224,6 +232,8 @@ class DashboardFeed:
                 "queued_at_endpoint": report.queued if report is not None else 0,
                 "blocks": [{"id": b, "job": j, "state": s} for b, j, s in report.blocks] if report else [],
                 "_access": _FrozenAccess(state.access),
+                # on a shared endpoint, each user's own counts (others see theirs only: endpoint_view.py)
+                "_own": dict(self.own_counts.of(state, now)) if is_shared(state.access) else None,
             })
         users = {}
         usage = relay.quotas.usage

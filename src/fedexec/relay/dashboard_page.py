@@ -1,7 +1,10 @@
 """The dashboard's page, style and script (served by web.py; separate files, as its
 Content-Security-Policy allows no inline style or script): plain HTML and JS,
-no build step. The script polls ``/api/snapshot`` every second and fills
-the page with ``textContent`` only (no data ever becomes markup)."""
+no build step. The script takes the token a browser signs in with from the
+address (``?token=`` or ``#token=``) into the tab's ``sessionStorage`` and
+off the address, polls ``/api/snapshot`` every second with it as a Bearer
+header (web.py says why no cookie), and fills the page with
+``textContent`` only (no data ever becomes markup)."""
 
 PAGE_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedexec relay</title>
@@ -67,8 +70,10 @@ function render(s) {
   document.getElementById("relay").textContent = s.relay.address + " (" + s.relay.auth + " mode)";
   document.getElementById("user").textContent = "signed in as " + s.user;
   document.getElementById("updated").textContent = "updated " + new Date(s.time * 1000).toLocaleTimeString();
+  // (null: a shared endpoint's numbers that count every user's work, shown to its owner only)
   fill("endpoints", s.endpoints.map(e => row([
-    e.name, e.id, e.status, e.busy_workers + " / " + e.idle_workers, e.queued_at_relay, e.queued_at_endpoint,
+    e.name, e.id, e.status, e.busy_workers === null ? "-" : e.busy_workers + " / " + e.idle_workers,
+    e.queued_at_relay, e.queued_at_endpoint === null ? "-" : e.queued_at_endpoint,
     e.at_endpoint, e.blocks.map(b => b.id + (b.job ? " (" + b.job + ")" : "") + " " + b.state).join(", ") || "-"],
     [null, null, e.status, "n", "n", "n", "n", null])));
   for (const [state, count] of Object.entries(s.tasks.counts)) {
@@ -89,11 +94,31 @@ function render(s) {
   fill("failures", s.failures.map(f => row([new Date(f.time * 1000).toLocaleTimeString(), f.task, f.endpoint,
                                             f.state, f.error], [null, null, null, null, "err"])));
 }
+const TOKEN_KEY = "fedexec-dashboard-token";
+function takeToken() {
+  // a token in the address (?token= or #token=) moves into this tab's storage (this origin's only:
+  // scheme, host and port) and off the address, so it is neither kept in history nor shown
+  const given = new URLSearchParams(location.hash.slice(1)).get("token") ||
+                new URLSearchParams(location.search).get("token");
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(null, "", "/");
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+const token = takeToken();
 async function poll() {
+  if (!token) {
+    document.getElementById("updated").textContent = "not signed in: open /?token=TOKEN (or /#token=TOKEN)";
+    return;
+  }
   try {
-    const response = await fetch("/api/snapshot", {credentials: "same-origin", cache: "no-store"});
+    const response = await fetch("/api/snapshot", {credentials: "omit", cache: "no-store",
+                                                    headers: {"Authorization": "Bearer " + token}});
     if (response.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
       document.getElementById("updated").textContent = "signed out: open /?token=TOKEN again";
+      return;
     } else if (response.ok) {
       render(await response.json());
     }

@@ -12,8 +12,10 @@ user's is answered exactly as an unknown id (``"unknown"``), so no answer
 tells whether an id exists. An endpoint is listed to those who may use it.
 
 Limits: each question counts against its user's budget of queries a second
-(reads.py: QUERIES_PER_SECOND per user, and the relay's total), past which
-the answer is ``{busy: true}`` (ask again a moment later); at most MAX_ITEMS
+(reads.QueryBudget: QUERIES_PER_SECOND per user, the first QUERY_FLOOR of
+them theirs whatever others ask, the rest from SHARED_QUERIES_PER_SECOND
+all users share, and QUERY_CEILING for the whole relay as the last bound),
+past which the answer is ``{busy: true}`` (ask again a moment later); at most MAX_ITEMS
 ids a question, MAX_LIST tasks a page, ANSWER_BYTES of results and
 HEADER_BUDGET of header an answer (the rest: ``more``, ask again). Nothing
 here unpickles: results and function bodies are the opaque bytes stored.
@@ -26,7 +28,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from .reads import RecordReads
+from .endpoint_view import OwnCounts, for_non_owner, is_shared
+from .reads import QueryBudget
 from .registry import DISPATCHED, QUEUED, EndpointState
 from .store import FINISHED, KEPT, PENDING
 
@@ -36,7 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedexec.relay")
 
-QUERIES_PER_SECOND = 50          # per user (and USERS_PER_SECOND users' worth for the whole relay)
+QUERIES_PER_SECOND = 50          # per user
+QUERY_FLOOR = 10                 # of those, a user's whatever other users ask
+SHARED_QUERIES_PER_SECOND = 200  # questions past their askers' floors, all users together
+QUERY_CEILING = 2000             # all questions, the relay's last bound (200 users at their floor)
 MAX_LIST = 1000                  # tasks in one page of a listing
 ANSWER_BYTES = 16 * 1024 * 1024  # result bytes in one answer, within the relay's turn budget (the rest: ask again)
 HEADER_BUDGET = 384 * 1024       # header bytes an answer's rows may take (MAX_HEADER is 512 KiB)
@@ -79,7 +85,8 @@ class Inspector:
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
-        self.budget = RecordReads(QUERIES_PER_SECOND)
+        self.own_counts = OwnCounts()   # a shared endpoint's counts per user (endpoint_view.py)
+        self.budget = QueryBudget(QUERIES_PER_SECOND, QUERY_FLOOR, SHARED_QUERIES_PER_SECOND, QUERY_CEILING)
         # bytes of function bodies read (fn_get) or written (fn_put) this second, per user: a body
         # can be 32 MiB, and an answer nobody reads stays queued at the relay
         self.body_second = 0
@@ -256,8 +263,10 @@ class Inspector:
             task_ids = [task_id for task_id in task_ids if task_id not in relay.graph.refs]
         unacked, kept = relay.store.delete_results(task_ids, user)
         relay.quotas.acknowledged(unacked, user, keep=False)
-        if kept and relay.quotas.retained is not None:
-            relay.quotas.retained.forget(kept, user)
+        if relay.quotas.retained is not None:
+            relay.quotas.retained.results_gone(unacked, user)   # (their uploads, results over 16 MiB)
+            if kept:
+                relay.quotas.retained.forget(kept, user)
         return len(unacked) + len(kept)
 
     def _op_delete(self, session: "Session", f: dict[str, Any], _blobs: list[Any]) -> tuple[dict, list]:
@@ -306,9 +315,35 @@ class Inspector:
         return {"found": True, "h": fn_hash, "name": name, "desc": description, "public": bool(public),
                 "yours": owner == session.user, "created": created}, [body]
 
+    def _op_fn_del(self, session: "Session", f: dict[str, Any], _blobs: list[Any]) -> tuple[dict, list]:
+        """Forget a function the asker registered (its owner only: another
+        user's id, public or not, is answered as an unknown one). Tasks
+        submitted with it keep running: each carried its body to the relay."""
+        fn_hash = f.get("h")
+        if not (isinstance(fn_hash, bytes) and len(fn_hash) == 32):
+            raise P.ProtocolError("a function id (h) is 32 bytes")
+        mine = self.registered.get(session.user)
+        size = mine.pop(fn_hash, None) if mine else None
+        if size is None:
+            return {"deleted": False}, []
+        if not mine:
+            del self.registered[session.user]
+        self.relay.store.unregister_function(session.user, fn_hash)
+        self.relay.quotas.release(session.user, 0, size)
+        return {"deleted": True}, []
+
     # -- endpoints -------------------------------------------------------------
-    def describe_endpoint(self, state: EndpointState) -> dict[str, Any]:
-        """An endpoint's status and metadata, as the Client API gives them."""
+    def describe_endpoint(self, state: EndpointState, user: str | None = None) -> dict[str, Any]:
+        """An endpoint's status and metadata, as the Client API gives them
+        (to ``user``: on an endpoint shared with them and not theirs, their
+        own tasks' counts only, endpoint_view.py)."""
+        row = self._describe_endpoint(state)
+        if user is not None and user != state.access.owner and is_shared(state.access):
+            own = self.own_counts.of(state, time.monotonic()).get(user, (0, 0))
+            row = for_non_owner(row, own, "queued", "running")
+        return row
+
+    def _describe_endpoint(self, state: EndpointState) -> dict[str, Any]:
         running = len(state.dispatched)
         online = state.connected
         if state.report is not None and online:   # as the endpoint counts them, at its last heartbeat
@@ -325,7 +360,7 @@ class Inspector:
         found = []
         for state in self.relay.endpoints.by_id.values():
             if state.access.allows(session.user, session.groups):
-                found.append(self.describe_endpoint(state))
+                found.append(self.describe_endpoint(state, session.user))
                 if len(found) >= P.MAX_ITEMS:
                     break
         return found
@@ -337,9 +372,10 @@ class Inspector:
         state = self.relay.endpoints.get(P.text(f.get("ep"), "endpoint id"))
         if state is None or not state.access.allows(session.user, session.groups):
             return {"found": False}, []   # (one not shared with the asker is as unknown)
-        return {"found": True, "endpoint": self.describe_endpoint(state)}, []
+        return {"found": True, "endpoint": self.describe_endpoint(state, session.user)}, []
 
 
 _OPS = {"tasks": Inspector._op_tasks, "list": Inspector._op_list, "delete": Inspector._op_delete,
-        "fn_put": Inspector._op_fn_put, "fn_get": Inspector._op_fn_get, "endpoints": Inspector._op_endpoints,
+        "fn_put": Inspector._op_fn_put, "fn_get": Inspector._op_fn_get, "fn_del": Inspector._op_fn_del,
+        "endpoints": Inspector._op_endpoints,
         "endpoint": Inspector._op_endpoint}

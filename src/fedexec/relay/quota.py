@@ -194,6 +194,8 @@ class Quotas:
             entry = self.unacked.pop(task_id, None)
             if entry is not None:
                 self.release(entry[0], 1, entry[1])
+                if self.retained is not None and self.retained.uploads:   # (a result over 16 MiB: its upload)
+                    self.retained.results_gone([task_id], entry[0])
         if len(order) > 2 * len(self.unacked) + 1024:   # mostly acknowledged: drop their entries
             self.unacked_order = deque(item for item in order if item[1] in self.unacked)
         if self.retained is not None:

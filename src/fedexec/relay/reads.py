@@ -52,7 +52,7 @@ class RecordReads:
 
     def spend(self, user: str) -> bool:
         """Whether ``user`` may spend one of this second's reads (theirs,
-        and the relay's): also the Client API's budget of queries (inspect.py)."""
+        and the relay's)."""
         second = int(time.monotonic())
         if second != self.second:
             self.second = second
@@ -61,6 +61,42 @@ class RecordReads:
         count = self.spent.get(user, 0)
         if count >= self.per_second or self.total >= USERS_PER_SECOND * self.per_second:
             return False
+        self.spent[user] = count + 1
+        self.total += 1
+        return True
+
+
+class QueryBudget:
+    """Questions a second (the Client API's INSPECT, inspect.py), fair per
+    user first: each user may ask ``per_user`` a second. Their first
+    ``floor`` in a second are theirs whatever other users do; the rest draw
+    on ``shared`` a second that all users share (so many accounts flooding
+    together cannot ask more than that beyond their floors). The only bound
+    on the floors is ``ceiling`` for the whole relay, the last guard of its
+    loop, which flooding accounts reach only by the hundred: one user's (or a
+    few users') flood never slows another user's questions."""
+
+    def __init__(self, per_user: int, floor: int, shared: int, ceiling: int) -> None:
+        if not 0 < floor <= per_user:
+            raise ValueError("a user's floor of questions is more than 0 and at most their budget")
+        self.per_user, self.floor, self.shared, self.ceiling = per_user, floor, shared, ceiling
+        self.second = 0
+        self.spent: dict[str, int] = {}   # user -> questions in ``second``
+        self.shared_spent = 0             # questions past their askers' floors in ``second``
+        self.total = 0                    # all questions in ``second``
+
+    def spend(self, user: str) -> bool:
+        """Whether ``user`` may ask one more question this second (counted if so)."""
+        second = int(time.monotonic())
+        if second != self.second:
+            self.second, self.spent, self.shared_spent, self.total = second, {}, 0, 0
+        count = self.spent.get(user, 0)
+        if count >= self.per_user or self.total >= self.ceiling:
+            return False
+        if count >= self.floor:
+            if self.shared_spent >= self.shared:
+                return False
+            self.shared_spent += 1
         self.spent[user] = count + 1
         self.total += 1
         return True

@@ -16,14 +16,28 @@ go first, when a user is over that count or needs the bytes for new work
 (``Quotas.refusal`` asks :meth:`RetainedResults.free` before it refuses), so
 kept results never stop anyone's submissions. Bookkeeping is in memory (per
 result, no SQL); the record says which rows are kept (store.KEPT).
+
+A result over 16 MiB is a reference to an upload in its user's spool
+(transfer.py, bulk.py). Such an upload is *held* from the moment its result
+is stored (:meth:`RetainedResults.hold_upload`) for as long as the result's
+row is: its client's DROP (sent once it has fetched it) leaves it in place
+(:meth:`holds_upload`, asked by bulk.py), so it is read again as a small
+result is. It goes with its row (TTL, ``delete_result``, the per-user cap,
+room for new work: :meth:`forget`, and an unacknowledged result's expiry or
+deletion: :meth:`results_gone`); its bytes stay charged to its user by the
+spool until then, and count when :meth:`free` makes room. After a restart
+the record's rows say which uploads are held (:meth:`recover`); a kept row
+whose upload is gone (killed between the two) goes too.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
+from .. import protocol as P
+from ..transfer import parse_big
 from .quota import row_bytes
 
 if TYPE_CHECKING:
@@ -44,6 +58,12 @@ class RetainedResults:
         self.max_per_user = max_per_user
         self.by_user: dict[str, OrderedDict[bytes, int]] = {}   # user -> {task id: bytes charged}
         self.order: deque[tuple[float, bytes, str]] = deque()   # (time.time() kept, task id, user), oldest first
+        # results over 16 MiB (stored or kept): task id -> (user, upload id, its size), and the way back
+        self.uploads: dict[bytes, tuple[str, bytes, int]] = {}
+        self.upload_tasks: dict[tuple[str, bytes], bytes] = {}
+        # set by the relay once its spool is made (bulk.py): deletes an upload, says whether one is there
+        self.drop_upload: Callable[[str, bytes], None] = lambda user, bid: None
+        self.upload_exists: Callable[[str, bytes], bool] = lambda user, bid: True
 
     def keep(self, entries: Iterable[tuple[bytes, int]], user: str, now: float | None = None) -> None:
         """``user`` acknowledged these results (task id, bytes still charged
@@ -64,11 +84,14 @@ class RetainedResults:
         if not mine:
             return 0
         freed, due = 0, []
+        uploads = self.uploads
         for task_id, size in mine.items():
             if freed >= nbytes:
                 break
             due.append(task_id)
             freed += size
+            if uploads and task_id in uploads:   # its upload goes with it
+                freed += uploads[task_id][2]
         self._drop(user, due)
         return freed
 
@@ -78,11 +101,45 @@ class RetainedResults:
         if not mine:
             return
         nbytes = 0
+        gone = []
         for task_id in task_ids:
             nbytes += mine.pop(task_id, 0)
+            gone.append(task_id)
         if not mine:
             del self.by_user[user]
         self.quotas.release(user, 0, nbytes)
+        if self.uploads:
+            self.results_gone(gone, user)
+
+    # -- results over 16 MiB: their uploads ---------------------------------------
+    def hold_upload(self, task_id: bytes, user: str, ref: bytes) -> None:
+        """Task ``task_id`` of ``user`` has a stored result that is ``ref``, a
+        reference to an upload in their spool: it stays while the result does."""
+        try:
+            bid, size, _ = parse_big(ref)
+        except P.ProtocolError:
+            return
+        self.uploads[task_id] = (user, bid, size)
+        self.upload_tasks[(user, bid)] = task_id
+
+    def holds_upload(self, user: str, bid: bytes) -> bool:
+        """Whether ``user``'s upload ``bid`` is a stored result's (a DROP of it then waits for the result to go)."""
+        return (user, bid) in self.upload_tasks
+
+    def results_gone(self, task_ids: Iterable[bytes], user: str) -> None:
+        """These results of ``user`` left the record: the uploads they held go too."""
+        uploads = self.uploads
+        for task_id in task_ids:
+            entry = uploads.get(task_id)
+            if entry is None or entry[0] != user:
+                continue
+            del uploads[task_id]
+            self.upload_tasks.pop((user, entry[1]), None)
+            self.drop_upload(user, entry[1])
+
+    def held_uploads(self) -> list[tuple[str, bytes]]:
+        """``(user, upload id)`` of every upload held (the spool's expiry leaves them alone)."""
+        return list(self.upload_tasks)
 
     def expire(self, before: float) -> None:
         """Kept results kept since before ``before`` (a time.time()): the
@@ -97,11 +154,22 @@ class RetainedResults:
             self.order = deque(item for item in order if item[1] in self.by_user.get(item[2], ()))
 
     def recover(self) -> None:
-        """After a restart: the record's kept results, charged to their users again."""
+        """After a restart: the record's kept results, charged to their users
+        again, and the uploads of its results over 16 MiB held again; a kept
+        one whose upload is gone (the relay was killed after deleting it and
+        before its row's deletion was committed) goes now."""
+        for task_id, user, ref in self.store.result_references():
+            self.hold_upload(task_id, user, ref)
+        missing: dict[str, list[bytes]] = {}
         for task_id, user, size, finished in self.store.kept_results():
+            entry = self.uploads.get(task_id)
+            if entry is not None and not self.upload_exists(user, entry[1]):
+                missing.setdefault(user, []).append(task_id)
             size = row_bytes(size)
             self.quotas.charge(user, 0, size)
             self.keep([(task_id, size)], user, finished)
+        for user, task_ids in missing.items():
+            self._drop(user, task_ids)
 
     def _drop(self, user: str, task_ids: list[bytes]) -> None:
         if task_ids:

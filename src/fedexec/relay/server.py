@@ -108,13 +108,13 @@ class Relay:
                  function_grace: float = DEFAULT_FUNCTION_GRACE,
                  commit_window: float = GROUP_COMMIT_WINDOW, keep_acknowledged: bool | None = None,
                  max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER,
-                 http: tuple[str, int] | None = None) -> None:
+                 http: tuple[Any, ...] | None = None) -> None:
         """``keep_acknowledged``: results stay readable after their client
         acknowledged them, until ``result_ttl`` or their user deletes them
         (retained.py); by default, unless the relay removes its data when it
         stops (the embedded default's, whose program is its only client).
         ``http``: (host, port) to serve the dashboard, /api/ and /metrics on
-        (web.py), or None."""
+        (web.py), and its ssl.SSLContext (web.tls_context) for HTTPS, or None."""
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -263,12 +263,13 @@ class Relay:
         self.refs = DataRefs(self)        # data sent once: named uploads (put)
         self.refs.recover()
         if self.quotas.retained is not None:
+            self.bulk.attach_retained(self.quotas.retained)   # (results over 16 MiB kept too)
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
         self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
         self.local_link: LocalLink | None = None   # a colocated endpoint agent's inproc link (open_local_link)
 
-    def _bind_dashboard(self, http: tuple[str, int] | None) -> None:
+    def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
         served from serve_forever) and make the feed the loop publishes
         snapshots through. Before anything else binds: a port in use or a
@@ -279,10 +280,10 @@ class Relay:
             return
         from .dashboard import DashboardFeed
         from .web import DashboardServer
-        host, port = http
+        host, port, *tls = http   # (and the TLS context, web.tls_context, when given)
         self.dashboard = DashboardFeed()
         try:
-            self.web = DashboardServer(self.dashboard, self.access, host, port)
+            self.web = DashboardServer(self.dashboard, self.access, host, port, *tls)
         except OSError as exc:
             self.ctx.term()
             if self.tokens is not None:
@@ -1305,10 +1306,6 @@ class Relay:
             self._not_theirs(client, session, task_id, "read the result of")
             return True
         result = result or b""
-        if state == KEPT and is_big(result):   # its upload went once its client had it: nothing to read again
-            self._reject(client, task_id, P.LOST, "this task's result was over 16 MiB: its client received and "
-                         "acknowledged it once, and the relay keeps no copy of a result that large", quiet=True)
-            return True
         self.record_budget -= len(result)
         rows, blobs = self.client_results[client]
         rows.append(blobs.result_row(task_id, status, result))
@@ -1445,6 +1442,8 @@ class Relay:
             elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
                 status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
+                if status == P.OK and self.quotas.retained is not None:   # read again until it goes (retained.py)
+                    self.quotas.retained.hold_upload(task_id, record.user, blob)
                 self._record_reads.hopeless_task(task_id)   # (an upload: not read back for a dependent)
                 record.options = None if record.options is None else {k: v for k, v in record.options.items()
                                                                       if k != "m"}   # never memoized

@@ -612,6 +612,17 @@ class RelayStore:
                     size = 0
             yield task_id, user, size, finished or 0.0
 
+    def result_references(self) -> Iterator[tuple[bytes, str, bytes]]:
+        """``(task id, user, reference)`` of every stored result (unacknowledged
+        or kept) that is a reference to an upload, a result over 16 MiB (for
+        a restart: relay/retained.py holds their uploads again)."""
+        from ..transfer import MAX_REF, REF_MAGIC
+
+        yield from self.db.execute(
+            "SELECT id, user, result FROM tasks WHERE state IN (?,?) AND status=? AND result_file=0 "
+            "AND length(result)<=? AND substr(result,1,?)=?",
+            (FINISHED, KEPT, P.OK, MAX_REF, len(REF_MAGIC), REF_MAGIC))
+
     # -- the Client API's reads (relay/inspect.py; rare, rate-limited paths) --
     def task_summaries(self, task_ids: list[bytes], user: str) -> dict[bytes, tuple[Any, ...]]:
         """``{task id: (endpoint, state, status, submitted, finished)}`` of
@@ -657,6 +668,10 @@ class RelayStore:
         """Keep a function ``user`` registered (written at once: a rare path)."""
         self.db.execute("INSERT OR REPLACE INTO registered VALUES (?,?,?,?,?,?,?)",
                         (user, fn_hash, body, name, description, int(public), time.time()))
+
+    def unregister_function(self, user: str, fn_hash: bytes) -> None:
+        """Forget a function ``user`` registered (written at once: a rare path)."""
+        self.db.execute("DELETE FROM registered WHERE user=? AND hash=?", (user, fn_hash))
 
     def registered_function(self, fn_hash: bytes, user: str) -> tuple[Any, ...] | None:
         """``(owner, body, name, description, public, created)`` of a function

@@ -8,11 +8,20 @@ published, filtered for the user who asks (:meth:`Snapshot.view`).
 Routes, all GET and read-only (so no CSRF to guard against), all behind
 the relay's own credentials:
 
-- ``/`` the page (``/dashboard.js`` and ``/dashboard.css`` its script and style:
-  plain JS polling the API);
-  opening ``/?token=TOKEN`` once signs a browser in: a random session id
-  goes in a cookie (HttpOnly, SameSite=Strict, expiring; never the token)
-  and the browser is sent back to ``/`` without the token in its address;
+- ``/`` the page (``/dashboard.js`` and ``/dashboard.css`` its script and
+  style: plain JS polling the API); these hold no data and need no
+  credentials. A browser signs in by opening ``/?token=TOKEN`` (or
+  ``/#token=TOKEN``, which never reaches the server) once: the page's script
+  moves the token into the tab's ``sessionStorage`` and takes it off the
+  address (``history.replaceState``), then sends it as ``Authorization:
+  Bearer`` on each ``/api/`` request. No cookie: ``sessionStorage`` belongs
+  to this origin (scheme, host *and port*), so a web server on another port
+  of the same host never receives or reads it, as it would a cookie (cookies
+  ignore ports); and nothing is sent by the browser on its own, so another
+  site's page cannot make requests with it. Opening ``/?token=`` changes
+  nothing at the relay (no session is made), so a page that sends a victim's
+  browser there with its own token (login CSRF) only shows, in the tab it
+  opened, that token's own read-only view, named "signed in as" its user;
 - ``/api/snapshot`` everything the page shows, as JSON; ``/api/endpoints``,
   ``/api/tasks``, ``/api/failures`` and ``/api/latency`` parts of it;
 - ``/metrics`` Prometheus' text format (prometheus_client, a registry of
@@ -24,23 +33,23 @@ as ``Authorization: Bearer ...`` by scripts. Anything else: 401, no data.
 
 Bounded: at most MAX_CONNECTIONS requests at once (more get 503), a
 request's line and headers together at most MAX_REQUEST_BYTES, sent within REQUEST_DEADLINE seconds, a socket
-idle for SOCKET_TIMEOUT seconds is closed, at most SESSIONS_PER_USER
-signed-in browsers per user and MAX_SESSIONS in all (the oldest go first).
+idle for SOCKET_TIMEOUT seconds is closed. The relay keeps no browser
+sessions: each request's credentials are checked as the relay's ZeroMQ side
+checks them (a revoked token stops working at once).
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import logging
 import re
-import secrets
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .. import protocol as P
@@ -53,26 +62,49 @@ log = logging.getLogger("fedexec.relay.web")
 MAX_CONNECTIONS = 16
 MAX_REQUEST_BYTES = 16 * 1024
 SOCKET_TIMEOUT = 10.0
-MAX_SESSIONS = 1024
-SESSIONS_PER_USER = 16       # a user's own oldest session goes first: nobody signs another out
-SESSION_LIFETIME = 12 * 3600.0
-RECHECK_INTERVAL = 60.0      # a session's credentials are checked again this often (revoked tokens)
 REQUEST_DEADLINE = 10.0      # seconds a connection has to send its whole request line and headers
 _SECRET_IN_QUERY = re.compile(r"token=[^ &]*")   # what a log line never shows
 EXTRA = "pip install 'fedexec[dashboard]'"
 
 
-def check_http_host(host: str, auth: str) -> None:
+def check_http_host(host: str, auth: str, tls: bool = False) -> None:
     """ValueError unless the dashboard may listen on ``host``: loopback
     always; another host only with real per-user authentication (token or
     globus mode), since in local mode the only credential is the relay's
-    local secret, meant for its owner's processes on this machine."""
+    local secret, meant for its owner's processes on this machine, and only
+    over TLS (``tls``: --http-cert and --http-key given), since every
+    request carries its user's token."""
     if P.is_loopback(f"tcp://{host}:0"):
         return
     if auth == "local":
         raise ValueError(f"the dashboard listens on {host!r}, not loopback, only with real authentication "
                          f"(--auth token or --auth globus): this relay runs in local mode, whose only credential "
                          f"is its local secret (use --http-host 127.0.0.1, or --auth token)")
+    if not tls:
+        raise ValueError(f"the dashboard listens on {host!r}, not loopback, only over TLS: every request carries "
+                         f"its user's token, which would cross the network in clear. Give --http-cert CERT.pem and "
+                         f"--http-key KEY.pem (or use --http-host 127.0.0.1)")
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The dashboard's TLS settings from --http-cert and --http-key (PEM
+    files: the certificate chain, its private key), or None without them;
+    ValueError naming the problem (one without the other, unreadable, not a
+    certificate and its key)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--http-cert and --http-key go together: the certificate (PEM) and its private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--http-cert/--http-key: no such file: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"--http-cert {cert} and --http-key {key} are not a PEM certificate and its private "
+                         f"key: {exc}") from None
+    return context
 
 
 def require_prometheus() -> None:
@@ -83,71 +115,29 @@ def require_prometheus() -> None:
         raise ImportError(f"the relay's dashboard (--http) needs prometheus_client: {EXTRA}") from None
 
 
-class Sessions:
-    """Signed-in browsers: random session id -> who, until when. The
-    credentials stay here (in memory, never in the cookie) to be checked
-    again every RECHECK_INTERVAL, so a revoked token's sessions end."""
-
-    def __init__(self, check: Callable[[str], Session | str]) -> None:
-        self.check = check
-        self._lock = threading.Lock()
-        self._by_id: dict[str, list[Any]] = {}   # id -> [session, credential, expires, checked]
-
-    def open(self, session: Session, credential: str) -> str:
-        session_id = secrets.token_urlsafe(32)
-        now = time.time()
-        with self._lock:
-            mine = [key for key, entry in self._by_id.items() if entry[0].user == session.user]
-            if len(mine) >= SESSIONS_PER_USER:
-                del self._by_id[mine[0]]                   # their oldest (dicts keep insertion order)
-            while len(self._by_id) >= MAX_SESSIONS:
-                del self._by_id[next(iter(self._by_id))]   # the oldest of all
-            self._by_id[session_id] = [session, credential, now + SESSION_LIFETIME, now]
-        return session_id
-
-    def get(self, session_id: str) -> Session | None:
-        now = time.time()
-        with self._lock:
-            entry = self._by_id.get(session_id)
-            if entry is None:
-                return None
-            if now >= entry[2]:
-                del self._by_id[session_id]
-                return None
-            if now - entry[3] < RECHECK_INTERVAL:
-                return entry[0]
-            credential = entry[1]
-        answer = self.check(credential)   # (not under the lock: it may ask Globus)
-        with self._lock:
-            if isinstance(answer, str) or answer.problem(now):
-                self._by_id.pop(session_id, None)
-                return None
-            if session_id in self._by_id:
-                self._by_id[session_id][3] = now
-        return answer
-
-
 class DashboardServer(ThreadingHTTPServer):
     """The HTTP server; :meth:`start` runs it on a thread, :meth:`stop` ends it."""
 
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, feed: DashboardFeed, access: AccessControl, host: str, port: int) -> None:
-        check_http_host(host, access.mode)
+    def __init__(self, feed: DashboardFeed, access: AccessControl, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
+        check_http_host(host, access.mode, tls is not None)
         require_prometheus()
+        self.tls = tls
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.feed = feed
         self.access = access
         self.loopback = P.is_loopback(f"tcp://{host}:0")
-        self.sessions = Sessions(self.check_credential)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread: threading.Thread | None = None
         super().__init__((host, port), _Handler)
+        if tls is not None:   # the handshake happens in the request's thread, bounded by its socket timeout
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self.port = self.server_address[1]
-        self.cookie = f"fedexec_session_{self.port}"   # one per relay on this host (cookies ignore ports)
         bracket = f"[{host}]" if ":" in host else host
-        self.url = f"http://{bracket}:{self.port}/"
+        self.url = f"{'https' if tls is not None else 'http'}://{bracket}:{self.port}/"
 
     # -- credentials -------------------------------------------------------------
     def check_credential(self, credential: str) -> Session | str:
@@ -169,6 +159,8 @@ class DashboardServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             try:
+                if self.tls is not None:   # (no answer without a handshake, which this thread must not wait for)
+                    raise OSError("busy")
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n"
                                 b"Retry-After: 1\r\n\r\n")
             except OSError:
@@ -295,20 +287,18 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/favicon.ico":   # (browsers ask for it; there is none)
             self._reply(204, b"", "image/x-icon")
             return
-        if path == "/" and "token" in query:
-            self._sign_in(query["token"][0])
+        if path == "/" and "token" in query and self._checked(query["token"][0]) is None:
+            self._refuse()   # (a wrong token in the address is told at once; a right one changes nothing here)
+            return
+        static = _STATIC.get(path)
+        if static is not None:   # the page, its script and style: no data, so no credentials
+            self._reply(200, static[0], static[1])
             return
         session = self._session()
         if session is None:
             self._refuse()
             return
-        if path == "/":
-            self._reply(200, PAGE_HTML.encode(), "text/html; charset=utf-8")
-        elif path == "/dashboard.js":
-            self._reply(200, PAGE_JS.encode(), "text/javascript; charset=utf-8")
-        elif path == "/dashboard.css":
-            self._reply(200, PAGE_CSS.encode(), "text/css; charset=utf-8")
-        elif path == "/metrics":
+        if path == "/metrics":
             self._metrics(session)
         elif path.startswith("/api/"):
             self._api(path[5:], session)
@@ -327,34 +317,22 @@ class _Handler(BaseHTTPRequestHandler):
             return False
 
     def _session(self) -> Session | None:
-        auth = self.headers.get("Authorization", "")
-        if auth:
-            scheme, _, credential = auth.partition(" ")
-            if scheme.lower() != "bearer":
-                return None
-            answer = self.server.check_credential(credential.strip())
-            return None if isinstance(answer, str) or answer.problem(time.time()) else answer
-        for part in self.headers.get("Cookie", "").split(";"):
-            name, _, value = part.strip().partition("=")
-            if hmac.compare_digest(name.encode("utf-8", "surrogateescape"), self.server.cookie.encode()):
-                return self.server.sessions.get(value)
-        return None
+        """Who sent this request: its ``Authorization: Bearer`` credentials
+        checked (the only way in; cookies are ignored), or None."""
+        scheme, _, credential = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return self._checked(credential.strip())
+
+    def _checked(self, credential: str) -> Session | None:
+        answer = self.server.check_credential(credential)
+        return None if isinstance(answer, str) or answer.problem(time.time()) else answer
 
     def _refuse(self) -> None:
         # (no delay: tokens are 256-bit, and sleeping would hold a connection slot)
-        self._reply(401, b"sign in: open /?token=TOKEN once in a browser, or send 'Authorization: Bearer TOKEN' "
+        self._reply(401, b"sign in: open /?token=TOKEN (or /#token=TOKEN) in a browser, or send 'Authorization: Bearer TOKEN' "
                          b"(the relay's local secret in local mode, an API token in token mode, a Globus token "
                          b"in globus mode)\n", "text/plain", extra={"WWW-Authenticate": 'Bearer realm="fedexec"'})
-
-    def _sign_in(self, credential: str) -> None:
-        answer = self.server.check_credential(credential)
-        if isinstance(answer, str) or answer.problem(time.time()):
-            self._refuse()
-            return
-        session_id = self.server.sessions.open(answer, credential)
-        cookie = (f"{self.server.cookie}={session_id}; HttpOnly; SameSite=Strict; Path=/; "
-                  f"Max-Age={int(SESSION_LIFETIME)}")
-        self._reply(303, b"", "text/plain", extra={"Location": "/", "Set-Cookie": cookie})
 
     def _snapshot(self, session: Session) -> dict[str, Any] | None:
         snapshot: Snapshot | None = self.server.feed.latest
@@ -409,6 +387,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+_STATIC = {"/": (PAGE_HTML.encode(), "text/html; charset=utf-8"),
+           "/dashboard.js": (PAGE_JS.encode(), "text/javascript; charset=utf-8"),
+           "/dashboard.css": (PAGE_CSS.encode(), "text/css; charset=utf-8")}
+
+
 class _ViewCollector:
     """One user's view of a snapshot as Prometheus metric families."""
 
@@ -445,9 +428,10 @@ class _ViewCollector:
         for e in view["endpoints"]:
             key = [e["id"], e["name"]]
             up.add_metric(key, 1 if e["status"] == "online" else 0)
-            depth.add_metric(key, e["queued_at_relay"] + e["queued_at_endpoint"])
-            workers.add_metric([*key, "busy"], e["busy_workers"])
-            workers.add_metric([*key, "idle"], e["idle_workers"])
+            depth.add_metric(key, e["queued_at_relay"] + (e["queued_at_endpoint"] or 0))
+            if e["busy_workers"] is not None:   # (None: a shared endpoint's, its owner's only: endpoint_view.py)
+                workers.add_metric([*key, "busy"], e["busy_workers"])
+                workers.add_metric([*key, "idle"], e["idle_workers"])
             running.add_metric(key, e["at_endpoint"])
         yield from (up, depth, workers, running)
         yield GaugeMetricFamily("fedexec_relay_store_backlog", "Rows waiting for the relay's record writer",
