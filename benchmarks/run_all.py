@@ -809,7 +809,9 @@ def child_main(job: str, out: str, quick: bool) -> int:
         raise SystemExit(f"stopped by signal {signum}")  # so the cleanups in finally/with run
 
     signal.signal(signal.SIGTERM, on_term)
-    sizes = SIZES["quick" if quick else "full"]
+    sizes = dict(SIZES["quick" if quick else "full"])
+    if os.environ.get("FEDEXEC_BENCH_MILLION_TASKS"):
+        sizes["million_tasks"] = int(os.environ["FEDEXEC_BENCH_MILLION_TASKS"])
     rec = Recorder(out, job)
     if job in SYSTEMS:
         run_system(job, rec, sizes)
@@ -987,7 +989,9 @@ def _get(rows: dict[str, dict[str, Any]], label: str, key: str) -> float | None:
 
 def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started: datetime.datetime,
                  wall: float, plot_dir: Path, md_path: Path) -> tuple[str, dict[str, Any]]:
-    sizes = SIZES["quick" if ns.quick else "full"]
+    sizes = dict(SIZES["quick" if ns.quick else "full"])
+    if ns.million_tasks:
+        sizes["million_tasks"] = ns.million_tasks
     F = SYSTEM_NAMES["fedexec"]
     out: list[str] = []
     add = out.append
@@ -995,7 +999,9 @@ def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started:
     add(f"# {title}, {started.date()}")
     add("")
     add(f"`python benchmarks/run_all.py{' --quick' if ns.quick else ''} --runs {ns.runs}"
-        f"{' --million' if ns.million else ''}{' --only ' + ns.only if ns.only else ''}` — started "
+        f"{' --million' if ns.million else ''}"
+        f"{f' --million-tasks {ns.million_tasks}' if ns.million_tasks else ''}"
+        f"{' --only ' + ns.only if ns.only else ''}` — started "
         f"{started:%Y-%m-%d %H:%M}, took {wall / 60:.1f} min. Every number is the **median of {ns.runs} run(s)**; "
         "in each run the systems are measured one after the other, each in a fresh process with a fresh "
         "executor/cluster.")
@@ -1594,6 +1600,8 @@ def main(argv: list[str] | None = None) -> int:
                              "300/240 with --quick)")
     parser.add_argument("--million", action="store_true",
                         help=f"also the 1M-task rows (jobs {','.join(MILLION_JOBS)}; ~25 min a run on 2 cores)")
+    parser.add_argument("--million-tasks", type=int, default=None,
+                        help="tasks in the --million rows (default 1,000,000; 20,000 with --quick)")
     parser.add_argument("--previous", default="",
                         help="results to compare with: a results/<date>/ directory or its raw.json (default: the "
                              "newest other one under --out)")
@@ -1602,6 +1610,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
+    if ns.million_tasks:   # (the children read it from the environment the parent passes on)
+        os.environ["FEDEXEC_BENCH_MILLION_TASKS"] = str(ns.million_tasks)
     if ns.child:
         return child_main(ns.child, ns.child_out, ns.quick)
 
@@ -1630,7 +1640,7 @@ def main(argv: list[str] | None = None) -> int:
                 for job in jobs:
                     records.extend(run_job(job, run, ns.quick, Path(work), ns.job_timeout))
     wall = time.perf_counter() - t0
-    if not ns.from_raw:
+    if not ns.from_raw or Path(ns.from_raw).resolve() != (plot_dir / "raw.json").resolve():
         (plot_dir / "raw.json").write_text(json.dumps(records, indent=1))
     try:
         for old in plot_dir.glob("*.png"):
