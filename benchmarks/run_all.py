@@ -1264,8 +1264,8 @@ KEY_ROWS = [("latency", "p50_ms", "warm round trip p50 (ms)", False),
             ("sleep", "efficiency", "sleep(1 ms) efficiency", True),
             ("hol", "last_tiny_s", "head of line: last tiny done (s)", False),
             ("payload", "median_ms", "payload round trip (ms)", False),
-            ("million", "tasks_per_s", "1M map tasks/s", True),
-            ("million", "client_peak_rss_mb", "1M map client peak RSS (MiB)", False)]
+            ("million", "tasks_per_s", "--million map tasks/s", True),
+            ("million", "client_peak_rss_mb", "--million map client peak RSS (MiB)", False)]
 
 
 def _system_rows(records: list[dict[str, Any]], measure: str, key: str) -> dict[str, dict[str, float]]:
@@ -1281,7 +1281,9 @@ def _system_rows(records: list[dict[str, Any]], measure: str, key: str) -> dict[
 
 def _paired(rows: dict[str, float], fed: dict[str, float], kinds: dict[str, str],
             fed_kinds: dict[str, str]) -> list[tuple[str, float, float]]:
-    """(path, fedexec value, peer value) pairs: same path name, else same kind."""
+    """(path, fedexec value, peer value) pairs: same path name, else same
+    kind, else (a measure with one path per system, e.g. the round trip) the
+    only path of each."""
     pairs = []
     for path, value in rows.items():
         if path in fed:
@@ -1289,7 +1291,7 @@ def _paired(rows: dict[str, float], fed: dict[str, float], kinds: dict[str, str]
             continue
         kind = kinds.get(path)
         match = next((p for p, k in fed_kinds.items() if kind is not None and k == kind and p in fed), None)
-        if match is None and kind is None and len(fed) == 1:   # e.g. the one round trip path of each
+        if match is None and kind is None and len(fed_kinds) == 1 and path not in fed_kinds:
             match = next(iter(fed))
         if match is not None:
             pairs.append((f"{path} vs {match}", fed[match], value))
