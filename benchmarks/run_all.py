@@ -1,6 +1,21 @@
-"""The fedexec benchmark suite (issue 3): every comparison, side by side, in one run.
+"""The fedexec benchmark suite (issues 3 and 17): every comparison, side by side, in one run.
 
-    python benchmarks/run_all.py [--quick] [--runs 3] [--only JOB,...] [--out DIR]
+The full run of issue 17's table (about an hour on 2 cores; fedexec from this
+checkout, the peers from a venv that has them)::
+
+    PYTHONPATH=$PWD/src /work/main/.venv/bin/python benchmarks/run_all.py --runs 3 --million
+
+    python benchmarks/run_all.py [--quick] [--runs 3] [--only JOB,...] [--out DIR] [--million]
+                                 [--previous DIR|raw.json]
+
+``--million`` adds the 1M-task rows (their own jobs, each a fresh process, so
+the client's peak RSS is the map's own): ``list(map(noop, range(1_000_000)))``
+with default settings for fedexec (embedded and CLI), ProcessPoolExecutor and
+loky (client peak RSS and tasks/s), and the same map with
+``max_in_flight=None``, so that nearly all of the million tasks wait at the
+relay while the workers drain them (tasks/s with 1M queued). ``--previous``
+names the results to compare with (default: the newest other
+``results/<date>/raw.json``): the report's "what changed" table.
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: Parsl, Dask
 distributed, matplotlib). Writes ``benchmarks/results/<date>.md`` (medians of
@@ -8,12 +23,17 @@ distributed, matplotlib). Writes ``benchmarks/results/<date>.md`` (medians of
 ``benchmarks/results/<date>/``. ``--quick`` is a smoke run with small sizes and
 one run by default; it writes ``<date>-quick.md`` and ``<date>-quick/``.
 
-Peers: ``ProcessPoolExecutor(2)``; Parsl's HighThroughputExecutor
+Peers: ``ProcessPoolExecutor(2)``; loky's reusable executor (2 workers; the
+``loky`` package, else the copy joblib bundles); Ray (``ray.init(num_cpus=2)``
+on 127.0.0.1, ``@ray.remote`` calls and ``ray.get``); Parsl's HighThroughputExecutor
 (LocalProvider, one block, 2 workers) through ``python_app`` calls and through
 the executor's own ``submit``; Dask ``LocalCluster(n_workers=2,
 threads_per_worker=1, processes=True)`` through ``client.get_executor()`` and
 ``client.map``. fedexec runs its embedded default (private relay + local
-endpoint, 2 workers).
+endpoint, 2 workers) and, as ``fedexec-cli``, a relay and an endpoint started
+from the command line (``python -m fedexec.relay`` with its durable record in
+its own data dir, ``python -m fedexec.endpoint --max-workers 2``) on a
+tcp://127.0.0.1 port.
 
 How it runs: each (run, job) pair is a child process (``--child JOB``) with a
 time limit; the child sets up one system, runs its measurements and appends
@@ -73,6 +93,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "memo_tasks": 2000,
         "memo_shares": [0, 25, 50, 75, 100],
         "breakdown_calls": 1000,
+        "million_tasks": 1_000_000,
+        "million_job_timeout": 900.0,
         "peer_job_timeout": 1200.0,
         "fedexec_job_timeout": 600.0,
     },
@@ -94,16 +116,24 @@ SIZES: dict[str, dict[str, Any]] = {
         "memo_tasks": 400,
         "memo_shares": [0, 25, 50, 75, 100],
         "breakdown_calls": 200,
+        "million_tasks": 20_000,
+        "million_job_timeout": 300.0,
         "peer_job_timeout": 300.0,
         "fedexec_job_timeout": 240.0,
     },
 }
 
 # the order of a run: the four systems side by side, then fedexec's own experiments
-JOBS = ["fedexec", "procpool", "parsl", "dask",
+JOBS = ["fedexec", "fedexec-cli", "procpool", "loky", "ray", "parsl", "dask",
         "fedexec-batching", "fedexec-prefetch", "fedexec-memo", "fedexec-breakdown"]
-SYSTEM_NAMES = {"fedexec": "fedexec (embedded)", "procpool": "ProcessPoolExecutor(2)",
+SYSTEM_NAMES = {"fedexec": "fedexec (embedded)", "fedexec-cli": "fedexec (CLI relay + endpoint)",
+                "procpool": "ProcessPoolExecutor(2)", "loky": "loky(2)", "ray": "Ray (num_cpus=2)",
                 "parsl": "Parsl HTEX", "dask": "Dask LocalCluster"}
+# --million: one fresh process per row (the client's peak RSS is the map's own)
+MILLION_JOBS = {"fedexec-1m": ("fedexec", {}), "fedexec-cli-1m": ("fedexec-cli", {}),
+                "procpool-1m": ("procpool", {}), "loky-1m": ("loky", {}),
+                "fedexec-1m-queued": ("fedexec", {"max_in_flight": None}),
+                "fedexec-cli-1m-queued": ("fedexec-cli", {"max_in_flight": None})}
 
 
 # =============================================================================
@@ -187,7 +217,9 @@ class FedexecSystem(System):
     def __init__(self, **kwargs: Any) -> None:
         from fedexec import FederatedExecutor
 
-        self.ex = FederatedExecutor(max_workers=2, **kwargs)
+        if "endpoint_id" not in kwargs:
+            kwargs["max_workers"] = 2   # the embedded default's pool (a CLI endpoint has its own)
+        self.ex = FederatedExecutor(**kwargs)
         ex = self.ex
         self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
         self.bulk = _executor_bulk(ex, chunk=True)
@@ -196,6 +228,35 @@ class FedexecSystem(System):
 
     def __exit__(self, *exc: Any) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class FedexecCliSystem(FedexecSystem):
+    """A relay (durable record in its own data dir) and an endpoint with 2
+    workers, each started from the command line as its own process
+    (head_of_line.CliFederation), on a tcp://127.0.0.1 port; the client is a
+    FederatedExecutor naming that endpoint."""
+
+    name = SYSTEM_NAMES["fedexec-cli"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        from head_of_line import CliFederation
+
+        self.workdir = tempfile.mkdtemp(prefix="fedexec-bench-cli-")
+        self.federation = CliFederation(Path(self.workdir))
+        try:
+            super().__init__(endpoint_id=self.federation.endpoint_id, relay=self.federation.address, **kwargs)
+        except BaseException:
+            self.federation.close()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.federation.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class ProcessPoolSystem(System):
@@ -212,6 +273,59 @@ class ProcessPoolSystem(System):
 
     def __exit__(self, *exc: Any) -> None:
         self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+class LokySystem(ProcessPoolSystem):
+    """loky's reusable executor with 2 workers: the ``loky`` package when
+    installed, else the copy joblib bundles (joblib.externals.loky)."""
+
+    name = SYSTEM_NAMES["loky"]
+
+    def __init__(self) -> None:
+        try:
+            from loky import get_reusable_executor
+        except ImportError:
+            from joblib.externals.loky import get_reusable_executor
+        self.ex = get_reusable_executor(max_workers=2, timeout=None)
+        ex = self.ex
+        self.roundtrip = {"submit": lambda: ex.submit(noop).result(RESULT_TIMEOUT)}
+        self.bulk = _executor_bulk(ex, chunk=True)
+        self.call = lambda fn, arg: ex.submit(fn, arg).result(RESULT_TIMEOUT)
+        self.submit = ex.submit
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ex.shutdown(wait=True, kill_workers=True)
+
+
+class RaySystem(System):
+    """Ray on this machine: ``ray.init(num_cpus=2)`` on 127.0.0.1, no
+    dashboard; each function a ``ray.remote`` task, results by ``ray.get``.
+    Ray has no map: its bulk path is a loop of ``.remote()`` calls and one
+    ``ray.get`` of all the references (paired with fedexec's submit loop)."""
+
+    name = SYSTEM_NAMES["ray"]
+    sleep_path = "remote calls + ray.get"
+
+    def __init__(self) -> None:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 configure_logging=False)
+        self.ray = ray
+        remotes = {fn: ray.remote(fn) for fn in (noop, identity, sleep_task)}
+        self.roundtrip = {"remote + ray.get": lambda: ray.get(remotes[noop].remote(), timeout=RESULT_TIMEOUT)}
+
+        def calls(fn: Callable, args: list[Any]) -> list[Any]:
+            remote = remotes[fn]
+            return ray.get([remote.remote(a) for a in args], timeout=RESULT_TIMEOUT * 5)
+
+        self.bulk = {"remote calls + ray.get": ("submit", calls)}
+        self.call = lambda fn, arg: ray.get(remotes[fn].remote(arg), timeout=RESULT_TIMEOUT)
+        self.submit = lambda fn, arg: remotes[fn].remote(arg).future()
+        ray.get([remotes[noop].remote() for _ in range(4)], timeout=RESULT_TIMEOUT)   # both workers up
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ray.shutdown()
 
 
 class ParslSystem(System):
@@ -324,8 +438,9 @@ class DaskSystem(System):
             self.cluster.close(timeout=30)
 
 
-SYSTEMS: dict[str, Callable[[], System]] = {
-    "fedexec": FedexecSystem, "procpool": ProcessPoolSystem, "parsl": ParslSystem, "dask": DaskSystem,
+SYSTEMS: dict[str, Callable[..., System]] = {
+    "fedexec": FedexecSystem, "fedexec-cli": FedexecCliSystem, "procpool": ProcessPoolSystem,
+    "loky": LokySystem, "ray": RaySystem, "parsl": ParslSystem, "dask": DaskSystem,
 }
 
 
@@ -437,6 +552,85 @@ def measure_payload(system: System, rec: Recorder, sizes: dict[str, Any]) -> Non
                                        "calls": len(times)}, system=system.name, size_mb=size // MB)
         except Exception as exc:
             rec.error("payload", label, exc)
+
+
+class _RssSampler:
+    """Peak RSS of this process, and of everything it started (summed), sampled
+    every 0.1 s on a thread until stopped."""
+
+    def __init__(self) -> None:
+        import psutil
+        import threading
+
+        self._me = psutil.Process()
+        self.before = self._me.memory_info().rss
+        self.peak = self.before
+        self.children_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._me.memory_info().rss)
+            total = 0
+            for child in self._me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.children_peak = max(self.children_peak, total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._me.memory_info().rss)
+
+
+def measure_million(system: System, rec: Recorder, sizes: dict[str, Any], queued: bool) -> None:
+    """``for r in ex.map(noop, range(N))`` (N = 1M in full runs): tasks/s and
+    the client's peak RSS (issue 17: <= 0.6 GB and not above
+    ProcessPoolExecutor's). ``queued``: the executor has max_in_flight=None,
+    so map() hands every task over at once and nearly all of them wait at the
+    relay while the 2 workers drain them (issue 17: tasks/s with 1M queued)."""
+    n = sizes["million_tasks"]
+    label = (f"{system.name} map, max_in_flight=None (all queued at the relay)" if queued
+             else f"{system.name} map, defaults")
+    try:
+        ex = system.ex  # type: ignore[attr-defined]
+        list(ex.map(noop, range(1000)))   # warm
+        sampler = _RssSampler()
+        t = time.perf_counter()
+        results = ex.map(noop, range(n), timeout=sizes["million_job_timeout"])
+        returned = time.perf_counter() - t
+        count = wrong = 0
+        for value in results:
+            count += 1
+            wrong += value is not None
+        elapsed = time.perf_counter() - t
+        sampler.stop()
+        if count != n or wrong:
+            raise RuntimeError(f"{count} results for {n} tasks, {wrong} of them wrong")
+        rec.add("million", label, {"tasks_per_s": n / elapsed, "tasks": n, "seconds": elapsed,
+                                   "map_returned_s": returned, "client_peak_rss_mb": sampler.peak / 2**20,
+                                   "client_rss_before_mb": sampler.before / 2**20,
+                                   "children_peak_rss_mb": sampler.children_peak / 2**20},
+                system=system.name, variant="queued" if queued else "defaults")
+    except Exception as exc:
+        rec.error("million", label, exc)
+
+
+def run_million(job: str, rec: Recorder, sizes: dict[str, Any]) -> None:
+    system_job, kwargs = MILLION_JOBS[job]
+    try:
+        system = SYSTEMS[system_job](**kwargs)
+    except Exception as exc:
+        rec.error("setup", job, exc)
+        return
+    with system:
+        measure_million(system, rec, sizes, queued="max_in_flight" in kwargs)
 
 
 PEER_MEASURES = [measure_latency, measure_throughput, measure_sleep, measure_head_of_line, measure_payload]
@@ -615,10 +809,14 @@ def child_main(job: str, out: str, quick: bool) -> int:
         raise SystemExit(f"stopped by signal {signum}")  # so the cleanups in finally/with run
 
     signal.signal(signal.SIGTERM, on_term)
-    sizes = SIZES["quick" if quick else "full"]
+    sizes = dict(SIZES["quick" if quick else "full"])
+    if os.environ.get("FEDEXEC_BENCH_MILLION_TASKS"):
+        sizes["million_tasks"] = int(os.environ["FEDEXEC_BENCH_MILLION_TASKS"])
     rec = Recorder(out, job)
     if job in SYSTEMS:
         run_system(job, rec, sizes)
+    elif job in MILLION_JOBS:
+        run_million(job, rec, sizes)
     else:
         FEDEXEC_JOBS[job](rec, sizes)
     return 0
@@ -672,7 +870,8 @@ def _reap_leftovers(token: str, grace: float = 5.0) -> list[str]:
 
 def run_job(job: str, run: int, quick: bool, workdir: Path, timeout: float | None = None) -> list[dict[str, Any]]:
     sizes = SIZES["quick" if quick else "full"]
-    timeout = timeout or (sizes["peer_job_timeout"] if job in SYSTEMS else sizes["fedexec_job_timeout"])
+    timeout = timeout or (sizes["peer_job_timeout"] if job in SYSTEMS else
+                          sizes["million_job_timeout"] + 120 if job in MILLION_JOBS else sizes["fedexec_job_timeout"])
     out = workdir / f"run{run}-{job}.jsonl"
     token = uuid.uuid4().hex
     env = dict(os.environ)
@@ -790,14 +989,19 @@ def _get(rows: dict[str, dict[str, Any]], label: str, key: str) -> float | None:
 
 def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started: datetime.datetime,
                  wall: float, plot_dir: Path, md_path: Path) -> tuple[str, dict[str, Any]]:
-    sizes = SIZES["quick" if ns.quick else "full"]
+    sizes = dict(SIZES["quick" if ns.quick else "full"])
+    if ns.million_tasks:
+        sizes["million_tasks"] = ns.million_tasks
     F = SYSTEM_NAMES["fedexec"]
     out: list[str] = []
     add = out.append
     title = "fedexec benchmark suite" + (" (quick smoke run: small sizes, not for the record)" if ns.quick else "")
     add(f"# {title}, {started.date()}")
     add("")
-    add(f"`python benchmarks/run_all.py{' --quick' if ns.quick else ''} --runs {ns.runs}` — started "
+    add(f"`python benchmarks/run_all.py{' --quick' if ns.quick else ''} --runs {ns.runs}"
+        f"{' --million' if ns.million else ''}"
+        f"{f' --million-tasks {ns.million_tasks}' if ns.million_tasks else ''}"
+        f"{' --only ' + ns.only if ns.only else ''}` — started "
         f"{started:%Y-%m-%d %H:%M}, took {wall / 60:.1f} min. Every number is the **median of {ns.runs} run(s)**; "
         "in each run the systems are measured one after the other, each in a fresh process with a fresh "
         "executor/cluster.")
@@ -1017,9 +1221,11 @@ def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started:
     target("memoized 100 %-repeat run ≥ 20× faster than 0 %", f"{_fmt(mr, 1)}×", None if mr is None else mr >= 20)
     add("")
 
+    issue17_sections(records, ns, sizes, add, section)
+
     # housekeeping
     section("_runs")
-    measured |= {"_targets", "_runs"}
+    measured |= {"_targets", "_runs", "_ratios", "_targets17", "_changed"}
     kept: list[str] = out[:sections[0][0]] if sections else out
     for i, (start, measure) in enumerate(sections):
         end = sections[i + 1][0] if i + 1 < len(sections) else len(out)
@@ -1032,7 +1238,7 @@ def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started:
     add("")
     add("| job | seconds per run | problems | leftover processes killed after it |")
     add("|---|---|---|---|")
-    for job in JOBS:
+    for job in JOBS + list(MILLION_JOBS):
         js = [r for r in jobs if r["job"] == job]
         if not js:
             continue
@@ -1051,9 +1257,198 @@ def build_report(records: list[dict[str, Any]], ns: argparse.Namespace, started:
     return "\n".join(out), summary
 
 
+# (measure, value key, what it is, True when higher is better) for the ratio and "what changed" tables
+KEY_ROWS = [("latency", "p50_ms", "warm round trip p50 (ms)", False),
+            ("latency", "p99_ms", "warm round trip p99 (ms)", False),
+            ("throughput", "tasks_per_s", "no-op tasks/s", True),
+            ("sleep", "efficiency", "sleep(1 ms) efficiency", True),
+            ("hol", "last_tiny_s", "head of line: last tiny done (s)", False),
+            ("payload", "median_ms", "payload round trip (ms)", False),
+            ("million", "tasks_per_s", "--million map tasks/s", True),
+            ("million", "client_peak_rss_mb", "--million map client peak RSS (MiB)", False)]
+
+
+def _system_rows(records: list[dict[str, Any]], measure: str, key: str) -> dict[str, dict[str, float]]:
+    """system name -> {label suffix (path) -> median of key}."""
+    out: dict[str, dict[str, float]] = {}
+    for label, row in _median_rows(records, measure).items():
+        system = row["extra"].get("system")
+        if system is None or key not in row["values"]:
+            continue
+        out.setdefault(system, {})[label[len(system):].strip() or "-"] = row["values"][key]
+    return out
+
+
+def _paired(rows: dict[str, float], fed: dict[str, float], kinds: dict[str, str],
+            fed_kinds: dict[str, str]) -> list[tuple[str, float, float]]:
+    """(path, fedexec value, peer value) pairs: same path name, else same
+    kind, else (a measure with one path per system, e.g. the round trip) the
+    only path of each."""
+    pairs = []
+    for path, value in rows.items():
+        if path in fed:
+            pairs.append((path, fed[path], value))
+            continue
+        kind = kinds.get(path)
+        match = next((p for p, k in fed_kinds.items() if kind is not None and k == kind and p in fed), None)
+        if match is None and kind is None and len(fed_kinds) == 1 and path not in fed_kinds:
+            match = next(iter(fed))
+        if match is not None:
+            pairs.append((f"{path} vs {match}", fed[match], value))
+    return pairs
+
+
+def _load_previous(ns: argparse.Namespace, out_dir: Path, stem: str) -> tuple[list[dict[str, Any]], str]:
+    """The records of the results to compare with, and where they came from."""
+    path: Path | None = Path(ns.previous) if ns.previous else None
+    if path is None:
+        found = sorted((p for p in out_dir.glob("*/raw.json") if p.parent.name != stem and "quick" not in
+                        p.parent.name), key=lambda p: p.parent.name)
+        path = found[-1] if found else None
+    elif path.is_dir():
+        path = path / "raw.json"
+    if path is None or not path.exists():
+        return [], ""
+    note = str(path)
+    md = path.parent.parent / f"{path.parent.name}.md"
+    if md.exists():
+        import re
+
+        commit = re.search(r"fedexec commit (\w+)", md.read_text())
+        if commit:
+            note += f" (fedexec commit {commit.group(1)})"
+    return json.loads(path.read_text()), note
+
+
+def issue17_sections(records: list[dict[str, Any]], ns: argparse.Namespace, sizes: dict[str, Any],
+                     add: Callable[[str], None], section: Callable[[str], None]) -> None:
+    """The 1M rows, the ratios of fedexec (embedded and CLI) against every
+    peer, issue 17's targets, and what changed since the previous results."""
+    F, C, PPE = SYSTEM_NAMES["fedexec"], SYSTEM_NAMES["fedexec-cli"], SYSTEM_NAMES["procpool"]
+    section("million")
+    mil = _median_rows(records, "million")
+    add(f"## {sizes['million_tasks']:,} no-op tasks through `map` (`--million`; each row a fresh process)")
+    add("")
+    add("`for r in ex.map(noop, range(N))`. *defaults*: the executor as constructed by default (fedexec: "
+        "max_in_flight=100,000). *max_in_flight=None*: every task is handed over at once and waits at the relay "
+        "while the workers drain them. Client peak RSS: this process, sampled every 0.1 s; started processes: the "
+        "sum over everything the client process started (workers; the relay and endpoint for fedexec).")
+    add("")
+    add("| system, path | tasks/s | seconds | map() returned after (s) | client peak RSS MiB | client RSS before "
+        "MiB | started processes' peak RSS MiB | notes |")
+    add("|---|---|---|---|---|---|---|---|")
+    for label, row in mil.items():
+        add(f"| {label} | {_cell(row, 'tasks_per_s', 0)} | {_cell(row, 'seconds')} | "
+            f"{_cell(row, 'map_returned_s')} | {_cell(row, 'client_peak_rss_mb', 0)} | "
+            f"{_cell(row, 'client_rss_before_mb', 0)} | {_cell(row, 'children_peak_rss_mb', 0)} | "
+            f"{_runs_note(row)} |")
+    add("")
+
+    # ratios of fedexec (embedded, CLI) against each peer, paired by path name or kind
+    section("_ratios")
+    add("## Ratios against each peer (medians; fedexec / peer)")
+    add("")
+    add("Tasks/s and efficiency: above 1 means fedexec is better. Times, latencies and RSS: below 1 means fedexec "
+        "is better. Throughput paths are paired by kind (submit loops with fedexec's submit loop, maps with its "
+        "map).")
+    add("")
+    peers = [n for k, n in SYSTEM_NAMES.items() if k not in ("fedexec", "fedexec-cli")]
+    add("| measure | path | " + " | ".join(f"embedded / {p} | CLI / {p}" for p in peers) + " |")
+    add("|---|---|" + "---|---|" * len(peers))
+    for measure, key, what, _higher in KEY_ROWS:
+        by_system = _system_rows(records, measure, key)
+        kinds = {label: row["extra"].get("kind") for label, row in _median_rows(records, measure).items()}
+        fed, cli = by_system.get(F, {}), by_system.get(C, {})
+        for path in fed:
+            cells = []
+            for peer in peers:
+                prow = by_system.get(peer, {})
+                pk = {p: kinds.get(f"{peer} {p}") for p in prow}
+                fk = {p: kinds.get(f"{F} {p}") for p in fed}
+                mine = [(pp, fv, v) for pp, fv, v in _paired(prow, {path: fed[path]}, pk, fk)]
+                ck = {p: kinds.get(f"{C} {p}") for p in cli}
+                theirs = [(pp, cv, v) for pp, cv, v in _paired(prow, {path: cli[path]} if path in cli else {}, pk, ck)]
+                cells.append(" ".join(f"{fv / v:.3g}" for _, fv, v in mine if v) or "–")
+                cells.append(" ".join(f"{cv / v:.3g}" for _, cv, v in theirs if v) or "–")
+            add(f"| {what} | {path} | " + " | ".join(cells) + " |")
+    add("")
+
+    # issue 17's targets
+    section("_targets17")
+    add("## Targets of issue 17 (targets are for the issue's machine; this machine is ~1.7× slower per task, so "
+        "the ratio to ProcessPoolExecutor in the same run is shown too)")
+    add("")
+    add("| target | embedded | CLI | CLI / embedded (≤ 1.3× worse) | ProcessPoolExecutor(2) | met (embedded, CLI) |")
+    add("|---|---|---|---|---|---|")
+    lat = _median_rows(records, "latency")
+    tput = _median_rows(records, "throughput")
+    sleep = _median_rows(records, "sleep")
+    hol = _median_rows(records, "hol")
+
+    def v(rows: dict[str, dict[str, Any]], label: str, key: str) -> float | None:
+        return _get(rows, label, key)
+
+    def verdict(x: float | None, ok: Callable[[float], bool]) -> str:
+        return "–" if x is None else ("yes" if ok(x) else "**no**")
+
+    def row(what: str, e: float | None, c: float | None, p: float | None, ok: Callable[[float], bool],
+            higher: bool, digits: int = 2) -> None:
+        worse = None if e is None or c is None or not e or not c else (e / c if higher else c / e)
+        add(f"| {what} | {_fmt(e, digits)} | {_fmt(c, digits)} | "
+            f"{'–' if worse is None else f'{worse:.2f}× ' + ('ok' if worse <= 1.3 else '**no**')} | "
+            f"{_fmt(p, digits)} | {verdict(e, ok)}, {verdict(c, ok)} |")
+
+    row("warm round trip p50 ≤ 0.8 ms", v(lat, f"{F} submit", "p50_ms"), v(lat, f"{C} submit", "p50_ms"),
+        v(lat, f"{PPE} submit", "p50_ms"), lambda x: x <= 0.8, False, 3)
+    row("warm round trip p99 ≤ 1.5 ms", v(lat, f"{F} submit", "p99_ms"), v(lat, f"{C} submit", "p99_ms"),
+        v(lat, f"{PPE} submit", "p99_ms"), lambda x: x <= 1.5, False, 3)
+    row("`map` ≥ 50,000 no-op tasks/s", v(tput, f"{F} map", "tasks_per_s"), v(tput, f"{C} map", "tasks_per_s"),
+        v(tput, f"{PPE} map", "tasks_per_s"), lambda x: x >= 50000, True, 0)
+    row("submit loop ≥ 35,000 tasks/s", v(tput, f"{F} submit loop", "tasks_per_s"),
+        v(tput, f"{C} submit loop", "tasks_per_s"), v(tput, f"{PPE} submit loop", "tasks_per_s"),
+        lambda x: x >= 35000, True, 0)
+    ppe_eff = v(sleep, f"{PPE} map", "efficiency")
+    row("sleep(1 ms) efficiency ≥ 0.85 (ProcessPoolExecutor's)", v(sleep, f"{F} map", "efficiency"),
+        v(sleep, f"{C} map", "efficiency"), ppe_eff, lambda x: x >= 0.85, True)
+    row("200 tiny tasks beside a long one: last done < 0.5 s", v(hol, f"{F} submit", "last_tiny_s"),
+        v(hol, f"{C} submit", "last_tiny_s"), v(hol, f"{PPE} submit", "last_tiny_s"), lambda x: x < 0.5, False, 3)
+    ppe_rss = v(mil, f"{PPE} map, defaults", "client_peak_rss_mb")
+    row(f"client peak RSS, {sizes['million_tasks']:,}-task `map` ≤ 0.6 GB (572 MiB) and ≤ ProcessPoolExecutor's",
+        v(mil, f"{F} map, defaults", "client_peak_rss_mb"), v(mil, f"{C} map, defaults", "client_peak_rss_mb"),
+        ppe_rss, lambda x: x <= 572 and (ppe_rss is None or x <= ppe_rss), False, 0)
+    row(f"tasks/s with {sizes['million_tasks']:,} queued at the relay ≥ 35,000",
+        v(mil, f"{F} map, max_in_flight=None (all queued at the relay)", "tasks_per_s"),
+        v(mil, f"{C} map, max_in_flight=None (all queued at the relay)", "tasks_per_s"),
+        v(mil, f"{PPE} map, defaults", "tasks_per_s"), lambda x: x >= 35000, True, 0)
+    add("")
+
+    # what changed since the previous results
+    previous, where = _load_previous(ns, Path(ns.out), getattr(ns, "stem", ""))
+    section("_changed")
+    if not previous:
+        return
+    add(f"## What changed since the previous results: {where}")
+    add("")
+    add("Same labels, medians of each file's runs. Absolute figures depend on the machine and its load; the ratio "
+        "to ProcessPoolExecutor(2) *in the same run* is the fairer comparison across runs.")
+    add("")
+    add("| measure | path | previous | now | now / previous | fedexec / PPE previous | fedexec / PPE now |")
+    add("|---|---|---|---|---|---|---|")
+    for measure, key, what, higher in KEY_ROWS:
+        before, now = _system_rows(previous, measure, key), _system_rows(records, measure, key)
+        for path, value in now.get(F, {}).items():
+            old = before.get(F, {}).get(path)
+            if old is None:
+                continue
+            pp_old, pp_now = before.get(PPE, {}).get(path), now.get(PPE, {}).get(path)
+            add(f"| {what} | {path} | {_fmt(old)} | {_fmt(value)} | {_ratio(value, old)} | "
+                f"{_ratio(old, pp_old)} | {_ratio(value, pp_now)} |")
+    add("")
+
+
 def _environment() -> str:
     versions = []
-    for mod in ("fedexec", "parsl", "distributed", "zmq"):
+    for mod in ("fedexec", "parsl", "distributed", "ray", "loky", "joblib", "zmq"):
         try:
             m = __import__(mod)
             versions.append(f"{mod} {getattr(m, '__version__', '?')}")
@@ -1132,6 +1527,12 @@ def make_plots(records: list[dict[str, Any]], plot_dir: Path) -> None:
          "Completion time: time.sleep(1 ms) tasks", "sleep.png")
     barh(_median_rows(records, "payload"), [("median_ms", "median")], "ms (log scale)",
          "Payload returned (identity)", "payloads.png", log=True)
+    barh(_median_rows(records, "million"), [("client_peak_rss_mb", "client peak RSS MiB")], "MiB",
+         "1M-task map: client peak RSS", "million-rss.png")
+    barh(_median_rows(records, "million"), [("tasks_per_s", "tasks/s")], "no-op tasks/s",
+         "1M-task map: tasks/s", "million-tput.png")
+    barh(_median_rows(records, "hol"), [("last_tiny_s", "last tiny done (s)")], "seconds (log scale)",
+         "Head of line: last of the tiny tasks done", "hol.png", log=True)
     barh(_median_rows(records, "batching"), [("seconds", "seconds")], "seconds", "fedexec: batching on vs off",
          "batching.png")
 
@@ -1199,19 +1600,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-timeout", type=float, default=None,
                         help="seconds each job may take (default: 1200 per peer, 600 per fedexec experiment; "
                              "300/240 with --quick)")
+    parser.add_argument("--million", action="store_true",
+                        help=f"also the 1M-task rows (jobs {','.join(MILLION_JOBS)}; ~25 min a run on 2 cores)")
+    parser.add_argument("--million-tasks", type=int, default=None,
+                        help="tasks in the --million rows (default 1,000,000; 20,000 with --quick)")
+    parser.add_argument("--previous", default="",
+                        help="results to compare with: a results/<date>/ directory or its raw.json (default: the "
+                             "newest other one under --out)")
+    parser.add_argument("--from-raw", default="",
+                        help="write the report and plots again from a raw.json of an earlier run (nothing is run)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
+    if ns.million_tasks:   # (the children read it from the environment the parent passes on)
+        os.environ["FEDEXEC_BENCH_MILLION_TASKS"] = str(ns.million_tasks)
     if ns.child:
         return child_main(ns.child, ns.child_out, ns.quick)
 
     ns.runs = ns.runs or (1 if ns.quick else 3)
-    jobs = [j.strip() for j in ns.only.split(",") if j.strip()] or JOBS
-    unknown = set(jobs) - set(JOBS)
+    jobs = [j.strip() for j in ns.only.split(",") if j.strip()] or (JOBS + (list(MILLION_JOBS) if ns.million
+                                                                          else []))
+    unknown = set(jobs) - set(JOBS) - set(MILLION_JOBS)
     if unknown:
-        parser.error(f"unknown job(s) {sorted(unknown)}; jobs are {JOBS}")
+        parser.error(f"unknown job(s) {sorted(unknown)}; jobs are {JOBS + list(MILLION_JOBS)}")
     started = datetime.datetime.now()
     stem = started.date().isoformat() + ("-quick" if ns.quick else "")
+    ns.stem = stem
     out_dir = Path(ns.out)
     plot_dir = out_dir / stem
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -1220,12 +1634,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (quick sizes)' if ns.quick else ''}", flush=True)
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="fedexec-bench-") as work:
-        for run in range(ns.runs):
-            for job in jobs:
-                records.extend(run_job(job, run, ns.quick, Path(work), ns.job_timeout))
+    if ns.from_raw:
+        records = json.loads(Path(ns.from_raw).read_text())
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedexec-bench-") as work:
+            for run in range(ns.runs):
+                for job in jobs:
+                    records.extend(run_job(job, run, ns.quick, Path(work), ns.job_timeout))
     wall = time.perf_counter() - t0
-    (plot_dir / "raw.json").write_text(json.dumps(records, indent=1))
+    if not ns.from_raw or Path(ns.from_raw).resolve() != (plot_dir / "raw.json").resolve():
+        (plot_dir / "raw.json").write_text(json.dumps(records, indent=1))
     try:
         for old in plot_dir.glob("*.png"):
             old.unlink()
