@@ -176,6 +176,8 @@ class WorkStealing:
             slot.control = True
         elif msg.type == P.RECALLED:
             self._on_recalled(slot, msg.fields)
+        elif msg.type == P.RESULTS:   # results its main thread held while it ran a long task (worker/outgoing.py)
+            self._on_worker_results(slot, msg)
 
     def _on_recalled(self, slot: WorkerSlot, fields: dict[str, Any]) -> None:
         """Tasks a worker gave back (they will never run there), and those

@@ -11,6 +11,9 @@ pool (routing id: the worker's id + :data:`SUFFIX`) and answers at once:
   unread in the main connection (work stealing: its pool runs them on a
   worker that is idle); with ``c``, to cancel them.
 
+- Results the main thread holds in its batch while it runs a long task
+  (``outgoing.py``): sent from here once they have waited ``HELD_LIMIT``.
+
 It answers ``RECALLED`` with the ids given back (they will never run here)
 and those it had taken to run already ("absent": running, or done, their
 results going back the usual way). The main thread takes a task out of the
@@ -32,6 +35,7 @@ from typing import Any
 import zmq
 
 from .. import protocol as P
+from .outgoing import HELD_LIMIT, OutgoingResults
 
 SUFFIX = b"c"   # the control connection's routing id: the worker's + this
 
@@ -127,11 +131,14 @@ class TaskQueue:
 class ControlThread(threading.Thread):
     """Serves the control connection of a worker whose queue is ``queue``."""
 
-    def __init__(self, ctx: zmq.Context, address: str, worker_id: bytes, queue: TaskQueue) -> None:
+    def __init__(self, ctx: zmq.Context, address: str, worker_id: bytes, queue: TaskQueue,
+                 outgoing: OutgoingResults | None = None) -> None:
         super().__init__(name="fedexec-worker-control", daemon=True)
         self.queue = queue
+        self.outgoing = outgoing   # results the main thread holds while it runs a long task (outgoing.py)
         self.sock = P.limit_frames(ctx.socket(zmq.DEALER))
-        self.sock.setsockopt(zmq.LINGER, 0)
+        # (not 0: results this thread sent for the main thread must not be dropped as the worker stops)
+        self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.IDENTITY, control_id(worker_id))
         self.sock.connect(address)
         # the main thread wakes this one to stop (close(): its socket closed before the context ends)
@@ -148,16 +155,21 @@ class ControlThread(threading.Thread):
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(self._wake, zmq.POLLIN)
+            outgoing = self.outgoing
             while True:
-                events = dict(poller.poll())
+                events = dict(poller.poll(outgoing.wait_ms() if outgoing is not None else None))
                 if self._wake in events:
                     return
                 if sock in events:
                     self._answer(sock.recv_multipart(copy=False))
+                if outgoing is not None:
+                    held = outgoing.take(older_than=HELD_LIMIT)
+                    if held is not None:
+                        sock.send_multipart(held, copy=False)
         except zmq.ZMQError:
             return   # the context is ending
         finally:
-            sock.close(linger=0)
+            sock.close()
             self._wake.close(linger=0)
 
     def _answer(self, frames: list[Any]) -> None:

@@ -45,6 +45,7 @@ from ..dataref import load_arguments
 from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
+from .outgoing import OutgoingResults
 from ..transfer import BIG_THRESHOLD, is_local, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
@@ -165,10 +166,9 @@ class WorkerProcess:
         # tasks not started; a second thread may give them back or cancel them (control.py)
         self.queue = TaskQueue()
         self.control: ControlThread | None = None
-        self.out_rows: list[list[Any]] = []
-        self.out_blobs = P.Blobs()
-        self.out_times: list[float] = []
-        self.unsent_since = 0.0
+        # results not sent yet: the main thread sends them between tasks, the control thread
+        # when a task runs long (outgoing.py)
+        self.outgoing = OutgoingResults()
         self.chain = KeptResults()   # results that tasks queued here depend on (chain.py)
 
     def run(self) -> None:
@@ -182,7 +182,7 @@ class WorkerProcess:
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
         sock.connect(self.address)
         self.sock = sock
-        self.control = ControlThread(ctx, self.address, self.worker_id, self.queue)
+        self.control = ControlThread(ctx, self.address, self.worker_id, self.queue, self.outgoing)
         self.control.start()
         if self.task_root is not None:
             os.chdir(self.task_root)
@@ -234,7 +234,7 @@ class WorkerProcess:
                 if len(task.row) == 7 and "tr" in task.row[6]:
                     trace = [*task.row[6]["tr"], wall_start, time.time()]
                 self.add_result(task.row[0], status, blob, now - started, trace)
-                if (len(self.out_rows) >= FLUSH_BATCH or now - self.unsent_since >= FLUSH_DELAY
+                if (len(self.outgoing) >= FLUSH_BATCH or now - self.outgoing.since >= FLUSH_DELAY
                         or now - started >= SLOW_RESULT):
                     self.flush()
         finally:
@@ -297,19 +297,14 @@ class WorkerProcess:
             message, details = P.too_large("the task's result" if status == P.OK else "the task's exception",
                                            len(blob), P.MAX_PAYLOAD_LIMIT)
             status, blob = P.FAILED, attach(P.pack_failure(P.TOO_LARGE, message, **details), output_of(blob))
-        if len(self.out_rows) >= P.MAX_ITEMS:  # (FLUSH_BATCH sends sooner; a message's limit all the same)
+        if len(self.outgoing) >= P.MAX_ITEMS:  # (FLUSH_BATCH sends sooner; a message's limit all the same)
             self.flush()
-        if not self.out_rows:
-            self.unsent_since = time.perf_counter()
-        self.out_rows.append(self.out_blobs.result_row(task_id, status, blob, trace))
-        self.out_times.append(seconds)
+        self.outgoing.add(task_id, status, blob, seconds, trace)
 
     def flush(self) -> None:
-        if self.out_rows:
-            self.sock.send_multipart(
-                P.encode(P.RESULTS, {"rows": self.out_rows, "secs": self.out_times}, self.out_blobs.frames),
-                copy=False)
-            self.out_rows, self.out_blobs, self.out_times = [], P.Blobs(), []
+        frames = self.outgoing.take()
+        if frames is not None:
+            self.sock.send_multipart(frames, copy=False)
 
     def load_function(self, fn_hash: bytes) -> Callable[..., Any]:
         fn = self.functions.get(fn_hash)
