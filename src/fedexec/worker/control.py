@@ -11,9 +11,6 @@ pool (routing id: the worker's id + :data:`SUFFIX`) and answers at once:
   unread in the main connection (work stealing: its pool runs them on a
   worker that is idle); with ``c``, to cancel them.
 
-- Results the main thread holds in its batch while it runs a long task
-  (``outgoing.py``): sent from here once they have waited ``HELD_LIMIT``.
-
 It answers ``RECALLED`` with the ids given back (they will never run here)
 and those it had taken to run already ("absent": running, or done, their
 results going back the usual way). The main thread takes a task out of the
@@ -21,6 +18,9 @@ queue under the same lock (``TaskQueue.next``) and drops the unread ones
 given back when it reads them, so each task either runs here or goes back,
 never both and never neither: ``cancel()`` stays truthful (cancelled only
 if it will never run here), and nothing is lost.
+
+It also sends the results the main thread holds in its batch while it runs
+a long task (``outgoing.py``), once they have waited ``HELD_LIMIT``.
 
 Tasks sent on to run after a task they depend on (option ``"d"``,
 ``chain.py``) stay with the main thread: their bookkeeping is not shared.
