@@ -87,7 +87,7 @@ def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
     /metrics) count none of them and show no numbers that add up every
     user's work there; his own task on it he sees; alice, the owner, sees all."""
     from fedexec import Client, FederatedExecutor
-    from fedexec.relay.query import share_endpoint
+    from fedexec.relay.query import lookup_endpoint, share_endpoint
 
     from test_access import running_endpoint, slow_value, wait_connected
     from test_dashboard import api, cli_relay, get
@@ -124,6 +124,11 @@ def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
                 assert bobs[0]["queued_at_endpoint"] is None and bobs[0]["blocks"] == []
                 status, _, metrics = get(url, "/metrics", tokens["bob"])
                 assert status == 200 and b"fedexec_workers{" not in metrics
+                # nor the LOOKUP every executor sends when it starts (review s24, finding 1)
+                looked = lookup_endpoint(address, ep.id, token=tokens["bob"])
+                assert looked["status"] == "connected" and not looked["yours"], looked
+                assert not {"queued", "running", "last_seen"} & set(looked), looked
+                assert lookup_endpoint(address, ep.id, token=tokens["alice"])["running"] >= 1
                 assert f'fedexec_endpoint_tasks{{endpoint="{ep.id}"'.encode() in metrics
                 # bob's own task there: he sees it counted (queued or sent), alice's still not
                 with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as bob_ex:

@@ -596,7 +596,9 @@ def endpoint_status(ns: argparse.Namespace) -> None:
         if view is None:
             print("at relay:  unknown (never connected)")
         else:
-            print(f"at relay:  {view['status']}, {view['queued']} queued, {view['running']} out at the endpoint")
+            counts = (f", {view['queued']} queued, {view['running']} out at the endpoint"
+                      if "queued" in view else "")   # (a relay tells only an endpoint's owner)
+            print(f"at relay:  {view['status']}{counts}")
     if not record:
         raise SystemExit(3)
 

@@ -703,7 +703,7 @@ class Relay:
             # "yours": whether the asker owns it (a client does not trust another
             # user's endpoint with its process: it asks for data only)
             reply = {"found": state is not None,
-                     "endpoint": {**state.describe(), "yours": state.access.owner == session.user} if state else {}}
+                     "endpoint": _lookup_view(state, state.access.owner == session.user) if state else {}}
         self._send(sender, P.encode(P.LOOKUP_REPLY, reply))
 
     def _on_share(self, sender: bytes, session: Session, f: dict[str, Any]) -> None:
@@ -1817,3 +1817,20 @@ def _water_fill(n: int, members: list[EndpointState], free: dict[str, int]) -> l
             free[state.endpoint_id] -= count
             shares.append((state, count))
     return shares
+
+
+# What LOOKUP tells a user the endpoint is shared with, but who does not own it,
+# leaves out: counts that add up every user's work there (any total minus one's
+# own would show the others'), as the Client API and dashboard do (endpoint_view.py).
+_OWNER_ONLY_LOOKUP = ("queued", "running", "last_seen")
+
+
+def _lookup_view(state: Any, yours: bool) -> dict[str, Any]:
+    """An endpoint as LOOKUP describes it to its owner (everything) or to
+    another user it is shared with (no counts of everyone's tasks)."""
+    view = state.describe()
+    if not yours:
+        for key in _OWNER_ONLY_LOOKUP:
+            view.pop(key, None)
+    view["yours"] = yours
+    return view
