@@ -163,3 +163,47 @@ def test_another_users_trips_never_get_a_file_of_yours_nor_release_yours(tmp_pat
                         assert f.stat().st_mode & 0o777 == 0o600
             assert ep.proc.poll() is None, tail(ep.log)
     assert not (data_dir / "spares").exists(), "the relay left its recycled files behind as it stopped"
+
+
+def test_recycled_files_are_bounded_per_user_and_in_all_and_never_cross_users(tmp_path):
+    from fedexec.relay import spares as S
+
+    def upload(name: str, size: int):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    spares = S.Spares(tmp_path / "data")
+    big = S.MIN_BYTES
+    for i in range(S.MAX_FILES + 2):   # more than a user may keep: the oldest go (unlinked)
+        assert spares.keep("alice", upload(f"a{i}", big), os.urandom(16), held=False)
+    assert len(list(spares.directory("alice").iterdir())) == S.MAX_FILES
+    assert not spares.keep("alice", upload("small", big - 1), os.urandom(16), held=False)   # (not worth keeping)
+    # a held file is not handed out, and only its own user's release (once) makes it spare
+    bid = os.urandom(16)
+    assert spares.keep("bob", upload("b", big), bid, held=True)
+    assert spares.take("bob", big) is None
+    assert not spares.release("alice", bid)
+    assert spares.release("bob", bid) and not spares.release("bob", bid)
+    # a user is given only their own files; a file with another name somewhere (nlink > 1) is never given
+    alice_inodes = {p.stat().st_ino for p in spares.directory("alice").iterdir()}
+    taken = spares.take("bob", big)
+    assert taken is not None and taken.stat().st_ino not in alice_inodes and taken.parent == spares.directory("bob")
+    os.link(next(spares.directory("alice").iterdir()), tmp_path / "elsewhere")
+    given = [spares.take("alice", big) for _ in range(S.MAX_FILES)]
+    assert given.count(None) == 1 and all(p is None or p.parent == spares.directory("alice") for p in given)
+    assert spares.take("carol", big) is None
+    for path in [taken, *given]:   # (a file taken is its taker's: it moves it where it writes)
+        if path is not None:
+            path.unlink()
+    # in all: at most MAX_TOTAL_FILES, whoever keeps them
+    for user in range(S.MAX_TOTAL_FILES):
+        spares.keep(f"user{user}", upload(f"u{user}", big), os.urandom(16), held=False)
+    kept = sum(1 for d in spares.root.iterdir() for _ in d.iterdir())
+    assert kept == spares.count <= S.MAX_TOTAL_FILES
+    spares.close()
+    assert not spares.root.exists()
+    # a new relay starts with none (what a killed one left is deleted)
+    (tmp_path / "data" / "spares" / "x").mkdir(parents=True)
+    assert not any(S.Spares(tmp_path / "data").root.iterdir())

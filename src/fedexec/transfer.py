@@ -319,8 +319,13 @@ def spill_result(blob: Any, task_id: bytes) -> Any:
     path = os.path.join(spool, f"{task_id.hex()}.{os.getpid()}.result")
     try:   # a recycled file the agent got for this task (relay/spares.py): written over its pages
         os.rename(os.path.join(spool, f"{task_id.hex()}.spare"), path)
+    except OSError:   # (none)
+        write_private(path, blob, hashed=False)
+        return local_ref(path, len(blob))
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    except OSError:
+    except OSError:   # (not a regular file: never written through)
+        os.unlink(path)
         write_private(path, blob, hashed=False)
     else:
         try:
@@ -1011,9 +1016,12 @@ class TransferLink:
             return False
         try:
             os.rename(answer["p"], path)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                return True
+            os.unlink(path)   # (only ever a regular file of the relay's: nothing else is written through)
         except OSError:
-            return False
-        return True
+            pass
+        return False
 
 
 def _write_hashing(fd: int, data: Any, hashed: bool = True) -> bytes:

@@ -26,7 +26,7 @@ private copy-on-write mapping sees later writes to pages it has not copied):
 - Per user: ``<data_dir>/spares/<user hash>/`` (0700, files 0600), never
   another user's file for a user's payload (a user who lies in a release can
   only change their own data). Bounded: at most MAX_FILES files and MAX_BYTES
-  bytes per user, MAX_TOTAL_FILES in all; the oldest goes first (unlinked: no
+  bytes per user, MAX_TOTAL_FILES and MAX_TOTAL_BYTES in all; the oldest goes first (unlinked: no
   recycling, never unsafe). Not charged to the user's quota (bounded here).
 - Deleted as the relay starts (after a kill -9 too) and stops: only the
   in-memory lists say what may be reused.
@@ -40,9 +40,13 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
+from ..transfer import BIG_THRESHOLD
+
+MIN_BYTES = BIG_THRESHOLD        # smaller files are not kept
 MAX_FILES = 3                    # held and spare files of one user
 MAX_BYTES = 3 * 1024 ** 3        # their bytes
 MAX_TOTAL_FILES = 12             # of all users
+MAX_TOTAL_BYTES = 8 * 1024 ** 3  # their bytes
 
 
 class Spares:
@@ -56,6 +60,7 @@ class Spares:
         # user -> {file name -> size}, oldest first; names "h-<upload id>" (held) or "s-<random>" (spare)
         self.files: dict[str, OrderedDict[str, int]] = {}
         self.count = 0
+        self.bytes = 0
         self.handed: dict[str, list[Path]] = {}   # user -> files handed to an agent, not taken yet
 
     def directory(self, user: str) -> Path:
@@ -70,7 +75,7 @@ class Spares:
         client's release of upload ``bid``, or spare at once. False when it
         could not be (the caller unlinks it)."""
         size = path.stat().st_size
-        if size > MAX_BYTES:
+        if not MIN_BYTES <= size <= MAX_BYTES:   # (a small file is cheap to make anew)
             return False
         name = ("h-" if held else "s-") + (bid.hex() if held else os.urandom(8).hex())
         target = self.directory(user) / name
@@ -83,11 +88,12 @@ class Spares:
         self._forget(user, name)
         files[name] = size
         self.count += 1
+        self.bytes += size
         while len(files) > MAX_FILES or sum(files.values()) > MAX_BYTES:
             self._drop(user, next(iter(files)))
-        while self.count > MAX_TOTAL_FILES:
-            oldest = max(self.files, key=lambda u: len(self.files[u]))
-            self._drop(oldest, next(iter(self.files[oldest])))
+        while self.count > MAX_TOTAL_FILES or self.bytes > MAX_TOTAL_BYTES:   # (from the user who has most)
+            most = max(self.files, key=lambda u: (sum(self.files[u].values()), len(self.files[u])))
+            self._drop(most, next(iter(self.files[most])))
         return True
 
     def release(self, user: str, bid: bytes) -> bool:
@@ -153,8 +159,10 @@ class Spares:
             _unlink(path)   # (taken by its agent already: no such name any more)
 
     def _forget(self, user: str, name: str) -> None:
-        if self.files[user].pop(name, None) is not None:
+        size = self.files[user].pop(name, None)
+        if size is not None:
             self.count -= 1
+            self.bytes -= size
 
     def _drop(self, user: str, name: str) -> None:
         self._forget(user, name)
@@ -165,7 +173,7 @@ class Spares:
         shutil.rmtree(self.root, ignore_errors=True)
         self.files.clear()
         self.handed.clear()
-        self.count = 0
+        self.count = self.bytes = 0
 
 
 def _unlink(path: Path) -> None:
