@@ -143,6 +143,19 @@ def cpu_by_role(before: dict[int, tuple[str, float, float]], after: dict[int, tu
 
 
 CPU: dict[str, list[float]] = {}
+WRITTEN: list[float] = []   # MB the kernel wrote back to disk per trip (machine-wide: /proc/vmstat nr_written)
+
+
+def pages_written() -> int:
+    """Pages the kernel has written to disk since boot (0 where there is no /proc/vmstat)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("nr_written "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def timed(submit: Callable[[Any], Any], array: Any, runs: int) -> list[float]:
@@ -150,6 +163,7 @@ def timed(submit: Callable[[Any], Any], array: Any, runs: int) -> list[float]:
     submit(array)        # warm-up
     times = []
     before = cpu_times()
+    written = pages_written()
     for _ in range(runs):
         started = time.perf_counter()
         out = submit(array)
@@ -157,6 +171,7 @@ def timed(submit: Callable[[Any], Any], array: Any, runs: int) -> list[float]:
         assert out.shape == array.shape and out[0] == array[0] + 1 and out[-1] == array[-1] + 1
         del out
     CPU.update(cpu_by_role(before, cpu_times(), runs))
+    WRITTEN.append((pages_written() - written) * 4096 / 1e6 / runs)
     return times
 
 
@@ -188,7 +203,7 @@ def run_system(system: str, mb: int, runs: int) -> dict[str, Any]:
                 ray.shutdown()
         else:
             raise SystemExit(f"unknown system {system!r}")
-    return {"times": times, "rss": rss.by_role(), "cpu": CPU}
+    return {"times": times, "rss": rss.by_role(), "cpu": CPU, "written": WRITTEN}
 
 
 # -- the table -------------------------------------------------------------------------
@@ -258,7 +273,8 @@ def main() -> None:
         return
     lines = []
     for mb in ns.mb:
-        results: dict[str, dict[str, Any]] = {s: {"times": [], "rss": {}, "cpu": []} for s in ns.systems}
+        results: dict[str, dict[str, Any]] = {s: {"times": [], "rss": {}, "cpu": [], "written": []}
+                                              for s in ns.systems}
         for _ in range(ns.rounds):
             for system in ns.systems:
                 got = child(system, mb, ns.runs, ns.timeout, ns.base_src)
@@ -267,24 +283,27 @@ def main() -> None:
                     continue
                 results[system]["times"] += got["times"]
                 results[system]["cpu"].append(got.get("cpu", {}))
+                results[system]["written"] += got.get("written", [])
                 for r, peaks in got["rss"].items():
                     old = results[system]["rss"].get(r, [])
                     results[system]["rss"][r] = peaks if not old or peaks[0] > old[0] else old
         base = statistics.median(results["ppe"]["times"]) if results.get("ppe", {}).get("times") else None
         lines.append(f"\n### {mb} MB float64 array, argument and result (`array + 1`), "
                      f"{ns.rounds} round(s) × {ns.runs} runs\n")
-        lines.append("| system | median s | vs PPE | runs (s) | CPU s per trip, user/sys by process | peak RSS by process (MB) |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| system | median s | vs PPE | runs (s) | CPU s per trip, user/sys by process | "
+                     "disk writeback MB per trip (machine-wide) | peak RSS by process (MB) |")
+        lines.append("|---|---|---|---|---|---|---|")
         for system in ns.systems:
             res = results[system]
             if not res["times"]:
-                lines.append(f"| {NAMES[system]} | — | — | {res.get('error', 'no result')} | | |")
+                lines.append(f"| {NAMES[system]} | — | — | {res.get('error', 'no result')} | | | |")
                 continue
             median = statistics.median(res["times"])
             ratio = f"{median / base:.2f}×" if base else "—"
             runs = " ".join(f"{t:.2f}" for t in res["times"])
+            written = " ".join(f"{w:.0f}" for w in res["written"])
             lines.append(f"| {NAMES[system]} | {median:.3f} | {ratio} | {runs} | {fmt_cpu(res['cpu'])} | "
-                         f"{fmt_rss(res['rss'])} |")
+                         f"{written} | {fmt_rss(res['rss'])} |")
         print("\n".join(lines[-(len(ns.systems) + 3):]), flush=True)
     if ns.out:
         with open(ns.out, "a") as f:

@@ -25,7 +25,11 @@ Messages (client/endpoint <-> relay, see protocol.py):
   restarted) resumes from what is on disk.
 - ``FETCH {b, o, tid?}``; answered ``CHUNK {b, o, n}`` + one frame, or
   ``CHUNK {b, o, err}``.
-- ``DROP {b}``: the receiver of a result has it; the relay deletes the file.
+- ``DROP {b, k?}``: the receiver of a result has it; the relay deletes the
+  file, or with ``k`` (the receiver maps it) holds it for a RELEASE.
+- ``RELEASE {bs: [b, ...]}`` (at most MAX_ITEMS): the receiver no longer maps
+  these results; the relay recycles their files (relay/spares.py): the next
+  large payload of the same user on this machine is written over them.
 
 Ownership: an upload lives in its user's directory (named by a hash of the
 user name), and every name is looked up there: another user's upload id is
@@ -38,12 +42,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import hashlib
 import mmap
 import os
 import stat
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,6 +85,7 @@ SPOOL_ENV = "FEDEXEC_SPOOL"   # where a worker writes large results (the agent's
 LOCAL = "local"          # client/endpoint -> relay {q, op, ...}; op: hello, prove, place, placed, where
 LOCAL_OK = "local-ok"    # relay -> sender {q, ...}, or {q, err}
 SECRET_NAME = "secret"   # in <relay data dir>/same-host/ (0700)
+RELEASE = "release"      # client -> relay {bs}: results no longer mapped (see DROP above; relay/spares.py)
 CHUNKS_ONLY_ENV = "FEDEXEC_CHUNKS_ONLY"   # set (to anything): transfers keep to chunks on the relay's machine too
 LOCAL_ANSWER_WAIT = 10.0            # seconds a same-host request waits for its answer; then chunks
 SAME_HOST_USES: dict[str, int] = {"upload": 0, "fetch": 0, "link": 0}   # this process's hand-overs (tests)
@@ -210,7 +217,36 @@ def load_local(blob: bytes, loads: Callable[[Any], Any]) -> Any:
         try:
             view.close()
         except BufferError:   # the value holds parts of it: unmapped when they go
+            _LEFTOVER.append(weakref.ref(view))
+
+
+_LEFTOVER: list[Any] = []   # (a worker) weak references to the mappings load_local could not close yet
+PAGE = mmap.PAGESIZE
+
+
+def privatize_leftovers() -> int:
+    """(A worker, after each task, before its result goes) Mappings of
+    arguments' files (:func:`load_local`) that something the task left
+    behind still uses are made private: every page is written once, so the
+    mapping holds its own copy and no longer sees the file, which the relay
+    may then recycle (relay/spares.py) and the user's next payload rewrite.
+    Usually the task's values are gone with it and there is nothing to do;
+    the number of mappings copied."""
+    if not _LEFTOVER:
+        return 0
+    alive = [m for m in (ref() for ref in _LEFTOVER) if m is not None]
+    if alive:
+        del alive
+        gc.collect()   # (a cycle, as an exception's traceback makes, may hold the values)
+        alive = [m for m in (ref() for ref in _LEFTOVER) if m is not None]
+    _LEFTOVER.clear()
+    for mapping in alive:
+        try:
+            for off in range(0, len(mapping), PAGE):
+                mapping[off] = mapping[off]   # (a write fault: the page is copied, the file no longer seen)
+        except ValueError:   # closed meanwhile
             pass
+    return len(alive)
 
 
 class Pieces:
@@ -281,7 +317,22 @@ def spill_result(blob: Any, task_id: bytes) -> Any:
     if spool is None:
         return blob.fallback() if isinstance(blob, Pieces) else blob
     path = os.path.join(spool, f"{task_id.hex()}.{os.getpid()}.result")
-    write_private(path, blob, hashed=False)
+    try:   # a recycled file the agent got for this task (relay/spares.py): written over its pages
+        os.rename(os.path.join(spool, f"{task_id.hex()}.spare"), path)
+    except OSError:   # (none)
+        write_private(path, blob, hashed=False)
+        return local_ref(path, len(blob))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:   # (not a regular file: never written through)
+        os.unlink(path)
+        write_private(path, blob, hashed=False)
+    else:
+        try:
+            _write_hashing(fd, blob, hashed=False)
+            os.ftruncate(fd, len(blob))
+        finally:
+            os.close(fd)
     return local_ref(path, len(blob))
 
 
@@ -302,6 +353,7 @@ class Spool:
         self.refusal = refusal
         self.max_payload = max_payload
         self.users: dict[str, str] = {}      # directory name -> user
+        self.spares: Any = None              # recycled files (relay/spares.py Spares), set by the relay
         self.digests = UploadDigests()
         self.lost: set[bytes] = set()        # unhashed uploads deleted as the relay started after a reboot
 
@@ -411,7 +463,16 @@ class Spool:
         why = self.refusal(user, total + FILE_COST)
         if why is not None:
             return {"err": why, "quota": True}
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        spare = None if self.spares is None or part.exists() else self.spares.take(user, total)
+        if spare is not None:   # a recycled file of this user (relay/spares.py): written over its pages
+            try:
+                os.rename(spare, part)
+                os.utime(part)   # (a .part's age is its idleness: PARTIAL_TTL)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
+        fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | (0 if spare is not None and part.exists()
+                                                           else os.O_CREAT | os.O_EXCL), 0o600)
         try:
             os.ftruncate(fd, total)
         finally:
@@ -478,6 +539,19 @@ class Spool:
         for path in (self.path(user, bid), self.path(user, bid).with_suffix(".part")):
             if path.exists():
                 self._remove(user, path)
+
+    def recycle(self, user: str, bid: bytes, held: bool) -> None:
+        """As :meth:`drop`, but the complete upload's file goes to the
+        user's recycled files (relay/spares.py) instead: held for its
+        client's release (``held``), or spare at once; unlinked if it cannot."""
+        path = self.path(user, bid)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        if size >= 0 and self.spares is not None and self.spares.keep(user, path, bid, held):
+            self.charge(user, -(size + FILE_COST))
+        self.drop(user, bid)   # (what is left: a .part, or the file if it was not kept)
 
     def _remove(self, user: str, path: Path) -> None:
         try:
@@ -921,9 +995,33 @@ class TransferLink:
         os.close(fd)
         return None
 
-    def drop(self, ref: bytes) -> None:
-        """Tell the relay the upload may go (a result received)."""
-        self.sock.send_multipart(P.encode(P.DROP, {"b": parse_big(ref)[0]}))
+    def drop(self, ref: bytes, mapped: bool = False) -> None:
+        """Tell the relay the upload may go (a result received); ``mapped``:
+        this process maps it, the relay recycles it once it is RELEASEd."""
+        self.sock.send_multipart(P.encode(P.DROP, {"b": parse_big(ref)[0], **({"k": True} if mapped else {})}))
+
+    def release(self, bids: list[bytes]) -> None:
+        """Tell the relay these results (DROPped ``mapped``) are mapped no more."""
+        for start in range(0, len(bids), P.MAX_ITEMS):
+            self.sock.send_multipart(P.encode(RELEASE, {"bs": bids[start:start + P.MAX_ITEMS]}))
+
+    def spare(self, task_id: bytes, size: int, path: str) -> bool:
+        """(An agent on the relay's machine) a recycled file of the task's
+        user (relay/spares.py) moved to ``path``, for the task's worker to
+        write a large result into (spill_result); whether there was one."""
+        if not self.same_host:
+            return False
+        answer = self._local_request({"op": "spare", "b": task_upload_id(task_id), "n": size, "tid": task_id})
+        if not (answer and isinstance(answer.get("p"), str)):
+            return False
+        try:
+            os.rename(answer["p"], path)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                return True
+            os.unlink(path)   # (only ever a regular file of the relay's: nothing else is written through)
+        except OSError:
+            pass
+        return False
 
 
 def _write_hashing(fd: int, data: Any, hashed: bool = True) -> bytes:
@@ -983,6 +1081,7 @@ class LinkPool:
         self.local = threading.local()
         self.links: list[TransferLink] = []
         self.lock = threading.Lock()
+        self.released: list[bytes] = []   # results fetched mapped whose mapping went (sent with the next transfer)
 
     def get(self) -> TransferLink:
         link = getattr(self.local, "link", None)
@@ -991,7 +1090,17 @@ class LinkPool:
                                                   credentials=self.credentials)
             with self.lock:
                 self.links.append(link)
+        if self.released:   # (ahead of this transfer: a placement then finds the files released)
+            with self.lock:
+                bids, self.released = self.released, []
+            link.release(bids)
         return link
+
+    def _unmapped(self, bid: bytes) -> None:
+        """weakref.finalize of a fetched result's mapping: it is gone (any
+        thread; no socket here: the next transfer sends it)."""
+        with self.lock:
+            self.released.append(bid)
 
     def upload(self, data: Any, hashed: bool = True) -> bytes:
         """Upload a large payload; its reference (``hashed``: see
@@ -1011,7 +1120,10 @@ class LinkPool:
         then deletes it."""
         link = self.get()
         data = link.fetch_mapped(ref)
-        link.drop(ref)
+        mapped = isinstance(data, mmap.mmap)
+        if mapped:   # recycled by the relay once it is unmapped (relay/spares.py)
+            weakref.finalize(data, self._unmapped, parse_big(ref)[0])
+        link.drop(ref, mapped=mapped)
         return data
 
     def close(self) -> None:

@@ -31,6 +31,9 @@ class EndpointTransfers:
         os.environ[SPOOL_ENV] = self.spool   # the pools and workers started from here write results there
         self.link: TransferLink | None = None
         self.argument_files: dict[bytes, str] = {}   # task id -> its arguments' file, until its result
+        # task id -> a recycled file of its user the relay gave for its large result (relay/spares.py),
+        # which its worker writes into (transfer.spill_result); unlinked when the task is done if unused
+        self.spare_files: dict[bytes, str] = {}
         # large results kept in their files after their upload, for tasks here that depend on
         # them (graph.py): until the relay has the result (it sends a dependent that reaches
         # it before then here, ahead of its acknowledgement) and each such task has a result:
@@ -59,6 +62,12 @@ class EndpointTransfers:
             _unlink(path)
             return None, f"the endpoint could not fetch the task's arguments from the relay: {exc}"
         self.argument_files[task_id] = path
+        spare = os.path.join(self.spool, task_id.hex() + ".spare")
+        try:   # (a task with large arguments may well have a large result: a file to recycle for it)
+            if self._link().spare(task_id, size, spare):
+                self.spare_files[task_id] = spare
+        except Exception:   # (none: its result goes into a new file)
+            pass
         return local_ref(path, size), ""
 
     def fetch_results(self, task_id: bytes, user: str, wire: list[Any]) -> tuple[dict[bytes, str] | None, str]:
@@ -143,6 +152,9 @@ class EndpointTransfers:
         path = self.argument_files.pop(task_id, None)
         if path is not None:
             _unlink(path)
+        spare = self.spare_files.pop(task_id, None) if self.spare_files else None
+        if spare is not None:   # (its worker took it, or it goes: no one but this task's worker may write it)
+            _unlink(spare)
         for dependency in self.keeping.pop(task_id, ()) if self.keeping else ():
             entry = self.kept.get(dependency)
             if entry is not None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as P
-from ..transfer import LOCAL, LOCAL_OK, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, bound_to, is_big, parse_big
+from ..transfer import LOCAL, LOCAL_OK, RELEASE, SECRET_NAME, MAX_LARGE_PAYLOAD, Spool, bound_to, is_big, parse_big
+from .spares import Spares
 
 if TYPE_CHECKING:
     from .access import Session
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from .server import Relay
 
 
-TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP, LOCAL})
+TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP, LOCAL, RELEASE})
 MAX_PROVEN = 4096      # connections remembered as proven same-host (the oldest forgotten first)
 EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
 NOT_BOUND = "not an upload the endpoint made for this task"   # (said to the task's user and the endpoint)
@@ -46,6 +47,7 @@ class BulkTransfers:
             return None if over is None else over[0]
 
         self.spool = Spool(relay.data_dir, charge, refusal, relay.max_payload)
+        self.spares = self.spool.spares = Spares(relay.data_dir)   # recycled payload files (spares.py)
         self.next_expiry = time.monotonic() + EXPIRY_PERIOD
         self.same_host = SameHost(self)
 
@@ -86,7 +88,17 @@ class BulkTransfers:
                 return   # a stored result's: it goes with the result (retained.py), read again until then
             if not self.relay.refs.holds(session.user, bid) \
                     and not self.relay.kept.put_off_drop(session.user, bid):   # (held tasks need it: kept.py)
-                self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it; a ref goes by REF del)
+                if fields.get("k") is True:   # the client maps it: held for its RELEASE, then recycled (spares.py)
+                    self.spool.recycle(session.user, bid, held=True)
+                else:
+                    self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it; a ref goes by REF del)
+        elif msg.type == RELEASE:
+            bids = fields.get("bs")
+            if not (isinstance(bids, list) and len(bids) <= P.MAX_ITEMS
+                    and all(isinstance(bid, bytes) and len(bid) == 16 for bid in bids)):
+                raise P.ProtocolError(f"malformed RELEASE (a list of at most {P.MAX_ITEMS} upload ids)")
+            for bid in bids:   # (looked up among the sender's own held files only)
+                self.spares.release(session.user, bid)
 
     def attach_retained(self, retained: "RetainedResults") -> None:
         """The relay keeps results (retained.py): the uploads of results over
@@ -183,9 +195,19 @@ class BulkTransfers:
                                                     "relay does not have for this task's user")
         return status, P.as_bytes(blob)
 
-    def finished(self, record: "TaskRecord") -> None:
-        """A task with a large argument left the relay: its upload goes too."""
-        self.spool.drop(record.user, parse_big(record.args)[0])
+    def finished(self, record: "TaskRecord", ran: bool = False) -> None:
+        """A task with a large argument left the relay: its upload goes too;
+        recycled (spares.py) when its worker ``ran`` it to a result (so no
+        one maps it any more: transfer.privatize_leftovers), else unlinked
+        (a cancelled task's worker may still be reading it)."""
+        if ran:
+            self.spool.recycle(record.user, parse_big(record.args)[0], held=False)
+        else:
+            self.spool.drop(record.user, parse_big(record.args)[0])
+
+    def close(self) -> None:
+        """The relay stops: its recycled files go (the uploads stay)."""
+        self.spares.close()
 
     def _in_use(self) -> set[Path]:
         used = {self.spool.path(r.user, parse_big(r.args)[0]) for r in self.relay.tasks.values() if is_big(r.args)}
@@ -250,7 +272,7 @@ class SameHost:
                 reply = {"ok": True}
             else:
                 reply = {"err": "wrong same-host secret: this connection keeps to chunks"}
-        elif op in ("place", "placed", "where"):
+        elif op in ("place", "placed", "where", "spare"):
             if self.proven.get(sender) != (session.user, session.token_id):
                 reply = {"err": "this connection has not shown it runs as the relay's OS user on its machine"}
             else:
@@ -278,6 +300,12 @@ class SameHost:
             return {"err": why}
         if op == "place":
             return spool.place(user, bid, total)
+        if op == "spare":   # an agent, for a task's large result (spares.py): a file of the task's user
+            task_id = fields.get("tid")
+            if not isinstance(task_id, bytes):
+                raise P.ProtocolError("a spare is asked for a task (tid)")
+            path = self.bulk.spares.hand_out(user, total, task_id.hex())
+            return {} if path is None else {"p": str(path)}
         return spool.placed(user, bid, total, unhashed=fields.get("u") is True)
 
 

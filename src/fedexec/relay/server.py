@@ -426,6 +426,7 @@ class Relay:
                 self.web.stop()
             if self.local_link is not None:   # (stops the colocated agent first: its sockets share the context)
                 self.local_link.close()
+            self.bulk.close()
             self.store.close()
             self.sock.close(linger=500)
             self.zap.stop()
@@ -1677,7 +1678,7 @@ class Relay:
         for record, status, result in finished:
             add_result(record.task_id, status, result, record.user)
             if is_big(record.args):
-                self.bulk.finished(record)
+                self.bulk.finished(record, ran=status in (P.OK, P.EXCEPTION))
             size = len(result)
             changes.append((record.task_id, record.user, len(as_buffer(record.args)), size))
             if status != P.OK or size > KEPT_IN_MEMORY:   # (no use reading it back for a dependent: reads.py)
