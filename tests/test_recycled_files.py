@@ -6,6 +6,7 @@ worker's kept argument), and never for another user."""
 from __future__ import annotations
 
 import builtins
+import gc
 import hashlib
 import os
 import sys
@@ -123,7 +124,10 @@ def test_another_users_trips_never_get_a_file_of_yours_nor_release_yours(tmp_pat
     data_dir = tmp_path / "relay-data"
     tokens = {user: fedexec_cli("relay", "add-user", user, "--data-dir", data_dir).stdout.strip()
               for user in ("alice", "bob")}
-    with running_relay(tmp_path, "--auth", "token") as address:
+    # (recycling on, though this relay's data dir is on a disk; results not kept: a kept result's file
+    # stays readable until its TTL, so only arguments would be recycled)
+    recycling = {**os.environ, "FEDEXEC_RECYCLE_PAYLOADS": "on"}
+    with running_relay(tmp_path, "--auth", "token", "--no-keep-results", env=recycling) as address:
         with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": tokens["alice"]}, relay=address) as ep:
             wait_connected(address, ep.id, tokens["alice"], ep.proc, ep.log)
             owner = RawClient(address, tokens["alice"])
@@ -152,7 +156,9 @@ def test_another_users_trips_never_get_a_file_of_yours_nor_release_yours(tmp_pat
                 finally:
                     forger.close()
                 theirs = trips(bob, 5, 500.0)
-                assert len(set(theirs)) < len(theirs), f"bob's files were not recycled: {theirs}"
+                # bob's results are written into no recycled file at all: his tasks run on an endpoint he does
+                # not own, whose agent gets spares for its owner's tasks only (review s24, finding 6)
+                assert len(set(theirs)) == len(theirs), f"bob's results went into recycled files: {theirs}"
                 assert not set(theirs) & set(hers.values()), "bob's payload went into a file of alice's"
                 # alice's files are all still hers, untouched; her held result too
                 assert inodes_in(spares_of(data_dir, "alice")) == hers
@@ -174,7 +180,7 @@ def test_recycled_files_are_bounded_per_user_and_in_all_and_never_cross_users(tm
             f.truncate(size)
         return path
 
-    spares = S.Spares(tmp_path / "data")
+    spares = S.Spares(tmp_path / "data", enabled=True)
     big = S.MIN_BYTES
     for i in range(S.MAX_FILES + 2):   # more than a user may keep: the oldest go (unlinked)
         assert spares.keep("alice", upload(f"a{i}", big), os.urandom(16), held=False)
@@ -207,3 +213,46 @@ def test_recycled_files_are_bounded_per_user_and_in_all_and_never_cross_users(tm
     # a new relay starts with none (what a killed one left is deleted)
     (tmp_path / "data" / "spares" / "x").mkdir(parents=True)
     assert not any(S.Spares(tmp_path / "data").root.iterdir())
+
+
+def slow_plus_one(array):
+    import time
+    time.sleep(4)
+    return array + 1
+
+
+@pytest.mark.timeout(300)
+def test_a_result_read_by_two_readers_is_never_recycled_under_either(tmp_path):
+    """Review s24, finding 2: Client.get_result maps a result's file and
+    releases nothing; when an executor then reattaches to the same result
+    (maps it too, drops it, and releases its mapping), the relay must not
+    recycle the file while the Client's array still reads it: a file handed
+    to more than one reader is unlinked, not recycled."""
+    from fedexec import Client
+
+    data_dir = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data_dir).stdout.strip()
+    recycling = {**os.environ, "FEDEXEC_RECYCLE_PAYLOADS": "on"}
+    with running_relay(tmp_path, "--auth", "token", "--no-keep-results", env=recycling) as address:
+        with running_endpoint(tmp_path, "ep", {"FEDEXEC_TOKEN": token}, relay=address) as ep:
+            wait_connected(address, ep.id, token, ep.proc, ep.log)
+            first = FederatedExecutor(ep.id, relay=address, token=token)
+            task_id = first.submit(slow_plus_one, np.full(ITEMS, 41.0)).task_id
+            time.sleep(1.0)
+            first._detach()   # (the task stays at the relay, as after Client.close)
+            with Client(address, token=token) as client:
+                deadline = time.monotonic() + 60
+                while client.get_task(task_id)["pending"]:
+                    assert time.monotonic() < deadline, "the task did not finish"
+                    time.sleep(0.2)
+                mine = client.get_result(task_id)
+                assert mine.min() == 42.0 and mine.max() == 42.0
+                with FederatedExecutor(ep.id, relay=address, token=token) as second:
+                    [again] = second.reattach([task_id])
+                    assert again.result(60)[0] == 42.0
+                    del again
+                    gc.collect()
+                    second.submit(len, b"x").result(30)   # (its release goes ahead of its next transfers)
+                    trips(second, 6, 1000.0)   # later trips of the same user, recycling what they may
+                assert mine.min() == 42.0 and mine.max() == 42.0, (mine.min(), mine.max())
+            assert ep.proc.poll() is None, tail(ep.log)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING")
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level, None)
+    # the agent's spool (its socket directory, endpoint/sockdir.py) beside the relay's, in the private
+    # directory: one filesystem, so large payloads pass between them as files (hard links, recycled
+    # files: relay/spares.py); this process's own temporary files only (workers keep the program's TMPDIR)
+    tempfile.tempdir = str(ns.remove_on_exit)
     if not 0 <= ns.commit_window <= 1:
         parser.error("--commit-window must be between 0 and 1 second")
     try:

@@ -30,12 +30,39 @@ from .auth import write_secret
 EMBEDDED_COMMIT_WINDOW = 0.01
 
 
+# Where the private directory goes when it can: a filesystem kept in memory.
+# The relay, its record and every large payload's spool file live there; the
+# record is not kept past the program, so a disk buys nothing, and a payload
+# file recycled over and over (relay/spares.py) is then never written back to
+# one. Only with room for two payloads at the limit (an argument and a
+# result); else the system's temporary directory, as before.
+MEMORY_DIRECTORY = "/dev/shm"
+
+
+def memory_directory(max_payload: int | None) -> str | None:
+    """MEMORY_DIRECTORY when it is a memory filesystem we may write with room
+    for two payloads of ``max_payload`` bytes; None (the system's temporary
+    directory) otherwise."""
+    from .protocol import DEFAULT_MAX_PAYLOAD
+    from .relay.spares import MEMORY_FILESYSTEMS, filesystem_type
+
+    try:
+        if filesystem_type(MEMORY_DIRECTORY) not in MEMORY_FILESYSTEMS or not os.access(MEMORY_DIRECTORY, os.W_OK):
+            return None
+        room = os.statvfs(MEMORY_DIRECTORY)
+        if room.f_bavail * room.f_frsize < 2 * (max_payload or DEFAULT_MAX_PAYLOAD):
+            return None
+    except OSError:
+        return None
+    return MEMORY_DIRECTORY
+
+
 class EmbeddedFederation:
     """A relay and an endpoint owned by this process."""
 
     def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64,
                  max_payload: int | None = None) -> None:
-        self.directory = tempfile.mkdtemp(prefix="fedexec-")
+        self.directory = tempfile.mkdtemp(prefix="fedexec-", dir=memory_directory(max_payload))
         os.chmod(self.directory, 0o700)
         self.relay_address = f"ipc://{self.directory}/relay.sock"
         # the private relay's secret: made here, so it is there before anyone connects

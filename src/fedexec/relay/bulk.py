@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 
 TYPES = frozenset({P.UPLOAD, P.FETCH, P.DROP, LOCAL, RELEASE})
+MAX_HANDED = 100_000   # uploads whose same-host hand-outs are counted (recycling needs exactly one)
 MAX_PROVEN = 4096      # connections remembered as proven same-host (the oldest forgotten first)
 EXPIRY_PERIOD = 60.0   # seconds between looks for stale spool files
 NOT_BOUND = "not an upload the endpoint made for this task"   # (said to the task's user and the endpoint)
@@ -48,6 +50,12 @@ class BulkTransfers:
 
         self.spool = Spool(relay.data_dir, charge, refusal, relay.max_payload)
         self.spares = self.spool.spares = Spares(relay.data_dir)   # recycled payload files (spares.py)
+        # uploads of finished tasks, dropped once their task's record is committed (finished())
+        self._finishing: list[tuple[str, bytes, bool]] = []
+        self._after_commit: deque[tuple[int, list[tuple[str, bytes, bool]]]] = deque()
+        # (user, upload id) -> times the same-host path handed its file to a reader to map
+        self.handed: dict[tuple[str, bytes], int] = {}
+        self.forgot = False   # entries were forgotten (MAX_HANDED): an unknown upload is then not recycled
         self.next_expiry = time.monotonic() + EXPIRY_PERIOD
         self.same_host = SameHost(self)
 
@@ -88,7 +96,9 @@ class BulkTransfers:
                 return   # a stored result's: it goes with the result (retained.py), read again until then
             if not self.relay.refs.holds(session.user, bid) \
                     and not self.relay.kept.put_off_drop(session.user, bid):   # (held tasks need it: kept.py)
-                if fields.get("k") is True:   # the client maps it: held for its RELEASE, then recycled (spares.py)
+                if fields.get("k") is True and self.mapped_once(session.user, bid):
+                    # the client maps it: held for its RELEASE, then recycled (spares.py); not when it was
+                    # handed to more than one reader (Client.get_result maps it too and releases nothing)
                     self.spool.recycle(session.user, bid, held=True)
                 else:
                     self.spool.drop(session.user, bid)   # (the user's own tasks alone could miss it; a ref goes by REF del)
@@ -196,14 +206,54 @@ class BulkTransfers:
         return status, P.as_bytes(blob)
 
     def finished(self, record: "TaskRecord", ran: bool = False) -> None:
-        """A task with a large argument left the relay: its upload goes too;
-        recycled (spares.py) when its worker ``ran`` it to a result (so no
-        one maps it any more: transfer.privatize_leftovers), else unlinked
-        (a cancelled task's worker may still be reading it)."""
-        if ran:
-            self.spool.recycle(record.user, parse_big(record.args)[0], held=False)
+        """A task with a large argument left the relay: its upload goes too,
+        once the record that replaces the task's row (its result, or its
+        removal) is on disk (:meth:`committed`): a relay killed before that
+        commit finds the task pending again at its restart, and needs it.
+        Recycled (spares.py) when its worker ``ran`` it to a result (so no
+        one maps it any more: transfer.privatize_leftovers) and it was handed
+        out once, else unlinked (a cancelled task's worker may still be
+        reading it). A private relay (the embedded default's: its record dies
+        with its program, and nobody restarts it) lets go at once, so that the
+        program's next payload finds the file."""
+        if self.relay.remove_on_exit is not None:
+            self._let_go(record.user, parse_big(record.args)[0], ran)
         else:
-            self.spool.drop(record.user, parse_big(record.args)[0])
+            self._finishing.append((record.user, parse_big(record.args)[0], ran))
+
+    def flushed(self, seq: int) -> None:
+        """The relay handed its record the writes of this turn (commit ``seq``)."""
+        if self._finishing:
+            self._after_commit.append((seq, self._finishing))
+            self._finishing = []
+
+    def committed(self, seq: int) -> None:
+        """The record's commits up to ``seq`` are on disk: the uploads of
+        tasks that finished before them may go."""
+        while self._after_commit and self._after_commit[0][0] <= seq:
+            for user, bid, ran in self._after_commit.popleft()[1]:
+                self._let_go(user, bid, ran)
+
+    def _let_go(self, user: str, bid: bytes, ran: bool) -> None:
+        if ran and self.mapped_once(user, bid):
+            self.spool.recycle(user, bid, held=False)
+        else:
+            self.spool.drop(user, bid)
+            self.handed.pop((user, bid), None)
+
+    def handed_out(self, user: str, bid: bytes) -> None:
+        """The same-host path gave a reader the file of upload ``bid`` to map."""
+        key = (user, bid)
+        self.handed[key] = self.handed.pop(key, 0) + 1
+        while len(self.handed) > MAX_HANDED:   # (the oldest forgotten: they are then not recycled)
+            self.handed.pop(next(iter(self.handed)))
+            self.forgot = True
+
+    def mapped_once(self, user: str, bid: bytes) -> bool:
+        """Whether upload ``bid`` was handed out to map at most once (so the
+        one it was handed to is the one whose release frees it); forgets it."""
+        count = self.handed.pop((user, bid), 0)
+        return 0 < count <= 1 or (count == 0 and not self.forgot)   # (0: never mapped, unless forgotten)
 
     def close(self) -> None:
         """The relay stops: its recycled files go (the uploads stay)."""
@@ -293,6 +343,7 @@ class SameHost:
             path = None if why else spool.complete(user, bid)
             if path is None:
                 return {"err": why or f"no upload {bid.hex()} of user {user!r} here"}
+            self.bulk.handed_out(user, bid)
             return {"p": str(path)}
         user, why = self.bulk._whose(session, fields, "upload a result for")
         why = why or unbound(fields)
@@ -304,6 +355,8 @@ class SameHost:
             task_id = fields.get("tid")
             if not isinstance(task_id, bytes):
                 raise P.ProtocolError("a spare is asked for a task (tid)")
+            if user != session.user:   # (only the endpoint owner's own tasks: no user's old data to another)
+                return {}
             path = self.bulk.spares.hand_out(user, total, task_id.hex())
             return {} if path is None else {"p": str(path)}
         return spool.placed(user, bid, total, unhashed=fields.get("u") is True)

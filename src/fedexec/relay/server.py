@@ -398,6 +398,7 @@ class Relay:
                 if self.store.commit_fd in events:
                     self.store.drain_commit_notices()
                 seq = self.store.flush()
+                self.bulk.flushed(seq)
                 if self.turn_accepted or self.turn_stored or self.turn_resumed:
                     self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
                     self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
@@ -1721,6 +1722,7 @@ class Relay:
     def _send_committed(self) -> None:
         """Send the notices whose commit is now on disk."""
         committed = self.store.committed_seq
+        self.bulk.committed(committed)
         if not (self.after_commit and self.after_commit[0][0] <= committed):
             return
         # the turns one commit covers (many, with a long commit window) are
