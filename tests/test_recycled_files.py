@@ -145,7 +145,14 @@ def test_another_users_trips_never_get_a_file_of_yours_nor_release_yours(tmp_pat
                 while not [n for n in inodes_in(spares_of(data_dir, "alice")) if n.startswith("h-")]:
                     assert time.monotonic() < deadline, "alice's mapped result was not held for her release"
                     time.sleep(0.05)
-                hers = inodes_in(spares_of(data_dir, "alice"))
+                # (her last trip's argument file is recycled once its result is committed: let her files settle)
+                hers, settled = inodes_in(spares_of(data_dir, "alice")), time.monotonic()
+                while time.monotonic() - settled < 1.0:
+                    assert time.monotonic() < deadline + 20, "alice's recycled files kept changing"
+                    time.sleep(0.1)
+                    now = inodes_in(spares_of(data_dir, "alice"))
+                    if now != hers:
+                        hers, settled = now, time.monotonic()
                 assert hers, "alice has no recycled files to be taken"
                 # bob releases alice's held result by its upload id (as a forger would): nothing happens
                 held_name = next(n for n in hers if n.startswith("h-"))
@@ -163,6 +170,11 @@ def test_another_users_trips_never_get_a_file_of_yours_nor_release_yours(tmp_pat
                 # alice's files are all still hers, untouched; her held result too
                 assert inodes_in(spares_of(data_dir, "alice")) == hers
                 assert held.min() == 2.0 and held.max() == 2.0
+            # bob's executor as it is by default on an endpoint not his (data only): large plain-data arguments
+            # pass as a file too, and the worker reads the file's format, not the reference's (was: a pickle
+            # load of msgpack, "invalid load key")
+            with FederatedExecutor(ep.id, relay=address, token=tokens["bob"]) as plain:
+                assert plain.submit(len, b"x" * (20 << 20)).result(120) == 20 << 20
                 for name in os.listdir(data_dir / "spares"):   # private, per user
                     assert os.stat(data_dir / "spares" / name).st_mode & 0o777 == 0o700
                     for f in (data_dir / "spares" / name).iterdir():

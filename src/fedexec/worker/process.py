@@ -340,7 +340,14 @@ class WorkerProcess:
             fn = self.load_function(fn_hash)
             if is_local(args_blob):   # large arguments: a file the endpoint fetched, mapped (transfer.py),
                 #                       or arguments with the files of the DataRefs they name (dataref.py)
-                payload = load_arguments(P.as_bytes(args_blob), decode_data if data else deserialize_large)
+                as_data: list[bool] = []   # (the format is the file's: a reference is in neither)
+
+                def loads(buffer: Any) -> Any:
+                    as_data.append(data or is_data(buffer))
+                    return decode_data(buffer) if as_data[-1] else deserialize_large(buffer)
+
+                payload = load_arguments(P.as_bytes(args_blob), loads)
+                data = data or any(as_data)   # (answered in the format the arguments came in)
             else:
                 payload = decode_data(args_blob) if data else deserialize(args_blob)
         except _LoadFailure as exc:
