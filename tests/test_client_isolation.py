@@ -69,17 +69,6 @@ def test_flooding_users_never_slow_another_users_questions(tmp_path):
         assert all(count > 0 for count in busy_seen.values()), busy_seen   # the flooders were held back
 
 
-def wait_for(what: str, check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout:.0f} s (last: {last!r})")
-
-
 @pytest.mark.timeout(180)
 def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
     """Review finding 11, first part: alice shares her endpoint with bob and
@@ -90,7 +79,7 @@ def test_a_shared_endpoint_shows_each_user_their_own_counts_only(tmp_path):
     from fedexec.relay.query import lookup_endpoint, share_endpoint
 
     from test_access import running_endpoint, slow_value, wait_connected
-    from test_dashboard import api, cli_relay, get
+    from test_dashboard import api, cli_relay, get, wait_for
 
     data = tmp_path / "relay-data"
     tokens = {name: fedexec_cli("relay", "add-user", name, "--data-dir", data).stdout.strip()

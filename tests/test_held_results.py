@@ -10,25 +10,16 @@ end. One worker here, so no other worker can take anything over.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import time
 
 import pytest
 
 from fedexec import FederatedExecutor
 
+from test_executor_contract import wait_for_gate
+
 
 def quick(x):
     return x
-
-
-def wait_for_gate(gate, limit=60.0):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {gate} was never opened")
-        time.sleep(0.01)
-    return "opened"
 
 
 @pytest.mark.timeout(120)
@@ -39,7 +30,7 @@ def test_quick_results_before_a_long_task_are_not_held_until_it_ends(tmp_path):
         try:
             for attempt in range(3):   # the batch the long task lands in is the pool's choice: try a few
                 quicks = [ex.submit(quick, i) for i in range(500)]
-                slow = ex.submit(wait_for_gate, str(gate))
+                slow = ex.submit(wait_for_gate, str(gate), "opened", 60.0)
                 done, pending = cf.wait(quicks, timeout=15)
                 assert not pending, (f"{len(pending)} quick results still missing 15 s after they were submitted, "
                                      f"while the long task runs on the same worker")

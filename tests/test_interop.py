@@ -58,7 +58,7 @@ def fedexec_roles(procs: list[psutil.Process]) -> list[str]:
             cmdline = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        for role in ("fedexec.relay", "fedexec.endpoint", "fedexec.worker"):
+        for role in ("fedexec.relay", "fedexec.endpoint", "fedexec.colocated", "fedexec.worker"):
             if f"-m {role}" in cmdline:
                 roles.append(role)
     return sorted(roles)
@@ -150,8 +150,9 @@ def test_shutdown_leaves_no_child_process():
         assert ex.submit(square, 7).result(timeout=30) == 49
         procs = [p for p in child_processes() if p.pid not in before]
         roles = fedexec_roles(procs)
-        assert len(procs) >= 4, f"expected relay, endpoint and 2 workers, found {describe([p.pid for p in procs])}"
-        assert roles == ["fedexec.endpoint", "fedexec.relay", "fedexec.worker", "fedexec.worker"], roles
+        # (the embedded relay and endpoint are one process: fedexec.colocated)
+        assert len(procs) >= 3, f"expected relay+endpoint and 2 workers, found {describe([p.pid for p in procs])}"
+        assert roles == ["fedexec.colocated", "fedexec.worker", "fedexec.worker"], roles
         records = [(p.pid, p.create_time()) for p in procs]
     finally:
         ex.shutdown(wait=True)
@@ -245,7 +246,7 @@ def test_interpreter_exit_without_shutdown_leaves_no_process(tmp_path):
     try:
         result, records = read_script(proc, until="PIDS", tmp_path=tmp_path)
         assert result == 144
-        assert len(records) >= 4, f"expected relay, endpoint and 2 workers in the script, got {records}"
+        assert len(records) >= 3, f"expected relay+endpoint and 2 workers in the script, got {records}"
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -266,9 +267,9 @@ def test_sigkilled_program_leaves_no_process(tmp_path):
     try:
         result, records = read_script(proc, until="READY", tmp_path=tmp_path)
         assert result == 144
-        assert len(records) >= 4, f"expected relay, endpoint and 2 workers in the script, got {records}"
+        assert len(records) >= 3, f"expected relay+endpoint and 2 workers in the script, got {records}"
         roles = fedexec_roles([psutil.Process(pid) for pid, _ in records])
-        assert roles == ["fedexec.endpoint", "fedexec.relay", "fedexec.worker", "fedexec.worker"], roles
+        assert roles == ["fedexec.colocated", "fedexec.worker", "fedexec.worker"], roles
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         assert proc.returncode == -signal.SIGKILL

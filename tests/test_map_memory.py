@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
-import os
 import threading
 import time
 
@@ -27,18 +26,11 @@ import pytest
 from fedexec import FederatedExecutor
 from fedexec.dispatcher import TaskFuture
 
+from test_executor_contract import wait_for_gate
+
 
 def inverse(x):
     return 1 / x
-
-
-def wait_for_gate(gate, value=None, limit=30.0):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(gate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gate {gate} was never opened")
-        time.sleep(0.01)
-    return value
 
 
 def live_task_futures() -> int:

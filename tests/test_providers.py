@@ -50,6 +50,8 @@ def configured_endpoint(tmp_path: Path, relay: str, env: dict[str, str] | None =
     config.save()
     log = tmp_path / f"endpoint-{name}.log"
     env = {**os.environ, "PYTHONPATH": str(HERE), **(env or {})}
+    if "FEDEXEC_HOME" in os.environ:   # (the home it was configured in: not one an older env captured)
+        env["FEDEXEC_HOME"] = os.environ["FEDEXEC_HOME"]
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", name], env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)

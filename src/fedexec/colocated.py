@@ -95,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING")
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level, None)
-    # the agent's spool (its socket directory, endpoint/sockdir.py) beside the relay's, in the private
-    # directory: one filesystem, so large payloads pass between them as files (hard links, recycled
-    # files: relay/spares.py); this process's own temporary files only (workers keep the program's TMPDIR)
-    tempfile.tempdir = str(ns.remove_on_exit)
+    # the agent's spool (its socket directory, endpoint/sockdir.py) beside the private directory, on one
+    # filesystem with the relay's spool, so large payloads pass between them as files (hard links,
+    # recycled files: relay/spares.py), also when embedded.py chose /dev/shm; this process's own
+    # temporary files only (workers keep the program's TMPDIR). (Not inside it: ipc:// socket paths
+    # must stay short.)
+    tempfile.tempdir = str(ns.remove_on_exit.parent)
     if not 0 <= ns.commit_window <= 1:
         parser.error("--commit-window must be between 0 and 1 second")
     try:

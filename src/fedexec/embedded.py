@@ -35,17 +35,20 @@ EMBEDDED_COMMIT_WINDOW = 0.01
 # record is not kept past the program, so a disk buys nothing, and a payload
 # file recycled over and over (relay/spares.py) is then never written back to
 # one. Only with room for two payloads at the limit (an argument and a
-# result); else the system's temporary directory, as before.
+# result), and unless TMPDIR names where temporary files go; else the
+# system's temporary directory, as before.
 MEMORY_DIRECTORY = "/dev/shm"
 
 
 def memory_directory(max_payload: int | None) -> str | None:
     """MEMORY_DIRECTORY when it is a memory filesystem we may write with room
-    for two payloads of ``max_payload`` bytes; None (the system's temporary
-    directory) otherwise."""
+    for two payloads of ``max_payload`` bytes, and TMPDIR does not say where
+    temporary files go; None (the system's temporary directory) otherwise."""
     from .protocol import DEFAULT_MAX_PAYLOAD
     from .relay.spares import MEMORY_FILESYSTEMS, filesystem_type
 
+    if os.environ.get("TMPDIR"):   # (the user's, or the batch system's, choice: node-local scratch, say)
+        return None
     try:
         if filesystem_type(MEMORY_DIRECTORY) not in MEMORY_FILESYSTEMS or not os.access(MEMORY_DIRECTORY, os.W_OK):
             return None
