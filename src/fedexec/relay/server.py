@@ -1828,7 +1828,7 @@ def _water_fill(n: int, members: list[EndpointState], free: dict[str, int]) -> l
 _OWNER_ONLY_LOOKUP = ("queued", "running", "last_seen")
 
 
-def _lookup_view(state: Any, yours: bool) -> dict[str, Any]:
+def _lookup_view(state: EndpointState, yours: bool) -> dict[str, Any]:
     """An endpoint as LOOKUP describes it to its owner (everything) or to
     another user it is shared with (no counts of everyone's tasks)."""
     view = state.describe()

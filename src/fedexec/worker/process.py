@@ -46,7 +46,7 @@ from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
 from .outgoing import OutgoingResults
-from ..transfer import _LEFTOVER, BIG_THRESHOLD, is_local, privatize_leftovers, spill_result
+from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
 
@@ -226,8 +226,7 @@ class WorkerProcess:
                 else:
                     with self.task_directory(task.row[0]):
                         status, blob = self.run_task(task.row, args)
-                if _LEFTOVER:   # its large arguments' mapping, if kept, made private: the file is recycled
-                    privatize_leftovers()
+                privatize_leftovers()   # its large arguments' mapping, if it kept one, made private (recycling)
                 if self.marker is not None:
                     self.marker.clear()
                 self.chain.ran(task.row[0], status, blob)
