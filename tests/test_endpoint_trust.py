@@ -23,7 +23,7 @@ import psutil
 import pytest
 import zmq
 
-from fedexec import (DeserializationError, FederatedExecutor, RemoteExecutionError, SerializationError,
+from fedexec import (DeserializationError, FederatedExecutor, NotAuthorized, RemoteExecutionError, SerializationError,
                      WorkerLost)
 from fedexec import protocol as P
 from fedexec.auth import connect_plainly
@@ -455,6 +455,25 @@ def test_an_allow_list_endpoint_is_data_only_by_default_and_a_plain_one_is_not(d
         assert ex.submit(lambda f: type(f).__name__, LeavesAFile(str(mark))).result(DEADLINE) == "TextIOWrapper"
         assert mark.exists()   # a pickle runs code as it loads: what data_only is for
         assert ex.submit(lambda: ValueError("a pickled value")).result(DEADLINE).args == ("a pickled value",)
+
+
+def set_up_nothing() -> None:
+    """An initializer (module level, so it pickles by reference)."""
+
+
+@pytest.mark.timeout(90)
+def test_an_executor_with_an_initializer_is_told_why_an_allow_list_refuses_its_functions(data_relay):
+    """With an initializer each function travels wrapped in a wrapper made
+    for that executor, so no allow-list can name it: the error says so
+    instead of naming only a hash the user never saw."""
+    r = data_relay
+    with FederatedExecutor(r.listed.id, relay=r.address, token=r.tokens["alice"],
+                           initializer=set_up_nothing) as ex:
+        with pytest.raises(NotAuthorized) as refused:
+            ex.submit(operator.add, 1, 2).result(DEADLINE)
+        assert "allow-list" in str(refused.value) and "initializer, set_up_nothing()" in str(refused.value)
+    with FederatedExecutor(r.listed.id, relay=r.address, token=r.tokens["alice"]) as ex:   # without: allowed
+        assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
 
 
 @pytest.mark.timeout(90)

@@ -314,6 +314,9 @@ class Dispatcher(threading.Thread):
         # executor's data_only); data_only_why says why, for its errors
         self.data_only = False
         self.data_only_why = ""
+        #: the executor's initializer by name, when it has one: each function then travels wrapped with it
+        #: (worker/initializer.py), so an endpoint's allow-list never holds its hash; errors say so
+        self.initializer_name: str | None = None
         self.echo_output = False   # tasks' output also to this process's streams (FederatedExecutor's echo_output)
 
     # -- called from user threads --------------------------------------------
@@ -991,6 +994,12 @@ class Dispatcher(threading.Thread):
                 future.set_exception(error)
             else:
                 error = _failure_exception(blob)
+                if isinstance(error, NotAuthorized) and self.initializer_name and "allow-list" in str(error):
+                    error = NotAuthorized(
+                        f"{error} (this executor has an initializer, {self.initializer_name}(): each function is "
+                        f"sent wrapped with it, in a wrapper made for this executor alone, so its hash is never "
+                        f"the one `fedexec function hash` gives and no allow-list can name it; on an endpoint "
+                        f"with an allow-list, do the setup inside the allowed function instead)")
                 if isinstance(error, DependencyError) and item.task_id in self.relayed:
                     _chain_dependency(error, self.relayed[item.task_id][0])
                 future.set_exception(error)

@@ -339,6 +339,7 @@ class FederatedExecutor(Executor):
         self._dispatcher = Dispatcher(relay, endpoint_id, batch_size, batch_window, services, token,
                                        relay_public_key)
         self._dispatcher.echo_output = bool(echo_output)
+        self._dispatcher.initializer_name = setup.name if setup is not None else None
         self._serialize_arguments, self._serialize_chunk = serialize_arguments, serialize_chunk
         # a call's arguments as submit pickles them: finding futures in the same pass
         self._submit_arguments: Callable[[Callable[..., Any], tuple, dict], bytes] = arguments_or_futures
