@@ -126,15 +126,16 @@ class EndpointDeletions:
         registry = relay.endpoints
         endpoint_id = state.endpoint_id
         doomed = [record for record in state.queue if record.group is None]
-        doomed += [held.record for held in relay.graph.waiting.values()
-                   if held.record.group is None and held.record.endpoint_id == endpoint_id]
         for members, group in registry.groups.items():
             if endpoint_id in members and all(registry.get(member) is None for member in members):
                 doomed += group.queue
-        if any(held.record.group is not None for held in relay.graph.waiting.values()):
-            doomed += [held.record for held in relay.graph.waiting.values() if held.record.group is not None
-                       and endpoint_id in held.record.group
-                       and all(registry.get(member) is None for member in held.record.group)]
+        for held in relay.graph.waiting.values():   # one pass over the held tasks
+            record = held.record
+            if record.group is None:
+                if record.endpoint_id == endpoint_id:
+                    doomed.append(record)
+            elif endpoint_id in record.group and all(registry.get(member) is None for member in record.group):
+                doomed.append(record)
         return doomed
 
     def delete(self, state: EndpointState) -> int:
