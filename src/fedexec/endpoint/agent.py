@@ -258,7 +258,8 @@ class EndpointAgent:
                 if self.local_pools is not None:
                     wait = self.local_pools.wait_ms(wait)
                 events = dict(poller.poll(wait))
-                if self.pool_sock in events:
+                workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
+                if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
                     self._read_pools()
                 if self.relay in events:
                     self._read_relay()
@@ -290,7 +291,7 @@ class EndpointAgent:
                 elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
                     self._offer_spare_credit()
                 if self.local_pools is not None:   # this turn's tasks reach their workers now
-                    self.local_pools.step(poller, events)
+                    self.local_pools.step(poller, events, workers_read)
         finally:
             self._shutdown()
 

@@ -99,21 +99,27 @@ class InProcessProvider:
             return 0
         return min([default, *(manager.wait_ms() for manager in self._running.values())])
 
-    def step(self, poller: zmq.Poller, events: dict) -> None:
-        """Start new pools, and give each running one a turn: what is ready
-        on its sockets (its endpoint socket checked afresh: the agent may
-        have sent to it during this turn), timers, results to send."""
+    def step_results(self, poller: zmq.Poller, events: dict) -> bool:
+        """Before the agent's turn: step the pools whose workers wrote, so
+        that the results they send reach the agent in this same turn (not
+        one more time round its loop). True when any pool was stepped."""
+        stepped = False
+        for job_id, manager in list(self._running.items()):
+            if manager.worker_sock in events:
+                self._step(job_id, manager, poller, True)
+                stepped = True
+        return stepped
+
+    def step(self, poller: zmq.Poller, events: dict, workers_read: bool = False) -> None:
+        """After the agent's turn: start new pools, and give each running one
+        a turn: what is ready on its sockets (its endpoint socket checked
+        afresh: the agent may have sent to it during this turn; its workers'
+        socket only if :meth:`step_results` did not read it already,
+        ``workers_read``), timers, results to send."""
         if self._new:
             self._begin_new(poller)
         for job_id, manager in list(self._running.items()):
-            try:
-                ongoing = not manager.stopping and manager.step(
-                    manager.worker_sock in events, bool(manager.endpoint.getsockopt(zmq.EVENTS) & zmq.POLLIN))
-            except Exception:   # a pool that fails ends its block, as a pool process exiting would
-                log.exception("the in-process pool failed")
-                ongoing = False
-            if not ongoing:
-                self._end(job_id, manager, poller)
+            self._step(job_id, manager, poller, not workers_read and manager.worker_sock in events)
 
     def close(self) -> None:
         """Finish every pool (told to stop already) here, and wait for those finishing."""
@@ -146,6 +152,16 @@ class InProcessProvider:
             poller.register(manager.endpoint, zmq.POLLIN)
             with self._lock:
                 self._running[job_id] = manager
+
+    def _step(self, job_id: str, manager: "PoolManager", poller: zmq.Poller, workers_ready: bool) -> None:
+        try:
+            ongoing = not manager.stopping and manager.step(
+                workers_ready, bool(manager.endpoint.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+        except Exception:   # a pool that fails ends its block, as a pool process exiting would
+            log.exception("the in-process pool failed")
+            ongoing = False
+        if not ongoing:
+            self._end(job_id, manager, poller)
 
     def _end(self, job_id: str, manager: "PoolManager", poller: zmq.Poller) -> None:
         """Take a pool off the agent's loop and finish it on a thread of its own."""
