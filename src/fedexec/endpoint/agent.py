@@ -286,12 +286,12 @@ class EndpointAgent:
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
                     self._write_status(now)
-                if self._flush_due(now):
+                if self.local_pools is not None:   # this turn's tasks reach their workers now
+                    self.local_pools.step(poller, events, workers_read)
+                if self._flush_due(now):   # last: the relay's thread, woken by it, waits for nothing more here
                     self._flush()
                 elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
                     self._offer_spare_credit()
-                if self.local_pools is not None:   # this turn's tasks reach their workers now
-                    self.local_pools.step(poller, events, workers_read)
         finally:
             self._shutdown()
 
