@@ -131,8 +131,8 @@ def main() -> None:
     system = from_the_cli(("--pools-in-process",) if ns.pools_in_process else ()) if ns.cli else embedded()
     result = measure(system, ns.trips, ns.tasks)
     print(f"{fedexec.__file__} ({'CLI' if ns.cli else 'embedded'}"
-          f"{', pools in process' if ns.pools_in_process else ''}): p50 {result['p50_ms']:.2f} ms, map {result['map_per_s']:,.0f} tasks/s "
-          f"(load average {psutil.getloadavg()[0]:.1f})")
+          f"{', pools in process' if ns.pools_in_process else ''}): p50 {result['p50_ms']:.2f} ms, "
+          f"map {result['map_per_s']:,.0f} tasks/s (load average {psutil.getloadavg()[0]:.1f})")
     print("| process | round trip: CPU us | voluntary switches | involuntary | map: CPU us/task | voluntary/task |")
     print("|---|---|---|---|---|---|")
     for name, (cpu, vol, invol) in result["round_trip"].items():
