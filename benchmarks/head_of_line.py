@@ -77,7 +77,9 @@ def warm(ex: Any) -> None:
 class CliFederation:
     """A relay and an endpoint (2 workers) started from the command line."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, endpoint_args: tuple[str, ...] = ()) -> None:
+        """``endpoint_args``: more options for ``python -m fedexec.endpoint``
+        (``--pools-in-process``)."""
         from fedexec.relay.query import lookup_endpoint
 
         self.address = f"tcp://127.0.0.1:{free_port()}"
@@ -89,7 +91,8 @@ class CliFederation:
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)]
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "hol", "--relay", self.address, "--endpoint-id",
-             self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
+             self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING",
+             *endpoint_args],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 60
         while True:

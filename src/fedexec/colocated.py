@@ -6,9 +6,9 @@ that started it) and its endpoint runs on the same machine and dies with
 the same program. As two processes, every task crossed an ipc hop between
 them each way, each about three thread wake-ups through both processes'
 ZeroMQ I/O threads on a small machine. Here the relay's loop runs on the
-main thread and the agent's on a second one (its pool on a third,
-endpoint/inprocess.py), linked over ``inproc://`` with a trust rule of its
-own (relay/locallink.py); the real listening socket, which the program's
+main thread and the agent's on a second one (its pool driven by the
+agent's loop, endpoint/inprocess.py), linked over ``inproc://`` with a
+trust rule of its own (relay/locallink.py); the real listening socket, which the program's
 executor and the agent's large-payload transfers still use, keeps every
 check it had.
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if ns.worker_batch is not None:
         config.worker_batch = ns.worker_batch
     config.endpoint_id = ns.endpoint_id
-    config.provider.in_process = True   # its pool on a thread here too (endpoint/inprocess.py)
+    config.provider.in_process = True   # its pool in this process too (endpoint/inprocess.py)
     host = Colocated(relay, config, parent_pid=ns.parent_pid, secret_file=str(ns.secret_file))
     for_service()
     sys.exit(host.run())

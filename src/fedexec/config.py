@@ -109,7 +109,7 @@ class ProviderConfig:
     partition: str = ""             # slurm
     account: str = ""               # slurm
     exclusive: bool = True          # slurm: whole nodes (else --cpus-per-task=max_workers)
-    in_process: bool = False        # local: each pool on a thread of the endpoint's process (no hop to it)
+    in_process: bool = False        # local: each pool inside the endpoint's process (no hop to it)
     scheduler_options: str = ""     # slurm: extra lines for the batch script ("#SBATCH --gres=gpu:1")
     worker_init: str = ""           # shell commands run before the pools start (module load, source venv)
     address: str = ""               # where pools connect; "": an ipc socket (local), else this host's address

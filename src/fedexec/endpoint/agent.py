@@ -205,6 +205,8 @@ class EndpointAgent:
         provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers)
                     if provider_config.in_process
                     else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
+        # pools in this process are stepped by this agent's loop (inprocess.py)
+        self.local_pools = provider if isinstance(provider, InProcessProvider) else None
         if provider is None:
             return None
         parent = os.getpid() if provider_config.type == "local" else None
@@ -252,8 +254,12 @@ class EndpointAgent:
         next_tick = next_beat = next_scale = next_status = next_handshake = time.monotonic()
         try:
             while not self.stopping:
-                events = dict(poller.poll(self.outbox.wait_ms(time.monotonic(), POLL_MS)))
-                if self.pool_sock in events:
+                wait = self.outbox.wait_ms(time.monotonic(), POLL_MS)
+                if self.local_pools is not None:
+                    wait = self.local_pools.wait_ms(wait)
+                events = dict(poller.poll(wait))
+                workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
+                if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
                     self._read_pools()
                 if self.relay in events:
                     self._read_relay()
@@ -280,7 +286,9 @@ class EndpointAgent:
                 if now >= next_status:
                     next_status = now + STATUS_INTERVAL
                     self._write_status(now)
-                if self._flush_due(now):
+                if self.local_pools is not None:   # this turn's tasks reach their workers now
+                    self.local_pools.step(poller, events, workers_read)
+                if self._flush_due(now):   # last: the relay's thread, woken by it, waits for nothing more here
                     self._flush()
                 elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
                     self._offer_spare_credit()

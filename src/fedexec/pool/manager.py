@@ -159,36 +159,58 @@ class PoolManager(WorkerChains, WorkStealing):
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
-        next_reap = next_beat = time.monotonic()
         try:
-            self.endpoint.connect(self.address)   # a bad address raises; the finally cleans up
-            self._hello()
+            self.begin()   # a bad address raises; the finally cleans up
             while not self.stopping:
-                events = dict(poller.poll(self._steal_wait_ms(self.outbox.wait_ms(time.monotonic(), POLL_MS))))
-                if self.worker_sock in events:
-                    self._read_workers()
-                if self.endpoint in events:
-                    self._read_endpoint()
-                if not self.draining:
-                    self._assign()
-                now = time.monotonic()
-                if now >= next_reap:
-                    next_reap = now + REAP_INTERVAL
-                    self._check_lifetime(now)
-                    if self.pool is not None:
-                        self._enforce_walltimes(now)
-                        self._kill_lingering_workers(now)
-                        self._replace_dead_workers()
-                if now >= next_beat:
-                    next_beat = now + self.heartbeat_period
-                    self._send(P.encode(P.HEARTBEAT, self._load()))
-                if self._flush_due(now):
-                    self._flush()
-                if self.draining and not self.held:
-                    log.info("pool %s drained; exiting", self.pool_id.decode())
+                events = dict(poller.poll(self.wait_ms()))
+                if not self.step(self.worker_sock in events, self.endpoint in events):
                     break
         finally:
             self._shutdown()
+
+    # The loop's parts, also driven by an endpoint agent's own loop for a
+    # pool inside it (endpoint/inprocess.py): begin once, then step whenever
+    # a socket is ready or wait_ms has passed; finish once, when stopping.
+    def begin(self) -> None:
+        """Connect to the endpoint and say HELLO."""
+        self._next_reap = self._next_beat = time.monotonic()
+        self.endpoint.connect(self.address)
+        self._hello()
+
+    def wait_ms(self) -> int:
+        """How long the loop may wait for its sockets before the next step."""
+        return self._steal_wait_ms(self.outbox.wait_ms(time.monotonic(), POLL_MS))
+
+    def step(self, workers_ready: bool, endpoint_ready: bool) -> bool:
+        """One turn: read what is ready, hand out tasks, timers, send results.
+        False once the pool has drained and should finish."""
+        if workers_ready:
+            self._read_workers()
+        if endpoint_ready:
+            self._read_endpoint()
+        if not self.draining:
+            self._assign()
+        now = time.monotonic()
+        if now >= self._next_reap:
+            self._next_reap = now + REAP_INTERVAL
+            self._check_lifetime(now)
+            if self.pool is not None:
+                self._enforce_walltimes(now)
+                self._kill_lingering_workers(now)
+                self._replace_dead_workers()
+        if now >= self._next_beat:
+            self._next_beat = now + self.heartbeat_period
+            self._send(P.encode(P.HEARTBEAT, self._load()))
+        if self._flush_due(now):
+            self._flush()
+        if self.draining and not self.held:
+            log.info("pool %s drained; exiting", self.pool_id.decode())
+            return False
+        return True
+
+    def finish(self) -> None:
+        """Give back what is held, stop the workers, say BYE, close."""
+        self._shutdown()
 
     def _hello(self) -> None:
         self.hello_at = time.monotonic()
