@@ -116,6 +116,42 @@ def test_the_memory_record_answers_as_the_sqlite_record_does(tmp_path, keep):
         memory.close()
 
 
+def test_the_memory_record_lists_pages_of_tasks_as_the_sqlite_record_does(tmp_path):
+    disk = RelayStore(tmp_path / "disk", keep_acknowledged=True)
+    memory = MemoryStore(tmp_path / "memory", keep_acknowledged=True)
+    try:
+        pages = {}
+        for name, store in (("disk", disk), ("memory", memory)):
+            for n in range(40):   # Alice's and Bob's, on two endpoints, some finished
+                task_id = n.to_bytes(16, "big")
+                store.add_task(task_id, b"client", f"ep{n % 2}", F, P.TASK_CALL, "3.11", b"a", (ALICE, BOB)[n % 3 == 0])
+                if n % 4 == 0:
+                    store.add_result(task_id, P.OK, b"r", (ALICE, BOB)[n % 3 == 0])
+                time.sleep(0.001 if n % 5 else 0)   # some with the same time, some apart
+            store.flush()
+            assert store.sync()
+            seen, before = [], None
+            while True:
+                page = store.list_tasks(ALICE, endpoint=None, since=None, states=None, statuses=None,
+                                        before=before, limit=7)
+                seen.append([row[0] for row in page])
+                if len(page) < 7:
+                    break
+                before = (page[-1][4], page[-1][0])
+            pending_ep0 = [row[0] for row in store.list_tasks(ALICE, endpoint="ep0", since=None, states=(PENDING,),
+                                                              statuses=None, before=None, limit=100)]
+            pages[name] = (seen, pending_ep0)
+        assert pages["memory"] == pages["disk"]
+        seen, pending_ep0 = pages["memory"]
+        flat = [task_id for page in seen for task_id in page]
+        assert len(flat) == len(set(flat)) == sum(1 for n in range(40) if n % 3 != 0)   # every one of Alice's, once
+        assert pending_ep0 == [n.to_bytes(16, "big") for n in reversed(range(40)) if n % 3 and n % 2 == 0
+                               and n % 4]
+    finally:
+        disk.close()
+        memory.close()
+
+
 def test_the_memory_record_is_committed_at_once_and_writes_no_file(tmp_path):
     store = MemoryStore(tmp_path / "record")
     try:

@@ -57,6 +57,7 @@ class MemoryStore:
         self._endpoints: dict[str, tuple[Any, ...]] = {}
         # task id -> row (see the indexes above), in submission order
         self._tasks: dict[bytes, list[Any]] = {}
+        self._last_submitted = 0.0
         self._memo: dict[bytes, tuple[Any, float, str]] = {}   # key -> (result, created, user)
         self._registered: dict[tuple[str, bytes], tuple[Any, ...]] = {}
         self._deleted: dict[str, tuple[str, float]] = {}
@@ -83,7 +84,10 @@ class MemoryStore:
                  kind: int, python: str, args: Any, user: str, options: bytes | None = None) -> None:
         """(an id the record holds stays its user's, as RelayStore's INSERT OR IGNORE)"""
         if task_id not in self._tasks:
-            self._tasks[task_id] = [client, endpoint, fn_hash, kind, python, args, PENDING, time.time(),
+            # never earlier than the task before (the clock may step back): rows stay in the order
+            # of their times, which list_tasks relies on to stop early
+            submitted = self._last_submitted = max(time.time(), self._last_submitted)
+            self._tasks[task_id] = [client, endpoint, fn_hash, kind, python, args, PENDING, submitted,
                                     None, None, None, user, options]
 
     def add_result(self, task_id: bytes, status: int, blob: Any, user: str) -> None:
@@ -271,16 +275,19 @@ class MemoryStore:
     def list_tasks(self, user: str, *, endpoint: str | None, since: float | None, states: tuple[int, ...] | None,
                    statuses: tuple[int, ...] | None, before: tuple[float, bytes] | None,
                    limit: int) -> list[tuple[Any, ...]]:
-        """As RelayStore.list_tasks: newest first, ``limit`` at most. (A scan
-        of the tasks in memory: a rare, rate-limited path, and the embedded
-        relay's record holds only its one program's unacknowledged tasks.)"""
-        found = []
-        for task_id, row in self._tasks.items():
+        """As RelayStore.list_tasks: newest first, ``limit`` at most. The
+        tasks are held in submission order, so this reads them newest first
+        and stops once it has ``limit`` and the rest are older (rows read:
+        the page, plus those it skips), not the whole record."""
+        found: list[tuple[Any, ...]] = []
+        for task_id, row in reversed(self._tasks.items()):
+            submitted = row[_SUBMITTED]
+            if len(found) >= limit and submitted < found[-1][4]:
+                break   # (ties with the last one taken are still read: they sort by id)
             if row[_USER] != user or (endpoint is not None and row[_ENDPOINT] != endpoint):
                 continue
-            submitted = row[_SUBMITTED]
             if since is not None and submitted < since:
-                continue
+                break   # (the rest are older still)
             if states is not None and row[_STATE] not in states:
                 continue
             if statuses is not None and row[_STATUS] not in statuses:
