@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import protocol as P
-from .store import FINISHED, KEPT, PENDING, restored_options, take_owned, take_results
+from .store import FINISHED, KEPT, PENDING, RelayStore, restored_options, take_owned, take_results
 
 # a task's row: list indexes (one list per task; mutated in place by results)
 _CLIENT, _ENDPOINT, _FN, _KIND, _PYTHON, _ARGS, _STATE, _SUBMITTED, _STATUS, _RESULT, _FINISHED, _USER, \
@@ -319,3 +319,6 @@ class MemoryStore:
         os.close(self.commit_fd)
         os.close(self._commit_w)
 
+
+#: a relay's record, either kind (what Relay.store is)
+Record = RelayStore | MemoryStore

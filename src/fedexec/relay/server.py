@@ -33,7 +33,7 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
-from .memstore import MemoryStore
+from .memstore import MemoryStore, Record
 from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
 from .inspect import Inspector, endpoint_meta
 from ..endpoint_status import parse_report
@@ -225,8 +225,8 @@ class Relay:
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
         if keep_acknowledged is None:
             keep_acknowledged = remove_on_exit is None
-        self.store = (RelayStore if durable else MemoryStore)(self.data_dir, commit_window,
-                                                              keep_acknowledged=keep_acknowledged)
+        self.store: Record = (RelayStore if durable else MemoryStore)(self.data_dir, commit_window,
+                                                                      keep_acknowledged=keep_acknowledged)
         if keep_acknowledged:
             self.quotas.retained = RetainedResults(self.store, self.quotas, max_kept_per_user)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made
