@@ -41,7 +41,6 @@ import pytest
 
 import fedexec
 from fedexec import FederatedExecutor
-from fedexec.embedded import EMBEDDED_COMMIT_WINDOW
 
 DEADLINE = 20.0  # upper bound for any single wait in this module
 
@@ -362,8 +361,10 @@ def assert_all_gone(procs, timeout=10.0):
     assert not alive, f"still running: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
-def relay_function_count(ex):
-    db = Path(ex._dispatcher.services.directory) / "relay" / "relay.sqlite3"
+def relay_function_count(data_dir: Path) -> int:
+    """Function bodies in the durable record of a relay started from the CLI
+    (the embedded default's record is in memory only: relay/memstore.py)."""
+    db = data_dir / "relay.sqlite3"
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         return con.execute("SELECT COUNT(*) FROM functions").fetchone()[0]
@@ -1112,9 +1113,23 @@ def test_program_exit_without_shutdown_finishes_submitted_tasks(tmp_path):
 # registration, threads, output
 # ---------------------------------------------------------------------------
 
-def test_a_function_is_registered_once_and_kept_while_its_tasks_run(executor, tmp_path):
+def test_a_function_is_registered_once_and_kept_while_its_tasks_run(tmp_path):
     """A body is stored once however many tasks use it, and kept while any of
-    them is unfinished (and a grace after); identical pickles are one function."""
+    them is unfinished (and a grace after); identical pickles are one function.
+    (On a relay and endpoint from the CLI: their record is the one on disk.)"""
+    from test_access import fedexec_cli, running_endpoint, wait_connected
+    from test_faults import running_relay
+
+    data_dir = tmp_path / "relay-data"
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", data_dir).stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address, \
+            running_endpoint(tmp_path, "two", {"FEDEXEC_TOKEN": token}, relay=address, max_workers=2) as ep:
+        wait_connected(address, ep.id, token, ep.proc, ep.log)
+        with FederatedExecutor(ep.id, relay=address, token=token) as executor:
+            functions_are_registered_once(executor, tmp_path, lambda: relay_function_count(data_dir))
+
+
+def functions_are_registered_once(executor, tmp_path, relay_function_count):
     def make_adder(n):
         def add(x):
             return x + n
@@ -1123,15 +1138,15 @@ def test_a_function_is_registered_once_and_kept_while_its_tasks_run(executor, tm
     gate = tmp_path / "gate"
     try:
         blockers = occupy_both_workers(executor, gate)   # the tasks below wait while these run
-        time.sleep(2 * EMBEDDED_COMMIT_WINDOW)   # (the embedded relay's record is written that late at most)
-        with_blockers = relay_function_count(executor)
+        time.sleep(0.2)   # (the relay's record is written that late at most)
+        with_blockers = relay_function_count()
         add_one, add_two, same_as_add_one = make_adder(1), make_adder(2), make_adder(1)
         triple = lambda x: 3 * x  # noqa: E731
         futures = [executor.submit(add_one, i) for i in range(50)]
         futures += [executor.submit(add_two, 1) for _ in range(10)] + [executor.submit(triple, 2) for _ in range(10)]
         futures.append(executor.submit(same_as_add_one, 5))   # registered by content: the same as add_one
-        assert poll_until(lambda: relay_function_count(executor) == with_blockers + 3), \
-            f"{relay_function_count(executor)} bodies stored, expected {with_blockers + 3}"
+        assert poll_until(lambda: relay_function_count() == with_blockers + 3), \
+            f"{relay_function_count()} bodies stored, expected {with_blockers + 3}"
         assert not any(f.done() for f in futures)
     finally:
         gate.touch()
@@ -1140,7 +1155,7 @@ def test_a_function_is_registered_once_and_kept_while_its_tasks_run(executor, tm
     # kept for a grace after their last task (relay --function-grace, 300 s by default), so
     # the next call of a warm function needs no resend; test_limits sees them go
     time.sleep(0.5)
-    assert relay_function_count(executor) == with_blockers + 3
+    assert relay_function_count() == with_blockers + 3
     assert executor.submit(add_one, 1).result(DEADLINE) == 2
 
 

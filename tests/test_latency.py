@@ -106,9 +106,10 @@ def test_a_user_at_the_task_quota_submits_one_after_another(tmp_path):
                 assert [ex.submit(operator.add, i, 1).result(30) for i in range(30)] == list(range(1, 31))
 
 
-def test_the_embedded_relay_commits_less_often_than_a_started_one():
+def test_the_embedded_relay_keeps_its_record_in_memory_and_would_commit_less_often_than_a_started_one():
     assert 0.002 < EMBEDDED_COMMIT_WINDOW <= 0.1
     with FederatedExecutor(max_workers=1) as ex:
         relay = ex._dispatcher.services.processes[0]
         assert relay.args[relay.args.index("--commit-window") + 1] == str(EMBEDDED_COMMIT_WINDOW)
+        assert "--memory-record" in relay.args
         assert ex.submit(operator.mul, 6, 7).result(30) == 42

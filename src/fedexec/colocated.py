@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-file", required=True, type=Path)
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--commit-window", type=float, required=True)
+    parser.add_argument("--memory-record", action="store_true",
+                        help="keep the relay's record in memory only (it dies with its program)")
     parser.add_argument("--max-payload", type=int, default=P.DEFAULT_MAX_PAYLOAD)
     parser.add_argument("--endpoint-id", required=True)
     parser.add_argument("--max-workers", type=int, default=0)
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--max-payload: {exc}")
     try:
         relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
-                      max_payload=ns.max_payload, secret_file=ns.secret_file, commit_window=ns.commit_window)
+                      max_payload=ns.max_payload, secret_file=ns.secret_file, commit_window=ns.commit_window,
+                      durable=not ns.memory_record)
     except OSError as exc:   # the address is in use, or not this machine's (as relay/__main__.py says it)
         sys.exit(f"fedexec colocated relay: {exc.strerror or exc}")
     config = EndpointConfig(name="local", relay=relay.address, max_workers=ns.max_workers, prefetch=ns.prefetch)

@@ -23,11 +23,13 @@ from pathlib import Path
 from .auth import write_secret
 
 # The private relay dies with its program, which then has nobody to send its
-# tasks again to: committing its record sooner buys nothing. A longer window
-# than a relay's default (relay/store.py) nets out, unwritten, nearly every
-# quick task (its row, result and acknowledgement cancel within one commit),
-# and sends ACCEPTED and the endpoint's ACKs once per window, not per task.
+# tasks again to: a durable record buys it nothing, so it keeps its record in
+# memory only (relay/memstore.py: no writer thread, no SQL per task).
+# EMBEDDED_COMMIT_WINDOW is what a SQLite record would use (a longer window
+# than a relay's default nets out, unwritten, nearly every quick task), when
+# MEMORY_RECORD is False.
 EMBEDDED_COMMIT_WINDOW = 0.01
+MEMORY_RECORD = True
 
 
 # Where the private directory goes when it can: a filesystem kept in memory.
@@ -92,6 +94,7 @@ class EmbeddedFederation:
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,
              "--remove-on-exit", self.directory, "--secret-file", self.secret_file,
              "--log-level", "WARNING", "--commit-window", str(EMBEDDED_COMMIT_WINDOW),
+             *(["--memory-record"] if MEMORY_RECORD else []),
              *(["--max-payload", str(self.max_payload)] if self.max_payload is not None else []),
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
              "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch)], **common))

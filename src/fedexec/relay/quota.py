@@ -23,9 +23,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .store import RelayStore
-
 if TYPE_CHECKING:
+    from .memstore import Record
     from .retained import RetainedResults
 
 DEFAULT_MAX_TASKS_PER_USER = 1_000_000
@@ -209,7 +208,7 @@ class FunctionBodies:
     next call of a warm function needs no resend: clients send a body once),
     charged to the user whose task brought it until it is dropped."""
 
-    def __init__(self, store: RelayStore, quotas: Quotas, grace: float = DEFAULT_FUNCTION_GRACE) -> None:
+    def __init__(self, store: "Record", quotas: Quotas, grace: float = DEFAULT_FUNCTION_GRACE) -> None:
         self.store = store
         self.quotas = quotas
         self.grace = grace

@@ -42,7 +42,7 @@ from .quota import row_bytes
 
 if TYPE_CHECKING:
     from .quota import Quotas
-    from .store import RelayStore
+    from .memstore import Record
 
 DEFAULT_MAX_KEPT_PER_USER = 100_000
 
@@ -50,7 +50,7 @@ DEFAULT_MAX_KEPT_PER_USER = 100_000
 class RetainedResults:
     """Per user, the acknowledged results still kept, oldest acknowledged first."""
 
-    def __init__(self, store: "RelayStore", quotas: "Quotas", max_per_user: int = DEFAULT_MAX_KEPT_PER_USER) -> None:
+    def __init__(self, store: "Record", quotas: "Quotas", max_per_user: int = DEFAULT_MAX_KEPT_PER_USER) -> None:
         if type(max_per_user) is not int or max_per_user <= 0:
             raise ValueError(f"max_kept_per_user must be an integer greater than 0, not {max_per_user!r}")
         self.store = store

@@ -33,6 +33,7 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
 from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
 from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
+from .memstore import MemoryStore, Record
 from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
 from .inspect import Inspector, endpoint_meta
 from ..endpoint_status import parse_report
@@ -108,13 +109,15 @@ class Relay:
                  function_grace: float = DEFAULT_FUNCTION_GRACE,
                  commit_window: float = GROUP_COMMIT_WINDOW, keep_acknowledged: bool | None = None,
                  max_kept_per_user: int = DEFAULT_MAX_KEPT_PER_USER,
-                 http: tuple[Any, ...] | None = None) -> None:
+                 http: tuple[Any, ...] | None = None, durable: bool = True) -> None:
         """``keep_acknowledged``: results stay readable after their client
         acknowledged them, until ``result_ttl`` or their user deletes them
         (retained.py); by default, unless the relay removes its data when it
         stops (the embedded default's, whose program is its only client).
         ``http``: (host, port) to serve the dashboard, /api/ and /metrics on
-        (web.py), and its ssl.SSLContext (web.tls_context) for HTTPS, or None."""
+        (web.py), and its ssl.SSLContext (web.tls_context) for HTTPS, or None.
+        ``durable=False``: the record is kept in memory only (memstore.py), for
+        a relay that dies with its one program (the embedded default's)."""
         if result_ttl <= 0:
             raise ValueError("result_ttl must be greater than 0 seconds")
         self.routing = routing or os.environ.get("FEDEXEC_ROUTING") or "warm"
@@ -222,7 +225,8 @@ class Relay:
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
         if keep_acknowledged is None:
             keep_acknowledged = remove_on_exit is None
-        self.store = RelayStore(self.data_dir, commit_window, keep_acknowledged=keep_acknowledged)
+        self.store: Record = (RelayStore if durable else MemoryStore)(self.data_dir, commit_window,
+                                                                      keep_acknowledged=keep_acknowledged)
         if keep_acknowledged:
             self.quotas.retained = RetainedResults(self.store, self.quotas, max_kept_per_user)
         self.endpoint_senders: dict[bytes, str] = {}   # routing id -> endpoint id, for every HELLO it made

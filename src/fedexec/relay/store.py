@@ -105,6 +105,32 @@ KEPT = 2      # acknowledged by its client, kept readable until it expires or it
               # (a relay started with keep_acknowledged: relay/retained.py)
 
 
+def take_owned(owners: dict[bytes, str], task_ids: Iterable[bytes], user: str) -> list[bytes]:
+    """Remove from ``owners`` the ids among ``task_ids`` that are ``user``'s;
+    those ids (another user's, or unknown ones, are left alone)."""
+    taken = []
+    for task_id in task_ids:
+        if owners.get(task_id) == user:
+            del owners[task_id]
+            taken.append(task_id)
+    return taken
+
+
+def take_results(finished: dict[bytes, str], kept: dict[bytes, str], task_ids: Iterable[bytes],
+                 user: str) -> tuple[list[bytes], list[bytes]]:
+    """Remove ``user``'s ids among ``task_ids`` from ``finished`` (results not
+    acknowledged) or else from ``kept``; the ids taken from each."""
+    unacked, was_kept = [], []
+    for task_id in task_ids:
+        if finished.get(task_id) == user:
+            del finished[task_id]
+            unacked.append(task_id)
+        elif kept.get(task_id) == user:
+            del kept[task_id]
+            was_kept.append(task_id)
+    return unacked, was_kept
+
+
 def _row_count(batch: tuple[list, ...]) -> int:
     """Task, result, acknowledgement and kept rows in a handed batch."""
     return len(batch[2]) + len(batch[3]) + len(batch[4]) + len(batch[6])
@@ -287,12 +313,7 @@ class RelayStore:
         Others' ids and ids it does not know as ``user``'s finished tasks
         are dropped here, never queued for the writer: a flood of junk ACKs
         cannot fill the writer's backlog (which pauses dispatch for all)."""
-        owners = self.finished_owners
-        known = []
-        for task_id in task_ids:
-            if owners.get(task_id) == user:
-                del owners[task_id]
-                known.append(task_id)
+        known = take_owned(self.finished_owners, task_ids, user)
         if self.keep_acknowledged:
             kept = self.kept_owners
             for task_id in known:
@@ -306,15 +327,7 @@ class RelayStore:
         """Forget these results of ``user`` for good, acknowledged (KEPT) or
         not: the ids of the unacknowledged ones and of the kept ones it
         forgot (others' and unknown ids are ignored, as :meth:`acknowledge` does)."""
-        finished, kept = self.finished_owners, self.kept_owners
-        unacked, was_kept = [], []
-        for task_id in task_ids:
-            if finished.get(task_id) == user:
-                del finished[task_id]
-                unacked.append(task_id)
-            elif kept.get(task_id) == user:
-                del kept[task_id]
-                was_kept.append(task_id)
+        unacked, was_kept = take_results(self.finished_owners, self.kept_owners, task_ids, user)
         self._acked.extend((t, user) for t in (*unacked, *was_kept))
         return unacked, was_kept
 
