@@ -100,8 +100,10 @@ def cpu_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, fl
     return rows
 
 
-def gaps(futures: list[Any]) -> dict[str, float]:
-    """Per-worker gaps from traced futures (fedexec_timings)."""
+def gaps(futures: list[Any], began: float, ended: float) -> dict[str, float]:
+    """Per-worker gaps from traced futures (fedexec_timings), and the time
+    from ``began`` (time.time() before the first submit) to the first task's
+    start, and from the last task's end to ``ended`` (the last result in)."""
     spans = []
     for f in futures:
         t = f.fedexec_timings
@@ -123,6 +125,8 @@ def gaps(futures: list[Any]) -> dict[str, float]:
         run.extend(e - s for s, e, _ in seq)
     every = queued + waited
     return {
+        "lead_s": spans[0][0] - began,
+        "tail_s": ended - max(end for _, end, _ in spans),
         "workers": len(workers),
         "run_ms_median": statistics.median(run) * 1e3,
         "gap_ms_median": statistics.median(every) * 1e3,
@@ -163,12 +167,12 @@ def run_one(system: str, n: int, with_gaps: bool) -> tuple[dict[str, float], lis
                       else FederatedExecutor(max_workers=2, **kwargs)) as traced:
                     warm(traced)
                     list(traced.map(sleep_task, [0.001] * 500))
-                    t = time.perf_counter()
+                    t, began = time.perf_counter(), time.time()
                     futures = [traced.submit(sleep_task, 0.001) for _ in range(n)]
                     for f in futures:
                         f.result(TIMEOUT)
                     row["traced_efficiency"] = n * 0.001 / 2 / (time.perf_counter() - t)
-                    row.update(gaps(futures))
+                    row.update(gaps(futures, began, time.time()))
             return row, cpu
         finally:
             if fed is not None:
