@@ -183,3 +183,17 @@ def test_short_tasks_queued_behind_a_long_one_are_recalled_for_the_free_worker(t
                 gate.unlink()
         finally:
             gate.touch()
+
+
+@pytest.mark.timeout(120)
+def test_few_tasks_go_to_the_free_workers_first_when_they_are_queued_deep():
+    """With short tasks queued deep, a handful arriving at once still go
+    one to each worker before any worker gets a second (in the order they
+    came): the quick one of three lands on the second worker, not behind
+    the long first one, and is done long before the other two."""
+    with FederatedExecutor(max_workers=2) as ex:
+        for _ in range(3):
+            warm_short(ex)
+            futures = [ex.submit(nap, d) for d in (0.8, 0.0, 0.3)]
+            order = [futures.index(f) for f in cf.as_completed(futures, timeout=DEADLINE)]
+            assert order == [1, 2, 0], order

@@ -72,6 +72,7 @@ class WorkStealing:
         def _give_back(self, tasks: list[QueuedTask]) -> None: ...
         def _announce(self, slot: WorkerSlot) -> None: ...
         def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None) -> None: ...
+        def _user_for_fresh_worker(self) -> str: ...
 
     def _init_stealing(self) -> None:
         self._steal_at = 0.0          # time.monotonic() of the next look for a worker to take tasks from
@@ -96,17 +97,37 @@ class WorkStealing:
         that a task never waits behind another while a worker has none;
         what each worker gets goes in one message (with the low mark, when
         it holds more than that)."""
-        left = len(self.queue)   # (some may be of users these workers do not serve: they get fewer)
-        counts = [0] * len(hungry)
+        planned: dict[bytes, deque[QueuedTask]] = {}
         for depth in range(1, limit + 1):
-            for i, slot in enumerate(hungry):
-                if left and len(slot.tasks) + counts[i] < depth:
-                    counts[i] += 1
-                    left -= 1
+            for slot in hungry:
+                if not self.queue:
+                    break
+                mine = planned.setdefault(slot.worker_id, deque())
+                if len(slot.tasks) + len(mine) < depth:
+                    task = self._next_for(slot)
+                    if task is not None:
+                        mine.append(task)
         low = LOW_MARK if limit > LOW_MARK + 1 else None
-        for slot, count in zip(hungry, counts):
-            if count and self.queue:
-                self._send_batch(slot, count, low)
+        for slot in hungry:
+            mine = planned.get(slot.worker_id)
+            if mine:
+                queue, self.queue = self.queue, mine   # (_send_batch takes them from there, in order)
+                try:
+                    self._send_batch(slot, len(mine), low)
+                finally:
+                    self.queue = queue
+
+    def _next_for(self, slot: WorkerSlot) -> QueuedTask | None:
+        """The first queued task of the user ``slot`` serves (a fresh worker
+        takes a user first, as in ``_send_batch``), taken out; None if none."""
+        if slot.user is None:
+            slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
+        queue = self.queue
+        for position, task in enumerate(queue):
+            if (task.option("u") or "") == slot.user:
+                del queue[position]
+                return task
+        return None
 
     def _ask_cancel(self, slot: WorkerSlot, task_ids: list[bytes]) -> None:
         """Ask ``slot``'s worker to drop these queued tasks: at once through
