@@ -129,6 +129,7 @@ def gaps(futures: list[Any], began: float, ended: float) -> dict[str, float]:
         "tail_s": ended - max(end for _, end, _ in spans),
         "workers": len(workers),
         "run_ms_median": statistics.median(run) * 1e3,
+        "run_ms_mean": statistics.fmean(run) * 1e3,
         "gap_ms_median": statistics.median(every) * 1e3,
         "gap_ms_mean": statistics.fmean(every) * 1e3,
         "queued_share": len(queued) / len(every),
