@@ -20,8 +20,10 @@ DEEP_TASK = 0.1
 # ... and their endpoint keeps about HELD_WORK seconds of them per worker at
 # its pools (the next ones at hand there when a worker's queued one starts),
 # so that a late answer from the relay to a result (a loaded machine) does
-# not leave a worker waiting.
-HELD_WORK = 0.005
+# not leave a worker waiting. The shortest of them are queued at their worker
+# a few milliseconds deep (pool/stealing.py's QUEUED_WORK), so this is about
+# twice that: a worker's refill is at its pool when it asks for it.
+HELD_WORK = 0.012
 MOST_HELD = 16
 
 

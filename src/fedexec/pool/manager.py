@@ -662,7 +662,10 @@ class PoolManager(WorkerChains, WorkStealing):
                 except OSError:
                     pass
 
-    def _send_batch(self, slot: WorkerSlot, count: int) -> None:
+    def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None) -> None:
+        """Up to ``count`` queued tasks of its user to ``slot``'s worker, in
+        one message; with ``low_mark``, the worker holds their results until
+        it has that many tasks left queued (stealing.py)."""
         count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)
         rows: list[list[Any]] = []
         blobs = P.Blobs()
@@ -709,7 +712,10 @@ class PoolManager(WorkerChains, WorkStealing):
         if rows:
             slot.sent += 1   # numbered, so that its control thread can give back tasks not read yet (stealing.py)
             slot.batches.append((slot.sent, rows))
-            self._send_worker(slot.worker_id, P.encode(P.TASKS, {"tasks": rows, "q": slot.sent}, blobs.frames))
+            fields: dict[str, Any] = {"tasks": rows, "q": slot.sent}
+            if low_mark is not None:
+                fields["lw"] = low_mark
+            self._send_worker(slot.worker_id, P.encode(P.TASKS, fields, blobs.frames))
             self._announce(slot)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:

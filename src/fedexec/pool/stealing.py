@@ -14,11 +14,16 @@ runs; the pool uses it to:
   out of the assignment (``WorkerSlot.stuck``) until that long task is done;
 - *cancel* at once a task queued at a worker, not started (before, a cancel
   waited for the task running ahead of it);
-- hold one task more: tasks that take SLOW_TASK or more (one at a time)
-  and less than DEEP_TASK (dispatch.py) get a second one queued at their worker, so that
-  it starts without waiting for the round trip of the result to the pool
-  and of the next task back (the sleep(1 ms) case); a second task stuck
-  behind a long one is recalled as above, and can be cancelled at once.
+- hold more tasks: tasks that take SLOW_TASK or more (sent "one at a
+  time") and less than DEEP_TASK (dispatch.py) get a second one queued at
+  their worker, so that it starts without waiting for the round trip of the
+  result to the pool and of the next task back; the shortest of them (the
+  sleep(1 ms) case) get about QUEUED_WORK seconds of them queued, and the
+  worker holds their results until it is down to LOW_MARK queued (the
+  TASKS option "lw"; worker/process.py), so that results and refills go
+  several to a message at every hop, not one message per task, while the
+  refill still comes before the worker runs dry. Tasks stuck behind a long
+  one are recalled as above, and can be cancelled at once.
 
 The worker takes each task to run and the control thread takes those it
 gives back out of one queue under one lock, so a task runs at most once,
@@ -30,6 +35,7 @@ beside another holding several tasks, at most every STEAL_CHECK.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -42,6 +48,9 @@ from .workers import LocalWorkerPool, WorkerSlot
 
 STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
 STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
+QUEUED_WORK = 0.006   # seconds of short one-at-a-time tasks a worker holds (running and queued), at most ...
+MOST_QUEUED = 8       # ... this many
+LOW_MARK = 2          # ... and it sends their results once it is down to this many queued (the next come meanwhile)
 
 log = logging.getLogger("fedexec.pool")
 
@@ -62,7 +71,8 @@ class WorkStealing:
         def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None: ...
         def _give_back(self, tasks: list[QueuedTask]) -> None: ...
         def _announce(self, slot: WorkerSlot) -> None: ...
-        def _send_batch(self, slot: WorkerSlot, count: int) -> None: ...
+        def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None) -> None: ...
+        def _user_for_fresh_worker(self) -> str: ...
 
     def _init_stealing(self) -> None:
         self._steal_at = 0.0          # time.monotonic() of the next look for a worker to take tasks from
@@ -75,21 +85,49 @@ class WorkStealing:
         second one queued per worker when they are short and every worker
         has its control thread (so it can be recalled and cancelled)."""
         assert self.pool is not None
-        depth = single_depth(self.task_seconds)
-        if depth > 1 and self.pool.sandbox == "none" and all(slot.control for slot in slots):
-            return depth, depth
+        if single_depth(self.task_seconds) > 1 and self.pool.sandbox == "none" \
+                and all(slot.control for slot in slots):
+            depth = queued_depth(self.task_seconds)
+            return depth, min(depth, LOW_MARK + 1)   # (topped up once its results say it is at its low mark)
         return 1, 1
 
     def _send_in_rounds(self, hungry: list[WorkerSlot], limit: int) -> None:
         """Tasks that go one at a time, up to ``limit`` per worker: a first
         to each worker holding none, then a second to each, and so on, so
-        that a task never waits behind another while a worker has none."""
+        that a task never waits behind another while a worker has none;
+        what each worker gets goes in one message (with the low mark, when
+        it holds more than that)."""
+        planned: dict[bytes, deque[QueuedTask]] = {}
         for depth in range(1, limit + 1):
             for slot in hungry:
                 if not self.queue:
-                    return
-                if len(slot.tasks) < depth:
-                    self._send_batch(slot, depth - len(slot.tasks))
+                    break
+                mine = planned.setdefault(slot.worker_id, deque())
+                if len(slot.tasks) + len(mine) < depth:
+                    task = self._next_for(slot)
+                    if task is not None:
+                        mine.append(task)
+        low = LOW_MARK if limit > LOW_MARK + 1 else None
+        for slot in hungry:
+            mine = planned.get(slot.worker_id)
+            if mine:
+                queue, self.queue = self.queue, mine   # (_send_batch takes them from there, in order)
+                try:
+                    self._send_batch(slot, len(mine), low)
+                finally:
+                    self.queue = queue
+
+    def _next_for(self, slot: WorkerSlot) -> QueuedTask | None:
+        """The first queued task of the user ``slot`` serves (a fresh worker
+        takes a user first, as in ``_send_batch``), taken out; None if none."""
+        if slot.user is None:
+            slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
+        queue = self.queue
+        for position, task in enumerate(queue):
+            if (task.option("u") or "") == slot.user:
+                del queue[position]
+                return task
+        return None
 
     def _ask_cancel(self, slot: WorkerSlot, task_ids: list[bytes]) -> None:
         """Ask ``slot``'s worker to drop these queued tasks: at once through
@@ -221,6 +259,15 @@ class WorkStealing:
         if slot.stuck not in slot.tasks:
             slot.stuck = None
         self._announce(slot)
+
+
+def queued_depth(task_seconds: float | None) -> int:
+    """Tasks a worker holds at once (running and queued) when they go one at
+    a time and it may hold more than one: QUEUED_WORK seconds of them, at
+    least 2, at most MOST_QUEUED."""
+    if not task_seconds or task_seconds <= 0:
+        return 2
+    return max(2, min(MOST_QUEUED, math.ceil(QUEUED_WORK / task_seconds)))
 
 
 def _chained(task: QueuedTask | None) -> bool:

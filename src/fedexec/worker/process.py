@@ -58,6 +58,13 @@ PARENT_CHECK_MS = 1000
 FLUSH_DELAY = 0.001
 FLUSH_BATCH = 256
 SLOW_RESULT = 0.0002
+# ... unless its pool sent it with a low mark (TASKS option "lw": it keeps a
+# few milliseconds of such tasks queued here, pool/stealing.py): then results
+# wait until the tasks queued here are down to that many (the pool sends the
+# next ones while those run; once asked so, until they come), until none is
+# queued, or until the oldest has waited SLOW_HOLD. A message per several
+# tasks, not per task, at every hop up to the client.
+SLOW_HOLD = 0.005
 MARKER_SIZE = 16
 # Between tasks the worker looks for new messages (tasks, cancels) at most
 # this often while it has tasks queued: the look (ZMQ_EVENTS) costs more than
@@ -170,6 +177,10 @@ class WorkerProcess:
         # when a task runs long (outgoing.py)
         self.outgoing = OutgoingResults()
         self.chain = KeptResults()   # results that tasks queued here depend on (chain.py)
+        # the low mark of the latest TASKS message (option "lw"), or None: results of slow tasks go
+        # at once (see SLOW_HOLD)
+        self.low_mark: int | None = None
+        self.asked = False   # results sent at the low mark, no TASKS read since
 
     def run(self) -> None:
         global current_task_id
@@ -235,8 +246,7 @@ class WorkerProcess:
                 if len(task.row) == 7 and "tr" in task.row[6]:
                     trace = [*task.row[6]["tr"], wall_start, time.time()]
                 self.add_result(task.row[0], status, blob, now - started, trace)
-                if (len(self.outgoing) >= FLUSH_BATCH or now - self.outgoing.since >= FLUSH_DELAY
-                        or now - started >= SLOW_RESULT):
+                if self.flush_due(now, now - started):
                     self.flush()
         finally:
             self.flush()
@@ -268,6 +278,22 @@ class WorkerProcess:
             for name in os.listdir(self.task_root):
                 remove_tree(os.path.join(self.task_root, name))
 
+    def flush_due(self, now: float, took: float) -> bool:
+        """Whether the results held should go now, a task that took
+        ``took`` seconds having just ended (the FLUSH_* and SLOW_* rules)."""
+        outgoing = self.outgoing
+        if len(outgoing) >= FLUSH_BATCH:
+            return True
+        if took < SLOW_RESULT:
+            return now - outgoing.since >= FLUSH_DELAY
+        low = self.low_mark
+        if low is None or now - outgoing.since >= SLOW_HOLD:
+            return True
+        if self.asked or len(self.queue) > low:
+            return False
+        self.asked = True   # (the next TASKS message read clears it)
+        return True
+
     def read_messages(self) -> bool:
         """Take every waiting message; False on STOP."""
         sock = self.sock
@@ -283,6 +309,9 @@ class WorkerProcess:
                         self.chain.want(row[6]["d"])
                     came.append(_Queued(row, P.blob(blobs, row[2])))
                 self.queue.add(came, msg.fields.get("q"))
+                low = msg.fields.get("lw")
+                self.asked = False
+                self.low_mark = low if type(low) is int and 0 <= low <= P.MAX_ITEMS else None
             elif msg.type == P.CANCEL:
                 for task in self.queue.remove_where(set(msg.fields["tids"]), chained=True):
                     if len(task.row) == 7 and "d" in task.row[6]:
