@@ -43,6 +43,7 @@ import zmq
 from .. import protocol as P
 from ..dataref import load_arguments
 from ..output import OutputCapture, attach, configured_limit, output_of
+from ..spare_taskdir import SPARE
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
 from .outgoing import OutgoingResults
@@ -195,6 +196,8 @@ class WorkerProcess:
             while True:
                 if not self.queue:
                     self.flush()
+                    if SPARE.wanted and not sock.poll(0):   # a shell task ran: the next one's directory, made
+                        SPARE.refill()                       # while idle (spare_taskdir.py)
                     if not sock.poll(PARENT_CHECK_MS):
                         if os.getppid() != self.parent_pid:
                             return  # the endpoint died; nobody will read our results
@@ -240,6 +243,7 @@ class WorkerProcess:
                     self.flush()
         finally:
             self.flush()
+            SPARE.discard()
             if self.control is not None:
                 self.control.close()
             if self.output is not None:
