@@ -11,7 +11,8 @@ endpoint: ``$FEDEXEC_TASK_DIR`` if the worker's environment sets it (an
 endpoint's ``worker_init`` or environment can), else ``tasks`` under the
 fedexec home (``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account
 the endpoint runs as; each task gets ``<that>/<task id>-<random>`` (mode
-0700, its files 0600), made with ``*at`` calls that follow no symlink, and
+0700, its files 0600), made with ``*at`` calls that follow no symlink (by
+the worker ahead of time, while idle after a shell task: ``spare_taskdir.py``), and
 left for the user (it is the task's output) until the endpoint's
 ``task_dir_ttl`` (7 days by default) expires it. In a sandbox
 (``worker/sandbox.py``) the directory is made in the directory of that
