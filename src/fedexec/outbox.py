@@ -20,9 +20,7 @@ FLUSH_DELAY = 0.001
 # Start notices alone (no result to ride with) wait this long: a quick task's
 # result comes first and the notice is dropped (``take``), so it costs no
 # message at each hop to the client (three of them) and no timer wake-up
-# here; a task running longer shows as running this much later. This holds
-# for tasks that go one at a time too (a shell command: a millisecond or
-# two), though their results are sent at once (``due``'s ``nothing_else``).
+# here; a task running longer shows as running this much later.
 START_DELAY = 0.01
 
 
@@ -56,13 +54,10 @@ class ResultOutbox:
         """Whether to send now: ``nothing_else`` when no other work would
         join the batch soon (the sender holds nothing more, or only tasks
         that go one at a time, whose results bring the next ones). Start
-        notices alone wait START_DELAY whatever ``nothing_else`` says: a
-        notice is of a task still running, and sent at once it would cost
-        three messages on the way to the client (and their CPU, beside the
-        task's) for a task that may end a millisecond later."""
+        notices alone wait START_DELAY unless ``nothing_else``."""
         if self.rows:
             return nothing_else or len(self.rows) >= FLUSH_BATCH or now - self.since >= FLUSH_DELAY
-        return bool(self.started) and now - self.started_since >= START_DELAY
+        return bool(self.started) and (nothing_else or now - self.started_since >= START_DELAY)
 
     def wait_ms(self, now: float, default: int) -> int:
         """How long the sender's poll may wait before this is due, in whole
