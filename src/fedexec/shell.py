@@ -11,7 +11,8 @@ endpoint: ``$FEDEXEC_TASK_DIR`` if the worker's environment sets it (an
 endpoint's ``worker_init`` or environment can), else ``tasks`` under the
 fedexec home (``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account
 the endpoint runs as; each task gets ``<that>/<task id>-<random>`` (mode
-0700, its files 0600), made with ``*at`` calls that follow no symlink, and
+0700, its files 0600), made with ``*at`` calls that follow no symlink (by
+the worker ahead of time, while idle after a shell task: ``spare_taskdir.py``), and
 left for the user (it is the task's output) until the endpoint's
 ``task_dir_ttl`` (7 days by default) expires it. In a sandbox
 (``worker/sandbox.py``) the directory is made in the directory of that
@@ -56,7 +57,8 @@ import time
 from typing import Any, Iterator
 
 from .config import ConfigError
-from .taskdirs import SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, base_path, create_file, make_task_dir
+from .spare_taskdir import SPARE
+from .taskdirs import OUTPUT_FILES, SANDBOX_DIR_ENV, SANDBOX_HOST_DIR_ENV, base_path, create_file, make_task_dir
 from .taskdirs import TASK_DIR_ENV  # noqa: F401  (the setting's name, as callers and tests import it from here)
 
 TIMEOUT_CODE = 124                     # what timeout(1) returns for a command it killed
@@ -182,19 +184,10 @@ class ShellFunction:
             raise TypeError(f"{self!r} takes keyword arguments only (the command's fields), "
                             f"not {len(args)} positional")
         cmd = self.command(kwargs)
-        directory, dir_fd, keep = _task_directory()   # (directory: as the caller may find it: the host's)
-        try:
-            out_fd = create_file(dir_fd, "stdout")
-            try:
-                err_fd = create_file(dir_fd, "stderr")
-            except BaseException:
-                os.close(out_fd)
-                raise
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        out_path = os.path.join(directory, "stdout")
-        err_path = os.path.join(directory, "stderr")
+        # (directory: as the caller may find it: the host's)
+        directory, dir_fd, out_fd, err_fd, keep = _task_directory()
+        out_path = os.path.join(directory, OUTPUT_FILES[0])
+        err_path = os.path.join(directory, OUTPUT_FILES[1])
         try:   # (the files stay open here, to read the snippets back without opening them again)
             process = start(cmd, dir_fd, out_fd, err_fd)
             timed_out = False
@@ -245,21 +238,47 @@ def _fields(cmd: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _task_directory() -> tuple[str, int, bool]:
-    """A fresh private directory for this task: its path, a descriptor of
-    it, and whether it is kept after the task (see the module's docstring)."""
+def _task_directory() -> tuple[str, int, int, int, bool]:
+    """A fresh private directory for this task with its stdout and stderr
+    files: its path, descriptors of it and of the two files, and whether it
+    is kept after the task (see the module's docstring)."""
     from .worker import process   # the worker running this task (imported there already)
 
     if process.sandboxed_task_dir is not None:
         kept = os.environ.get(SANDBOX_DIR_ENV)
         if not kept:   # (a sandbox without a directory kept for it: the task's own, removed after it)
-            return process.sandboxed_task_dir, os.open(process.sandboxed_task_dir, os.O_RDONLY | os.O_DIRECTORY
-                                                        | os.O_NOFOLLOW | os.O_CLOEXEC), False
-        path, fd = make_task_dir(kept, process.current_task_id)
+            fd = os.open(process.sandboxed_task_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return (process.sandboxed_task_dir, fd, *_output_files(fd), False)
+        path, fd, out_fd, err_fd = _made_task_dir(kept, process.current_task_id)
         host = os.environ.get(SANDBOX_HOST_DIR_ENV)   # where it is on the host, which results name
-        return (os.path.join(host, os.path.basename(path)) if host else path), fd, True
-    path, fd = make_task_dir(base_path(), process.current_task_id)
-    return path, fd, True
+        return (os.path.join(host, os.path.basename(path)) if host else path), fd, out_fd, err_fd, True
+    return (*_made_task_dir(base_path(), process.current_task_id), True)
+
+
+def _made_task_dir(base: str, task_id: bytes | None) -> tuple[str, int, int, int]:
+    """Task ``task_id``'s directory under ``base`` with its two output
+    files: the one its worker made ahead of time if it fits
+    (``spare_taskdir.py``), else made now."""
+    taken = SPARE.take(base, task_id)
+    if taken is not None:
+        return taken
+    path, fd = make_task_dir(base, task_id)
+    return (path, fd, *_output_files(fd))
+
+
+def _output_files(dir_fd: int) -> tuple[int, int]:
+    """New ``stdout`` and ``stderr`` files in the directory open on
+    ``dir_fd``, whose descriptor is closed if they cannot be made."""
+    try:
+        out_fd = create_file(dir_fd, OUTPUT_FILES[0])
+        try:
+            return out_fd, create_file(dir_fd, OUTPUT_FILES[1])
+        except BaseException:
+            os.close(out_fd)
+            raise
+    except BaseException:
+        os.close(dir_fd)
+        raise
 
 
 def start(cmd: str, dir_fd: int, out_fd: int, err_fd: int) -> subprocess.Popen:

@@ -98,33 +98,42 @@ def base_path(environ: "os._Environ[str] | dict[str, str] | None" = None) -> str
     return env.get(TASK_DIR_ENV) or str(fedexec_home() / "tasks")
 
 
-def open_base(path: str) -> int:
+def open_base(path: str, create: bool = True) -> int:
     """A descriptor of the base directory ``path``, made (0700, with its
-    parents) when missing; TaskDirError unless it is a real directory (its
-    last component not a symlink) owned by this OS user and writable by it
-    alone."""
+    parents) when missing (with ``create``; else FileNotFoundError);
+    TaskDirError unless it is a real directory (its last component not a
+    symlink) owned by this OS user and writable by it alone."""
     try:
         fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
+        if not create:
+            raise
         with contextlib.suppress(FileExistsError):
             os.makedirs(path, mode=0o700)
         fd = _open_dir(path)
     except OSError as exc:
         raise _not_usable(path, exc) from None
     try:
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid():
-            raise TaskDirError(f"the task directory base {path} belongs to uid {info.st_uid}, not to the "
-                               f"endpoint's user (uid {os.geteuid()}): shell tasks do not write there "
-                               f"(set {TASK_DIR_ENV} to a directory of its own)")
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise TaskDirError(f"the task directory base {path} is writable by others (mode "
-                               f"{stat.S_IMODE(info.st_mode):o}): shell tasks do not write there (chmod go-w it, "
-                               f"or set {TASK_DIR_ENV} to a private directory)")
+        check_base(path, os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def check_base(path: str, info: os.stat_result) -> None:
+    """TaskDirError unless ``info`` (the base ``path``'s) is of a directory
+    owned by this OS user and writable by it alone."""
+    if not stat.S_ISDIR(info.st_mode):
+        raise TaskDirError(f"the task directory base {path} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise TaskDirError(f"the task directory base {path} belongs to uid {info.st_uid}, not to the "
+                           f"endpoint's user (uid {os.geteuid()}): shell tasks do not write there "
+                           f"(set {TASK_DIR_ENV} to a directory of its own)")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TaskDirError(f"the task directory base {path} is writable by others (mode "
+                           f"{stat.S_IMODE(info.st_mode):o}): shell tasks do not write there (chmod go-w it, "
+                           f"or set {TASK_DIR_ENV} to a private directory)")
 
 
 def _open_dir(path: str) -> int:
