@@ -83,6 +83,44 @@ def test_only_expired_task_directories_go_and_links_out_of_the_base_are_not_foll
     assert (outside / "precious").read_text() == "keep me" and sorted(os.listdir(outside)) == ["precious"]
 
 
+@pytest.mark.timeout(60)
+def test_pools_sharing_a_base_read_it_once_an_interval_not_once_each(tmp_path):
+    """Every embedded default of a user shares one base, which may hold tens
+    of thousands of directories: a pool skips its pass while another's whole
+    pass is younger than its interval (the base's .cleaned file)."""
+    base = tmp_path / "tasks"
+    base.mkdir(mode=0o700)
+    olds = [_task_dir(base, f"0000000{i}", age=HOUR) for i in range(3)]
+    first = TaskDirCleaner(str(base), ttl=2.0).start()        # a pass every 0.5 s
+    try:
+        deadline = time.monotonic() + 20
+        while any(p.exists() for p in olds) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(p.exists() for p in olds)
+        mark = base / ".cleaned"
+        deadline = time.monotonic() + 10
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = mark.lstat()
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    finally:
+        first.stop()
+    olds = [_task_dir(base, f"0000001{i}", age=HOUR) for i in range(3)]
+    second = TaskDirCleaner(str(base), ttl=8.0).start()       # a pass every 2 s, skipped while marked
+    try:
+        until = time.monotonic() + 5.0
+        while time.monotonic() < until:                        # another pool's passes, every 0.2 s
+            os.utime(mark)
+            time.sleep(0.2)
+        assert all(p.exists() for p in olds)
+        deadline = time.monotonic() + 20                       # no one else: its own pass comes
+        while any(p.exists() for p in olds) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(p.exists() for p in olds)
+    finally:
+        second.stop()
+
+
 def test_a_pass_is_bounded_and_the_next_ones_finish_even_a_deep_tree(tmp_path):
     base = tmp_path / "tasks"
     base.mkdir(mode=0o700)

@@ -76,6 +76,7 @@ FIRST_PASS = 10.0                # seconds after a pool starts its first pass co
 #                                  pools, as the embedded default's, clean too)
 MAX_DEPTH = 64                   # directories held open at once while removing a tree (deeper: moved up)
 OUTPUT_FILES = ("stdout", "stderr")
+CLEANED_MARK = ".cleaned"        # in the base: its time says when a cleaner last finished a whole pass
 SANDBOX_PREFIX = "sandbox-"
 REMOVING_PREFIX = ".removing-"
 # what fedexec names entries of the base: task directories (the older ones were made by
@@ -240,11 +241,42 @@ class TaskDirCleaner:
         wait = min(self.interval, FIRST_PASS)
         while not self._stop.wait(wait):
             wait = self.interval
+            if self._cleaned_within(self.interval):   # another pool sharing the base did it
+                continue
             try:
                 if self.clean_once() >= self.budget:   # more to do: the next pass soon
                     wait = min(self.interval, BACKLOG_INTERVAL)
+                else:
+                    self._mark_cleaned()
             except Exception as exc:   # (the base unusable: said, tried again next pass)
                 log.warning("task directories under %s not cleaned: %s", self.base, exc)
+
+    def _cleaned_within(self, seconds: float) -> bool:
+        """Whether a cleaner (of any pool sharing the base: every embedded
+        default of a user shares one) finished a whole pass less than
+        ``seconds`` ago: then this one skips its pass, so that a base of many
+        thousands of directories is read once an interval, not once by each
+        of the many short-lived pools started meanwhile."""
+        try:
+            info = os.stat(os.path.join(self.base, CLEANED_MARK), follow_symlinks=False)
+        except OSError:
+            return False
+        return (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+                and 0 <= time.time() - info.st_mtime < seconds)
+
+    def _mark_cleaned(self) -> None:
+        """Say (CLEANED_MARK's time) that a whole pass just finished."""
+        try:
+            fd = os.open(os.path.join(self.base, CLEANED_MARK), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.utime(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def clean_once(self, now: float | None = None) -> int:
         """One pass: remove what expired, at most ``budget`` removals; the
