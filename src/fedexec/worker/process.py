@@ -46,7 +46,7 @@ from ..output import OutputCapture, attach, configured_limit, output_of
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
 from .outgoing import OutgoingResults
-from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result
+from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result, unmap_leftovers
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
 
@@ -238,6 +238,7 @@ class WorkerProcess:
                 if (len(self.outgoing) >= FLUSH_BATCH or now - self.outgoing.since >= FLUSH_DELAY
                         or now - started >= SLOW_RESULT):
                     self.flush()
+                unmap_leftovers()   # its large arguments' mapping, now the result went (transfer.load_local)
         finally:
             self.flush()
             if self.control is not None:
