@@ -53,3 +53,12 @@ def test_off_leaves_malloc_as_it_was(monkeypatch):
     with FederatedExecutor(max_workers=1) as ex:
         again = [ex.submit(faults_to_make, ITEMS).result(60) for _ in range(3)]
         assert min(again) > 50, f"with FEDEXEC_WARM_HEAP=off, freed memory was still reused: {again}"
+
+
+def test_off_unless_the_environment_turns_it_on(monkeypatch):
+    """Outside the embedded default (whose colocated process sets it for its workers) a worker
+    may serve several users' tasks: it keeps nothing unless told to."""
+    from fedexec.worker.warmheap import ENV, WarmHeap
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert not WarmHeap().enabled

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from .logs import configure as configure_logging
 from .private import make_private
 from .privatedir import remove_stale_private_dirs
 from .relay.server import Relay
+from .worker.warmheap import ENV as WARM_HEAP_ENV
 
 log = logging.getLogger("fedexec.colocated")
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     # temporary files only (workers keep the program's TMPDIR). (Not inside it: ipc:// socket paths
     # must stay short.)
     tempfile.tempdir = str(ns.remove_on_exit.parent)
+    # its workers run one user's tasks: they keep freed memory for the next task (worker/warmheap.py)
+    os.environ.setdefault(WARM_HEAP_ENV, "on")
     # private directories beside ours whose program and colocated process were both killed (possibly
     # gigabytes of spool in /dev/shm): removed on a thread of their own, not in the way of starting
     threading.Thread(target=remove_stale_private_dirs, args=(tempfile.tempdir,), name="fedexec-stale-dirs",

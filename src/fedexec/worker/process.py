@@ -242,7 +242,7 @@ class WorkerProcess:
                         or now - started >= SLOW_RESULT):
                     self.flush()
                 unmap_leftovers()   # its large arguments' mapping, now the result went (transfer.load_local)
-                heap.dirty = True
+                heap.ran()
         finally:
             self.flush()
             if self.control is not None:
