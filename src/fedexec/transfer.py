@@ -231,11 +231,18 @@ PAGE = mmap.PAGESIZE
 
 
 def _in_use(mapping: mmap.mmap) -> bool:
-    """Whether anything but the caller's one reference holds ``mapping``
-    (a buffer exported from it holds a reference to it: a value made of its
-    pages)."""
+    """Whether anything but the caller's one reference holds ``mapping``, or
+    a buffer exported from it is still out (a value made of its pages)."""
     # (the caller's one reference, this function's argument and getrefcount's)
-    return sys.getrefcount(mapping) > 3
+    if sys.getrefcount(mapping) > 3:
+        return True
+    try:   # (a copy-on-write mapping is never resized: BufferError while exported, else TypeError)
+        mapping.resize(len(mapping))
+    except BufferError:
+        return True
+    except (TypeError, ValueError, OSError):
+        pass
+    return False
 
 
 def privatize_leftovers() -> int:
