@@ -25,8 +25,9 @@ colocated process when it stops (also when it sees its program gone); a
   a connection (a live private relay listens in it).
 
 Only directories named as embedded.py names them are looked at (not the
-agents' ``fedexec-ep-*`` or pools' ``fedexec-pool-*``, judged by their own
-rules), and only those that are this user's own, are not symbolic links and
+agents' ``fedexec-ep-*``, which endpoint/sockdir.py judges, nor the pools'
+small ``fedexec-pool-*``, which nothing removes yet), and only those that
+are this user's own, are not symbolic links and
 sit directly in the directory searched; removal never follows links
 (``shutil.rmtree`` works on file descriptors).
 """
