@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -33,7 +34,9 @@ from .endpoint.agent import EndpointAgent
 from .gcpolicy import for_service
 from .logs import configure as configure_logging
 from .private import make_private
+from .privatedir import remove_stale_private_dirs
 from .relay.server import Relay
+from .worker.warmheap import ENV as WARM_HEAP_ENV
 
 log = logging.getLogger("fedexec.colocated")
 
@@ -103,6 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     # temporary files only (workers keep the program's TMPDIR). (Not inside it: ipc:// socket paths
     # must stay short.)
     tempfile.tempdir = str(ns.remove_on_exit.parent)
+    # its workers run one user's tasks: they keep freed memory for the next task (worker/warmheap.py)
+    os.environ.setdefault(WARM_HEAP_ENV, "on")
+    # private directories beside ours whose program and colocated process were both killed (possibly
+    # gigabytes of spool in /dev/shm): removed on a thread of their own, not in the way of starting
+    threading.Thread(target=remove_stale_private_dirs, args=(tempfile.tempdir,), name="fedexec-stale-dirs",
+                     daemon=True).start()
     if not 0 <= ns.commit_window <= 1:
         parser.error("--commit-window must be between 0 and 1 second")
     try:

@@ -16,11 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
 from .auth import write_secret
+from .privatedir import make_private_directory
 
 # The private relay dies with its program, which then has nobody to send its
 # tasks again to: a durable record buys it nothing, so it keeps its record in
@@ -67,8 +67,9 @@ class EmbeddedFederation:
 
     def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64,
                  max_payload: int | None = None) -> None:
-        self.directory = tempfile.mkdtemp(prefix="fedexec-", dir=memory_directory(max_payload))
-        os.chmod(self.directory, 0o700)
+        # marked as this program's, its lock held by this process and the colocated one: the next
+        # embedded start removes it should both be killed (privatedir.py)
+        self.directory, self.lock_fd = make_private_directory(memory_directory(max_payload))
         self.relay_address = f"ipc://{self.directory}/relay.sock"
         # the private relay's secret: made here, so it is there before anyone connects
         self.secret_file = os.path.join(self.directory, "relay.secret")
@@ -85,7 +86,7 @@ class EmbeddedFederation:
         # so functions from the user's own (uninstalled) modules load there.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
-        common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env}
+        common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env, "pass_fds": (self.lock_fd,)}
         parent = str(os.getpid())
         # one process: the relay's loop and the agent's (its pool on a thread
         # of it too), linked over inproc (colocated.py, relay/locallink.py)
@@ -118,3 +119,6 @@ class EmbeddedFederation:
                 proc.wait()
         self.processes.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1

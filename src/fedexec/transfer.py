@@ -47,6 +47,7 @@ import hashlib
 import mmap
 import os
 import stat
+import sys
 import threading
 import time
 import weakref
@@ -207,7 +208,11 @@ def load_local(blob: bytes, loads: Callable[[Any], Any]) -> Any:
     mapped into memory, copy-on-write: a value that keeps parts of the
     mapping (pickle-5 out-of-band buffers, see serialize.py) uses the file's
     pages without copying them and may still change them (privately); the
-    mapping stays while such a value lives, else it is closed at once."""
+    mapping stays while such a value lives, else it is closed at once. A
+    mapping a value kept is held on to (:func:`privatize_leftovers`): once
+    the value is gone, it is unmapped only after the task's result went
+    (:func:`unmap_leftovers`), since unmapping a gigabyte whose pages the
+    task read takes tens of milliseconds, hundreds on a loaded machine."""
     path, total, _ = parse_local(blob)
     with open(path, "rb") as f:
         view = mmap.mmap(f.fileno(), total, access=mmap.ACCESS_COPY)
@@ -216,12 +221,28 @@ def load_local(blob: bytes, loads: Callable[[Any], Any]) -> Any:
     finally:
         try:
             view.close()
-        except BufferError:   # the value holds parts of it: unmapped when they go
-            _LEFTOVER.append(weakref.ref(view))
+        except BufferError:   # the value holds parts of it: unmapped when they go (see privatize_leftovers)
+            _LEFTOVER.append(view)
 
 
-_LEFTOVER: list[Any] = []   # (a worker) weak references to the mappings load_local could not close yet
+_LEFTOVER: list[mmap.mmap] = []   # (a worker) the mappings load_local could not close yet
+_UNUSED: list[mmap.mmap] = []     # (a worker) mappings nothing uses any more, unmapped by unmap_leftovers
 PAGE = mmap.PAGESIZE
+
+
+def _in_use(mapping: mmap.mmap) -> bool:
+    """Whether anything but the caller's one reference holds ``mapping``, or
+    a buffer exported from it is still out (a value made of its pages)."""
+    # (the caller's one reference, this function's argument and getrefcount's)
+    if sys.getrefcount(mapping) > 3:
+        return True
+    try:   # (a copy-on-write mapping is never resized: BufferError while exported, else TypeError)
+        mapping.resize(len(mapping))
+    except BufferError:
+        return True
+    except (TypeError, ValueError, OSError):
+        pass
+    return False
 
 
 def privatize_leftovers() -> int:
@@ -230,15 +251,16 @@ def privatize_leftovers() -> int:
     behind still uses are made private: every page is written once, so the
     mapping holds its own copy and no longer sees the file, which the relay
     may then recycle (relay/spares.py) and the user's next payload rewrite.
-    Usually the task's values are gone with it and there is nothing to do;
-    the number of mappings copied."""
+    Usually the task's values are gone with it: its mappings, which no
+    value sees any more, are left for :func:`unmap_leftovers`. The number
+    of mappings copied."""
     if not _LEFTOVER:
         return 0
-    alive = [m for m in (ref() for ref in _LEFTOVER) if m is not None]
-    if alive:
-        del alive
+    _sort_leftovers()
+    if _LEFTOVER:
         gc.collect()   # (a cycle, as an exception's traceback makes, may hold the values)
-        alive = [m for m in (ref() for ref in _LEFTOVER) if m is not None]
+        _sort_leftovers()
+    alive = list(_LEFTOVER)
     _LEFTOVER.clear()
     for mapping in alive:
         try:
@@ -247,6 +269,27 @@ def privatize_leftovers() -> int:
         except ValueError:   # closed meanwhile
             pass
     return len(alive)
+
+
+def _sort_leftovers() -> None:
+    """The mappings of _LEFTOVER that nothing uses go to _UNUSED; those in use stay."""
+    used = []
+    while _LEFTOVER:
+        mapping = _LEFTOVER.pop()
+        if _in_use(mapping):
+            used.append(mapping)
+        else:
+            _UNUSED.append(mapping)
+        del mapping
+    _LEFTOVER.extend(used)
+
+
+def unmap_leftovers() -> None:
+    """(A worker, once a task's result went) Unmap the task's argument
+    mappings that nothing uses (:func:`privatize_leftovers` put them
+    aside), off the way of its result."""
+    while _UNUSED:
+        _UNUSED.pop().close()
 
 
 class Pieces:

@@ -47,7 +47,8 @@ from ..spare_taskdir import SPARE
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
 from .outgoing import OutgoingResults
-from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result
+from .warmheap import WarmHeap
+from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result, unmap_leftovers
 from ..serialize import (NotData, decode_data, deserialize, deserialize_large, encode_data, is_data,
                          serialize_data_exception, serialize_exception, serialize_result)
 
@@ -208,6 +209,7 @@ class WorkerProcess:
         # ready once the capture is in place: its pool holds the files from then on (output.HeldOutput)
         sock.send_multipart(P.encode(P.READY, {"pid": os.getpid(), "py": P.PYTHON_VERSION}))
         looked = 0.0   # time.perf_counter() of the last look for messages
+        heap = WarmHeap()   # freed memory kept for the next task, given back when idle (warmheap.py)
         try:
             while True:
                 if not self.queue:
@@ -221,6 +223,7 @@ class WorkerProcess:
                             return  # the endpoint died; nobody will read our results
                         if monitor is not None and monitor.poll(0):
                             return  # the endpoint closed its socket (it stopped or died)
+                        heap.idle()
                         continue
                     looked = 0.0
                 started = time.perf_counter()
@@ -258,6 +261,8 @@ class WorkerProcess:
                 self.add_result(task.row[0], status, blob, now - started, trace)
                 if self.flush_due(now, now - started):
                     self.flush()
+                unmap_leftovers()   # its large arguments' mapping, now the result went (transfer.load_local)
+                heap.ran()
         finally:
             self.flush()
             SPARE.discard()

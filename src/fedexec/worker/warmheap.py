@@ -1,0 +1,93 @@
+"""A worker's freed memory kept for its next task, handed back when it idles.
+
+A task that makes a large value (``array + 1`` of a 1 GB array) gets fresh
+pages from the kernel: glibc's malloc maps every allocation over 32 MiB on
+its own and unmaps it when freed. On this project's machines fresh pages are
+dear: a VM hands memory free for a couple of seconds back to its host, and
+taking it again costs ~1 s per GB, against ~0.3 s for the arithmetic itself
+(benchmarks/results/large-payloads-gig-s25-2026-12-01.md). Ray's and
+ProcessPoolExecutor's workers pay it on every such task.
+
+So a worker (:func:`keep_freed_memory`, as it starts) has malloc serve
+allocations up to :data:`KEEP_UP_TO` from its heap and keep what is freed
+there instead of giving it back at once; the next task's large value reuses
+those pages (no page faults, no zeroing). Once the worker has had no task
+for :data:`IDLE_POLLS` seconds (that many of its polls for messages timed
+out: process.PARENT_CHECK_MS) it gives all free memory back (:meth:`WarmHeap.idle`, ``malloc_trim``), so an idle worker holds no more
+than before. Allocations over KEEP_UP_TO are mapped and unmapped as before.
+
+On only where one user's tasks run in the worker: a kept page is not zeroed
+before malloc hands it out again, so a task of another user (a shared
+endpoint's worker without a sandbox serves several) could read what the
+last task left there in an uninitialized array (as it already can in
+allocations under 32 MiB, which malloc always keeps). So the embedded
+default (one user, colocated.py) turns it on for its workers
+(``FEDEXEC_WARM_HEAP=on`` unless the program's environment says otherwise);
+elsewhere it is off unless the endpoint's environment sets it to ``on``.
+Only with glibc (Linux); elsewhere nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+ENV = "FEDEXEC_WARM_HEAP"
+KEEP_UP_TO = 2 ** 31 - 1   # bytes: allocations up to this come from the heap and are kept (malloc takes an int)
+
+# polls for messages timed out in a row (a second each) before free memory goes back: more than one,
+# since a pool of N workers running one user's trips in turn leaves each idle for N - 1 trips
+IDLE_POLLS = 3
+
+_M_TRIM_THRESHOLD = -1     # mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+class WarmHeap:
+    """This process's malloc set to keep freed memory (see the module's doc);
+    :meth:`ran` after each task, :meth:`idle` while waiting for one."""
+
+    def __init__(self) -> None:
+        self.libc = _glibc()
+        self.enabled = False
+        self.dirty = False       # a task ran since memory was last given back
+        self.quiet = 0           # polls for messages timed out in a row since
+        if self.libc is None or os.environ.get(ENV, "off").lower() != "on":
+            return
+        # (both or neither: a raised mmap threshold alone would still give the heap's top back at once)
+        self.enabled = bool(self.libc.mallopt(_M_MMAP_THRESHOLD, KEEP_UP_TO)
+                            and self.libc.mallopt(_M_TRIM_THRESHOLD, KEEP_UP_TO))
+
+    def ran(self) -> None:
+        """A task ended (cheap: no system call)."""
+        self.dirty = True
+        self.quiet = 0
+
+    def idle(self) -> bool:
+        """The worker's poll for messages timed out: give free memory back
+        once that happened IDLE_POLLS times in a row, if a task ran since it
+        last did; whether it did now."""
+        if not (self.enabled and self.dirty):
+            return False
+        self.quiet += 1
+        if self.quiet < IDLE_POLLS:
+            return False
+        self.libc.malloc_trim(0)
+        self.dirty = False
+        return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc's malloc functions, or None where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.gnu_get_libc_version()
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
