@@ -139,18 +139,25 @@ class InProcessProvider:
 
     # -- inside ---------------------------------------------------------------------
     def _begin_new(self, poller: zmq.Poller) -> None:
+        # a pool stays among the new until it is among the running: the
+        # scaler asks status() from the provider's thread, and a pool whose
+        # workers are starting (begin() takes a while) is not ended
         with self._lock:
-            new, self._new = self._new, []
-        for job_id, manager in new:
+            new = list(self._new)
+        for entry in new:
+            job_id, manager = entry
             try:
                 manager.begin()
             except Exception:
                 log.exception("the in-process pool could not start")
+                with self._lock:
+                    self._new.remove(entry)
                 self._finish(manager)
                 continue
             poller.register(manager.worker_sock, zmq.POLLIN)
             poller.register(manager.endpoint, zmq.POLLIN)
             with self._lock:
+                self._new.remove(entry)
                 self._running[job_id] = manager
 
     def _step(self, job_id: str, manager: "PoolManager", poller: zmq.Poller, workers_ready: bool) -> None:
@@ -169,10 +176,10 @@ class InProcessProvider:
         poller.unregister(manager.endpoint)
         thread = threading.Thread(target=self._finish, args=(manager,), name=f"fedexec-pool-{job_id}-end",
                                   daemon=True)
+        thread.start()   # (before it leaves the running: status() never sees it in neither, not started)
         with self._lock:
             del self._running[job_id]
             self._finishing[job_id] = thread
-        thread.start()
 
     @staticmethod
     def _finish(manager: "PoolManager") -> None:
