@@ -16,6 +16,7 @@ import time
 import psutil
 import pytest
 
+from conftest import workers_of
 from fedexec import FederatedExecutor
 from fedexec.config import EndpointConfig, ProviderConfig
 from fedexec.endpoint.agent import EndpointAgent
@@ -35,14 +36,7 @@ def sleep_then(seconds: float, value: int) -> int:
 
 
 def worker_children() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "fedexec.worker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
+    return workers_of(os.getpid())
 
 
 @contextlib.contextmanager

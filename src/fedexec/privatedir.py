@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .endpoint.sockdir import UNMARKED_AGE, _anything_listens, _start_time, _this_boot, _this_host
+from .endpoint.sockdir import UNMARKED_AGE, _anything_listens, _start_time, _this_boot, _this_host, own_directories
 
 PREFIX = "fedexec-"
 MARKER = "owner.lock"
@@ -75,25 +75,8 @@ def remove_stale_private_dirs(base: str | Path | None = None) -> list[str]:
     """Remove this user's embedded private directories in ``base`` (default:
     the temporary directory) whose program and colocated process are gone;
     the ones removed."""
-    base = str(base or tempfile.gettempdir())
-    removed: list[str] = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    uid = os.getuid()
-    for entry in entries:
-        if not NAME.match(entry.name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
-            continue
-        if _remove_if_stale(entry.path, info):
-            removed.append(entry.path)
-    return removed
+    return [path for path, info in own_directories(base, NAME.match) if _remove_if_stale(path, info)]
+
 
 
 def _remove_if_stale(path: str, info: os.stat_result) -> bool:

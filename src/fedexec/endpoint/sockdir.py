@@ -30,6 +30,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import psutil
 
@@ -65,27 +66,34 @@ def _this_boot() -> str:
 def remove_stale_socket_dirs(base: str | None = None) -> list[str]:
     """Remove this user's agent socket directories in ``base`` (default: the
     temporary directory) whose agent is gone; the ones removed."""
-    base = base or tempfile.gettempdir()
     removed: list[str] = []
+    for path, info in own_directories(base, lambda name: name.startswith(PREFIX)):
+        if _is_stale(Path(path), info.st_mtime):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
+
+
+def own_directories(base: str | Path | None, named: Callable[[str], object]) -> Iterator[tuple[str, os.stat_result]]:
+    """``(path, lstat)`` of each directory in ``base`` (default: the
+    temporary directory) that is this OS user's, not a link, and whose name
+    ``named`` accepts: what a sweep of leftovers may look at."""
+    base = str(base or tempfile.gettempdir())
     try:
         entries = list(os.scandir(base))
     except OSError:
-        return removed
+        return
     uid = os.getuid()
     for entry in entries:
-        if not entry.name.startswith(PREFIX):
+        if not named(entry.name):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
-            continue
-        if _is_stale(Path(entry.path), info.st_mtime):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            if not os.path.lexists(entry.path):
-                removed.append(entry.path)
-    return removed
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+            yield entry.path, info
 
 
 def _is_stale(directory: Path, mtime: float) -> bool:
