@@ -62,3 +62,22 @@ def test_off_unless_the_environment_turns_it_on(monkeypatch):
 
     monkeypatch.delenv(ENV, raising=False)
     assert not WarmHeap().enabled
+
+
+def make_and_drop(items: int) -> int:
+    array = np.ones(items)
+    del array
+    return os.getpid()
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_worker_gives_back_what_is_over_its_cap(monkeypatch):
+    """Never idle, a worker still keeps no more free memory than its cap
+    (FEDEXEC_WARM_HEAP_CAP here; by default its share of the memory available)."""
+    monkeypatch.setenv("FEDEXEC_WARM_HEAP_CAP", str(50 * 1024 * 1024))
+    with FederatedExecutor(max_workers=1) as ex:
+        worker = psutil.Process(ex.submit(make_and_drop, ITEMS).result(60))
+        deadline = time.monotonic() + 20
+        while worker.memory_info().rss > 120 * 1024 * 1024:   # 200 MiB freed, 50 MiB may stay
+            assert time.monotonic() < deadline, f"a busy worker kept {worker.memory_info().rss} bytes"
+            ex.submit(time.sleep, 0.05).result(60)   # busy: never 3 polls idle in a row

@@ -14,7 +14,8 @@ there instead of giving it back at once; the next task's large value reuses
 those pages (no page faults, no zeroing). Once the worker has had no task
 for :data:`IDLE_POLLS` seconds (that many of its polls for messages timed
 out: process.PARENT_CHECK_MS) it gives all free memory back (:meth:`WarmHeap.idle`, ``malloc_trim``), so an idle worker holds no more
-than before. Allocations over KEEP_UP_TO are mapped and unmapped as before.
+than before; a busy one gives back what is over its share of the memory available (:func:`busy_cap`),
+looked at once a second (:meth:`WarmHeap.ran`). Allocations over KEEP_UP_TO are mapped and unmapped as before.
 
 On only where one user's tasks run in the worker: a kept page is not zeroed
 before malloc hands it out again, so a task of another user (a shared
@@ -32,13 +33,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 ENV = "FEDEXEC_WARM_HEAP"
+CAP_ENV = "FEDEXEC_WARM_HEAP_CAP"   # bytes of free memory a busy worker keeps at most (default: busy_cap())
 KEEP_UP_TO = 2 ** 31 - 1   # bytes: allocations up to this come from the heap and are kept (malloc takes an int)
 
 # polls for messages timed out in a row (a second each) before free memory goes back: more than one,
 # since a pool of N workers running one user's trips in turn leaves each idle for N - 1 trips
 IDLE_POLLS = 3
+BUSY_CHECK = 1.0           # seconds between looks at the free memory a busy worker keeps (ran())
 
 _M_TRIM_THRESHOLD = -1     # mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -53,6 +57,7 @@ class WarmHeap:
         self.enabled = False
         self.dirty = False       # a task ran since memory was last given back
         self.quiet = 0           # polls for messages timed out in a row since
+        self._next_check = 0.0   # time.monotonic() of the next look at the free memory while busy
         if self.libc is None or os.environ.get(ENV, "off").lower() != "on":
             return
         # (both or neither: a raised mmap threshold alone would still give the heap's top back at once)
@@ -60,9 +65,30 @@ class WarmHeap:
                             and self.libc.mallopt(_M_TRIM_THRESHOLD, KEEP_UP_TO))
 
     def ran(self) -> None:
-        """A task ended (cheap: no system call)."""
+        """A task ended (cheap: a system call at most once a BUSY_CHECK).
+        A worker that is never idle still holds no more free memory than
+        its share of what the machine has available (:func:`busy_cap`):
+        beyond it, free memory goes back at once."""
         self.dirty = True
         self.quiet = 0
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + BUSY_CHECK
+        free = self._free_bytes()
+        if free is None or free > busy_cap():
+            self.libc.malloc_trim(0)
+
+    def _free_bytes(self) -> int | None:
+        """Bytes free in malloc's heap (glibc's mallinfo2), None where unknown."""
+        mallinfo2 = getattr(self.libc, "mallinfo2", None)
+        if mallinfo2 is None:
+            return None
+        mallinfo2.restype = _MallInfo2
+        info = mallinfo2()
+        return int(info.fordblks)
 
     def idle(self) -> bool:
         """The worker's poll for messages timed out: give free memory back
@@ -76,6 +102,30 @@ class WarmHeap:
         self.libc.malloc_trim(0)
         self.dirty = False
         return True
+
+
+def busy_cap() -> int:
+    """The free memory a busy worker may keep: CAP_ENV's bytes if set, else
+    an equal share, between the node's cores, of half the memory available
+    now; at most KEEP_UP_TO."""
+    setting = os.environ.get(CAP_ENV, "")
+    if setting.isdigit():
+        return min(KEEP_UP_TO, int(setting))
+    available = 0
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        return 0
+    return min(KEEP_UP_TO, available // (2 * (os.cpu_count() or 1)))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _glibc() -> ctypes.CDLL | None:
