@@ -8,6 +8,7 @@ import operator
 import os
 import signal
 import time
+from concurrent.futures import BrokenExecutor
 
 import psutil
 import pytest
@@ -128,5 +129,24 @@ def test_kill_9_of_the_one_process_takes_its_workers_with_it():
         host.send_signal(signal.SIGKILL)
         _gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, [p.pid for p in alive]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(90)
+def test_calls_in_flight_fail_at_once_when_the_one_process_dies():
+    """Its record went with it: the futures fail, naming why, instead of
+    waiting for a relay that will never answer."""
+    ex = FederatedExecutor(max_workers=2)
+    try:
+        assert ex.submit(abs, -1).result(DEADLINE) == 1
+        futures = [ex.submit(time.sleep, 30) for _ in range(4)]
+        time.sleep(0.5)
+        the_one_process(ex).send_signal(signal.SIGKILL)
+        for future in futures:
+            with pytest.raises(BrokenExecutor, match=r"exited with code -9.*outcome is lost"):
+                future.result(10)
+        with pytest.raises(BrokenExecutor):
+            ex.submit(abs, -1)
     finally:
         ex.shutdown(wait=False, cancel_futures=True)

@@ -404,6 +404,11 @@ class Dispatcher(threading.Thread):
                     self._flush_acks()
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_PERIOD
+                    gone = self.services.failed() if self.services is not None else None
+                    if gone is not None:   # the embedded default's one process: what it held went with it
+                        self.failure = (f"{gone}, so this task's outcome is lost (the embedded default keeps "
+                                        "nothing after its process ends)")
+                        break
                     # no event follows a refusal: look for other credentials now and then
                     if (watch.failure and watch.read()) or self.unsent:
                         self._send_again()
