@@ -158,3 +158,26 @@ def test_an_agents_marker_names_its_pid_start_host_and_boot(tmp_path, monkeypatc
     assert int(pid) == os.getpid() and float(started) == psutil.Process().create_time()
     assert (host, boot) == (HOST, BOOT)
     assert remove_stale_socket_dirs(str(tmp_path)) == [] and Path(directory).is_dir()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_pools_socket_directory_goes_with_the_next_sweep_and_a_live_ones_stays(tmp_path):
+    """A pool's workers' channels live in ``fedexec-pool-*``, marked as an
+    agent's directory is: one left by a pool killed with SIGKILL is removed
+    by the next sweep (an agent's start, ``fedexec endpoint stop``)."""
+    from fedexec.endpoint.sockdir import POOL_PREFIX
+
+    code = ("import sys, time; from fedexec.endpoint.sockdir import POOL_PREFIX, make_socket_dir; "
+            "print(make_socket_dir(POOL_PREFIX), flush=True); time.sleep(60)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        killed_dir, live_dir = killed.stdout.readline().strip(), live.stdout.readline().strip()
+        assert Path(killed_dir).name.startswith(POOL_PREFIX) and (Path(killed_dir) / MARKER).exists()
+        kill_9(killed)
+        assert remove_stale_socket_dirs(str(tmp_path)) == [killed_dir]
+        assert not os.path.lexists(killed_dir) and Path(live_dir).is_dir()
+    finally:
+        stop_process(live)
+        stop_process(killed)

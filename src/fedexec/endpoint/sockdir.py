@@ -1,5 +1,6 @@
 """An endpoint agent's private socket directory (``$TMPDIR/fedexec-ep-*``),
-and the removal of those left behind by agents that did not exit cleanly.
+and a pool's (``$TMPDIR/fedexec-pool-*``: its workers' channels), and the
+removal of those left behind by processes that did not exit cleanly.
 
 An agent removes its directory when it stops; one killed with SIGKILL (or
 by the OOM killer, or a lost node) cannot. So each directory holds a
@@ -35,14 +36,15 @@ from typing import Callable, Iterator
 import psutil
 
 PREFIX = "fedexec-ep-"
+POOL_PREFIX = "fedexec-pool-"
 MARKER = "agent.pid"
 UNMARKED_AGE = 600.0   # seconds an unmarked directory is left alone, in case its agent is starting
 
 
-def make_socket_dir() -> str:
-    """A new private (0700) socket directory for this process's agent, marked
-    with its pid and start time."""
-    directory = tempfile.mkdtemp(prefix=PREFIX)
+def make_socket_dir(prefix: str = PREFIX) -> str:
+    """A new private (0700) socket directory for this process's agent (or,
+    with POOL_PREFIX, pool), marked with its pid and start time."""
+    directory = tempfile.mkdtemp(prefix=prefix)
     fd = os.open(os.path.join(directory, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as marker:
         marker.write(f"{os.getpid()} {_start_time(os.getpid())!r} {_this_host()} {_this_boot()}\n")
@@ -64,10 +66,10 @@ def _this_boot() -> str:
 
 
 def remove_stale_socket_dirs(base: str | None = None) -> list[str]:
-    """Remove this user's agent socket directories in ``base`` (default: the
-    temporary directory) whose agent is gone; the ones removed."""
+    """Remove this user's agent and pool socket directories in ``base``
+    (default: the temporary directory) whose process is gone; the ones removed."""
     removed: list[str] = []
-    for path, info in own_directories(base, lambda name: name.startswith(PREFIX)):
+    for path, info in own_directories(base, lambda name: name.startswith((PREFIX, POOL_PREFIX))):
         if _is_stale(Path(path), info.st_mtime):
             shutil.rmtree(path, ignore_errors=True)
             if not os.path.lexists(path):

@@ -44,7 +44,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -57,6 +56,7 @@ from .. import protocol as P
 from ..logs import configure as configure_logging
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
+from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
 from ..gcpolicy import for_service
 from ..outbox import ResultOutbox
 from ..output import HeldOutput, attach as attach_output, configured_limit as configured_output_limit, \
@@ -114,7 +114,8 @@ class PoolManager(WorkerChains, WorkStealing):
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)   # an id in use cannot be taken by a second connection
-        self._sock_dir = tempfile.mkdtemp(prefix="fedexec-pool-")   # each worker's channel is bound here (workers.py)
+        # each worker's channel is bound here (workers.py); marked, so that one left by a killed pool goes
+        self._sock_dir = make_socket_dir(POOL_PREFIX)   # (endpoint/sockdir.py)
         self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
         self.settings: dict[str, Any] = {}
         self.queue: deque[QueuedTask] = deque()
