@@ -663,20 +663,23 @@ class PoolManager(WorkerChains, WorkStealing):
                 except OSError:
                     pass
 
-    def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None) -> None:
+    def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None,
+                    source: deque[QueuedTask] | None = None) -> None:
         """Up to ``count`` queued tasks of its user to ``slot``'s worker, in
-        one message; with ``low_mark``, the worker holds their results until
-        it has that many tasks left queued (stealing.py)."""
+        one message, taken from ``source`` (default: the pool's queue); with
+        ``low_mark``, the worker holds their results until it has that many
+        tasks left queued (stealing.py)."""
+        queue = self.queue if source is None else source
         count = min(count, P.MAX_ITEMS)   # a message's limit (a worker's batch is far smaller)
         rows: list[list[Any]] = []
         blobs = P.Blobs()
         others: list[QueuedTask] = []   # tasks of users this worker does not serve: they stay queued, in order
-        if slot.user is None and self.queue:
+        if slot.user is None and queue:
             slot.user, slot.bound_at = self._user_for_fresh_worker(), time.monotonic()
         pool = self.pool
         assert pool is not None
-        while self.queue and len(rows) < count:
-            task = self.queue.popleft()
+        while queue and len(rows) < count:
+            task = queue.popleft()
             task_row = task.row
             # the relay names the user ("u") when not the endpoint's owner
             user = (task_row[6].get("u") or "") if len(task_row) == 7 else ""
@@ -709,7 +712,7 @@ class PoolManager(WorkerChains, WorkStealing):
             slot.tasks[task_id] = task
             self.at_worker[task_id] = slot
         if others:
-            self.queue.extendleft(reversed(others))
+            queue.extendleft(reversed(others))
         if rows:
             slot.sent += 1   # numbered, so that its control thread can give back tasks not read yet (stealing.py)
             slot.batches.append((slot.sent, rows))

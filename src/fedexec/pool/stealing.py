@@ -71,7 +71,8 @@ class WorkStealing:
         def _result(self, task_id: bytes, status: int, blob: Any, trace: list[float] | None = None) -> None: ...
         def _give_back(self, tasks: list[QueuedTask]) -> None: ...
         def _announce(self, slot: WorkerSlot) -> None: ...
-        def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None) -> None: ...
+        def _send_batch(self, slot: WorkerSlot, count: int, low_mark: int | None = None,
+                        source: deque[QueuedTask] | None = None) -> None: ...
         def _user_for_fresh_worker(self) -> str: ...
 
     def _init_stealing(self) -> None:
@@ -111,11 +112,7 @@ class WorkStealing:
         for slot in hungry:
             mine = planned.get(slot.worker_id)
             if mine:
-                queue, self.queue = self.queue, mine   # (_send_batch takes them from there, in order)
-                try:
-                    self._send_batch(slot, len(mine), low)
-                finally:
-                    self.queue = queue
+                self._send_batch(slot, len(mine), low, source=mine)
 
     def _next_for(self, slot: WorkerSlot) -> QueuedTask | None:
         """The first queued task of the user ``slot`` serves (a fresh worker
