@@ -629,7 +629,8 @@ def task_row(row: Any, max_trace: int = len(TRACE_STAGES)) -> list[Any]:
         raise ProtocolError("payload references must be inline bytes or frame indexes")
     if kind not in (TASK_CALL, TASK_CHUNK):
         raise ProtocolError(f"unknown task kind {shorten(kind)}")
-    text(python, "python version", 16)
+    if not isinstance(python, str) or len(python) > 16:   # (text(), inline: this runs for every row)
+        text(python, "python version", 16)
     return row
 
 
