@@ -927,7 +927,8 @@ class Relay:
                     args = P.blob_at(blobs, args_index)
                     buffer = P.as_buffer(args)
                 size = len(buffer)
-                if size <= MAX_REF and is_big(args):   # a large payload, uploaded before (bulk.py)
+                if size <= MAX_REF and (args.startswith(REF_MAGIC) if type(args) is bytes else is_big(args)):
+                    # a large payload, uploaded before (bulk.py)
                     refused = self.bulk.check_arguments(user, P.as_bytes(args))
                     if refused is not None:
                         self._reject(sender, task_id, refused[0], refused[1], **refused[2])
@@ -1457,7 +1458,8 @@ class Relay:
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
+            elif len(buffer) <= MAX_REF and (blob.startswith(REF_MAGIC) if type(blob) is bytes else is_big(blob)):
+                # a large result, uploaded (bulk.py)
                 status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
                 if status == P.OK and self.quotas.retained is not None:   # read again until it goes (retained.py)
