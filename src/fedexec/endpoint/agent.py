@@ -429,7 +429,8 @@ class EndpointAgent:
         for row in rows:
             try:
                 P.task_row(row, P.TRACE_AT_ENDPOINT)
-                P.blob(blobs, row[2])
+                if type(row[2]) is not bytes:   # (inline bytes refer to no frame)
+                    P.blob_at(blobs, row[2])
                 if row[3] != -1:
                     P.blob(blobs, row[3])
             except P.ProtocolError as exc:
@@ -482,7 +483,8 @@ class EndpointAgent:
                         P.NOT_ALLOWED, f"function {fn_hash.hex()} is not on the allow-list of endpoint "
                                        f"{self.config.name!r}"))
                     continue
-                if self.data_only and not is_data(P.blob(blobs, args_index)):
+                args = args_index if type(args_index) is bytes else P.blob_at(blobs, args_index)
+                if self.data_only and not is_data(args):
                     # refused before any worker could load it: a pickle can run code as it loads
                     log.warning("refused task %s: its arguments are not plain data", row[0].hex())
                     self._result(row[0], P.FAILED, P.pack_failure(
@@ -490,7 +492,6 @@ class EndpointAgent:
                                        f"task's arguments are not in the data-only format (a pickle?); they "
                                        f"were not loaded"))
                     continue
-                args = P.blob(blobs, args_index)
                 if is_local(args):
                     # only this agent makes local references (to files it fetched): one from
                     # the relay would have a worker load a file of the client's choosing
@@ -887,13 +888,13 @@ class EndpointAgent:
                 continue  # a task taken back from it meanwhile (it was lost, then came back)
             self.at_pool.pop(task_id, None)
             pool.started.discard(task_id)
-            blob = P.blob(msg.blobs, index)
+            blob = index if type(index) is bytes else P.blob_at(msg.blobs, index)
             local = None
             if is_local(blob):   # a large result in a file: uploaded in chunks, its reference goes on
                 dependents = [d for d in self.graph.waiting_on.get(task_id, ()) if d in self.graph.held]
                 status, blob = self.bulk.result(task_id, status, blob, self.max_payload, dependents)
                 local = self.bulk.kept_result(task_id)   # (the file, for tasks that depend on it: bulk.py)
-            size = len(P.as_buffer(blob))
+            size = len(blob) if type(blob) is bytes else len(P.as_buffer(blob))
             if size > self.max_payload:
                 message, details = P.too_large(f"the task's {'result' if status == P.OK else 'exception'}", size,
                                                self.max_payload)

@@ -38,7 +38,7 @@ from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_opti
 from .inspect import Inspector, endpoint_meta
 from ..endpoint_status import parse_report
 from .retained import DEFAULT_MAX_KEPT_PER_USER, RetainedResults
-from ..transfer import MAX_REF, is_big
+from ..transfer import MAX_REF, REF_MAGIC, is_big
 from .bulk import TYPES as BULK_TYPES, BulkTransfers
 from .refs import TYPES as REF_TYPES, DataRefs
 from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope, in_memory, open_envelope, \
@@ -854,6 +854,8 @@ class Relay:
         tasks, functions, finished_owners, quotas = self.tasks, self.functions, self.store.finished_owners, self.quotas
         kept_owners = self.store.kept_owners
         function_refs = functions.refs   # (``in functions``, and the common case of ``functions.use``, inline)
+        add_task, max_payload = self.store.add_task, self.max_payload
+        python_ok: set[str] = set()   # client Python versions every endpoint here runs (checked once per message)
         # What is left of the user's quotas is looked up once per message, and
         # what its accepted tasks take is charged once, at the end (or before
         # a refusal, so that the refusal names the usage as it is).
@@ -903,12 +905,14 @@ class Relay:
                     self._reject(sender, task_id, P.REJECTED, f"unknown endpoint {unknown}" if group is None
                                  else f"unknown endpoint {unknown} (in the group {list(group)})")
                     continue
-                other = next((known for known in states if known.python and python != known.python), None)
-                if other is not None:
-                    self._reject(sender, task_id, P.VERSION,
-                                 f"client runs Python {python} but endpoint {other.name!r} runs Python "
-                                 f"{other.python}; pickled functions need the same minor version")
-                    continue
+                if python not in python_ok:
+                    other = next((known for known in states if known.python and python != known.python), None)
+                    if other is not None:
+                        self._reject(sender, task_id, P.VERSION,
+                                     f"client runs Python {python} but endpoint {other.name!r} runs Python "
+                                     f"{other.python}; pickled functions need the same minor version")
+                        continue
+                    python_ok.add(python)
                 if body is None and fn_hash not in function_refs:
                     # sent without its body (the client sent it before), which went
                     # with the last task using it: the client sends this one again with it
@@ -917,16 +921,20 @@ class Relay:
                                  quiet=True)
                     self.graph.sent_again(task_id, user, P.NEED_FUNCTION)   # (its dependents follow it)
                     continue
-                args = P.blob(blobs, args_index)
-                buffer = P.as_buffer(args)
+                if type(args_index) is bytes:   # inline (small arguments: the common case)
+                    args = buffer = args_index
+                else:
+                    args = P.blob_at(blobs, args_index)
+                    buffer = P.as_buffer(args)
                 size = len(buffer)
-                if size <= MAX_REF and is_big(args):   # a large payload, uploaded before (bulk.py)
+                if size <= MAX_REF and (args.startswith(REF_MAGIC) if type(args) is bytes else is_big(args)):
+                    # a large payload, uploaded before (bulk.py)
                     refused = self.bulk.check_arguments(user, P.as_bytes(args))
                     if refused is not None:
                         self._reject(sender, task_id, refused[0], refused[1], **refused[2])
                         continue
                     args = buffer = P.as_bytes(args)
-                if size > self.max_payload:
+                if size > max_payload:
                     message, details = P.too_large("the arguments", size, self.max_payload)
                     self._reject(sender, task_id, P.TOO_LARGE, message, **details)
                     continue
@@ -979,9 +987,9 @@ class Relay:
                     function_refs[fn_hash] = count + 1
                 else:
                     functions.use(fn_hash, body, user)
-                self.store.add_task(task_id, sender, endpoint_id, fn_hash, kind, python,
-                                    buffer if dependencies is None else envelope(dependencies, buffer), user,
-                                    durable_options(options))
+                add_task(task_id, sender, endpoint_id, fn_hash, kind, python,
+                         buffer if dependencies is None else envelope(dependencies, buffer), user,
+                         durable_options(options) if options else None)
                 if group is None:
                     record = TaskRecord(task_id, sender, endpoint_id, fn_hash, kind, python, args, options, user)
                     if dependencies is None:
@@ -1416,7 +1424,9 @@ class Relay:
         now = time.time()
         stored = self.turn_stored[sender]
         tasks = self.tasks
+        max_payload = self.max_payload
         finished: list[tuple[TaskRecord, int, Any]] = []   # records done here, their status and result
+        client, client_rows, client_blobs = None, None, None   # (the last row's client: most rows share one)
         for row in rows:
             task_id, status, index = row[:3]
             stored.append(task_id)  # the endpoint may forget it once this turn is committed
@@ -1439,13 +1449,17 @@ class Relay:
             owner.dispatched.pop(task_id, None)
             if record.state == QUEUED:  # re-queued meanwhile; it finished after all
                 self._unqueue(record)
-            blob = P.blob(blobs, index)
-            buffer = P.as_buffer(blob)
-            if len(buffer) > self.max_payload:  # the endpoint should have refused it; never store or forward it
+            if type(index) is bytes:   # inline (small results: the common case)
+                blob = buffer = index
+            else:
+                blob = P.blob_at(blobs, index)
+                buffer = P.as_buffer(blob)
+            if len(buffer) > max_payload:  # the endpoint should have refused it; never store or forward it
                 message, details = P.too_large("the result", len(buffer), self.max_payload)
                 status, blob = P.FAILED, P.pack_failure(P.TOO_LARGE, message, **details)
                 buffer = blob
-            elif len(buffer) <= MAX_REF and is_big(blob):   # a large result, uploaded (bulk.py)
+            elif len(buffer) <= MAX_REF and (blob.startswith(REF_MAGIC) if type(blob) is bytes else is_big(blob)):
+                # a large result, uploaded (bulk.py)
                 status, blob = self.bulk.check_result(record, status, blob, sender, session.user)
                 buffer = blob
                 if status == P.OK and self.quotas.retained is not None:   # read again until it goes (retained.py)
@@ -1456,7 +1470,9 @@ class Relay:
             finished.append((record, status, buffer))
             if status == P.OK and record.options is not None and "m" in record.options:
                 self._memoize(record, P.as_bytes(blob), now)
-            client_rows, client_blobs = self.client_results[record.client]
+            if record.client != client:
+                client = record.client
+                client_rows, client_blobs = self.client_results[client]
             client_rows.append(client_blobs.result_row(task_id, status, blob,
                                                        [*row[3], now] if len(row) == 4 else None))
         if finished:
@@ -1535,6 +1551,7 @@ class Relay:
             blobs = P.Blobs()
             queue = state.queue
             spare = OPTION_BYTES_PER_MESSAGE   # header room left for the rows' dependency options
+            owner, known_functions, dispatched = state.access.owner, state.known_functions, state.dispatched
             while queue and state.credit > 0:
                 if len(rows) >= P.MAX_ITEMS or spare < 0:   # a message's limit: this one goes, the next begins
                     if not self._send_tasks(state, rows, blobs):
@@ -1549,7 +1566,7 @@ class Relay:
                         and not self._forward_now(state, record, time.time()):
                     continue
                 fn_ref: bytes | int = -1
-                if record.fn_hash not in state.known_functions:
+                if record.fn_hash not in known_functions:
                     body = self.functions.get(record.fn_hash)
                     if body is None:
                         del self.tasks[record.task_id]
@@ -1558,13 +1575,13 @@ class Relay:
                         self._finished(record, P.FAILED, b"", time.time())
                         continue
                     fn_ref = blobs.ref(body)
-                    state.known_functions.add(record.fn_hash)
-                rows.append(record.row(blobs.ref(record.args), fn_ref, state.access.owner))
+                    known_functions.add(record.fn_hash)
+                rows.append(record.row(blobs.ref(record.args), fn_ref, owner))
                 if record.options is not None and ("d" in record.options or "dr" in record.options
                                                    or "rf" in record.options):
                     spare -= option_bytes(record.options)
                 record.state = DISPATCHED
-                state.dispatched[record.task_id] = record
+                dispatched[record.task_id] = record
                 state.credit -= 1
             if rows:
                 self._send_tasks(state, rows, blobs)
@@ -1682,10 +1699,15 @@ class Relay:
         changes = []
         for record, status, result in finished:
             add_result(record.task_id, status, result, record.user)
-            if is_big(record.args):
+            args = record.args
+            if type(args) is not bytes:   # (a frame)
+                if is_big(args):
+                    self.bulk.finished(record, ran=status in (P.OK, P.EXCEPTION))
+                args = as_buffer(args)
+            elif args.startswith(REF_MAGIC):   # is_big, inline for the common case
                 self.bulk.finished(record, ran=status in (P.OK, P.EXCEPTION))
             size = len(result)
-            changes.append((record.task_id, record.user, len(as_buffer(record.args)), size))
+            changes.append((record.task_id, record.user, len(args), size))
             if status != P.OK or size > KEPT_IN_MEMORY:   # (no use reading it back for a dependent: reads.py)
                 self._record_reads.hopeless_task(record.task_id)
             if record.group is not None:
