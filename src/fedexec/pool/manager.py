@@ -66,6 +66,7 @@ from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
 from .stealing import WorkStealing
 from .leaving import PoolLeaving
+from .recovery import HeldRecovery
 from .resources import NodeResources
 from ..taskdirs import TaskDirCleaner, start_cleaner
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
@@ -84,7 +85,7 @@ SHARE_AFTER = 1.0           # a worker serves its user this long at least before
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
 
 
-class PoolManager(WorkerChains, WorkStealing, PoolLeaving):
+class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
@@ -808,7 +809,9 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving):
         times); every other task it
         held goes back to the front of the queue: those after it never
         started, and those before it finished without their results being
-        sent, so they run again."""
+        sent, so they run again, unless their results were in its
+        held-results file (recovery.py)."""
+        self._recover_held(slot)
         how = describe_exit(slot.process.returncode)
         culprit = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
         if culprit is None and not slot.retiring and slot.tasks:
