@@ -187,3 +187,37 @@ def test_sigterm_of_a_pool_process_lets_its_running_task_finish_there_once(tmp_p
         assert [f.result(DEADLINE) for f in futures] == [0, 1, 2], tail(log)
         assert len(runs(runs_dir)) == 3, (runs(runs_dir), tail(log))
         assert psutil.Process(proc.pid).is_running()
+
+
+@pytest.mark.timeout(150)
+def test_ctrl_c_of_a_foreground_endpoint_and_its_pool_processes_delivers_the_running_result(tmp_path):
+    """Ctrl-C reaches the whole process group: the pool process leaves on
+    its SIGINT, and the STOP its endpoint sends it then (with a grace) does
+    not cut that short."""
+    from fedexec.config import EndpointConfig, ProviderConfig
+
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config = EndpointConfig(name="ep", relay=relay, max_workers=1, heartbeat_period=0.5,
+                                provider=ProviderConfig.from_dict({"type": "local", "init_blocks": 1,
+                                                                   "min_blocks": 1, "max_blocks": 1}))
+        config.save()
+        log = tmp_path / "endpoint.log"
+        with open(log, "wb") as out:   # a process group of its own, as a terminal gives a foreground job
+            proc = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", "ep"],
+                                    env={**os.environ, "PYTHONPATH": str(HERE)}, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        stack.callback(stop_process, proc)
+        lookup_endpoint(relay, config.endpoint_id, proc, log)
+        ex = FederatedExecutor(config.endpoint_id, relay=relay)
+        stack.callback(ex.shutdown, wait=False, cancel_futures=True)
+        future = ex.submit(record_run, str(runs_dir), 1.0, 9)
+        wait_started(runs_dir, log)
+        assert [line for _, line in cmdlines_below(proc.pid) if "fedexec.pool" in line], cmdlines_below(proc.pid)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert future.result(15) == 9, tail(log)
+        assert proc.wait(15) == 0, tail(log)
+        assert len(runs(runs_dir)) == 1, runs(runs_dir)

@@ -11,7 +11,8 @@ results. Once it holds nothing it finishes as a drained pool does
 finishes anyway, giving back what still runs (at least once, as before),
 and waits only ``AFTER_GRACE`` more for its workers.
 
-A second signal, or a STOP without a grace, stops at once. The signal
+A second signal, or a STOP without a grace, stops at once (a second STOP
+with a grace only brings the end forward, if it is sooner). The signal
 handler only takes note: the leaving begins in the pool's next turn, never
 inside a send the signal interrupted.
 """
@@ -49,17 +50,29 @@ class PoolLeaving:
         self.leave_by: float | None = None      # time.monotonic() by which the pool stops, leaving
         self.left_late = False                  # the grace ran out with tasks still running
 
-    def ask_to_leave(self, grace: float) -> None:
-        """Leave within ``grace`` seconds (from the next turn on); asked
-        again while leaving (a second signal): stop at once."""
-        if self.leave_asked is not None or self.leave_by is not None:
-            self.stopping = True
+    def ask_to_leave(self, grace: float, *, again_stops: bool = False) -> None:
+        """Leave within ``grace`` seconds (from the next turn on). Asked
+        again while leaving: at once with ``again_stops`` (a second signal),
+        else by the sooner of the two ends (a STOP from the endpoint after
+        a SIGINT that reached the pool too: Ctrl-C goes to the whole
+        process group)."""
+        if self.leave_by is not None:
+            if again_stops:
+                self.stopping = True
+            else:
+                self.leave_by = min(self.leave_by, time.monotonic() + grace)
+        elif self.leave_asked is not None:
+            if again_stops:
+                self.stopping = True
+            else:
+                self.leave_asked = min(self.leave_asked, grace)
         else:
             self.leave_asked = grace
 
     def _on_stop_signal(self, *_: Any) -> None:
-        """SIGTERM / SIGINT of a pool process: leave within STOP_GRACE."""
-        self.ask_to_leave(STOP_GRACE)
+        """SIGTERM / SIGINT of a pool process: leave within STOP_GRACE; a
+        second one: stop at once."""
+        self.ask_to_leave(STOP_GRACE, again_stops=True)
 
     def _install_stop_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
