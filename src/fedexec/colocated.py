@@ -14,7 +14,11 @@ check it had.
 
 The process stops on SIGTERM (the agent first, then the relay), when its
 parent is gone, or when the agent ends by itself (the relay then has no
-endpoint to run anything). ``fedexec relay start`` and ``fedexec endpoint
+endpoint to run anything). On SIGTERM the relay's loop keeps serving while
+the agent leaves (its pool's workers finish what they run, within
+``stopgrace.STOP_GRACE``, and their results reach the program:
+endpoint/leaving.py); the agent's end then stops the relay. A second
+SIGTERM stops the relay at once. ``fedexec relay start`` and ``fedexec endpoint
 start`` are not this: they stay processes of their own.
 """
 
@@ -55,6 +59,7 @@ class Colocated:
         assert relay.local_link is not None
         relay.local_link.on_close(self._stop_agent)
         self.exit_code = 0
+        self.leaving = False   # asked to stop (a signal); the relay stops once the agent has left
 
     def _run_agent(self) -> None:
         try:
@@ -67,8 +72,18 @@ class Colocated:
         finally:
             self.relay.stop()   # a relay without its endpoint runs nothing: the program sees the process end
 
+    def _on_signal(self, *_: object) -> None:
+        """SIGTERM / SIGINT: the agent leaves first while the relay's loop
+        still carries its results (its end stops the relay); a second signal,
+        or one with no agent running, stops the relay at once."""
+        if self.leaving or not self.thread.is_alive():
+            self.relay.stop()
+        else:
+            self.leaving = True
+            self.agent.stop()
+
     def _stop_agent(self) -> None:
-        self.agent.stop()
+        self.agent.stop_now()   # (the relay's loop has ended: nobody would read its results)
         self.thread.join(AGENT_JOIN_TIMEOUT)
         if self.thread.is_alive():
             log.error("the colocated endpoint agent did not stop within %.0f s", AGENT_JOIN_TIMEOUT)
@@ -76,7 +91,7 @@ class Colocated:
     def run(self) -> int:
         """Serve until stopped; the exit code."""
         self.thread.start()
-        self.relay.serve_forever()
+        self.relay.serve_forever(on_signal=self._on_signal)
         return self.exit_code
 
 

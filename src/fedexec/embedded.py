@@ -107,8 +107,9 @@ class EmbeddedFederation:
                 return f"the embedded relay and endpoint exited with code {proc.returncode}"
         return None
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the child (its endpoint, and with it the workers, then its relay)."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child: its endpoint (its workers finish what they run first,
+        within stopgrace.STOP_GRACE), then its relay; killed after ``timeout``."""
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -47,6 +47,7 @@ import zmq
 
 from .. import protocol as P
 from ..outbox import ResultOutbox
+from ..stopgrace import STOP_GRACE, stop_message
 from ..auth import REFUSED_GRACE, HandshakeWatch
 from ..config import ConfigError, EndpointConfig
 from ..dataref import wrap_arguments as wrap_with_files
@@ -61,6 +62,7 @@ from .refs import RefCache
 from . import placement
 from .pools import PoolLink
 from .inprocess import InProcessProvider
+from .leaving import AgentLeaving
 from .providers import make_provider, pool_command
 from .scaling import BlockScaler
 from .sockdir import make_socket_dir, remove_stale_socket_dirs
@@ -77,7 +79,7 @@ POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
 UNREACHABLE_PAUSE = 0.5   # seconds a pool we could not send to gets no tasks
 
 
-class EndpointAgent:
+class EndpointAgent(AgentLeaving):
     """Runs one configured endpoint until stopped."""
 
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
@@ -143,6 +145,7 @@ class EndpointAgent:
         self.holding: set[bytes] = set()   # ids of the tasks here (queued or at pools) until their outcome
         self.stopping = False
         self.connected = False
+        self._init_leaving()   # a graceful stop (leaving.py)
 
     @property
     def workers(self) -> int:
@@ -236,9 +239,6 @@ class EndpointAgent:
             self.exit_code = 2
             self.stopping = True
 
-    def stop(self, *_: Any) -> None:
-        self.stopping = True
-
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
         if threading.current_thread() is threading.main_thread():   # (colocated: the relay's thread has them)
@@ -264,17 +264,20 @@ class EndpointAgent:
                 if self.relay in events:
                     self._read_relay()
                 now = time.monotonic()
+                if self.leave_asked:   # stopping: the pools finish what they run first (leaving.py)
+                    self._leave_turn(now)
                 if self.handshake.monitor in events or now >= next_handshake:
                     next_handshake = now + HANDSHAKE_CHECK
                     self._check_handshake()
-                self._assign()
+                if not self.leaving:
+                    self._assign()
                 if now >= next_tick:
                     next_tick = now + TICK_INTERVAL
                     self._drop_silent_pools(now)
                     if self.parent_pid and os.getppid() != self.parent_pid:
                         log.info("parent process %d is gone; stopping", self.parent_pid)
                         self.stopping = True
-                if now >= next_scale and self.scaler is not None:
+                if now >= next_scale and self.scaler is not None and not self.leaving:
                     next_scale = now + SCALE_INTERVAL
                     self._scale(now)
                 if now >= next_beat:
@@ -831,6 +834,9 @@ class EndpointAgent:
             # stalled): what it still holds comes back in "holding" and stays
             # with it; nothing it held was lost, so nothing counts as lost
             self._pool_gone(self.pools[pool_id], "reintroduced itself", lost=False)
+        if self.leaving:
+            self._refuse_pool_leaving(pool_id)
+            return
         pool = PoolLink(pool_id, fields)
         if self.config.available_accelerators:   # the config's, not what the node found (placement.py)
             pool.gpus = len(self.config.available_accelerators)
@@ -964,7 +970,7 @@ class EndpointAgent:
             demand -= self.caps.parked_count()
         ended, to_stop = self.scaler.tick(now, demand, self.pools)
         ended_set, stop_set = set(ended), set(to_stop)
-        stop = P.encode(P.STOP)
+        stop = stop_message(STOP_GRACE)   # (what its workers run still finishes: pool/leaving.py)
         for pool in list(self.pools.values()):
             if pool.block_id in ended_set:
                 self._pool_gone(pool, "ended with its job")

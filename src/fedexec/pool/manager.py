@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -59,12 +58,15 @@ from ..endpoint.graph import HeldTasks
 from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
 from ..gcpolicy import for_service
 from ..outbox import ResultOutbox
+from ..stopgrace import grace_of
 from ..output import HeldOutput, attach as attach_output, configured_limit as configured_output_limit, \
     salvage as salvage_output
 from .placement import NodeBudget, has_resources
 from ..worker.chain import is_not_kept
 from .chaining import WorkerChains
 from .stealing import WorkStealing
+from .leaving import PoolLeaving
+from .recovery import HeldRecovery
 from .resources import NodeResources
 from ..taskdirs import TaskDirCleaner, start_cleaner
 from .workers import LocalWorkerPool, WorkerSlot, describe_exit
@@ -83,7 +85,7 @@ SHARE_AFTER = 1.0           # a worker serves its user this long at least before
 SHARE_CHECK = 0.01          # how often, at most, busy workers are looked at for a user waiting for one
 
 
-class PoolManager(WorkerChains, WorkStealing):
+class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
     """Runs one pool of workers for the endpoint at ``address`` until stopped."""
 
     def __init__(self, address: str, *, pool_id: bytes, block_id: str = "", workers: int = 0,
@@ -139,6 +141,7 @@ class PoolManager(WorkerChains, WorkStealing):
         self._gpu_workers: set[bytes] = set()   # workers that ran a task given accelerators: replaced once idle
         self.cleaner: TaskDirCleaner | None = None   # removes expired shell task directories (taskdirs.py)
         self._init_stealing()
+        self._init_leaving()
 
     # -- settings the endpoint sent -------------------------------------------
     def _setting(self, key: str, default: Any) -> Any:
@@ -155,8 +158,7 @@ class PoolManager(WorkerChains, WorkStealing):
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
         if threading.current_thread() is threading.main_thread():   # (a pool inside its agent: the agent's)
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+            self._install_stop_signals()   # a graceful stop (leaving.py)
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -189,6 +191,8 @@ class PoolManager(WorkerChains, WorkStealing):
             self._read_workers()
         if endpoint_ready:
             self._read_endpoint()
+        if (self.leave_asked is not None or self.leave_by is not None) and not self._leave_turn(time.monotonic()):
+            return False   # stopping, and the grace ran out (leaving.py)
         if not self.draining:
             self._assign()
         now = time.monotonic()
@@ -276,7 +280,7 @@ class PoolManager(WorkerChains, WorkStealing):
                                        for task in slot.tasks.values()] + self.graph.take_all()
         self._give_back(returned)
         if self.pool is not None:
-            self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)))
+            self.pool.stop(lambda wid: self._send_worker(wid, P.encode(P.STOP)), self._worker_stop_timeout(3.0))
         self._send(P.encode(P.BYE))
         if self.cleaner is not None:
             self.cleaner.stop()
@@ -332,7 +336,11 @@ class PoolManager(WorkerChains, WorkStealing):
                                              lambda: self.pool.kept_names() if self.pool is not None else set())
         elif t == P.STOP:
             log.info("pool %s: stop asked by the endpoint", self.pool_id.decode())
-            self.stopping = True
+            grace = grace_of(msg.fields)
+            if grace is None:
+                self.stopping = True
+            else:   # its workers finish what they run first (leaving.py)
+                self.ask_to_leave(grace)
         elif t == P.HEARTBEAT:
             # the endpoint restarted or gave up on us: introduce ourselves again,
             # once for a burst of such replies (one per heartbeat it had queued)
@@ -801,7 +809,9 @@ class PoolManager(WorkerChains, WorkStealing):
         times); every other task it
         held goes back to the front of the queue: those after it never
         started, and those before it finished without their results being
-        sent, so they run again."""
+        sent, so they run again, unless their results were in its
+        held-results file (recovery.py)."""
+        self._recover_held(slot)
         how = describe_exit(slot.process.returncode)
         culprit = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
         if culprit is None and not slot.retiring and slot.tasks:

@@ -35,6 +35,7 @@ import zmq
 
 from .. import taskdirs
 from ..worker import sandbox as sandboxes
+from ..worker import heldlog
 from ..worker.process import MarkerFile, remove_tree
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,9 @@ class LocalWorkerPool:
         process: subprocess.Popen
         try:
             if self.sandbox == "none":
+                held = heldlog.path_for(marker.path)   # its results held, read if it dies (heldlog.py)
+                heldlog.create(held)
+                args += ["--held", held]
                 process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
                                             str(os.getpid())], stdin=subprocess.PIPE, env=self.env)
             else:
@@ -269,6 +273,8 @@ class LocalWorkerPool:
         marker.close()
         with contextlib.suppress(OSError):
             os.unlink(marker.path)
+        with contextlib.suppress(OSError):
+            os.unlink(heldlog.path_for(marker.path))
         if self.sandbox != "none":
             for directory in (self.task_dir(name), self.inbox(name), self.outbox(name)):
                 remove_tree(directory)

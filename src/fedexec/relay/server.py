@@ -18,6 +18,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,9 +370,12 @@ class Relay:
             self.local_link = LocalLink(self.ctx, self.auth_mode)
         return self.ctx, self.local_link.address
 
-    def serve_forever(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+    def serve_forever(self, on_signal: Callable[..., Any] | None = None) -> None:
+        """Serve until stopped; SIGTERM and SIGINT call ``on_signal`` (by
+        default :meth:`stop`; the embedded default's lets its agent leave
+        first, colocated.py)."""
+        signal.signal(signal.SIGTERM, on_signal or self.stop)
+        signal.signal(signal.SIGINT, on_signal or self.stop)
         self.pidfile.write(address=self.address, auth=self.auth_mode, public_key=self.public_key.decode(),
                            **({"http": self.web.url} if self.web is not None else {}))
         if self.web is not None:

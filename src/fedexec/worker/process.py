@@ -46,6 +46,7 @@ from ..output import OutputCapture, attach, configured_limit, output_of
 from ..spare_taskdir import SPARE
 from .chain import KeptResults, not_kept
 from .control import ControlThread, TaskQueue
+from .heldlog import HeldLog
 from .outgoing import OutgoingResults
 from .warmheap import WarmHeap
 from ..transfer import BIG_THRESHOLD, is_local, privatize_leftovers, spill_result, unmap_leftovers
@@ -155,8 +156,11 @@ class WorkerProcess:
 
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
                  parent_pid: int | None = None, *, task_root: str | None = None,
-                 exit_on_disconnect: bool = False, data_only: bool = False, capture: bool = True) -> None:
+                 exit_on_disconnect: bool = False, data_only: bool = False, capture: bool = True,
+                 held: str | None = None) -> None:
         self.address = address
+        # the results held, not sent yet, also where the pool reads them should this process die (heldlog.py)
+        self.held_log = HeldLog(held) if held else None
         # what tasks write to fd 1 and 2 goes back with their results (output.py)
         self.capture = capture
         self.output: OutputCapture | None = None
@@ -259,6 +263,8 @@ class WorkerProcess:
                 if len(task.row) == 7 and "tr" in task.row[6]:
                     trace = [*task.row[6]["tr"], wall_start, time.time()]
                 self.add_result(task.row[0], status, blob, now - started, trace)
+                if self.held_log is not None and now - started >= SLOW_RESULT:   # (never a quick task's: no cost)
+                    self.held_log.record(task.row[0], status, blob, self.flush)   # read by the pool if we die
                 if self.flush_due(now, now - started):
                     self.flush()
                 unmap_leftovers()   # its large arguments' mapping, now the result went (transfer.load_local)
@@ -506,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="this worker's routing id, in hex; by default read from the first line of stdin, "
                              "so that no other process can read it on this one's command line")
     parser.add_argument("--marker", help="file to record the running task's id in")
+    parser.add_argument("--held", default=None,
+                        help="file to write the results held, not sent yet, in (its pool reads it if we die)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--task-root", default=None,
                         help="run each task in a fresh directory under this one, removed after it")
@@ -530,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
-                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only).run()
+                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only, held=ns.held).run()
     except BaseException:
         traceback.print_exc()
         code = 1
