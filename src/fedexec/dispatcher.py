@@ -34,7 +34,6 @@ import zmq
 from . import protocol as P
 from .auth import REFUSED_GRACE, HandshakeWatch
 from .embedded import EmbeddedFederation
-from .loan import SocketLoan
 from .transfer import LinkPool, is_big
 from .errors import (
     BrokenExecutor,
@@ -184,14 +183,6 @@ class TaskFuture(Future):
         raise TypeError("a TaskFuture cannot be pickled; pass it as an argument of a task of its executor, "
                         "where it stands for its value")
 
-    def result(self, timeout: float | None = None) -> Any:
-        """As :meth:`concurrent.futures.Future.result`; while this is the only
-        task out, the waiting thread reads its result off the socket itself
-        (loan.py: one thread wake-up fewer per round trip)."""
-        if self._state == _PENDING or self._state == _RUNNING:
-            timeout = self._dispatcher.loan.receive_for(self, timeout)
-        return super().result(timeout)
-
     def _answered(self) -> None:
         """The relay/endpoint said what became of the task (dispatcher thread)."""
         if self._cancel_answer is not None:
@@ -327,8 +318,6 @@ class Dispatcher(threading.Thread):
         #: (worker/initializer.py), so an endpoint's allow-list never holds its hash; errors say so
         self.initializer_name: str | None = None
         self.echo_output = False   # tasks' output also to this process's streams (FederatedExecutor's echo_output)
-        # the socket lent to a thread waiting on the only task out (loan.py)
-        self.loan = SocketLoan(self)
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -346,13 +335,6 @@ class Dispatcher(threading.Thread):
                     os.write(self._wake_w, b"x")
         if inline:
             self._accept_now(value)
-
-    def wake(self) -> None:
-        """Wake the thread (for a loan asked: loan.py); nothing once it has stopped."""
-        with self._post_lock:
-            if not self.closed and not self._wake_pending:
-                self._wake_pending = True
-                os.write(self._wake_w, b"x")
 
     def _accept_now(self, items: list[WorkItem]) -> None:
         """Tasks submitted from this thread itself (a task held here for its
@@ -396,15 +378,8 @@ class Dispatcher(threading.Thread):
         poller.register(watch.monitor, zmq.POLLIN)
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
         self.last_heard = time.monotonic()
-        self.loan.open(sock, self._wake_r, watch.monitor)
         try:
             while True:
-                if self.loan.asked:   # a thread waits on the only task out: it reads the socket meanwhile
-                    if self.commands:   # (its submit, usually, posted just before)
-                        self._run_commands()
-                    self.loan.serve()
-                    if self.auth_refused:
-                        break
                 timeout = int(HEARTBEAT_PERIOD * 1000)
                 if self.out_rows:
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
@@ -457,7 +432,6 @@ class Dispatcher(threading.Thread):
             log.exception("fedexec dispatcher failed")
             self.failure = f"the fedexec dispatcher thread failed ({type(exc).__name__}: {exc}); see the log"
         finally:
-            self.loan.close()
             with self._post_lock:
                 self.closed = True
             self._fail_leftovers()
@@ -471,17 +445,6 @@ class Dispatcher(threading.Thread):
             os.close(self._wake_w)
             if self.services is not None:
                 self.services.stop()
-
-    def _may_lend(self, future: TaskFuture) -> bool:
-        """Whether the socket may go to the thread waiting on ``future`` now
-        (loan.py): it is the only task out, no callback of its would run on
-        that thread, and nothing else here needs this thread meanwhile."""
-        pending = self.pending
-        return (len(pending) == 1 and future._task_bytes in pending and not future._done_callbacks
-                and not future.done() and not (
-                    self.out_rows or self.commands or self.held or self.relayed or self.watchers
-                    or self.memo_waiting or self.fetching or self.lookups or self.stopping or self.unsent
-                    or self.resending or self.auth_refused))
 
     def _fail_leftovers(self) -> None:
         """No future may be left pending once this thread is gone."""
