@@ -178,6 +178,8 @@ class PoolLinks:
     blocks. Used from the pool's loop only."""
 
     def __init__(self) -> None:
+        #: whether its pool gives workers links (:func:`enabled`): only then is it polled
+        self.wanted = enabled()
         self._epoll = select.epoll()
         self._ends: dict[bytes, _PoolEnd] = {}
         self._by_fd: dict[int, bytes] = {}
@@ -260,6 +262,8 @@ class PoolLinks:
         blocks, and reads at most READS_PER_TURN chunks per end (what is
         left keeps its descriptor readable for the next turn). An end past
         the limits, or closed by its worker, is dropped."""
+        if not self._ends:   # (no system call for a pool whose workers have none)
+            return
         for fd, events in self._epoll.poll(0):
             worker_id = self._by_fd.get(fd)
             if worker_id is None:

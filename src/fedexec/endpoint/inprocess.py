@@ -155,7 +155,8 @@ class InProcessProvider:
                 self._finish(manager)
                 continue
             poller.register(manager.worker_sock, zmq.POLLIN)
-            poller.register(manager.links.fileno(), zmq.POLLIN)   # (its workers' own channels: framelink.py)
+            if manager.links.wanted:   # (its workers' own channels: framelink.py)
+                poller.register(manager.links.fileno(), zmq.POLLIN)
             poller.register(manager.endpoint, zmq.POLLIN)
             with self._lock:
                 self._new.remove(entry)
@@ -174,7 +175,8 @@ class InProcessProvider:
     def _end(self, job_id: str, manager: "PoolManager", poller: zmq.Poller) -> None:
         """Take a pool off the agent's loop and finish it on a thread of its own."""
         poller.unregister(manager.worker_sock)
-        poller.unregister(manager.links.fileno())
+        if manager.links.wanted:
+            poller.unregister(manager.links.fileno())
         poller.unregister(manager.endpoint)
         thread = threading.Thread(target=self._finish, args=(manager,), name=f"fedexec-pool-{job_id}-end",
                                   daemon=True)

@@ -163,7 +163,8 @@ class PoolManager(WorkerChains, WorkStealing):
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
-        poller.register(self.links.fileno(), zmq.POLLIN)
+        if self.links.wanted:
+            poller.register(self.links.fileno(), zmq.POLLIN)
         try:
             self.begin()   # a bad address raises; the finally cleans up
             while not self.stopping:

@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from .. import taskdirs
-from ..framelink import PoolLinks, enabled as links_enabled, pair as link_pair
+from ..framelink import PoolLinks, pair as link_pair
 from ..worker import sandbox as sandboxes
 from ..worker.process import MarkerFile, remove_tree
 
@@ -133,7 +133,7 @@ class LocalWorkerPool:
         self.marker_dir = marker_dir
         self.env = env
         # unsandboxed workers take tasks and send results on a socketpair of their own (framelink.py: opt-in)
-        self.links = links if sandbox == "none" and links_enabled() else None
+        self.links = links if sandbox == "none" and links is not None and links.wanted else None
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
         self.kept: dict[str, str] = {}   # sandboxed worker's name -> the path of its directory for shell tasks' output
