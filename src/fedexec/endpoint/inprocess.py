@@ -105,7 +105,7 @@ class InProcessProvider:
         one more time round its loop). True when any pool was stepped."""
         stepped = False
         for job_id, manager in list(self._running.items()):
-            if manager.worker_sock in events:
+            if manager.workers_ready(events):
                 self._step(job_id, manager, poller, True)
                 stepped = True
         return stepped
@@ -119,7 +119,7 @@ class InProcessProvider:
         if self._new:
             self._begin_new(poller)
         for job_id, manager in list(self._running.items()):
-            self._step(job_id, manager, poller, not workers_read and manager.worker_sock in events)
+            self._step(job_id, manager, poller, not workers_read and manager.workers_ready(events))
 
     def close(self) -> None:
         """Finish every pool (told to stop already) here, and wait for those finishing."""
@@ -155,6 +155,8 @@ class InProcessProvider:
                 self._finish(manager)
                 continue
             poller.register(manager.worker_sock, zmq.POLLIN)
+            if manager.links.wanted:   # (its workers' own channels: framelink.py)
+                poller.register(manager.links.fileno(), zmq.POLLIN)
             poller.register(manager.endpoint, zmq.POLLIN)
             with self._lock:
                 self._new.remove(entry)
@@ -173,6 +175,8 @@ class InProcessProvider:
     def _end(self, job_id: str, manager: "PoolManager", poller: zmq.Poller) -> None:
         """Take a pool off the agent's loop and finish it on a thread of its own."""
         poller.unregister(manager.worker_sock)
+        if manager.links.wanted:
+            poller.unregister(manager.links.fileno())
         poller.unregister(manager.endpoint)
         thread = threading.Thread(target=self._finish, args=(manager,), name=f"fedexec-pool-{job_id}-end",
                                   daemon=True)

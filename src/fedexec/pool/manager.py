@@ -56,6 +56,7 @@ from ..logs import configure as configure_logging
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
+from ..framelink import PoolLinks
 from ..gcpolicy import for_service
 from ..outbox import ResultOutbox
 from ..stopgrace import grace_of
@@ -116,6 +117,8 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         self.worker_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_sock.setsockopt(zmq.LINGER, 0)
         self.worker_sock.setsockopt(zmq.ROUTER_HANDOVER, 0)   # an id in use cannot be taken by a second connection
+        # unsandboxed workers' own channels (socketpairs, framelink.py): ready with the worker socket
+        self.links = PoolLinks()
         # each worker's channel is bound here (workers.py); marked, so that one left by a killed pool goes
         self._sock_dir = make_socket_dir(POOL_PREFIX)   # (endpoint/sockdir.py)
         self.pool: LocalWorkerPool | None = None     # made on WELCOME, with the endpoint's settings
@@ -162,11 +165,13 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         poller = zmq.Poller()
         poller.register(self.endpoint, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
+        if self.links.wanted:
+            poller.register(self.links.fileno(), zmq.POLLIN)
         try:
             self.begin()   # a bad address raises; the finally cleans up
             while not self.stopping:
                 events = dict(poller.poll(self.wait_ms()))
-                if not self.step(self.worker_sock in events, self.endpoint in events):
+                if not self.step(self.workers_ready(events), self.endpoint in events):
                     break
         finally:
             self._shutdown()
@@ -179,6 +184,10 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         self._next_reap = self._next_beat = time.monotonic()
         self.endpoint.connect(self.address)
         self._hello()
+
+    def workers_ready(self, events: dict) -> bool:
+        """Whether a poll's ``events`` show something from the workers (their socket, or their links)."""
+        return self.worker_sock in events or self.links.fileno() in events   # (a descriptor: by its number)
 
     def wait_ms(self) -> int:
         """How long the loop may wait for its sockets before the next step."""
@@ -286,6 +295,7 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
             self.cleaner.stop()
         self.endpoint.close(linger=2000)
         self.worker_sock.close(linger=0)
+        self.links.close()
         if self._own_context:
             self.ctx.term()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
@@ -388,7 +398,7 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
             self.pool = LocalWorkerPool(self.workers, self.worker_sock,
                                         self._sock_dir, sandbox=self._setting("sandbox", "none"),
                                         sandbox_image=self._setting("sandbox_image", ""),
-                                        data_only=self._setting("data_only", False))
+                                        data_only=self._setting("data_only", False), links=self.links)
             self.pool.start()
         except Exception as exc:  # no workers: stop, giving back what came meanwhile
             log.error("pool %s could not start its workers: %s: %s", self.pool_id.decode(), type(exc).__name__, exc)
@@ -438,6 +448,10 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         return worker_batch_size(self.task_seconds, self._setting("worker_batch", 64))
 
     def _read_workers(self) -> None:
+        for worker_id, body in self.links.messages():   # local workers' own channels (framelink.py)
+            slot = self.pool.slots.get(worker_id) if self.pool is not None else None
+            if slot is not None:
+                self._on_worker_message(slot, body)
         for frames in P.waiting_messages(self.worker_sock, MAX_MESSAGES_PER_TURN):
             slot = self.pool.slots.get(frames[0].bytes) if self.pool is not None else None
             if slot is None:   # a worker's control thread (stealing.py), or a worker we already gave up on
@@ -446,19 +460,23 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
                 except Exception as exc:
                     log.warning("ignored a malformed control message: %s: %s", type(exc).__name__, exc)
                 continue
-            try:
-                msg = P.decode(frames[1:])
-                if msg.type == P.READY:
-                    slot.ready = True
-                    if self.pool is not None and self.pool.sandbox == "none" and slot.process.returncode is None \
-                            and slot.held_output is None:   # (once: a task may send READY again on its socket)
-                        # its capture files, held so that what a task it dies in printed still reaches its
-                        # caller (not reaped: the pid is still the worker's)
-                        slot.held_output = HeldOutput.open(slot.pid)
-                elif msg.type == P.RESULTS:
-                    self._on_worker_results(slot, msg)
-            except Exception as exc:
-                log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
+            self._on_worker_message(slot, frames[1:])
+
+    def _on_worker_message(self, slot: WorkerSlot, body: list[Any]) -> None:
+        """A worker's message (routing id taken off), from its socket or its link."""
+        try:
+            msg = P.decode(body)
+            if msg.type == P.READY:
+                slot.ready = True
+                if self.pool is not None and self.pool.sandbox == "none" and slot.process.returncode is None \
+                        and slot.held_output is None:   # (once: a task may send READY again on its socket)
+                    # its capture files, held so that what a task it dies in printed still reaches its
+                    # caller (not reaped: the pid is still the worker's)
+                    slot.held_output = HeldOutput.open(slot.pid)
+            elif msg.type == P.RESULTS:
+                self._on_worker_results(slot, msg)
+        except Exception as exc:
+            log.warning("ignored a malformed message from worker %d: %s: %s", slot.pid, type(exc).__name__, exc)
 
     def _on_worker_results(self, slot: WorkerSlot, msg: P.Message) -> None:
         rows = [P.result_row(row, P.TRACE_FROM_WORKER) for row in msg.fields["rows"]]
@@ -731,6 +749,8 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
             self._announce(slot)
 
     def _send_worker(self, worker_id: bytes, frames: list[Any]) -> None:
+        if self.links.send(worker_id, frames):   # a worker with a channel of its own (framelink.py)
+            return
         try:
             self.worker_sock.send_multipart([worker_id, *frames], copy=False)
         except zmq.ZMQError as exc:

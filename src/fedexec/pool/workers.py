@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from .. import taskdirs
+from ..framelink import PoolLinks, pair as link_pair
 from ..worker import sandbox as sandboxes
 from ..worker import heldlog
 from ..worker.process import MarkerFile, remove_tree
@@ -122,7 +123,8 @@ class LocalWorkerPool:
     own that ``sock`` (the pool's ROUTER) listens on, in ``marker_dir``."""
 
     def __init__(self, size: int, sock: zmq.Socket, marker_dir: str, *, env: dict[str, str] | None = None,
-                 sandbox: str = "none", sandbox_image: str = "", data_only: bool = False) -> None:
+                 sandbox: str = "none", sandbox_image: str = "", data_only: bool = False,
+                 links: PoolLinks | None = None) -> None:
         sandboxes.check(sandbox)  # a missing tool fails the endpoint's start, by name
         self.sandbox = sandbox            # what the workers run inside (config.SANDBOXES)
         self.sandbox_image = sandbox_image
@@ -131,6 +133,8 @@ class LocalWorkerPool:
         self.sock = sock
         self.marker_dir = marker_dir
         self.env = env
+        # unsandboxed workers take tasks and send results on a socketpair of their own (framelink.py: opt-in)
+        self.links = links if sandbox == "none" and links is not None and links.wanted else None
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
         self.kept: dict[str, str] = {}   # sandboxed worker's name -> the path of its directory for shell tasks' output
@@ -152,13 +156,26 @@ class LocalWorkerPool:
         if self.data_only:
             args.append("--data-only")
         process: subprocess.Popen
+        link = None
         try:
             if self.sandbox == "none":
                 held = heldlog.path_for(marker.path)   # its results held, read if it dies (heldlog.py)
                 heldlog.create(held)
                 args += ["--held", held]
-                process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
-                                            str(os.getpid())], stdin=subprocess.PIPE, env=self.env)
+                link = link_pair() if self.links is not None else None
+                if link:
+                    args += ["--link-fd", str(link[1].fileno())]
+                try:
+                    process = subprocess.Popen([sys.executable, "-m", "fedexec.worker", *args, "--parent-pid",
+                                                str(os.getpid())], stdin=subprocess.PIPE, env=self.env,
+                                               pass_fds=(link[1].fileno(),) if link else ())
+                finally:
+                    if link:
+                        link[1].close()   # (the worker's now)
+                if link:
+                    assert self.links is not None
+                    self.links.add(worker_id, link[0])
+                    link = None
             else:
                 task_dir = self.task_dir(name)
                 for directory in (task_dir, self.inbox(name), self.outbox(name)):
@@ -173,6 +190,8 @@ class LocalWorkerPool:
                 else:
                     process = subprocess.Popen(command, stdin=subprocess.PIPE, env=self.env)
         except BaseException:
+            if self.sandbox == "none" and link:
+                link[0].close()
             self._release(address, marker, name)
             raise
         assert process.stdin is not None
@@ -259,6 +278,8 @@ class LocalWorkerPool:
         """Release a dead worker's channel, marker file (after it was read),
         task root and capture files held."""
         self._release(slot.address, slot.marker, slot.name)
+        if self.links is not None:
+            self.links.drop(slot.worker_id)
         if slot.held_output is not None:
             slot.held_output.close()
             slot.held_output = None

@@ -42,6 +42,7 @@ import zmq
 
 from .. import protocol as P
 from ..dataref import load_arguments
+from ..framelink import worker_socket
 from ..output import OutputCapture, attach, configured_limit, output_of
 from ..spare_taskdir import SPARE
 from .chain import KeptResults, not_kept
@@ -157,10 +158,13 @@ class WorkerProcess:
     def __init__(self, address: str, worker_id: bytes, marker: str | None = None,
                  parent_pid: int | None = None, *, task_root: str | None = None,
                  exit_on_disconnect: bool = False, data_only: bool = False, capture: bool = True,
-                 held: str | None = None) -> None:
+                 held: str | None = None, link_fd: int | None = None) -> None:
         self.address = address
         # the results held, not sent yet, also where the pool reads them should this process die (heldlog.py)
         self.held_log = HeldLog(held) if held else None
+        # a socketpair's end its pool gave it for tasks and results (framelink.py); None: over ZeroMQ,
+        # at address (the control thread's connection is at address either way)
+        self.link_fd = link_fd
         # what tasks write to fd 1 and 2 goes back with their results (output.py)
         self.capture = capture
         self.output: OutputCapture | None = None
@@ -198,11 +202,16 @@ class WorkerProcess:
         # a context of its own: a task's sockets (on zmq.Context.instance())
         # cannot hold up the term() that sends our last results
         ctx = zmq.Context()
-        sock = P.limit_frames(ctx.socket(zmq.DEALER))
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.setsockopt(zmq.IDENTITY, self.worker_id)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
-        sock.connect(self.address)
+        monitor = None
+        sock: Any
+        if self.link_fd is not None:
+            sock = worker_socket(self.link_fd)   # (the pool closing it reads as a STOP)
+        else:
+            sock = P.limit_frames(ctx.socket(zmq.DEALER))
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.IDENTITY, self.worker_id)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.exit_on_disconnect else None
+            sock.connect(self.address)
         self.sock = sock
         self.control = ControlThread(ctx, self.address, self.worker_id, self.queue, self.outgoing)
         self.control.start()
@@ -515,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held", default=None,
                         help="file to write the results held, not sent yet, in (its pool reads it if we die)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    parser.add_argument("--link-fd", type=int, default=None,
+                        help="an inherited socketpair's end to take tasks on and send results to, instead of "
+                             "--address (which the control connection uses still)")
     parser.add_argument("--task-root", default=None,
                         help="run each task in a fresh directory under this one, removed after it")
     parser.add_argument("--data-only", action="store_true",
@@ -538,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         WorkerProcess(ns.address, worker_id, ns.marker, ns.parent_pid, task_root=ns.task_root,
-                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only, held=ns.held).run()
+                      exit_on_disconnect=ns.exit_on_disconnect, data_only=ns.data_only, held=ns.held,
+                      link_fd=ns.link_fd).run()
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -1,0 +1,375 @@
+"""A local worker's main channel to its pool: a socketpair with our own framing.
+
+Over ZeroMQ every message between a pool and its worker crosses the I/O
+thread of each process: a task's way there and its result's way back cost
+two thread wake-ups more each than the two processes' own (measured on 2
+cores: ~0.35 ms from the pool's send to the task's start, ~0.5 ms from its
+end to the agent). A worker the pool starts on its own machine, outside any
+sandbox, gets one end of a ``socket.socketpair()`` instead (inherited, by
+number: ``--link-fd``), and the pool's loop reads the other end directly.
+Nothing else can reach the channel: no path, no routing id; the pool knows
+the worker by the end it holds.
+
+A message is its frames, as on ZeroMQ: ``count`` (u32), ``count`` lengths
+(u32 each), then the frames' bytes. The same limits hold as on the pool's
+ZeroMQ socket: at most ``protocol.MAX_FRAMES`` frames, each at most
+``protocol.MAX_FRAME`` bytes; a peer that sends more is cut off (as libzmq
+drops a connection sending a frame over ZMQ_MAXMSGSIZE).
+
+- :class:`PoolLinks`: the pool's ends, never blocking (a message the worker
+  does not read at once waits here, sent as the socket takes it; the loop
+  polls one descriptor for them all: an epoll set).
+- :class:`WorkerLink`: the worker's end, with the few methods of a
+  ``zmq.Socket`` its loop uses (so worker/process.py runs unchanged on
+  either); it may block. The pool closing its end reads as a STOP.
+
+*Opt-in for now* (``FEDEXEC_WORKER_LINK=1`` in the pool's environment; the
+embedded default's process and a CLI endpoint inherit it). Measured on the
+2-core machine (session 26, load 5-16): per sequential round trip the
+worker's context switches fall from 3.0 to 1.1 and the embedded process's
+from 9.6 to 7.5 (CPU 510 -> 260 us and 1870 -> 1440 us), but a ``map`` of
+no-op tasks ran slower in most side-by-side runs (medians ~4.7k vs ~8.9k
+tasks/s, not explained yet), so it is not the default.
+
+Sandboxed workers (bwrap, podman: their own view of the system) and
+workers in containers keep their ZeroMQ channel; so do every worker's
+control connection (worker/control.py) and remote pools' links to their
+endpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from typing import Any, Iterator, Sequence
+
+import zmq
+
+from . import protocol as P
+
+log = logging.getLogger("fedexec.pool")
+
+_U32 = struct.Struct("<I")
+READ_CHUNK = 1 << 18         # bytes read per recv at most
+READS_PER_TURN = 64         # recv calls per end and call of PoolLinks.messages (the rest: next turn)
+MAX_IOV = 64                 # buffers per sendmsg; a message of more frames is joined first
+BUFFER_SIZE = 1 << 21        # each end's socket buffers (a batch of tasks or results fits at once)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+class LinkError(Exception):
+    """The peer broke the framing or its limits; the link is closed."""
+
+
+ENABLE_VARIABLE = "FEDEXEC_WORKER_LINK"
+
+
+def enabled() -> bool:
+    """Whether a pool gives its unsandboxed workers links (``FEDEXEC_WORKER_LINK=1``)."""
+    return os.environ.get(ENABLE_VARIABLE) == "1"
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A new link: (the pool's end, the worker's end, inheritable)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for end in (ours, theirs):
+        try:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_SIZE)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_SIZE)
+        except OSError:
+            pass
+    theirs.set_inheritable(True)
+    return ours, theirs
+
+
+def _buffers(frames: Sequence[Any]) -> list[Any]:
+    """A message's bytes as buffers for sendmsg: its header, then each frame."""
+    views = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+    if len(views) > P.MAX_FRAMES:
+        raise LinkError(f"a message of {len(views)} frames, over the limit of {P.MAX_FRAMES} (MAX_FRAMES)")
+    lengths = [memoryview(v).nbytes for v in views]
+    if any(n > P.MAX_FRAME for n in lengths):
+        raise LinkError(f"a frame of {max(lengths):,} bytes, over the limit of {P.MAX_FRAME:,} (MAX_FRAME)")
+    header = struct.pack(f"<{len(lengths) + 1}I", len(lengths), *lengths)
+    if len(views) > MAX_IOV:   # (sendmsg takes at most IOV_MAX buffers)
+        return [header + b"".join(bytes(memoryview(v).cast("B")) for v in views)]
+    return [header, *views]
+
+
+class _Reader:
+    """Bytes read from a link, cut into messages as they complete."""
+
+    __slots__ = ("buffer", "start")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.start = 0
+
+    def feed(self, data: Any) -> None:
+        if self.start and self.start == len(self.buffer):
+            self.buffer.clear()
+            self.start = 0
+        self.buffer += data
+
+    def read_from(self, sock: socket.socket, scratch: memoryview) -> int:
+        """One recv from ``sock`` into ``scratch`` (a buffer kept for it: a
+        fresh 256 KiB bytes per call would cost a mapping of its own), kept
+        here; how many bytes came (0: the end of the stream)."""
+        n = sock.recv_into(scratch)
+        if n:
+            self.feed(scratch[:n])
+        return n
+
+    def message(self) -> list[bytes] | None:
+        """The next whole message, or None until it has all come; LinkError past a limit."""
+        buffer, start = self.buffer, self.start
+        have = len(buffer) - start
+        if have < 4:
+            return None
+        (count,) = _U32.unpack_from(buffer, start)
+        if not 0 < count <= P.MAX_FRAMES:
+            raise LinkError(f"a message of {count} frames (at most {P.MAX_FRAMES}: MAX_FRAMES)")
+        head = 4 + 4 * count
+        if have < head:
+            return None
+        lengths = struct.unpack_from(f"<{count}I", buffer, start + 4)
+        if max(lengths) > P.MAX_FRAME:
+            raise LinkError(f"a frame of {max(lengths):,} bytes (at most {P.MAX_FRAME:,}: MAX_FRAME)")
+        if have < head + sum(lengths):
+            return None
+        frames = []
+        at = start + head
+        view = memoryview(buffer)
+        for n in lengths:
+            frames.append(bytes(view[at:at + n]))
+            at += n
+        view.release()
+        if at == len(buffer):
+            buffer.clear()
+            self.start = 0
+        elif at > 1 << 20:   # compact now and then, not per message
+            del buffer[:at]
+            self.start = 0
+        else:
+            self.start = at
+        return frames
+
+
+class _PoolEnd:
+    __slots__ = ("sock", "fd", "reader", "out")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = _Reader()
+        self.out: list[Any] = []   # buffers not yet taken by the socket, in order
+
+
+class PoolLinks:
+    """The pool's ends of its local workers' links, by worker id. Poll this
+    object (``fileno()``: one epoll descriptor for every end, readable when
+    any is); :meth:`messages` then reads what came; :meth:`send` never
+    blocks. Used from the pool's loop only."""
+
+    def __init__(self) -> None:
+        #: whether its pool gives workers links (:func:`enabled`): only then is it polled
+        self.wanted = enabled()
+        self._epoll = select.epoll()
+        self._ends: dict[bytes, _PoolEnd] = {}
+        self._by_fd: dict[int, bytes] = {}
+        self._backlog: set[bytes] = set()   # ends with output the socket has not taken yet
+        self._scratch = memoryview(bytearray(READ_CHUNK))   # what each recv reads into
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def __contains__(self, worker_id: bytes) -> bool:
+        return worker_id in self._ends
+
+    def add(self, worker_id: bytes, sock: socket.socket) -> None:
+        end = _PoolEnd(sock)
+        self._ends[worker_id] = end
+        self._by_fd[end.fd] = worker_id
+        self._epoll.register(end.fd, select.EPOLLIN)
+
+    def drop(self, worker_id: bytes) -> None:
+        """Close a worker's end (it is gone, or given up on)."""
+        end = self._ends.pop(worker_id, None)
+        if end is None:
+            return
+        self._backlog.discard(worker_id)
+        del self._by_fd[end.fd]
+        try:
+            self._epoll.unregister(end.fd)
+        except OSError:
+            pass
+        end.sock.close()
+
+    def close(self) -> None:
+        for worker_id in list(self._ends):
+            self.drop(worker_id)
+        self._epoll.close()
+
+    def send(self, worker_id: bytes, frames: Sequence[Any]) -> bool:
+        """Send a message to a worker with a link; False when it has none
+        (it talks over ZeroMQ). A message the socket cannot take now waits
+        here, sent as the socket takes it (:meth:`messages`); one to a worker that is gone is dropped, as ZeroMQ
+        drops one to a peer that left."""
+        end = self._ends.get(worker_id)
+        if end is None:
+            return False
+        try:
+            buffers = _buffers(frames)
+        except LinkError as exc:
+            log.warning("not sent to a worker: %s", exc)
+            return True
+        if end.out:
+            end.out.extend(buffers)
+            return True
+        self._write(worker_id, end, buffers)
+        return True
+
+    def _write(self, worker_id: bytes, end: _PoolEnd, buffers: list[Any]) -> None:
+        try:
+            sent = end.sock.sendmsg(buffers)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:   # EPIPE, ECONNRESET: the worker is gone (reaped as any other)
+            log.debug("could not send to a worker: %s", exc)
+            end.out = []
+            self._backlog.discard(worker_id)
+            return
+        total = sum(memoryview(b).nbytes for b in buffers)
+        if sent >= total:
+            if worker_id in self._backlog:   # all out: readable again only when the worker writes
+                self._backlog.discard(worker_id)
+                self._epoll.modify(end.fd, select.EPOLLIN)
+            return
+        rest = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[sent:]   # (rare: a full socket)
+        end.out = [rest]
+        if worker_id not in self._backlog:   # the epoll set wakes the pool's loop when the socket takes more
+            self._backlog.add(worker_id)
+            self._epoll.modify(end.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def messages(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        """``(worker id, frames)`` of the messages that have come; never
+        blocks, and reads at most READS_PER_TURN chunks per end (what is
+        left keeps its descriptor readable for the next turn). An end past
+        the limits, or closed by its worker, is dropped."""
+        if not self._ends:   # (no system call for a pool whose workers have none)
+            return
+        for fd, events in self._epoll.poll(0):
+            worker_id = self._by_fd.get(fd)
+            if worker_id is None:
+                continue
+            end = self._ends[worker_id]
+            if events & select.EPOLLOUT and end.out:   # the socket takes more of what waits for it
+                out, end.out = end.out, []
+                self._write(worker_id, end, out)
+            if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                continue
+            closed = False
+            try:
+                for _ in range(READS_PER_TURN):
+                    n = end.reader.read_from(end.sock, self._scratch)
+                    if not n:
+                        closed = True
+                    if n < READ_CHUNK:   # (all there was: no second call to hear EAGAIN)
+                        break
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                closed = True
+            try:
+                while (frames := end.reader.message()) is not None:
+                    yield worker_id, frames
+            except LinkError as exc:
+                log.warning("a worker broke its link's framing: %s; its link is closed", exc)
+                closed = True
+            if closed:
+                self.drop(worker_id)
+
+
+class WorkerLink:
+    """The worker's end of its link, with the methods of a ``zmq.Socket``
+    that the worker's loop (process.py) uses: ``poll``, ``getsockopt(EVENTS)``,
+    ``recv_multipart``, ``send_multipart``, ``close``. Blocking. When the
+    pool's end closes, what comes next reads as a STOP message."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.reader = _Reader()
+        self.waiting: list[list[bytes]] = []   # whole messages read, not yet taken
+        self._scratch = memoryview(bytearray(READ_CHUNK))
+        self.ended = False
+        self._poller = select.poll()
+        self._poller.register(self.sock.fileno(), select.POLLIN)
+
+    def _fill(self, block: bool) -> None:
+        """Read what has come (with ``block``, at least one whole message)."""
+        while not self.waiting and not self.ended:
+            if not block and not self._poller.poll(0):
+                return
+            try:
+                more = self.reader.read_from(self.sock, self._scratch)
+            except InterruptedError:
+                continue
+            except OSError:
+                more = False
+            if not more:
+                self.ended = True
+                return
+            try:
+                while (frames := self.reader.message()) is not None:
+                    self.waiting.append(frames)
+            except LinkError:
+                self.ended = True
+                return
+
+    def poll(self, timeout: int = -1, flags: int = _POLLIN) -> int:
+        """POLLIN when a message (or the end) can be read within ``timeout`` ms, else 0."""
+        if self.waiting or self.ended:
+            return _POLLIN
+        if self._poller.poll(timeout):
+            self._fill(False)
+            return _POLLIN if (self.waiting or self.ended) else 0
+        return 0
+
+    def getsockopt(self, option: int) -> int:
+        if option != _EVENTS:
+            raise ValueError("a worker link answers ZMQ_EVENTS only")
+        return self.poll(0)
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
+        self._fill(True)
+        if self.waiting:
+            return self.waiting.pop(0)
+        return P.encode(P.STOP)   # the pool closed its end: stop
+
+    def send_multipart(self, frames: Sequence[Any], flags: int = 0, copy: bool = True) -> None:
+        """Send a whole message (blocking until the socket takes it); a pool that is gone drops it."""
+        buffers = _buffers(frames)
+        total = sum(memoryview(b).nbytes for b in buffers)
+        try:
+            sent = self.sock.sendmsg(buffers)
+            if sent < total:
+                self.sock.sendall(b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[sent:])
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
+
+    def close(self, linger: int | None = None) -> None:
+        self.sock.close()
+
+
+def worker_socket(fd: int) -> WorkerLink:
+    """The worker's end of its link, from the descriptor it inherited."""
+    os.set_inheritable(fd, False)   # (not passed on to what its tasks start)
+    return WorkerLink(fd)

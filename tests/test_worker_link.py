@@ -1,0 +1,167 @@
+"""A local worker's socketpair channel to its pool (framelink.py): framing
+and its limits over real sockets, the pool going away, and real workers on
+it (opt-in: FEDEXEC_WORKER_LINK=1) running, dying and being replaced."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from fedexec import FederatedExecutor
+from fedexec import protocol as P
+from fedexec.errors import WorkerLost
+from fedexec.framelink import ENABLE_VARIABLE, PoolLinks, WorkerLink, pair
+
+DEADLINE = 60
+
+
+def _linked() -> tuple[PoolLinks, WorkerLink, socket.socket]:
+    links = PoolLinks()
+    ours, theirs = pair()
+    links.add(b"w", ours)
+    return links, WorkerLink(os.dup(theirs.fileno())), theirs
+
+
+def _messages(links: PoolLinks, count: int, timeout: float = 10.0) -> list[tuple[bytes, list[bytes]]]:
+    got: list[tuple[bytes, list[bytes]]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got += links.messages()
+        time.sleep(0.001)
+    return got
+
+
+def test_messages_cross_both_ways_in_order_whatever_their_size() -> None:
+    links, worker, theirs = _linked()
+    try:
+        big = os.urandom(5 * 1024 * 1024)   # more than the socket takes at once: the pool keeps the rest
+        sent = [P.encode(P.TASKS, {"tasks": [], "n": i}, [b"x" * i, big if i == 2 else b""]) for i in range(4)]
+        for frames in sent:
+            assert links.send(b"w", frames)
+        received: list[list[bytes]] = []
+        reader = threading.Thread(target=lambda: received.extend(worker.recv_multipart() for _ in sent))
+        reader.start()
+        deadline = time.monotonic() + 20
+        while reader.is_alive() and time.monotonic() < deadline:
+            list(links.messages())   # (hands the socket the rest as it takes it: EPOLLOUT)
+            reader.join(0.01)
+        assert not reader.is_alive(), "the worker did not get every message"
+        assert [P.decode(m).fields["n"] for m in received] == [0, 1, 2, 3]
+        assert received[2][2] == big and received[3][1] == b"xxx"
+        sender = threading.Thread(target=worker.send_multipart, args=(P.encode(P.RESULTS, {"rows": []}, [big]),))
+        sender.start()   # (it blocks until the pool has read enough: as a worker does)
+        ((who, frames),) = _messages(links, 1)
+        sender.join(10)
+        assert who == b"w" and frames[1] == big
+        assert links.send(b"nobody", P.encode(P.STOP)) is False   # (over ZeroMQ, then)
+    finally:
+        links.close()
+        worker.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("header", [
+    struct.pack("<I", 0),                                   # no frames
+    struct.pack("<I", P.MAX_FRAMES + 1),                    # too many frames
+    struct.pack("<II", 1, P.MAX_FRAME + 1),                 # a frame over MAX_FRAME
+])
+def test_a_worker_breaking_the_framing_loses_its_link_and_nothing_else(header: bytes) -> None:
+    links = PoolLinks()
+    bad_ours, bad_theirs = pair()
+    good_ours, good_theirs = pair()
+    links.add(b"bad", bad_ours)
+    links.add(b"good", good_ours)
+    good = WorkerLink(os.dup(good_theirs.fileno()))
+    try:
+        bad_theirs.sendall(header + b"\0" * 64)
+        good.send_multipart(P.encode(P.READY, {"pid": 1}))
+        got = _messages(links, 1)
+        deadline = time.monotonic() + 5
+        while b"bad" in links and time.monotonic() < deadline:
+            got += links.messages()
+            time.sleep(0.01)
+        assert b"bad" not in links, "the link that broke the framing is still open"
+        assert [who for who, _ in got] == [b"good"]
+        assert b"good" in links
+        # and its worker sees its end close: the pool stopped talking to it
+        bad_theirs.settimeout(5)
+        assert bad_theirs.recv(1) == b""
+    finally:
+        links.close()
+        good.close()
+        for end in (bad_theirs, good_theirs):
+            end.close()
+
+
+def test_the_worker_refuses_to_send_past_the_limits() -> None:
+    links, worker, theirs = _linked()
+    try:
+        with pytest.raises(Exception, match="MAX_FRAMES"):
+            worker.send_multipart([b""] * (P.MAX_FRAMES + 1))
+    finally:
+        links.close()
+        worker.close()
+        theirs.close()
+
+
+def test_the_pool_closing_its_end_reads_as_stop_and_late_sends_are_dropped() -> None:
+    links, worker, theirs = _linked()
+    theirs.close()
+    links.close()
+    assert worker.poll(2000)
+    assert P.decode(worker.recv_multipart()).type == P.STOP
+    worker.send_multipart(P.encode(P.RESULTS, {"rows": []}))   # the pool is gone: dropped, no error
+    worker.close()
+
+
+def child_fds() -> list[str]:
+    """Run in a worker: what a process the task starts has open (beyond 0-2), by kind."""
+    code = ("import os\nfor fd in os.listdir('/proc/self/fd'):\n"
+            "    try: print(os.readlink(f'/proc/self/fd/{fd}'))\n    except OSError: pass\n")
+    # close_fds=False: whatever the worker holds that is inheritable would show here
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         close_fds=False).stdout
+    return [line for line in out.split() if line.startswith("socket:")]
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def die_hard() -> None:
+    os.kill(os.getpid(), 9)
+
+
+@pytest.fixture
+def linked_executor(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(ENABLE_VARIABLE, "1")   # (the embedded process, and its pool, inherit it)
+    with FederatedExecutor(max_workers=2) as ex:
+        yield ex
+
+
+def test_workers_run_tasks_on_their_links(linked_executor: FederatedExecutor) -> None:
+    ex = linked_executor
+    assert list(ex.map(pow, range(300), [2] * 300)) == [i * i for i in range(300)]
+    pids = {ex.submit(worker_pid).result(timeout=DEADLINE) for _ in range(20)}
+    for pid in pids:
+        assert "--link-fd" in psutil.Process(pid).cmdline()
+    # a task's own processes do not inherit its worker's end of the link
+    assert ex.submit(child_fds).result(timeout=DEADLINE) == []
+
+
+def test_a_worker_killed_mid_task_is_replaced_on_a_link_of_its_own(linked_executor: FederatedExecutor) -> None:
+    ex = linked_executor
+    ex.submit(worker_pid).result(timeout=DEADLINE)
+    with pytest.raises(WorkerLost):
+        ex.submit(die_hard).result(timeout=DEADLINE)
+    assert list(ex.map(pow, range(50), [3] * 50)) == [i ** 3 for i in range(50)]
+    pids = {ex.submit(worker_pid).result(timeout=DEADLINE) for _ in range(20)}
+    assert all("--link-fd" in psutil.Process(pid).cmdline() for pid in pids)
