@@ -123,3 +123,35 @@ def test_memoized_results_expire_and_an_older_memo_table_gains_its_user(tmp_path
         assert list(store.memo_entries()) == [(b"b" * 32, "bob", 10, now)]
     finally:
         store.close()
+
+
+def test_a_result_kept_or_acknowledged_in_its_own_commit_is_written_once(tmp_path):
+    """Tasks inserted by an earlier commit: a result and its keeping in one
+    commit leave the row kept; a result and its acknowledgement delete it;
+    another user's keeping or acknowledgement of the id changes nothing."""
+    import sqlite3
+
+    store = RelayStore(tmp_path, keep_acknowledged=True)
+    kept, acked, others = (uuid.uuid4().bytes for _ in range(3))
+    for task_id in (kept, acked, others):
+        store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args", "alice")
+    assert store.sync()
+    store.add_result(kept, 0, b"r1", "alice")
+    store.add_result(others, 0, b"r3", "alice")
+    store.acknowledge([kept, others], "bob")   # not bob's: ignored
+    store.acknowledge([kept], "alice")          # kept
+    store.delete_results([acked], "alice")      # unknown as finished yet: ignored
+    store.add_result(acked, 0, b"r2", "alice")
+    store.delete_results([acked], "alice")      # finished and gone in the same commit
+    store.close()
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    try:
+        rows = {row[0]: row[1:] for row in db.execute("SELECT id, state, result, args, user FROM tasks")}
+    finally:
+        db.close()
+    assert rows == {kept: (2, b"r1", None, "alice"), others: (1, b"r3", None, "alice")}
+    store = RelayStore(tmp_path, keep_acknowledged=True)
+    try:
+        assert store.kept_owners == {kept: "alice"} and store.finished_owners == {others: "alice"}
+    finally:
+        store.close()

@@ -464,7 +464,8 @@ class RelayStore:
         """Write the batches in one transaction, net of what cancels out: a
         task submitted, finished and acknowledged within the same commit is
         never written; one submitted and finished is inserted finished; one
-        finished and acknowledged is only deleted."""
+        finished and acknowledged is only deleted; one finished and kept
+        (keep_acknowledged) is updated once, kept."""
         endpoints: list[tuple] = []
         memo: list[tuple] = []
         inserts: dict[bytes, list[Any]] = {}   # new task rows, updated in place by results
@@ -495,11 +496,18 @@ class RelayStore:
                     continue
                 if kept:
                     kept.pop(ack, None)
+                update = updates.get(task_id)
+                if update is not None and update[4] == user:
+                    del updates[task_id]   # its row goes: no result to write into it first
                 deletes.append(ack)
             for entry in b_kept:
                 new = inserts.get(entry[0])
                 if new is not None and new[9] == entry[1]:
                     new[7] = KEPT   # inserted finished (its result is appended) and kept at once
+                    continue
+                update = updates.get(entry[0])
+                if update is not None and update[4] == entry[1]:
+                    updates[entry[0]] = (KEPT, *update[1:])   # its result written kept: one UPDATE, not two
                 else:
                     kept[entry] = None
         functions = [op for op in function_ops.values() if op[1] is not None]
