@@ -123,3 +123,80 @@ def test_memoized_results_expire_and_an_older_memo_table_gains_its_user(tmp_path
         assert list(store.memo_entries()) == [(b"b" * 32, "bob", 10, now)]
     finally:
         store.close()
+
+
+def test_a_result_kept_or_acknowledged_in_its_own_commit_is_written_once(tmp_path):
+    """Tasks inserted by an earlier commit: a result and its keeping in one
+    commit leave the row kept; a result and its acknowledgement delete it;
+    another user's keeping or acknowledgement of the id changes nothing."""
+    import sqlite3
+
+    store = RelayStore(tmp_path, keep_acknowledged=True)
+    kept, acked, others = (uuid.uuid4().bytes for _ in range(3))
+    for task_id in (kept, acked, others):
+        store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", b"args", "alice")
+    assert store.sync()
+    store.add_result(kept, 0, b"r1", "alice")
+    store.add_result(others, 0, b"r3", "alice")
+    store.acknowledge([kept, others], "bob")   # not bob's: ignored
+    store.acknowledge([kept], "alice")          # kept
+    store.delete_results([acked], "alice")      # unknown as finished yet: ignored
+    store.add_result(acked, 0, b"r2", "alice")
+    store.delete_results([acked], "alice")      # finished and gone in the same commit
+    store.close()
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    try:
+        rows = {row[0]: row[1:] for row in db.execute("SELECT id, state, result, args, user FROM tasks")}
+    finally:
+        db.close()
+    assert rows == {kept: (2, b"r1", None, "alice"), others: (1, b"r3", None, "alice")}
+    store = RelayStore(tmp_path, keep_acknowledged=True)
+    try:
+        assert store.kept_owners == {kept: "alice"} and store.finished_owners == {others: "alice"}
+    finally:
+        store.close()
+
+
+OLD_TASKS_TABLE = """CREATE TABLE tasks (
+    id BLOB PRIMARY KEY, client BLOB NOT NULL, endpoint TEXT NOT NULL, fn_hash BLOB NOT NULL,
+    kind INTEGER NOT NULL, python TEXT NOT NULL, args BLOB, state INTEGER NOT NULL, submitted REAL NOT NULL,
+    status INTEGER, result BLOB, finished REAL, args_file INTEGER NOT NULL DEFAULT 0,
+    result_file INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"""
+
+
+def test_a_record_keyed_by_task_id_is_moved_to_arrival_order_with_every_row(tmp_path):
+    """A record of an older fedexec (tasks WITHOUT ROWID, keyed by id, no
+    user or options columns yet) is read back whole after the move; the
+    table is then in arrival order with a unique index on ids, so an id it
+    holds is still not inserted twice."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    db.execute(OLD_TASKS_TABLE)
+    db.execute("PRAGMA user_version=2")
+    first, second, done = (uuid.uuid4().bytes for _ in range(3))
+    db.executemany("INSERT INTO tasks (id, client, endpoint, fn_hash, kind, python, args, state, submitted, status, "
+                   "result, finished) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                   [(second, b"C", "ep", b"h" * 32, 0, "3.11", b"a2", 0, 20.0, None, None, None),
+                    (first, b"C", "ep", b"h" * 32, 0, "3.11", b"a1", 0, 10.0, None, None, None),
+                    (done, b"C", "ep", b"h" * 32, 0, "3.11", None, 1, 5.0, 0, b"r", 6.0)])
+    db.commit()
+    db.close()
+    store = RelayStore(tmp_path)
+    try:
+        assert [(row[0], row[6], row[7], row[8]) for row in store.pending_tasks()] == [
+            (first, "local", b"a1", None), (second, "local", b"a2", None)]
+        assert store.finished_owners == {done: "local"}
+        assert list(store.unacknowledged_results()) == [(done, "local", 1, 6.0)]
+        store.add_task(first, b"C", "ep", b"h" * 32, 0, "3.11", b"again", "mallory")
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "relay.sqlite3")
+    try:
+        (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name='tasks'").fetchone()
+        assert "WITHOUT ROWID" not in sql.upper()
+        assert db.execute("SELECT name FROM sqlite_master WHERE name='tasks_by_id'").fetchone()
+        assert db.execute("SELECT id, user, args FROM tasks ORDER BY rowid").fetchall() == [
+            (done, "local", None), (first, "local", b"a1"), (second, "local", b"a2")]
+    finally:
+        db.close()

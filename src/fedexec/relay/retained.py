@@ -161,15 +161,31 @@ class RetainedResults:
         for task_id, user, ref in self.store.result_references():
             self.hold_upload(task_id, user, ref)
         missing: dict[str, list[bytes]] = {}
+        # as keep() of each row in turn, in bulk (a restart on 1M kept rows:
+        # one quota charge per user, the cap applied once per user)
+        by_user, order, uploads = self.by_user, self.order, self.uploads
+        charged: dict[str, int] = {}
         for task_id, user, size, finished in self.store.kept_results():
-            entry = self.uploads.get(task_id)
+            entry = uploads.get(task_id) if uploads else None
             if entry is not None and not self.upload_exists(user, entry[1]):
                 missing.setdefault(user, []).append(task_id)
             size = row_bytes(size)
-            self.quotas.charge(user, 0, size)
-            self.keep([(task_id, size)], user, finished)
+            charged[user] = charged.get(user, 0) + size
+            mine = by_user.get(user)
+            if mine is None:
+                mine = by_user[user] = OrderedDict()
+            mine[task_id] = size
+            order.append((finished, task_id, user))
+        for user, nbytes in charged.items():
+            self.quotas.charge(user, 0, nbytes)
+        for user in list(by_user):   # past max_per_user, the oldest go
+            mine = by_user[user]
+            over = len(mine) - self.max_per_user
+            if over > 0:
+                self._drop(user, [task_id for task_id, _ in zip(mine, range(over))])
         for user, task_ids in missing.items():
-            self._drop(user, task_ids)
+            mine = by_user.get(user, {})
+            self._drop(user, [task_id for task_id in task_ids if task_id in mine])
 
     def _drop(self, user: str, task_ids: list[bytes]) -> None:
         if task_ids:
