@@ -99,7 +99,7 @@ def task_base_parent(where: str) -> str | None:
     """Where the fresh base of a run's task directories is made: ``home``,
     in the fedexec home (``~/.fedexec``, where the default base ``tasks`` is:
     the file system a user's shell tasks write to); ``tmp``, in the system's
-    temporary directory (as before session 26); else that directory."""
+    temporary directory (the default); else that directory."""
     if where == "home":
         from fedexec.config import fedexec_home
 
@@ -169,9 +169,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(SYSTEMS))
-    parser.add_argument("--task-base", default="home",
-                        help="where fedexec's task directories go: home (a fresh directory in ~/.fedexec, beside "
-                             "the default base), tmp (the system's temporary directory), or a directory. On an "
+    parser.add_argument("--task-base", default="tmp",
+                        help="where fedexec's task directories go: tmp (the system's temporary directory: the "
+                             "default), home (a fresh directory in ~/.fedexec, beside the default base), or a "
+                             "directory (/dev/shm: no file system cost at all). On an "
                              "ext4 without a journal, creating a file costs ~1 ms of CPU in a directory whose "
                              "block group had many files deleted in the last minutes (ext4's recently_deleted "
                              "scan), as a shared /tmp often has")
