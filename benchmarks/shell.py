@@ -79,7 +79,7 @@ def run_fedexec(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     # the tasks' directories in a fresh base of this run's, removed after it: thousands a run
     # would pile up in ~/.fedexec/tasks, which each pool's first cleaning pass then stats
-    tasks_base = tempfile.mkdtemp(prefix="fedexec-bench-tasks-")
+    tasks_base = tempfile.mkdtemp(prefix="fedexec-bench-tasks-", dir=task_base_parent(args.task_base))
     os.environ["FEDEXEC_TASK_DIR"] = tasks_base
     with contextlib.ExitStack() as cleanup, FederatedExecutor(max_workers=2) as ex:
         cleanup.callback(shutil.rmtree, tasks_base, True)
@@ -93,6 +93,20 @@ def run_fedexec(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
             out[cmd] = measure(lambda c: check(ex.submit(fn)), lambda c: ex.submit(fn), check, cmd,
                                args.calls, args.tasks)
     return out
+
+
+def task_base_parent(where: str) -> str | None:
+    """Where the fresh base of a run's task directories is made: ``home``,
+    in the fedexec home (``~/.fedexec``, where the default base ``tasks`` is:
+    the file system a user's shell tasks write to); ``tmp``, in the system's
+    temporary directory (the default); else that directory."""
+    if where == "home":
+        from fedexec.config import fedexec_home
+
+        home = fedexec_home()
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return str(home)
+    return None if where == "tmp" else where
 
 
 def run_parsl(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
@@ -155,6 +169,13 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(SYSTEMS))
+    parser.add_argument("--task-base", default="tmp",
+                        help="where fedexec's task directories go: tmp (the system's temporary directory: the "
+                             "default), home (a fresh directory in ~/.fedexec, beside the default base), or a "
+                             "directory (/dev/shm: no file system cost at all). On an "
+                             "ext4 without a journal, creating a file costs ~1 ms of CPU in a directory whose "
+                             "block group had many files deleted in the last minutes (ext4's recently_deleted "
+                             "scan), as a shared /tmp often has")
     args = parser.parse_args()
     names = args.only.split(",")
     runs: dict[str, list[dict[str, tuple[float, float]]]] = {name: [] for name in names}
@@ -168,7 +189,8 @@ def main() -> int:
             shown = ", ".join(f"{cmd!r} {ms:.2f} ms, {rate:,.0f}/s" for cmd, (ms, rate) in runs[name][-1].items())
             print(f"run {run + 1}: {name}: {shown}", flush=True)
     print(f"\nround trip: median ms of {args.calls} sequential calls; burst: {args.tasks} tasks at once, tasks/s; "
-          f"medians of {args.runs} runs")
+          f"medians of {args.runs} runs; fedexec's task directories in --task-base {args.task_base}; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"| system | {' | '.join(f'`{c}` round trip ms | `{c}` burst tasks/s' for c in COMMANDS)} |")
     print("|---|" + "---|" * (2 * len(COMMANDS)))
     for name in names:

@@ -166,3 +166,34 @@ def test_no_spare_where_the_base_was_removed(tmp_path):
     base.rmdir()   # the user removed the base meanwhile: an idle worker does not make it again
     spares.refill()
     assert not base.exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_next_spare_is_made_while_the_command_runs(tmp_path, monkeypatch):
+    """Made by the worker's maker thread once the command started, not after
+    it ended: a task that comes meanwhile does not wait for the file system."""
+    base = str(tmp_path / "tasks")
+    monkeypatch.setenv(TASK_DIR_ENV, base)
+    with FederatedExecutor(max_workers=1) as ex:
+        ex.submit(ShellFunction("true")).result(DEADLINE)
+        first = _wait_spare(base)
+        marker = tmp_path / "started"
+        running = ex.submit(ShellFunction("touch {marker}; sleep 3; echo done"), marker=str(marker))
+        deadline = time.monotonic() + 20
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert marker.exists(), "the command did not start"
+        during = _wait_spare(base, timeout=2.0)   # while `sleep 3` runs
+        assert during != first and not running.done()
+        assert running.result(DEADLINE).stdout == "done\n"
+        after = ex.submit(ShellFunction("pwd")).result(DEADLINE)
+        assert os.path.basename(after.task_dir).endswith(during[len(SPARE_PREFIX) - 1:])   # the one made
+
+
+def test_a_program_calling_a_shell_function_itself_is_left_no_spare(tmp_path, monkeypatch):
+    base = str(tmp_path / "tasks")
+    monkeypatch.setenv(TASK_DIR_ENV, base)
+    result = ShellFunction("echo here")()
+    assert result.stdout == "here\n"
+    time.sleep(0.2)
+    assert os.listdir(base) == [os.path.basename(result.task_dir)]   # its own only (named task-<random>)

@@ -12,7 +12,7 @@ endpoint's ``worker_init`` or environment can), else ``tasks`` under the
 fedexec home (``$FEDEXEC_HOME``, by default ``~/.fedexec``) of the account
 the endpoint runs as; each task gets ``<that>/<task id>-<random>`` (mode
 0700, its files 0600), made with ``*at`` calls that follow no symlink (by
-the worker ahead of time, while idle after a shell task: ``spare_taskdir.py``), and
+the worker ahead of time, while the previous shell task ran: ``spare_taskdir.py``), and
 left for the user (it is the task's output) until the endpoint's
 ``task_dir_ttl`` (7 days by default) expires it. In a sandbox
 (``worker/sandbox.py``) the directory is made in the directory of that
@@ -190,6 +190,8 @@ class ShellFunction:
         err_path = os.path.join(directory, OUTPUT_FILES[1])
         try:   # (the files stay open here, to read the snippets back without opening them again)
             process = start(cmd, dir_fd, out_fd, err_fd)
+            if _in_worker():   # the next task's directory, made while this command runs
+                SPARE.refill_soon()
             timed_out = False
             try:
                 returncode = wait(process, self.walltime)
@@ -253,6 +255,14 @@ def _task_directory() -> tuple[str, int, int, int, bool]:
         host = os.environ.get(SANDBOX_HOST_DIR_ENV)   # where it is on the host, which results name
         return (os.path.join(host, os.path.basename(path)) if host else path), fd, out_fd, err_fd, True
     return (*_made_task_dir(base_path(), process.current_task_id), True)
+
+
+def _in_worker() -> bool:
+    """Whether this process is a worker running a task (not a program
+    calling a ShellFunction itself, which is left no spare directory)."""
+    from .worker import process   # (imported there already)
+
+    return process.current_task_id is not None
 
 
 def _made_task_dir(base: str, task_id: bytes | None) -> tuple[str, int, int, int]:

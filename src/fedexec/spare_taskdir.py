@@ -4,10 +4,23 @@ Making a task directory and its two output files (``taskdirs.py``) is three
 inode creations: 0.15 ms on a quiet disk, a millisecond or more on a busy
 ext4 (measured: 1 ms for ``mkdir`` alone under load), all on the path of the
 task. So after a shell task took its directory, its worker makes the next
-one in the same base while it waits for work (``WorkerProcess.run`` calls
-:meth:`SpareTaskDir.refill` when its queue is empty and no message waits),
-and the next shell task only renames it to its own name, which costs one
-``rename`` instead of three creations.
+one in the same base, and the next shell task only renames it to its own
+name, which costs one ``rename`` instead of three creations.
+
+*When.* While the command that took the last spare runs: once it has
+started (``shell.py`` calls :meth:`SpareTaskDir.refill_soon`), a thread of
+the worker of its own (the *maker*) makes the next one, so the worker's
+loop never waits on the file system for it. Before, the worker made it
+itself when idle for a millisecond after the result went; where a creation
+is slow (ext4 without a journal spends about a millisecond of CPU per
+file in a directory whose block group had many files deleted in the last
+minutes: its ``recently_deleted`` scan) the next task, arriving meanwhile,
+waited for it. Now a command runs beside it on a second core, and the
+result and the next task go by without waiting. A task that comes while
+the spare is still being made waits for it (:data:`MAKE_WAIT` at most):
+making its own would cost the same again. Where no thread can be started,
+the worker's idle loop makes it as before (``WorkerProcess.run`` calls
+:meth:`SpareTaskDir.refill` when its queue is empty and no message waits).
 
 The spare is made exactly as a task's directory is (``make_dir``: 0700,
 held with a shared flock, so no cleaner removes it; its files 0600), named
@@ -38,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SPARE_PREFIX = "task-"
 SPARE_MAX_AGE = 60.0   # seconds a spare may wait for a task; older, it is made again
+MAKE_WAIT = 2.0        # seconds a task waits at most for the spare being made (then makes its own)
 
 
 class _Spare:
@@ -80,12 +94,31 @@ class SpareTaskDir:
         self.wanted: str | None = None
         self._spare: _Spare | None = None
         self._lock = threading.Lock()   # (a task's own threads may run shell commands at once)
+        self._maker: threading.Thread | None = None   # makes the spare asked by refill_soon
+        self._asked: str | None = None                # the base it is asked to make one in
+        self._ask = threading.Event()                 # set: a spare is asked of the maker
+        self._made = threading.Event()                # set: none is being made
+        self._made.set()
+        self._forked_child = False
+
+    def _forked(self) -> None:
+        """In a child forked by a task: no maker thread there, and no lock
+        held by one (the parent's spare, if any, stays the parent's: see
+        ``_Spare.pid``); the child makes no spare (nothing would remove it)."""
+        self._lock = threading.Lock()
+        self._maker, self._asked = None, None
+        self._ask, self._made = threading.Event(), threading.Event()
+        self._made.set()
+        self._forked_child = True
 
     def take(self, base: str, task_id: bytes | None) -> tuple[str, int, int, int] | None:
         """The spare, renamed for task ``task_id`` in ``base``: its path and
         descriptors of it and of its stdout and stderr files (the caller's to
         close); None when there is no spare fit for it (then the caller makes
-        the directory). Either way the next spare is wanted in ``base``."""
+        the directory). Either way the next spare is wanted in ``base``.
+        While the maker is making one, waits for it (MAKE_WAIT at most)."""
+        if not self._made.is_set():
+            self._made.wait(MAKE_WAIT)
         with self._lock:
             spare, self._spare = self._spare, None
         self.wanted = base
@@ -114,12 +147,50 @@ class SpareTaskDir:
             os.close(spare.base_fd)
         return os.path.join(base, name), spare.fd, spare.out, spare.err
 
+    def refill_soon(self) -> None:
+        """Have the spare wanted made by the maker thread, now (the worker's
+        shell command has just started); the worker's idle loop makes it
+        instead where no thread can be started. Nothing when none is wanted."""
+        base = self.wanted
+        if base is None or self._spare is not None or not self._made.is_set() or self._forked_child:
+            return
+        if self._maker is None or not self._maker.is_alive():
+            maker = threading.Thread(target=self._make_asked, name="fedexec-spare-taskdir", daemon=True)
+            try:
+                maker.start()
+            except RuntimeError:   # (no thread to be had: left to the idle loop)
+                return
+            self._maker = maker
+        self.wanted = None
+        self._asked = base
+        self._made.clear()
+        self._ask.set()
+
+    def _make_asked(self) -> None:
+        """The maker thread: make each spare asked (refill_soon), one at a time."""
+        while True:
+            self._ask.wait()
+            self._ask.clear()
+            base, self._asked = self._asked, None
+            try:
+                if base is not None:
+                    self._make(base)
+            except Exception as exc:   # (never leave a task waiting on a maker gone)
+                log.debug("no spare task directory made in %s: %s", base, exc)
+            finally:
+                self._made.set()
+
     def refill(self) -> None:
-        """Make the spare wanted (nothing when none is: no shell task ran
-        since the last one was made). A failure is left for the next task's
-        own attempt to report."""
+        """Make the spare wanted, in this thread (nothing when none is: no
+        shell task ran since the last one was made, or the maker has it).
+        A failure is left for the next task's own attempt to report."""
         base, self.wanted = self.wanted, None
-        if base is None or self._spare is not None:
+        if base is not None:
+            self._make(base)
+
+    def _make(self, base: str) -> None:
+        """Make the spare in ``base``, unless there is one."""
+        if self._spare is not None:
             return
         base_fd = fd = out = err = -1
         try:
@@ -147,8 +218,10 @@ class SpareTaskDir:
             spare.remove()
 
     def discard(self) -> None:
-        """Remove the spare, if any (the worker is stopping)."""
+        """Remove the spare, if any (the worker is stopping), once the maker
+        is done with one being made."""
         self.wanted = None
+        self._made.wait(MAKE_WAIT)
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is not None:
@@ -156,3 +229,5 @@ class SpareTaskDir:
 
 
 SPARE = SpareTaskDir()   # this process's (a worker's)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=SPARE._forked)

@@ -58,7 +58,7 @@ from ..endpoint.graph import HeldTasks
 from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
 from ..framelink import PoolLinks
 from ..gcpolicy import for_service
-from ..outbox import ResultOutbox
+from ..outbox import ResultOutbox, notices_wait
 from ..stopgrace import grace_of
 from ..output import HeldOutput, attach as attach_output, configured_limit as configured_output_limit, \
     salvage as salvage_output
@@ -416,7 +416,7 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
             if slot is None:
                 continue
             if task_id == slot.head():
-                self.outbox.start(task_id)
+                self.outbox.start(task_id, answer=True)
             else:
                 ask.setdefault(slot.worker_id, (slot, []))[1].append(task_id)
         for slot, tids in ask.values():
@@ -435,7 +435,8 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
 
     def _flush_due(self, now: float) -> bool:
         return self.outbox.due(now, nothing_else=not (self.queue or self.at_worker)
-                               or (not self.queue and self.batch_size() == 1))
+                               or (not self.queue and self.batch_size() == 1),
+                               notices_wait=notices_wait(self.task_seconds))
 
     def _flush(self) -> None:
         if self.outbox:

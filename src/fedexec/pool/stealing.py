@@ -252,7 +252,7 @@ class WorkStealing:
             for task_id in absent:
                 self._cancel_asked.discard(task_id)
                 if task_id in slot.tasks:   # taken to run: its result follows
-                    self.outbox.start(task_id)
+                    self.outbox.start(task_id, answer=True)
         if slot.stuck not in slot.tasks:
             slot.stuck = None
         self._announce(slot)
