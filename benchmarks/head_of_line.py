@@ -84,6 +84,10 @@ class CliFederation:
 
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.endpoint_id = str(uuid.uuid4())
+        # a fedexec home of its own: the relay publishes its local secret there (relays/<address>.secret)
+        # and this process's client reads it from there; the user's real ~/.fedexec is left alone
+        self._home_before = os.environ.get("FEDEXEC_HOME")
+        os.environ["FEDEXEC_HOME"] = str(workdir / "home")
         self.log = open(workdir / "processes.log", "ab")
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.address, "--data-dir", str(workdir / "relay"),
@@ -111,6 +115,10 @@ class CliFederation:
         for proc in reversed(self.procs):
             stop(proc)
         self.log.close()
+        if self._home_before is None:
+            os.environ.pop("FEDEXEC_HOME", None)
+        else:
+            os.environ["FEDEXEC_HOME"] = self._home_before
 
 
 def run_one(system: str, sleep_tasks: int) -> dict[str, float]:
