@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -55,16 +56,24 @@ def cmdlines_below(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-# -- the embedded default ---------------------------------------------------------------
-@pytest.mark.timeout(90)
-def test_sigterm_of_the_embedded_process_lets_the_running_task_deliver_its_result(tmp_path):
+@contextlib.contextmanager
+def embedded_with_one_worker(tmp_path: Path) -> Iterator[tuple[FederatedExecutor, psutil.Process, Path]]:
+    """An embedded default with one worker, warmed; its colocated process; a directory the tasks record runs in."""
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     ex = FederatedExecutor(max_workers=1)
     try:
         assert ex.submit(abs, -1).result(DEADLINE) == 1
         (colocated,) = ex._dispatcher.services.processes
-        host = psutil.Process(colocated.pid)
+        yield ex, psutil.Process(colocated.pid), runs_dir
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+# -- the embedded default ---------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_sigterm_of_the_embedded_process_lets_the_running_task_deliver_its_result(tmp_path):
+    with embedded_with_one_worker(tmp_path) as (ex, host, runs_dir):
         future = ex.submit(record_run, str(runs_dir), 1.0, 7)
         wait_started(runs_dir)
         time.sleep(0.3)
@@ -72,19 +81,11 @@ def test_sigterm_of_the_embedded_process_lets_the_running_task_deliver_its_resul
         assert future.result(15) == 7   # before: BrokenExecutor, its outcome lost with the process
         assert host.wait(15) == 0
         assert len(runs(runs_dir)) == 1, runs(runs_dir)
-    finally:
-        ex.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.mark.timeout(90)
 def test_a_task_longer_than_the_grace_does_not_hold_up_the_embedded_stop(tmp_path):
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    ex = FederatedExecutor(max_workers=1)
-    try:
-        assert ex.submit(abs, -1).result(DEADLINE) == 1
-        (colocated,) = ex._dispatcher.services.processes
-        host = psutil.Process(colocated.pid)
+    with embedded_with_one_worker(tmp_path) as (ex, host, runs_dir):
         workers = host.children(recursive=True)
         future = ex.submit(record_run, str(runs_dir), 60.0, 1)
         wait_started(runs_dir)
@@ -98,19 +99,11 @@ def test_a_task_longer_than_the_grace_does_not_hold_up_the_embedded_stop(tmp_pat
         assert not alive, [p.pid for p in alive]
         with pytest.raises(Exception, match="outcome is lost|stopped before"):
             future.result(15)
-    finally:
-        ex.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.mark.timeout(90)
 def test_a_second_sigterm_stops_the_embedded_process_at_once(tmp_path):
-    runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    ex = FederatedExecutor(max_workers=1)
-    try:
-        assert ex.submit(abs, -1).result(DEADLINE) == 1
-        (colocated,) = ex._dispatcher.services.processes
-        host = psutil.Process(colocated.pid)
+    with embedded_with_one_worker(tmp_path) as (ex, host, runs_dir):
         ex.submit(record_run, str(runs_dir), 60.0, 1)
         wait_started(runs_dir)
         began = time.monotonic()
@@ -119,8 +112,6 @@ def test_a_second_sigterm_stops_the_embedded_process_at_once(tmp_path):
         host.send_signal(signal.SIGTERM)
         host.wait(30)
         assert time.monotonic() - began < STOP_GRACE, time.monotonic() - began
-    finally:
-        ex.shutdown(wait=False, cancel_futures=True)
 
 
 # -- an endpoint run from the CLI ---------------------------------------------------------
