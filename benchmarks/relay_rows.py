@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,7 @@ from fedexec.relay.server import Relay
 def turn(relay: Relay) -> None:
     """One turn of the relay's loop for messages on its local link."""
     relay._read_local()
-    seq = relay.store.flush()
-    relay.bulk.flushed(seq)
-    if relay.turn_accepted or relay.turn_stored or relay.turn_resumed:
-        relay.after_commit.append((seq, relay.turn_accepted, relay.turn_stored, relay.turn_resumed))
-        relay.turn_accepted, relay.turn_stored = defaultdict(list), defaultdict(list)
-        relay.turn_resumed = defaultdict(list)
-    relay._dispatch()
-    relay._send_all()
-    relay._send_committed()
+    relay._after_reads()
 
 
 def drain(sock: zmq.Socket) -> list[P.Message]:

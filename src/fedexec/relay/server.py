@@ -405,15 +405,7 @@ class Relay:
                     self._read_local()
                 if self.store.commit_fd in events:
                     self.store.drain_commit_notices()
-                seq = self.store.flush()
-                self.bulk.flushed(seq)
-                if self.turn_accepted or self.turn_stored or self.turn_resumed:
-                    self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
-                    self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
-                    self.turn_resumed = defaultdict(list)
-                self._dispatch()
-                self._send_all()
-                self._send_committed()
+                self._after_reads()
                 if self.refused_tasks or self.refused_unauthenticated:
                     self._log_refused_tasks()
                 now = time.monotonic()
@@ -458,6 +450,20 @@ class Relay:
             self.pidfile.remove()
             if self.remove_on_exit is not None:  # a private relay leaves nothing behind
                 shutil.rmtree(self.remove_on_exit, ignore_errors=True)
+
+    def _after_reads(self) -> None:
+        """The rest of a turn once its messages are read: the record's
+        writes handed to its writer, what waits for their commit noted,
+        tasks placed and everything due sent."""
+        seq = self.store.flush()
+        self.bulk.flushed(seq)
+        if self.turn_accepted or self.turn_stored or self.turn_resumed:
+            self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
+            self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
+            self.turn_resumed = defaultdict(list)
+        self._dispatch()
+        self._send_all()
+        self._send_committed()
 
     def _maintenance(self, now: float) -> None:
         self.access.refresh(time.time())
