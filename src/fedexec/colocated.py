@@ -85,8 +85,11 @@ class Colocated:
     def _stop_agent(self) -> None:
         self.agent.stop_now()   # (the relay's loop has ended: nobody would read its results)
         self.thread.join(AGENT_JOIN_TIMEOUT)
-        if self.thread.is_alive():
-            log.error("the colocated endpoint agent did not stop within %.0f s", AGENT_JOIN_TIMEOUT)
+        if self.thread.is_alive():   # (stuck in a system call: its sockets would hold up the context's end)
+            log.error("the colocated endpoint agent did not stop within %.0f s: this process ends now",
+                      AGENT_JOIN_TIMEOUT)
+            logging.shutdown()
+            os._exit(1)   # its private directory goes at the next start (privatedir.py)
 
     def run(self) -> int:
         """Serve until stopped; the exit code."""

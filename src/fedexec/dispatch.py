@@ -30,13 +30,16 @@ MOST_HELD = 16
 class QueuedTask:
     """A task held here: its row, its argument blob, and how it has fared."""
 
-    __slots__ = ("row", "args", "lost", "retried")
+    __slots__ = ("row", "args", "lost", "retried", "answered")
 
     def __init__(self, row: list[Any], args: Any) -> None:
         self.row = row
         self.args = args
         self.lost = 0      # times the worker or pool running it was lost
         self.retried = 0   # times it ran again after raising (its max_retries)
+        # worker name -> results of its tries (retried) that came from that worker; their records in its
+        # held-results file are stale should it die holding this task again (pool/recovery.py)
+        self.answered: dict[str, int] | None = None
 
     def option(self, key: str) -> Any:
         return self.row[6].get(key) if len(self.row) == 7 else None

@@ -154,13 +154,14 @@ class SpareTaskDir:
         base = self.wanted
         if base is None or self._spare is not None or not self._made.is_set() or self._forked_child:
             return
-        if self._maker is None or not self._maker.is_alive():
-            maker = threading.Thread(target=self._make_asked, name="fedexec-spare-taskdir", daemon=True)
-            try:
-                maker.start()
-            except RuntimeError:   # (no thread to be had: left to the idle loop)
-                return
-            self._maker = maker
+        with self._lock:   # (a task's own threads may start shell commands at once: one maker)
+            if self._maker is None or not self._maker.is_alive():
+                maker = threading.Thread(target=self._make_asked, name="fedexec-spare-taskdir", daemon=True)
+                try:
+                    maker.start()
+                except RuntimeError:   # (no thread to be had: left to the idle loop)
+                    return
+                self._maker = maker
         self.wanted = None
         self._asked = base
         self._made.clear()

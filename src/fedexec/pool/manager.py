@@ -497,6 +497,8 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
                 status, blob = self.pool.task_result(slot, task_id, status, blob)
             if status == P.EXCEPTION and task.retried < (task.option("r") or 0) and not self.draining:
                 task.retried += 1  # the caller asked for another try after an exception
+                answered = task.answered = task.answered or {}   # (its held record is stale: pool/recovery.py)
+                answered[slot.name] = answered.get(slot.name, 0) + 1
                 self.queue.append(task)
                 continue
             if status != P.CANCELLED and i < len(times) and isinstance(times[i], float):

@@ -40,9 +40,16 @@ class HeldRecovery:
             return 0
         running = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
         latest: dict[bytes, tuple[int, bytes]] = {}
+        # a task retried after an exception may be back on the same worker: the records of the tries whose
+        # results came already are stale (as many as came; fewer when the file started over or a quick try
+        # was not recorded): only a record past them is the try it holds now, else it runs again
+        seen: dict[bytes, int] = {}
         for task_id, status, blob in heldlog.read_held(heldlog.path_for(slot.marker.path)):
             if task_id in slot.tasks and task_id != running:
-                latest[task_id] = (status, blob)   # (the latest, should a task have run there twice: a retry)
+                seen[task_id] = count = seen.get(task_id, 0) + 1
+                answered = slot.tasks[task_id].answered
+                if count > (answered.get(slot.name, 0) if answered else 0):
+                    latest.setdefault(task_id, (status, blob))
         if not latest:
             return 0
         blobs = P.Blobs()

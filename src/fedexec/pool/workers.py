@@ -160,8 +160,8 @@ class LocalWorkerPool:
         try:
             if self.sandbox == "none":
                 held = heldlog.path_for(marker.path)   # its results held, read if it dies (heldlog.py)
-                heldlog.create(held)
-                args += ["--held", held]
+                if heldlog.create(held):
+                    args += ["--held", held]
                 link = link_pair() if self.links is not None else None
                 if link:
                     args += ["--link-fd", str(link[1].fileno())]

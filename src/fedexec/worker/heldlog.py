@@ -7,8 +7,8 @@ later task crashes it, the OOM killer, a walltime), it took those results
 with it, and its pool ran those tasks again elsewhere: their side effects
 happened twice. So the worker also writes each result it holds into a file
 of its own beside its marker (the pool makes it, private, in its socket
-directory), through a memory map: no system call, a copy of a few dozen
-bytes for a small result. When the worker dies, its pool reads the file
+directory, its space allocated), through a memory map: no system call, a
+copy of a few dozen bytes for a small result. When the worker dies, its pool reads the file
 (``read_held``, with ``pread``, never a map) and takes the results of the
 tasks it still counted as held by the worker as if they had come: they
 finish once, and only the task that was running when the worker died
@@ -30,10 +30,14 @@ one user's tasks), so a task can forge nothing but its own user's results.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
+import stat
 import struct
 from typing import Any, Callable
+
+log = logging.getLogger("fedexec.worker")
 
 SIZE = 256 * 1024            # bytes of the file (sparse: only what was written takes memory)
 MAX_RECORDED = 32 * 1024     # a result larger than this is sent at once rather than held
@@ -50,14 +54,24 @@ def path_for(marker_path: str) -> str:
     return os.path.splitext(marker_path)[0] + SUFFIX
 
 
-def create(path: str) -> None:
-    """Make a worker's (empty) file, private (the pool, before it starts the worker)."""
+def create(path: str) -> bool:
+    """Make a worker's (empty) file, private (the pool, before it starts the
+    worker); False, and no file, when its space cannot be had. The space is
+    allocated here, not left sparse: a worker writing through its map into a
+    page a full tmpfs cannot back would die of SIGBUS after its task had
+    finished, and the task would run again (review, session 26)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, SIZE)
+        os.posix_fallocate(fd, 0, SIZE)
         os.pwrite(fd, _HEADER.pack(START, MAGIC), 0)
-    finally:
+    except OSError as exc:   # ENOSPC: the worker runs without (as a sandboxed one does)
+        log.warning("no held-results file for a worker (%s): its held results are lost should it die", exc)
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return False
+    os.close(fd)
+    return True
 
 
 class HeldLog:
@@ -103,11 +117,13 @@ def read_held(path: str) -> list[tuple[bytes, int, bytes]]:
     """The pool's side, once the worker is dead: ``(task id, status, blob)``
     of the records in the file, read within bounds; [] if there is none, or
     what is there is not a held-results file (a task may have spoiled it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:   # (non-blocking: a task may have put a FIFO in its place, whose open would wait for ever)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return []
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
         header = os.pread(fd, _HEADER.size, 0)
         if len(header) != _HEADER.size:
             return []
