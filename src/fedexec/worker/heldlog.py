@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("fedexec.worker")
 
-SIZE = 256 * 1024            # bytes of the file (sparse: only what was written takes memory)
+SIZE = 256 * 1024            # bytes of the file, allocated when made (256 KiB of tmpfs memory per worker)
 MAX_RECORDED = 32 * 1024     # a result larger than this is sent at once rather than held
 _HEADER = struct.Struct("<II")   # end of the records, magic
 _RECORD = struct.Struct("<I16sB")   # blob length, task id, status
