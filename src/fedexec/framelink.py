@@ -29,7 +29,12 @@ embedded default's process and a CLI endpoint inherit it). Measured on the
 worker's context switches fall from 3.0 to 1.1 and the embedded process's
 from 9.6 to 7.5 (CPU 510 -> 260 us and 1870 -> 1440 us), but a ``map`` of
 no-op tasks ran slower in most side-by-side runs (medians ~4.7k vs ~8.9k
-tasks/s, not explained yet), so it is not the default.
+tasks/s, not explained yet), so it is not the default. Session 26 again
+(linkmap, load 2-6, benchmarks/results/compare-revisions-linkmap-s26-2026-12-01.md):
+per task of a ``map`` it costs less CPU (embedded process 57 -> 36 us,
+worker 14.5 -> 8.5 us) and fewer context switches, and a plain ``map``
+ties; but over 13 alternating ``compare_revisions.py`` runs it won neither
+p50 (1.45 -> 1.57 ms) nor submit/map (0.80x / 0.82x), so it stays opt-in.
 
 Sandboxed workers (bwrap, podman: their own view of the system) and
 workers in containers keep their ZeroMQ channel; so do every worker's
