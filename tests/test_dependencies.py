@@ -513,7 +513,8 @@ def test_a_pool_killed_with_tasks_waiting_there_loses_nothing(tmp_path):
     with contextlib.ExitStack() as stack:
         address = stack.enter_context(running_relay(tmp_path))
         config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, address, max_workers=2, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
+            tmp_path, address, max_workers=2, type="local", in_process=False, init_blocks=1, min_blocks=1,
+            max_blocks=1))   # (a pool process, to be killed alone)
         with FederatedExecutor(config.endpoint_id, relay=address) as ex:
             assert ex.submit(inc, 1).result(DEADLINE) == 2
             root = ex.submit(sleep_then, 1.5, 1)

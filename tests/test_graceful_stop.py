@@ -166,7 +166,8 @@ def test_sigterm_of_a_pool_process_lets_its_running_task_finish_there_once(tmp_p
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))
         config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, relay, max_workers=1, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
+            tmp_path, relay, max_workers=1, type="local", in_process=False, init_blocks=1, min_blocks=1,
+            max_blocks=1))
         ex = FederatedExecutor(config.endpoint_id, relay=relay)
         stack.callback(ex.shutdown, wait=False, cancel_futures=True)
         futures = [ex.submit(record_run, str(runs_dir), 1.0, i) for i in range(3)]
@@ -192,8 +193,9 @@ def test_ctrl_c_of_a_foreground_endpoint_and_its_pool_processes_delivers_the_run
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))
         config = EndpointConfig(name="ep", relay=relay, max_workers=1, heartbeat_period=0.5,
-                                provider=ProviderConfig.from_dict({"type": "local", "init_blocks": 1,
-                                                                   "min_blocks": 1, "max_blocks": 1}))
+                                provider=ProviderConfig.from_dict({"type": "local", "in_process": False,
+                                                                   "init_blocks": 1, "min_blocks": 1,
+                                                                   "max_blocks": 1}))
         config.save()
         log = tmp_path / "endpoint.log"
         with open(log, "wb") as out:   # a process group of its own, as a terminal gives a foreground job

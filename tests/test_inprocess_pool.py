@@ -193,11 +193,63 @@ def test_endpoint_configure_sets_pools_in_process_and_refuses_it_for_slurm(tmp_p
         return subprocess.run([sys.executable, "-m", "fedexec.cli", "endpoint", "configure", "ep", *args],
                               capture_output=True, text=True, timeout=60)
 
-    done = configure("--relay", "tcp://127.0.0.1:5999", "--pools-in-process")
+    done = configure("--relay", "tcp://127.0.0.1:5999")   # unset: in-process, the local provider's default
+    assert done.returncode == 0, done.stderr
+    provider = EndpointConfig.load("ep").provider
+    assert provider.in_process is None and provider.pools_in_process is True
+    done = configure("--no-pools-in-process")
+    assert done.returncode == 0, done.stderr
+    assert EndpointConfig.load("ep").provider.in_process is False
+    assert "in_process = false" in EndpointConfig.load("ep").path.read_text()
+    assert EndpointConfig.load("ep").provider.pools_in_process is False
+    done = configure("--pools-in-process")
     assert done.returncode == 0, done.stderr
     assert EndpointConfig.load("ep").provider.in_process is True
     switched = configure("--provider", "slurm")   # another provider: its defaults, so in_process is off again
-    assert switched.returncode == 0 and EndpointConfig.load("ep").provider.in_process is False, switched.stderr
+    provider = EndpointConfig.load("ep").provider
+    assert switched.returncode == 0 and provider.in_process is None and not provider.pools_in_process, \
+        switched.stderr
     refused = configure("--pools-in-process")
     assert refused.returncode != 0 and "in_process" in refused.stderr, refused.stderr
     assert EndpointConfig.load("ep").provider.type == "slurm"
+
+
+def test_an_unset_in_process_means_in_process_only_where_allowed():
+    """The local provider runs its pools in the endpoint's process unless
+    told ``in_process = false``; a provider whose pools need a process of
+    their own keeps it without being told."""
+    from fedexec.config import ProviderConfig
+
+    assert ProviderConfig.from_dict({}).in_process is None
+    assert ProviderConfig.from_dict({}).pools_in_process is True
+    assert ProviderConfig.from_dict({"in_process": False}).pools_in_process is False
+    for settings in ({"type": "slurm"}, {"type": "manual"}, {"worker_init": "module load python"},
+                     {"python": "/opt/py/bin/python"}, {"address": "10.0.0.1"}):
+        provider = ProviderConfig.from_dict(settings)
+        assert provider.in_process is None and provider.pools_in_process is False, settings
+        assert "in_process" not in provider.to_toml(), provider.to_toml()
+    assert "in_process = false" in ProviderConfig.from_dict({"in_process": False}).to_toml()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("in_process", [None, False], ids=["default", "in_process-false"])
+def test_a_cli_endpoint_runs_its_pool_in_its_own_process_unless_told_not_to(tmp_path, in_process):
+    """A configured local endpoint with nothing said runs its pool inside
+    its own process (its workers are its children, no ``fedexec.pool``
+    process); ``in_process = false`` keeps a pool process between them."""
+    import contextlib
+
+    from test_faults import running_relay, tail
+    from test_providers import configured_endpoint
+
+    settings = {} if in_process is None else {"in_process": in_process}
+    with contextlib.ExitStack() as stack:
+        relay = stack.enter_context(running_relay(tmp_path))
+        config, proc, log = stack.enter_context(configured_endpoint(tmp_path, relay, max_workers=1, **settings))
+        with FederatedExecutor(config.endpoint_id, relay=relay) as ex:
+            parent = ex.submit(endpoint_pid_after, 0).result(DEADLINE)
+        pools = [p.pid for p in psutil.Process(proc.pid).children() if "fedexec.pool" in " ".join(p.cmdline())]
+        if in_process is None:
+            assert parent == proc.pid and not pools, (parent, pools, tail(log))
+        else:
+            assert pools == [parent] and parent != proc.pid, (parent, pools, tail(log))

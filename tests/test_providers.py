@@ -114,7 +114,8 @@ def test_local_blocks_scale_out_on_a_load_step_and_in_when_idle(tmp_path):
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))
         config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, relay, type="local", init_blocks=0, min_blocks=0, max_blocks=3, max_idletime=2.0))
+            tmp_path, relay, type="local", in_process=False, init_blocks=0, min_blocks=0, max_blocks=3,
+            max_idletime=2.0))   # (pool processes: each block's pool has a pid of its own)
         assert status_of("ep")["blocks"] == []           # nothing asked for yet: no pools
         with executor_for(config, relay) as ex:
             peak, shown = 0, ""
@@ -145,7 +146,8 @@ def test_a_local_pool_killed_under_its_tasks_loses_none(tmp_path):
     with contextlib.ExitStack() as stack:
         relay = stack.enter_context(running_relay(tmp_path))
         config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, relay, max_workers=2, type="local", init_blocks=1, min_blocks=1, max_blocks=1))
+            tmp_path, relay, max_workers=2, type="local", in_process=False, init_blocks=1, min_blocks=1,
+            max_blocks=1))   # (a pool process, to be killed alone)
         with executor_for(config, relay) as ex:
             futures = [ex.submit(pool_pid_after, 0.5) for _ in range(8)]
             wait_for(lambda: any(f.running() for f in futures), 30, "no task started", log)

@@ -163,7 +163,7 @@ class Federation:
     def task_roots(self) -> list[Path]:
         """The host directories the workers see as their task root."""
         roots = []
-        pools = [p for p in psutil.Process(self.endpoint.pid).children() if "fedexec.pool" in p.cmdline()]
+        pools = [psutil.Process(pid) for pid in pools_of(self.endpoint.pid)]
         for proc in (child for pool in pools for child in pool.children()):   # bwrap or podman
             with contextlib.suppress(psutil.Error, ValueError):
                 cmdline = proc.cmdline()
@@ -436,8 +436,11 @@ def podman_site(tmp_path_factory):
 
 
 def pools_of(endpoint_pid: int) -> list[int]:
-    """Pids of the pool processes of the endpoint with this pid."""
-    return [p.pid for p in psutil.Process(endpoint_pid).children() if "fedexec.pool" in p.cmdline()]
+    """Pids of the processes the pools of the endpoint with this pid run in:
+    its pool processes, or the endpoint itself when its pools run in its
+    own process (the local provider's default)."""
+    return [p.pid for p in psutil.Process(endpoint_pid).children() if "fedexec.pool" in p.cmdline()] or [
+        endpoint_pid]
 
 
 def containers_of(pool_pids: list[int], env: dict[str, str]) -> list[str]:

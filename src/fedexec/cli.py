@@ -784,8 +784,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", help="slurm account")
     p.add_argument("--scheduler-options", help="extra batch script lines, e.g. '#SBATCH --gres=gpu:1'")
     p.add_argument("--worker-init", help="shell commands run before pools start (module load ...)")
-    p.add_argument("--pools-in-process", dest="in_process", action="store_const", const=True,
-                   help="local: run pools inside the endpoint's process (no hop to a pool process)")
+    p.add_argument("--pools-in-process", dest="in_process", action=argparse.BooleanOptionalAction, default=None,
+                   help="local: run pools inside the endpoint's process, no hop to a pool process (the default "
+                        "where allowed); --no-pools-in-process: a pool process of their own")
     p.add_argument("--pool-address", dest="address", help="the address pools on other nodes connect to")
     p.add_argument("--pool-port", dest="port", type=int, help="the pool socket's TCP port (0: any)")
     p.add_argument("--parsl-class", help="a Parsl provider class, e.g. parsl.providers.PBSProProvider")

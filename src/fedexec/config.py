@@ -109,7 +109,8 @@ class ProviderConfig:
     partition: str = ""             # slurm
     account: str = ""               # slurm
     exclusive: bool = True          # slurm: whole nodes (else --cpus-per-task=max_workers)
-    in_process: bool = False        # local: each pool inside the endpoint's process (no hop to it)
+    in_process: bool | None = None  # local: each pool inside the endpoint's process (no hop to it); unset: when
+                                    # allowed (pools_in_process)
     scheduler_options: str = ""     # slurm: extra lines for the batch script ("#SBATCH --gres=gpu:1")
     worker_init: str = ""           # shell commands run before the pools start (module load, source venv)
     address: str = ""               # where pools connect; "": an ipc socket (local), else this host's address
@@ -172,13 +173,27 @@ class ProviderConfig:
             if self.drain >= seconds:
                 raise ConfigError(f"[provider] drain ({self.drain:g} s) must be shorter than the walltime "
                                   f"({self.walltime} = {seconds:g} s)")
-        if not isinstance(self.in_process, bool):
+        if self.in_process is not None and not isinstance(self.in_process, bool):
             raise ConfigError(f"[provider] in_process must be true or false, not {self.in_process!r}")
-        if self.in_process and (self.type != "local" or self.address or self.worker_init or self.python):
+        if self.in_process and not self.in_process_allowed:
             raise ConfigError("[provider] in_process runs pools in the endpoint's own process and Python: only with "
                               "type 'local' and no address, worker_init or python")
         if self.type == "parsl" and not self.parsl_class:
             raise ConfigError("[provider] type 'parsl' needs parsl_class, e.g. \"parsl.providers.SlurmProvider\"")
+
+    @property
+    def in_process_allowed(self) -> bool:
+        """Whether pools can run in the endpoint's own process: local ones,
+        started with its own Python and environment (no ``worker_init`` or
+        ``python``), that no other node has to reach (no ``address``)."""
+        return self.type == "local" and not (self.address or self.worker_init or self.python)
+
+    @property
+    def pools_in_process(self) -> bool:
+        """Whether this endpoint runs its pools in its own process: as set,
+        else whenever allowed (a task then crosses no pool process; a pool
+        process of their own is ``in_process = false``)."""
+        return self.in_process_allowed if self.in_process is None else self.in_process
 
     def walltime_seconds(self) -> float | None:
         return parse_walltime(self.walltime) if self.walltime else None

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     parser.add_argument("--secret-file", default=None, help="file holding the relay's local secret")
     parser.add_argument("--relay-key", default="", help="the relay's CURVE public key (encrypts the connection)")
-    parser.add_argument("--pools-in-process", action="store_true",
-                        help="with --relay: run the local pool inside this process (the embedded default)")
+    parser.add_argument("--pools-in-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --relay: run the local pool inside this process (the default); "
+                             "--no-pools-in-process: in a pool process of its own")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")

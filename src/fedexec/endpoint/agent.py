@@ -171,7 +171,7 @@ class EndpointAgent(AgentLeaving):
         local pools over ipc, pools on other nodes over TCP
         at the provider's ``address`` (default: this host's address)."""
         provider = self.config.provider
-        if provider.in_process:   # pools on threads of this process (inprocess.py): reachable from nowhere else
+        if provider.pools_in_process:   # pools on threads of this process (inprocess.py): reachable from nowhere else
             self.pool_sock.bind(f"inproc://fedexec-pools-{secrets.token_hex(8)}")
         elif provider.type == "local" and not provider.address:
             self.pool_sock.bind(f"ipc://{self._sock_dir}/pools")
@@ -206,7 +206,7 @@ class EndpointAgent(AgentLeaving):
         if provider_config.type == "manual":
             self._publish_pool_address()
         provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers)
-                    if provider_config.in_process
+                    if provider_config.pools_in_process
                     else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         # pools in this process are stepped by this agent's loop (inprocess.py)
         self.local_pools = provider if isinstance(provider, InProcessProvider) else None
