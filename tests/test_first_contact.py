@@ -255,7 +255,8 @@ def _fedexec_modules():
 # exceptions that never reach a user of the package: raised and caught inside it, or on the
 # relay's/endpoint's side only (where they become log lines and the messages clients see)
 INTERNAL = {"FuturesFound", "_NotInTask", "_LoadFailure", "NotData", "ProtocolError", "AccessDenied",
-            "CommandError", "RemoteTraceback", "TaskDirError", "AddressInUse", "ProviderError", "NotYetChecked"}
+            "CommandError", "RemoteTraceback", "TaskDirError", "AddressInUse", "ProviderError", "NotYetChecked",
+            "LinkError"}
 
 
 def test_every_exception_class_of_the_package_is_a_fedexec_error_and_exported():

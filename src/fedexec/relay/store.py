@@ -110,7 +110,7 @@ GROUP_COMMIT_WINDOW = 0.002  # seconds the writer waits for more writes to join 
 # pages, the GIL released), with only a flag in SQLite.
 FILE_BLOB = 64 * 1024
 # The writer's page cache (KiB) and WAL pages between checkpoints (_connect_writer).
-WRITER_CACHE_KIB = 64 * 1024
+WRITER_CACHE_KIB = 16 * 1024
 WRITER_CHECKPOINT_PAGES = 16384
 
 # task states in the store
