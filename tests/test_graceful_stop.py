@@ -125,6 +125,18 @@ def start_endpoint_again(tmp_path: Path, relay: str, endpoint_id: str) -> tuple[
     return proc, log
 
 
+def one_worker_endpoint(stack: contextlib.ExitStack, tmp_path: Path, in_process: bool) -> tuple:
+    """A durable relay, a CLI endpoint of one worker on it and an executor, all undone by ``stack``:
+    (relay address, endpoint config, endpoint process, its log, executor)."""
+    relay = stack.enter_context(running_relay(tmp_path))
+    config, proc, log = stack.enter_context(configured_endpoint(
+        tmp_path, relay, max_workers=1, type="local", in_process=in_process, init_blocks=1, min_blocks=1,
+        max_blocks=1))
+    ex = FederatedExecutor(config.endpoint_id, relay=relay)
+    stack.callback(ex.shutdown, wait=False, cancel_futures=True)
+    return relay, config, proc, log, ex
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("in_process", [True, False], ids=["pool-in-process", "pool-process"])
 def test_sigterm_of_an_endpoint_lets_the_running_task_deliver_its_result_once(tmp_path, in_process):
@@ -134,12 +146,7 @@ def test_sigterm_of_an_endpoint_lets_the_running_task_deliver_its_result_once(tm
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     with contextlib.ExitStack() as stack:
-        relay = stack.enter_context(running_relay(tmp_path))
-        config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, relay, max_workers=1, type="local", in_process=in_process, init_blocks=1, min_blocks=1,
-            max_blocks=1))
-        ex = FederatedExecutor(config.endpoint_id, relay=relay)
-        stack.callback(ex.shutdown, wait=False, cancel_futures=True)
+        relay, config, proc, log, ex = one_worker_endpoint(stack, tmp_path, in_process)
         future = ex.submit(record_run, str(runs_dir), 1.0, 5)
         wait_started(runs_dir, log)
         time.sleep(0.3)
@@ -164,12 +171,7 @@ def test_sigterm_of_a_pool_process_lets_its_running_task_finish_there_once(tmp_p
     runs_dir = tmp_path / "runs"
     runs_dir.mkdir()
     with contextlib.ExitStack() as stack:
-        relay = stack.enter_context(running_relay(tmp_path))
-        config, proc, log = stack.enter_context(configured_endpoint(
-            tmp_path, relay, max_workers=1, type="local", in_process=False, init_blocks=1, min_blocks=1,
-            max_blocks=1))
-        ex = FederatedExecutor(config.endpoint_id, relay=relay)
-        stack.callback(ex.shutdown, wait=False, cancel_futures=True)
+        relay, config, proc, log, ex = one_worker_endpoint(stack, tmp_path, False)
         futures = [ex.submit(record_run, str(runs_dir), 1.0, i) for i in range(3)]
         wait_started(runs_dir, log)
         (pool_pid,) = [pid for pid, line in cmdlines_below(proc.pid) if "fedexec.pool" in line]
