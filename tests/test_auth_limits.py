@@ -37,7 +37,7 @@ from test_faults import running_relay, stop_process, tail
 
 DEADLINE = 30
 BIG = 20 * 1024 * 1024          # each of the intruder's messages
-INTRUDER_MESSAGES = 3
+INTRUDER_MESSAGES = 5
 
 
 def connect_from(sock: zmq.Socket, address: str, token: str, source: str, relay_key: str | None = None) -> None:
@@ -389,9 +389,10 @@ def test_connections_waiting_for_their_check_are_bounded(tmp_path):
             assert [m.type for m in dropped] == [P.ERROR] * INTRUDER_MESSAGES, dropped
             assert all(m.fields.get("unchecked") and not m.fields.get("auth") for m in dropped), dropped
             assert "still being checked" in dropped[0].fields["msg"]
-            # each was read (a message in flight: the allocator may keep its pages), none kept
+            # each was read, none kept: what one message in flight takes (over CURVE, its ciphertext
+            # and its plaintext at once) the allocator may keep, not more (kept: 5 x BIG)
             growth = relay.memory_info().rss - rss_before
-            assert growth < BIG * 1.5, f"the relay grew by {growth / 2**20:.1f} MiB after {INTRUDER_MESSAGES} x " \
+            assert growth < BIG * 2.5, f"the relay grew by {growth / 2**20:.1f} MiB after {INTRUDER_MESSAGES} x " \
                                        f"{BIG / 2**20:.0f} MiB"
             t = time.monotonic()
             with pytest.raises(AuthenticationFailed, match="too many connections"):

@@ -77,6 +77,7 @@ STATUS_INTERVAL = 1.0
 HANDSHAKE_CHECK = 1.0
 POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
 UNREACHABLE_PAUSE = 0.5   # seconds a pool we could not send to gets no tasks
+HELLO_ANSWER_WAIT = 5.0   # seconds a HELLO waits for its WELCOME before an "unknown" beat calls for another
 
 
 class EndpointAgent(AgentLeaving):
@@ -143,6 +144,9 @@ class EndpointAgent(AgentLeaving):
             frozenset(bytes.fromhex(h) for h in config.allowed_functions) if config.allowed_functions else None)
         self.data_only = config.takes_data_only()   # arguments and results as plain data, never pickles
         self.holding: set[bytes] = set()   # ids of the tasks here (queued or at pools) until their outcome
+        # when the HELLO not yet answered by a WELCOME went (None: none is): the relay's "unknown"
+        # answers to the heartbeats sent before it, while the relay was down, call for no other
+        self.hello_sent_at: float | None = None
         self.stopping = False
         self.connected = False
         self._init_leaving()   # a graceful stop (leaving.py)
@@ -299,7 +303,12 @@ class EndpointAgent(AgentLeaving):
             self._shutdown()
 
     def _hello(self) -> None:
-        holding = list(self.holding)
+        """Introduce this endpoint: what it holds is every task here without
+        an outcome and every outcome the relay has not stored yet (those the
+        relay counts as sent here, so that it sends none of them again; the
+        outcomes follow after its WELCOME)."""
+        self.hello_sent_at = time.monotonic()
+        holding = list(self.holding | self.unstored.keys()) if self.unstored else list(self.holding)
         more = holding[P.MAX_ITEMS:]   # a message's limit: the rest follow in HOLDING messages
         holding = holding[:P.MAX_ITEMS]
         self._send_relay(P.encode(P.HELLO, {
@@ -473,6 +482,8 @@ class EndpointAgent(AgentLeaving):
                 if row[0] in self.holding:  # sent twice (the relay re-sent it): one copy runs
                     log.info("ignored a second copy of task %s, which is here already", row[0].hex())
                     continue
+                if row[0] in self.unstored and self._ran_here(row[0]):
+                    continue
                 if mismatch:
                     log.warning("refused task %s: %s", row[0].hex(), mismatch)
                     self._result(row[0], P.FAILED, P.pack_failure(
@@ -519,10 +530,11 @@ class EndpointAgent(AgentLeaving):
             self.refs.gone(msg.fields.get("refs"))
         elif t == P.HEARTBEAT:
             self._note_backlog(msg.fields)
-            if msg.fields.get("unknown"):
+            if msg.fields.get("unknown") and not self._hello_unanswered():
                 log.warning("the relay no longer knows this endpoint; introducing it again")
                 self._hello()
         elif t == P.WELCOME:
+            self.hello_sent_at = None
             limit = msg.fields.get("max_payload")
             if type(limit) is int and limit > 0:
                 self.max_payload = limit
@@ -559,10 +571,44 @@ class EndpointAgent(AgentLeaving):
         else:
             raise P.ProtocolError(f"unexpected message type {t!r} from the relay")
 
+    def _ran_here(self, task_id: bytes) -> bool:
+        """A task sent again whose outcome here the relay has not stored (it
+        restarted): if it ran, that outcome goes again instead of a second
+        run; if it was only dropped (cancelled, or failed for a dependency
+        dropped here, both as the relay asked after its restart), it runs
+        now. Whether it ran."""
+        status, blob, trace = self.unstored[task_id]
+        if status == P.CANCELLED:
+            ran = False
+        elif status == P.FAILED:
+            try:
+                ran = P.unpack_failure(blob).get("kind") != P.DEPENDENCY
+            except Exception:
+                ran = True
+        else:
+            ran = True
+        if ran:
+            log.info("task %s came again after it ran here: its outcome goes again", task_id.hex())
+            self.outbox.add(task_id, status, blob, trace)
+        else:
+            del self.unstored[task_id]
+        return ran
+
+    def _hello_unanswered(self) -> bool:
+        """Whether a HELLO went a moment ago and its WELCOME has not come
+        (another would make the relay take this endpoint for a new
+        connection again, and put back in its queue what was sent here
+        since the first)."""
+        sent = self.hello_sent_at
+        return sent is not None and time.monotonic() - sent < HELLO_ANSWER_WAIT + 2 * self.config.heartbeat_period
+
     def _cancel(self, task_ids: set[bytes]) -> None:
         """Drop those queued here; pass the rest on to the pools holding them
         (which drop them, or say again that they are running: the client's
-        cancel() waits for one answer or the other)."""
+        cancel() waits for one answer or the other). One that has run here
+        keeps its outcome."""
+        if self.unstored:
+            task_ids = task_ids - self.unstored.keys()
         ask: dict[bytes, list[bytes]] = {}
         for task_id in task_ids:
             pool = self.at_pool.get(task_id) or (self.graph.pool_of(task_id) if self.graph else None)

@@ -751,8 +751,10 @@ class Relay:
 
     def _take_back_held(self, state: EndpointState, sender: bytes, held: list[bytes]) -> None:
         """An endpoint (re)connecting still holds these tasks (queued or
-        running there): they count as sent to it, not to be sent again. Those
-        this relay has no unfinished record of, or that went to another
+        running there, or finished with their outcome not yet stored here):
+        they count as sent to it, not to be sent again, also those held here
+        for their dependencies (sent there with their ids before a restart).
+        Those this relay has no unfinished record of, or that went to another
         member of their group meanwhile, are cancelled there.
 
         Looked up by id (cost: the ids held, not the queue): a task taken
@@ -768,6 +770,16 @@ class Relay:
             if task_id in state.dispatched:
                 continue
             record = self.tasks.get(task_id)
+            if record is not None and record.state == WAITING and record.group is None \
+                    and record.endpoint_id == endpoint_id:
+                # sent there with its dependencies' ids before this relay restarted (or before that
+                # endpoint left) and held here since: it waits there for them as it did, and counts as
+                # sent (were it dropped there, the answer to that could be taken for the outcome of
+                # the copy this relay would send once its dependencies finish)
+                self.graph.forwarded.add(task_id)
+                record.state = DISPATCHED
+                state.dispatched[task_id] = record
+                continue
             if record is None or record.state != QUEUED or (
                     record.endpoint_id != endpoint_id if record.group is None
                     else endpoint_id not in record.group or record.endpoint_id not in ("", endpoint_id)):
