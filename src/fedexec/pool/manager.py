@@ -512,9 +512,12 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         self._announce(slot)
 
     def _announce(self, slot: WorkerSlot) -> None:
-        """Report the start of the task a worker is now running (its first)."""
+        """Report the start of the task a worker is now running (its first),
+        unless its worker was asked to drop it and has not answered (then the
+        answer says: given back, it is cancelled; taken to run, it started;
+        stealing.py)."""
         head = slot.head()
-        if head is not None and head != slot.announced:
+        if head is not None and head != slot.announced and not (self._cancel_asked and head in self._cancel_asked):
             slot.announced = head
             self.outbox.start(head)
 
