@@ -307,17 +307,17 @@ class EndpointAgent(AgentLeaving):
         an outcome and every outcome the relay has not stored yet (those the
         relay counts as sent here, so that it sends none of them again; the
         outcomes follow after its WELCOME)."""
-        self.hello_sent_at = time.monotonic()
         holding = list(self.holding | self.unstored.keys()) if self.unstored else list(self.holding)
         more = holding[P.MAX_ITEMS:]   # a message's limit: the rest follow in HOLDING messages
         holding = holding[:P.MAX_ITEMS]
-        self._send_relay(P.encode(P.HELLO, {
+        sent = self._send_relay(P.encode(P.HELLO, {
             "role": "endpoint", "id": self.config.endpoint_id, "name": self.config.name,
             "py": P.PYTHON_VERSION, "workers": self.workers, "capacity": self._reset_credit(),
             "hb": self.config.heartbeat_period, "hbm": self.config.heartbeats_missed, "holding": holding,
             "functions": sorted(self.allowed_functions) if self.allowed_functions is not None else None,
             "data_only": self.data_only, "meta": self._meta(),
         }))
+        self.hello_sent_at = time.monotonic() if sent else None   # (not sent: the next "unknown" sends one)
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
 
