@@ -838,6 +838,8 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         sent, so they run again, unless their results were in its
         held-results file (recovery.py)."""
         self._recover_held(slot)
+        if self._cancel_asked:   # (asked of this worker, never answered: they start elsewhere announced)
+            self._cancel_asked.difference_update(slot.tasks)
         how = describe_exit(slot.process.returncode)
         culprit = slot.timed_out if slot.timed_out is not None else self._running_task(slot)
         if culprit is None and not slot.retiring and slot.tasks:

@@ -252,6 +252,8 @@ class WorkStealing:
             for task_id in absent:
                 self._cancel_asked.discard(task_id)
                 if task_id in slot.tasks:   # taken to run: its result follows
+                    if task_id == slot.head():
+                        slot.announced = task_id   # (not announced again below)
                     self.outbox.start(task_id, answer=True)
         if slot.stuck not in slot.tasks:
             slot.stuck = None

@@ -771,12 +771,14 @@ class Relay:
                 continue
             record = self.tasks.get(task_id)
             if record is not None and record.state == WAITING and record.group is None \
-                    and record.endpoint_id == endpoint_id:
+                    and record.endpoint_id == endpoint_id and task_id in self.graph.dependencies_of:
                 # sent there with its dependencies' ids before this relay restarted (or before that
                 # endpoint left) and held here since: it waits there for them as it did, and counts as
                 # sent (were it dropped there, the answer to that could be taken for the outcome of
                 # the copy this relay would send once its dependencies finish)
                 self.graph.forwarded.add(task_id)
+                if record.options is None or "d" not in record.options:   # (recovered: the record keeps no "d")
+                    record.options = {**(record.options or {}), "d": list(self.graph.dependencies_of[task_id])}
                 record.state = DISPATCHED
                 state.dispatched[task_id] = record
                 continue
