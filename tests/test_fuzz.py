@@ -810,7 +810,7 @@ def test_endpoint_keeps_serving_under_fuzz(tmp_path):
                 relay.read(50)
                 hellos = relay.hellos
                 # (a WELCOME first: an endpoint waiting for the answer to a HELLO the fuzz drew out
-                # sends no other for "unknown" beats until it comes or HELLO_ANSWER_WAIT passes)
+                # sends no other for "unknown" beats until it comes or a moment passes)
                 relay.send(P.encode(P.WELCOME, {"role": "endpoint"}))
                 relay.send(P.encode(P.HEARTBEAT, {"unknown": True}))
                 deadline = time.monotonic() + 5

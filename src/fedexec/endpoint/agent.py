@@ -77,7 +77,8 @@ STATUS_INTERVAL = 1.0
 HANDSHAKE_CHECK = 1.0
 POOL_SECRET_ENV = "FEDEXEC_POOL_SECRET"
 UNREACHABLE_PAUSE = 0.5   # seconds a pool we could not send to gets no tasks
-HELLO_ANSWER_WAIT = 5.0   # seconds a HELLO waits for its WELCOME before an "unknown" beat calls for another
+HELLO_ANSWER_WAIT = 1.0   # at most this long (or a heartbeat period) a HELLO waits for its WELCOME before an
+                          # "unknown" beat calls for another (those answering beats from an outage come in a burst)
 
 
 class EndpointAgent(AgentLeaving):
@@ -600,7 +601,7 @@ class EndpointAgent(AgentLeaving):
         connection again, and put back in its queue what was sent here
         since the first)."""
         sent = self.hello_sent_at
-        return sent is not None and time.monotonic() - sent < HELLO_ANSWER_WAIT + 2 * self.config.heartbeat_period
+        return sent is not None and time.monotonic() - sent < min(HELLO_ANSWER_WAIT, self.config.heartbeat_period)
 
     def _cancel(self, task_ids: set[bytes]) -> None:
         """Drop those queued here; pass the rest on to the pools holding them
