@@ -270,41 +270,6 @@ def test_a_graph_that_ran_while_the_relay_was_down_runs_once_and_nothing_is_canc
         assert endpoint.proc.poll() is None, tail(endpoint.log)
 
 
-def test_a_graph_taken_back_after_a_relay_restart_runs_when_its_endpoint_dies_then(tmp_path):
-    """After a relay restart the endpoint still holds a graph's dependents
-    (sent there with their dependencies' ids); the relay takes them as sent
-    there. Then the endpoint is killed and started again: the dependents go
-    to it again, still as tasks waiting for their dependencies (the record
-    of a restarted relay keeps no dependency ids of its own: review s27,
-    finding 1), and the graph's value comes out right."""
-    with started_federation(tmp_path) as (relay, endpoint):
-        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
-            root = ex.submit(sleep_then, 6.0, 1)
-            chain = root
-            for _ in range(5):
-                chain = ex.submit(inc, chain)
-            leaves = [ex.submit(inc, root) for _ in range(20)]
-            joined = ex.submit(total, [chain, *leaves])
-            time.sleep(0.5)
-            relay.kill()   # the root is running; everything else waits on it, at the endpoint
-            time.sleep(0.3)
-            relay.start()
-            deadline = time.monotonic() + 20
-            since_restart = ""
-            while "held there" not in since_restart and time.monotonic() < deadline:
-                time.sleep(0.05)
-                text = relay.log.read_text()
-                since_restart = text.split("recovered", 1)[1] if "recovered" in text else ""
-            held = re.search(r"(\d+) held there", since_restart)
-            assert held and int(held.group(1)) == 27, tail(relay.log)   # the root and its 26 dependents
-            time.sleep(0.3)
-            endpoint.proc.kill()   # before the root ends: every task of the graph is lost with it
-            endpoint.proc.wait(10)
-            endpoint.start()
-            assert joined.result(DEADLINE) == 6 + 20 * 2
-            assert chain.result() == 6
-
-
 def test_a_task_waiting_on_a_future_that_never_finishes_can_be_cancelled_and_shut_down(tmp_path):
     never: Future = Future()
     ex = FederatedExecutor(max_workers=1)
