@@ -763,6 +763,48 @@ def endpoint_message(fuzz: Fuzz, history: list[list[bytes]], known: list[bytes])
 
 
 @pytest.mark.timeout(90)
+def drain(relay: FakeRelay, seconds: float) -> None:
+    """Read all the endpoint sends for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        relay.read(50)
+
+
+def test_a_burst_of_unknown_beats_draws_one_hello(tmp_path):
+    """The beats an endpoint sent while its relay was down all reach the
+    restarted relay at once, and each is answered "unknown": the endpoint
+    says hello once for the burst (each HELLO puts back in the relay's queue
+    what was sent since the one before), again for an "unknown" after a
+    heartbeat period without a WELCOME (a HELLO may be lost), and at once
+    after a WELCOME."""
+    ctx = zmq.Context()
+    relay = FakeRelay(ctx)
+    endpoint, endpoint_log = start_endpoint(tmp_path, relay.address, str(uuid.uuid4()))
+    try:
+        assert relay.sock.poll(20000), f"no HELLO from the endpoint within 20 s:\n{tail(endpoint_log)}"
+        relay.peer = relay.sock.recv_multipart()[0]
+        relay.send(P.encode(P.WELCOME, {"role": "endpoint"}))
+        relay.read(200)
+        unknown = P.encode(P.HEARTBEAT, {"unknown": True})
+        for _ in range(8):
+            relay.send(unknown)
+        drain(relay, 0.5)
+        assert relay.hellos == 1, f"{relay.hellos} HELLOs for 8 'unknown' beats at once"
+        time.sleep(1.2)   # no WELCOME for longer than the wait (a heartbeat period, at most 1 s)
+        relay.send(unknown)
+        drain(relay, 0.5)
+        assert relay.hellos == 2, f"{relay.hellos} HELLOs: an unanswered HELLO was not sent again"
+        relay.send(P.encode(P.WELCOME, {"role": "endpoint"}))
+        relay.send(unknown)
+        drain(relay, 0.5)
+        assert relay.hellos == 3, f"{relay.hellos} HELLOs: none for an 'unknown' beat after a WELCOME"
+        assert relay.problems == [] and endpoint.poll() is None, (relay.problems, tail(endpoint_log))
+    finally:
+        stop_process(endpoint)
+        relay.sock.close()
+        ctx.term()
+
+
 def test_endpoint_keeps_serving_under_fuzz(tmp_path):
     """A fake relay sends a real endpoint ENDPOINT_MESSAGES fuzzed messages:
     it stays up, says hello again when asked every 50 messages, answers every
