@@ -147,3 +147,45 @@ def test_one_user_flooding_a_shared_pool_does_not_starve_another(shared_pool):
     # the time bound, unless the whole machine was slow: Bob waited less than half the flood's drain
     assert bob_took < max(BOB_BOUND, flood_took / 2), (bob_took, flood_took, flood_left, tail(s.ep.log))
     wait_for_workers(s.ep, WORKERS)
+
+
+def wait_for_file(path, timeout):
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path)
+
+
+@pytest.mark.timeout(120)
+def test_a_task_queued_behind_a_long_one_takes_another_users_idle_worker(shared_pool, tmp_path):
+    """One worker is Alice's, the other Bob's and idle (he has nothing
+    queued); Alice sends a long task, then, once it runs, short ones, and the pool
+    may hand them all to her worker. The short ones must not wait for the
+    long one: they are recalled, Bob's idle worker retires, and a fresh one runs it.
+    (Before, an idle worker of another user was no reason to recall:
+    the short ones waited the long one out, which failed the
+    exit-disabled-too test in CI now and then.)"""
+    s = shared_pool
+    wait_for_workers(s.ep, WORKERS)
+    for _ in range(2):   # (a fresh worker not yet ready the first time: Bob's was retired for her square)
+        assert s.bob.submit(square, 2).result(DEADLINE) == 4     # a worker of Bob's ...
+        assert s.alice.submit(square, 3).result(DEADLINE) == 9   # ... and one of Alice's (quick: sent in batches)
+        time.sleep(1.0)
+    release = tmp_path / "release"
+    started = time.monotonic()
+    long = s.alice.submit(wait_for_file, str(release), 60)
+    deadline = time.monotonic() + DEADLINE
+    while not long.running() and not long.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shorts = [s.alice.submit(square, n) for n in range(5)]   # (her worker, holding one, is not full)
+    try:
+        assert [f.result(DEADLINE) for f in shorts] == [0, 1, 4, 9, 16]
+        took = time.monotonic() - started
+        assert not long.done(), "the long task ended early: nothing was tested"
+    finally:
+        release.touch()
+    assert long.result(DEADLINE) is True
+    assert took < 10.0, (took, tail(s.ep.log))

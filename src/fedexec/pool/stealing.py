@@ -10,7 +10,9 @@ runs; the pool uses it to:
 - *recall*: when a worker is idle and another's running task has been
   running for STEAL_AFTER with tasks queued behind it, the pool asks that
   worker for the tasks it has not started; they come back (RECALLED) and go
-  to the front of the pool's queue, for the idle worker. The worker stays
+  to the front of the pool's queue, for the idle worker (if that one
+  serves another user, with nothing queued, it retires for a fresh one:
+  only behind a task running STEAL_ACROSS_AFTER). The worker stays
   out of the assignment (``WorkerSlot.stuck``) until that long task is done;
 - *cancel* at once a task queued at a worker, not started (before, a cancel
   waited for the task running ahead of it);
@@ -47,6 +49,7 @@ from ..outbox import ResultOutbox
 from .workers import LocalWorkerPool, WorkerSlot
 
 STEAL_AFTER = 0.01    # a running task this old, with tasks queued behind it, while a worker is idle: recall them
+STEAL_ACROSS_AFTER = 0.25   # ... this old when the idle worker serves another user (it retires for them: a fresh start)
 STEAL_CHECK = 0.002   # how often, at most, the workers' markers are looked at for that
 QUEUED_WORK = 0.006   # seconds of short one-at-a-time tasks a worker holds (running and queued), at most ...
 MOST_QUEUED = 8       # ... this many
@@ -180,8 +183,13 @@ class WorkStealing:
         if not idle_users:
             return
         for slot in slots:
-            if len(slot.tasks) < 2 or not slot.control or (slot.user not in idle_users and None not in idle_users):
+            if len(slot.tasks) < 2 or not slot.control:
                 continue
+            # An idle worker of this user, or a fresh one, takes the recalled tasks at once. One of
+            # another user, who has nothing queued here (the queue is empty), retires for them
+            # (_share_workers) and a fresh worker takes them: worth it only behind a longer task.
+            # (Before, such a worker was no reason to recall: the tasks waited the long one out.)
+            after = STEAL_AFTER if slot.user in idle_users or None in idle_users else STEAL_ACROSS_AFTER
             if slot.recalled_at:   # not answered yet (a task holding the GIL): never asked twice, as the
                 continue           # same task may by then be on its way to this worker again
             self._steal_pending = True
@@ -190,7 +198,7 @@ class WorkStealing:
                 slot.seen_running = None
             elif running != slot.seen_running:
                 slot.seen_running, slot.seen_since = running, now
-            elif now - slot.seen_since >= STEAL_AFTER:
+            elif now - slot.seen_since >= after:
                 behind = [task_id for task_id in slot.tasks if task_id != running]
                 if len(self._recall(slot, behind, cancel=False)) < len(behind):   # asked for some: answered
                     slot.recalled_at = now
