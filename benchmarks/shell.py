@@ -79,10 +79,12 @@ def run_fedexec(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     # the tasks' directories in a fresh base of this run's, removed after it: thousands a run
     # would pile up in ~/.fedexec/tasks, which each pool's first cleaning pass then stats
-    tasks_base = tempfile.mkdtemp(prefix="fedexec-bench-tasks-", dir=task_base_parent(args.task_base))
-    os.environ["FEDEXEC_TASK_DIR"] = tasks_base
+    # (the base itself made by fedexec, as the default ~/.fedexec/tasks is: it marks the bases it makes
+    # for ext4 to spread their directories over block groups, taskdirs.spread_subdirectories)
+    run_dir = tempfile.mkdtemp(prefix="fedexec-bench-tasks-", dir=task_base_parent(args.task_base))
+    os.environ["FEDEXEC_TASK_DIR"] = os.path.join(run_dir, "tasks")
     with contextlib.ExitStack() as cleanup, FederatedExecutor(max_workers=2) as ex:
-        cleanup.callback(shutil.rmtree, tasks_base, True)
+        cleanup.callback(shutil.rmtree, run_dir, True)
         def check(future: Any) -> Any:
             value = future.result()
             assert value.returncode == 0, value

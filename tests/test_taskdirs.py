@@ -189,6 +189,36 @@ def test_the_base_is_refused_when_a_link_or_not_private_and_task_dirs_are_privat
     assert os.path.basename(path).startswith(TASK + "-") and os.listdir(real) == []
 
 
+def _attributes(path: Path) -> str:
+    """The ext2/3/4 attribute letters of ``path`` (``lsattr -d``: e2fsprogs)."""
+    done = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, f"lsattr cannot read {path}'s attributes: {done.stderr.strip()}"
+    return done.stdout.split()[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_base_fedexec_makes_spreads_its_task_directories_and_one_the_user_made_is_left_alone(
+        tmp_path, monkeypatch):
+    """A base fedexec makes is marked (ext4's top-directory flag) so that its
+    task directories go to block groups of the file system's choosing, not
+    all to the base's group, where thousands just removed made every new one
+    cost ~2 ms (taskdirs.spread_subdirectories); its task directories are
+    not marked, nor is a base the user made."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    assert kind == "ext2/ext3", f"this test needs its temporary directory on ext2/3/4, not {kind!r}"
+    made, mine = tmp_path / "made" / "tasks", tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    for base in (made, mine):
+        monkeypatch.setenv(TASK_DIR_ENV, str(base))
+        with FederatedExecutor(max_workers=1) as ex:
+            ran = [ex.submit(ShellFunction("pwd")).result(DEADLINE) for _ in range(2)]
+        for result in ran:
+            assert result.returncode == 0 and result.stdout.strip() == result.task_dir, result
+            assert Path(result.task_dir).parent == base and "T" not in _attributes(Path(result.task_dir))
+    assert "T" in _attributes(made), _attributes(made)
+    assert "T" not in _attributes(mine), _attributes(mine)
+
+
 # -- through a relay and an endpoint -----------------------------------------------------------
 
 @pytest.mark.timeout(180)

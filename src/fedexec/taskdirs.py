@@ -55,6 +55,8 @@ import os
 import re
 import secrets
 import stat
+import struct
+import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -85,6 +87,13 @@ TASK_NAME = re.compile(r"(?:[0-9a-f]{32}|task)-[a-z0-9_]{8}")
 SANDBOX_NAME = re.compile(re.escape(SANDBOX_PREFIX) + r"[0-9a-f]{16}")
 REMOVING_NAME = re.compile(re.escape(REMOVING_PREFIX) + r"[0-9a-f]{16}")
 
+# the file-attribute ioctls (linux/fs.h: _IOR('f', 1, long), _IOW('f', 2, long)) and ext4's flag
+# EXT4_TOPDIR_FL; ext4 reads an int, the size of a long is what the ioctl number encodes
+_FLAGS_SIZE = struct.calcsize("l")
+_FS_IOC_GETFLAGS = 0x80006601 | (_FLAGS_SIZE << 16)
+_FS_IOC_SETFLAGS = 0x40006602 | (_FLAGS_SIZE << 16)
+_FS_TOPDIR_FL = 0x00020000
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -109,9 +118,13 @@ def open_base(path: str, create: bool = True) -> int:
     except FileNotFoundError:
         if not create:
             raise
+        made = False
         with contextlib.suppress(FileExistsError):
             os.makedirs(path, mode=0o700)
+            made = True
         fd = _open_dir(path)
+        if made:
+            spread_subdirectories(fd)
     except OSError as exc:
         raise _not_usable(path, exc) from None
     try:
@@ -120,6 +133,33 @@ def open_base(path: str, create: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def spread_subdirectories(fd: int) -> bool:
+    """Mark the directory open on ``fd`` as the top of separate trees (ext2/3/4's
+    "top directory" flag, ``chattr +T``), so that the file system places
+    each directory made in it in a block group of its own choosing, with
+    the files made in that one, instead of all in the group of the base;
+    elsewhere nothing happens. Whether the flag is set.
+
+    Why: ext4 without a journal will not reuse an inode freed in the last
+    minute (five if not yet written back), and every file or directory made
+    in a group scans past all such inodes of it first. Once thousands of
+    task directories of a base were removed (a TTL cleaning pass, a
+    removed base of a benchmark's run), each new one in the same group
+    cost about 2 ms of kernel CPU instead of 0.06 ms, for minutes (measured
+    here). Spread over groups, a task directory costs 0.17 ms (the
+    directory's placement looks over the groups), removals or not.
+    Set only on directories fedexec makes (the default base, sandboxed
+    workers' directories): a directory the user named is left as it is."""
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_FLAGS_SIZE))
+        flags = int.from_bytes(raw, sys.byteorder, signed=True)
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(_FLAGS_SIZE, sys.byteorder, signed=True))
+        return True
+    except (OSError, OverflowError):   # (not ext2/3/4, or the flag not allowed: placed as the file system will)
+        return False
 
 
 def check_base(path: str, info: os.stat_result) -> None:

@@ -213,6 +213,7 @@ class LocalWorkerPool:
             base_fd = taskdirs.open_base(base)
             try:
                 kept, fd = taskdirs.make_dir(base_fd, taskdirs.SANDBOX_PREFIX)
+                taskdirs.spread_subdirectories(fd)   # (its tasks' directories are made in it)
                 self.kept_fds[name] = fd   # (open, so held in use, while the worker lives: taskdirs.hold)
             finally:
                 os.close(base_fd)
