@@ -11,6 +11,7 @@ import msgpack
 
 # task states while the relay holds a task
 QUEUED = 0
+DROPPING_MAX = 65536   # drops whose answers an endpoint's state waits for, at most
 DISPATCHED = 1
 
 
@@ -122,6 +123,23 @@ class EndpointState:
     stale: int = 0          # entries of `queue` taken back by a HOLDING (skipped when met; see Relay)
     meta: dict = field(default_factory=dict)   # where it runs, from its HELLO (inspect.endpoint_meta)
     report: Any = None   # what its last heartbeat said of it (endpoint_status.EndpointReport)
+    # tasks it was told to drop (Relay._take_back_held), whose CANCELLED answer is not yet in: that
+    # answer is no outcome (task id -> time.monotonic() told; kept over reconnections, bounded)
+    dropping: dict = field(default_factory=dict)
+
+    def told_to_drop(self, task_ids: list[bytes]) -> None:
+        """Note these as told to drop (their answers then are no outcome); at
+        most DROPPING_MAX at once, the oldest forgotten first (an endpoint
+        that never answers, or one saying it holds ids it made up, cannot
+        grow this)."""
+        now = time.monotonic()
+        dropping = self.dropping
+        for task_id in task_ids:
+            dropping.pop(task_id, None)
+            dropping[task_id] = now
+        if len(dropping) > DROPPING_MAX:
+            for task_id in list(dropping)[:len(dropping) - DROPPING_MAX // 2]:
+                del dropping[task_id]
 
     @property
     def connected(self) -> bool:

@@ -798,6 +798,11 @@ class Relay:
         _compact(state)
         for group in groups:
             _compact(self.endpoints.group(group))
+        if cancel:
+            # its answers (CANCELLED) are no outcome: the same task may be sent there again before
+            # they come (a client sending again what a restarted relay had not recorded, a group
+            # task coming back from another member, a held task whose dependencies finished)
+            state.told_to_drop(cancel)
         for part in P.chunks(sorted(cancel)):
             self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
@@ -1465,6 +1470,8 @@ class Relay:
                 # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
+            if owner.dropping and owner.dropping.pop(task_id, None) is not None and status == P.CANCELLED:
+                continue   # its answer to being told to drop its copy (_take_back_held), not an outcome
             if record.state == WAITING:
                 # held here for its dependencies, so not sent in this run of the relay: the endpoint's
                 # answer to being told to drop a copy from before a restart (it goes again when ready)
@@ -1561,6 +1568,9 @@ class Relay:
                 self._finished(record, P.CANCELLED, b"", time.time())
             elif record.state == DISPATCHED:
                 self.endpoint_cancels[record.endpoint_id].append(task_id)
+                state = self.endpoints.get(record.endpoint_id)
+                if state is not None and state.dropping:   # (the next CANCELLED from there answers this)
+                    state.dropping.pop(task_id, None)
 
     # -- output --------------------------------------------------------------
     def _dispatch(self) -> None:
