@@ -550,3 +550,32 @@ os._exit(0)  # gone before the results: nobody receives or acknowledges them
             time.sleep(7.5)
             with pytest.raises(fedexec.TaskLost):
                 ex.reattach([second])[0].result(DEADLINE)
+
+
+@pytest.mark.timeout(120)
+def test_an_endpoint_paused_a_moment_keeps_its_own_pool_and_the_task_it_runs(tmp_path):
+    """The endpoint process is stopped (SIGSTOP) for 1.2 s while its pool,
+    which runs in its own process (in_process, the default), has a task
+    running: less than the relay's patience, more than is left of the pool's
+    heartbeat window. The endpoint must not take the pool for gone (before,
+    it did: "sent nothing for 1.6 s", its running task taken back and counted
+    lost); the task runs once and its result arrives."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with started_federation(tmp_path, workers=1) as (relay, endpoint):
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+            assert ex.submit(record_and_return, str(marks), 0, 0).result(DEADLINE) == 0
+            running = ex.submit(record_and_return, str(marks), 1, 4.0)
+            deadline = time.monotonic() + DEADLINE
+            while not running.running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert running.running(), tail(endpoint.log)
+            endpoint.proc.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(1.2)
+            finally:
+                endpoint.proc.send_signal(signal.SIGCONT)
+            assert running.result(DEADLINE) == 2
+            time.sleep(1.0)   # (a second run would leave its mark meanwhile)
+    assert executions(marks) == Counter({0: 1, 1: 1}), tail(endpoint.log)
+    assert "sent nothing for" not in endpoint.log.read_text(), tail(endpoint.log)

@@ -1006,8 +1006,17 @@ class EndpointAgent(AgentLeaving):
         return len(again)
 
     def _drop_silent_pools(self, now: float) -> None:
+        """Pools silent for ``heartbeats_missed`` periods (and 1 s) are gone.
+        Not one this process runs (in_process): it speaks only when this
+        loop steps it, after this check, so a stall of this process (a
+        paused VM, a loaded machine: 1.2 s was enough) made it look silent,
+        and its tasks, running, were taken back and counted lost. Its end
+        comes through its provider (the scaler's tick)."""
         limit = self.config.heartbeats_missed * self.config.heartbeat_period + 1.0
         for pool in [p for p in self.pools.values() if now - p.last_seen > limit]:
+            if self.local_pools is not None and self.local_pools.runs(pool.pool_id):
+                pool.last_seen = now
+                continue
             self._pool_gone(pool, f"sent nothing for {now - pool.last_seen:.1f} s")
 
     def _scale(self, now: float) -> None:

@@ -92,6 +92,12 @@ class InProcessProvider:
         for manager in managers:
             manager.stop()
 
+    def runs(self, pool_id: bytes) -> bool:
+        """Whether the pool of this id is one this provider steps (in the
+        agent's loop: its silence is the loop's own, never the pool's)."""
+        with self._lock:
+            return any(manager.pool_id == pool_id for manager in self._running.values())
+
     # -- driven by the agent's loop ---------------------------------------------
     def wait_ms(self, default: int) -> int:
         """How long the agent's poll may wait for the pools' sake."""
