@@ -14,6 +14,7 @@ import operator
 import os
 import uuid
 
+import psutil
 import pytest
 import zmq
 
@@ -109,3 +110,41 @@ def test_an_answer_to_a_drop_is_not_taken_for_the_outcome_of_the_copy_sent_again
             endpoint.close()
             if client is not None:
                 client.close()
+
+
+def _relay_process(address: str) -> psutil.Process:
+    for child in psutil.Process().children():
+        if "fedexec.relay" in child.cmdline() and address in child.cmdline():
+            return child
+    pytest.fail(f"no relay process at {address} among this test's children")
+
+
+@pytest.mark.timeout(120)
+def test_what_an_endpoint_says_it_holds_does_not_grow_the_relays_memory(tmp_path):
+    """An owner's endpoints say they hold tens of thousands of made-up ids,
+    400 bytes each (HELLO, then HOLDING): the relay tells them to drop them
+    all and keeps notes of task ids only (16 bytes), at most 65,536 for one
+    owner, forgotten after 300 s (relay/registry.py DropNotes). Before, each
+    endpoint kept up to 65,536 notes of whatever ids it sent, across
+    reconnections, and an owner may register 1,000 endpoints (review s28:
+    5-18 MiB of the relay's memory per endpoint)."""
+    token = fedexec_cli("relay", "add-user", "mallory", "--data-dir", tmp_path / "relay-data").stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address:
+        relay = _relay_process(address)
+        RawClient(address, token).close()   # (the relay warmed up: a session made and gone)
+        before = relay.memory_info().rss
+        for _ in range(3):
+            endpoint = RawEndpoint(address, token, holding=[os.urandom(400) for _ in range(P.MAX_ITEMS)])
+            try:
+                dropped = len(endpoint.expect(P.CANCEL).fields["tids"])
+                for _ in range(31):
+                    endpoint.sock.send_multipart(P.encode(P.HOLDING, {"tids": [os.urandom(400)
+                                                                               for _ in range(P.MAX_ITEMS)]}))
+                while dropped < 32 * P.MAX_ITEMS:
+                    dropped += len(endpoint.expect(P.CANCEL).fields["tids"])
+            finally:
+                endpoint.close()
+        grown = (relay.memory_info().rss - before) / 2**20
+        # 3 x 32,768 ids of 400 bytes kept would be ~50 MiB
+        print(f"relay grew {grown:.1f} MiB")
+        assert grown < 20, f"the relay grew by {grown:.0f} MiB"

@@ -56,7 +56,6 @@ import re
 import secrets
 import stat
 import struct
-import sys
 import threading
 import time
 from typing import Callable, Iterator
@@ -87,8 +86,9 @@ TASK_NAME = re.compile(r"(?:[0-9a-f]{32}|task)-[a-z0-9_]{8}")
 SANDBOX_NAME = re.compile(re.escape(SANDBOX_PREFIX) + r"[0-9a-f]{16}")
 REMOVING_NAME = re.compile(re.escape(REMOVING_PREFIX) + r"[0-9a-f]{16}")
 
-# the file-attribute ioctls (linux/fs.h: _IOR('f', 1, long), _IOW('f', 2, long)) and ext4's flag
-# EXT4_TOPDIR_FL; ext4 reads an int, the size of a long is what the ioctl number encodes
+# the file-attribute ioctls (linux/fs.h: _IOR('f', 1, long), _IOW('f', 2, long): the numbers of x86,
+# arm and most others; elsewhere refused, and nothing happens) and ext4's flag EXT4_TOPDIR_FL; the
+# kernel reads and writes an int at the start of the buffer, the size of a long is what the number says
 _FLAGS_SIZE = struct.calcsize("l")
 _FS_IOC_GETFLAGS = 0x80006601 | (_FLAGS_SIZE << 16)
 _FS_IOC_SETFLAGS = 0x40006602 | (_FLAGS_SIZE << 16)
@@ -113,18 +113,16 @@ def open_base(path: str, create: bool = True) -> int:
     parents) when missing (with ``create``; else FileNotFoundError);
     TaskDirError unless it is a real directory (its last component not a
     symlink) owned by this OS user and writable by it alone."""
+    made = False
     try:
         fd = os.open(path, _DIR_FLAGS)
     except FileNotFoundError:
         if not create:
             raise
-        made = False
         with contextlib.suppress(FileExistsError):
             os.makedirs(path, mode=0o700)
             made = True
         fd = _open_dir(path)
-        if made:
-            spread_subdirectories(fd)
     except OSError as exc:
         raise _not_usable(path, exc) from None
     try:
@@ -132,6 +130,8 @@ def open_base(path: str, create: bool = True) -> int:
     except BaseException:
         os.close(fd)
         raise
+    if made:   # (checked first: the directory open is this user's and private)
+        spread_subdirectories(fd)
     return fd
 
 
@@ -150,15 +150,16 @@ def spread_subdirectories(fd: int) -> bool:
     cost about 2 ms of kernel CPU instead of 0.06 ms, for minutes (measured
     here). Spread over groups, a task directory costs 0.17 ms (the
     directory's placement looks over the groups), removals or not.
-    Set only on directories fedexec makes (the default base, sandboxed
-    workers' directories): a directory the user named is left as it is."""
+    Set only on directories fedexec makes (a base it makes, the default
+    one or one named that did not exist, and sandboxed workers'
+    directories): a directory that existed is left as it is."""
     try:
         raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_FLAGS_SIZE))
-        flags = int.from_bytes(raw, sys.byteorder, signed=True)
+        (flags,) = struct.unpack_from("i", raw)   # (the kernel reads and writes an int there, whatever the size)
         if not flags & _FS_TOPDIR_FL:
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, (flags | _FS_TOPDIR_FL).to_bytes(_FLAGS_SIZE, sys.byteorder, signed=True))
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL).ljust(_FLAGS_SIZE, b"\0"))
         return True
-    except (OSError, OverflowError):   # (not ext2/3/4, or the flag not allowed: placed as the file system will)
+    except (OSError, struct.error):   # (not ext2/3/4, or the flag not allowed: placed as the file system will)
         return False
 
 

@@ -192,8 +192,10 @@ class WorkStealing:
             after = STEAL_AFTER if slot.user in idle_users or None in idle_users else STEAL_ACROSS_AFTER
             if slot.recalled_at:   # not answered yet (a task holding the GIL): never asked twice, as the
                 continue           # same task may by then be on its way to this worker again
-            self._steal_pending = True
             running = slot.marker.read()
+            if running is not None and running == slot.unrecallable:
+                continue   # (nothing behind it can be asked back: not looked at again every STEAL_CHECK)
+            self._steal_pending = True
             if running is None or running not in slot.tasks:
                 slot.seen_running = None
             elif running != slot.seen_running:
@@ -203,6 +205,8 @@ class WorkStealing:
                 if len(self._recall(slot, behind, cancel=False)) < len(behind):   # asked for some: answered
                     slot.recalled_at = now
                     slot.stuck = running
+                else:   # all chained, or sent too long ago to be named: they wait for it
+                    slot.unrecallable = running
         self._steal_at = now + STEAL_CHECK
 
     # -- what the control threads say ---------------------------------------

@@ -79,6 +79,7 @@ class WorkerSlot:
     recalled_at: float = 0.0            # when it was asked for the tasks it has not started (unanswered)
     recalling: dict = field(default_factory=dict)   # task id -> to cancel: asked back, not answered yet
     stuck: bytes | None = None          # the long task it runs, tasks recalled from behind it: it gets no more
+    unrecallable: bytes | None = None   # the task it runs, with none of those behind it to be asked back
     sent: int = 0                       # TASKS messages sent to it; the latest ones' (number, rows):
     batches: deque = field(default_factory=lambda: deque(maxlen=RECALLABLE_BATCHES))
 

@@ -150,6 +150,7 @@ class EndpointDeletions:
                 "refused": True, "deleted": True}))
         registry.disconnect(state)   # (group tasks routed to it go back to their groups)
         del registry.by_id[endpoint_id]
+        relay.drop_notes.forget(state)
         left = registry.owned.get(owner, 0) - 1
         if left > 0:
             registry.owned[owner] = left

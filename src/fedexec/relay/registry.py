@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ import msgpack
 
 # task states while the relay holds a task
 QUEUED = 0
-DROPPING_MAX = 65536   # drops whose answers an endpoint's state waits for, at most
 DISPATCHED = 1
 
 
@@ -124,22 +124,8 @@ class EndpointState:
     meta: dict = field(default_factory=dict)   # where it runs, from its HELLO (inspect.endpoint_meta)
     report: Any = None   # what its last heartbeat said of it (endpoint_status.EndpointReport)
     # tasks it was told to drop (Relay._take_back_held), whose CANCELLED answer is not yet in: that
-    # answer is no outcome (task id -> time.monotonic() told; kept over reconnections, bounded)
+    # answer is no outcome (task id -> time.monotonic() told; kept over reconnections: DropNotes)
     dropping: dict = field(default_factory=dict)
-
-    def told_to_drop(self, task_ids: list[bytes]) -> None:
-        """Note these as told to drop (their answers then are no outcome); at
-        most DROPPING_MAX at once, the oldest forgotten first (an endpoint
-        that never answers, or one saying it holds ids it made up, cannot
-        grow this)."""
-        now = time.monotonic()
-        dropping = self.dropping
-        for task_id in task_ids:
-            dropping.pop(task_id, None)
-            dropping[task_id] = now
-        if len(dropping) > DROPPING_MAX:
-            for task_id in list(dropping)[:len(dropping) - DROPPING_MAX // 2]:
-                del dropping[task_id]
 
     @property
     def connected(self) -> bool:
@@ -250,3 +236,77 @@ class EndpointRegistry:
 
     def connected(self) -> list[EndpointState]:
         return list(self.by_routing.values())
+
+
+class DropNotes:
+    """The tasks endpoints were told to drop, whose answers (CANCELLED) are
+    no outcome, kept in each ``EndpointState.dropping``: the first CANCELLED
+    from that endpoint for one is that answer (``Relay._on_results``).
+
+    Bounded, as the ids come from what an endpoint says it holds (its owner's
+    to make up): only task ids (16 bytes), at most PER_OWNER at once over
+    all the endpoints of one owner (an owner may register many), each
+    forgotten AFTER seconds after it was noted (an answer comes within a
+    round trip; one that never comes, for a task the endpoint did not have
+    after all, leaves nothing behind for long)."""
+
+    PER_OWNER = 65536
+    AFTER = 300.0
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}   # owner -> notes over their endpoints
+
+    def note(self, state: EndpointState, task_ids: list[bytes]) -> None:
+        now = time.monotonic()
+        owner = state.access.owner
+        dropping = state.dropping
+        self._expire(state, now)
+        count = self.counts.get(owner, 0)
+        for task_id in task_ids:
+            if type(task_id) is not bytes or len(task_id) != 16:
+                continue
+            if task_id in dropping:
+                del dropping[task_id]   # (noted again: the newest, last)
+            elif count >= self.PER_OWNER:
+                if not dropping:
+                    break   # (this owner's other endpoints hold the rest)
+                del dropping[next(iter(dropping))]   # its oldest goes
+            else:
+                count += 1
+            dropping[task_id] = now
+        if count:
+            self.counts[owner] = count
+
+    def answered(self, state: EndpointState, task_id: bytes) -> bool:
+        """Forget ``task_id``'s note at ``state`` (an outcome came from there,
+        or its client cancelled it); whether there was one."""
+        if state.dropping.pop(task_id, None) is None:
+            return False
+        owner = state.access.owner
+        count = self.counts.get(owner, 1) - 1
+        if count > 0:
+            self.counts[owner] = count
+        else:
+            self.counts.pop(owner, None)
+        return True
+
+    def forget(self, state: EndpointState) -> None:
+        """``state``'s endpoint is deleted: its notes go."""
+        self._expire(state, math.inf)
+
+    def _expire(self, state: EndpointState, now: float) -> None:
+        dropping = state.dropping
+        gone = 0
+        while dropping:
+            task_id = next(iter(dropping))
+            if now - dropping[task_id] < self.AFTER:
+                break
+            del dropping[task_id]
+            gone += 1
+        if gone:
+            owner = state.access.owner
+            count = self.counts.get(owner, 0) - gone
+            if count > 0:
+                self.counts[owner] = count
+            else:
+                self.counts.pop(owner, None)

@@ -33,7 +33,8 @@ from .quota import DEFAULT_FUNCTION_GRACE, DEFAULT_MAX_BYTES_PER_USER, DEFAULT_M
     DEFAULT_MAX_GROUPS_PER_USER, DEFAULT_MAX_TASKS_PER_USER, MIN_ROW_BYTES, FunctionBodies, Quotas, row_bytes
 from .memo import RecentResults, without_output
 from .listening import AddressInUse, check_address_free, in_use_message
-from .registry import DISPATCHED, QUEUED, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue, TaskRecord
+from .registry import (DISPATCHED, QUEUED, DropNotes, EndpointAccess, EndpointRegistry, EndpointState, GroupQueue,
+                       TaskRecord)
 from .memstore import MemoryStore, Record
 from .store import FINISHED, GROUP_COMMIT_WINDOW, KEPT, RelayStore, durable_options
 from .inspect import Inspector, endpoint_meta
@@ -244,6 +245,7 @@ class Relay:
         self.client_results: dict[bytes, tuple[list, P.Blobs]] = defaultdict(lambda: ([], P.Blobs()))
         self.client_started: dict[bytes, list] = defaultdict(list)
         self.endpoint_cancels: dict[str, list] = defaultdict(list)
+        self.drop_notes = DropNotes()   # tasks endpoints were told to drop: their answers are no outcome
         # Notices that wait for the store: ACCEPTED to clients and ACK (results
         # stored) to endpoints, sent once the commit holding them is on disk.
         self.turn_accepted: dict[bytes, list] = defaultdict(list)
@@ -802,7 +804,7 @@ class Relay:
             # its answers (CANCELLED) are no outcome: the same task may be sent there again before
             # they come (a client sending again what a restarted relay had not recorded, a group
             # task coming back from another member, a held task whose dependencies finished)
-            state.told_to_drop(cancel)
+            self.drop_notes.note(state, cancel)
         for part in P.chunks(sorted(cancel)):
             self._send(sender, P.encode(P.CANCEL, {"tids": part}))
 
@@ -1470,7 +1472,7 @@ class Relay:
                 # went to another member: that one's result counts)
                 log.warning("ignored a result for task %s from an endpoint it was not sent to", task_id.hex())
                 continue
-            if owner.dropping and owner.dropping.pop(task_id, None) is not None and status == P.CANCELLED:
+            if owner.dropping and self.drop_notes.answered(owner, task_id) and status == P.CANCELLED:
                 continue   # its answer to being told to drop its copy (_take_back_held), not an outcome
             if record.state == WAITING:
                 # held here for its dependencies, so not sent in this run of the relay: the endpoint's
@@ -1570,7 +1572,7 @@ class Relay:
                 self.endpoint_cancels[record.endpoint_id].append(task_id)
                 state = self.endpoints.get(record.endpoint_id)
                 if state is not None and state.dropping:   # (the next CANCELLED from there answers this)
-                    state.dropping.pop(task_id, None)
+                    self.drop_notes.answered(state, task_id)
 
     # -- output --------------------------------------------------------------
     def _dispatch(self) -> None:
