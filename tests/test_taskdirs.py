@@ -293,9 +293,12 @@ def test_a_running_quiet_task_and_a_held_directory_are_kept_however_old(tmp_path
         with FederatedExecutor(federation.config.endpoint_id, relay=federation.address) as ex:
             quiet = ex.submit(ShellFunction("sleep 4; echo done > result.dat; cat result.dat"))
             deadline = time.monotonic() + DEADLINE
-            while not (place.is_dir() and any(p.is_dir() for p in place.iterdir())):
+            while not (place.is_dir() and any(p.is_dir() for p in place.iterdir()) and quiet.running()):
                 assert time.monotonic() < deadline, "the task made no directory"
                 time.sleep(0.05)
+            # (and its worker's spare for the next task, made as it starts, is made and held: the pass
+            # below, with a clock 30 h ahead, would take one caught between its mkdir and its flock)
+            time.sleep(0.5)
             # another cleaner (another pool or endpoint sharing the base) sees it as long expired
             assert TaskDirCleaner(str(place), ttl=HOUR).clean_once(now=time.time() + 30 * HOUR) == 0
             result = quiet.result(DEADLINE)
