@@ -182,7 +182,7 @@ def test_one_user_cannot_exhaust_the_relay_for_another(tmp_path):
             errors = errors_until(bob, 4)
             assert len(errors) == 4, errors
             assert "MAX_HEADER" in errors[0] and "over the limit" in errors[0]
-            assert "task ids must be a list of bytes" in errors[1]
+            assert "task ids must be a list of 16-byte ids" in errors[1]
             assert "MAX_ITEMS" in errors[2]
             assert "malformed message" in errors[3]
             for _ in range(10):   # a stream of the costliest headers that pass the cap

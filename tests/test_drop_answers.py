@@ -121,30 +121,35 @@ def _relay_process(address: str) -> psutil.Process:
 
 @pytest.mark.timeout(120)
 def test_what_an_endpoint_says_it_holds_does_not_grow_the_relays_memory(tmp_path):
-    """An owner's endpoints say they hold tens of thousands of made-up ids,
-    400 bytes each (HELLO, then HOLDING): the relay tells them to drop them
-    all and keeps notes of task ids only (16 bytes), at most 65,536 for one
-    owner, forgotten after 300 s (relay/registry.py DropNotes). Before, each
-    endpoint kept up to 65,536 notes of whatever ids it sent, across
+    """An owner's endpoints say they hold 163,840 made-up task ids (HELLO,
+    then HOLDING): the relay tells them to drop them all, and keeps notes of
+    at most 65,536 for one owner, forgotten after 300 s (relay/registry.py
+    DropNotes); ids of another length are refused (a protocol error). Before,
+    each endpoint kept up to 65,536 notes of whatever ids it sent, across
     reconnections, and an owner may register 1,000 endpoints (review s28:
     5-18 MiB of the relay's memory per endpoint)."""
     token = fedexec_cli("relay", "add-user", "mallory", "--data-dir", tmp_path / "relay-data").stdout.strip()
     with running_relay(tmp_path, "--auth", "token") as address:
         relay = _relay_process(address)
         RawClient(address, token).close()   # (the relay warmed up: a session made and gone)
+        long_ids = RawEndpoint(address, token, holding=[os.urandom(400)])
+        try:
+            assert "16-byte ids" in long_ids.expect(P.ERROR).fields["msg"]
+        finally:
+            long_ids.close()
         before = relay.memory_info().rss
-        for _ in range(3):
-            endpoint = RawEndpoint(address, token, holding=[os.urandom(400) for _ in range(P.MAX_ITEMS)])
+        for _ in range(5):
+            endpoint = RawEndpoint(address, token, holding=[os.urandom(16) for _ in range(P.MAX_ITEMS)])
             try:
                 dropped = len(endpoint.expect(P.CANCEL).fields["tids"])
                 for _ in range(31):
-                    endpoint.sock.send_multipart(P.encode(P.HOLDING, {"tids": [os.urandom(400)
+                    endpoint.sock.send_multipart(P.encode(P.HOLDING, {"tids": [os.urandom(16)
                                                                                for _ in range(P.MAX_ITEMS)]}))
                 while dropped < 32 * P.MAX_ITEMS:
                     dropped += len(endpoint.expect(P.CANCEL).fields["tids"])
             finally:
                 endpoint.close()
         grown = (relay.memory_info().rss - before) / 2**20
-        # 3 x 32,768 ids of 400 bytes kept would be ~50 MiB
         print(f"relay grew {grown:.1f} MiB")
-        assert grown < 20, f"the relay grew by {grown:.0f} MiB"
+        # all 163,840 kept (five endpoints of 32,768) would be ~2.5 times the cap's
+        assert grown < 11, f"the relay grew by {grown:.0f} MiB"

@@ -521,8 +521,11 @@ def endpoint_group(value: Any) -> tuple[str, ...]:
 
 
 def task_ids(values: Any) -> list[bytes]:
-    if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
-        raise ProtocolError("task ids must be a list of bytes")
+    """A message's list of task ids, checked: each 16 bytes, as every task
+    row's is (an id of another length names no task, and one kept for
+    later, as the relay's drop notes are, would cost its length)."""
+    if not isinstance(values, list) or not all(type(v) is bytes and len(v) == 16 for v in values):
+        raise ProtocolError("task ids must be a list of 16-byte ids")
     if len(values) > MAX_ITEMS:  # decode() refuses longer lists; this is for lists made here
         raise ProtocolError(f"{len(values)} task ids in one message, over the limit of {MAX_ITEMS} (MAX_ITEMS)")
     return values
