@@ -128,8 +128,11 @@ def run_parsl(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
         with contextlib.suppress(Exception):
             parsl.dfk().cleanup()
         parsl.clear()
+        shutil.rmtree(logs, True)
         raise
-    with system:
+    # (its apps' output files, ~1,000 a run, removed after it: they were left in the temporary directory)
+    with contextlib.ExitStack() as cleanup, system:
+        cleanup.callback(shutil.rmtree, logs, True)
         app = parsl.bash_app(shell, executors=["htex"])
 
         def submit(cmd: str) -> Any:
