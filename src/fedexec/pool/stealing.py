@@ -185,17 +185,17 @@ class WorkStealing:
         for slot in slots:
             if len(slot.tasks) < 2 or not slot.control:
                 continue
-            # An idle worker of this user, or a fresh one, takes the recalled tasks at once. One of
-            # another user, who has nothing queued here (the queue is empty), retires for them
-            # (_share_workers) and a fresh worker takes them: worth it only behind a longer task.
-            # (Before, such a worker was no reason to recall: the tasks waited the long one out.)
-            after = STEAL_AFTER if slot.user in idle_users or None in idle_users else STEAL_ACROSS_AFTER
             if slot.recalled_at:   # not answered yet (a task holding the GIL): never asked twice, as the
                 continue           # same task may by then be on its way to this worker again
             running = slot.marker.read()
             if running is not None and running == slot.unrecallable:
                 continue   # (nothing behind it can be asked back: not looked at again every STEAL_CHECK)
             self._steal_pending = True
+            # An idle worker of this user, or a fresh one, takes the recalled tasks at once. One of
+            # another user, who has nothing queued here (the queue is empty), retires for them
+            # (_share_workers) and a fresh worker takes them: worth it only behind a longer task.
+            # (Before, such a worker was no reason to recall: the tasks waited the long one out.)
+            after = STEAL_AFTER if slot.user in idle_users or None in idle_users else STEAL_ACROSS_AFTER
             if running is None or running not in slot.tasks:
                 slot.seen_running = None
             elif running != slot.seen_running:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -244,11 +243,12 @@ class DropNotes:
     from that endpoint for one is that answer (``Relay._on_results``).
 
     Bounded, as the ids come from what an endpoint says it holds (its owner's
-    to make up): only task ids (16 bytes), at most PER_OWNER at once over
-    all the endpoints of one owner (an owner may register many), each
-    forgotten AFTER seconds after it was noted (an answer comes within a
-    round trip; one that never comes, for a task the endpoint did not have
-    after all, leaves nothing behind for long)."""
+    to make up; ``P.task_ids`` has checked they are 16 bytes): at most
+    PER_OWNER at once over all the endpoints of one owner (an owner may
+    register many), and a note counts for AFTER seconds only (an answer
+    comes within a round trip; one that never comes, for a task the endpoint
+    did not have after all, swallows nothing later). Stale notes go when
+    their endpoint is told to drop more, or is deleted."""
 
     PER_OWNER = 65536
     AFTER = 300.0
@@ -258,41 +258,37 @@ class DropNotes:
 
     def note(self, state: EndpointState, task_ids: list[bytes]) -> None:
         now = time.monotonic()
-        owner = state.access.owner
         dropping = state.dropping
         self._expire(state, now)
-        count = self.counts.get(owner, 0)
+        count = self.counts.get(state.access.owner, 0)
+        added = 0
         for task_id in task_ids:
-            if type(task_id) is not bytes or len(task_id) != 16:
-                continue
             if task_id in dropping:
                 del dropping[task_id]   # (noted again: the newest, last)
-            elif count >= self.PER_OWNER:
+            elif count + added >= self.PER_OWNER:
                 if not dropping:
                     break   # (this owner's other endpoints hold the rest)
                 del dropping[next(iter(dropping))]   # its oldest goes
             else:
-                count += 1
+                added += 1
             dropping[task_id] = now
-        if count:
-            self.counts[owner] = count
+        if added:
+            self.counts[state.access.owner] = count + added
 
     def answered(self, state: EndpointState, task_id: bytes) -> bool:
         """Forget ``task_id``'s note at ``state`` (an outcome came from there,
-        or its client cancelled it); whether there was one."""
-        if state.dropping.pop(task_id, None) is None:
+        or its client cancelled it); whether there was one, made less than
+        AFTER seconds ago."""
+        noted = state.dropping.pop(task_id, None)
+        if noted is None:
             return False
-        owner = state.access.owner
-        count = self.counts.get(owner, 1) - 1
-        if count > 0:
-            self.counts[owner] = count
-        else:
-            self.counts.pop(owner, None)
-        return True
+        self._uncount(state, 1)
+        return time.monotonic() - noted < self.AFTER
 
     def forget(self, state: EndpointState) -> None:
         """``state``'s endpoint is deleted: its notes go."""
-        self._expire(state, math.inf)
+        self._uncount(state, len(state.dropping))
+        state.dropping.clear()
 
     def _expire(self, state: EndpointState, now: float) -> None:
         dropping = state.dropping
@@ -303,10 +299,14 @@ class DropNotes:
                 break
             del dropping[task_id]
             gone += 1
-        if gone:
-            owner = state.access.owner
-            count = self.counts.get(owner, 0) - gone
-            if count > 0:
-                self.counts[owner] = count
-            else:
-                self.counts.pop(owner, None)
+        self._uncount(state, gone)
+
+    def _uncount(self, state: EndpointState, gone: int) -> None:
+        if not gone:
+            return
+        owner = state.access.owner
+        count = self.counts.get(owner, 0) - gone
+        if count > 0:
+            self.counts[owner] = count
+        else:
+            self.counts.pop(owner, None)
