@@ -5,16 +5,17 @@ The embedded default's relay is private (its only client is the program
 that started it) and its endpoint runs on the same machine and dies with
 the same program. As two processes, every task crossed an ipc hop between
 them each way, each about three thread wake-ups through both processes'
-ZeroMQ I/O threads on a small machine. Here the relay's loop runs on the
-main thread and the agent's on a second one (its pool driven by the
-agent's loop, endpoint/inprocess.py), linked over ``inproc://`` with a
-trust rule of its own (relay/locallink.py); the real listening socket, which the program's
+ZeroMQ I/O threads on a small machine. Here the relay and the agent
+share one loop on the main thread (the agent's pool driven by it too,
+endpoint/inprocess.py), linked over ``inproc://`` with a trust rule of its
+own (relay/locallink.py); the real listening socket, which the program's
 executor and the agent's large-payload transfers still use, keeps every
-check it had.
+check it had. (On two threads, each task crossed the interpreter lock and a
+thread wake-up each way between them: ~0.1 ms each on 2 cores.)
 
 The process stops on SIGTERM (the agent first, then the relay), when its
 parent is gone, or when the agent ends by itself (the relay then has no
-endpoint to run anything). On SIGTERM the relay's loop keeps serving while
+endpoint to run anything). On SIGTERM the relay's turns keep serving while
 the agent leaves (its pool's workers finish what they run, within
 ``stopgrace.STOP_GRACE``, and their results reach the program:
 endpoint/leaving.py); the agent's end then stops the relay. A second
@@ -26,11 +27,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+import zmq
 
 from . import protocol as P
 from .config import EndpointConfig
@@ -44,57 +49,110 @@ from .worker.warmheap import ENV as WARM_HEAP_ENV
 
 log = logging.getLogger("fedexec.colocated")
 
-AGENT_JOIN_TIMEOUT = 20.0   # seconds the relay waits for its agent to stop (it stops its pool and workers)
-
-
 class Colocated:
-    """A relay and an endpoint agent linked in this process."""
+    """A relay and an endpoint agent linked in this process, on one thread:
+    one poll loop gives each a turn (the relay's, the agent's, then the
+    relay's again if the agent wrote to it), so a task or its result passes
+    between them with no thread wake-up and no handing over of the
+    interpreter lock."""
 
     def __init__(self, relay: Relay, config: EndpointConfig, *, parent_pid: int | None,
                  secret_file: str) -> None:
         self.relay = relay
         link = relay.open_local_link()
         self.agent = EndpointAgent(config, parent_pid=parent_pid, secret_file=secret_file, relay_link=link)
-        self.thread = threading.Thread(target=self._run_agent, name="fedexec-colocated-agent", daemon=True)
-        assert relay.local_link is not None
-        relay.local_link.on_close(self._stop_agent)
+        self.agent.bulk.wait = self._relay_turns_while_waiting   # (its large-payload transfers ask the relay)
+        self.agent_running = False   # between the agent's begin() and its shutdown
         self.exit_code = 0
         self.leaving = False   # asked to stop (a signal); the relay stops once the agent has left
 
-    def _run_agent(self) -> None:
-        try:
-            self.agent.run()
-        except Exception:
-            log.exception("the colocated endpoint agent failed")
-            self.exit_code = 1
-        else:
-            self.exit_code = self.agent.exit_code
-        finally:
-            self.relay.stop()   # a relay without its endpoint runs nothing: the program sees the process end
-
     def _on_signal(self, *_: object) -> None:
-        """SIGTERM / SIGINT: the agent leaves first while the relay's loop
-        still carries its results (its end stops the relay); a second signal,
+        """SIGTERM / SIGINT: the agent leaves first while the relay's turns
+        still carry its results (its end stops the relay); a second signal,
         or one with no agent running, stops the relay at once."""
-        if self.leaving or not self.thread.is_alive():
+        if self.leaving or not self.agent_running:
             self.relay.stop()
         else:
             self.leaving = True
             self.agent.stop()
 
-    def _stop_agent(self) -> None:
-        self.agent.stop_now()   # (the relay's loop has ended: nobody would read its results)
-        self.thread.join(AGENT_JOIN_TIMEOUT)
-        if self.thread.is_alive():   # (stuck in a system call: its sockets would hold up the context's end)
-            log.error("the colocated endpoint agent did not stop within %.0f s: this process ends now",
-                      AGENT_JOIN_TIMEOUT)
-            logging.shutdown()
-            os._exit(1)   # its private directory goes at the next start (privatedir.py)
+    def _relay_turns_while_waiting(self, sock: zmq.Socket, timeout_ms: int) -> bool:
+        """The agent waits for the relay's answer on ``sock`` (a transfer
+        link's, over the relay's real socket): the relay, on this same
+        thread, takes its turns meanwhile, else it never answers. (Never
+        called inside a relay turn: only the agent's turns transfer.)
+        Whether the answer came within ``timeout_ms``."""
+        relay = self.relay
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        relay.register(poller)
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            events = dict(poller.poll(min(left, relay.wait_ms())))
+            if sock in events:
+                return True
+            relay.turn(events)
+            if relay.stopping or time.monotonic() >= deadline:
+                return bool(sock.poll(0))
+
+    def _agent_turn(self, poller: zmq.Poller, events: dict) -> None:
+        """The agent's turn; its end (it stopped, or failed) ends the relay's loop."""
+        try:
+            self.agent.turn(poller, events)
+        except Exception:
+            log.exception("the colocated endpoint agent failed")
+            self.exit_code = 1
+            self._end_agent()
+            return
+        if self.agent.stopping:
+            self.exit_code = self.agent.exit_code
+            self._end_agent()
+
+    def _end_agent(self) -> None:
+        """Shut the agent down, hand the relay what it sent last, and stop
+        the relay: without its endpoint it runs nothing (the program sees the
+        process end)."""
+        self.agent_running = False
+        try:
+            self.agent._shutdown()
+        except Exception:
+            log.exception("the colocated endpoint agent did not stop cleanly")
+            self.exit_code = 1
+        try:
+            self.relay.turn({})   # its last results and BYE, to the program
+        finally:
+            self.relay.stop()
 
     def run(self) -> int:
         """Serve until stopped; the exit code."""
-        self.thread.start()
-        self.relay.serve_forever(on_signal=self._on_signal)
+        relay, agent = self.relay, self.agent
+        relay.begin_serving(on_signal=self._on_signal)
+        poller = zmq.Poller()
+        try:
+            relay.register(poller)
+            agent.register(poller)
+            agent.begin()
+            self.agent_running = True
+            while not relay.stopping:
+                wait = relay.wait_ms()
+                if self.agent_running:
+                    wait = min(wait, agent.wait_ms())
+                events = dict(poller.poll(wait))
+                relay.turn(events)
+                if self.agent_running and not relay.stopping:
+                    self._agent_turn(poller, events)
+                    if self.agent_running:
+                        relay.turn({})   # what the agent sent this turn goes on now, not after a poll
+        finally:
+            if self.agent_running:   # (the relay's loop has ended: nobody would read the agent's results)
+                self.agent_running = False
+                agent.stop_now()
+                try:
+                    agent._shutdown()
+                except Exception:
+                    log.exception("the colocated endpoint agent did not stop cleanly")
+            relay.end_serving()
         return self.exit_code
 
 

@@ -699,6 +699,9 @@ class TransferLink:
         # None: not asked yet (see _same_host); False: chunks only (so with CHUNKS_ONLY_ENV set, for tests and
         # benchmarks of the chunked path on one machine)
         self.same_host: bool | None = False if os.environ.get(CHUNKS_ONLY_ENV) else None
+        #: how to wait for the relay's answer, ``wait(sock, timeout_ms) -> readable``: by default a poll;
+        #: an agent sharing its thread with the relay (fedexec.colocated) gives the relay its turns meanwhile
+        self.wait: Callable[[zmq.Socket, int], bool] | None = None
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -712,7 +715,8 @@ class TransferLink:
                                 "running, and does it accept these credentials?)") from None
 
     def _answer(self, expected: str, timeout: float) -> P.Message | None:
-        if not self.sock.poll(int(timeout * 1000)):
+        ms = int(timeout * 1000)
+        if not (self.wait(self.sock, ms) if self.wait is not None else self.sock.poll(ms)):
             return None
         msg = P.decode(self.sock.recv_multipart(copy=False))
         if msg.type == P.ERROR:

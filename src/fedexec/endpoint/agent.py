@@ -246,62 +246,84 @@ class EndpointAgent(AgentLeaving):
 
     # -- main loop -----------------------------------------------------------
     def run(self) -> None:
-        if threading.current_thread() is threading.main_thread():   # (colocated: the relay's thread has them)
+        if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
+        self.begin()
+        poller = zmq.Poller()
+        try:
+            self.register(poller)
+            while not self.stopping:
+                self.turn(poller, dict(poller.poll(self.wait_ms())))
+        finally:
+            self._shutdown()
+
+    # -- the loop in parts: run's, or the one it shares with a relay in this process (colocated.py) -----------
+    def begin(self) -> None:
+        """Before the first turn: the scaler started, the relay greeted."""
         if self.scaler is not None:
             self.scaler.start()
         self._hello()
-        poller = zmq.Poller()
+        self.next_tick = self.next_beat = self.next_scale = self.next_status = self.next_handshake = \
+            time.monotonic()
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Put what the agent's turns read on ``poller`` (in-process pools add theirs as they start)."""
         poller.register(self.relay, zmq.POLLIN)
         poller.register(self.pool_sock, zmq.POLLIN)
         poller.register(self.handshake.monitor, zmq.POLLIN)
-        next_tick = next_beat = next_scale = next_status = next_handshake = time.monotonic()
-        try:
-            while not self.stopping:
-                wait = self.outbox.wait_ms(time.monotonic(), POLL_MS)
-                if self.local_pools is not None:
-                    wait = self.local_pools.wait_ms(wait)
-                events = dict(poller.poll(wait))
-                workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
-                if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
-                    self._read_pools()
-                if self.relay in events:
-                    self._read_relay()
-                now = time.monotonic()
-                if self.leave_asked:   # stopping: the pools finish what they run first (leaving.py)
-                    self._leave_turn(now)
-                if self.handshake.monitor in events or now >= next_handshake:
-                    next_handshake = now + HANDSHAKE_CHECK
-                    self._check_handshake()
-                if not self.leaving:
-                    self._assign()
-                if now >= next_tick:
-                    next_tick = now + TICK_INTERVAL
-                    self._drop_silent_pools(now)
-                    if self.parent_pid and os.getppid() != self.parent_pid:
-                        log.info("parent process %d is gone; stopping", self.parent_pid)
-                        self.stopping = True
-                if now >= next_scale and self.scaler is not None and not self.leaving:
-                    next_scale = now + SCALE_INTERVAL
-                    self._scale(now)
-                if now >= next_beat:
-                    next_beat = now + self.config.heartbeat_period
-                    self._send_relay(P.encode(P.HEARTBEAT, {"st": self._beat_status()}))
-                    beat = P.encode(P.HEARTBEAT)
-                    for pool_id in self.pools:
-                        self._send_pool(pool_id, beat)
-                if now >= next_status:
-                    next_status = now + STATUS_INTERVAL
-                    self._write_status(now)
-                if self.local_pools is not None:   # this turn's tasks reach their workers now
-                    self.local_pools.step(poller, events, workers_read)
-                if self._flush_due(now):   # last: the relay's thread, woken by it, waits for nothing more here
-                    self._flush()
-                elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
-                    self._offer_spare_credit()
-        finally:
-            self._shutdown()
+
+    def wait_ms(self) -> int:
+        """How long the poll before the next turn may wait."""
+        wait = self.outbox.wait_ms(time.monotonic(), POLL_MS)
+        if self.local_pools is not None:
+            wait = self.local_pools.wait_ms(wait)
+        return wait
+
+    def turn(self, poller: zmq.Poller, events: dict[Any, int]) -> None:
+        """One turn of the loop: what ``events`` (a poll's on ``poller``)
+        says is ready, then whatever is due. With a relay in this process
+        (``relay_link``), the relay socket is read whenever it holds
+        messages, polled or not: the relay, sharing this thread, may have
+        written to it since the poll."""
+        workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
+        if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+            self._read_pools()
+        if self.relay in events or (self.relay_link is not None and
+                                    self.relay.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+            self._read_relay()
+        now = time.monotonic()
+        if self.leave_asked:   # stopping: the pools finish what they run first (leaving.py)
+            self._leave_turn(now)
+        if self.handshake.monitor in events or now >= self.next_handshake:
+            self.next_handshake = now + HANDSHAKE_CHECK
+            self._check_handshake()
+        if not self.leaving:
+            self._assign()
+        if now >= self.next_tick:
+            self.next_tick = now + TICK_INTERVAL
+            self._drop_silent_pools(now)
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.info("parent process %d is gone; stopping", self.parent_pid)
+                self.stopping = True
+        if now >= self.next_scale and self.scaler is not None and not self.leaving:
+            self.next_scale = now + SCALE_INTERVAL
+            self._scale(now)
+        if now >= self.next_beat:
+            self.next_beat = now + self.config.heartbeat_period
+            self._send_relay(P.encode(P.HEARTBEAT, {"st": self._beat_status()}))
+            beat = P.encode(P.HEARTBEAT)
+            for pool_id in self.pools:
+                self._send_pool(pool_id, beat)
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL
+            self._write_status(now)
+        if self.local_pools is not None:   # this turn's tasks reach their workers now
+            self.local_pools.step(poller, events, workers_read)
+        if self._flush_due(now):   # last: the relay, woken by it, waits for nothing more here
+            self._flush()
+        elif not self.outbox.rows:   # (start notices alone wait: outbox.START_DELAY)
+            self._offer_spare_credit()
 
     def _hello(self) -> None:
         """Introduce this endpoint: what it holds is every task here without

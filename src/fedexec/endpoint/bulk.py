@@ -6,14 +6,18 @@ the relay, handing on the reference in its place. The agent never holds a
 whole payload: chunks go between the socket and the file.
 
 Transfers run on the agent's thread, one at a time (a 1 GiB payload takes
-seconds on one machine); the relay's heartbeat timeout is far longer."""
+seconds on one machine); the relay's heartbeat timeout is far longer. (A
+relay sharing the agent's thread, the embedded default's, takes its turns
+while the agent waits for its answers: ``wait``, fedexec.colocated.)"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
+
+import zmq
 
 from .. import protocol as P
 from ..transfer import SPOOL_ENV, TransferLink, big_ref, local_ref, parse_local
@@ -30,6 +34,8 @@ class EndpointTransfers:
         os.makedirs(self.spool, mode=0o700, exist_ok=True)
         os.environ[SPOOL_ENV] = self.spool   # the pools and workers started from here write results there
         self.link: TransferLink | None = None
+        #: how the link waits for the relay's answers (TransferLink.wait; None: a poll)
+        self.wait: Callable[[zmq.Socket, int], bool] | None = None
         self.argument_files: dict[bytes, str] = {}   # task id -> its arguments' file, until its result
         # task id -> a recycled file of its user the relay gave for its large result (relay/spares.py),
         # which its worker writes into (transfer.spill_result); unlinked when the task is done if unused
@@ -50,6 +56,7 @@ class EndpointTransfers:
     def _link(self) -> TransferLink:
         if self.link is None:
             self.link = TransferLink(self.relay, secret_file=self.secret_file, relay_key=self.relay_key)
+            self.link.wait = self.wait
         return self.link
 
     def fetch_arguments(self, task_id: bytes, ref: Any) -> tuple[bytes | None, str]:

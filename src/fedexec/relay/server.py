@@ -376,6 +376,18 @@ class Relay:
         """Serve until stopped; SIGTERM and SIGINT call ``on_signal`` (by
         default :meth:`stop`; the embedded default's lets its agent leave
         first, colocated.py)."""
+        self.begin_serving(on_signal)
+        poller = zmq.Poller()
+        try:
+            self.register(poller)
+            while not self.stopping:
+                self.turn(dict(poller.poll(self.wait_ms())))
+        finally:
+            self.end_serving()
+
+    # -- the loop in parts: serve_forever's, or one a colocated agent shares (colocated.py) -----------
+    def begin_serving(self, on_signal: Callable[..., Any] | None = None) -> None:
+        """Before the first turn: signal handlers, the pid file, the web server."""
         signal.signal(signal.SIGTERM, on_signal or self.stop)
         signal.signal(signal.SIGINT, on_signal or self.stop)
         self.pidfile.write(address=self.address, auth=self.auth_mode, public_key=self.public_key.decode(),
@@ -384,74 +396,85 @@ class Relay:
             self.dashboard.publish(self, time.monotonic())
             self.web.start()
         log.info("relay listening on %s (data in %s)", self.address, self.data_dir)
-        next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
-        next_expiry = time.monotonic()
-        poller = zmq.Poller()
+        self.next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
+        self.next_expiry = time.monotonic()
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Put what the relay's turns read on ``poller``."""
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
-        link = self.local_link.sock if self.local_link is not None else None
-        if link is not None:
-            poller.register(link, zmq.POLLIN)
-        try:
-            while not self.stopping:
-                events = dict(poller.poll(0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)))
-                self.record_budget = RECORD_BYTES_PER_TURN
-                if self.record_waiting:
-                    self._answer_waiting()
-                if self.access.wake_fd in events:
-                    self._read_checked()
-                if self.sock in events:
-                    self._read_messages()
-                if link is not None and link in events:
-                    self._read_local()
-                if self.store.commit_fd in events:
-                    self.store.drain_commit_notices()
-                self._after_reads()
-                if self.refused_tasks or self.refused_unauthenticated:
-                    self._log_refused_tasks()
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    next_maintenance = now + MAINTENANCE_INTERVAL
-                    self._maintenance(now)
-                if now >= next_expiry:
-                    next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
-                    cutoff = time.time() - self.result_ttl
-                    self.store.expire_results(cutoff)
-                    for key in self.quotas.expire(cutoff):   # memoized results gone from the record
-                        self.memo_keys.discard(key)
-                        self.memo_recent.discard(key)
-                if self.dashboard is not None and self.dashboard.due(now):
-                    self.dashboard.publish(self, now)
-        finally:
-            log.info("relay stopping")
-            if self.web is not None:
-                self.web.stop()
-            if self.local_link is not None:   # (stops the colocated agent first: its sockets share the context)
-                self.local_link.close()
-            self.bulk.close()
-            self.store.close()
-            self.sock.close(linger=500)
-            self.zap.stop()
-            self.access.close()
-            self.ctx.term()
-            if self.tokens is not None:
-                self.tokens.close()
-            for path in self.discovery_files:
-                if path.suffix == ".pub" and self.remove_on_exit is None:
-                    # the public key stays (the same after a restart: it is kept in the
-                    # data dir), so this user's programs keep requiring it while the relay
-                    # is down, and whatever else listens on the address cannot pass for
-                    # it (without the key they would connect plainly, credentials and all)
-                    continue
-                try:  # ours only: a relay started since on this address keeps its own
-                    if path.read_text() in (self.local_secret, self.public_key.decode()):
-                        path.unlink()
-                except OSError:
-                    pass
-            self.pidfile.remove()
-            if self.remove_on_exit is not None:  # a private relay leaves nothing behind
-                shutil.rmtree(self.remove_on_exit, ignore_errors=True)
+        if self.local_link is not None:
+            poller.register(self.local_link.sock, zmq.POLLIN)
+
+    def wait_ms(self) -> int:
+        """How long the poll before the next turn may wait."""
+        return 0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)
+
+    def turn(self, events: dict[Any, int]) -> None:
+        """One turn of the loop: what ``events`` (a poll's) says is ready is
+        read and handled, then whatever is due. The local link is read
+        whenever it holds messages, polled or not: a colocated agent sharing
+        this thread may have written to it since the poll."""
+        self.record_budget = RECORD_BYTES_PER_TURN
+        if self.record_waiting:
+            self._answer_waiting()
+        if self.access.wake_fd in events:
+            self._read_checked()
+        if self.sock in events:
+            self._read_messages()
+        link = self.local_link
+        if link is not None and (link.sock in events or link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+            self._read_local()
+        if self.store.commit_fd in events:
+            self.store.drain_commit_notices()
+        self._after_reads()
+        if self.refused_tasks or self.refused_unauthenticated:
+            self._log_refused_tasks()
+        now = time.monotonic()
+        if now >= self.next_maintenance:
+            self.next_maintenance = now + MAINTENANCE_INTERVAL
+            self._maintenance(now)
+        if now >= self.next_expiry:
+            self.next_expiry = now + min(EXPIRY_INTERVAL, max(0.5, self.result_ttl / 2))
+            cutoff = time.time() - self.result_ttl
+            self.store.expire_results(cutoff)
+            for key in self.quotas.expire(cutoff):   # memoized results gone from the record
+                self.memo_keys.discard(key)
+                self.memo_recent.discard(key)
+        if self.dashboard is not None and self.dashboard.due(now):
+            self.dashboard.publish(self, now)
+
+    def end_serving(self) -> None:
+        """After the last turn: close everything (a colocated agent first) and leave nothing behind."""
+        log.info("relay stopping")
+        if self.web is not None:
+            self.web.stop()
+        if self.local_link is not None:   # (stops the colocated agent first: its sockets share the context)
+            self.local_link.close()
+        self.bulk.close()
+        self.store.close()
+        self.sock.close(linger=500)
+        self.zap.stop()
+        self.access.close()
+        self.ctx.term()
+        if self.tokens is not None:
+            self.tokens.close()
+        for path in self.discovery_files:
+            if path.suffix == ".pub" and self.remove_on_exit is None:
+                # the public key stays (the same after a restart: it is kept in the
+                # data dir), so this user's programs keep requiring it while the relay
+                # is down, and whatever else listens on the address cannot pass for
+                # it (without the key they would connect plainly, credentials and all)
+                continue
+            try:  # ours only: a relay started since on this address keeps its own
+                if path.read_text() in (self.local_secret, self.public_key.decode()):
+                    path.unlink()
+            except OSError:
+                pass
+        self.pidfile.remove()
+        if self.remove_on_exit is not None:  # a private relay leaves nothing behind
+            shutil.rmtree(self.remove_on_exit, ignore_errors=True)
 
     def _after_reads(self) -> None:
         """The rest of a turn once its messages are read: the record's
