@@ -385,6 +385,28 @@ class HandshakeWatch:
         self.monitor.close(linger=0)
 
 
+class NoHandshake:
+    """What stands for a :class:`HandshakeWatch` on a link with no
+    handshake (one in memory, to a relay in the same process: memlink.py):
+    nothing to watch, never refused."""
+
+    monitor = None
+    failure: str | None = None
+    succeeded = True
+
+    def read(self) -> bool:
+        return False
+
+    def refused_for(self, grace: float, now: float | None = None) -> str | None:
+        return None
+
+    def renew(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 def secure(sock: zmq.Socket, address: str, relay_key: str | bytes | None = None) -> bytes | None:
     """Make ``sock`` encrypt its connection to the relay at ``address`` if
     the relay's public key is known (a fresh key pair for this socket,

@@ -278,7 +278,13 @@ def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
     A message of more than MAX_FRAMES frames (after a ROUTER's routing id)
     is cut to MAX_FRAMES + 1 of them (the rest are read and dropped at
     once, never kept), so that :func:`decode` refuses it without it costing
-    a Python object per frame."""
+    a Python object per frame. Reads a link in memory (memlink.py) as well,
+    whose messages come from this process's own code."""
+    if type(sock) is not zmq.Socket:
+        from .memlink import MemoryEnd
+        if isinstance(sock, MemoryEnd):
+            yield from sock.messages(limit)
+            return
     keep = MAX_FRAMES + (2 if sock.type == zmq.ROUTER else 1)
     for _ in range(limit):
         try:

@@ -46,9 +46,10 @@ from typing import Any, Callable
 import zmq
 
 from .. import protocol as P
+from ..memlink import MemoryEnd, memory_link
 from ..outbox import ResultOutbox
 from ..stopgrace import STOP_GRACE, stop_message
-from ..auth import REFUSED_GRACE, HandshakeWatch
+from ..auth import REFUSED_GRACE, HandshakeWatch, NoHandshake
 from ..config import ConfigError, EndpointConfig
 from ..dataref import wrap_arguments as wrap_with_files
 from ..dispatch import QueuedTask, held_per_worker, take_out, worker_batch_size
@@ -87,11 +88,12 @@ class EndpointAgent(AgentLeaving):
     def __init__(self, config: EndpointConfig, *, parent_pid: int | None = None,
                  on_connected: Callable[["EndpointAgent"], None] | None = None,
                  secret_file: str | None = None, state_dir: Path | None = None,
-                 relay_link: tuple[zmq.Context, str] | None = None) -> None:
-        """``relay_link``: (context, ``inproc://`` address) of a relay in
-        this process (``Relay.open_local_link``, the embedded default's
-        ``fedexec.colocated``): the agent talks to it there, in its
-        context, instead of at ``config.relay`` (still where large
+                 relay_link: tuple[zmq.Context, MemoryEnd] | None = None) -> None:
+        """``relay_link``: (context, the agent's end of a link in memory) of
+        a relay in this process whose loop runs this agent's turns
+        (``Relay.open_local_link``, the embedded default's
+        ``fedexec.colocated``): the agent talks to it there, its sockets in
+        that context, instead of at ``config.relay`` (still where large
         payloads travel, relay/bulk.py)."""
         config.validate()
         sandboxes.check(config.sandbox)  # a missing tool fails the endpoint's start, by name
@@ -127,6 +129,8 @@ class EndpointAgent(AgentLeaving):
         self.refs = RefCache(self.bulk._link, self.bulk.spool,   # DataRefs, fetched once per user (refs.py)
                              config.ref_cache_bytes)
         self.pools: dict[bytes, PoolLink] = {}
+        # pools this agent's loop steps (inprocess.py): the agent's end of each one's link in memory
+        self.linked_pools: dict[bytes, MemoryEnd] = {}
         self.queue: deque[QueuedTask] = deque()
         self.multi = placement.MultiNode()   # tasks asking for several nodes of a block (placement.py)
         self.caps = placement.UserCaps(config.max_cores_per_user, config.max_gpus_per_user,   # (other users')
@@ -162,11 +166,11 @@ class EndpointAgent(AgentLeaving):
             if provider.type != "manual" else 0
         return max(most, sum(pool.workers for pool in self.pools.values()))
 
-    def _relay_socket(self) -> zmq.Socket:
+    def _relay_socket(self) -> zmq.Socket | MemoryEnd:
+        if self.relay_link is not None:   # in memory: no handshake to watch, nothing to encrypt (locallink.py)
+            self.handshake: HandshakeWatch | NoHandshake = NoHandshake()
+            return self.relay_link[1]
         sock = P.dealer(self.ctx, 1000, P.new_endpoint_routing_id())
-        if self.relay_link is not None:   # inproc: no handshake to watch, nothing to encrypt (locallink.py)
-            self.handshake = HandshakeWatch(sock, self.relay_link[1], secret_file=self.secret_file, relay_key=None)
-            return sock
         self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file,
                                         relay_key=self.config.relay_public_key or None)
         return sock
@@ -210,7 +214,8 @@ class EndpointAgent(AgentLeaving):
         os.chmod(script_dir, 0o700)   # batch scripts carry the pool secret
         if provider_config.type == "manual":
             self._publish_pool_address()
-        provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers)
+        provider = (InProcessProvider(self.ctx, self.pool_address, self.pool_secret, self.config.max_workers,
+                                      link=self._link_pool)
                     if provider_config.pools_in_process
                     else make_provider(provider_config, script_dir, self.config.name, self.config.max_workers))
         # pools in this process are stepped by this agent's loop (inprocess.py)
@@ -268,13 +273,18 @@ class EndpointAgent(AgentLeaving):
             time.monotonic()
 
     def register(self, poller: zmq.Poller) -> None:
-        """Put what the agent's turns read on ``poller`` (in-process pools add theirs as they start)."""
-        poller.register(self.relay, zmq.POLLIN)
+        """Put what the agent's turns read on ``poller`` (in-process pools add
+        theirs as they start; a link in memory is looked at every turn instead)."""
+        if self.relay_link is None:
+            poller.register(self.relay, zmq.POLLIN)
         poller.register(self.pool_sock, zmq.POLLIN)
-        poller.register(self.handshake.monitor, zmq.POLLIN)
+        if self.handshake.monitor is not None:
+            poller.register(self.handshake.monitor, zmq.POLLIN)
 
     def wait_ms(self) -> int:
         """How long the poll before the next turn may wait."""
+        if (self.relay_link is not None and self.relay.readable()) or self._linked_pools_readable():
+            return 0
         wait = self.outbox.wait_ms(time.monotonic(), POLL_MS)
         if self.local_pools is not None:
             wait = self.local_pools.wait_ms(wait)
@@ -283,14 +293,13 @@ class EndpointAgent(AgentLeaving):
     def turn(self, poller: zmq.Poller, events: dict[Any, int]) -> None:
         """One turn of the loop: what ``events`` (a poll's on ``poller``)
         says is ready, then whatever is due. With a relay in this process
-        (``relay_link``), the relay socket is read whenever it holds
-        messages, polled or not: the relay, sharing this thread, may have
-        written to it since the poll."""
+        (``relay_link``), the link is read whenever it holds messages: the
+        relay shares this thread, and wrote them since the poll."""
         workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
-        if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+        if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN) \
+                or self._linked_pools_readable():
             self._read_pools()
-        if self.relay in events or (self.relay_link is not None and
-                                    self.relay.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+        if (self.relay.readable() if self.relay_link is not None else self.relay in events):
             self._read_relay()
         now = time.monotonic()
         if self.leave_asked:   # stopping: the pools finish what they run first (leaving.py)
@@ -866,29 +875,48 @@ class EndpointAgent(AgentLeaving):
             self._send_relay(frames)
 
     # -- pool side -------------------------------------------------------------
+    def _link_pool(self, pool_id: bytes) -> MemoryEnd:
+        """A link in memory to a pool this agent's loop steps (inprocess.py):
+        the pool's end. (On the loop's thread, as the pool begins.)"""
+        ours, theirs = memory_link(zmq.ROUTER, zmq.DEALER)
+        self.linked_pools[pool_id] = ours
+        return theirs
+
+    def _linked_pools_readable(self) -> bool:
+        return any(end.inbox for end in self.linked_pools.values())
+
     def _read_pools(self) -> None:
         for frames in P.waiting_messages(self.pool_sock, MAX_MESSAGES_PER_TURN):
-            pool_id = frames[0].bytes
-            try:
-                msg = P.decode(frames[1:])
-                pool = self.pools.get(pool_id)
-                if msg.type == P.HELLO:
-                    self._on_pool_hello(pool_id, msg.fields)
-                elif pool is None:
-                    if msg.type != P.BYE:  # a pool we gave up on, or from before a restart: introduce yourself
-                        self._send_pool(pool_id, P.encode(P.HEARTBEAT, {"unknown": True}))
-                else:
-                    pool.last_seen = time.monotonic()
-                    if msg.type == P.RESULTS:
-                        self._on_pool_results(pool, msg)
-                    elif msg.type == P.HEARTBEAT:
-                        self._on_pool_load(pool, msg.fields)
-                    elif msg.type == P.HOLDING:   # more of what its HELLO said it holds
-                        self._take_back_held(pool, P.task_ids(msg.fields["tids"]))
-                    elif msg.type == P.BYE:
-                        self._pool_gone(pool, "stopped")
-            except Exception as exc:
-                log.warning("ignored a malformed message from pool %r: %s: %s", pool_id, type(exc).__name__, exc)
+            self._on_pool_message(frames[0].bytes, frames[1:])
+        for pool_id, end in list(self.linked_pools.items()):
+            if end.inbox:
+                for frames in end.messages(MAX_MESSAGES_PER_TURN):
+                    self._on_pool_message(pool_id, frames)
+            elif end.peer is None or end.peer.closed:   # (its last messages read: the pool has finished)
+                del self.linked_pools[pool_id]
+
+    def _on_pool_message(self, pool_id: bytes, frames: list[Any]) -> None:
+        """One message from a pool (its routing id taken off)."""
+        try:
+            msg = P.decode(frames)
+            pool = self.pools.get(pool_id)
+            if msg.type == P.HELLO:
+                self._on_pool_hello(pool_id, msg.fields)
+            elif pool is None:
+                if msg.type != P.BYE:  # a pool we gave up on, or from before a restart: introduce yourself
+                    self._send_pool(pool_id, P.encode(P.HEARTBEAT, {"unknown": True}))
+            else:
+                pool.last_seen = time.monotonic()
+                if msg.type == P.RESULTS:
+                    self._on_pool_results(pool, msg)
+                elif msg.type == P.HEARTBEAT:
+                    self._on_pool_load(pool, msg.fields)
+                elif msg.type == P.HOLDING:   # more of what its HELLO said it holds
+                    self._take_back_held(pool, P.task_ids(msg.fields["tids"]))
+                elif msg.type == P.BYE:
+                    self._pool_gone(pool, "stopped")
+        except Exception as exc:
+            log.warning("ignored a malformed message from pool %r: %s: %s", pool_id, type(exc).__name__, exc)
 
     def _on_pool_hello(self, pool_id: bytes, fields: dict[str, Any]) -> None:
         secret = fields.get("secret")
@@ -1165,7 +1193,11 @@ class EndpointAgent(AgentLeaving):
         """Send to a pool; False when it has no connection now (its tasks are
         the caller's to place again)."""
         try:
-            self.pool_sock.send_multipart([pool_id, *frames], copy=False)
+            linked = self.linked_pools.get(pool_id)
+            if linked is not None:
+                linked.send_multipart(frames)
+            else:
+                self.pool_sock.send_multipart([pool_id, *frames], copy=False)
         except zmq.ZMQError as exc:
             log.debug("could not send to pool %r: %s", pool_id, exc)
             return False

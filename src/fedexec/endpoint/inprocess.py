@@ -5,10 +5,11 @@ workers, so every task crosses two more ZeroMQ ipc hops (agent -> pool and
 back), each about three thread wake-ups through the two processes' I/O
 threads. With ``[provider] in_process`` (the embedded default sets it:
 its pool runs on the agent's machine and dies with it anyway), each pool
-runs here instead: the same ``PoolManager``, connected to the agent's pool
-socket over ``inproc://``. Nothing else changes: the pool says HELLO with
-the pool secret, and the agent treats it as any other pool; its workers
-are still processes of their own (``pool/workers.py``).
+runs here instead: the same ``PoolManager``, linked to the agent by a
+link in memory (memlink.py: a message is a list handed over, with no
+ZeroMQ send, receive or wake-up signal). Nothing else changes: the pool
+says HELLO with the pool secret, and the agent treats it as any other
+pool; its workers are still processes of their own (``pool/workers.py``).
 
 The pools have no thread of their own: the agent's loop polls their
 sockets with its own and steps them (:meth:`InProcessProvider.step`) after
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
+from ..memlink import MemoryEnd
 from .providers import DONE, RUNNING
 
 if TYPE_CHECKING:
@@ -47,9 +49,11 @@ class InProcessProvider:
 
     label = "in-process"
 
-    def __init__(self, context: zmq.Context, address: str, secret: str, workers: int) -> None:
+    def __init__(self, context: zmq.Context, address: str, secret: str, workers: int,
+                 link: Callable[[bytes], MemoryEnd] | None = None) -> None:
         self.context = context    # the agent's: inproc:// works only within one context
         self.address = address    # the agent's inproc:// pool address
+        self.link = link          # the agent's: a pool's end of a link in memory to it, by pool id
         self.secret = secret
         self.workers = workers    # 0: the node's cores
         self._lock = threading.Lock()   # guards the three collections below (submit runs on the scaler's thread)
@@ -101,7 +105,7 @@ class InProcessProvider:
     # -- driven by the agent's loop ---------------------------------------------
     def wait_ms(self, default: int) -> int:
         """How long the agent's poll may wait for the pools' sake."""
-        if self._new:
+        if self._new or any(isinstance(m.endpoint, MemoryEnd) and m.endpoint.inbox for m in self._running.values()):
             return 0
         return min([default, *(manager.wait_ms() for manager in self._running.values())])
 
@@ -153,6 +157,8 @@ class InProcessProvider:
         for entry in new:
             job_id, manager = entry
             try:
+                if self.link is not None:
+                    manager.use_link(self.link(manager.pool_id))
                 manager.begin()
             except Exception:
                 log.exception("the in-process pool could not start")
@@ -163,7 +169,8 @@ class InProcessProvider:
             poller.register(manager.worker_sock, zmq.POLLIN)
             if manager.links.wanted:   # (its workers' own channels: framelink.py)
                 poller.register(manager.links.fileno(), zmq.POLLIN)
-            poller.register(manager.endpoint, zmq.POLLIN)
+            if not isinstance(manager.endpoint, MemoryEnd):   # (one in memory: looked at every turn)
+                poller.register(manager.endpoint, zmq.POLLIN)
             with self._lock:
                 self._new.remove(entry)
                 self._running[job_id] = manager
@@ -183,7 +190,8 @@ class InProcessProvider:
         poller.unregister(manager.worker_sock)
         if manager.links.wanted:
             poller.unregister(manager.links.fileno())
-        poller.unregister(manager.endpoint)
+        if not isinstance(manager.endpoint, MemoryEnd):
+            poller.unregister(manager.endpoint)
         thread = threading.Thread(target=self._finish, args=(manager,), name=f"fedexec-pool-{job_id}-end",
                                   daemon=True)
         thread.start()   # (before it leaves the running: status() never sees it in neither, not started)

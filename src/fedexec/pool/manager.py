@@ -53,6 +53,7 @@ import zmq
 
 from .. import protocol as P
 from ..logs import configure as configure_logging
+from ..memlink import MemoryEnd
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
@@ -107,7 +108,7 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
         self.parent_pid = parent_pid
         self._own_context = context is None
         self.ctx = context or zmq.Context()   # the agent's, for a pool inside it (endpoint/inprocess.py)
-        self.endpoint = P.dealer(self.ctx, 2000, pool_id)
+        self.endpoint: zmq.Socket | MemoryEnd = P.dealer(self.ctx, 2000, pool_id)
         if endpoint_key:   # CURVE: only the endpoint holding that key can answer; traffic is encrypted
             public, secret_key = zmq.curve_keypair()
             self.endpoint.curve_serverkey = endpoint_key.encode()
@@ -179,10 +180,17 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
     # The loop's parts, also driven by an endpoint agent's own loop for a
     # pool inside it (endpoint/inprocess.py): begin once, then step whenever
     # a socket is ready or wait_ms has passed; finish once, when stopping.
+    def use_link(self, end: MemoryEnd) -> None:
+        """Before :meth:`begin`: reach the endpoint agent stepping this pool
+        over ``end``, a link in memory (memlink.py), not a socket."""
+        self.endpoint.close(linger=0)
+        self.endpoint = end
+
     def begin(self) -> None:
         """Connect to the endpoint and say HELLO."""
         self._next_reap = self._next_beat = time.monotonic()
-        self.endpoint.connect(self.address)
+        if not isinstance(self.endpoint, MemoryEnd):
+            self.endpoint.connect(self.address)
         self._hello()
 
     def workers_ready(self, events: dict) -> bool:

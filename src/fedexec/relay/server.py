@@ -48,6 +48,7 @@ from .graph import OPTION_BYTES_PER_MESSAGE, WAITING, DependencyGraph, envelope,
 from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
+from ..memlink import MemoryEnd
 from .locallink import LocalLink
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
@@ -274,7 +275,7 @@ class Relay:
             self.quotas.retained.recover()
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
         self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
-        self.local_link: LocalLink | None = None   # a colocated endpoint agent's inproc link (open_local_link)
+        self.local_link: LocalLink | None = None   # a colocated endpoint agent's link (open_local_link)
 
     def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -363,14 +364,14 @@ class Relay:
     def stop(self, *_: Any) -> None:
         self.stopping = True
 
-    def open_local_link(self) -> tuple[zmq.Context, str]:
-        """Open the link for an endpoint agent running in this process (the
-        embedded default's, ``fedexec.colocated``): the context to make its
-        relay socket in and the ``inproc://`` address to connect it to. Its
-        peer is trusted as this relay's owner (locallink.py)."""
+    def open_local_link(self) -> tuple[zmq.Context, MemoryEnd]:
+        """Open the link for an endpoint agent running in this process and
+        on this thread's loop (the embedded default's, ``fedexec.colocated``):
+        the context for its sockets and its end of the link. Its peer is
+        trusted as this relay's owner (locallink.py)."""
         if self.local_link is None:
-            self.local_link = LocalLink(self.ctx, self.auth_mode)
-        return self.ctx, self.local_link.address
+            self.local_link = LocalLink(self.auth_mode)
+        return self.ctx, self.local_link.agent_end
 
     def serve_forever(self, on_signal: Callable[..., Any] | None = None) -> None:
         """Serve until stopped; SIGTERM and SIGINT call ``on_signal`` (by
@@ -404,18 +405,17 @@ class Relay:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
-        if self.local_link is not None:
-            poller.register(self.local_link.sock, zmq.POLLIN)
 
     def wait_ms(self) -> int:
         """How long the poll before the next turn may wait."""
-        return 0 if self.record_waiting else int(MAINTENANCE_INTERVAL * 1000)
+        if self.record_waiting or (self.local_link is not None and self.local_link.readable()):
+            return 0
+        return int(MAINTENANCE_INTERVAL * 1000)
 
     def turn(self, events: dict[Any, int]) -> None:
         """One turn of the loop: what ``events`` (a poll's) says is ready is
-        read and handled, then whatever is due. The local link is read
-        whenever it holds messages, polled or not: a colocated agent sharing
-        this thread may have written to it since the poll."""
+        read and handled, then whatever is due, and what the colocated
+        agent (sharing this thread) sent on the local link."""
         self.record_budget = RECORD_BYTES_PER_TURN
         if self.record_waiting:
             self._answer_waiting()
@@ -424,7 +424,7 @@ class Relay:
         if self.sock in events:
             self._read_messages()
         link = self.local_link
-        if link is not None and (link.sock in events or link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+        if link is not None and link.readable():
             self._read_local()
         if self.store.commit_fd in events:
             self.store.drain_commit_notices()
@@ -450,7 +450,7 @@ class Relay:
         log.info("relay stopping")
         if self.web is not None:
             self.web.stop()
-        if self.local_link is not None:   # (stops the colocated agent first: its sockets share the context)
+        if self.local_link is not None:
             self.local_link.close()
         self.bulk.close()
         self.store.close()
