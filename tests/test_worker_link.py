@@ -1,6 +1,6 @@
 """A local worker's socketpair channel to its pool (framelink.py): framing
 and its limits over real sockets, the pool going away, and real workers on
-it (opt-in: FEDEXEC_WORKER_LINK=1) running, dying and being replaced."""
+it (the default; FEDEXEC_WORKER_LINK=0 turns it off) running, dying and being replaced."""
 
 from __future__ import annotations
 
@@ -165,3 +165,15 @@ def test_a_worker_killed_mid_task_is_replaced_on_a_link_of_its_own(linked_execut
     assert list(ex.map(pow, range(50), [3] * 50)) == [i ** 3 for i in range(50)]
     pids = {ex.submit(worker_pid).result(timeout=DEADLINE) for _ in range(20)}
     assert all("--link-fd" in psutil.Process(pid).cmdline() for pid in pids)
+
+
+@pytest.mark.parametrize("setting, linked", [(None, True), ("0", False)])
+def test_links_are_the_default_and_the_variable_turns_them_off(monkeypatch: pytest.MonkeyPatch,
+                                                                setting: str | None, linked: bool) -> None:
+    if setting is None:
+        monkeypatch.delenv(ENABLE_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(ENABLE_VARIABLE, setting)
+    with FederatedExecutor(max_workers=1) as ex:
+        pid = ex.submit(worker_pid).result(timeout=DEADLINE)
+        assert ("--link-fd" in psutil.Process(pid).cmdline()) is linked

@@ -23,18 +23,16 @@ drops a connection sending a frame over ZMQ_MAXMSGSIZE).
   ``zmq.Socket`` its loop uses (so worker/process.py runs unchanged on
   either); it may block. The pool closing its end reads as a STOP.
 
-*Opt-in for now* (``FEDEXEC_WORKER_LINK=1`` in the pool's environment; the
-embedded default's process and a CLI endpoint inherit it). Measured on the
-2-core machine (session 26, load 5-16): per sequential round trip the
-worker's context switches fall from 3.0 to 1.1 and the embedded process's
-from 9.6 to 7.5 (CPU 510 -> 260 us and 1870 -> 1440 us), but a ``map`` of
-no-op tasks ran slower in most side-by-side runs (medians ~4.7k vs ~8.9k
-tasks/s, not explained yet), so it is not the default. Session 26 again
-(linkmap, load 2-6, benchmarks/results/compare-revisions-linkmap-s26-2026-12-01.md):
-per task of a ``map`` it costs less CPU (embedded process 57 -> 36 us,
-worker 14.5 -> 8.5 us) and fewer context switches, and a plain ``map``
-ties; but over 13 alternating ``compare_revisions.py`` runs it won neither
-p50 (1.45 -> 1.57 ms) nor submit/map (0.80x / 0.82x), so it stays opt-in.
+*On by default* since session 29 (``FEDEXEC_WORKER_LINK=0`` in the pool's
+environment turns it off; the embedded default's process and a CLI
+endpoint inherit it). It was opt-in while a ``map`` of no-op tasks ran
+slower with it in side-by-side runs on a loaded machine (session 26,
+load 2-16: benchmarks/results/compare-revisions-linkmap-s26-2026-12-01.md),
+never explained. With the relay, agent and pool on one loop (colocated.py,
+memlink.py), three alternating pairs (benchmarks/wakeups.py, load 0-0.5)
+gave: map 35.1k/41.8k/39.9k tasks/s off against 43.0k/41.5k/43.9k on; p50
+0.74/0.75/0.71 against 0.82/0.65/0.75 ms (a tie); a sequential worker's
+context switches per task 2.9 -> 1.0, and the embedded process's 7.1 -> 4.8.
 
 Sandboxed workers (bwrap, podman: their own view of the system) and
 workers in containers keep their ZeroMQ channel; so do every worker's
@@ -75,8 +73,8 @@ ENABLE_VARIABLE = "FEDEXEC_WORKER_LINK"
 
 
 def enabled() -> bool:
-    """Whether a pool gives its unsandboxed workers links (``FEDEXEC_WORKER_LINK=1``)."""
-    return os.environ.get(ENABLE_VARIABLE) == "1"
+    """Whether a pool gives its unsandboxed workers links (unless ``FEDEXEC_WORKER_LINK=0``)."""
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
