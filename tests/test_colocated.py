@@ -144,3 +144,46 @@ def test_calls_in_flight_fail_at_once_when_the_one_process_dies():
             ex.submit(abs, -1)
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _socket_inode(pid: int, fd: int) -> str:
+    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    assert target.startswith("socket:"), target
+    return target
+
+
+@pytest.mark.timeout(90)
+def test_the_program_talks_to_its_relay_over_a_socketpair_nobody_else_holds():
+    with FederatedExecutor(max_workers=2) as ex:
+        assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
+        assert ex._dispatcher.link is not None and not ex._dispatcher.link.closed
+        host = the_one_process(ex)
+        cmdline = host.cmdline()
+        fd = int(cmdline[cmdline.index("--client-fd") + 1])
+        theirs = _socket_inode(host.pid, fd)
+        ours = _socket_inode(os.getpid(), ex._dispatcher.link.fileno())
+        assert theirs != ours   # (the two ends of one pair)
+        # the workers (and what tasks start) do not inherit the relay's end
+        for worker in host.children(recursive=True):
+            held = {os.readlink(f"/proc/{worker.pid}/fd/{n}") for n in os.listdir(f"/proc/{worker.pid}/fd")
+                    if os.path.exists(f"/proc/{worker.pid}/fd/{n}")}
+            assert theirs not in held and ours not in held, worker.cmdline()
+        # everything goes over it: a batch far larger than the socket's buffers, both ways
+        big = [b"x" * 100_000 for _ in range(200)]
+        assert [len(r) for r in ex.map(bytes, big)] == [100_000] * 200
+
+
+def test_a_client_link_exists_only_on_a_relay_in_local_mode():
+    import socket
+
+    from fedexec.relay.locallink import ClientLink
+
+    a, b = socket.socketpair()
+    try:
+        for mode in ("token", "globus"):
+            with pytest.raises(ValueError, match="local authentication mode"):
+                ClientLink(b.fileno(), mode)
+    finally:
+        a.close()
+        b.close()
+

@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-workers", type=int, default=0)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--worker-batch", type=int, default=None)
+    parser.add_argument("--client-fd", type=int, default=None,
+                        help="the program's end of a socketpair: its executor's link to the relay (embedded.py)")
     parser.add_argument("--log-level", default="WARNING")
     ns = parser.parse_args(argv)
     configure_logging(ns.log_level, None)
@@ -200,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
                       durable=not ns.memory_record)
     except OSError as exc:   # the address is in use, or not this machine's (as relay/__main__.py says it)
         sys.exit(f"fedexec colocated relay: {exc.strerror or exc}")
+    if ns.client_fd is not None:
+        relay.open_client_link(ns.client_fd)
     config = EndpointConfig(name="local", relay=relay.address, max_workers=ns.max_workers, prefetch=ns.prefetch)
     if ns.worker_batch is not None:
         config.worker_batch = ns.worker_batch

@@ -27,13 +27,14 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED as _CANCELLED_AND_NO
 from concurrent.futures._base import FINISHED as _FINISHED
 from concurrent.futures._base import PENDING as _PENDING
 from concurrent.futures._base import RUNNING as _RUNNING
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 
 from . import protocol as P
-from .auth import REFUSED_GRACE, HandshakeWatch
+from .auth import REFUSED_GRACE, HandshakeWatch, NoHandshake
 from .embedded import EmbeddedFederation
+from .framelink import StreamEnd
 from .transfer import LinkPool, is_big
 from .errors import (
     BrokenExecutor,
@@ -318,6 +319,7 @@ class Dispatcher(threading.Thread):
         #: (worker/initializer.py), so an endpoint's allow-list never holds its hash; errors say so
         self.initializer_name: str | None = None
         self.echo_output = False   # tasks' output also to this process's streams (FederatedExecutor's echo_output)
+        self.link: StreamEnd | None = None   # the embedded default's socketpair to its relay, when it has one
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -365,17 +367,26 @@ class Dispatcher(threading.Thread):
     # -- the thread ------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
-        sock = P.dealer(ctx, 0, b"C" + self.client_id)
-        watch = HandshakeWatch(sock, self.relay, self.token,
-                               self.services.secret_file if self.services is not None else None,
-                               relay_key=self.relay_public_key)
+        watch: HandshakeWatch | NoHandshake
+        sock: Any
+        link = self.services.client_socket if self.services is not None else None
+        if link is not None:   # the embedded default's: a socketpair to its relay (embedded.py)
+            self.services.client_socket = None   # (ours to close from now on)
+            sock = self.link = StreamEnd(link)
+            watch = NoHandshake()
+        else:
+            sock = P.dealer(ctx, 0, b"C" + self.client_id)
+            watch = HandshakeWatch(sock, self.relay, self.token,
+                                   self.services.secret_file if self.services is not None else None,
+                                   relay_key=self.relay_public_key)
         self.handshake = watch
         self.sock = sock
         self._hello()
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(sock.fileno() if link is not None else sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(watch.monitor, zmq.POLLIN)
+        if watch.monitor is not None:
+            poller.register(watch.monitor, zmq.POLLIN)
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
         self.last_heard = time.monotonic()
         try:
@@ -385,11 +396,18 @@ class Dispatcher(threading.Thread):
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
                 if self.acks_due:
                     timeout = min(timeout, max(0, math.ceil((self.acks_deadline - time.monotonic()) * 1000)))
+                if self.link is not None and self.link.wants_write():
+                    timeout = min(timeout, 1)   # (the relay is slow to read: the rest goes as it takes it)
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     self._run_commands()
-                if sock in events:
+                if self.link is not None:
+                    self.link.flush()
+                if (sock.fileno() if link is not None else sock) in events:
                     self._read_results()
+                    if link is not None and sock.closed:   # the relay's process is gone (its end-of-file
+                        poller.unregister(sock.fileno())   # would spin this loop): the heartbeat says so
+                        link = None
                     if self.auth_refused:
                         break
                 if watch.monitor in events:
@@ -613,6 +631,8 @@ class Dispatcher(threading.Thread):
         credentials, ZAP failure) and libzmq does not reconnect after that, so
         a blocking send would wait forever. Callers keep what was not sent
         (``unsent``) for :meth:`_send_again`."""
+        if self.link is not None:
+            return self.link.send_message(frames)
         sock = self.sock
         last = len(frames) - 1
         for i, frame in enumerate(frames):
@@ -746,14 +766,21 @@ class Dispatcher(threading.Thread):
             self.relay_incarnation = incarnation
             self._relay_restarted()
 
-    def _read_results(self) -> None:
+    def _incoming(self) -> Iterator[list[Any]]:
+        """The messages from the relay waiting now."""
+        if self.link is not None:
+            yield from self.link.read()
+            return
         sock = self.sock
-        acks: list[bytes] = []
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return
+
+    def _read_results(self) -> None:
+        acks: list[bytes] = []
+        for frames in self._incoming():
             self.last_heard = time.monotonic()
             try:
                 msg = P.decode(frames)

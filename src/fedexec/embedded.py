@@ -1,10 +1,11 @@
 """The embedded default: a private relay and a local endpoint for one executor.
 
 ``FederatedExecutor()`` with nothing configured starts both in one child
-process (``fedexec.colocated``: the relay's loop, the endpoint agent's on a
-thread linked to it over inproc, and its pool on another, endpoint/
-inprocess.py), listening on an ipc socket in a private temporary directory,
-and stops it when the executor shuts down. The child also watches this
+process (``fedexec.colocated``: the relay, the endpoint agent and its pool
+on one loop, linked in memory), listening on an ipc socket in a private
+temporary directory, and stops it when the executor shuts down. The
+executor talks to the relay over a socketpair made here (no ZeroMQ I/O
+thread on its way); large payloads still go through the ipc socket. The child also watches this
 process and stops by itself if it disappears, so nothing outlives the
 program. A task crosses no hop between relay, agent and pool.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -30,6 +32,7 @@ from .privatedir import make_private_directory
 # MEMORY_RECORD is False.
 EMBEDDED_COMMIT_WINDOW = 0.01
 MEMORY_RECORD = True
+LINK_BUFFER_SIZE = 1 << 21   # each end's socket buffers of the executor's link (a batch fits at once)
 
 
 # Where the private directory goes when it can: a filesystem kept in memory.
@@ -80,13 +83,24 @@ class EmbeddedFederation:
         self.worker_batch = worker_batch
         self.max_payload = max_payload   # the relay's limit (None: its default)
         self.processes: list[subprocess.Popen] = []
+        # the executor's link to the relay: a socketpair, one end for the colocated process
+        # (relay/locallink.py ClientLink), the other for this program's dispatcher, which takes it
+        self.client_socket: socket.socket | None = None
 
     def start(self) -> None:
         # Like ProcessPoolExecutor's children, ours see the caller's sys.path,
         # so functions from the user's own (uninstalled) modules load there.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
-        common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env, "pass_fds": (self.lock_fd,)}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            try:
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER_SIZE)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_BUFFER_SIZE)
+            except OSError:
+                pass
+        common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env,
+                  "pass_fds": (self.lock_fd, theirs.fileno())}
         parent = str(os.getpid())
         # one process: the relay's loop and the agent's (its pool on a thread
         # of it too), linked over inproc (colocated.py, relay/locallink.py)
@@ -98,7 +112,10 @@ class EmbeddedFederation:
              *(["--memory-record"] if MEMORY_RECORD else []),
              *(["--max-payload", str(self.max_payload)] if self.max_payload is not None else []),
              "--endpoint-id", self.endpoint_id, "--max-workers", str(self.max_workers),
-             "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch)], **common))
+             "--prefetch", str(self.prefetch), "--worker-batch", str(self.worker_batch),
+             "--client-fd", str(theirs.fileno())], **common))
+        theirs.close()
+        self.client_socket = ours
 
     def failed(self) -> str | None:
         """Why the child process has already exited, if it has."""
@@ -119,6 +136,9 @@ class EmbeddedFederation:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+        if self.client_socket is not None:   # (the dispatcher's, if it never took it)
+            self.client_socket.close()
+            self.client_socket = None
         shutil.rmtree(self.directory, ignore_errors=True)
         if self.lock_fd >= 0:
             os.close(self.lock_fd)

@@ -376,3 +376,100 @@ def worker_socket(fd: int) -> WorkerLink:
     """The worker's end of its link, from the descriptor it inherited."""
     os.set_inheritable(fd, False)   # (not passed on to what its tasks start)
     return WorkerLink(fd)
+
+
+class StreamEnd:
+    """One end of a link over a stream socket (a socketpair's), with the
+    same framing, used by one loop that polls :meth:`fileno`: it never
+    blocks. :meth:`send_message` writes what the socket takes and keeps the
+    rest, which :meth:`flush` (called each turn while :meth:`wants_write`)
+    writes as the socket takes more; :meth:`read` returns the whole messages
+    that have come. A peer that breaks the framing or its limits, or closes
+    its end, leaves this one ``closed``: sends fail, reads return nothing.
+
+    The embedded default's program and its colocated relay talk over one
+    (fedexec.colocated): a message then crosses no ZeroMQ I/O thread, in
+    either process, on its way."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.reader = _Reader()
+        self.out: list[Any] = []   # buffers the socket has not taken yet, in order
+        self.closed = False
+        self._scratch = memoryview(bytearray(READ_CHUNK))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def wants_write(self) -> bool:
+        return bool(self.out) and not self.closed
+
+    def send_message(self, frames: Sequence[Any]) -> bool:
+        """Send (or keep to send) a whole message; False when the link is
+        closed. LinkError for a message past the limits (nothing sent)."""
+        if self.closed:
+            return False
+        buffers = _buffers(frames)
+        if self.out:
+            self.out.extend(buffers)
+        else:
+            self._write(buffers)
+        return not self.closed
+
+    def flush(self) -> None:
+        """Write what waits, as far as the socket takes it now."""
+        if self.out and not self.closed:
+            out, self.out = self.out, []
+            self._write(out)
+
+    def _write(self, buffers: list[Any]) -> None:
+        while buffers:
+            chunk = buffers[:MAX_IOV]
+            try:
+                sent = self.sock.sendmsg(chunk)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:   # EPIPE, ECONNRESET: the peer is gone
+                self.closed = True
+                self.out = []
+                return
+            total = sum(memoryview(b).nbytes for b in chunk)
+            if sent < total:   # (the socket is full: the rest waits, one buffer from where it stopped)
+                rest = b"".join(bytes(memoryview(b).cast("B")) for b in chunk)[sent:]
+                self.out = [rest, *buffers[len(chunk):], *self.out]
+                return
+            buffers = buffers[len(chunk):]
+
+    def read(self) -> list[list[bytes]]:
+        """The whole messages that have come (at most READS_PER_TURN chunks
+        read: what is left keeps the descriptor readable for the next turn)."""
+        if self.closed:
+            return []
+        ended = False
+        try:
+            for _ in range(READS_PER_TURN):
+                n = self.reader.read_from(self.sock, self._scratch)
+                if not n:
+                    ended = True
+                    break
+                if n < READ_CHUNK:
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            ended = True
+        messages = []
+        try:
+            while (frames := self.reader.message()) is not None:
+                messages.append(frames)
+        except LinkError as exc:
+            log.warning("the peer broke its link's framing: %s; the link is closed", exc)
+            ended = True
+        if ended:
+            self.closed = True
+        return messages
+
+    def close(self, linger: int | None = None) -> None:
+        self.closed = True
+        self.sock.close()

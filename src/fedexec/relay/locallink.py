@@ -23,14 +23,20 @@ quotas, message limits) is the relay's usual handling of the messages.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 from typing import Any, Callable
 
 import zmq
 
 from .. import protocol as P
 from ..auth import LOCAL_USER
+from ..framelink import LinkError, StreamEnd
 from ..memlink import memory_link
 from .access import Session
+
+log = logging.getLogger("fedexec.relay")
 
 
 class LocalLink:
@@ -74,3 +80,50 @@ class LocalLink:
         self._before_close.clear()
         self.sock.close()
         self.agent_end.close()
+
+
+class ClientLink:
+    """The relay's end of a socketpair to the program that started it (the
+    embedded default's: fedexec.colocated, embedded.py): that program's
+    executor talks to the relay over it, with no ZeroMQ I/O thread in
+    either process. Its trust rule is the local link's (above): the other
+    end was made by the program and handed to this process alone, at its
+    start (nothing else can reach an unnamed socketpair), and the relay is
+    in ``local`` mode, so the peer gets the owner's session, as it would
+    with the secret file it holds over the real socket."""
+
+    def __init__(self, fd: int, auth_mode: str) -> None:
+        if auth_mode != "local":
+            raise ValueError(f"a client link needs a relay in local authentication mode, not {auth_mode!r}")
+        os.set_inheritable(fd, False)   # (not passed on to the workers)
+        self.end = StreamEnd(socket.socket(fileno=fd))
+        self.session = Session(LOCAL_USER)
+        self.peer = b"C" + os.urandom(16)   # the client's routing id, as a ROUTER would give it
+        self._peer_frame = zmq.Frame(self.peer)
+        self.pollers: list[zmq.Poller] = []   # those its descriptor is on (Relay.register)
+
+    def unpoll(self) -> None:
+        """Take the closed link's descriptor off every poller (readable at its end for good, it would spin them)."""
+        for poller in self.pollers:
+            try:
+                poller.unregister(self.end.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+        self.pollers.clear()
+
+    def messages(self) -> Any:
+        """What the program sent (its routing id first, as a ROUTER gives it)."""
+        peer = self._peer_frame
+        for frames in self.end.read():
+            yield [peer, *(zmq.Frame(f) for f in frames)]
+
+    def send(self, frames: list[Any]) -> bool:
+        """Send to the program; False once it is gone (or a message past the link's limits)."""
+        try:
+            return self.end.send_message(frames)
+        except LinkError as exc:
+            log.warning("not sent to the program: %s", exc)
+            return False
+
+    def close(self) -> None:
+        self.end.close()

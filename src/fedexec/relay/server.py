@@ -49,7 +49,7 @@ from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
-from .locallink import LocalLink
+from .locallink import ClientLink, LocalLink
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
 
@@ -276,6 +276,7 @@ class Relay:
         self.inspector = Inspector(self)  # the Client API's questions (task status, listing, functions, endpoints)
         self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
         self.local_link: LocalLink | None = None   # a colocated endpoint agent's link (open_local_link)
+        self.client_link: ClientLink | None = None   # the embedded default's program's (open_client_link)
 
     def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -373,6 +374,12 @@ class Relay:
             self.local_link = LocalLink(self.auth_mode)
         return self.ctx, self.local_link.agent_end
 
+    def open_client_link(self, fd: int) -> None:
+        """Serve the program that started this relay over ``fd``, its end of
+        a socketpair it made (the embedded default's: embedded.py); its peer
+        is trusted as this relay's owner (locallink.py)."""
+        self.client_link = ClientLink(fd, self.auth_mode)
+
     def serve_forever(self, on_signal: Callable[..., Any] | None = None) -> None:
         """Serve until stopped; SIGTERM and SIGINT call ``on_signal`` (by
         default :meth:`stop`; the embedded default's lets its agent leave
@@ -405,11 +412,16 @@ class Relay:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
+        if self.client_link is not None and not self.client_link.end.closed:
+            poller.register(self.client_link.end.fileno(), zmq.POLLIN)
+            self.client_link.pollers.append(poller)
 
     def wait_ms(self) -> int:
         """How long the poll before the next turn may wait."""
         if self.record_waiting or (self.local_link is not None and self.local_link.readable()):
             return 0
+        if self.client_link is not None and self.client_link.end.wants_write():
+            return 1   # (the program is slow to read: what waits goes as its socket takes it)
         return int(MAINTENANCE_INTERVAL * 1000)
 
     def turn(self, events: dict[Any, int]) -> None:
@@ -423,12 +435,20 @@ class Relay:
             self._read_checked()
         if self.sock in events:
             self._read_messages()
+        client = self.client_link
+        if client is not None and client.end.fileno() in events:
+            for frames in client.messages():
+                self._take(frames, client.session)
+            if client.end.closed:   # the program is gone (or closed its end): its end-of-file is not polled again
+                client.unpoll()
         link = self.local_link
         if link is not None and link.readable():
             self._read_local()
         if self.store.commit_fd in events:
             self.store.drain_commit_notices()
         self._after_reads()
+        if client is not None and client.end.wants_write():
+            client.end.flush()
         if self.refused_tasks or self.refused_unauthenticated:
             self._log_refused_tasks()
         now = time.monotonic()
@@ -452,6 +472,8 @@ class Relay:
             self.web.stop()
         if self.local_link is not None:
             self.local_link.close()
+        if self.client_link is not None:
+            self.client_link.close()
         self.bulk.close()
         self.store.close()
         self.sock.close(linger=500)
@@ -1833,6 +1855,8 @@ class Relay:
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
         stay in the store for it; the caller re-queues tasks."""
+        if self.client_link is not None and peer == self.client_link.peer:
+            return self.client_link.send(frames)
         try:
             if self.local_link is not None and peer in self.local_link.peers:
                 self.local_link.send(peer, frames)
