@@ -177,3 +177,29 @@ def test_links_are_the_default_and_the_variable_turns_them_off(monkeypatch: pyte
     with FederatedExecutor(max_workers=1) as ex:
         pid = ex.submit(worker_pid).result(timeout=DEADLINE)
         assert ("--link-fd" in psutil.Process(pid).cmdline()) is linked
+
+
+def test_a_backlog_of_many_buffers_reaches_a_worker_that_was_slow_to_read() -> None:
+    """Messages the worker's socket cannot take wait at the pool, however many
+    buffers they come to (over IOV_MAX, 1,024: sendmsg refused them, and the
+    backlog was dropped as if the worker were gone), and none is copied whole."""
+    links, worker, theirs = _linked()
+    try:
+        frame = b"f" * 65536
+        for i in range(1200):   # 1,200 messages of 3 buffers (~80 MB): ~3,600 buffers waiting
+            assert links.send(b"w", [str(i).encode(), frame])
+        got: list[list[bytes]] = []
+        reader = threading.Thread(target=lambda: got.extend(worker.recv_multipart() for _ in range(1200)))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while reader.is_alive() and time.monotonic() < deadline:
+            list(links.messages())   # (the pool's loop: writes more as the socket takes it)
+            time.sleep(0.001)
+        reader.join(5)
+        assert len(got) == 1200
+        for i, message in enumerate(got):
+            assert message == [str(i).encode(), frame]
+    finally:
+        links.close()
+        worker.close()
+        theirs.close()

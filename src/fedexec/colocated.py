@@ -29,6 +29,7 @@ import argparse
 import logging
 import math
 import os
+import select
 import sys
 import tempfile
 import threading
@@ -49,6 +50,15 @@ from .worker.warmheap import ENV as WARM_HEAP_ENV
 
 log = logging.getLogger("fedexec.colocated")
 
+FINAL_FLUSH = 2.0   # seconds the relay may take, once its agent has stopped, to pass on what it sent last
+
+
+class RelayFailed(BaseException):
+    """A relay turn failed inside the agent's wait for a transfer: not an
+    Exception, so that the transfer's error handling lets it through to
+    :meth:`Colocated.run`, which stops the process."""
+
+
 class Colocated:
     """A relay and an endpoint agent linked in this process, on one thread:
     one poll loop gives each a turn (the relay's, the agent's, then the
@@ -65,6 +75,7 @@ class Colocated:
         self.agent_running = False   # between the agent's begin() and its shutdown
         self.exit_code = 0
         self.leaving = False   # asked to stop (a signal); the relay stops once the agent has left
+        self._wait_poller: tuple[zmq.Socket, zmq.Poller] | None = None   # (_relay_turns_while_waiting's)
 
     def _on_signal(self, *_: object) -> None:
         """SIGTERM / SIGINT: the agent leaves first while the relay's turns
@@ -81,18 +92,27 @@ class Colocated:
         link's, over the relay's real socket): the relay, on this same
         thread, takes its turns meanwhile, else it never answers. (Never
         called inside a relay turn: only the agent's turns transfer.)
-        Whether the answer came within ``timeout_ms``."""
+        Whether the answer came within ``timeout_ms``. A relay turn that
+        fails here stops the process (:class:`RelayFailed`), as it would in
+        the loop: the transfer's own error handling must not swallow it."""
         relay = self.relay
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        relay.register(poller)
+        if self._wait_poller is None or self._wait_poller[0] is not sock:   # (one link: made once)
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            relay.register(poller)
+            self._wait_poller = (sock, poller)
+        poller = self._wait_poller[1]
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             events = dict(poller.poll(min(left, relay.wait_ms())))
             if sock in events:
                 return True
-            relay.turn(events)
+            try:
+                relay.turn(events)
+            except BaseException as exc:
+                relay.stop()
+                raise RelayFailed(f"the relay failed during a transfer: {type(exc).__name__}: {exc}") from exc
             if relay.stopping or time.monotonic() >= deadline:
                 return bool(sock.poll(0))
 
@@ -120,9 +140,23 @@ class Colocated:
             log.exception("the colocated endpoint agent did not stop cleanly")
             self.exit_code = 1
         try:
-            self.relay.turn({})   # its last results and BYE, to the program
+            self._last_turns()
         finally:
             self.relay.stop()
+
+    def _last_turns(self) -> None:
+        """Relay turns until what the agent sent last (results, its BYE) has
+        gone to the program, or FINAL_FLUSH has passed."""
+        relay = self.relay
+        deadline = time.monotonic() + FINAL_FLUSH
+        while True:
+            relay.turn({})
+            link, client = relay.local_link, relay.client_link
+            waiting = client is not None and client.end.wants_write()
+            if not ((link is not None and link.readable()) or waiting) or time.monotonic() >= deadline:
+                return
+            if waiting:   # (the program reads slowly: wait until its socket takes more)
+                select.select([], [client.end.fileno()], [], 0.05)
 
     def run(self) -> int:
         """Serve until stopped; the exit code."""
@@ -132,8 +166,8 @@ class Colocated:
         try:
             relay.register(poller)
             agent.register(poller)
+            self.agent_running = True   # (before begin: should it fail, the agent's sockets are closed below)
             agent.begin()
-            self.agent_running = True
             while not relay.stopping:
                 wait = relay.wait_ms()
                 if self.agent_running:

@@ -43,11 +43,13 @@ endpoint.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
 import socket
 import struct
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import zmq
@@ -59,7 +61,7 @@ log = logging.getLogger("fedexec.pool")
 _U32 = struct.Struct("<I")
 READ_CHUNK = 1 << 18         # bytes read per recv at most
 READS_PER_TURN = 64         # recv calls per end and call of PoolLinks.messages (the rest: next turn)
-MAX_IOV = 64                 # buffers per sendmsg; a message of more frames is joined first
+MAX_IOV = 64                 # buffers per sendmsg (a message of more frames takes several)
 BUFFER_SIZE = 1 << 21        # each end's socket buffers (a batch of tasks or results fits at once)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -99,9 +101,33 @@ def _buffers(frames: Sequence[Any]) -> list[Any]:
     if any(n > P.MAX_FRAME for n in lengths):
         raise LinkError(f"a frame of {max(lengths):,} bytes, over the limit of {P.MAX_FRAME:,} (MAX_FRAME)")
     header = struct.pack(f"<{len(lengths) + 1}I", len(lengths), *lengths)
-    if len(views) > MAX_IOV:   # (sendmsg takes at most IOV_MAX buffers)
-        return [header + b"".join(bytes(memoryview(v).cast("B")) for v in views)]
-    return [header, *views]
+    return [header, *views]   # (written MAX_IOV at a time: _write_out)
+
+
+def _views(buffers: list[Any]) -> list[memoryview]:
+    return [memoryview(b).cast("B") for b in buffers]
+
+
+def _write_out(sock: socket.socket, out: deque) -> None:
+    """Write the buffers waiting in ``out`` (byte memoryviews, in order) as far
+    as the socket takes them now, at most MAX_IOV per system call (sendmsg
+    refuses more than IOV_MAX); what it took leaves ``out``, a buffer it took
+    part of stays as the rest of it (nothing is joined or copied). OSError
+    when the peer is gone."""
+    while out:
+        chunk = list(itertools.islice(out, MAX_IOV))
+        try:
+            sent = sock.sendmsg(chunk)
+        except (BlockingIOError, InterruptedError):
+            return
+        for view in chunk:
+            n = view.nbytes
+            if sent >= n:
+                out.popleft()
+                sent -= n
+            else:   # (the socket is full: the rest of this buffer, and those after it, wait)
+                out[0] = view[sent:]
+                return
 
 
 class _Reader:
@@ -171,7 +197,7 @@ class _PoolEnd:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = _Reader()
-        self.out: list[Any] = []   # buffers not yet taken by the socket, in order
+        self.out: deque[memoryview] = deque()   # buffers not yet taken by the socket, in order
 
 
 class PoolLinks:
@@ -232,30 +258,23 @@ class PoolLinks:
         except LinkError as exc:
             log.warning("not sent to a worker: %s", exc)
             return True
-        if end.out:
-            end.out.extend(buffers)
-            return True
-        self._write(worker_id, end, buffers)
+        end.out.extend(_views(buffers))
+        self._write(worker_id, end)
         return True
 
-    def _write(self, worker_id: bytes, end: _PoolEnd, buffers: list[Any]) -> None:
+    def _write(self, worker_id: bytes, end: _PoolEnd) -> None:
         try:
-            sent = end.sock.sendmsg(buffers)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            _write_out(end.sock, end.out)
         except OSError as exc:   # EPIPE, ECONNRESET: the worker is gone (reaped as any other)
             log.debug("could not send to a worker: %s", exc)
-            end.out = []
+            end.out.clear()
             self._backlog.discard(worker_id)
             return
-        total = sum(memoryview(b).nbytes for b in buffers)
-        if sent >= total:
+        if not end.out:
             if worker_id in self._backlog:   # all out: readable again only when the worker writes
                 self._backlog.discard(worker_id)
                 self._epoll.modify(end.fd, select.EPOLLIN)
             return
-        rest = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[sent:]   # (rare: a full socket)
-        end.out = [rest]
         if worker_id not in self._backlog:   # the epoll set wakes the pool's loop when the socket takes more
             self._backlog.add(worker_id)
             self._epoll.modify(end.fd, select.EPOLLIN | select.EPOLLOUT)
@@ -273,8 +292,7 @@ class PoolLinks:
                 continue
             end = self._ends[worker_id]
             if events & select.EPOLLOUT and end.out:   # the socket takes more of what waits for it
-                out, end.out = end.out, []
-                self._write(worker_id, end, out)
+                self._write(worker_id, end)
             if not events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 continue
             closed = False
@@ -358,12 +376,10 @@ class WorkerLink:
 
     def send_multipart(self, frames: Sequence[Any], flags: int = 0, copy: bool = True) -> None:
         """Send a whole message (blocking until the socket takes it); a pool that is gone drops it."""
-        buffers = _buffers(frames)
-        total = sum(memoryview(b).nbytes for b in buffers)
+        out = deque(_views(_buffers(frames)))
         try:
-            sent = self.sock.sendmsg(buffers)
-            if sent < total:
-                self.sock.sendall(b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[sent:])
+            while out:   # (a blocking socket: each call takes some, until all went)
+                _write_out(self.sock, out)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
                 raise
@@ -395,7 +411,7 @@ class StreamEnd:
         sock.setblocking(False)
         self.sock = sock
         self.reader = _Reader()
-        self.out: list[Any] = []   # buffers the socket has not taken yet, in order
+        self.out: deque[memoryview] = deque()   # buffers the socket has not taken yet, in order
         self.closed = False
         self._scratch = memoryview(bytearray(READ_CHUNK))
 
@@ -410,36 +426,18 @@ class StreamEnd:
         closed. LinkError for a message past the limits (nothing sent)."""
         if self.closed:
             return False
-        buffers = _buffers(frames)
-        if self.out:
-            self.out.extend(buffers)
-        else:
-            self._write(buffers)
+        self.out.extend(_views(_buffers(frames)))
+        self.flush()
         return not self.closed
 
     def flush(self) -> None:
         """Write what waits, as far as the socket takes it now."""
         if self.out and not self.closed:
-            out, self.out = self.out, []
-            self._write(out)
-
-    def _write(self, buffers: list[Any]) -> None:
-        while buffers:
-            chunk = buffers[:MAX_IOV]
             try:
-                sent = self.sock.sendmsg(chunk)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+                _write_out(self.sock, self.out)
             except OSError:   # EPIPE, ECONNRESET: the peer is gone
                 self.closed = True
-                self.out = []
-                return
-            total = sum(memoryview(b).nbytes for b in chunk)
-            if sent < total:   # (the socket is full: the rest waits, one buffer from where it stopped)
-                rest = b"".join(bytes(memoryview(b).cast("B")) for b in chunk)[sent:]
-                self.out = [rest, *buffers[len(chunk):], *self.out]
-                return
-            buffers = buffers[len(chunk):]
+                self.out.clear()
 
     def read(self) -> list[list[bytes]]:
         """The whole messages that have come (at most READS_PER_TURN chunks

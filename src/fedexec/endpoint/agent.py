@@ -889,10 +889,10 @@ class EndpointAgent(AgentLeaving):
         for frames in P.waiting_messages(self.pool_sock, MAX_MESSAGES_PER_TURN):
             self._on_pool_message(frames[0].bytes, frames[1:])
         for pool_id, end in list(self.linked_pools.items()):
-            if end.inbox:
-                for frames in end.messages(MAX_MESSAGES_PER_TURN):
-                    self._on_pool_message(pool_id, frames)
-            elif end.peer is None or end.peer.closed:   # (its last messages read: the pool has finished)
+            finished = end.peer is None or end.peer.closed   # (first: its last messages come before it closes,
+            for frames in end.messages(MAX_MESSAGES_PER_TURN):   # from the thread finishing it, inprocess.py)
+                self._on_pool_message(pool_id, frames)
+            if finished and not end.inbox:
                 del self.linked_pools[pool_id]
 
     def _on_pool_message(self, pool_id: bytes, frames: list[Any]) -> None:

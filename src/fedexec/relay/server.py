@@ -479,7 +479,10 @@ class Relay:
         self.sock.close(linger=500)
         self.zap.stop()
         self.access.close()
-        self.ctx.term()
+        if self.local_link is not None:   # (a colocated agent's sockets share the context: any it could not
+            self.ctx.destroy(linger=500)  # close, its shutdown having failed, are closed here, not waited on)
+        else:
+            self.ctx.term()
         if self.tokens is not None:
             self.tokens.close()
         for path in self.discovery_files:
