@@ -53,7 +53,7 @@ log = logging.getLogger("fedexec.colocated")
 FINAL_FLUSH = 2.0   # seconds the relay may take, once its agent has stopped, to pass on what it sent last
 
 
-class RelayFailed(BaseException):
+class _RelayFailed(BaseException):
     """A relay turn failed inside the agent's wait for a transfer: not an
     Exception, so that the transfer's error handling lets it through to
     :meth:`Colocated.run`, which stops the process."""
@@ -93,7 +93,7 @@ class Colocated:
         thread, takes its turns meanwhile, else it never answers. (Never
         called inside a relay turn: only the agent's turns transfer.)
         Whether the answer came within ``timeout_ms``. A relay turn that
-        fails here stops the process (:class:`RelayFailed`), as it would in
+        fails here stops the process (:class:`_RelayFailed`), as it would in
         the loop: the transfer's own error handling must not swallow it."""
         relay = self.relay
         if self._wait_poller is None or self._wait_poller[0] is not sock:   # (one link: made once)
@@ -112,7 +112,7 @@ class Colocated:
                 relay.turn(events)
             except BaseException as exc:
                 relay.stop()
-                raise RelayFailed(f"the relay failed during a transfer: {type(exc).__name__}: {exc}") from exc
+                raise _RelayFailed(f"the relay failed during a transfer: {type(exc).__name__}: {exc}") from exc
             if relay.stopping or time.monotonic() >= deadline:
                 return bool(sock.poll(0))
 

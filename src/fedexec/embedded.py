@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from .auth import write_secret
+from .framelink import pair as link_pair
 from .privatedir import make_private_directory
 
 # The private relay dies with its program, which then has nobody to send its
@@ -32,7 +33,6 @@ from .privatedir import make_private_directory
 # MEMORY_RECORD is False.
 EMBEDDED_COMMIT_WINDOW = 0.01
 MEMORY_RECORD = True
-LINK_BUFFER_SIZE = 1 << 21   # each end's socket buffers of the executor's link (a batch fits at once)
 
 
 # Where the private directory goes when it can: a filesystem kept in memory.
@@ -92,13 +92,7 @@ class EmbeddedFederation:
         # so functions from the user's own (uninstalled) modules load there.
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (ours, theirs):
-            try:
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER_SIZE)
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_BUFFER_SIZE)
-            except OSError:
-                pass
+        ours, theirs = link_pair()   # (as a worker's link: framelink.py)
         common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env,
                   "pass_fds": (self.lock_fd, theirs.fileno())}
         parent = str(os.getpid())

@@ -80,7 +80,9 @@ def enabled() -> bool:
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
-    """A new link: (the pool's end, the worker's end, inheritable)."""
+    """A new link: (our end, the end for the process we start, inheritable):
+    a pool's and its worker's, or the embedded default's program's and its
+    relay's (embedded.py)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for end in (ours, theirs):
         try:

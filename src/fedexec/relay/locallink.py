@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -53,11 +53,6 @@ class LocalLink:
         self.peer = P.new_endpoint_routing_id()
         self._peer_frame = zmq.Frame(self.peer)
         self.peers = frozenset([self.peer])
-        self._before_close: list[Callable[[], None]] = []
-
-    def on_close(self, stop: Callable[[], None]) -> None:
-        """Call ``stop`` before the link closes."""
-        self._before_close.append(stop)
 
     def readable(self) -> bool:
         """Whether the agent has sent something not read yet."""
@@ -75,9 +70,6 @@ class LocalLink:
         self.sock.send_multipart(frames)
 
     def close(self) -> None:
-        for stop in self._before_close:
-            stop()
-        self._before_close.clear()
         self.sock.close()
         self.agent_end.close()
 
