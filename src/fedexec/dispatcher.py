@@ -387,6 +387,7 @@ class Dispatcher(threading.Thread):
         poller.register(self._wake_r, zmq.POLLIN)
         if watch.monitor is not None:
             poller.register(watch.monitor, zmq.POLLIN)
+        link_out = False   # the link's descriptor polled for writing too
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
         self.last_heard = time.monotonic()
         try:
@@ -396,14 +397,15 @@ class Dispatcher(threading.Thread):
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
                 if self.acks_due:
                     timeout = min(timeout, max(0, math.ceil((self.acks_deadline - time.monotonic()) * 1000)))
-                if self.link is not None and self.link.wants_write():
-                    timeout = min(timeout, 1)   # (the relay is slow to read: the rest goes as it takes it)
+                if link is not None and link_out != self.link.wants_write():   # (what the socket did not take
+                    link_out = not link_out                                  # goes as soon as it takes more)
+                    poller.modify(sock.fileno(), zmq.POLLIN | (zmq.POLLOUT if link_out else 0))
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     self._run_commands()
                 if self.link is not None:
                     self.link.flush()
-                if (sock.fileno() if link is not None else sock) in events:
+                if events.get(sock.fileno() if link is not None else sock, 0) & zmq.POLLIN:
                     self._read_results()
                     if link is not None and sock.closed:   # the relay's process is gone (its end-of-file
                         poller.unregister(sock.fileno())   # would spin this loop): the heartbeat says so

@@ -93,6 +93,15 @@ class ClientLink:
         self.peer = b"C" + os.urandom(16)   # the client's routing id, as a ROUTER would give it
         self._peer_frame = zmq.Frame(self.peer)
         self.pollers: list[zmq.Poller] = []   # those its descriptor is on (Relay.register)
+        self.polling_writes = False
+
+    def poll_writes(self, wanted: bool) -> None:
+        """Whether the pollers it is on wake the loop when its socket takes more."""
+        if wanted == self.polling_writes or self.end.closed:
+            return
+        self.polling_writes = wanted
+        for poller in self.pollers:
+            poller.modify(self.end.fileno(), zmq.POLLIN | (zmq.POLLOUT if wanted else 0))
 
     def unpoll(self) -> None:
         """Take the closed link's descriptor off every poller (readable at its end for good, it would spin them)."""

@@ -413,15 +413,14 @@ class Relay:
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
         if self.client_link is not None and not self.client_link.end.closed:
-            poller.register(self.client_link.end.fileno(), zmq.POLLIN)
+            poller.register(self.client_link.end.fileno(),
+                            zmq.POLLIN | (zmq.POLLOUT if self.client_link.polling_writes else 0))
             self.client_link.pollers.append(poller)
 
     def wait_ms(self) -> int:
         """How long the poll before the next turn may wait."""
         if self.record_waiting or (self.local_link is not None and self.local_link.readable()):
             return 0
-        if self.client_link is not None and self.client_link.end.wants_write():
-            return 1   # (the program is slow to read: what waits goes as its socket takes it)
         return int(MAINTENANCE_INTERVAL * 1000)
 
     def turn(self, events: dict[Any, int]) -> None:
@@ -436,7 +435,7 @@ class Relay:
         if self.sock in events:
             self._read_messages()
         client = self.client_link
-        if client is not None and client.end.fileno() in events:
+        if client is not None and events.get(client.end.fileno(), 0) & zmq.POLLIN:
             for frames in client.messages():
                 self._take(frames, client.session)
             if client.end.closed:   # the program is gone (or closed its end): its end-of-file is not polled again
@@ -447,8 +446,9 @@ class Relay:
         if self.store.commit_fd in events:
             self.store.drain_commit_notices()
         self._after_reads()
-        if client is not None and client.end.wants_write():
+        if client is not None:   # what its socket did not take goes as soon as it takes more
             client.end.flush()
+            client.poll_writes(client.end.wants_write())
         if self.refused_tasks or self.refused_unauthenticated:
             self._log_refused_tasks()
         now = time.monotonic()
