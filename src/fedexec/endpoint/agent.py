@@ -814,9 +814,12 @@ class EndpointAgent(AgentLeaving):
             follow = []
             for task_id in task_ids:
                 for waiting_id in graph.waiting_on.get(task_id, ()):
-                    if (graph.pool_of(waiting_id) is None and not _released_here(graph.held[waiting_id].task)
+                    entry = graph.held.get(waiting_id)   # (None: failed or cancelled meanwhile; the graph
+                    if entry is None:                    # keeps such ids in waiting_on, as finished() skips them)
+                        continue
+                    if (entry.pool is None and not _released_here(entry.task)
                             and graph.send_to_pool(waiting_id, self.at_pool) is pool):
-                        follow.append(graph.held[waiting_id].task)
+                        follow.append(entry.task)
             task_ids = self._held_to_pool(pool, follow)
 
     def _held_to_pool(self, pool: PoolLink, tasks: list[QueuedTask]) -> list[bytes]:
