@@ -7,8 +7,8 @@ the same program. As two processes, every task crossed an ipc hop between
 them each way, each about three thread wake-ups through both processes'
 ZeroMQ I/O threads on a small machine. Here the relay and the agent
 share one loop on the main thread (the agent's pool driven by it too,
-endpoint/inprocess.py), linked over ``inproc://`` with a trust rule of its
-own (relay/locallink.py); the real listening socket, which the program's
+endpoint/inprocess.py), linked in memory (memlink.py) with a trust rule of
+its own (relay/locallink.py); the real listening socket, which the program's
 executor and the agent's large-payload transfers still use, keeps every
 check it had. (On two threads, each task crossed the interpreter lock and a
 thread wake-up each way between them: ~0.1 ms each on 2 cores.)
@@ -133,16 +133,19 @@ class Colocated:
         """Shut the agent down, hand the relay what it sent last, and stop
         the relay: without its endpoint it runs nothing (the program sees the
         process end)."""
+        self._shut_agent_down()
+        try:
+            self._last_turns()
+        finally:
+            self.relay.stop()
+
+    def _shut_agent_down(self) -> None:
         self.agent_running = False
         try:
             self.agent._shutdown()
         except Exception:
             log.exception("the colocated endpoint agent did not stop cleanly")
             self.exit_code = 1
-        try:
-            self._last_turns()
-        finally:
-            self.relay.stop()
 
     def _last_turns(self) -> None:
         """Relay turns until what the agent sent last (results, its BYE) has
@@ -161,6 +164,8 @@ class Colocated:
     def run(self) -> int:
         """Serve until stopped; the exit code."""
         relay, agent = self.relay, self.agent
+        link = relay.local_link
+        assert link is not None
         relay.begin_serving(on_signal=self._on_signal)
         poller = zmq.Poller()
         try:
@@ -176,16 +181,12 @@ class Colocated:
                 relay.turn(events)
                 if self.agent_running and not relay.stopping:
                     self._agent_turn(poller, events)
-                    if self.agent_running:
+                    if self.agent_running and link.readable():
                         relay.turn({})   # what the agent sent this turn goes on now, not after a poll
         finally:
             if self.agent_running:   # (the relay's loop has ended: nobody would read the agent's results)
-                self.agent_running = False
                 agent.stop_now()
-                try:
-                    agent._shutdown()
-                except Exception:
-                    log.exception("the colocated endpoint agent did not stop cleanly")
+                self._shut_agent_down()
             relay.end_serving()
         return self.exit_code
 
