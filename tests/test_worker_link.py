@@ -203,3 +203,89 @@ def test_a_backlog_of_many_buffers_reaches_a_worker_that_was_slow_to_read() -> N
         links.close()
         worker.close()
         theirs.close()
+
+
+def _read_all(links: PoolLinks, sender: threading.Thread, count: int) -> list[tuple[bytes, list]]:
+    got: list[tuple[bytes, list]] = []
+    deadline = time.monotonic() + 20
+    while len(got) < count and time.monotonic() < deadline:
+        got += links.messages()
+        time.sleep(0.0005)
+    sender.join(5)
+    return got
+
+
+def test_a_large_frame_is_read_into_a_buffer_of_its_own_and_frames_around_it_keep_their_bytes() -> None:
+    """Messages with frames large enough to be read straight into their own
+    buffers, beside small frames, empty frames and small messages before and
+    after, arrive whole and in order (the frames a read splits between the
+    stream buffer and a frame's own buffer included)."""
+    links, worker, theirs = _linked()
+    try:
+        big = os.urandom(3 * 1024 * 1024 + 7)
+        messages = [
+            [b"small-before"],
+            [b"head", b"", os.urandom(100), big, b"", b"tail" * 1000],
+            [b"two", big[:300_000], os.urandom(262_144), big],
+            [b"small-after", b"x"],
+        ]
+        sender = threading.Thread(target=lambda: [worker.send_multipart(m) for m in messages])
+        sender.start()
+        got = _read_all(links, sender, len(messages))
+        assert [frames for _, frames in got] == messages
+        large = got[1][1][3]
+        assert isinstance(large, bytearray) and isinstance(got[1][1][2], bytes)   # (small frames stay bytes)
+    finally:
+        links.close()
+        worker.close()
+        theirs.close()
+
+
+def test_a_large_frame_buffer_is_used_again_only_when_nothing_holds_it() -> None:
+    """The buffer a large frame was read into serves the next large frame
+    only once the first is let go: a frame someone keeps never changes
+    under them."""
+    links, worker, theirs = _linked()
+    try:
+        first, second, third = (bytes([n]) * (2 * 1024 * 1024) for n in (1, 2, 3))
+        sender = threading.Thread(target=worker.send_multipart, args=([b"1", first],))
+        sender.start()
+        ((_, kept),) = _read_all(links, sender, 1)
+        sender = threading.Thread(target=worker.send_multipart, args=([b"2", second],))
+        sender.start()
+        ((_, frames),) = _read_all(links, sender, 1)
+        assert kept[1] == first and frames[1] == second   # (the first was held: the second got a new buffer)
+        buffer_id = id(frames[1])
+        del frames
+        sender = threading.Thread(target=worker.send_multipart, args=([b"3", third[:-5]],))
+        sender.start()
+        ((_, frames),) = _read_all(links, sender, 1)
+        assert frames[1] == third[:-5] and id(frames[1]) == buffer_id   # (let go: used again, cut to size)
+        assert kept[1] == first
+    finally:
+        links.close()
+        worker.close()
+        theirs.close()
+
+
+def test_a_peer_announcing_a_huge_message_makes_the_pool_hold_no_more_than_it_sent_and_one_frame() -> None:
+    """A worker that announces a message of many maximum-size frames and
+    sends little of it: the pool holds a buffer for the frame it is in,
+    not for the whole message (the frames after it are made as the stream
+    reaches them)."""
+    links = PoolLinks()
+    ours, theirs = pair()
+    links.add(b"w", ours)
+    try:
+        count = 40
+        theirs.sendall(struct.pack(f"<{count + 1}I", count, *([P.MAX_FRAME] * count)) + b"\1" * 100_000)
+        rss = psutil.Process().memory_info().rss
+        for _ in range(20):
+            assert list(links.messages()) == []
+            time.sleep(0.005)
+        grown = psutil.Process().memory_info().rss - rss
+        assert grown < 3 * P.MAX_FRAME, f"the pool took {grown:,} bytes for a message it has 100 kB of"
+        assert b"w" in links   # (nothing broke: it may send the rest)
+    finally:
+        links.close()
+        theirs.close()
