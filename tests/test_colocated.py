@@ -154,7 +154,7 @@ def _socket_inode(pid: int, fd: int) -> str:
 
 @pytest.mark.timeout(90)
 def test_the_program_talks_to_its_relay_over_a_socketpair_nobody_else_holds(monkeypatch):
-    monkeypatch.setenv("FEDEXEC_CLIENT_LINK", "1")   # (opt-in: embedded.py)
+    monkeypatch.delenv("FEDEXEC_CLIENT_LINK", raising=False)   # (the default: embedded.py)
     with FederatedExecutor(max_workers=2) as ex:
         assert ex.submit(operator.add, 1, 2).result(DEADLINE) == 3
         assert ex._dispatcher.link is not None and not ex._dispatcher.link.closed

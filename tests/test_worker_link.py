@@ -1,6 +1,6 @@
 """A local worker's socketpair channel to its pool (framelink.py): framing
 and its limits over real sockets, the pool going away, and real workers on
-it (opt-in: FEDEXEC_WORKER_LINK=1) running, dying and being replaced."""
+it (the default; FEDEXEC_WORKER_LINK=0 turns it off) running, dying and being replaced."""
 
 from __future__ import annotations
 
@@ -167,9 +167,9 @@ def test_a_worker_killed_mid_task_is_replaced_on_a_link_of_its_own(linked_execut
     assert all("--link-fd" in psutil.Process(pid).cmdline() for pid in pids)
 
 
-@pytest.mark.parametrize("setting, linked", [(None, False), ("1", True)])
-def test_links_are_opt_in(monkeypatch: pytest.MonkeyPatch,
-                                                                setting: str | None, linked: bool) -> None:
+@pytest.mark.parametrize("setting, linked", [(None, True), ("1", True), ("0", False)])
+def test_links_are_the_default_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch,
+                                                     setting: str | None, linked: bool) -> None:
     if setting is None:
         monkeypatch.delenv(ENABLE_VARIABLE, raising=False)
     else:

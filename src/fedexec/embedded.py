@@ -3,10 +3,10 @@
 ``FederatedExecutor()`` with nothing configured starts both in one child
 process (``fedexec.colocated``: the relay, the endpoint agent and its pool
 on one loop, linked in memory), listening on an ipc socket in a private
-temporary directory, and stops it when the executor shuts down. With
-``FEDEXEC_CLIENT_LINK=1`` the executor talks to the relay over a
-socketpair made here instead (no ZeroMQ I/O thread on its way; large
-payloads still go through the ipc socket). The child also watches this
+temporary directory, and stops it when the executor shuts down. The
+executor talks to the relay over a socketpair made here (no ZeroMQ I/O
+thread on its way; payloads over the transfer threshold go through the ipc
+socket; ``FEDEXEC_CLIENT_LINK=0``: the ipc socket for everything). The child also watches this
 process and stops by itself if it disappears, so nothing outlives the
 program. A task crosses no hop between relay, agent and pool.
 """
@@ -35,11 +35,11 @@ from .privatedir import make_private_directory
 EMBEDDED_COMMIT_WINDOW = 0.01
 MEMORY_RECORD = True
 
-# The executor's link to its colocated relay: a socketpair (relay/locallink.py ClientLink) when
-# FEDEXEC_CLIENT_LINK=1, else the relay's ipc socket. Opt-in: it takes ~0.1 ms off a no-op's round
-# trip (p50 0.96/0.91/1.03 -> 0.85/0.82/0.85 ms, session 29) and two thread wake-ups each way, but a
-# 10 MB argument's round trip took ~41 ms over it against ~21 ms over ZeroMQ (its large messages
-# are copied twice on each side: framelink.py's note on the worker link, which has the same cause).
+# The executor's link to its colocated relay: a socketpair (relay/locallink.py ClientLink), unless
+# FEDEXEC_CLIENT_LINK=0 (then the relay's ipc socket). It takes two thread wake-ups each way off a
+# no-op's round trip (with the worker link, p50 0.91-1.10 -> 0.73-0.87 ms, session 30). It was
+# opt-in in session 29, when its large messages were copied twice on each side (a 10 MB argument's
+# round trip ~41 ms against ~21 ms over ZeroMQ); framelink.py's _Reader now reads them once.
 CLIENT_LINK_VARIABLE = "FEDEXEC_CLIENT_LINK"
 
 
@@ -101,7 +101,7 @@ class EmbeddedFederation:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
         theirs = None
-        if os.environ.get(CLIENT_LINK_VARIABLE) == "1":   # (opt-in: see CLIENT_LINK_VARIABLE)
+        if os.environ.get(CLIENT_LINK_VARIABLE, "1") != "0":   # (see CLIENT_LINK_VARIABLE)
             ours, theirs = link_pair()   # (as a worker's link: framelink.py)
         common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env,
                   "pass_fds": (self.lock_fd,) + ((theirs.fileno(),) if theirs is not None else ())}

@@ -23,17 +23,14 @@ drops a connection sending a frame over ZMQ_MAXMSGSIZE).
   ``zmq.Socket`` its loop uses (so worker/process.py runs unchanged on
   either); it may block. The pool closing its end reads as a STOP.
 
-*Opt-in* (``FEDEXEC_WORKER_LINK=1`` in the pool's environment; the
-embedded default's process and a CLI endpoint inherit it). Session 29 made
-it the default for a while, then took that back: with the relay, agent and
-pool on one loop it ties ZeroMQ on p50 (0.74/0.75/0.71 off against
-0.82/0.65/0.75 ms on, benchmarks/wakeups.py, load 0-0.5) and wins on a
-no-op ``map`` (35.1k/41.8k/39.9k against 43.0k/41.5k/43.9k tasks/s), but a
-10 MB argument's round trip took ~43 ms over it against ~21 ms over ZeroMQ:
-each large message is copied twice on each side (``_Reader``: the stream
-into one buffer, then each frame out of it) and crosses a socket buffer of
-4 MiB in several wake-ups. Reading a large frame straight into its own
-buffer is the change it needs before it can be the default.
+The default (``FEDEXEC_WORKER_LINK=0`` in the pool's environment turns it
+off; the embedded default's process and a CLI endpoint inherit it).
+Session 29 made it the default, then took that back, because a 10 MB
+argument's round trip took ~43 ms over it against ~21 ms over ZeroMQ: each
+large message was copied twice on each side and, in a thread's malloc arena,
+filled fresh memory each time. Session 30 reads a large frame straight into
+its own buffer and uses that buffer again (:class:`_Reader`); a 10 MiB echo
+between two processes takes 5.9 ms (ZeroMQ ipc: 8.7-10 ms).
 
 Sandboxed workers (bwrap, podman: their own view of the system) and
 workers in containers keep their ZeroMQ channel; so do every worker's
@@ -78,8 +75,8 @@ ENABLE_VARIABLE = "FEDEXEC_WORKER_LINK"
 
 
 def enabled() -> bool:
-    """Whether a pool gives its unsandboxed workers links (``FEDEXEC_WORKER_LINK=1``)."""
-    return os.environ.get(ENABLE_VARIABLE) == "1"
+    """Whether a pool gives its unsandboxed workers links: unless ``FEDEXEC_WORKER_LINK=0``."""
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
 
 
 def pair() -> tuple[socket.socket, socket.socket]:

@@ -134,7 +134,7 @@ class LocalWorkerPool:
         self.sock = sock
         self.marker_dir = marker_dir
         self.env = env
-        # unsandboxed workers take tasks and send results on a socketpair of their own (framelink.py: opt-in)
+        # unsandboxed workers take tasks and send results on a socketpair of their own (framelink.py; FEDEXEC_WORKER_LINK=0: ZeroMQ)
         self.links = links if sandbox == "none" and links is not None and links.wanted else None
         self.slots: dict[bytes, WorkerSlot] = {}
         self._numbers = itertools.count(1)
