@@ -132,6 +132,72 @@ def _write_out(sock: socket.socket, out: deque) -> None:
                 return
 
 
+class _SpareBuffer:
+    """The buffer of the last large frame read by the readers of one loop,
+    used again for the next once nothing else holds it.
+
+    Memory a process already touched costs nothing to fill again; fresh
+    memory costs a page fault per 4 KiB: ~7 ms for 10 MB on a 2-core VM, in
+    a thread whose malloc arena hands large blocks back each time (the
+    program's dispatcher: a 10 MB result's round trip took 42 ms against 27
+    over ZeroMQ, whose I/O thread keeps its buffers). One per loop (a pool's
+    links share one), so what is kept is one frame's buffer, at most
+    MAX_FRAME. Its old bytes are never seen: a frame is handed on only once
+    it is read whole. Whether nothing else holds it is its reference count,
+    against the count of an unheld one measured at import with the same
+    code (:func:`_calibrate`); where that cannot be measured (no
+    ``sys.getrefcount``, no GIL), every large frame gets a new buffer."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self) -> None:
+        self.buffer: bytearray | None = None
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of ``n`` bytes for a frame about to be read into it."""
+        # (the count first: a local naming the buffer here would be one more reference than _UNHELD has)
+        if self.buffer is not None and _UNHELD is not None and _references(self) == _UNHELD:
+            spare = self.buffer
+            capacity = spare.__alloc__()
+            if capacity // 2 <= n < capacity:   # (within its allocation: no realloc)
+                if len(spare) > n:
+                    del spare[n:]
+                elif len(spare) < n:
+                    spare.extend(bytes(n - len(spare)))
+                return spare
+        self.buffer = buffer = bytearray(n)
+        return buffer
+
+
+def _references(holder: _SpareBuffer) -> int:
+    """The reference count of ``holder``'s buffer as this code sees it (what
+    the count includes besides the holder's own reference differs between
+    Python versions: compared only with :data:`_UNHELD`, measured here too)."""
+    buffer = holder.buffer
+    return sys.getrefcount(buffer)
+
+
+def _calibrate() -> int | None:
+    """:func:`_references` of a buffer nothing else holds, or None when that
+    count does not tell (it must be steady, and one more holder must add
+    exactly one)."""
+    if not hasattr(sys, "getrefcount") or getattr(sys, "_is_gil_enabled", lambda: True)() is False:
+        return None
+    probe = _SpareBuffer()
+    probe.buffer = bytearray(1)
+    unheld = {_references(probe) for _ in range(64)}   # (past the interpreter's specialising of the code)
+    held_by = probe.buffer
+    held = {_references(probe) for _ in range(64)}
+    del held_by
+    if len(unheld) != 1 or held != {min(unheld) + 1}:
+        return None
+    return unheld.pop()
+
+
+#: :func:`_references` of a spare buffer nothing else holds (None: never used again)
+_UNHELD = _calibrate()
+
+
 class _Reader:
     """Bytes read from a link, cut into messages as they complete.
 
@@ -143,12 +209,18 @@ class _Reader:
     and out again. Such a frame is handed on as that ``bytearray`` (copying
     it into ``bytes`` would cost what this saves); every other frame is
     ``bytes``. A frame's buffer is made only when the stream reaches it, so
-    what a peer makes this end hold is at most what it sent plus one frame
-    (at most MAX_FRAME), as before."""
+    what a peer makes this end hold is at most what it sent plus one frame's
+    buffer: a header announcing a frame of MAX_FRAME (32 MiB) commits that
+    much here at once, per link (before, only what had come). A worker's
+    task can take far more memory on its node directly; a link cannot make
+    this end hold more than that.
+
+    Large frames' buffers come from ``spare`` (:class:`_SpareBuffer`): one
+    per loop, shared by its readers."""
 
     __slots__ = ("buffer", "start", "full", "error", "_lengths", "_frames", "_frame", "_filled", "_ready", "_spare")
 
-    def __init__(self) -> None:
+    def __init__(self, spare: "_SpareBuffer | None" = None) -> None:
         self.buffer = bytearray()
         self.start = 0
         #: whether the last read filled all it asked for (more may be waiting on the socket)
@@ -160,7 +232,7 @@ class _Reader:
         self._frame: memoryview | None = None  # the one being read (None: not reading one into its frames)
         self._filled = 0                      # and how much of it has come
         self._ready: list[list[Any]] = []     # messages read into their frames, whole, not yet taken
-        self._spare: bytearray | None = None   # the last large frame's buffer (_frame_buffer)
+        self._spare = spare if spare is not None else _SpareBuffer()
 
     def feed(self, data: Any) -> None:
         if self.start and self.start == len(self.buffer):
@@ -214,6 +286,7 @@ class _Reader:
         assert frame is not None
         done = frame.obj
         frame.release()
+        self._frame = None   # (a buffer the next frame cannot get leaves no released view behind)
         self._frames.append(done if len(done) >= DIRECT_FRAME else bytes(done))
         self._start_frame()
 
@@ -226,30 +299,8 @@ class _Reader:
             self._frames, self._lengths, self._frame, self._filled = [], (), None, 0
             return
         n = lengths[len(frames)]
-        self._frame = memoryview(self._frame_buffer(n) if n >= DIRECT_FRAME else bytearray(n))
+        self._frame = memoryview(self._spare.take(n) if n >= DIRECT_FRAME else bytearray(n))
         self._filled = 0
-
-    def _frame_buffer(self, n: int) -> bytearray:
-        """A buffer for a large frame of ``n`` bytes: the last one made here
-        when nothing else holds it any more and its memory fits (the frame
-        it was went its way and was let go), else a new one, kept for next
-        time. Memory a process already touched costs nothing to fill again;
-        fresh memory costs a page fault per 4 KiB: ~7 ms for 10 MB on a 2-core
-        VM, in a thread whose malloc arena hands large blocks back each time
-        (the program's dispatcher: a 10 MB result's round trip 42 ms against
-        27 over ZeroMQ, whose I/O thread keeps its buffers). Its old bytes are
-        never seen: a frame is handed on only once it is read whole."""
-        spare = self._spare
-        if spare is not None and sys.getrefcount(spare) == 3:   # (this slot, ``spare``, the call's argument)
-            capacity = spare.__alloc__()
-            if capacity // 2 <= n < capacity:   # (within its allocation: no realloc)
-                if len(spare) > n:
-                    del spare[n:]
-                elif len(spare) < n:
-                    spare.extend(bytes(n - len(spare)))
-                return spare
-        self._spare = buffer = bytearray(n)
-        return buffer
 
     def pull(self, sock: socket.socket, scratch: memoryview, reads: int = READS_PER_TURN) -> tuple[list[list[Any]], bool]:
         """Read what has come, at most ``reads`` recv calls (what is left
@@ -266,11 +317,17 @@ class _Reader:
                 return messages, False
             except OSError:
                 return messages, True
+            except MemoryError:
+                self.error = LinkError("no memory for the frame being read")
+                return messages, True
             try:
                 while (frames := self.message()) is not None:
                     messages.append(frames)
             except LinkError as exc:
                 self.error = exc
+                return messages, True
+            except MemoryError:
+                self.error = LinkError(f"no memory for a frame of {self._lengths[len(self._frames)]:,} bytes")
                 return messages, True
             if not n:
                 return messages, True
@@ -329,11 +386,11 @@ class _Reader:
 class _PoolEnd:
     __slots__ = ("sock", "fd", "reader", "out")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, spare: _SpareBuffer) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = _Reader()
+        self.reader = _Reader(spare)
         self.out: deque[memoryview] = deque()   # buffers not yet taken by the socket, in order
 
 
@@ -351,6 +408,7 @@ class PoolLinks:
         self._by_fd: dict[int, bytes] = {}
         self._backlog: set[bytes] = set()   # ends with output the socket has not taken yet
         self._scratch = memoryview(bytearray(READ_CHUNK))   # what each recv reads into
+        self._spare = _SpareBuffer()   # large frames' buffers, for every end (one loop)
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -359,7 +417,7 @@ class PoolLinks:
         return worker_id in self._ends
 
     def add(self, worker_id: bytes, sock: socket.socket) -> None:
-        end = _PoolEnd(sock)
+        end = _PoolEnd(sock, self._spare)
         self._ends[worker_id] = end
         self._by_fd[end.fd] = worker_id
         self._epoll.register(end.fd, select.EPOLLIN)
@@ -416,10 +474,11 @@ class PoolLinks:
             self._backlog.add(worker_id)
             self._epoll.modify(end.fd, select.EPOLLIN | select.EPOLLOUT)
 
-    def messages(self) -> Iterator[tuple[bytes, list[bytes]]]:
+    def messages(self) -> Iterator[tuple[bytes, list[Any]]]:
         """``(worker id, frames)`` of the messages that have come; never
-        blocks, and reads at most READS_PER_TURN chunks per end (what is
-        left keeps its descriptor readable for the next turn). An end past
+        blocks, and reads at most READS_PER_TURN times per end (a chunk, or
+        the rest of a large frame; what is left keeps its descriptor readable
+        for the next turn). An end past
         the limits, or closed by its worker, is dropped."""
         if not self._ends:   # (no system call for a pool whose workers have none)
             return
@@ -451,7 +510,7 @@ class WorkerLink:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(True)
         self.reader = _Reader()
-        self.waiting: list[list[bytes]] = []   # whole messages read, not yet taken
+        self.waiting: list[list[Any]] = []   # whole messages read, not yet taken (bytes; large frames bytearray)
         self._scratch = memoryview(bytearray(READ_CHUNK))
         self.ended = False
         self._poller = select.poll()
@@ -481,7 +540,7 @@ class WorkerLink:
             raise ValueError("a worker link answers ZMQ_EVENTS only")
         return self.poll(0)
 
-    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[Any]:
         self._fill(True)
         if self.waiting:
             return self.waiting.pop(0)
@@ -553,8 +612,8 @@ class StreamEnd:
                 self.out.clear()
 
     def read(self) -> list[list[Any]]:
-        """The whole messages that have come (at most READS_PER_TURN chunks
-        read: what is left keeps the descriptor readable for the next turn)."""
+        """The whole messages that have come (at most READS_PER_TURN reads:
+        what is left keeps the descriptor readable for the next turn)."""
         if self.closed:
             return []
         messages, ended = self.reader.pull(self.sock, self._scratch)
