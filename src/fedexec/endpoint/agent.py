@@ -296,9 +296,10 @@ class EndpointAgent(AgentLeaving):
         (``relay_link``), the link is read whenever it holds messages: the
         relay shares this thread, and wrote them since the poll."""
         workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
-        if self.pool_sock in events or (workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN) \
-                or self._linked_pools_readable():
-            self._read_pools()
+        pool_sock_ready = self.pool_sock in events or bool(
+            workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        if pool_sock_ready or self._linked_pools_readable():
+            self._read_pools(pool_sock_ready)
         if (self.relay.readable() if self.relay_link is not None else self.relay in events):
             self._read_relay()
         now = time.monotonic()
@@ -888,9 +889,13 @@ class EndpointAgent(AgentLeaving):
     def _linked_pools_readable(self) -> bool:
         return any(end.inbox for end in self.linked_pools.values())
 
-    def _read_pools(self) -> None:
-        for frames in P.waiting_messages(self.pool_sock, MAX_MESSAGES_PER_TURN):
-            self._on_pool_message(frames[0].bytes, frames[1:])
+    def _read_pools(self, pool_sock_ready: bool = True) -> None:
+        """What the pools sent: on the pools' socket (read only when the poll
+        showed something there: a read finding nothing raises zmq.Again, a
+        cost per turn when every pool is linked in memory), and on the links."""
+        if pool_sock_ready:
+            for frames in P.waiting_messages(self.pool_sock, MAX_MESSAGES_PER_TURN):
+                self._on_pool_message(frames[0].bytes, frames[1:])
         for pool_id, end in list(self.linked_pools.items()):
             finished = end.peer is None or end.peer.closed   # (first: its last messages come before it closes,
             for frames in end.messages(MAX_MESSAGES_PER_TURN):   # from the thread finishing it, inprocess.py)
