@@ -318,7 +318,7 @@ class _Reader:
             except OSError:
                 return messages, True
             except MemoryError:
-                self.error = LinkError("no memory for the frame being read")
+                self.error = LinkError("no memory for a message being read")
                 return messages, True
             try:
                 while (frames := self.message()) is not None:
@@ -327,7 +327,7 @@ class _Reader:
                 self.error = exc
                 return messages, True
             except MemoryError:
-                self.error = LinkError(f"no memory for a frame of {self._lengths[len(self._frames)]:,} bytes")
+                self.error = LinkError("no memory for a message being read")
                 return messages, True
             if not n:
                 return messages, True
@@ -495,7 +495,7 @@ class PoolLinks:
             for frames in messages:
                 yield worker_id, frames
             if end.reader.error is not None:
-                log.warning("a worker broke its link's framing: %s; its link is closed", end.reader.error)
+                log.warning("a worker's link is closed: %s", end.reader.error)
             if closed:
                 self.drop(worker_id)
 
@@ -618,7 +618,7 @@ class StreamEnd:
             return []
         messages, ended = self.reader.pull(self.sock, self._scratch)
         if self.reader.error is not None:
-            log.warning("the peer broke its link's framing: %s; the link is closed", self.reader.error)
+            log.warning("the link is closed: %s", self.reader.error)
         if ended:
             self.closed = True
         return messages
