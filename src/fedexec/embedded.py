@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from .auth import write_secret
+from .config import DEFAULT_WORKER_BATCH
 from .framelink import pair as link_pair
 from .privatedir import make_private_directory
 
@@ -76,7 +77,7 @@ def memory_directory(max_payload: int | None) -> str | None:
 class EmbeddedFederation:
     """A relay and an endpoint owned by this process."""
 
-    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = 64,
+    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = DEFAULT_WORKER_BATCH,
                  max_payload: int | None = None) -> None:
         # marked as this program's, its lock held by this process and the colocated one: the next
         # embedded start removes it should both be killed (privatedir.py)

@@ -54,6 +54,7 @@ import zmq
 from .. import protocol as P
 from ..logs import configure as configure_logging
 from ..memlink import MemoryEnd
+from ..config import DEFAULT_WORKER_BATCH
 from ..dispatch import QueuedTask, take_out, worker_batch_size
 from ..endpoint.graph import HeldTasks
 from ..endpoint.sockdir import POOL_PREFIX, make_socket_dir
@@ -462,7 +463,7 @@ class PoolManager(WorkerChains, WorkStealing, PoolLeaving, HeldRecovery):
     # -- worker side ---------------------------------------------------------
     def batch_size(self) -> int:
         """Tasks to hand a worker at once now (``dispatch.worker_batch_size``)."""
-        return worker_batch_size(self.task_seconds, self._setting("worker_batch", 64))
+        return worker_batch_size(self.task_seconds, self._setting("worker_batch", DEFAULT_WORKER_BATCH))
 
     def _read_workers(self) -> None:
         for worker_id, body in self.links.messages():   # local workers' own channels (framelink.py)
