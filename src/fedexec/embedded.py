@@ -77,8 +77,8 @@ def memory_directory(max_payload: int | None) -> str | None:
 class EmbeddedFederation:
     """A relay and an endpoint owned by this process."""
 
-    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1, worker_batch: int = DEFAULT_WORKER_BATCH,
-                 max_payload: int | None = None) -> None:
+    def __init__(self, max_workers: int | None = None, *, prefetch: int = 1,
+                 worker_batch: int = DEFAULT_WORKER_BATCH, max_payload: int | None = None) -> None:
         # marked as this program's, its lock held by this process and the colocated one: the next
         # embedded start removes it should both be killed (privatedir.py)
         self.directory, self.lock_fd = make_private_directory(memory_directory(max_payload))
@@ -107,8 +107,8 @@ class EmbeddedFederation:
         common = {"stdin": subprocess.DEVNULL, "start_new_session": True, "env": env,
                   "pass_fds": (self.lock_fd,) + ((theirs.fileno(),) if theirs is not None else ())}
         parent = str(os.getpid())
-        # one process: the relay's loop and the agent's (its pool on a thread
-        # of it too), linked over inproc (colocated.py, relay/locallink.py)
+        # one process: the relay, the agent and its pool on one loop, linked
+        # in memory (colocated.py, memlink.py, relay/locallink.py)
         self.processes.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.colocated", "--address", self.relay_address,
              "--data-dir", os.path.join(self.directory, "relay"), "--parent-pid", parent,

@@ -302,7 +302,8 @@ class _Reader:
         self._frame = memoryview(self._spare.take(n) if n >= DIRECT_FRAME else bytearray(n))
         self._filled = 0
 
-    def pull(self, sock: socket.socket, scratch: memoryview, reads: int = READS_PER_TURN) -> tuple[list[list[Any]], bool]:
+    def pull(self, sock: socket.socket, scratch: memoryview,
+             reads: int = READS_PER_TURN) -> tuple[list[list[Any]], bool]:
         """Read what has come, at most ``reads`` recv calls (what is left
         keeps the descriptor readable for the next turn), cutting messages
         out after each, so that a large one's frames are found before its
