@@ -50,6 +50,7 @@ from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
 from .locallink import ClientLink, LocalLink
+from .notices import NOTICE_DELAY, HeldNotices
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
 
@@ -255,6 +256,9 @@ class Relay:
         # their result is on its way to disk; answered after that commit
         self.turn_resumed: dict[bytes, list] = defaultdict(list)
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
+        self.resumes_after_commit = 0   # entries of after_commit with RESUMEs to answer
+        self.notices = HeldNotices()   # committed ACCEPTED and ACK notices, until their peer's next message
+        self.sent_to: set[bytes] = set()   # the peers sent something this turn
         self.memo_keys: set[bytes] = set()          # results memoized in the store (until they expire)
         self.memo_recent = RecentResults()          # the newest small ones, in memory
         # finished tasks to answer from the record, over a turn's RECORD_BYTES_PER_TURN: per client, in order
@@ -421,13 +425,15 @@ class Relay:
         """How long the poll before the next turn may wait."""
         if self.record_waiting or (self.local_link is not None and self.local_link.readable()):
             return 0
-        return int(MAINTENANCE_INTERVAL * 1000)
+        default = int(NOTICE_DELAY * 1000) if self.after_commit else int(MAINTENANCE_INTERVAL * 1000)
+        return self.notices.wait_ms(time.monotonic(), default)
 
     def turn(self, events: dict[Any, int]) -> None:
         """One turn of the loop: what ``events`` (a poll's) says is ready is
         read and handled, then whatever is due, and what the colocated
         agent (sharing this thread) sent on the local link."""
         self.record_budget = RECORD_BYTES_PER_TURN
+        self.sent_to.clear()
         if self.record_waiting:
             self._answer_waiting()
         if self.access.wake_fd in events:
@@ -509,11 +515,18 @@ class Relay:
         self.bulk.flushed(seq)
         if self.turn_accepted or self.turn_stored or self.turn_resumed:
             self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
+            self.resumes_after_commit += bool(self.turn_resumed)
             self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
             self.turn_resumed = defaultdict(list)
         self._dispatch()
         self._send_all()
         self._send_committed()
+        if self.notices:
+            for peer, frames in self.notices.due(self.sent_to, time.monotonic()):
+                self._send(peer, frames)
+        # the loop is woken by a commit only when a RESUME waits for it; held
+        # notices wait for traffic or their delay (wait_ms) in any case
+        self.store.notify_commits = self.resumes_after_commit > 0
 
     def _maintenance(self, now: float) -> None:
         self.access.refresh(time.time())
@@ -1830,7 +1843,8 @@ class Relay:
         self.endpoint_cancels.clear()
 
     def _send_committed(self) -> None:
-        """Send the notices whose commit is now on disk."""
+        """Answer the RESUMEs whose commit is now on disk, and hold its other
+        notices (notices.py) for the next message to their peer."""
         committed = self.store.committed_seq
         self.bulk.committed(committed)
         if not (self.after_commit and self.after_commit[0][0] <= committed):
@@ -1841,6 +1855,7 @@ class Relay:
         all_stored: defaultdict[bytes, list[bytes]] = defaultdict(list)
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
+            self.resumes_after_commit -= bool(resumed)
             for client, waiting in resumed.items():
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
@@ -1848,16 +1863,16 @@ class Relay:
                 all_accepted[client] += task_ids
             for endpoint, task_ids in stored.items():
                 all_stored[endpoint] += task_ids
+        now = time.monotonic()
         for client, task_ids in all_accepted.items():
-            for part in P.chunks(task_ids):
-                self._send(client, P.encode(P.ACCEPTED, {"tids": part}))
+            self.notices.hold(client, P.ACCEPTED, task_ids, now)
         for endpoint, task_ids in all_stored.items():
-            for part in P.chunks(task_ids):
-                self._send(endpoint, P.encode(P.ACK, {"tids": part}))
+            self.notices.hold(endpoint, P.ACK, task_ids, now)
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
         stay in the store for it; the caller re-queues tasks."""
+        self.sent_to.add(peer)
         if self.client_link is not None and peer == self.client_link.peer:
             return self.client_link.send(frames)
         try:
