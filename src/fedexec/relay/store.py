@@ -105,7 +105,13 @@ CREATE TABLE IF NOT EXISTS deleted_endpoints (
 
 log = logging.getLogger("fedexec.relay.store")
 
-GROUP_COMMIT_WINDOW = 0.002  # seconds the writer waits for more writes to join a transaction
+# Seconds the writer waits for more writes to join a transaction. Nothing
+# waits for a commit but ACCEPTED and ACK notices, which only free memory
+# (relay/notices.py), and reads of the record (sync() commits at once): at
+# 10 ms rather than 2, a task whose round trip straddles fewer commits is
+# more often never written, and sequential round trips through a started
+# relay cost its writer ~55 us of CPU each rather than ~150 (2 cores).
+GROUP_COMMIT_WINDOW = 0.010
 # Blobs this large go to files beside the database (one write, no B-tree
 # pages, the GIL released), with only a flag in SQLite.
 FILE_BLOB = 64 * 1024
