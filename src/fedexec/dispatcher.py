@@ -405,7 +405,7 @@ class Dispatcher(threading.Thread):
                     self._run_commands()
                 if self.link is not None:
                     self.link.flush()
-                if events.get(sock.fileno() if link is not None else sock, 0) & zmq.POLLIN:
+                if events.get(sock.fileno() if link is not None else sock, 0) & P.POLLIN:
                     self._read_results()
                     if link is not None and sock.closed:   # the relay's process is gone (its end-of-file
                         poller.unregister(sock.fileno())   # would spin this loop): the heartbeat says so

@@ -271,6 +271,12 @@ def blob(frames: Sequence[Any], ref: Any) -> Any:
     return blob_at(frames, ref)
 
 
+# zmq.POLLIN and zmq.EVENTS as plain ints: zmq's are enum members, whose
+# ``&`` runs Python code (~1 us), and loops test them every turn.
+POLLIN = int(zmq.POLLIN)
+EVENTS = int(zmq.EVENTS)
+
+
 def waiting_messages(sock: zmq.Socket, limit: int) -> Iterator[list[Any]]:
     """The messages already waiting on ``sock``, as frames, at most ``limit``
     (so one busy socket cannot starve a loop's others); never blocks.

@@ -297,7 +297,7 @@ class EndpointAgent(AgentLeaving):
         relay shares this thread, and wrote them since the poll."""
         workers_read = self.local_pools is not None and self.local_pools.step_results(poller, events)
         pool_sock_ready = self.pool_sock in events or bool(
-            workers_read and self.pool_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+            workers_read and self.pool_sock.getsockopt(P.EVENTS) & P.POLLIN)
         if pool_sock_ready or self._linked_pools_readable():
             self._read_pools(pool_sock_ready)
         if (self.relay.readable() if self.relay_link is not None else self.relay in events):

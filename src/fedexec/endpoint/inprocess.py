@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 import zmq
 
+from .. import protocol as P
 from ..memlink import MemoryEnd
 from .providers import DONE, RUNNING
 
@@ -178,7 +179,7 @@ class InProcessProvider:
     def _step(self, job_id: str, manager: "PoolManager", poller: zmq.Poller, workers_ready: bool) -> None:
         try:
             ongoing = not manager.stopping and manager.step(
-                workers_ready, bool(manager.endpoint.getsockopt(zmq.EVENTS) & zmq.POLLIN))
+                workers_ready, bool(manager.endpoint.getsockopt(P.EVENTS) & P.POLLIN))
         except Exception:   # a pool that fails ends its block, as a pool process exiting would
             log.exception("the in-process pool failed")
             ongoing = False

@@ -441,7 +441,7 @@ class Relay:
         if self.sock in events:
             self._read_messages()
         client = self.client_link
-        if client is not None and events.get(client.end.fileno(), 0) & zmq.POLLIN:
+        if client is not None and events.get(client.end.fileno(), 0) & P.POLLIN:
             for frames in client.messages():
                 self._take(frames, client.session)
             if client.end.closed:   # the program is gone (or closed its end): its end-of-file is not polled again
