@@ -142,3 +142,65 @@ def test_a_relay_sends_held_notices_promptly_with_no_other_traffic(tmp_path):
                 client.send_multipart(P.encode(P.ACK, {"tids": [task_id]}))
     finally:
         ctx.destroy(linger=0)   # (the sockets too, when an assertion failed)
+
+
+@pytest.mark.timeout(120)
+def test_each_client_gets_the_notices_of_its_own_tasks_only(tmp_path):
+    """Two clients of one relay (the same user: local mode) submit tasks to
+    one endpoint, which answers them all in one message: each client's
+    ACCEPTED notices name its own tasks, all of them, and none of the other's,
+    and the endpoint's ACKs name every result it sent."""
+    ctx = zmq.Context()
+    try:
+        with running_relay(tmp_path) as address:
+            endpoint, endpoint_id = _raw_endpoint(ctx, address)
+            body = b"function body"
+            fn_hash = P.content_hash(body)
+            clients, mine = [], []
+            for _ in range(2):
+                client = ctx.socket(zmq.DEALER)
+                client.setsockopt(zmq.LINGER, 0)
+                connect_plainly(client, address)
+                client.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+                assert _next(client, P.WELCOME, DEADLINE) is not None
+                ids = _ids(3)
+                client.send_multipart(P.encode(P.SUBMIT, {"ep": endpoint_id, "tasks": [
+                    [task_id, fn_hash, b"args", 0 if i == 0 else -1, P.TASK_CALL, P.PYTHON_VERSION]
+                    for i, task_id in enumerate(ids)]}, [body]))
+                clients.append(client)
+                mine.append(set(ids))
+            handed: set[bytes] = set()
+            deadline = time.monotonic() + DEADLINE
+            while handed != mine[0] | mine[1] and time.monotonic() < deadline:
+                tasks = _next(endpoint, P.TASKS, 1.0)
+                if tasks is not None:
+                    handed.update(row[0] for row in tasks.fields["tasks"])
+            assert handed == mine[0] | mine[1]
+            blobs = P.Blobs()
+            endpoint.send_multipart(P.encode(P.RESULTS, {
+                "rows": [blobs.result_row(task_id, P.OK, b"value") for task_id in handed], "credit": 6},
+                blobs.frames))
+            acked: set[bytes] = set()
+            while acked != handed and time.monotonic() < deadline:
+                ack = _next(endpoint, P.ACK, 1.0)
+                if ack is not None:
+                    acked.update(ack.fields["tids"])
+            assert acked == handed
+            for client, own in zip(clients, mine):
+                accepted: set[bytes] = set()
+                results: set[bytes] = set()
+                while (accepted != own or results != own) and time.monotonic() < deadline:
+                    if client.poll(100):
+                        msg = P.decode(client.recv_multipart())
+                        if msg.type == P.ACCEPTED:
+                            accepted.update(msg.fields["tids"])
+                        elif msg.type == P.RESULTS:
+                            results.update(row[0] for row in msg.fields["rows"])
+                assert accepted == own and results == own
+                time.sleep(0.05)   # nothing else comes: no notice of the other client's tasks
+                while client.poll(0):
+                    msg = P.decode(client.recv_multipart())
+                    if msg.type in (P.ACCEPTED, P.RESULTS):
+                        assert not set(msg.fields.get("tids", ())) - own, "another client's task named"
+    finally:
+        ctx.destroy(linger=0)

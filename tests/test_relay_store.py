@@ -200,3 +200,41 @@ def test_a_record_keyed_by_task_id_is_moved_to_arrival_order_with_every_row(tmp_
             (done, "local", None), (first, "local", b"a1"), (second, "local", b"a2")]
     finally:
         db.close()
+
+
+def test_a_commit_that_fails_is_tried_again_and_nothing_after_it_counts_as_written(tmp_path):
+    """A full disk (here: SQLite's page limit) fails the commit of a large
+    batch. A small batch after it would fit, but must not be committed past
+    it: committed_seq (what the relay reports stored: ACCEPTED, ACK) stays
+    below the failed batch until a commit holding both succeeds, which it
+    does on its own once there is room again."""
+    store = RelayStore(tmp_path, commit_window=0.0)
+    try:
+        store.add_function(b"h" * 32, b"body")
+        assert store.sync()
+        db = store._writer_db   # (the writer's connection: SQLite serializes its use)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count={pages + 4}")   # a few rows fit, a thousand 4 KiB ones do not
+        large = [uuid.uuid4().bytes for _ in range(1000)]
+        for task_id in large:
+            store.add_task(task_id, b"C", "ep", b"h" * 32, 0, "3.11", os.urandom(4000), "local")
+        failed = store.flush()
+        deadline = time.monotonic() + 10
+        while not store.failed_commits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.failed_commits >= 1 and store.committed_seq < failed
+        small = uuid.uuid4().bytes
+        store.add_task(small, b"C", "ep", b"h" * 32, 0, "3.11", b"args", "local")
+        later = store.flush()
+        time.sleep(2.5)   # past two retries (COMMIT_RETRY)
+        assert store.committed_seq < failed, "a commit passed over a batch that was never written"
+        assert store.failed_commits >= 2
+        assert store.backlog >= len(large) + 1
+        db.execute("PRAGMA max_page_count=1073741823")   # room again
+        deadline = time.monotonic() + 10
+        while store.committed_seq < later and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.committed_seq >= later and store.failed_commits == 0 and store.backlog == 0
+    finally:
+        store.close()
+    assert set(_rows(tmp_path)) == {*large, small}

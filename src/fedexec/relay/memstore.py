@@ -68,7 +68,6 @@ class MemoryStore:
         self.backlog = 0          # nothing is ever waiting for a writer
         self._seq = 0
         self.committed_seq = 0
-        self.notify_commits = True   # (RelayStore's; nothing to notify here)
         # the relay's loop polls this: nothing is ever written to it
         self.commit_fd, self._commit_w = os.pipe()
         os.set_blocking(self.commit_fd, False)

@@ -5,11 +5,13 @@ it: the client may drop the task's arguments (ACCEPTED), the endpoint the
 result (ACK). Neither waits on these: they only free memory. Sent the moment
 the commit lands, each was a message of its own, and on a small machine a
 wake-up of its own in the peer (and, over ZeroMQ, in both processes' I/O
-threads), in the middle of the round trips that do wait. Held here, a notice
-goes with the next message the relay sends its peer in the same turn (a
-client's results, an endpoint's next tasks), or on its own once it has
-waited ``delay`` seconds; nothing is held for ever, and a peer's notices
-are never sent to another.
+threads), in the middle of the round trips that do wait. Held here (from
+the turn the commit woke the relay), a notice goes with the next message
+the relay sends its peer in a turn (a client's results, an endpoint's next
+tasks), or on its own once the oldest held has waited ``delay`` seconds:
+with no other traffic, it costs the relay one more turn and the peer
+nothing more. Nothing is held for ever, and a peer's notices are never sent
+to another.
 
 Holding a notice only keeps an argument or a result a few milliseconds
 longer where it already is: it never makes anything look stored sooner.

@@ -50,7 +50,7 @@ from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
 from .locallink import ClientLink, LocalLink
-from .notices import NOTICE_DELAY, HeldNotices
+from .notices import HeldNotices
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
 
@@ -256,7 +256,6 @@ class Relay:
         # their result is on its way to disk; answered after that commit
         self.turn_resumed: dict[bytes, list] = defaultdict(list)
         self.after_commit: deque[tuple[int, dict[bytes, list], dict[bytes, list], dict[bytes, list]]] = deque()
-        self.resumes_after_commit = 0   # entries of after_commit with RESUMEs to answer
         self.notices = HeldNotices()   # committed ACCEPTED and ACK notices, until their peer's next message
         self.sent_to: set[bytes] = set()   # the peers sent something this turn
         self.memo_keys: set[bytes] = set()          # results memoized in the store (until they expire)
@@ -425,8 +424,7 @@ class Relay:
         """How long the poll before the next turn may wait."""
         if self.record_waiting or (self.local_link is not None and self.local_link.readable()):
             return 0
-        default = int(NOTICE_DELAY * 1000) if self.after_commit else int(MAINTENANCE_INTERVAL * 1000)
-        return self.notices.wait_ms(time.monotonic(), default)
+        return self.notices.wait_ms(time.monotonic(), int(MAINTENANCE_INTERVAL * 1000))
 
     def turn(self, events: dict[Any, int]) -> None:
         """One turn of the loop: what ``events`` (a poll's) says is ready is
@@ -515,7 +513,6 @@ class Relay:
         self.bulk.flushed(seq)
         if self.turn_accepted or self.turn_stored or self.turn_resumed:
             self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
-            self.resumes_after_commit += bool(self.turn_resumed)
             self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)
             self.turn_resumed = defaultdict(list)
         self._dispatch()
@@ -524,9 +521,6 @@ class Relay:
         if self.notices:
             for peer, frames in self.notices.due(self.sent_to, time.monotonic()):
                 self._send(peer, frames)
-        # the loop is woken by a commit only when a RESUME waits for it; held
-        # notices wait for traffic or their delay (wait_ms) in any case
-        self.store.notify_commits = self.resumes_after_commit > 0
 
     def _maintenance(self, now: float) -> None:
         self.access.refresh(time.time())
@@ -1855,7 +1849,6 @@ class Relay:
         all_stored: defaultdict[bytes, list[bytes]] = defaultdict(list)
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
-            self.resumes_after_commit -= bool(resumed)
             for client, waiting in resumed.items():
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)

@@ -105,13 +105,17 @@ CREATE TABLE IF NOT EXISTS deleted_endpoints (
 
 log = logging.getLogger("fedexec.relay.store")
 
-# Seconds the writer waits for more writes to join a transaction. Nothing
-# waits for a commit but ACCEPTED and ACK notices, which only free memory
-# (relay/notices.py), and reads of the record (sync() commits at once): at
-# 10 ms rather than 2, a task whose round trip straddles fewer commits is
-# more often never written, and sequential round trips through a started
-# relay cost its writer ~55 us of CPU each rather than ~150 (2 cores).
+# Seconds the writer waits for more writes to join a transaction. No round
+# trip waits for a commit: what does are ACCEPTED and ACK notices, which only
+# free memory (relay/notices.py), answers to RESUMEs of tasks whose result
+# is on its way to disk, and the release of large uploads (bulk.py); reads
+# of the record commit at once (sync()). At 10 ms rather than 2, a task whose
+# round trip straddles fewer commits is more often never written, and
+# sequential round trips through a started relay cost its writer ~55 us of
+# CPU each rather than ~150 (2 cores).
 GROUP_COMMIT_WINDOW = 0.010
+# Seconds between attempts to write batches whose commit failed (_commit_failed).
+COMMIT_RETRY = 1.0
 # Blobs this large go to files beside the database (one write, no B-tree
 # pages, the GIL released), with only a flag in SQLite.
 FILE_BLOB = 64 * 1024
@@ -225,8 +229,7 @@ class RelayStore:
         self.backlog = 0              # rows handed to the writer and not yet committed
         self._seq = 0                 # numbers the batches handed to the writer
         self.committed_seq = 0        # the newest batch known to be committed
-        # whether each commit wakes the relay's loop (commit_fd): only when something waits for it at once
-        self.notify_commits = True
+        self.failed_commits = 0       # attempts in a row that could not write the oldest batches
         # the writer writes a byte here after each commit, so the relay's
         # poll loop wakes to send what waited for it
         self.commit_fd, self._commit_w = os.pipe()
@@ -467,15 +470,17 @@ class RelayStore:
                 try:
                     self._commit([batch for _, batch in batches])
                 except Exception:
-                    log.exception("could not write %d batch(es) to %s", len(batches), self.path)
+                    self._commit_failed(batches, closing)
                 else:
+                    if self.failed_commits:
+                        log.warning("wrote the record again (%s) after %d failed attempt(s)", self.path,
+                                    self.failed_commits)
+                        self.failed_commits = 0
                     self.committed_seq = batches[-1][0]
-                finally:
                     with self._lock:
                         self.backlog -= sum(_row_count(batch) for _, batch in batches)
                     try:
-                        if self.notify_commits:
-                            os.write(self._commit_w, b"c")
+                        os.write(self._commit_w, b"c")
                     except (BlockingIOError, OSError):
                         pass  # the pipe is full of notices already, or closed
             expire, self._expire_before = self._expire_before, None
@@ -486,6 +491,27 @@ class RelayStore:
                     log.exception("could not expire old results in %s", self.path)
             if closing:
                 return
+
+    def _commit_failed(self, batches: list[tuple[int, tuple]], closing: bool) -> None:
+        """Nothing of ``batches`` is on disk (the transaction was rolled
+        back: a full disk, an I/O error). They go back to the front of the
+        line, to be written again with what follows them after
+        COMMIT_RETRY seconds: :attr:`committed_seq` never passes them, so no
+        task or result in them is reported stored (ACCEPTED, ACK) before it
+        is. (Dropped, a later commit would have passed over them.) A
+        closing store gives up: what it could not write is lost with its
+        notices, which were never sent."""
+        self.failed_commits += 1
+        if self.failed_commits == 1 or self.failed_commits % 60 == 0 or closing:
+            log.exception("could not write %d batch(es) to %s (attempt %d)%s", len(batches), self.path,
+                          self.failed_commits, "; closing, they are lost" if closing else
+                          f"; trying again every {COMMIT_RETRY:g} s, nothing after them is reported stored")
+        if closing:
+            return
+        with self._lock:
+            self._handed[:0] = batches
+        self._urgent.wait(COMMIT_RETRY)   # (close() cuts the pause short)
+        self._wake.set()
 
     def _expire(self, before: float) -> None:
         db = self._writer_db
