@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 
 import pytest
 import zmq
@@ -18,6 +17,7 @@ from fedexec.auth import connect_plainly
 from fedexec.relay.notices import NOTICE_DELAY, HeldNotices
 
 from test_faults import running_relay
+from test_row_checks import _hello_endpoint
 
 DEADLINE = 30
 # The relay's turn with nothing to do comes every 0.5 s (MAINTENANCE_INTERVAL):
@@ -74,18 +74,14 @@ def test_held_notices_are_a_copy_of_what_was_handed():
     assert len(mine) == 2   # (extended a list of its own, not the caller's)
 
 
-def _raw_endpoint(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"E" + os.urandom(16))
-    connect_plainly(sock, address)
-    endpoint_id = str(uuid.uuid4())
-    sock.send_multipart(P.encode(P.HELLO, {
-        "role": "endpoint", "id": endpoint_id, "name": "raw", "py": P.PYTHON_VERSION, "workers": 1,
-        "capacity": 100, "hb": 60.0, "hbm": 100, "holding": []}))
-    if not _next(sock, P.WELCOME, DEADLINE):
-        pytest.fail("the relay did not welcome the raw endpoint")
-    return sock, endpoint_id
+def _raw_client(ctx: zmq.Context, address: str) -> zmq.Socket:
+    """A raw client, welcomed by the relay."""
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    connect_plainly(client, address)
+    client.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
+    assert _next(client, P.WELCOME, DEADLINE) is not None, "the relay did not welcome the raw client"
+    return client
 
 
 def _next(sock: zmq.Socket, kind: int, timeout: float) -> P.Message | None:
@@ -110,12 +106,8 @@ def test_a_relay_sends_held_notices_promptly_with_no_other_traffic(tmp_path):
     ctx = zmq.Context()
     try:
         with running_relay(tmp_path) as address:
-            endpoint, endpoint_id = _raw_endpoint(ctx, address)
-            client = ctx.socket(zmq.DEALER)
-            client.setsockopt(zmq.LINGER, 0)
-            connect_plainly(client, address)
-            client.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
-            assert _next(client, P.WELCOME, DEADLINE) is not None
+            endpoint, endpoint_id = _hello_endpoint(ctx, address, P.PYTHON_VERSION)
+            client = _raw_client(ctx, address)
             body = b"function body"
             fn_hash = P.content_hash(body)
             for i in range(5):
@@ -153,16 +145,12 @@ def test_each_client_gets_the_notices_of_its_own_tasks_only(tmp_path):
     ctx = zmq.Context()
     try:
         with running_relay(tmp_path) as address:
-            endpoint, endpoint_id = _raw_endpoint(ctx, address)
+            endpoint, endpoint_id = _hello_endpoint(ctx, address, P.PYTHON_VERSION)
             body = b"function body"
             fn_hash = P.content_hash(body)
             clients, mine = [], []
             for _ in range(2):
-                client = ctx.socket(zmq.DEALER)
-                client.setsockopt(zmq.LINGER, 0)
-                connect_plainly(client, address)
-                client.send_multipart(P.encode(P.HELLO, {"role": "client", "py": P.PYTHON_VERSION}))
-                assert _next(client, P.WELCOME, DEADLINE) is not None
+                client = _raw_client(ctx, address)
                 ids = _ids(3)
                 client.send_multipart(P.encode(P.SUBMIT, {"ep": endpoint_id, "tasks": [
                     [task_id, fn_hash, b"args", 0 if i == 0 else -1, P.TASK_CALL, P.PYTHON_VERSION]

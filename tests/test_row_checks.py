@@ -94,15 +94,15 @@ OTHER_PYTHON = "3.99"   # the fake endpoint's: what its tasks must be pickled wi
 DEADLINE = 30
 
 
-def _hello_endpoint(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
-    """A raw endpoint on ``OTHER_PYTHON``, welcomed by the relay."""
+def _hello_endpoint(ctx: zmq.Context, address: str, python: str = OTHER_PYTHON) -> tuple[zmq.Socket, str]:
+    """A raw endpoint on ``python`` (default ``OTHER_PYTHON``), welcomed by the relay."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"E" + os.urandom(16))
     connect_plainly(sock, address)
     endpoint_id = str(uuid.uuid4())
     sock.send_multipart(P.encode(P.HELLO, {
-        "role": "endpoint", "id": endpoint_id, "name": "other-python", "py": OTHER_PYTHON, "workers": 1,
+        "role": "endpoint", "id": endpoint_id, "name": "other-python", "py": python, "workers": 1,
         "capacity": 1000, "hb": 60.0, "hbm": 100, "holding": []}))
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
