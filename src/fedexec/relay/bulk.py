@@ -221,11 +221,14 @@ class BulkTransfers:
         else:
             self._finishing.append((record.user, parse_big(record.args)[0], ran))
 
-    def flushed(self, seq: int) -> None:
-        """The relay handed its record the writes of this turn (commit ``seq``)."""
+    def flushed(self, seq: int) -> bool:
+        """The relay handed its record the writes of this turn (commit
+        ``seq``); whether an upload now waits for that commit to go."""
         if self._finishing:
             self._after_commit.append((seq, self._finishing))
             self._finishing = []
+            return True
+        return False
 
     def committed(self, seq: int) -> None:
         """The record's commits up to ``seq`` are on disk: the uploads of

@@ -510,7 +510,10 @@ class Relay:
         writes handed to its writer, what waits for their commit noted,
         tasks placed and everything due sent."""
         seq = self.store.flush()
-        self.bulk.flushed(seq)
+        if self.bulk.flushed(seq) and seq > self.store.committed_seq:
+            # an upload's file waits for this commit to be used again or dropped (bulk.py): the
+            # next large payload should find it, not wait out the group commit's window
+            self.store.hurry()
         if self.turn_accepted or self.turn_stored or self.turn_resumed:
             self.after_commit.append((seq, self.turn_accepted, self.turn_stored, self.turn_resumed))
             self.turn_accepted, self.turn_stored = defaultdict(list), defaultdict(list)

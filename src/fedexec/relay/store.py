@@ -108,8 +108,9 @@ log = logging.getLogger("fedexec.relay.store")
 # Seconds the writer waits for more writes to join a transaction. No round
 # trip waits for a commit: what does are ACCEPTED and ACK notices, which only
 # free memory (relay/notices.py), answers to RESUMEs of tasks whose result
-# is on its way to disk, and the release of large uploads (bulk.py); reads
-# of the record commit at once (sync()). At 10 ms rather than 2, a task whose
+# is on its way to disk, and the release of large uploads (bulk.py: the
+# relay asks for that commit at once, hurry()); reads of the record commit
+# at once too (sync()). At 10 ms rather than 2, a task whose
 # round trip straddles fewer commits is more often never written, and
 # sequential round trips through a started relay cost its writer ~55 us of
 # CPU each rather than ~150 (2 cores).
@@ -432,6 +433,11 @@ class RelayStore:
             self.backlog += rows
         self._wake.set()
         return self._seq
+
+    def hurry(self) -> None:
+        """Have the writer commit what it was handed without waiting out
+        its window (the caller does not wait for it: see :meth:`sync`)."""
+        self._urgent.set()
 
     def sync(self, timeout: float = 30.0) -> bool:
         """(Rare paths: a read of what was just recorded) flush, have the
