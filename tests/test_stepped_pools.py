@@ -50,6 +50,12 @@ def agent_on_a_thread(relay: str, monkeypatch: pytest.MonkeyPatch, **provider):
     thread = threading.Thread(target=agent.run, name="test-agent", daemon=True)
     thread.start()
     try:
+        # welcomed by the relay before the test's executor looks it up (which would find no such endpoint)
+        deadline = time.monotonic() + DEADLINE
+        while not agent.connected:
+            assert thread.is_alive(), "the agent stopped before the relay welcomed it"
+            assert time.monotonic() < deadline, f"the relay did not welcome the agent within {DEADLINE} s"
+            time.sleep(0.02)
         yield config, agent
     finally:
         agent.stop()
