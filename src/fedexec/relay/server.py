@@ -1423,7 +1423,13 @@ class Relay:
             del waiting[task_id]
             if not waiting:
                 del self.record_waiting[client]
-            if not self._answer_from_record(client, session, task_id):
+            if self._answer_from_record(client, session, task_id):
+                continue
+            if self.store.owner_of(task_id) == session.user:
+                # finished, its result still in the writer's queue (not in the record yet): answered
+                # after the commit that holds it, as a RESUME of such a task is (_answer_resumed)
+                self.turn_resumed[client].append((session, task_id))
+            else:
                 self._reject(client, task_id, P.LOST, "the relay no longer has this task's result: it was "
                              "acknowledged or expired meanwhile", quiet=True)
 
