@@ -889,7 +889,7 @@ class EndpointAgent(AgentLeaving):
     def _linked_pools_readable(self) -> bool:
         return any(end.inbox for end in self.linked_pools.values())
 
-    def _read_pools(self, pool_sock_ready: bool = True) -> None:
+    def _read_pools(self, pool_sock_ready: bool) -> None:
         """What the pools sent: on the pools' socket (read only when the poll
         showed something there: a read finding nothing raises zmq.Again, a
         cost per turn when every pool is linked in memory), and on the links."""

@@ -1423,15 +1423,9 @@ class Relay:
             del waiting[task_id]
             if not waiting:
                 del self.record_waiting[client]
-            if self._answer_from_record(client, session, task_id):
-                continue
-            if self.store.owner_of(task_id) == session.user:
-                # finished, its result still in the writer's queue (not in the record yet): answered
-                # after the commit that holds it, as a RESUME of such a task is (_answer_resumed)
-                self.turn_resumed[client].append((session, task_id))
-            else:
-                self._reject(client, task_id, P.LOST, "the relay no longer has this task's result: it was "
-                             "acknowledged or expired meanwhile", quiet=True)
+            # as a RESUME of it: a result still in the writer's queue (not in the record
+            # yet) is answered after the commit that holds it, not called lost
+            self._answer_resumed(client, session, [task_id], final=False)
 
     @staticmethod
     def _memo_scope(user: str, endpoint_id: str, states: list[EndpointState | None]) -> bytes:
@@ -1853,23 +1847,17 @@ class Relay:
         if not (self.after_commit and self.after_commit[0][0] <= committed):
             return
         # the turns one commit covers (many, with a long commit window) are
-        # answered together: one ACCEPTED per client and one ACK per endpoint
-        all_accepted: defaultdict[bytes, list[bytes]] = defaultdict(list)
-        all_stored: defaultdict[bytes, list[bytes]] = defaultdict(list)
+        # answered together: the held notices gather each peer's
+        now = time.monotonic()
         while self.after_commit and self.after_commit[0][0] <= committed:
             _, accepted, stored, resumed = self.after_commit.popleft()
             for client, waiting in resumed.items():
                 for session, task_id in waiting:
                     self._answer_resumed(client, session, [task_id], final=True)
             for client, task_ids in accepted.items():
-                all_accepted[client] += task_ids
+                self.notices.hold(client, P.ACCEPTED, task_ids, now)
             for endpoint, task_ids in stored.items():
-                all_stored[endpoint] += task_ids
-        now = time.monotonic()
-        for client, task_ids in all_accepted.items():
-            self.notices.hold(client, P.ACCEPTED, task_ids, now)
-        for endpoint, task_ids in all_stored.items():
-            self.notices.hold(endpoint, P.ACK, task_ids, now)
+                self.notices.hold(endpoint, P.ACK, task_ids, now)
 
     def _send(self, peer: bytes, frames: list[Any]) -> bool:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results

@@ -446,7 +446,7 @@ class RelayStore:
         seq = self.flush()
         if self.committed_seq >= seq:
             return True
-        self._urgent.set()
+        self.hurry()
         deadline = time.monotonic() + timeout
         while self.committed_seq < seq:
             if time.monotonic() >= deadline:
