@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from . import protocol as P
+from . import samehost
 from .auth import REFUSED_GRACE, HandshakeWatch, NoHandshake
 from .embedded import EmbeddedFederation
 from .framelink import StreamEnd
@@ -319,7 +320,11 @@ class Dispatcher(threading.Thread):
         #: (worker/initializer.py), so an endpoint's allow-list never holds its hash; errors say so
         self.initializer_name: str | None = None
         self.echo_output = False   # tasks' output also to this process's streams (FederatedExecutor's echo_output)
-        self.link: StreamEnd | None = None   # the embedded default's socketpair to its relay, when it has one
+        # a stream link to the relay, when it has one: the embedded default's socketpair (for good), or a
+        # same-host link to a local-mode relay of this user (samehost.py), ZeroMQ's socket beside it
+        self.link: StreamEnd | None = None
+        self.same_host = services is None and token is None   # may look for a same-host link
+        self.link_polled: tuple[int, int] | None = None   # (descriptor, events) the link is polled for
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -374,6 +379,7 @@ class Dispatcher(threading.Thread):
             self.services.client_socket = None   # (ours to close from now on)
             sock = self.link = StreamEnd(link)
             watch = NoHandshake()
+            self.same_host = False
         else:
             sock = P.dealer(ctx, 0, b"C" + self.client_id)
             watch = HandshakeWatch(sock, self.relay, self.token,
@@ -383,11 +389,11 @@ class Dispatcher(threading.Thread):
         self.sock = sock
         self._hello()
         poller = zmq.Poller()
-        poller.register(sock.fileno() if link is not None else sock, zmq.POLLIN)
+        if link is None:
+            poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         if watch.monitor is not None:
             poller.register(watch.monitor, zmq.POLLIN)
-        link_out = False   # the link's descriptor polled for writing too
         next_beat = time.monotonic() + HEARTBEAT_PERIOD
         self.last_heard = time.monotonic()
         try:
@@ -397,19 +403,17 @@ class Dispatcher(threading.Thread):
                     timeout = max(0, math.ceil((self.out_deadline - time.monotonic()) * 1000))
                 if self.acks_due:
                     timeout = min(timeout, max(0, math.ceil((self.acks_deadline - time.monotonic()) * 1000)))
-                if link is not None and link_out != self.link.wants_write():   # (what the socket did not take
-                    link_out = not link_out                                  # goes as soon as it takes more)
-                    poller.modify(sock.fileno(), zmq.POLLIN | (zmq.POLLOUT if link_out else 0))
+                self._poll_link(poller)
                 events = dict(poller.poll(timeout))
                 if self._wake_r in events:
                     self._run_commands()
                 if self.link is not None:
                     self.link.flush()
-                if events.get(sock.fileno() if link is not None else sock, 0) & P.POLLIN:
+                if (events.get(self.link_polled[0], 0) if self.link_polled is not None else 0) & P.POLLIN \
+                        or (link is None and sock in events):
                     self._read_results()
-                    if link is not None and sock.closed:   # the relay's process is gone (its end-of-file
-                        poller.unregister(sock.fileno())   # would spin this loop): the heartbeat says so
-                        link = None
+                    if self.link is not None and self.link.closed:
+                        self._link_ended(poller)
                     if self.auth_refused:
                         break
                 if watch.monitor in events:
@@ -459,12 +463,45 @@ class Dispatcher(threading.Thread):
                 self.fetcher.shutdown(wait=False, cancel_futures=True)
             watch.close()
             sock.close(linger=0)
+            if self.link is not None:
+                self.link.close()
             ctx.term()
             self.transfers.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             if self.services is not None:
                 self.services.stop()
+
+    def _poll_link(self, poller: zmq.Poller) -> None:
+        """Keep the poller on the link's descriptor as it is now: for reading,
+        and for writing while something waits that its socket did not take."""
+        link = self.link
+        wanted = None if link is None or link.closed else (
+            link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write() else 0))
+        if wanted == self.link_polled:
+            return
+        if self.link_polled is not None and (wanted is None or wanted[0] != self.link_polled[0]):
+            poller.unregister(self.link_polled[0])
+        if wanted is not None:
+            if self.link_polled is not None and self.link_polled[0] == wanted[0]:
+                poller.modify(*wanted)
+            else:
+                poller.register(*wanted)
+        self.link_polled = wanted
+
+    def _link_ended(self, poller: zmq.Poller) -> None:
+        """The relay's end of the link closed: its process is gone (or
+        stopped, or restarted). Its end-of-file is not polled again. The
+        embedded default's keeps the closed link (sends fail: the heartbeat
+        finds the process gone); a same-host link is dropped for ZeroMQ,
+        where everything not answered goes again (the next heartbeat), and
+        a new link is looked for with the next HELLO."""
+        self._poll_link(poller)
+        if self.same_host:
+            assert self.link is not None
+            self.link.close()
+            self.link = None
+            self.unsent = True
 
     def _fail_leftovers(self) -> None:
         """No future may be left pending once this thread is gone."""
@@ -726,6 +763,8 @@ class Dispatcher(threading.Thread):
             self._ack(acks)
 
     def _hello(self) -> bool:
+        if self.same_host and self.link is None:   # (the relay's, on this host, maybe a new one since)
+            self.link = samehost.connect(self.relay, b"C" + self.client_id)
         if self._send(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION})):
             return True
         self.unsent = True
@@ -769,10 +808,12 @@ class Dispatcher(threading.Thread):
             self._relay_restarted()
 
     def _incoming(self) -> Iterator[list[Any]]:
-        """The messages from the relay waiting now."""
+        """The messages from the relay waiting now (on a same-host link, and
+        on ZeroMQ's socket beside it, what came before the link did)."""
         if self.link is not None:
             yield from self.link.read()
-            return
+            if not self.same_host:
+                return
         sock = self.sock
         while True:
             try:

@@ -46,6 +46,8 @@ from typing import Any, Callable
 import zmq
 
 from .. import protocol as P
+from .. import samehost
+from ..framelink import StreamEnd
 from ..memlink import MemoryEnd, memory_link
 from ..outbox import ResultOutbox
 from ..stopgrace import STOP_GRACE, stop_message
@@ -109,6 +111,12 @@ class EndpointAgent(AgentLeaving):
         self.relay_link = relay_link
         self.ctx = relay_link[0] if relay_link is not None else zmq.Context()   # (the relay's ends with it)
         self.relay = self._relay_socket()
+        # a same-host link to the relay when it is this user's local-mode relay on this host (samehost.py):
+        # everything to and from the relay goes over it, ZeroMQ's socket staying beside it for when it ends
+        self.stream: StreamEnd | None = None
+        self._ended_streams: list[StreamEnd] = []   # links that ended, open until off the poller
+        self._stream_poller: zmq.Poller | None = None   # the loop's (register)
+        self.stream_polled: tuple[int, int] | None = None   # (descriptor, events) it is polled for
         remove_stale_socket_dirs()   # those of agents killed before they could remove theirs
         self._sock_dir = make_socket_dir()
         self.pool_sock = P.limit_frames(self.ctx.socket(zmq.ROUTER))
@@ -170,7 +178,8 @@ class EndpointAgent(AgentLeaving):
         if self.relay_link is not None:   # in memory: no handshake to watch, nothing to encrypt (locallink.py)
             self.handshake: HandshakeWatch | NoHandshake = NoHandshake()
             return self.relay_link[1]
-        sock = P.dealer(self.ctx, 1000, P.new_endpoint_routing_id())
+        self.routing_id = P.new_endpoint_routing_id()
+        sock = P.dealer(self.ctx, 1000, self.routing_id)
         self.handshake = HandshakeWatch(sock, self.config.relay, secret_file=self.secret_file,
                                         relay_key=self.config.relay_public_key or None)
         return sock
@@ -277,6 +286,8 @@ class EndpointAgent(AgentLeaving):
         theirs as they start; a link in memory is looked at every turn instead)."""
         if self.relay_link is None:
             poller.register(self.relay, zmq.POLLIN)
+            self._stream_poller = poller
+            self._poll_stream()
         poller.register(self.pool_sock, zmq.POLLIN)
         if self.handshake.monitor is not None:
             poller.register(self.handshake.monitor, zmq.POLLIN)
@@ -300,7 +311,8 @@ class EndpointAgent(AgentLeaving):
             workers_read and self.pool_sock.getsockopt(P.EVENTS) & P.POLLIN)
         if pool_sock_ready or self._linked_pools_readable():
             self._read_pools(pool_sock_ready)
-        if (self.relay.readable() if self.relay_link is not None else self.relay in events):
+        if (self.relay.readable() if self.relay_link is not None else self.relay in events) or (
+                self.stream_polled is not None and events.get(self.stream_polled[0], 0) & P.POLLIN):
             self._read_relay()
         now = time.monotonic()
         if self.leave_asked:   # stopping: the pools finish what they run first (leaving.py)
@@ -328,6 +340,8 @@ class EndpointAgent(AgentLeaving):
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL
             self._write_status(now)
+        if self.stream is not None or self.stream_polled is not None or self._ended_streams:
+            self._poll_stream()
         if self.local_pools is not None:   # this turn's tasks reach their workers now
             self.local_pools.step(poller, events, workers_read)
         if self._flush_due(now):   # last: the relay, woken by it, waits for nothing more here
@@ -340,6 +354,8 @@ class EndpointAgent(AgentLeaving):
         an outcome and every outcome the relay has not stored yet (those the
         relay counts as sent here, so that it sends none of them again; the
         outcomes follow after its WELCOME)."""
+        if self.stream is None and self.relay_link is None:   # (the relay's, on this host, maybe a new one since)
+            self.stream = samehost.connect(self.config.relay, self.routing_id)
         holding = list(self.holding | self.unstored.keys()) if self.unstored else list(self.holding)
         more = holding[P.MAX_ITEMS:]   # a message's limit: the rest follow in HOLDING messages
         holding = holding[:P.MAX_ITEMS]
@@ -353,6 +369,7 @@ class EndpointAgent(AgentLeaving):
         self.hello_sent_at = time.monotonic() if sent else None   # (not sent: the next "unknown" sends one)
         for part in P.chunks(more):
             self._send_relay(P.encode(P.HOLDING, {"tids": part}))
+        self._poll_stream()
 
     def _meta(self) -> dict[str, str]:
         """Where this endpoint runs, for its users (Client.get_endpoint_metadata)."""
@@ -377,11 +394,49 @@ class EndpointAgent(AgentLeaving):
         which libzmq does not retry), the message is not sent. Nothing is
         lost by that: results wait in ``unstored`` and go again after the
         next WELCOME, HELLO resets the credit, and beats are just skipped."""
+        if self.stream is not None:
+            if self.stream.send_message(frames):
+                return True
+            self._drop_stream()
         try:
             self.relay.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
         return True
+
+    def _drop_stream(self) -> None:
+        """The same-host link ended (its relay stopped or restarted): ZeroMQ's
+        socket from now on, until the next HELLO finds a relay's link again.
+        It stays open until it is off the poller (_poll_stream), so that its
+        descriptor's number is not a new one's meanwhile."""
+        if self.stream is not None:
+            self._ended_streams.append(self.stream)
+            self.stream = None
+
+    def _poll_stream(self) -> None:
+        """Write what waits on the same-host link, and keep the loop's poller
+        on it as it is now: for writing too while its socket has not taken
+        everything, off it once it has ended."""
+        if self.stream is not None:
+            self.stream.flush()
+            if self.stream.closed:
+                self._drop_stream()
+        poller = self._stream_poller
+        if poller is None:
+            return
+        stream = self.stream
+        wanted = None if stream is None else (
+            stream.fileno(), zmq.POLLIN | (zmq.POLLOUT if stream.wants_write() else 0))
+        if wanted != self.stream_polled:
+            if self.stream_polled is not None and (wanted is None or wanted[0] != self.stream_polled[0]):
+                poller.unregister(self.stream_polled[0])
+                self.stream_polled = None
+            if wanted is not None:
+                (poller.modify if self.stream_polled is not None else poller.register)(*wanted)
+            self.stream_polled = wanted
+        for old in self._ended_streams:
+            old.close()
+        self._ended_streams.clear()
 
     # -- credit ----------------------------------------------------------------
     def batch_size(self) -> int:
@@ -448,6 +503,11 @@ class EndpointAgent(AgentLeaving):
         self.pools.clear()
         self._write_status(time.monotonic(), final=True)
         self.handshake.close()
+        if self.stream is not None:
+            self.stream.flush()   # (its BYE: what the socket takes now)
+            self._drop_stream()
+        for old in self._ended_streams:
+            old.close()
         self.relay.close(linger=500)
         self.pool_sock.close(linger=1000)
         self.refs.close()
@@ -458,7 +518,15 @@ class EndpointAgent(AgentLeaving):
 
     # -- relay side ----------------------------------------------------------
     def _read_relay(self) -> None:
-        for frames in P.waiting_messages(self.relay, MAX_MESSAGES_PER_TURN):
+        stream = self.stream
+        if stream is not None:
+            self._on_relay_frames(stream.read())
+            if stream.closed and self.stream is stream:   # the relay stopped: ZeroMQ from now on
+                self._drop_stream()
+        self._on_relay_frames(P.waiting_messages(self.relay, MAX_MESSAGES_PER_TURN))
+
+    def _on_relay_frames(self, messages: Any) -> None:
+        for frames in messages:
             try:
                 msg = P.decode(frames)
                 self._on_relay_message(msg)

@@ -32,11 +32,14 @@ import zmq
 
 from .. import protocol as P
 from ..auth import LOCAL_USER
-from ..framelink import LinkError, StreamEnd
+from ..framelink import BUFFER_SIZE, LinkError, StreamEnd
 from ..memlink import memory_link
+from ..samehost import INTRO, peer_uid, reachable_path, socket_path
 from .access import Session
 
 log = logging.getLogger("fedexec.relay")
+
+MAX_SAME_HOST_LINKS = 256   # open at once; past them, programs keep to ZeroMQ (each is a descriptor)
 
 
 class LocalLink:
@@ -74,26 +77,35 @@ class LocalLink:
         self.agent_end.close()
 
 
-class ClientLink:
-    """The relay's end of a socketpair to the program that started it (the
-    embedded default's: fedexec.colocated, embedded.py): that program's
-    executor talks to the relay over it, with no ZeroMQ I/O thread in
-    either process. Its trust rule is the local link's (above): the other
-    end was made by the program and handed to this process alone, at its
-    start (nothing else can reach an unnamed socketpair), and the relay is
-    in ``local`` mode, so the peer gets the owner's session, as it would
-    with the secret file it holds over the real socket."""
+class StreamLink:
+    """The relay's end of a stream link (framelink.py's framing) to one of
+    its owner's programs: the embedded default's socketpair (:class:`ClientLink`)
+    or a same-host connection (:class:`SameHostListener`, samehost.py). Its
+    peer has the owner's session. A same-host link has no routing id until
+    its program introduces itself (``samehost.INTRO``)."""
 
-    def __init__(self, fd: int, auth_mode: str) -> None:
-        if auth_mode != "local":
-            raise ValueError(f"a client link needs a relay in local authentication mode, not {auth_mode!r}")
-        os.set_inheritable(fd, False)   # (not passed on to the workers)
-        self.end = StreamEnd(socket.socket(fileno=fd))
+    def __init__(self, sock: socket.socket, peer: bytes | None, pollers: list[zmq.Poller]) -> None:
+        self.end = StreamEnd(sock)
+        self.fd = self.end.fileno()
         self.session = Session(LOCAL_USER)
-        self.peer = b"C" + os.urandom(16)   # the client's routing id, as a ROUTER would give it
-        self._peer_frame = zmq.Frame(self.peer)
-        self.pollers: list[zmq.Poller] = []   # those its descriptor is on (Relay.register)
+        self.peer = peer   # the routing id its messages come from and go to
+        self._peer_frame = zmq.Frame(peer) if peer is not None else None
+        self.pollers = pollers   # the relay's (Relay.register): its descriptor is on each
         self.polling_writes = False
+        for poller in pollers:
+            poller.register(self.fd, zmq.POLLIN)
+
+    def introduce(self, frames: list[Any], taken: Any) -> bool:
+        """Take the link's first message, its program's introduction; False
+        (the link is to be closed) unless it is ``[INTRO, routing id]`` with
+        the id of a client or an endpoint (a letter and 16 bytes) no other
+        link in ``taken`` has."""
+        if (len(frames) != 2 or bytes(frames[0]) != INTRO or len(frames[1]) != 17
+                or bytes(frames[1])[:1] not in (b"C", b"E") or bytes(frames[1]) in taken):
+            return False
+        self.peer = bytes(frames[1])
+        self._peer_frame = zmq.Frame(self.peer)
+        return True
 
     def poll_writes(self, wanted: bool) -> None:
         """Whether the pollers it is on wake the loop when its socket takes more."""
@@ -101,22 +113,23 @@ class ClientLink:
             return
         self.polling_writes = wanted
         for poller in self.pollers:
-            poller.modify(self.end.fileno(), zmq.POLLIN | (zmq.POLLOUT if wanted else 0))
+            poller.modify(self.fd, zmq.POLLIN | (zmq.POLLOUT if wanted else 0))
 
     def unpoll(self) -> None:
         """Take the closed link's descriptor off every poller (readable at its end for good, it would spin them)."""
         for poller in self.pollers:
             try:
-                poller.unregister(self.end.fileno())
+                poller.unregister(self.fd)
             except (KeyError, ValueError, OSError):
                 pass
-        self.pollers.clear()
 
-    def messages(self) -> Any:
-        """What the program sent (its routing id first, as a ROUTER gives it)."""
-        peer = self._peer_frame
-        for frames in self.end.read():
-            yield [peer, *(zmq.Frame(f) for f in frames)]
+    def read(self) -> list[list[Any]]:
+        """The whole messages that have come, as they came (framelink.py bounds one call's reads)."""
+        return self.end.read()
+
+    def framed(self, frames: list[Any]) -> list[Any]:
+        """A message as the relay's handling takes it: the routing id first, as a ROUTER gives it."""
+        return [self._peer_frame, *(zmq.Frame(f) for f in frames)]
 
     def send(self, frames: list[Any]) -> bool:
         """Send to the program; False once it is gone (or a message past the link's limits)."""
@@ -127,4 +140,114 @@ class ClientLink:
             return False
 
     def close(self) -> None:
+        self.unpoll()
         self.end.close()
+
+
+class ClientLink(StreamLink):
+    """The relay's end of a socketpair to the program that started it (the
+    embedded default's: fedexec.colocated, embedded.py): that program's
+    executor talks to the relay over it, with no ZeroMQ I/O thread in
+    either process. Its trust rule is the local link's (above): the other
+    end was made by the program and handed to this process alone, at its
+    start (nothing else can reach an unnamed socketpair), and the relay is
+    in ``local`` mode, so the peer gets the owner's session, as it would
+    with the secret file it holds over the real socket."""
+
+    def __init__(self, fd: int, auth_mode: str, pollers: list[zmq.Poller] | None = None) -> None:
+        if auth_mode != "local":
+            raise ValueError(f"a client link needs a relay in local authentication mode, not {auth_mode!r}")
+        os.set_inheritable(fd, False)   # (not passed on to the workers)
+        # the client's routing id, as a ROUTER would give it
+        super().__init__(socket.socket(fileno=fd), b"C" + os.urandom(16), pollers if pollers is not None else [])
+
+
+class SameHostListener:
+    """A local-mode relay's Unix socket for its owner's programs on its
+    host (samehost.py): at ``samehost.socket_path`` of its address, with a
+    symbolic link there for each other address it is published under. It
+    accepts only connections from processes of the relay's own uid."""
+
+    def __init__(self, address: str, aliases: list[str]) -> None:
+        self.path = socket_path(address)
+        self.path.unlink(missing_ok=True)   # one a relay on this address left (killed): this address is ours now
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            name, dir_fd = reachable_path(self.path)
+            try:
+                self.sock.bind(name)
+            finally:
+                if dir_fd is not None:
+                    os.close(dir_fd)
+            os.chmod(self.path, 0o600)   # (its directory is this user's alone already: auth.write_secret_value)
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.inode = self.path.stat().st_ino
+        self.links: list[Path] = []
+        for alias in aliases:
+            link = socket_path(alias)
+            if link == self.path:
+                continue
+            try:
+                link.unlink(missing_ok=True)
+                link.symlink_to(self.path.name)
+                self.links.append(link)
+            except OSError as exc:
+                log.debug("no same-host socket under %s: %s", alias, exc)
+        self.refused = 0   # connections from other uids (there should be none: the directory is private)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self, room: int) -> list[socket.socket]:
+        """The connections waiting, of this uid, up to ``room`` of them (the others are closed)."""
+        taken: list[socket.socket] = []
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return taken
+            except OSError as exc:   # out of descriptors, say: the rest wait in the backlog
+                log.warning("could not accept a same-host link: %s", exc)
+                return taken
+            try:
+                uid = peer_uid(conn)
+            except OSError:
+                uid = -1
+            if uid != os.geteuid():
+                self.refused += 1
+                log.warning("refused a same-host link from uid %d: only this relay's owner (uid %d) may use it",
+                            uid, os.geteuid())
+                conn.close()
+                continue
+            if len(taken) >= room:
+                log.warning("refused a same-host link: %d are open already (its program goes on over ZeroMQ)",
+                            MAX_SAME_HOST_LINKS)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
+                except OSError:
+                    pass
+            taken.append(conn)
+
+    def close(self) -> None:
+        """Stop listening; remove the socket file and links, when still ours."""
+        self.sock.close()
+        try:
+            if self.path.stat().st_ino != self.inode:
+                return   # a relay started since on this address has its own
+        except OSError:
+            return
+        self.path.unlink(missing_ok=True)
+        for link in self.links:
+            try:
+                if os.readlink(link) == self.path.name:
+                    link.unlink()
+            except OSError:
+                pass

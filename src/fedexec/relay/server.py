@@ -49,7 +49,7 @@ from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
-from .locallink import ClientLink, LocalLink
+from .locallink import MAX_SAME_HOST_LINKS, ClientLink, LocalLink, SameHostListener, StreamLink
 from .notices import HeldNotices
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
@@ -224,6 +224,13 @@ class Relay:
             # a public key kept by an earlier, encrypted relay on this address (see stop) is stale
             for stale in {address, self.address}:
                 public_key_path(stale).unlink(missing_ok=True)
+        # the owner's programs on this host: a Unix socket beside the secret (samehost.py)
+        self.same_host: SameHostListener | None = None
+        if publish and auth == "local":
+            try:
+                self.same_host = SameHostListener(self.address, [address] if not address.endswith(":*") else [])
+            except OSError as exc:
+                log.warning("no same-host links (programs on this host use ZeroMQ): %s", exc)
         if self.curve and secret_file:  # beside the private secret, for its owner
             self.discovery_files.append(Path(str(secret_file) + ".pub"))
             write_secret_value(self.discovery_files[-1], self.public_key.decode())
@@ -280,6 +287,11 @@ class Relay:
         self.deletions = EndpointDeletions(self)   # endpoints their owners deleted (DEREGISTER)
         self.local_link: LocalLink | None = None   # a colocated endpoint agent's link (open_local_link)
         self.client_link: ClientLink | None = None   # the embedded default's program's (open_client_link)
+        # stream links to the owner's programs (the client link, same-host links), by descriptor and
+        # by routing id once introduced, and the pollers their descriptors are on (register)
+        self.stream_links: dict[int, StreamLink] = {}
+        self.stream_peers: dict[bytes, StreamLink] = {}
+        self.pollers: list[zmq.Poller] = []
 
     def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -381,7 +393,8 @@ class Relay:
         """Serve the program that started this relay over ``fd``, its end of
         a socketpair it made (the embedded default's: embedded.py); its peer
         is trusted as this relay's owner (locallink.py)."""
-        self.client_link = ClientLink(fd, self.auth_mode)
+        self.client_link = ClientLink(fd, self.auth_mode, self.pollers)
+        self._add_link(self.client_link)
 
     def serve_forever(self, on_signal: Callable[..., Any] | None = None) -> None:
         """Serve until stopped; SIGTERM and SIGINT call ``on_signal`` (by
@@ -415,10 +428,11 @@ class Relay:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
-        if self.client_link is not None and not self.client_link.end.closed:
-            poller.register(self.client_link.end.fileno(),
-                            zmq.POLLIN | (zmq.POLLOUT if self.client_link.polling_writes else 0))
-            self.client_link.pollers.append(poller)
+        if self.same_host is not None:
+            poller.register(self.same_host.fileno(), zmq.POLLIN)
+        for link in self.stream_links.values():
+            poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.polling_writes else 0))
+        self.pollers.append(poller)   # (links accepted later go on it too)
 
     def wait_ms(self) -> int:
         """How long the poll before the next turn may wait."""
@@ -438,21 +452,23 @@ class Relay:
             self._read_checked()
         if self.sock in events:
             self._read_messages()
-        client = self.client_link
-        if client is not None and events.get(client.end.fileno(), 0) & P.POLLIN:
-            for frames in client.messages():
-                self._take(frames, client.session)
-            if client.end.closed:   # the program is gone (or closed its end): its end-of-file is not polled again
-                client.unpoll()
+        if self.same_host is not None and self.same_host.fileno() in events:
+            self._accept_links()
+        if self.stream_links:
+            self._read_links(events)
         link = self.local_link
         if link is not None and link.readable():
             self._read_local()
         if self.store.commit_fd in events:
             self.store.drain_commit_notices()
         self._after_reads()
-        if client is not None:   # what its socket did not take goes as soon as it takes more
-            client.end.flush()
-            client.poll_writes(client.end.wants_write())
+        if self.stream_links:   # what a link's socket did not take goes as soon as it takes more
+            for stream in list(self.stream_links.values()):
+                stream.end.flush()
+                if stream.end.closed:
+                    self._drop_link(stream)
+                else:
+                    stream.poll_writes(stream.end.wants_write())
         if self.refused_tasks or self.refused_unauthenticated:
             self._log_refused_tasks()
         now = time.monotonic()
@@ -476,8 +492,10 @@ class Relay:
             self.web.stop()
         if self.local_link is not None:
             self.local_link.close()
-        if self.client_link is not None:
-            self.client_link.close()
+        for stream in self.stream_links.values():
+            stream.close()
+        if self.same_host is not None:
+            self.same_host.close()
         self.bulk.close()
         self.store.close()
         self.sock.close(linger=500)
@@ -568,6 +586,51 @@ class Relay:
                 continue
             if session is not None:   # None: held while its connection's token is checked (_read_checked)
                 self._take(frames, session)
+            if time.monotonic() > deadline:
+                break   # the rest wait for the next turn, after this one's results have gone
+
+    def _add_link(self, link: StreamLink) -> None:
+        self.stream_links[link.fd] = link
+        if link.peer is not None:
+            self.stream_peers[link.peer] = link
+
+    def _drop_link(self, link: StreamLink) -> None:
+        """A stream link whose program is gone (or closed its end, or broke
+        the framing): off the pollers (its end-of-file would spin them) and
+        forgotten; its routing id reaches the program over ZeroMQ again,
+        where a same-host program goes on (the embedded default's has no
+        other way: it is gone)."""
+        link.close()
+        self.stream_links.pop(link.fd, None)
+        if link.peer is not None and self.stream_peers.get(link.peer) is link:
+            del self.stream_peers[link.peer]
+
+    def _accept_links(self) -> None:
+        """Same-host connections of the relay's owner (samehost.py): each a
+        link once accepted, a routing id once introduced."""
+        assert self.same_host is not None
+        for conn in self.same_host.accept(MAX_SAME_HOST_LINKS - len(self.stream_links)):
+            self._add_link(StreamLink(conn, None, self.pollers))
+
+    def _read_links(self, events: dict[Any, int]) -> None:
+        """Messages on the stream links the poll found readable: each
+        program's in order, with the owner's session (locallink.py)."""
+        deadline = time.monotonic() + TURN_READ_BUDGET
+        for fd, link in list(self.stream_links.items()):
+            if not events.get(fd, 0) & P.POLLIN:
+                continue
+            for frames in link.read():
+                if link.peer is None:   # its first message: who it is
+                    if not link.introduce(frames, self.stream_peers):
+                        log.warning("closed a same-host link that did not introduce itself with a routing id "
+                                    "of its own")
+                        link.end.closed = True
+                        break
+                    self.stream_peers[link.peer] = link
+                    continue
+                self._take(link.framed(frames), link.session)
+            if link.end.closed:
+                self._drop_link(link)
             if time.monotonic() > deadline:
                 break   # the rest wait for the next turn, after this one's results have gone
 
@@ -1863,8 +1926,12 @@ class Relay:
         """Send; False when the peer is not connected (EHOSTUNREACH). Results
         stay in the store for it; the caller re-queues tasks."""
         self.sent_to.add(peer)
-        if self.client_link is not None and peer == self.client_link.peer:
-            return self.client_link.send(frames)
+        stream = self.stream_peers.get(peer)
+        if stream is not None:
+            sent = stream.send(frames)
+            if sent or stream is self.client_link:
+                return sent
+            # its same-host link has gone: the program goes on over ZeroMQ (samehost.py)
         try:
             if self.local_link is not None and peer in self.local_link.peers:
                 self.local_link.send(peer, frames)

@@ -1,0 +1,117 @@
+"""Same-host links: a local-mode relay's owner reaches it over a Unix stream socket.
+
+A relay started from the CLI is reached over ZeroMQ, which suits other
+hosts and other users. For a client or an endpoint of the relay's owner on
+the relay's own machine it is the dearest part of a round trip: each
+message wakes the sender's ZeroMQ I/O thread, the receiver's, and then the
+receiving loop (a 200-byte echo between two processes: ~180-220 µs over
+ZeroMQ tcp, ~80-100 µs over a stream socket with framelink.py's framing).
+
+So a relay in ``local`` authentication mode (every session is its owner's,
+the holder of its secret file) also listens on a Unix stream socket beside
+that secret file, ``~/.fedexec/relays/<address>.sock``: in the owner's
+private directory (mode 0700), the socket itself mode 0600, and the relay
+takes a connection only from a process of its own uid (``SO_PEERCRED``),
+the trust rule its secret file gives today (that file is readable by that
+uid alone). A program of the owner that finds the socket beside the secret
+for the relay's address connects to it, checks the relay is its own uid
+too, introduces itself with the routing id it uses on ZeroMQ
+(:data:`INTRO`), and from then on speaks framelink.py's framing to the
+relay, the messages unchanged.
+
+The ZeroMQ connection stays open beside it: when the stream ends (the relay
+stopped or restarted) the program goes on over ZeroMQ, under the same
+routing id, and tries the stream again the next time it introduces itself
+(a HELLO). ``FEDEXEC_SAME_HOST_LINK=0`` turns the stream off (ZeroMQ only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+
+from .auth import secret_path
+from .framelink import BUFFER_SIZE, StreamEnd
+
+log = logging.getLogger("fedexec")
+
+ENABLE_VARIABLE = "FEDEXEC_SAME_HOST_LINK"
+INTRO = b"fedexec-same-host/1"   # the first message on a link: [INTRO, routing id]
+SUN_PATH_MAX = 107               # bytes in a Unix socket's path (sun_path, with its NUL: 108)
+
+_UCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
+
+
+def enabled() -> bool:
+    """Whether programs use same-host links: unless ``FEDEXEC_SAME_HOST_LINK=0``."""
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
+
+
+def socket_path(address: str) -> Path:
+    """Where the local-mode relay at ``address`` listens for its owner's programs."""
+    return secret_path(address).with_suffix(".sock")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket (as it was when it connected)."""
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return uid
+
+
+def reachable_path(path: Path) -> tuple[str, int | None]:
+    """A name for ``path`` short enough for a Unix socket's address: the
+    path itself, or, when it is too long (deep test or home directories),
+    ``/proc/self/fd/N/NAME`` through a descriptor of its directory, which
+    the caller closes (the second item) once it has bound or connected."""
+    text = str(path)
+    if len(os.fsencode(text)) <= SUN_PATH_MAX:
+        return text, None
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    short = f"/proc/self/fd/{dir_fd}/{path.name}"
+    if len(os.fsencode(short)) > SUN_PATH_MAX:
+        os.close(dir_fd)
+        raise OSError(f"the socket name {path.name!r} is too long for a Unix socket")
+    return short, dir_fd
+
+
+def _buffered(sock: socket.socket) -> None:
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
+        except OSError:
+            pass
+
+
+def connect(address: str, routing_id: bytes) -> StreamEnd | None:
+    """A link to the relay at ``address`` if it is this user's, on this
+    host, and listening for same-host links; None otherwise (the caller
+    keeps to ZeroMQ). The link is introduced with ``routing_id``."""
+    if not enabled():
+        return None
+    path = socket_path(address)
+    try:
+        if not path.is_socket():
+            return None
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = None
+    try:
+        name, dir_fd = reachable_path(path)
+        sock.connect(name)   # (a listening Unix socket answers at once: accepted, refused, or its backlog full)
+        if peer_uid(sock) != os.geteuid():   # only this user could have made it: never talk to anyone else's
+            raise OSError(f"{path} is served by uid {peer_uid(sock)}, not this user's")
+    except OSError as exc:   # refused: a socket file its relay left behind (killed), or it is stopping
+        log.debug("no same-host link to the relay at %s: %s", address, exc)
+        sock.close()
+        return None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    _buffered(sock)
+    end = StreamEnd(sock)
+    end.send_message([INTRO, routing_id])
+    return end
