@@ -60,12 +60,12 @@ class RawEndpoint:
         self.ctx.term()
 
 
-def submit_with_id(client: RawClient, endpoint_id: str, task_id: bytes, *args) -> None:
+def submit_with_id(client: RawClient, endpoint_id: str, task_id: bytes, *args, resend: bool = True) -> None:
     fn_hash, body = serialize_function(operator.add)
     blobs = P.Blobs()
     row = [task_id, fn_hash, blobs.ref(serialize_arguments(operator.add, args, {})), blobs.ref(body), P.TASK_CALL,
            P.PYTHON_VERSION]
-    client.send(P.SUBMIT, {"ep": endpoint_id, "tasks": [row], "resend": True}, blobs.frames)
+    client.send(P.SUBMIT, {"ep": endpoint_id, "tasks": [row], **({"resend": True} if resend else {})}, blobs.frames)
 
 
 def outcome(client: RawClient, task_id: bytes) -> tuple[int, bytes]:
@@ -106,6 +106,38 @@ def test_an_answer_to_a_drop_is_not_taken_for_the_outcome_of_the_copy_sent_again
             assert endpoint.expect(P.CANCEL).fields["tids"] == [cancelled]
             endpoint.results([(cancelled, P.CANCELLED, b"")], credit=1)
             assert outcome(client, cancelled) == (P.CANCELLED, b"")
+        finally:
+            endpoint.close()
+            if client is not None:
+                client.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_task_sent_again_without_the_resend_mark_gets_its_result_not_a_second_run(tmp_path):
+    """A client that changes transports (a same-host link ended, samehost.py)
+    can have a task's first SUBMIT arrive after the copy it sent again, marked
+    as such, has finished: every SUBMIT of a task of its user the relay holds
+    finished is answered with its result; it never runs twice (review s32,
+    finding 3: it ran again)."""
+    token = fedexec_cli("relay", "add-user", "alice", "--data-dir", tmp_path / "relay-data").stdout.strip()
+    with running_relay(tmp_path, "--auth", "token") as address:
+        endpoint = RawEndpoint(address, token, holding=[])
+        client = None
+        try:
+            endpoint.expect(P.WELCOME)
+            client = RawClient(address, token)
+            task_id = uuid.uuid4().bytes
+            submit_with_id(client, endpoint.id, task_id, 2, 3)
+            assert [row[0] for row in endpoint.expect(P.TASKS).fields["tasks"]] == [task_id]
+            endpoint.results([(task_id, P.OK, b"five")], credit=1)
+            assert outcome(client, task_id) == (P.OK, b"five")
+            for resend in (False, True):   # not acknowledged, both copies come late
+                submit_with_id(client, endpoint.id, task_id, 2, 3, resend=resend)
+                assert outcome(client, task_id) == (P.OK, b"five")
+            # nothing ran again: the endpoint was sent no task since
+            while endpoint.sock.poll(1000):
+                msg = P.decode(endpoint.sock.recv_multipart())
+                assert msg.type != P.TASKS, msg.fields
         finally:
             endpoint.close()
             if client is not None:

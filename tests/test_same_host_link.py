@@ -23,6 +23,8 @@ import pytest
 
 from fedexec import FederatedExecutor
 from fedexec import protocol as P
+from fedexec import samehost
+from fedexec.relay.locallink import INTRO_TIMEOUT, MAX_SAME_HOST_LINKS
 from fedexec.samehost import INTRO, reachable_path, socket_path
 
 from test_durability import DEADLINE, started_federation
@@ -137,10 +139,16 @@ def test_links_that_do_not_introduce_themselves_or_take_an_id_in_use_are_closed(
                 with _raw_link(path) as sock:
                     sock.sendall(_frame(frames))
                     assert _closed_by_relay(sock), frames
-            # the framing broken: a frame over the limit
+            # the framing broken: a frame over the limit; before the introduction, over 64 bytes
+            # (a header announcing 32 MiB would have the relay set that much aside at once)
+            for size in (P.MAX_FRAME + 1, 1 << 20, 65):
+                with _raw_link(path) as sock:
+                    sock.sendall(struct.pack("<II", 1, size))
+                    assert _closed_by_relay(sock), size
+            # introduced: the relay answers, and takes messages of any size from then on
             with _raw_link(path) as sock:
-                sock.sendall(struct.pack("<II", 1, P.MAX_FRAME + 1))
-                assert _closed_by_relay(sock)
+                sock.sendall(_frame([INTRO, b"C" + os.urandom(16)]))
+                assert sock.recv(4096) == _frame([INTRO])
             # the executor's own link is untouched, its results still come to it alone
             assert ex.submit(double, 5).result(DEADLINE) == 10
             assert ex._dispatcher.link is not None and not ex._dispatcher.link.closed
@@ -184,3 +192,38 @@ def test_another_uid_is_refused_even_where_the_socket_is_open_to_it(tmp_path):
         assert "refused a same-host link from uid 65534" in relay.log.read_text()
         with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
             assert ex.submit(double, 4).result(DEADLINE) == 8
+
+
+@pytest.mark.timeout(180)
+def test_a_full_relay_and_a_silent_link_leave_programs_on_zeromq_and_free_the_place(tmp_path):
+    """Past MAX_SAME_HOST_LINKS the relay closes new links before answering
+    them, so a new executor keeps to ZeroMQ and runs its tasks (review s32,
+    finding 2: it sent its HELLO into the closed link and never got in); a
+    link that does not introduce itself is closed after INTRO_TIMEOUT."""
+    with started_federation(tmp_path) as (relay, endpoint):
+        path = socket_path(relay.address)
+        assert _wait_links(relay.proc.pid, path, 1) == 1, tail(endpoint.log)   # the endpoint's
+        held = []
+        try:
+            for _ in range(MAX_SAME_HOST_LINKS - 1):
+                link = samehost.connect(relay.address, b"C" + os.urandom(16))
+                assert link is not None, tail(relay.log)
+                held.append(link)
+            assert samehost.connect(relay.address, b"C" + os.urandom(16)) is None   # no room: refused
+            with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
+                assert ex.submit(double, 7).result(DEADLINE) == 14
+                assert ex._dispatcher.link is None   # on ZeroMQ
+        finally:
+            for link in held:
+                link.close()
+        assert _wait_links(relay.proc.pid, path, 1) == 1
+        # a link that never says who it is holds a place for INTRO_TIMEOUT, no longer
+        with _raw_link(path) as sock:
+            sock.settimeout(INTRO_TIMEOUT + 5)
+            started = time.monotonic()
+            assert _closed_by_relay(sock)
+            assert INTRO_TIMEOUT - 0.5 <= time.monotonic() - started <= INTRO_TIMEOUT + 3
+        assert "did not introduce itself within" in relay.log.read_text()
+        with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:   # and places are free again
+            assert ex.submit(double, 8).result(DEADLINE) == 16
+            assert ex._dispatcher.link is not None

@@ -325,6 +325,7 @@ class Dispatcher(threading.Thread):
         self.link: StreamEnd | None = None
         self.same_host = services is None and token is None   # may look for a same-host link
         self.link_polled: tuple[int, int] | None = None   # (descriptor, events) the link is polled for
+        self.ended_links: list[StreamEnd] = []   # same-host links that ended, open until off the poller
 
     # -- called from user threads --------------------------------------------
     def post(self, command: str, value: Any = None, tasks: int = 0) -> None:
@@ -412,8 +413,6 @@ class Dispatcher(threading.Thread):
                 if (events.get(self.link_polled[0], 0) if self.link_polled is not None else 0) & P.POLLIN \
                         or (link is None and sock in events):
                     self._read_results()
-                    if self.link is not None and self.link.closed:
-                        self._link_ended(poller)
                     if self.auth_refused:
                         break
                 if watch.monitor in events:
@@ -465,6 +464,8 @@ class Dispatcher(threading.Thread):
             sock.close(linger=0)
             if self.link is not None:
                 self.link.close()
+            for ended in self.ended_links:
+                ended.close()
             ctx.term()
             self.transfers.close()
             os.close(self._wake_r)
@@ -474,32 +475,36 @@ class Dispatcher(threading.Thread):
 
     def _poll_link(self, poller: zmq.Poller) -> None:
         """Keep the poller on the link's descriptor as it is now: for reading,
-        and for writing while something waits that its socket did not take."""
+        for writing too while something waits that its socket did not take,
+        and off it once the link has ended (its end-of-file would spin the
+        loop). An ended same-host link is let go here too (:meth:`_drop_link`)."""
         link = self.link
+        if link is not None and link.closed and self.same_host:
+            self._drop_link()
+            link = None
         wanted = None if link is None or link.closed else (
             link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write() else 0))
-        if wanted == self.link_polled:
-            return
-        if self.link_polled is not None and (wanted is None or wanted[0] != self.link_polled[0]):
-            poller.unregister(self.link_polled[0])
-        if wanted is not None:
-            if self.link_polled is not None and self.link_polled[0] == wanted[0]:
-                poller.modify(*wanted)
-            else:
-                poller.register(*wanted)
-        self.link_polled = wanted
+        if wanted != self.link_polled:
+            if self.link_polled is not None and (wanted is None or wanted[0] != self.link_polled[0]):
+                poller.unregister(self.link_polled[0])
+                self.link_polled = None
+            if wanted is not None:
+                (poller.modify if self.link_polled is not None else poller.register)(*wanted)
+            self.link_polled = wanted
+        for ended in self.ended_links:   # (off the poller now: their numbers may be taken again)
+            ended.close()
+        self.ended_links.clear()
 
-    def _link_ended(self, poller: zmq.Poller) -> None:
-        """The relay's end of the link closed: its process is gone (or
-        stopped, or restarted). Its end-of-file is not polled again. The
-        embedded default's keeps the closed link (sends fail: the heartbeat
-        finds the process gone); a same-host link is dropped for ZeroMQ,
-        where everything not answered goes again (the next heartbeat), and
-        a new link is looked for with the next HELLO."""
-        self._poll_link(poller)
-        if self.same_host:
-            assert self.link is not None
-            self.link.close()
+    def _drop_link(self) -> None:
+        """The same-host link ended (the relay stopped, or restarted), found
+        reading or writing: ZeroMQ's socket from now on, where everything not
+        answered goes again (the next heartbeat, :meth:`_send_again`, whose
+        HELLO looks for a new relay's link). It stays open until it is off
+        the poller, so that its descriptor's number is not a new one's
+        meanwhile. (The embedded default's link is never let go: its relay
+        is gone for good, and the heartbeat finds its process gone.)"""
+        if self.link is not None:
+            self.ended_links.append(self.link)
             self.link = None
             self.unsent = True
 
@@ -670,8 +675,12 @@ class Dispatcher(threading.Thread):
         credentials, ZAP failure) and libzmq does not reconnect after that, so
         a blocking send would wait forever. Callers keep what was not sent
         (``unsent``) for :meth:`_send_again`."""
-        if self.link is not None:
-            return self.link.send_message(frames)
+        link = self.link
+        if link is not None:
+            sent = link.send_message(frames)
+            if sent or not self.same_host:
+                return sent
+            self._drop_link()   # (the relay's end is gone: this message goes over ZeroMQ)
         sock = self.sock
         last = len(frames) - 1
         for i, frame in enumerate(frames):
@@ -810,10 +819,13 @@ class Dispatcher(threading.Thread):
     def _incoming(self) -> Iterator[list[Any]]:
         """The messages from the relay waiting now (on a same-host link, and
         on ZeroMQ's socket beside it, what came before the link did)."""
-        if self.link is not None:
-            yield from self.link.read()
+        link = self.link
+        if link is not None:
+            yield from link.read()
             if not self.same_host:
                 return
+            if link.closed and self.link is link:
+                self._drop_link()
         sock = self.sock
         while True:
             try:

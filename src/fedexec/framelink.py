@@ -218,7 +218,8 @@ class _Reader:
     Large frames' buffers come from ``spare`` (:class:`_SpareBuffer`): one
     per loop, shared by its readers."""
 
-    __slots__ = ("buffer", "start", "full", "error", "_lengths", "_frames", "_frame", "_filled", "_ready", "_spare")
+    __slots__ = ("buffer", "start", "full", "error", "max_frame", "_lengths", "_frames", "_frame", "_filled",
+                 "_ready", "_spare")
 
     def __init__(self, spare: "_SpareBuffer | None" = None) -> None:
         self.buffer = bytearray()
@@ -227,6 +228,8 @@ class _Reader:
         self.full = False
         #: why the peer's stream was refused (pull), if it was
         self.error: LinkError | None = None
+        #: the largest frame taken (a link that has not said who it is yet gets a small one)
+        self.max_frame = P.MAX_FRAME
         self._lengths: tuple[int, ...] = ()   # a message read into its frames: their lengths,
         self._frames: list[Any] = []          # the frames read whole,
         self._frame: memoryview | None = None  # the one being read (None: not reading one into its frames)
@@ -354,8 +357,9 @@ class _Reader:
             return None
         lengths = struct.unpack_from(f"<{count}I", buffer, start + 4)
         largest = max(lengths)
-        if largest > P.MAX_FRAME:
-            raise LinkError(f"a frame of {largest:,} bytes (at most {P.MAX_FRAME:,}: MAX_FRAME)")
+        if largest > self.max_frame:
+            raise LinkError(f"a frame of {largest:,} bytes (at most {self.max_frame:,}"
+                            f"{': MAX_FRAME' if self.max_frame == P.MAX_FRAME else ' here'})")
         if have < head + sum(lengths):
             if largest >= DIRECT_FRAME:   # read the rest into its frames, not into the buffer
                 body = memoryview(buffer)[start + head:]

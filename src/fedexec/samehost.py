@@ -16,8 +16,11 @@ the trust rule its secret file gives today (that file is readable by that
 uid alone). A program of the owner that finds the socket beside the secret
 for the relay's address connects to it, checks the relay is its own uid
 too, introduces itself with the routing id it uses on ZeroMQ
-(:data:`INTRO`), and from then on speaks framelink.py's framing to the
-relay, the messages unchanged.
+(:data:`INTRO`), and uses the link once the relay has answered ``[INTRO]``
+(a relay with no room for more links, or that finds the id another link's,
+closes it instead: the program keeps to ZeroMQ). From then on it speaks
+framelink.py's framing to the relay, the messages unchanged; the relay
+sends nothing else on a link before the program's first message.
 
 The ZeroMQ connection stays open beside it: when the stream ends (the relay
 stopped or restarted) the program goes on over ZeroMQ, under the same
@@ -29,8 +32,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
+import time
 from pathlib import Path
 
 from .auth import secret_path
@@ -39,15 +44,22 @@ from .framelink import BUFFER_SIZE, StreamEnd
 log = logging.getLogger("fedexec")
 
 ENABLE_VARIABLE = "FEDEXEC_SAME_HOST_LINK"
-INTRO = b"fedexec-same-host/1"   # the first message on a link: [INTRO, routing id]
+INTRO = b"fedexec-same-host/1"   # the first message on a link: [INTRO, routing id]; the relay's answer: [INTRO]
+INTRO_FRAME = 64                 # a link's largest frame until it has introduced itself
+ANSWER_WAIT = 1.0                # seconds a program waits for the relay's answer to its INTRO
 SUN_PATH_MAX = 107               # bytes in a Unix socket's path (sun_path, with its NUL: 108)
 
 _UCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
 
 
+def supported() -> bool:
+    """Whether this system tells a Unix socket's peer's uid (Linux: SO_PEERCRED)."""
+    return hasattr(socket, "SO_PEERCRED") and hasattr(socket, "AF_UNIX")
+
+
 def enabled() -> bool:
     """Whether programs use same-host links: unless ``FEDEXEC_SAME_HOST_LINK=0``."""
-    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0" and supported()
 
 
 def socket_path(address: str) -> Path:
@@ -98,13 +110,16 @@ def connect(address: str, routing_id: bytes) -> StreamEnd | None:
     except OSError:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
     dir_fd = None
     try:
         name, dir_fd = reachable_path(path)
-        sock.connect(name)   # (a listening Unix socket answers at once: accepted, refused, or its backlog full)
+        # (a Unix socket connects at once or not at all: refused when its relay is gone, EAGAIN
+        # when its backlog is full, the relay stopped or too busy: ZeroMQ then)
+        sock.connect(name)
         if peer_uid(sock) != os.geteuid():   # only this user could have made it: never talk to anyone else's
             raise OSError(f"{path} is served by uid {peer_uid(sock)}, not this user's")
-    except OSError as exc:   # refused: a socket file its relay left behind (killed), or it is stopping
+    except OSError as exc:
         log.debug("no same-host link to the relay at %s: %s", address, exc)
         sock.close()
         return None
@@ -113,5 +128,25 @@ def connect(address: str, routing_id: bytes) -> StreamEnd | None:
             os.close(dir_fd)
     _buffered(sock)
     end = StreamEnd(sock)
-    end.send_message([INTRO, routing_id])
-    return end
+    if end.send_message([INTRO, routing_id]) and _answered(end):
+        return end
+    log.debug("the relay at %s did not take a same-host link (no room, or stopping): ZeroMQ", address)
+    end.close()
+    return None
+
+
+def _answered(end: StreamEnd) -> bool:
+    """Whether the relay answered the link's INTRO within ANSWER_WAIT (it
+    sends nothing else before the program's first message)."""
+    deadline = time.monotonic() + ANSWER_WAIT
+    while not end.closed:
+        end.flush()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        readable, _, _ = select.select([end.fileno()], [end.fileno()] if end.wants_write() else [], [], left)
+        if readable:
+            messages = end.read()
+            if messages:
+                return len(messages) == 1 and messages[0] == [INTRO]
+    return False

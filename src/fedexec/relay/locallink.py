@@ -1,4 +1,10 @@
-"""A link from the relay to an endpoint agent running in the relay's own process.
+"""The relay's links that are not its ZeroMQ socket: to an endpoint agent in
+its own process (:class:`LocalLink`), and stream links to its owner's
+programs (:class:`StreamLink`): the embedded default's socketpair
+(:class:`ClientLink`) and same-host connections (:class:`SameHostListener`,
+samehost.py says why and how they are trusted).
+
+A link from the relay to an endpoint agent running in the relay's own process.
 
 The embedded default runs its private relay and its endpoint agent in one
 process, on one thread's loop (``fedexec.colocated``): a task then crosses
@@ -26,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import zmq
@@ -34,12 +41,13 @@ from .. import protocol as P
 from ..auth import LOCAL_USER
 from ..framelink import BUFFER_SIZE, LinkError, StreamEnd
 from ..memlink import memory_link
-from ..samehost import INTRO, peer_uid, reachable_path, socket_path
+from ..samehost import INTRO, INTRO_FRAME, peer_uid, reachable_path, socket_path
 from .access import Session
 
 log = logging.getLogger("fedexec.relay")
 
 MAX_SAME_HOST_LINKS = 256   # open at once; past them, programs keep to ZeroMQ (each is a descriptor)
+INTRO_TIMEOUT = 5.0         # seconds a same-host link may stay open without introducing itself
 
 
 class LocalLink:
@@ -82,7 +90,9 @@ class StreamLink:
     its owner's programs: the embedded default's socketpair (:class:`ClientLink`)
     or a same-host connection (:class:`SameHostListener`, samehost.py). Its
     peer has the owner's session. A same-host link has no routing id until
-    its program introduces itself (``samehost.INTRO``)."""
+    its program introduces itself (``samehost.INTRO``), and takes only small
+    frames until then; messages for that id come to it (not over ZeroMQ)
+    from the program's first message after (``active``)."""
 
     def __init__(self, sock: socket.socket, peer: bytes | None, pollers: list[zmq.Poller]) -> None:
         self.end = StreamEnd(sock)
@@ -90,22 +100,27 @@ class StreamLink:
         self.session = Session(LOCAL_USER)
         self.peer = peer   # the routing id its messages come from and go to
         self._peer_frame = zmq.Frame(peer) if peer is not None else None
+        self.active = peer is not None   # what is sent to its routing id goes over it
+        self.opened = time.monotonic()
+        if peer is None:
+            self.end.reader.max_frame = INTRO_FRAME
         self.pollers = pollers   # the relay's (Relay.register): its descriptor is on each
         self.polling_writes = False
         for poller in pollers:
             poller.register(self.fd, zmq.POLLIN)
 
     def introduce(self, frames: list[Any], taken: Any) -> bool:
-        """Take the link's first message, its program's introduction; False
-        (the link is to be closed) unless it is ``[INTRO, routing id]`` with
-        the id of a client or an endpoint (a letter and 16 bytes) no other
-        link in ``taken`` has."""
+        """Take the link's first message, its program's introduction, and
+        answer it; False (the link is to be closed) unless it is ``[INTRO,
+        routing id]`` with the id of a client or an endpoint (a letter and
+        16 bytes) that no other link in ``taken`` has."""
         if (len(frames) != 2 or bytes(frames[0]) != INTRO or len(frames[1]) != 17
                 or bytes(frames[1])[:1] not in (b"C", b"E") or bytes(frames[1]) in taken):
             return False
         self.peer = bytes(frames[1])
         self._peer_frame = zmq.Frame(self.peer)
-        return True
+        self.end.reader.max_frame = P.MAX_FRAME
+        return self.send([INTRO])
 
     def poll_writes(self, wanted: bool) -> None:
         """Whether the pollers it is on wake the loop when its socket takes more."""
@@ -202,17 +217,21 @@ class SameHostListener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self, room: int) -> list[socket.socket]:
-        """The connections waiting, of this uid, up to ``room`` of them (the others are closed)."""
+    def accept(self, room: int) -> tuple[list[socket.socket], bool]:
+        """The connections waiting, of this uid, up to ``room`` of them (the
+        others are closed), and whether accepting failed (out of
+        descriptors, say: the rest wait in the backlog, and the listener,
+        still readable, would spin the loop: the caller stops polling it a
+        while)."""
         taken: list[socket.socket] = []
         while True:
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
-                return taken
-            except OSError as exc:   # out of descriptors, say: the rest wait in the backlog
+                return taken, False
+            except OSError as exc:
                 log.warning("could not accept a same-host link: %s", exc)
-                return taken
+                return taken, True
             try:
                 uid = peer_uid(conn)
             except OSError:

@@ -49,7 +49,7 @@ from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
-from .locallink import MAX_SAME_HOST_LINKS, ClientLink, LocalLink, SameHostListener, StreamLink
+from .locallink import INTRO_TIMEOUT, MAX_SAME_HOST_LINKS, ClientLink, LocalLink, SameHostListener, StreamLink
 from .notices import HeldNotices
 from .graph import KEPT_IN_MEMORY
 from ..dependencies import wrap_arguments
@@ -292,6 +292,8 @@ class Relay:
         self.stream_links: dict[int, StreamLink] = {}
         self.stream_peers: dict[bytes, StreamLink] = {}
         self.pollers: list[zmq.Poller] = []
+        self.links_read_first = 0   # which link a turn reads first (each in turn: none waits behind a busy one)
+        self.listener_paused_until: float | None = None   # the listener off the pollers (accept failed)
 
     def _bind_dashboard(self, http: tuple[Any, ...] | None) -> None:
         """With ``http`` (host, port): bind the dashboard's port (web.py;
@@ -428,7 +430,7 @@ class Relay:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.store.commit_fd, zmq.POLLIN)
         poller.register(self.access.wake_fd, zmq.POLLIN)
-        if self.same_host is not None:
+        if self.same_host is not None and self.listener_paused_until is None:
             poller.register(self.same_host.fileno(), zmq.POLLIN)
         for link in self.stream_links.values():
             poller.register(link.fd, zmq.POLLIN | (zmq.POLLOUT if link.polling_writes else 0))
@@ -552,6 +554,8 @@ class Relay:
                             "%d task(s) re-queued", state.name, state.endpoint_id, len(state.dispatched))
                 self.endpoints.disconnect(state)
         self._report_backlogs()
+        if self.stream_links or self.listener_paused_until is not None:
+            self._link_maintenance(now)
         self.bulk.maintenance(now)
         self.refs.maintenance(now)
         if self.parent_pid and os.getppid() != self.parent_pid:
@@ -609,30 +613,53 @@ class Relay:
         """Same-host connections of the relay's owner (samehost.py): each a
         link once accepted, a routing id once introduced."""
         assert self.same_host is not None
-        for conn in self.same_host.accept(MAX_SAME_HOST_LINKS - len(self.stream_links)):
+        conns, failed = self.same_host.accept(MAX_SAME_HOST_LINKS - len(self.stream_links))
+        for conn in conns:
             self._add_link(StreamLink(conn, None, self.pollers))
+        if failed:   # (still readable, it would spin the loop: polled again after the next maintenance)
+            self.listener_paused_until = time.monotonic() + MAINTENANCE_INTERVAL
+            for poller in self.pollers:
+                poller.unregister(self.same_host.fileno())
 
     def _read_links(self, events: dict[Any, int]) -> None:
         """Messages on the stream links the poll found readable: each
-        program's in order, with the owner's session (locallink.py)."""
+        program's in order, with the owner's session (locallink.py); each
+        turn starts with the link after the one the last turn started with."""
         deadline = time.monotonic() + TURN_READ_BUDGET
-        for fd, link in list(self.stream_links.items()):
-            if not events.get(fd, 0) & P.POLLIN:
+        links = list(self.stream_links.values())
+        self.links_read_first = first = (self.links_read_first + 1) % len(links)
+        for link in links[first:] + links[:first]:
+            if not events.get(link.fd, 0) & P.POLLIN:
                 continue
             for frames in link.read():
-                if link.peer is None:   # its first message: who it is
-                    if not link.introduce(frames, self.stream_peers):
-                        log.warning("closed a same-host link that did not introduce itself with a routing id "
-                                    "of its own")
-                        link.end.closed = True
-                        break
+                if not link.active:
+                    if link.peer is None:   # its first message: who it is
+                        if not link.introduce(frames, {other.peer for other in links}):
+                            log.warning("closed a same-host link that did not introduce itself with a routing "
+                                        "id of its own")
+                            link.end.closed = True
+                            break
+                        continue
+                    # its program's first message: what goes to its routing id goes here from now on
+                    link.active = True
                     self.stream_peers[link.peer] = link
-                    continue
                 self._take(link.framed(frames), link.session)
             if link.end.closed:
                 self._drop_link(link)
             if time.monotonic() > deadline:
                 break   # the rest wait for the next turn, after this one's results have gone
+
+    def _link_maintenance(self, now: float) -> None:
+        """Close same-host links that never introduced themselves (each holds
+        one of the MAX_SAME_HOST_LINKS places); poll a paused listener again."""
+        for link in list(self.stream_links.values()):
+            if link.peer is None and now - link.opened > INTRO_TIMEOUT:
+                log.warning("closed a same-host link that did not introduce itself within %g s", INTRO_TIMEOUT)
+                self._drop_link(link)
+        if self.listener_paused_until is not None and now >= self.listener_paused_until and self.same_host:
+            self.listener_paused_until = None
+            for poller in self.pollers:
+                poller.register(self.same_host.fileno(), zmq.POLLIN)
 
     def _read_local(self) -> None:
         """Messages on the local link: its peer has the owner's session (locallink.py)."""
@@ -1050,6 +1077,11 @@ class Relay:
                     owner = kept_owners.get(task_id)   # acknowledged, kept (retained.py): still theirs
                 if owner is not None and owner != user:
                     self._not_theirs(sender, session, task_id, "resubmit")
+                    continue
+                if owner is not None:
+                    # finished already: sent again (after a relay restart, or its first sending, late
+                    # behind that, when the client changed transports): its result, not a second run
+                    self._answer_resumed(sender, session, [task_id], final=False)
                     continue
                 if resend and self._answer_from_record(sender, session, task_id):
                     continue
