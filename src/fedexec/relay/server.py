@@ -49,6 +49,7 @@ from .kept import KeptResults
 from .deregister import EndpointDeletions
 from .reads import RecordReads
 from ..memlink import MemoryEnd
+from ..samehost import supported as same_host_supported
 from .locallink import INTRO_TIMEOUT, MAX_SAME_HOST_LINKS, ClientLink, LocalLink, SameHostListener, StreamLink
 from .notices import HeldNotices
 from .graph import KEPT_IN_MEMORY
@@ -226,7 +227,7 @@ class Relay:
                 public_key_path(stale).unlink(missing_ok=True)
         # the owner's programs on this host: a Unix socket beside the secret (samehost.py)
         self.same_host: SameHostListener | None = None
-        if publish and auth == "local":
+        if publish and auth == "local" and same_host_supported():
             try:
                 self.same_host = SameHostListener(self.address, [address] if not address.endswith(":*") else [])
             except OSError as exc:
