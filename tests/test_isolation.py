@@ -343,9 +343,16 @@ def test_everything_written_is_private_whatever_the_umask(tmp_path):
 
 # -- a second relay on a busy address ----------------------------------------------------
 
+def _published(fedexec_home: Path) -> dict[Path, object]:
+    """What relays published for this user: each file's bytes, each socket's inode (one made again differs)."""
+    return {path: (path.stat().st_ino if path.is_socket() else path.read_bytes())
+            for path in (fedexec_home / "relays").iterdir()}
+
+
 @pytest.mark.timeout(180)
 def test_a_relay_started_on_a_busy_address_fails_without_touching_a_file(tmp_path, fedexec_home):
     from fedexec.auth import public_key_path, secret_path
+    from fedexec.samehost import socket_path
     from fedexec.relay.listening import AddressInUse
     from fedexec.relay.server import Relay
 
@@ -354,8 +361,9 @@ def test_a_relay_started_on_a_busy_address_fails_without_touching_a_file(tmp_pat
     first = tmp_path / "first"
     fedexec_cli("relay", "start", "--port", port, "--data-dir", first, "--daemon")
     try:
-        published = {path: path.read_bytes() for path in (fedexec_home / "relays").iterdir()}
+        published = _published(fedexec_home)
         assert secret_path(address) in published
+        assert socket_path(address) in published   # the relay's same-host socket (samehost.py)
         log = tmp_path / "endpoint.log"
         with open(log, "wb") as out:
             endpoint = subprocess.Popen([sys.executable, "-m", "fedexec.endpoint", "--name", "busy", "--relay",
@@ -395,7 +403,7 @@ def test_a_relay_started_on_a_busy_address_fails_without_touching_a_file(tmp_pat
                     Relay(address, other, auth="token")
                 for other in others:
                     assert not other.exists(), other
-                assert {path: path.read_bytes() for path in (fedexec_home / "relays").iterdir()} == published
+                assert _published(fedexec_home) == published
                 assert not public_key_path(address).exists()
                 # the first relay's clients are still served, new ones too
                 assert ex.submit(operator.mul, 6, 7).result(DEADLINE) == 42

@@ -104,7 +104,12 @@ def test_the_owners_executor_and_endpoint_use_the_relays_unix_socket(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_after_a_relay_restart_both_go_on_and_take_the_new_relays_links(tmp_path):
+def test_after_a_relay_restart_both_go_on_over_a_new_link_or_zeromq_for_good(tmp_path):
+    """The relay killed and started again: the executor's and the endpoint's
+    links end; each sends nothing until its next heartbeat, whose HELLO takes
+    the new relay's link if it is up by then, else ZeroMQ for good (never
+    from ZeroMQ back to a link: what ZeroMQ held could overtake it); either
+    way every task finishes."""
     with started_federation(tmp_path) as (relay, endpoint):
         path = socket_path(relay.address)
         with FederatedExecutor(endpoint.endpoint_id, relay=relay.address) as ex:
@@ -114,10 +119,13 @@ def test_after_a_relay_restart_both_go_on_and_take_the_new_relays_links(tmp_path
             relay.kill()
             time.sleep(0.3)
             relay.start()
-            # the tasks out at the kill finish, and new ones run, all over the new relay's links
+            # the tasks out at the kill finish, and new ones run
             assert [f.result(DEADLINE) for f in futures] == [None] * 40
             assert ex.submit(double, 2).result(DEADLINE) == 4
-            assert _wait_links(relay.proc.pid, path, 2) == 2, tail(relay.log) + tail(endpoint.log)
+            dispatcher = ex._dispatcher
+            on_link = dispatcher.link is not None and not dispatcher.link.closed
+            assert on_link or not dispatcher.same_host, "on ZeroMQ, yet may still move to a link"
+            assert _links(relay.proc.pid, path) <= 2
             assert ex.submit(double, 3).result(DEADLINE) == 6
         assert endpoint.proc.poll() is None, tail(endpoint.log)
 
@@ -163,10 +171,10 @@ sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.settimeout(5)
 sock.connect(sys.argv[1])
 frames = [b"fedexec-same-host/1", b"C" + os.urandom(16)]
-sock.sendall(struct.pack("<3I", 2, *map(len, frames)) + b"".join(frames))
-try:
+try:   # (the relay may have closed it before this is sent)
+    sock.sendall(struct.pack("<3I", 2, *map(len, frames)) + b"".join(frames))
     print("answered" if sock.recv(4096) else "closed")
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     print("closed")
 """
 

@@ -323,7 +323,10 @@ class Dispatcher(threading.Thread):
         # a stream link to the relay, when it has one: the embedded default's socketpair (for good), or a
         # same-host link to a local-mode relay of this user (samehost.py), ZeroMQ's socket beside it
         self.link: StreamEnd | None = None
-        self.same_host = services is None and token is None   # may look for a same-host link
+        # may look for a same-host link: until a HELLO finds none (ZeroMQ from then on, see _hello)
+        self.same_host = services is None and token is None
+        self.link_ended = False   # no link now, though one is expected: nothing is sent until _send_again
+        self.link_grace_until = time.monotonic() + samehost.LINK_GRACE   # (see _hello)
         self.link_polled: tuple[int, int] | None = None   # (descriptor, events) the link is polled for
         self.ended_links: list[StreamEnd] = []   # same-host links that ended, open until off the poller
 
@@ -497,15 +500,23 @@ class Dispatcher(threading.Thread):
 
     def _drop_link(self) -> None:
         """The same-host link ended (the relay stopped, or restarted), found
-        reading or writing: ZeroMQ's socket from now on, where everything not
-        answered goes again (the next heartbeat, :meth:`_send_again`, whose
-        HELLO looks for a new relay's link). It stays open until it is off
-        the poller, so that its descriptor's number is not a new one's
-        meanwhile. (The embedded default's link is never let go: its relay
-        is gone for good, and the heartbeat finds its process gone.)"""
+        reading or writing. Nothing is sent until the next heartbeat's
+        :meth:`_send_again`, whose HELLO takes a new relay's link or, with
+        none there, ZeroMQ's socket for good, and then everything not
+        answered goes again, over that one transport. (Sent over ZeroMQ
+        meanwhile, a message could wait in its queue for the relay to come
+        back and arrive after its copy sent again over a new link, or, with
+        the relay back, be overtaken by messages on a later link: a task of
+        it would run twice, or a LOOKUP's answer go to the next one.) The
+        link stays open until it is off the poller, so that its descriptor's
+        number is not a new one's meanwhile. (The embedded default's link is
+        never let go: its relay is gone for good, and the heartbeat finds its
+        process gone.)"""
         if self.link is not None:
             self.ended_links.append(self.link)
             self.link = None
+            self.link_ended = True
+            self.link_grace_until = time.monotonic() + samehost.LINK_GRACE
             self.unsent = True
 
     def _fail_leftovers(self) -> None:
@@ -680,7 +691,9 @@ class Dispatcher(threading.Thread):
             sent = link.send_message(frames)
             if sent or not self.same_host:
                 return sent
-            self._drop_link()   # (the relay's end is gone: this message goes over ZeroMQ)
+            self._drop_link()   # (the relay's end is gone)
+        if self.link_ended:   # nothing until _send_again has chosen the transport (_drop_link)
+            return False
         sock = self.sock
         last = len(frames) - 1
         for i, frame in enumerate(frames):
@@ -772,8 +785,17 @@ class Dispatcher(threading.Thread):
             self._ack(acks)
 
     def _hello(self) -> bool:
-        if self.same_host and self.link is None:   # (the relay's, on this host, maybe a new one since)
-            self.link = samehost.connect(self.relay, b"C" + self.client_id)
+        if self.same_host and self.link is None:   # (the relay's, on this host; a new one after a restart)
+            self.link = samehost.connect(self.relay, b"C" + self.client_id, token=self.token)
+            if self.link is None:
+                if time.monotonic() < self.link_grace_until and samehost.expected(self.relay, token=self.token):
+                    self.link_ended = True   # its relay is starting: nothing yet, tried again at the next heartbeat
+                    self.unsent = True
+                    return False
+                # ZeroMQ for good: never from ZeroMQ to a link (what ZeroMQ still held could arrive
+                # after what follows on the link, samehost.py)
+                self.same_host = False
+        self.link_ended = False
         if self._send(P.encode(P.HELLO, {"role": "client", "id": self.client_id, "py": P.PYTHON_VERSION})):
             return True
         self.unsent = True

@@ -22,10 +22,18 @@ closes it instead: the program keeps to ZeroMQ). From then on it speaks
 framelink.py's framing to the relay, the messages unchanged; the relay
 sends nothing else on a link before the program's first message.
 
-The ZeroMQ connection stays open beside it: when the stream ends (the relay
-stopped or restarted) the program goes on over ZeroMQ, under the same
-routing id, and tries the stream again the next time it introduces itself
-(a HELLO). ``FEDEXEC_SAME_HOST_LINK=0`` turns the stream off (ZeroMQ only).
+The ZeroMQ connection stays open beside it. A program chooses its
+transport when it introduces itself (a HELLO): a link when it can make one;
+when it cannot though one may come (the relay is on this machine and the
+program would present its secret: it is starting, or restarting), it sends
+nothing and tries again (each heartbeat, or tick) for LINK_GRACE seconds;
+then, or when no link is expected (a token, a relay elsewhere), ZeroMQ,
+under the same routing id, for good. A link that ends
+(the relay stopped or restarted) leaves the program sending nothing until
+its next HELLO. It never moves from ZeroMQ to a link: a message ZeroMQ
+still held (sent while the relay was down) could arrive after its copy
+sent again on the link, and a task run twice.
+``FEDEXEC_SAME_HOST_LINK=0`` turns links off (ZeroMQ only).
 """
 
 from __future__ import annotations
@@ -38,8 +46,9 @@ import struct
 import time
 from pathlib import Path
 
-from .auth import secret_path
+from .auth import TOKEN_ENV, read_secret, secret_path
 from .framelink import BUFFER_SIZE, StreamEnd
+from .protocol import is_loopback
 
 log = logging.getLogger("fedexec")
 
@@ -47,6 +56,10 @@ ENABLE_VARIABLE = "FEDEXEC_SAME_HOST_LINK"
 INTRO = b"fedexec-same-host/1"   # the first message on a link: [INTRO, routing id]; the relay's answer: [INTRO]
 INTRO_FRAME = 64                 # a link's largest frame until it has introduced itself
 ANSWER_WAIT = 1.0                # seconds a program waits for the relay's answer to its INTRO
+# seconds a program whose relay should have a link (its secret is there) holds its messages while
+# the link cannot be made (the relay starting, or restarting), trying at each heartbeat, before it
+# keeps to ZeroMQ for good
+LINK_GRACE = 5.0
 SUN_PATH_MAX = 107               # bytes in a Unix socket's path (sun_path, with its NUL: 108)
 
 _UCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
@@ -97,11 +110,39 @@ def _buffered(sock: socket.socket) -> None:
             pass
 
 
-def connect(address: str, routing_id: bytes) -> StreamEnd | None:
+def _local_secret_presented(address: str, token: str | None, secret_file: str | Path | None) -> bool:
+    """Whether the credentials the program presents over ZeroMQ are the
+    relay's local secret found by its address (auth.find_credentials), and
+    it can read that secret: a program given a token (``token=``,
+    ``$FEDEXEC_TOKEN``) or another secret file presents those, and is
+    refused if they are wrong, as one that cannot read the secret is; the
+    link would let it in regardless, so it keeps to ZeroMQ."""
+    if token or os.environ.get(TOKEN_ENV):
+        return False
+    if secret_file is not None and Path(secret_file) != secret_path(address):
+        return False
+    return bool(read_secret(secret_path(address)))   # (one it cannot read: refused over ZeroMQ, so here too)
+
+
+def expected(address: str, *, token: str | None = None, secret_file: str | Path | None = None) -> bool:
+    """Whether the relay at ``address`` may soon have a link for this
+    program: links are on, the relay is on this machine (a loopback or ipc
+    address), and the program would present the local secret found by the
+    address (nothing else given, whether or not the secret is there yet).
+    A link it cannot make then means its relay is starting or restarting."""
+    if not enabled() or not is_loopback(address) or token or os.environ.get(TOKEN_ENV):
+        return False
+    return secret_file is None or Path(secret_file) == secret_path(address)
+
+
+def connect(address: str, routing_id: bytes, *, token: str | None = None,
+            secret_file: str | Path | None = None) -> StreamEnd | None:
     """A link to the relay at ``address`` if it is this user's, on this
-    host, and listening for same-host links; None otherwise (the caller
-    keeps to ZeroMQ). The link is introduced with ``routing_id``."""
-    if not enabled():
+    host, and listening for same-host links, and the program's credentials
+    (``token``, ``secret_file``) are the ones found by that address; None
+    otherwise (the caller keeps to ZeroMQ). The link is introduced with
+    ``routing_id``."""
+    if not enabled() or not _local_secret_presented(address, token, secret_file):
         return None
     path = socket_path(address)
     try:
@@ -128,8 +169,11 @@ def connect(address: str, routing_id: bytes) -> StreamEnd | None:
             os.close(dir_fd)
     _buffered(sock)
     end = StreamEnd(sock)
-    if end.send_message([INTRO, routing_id]) and _answered(end):
-        return end
+    try:
+        if end.send_message([INTRO, routing_id]) and _answered(end):
+            return end
+    except Exception as exc:   # (whatever goes wrong here, ZeroMQ is still there)
+        log.debug("same-host link to the relay at %s failed: %s", address, exc)
     log.debug("the relay at %s did not take a same-host link (no room, or stopping): ZeroMQ", address)
     end.close()
     return None
@@ -139,13 +183,15 @@ def _answered(end: StreamEnd) -> bool:
     """Whether the relay answered the link's INTRO within ANSWER_WAIT (it
     sends nothing else before the program's first message)."""
     deadline = time.monotonic() + ANSWER_WAIT
+    poller = select.poll()   # (not select.select: a descriptor may be numbered past 1023)
     while not end.closed:
         end.flush()
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        readable, _, _ = select.select([end.fileno()], [end.fileno()] if end.wants_write() else [], [], left)
-        if readable:
+        poller.register(end.fileno(), select.POLLIN | (select.POLLOUT if end.wants_write() else 0))
+        if any(event & (select.POLLIN | select.POLLHUP | select.POLLERR)
+               for _, event in poller.poll(max(1, int(left * 1000)))):
             messages = end.read()
             if messages:
                 return len(messages) == 1 and messages[0] == [INTRO]

@@ -114,6 +114,10 @@ class EndpointAgent(AgentLeaving):
         # a same-host link to the relay when it is this user's local-mode relay on this host (samehost.py):
         # everything to and from the relay goes over it, ZeroMQ's socket staying beside it for when it ends
         self.stream: StreamEnd | None = None
+        # may look for a same-host link: until a HELLO finds none (ZeroMQ from then on, see _hello)
+        self.same_host = relay_link is None
+        self.stream_ended = False   # no link now, though one is expected: nothing goes to the relay until a HELLO
+        self.link_grace_until = time.monotonic() + samehost.LINK_GRACE   # (see _hello)
         self._ended_streams: list[StreamEnd] = []   # links that ended, open until off the poller
         self._stream_poller: zmq.Poller | None = None   # the loop's (register)
         self.stream_polled: tuple[int, int] | None = None   # (descriptor, events) it is polled for
@@ -324,6 +328,8 @@ class EndpointAgent(AgentLeaving):
             self._assign()
         if now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
+            if self.stream_ended:   # no link, one expected: introduced over the next link, or ZeroMQ (_hello)
+                self._hello()
             self._drop_silent_pools(now)
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.info("parent process %d is gone; stopping", self.parent_pid)
@@ -354,8 +360,15 @@ class EndpointAgent(AgentLeaving):
         an outcome and every outcome the relay has not stored yet (those the
         relay counts as sent here, so that it sends none of them again; the
         outcomes follow after its WELCOME)."""
-        if self.stream is None and self.relay_link is None:   # (the relay's, on this host, maybe a new one since)
-            self.stream = samehost.connect(self.config.relay, self.routing_id)
+        if self.same_host and self.stream is None:   # (the relay's, on this host; a new one after a restart)
+            self.stream = samehost.connect(self.config.relay, self.routing_id, secret_file=self.secret_file)
+            if self.stream is None:
+                if time.monotonic() < self.link_grace_until and samehost.expected(
+                        self.config.relay, secret_file=self.secret_file):
+                    self.stream_ended = True   # its relay is starting: nothing yet, tried again next tick
+                    return
+                self.same_host = False   # ZeroMQ for good (never from ZeroMQ to a link: samehost.py)
+        self.stream_ended = False
         holding = list(self.holding | self.unstored.keys()) if self.unstored else list(self.holding)
         more = holding[P.MAX_ITEMS:]   # a message's limit: the rest follow in HOLDING messages
         holding = holding[:P.MAX_ITEMS]
@@ -398,6 +411,8 @@ class EndpointAgent(AgentLeaving):
             if self.stream.send_message(frames):
                 return True
             self._drop_stream()
+        if self.stream_ended:   # (until the next HELLO has chosen the transport: _drop_stream)
+            return False
         try:
             self.relay.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -405,13 +420,16 @@ class EndpointAgent(AgentLeaving):
         return True
 
     def _drop_stream(self) -> None:
-        """The same-host link ended (its relay stopped or restarted): ZeroMQ's
-        socket from now on, until the next HELLO finds a relay's link again.
-        It stays open until it is off the poller (_poll_stream), so that its
-        descriptor's number is not a new one's meanwhile."""
+        """The same-host link ended (its relay stopped or restarted). Nothing
+        goes to the relay until a heartbeat's HELLO takes a new relay's link,
+        or ZeroMQ's socket for good (samehost.py; dispatcher.py ``_drop_link``
+        says why); results wait in ``unstored`` meanwhile. It stays open until it is off the poller (_poll_stream),
+        so that its descriptor's number is not a new one's meanwhile."""
         if self.stream is not None:
             self._ended_streams.append(self.stream)
             self.stream = None
+            self.stream_ended = True
+            self.link_grace_until = time.monotonic() + samehost.LINK_GRACE
 
     def _poll_stream(self) -> None:
         """Write what waits on the same-host link, and keep the loop's poller

@@ -29,6 +29,7 @@ quotas, message limits) is the relay's usual handling of the messages.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ log = logging.getLogger("fedexec.relay")
 
 MAX_SAME_HOST_LINKS = 256   # open at once; past them, programs keep to ZeroMQ (each is a descriptor)
 INTRO_TIMEOUT = 5.0         # seconds a same-host link may stay open without introducing itself
+_PAUSING_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class LocalLink:
@@ -213,6 +215,7 @@ class SameHostListener:
             except OSError as exc:
                 log.debug("no same-host socket under %s: %s", alias, exc)
         self.refused = 0   # connections from other uids (there should be none: the directory is private)
+        self.warned = -60.0   # when accepting last failed for want of descriptors (logged once a minute)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -230,8 +233,15 @@ class SameHostListener:
             except (BlockingIOError, InterruptedError):
                 return taken, False
             except OSError as exc:
-                log.warning("could not accept a same-host link: %s", exc)
-                return taken, True
+                # out of descriptors or memory: the rest wait in the backlog (the caller pauses);
+                # anything else (a connection reset before it was taken, say) concerns that one
+                if exc.errno in _PAUSING_ERRORS:
+                    now = time.monotonic()
+                    if now - self.warned >= 60:
+                        self.warned = now
+                        log.warning("could not accept same-host links (they wait): %s", exc)
+                    return taken, True
+                continue
             try:
                 uid = peer_uid(conn)
             except OSError:

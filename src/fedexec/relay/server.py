@@ -636,8 +636,9 @@ class Relay:
                 if not link.active:
                     if link.peer is None:   # its first message: who it is
                         if not link.introduce(frames, {other.peer for other in links}):
-                            log.warning("closed a same-host link that did not introduce itself with a routing "
-                                        "id of its own")
+                            if not link.end.closed:   # (else it was gone before its answer could go)
+                                log.warning("closed a same-host link that did not introduce itself with a "
+                                            "routing id of its own")
                             link.end.closed = True
                             break
                         continue
@@ -1031,6 +1032,7 @@ class Relay:
         quota_logged = False
         memo_scope: bytes | None = None   # made for the first memoized task of the batch
         seen: set[bytes] = set()
+        finished_again: list[bytes] = []   # tasks of this user the relay holds finished, sent again
         tasks, functions, finished_owners, quotas = self.tasks, self.functions, self.store.finished_owners, self.quotas
         kept_owners = self.store.kept_owners
         function_refs = functions.refs   # (``in functions``, and the common case of ``functions.use``, inline)
@@ -1080,9 +1082,9 @@ class Relay:
                     self._not_theirs(sender, session, task_id, "resubmit")
                     continue
                 if owner is not None:
-                    # finished already: sent again (after a relay restart, or its first sending, late
-                    # behind that, when the client changed transports): its result, not a second run
-                    self._answer_resumed(sender, session, [task_id], final=False)
+                    # finished already: sent again (after a relay restart), or this copy came late
+                    # behind the one sent again: answered with its result (below), not run twice
+                    finished_again.append(task_id)
                     continue
                 if resend and self._answer_from_record(sender, session, task_id):
                     continue
@@ -1192,6 +1194,8 @@ class Relay:
         finally:
             if taken_tasks:
                 quotas.charge(user, taken_tasks, taken_bytes)
+        if finished_again:   # as a RESUME of them (one look at the record for them all)
+            self._answer_resumed(sender, session, finished_again, final=False)
 
     # -- tasks held for their dependencies (see graph.py) ----------------------------
     def _open_dependencies(self, client: bytes, user: str, task_id: bytes,
