@@ -93,6 +93,12 @@ class CliFederation:
             [sys.executable, "-m", "fedexec.relay", "--address", self.address, "--data-dir", str(workdir / "relay"),
              "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)]
+        # the endpoint once the relay serves (its pid file), as 'fedexec relay start --daemon' returns
+        deadline = time.monotonic() + 30
+        while not (workdir / "relay" / "relay.json").exists():
+            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+                raise RuntimeError(f"the relay did not start (see {workdir / 'processes.log'})")
+            time.sleep(0.02)
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "fedexec.endpoint", "--name", "hol", "--relay", self.address, "--endpoint-id",
              self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING",

@@ -7,6 +7,7 @@ from a restarted relay)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -27,7 +28,7 @@ from fedexec import samehost
 from fedexec.relay.locallink import INTRO_TIMEOUT, MAX_SAME_HOST_LINKS
 from fedexec.samehost import INTRO, reachable_path, socket_path
 
-from test_durability import DEADLINE, started_federation
+from test_durability import DEADLINE, Endpoint, Relay
 from test_faults import tail
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -35,6 +36,26 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def double(x):
     return 2 * x
+
+
+@contextlib.contextmanager
+def started_federation(directory: Path):
+    """A relay and an endpoint started after it serves (its socket is there),
+    as 'fedexec relay start --daemon' returns once it serves: an endpoint
+    that comes first finds no link and keeps to ZeroMQ."""
+    relay = Relay(directory)
+    relay.start()
+    endpoint = Endpoint(directory, relay)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not socket_path(relay.address).is_socket():
+            assert time.monotonic() < deadline and relay.proc.poll() is None, tail(relay.log)
+            time.sleep(0.02)
+        endpoint.start()
+        yield relay, endpoint
+    finally:
+        endpoint.stop()
+        relay.stop()
 
 
 def _links(pid: int, path: Path) -> int:

@@ -24,9 +24,9 @@ sends nothing else on a link before the program's first message.
 
 The ZeroMQ connection stays open beside it. A program chooses its
 transport when it introduces itself (a HELLO): a link when it can make one;
-when it cannot though one may come (the relay is on this machine and the
-program would present its secret: it is starting, or restarting), it sends
-nothing and tries again (each heartbeat, or tick) for LINK_GRACE seconds;
+when it cannot though one may come (the relay is on this machine and its
+secret is there, which the program presents: it is starting, or
+restarting), it sends nothing and tries again (each heartbeat, or tick) for LINK_GRACE seconds;
 then, or when no link is expected (a token, a relay elsewhere), ZeroMQ,
 under the same routing id, for good. A link that ends
 (the relay stopped or restarted) leaves the program sending nothing until
@@ -127,12 +127,13 @@ def _local_secret_presented(address: str, token: str | None, secret_file: str | 
 def expected(address: str, *, token: str | None = None, secret_file: str | Path | None = None) -> bool:
     """Whether the relay at ``address`` may soon have a link for this
     program: links are on, the relay is on this machine (a loopback or ipc
-    address), and the program would present the local secret found by the
-    address (nothing else given, whether or not the secret is there yet).
-    A link it cannot make then means its relay is starting or restarting."""
-    if not enabled() or not is_loopback(address) or token or os.environ.get(TOKEN_ENV):
-        return False
-    return secret_file is None or Path(secret_file) == secret_path(address)
+    address), and the program presents the local secret published for that
+    address, which is there (a local-mode relay that is serving, starting
+    again after a kill, or being started: its secret comes before its
+    socket). A link it cannot make then means its relay is starting or
+    restarting. (A relay stopped cleanly takes its secret away; one never
+    started has none yet: ZeroMQ.)"""
+    return enabled() and is_loopback(address) and _local_secret_presented(address, token, secret_file)
 
 
 def connect(address: str, routing_id: bytes, *, token: str | None = None,
