@@ -35,7 +35,7 @@ from . import protocol as P
 from . import samehost
 from .auth import REFUSED_GRACE, HandshakeWatch, NoHandshake
 from .embedded import EmbeddedFederation
-from .framelink import StreamEnd
+from .framelink import StreamEnd, keep_polled
 from .transfer import LinkPool, is_big
 from .errors import (
     BrokenExecutor,
@@ -485,15 +485,7 @@ class Dispatcher(threading.Thread):
         if link is not None and link.closed and self.same_host:
             self._drop_link()
             link = None
-        wanted = None if link is None or link.closed else (
-            link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write() else 0))
-        if wanted != self.link_polled:
-            if self.link_polled is not None and (wanted is None or wanted[0] != self.link_polled[0]):
-                poller.unregister(self.link_polled[0])
-                self.link_polled = None
-            if wanted is not None:
-                (poller.modify if self.link_polled is not None else poller.register)(*wanted)
-            self.link_polled = wanted
+        self.link_polled = keep_polled(poller, self.link_polled, link)
         for ended in self.ended_links:   # (off the poller now: their numbers may be taken again)
             ended.close()
         self.ended_links.clear()

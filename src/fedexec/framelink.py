@@ -65,6 +65,7 @@ DIRECT_FRAME = 1 << 18       # a frame this large is read straight into a buffer
 BUFFER_SIZE = 1 << 21        # each end's socket buffers (a batch of tasks or results fits at once)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 
 
 class LinkError(Exception):
@@ -569,6 +570,25 @@ def worker_socket(fd: int) -> WorkerLink:
     """The worker's end of its link, from the descriptor it inherited."""
     os.set_inheritable(fd, False)   # (not passed on to what its tasks start)
     return WorkerLink(fd)
+
+
+def keep_polled(poller: zmq.Poller, polled: tuple[int, int] | None,
+                end: "StreamEnd | None") -> tuple[int, int] | None:
+    """Keep ``poller`` on ``end`` as it is now, given what it was polled for
+    (``polled``: descriptor and events, or None): for reading, for writing
+    too while it holds what its socket did not take, and off it once it is
+    closed or gone (an end-of-file would spin the loop). What it is polled
+    for now. (An end let go stays open until it is off the poller, so that
+    its descriptor's number is not a new one's meanwhile.)"""
+    wanted = None if end is None or end.closed else (
+        end.fileno(), _POLLIN | (_POLLOUT if end.wants_write() else 0))
+    if wanted != polled:
+        if polled is not None and (wanted is None or wanted[0] != polled[0]):
+            poller.unregister(polled[0])
+            polled = None
+        if wanted is not None:
+            (poller.modify if polled is not None else poller.register)(*wanted)
+    return wanted
 
 
 class StreamEnd:

@@ -47,7 +47,7 @@ import zmq
 
 from .. import protocol as P
 from .. import samehost
-from ..framelink import StreamEnd
+from ..framelink import StreamEnd, keep_polled
 from ..memlink import MemoryEnd, memory_link
 from ..outbox import ResultOutbox
 from ..stopgrace import STOP_GRACE, stop_message
@@ -442,16 +442,7 @@ class EndpointAgent(AgentLeaving):
         poller = self._stream_poller
         if poller is None:
             return
-        stream = self.stream
-        wanted = None if stream is None else (
-            stream.fileno(), zmq.POLLIN | (zmq.POLLOUT if stream.wants_write() else 0))
-        if wanted != self.stream_polled:
-            if self.stream_polled is not None and (wanted is None or wanted[0] != self.stream_polled[0]):
-                poller.unregister(self.stream_polled[0])
-                self.stream_polled = None
-            if wanted is not None:
-                (poller.modify if self.stream_polled is not None else poller.register)(*wanted)
-            self.stream_polled = wanted
+        self.stream_polled = keep_polled(poller, self.stream_polled, self.stream)
         for old in self._ended_streams:
             old.close()
         self._ended_streams.clear()
