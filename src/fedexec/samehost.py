@@ -23,17 +23,17 @@ framelink.py's framing to the relay, the messages unchanged; the relay
 sends nothing else on a link before the program's first message.
 
 The ZeroMQ connection stays open beside it. A program chooses its
-transport when it introduces itself (a HELLO): a link when it can make one;
-when it cannot though one may come (the relay is on this machine and its
-secret is there, which the program presents: it is starting, or
-restarting), it sends nothing and tries again (each heartbeat, or tick) for LINK_GRACE seconds;
-then, or when no link is expected (a token, a relay elsewhere), ZeroMQ,
-under the same routing id, for good. A link that ends
-(the relay stopped or restarted) leaves the program sending nothing until
-its next HELLO. It never moves from ZeroMQ to a link: a message ZeroMQ
-still held (sent while the relay was down) could arrive after its copy
-sent again on the link, and a task run twice.
-``FEDEXEC_SAME_HOST_LINK=0`` turns links off (ZeroMQ only).
+transport when it introduces itself (a HELLO): a link when it can make
+one; when it cannot though one may come (the relay is on this machine and
+its secret, which the program presents, is there: the relay is starting,
+or restarting), it sends nothing and tries again (the dispatcher each
+heartbeat, the agent each tick) for LINK_GRACE seconds; then, or when no
+link is expected (a token, a relay elsewhere), ZeroMQ, under the same
+routing id, for good. A link that ends (the relay stopped or restarted)
+leaves the program sending nothing until its next HELLO. It never moves
+from ZeroMQ to a link: a message ZeroMQ still held (sent while the relay
+was down) could arrive after its copy sent again on the link, and a task
+run twice. ``FEDEXEC_SAME_HOST_LINK=0`` turns links off (ZeroMQ only).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ INTRO = b"fedexec-same-host/1"   # the first message on a link: [INTRO, routing 
 INTRO_FRAME = 64                 # a link's largest frame until it has introduced itself
 ANSWER_WAIT = 1.0                # seconds a program waits for the relay's answer to its INTRO
 # seconds a program whose relay should have a link (its secret is there) holds its messages while
-# the link cannot be made (the relay starting, or restarting), trying at each heartbeat, before it
+# the link cannot be made (the relay starting, or restarting), trying again meanwhile, before it
 # keeps to ZeroMQ for good
 LINK_GRACE = 5.0
 SUN_PATH_MAX = 107               # bytes in a Unix socket's path (sun_path, with its NUL: 108)

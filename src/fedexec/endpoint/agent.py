@@ -112,7 +112,7 @@ class EndpointAgent(AgentLeaving):
         self.ctx = relay_link[0] if relay_link is not None else zmq.Context()   # (the relay's ends with it)
         self.relay = self._relay_socket()
         # a same-host link to the relay when it is this user's local-mode relay on this host (samehost.py):
-        # everything to and from the relay goes over it, ZeroMQ's socket staying beside it for when it ends
+        # everything to and from the relay goes over it, ZeroMQ's socket beside it (used if no link is made)
         self.stream: StreamEnd | None = None
         # may look for a same-host link: until a HELLO finds none (ZeroMQ from then on, see _hello)
         self.same_host = relay_link is None
@@ -421,10 +421,11 @@ class EndpointAgent(AgentLeaving):
 
     def _drop_stream(self) -> None:
         """The same-host link ended (its relay stopped or restarted). Nothing
-        goes to the relay until a heartbeat's HELLO takes a new relay's link,
-        or ZeroMQ's socket for good (samehost.py; dispatcher.py ``_drop_link``
-        says why); results wait in ``unstored`` meanwhile. It stays open until it is off the poller (_poll_stream),
-        so that its descriptor's number is not a new one's meanwhile."""
+        goes to the relay until the HELLO of a later tick takes a new relay's
+        link, or ZeroMQ's socket for good (samehost.py; dispatcher.py
+        ``_drop_link`` says why); results wait in ``unstored`` meanwhile. It
+        stays open until it is off the poller (_poll_stream), so that its
+        descriptor's number is not a new one's meanwhile."""
         if self.stream is not None:
             self._ended_streams.append(self.stream)
             self.stream = None
@@ -530,7 +531,7 @@ class EndpointAgent(AgentLeaving):
         stream = self.stream
         if stream is not None:
             self._on_relay_frames(stream.read())
-            if stream.closed and self.stream is stream:   # the relay stopped: ZeroMQ from now on
+            if stream.closed and self.stream is stream:   # the relay stopped: nothing goes until a HELLO
                 self._drop_stream()
         self._on_relay_frames(P.waiting_messages(self.relay, MAX_MESSAGES_PER_TURN))
 

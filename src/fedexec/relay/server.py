@@ -1968,7 +1968,7 @@ class Relay:
             sent = stream.send(frames)
             if sent or stream is self.client_link:
                 return sent
-            # its same-host link has gone: the program goes on over ZeroMQ (samehost.py)
+            # its same-host link has gone: ZeroMQ, where its program may be (samehost.py)
         try:
             if self.local_link is not None and peer in self.local_link.peers:
                 self.local_link.send(peer, frames)
