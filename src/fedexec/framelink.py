@@ -86,13 +86,18 @@ def pair() -> tuple[socket.socket, socket.socket]:
     relay's (embedded.py)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for end in (ours, theirs):
-        try:
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_SIZE)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_SIZE)
-        except OSError:
-            pass
+        set_buffers(end)
     theirs.set_inheritable(True)
     return ours, theirs
+
+
+def set_buffers(sock: socket.socket) -> None:
+    """Give a link's socket BUFFER_SIZE buffers each way (as far as the system allows)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_SIZE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER_SIZE)
+    except OSError:
+        pass
 
 
 def _buffers(frames: Sequence[Any]) -> list[Any]:

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from .auth import TOKEN_ENV, read_secret, secret_path
-from .framelink import BUFFER_SIZE, StreamEnd
+from .framelink import StreamEnd, set_buffers
 from .protocol import is_loopback
 
 log = logging.getLogger("fedexec")
@@ -100,14 +100,6 @@ def reachable_path(path: Path) -> tuple[str, int | None]:
         os.close(dir_fd)
         raise OSError(f"the socket name {path.name!r} is too long for a Unix socket")
     return short, dir_fd
-
-
-def _buffered(sock: socket.socket) -> None:
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
-        except OSError:
-            pass
 
 
 def _local_secret_presented(address: str, token: str | None, secret_file: str | Path | None) -> bool:
@@ -168,7 +160,7 @@ def connect(address: str, routing_id: bytes, *, token: str | None = None,
     finally:
         if dir_fd is not None:
             os.close(dir_fd)
-    _buffered(sock)
+    set_buffers(sock)
     end = StreamEnd(sock)
     try:
         if end.send_message([INTRO, routing_id]) and _answered(end):

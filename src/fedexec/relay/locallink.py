@@ -40,7 +40,7 @@ import zmq
 
 from .. import protocol as P
 from ..auth import LOCAL_USER
-from ..framelink import BUFFER_SIZE, LinkError, StreamEnd
+from ..framelink import LinkError, StreamEnd, set_buffers
 from ..memlink import memory_link
 from ..samehost import INTRO, INTRO_FRAME, peer_uid, reachable_path, socket_path
 from .access import Session
@@ -214,7 +214,6 @@ class SameHostListener:
                 self.links.append(link)
             except OSError as exc:
                 log.debug("no same-host socket under %s: %s", alias, exc)
-        self.refused = 0   # connections from other uids (there should be none: the directory is private)
         self.warned = -60.0   # when accepting last failed for want of descriptors (logged once a minute)
 
     def fileno(self) -> int:
@@ -247,7 +246,6 @@ class SameHostListener:
             except OSError:
                 uid = -1
             if uid != os.geteuid():
-                self.refused += 1
                 log.warning("refused a same-host link from uid %d: only this relay's owner (uid %d) may use it",
                             uid, os.geteuid())
                 conn.close()
@@ -258,11 +256,7 @@ class SameHostListener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, option, BUFFER_SIZE)
-                except OSError:
-                    pass
+            set_buffers(conn)
             taken.append(conn)
 
     def close(self) -> None:
