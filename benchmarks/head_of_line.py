@@ -75,11 +75,14 @@ def warm(ex: Any) -> None:
 
 
 class CliFederation:
-    """A relay and an endpoint (2 workers) started from the command line."""
+    """A relay and an endpoint (2 workers) started from the command line:
+    two processes, or (``inside``) the endpoint configured and run inside
+    the relay's process (``fedexec relay start --endpoint``)."""
 
-    def __init__(self, workdir: Path, endpoint_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, endpoint_args: tuple[str, ...] = (), inside: bool = False) -> None:
         """``endpoint_args``: more options for ``python -m fedexec.endpoint``
         (``--pools-in-process``)."""
+        from fedexec.config import EndpointConfig
         from fedexec.relay.query import lookup_endpoint
 
         self.address = f"tcp://127.0.0.1:{free_port()}"
@@ -88,10 +91,16 @@ class CliFederation:
         # and this process's client reads it from there; the user's real ~/.fedexec is left alone
         self._home_before = os.environ.get("FEDEXEC_HOME")
         os.environ["FEDEXEC_HOME"] = str(workdir / "home")
+        hosted: list[str] = []
+        if inside:   # as 'fedexec endpoint configure hol --relay ADDRESS --max-workers 2' writes it
+            config = EndpointConfig(name="hol", relay=self.address, max_workers=2)
+            config.endpoint_id = self.endpoint_id
+            config.save()
+            hosted = ["--endpoint", "hol"]
         self.log = open(workdir / "processes.log", "ab")
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "fedexec.relay", "--address", self.address, "--data-dir", str(workdir / "relay"),
-             "--parent-pid", str(os.getpid()), "--log-level", "WARNING"],
+             "--parent-pid", str(os.getpid()), "--log-level", "WARNING", *hosted],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)]
         # the endpoint once the relay serves (its pid file), as 'fedexec relay start --daemon' returns
         deadline = time.monotonic() + 30
@@ -99,11 +108,8 @@ class CliFederation:
             if time.monotonic() > deadline or self.procs[0].poll() is not None:
                 raise RuntimeError(f"the relay did not start (see {workdir / 'processes.log'})")
             time.sleep(0.02)
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fedexec.endpoint", "--name", "hol", "--relay", self.address, "--endpoint-id",
-             self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING",
-             *endpoint_args],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT))
+        if not inside:
+            self._start_endpoint(workdir, endpoint_args)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -116,6 +122,13 @@ class CliFederation:
                 self.close()
                 raise RuntimeError(f"the relay and endpoint did not start; see {workdir / 'processes.log'}")
             time.sleep(0.05)
+
+    def _start_endpoint(self, workdir: Path, endpoint_args: tuple[str, ...]) -> None:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fedexec.endpoint", "--name", "hol", "--relay", self.address, "--endpoint-id",
+             self.endpoint_id, "--max-workers", "2", "--parent-pid", str(os.getpid()), "--log-level", "WARNING",
+             *endpoint_args],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT))
 
     def close(self) -> None:
         for proc in reversed(self.procs):

@@ -33,7 +33,8 @@ threads_per_worker=1, processes=True)`` through ``client.get_executor()`` and
 endpoint, 2 workers) and, as ``fedexec-cli``, a relay and an endpoint started
 from the command line (``python -m fedexec.relay`` with its durable record in
 its own data dir, ``python -m fedexec.endpoint --max-workers 2``) on a
-tcp://127.0.0.1 port.
+tcp://127.0.0.1 port, and, as ``fedexec-inside``, that relay with the
+endpoint configured and run inside its process (``--endpoint``).
 
 How it runs: each (run, job) pair is a child process (``--child JOB``) with a
 time limit; the child sets up one system, runs its measurements and appends
@@ -124,16 +125,18 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 # the order of a run: the four systems side by side, then fedexec's own experiments
-JOBS = ["fedexec", "fedexec-cli", "procpool", "loky", "ray", "parsl", "dask",
+JOBS = ["fedexec", "fedexec-cli", "fedexec-inside", "procpool", "loky", "ray", "parsl", "dask",
         "fedexec-batching", "fedexec-prefetch", "fedexec-memo", "fedexec-breakdown"]
 SYSTEM_NAMES = {"fedexec": "fedexec (embedded)", "fedexec-cli": "fedexec (CLI relay + endpoint)",
+                "fedexec-inside": "fedexec (CLI relay --endpoint)",
                 "procpool": "ProcessPoolExecutor(2)", "loky": "loky(2)", "ray": "Ray (num_cpus=2)",
                 "parsl": "Parsl HTEX", "dask": "Dask LocalCluster"}
 # --million: one fresh process per row (the client's peak RSS is the map's own)
 MILLION_JOBS = {"fedexec-1m": ("fedexec", {}), "fedexec-cli-1m": ("fedexec-cli", {}),
                 "procpool-1m": ("procpool", {}), "loky-1m": ("loky", {}),
                 "fedexec-1m-queued": ("fedexec", {"max_in_flight": None}),
-                "fedexec-cli-1m-queued": ("fedexec-cli", {"max_in_flight": None})}
+                "fedexec-cli-1m-queued": ("fedexec-cli", {"max_in_flight": None}),
+                "fedexec-inside-1m-queued": ("fedexec-inside", {"max_in_flight": None})}
 
 
 # =============================================================================
@@ -238,11 +241,13 @@ class FedexecCliSystem(FedexecSystem):
 
     name = SYSTEM_NAMES["fedexec-cli"]
 
+    inside = False
+
     def __init__(self, **kwargs: Any) -> None:
         from head_of_line import CliFederation
 
         self.workdir = tempfile.mkdtemp(prefix="fedexec-bench-cli-")
-        self.federation = CliFederation(Path(self.workdir))
+        self.federation = CliFederation(Path(self.workdir), inside=self.inside)
         try:
             super().__init__(endpoint_id=self.federation.endpoint_id, relay=self.federation.address, **kwargs)
         except BaseException:
@@ -257,6 +262,14 @@ class FedexecCliSystem(FedexecSystem):
         finally:
             self.federation.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class FedexecInsideSystem(FedexecCliSystem):
+    """As :class:`FedexecCliSystem`, the endpoint configured and run inside
+    the relay's process (``fedexec relay start --endpoint``)."""
+
+    name = SYSTEM_NAMES["fedexec-inside"]
+    inside = True
 
 
 class ProcessPoolSystem(System):
@@ -439,7 +452,8 @@ class DaskSystem(System):
 
 
 SYSTEMS: dict[str, Callable[..., System]] = {
-    "fedexec": FedexecSystem, "fedexec-cli": FedexecCliSystem, "procpool": ProcessPoolSystem,
+    "fedexec": FedexecSystem, "fedexec-cli": FedexecCliSystem, "fedexec-inside": FedexecInsideSystem,
+    "procpool": ProcessPoolSystem,
     "loky": LokySystem, "ray": RaySystem, "parsl": ParslSystem, "dask": DaskSystem,
 }
 
@@ -1325,6 +1339,7 @@ def issue17_sections(records: list[dict[str, Any]], ns: argparse.Namespace, size
     """The 1M rows, the ratios of fedexec (embedded and CLI) against every
     peer, issue 17's targets, and what changed since the previous results."""
     F, C, PPE = SYSTEM_NAMES["fedexec"], SYSTEM_NAMES["fedexec-cli"], SYSTEM_NAMES["procpool"]
+    I = SYSTEM_NAMES["fedexec-inside"]
     section("million")
     mil = _median_rows(records, "million")
     add(f"## {sizes['million_tasks']:,} no-op tasks through `map` (`--million`; each row a fresh process)")
@@ -1352,7 +1367,7 @@ def issue17_sections(records: list[dict[str, Any]], ns: argparse.Namespace, size
         "is better. Throughput paths are paired by kind (submit loops with fedexec's submit loop, maps with its "
         "map).")
     add("")
-    peers = [n for k, n in SYSTEM_NAMES.items() if k not in ("fedexec", "fedexec-cli")]
+    peers = [n for k, n in SYSTEM_NAMES.items() if not k.startswith("fedexec")]
     add("| measure | path | " + " | ".join(f"embedded / {p} | CLI / {p}" for p in peers) + " |")
     add("|---|---|" + "---|---|" * len(peers))
     for measure, key, what, _higher in KEY_ROWS:
@@ -1378,8 +1393,12 @@ def issue17_sections(records: list[dict[str, Any]], ns: argparse.Namespace, size
     add("## Targets of issue 17 (targets are for the issue's machine; this machine is ~1.7× slower per task, so "
         "the ratio to ProcessPoolExecutor in the same run is shown too)")
     add("")
-    add("| target | embedded | CLI | CLI / embedded (≤ 1.3× worse) | ProcessPoolExecutor(2) | met (embedded, CLI) |")
-    add("|---|---|---|---|---|---|")
+    add("CLI: the relay and the endpoint as two processes; CLI --endpoint: the endpoint inside the relay's process. "
+        "Their ratio to the embedded default: how many times worse (target ≤ 1.3×).")
+    add("")
+    add("| target | embedded | CLI | CLI / embedded | CLI --endpoint | --endpoint / embedded | "
+        "ProcessPoolExecutor(2) | met (embedded, CLI, --endpoint) |")
+    add("|---|---|---|---|---|---|---|---|")
     lat = _median_rows(records, "latency")
     tput = _median_rows(records, "throughput")
     sleep = _median_rows(records, "sleep")
@@ -1391,34 +1410,36 @@ def issue17_sections(records: list[dict[str, Any]], ns: argparse.Namespace, size
     def verdict(x: float | None, ok: Callable[[float], bool]) -> str:
         return "–" if x is None else ("yes" if ok(x) else "**no**")
 
-    def row(what: str, e: float | None, c: float | None, p: float | None, ok: Callable[[float], bool],
-            higher: bool, digits: int = 2) -> None:
-        worse = None if e is None or c is None or not e or not c else (e / c if higher else c / e)
-        add(f"| {what} | {_fmt(e, digits)} | {_fmt(c, digits)} | "
-            f"{'–' if worse is None else f'{worse:.2f}× ' + ('ok' if worse <= 1.3 else '**no**')} | "
-            f"{_fmt(p, digits)} | {verdict(e, ok)}, {verdict(c, ok)} |")
+    def worse(e: float | None, c: float | None, higher: bool) -> str:
+        ratio = None if e is None or c is None or not e or not c else (e / c if higher else c / e)
+        return "–" if ratio is None else f"{ratio:.2f}× " + ("ok" if ratio <= 1.3 else "**no**")
 
-    row("warm round trip p50 ≤ 0.8 ms", v(lat, f"{F} submit", "p50_ms"), v(lat, f"{C} submit", "p50_ms"),
-        v(lat, f"{PPE} submit", "p50_ms"), lambda x: x <= 0.8, False, 3)
-    row("warm round trip p99 ≤ 1.5 ms", v(lat, f"{F} submit", "p99_ms"), v(lat, f"{C} submit", "p99_ms"),
-        v(lat, f"{PPE} submit", "p99_ms"), lambda x: x <= 1.5, False, 3)
-    row("`map` ≥ 50,000 no-op tasks/s", v(tput, f"{F} map", "tasks_per_s"), v(tput, f"{C} map", "tasks_per_s"),
-        v(tput, f"{PPE} map", "tasks_per_s"), lambda x: x >= 50000, True, 0)
-    row("submit loop ≥ 35,000 tasks/s", v(tput, f"{F} submit loop", "tasks_per_s"),
-        v(tput, f"{C} submit loop", "tasks_per_s"), v(tput, f"{PPE} submit loop", "tasks_per_s"),
-        lambda x: x >= 35000, True, 0)
+    def row(what: str, rows: dict[str, dict[str, Any]], label: str, key: str, p: float | None,
+            ok: Callable[[float], bool], higher: bool, digits: int = 2) -> None:
+        """One target: ``label`` (a path) of the embedded, CLI and --endpoint systems in ``rows``."""
+        e, c, i = (v(rows, f"{system} {label}", key) for system in (F, C, I))
+        add(f"| {what} | {_fmt(e, digits)} | {_fmt(c, digits)} | {worse(e, c, higher)} | {_fmt(i, digits)} | "
+            f"{worse(e, i, higher)} | {_fmt(p, digits)} | {verdict(e, ok)}, {verdict(c, ok)}, {verdict(i, ok)} |")
+
+    row("warm round trip p50 ≤ 0.8 ms", lat, "submit", "p50_ms", v(lat, f"{PPE} submit", "p50_ms"),
+        lambda x: x <= 0.8, False, 3)
+    row("warm round trip p99 ≤ 1.5 ms", lat, "submit", "p99_ms", v(lat, f"{PPE} submit", "p99_ms"),
+        lambda x: x <= 1.5, False, 3)
+    row("`map` ≥ 50,000 no-op tasks/s", tput, "map", "tasks_per_s", v(tput, f"{PPE} map", "tasks_per_s"),
+        lambda x: x >= 50000, True, 0)
+    row("submit loop ≥ 35,000 tasks/s", tput, "submit loop", "tasks_per_s",
+        v(tput, f"{PPE} submit loop", "tasks_per_s"), lambda x: x >= 35000, True, 0)
     ppe_eff = v(sleep, f"{PPE} map", "efficiency")
-    row("sleep(1 ms) efficiency ≥ 0.85 (ProcessPoolExecutor's)", v(sleep, f"{F} map", "efficiency"),
-        v(sleep, f"{C} map", "efficiency"), ppe_eff, lambda x: x >= 0.85, True)
-    row("200 tiny tasks beside a long one: last done < 0.5 s", v(hol, f"{F} submit", "last_tiny_s"),
-        v(hol, f"{C} submit", "last_tiny_s"), v(hol, f"{PPE} submit", "last_tiny_s"), lambda x: x < 0.5, False, 3)
+    row("sleep(1 ms) efficiency ≥ 0.85 (ProcessPoolExecutor's)", sleep, "map", "efficiency", ppe_eff,
+        lambda x: x >= 0.85, True)
+    row("200 tiny tasks beside a long one: last done < 0.5 s", hol, "submit", "last_tiny_s",
+        v(hol, f"{PPE} submit", "last_tiny_s"), lambda x: x < 0.5, False, 3)
     ppe_rss = v(mil, f"{PPE} map, defaults", "client_peak_rss_mb")
     row(f"client peak RSS, {sizes['million_tasks']:,}-task `map` ≤ 0.6 GB (572 MiB) and ≤ ProcessPoolExecutor's",
-        v(mil, f"{F} map, defaults", "client_peak_rss_mb"), v(mil, f"{C} map, defaults", "client_peak_rss_mb"),
-        ppe_rss, lambda x: x <= 572 and (ppe_rss is None or x <= ppe_rss), False, 0)
-    row(f"tasks/s with {sizes['million_tasks']:,} queued at the relay ≥ 35,000",
-        v(mil, f"{F} map, max_in_flight=None (all queued at the relay)", "tasks_per_s"),
-        v(mil, f"{C} map, max_in_flight=None (all queued at the relay)", "tasks_per_s"),
+        mil, "map, defaults", "client_peak_rss_mb", ppe_rss,
+        lambda x: x <= 572 and (ppe_rss is None or x <= ppe_rss), False, 0)
+    row(f"tasks/s with {sizes['million_tasks']:,} queued at the relay ≥ 35,000", mil,
+        "map, max_in_flight=None (all queued at the relay)", "tasks_per_s",
         v(mil, f"{PPE} map, defaults", "tasks_per_s"), lambda x: x >= 35000, True, 0)
     add("")
 

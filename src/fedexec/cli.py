@@ -145,6 +145,13 @@ def relay_start(ns: argparse.Namespace) -> None:
     if ns.globus_scope:
         argv += ["--globus-scope", ns.globus_scope]
     argv += _dashboard_argv(ns)
+    if ns.endpoint is not None:
+        from .colocated import configured_endpoint
+        try:   # (said here, not only in a daemon's log)
+            configured_endpoint(ns.endpoint, address, ns.auth)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        argv += ["--endpoint", ns.endpoint]
     from .relay.listening import AddressInUse, check_address_free
 
     try:   # before the log (in the data dir) is made: a busy address leaves no trace
@@ -164,6 +171,12 @@ def relay_start(ns: argparse.Namespace) -> None:
     except CommandError as exc:
         raise CommandError(f"the relay did not start: {exc}") from None
     print(f"relay running at {record['address']} (pid {record['pid']}); log: {log_path}")
+    if ns.endpoint is not None:
+        try:
+            _wait_for(_endpoint_pidfile(ns.endpoint), proc, log_path, {"status": "connected"})
+        except CommandError as exc:
+            raise CommandError(f"endpoint {ns.endpoint} did not start inside the relay: {exc}") from None
+        print(f"endpoint {ns.endpoint} running inside the relay")
     if record.get("http"):
         print(f"dashboard: {record['http']} (sign in once with {record['http']}?token=TOKEN)")
     if record.get("public_key"):
@@ -388,6 +401,9 @@ def endpoint_stop(ns: argparse.Namespace) -> None:
     record = _endpoint_pidfile(ns.name).read()
     if not record:
         print(f"endpoint {ns.name} is not running")
+    elif record.get("in_relay"):
+        raise CommandError(f"endpoint {ns.name} runs inside the relay (pid {record['pid']}, started with relay start "
+                           "--endpoint): 'fedexec relay stop' stops both")
     else:
         _stop_process(record, f"endpoint {ns.name}")
         print(f"endpoint {ns.name} (pid {record['pid']}) stopped")
@@ -478,6 +494,9 @@ def endpoint_logs(ns: argparse.Namespace) -> None:
     (a log started anew, as by a restart, is followed from its start)."""
     EndpointConfig.load(ns.name)
     path = endpoint_dir(ns.name) / "endpoint.log"
+    record = _endpoint_pidfile(ns.name).read()
+    if record and record.get("in_relay") and record.get("log"):   # (relay start --endpoint: the relay's log)
+        path = Path(record["log"])
     if not path.exists() and not ns.follow:
         raise CommandError(f"endpoint {ns.name} has no log yet ({path}): it writes one once started")
     offset = 0
@@ -700,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "only, and over TLS: --http-cert, --http-key)")
     p.add_argument("--http-cert", metavar="PEM", help="serve the dashboard over HTTPS with this certificate (chain)")
     p.add_argument("--http-key", metavar="PEM", help="the private key of --http-cert")
+    p.add_argument("--endpoint", metavar="NAME",
+                   help="also run this configured endpoint inside the relay's process, with no hop between them "
+                        "(--auth local only; its config's relay must be this relay's address)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=relay_start)
     for action, func in (("stop", relay_stop), ("status", relay_status), ("key", relay_key)):

@@ -19,8 +19,15 @@ endpoint to run anything). On SIGTERM the relay's turns keep serving while
 the agent leaves (its pool's workers finish what they run, within
 ``stopgrace.STOP_GRACE``, and their results reach the program:
 endpoint/leaving.py); the agent's end then stops the relay. A second
-SIGTERM stops the relay at once. ``fedexec relay start`` and ``fedexec endpoint
-start`` are not this: they stay processes of their own.
+SIGTERM stops the relay at once.
+
+``fedexec relay start --endpoint NAME`` runs the same pairing for a relay
+started from the CLI (:func:`host_configured_endpoint`): its durable record,
+and one configured endpoint of its owner on its loop. Only in ``local``
+mode, where every session is the owner's (relay/locallink.py): the link in
+memory gives its agent the owner's session, as the secret file would.
+Without ``--endpoint``, ``fedexec relay start`` and ``fedexec endpoint start``
+stay processes of their own.
 """
 
 from __future__ import annotations
@@ -35,15 +42,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
 from . import protocol as P
-from .config import EndpointConfig
+from .config import ConfigError, EndpointConfig, endpoint_dir
 from .endpoint.agent import EndpointAgent
 from .gcpolicy import for_service
 from .logs import configure as configure_logging
-from .private import make_private
+from .pidfile import PidFile
+from .private import make_private, private_dir
 from .privatedir import remove_stale_private_dirs
 from .relay.server import Relay
 from .worker.warmheap import ENV as WARM_HEAP_ENV
@@ -67,10 +76,12 @@ class Colocated:
     interpreter lock."""
 
     def __init__(self, relay: Relay, config: EndpointConfig, *, parent_pid: int | None,
-                 secret_file: str) -> None:
+                 secret_file: str | None, state_dir: Path | None = None,
+                 on_connected: Callable[[EndpointAgent], None] | None = None) -> None:
         self.relay = relay
         link = relay.open_local_link()
-        self.agent = EndpointAgent(config, parent_pid=parent_pid, secret_file=secret_file, relay_link=link)
+        self.agent = EndpointAgent(config, parent_pid=parent_pid, secret_file=secret_file, relay_link=link,
+                                   state_dir=state_dir, on_connected=on_connected)
         self.agent.bulk.wait = self._relay_turns_while_waiting   # (its large-payload transfers ask the relay)
         self.agent_running = False   # between the agent's begin() and its shutdown
         self.exit_code = 0
@@ -189,6 +200,54 @@ class Colocated:
                 self._shut_agent_down()
             relay.end_serving()
         return self.exit_code
+
+
+def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
+    """The configured endpoint ``name``, checked for running inside the
+    relay at ``address`` (``fedexec relay start --endpoint``); ValueError
+    saying what stands in the way: another mode than ``local``, a config
+    that is missing or for another relay, the endpoint already running."""
+    if auth != "local":
+        raise ValueError(f"--endpoint runs the endpoint inside the relay, linked as the relay's owner: only with "
+                         f"--auth local, not {auth}")
+    try:
+        config = EndpointConfig.load(name)
+    except ConfigError as exc:
+        raise ValueError(f"--endpoint {name}: {exc}") from None
+    if config.relay != address:
+        raise ValueError(f"--endpoint {name}: it is configured for the relay at {config.relay}, not this one at "
+                         f"{address} ('fedexec endpoint configure {name} --relay {address}' changes it)")
+    running = PidFile(endpoint_dir(name) / "endpoint.json").read()
+    if running:
+        where = "inside a relay" if running.get("in_relay") else "on its own"
+        raise ValueError(f"--endpoint {name}: it is already running {where} (pid {running['pid']})")
+    return config
+
+
+def host_configured_endpoint(relay: Relay, config: EndpointConfig, secret_file: str | None) -> int:
+    """Serve ``relay`` with the configured endpoint ``config`` on its loop
+    (``fedexec relay start --endpoint``); the exit code. The endpoint's
+    ``endpoint.json`` names this process, marked ``in_relay``, while it
+    runs: ``fedexec endpoint status`` and ``list`` show it, ``endpoint logs``
+    reads the relay's log (``relay start``'s, in its data dir), ``endpoint
+    stop`` points at ``relay stop``. When the endpoint fails, the relay stops too
+    (as the embedded default's): the durable record keeps every task for
+    the next start."""
+    pidfile = PidFile(endpoint_dir(config.name) / "endpoint.json")
+
+    def write(agent: EndpointAgent, status: str) -> None:
+        pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status=status, workers=agent.workers,
+                      in_relay=True, log=str(relay.data_dir / "relay.log"))
+
+    host = Colocated(relay, config, parent_pid=None, secret_file=secret_file,
+                     state_dir=private_dir(endpoint_dir(config.name)),
+                     on_connected=lambda agent: write(agent, "connected"))
+    write(host.agent, "connecting")
+    log.info("endpoint %s (%s) runs inside the relay", config.name, config.endpoint_id)
+    try:
+        return host.run()
+    finally:
+        pidfile.remove()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve the dashboard over HTTPS with this certificate (chain); needed for a --http-host "
                              "other than loopback")
     parser.add_argument("--http-key", default=None, metavar="PEM", help="the private key of --http-cert")
+    parser.add_argument("--endpoint", metavar="NAME", default=None,
+                        help="also run this configured endpoint (fedexec endpoint configure NAME --relay ADDRESS) "
+                             "inside the relay's process, on its loop: no hop between them (--auth local only)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
@@ -97,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
                          "$FEDEXEC_RELAY_GLOBUS_CLIENT_ID) and $FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
+    hosted = None
+    if ns.endpoint is not None:   # (checked before the address is taken: a refusal leaves nothing behind)
+        from ..colocated import configured_endpoint
+        try:
+            hosted = configured_endpoint(ns.endpoint, ns.address, ns.auth)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
                       result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
@@ -108,7 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:   # the address is in use (AddressInUse names who by), or not this machine's
         sys.exit(f"fedexec relay: {exc.strerror or exc}")
     for_service()
-    relay.serve_forever()
+    if hosted is None:
+        relay.serve_forever()
+        return
+    from ..colocated import host_configured_endpoint
+    code = host_configured_endpoint(relay, hosted, str(ns.secret_file) if ns.secret_file else None)
+    if code:
+        sys.exit(code)
 
 
 def _dashboard_address(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> tuple[Any, ...] | None:
