@@ -7,6 +7,7 @@ starts, and a kill -9 of the one process loses no accepted task."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,20 +41,32 @@ def _relay_record() -> dict | None:
     return PidFile(relay_dir() / "relay.json").read()
 
 
+def _loopback() -> tuple[str, str]:
+    """A free loopback address and its port."""
+    port = str(free_port())
+    return f"tcp://127.0.0.1:{port}", port
+
+
+def _start_inside(port: str, name: str, started: list[int]) -> tuple[int, str]:
+    """``fedexec relay start --daemon --endpoint NAME``: the relay's pid
+    (added to ``started``) and the endpoint's id."""
+    out = cli("relay", "start", "--port", port, "--daemon", "--endpoint", name)
+    assert f"endpoint {name} running inside the relay" in out.stdout, out.stdout
+    pid = int(_relay_record()["pid"])
+    started.append(pid)
+    return pid, _record(name)["endpoint_id"]
+
+
 @pytest.mark.timeout(240)
 def test_an_endpoint_runs_inside_the_relay_and_stops_with_it():
-    address = f"tcp://127.0.0.1:{free_port()}"
-    port = address.rsplit(":", 1)[1]
+    address, port = _loopback()
     cli("endpoint", "configure", "inner", "--relay", address, "--max-workers", "2")
     started: list[int] = []
     with daemons_stopped(started):
-        out = cli("relay", "start", "--port", port, "--daemon", "--endpoint", "inner")
+        pid, _ = _start_inside(port, "inner", started)
         relay = _relay_record()
-        assert relay is not None
-        started.append(int(relay["pid"]))
-        assert "endpoint inner running inside the relay" in out.stdout, out.stdout
         record = _record("inner")
-        assert record is not None and record["pid"] == relay["pid"] and record["in_relay"] is True
+        assert record is not None and record["pid"] == relay["pid"] == pid and record["in_relay"] is True
         assert record["status"] == "connected"
         listed = cli("endpoint", "list").stdout
         assert "running" in listed and str(relay["pid"]) in listed and "connected" in listed, listed
@@ -78,8 +91,7 @@ def test_an_endpoint_runs_inside_the_relay_and_stops_with_it():
 
 @pytest.mark.timeout(240)
 def test_what_cannot_run_inside_the_relay_is_refused_before_it_starts(tmp_path):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    port = address.rsplit(":", 1)[1]
+    address, port = _loopback()
 
     def refused(*args: str) -> str:
         out = cli("relay", "start", "--port", port, "--daemon", *args, check=False)
@@ -94,6 +106,13 @@ def test_what_cannot_run_inside_the_relay_is_refused_before_it_starts(tmp_path):
     cli("endpoint", "configure", "inner", "--relay", address)
     err = refused("--endpoint", "inner", "--auth", "token")
     assert "--auth local" in err, err
+    cli("endpoint", "configure", "anyport", "--relay", "tcp://127.0.0.1:0")
+    out = cli("relay", "start", "--port", "0", "--daemon", "--endpoint", "anyport", check=False)
+    assert out.returncode != 0 and "fixed port" in out.stderr, out.stderr
+    assert shutil.which("apptainer") is None, "this test needs a sandbox tool this machine lacks: apptainer is here"
+    cli("endpoint", "configure", "boxed", "--relay", address, "--sandbox", "apptainer", "--sandbox-image", "x.sif")
+    err = refused("--endpoint", "boxed")
+    assert "--endpoint boxed" in err and "apptainer" in err, err
     # the same checks in the relay itself (python -m fedexec.relay, as a service manager runs it)
     out = subprocess.run([sys.executable, "-m", "fedexec.relay", "--address", address, "--data-dir",
                           str(tmp_path / "data"), "--endpoint", "elsewhere"],
@@ -115,15 +134,11 @@ def test_what_cannot_run_inside_the_relay_is_refused_before_it_starts(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_kill_9_of_the_relay_with_its_endpoint_loses_no_task():
-    address = f"tcp://127.0.0.1:{free_port()}"
-    port = address.rsplit(":", 1)[1]
+    address, port = _loopback()
     cli("endpoint", "configure", "inner", "--relay", address, "--max-workers", "2")
     started: list[int] = []
     with daemons_stopped(started):
-        cli("relay", "start", "--port", port, "--daemon", "--endpoint", "inner")
-        first = int(_relay_record()["pid"])
-        started.append(first)
-        endpoint_id = _record("inner")["endpoint_id"]
+        first, endpoint_id = _start_inside(port, "inner", started)
         with FederatedExecutor(endpoint_id, relay=address) as ex:
             futures = [ex.submit(slow_square, x) for x in range(30)]
             futures[0].result(timeout=60)   # accepted and running
@@ -133,7 +148,7 @@ def test_a_kill_9_of_the_relay_with_its_endpoint_loses_no_task():
             # its workers see their pool gone and leave by themselves
             psutil.wait_procs(workers, timeout=30)
             deadline = time.monotonic() + 30
-            while True:   # the dead process's pid files no longer count as running
+            while True:   # the dead process's pid files and lock no longer count as running
                 out = cli("relay", "start", "--port", port, "--daemon", "--endpoint", "inner", check=False)
                 if out.returncode == 0:
                     break
@@ -142,3 +157,60 @@ def test_a_kill_9_of_the_relay_with_its_endpoint_loses_no_task():
             started.append(int(_relay_record()["pid"]))
             assert [f.result(timeout=120) for f in futures] == [x * x for x in range(30)]
         cli("relay", "stop")
+
+
+@pytest.mark.timeout(240)
+def test_an_endpoint_starting_elsewhere_is_not_run_a_second_time(tmp_path):
+    """Whatever runs a configured endpoint takes its lock before anything
+    starts (its endpoint.json comes only later): while another process holds
+    it, neither a relay with --endpoint nor a standalone endpoint runs it."""
+    address, port = _loopback()
+    cli("endpoint", "configure", "inner", "--relay", address, "--max-workers", "1")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedexec.config import endpoint_lock; "
+                               "assert endpoint_lock('inner', hold=True); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _record("inner") is None   # (no pid file yet: only the lock says it is starting)
+        out = cli("relay", "start", "--port", port, "--daemon", "--endpoint", "inner", check=False)
+        assert out.returncode != 0 and "lock is held" in out.stderr, out.stderr
+        assert _relay_record() is None
+        out = subprocess.run([sys.executable, "-m", "fedexec.relay", "--address", address, "--data-dir",
+                              str(tmp_path / "data"), "--endpoint", "inner"],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert out.returncode != 0 and "lock is held" in out.stderr, out.stderr
+        out = subprocess.run([sys.executable, "-m", "fedexec.endpoint", "--name", "inner"],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert out.returncode != 0 and "already running" in out.stderr, out.stderr
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    started: list[int] = []
+    with daemons_stopped(started):   # its holder gone, it starts
+        _start_inside(port, "inner", started)
+        cli("relay", "stop")
+
+
+@pytest.mark.timeout(240)
+def test_an_endpoint_deleted_at_the_relay_is_refused_before_it_serves():
+    from fedexec.config import EndpointConfig
+
+    address, port = _loopback()
+    cli("endpoint", "configure", "gone", "--relay", address, "--max-workers", "1")
+    deleted_id = EndpointConfig.load("gone").endpoint_id
+    started: list[int] = []
+    with daemons_stopped(started):
+        cli("relay", "start", "--port", port, "--daemon")
+        started.append(int(_relay_record()["pid"]))
+        cli("endpoint", "start", "gone", "--daemon")
+        started.append(int(_record("gone")["pid"]))
+        assert "forgot endpoint" in cli("endpoint", "delete", "gone", "--yes").stdout
+        cli("relay", "stop")
+    config = EndpointConfig(name="again", relay=address, max_workers=1)
+    config.endpoint_id = deleted_id   # (its old config kept somewhere, say)
+    config.save()
+    out = cli("relay", "start", "--port", port, "--daemon", "--endpoint", "again", check=False)
+    assert out.returncode != 0 and "was deleted by its owner" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert _relay_record() is None and _record("again") is None
+    assert not list((relay_dir().parent / "relays").glob("*")), "its discovery files are left"

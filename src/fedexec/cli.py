@@ -494,11 +494,15 @@ def endpoint_logs(ns: argparse.Namespace) -> None:
     (a log started anew, as by a restart, is followed from its start)."""
     EndpointConfig.load(ns.name)
     path = endpoint_dir(ns.name) / "endpoint.log"
-    record = _endpoint_pidfile(ns.name).read()
-    if record and record.get("in_relay") and record.get("log"):   # (relay start --endpoint: the relay's log)
+    try:   # (also a record its process left when killed: the relay's log tells how it ended)
+        record = json.loads((endpoint_dir(ns.name) / "endpoint.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and record.get("in_relay") and record.get("log"):   # relay start --endpoint
         path = Path(record["log"])
     if not path.exists() and not ns.follow:
-        raise CommandError(f"endpoint {ns.name} has no log yet ({path}): it writes one once started")
+        raise CommandError(f"endpoint {ns.name} has no log yet ({path}): it writes one once started (one run "
+                           "inside a relay, relay start --endpoint, logs to the relay's log)")
     offset = 0
     if path.exists():
         with open(path, "rb") as log:

@@ -47,7 +47,7 @@ from typing import Callable
 import zmq
 
 from . import protocol as P
-from .config import ConfigError, EndpointConfig, endpoint_dir
+from .config import ConfigError, EndpointConfig, endpoint_dir, endpoint_lock
 from .endpoint.agent import EndpointAgent
 from .gcpolicy import for_service
 from .logs import configure as configure_logging
@@ -55,6 +55,7 @@ from .pidfile import PidFile
 from .private import make_private, private_dir
 from .privatedir import remove_stale_private_dirs
 from .relay.server import Relay
+from .worker import sandbox as sandboxes
 from .worker.warmheap import ENV as WARM_HEAP_ENV
 
 log = logging.getLogger("fedexec.colocated")
@@ -66,6 +67,12 @@ class _RelayFailed(BaseException):
     """A relay turn failed inside the agent's wait for a transfer: not an
     Exception, so that the transfer's error handling lets it through to
     :meth:`Colocated.run`, which stops the process."""
+
+
+class _RelayStopped(BaseException):
+    """The relay was stopped (a second signal, its parent gone) while the
+    agent waited for a transfer: as :class:`_RelayFailed`, it ends the loop
+    at once rather than when the transfer gives up (minutes later)."""
 
 
 class Colocated:
@@ -124,7 +131,9 @@ class Colocated:
             except BaseException as exc:
                 relay.stop()
                 raise _RelayFailed(f"the relay failed during a transfer: {type(exc).__name__}: {exc}") from exc
-            if relay.stopping or time.monotonic() >= deadline:
+            if relay.stopping:
+                raise _RelayStopped()
+            if time.monotonic() >= deadline:
                 return bool(sock.poll(0))
 
     def _agent_turn(self, poller: zmq.Poller, events: dict) -> None:
@@ -194,6 +203,11 @@ class Colocated:
                     self._agent_turn(poller, events)
                     if self.agent_running and link.readable():
                         relay.turn({})   # what the agent sent this turn goes on now, not after a poll
+        except _RelayStopped:
+            log.info("stopped during the endpoint's transfer")
+        except _RelayFailed as exc:
+            log.error("%s", exc)
+            self.exit_code = 1
         finally:
             if self.agent_running:   # (the relay's loop has ended: nobody would read the agent's results)
                 agent.stop_now()
@@ -205,11 +219,15 @@ class Colocated:
 def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
     """The configured endpoint ``name``, checked for running inside the
     relay at ``address`` (``fedexec relay start --endpoint``); ValueError
-    saying what stands in the way: another mode than ``local``, a config
-    that is missing or for another relay, the endpoint already running."""
+    saying what stands in the way: another mode than ``local``, an address
+    without a fixed port, a config that is missing or for another relay, a
+    sandbox this machine cannot run, the endpoint already running."""
     if auth != "local":
         raise ValueError(f"--endpoint runs the endpoint inside the relay, linked as the relay's owner: only with "
                          f"--auth local, not {auth}")
+    if address.rsplit(":", 1)[-1] in ("0", "*"):
+        raise ValueError(f"--endpoint needs the relay on a fixed port (not {address}): its endpoint's config names "
+                         "the relay's address")
     try:
         config = EndpointConfig.load(name)
     except ConfigError as exc:
@@ -217,31 +235,55 @@ def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
     if config.relay != address:
         raise ValueError(f"--endpoint {name}: it is configured for the relay at {config.relay}, not this one at "
                          f"{address} ('fedexec endpoint configure {name} --relay {address}' changes it)")
+    try:
+        sandboxes.check(config.sandbox)
+    except sandboxes.SandboxUnavailable as exc:
+        raise ValueError(f"--endpoint {name}: {exc}") from None
     running = PidFile(endpoint_dir(name) / "endpoint.json").read()
     if running:
         where = "inside a relay" if running.get("in_relay") else "on its own"
         raise ValueError(f"--endpoint {name}: it is already running {where} (pid {running['pid']})")
+    if not endpoint_lock(name, hold=False):
+        raise ValueError(f"--endpoint {name}: it is already running (its lock is held)")
     return config
 
 
-def host_configured_endpoint(relay: Relay, config: EndpointConfig, secret_file: str | None) -> int:
+def host_configured_endpoint(relay: Relay, config: EndpointConfig, secret_file: str | None,
+                             log_file: Path | None) -> int:
     """Serve ``relay`` with the configured endpoint ``config`` on its loop
-    (``fedexec relay start --endpoint``); the exit code. The endpoint's
-    ``endpoint.json`` names this process, marked ``in_relay``, while it
-    runs: ``fedexec endpoint status`` and ``list`` show it, ``endpoint logs``
-    reads the relay's log (``relay start``'s, in its data dir), ``endpoint
-    stop`` points at ``relay stop``. When the endpoint fails, the relay stops too
-    (as the embedded default's): the durable record keeps every task for
-    the next start."""
+    (``fedexec relay start --endpoint``), holding the endpoint's lock (it
+    runs once: config.py ``endpoint_lock``); the exit code.
+
+    The endpoint's ``endpoint.json`` names this process, marked
+    ``in_relay``, while it runs: ``fedexec endpoint status`` and ``list``
+    show it, ``endpoint logs`` reads ``log_file`` (the relay's log),
+    ``endpoint stop`` points at ``relay stop``. An endpoint its owner
+    deleted is refused before anything is served. When the endpoint fails
+    later, the relay stops too (as the embedded default's): the durable
+    record keeps every task for the next start."""
+    def refuse(why: str) -> SystemExit:
+        relay.end_serving()   # (its discovery files and sockets go: nothing was served)
+        return SystemExit(f"fedexec relay: --endpoint {config.name}: {why}")
+
+    if config.endpoint_id in relay.deletions.deleted:
+        raise refuse(f"endpoint {config.endpoint_id} was deleted by its owner at this relay "
+                     "('fedexec endpoint delete'); configure a new one")
+    if not endpoint_lock(config.name, hold=True):
+        raise refuse("it is already running (its lock is held)")
     pidfile = PidFile(endpoint_dir(config.name) / "endpoint.json")
+    logged = {"log": str(log_file.resolve())} if log_file is not None else {}
 
     def write(agent: EndpointAgent, status: str) -> None:
         pidfile.write(endpoint_id=config.endpoint_id, relay=config.relay, status=status, workers=agent.workers,
-                      in_relay=True, log=str(relay.data_dir / "relay.log"))
+                      in_relay=True, **logged)
 
-    host = Colocated(relay, config, parent_pid=None, secret_file=secret_file,
-                     state_dir=private_dir(endpoint_dir(config.name)),
-                     on_connected=lambda agent: write(agent, "connected"))
+    try:
+        host = Colocated(relay, config, parent_pid=None, secret_file=secret_file,
+                         state_dir=private_dir(endpoint_dir(config.name)),
+                         on_connected=lambda agent: write(agent, "connected"))
+    except Exception as exc:
+        log.exception("endpoint %s could not start", config.name)
+        raise refuse(f"could not start: {type(exc).__name__}: {exc}") from None
     write(host.agent, "connecting")
     log.info("endpoint %s (%s) runs inside the relay", config.name, config.endpoint_id)
     try:

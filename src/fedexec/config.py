@@ -7,6 +7,7 @@ Everything lives under the fedexec home: ``$FEDEXEC_HOME``, by default
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -53,6 +54,36 @@ def relay_dir() -> Path:
 def endpoint_dir(name: str) -> Path:
     check_endpoint_name(name)
     return fedexec_home() / "endpoints" / name
+
+
+# locks of the configured endpoints this process runs (endpoint_lock): held until it exits
+_held_locks: dict[str, int] = {}
+
+
+def endpoint_lock(name: str, *, hold: bool) -> bool:
+    """Whether the configured endpoint ``name`` is free to run in this
+    process: an exclusive ``flock`` on ``endpoint.lock`` in its directory,
+    taken before anything starts by whatever runs it (``python -m
+    fedexec.endpoint --name``, or a relay with ``--endpoint``), so that two
+    processes starting it at once never both run it (``endpoint.json`` is
+    written only later). ``hold``: keep it until this process exits (the
+    kernel lets go of it then, also after a kill -9; the descriptor is not
+    inherited by workers); else only try it and let go (a check)."""
+    if name in _held_locks:
+        return True
+    directory = endpoint_dir(name)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / "endpoint.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    if hold:
+        _held_locks[name] = fd
+    else:
+        os.close(fd)
+    return True
 
 
 def check_endpoint_name(name: str) -> None:

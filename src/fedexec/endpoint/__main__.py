@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..auth import check_token
-from ..config import ConfigError, EndpointConfig, endpoint_dir
+from ..config import ConfigError, EndpointConfig, endpoint_dir, endpoint_lock
 from ..errors import AuthenticationFailed
 from ..gcpolicy import for_service
 from ..logs import configure as configure_logging
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
             config.validate()
         else:
             config = EndpointConfig.load(ns.name)
+            if not endpoint_lock(ns.name, hold=True):   # (before anything starts: it runs once)
+                sys.exit(f"fedexec endpoint: endpoint {ns.name} is already running (on its own or inside a relay: "
+                         "its lock is held)")
             pidfile = PidFile(endpoint_dir(ns.name) / "endpoint.json")
             state_dir = private_dir(endpoint_dir(ns.name))   # also when made earlier with looser bits
         check_token(config.relay, None, config.relay_public_key or None)   # before any pool starts

@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-file", type=Path, default=None,
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
     ns = parser.parse_args(argv)
+    hosted = None
+    if ns.endpoint is not None:   # (checked before anything is made, the log included: a refusal leaves nothing)
+        from ..colocated import configured_endpoint
+        try:
+            hosted = configured_endpoint(ns.endpoint, ns.address, ns.auth)
+        except ValueError as exc:
+            parser.error(str(exc))
     configure_logging(ns.log_level, ns.log_file)
     if ns.result_ttl <= 0:
         parser.error("--result-ttl must be greater than 0 seconds")
@@ -100,13 +107,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--auth globus needs the relay's Globus app: --globus-client-id (or "
                          "$FEDEXEC_RELAY_GLOBUS_CLIENT_ID) and $FEDEXEC_RELAY_GLOBUS_CLIENT_SECRET")
         globus = GlobusTokenCheck(ns.globus_client_id, secret, scope=ns.globus_scope)
-    hosted = None
-    if ns.endpoint is not None:   # (checked before the address is taken: a refusal leaves nothing behind)
-        from ..colocated import configured_endpoint
-        try:
-            hosted = configured_endpoint(ns.endpoint, ns.address, ns.auth)
-        except ValueError as exc:
-            parser.error(str(exc))
     try:
         relay = Relay(ns.address, ns.data_dir, parent_pid=ns.parent_pid, remove_on_exit=ns.remove_on_exit,
                       result_ttl=ns.result_ttl, max_payload=ns.max_payload, secret_file=ns.secret_file,
@@ -122,9 +122,20 @@ def main(argv: list[str] | None = None) -> None:
         relay.serve_forever()
         return
     from ..colocated import host_configured_endpoint
-    code = host_configured_endpoint(relay, hosted, str(ns.secret_file) if ns.secret_file else None)
+    code = host_configured_endpoint(relay, hosted, str(ns.secret_file) if ns.secret_file else None,
+                                    ns.log_file or _stderr_file())
     if code:
         sys.exit(code)
+
+
+def _stderr_file() -> Path | None:
+    """The file this process's stderr is (a daemon's log: ``fedexec relay
+    start --daemon``), if it is a file."""
+    try:
+        path = Path(os.readlink("/proc/self/fd/2"))
+    except OSError:
+        return None
+    return path if path.is_file() else None
 
 
 def _dashboard_address(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> tuple[Any, ...] | None:
