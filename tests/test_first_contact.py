@@ -256,7 +256,8 @@ def _fedexec_modules():
 # relay's/endpoint's side only (where they become log lines and the messages clients see)
 INTERNAL = {"FuturesFound", "_NotInTask", "_LoadFailure", "NotData", "ProtocolError", "AccessDenied",
             "CommandError", "RemoteTraceback", "TaskDirError", "AddressInUse", "ProviderError", "NotYetChecked",
-            "LinkError", "_RelayFailed"}   # (_RelayFailed: inside the embedded process only, colocated.py)
+            "LinkError", "_RelayFailed", "_RelayStopped"}   # (_Relay*: inside a colocated process's loop only,
+                                                            # colocated.py)
 
 
 def test_every_exception_class_of_the_package_is_a_fedexec_error_and_exported():
