@@ -75,12 +75,14 @@ def test_a_walltime_waits_for_the_end_of_the_command_not_in_polls(task_base):
     """Popen.wait(timeout) looks at the process at doubling intervals of up
     to 50 ms (a 0.3 s command: 12 sleeps, and its end seen up to 50 ms
     late); the pidfd wait sleeps once, until the command ends, as a wait
-    without a walltime does: as many sleeps with a walltime as without."""
+    without a walltime does: about as many sleeps with a walltime as without.
+    (A sleep or two more happen on a loaded machine, a page brought in or a
+    lock waited for: CI saw 4 against 2 once; polling would be 12 or so.)"""
     plain = ShellFunction("sleep 0.3")
     limited = ShellFunction("sleep 0.3", walltime=60)
     without = min(_sleeps(plain) for _ in range(3))
     with_walltime = min(_sleeps(limited) for _ in range(3))
-    assert with_walltime <= without + 1, (with_walltime, without)
+    assert with_walltime <= without + 3, (with_walltime, without)
     started = time.perf_counter()
     limited()
     assert 0.3 <= time.perf_counter() - started < 20
