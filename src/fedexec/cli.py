@@ -148,7 +148,7 @@ def relay_start(ns: argparse.Namespace) -> None:
     if ns.endpoint is not None:
         from .colocated import configured_endpoint
         try:   # (said here, not only in a daemon's log)
-            configured_endpoint(ns.endpoint, address, ns.auth)
+            configured_endpoint(ns.endpoint, address, ns.auth, hold=False)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         argv += ["--endpoint", ns.endpoint]

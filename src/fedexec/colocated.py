@@ -216,12 +216,15 @@ class Colocated:
         return self.exit_code
 
 
-def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
+def configured_endpoint(name: str, address: str, auth: str, *, hold: bool) -> EndpointConfig:
     """The configured endpoint ``name``, checked for running inside the
     relay at ``address`` (``fedexec relay start --endpoint``); ValueError
     saying what stands in the way: another mode than ``local``, an address
     without a fixed port, a config that is missing or for another relay, a
-    sandbox this machine cannot run, the endpoint already running."""
+    sandbox this machine cannot run, the endpoint already running.
+    ``hold``: take the endpoint's lock for this process's life (the relay
+    that will run it, before it takes its address); else only a check (the
+    CLI's, before it starts the relay)."""
     if auth != "local":
         raise ValueError(f"--endpoint runs the endpoint inside the relay, linked as the relay's owner: only with "
                          f"--auth local, not {auth}")
@@ -243,7 +246,7 @@ def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
     if running:
         where = "inside a relay" if running.get("in_relay") else "on its own"
         raise ValueError(f"--endpoint {name}: it is already running {where} (pid {running['pid']})")
-    if not endpoint_lock(name, hold=False):
+    if not endpoint_lock(name, hold=hold):
         raise ValueError(f"--endpoint {name}: it is already running (its lock is held)")
     return config
 
@@ -251,8 +254,9 @@ def configured_endpoint(name: str, address: str, auth: str) -> EndpointConfig:
 def host_configured_endpoint(relay: Relay, config: EndpointConfig, secret_file: str | None,
                              log_file: Path | None) -> int:
     """Serve ``relay`` with the configured endpoint ``config`` on its loop
-    (``fedexec relay start --endpoint``), holding the endpoint's lock (it
-    runs once: config.py ``endpoint_lock``); the exit code.
+    (``fedexec relay start --endpoint``), its lock held since
+    :func:`configured_endpoint` (it runs once: config.py ``endpoint_lock``);
+    the exit code.
 
     The endpoint's ``endpoint.json`` names this process, marked
     ``in_relay``, while it runs: ``fedexec endpoint status`` and ``list``
@@ -268,8 +272,6 @@ def host_configured_endpoint(relay: Relay, config: EndpointConfig, secret_file: 
     if config.endpoint_id in relay.deletions.deleted:
         raise refuse(f"endpoint {config.endpoint_id} was deleted by its owner at this relay "
                      "('fedexec endpoint delete'); configure a new one")
-    if not endpoint_lock(config.name, hold=True):
-        raise refuse("it is already running (its lock is held)")
     pidfile = PidFile(endpoint_dir(config.name) / "endpoint.json")
     logged = {"log": str(log_file.resolve())} if log_file is not None else {}
 

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also log to this file (appended, private); a daemon's stderr already goes to its log")
     ns = parser.parse_args(argv)
     hosted = None
-    if ns.endpoint is not None:   # (checked before anything is made, the log included: a refusal leaves nothing)
+    if ns.endpoint is not None:   # (checked, its lock taken, before anything is made: a refusal leaves nothing)
         from ..colocated import configured_endpoint
         try:
-            hosted = configured_endpoint(ns.endpoint, ns.address, ns.auth)
+            hosted = configured_endpoint(ns.endpoint, ns.address, ns.auth, hold=True)
         except ValueError as exc:
             parser.error(str(exc))
     configure_logging(ns.log_level, ns.log_file)
